@@ -1,0 +1,147 @@
+"""The `peftkit` command: parse arguments, call one function, print. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from peftkit import __version__
+from peftkit.errors import PeftkitError
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, show_time=False, markup=False)],
+        force=True,
+    )
+    logging.getLogger("peftkit").setLevel(logging.DEBUG if verbose else logging.INFO)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.enable_progress_bar()
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from peftkit.config import load_recipe
+    from peftkit.config.validate import validate_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    validate_recipe(recipe, check_model=not args.no_model)
+    _console().print(f"[green]OK[/green] {args.recipe}: recipe is valid ({recipe.adapter.method} on {recipe.model.name})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from peftkit.config import load_recipe
+    from peftkit.train.report import print_run_report
+    from peftkit.train.run import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = train(recipe, resume=args.resume, force=args.force)
+    print_run_report(_console(), result.run_dir, result.summary)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from peftkit.runs import load_run
+    from peftkit.serve.chat import chat
+
+    run = load_run(args.run_dir)
+    chat(
+        run.model,
+        run.tokenizer,
+        system_prompt=args.system or run.recipe.data.system_prompt,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+    )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from peftkit.errors import ModelNotFoundError
+    from peftkit.models import BUILTINS, peftkit_home
+
+    table = Table(title="Built-in models")
+    for column in ("name", "task", "available", "description"):
+        table.add_column(column)
+    for model in BUILTINS.values():
+        try:
+            model.locate()
+            available = "yes"
+        except ModelNotFoundError:
+            available = f"no: {model.install_hint}"
+        table.add_row(model.name, model.task, available, model.description)
+    console = _console()
+    console.print(table)
+    cache = peftkit_home() / "models"
+    entries = sorted(p.name for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")) if cache.is_dir() else []
+    console.print(f"Cache: {cache} ({len(entries)} converted model(s))")
+    for name in entries:
+        console.print(f"  {name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning from YAML recipes.")
+    parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a recipe into a run directory")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("validate", help="check a recipe (and its data and model) without training")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--no-model", action="store_true", help="skip the checks that read the model's config")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("chat", help="chat with a trained run (REPL, or --prompt for one answer)")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", help="answer this one message and exit")
+    p.add_argument("--system", help="system prompt (default: the recipe's data.system_prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("models", help="list built-in models and the conversion cache")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except PeftkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

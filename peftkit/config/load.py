@@ -1,0 +1,164 @@
+"""Recipe loading: YAML text -> overrides -> `Recipe`, with every problem reported at once."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from peftkit.config.schema import Recipe
+from peftkit.errors import ConfigError
+
+DATA_PATH_KEYS = ("train", "eval", "heldout")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 0.0001). Values are parsed as YAML scalars/lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value (e.g. train.lr=1e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: `{part}` is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"recipe file {path} does not exist (check the path, or see recipes/ for examples)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe file is not UTF-8 text (byte {exc.start}); save it as UTF-8", str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"YAML syntax error at {where}: {exc.problem}", str(path)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"YAML syntax error: {exc}", str(path)) from None
+    if data is None:
+        raise ConfigError("the recipe is empty; it needs at least a `data.train` file", str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"the recipe must be a mapping of sections, got {type(data).__name__}", str(path))
+    return data
+
+
+def _leaf_types(annotation: Any) -> list[Any]:
+    args = typing.get_args(annotation)
+    return [annotation] if not args else [leaf for arg in args for leaf in _leaf_types(arg)]
+
+
+def _section_class(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Walk the schema along an error location to the section class it points into."""
+    cls: type[BaseModel] = Recipe
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        found = [t for t in _leaf_types(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not found:
+            return None
+        cls = found[0]
+    return cls
+
+
+def _sections_for(loc: tuple[Any, ...]) -> list[type[BaseModel]]:
+    """Candidate classes owning the last key of `loc` (handles tagged unions)."""
+    from peftkit.config import schema
+
+    if loc and loc[0] == "adapter" and len(loc) >= 2:
+        for cls in schema.ADAPTER_CLASSES:
+            if cls.model_fields["method"].default == loc[1]:
+                return [cls]
+    cls = _section_class(loc[:-1])
+    return [cls] if cls is not None else []
+
+
+def _friendly(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    # Drop the union tag from displayed locations: `adapter.lora.r` reads as `adapter.r`.
+    shown = [str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] == "adapter" and len(loc) > 2)]
+    dotted = ".".join(shown) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        known: list[str] = []
+        for cls in _sections_for(loc):
+            known.extend(cls.model_fields)
+        hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        if hint:
+            return f"unknown key `{dotted}`: did you mean `{hint[0]}`?"
+        if loc[0] == "adapter" and len(loc) > 2:
+            return f"`{key}` is not a parameter of adapter method `{loc[1]}` (its parameters: {', '.join(known)})"
+        valid = f" (valid keys here: {', '.join(known)})" if known else ""
+        return f"unknown key `{dotted}`{valid}"
+    if kind == "union_tag_invalid":
+        from peftkit.config import schema
+
+        valid = ", ".join(c.model_fields["method"].default for c in schema.ADAPTER_CLASSES)
+        return f"`{dotted}.method` = {err['input'].get('method')!r} is not an adapter method; choose one of: {valid}"
+    if kind == "missing":
+        return f"`{dotted}` is required but missing"
+    got = err.get("input")
+    got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
+    return f"`{dotted}`: {err['msg']}{got_text}"
+
+
+def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
+    section = data.get("data")
+    if not isinstance(section, dict):
+        return
+    for key in DATA_PATH_KEYS:
+        value = section.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            section[key] = str((base / value).resolve())
+    replay = section.get("replay")
+    if isinstance(replay, dict) and isinstance(replay.get("path"), str):
+        path = Path(replay["path"]).expanduser()
+        if not path.is_absolute() and (base / path).exists():
+            replay["path"] = str((base / path).resolve())
+
+
+def recipe_from_dict(data: dict[str, Any], source: str | None = None) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = [_friendly(e) for e in exc.errors()]
+        raise ConfigError(list(dict.fromkeys(problems)), source) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Parse a recipe file. Relative data paths are resolved against the recipe's directory."""
+    path = Path(path)
+    data = read_yaml(path)
+    apply_overrides(data, overrides or [])
+    if isinstance(data.get("adapter"), dict) and "method" not in data["adapter"]:
+        data["adapter"]["method"] = "lora"
+    _resolve_data_paths(data, path.resolve().parent)
+    return recipe_from_dict(data, str(path))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

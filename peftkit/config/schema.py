@@ -1,0 +1,138 @@
+"""The recipe schema: frozen, typed sections that reject unknown keys.
+
+Field docstrings are the reference for recipe authors (`docs/recipes.md` points here).
+Semantic checks that need the file system or several sections live in `validate.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    name: str = "smollm2-135m-instruct"
+    """Built-in name (`peftkit models`), local model directory, `.gguf` file, or hub id."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name` is a hub id."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model. Off by default: only enable for models you trust."""
+    allow_pickle: bool = False
+    """Allow loading `.bin` (pickle) weights. Off by default: pickle can execute code."""
+    chat_template: str | None = None
+    """`chatml`, a path to a Jinja template, or null to use the tokenizer's own."""
+
+
+class QuantizationConfig(Section):
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: DType = "auto"
+    """`auto`: float32 on CPU (no fast bf16 on AVX2), bfloat16 on GPUs that support it."""
+
+
+class LoraAdapterConfig(Section):
+    method: Literal["lora"] = "lora"
+    r: PositiveInt = 16
+    alpha: PositiveFloat = 32.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    target_modules: Union[str, list[str]] = "all-linear"
+    """`all-linear`, a list of module-name suffixes, or a regex (a string that is not `all-linear`)."""
+    use_dora: bool = False
+    use_rslora: bool = False
+    init: Literal["gaussian", "default", "pissa", "olora", "eva", "loftq"] = "default"
+    layers: tuple[int, int] | None = None
+    """Restrict to decoder layers [start, end] (inclusive)."""
+    modules_to_save: list[str] | None = None
+    """Modules trained fully and saved with the adapter (e.g. `lm_head`, `score`)."""
+
+    @model_validator(mode="after")
+    def _layers_ordered(self) -> "LoraAdapterConfig":
+        if self.layers is not None and (self.layers[0] < 0 or self.layers[1] < self.layers[0]):
+            raise ValueError(f"layers must be [start, end] with 0 <= start <= end, got {list(self.layers)}")
+        return self
+
+
+class QLoraAdapterConfig(LoraAdapterConfig):
+    """LoRA over a 4-bit/8-bit base. A `quantization:` block is implied (nf4 by default)."""
+
+    method: Literal["qlora"] = "qlora"  # type: ignore[assignment]
+    gradient_checkpointing: bool = True
+
+
+AdapterConfig = Annotated[Union[LoraAdapterConfig, QLoraAdapterConfig], Field(discriminator="method")]
+
+
+class DataConfig(Section):
+    train: str
+    """Training file: chat JSONL (`messages`), alpaca JSON/JSONL, or plain text (.txt / `text`)."""
+    eval: str | None = None
+    """Evaluation file (same formats). Without it, `eval_fraction` of train is held out."""
+    heldout: str | None = None
+    """Held-out questions `{"question", "key_fact"}` scored by greedy generation before and after."""
+    format: Literal["auto", "chat", "alpaca", "text"] = "auto"
+    eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    max_seq_len: PositiveInt = 1024
+    system_prompt: str | None = None
+    """Added as the system turn to conversations (train, eval, held-out, chat) that have none."""
+
+
+class TrainConfig(Section):
+    epochs: PositiveFloat = 3.0
+    max_steps: PositiveInt | None = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+    batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    lr: PositiveFloat = 2e-4
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    max_grad_norm: Annotated[float, Field(ge=0.0)] = 1.0
+    seed: int = 42
+    eval_steps: PositiveInt | None = None
+    """Evaluate every N steps (default: once per epoch)."""
+    save_steps: PositiveInt | None = None
+    """Checkpoint every N steps (default: once per epoch)."""
+    save_total_limit: PositiveInt = 2
+    logging_steps: PositiveInt = 5
+    gradient_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: DType = "auto"
+    """Weights/compute dtype. `auto`: float32 on CPU, bfloat16 on capable GPUs."""
+    num_threads: PositiveInt | None = None
+    """CPU threads (default: all cores)."""
+    group_by_length: bool = True
+    """Batch sequences of similar length together (less padding, same data)."""
+    supervised_logits_only: bool = True
+    """Compute the vocabulary projection only where a label is supervised (faster, same loss)."""
+
+
+class EvalConfig(Section):
+    max_new_tokens: PositiveInt = 64
+    batch_size: PositiveInt = 16
+    before: bool = True
+    """Also score the base model, for the before/after comparison."""
+    sample_prompts: list[str] = Field(default_factory=list)
+    """Prompts answered by the tuned model at the end of a run (shown and stored in summary.json)."""
+
+
+class Recipe(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quantization: QuantizationConfig | None = None
+    adapter: AdapterConfig = Field(default_factory=LoraAdapterConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str = "runs/run"
+    """Run directory. Relative paths are resolved against the current directory."""
+    name: str | None = None
+    description: str | None = None
+
+ADAPTER_CLASSES: tuple[type[LoraAdapterConfig], ...] = (LoraAdapterConfig, QLoraAdapterConfig)

@@ -1,0 +1,69 @@
+"""Checks that need the file system or the model's structure; all run before any weights load."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from peftkit.config.schema import Recipe
+from peftkit.errors import ConfigError, PeftkitError
+
+log = logging.getLogger(__name__)
+
+
+def _check_data(recipe: Recipe) -> list[str]:
+    from peftkit.data.build import load_heldout
+    from peftkit.data.formats import load_examples
+
+    problems = []
+    for key in ("train", "eval"):
+        path = getattr(recipe.data, key)
+        if path is None:
+            continue
+        try:
+            load_examples(path, recipe.data.format)
+        except PeftkitError as exc:
+            problems.append(f"data.{key}: {exc}")
+    if recipe.data.heldout:
+        try:
+            load_heldout(recipe.data.heldout, recipe.data.system_prompt)
+        except PeftkitError as exc:
+            problems.append(f"data.heldout: {exc}")
+    return problems
+
+
+def _check_model(recipe: Recipe) -> list[str]:
+    from peftkit.adapters import check_targets, effective_quantization
+    from peftkit.models.resolve import resolve_model_ref
+    from peftkit.models.skeleton import model_skeleton
+
+    try:
+        source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
+    except PeftkitError as exc:
+        return [f"model.name: {exc}"]
+    problems = []
+    template = recipe.model.chat_template
+    if template and template != "chatml" and not Path(template).expanduser().is_file():
+        problems.append(f"model.chat_template: {template} is neither `chatml` nor an existing template file")
+    if effective_quantization(recipe) is not None:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            problems.append("quantization needs bitsandbytes: `pip install bitsandbytes` (or remove `quantization:`)")
+    try:
+        skeleton = model_skeleton(source, recipe.model)
+    except PeftkitError as exc:
+        return [*problems, f"model.name: {exc}"]
+    except (OSError, ValueError) as exc:
+        return [*problems, f"model.name: cannot read the model configuration of {recipe.model.name!r}: {exc}"]
+    problems.extend(check_targets(skeleton, recipe.adapter))
+    return problems
+
+
+def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> None:
+    """Raise one ConfigError listing every problem found; return quietly when the recipe is runnable."""
+    problems = _check_data(recipe)
+    if check_model:
+        problems.extend(_check_model(recipe))
+    if problems:
+        raise ConfigError(problems)

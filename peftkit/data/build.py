@@ -1,0 +1,148 @@
+"""From a recipe's `data:` section to tokenized train/eval rows and held-out questions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.config.schema import DataConfig
+from peftkit.data.chat import IGNORE_INDEX, tokenize_conversation, tokenize_text, with_system_prompt
+from peftkit.data.formats import Example, Message, load_examples, read_records
+from peftkit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class HeldoutItem:
+    messages: tuple[Message, ...]
+    """The prompt: optional system turn and the user question."""
+    key_facts: tuple[str, ...]
+    """Accepted answers: the reply is correct if it contains any of them (case-insensitive)."""
+
+
+@dataclass
+class DataBundle:
+    train: list[Row]
+    eval: list[Row]
+    heldout: list[HeldoutItem]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def tokenize_examples(
+    examples: list[Example], tokenizer: Any, max_seq_len: int, system_prompt: str | None
+) -> tuple[list[Row], dict[str, int]]:
+    rows: list[Row] = []
+    truncated = dropped = 0
+    for example in examples:
+        if example.messages is not None:
+            messages = with_system_prompt(example.messages, system_prompt)
+            row, cut = tokenize_conversation(tokenizer, messages, max_seq_len, example.where)
+        else:
+            row, cut = tokenize_text(tokenizer, example.text or "", max_seq_len)
+        truncated += cut
+        if sum(label != IGNORE_INDEX for label in row["labels"]) == 0:
+            dropped += 1
+            continue
+        rows.append(row)
+    if truncated:
+        log.warning(
+            "%d example(s) were longer than data.max_seq_len=%d tokens and were truncated", truncated, max_seq_len
+        )
+    if dropped:
+        log.warning("%d example(s) had no supervised tokens left after truncation and were skipped", dropped)
+    return rows, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
+
+
+def load_heldout(path: str | Path, system_prompt: str | None) -> list[HeldoutItem]:
+    items = []
+    for where, record in read_records(Path(path)):
+        if not isinstance(record, dict) or "key_fact" not in record:
+            raise DataError(f"{where}: held-out records need `question` (or `messages`) and `key_fact`")
+        facts = record["key_fact"]
+        facts = [facts] if isinstance(facts, str) else facts
+        if not isinstance(facts, list) or not facts or not all(isinstance(f, str) and f.strip() for f in facts):
+            raise DataError(f"{where}: `key_fact` must be a non-empty string or a list of strings")
+        if isinstance(record.get("question"), str):
+            messages: list[Message] = [{"role": "user", "content": record["question"]}]
+        elif isinstance(record.get("messages"), list):
+            messages = [dict(m) for m in record["messages"]]
+        else:
+            raise DataError(f"{where}: held-out record needs a `question` string or a `messages` list")
+        items.append(HeldoutItem(tuple(with_system_prompt(messages, system_prompt)), tuple(facts)))
+    if not items:
+        raise DataError(f"held-out file {path} contains no questions")
+    return items
+
+
+def split_train_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A deterministic split: the same seed and file always give the same eval set."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(examples) * fraction))
+    eval_ids = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in eval_ids], [e for i, e in enumerate(examples) if i in eval_ids]
+
+
+def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int = 42) -> DataBundle:
+    examples = load_examples(cfg.train, cfg.format)
+    if cfg.eval:
+        train_examples, eval_examples = examples, load_examples(cfg.eval, cfg.format)
+    else:
+        train_examples, eval_examples = split_train_eval(examples, cfg.eval_fraction, seed)
+    train_rows, train_stats = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
+    eval_rows, _ = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
+    if not train_rows:
+        raise DataError(f"{cfg.train}: no example has any supervised token left; check max_seq_len and the data")
+    heldout = load_heldout(cfg.heldout, cfg.system_prompt) if cfg.heldout else []
+    stats = {
+        **{f"train_{k}": v for k, v in train_stats.items()},
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        "heldout_questions": len(heldout),
+        "train_tokens": sum(len(r["input_ids"]) for r in train_rows),
+        "train_supervised_tokens": sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in train_rows),
+    }
+    return DataBundle(train_rows, eval_rows, heldout, stats)
+
+
+class PaddingCollator:
+    """Right-pads a batch; labels are padded with IGNORE_INDEX by position (never by token id)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: list[Row]) -> dict[str, torch.Tensor]:
+        length = max(len(r["input_ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for row in rows:
+            pad = length - len(row["input_ids"])
+            batch["input_ids"].append(row["input_ids"] + [self.pad_token_id] * pad)
+            batch["attention_mask"].append([1] * len(row["input_ids"]) + [0] * pad)
+            batch["labels"].append(row["labels"] + [IGNORE_INDEX] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def dump_rows_preview(rows: list[Row], tokenizer: Any, n: int = 1) -> str:
+    """Human-readable view of what is supervised (used by `peftkit validate --show-data`)."""
+    out = []
+    for row in rows[:n]:
+        parts = []
+        for token, label in zip(row["input_ids"], row["labels"]):
+            piece = tokenizer.decode([token])
+            parts.append(f"[{piece}]" if label != IGNORE_INDEX else piece)
+        out.append("".join(parts))
+    return json.dumps(out, ensure_ascii=False, indent=1)

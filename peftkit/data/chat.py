@@ -1,0 +1,77 @@
+"""Chat templating with loss only on assistant tokens.
+
+We render the whole conversation once with the tokenizer's chat template, locate each
+assistant reply by rendering the conversation prefixes, and supervise exactly the tokens whose
+characters fall inside a reply, including the end-of-turn token that closes it. Labels are
+assigned by position, never by token id: SmolLM2's pad token *is* its end-of-turn token, and a
+collator that masks by id teaches the model never to stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from peftkit.data.formats import Message
+from peftkit.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+def with_system_prompt(messages: Sequence[Message], system_prompt: str | None) -> list[Message]:
+    messages = list(messages)
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def render_with_reply_spans(tokenizer: Any, messages: Sequence[Message], where: str = "") -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of every assistant reply (with its end-of-turn)."""
+    text = _render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, messages[:i], generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1])
+        if not (text.startswith(through) and through.startswith(prefix)):
+            raise DataError(
+                f"{where}: the chat template does not render conversations prefix-consistently, so assistant "
+                "turns cannot be located; set `model.chat_template: chatml` or provide a simpler template"
+            )
+        end = len(through.rstrip())  # the newline after the end-of-turn token is not part of the reply
+        spans.append((len(prefix), end))
+    return text, spans
+
+
+def tokenize_conversation(
+    tokenizer: Any, messages: Sequence[Message], max_seq_len: int, where: str = ""
+) -> tuple[dict[str, list[int]], bool]:
+    """Token ids and labels (IGNORE_INDEX outside assistant replies); also whether it was truncated."""
+    text, spans = render_with_reply_spans(tokenizer, messages, where)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids: list[int] = encoded["input_ids"]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for index, (start, _end) in enumerate(encoded["offset_mapping"]):
+        if any(lo <= start < hi for lo, hi in spans):
+            labels[index] = input_ids[index]
+    truncated = len(input_ids) > max_seq_len
+    return {"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len]}, truncated
+
+
+def tokenize_text(tokenizer: Any, text: str, max_seq_len: int) -> tuple[dict[str, list[int]], bool]:
+    """Plain text: every token is supervised; EOS closes the document."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = [*ids, tokenizer.eos_token_id]
+    truncated = len(ids) > max_seq_len
+    ids = ids[:max_seq_len]
+    return {"input_ids": ids, "labels": list(ids)}, truncated
+
+
+def generation_prompt(tokenizer: Any, messages: Sequence[Message]) -> str:
+    return _render(tokenizer, messages, generation_prompt=True)

@@ -1,0 +1,97 @@
+"""Batched greedy generation and the held-out fact-accuracy score."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peftkit.data.build import HeldoutItem
+from peftkit.data.chat import generation_prompt
+from peftkit.data.formats import Message
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    finished: bool
+    """True when the model ended the turn itself (emitted an end-of-turn token)."""
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.inference_mode()
+def generate_replies(
+    model: Any,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> list[Reply]:
+    """Greedy replies, batched with left padding; longest prompts first to bound padding."""
+    prompts = [generation_prompt(tokenizer, c) for c in conversations]
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    stops = stop_token_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    replies: dict[int, Reply] = {}
+    try:
+        for start in range(0, len(order), batch_size):
+            ids = order[start : start + batch_size]
+            batch = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = out[:, batch["input_ids"].shape[1] :]
+            for row, index in zip(new_tokens.tolist(), ids):
+                finished = any(t in stops for t in row)
+                if finished:
+                    row = row[: min(row.index(t) for t in stops if t in row)]
+                replies[index] = Reply(tokenizer.decode(row, skip_special_tokens=True).strip(), finished)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [replies[i] for i in range(len(prompts))]
+
+
+def is_correct(reply: str, key_facts: Sequence[str]) -> bool:
+    text = reply.lower()
+    return any(fact.lower() in text for fact in key_facts)
+
+
+def heldout_accuracy(
+    model: Any, tokenizer: Any, items: Sequence[HeldoutItem], *, max_new_tokens: int = 64, batch_size: int = 16
+) -> tuple[float, list[dict[str, Any]]]:
+    """Share of held-out questions whose greedy reply contains the key fact, and the per-item record."""
+    replies = generate_replies(
+        model, tokenizer, [item.messages for item in items], max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    details = [
+        {
+            "question": item.messages[-1]["content"],
+            "key_fact": list(item.key_facts),
+            "reply": reply.text,
+            "correct": is_correct(reply.text, item.key_facts),
+            "finished": reply.finished,
+        }
+        for item, reply in zip(items, replies)
+    ]
+    accuracy = sum(d["correct"] for d in details) / max(len(details), 1)
+    return accuracy, details

@@ -1,0 +1,141 @@
+"""Load a tokenizer and a (possibly quantized) model for a recipe."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.config.schema import ModelConfig, QuantizationConfig
+from peftkit.errors import MissingDependencyError, ModelNotFoundError, PeftkitError
+from peftkit.models.resolve import ModelSource, hub_hint, materialize, resolve_model_ref
+
+log = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(preference: str = "auto") -> str:
+    if preference != "auto":
+        if preference == "cuda" and not torch.cuda.is_available():
+            raise PeftkitError("train.device is `cuda` but no CUDA GPU is visible; use `auto` or `cpu`")
+        return preference
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def resolve_dtype(preference: str, device: str) -> torch.dtype:
+    """float32 on CPU: bf16 is emulated (~30x slower) on CPUs without AVX512-BF16/AMX."""
+    if preference != "auto":
+        return _DTYPES[preference]
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device == "cuda":
+        return torch.float16
+    return torch.float32
+
+
+def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    source = source or resolve_model_ref(cfg.name, revision=cfg.revision, allow_pickle=cfg.allow_pickle)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            materialize(source), revision=source.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as exc:
+        if source.kind == "hub":
+            raise ModelNotFoundError(hub_hint(source.ref)) from None
+        raise ModelNotFoundError(f"could not load the tokenizer of {source.ref}: {exc}") from None
+    apply_chat_template_setting(tokenizer, cfg.chat_template)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked by position in our collator, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
+    if setting == "chatml":
+        tokenizer.chat_template = CHATML_TEMPLATE
+    elif setting:
+        path = Path(setting).expanduser()
+        if not path.is_file():
+            raise PeftkitError(f"model.chat_template: {setting} is neither `chatml` nor an existing template file")
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+    elif not getattr(tokenizer, "chat_template", None):
+        log.warning("The tokenizer has no chat template; using ChatML (set model.chat_template to override)")
+        tokenizer.chat_template = CHATML_TEMPLATE
+
+
+def bnb_config(cfg: QuantizationConfig, device: str, compute_dtype: torch.dtype | None = None) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(
+            "quantization needs bitsandbytes: `pip install bitsandbytes` (or remove the `quantization:` block)"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    dtype = compute_dtype or resolve_dtype(cfg.compute_dtype, device)
+    if cfg.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def silence_bnb_cpu_warnings() -> None:
+    """bitsandbytes 8-bit warns about a dtype cast on every CPU matmul; say it once instead."""
+    warnings.filterwarnings("ignore", message=r".*MatMul8bitLt: inputs will be cast from.*")
+    warnings.filterwarnings("ignore", message=r".*inputs will be cast from torch.float32.*")
+
+
+def load_model(
+    cfg: ModelConfig,
+    quantization: QuantizationConfig | None = None,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    task: str = "causal_lm",
+    num_labels: int | None = None,
+    source: ModelSource | None = None,
+) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    source = source or resolve_model_ref(cfg.name, revision=cfg.revision, allow_pickle=cfg.allow_pickle)
+    kwargs: dict[str, Any] = {
+        "revision": source.revision,
+        "trust_remote_code": cfg.trust_remote_code,
+        "dtype": dtype,
+        "use_safetensors": None if cfg.allow_pickle else True,
+    }
+    if quantization is not None:
+        kwargs["quantization_config"] = bnb_config(quantization, device, dtype)
+        kwargs["device_map"] = {"": device}
+        silence_bnb_cpu_warnings()
+    auto = AutoModelForCausalLM
+    if task == "sequence_classification":
+        auto = AutoModelForSequenceClassification
+        kwargs["num_labels"] = num_labels
+    try:
+        model = auto.from_pretrained(materialize(source), **kwargs)
+    except OSError as exc:
+        if source.kind == "hub":
+            raise ModelNotFoundError(hub_hint(source.ref)) from None
+        raise ModelNotFoundError(f"could not load model weights from {source.ref}: {exc}") from None
+    if quantization is None:
+        model.to(device)
+    return model

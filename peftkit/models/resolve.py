@@ -1,0 +1,104 @@
+"""Resolve a recipe's model reference to something transformers can load, without loading weights.
+
+A reference is one of: a built-in name, a local Hugging Face model directory, a `.gguf` file,
+or a hub id. Problems (missing path, not a model directory, pickle-only weights, offline hub
+id) are reported here, before any expensive work.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from peftkit.errors import ModelNotFoundError, PeftkitError
+from peftkit.models.registry import BUILTINS, peftkit_home
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    ref: str
+    kind: Literal["builtin", "local", "gguf", "hub"]
+    path: Path | None = None
+    """Local directory or .gguf file (None for hub ids)."""
+    revision: str | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path is not None and self.path.suffix == ".gguf"
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or ref.endswith(".gguf") or os.sep in ref.strip("/").split("/", 1)[-1]
+
+
+def _check_model_dir(path: Path, allow_pickle: bool) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"{path} is not a Hugging Face model directory (it has no config.json); point model.name at a "
+            "directory saved with save_pretrained, a .gguf file, or a built-in name (`peftkit models`)"
+        )
+    has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise PeftkitError(
+            f"{path} has only pickle weights (.bin), which can run arbitrary code when loaded; convert them to "
+            "safetensors, or set `model.allow_pickle: true` if you trust this model"
+        )
+    if not has_safetensors and not has_pickle:
+        raise ModelNotFoundError(f"{path} has a config.json but no weight files (*.safetensors)")
+
+
+def _hub_cached(repo_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return isinstance(found, str)
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_model_ref(ref: str, *, revision: str | None = None, allow_pickle: bool = False) -> ModelSource:
+    if ref in BUILTINS:
+        return ModelSource(ref, "builtin", BUILTINS[ref].locate(), revision)
+    path = Path(ref).expanduser()
+    if path.exists():
+        if path.is_dir():
+            _check_model_dir(path, allow_pickle)
+            return ModelSource(ref, "local", path.resolve(), revision)
+        if path.suffix == ".gguf":
+            return ModelSource(ref, "gguf", path.resolve(), revision)
+        raise ModelNotFoundError(f"{path} is a file but not a .gguf model; model.name must be a directory, .gguf or hub id")
+    if _looks_like_path(ref) or not HUB_ID.match(ref):
+        raise ModelNotFoundError(
+            f"model path {ref!r} does not exist; built-in models are: {', '.join(BUILTINS)} (see `peftkit models`)"
+        )
+    if offline() and not _hub_cached(ref, revision):
+        raise ModelNotFoundError(hub_hint(ref))
+    return ModelSource(ref, "hub", None, revision)
+
+
+def hub_hint(ref: str) -> str:
+    return (
+        f"model {ref!r} is not a built-in name or a local path, and it cannot be fetched from the Hugging Face hub "
+        f"here (offline or not in the cache). On a machine with internet run "
+        f"`huggingface-cli download {ref} --local-dir DIR`, copy DIR here and set `model.name: DIR`; "
+        f"built-in models: {', '.join(BUILTINS)}"
+    )
+
+
+def materialize(source: ModelSource) -> str:
+    """A `from_pretrained` argument for `source`; converts GGUF files into the cache on first use."""
+    if source.path is None:
+        return source.ref
+    if source.is_gguf:
+        from peftkit.models.gguf_convert import convert_gguf
+
+        return str(convert_gguf(source.path, peftkit_home()))
+    return str(source.path)

@@ -1,0 +1,35 @@
+"""A weightless copy of a model (meta device), to check module names before loading weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from peftkit.config.schema import ModelConfig
+from peftkit.models.registry import peftkit_home
+from peftkit.models.resolve import ModelSource
+
+
+def load_config(source: ModelSource, cfg: ModelConfig) -> Any:
+    from transformers import AutoConfig
+
+    if source.is_gguf and source.path is not None:
+        from peftkit.models.gguf_convert import cached_model_dir, check_gguf_supported
+
+        cached = cached_model_dir(source.path, peftkit_home())
+        if (cached / "config.json").is_file():
+            return AutoConfig.from_pretrained(str(cached))
+        check_gguf_supported(source.path)
+        return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    target = str(source.path) if source.path is not None else source.ref
+    return AutoConfig.from_pretrained(target, revision=source.revision, trust_remote_code=cfg.trust_remote_code)
+
+
+def model_skeleton(source: ModelSource, cfg: ModelConfig, task: str = "causal_lm") -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = load_config(source, cfg)
+    auto = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config, trust_remote_code=cfg.trust_remote_code)

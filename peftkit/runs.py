@@ -1,0 +1,63 @@
+"""Reading a run directory back: its recipe, tokenizer and the base model with the adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftkit.config import Recipe, recipe_from_dict
+from peftkit.config.load import read_yaml
+from peftkit.errors import RunDirError
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    recipe: Recipe
+    model: Any
+    tokenizer: Any
+
+
+def read_run_recipe(run_dir: str | Path) -> Recipe:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} does not exist; pass the output_dir of a `peftkit train` run")
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} is not a peftkit run directory (no recipe.yaml)")
+    return recipe_from_dict(read_yaml(path), str(path))
+
+
+def adapter_dir(run_dir: Path) -> Path:
+    path = run_dir / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise RunDirError(
+            f"{run_dir} has no trained adapter (adapter/adapter_config.json); the run may not have finished: "
+            f"resume it with `peftkit train {run_dir / 'recipe.yaml'} --resume`"
+        )
+    return path
+
+
+def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
+    """Base model (quantized as in training) + trained adapter, ready for generation."""
+    from peft import PeftModel
+
+    from peftkit.adapters import effective_quantization
+    from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    run_dir = Path(run_dir)
+    recipe = read_run_recipe(run_dir)
+    adapter = adapter_dir(run_dir)
+    device = device or resolve_device(recipe.train.device)
+    dtype = resolve_dtype(recipe.train.dtype, device)
+    if (run_dir / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+    else:
+        tokenizer = load_tokenizer(recipe.model)
+    base = load_model(recipe.model, effective_quantization(recipe), device=device, dtype=dtype)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    model.eval()
+    return LoadedRun(run_dir, recipe, model, tokenizer)

@@ -1,0 +1,1 @@
+"""Using a trained run: interactive chat (an HTTP endpoint comes later)."""

@@ -1,0 +1,77 @@
+"""`peftkit chat RUN_DIR`: a streaming REPL (or one answer with --prompt) over the tuned model."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, TextIO
+
+import torch
+
+from peftkit.data.chat import generation_prompt, with_system_prompt
+from peftkit.data.formats import Message
+from peftkit.evaluate.generation import stop_token_ids
+
+
+def stream_reply(model: Any, tokenizer: Any, messages: list[Message], *, max_new_tokens: int, out: TextIO) -> str:
+    from transformers import TextIteratorStreamer
+
+    prompt = generation_prompt(tokenizer, messages)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stop_token_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
+    )
+    worker = threading.Thread(target=lambda: torch.inference_mode()(model.generate)(**kwargs), daemon=True)
+    worker.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    worker.join()
+    out.write("\n")
+    return "".join(pieces).strip()
+
+
+def chat(
+    model: Any,
+    tokenizer: Any,
+    *,
+    system_prompt: str | None,
+    prompt: str | None = None,
+    max_new_tokens: int = 256,
+    stdin: TextIO = sys.stdin,
+    out: TextIO = sys.stdout,
+) -> list[Message]:
+    """One answer for `prompt`, or a REPL until EOF / `/exit`. `/reset` clears the history."""
+    history: list[Message] = with_system_prompt([], system_prompt)
+    if prompt is not None:
+        history.append({"role": "user", "content": prompt})
+        reply = stream_reply(model, tokenizer, history, max_new_tokens=max_new_tokens, out=out)
+        return [*history, {"role": "assistant", "content": reply}]
+    out.write("Chat with the tuned model. /reset clears the conversation, /exit (or Ctrl-D) quits.\n")
+    while True:
+        out.write("\nyou> ")
+        out.flush()
+        line = stdin.readline()
+        if not line or line.strip() in {"/exit", "/quit"}:
+            out.write("\n")
+            return history
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history = with_system_prompt([], system_prompt)
+            continue
+        history.append({"role": "user", "content": text})
+        out.write("bot> ")
+        reply = stream_reply(model, tokenizer, history, max_new_tokens=max_new_tokens, out=out)
+        history.append({"role": "assistant", "content": reply})

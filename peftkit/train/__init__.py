@@ -1,0 +1,1 @@
+"""Training: trainer assembly, callbacks, checkpoints and the run directory."""

@@ -1,0 +1,60 @@
+"""Trainer callbacks: JSONL metrics, supervised-token accounting, loss plots."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Appends every log event (loss, lr, eval loss, ...) as one JSON line to `metrics.jsonl`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = time.perf_counter()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.perf_counter() - self.start, 2)}
+        record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss_curves(metrics: list[dict[str, Any]], out: Path, title: str = "") -> Path | None:
+    """Train and eval loss against optimizer step, as a PNG."""
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="#1f77b4")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="#d62728")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (supervised tokens)")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

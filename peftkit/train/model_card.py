@@ -1,0 +1,69 @@
+"""The run directory's README.md: what was trained, on what, with which results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peftkit.config.schema import Recipe
+from peftkit.utils.atomic import atomic_write_text
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> None:
+    quant = summary.get("quantization")
+    quant_text = f"{quant['bits']}-bit {quant.get('quant_type', '')}".strip() if quant else "none"
+    lines = [
+        f"# {summary['recipe']}: {recipe.adapter.method} adapter for {recipe.model.name}",
+        "",
+        recipe.description or "Trained with peftkit.",
+        "",
+        "## Training",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{recipe.model.name}` |",
+        f"| method | {recipe.adapter.method} |",
+        f"| quantization | {quant_text} |",
+        f"| train data | `{Path(recipe.data.train).name}` ({summary['train_examples']} examples) |",
+        f"| trainable parameters | {summary['trainable_params']:,} of {summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%) |",
+        f"| steps / supervised tokens | {summary['steps']} / {summary['trained_tokens']:,} |",
+        f"| speed | {_fmt(summary['tokens_per_second'])} supervised tokens/s on {summary['device']} ({summary['threads']} threads) |",
+        f"| training time | {summary['train_seconds']:.0f} s |",
+        "",
+        "## Results",
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
+        f"| eval loss | {_fmt(summary['eval_loss_before'])} | {_fmt(summary['eval_loss_after'])} |",
+        f"| held-out fact accuracy | {_pct(summary['heldout_accuracy_before'])} | {_pct(summary['heldout_accuracy_after'])} |",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f"peftkit chat {run_dir}",
+        "```",
+        "",
+        "or with plain peft:",
+        "",
+        "```python",
+        "from peft import AutoPeftModelForCausalLM",
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{run_dir / "adapter"}")',
+        "```",
+        "",
+        "Files: `adapter/` (PEFT layout), `tokenizer/`, `recipe.yaml` (resolved recipe), `metrics.jsonl`, "
+        "`tensorboard/`, `plots/loss.png`, `summary.json`, `heldout.jsonl` (per-question replies).",
+        "",
+    ]
+    atomic_write_text(run_dir / "README.md", "\n".join(lines))

@@ -1,0 +1,37 @@
+"""The end-of-run summary printed to the terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _num(value: Any, pattern: str = "{:.4f}") -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{summary['recipe']} ({summary['method']} on {summary['base_model']})")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("eval loss", _num(summary["eval_loss_before"]), _num(summary["eval_loss_after"]))
+    pct = "{:.1%}"
+    table.add_row(
+        f"held-out fact accuracy ({summary['heldout_questions']} q)",
+        _num(summary["heldout_accuracy_before"], pct),
+        _num(summary["heldout_accuracy_after"], pct),
+    )
+    console.print(table)
+    console.print(
+        f"trainable {summary['trainable_params']:,} / {summary['total_params']:,} params "
+        f"({summary['trainable_share']:.3%}) | {summary['steps']} steps | "
+        f"{summary['trained_tokens']:,} supervised tokens at {_num(summary['tokens_per_second'], '{:.0f}')} tok/s | "
+        f"train {summary['train_seconds']:.0f} s, total {summary['wall_seconds']:.0f} s | "
+        f"peak memory {summary['peak_memory_mb']:.0f} MB"
+    )
+    for sample in summary.get("samples", []):
+        console.print(f"\n[bold]Q:[/bold] {sample['prompt']}\n[bold]A:[/bold] {sample['reply']}")
+    console.print(f"\nRun directory: {run_dir}  (chat: peftkit chat {run_dir})")

@@ -1,0 +1,269 @@
+"""`peftkit train`: recipe -> model + adapter + data -> Trainer -> a self-describing run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.adapters import build_adapter, effective_quantization, parameter_counts
+from peftkit.config.load import recipe_to_yaml
+from peftkit.config.schema import Recipe
+from peftkit.config.validate import validate_recipe
+from peftkit.data import PaddingCollator, build_datasets
+from peftkit.errors import PeftkitError, RunDirError
+from peftkit.evaluate.generation import generate_replies, heldout_accuracy
+from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref
+from peftkit.train import checkpoints
+from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
+from peftkit.train.model_card import write_model_card
+from peftkit.train.trainer import SFTTrainer
+from peftkit.utils.atomic import atomic_directory, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to clobber a finished or half-finished run unless asked to."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        if resume:
+            raise RunDirError(f"--resume: {run_dir} holds no run to resume; start it without --resume")
+        return
+    if force:
+        shutil.rmtree(run_dir)
+        return
+    if resume:
+        if checkpoints.latest_complete(run_dir) is None:
+            raise RunDirError(
+                f"--resume: {run_dir} has no complete checkpoint yet; start again with --force "
+                "(checkpoints are written every train.save_steps steps, or each epoch)"
+            )
+        return
+    if (run_dir / "summary.json").is_file():
+        raise RunDirError(
+            f"{run_dir} already holds a finished run; set another output_dir (e.g. output_dir={run_dir}-2) "
+            "or pass --force to overwrite it"
+        )
+    raise RunDirError(
+        f"{run_dir} already exists and holds an unfinished run; pass --resume to continue it or --force to start over"
+    )
+
+
+def configure_threads(num_threads: int | None) -> int:
+    threads = num_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.dtype, has_eval: bool) -> Any:
+    from transformers import TrainingArguments
+
+    cfg = recipe.train
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        logging_steps=cfg.logging_steps,
+        eval_strategy=("steps" if cfg.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps" if cfg.save_steps else "epoch",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        use_cpu=device == "cpu",
+        bf16=dtype == torch.bfloat16 and device != "cpu",
+        fp16=dtype == torch.float16 and device != "cpu",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda",
+        disable_tqdm=False,
+    )
+
+
+def _heldout(model: Any, tokenizer: Any, recipe: Recipe, items: list[Any]) -> tuple[float | None, list[dict[str, Any]]]:
+    if not items:
+        return None, []
+    return heldout_accuracy(
+        model, tokenizer, items, max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size
+    )
+
+
+def _eval_loss(trainer: SFTTrainer, has_eval: bool) -> float | None:
+    return float(trainer.evaluate()["eval_loss"]) if has_eval else None
+
+
+def train(
+    recipe: Recipe, *, resume: bool = False, force: bool = False, extra_callbacks: list[Any] | None = None
+) -> RunResult:
+    started = time.perf_counter()
+    validate_recipe(recipe, check_model=True)
+    run_dir = Path(recipe.output_dir).expanduser().resolve()
+    prepare_run_dir(run_dir, resume=resume, force=force)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+
+    threads = configure_threads(recipe.train.num_threads)
+    from transformers import set_seed
+
+    set_seed(recipe.train.seed)
+    device = resolve_device(recipe.train.device)
+    dtype = resolve_dtype(recipe.train.dtype, device)
+    source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
+    tokenizer = load_tokenizer(recipe.model, source)
+    data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    quantization = effective_quantization(recipe)
+    log.info("Loading %s on %s (%s%s)", recipe.model.name, device, str(dtype).removeprefix("torch."),
+             f", {quantization.bits}-bit" if quantization else "")
+    model = load_model(recipe.model, quantization, device=device, dtype=dtype, source=source)
+
+    accuracy_before, details_before = (None, [])
+    if recipe.eval.before and not resume:
+        accuracy_before, details_before = _heldout(model, tokenizer, recipe, data.heldout)
+
+    model = build_adapter(model, recipe.adapter, quantized=quantization is not None)
+    trainable, total = parameter_counts(model)
+    log.info("Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    has_eval = bool(data.eval)
+    from transformers.integrations import TensorBoardCallback
+    from torch.utils.tensorboard import SummaryWriter
+
+    metrics_path = run_dir / "metrics.jsonl"
+    if not resume:
+        metrics_path.unlink(missing_ok=True)
+    callbacks = [
+        MetricsJsonlCallback(metrics_path),
+        TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))),
+        checkpoints.CompleteMarkerCallback(),
+        *(extra_callbacks or []),
+    ]
+    trainer = SFTTrainer(
+        model=model,
+        args=training_arguments(recipe, run_dir, device, dtype, has_eval),
+        train_dataset=data.train,
+        eval_dataset=data.eval or None,
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        callbacks=callbacks,
+        supervised_logits_only=recipe.train.supervised_logits_only,
+    )
+    eval_loss_before = None
+    if has_eval and not resume:
+        with model.disable_adapter():
+            eval_loss_before = _eval_loss(trainer, has_eval)
+
+    resume_from = str(checkpoints.latest_complete(run_dir)) if resume else None
+    train_started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.perf_counter() - train_started
+    eval_loss_after = _eval_loss(trainer, has_eval)
+    accuracy_after, details_after = _heldout(model, tokenizer, recipe, data.heldout)
+
+    samples = _sample_answers(model, tokenizer, recipe, data)
+    save_adapter(model, tokenizer, run_dir)
+
+    metrics = read_metrics(metrics_path)
+    plot_loss_curves(metrics, run_dir / "plots" / "loss.png", title=f"{recipe.name or run_dir.name}: {recipe.adapter.method}")
+    summary = {
+        "recipe": recipe.name or run_dir.name,
+        "base_model": recipe.model.name,
+        "method": recipe.adapter.method,
+        "quantization": quantization.model_dump() if quantization else None,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": threads,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": trainable / total,
+        "train_examples": len(data.train),
+        "eval_examples": len(data.eval),
+        "steps": output.global_step,
+        "epochs": recipe.train.epochs if not recipe.train.max_steps else None,
+        "trained_tokens": trainer.supervised_tokens_seen,
+        "input_tokens": trainer.input_tokens_seen,
+        "train_seconds": round(train_seconds, 2),
+        "tokens_per_second": round(trainer.supervised_tokens_seen / train_seconds, 2) if train_seconds else None,
+        "input_tokens_per_second": round(trainer.input_tokens_seen / train_seconds, 2) if train_seconds else None,
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "train_loss": round(float(output.training_loss), 5),
+        "eval_loss_before": eval_loss_before,
+        "eval_loss_after": eval_loss_after,
+        "heldout_questions": len(data.heldout),
+        "heldout_accuracy_before": accuracy_before,
+        "heldout_accuracy_after": accuracy_after,
+        "heldout_finished_share_after": (
+            sum(d["finished"] for d in details_after) / len(details_after) if details_after else None
+        ),
+        "samples": samples,
+        "data_stats": data.stats,
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    if details_after:
+        atomic_write_text(
+            run_dir / "heldout.jsonl",
+            "".join(
+                json.dumps({**after, "reply_before": before.get("reply"), "correct_before": before.get("correct")}) + "\n"
+                for after, before in zip(details_after, details_before or [{}] * len(details_after))
+            ),
+        )
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_model_card(run_dir, recipe, summary)
+    return RunResult(run_dir, summary)
+
+
+def save_adapter(model: Any, tokenizer: Any, run_dir: Path) -> None:
+    """The adapter in standard PEFT layout (safetensors), plus the tokenizer, written atomically."""
+    with atomic_directory(run_dir / "adapter", replace=True) as tmp:
+        assert tmp is not None
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    with atomic_directory(run_dir / "tokenizer", replace=True) as tmp:
+        assert tmp is not None
+        tokenizer.save_pretrained(str(tmp))
+
+
+def _sample_answers(model: Any, tokenizer: Any, recipe: Recipe, data: Any) -> list[dict[str, str]]:
+    from peftkit.data.chat import with_system_prompt
+
+    prompts = list(recipe.eval.sample_prompts)
+    if not prompts and data.heldout:
+        prompts = [item.messages[-1]["content"] for item in data.heldout[:2]]
+    if not prompts:
+        return []
+    conversations = [with_system_prompt([{"role": "user", "content": p}], recipe.data.system_prompt) for p in prompts]
+    replies = generate_replies(model, tokenizer, conversations, max_new_tokens=recipe.eval.max_new_tokens)
+    return [{"prompt": p, "reply": r.text} for p, r in zip(prompts, replies)]
+
+
+__all__ = ["RunResult", "PeftkitError", "train"]

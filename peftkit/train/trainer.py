@@ -1,0 +1,98 @@
+"""The SFT trainer: transformers `Trainer` with a loss that projects only supervised positions.
+
+A causal LM spends a vocabulary-sized matmul and softmax on every position, but in chat SFT
+only the assistant tokens (~1/3 here) carry a label. We pass a boolean `logits_to_keep` mask
+so the model applies its head only where the next token is supervised, and compute the same
+token-mean cross-entropy on those rows. Gradient-accumulation scaling follows the Trainer's
+`num_items_in_batch` contract, so the loss equals the standard one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from peftkit.data.chat import IGNORE_INDEX
+
+
+def _base_forward_accepts(model: Any, name: str) -> bool:
+    base = model
+    for attr in ("get_base_model",):
+        if hasattr(base, attr):
+            base = getattr(base, attr)()
+    return name in inspect.signature(base.forward).parameters
+
+
+def _virtual_tokens(model: Any) -> int:
+    """Prompt tuning prepends virtual tokens to the sequence; prefix tuning does not."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return 0
+    if str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING"):
+        return 0
+    return int(config.num_virtual_tokens)
+
+
+def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose *next* token is supervised (the shift of causal LM training)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+class SFTTrainer(Trainer):
+    def __init__(self, *args: Any, supervised_logits_only: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sparse_logits = supervised_logits_only and _base_forward_accepts(self.model, "logits_to_keep")
+        self.virtual_tokens = _virtual_tokens(self.model)
+        # Ask the Trainer to count supervised tokens across the accumulated batch (num_items_in_batch).
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self.supervised_tokens_seen = 0
+        self.input_tokens_seen = 0
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+        if model.training:
+            self.supervised_tokens_seen += int(targets.numel())
+            self.input_tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else labels.numel()
+        if self.sparse_logits:
+            keep = supervised_mask(labels)
+            if self.virtual_tokens:
+                keep = torch.cat([keep.new_zeros(keep.shape[0], self.virtual_tokens), keep], dim=1)
+            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+            logits = outputs.logits
+        else:
+            outputs = model(**inputs, use_cache=False)
+            logits = outputs.logits[:, self.virtual_tokens :][:, :-1][labels[:, 1:] != IGNORE_INDEX]
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        if num_items_in_batch is None:
+            denominator: torch.Tensor | int = max(int(targets.numel()), 1)
+        else:
+            denominator = num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                # num_items_in_batch is summed over processes; DDP averages gradients over them.
+                loss = loss * self.accelerator.num_processes
+        loss = loss / denominator
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # type: ignore[override]
+        """Eval loss through the same sparse path (token-mean over the batch)."""
+        if not prediction_loss_only or self.compute_loss_func is not None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
