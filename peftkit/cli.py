@@ -14,6 +14,9 @@ from peftkit import __version__
 from peftkit.errors import PeftkitError
 
 
+PLUGIN_COMMANDS = ("peftkit.export.commands", "peftkit.evaluate.commands")
+
+
 def _console() -> Any:
     from rich.console import Console
 
@@ -126,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list built-in models and the conversion cache")
     p.set_defaults(func=cmd_models)
+
+    # Feature areas register their own sub-commands (each module keeps heavy imports lazy).
+    import importlib
+
+    for module in PLUGIN_COMMANDS:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Merge and export: fold adapters into deployable weights, GGUF, adapter-only PEFT layout."""

@@ -1,0 +1,48 @@
+"""End-to-end training on the tiny model: run directory contents, loss, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from peftkit.config import recipe_from_dict
+from peftkit.errors import RunDirError
+from peftkit.train.run import train
+
+
+def _losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+
+
+def test_train_writes_self_describing_run_dir(tiny_recipe):
+    result = train(recipe_from_dict(tiny_recipe))
+    run = result.run_dir
+    for name in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "recipe.yaml", "summary.json",
+                 "metrics.jsonl", "plots/loss.png", "README.md", "tokenizer/tokenizer_config.json", "heldout.jsonl"]:
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ["trainable_params", "trainable_share", "trained_tokens", "tokens_per_second", "peak_memory_mb",
+                "eval_loss_before", "eval_loss_after", "heldout_accuracy_before", "heldout_accuracy_after", "wall_seconds"]:
+        assert key in summary, key
+    assert 0 < summary["trainable_share"] < 0.5
+    assert summary["trained_tokens"] > 0
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert not list(run.glob(".tmp-*")), "temporary directories must not be left behind"
+
+
+def test_same_seed_gives_same_loss_curve(tiny_recipe, tmp_path):
+    first = train(recipe_from_dict({**tiny_recipe, "output_dir": str(tmp_path / "a")}))
+    second = train(recipe_from_dict({**tiny_recipe, "output_dir": str(tmp_path / "b")}))
+    assert _losses(first.run_dir) == pytest.approx(_losses(second.run_dir), abs=1e-6)
+
+
+def test_existing_finished_run_is_not_overwritten(tiny_recipe):
+    recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}})
+    train(recipe)
+    with pytest.raises(RunDirError, match="--force"):
+        train(recipe)
+    train(recipe, force=True)
