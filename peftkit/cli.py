@@ -82,8 +82,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     from peftkit.models import BUILTINS, peftkit_home
 
     table = Table(title="Built-in models")
-    for column in ("name", "task", "available", "description"):
-        table.add_column(column)
+    table.add_column("name", no_wrap=True)
+    table.add_column("task", no_wrap=True)
+    table.add_column("available")
+    table.add_column("description")
     for model in BUILTINS.values():
         try:
             model.locate()

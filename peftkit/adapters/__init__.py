@@ -1,19 +1,46 @@
-"""Adapter methods, registered by name. Each turns the recipe's `adapter:` block into peft calls."""
+"""Adapter methods, registered by name. Each turns the recipe's `adapter:` block into peft calls.
+
+One module per method (lora, qlora, prefix, prompt, ia3, full, partial) registers itself in
+`registry.REGISTRY`; everything below dispatches on `cfg.method`, so callers never branch on
+the method themselves.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from peftkit.adapters import lora, qlora
-from peftkit.config.schema import LoraAdapterConfig, QLoraAdapterConfig, QuantizationConfig, Recipe
+from peftkit.adapters import full, ia3, lora, partial, prefix, prompt, qlora  # noqa: F401 - registers the methods
+from peftkit.adapters.modules import all_linear_targets, linear_module_names
+from peftkit.adapters.registry import REGISTRY, get_method
+from peftkit.config.schema import ADAPTER_CLASSES, QLoraAdapterConfig, QuantizationConfig, Recipe
 from peftkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lora", "qlora")
+METHODS = tuple(m for m in (c.model_fields["method"].default for c in ADAPTER_CLASSES) if m in REGISTRY)
+"""Method names in schema order (lora, qlora, prefix_tuning, prompt_tuning, ia3, full, partial)."""
+
+__all__ = [
+    "METHODS",
+    "all_linear_targets",
+    "base_model_view",
+    "build_adapter",
+    "check_recipe_adapter",
+    "check_targets",
+    "effective_quantization",
+    "linear_module_names",
+    "parameter_counts",
+    "prepare_for_generation",
+    "save_trained",
+    "trainer_extras",
+    "uses_peft",
+]
 
 
 def effective_quantization(recipe: Recipe) -> QuantizationConfig | None:
@@ -25,52 +52,89 @@ def effective_quantization(recipe: Recipe) -> QuantizationConfig | None:
     return None
 
 
-def linear_module_names(model: torch.nn.Module) -> dict[str, str]:
-    """Full name -> class name of every linear-like leaf module (what LoRA can target)."""
-    names = {}
-    for name, module in model.named_modules():
-        kind = type(module).__name__
-        if isinstance(module, torch.nn.Linear) or kind in {"Linear4bit", "Linear8bitLt", "Conv1D"}:
-            names[name] = kind
-    return names
-
-
-def all_linear_targets(model: torch.nn.Module) -> set[str]:
-    """What peft's `all-linear` selects: every linear layer except the output head."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_names = {n for n, m in model.named_modules() if head is not None and m is head}
-    head_names |= {n for n in linear_module_names(model) if n.split(".")[-1] in {"lm_head", "score", "classifier"}}
-    return set(linear_module_names(model)) - head_names
-
-
-def check_targets(model: torch.nn.Module, cfg: LoraAdapterConfig) -> list[str]:
-    """Problems with target_modules / layers against the real module tree (a meta-device copy is enough)."""
+def check_recipe_adapter(recipe: Recipe) -> list[str]:
+    """Method/task/quantization combinations that cannot work (no model needed)."""
+    method = get_method(recipe.adapter.method)
+    task = getattr(recipe, "task", "causal_lm")
     problems = []
-    linear = all_linear_targets(model)
-    matched = [n for n in linear_module_names(model) if lora.matches_target(n, cfg.target_modules, linear)]
-    if not matched:
-        suffixes = sorted({n.split(".")[-1] for n in linear})
+    if task not in method.tasks:
         problems.append(
-            f"adapter.target_modules {cfg.target_modules!r} matches no linear module in this model; "
-            f"its linear modules are: {', '.join(suffixes)} (or use `all-linear`)"
+            f"adapter.method: {method.name} does not support task: {task} in peftkit "
+            f"(use one of: {', '.join(n for n, m in REGISTRY.items() if task in m.tasks)})"
         )
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if cfg.layers is not None and n_layers is not None and cfg.layers[1] >= n_layers:
-        problems.append(f"adapter.layers {list(cfg.layers)} is out of range: this model has layers 0..{n_layers - 1}")
+    if effective_quantization(recipe) is not None and not method.quantization:
+        problems.append(
+            f"quantization: a 4/8-bit base is only supported with lora/qlora, not `{method.name}`; "
+            "remove the `quantization:` block (or use method: qlora)"
+        )
     return problems
 
 
-def build_adapter(model: Any, cfg: LoraAdapterConfig, *, task: str = "causal_lm", quantized: bool = False) -> Any:
-    """Wrap `model` with the adapter; returns the peft model with only adapter weights trainable."""
-    from peft import get_peft_model
+def check_targets(model: torch.nn.Module, cfg: Any, task: str = "causal_lm") -> list[str]:
+    """Problems with the adapter block against the real module tree (a meta-device copy is enough)."""
+    return get_method(cfg.method).check(model, cfg, task)
 
-    problems = check_targets(model, cfg)
-    if problems:
-        raise ConfigError(problems)
-    if quantized:
-        model = qlora.prepare(model, gradient_checkpointing=getattr(cfg, "gradient_checkpointing", False))
-    peft_model = get_peft_model(model, lora.lora_config(cfg, task))
-    return peft_model
+
+def build_adapter(
+    model: Any,
+    cfg: Any,
+    *,
+    task: str = "causal_lm",
+    quantized: bool = False,
+    calibration: Sequence[dict[str, list[int]]] | None = None,
+) -> Any:
+    """The model ready to train: peft-wrapped with only adapter weights trainable, or (full/partial) frozen as planned.
+
+    `calibration`: tokenized training rows, used by data-driven inits (LoRA `init: eva`).
+    """
+    method = get_method(cfg.method)
+    if quantized and not method.quantization:
+        raise ConfigError(f"adapter.method: {method.name} cannot train over a quantized base; use lora or qlora")
+    return method.build(model, cfg, task=task, quantized=quantized, calibration=calibration)
+
+
+def uses_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+@contextlib.contextmanager
+def base_model_view(model: Any) -> Iterator[Any]:
+    """The model without its adapter, for "before" scores. Full/partial models are still the base
+    before training starts, so they are used as they are (call this before training only)."""
+    if uses_peft(model):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def trainer_extras(model: Any, cfg: Any, args: Any) -> partial.TrainerExtras:
+    """Callbacks and optimizer a method needs in the Trainer (partial: unfreezing, layer-wise LR)."""
+    method = get_method(cfg.method)
+    if method.trainer_extras is None:
+        return partial.TrainerExtras()
+    return method.trainer_extras(model, cfg, args)
+
+
+def save_trained(model: Any, run_dir: Path, method: str | None = None) -> Path:
+    """Write the trained weights: RUN_DIR/adapter (peft layout) or RUN_DIR/model (full/partial)."""
+    from peftkit.utils.atomic import atomic_directory
+
+    name = method or ("lora" if uses_peft(model) else "full")
+    spec = get_method(name)
+    target = run_dir / ("adapter" if spec.uses_peft else full.MODEL_DIR)
+    with atomic_directory(target, replace=True) as tmp:
+        assert tmp is not None
+        if spec.save is not None:
+            spec.save(model, Path(tmp))
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+    return target
+
+
+def prepare_for_generation(model: Any) -> Any:
+    """Per-method fixes that make `model.generate` work as documented (prefix tuning + use_cache=False)."""
+    return prefix.generation_fix(model)
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

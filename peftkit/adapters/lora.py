@@ -1,38 +1,185 @@
-"""LoRA (with DoRA / rsLoRA variants): the recipe's adapter block as a `peft.LoraConfig`."""
+"""LoRA (with DoRA / rsLoRA and PiSSA / OLoRA / EVA initialisation) as a `peft.LoraConfig`.
+
+PiSSA and OLoRA move the principal part of each targeted weight into the adapter and leave a
+residual in the base. Such an adapter only fits that residual base, so we keep a copy of the
+initial adapter and let peft convert the trained one into a plain LoRA of rank 2r at save
+time: the saved adapter then applies to the untouched base model like any other.
+"""
 
 from __future__ import annotations
 
-import re
+import atexit
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from peftkit.adapters.modules import all_linear_targets, layer_index, linear_module_names, matches_target
+from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, register
 from peftkit.config.schema import LoraAdapterConfig
+from peftkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 INIT_TO_PEFT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "eva": "eva", "loftq": "loftq"}
-TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS"}
+TASK_TYPES = PEFT_TASK_TYPES
+CONVERTED_INITS = ("pissa", "olora")
+"""Inits that rewrite the base weights; their adapters are converted to plain LoRA when saved."""
+INITIAL_ADAPTER_ATTR = "peftkit_initial_adapter"
+
+__all__ = ["lora_config", "matches_target", "check", "build", "save"]
 
 
-def lora_config(cfg: LoraAdapterConfig, task: str = "causal_lm") -> Any:
+def _targets(cfg: LoraAdapterConfig, model: torch.nn.Module | None) -> str | list[str]:
+    """peft ignores `layers_to_transform` for a regex; resolve a regex + layers to explicit names."""
+    target = cfg.target_modules
+    if model is None or cfg.layers is None or not isinstance(target, str) or target == "all-linear":
+        return target
+    linear = all_linear_targets(model)
+    return sorted(n for n in linear_module_names(model) if matches_target(n, target, linear) and _in_layers(n, cfg.layers))
+
+
+def _in_layers(name: str, layers: tuple[int, int] | None) -> bool:
+    if layers is None:
+        return True
+    index = layer_index(name)
+    return index is not None and layers[0] <= index <= layers[1]
+
+
+def lora_config(cfg: LoraAdapterConfig, task: str = "causal_lm", model: torch.nn.Module | None = None) -> Any:
     from peft import LoraConfig
 
     layers = list(range(cfg.layers[0], cfg.layers[1] + 1)) if cfg.layers else None
+    extra: dict[str, Any] = {}
+    if cfg.init == "eva":
+        from peft import EvaConfig
+
+        extra["eva_config"] = EvaConfig(rho=2.0)
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=_targets(cfg, model),
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
         init_lora_weights=INIT_TO_PEFT[cfg.init],
         layers_to_transform=layers,
         modules_to_save=cfg.modules_to_save,
         task_type=TASK_TYPES[task],
+        **extra,
     )
 
 
-def matches_target(name: str, target: str | list[str], linear_names: set[str]) -> bool:
-    """Mirror of peft's matching, used to validate targets before any weights load."""
-    if target == "all-linear":
-        return name in linear_names
-    if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith(f".{t}") for t in target)
+def check(model: torch.nn.Module, cfg: LoraAdapterConfig, task: str = "causal_lm") -> list[str]:
+    """Problems with target_modules / layers / modules_to_save / init against the module tree."""
+    problems = []
+    linear = all_linear_targets(model)
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if cfg.layers is not None and n_layers is not None and cfg.layers[1] >= n_layers:
+        problems.append(f"adapter.layers {list(cfg.layers)} is out of range: this model has layers 0..{n_layers - 1}")
+    matched = [n for n in linear_module_names(model) if matches_target(n, cfg.target_modules, linear)]
+    if not matched:
+        suffixes = sorted({n.split(".")[-1] for n in linear})
+        problems.append(
+            f"adapter.target_modules {cfg.target_modules!r} matches no linear module in this model; "
+            f"its linear modules are: {', '.join(suffixes)} (or use `all-linear`)"
+        )
+    elif cfg.layers is not None and not any(_in_layers(n, cfg.layers) for n in matched) and not problems:
+        problems.append(f"adapter.target_modules {cfg.target_modules!r} matches no module inside adapter.layers {list(cfg.layers)}")
+    problems.extend(check_modules_to_save(model, cfg.modules_to_save))
+    if cfg.init == "loftq":
+        problems.append(
+            "adapter.init: loftq is not supported: it needs scipy and a separate pass that quantizes and re-saves "
+            "the base model; use init: pissa (also SVD-based), or gaussian/default"
+        )
+    return problems
+
+
+def check_modules_to_save(model: torch.nn.Module, names: Sequence[str] | None) -> list[str]:
+    missing = [m for m in names or [] if not any(n == m or n.endswith(f".{m}") for n, _ in model.named_modules())]
+    if not missing:
+        return []
+    tops = sorted({n.split(".")[-1] for n, mod in model.named_modules() if n and not list(mod.children())} | {n for n, _ in model.named_children()})
+    return [f"adapter.modules_to_save: {', '.join(missing)} not found in this model (module names include: {', '.join(tops[:30])})"]
+
+
+def _eva_dataloader(calibration: Sequence[dict[str, list[int]]], batch_size: int = 8) -> Any:
+    from torch.utils.data import DataLoader
+
+    from peftkit.data.build import PaddingCollator
+
+    collate = PaddingCollator(pad_token_id=0)
+
+    def without_labels(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        batch = collate([{"input_ids": r["input_ids"], "labels": r["input_ids"]} for r in rows])
+        batch.pop("labels")
+        return batch
+
+    return DataLoader(list(calibration), batch_size=batch_size, shuffle=False, collate_fn=without_labels)
+
+
+def build(
+    model: Any,
+    cfg: LoraAdapterConfig,
+    *,
+    task: str = "causal_lm",
+    quantized: bool = False,
+    calibration: Sequence[dict[str, list[int]]] | None = None,
+) -> Any:
+    """`get_peft_model` with the recipe's LoRA config; EVA runs on the training rows first."""
+    from peft import get_peft_model
+
+    problems = check(model, cfg, task)
+    if quantized and cfg.init in CONVERTED_INITS + ("eva",):
+        problems.append(f"adapter.init: {cfg.init} is not supported over a quantized base in peftkit; use default or gaussian")
+    if cfg.init == "eva" and not calibration:
+        problems.append("adapter.init: eva needs training data to compute its initialisation (none was given)")
+    if problems:
+        raise ConfigError(problems)
+    if quantized:
+        from peftkit.adapters.qlora import prepare
+
+        model = prepare(model, gradient_checkpointing=getattr(cfg, "gradient_checkpointing", False))
+    config = lora_config(cfg, task, model)
+    if cfg.init == "eva":
+        from peft import initialize_lora_eva_weights
+
+        peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
+        initialize_lora_eva_weights(peft_model, _eva_dataloader(calibration or []), show_progress_bar=False)
+        return peft_model
+    peft_model = get_peft_model(model, config)
+    if cfg.init in CONVERTED_INITS:
+        _keep_initial_adapter(peft_model)
+    return peft_model
+
+
+def _keep_initial_adapter(peft_model: Any) -> None:
+    """Save the freshly initialised PiSSA/OLoRA adapter (the conversion reference) to a temp dir."""
+    folder = Path(tempfile.mkdtemp(prefix="peftkit-initial-adapter-"))
+    atexit.register(shutil.rmtree, folder, True)
+    config = peft_model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True  # peft's documented way: do not re-run the SVD on reload
+    try:
+        peft_model.save_pretrained(str(folder), safe_serialization=True)
+    finally:
+        config.init_lora_weights = init
+    setattr(peft_model, INITIAL_ADAPTER_ATTR, str(folder))
+
+
+def save(peft_model: Any, directory: Path) -> None:
+    """Standard PEFT layout; PiSSA/OLoRA adapters are converted so they apply to the original base."""
+    initial = getattr(peft_model, INITIAL_ADAPTER_ATTR, None)
+    if initial is not None and Path(initial).is_dir():
+        peft_model.save_pretrained(str(directory), safe_serialization=True, path_initial_model_for_weight_conversion=initial)
+    else:
+        peft_model.save_pretrained(str(directory), safe_serialization=True)
+
+
+METHOD = register(
+    AdapterMethod(name="lora", config_class=LoraAdapterConfig, build=build, check=check, quantization=True, save=save)
+)

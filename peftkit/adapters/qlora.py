@@ -1,10 +1,17 @@
-"""QLoRA: LoRA over a 4-bit/8-bit bitsandbytes base, prepared for k-bit training."""
+"""QLoRA: LoRA over a 4-bit/8-bit bitsandbytes base, prepared for k-bit training.
+
+The quantized base comes from `models.load_model` (BitsAndBytesConfig); here we only apply
+peft's `prepare_model_for_kbit_training` (norms in fp32, input grads, optional gradient
+checkpointing) and then the same LoRA build as `lora`.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from peftkit.config.schema import QuantizationConfig
+from peftkit.adapters import lora
+from peftkit.adapters.registry import AdapterMethod, register
+from peftkit.config.schema import QLoraAdapterConfig, QuantizationConfig
 
 DEFAULT_QUANTIZATION = QuantizationConfig(bits=4, quant_type="nf4", double_quant=True)
 
@@ -18,3 +25,13 @@ def prepare(model: Any, gradient_checkpointing: bool) -> Any:
         use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+
+
+def build(model: Any, cfg: QLoraAdapterConfig, *, task: str = "causal_lm", quantized: bool = True, calibration: Any = None) -> Any:
+    """A `qlora` recipe always loads a quantized base (its implied nf4 block, or its own)."""
+    return lora.build(model, cfg, task=task, quantized=True, calibration=calibration)
+
+
+METHOD = register(
+    AdapterMethod(name="qlora", config_class=QLoraAdapterConfig, build=build, check=lora.check, quantization=True, save=lora.save)
+)

@@ -91,6 +91,13 @@ def _sections_for(loc: tuple[Any, ...]) -> list[type[BaseModel]]:
     if loc and loc[0] == "adapter" and len(loc) >= 2:
         for cls in schema.ADAPTER_CLASSES:
             if cls.model_fields["method"].default == loc[1]:
+                # Nested blocks (e.g. `adapter.partial.unfreeze_schedule.x`) walk down from the method's class.
+                for part in loc[2:-1]:
+                    field = cls.model_fields.get(str(part))
+                    found = [t for t in _leaf_types(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)] if field else []
+                    if not found:
+                        return []
+                    cls = found[0]
                 return [cls]
     cls = _section_class(loc[:-1])
     return [cls] if cls is not None else []
@@ -99,7 +106,7 @@ def _sections_for(loc: tuple[Any, ...]) -> list[type[BaseModel]]:
 def _friendly(err: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
     # Drop the union tag from displayed locations: `adapter.lora.r` reads as `adapter.r`.
-    shown = [str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] == "adapter" and len(loc) > 2)]
+    shown = [str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] == "adapter" and len(loc) >= 2)]
     dotted = ".".join(shown) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -110,7 +117,7 @@ def _friendly(err: dict[str, Any]) -> str:
         hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         if hint:
             return f"unknown key `{dotted}`: did you mean `{hint[0]}`?"
-        if loc[0] == "adapter" and len(loc) > 2:
+        if loc[0] == "adapter" and len(loc) == 3:
             return f"`{key}` is not a parameter of adapter method `{loc[1]}` (its parameters: {', '.join(known)})"
         valid = f" (valid keys here: {', '.join(known)})" if known else ""
         return f"unknown key `{dotted}`{valid}"
@@ -123,7 +130,7 @@ def _friendly(err: dict[str, Any]) -> str:
         return f"`{dotted}` is required but missing"
     got = err.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
-    return f"`{dotted}`: {err['msg']}{got_text}"
+    return f"`{dotted}`: {err['msg'].removeprefix('Value error, ')}{got_text}"
 
 
 def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:

@@ -67,7 +67,113 @@ class QLoraAdapterConfig(LoraAdapterConfig):
     gradient_checkpointing: bool = True
 
 
-AdapterConfig = Annotated[Union[LoraAdapterConfig, QLoraAdapterConfig], Field(discriminator="method")]
+class PrefixTuningAdapterConfig(Section):
+    """Prefix tuning: trained key/value vectors prepended in every attention layer (base frozen)."""
+
+    method: Literal["prefix_tuning"] = "prefix_tuning"
+    num_virtual_tokens: PositiveInt = 20
+    """Length of the trained prefix (per layer)."""
+    prefix_projection: bool = False
+    """Produce the prefix through a 2-layer MLP (more parameters while training, often more stable)."""
+    encoder_hidden_size: PositiveInt | None = None
+    """Hidden size of that MLP (default: the model's hidden size); needs `prefix_projection: true`."""
+
+    @model_validator(mode="after")
+    def _projection_size(self) -> "PrefixTuningAdapterConfig":
+        if self.encoder_hidden_size is not None and not self.prefix_projection:
+            raise ValueError("encoder_hidden_size only applies with prefix_projection: true")
+        return self
+
+
+class PromptTuningAdapterConfig(Section):
+    """Prompt tuning: trained soft-prompt embeddings prepended to the input (base frozen)."""
+
+    method: Literal["prompt_tuning"] = "prompt_tuning"
+    num_virtual_tokens: PositiveInt = 20
+    init: Literal["random", "text"] = "random"
+    """`text`: start the soft prompt from the embeddings of `init_text` (usually trains faster)."""
+    init_text: str | None = None
+
+    @model_validator(mode="after")
+    def _init_text(self) -> "PromptTuningAdapterConfig":
+        if self.init == "text" and not (self.init_text or "").strip():
+            raise ValueError("init: text needs a non-empty init_text (e.g. the task instruction)")
+        if self.init == "random" and self.init_text is not None:
+            raise ValueError("init_text is only used with init: text")
+        return self
+
+
+class IA3AdapterConfig(Section):
+    """(IA)^3: learned per-channel scaling of keys, values and feed-forward activations."""
+
+    method: Literal["ia3"] = "ia3"
+    target_modules: Union[str, list[str], None] = None
+    """Module-name suffixes or a regex; default: peft's choice for the architecture (Llama: k_proj, v_proj, down_proj)."""
+    feedforward_modules: Union[str, list[str], None] = None
+    """Which targets are feed-forward (scaled on their input); must be among target_modules."""
+    modules_to_save: list[str] | None = None
+
+
+class FullAdapterConfig(Section):
+    """Full fine-tuning: every parameter trains, no adapter (the quality reference)."""
+
+    method: Literal["full"] = "full"
+
+
+class UnfreezeScheduleConfig(Section):
+    every_steps: PositiveInt | None = None
+    every_epochs: PositiveInt | None = None
+    start_layers: Annotated[int, Field(ge=0)] = 0
+    """Top blocks trainable from the start; one more is unfrozen each period, up to `train_last_layers`."""
+
+    @model_validator(mode="after")
+    def _one_period(self) -> "UnfreezeScheduleConfig":
+        if (self.every_steps is None) == (self.every_epochs is None):
+            raise ValueError("unfreeze_schedule needs exactly one of every_steps or every_epochs")
+        return self
+
+
+class PartialAdapterConfig(Section):
+    """Classic partial fine-tuning: freeze the model except the top blocks and/or the head."""
+
+    method: Literal["partial"] = "partial"
+    train_last_layers: Annotated[int, Field(ge=0)] = 2
+    """Number of top decoder/encoder blocks that train (with a schedule: how many end up unfrozen)."""
+    train_head: bool = True
+    """Train the output head (`lm_head`, or the classifier). With tied embeddings this trains the embeddings too."""
+    train_embeddings: bool = False
+    unfreeze_schedule: UnfreezeScheduleConfig | None = None
+    """Gradual unfreezing, e.g. `{every_steps: 50}`: one more block from the top each period."""
+    layerwise_lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    """LR multiplied by this per block going down from the head (head: lr, top block: lr*d, ...)."""
+
+    @model_validator(mode="after")
+    def _trains_something(self) -> "PartialAdapterConfig":
+        start = self.train_last_layers if self.unfreeze_schedule is None else self.unfreeze_schedule.start_layers
+        if self.unfreeze_schedule is not None and start > self.train_last_layers:
+            raise ValueError(
+                f"unfreeze_schedule.start_layers ({start}) is more than train_last_layers ({self.train_last_layers})"
+            )
+        if start == 0 and not (self.train_head or self.train_embeddings):
+            raise ValueError(
+                "nothing would train at the start: set train_last_layers (or unfreeze_schedule.start_layers) "
+                "to at least 1, or train_head: true"
+            )
+        return self
+
+
+AdapterConfig = Annotated[
+    Union[
+        LoraAdapterConfig,
+        QLoraAdapterConfig,
+        PrefixTuningAdapterConfig,
+        PromptTuningAdapterConfig,
+        IA3AdapterConfig,
+        FullAdapterConfig,
+        PartialAdapterConfig,
+    ],
+    Field(discriminator="method"),
+]
 
 
 class DataConfig(Section):
@@ -125,6 +231,8 @@ class EvalConfig(Section):
 
 class Recipe(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    """`sequence_classification`: a new classification head trained on `{text, label}` data (see docs/adapters.md)."""
     quantization: QuantizationConfig | None = None
     adapter: AdapterConfig = Field(default_factory=LoraAdapterConfig)
     data: DataConfig
@@ -135,4 +243,12 @@ class Recipe(Section):
     name: str | None = None
     description: str | None = None
 
-ADAPTER_CLASSES: tuple[type[LoraAdapterConfig], ...] = (LoraAdapterConfig, QLoraAdapterConfig)
+ADAPTER_CLASSES: tuple[type[Section], ...] = (
+    LoraAdapterConfig,
+    QLoraAdapterConfig,
+    PrefixTuningAdapterConfig,
+    PromptTuningAdapterConfig,
+    IA3AdapterConfig,
+    FullAdapterConfig,
+    PartialAdapterConfig,
+)

@@ -15,6 +15,10 @@ def _check_data(recipe: Recipe) -> list[str]:
     from peftkit.data.build import load_heldout
     from peftkit.data.formats import load_examples
 
+    if recipe.task == "sequence_classification":  # `{text, label}` records, checked in their own module
+        from peftkit.data.classification import check_classification_data
+
+        return check_classification_data(recipe.data)
     problems = []
     for key in ("train", "eval"):
         path = getattr(recipe.data, key)
@@ -34,6 +38,7 @@ def _check_data(recipe: Recipe) -> list[str]:
 
 def _check_model(recipe: Recipe) -> list[str]:
     from peftkit.adapters import check_targets, effective_quantization
+    from peftkit.models.registry import BUILTINS
     from peftkit.models.resolve import resolve_model_ref
     from peftkit.models.skeleton import model_skeleton
 
@@ -50,19 +55,24 @@ def _check_model(recipe: Recipe) -> list[str]:
             import bitsandbytes  # noqa: F401
         except ImportError:
             problems.append("quantization needs bitsandbytes: `pip install bitsandbytes` (or remove `quantization:`)")
+    builtin = BUILTINS.get(recipe.model.name) if source.kind == "builtin" else None
+    if builtin is not None and builtin.task != "causal_lm" and recipe.task != builtin.task:
+        problems.append(f"model.name: {builtin.name} is a {builtin.task} model; set `task: {builtin.task}` in the recipe")
     try:
-        skeleton = model_skeleton(source, recipe.model)
+        skeleton = model_skeleton(source, recipe.model, task=recipe.task)
     except PeftkitError as exc:
         return [*problems, f"model.name: {exc}"]
     except (OSError, ValueError) as exc:
         return [*problems, f"model.name: cannot read the model configuration of {recipe.model.name!r}: {exc}"]
-    problems.extend(check_targets(skeleton, recipe.adapter))
+    problems.extend(check_targets(skeleton, recipe.adapter, recipe.task))
     return problems
 
 
 def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> None:
     """Raise one ConfigError listing every problem found; return quietly when the recipe is runnable."""
-    problems = _check_data(recipe)
+    from peftkit.adapters import check_recipe_adapter
+
+    problems = _check_data(recipe) + check_recipe_adapter(recipe)
     if check_model:
         problems.extend(_check_model(recipe))
     if problems:

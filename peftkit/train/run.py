@@ -8,13 +8,14 @@ import os
 import resource
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from peftkit.adapters import build_adapter, effective_quantization, parameter_counts
+from peftkit.adapters import base_model_view, build_adapter, effective_quantization, parameter_counts, trainer_extras
 from peftkit.config.load import recipe_to_yaml
 from peftkit.config.schema import Recipe
 from peftkit.config.validate import validate_recipe
@@ -29,6 +30,8 @@ from peftkit.train.trainer import SFTTrainer
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
+# peft still reads the deprecated `is_gradient_checkpointing`; the warning is not actionable for users.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 
 @dataclass
@@ -103,8 +106,8 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         use_cpu=device == "cpu",
         bf16=dtype == torch.bfloat16 and device != "cpu",
         fp16=dtype == torch.float16 and device != "cpu",
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -128,6 +131,10 @@ def _eval_loss(trainer: SFTTrainer, has_eval: bool) -> float | None:
 def train(
     recipe: Recipe, *, resume: bool = False, force: bool = False, extra_callbacks: list[Any] | None = None
 ) -> RunResult:
+    if recipe.task == "sequence_classification":  # own Trainer and data path (peftkit/train/classification.py)
+        from peftkit.train.classification import train_classifier
+
+        return train_classifier(recipe, resume=resume, force=force, extra_callbacks=extra_callbacks)
     started = time.perf_counter()
     validate_recipe(recipe, check_model=True)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
@@ -153,7 +160,7 @@ def train(
     if recipe.eval.before and not resume:
         accuracy_before, details_before = _heldout(model, tokenizer, recipe, data.heldout)
 
-    model = build_adapter(model, recipe.adapter, quantized=quantization is not None)
+    model = build_adapter(model, recipe.adapter, quantized=quantization is not None, calibration=data.train)
     trainable, total = parameter_counts(model)
     log.info("Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
@@ -170,18 +177,21 @@ def train(
         checkpoints.CompleteMarkerCallback(),
         *(extra_callbacks or []),
     ]
+    args = training_arguments(recipe, run_dir, device, dtype, has_eval)
+    extras = trainer_extras(model, recipe.adapter, args)  # partial: unfreeze schedule, layer-wise LR groups
     trainer = SFTTrainer(
         model=model,
-        args=training_arguments(recipe, run_dir, device, dtype, has_eval),
+        args=args,
         train_dataset=data.train,
         eval_dataset=data.eval or None,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
-        callbacks=callbacks,
+        callbacks=[*extras.callbacks, *callbacks],
+        optimizers=(extras.optimizer, None),
         supervised_logits_only=recipe.train.supervised_logits_only,
     )
     eval_loss_before = None
     if has_eval and not resume:
-        with model.disable_adapter():
+        with base_model_view(model):
             eval_loss_before = _eval_loss(trainer, has_eval)
 
     resume_from = str(checkpoints.latest_complete(run_dir)) if resume else None
@@ -192,7 +202,7 @@ def train(
     accuracy_after, details_after = _heldout(model, tokenizer, recipe, data.heldout)
 
     samples = _sample_answers(model, tokenizer, recipe, data)
-    save_adapter(model, tokenizer, run_dir)
+    save_adapter(model, tokenizer, run_dir, recipe.adapter.method)
 
     metrics = read_metrics(metrics_path)
     plot_loss_curves(metrics, run_dir / "plots" / "loss.png", title=f"{recipe.name or run_dir.name}: {recipe.adapter.method}")
@@ -243,11 +253,13 @@ def train(
     return RunResult(run_dir, summary)
 
 
-def save_adapter(model: Any, tokenizer: Any, run_dir: Path) -> None:
-    """The adapter in standard PEFT layout (safetensors), plus the tokenizer, written atomically."""
-    with atomic_directory(run_dir / "adapter", replace=True) as tmp:
-        assert tmp is not None
-        model.save_pretrained(str(tmp), safe_serialization=True)
+def save_adapter(model: Any, tokenizer: Any, run_dir: Path, method: str | None = None) -> None:
+    """The adapter in standard PEFT layout (safetensors), plus the tokenizer, written atomically.
+
+    Methods without an adapter (full, partial) save the whole model into RUN_DIR/model instead."""
+    from peftkit.adapters import save_trained
+
+    save_trained(model, run_dir, method)
     with atomic_directory(run_dir / "tokenizer", replace=True) as tmp:
         assert tmp is not None
         tokenizer.save_pretrained(str(tmp))

@@ -1,0 +1,79 @@
+"""(IA)^3: learned scaling vectors on keys, values and feed-forward inputs (`peft.IA3Config`).
+
+Without `target_modules` peft's per-architecture defaults apply (Llama: k_proj, v_proj,
+down_proj, of which down_proj is feed-forward). When only `target_modules` is given, the
+feed-forward set defaults to peft's feed-forward modules among those targets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from peftkit.adapters.lora import check_modules_to_save
+from peftkit.adapters.modules import all_linear_targets, linear_module_names, matches_target
+from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, register
+from peftkit.config.schema import IA3AdapterConfig
+from peftkit.errors import ConfigError
+
+
+def _defaults(model: torch.nn.Module) -> tuple[list[str] | None, list[str] | None]:
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
+    )
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return TARGETS.get(model_type), FEEDFORWARD.get(model_type)
+
+
+def resolve(model: torch.nn.Module, cfg: IA3AdapterConfig) -> tuple[str | list[str] | None, str | list[str] | None]:
+    """(target_modules, feedforward_modules) as they will be passed to peft."""
+    default_targets, default_ff = _defaults(model)
+    targets = cfg.target_modules if cfg.target_modules is not None else default_targets
+    feedforward = cfg.feedforward_modules
+    if feedforward is None and targets is not None:
+        linear = all_linear_targets(model)
+        names = [n for n in linear_module_names(model) if matches_target(n, targets, linear)]
+        feedforward = [f for f in default_ff or [] if any(matches_target(n, [f], linear) for n in names)]
+    return targets, feedforward
+
+
+def check(model: torch.nn.Module, cfg: IA3AdapterConfig, task: str = "causal_lm") -> list[str]:
+    targets, feedforward = resolve(model, cfg)
+    if targets is None:
+        return [f"adapter.target_modules: peft has no (IA)^3 default for {type(model).__name__}; list the modules to scale"]
+    linear = all_linear_targets(model)
+    names = [n for n in linear_module_names(model) if matches_target(n, targets, linear)]
+    problems = []
+    if not names:
+        suffixes = sorted({n.split(".")[-1] for n in linear})
+        problems.append(
+            f"adapter.target_modules {targets!r} matches no linear module in this model; its linear modules are: {', '.join(suffixes)}"
+        )
+    elif feedforward:
+        stray = [n for n in linear_module_names(model) if matches_target(n, feedforward, linear) and n not in names]
+        if stray or not any(matches_target(n, feedforward, linear) for n in names):
+            problems.append(f"adapter.feedforward_modules {feedforward!r} must be among the target_modules {targets!r}")
+    problems.extend(check_modules_to_save(model, cfg.modules_to_save))
+    return problems
+
+
+def build(model: Any, cfg: IA3AdapterConfig, *, task: str = "causal_lm", quantized: bool = False, calibration: Any = None) -> Any:
+    from peft import IA3Config, get_peft_model
+
+    problems = check(model, cfg, task)
+    if problems:
+        raise ConfigError(problems)
+    targets, feedforward = resolve(model, cfg)
+    config = IA3Config(
+        task_type=PEFT_TASK_TYPES[task],
+        target_modules=targets,
+        feedforward_modules=feedforward or [],
+        modules_to_save=cfg.modules_to_save,
+    )
+    return get_peft_model(model, config)
+
+
+METHOD = register(AdapterMethod(name="ia3", config_class=IA3AdapterConfig, build=build, check=check))

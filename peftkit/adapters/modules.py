@@ -1,0 +1,115 @@
+"""Where things are in a transformers model: linear layers, the block stack, head and embeddings.
+
+Shared by the method modules and by validation, which runs them on a meta-device skeleton
+(names and shapes only), so nothing here may touch parameter values.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+HEAD_NAMES = ("lm_head", "score", "classifier")
+"""Output heads: causal LM projection, Llama-style classifier, BERT-style classifier."""
+
+
+def linear_module_names(model: torch.nn.Module) -> dict[str, str]:
+    """Full name -> class name of every linear-like leaf module (what LoRA can target)."""
+    names = {}
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, torch.nn.Linear) or kind in {"Linear4bit", "Linear8bitLt", "Conv1D"}:
+            names[name] = kind
+    return names
+
+
+def head_module_names(model: torch.nn.Module) -> set[str]:
+    """Names of the output head(s): the output embeddings, or a `score` / `classifier` module."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {n for n, m in model.named_modules() if head is not None and m is head}
+    names |= {n for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES}
+    return names
+
+
+def all_linear_targets(model: torch.nn.Module) -> set[str]:
+    """What peft's `all-linear` selects: every linear layer except the output head."""
+    heads = head_module_names(model)
+    return {n for n in linear_module_names(model) if n not in heads and not any(n.startswith(h + ".") for h in heads)}
+
+
+def matches_target(name: str, target: str | list[str] | None, linear_names: set[str]) -> bool:
+    """Mirror of peft's matching (exact name or `.suffix`; a string is a full-match regex)."""
+    if target is None:
+        return False
+    if target == "all-linear":
+        return name in linear_names
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in target)
+
+
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The block index in a module name (`model.layers.3.mlp.up_proj` -> 3), as peft finds it."""
+    match = _LAYER_INDEX.match(name)
+    return int(match.group("idx")) if match else None
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The model cut into: embeddings (below the blocks), blocks, top (norm/pooler), head."""
+
+    blocks_name: str
+    """Module path of the block list (`model.layers`, `bert.encoder.layer`)."""
+    blocks: tuple[torch.nn.Module, ...]
+    embeddings: tuple[tuple[str, torch.nn.Parameter], ...]
+    top: tuple[tuple[str, torch.nn.Parameter], ...]
+    """Parameters after the blocks that are not the head (final norm, BERT pooler)."""
+    head: tuple[tuple[str, torch.nn.Parameter], ...]
+    tied_head: bool
+    """The head's weight is the input embedding matrix (training one trains the other)."""
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The repeated transformer blocks: the largest ModuleList of same-class modules."""
+    best: tuple[str, torch.nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best[1])):
+                best = (name, module)
+    if best is None:
+        from peftkit.errors import PeftkitError
+
+        raise PeftkitError(f"cannot find the transformer blocks of {type(model).__name__} (no ModuleList of layers)")
+    return best
+
+
+def block_layout(model: torch.nn.Module) -> BlockLayout:
+    """Split parameters by position relative to the block stack (registration order of named_parameters)."""
+    blocks_name, blocks = find_blocks(model)
+    block_params = {id(p) for p in blocks.parameters()}
+    heads = head_module_names(model)
+    head_ids = {id(p) for h in heads for p in model.get_submodule(h).parameters()}
+    embeddings, top, head = [], [], []
+    seen_blocks = False
+    for name, param in model.named_parameters():
+        if id(param) in head_ids:
+            head.append((name, param))
+        elif id(param) in block_params:
+            seen_blocks = True
+        elif seen_blocks:
+            top.append((name, param))
+        else:
+            embeddings.append((name, param))
+    # A tied head is registered once, under the embeddings' name: it is found by identity above.
+    input_embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = input_embeddings is not None and any(id(p) in head_ids for p in input_embeddings.parameters())
+    return BlockLayout(blocks_name, tuple(blocks), tuple(embeddings), tuple(top), tuple(head), tied)

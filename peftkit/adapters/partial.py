@@ -1,0 +1,250 @@
+"""Partial fine-tuning: freeze the model except its top blocks and/or head (a freeze plan, no peft).
+
+- `train_last_layers: K` trains the top K transformer blocks (plus what sits above them: the
+  final norm, BERT's pooler); `train_head` / `train_embeddings` add the output head and the
+  input embeddings (tied in SmolLM2: training either trains the shared matrix).
+- `unfreeze_schedule` (gradual unfreezing, ULMFiT): start with `start_layers` top blocks and
+  unfreeze one more block from the top every N steps or epochs, up to K. Every parameter that
+  will ever train is in the optimizer from the start; frozen ones have no gradient, which
+  torch optimizers skip (no update, no weight decay, no moment state) until they are unfrozen.
+- `layerwise_lr_decay: d`: the head (and final norm/pooler) learn at lr, block i of L at
+  lr * d^(L - i) (top block lr*d), embeddings at lr * d^(L + 1): ELECTRA/BEiT convention.
+
+The optimizer is the Trainer's own choice (`Trainer.get_optimizer_cls_and_kwargs`), built over
+these parameter groups and handed to the Trainer with `optimizers=`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.adapters.full import save_model
+from peftkit.adapters.modules import block_layout
+from peftkit.adapters.registry import AdapterMethod, register
+from peftkit.config.schema import PartialAdapterConfig
+from peftkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PLAN_ATTR = "peftkit_freeze_plan"
+
+
+@dataclass
+class ParamGroup:
+    name: str
+    """`head`, `top`, `block.<i>` or `embeddings`."""
+    params: list[tuple[str, torch.nn.Parameter]]
+    depth: int
+    """Distance below the head: 0 for head/top, L - i for block i, L + 1 for embeddings."""
+    unfreeze_stage: int | None
+    """Schedule stage from which the group trains; None: never (stays frozen, not in the optimizer)."""
+
+
+@dataclass
+class FreezePlan:
+    num_blocks: int
+    groups: list[ParamGroup]
+    start_blocks: int
+    final_blocks: int
+    tied_head: bool
+    stage: int = -1
+    history: list[tuple[int, int]] = field(default_factory=list)
+    """(global step, trainable parameter count) at every change."""
+
+    def trainable_groups(self, stage: int) -> list[ParamGroup]:
+        return [g for g in self.groups if g.unfreeze_stage is not None and g.unfreeze_stage <= stage]
+
+    def unfrozen_blocks(self, stage: int) -> int:
+        return min(self.final_blocks, self.start_blocks + max(stage, 0))
+
+    def apply(self, stage: int) -> bool:
+        """Set requires_grad for `stage`; returns True when something changed."""
+        if stage == self.stage:
+            return False
+        live = {id(p) for g in self.trainable_groups(stage) for _, p in g.params}
+        for group in self.groups:
+            for _, param in group.params:
+                param.requires_grad_(id(param) in live)
+        changed = self.stage != -1 and self.unfrozen_blocks(stage) != self.unfrozen_blocks(self.stage)
+        self.stage = stage
+        return changed
+
+    def trainable_count(self) -> int:
+        seen: dict[int, int] = {}
+        for group in self.groups:
+            for _, param in group.params:
+                if param.requires_grad:
+                    seen[id(param)] = param.numel()
+        return sum(seen.values())
+
+
+def make_plan(model: torch.nn.Module, cfg: PartialAdapterConfig) -> FreezePlan:
+    layout = block_layout(model)
+    n = layout.num_blocks
+    k = cfg.train_last_layers
+    start = cfg.unfreeze_schedule.start_layers if cfg.unfreeze_schedule else k
+    groups: list[ParamGroup] = []
+    if layout.head:
+        trains_head = cfg.train_head or (layout.tied_head and cfg.train_embeddings)
+        groups.append(ParamGroup("head", list(layout.head), 0, 0 if trains_head else None))
+    if layout.top:
+        # The final norm / pooler sit above the blocks: they train once any block does.
+        stage = None if k == 0 else max(0, 1 - start)
+        groups.append(ParamGroup("top", list(layout.top), 0, stage))
+    blocks = dict(block_named_params(model, layout.blocks_name, n))
+    for offset in range(n):
+        index = n - 1 - offset  # offset 0 is the top block
+        stage = None if offset >= k else max(0, offset + 1 - start)
+        groups.append(ParamGroup(f"block.{index}", blocks[index], n - index, stage))
+    if layout.embeddings:
+        groups.append(ParamGroup("embeddings", list(layout.embeddings), n + 1, 0 if cfg.train_embeddings else None))
+    return FreezePlan(n, groups, start, k, layout.tied_head)
+
+
+def block_named_params(model: torch.nn.Module, blocks_name: str, n: int) -> list[tuple[int, list[tuple[str, torch.nn.Parameter]]]]:
+    blocks = model.get_submodule(blocks_name)
+    return [(i, [(f"{blocks_name}.{i}.{name}", p) for name, p in blocks[i].named_parameters()]) for i in range(n)]
+
+
+def check(model: torch.nn.Module, cfg: PartialAdapterConfig, task: str = "causal_lm") -> list[str]:
+    try:
+        layout = block_layout(model)
+    except Exception as exc:  # noqa: BLE001 - reported as a recipe problem, not a crash
+        return [f"adapter.method: partial: {exc}"]
+    problems = []
+    if cfg.train_last_layers > layout.num_blocks:
+        problems.append(
+            f"adapter.train_last_layers {cfg.train_last_layers} is out of range: this model has {layout.num_blocks} blocks "
+            f"(use 0..{layout.num_blocks})"
+        )
+    if cfg.train_head and not layout.head:
+        problems.append("adapter.train_head: this model has no output head (lm_head / score / classifier)")
+    if task == "sequence_classification" and not cfg.train_head:
+        problems.append("adapter.train_head must be true for sequence_classification: the classification head is new")
+    return problems
+
+
+def build(model: Any, cfg: PartialAdapterConfig, *, task: str = "causal_lm", quantized: bool = False, calibration: Any = None) -> Any:
+    if quantized:
+        raise ConfigError("adapter.method: partial cannot train a 4/8-bit quantized base; remove the `quantization:` block")
+    problems = check(model, cfg, task)
+    if problems:
+        raise ConfigError(problems)
+    plan = make_plan(model, cfg)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    plan.apply(0)
+    if plan.tied_head and (cfg.train_head != cfg.train_embeddings):
+        log.info("The head shares its weight with the input embeddings: training one trains both")
+    setattr(model, PLAN_ATTR, plan)
+    return model
+
+
+def freeze_plan(model: Any) -> FreezePlan | None:
+    return getattr(model, PLAN_ATTR, None)
+
+
+def param_groups(plan: FreezePlan, lr: float, weight_decay: float, decay_names: set[str], decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups over every parameter that ever trains, LR scaled by depth."""
+    groups, seen = [], set()
+    for group in plan.groups:
+        if group.unfreeze_stage is None:
+            continue
+        scale = decay**group.depth
+        for with_decay in (True, False):
+            params = []
+            for name, param in group.params:
+                if id(param) in seen or (name in decay_names) != with_decay:
+                    continue
+                seen.add(id(param))
+                params.append(param)
+            if params:
+                groups.append(
+                    {"params": params, "lr": lr * scale, "weight_decay": weight_decay if with_decay else 0.0, "peftkit_group": group.name}
+                )
+    return groups
+
+
+def build_optimizer(model: Any, plan: FreezePlan, cfg: PartialAdapterConfig, args: Any) -> torch.optim.Optimizer:
+    """The Trainer's optimizer class and settings over the plan's parameter groups."""
+    from transformers import Trainer
+
+    decay_names = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
+    groups = param_groups(plan, args.learning_rate, args.weight_decay, decay_names, cfg.layerwise_lr_decay or 1.0)
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs = {k: v for k, v in kwargs.items() if k not in {"lr", "weight_decay"}}
+    return optimizer_cls(groups, lr=args.learning_rate, **kwargs)
+
+
+def _stage(schedule: Any, state: Any) -> int:
+    if schedule is None:
+        return 0
+    if schedule.every_steps:
+        return state.global_step // schedule.every_steps
+    return math.floor((state.epoch or 0.0) + 1e-6) // schedule.every_epochs
+
+
+def unfreeze_callback(plan: FreezePlan, cfg: PartialAdapterConfig) -> Any:
+    from transformers import TrainerCallback
+
+    class GradualUnfreeze(TrainerCallback):
+        """Sets the stage before every step; adds trainable counts to every log record."""
+
+        def _update(self, state: Any) -> None:
+            stage = _stage(cfg.unfreeze_schedule, state)
+            if plan.apply(stage) or not plan.history:
+                plan.history.append((state.global_step, plan.trainable_count()))
+                log.info(
+                    "step %d: %d of %d blocks unfrozen, %s trainable parameters",
+                    state.global_step, plan.unfrozen_blocks(stage), plan.num_blocks, f"{plan.trainable_count():,}",
+                )
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._update(state)
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._update(state)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            if logs is not None:
+                logs["trainable_params"] = plan.trainable_count()
+                logs["unfrozen_blocks"] = plan.unfrozen_blocks(plan.stage)
+
+    return GradualUnfreeze()
+
+
+@dataclass
+class TrainerExtras:
+    callbacks: list[Any] = field(default_factory=list)
+    """Put before the metrics callback: they add keys to the log records."""
+    optimizer: torch.optim.Optimizer | None = None
+
+
+def trainer_extras(model: Any, cfg: PartialAdapterConfig, args: Any) -> TrainerExtras:
+    plan = freeze_plan(model)
+    if plan is None:
+        raise ConfigError("partial fine-tuning: the model has no freeze plan; build it with peftkit.adapters.build_adapter")
+    return TrainerExtras([unfreeze_callback(plan, cfg)], build_optimizer(model, plan, cfg, args))
+
+
+def save(model: Any, directory: Path) -> None:
+    save_model(model, directory)
+
+
+METHOD = register(
+    AdapterMethod(
+        name="partial",
+        config_class=PartialAdapterConfig,
+        build=build,
+        check=check,
+        uses_peft=False,
+        trainer_extras=trainer_extras,
+        save=save,
+    )
+)

@@ -1,0 +1,88 @@
+"""Prefix tuning: trained key/value prefixes in every attention layer (`peft.PrefixTuningConfig`).
+
+The prefix lives in the KV cache. peft injects it as the initial cache when generation starts;
+with `generate(use_cache=False)` transformers still hands the injected cache to the next step
+while recomputing the full sequence, and the shapes no longer agree (a RuntimeError in
+transformers 5 / peft 0.21). Greedy or sampled tokens do not depend on whether the cache is
+used, so peftkit makes generation of prefix-tuned models always use it (`generation_fix`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+
+from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, register
+from peftkit.config.schema import PrefixTuningAdapterConfig
+from peftkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FIXED_ATTR = "peftkit_generate_fixed"
+
+
+def prefix_config(model: Any, cfg: PrefixTuningAdapterConfig, task: str = "causal_lm") -> Any:
+    from peft import PrefixTuningConfig
+
+    hidden = getattr(model.config, "hidden_size", None)
+    return PrefixTuningConfig(
+        task_type=PEFT_TASK_TYPES[task],
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        prefix_projection=cfg.prefix_projection,
+        encoder_hidden_size=cfg.encoder_hidden_size or hidden,
+    )
+
+
+def check(model: torch.nn.Module, cfg: PrefixTuningAdapterConfig, task: str = "causal_lm") -> list[str]:
+    config = getattr(model, "config", None)
+    if config is not None and not getattr(config, "is_decoder", False) and getattr(config, "model_type", "") == "bert":
+        return ["adapter.method: prefix_tuning needs a decoder model with a KV cache"]
+    return []
+
+
+def build(model: Any, cfg: PrefixTuningAdapterConfig, *, task: str = "causal_lm", quantized: bool = False, calibration: Any = None) -> Any:
+    from peft import get_peft_model
+
+    problems = check(model, cfg, task)
+    if problems:
+        raise ConfigError(problems)
+    peft_model = get_peft_model(model, prefix_config(model, cfg, task))
+    generation_fix(peft_model)
+    return peft_model
+
+
+def is_prefix_model(model: Any) -> bool:
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    return config is not None and str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING")
+
+
+def generation_fix(model: Any) -> Any:
+    """Make `model.generate(use_cache=False)` work for a prefix-tuned model (same tokens, via the cache)."""
+    if not is_prefix_model(model) or getattr(model, FIXED_ATTR, False):
+        return model
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("use_cache") is False:
+            log.debug("prefix tuning keeps its prefix in the KV cache: generating with use_cache=True")
+            kwargs["use_cache"] = True
+        config = kwargs.get("generation_config")
+        if config is not None and getattr(config, "use_cache", True) is False:
+            import copy
+
+            kwargs["generation_config"] = config = copy.copy(config)
+            config.use_cache = True
+        return original(*args, **kwargs)
+
+    model.generate = generate
+    setattr(model, FIXED_ATTR, True)
+    return model
+
+
+METHOD = register(
+    AdapterMethod(name="prefix_tuning", config_class=PrefixTuningAdapterConfig, build=build, check=check, tasks=("causal_lm",))
+)

@@ -1,0 +1,169 @@
+"""Sequence-classification data: `{"text", "label"}` records (JSONL, JSON, CSV, Parquet).
+
+Labels are names (strings; numbers are read as their text). The label set comes from the
+training file, sorted, so the same file always gives the same ids; eval and held-out labels
+must be among them. The mapping is stored in the run directory and the model config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftkit.config.schema import DataConfig, Recipe
+from peftkit.data.formats import read_records
+from peftkit.errors import DataError, RunDirError
+
+LABELS_FILE = "labels.json"
+TASK = "sequence_classification"
+
+
+@dataclass(frozen=True)
+class LabeledText:
+    where: str
+    text: str
+    label: str
+
+
+@dataclass
+class ClassificationData:
+    labels: list[str]
+    """Label names by id."""
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.labels)}
+
+
+def load_labeled(path: str | Path) -> list[LabeledText]:
+    items = []
+    for where, record in read_records(Path(path)):
+        if not isinstance(record, dict) or "text" not in record or "label" not in record:
+            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{where}: classification records need `text` and `label` (found: {keys})")
+        text, label = record["text"], record["label"]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: `text` must be a non-empty string")
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
+            raise DataError(f"{where}: `label` must be a non-empty string (a label name) or an integer")
+        items.append(LabeledText(where, text, str(label).strip()))
+    if not items:
+        raise DataError(f"data file {path} contains no examples")
+    return items
+
+
+def label_names(items: list[LabeledText]) -> list[str]:
+    names = sorted({item.label for item in items})
+    if len(names) < 2:
+        raise DataError(f"the training data has a single label ({names[0]!r}); classification needs at least two")
+    return names
+
+
+def check_labels(items: list[LabeledText], labels: list[str], what: str) -> None:
+    unknown = sorted({item.label for item in items} - set(labels))
+    if unknown:
+        first = next(item for item in items if item.label in unknown)
+        raise DataError(
+            f"{first.where}: {what} label(s) {', '.join(map(repr, unknown))} do not occur in the training data "
+            f"(its labels: {', '.join(labels)})"
+        )
+
+
+def check_classification_data(cfg: DataConfig) -> list[str]:
+    """Validation (no tokenizer): files readable, records well-formed, label sets consistent."""
+    problems = []
+    try:
+        train = load_labeled(cfg.train)
+        labels = label_names(train)
+    except DataError as exc:
+        return [f"data.train: {exc}"]
+    for key in ("eval", "heldout"):
+        path = getattr(cfg, key)
+        if path is None:
+            continue
+        try:
+            check_labels(load_labeled(path), labels, key)
+        except DataError as exc:
+            problems.append(f"data.{key}: {exc}")
+    return problems
+
+
+def tokenize_labeled(items: list[LabeledText], tokenizer: Any, label2id: dict[str, int], max_seq_len: int) -> list[dict[str, Any]]:
+    encoded = tokenizer([item.text for item in items], truncation=True, max_length=max_seq_len)
+    rows = []
+    for i, item in enumerate(items):
+        row = {key: values[i] for key, values in encoded.items()}
+        row["labels"] = label2id[item.label]
+        rows.append(row)
+    return rows
+
+
+def build_classification_data(cfg: DataConfig, tokenizer: Any, seed: int = 42) -> ClassificationData:
+    from peftkit.data.build import split_train_eval
+
+    items = load_labeled(cfg.train)
+    labels = label_names(items)
+    if cfg.eval:
+        train_items, eval_items = items, load_labeled(cfg.eval)
+    else:
+        train_items, eval_items = split_train_eval(items, cfg.eval_fraction, seed)  # type: ignore[arg-type]
+    heldout_items = load_labeled(cfg.heldout) if cfg.heldout else []
+    check_labels(eval_items, labels, "eval")
+    check_labels(heldout_items, labels, "heldout")
+    label2id = {name: i for i, name in enumerate(labels)}
+    data = ClassificationData(
+        labels,
+        tokenize_labeled(train_items, tokenizer, label2id, cfg.max_seq_len),
+        tokenize_labeled(eval_items, tokenizer, label2id, cfg.max_seq_len),
+        tokenize_labeled(heldout_items, tokenizer, label2id, cfg.max_seq_len),
+    )
+    counts = {name: sum(item.label == name for item in train_items) for name in labels}
+    data.stats = {
+        "train_rows": len(data.train),
+        "eval_rows": len(data.eval),
+        "heldout_rows": len(data.heldout),
+        "train_label_counts": counts,
+        "train_tokens": sum(len(r["input_ids"]) for r in data.train),
+    }
+    return data
+
+
+# Reloading a classification run (peftkit.runs.load_run).
+
+
+def label_config(model: Any, labels: list[str], pad_token_id: int | None) -> None:
+    """id2label/label2id in the model config; decoder models need pad_token_id to find the last token."""
+    config = model.config
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: i for i, name in enumerate(labels)}
+    if getattr(config, "pad_token_id", None) is None and pad_token_id is not None:
+        config.pad_token_id = pad_token_id
+
+
+def read_labels(run_dir: Path) -> list[str]:
+    path = run_dir / LABELS_FILE
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} is a classification run without {LABELS_FILE}; it may not have finished")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return [data["id2label"][str(i)] for i in range(len(data["id2label"]))]
+
+
+def load_kwargs(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
+    """Extra `load_model` arguments that rebuild a run's model (task head and label count)."""
+    if getattr(recipe, "task", "causal_lm") != TASK:
+        return {}
+    return {"task": TASK, "num_labels": len(read_labels(run_dir))}
+
+
+def finish_loaded_model(model: Any, run_dir: Path, recipe: Recipe, tokenizer: Any) -> None:
+    """Label names and pad id on a reloaded classification model (a peft base config lacks them)."""
+    if getattr(recipe, "task", "causal_lm") != TASK:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    label_config(base, read_labels(run_dir), tokenizer.pad_token_id)

@@ -1,0 +1,129 @@
+"""README.md model cards for exported models and adapters: provenance, merge numbers, verification, usage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _front_matter(data: dict[str, Any]) -> str:
+    return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def verification_section(report: dict[str, Any] | None) -> list[str]:
+    if report is None:
+        return ["## Verification", "", "Not verified (`--no-verify`).", ""]
+    lines = [
+        "## Verification",
+        "",
+        f"Reloaded in a fresh process and compared with: {report.get('reference')}, on "
+        f"{report['prompts']} fixed chat prompts.",
+        "",
+        "| check | value |",
+        "|---|---|",
+        f"| max abs logit diff | {_num(report['max_abs_diff'])} (tolerance {_num(report['tolerance'])}) |",
+        f"| greedy-token agreement (teacher-forced) | {report['greedy_agreement']:.1%} |",
+    ]
+    if "greedy_exact" in report:
+        lines.append(f"| identical greedy answers | {report['greedy_exact']:.0%} |")
+    if "tokenizer_match" in report:
+        lines.append(f"| tokenizer / chat template round trip | {report['tokenizer_match']} / {report['template_match']} |")
+    lines.append(f"| passed | {report['passed']} |")
+    return [*lines, ""]
+
+
+def merged_card(merged: Any, *, dtype: str, verification: dict[str, Any] | None, out: Path) -> str:
+    run = merged.primary
+    info = run.info
+    runs = merged.runs
+    title = f"{run.recipe.name or run.run_dir.name}: {info.method} merged into {run.model_cfg.name}"
+    lines = [
+        _front_matter({
+            "base_model": run.model_cfg.name,
+            "library_name": "transformers",
+            "tags": ["peftkit", "merged", *(r.info.method.lower() for r in runs)],
+        }),
+        f"# {title}",
+        "",
+        run.recipe.description or "Fine-tuned with peftkit; the adapter is folded into the weights (no peft needed).",
+        "",
+        "## Merge",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{run.model_cfg.name}` |",
+        f"| adapter(s) | {', '.join(f'`{r.run_dir}` ({r.info.method}, r={r.info.rank}, alpha={r.info.alpha})' for r in runs)} |",
+        f"| dtype | {dtype} |",
+        f"| merged vs unmerged (in memory, float32) | max abs logit diff {_num(merged.merge_max_abs_diff)} |",
+    ]
+    if merged.combination:
+        c = merged.combination
+        lines.append(f"| combination | {c['combination']}, weights {c['weights']} |")
+    if merged.qlora:
+        q = merged.qlora
+        lines += [
+            f"| QLoRA merge target | {q['base']} weights |",
+            f"| error if merged into dequantized 4-bit weights | {_num(q['dequantized_max_abs_diff'])} |",
+            f"| error if merged into original weights | {_num(q['original_max_abs_diff'])} |",
+        ]
+    lines += ["", *verification_section(verification)]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("{out}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{out}")',
+        'messages = [{"role": "user", "content": "Hello!"}]',
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))",
+        "```",
+        "",
+        f"For llama.cpp / Ollama: `peftkit export {run.run_dir} --format gguf`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def adapter_card(manifest: dict[str, Any], verification: dict[str, Any] | None, out: Path) -> str:
+    base = manifest["base_model"]
+    base_ref = base.get("path") or base["name"]
+    local = f" (local path `{base['path']}`)" if base.get("path") and base["path"] != base["name"] else ""
+    lines = [
+        _front_matter({"base_model": base["name"], "library_name": "peft", "tags": ["peftkit", manifest["method"].lower()]}),
+        f"# {manifest['method']} adapter for {base['name']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| peft type | {manifest['peft_type']} |",
+        f"| rank / alpha | {manifest.get('rank')} / {manifest.get('alpha')} |",
+        f"| target modules | {manifest.get('target_modules')} |",
+        f"| base model | `{base['name']}`{local} |",
+        "",
+        "## Serving engines",
+        "",
+        "| engine | accepts it | why not / notes |",
+        "|---|---|---|",
+    ]
+    for engine, status in manifest["serving"].items():
+        why = "; ".join(status["reasons"] or status.get("notes", []))
+        lines.append(f"| {engine} | {'yes' if status['compatible'] else 'no'} | {why} |")
+    lines += ["", *verification_section(verification)]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        f'base = AutoModelForCausalLM.from_pretrained("{base_ref}")',
+        f'model = PeftModel.from_pretrained(base, "{out}")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

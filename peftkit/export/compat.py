@@ -1,0 +1,304 @@
+"""What an adapter directory is, whether it fits a base model, and which serving engines accept it.
+
+Everything here reads files only (adapter_config.json, the safetensors header, the base's
+config.json through a meta-device skeleton), so a mismatch is reported before any weights load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftkit.errors import ExportError
+
+PROMPT_LEARNING_TYPES = frozenset({"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"})
+"""peft types that add virtual tokens instead of changing weights: nothing to fold into a checkpoint."""
+
+WEIGHT_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """The facts about an adapter that merge/export decisions depend on."""
+
+    path: Path
+    config: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type", "UNKNOWN")).upper()
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return self.peft_type in PROMPT_LEARNING_TYPES
+
+    @property
+    def is_lora(self) -> bool:
+        return self.peft_type == "LORA"
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(self.config.get("use_dora"))
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora"))
+
+    @property
+    def rank(self) -> int | None:
+        return self.config.get("r")
+
+    @property
+    def alpha(self) -> float | None:
+        return self.config.get("lora_alpha")
+
+    @property
+    def modules_to_save(self) -> list[str]:
+        return list(self.config.get("modules_to_save") or [])
+
+    @property
+    def method(self) -> str:
+        """Human name: LoRA, DoRA, rsLoRA, IA3, PREFIX_TUNING, ..."""
+        if self.is_lora:
+            return "DoRA" if self.use_dora else "rsLoRA" if self.use_rslora else "LoRA"
+        return {"IA3": "IA3"}.get(self.peft_type, self.peft_type)
+
+    def target_modules(self) -> list[str] | str | None:
+        targets = self.config.get("target_modules")
+        return sorted(targets) if isinstance(targets, (list, set, tuple)) else targets
+
+
+def read_adapter(path: Path) -> AdapterInfo:
+    """adapter_config.json plus tensor shapes from the safetensors header (no tensor data is read)."""
+    config_path = path / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path} has no adapter_config.json; it is not a PEFT adapter directory") from None
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{config_path} is not valid JSON ({exc}); the adapter is damaged, re-save it") from None
+    shapes: dict[str, tuple[int, ...]] = {}
+    weights = path / WEIGHT_FILE
+    if weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    elif any(path.glob("adapter_model.bin")):
+        raise ExportError(
+            f"{path} holds the adapter as adapter_model.bin (pickle); peftkit reads safetensors only. "
+            "Re-save it with `model.save_pretrained(dir, safe_serialization=True)`"
+        )
+    else:
+        raise ExportError(f"{path} has adapter_config.json but no {WEIGHT_FILE}; the adapter was not saved completely")
+    return AdapterInfo(path, config, shapes)
+
+
+def require_mergeable(info: AdapterInfo, run_dir: Path | str) -> None:
+    """Prompt-learning methods cannot be folded into weights: say what to do instead."""
+    if info.is_prompt_learning:
+        raise ExportError(
+            f"{run_dir} holds a {info.peft_type} adapter, which adds learned virtual tokens instead of changing "
+            f"weights, so it cannot be merged into the base model. Export the adapter on its own instead: "
+            f"`peftkit export {run_dir} --format adapter`"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapter <-> base mismatch detection
+# ---------------------------------------------------------------------------------------------
+
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?|"
+    r"lora_embedding_A|lora_embedding_B|ia3_l)$"
+)
+
+
+def _module_dims(module: Any) -> tuple[int, int] | None:
+    """(in, out) for linear-like and embedding modules of a meta skeleton."""
+    import torch
+
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    return None
+
+
+def _expected_shape(kind: str, dims: tuple[int, int], shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape this adapter tensor must have on a module with (in, out) = dims; None if unconstrained."""
+    fan_in, fan_out = dims
+    if kind == "lora_A.weight":
+        return (shape[0], fan_in)
+    if kind == "lora_B.weight":
+        return (fan_out, shape[1]) if len(shape) == 2 else None
+    if kind.startswith("lora_magnitude_vector"):
+        return (fan_out,)
+    if kind == "lora_embedding_A":
+        return (shape[0], fan_in)
+    if kind == "lora_embedding_B":
+        return (fan_out, shape[1]) if len(shape) == 2 else None
+    if kind == "ia3_l":
+        # feed-forward modules scale inputs (1, in); the others scale outputs (out, 1)
+        return (1, fan_in) if len(shape) == 2 and shape[0] == 1 and shape[1] != 1 else (fan_out, 1)
+    return None
+
+
+def _config_summary(config: Any) -> str:
+    parts = [f"{getattr(config, 'model_type', '?')}"]
+    for attr, label in (("hidden_size", "hidden"), ("num_hidden_layers", "layers"), ("vocab_size", "vocab")):
+        value = getattr(config, attr, None)
+        if value is not None:
+            parts.append(f"{label} {value}")
+    return ", ".join(parts)
+
+
+def _trained_base_config(info: AdapterInfo) -> Any | None:
+    """The config.json of the model the adapter says it was trained on, when that is a local directory."""
+    ref = info.config.get("base_model_name_or_path")
+    if not ref:
+        return None
+    path = Path(str(ref)).expanduser()
+    if not (path / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except Exception:  # noqa: BLE001 - a foreign or damaged config only disables this extra hint
+        return None
+
+
+def find_mismatches(info: AdapterInfo, base_skeleton: Any) -> list[str]:
+    """Every way the adapter's tensors disagree with the base's modules (names and shapes)."""
+    modules = dict(base_skeleton.named_modules())
+    n_layers = getattr(base_skeleton.config, "num_hidden_layers", None)
+    problems: list[str] = []
+    for key, shape in sorted(info.shapes.items()):
+        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        match = _LORA_KEY.match(name)
+        if match is None:
+            # modules_to_save copies are stored under the module's own name, e.g. `lm_head.weight`.
+            module_name, _, param = name.rpartition(".")
+            module = modules.get(module_name)
+            if module is None or info.is_prompt_learning:
+                continue
+            expected = getattr(module, param, None)
+            if expected is not None and tuple(expected.shape) != tuple(shape):
+                problems.append(
+                    f"`{module_name}.{param}` has shape {list(shape)} in the adapter but {list(expected.shape)} in the base"
+                )
+            continue
+        module_name, kind = match.group("module"), match.group("kind")
+        module = modules.get(module_name)
+        if module is None:
+            layer = re.search(r"\.layers\.(\d+)\.", f".{module_name}.")
+            if layer and n_layers is not None and int(layer.group(1)) >= n_layers:
+                problems.append(f"the adapter has weights for `{module_name}`, but the base has only {n_layers} layers")
+            else:
+                problems.append(f"the adapter targets `{module_name}`, which the base model does not have")
+            continue
+        dims = _module_dims(module)
+        if dims is None:
+            continue
+        expected_shape = _expected_shape(kind, dims, shape)
+        if expected_shape is not None and tuple(expected_shape) != tuple(shape):
+            problems.append(
+                f"`{module_name}.{kind}` has shape {list(shape)}, but the base's {type(module).__name__} "
+                f"(in {dims[0]}, out {dims[1]}) needs {list(expected_shape)}"
+            )
+    return problems
+
+
+def check_adapter_matches_base(info: AdapterInfo, base_skeleton: Any, base_label: str) -> None:
+    """Raise one clear ExportError when the adapter was trained for a different model than `base_label`."""
+    problems = find_mismatches(info, base_skeleton)
+    trained = _trained_base_config(info)
+    config = base_skeleton.config
+    if trained is not None:
+        for attr in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers"):
+            left, right = getattr(trained, attr, None), getattr(config, attr, None)
+            if left is not None and right is not None and left != right:
+                problems.insert(0, f"{attr}: adapter's base has {left}, this base has {right}")
+    if not problems:
+        return
+    shown = problems[:6]
+    more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    trained_text = f" It was trained on {info.config.get('base_model_name_or_path')}" + (
+        f" ({_config_summary(trained)})." if trained is not None else "."
+    )
+    raise ExportError(
+        f"the adapter in {info.path} does not fit the base model {base_label} ({_config_summary(config)})."
+        f"{trained_text} Problems:\n" + "\n".join(f"  - {p}" for p in shown) + more + "\n"
+        "Use the base model the adapter was trained on (the run's recipe.yaml `model.name`, or --base)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving-engine compatibility (for the adapter-only export manifest)
+# ---------------------------------------------------------------------------------------------
+
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+
+
+def serving_compatibility(info: AdapterInfo, model_type: str | None) -> dict[str, dict[str, Any]]:
+    """Which engines load this adapter as a hot-swappable LoRA, and why not where they do not."""
+    engines: dict[str, dict[str, Any]] = {}
+
+    reasons: list[str] = []
+    notes: list[str] = []
+    if not info.is_lora:
+        reasons.append(f"vLLM multi-LoRA serves LoRA adapters only, this is {info.peft_type}")
+    else:
+        if info.use_dora:
+            reasons.append("vLLM does not support DoRA (use_dora: true); merge it instead (`peftkit merge`)")
+        if info.modules_to_save:
+            reasons.append(
+                f"vLLM rejects adapters with modules_to_save ({', '.join(info.modules_to_save)}); merge it instead"
+            )
+        if info.config.get("bias", "none") != "none":
+            reasons.append(f"adapter has trained biases (bias: {info.config.get('bias')}), which vLLM LoRA does not load by default")
+        ranks = [info.rank or 0, *(info.config.get("rank_pattern") or {}).values()]
+        if max(ranks) > VLLM_DEFAULT_MAX_LORA_RANK:
+            notes.append(f"start vLLM with --max-lora-rank {_next_vllm_rank(max(ranks))} (rank {max(ranks)} > default 16)")
+        if info.use_rslora:
+            notes.append("rsLoRA scaling (alpha/sqrt(r)) is read from adapter_config.json by vLLM")
+        notes.append("serve with `vllm serve BASE --enable-lora --lora-modules name=DIR`")
+    engines["vllm"] = {"compatible": not reasons, "reasons": reasons, "notes": notes}
+
+    reasons = []
+    if not info.is_lora:
+        reasons.append(f"llama.cpp/Ollama adapters are LoRA only, this is {info.peft_type}")
+    else:
+        if info.use_dora:
+            reasons.append("llama.cpp LoRA adapters cannot express DoRA's magnitude vectors")
+        if info.modules_to_save:
+            reasons.append("llama.cpp LoRA adapters cannot carry fully trained modules (modules_to_save)")
+        if info.config.get("alpha_pattern") and len(set(info.config["alpha_pattern"].values()) | {info.alpha}) > 1:
+            reasons.append("llama.cpp LoRA files hold one alpha; this adapter has per-module alphas (alpha_pattern)")
+    if model_type not in (None, "llama"):
+        reasons.append(f"peftkit writes GGUF adapters for Llama-architecture models only (this base is {model_type})")
+    engines["llama.cpp"] = {
+        "compatible": not reasons,
+        "reasons": reasons,
+        "notes": ["convert with `peftkit export RUN_DIR --format gguf-adapter`; use with `llama-cli -m BASE.gguf --lora FILE`"],
+    }
+    engines["transformers+peft"] = {
+        "compatible": True,
+        "reasons": [],
+        "notes": ["`PeftModel.from_pretrained(base_model, DIR)` (verified by peftkit at export time)"],
+    }
+    return engines
+
+
+def _next_vllm_rank(rank: int) -> int:
+    for allowed in (8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= allowed:
+            return allowed
+    return 2 ** math.ceil(math.log2(rank))

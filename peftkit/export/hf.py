@@ -1,0 +1,96 @@
+"""Write a merged model as a standard Hugging Face model directory, verified in a fresh process.
+
+Layout: safetensors weights (one `model.safetensors`, or `model-0000x-of-0000y.safetensors` shards +
+`model.safetensors.index.json` once the model exceeds --shard-size, as `save_pretrained` does),
+`config.json`, `generation_config.json`, the tokenizer files with the chat template, `README.md`
+(model card) and `verification.json`. Written into a temporary sibling and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.errors import ExportError
+from peftkit.export import verify
+from peftkit.export.card import merged_card
+from peftkit.export.common import DTYPE_NAMES, ExportResult, list_files, prepare_output, save_failed_report, write_json
+from peftkit.export.merge import MergedModel, QLoraBase, combine_runs, merge_run
+from peftkit.utils.atomic import atomic_directory, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = "2GB"
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPE_NAMES:
+        raise ExportError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+def save_model_dir(model: Any, tokenizer: Any, folder: Path, *, dtype: str, shard_size: int) -> None:
+    """config + generation config + safetensors shards + tokenizer (with chat template) into `folder`."""
+    model = model.to(_dtype(dtype))
+    model.config.dtype = dtype
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        if generation.eos_token_id is None and tokenizer.eos_token_id is not None:
+            generation.eos_token_id = tokenizer.eos_token_id
+        if generation.pad_token_id is None and tokenizer.pad_token_id is not None:
+            generation.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(str(folder), max_shard_size=shard_size, safe_serialization=True)
+    if generation is not None and not (folder / "generation_config.json").is_file():
+        generation.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    if not getattr(tokenizer, "chat_template", None):
+        log.warning("The tokenizer has no chat template; the export will not format conversations by itself")
+
+
+def write_merged(merged: MergedModel, out: Path, *, dtype: str = "float32", shard_size: int = 2 * 10**9,
+                 force: bool = False, check: bool = True) -> ExportResult:
+    """Save `merged` to `out` atomically; with `check`, reload it in a fresh process and compare first."""
+    protected = [r.run_dir for r in merged.runs]
+    out = prepare_output(out, force=force, protected=protected)
+    _dtype(dtype)
+    report = None
+    with atomic_directory(out, replace=force) as tmp:
+        assert tmp is not None
+        save_model_dir(merged.model, merged.tokenizer, tmp, dtype=dtype, shard_size=shard_size)
+        if check:
+            report = verify.judge(verify.run_child("hf", tmp, merged.reference), dtype)
+            report["in_memory_merge_max_abs_diff"] = merged.merge_max_abs_diff
+            if merged.qlora:
+                report["qlora"] = merged.qlora
+            if not report["passed"]:
+                failed = save_failed_report(out, report)
+                verify.enforce({**report, "failures": [*report["failures"], f"details in {failed}"]}, "merged model")
+            write_json(tmp / "verification.json", report)
+        atomic_write_text(tmp / "README.md", merged_card(merged, dtype=dtype, verification=report, out=out))
+    notes = [f"merged vs unmerged adapter (in memory, float32): max |logit diff| {merged.merge_max_abs_diff:.3g}"]
+    return ExportResult(out, "hf", list_files(out), report, merged.qlora, notes)
+
+
+def export_hf(run_dir: str | Path, out: str | Path | None = None, *, dtype: str = "float32",
+              shard_size: int = 2 * 10**9, force: bool = False, check: bool = True,
+              qlora_base: QLoraBase = "dequantized", base: str | None = None) -> ExportResult:
+    """`peftkit merge RUN_DIR` / `peftkit export RUN_DIR --format hf`."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    target = Path(out) if out else run_dir / "merged"
+    _dtype(dtype)
+    prepare_output(target, force=force, protected=[run_dir])  # fail before minutes of loading, not after
+    merged = merge_run(run_dir, qlora_base=qlora_base, base=base)
+    return write_merged(merged, target, dtype=dtype, shard_size=shard_size, force=force, check=check)
+
+
+def export_combined(run_dirs: list[str | Path], out: str | Path, *, weights: list[float] | None = None,
+                    combination: str = "cat", dtype: str = "float32", shard_size: int = 2 * 10**9,
+                    force: bool = False, check: bool = True, base: str | None = None) -> ExportResult:
+    """`peftkit merge --adapters RUN_A RUN_B --weights 0.7 0.3 --out DIR`."""
+    _dtype(dtype)
+    prepare_output(Path(out), force=force, protected=[Path(r) for r in run_dirs])
+    merged = combine_runs(run_dirs, weights, combination=combination, base=base)
+    return write_merged(merged, Path(out), dtype=dtype, shard_size=shard_size, force=force, check=check)

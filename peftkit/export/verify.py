@@ -1,0 +1,371 @@
+"""Prove an export behaves like what was trained: same prompts, compare logits and greedy tokens.
+
+The reference (the adapter model, or the merged model for GGUF) runs in this process; the export is
+reloaded in a *fresh* process (`python -m peftkit.export.verify ...`), exactly as a user would load
+it, so nothing cached in memory (tied weights, patched modules, a tokenizer object) can hide a
+broken file. The child writes a JSON report; the parent applies the dtype-dependent tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.errors import ExportError
+
+DEFAULT_PROMPTS = (
+    "What can you help me with?",
+    "What is the capital of France?",
+    "Explain in one sentence why the sky is blue.",
+    "Write a short, friendly greeting for a visitor.",
+)
+MAX_NEW_TOKENS = 12
+
+# max |logit diff| allowed, relative to max(1, max |reference logit|): 1e-3 catches any real bug in
+# float32 (a wrong permutation or scale moves logits by O(1)) while leaving room for summation order.
+RELATIVE_TOLERANCE = {
+    "float32": 1e-3,
+    "float16": 2e-2,
+    "bfloat16": 6e-2,
+    "gguf-f32": 1e-3,
+    "gguf-f16": 2e-2,
+    "gguf-q8_0": 8e-2,
+}
+# teacher-forced greedy-token agreement below this fails (float32 only: half precision may flip near-ties)
+MIN_AGREEMENT = {"float32": 0.95, "gguf-f32": 0.95}
+
+
+@dataclass
+class Reference:
+    """Fixed prompts, the reference's greedy continuation of each, and its logits over prompt+continuation."""
+
+    conversations: list[list[dict[str, str]]]
+    texts: list[str]
+    prompt_ids: list[list[int]]
+    continuations: list[list[int]]
+    logits: list[torch.Tensor]
+    stop_ids: list[int]
+    label: str
+
+    def sequences(self) -> list[list[int]]:
+        return [p + c for p, c in zip(self.prompt_ids, self.continuations)]
+
+
+def conversations_for(system_prompt: str | None, sample_prompts: Sequence[str] = ()) -> list[list[dict[str, str]]]:
+    """The fixed prompt set (plus up to two of the recipe's own sample prompts), chat-formatted."""
+    from peftkit.data.chat import with_system_prompt
+
+    prompts = list(DEFAULT_PROMPTS) + [p for p in list(sample_prompts)[:2] if p not in DEFAULT_PROMPTS]
+    return [with_system_prompt([{"role": "user", "content": p}], system_prompt) for p in prompts]
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    from peftkit.evaluate.generation import stop_token_ids
+
+    return stop_token_ids(model, tokenizer)
+
+
+@torch.inference_mode()
+def _greedy(model: Any, ids: list[int], stops: list[int], pad_id: int | None, max_new_tokens: int) -> list[int]:
+    device = next(model.parameters()).device
+    inputs = torch.tensor([ids], device=device)
+    out = model.generate(
+        input_ids=inputs,
+        attention_mask=torch.ones_like(inputs),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stops or None,
+        pad_token_id=pad_id if pad_id is not None else (stops[0] if stops else None),
+    )
+    return out[0, len(ids):].tolist()
+
+
+@torch.inference_mode()
+def sequence_logits(model: Any, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """float32 logits for each sequence, one at a time (no padding to reason about)."""
+    device = next(model.parameters()).device
+    return [model(input_ids=torch.tensor([seq], device=device)).logits[0].float().cpu() for seq in sequences]
+
+
+@torch.inference_mode()
+def build_reference(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict[str, str]]],
+    *,
+    label: str,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> Reference:
+    from peftkit.data.chat import generation_prompt
+
+    model.eval()
+    stops = _stop_ids(model, tokenizer)
+    texts, prompt_ids, continuations = [], [], []
+    for conversation in conversations:
+        text = generation_prompt(tokenizer, conversation)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        texts.append(text)
+        prompt_ids.append(list(ids))
+        continuations.append(_greedy(model, ids, stops, tokenizer.pad_token_id, max_new_tokens))
+    logits = sequence_logits(model, [p + c for p, c in zip(prompt_ids, continuations)])
+    return Reference(conversations, texts, prompt_ids, continuations, logits, stops, label)
+
+
+def max_abs_diff(model: Any, reference: Reference) -> float:
+    """Largest |logit| difference between `model` and the reference on the reference's sequences."""
+    logits = sequence_logits(model, reference.sequences())
+    return float(max((a - b).abs().max() for a, b in zip(logits, reference.logits)))
+
+
+def compare(reference: Reference, logits: list[torch.Tensor], generated: list[list[int]] | None = None) -> dict[str, Any]:
+    """Numbers for a report: logit diffs, teacher-forced greedy agreement, free-running exact matches."""
+    per_prompt = []
+    agree = total = 0
+    for i, (ref, out) in enumerate(zip(reference.logits, logits)):
+        if ref.shape != out.shape:
+            raise ExportError(f"verification: logits of prompt {i} have shape {list(out.shape)}, expected {list(ref.shape)}")
+        start = len(reference.prompt_ids[i]) - 1
+        targets = torch.tensor(reference.sequences()[i][start + 1:])
+        predicted = out[start:start + len(targets)].argmax(-1)
+        hits = int((predicted == targets).sum()) if len(targets) else 0
+        agree, total = agree + hits, total + len(targets)
+        entry: dict[str, Any] = {
+            "prompt": reference.conversations[i][-1]["content"],
+            "max_abs_diff": float((ref - out).abs().max()),
+            "greedy_agreement": hits / len(targets) if len(targets) else 1.0,
+        }
+        if generated is not None:
+            entry["greedy_exact"] = generated[i] == reference.continuations[i]
+        per_prompt.append(entry)
+    result: dict[str, Any] = {
+        "prompts": len(per_prompt),
+        "max_abs_diff": max(p["max_abs_diff"] for p in per_prompt),
+        "max_abs_reference_logit": float(max(r.abs().max() for r in reference.logits)),
+        "greedy_agreement": agree / total if total else 1.0,
+        "per_prompt": per_prompt,
+    }
+    if generated is not None:
+        result["greedy_exact"] = sum(p["greedy_exact"] for p in per_prompt) / len(per_prompt)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference files (parent -> child)
+# ---------------------------------------------------------------------------------------------
+
+
+def save_reference(reference: Reference, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({f"logits_{i}": t.contiguous() for i, t in enumerate(reference.logits)}, str(folder / "logits.safetensors"))
+    meta = {
+        "conversations": reference.conversations,
+        "texts": reference.texts,
+        "prompt_ids": reference.prompt_ids,
+        "continuations": reference.continuations,
+        "stop_ids": reference.stop_ids,
+        "label": reference.label,
+    }
+    (folder / "reference.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def load_reference(folder: Path) -> Reference:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "reference.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(folder / "logits.safetensors"))
+    logits = [tensors[f"logits_{i}"] for i in range(len(meta["texts"]))]
+    return Reference(meta["conversations"], meta["texts"], meta["prompt_ids"], meta["continuations"], logits,
+                     meta["stop_ids"], meta["label"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent side
+# ---------------------------------------------------------------------------------------------
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env.setdefault("PEFTKIT_VERIFY_THREADS", str(torch.get_num_threads()))
+    return env
+
+
+def run_child(kind: str, model_path: Path, reference: Reference, *, gguf_file: str | None = None,
+              base: str | None = None, quantization: dict[str, Any] | None = None, timeout: float = 1800) -> dict[str, Any]:
+    """Reload the export in a fresh Python process and return its raw comparison report."""
+    with tempfile.TemporaryDirectory(prefix="peftkit-verify-") as tmp:
+        folder = Path(tmp)
+        save_reference(reference, folder / "reference")
+        report_path = folder / "report.json"
+        cmd = [sys.executable, "-m", "peftkit.export.verify", "--kind", kind, "--model", str(model_path),
+               "--reference", str(folder / "reference"), "--report", str(report_path)]
+        if gguf_file:
+            cmd += ["--gguf-file", gguf_file]
+        if base:
+            cmd += ["--base", base]
+        if quantization:
+            cmd += ["--quantization", json.dumps(quantization)]
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout)
+        if proc.returncode != 0 or not report_path.is_file():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            raise ExportError(
+                f"verification failed: the exported {kind} model at {model_path} could not be loaded and run in a "
+                f"fresh process (exit {proc.returncode}):\n{tail}"
+            )
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    report["child_seconds"] = round(time.perf_counter() - started, 2)
+    return report
+
+
+def judge(report: dict[str, Any], precision: str) -> dict[str, Any]:
+    """Add tolerance and pass/fail to a report (does not raise)."""
+    scale = max(1.0, report["max_abs_reference_logit"])
+    tolerance = RELATIVE_TOLERANCE[precision] * scale
+    min_agreement = MIN_AGREEMENT.get(precision)
+    failures = []
+    if not report["max_abs_diff"] <= tolerance:  # also catches NaN
+        failures.append(f"max abs logit diff {report['max_abs_diff']:.3g} > tolerance {tolerance:.3g}")
+    if min_agreement is not None and report["greedy_agreement"] < min_agreement:
+        failures.append(f"greedy-token agreement {report['greedy_agreement']:.1%} < {min_agreement:.0%}")
+    if report.get("tokenizer_match") is False and precision in ("float32", "float16", "bfloat16"):
+        failures.append("the exported tokenizer encodes the prompts differently")
+    if report.get("template_match") is False and precision in ("float32", "float16", "bfloat16"):
+        failures.append("the exported chat template renders the prompts differently")
+    return {**report, "precision": precision, "tolerance": tolerance, "min_agreement": min_agreement,
+            "passed": not failures, "failures": failures}
+
+
+def enforce(report: dict[str, Any], what: str) -> None:
+    if not report["passed"]:
+        raise ExportError(
+            f"verification of the {what} failed: " + "; ".join(report["failures"]) + ". "
+            f"(reference: {report.get('reference')}). The export was not written; report the numbers above, "
+            "or pass --no-verify to write it anyway."
+        )
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    line = (f"max |logit diff| {report['max_abs_diff']:.3g} (tolerance {report['tolerance']:.3g}), "
+            f"greedy agreement {report['greedy_agreement']:.1%}")
+    if "greedy_exact" in report:
+        line += f", identical greedy answers {report['greedy_exact']:.0%}"
+    return line
+
+
+# ---------------------------------------------------------------------------------------------
+# Child side: `python -m peftkit.export.verify`
+# ---------------------------------------------------------------------------------------------
+
+
+def disable_cpu_repacking(model: Any) -> None:
+    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel on the first eval forward, rounding
+    block scales to bf16: numerics then differ from training, and a later `dequantize()` reads garbage."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _load_for_kind(args: argparse.Namespace) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.kind == "hf":
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto", use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    elif args.kind == "gguf":
+        model = AutoModelForCausalLM.from_pretrained(args.model, gguf_file=args.gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, gguf_file=args.gguf_file)
+    elif args.kind == "peft":
+        from peft import PeftModel
+
+        kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True}
+        if args.quantization:
+            from transformers import BitsAndBytesConfig
+
+            q = json.loads(args.quantization)
+            if q.get("bnb_4bit_compute_dtype"):
+                q["bnb_4bit_compute_dtype"] = getattr(torch, q["bnb_4bit_compute_dtype"])
+            kwargs["quantization_config"] = BitsAndBytesConfig(**q)
+            kwargs["device_map"] = {"": "cpu"}
+        base = AutoModelForCausalLM.from_pretrained(args.base, **kwargs)
+        disable_cpu_repacking(base)
+        model = PeftModel.from_pretrained(base, args.model)
+        tok_dir = args.model if (Path(args.model) / "tokenizer_config.json").is_file() else args.base
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    else:  # pragma: no cover - argparse restricts choices
+        raise ValueError(args.kind)
+    model.eval()
+    return model, tokenizer
+
+
+def _child(args: argparse.Namespace) -> dict[str, Any]:
+    from peftkit.data.chat import generation_prompt
+
+    torch.set_num_threads(max(1, int(os.environ.get("PEFTKIT_VERIFY_THREADS", "2"))))
+    reference = load_reference(Path(args.reference))
+    started = time.perf_counter()
+    model, tokenizer = _load_for_kind(args)
+    load_seconds = time.perf_counter() - started
+    template_ok, tokens_ok = True, True
+    for conversation, text, ids in zip(reference.conversations, reference.texts, reference.prompt_ids):
+        try:
+            rendered = generation_prompt(tokenizer, conversation)
+        except Exception:  # noqa: BLE001 - a missing/broken template is a finding, not a crash
+            rendered = None
+        template_ok &= rendered == text
+        tokens_ok &= list(tokenizer(text, add_special_tokens=False)["input_ids"]) == ids
+    logits = sequence_logits(model, reference.sequences())
+    generated = [
+        _greedy(model, ids, reference.stop_ids, tokenizer.pad_token_id, max(1, len(cont)))
+        for ids, cont in zip(reference.prompt_ids, reference.continuations)
+    ]
+    report = compare(reference, logits, generated)
+    dtype = next(model.parameters()).dtype
+    report.update({
+        "kind": args.kind,
+        "model": args.model,
+        "gguf_file": args.gguf_file,
+        "loaded_dtype": str(dtype).removeprefix("torch."),
+        "reference": reference.label,
+        "template_match": template_ok,
+        "tokenizer_match": tokens_ok,
+        "load_seconds": round(load_seconds, 2),
+    })
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peftkit.export.verify",
+                                     description="Reload an export in this fresh process and compare with a reference.")
+    parser.add_argument("--kind", choices=["hf", "gguf", "peft"], required=True)
+    parser.add_argument("--model", required=True, help="exported model directory (or adapter directory for --kind peft)")
+    parser.add_argument("--reference", required=True, help="folder written by save_reference")
+    parser.add_argument("--report", required=True, help="where to write the JSON report")
+    parser.add_argument("--gguf-file", help="GGUF file name inside --model (--kind gguf)")
+    parser.add_argument("--base", help="base model directory (--kind peft)")
+    parser.add_argument("--quantization", help="BitsAndBytesConfig kwargs as JSON (--kind peft)")
+    args = parser.parse_args(argv)
+    report = _child(args)
+    Path(args.report).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""`task: sequence_classification`: a new classification head on the model, trained with the Trainer's loss.
+
+The model comes from `AutoModelForSequenceClassification` (`num_labels` from the training
+labels), the head is new. With LoRA/IA3 peft trains the head fully (`modules_to_save`: it adds
+`classifier`/`score` itself) and the body through the adapter; with `partial` the body is
+frozen except its top blocks; `full` trains everything. The loss is the model's own
+cross-entropy (no causal shift, no sparse logits), so this path uses a plain `Trainer`.
+
+The run directory has the same shape as a causal run, plus `labels.json` (id -> name, also in
+the model config as id2label/label2id); summary.json reports accuracy and macro-F1 on the eval
+split and on `data.heldout` (same `{text, label}` format), before and after training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from peftkit.adapters import base_model_view, build_adapter, effective_quantization, parameter_counts, save_trained, trainer_extras
+from peftkit.config.load import recipe_to_yaml
+from peftkit.config.schema import Recipe
+from peftkit.config.validate import validate_recipe
+from peftkit.data.classification import LABELS_FILE, ClassificationData, build_classification_data, label_config
+from peftkit.errors import ModelNotFoundError
+from peftkit.evaluate.classification import metrics_from_eval_prediction
+from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_model_ref
+from peftkit.models.resolve import ModelSource, hub_hint, materialize
+from peftkit.train import checkpoints
+from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
+from peftkit.train.run import RunResult, configure_threads, peak_memory_mb, prepare_run_dir, training_arguments
+from peftkit.utils.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+TASK = "sequence_classification"
+
+
+class ClassificationTrainer(Trainer):
+    """The default Trainer loss (the model's cross-entropy); counts the input tokens it trains on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_tokens_seen = 0
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        if model.training and "attention_mask" in inputs:
+            self.input_tokens_seen += int(inputs["attention_mask"].sum())
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
+def load_classification_tokenizer(recipe: Recipe, source: ModelSource) -> Any:
+    """The model's own tokenizer, with a pad token (no chat template: inputs are plain text)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            materialize(source), revision=source.revision, trust_remote_code=recipe.model.trust_remote_code
+        )
+    except OSError as exc:
+        if source.kind == "hub":
+            raise ModelNotFoundError(hub_hint(source.ref)) from None
+        raise ModelNotFoundError(f"could not load the tokenizer of {source.ref}: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+@torch.inference_mode()
+def predict_labels(model: Any, tokenizer: Any, texts: list[str], max_seq_len: int = 512, batch_size: int = 16) -> list[str]:
+    """Label names for raw texts (used for the run's sample predictions and by callers of load_run)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    id2label = base.config.id2label
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_seq_len, padding=True, return_tensors="pt")
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            out.extend(id2label[int(i)] for i in logits.argmax(-1).tolist())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _scores(trainer: Trainer, rows: list[dict[str, Any]], prefix: str) -> dict[str, float | None]:
+    if not rows:
+        return {"loss": None, "accuracy": None, "macro_f1": None}
+    metrics = trainer.evaluate(rows, metric_key_prefix=prefix)
+    return {key: metrics.get(f"{prefix}_{key}") for key in ("loss", "accuracy", "macro_f1")}
+
+
+def write_classification_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> None:
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    weights = "model/ (full weights)" if (run_dir / "model").is_dir() else "adapter/ (PEFT layout, head in modules_to_save)"
+    lines = [
+        f"# {summary['recipe']}: {recipe.adapter.method} classifier on {recipe.model.name}",
+        "",
+        recipe.description or "Trained with peftkit.",
+        "",
+        f"Labels: {', '.join(summary['labels'])}. Trainable parameters: {summary['trainable_params']:,} of "
+        f"{summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%), {summary['steps']} steps, "
+        f"{summary['train_seconds']:.0f} s on {summary['device']}.",
+        "",
+        "| split | metric | before | after |",
+        "|---|---|---|---|",
+    ]
+    for split in ("eval", "heldout"):
+        for metric in ("accuracy", "macro_f1", "loss"):
+            before, after = summary.get(f"{split}_{metric}_before"), summary.get(f"{split}_{metric}_after")
+            if after is not None:
+                lines.append(f"| {split} | {metric} | {fmt(before)} | {fmt(after)} |")
+    lines += ["", f"Files: {weights}, `tokenizer/`, `labels.json`, `recipe.yaml`, `metrics.jsonl`, `summary.json`.", ""]
+    atomic_write_text(run_dir / "README.md", "\n".join(lines))
+
+
+def train_classifier(
+    recipe: Recipe, *, resume: bool = False, force: bool = False, extra_callbacks: list[Any] | None = None
+) -> RunResult:
+    started = time.perf_counter()
+    validate_recipe(recipe, check_model=True)
+    run_dir = Path(recipe.output_dir).expanduser().resolve()
+    prepare_run_dir(run_dir, resume=resume, force=force)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+
+    threads = configure_threads(recipe.train.num_threads)
+    from transformers import DataCollatorWithPadding, set_seed
+
+    set_seed(recipe.train.seed)
+    device = resolve_device(recipe.train.device)
+    dtype = resolve_dtype(recipe.train.dtype, device)
+    source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
+    tokenizer = load_classification_tokenizer(recipe, source)
+    data: ClassificationData = build_classification_data(recipe.data, tokenizer, recipe.train.seed)
+    atomic_write_text(
+        run_dir / LABELS_FILE,
+        json.dumps({"id2label": {str(i): n for i, n in enumerate(data.labels)}, "label2id": data.label2id}, indent=2),
+    )
+    quantization = effective_quantization(recipe)
+    model = load_model(
+        recipe.model, quantization, device=device, dtype=dtype, task=TASK, num_labels=len(data.labels), source=source
+    )
+    label_config(model, data.labels, tokenizer.pad_token_id)
+    model = build_adapter(model, recipe.adapter, task=TASK, quantized=quantization is not None)
+    trainable, total = parameter_counts(model)
+    log.info("Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    has_eval = bool(data.eval)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not resume:
+        metrics_path.unlink(missing_ok=True)
+    args = training_arguments(recipe, run_dir, device, dtype, has_eval)
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard")))
+    extras = trainer_extras(model, recipe.adapter, args)
+    trainer = ClassificationTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval or None,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=metrics_from_eval_prediction(len(data.labels)),
+        callbacks=[*extras.callbacks, MetricsJsonlCallback(metrics_path), tensorboard, checkpoints.CompleteMarkerCallback(), *(extra_callbacks or [])],
+        optimizers=(extras.optimizer, None),
+    )
+    before: dict[str, dict[str, float | None]] = {"eval": {}, "heldout": {}}
+    if recipe.eval.before and not resume:
+        with base_model_view(model):
+            before = {"eval": _scores(trainer, data.eval, "eval"), "heldout": _scores(trainer, data.heldout, "heldout")}
+
+    resume_from = str(checkpoints.latest_complete(run_dir)) if resume else None
+    train_started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.perf_counter() - train_started
+    after = {"eval": _scores(trainer, data.eval, "eval"), "heldout": _scores(trainer, data.heldout, "heldout")}
+
+    save_trained(model, run_dir, recipe.adapter.method)
+    from peftkit.utils.atomic import atomic_directory
+
+    with atomic_directory(run_dir / "tokenizer", replace=True) as tmp:
+        assert tmp is not None
+        tokenizer.save_pretrained(str(tmp))
+    prompts = list(recipe.eval.sample_prompts)
+    samples = [{"prompt": p, "reply": r} for p, r in zip(prompts, predict_labels(model, tokenizer, prompts, recipe.data.max_seq_len))]
+
+    metrics = read_metrics(metrics_path)
+    plot_loss_curves(metrics, run_dir / "plots" / "loss.png", title=f"{recipe.name or run_dir.name}: {recipe.adapter.method}")
+    summary: dict[str, Any] = {
+        "recipe": recipe.name or run_dir.name,
+        "task": TASK,
+        "base_model": recipe.model.name,
+        "method": recipe.adapter.method,
+        "labels": data.labels,
+        "quantization": quantization.model_dump() if quantization else None,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": threads,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": trainable / total,
+        "train_examples": len(data.train),
+        "eval_examples": len(data.eval),
+        "heldout_examples": len(data.heldout),
+        "steps": output.global_step,
+        "epochs": recipe.train.epochs if not recipe.train.max_steps else None,
+        "trained_tokens": trainer.input_tokens_seen,
+        "input_tokens": trainer.input_tokens_seen,
+        "train_seconds": round(train_seconds, 2),
+        "tokens_per_second": round(trainer.input_tokens_seen / train_seconds, 2) if train_seconds else None,
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "train_loss": round(float(output.training_loss), 5),
+        "data_stats": data.stats,
+        "samples": samples,
+    }
+    for split in ("eval", "heldout"):
+        for metric in ("loss", "accuracy", "macro_f1"):
+            summary[f"{split}_{metric}_before"] = before[split].get(metric)
+            summary[f"{split}_{metric}_after"] = after[split].get(metric)
+    # Keys the terminal report shares with causal runs (there: fact accuracy on held-out questions).
+    summary["heldout_questions"] = len(data.heldout)
+    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_classification_card(run_dir, recipe, summary)
+    return RunResult(run_dir, summary)

@@ -1,0 +1,95 @@
+"""Helpers for the export tests: run directories with real (randomly perturbed) peft adapters, no training.
+
+A freshly initialised LoRA has B = 0 and changes nothing, which would make "merged == adapter" trivially
+true; perturbing every trainable tensor makes each adapter move the logits for real.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.config import recipe_from_dict, recipe_to_yaml
+
+
+def build_llama_dir(path: Path, tokenizer: Any, *, hidden: int = 64, intermediate: int = 128, layers: int = 2,
+                    heads: int = 4, kv_heads: int = 2, tie: bool = True, seed: int = 0) -> Path:
+    """A saved tiny Llama (dims that bitsandbytes 4-bit and GGUF Q8_0 blocks accept) with `tokenizer`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the 0.02 init: logits that actually depend on the input
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.15)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def perturb_adapter(model: Any, scale: float = 0.2, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * scale)
+
+
+def make_run(run_dir: Path, recipe: dict[str, Any], peft_config: Any, *, model_dir: Path | None = None,
+             quantization: dict[str, Any] | None = None, seed: int = 1, scale: float = 0.2) -> Path:
+    """A run directory as `peftkit train` leaves it (recipe.yaml, tokenizer/, adapter/), without training."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = copy.deepcopy(recipe)
+    if model_dir is not None:
+        data["model"] = {"name": str(model_dir)}
+    data["output_dir"] = str(run_dir)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        data["quantization"] = quantization
+        data["adapter"] = {**data["adapter"], "method": "qlora", "gradient_checkpointing": False}
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quantization.get("quant_type", "nf4"),
+            bnb_4bit_use_double_quant=quantization.get("double_quant", True),
+            bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8,
+        )
+        kwargs["device_map"] = {"": "cpu"}
+    recipe_obj = recipe_from_dict(data)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe_obj), encoding="utf-8")
+    base_dir = data["model"]["name"]
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run_dir / "tokenizer")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    model = get_peft_model(base, peft_config)
+    perturb_adapter(model, scale=scale, seed=seed)
+    model.save_pretrained(run_dir / "adapter", safe_serialization=True)
+    return run_dir
+
+
+def adapter_logits(run_dir: Path, ids: torch.Tensor, *, base_dir: Path | None = None) -> torch.Tensor:
+    """Logits of the unmerged adapter on its float32 base, loaded with plain transformers + peft."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = base_dir or Path(json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"])
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits

