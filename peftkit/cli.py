@@ -33,6 +33,8 @@ def _setup_logging(verbose: bool) -> None:
         force=True,
     )
     logging.getLogger("peftkit").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # bitsandbytes warns on import that optional hub-fetched CPU kernels are absent; nothing to act on.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import transformers
 
     transformers.logging.set_verbosity_error()

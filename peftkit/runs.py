@@ -43,12 +43,14 @@ def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
     """Base model (quantized as in training) + trained adapter, ready for generation."""
     from peft import PeftModel
 
-    from peftkit.adapters import effective_quantization
-    from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from peftkit.adapters import effective_quantization, prepare_for_generation
+    from peftkit.data.classification import finish_loaded_model, load_kwargs
+    from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref
 
     run_dir = Path(run_dir)
     recipe = read_run_recipe(run_dir)
-    adapter = adapter_dir(run_dir)
+    full_model = run_dir / "model"  # full / partial runs save the whole trained model, not an adapter
+    adapter = None if (full_model / "config.json").is_file() else adapter_dir(run_dir)
     device = device or resolve_device(recipe.train.device)
     dtype = resolve_dtype(recipe.train.dtype, device)
     if (run_dir / "tokenizer").is_dir():
@@ -57,7 +59,13 @@ def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
         tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     else:
         tokenizer = load_tokenizer(recipe.model)
-    base = load_model(recipe.model, effective_quantization(recipe), device=device, dtype=dtype)
-    model = PeftModel.from_pretrained(base, str(adapter))
+    extra = load_kwargs(run_dir, recipe)  # classification: task head and label count
+    if adapter is None:
+        model = load_model(recipe.model, None, device=device, dtype=dtype, source=resolve_model_ref(str(full_model)), **extra)
+    else:
+        base = load_model(recipe.model, effective_quantization(recipe), device=device, dtype=dtype, **extra)
+        model = PeftModel.from_pretrained(base, str(adapter))
+    finish_loaded_model(model, run_dir, recipe, tokenizer)
+    prepare_for_generation(model)
     model.eval()
     return LoadedRun(run_dir, recipe, model, tokenizer)

@@ -133,8 +133,8 @@ def save_trained(model: Any, run_dir: Path, method: str | None = None) -> Path:
 
 
 def prepare_for_generation(model: Any) -> Any:
-    """Per-method fixes that make `model.generate` work as documented (prefix tuning + use_cache=False)."""
-    return prefix.generation_fix(model)
+    """Per-method fixes to `model.generate`: prefix tuning with use_cache=False, prompt tuning with left padding."""
+    return prompt.generation_fix(prefix.generation_fix(model))
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

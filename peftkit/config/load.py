@@ -99,6 +99,8 @@ def _sections_for(loc: tuple[Any, ...]) -> list[type[BaseModel]]:
                         return []
                     cls = found[0]
                 return [cls]
+    if loc and loc[0] == "deepspeed" and len(loc) == 3:  # `deepspeed.<zero|json tag>.key`
+        return [schema.DeepSpeedConfig]
     cls = _section_class(loc[:-1])
     return [cls] if cls is not None else []
 
@@ -106,7 +108,7 @@ def _sections_for(loc: tuple[Any, ...]) -> list[type[BaseModel]]:
 def _friendly(err: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
     # Drop the union tag from displayed locations: `adapter.lora.r` reads as `adapter.r`.
-    shown = [str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] == "adapter" and len(loc) >= 2)]
+    shown = [str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] in ("adapter", "deepspeed") and len(loc) >= 2)]
     dotted = ".".join(shown) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -164,6 +166,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if isinstance(data.get("adapter"), dict) and "method" not in data["adapter"]:
         data["adapter"]["method"] = "lora"
     _resolve_data_paths(data, path.resolve().parent)
+    if isinstance(data.get("deepspeed"), str) and not Path(data["deepspeed"]).expanduser().is_absolute():
+        data["deepspeed"] = str((path.resolve().parent / data["deepspeed"]).resolve())  # JSON next to the recipe
     return recipe_from_dict(data, str(path))
 
 

@@ -6,9 +6,9 @@ Semantic checks that need the file system or several sections live in `validate.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, PositiveInt, Tag, model_validator
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -176,6 +176,15 @@ AdapterConfig = Annotated[
 ]
 
 
+class ReplayConfig(Section):
+    """Mix general data back into training to limit catastrophic forgetting."""
+
+    path: str = "builtin:general"
+    """`builtin:general` (the base model's own answers to ~120 general prompts) or a data file."""
+    ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
+    """Replay examples added per training example (sampled deterministically)."""
+
+
 class DataConfig(Section):
     train: str
     """Training file: chat JSONL (`messages`), alpaca JSON/JSONL, or plain text (.txt / `text`)."""
@@ -188,6 +197,7 @@ class DataConfig(Section):
     max_seq_len: PositiveInt = 1024
     system_prompt: str | None = None
     """Added as the system turn to conversations (train, eval, held-out, chat) that have none."""
+    replay: ReplayConfig | None = None
 
 
 class TrainConfig(Section):
@@ -207,6 +217,8 @@ class TrainConfig(Section):
     save_steps: PositiveInt | None = None
     """Checkpoint every N steps (default: once per epoch)."""
     save_total_limit: PositiveInt = 2
+    early_stopping_patience: PositiveInt | None = None
+    """Stop after this many evaluations without eval-loss improvement; the best checkpoint is kept."""
     logging_steps: PositiveInt = 5
     gradient_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -218,6 +230,8 @@ class TrainConfig(Section):
     """Batch sequences of similar length together (less padding, same data)."""
     supervised_logits_only: bool = True
     """Compute the vocabulary projection only where a label is supervised (faster, same loss)."""
+    share_prompt_prefix: bool = True
+    """Run the prompt prefix shared by a whole batch (e.g. the system prompt) once per batch (same loss)."""
 
 
 class EvalConfig(Section):
@@ -229,6 +243,51 @@ class EvalConfig(Section):
     """Prompts answered by the tuned model at the end of a run (shown and stored in summary.json)."""
 
 
+Offload = Literal["none", "cpu", "nvme"]
+
+
+class DeepSpeedConfig(Section):
+    """DeepSpeed ZeRO. peftkit writes the full DeepSpeed JSON (`RUN_DIR/deepspeed.json`) from these
+    settings and the `train:` section (batch size, accumulation, clipping, precision); docs/distributed.md."""
+
+    stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 data parallel only, 1 shards optimizer states, 2 also gradients, 3 also parameters."""
+    offload_optimizer: Offload = "none"
+    """Keep optimizer states in CPU memory or on NVMe (`nvme_path`). Needs stage >= 1."""
+    offload_params: Offload = "none"
+    """Keep partitioned parameters in CPU memory or on NVMe. Needs stage 3."""
+    nvme_path: str | None = None
+    """Local NVMe directory used by `nvme` offload (must exist on every node)."""
+    overlap_comm: bool | None = None
+    """Overlap gradient reduction with the backward pass (null: DeepSpeed's default)."""
+    contiguous_gradients: bool = True
+    """Copy gradients into one contiguous buffer as they are produced (less memory fragmentation)."""
+    reduce_bucket_size: PositiveInt | Literal["auto"] = "auto"
+    """Elements reduced at once; `auto`: hidden_size² (filled in by transformers)."""
+    gather_weights_on_save: bool = True
+    """Stage 3: gather the partitioned weights when saving, so checkpoints hold a normal PEFT adapter."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Raw DeepSpeed keys deep-merged over the generated config (escape hatch; DeepSpeed's config reference)."""
+
+
+def _deepspeed_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "json"
+    if isinstance(value, (dict, DeepSpeedConfig)):
+        return "zero"
+    return None
+
+
+DeepSpeedSetting = Annotated[
+    Union[Annotated[DeepSpeedConfig, Tag("zero")], Annotated[str, Tag("json")]],
+    Discriminator(
+        _deepspeed_kind,
+        custom_error_type="deepspeed_setting",
+        custom_error_message="must be a mapping of ZeRO settings (e.g. {stage: 2}) or the path of a DeepSpeed JSON file",
+    ),
+]
+
+
 class Recipe(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
@@ -238,6 +297,8 @@ class Recipe(Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedSetting | None = None
+    """DeepSpeed ZeRO: a `DeepSpeedConfig` mapping, or the path of a raw DeepSpeed JSON (relative to the recipe)."""
     output_dir: str = "runs/run"
     """Run directory. Relative paths are resolved against the current directory."""
     name: str | None = None

@@ -28,6 +28,13 @@ def _check_data(recipe: Recipe) -> list[str]:
             load_examples(path, recipe.data.format)
         except PeftkitError as exc:
             problems.append(f"data.{key}: {exc}")
+    if recipe.data.replay is not None:
+        from peftkit.data.build import replay_path
+
+        try:
+            load_examples(replay_path(recipe.data.replay.path), recipe.data.format)
+        except PeftkitError as exc:
+            problems.append(f"data.replay: {exc}")
     if recipe.data.heldout:
         try:
             load_heldout(recipe.data.heldout, recipe.data.system_prompt)

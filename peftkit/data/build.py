@@ -94,12 +94,42 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int) -> tup
     return [e for i, e in enumerate(examples) if i not in eval_ids], [e for i, e in enumerate(examples) if i in eval_ids]
 
 
+def replay_path(path: str) -> Path:
+    """`builtin:NAME` -> the packaged `NAME` replay set; anything else is a file path."""
+    if path.startswith("builtin:"):
+        from importlib import resources
+
+        name = path.removeprefix("builtin:")
+        found = Path(str(resources.files("peftkit.resources") / f"replay_{name}.jsonl"))
+        if not found.is_file():
+            raise DataError(f"data.replay.path: there is no built-in replay set {name!r}; use `builtin:general` or a file")
+        return found
+    return Path(path)
+
+
+def mix_replay(train: list[Example], replay: list[Example], ratio: float, seed: int) -> list[Example]:
+    """Append round(ratio * len(train)) replay examples, drawn without repeats until the pool is used up."""
+    wanted = round(len(train) * ratio)
+    rng = random.Random(seed + 1)
+    picked: list[Example] = []
+    while len(picked) < wanted:
+        pool = list(replay)
+        rng.shuffle(pool)
+        picked.extend(pool[: wanted - len(picked)])
+    return [*train, *picked]
+
+
 def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int = 42) -> DataBundle:
     examples = load_examples(cfg.train, cfg.format)
     if cfg.eval:
         train_examples, eval_examples = examples, load_examples(cfg.eval, cfg.format)
     else:
         train_examples, eval_examples = split_train_eval(examples, cfg.eval_fraction, seed)
+    replayed = 0
+    if cfg.replay is not None:
+        before = len(train_examples)
+        train_examples = mix_replay(train_examples, load_examples(replay_path(cfg.replay.path)), cfg.replay.ratio, seed)
+        replayed = len(train_examples) - before
     train_rows, train_stats = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
     eval_rows, _ = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
     if not train_rows:
@@ -110,6 +140,7 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int = 42) -> DataBundl
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
         "heldout_questions": len(heldout),
+        "replay_examples": replayed,
         "train_tokens": sum(len(r["input_ids"]) for r in train_rows),
         "train_supervised_tokens": sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in train_rows),
     }

@@ -2,8 +2,42 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
 from typing import Any
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from peftkit.evaluate.run_eval import evaluate_run, print_eval_report
+    from peftkit.runs import read_run_recipe
+    from peftkit.train.model_card import write_model_card
+
+    report = evaluate_run(
+        args.run_dir,
+        data=args.data,
+        heldout=args.heldout,
+        general=args.general,
+        max_new_tokens=args.max_new_tokens,
+        compare_base=not args.no_base,
+    )
+    print_eval_report(Console(highlight=False), report)
+    run_dir = Path(args.run_dir)
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        write_model_card(run_dir, read_run_recipe(run_dir), json.loads(summary_path.read_text()))
+    return 0
 
 
 def register(sub: Any) -> None:
     """Add this area's sub-commands to the `peftkit` parser."""
+    p = sub.add_parser("eval", help="loss, held-out fact accuracy and forgetting of a trained run (writes eval.json)")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="chat/alpaca/text file for the loss (default: the run's eval split)")
+    p.add_argument("--heldout", help='held-out questions {"question", "key_fact"} (default: data.heldout of the recipe)')
+    p.add_argument("--general", help="general-knowledge set for forgetting (default: the built-in one)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--no-base", action="store_true", help="skip the base-model comparison")
+    p.set_defaults(func=cmd_eval)

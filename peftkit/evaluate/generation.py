@@ -36,6 +36,7 @@ def generate_replies(
     *,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    progress: str | None = None,
 ) -> list[Reply]:
     """Greedy replies, batched with left padding; longest prompts first to bound padding."""
     prompts = [generation_prompt(tokenizer, c) for c in conversations]
@@ -48,7 +49,12 @@ def generate_replies(
     tokenizer.padding_side = "left"
     replies: dict[int, Reply] = {}
     try:
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=progress, unit="batch", leave=False)
+        for start in starts:
             ids = order[start : start + batch_size]
             batch = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True, add_special_tokens=False)
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -81,7 +87,12 @@ def heldout_accuracy(
 ) -> tuple[float, list[dict[str, Any]]]:
     """Share of held-out questions whose greedy reply contains the key fact, and the per-item record."""
     replies = generate_replies(
-        model, tokenizer, [item.messages for item in items], max_new_tokens=max_new_tokens, batch_size=batch_size
+        model,
+        tokenizer,
+        [item.messages for item in items],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=f"held-out questions ({len(items)})",
     )
     details = [
         {

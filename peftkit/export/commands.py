@@ -5,6 +5,115 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from peftkit.errors import ExportError
+
+
+def _print_result(result: Any) -> None:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    console.print(f"[green]Wrote[/green] {result.kind} export to {result.path}")
+    for name in result.files:
+        console.print(f"  {name}")
+    if result.qlora:
+        q = result.qlora
+        console.print(
+            f"QLoRA merge into [bold]{q['base']}[/bold] weights. Max |logit diff| vs {q['reference']} "
+            f"on {q['prompts']} prompts: dequantized 4-bit base {q['dequantized_max_abs_diff']:.3g}, "
+            f"original weights {q['original_max_abs_diff']:.3g} (choose with --qlora-base)"
+        )
+    for note in result.notes:
+        console.print(note)
+    if result.verification is None:
+        console.print("[yellow]Not verified[/yellow] (--no-verify)")
+    else:
+        from peftkit.export.verify import summary_line
+
+        console.print(f"[green]Verified[/green] in a fresh process: {summary_line(result.verification)}")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from peftkit.export.common import parse_shard_size
+    from peftkit.export.hf import export_combined, export_hf
+
+    shard = parse_shard_size(args.shard_size)
+    if args.adapters:
+        if args.run_dir:
+            raise ExportError("give either RUN_DIR or --adapters RUN_A RUN_B ..., not both")
+        if not args.out:
+            raise ExportError("--adapters needs --out DIR (where the combined model goes)")
+        result = export_combined(args.adapters, args.out, weights=args.weights, combination=args.combination,
+                                 dtype=args.dtype, shard_size=shard, force=args.force, check=not args.no_verify,
+                                 base=args.base)
+    else:
+        if not args.run_dir:
+            raise ExportError("give the run directory to merge (peftkit merge RUN_DIR), or --adapters RUN_A RUN_B")
+        if args.weights:
+            raise ExportError("--weights only applies with --adapters")
+        result = export_hf(args.run_dir, args.out, dtype=args.dtype, shard_size=shard, force=args.force,
+                           check=not args.no_verify, qlora_base=args.qlora_base, base=args.base)
+    _print_result(result)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from peftkit.export.common import parse_shard_size
+
+    check = not args.no_verify
+    if args.format == "hf":
+        from peftkit.export.hf import export_hf
+
+        result = export_hf(args.run_dir, args.out, dtype=args.dtype, shard_size=parse_shard_size(args.shard_size),
+                           force=args.force, check=check, qlora_base=args.qlora_base, base=args.base)
+    elif args.format == "gguf":
+        from peftkit.export.gguf_writer import export_gguf
+
+        result = export_gguf(args.run_dir, args.out, gguf_type=args.gguf_type, force=args.force, check=check,
+                             qlora_base=args.qlora_base, base=args.base)
+    elif args.format == "gguf-adapter":
+        from peftkit.export.gguf_writer import export_gguf_adapter
+
+        result = export_gguf_adapter(args.run_dir, args.out, gguf_type=args.gguf_type, force=args.force, check=check,
+                                     base=args.base)
+    else:
+        from peftkit.export.adapter_export import export_adapter
+
+        result = export_adapter(args.run_dir, args.out, force=args.force, check=check, base=args.base)
+    _print_result(result)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="output directory (default: inside RUN_DIR)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip reloading the export in a fresh process and comparing logits with the adapter")
+    p.add_argument("--base", help="base model to use instead of the recipe's model.name (same architecture)")
+
 
 def register(sub: Any) -> None:
     """Add this area's sub-commands to the `peftkit` parser."""
+    p = sub.add_parser("merge", help="merge a run's adapter into its base: a standard Hugging Face model directory")
+    p.add_argument("run_dir", nargs="?", help="run directory (output_dir of `peftkit train`)")
+    _common(p)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weights dtype of the merged model (the merge itself is done in float32)")
+    p.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB (default 2GB)")
+    p.add_argument("--qlora-base", choices=["dequantized", "original"], default="dequantized",
+                   help="QLoRA runs: merge into the dequantized 4-bit weights (what was trained) or the original ones")
+    p.add_argument("--adapters", nargs="+", metavar="RUN_DIR", help="combine several LoRA runs of the same base")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per --adapters run (default: equal)")
+    p.add_argument("--combination", choices=["cat", "linear", "svd"], default="cat",
+                   help="peft add_weighted_adapter combination (cat = exact weighted sum of the updates)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="export a run: merged HF model, GGUF (+ Ollama Modelfile), or the adapter alone")
+    p.add_argument("run_dir", help="run directory (output_dir of `peftkit train`)")
+    p.add_argument("--format", required=True, choices=["hf", "gguf", "adapter", "gguf-adapter"])
+    _common(p)
+    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF tensor type (default f16)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="--format hf dtype")
+    p.add_argument("--shard-size", default="2GB", help="--format hf: largest safetensors shard")
+    p.add_argument("--qlora-base", choices=["dequantized", "original"], default="dequantized",
+                   help="QLoRA runs: which weights the adapter is merged into (hf, gguf)")
+    p.set_defaults(func=cmd_export)

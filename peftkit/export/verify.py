@@ -40,7 +40,7 @@ RELATIVE_TOLERANCE = {
     "bfloat16": 6e-2,
     "gguf-f32": 1e-3,
     "gguf-f16": 2e-2,
-    "gguf-q8_0": 8e-2,
+    "gguf-q8_0": 0.3,  # lossy by design: a sanity bound (a broken file is off by ~100%), agreement is reported
 }
 # teacher-forced greedy-token agreement below this fails (float32 only: half precision may flip near-ties)
 MIN_AGREEMENT = {"float32": 0.95, "gguf-f32": 0.95}
@@ -331,12 +331,16 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
             rendered = None
         template_ok &= rendered == text
         tokens_ok &= list(tokenizer(text, add_special_tokens=False)["input_ids"]) == ids
+    started = time.perf_counter()
     logits = sequence_logits(model, reference.sequences())
+    forward_seconds = time.perf_counter() - started
     generated = [
         _greedy(model, ids, reference.stop_ids, tokenizer.pad_token_id, max(1, len(cont)))
         for ids, cont in zip(reference.prompt_ids, reference.continuations)
     ]
     report = compare(reference, logits, generated)
+    report["forward_seconds"] = round(forward_seconds, 2)
+    report["generate_seconds"] = round(time.perf_counter() - started - forward_seconds, 2)
     dtype = next(model.parameters()).dtype
     report.update({
         "kind": args.kind,

@@ -76,7 +76,11 @@ def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
         tokenizer.chat_template = CHATML_TEMPLATE
 
 
-def bnb_config(cfg: QuantizationConfig, device: str, compute_dtype: torch.dtype | None = None) -> Any:
+def bnb_config(
+    cfg: QuantizationConfig, device: str, compute_dtype: torch.dtype | None = None, quant_storage: torch.dtype | None = None
+) -> Any:
+    """quant_storage: the tensor dtype the packed 4-bit weights are stored in; DeepSpeed ZeRO-3 needs it to
+    match the model's other parameters (peftkit.train.deepspeed.quant_storage_dtype); uint8 otherwise."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -93,14 +97,36 @@ def bnb_config(cfg: QuantizationConfig, device: str, compute_dtype: torch.dtype 
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=quant_storage or torch.uint8,
     )
 
 
 def silence_bnb_cpu_warnings() -> None:
-    """bitsandbytes 8-bit warns about a dtype cast on every CPU matmul; say it once instead."""
+    """bitsandbytes 8-bit warns about a dtype cast on every CPU matmul; say it once instead.
+
+    The message goes through the `logging` logger of `bitsandbytes.autograd._functions` (not
+    `warnings`), so a logging filter lets the first one through and drops the repeats."""
     warnings.filterwarnings("ignore", message=r".*MatMul8bitLt: inputs will be cast from.*")
-    warnings.filterwarnings("ignore", message=r".*inputs will be cast from torch.float32.*")
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) for f in logger.filters):
+        logger.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
+
+
+class _OnceFilter(logging.Filter):
+    """Pass the first record whose message starts with `prefix`, drop the rest."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
 
 
 def load_model(
@@ -112,6 +138,7 @@ def load_model(
     task: str = "causal_lm",
     num_labels: int | None = None,
     source: ModelSource | None = None,
+    quant_storage: torch.dtype | None = None,
 ) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -123,7 +150,7 @@ def load_model(
         "use_safetensors": None if cfg.allow_pickle else True,
     }
     if quantization is not None:
-        kwargs["quantization_config"] = bnb_config(quantization, device, dtype)
+        kwargs["quantization_config"] = bnb_config(quantization, device, dtype, quant_storage)
         kwargs["device_map"] = {"": device}
         silence_bnb_cpu_warnings()
     auto = AutoModelForCausalLM
@@ -138,4 +165,8 @@ def load_model(
         raise ModelNotFoundError(f"could not load model weights from {source.ref}: {exc}") from None
     if quantization is None:
         model.to(device)
+    else:
+        from peftkit.adapters.qlora import keep_trainable_cpu_layout
+
+        keep_trainable_cpu_layout(model)  # bnb's CPU inference packing breaks later training
     return model

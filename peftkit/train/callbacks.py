@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
 
 
 class MetricsJsonlCallback(TrainerCallback):
@@ -24,6 +27,40 @@ class MetricsJsonlCallback(TrainerCallback):
         record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+class OverfittingWatch(TrainerCallback):
+    """Warns once when eval loss rises for two evaluations in a row while train loss keeps falling."""
+
+    def __init__(self, window: int = 2) -> None:
+        self.window = window
+        self.evals: list[float] = []
+        self.trains_at_eval: list[float] = []
+        self.last_train: float | None = None
+        self.warned = False
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.last_train = float(logs["loss"])
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not metrics or "eval_loss" not in metrics or self.last_train is None:
+            return
+        self.evals.append(float(metrics["eval_loss"]))
+        self.trains_at_eval.append(self.last_train)
+        if self.warned or len(self.evals) <= self.window:
+            return
+        recent_eval = self.evals[-self.window - 1 :]
+        recent_train = self.trains_at_eval[-self.window - 1 :]
+        rising = all(b > a for a, b in zip(recent_eval, recent_eval[1:]))
+        falling = all(b < a for a, b in zip(recent_train, recent_train[1:]))
+        if rising and falling:
+            self.warned = True
+            log.warning(
+                "Overfitting: eval loss rose for %d evaluations (%s) while train loss kept falling; consider fewer "
+                "epochs, a lower lr, or train.early_stopping_patience", self.window,
+                " -> ".join(f"{v:.3f}" for v in recent_eval),
+            )
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

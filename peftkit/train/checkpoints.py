@@ -1,11 +1,15 @@
 """Checkpoint completeness: a checkpoint counts only once its `.complete` marker exists.
 
-The Trainer writes `checkpoint-N/` file by file; a process killed mid-save leaves a partial
-folder. We mark a checkpoint complete (after fsync) in `on_save`, and resume only from marked ones.
+The Trainer writes `checkpoint-N/` file by file (and under DeepSpeed every rank writes its own
+partition); a process killed mid-save leaves a partial folder. Once every rank has finished saving,
+rank 0 fsyncs the folder and writes the marker in `on_save`; resume only ever uses marked checkpoints,
+removes unmarked ones, and checks the checkpoint fits the run (DeepSpeed on/off, number of processes).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
@@ -14,28 +18,56 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from peftkit.errors import RunDirError
+
+log = logging.getLogger(__name__)
+
 MARKER = ".complete"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
+def _checkpoints_under(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP.match(p.name)]
     return sorted(found, key=lambda p: int(_STEP.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return _checkpoints_under(run_dir / "checkpoints")
+
+
+def step_of(checkpoint: Path) -> int:
+    match = _STEP.match(checkpoint.name)
+    if match is None:
+        raise ValueError(f"{checkpoint} is not a checkpoint-N folder")
+    return int(match.group(1))
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / MARKER).is_file() and (checkpoint / "trainer_state.json").is_file()
+
+
 def latest_complete(run_dir: Path) -> Path | None:
-    complete = [p for p in checkpoint_dirs(run_dir) if (p / MARKER).is_file()]
+    complete = [p for p in checkpoint_dirs(run_dir) if is_complete(p)]
     return complete[-1] if complete else None
 
 
 def remove_incomplete(run_dir: Path) -> list[Path]:
-    removed = [p for p in checkpoint_dirs(run_dir) if not (p / MARKER).is_file()]
+    removed = [p for p in checkpoint_dirs(run_dir) if not is_complete(p)]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+def read_marker(checkpoint: Path) -> dict[str, Any]:
+    """What the marker records: step, world_size, deepspeed_stage (older markers hold just the step)."""
+    text = (checkpoint / MARKER).read_text(encoding="utf-8").strip()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {"step": data}
 
 
 def _fsync_dir_files(folder: Path) -> None:
@@ -45,11 +77,115 @@ def _fsync_dir_files(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def deepspeed_stage_of(args: Any) -> int | None:
+    """The ZeRO stage of a Trainer's arguments; None when DeepSpeed is off."""
+    hf_config = getattr(args, "hf_deepspeed_config", None)
+    if hf_config is None:
+        return None
+    return int(hf_config.config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 class CompleteMarkerCallback(TrainerCallback):
+    """Marks each saved checkpoint complete, then keeps the newest `keep` complete ones.
+
+    Pruning here (not by the Trainer's save_total_limit, which deletes before the new checkpoint is
+    marked) means a complete checkpoint exists at every moment, also with keep=1."""
+
+    def __init__(self, keep: int | None = None) -> None:
+        self.keep = keep
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        _barrier()  # every rank has written its part (DeepSpeed partitions, rng_state_<rank>.pth)
         if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
-            _fsync_dir_files(folder)
-            (folder / MARKER).write_text(str(state.global_step))
+        if not folder.is_dir():
+            return
+        _fsync_dir_files(folder)
+        marker = {"step": state.global_step, "world_size": args.world_size, "deepspeed_stage": deepspeed_stage_of(args)}
+        tmp = folder / f"{MARKER}.tmp"
+        tmp.write_text(json.dumps(marker), encoding="utf-8")
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, folder / MARKER)
+        if self.keep:
+            self._prune(Path(args.output_dir), folder, state.best_model_checkpoint)
+
+    def _prune(self, root: Path, current: Path, best: str | None) -> None:
+        complete = [p for p in _checkpoints_under(root) if is_complete(p)]
+        protected = {current.resolve(), *([Path(best).resolve()] if best else [])}
+        excess = [p for p in complete if p.resolve() not in protected][: max(0, len(complete) - self.keep)]
+        for path in excess:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop metric records logged after `step` (they are logged again when training resumes there)."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if record_step <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        from peftkit.utils.atomic import atomic_write_text
+
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+def check_compatible(checkpoint: Path, *, world_size: int, deepspeed_stage: int | None) -> None:
+    """A ZeRO checkpoint only loads into the same setup it was saved from; say so before loading anything."""
+    marker = read_marker(checkpoint)
+    has_deepspeed_state = any(checkpoint.glob("global_step*"))
+    if deepspeed_stage is not None and not has_deepspeed_state:
+        raise RunDirError(
+            f"--resume: {checkpoint} was saved without DeepSpeed, but this run uses DeepSpeed (stage {deepspeed_stage}); "
+            "resume with the recipe's original setting (remove `deepspeed:`), or start a new run"
+        )
+    if deepspeed_stage is None and has_deepspeed_state:
+        raise RunDirError(
+            f"--resume: {checkpoint} holds DeepSpeed state (stage {marker.get('deepspeed_stage', '?')}); "
+            "resume with the same `deepspeed:` setting it was trained with"
+        )
+    saved_world = marker.get("world_size")
+    if saved_world is None or saved_world == world_size:
+        return
+    if deepspeed_stage:
+        raise RunDirError(
+            f"--resume: {checkpoint} holds ZeRO stage {deepspeed_stage} state partitioned over {saved_world} processes, "
+            f"but this run has {world_size}; resume with the same number of processes (--nproc {saved_world})"
+        )
+    log.warning("Resuming a checkpoint saved by %d process(es) with %d: the global batch size changes", saved_world, world_size)
+
+
+def prepare_resume(
+    run_dir: Path, *, world_size: int = 1, deepspeed_stage: int | None = None, main_process: bool = True
+) -> Path:
+    """The checkpoint to resume from, after removing incomplete ones and metrics logged past it (rank 0)."""
+    if main_process:
+        for path in remove_incomplete(run_dir):
+            log.warning("Removed incomplete checkpoint %s (its save was interrupted)", path)
+        (run_dir / "interrupted.json").unlink(missing_ok=True)
+    checkpoint = latest_complete(run_dir)
+    if checkpoint is None:
+        raise RunDirError(f"--resume: {run_dir} has no complete checkpoint; start it again with --force")
+    check_compatible(checkpoint, world_size=world_size, deepspeed_stage=deepspeed_stage)
+    if main_process:
+        dropped = truncate_metrics(run_dir / "metrics.jsonl", step_of(checkpoint))
+        if dropped:
+            log.info("Dropped %d metric records logged after step %d", dropped, step_of(checkpoint))
+    log.info("Resuming from %s", checkpoint)
+    return checkpoint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,23 @@ def _fmt(value: Any) -> str:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _eval_section(run_dir: Path) -> list[str]:
+    """Results of `peftkit eval`, when it has been run on this directory."""
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return []
+    report = json.loads(path.read_text(encoding="utf-8"))
+    before, after = report.get("before", {}), report.get("after", {})
+    lines = ["## Evaluation (`peftkit eval`)", "", "| metric | base | tuned |", "|---|---|---|"]
+    for label, key in [("loss", "loss"), ("held-out fact accuracy", "heldout_accuracy"), ("general knowledge", "general_accuracy")]:
+        if key in after:
+            fmt = _pct if key.endswith("accuracy") else _fmt
+            lines.append(f"| {label} | {fmt(before.get(key))} | {fmt(after.get(key))} |")
+    if report.get("forgetting_points") is not None:
+        lines += ["", f"Forgetting: {report['forgetting_points']:+.1f} points of general-knowledge accuracy."]
+    return [*lines, ""]
 
 
 def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> None:
@@ -49,6 +67,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         f"| eval loss | {_fmt(summary['eval_loss_before'])} | {_fmt(summary['eval_loss_after'])} |",
         f"| held-out fact accuracy | {_pct(summary['heldout_accuracy_before'])} | {_pct(summary['heldout_accuracy_after'])} |",
         "",
+        *_eval_section(run_dir),
         "## Use",
         "",
         "```bash",

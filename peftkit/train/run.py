@@ -24,7 +24,7 @@ from peftkit.errors import PeftkitError, RunDirError
 from peftkit.evaluate.generation import generate_replies, heldout_accuracy
 from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref
 from peftkit.train import checkpoints
-from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
+from peftkit.train.callbacks import MetricsJsonlCallback, OverfittingWatch, plot_loss_curves, read_metrics
 from peftkit.train.model_card import write_model_card
 from peftkit.train.trainer import SFTTrainer
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
@@ -82,6 +82,8 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
     from transformers import TrainingArguments
 
     cfg = recipe.train
+    # Early stopping keeps the best checkpoint, so checkpoints must be saved exactly when evaluating.
+    early_stop = bool(cfg.early_stopping_patience) and has_eval
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
@@ -97,9 +99,12 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         logging_steps=cfg.logging_steps,
         eval_strategy=("steps" if cfg.eval_steps else "epoch") if has_eval else "no",
         eval_steps=cfg.eval_steps,
-        save_strategy="steps" if cfg.save_steps else "epoch",
-        save_steps=cfg.save_steps or 500,
+        save_strategy="steps" if cfg.save_steps or (early_stop and cfg.eval_steps) else "epoch",
+        save_steps=(cfg.eval_steps if early_stop and cfg.eval_steps else cfg.save_steps) or 500,
         save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=early_stop,
+        metric_for_best_model="eval_loss" if early_stop else None,
+        greater_is_better=False if early_stop else None,
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to="none",
@@ -175,8 +180,13 @@ def train(
         MetricsJsonlCallback(metrics_path),
         TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))),
         checkpoints.CompleteMarkerCallback(),
+        overfitting := OverfittingWatch(),
         *(extra_callbacks or []),
     ]
+    if recipe.train.early_stopping_patience and has_eval:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping_patience))
     args = training_arguments(recipe, run_dir, device, dtype, has_eval)
     extras = trainer_extras(model, recipe.adapter, args)  # partial: unfreeze schedule, layer-wise LR groups
     trainer = SFTTrainer(
@@ -188,6 +198,7 @@ def train(
         callbacks=[*extras.callbacks, *callbacks],
         optimizers=(extras.optimizer, None),
         supervised_logits_only=recipe.train.supervised_logits_only,
+        share_prompt_prefix=recipe.train.share_prompt_prefix,
     )
     eval_loss_before = None
     if has_eval and not resume:
@@ -230,6 +241,8 @@ def train(
         "train_loss": round(float(output.training_loss), 5),
         "eval_loss_before": eval_loss_before,
         "eval_loss_after": eval_loss_after,
+        "overfitting_warning": overfitting.warned,
+        "stopped_early": bool(recipe.train.max_steps is None and trainer.state.max_steps > output.global_step),
         "heldout_questions": len(data.heldout),
         "heldout_accuracy_before": accuracy_before,
         "heldout_accuracy_after": accuracy_after,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from peftkit.data.chat import IGNORE_INDEX
+from peftkit.train.shared_prefix import MIN_SHARED_PREFIX, forward_with_shared_prefix, shared_prefix_length
 
 
 def _base_forward_accepts(model: Any, name: str) -> bool:
@@ -37,6 +38,11 @@ def _virtual_tokens(model: Any) -> int:
     return int(config.num_virtual_tokens)
 
 
+def _is_prompt_learning(model: Any) -> bool:
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
     """Positions whose *next* token is supervised (the shift of causal LM training)."""
     keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -45,9 +51,20 @@ def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
 
 
 class SFTTrainer(Trainer):
-    def __init__(self, *args: Any, supervised_logits_only: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, supervised_logits_only: bool = True, share_prompt_prefix: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.sparse_logits = supervised_logits_only and _base_forward_accepts(self.model, "logits_to_keep")
+        # Two forward calls per step: only where the prefix cache is ours (not prefix/prompt tuning), activations
+        # are kept (no checkpointing) and no DDP/ZeRO wrapper expects exactly one forward per backward.
+        self.share_prefix = (
+            share_prompt_prefix
+            and self.sparse_logits
+            and not _is_prompt_learning(self.model)
+            and not self.args.activation_checkpointing
+            and self.args.world_size == 1
+        )
         self.virtual_tokens = _virtual_tokens(self.model)
         # Ask the Trainer to count supervised tokens across the accumulated batch (num_items_in_batch).
         self.model_accepts_loss_kwargs = True
@@ -68,15 +85,21 @@ class SFTTrainer(Trainer):
         if model.training:
             self.supervised_tokens_seen += int(targets.numel())
             self.input_tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else labels.numel()
+        # Inside peft's `disable_adapter()` (the "before" eval) prompt tuning prepends nothing.
+        virtual = 0 if getattr(self.model, "_adapters_disabled", False) else self.virtual_tokens
         if self.sparse_logits:
             keep = supervised_mask(labels)
-            if self.virtual_tokens:
-                keep = torch.cat([keep.new_zeros(keep.shape[0], self.virtual_tokens), keep], dim=1)
-            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+            if virtual:
+                keep = torch.cat([keep.new_zeros(keep.shape[0], virtual), keep], dim=1)
+            prefix = shared_prefix_length(inputs["input_ids"], keep) if self.share_prefix and not virtual else 0
+            if prefix >= MIN_SHARED_PREFIX:
+                outputs = forward_with_shared_prefix(model, inputs, keep, prefix)
+            else:
+                outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
             logits = outputs.logits
         else:
             outputs = model(**inputs, use_cache=False)
-            logits = outputs.logits[:, self.virtual_tokens :][:, :-1][labels[:, 1:] != IGNORE_INDEX]
+            logits = outputs.logits[:, virtual:][:, :-1][labels[:, 1:] != IGNORE_INDEX]
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
         if num_items_in_batch is None:
             denominator: torch.Tensor | int = max(int(targets.numel()), 1)

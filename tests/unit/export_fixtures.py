@@ -72,7 +72,9 @@ def make_run(run_dir: Path, recipe: dict[str, Any], peft_config: Any, *, model_d
     recipe_obj = recipe_from_dict(data)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe_obj), encoding="utf-8")
-    base_dir = data["model"]["name"]
+    from peftkit.models import materialize, resolve_model_ref
+
+    base_dir = materialize(resolve_model_ref(data["model"]["name"]))  # built-in names resolve to the cache
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(run_dir / "tokenizer")
     base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     model = get_peft_model(base, peft_config)

@@ -1,0 +1,1 @@
+"""Reproducible benchmarks: speed against the plain reference stack, and method comparisons."""

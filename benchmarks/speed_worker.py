@@ -1,0 +1,118 @@
+"""One training-speed measurement in a fresh process (so peak RSS and caches are per variant).
+
+Variants share the model, tokenized data, LoRA config, optimizer, LR schedule, batch size, seed
+and number of epochs; they differ only in the trainer:
+
+- reference: transformers `Trainer` + peft, dynamic padding (`DataCollatorForSeq2Seq`), random
+  batches, the model's own loss over full logits: what a user would write by hand.
+- peftkit: peftkit's `SFTTrainer`: length-grouped batches, supervised-only logits, shared prompt prefix.
+- peftkit-no-prefix / -no-sparse / -no-group: optimisations switched off, to measure each one's share
+  (no-sparse also drops the shared prefix, which relies on it).
+
+Prints one JSON line with the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--variant", required=True, choices=["reference", "peftkit", "peftkit-no-prefix", "peftkit-no-sparse", "peftkit-no-group"])
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    from peftkit.adapters import build_adapter
+    from peftkit.config import load_recipe
+    from peftkit.data import PaddingCollator, build_datasets
+    from peftkit.evaluate.loss import mean_loss
+    from peftkit.models import load_model, load_tokenizer
+    from peftkit.train.trainer import SFTTrainer
+
+    recipe = load_recipe(args.recipe)
+    torch.set_num_threads(os.cpu_count() or 1)
+    set_seed(recipe.train.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    model = build_adapter(load_model(recipe.model), recipe.adapter)
+    cfg = recipe.train
+    group = args.variant != "peftkit-no-group" and args.variant != "reference"
+    training_args = TrainingArguments(
+        output_dir=str(Path(args.out) / "ckpt"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=args.epochs,
+        logging_steps=10,
+        save_strategy="no",
+        eval_strategy="no",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if group else "random",
+    )
+    if args.variant == "reference":
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True, return_tensors="pt")
+        trainer = Trainer(model=model, args=training_args, train_dataset=data.train, data_collator=collator)
+    else:
+        collator = PaddingCollator(tokenizer.pad_token_id)
+        trainer = SFTTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=data.train,
+            data_collator=collator,
+            supervised_logits_only=args.variant != "peftkit-no-sparse",
+            share_prompt_prefix=args.variant not in {"peftkit-no-prefix", "peftkit-no-sparse"},
+        )
+
+    # Count what each variant actually processes: the same batches the trainer will draw.
+    padded = real = supervised = 0
+    for batch in trainer.get_train_dataloader():
+        padded += batch["input_ids"].numel()
+        real += int(batch["attention_mask"].sum())
+        supervised += int((batch["labels"][:, 1:] != -100).sum())
+    epochs = args.epochs
+    started = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - started
+    loss = mean_loss(model, data.eval, tokenizer.pad_token_id)
+    result = {
+        "variant": args.variant,
+        "epochs": epochs,
+        "steps": output.global_step,
+        "train_seconds": round(seconds, 2),
+        "supervised_tokens": int(supervised * epochs),
+        "input_tokens": int(real * epochs),
+        "padded_tokens": int(padded * epochs),
+        "padding_share": round(1 - real / padded, 4),
+        "supervised_tokens_per_second": round(supervised * epochs / seconds, 2),
+        "input_tokens_per_second": round(real * epochs / seconds, 2),
+        "train_loss": round(float(output.training_loss), 4),
+        "eval_loss": round(loss, 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

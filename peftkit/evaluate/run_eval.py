@@ -1,0 +1,115 @@
+"""`peftkit eval RUN_DIR`: loss, held-out fact accuracy and forgetting, before vs after tuning.
+
+Forgetting is measured on a small built-in general-knowledge set (capitals, arithmetic, simple
+instructions) that the default base model answers correctly: the drop in its accuracy once the
+adapter is switched on is what tuning cost in general ability.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from peftkit.data.build import build_datasets, load_heldout, tokenize_examples
+from peftkit.data.formats import load_examples
+from peftkit.evaluate.generation import heldout_accuracy
+from peftkit.evaluate.loss import mean_loss, perplexity
+from peftkit.runs import load_run
+from peftkit.utils.atomic import atomic_write_text
+
+GENERAL_SET = "general_knowledge.jsonl"
+
+
+def builtin_resource(name: str) -> Path:
+    return Path(str(resources.files("peftkit.resources") / name))
+
+
+@contextlib.contextmanager
+def base_model_view(model: Any):
+    """Run the wrapped model as its base (adapter off); a no-op for models without adapters."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    data: str | None = None,
+    heldout: str | None = None,
+    general: str | None = None,
+    max_new_tokens: int | None = None,
+    compare_base: bool = True,
+) -> dict[str, Any]:
+    run = load_run(run_dir)
+    recipe, model, tokenizer = run.recipe, run.model, run.tokenizer
+    system = recipe.data.system_prompt
+    new_tokens = max_new_tokens or recipe.eval.max_new_tokens
+    batch = recipe.eval.batch_size
+
+    if data:
+        rows, _ = tokenize_examples(load_examples(data, recipe.data.format), tokenizer, recipe.data.max_seq_len, system)
+    else:
+        rows = build_datasets(recipe.data, tokenizer, recipe.train.seed).eval
+    heldout_path = heldout or recipe.data.heldout
+    items = load_heldout(heldout_path, system) if heldout_path else []
+    general_items = load_heldout(general or builtin_resource(GENERAL_SET), None)
+
+    def measure() -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        if rows:
+            loss = mean_loss(model, rows, tokenizer.pad_token_id)
+            result.update(loss=loss, perplexity=perplexity(loss))
+        if items:
+            result["heldout_accuracy"], result["heldout_details"] = heldout_accuracy(
+                model, tokenizer, items, max_new_tokens=new_tokens, batch_size=batch
+            )
+        result["general_accuracy"], result["general_details"] = heldout_accuracy(
+            model, tokenizer, general_items, max_new_tokens=new_tokens, batch_size=batch
+        )
+        return result
+
+    after = measure()
+    before: dict[str, Any] = {}
+    if compare_base:
+        with base_model_view(model):
+            before = measure()
+    report = {
+        "run_dir": str(run.run_dir),
+        "eval_examples": len(rows),
+        "heldout_questions": len(items),
+        "general_questions": len(general_items),
+        "before": {k: v for k, v in before.items() if not k.endswith("_details")},
+        "after": {k: v for k, v in after.items() if not k.endswith("_details")},
+        "forgetting_points": (
+            round(100 * (before["general_accuracy"] - after["general_accuracy"]), 2) if before else None
+        ),
+        "details": {k: v for k, v in after.items() if k.endswith("_details")},
+    }
+    atomic_write_text(Path(run_dir) / "eval.json", json.dumps(report, indent=2))
+    return report
+
+
+def print_eval_report(console: Any, report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"eval: {report['run_dir']}")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("tuned", justify="right")
+    rows = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
+            (f"held-out fact accuracy ({report['heldout_questions']} q)", "heldout_accuracy", "{:.1%}"),
+            (f"general knowledge ({report['general_questions']} q)", "general_accuracy", "{:.1%}")]
+    for label, key, pattern in rows:
+        before, after = report["before"].get(key), report["after"].get(key)
+        if before is None and after is None:
+            continue
+        table.add_row(label, "n/a" if before is None else pattern.format(before), "n/a" if after is None else pattern.format(after))
+    console.print(table)
+    if report["forgetting_points"] is not None:
+        console.print(f"forgetting: {report['forgetting_points']:+.1f} points of general-knowledge accuracy")

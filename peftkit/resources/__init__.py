@@ -1,0 +1,1 @@
+"""Built-in data files: the general-knowledge forgetting set and the general replay set."""

@@ -1,0 +1,512 @@
+"""DeepSpeed ZeRO: recipe -> DeepSpeed config, checks that run before any weights load, the build cache.
+
+peftkit does not drive DeepSpeed itself; transformers' Trainer does (`TrainingArguments(deepspeed=...)`).
+This module decides what config the Trainer gets (the train section's values, `"auto"` where the
+Trainer fills them in at launch), rejects combinations that cannot work, and keeps DeepSpeed's
+JIT-compiled CPU ops from hanging a run: a build killed half-way leaves a `lock` file that every
+later build waits on forever, so we look for such locks first and say what to delete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.config.schema import DeepSpeedConfig, Recipe
+from peftkit.errors import ConfigError, PeftkitError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "deepspeed.json"
+LOCK_MINUTES_ENV = "PEFTKIT_EXTENSION_LOCK_MINUTES"
+DEFAULT_LOCK_MINUTES = 5.0
+QUIET_STEPS = 1_000_000_000
+"""`steps_per_print`: DeepSpeed's own periodic step log would duplicate the Trainer's."""
+
+
+class ExtensionLockError(PeftkitError, RuntimeError):
+    """A JIT build lock was left behind by a killed build; waiting on it would hang forever."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config generation
+
+
+def enabled(recipe: Recipe) -> bool:
+    return recipe.deepspeed is not None
+
+
+def read_json_config(path: str | Path) -> dict[str, Any]:
+    """A user's raw DeepSpeed JSON, with one clear error when it is missing or malformed."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"deepspeed: the DeepSpeed config file {path} does not exist (check the path)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"deepspeed: {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed: {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def zero_stage(recipe: Recipe) -> int | None:
+    """The ZeRO stage a recipe asks for; None without DeepSpeed (or with an unreadable JSON)."""
+    if recipe.deepspeed is None:
+        return None
+    if isinstance(recipe.deepspeed, DeepSpeedConfig):
+        return recipe.deepspeed.stage
+    try:
+        return int(read_json_config(recipe.deepspeed).get("zero_optimization", {}).get("stage", 0))
+    except (ConfigError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def precision_flags(device: str, dtype: torch.dtype) -> tuple[bool, bool]:
+    """(bf16, fp16) exactly as `run.training_arguments` sets them: mixed precision only off-CPU."""
+    return dtype == torch.bfloat16 and device != "cpu", dtype == torch.float16 and device != "cpu"
+
+
+def _offload(target: str, nvme_path: str | None, device: str) -> dict[str, Any]:
+    block: dict[str, Any] = {"device": target, "pin_memory": device == "cuda"}
+    if target == "nvme":
+        block["nvme_path"] = nvme_path
+    return block
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def generate_config(cfg: DeepSpeedConfig, recipe: Recipe, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """The DeepSpeed JSON for a `deepspeed:` block.
+
+    Values the recipe fixes are written out (so `deepspeed.json` documents the run, and the Trainer
+    checks they match its arguments); `"auto"` is left where only the launch knows the value
+    (global batch = world size x micro batch x accumulation, bucket sizes from the model's hidden size).
+    No `optimizer` block: the Trainer's torch AdamW is used, so DeepSpeed JIT-builds no fused Adam."""
+    train = recipe.train
+    bf16, fp16 = precision_flags(device, dtype)
+    zero: dict[str, Any] = {"stage": cfg.stage}
+    if cfg.stage >= 1:
+        zero["contiguous_gradients"] = cfg.contiguous_gradients
+        zero["reduce_bucket_size"] = cfg.reduce_bucket_size
+    if cfg.overlap_comm is not None:
+        zero["overlap_comm"] = cfg.overlap_comm
+    if cfg.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(cfg.offload_optimizer, cfg.nvme_path, device)
+    if cfg.offload_params != "none":
+        zero["offload_param"] = _offload(cfg.offload_params, cfg.nvme_path, device)
+    if cfg.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = cfg.gather_weights_on_save
+        zero["stage3_prefetch_bucket_size"] = "auto"
+        zero["stage3_param_persistence_threshold"] = "auto"
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": "auto",
+        "gradient_clipping": train.max_grad_norm,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": fp16},
+        "zero_optimization": zero,
+        # The Trainer's torch AdamW (no fused_adam JIT build); also with offload (no cpu_adam build).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": QUIET_STEPS,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(config, cfg.extra)
+
+
+def complete_json_config(config: dict[str, Any], device: str) -> dict[str, Any]:
+    """Fill in what peftkit relies on in a user's JSON; explicit user values win."""
+    config = copy.deepcopy(config)
+    zero = config.setdefault("zero_optimization", {})
+    if int(zero.get("stage", 0)) == 3:
+        if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
+            log.warning("deepspeed: stage3_gather_16bit_weights_on_model_save is false, so intermediate checkpoints "
+                        "hold no usable adapter (the final adapter is still gathered and saved)")
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    optimizer = config.get("optimizer")
+    if optimizer is None:
+        config.setdefault("zero_allow_untested_optimizer", True)
+    elif device == "cpu" and str(optimizer.get("type", "")).lower() in {"adam", "adamw"}:
+        params = optimizer.setdefault("params", {})
+        if "torch_adam" not in params:
+            log.info("deepspeed: using torch's Adam on CPU (torch_adam: true) instead of JIT-building fused_adam")
+            params["torch_adam"] = True
+    return config
+
+
+def build_config(recipe: Recipe, device: str, dtype: torch.dtype) -> dict[str, Any] | None:
+    """The DeepSpeed config dict for this run, or None without DeepSpeed."""
+    if recipe.deepspeed is None:
+        return None
+    if isinstance(recipe.deepspeed, str):
+        return complete_json_config(read_json_config(recipe.deepspeed), device)
+    return generate_config(recipe.deepspeed, recipe, device, dtype)
+
+
+def training_kwargs(recipe: Recipe, device: str, dtype: torch.dtype, world_size: int | None = None) -> dict[str, Any]:
+    """Extra `TrainingArguments` for DeepSpeed / multi-process runs: the config and the comm backend
+    (gloo between CPU processes, nccl between GPUs)."""
+    from peftkit.train.launch import dist_info
+
+    world_size = dist_info().world_size if world_size is None else world_size
+    kwargs: dict[str, Any] = {}
+    config = build_config(recipe, device, dtype)
+    if config is not None:
+        kwargs["deepspeed"] = config
+    if config is not None or world_size > 1:
+        kwargs["ddp_backend"] = "gloo" if device == "cpu" else "nccl" if device == "cuda" else None
+    return kwargs
+
+
+def quant_storage_dtype(recipe: Recipe, dtype: torch.dtype) -> torch.dtype | None:
+    """ZeRO-3 partitions the packed 4-bit weights together with the other parameters, so they must be
+    stored in the model's dtype (`bnb_4bit_quant_storage`, as PEFT's QLoRA + ZeRO-3 guide sets it)."""
+    from peftkit.adapters import effective_quantization
+
+    quantization = effective_quantization(recipe)
+    if quantization is None or quantization.bits != 4 or zero_stage(recipe) != 3:
+        return None
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation (before any weights load)
+
+
+def _json_problems(recipe: Recipe, raw: dict[str, Any], where: str, device: str | None) -> list[str]:
+    problems = []
+    train = recipe.train
+    for key, field, expected in (
+        ("train_micro_batch_size_per_gpu", "batch_size", train.batch_size),
+        ("gradient_accumulation_steps", "grad_accum", train.grad_accum),
+        ("gradient_clipping", "max_grad_norm", train.max_grad_norm),
+    ):
+        value = raw.get(key)
+        if value not in (None, "auto") and value != expected:
+            problems.append(f"{where} sets {key}={value} but train.{field} is {expected}: make them equal, or set it to \"auto\"")
+    zero = raw.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        return [*problems, f"{where}: zero_optimization must be an object"]
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    for key in ("offload_optimizer", "offload_param"):
+        block = zero.get(key) or {}
+        if isinstance(block, dict) and block.get("device") == "nvme" and not block.get("nvme_path"):
+            problems.append(f"{where}: zero_optimization.{key} offloads to nvme but sets no nvme_path")
+    if isinstance(zero.get("offload_param"), dict) and zero["offload_param"].get("device", "none") != "none" and stage != 3:
+        problems.append(f"{where}: offload_param needs ZeRO stage 3 (only stage 3 partitions parameters)")
+    if device is not None:
+        from peftkit.models import resolve_dtype
+
+        bf16, fp16 = precision_flags(device, resolve_dtype(recipe.train.dtype, device))
+        for key, wanted in (("bf16", bf16), ("fp16", fp16)):
+            value = (raw.get(key) or {}).get("enabled") if isinstance(raw.get(key), dict) else None
+            if value not in (None, "auto") and bool(value) != wanted:
+                state = "enables" if value else "disables"
+                problems.append(
+                    f"{where} {state} {key} but this run {'uses' if wanted else 'does not use'} {key} on {device} "
+                    f"(train.dtype: {recipe.train.dtype}); set {key}.enabled to \"auto\""
+                )
+    return problems
+
+
+def _block_problems(cfg: DeepSpeedConfig) -> list[str]:
+    problems = []
+    if cfg.offload_params != "none" and cfg.stage != 3:
+        problems.append(
+            f"deepspeed.offload_params: {cfg.offload_params} needs stage 3 (only ZeRO-3 partitions parameters); "
+            f"set deepspeed.stage: 3, or offload_params: none"
+        )
+    if cfg.offload_optimizer != "none" and cfg.stage == 0:
+        problems.append("deepspeed.offload_optimizer needs stage 1, 2 or 3 (stage 0 does not partition optimizer states)")
+    uses_nvme = "nvme" in (cfg.offload_optimizer, cfg.offload_params)
+    if uses_nvme and not cfg.nvme_path:
+        problems.append("deepspeed: nvme offload needs deepspeed.nvme_path (a directory on a local NVMe drive, on every node)")
+    elif uses_nvme and cfg.nvme_path and not Path(cfg.nvme_path).expanduser().is_dir():
+        problems.append(f"deepspeed.nvme_path {cfg.nvme_path} is not a directory; create it (on every node) or fix the path")
+    return problems
+
+
+def check_deepspeed(recipe: Recipe, device: str | None = None) -> list[str]:
+    """Every problem with the recipe's `deepspeed:` setting (empty when fine or absent).
+
+    device: the resolved device when known (enables the precision check for raw JSON files)."""
+    if recipe.deepspeed is None:
+        return []
+    problems = []
+    if importlib.util.find_spec("deepspeed") is None:
+        problems.append("deepspeed: DeepSpeed is not installed: `pip install deepspeed` (or remove the `deepspeed:` block)")
+    if recipe.task != "causal_lm":
+        problems.append(f"deepspeed: only causal_lm recipes run under DeepSpeed so far (this one is {recipe.task}); "
+                        "remove the `deepspeed:` block")
+    if isinstance(recipe.deepspeed, str):
+        try:
+            raw = read_json_config(recipe.deepspeed)
+        except ConfigError as exc:
+            return [*problems, *exc.problems]
+        problems.extend(_json_problems(recipe, raw, f"deepspeed: {recipe.deepspeed}", device))
+    else:
+        problems.extend(_block_problems(recipe.deepspeed))
+    from peftkit.adapters import effective_quantization
+
+    quantization = effective_quantization(recipe)
+    if quantization is not None and quantization.bits == 8 and zero_stage(recipe) == 3:
+        problems.append(
+            "deepspeed stage 3 with 8-bit quantization is not supported: ZeRO-3 + bitsandbytes is set up (quant_storage) "
+            "for 4-bit only; use quantization.bits: 4, or deepspeed stage 2"
+        )
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Process environment and the JIT build cache
+
+
+def extensions_dir() -> Path:
+    """Where DeepSpeed's JIT-built ops go: $TORCH_EXTENSIONS_DIR, else a per-user peftkit folder keyed by
+    Python and torch build (ops built for another torch would not load)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    from peftkit.models import peftkit_home
+
+    accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return peftkit_home() / "torch_extensions" / f"{py}-torch{torch.__version__.split('+')[0]}-{accel}"
+
+
+def lock_holders(lock: Path) -> list[int] | None:
+    """PIDs that have `lock` open. torch's build lock is an O_EXCL file whose descriptor the builder keeps
+    open until the build ends, so on Linux /proc tells a live build from a dead one. None: unknowable here."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    target = os.path.realpath(lock)
+    holders = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) == target:
+                    holders.append(int(entry.name))
+                    break
+            except OSError:
+                continue
+    return holders
+
+
+def _newest_mtime(folder: Path, skip: Path) -> float:
+    times = [p.stat().st_mtime for p in folder.iterdir() if p != skip and p.exists()]
+    return max(times, default=0.0)
+
+
+def lock_minutes() -> float:
+    try:
+        return float(os.environ.get(LOCK_MINUTES_ENV, DEFAULT_LOCK_MINUTES))
+    except ValueError:
+        return DEFAULT_LOCK_MINUTES
+
+
+def stale_locks(root: Path | None = None, max_age_minutes: float | None = None) -> list[tuple[Path, float]]:
+    """(lock, age in seconds) for every build lock older than N minutes that no live builder holds.
+
+    Without /proc (not Linux) a lock counts as stale only if nothing in its build folder changed for N minutes."""
+    root = extensions_dir() if root is None else Path(root)
+    max_age = 60.0 * (lock_minutes() if max_age_minutes is None else max_age_minutes)
+    if not root.is_dir():
+        return []
+    now = time.time()
+    found = []
+    for lock in sorted([*root.glob("*/lock"), *root.glob("lock")]):
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age < max_age:
+            continue
+        holders = lock_holders(lock)
+        if holders:
+            continue
+        if holders is None and now - _newest_mtime(lock.parent, lock) < max_age:
+            continue
+        found.append((lock, age))
+    return found
+
+
+def stale_lock_message(lock: Path, age: float) -> str:
+    return (
+        f"DeepSpeed's build lock {lock} is {age / 60:.0f} min old and no live process holds it: an earlier op build "
+        f"was killed half-way, and every later run would wait on it forever. Delete it (`rm {lock}`), or delete the "
+        f"folder {lock.parent} to rebuild that op from scratch, then run again."
+    )
+
+
+def check_extension_locks(root: Path | None = None, max_age_minutes: float | None = None) -> None:
+    """Raise instead of hanging when a killed build left its lock behind."""
+    stale = stale_locks(root, max_age_minutes)
+    if stale:
+        raise ExtensionLockError("\n".join(stale_lock_message(lock, age) for lock, age in stale))
+
+
+def wait_for_extension_locks(root: Path | None = None, max_age_minutes: float | None = None, poll_s: float = 2.0) -> None:
+    """Wait while another process builds an op; give up with a clear error once a lock turns stale.
+
+    torch's own wait (FileBaton.wait) has no time limit, so a dead builder's lock hangs it silently."""
+    root = extensions_dir() if root is None else Path(root)
+    told = False
+    while True:
+        check_extension_locks(root, max_age_minutes)
+        locks = [lock for lock in [*root.glob("*/lock"), *root.glob("lock")] if lock.exists()] if root.is_dir() else []
+        if not locks:
+            return
+        if not told:
+            log.info("Waiting for another process to finish building %s (gives up %s min after the lock was taken "
+                     "if no live process holds it)", ", ".join(str(p.parent.name) for p in locks),
+                     f"{lock_minutes() if max_age_minutes is None else max_age_minutes:g}")
+            told = True
+        time.sleep(poll_s)
+
+
+def _shm_op_built(root: Path) -> bool:
+    return any(root.glob("deepspeed_shm_comm*/*.so"))
+
+
+def ensure_cpu_ops_built(root: Path | None = None) -> None:
+    """Build DeepSpeed's CPU communication op (`deepspeed_shm_comm`, built at its first init_distributed)
+    up front, with a message, our own lock checks and a clear error if it cannot be compiled."""
+    root = extensions_dir() if root is None else Path(root)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(root))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    wait_for_extension_locks(root)
+    if _shm_op_built(root):
+        return
+    log.info("Building DeepSpeed's CPU communication op once (about 1.5 min; cached in %s)", root)
+    started = time.perf_counter()
+    from deepspeed.accelerator import get_accelerator
+    import deepspeed.ops
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # DeepSpeed will not use the op on this machine, so there is nothing to build
+    try:
+        builder.load(verbose=False)
+    except Exception as exc:  # compiler errors surface as RuntimeError / CalledProcessError
+        raise PeftkitError(
+            f"DeepSpeed could not build its CPU op {builder.NAME} in {root}: {exc}. It needs a C++ compiler "
+            "(g++) and Python headers; install them, or run without `deepspeed:` on CPU."
+        ) from None
+    log.info("Built %s in %.0f s", builder.NAME, time.perf_counter() - started)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def prepare_process(device: str) -> None:
+    """Environment DeepSpeed needs in this process: the CPU accelerator, the build cache (checked for stale
+    locks, CPU op built), and a one-process "world" when no launcher started us."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+        )
+    if device == "cpu" and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        ensure_cpu_ops_built()
+    else:
+        wait_for_extension_locks()
+
+
+def setup(recipe: Recipe, run_dir: Path, device: str, dtype: torch.dtype, *, write: bool) -> dict[str, Any] | None:
+    """Prepare this process for DeepSpeed and write RUN_DIR/deepspeed.json (rank 0); None without DeepSpeed."""
+    config = build_config(recipe, device, dtype)
+    if config is None:
+        return None
+    cfg = recipe.deepspeed
+    if device == "cpu" and isinstance(cfg, DeepSpeedConfig) and "cpu" in (cfg.offload_optimizer, cfg.offload_params):
+        log.warning("deepspeed: offloading to CPU memory saves nothing on a CPU-only run (it is the same memory)")
+    prepare_process(device)
+    if write:
+        from peftkit.utils.atomic import atomic_write_text
+
+        atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    log.info("DeepSpeed ZeRO stage %s (%s)", config.get("zero_optimization", {}).get("stage", 0), run_dir / CONFIG_FILE)
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation and saving around the engine
+
+
+def plain_eval_loss(trainer: Any) -> float:
+    """Eval loss before DeepSpeed wraps the model: `Trainer.evaluate()` would set up a ZeRO inference
+    engine at this point (and refuses to below stage 3). Every rank computes it on the full eval set;
+    the average matches `evaluate()` (per-batch token means, weighted by batch size)."""
+    from torch.utils.data import DataLoader
+
+    model = trainer.model
+    loader = DataLoader(
+        trainer.eval_dataset, batch_size=trainer.args.per_device_eval_batch_size,
+        collate_fn=trainer.data_collator, shuffle=False,
+    )
+    was_training = model.training
+    model.eval()
+    total = weight = 0.0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(trainer.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                rows = int(batch["labels"].shape[0])
+                total += float(trainer.compute_loss(model, batch)) * rows
+                weight += rows
+    finally:
+        model.train(was_training)
+    return total / weight if weight else float("nan")
+
+
+@contextlib.contextmanager
+def gathered_for_save(trainer: Any, *, adapter_only: bool = True) -> Iterator[None]:
+    """Under ZeRO-3 every parameter is partitioned: each rank holds a slice, and saving the model as it is
+    writes empty tensors (the upstream bugs trl#4416, peft#2892, peft#2450). All ranks gather what will be
+    saved (the trainable weights; everything for full/partial fine-tuning) while rank 0 writes it."""
+    engine = getattr(trainer, "deepspeed", None)
+    if engine is None or not engine.zero_optimization_partition_weights():
+        yield
+        return
+    import deepspeed
+
+    model = trainer.model
+    params = [p for p in model.parameters() if p.requires_grad] if adapter_only else list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield

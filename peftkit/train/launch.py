@@ -1,0 +1,420 @@
+"""`peftkit train`: one process, or N worker processes started through torchrun / the DeepSpeed launcher.
+
+`peftkit train RECIPE --nproc N` validates the recipe and prepares the run directory once, then
+re-invokes `peftkit train` in every worker (torchrun `-m peftkit.cli train ...`). Workers recognise
+themselves from the launcher's environment and train; global rank 0 writes the run directory. The
+launching process forwards Ctrl-C to the workers (which checkpoint and stop), then reports the
+outcome: the run summary, or how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftkit.config.schema import Recipe
+from peftkit.errors import PeftkitError, RunDirError
+
+log = logging.getLogger(__name__)
+
+WORKER_ENV = "PEFTKIT_WORKER"
+"""Set by the launching `peftkit train` for its workers: they leave reporting to it."""
+SHUTDOWN_TIMEOUT_S = 600
+"""How long torchrun lets workers finish a checkpoint after SIGTERM before it kills them."""
+
+
+class LaunchError(PeftkitError, RuntimeError):
+    """The worker processes failed, or the launch options are inconsistent."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Where this process stands
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size from the launcher's environment (torchrun and DeepSpeed set the same names)."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    return DistInfo(
+        rank=int(env.get("RANK", "0")),
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        world_size=world,
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))),
+    )
+
+
+def is_main_process() -> bool:
+    """Global rank 0: the one process that writes the run directory."""
+    return dist_info().rank == 0
+
+
+def is_worker() -> bool:
+    """Started by a launcher (torchrun, DeepSpeed, or `peftkit train --nproc`), so never launch again."""
+    env = os.environ
+    return WORKER_ENV in env or "TORCHELASTIC_RUN_ID" in env or int(env.get("WORLD_SIZE", "1")) > 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    hostfile: str | None = None
+    launcher: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "LaunchOptions":
+        return cls(
+            nproc=getattr(args, "nproc", None) or 1,
+            nnodes=getattr(args, "nnodes", None) or 1,
+            node_rank=getattr(args, "node_rank", None) or 0,
+            master_addr=getattr(args, "master_addr", None),
+            master_port=getattr(args, "master_port", None),
+            hostfile=getattr(args, "hostfile", None),
+            launcher=getattr(args, "launcher", None),
+        )
+
+    @property
+    def multi_process(self) -> bool:
+        return self.nproc > 1 or self.nnodes > 1 or self.hostfile is not None
+
+    @property
+    def chosen_launcher(self) -> str:
+        return self.launcher or ("deepspeed" if self.hostfile else "torchrun")
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.nproc < 1:
+            found.append(f"--nproc must be at least 1, got {self.nproc}")
+        if self.nnodes < 1:
+            found.append(f"--nnodes must be at least 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            found.append(f"--node-rank must be in 0..{self.nnodes - 1}, got {self.node_rank}")
+        if self.nnodes > 1 and not self.master_addr and not self.hostfile:
+            found.append("--nnodes > 1 needs --master-addr (the address of the node with --node-rank 0)")
+        if self.hostfile and not Path(self.hostfile).expanduser().is_file():
+            found.append(f"--hostfile {self.hostfile} does not exist")
+        if self.hostfile and self.chosen_launcher == "torchrun":
+            found.append("--hostfile is read by the DeepSpeed launcher; drop --launcher torchrun (or use --nnodes/--node-rank)")
+        return found
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe, the run directory and what --resume means
+
+
+@dataclass
+class TrainRequest:
+    recipe: Recipe
+    recipe_arg: str
+    """The RECIPE argument as given (a recipe file or a run directory), made absolute for workers."""
+    resume: bool
+    force: bool
+
+
+def _deepspeed_override(value: str) -> str:
+    if value.strip() in {"0", "1", "2", "3"}:
+        return f"deepspeed.stage={value.strip()}"
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise LaunchError(f"--deepspeed {value}: no such file; pass a DeepSpeed JSON file or a ZeRO stage (0-3)")
+    return f"deepspeed={json.dumps(str(path.resolve()))}"
+
+
+def load_train_recipe(args: argparse.Namespace) -> tuple[Recipe, str]:
+    """RECIPE may be a recipe file or a run directory (its recipe.yaml; the run stays in that directory)."""
+    from peftkit.config import load_recipe
+
+    target = Path(args.recipe).expanduser()
+    overrides: list[str] = []
+    if target.is_dir():
+        if not (target / "recipe.yaml").is_file():
+            raise RunDirError(f"{target} is a directory without recipe.yaml; pass a recipe file or a peftkit run directory")
+        overrides.append(f"output_dir={json.dumps(str(target.resolve()))}")
+        recipe_file = target / "recipe.yaml"
+    else:
+        recipe_file = target
+    overrides.extend(getattr(args, "overrides", None) or [])
+    if getattr(args, "deepspeed", None):
+        overrides.append(_deepspeed_override(args.deepspeed))
+    resume = getattr(args, "resume", None)
+    if resume not in (None, "auto"):
+        run_dir = Path(resume).expanduser()
+        if not run_dir.is_dir():
+            hint = " (put key=value overrides before --resume)" if "=" in resume else ""
+            raise RunDirError(f"--resume takes an optional RUN_DIR or `auto`; {resume} is not a directory{hint}")
+        overrides.append(f"output_dir={json.dumps(str(run_dir.resolve()))}")
+    return load_recipe(recipe_file, overrides), str(target.resolve()) if target.exists() else str(target)
+
+
+def resolve_resume(resume_arg: str | None, run_dir: Path, force: bool) -> tuple[bool, bool]:
+    """(resume, force) for `--resume [RUN_DIR|auto]`.
+
+    `auto` (also plain `--resume`) continues from the last complete checkpoint, or starts from scratch
+    when the run never reached one; an explicit RUN_DIR must hold a checkpoint."""
+    from peftkit.train import checkpoints
+
+    if resume_arg is None:
+        return False, force
+    if force:
+        raise RunDirError("--resume and --force contradict each other: --force deletes the run --resume would continue")
+    if (run_dir / "summary.json").is_file():
+        raise RunDirError(f"--resume: {run_dir} holds a finished run (summary.json); there is nothing to resume")
+    if checkpoints.latest_complete(run_dir) is not None:
+        return True, False
+    if resume_arg != "auto":
+        raise RunDirError(
+            f"--resume: {run_dir} has no complete checkpoint (checkpoints are written every train.save_steps steps, "
+            "or each epoch); start it again with --force"
+        )
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        log.warning("--resume: %s has no complete checkpoint yet; starting the run again from scratch", run_dir)
+        return False, True
+    return False, False
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that continues this run: the same one, with --resume instead of --force."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if a != "--force"]
+    if "--resume" not in argv and not any(a.startswith("--resume=") for a in argv):
+        argv.append("--resume")
+    return shlex.join(["peftkit", *argv])
+
+
+# --------------------------------------------------------------------------------------------------
+# The entry point behind `peftkit train`
+
+
+def train_command(args: argparse.Namespace, console: Any) -> int:
+    """Parse what to run; train here (one process, or as a launched worker) or launch the workers."""
+    from peftkit.train.report import print_run_report
+    from peftkit.train.run import train
+    from peftkit.train.signals import TrainingInterrupted
+
+    worker = is_worker()
+    if worker:
+        # torchrun starts workers with Ctrl-C ignored (the launching peftkit forwards it); restore it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    recipe, recipe_arg = load_train_recipe(args)
+    run_dir = Path(recipe.output_dir).expanduser().resolve()
+    options = LaunchOptions.from_args(args)
+    if options.multi_process and not worker:
+        return launch(args, recipe, recipe_arg, options, console)
+    if worker:
+        resume, force = getattr(args, "resume", None) is not None, bool(args.force)
+    else:
+        resume, force = resolve_resume(getattr(args, "resume", None), run_dir, bool(args.force))
+    try:
+        result = train(recipe, resume=resume, force=force)
+    except TrainingInterrupted as exc:
+        if os.environ.get(WORKER_ENV):
+            return 0  # the launching process reads interrupted.json and tells the user
+        raise exc.with_command(resume_command()) from None
+    if is_main_process() and not os.environ.get(WORKER_ENV):
+        print_run_report(console, result.run_dir, result.summary)
+    return 0
+
+
+def _worker_argv(args: argparse.Namespace, recipe_arg: str, resume: bool, run_dir: Path, extra: list[str]) -> list[str]:
+    argv = ["-v"] if getattr(args, "verbose", False) else []
+    argv += ["train", recipe_arg, *(getattr(args, "overrides", None) or []), *extra]
+    if getattr(args, "deepspeed", None):
+        value = args.deepspeed
+        argv += ["--deepspeed", value if value.strip() in {"0", "1", "2", "3"} else str(Path(value).expanduser().resolve())]
+    if resume:
+        argv += ["--resume", str(run_dir)]
+    return argv
+
+
+def launcher_command(options: LaunchOptions, worker_argv: list[str]) -> list[str]:
+    """torchrun (default) or the DeepSpeed launcher, running `python -m peftkit.cli <worker_argv>`."""
+    if options.chosen_launcher == "deepspeed":
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
+        if options.hostfile:
+            cmd += ["--hostfile", str(Path(options.hostfile).expanduser().resolve())]
+        if options.nnodes > 1:
+            cmd += ["--num_nodes", str(options.nnodes)]
+        if options.nproc > 1 or not options.hostfile:
+            cmd += ["--num_gpus", str(options.nproc)]
+        cmd += ["--master_addr", options.master_addr or "127.0.0.1", "--master_port", str(options.master_port or 29500)]
+        return [*cmd, "--no_local_rank", "--module", "peftkit.cli", *worker_argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(options.nproc)]
+    if options.nnodes == 1 and not options.master_addr and options.master_port is None:
+        cmd += ["--standalone"]  # a free local port: concurrent runs on one machine do not collide
+    else:
+        cmd += [
+            "--nnodes", str(options.nnodes), "--node-rank", str(options.node_rank),
+            "--master-addr", options.master_addr or "127.0.0.1", "--master-port", str(options.master_port or 29500),
+        ]
+    # Ctrl-C reaches the workers from the launching peftkit, once; torchrun itself must not act on it.
+    cmd += ["--signals-to-handle", "SIGTERM,SIGHUP,SIGQUIT", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+    return [*cmd, "-m", "peftkit.cli", *worker_argv]
+
+
+def _die_with_parent() -> None:  # runs in the launcher child between fork and exec: keep it tiny
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: torchrun stops (and stops its workers) if we are killed
+
+
+def _load_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+class _Forwarder:
+    """Ctrl-C / SIGTERM on the launching process -> one SIGINT to each worker (checkpoint, then stop);
+    a second Ctrl-C -> SIGINT again (workers quit at once); a third -> SIGKILL."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], direct: bool) -> None:
+        self.proc = proc
+        self.direct = direct
+        self.count = 0
+        self.last = 0.0
+
+    def _targets(self) -> list[int]:
+        if self.direct:
+            return [self.proc.pid]
+        try:
+            import psutil
+
+            return [child.pid for child in psutil.Process(self.proc.pid).children(recursive=False)]
+        except Exception:  # psutil missing or the launcher already gone
+            return []
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.count and now - self.last < 2.0:
+            return  # the same interrupt seen twice
+        self.count += 1
+        self.last = now
+        sig = signal.SIGKILL if self.count >= 3 else signal.SIGINT
+        if self.count == 1:
+            print("\nInterrupt: the workers save a checkpoint at the end of this step, then stop "
+                  "(Ctrl-C again to stop them at once)", file=sys.stderr, flush=True)
+        for pid in self._targets():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def run_supervised(cmd: list[str], env: dict[str, str], *, direct_signals: bool = False) -> tuple[int, int]:
+    """Run the launcher; returns (exit code, number of interrupts forwarded)."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    if not direct_signals:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by torchrun: it must ignore Ctrl-C
+    try:
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if _PRCTL else None)
+    finally:
+        signal.signal(signal.SIGINT, previous[signal.SIGINT])
+    forward = _Forwarder(proc, direct_signals)
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            proc.kill()
+    return code, forward.count
+
+
+def worker_environment(recipe: Recipe, device: str, options: LaunchOptions, threads: int | None) -> dict[str, str]:
+    from peftkit.train.deepspeed import extensions_dir
+
+    env = dict(os.environ)
+    env[WORKER_ENV] = "1"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if device == "cpu":
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: LaunchOptions, console: Any) -> int:
+    """Validate and prepare once, start the workers, and report what they did."""
+    from peftkit.config.validate import validate_recipe
+    from peftkit.models import resolve_device
+    from peftkit.train import deepspeed as ds
+    from peftkit.train.report import print_run_report
+    from peftkit.train.run import prepare_run_dir
+    from peftkit.train.signals import TrainingInterrupted, read_interrupted
+
+    problems = options.problems()
+    if problems:
+        raise LaunchError("; ".join(problems))
+    validate_recipe(recipe, check_model=True)
+    run_dir = Path(recipe.output_dir).expanduser().resolve()
+    resume, force = resolve_resume(getattr(args, "resume", None), run_dir, bool(args.force))
+    if options.node_rank == 0:
+        prepare_run_dir(run_dir, resume=resume, force=force)
+    device = resolve_device(recipe.train.device)
+    extra: list[str] = []
+    threads = None
+    if device == "cpu" and recipe.train.num_threads is None:
+        threads = max(1, (os.cpu_count() or 1) // options.nproc)
+        extra.append(f"train.num_threads={threads}")  # N processes x all cores would oversubscribe the CPU
+    env = worker_environment(recipe, device, options, threads)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
+    if ds.enabled(recipe) and device == "cpu":
+        ds.ensure_cpu_ops_built()  # once, here, with a message; the workers then find it built
+    else:
+        ds.check_extension_locks()
+    cmd = launcher_command(options, _worker_argv(args, recipe_arg, resume, run_dir, extra))
+    log.info("Starting %d worker process(es) per node with %s%s", options.nproc, options.chosen_launcher,
+             f", DeepSpeed ZeRO stage {ds.zero_stage(recipe)}" if ds.enabled(recipe) else " (DDP)")
+    log.debug("Launch command: %s", shlex.join(cmd))
+    started = time.time()
+    code, interrupts = run_supervised(cmd, env, direct_signals=options.chosen_launcher == "deepspeed")
+    record = read_interrupted(run_dir, since=started - 1)
+    if record is not None and code == 0:
+        raise TrainingInterrupted(int(record["step"]), Path(record["checkpoint"]), run_dir, resume_command())
+    if interrupts:
+        raise LaunchError(f"training was interrupted before a checkpoint could be saved (launcher exit code {code}); "
+                          f"rerun with: {resume_command()}")
+    if code != 0:
+        raise LaunchError(f"training failed in a worker process (launcher exit code {code}); the worker's error is above")
+    if options.node_rank != 0:
+        return 0
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise LaunchError(f"the workers exited without writing {summary_path}; see their output above")
+    print_run_report(console, run_dir, json.loads(summary_path.read_text(encoding="utf-8")))
+    return 0

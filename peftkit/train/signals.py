@@ -1,0 +1,150 @@
+"""Ctrl-C (SIGINT) or SIGTERM during training: save a checkpoint at the end of the step, then stop.
+
+The handler only sets a flag; `on_step_end` turns it into `should_save` + `should_training_stop`,
+so the Trainer writes an ordinary (complete-marked) checkpoint and returns. With several processes
+the flag is OR-ed across ranks every step, so all ranks stop at the same step (a rank that went on
+alone would wait forever in the next collective). A second Ctrl-C a moment later quits at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from peftkit.errors import PeftkitError
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED_FILE = "interrupted.json"
+DUPLICATE_WINDOW_S = 2.0
+"""Signals this soon after the first are the same interrupt delivered twice (terminal and launcher)."""
+
+
+class TrainingInterrupted(PeftkitError):
+    """Training stopped on a signal after saving a checkpoint; the run can be resumed."""
+
+    exit_code = 130
+
+    def __init__(self, step: int, checkpoint: Path, run_dir: Path, resume_command: str | None = None) -> None:
+        self.step = step
+        self.checkpoint = checkpoint
+        self.run_dir = run_dir
+        command = resume_command or f"peftkit train {run_dir} --resume"
+        super().__init__(
+            f"training interrupted at step {step}; checkpoint saved in {checkpoint}.\n"
+            f"Resume it with:  {command}"
+        )
+
+    def with_command(self, resume_command: str) -> "TrainingInterrupted":
+        return TrainingInterrupted(self.step, self.checkpoint, self.run_dir, resume_command)
+
+
+def _distributed_any(flag: bool, device: Any) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class InterruptCallback(TrainerCallback):
+    """Installs the SIGINT/SIGTERM handlers for the duration of `trainer.train()`.
+
+    Outside training (model loading, final evaluation) Ctrl-C keeps its usual meaning."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        self.signals = signals
+        self.requested_at: float | None = None
+        self.signal_name: str | None = None
+        self.stopped_step: int | None = None
+        self.finished_anyway = False
+        self._previous: dict[int, Any] = {}
+        self._announce = True
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped_step is not None and not self.finished_anyway
+
+    def handle(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.requested_at is None:
+            self.requested_at = now
+            self.signal_name = signal.Signals(signum).name
+            if self._announce:
+                print(
+                    f"\n{self.signal_name}: saving a checkpoint at the end of this step, then stopping "
+                    "(press Ctrl-C again to quit without saving)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return
+        if now - self.requested_at < DUPLICATE_WINDOW_S:
+            return
+        raise KeyboardInterrupt
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._announce = state.is_world_process_zero
+        for signum in self.signals:
+            try:
+                self._previous[signum] = signal.signal(signum, self.handle)
+            except ValueError:  # not the main thread: leave signals alone
+                log.debug("not in the main thread: Ctrl-C will not checkpoint")
+                self._previous.clear()
+                return
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if _distributed_any(self.requested_at is not None, args.device):
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_step = state.global_step
+            self.finished_anyway = state.max_steps > 0 and state.global_step >= state.max_steps
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+def interrupt_callback() -> InterruptCallback:
+    """The callback that makes Ctrl-C save a checkpoint; handlers go in when training starts."""
+    return InterruptCallback()
+
+
+def raise_if_interrupted(callback: InterruptCallback, trainer: Any, run_dir: Path) -> None:
+    """After `trainer.train()`: if a signal stopped it, record where (rank 0) and raise TrainingInterrupted."""
+    if callback.finished_anyway:
+        log.info("%s arrived at the last step: training had finished; completing the run", callback.signal_name)
+    if not callback.interrupted:
+        return
+    step = int(callback.stopped_step or 0)
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    if trainer.is_world_process_zero():
+        from peftkit.utils.atomic import atomic_write_text
+
+        atomic_write_text(
+            run_dir / INTERRUPTED_FILE,
+            json.dumps({"step": step, "checkpoint": str(checkpoint), "signal": callback.signal_name}) + "\n",
+        )
+    raise TrainingInterrupted(step, checkpoint, run_dir)
+
+
+def read_interrupted(run_dir: Path, since: float = 0.0) -> dict[str, Any] | None:
+    """The record a worker left when a signal stopped training (written after `since`, a time.time())."""
+    path = run_dir / INTERRUPTED_FILE
+    try:
+        if path.stat().st_mtime < since:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None

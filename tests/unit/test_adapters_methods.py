@@ -1,0 +1,191 @@
+"""Every adapter method on the tiny model: trains, trains the right parameters, saves, reloads, generates.
+
+Also: the SFT trainer's sparse-logits loss equals the model's own full-logits loss for every
+method (prompt tuning prepends virtual tokens; prefix tuning does not).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peftkit.adapters import base_model_view, parameter_counts
+from peftkit.config import recipe_from_dict
+from peftkit.evaluate.generation import generate_replies
+from peftkit.runs import load_run
+from peftkit.train.run import train
+from peftkit.train.trainer import SFTTrainer
+from tests.conftest import CHAT_RECORDS
+from tests.unit.adapters_fixtures import ALL_METHODS, CaptureModel, build, chat_batch, recipe_for
+
+torch.set_num_threads(1)
+
+QUESTIONS = [
+    [{"role": "user", "content": "what time does the library open?"}],
+    [{"role": "user", "content": "who is the head librarian? tell me"}],
+    [{"role": "user", "content": "hello"}],
+]
+
+
+def _trainable_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _check_trainable(method: str, model: torch.nn.Module) -> None:
+    names = _trainable_names(model)
+    assert names
+    trainable, total = parameter_counts(model)
+    if method in ("lora", "qlora"):
+        assert all("lora_" in n for n in names), names
+    elif method in ("prefix_tuning", "prompt_tuning"):
+        assert all("prompt_encoder" in n for n in names), names
+        if method == "prompt_tuning":
+            assert trainable == 16 * model.config.hidden_size  # num_virtual_tokens x hidden
+    elif method == "ia3":
+        assert all("ia3_l" in n for n in names), names
+    elif method == "full":
+        assert trainable == total
+    elif method == "partial":  # train_last_layers: 1 of 2, head (tied to the embeddings)
+        assert any(".layers.1." in n for n in names)
+        assert not any(".layers.0." in n for n in names)
+        assert set(names) - {n for n in names if ".layers.1." in n} == {"model.embed_tokens.weight", "model.norm.weight"}
+    assert 0 < trainable <= total
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_method_trains_saves_reloads_and_generates(method, tiny_recipe, tiny_tokenizer, tmp_path):
+    capture = CaptureModel()
+    result = train(recipe_from_dict(recipe_for(tiny_recipe, method, tmp_path)), extra_callbacks=[capture])
+    summary = result.summary
+
+    # A few steps on a small set lower its loss.
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.01, summary
+    trained = capture.model
+    _check_trainable(method, trained)
+    assert summary["trainable_params"] == parameter_counts(trained)[0]
+
+    saved = result.run_dir / ("model" if method in ("full", "partial") else "adapter")
+    assert list(saved.glob("*.safetensors")), f"{saved} has no safetensors"
+    assert not list(saved.glob("*.bin"))
+
+    run = load_run(result.run_dir)
+    batch = chat_batch(tiny_tokenizer, CHAT_RECORDS)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    trained.eval()
+    with torch.no_grad():
+        expected = trained(**inputs).logits
+        got = run.model(**inputs).logits
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+    # peftkit's batched generation path, and plain generate with and without the KV cache.
+    replies = generate_replies(run.model, run.tokenizer, QUESTIONS, max_new_tokens=6, batch_size=3)
+    assert len(replies) == 3 and all(isinstance(r.text, str) for r in replies)
+    prompt = run.tokenizer("what time does the library open?", return_tensors="pt")
+    with torch.no_grad():
+        cached = run.model.generate(**prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        uncached = run.model.generate(**prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6, use_cache=False)
+    assert cached.shape[1] == prompt["input_ids"].shape[1] + 6
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_sparse_logits_loss_equals_full_logits_loss(method, tiny_model_dir, tiny_tokenizer, tmp_path):
+    from transformers import TrainingArguments
+
+    model = build(tiny_model_dir, method)
+    if method in ("prefix_tuning", "prompt_tuning", "ia3"):
+        with torch.no_grad():  # move away from the identity init so the adapter matters
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn_like(param) * 0.3)
+    model.eval()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4)
+    trainer = SFTTrainer(model=model, args=args, supervised_logits_only=True)
+    assert trainer.sparse_logits
+    batch = chat_batch(tiny_tokenizer, CHAT_RECORDS)
+    with torch.no_grad():
+        reference = model(**batch, use_cache=False).loss  # the model's own loss over all logits
+        sparse = trainer.compute_loss(model, dict(batch))
+        trainer.sparse_logits = False
+        dense = trainer.compute_loss(model, dict(batch))
+        trainer.sparse_logits = True
+        assert torch.allclose(sparse, reference, atol=1e-5), (method, sparse, reference)
+        assert torch.allclose(dense, reference, atol=1e-5), (method, dense, reference)
+        with base_model_view(model):  # the "before" eval of a prompt-tuned model prepends nothing
+            base_reference = model(**batch, use_cache=False).loss
+            assert torch.allclose(trainer.compute_loss(model, dict(batch)), base_reference, atol=1e-5)
+    if method in ("prefix_tuning", "prompt_tuning", "ia3"):
+        assert not torch.allclose(reference, base_reference), "the adapter must change the loss"
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
+def test_batched_generation_matches_greedy_forward_passes(method, tiny_model_dir, tiny_tokenizer):
+    """Left-padded batches (peftkit's generation path) give exactly the unpadded, cache-free greedy tokens."""
+    model = build(tiny_model_dir, method)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.5)
+    model.eval()
+    texts = ["hello world how are you today", "one two", "the wifi password is"]
+
+    def greedy(text: str, steps: int = 5) -> list[int]:
+        ids = tiny_tokenizer(text, return_tensors="pt")["input_ids"]
+        for _ in range(steps):
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+        return ids[0, -steps:].tolist()
+
+    side = tiny_tokenizer.padding_side
+    tiny_tokenizer.padding_side = "left"
+    try:
+        batch = tiny_tokenizer(texts, return_tensors="pt", padding=True)
+    finally:
+        tiny_tokenizer.padding_side = side
+    with torch.no_grad():
+        expected = [greedy(t) for t in texts]
+        for use_cache in (True, False):
+            out = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=use_cache,
+                                 pad_token_id=tiny_tokenizer.pad_token_id)
+            assert out[:, batch["input_ids"].shape[1]:].tolist() == expected, use_cache
+
+
+def test_prompt_tuning_generation_never_pads_the_soft_prompt(tiny_model_dir, tiny_tokenizer):
+    """peft ignores position ids for prompt tuning: left padding would move the soft prompt, so peftkit regroups."""
+    model = build(tiny_model_dir, "prompt_tuning")
+    model.eval()
+    masks: list[torch.Tensor] = []
+    inner = model.base_model.generate
+
+    def recording_generate(*args, **kwargs):
+        masks.append(kwargs["attention_mask"].clone())
+        return inner(*args, **kwargs)
+
+    model.base_model.generate = recording_generate
+    side = tiny_tokenizer.padding_side
+    tiny_tokenizer.padding_side = "left"
+    try:
+        batch = tiny_tokenizer(["hello world how are you today", "one two", "the wifi password is"], return_tensors="pt", padding=True)
+    finally:
+        tiny_tokenizer.padding_side = side
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=2)
+        assert out.shape == (3, batch["input_ids"].shape[1] + 3)
+        lengths = set(batch["attention_mask"].sum(1).tolist())
+        assert len(lengths) > 1 and len(masks) == len(lengths)
+        assert all(bool(m.all()) for m in masks), "each length group is generated unpadded"
+        masks.clear()
+        type(model).generate(model, **batch, max_new_tokens=3, do_sample=False, pad_token_id=2)  # peft alone
+        assert not bool(masks[0].all()), "without the fix the padded batch reaches the model"
+
+
+def test_partial_run_logs_trainable_counts(tiny_recipe, tmp_path):
+    recipe = recipe_for(tiny_recipe, "partial", tmp_path, train_last_layers=2, unfreeze_schedule={"every_steps": 3})
+    result = train(recipe_from_dict(recipe))
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: (r["trainable_params"], r["unfrozen_blocks"]) for r in records if "loss" in r}
+    assert steps[1][1] == 0 and steps[4][1] == 1 and steps[7][1] == 2
+    assert steps[1][0] < steps[4][0] < steps[7][0]

@@ -1,0 +1,75 @@
+"""`peftkit eval`, replay mixing, early stopping and the overfitting warning on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from peftkit.cli import main
+from peftkit.config import recipe_from_dict
+from peftkit.data.build import mix_replay, replay_path
+from peftkit.data.formats import Example, load_examples
+from peftkit.evaluate.run_eval import builtin_resource, evaluate_run
+from peftkit.train.callbacks import OverfittingWatch
+from peftkit.train.run import train
+from tests.conftest import write_jsonl
+
+
+def test_builtin_sets_are_packaged_and_valid():
+    general = builtin_resource("general_knowledge.jsonl")
+    rows = [json.loads(line) for line in general.read_text().splitlines()]
+    assert len(rows) >= 20 and all("question" in r and "key_fact" in r for r in rows)
+    replay = load_examples(replay_path("builtin:general"))
+    assert len(replay) >= 80 and all(e.messages[-1]["role"] == "assistant" for e in replay)
+
+
+def test_mix_replay_is_deterministic_and_sized():
+    train = [Example(f"t{i}", text="x") for i in range(10)]
+    replay = [Example(f"r{i}", text="y") for i in range(3)]
+    mixed = mix_replay(train, replay, 0.5, seed=1)
+    assert mixed[:10] == train and len(mixed) == 15
+    assert mixed == mix_replay(train, replay, 0.5, seed=1)
+    assert {e.where for e in mixed[10:13]} == {"r0", "r1", "r2"}, "the pool is used up before repeating"
+
+
+def test_replay_adds_examples_to_training(tiny_recipe, tmp_path):
+    replay = write_jsonl(tmp_path / "replay.jsonl", [{"text": "one two three four"}] * 5)
+    recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "replay": {"path": str(replay), "ratio": 0.5}},
+                               "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}})
+    summary = train(recipe).summary
+    assert summary["data_stats"]["replay_examples"] == 6
+    assert summary["train_examples"] == 12 + 6
+
+
+def test_eval_command_writes_report_and_updates_card(tiny_recipe, tmp_path, capsys):
+    run_dir = train(recipe_from_dict({**tiny_recipe, "eval": {"before": False, "max_new_tokens": 6}})).run_dir
+    general = write_jsonl(tmp_path / "general.jsonl", [{"question": "one two", "key_fact": "three"}] * 3)
+    assert main(["eval", str(run_dir), "--general", str(general)]) == 0
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["general_questions"] == 3 and report["heldout_questions"] == 2
+    assert report["after"]["loss"] != pytest.approx(report["before"]["loss"]), "base and tuned are different models"
+    assert report["forgetting_points"] == pytest.approx(
+        100 * (report["before"]["general_accuracy"] - report["after"]["general_accuracy"])
+    )
+    assert "Evaluation (`peftkit eval`)" in (run_dir / "README.md").read_text()
+    assert "general knowledge" in capsys.readouterr().out
+
+
+def test_overfitting_watch_warns_once(caplog):
+    watch = OverfittingWatch()
+    with caplog.at_level(logging.WARNING):
+        for train_loss, eval_loss in [(2.0, 1.5), (1.5, 1.4), (1.0, 1.45), (0.5, 1.6), (0.2, 1.8)]:
+            watch.on_log(None, None, None, logs={"loss": train_loss})
+            watch.on_evaluate(None, None, None, metrics={"eval_loss": eval_loss})
+    assert watch.warned
+    assert sum("Overfitting" in r.message for r in caplog.records) == 1
+
+
+def test_early_stopping_stops_and_keeps_best(tiny_recipe):
+    recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "epochs": 30, "lr": 0.5, "eval_steps": 1,
+                                                        "early_stopping_patience": 1}, "eval": {"before": False}})
+    summary = train(recipe).summary
+    assert summary["stopped_early"] is True
+    assert summary["steps"] < 30 * 3

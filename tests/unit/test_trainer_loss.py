@@ -1,0 +1,81 @@
+"""The fast loss paths equal the plain full-logits loss, in value and in gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peftkit.train.shared_prefix import forward_with_shared_prefix, shared_prefix_length
+from peftkit.train.trainer import supervised_mask
+from tests.conftest import build_tiny_llama
+
+
+@pytest.fixture
+def lora_model(tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = build_tiny_llama(len(tiny_tokenizer))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights="gaussian"))
+    model.train()
+    return model
+
+
+def batch(vocab: int, shared: int = 9):
+    torch.manual_seed(1)
+    ids = torch.randint(5, vocab, (4, 20))
+    ids[:, :shared] = ids[0, :shared]
+    labels = ids.clone()
+    labels[:, :12] = -100
+    mask = torch.ones_like(ids)
+    mask[1, 16:] = 0
+    labels[1, 16:] = -100
+    return ids, mask, labels
+
+
+def full_logits_loss(model, ids, mask, labels):
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_sparse_and_shared_prefix_losses_match_full_logits(lora_model, tiny_tokenizer):
+    ids, mask, labels = batch(len(tiny_tokenizer))
+    keep = supervised_mask(labels)
+    targets = labels[:, 1:][labels[:, 1:] != -100]
+
+    reference = full_logits_loss(lora_model, ids, mask, labels)
+    reference.backward()
+    expected = grads(lora_model)
+    lora_model.zero_grad()
+
+    sparse = F.cross_entropy(lora_model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits, targets)
+    sparse.backward()
+    got_sparse = grads(lora_model)
+    lora_model.zero_grad()
+
+    prefix = shared_prefix_length(ids, keep)
+    assert prefix == 9
+    shared = F.cross_entropy(forward_with_shared_prefix(lora_model, {"input_ids": ids, "attention_mask": mask}, keep, prefix).logits, targets)
+    shared.backward()
+    got_shared = grads(lora_model)
+
+    assert float(sparse) == pytest.approx(float(reference), abs=1e-6)
+    assert float(shared) == pytest.approx(float(reference), abs=1e-6)
+    for name, value in expected.items():
+        torch.testing.assert_close(got_sparse[name], value, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(got_shared[name], value, atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prefix_stops_before_first_supervised_prediction():
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9, 9]])
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[:, 2:] = True
+    assert shared_prefix_length(ids, keep) == 2
+    keep[:] = False
+    assert shared_prefix_length(ids, keep) == 4
+    assert shared_prefix_length(ids[:1], keep[:1]) == 0, "a single row has nothing to share"
