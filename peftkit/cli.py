@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from peftkit import __version__
@@ -30,7 +28,6 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(show_path=False, show_time=False, markup=False)],
-        force=True,
     )
     logging.getLogger("peftkit").setLevel(logging.DEBUG if verbose else logging.INFO)
     # bitsandbytes warns on import that optional hub-fetched CPU kernels are absent; nothing to act on.
@@ -52,14 +49,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from peftkit.config import load_recipe
-    from peftkit.train.report import print_run_report
-    from peftkit.train.run import train
+    from peftkit.train.launch import train_command  # one process, or --nproc/--hostfile workers
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    result = train(recipe, resume=args.resume, force=args.force)
-    print_run_report(_console(), result.run_dir, result.summary)
-    return 0
+    return train_command(args, _console())
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -112,10 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a recipe into a run directory")
-    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("recipe", help="recipe YAML file (or a run directory, to resume it)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
-    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.add_argument("--resume", nargs="?", const="last", default=None, metavar="RUN_DIR|auto",
+                   help="continue from the last complete checkpoint (of RUN_DIR, default: the recipe's output_dir); "
+                        "`auto` starts fresh when there is none")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    dist = p.add_argument_group("distributed (docs/distributed.md)")
+    dist.add_argument("--deepspeed", metavar="JSON|STAGE", help="DeepSpeed config file, or a ZeRO stage 0-3")
+    dist.add_argument("--nproc", type=int, default=1, help="processes on this node (GPUs; CPU processes without one)")
+    dist.add_argument("--nnodes", type=int, default=1, help="nodes (run the same command on each, with --node-rank)")
+    dist.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
+    dist.add_argument("--master-addr", help="address of the node with --node-rank 0")
+    dist.add_argument("--master-port", type=int, help="rendezvous port on the master node (default 29500)")
+    dist.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines): launch on all hosts from here")
+    dist.add_argument("--launcher", choices=["torchrun", "deepspeed"], help="default: torchrun; deepspeed with --hostfile")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="check a recipe (and its data and model) without training")
@@ -154,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if args.verbose:
+            raise
+        # Disk full, permission denied, ...: say which file, without a traceback (-v shows it).
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; check the path and free space, or rerun with -v", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ __all__ = ["lora_config", "matches_target", "check", "build", "save"]
 
 
 def _targets(cfg: LoraAdapterConfig, model: torch.nn.Module | None) -> str | list[str]:
-    """peft ignores `layers_to_transform` for a regex; resolve a regex + layers to explicit names."""
+    """peft refuses `layers_to_transform` with a string target (regex or `all-linear`): resolve to names."""
     target = cfg.target_modules
-    if model is None or cfg.layers is None or not isinstance(target, str) or target == "all-linear":
+    if model is None or cfg.layers is None or not isinstance(target, str):
         return target
     linear = all_linear_targets(model)
     return sorted(n for n in linear_module_names(model) if matches_target(n, target, linear) and _in_layers(n, cfg.layers))

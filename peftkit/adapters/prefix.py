@@ -37,9 +37,7 @@ def prefix_config(model: Any, cfg: PrefixTuningAdapterConfig, task: str = "causa
 
 
 def check(model: torch.nn.Module, cfg: PrefixTuningAdapterConfig, task: str = "causal_lm") -> list[str]:
-    config = getattr(model, "config", None)
-    if config is not None and not getattr(config, "is_decoder", False) and getattr(config, "model_type", "") == "bert":
-        return ["adapter.method: prefix_tuning needs a decoder model with a KV cache"]
+    """Nothing model-specific: peft sizes the prefix from the model config (causal LMs only, see `tasks`)."""
     return []
 
 

@@ -27,23 +27,6 @@ def prepare(model: Any, gradient_checkpointing: bool) -> Any:
     )
 
 
-def keep_trainable_cpu_layout(model: Any) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 converts a Linear4bit weight to a packed layout
-    on its first forward without gradients (generation, evaluation) and keeps it: later training
-    forwards then run that kernel, which is bf16-precision and passes no gradient to its input,
-    so LoRA layers below it silently get wrong gradients. Measured on a 128->64 nf4 layer: output
-    off by 6e-3 and input grad None after one `inference_mode` call. Returns the layers changed.
-    """
-    changed = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
-
-
 def build(model: Any, cfg: QLoraAdapterConfig, *, task: str = "causal_lm", quantized: bool = True, calibration: Any = None) -> Any:
     """A `qlora` recipe always loads a quantized base (its implied nf4 block, or its own)."""
     return lora.build(model, cfg, task=task, quantized=True, calibration=calibration)

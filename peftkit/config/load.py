@@ -15,6 +15,27 @@ from peftkit.errors import ConfigError
 
 DATA_PATH_KEYS = ("train", "eval", "heldout")
 
+# Names users bring from transformers / peft / axolotl configs, mapped to ours for did-you-mean hints.
+KEY_ALIASES = {
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "micro_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler": "scheduler",
+    "lr_scheduler_type": "scheduler",
+    "lora_r": "r",
+    "rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lora_target_modules": "target_modules",
+    "sequence_len": "max_seq_len",
+    "max_length": "max_seq_len",
+    "base_model": "name",
+    "model_name_or_path": "name",
+}
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.lr=1e-4` -> (["train", "lr"], 0.0001). Values are parsed as YAML scalars/lists."""
@@ -116,7 +137,7 @@ def _friendly(err: dict[str, Any]) -> str:
         known: list[str] = []
         for cls in _sections_for(loc):
             known.extend(cls.model_fields)
-        hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = [KEY_ALIASES[key]] if KEY_ALIASES.get(key) in known else difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         if hint:
             return f"unknown key `{dotted}`: did you mean `{hint[0]}`?"
         if loc[0] == "adapter" and len(loc) == 3:

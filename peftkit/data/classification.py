@@ -94,17 +94,24 @@ def check_classification_data(cfg: DataConfig) -> list[str]:
     return problems
 
 
-def tokenize_labeled(items: list[LabeledText], tokenizer: Any, label2id: dict[str, int], max_seq_len: int) -> list[dict[str, Any]]:
+def tokenize_labeled(
+    items: list[LabeledText], tokenizer: Any, label2id: dict[str, int], max_seq_len: int, input_names: set[str] | None = None
+) -> list[dict[str, Any]]:
+    """`input_names`: the model's accepted inputs (a Llama takes no token_type_ids; BERT does)."""
+    if not items:
+        return []
     encoded = tokenizer([item.text for item in items], truncation=True, max_length=max_seq_len)
     rows = []
     for i, item in enumerate(items):
-        row = {key: values[i] for key, values in encoded.items()}
+        row = {key: values[i] for key, values in encoded.items() if input_names is None or key in input_names}
         row["labels"] = label2id[item.label]
         rows.append(row)
     return rows
 
 
-def build_classification_data(cfg: DataConfig, tokenizer: Any, seed: int = 42) -> ClassificationData:
+def build_classification_data(
+    cfg: DataConfig, tokenizer: Any, seed: int = 42, input_names: set[str] | None = None
+) -> ClassificationData:
     from peftkit.data.build import split_train_eval
 
     items = load_labeled(cfg.train)
@@ -119,9 +126,9 @@ def build_classification_data(cfg: DataConfig, tokenizer: Any, seed: int = 42) -
     label2id = {name: i for i, name in enumerate(labels)}
     data = ClassificationData(
         labels,
-        tokenize_labeled(train_items, tokenizer, label2id, cfg.max_seq_len),
-        tokenize_labeled(eval_items, tokenizer, label2id, cfg.max_seq_len),
-        tokenize_labeled(heldout_items, tokenizer, label2id, cfg.max_seq_len),
+        tokenize_labeled(train_items, tokenizer, label2id, cfg.max_seq_len, input_names),
+        tokenize_labeled(eval_items, tokenizer, label2id, cfg.max_seq_len, input_names),
+        tokenize_labeled(heldout_items, tokenizer, label2id, cfg.max_seq_len, input_names),
     )
     counts = {name: sum(item.label == name for item in train_items) for name in labels}
     data.stats = {

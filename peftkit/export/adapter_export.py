@@ -22,7 +22,7 @@ from peftkit.export import verify
 from peftkit.export.card import adapter_card
 from peftkit.export.common import ExportResult, list_files, prepare_output, save_failed_report, write_json
 from peftkit.export.compat import serving_compatibility
-from peftkit.export.merge import RunAdapter, _attach, _load_base, _reference, load_run_tokenizer, resolve_run
+from peftkit.export.merge import FULL_MODEL, RunAdapter, _attach, _load_base, _reference, load_run_tokenizer, resolve_run
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -102,7 +102,9 @@ def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force:
     """`peftkit export RUN_DIR --format adapter`."""
     run_dir = Path(run_dir).expanduser().resolve()
     target = prepare_output(Path(out) if out else run_dir / "adapter-export", force=force, protected=[run_dir])
-    run = resolve_run(run_dir, base)
+    run = resolve_run(run_dir, base, require_causal_lm=check)
+    if run.info.peft_type == FULL_MODEL:
+        raise ExportError(f"{run.run_dir} trained the weights directly (no adapter); {run.info.path} is the model itself")
     report = None
     with atomic_directory(target, replace=force) as tmp:
         assert tmp is not None

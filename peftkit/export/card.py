@@ -30,8 +30,7 @@ def verification_section(report: dict[str, Any] | None) -> list[str]:
         f"| max abs logit diff | {_num(report['max_abs_diff'])} (tolerance {_num(report['tolerance'])}) |",
         f"| greedy-token agreement (teacher-forced) | {report['greedy_agreement']:.1%} |",
     ]
-    if "greedy_exact" in report:
-        lines.append(f"| identical greedy answers | {report['greedy_exact']:.0%} |")
+    lines.append(f"| identical greedy answers | {report['greedy_exact']:.0%} |")
     if "tokenizer_match" in report:
         lines.append(f"| tokenizer / chat template round trip | {report['tokenizer_match']} / {report['template_match']} |")
     lines.append(f"| passed | {report['passed']} |")

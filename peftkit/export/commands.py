@@ -11,7 +11,7 @@ from peftkit.errors import ExportError
 def _print_result(result: Any) -> None:
     from rich.console import Console
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     console.print(f"[green]Wrote[/green] {result.kind} export to {result.path}")
     for name in result.files:
         console.print(f"  {name}")

@@ -67,6 +67,8 @@ class AdapterInfo:
         """Human name: LoRA, DoRA, rsLoRA, IA3, PREFIX_TUNING, ..."""
         if self.is_lora:
             return "DoRA" if self.use_dora else "rsLoRA" if self.use_rslora else "LoRA"
+        if self.peft_type == "FULL_MODEL":
+            return f"{self.config.get('method', 'full')} fine-tuning"
         return {"IA3": "IA3"}.get(self.peft_type, self.peft_type)
 
     def target_modules(self) -> list[str] | str | None:

@@ -24,7 +24,15 @@ import torch
 from peftkit.errors import ExportError, MissingDependencyError
 from peftkit.export import verify
 from peftkit.export.common import ExportResult, list_files, prepare_output, save_failed_report, write_json
-from peftkit.export.merge import MergedModel, QLoraBase, RunAdapter, merge_run, resolve_run
+from peftkit.export.merge import (
+    MergedModel,
+    QLoraBase,
+    RunAdapter,
+    load_trained_model,
+    merge_run,
+    resolve_run,
+    trained_model_dir,
+)
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -162,10 +170,9 @@ def token_list(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
 def tokenizer_pre(tokenizer_json: dict[str, Any], source_gguf: Path | None) -> str:
     """llama.cpp's pre-tokenizer name: copied from the GGUF the base came from, else read off tokenizer.json."""
     if source_gguf is not None and source_gguf.is_file():
-        gguf = _gguf()
-        field = gguf.GGUFReader(str(source_gguf)).fields.get("tokenizer.ggml.pre")
-        if field is not None:
-            return bytes(field.parts[field.data[0]]).decode("utf-8")
+        pre = read_gguf_string(source_gguf, "tokenizer.ggml.pre")
+        if pre:
+            return pre
     pre = tokenizer_json.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
@@ -177,6 +184,19 @@ def tokenizer_pre(tokenizer_json: dict[str, Any], source_gguf: Path | None) -> s
         return "llama-bpe"
     log.warning("Unknown pre-tokenizer %s; writing tokenizer.ggml.pre = default (check llama.cpp's tokenization)", kinds)
     return "default"
+
+
+def read_gguf_string(path: Path, key: str) -> str | None:
+    """One metadata string of a GGUF file. transformers' header reader skips the big token arrays (~0.1 s);
+    gguf.GGUFReader parses all 100k+ array items (~10 s), so it is only the fallback."""
+    try:
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+
+        value = read_gguf_metadata(str(path))[0].get(key)
+    except Exception:  # noqa: BLE001 - private transformers API: fall back to the public reader
+        field = _gguf().GGUFReader(str(path)).fields.get(key)
+        value = bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+    return value if isinstance(value, str) else None
 
 
 def source_gguf_of(run: RunAdapter) -> Path | None:
@@ -310,7 +330,7 @@ def _quote(text: str) -> str:
 
 def ollama_modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None) -> str:
     is_chatml, default_system = chatml_default_system(tokenizer)
-    lines = [f"# Ollama Modelfile written by peftkit. Create the model with: ollama create NAME -f Modelfile",
+    lines = ["# Ollama Modelfile written by peftkit. Create the model with: ollama create NAME -f Modelfile",
              f"FROM ./{gguf_name}", ""]
     if is_chatml:
         lines += [f"TEMPLATE {_quote(OLLAMA_CHATML_TEMPLATE)}", ""]
@@ -351,9 +371,7 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
         )
         atomic_write_text(tmp / "Modelfile", ollama_modelfile(file_name, merged.tokenizer, run.recipe.data.system_prompt))
         if check:
-            reference = verify.build_reference(
-                merged.model, merged.tokenizer, merged.reference.conversations, label="the merged model (float32)"
-            )
+            reference = verify.with_logits(merged.reference, merged.model, "the merged model (float32)")
             report = verify.judge(verify.run_child("gguf", tmp, reference, gguf_file=file_name), f"gguf-{gguf_type}")
             report["tensor_types"] = counts
             if not report["passed"]:
@@ -374,7 +392,10 @@ def export_gguf(run_dir: str | Path, out: str | Path | None = None, *, gguf_type
     prepare_output(target, force=force, protected=[run_dir])
     run = resolve_run(run_dir, base)
     check_architecture(run.base_config)
-    merged = merge_run(run_dir, qlora_base=qlora_base, base=base)
+    if trained_model_dir(run.run_dir) is not None:  # full / partial fine-tuning: nothing to merge
+        merged = load_trained_model(run_dir, base)
+    else:
+        merged = merge_run(run_dir, qlora_base=qlora_base, base=base)
     return write_gguf_export(merged, target, gguf_type=gguf_type, force=force, check=check)
 
 
@@ -516,12 +537,14 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
                 verify.enforce(report, "GGUF LoRA file")
             write_json(tmp / "verification.json", report)
         source = source_gguf_of(run)
-        modelfile = [f"# Ollama: base model + this LoRA. Create with: ollama create NAME -f Modelfile",
+        modelfile = ["# Ollama: base model + this LoRA. Create with: ollama create NAME -f Modelfile",
                      f"FROM {source}" if source else "FROM /path/to/base-model.gguf  # the base this LoRA was trained on",
                      f"ADAPTER ./{file_name}"]
         atomic_write_text(tmp / "Modelfile", "\n".join(modelfile) + "\n")
     notes = [f"alpha written: {facts['alpha']:.4g} over {facts['modules']} modules",
-             f"llama.cpp: llama-cli -m BASE.gguf --lora {target / file_name}"]
-    if source_gguf_of(run) is not None and run.quantization is None:
-        notes.append("the base GGUF it was trained from is quantized; llama.cpp applies the LoRA on top of it")
+             f"llama.cpp: llama-cli -m {source or 'BASE.gguf'} --lora {target / file_name}"]
+    if source is not None:
+        notes.append(f"the Modelfile's FROM is the GGUF the base was converted from ({source.name}): the weights "
+                     "this adapter was trained on" + (", before the extra 4-bit quantization of QLoRA"
+                                                      if run.quantization is not None else ""))
     return ExportResult(target, f"gguf-adapter-{gguf_type}", list_files(target), report, None, notes)

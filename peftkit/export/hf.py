@@ -8,6 +8,7 @@ Layout: safetensors weights (one `model.safetensors`, or `model-0000x-of-0000y.s
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,11 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def save_model_dir(model: Any, tokenizer: Any, folder: Path, *, dtype: str, shard_size: int) -> None:
-    """config + generation config + safetensors shards + tokenizer (with chat template) into `folder`."""
-    model = model.to(_dtype(dtype))
+    """config + generation config + safetensors shards + tokenizer (with chat template) into `folder`.
+
+    A half-precision export casts a copy, so the caller's float32 model stays usable (e.g. for GGUF)."""
+    if _dtype(dtype) != next(model.parameters()).dtype:
+        model = copy.deepcopy(model).to(_dtype(dtype))
     model.config.dtype = dtype
     generation = getattr(model, "generation_config", None)
     if generation is not None:

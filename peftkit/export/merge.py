@@ -22,7 +22,7 @@ import torch
 from peftkit.config.schema import ModelConfig, QuantizationConfig, Recipe
 from peftkit.errors import ExportError
 from peftkit.export.compat import AdapterInfo, check_adapter_matches_base, read_adapter, require_mergeable
-from peftkit.export.verify import Reference, build_reference, conversations_for, disable_cpu_repacking, max_abs_diff
+from peftkit.export.verify import Reference, build_reference, conversations_for, max_abs_diff
 from peftkit.models.resolve import ModelSource
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,16 @@ class MergedModel:
         return self.runs[0]
 
 
-def resolve_run(run_dir: str | Path, base: str | None = None) -> RunAdapter:
+FULL_MODEL = "FULL_MODEL"
+"""Pseudo peft type for runs that trained the weights themselves (methods `full`, `partial`): RUN_DIR/model."""
+
+
+def trained_model_dir(run_dir: Path) -> Path | None:
+    folder = run_dir / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_lm: bool = True) -> RunAdapter:
     """Recipe + adapter + base reference, with the adapter/base fit checked from files only."""
     from peftkit.adapters import effective_quantization
     from peftkit.models import resolve_model_ref
@@ -72,11 +81,24 @@ def resolve_run(run_dir: str | Path, base: str | None = None) -> RunAdapter:
 
     run_dir = Path(run_dir).expanduser().resolve()
     recipe = read_run_recipe(run_dir)
-    info = read_adapter(adapter_dir(run_dir))
+    task = getattr(recipe, "task", "causal_lm")
+    if require_causal_lm and task != "causal_lm":
+        raise ExportError(
+            f"{run_dir} is a {task} run; merge/export (and their verification) handle causal language models. "
+            "Load its adapter with peft's AutoPeftModelForSequenceClassification, or "
+            f"`peftkit export {run_dir} --format adapter --no-verify` for the adapter files"
+        )
+    full = trained_model_dir(run_dir)
+    if full is not None:
+        info = AdapterInfo(full, {"peft_type": FULL_MODEL, "method": getattr(recipe.adapter, "method", "full")})
+    else:
+        info = read_adapter(adapter_dir(run_dir))
     model_cfg = recipe.model if base is None else recipe.model.model_copy(update={"name": base})
     source = resolve_model_ref(model_cfg.name, revision=model_cfg.revision, allow_pickle=model_cfg.allow_pickle)
     skeleton = model_skeleton(source, model_cfg)
     check_adapter_matches_base(info, skeleton, model_cfg.name)
+    if recipe.train.num_threads:  # the run's thread budget (oversubscribed CPUs get much slower, not faster)
+        torch.set_num_threads(recipe.train.num_threads)
     return RunAdapter(run_dir, recipe, info, model_cfg, source, effective_quantization(recipe), skeleton.config)
 
 
@@ -100,8 +122,6 @@ def _load_base(run: RunAdapter, quantized: bool) -> Any:
 
     model = load_model(run.model_cfg, run.quantization if quantized else None, device="cpu", dtype=torch.float32,
                        source=run.source)
-    if quantized:
-        disable_cpu_repacking(model)
     model.eval()
     return model
 
@@ -134,6 +154,12 @@ def merge_run(run_dir: str | Path, *, qlora_base: QLoraBase = "dequantized", bas
         raise ExportError(f"--qlora-base must be `dequantized` or `original`, got {qlora_base!r}")
     run = resolve_run(run_dir, base)
     require_mergeable(run.info, run.run_dir)
+    if run.info.peft_type == FULL_MODEL:
+        raise ExportError(
+            f"{run.run_dir} trained the model's weights directly (method {run.info.config['method']}), so there is no "
+            f"adapter to merge: {run.info.path} already is a complete Hugging Face model directory. Use it as it is, "
+            f"or `peftkit export {run.run_dir} --format gguf` for llama.cpp / Ollama"
+        )
     tokenizer = load_run_tokenizer(run)
     adapter = run.info.path
     if run.quantization is None:
@@ -147,6 +173,20 @@ def merge_run(run_dir: str | Path, *, qlora_base: QLoraBase = "dequantized", bas
     diff = max_abs_diff(merged, reference)
     log.info("Merged %s into %s: max |logit diff| vs the unmerged adapter = %.3g", run.info.method, run.model_cfg.name, diff)
     return MergedModel(merged, tokenizer, [run], reference, diff, qlora=qlora)
+
+
+def load_trained_model(run_dir: str | Path, base: str | None = None) -> MergedModel:
+    """A `full`/`partial` run's own model, in the shape of a merge result (for GGUF export)."""
+    from peftkit.models import load_model, resolve_model_ref
+
+    run = resolve_run(run_dir, base)
+    if run.info.peft_type != FULL_MODEL:
+        raise ExportError(f"{run.run_dir} has an adapter, not a trained model directory; use merge_run")
+    tokenizer = load_run_tokenizer(run)
+    model = load_model(run.model_cfg, None, device="cpu", dtype=torch.float32,
+                       source=resolve_model_ref(str(run.info.path))).eval()
+    reference = _reference(model, tokenizer, run, f"the trained model ({run.info.config['method']}, float32)")
+    return MergedModel(_clean_config(model, f"{run.run_dir.name}-model"), tokenizer, [run], reference, 0.0)
 
 
 def _merge_qlora(run: RunAdapter, tokenizer: Any, qlora_base: QLoraBase) -> tuple[Any, Reference, dict[str, Any]]:

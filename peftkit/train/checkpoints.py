@@ -189,3 +189,36 @@ def prepare_resume(
             log.info("Dropped %d metric records logged after step %d", dropped, step_of(checkpoint))
     log.info("Resuming from %s", checkpoint)
     return checkpoint
+
+
+def _length_grouped_samplers(loader: Any, depth: int = 4) -> list[Any]:
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    if loader is None or depth == 0:
+        return []
+    if isinstance(loader, LengthGroupedSampler):
+        return [loader]
+    found = []
+    for attr in ("sampler", "batch_sampler"):
+        child = getattr(loader, attr, None)
+        if child is not None and child is not loader:
+            found.extend(_length_grouped_samplers(child, depth - 1))
+    return found
+
+
+class SeededLengthGrouping(TrainerCallback):
+    """Makes `group_by_length` batches a function of (data_seed, epoch), so a resumed run sees the same batches.
+
+    The Trainer's train LengthGroupedSampler draws its permutation from the global RNG when the epoch's
+    iterator is created; a resumed run reaches that point with a different RNG state than the original
+    run did, so without this it trains the rest of the epoch on different batches."""
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, train_dataloader: Any = None, **kwargs: Any) -> None:
+        import math
+
+        import torch
+
+        epoch = math.floor((state.epoch or 0.0) + 1e-6)
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        for sampler in _length_grouped_samplers(train_dataloader):
+            sampler.generator = torch.Generator().manual_seed(seed * 1000 + epoch)

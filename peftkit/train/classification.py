@@ -26,7 +26,14 @@ from peftkit.adapters import base_model_view, build_adapter, effective_quantizat
 from peftkit.config.load import recipe_to_yaml
 from peftkit.config.schema import Recipe
 from peftkit.config.validate import validate_recipe
-from peftkit.data.classification import LABELS_FILE, ClassificationData, build_classification_data, label_config
+from peftkit.data.classification import (
+    LABELS_FILE,
+    ClassificationData,
+    build_classification_data,
+    label_config,
+    label_names,
+    load_labeled,
+)
 from peftkit.errors import ModelNotFoundError
 from peftkit.evaluate.classification import metrics_from_eval_prediction
 from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_model_ref
@@ -71,11 +78,20 @@ def load_classification_tokenizer(recipe: Recipe, source: ModelSource) -> Any:
     return tokenizer
 
 
+def model_input_names(model: Any) -> set[str]:
+    """Inputs the underlying transformers model accepts (filters token_type_ids for decoders)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters) & {"input_ids", "attention_mask", "token_type_ids"}
+
+
 @torch.inference_mode()
 def predict_labels(model: Any, tokenizer: Any, texts: list[str], max_seq_len: int = 512, batch_size: int = 16) -> list[str]:
     """Label names for raw texts (used for the run's sample predictions and by callers of load_run)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     id2label = base.config.id2label
+    accepted = model_input_names(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -83,7 +99,7 @@ def predict_labels(model: Any, tokenizer: Any, texts: list[str], max_seq_len: in
     try:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_seq_len, padding=True, return_tensors="pt")
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            logits = model(**{k: v.to(device) for k, v in batch.items() if k in accepted}).logits
             out.extend(id2label[int(i)] for i in logits.argmax(-1).tolist())
     finally:
         model.train(was_training)
@@ -141,16 +157,15 @@ def train_classifier(
     dtype = resolve_dtype(recipe.train.dtype, device)
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_classification_tokenizer(recipe, source)
-    data: ClassificationData = build_classification_data(recipe.data, tokenizer, recipe.train.seed)
+    labels = label_names(load_labeled(recipe.data.train))
+    quantization = effective_quantization(recipe)
     atomic_write_text(
         run_dir / LABELS_FILE,
-        json.dumps({"id2label": {str(i): n for i, n in enumerate(data.labels)}, "label2id": data.label2id}, indent=2),
+        json.dumps({"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}, indent=2),
     )
-    quantization = effective_quantization(recipe)
-    model = load_model(
-        recipe.model, quantization, device=device, dtype=dtype, task=TASK, num_labels=len(data.labels), source=source
-    )
-    label_config(model, data.labels, tokenizer.pad_token_id)
+    model = load_model(recipe.model, quantization, device=device, dtype=dtype, task=TASK, num_labels=len(labels), source=source)
+    label_config(model, labels, tokenizer.pad_token_id)
+    data: ClassificationData = build_classification_data(recipe.data, tokenizer, recipe.train.seed, model_input_names(model))
     model = build_adapter(model, recipe.adapter, task=TASK, quantized=quantization is not None)
     trainable, total = parameter_counts(model)
     log.info("Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -165,6 +180,18 @@ def train_classifier(
 
     tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard")))
     extras = trainer_extras(model, recipe.adapter, args)
+    callbacks = [
+        *extras.callbacks,  # first: they add trainable counts to the log records the next ones write
+        MetricsJsonlCallback(metrics_path),
+        tensorboard,
+        checkpoints.CompleteMarkerCallback(keep=recipe.train.save_total_limit),
+        checkpoints.SeededLengthGrouping(),
+        *(extra_callbacks or []),
+    ]
+    if recipe.train.early_stopping_patience and has_eval:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping_patience))
     trainer = ClassificationTrainer(
         model=model,
         args=args,
@@ -172,7 +199,7 @@ def train_classifier(
         eval_dataset=data.eval or None,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=metrics_from_eval_prediction(len(data.labels)),
-        callbacks=[*extras.callbacks, MetricsJsonlCallback(metrics_path), tensorboard, checkpoints.CompleteMarkerCallback(), *(extra_callbacks or [])],
+        callbacks=callbacks,
         optimizers=(extras.optimizer, None),
     )
     before: dict[str, dict[str, float | None]] = {"eval": {}, "heldout": {}}
@@ -180,7 +207,7 @@ def train_classifier(
         with base_model_view(model):
             before = {"eval": _scores(trainer, data.eval, "eval"), "heldout": _scores(trainer, data.heldout, "heldout")}
 
-    resume_from = str(checkpoints.latest_complete(run_dir)) if resume else None
+    resume_from = str(checkpoints.prepare_resume(run_dir)) if resume else None
     train_started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.perf_counter() - train_started

@@ -253,9 +253,16 @@ def _block_problems(cfg: DeepSpeedConfig) -> list[str]:
 def check_deepspeed(recipe: Recipe, device: str | None = None) -> list[str]:
     """Every problem with the recipe's `deepspeed:` setting (empty when fine or absent).
 
-    device: the resolved device when known (enables the precision check for raw JSON files)."""
+    device: the device the run will use (default: resolved from train.device); raw JSON precision is checked against it."""
     if recipe.deepspeed is None:
         return []
+    if device is None:
+        from peftkit.models import resolve_device
+
+        try:
+            device = resolve_device(recipe.train.device)
+        except PeftkitError:
+            device = None  # reported by the device checks; the precision check needs a device
     problems = []
     if importlib.util.find_spec("deepspeed") is None:
         problems.append("deepspeed: DeepSpeed is not installed: `pip install deepspeed` (or remove the `deepspeed:` block)")
@@ -448,6 +455,19 @@ def prepare_process(device: str) -> None:
         wait_for_extension_locks()
 
 
+def uses_nvme(config: dict[str, Any]) -> bool:
+    zero = config.get("zero_optimization") or {}
+    return any((zero.get(key) or {}).get("device") == "nvme" for key in ("offload_optimizer", "offload_param"))
+
+
+def async_io_available() -> bool:
+    """NVMe offload runs on DeepSpeed's async_io op, which needs libaio (headers) to build."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+    return builder is not None and bool(builder.is_compatible(verbose=False))
+
+
 def setup(recipe: Recipe, run_dir: Path, device: str, dtype: torch.dtype, *, write: bool) -> dict[str, Any] | None:
     """Prepare this process for DeepSpeed and write RUN_DIR/deepspeed.json (rank 0); None without DeepSpeed."""
     config = build_config(recipe, device, dtype)
@@ -457,6 +477,11 @@ def setup(recipe: Recipe, run_dir: Path, device: str, dtype: torch.dtype, *, wri
     if device == "cpu" and isinstance(cfg, DeepSpeedConfig) and "cpu" in (cfg.offload_optimizer, cfg.offload_params):
         log.warning("deepspeed: offloading to CPU memory saves nothing on a CPU-only run (it is the same memory)")
     prepare_process(device)
+    if uses_nvme(config) and not async_io_available():
+        raise PeftkitError(
+            "deepspeed: nvme offload needs DeepSpeed's async_io op, which cannot be built here: install libaio "
+            "(`apt install libaio-dev`, then `ds_report` shows async_io as compatible), or offload to cpu"
+        )
     if write:
         from peftkit.utils.atomic import atomic_write_text
 

@@ -31,6 +31,8 @@ WORKER_ENV = "PEFTKIT_WORKER"
 """Set by the launching `peftkit train` for its workers: they leave reporting to it."""
 SHUTDOWN_TIMEOUT_S = 600
 """How long torchrun lets workers finish a checkpoint after SIGTERM before it kills them."""
+RESUME_LAST = "last"
+"""What a bare `--resume` means: the recipe's output_dir, which must hold a checkpoint."""
 
 
 class LaunchError(PeftkitError, RuntimeError):
@@ -162,7 +164,7 @@ def load_train_recipe(args: argparse.Namespace) -> tuple[Recipe, str]:
     if getattr(args, "deepspeed", None):
         overrides.append(_deepspeed_override(args.deepspeed))
     resume = getattr(args, "resume", None)
-    if resume not in (None, "auto"):
+    if resume not in (None, "auto", RESUME_LAST):
         run_dir = Path(resume).expanduser()
         if not run_dir.is_dir():
             hint = " (put key=value overrides before --resume)" if "=" in resume else ""
@@ -174,8 +176,9 @@ def load_train_recipe(args: argparse.Namespace) -> tuple[Recipe, str]:
 def resolve_resume(resume_arg: str | None, run_dir: Path, force: bool) -> tuple[bool, bool]:
     """(resume, force) for `--resume [RUN_DIR|auto]`.
 
-    `auto` (also plain `--resume`) continues from the last complete checkpoint, or starts from scratch
-    when the run never reached one; an explicit RUN_DIR must hold a checkpoint."""
+    Plain `--resume` and `--resume RUN_DIR` must find a complete checkpoint: a mistyped recipe or
+    run directory is an error, not a silent fresh start. `--resume auto` (for preemptible jobs
+    that always pass it) continues when it can and starts from scratch when there is nothing."""
     from peftkit.train import checkpoints
 
     if resume_arg is None:
@@ -186,12 +189,18 @@ def resolve_resume(resume_arg: str | None, run_dir: Path, force: bool) -> tuple[
         raise RunDirError(f"--resume: {run_dir} holds a finished run (summary.json); there is nothing to resume")
     if checkpoints.latest_complete(run_dir) is not None:
         return True, False
+    started = run_dir.is_dir() and any(run_dir.iterdir())
     if resume_arg != "auto":
+        if not started:
+            raise RunDirError(
+                f"--resume: there is no run to resume in {run_dir}; start it without --resume "
+                "(or pass --resume auto to continue when a checkpoint exists and start fresh otherwise)"
+            )
         raise RunDirError(
             f"--resume: {run_dir} has no complete checkpoint (checkpoints are written every train.save_steps steps, "
             "or each epoch); start it again with --force"
         )
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if started:
         log.warning("--resume: %s has no complete checkpoint yet; starting the run again from scratch", run_dir)
         return False, True
     return False, False
@@ -212,21 +221,22 @@ def resume_command(argv: list[str] | None = None) -> str:
 
 def train_command(args: argparse.Namespace, console: Any) -> int:
     """Parse what to run; train here (one process, or as a launched worker) or launch the workers."""
+    worker = is_worker()
+    if worker:
+        # torchrun starts workers with Ctrl-C ignored (the launching peftkit forwards it); restore it
+        # before the slow imports, so a Ctrl-C during start-up stops the worker.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     from peftkit.train.report import print_run_report
     from peftkit.train.run import train
     from peftkit.train.signals import TrainingInterrupted
 
-    worker = is_worker()
-    if worker:
-        # torchrun starts workers with Ctrl-C ignored (the launching peftkit forwards it); restore it.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     recipe, recipe_arg = load_train_recipe(args)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     options = LaunchOptions.from_args(args)
     if options.multi_process and not worker:
         return launch(args, recipe, recipe_arg, options, console)
-    if worker:
-        resume, force = getattr(args, "resume", None) is not None, bool(args.force)
+    if os.environ.get(WORKER_ENV):  # the launching peftkit resolved --resume and prepared the run directory
+        resume, force = getattr(args, "resume", None) is not None, False
     else:
         resume, force = resolve_resume(getattr(args, "resume", None), run_dir, bool(args.force))
     try:
@@ -261,7 +271,15 @@ def launcher_command(options: LaunchOptions, worker_argv: list[str]) -> list[str
             cmd += ["--num_nodes", str(options.nnodes)]
         if options.nproc > 1 or not options.hostfile:
             cmd += ["--num_gpus", str(options.nproc)]
-        cmd += ["--master_addr", options.master_addr or "127.0.0.1", "--master_port", str(options.master_port or 29500)]
+        if options.master_port is not None:
+            port = options.master_port
+        elif options.hostfile:
+            port = 29500
+        else:
+            from peftkit.train.deepspeed import free_port
+
+            port = free_port()  # one node: a free port, so concurrent runs do not collide
+        cmd += ["--master_addr", options.master_addr or "127.0.0.1", "--master_port", str(port)]
         return [*cmd, "--no_local_rank", "--module", "peftkit.cli", *worker_argv]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(options.nproc)]
     if options.nnodes == 1 and not options.master_addr and options.master_port is None:
@@ -378,6 +396,8 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
     from peftkit.train.signals import TrainingInterrupted, read_interrupted
 
     problems = options.problems()
+    if recipe.task != "causal_lm":
+        problems.append(f"multi-process training runs causal_lm recipes only so far (this one is {recipe.task}); drop --nproc")
     if problems:
         raise LaunchError("; ".join(problems))
     validate_recipe(recipe, check_model=True)
@@ -387,8 +407,8 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
         prepare_run_dir(run_dir, resume=resume, force=force)
     device = resolve_device(recipe.train.device)
     extra: list[str] = []
-    threads = None
-    if device == "cpu" and recipe.train.num_threads is None:
+    threads = recipe.train.num_threads
+    if device == "cpu" and threads is None:
         threads = max(1, (os.cpu_count() or 1) // options.nproc)
         extra.append(f"train.num_threads={threads}")  # N processes x all cores would oversubscribe the CPU
     env = worker_environment(recipe, device, options, threads)
@@ -418,3 +438,16 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
         raise LaunchError(f"the workers exited without writing {summary_path}; see their output above")
     print_run_report(console, run_dir, json.loads(summary_path.read_text(encoding="utf-8")))
     return 0
+
+
+def sum_over_processes(*values: int) -> tuple[int, ...]:
+    """Per-process counters (e.g. tokens trained) summed over all processes; every rank must call it."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tuple(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return tuple(int(v) for v in total.tolist())

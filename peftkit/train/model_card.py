@@ -39,6 +39,16 @@ def _eval_section(run_dir: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _plain_use(run_dir: Path) -> list[str]:
+    """How to load the result without peftkit: an adapter (peft), or the whole model (full / partial runs)."""
+    if (run_dir / "model").is_dir():
+        return ["or with plain transformers (the whole trained model, no adapter):", "", "```python",
+                "from transformers import AutoModelForCausalLM",
+                f'model = AutoModelForCausalLM.from_pretrained("{run_dir / "model"}")', "```", ""]
+    return ["or with plain peft:", "", "```python", "from peft import AutoPeftModelForCausalLM",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{run_dir / "adapter"}")', "```", ""]
+
+
 def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> None:
     quant = summary.get("quantization")
     quant_text = f"{quant['bits']}-bit {quant.get('quant_type', '')}".strip() if quant else "none"
@@ -74,13 +84,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         f"peftkit chat {run_dir}",
         "```",
         "",
-        "or with plain peft:",
-        "",
-        "```python",
-        "from peft import AutoPeftModelForCausalLM",
-        f'model = AutoPeftModelForCausalLM.from_pretrained("{run_dir / "adapter"}")',
-        "```",
-        "",
+        *_plain_use(run_dir),
         "Files: `adapter/` (PEFT layout), `tokenizer/`, `recipe.yaml` (resolved recipe), `metrics.jsonl`, "
         "`tensorboard/`, `plots/loss.png`, `summary.json`, `heldout.jsonl` (per-question replies).",
         "",

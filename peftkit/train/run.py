@@ -24,6 +24,8 @@ from peftkit.errors import PeftkitError, RunDirError
 from peftkit.evaluate.generation import generate_replies, heldout_accuracy
 from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref
 from peftkit.train import checkpoints
+from peftkit.train import deepspeed as deepspeed_setup, signals
+from peftkit.train.launch import dist_info, is_main_process, sum_over_processes
 from peftkit.train.callbacks import MetricsJsonlCallback, OverfittingWatch, plot_loss_curves, read_metrics
 from peftkit.train.model_card import write_model_card
 from peftkit.train.trainer import SFTTrainer
@@ -101,7 +103,8 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         eval_steps=cfg.eval_steps,
         save_strategy="steps" if cfg.save_steps or (early_stop and cfg.eval_steps) else "epoch",
         save_steps=(cfg.eval_steps if early_stop and cfg.eval_steps else cfg.save_steps) or 500,
-        save_total_limit=cfg.save_total_limit,
+        # >= 2: the Trainer prunes before the new checkpoint is marked complete; CompleteMarkerCallback prunes to the limit after.
+        save_total_limit=max(2, cfg.save_total_limit),
         load_best_model_at_end=early_stop,
         metric_for_best_model="eval_loss" if early_stop else None,
         greater_is_better=False if early_stop else None,
@@ -118,6 +121,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda",
         disable_tqdm=False,
+        **deepspeed_setup.training_kwargs(recipe, device, dtype),  # deepspeed config; gloo (CPU) / nccl backend
     )
 
 
@@ -143,9 +147,17 @@ def train(
     started = time.perf_counter()
     validate_recipe(recipe, check_model=True)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
-    prepare_run_dir(run_dir, resume=resume, force=force)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+    main_process = is_main_process()  # under a launcher, only global rank 0 writes the run directory
+    if main_process:
+        prepare_run_dir(run_dir, resume=resume, force=force)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise RunDirError(f"cannot write the run directory {run_dir} ({exc.strerror}); set output_dir to a writable place") from None
+        atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
 
     threads = configure_threads(recipe.train.num_threads)
     from transformers import set_seed
@@ -153,16 +165,18 @@ def train(
     set_seed(recipe.train.seed)
     device = resolve_device(recipe.train.device)
     dtype = resolve_dtype(recipe.train.dtype, device)
+    ds_config = deepspeed_setup.setup(recipe, run_dir, device, dtype, write=main_process)  # None without DeepSpeed
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_tokenizer(recipe.model, source)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     quantization = effective_quantization(recipe)
     log.info("Loading %s on %s (%s%s)", recipe.model.name, device, str(dtype).removeprefix("torch."),
              f", {quantization.bits}-bit" if quantization else "")
-    model = load_model(recipe.model, quantization, device=device, dtype=dtype, source=source)
+    model = load_model(recipe.model, quantization, device=device, dtype=dtype, source=source,
+                       quant_storage=deepspeed_setup.quant_storage_dtype(recipe, dtype))
 
     accuracy_before, details_before = (None, [])
-    if recipe.eval.before and not resume:
+    if recipe.eval.before and not resume and main_process:
         accuracy_before, details_before = _heldout(model, tokenizer, recipe, data.heldout)
 
     model = build_adapter(model, recipe.adapter, quantized=quantization is not None, calibration=data.train)
@@ -174,12 +188,14 @@ def train(
     from torch.utils.tensorboard import SummaryWriter
 
     metrics_path = run_dir / "metrics.jsonl"
-    if not resume:
+    if not resume and main_process:
         metrics_path.unlink(missing_ok=True)
     callbacks = [
         MetricsJsonlCallback(metrics_path),
-        TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))),
-        checkpoints.CompleteMarkerCallback(),
+        *([TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard")))] if main_process else []),
+        checkpoints.CompleteMarkerCallback(keep=recipe.train.save_total_limit),
+        checkpoints.SeededLengthGrouping(),  # group_by_length batches reproducible on resume
+        interrupt := signals.interrupt_callback(),  # Ctrl-C: checkpoint at the end of the step, then stop
         overfitting := OverfittingWatch(),
         *(extra_callbacks or []),
     ]
@@ -203,17 +219,26 @@ def train(
     eval_loss_before = None
     if has_eval and not resume:
         with base_model_view(model):
-            eval_loss_before = _eval_loss(trainer, has_eval)
+            eval_loss_before = _eval_loss(trainer, has_eval) if ds_config is None else deepspeed_setup.plain_eval_loss(trainer)
 
-    resume_from = str(checkpoints.latest_complete(run_dir)) if resume else None
+    resume_from = str(checkpoints.prepare_resume(
+        run_dir, world_size=dist_info().world_size, deepspeed_stage=checkpoints.deepspeed_stage_of(args),
+        main_process=main_process)) if resume else None
     train_started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
+    signals.raise_if_interrupted(interrupt, trainer, run_dir)  # a signal stopped it: checkpoint saved, say how to resume
     train_seconds = time.perf_counter() - train_started
     eval_loss_after = _eval_loss(trainer, has_eval)
     accuracy_after, details_after = _heldout(model, tokenizer, recipe, data.heldout)
 
     samples = _sample_answers(model, tokenizer, recipe, data)
-    save_adapter(model, tokenizer, run_dir, recipe.adapter.method)
+    trainer.supervised_tokens_seen, trainer.input_tokens_seen = sum_over_processes(
+        trainer.supervised_tokens_seen, trainer.input_tokens_seen)  # all ranks' tokens, for the summary
+    with deepspeed_setup.gathered_for_save(trainer):  # ZeRO-3: every rank gathers the partitioned weights
+        if main_process:
+            save_adapter(model, tokenizer, run_dir, recipe.adapter.method)
+    if not main_process:
+        return RunResult(run_dir, {})  # rank 0 writes metrics, plots, summary and model card
 
     metrics = read_metrics(metrics_path)
     plot_loss_curves(metrics, run_dir / "plots" / "loss.png", title=f"{recipe.name or run_dir.name}: {recipe.adapter.method}")

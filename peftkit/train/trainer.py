@@ -63,6 +63,8 @@ class SFTTrainer(Trainer):
             and self.sparse_logits
             and not _is_prompt_learning(self.model)
             and not self.args.activation_checkpointing
+            # QLoRA turns checkpointing on in the model itself (prepare_model_for_kbit_training), not via args.
+            and not getattr(self.model, "is_activation_checkpointing", False)
             and self.args.world_size == 1
         )
         self.virtual_tokens = _virtual_tokens(self.model)

@@ -16,13 +16,14 @@ from peftkit.config import recipe_from_dict, recipe_to_yaml
 
 
 def build_llama_dir(path: Path, tokenizer: Any, *, hidden: int = 64, intermediate: int = 128, layers: int = 2,
-                    heads: int = 4, kv_heads: int = 2, tie: bool = True, seed: int = 0) -> Path:
+                    heads: int = 4, kv_heads: int = 2, tie: bool = True, seed: int = 0,
+                    vocab_size: int | None = None) -> Path:
     """A saved tiny Llama (dims that bitsandbytes 4-bit and GGUF Q8_0 blocks accept) with `tokenizer`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=tie,
@@ -31,7 +32,7 @@ def build_llama_dir(path: Path, tokenizer: Any, *, hidden: int = 64, intermediat
     with torch.no_grad():  # larger weights than the 0.02 init: logits that actually depend on the input
         for name, param in model.named_parameters():
             if param.dim() == 2:
-                param.normal_(0.0, 0.15)
+                param.normal_(0.0, 0.1)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
@@ -48,7 +49,7 @@ def perturb_adapter(model: Any, scale: float = 0.2, seed: int = 1) -> None:
 
 
 def make_run(run_dir: Path, recipe: dict[str, Any], peft_config: Any, *, model_dir: Path | None = None,
-             quantization: dict[str, Any] | None = None, seed: int = 1, scale: float = 0.2) -> Path:
+             quantization: dict[str, Any] | None = None, seed: int = 1, scale: float = 0.05) -> Path:
     """A run directory as `peftkit train` leaves it (recipe.yaml, tokenizer/, adapter/), without training."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,3 +96,29 @@ def adapter_logits(run_dir: Path, ids: torch.Tensor, *, base_dir: Path | None = 
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+# ---- pytest fixtures shared by the export test modules (import them by name) ----------------------
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llama64_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with hidden 64 (bitsandbytes 4-bit blocks and GGUF Q8_0 rows need multiples of 32/64)."""
+    from tests.conftest import build_tiny_tokenizer
+
+    return build_llama_dir(tmp_path_factory.mktemp("llama64"), build_tiny_tokenizer())
+
+
+@pytest.fixture
+def export_recipe(tiny_recipe: dict[str, Any], llama64_dir: Path) -> dict[str, Any]:
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["model"] = {"name": str(llama64_dir)}
+    recipe["data"]["system_prompt"] = "You are the library help desk."
+    recipe["eval"]["sample_prompts"] = ["What is the wifi password?"]
+    return recipe
+
+
+def token_ids(n: int = 2, length: int = 12, vocab: int = 300, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))

@@ -91,8 +91,13 @@ def test_method_trains_saves_reloads_and_generates(method, tiny_recipe, tiny_tok
     assert torch.equal(cached, uncached)
 
 
+SYSTEM = "you are a helpful assistant. answer briefly. the library opens at nine and closes at five on weekdays."
+
+
+@pytest.mark.parametrize("system_prompt", [False, True], ids=["plain", "shared-system-prompt"])
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_sparse_logits_loss_equals_full_logits_loss(method, tiny_model_dir, tiny_tokenizer, tmp_path):
+def test_sparse_logits_loss_equals_full_logits_loss(method, system_prompt, tiny_model_dir, tiny_tokenizer, tmp_path):
+    """Also with a long shared system prompt, which the trainer may compute once per batch (shared prefix)."""
     from transformers import TrainingArguments
 
     model = build(tiny_model_dir, method)
@@ -105,7 +110,16 @@ def test_sparse_logits_loss_equals_full_logits_loss(method, tiny_model_dir, tiny
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4)
     trainer = SFTTrainer(model=model, args=args, supervised_logits_only=True)
     assert trainer.sparse_logits
-    batch = chat_batch(tiny_tokenizer, CHAT_RECORDS)
+    records = CHAT_RECORDS[:3]
+    if system_prompt:
+        records = [{"messages": [{"role": "system", "content": SYSTEM}, *r["messages"]]} for r in records]
+    batch = chat_batch(tiny_tokenizer, records)
+    if system_prompt:  # make sure the shared-prefix path really runs where it applies
+        from peftkit.train.shared_prefix import MIN_SHARED_PREFIX, shared_prefix_length
+        from peftkit.train.trainer import supervised_mask
+
+        assert shared_prefix_length(batch["input_ids"], supervised_mask(batch["labels"])) >= MIN_SHARED_PREFIX
+        assert trainer.share_prefix == (method not in ("prefix_tuning", "prompt_tuning"))
     with torch.no_grad():
         reference = model(**batch, use_cache=False).loss  # the model's own loss over all logits
         sparse = trainer.compute_loss(model, dict(batch))

@@ -1,0 +1,147 @@
+"""Method comparison: each adapter method trained on the same data, then `peftkit eval`.
+
+    python -m benchmarks.methods [--recipes quickstart] [--methods lora qlora ...] [--set train.epochs=3]
+
+For a recipe `NAME`, method `M` uses `recipes/NAME-M.yaml` when it exists (its tuned settings),
+else `recipes/NAME.yaml` with `adapter.method=M`. Each run is a fresh `peftkit train` process
+(clean peak RSS), run one after another. Writes benchmarks/results/<date>_<machine>_methods.{md,csv}
+and PNG plots (loss curves, accuracy vs trainable share, tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.common import environment, results_stem
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["full", "lora", "dora", "qlora", "qlora-int8", "prefix", "partial"]
+# Methods that are a variant of another recipe rather than a recipe of their own.
+VARIANT_OVERRIDES = {"qlora-int8": ("qlora", ["quantization.bits=8"])}
+
+
+def recipe_for(name: str, method: str) -> tuple[Path, list[str]]:
+    base_method, extra = VARIANT_OVERRIDES.get(method, (method, []))
+    dedicated = ROOT / "recipes" / f"{name}-{base_method}.yaml"
+    if dedicated.is_file():
+        return dedicated, extra
+    if base_method == "lora":
+        return ROOT / "recipes" / f"{name}.yaml", extra
+    return ROOT / "recipes" / f"{name}.yaml", [f"adapter.method={base_method}", *extra]
+
+
+def run(cmd: list[str], timeout: int = 5400) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+
+
+def measure(name: str, method: str, sets: list[str], out_root: Path) -> dict:
+    recipe, overrides = recipe_for(name, method)
+    run_dir = out_root / f"{name}-{method}"
+    peftkit = [sys.executable, "-m", "peftkit.cli"]
+    run([*peftkit, "train", str(recipe), *overrides, *sets, f"output_dir={run_dir}", "--force"])
+    run([*peftkit, "eval", str(run_dir)])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    report = json.loads((run_dir / "eval.json").read_text())
+    return {
+        "recipe": name,
+        "method": method,
+        "trainable_params": summary["trainable_params"],
+        "trainable_share": round(summary["trainable_share"], 5),
+        "peak_rss_mb": summary["peak_memory_mb"],
+        "tokens_per_second": summary["tokens_per_second"],
+        "train_seconds": summary["train_seconds"],
+        "eval_loss": round(summary["eval_loss_after"], 4) if summary["eval_loss_after"] is not None else None,
+        "heldout_accuracy": summary["heldout_accuracy_after"],
+        "heldout_accuracy_base": summary["heldout_accuracy_before"],
+        "general_accuracy": report["after"].get("general_accuracy"),
+        "forgetting_points": report["forgetting_points"],
+        "run_dir": str(run_dir),
+    }
+
+
+def plots(rows: list[dict], stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peftkit.train.callbacks import read_metrics
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for row in rows:
+        metrics = read_metrics(Path(row["run_dir"]) / "metrics.jsonl")
+        points = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+        if points:
+            ax.plot(*zip(*points), label=f"{row['recipe']}/{row['method']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(f"{stem}_loss.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for row in rows:
+        if row["heldout_accuracy"] is not None:
+            ax.scatter(row["trainable_share"] * 100, row["heldout_accuracy"] * 100)
+            ax.annotate(row["method"], (row["trainable_share"] * 100, row["heldout_accuracy"] * 100), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of model, log)")
+    ax.set_ylabel("held-out fact accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(f"{stem}_accuracy.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.barh([f"{r['recipe']}/{r['method']}" for r in rows], [r["tokens_per_second"] or 0 for r in rows])
+    ax.set_xlabel("supervised tokens / s")
+    fig.tight_layout()
+    fig.savefig(f"{stem}_speed.png")
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipes", nargs="*", default=["quickstart"])
+    parser.add_argument("--methods", nargs="*", default=METHODS)
+    parser.add_argument("--set", nargs="*", default=[], dest="sets", help="overrides applied to every run")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    args = parser.parse_args()
+    rows = []
+    for name in args.recipes:
+        for method in args.methods:
+            print(f"{name}/{method} ...", file=sys.stderr, flush=True)
+            rows.append(measure(name, method, args.sets, Path(args.out)))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    stem = results_stem("methods")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{stem}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plots(rows, stem)
+    columns = [c for c in rows[0] if c != "run_dir"]
+    lines = [
+        "# Method comparison", "",
+        f"Overrides: `{' '.join(args.sets) or 'none'}`. Accuracy: greedy answers containing the key fact; "
+        "forgetting: drop in built-in general-knowledge accuracy vs the base model (points).", "",
+        "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+        *("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows), "",
+        f"Plots: `{stem.name}_loss.png`, `{stem.name}_accuracy.png`, `{stem.name}_speed.png`.", "",
+        "```", environment(), "```", "",
+        f"Command: `python -m benchmarks.methods --recipes {' '.join(args.recipes)} --methods {' '.join(args.methods)}"
+        + (f" --set {' '.join(args.sets)}`" if args.sets else "`"),
+    ]
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

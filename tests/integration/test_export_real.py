@@ -1,0 +1,47 @@
+"""The real default model: train a few LoRA steps, merge (verified in a fresh process), export GGUF f16
+and check, through transformers' GGUF loader, that it answers like the merged model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkit.config import load_recipe
+from peftkit.export.gguf_writer import write_gguf_export
+from peftkit.export.hf import write_merged
+from peftkit.export.merge import merge_run
+from peftkit.train.run import train
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+
+def test_trained_run_merges_and_exports_to_gguf_that_answers_the_same(tmp_path):
+    torch.set_num_threads(1)
+    recipe = load_recipe(QUICKSTART, [
+        f"output_dir={tmp_path / 'run'}", "train.max_steps=4", "train.num_threads=1", "eval.before=false",
+        "data.heldout=null", "data.max_seq_len=256", "eval.sample_prompts=[Hello]", "eval.max_new_tokens=8",
+    ])
+    run_dir = train(recipe).run_dir
+
+    merged = merge_run(run_dir)
+    assert merged.merge_max_abs_diff < 1e-3, merged.merge_max_abs_diff
+    hf = write_merged(merged, run_dir / "merged")
+    assert hf.verification["passed"] and hf.verification["greedy_exact"] == 1.0, hf.verification
+    assert hf.verification["tokenizer_match"] and hf.verification["template_match"]
+
+    gguf = write_gguf_export(merged, run_dir / "gguf", gguf_type="f16")
+    # written by transformers' GGUF loader (AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)) in a fresh
+    # process, on 5 chat prompts extended by the merged model's greedy answers
+    report = json.loads((run_dir / "gguf" / "verification.json").read_text())
+    assert report["kind"] == "gguf" and report["passed"], report
+    assert report["greedy_agreement"] >= 0.95 and report["greedy_exact"] >= 0.8, report
+    assert report["max_abs_diff"] < 0.5, report  # f16 weights, logits up to ~40
+    assert report["tokenizer_match"] and report["template_match"], report  # tokenizer + chat template in the GGUF
+    name = next(f for f in gguf.files if f.endswith(".gguf"))
+    modelfile = (run_dir / "gguf" / "Modelfile").read_text()
+    assert f"FROM ./{name}" in modelfile and recipe.data.system_prompt in modelfile

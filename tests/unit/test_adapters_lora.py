@@ -1,0 +1,146 @@
+"""LoRA options really do what they say: DoRA, rsLoRA, inits, target selection, layers, modules_to_save."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peftkit.adapters import build_adapter, check_targets, save_trained
+from peftkit.config.schema import LoraAdapterConfig
+from peftkit.errors import ConfigError
+from tests.conftest import CHAT_RECORDS
+from tests.unit.adapters_fixtures import chat_batch, load_tiny
+
+torch.set_num_threads(1)
+
+
+def _lora(model_dir, **kwargs):
+    torch.manual_seed(0)
+    model = load_tiny(model_dir)
+    torch.manual_seed(0)
+    return build_adapter(model, LoraAdapterConfig(**{"r": 4, "alpha": 8, "dropout": 0.0, **kwargs}))
+
+
+def _lora_modules(model) -> set[str]:
+    """Names of the base modules that got a LoRA layer, relative to the transformers model."""
+    names = set()
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            names.add(name.removeprefix("base_model.model."))
+    return names
+
+
+def _inputs(tokenizer):
+    batch = chat_batch(tokenizer, CHAT_RECORDS)
+    return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+
+def test_target_names_regex_all_linear_and_layers(tiny_model_dir):
+    named = _lora_modules(_lora(tiny_model_dir, target_modules=["q_proj", "v_proj"]))
+    assert named == {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
+
+    regex = _lora_modules(_lora(tiny_model_dir, target_modules=r".*\.layers\.1\.mlp\.(up|down)_proj"))
+    assert regex == {"model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"}
+
+    everything = _lora_modules(_lora(tiny_model_dir, target_modules="all-linear"))
+    assert len(everything) == 14 and "lm_head" not in everything  # 7 linear layers x 2 blocks, never the head
+
+    top = _lora_modules(_lora(tiny_model_dir, target_modules="all-linear", layers=(1, 1)))
+    assert top and all(n.startswith("model.layers.1.") for n in top) and len(top) == 7
+
+    # peft ignores layers_to_transform for a regex; peftkit resolves the regex so the range still applies.
+    regex_layers = _lora_modules(_lora(tiny_model_dir, target_modules=r".*_proj", layers=(0, 0)))
+    assert regex_layers and all(n.startswith("model.layers.0.") for n in regex_layers) and len(regex_layers) == 7
+
+
+def test_dora_and_rslora(tiny_model_dir):
+    dora = _lora(tiny_model_dir, use_dora=True, target_modules=["q_proj"])
+    magnitudes = [n for n, p in dora.named_parameters() if "lora_magnitude_vector" in n and p.requires_grad]
+    assert len(magnitudes) == 2  # one per targeted layer, trained
+
+    rs = _lora(tiny_model_dir, use_rslora=True, r=4, alpha=8, target_modules=["q_proj"])
+    plain = _lora(tiny_model_dir, use_rslora=False, r=4, alpha=8, target_modules=["q_proj"])
+    layer = rs.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(8 / 4**0.5)  # alpha / sqrt(r)
+    assert plain.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(8 / 4)
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian", "pissa", "olora"])
+def test_inits_keep_the_initial_output(init, tiny_model_dir, tiny_tokenizer):
+    base = load_tiny(tiny_model_dir)
+    inputs = _inputs(tiny_tokenizer)
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    model = _lora(tiny_model_dir, init=init)
+    with torch.no_grad():
+        got = model(**inputs).logits
+    assert torch.allclose(got, expected, atol=1e-4)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    b_nonzero = bool(layer.lora_B["default"].weight.abs().sum() > 0)
+    assert b_nonzero == (init in ("pissa", "olora"))  # SVD/QR inits move part of W into the adapter
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_adapter_saved_for_the_original_base(init, tiny_model_dir, tiny_tokenizer, tmp_path):
+    """The residual base is not what users load: the saved adapter is converted to plain LoRA (rank 2r)."""
+    from peft import PeftModel
+
+    model = _lora(tiny_model_dir, init=init)
+    with torch.no_grad():  # stands in for training
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+    inputs = _inputs(tiny_tokenizer)
+    with torch.no_grad():
+        trained = model(**inputs).logits
+    saved = save_trained(model, tmp_path, "lora")
+    config = json.loads((saved / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True
+    reloaded = PeftModel.from_pretrained(load_tiny(tiny_model_dir), str(saved))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs).logits, trained, atol=1e-4)
+
+
+def test_eva_uses_the_training_rows(tiny_model_dir, tiny_tokenizer):
+    from peftkit.data import tokenize_conversation
+
+    rows = [tokenize_conversation(tiny_tokenizer, r["messages"], 64, "t")[0] for r in CHAT_RECORDS * 4]
+    with pytest.raises(ConfigError, match="eva needs training data"):
+        _lora(tiny_model_dir, init="eva")
+    torch.manual_seed(0)
+    model = build_adapter(load_tiny(tiny_model_dir), LoraAdapterConfig(r=4, alpha=8, init="eva"), calibration=rows)
+    a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    # EVA sets A to the top right-singular vectors of the layer inputs: orthonormal rows.
+    assert torch.allclose(a @ a.T, torch.eye(a.shape[0]), atol=1e-3)
+
+
+def test_modules_to_save_trains_and_reloads(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from peft import PeftModel
+
+    model = _lora(tiny_model_dir, target_modules=["q_proj"], modules_to_save=["norm"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.endswith("model.norm.modules_to_save.default.weight") for n in trainable)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.mul_(1.5)
+    inputs = _inputs(tiny_tokenizer)
+    with torch.no_grad():
+        trained = model(**inputs).logits
+    saved = save_trained(model, tmp_path, "lora")
+    reloaded = PeftModel.from_pretrained(load_tiny(tiny_model_dir), str(saved))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs).logits, trained, atol=1e-5)
+
+
+def test_check_reports_unknown_targets_layers_and_modules(tiny_model_dir):
+    model = load_tiny(tiny_model_dir)
+    problems = check_targets(model, LoraAdapterConfig(target_modules=["qkv"], layers=(0, 5), modules_to_save=["head"]))
+    text = "\n".join(problems)
+    assert "layers [0, 5] is out of range: this model has layers 0..1" in text
+    assert "matches no linear module" in text and "q_proj" in text and "down_proj" in text
+    assert "modules_to_save: head not found" in text
+    assert check_targets(model, LoraAdapterConfig(target_modules=r".*\.q_proj")) == []
+    assert "loftq is not supported" in "\n".join(check_targets(model, LoraAdapterConfig(init="loftq")))

@@ -1,0 +1,105 @@
+"""Partial fine-tuning: freeze plan, gradual unfreezing through the Trainer's optimizer, layer-wise LR."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from peftkit.adapters import build_adapter, trainer_extras
+from peftkit.adapters.partial import _stage, freeze_plan
+from peftkit.config import recipe_from_dict
+from peftkit.config.schema import PartialAdapterConfig, UnfreezeScheduleConfig
+from peftkit.train.run import train
+from tests.unit.adapters_fixtures import load_tiny, recipe_for
+
+torch.set_num_threads(1)
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_plan_freezes_all_but_the_top_blocks_and_head(tiny_model_dir):
+    model = build_adapter(load_tiny(tiny_model_dir), PartialAdapterConfig(train_last_layers=1, train_head=False))
+    names = _trainable(model)
+    assert names == {n for n, _ in model.named_parameters() if n.startswith("model.layers.1.")} | {"model.norm.weight"}
+
+    head_only = build_adapter(load_tiny(tiny_model_dir), PartialAdapterConfig(train_last_layers=0, train_head=True))
+    assert _trainable(head_only) == {"model.embed_tokens.weight"}  # the tied lm_head weight
+    assert head_only.lm_head.weight is head_only.model.embed_tokens.weight
+
+
+class Snapshots(TrainerCallback):
+    """Parameter copies before training and after every optimizer step."""
+
+    def __init__(self):
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    @staticmethod
+    def _take(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.steps = [self._take(model)]
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.steps.append(self._take(model))
+
+
+def test_gradual_unfreezing_updates_blocks_only_after_they_unfreeze(tiny_recipe, tmp_path):
+    """Later blocks are in the optimizer from the start, frozen (no update, no weight decay) until their stage."""
+    recipe = recipe_for(
+        tiny_recipe, "partial", tmp_path, train_last_layers=2, train_head=False, unfreeze_schedule={"every_steps": 2, "start_layers": 1}
+    )
+    recipe["train"].update({"max_steps": 6, "weight_decay": 0.1})
+    snapshots = Snapshots()
+    train(recipe_from_dict(recipe), extra_callbacks=[snapshots])
+    steps = snapshots.steps
+    assert len(steps) == 7
+
+    def changed(name: str, step: int) -> bool:
+        return not torch.equal(steps[step][name], steps[step - 1][name])
+
+    top, lower = "model.layers.1.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    embed = "model.embed_tokens.weight"
+    assert all(changed(top, s) for s in range(1, 7))  # start_layers: 1
+    assert not any(changed(lower, s) for s in (1, 2))  # stage 0: frozen although already in the optimizer
+    assert all(changed(lower, s) for s in range(3, 7))  # unfrozen at global step 2
+    assert not any(changed(embed, s) for s in range(1, 7))  # never trains (head and embeddings off)
+
+
+def test_layerwise_lr_decay_param_groups(tiny_model_dir, tmp_path):
+    cfg = PartialAdapterConfig(train_last_layers=2, train_head=True, layerwise_lr_decay=0.5)
+    model = build_adapter(load_tiny(tiny_model_dir), cfg)
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.01, use_cpu=True, report_to="none")
+    optimizer = trainer_extras(model, cfg, args).optimizer
+    lr_by_group: dict[str, set[float]] = {}
+    for group in optimizer.param_groups:
+        lr_by_group.setdefault(group["peftkit_group"], set()).add(round(group["lr"], 12))
+        if any(p.ndim == 1 for p in group["params"]):  # norms: no weight decay
+            assert group["weight_decay"] == 0.0
+    # head (tied embeddings) and final norm at lr, top block lr*d, the next lr*d^2
+    assert lr_by_group == {"head": {1e-3}, "top": {1e-3}, "block.1": {5e-4}, "block.0": {2.5e-4}}
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_schedule_stage_by_steps_and_epochs():
+    steps = UnfreezeScheduleConfig(every_steps=10)
+    epochs = UnfreezeScheduleConfig(every_epochs=2)
+    assert [_stage(steps, SimpleNamespace(global_step=s, epoch=0.0)) for s in (0, 9, 10, 25)] == [0, 0, 1, 2]
+    assert [_stage(epochs, SimpleNamespace(global_step=0, epoch=e)) for e in (0.0, 1.99, 2.0, 4.5)] == [0, 0, 1, 2]
+
+
+def test_plan_caps_unfreezing_at_train_last_layers(tiny_model_dir):
+    cfg = PartialAdapterConfig(train_last_layers=1, train_head=True, unfreeze_schedule={"every_steps": 1})
+    model = build_adapter(load_tiny(tiny_model_dir), cfg)
+    plan = freeze_plan(model)
+    counts = []
+    for stage in range(4):
+        plan.apply(stage)
+        counts.append(plan.trainable_count())
+    assert counts[0] < counts[1] == counts[2] == counts[3]
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("model.layers.0."))

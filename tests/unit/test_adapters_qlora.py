@@ -1,0 +1,110 @@
+"""QLoRA on CPU: 4-bit (nf4/fp4, double quantization) and 8-bit bases, k-bit preparation, warnings, packing."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from peftkit.adapters import build_adapter, parameter_counts
+from peftkit.config.schema import ModelConfig, QLoraAdapterConfig, QuantizationConfig
+from peftkit.models import load_model
+from tests.conftest import CHAT_RECORDS
+from tests.unit.adapters_fixtures import chat_batch
+
+torch.set_num_threads(1)
+
+
+def _qlora(model_dir, quantization: QuantizationConfig, **adapter):
+    torch.manual_seed(0)
+    base = load_model(ModelConfig(name=str(model_dir)), quantization, device="cpu", dtype=torch.float32)
+    torch.manual_seed(0)
+    return build_adapter(base, QLoraAdapterConfig(**{"r": 4, "alpha": 8, "dropout": 0.0, **adapter}), quantized=True)
+
+
+@pytest.mark.parametrize(
+    ("quantization", "layer_class"),
+    [
+        (QuantizationConfig(bits=4, quant_type="nf4", double_quant=True), "Linear4bit"),
+        (QuantizationConfig(bits=4, quant_type="fp4", double_quant=False), "Linear4bit"),
+        (QuantizationConfig(bits=8), "Linear8bitLt"),
+    ],
+)
+def test_qlora_trains_on_cpu(quantization, layer_class, tiny_model_dir, tiny_tokenizer):
+    model = _qlora(tiny_model_dir, quantization, init="gaussian")
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert layer_class in kinds
+    assert model.is_gradient_checkpointing  # on by default for qlora
+    if quantization.bits == 4:
+        weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+        assert weight.quant_type == quantization.quant_type
+        assert weight.quant_state.nested == quantization.double_quant
+    trainable, total = parameter_counts(model)
+    assert 0 < trainable < total
+    batch = chat_batch(tiny_tokenizer, CHAT_RECORDS)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.01, losses
+
+
+def test_8bit_cast_warning_is_said_once(tiny_model_dir, tiny_tokenizer, caplog):
+    model = _qlora(tiny_model_dir, QuantizationConfig(bits=8))
+    batch = chat_batch(tiny_tokenizer, CHAT_RECORDS)
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
+        for _ in range(3):
+            model(**batch).loss.backward()
+    casts = [r for r in caplog.records if "MatMul8bitLt: inputs will be cast" in r.getMessage()]
+    assert len(casts) <= 1  # 14 quantized matmuls x 3 passes without the filter
+
+
+def test_inference_forward_does_not_break_later_training(tiny_model_dir, tiny_tokenizer):
+    """bitsandbytes repacks 4-bit weights on a no-grad CPU forward (AVX512-BF16 CPUs); peftkit keeps the layout."""
+    batch = chat_batch(tiny_tokenizer, CHAT_RECORDS)
+
+    def grads(generate_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        base = load_model(ModelConfig(name=str(tiny_model_dir)), QuantizationConfig(bits=4), device="cpu", dtype=torch.float32)
+        if generate_first:  # what the "before" held-out evaluation does
+            base.eval()
+            with torch.inference_mode():
+                base.generate(input_ids=batch["input_ids"][:1, :8], max_new_tokens=2, do_sample=False)
+        torch.manual_seed(0)
+        model = build_adapter(base, QLoraAdapterConfig(r=4, init="gaussian", gradient_checkpointing=False), quantized=True)
+        model.train()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fresh, after = grads(False), grads(True)
+    assert fresh.keys() == after.keys()
+    for name in fresh:
+        assert torch.allclose(fresh[name], after[name], atol=1e-6), name
+    layers = [m for m in load_model(ModelConfig(name=str(tiny_model_dir)), QuantizationConfig(bits=4)).modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)
+
+
+def test_sft_trainer_with_checkpointed_qlora(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """QLoRA turns gradient checkpointing on in the model: the trainer must not take its two-call shared-prefix path."""
+    from transformers import TrainingArguments
+
+    from peftkit.train.trainer import SFTTrainer
+
+    model = _qlora(tiny_model_dir, QuantizationConfig(bits=4), init="gaussian")  # gradient_checkpointing: true
+    assert model.is_activation_checkpointing
+    system = {"role": "system", "content": "you are a helpful assistant. answer briefly. the library opens at nine."}
+    batch = chat_batch(tiny_tokenizer, [{"messages": [system, *r["messages"]]} for r in CHAT_RECORDS[:3]])
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = SFTTrainer(model=model, args=args)
+    assert not trainer.share_prefix
+    model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)

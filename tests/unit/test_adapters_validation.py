@@ -1,0 +1,122 @@
+"""Recipe problems with the adapter block are single, clear messages, found before any weights load."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from peftkit.adapters import METHODS
+from peftkit.config import recipe_from_dict
+from peftkit.config.validate import validate_recipe
+from peftkit.errors import ConfigError
+
+
+def _recipe(tiny_recipe, adapter, **top):
+    data = copy.deepcopy(tiny_recipe)
+    data["adapter"] = adapter
+    data.update(top)
+    return data
+
+
+def _problems(tiny_recipe, adapter, **top) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_recipe(recipe_from_dict(_recipe(tiny_recipe, adapter, **top)), check_model=True)
+    return str(info.value)
+
+
+@pytest.fixture(autouse=True)
+def no_weights(monkeypatch):
+    """Validation must never load weights: make any attempt fail loudly."""
+    from transformers import PreTrainedModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("validation loaded model weights")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+
+
+def test_every_method_is_registered():
+    assert METHODS == ("lora", "qlora", "prefix_tuning", "prompt_tuning", "ia3", "full", "partial")
+
+
+def test_unknown_method_lists_the_valid_ones(tiny_recipe):
+    with pytest.raises(ConfigError) as info:
+        recipe_from_dict(_recipe(tiny_recipe, {"method": "adapterfusion"}))
+    assert str(info.value).count("\n") == 0
+    assert "'adapterfusion' is not an adapter method; choose one of: lora, qlora, prefix_tuning, prompt_tuning, ia3, full, partial" in str(info.value)
+
+
+def test_parameter_of_another_method(tiny_recipe):
+    with pytest.raises(ConfigError, match=r"`num_virtual_tokens` is not a parameter of adapter method `lora` \(its parameters: method, r,"):
+        recipe_from_dict(_recipe(tiny_recipe, {"method": "lora", "num_virtual_tokens": 8}))
+    with pytest.raises(ConfigError, match="not a parameter of adapter method `full`"):
+        recipe_from_dict(_recipe(tiny_recipe, {"method": "full", "r": 8}))
+    with pytest.raises(ConfigError, match="unknown key `adapter.unfreeze_schedule.every_step`: did you mean `every_steps`"):
+        recipe_from_dict(_recipe(tiny_recipe, {"method": "partial", "unfreeze_schedule": {"every_step": 5}}))
+
+
+@pytest.mark.parametrize(
+    ("adapter", "message"),
+    [
+        ({"method": "partial", "unfreeze_schedule": {"every_steps": 5, "every_epochs": 1}}, "exactly one of every_steps or every_epochs"),
+        ({"method": "partial", "train_last_layers": 0, "train_head": False}, "nothing would train at the start"),
+        ({"method": "partial", "train_last_layers": 1, "unfreeze_schedule": {"every_steps": 5, "start_layers": 2}}, "start_layers (2) is more than"),
+        ({"method": "partial", "layerwise_lr_decay": 1.5}, "layerwise_lr_decay"),
+        ({"method": "prompt_tuning", "init": "text"}, "init: text needs a non-empty init_text"),
+        ({"method": "prefix_tuning", "encoder_hidden_size": 64}, "only applies with prefix_projection: true"),
+    ],
+)
+def test_schema_rules(tiny_recipe, adapter, message):
+    with pytest.raises(ConfigError) as info:
+        recipe_from_dict(_recipe(tiny_recipe, adapter))
+    assert message in str(info.value)
+
+
+def test_targets_matching_nothing_list_the_linear_modules(tiny_recipe):
+    text = _problems(tiny_recipe, {"method": "lora", "target_modules": ["query", "value"]})
+    assert "adapter.target_modules ['query', 'value'] matches no linear module in this model" in text
+    assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in text
+    assert "matches no linear module" in _problems(tiny_recipe, {"method": "ia3", "target_modules": ["nothing"]})
+
+
+def test_ranges_are_checked_against_the_model(tiny_recipe):
+    assert "adapter.layers [0, 2] is out of range: this model has layers 0..1" in _problems(
+        tiny_recipe, {"method": "lora", "layers": [0, 2]}
+    )
+    assert "adapter.train_last_layers 3 is out of range: this model has 2 blocks" in _problems(
+        tiny_recipe, {"method": "partial", "train_last_layers": 3}
+    )
+
+
+def test_incompatible_combinations(tiny_recipe):
+    assert "quantization: a 4/8-bit base is only supported with lora/qlora, not `full`" in _problems(
+        tiny_recipe, {"method": "full"}, quantization={"bits": 4}
+    )
+    assert "not `partial`" in _problems(tiny_recipe, {"method": "partial"}, quantization={"bits": 8})
+    for method in ("prefix_tuning", "prompt_tuning"):
+        text = _problems(tiny_recipe, {"method": method}, task="sequence_classification")
+        assert f"{method} does not support task: sequence_classification" in text
+    assert "loftq is not supported" in _problems(tiny_recipe, {"method": "lora", "init": "loftq"})
+    text = _problems(tiny_recipe, {"method": "ia3", "target_modules": ["k_proj", "v_proj"], "feedforward_modules": ["down_proj"]})
+    assert "feedforward_modules ['down_proj'] must be among the target_modules" in text
+
+
+def test_checks_are_task_aware(tiny_recipe, tmp_path):
+    """`score` exists only on the classification model: the skeleton is built for the recipe's task."""
+    labeled = tmp_path / "labeled.jsonl"
+    labeled.write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n' * 4)
+    data = {**tiny_recipe["data"], "train": str(labeled), "heldout": None}
+    adapter = {"method": "lora", "target_modules": ["q_proj"], "modules_to_save": ["score"]}
+    validate_recipe(recipe_from_dict(_recipe(tiny_recipe, adapter, task="sequence_classification", data=data)))
+    assert "modules_to_save: score not found" in _problems(tiny_recipe, adapter)
+
+
+def test_classification_builtin_needs_its_task(tiny_recipe):
+    text = _problems(tiny_recipe, {"method": "lora", "target_modules": ["query"]}, model={"name": "minilm-l6"})
+    assert "minilm-l6 is a sequence_classification model; set `task: sequence_classification`" in text
+
+
+def test_valid_recipes_for_every_method_pass(tiny_recipe):
+    for method in METHODS:
+        validate_recipe(recipe_from_dict(_recipe(tiny_recipe, {"method": method})), check_model=True)

@@ -1,0 +1,131 @@
+"""`task: sequence_classification`: labeled data, metrics, training with LoRA / partial / full, reload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkit.config import recipe_from_dict
+from peftkit.data.classification import build_classification_data, check_classification_data, load_labeled
+from peftkit.errors import ConfigError, DataError
+from peftkit.evaluate.classification import classification_metrics
+from peftkit.runs import load_run
+from peftkit.train.classification import predict_labels
+from peftkit.train.run import train
+from tests.conftest import build_tiny_tokenizer, write_jsonl
+
+torch.set_num_threads(1)
+
+POSITIVE = ["great movie", "good food", "great service", "good good", "great great movie"]
+NEGATIVE = ["terrible movie", "bad food", "terrible service", "bad bad", "terrible terrible food"]
+
+
+def _records(repeat: int = 2) -> list[dict[str, str]]:
+    rows = [{"text": t, "label": "positive"} for t in POSITIVE] + [{"text": t, "label": "negative"} for t in NEGATIVE]
+    return rows * repeat
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A saved tiny BERT encoder (no classifier, like all-MiniLM) with the tiny tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _recipe(model_dir: Path, tmp_path: Path, adapter: dict, **train) -> dict:
+    train_file = write_jsonl(tmp_path / "train.jsonl", _records(3))
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", _records(1))
+    return {
+        "name": "tiny-cls",
+        "task": "sequence_classification",
+        "model": {"name": str(model_dir)},
+        "adapter": adapter,
+        "data": {"train": str(train_file), "eval": str(heldout), "heldout": str(heldout), "max_seq_len": 32},
+        "train": {"max_steps": 12, "batch_size": 10, "lr": 2e-2, "scheduler": "constant", "warmup_ratio": 0.0,
+                  "logging_steps": 2, "seed": 0, "num_threads": 1, **train},
+        "eval": {"sample_prompts": ["great food", "terrible movie"]},
+        "output_dir": str(tmp_path / "run"),
+    }
+
+
+def test_labeled_data_and_label_ids(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "zebra"}, {"text": "b", "label": "ant"}, {"text": "c", "label": 3}])
+    assert [i.label for i in load_labeled(path)] == ["zebra", "ant", "3"]
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,label\ngood one,pos\nbad one,neg\n")
+    data = build_classification_data(recipe_from_dict({"data": {"train": str(csv), "eval_fraction": 0.0}}).data, tiny_tokenizer)
+    assert data.labels == ["neg", "pos"] and [r["labels"] for r in data.train] == [1, 0]
+    with pytest.raises(DataError, match="need `text` and `label`"):
+        load_labeled(write_jsonl(tmp_path / "bad.jsonl", [{"text": "x", "answer": "y"}]))
+    train = write_jsonl(tmp_path / "t.jsonl", _records(1))
+    unknown = write_jsonl(tmp_path / "e.jsonl", [{"text": "meh", "label": "neutral"}])
+    problems = check_classification_data(recipe_from_dict({"data": {"train": str(train), "eval": str(unknown)}}).data)
+    assert len(problems) == 1 and "'neutral' do not occur in the training data (its labels: negative, positive)" in problems[0]
+    single = write_jsonl(tmp_path / "s.jsonl", [{"text": "x", "label": "only"}] * 3)
+    assert "single label" in check_classification_data(recipe_from_dict({"data": {"train": str(single)}}).data)[0]
+
+
+def test_accuracy_and_macro_f1():
+    scores = classification_metrics([0, 0, 1, 1, 2, 0], [0, 1, 1, 1, 2, 2], num_labels=3)
+    assert scores["accuracy"] == pytest.approx(4 / 6)
+    # per-label F1 = 2tp / (2tp + fp + fn): 0 -> 2/4 (tp1 fp2 fn0), 1 -> 4/5 (tp2 fp0 fn1), 2 -> 2/3 (tp1 fp0 fn1)
+    assert scores["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert classification_metrics([1, 1], [1, 1], num_labels=3)["macro_f1"] == 1.0  # absent labels do not count
+
+
+def _check_run(result, trained_head: str) -> None:
+    run_dir, summary = result.run_dir, result.summary
+    assert json.loads((run_dir / "labels.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
+    for split in ("eval", "heldout"):
+        assert summary[f"{split}_accuracy_after"] == 1.0, summary
+        assert summary[f"{split}_macro_f1_after"] == 1.0
+        assert summary[f"{split}_loss_after"] < summary[f"{split}_loss_before"]
+    assert summary["labels"] == ["negative", "positive"]
+    assert [s["reply"] for s in summary["samples"]] == ["positive", "negative"]
+    run = load_run(run_dir)
+    base = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model
+    assert base.config.id2label == {0: "negative", 1: "positive"}
+    assert predict_labels(run.model, run.tokenizer, POSITIVE + NEGATIVE) == ["positive"] * 5 + ["negative"] * 5
+    assert any(name.split(".")[-1] == trained_head for name, _ in base.named_modules())
+
+
+def test_lora_on_a_decoder_trains_the_score_head(tiny_model_dir, tmp_path):
+    result = train(recipe_from_dict(_recipe(tiny_model_dir, tmp_path, {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0})))
+    config = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    assert 0 < result.summary["trainable_share"] < 0.5
+    _check_run(result, "score")
+
+
+def test_lora_on_bert_targets_query_key_value_dense(tiny_bert_dir, tmp_path):
+    adapter = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "key", "value", "dense"]}
+    result = train(recipe_from_dict(_recipe(tiny_bert_dir, tmp_path, adapter, max_steps=20, lr=1e-2)))
+    config = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"query", "key", "value", "dense"} and "classifier" in config["modules_to_save"]
+    _check_run(result, "classifier")
+
+
+@pytest.mark.parametrize("method", ["partial", "full"])
+def test_partial_and_full_on_bert(method, tiny_bert_dir, tmp_path):
+    adapter = {"method": "partial", "train_last_layers": 1} if method == "partial" else {"method": "full"}
+    result = train(recipe_from_dict(_recipe(tiny_bert_dir, tmp_path, adapter, lr=5e-3)))
+    assert (result.run_dir / "model" / "config.json").is_file() and not (result.run_dir / "adapter").exists()
+    share = result.summary["trainable_share"]
+    assert share == 1.0 if method == "full" else 0 < share < 0.5
+    _check_run(result, "classifier")
+
+
+def test_prompt_methods_are_rejected_for_classification(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="prefix_tuning does not support task: sequence_classification"):
+        train(recipe_from_dict(_recipe(tiny_model_dir, tmp_path, {"method": "prefix_tuning"})))

@@ -1,0 +1,338 @@
+"""DeepSpeed config generation and validation, the launcher command lines, and stale build locks.
+
+Everything here runs without starting DeepSpeed: configs are checked against transformers'
+own `HfTrainerDeepSpeedConfig` (the code that fills "auto" and rejects mismatches at launch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from peftkit.config import load_recipe, recipe_from_dict
+from peftkit.config.validate import validate_recipe
+from peftkit.errors import ConfigError
+from peftkit.train import deepspeed as ds
+from peftkit.train.launch import LaunchOptions, launcher_command, load_train_recipe
+
+
+def _recipe(tiny_recipe, **changes):
+    data = {**tiny_recipe, **changes}
+    return recipe_from_dict(data)
+
+
+@pytest.fixture
+def hf_ds_config():
+    """transformers' Trainer-side DeepSpeed config, unregistered afterwards (it is a process-wide global
+    that would turn later from_pretrained calls into ZeRO-3 loads)."""
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
+
+    made = []
+
+    def make(config):
+        made.append(HfTrainerDeepSpeedConfig(config))
+        return made[-1]
+
+    yield make
+    made.clear()
+    unset_hf_deepspeed_config()
+
+
+def _training_args(recipe, tmp_path):
+    """The TrainingArguments the run would build (DeepSpeed itself left out: it would start a process group)."""
+    from peftkit.train.run import training_arguments
+
+    return training_arguments(recipe.model_copy(update={"deepspeed": None}), tmp_path, "cpu", torch.float32, True)
+
+
+def test_generated_config_follows_the_train_section(tiny_recipe):
+    train = {**tiny_recipe["train"], "batch_size": 3, "grad_accum": 5, "max_grad_norm": 0.7}
+    recipe = _recipe(tiny_recipe, train=train, deepspeed={"stage": 2})
+    config = ds.build_config(recipe, "cpu", torch.float32)
+    assert config["train_micro_batch_size_per_gpu"] == 3
+    assert config["gradient_accumulation_steps"] == 5
+    assert config["gradient_clipping"] == 0.7
+    assert config["train_batch_size"] == "auto"  # world size is only known at launch
+    assert config["bf16"] == {"enabled": False} and config["fp16"] == {"enabled": False}  # float32 on CPU
+    assert config["zero_optimization"] == {"stage": 2, "contiguous_gradients": True, "reduce_bucket_size": "auto"}
+    assert "optimizer" not in config and config["zero_allow_untested_optimizer"] is True  # torch AdamW: no fused_adam build
+    assert ds.training_kwargs(recipe, "cpu", torch.float32, world_size=2)["ddp_backend"] == "gloo"
+
+
+def test_generated_config_is_accepted_by_the_trainer_integration(tiny_recipe, tmp_path, hf_ds_config):
+    train = {**tiny_recipe["train"], "batch_size": 3, "grad_accum": 2, "max_steps": 10}
+    recipe = _recipe(tiny_recipe, train=train, deepspeed={"stage": 3})
+    args = _training_args(recipe, tmp_path)
+    hf = hf_ds_config(ds.build_config(recipe, "cpu", torch.float32))
+    hf.trainer_config_process(args)
+    hf.trainer_config_finalize(args, SimpleNamespace(config=SimpleNamespace(hidden_size=32)), num_training_steps=10)
+    assert hf.mismatches == []
+    zero = hf.config["zero_optimization"]
+    assert hf.config["train_batch_size"] == 6 and zero["reduce_bucket_size"] == 32 * 32
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 32 * 32) and zero["stage3_param_persistence_threshold"] == 320
+    assert hf.dtype() == torch.float32
+
+
+def test_mismatched_json_is_what_the_trainer_would_reject(tiny_recipe, tmp_path, hf_ds_config):
+    """The validation check mirrors the Trainer's: a value it rejects at launch is rejected before loading."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}))
+    recipe = _recipe(tiny_recipe, deepspeed=str(path))
+    hf = hf_ds_config(ds.build_config(recipe, "cpu", torch.float32))
+    hf.trainer_config_process(_training_args(recipe, tmp_path))
+    assert hf.mismatches  # transformers would raise at launch, after the weights loaded ...
+    problems = ds.check_deepspeed(recipe, "cpu")  # ... peftkit says so before
+    assert any("train_micro_batch_size_per_gpu=2 but train.batch_size is 4" in p for p in problems)
+
+
+def test_gpu_config_uses_bf16_nccl_and_pinned_offload(tiny_recipe, tmp_path, hf_ds_config):
+    recipe = _recipe(tiny_recipe, deepspeed={"stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"})
+    config = ds.build_config(recipe, "cuda", torch.bfloat16)
+    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    zero = config["zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert config["zero_force_ds_cpu_optimizer"] is False
+    assert ds.training_kwargs(recipe, "cuda", torch.bfloat16, world_size=8)["ddp_backend"] == "nccl"
+    # What TrainingArguments sets on a bf16 GPU (run.training_arguments: bf16=dtype is bf16 and not CPU).
+    cpu_args = _training_args(recipe, tmp_path)
+    gpu_args = SimpleNamespace(**{**vars(cpu_args), "bf16": True, "world_size": 8})
+    hf = hf_ds_config(config)
+    hf.trainer_config_process(gpu_args)
+    assert hf.mismatches == [] and hf.dtype() == torch.bfloat16 and hf.config["train_batch_size"] == 8 * 4
+    fp16 = ds.build_config(recipe, "cuda", torch.float16)
+    assert fp16["fp16"] == {"enabled": True} and fp16["bf16"] == {"enabled": False}
+
+
+def test_stage3_gathers_on_save_and_extra_keys_merge(tiny_recipe):
+    recipe = _recipe(tiny_recipe, deepspeed={
+        "stage": 3, "overlap_comm": True, "extra": {"zero_optimization": {"sub_group_size": 1000}, "steps_per_print": 5},
+    })
+    config = ds.build_config(recipe, "cpu", torch.float32)
+    zero = config["zero_optimization"]
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero["overlap_comm"] is True and zero["sub_group_size"] == 1000 and zero["stage"] == 3
+    assert config["steps_per_print"] == 5
+
+
+def test_invalid_combinations_are_all_reported_before_loading(tiny_recipe):
+    recipe = _recipe(tiny_recipe, deepspeed={"stage": 2, "offload_params": "cpu", "offload_optimizer": "nvme"})
+    with pytest.raises(ConfigError) as info:
+        validate_recipe(recipe, check_model=False)
+    problems = info.value.problems
+    assert any("offload_params: cpu needs stage 3" in p for p in problems)
+    assert any("nvme offload needs deepspeed.nvme_path" in p for p in problems)
+    assert len(problems) == 2
+    stage0 = _recipe(tiny_recipe, deepspeed={"stage": 0, "offload_optimizer": "cpu"})
+    assert any("needs stage 1, 2 or 3" in p for p in ds.check_deepspeed(stage0, "cpu"))
+    missing_dir = _recipe(tiny_recipe, deepspeed={"stage": 3, "offload_params": "nvme", "nvme_path": "/no/such/nvme"})
+    assert any("/no/such/nvme is not a directory" in p for p in ds.check_deepspeed(missing_dir, "cpu"))
+    fine = _recipe(tiny_recipe, deepspeed={"stage": 3, "offload_params": "cpu", "offload_optimizer": "cpu"})
+    assert ds.check_deepspeed(fine, "cpu") == []
+
+
+def test_schema_errors_name_the_deepspeed_key(tiny_recipe):
+    with pytest.raises(ConfigError, match="unknown key `deepspeed.stag`: did you mean `stage`"):
+        _recipe(tiny_recipe, deepspeed={"stag": 2})
+    with pytest.raises(ConfigError, match="`deepspeed.stage`: Input should be 0, 1, 2 or 3"):
+        _recipe(tiny_recipe, deepspeed={"stage": 4})
+    with pytest.raises(ConfigError, match="mapping of ZeRO settings .* or the path of a DeepSpeed JSON"):
+        _recipe(tiny_recipe, deepspeed=2)
+
+
+def test_json_config_problems(tiny_recipe, tmp_path):
+    missing = _recipe(tiny_recipe, deepspeed=str(tmp_path / "nope.json"))
+    assert ds.check_deepspeed(missing, "cpu") == [f"deepspeed: the DeepSpeed config file {tmp_path / 'nope.json'} does not exist (check the path)"]
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert "is not valid JSON" in ds.check_deepspeed(_recipe(tiny_recipe, deepspeed=str(broken)), "cpu")[0]
+    bf16 = tmp_path / "bf16.json"
+    bf16.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1, "offload_param": {"device": "cpu"}}}))
+    problems = ds.check_deepspeed(_recipe(tiny_recipe, deepspeed=str(bf16)), "cpu")
+    assert any("enables bf16 but this run does not use bf16 on cpu" in p for p in problems)
+    assert any("offload_param needs ZeRO stage 3" in p for p in problems)
+    gpu_bf16 = _recipe(tiny_recipe, deepspeed=str(bf16), train={**tiny_recipe["train"], "dtype": "bfloat16"})
+    assert not any("enables bf16" in p for p in ds.check_deepspeed(gpu_bf16, "cuda"))  # right on a bf16 GPU
+
+
+def test_json_config_is_completed_and_resolved_next_to_the_recipe(tiny_recipe, tmp_path):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "z3.json").write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 3},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+    }))
+    (folder / "r.yaml").write_text(yaml.safe_dump({**tiny_recipe, "deepspeed": "z3.json"}))
+    recipe = load_recipe(folder / "r.yaml")
+    assert recipe.deepspeed == str(folder / "z3.json")
+    config = ds.build_config(recipe, "cpu", torch.float32)
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert config["optimizer"]["params"]["torch_adam"] is True  # no 2.5 min fused_adam build on CPU
+    assert ds.zero_stage(recipe) == 3
+    assert ds.check_deepspeed(recipe, "cpu") == []
+
+
+def test_quantization_with_zero3(tiny_recipe):
+    from peftkit.models.load import bnb_config
+
+    qlora = {**tiny_recipe["adapter"], "method": "qlora"}
+    eight_bit = _recipe(tiny_recipe, adapter=qlora, quantization={"bits": 8}, deepspeed={"stage": 3})
+    assert any("8-bit quantization is not supported" in p for p in ds.check_deepspeed(eight_bit, "cpu"))
+    four_bit = _recipe(tiny_recipe, adapter=qlora, deepspeed={"stage": 3})
+    assert ds.check_deepspeed(four_bit, "cpu") == []
+    assert ds.quant_storage_dtype(four_bit, torch.float32) == torch.float32
+    assert ds.quant_storage_dtype(four_bit, torch.bfloat16) == torch.bfloat16
+    assert ds.quant_storage_dtype(_recipe(tiny_recipe, adapter=qlora, deepspeed={"stage": 2}), torch.float32) is None
+    assert ds.quant_storage_dtype(_recipe(tiny_recipe, adapter=qlora), torch.float32) is None
+    from peftkit.config.schema import QuantizationConfig
+
+    assert bnb_config(QuantizationConfig(), "cpu", torch.float32, torch.float32).bnb_4bit_quant_storage == torch.float32
+    assert bnb_config(QuantizationConfig(), "cpu", torch.float32).bnb_4bit_quant_storage == torch.uint8
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI flags and launcher command lines
+
+
+def _args(recipe: Path, **kw) -> argparse.Namespace:
+    return argparse.Namespace(recipe=str(recipe), overrides=kw.pop("overrides", []), resume=kw.pop("resume", None),
+                              force=False, deepspeed=kw.pop("deepspeed", None), **kw)
+
+
+def test_deepspeed_flag_and_run_dir_argument(tiny_recipe, tmp_path, monkeypatch):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    recipe, _ = load_train_recipe(_args(path, deepspeed="3"))
+    assert recipe.deepspeed.stage == 3
+    (tmp_path / "ds.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    recipe, _ = load_train_recipe(_args(path, deepspeed="ds.json"))
+    assert recipe.deepspeed == str(tmp_path / "ds.json")
+    run_dir = tmp_path / "old-run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump({**tiny_recipe, "output_dir": "somewhere/else"}))
+    recipe, _ = load_train_recipe(_args(run_dir))
+    assert Path(recipe.output_dir) == run_dir  # a run directory resumes in place
+
+
+def test_launcher_command_lines():
+    worker = ["train", "/r.yaml"]
+    single = launcher_command(LaunchOptions(nproc=2), worker)
+    assert single[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node"] and "--standalone" in single
+    assert single[-4:] == ["-m", "peftkit.cli", "train", "/r.yaml"]
+    assert "SIGINT" not in single[single.index("--signals-to-handle") + 1]  # Ctrl-C comes from peftkit, once
+    multi = launcher_command(LaunchOptions(nproc=8, nnodes=2, node_rank=1, master_addr="10.0.0.1"), worker)
+    assert "--standalone" not in multi
+    for flag, value in (("--nnodes", "2"), ("--node-rank", "1"), ("--master-addr", "10.0.0.1"), ("--master-port", "29500")):
+        assert multi[multi.index(flag) + 1] == value
+    hostfile = launcher_command(LaunchOptions(nproc=4, hostfile="/etc/hosts"), worker)
+    assert hostfile[1:3] == ["-m", "deepspeed.launcher.runner"]
+    assert hostfile[hostfile.index("--hostfile") + 1] == "/etc/hosts" and "--no_local_rank" in hostfile
+    assert hostfile[hostfile.index("--module") + 1] == "peftkit.cli"
+
+
+def test_launch_option_problems(tmp_path):
+    assert LaunchOptions(nproc=2).problems() == []
+    assert "needs --master-addr" in LaunchOptions(nnodes=2).problems()[0]
+    assert "--node-rank must be in 0..1" in LaunchOptions(nnodes=2, node_rank=2, master_addr="h").problems()[0]
+    assert "does not exist" in LaunchOptions(hostfile=str(tmp_path / "missing")).problems()[0]
+    hosts = tmp_path / "hosts"
+    hosts.write_text("a slots=2\n")
+    assert "DeepSpeed launcher" in LaunchOptions(hostfile=str(hosts), launcher="torchrun").problems()[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Build locks left by killed builds
+
+
+HOLD_LOCK = """
+import sys, time
+from torch.utils.file_baton import FileBaton
+baton = FileBaton(sys.argv[1])
+assert baton.try_acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_lock_left_by_a_killed_build_is_reported_not_waited_on(tmp_path):
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        assert ds.lock_holders(lock) == [holder.pid]
+        ds.check_extension_locks(tmp_path, max_age_minutes=0)  # a live builder holds it: not stale
+    finally:
+        holder.send_signal(signal.SIGKILL)  # killed mid-"build": torch never removes the lock
+        holder.wait(timeout=30)
+    assert lock.exists() and ds.lock_holders(lock) == []
+    with pytest.raises(ds.ExtensionLockError) as info:
+        ds.check_extension_locks(tmp_path, max_age_minutes=0)
+    assert f"rm {lock}" in str(info.value) and str(lock.parent) in str(info.value)
+    ds.check_extension_locks(tmp_path, max_age_minutes=5)  # younger than N minutes: maybe another node's build
+    old = time.time() - 600
+    os.utime(lock, (old, old))
+    with pytest.raises(ds.ExtensionLockError, match="10 min old"):
+        ds.check_extension_locks(tmp_path, max_age_minutes=5)
+
+
+def test_waiting_for_a_lock_ends_with_an_error_once_it_is_stale(tmp_path, monkeypatch):
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.write_text("")
+    started = time.monotonic()
+    with pytest.raises(ds.ExtensionLockError):
+        ds.wait_for_extension_locks(tmp_path, max_age_minutes=0.02, poll_s=0.1)
+    assert time.monotonic() - started < 10
+    # The run-time entry point raises before importing DeepSpeed or building anything.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv(ds.LOCK_MINUTES_ENV, "0")
+    with pytest.raises(ds.ExtensionLockError, match="Delete it"):
+        ds.ensure_cpu_ops_built()
+
+
+def test_waiting_returns_when_the_builder_finishes(tmp_path):
+    from torch.utils.file_baton import FileBaton
+
+    lock = tmp_path / "op" / "lock"
+    lock.parent.mkdir()
+    baton = FileBaton(str(lock))
+    assert baton.try_acquire()  # this process is the live builder
+    import threading
+
+    threading.Timer(0.5, baton.release).start()
+    ds.wait_for_extension_locks(tmp_path, max_age_minutes=0, poll_s=0.1)
+    assert not lock.exists()
+
+
+def test_extensions_dir_is_per_user_and_per_torch_build(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("PEFTKIT_HOME", str(tmp_path))
+    path = ds.extensions_dir()
+    assert path.parent == tmp_path / "torch_extensions"
+    assert torch.__version__.split("+")[0] in path.name and f"py{sys.version_info.major}{sys.version_info.minor}" in path.name
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/x/y")
+    assert ds.extensions_dir() == Path("/x/y")
+
+
+def test_nvme_offload_without_async_io_stops_before_loading(tiny_recipe, tmp_path, monkeypatch):
+    recipe = _recipe(tiny_recipe, deepspeed={"stage": 3, "offload_params": "nvme", "nvme_path": str(tmp_path)})
+    assert ds.check_deepspeed(recipe, "cpu") == []
+    assert ds.uses_nvme(ds.build_config(recipe, "cpu", torch.float32))
+    monkeypatch.setattr(ds, "prepare_process", lambda device: None)
+    monkeypatch.setattr(ds, "async_io_available", lambda: False)
+    with pytest.raises(ds.PeftkitError, match="libaio"):
+        ds.setup(recipe, tmp_path, "cpu", torch.float32, write=False)
+    assert not ds.uses_nvme(ds.build_config(_recipe(tiny_recipe, deepspeed={"stage": 3}), "cpu", torch.float32))

@@ -1,0 +1,102 @@
+"""Adapter-only export: PEFT layout, manifest, serving-engine compatibility, upstream peft loads it."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from peft import LoraConfig, PeftModel, PrefixTuningConfig
+
+from tests.unit.export_fixtures import adapter_logits, export_recipe, llama64_dir, make_run, token_ids  # noqa: F401
+from peftkit.cli import main
+from peftkit.export.adapter_export import export_adapter
+from peftkit.export.compat import read_adapter, serving_compatibility
+
+torch.set_num_threads(1)
+
+
+def test_adapter_export_is_standard_peft_and_verified_in_a_fresh_process(export_recipe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = make_run(tmp_path / "run", export_recipe, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                               task_type="CAUSAL_LM"))
+    result = export_adapter(run)
+    out = run / "adapter-export"
+    for name in ["adapter_config.json", "adapter_model.safetensors", "manifest.json", "README.md",
+                 "verification.json", "tokenizer_config.json", "chat_template.jinja"]:
+        assert name in result.files, name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["peft_type"] == "LORA" and manifest["method"] == "LoRA"
+    assert manifest["rank"] == 4 and manifest["alpha"] == 8
+    assert manifest["base_model"]["name"] == export_recipe["model"]["name"]
+    assert manifest["base_model"]["path"] == export_recipe["model"]["name"] and manifest["base_model"]["hidden_size"] == 64
+    assert "model.layers.0.self_attn.q_proj" in manifest["target_modules"]
+    assert manifest["serving"]["vllm"]["compatible"] is True
+    assert manifest["files"]["adapter_model.safetensors"]["sha256"]
+    report = json.loads((out / "verification.json").read_text())
+    assert report["passed"] and report["kind"] == "peft" and report["max_abs_diff"] < 1e-5
+    assert manifest["verified"]["loader"].startswith("peft.PeftModel.from_pretrained")
+
+    base = AutoModelForCausalLM.from_pretrained(manifest["base_model"]["path"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = token_ids()
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - adapter_logits(run, ids)).abs().max() == 0
+
+
+def test_manifest_lists_why_vllm_would_reject_the_adapter(export_recipe, tmp_path):
+    config = LoraConfig(r=32, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True,
+                        modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    run = make_run(tmp_path / "run", export_recipe, config)
+    export_adapter(run, tmp_path / "out", check=False)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    vllm = manifest["serving"]["vllm"]
+    assert vllm["compatible"] is False
+    assert any("DoRA" in r for r in vllm["reasons"]) and any("modules_to_save" in r for r in vllm["reasons"])
+    assert any("--max-lora-rank 32" in n for n in vllm["notes"])
+    assert manifest["serving"]["llama.cpp"]["compatible"] is False
+    assert manifest["method"] == "DoRA" and manifest["modules_to_save"] == ["lm_head"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| vllm | no |" in card
+
+
+def test_prefix_tuning_exports_as_adapter_and_loads_upstream(export_recipe, tmp_path, capsys):
+    run = make_run(tmp_path / "run", export_recipe, PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    assert main(["export", str(run), "--format", "adapter", "--out", str(tmp_path / "prefix")]) == 0
+    printed = capsys.readouterr().out
+    assert "Verified in a fresh process" in printed and "vLLM multi-LoRA: no" in printed
+    manifest = json.loads((tmp_path / "prefix" / "manifest.json").read_text())
+    assert manifest["peft_type"] == "PREFIX_TUNING"
+    assert json.loads((tmp_path / "prefix" / "verification.json").read_text())["max_abs_diff"] < 1e-5
+
+
+def test_serving_compatibility_rules():
+    from pathlib import Path
+
+    from peftkit.export.compat import AdapterInfo
+
+    plain = AdapterInfo(Path("."), {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_rslora": True})
+    engines = serving_compatibility(plain, "llama")
+    assert engines["vllm"]["compatible"] and engines["llama.cpp"]["compatible"]
+    ia3 = serving_compatibility(AdapterInfo(Path("."), {"peft_type": "IA3"}), "llama")
+    assert not ia3["vllm"]["compatible"] and "IA3" in ia3["vllm"]["reasons"][0]
+    assert not serving_compatibility(plain, "gpt2")["llama.cpp"]["compatible"]
+
+
+def test_read_adapter_reads_shapes_without_loading(export_recipe, tmp_path):
+    run = make_run(tmp_path / "run", export_recipe, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                               task_type="CAUSAL_LM"))
+    info = read_adapter(run / "adapter")
+    assert info.shapes["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] == (4, 64)
+    assert info.method == "LoRA" and not info.is_prompt_learning
+
+
+def test_qlora_adapter_export_is_verified_on_the_4bit_base(export_recipe, tmp_path):
+    quant = {"bits": 4, "quant_type": "nf4", "double_quant": True}
+    run = make_run(tmp_path / "qrun", export_recipe, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                task_type="CAUSAL_LM"), quantization=quant)
+    result = export_adapter(run)
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert manifest["method"] == "QLoRA (LoRA)" and manifest["quantization"]["bits"] == 4
+    report = result.verification
+    assert report["passed"] and report["max_abs_diff"] < 1e-4 and "LoRA adapter as peftkit loads it" == report["reference"]

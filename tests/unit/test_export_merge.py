@@ -1,0 +1,209 @@
+"""Merging adapters into the base: numerics per method, QLoRA targets, weighted mixes, HF layout, safety."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PrefixTuningConfig
+
+from tests.conftest import build_tiny_tokenizer
+from tests.unit.export_fixtures import adapter_logits, build_llama_dir, export_recipe, llama64_dir, make_run, token_ids  # noqa: F401
+from peftkit.cli import main
+from peftkit.errors import ExportError, RunDirError
+from peftkit.export.hf import export_combined, export_hf
+from peftkit.export.merge import combine_runs, merge_run
+
+torch.set_num_threads(1)
+
+METHODS = {
+    "lora": LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    "dora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], use_dora=True,
+                       task_type="CAUSAL_LM"),
+    "rslora": LoraConfig(r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True, task_type="CAUSAL_LM"),
+    "ia3": IA3Config(task_type="CAUSAL_LM"),
+}
+
+
+def _merged_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_merge_equals_adapter_logits_in_float32(method, export_recipe, tmp_path):
+    run = make_run(tmp_path / method, export_recipe, METHODS[method])
+    merged = merge_run(run)
+    ids = token_ids()
+    expected = adapter_logits(run, ids)
+    assert (expected - _merged_logits(merged.model, ids)).abs().max() < 1e-5
+    assert merged.merge_max_abs_diff < 1e-4  # longer chat prompts, logits up to ~10: float32 rounding
+    # the adapter really changes the model, so the check above is not trivially true
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(export_recipe["model"]["name"]), dtype=torch.float32)
+    assert (expected - _merged_logits(plain, ids)).abs().max() > 1e-2
+    assert not any("lora_" in n or "ia3_" in n for n, _ in merged.model.named_parameters())
+
+
+def test_merge_writes_verified_sharded_hf_directory(export_recipe, tmp_path):
+    run = make_run(tmp_path / "run", export_recipe, METHODS["lora"])
+    result = export_hf(run, shard_size=60_000)
+    out = run / "merged"
+    assert result.path == out
+    names = set(result.files)
+    shards = sorted(n for n in names if n.startswith("model-") and n.endswith(".safetensors"))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    for name in ["model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "chat_template.jinja", "README.md", "verification.json"]:
+        assert name in names, name
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    report = json.loads((out / "verification.json").read_text())
+    assert report["passed"] and report["kind"] == "hf"
+    assert report["max_abs_diff"] < 1e-4 and report["greedy_agreement"] == 1.0
+    assert report["tokenizer_match"] and report["template_match"]
+    assert report["prompts"] == 5  # 4 fixed prompts + the recipe's sample prompt
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "max abs logit diff" in card
+    assert not list(run.glob(".tmp-*"))
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    ids = token_ids()
+    assert (_merged_logits(reloaded, ids) - adapter_logits(run, ids)).abs().max() < 1e-5
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+
+
+def test_half_precision_merge_writes_that_dtype(export_recipe, tmp_path):
+    from safetensors import safe_open
+
+    run = make_run(tmp_path / "run", export_recipe, METHODS["lora"])
+    export_hf(run, tmp_path / "bf16", dtype="bfloat16", check=False)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}
+
+
+def test_qlora_merge_uses_dequantized_base_and_reports_both_errors(export_recipe, tmp_path, capsys):
+    quant = {"bits": 4, "quant_type": "nf4", "double_quant": True}
+    run = make_run(tmp_path / "qrun", export_recipe, METHODS["lora"], quantization=quant, scale=0.05)
+    merged = merge_run(run)
+    q = merged.qlora
+    assert q["base"] == "dequantized"
+    assert q["dequantized_max_abs_diff"] < 1e-4, q  # reproduces the adapter on the 4-bit base
+    assert q["original_max_abs_diff"] > 100 * q["dequantized_max_abs_diff"], q
+    assert merged.merge_max_abs_diff < 1e-4
+
+    original = merge_run(run, qlora_base="original")
+    ids = token_ids()
+    assert (_merged_logits(original.model, ids) - adapter_logits(run, ids)).abs().max() < 1e-5
+    assert original.qlora["original_max_abs_diff"] == pytest.approx(q["original_max_abs_diff"], rel=1e-3)
+
+    assert main(["merge", str(run), "--no-verify", "--out", str(tmp_path / "m")]) == 0
+    printed = capsys.readouterr().out
+    assert "dequantized 4-bit base" in printed and "original weights" in printed
+    assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
+
+
+def test_weighted_combination_is_the_weighted_sum_of_updates(export_recipe, tmp_path):
+    run_a = make_run(tmp_path / "a", export_recipe, METHODS["lora"], seed=1)
+    run_b = make_run(tmp_path / "b", export_recipe, METHODS["rslora"], seed=2)  # other rank, rsLoRA scaling
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(export_recipe["model"]["name"]), dtype=torch.float32).state_dict()
+    merged_a = merge_run(run_a).model.state_dict()
+    merged_b = merge_run(run_b).model.state_dict()
+    combined = combine_runs([run_a, run_b], [0.7, 0.3])
+    assert combined.combination["combination"] == "cat"
+    state = combined.model.state_dict()
+    for key in ["model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"]:
+        expected = plain[key] + 0.7 * (merged_a[key] - plain[key]) + 0.3 * (merged_b[key] - plain[key])
+        assert (state[key] - expected).abs().max() < 1e-5, key
+        assert (merged_a[key] - plain[key]).abs().max() > 1e-3  # the updates are real
+    assert combined.merge_max_abs_diff < 1e-4
+
+    out = tmp_path / "mix"
+    assert main(["merge", "--adapters", str(run_a), str(run_b), "--weights", "0.7", "0.3", "--out", str(out),
+                 "--no-verify"]) == 0
+    assert (out / "model.safetensors").is_file()
+    with pytest.raises(ExportError, match="one weight per adapter"):
+        export_combined([run_a, run_b], tmp_path / "x", weights=[1.0])
+
+
+def test_prefix_tuning_merge_is_refused_with_exit_2(export_recipe, tmp_path, capsys):
+    run = make_run(tmp_path / "prefix", export_recipe, PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    assert main(["merge", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "PREFIX_TUNING" in err and f"peftkit export {run.resolve()} --format adapter" in err
+    assert "Traceback" not in err
+    assert main(["export", str(run), "--format", "gguf"]) == 2
+    assert not (run / "merged").exists()
+
+
+def test_adapter_base_mismatch_is_reported_before_loading_weights(export_recipe, tiny_model_dir, tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run", export_recipe, METHODS["lora"])  # trained on hidden 64
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights must not be loaded before the mismatch check")
+
+    monkeypatch.setattr("peftkit.models.load_model", no_weights)
+    with pytest.raises(ExportError) as info:
+        merge_run(run, base=str(tiny_model_dir))  # hidden 32
+    message = str(info.value)
+    assert "does not fit the base model" in message and "hidden_size: adapter's base has 64, this base has 32" in message
+    assert "lora_A.weight` has shape [4, 128], but the base's Linear (in 64, out 32) needs [4, 64]" in message
+
+    other_vocab = build_llama_dir(tmp_path / "vocab512", build_tiny_tokenizer(), vocab_size=512)
+    with pytest.raises(ExportError, match="vocab_size: adapter's base has 400, this base has 512"):
+        merge_run(run, base=str(other_vocab))
+
+
+def test_existing_output_needs_force_and_run_files_are_protected(export_recipe, tmp_path, monkeypatch, capsys):
+    run = make_run(tmp_path / "run", export_recipe, METHODS["lora"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    monkeypatch.setattr("peftkit.export.hf.merge_run", lambda *a, **k: pytest.fail("must refuse before merging"))
+    assert main(["merge", str(run), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and (out / "keep.txt").is_file()
+    with pytest.raises(ExportError, match="refusing to write"):
+        export_hf(run, run / "adapter", force=True)
+    monkeypatch.undo()
+    export_hf(run, out, force=True, check=False)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_run_without_adapter_is_a_clear_error(export_recipe, tmp_path, capsys):
+    run = make_run(tmp_path / "run", export_recipe, METHODS["lora"])
+    for path in (run / "adapter").iterdir():
+        path.unlink()
+    (run / "adapter").rmdir()
+    with pytest.raises(RunDirError, match="no trained adapter"):
+        merge_run(run)
+    assert main(["export", str(run), "--format", "adapter"]) == 2
+    assert "no trained adapter" in capsys.readouterr().err
+
+
+def test_broken_export_fails_verification_and_leaves_nothing(export_recipe, tmp_path, monkeypatch):
+    import peftkit.export.hf as hf
+
+    run = make_run(tmp_path / "run", export_recipe, METHODS["lora"])
+    original = hf.save_model_dir
+
+    def corrupting(model, tokenizer, folder, **kwargs):
+        original(model, tokenizer, folder, **kwargs)
+        config = json.loads((folder / "config.json").read_text())
+        config["rms_norm_eps"] = 0.5  # a silently wrong config: loads fine, computes something else
+        (folder / "config.json").write_text(json.dumps(config))
+
+    monkeypatch.setattr(hf, "save_model_dir", corrupting)
+    with pytest.raises(ExportError, match="verification of the merged model failed: max abs logit diff"):
+        export_hf(run)
+    assert not (run / "merged").exists()
+    failed = json.loads((run / "merged.verification-failed.json").read_text())
+    assert failed["passed"] is False and failed["max_abs_diff"] > failed["tolerance"]

@@ -1,0 +1,189 @@
+"""Kill-safe checkpoints and resume: SIGKILL mid-run, Ctrl-C, incomplete checkpoints, --resume semantics.
+
+The end-to-end tests run `peftkit train` in a subprocess (slowed by tests/train_procs.py's
+sitecustomize so the test can act between checkpoints) and compare against an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from peftkit.config import load_recipe
+from peftkit.errors import RunDirError
+from peftkit.train import checkpoints
+from peftkit.train.launch import resolve_resume, resume_command
+from peftkit.train.run import train
+from tests.train_procs import (
+    adapter_tensors,
+    complete_checkpoints,
+    losses,
+    peftkit,
+    run,
+    start,
+    subprocess_env,
+    tail,
+    tiny_recipe_file,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run every resumed run must reproduce."""
+    folder = tmp_path_factory.mktemp("reference")
+    recipe = load_recipe(tiny_recipe_file(folder, tiny_model_dir))
+    torch.set_num_threads(1)
+    return train(recipe).run_dir
+
+
+def _assert_same_run(resumed: Path, reference: Path) -> None:
+    got, want = losses(resumed), losses(reference)
+    assert sorted(got) == sorted(want) == list(range(1, 13))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-5), f"step {step}"
+    a, b = adapter_tensors(resumed / "adapter"), adapter_tensors(reference / "adapter")
+    assert a.keys() == b.keys() and a
+    for key in b:
+        assert a[key].shape == b[key].shape and a[key].numel() > 0
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path, reference):
+    recipe = tiny_recipe_file(tmp_path, tiny_model_dir)
+    run_dir = tmp_path / "run"
+    proc = start(peftkit("train", str(recipe)), subprocess_env(tmp_path, step_delay=0.4), tmp_path / "first.log")
+    first = wait_for(lambda: complete_checkpoints(run_dir), proc, tmp_path / "first.log", 120, "a complete checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "summary.json").exists(), "the kill must land before the run finished"
+    killed_at = checkpoints.step_of(first[-1])
+    assert killed_at < 12
+    # A save cut short by the kill looks like this: resume must delete it, not load it.
+    half_written = run_dir / "checkpoints" / "checkpoint-99"
+    half_written.mkdir()
+    (half_written / "adapter_model.safetensors").write_bytes(b"\0" * 10)
+
+    result = run(peftkit("train", str(recipe), "--resume"), subprocess_env(tmp_path), tmp_path / "resume.log", 180)
+    assert result.returncode == 0, tail(tmp_path / "resume.log")
+    assert not half_written.exists()
+    said = " ".join(tail(tmp_path / "resume.log", 200_000).split())
+    assert "Removed incomplete checkpoint" in said and "Resuming from" in said
+    _assert_same_run(run_dir, reference)
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_path, reference):
+    recipe = tiny_recipe_file(tmp_path, tiny_model_dir)
+    run_dir = tmp_path / "run"
+    log = tmp_path / "first.log"
+    proc = start(peftkit("train", str(recipe), "train.save_steps=5"), subprocess_env(tmp_path, step_delay=0.4), log)
+    wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and losses(run_dir), proc, log, 120, "the first step")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, tail(log)
+    output = tail(log)
+    assert "training interrupted at step" in output and "--resume" in output, output
+    saved = complete_checkpoints(run_dir)
+    step = json.loads((run_dir / "interrupted.json").read_text())["step"]
+    assert saved and checkpoints.step_of(saved[-1]) == step
+    assert step % 5 != 0, "the checkpoint must come from the interrupt, not from save_steps"
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "adapter").exists()
+
+    result = run(peftkit("train", str(recipe), "train.save_steps=5", "--resume"), subprocess_env(tmp_path),
+                 tmp_path / "resume.log", 180)
+    assert result.returncode == 0, tail(tmp_path / "resume.log")
+    assert not (run_dir / "interrupted.json").exists()
+    _assert_same_run(run_dir, reference)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast unit tests of the pieces
+
+
+def _checkpoint(run_dir: Path, step: int, *, complete: bool = True, world_size: int = 1,
+                deepspeed_stage: int | None = None) -> Path:
+    folder = run_dir / "checkpoints" / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"x")
+    if deepspeed_stage is not None:
+        (folder / f"global_step{step}").mkdir()
+    if complete:
+        (folder / "trainer_state.json").write_text("{}")
+        (folder / checkpoints.MARKER).write_text(
+            json.dumps({"step": step, "world_size": world_size, "deepspeed_stage": deepspeed_stage}))
+    return folder
+
+
+def test_prepare_resume_drops_incomplete_checkpoints_and_later_metrics(tmp_path):
+    _checkpoint(tmp_path, 2)
+    good = _checkpoint(tmp_path, 4)
+    marker_only = _checkpoint(tmp_path, 6, complete=False)
+    (marker_only / checkpoints.MARKER).write_text("6")  # marker but no trainer_state.json: not complete
+    _checkpoint(tmp_path, 8, complete=False)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)))
+    (tmp_path / "interrupted.json").write_text("{}")
+
+    assert checkpoints.prepare_resume(tmp_path) == good
+    assert [p.name for p in checkpoints.checkpoint_dirs(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert not (tmp_path / "interrupted.json").exists()
+
+
+def test_resume_refuses_a_checkpoint_from_another_setup(tmp_path):
+    _checkpoint(tmp_path, 2, world_size=2, deepspeed_stage=2)
+    with pytest.raises(RunDirError, match="--nproc 2"):
+        checkpoints.prepare_resume(tmp_path, world_size=1, deepspeed_stage=2)
+    with pytest.raises(RunDirError, match="same `deepspeed:` setting"):
+        checkpoints.prepare_resume(tmp_path, world_size=2, deepspeed_stage=None)
+    assert checkpoints.prepare_resume(tmp_path, world_size=2, deepspeed_stage=2).name == "checkpoint-2"
+    other = tmp_path / "plain"
+    _checkpoint(other, 2)
+    with pytest.raises(RunDirError, match="saved without DeepSpeed"):
+        checkpoints.prepare_resume(other, world_size=1, deepspeed_stage=3)
+
+
+def test_marker_callback_keeps_a_complete_checkpoint_when_pruning_to_one(tmp_path):
+    callback = checkpoints.CompleteMarkerCallback(keep=1)
+    args = SimpleNamespace(output_dir=str(tmp_path / "checkpoints"), world_size=1)
+    for step in (2, 4):
+        folder = _checkpoint(tmp_path, step, complete=False)
+        (folder / "trainer_state.json").write_text("{}")
+        callback.on_save(args, SimpleNamespace(global_step=step, is_world_process_zero=True, best_model_checkpoint=None), None)
+    assert [p.name for p in checkpoints.checkpoint_dirs(tmp_path)] == ["checkpoint-4"]
+    assert checkpoints.read_marker(tmp_path / "checkpoints" / "checkpoint-4") == {"step": 4, "world_size": 1, "deepspeed_stage": None}
+
+
+def test_resume_flag_semantics(tmp_path):
+    run_dir = tmp_path / "run"
+    assert resolve_resume(None, run_dir, force=False) == (False, False)
+    assert resolve_resume("auto", run_dir, force=False) == (False, False)  # nothing yet: start fresh
+    with pytest.raises(RunDirError, match="no run to resume"):
+        resolve_resume("last", run_dir, force=False)  # bare --resume: a typo must not start a fresh run
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text("x")
+    assert resolve_resume("auto", run_dir, force=False) == (False, True)  # killed before any checkpoint
+    for strict in (str(run_dir), "last"):
+        with pytest.raises(RunDirError, match="no complete checkpoint"):
+            resolve_resume(strict, run_dir, force=False)
+    _checkpoint(run_dir, 2)
+    assert resolve_resume("auto", run_dir, force=False) == (True, False)
+    assert resolve_resume(str(run_dir), run_dir, force=False) == (True, False)
+    with pytest.raises(RunDirError, match="contradict"):
+        resolve_resume("auto", run_dir, force=True)
+    (run_dir / "summary.json").write_text("{}")
+    with pytest.raises(RunDirError, match="finished run"):
+        resolve_resume("auto", run_dir, force=False)
+
+
+def test_resume_command_repeats_the_launch_with_resume():
+    assert resume_command(["train", "r.yaml", "train.lr=1e-3", "--nproc", "2", "--force"]) == (
+        "peftkit train r.yaml train.lr=1e-3 --nproc 2 --resume"
+    )
+    assert resume_command(["train", "r.yaml", "--resume", "runs/x"]) == "peftkit train r.yaml --resume runs/x"
