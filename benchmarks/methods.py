@@ -22,7 +22,11 @@ from benchmarks.common import environment, results_stem
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["full", "lora", "dora", "qlora", "qlora-int8", "prefix", "partial"]
 # Methods that are a variant of another recipe rather than a recipe of their own.
-VARIANT_OVERRIDES = {"qlora-int8": ("qlora", ["quantization.bits=8"])}
+VARIANT_OVERRIDES = {
+    "qlora-int8": ("qlora", ["quantization.bits=8"]),
+    # LoRA with the built-in general replay set mixed in (data.replay), to show its effect on forgetting.
+    "lora-replay": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=0.2"]),
+}
 
 
 def recipe_for(name: str, method: str) -> tuple[Path, list[str]]:
@@ -41,13 +45,20 @@ def run(cmd: list[str], timeout: int = 5400) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
 
 
+PEFTKIT = [sys.executable, "-m", "peftkit.cli"]
+
+
+def train_run(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
+    """`peftkit train` in a fresh process (clean peak RSS); returns the run's summary.json."""
+    run([*PEFTKIT, "train", str(recipe), *overrides, f"output_dir={run_dir}", "--force"])
+    return json.loads((run_dir / "summary.json").read_text())
+
+
 def measure(name: str, method: str, sets: list[str], out_root: Path) -> dict:
     recipe, overrides = recipe_for(name, method)
     run_dir = out_root / f"{name}-{method}"
-    peftkit = [sys.executable, "-m", "peftkit.cli"]
-    run([*peftkit, "train", str(recipe), *overrides, *sets, f"output_dir={run_dir}", "--force"])
-    run([*peftkit, "eval", str(run_dir)])
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = train_run(recipe, [*overrides, *sets], run_dir)
+    run([*PEFTKIT, "eval", str(run_dir)])
     report = json.loads((run_dir / "eval.json").read_text())
     return {
         "recipe": name,

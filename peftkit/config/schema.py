@@ -6,7 +6,7 @@ Semantic checks that need the file system or several sections live in `validate.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, PositiveInt, Tag, model_validator
 
@@ -221,6 +221,8 @@ class TrainConfig(Section):
     """Stop after this many evaluations without eval-loss improvement; the best checkpoint is kept."""
     logging_steps: PositiveInt = 5
     gradient_checkpointing: bool = False
+    neftune_noise_alpha: Annotated[float, Field(gt=0.0)] | None = None
+    """NEFTune: uniform noise on input embeddings while training (the paper uses 5); off by default."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: DType = "auto"
     """Weights/compute dtype. `auto`: float32 on CPU, bfloat16 on capable GPUs."""
@@ -304,12 +306,4 @@ class Recipe(Section):
     name: str | None = None
     description: str | None = None
 
-ADAPTER_CLASSES: tuple[type[Section], ...] = (
-    LoraAdapterConfig,
-    QLoraAdapterConfig,
-    PrefixTuningAdapterConfig,
-    PromptTuningAdapterConfig,
-    IA3AdapterConfig,
-    FullAdapterConfig,
-    PartialAdapterConfig,
-)
+ADAPTER_CLASSES: tuple[type[Section], ...] = get_args(get_args(AdapterConfig)[0])

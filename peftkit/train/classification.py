@@ -40,7 +40,7 @@ from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_mo
 from peftkit.models.resolve import ModelSource, hub_hint, materialize
 from peftkit.train import checkpoints
 from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
-from peftkit.train.run import RunResult, configure_threads, peak_memory_mb, prepare_run_dir, training_arguments
+from peftkit.train.run import RunResult, configure_threads, peak_memory_mb, prepare_run_dir, summary_header, training_arguments
 from peftkit.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -225,23 +225,10 @@ def train_classifier(
     metrics = read_metrics(metrics_path)
     plot_loss_curves(metrics, run_dir / "plots" / "loss.png", title=f"{recipe.name or run_dir.name}: {recipe.adapter.method}")
     summary: dict[str, Any] = {
-        "recipe": recipe.name or run_dir.name,
+        **summary_header(recipe, run_dir, quantization, device, dtype, threads, (trainable, total), data, output),
         "task": TASK,
-        "base_model": recipe.model.name,
-        "method": recipe.adapter.method,
         "labels": data.labels,
-        "quantization": quantization.model_dump() if quantization else None,
-        "device": device,
-        "dtype": str(dtype).removeprefix("torch."),
-        "threads": threads,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_share": trainable / total,
-        "train_examples": len(data.train),
-        "eval_examples": len(data.eval),
         "heldout_examples": len(data.heldout),
-        "steps": output.global_step,
-        "epochs": recipe.train.epochs if not recipe.train.max_steps else None,
         "trained_tokens": trainer.input_tokens_seen,
         "input_tokens": trainer.input_tokens_seen,
         "train_seconds": round(train_seconds, 2),

@@ -92,6 +92,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr,
+        neftune_noise_alpha=cfg.neftune_noise_alpha,
         lr_scheduler_type=cfg.scheduler,
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
@@ -243,20 +244,7 @@ def train(
     metrics = read_metrics(metrics_path)
     plot_loss_curves(metrics, run_dir / "plots" / "loss.png", title=f"{recipe.name or run_dir.name}: {recipe.adapter.method}")
     summary = {
-        "recipe": recipe.name or run_dir.name,
-        "base_model": recipe.model.name,
-        "method": recipe.adapter.method,
-        "quantization": quantization.model_dump() if quantization else None,
-        "device": device,
-        "dtype": str(dtype).removeprefix("torch."),
-        "threads": threads,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_share": trainable / total,
-        "train_examples": len(data.train),
-        "eval_examples": len(data.eval),
-        "steps": output.global_step,
-        "epochs": recipe.train.epochs if not recipe.train.max_steps else None,
+        **summary_header(recipe, run_dir, quantization, device, dtype, threads, (trainable, total), data, output),
         "trained_tokens": trainer.supervised_tokens_seen,
         "input_tokens": trainer.input_tokens_seen,
         "train_seconds": round(train_seconds, 2),
@@ -289,6 +277,30 @@ def train(
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     write_model_card(run_dir, recipe, summary)
     return RunResult(run_dir, summary)
+
+
+def summary_header(
+    recipe: Recipe, run_dir: Path, quantization: Any, device: str, dtype: torch.dtype, threads: int,
+    counts: tuple[int, int], data: Any, output: Any,
+) -> dict[str, Any]:
+    """The summary.json keys every task shares: what ran, on what, and how much of the model trained."""
+    trainable, total = counts
+    return {
+        "recipe": recipe.name or run_dir.name,
+        "base_model": recipe.model.name,
+        "method": recipe.adapter.method,
+        "quantization": quantization.model_dump() if quantization else None,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": threads,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": trainable / total,
+        "train_examples": len(data.train),
+        "eval_examples": len(data.eval),
+        "steps": output.global_step,
+        "epochs": recipe.train.epochs if not recipe.train.max_steps else None,
+    }
 
 
 def save_adapter(model: Any, tokenizer: Any, run_dir: Path, method: str | None = None) -> None:

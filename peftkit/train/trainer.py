@@ -66,6 +66,8 @@ class SFTTrainer(Trainer):
             # QLoRA turns checkpointing on in the model itself (prepare_model_for_kbit_training), not via args.
             and not getattr(self.model, "is_activation_checkpointing", False)
             and self.args.world_size == 1
+            # NEFTune scales its noise by 1/sqrt(sequence length): splitting the sequence would change it.
+            and self.args.neftune_noise_alpha is None
         )
         self.virtual_tokens = _virtual_tokens(self.model)
         # Ask the Trainer to count supervised tokens across the accumulated batch (num_items_in_batch).

@@ -46,3 +46,12 @@ def test_existing_finished_run_is_not_overwritten(tiny_recipe):
     with pytest.raises(RunDirError, match="--force"):
         train(recipe)
     train(recipe, force=True)
+
+
+def test_neftune_noise_changes_training(tiny_recipe, tmp_path):
+    steps = {**tiny_recipe["train"], "max_steps": 3}
+    plain = train(recipe_from_dict({**tiny_recipe, "train": steps, "output_dir": str(tmp_path / "plain")}))
+    noisy_recipe = recipe_from_dict({**tiny_recipe, "train": {**steps, "neftune_noise_alpha": 5.0},
+                                     "output_dir": str(tmp_path / "noisy")})
+    noisy = train(noisy_recipe)
+    assert _losses(noisy.run_dir) != pytest.approx(_losses(plain.run_dir), abs=1e-6)
