@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.common import environment, results_stem
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["full", "lora", "dora", "qlora", "qlora-int8", "prefix", "partial"]
+METHODS = ["lora", "qlora", "full", "lora-replay", "dora", "qlora-int8", "prefix", "partial"]
 # Methods that are a variant of another recipe rather than a recipe of their own.
 VARIANT_OVERRIDES = {
     "qlora-int8": ("qlora", ["quantization.bits=8"]),
@@ -54,10 +54,13 @@ def train_run(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def measure(name: str, method: str, sets: list[str], out_root: Path) -> dict:
+def measure(name: str, method: str, sets: list[str], out_root: Path, *, retrain: bool = True) -> dict:
+    """Train (unless `retrain` is off and the run exists) and `peftkit eval` one recipe x method."""
     recipe, overrides = recipe_for(name, method)
     run_dir = out_root / f"{name}-{method}"
-    summary = train_run(recipe, [*overrides, *sets], run_dir)
+    if retrain or not (run_dir / "summary.json").is_file():
+        train_run(recipe, [*overrides, *sets], run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
     run([*PEFTKIT, "eval", str(run_dir)])
     report = json.loads((run_dir / "eval.json").read_text())
     return {
@@ -124,15 +127,42 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=METHODS)
     parser.add_argument("--set", nargs="*", default=[], dest="sets", help="overrides applied to every run")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    parser.add_argument("--eval-only", action="store_true", help="re-evaluate existing runs instead of training again")
     args = parser.parse_args()
-    rows = []
+    rows: list[dict] = []
     for name in args.recipes:
         for method in args.methods:
             print(f"{name}/{method} ...", file=sys.stderr, flush=True)
-            rows.append(measure(name, method, args.sets, Path(args.out)))
+            rows.append(measure(name, method, args.sets, Path(args.out), retrain=not args.eval_only))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            write_report(rows, args)  # after every run: a long matrix cut short still leaves its rows
+
+
+def _number(value: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return None if value == "" else value
+
+
+def earlier_rows(stem: Path, keep_out: list[dict]) -> list[dict]:
+    """Today's rows from an earlier invocation, so a matrix can be completed in several runs."""
+    path = Path(f"{stem}.csv")
+    if not path.is_file():
+        return []
+    done = {(r["recipe"], r["method"]) for r in keep_out}
+    with open(path, newline="") as handle:
+        rows = [{k: (_number(v) if k not in {"recipe", "method", "run_dir"} else v) for k, v in r.items()}
+                for r in csv.DictReader(handle)]
+    return [r for r in rows if (r["recipe"], r["method"]) not in done]
+
+
+def write_report(new_rows: list[dict], args: argparse.Namespace) -> None:
     stem = results_stem("methods")
     stem.parent.mkdir(parents=True, exist_ok=True)
+    rows = [*earlier_rows(stem, new_rows), *new_rows]
     with open(f"{stem}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -147,8 +177,9 @@ def main() -> None:
         *("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows), "",
         f"Plots: `{stem.name}_loss.png`, `{stem.name}_accuracy.png`, `{stem.name}_speed.png`.", "",
         "```", environment(), "```", "",
-        f"Command: `python -m benchmarks.methods --recipes {' '.join(args.recipes)} --methods {' '.join(args.methods)}"
-        + (f" --set {' '.join(args.sets)}`" if args.sets else "`"),
+        "Command: `python -m benchmarks.methods` (rows of several invocations on the same day are merged; "
+        f"this one: `--recipes {' '.join(args.recipes)} --methods {' '.join(args.methods)}"
+        + (f" --set {' '.join(args.sets)}`)" if args.sets else "`)"),
     ]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.md", file=sys.stderr)

@@ -43,7 +43,7 @@ def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
     """Base model (quantized as in training) + trained adapter, ready for generation."""
     from peft import PeftModel
 
-    from peftkit.adapters import effective_quantization, prepare_for_generation
+    from peftkit.adapters import prepare_for_generation
     from peftkit.data.classification import finish_loaded_model, load_kwargs
     from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref
 
@@ -63,9 +63,18 @@ def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
     if adapter is None:
         model = load_model(recipe.model, None, device=device, dtype=dtype, source=resolve_model_ref(str(full_model)), **extra)
     else:
-        base = load_model(recipe.model, effective_quantization(recipe), device=device, dtype=dtype, **extra)
-        model = PeftModel.from_pretrained(base, str(adapter))
+        model = PeftModel.from_pretrained(load_base_model(run_dir, recipe, device), str(adapter))
     finish_loaded_model(model, run_dir, recipe, tokenizer)
     prepare_for_generation(model)
     model.eval()
     return LoadedRun(run_dir, recipe, model, tokenizer)
+
+
+def load_base_model(run_dir: Path, recipe: Recipe, device: str) -> Any:
+    """The model the run started from, loaded as training loaded it (quantized where the recipe is)."""
+    from peftkit.adapters import effective_quantization
+    from peftkit.data.classification import load_kwargs
+    from peftkit.models import load_model, resolve_dtype
+
+    dtype = resolve_dtype(recipe.train.dtype, device)
+    return load_model(recipe.model, effective_quantization(recipe), device=device, dtype=dtype, **load_kwargs(run_dir, recipe))

@@ -1,8 +1,9 @@
 """`peftkit eval RUN_DIR`: loss, held-out fact accuracy and forgetting, before vs after tuning.
 
 Forgetting is measured on a small built-in general-knowledge set (capitals, arithmetic, simple
-instructions) that the default base model answers correctly: the drop in its accuracy once the
-adapter is switched on is what tuning cost in general ability.
+instructions) that the default base model answers correctly: the drop in its accuracy from the base
+model (adapter switched off, or loaded again for full / partial runs) to the tuned one is what
+tuning cost in general ability.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import contextlib
 import json
 from importlib import resources
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from peftkit.data.build import build_datasets, load_heldout, tokenize_examples
 from peftkit.data.formats import load_examples
 from peftkit.evaluate.generation import heldout_accuracy
 from peftkit.evaluate.loss import mean_loss, perplexity
-from peftkit.runs import load_run
+from peftkit.runs import LoadedRun, load_base_model, load_run
 from peftkit.utils.atomic import atomic_write_text
 
 GENERAL_SET = "general_knowledge.jsonl"
@@ -28,13 +30,20 @@ def builtin_resource(name: str) -> Path:
 
 
 @contextlib.contextmanager
-def base_model_view(model: Any):
-    """Run the wrapped model as its base (adapter off); a no-op for models without adapters."""
+def model_before_tuning(run: LoadedRun) -> Iterator[Any]:
+    """The run's adapter switched off, or for full / partial runs (which saved the whole tuned model)
+    the base model loaded again: "before" must never be the tuned weights."""
+    model = run.model
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            yield
-    else:
-        yield
+            yield model
+        return
+    from peftkit.adapters import prepare_for_generation
+
+    base = load_base_model(run.run_dir, run.recipe, str(next(model.parameters()).device.type))
+    prepare_for_generation(base)
+    base.eval()
+    yield base
 
 
 def evaluate_run(
@@ -60,7 +69,7 @@ def evaluate_run(
     items = load_heldout(heldout_path, system) if heldout_path else []
     general_items = load_heldout(general or builtin_resource(GENERAL_SET), None)
 
-    def measure() -> dict[str, Any]:
+    def measure(model: Any) -> dict[str, Any]:
         result: dict[str, Any] = {}
         if rows:
             loss = mean_loss(model, rows, tokenizer.pad_token_id)
@@ -74,11 +83,11 @@ def evaluate_run(
         )
         return result
 
-    after = measure()
+    after = measure(model)
     before: dict[str, Any] = {}
     if compare_base:
-        with base_model_view(model):
-            before = measure()
+        with model_before_tuning(run) as base:
+            before = measure(base)
     report = {
         "run_dir": str(run.run_dir),
         "eval_examples": len(rows),

@@ -57,6 +57,20 @@ def test_eval_command_writes_report_and_updates_card(tiny_recipe, tmp_path, caps
     assert "general knowledge" in capsys.readouterr().out
 
 
+def test_eval_of_a_full_finetune_compares_with_the_base_model(tiny_recipe, tmp_path):
+    """Full runs save the whole tuned model (no adapter to switch off): "before" must load the base again."""
+    recipe = {**tiny_recipe, "adapter": {"method": "full"}, "eval": {"before": False, "max_new_tokens": 4},
+              "train": {**tiny_recipe["train"], "lr": 1e-3}}
+    run_dir = train(recipe_from_dict(recipe)).run_dir
+    general = write_jsonl(tmp_path / "general.jsonl", [{"question": "one two", "key_fact": "three"}] * 2)
+    assert main(["eval", str(run_dir), "--general", str(general)]) == 0
+    report = json.loads((run_dir / "eval.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert report["before"]["loss"] == pytest.approx(summary["eval_loss_before"], rel=1e-4)
+    assert report["after"]["loss"] == pytest.approx(summary["eval_loss_after"], rel=1e-4)
+    assert report["after"]["loss"] < report["before"]["loss"]
+
+
 def test_overfitting_watch_warns_once(caplog):
     watch = OverfittingWatch()
     with caplog.at_level(logging.WARNING):
