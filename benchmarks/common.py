@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import datetime
 import os
 import platform
@@ -49,3 +50,17 @@ def environment() -> str:
         f"{platform.platform()} | {cpu} | {os.cpu_count()} cores | threads {torch.get_num_threads()}\n"
         f"python {platform.python_version()} | {versions}"
     )
+
+
+def write_csv(stem: Path, rows: list[dict]) -> None:
+    """`<stem>.csv` with one column per key of the first row (results directory created)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{stem}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows)]

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import environment, results_stem
+from benchmarks.common import environment, markdown_table, write_csv, results_stem
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["lora", "qlora", "full", "lora-replay", "dora", "qlora-int8", "prefix", "partial"]
@@ -29,14 +29,21 @@ VARIANT_OVERRIDES = {
 }
 
 
+# LoRA-family methods run on a recipe's own LoRA settings; the others need a recipe of their own.
+LORA_FAMILY = {"lora": [], "dora": ["adapter.use_dora=true"], "qlora": ["adapter.method=qlora"]}
+
+
 def recipe_for(name: str, method: str) -> tuple[Path, list[str]]:
     base_method, extra = VARIANT_OVERRIDES.get(method, (method, []))
     dedicated = ROOT / "recipes" / f"{name}-{base_method}.yaml"
     if dedicated.is_file():
         return dedicated, extra
-    if base_method == "lora":
-        return ROOT / "recipes" / f"{name}.yaml", extra
-    return ROOT / "recipes" / f"{name}.yaml", [f"adapter.method={base_method}", *extra]
+    if base_method in LORA_FAMILY:
+        return ROOT / "recipes" / f"{name}.yaml", [*LORA_FAMILY[base_method], *extra]
+    raise SystemExit(
+        f"no recipes/{name}-{base_method}.yaml: {base_method} needs settings of its own (learning rate, epochs); "
+        f"copy recipes/quickstart-{base_method}.yaml and point its data at {name}'s"
+    )
 
 
 def run(cmd: list[str], timeout: int = 5400) -> None:
@@ -163,18 +170,14 @@ def write_report(new_rows: list[dict], args: argparse.Namespace) -> None:
     stem = results_stem("methods")
     stem.parent.mkdir(parents=True, exist_ok=True)
     rows = [*earlier_rows(stem, new_rows), *new_rows]
-    with open(f"{stem}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(stem, rows)
     plots(rows, stem)
     columns = [c for c in rows[0] if c != "run_dir"]
     lines = [
         "# Method comparison", "",
         f"Overrides: `{' '.join(args.sets) or 'none'}`. Accuracy: greedy answers containing the key fact; "
         "forgetting: drop in built-in general-knowledge accuracy vs the base model (points).", "",
-        "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
-        *("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows), "",
+        *markdown_table(rows, columns), "",
         f"Plots: `{stem.name}_loss.png`, `{stem.name}_accuracy.png`, `{stem.name}_speed.png`.", "",
         "```", environment(), "```", "",
         "Command: `python -m benchmarks.methods` (rows of several invocations on the same day are merged; "

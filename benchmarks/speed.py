@@ -9,14 +9,13 @@ Writes benchmarks/results/<date>_<machine>_speed.{md,csv,png}.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import environment, matmul_peak_gflops, results_stem
+from benchmarks.common import environment, markdown_table, write_csv, matmul_peak_gflops, results_stem
 
 VARIANTS = ["reference", "peftkit", "peftkit-no-prefix", "peftkit-no-sparse", "peftkit-no-group"]
 
@@ -83,10 +82,7 @@ def main() -> None:
 def write_report(rows: list[dict], peak: float, args: argparse.Namespace) -> None:
     stem = results_stem("speed")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{stem}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(stem, rows)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,9 +105,7 @@ def write_report(rows: list[dict], peak: float, args: argparse.Namespace) -> Non
         "process, run one after another. `reference` = transformers `Trainer` + peft with dynamic padding and the "
         "model's full-logits loss.",
         "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
-        *("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows),
+        *markdown_table(rows, columns),
         "",
         f"Matmul peak (fp32, 2048x2048, same machine, same run): {peak:.1f} GFLOP/s. Achieved GFLOP/s counts LoRA "
         "training FLOPs (forward + input-gradient backward of the frozen body on every processed token, plus the "

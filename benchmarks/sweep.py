@@ -11,11 +11,10 @@ that recipes/README.md quotes.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
-from benchmarks.common import environment, results_stem
+from benchmarks.common import environment, markdown_table, write_csv, results_stem
 from benchmarks.methods import ROOT, train_run
 
 RECIPES = ["quickstart", "support-desk", "clinic", "it-helpdesk"]
@@ -52,16 +51,12 @@ def main() -> None:
             print(rows[-1], file=sys.stderr, flush=True)
     stem = results_stem("sweep")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{stem}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(stem, rows)
     columns = list(rows[0])
     lines = ["# Default hyper-parameter sweep", "",
              "Each setting is the recipe's own configuration plus the overrides below, trained on every recipe.", "",
              *(f"- `{s}`: `{' '.join(SETTINGS[s]) or 'recipe as written'}`" for s in args.settings), "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
-             *("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows), "",
+             *markdown_table(rows, columns), "",
              "Mean held-out accuracy per setting:", ""]
     for setting in args.settings:
         scores = [r["heldout_after"] for r in rows if r["setting"] == setting and r["heldout_after"] is not None]
