@@ -29,6 +29,12 @@ def read_run_recipe(run_dir: str | Path) -> Recipe:
     return recipe_from_dict(read_yaml(path), str(path))
 
 
+def trained_model_dir(run_dir: Path) -> Path | None:
+    """RUN_DIR/model for full / partial runs, which save the whole trained model instead of an adapter."""
+    folder = run_dir / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
 def adapter_dir(run_dir: Path) -> Path:
     path = run_dir / "adapter"
     if not (path / "adapter_config.json").is_file():
@@ -49,8 +55,8 @@ def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
 
     run_dir = Path(run_dir)
     recipe = read_run_recipe(run_dir)
-    full_model = run_dir / "model"  # full / partial runs save the whole trained model, not an adapter
-    adapter = None if (full_model / "config.json").is_file() else adapter_dir(run_dir)
+    full_model = trained_model_dir(run_dir)
+    adapter = None if full_model is not None else adapter_dir(run_dir)
     device = device or resolve_device(recipe.train.device)
     dtype = resolve_dtype(recipe.train.dtype, device)
     if (run_dir / "tokenizer").is_dir():

@@ -33,13 +33,13 @@ def builtin_resource(name: str) -> Path:
 def model_before_tuning(run: LoadedRun) -> Iterator[Any]:
     """The run's adapter switched off, or for full / partial runs (which saved the whole tuned model)
     the base model loaded again: "before" must never be the tuned weights."""
+    from peftkit.adapters import base_model_view, prepare_for_generation, uses_peft
+
     model = run.model
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
+    if uses_peft(model):
+        with base_model_view(model):
             yield model
         return
-    from peftkit.adapters import prepare_for_generation
-
     base = load_base_model(run.run_dir, run.recipe, str(next(model.parameters()).device.type))
     prepare_for_generation(base)
     base.eval()

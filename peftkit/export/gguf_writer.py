@@ -31,8 +31,8 @@ from peftkit.export.merge import (
     load_trained_model,
     merge_run,
     resolve_run,
-    trained_model_dir,
 )
+from peftkit.runs import trained_model_dir
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)

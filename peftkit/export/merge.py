@@ -24,6 +24,7 @@ from peftkit.errors import ExportError
 from peftkit.export.compat import AdapterInfo, check_adapter_matches_base, read_adapter, require_mergeable
 from peftkit.export.verify import Reference, build_reference, conversations_for, max_abs_diff
 from peftkit.models.resolve import ModelSource
+from peftkit.runs import trained_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,6 @@ class MergedModel:
 
 FULL_MODEL = "FULL_MODEL"
 """Pseudo peft type for runs that trained the weights themselves (methods `full`, `partial`): RUN_DIR/model."""
-
-
-def trained_model_dir(run_dir: Path) -> Path | None:
-    folder = run_dir / "model"
-    return folder if (folder / "config.json").is_file() else None
 
 
 def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_lm: bool = True) -> RunAdapter:
