@@ -53,14 +53,36 @@ def environment() -> str:
 
 
 def write_csv(stem: Path, rows: list[dict]) -> None:
-    """`<stem>.csv` with one column per key of the first row (results directory created)."""
+    """`<stem>.csv` with a column per key of any row, in first-seen order (results directory created)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     with open(f"{stem}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
-            *("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows)]
+            *("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows)]
+
+
+def _number(value: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return None if value == "" else value
+
+
+def earlier_rows(stem: Path, keep_out: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """Today's rows from an earlier invocation (except those measured again, matched on `key`),
+    so a matrix or sweep can be completed in several runs."""
+    path = Path(f"{stem}.csv")
+    if not path.is_file():
+        return []
+    done = {tuple(r[k] for k in key) for r in keep_out}
+    with open(path, newline="") as handle:
+        rows = [{k: (v if k in key or k == "run_dir" else _number(v)) for k, v in r.items()} for r in csv.DictReader(handle)]
+    return [r for r in rows if tuple(r[k] for k in key) not in done]

@@ -3,7 +3,8 @@
     python -m benchmarks.methods [--recipes quickstart] [--methods lora qlora ...] [--set train.epochs=3]
 
 For a recipe `NAME`, method `M` uses `recipes/NAME-M.yaml` when it exists (its tuned settings),
-else `recipes/NAME.yaml` with `adapter.method=M`. Each run is a fresh `peftkit train` process
+else `recipes/NAME.yaml` (its data) with the adapter/train settings of `recipes/quickstart-M.yaml`
+(LoRA variants: the recipe's own LoRA settings with `use_dora` / `method: qlora`). Each run is a fresh `peftkit train` process
 (clean peak RSS), run one after another. Writes benchmarks/results/<date>_<machine>_methods.{md,csv}
 and PNG plots (loss curves, accuracy vs trainable share, tokens/s).
 """
@@ -11,39 +12,48 @@ and PNG plots (loss curves, accuracy vs trainable share, tokens/s).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import environment, markdown_table, write_csv, results_stem
+import yaml
+
+from benchmarks.common import earlier_rows, environment, markdown_table, results_stem, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["lora", "qlora", "full", "lora-replay", "dora", "qlora-int8", "prefix", "partial"]
+METHODS = ["lora", "qlora", "qlora-loftq", "full", "lora-replay", "dora", "qlora-int8", "prefix", "partial"]
 # Methods that are a variant of another recipe rather than a recipe of their own.
 VARIANT_OVERRIDES = {
     "qlora-int8": ("qlora", ["quantization.bits=8"]),
-    # LoRA with the built-in general replay set mixed in (data.replay), to show its effect on forgetting.
-    "lora-replay": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=0.2"]),
+    "qlora-loftq": ("qlora", ["adapter.init=loftq"]),  # nf4 with the adapter started at the quantization error
+    # LoRA with the built-in general replay set mixed in (data.replay defaults: ratio 0.2, the base
+    # model's own answers), to show its effect on forgetting.
+    "lora-replay": ("lora", ["data.replay.path=builtin:general"]),
 }
 
 
-# LoRA-family methods run on a recipe's own LoRA settings; the others need a recipe of their own.
+# LoRA-family methods run on a recipe's own LoRA settings; the others take their method settings
+# (adapter, train, quantization sections) from the quickstart recipe of that method.
 LORA_FAMILY = {"lora": [], "dora": ["adapter.use_dora=true"], "qlora": ["adapter.method=qlora"]}
+ROW_KEY = ("recipe", "method")
+METHOD_SECTIONS = ("adapter", "train", "quantization")
 
 
 def recipe_for(name: str, method: str) -> tuple[Path, list[str]]:
+    """(recipe file, overrides) for `method` on recipe `name`'s data."""
     base_method, extra = VARIANT_OVERRIDES.get(method, (method, []))
     dedicated = ROOT / "recipes" / f"{name}-{base_method}.yaml"
     if dedicated.is_file():
         return dedicated, extra
+    recipe = ROOT / "recipes" / f"{name}.yaml"
     if base_method in LORA_FAMILY:
-        return ROOT / "recipes" / f"{name}.yaml", [*LORA_FAMILY[base_method], *extra]
-    raise SystemExit(
-        f"no recipes/{name}-{base_method}.yaml: {base_method} needs settings of its own (learning rate, epochs); "
-        f"copy recipes/quickstart-{base_method}.yaml and point its data at {name}'s"
-    )
+        return recipe, [*LORA_FAMILY[base_method], *extra]
+    template = ROOT / "recipes" / f"quickstart-{base_method}.yaml"
+    if not template.is_file():
+        raise SystemExit(f"no recipes/{name}-{base_method}.yaml or recipes/quickstart-{base_method}.yaml for {method}")
+    sections = yaml.safe_load(template.read_text())
+    return recipe, [*(f"{key}={json.dumps(sections[key])}" for key in METHOD_SECTIONS if key in sections), *extra]
 
 
 def run(cmd: list[str], timeout: int = 5400) -> None:
@@ -145,31 +155,19 @@ def main() -> None:
             write_report(rows, args)  # after every run: a long matrix cut short still leaves its rows
 
 
-def _number(value: str) -> object:
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return None if value == "" else value
+NOTES_HEADING = "\n## Reading the table"
 
 
-def earlier_rows(stem: Path, keep_out: list[dict]) -> list[dict]:
-    """Today's rows from an earlier invocation, so a matrix can be completed in several runs."""
-    path = Path(f"{stem}.csv")
-    if not path.is_file():
-        return []
-    done = {(r["recipe"], r["method"]) for r in keep_out}
-    with open(path, newline="") as handle:
-        rows = [{k: (_number(v) if k not in {"recipe", "method", "run_dir"} else v) for k, v in r.items()}
-                for r in csv.DictReader(handle)]
-    return [r for r in rows if (r["recipe"], r["method"]) not in done]
+def kept_notes(report: Path) -> str:
+    """The hand-written notes section of an existing report, carried over when its table is rewritten."""
+    text = report.read_text() if report.is_file() else ""
+    return text[text.index(NOTES_HEADING):] if NOTES_HEADING in text else ""
 
 
 def write_report(new_rows: list[dict], args: argparse.Namespace) -> None:
     stem = results_stem("methods")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    rows = [*earlier_rows(stem, new_rows), *new_rows]
+    rows = [*earlier_rows(stem, new_rows, ROW_KEY), *new_rows]
     write_csv(stem, rows)
     plots(rows, stem)
     columns = [c for c in rows[0] if c != "run_dir"]
@@ -184,7 +182,7 @@ def write_report(new_rows: list[dict], args: argparse.Namespace) -> None:
         f"this one: `--recipes {' '.join(args.recipes)} --methods {' '.join(args.methods)}"
         + (f" --set {' '.join(args.sets)}`)" if args.sets else "`)"),
     ]
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n" + kept_notes(Path(f"{stem}.md")))
     print(f"wrote {stem}.md", file=sys.stderr)
 
 

@@ -11,11 +11,12 @@ that recipes/README.md quotes.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from benchmarks.common import environment, markdown_table, write_csv, results_stem
-from benchmarks.methods import ROOT, train_run
+from benchmarks.common import earlier_rows, environment, markdown_table, results_stem, write_csv
+from benchmarks.methods import PEFTKIT, ROOT, kept_notes, run, train_run
 
 RECIPES = ["quickstart", "support-desk", "clinic", "it-helpdesk"]
 SETTINGS: dict[str, list[str]] = {
@@ -24,7 +25,48 @@ SETTINGS: dict[str, list[str]] = {
     "epochs8": ["train.epochs=8"],
     "r32": ["adapter.r=32", "adapter.alpha=64"],
     "lr5e-4": ["train.lr=5e-4"],
+    "epochs3": ["train.epochs=3"],
+    "replay": ["data.replay.path=builtin:general"],
 }
+
+
+ROW_KEY = ("setting", "recipe")
+
+
+def measure(name: str, setting: str, out_root: Path, *, forgetting: bool, retrain: bool) -> dict:
+    run_dir = out_root / f"{name}-{setting}"
+    if retrain or not (run_dir / "summary.json").is_file():
+        train_run(ROOT / "recipes" / f"{name}.yaml", SETTINGS[setting], run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    row = {
+        "setting": setting,
+        "recipe": name,
+        "heldout_before": summary["heldout_accuracy_before"],
+        "heldout_after": summary["heldout_accuracy_after"],
+        "eval_loss_before": round(summary["eval_loss_before"], 3),
+        "eval_loss_after": round(summary["eval_loss_after"], 3),
+        "train_seconds": summary["train_seconds"],
+        "overfitting_warning": summary.get("overfitting_warning"),
+    }
+    if forgetting:  # `peftkit eval`: general-knowledge accuracy of the base and the tuned model
+        run([*PEFTKIT, "eval", str(run_dir)])
+        report = json.loads((run_dir / "eval.json").read_text())
+        row.update(general_after=report["after"]["general_accuracy"], forgetting_points=report["forgetting_points"])
+    return row
+
+
+def mean_lines(rows: list[dict]) -> list[str]:
+    """Per setting: mean held-out accuracy (and forgetting where measured) over the recipes it ran on."""
+    lines = []
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        mine = [r for r in rows if r["setting"] == setting]
+        scores = [r["heldout_after"] for r in mine if r["heldout_after"] is not None]
+        forgot = [r["forgetting_points"] for r in mine if r.get("forgetting_points") not in (None, "")]
+        line = f"- `{setting}`: held-out {sum(scores) / len(scores):.3f} over {len(scores)} recipes"
+        if forgot:
+            line += f"; forgetting {sum(forgot) / len(forgot):.1f} points over {len(forgot)}"
+        lines.append(line)
+    return lines
 
 
 def main() -> None:
@@ -32,38 +74,33 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=RECIPES)
     parser.add_argument("--settings", nargs="*", default=["default", "neftune5"], choices=list(SETTINGS))
     parser.add_argument("--out", default=str(ROOT / "runs" / "sweep"))
+    parser.add_argument("--forgetting", action="store_true", help="also run `peftkit eval` (general-knowledge forgetting)")
+    parser.add_argument("--eval-only", action="store_true", help="measure existing runs instead of training again")
     args = parser.parse_args()
-    rows = []
+    stem = results_stem("sweep")
+    rows: list[dict] = []
     for setting in args.settings:
         for name in args.recipes:
             print(f"{name}/{setting} ...", file=sys.stderr, flush=True)
-            summary = train_run(ROOT / "recipes" / f"{name}.yaml", SETTINGS[setting], Path(args.out) / f"{name}-{setting}")
-            rows.append({
-                "setting": setting,
-                "recipe": name,
-                "heldout_before": summary["heldout_accuracy_before"],
-                "heldout_after": summary["heldout_accuracy_after"],
-                "eval_loss_before": round(summary["eval_loss_before"], 3),
-                "eval_loss_after": round(summary["eval_loss_after"], 3),
-                "train_seconds": summary["train_seconds"],
-                "overfitting_warning": summary.get("overfitting_warning"),
-            })
+            rows.append(measure(name, setting, Path(args.out), forgetting=args.forgetting, retrain=not args.eval_only))
             print(rows[-1], file=sys.stderr, flush=True)
-    stem = results_stem("sweep")
-    stem.parent.mkdir(parents=True, exist_ok=True)
+            write_report(stem, [*earlier_rows(stem, rows, ROW_KEY), *rows], args)
+
+
+def write_report(stem: Path, rows: list[dict], args: argparse.Namespace) -> None:
     write_csv(stem, rows)
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
     lines = ["# Default hyper-parameter sweep", "",
              "Each setting is the recipe's own configuration plus the overrides below, trained on every recipe.", "",
-             *(f"- `{s}`: `{' '.join(SETTINGS[s]) or 'recipe as written'}`" for s in args.settings), "",
+             *(f"- `{s}`: `{' '.join(SETTINGS[s]) or 'recipe as written'}`" for s in settings), "",
              *markdown_table(rows, columns), "",
-             "Mean held-out accuracy per setting:", ""]
-    for setting in args.settings:
-        scores = [r["heldout_after"] for r in rows if r["setting"] == setting and r["heldout_after"] is not None]
-        lines.append(f"- `{setting}`: {sum(scores) / len(scores):.3f} over {len(scores)} recipes")
-    lines += ["", "```", environment(), "```", "",
-              f"Command: `python -m benchmarks.sweep --recipes {' '.join(args.recipes)} --settings {' '.join(args.settings)}`"]
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+             "Means per setting:", "", *mean_lines(rows),
+             "", "```", environment(), "```", "",
+             "Command: `python -m benchmarks.sweep` (rows of several invocations on the same day are merged; this one: "
+             f"`--recipes {' '.join(args.recipes)} --settings {' '.join(args.settings)}"
+             + (" --forgetting" if args.forgetting else "") + (" --eval-only" if args.eval_only else "") + "`)"]
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n" + kept_notes(Path(f"{stem}.md")))
     print(f"wrote {stem}.md", file=sys.stderr)
 
 

@@ -25,7 +25,8 @@ from peftkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-INIT_TO_PEFT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "eva": "eva", "loftq": "loftq"}
+INIT_TO_PEFT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "eva": "eva", "loftq": True}
+"""`loftq` starts as default LoRA and is then set from the quantization error (adapters/loftq.py)."""
 TASK_TYPES = PEFT_TASK_TYPES
 CONVERTED_INITS = ("pissa", "olora")
 """Inits that rewrite the base weights; their adapters are converted to plain LoRA when saved."""
@@ -91,11 +92,8 @@ def check(model: torch.nn.Module, cfg: LoraAdapterConfig, task: str = "causal_lm
     elif cfg.layers is not None and not any(_in_layers(n, cfg.layers) for n in matched) and not problems:
         problems.append(f"adapter.target_modules {cfg.target_modules!r} matches no module inside adapter.layers {list(cfg.layers)}")
     problems.extend(check_modules_to_save(model, cfg.modules_to_save))
-    if cfg.init == "loftq":
-        problems.append(
-            "adapter.init: loftq is not supported: it needs scipy and a separate pass that quantizes and re-saves "
-            "the base model; use init: pissa (also SVD-based), or gaussian/default"
-        )
+    if cfg.init == "loftq" and cfg.use_dora:
+        problems.append("adapter.init: loftq does not combine with use_dora; use one of them")
     return problems
 
 
@@ -135,7 +133,9 @@ def build(
 
     problems = check(model, cfg, task)
     if quantized and cfg.init in CONVERTED_INITS + ("eva",):
-        problems.append(f"adapter.init: {cfg.init} is not supported over a quantized base in peftkit; use default or gaussian")
+        problems.append(f"adapter.init: {cfg.init} is not supported over a quantized base in peftkit; use default, gaussian or loftq")
+    if cfg.init == "loftq" and not quantized:
+        problems.append("adapter.init: loftq needs a 4-bit/8-bit base; use method: qlora or another init")
     if cfg.init == "eva" and not calibration:
         problems.append("adapter.init: eva needs training data to compute its initialisation (none was given)")
     if problems:
@@ -152,6 +152,10 @@ def build(
         initialize_lora_eva_weights(peft_model, _eva_dataloader(calibration or []), show_progress_bar=False)
         return peft_model
     peft_model = get_peft_model(model, config)
+    if cfg.init == "loftq":
+        from peftkit.adapters import loftq
+
+        loftq.initialise(peft_model, peft_model.get_base_model().config._name_or_path)
     if cfg.init in CONVERTED_INITS:
         _keep_initial_adapter(peft_model)
     return peft_model

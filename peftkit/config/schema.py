@@ -180,9 +180,14 @@ class ReplayConfig(Section):
     """Mix general data back into training to limit catastrophic forgetting."""
 
     path: str = "builtin:general"
-    """`builtin:general` (the base model's own answers to ~120 general prompts) or a data file."""
+    """`builtin:general` (114 general prompts: explanations, instructions, short facts, arithmetic) or a data file."""
     ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
     """Replay examples added per training example (sampled deterministically)."""
+    answers: Literal["auto", "base", "dataset"] = "auto"
+    """`base`: train on the base model's own greedy answers to the replay prompts (self-distilled
+    replay); `dataset`: on the answers as written; `auto`: `base` for built-in sets, `dataset` for files."""
+    max_answer_tokens: PositiveInt = 256
+    """Generation limit for `base` answers; answers that do not finish within it are left out."""
 
 
 class DataConfig(Section):

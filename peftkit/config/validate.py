@@ -29,7 +29,7 @@ def _check_data(recipe: Recipe) -> list[str]:
         except PeftkitError as exc:
             problems.append(f"data.{key}: {exc}")
     if recipe.data.replay is not None:
-        from peftkit.data.build import replay_path
+        from peftkit.data.replay import replay_path
 
         try:
             load_examples(replay_path(recipe.data.replay.path), recipe.data.format)

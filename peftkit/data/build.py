@@ -14,6 +14,7 @@ import torch
 from peftkit.config.schema import DataConfig
 from peftkit.data.chat import IGNORE_INDEX, tokenize_conversation, tokenize_text, with_system_prompt
 from peftkit.data.formats import Example, Message, load_examples, read_records
+from peftkit.data.replay import ReplayAnswerer, load_replay, sample_replay
 from peftkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -94,43 +95,25 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int) -> tup
     return [e for i, e in enumerate(examples) if i not in eval_ids], [e for i, e in enumerate(examples) if i in eval_ids]
 
 
-def replay_path(path: str) -> Path:
-    """`builtin:NAME` -> the packaged `NAME` replay set; anything else is a file path."""
-    if path.startswith("builtin:"):
-        from importlib import resources
-
-        name = path.removeprefix("builtin:")
-        found = Path(str(resources.files("peftkit.resources") / f"replay_{name}.jsonl"))
-        if not found.is_file():
-            raise DataError(f"data.replay.path: there is no built-in replay set {name!r}; use `builtin:general` or a file")
-        return found
-    return Path(path)
-
-
-def mix_replay(train: list[Example], replay: list[Example], ratio: float, seed: int) -> list[Example]:
-    """Append round(ratio * len(train)) replay examples, drawn without repeats until the pool is used up."""
-    wanted = round(len(train) * ratio)
-    rng = random.Random(seed + 1)
-    picked: list[Example] = []
-    while len(picked) < wanted:
-        pool = list(replay)
-        rng.shuffle(pool)
-        picked.extend(pool[: wanted - len(picked)])
-    return [*train, *picked]
-
-
-def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int = 42) -> DataBundle:
+def build_datasets(
+    cfg: DataConfig, tokenizer: Any, seed: int = 42, replay_answerer: ReplayAnswerer | None = None
+) -> DataBundle:
+    """`replay_answerer` rewrites the sampled replay answers (self-distilled replay, see data/replay.py)."""
     examples = load_examples(cfg.train, cfg.format)
     if cfg.eval:
         train_examples, eval_examples = examples, load_examples(cfg.eval, cfg.format)
     else:
         train_examples, eval_examples = split_train_eval(examples, cfg.eval_fraction, seed)
+    train_rows, train_stats = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
     replayed = 0
     if cfg.replay is not None:
-        before = len(train_examples)
-        train_examples = mix_replay(train_examples, load_examples(replay_path(cfg.replay.path)), cfg.replay.ratio, seed)
-        replayed = len(train_examples) - before
-    train_rows, train_stats = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
+        # Replay stands for the model's general use, so it keeps its own system prompt (or the chat
+        # template's default), not the recipe's domain one.
+        picked = sample_replay(len(train_examples), load_replay(cfg.replay.path), cfg.replay.ratio, seed)
+        if replay_answerer is not None:
+            picked = replay_answerer(picked)
+        replay_rows, _ = tokenize_examples(picked, tokenizer, cfg.max_seq_len, None)
+        train_rows, replayed = [*train_rows, *replay_rows], len(replay_rows)
     eval_rows, _ = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
     if not train_rows:
         raise DataError(f"{cfg.train}: no example has any supervised token left; check max_seq_len and the data")

@@ -20,6 +20,7 @@ from peftkit.config.load import recipe_to_yaml
 from peftkit.config.schema import Recipe
 from peftkit.config.validate import validate_recipe
 from peftkit.data import PaddingCollator, build_datasets
+from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
 from peftkit.errors import PeftkitError, RunDirError
 from peftkit.evaluate.generation import generate_replies, heldout_accuracy
 from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref
@@ -175,6 +176,13 @@ def train(
              f", {quantization.bits}-bit" if quantization else "")
     model = load_model(recipe.model, quantization, device=device, dtype=dtype, source=source,
                        quant_storage=deepspeed_setup.quant_storage_dtype(recipe, dtype))
+    replay = recipe.data.replay
+    if replay is not None and answers_from_base(replay.path, replay.answers):  # self-distilled replay
+        answerer = base_model_answerer(
+            model, tokenizer, cache=run_dir / "replay_answers.jsonl" if main_process else None,
+            shared_cache=shared_cache_path(model, tokenizer, replay.max_answer_tokens) if main_process else None,
+            max_new_tokens=replay.max_answer_tokens, batch_size=recipe.eval.batch_size)
+        data = build_datasets(recipe.data, tokenizer, recipe.train.seed, replay_answerer=answerer)
 
     accuracy_before, details_before = (None, [])
     if recipe.eval.before and not resume and main_process:

@@ -108,3 +108,30 @@ def test_sft_trainer_with_checkpointed_qlora(tiny_model_dir, tiny_tokenizer, tmp
     loss.backward()
     assert torch.isfinite(loss)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("quantization", [QuantizationConfig(bits=4, quant_type="nf4"), QuantizationConfig(bits=8)])
+def test_loftq_init_starts_closer_to_the_full_precision_model(quantization, tiny_model_dir, tiny_tokenizer):
+    """LoftQ's adapter starts at the low-rank part of W - Q(W): the quantized model plus the fresh adapter is
+    nearer the full-precision model than the quantized model alone (what QLoRA's B = 0 start gives)."""
+    from peftkit.adapters.loftq import low_rank_factors
+    from peft.utils.integrations import dequantize_module_weight
+
+    batch = chat_batch(tiny_tokenizer, CHAT_RECORDS)
+    full = load_model(ModelConfig(name=str(tiny_model_dir)), None, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        reference = full(**batch).logits
+    errors = {}
+    for init in ("default", "loftq"):
+        model = _qlora(tiny_model_dir, quantization, r=8, alpha=16, init=init).eval()
+        with torch.no_grad():
+            errors[init] = (model(**batch).logits - reference).abs().mean().item()
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        quantized = dequantize_module_weight(layer.get_base_layer()).float()
+        delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        original = full.model.layers[0].self_attn.q_proj.weight
+        errors[f"{init}-weight"] = (original - quantized - delta).norm().item()
+    assert errors["loftq-weight"] < 0.9 * errors["default-weight"], errors
+    assert errors["loftq"] < errors["default"], errors
+    a, b = low_rank_factors(torch.eye(6) * torch.arange(6, 0, -1), rank=2, scaling=2.0)
+    assert torch.allclose(2.0 * b @ a, torch.diag(torch.tensor([6.0, 5, 0, 0, 0, 0])), atol=1e-5)

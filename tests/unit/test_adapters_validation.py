@@ -97,7 +97,9 @@ def test_incompatible_combinations(tiny_recipe):
     for method in ("prefix_tuning", "prompt_tuning"):
         text = _problems(tiny_recipe, {"method": method}, task="sequence_classification")
         assert f"{method} does not support task: sequence_classification" in text
-    assert "loftq is not supported" in _problems(tiny_recipe, {"method": "lora", "init": "loftq"})
+    assert "loftq corrects the quantization error" in _problems(tiny_recipe, {"method": "lora", "init": "loftq"})
+    assert "pissa is not supported over a quantized base" in _problems(tiny_recipe, {"method": "qlora", "init": "pissa"})
+    assert "loftq does not combine with use_dora" in _problems(tiny_recipe, {"method": "qlora", "init": "loftq", "use_dora": True})
     text = _problems(tiny_recipe, {"method": "ia3", "target_modules": ["k_proj", "v_proj"], "feedforward_modules": ["down_proj"]})
     assert "feedforward_modules ['down_proj'] must be among the target_modules" in text
 

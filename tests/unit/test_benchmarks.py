@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.common import markdown_table, write_csv
-from benchmarks.methods import ROOT, earlier_rows, recipe_for
+from benchmarks.common import earlier_rows, markdown_table, write_csv
+from benchmarks.methods import ROOT, ROW_KEY, kept_notes, recipe_for
 
 
 def test_methods_map_to_their_recipes_and_variants():
@@ -15,8 +15,14 @@ def test_methods_map_to_their_recipes_and_variants():
     assert recipe.name == "quickstart-qlora.yaml" and overrides == ["quantization.bits=8"]
     recipe, overrides = recipe_for("support-desk", "dora")  # no dedicated recipe: the recipe's LoRA, as DoRA
     assert recipe.name == "support-desk.yaml" and overrides == ["adapter.use_dora=true"]
-    with pytest.raises(SystemExit, match="support-desk-prefix.yaml"):
-        recipe_for("support-desk", "prefix")
+    recipe, overrides = recipe_for("support-desk", "prefix")  # data of support-desk, settings of quickstart-prefix
+    assert recipe.name == "support-desk.yaml" and overrides[0].startswith('adapter={"method": "prefix_tuning"')
+    from peftkit.config import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    assert loaded.adapter.method == "prefix_tuning" and loaded.train.lr == 5e-3 and "support-desk" in loaded.data.train
+    with pytest.raises(SystemExit, match="quickstart-nosuch.yaml"):
+        recipe_for("support-desk", "nosuch")
     assert recipe_for("quickstart", "lora-replay")[1][0].startswith("data.replay.path=")
 
 
@@ -26,6 +32,25 @@ def test_rows_of_an_earlier_invocation_are_kept_unless_measured_again(tmp_path):
         {"recipe": "quickstart", "method": "lora", "heldout_accuracy": 0.6, "run_dir": "a"},
         {"recipe": "quickstart", "method": "full", "heldout_accuracy": 0.4, "run_dir": "b"},
     ])
-    kept = earlier_rows(stem, [{"recipe": "quickstart", "method": "full"}])
+    kept = earlier_rows(stem, [{"recipe": "quickstart", "method": "full"}], ROW_KEY)
     assert kept == [{"recipe": "quickstart", "method": "lora", "heldout_accuracy": 0.6, "run_dir": "a"}]
     assert markdown_table(kept, ["method", "heldout_accuracy"])[2] == "| lora | 0.6 |"
+
+
+def test_hand_written_notes_survive_a_rewritten_report(tmp_path):
+    report = tmp_path / "r.md"
+    assert kept_notes(report) == ""
+    report.write_text("# table\n| a |\n\n## Reading the table\n\n- a note\n")
+    assert kept_notes(report) == "\n## Reading the table\n\n- a note\n"
+
+
+def test_csv_has_every_rows_columns_and_sweep_means_use_what_was_measured(tmp_path):
+    from benchmarks.sweep import mean_lines
+
+    rows = [{"setting": "default", "recipe": "a", "heldout_after": 0.5},
+            {"setting": "default", "recipe": "b", "heldout_after": 0.7, "forgetting_points": 12.0},
+            {"setting": "r32", "recipe": "a", "heldout_after": 0.4, "forgetting_points": ""}]
+    write_csv(tmp_path / "s", rows)
+    assert (tmp_path / "s.csv").read_text().splitlines()[0] == "setting,recipe,heldout_after,forgetting_points"
+    assert mean_lines(rows) == ["- `default`: held-out 0.600 over 2 recipes; forgetting 12.0 points over 1",
+                                "- `r32`: held-out 0.400 over 1 recipes"]

@@ -9,7 +9,8 @@ import pytest
 
 from peftkit.cli import main
 from peftkit.config import recipe_from_dict
-from peftkit.data.build import mix_replay, replay_path
+from peftkit.data.build import build_datasets
+from peftkit.data.replay import replay_path, sample_replay
 from peftkit.data.formats import Example, load_examples
 from peftkit.evaluate.run_eval import builtin_resource
 from peftkit.train.callbacks import OverfittingWatch
@@ -25,13 +26,28 @@ def test_builtin_sets_are_packaged_and_valid():
     assert len(replay) >= 60 and all(e.messages[-1]["role"] == "assistant" for e in replay)
 
 
-def test_mix_replay_is_deterministic_and_sized():
-    train = [Example(f"t{i}", text="x") for i in range(10)]
+def test_sample_replay_is_deterministic_and_sized():
     replay = [Example(f"r{i}", text="y") for i in range(3)]
-    mixed = mix_replay(train, replay, 0.5, seed=1)
-    assert mixed[:10] == train and len(mixed) == 15
-    assert mixed == mix_replay(train, replay, 0.5, seed=1)
-    assert {e.where for e in mixed[10:13]} == {"r0", "r1", "r2"}, "the pool is used up before repeating"
+    picked = sample_replay(10, replay, 0.5, seed=1)
+    assert len(picked) == 5 and picked == sample_replay(10, replay, 0.5, seed=1)
+    assert {e.where for e in picked[:3]} == {"r0", "r1", "r2"}, "the pool is used up before repeating"
+
+
+def test_replay_rows_keep_their_own_system_prompt(tiny_recipe, tmp_path):
+    """Replay stands for general use: the recipe's domain system prompt is not put on it."""
+    from peftkit.models import load_tokenizer, resolve_model_ref
+
+    replay = write_jsonl(tmp_path / "replay.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                                   {"role": "assistant", "content": "hello"}]}] * 4)
+    recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "system_prompt": "DOMAINPROMPT", "max_seq_len": 512,
+                                                       "replay": {"path": str(replay), "ratio": 0.25}}})
+    tokenizer = load_tokenizer(recipe.model, resolve_model_ref(recipe.model.name))
+    bundle = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    plain = build_datasets(recipe.data.model_copy(update={"replay": None}), tokenizer, recipe.train.seed)
+    n_replay = bundle.stats["replay_examples"]
+    assert n_replay == 3 and bundle.train[:-n_replay] == plain.train
+    assert any("DOMAINPROMPT" in tokenizer.decode(r["input_ids"]) for r in plain.train)
+    assert not any("DOMAINPROMPT" in tokenizer.decode(r["input_ids"]) for r in bundle.train[-n_replay:])
 
 
 def test_replay_adds_examples_to_training(tiny_recipe, tmp_path):
@@ -87,3 +103,37 @@ def test_early_stopping_stops_and_keeps_best(tiny_recipe):
     summary = train(recipe).summary
     assert summary["stopped_early"] is True
     assert summary["steps"] < 30 * 3
+
+
+def test_self_distilled_replay_uses_the_base_models_answers_and_caches_them(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                            monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
+    from peftkit.evaluate import generation
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    calls = []
+
+    def fake_generate(model, tokenizer, conversations, **kwargs):  # the base model's greedy answers
+        calls.append([c[-1]["content"] for c in conversations])
+        return [generation.Reply(f"base says {c[-1]['content']}", finished=c[-1]["content"] != "long") for c in conversations]
+
+    monkeypatch.setattr(generation, "generate_replies", fake_generate)
+
+    def chat(question):
+        return Example(question, messages=({"role": "user", "content": question}, {"role": "assistant", "content": "WRITTEN"}))
+
+    examples = [chat("short"), Example("t", text="plain text stays"), chat("long"), chat("short")]
+    run_cache, shared = tmp_path / "run.jsonl", shared_cache_path(model, tiny_tokenizer, 8)
+    assert shared == shared_cache_path(model, tiny_tokenizer, 8) != shared_cache_path(model, tiny_tokenizer, 9)
+    shared = tmp_path / "shared" / shared.name
+    answered = base_model_answerer(model, tiny_tokenizer, cache=run_cache, shared_cache=shared, max_new_tokens=8)(examples)
+    assert calls == [["short", "long"]], "each distinct prompt is generated once"
+    assert [e.messages[-1]["content"] if e.messages else e.text for e in answered] == [
+        "base says short", "plain text stays", "base says short"], "unfinished answers are left out"
+    assert run_cache.is_file() and shared.is_file()
+    again = base_model_answerer(model, tiny_tokenizer, cache=None, shared_cache=shared, max_new_tokens=8)(examples)
+    assert again == answered and len(calls) == 1, "a second run on the same base reads the cache"
+    assert answers_from_base("builtin:general", "auto") and not answers_from_base("my.jsonl", "auto")
+    assert answers_from_base("my.jsonl", "base") and not answers_from_base("builtin:general", "dataset")

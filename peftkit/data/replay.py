@@ -1,0 +1,145 @@
+"""Replay mixing against catastrophic forgetting: general conversations mixed into a domain run.
+
+The replay answers can come from the file as written, or from the base model itself
+(self-distilled replay, as in self-synthesized rehearsal): training then pulls the model back
+towards its *own* general behaviour instead of towards another model's answers, which is what
+"do not forget" means. Unfinished generations are dropped, as training on a cut-off answer
+teaches the model to stop mid-sentence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from peftkit.data.formats import Example, load_examples
+from peftkit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+ReplayAnswerer = Callable[[list[Example]], list[Example]]
+"""Rewrites the last assistant turn of each replay conversation (and may drop some)."""
+
+
+def replay_path(path: str) -> Path:
+    """`builtin:NAME` -> the packaged `NAME` replay set; anything else is a file path."""
+    if path.startswith(BUILTIN_PREFIX):
+        from importlib import resources
+
+        name = path.removeprefix(BUILTIN_PREFIX)
+        found = Path(str(resources.files("peftkit.resources") / f"replay_{name}.jsonl"))
+        if not found.is_file():
+            raise DataError(f"data.replay.path: there is no built-in replay set {name!r}; use `builtin:general` or a file")
+        return found
+    return Path(path)
+
+
+def answers_from_base(path: str, answers: str) -> bool:
+    """`auto`: regenerate the built-in sets' answers with the base model, keep a user file's as written."""
+    return answers == "base" or (answers == "auto" and path.startswith(BUILTIN_PREFIX))
+
+
+def sample_replay(n_train: int, replay: list[Example], ratio: float, seed: int) -> list[Example]:
+    """round(ratio * n_train) replay examples, drawn without repeats until the pool is used up."""
+    wanted = round(n_train * ratio)
+    rng = random.Random(seed + 1)
+    picked: list[Example] = []
+    while len(picked) < wanted:
+        pool = list(replay)
+        rng.shuffle(pool)
+        picked.extend(pool[: wanted - len(picked)])
+    return picked
+
+
+def load_replay(path: str, fmt: str = "auto") -> list[Example]:
+    return load_examples(replay_path(path), fmt)
+
+
+def shared_cache_path(model: Any, tokenizer: Any, max_new_tokens: int) -> Path:
+    """Where answers of this exact base model (name, revision, quantization, chat template, limit) are kept
+    across runs, under `$PEFTKIT_HOME/replay/`: a second run on the same base skips the generation."""
+    from peftkit.models.registry import peftkit_home
+
+    config = model.config
+    name = str(getattr(config, "_name_or_path", ""))
+    config_file = Path(name) / "config.json"
+    identity = {
+        "model": name,
+        "commit": getattr(config, "_commit_hash", None),
+        "modified": config_file.stat().st_mtime_ns if config_file.is_file() else None,
+        "quantization": str(getattr(config, "quantization_config", None)),
+        "dtype": str(next(model.parameters()).dtype),
+        "chat_template": hashlib.sha256(str(getattr(tokenizer, "chat_template", "")).encode()).hexdigest(),
+        "max_new_tokens": max_new_tokens,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    return peftkit_home() / "replay" / f"{digest}.jsonl"
+
+
+def _read_answers(path: Path | None) -> dict[str, dict[str, Any]]:
+    if path is None or not path.is_file():
+        return {}
+    records = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return {r["key"]: r for r in records}
+
+
+def base_model_answerer(model: Any, tokenizer: Any, *, cache: Path | None, shared_cache: Path | None = None,
+                        max_new_tokens: int = 256, batch_size: int = 16) -> ReplayAnswerer:
+    """An answerer that asks `model` (the base, before any adapter) for greedy answers.
+
+    Answers are kept in `cache` (the run's own JSONL keyed by the prompt turns: a resumed run
+    trains on exactly the same replay rows) and in `shared_cache` (see `shared_cache_path`).
+    """
+
+    def answer(examples: list[Example]) -> list[Example]:
+        from peftkit.evaluate.generation import generate_replies
+
+        known = {**_read_answers(shared_cache), **_read_answers(cache)}
+        prompts = {_key(e): e.messages[:-1] for e in examples if _answerable(e)}
+        missing = [k for k in dict.fromkeys(prompts) if k not in known]
+        if missing:
+            log.info("Generating the base model's answers to %d replay prompts", len(missing))
+            replies = generate_replies(model, tokenizer, [prompts[k] for k in missing], max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, progress="replay answers")
+            for key, reply in zip(missing, replies):
+                known[key] = {"key": key, "reply": reply.text, "finished": reply.finished}
+            if shared_cache is not None:
+                try:
+                    _write_answers(shared_cache, known)
+                except OSError as exc:  # a read-only home only costs the next run the generation
+                    log.warning("could not keep the replay answers in %s (%s)", shared_cache, exc.strerror)
+        if cache is not None:
+            _write_answers(cache, {k: known[k] for k in prompts})
+        kept = []
+        for e in examples:  # rows without a final assistant turn to regenerate are kept as written
+            if not _answerable(e):
+                kept.append(e)
+            elif known[_key(e)]["finished"] and known[_key(e)]["reply"]:
+                kept.append(Example(e.where, messages=(*e.messages[:-1], {"role": "assistant", "content": known[_key(e)]["reply"]})))
+        if len(kept) < len(examples):
+            log.warning("%d of %d replay answers did not finish within %d tokens and were left out",
+                        len(examples) - len(kept), len(examples), max_new_tokens)
+        return kept
+
+    return answer
+
+
+def _write_answers(path: Path, answers: dict[str, dict[str, Any]]) -> None:
+    from peftkit.utils.atomic import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in answers.values()))
+
+
+def _key(example: Example) -> str:
+    return json.dumps(list(example.messages[:-1]) if example.messages else example.text, sort_keys=True)
+
+
+def _answerable(example: Example) -> bool:
+    return bool(example.messages) and example.messages[-1]["role"] == "assistant"
