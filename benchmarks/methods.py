@@ -30,6 +30,7 @@ VARIANT_OVERRIDES = {
     # LoRA with the built-in general replay set mixed in (data.replay defaults: ratio 0.2, the base
     # model's own answers), to show its effect on forgetting.
     "lora-replay": ("lora", ["data.replay.path=builtin:general"]),
+    "lora-replay-distill": ("lora", ["data.replay.path=builtin:general", "data.replay.distill=true"]),
 }
 
 
@@ -71,14 +72,16 @@ def train_run(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def measure(name: str, method: str, sets: list[str], out_root: Path, *, retrain: bool = True) -> dict:
+def measure(name: str, method: str, sets: list[str], out_root: Path, *, retrain: bool = True,
+            reuse_eval: bool = False) -> dict:
     """Train (unless `retrain` is off and the run exists) and `peftkit eval` one recipe x method."""
     recipe, overrides = recipe_for(name, method)
     run_dir = out_root / f"{name}-{method}"
     if retrain or not (run_dir / "summary.json").is_file():
         train_run(recipe, [*overrides, *sets], run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
-    run([*PEFTKIT, "eval", str(run_dir)])
+    if retrain or not reuse_eval or not (run_dir / "eval.json").is_file():
+        run([*PEFTKIT, "eval", str(run_dir)])
     report = json.loads((run_dir / "eval.json").read_text())
     return {
         "recipe": name,
@@ -145,12 +148,14 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], dest="sets", help="overrides applied to every run")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     parser.add_argument("--eval-only", action="store_true", help="re-evaluate existing runs instead of training again")
+    parser.add_argument("--collect", action="store_true", help="report existing runs and their eval.json as they are")
     args = parser.parse_args()
     rows: list[dict] = []
     for name in args.recipes:
         for method in args.methods:
             print(f"{name}/{method} ...", file=sys.stderr, flush=True)
-            rows.append(measure(name, method, args.sets, Path(args.out), retrain=not args.eval_only))
+            rows.append(measure(name, method, args.sets, Path(args.out), retrain=not (args.eval_only or args.collect),
+                                reuse_eval=args.collect))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             write_report(rows, args)  # after every run: a long matrix cut short still leaves its rows
 

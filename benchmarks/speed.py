@@ -80,7 +80,8 @@ def main() -> None:
 
 
 def write_report(rows: list[dict], peak: float, args: argparse.Namespace) -> None:
-    stem = results_stem("speed")
+    # One report per training length: a full-length comparison does not replace the 1-epoch one.
+    stem = results_stem("speed" if args.epochs == 1.0 else f"speed_{args.epochs:g}ep")
     stem.parent.mkdir(parents=True, exist_ok=True)
     write_csv(stem, rows)
     import matplotlib
@@ -117,7 +118,8 @@ def write_report(rows: list[dict], peak: float, args: argparse.Namespace) -> Non
         environment(),
         "```",
         "",
-        f"Command: `python -m benchmarks.speed --recipe {args.recipe} --epochs {args.epochs}`",
+        f"Command: `python -m benchmarks.speed --recipe {args.recipe} --epochs {args.epochs:g}"
+        + (f" --variants {' '.join(args.variants)}`" if args.variants != VARIANTS else "`"),
     ]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.md / .csv / .png", file=sys.stderr)

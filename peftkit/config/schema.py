@@ -188,6 +188,9 @@ class ReplayConfig(Section):
     replay); `dataset`: on the answers as written; `auto`: `base` for built-in sets, `dataset` for files."""
     max_answer_tokens: PositiveInt = 256
     """Generation limit for `base` answers; answers that do not finish within it are left out."""
+    distill: bool = False
+    """Train replay rows towards the base model's top-20 next-token distribution (soft targets,
+    computed once before training) instead of only its answer tokens."""
 
 
 class DataConfig(Section):

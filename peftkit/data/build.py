@@ -147,7 +147,13 @@ class PaddingCollator:
             batch["input_ids"].append(row["input_ids"] + [self.pad_token_id] * pad)
             batch["attention_mask"].append([1] * len(row["input_ids"]) + [0] * pad)
             batch["labels"].append(row["labels"] + [IGNORE_INDEX] * pad)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        teacher = next((r for r in rows if "teacher_ids" in r), None)
+        if teacher is not None:  # distilled replay (train/distill.py): soft targets for the whole batch
+            from peftkit.train.distill import teacher_batch
+
+            tensors.update(teacher_batch(rows, len(teacher["teacher_ids"][0])))
+        return tensors
 
 
 def dump_rows_preview(rows: list[Row], tokenizer: Any, n: int = 1) -> str:

@@ -22,6 +22,7 @@ from peftkit.config.validate import validate_recipe
 from peftkit.data import PaddingCollator, build_datasets
 from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
 from peftkit.errors import PeftkitError, RunDirError
+from peftkit.train.distill import add_teacher_targets
 from peftkit.evaluate.generation import generate_replies, heldout_accuracy
 from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref
 from peftkit.train import checkpoints
@@ -183,6 +184,10 @@ def train(
             shared_cache=shared_cache_path(model, tokenizer, replay.max_answer_tokens) if main_process else None,
             max_new_tokens=replay.max_answer_tokens, batch_size=recipe.eval.batch_size)
         data = build_datasets(recipe.data, tokenizer, recipe.train.seed, replay_answerer=answerer)
+
+    if replay is not None and replay.distill and data.stats["replay_examples"]:
+        n = data.stats["replay_examples"]  # replay rows are the last ones (data/build.py)
+        data.train[-n:] = add_teacher_targets(model, tokenizer.pad_token_id, data.train[-n:])
 
     accuracy_before, details_before = (None, [])
     if recipe.eval.before and not resume and main_process:

@@ -85,6 +85,7 @@ class SFTTrainer(Trainer):
     ) -> Any:
         inputs = dict(inputs)
         labels = inputs.pop("labels")
+        teacher_ids, teacher_probs = inputs.pop("teacher_ids", None), inputs.pop("teacher_probs", None)
         targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
         if model.training:
             self.supervised_tokens_seen += int(targets.numel())
@@ -104,7 +105,11 @@ class SFTTrainer(Trainer):
         else:
             outputs = model(**inputs, use_cache=False)
             logits = outputs.logits[:, virtual:][:, :-1][labels[:, 1:] != IGNORE_INDEX]
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        if teacher_ids is None:
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        else:  # soft targets (distilled replay); one-hot rows reduce to the cross-entropy above
+            log_probs = torch.log_softmax(logits.float(), dim=-1).gather(1, teacher_ids)
+            loss = -(teacher_probs * log_probs).sum()
         if num_items_in_batch is None:
             denominator: torch.Tensor | int = max(int(targets.numel()), 1)
         else:
