@@ -6,7 +6,8 @@ and number of epochs; they differ only in the trainer:
 - reference: transformers `Trainer` + peft, dynamic padding (`DataCollatorForSeq2Seq`), random
   batches, the model's own loss over full logits: what a user would write by hand.
 - peftkit: peftkit's `SFTTrainer`: length-grouped batches, supervised-only logits, shared prompt prefix.
-- peftkit-no-prefix / -no-sparse / -no-group: optimisations switched off, to measure each one's share
+- peftkit-no-prefix / -no-sparse / -no-group / -no-bucket: optimisations switched off, to measure each one's share
+  (-no-group draws the reference's batches: loss-exact up to float rounding and dropout)
   (no-sparse also drops the shared prefix, which relies on it).
 
 Prints one JSON line with the measurement.
@@ -27,7 +28,7 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", required=True)
-    parser.add_argument("--variant", required=True, choices=["reference", "peftkit", "peftkit-no-prefix", "peftkit-no-sparse", "peftkit-no-group"])
+    parser.add_argument("--variant", required=True, choices=["reference", "peftkit", "peftkit-no-prefix", "peftkit-no-sparse", "peftkit-no-group", "peftkit-no-bucket"])
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -39,6 +40,7 @@ def main() -> None:
     from peftkit.data import PaddingCollator, build_datasets
     from peftkit.evaluate.loss import mean_loss
     from peftkit.models import load_model, load_tokenizer
+    from peftkit.train.bucketing import length_buckets
     from peftkit.train.trainer import SFTTrainer
 
     recipe = load_recipe(args.recipe)
@@ -82,12 +84,18 @@ def main() -> None:
             data_collator=collator,
             supervised_logits_only=args.variant != "peftkit-no-sparse",
             share_prompt_prefix=args.variant not in {"peftkit-no-prefix", "peftkit-no-sparse"},
+            bucket_within_batch=args.variant != "peftkit-no-bucket",
         )
+    bucketed = getattr(trainer, "bucket_batches", False)
 
     # Count what each variant actually processes: the same batches the trainer will draw.
     padded = real = supervised = 0
     for batch in trainer.get_train_dataloader():
-        padded += batch["input_ids"].numel()
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        if bucketed:  # what the length buckets actually run (train/bucketing.py)
+            padded += sum(len(b) * max(lengths[i] for i in b) for b in length_buckets(lengths))
+        else:
+            padded += batch["input_ids"].numel()
         real += int(batch["attention_mask"].sum())
         supervised += int((batch["labels"][:, 1:] != -100).sum())
     epochs = args.epochs

@@ -242,6 +242,8 @@ class TrainConfig(Section):
     """Compute the vocabulary projection only where a label is supervised (faster, same loss)."""
     share_prompt_prefix: bool = True
     """Run the prompt prefix shared by a whole batch (e.g. the system prompt) once per batch (same loss)."""
+    bucket_within_batch: bool = True
+    """Run each batch as length buckets, each padded only to its own longest row (same batch, same loss)."""
 
 
 class EvalConfig(Section):

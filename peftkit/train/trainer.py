@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from peftkit.data.chat import IGNORE_INDEX
+from peftkit.train.bucketing import length_buckets
 from peftkit.train.shared_prefix import MIN_SHARED_PREFIX, forward_with_shared_prefix, shared_prefix_length
 
 
@@ -52,7 +53,8 @@ def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
 
 class SFTTrainer(Trainer):
     def __init__(
-        self, *args: Any, supervised_logits_only: bool = True, share_prompt_prefix: bool = True, **kwargs: Any
+        self, *args: Any, supervised_logits_only: bool = True, share_prompt_prefix: bool = True,
+        bucket_within_batch: bool = True, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
         self.sparse_logits = supervised_logits_only and _base_forward_accepts(self.model, "logits_to_keep")
@@ -67,6 +69,14 @@ class SFTTrainer(Trainer):
             and not getattr(self.model, "is_activation_checkpointing", False)
             and self.args.world_size == 1
             # NEFTune scales its noise by 1/sqrt(sequence length): splitting the sequence would change it.
+            and self.args.neftune_noise_alpha is None
+        )
+        # Several forward calls per step (length buckets, train/bucketing.py): same conditions as above
+        # but independent of sparse logits.
+        self.bucket_batches = (
+            bucket_within_batch
+            and not self.is_deepspeed_enabled
+            and self.args.world_size == 1
             and self.args.neftune_noise_alpha is None
         )
         self.virtual_tokens = _virtual_tokens(self.model)
@@ -85,11 +95,44 @@ class SFTTrainer(Trainer):
     ) -> Any:
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        teacher_ids, teacher_probs = inputs.pop("teacher_ids", None), inputs.pop("teacher_probs", None)
+        teacher = {k: inputs.pop(k) for k in ("teacher_ids", "teacher_probs") if k in inputs}
         targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
         if model.training:
             self.supervised_tokens_seen += int(targets.numel())
             self.input_tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else labels.numel()
+        buckets = None
+        if self.bucket_batches and not return_outputs and "attention_mask" in inputs and set(inputs) <= {"input_ids", "attention_mask"}:
+            buckets = length_buckets(inputs["attention_mask"].sum(dim=1).tolist())
+        if buckets is None or len(buckets) == 1:
+            loss, outputs = self._loss_sum(model, inputs, labels, teacher)
+        else:  # same rows, same token-sum loss; each bucket padded only to its own longest row
+            loss, outputs = 0.0, None
+            counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+            offsets = [0]
+            for count in counts:
+                offsets.append(offsets[-1] + count)
+            for rows in buckets:
+                index = torch.tensor(rows, device=labels.device)
+                width = int(inputs["attention_mask"][index].sum(dim=1).max())
+                part = {k: v[index, :width] for k, v in inputs.items()}
+                part_teacher = {k: torch.cat([v[offsets[r] : offsets[r + 1]] for r in rows]) for k, v in teacher.items()}
+                part_loss, outputs = self._loss_sum(model, part, labels[index, :width], part_teacher)
+                loss = loss + part_loss
+        if num_items_in_batch is None:
+            denominator: torch.Tensor | int = max(int(targets.numel()), 1)
+        else:
+            denominator = num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                # num_items_in_batch is summed over processes; DDP averages gradients over them.
+                loss = loss * self.accelerator.num_processes
+        loss = loss / denominator
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_sum(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, teacher: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, Any]:
+        """Token-sum loss of one forward call (the caller divides by the batch's supervised tokens)."""
+        targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
         # Inside peft's `disable_adapter()` (the "before" eval) prompt tuning prepends nothing.
         virtual = 0 if getattr(self.model, "_adapters_disabled", False) else self.virtual_tokens
         if self.sparse_logits:
@@ -105,20 +148,11 @@ class SFTTrainer(Trainer):
         else:
             outputs = model(**inputs, use_cache=False)
             logits = outputs.logits[:, virtual:][:, :-1][labels[:, 1:] != IGNORE_INDEX]
-        if teacher_ids is None:
-            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-        else:  # soft targets (distilled replay); one-hot rows reduce to the cross-entropy above
-            log_probs = torch.log_softmax(logits.float(), dim=-1).gather(1, teacher_ids)
-            loss = -(teacher_probs * log_probs).sum()
-        if num_items_in_batch is None:
-            denominator: torch.Tensor | int = max(int(targets.numel()), 1)
-        else:
-            denominator = num_items_in_batch
-            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                # num_items_in_batch is summed over processes; DDP averages gradients over them.
-                loss = loss * self.accelerator.num_processes
-        loss = loss / denominator
-        return (loss, outputs) if return_outputs else loss
+        if not teacher:
+            return F.cross_entropy(logits.float(), targets, reduction="sum"), outputs
+        # Soft targets (distilled replay); one-hot rows reduce to the cross-entropy above.
+        log_probs = torch.log_softmax(logits.float(), dim=-1).gather(1, teacher["teacher_ids"])
+        return -(teacher["teacher_probs"] * log_probs).sum(), outputs
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # type: ignore[override]
         """Eval loss through the same sparse path (token-mean over the batch)."""

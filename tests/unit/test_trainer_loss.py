@@ -79,3 +79,47 @@ def test_shared_prefix_stops_before_first_supervised_prediction():
     keep[:] = False
     assert shared_prefix_length(ids, keep) == 4
     assert shared_prefix_length(ids[:1], keep[:1]) == 0, "a single row has nothing to share"
+
+
+def test_length_buckets_cover_the_batch_and_split_only_when_padding_outweighs_a_call():
+    from peftkit.train.bucketing import length_buckets
+
+    assert length_buckets([50, 52, 49, 51]) == [[2, 0, 3, 1]]  # near-equal lengths: one call
+    buckets = length_buckets([30, 400, 35, 410, 32, 390], overhead=48)
+    assert buckets == [[0, 4, 2], [5, 1, 3]]
+    assert sorted(i for b in length_buckets([7, 300, 12, 90, 250, 3, 180, 64]) for i in b) == list(range(8))
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_bucketed_batch_gives_the_same_loss_and_gradients(lora_model, tiny_tokenizer, tmp_path, with_teacher):
+    """The trainer's length buckets change the padding, not the loss or the gradients."""
+    from transformers import TrainingArguments
+
+    from peftkit.data.build import PaddingCollator
+    from peftkit.train.distill import TEACHER_IDS, TEACHER_PROBS, supervised_targets
+    from peftkit.train.trainer import SFTTrainer
+
+    torch.manual_seed(2)
+    vocab = len(tiny_tokenizer)
+    rows = []
+    for length in (14, 60, 16, 64, 15, 58):  # two clearly different lengths: the batch splits in two
+        ids = torch.randint(5, vocab, (length,)).tolist()
+        ids[:9] = rows[0]["input_ids"][:9] if rows else ids[:9]  # a shared prefix, as chat data has
+        labels = [-100] * 10 + ids[10:]
+        rows.append({"input_ids": ids, "labels": labels})
+    if with_teacher:  # a distilled row inside the batch: its soft targets must follow it into its bucket
+        n = len(supervised_targets(rows[1]["labels"]))
+        rows[1] = {**rows[1], TEACHER_IDS: [[3, 4, 5]] * n, TEACHER_PROBS: [[0.5, 0.3, 0.2]] * n}
+    collate = PaddingCollator(tiny_tokenizer.pad_token_id)
+    results = {}
+    for bucket in (False, True):
+        trainer = SFTTrainer(model=lora_model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
+                             data_collator=collate, bucket_within_batch=bucket)
+        assert trainer.bucket_batches == bucket
+        lora_model.zero_grad()
+        loss = trainer.compute_loss(lora_model, collate(rows))
+        loss.backward()
+        results[bucket] = (float(loss), grads(lora_model))
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    for name, value in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], value, atol=1e-6, rtol=1e-4)
