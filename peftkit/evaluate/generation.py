@@ -11,6 +11,7 @@ import torch
 from peftkit.data.build import HeldoutItem
 from peftkit.data.chat import generation_prompt
 from peftkit.data.formats import Message
+from peftkit.utils.modes import eval_mode
 
 
 @dataclass(frozen=True)
@@ -44,36 +45,35 @@ def generate_replies(
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     stops = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
+    side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     replies: dict[int, Reply] = {}
-    try:
-        starts = range(0, len(order), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
+    starts: Any = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc=progress, unit="batch", leave=False)
-        for start in starts:
-            ids = order[start : start + batch_size]
-            batch = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True, add_special_tokens=False)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new_tokens = out[:, batch["input_ids"].shape[1] :]
-            for row, index in zip(new_tokens.tolist(), ids):
-                finished = any(t in stops for t in row)
-                if finished:
-                    row = row[: min(row.index(t) for t in stops if t in row)]
-                replies[index] = Reply(tokenizer.decode(row, skip_special_tokens=True).strip(), finished)
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
+    try:
+        with eval_mode(model):
+            for start in starts:
+                ids = order[start : start + batch_size]
+                batch = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True, add_special_tokens=False)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stops,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                new_tokens = out[:, batch["input_ids"].shape[1] :]
+                for row, index in zip(new_tokens.tolist(), ids):
+                    finished = any(t in stops for t in row)
+                    if finished:
+                        row = row[: min(row.index(t) for t in stops if t in row)]
+                    replies[index] = Reply(tokenizer.decode(row, skip_special_tokens=True).strip(), finished)
     finally:
         tokenizer.padding_side = side
-        model.train(was_training)
     return [replies[i] for i in range(len(prompts))]
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from peftkit.data.build import PaddingCollator, Row
 from peftkit.data.chat import IGNORE_INDEX
+from peftkit.utils.modes import eval_mode
 
 
 @torch.inference_mode()
@@ -17,10 +18,8 @@ def mean_loss(model: Any, rows: list[Row], pad_token_id: int, batch_size: int = 
     """The same number for every method and trainer, so runs and benchmarks compare exactly."""
     collate = PaddingCollator(pad_token_id)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for start in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size]).items()}
             labels = batch.pop("labels")
@@ -30,8 +29,6 @@ def mean_loss(model: Any, rows: list[Row], pad_token_id: int, batch_size: int = 
             mask = target != IGNORE_INDEX
             total += float(F.cross_entropy(logits[:, :-1][mask].float(), target[mask], reduction="sum"))
             count += int(mask.sum())
-    finally:
-        model.train(was_training)
     return total / max(count, 1)
 
 

@@ -42,6 +42,7 @@ from peftkit.train import checkpoints
 from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
 from peftkit.train.run import RunResult, configure_threads, peak_memory_mb, prepare_run_dir, summary_header, training_arguments
 from peftkit.utils.atomic import atomic_write_text
+from peftkit.utils.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +94,12 @@ def predict_labels(model: Any, tokenizer: Any, texts: list[str], max_seq_len: in
     id2label = base.config.id2label
     accepted = model_input_names(model)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out: list[str] = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_seq_len, padding=True, return_tensors="pt")
             logits = model(**{k: v.to(device) for k, v in batch.items() if k in accepted}).logits
             out.extend(id2label[int(i)] for i in logits.argmax(-1).tolist())
-    finally:
-        model.train(was_training)
     return out
 
 

@@ -26,6 +26,7 @@ import torch
 
 from peftkit.config.schema import DeepSpeedConfig, Recipe
 from peftkit.errors import ConfigError, PeftkitError
+from peftkit.utils.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -505,18 +506,14 @@ def plain_eval_loss(trainer: Any) -> float:
         trainer.eval_dataset, batch_size=trainer.args.per_device_eval_batch_size,
         collate_fn=trainer.data_collator, shuffle=False,
     )
-    was_training = model.training
-    model.eval()
     total = weight = 0.0
-    try:
+    with eval_mode(model):
         with torch.no_grad():
             for batch in loader:
                 batch = {k: v.to(trainer.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 rows = int(batch["labels"].shape[0])
                 total += float(trainer.compute_loss(model, batch)) * rows
                 weight += rows
-    finally:
-        model.train(was_training)
     return total / weight if weight else float("nan")
 
 

@@ -16,6 +16,7 @@ import torch
 
 from peftkit.data.build import PaddingCollator, Row
 from peftkit.data.chat import IGNORE_INDEX
+from peftkit.utils.modes import eval_mode
 
 TEACHER_IDS = "teacher_ids"
 TEACHER_PROBS = "teacher_probs"
@@ -34,10 +35,8 @@ def add_teacher_targets(model: Any, pad_token_id: int, rows: list[Row], top_k: i
     """`rows` with the base model's top-k next-token distribution at each supervised position."""
     collate = PaddingCollator(pad_token_id)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out: list[Row] = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk).items()}
@@ -50,8 +49,6 @@ def add_teacher_targets(model: Any, pad_token_id: int, rows: list[Row], top_k: i
                 probs = top.values.exp()
                 probs = probs / probs.sum(dim=-1, keepdim=True)
                 out.append({**row, TEACHER_IDS: top.indices.cpu().tolist(), TEACHER_PROBS: probs.cpu().tolist()})
-    finally:
-        model.train(was_training)
     return out
 
 
