@@ -5,9 +5,10 @@ and number of epochs; they differ only in the trainer:
 
 - reference: transformers `Trainer` + peft, dynamic padding (`DataCollatorForSeq2Seq`), random
   batches, the model's own loss over full logits: what a user would write by hand.
-- peftkit: peftkit's `SFTTrainer`: length-grouped batches, supervised-only logits, shared prompt prefix.
-- peftkit-no-prefix / -no-sparse / -no-group / -no-bucket: optimisations switched off, to measure each one's share
-  (-no-group draws the reference's batches: loss-exact up to float rounding and dropout)
+- peftkit: peftkit's `SFTTrainer` with its defaults: the reference's batches, each run as length
+  buckets, supervised-only logits, shared prompt prefix (loss-exact up to float rounding and
+  dropout draws); peftkit-grouped adds length grouping across the dataset (other batches)
+- peftkit-no-prefix / -no-sparse / -no-bucket: optimisations switched off, to measure each one's share
   (no-sparse also drops the shared prefix, which relies on it).
 
 Prints one JSON line with the measurement.
@@ -28,7 +29,7 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", required=True)
-    parser.add_argument("--variant", required=True, choices=["reference", "peftkit", "peftkit-no-prefix", "peftkit-no-sparse", "peftkit-no-group", "peftkit-no-bucket"])
+    parser.add_argument("--variant", required=True, choices=["reference", "peftkit", "peftkit-grouped", "peftkit-no-prefix", "peftkit-no-sparse", "peftkit-no-bucket"])
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -50,7 +51,7 @@ def main() -> None:
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     model = build_adapter(load_model(recipe.model), recipe.adapter)
     cfg = recipe.train
-    group = args.variant != "peftkit-no-group" and args.variant != "reference"
+    group = args.variant == "peftkit-grouped"
     training_args = TrainingArguments(
         output_dir=str(Path(args.out) / "ckpt"),
         per_device_train_batch_size=cfg.batch_size,

@@ -236,8 +236,10 @@ class TrainConfig(Section):
     """Weights/compute dtype. `auto`: float32 on CPU, bfloat16 on capable GPUs."""
     num_threads: PositiveInt | None = None
     """CPU threads (default: all cores)."""
-    group_by_length: bool = True
-    """Batch sequences of similar length together (less padding, same data)."""
+    group_by_length: bool = False
+    """Batch sequences of similar length together across the dataset (less padding, but other batches:
+    measured +0.06 eval loss after 5 epochs on the quickstart recipe); `bucket_within_batch` keeps
+    the batches and removes most of the padding anyway."""
     supervised_logits_only: bool = True
     """Compute the vocabulary projection only where a label is supervised (faster, same loss)."""
     share_prompt_prefix: bool = True
