@@ -97,7 +97,7 @@ def test_partial(small_data):
 
 
 def test_sentiment_minilm(tmp_path):
-    overrides = ["train.max_steps=6", "train.num_threads=2", f"output_dir={tmp_path / 'cls'}"]
+    overrides = ["train.max_steps=30", "train.num_threads=2", f"output_dir={tmp_path / 'cls'}"]
     result = train(load_recipe(ROOT / "recipes" / "sentiment-minilm.yaml", overrides))
     summary = result.summary
     assert summary["labels"] == ["negative", "positive"]
