@@ -111,6 +111,9 @@ def test_bucketed_batch_gives_the_same_loss_and_gradients(lora_model, tiny_token
         n = len(supervised_targets(rows[1]["labels"]))
         rows[1] = {**rows[1], TEACHER_IDS: [[3, 4, 5]] * n, TEACHER_PROBS: [[0.5, 0.3, 0.2]] * n}
     collate = PaddingCollator(tiny_tokenizer.pad_token_id)
+    from peftkit.train.bucketing import length_buckets
+
+    assert len(length_buckets([len(r["input_ids"]) for r in rows])) == 2, "the bucketed path really splits this batch"
     results = {}
     for bucket in (False, True):
         trainer = SFTTrainer(model=lora_model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
