@@ -82,7 +82,10 @@ def earlier_rows(stem: Path, keep_out: list[dict], key: tuple[str, ...]) -> list
     path = Path(f"{stem}.csv")
     if not path.is_file():
         return []
-    done = {tuple(r[k] for k in key) for r in keep_out}
+    def ident(row: dict) -> tuple[str, ...]:
+        return tuple(str(row.get(k, "")) for k in key)
+
+    done = {ident(r) for r in keep_out}
     with open(path, newline="") as handle:
-        rows = [{k: (v if k in key or k == "run_dir" else _number(v)) for k, v in r.items()} for r in csv.DictReader(handle)]
-    return [r for r in rows if tuple(r[k] for k in key) not in done]
+        rows = [{k: (v if k == "run_dir" else _number(v)) for k, v in r.items()} for r in csv.DictReader(handle)]
+    return [r for r in rows if ident(r) not in done]

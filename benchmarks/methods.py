@@ -1,18 +1,21 @@
 """Method comparison: each adapter method trained on the same data, then `peftkit eval`.
 
-    python -m benchmarks.methods [--recipes quickstart] [--methods lora qlora ...] [--set train.epochs=3]
+    python -m benchmarks.methods [--recipes quickstart] [--methods lora qlora ...] [--set train.epochs=3] [--seeds 1 2]
 
 For a recipe `NAME`, method `M` uses `recipes/NAME-M.yaml` when it exists (its tuned settings),
 else `recipes/NAME.yaml` (its data) with the adapter/train settings of `recipes/quickstart-M.yaml`
 (LoRA variants: the recipe's own LoRA settings with `use_dora` / `method: qlora`). Each run is a fresh `peftkit train` process
 (clean peak RSS), run one after another. Writes benchmarks/results/<date>_<machine>_methods.{md,csv}
-and PNG plots (loss curves, accuracy vs trainable share, tokens/s).
+and PNG plots (loss curves, accuracy vs trainable share, tokens/s). With `--seeds`, each run is
+repeated with `train.seed` set (which also redraws the eval split, LoRA init and dropout) and the
+report adds mean and spread per recipe x method: single runs differ by a few questions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +40,7 @@ VARIANT_OVERRIDES = {
 # LoRA-family methods run on a recipe's own LoRA settings; the others take their method settings
 # (adapter, train, quantization sections) from the quickstart recipe of that method.
 LORA_FAMILY = {"lora": [], "dora": ["adapter.use_dora=true"], "qlora": ["adapter.method=qlora"]}
-ROW_KEY = ("recipe", "method")
+ROW_KEY = ("recipe", "method", "seed")
 METHOD_SECTIONS = ("adapter", "train", "quantization")
 
 
@@ -73,19 +76,21 @@ def train_run(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
 
 
 def measure(name: str, method: str, sets: list[str], out_root: Path, *, retrain: bool = True,
-            reuse_eval: bool = False) -> dict:
-    """Train (unless `retrain` is off and the run exists) and `peftkit eval` one recipe x method."""
+            reuse_eval: bool = False, seed: int | None = None) -> dict:
+    """Train (unless `retrain` is off and the run exists) and `peftkit eval` one recipe x method (x seed)."""
     recipe, overrides = recipe_for(name, method)
-    run_dir = out_root / f"{name}-{method}"
+    run_dir = out_root / (f"{name}-{method}" if seed is None else f"{name}-{method}-seed{seed}")
     if retrain or not (run_dir / "summary.json").is_file():
-        train_run(recipe, [*overrides, *sets], run_dir)
+        train_run(recipe, [*overrides, *sets, *([f"train.seed={seed}"] if seed is not None else [])], run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
+    used_seed = yaml.safe_load((run_dir / "recipe.yaml").read_text())["train"]["seed"]
     if retrain or not reuse_eval or not (run_dir / "eval.json").is_file():
         run([*PEFTKIT, "eval", str(run_dir)])
     report = json.loads((run_dir / "eval.json").read_text())
     return {
         "recipe": name,
         "method": method,
+        "seed": used_seed,
         "trainable_params": summary["trainable_params"],
         "trainable_share": round(summary["trainable_share"], 5),
         "peak_rss_mb": summary["peak_memory_mb"],
@@ -149,15 +154,43 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     parser.add_argument("--eval-only", action="store_true", help="re-evaluate existing runs instead of training again")
     parser.add_argument("--collect", action="store_true", help="report existing runs and their eval.json as they are")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[None],
+                        help="train.seed values to repeat each run with (default: the recipe's seed, one run)")
     args = parser.parse_args()
     rows: list[dict] = []
     for name in args.recipes:
         for method in args.methods:
-            print(f"{name}/{method} ...", file=sys.stderr, flush=True)
-            rows.append(measure(name, method, args.sets, Path(args.out), retrain=not (args.eval_only or args.collect),
-                                reuse_eval=args.collect))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-            write_report(rows, args)  # after every run: a long matrix cut short still leaves its rows
+            for seed in args.seeds:
+                print(f"{name}/{method} seed {seed} ...", file=sys.stderr, flush=True)
+                rows.append(measure(name, method, args.sets, Path(args.out), retrain=not (args.eval_only or args.collect),
+                                    reuse_eval=args.collect, seed=seed))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                write_report(rows, args)  # after every run: a long matrix cut short still leaves its rows
+
+
+def mean_sd(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def seed_summary(rows: list[dict]) -> list[str]:
+    """Mean ± sample standard deviation over seeds, for each recipe x method run with more than one."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["recipe"], row["method"]), []).append(row)
+    repeated = {key: runs for key, runs in groups.items() if len(runs) > 1}
+    if not repeated:
+        return []
+
+    def points(runs: list[dict], column: str, scale: float = 1.0) -> str:
+        values = [float(r[column]) * scale for r in runs if r.get(column) not in (None, "")]
+        return mean_sd(values) if values else ""
+
+    summary = [{"recipe": recipe, "method": method, "seeds": " ".join(str(r["seed"]) for r in runs),
+                "heldout_accuracy_%": points(runs, "heldout_accuracy", 100), "forgetting_points": points(runs, "forgetting_points"),
+                "eval_loss": points(runs, "eval_loss")}
+               for (recipe, method), runs in repeated.items()]
+    return ["Over seeds (mean ± sample standard deviation):", "", *markdown_table(summary, list(summary[0])), ""]
 
 
 NOTES_HEADING = "\n## Reading the table"
@@ -181,11 +214,13 @@ def write_report(new_rows: list[dict], args: argparse.Namespace) -> None:
         f"Overrides: `{' '.join(args.sets) or 'none'}`. Accuracy: greedy answers containing the key fact; "
         "forgetting: drop in built-in general-knowledge accuracy vs the base model (points).", "",
         *markdown_table(rows, columns), "",
+        *seed_summary(rows),
         f"Plots: `{stem.name}_loss.png`, `{stem.name}_accuracy.png`, `{stem.name}_speed.png`.", "",
         "```", environment(), "```", "",
         "Command: `python -m benchmarks.methods` (rows of several invocations on the same day are merged; "
         f"this one: `--recipes {' '.join(args.recipes)} --methods {' '.join(args.methods)}"
-        + (f" --set {' '.join(args.sets)}`)" if args.sets else "`)"),
+        + (f" --set {' '.join(args.sets)}" if args.sets else "")
+        + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [None] else "") + "`)",
     ]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n" + kept_notes(Path(f"{stem}.md")))
     print(f"wrote {stem}.md", file=sys.stderr)

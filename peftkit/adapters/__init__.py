@@ -17,7 +17,7 @@ import torch
 
 from peftkit.adapters import full, ia3, lora, partial, prefix, prompt, qlora  # noqa: F401 - registers the methods
 from peftkit.adapters.modules import all_linear_targets, linear_module_names
-from peftkit.adapters.registry import REGISTRY, get_method
+from peftkit.adapters.registry import REGISTRY, TrainerExtras, get_method
 from peftkit.config.schema import ADAPTER_CLASSES, QLoraAdapterConfig, QuantizationConfig, Recipe
 from peftkit.errors import ConfigError
 
@@ -114,11 +114,11 @@ def base_model_view(model: Any) -> Iterator[Any]:
         yield model
 
 
-def trainer_extras(model: Any, cfg: Any, args: Any) -> partial.TrainerExtras:
-    """Callbacks and optimizer a method needs in the Trainer (partial: unfreezing, layer-wise LR)."""
+def trainer_extras(model: Any, cfg: Any, args: Any) -> TrainerExtras:
+    """Callbacks and optimizer a method needs in the Trainer (partial: unfreezing, layer-wise LR; LoRA+)."""
     method = get_method(cfg.method)
     if method.trainer_extras is None:
-        return partial.TrainerExtras()
+        return TrainerExtras()
     return method.trainer_extras(model, cfg, args)
 
 

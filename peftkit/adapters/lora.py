@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from peftkit.adapters.modules import all_linear_targets, layer_index, linear_module_names, matches_target
-from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, register
+from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, TrainerExtras, register
 from peftkit.config.schema import LoraAdapterConfig
 from peftkit.errors import ConfigError
 
@@ -184,6 +184,23 @@ def save(peft_model: Any, directory: Path) -> None:
         peft_model.save_pretrained(str(directory), safe_serialization=True)
 
 
+def trainer_extras(model: Any, cfg: LoraAdapterConfig, args: Any) -> TrainerExtras:
+    """LoRA+ (`loraplus_lr_ratio`): peft's optimizer with a faster learning rate for the B matrices.
+
+    The optimizer class and its settings stay the Trainer's own (`args.optim`, betas, weight decay)."""
+    if cfg.loraplus_lr_ratio is None:
+        return TrainerExtras()
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs = {k: v for k, v in kwargs.items() if k not in {"lr", "weight_decay"}}
+    optimizer = create_loraplus_optimizer(model, optimizer_cls, lr=args.learning_rate, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                          loraplus_weight_decay=args.weight_decay, **kwargs)
+    return TrainerExtras(optimizer=optimizer)
+
+
 METHOD = register(
-    AdapterMethod(name="lora", config_class=LoraAdapterConfig, build=build, check=check, quantization=True, save=save)
+    AdapterMethod(name="lora", config_class=LoraAdapterConfig, build=build, check=check, quantization=True, save=save,
+                  trainer_extras=trainer_extras)
 )

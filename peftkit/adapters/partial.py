@@ -26,7 +26,7 @@ import torch
 
 from peftkit.adapters.full import save_model
 from peftkit.adapters.modules import block_layout
-from peftkit.adapters.registry import AdapterMethod, register
+from peftkit.adapters.registry import AdapterMethod, TrainerExtras, register
 from peftkit.config.schema import PartialAdapterConfig
 from peftkit.errors import ConfigError
 
@@ -217,13 +217,6 @@ def unfreeze_callback(plan: FreezePlan, cfg: PartialAdapterConfig) -> Any:
                 logs["unfrozen_blocks"] = plan.unfrozen_blocks(plan.stage)
 
     return GradualUnfreeze()
-
-
-@dataclass
-class TrainerExtras:
-    callbacks: list[Any] = field(default_factory=list)
-    """Put before the metrics callback: they add keys to the log records."""
-    optimizer: torch.optim.Optimizer | None = None
 
 
 def trainer_extras(model: Any, cfg: PartialAdapterConfig, args: Any) -> TrainerExtras:

@@ -33,5 +33,6 @@ def build(model: Any, cfg: QLoraAdapterConfig, *, task: str = "causal_lm", quant
 
 
 METHOD = register(
-    AdapterMethod(name="qlora", config_class=QLoraAdapterConfig, build=build, check=lora.check, quantization=True, save=lora.save)
+    AdapterMethod(name="qlora", config_class=QLoraAdapterConfig, build=build, check=lora.check, quantization=True, save=lora.save,
+                  trainer_extras=lora.trainer_extras)
 )

@@ -8,7 +8,7 @@ new method is one new module.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,15 @@ PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS
 
 Check = Callable[[torch.nn.Module, Any, str], list[str]]
 Build = Callable[..., Any]
+
+
+@dataclass
+class TrainerExtras:
+    """What a method adds to the Trainer: callbacks and its own optimizer (None: the Trainer's)."""
+
+    callbacks: list[Any] = field(default_factory=list)
+    """Put before the metrics callback: they add keys to the log records."""
+    optimizer: torch.optim.Optimizer | None = None
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,8 @@ class LoraAdapterConfig(Section):
     """Restrict to decoder layers [start, end] (inclusive)."""
     modules_to_save: list[str] | None = None
     """Modules trained fully and saved with the adapter (e.g. `lm_head`, `score`)."""
+    loraplus_lr_ratio: PositiveFloat | None = None
+    """LoRA+: the B matrices learn at `train.lr` x this ratio (the paper suggests 16), A at `train.lr`."""
 
     @model_validator(mode="after")
     def _layers_ordered(self) -> "LoraAdapterConfig":

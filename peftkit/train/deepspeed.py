@@ -196,6 +196,15 @@ def quant_storage_dtype(recipe: Recipe, dtype: torch.dtype) -> torch.dtype | Non
 # Validation (before any weights load)
 
 
+def _own_optimizer(recipe: Recipe) -> str | None:
+    """The setting that makes peftkit hand the Trainer its own optimizer (adapters' `trainer_extras`), if any."""
+    if recipe.adapter.method == "partial":
+        return "adapter.method: partial (unfreezing schedule, layer-wise learning rates)"
+    if getattr(recipe.adapter, "loraplus_lr_ratio", None) is not None:
+        return "adapter.loraplus_lr_ratio (LoRA+)"
+    return None
+
+
 def _json_problems(recipe: Recipe, raw: dict[str, Any], where: str, device: str | None) -> list[str]:
     problems = []
     train = recipe.train
@@ -277,7 +286,12 @@ def check_deepspeed(recipe: Recipe, device: str | None = None) -> list[str]:
             return [*problems, *exc.problems]
         problems.extend(_json_problems(recipe, raw, f"deepspeed: {recipe.deepspeed}", device))
     else:
+        raw = recipe.deepspeed.extra
         problems.extend(_block_problems(recipe.deepspeed))
+    own = _own_optimizer(recipe)
+    if own and "optimizer" in raw:
+        problems.append(f"deepspeed: the config defines an `optimizer` but {own} needs peftkit's own optimizer "
+                        "(its parameter groups): remove the DeepSpeed `optimizer` block")
     from peftkit.adapters import effective_quantization
 
     quantization = effective_quantization(recipe)

@@ -144,3 +144,23 @@ def test_check_reports_unknown_targets_layers_and_modules(tiny_model_dir):
     assert "modules_to_save: head not found" in text
     assert check_targets(model, LoraAdapterConfig(target_modules=r".*\.q_proj")) == []
     assert "loftq does not combine with use_dora" in "\n".join(check_targets(model, LoraAdapterConfig(init="loftq", use_dora=True)))
+
+
+def test_loraplus_gives_b_matrices_the_higher_learning_rate(tiny_model_dir, tmp_path):
+    from transformers import TrainingArguments
+
+    from peftkit.adapters import trainer_extras
+
+    cfg = LoraAdapterConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], loraplus_lr_ratio=16)
+    model = build_adapter(load_tiny(tiny_model_dir), cfg)
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.01, use_cpu=True, report_to="none")
+    optimizer = trainer_extras(model, cfg, args).optimizer
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(lr_of) == {id(p) for p in trainable.values()}  # every adapter weight is optimized, nothing else
+    for name, param in trainable.items():
+        lr, decay = lr_of[id(param)]
+        assert lr == pytest.approx(1.6e-3 if "lora_B" in name else 1e-4), name
+        assert decay == pytest.approx(0.01)
+    # Without the option the method adds no optimizer: the Trainer builds its usual one.
+    assert trainer_extras(model, LoraAdapterConfig(r=4, alpha=8, target_modules=["q_proj"]), args).optimizer is None

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from peftkit.adapters import base_model_view, parameter_counts
 from peftkit.config import recipe_from_dict
@@ -203,3 +204,27 @@ def test_partial_run_logs_trainable_counts(tiny_recipe, tmp_path):
     steps = {r["step"]: (r["trainable_params"], r["unfrozen_blocks"]) for r in records if "loss" in r}
     assert steps[1][1] == 0 and steps[4][1] == 1 and steps[7][1] == 2
     assert steps[1][0] < steps[4][0] < steps[7][0]
+
+
+def test_loraplus_recipe_trains_with_its_optimizer(tiny_recipe, tmp_path):
+    """`adapter.loraplus_lr_ratio` reaches the Trainer: its optimizer steps B at lr x ratio (after the schedule)."""
+
+    class CaptureLrs(TrainerCallback):
+        def __init__(self) -> None:
+            self.lrs: dict[str, float] = {}
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            names = {id(p): n for n, p in model.named_parameters()}
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    self.lrs[names[id(p)]] = group["lr"]
+
+    recipe = recipe_for(tiny_recipe, "lora", tmp_path, loraplus_lr_ratio=8)
+    capture = CaptureLrs()
+    result = train(recipe_from_dict(recipe), extra_callbacks=[capture])
+    assert result.summary["eval_loss_after"] < result.summary["eval_loss_before"]
+    lr = recipe["train"]["lr"]
+    b = [v for k, v in capture.lrs.items() if "lora_B" in k]
+    a = [v for k, v in capture.lrs.items() if "lora_A" in k]
+    assert b and a and len(b) + len(a) == len(capture.lrs)
+    assert all(v == pytest.approx(8 * lr) for v in b) and all(v == pytest.approx(lr) for v in a)  # constant schedule

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.common import earlier_rows, markdown_table, write_csv
-from benchmarks.methods import ROOT, ROW_KEY, kept_notes, recipe_for
+from benchmarks.methods import ROOT, ROW_KEY, kept_notes, recipe_for, seed_summary
 
 
 def test_methods_map_to_their_recipes_and_variants():
@@ -32,9 +32,24 @@ def test_rows_of_an_earlier_invocation_are_kept_unless_measured_again(tmp_path):
         {"recipe": "quickstart", "method": "lora", "heldout_accuracy": 0.6, "run_dir": "a"},
         {"recipe": "quickstart", "method": "full", "heldout_accuracy": 0.4, "run_dir": "b"},
     ])
-    kept = earlier_rows(stem, [{"recipe": "quickstart", "method": "full"}], ROW_KEY)
+    kept = earlier_rows(stem, [{"recipe": "quickstart", "method": "full"}], ("recipe", "method"))
     assert kept == [{"recipe": "quickstart", "method": "lora", "heldout_accuracy": 0.6, "run_dir": "a"}]
     assert markdown_table(kept, ["method", "heldout_accuracy"])[2] == "| lora | 0.6 |"
+    # Seeds are part of a row's identity: another seed adds a row, the same seed replaces it.
+    write_csv(stem, [{"recipe": "quickstart", "method": "lora", "seed": 42, "heldout_accuracy": 0.6, "run_dir": "a"}])
+    assert len(earlier_rows(stem, [{"recipe": "quickstart", "method": "lora", "seed": 1}], ROW_KEY)) == 1
+    assert earlier_rows(stem, [{"recipe": "quickstart", "method": "lora", "seed": 42}], ROW_KEY) == []
+
+
+def test_seed_summary_reports_mean_and_spread_of_repeated_runs():
+    rows = [{"recipe": "q", "method": "lora", "seed": s, "heldout_accuracy": acc, "forgetting_points": f, "eval_loss": 1.0}
+            for s, acc, f in ((42, 0.6, 30.0), (1, 0.7, 20.0), (2, 0.65, ""))]
+    rows.append({"recipe": "q", "method": "full", "seed": 42, "heldout_accuracy": 0.7, "forgetting_points": 20.0, "eval_loss": 1.0})
+    lines = seed_summary(rows)
+    assert lines[2] == "| recipe | method | seeds | heldout_accuracy_% | forgetting_points | eval_loss |"
+    assert lines[4] == "| q | lora | 42 1 2 | 65.0 ± 5.0 | 25.0 ± 7.1 | 1.0 ± 0.0 |"
+    assert len(lines) == 6  # full ran once: no spread to report
+    assert seed_summary(rows[3:]) == []
 
 
 def test_hand_written_notes_survive_a_rewritten_report(tmp_path):

@@ -336,3 +336,20 @@ def test_nvme_offload_without_async_io_stops_before_loading(tiny_recipe, tmp_pat
     with pytest.raises(ds.PeftkitError, match="libaio"):
         ds.setup(recipe, tmp_path, "cpu", torch.float32, write=False)
     assert not ds.uses_nvme(ds.build_config(_recipe(tiny_recipe, deepspeed={"stage": 3}), "cpu", torch.float32))
+
+
+def test_deepspeed_optimizer_block_is_refused_where_peftkit_brings_its_own(tiny_recipe, tmp_path):
+    """LoRA+ and partial fine-tuning hand the Trainer their own parameter groups; a DeepSpeed
+    `optimizer` block would silently replace them (or fail at the first step)."""
+    ds_json = tmp_path / "z2.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}))
+    loraplus = {**tiny_recipe["adapter"], "loraplus_lr_ratio": 16}
+    problems = ds.check_deepspeed(_recipe(tiny_recipe, adapter=loraplus, deepspeed=str(ds_json)), "cpu")
+    assert problems == ["deepspeed: the config defines an `optimizer` but adapter.loraplus_lr_ratio (LoRA+) needs "
+                        "peftkit's own optimizer (its parameter groups): remove the DeepSpeed `optimizer` block"]
+    extra = {"stage": 2, "extra": {"optimizer": {"type": "AdamW"}}}
+    partial = {"method": "partial", "train_last_layers": 1}
+    assert "adapter.method: partial" in ds.check_deepspeed(_recipe(tiny_recipe, adapter=partial, deepspeed=extra), "cpu")[0]
+    # Without an optimizer block, or with plain LoRA, nothing to report.
+    assert ds.check_deepspeed(_recipe(tiny_recipe, adapter=loraplus, deepspeed={"stage": 2}), "cpu") == []
+    assert ds.check_deepspeed(_recipe(tiny_recipe, deepspeed=str(ds_json)), "cpu") == []
