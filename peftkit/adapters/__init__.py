@@ -68,11 +68,8 @@ def check_recipe_adapter(recipe: Recipe) -> list[str]:
             "remove the `quantization:` block (or use method: qlora)"
         )
     init = getattr(recipe.adapter, "init", None)
-    if init == "loftq" and effective_quantization(recipe) is None:
-        problems.append("adapter.init: loftq corrects the quantization error of a 4-bit/8-bit base; use method: qlora "
-                        "(or a quantization block), or another init")
-    elif init in ("pissa", "olora", "eva") and effective_quantization(recipe) is not None:
-        problems.append(f"adapter.init: {init} is not supported over a quantized base in peftkit; use default, gaussian or loftq")
+    if init is not None:
+        problems.extend(lora.init_problems(init, effective_quantization(recipe) is not None))
     return problems
 
 

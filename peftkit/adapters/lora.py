@@ -32,7 +32,7 @@ CONVERTED_INITS = ("pissa", "olora")
 """Inits that rewrite the base weights; their adapters are converted to plain LoRA when saved."""
 INITIAL_ADAPTER_ATTR = "peftkit_initial_adapter"
 
-__all__ = ["lora_config", "matches_target", "check", "build", "save"]
+__all__ = ["lora_config", "matches_target", "check", "init_problems", "build", "save"]
 
 
 def _targets(cfg: LoraAdapterConfig, model: torch.nn.Module | None) -> str | list[str]:
@@ -120,6 +120,16 @@ def _eva_dataloader(calibration: Sequence[dict[str, list[int]]], batch_size: int
     return DataLoader(list(calibration), batch_size=batch_size, shuffle=False, collate_fn=without_labels)
 
 
+def init_problems(init: str, quantized: bool) -> list[str]:
+    """Inits that cannot work with (or without) a quantized base; checked in recipe validation and in `build`."""
+    if init == "loftq" and not quantized:
+        return ["adapter.init: loftq corrects the quantization error of a 4-bit/8-bit base; use method: qlora "
+                "(or a quantization block), or another init"]
+    if init in (*CONVERTED_INITS, "eva") and quantized:
+        return [f"adapter.init: {init} is not supported over a quantized base in peftkit; use default, gaussian or loftq"]
+    return []
+
+
 def build(
     model: Any,
     cfg: LoraAdapterConfig,
@@ -131,11 +141,7 @@ def build(
     """`get_peft_model` with the recipe's LoRA config; EVA runs on the training rows first."""
     from peft import get_peft_model
 
-    problems = check(model, cfg, task)
-    if quantized and cfg.init in CONVERTED_INITS + ("eva",):
-        problems.append(f"adapter.init: {cfg.init} is not supported over a quantized base in peftkit; use default, gaussian or loftq")
-    if cfg.init == "loftq" and not quantized:
-        problems.append("adapter.init: loftq needs a 4-bit/8-bit base; use method: qlora or another init")
+    problems = [*check(model, cfg, task), *init_problems(cfg.init, quantized)]
     if cfg.init == "eva" and not calibration:
         problems.append("adapter.init: eva needs training data to compute its initialisation (none was given)")
     if problems:

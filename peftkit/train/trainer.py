@@ -58,27 +58,23 @@ class SFTTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.sparse_logits = supervised_logits_only and _base_forward_accepts(self.model, "logits_to_keep")
-        # Two forward calls per step: only where the prefix cache is ours (not prefix/prompt tuning), activations
-        # are kept (no checkpointing) and no DDP/ZeRO wrapper expects exactly one forward per backward.
+        # Shared prefixes and length buckets both run several forward calls per optimizer step: only in one
+        # process (DDP/ZeRO wrappers expect exactly one forward per backward) and without NEFTune (its noise
+        # scales with 1/sqrt(sequence length), so splitting a sequence or a batch would change it).
+        several_forwards = (
+            self.args.world_size == 1 and not self.is_deepspeed_enabled and self.args.neftune_noise_alpha is None
+        )
+        # The prefix cache must be ours (not prefix/prompt tuning) and activations kept (no checkpointing;
+        # QLoRA turns it on in the model itself, prepare_model_for_kbit_training, not via args).
         self.share_prefix = (
             share_prompt_prefix
+            and several_forwards
             and self.sparse_logits
             and not _is_prompt_learning(self.model)
             and not self.args.activation_checkpointing
-            # QLoRA turns checkpointing on in the model itself (prepare_model_for_kbit_training), not via args.
             and not getattr(self.model, "is_activation_checkpointing", False)
-            and self.args.world_size == 1
-            # NEFTune scales its noise by 1/sqrt(sequence length): splitting the sequence would change it.
-            and self.args.neftune_noise_alpha is None
         )
-        # Several forward calls per step (length buckets, train/bucketing.py): same conditions as above
-        # but independent of sparse logits.
-        self.bucket_batches = (
-            bucket_within_batch
-            and not self.is_deepspeed_enabled
-            and self.args.world_size == 1
-            and self.args.neftune_noise_alpha is None
-        )
+        self.bucket_batches = bucket_within_batch and several_forwards
         self.virtual_tokens = _virtual_tokens(self.model)
         # Ask the Trainer to count supervised tokens across the accumulated batch (num_items_in_batch).
         self.model_accepts_loss_kwargs = True

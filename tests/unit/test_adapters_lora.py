@@ -164,3 +164,9 @@ def test_loraplus_gives_b_matrices_the_higher_learning_rate(tiny_model_dir, tmp_
         assert decay == pytest.approx(0.01)
     # Without the option the method adds no optimizer: the Trainer builds its usual one.
     assert trainer_extras(model, LoraAdapterConfig(r=4, alpha=8, target_modules=["q_proj"]), args).optimizer is None
+
+
+def test_python_api_build_refuses_loftq_without_a_quantized_base(tiny_model_dir):
+    """Callers who skip recipe validation get the same message from `build_adapter`."""
+    with pytest.raises(ConfigError, match="loftq corrects the quantization error"):
+        _lora(tiny_model_dir, init="loftq", target_modules=["q_proj"])
