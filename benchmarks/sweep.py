@@ -27,6 +27,12 @@ SETTINGS: dict[str, list[str]] = {
     "lr5e-4": ["train.lr=5e-4"],
     "epochs3": ["train.epochs=3"],
     "replay": ["data.replay.path=builtin:general"],
+    # Forgetting vs learning trade-off: smaller steps, with replay.
+    "replay-lr5e-4": ["data.replay.path=builtin:general", "train.lr=5e-4"],
+    "replay-lr2e-4": ["data.replay.path=builtin:general", "train.lr=2e-4"],
+    "lr2e-4": ["train.lr=2e-4"],
+    # LoRA+ (B matrices at 16x the learning rate of A), with A below the plain LoRA rate as the paper advises.
+    "loraplus16": ["adapter.loraplus_lr_ratio=16", "train.lr=2.5e-4"],
 }
 
 
@@ -87,16 +93,44 @@ def main() -> None:
             write_report(stem, [*earlier_rows(stem, rows, ROW_KEY), *rows], args)
 
 
+def tradeoff_plot(rows: list[dict], path: Path) -> bool:
+    """Held-out accuracy against forgetting, one colour per setting: where a setting sits between
+    learning the domain and keeping general knowledge. False when no row has forgetting measured."""
+    measured = [r for r in rows if r.get("forgetting_points") not in (None, "") and r.get("heldout_after") is not None]
+    if not measured:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for setting in dict.fromkeys(r["setting"] for r in measured):
+        mine = [r for r in measured if r["setting"] == setting]
+        ax.scatter([100 * r["heldout_after"] for r in mine], [r["forgetting_points"] for r in mine], label=setting)
+        for r in mine:
+            ax.annotate(r["recipe"], (100 * r["heldout_after"], r["forgetting_points"]), fontsize=6)
+    ax.set_xlabel("held-out fact accuracy after tuning (%)")
+    ax.set_ylabel("forgetting (points of general-knowledge accuracy)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def write_report(stem: Path, rows: list[dict], args: argparse.Namespace) -> None:
     write_csv(stem, rows)
+    plotted = tradeoff_plot(rows, Path(f"{stem}_tradeoff.png"))
     columns = list(dict.fromkeys(key for row in rows for key in row))
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     lines = ["# Default hyper-parameter sweep", "",
              "Each setting is the recipe's own configuration plus the overrides below, trained on every recipe.", "",
              *(f"- `{s}`: `{' '.join(SETTINGS[s]) or 'recipe as written'}`" for s in settings), "",
              *markdown_table(rows, columns), "",
-             "Means per setting:", "", *mean_lines(rows),
-             "", "```", environment(), "```", "",
+             "Means per setting:", "", *mean_lines(rows), "",
+             *([f"Plot: `{stem.name}_tradeoff.png` (held-out accuracy against forgetting).", ""] if plotted else []),
+             "```", environment(), "```", "",
              "Command: `python -m benchmarks.sweep` (rows of several invocations on the same day are merged; this one: "
              f"`--recipes {' '.join(args.recipes)} --settings {' '.join(args.settings)}"
              + (" --forgetting" if args.forgetting else "") + (" --eval-only" if args.eval_only else "") + "`)"]

@@ -69,3 +69,12 @@ def test_csv_has_every_rows_columns_and_sweep_means_use_what_was_measured(tmp_pa
     assert (tmp_path / "s.csv").read_text().splitlines()[0] == "setting,recipe,heldout_after,forgetting_points"
     assert mean_lines(rows) == ["- `default`: held-out 0.600 over 2 recipes; forgetting 12.0 points over 1",
                                 "- `r32`: held-out 0.400 over 1 recipes"]
+
+
+def test_sweep_tradeoff_plot_only_with_forgetting_measured(tmp_path):
+    from benchmarks.sweep import tradeoff_plot
+
+    rows = [{"setting": "default", "recipe": "a", "heldout_after": 0.5, "forgetting_points": ""}]
+    assert not tradeoff_plot(rows, tmp_path / "t.png") and not (tmp_path / "t.png").exists()
+    rows.append({"setting": "replay", "recipe": "a", "heldout_after": 0.6, "forgetting_points": 12.1})
+    assert tradeoff_plot(rows, tmp_path / "t.png") and (tmp_path / "t.png").stat().st_size > 1000
