@@ -168,9 +168,9 @@ def main() -> None:
                 write_report(rows, args)  # after every run: a long matrix cut short still leaves its rows
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], digits: int = 1) -> str:
     mean = statistics.fmean(values)
-    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def seed_summary(rows: list[dict]) -> list[str]:
@@ -182,13 +182,13 @@ def seed_summary(rows: list[dict]) -> list[str]:
     if not repeated:
         return []
 
-    def points(runs: list[dict], column: str, scale: float = 1.0) -> str:
+    def points(runs: list[dict], column: str, scale: float = 1.0, digits: int = 1) -> str:
         values = [float(r[column]) * scale for r in runs if r.get(column) not in (None, "")]
-        return mean_sd(values) if values else ""
+        return mean_sd(values, digits) if values else ""
 
     summary = [{"recipe": recipe, "method": method, "seeds": " ".join(str(r["seed"]) for r in runs),
                 "heldout_accuracy_%": points(runs, "heldout_accuracy", 100), "forgetting_points": points(runs, "forgetting_points"),
-                "eval_loss": points(runs, "eval_loss")}
+                "eval_loss": points(runs, "eval_loss", digits=3)}
                for (recipe, method), runs in repeated.items()]
     return ["Over seeds (mean ± sample standard deviation):", "", *markdown_table(summary, list(summary[0])), ""]
 

@@ -47,7 +47,7 @@ def test_seed_summary_reports_mean_and_spread_of_repeated_runs():
     rows.append({"recipe": "q", "method": "full", "seed": 42, "heldout_accuracy": 0.7, "forgetting_points": 20.0, "eval_loss": 1.0})
     lines = seed_summary(rows)
     assert lines[2] == "| recipe | method | seeds | heldout_accuracy_% | forgetting_points | eval_loss |"
-    assert lines[4] == "| q | lora | 42 1 2 | 65.0 ± 5.0 | 25.0 ± 7.1 | 1.0 ± 0.0 |"
+    assert lines[4] == "| q | lora | 42 1 2 | 65.0 ± 5.0 | 25.0 ± 7.1 | 1.000 ± 0.000 |"
     assert len(lines) == 6  # full ran once: no spread to report
     assert seed_summary(rows[3:]) == []
 
@@ -68,7 +68,7 @@ def test_csv_has_every_rows_columns_and_sweep_means_use_what_was_measured(tmp_pa
     write_csv(tmp_path / "s", rows)
     assert (tmp_path / "s.csv").read_text().splitlines()[0] == "setting,recipe,heldout_after,forgetting_points"
     assert mean_lines(rows) == ["- `default`: held-out 0.600 over 2 recipes; forgetting 12.0 points over 1",
-                                "- `r32`: held-out 0.400 over 1 recipes"]
+                                "- `r32`: held-out 0.400 over 1 recipes (`default` on the same recipes: held-out 0.500 over 1 recipes)"]
 
 
 def test_sweep_tradeoff_plot_only_with_forgetting_measured(tmp_path):
