@@ -99,30 +99,41 @@ class SFTTrainer(Trainer):
         buckets = None
         if self.bucket_batches and not return_outputs and "attention_mask" in inputs and set(inputs) <= {"input_ids", "attention_mask"}:
             buckets = length_buckets(inputs["attention_mask"].sum(dim=1).tolist())
+        if num_items_in_batch is None:
+            denominator: torch.Tensor | int = max(int(targets.numel()), 1)
+        else:
+            denominator = num_items_in_batch
         if buckets is None or len(buckets) == 1:
             loss, outputs = self._loss_sum(model, inputs, labels, teacher)
         else:  # same rows, same token-sum loss; each bucket padded only to its own longest row
+            # Training: every bucket but the last is back-propagated at once, so its activations are freed
+            # before the next bucket runs (peak memory of the largest bucket, not of the whole batch); the
+            # returned loss carries the earlier buckets' value detached and the last bucket's graph.
+            backward_early = model.training and torch.is_grad_enabled()
             loss, outputs = 0.0, None
             counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
             offsets = [0]
             for count in counts:
                 offsets.append(offsets[-1] + count)
-            for rows in buckets:
+            for number, rows in enumerate(buckets, start=1):
                 index = torch.tensor(rows, device=labels.device)
                 width = int(inputs["attention_mask"][index].sum(dim=1).max())
                 part = {k: v[index, :width] for k, v in inputs.items()}
                 part_teacher = {k: torch.cat([v[offsets[r] : offsets[r + 1]] for r in rows]) for k, v in teacher.items()}
                 part_loss, outputs = self._loss_sum(model, part, labels[index, :width], part_teacher)
+                if backward_early and number < len(buckets):
+                    self.accelerator.backward(self._normalise(part_loss, denominator))
+                    part_loss = part_loss.detach()
                 loss = loss + part_loss
-        if num_items_in_batch is None:
-            denominator: torch.Tensor | int = max(int(targets.numel()), 1)
-        else:
-            denominator = num_items_in_batch
-            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                # num_items_in_batch is summed over processes; DDP averages gradients over them.
-                loss = loss * self.accelerator.num_processes
-        loss = loss / denominator
+        loss = self._normalise(loss, denominator)
         return (loss, outputs) if return_outputs else loss
+
+    def _normalise(self, loss_sum: torch.Tensor, denominator: torch.Tensor | int) -> torch.Tensor:
+        """Token-sum loss -> the loss to back-propagate: mean over the (accumulated) batch's supervised tokens."""
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            # num_items_in_batch is summed over processes; DDP averages gradients over them.
+            loss_sum = loss_sum * self.accelerator.num_processes
+        return loss_sum / denominator
 
     def _loss_sum(
         self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, teacher: dict[str, torch.Tensor]

@@ -119,10 +119,19 @@ def test_bucketed_batch_gives_the_same_loss_and_gradients(lora_model, tiny_token
         trainer = SFTTrainer(model=lora_model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
                              data_collator=collate, bucket_within_batch=bucket)
         assert trainer.bucket_batches == bucket
-        lora_model.zero_grad()
+        lora_model.zero_grad(set_to_none=True)
+        lora_model.train()
         loss = trainer.compute_loss(lora_model, collate(rows))
+        # Bucketed, the first bucket is back-propagated inside compute_loss (its activations freed at once).
+        assert any(p.grad is not None for p in lora_model.parameters()) == bucket
         loss.backward()
         results[bucket] = (float(loss), grads(lora_model))
+    # The Trainer's own step (backward of the returned loss) gives the same gradients again.
+    lora_model.zero_grad(set_to_none=True)
+    stepped = trainer.training_step(lora_model, collate(rows))
+    assert float(stepped) == pytest.approx(results[False][0], rel=1e-5)
+    for name, value in grads(lora_model).items():
+        torch.testing.assert_close(value, results[False][1][name], atol=1e-6, rtol=1e-4)
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
     for name, value in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], value, atol=1e-6, rtol=1e-4)
