@@ -78,3 +78,31 @@ def test_sweep_tradeoff_plot_only_with_forgetting_measured(tmp_path):
     assert not tradeoff_plot(rows, tmp_path / "t.png") and not (tmp_path / "t.png").exists()
     rows.append({"setting": "replay", "recipe": "a", "heldout_after": 0.6, "forgetting_points": 12.1})
     assert tradeoff_plot(rows, tmp_path / "t.png") and (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_quant_error_metrics_and_round_trip(tiny_model_dir):
+    import torch
+
+    from benchmarks.quant_error import prediction_error, round_trip
+    from tests.unit.adapters_fixtures import load_tiny
+
+    torch.manual_seed(0)
+    reference = torch.randn(2, 5, 11)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    assert prediction_error(reference, reference, mask) == {"kl_per_token": 0.0, "mean_abs_logit_diff": 0.0, "top1_agreement": 1.0}
+    shifted = reference.clone()
+    shifted[..., 0] += 100.0  # token 0 always wins
+    worse = prediction_error(shifted, reference, mask)
+    assert worse["kl_per_token"] > 1 and worse["top1_agreement"] < 0.5
+
+    model = load_tiny(tiny_model_dir)
+    originals = {n: m.weight.data.clone() for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))}
+    round_trip(model, originals, keep=lambda name: name.endswith("down_proj"))
+    for name, module in model.named_modules():
+        if name in originals:
+            same = torch.equal(module.weight.data, originals[name])
+            assert same == name.endswith("down_proj"), name
+            error = (module.weight.data - originals[name]).norm() / originals[name].norm()
+            assert error < 0.35, (name, float(error))  # the same matrix, on a grid:
+            blocks = module.weight.data.flatten().view(-1, 64)
+            assert same or max(len(block.unique()) for block in blocks) <= 16, name  # 4 bits: 16 values per block

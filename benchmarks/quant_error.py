@@ -1,0 +1,133 @@
+"""How much a 4/8-bit base changes the model's predictions, before any adapter is trained.
+
+    python -m benchmarks.quant_error [--recipe recipes/quickstart.yaml] [--rows 32]
+
+QLoRA can only be as good as its quantized base. This loads the recipe's model in fp32 and with
+each bitsandbytes setting peftkit offers, runs the recipe's own training conversations through
+all of them (teacher-forced) and reports, against fp32: mean KL divergence of the next-token
+distribution, mean |logit difference| and top-1 agreement. It also checks that bitsandbytes'
+nf4 layers compute exactly what an nf4 quantize -> dequantize round trip into fp32 `Linear`
+layers computes (i.e. that the error is the quantization grid's, not the CPU kernel's), and which
+module kind is the most sensitive (all others quantized, that one kept in fp32).
+Writes benchmarks/results/<date>_<machine>_quant_error.{md,csv}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import environment, markdown_table, results_stem, write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def prediction_error(logits: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """KL(reference || logits) per token, mean |logit difference| and top-1 agreement over real tokens."""
+    ref_logp = torch.log_softmax(reference.float(), dim=-1)[mask]
+    logp = torch.log_softmax(logits.float(), dim=-1)[mask]
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
+    return {
+        "kl_per_token": round(float(kl), 4),
+        "mean_abs_logit_diff": round(float((logits - reference).abs()[mask].mean()), 3),
+        "top1_agreement": round(float((logits.argmax(-1) == reference.argmax(-1))[mask].float().mean()), 3),
+    }
+
+
+def round_trip(model: torch.nn.Module, originals: dict[str, torch.Tensor], keep: Callable[[str], bool]) -> None:
+    """Set every decoder Linear to its nf4 quantize -> dequantize round trip (fp32), except where `keep`."""
+    import bitsandbytes.functional as bnbf
+
+    for name, module in model.named_modules():
+        if name in originals:
+            weight = originals[name]
+            if keep(name):
+                module.weight.data = weight.clone()
+            else:
+                packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+                module.weight.data = bnbf.dequantize_4bit(packed, state).to(weight.dtype)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"))
+    parser.add_argument("--rows", type=int, default=32, help="training conversations to score")
+    args = parser.parse_args()
+
+    from peftkit.config import load_recipe
+    from peftkit.config.schema import QuantizationConfig
+    from peftkit.data import PaddingCollator
+    from peftkit.data.build import tokenize_examples
+    from peftkit.data.formats import load_examples
+    from peftkit.models import load_model, load_tokenizer, resolve_model_ref
+
+    recipe = load_recipe(args.recipe)
+    source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision)
+    tokenizer = load_tokenizer(recipe.model, source)
+    rows, _ = tokenize_examples(load_examples(recipe.data.train, recipe.data.format)[: args.rows], tokenizer,
+                                recipe.data.max_seq_len, recipe.data.system_prompt)
+    batch = PaddingCollator(tokenizer.pad_token_id)(rows)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    mask = batch["attention_mask"].bool()
+
+    def logits(model: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return model(**inputs).logits.float()
+
+    def load(quantization: QuantizationConfig | None) -> Any:
+        return load_model(recipe.model, quantization, device="cpu", dtype=torch.float32, source=source)
+
+    fp32 = load(None)
+    reference = logits(fp32)
+    results: list[dict[str, Any]] = []
+
+    def record(setting: str, got: torch.Tensor) -> None:
+        results.append({"setting": setting, **prediction_error(got, reference, mask)})
+        print(results[-1], file=sys.stderr, flush=True)
+
+    settings = {
+        "nf4 + double quant (peftkit default)": QuantizationConfig(bits=4),
+        "nf4, no double quant": QuantizationConfig(bits=4, double_quant=False),
+        "fp4": QuantizationConfig(bits=4, quant_type="fp4", double_quant=False),
+        "int8 (LLM.int8)": QuantizationConfig(bits=8),
+    }
+    bnb_nf4 = None
+    for setting, quantization in settings.items():
+        got = logits(load(quantization))
+        bnb_nf4 = got if bnb_nf4 is None else bnb_nf4
+        record(setting, got)
+
+    originals = {n: m.weight.data.clone() for n, m in fp32.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in MODULE_KINDS}
+    round_trip(fp32, originals, keep=lambda name: False)
+    trip = logits(fp32)
+    kernel_gap = float((trip - bnb_nf4).abs().max())
+    record("nf4 round trip into fp32 Linear", trip)
+    for kind in MODULE_KINDS:
+        round_trip(fp32, originals, keep=lambda name, k=kind: name.endswith(k))
+        record(f"nf4 round trip, {kind} kept fp32", logits(fp32))
+
+    stem = results_stem("quant_error")
+    write_csv(stem, results)
+    lines = [
+        "# Quantized base vs fp32: prediction error before training", "",
+        f"Model `{recipe.model.name}`, {len(rows)} training conversations of `{Path(args.recipe).name}` "
+        f"({int(mask.sum())} tokens), teacher-forced. KL: mean per-token KL(fp32 || quantized) in nats.", "",
+        *markdown_table(results, list(results[0])), "",
+        f"bitsandbytes nf4 layers vs the nf4 round trip in fp32 Linear layers: max |logit difference| {kernel_gap:.2e} "
+        "(the error is the quantization grid's, not the CPU kernel's).", "",
+        "```", environment(), "```", "",
+        f"Command: `python -m benchmarks.quant_error --recipe {args.recipe} --rows {args.rows}`",
+    ]
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
