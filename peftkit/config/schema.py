@@ -36,6 +36,10 @@ class QuantizationConfig(Section):
     double_quant: bool = True
     compute_dtype: DType = "auto"
     """`auto`: float32 on CPU (no fast bf16 on AVX2), bfloat16 on GPUs that support it."""
+    keep_modules: list[str] | None = None
+    """Module names (suffixes such as `down_proj`, or transformers' patterns) left unquantized, in the
+    model's dtype; the output head always is. For small models whose accuracy the 4-bit grid hurts most
+    (`python -m benchmarks.quant_error` ranks the module kinds)."""
 
 
 class LoraAdapterConfig(Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from peftkit.config.schema import Recipe
 from peftkit.errors import ConfigError, PeftkitError
@@ -72,7 +73,24 @@ def _check_model(recipe: Recipe) -> list[str]:
     except (OSError, ValueError) as exc:
         return [*problems, f"model.name: cannot read the model configuration of {recipe.model.name!r}: {exc}"]
     problems.extend(check_targets(skeleton, recipe.adapter, recipe.task))
+    quantization = effective_quantization(recipe)
+    if quantization is not None and quantization.keep_modules:
+        problems.extend(_check_keep_modules(skeleton, quantization.keep_modules))
     return problems
+
+
+def _check_keep_modules(skeleton: Any, keep: list[str]) -> list[str]:
+    """Every `quantization.keep_modules` entry must name some Linear layer (transformers' matching rules)."""
+    import torch
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    linear = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    return [
+        f"quantization.keep_modules: {entry!r} matches no linear layer of the model; use names such as {', '.join(kinds)}"
+        for entry in keep
+        if all(should_convert_module(name, [entry]) for name in linear)
+    ]
 
 
 def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> None:
@@ -80,7 +98,9 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> None:
     from peftkit.adapters import check_recipe_adapter
 
     problems = _check_data(recipe) + check_recipe_adapter(recipe)
-    from peftkit.train.deepspeed import check_deepspeed  # `deepspeed:` combinations and JSON file
+    from peftkit.train.deepspeed import (
+        check_deepspeed,  # `deepspeed:` combinations and JSON file
+    )
 
     problems.extend(check_deepspeed(recipe))
     if check_model:

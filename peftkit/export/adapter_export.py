@@ -23,6 +23,7 @@ from peftkit.export.card import adapter_card
 from peftkit.export.common import ExportResult, list_files, prepare_output, save_failed_report, write_json
 from peftkit.export.compat import serving_compatibility
 from peftkit.export.merge import FULL_MODEL, RunAdapter, _attach, _load_base, _reference, load_run_tokenizer, resolve_run
+from peftkit.models.load import default_skips, unquantized_modules
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -91,10 +92,12 @@ def _bnb_kwargs(run: RunAdapter) -> dict[str, Any] | None:
     q = run.quantization
     if q is None:
         return None
+    # Layers kept unquantized (with transformers' own defaults, which a skip list would otherwise replace).
+    skip = {"llm_int8_skip_modules": unquantized_modules(q, default_skips(run.source, run.model_cfg, "causal_lm"))} if q.keep_modules else {}
     if q.bits == 8:
-        return {"load_in_8bit": True}
+        return {"load_in_8bit": True, **skip}
     return {"load_in_4bit": True, "bnb_4bit_quant_type": q.quant_type, "bnb_4bit_use_double_quant": q.double_quant,
-            "bnb_4bit_compute_dtype": "float32"}
+            "bnb_4bit_compute_dtype": "float32", **skip}
 
 
 def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False, check: bool = True,

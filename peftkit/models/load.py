@@ -77,10 +77,14 @@ def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
 
 
 def bnb_config(
-    cfg: QuantizationConfig, device: str, compute_dtype: torch.dtype | None = None, quant_storage: torch.dtype | None = None
+    cfg: QuantizationConfig, device: str, compute_dtype: torch.dtype | None = None, quant_storage: torch.dtype | None = None,
+    default_skips: list[str] | None = None,
 ) -> Any:
     """quant_storage: the tensor dtype the packed 4-bit weights are stored in; DeepSpeed ZeRO-3 needs it to
-    match the model's other parameters (peftkit.train.deepspeed.quant_storage_dtype); uint8 otherwise."""
+    match the model's other parameters (peftkit.train.deepspeed.quant_storage_dtype); uint8 otherwise.
+
+    default_skips: what transformers leaves unquantized on its own (the output head, tied embeddings). A
+    skip list replaces transformers' defaults instead of adding to them, so `keep_modules` is sent with them."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -90,10 +94,12 @@ def bnb_config(
     from transformers import BitsAndBytesConfig
 
     dtype = compute_dtype or resolve_dtype(cfg.compute_dtype, device)
+    skip = unquantized_modules(cfg, default_skips or [])
     if cfg.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
+        llm_int8_skip_modules=skip,
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=dtype,
@@ -146,6 +152,20 @@ def disable_bnb_cpu_repacking(model: Any) -> int:
     return changed
 
 
+def unquantized_modules(cfg: QuantizationConfig, default_skips: list[str]) -> list[str] | None:
+    """bitsandbytes' skip list for `keep_modules` (None: transformers' defaults apply as they are)."""
+    return sorted({*default_skips, *cfg.keep_modules}) if cfg.keep_modules else None
+
+
+def default_skips(source: ModelSource, cfg: ModelConfig, task: str) -> list[str]:
+    """The modules transformers keeps unquantized by default, read from a weightless (meta) copy of the model."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    from peftkit.models.skeleton import model_skeleton
+
+    return list(get_keys_to_not_convert(model_skeleton(source, cfg, task)))
+
+
 def load_model(
     cfg: ModelConfig,
     quantization: QuantizationConfig | None = None,
@@ -167,7 +187,8 @@ def load_model(
         "use_safetensors": None if cfg.allow_pickle else True,
     }
     if quantization is not None:
-        kwargs["quantization_config"] = bnb_config(quantization, device, dtype, quant_storage)
+        kwargs["quantization_config"] = bnb_config(quantization, device, dtype, quant_storage,
+                                                   default_skips=default_skips(source, cfg, task) if quantization.keep_modules else None)
         kwargs["device_map"] = {"": device}
         silence_bnb_cpu_warnings()
     auto = AutoModelForCausalLM

@@ -135,3 +135,29 @@ def test_loftq_init_starts_closer_to_the_full_precision_model(quantization, tiny
     assert errors["loftq"] < errors["default"], errors
     a, b = low_rank_factors(torch.eye(6) * torch.arange(6, 0, -1), rank=2, scaling=2.0)
     assert torch.allclose(2.0 * b @ a, torch.diag(torch.tensor([6.0, 5, 0, 0, 0, 0])), atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_keep_modules_stay_full_precision_and_the_head_still_does(bits, tiny_model_dir, tiny_tokenizer):
+    """`keep_modules` leaves those layers unquantized; passing a skip list must not drop transformers'
+    own defaults (the output head), which a bare `llm_int8_skip_modules` would."""
+    model = _qlora(tiny_model_dir, QuantizationConfig(bits=bits, keep_modules=["down_proj"]), init="gaussian")
+    quantized = "Linear4bit" if bits == 4 else "Linear8bitLt"
+    inner = model.base_model.model
+    for layer in inner.model.layers:
+        assert type(layer.mlp.down_proj.base_layer).__name__ == "Linear"  # LoRA still wraps the kept layer
+        assert type(layer.mlp.up_proj.base_layer).__name__ == quantized
+    assert type(inner.lm_head).__name__ == "Linear"
+    loss = model(**chat_batch(tiny_tokenizer, CHAT_RECORDS)).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_unknown_keep_module_is_refused_before_loading(tiny_recipe):
+    from peftkit.config import recipe_from_dict
+    from peftkit.config.validate import validate_recipe
+    from peftkit.errors import ConfigError
+
+    recipe = recipe_from_dict({**tiny_recipe, "adapter": {"method": "qlora"}, "quantization": {"keep_modules": ["down_prj"]}})
+    with pytest.raises(ConfigError, match="'down_prj' matches no linear layer of the model; use names such as .*down_proj"):
+        validate_recipe(recipe)
