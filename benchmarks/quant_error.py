@@ -8,7 +8,8 @@ all of them (teacher-forced) and reports, against fp32: mean KL divergence of th
 distribution, mean |logit difference| and top-1 agreement. It also checks that bitsandbytes'
 nf4 layers compute exactly what an nf4 quantize -> dequantize round trip into fp32 `Linear`
 layers computes (i.e. that the error is the quantization grid's, not the CPU kernel's), and which
-module kind is the most sensitive (all others quantized, that one kept in fp32).
+module kind is the most sensitive (all others quantized, that one kept in fp32), with the share of
+the linear weights that keeping it costs (`quantization.keep_modules`).
 Writes benchmarks/results/<date>_<machine>_quant_error.{md,csv}.
 """
 
@@ -26,6 +27,7 @@ from benchmarks.common import environment, markdown_table, results_stem, write_c
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+COMBINATION = ("v_proj", "down_proj")
 
 
 def prediction_error(logits: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -87,8 +89,9 @@ def main() -> None:
     reference = logits(fp32)
     results: list[dict[str, Any]] = []
 
-    def record(setting: str, got: torch.Tensor) -> None:
-        results.append({"setting": setting, **prediction_error(got, reference, mask)})
+    def record(setting: str, got: torch.Tensor, kept_share: float = 0.0) -> None:
+        results.append({"setting": setting, "linear_weights_kept_fp32": round(kept_share, 3),
+                        **prediction_error(got, reference, mask)})
         print(results[-1], file=sys.stderr, flush=True)
 
     settings = {
@@ -109,9 +112,11 @@ def main() -> None:
     trip = logits(fp32)
     kernel_gap = float((trip - bnb_nf4).abs().max())
     record("nf4 round trip into fp32 Linear", trip)
-    for kind in MODULE_KINDS:
-        round_trip(fp32, originals, keep=lambda name, k=kind: name.endswith(k))
-        record(f"nf4 round trip, {kind} kept fp32", logits(fp32))
+    total = sum(w.numel() for w in originals.values())
+    for kept in [(kind,) for kind in MODULE_KINDS] + [COMBINATION]:
+        round_trip(fp32, originals, keep=lambda name, k=kept: name.endswith(k))
+        share = sum(w.numel() for name, w in originals.items() if name.endswith(kept)) / total
+        record(f"nf4 round trip, {' + '.join(kept)} kept fp32", logits(fp32), share)
 
     stem = results_stem("quant_error")
     write_csv(stem, results)
