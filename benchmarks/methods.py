@@ -116,12 +116,16 @@ def plots(rows: list[dict], stem: Path) -> None:
 
     from peftkit.train.callbacks import read_metrics
 
+    runs_of: dict[tuple[str, str], int] = {}
+    for row in rows:
+        runs_of[(row["recipe"], row["method"])] = runs_of.get((row["recipe"], row["method"]), 0) + 1
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for row in rows:
         metrics = read_metrics(Path(row["run_dir"]) / "metrics.jsonl")
         points = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+        seed = f" (seed {row.get('seed')})" if runs_of[(row["recipe"], row["method"])] > 1 else ""
         if points:
-            ax.plot(*zip(*points), label=f"{row['recipe']}/{row['method']}")
+            ax.plot(*zip(*points), label=f"{row['recipe']}/{row['method']}{seed}")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
     ax.legend(fontsize=7)
