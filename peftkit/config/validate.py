@@ -98,9 +98,7 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> None:
     from peftkit.adapters import check_recipe_adapter
 
     problems = _check_data(recipe) + check_recipe_adapter(recipe)
-    from peftkit.train.deepspeed import (
-        check_deepspeed,  # `deepspeed:` combinations and JSON file
-    )
+    from peftkit.train.deepspeed import check_deepspeed  # `deepspeed:` combinations and JSON file
 
     problems.extend(check_deepspeed(recipe))
     if check_model:

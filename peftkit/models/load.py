@@ -78,12 +78,12 @@ def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
 
 def bnb_config(
     cfg: QuantizationConfig, device: str, compute_dtype: torch.dtype | None = None, quant_storage: torch.dtype | None = None,
-    default_skips: list[str] | None = None,
+    transformers_skips: list[str] | None = None,
 ) -> Any:
     """quant_storage: the tensor dtype the packed 4-bit weights are stored in; DeepSpeed ZeRO-3 needs it to
     match the model's other parameters (peftkit.train.deepspeed.quant_storage_dtype); uint8 otherwise.
 
-    default_skips: what transformers leaves unquantized on its own (the output head, tied embeddings). A
+    transformers_skips: what transformers leaves unquantized on its own (the output head, tied embeddings). A
     skip list replaces transformers' defaults instead of adding to them, so `keep_modules` is sent with them."""
     try:
         import bitsandbytes  # noqa: F401
@@ -94,7 +94,7 @@ def bnb_config(
     from transformers import BitsAndBytesConfig
 
     dtype = compute_dtype or resolve_dtype(cfg.compute_dtype, device)
-    skip = unquantized_modules(cfg, default_skips or [])
+    skip = unquantized_modules(cfg, transformers_skips or [])
     if cfg.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
@@ -152,9 +152,9 @@ def disable_bnb_cpu_repacking(model: Any) -> int:
     return changed
 
 
-def unquantized_modules(cfg: QuantizationConfig, default_skips: list[str]) -> list[str] | None:
+def unquantized_modules(cfg: QuantizationConfig, transformers_skips: list[str]) -> list[str] | None:
     """bitsandbytes' skip list for `keep_modules` (None: transformers' defaults apply as they are)."""
-    return sorted({*default_skips, *cfg.keep_modules}) if cfg.keep_modules else None
+    return sorted({*transformers_skips, *cfg.keep_modules}) if cfg.keep_modules else None
 
 
 def default_skips(source: ModelSource, cfg: ModelConfig, task: str) -> list[str]:
@@ -188,7 +188,7 @@ def load_model(
     }
     if quantization is not None:
         kwargs["quantization_config"] = bnb_config(quantization, device, dtype, quant_storage,
-                                                   default_skips=default_skips(source, cfg, task) if quantization.keep_modules else None)
+                                                   transformers_skips=default_skips(source, cfg, task) if quantization.keep_modules else None)
         kwargs["device_map"] = {"": device}
         silence_bnb_cpu_warnings()
     auto = AutoModelForCausalLM
