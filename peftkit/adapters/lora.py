@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from peftkit.adapters.modules import all_linear_targets, layer_index, linear_module_names, matches_target
-from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, TrainerExtras, register
+from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, TrainerExtras, register, trainer_optimizer_class
 from peftkit.config.schema import LoraAdapterConfig
 from peftkit.errors import ConfigError
 
@@ -197,10 +197,8 @@ def trainer_extras(model: Any, cfg: LoraAdapterConfig, args: Any) -> TrainerExtr
     if cfg.loraplus_lr_ratio is None:
         return TrainerExtras()
     from peft.optimizers import create_loraplus_optimizer
-    from transformers import Trainer
 
-    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    kwargs = {k: v for k, v in kwargs.items() if k not in {"lr", "weight_decay"}}
+    optimizer_cls, kwargs = trainer_optimizer_class(args, model)
     optimizer = create_loraplus_optimizer(model, optimizer_cls, lr=args.learning_rate, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
                                           loraplus_weight_decay=args.weight_decay, **kwargs)
     return TrainerExtras(optimizer=optimizer)

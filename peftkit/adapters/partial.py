@@ -26,7 +26,7 @@ import torch
 
 from peftkit.adapters.full import save_model
 from peftkit.adapters.modules import block_layout
-from peftkit.adapters.registry import AdapterMethod, TrainerExtras, register
+from peftkit.adapters.registry import AdapterMethod, TrainerExtras, register, trainer_optimizer_class
 from peftkit.config.schema import PartialAdapterConfig
 from peftkit.errors import ConfigError
 
@@ -177,8 +177,7 @@ def build_optimizer(model: Any, plan: FreezePlan, cfg: PartialAdapterConfig, arg
 
     decay_names = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
     groups = param_groups(plan, args.learning_rate, args.weight_decay, decay_names, cfg.layerwise_lr_decay or 1.0)
-    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    kwargs = {k: v for k, v in kwargs.items() if k not in {"lr", "weight_decay"}}
+    optimizer_cls, kwargs = trainer_optimizer_class(args, model)
     return optimizer_cls(groups, lr=args.learning_rate, **kwargs)
 
 

@@ -30,6 +30,15 @@ class TrainerExtras:
     optimizer: torch.optim.Optimizer | None = None
 
 
+def trainer_optimizer_class(args: Any, model: Any) -> tuple[type, dict[str, Any]]:
+    """The optimizer class and settings the Trainer would use (`args.optim`, betas, eps...), without the
+    learning rate and weight decay, which a method's own parameter groups set."""
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    return optimizer_cls, {k: v for k, v in kwargs.items() if k not in {"lr", "weight_decay"}}
+
+
 @dataclass(frozen=True)
 class AdapterMethod:
     name: str
