@@ -100,9 +100,12 @@ class SFTTrainer(Trainer):
         if self.bucket_batches and not return_outputs and "attention_mask" in inputs and set(inputs) <= {"input_ids", "attention_mask"}:
             buckets = length_buckets(inputs["attention_mask"].sum(dim=1).tolist())
         if num_items_in_batch is None:
-            denominator: torch.Tensor | int = max(int(targets.numel()), 1)
+            denominator: torch.Tensor | int | float = max(int(targets.numel()), 1)
         else:
             denominator = num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                # num_items_in_batch is summed over processes; DDP averages gradients over them.
+                denominator = denominator / self.accelerator.num_processes
         if buckets is None or len(buckets) == 1:
             loss, outputs = self._loss_sum(model, inputs, labels, teacher)
         else:  # same rows, same token-sum loss; each bucket padded only to its own longest row
@@ -122,18 +125,11 @@ class SFTTrainer(Trainer):
                 part_teacher = {k: torch.cat([v[offsets[r] : offsets[r + 1]] for r in rows]) for k, v in teacher.items()}
                 part_loss, outputs = self._loss_sum(model, part, labels[index, :width], part_teacher)
                 if backward_early and number < len(buckets):
-                    self.accelerator.backward(self._normalise(part_loss, denominator))
+                    self.accelerator.backward(part_loss / denominator)
                     part_loss = part_loss.detach()
                 loss = loss + part_loss
-        loss = self._normalise(loss, denominator)
+        loss = loss / denominator
         return (loss, outputs) if return_outputs else loss
-
-    def _normalise(self, loss_sum: torch.Tensor, denominator: torch.Tensor | int) -> torch.Tensor:
-        """Token-sum loss -> the loss to back-propagate: mean over the (accumulated) batch's supervised tokens."""
-        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            # num_items_in_batch is summed over processes; DDP averages gradients over them.
-            loss_sum = loss_sum * self.accelerator.num_processes
-        return loss_sum / denominator
 
     def _loss_sum(
         self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, teacher: dict[str, torch.Tensor]
