@@ -284,8 +284,10 @@ def serving_compatibility(info: AdapterInfo, model_type: str | None) -> dict[str
             reasons.append("llama.cpp LoRA adapters cannot carry fully trained modules (modules_to_save)")
         if info.config.get("alpha_pattern") and len(set(info.config["alpha_pattern"].values()) | {info.alpha}) > 1:
             reasons.append("llama.cpp LoRA files hold one alpha; this adapter has per-module alphas (alpha_pattern)")
-    if model_type not in (None, "llama"):
-        reasons.append(f"peftkit writes GGUF adapters for Llama-architecture models only (this base is {model_type})")
+    from peftkit.export.gguf_writer import GGUF_ARCHITECTURES  # gguf_writer imports this module
+
+    if model_type is not None and model_type not in GGUF_ARCHITECTURES:
+        reasons.append(f"peftkit writes GGUF adapters for {', '.join(GGUF_ARCHITECTURES)} models (this base is {model_type})")
     engines["llama.cpp"] = {
         "compatible": not reasons,
         "reasons": reasons,

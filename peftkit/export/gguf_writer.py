@@ -1,11 +1,12 @@
 """GGUF export for llama.cpp / Ollama: the merged model (f32, f16, q8_0) or the LoRA adapter alone.
 
-Written with the `gguf` package the way llama.cpp's convert_hf_to_gguf.py does for Llama models:
-the same metadata keys, tensor names from `gguf.get_tensor_name_map`, and Q/K rows permuted from
-Hugging Face's rotate-half RoPE layout into llama.cpp's interleaved one (transformers' GGUF loader
-undoes exactly this in `LlamaTensorProcessor`). The tokenizer (byte-level BPE: tokens, merges,
-token types, special ids) and the chat template go into the metadata; an Ollama `Modelfile` goes
-next to the file. The result is verified by loading it back with transformers' GGUF loader.
+Written with the `gguf` package the way llama.cpp's convert_hf_to_gguf.py does for Llama-family
+models (Llama, Mistral, Qwen2, Qwen3): the same metadata keys, tensor names from
+`gguf.get_tensor_name_map`, and for Llama/Mistral the Q/K rows permuted from Hugging Face's
+rotate-half RoPE layout into llama.cpp's interleaved one (transformers' GGUF loader undoes exactly
+this in `LlamaTensorProcessor`; llama.cpp runs Qwen with rotate-half RoPE, so nothing is permuted).
+The tokenizer (byte-level BPE: tokens, merges, token types, special ids) and the chat template go
+into the metadata; an Ollama `Modelfile` goes next to the file. The result is verified by loading it back with transformers' GGUF loader.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import math
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,24 @@ from peftkit.utils.atomic import atomic_directory, atomic_write_text
 log = logging.getLogger(__name__)
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
-SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+@dataclass(frozen=True)
+class GgufArchitecture:
+    """How llama.cpp's converter writes one transformers `model_type`."""
+
+    arch: str
+    """`gguf.MODEL_ARCH` member: llama.cpp converts Mistral as LLAMA."""
+    permute_qk: bool
+    """Q/K rows go to llama.cpp's interleaved RoPE layout (Llama's normal RoPE, not Qwen's NEOX one)."""
+
+
+GGUF_ARCHITECTURES = {
+    "llama": GgufArchitecture("LLAMA", permute_qk=True),
+    "mistral": GgufArchitecture("LLAMA", permute_qk=True),
+    "qwen2": GgufArchitecture("QWEN2", permute_qk=False),
+    "qwen3": GgufArchitecture("QWEN3", permute_qk=False),
+}
 CHATML_PROBE = [
     {"role": "system", "content": "S"},
     {"role": "user", "content": "U1"},
@@ -71,17 +90,27 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
 
 
-def check_architecture(config: Any) -> None:
+def check_architecture(config: Any) -> GgufArchitecture:
+    """The GGUF layout of `config`'s model type, or an ExportError that says what to do instead."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in GGUF_ARCHITECTURES:
         raise ExportError(
-            f"GGUF export supports Llama-architecture models only; this base is `{model_type}`. Export it with "
-            "`--format hf` and convert that directory with llama.cpp's convert_hf_to_gguf.py"
+            f"GGUF export supports {', '.join(GGUF_ARCHITECTURES)} models; this base is `{model_type}`. Export it "
+            "with `--format hf` and convert that directory with llama.cpp's convert_hf_to_gguf.py"
         )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in (None, "default"):
         raise ExportError(f"GGUF export does not handle `{rope_type}` RoPE scaling yet; export with --format hf instead")
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+        log.warning("llama.cpp ignores %s's sliding attention window (%d tokens): the GGUF model matches the "
+                    "original up to that context length only", model_type, window)
+    return GGUF_ARCHITECTURES[model_type]
+
+
+def _model_arch(layout: GgufArchitecture) -> Any:
+    return _gguf().MODEL_ARCH[layout.arch]
 
 
 def rope_theta(config: Any) -> float:
@@ -109,7 +138,9 @@ def unpermute_qk(weights: torch.Tensor, n_head: int, n_head_kv: int | None = Non
             .reshape(weights.shape))
 
 
-def _permute_for(hf_name: str, data: torch.Tensor, config: Any) -> torch.Tensor:
+def _permute_for(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArchitecture) -> torch.Tensor:
+    if not layout.permute_qk:
+        return data
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     if ".q_proj." in hf_name:
         return permute_qk(data, heads, heads)
@@ -118,8 +149,8 @@ def _permute_for(hf_name: str, data: torch.Tensor, config: Any) -> torch.Tensor:
     return data
 
 
-def add_llama_parameters(writer: Any, config: Any) -> None:
-    """llama.* hyper-parameters, as convert_hf_to_gguf.py writes them for LlamaForCausalLM."""
+def add_model_parameters(writer: Any, config: Any) -> None:
+    """`{arch}.*` hyper-parameters, as convert_hf_to_gguf.py writes them for Llama-family models."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -180,22 +211,30 @@ def tokenizer_pre(tokenizer_json: dict[str, Any], source_gguf: Path | None) -> s
         return "gpt2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
-    if kinds == ["Split", "ByteLevel"] and "p{N}{1,3}" in json.dumps(parts[0]):
-        return "llama-bpe"
+    if kinds == ["Split", "ByteLevel"]:
+        regex = str((parts[0].get("pattern") or {}).get("Regex", ""))
+        if r"\p{N}{1,3}" in regex:  # Llama-3's split: digits in groups of up to three
+            return "llama-bpe"
+        if r"|\p{N}|" in regex:  # Qwen2/Qwen3's split: every digit alone
+            return "qwen2"
     log.warning("Unknown pre-tokenizer %s; writing tokenizer.ggml.pre = default (check llama.cpp's tokenization)", kinds)
     return "default"
 
 
-def read_gguf_string(path: Path, key: str) -> str | None:
-    """One metadata string of a GGUF file. transformers' header reader skips the big token arrays (~0.1 s);
+def read_gguf_field(path: Path, key: str) -> Any:
+    """One metadata value of a GGUF file. transformers' header reader skips the big token arrays (~0.1 s);
     gguf.GGUFReader parses all 100k+ array items (~10 s), so it is only the fallback."""
     try:
         from transformers.integrations.gguf.reader import read_gguf_metadata
 
-        value = read_gguf_metadata(str(path))[0].get(key)
+        return read_gguf_metadata(str(path))[0].get(key)
     except Exception:  # noqa: BLE001 - private transformers API: fall back to the public reader
         field = _gguf().GGUFReader(str(path)).fields.get(key)
-        value = bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+        return field.contents() if field is not None else None
+
+
+def read_gguf_string(path: Path, key: str) -> str | None:
+    value = read_gguf_field(path, key)
     return value if isinstance(value, str) else None
 
 
@@ -257,22 +296,22 @@ def _quantize(data: np.ndarray, qtype: Any) -> tuple[np.ndarray, Any]:
 
 def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, name: str,
                      source_gguf: Path | None = None, description: str | None = None) -> dict[str, int]:
-    """Write `model` (a float32 Llama) with its tokenizer to `path`. Returns tensor counts per type."""
+    """Write `model` (a float32 Llama-family model) with its tokenizer to `path`. Returns tensor counts per type."""
     gguf = _gguf()
     config = model.config
-    check_architecture(config)
+    layout = check_architecture(config)
     qtype, ftype = _types(gguf_type)
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[_model_arch(layout)])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     if description:
         writer.add_description(description)
-    add_llama_parameters(writer, config)
+    add_model_parameters(writer, config)
     writer.add_file_type(int(ftype))
     add_tokenizer(writer, tokenizer, config.vocab_size, source_gguf)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    name_map = gguf.get_tensor_name_map(_model_arch(layout), config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     counts: dict[str, int] = {}
     for hf_name, tensor in model.state_dict().items():
@@ -280,8 +319,9 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
             continue
         new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
-            raise ExportError(f"no GGUF tensor name for `{hf_name}`; this Llama variant is not supported by the GGUF export")
-        data = _permute_for(hf_name, tensor.detach().to(torch.float32).cpu(), config).numpy()
+            raise ExportError(f"no GGUF tensor name for `{hf_name}`; this {config.model_type} variant is not supported "
+                              "by the GGUF export")
+        data = _permute_for(hf_name, tensor.detach().to(torch.float32).cpu(), config, layout).numpy()
         target = gguf.GGMLQuantizationType.F32 if data.ndim <= 1 or new_name.endswith("_norm.weight") else qtype
         array, written = _quantize(data, target)
         writer.add_tensor(new_name, array, raw_dtype=written)
@@ -435,7 +475,7 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
         raise ExportError("this adapter cannot be written as a GGUF LoRA: " + "; ".join(problems) +
                           f". Use `peftkit export {run.run_dir} --format gguf` (merged) instead")
     config = run.base_config
-    check_architecture(config)
+    layout = check_architecture(config)
     qtype, ftype = _types(gguf_type)
     alpha = gguf_lora_alpha(run)
     tensors = load_file(str(info.path / "adapter_model.safetensors"))
@@ -446,15 +486,15 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
             raise ExportError(f"unexpected adapter tensor `{key}` (embedding LoRA?); GGUF LoRA export supports linear layers")
         pairs.setdefault(match.group("module"), {})[match.group("ab")] = value.to(torch.float32)
 
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[_model_arch(layout)])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     writer.add_name(name)
-    add_llama_parameters(writer, config)
+    add_model_parameters(writer, config)
     writer.add_file_type(int(ftype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    name_map = gguf.get_tensor_name_map(_model_arch(layout), config.num_hidden_layers)
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise ExportError(f"the adapter has only lora_{''.join(ab)} for `{module}`; it is incomplete")
@@ -462,7 +502,7 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
         if base_name is None:
             raise ExportError(f"no GGUF tensor name for `{module}`")
         lora_a = ab["A"]  # (r, in): same layout llama.cpp expects
-        lora_b = _permute_for(f"{module}.weight", ab["B"], config)  # rows are output rows: permute like the weight
+        lora_b = _permute_for(f"{module}.weight", ab["B"], config, layout)  # rows are output rows: permute like the weight
         for suffix, data in ((".lora_a", lora_a), (".lora_b", lora_b)):
             array, written = _quantize(data.numpy(), qtype)
             writer.add_tensor(base_name + suffix, array, raw_dtype=written)
@@ -480,7 +520,8 @@ def read_lora_gguf_deltas(path: Path, base_model: Any) -> dict[str, torch.Tensor
     alpha_field = reader.fields[gguf.Keys.Adapter.LORA_ALPHA]
     alpha = float(alpha_field.parts[alpha_field.data[0]][0])
     config = base_model.config
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    layout = check_architecture(config)
+    name_map = gguf.get_tensor_name_map(_model_arch(layout), config.num_hidden_layers)
     to_hf = {}
     for hf_name in base_model.state_dict():
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -497,9 +538,9 @@ def read_lora_gguf_deltas(path: Path, base_model: Any) -> dict[str, torch.Tensor
         hf_name = to_hf[stem]
         lora_a, lora_b = torch.from_numpy(ab["lora_a"]), torch.from_numpy(ab["lora_b"])
         delta = (alpha / lora_b.shape[1]) * (lora_b @ lora_a)
-        if ".q_proj." in hf_name:
+        if layout.permute_qk and ".q_proj." in hf_name:
             delta = unpermute_qk(delta, heads, heads)
-        elif ".k_proj." in hf_name:
+        elif layout.permute_qk and ".k_proj." in hf_name:
             delta = unpermute_qk(delta, heads, kv_heads)
         deltas[hf_name] = delta
     return deltas

@@ -281,6 +281,21 @@ def summary_line(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _gguf_config(directory: Path, gguf_file: str) -> Any:
+    """transformers' config of a GGUF file, with the head size llama.cpp reads (`attention.key_length`):
+    transformers derives Qwen3's from hidden_size / heads, which is wrong for the real models (128 vs 64)."""
+    from transformers import AutoConfig
+
+    from peftkit.export.gguf_writer import read_gguf_field
+
+    config = AutoConfig.from_pretrained(str(directory), gguf_file=gguf_file)
+    arch = read_gguf_field(directory / gguf_file, "general.architecture")
+    key_length = read_gguf_field(directory / gguf_file, f"{arch}.attention.key_length")
+    if key_length and hasattr(config, "head_dim") and config.head_dim != int(key_length):
+        config.head_dim = int(key_length)
+    return config
+
+
 def _load_for_kind(args: argparse.Namespace) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -288,7 +303,8 @@ def _load_for_kind(args: argparse.Namespace) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto", use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     elif args.kind == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(args.model, gguf_file=args.gguf_file, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(args.model, gguf_file=args.gguf_file, dtype=torch.float32,
+                                                     config=_gguf_config(Path(args.model), args.gguf_file))
         tokenizer = AutoTokenizer.from_pretrained(args.model, gguf_file=args.gguf_file)
     elif args.kind == "peft":
         from peft import PeftModel

@@ -14,6 +14,9 @@ from peftkit.errors import MissingDependencyError, ModelNotFoundError, PeftkitEr
 from peftkit.models.resolve import ModelSource, hub_hint, materialize, resolve_model_ref
 
 log = logging.getLogger(__name__)
+# peft still reads the deprecated `is_gradient_checkpointing` whenever it wraps a model (training, eval,
+# chat, export); the warning is not actionable for users.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

@@ -120,8 +120,73 @@ def test_gguf_metadata_covers_the_builtin_models_keys(export_recipe, tmp_path):
 def test_gguf_export_refuses_other_architectures_and_prefix_tuning():
     from transformers import GPT2Config
 
-    with pytest.raises(ExportError, match="Llama-architecture models only"):
+    with pytest.raises(ExportError, match="supports llama, mistral, qwen2, qwen3 models; this base is `gpt2`"):
         check_architecture(GPT2Config())
+
+
+def _family_dir(path: Path, model_type: str) -> Path:
+    """A tiny Mistral / Qwen2 (attention biases) / Qwen3 (q/k norms, head_dim != hidden/heads) model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    extra = {"head_dim": 32} if model_type == "qwen3" else {}
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=model_type != "mistral",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.1 if param.dim() == 2 else 0.5)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model_type, arch", [("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")])
+def test_gguf_export_of_other_llama_family_models_round_trips(export_recipe, tmp_path, model_type, arch):
+    """Mistral is written as llama (Q/K permuted); Qwen keeps its rotate-half layout and its biases / q-k norms."""
+    from transformers import AutoModelForCausalLM
+
+    base = _family_dir(tmp_path / model_type, model_type)
+    run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=base)
+    result = export_gguf(run, gguf_type="f32")
+    report = json.loads((result.path / "verification.json").read_text())
+    assert report["passed"] and report["max_abs_diff"] < 1e-4 and report["greedy_exact"] == 1.0, report
+    fields, reader = _fields(result.path / "tiny-f32.gguf")
+    assert fields["general.architecture"] == arch
+    names = {t.name for t in reader.tensors}
+    assert ("blk.0.attn_q.bias" in names) == (model_type == "qwen2")
+    assert ("blk.0.attn_q_norm.weight" in names) == (model_type == "qwen3")
+    assert ("output.weight" in names) == (model_type == "mistral")  # untied head
+    # plain transformers needs the head size from attention.key_length for Qwen3 (head_dim != hidden / heads)
+    loaded = AutoModelForCausalLM.from_pretrained(str(result.path), gguf_file="tiny-f32.gguf", dtype=torch.float32,
+                                                  config=verify._gguf_config(result.path, "tiny-f32.gguf"))
+    assert loaded.config.model_type == arch  # transformers reads a "llama" GGUF as Llama (Mistral included)
+
+    lora = export_gguf_adapter(run, gguf_type="f32")  # the reconstruction un-permutes only where it permuted
+    lora_report = json.loads((lora.path / "verification.json").read_text())
+    assert lora_report["passed"] and lora_report["max_abs_diff"] < 1e-4, lora_report
+    assert _fields(lora.path / "tiny-lora-f32.gguf")[0]["general.architecture"] == arch
+
+
+def test_tokenizer_pre_names_llama3_and_qwen_digit_splits():
+    from peftkit.export.gguf_writer import tokenizer_pre
+
+    def split(regex: str) -> dict:
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated"},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}}
+
+    words = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+"
+    tail = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    assert tokenizer_pre(split(words + r"|\p{N}{1,3}" + tail), None) == "llama-bpe"
+    assert tokenizer_pre(split(words + r"|\p{N}" + tail), None) == "qwen2"
 
 
 def test_chatml_default_system_prompt_goes_into_the_modelfile(tmp_path):
