@@ -6,7 +6,8 @@ models (Llama, Mistral, Qwen2, Qwen3): the same metadata keys, tensor names from
 rotate-half RoPE layout into llama.cpp's interleaved one (transformers' GGUF loader undoes exactly
 this in `LlamaTensorProcessor`; llama.cpp runs Qwen with rotate-half RoPE, so nothing is permuted).
 The tokenizer (byte-level BPE: tokens, merges, token types, special ids) and the chat template go
-into the metadata; an Ollama `Modelfile` goes next to the file. The result is verified by loading it back with transformers' GGUF loader.
+into the metadata; an Ollama `Modelfile` goes next to the file. The result is verified by loading it
+back with transformers' GGUF loader.
 """
 
 from __future__ import annotations
