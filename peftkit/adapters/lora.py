@@ -51,6 +51,16 @@ def _in_layers(name: str, layers: tuple[int, int] | None) -> bool:
     return index is not None and layers[0] <= index <= layers[1]
 
 
+def _only_conv1d_targets(cfg: LoraAdapterConfig, model: torch.nn.Module | None) -> bool:
+    """GPT-2-style `Conv1D` layers store weights transposed: peft needs `fan_in_fan_out` (it would warn and
+    set it per layer otherwise)."""
+    if model is None:
+        return False
+    linear = all_linear_targets(model)
+    kinds = [kind for name, kind in linear_module_names(model).items() if matches_target(name, cfg.target_modules, linear)]
+    return bool(kinds) and all(kind == "Conv1D" for kind in kinds)
+
+
 def lora_config(cfg: LoraAdapterConfig, task: str = "causal_lm", model: torch.nn.Module | None = None) -> Any:
     from peft import LoraConfig
 
@@ -70,6 +80,7 @@ def lora_config(cfg: LoraAdapterConfig, task: str = "causal_lm", model: torch.nn
         init_lora_weights=INIT_TO_PEFT[cfg.init],
         layers_to_transform=layers,
         modules_to_save=cfg.modules_to_save,
+        fan_in_fan_out=_only_conv1d_targets(cfg, model),
         task_type=TASK_TYPES[task],
         **extra,
     )

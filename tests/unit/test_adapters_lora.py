@@ -170,3 +170,24 @@ def test_python_api_build_refuses_loftq_without_a_quantized_base(tiny_model_dir)
     """Callers who skip recipe validation get the same message from `build_adapter`."""
     with pytest.raises(ConfigError, match="loftq corrects the quantization error"):
         _lora(tiny_model_dir, init="loftq", target_modules=["q_proj"])
+
+
+def test_gpt2_conv1d_targets_get_fan_in_fan_out_and_match_the_merged_weights(recwarn):
+    """GPT-2 stores Conv1D weights as (in, out): LoRA must know, or its update is applied transposed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    peft_model = build_adapter(model, LoraAdapterConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+    assert peft_model.peft_config["default"].fan_in_fan_out is True
+    assert not [w for w in recwarn if "fan_in_fan_out" in str(w.message)]
+    assert _lora_modules(peft_model) == {f"transformer.h.{i}.{m}" for i in range(2)
+                                         for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1)
+        ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+        adapted = peft_model(input_ids=ids).logits
+        merged = peft_model.merge_and_unload()(input_ids=ids).logits
+    assert (adapted - merged).abs().max() < 1e-5
