@@ -201,12 +201,13 @@ class ReplayConfig(Section):
 
 class DataConfig(Section):
     train: str
-    """Training file: chat JSONL (`messages`), alpaca JSON/JSONL, or plain text (.txt / `text`)."""
+    """Training file: chat JSONL (`messages`), ShareGPT (`conversations`), `prompt` + `completion`, alpaca
+    JSON/JSONL, or plain text (.txt / `text`); also CSV / Parquet with those columns."""
     eval: str | None = None
     """Evaluation file (same formats). Without it, `eval_fraction` of train is held out."""
     heldout: str | None = None
     """Held-out questions `{"question", "key_fact"}` scored by greedy generation before and after."""
-    format: Literal["auto", "chat", "alpaca", "text"] = "auto"
+    format: Literal["auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"] = "auto"
     eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     max_seq_len: PositiveInt = 1024
     system_prompt: str | None = None

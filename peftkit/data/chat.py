@@ -30,11 +30,11 @@ def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool
 
 
 def render_with_reply_spans(tokenizer: Any, messages: Sequence[Message], where: str = "") -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of every assistant reply (with its end-of-turn)."""
+    """The rendered conversation and the character span of every trained assistant reply (with its end-of-turn)."""
     text = _render(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:  # weight 0: context, not trained on
             continue
         prefix = _render(tokenizer, messages[:i], generation_prompt=True)
         through = _render(tokenizer, messages[: i + 1])

@@ -1,8 +1,11 @@
 """Read training files into conversations, with errors that name the file and line.
 
-Accepted: chat JSONL (`{"messages": [{"role", "content"}, ...]}`, OpenAI style), alpaca
-JSON/JSONL (`instruction`, `input`, `output`, optional `system`), plain text (`.txt` files,
-or records with a `text` field), CSV and Parquet with those columns.
+Accepted: chat JSONL (`{"messages": [{"role", "content"}, ...]}`, OpenAI style; an assistant
+message with `"weight": 0` is context, not trained on, as in axolotl), ShareGPT
+(`{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}`, optional `system`), TRL's
+prompt-completion (`prompt` + `completion`, both strings or both message lists; only the completion
+is trained on), alpaca JSON/JSONL (`instruction`, `input`, `output`, optional `system`), plain text
+(`.txt` files, or records with a `text` field), CSV and Parquet with those columns.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ from typing import Any, Literal
 
 from peftkit.errors import DataError
 
-Message = dict[str, str]
+Message = dict[str, Any]
+"""`role` and `content` strings; an assistant message may carry `weight: 0` (not trained on)."""
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant"}
+"""ShareGPT `from` values (LLaMA-Factory / axolotl / FastChat spellings) -> chat roles."""
 
 
 @dataclass(frozen=True)
@@ -78,11 +85,15 @@ def read_records(path: Path) -> list[tuple[str, Any]]:
     return records
 
 
-def detect_format(record: Any) -> Literal["chat", "alpaca", "text"] | None:
+def detect_format(record: Any) -> Literal["chat", "sharegpt", "prompt_completion", "alpaca", "text"] | None:
     if not isinstance(record, dict):
         return None
     if "messages" in record:
         return "chat"
+    if "conversations" in record:
+        return "sharegpt"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
     if "instruction" in record and "output" in record:
         return "alpaca"
     if "text" in record:
@@ -104,7 +115,13 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
             raise DataError(f"{where}: message {i + 1} content must be a string")
         if role == "system" and i != 0:
             raise DataError(f"{where}: a system message may only come first (found at position {i + 1})")
-        checked.append({"role": role, "content": content})
+        entry: Message = {"role": role, "content": content}
+        if "weight" in message:
+            if role != "assistant" or message["weight"] not in (0, 1):
+                raise DataError(f"{where}: message {i + 1}: `weight` must be 0 or 1, on assistant messages only")
+            if message["weight"] == 0:
+                entry["weight"] = 0
+        checked.append(entry)
     turns = [m["role"] for m in checked if m["role"] != "system"]
     for i, role in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
@@ -113,9 +130,45 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
                 f"{where}: roles out of order: turn {i + 1} is {role!r} but {expected!r} was expected "
                 "(conversations alternate user, assistant, user, ...)"
             )
-    if "assistant" not in turns:
-        raise DataError(f"{where}: the conversation has no assistant turn, so there is nothing to learn from")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in checked):
+        raise DataError(f"{where}: the conversation has no assistant turn to train on, so there is nothing to learn from")
     return tuple(checked)
+
+
+def sharegpt_messages(record: dict[str, Any], where: str) -> list[Message]:
+    """ShareGPT turns (`from` / `value`, or already `role` / `content`) as chat messages."""
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: `conversations` must be a non-empty list of {{from, value}} objects")
+    messages: list[Message] = []
+    if isinstance(record.get("system"), str) and record["system"]:
+        messages.append({"role": "system", "content": record["system"]})
+    for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and "role" in turn and "content" in turn:
+            messages.append(turn)
+            continue
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}: conversation turn {i + 1} must be an object with `from` and `value`")
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise DataError(
+                f"{where}: conversation turn {i + 1} is from {turn['from']!r}; peftkit trains on "
+                f"{', '.join(sorted(SHAREGPT_ROLES))} turns (tool/function turns are not supported: drop or rewrite them)"
+            )
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def prompt_completion_messages(record: dict[str, Any], where: str) -> list[Message]:
+    """TRL's prompt-completion record: strings (one user turn, one reply) or message lists (a
+    conversation and its continuation). Assistant turns inside the prompt are context only."""
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if isinstance(prompt, list) and isinstance(completion, list):
+        context = [{**m, "weight": 0} if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt]
+        return [*context, *completion]
+    raise DataError(f"{where}: `prompt` and `completion` must both be strings or both be lists of {{role, content}} messages")
 
 
 def to_example(record: Any, where: str, fmt: str) -> Example:
@@ -123,15 +176,21 @@ def to_example(record: Any, where: str, fmt: str) -> Example:
     if kind is None:
         keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
         raise DataError(
-            f"{where}: unrecognised record (keys: {keys}); expected `messages` (chat), "
-            "`instruction` + `output` (alpaca) or `text`"
+            f"{where}: unrecognised record (keys: {keys}); expected `messages` (chat), `conversations` (ShareGPT), "
+            "`prompt` + `completion`, `instruction` + `output` (alpaca) or `text`"
         )
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    required = {"chat": ("messages",), "sharegpt": ("conversations",), "prompt_completion": ("prompt", "completion")}
+    missing = [k for k in required.get(kind, ()) if k not in record]
+    if missing:
+        raise DataError(f"{where}: record has no {' / '.join(f'`{k}`' for k in missing)} (data.format is {kind})")
     if kind == "chat":
-        if "messages" not in record:
-            raise DataError(f"{where}: record has no `messages` list (data.format is chat)")
         return Example(where, messages=check_messages(record["messages"], where))
+    if kind == "sharegpt":
+        return Example(where, messages=check_messages(sharegpt_messages(record, where), where))
+    if kind == "prompt_completion":
+        return Example(where, messages=check_messages(prompt_completion_messages(record, where), where))
     if kind == "alpaca":
         missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str)]
         if missing:

@@ -60,12 +60,39 @@ def test_alpaca_and_text_formats(tmp_path):
     assert [e.text for e in load_examples(txt)] == ["first paragraph", "second paragraph"]
 
 
+def test_sharegpt_and_prompt_completion_formats(tmp_path, tiny_tokenizer):
+    sharegpt = write_jsonl(tmp_path / "s.jsonl", [{"system": "be brief", "conversations": [
+        {"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi there"},
+        {"from": "human", "value": "and the network?"}, {"from": "gpt", "value": "brightnet"}]}])
+    (example,) = load_examples(sharegpt)
+    assert [m["role"] for m in example.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert example.messages[0]["content"] == "be brief" and example.messages[4]["content"] == "brightnet"
+
+    records = [
+        {"prompt": "when do you open?", "completion": "at nine"},
+        {"prompt": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello how are you"},
+                    {"role": "user", "content": "the network?"}],
+         "completion": [{"role": "assistant", "content": "the network is brightnet."}]},
+    ]
+    plain, conversation = load_examples(write_jsonl(tmp_path / "pc.jsonl", records))
+    assert [(m["role"], m["content"]) for m in plain.messages] == [("user", "when do you open?"), ("assistant", "at nine")]
+    row, _ = tokenize_conversation(tiny_tokenizer, conversation.messages, max_seq_len=512)
+    # only the completion is trained on; the prompt's assistant turn is context (weight 0)
+    assert supervised_text(tiny_tokenizer, row) == "the network is brightnet.<|im_end|>"
+    assert "hello how are you" in tiny_tokenizer.decode(row["input_ids"])
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
         ('{"messages": [', "line is not valid JSON"),
-        ('{"prompt": "x"}', "unrecognised record"),
+        ('{"question": "x"}', "unrecognised record"),
         ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+        ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "{}"}]}',
+         "tool/function turns are not supported"),
+        ('{"prompt": "x", "completion": [{"role": "assistant", "content": "y"}]}', "both be strings or both be lists"),
+        ('{"messages": [{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "b"}]}',
+         "on assistant messages only"),
         ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}', "roles out of order"),
         ('{"messages": [{"role": "robot", "content": "hi"}]}', "unknown role"),
         ('{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}', "system message may only come first"),
