@@ -111,31 +111,38 @@ def bnb_config(
 
 
 def silence_bnb_cpu_warnings() -> None:
-    """bitsandbytes 8-bit warns about a dtype cast on every CPU matmul; say it once instead.
+    """bitsandbytes 8-bit warns about a dtype cast on every CPU matmul; say it once instead. And on
+    CPUs with AVX512-BF16 it tells users to `pip install kernels` for a 4-bit kernel that is fetched
+    from the Hugging Face Hub: not advice to follow offline, and the built-in path works without it.
 
-    The message goes through the `logging` logger of `bitsandbytes.autograd._functions` (not
-    `warnings`), so a logging filter lets the first one through and drops the repeats."""
+    The messages go through `logging` loggers (not `warnings`), so logging filters let the first
+    cast warning through and drop the repeats and the kernels advice. Call before bitsandbytes loads."""
     warnings.filterwarnings("ignore", message=r".*MatMul8bitLt: inputs will be cast from.*")
-    logger = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _OnceFilter) for f in logger.filters):
-        logger.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
+    _add_filter("bitsandbytes.autograd._functions", _PrefixFilter("MatMul8bitLt: inputs will be cast", keep_first=True))
+    _add_filter("bitsandbytes.backends.cpu.ops", _PrefixFilter("Failed to load CPU gemm_4bit_forward from kernels-community"))
 
 
-class _OnceFilter(logging.Filter):
-    """Pass the first record whose message starts with `prefix`, drop the rest."""
+def _add_filter(logger_name: str, new: "_PrefixFilter") -> None:
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _PrefixFilter) and f.prefix == new.prefix for f in logger.filters):
+        logger.addFilter(new)
 
-    def __init__(self, prefix: str) -> None:
+
+class _PrefixFilter(logging.Filter):
+    """Drop records whose message starts with `prefix` (all of them, or all but the first)."""
+
+    def __init__(self, prefix: str, keep_first: bool = False) -> None:
         super().__init__()
         self.prefix = prefix
-        self.seen = False
+        self.keep_first = keep_first
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not str(record.msg).startswith(self.prefix):
             return True
-        if self.seen:
-            return False
-        self.seen = True
-        return True
+        if self.keep_first:
+            self.keep_first = False
+            return True
+        return False
 
 
 def disable_bnb_cpu_repacking(model: Any) -> int:
@@ -190,10 +197,10 @@ def load_model(
         "use_safetensors": None if cfg.allow_pickle else True,
     }
     if quantization is not None:
+        silence_bnb_cpu_warnings()
         kwargs["quantization_config"] = bnb_config(quantization, device, dtype, quant_storage,
                                                    transformers_skips=default_skips(source, cfg, task) if quantization.keep_modules else None)
         kwargs["device_map"] = {"": device}
-        silence_bnb_cpu_warnings()
     auto = AutoModelForCausalLM
     if task == "sequence_classification":
         auto = AutoModelForSequenceClassification

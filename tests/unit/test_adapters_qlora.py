@@ -65,6 +65,20 @@ def test_8bit_cast_warning_is_said_once(tiny_model_dir, tiny_tokenizer, caplog):
     assert len(casts) <= 1  # 14 quantized matmuls x 3 passes without the filter
 
 
+def test_hub_kernel_advice_of_bitsandbytes_is_dropped(caplog):
+    """On AVX512-BF16 CPUs bitsandbytes says `pip install kernels` (a kernel fetched from the Hub) when it loads."""
+    from peftkit.models.load import silence_bnb_cpu_warnings
+
+    silence_bnb_cpu_warnings()
+    silence_bnb_cpu_warnings()  # idempotent: one filter per logger
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "x")
+        logger.warning("another bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+
+
 def test_inference_forward_does_not_break_later_training(tiny_model_dir, tiny_tokenizer):
     """bitsandbytes repacks 4-bit weights on a no-grad CPU forward (AVX512-BF16 CPUs); peftkit keeps the layout."""
     batch = chat_batch(tiny_tokenizer, CHAT_RECORDS)
