@@ -122,6 +122,28 @@ def _load_base(run: RunAdapter, quantized: bool) -> Any:
     return model
 
 
+def dequantized(model: Any) -> Any:
+    """`model.dequantize()` in float32, with GPT-2-style `Conv1D` layers given back their own class.
+
+    transformers loads a Conv1D layer into bitsandbytes as a (transposed) 4/8-bit Linear, and
+    dequantize() leaves an nn.Linear with an (out, in) weight there, which the saved model's own
+    Conv1D (in, out) cannot reload. A meta-device copy of the architecture says where they were."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = model.dequantize(dtype=torch.float32)
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    for name, module in skeleton.named_modules():
+        layer = model.get_submodule(name) if isinstance(module, Conv1D) else None
+        if isinstance(layer, torch.nn.Linear):
+            conv = Conv1D(layer.out_features, layer.in_features)
+            with torch.no_grad():
+                conv.weight.copy_(layer.weight.t())
+                conv.bias.copy_(layer.bias if layer.bias is not None else torch.zeros(layer.out_features))
+            model.set_submodule(name, conv)
+    return model
+
+
 def _attach(base: Any, adapter: Path) -> Any:
     from peft import PeftModel
 
@@ -193,7 +215,7 @@ def _merge_qlora(run: RunAdapter, tokenizer: Any, qlora_base: QLoraBase) -> tupl
     on_quantized = _attach(_load_base(run, quantized=True), adapter)
     reference_q = _reference(on_quantized, tokenizer, run, f"{run.info.method} adapter on the {bits}-bit base, as trained")
     # unload() restores the bitsandbytes layers untouched; dequantize() turns them into float32 nn.Linear.
-    dequantized_base = on_quantized.unload().dequantize(dtype=torch.float32)
+    dequantized_base = dequantized(on_quantized.unload())
     merged_deq = _attach(dequantized_base, adapter).merge_and_unload()
     error_deq = max_abs_diff(merged_deq, reference_q)
 
@@ -286,7 +308,7 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
     tokenizer = load_run_tokenizer(first)
     base_model = _load_base(first, quantized=first.quantization is not None)
     if first.quantization is not None:
-        base_model = base_model.dequantize(dtype=torch.float32)  # the weights the adapters were trained against
+        base_model = dequantized(base_model)  # the weights the adapters were trained against
     from peft import PeftModel
 
     names = [f"adapter_{i}" for i in range(len(runs))]

@@ -110,6 +110,27 @@ def test_qlora_merge_uses_dequantized_base_and_reports_both_errors(export_recipe
     assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
 
 
+def test_qlora_merge_of_a_gpt2_conv1d_model_reloads_as_gpt2(export_recipe, tmp_path):
+    """bitsandbytes holds GPT-2's Conv1D layers as transposed Linear4bit: the merged model must get Conv1D back."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    quant = {"bits": 4, "quant_type": "nf4", "double_quant": True}
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM")
+    run = make_run(tmp_path / "qrun", export_recipe, lora, model_dir=tmp_path / "gpt2", quantization=quant, scale=0.05)
+    result = export_hf(run, tmp_path / "merged")  # verified in a fresh process against the adapter on the 4-bit base
+    assert result.verification["passed"], result.verification
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    assert isinstance(reloaded.transformer.h[0].attn.c_attn, Conv1D)
+    assert reloaded.transformer.h[0].attn.c_attn.weight.shape == (64, 192)  # (in, out), as GPT-2 stores it
+
+
 def test_weighted_combination_is_the_weighted_sum_of_updates(export_recipe, tmp_path):
     run_a = make_run(tmp_path / "a", export_recipe, METHODS["lora"], seed=1)
     run_b = make_run(tmp_path / "b", export_recipe, METHODS["rslora"], seed=2)  # other rank, rsLoRA scaling
