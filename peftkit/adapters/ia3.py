@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from peftkit.adapters.lora import check_modules_to_save
-from peftkit.adapters.modules import all_linear_targets, linear_module_names, matches_target
+from peftkit.adapters.modules import all_linear_targets, linear_module_names, matches_target, target_problems
 from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, register
 from peftkit.config.schema import IA3AdapterConfig
 from peftkit.errors import ConfigError
@@ -45,14 +45,8 @@ def check(model: torch.nn.Module, cfg: IA3AdapterConfig, task: str = "causal_lm"
     if targets is None:
         return [f"adapter.target_modules: peft has no (IA)^3 default for {type(model).__name__}; list the modules to scale"]
     linear = all_linear_targets(model)
-    names = [n for n in linear_module_names(model) if matches_target(n, targets, linear)]
-    problems = []
-    if not names:
-        suffixes = sorted({n.split(".")[-1] for n in linear})
-        problems.append(
-            f"adapter.target_modules {targets!r} matches no linear module in this model; its linear modules are: {', '.join(suffixes)}"
-        )
-    elif feedforward:
+    names, problems = target_problems("adapter.target_modules", targets, model)
+    if names and not problems and feedforward:
         stray = [n for n in linear_module_names(model) if matches_target(n, feedforward, linear) and n not in names]
         if stray or not any(matches_target(n, feedforward, linear) for n in names):
             problems.append(f"adapter.feedforward_modules {feedforward!r} must be among the target_modules {targets!r}")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from peftkit.adapters.modules import all_linear_targets, layer_index, linear_module_names, matches_target
+from peftkit.adapters.modules import all_linear_targets, layer_index, linear_module_names, matches_target, target_problems
 from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, TrainerExtras, register, trainer_optimizer_class
 from peftkit.config.schema import LoraAdapterConfig
 from peftkit.errors import ConfigError
@@ -89,18 +89,12 @@ def lora_config(cfg: LoraAdapterConfig, task: str = "causal_lm", model: torch.nn
 def check(model: torch.nn.Module, cfg: LoraAdapterConfig, task: str = "causal_lm") -> list[str]:
     """Problems with target_modules / layers / modules_to_save / init against the module tree."""
     problems = []
-    linear = all_linear_targets(model)
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     if cfg.layers is not None and n_layers is not None and cfg.layers[1] >= n_layers:
         problems.append(f"adapter.layers {list(cfg.layers)} is out of range: this model has layers 0..{n_layers - 1}")
-    matched = [n for n in linear_module_names(model) if matches_target(n, cfg.target_modules, linear)]
-    if not matched:
-        suffixes = sorted({n.split(".")[-1] for n in linear})
-        problems.append(
-            f"adapter.target_modules {cfg.target_modules!r} matches no linear module in this model; "
-            f"its linear modules are: {', '.join(suffixes)} (or use `all-linear`)"
-        )
-    elif cfg.layers is not None and not any(_in_layers(n, cfg.layers) for n in matched) and not problems:
+    matched, target_issues = target_problems("adapter.target_modules", cfg.target_modules, model, " (or use `all-linear`)")
+    problems.extend(target_issues)
+    if matched and cfg.layers is not None and not any(_in_layers(n, cfg.layers) for n in matched) and not problems:
         problems.append(f"adapter.target_modules {cfg.target_modules!r} matches no module inside adapter.layers {list(cfg.layers)}")
     problems.extend(check_modules_to_save(model, cfg.modules_to_save))
     if cfg.init == "loftq" and cfg.use_dora:

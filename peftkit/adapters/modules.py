@@ -50,6 +50,27 @@ def matches_target(name: str, target: str | list[str] | None, linear_names: set[
     return any(name == t or name.endswith(f".{t}") for t in target)
 
 
+def target_problems(option: str, target: str | list[str] | None, model: torch.nn.Module,
+                    hint: str = "") -> tuple[list[str], list[str]]:
+    """(linear modules `target` selects, problems): it selects none, or a listed name selects nothing.
+
+    peft only refuses a target list when *no* entry matches, so `[k_proj, v_proj, down_proj]` on a
+    model with a fused `qkv_proj` would quietly adapt `down_proj` alone."""
+    linear = all_linear_targets(model)
+    names = linear_module_names(model)
+    matched = [n for n in names if matches_target(n, target, linear)]
+    suffixes = ", ".join(sorted({n.split(".")[-1] for n in linear}))
+    if not matched:
+        return matched, [f"{option} {target!r} matches no linear module in this model; its linear modules are: {suffixes}{hint}"]
+    if isinstance(target, (list, tuple)):
+        modules = [n for n, _ in model.named_modules()]
+        missing = [t for t in target if not any(n == t or n.endswith(f".{t}") for n in modules)]
+        if missing:
+            return matched, [f"{option}: {', '.join(map(repr, missing))} names no module of this model; its linear "
+                             f"modules are: {suffixes}. Remove or rename the entry"]
+    return matched, []
+
+
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
 

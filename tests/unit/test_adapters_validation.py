@@ -80,6 +80,17 @@ def test_targets_matching_nothing_list_the_linear_modules(tiny_recipe):
     assert "matches no linear module" in _problems(tiny_recipe, {"method": "ia3", "target_modules": ["nothing"]})
 
 
+def test_a_listed_target_that_names_nothing_is_an_error_even_when_others_match(tiny_recipe):
+    """peft would adapt q_proj alone and say nothing (e.g. k/v names on a model with a fused qkv_proj)."""
+    text = _problems(tiny_recipe, {"method": "lora", "target_modules": ["q_proj", "qkv_proj"]})
+    assert "adapter.target_modules: 'qkv_proj' names no module of this model" in text and "v_proj" in text
+    assert "'qkv_proj' names no module" in _problems(tiny_recipe, {"method": "ia3", "target_modules": ["down_proj", "qkv_proj"],
+                                                                   "feedforward_modules": ["down_proj"]})
+    # a non-linear module (LoRA on the embeddings) is peft's to accept or refuse
+    validate_recipe(recipe_from_dict(_recipe(tiny_recipe, {"method": "lora", "target_modules": ["q_proj", "embed_tokens"]})),
+                    check_model=True)
+
+
 def test_ranges_are_checked_against_the_model(tiny_recipe):
     assert "adapter.layers [0, 2] is out of range: this model has layers 0..1" in _problems(
         tiny_recipe, {"method": "lora", "layers": [0, 2]}
