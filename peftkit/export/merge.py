@@ -131,8 +131,12 @@ def dequantized(model: Any) -> Any:
     from transformers.pytorch_utils import Conv1D
 
     model = model.dequantize(dtype=torch.float32)
-    with torch.device("meta"):
-        skeleton = type(model)(model.config)
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)(model.config)
+    except Exception as exc:  # noqa: BLE001 - custom (remote-code) classes: nothing to restore is the common case
+        log.debug("no meta-device copy of %s (%s); Conv1D layers not checked", type(model).__name__, exc)
+        return model
     for name, module in skeleton.named_modules():
         layer = model.get_submodule(name) if isinstance(module, Conv1D) else None
         if isinstance(layer, torch.nn.Linear):
