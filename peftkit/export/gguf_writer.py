@@ -139,15 +139,25 @@ def unpermute_qk(weights: torch.Tensor, n_head: int, n_head_kv: int | None = Non
             .reshape(weights.shape))
 
 
-def _permute_for(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArchitecture) -> torch.Tensor:
+def _qk_heads(hf_name: str, config: Any, layout: GgufArchitecture) -> tuple[int, int] | None:
+    """(heads, kv heads) to permute `hf_name`'s rows with, or None when its rows stay as they are."""
     if not layout.permute_qk:
-        return data
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        return None
     if ".q_proj." in hf_name:
-        return permute_qk(data, heads, heads)
+        return config.num_attention_heads, config.num_attention_heads
     if ".k_proj." in hf_name:
-        return permute_qk(data, heads, kv_heads)
-    return data
+        return config.num_attention_heads, config.num_key_value_heads
+    return None
+
+
+def _permute_for(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArchitecture) -> torch.Tensor:
+    heads = _qk_heads(hf_name, config, layout)
+    return data if heads is None else permute_qk(data, *heads)
+
+
+def _unpermute_for(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArchitecture) -> torch.Tensor:
+    heads = _qk_heads(hf_name, config, layout)
+    return data if heads is None else unpermute_qk(data, *heads)
 
 
 def add_model_parameters(writer: Any, config: Any) -> None:
@@ -534,16 +544,10 @@ def read_lora_gguf_deltas(path: Path, base_model: Any) -> dict[str, torch.Tensor
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         parts.setdefault(stem, {})[kind] = np.array(array, dtype=np.float32).reshape([int(n) for n in reversed(tensor.shape)])
     deltas = {}
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     for stem, ab in parts.items():
         hf_name = to_hf[stem]
         lora_a, lora_b = torch.from_numpy(ab["lora_a"]), torch.from_numpy(ab["lora_b"])
-        delta = (alpha / lora_b.shape[1]) * (lora_b @ lora_a)
-        if layout.permute_qk and ".q_proj." in hf_name:
-            delta = unpermute_qk(delta, heads, heads)
-        elif layout.permute_qk and ".k_proj." in hf_name:
-            delta = unpermute_qk(delta, heads, kv_heads)
-        deltas[hf_name] = delta
+        deltas[hf_name] = _unpermute_for(hf_name, (alpha / lora_b.shape[1]) * (lora_b @ lora_a), config, layout)
     return deltas
 
 
