@@ -103,10 +103,6 @@ def check_architecture(config: Any) -> GgufArchitecture:
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in (None, "default"):
         raise ExportError(f"GGUF export does not handle `{rope_type}` RoPE scaling yet; export with --format hf instead")
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
-        log.warning("llama.cpp ignores %s's sliding attention window (%d tokens): the GGUF model matches the "
-                    "original up to that context length only", model_type, window)
     return GGUF_ARCHITECTURES[model_type]
 
 
@@ -162,6 +158,10 @@ def _unpermute_for(hf_name: str, data: torch.Tensor, config: Any, layout: GgufAr
 
 def add_model_parameters(writer: Any, config: Any) -> None:
     """`{arch}.*` hyper-parameters, as convert_hf_to_gguf.py writes them for Llama-family models."""
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+        log.warning("llama.cpp ignores %s's sliding attention window (%d tokens): the GGUF model matches the "
+                    "original up to that context length only", config.model_type, window)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)

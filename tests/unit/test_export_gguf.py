@@ -251,3 +251,22 @@ def test_full_finetune_run_exports_its_model_to_gguf_and_refuses_merge(export_re
     ids = torch.tensor([[5, 17, 33, 2, 40, 41]])
     with torch.no_grad():
         assert (loaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < 1e-4
+
+
+def test_sliding_window_that_llama_cpp_ignores_is_warned_once_per_file(tmp_path, caplog):
+    import logging
+
+    from gguf import GGUFWriter
+    from transformers import MistralConfig, Qwen2Config
+
+    from peftkit.export.gguf_writer import add_model_parameters
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)
+    with caplog.at_level(logging.WARNING, logger="peftkit.export.gguf_writer"):
+        add_model_parameters(GGUFWriter(str(tmp_path / "m.gguf"), "llama"), MistralConfig(sliding_window=64, **small))
+        add_model_parameters(GGUFWriter(str(tmp_path / "q.gguf"), "qwen2"),  # Qwen2's window is off by default
+                             Qwen2Config(sliding_window=64, use_sliding_window=False, **small))
+    warned = [r.getMessage() for r in caplog.records if "sliding attention window" in r.getMessage()]
+    assert warned == ["llama.cpp ignores mistral's sliding attention window (64 tokens): the GGUF model matches the "
+                      "original up to that context length only"]
