@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from peftkit.adapters.lora import check_modules_to_save
-from peftkit.adapters.modules import all_linear_targets, linear_module_names, matches_target, target_problems
+from peftkit.adapters.modules import selected_linear, target_problems
 from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, register
 from peftkit.config.schema import IA3AdapterConfig
 from peftkit.errors import ConfigError
@@ -34,9 +34,8 @@ def resolve(model: torch.nn.Module, cfg: IA3AdapterConfig) -> tuple[str | list[s
     targets = cfg.target_modules if cfg.target_modules is not None else default_targets
     feedforward = cfg.feedforward_modules
     if feedforward is None and targets is not None:
-        linear = all_linear_targets(model)
-        names = [n for n in linear_module_names(model) if matches_target(n, targets, linear)]
-        feedforward = [f for f in default_ff or [] if any(matches_target(n, [f], linear) for n in names)]
+        names = selected_linear(model, targets)
+        feedforward = [f for f in default_ff or [] if names.keys() & selected_linear(model, [f]).keys()]
     return targets, feedforward
 
 
@@ -44,11 +43,10 @@ def check(model: torch.nn.Module, cfg: IA3AdapterConfig, task: str = "causal_lm"
     targets, feedforward = resolve(model, cfg)
     if targets is None:
         return [f"adapter.target_modules: peft has no (IA)^3 default for {type(model).__name__}; list the modules to scale"]
-    linear = all_linear_targets(model)
     names, problems = target_problems("adapter.target_modules", targets, model)
     if names and not problems and feedforward:
-        stray = [n for n in linear_module_names(model) if matches_target(n, feedforward, linear) and n not in names]
-        if stray or not any(matches_target(n, feedforward, linear) for n in names):
+        scaled_inputs = selected_linear(model, feedforward)
+        if any(n not in names for n in scaled_inputs) or not any(n in scaled_inputs for n in names):
             problems.append(f"adapter.feedforward_modules {feedforward!r} must be among the target_modules {targets!r}")
     problems.extend(check_modules_to_save(model, cfg.modules_to_save))
     return problems

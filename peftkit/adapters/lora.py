@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from peftkit.adapters.modules import all_linear_targets, layer_index, linear_module_names, matches_target, target_problems
+from peftkit.adapters.modules import layer_index, matches_target, selected_linear, target_problems
 from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, TrainerExtras, register, trainer_optimizer_class
 from peftkit.config.schema import LoraAdapterConfig
 from peftkit.errors import ConfigError
@@ -40,8 +40,7 @@ def _targets(cfg: LoraAdapterConfig, model: torch.nn.Module | None) -> str | lis
     target = cfg.target_modules
     if model is None or cfg.layers is None or not isinstance(target, str):
         return target
-    linear = all_linear_targets(model)
-    return sorted(n for n in linear_module_names(model) if matches_target(n, target, linear) and _in_layers(n, cfg.layers))
+    return sorted(n for n in selected_linear(model, target) if _in_layers(n, cfg.layers))
 
 
 def _in_layers(name: str, layers: tuple[int, int] | None) -> bool:
@@ -56,8 +55,7 @@ def _only_conv1d_targets(cfg: LoraAdapterConfig, model: torch.nn.Module | None) 
     set it per layer otherwise)."""
     if model is None:
         return False
-    linear = all_linear_targets(model)
-    kinds = [kind for name, kind in linear_module_names(model).items() if matches_target(name, cfg.target_modules, linear)]
+    kinds = selected_linear(model, cfg.target_modules).values()
     return bool(kinds) and all(kind == "Conv1D" for kind in kinds)
 
 

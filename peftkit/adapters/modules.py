@@ -50,16 +50,20 @@ def matches_target(name: str, target: str | list[str] | None, linear_names: set[
     return any(name == t or name.endswith(f".{t}") for t in target)
 
 
+def selected_linear(model: torch.nn.Module, target: str | list[str] | None) -> dict[str, str]:
+    """Full name -> class name of the linear-like modules `target` selects (as peft matches them)."""
+    linear = all_linear_targets(model)
+    return {name: kind for name, kind in linear_module_names(model).items() if matches_target(name, target, linear)}
+
+
 def target_problems(option: str, target: str | list[str] | None, model: torch.nn.Module,
                     hint: str = "") -> tuple[list[str], list[str]]:
     """(linear modules `target` selects, problems): it selects none, or a listed name selects nothing.
 
     peft only refuses a target list when *no* entry matches, so `[k_proj, v_proj, down_proj]` on a
     model with a fused `qkv_proj` would quietly adapt `down_proj` alone."""
-    linear = all_linear_targets(model)
-    names = linear_module_names(model)
-    matched = [n for n in names if matches_target(n, target, linear)]
-    suffixes = ", ".join(sorted({n.split(".")[-1] for n in linear}))
+    matched = list(selected_linear(model, target))
+    suffixes = ", ".join(sorted({n.split(".")[-1] for n in all_linear_targets(model)}))
     if not matched:
         return matched, [f"{option} {target!r} matches no linear module in this model; its linear modules are: {suffixes}{hint}"]
     if isinstance(target, (list, tuple)):
