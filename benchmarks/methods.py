@@ -119,25 +119,34 @@ def plots(rows: list[dict], stem: Path) -> None:
     runs_of: dict[tuple[str, str], int] = {}
     for row in rows:
         runs_of[(row["recipe"], row["method"])] = runs_of.get((row["recipe"], row["method"]), 0) + 1
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for row in rows:
-        metrics = read_metrics(Path(row["run_dir"]) / "metrics.jsonl")
-        points = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-        seed = f" (seed {row.get('seed')})" if runs_of[(row["recipe"], row["method"])] > 1 else ""
-        if points:
-            ax.plot(*zip(*points), label=f"{row['recipe']}/{row['method']}{seed}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
-    ax.legend(fontsize=7)
+    recipes = list(dict.fromkeys(row["recipe"] for row in rows))  # one panel per recipe
+    columns = min(len(recipes), 3)
+    panels = -(-len(recipes) // columns)
+    fig, axes = plt.subplots(panels, columns, figsize=(5 * columns, 3.6 * panels), dpi=110, squeeze=False)
+    for ax, recipe in zip(axes.flat, recipes):
+        for row in (r for r in rows if r["recipe"] == recipe):
+            metrics = read_metrics(Path(row["run_dir"]) / "metrics.jsonl")
+            points = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+            seed = f" (seed {row.get('seed')})" if runs_of[(row["recipe"], row["method"])] > 1 else ""
+            if points:
+                ax.plot(*zip(*points), label=f"{row['method']}{seed}")
+        ax.set_title(recipe, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(recipes):]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(f"{stem}_loss.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for row in rows:
-        if row["heldout_accuracy"] is not None:
-            ax.scatter(row["trainable_share"] * 100, row["heldout_accuracy"] * 100)
-            ax.annotate(row["method"], (row["trainable_share"] * 100, row["heldout_accuracy"] * 100), fontsize=8)
+    for recipe in recipes:
+        mine = [r for r in rows if r["recipe"] == recipe and r["heldout_accuracy"] is not None]
+        ax.scatter([r["trainable_share"] * 100 for r in mine], [r["heldout_accuracy"] * 100 for r in mine], label=recipe, s=18)
+        for row in mine:
+            ax.annotate(row["method"], (row["trainable_share"] * 100, row["heldout_accuracy"] * 100), fontsize=6)
+    ax.legend(fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of model, log)")
     ax.set_ylabel("held-out fact accuracy (%)")
@@ -200,6 +209,40 @@ def seed_summary(rows: list[dict]) -> list[str]:
     return ["Over seeds (mean ± sample standard deviation):", "", *markdown_table(summary, list(summary[0])), ""]
 
 
+def method_matrix(rows: list[dict]) -> list[str]:
+    """Held-out accuracy and forgetting as a recipe x method grid (means over seeds), with LoRA as a
+    share of full fine-tuning and QLoRA-nf4's distance to LoRA: the issue's quality targets per recipe."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        cells.setdefault((row["recipe"], row["method"]), []).append(row)
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    seen = {r["method"] for r in rows}
+    methods = [m for m in METHODS if m in seen] + sorted(seen - set(METHODS))
+    if len(recipes) < 2:
+        return []
+
+    def mean(recipe: str, method: str, column: str, scale: float) -> float | None:
+        values = [float(r[column]) * scale for r in cells.get((recipe, method), []) if r.get(column) not in (None, "")]
+        return statistics.fmean(values) if values else None
+
+    def cell(recipe: str, method: str) -> str:
+        accuracy, forgetting = mean(recipe, method, "heldout_accuracy", 100), mean(recipe, method, "forgetting_points", 1)
+        if accuracy is None:
+            return ""
+        runs = len(cells[(recipe, method)])
+        return f"{accuracy:.1f}" + (f" / {forgetting:.1f}" if forgetting is not None else "") + (f" (n={runs})" if runs > 1 else "")
+
+    grid = []
+    for recipe in recipes:
+        line = {"recipe": recipe, **{m: cell(recipe, m) for m in methods}}
+        lora, full, qlora = (mean(recipe, m, "heldout_accuracy", 100) for m in ("lora", "full", "qlora"))
+        line["lora / full"] = f"{100 * lora / full:.1f} %" if lora is not None and full else ""
+        line["qlora - lora"] = f"{qlora - lora:+.1f}" if lora is not None and qlora is not None else ""
+        grid.append(line)
+    title = "Held-out fact accuracy % / forgetting points, recipe x method (mean over the seeds run; n = number of runs):"
+    return [title, "", *markdown_table(grid, list(grid[0])), ""]
+
+
 NOTES_HEADING = "\n## Reading the table"
 
 
@@ -222,6 +265,7 @@ def write_report(new_rows: list[dict], args: argparse.Namespace) -> None:
         "forgetting: drop in built-in general-knowledge accuracy vs the base model (points).", "",
         *markdown_table(rows, columns), "",
         *seed_summary(rows),
+        *method_matrix(rows),
         f"Plots: `{stem.name}_loss.png`, `{stem.name}_accuracy.png`, `{stem.name}_speed.png`.", "",
         "```", environment(), "```", "",
         "Command: `python -m benchmarks.methods` (rows of several invocations on the same day are merged; "

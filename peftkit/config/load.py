@@ -157,12 +157,14 @@ def _friendly(err: dict[str, Any]) -> str:
 
 
 def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
+    from peftkit.data.hub import is_hub_ref
+
     section = data.get("data")
     if not isinstance(section, dict):
         return
     for key in DATA_PATH_KEYS:
         value = section.get(key)
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        if isinstance(value, str) and value and not is_hub_ref(value) and not Path(value).expanduser().is_absolute():
             section[key] = str((base / value).resolve())
     replay = section.get("replay")
     if isinstance(replay, dict) and isinstance(replay.get("path"), str):

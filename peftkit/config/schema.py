@@ -202,7 +202,8 @@ class ReplayConfig(Section):
 class DataConfig(Section):
     train: str
     """Training file: chat JSONL (`messages`), ShareGPT (`conversations`), `prompt` + `completion`, alpaca
-    JSON/JSONL, or plain text (.txt / `text`); also CSV / Parquet with those columns."""
+    JSON/JSONL, or plain text (.txt / `text`); also CSV / Parquet with those columns, a Hub dataset
+    `hf:OWNER/NAME[/CONFIG][:SPLIT]` or a `save_to_disk` folder."""
     eval: str | None = None
     """Evaluation file (same formats). Without it, `eval_fraction` of train is held out."""
     heldout: str | None = None

@@ -1,11 +1,12 @@
 """Read training files into conversations, with errors that name the file and line.
 
-Accepted: chat JSONL (`{"messages": [{"role", "content"}, ...]}`, OpenAI style; an assistant
-message with `"weight": 0` is context, not trained on, as in axolotl), ShareGPT
+Accepted: chat JSONL (`{"messages": [{"role", "content"}, ...]}`, OpenAI style, content a string
+or a list of `{"type": "text", "text"}` parts; an assistant message with `"weight": 0` is context, not trained on, as in axolotl), ShareGPT
 (`{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}`, optional `system`), TRL's
 prompt-completion (`prompt` + `completion`, both strings or both message lists; only the completion
 is trained on), alpaca JSON/JSONL (`instruction`, `input`, `output`, optional `system`), plain text
-(`.txt` files, or records with a `text` field), CSV and Parquet with those columns.
+(`.txt` files, or records with a `text` field), CSV and Parquet with those columns; the same
+records from a Hub dataset (`hf:OWNER/NAME`) or a `save_to_disk` folder (`data/hub.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from peftkit.errors import DataError
 Message = dict[str, Any]
 """`role` and `content` strings; an assistant message may carry `weight: 0` (not trained on)."""
 ROLES = ("system", "user", "assistant")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant"}
 """ShareGPT `from` values (LLaMA-Factory / axolotl / FastChat spellings) -> chat roles."""
@@ -44,8 +46,20 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}:{line}: bytes that are not valid UTF-8 (offset {exc.start}); re-save the file as UTF-8") from None
 
 
-def read_records(path: Path) -> list[tuple[str, Any]]:
-    """Raw records with their `file:line` location."""
+def read_records(source: str | Path) -> list[tuple[str, Any]]:
+    """Raw records with their `file:line` location, from a file, a Hub dataset (`hf:OWNER/NAME`)
+    or a `datasets` `save_to_disk` folder."""
+    from peftkit.data import hub
+
+    if hub.is_hub_ref(source):
+        return hub.hub_records(str(source))
+    path = Path(source)
+    if path.is_dir() and hub.is_saved_dataset(path):
+        return hub.saved_dataset_records(path)
+    if path.is_dir():
+        found = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in DATA_SUFFIXES)
+        hint = f"; it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else ""
+        raise DataError(f"{path} is a folder; point the recipe at one data file in it{hint}")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist (paths in a recipe are relative to the recipe's folder)")
     suffix = path.suffix.lower()
@@ -101,6 +115,24 @@ def detect_format(record: Any) -> Literal["chat", "sharegpt", "prompt_completion
     return None
 
 
+def message_text(content: Any, where: str) -> str:
+    """A message's text: a string, or a list of content parts (OpenAI / TRL conversational style)
+    whose `text` parts are joined; image, audio or other parts have no meaning for a text model."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            kind = part.get("type", "text") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                found = repr(kind) if kind else type(part).__name__
+                raise DataError(f"{where}: content part {found} is not text; peftkit trains text-only models, "
+                                "so keep `{\"type\": \"text\", \"text\": ...}` parts only or write the content as a string")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise DataError(f"{where}: content must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts")
+
+
 def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
@@ -111,8 +143,7 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
         role, content = message["role"], message["content"]
         if role not in ROLES:
             raise DataError(f"{where}: message {i + 1} has unknown role {role!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: message {i + 1} content must be a string")
+        content = message_text(content, f"{where}: message {i + 1}")
         if role == "system" and i != 0:
             raise DataError(f"{where}: a system message may only come first (found at position {i + 1})")
         entry: Message = {"role": role, "content": content}
@@ -208,9 +239,10 @@ def to_example(record: Any, where: str, fmt: str) -> Example:
     return Example(where, text=text)
 
 
-def load_examples(path: str | Path, fmt: str = "auto") -> list[Example]:
-    path = Path(path)
-    examples = [to_example(record, where, fmt) for where, record in read_records(path)]
+def load_examples(source: str | Path, fmt: str = "auto") -> list[Example]:
+    """Conversations (or texts) from a data file, a Hub dataset `hf:OWNER/NAME[/CONFIG][:SPLIT]`
+    or a `datasets` `save_to_disk` folder."""
+    examples = [to_example(record, where, fmt) for where, record in read_records(source)]
     if not examples:
-        raise DataError(f"data file {path} contains no examples")
+        raise DataError(f"data {source} contains no examples")
     return examples

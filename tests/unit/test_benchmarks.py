@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.common import earlier_rows, markdown_table, write_csv
-from benchmarks.methods import ROOT, ROW_KEY, kept_notes, recipe_for, seed_summary
+from benchmarks.methods import ROOT, ROW_KEY, kept_notes, method_matrix, recipe_for, seed_summary
 
 
 def test_methods_map_to_their_recipes_and_variants():
@@ -50,6 +50,19 @@ def test_seed_summary_reports_mean_and_spread_of_repeated_runs():
     assert lines[4] == "| q | lora | 42 1 2 | 65.0 ± 5.0 | 25.0 ± 7.1 | 1.000 ± 0.000 |"
     assert len(lines) == 6  # full ran once: no spread to report
     assert seed_summary(rows[3:]) == []
+
+
+def test_method_matrix_grids_recipes_by_methods_with_the_target_ratios():
+    def row(recipe, method, seed, accuracy, forgetting):
+        return {"recipe": recipe, "method": method, "seed": seed, "heldout_accuracy": accuracy, "forgetting_points": forgetting}
+
+    rows = [row("q", "lora", 42, 0.6, 30.0), row("q", "lora", 1, 0.7, 20.0), row("q", "full", 42, 0.8, 10.0),
+            row("q", "qlora", 42, 0.55, ""), row("s", "full", 42, 0.5, 40.0)]
+    lines = method_matrix(rows)
+    assert lines[2] == "| recipe | lora | qlora | full | lora / full | qlora - lora |"
+    assert lines[4] == "| q | 65.0 / 25.0 (n=2) | 55.0 | 80.0 / 10.0 | 81.2 % | -10.0 |"
+    assert lines[5] == "| s |  |  | 50.0 / 40.0 |  |  |"
+    assert method_matrix(rows[:4]) == []  # one recipe: the seed summary says it all
 
 
 def test_hand_written_notes_survive_a_rewritten_report(tmp_path):

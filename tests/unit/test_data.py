@@ -82,6 +82,14 @@ def test_sharegpt_and_prompt_completion_formats(tmp_path, tiny_tokenizer):
     assert "hello how are you" in tiny_tokenizer.decode(row["input_ids"])
 
 
+def test_content_given_as_text_parts(tmp_path):
+    parts = [{"type": "text", "text": "the network "}, {"type": "text", "text": "is brightnet."}]
+    path = write_jsonl(tmp_path / "parts.jsonl", [{"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "wifi?"}]}, {"role": "assistant", "content": parts}]}])
+    (example,) = load_examples(path)
+    assert [m["content"] for m in example.messages] == ["wifi?", "the network is brightnet."]
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
@@ -95,6 +103,10 @@ def test_sharegpt_and_prompt_completion_formats(tmp_path, tiny_tokenizer):
          "on assistant messages only"),
         ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}', "roles out of order"),
         ('{"messages": [{"role": "robot", "content": "hi"}]}', "unknown role"),
+        ('{"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}, '
+         '{"role": "assistant", "content": "a cat"}]}', "content part 'image' is not text"),
+        ('{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}]}',
+         "content must be a string or a list"),
         ('{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}', "system message may only come first"),
     ],
 )
@@ -119,6 +131,10 @@ def test_empty_and_missing_files(tmp_path):
         load_examples(tmp_path / "empty.jsonl")
     with pytest.raises(DataError, match="does not exist"):
         load_examples(tmp_path / "missing.jsonl")
+    (tmp_path / "snapshot" / "data").mkdir(parents=True)
+    (tmp_path / "snapshot" / "data" / "train-00000-of-00001.parquet").write_bytes(b"")
+    with pytest.raises(DataError, match=r"is a folder; .* it holds data/train-00000-of-00001.parquet"):
+        load_examples(tmp_path / "snapshot")
 
 
 def test_split_is_deterministic_and_disjoint(chat_file):
@@ -134,3 +150,59 @@ def test_heldout_accepts_alternatives_and_adds_system_prompt(heldout_file):
     items = load_heldout(heldout_file, system_prompt="be brief")
     assert items[0].messages[0] == {"role": "system", "content": "be brief"}
     assert items[1].key_facts == ("river",)
+
+
+CHAT_ROWS = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+             for i in range(4)]
+
+
+def test_hub_dataset_reference(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(repo, config=None, *, split):
+        calls.append((repo, config, split))
+        if split == "nope":
+            raise ValueError('Unknown split "nope". Should be one of [\'train\'].')
+        if repo == "someone/offline":
+            raise ConnectionError("Couldn't reach 'someone/offline' on the Hub (LocalEntryNotFoundError)")
+        return datasets.Dataset.from_list(CHAT_ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    examples = load_examples("hf:HuggingFaceH4/no_robots")
+    assert calls[-1] == ("HuggingFaceH4/no_robots", None, "train")
+    assert examples[2].messages[1]["content"] == "answer 2" and examples[2].where == "hf:HuggingFaceH4/no_robots:row 3"
+    load_examples("hf:HuggingFaceH4/ultrachat_200k/default:train_sft[:2]")
+    assert calls[-1] == ("HuggingFaceH4/ultrachat_200k", "default", "train_sft[:2]")
+    with pytest.raises(DataError, match="Unknown split"):
+        load_examples("hf:a/b:nope")
+    with pytest.raises(DataError, match="could not reach the Hub .* run once while online"):
+        load_examples("hf:someone/offline")
+    with pytest.raises(DataError, match="not a Hub dataset reference"):
+        load_examples("hf:no_robots")
+
+
+def test_saved_to_disk_dataset_folders(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(CHAT_ROWS).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(CHAT_ROWS),
+                          "test": datasets.Dataset.from_list(CHAT_ROWS[:1])}).save_to_disk(str(tmp_path / "both"))
+    datasets.DatasetDict({"sft": datasets.Dataset.from_list(CHAT_ROWS)}).save_to_disk(str(tmp_path / "sft_only"))
+    assert len(load_examples(tmp_path / "one")) == 4
+    assert len(load_examples(tmp_path / "both")) == 4  # the `train` split
+    assert len(load_examples(tmp_path / "both" / "test")) == 1
+    with pytest.raises(DataError, match="splits sft and no `train`"):
+        load_examples(tmp_path / "sft_only")
+
+
+def test_recipe_keeps_hub_references_unresolved(tmp_path):
+    from peftkit.config import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nmodel: {name: smollm2-135m-instruct}\nadapter: {method: lora}\n"
+                      "data: {train: 'hf:HuggingFaceH4/no_robots:train', eval: local.jsonl}\n")
+    data = load_recipe(recipe).data
+    assert data.train == "hf:HuggingFaceH4/no_robots:train"
+    assert data.eval == str((tmp_path / "local.jsonl").resolve())
