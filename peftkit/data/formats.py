@@ -147,7 +147,7 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
         if role == "system" and i != 0:
             raise DataError(f"{where}: a system message may only come first (found at position {i + 1})")
         entry: Message = {"role": role, "content": content}
-        if "weight" in message:
+        if message.get("weight") is not None:  # None: the column exists (Arrow/Parquet rows) but is unset here
             if role != "assistant" or message["weight"] not in (0, 1):
                 raise DataError(f"{where}: message {i + 1}: `weight` must be 0 or 1, on assistant messages only")
             if message["weight"] == 0:
@@ -187,6 +187,8 @@ def sharegpt_messages(record: dict[str, Any], where: str) -> list[Message]:
                 f"{', '.join(sorted(SHAREGPT_ROLES))} turns (tool/function turns are not supported: drop or rewrite them)"
             )
         messages.append({"role": role, "content": turn["value"]})
+        if turn.get("weight") is not None:  # axolotl's per-turn weight
+            messages[-1]["weight"] = turn["weight"]
     return messages
 
 

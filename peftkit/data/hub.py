@@ -44,8 +44,9 @@ def hub_records(ref: str) -> list[tuple[str, Any]]:
         rows = datasets.load_dataset(repo, config, split=split)
     except ConnectionError as exc:
         raise DataError(
-            f"could not reach the Hub for dataset {repo} ({exc}); run once while online (it is then cached), "
-            "or download the data and point the recipe at the file"
+            f"could not reach the Hub for dataset {repo} ({exc}). Run once while online (it is then cached), or on a "
+            f"machine with internet run `huggingface-cli download {repo} --repo-type dataset --local-dir DIR`, copy "
+            "DIR here and point the recipe at its data file (e.g. DIR/data/train-00000-of-00001.parquet)"
         ) from None
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetsError) as exc:
         # not found / private (FileNotFoundError), unknown split or config (ValueError)

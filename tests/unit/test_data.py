@@ -65,6 +65,12 @@ def test_sharegpt_and_prompt_completion_formats(tmp_path, tiny_tokenizer):
         {"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi there"},
         {"from": "human", "value": "and the network?"}, {"from": "gpt", "value": "brightnet"}]}])
     (example,) = load_examples(sharegpt)
+    assert all("weight" not in m for m in example.messages)
+    weighted = write_jsonl(tmp_path / "w.jsonl", [{"conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "old answer", "weight": 0},
+        {"from": "human", "value": "again"}, {"from": "gpt", "value": "new answer", "weight": 1}]}])
+    (with_weights,) = load_examples(weighted)
+    assert [m.get("weight") for m in with_weights.messages] == [None, 0, None, None]
     assert [m["role"] for m in example.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert example.messages[0]["content"] == "be brief" and example.messages[4]["content"] == "brightnet"
 
@@ -177,7 +183,7 @@ def test_hub_dataset_reference(monkeypatch):
     assert calls[-1] == ("HuggingFaceH4/ultrachat_200k", "default", "train_sft[:2]")
     with pytest.raises(DataError, match="Unknown split"):
         load_examples("hf:a/b:nope")
-    with pytest.raises(DataError, match="could not reach the Hub .* run once while online"):
+    with pytest.raises(DataError, match="could not reach the Hub .* Run once while online"):
         load_examples("hf:someone/offline")
     with pytest.raises(DataError, match="not a Hub dataset reference"):
         load_examples("hf:no_robots")
@@ -193,6 +199,13 @@ def test_saved_to_disk_dataset_folders(tmp_path):
     assert len(load_examples(tmp_path / "one")) == 4
     assert len(load_examples(tmp_path / "both")) == 4  # the `train` split
     assert len(load_examples(tmp_path / "both" / "test")) == 1
+    # Arrow gives every row every key: unset optional fields arrive as None and mean "absent"
+    sparse = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "context", "weight": 0},
+                            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a"}]}, CHAT_ROWS[0]]
+    datasets.Dataset.from_list(sparse).save_to_disk(str(tmp_path / "sparse"))
+    weighted, plain = load_examples(tmp_path / "sparse")
+    assert [m.get("weight") for m in weighted.messages] == [None, 0, None, None]
+    assert all("weight" not in m for m in plain.messages)
     with pytest.raises(DataError, match="splits sft and no `train`"):
         load_examples(tmp_path / "sft_only")
 
