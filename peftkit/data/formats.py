@@ -1,9 +1,9 @@
 """Read training files into conversations, with errors that name the file and line.
 
 Accepted: chat JSONL (`{"messages": [{"role", "content"}, ...]}`, OpenAI style, content a string
-or a list of `{"type": "text", "text"}` parts; an assistant message with `"weight": 0` is context, not trained on, as in axolotl), ShareGPT
-(`{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}`, optional `system`), TRL's
-prompt-completion (`prompt` + `completion`, both strings or both message lists; only the completion
+or a list of `{"type": "text", "text"}` parts; an assistant message with `"weight": 0` is context,
+not trained on, as in axolotl), ShareGPT (`{"conversations": [{"from": "human"|"gpt"|"system",
+"value"}, ...]}`, optional `system`), TRL's prompt-completion (`prompt` + `completion`, both strings or both message lists; only the completion
 is trained on), alpaca JSON/JSONL (`instruction`, `input`, `output`, optional `system`), plain text
 (`.txt` files, or records with a `text` field), CSV and Parquet with those columns; the same
 records from a Hub dataset (`hf:OWNER/NAME`) or a `save_to_disk` folder (`data/hub.py`).
