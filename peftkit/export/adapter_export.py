@@ -23,7 +23,7 @@ from peftkit.export.card import adapter_card
 from peftkit.export.common import ExportResult, list_files, prepare_output, save_failed_report, write_json
 from peftkit.export.compat import serving_compatibility
 from peftkit.export.merge import FULL_MODEL, RunAdapter, _attach, _load_base, _reference, load_run_tokenizer, resolve_run
-from peftkit.models.load import default_skips, unquantized_modules
+from peftkit.models.load import default_skips, save_tokenizer, unquantized_modules
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -116,7 +116,7 @@ def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force:
             shutil.copy2(run.info.path / name, tmp / name)
             copied.append(tmp / name)
         tokenizer = load_run_tokenizer(run)
-        tokenizer.save_pretrained(str(tmp))  # the chat template the adapter was trained with travels along
+        save_tokenizer(tokenizer, tmp)  # the chat template the adapter was trained with travels along
         manifest = build_manifest(run, copied)
         if check:
             base_path = manifest["base_model"]["path"]

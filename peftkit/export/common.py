@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import ExportError
+from peftkit.errors import ExportError, MissingDependencyError
 from peftkit.utils.atomic import atomic_write_text
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -73,3 +73,12 @@ def save_failed_report(target: Path, report: dict[str, Any]) -> Path:
     path = target.with_name(f"{target.name}.verification-failed.json")
     write_json(path, report)
     return path
+
+
+def gguf_package() -> Any:
+    """The `gguf` package, imported when a GGUF export needs it."""
+    try:
+        import gguf
+    except ImportError:
+        raise MissingDependencyError("GGUF export needs the `gguf` package: `pip install gguf`") from None
+    return gguf

@@ -5,8 +5,8 @@ models (Llama, Mistral, Qwen2, Qwen3): the same metadata keys, tensor names from
 `gguf.get_tensor_name_map`, and for Llama/Mistral the Q/K rows permuted from Hugging Face's
 rotate-half RoPE layout into llama.cpp's interleaved one (transformers' GGUF loader undoes exactly
 this in `LlamaTensorProcessor`; llama.cpp runs Qwen with rotate-half RoPE, so nothing is permuted).
-The tokenizer (byte-level BPE: tokens, merges, token types, special ids) and the chat template go
-into the metadata; an Ollama `Modelfile` goes next to the file. The result is verified by loading it
+The tokenizer (`gguf_vocab`: byte-level BPE or sentencepiece BPE) and the chat template go into
+the metadata; an Ollama `Modelfile` goes next to the file. The result is verified by loading it
 back with transformers' GGUF loader.
 """
 
@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from peftkit.errors import ExportError, MissingDependencyError
+from peftkit.errors import ExportError
 from peftkit.export import verify
-from peftkit.export.common import ExportResult, list_files, prepare_output, save_failed_report, write_json
+from peftkit.export.common import ExportResult, gguf_package, list_files, prepare_output, save_failed_report, write_json
+from peftkit.export.gguf_vocab import add_tokenizer, check_tokenizer
 from peftkit.export.merge import (
     MergedModel,
     QLoraBase,
     RunAdapter,
+    load_run_tokenizer,
     load_trained_model,
     merge_run,
     resolve_run,
@@ -67,16 +68,8 @@ CHATML_PROBE = [
 ]
 
 
-def _gguf() -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise MissingDependencyError("GGUF export needs the `gguf` package: `pip install gguf`") from None
-    return gguf
-
-
 def _types(gguf_type: str) -> tuple[Any, Any]:
-    gguf = _gguf()
+    gguf = gguf_package()
     table = {
         "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
         "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -107,7 +100,7 @@ def check_architecture(config: Any) -> GgufArchitecture:
 
 
 def _model_arch(layout: GgufArchitecture) -> Any:
-    return _gguf().MODEL_ARCH[layout.arch]
+    return gguf_package().MODEL_ARCH[layout.arch]
 
 
 def rope_theta(config: Any) -> float:
@@ -182,56 +175,6 @@ def add_model_parameters(writer: Any, config: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _looks_special(token: str) -> bool:
-    return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
-
-
-def token_list(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Tokens by id and llama.cpp token types (get_vocab_base in convert_hf_to_gguf.py)."""
-    gguf = _gguf()
-    reverse = {index: token for token, index in tokenizer.get_vocab().items()}
-    if reverse and max(reverse) >= vocab_size:
-        raise ExportError(f"the tokenizer has token id {max(reverse)}, beyond the model's vocab_size {vocab_size}")
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for index in range(vocab_size):
-        token = reverse.get(index)
-        if token is None:
-            tokens.append(f"[PAD{index}]")
-            types.append(int(gguf.TokenType.UNUSED))
-        elif index in added:
-            tokens.append(token)
-            special = added[index].special or _looks_special(token)
-            types.append(int(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED))
-        else:
-            tokens.append(token)
-            types.append(int(gguf.TokenType.NORMAL))
-    return tokens, types
-
-
-def tokenizer_pre(tokenizer_json: dict[str, Any], source_gguf: Path | None) -> str:
-    """llama.cpp's pre-tokenizer name: copied from the GGUF the base came from, else read off tokenizer.json."""
-    if source_gguf is not None and source_gguf.is_file():
-        pre = read_gguf_string(source_gguf, "tokenizer.ggml.pre")
-        if pre:
-            return pre
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in parts]
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"]:
-        regex = str((parts[0].get("pattern") or {}).get("Regex", ""))
-        if r"\p{N}{1,3}" in regex:  # Llama-3's split: digits in groups of up to three
-            return "llama-bpe"
-        if r"|\p{N}|" in regex:  # Qwen2/Qwen3's split: every digit alone
-            return "qwen2"
-    log.warning("Unknown pre-tokenizer %s; writing tokenizer.ggml.pre = default (check llama.cpp's tokenization)", kinds)
-    return "default"
-
-
 def read_gguf_field(path: Path, key: str) -> Any:
     """One metadata value of a GGUF file. transformers' header reader skips the big token arrays (~0.1 s);
     gguf.GGUFReader parses all 100k+ array items (~10 s), so it is only the fallback."""
@@ -240,7 +183,7 @@ def read_gguf_field(path: Path, key: str) -> Any:
 
         return read_gguf_metadata(str(path))[0].get(key)
     except Exception:  # noqa: BLE001 - private transformers API: fall back to the public reader
-        field = _gguf().GGUFReader(str(path)).fields.get(key)
+        field = gguf_package().GGUFReader(str(path)).fields.get(key)
         return field.contents() if field is not None else None
 
 
@@ -263,42 +206,13 @@ def source_gguf_of(run: RunAdapter) -> Path | None:
     return None
 
 
-def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, source_gguf: Path | None) -> None:
-    gguf = _gguf()
-    with tempfile.TemporaryDirectory(prefix="peftkit-tok-") as tmp:
-        tokenizer.save_pretrained(tmp)
-        tokenizer_json = json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8")) \
-            if (Path(tmp) / "tokenizer.json").is_file() else {}
-        model = tokenizer_json.get("model", {})
-        if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tokenizer_json.get("pre_tokenizer")):
-            raise ExportError(
-                "GGUF export supports byte-level BPE tokenizers (GPT-2/Llama-3/SmolLM style) only; this tokenizer is "
-                f"{model.get('type', 'unknown')}. Export with --format hf and use llama.cpp's converter"
-            )
-        tokens, types = token_list(tokenizer, vocab_size)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(tokenizer_pre(tokenizer_json, source_gguf))
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
-        if not special.merges:
-            raise ExportError("the tokenizer has no BPE merges; GGUF needs them")
-        special.add_to_gguf(writer, quiet=True)
-    if "bos" not in special.add_special_token:
-        probe = tokenizer("a")["input_ids"]
-        writer.add_add_bos_token(bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
-    writer.add_add_space_prefix(False)
-    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
-
-
 # ---------------------------------------------------------------------------------------------
 # Model GGUF
 # ---------------------------------------------------------------------------------------------
 
 
 def _quantize(data: np.ndarray, qtype: Any) -> tuple[np.ndarray, Any]:
-    gguf = _gguf()
+    gguf = gguf_package()
     try:
         return gguf.quants.quantize(data, qtype), qtype
     except gguf.QuantError:  # rows not a multiple of the block size: llama.cpp falls back to f16 too
@@ -308,7 +222,7 @@ def _quantize(data: np.ndarray, qtype: Any) -> tuple[np.ndarray, Any]:
 def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, name: str,
                      source_gguf: Path | None = None, description: str | None = None) -> dict[str, int]:
     """Write `model` (a float32 Llama-family model) with its tokenizer to `path`. Returns tensor counts per type."""
-    gguf = _gguf()
+    gguf = gguf_package()
     config = model.config
     layout = check_architecture(config)
     qtype, ftype = _types(gguf_type)
@@ -319,7 +233,8 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
         writer.add_description(description)
     add_model_parameters(writer, config)
     writer.add_file_type(int(ftype))
-    add_tokenizer(writer, tokenizer, config.vocab_size, source_gguf)
+    source_pre = read_gguf_string(source_gguf, "tokenizer.ggml.pre") if source_gguf and source_gguf.is_file() else None
+    add_tokenizer(writer, tokenizer, config.vocab_size, source_pre)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     name_map = gguf.get_tensor_name_map(_model_arch(layout), config.num_hidden_layers)
@@ -404,6 +319,29 @@ def ollama_modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None) 
 # ---------------------------------------------------------------------------------------------
 
 
+def llama_cpp_tokenizer_check(path: Path, reference: verify.Reference) -> dict[str, Any]:
+    """For a sentencepiece vocabulary: does llama.cpp's algorithm on the written file give the prompt ids the
+    original tokenizer gives? (A mismatch is reported, not fatal: llama.cpp's own converter writes the same file.)"""
+    from peftkit.export.llama_cpp_tokenizer import SpmVocab, tokenize
+
+    vocab = SpmVocab.from_gguf(path)
+    if vocab is None:
+        return {}
+    split = [(text, ids, tokenize(text, vocab)) for text, ids in zip(reference.texts, reference.prompt_ids)]
+    differing = [(ids, got) for _, ids, got in split if got != ids]
+    if not differing:
+        return {"llama_cpp_tokenizer_match": True}
+    ids, got = differing[0]
+    at = next((i for i, (a, b) in enumerate(zip(ids, got)) if a != b), min(len(ids), len(got)))
+    shown = [vocab.tokens[i] for i in ids[at:at + 3]], [vocab.tokens[i] for i in got[at:at + 3]]
+    note = (f"llama.cpp will tokenize {len(differing)} of {len(split)} verification prompts differently from the "
+            f"original tokenizer (first at token {at}: {shown[0]} here, {shown[1]} in llama.cpp). llama.cpp puts a "
+            "space before the text after every special token; tokenizers whose Metaspace pre-tokenizer has "
+            "prepend_scheme 'first' do not, so answers in llama.cpp/Ollama can differ slightly")
+    log.warning("%s", note)
+    return {"llama_cpp_tokenizer_match": False, "llama_cpp_tokenizer_note": note}
+
+
 def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16", force: bool = False,
                       check: bool = True) -> ExportResult:
     run = merged.primary
@@ -425,13 +363,16 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
             reference = verify.with_logits(merged.reference, merged.model, "the merged model (float32)")
             report = verify.judge(verify.run_child("gguf", tmp, reference, gguf_file=file_name), f"gguf-{gguf_type}")
             report["tensor_types"] = counts
+            report.update(llama_cpp_tokenizer_check(tmp / file_name, reference))
             if not report["passed"]:
                 failed = save_failed_report(out, report)
                 verify.enforce({**report, "failures": [*report["failures"], f"details in {failed}"]}, "GGUF file")
             write_json(tmp / "verification.json", report)
     notes = [f"tensor types: {counts}", f"Ollama: cd {out} && ollama create {name} -f Modelfile"]
-    if report is not None and not report.get("tokenizer_match", True):
+    if report is not None and not report.get("tokenizer_match", True) and "llama_cpp_tokenizer_match" not in report:
         notes.append("transformers' GGUF tokenizer splits some prompts differently than the original tokenizer")
+    if report is not None and report.get("llama_cpp_tokenizer_match") is False:
+        notes.append(report["llama_cpp_tokenizer_note"])
     return ExportResult(out, f"gguf-{gguf_type}", list_files(out), report, merged.qlora, notes)
 
 
@@ -443,6 +384,7 @@ def export_gguf(run_dir: str | Path, out: str | Path | None = None, *, gguf_type
     prepare_output(target, force=force, protected=[run_dir])
     run = resolve_run(run_dir, base)
     check_architecture(run.base_config)
+    check_tokenizer(load_run_tokenizer(run))
     if trained_model_dir(run.run_dir) is not None:  # full / partial fine-tuning: nothing to merge
         merged = load_trained_model(run_dir, base)
     else:
@@ -473,7 +415,7 @@ def gguf_lora_alpha(run: RunAdapter) -> float:
 def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    gguf = _gguf()
+    gguf = gguf_package()
     info = run.info
     problems = []
     if not info.is_lora:
@@ -526,7 +468,7 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
 
 def read_lora_gguf_deltas(path: Path, base_model: Any) -> dict[str, torch.Tensor]:
     """HF parameter name -> weight delta, reconstructed from a GGUF LoRA file the way llama.cpp applies it."""
-    gguf = _gguf()
+    gguf = gguf_package()
     reader = gguf.GGUFReader(str(path))
     alpha_field = reader.fields[gguf.Keys.Adapter.LORA_ALPHA]
     alpha = float(alpha_field.parts[alpha_field.data[0]][0])

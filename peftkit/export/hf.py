@@ -20,6 +20,7 @@ from peftkit.export import verify
 from peftkit.export.card import merged_card
 from peftkit.export.common import DTYPE_NAMES, ExportResult, list_files, prepare_output, save_failed_report, write_json
 from peftkit.export.merge import MergedModel, QLoraBase, combine_runs, merge_run
+from peftkit.models.load import save_tokenizer
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def save_model_dir(model: Any, tokenizer: Any, folder: Path, *, dtype: str, shar
     model.save_pretrained(str(folder), max_shard_size=shard_size, safe_serialization=True)
     if generation is not None and not (folder / "generation_config.json").is_file():
         generation.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
+    save_tokenizer(tokenizer, folder)
     if not getattr(tokenizer, "chat_template", None):
         log.warning("The tokenizer has no chat template; the export will not format conversations by itself")
 

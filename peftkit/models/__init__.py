@@ -1,6 +1,6 @@
 """Model references (built-in, local, GGUF, hub), quantization and tokenizer setup."""
 
-from peftkit.models.load import load_model, load_tokenizer, resolve_device, resolve_dtype
+from peftkit.models.load import load_model, load_tokenizer, resolve_device, resolve_dtype, save_tokenizer
 from peftkit.models.registry import BUILTINS, DEFAULT_MODEL, peftkit_home
 from peftkit.models.resolve import ModelSource, materialize, resolve_model_ref
 
@@ -10,6 +10,7 @@ __all__ = [
     "ModelSource",
     "load_model",
     "load_tokenizer",
+    "save_tokenizer",
     "materialize",
     "peftkit_home",
     "resolve_device",

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from peftkit.errors import ModelNotFoundError, PeftkitError
+from peftkit.models.load import save_tokenizer
 from peftkit.utils.atomic import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
         if tmp is None:  # another process finished first
             return target
         clean.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         (tmp / "peftkit_source.json").write_text(
             json.dumps({"converted_from": str(gguf_path), "fingerprint": target.name.rsplit("-", 1)[-1]}, indent=2)
         )

@@ -66,6 +66,25 @@ def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None) -> Any:
     return tokenizer
 
 
+def save_tokenizer(tokenizer: Any, folder: str | Path) -> None:
+    """`save_pretrained`, keeping the `legacy` flag transformers (5.x) leaves out of tokenizer_config.json.
+
+    Without it a Llama/T5-style tokenizer loaded with `legacy=True` (a `▁` before the text after each
+    special token, as sentencepiece does) comes back non-legacy, and the saved run would tokenize chat
+    prompts differently from the training run.
+    """
+    import json
+
+    tokenizer.save_pretrained(str(folder))
+    legacy = getattr(tokenizer, "legacy", None)
+    config_path = Path(folder) / "tokenizer_config.json"
+    if isinstance(legacy, bool) and config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if config.get("legacy") != legacy:
+            config["legacy"] = legacy
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
     if setting == "chatml":
         tokenizer.chat_template = CHATML_TEMPLATE

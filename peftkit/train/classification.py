@@ -36,7 +36,7 @@ from peftkit.data.classification import (
 )
 from peftkit.errors import ModelNotFoundError
 from peftkit.evaluate.classification import metrics_from_eval_prediction
-from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_model_ref
+from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_model_ref, save_tokenizer
 from peftkit.models.resolve import ModelSource, hub_hint, materialize
 from peftkit.train import checkpoints
 from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
@@ -215,7 +215,7 @@ def train_classifier(
 
     with atomic_directory(run_dir / "tokenizer", replace=True) as tmp:
         assert tmp is not None
-        tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, tmp)
     prompts = list(recipe.eval.sample_prompts)
     samples = [{"prompt": p, "reply": r} for p, r in zip(prompts, predict_labels(model, tokenizer, prompts, recipe.data.max_seq_len))]
 

@@ -23,7 +23,7 @@ from peftkit.data.replay import answers_from_base, base_model_answerer, shared_c
 from peftkit.errors import PeftkitError, RunDirError
 from peftkit.train.distill import add_teacher_targets
 from peftkit.evaluate.generation import generate_replies, heldout_accuracy
-from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref
+from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref, save_tokenizer
 from peftkit.train import checkpoints
 from peftkit.train import deepspeed as deepspeed_setup, signals
 from peftkit.train.launch import dist_info, is_main_process, sum_over_processes
@@ -323,7 +323,7 @@ def save_adapter(model: Any, tokenizer: Any, run_dir: Path, method: str | None =
     save_trained(model, run_dir, method)
     with atomic_directory(run_dir / "tokenizer", replace=True) as tmp:
         assert tmp is not None
-        tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, tmp)
 
 
 def _sample_answers(model: Any, tokenizer: Any, recipe: Recipe, data: Any) -> list[dict[str, str]]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from peftkit.config import recipe_from_dict, recipe_to_yaml
+from peftkit.models import save_tokenizer
 
 
 def build_llama_dir(path: Path, tokenizer: Any, *, hidden: int = 64, intermediate: int = 128, layers: int = 2,
@@ -36,7 +37,7 @@ def build_llama_dir(path: Path, tokenizer: Any, *, hidden: int = 64, intermediat
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_tokenizer(tokenizer, path)
     return path
 
 
@@ -76,7 +77,7 @@ def make_run(run_dir: Path, recipe: dict[str, Any], peft_config: Any, *, model_d
     from peftkit.models import materialize, resolve_model_ref
 
     base_dir = materialize(resolve_model_ref(data["model"]["name"]))  # built-in names resolve to the cache
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run_dir / "tokenizer")
+    save_tokenizer(AutoTokenizer.from_pretrained(base_dir), run_dir / "tokenizer")
     base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     model = get_peft_model(base, peft_config)
     perturb_adapter(model, scale=scale, seed=seed)
@@ -122,3 +123,35 @@ def export_recipe(tiny_recipe: dict[str, Any], llama64_dir: Path) -> dict[str, A
 
 def token_ids(n: int = 2, length: int = 12, vocab: int = 300, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+LLAMA2_TEMPLATE = (  # Llama-2 chat style: the prompt ends in [/INST], answers end in </s>
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>> ' + message['content'] + ' <</SYS>> ' }}{% elif message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+def build_sentencepiece_tokenizer(folder: Path, *, legacy: bool = False) -> Any:
+    """A Llama-2-style tokenizer: sentencepiece BPE with byte fallback, trained here and converted by transformers.
+
+    `legacy` is transformers' flag: True puts `▁` before the text after every special token too
+    (Metaspace prepend_scheme "always", as sentencepiece and llama.cpp do), False only at the start ("first").
+    """
+    import sentencepiece
+    from transformers import LlamaTokenizer
+
+    from tests.conftest import CORPUS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 8 + ["[INST] <<SYS>> [/INST] <</SYS>>"] * 8), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=400, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, minloglevel=2,
+    )
+    tokenizer = LlamaTokenizer.from_pretrained(str(folder), legacy=legacy)  # transformers converts tokenizer.model
+    tokenizer.chat_template = LLAMA2_TEMPLATE
+    return tokenizer

@@ -176,7 +176,7 @@ def test_gguf_export_of_other_llama_family_models_round_trips(export_recipe, tmp
 
 
 def test_tokenizer_pre_names_llama3_and_qwen_digit_splits():
-    from peftkit.export.gguf_writer import tokenizer_pre
+    from peftkit.export.gguf_vocab import tokenizer_pre
 
     def split(regex: str) -> dict:
         return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
@@ -270,3 +270,76 @@ def test_sliding_window_that_llama_cpp_ignores_is_warned_once_per_file(tmp_path,
     warned = [r.getMessage() for r in caplog.records if "sliding attention window" in r.getMessage()]
     assert warned == ["llama.cpp ignores mistral's sliding attention window (64 tokens): the GGUF model matches the "
                       "original up to that context length only"]
+
+
+SPM_TEXTS = ["the wifi password is river", "What time does the library open? It opens at 9:30.",
+             "naïve café: 日本語 ok 🙂", "marta\nis the head librarian", "[INST] hello [/INST] two  spaces", "x"]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_gguf_export_of_a_sentencepiece_tokenizer_tokenizes_like_llama_cpp(export_recipe, tmp_path, legacy):
+    """Llama-2/Mistral-style vocabularies go out as a `llama` vocab whose scores make llama.cpp's
+    highest-score-first merging equal the Hugging Face tokenizer's merges by rank."""
+    from peftkit.export.llama_cpp_tokenizer import SpmVocab, tokenize
+    from tests.unit.export_fixtures import build_llama_dir, build_sentencepiece_tokenizer
+
+    tokenizer = build_sentencepiece_tokenizer(tmp_path / "spm", legacy=legacy)
+    base = build_llama_dir(tmp_path / "base", tokenizer)
+    run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=base)
+    result = export_gguf(run, gguf_type="f32")
+    report = json.loads((result.path / "verification.json").read_text())
+    assert report["passed"] and report["greedy_exact"] == 1.0, report
+    # transformers rebuilds the vocabulary non-legacy; what counts for this file is llama.cpp (below)
+    assert report["tokenizer_match"] is not legacy
+    assert not any("transformers' GGUF tokenizer" in note for note in result.notes)
+
+    fields, _ = _fields(result.path / "tiny-f32.gguf")
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is True
+    assert "tokenizer.ggml.merges" not in fields  # llama.cpp's sentencepiece tokenizer merges by score
+    vocab = SpmVocab.from_gguf(result.path / "tiny-f32.gguf")
+    assert vocab.types.count(6) == 256 and vocab.types[tokenizer.unk_token_id] == 2 and vocab.types[tokenizer.eos_token_id] == 3
+    for text in SPM_TEXTS:
+        assert tokenize(text, vocab) == tokenizer(text, add_special_tokens=False)["input_ids"], text
+    assert any(vocab.tokens[i].startswith("<0x") for i in tokenizer("日本語", add_special_tokens=False)["input_ids"])
+    # the chat prompts start with <s>: llama.cpp puts ▁ after it, as the legacy tokenizer does and the
+    # current one (Metaspace prepend_scheme "first") does not; the export says so instead of failing
+    assert report["llama_cpp_tokenizer_match"] is legacy
+    if not legacy:
+        assert "llama.cpp will tokenize 5 of 5 verification prompts differently" in " ".join(result.notes)
+        assert "['<<', 'SYS', '>>'] here, ['▁<<', 'SYS', '>>'] in llama.cpp" in report["llama_cpp_tokenizer_note"]
+
+
+def test_llama_cpp_tokenizer_merges_by_score_and_splits_special_tokens():
+    from peftkit.export.llama_cpp_tokenizer import SpmVocab, tokenize
+
+    tokens = ["<unk>", "<s>", "</s>", "\u2581", "a", "b", "c", "ab", "bc", "\u2581a", "<0xC3>", "<0xA9>"]
+    types = [2, 3, 3, 1, 1, 1, 1, 1, 1, 1, 6, 6]
+    scores = [-1e9] * len(tokens)
+    scores[tokens.index("bc")], scores[tokens.index("ab")] = -1.0, -2.0
+    vocab = SpmVocab(tokens, scores, types, add_space_prefix=False)
+    assert tokenize("abc", vocab) == [tokens.index("a"), tokens.index("bc")]  # bc scores higher than ab
+    scores[tokens.index("ab")] = 0.0
+    assert tokenize("abc", vocab) == [tokens.index("ab"), tokens.index("c")]
+    assert tokenize("é", vocab) == [10, 11]  # no token: UTF-8 bytes
+    spaced = SpmVocab(tokens, scores, types, add_space_prefix=True)
+    assert tokenize("a</s>a", spaced) == [9, 2, 9]  # a space before the text at the start and after specials
+    assert tokenize("a</s>a", spaced, parse_special=False) == [9, 0, 0, 0, 0, 4]  # "</s>" as text: no tokens, no bytes
+    assert tokenize("", spaced) == []
+
+
+def test_gguf_export_refuses_a_unigram_tokenizer(export_recipe, tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from peftkit.export.gguf_vocab import vocab_kind
+    from tests.unit.export_fixtures import build_llama_dir
+
+    with pytest.raises(ExportError, match="this tokenizer is Unigram.*convert_hf_to_gguf.py"):
+        vocab_kind({"model": {"type": "Unigram"}})
+    with pytest.raises(ExportError, match="this tokenizer is BPE without byte fallback"):
+        vocab_kind({"model": {"type": "BPE", "byte_fallback": False}, "pre_tokenizer": {"type": "Metaspace"}})
+    unigram = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], 0)))
+    base = build_llama_dir(tmp_path / "base", unigram, vocab_size=2)
+    run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=base)
+    with pytest.raises(ExportError, match="this tokenizer is Unigram"):
+        export_gguf(run, gguf_type="f32")

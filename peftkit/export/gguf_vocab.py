@@ -1,0 +1,179 @@
+"""The tokenizer half of a GGUF file: what llama.cpp needs to tokenize like the Hugging Face tokenizer.
+
+llama.cpp's converter writes one of two vocabulary kinds for Llama-family models, and so do we:
+
+- byte-level BPE (GPT-2, Llama-3, SmolLM, Qwen): `tokenizer.ggml.model = gpt2`, tokens, merges and
+  the name of the pre-tokenizer regex llama.cpp splits text with;
+- sentencepiece BPE with byte fallback (Llama-2, Mistral 7B, TinyLlama, Zephyr, Vicuna):
+  `tokenizer.ggml.model = llama`, tokens with scores. llama.cpp repeatedly merges the adjacent pair
+  whose result scores highest, and spells what no token covers as `<0xNN>` byte tokens.
+
+A `tokenizer.json` keeps sentencepiece's scores only as the order of its merges (transformers made
+them by sorting every split of every token by the token's score), so a token's score here is minus
+the rank of the first merge that makes it: merging by highest score is then merging by rank, which
+is what the Hugging Face tokenizer does. (gguf's `LlamaHfVocab` writes -1000 for every token, which
+leaves llama.cpp merging left to right.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from peftkit.errors import ExportError
+from peftkit.export.common import gguf_package
+
+log = logging.getLogger(__name__)
+
+VocabKind = Literal["gpt2", "llama"]
+SPACE = "\u2581"  # sentencepiece's visible space
+UNMERGED_SCORE = -1e9  # characters, bytes and special tokens: no merge makes them
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-F]{2}>$")
+
+
+def vocab_kind(tokenizer_json: dict[str, Any]) -> VocabKind:
+    """Which llama.cpp tokenizer reproduces this one, or an ExportError that says what to do instead."""
+    model = tokenizer_json.get("model") or {}
+    pre = json.dumps(tokenizer_json.get("pre_tokenizer"))
+    normalizer = json.dumps(tokenizer_json.get("normalizer"))
+    if model.get("type") == "BPE" and "ByteLevel" in pre:
+        return "gpt2"
+    if model.get("type") == "BPE" and model.get("byte_fallback") and ("Metaspace" in pre or SPACE in normalizer):
+        return "llama"
+    raise ExportError(
+        "GGUF export supports byte-level BPE tokenizers (GPT-2 / Llama-3 / SmolLM / Qwen style) and sentencepiece BPE "
+        f"with byte fallback (Llama-2 / Mistral style); this tokenizer is {model.get('type', 'unknown')}"
+        f"{' without byte fallback' if model.get('type') == 'BPE' else ''}. Export with --format hf and convert that "
+        "directory with llama.cpp's convert_hf_to_gguf.py"
+    )
+
+
+def _looks_special(token: str) -> bool:
+    return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
+
+
+def token_list(tokenizer: Any, vocab_size: int, kind: VocabKind = "gpt2") -> tuple[list[str], list[int]]:
+    """Tokens by id and llama.cpp token types (get_vocab_base / _set_vocab_sentencepiece in convert_hf_to_gguf.py)."""
+    types_ = gguf_package().TokenType
+    reverse = {index: token for token, index in tokenizer.get_vocab().items()}
+    if reverse and max(reverse) >= vocab_size:
+        raise ExportError(f"the tokenizer has token id {max(reverse)}, beyond the model's vocab_size {vocab_size}")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for index in range(vocab_size):
+        token = reverse.get(index)
+        if token is None:
+            tokens.append(f"[PAD{index}]")
+            types.append(int(types_.UNUSED))
+            continue
+        tokens.append(token)
+        if kind == "llama" and token == tokenizer.unk_token:
+            types.append(int(types_.UNKNOWN))
+        elif index in added:
+            special = added[index].special or _looks_special(token)
+            types.append(int(types_.CONTROL if special else types_.USER_DEFINED))
+        elif kind == "llama" and _BYTE_TOKEN.match(token):
+            types.append(int(types_.BYTE))
+        else:
+            types.append(int(types_.NORMAL))
+    return tokens, types
+
+
+def merge_scores(tokens: list[str], merges: list[Any]) -> list[float]:
+    """Per token: minus the rank of the first merge that produces it (`UNMERGED_SCORE` if none does)."""
+    first_rank: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        first_rank.setdefault(left + right, rank)
+    return [-float(first_rank[t]) if t in first_rank else UNMERGED_SCORE for t in tokens]
+
+
+def adds_space_prefix(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether the text gets a leading `▁` (sentencepiece's add_dummy_prefix): a Metaspace pre-tokenizer
+    that prepends, or the older normalizer `Prepend("▁")`."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    for part in parts:
+        if part.get("type") == "Metaspace":
+            return part.get("prepend_scheme", "always") != "never" and part.get("add_prefix_space", True)
+    normalizer = tokenizer_json.get("normalizer") or {}
+    steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+    return any(step.get("type") == "Prepend" and step.get("prepend") == SPACE for step in steps)
+
+
+def _warn_unmatched_normalizer(tokenizer_json: dict[str, Any]) -> None:
+    """llama.cpp's sentencepiece tokenizer only turns spaces into `▁`; say so if the tokenizer does more."""
+    normalizer = tokenizer_json.get("normalizer") or {}
+    steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+    extra = sorted({str(s.get("type")) for s in steps if s and s.get("type") not in ("Prepend", "Replace")})
+    if extra:
+        log.warning("llama.cpp does not apply this tokenizer's %s normalizer: text it would change tokenizes "
+                    "differently there", ", ".join(extra))
+
+
+def tokenizer_pre(tokenizer_json: dict[str, Any], source_pre: str | None) -> str:
+    """llama.cpp's pre-tokenizer name (byte-level BPE): the one of the GGUF the base came from, else read off
+    tokenizer.json."""
+    if source_pre:
+        return source_pre
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"]:
+        regex = str((parts[0].get("pattern") or {}).get("Regex", ""))
+        if r"\p{N}{1,3}" in regex:  # Llama-3's split: digits in groups of up to three
+            return "llama-bpe"
+        if r"|\p{N}|" in regex:  # Qwen2/Qwen3's split: every digit alone
+            return "qwen2"
+    log.warning("Unknown pre-tokenizer %s; writing tokenizer.ggml.pre = default (check llama.cpp's tokenization)", kinds)
+    return "default"
+
+
+def _saved_tokenizer_json(tokenizer: Any, folder: str) -> dict[str, Any]:
+    tokenizer.save_pretrained(folder)
+    path = Path(folder) / "tokenizer.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def check_tokenizer(tokenizer: Any) -> VocabKind:
+    """The vocabulary kind a GGUF export of `tokenizer` gets; raises before any model is loaded if there is none."""
+    with tempfile.TemporaryDirectory(prefix="peftkit-tok-") as tmp:
+        return vocab_kind(_saved_tokenizer_json(tokenizer, tmp))
+
+
+def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, source_pre: str | None = None) -> VocabKind:
+    """Write the vocabulary, special token ids, BOS/space-prefix flags and chat template into `writer`."""
+    gguf = gguf_package()
+    with tempfile.TemporaryDirectory(prefix="peftkit-tok-") as tmp:
+        tokenizer_json = _saved_tokenizer_json(tokenizer, tmp)
+        kind = vocab_kind(tokenizer_json)
+        tokens, types = token_list(tokenizer, vocab_size, kind)
+        writer.add_tokenizer_model(kind)
+        if kind == "gpt2":
+            writer.add_tokenizer_pre(tokenizer_pre(tokenizer_json, source_pre))
+        else:
+            writer.add_tokenizer_pre("default")
+            _warn_unmatched_normalizer(tokenizer_json)
+        writer.add_token_list(tokens)
+        if kind == "llama":
+            writer.add_token_scores(merge_scores(tokens, tokenizer_json["model"].get("merges") or []))
+        writer.add_token_types(types)
+        special = gguf.SpecialVocab(tmp, load_merges=kind == "gpt2", n_vocab=vocab_size)
+        if kind == "gpt2" and not special.merges:
+            raise ExportError("the tokenizer has no BPE merges; GGUF needs them")
+        special.add_to_gguf(writer, quiet=True)
+    if "bos" not in special.add_special_token:
+        probe = tokenizer("a")["input_ids"]
+        writer.add_add_bos_token(bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
+    writer.add_add_space_prefix(kind == "llama" and adds_space_prefix(tokenizer_json))
+    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+    return kind
