@@ -39,7 +39,7 @@ def vocab_kind(tokenizer_json: dict[str, Any]) -> VocabKind:
     """Which llama.cpp tokenizer reproduces this one, or an ExportError that says what to do instead."""
     model = tokenizer_json.get("model") or {}
     pre = json.dumps(tokenizer_json.get("pre_tokenizer"))
-    normalizer = json.dumps(tokenizer_json.get("normalizer"))
+    normalizer = json.dumps(tokenizer_json.get("normalizer"), ensure_ascii=False)
     if model.get("type") == "BPE" and "ByteLevel" in pre:
         return "gpt2"
     if model.get("type") == "BPE" and model.get("byte_fallback") and ("Metaspace" in pre or SPACE in normalizer):

@@ -343,3 +343,22 @@ def test_gguf_export_refuses_a_unigram_tokenizer(export_recipe, tmp_path):
     run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=base)
     with pytest.raises(ExportError, match="this tokenizer is Unigram"):
         export_gguf(run, gguf_type="f32")
+
+
+def test_vocab_kind_and_space_prefix_read_off_tokenizer_json_forms():
+    """Llama-2 / Mistral-7B-v0.1 tokenizer.json: a Prepend + Replace normalizer and no pre-tokenizer;
+    transformers' own conversion: a Metaspace pre-tokenizer."""
+    from peftkit.export.gguf_vocab import adds_space_prefix, merge_scores, vocab_kind
+
+    bpe = {"type": "BPE", "byte_fallback": True}
+    llama2 = {"model": bpe, "pre_tokenizer": None, "normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}}
+    assert vocab_kind(llama2) == "llama" and adds_space_prefix(llama2)
+    for scheme, expected in (("first", True), ("always", True), ("never", False)):
+        metaspace = {"model": bpe, "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": scheme}}
+        assert vocab_kind(metaspace) == "llama" and adds_space_prefix(metaspace) is expected
+    no_prefix = {"model": bpe, "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}}
+    assert vocab_kind(no_prefix) == "llama" and not adds_space_prefix(no_prefix)
+    assert vocab_kind({"model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel"}}) == "gpt2"
+    # the first merge that makes a token sets its score; merges come as "a b" strings or [a, b] pairs
+    assert merge_scores(["a", "b", "ab", "abb", "<s>"], ["a b", ["ab", "b"], ["a", "bb"]]) == [-1e9, -1e9, -0.0, -1.0, -1e9]
