@@ -71,7 +71,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         result = export_gguf(args.run_dir, args.out, gguf_type=args.gguf_type, force=args.force, check=check,
                              qlora_base=args.qlora_base, base=args.base)
     elif args.format == "gguf-adapter":
-        from peftkit.export.gguf_writer import export_gguf_adapter
+        from peftkit.export.gguf_lora import export_gguf_adapter
 
         result = export_gguf_adapter(args.run_dir, args.out, gguf_type=args.gguf_type, force=args.force, check=check,
                                      base=args.base)

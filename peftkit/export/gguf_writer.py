@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp / Ollama: the merged model (f32, f16, q8_0) or the LoRA adapter alone.
+"""GGUF export of the merged model for llama.cpp / Ollama (f32, f16, q8_0); the LoRA alone: `gguf_lora`.
 
 Written with the `gguf` package the way llama.cpp's convert_hf_to_gguf.py does for Llama-family
 models (Llama, Mistral, Qwen2, Qwen3): the same metadata keys, tensor names from
@@ -6,7 +6,7 @@ models (Llama, Mistral, Qwen2, Qwen3): the same metadata keys, tensor names from
 rotate-half RoPE layout into llama.cpp's interleaved one (transformers' GGUF loader undoes exactly
 this in `LlamaTensorProcessor`; llama.cpp runs Qwen with rotate-half RoPE, so nothing is permuted).
 The tokenizer (`gguf_vocab`: byte-level BPE or sentencepiece BPE) and the chat template go into
-the metadata; an Ollama `Modelfile` goes next to the file. The result is verified by loading it
+the metadata; an Ollama `Modelfile` (`ollama`) goes next to the file. The result is verified by loading it
 back with transformers' GGUF loader.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from peftkit.errors import ExportError
 from peftkit.export import verify
 from peftkit.export.common import ExportResult, gguf_package, list_files, prepare_output, save_failed_report, write_json
 from peftkit.export.gguf_vocab import add_tokenizer, check_tokenizer
+from peftkit.export.ollama import ollama_modelfile
 from peftkit.export.merge import (
     MergedModel,
     QLoraBase,
@@ -60,15 +60,9 @@ GGUF_ARCHITECTURES = {
     "qwen2": GgufArchitecture("QWEN2", permute_qk=False),
     "qwen3": GgufArchitecture("QWEN3", permute_qk=False),
 }
-CHATML_PROBE = [
-    {"role": "system", "content": "S"},
-    {"role": "user", "content": "U1"},
-    {"role": "assistant", "content": "A1"},
-    {"role": "user", "content": "U2"},
-]
 
 
-def _types(gguf_type: str) -> tuple[Any, Any]:
+def gguf_types(gguf_type: str) -> tuple[Any, Any]:
     gguf = gguf_package()
     table = {
         "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -99,7 +93,7 @@ def check_architecture(config: Any) -> GgufArchitecture:
     return GGUF_ARCHITECTURES[model_type]
 
 
-def _model_arch(layout: GgufArchitecture) -> Any:
+def model_arch(layout: GgufArchitecture) -> Any:
     return gguf_package().MODEL_ARCH[layout.arch]
 
 
@@ -139,12 +133,12 @@ def _qk_heads(hf_name: str, config: Any, layout: GgufArchitecture) -> tuple[int,
     return None
 
 
-def _permute_for(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArchitecture) -> torch.Tensor:
+def permute_for(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArchitecture) -> torch.Tensor:
     heads = _qk_heads(hf_name, config, layout)
     return data if heads is None else permute_qk(data, *heads)
 
 
-def _unpermute_for(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArchitecture) -> torch.Tensor:
+def unpermute_for(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArchitecture) -> torch.Tensor:
     heads = _qk_heads(hf_name, config, layout)
     return data if heads is None else unpermute_qk(data, *heads)
 
@@ -171,7 +165,7 @@ def add_model_parameters(writer: Any, config: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizer metadata
+# Reading GGUF metadata
 # ---------------------------------------------------------------------------------------------
 
 
@@ -211,7 +205,7 @@ def source_gguf_of(run: RunAdapter) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _quantize(data: np.ndarray, qtype: Any) -> tuple[np.ndarray, Any]:
+def quantize_array(data: np.ndarray, qtype: Any) -> tuple[np.ndarray, Any]:
     gguf = gguf_package()
     try:
         return gguf.quants.quantize(data, qtype), qtype
@@ -225,8 +219,8 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
     gguf = gguf_package()
     config = model.config
     layout = check_architecture(config)
-    qtype, ftype = _types(gguf_type)
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[_model_arch(layout)])
+    qtype, ftype = gguf_types(gguf_type)
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[model_arch(layout)])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     if description:
@@ -237,7 +231,7 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
     add_tokenizer(writer, tokenizer, config.vocab_size, source_pre)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    name_map = gguf.get_tensor_name_map(_model_arch(layout), config.num_hidden_layers)
+    name_map = gguf.get_tensor_name_map(model_arch(layout), config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     counts: dict[str, int] = {}
     for hf_name, tensor in model.state_dict().items():
@@ -247,9 +241,9 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
         if new_name is None:
             raise ExportError(f"no GGUF tensor name for `{hf_name}`; this {config.model_type} variant is not supported "
                               "by the GGUF export")
-        data = _permute_for(hf_name, tensor.detach().to(torch.float32).cpu(), config, layout).numpy()
+        data = permute_for(hf_name, tensor.detach().to(torch.float32).cpu(), config, layout).numpy()
         target = gguf.GGMLQuantizationType.F32 if data.ndim <= 1 or new_name.endswith("_norm.weight") else qtype
-        array, written = _quantize(data, target)
+        array, written = quantize_array(data, target)
         writer.add_tensor(new_name, array, raw_dtype=written)
         counts[written.name] = counts.get(written.name, 0) + 1
     writer.write_header_to_file()
@@ -257,61 +251,6 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
     writer.write_tensors_to_file()
     writer.close()
     return counts
-
-
-# ---------------------------------------------------------------------------------------------
-# Ollama Modelfile
-# ---------------------------------------------------------------------------------------------
-
-OLLAMA_CHATML_TEMPLATE = (
-    "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-    "{{ range .Messages }}{{ if eq .Role \"user\" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n"
-    "{{ else if eq .Role \"assistant\" }}{{ .Content }}<|im_end|>\n{{ end }}{{ end }}"
-)
-
-
-def chatml_default_system(tokenizer: Any) -> tuple[bool, str | None]:
-    """(is the chat template ChatML?, the system prompt it inserts when a conversation has none)."""
-    from peftkit.models.load import CHATML_TEMPLATE
-
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        return False, None
-    try:
-        rendered = tokenizer.apply_chat_template(CHATML_PROBE, tokenize=False, add_generation_prompt=True)
-        plain = tokenizer.apply_chat_template([CHATML_PROBE[1]], tokenize=False, add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 - templates that reject the probe are simply not ChatML
-        return False, None
-    expected = tokenizer.apply_chat_template(CHATML_PROBE, tokenize=False, add_generation_prompt=True,
-                                             chat_template=CHATML_TEMPLATE)
-    if rendered != expected:
-        return False, None
-    match = re.match(r"^<\|im_start\|>system\n(.*?)<\|im_end\|>\n<\|im_start\|>user\n", plain, re.DOTALL)
-    return True, match.group(1) if match else None
-
-
-def _quote(text: str) -> str:
-    return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
-
-
-def ollama_modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None) -> str:
-    is_chatml, default_system = chatml_default_system(tokenizer)
-    lines = ["# Ollama Modelfile written by peftkit. Create the model with: ollama create NAME -f Modelfile",
-             f"FROM ./{gguf_name}", ""]
-    if is_chatml:
-        lines += [f"TEMPLATE {_quote(OLLAMA_CHATML_TEMPLATE)}", ""]
-        stops = ["<|im_start|>", "<|im_end|>"]
-    else:
-        lines += ["# The chat template is not ChatML: Ollama reads tokenizer.chat_template from the GGUF instead.", ""]
-        stops = []
-    eos = tokenizer.eos_token
-    if eos and eos not in stops:
-        stops.append(eos)
-    lines += [f'PARAMETER stop "{s}"' for s in stops]
-    system = system_prompt or default_system
-    if system:
-        lines += ["", f"SYSTEM {_quote(system)}"]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +285,7 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
                       check: bool = True) -> ExportResult:
     run = merged.primary
     out = prepare_output(out, force=force, protected=[r.run_dir for r in merged.runs])
-    _types(gguf_type)
+    gguf_types(gguf_type)
     check_architecture(merged.model.config)
     name = slug(run.recipe.name or run.run_dir.name)
     file_name = f"{name}-{gguf_type}.gguf"
@@ -380,7 +319,7 @@ def export_gguf(run_dir: str | Path, out: str | Path | None = None, *, gguf_type
                 check: bool = True, qlora_base: QLoraBase = "dequantized", base: str | None = None) -> ExportResult:
     run_dir = Path(run_dir).expanduser().resolve()
     target = Path(out) if out else run_dir / "gguf"
-    _types(gguf_type)
+    gguf_types(gguf_type)
     prepare_output(target, force=force, protected=[run_dir])
     run = resolve_run(run_dir, base)
     check_architecture(run.base_config)
@@ -390,149 +329,3 @@ def export_gguf(run_dir: str | Path, out: str | Path | None = None, *, gguf_type
     else:
         merged = merge_run(run_dir, qlora_base=qlora_base, base=base)
     return write_gguf_export(merged, target, gguf_type=gguf_type, force=force, check=check)
-
-
-# ---------------------------------------------------------------------------------------------
-# LoRA adapter as a GGUF LoRA file (llama.cpp --lora)
-# ---------------------------------------------------------------------------------------------
-
-_LORA_TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-
-
-def gguf_lora_alpha(run: RunAdapter) -> float:
-    """llama.cpp scales by alpha / rank; rsLoRA's alpha / sqrt(rank) is re-expressed in that form."""
-    info = run.info
-    if info.config.get("alpha_pattern"):
-        raise ExportError("a GGUF LoRA holds one alpha; this adapter has per-module alphas (alpha_pattern). Merge it instead")
-    alpha = float(info.alpha or 0)
-    if info.use_rslora:
-        if info.config.get("rank_pattern"):
-            raise ExportError("rsLoRA with per-module ranks cannot be written as one GGUF alpha; merge it instead")
-        alpha *= math.sqrt(float(info.rank or 1))
-    return alpha
-
-
-def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    gguf = gguf_package()
-    info = run.info
-    problems = []
-    if not info.is_lora:
-        problems.append(f"it is {info.peft_type}, not LoRA")
-    if info.use_dora:
-        problems.append("DoRA magnitude vectors have no GGUF LoRA form")
-    if info.modules_to_save:
-        problems.append(f"modules_to_save ({', '.join(info.modules_to_save)}) cannot be carried by a GGUF LoRA")
-    if problems:
-        raise ExportError("this adapter cannot be written as a GGUF LoRA: " + "; ".join(problems) +
-                          f". Use `peftkit export {run.run_dir} --format gguf` (merged) instead")
-    config = run.base_config
-    layout = check_architecture(config)
-    qtype, ftype = _types(gguf_type)
-    alpha = gguf_lora_alpha(run)
-    tensors = load_file(str(info.path / "adapter_model.safetensors"))
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        match = _LORA_TENSOR.match(key)
-        if match is None:
-            raise ExportError(f"unexpected adapter tensor `{key}` (embedding LoRA?); GGUF LoRA export supports linear layers")
-        pairs.setdefault(match.group("module"), {})[match.group("ab")] = value.to(torch.float32)
-
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[_model_arch(layout)])
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    writer.add_name(name)
-    add_model_parameters(writer, config)
-    writer.add_file_type(int(ftype))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    name_map = gguf.get_tensor_name_map(_model_arch(layout), config.num_hidden_layers)
-    for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise ExportError(f"the adapter has only lora_{''.join(ab)} for `{module}`; it is incomplete")
-        base_name = name_map.get_name(f"{module}.weight", try_suffixes=(".weight",))
-        if base_name is None:
-            raise ExportError(f"no GGUF tensor name for `{module}`")
-        lora_a = ab["A"]  # (r, in): same layout llama.cpp expects
-        lora_b = _permute_for(f"{module}.weight", ab["B"], config, layout)  # rows are output rows: permute like the weight
-        for suffix, data in ((".lora_a", lora_a), (".lora_b", lora_b)):
-            array, written = _quantize(data.numpy(), qtype)
-            writer.add_tensor(base_name + suffix, array, raw_dtype=written)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return {"alpha": alpha, "modules": len(pairs)}
-
-
-def read_lora_gguf_deltas(path: Path, base_model: Any) -> dict[str, torch.Tensor]:
-    """HF parameter name -> weight delta, reconstructed from a GGUF LoRA file the way llama.cpp applies it."""
-    gguf = gguf_package()
-    reader = gguf.GGUFReader(str(path))
-    alpha_field = reader.fields[gguf.Keys.Adapter.LORA_ALPHA]
-    alpha = float(alpha_field.parts[alpha_field.data[0]][0])
-    config = base_model.config
-    layout = check_architecture(config)
-    name_map = gguf.get_tensor_name_map(_model_arch(layout), config.num_hidden_layers)
-    to_hf = {}
-    for hf_name in base_model.state_dict():
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is not None:
-            to_hf[gguf_name] = hf_name
-    parts: dict[str, dict[str, np.ndarray]] = {}
-    for tensor in reader.tensors:
-        stem, _, kind = tensor.name.rpartition(".")
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        parts.setdefault(stem, {})[kind] = np.array(array, dtype=np.float32).reshape([int(n) for n in reversed(tensor.shape)])
-    deltas = {}
-    for stem, ab in parts.items():
-        hf_name = to_hf[stem]
-        lora_a, lora_b = torch.from_numpy(ab["lora_a"]), torch.from_numpy(ab["lora_b"])
-        deltas[hf_name] = _unpermute_for(hf_name, (alpha / lora_b.shape[1]) * (lora_b @ lora_a), config, layout)
-    return deltas
-
-
-def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, gguf_type: str = "f16",
-                        force: bool = False, check: bool = True, base: str | None = None) -> ExportResult:
-    """`peftkit export RUN_DIR --format gguf-adapter`: the LoRA alone, for `llama-cli -m BASE.gguf --lora FILE`."""
-    from peftkit.export.merge import _attach, _load_base, _reference, load_run_tokenizer
-
-    run_dir = Path(run_dir).expanduser().resolve()
-    target = prepare_output(Path(out) if out else run_dir / "gguf-adapter", force=force, protected=[run_dir])
-    _types(gguf_type)
-    run = resolve_run(run_dir, base)
-    name = slug(run.recipe.name or run.run_dir.name)
-    file_name = f"{name}-lora-{gguf_type}.gguf"
-    report = None
-    with atomic_directory(target, replace=force) as tmp:
-        assert tmp is not None
-        facts = write_lora_gguf(run, tmp / file_name, gguf_type=gguf_type, name=name)
-        if check:
-            # Rebuild W + alpha/r * B @ A from the file (un-permuting Q/K) and compare with the adapter itself.
-            tokenizer = load_run_tokenizer(run)
-            reference = _reference(_attach(_load_base(run, quantized=False), run.info.path), tokenizer, run,
-                                   f"{run.info.method} adapter on the float32 base (unmerged)")
-            rebuilt = _load_base(run, quantized=False)
-            state = rebuilt.state_dict()
-            with torch.no_grad():
-                for hf_name, delta in read_lora_gguf_deltas(tmp / file_name, rebuilt).items():
-                    state[hf_name].add_(delta.to(state[hf_name].dtype))
-            logits = verify.sequence_logits(rebuilt, reference.sequences())
-            report = verify.judge({**verify.compare(reference, logits), "reference": reference.label,
-                                   "kind": "gguf-adapter (reconstructed in process)"}, f"gguf-{gguf_type}")
-            if not report["passed"]:
-                verify.enforce(report, "GGUF LoRA file")
-            write_json(tmp / "verification.json", report)
-        source = source_gguf_of(run)
-        modelfile = ["# Ollama: base model + this LoRA. Create with: ollama create NAME -f Modelfile",
-                     f"FROM {source}" if source else "FROM /path/to/base-model.gguf  # the base this LoRA was trained on",
-                     f"ADAPTER ./{file_name}"]
-        atomic_write_text(tmp / "Modelfile", "\n".join(modelfile) + "\n")
-    notes = [f"alpha written: {facts['alpha']:.4g} over {facts['modules']} modules",
-             f"llama.cpp: llama-cli -m {source or 'BASE.gguf'} --lora {target / file_name}"]
-    if source is not None:
-        notes.append(f"the Modelfile's FROM is the GGUF the base was converted from ({source.name}): the weights "
-                     "this adapter was trained on" + (", before the extra 4-bit quantization of QLoRA"
-                                                      if run.quantization is not None else ""))
-    return ExportResult(target, f"gguf-adapter-{gguf_type}", list_files(target), report, None, notes)

@@ -14,15 +14,9 @@ from peft import LoraConfig
 from tests.unit.export_fixtures import export_recipe, llama64_dir, make_run  # noqa: F401
 from peftkit.errors import ExportError
 from peftkit.export import verify
-from peftkit.export.gguf_writer import (
-    chatml_default_system,
-    check_architecture,
-    export_gguf,
-    export_gguf_adapter,
-    permute_qk,
-    unpermute_qk,
-    write_gguf_export,
-)
+from peftkit.export.gguf_lora import export_gguf_adapter
+from peftkit.export.gguf_writer import check_architecture, export_gguf, permute_qk, unpermute_qk, write_gguf_export
+from peftkit.export.ollama import chatml_default_system
 from peftkit.export.merge import merge_run
 
 torch.set_num_threads(1)

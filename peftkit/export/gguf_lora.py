@@ -1,0 +1,173 @@
+"""The LoRA adapter alone as a GGUF LoRA file, for `llama-cli -m BASE.gguf --lora FILE` (and Ollama's ADAPTER).
+
+Tensor names, Q/K permutation and types follow the model GGUF (`gguf_writer`); the file is verified by
+rebuilding each weight delta the way llama.cpp applies it and comparing logits with the adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftkit.errors import ExportError
+from peftkit.export import verify
+from peftkit.export.common import ExportResult, gguf_package, list_files, prepare_output, write_json
+from peftkit.export.gguf_writer import (
+    add_model_parameters,
+    check_architecture,
+    gguf_types,
+    model_arch,
+    permute_for,
+    quantize_array,
+    slug,
+    source_gguf_of,
+    unpermute_for,
+)
+from peftkit.export.merge import RunAdapter, resolve_run
+from peftkit.utils.atomic import atomic_directory, atomic_write_text
+
+_LORA_TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+def gguf_lora_alpha(run: RunAdapter) -> float:
+    """llama.cpp scales by alpha / rank; rsLoRA's alpha / sqrt(rank) is re-expressed in that form."""
+    info = run.info
+    if info.config.get("alpha_pattern"):
+        raise ExportError("a GGUF LoRA holds one alpha; this adapter has per-module alphas (alpha_pattern). Merge it instead")
+    alpha = float(info.alpha or 0)
+    if info.use_rslora:
+        if info.config.get("rank_pattern"):
+            raise ExportError("rsLoRA with per-module ranks cannot be written as one GGUF alpha; merge it instead")
+        alpha *= math.sqrt(float(info.rank or 1))
+    return alpha
+
+
+def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    gguf = gguf_package()
+    info = run.info
+    problems = []
+    if not info.is_lora:
+        problems.append(f"it is {info.peft_type}, not LoRA")
+    if info.use_dora:
+        problems.append("DoRA magnitude vectors have no GGUF LoRA form")
+    if info.modules_to_save:
+        problems.append(f"modules_to_save ({', '.join(info.modules_to_save)}) cannot be carried by a GGUF LoRA")
+    if problems:
+        raise ExportError("this adapter cannot be written as a GGUF LoRA: " + "; ".join(problems) +
+                          f". Use `peftkit export {run.run_dir} --format gguf` (merged) instead")
+    config = run.base_config
+    layout = check_architecture(config)
+    qtype, ftype = gguf_types(gguf_type)
+    alpha = gguf_lora_alpha(run)
+    tensors = load_file(str(info.path / "adapter_model.safetensors"))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        match = _LORA_TENSOR.match(key)
+        if match is None:
+            raise ExportError(f"unexpected adapter tensor `{key}` (embedding LoRA?); GGUF LoRA export supports linear layers")
+        pairs.setdefault(match.group("module"), {})[match.group("ab")] = value.to(torch.float32)
+
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[model_arch(layout)])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_name(name)
+    add_model_parameters(writer, config)
+    writer.add_file_type(int(ftype))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    name_map = gguf.get_tensor_name_map(model_arch(layout), config.num_hidden_layers)
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise ExportError(f"the adapter has only lora_{''.join(ab)} for `{module}`; it is incomplete")
+        base_name = name_map.get_name(f"{module}.weight", try_suffixes=(".weight",))
+        if base_name is None:
+            raise ExportError(f"no GGUF tensor name for `{module}`")
+        lora_a = ab["A"]  # (r, in): same layout llama.cpp expects
+        lora_b = permute_for(f"{module}.weight", ab["B"], config, layout)  # rows are output rows: permute like the weight
+        for suffix, data in ((".lora_a", lora_a), (".lora_b", lora_b)):
+            array, written = quantize_array(data.numpy(), qtype)
+            writer.add_tensor(base_name + suffix, array, raw_dtype=written)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"alpha": alpha, "modules": len(pairs)}
+
+
+def read_lora_gguf_deltas(path: Path, base_model: Any) -> dict[str, torch.Tensor]:
+    """HF parameter name -> weight delta, reconstructed from a GGUF LoRA file the way llama.cpp applies it."""
+    gguf = gguf_package()
+    reader = gguf.GGUFReader(str(path))
+    alpha_field = reader.fields[gguf.Keys.Adapter.LORA_ALPHA]
+    alpha = float(alpha_field.parts[alpha_field.data[0]][0])
+    config = base_model.config
+    layout = check_architecture(config)
+    name_map = gguf.get_tensor_name_map(model_arch(layout), config.num_hidden_layers)
+    to_hf = {}
+    for hf_name in base_model.state_dict():
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is not None:
+            to_hf[gguf_name] = hf_name
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for tensor in reader.tensors:
+        stem, _, kind = tensor.name.rpartition(".")
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        parts.setdefault(stem, {})[kind] = np.array(array, dtype=np.float32).reshape([int(n) for n in reversed(tensor.shape)])
+    deltas = {}
+    for stem, ab in parts.items():
+        hf_name = to_hf[stem]
+        lora_a, lora_b = torch.from_numpy(ab["lora_a"]), torch.from_numpy(ab["lora_b"])
+        deltas[hf_name] = unpermute_for(hf_name, (alpha / lora_b.shape[1]) * (lora_b @ lora_a), config, layout)
+    return deltas
+
+
+def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, gguf_type: str = "f16",
+                        force: bool = False, check: bool = True, base: str | None = None) -> ExportResult:
+    """`peftkit export RUN_DIR --format gguf-adapter`: the LoRA alone, for `llama-cli -m BASE.gguf --lora FILE`."""
+    from peftkit.export.merge import _attach, _load_base, _reference, load_run_tokenizer
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    target = prepare_output(Path(out) if out else run_dir / "gguf-adapter", force=force, protected=[run_dir])
+    gguf_types(gguf_type)
+    run = resolve_run(run_dir, base)
+    name = slug(run.recipe.name or run.run_dir.name)
+    file_name = f"{name}-lora-{gguf_type}.gguf"
+    report = None
+    with atomic_directory(target, replace=force) as tmp:
+        assert tmp is not None
+        facts = write_lora_gguf(run, tmp / file_name, gguf_type=gguf_type, name=name)
+        if check:
+            # Rebuild W + alpha/r * B @ A from the file (un-permuting Q/K) and compare with the adapter itself.
+            tokenizer = load_run_tokenizer(run)
+            reference = _reference(_attach(_load_base(run, quantized=False), run.info.path), tokenizer, run,
+                                   f"{run.info.method} adapter on the float32 base (unmerged)")
+            rebuilt = _load_base(run, quantized=False)
+            state = rebuilt.state_dict()
+            with torch.no_grad():
+                for hf_name, delta in read_lora_gguf_deltas(tmp / file_name, rebuilt).items():
+                    state[hf_name].add_(delta.to(state[hf_name].dtype))
+            logits = verify.sequence_logits(rebuilt, reference.sequences())
+            report = verify.judge({**verify.compare(reference, logits), "reference": reference.label,
+                                   "kind": "gguf-adapter (reconstructed in process)"}, f"gguf-{gguf_type}")
+            if not report["passed"]:
+                verify.enforce(report, "GGUF LoRA file")
+            write_json(tmp / "verification.json", report)
+        source = source_gguf_of(run)
+        modelfile = ["# Ollama: base model + this LoRA. Create with: ollama create NAME -f Modelfile",
+                     f"FROM {source}" if source else "FROM /path/to/base-model.gguf  # the base this LoRA was trained on",
+                     f"ADAPTER ./{file_name}"]
+        atomic_write_text(tmp / "Modelfile", "\n".join(modelfile) + "\n")
+    notes = [f"alpha written: {facts['alpha']:.4g} over {facts['modules']} modules",
+             f"llama.cpp: llama-cli -m {source or 'BASE.gguf'} --lora {target / file_name}"]
+    if source is not None:
+        notes.append(f"the Modelfile's FROM is the GGUF the base was converted from ({source.name}): the weights "
+                     "this adapter was trained on" + (", before the extra 4-bit quantization of QLoRA"
+                                                      if run.quantization is not None else ""))
+    return ExportResult(target, f"gguf-adapter-{gguf_type}", list_files(target), report, None, notes)
