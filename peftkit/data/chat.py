@@ -9,6 +9,7 @@ collator that masks by id teaches the model never to stop.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from peftkit.data.formats import Message
 from peftkit.errors import DataError
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 def with_system_prompt(messages: Sequence[Message], system_prompt: str | None) -> list[Message]:
@@ -25,19 +27,64 @@ def with_system_prompt(messages: Sequence[Message], system_prompt: str | None) -
     return messages
 
 
-def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+def fold_system_prompt(messages: Sequence[Message]) -> list[Message] | None:
+    """The conversation with its system message put at the start of the first user message (None if it has
+    no leading system message, or no user message right after it)."""
+    if not messages or messages[0]["role"] != "system":
+        return None
+    system, rest = messages[0]["content"], list(messages[1:])
+    if not rest:
+        return []
+    if rest[0]["role"] != "user":
+        return None
+    return [{**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+
+
+_warned_templates: set[int] = set()
+
+
+def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool = False, where: str = "") -> str:
+    """The chat template's text for `messages`. Templates that refuse a system message (Mistral 7B v0.1/v0.2,
+    Gemma 1, Llama-2-era Mistral fine-tunes) get it folded into the first user message instead, as
+    LLaMA-Factory does and as Gemma's later templates do themselves."""
+    from jinja2.exceptions import TemplateError
+
+    def render(conversation: Sequence[Message]) -> str:
+        return tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=generation_prompt)
+
+    try:
+        return render(messages)
+    except TemplateError as exc:
+        refusal = exc
+    folded = fold_system_prompt(messages)
+    if folded is not None:
+        try:
+            text = render(folded)
+        except TemplateError:
+            pass
+        else:
+            key = hash(tokenizer.chat_template)
+            if key not in _warned_templates:
+                _warned_templates.add(key)
+                log.warning("The chat template refuses system messages (%s); the system prompt goes at the start of "
+                            "the first user message instead", refusal)
+            return text
+    at = f"{where}: " if where else ""
+    raise DataError(
+        f"{at}the chat template refused this conversation: {refusal}. Fix the conversation (roles in the order the "
+        "template wants), or set `model.chat_template` to a template that accepts it (e.g. `chatml`)"
+    ) from None
 
 
 def render_with_reply_spans(tokenizer: Any, messages: Sequence[Message], where: str = "") -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of every trained assistant reply (with its end-of-turn)."""
-    text = _render(tokenizer, messages)
+    text = _render(tokenizer, messages, where=where)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("weight", 1) == 0:  # weight 0: context, not trained on
             continue
-        prefix = _render(tokenizer, messages[:i], generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1])
+        prefix = _render(tokenizer, messages[:i], generation_prompt=True, where=where)
+        through = _render(tokenizer, messages[: i + 1], where=where)
         if not (text.startswith(through) and through.startswith(prefix)):
             raise DataError(
                 f"{where}: the chat template does not render conversations prefix-consistently, so assistant "

@@ -36,6 +36,38 @@ def test_only_assistant_turns_are_supervised_including_end_of_turn(tiny_tokenize
     assert len(user_eot) == 3, "system/user end-of-turn tokens are not supervised"
 
 
+MISTRAL_V01_TEMPLATE = (  # refuses system messages, as Mistral-7B-Instruct v0.1/v0.2 and Gemma 1 do
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_a_template_that_refuses_system_messages_gets_the_system_prompt_in_the_first_user_turn(tiny_tokenizer, caplog):
+    import copy
+
+    from peftkit.data.chat import generation_prompt
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = MISTRAL_V01_TEMPLATE
+    messages = [{"role": "system", "content": "be brief."}, {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "hi there"}, {"role": "user", "content": "bye"},
+                {"role": "assistant", "content": "goodbye"}]
+    with caplog.at_level("WARNING", logger="peftkit.data.chat"):
+        row, _ = tokenize_conversation(tokenizer, messages, max_seq_len=512)
+        tokenize_conversation(tokenizer, messages, max_seq_len=512)
+    assert tokenizer.decode(row["input_ids"]).startswith("<|im_start|>[INST] be brief.\n\nhello [/INST]hi there")
+    assert supervised_text(tokenizer, row) == "hi there<|im_end|>goodbye<|im_end|>"
+    assert sum("refuses system messages" in r.message for r in caplog.records) == 1  # said once per template
+    assert generation_prompt(tokenizer, messages[:2]).endswith("[INST] be brief.\n\nhello [/INST]")
+
+    tokenizer.chat_template = "{{ raise_exception('this template takes no conversations') }}"
+    with pytest.raises(DataError, match=r"data.jsonl:3: the chat template refused this conversation: this template "
+                                        r"takes no conversations\. .*model.chat_template"):
+        tokenize_conversation(tokenizer, messages, max_seq_len=512, where="data.jsonl:3")
+
+
 def test_truncation_is_reported(tiny_tokenizer):
     messages = [{"role": "user", "content": "one two three " * 20}, {"role": "assistant", "content": "four"}]
     row, truncated = tokenize_conversation(tiny_tokenizer, messages, max_seq_len=16)
