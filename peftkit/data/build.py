@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from peftkit.config.schema import DataConfig
-from peftkit.data.chat import IGNORE_INDEX, tokenize_conversation, tokenize_text, with_system_prompt
+from peftkit.data.chat import IGNORE_INDEX, tokenize_conversation_rows, tokenize_text, with_system_prompt
 from peftkit.data.formats import Example, Message, load_examples, read_records
 from peftkit.data.replay import ReplayAnswerer, load_replay, sample_replay
 from peftkit.errors import DataError
@@ -46,14 +46,16 @@ def tokenize_examples(
     for example in examples:
         if example.messages is not None:
             messages = with_system_prompt(example.messages, system_prompt)
-            row, cut = tokenize_conversation(tokenizer, messages, max_seq_len, example.where)
+            example_rows, cut = tokenize_conversation_rows(tokenizer, messages, max_seq_len, example.where)
         else:
-            row, cut = tokenize_text(tokenizer, example.text or "", max_seq_len)
+            row, text_cut = tokenize_text(tokenizer, example.text or "", max_seq_len)
+            example_rows, cut = [row], int(text_cut)
         truncated += cut
-        if sum(label != IGNORE_INDEX for label in row["labels"]) == 0:
-            dropped += 1
-            continue
-        rows.append(row)
+        for row in example_rows:
+            if sum(label != IGNORE_INDEX for label in row["labels"]) == 0:
+                dropped += 1
+                continue
+            rows.append(row)
     if truncated:
         log.warning(
             "%d example(s) were longer than data.max_seq_len=%d tokens and were truncated", truncated, max_seq_len

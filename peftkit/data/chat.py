@@ -2,7 +2,8 @@
 
 We render the whole conversation once with the tokenizer's chat template, locate each
 assistant reply by rendering the conversation prefixes, and supervise exactly the tokens whose
-characters fall inside a reply, including the end-of-turn token that closes it. Labels are
+characters fall inside a reply, including the end-of-turn token that closes it (templates that
+rewrite history, like Qwen3's, get one row per assistant turn instead). Labels are
 assigned by position, never by token id: SmolLM2's pad token *is* its end-of-turn token, and a
 collator that masks by id teaches the model never to stop.
 """
@@ -40,7 +41,8 @@ def fold_system_prompt(messages: Sequence[Message]) -> list[Message] | None:
     return [{**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
 
 
-_warned_templates: set[int] = set()
+_warned_templates: set[int] = set()  # templates already warned about, so each warning is said once
+_warned_history: set[int] = set()
 
 
 def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool = False, where: str = "") -> str:
@@ -76,30 +78,42 @@ def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool
     ) from None
 
 
+class HistoryRenderedDifferently(DataError):
+    """The template renders an earlier assistant turn differently once later turns follow it (Qwen3, QwQ and
+    DeepSeek-R1 drop `<think>` blocks from history), so one rendering cannot hold every turn as it is generated."""
+
+
+def _reply_span(tokenizer: Any, messages: Sequence[Message], i: int, where: str) -> tuple[str, tuple[int, int]]:
+    """`messages[: i + 1]` rendered, and the character span of its last (assistant) reply with its end-of-turn."""
+    prefix = _render(tokenizer, messages[:i], generation_prompt=True, where=where)
+    through = _render(tokenizer, messages[: i + 1], where=where)
+    if not through.startswith(prefix):
+        raise DataError(
+            f"{where}: the chat template's generation prompt is not how it starts an assistant turn, so replies "
+            "cannot be located; set `model.chat_template: chatml` or provide a simpler template"
+        )
+    return through, (len(prefix), len(through.rstrip()))  # the newline after the end-of-turn is not the reply's
+
+
+def _trained_turns(messages: Sequence[Message]) -> list[int]:
+    # weight 0: context, not trained on
+    return [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
+
+
 def render_with_reply_spans(tokenizer: Any, messages: Sequence[Message], where: str = "") -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of every trained assistant reply (with its end-of-turn)."""
     text = _render(tokenizer, messages, where=where)
     spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant" or message.get("weight", 1) == 0:  # weight 0: context, not trained on
-            continue
-        prefix = _render(tokenizer, messages[:i], generation_prompt=True, where=where)
-        through = _render(tokenizer, messages[: i + 1], where=where)
-        if not (text.startswith(through) and through.startswith(prefix)):
-            raise DataError(
-                f"{where}: the chat template does not render conversations prefix-consistently, so assistant "
-                "turns cannot be located; set `model.chat_template: chatml` or provide a simpler template"
-            )
-        end = len(through.rstrip())  # the newline after the end-of-turn token is not part of the reply
-        spans.append((len(prefix), end))
+    for i in _trained_turns(messages):
+        through, span = _reply_span(tokenizer, messages, i, where)
+        if not text.startswith(through):
+            raise HistoryRenderedDifferently(f"{where}: the chat template renders turn {i + 1} differently once later "
+                                             "turns follow it")
+        spans.append(span)
     return text, spans
 
 
-def tokenize_conversation(
-    tokenizer: Any, messages: Sequence[Message], max_seq_len: int, where: str = ""
-) -> tuple[dict[str, list[int]], bool]:
-    """Token ids and labels (IGNORE_INDEX outside assistant replies); also whether it was truncated."""
-    text, spans = render_with_reply_spans(tokenizer, messages, where)
+def _labelled(tokenizer: Any, text: str, spans: list[tuple[int, int]], max_seq_len: int) -> tuple[dict[str, list[int]], bool]:
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = encoded["input_ids"]
     labels = [IGNORE_INDEX] * len(input_ids)
@@ -108,6 +122,42 @@ def tokenize_conversation(
             labels[index] = input_ids[index]
     truncated = len(input_ids) > max_seq_len
     return {"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len]}, truncated
+
+
+def tokenize_conversation(
+    tokenizer: Any, messages: Sequence[Message], max_seq_len: int, where: str = ""
+) -> tuple[dict[str, list[int]], bool]:
+    """Token ids and labels (IGNORE_INDEX outside assistant replies); also whether it was truncated."""
+    text, spans = render_with_reply_spans(tokenizer, messages, where)
+    return _labelled(tokenizer, text, spans, max_seq_len)
+
+
+def tokenize_conversation_rows(
+    tokenizer: Any, messages: Sequence[Message], max_seq_len: int, where: str = ""
+) -> tuple[list[dict[str, list[int]]], int]:
+    """Training rows of one conversation (one row; one per trained turn where the template rewrites history),
+    and how many of them were truncated.
+
+    With a template that renders history differently, each assistant turn is trained as the last turn of
+    its own row, in the context the model sees when it generates that turn (earlier turns as history).
+    """
+    try:
+        row, truncated = tokenize_conversation(tokenizer, messages, max_seq_len, where)
+        return [row], int(truncated)
+    except HistoryRenderedDifferently as exc:
+        key = hash(tokenizer.chat_template)
+        if key not in _warned_history:
+            _warned_history.add(key)
+            log.warning("%s (e.g. dropping <think> blocks from earlier replies): each assistant turn of a multi-turn "
+                        "conversation is trained as the last turn of its own row", str(exc).split(": ", 1)[-1])
+    rows, truncated = [], 0
+    for i in _trained_turns(messages):
+        text, span = _reply_span(tokenizer, messages, i, where)
+        row, cut = _labelled(tokenizer, text, [span], max_seq_len)
+        rows.append(row)
+        truncated += cut
+    return rows, truncated
+
 
 
 def tokenize_text(tokenizer: Any, text: str, max_seq_len: int) -> tuple[dict[str, list[int]], bool]:

@@ -68,6 +68,42 @@ def test_a_template_that_refuses_system_messages_gets_the_system_prompt_in_the_f
         tokenize_conversation(tokenizer, messages, max_seq_len=512, where="data.jsonl:3")
 
 
+THINKING_TEMPLATE = (  # Qwen3-like: only the last assistant turn carries an (empty) <think> block
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' and loop.last %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{{ message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_rewrites_history_trains_each_turn_as_the_last_one(tiny_tokenizer, tmp_path):
+    import copy
+
+    from peftkit.data.build import tokenize_examples
+    from peftkit.data.chat import tokenize_conversation_rows
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = THINKING_TEMPLATE
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"},
+                {"role": "user", "content": "bye"}, {"role": "assistant", "content": "goodbye"}]
+    rows, truncated = tokenize_conversation_rows(tokenizer, messages, 512, "chat.jsonl:1")
+    assert truncated == 0 and len(rows) == 2
+    assert supervised_text(tokenizer, rows[0]) == "<think>\n\n</think>\n\nhi there<|im_end|>"
+    assert supervised_text(tokenizer, rows[1]) == "<think>\n\n</think>\n\ngoodbye<|im_end|>"
+    second = tokenizer.decode(rows[1]["input_ids"])
+    assert "assistant\nhi there<|im_end|>" in second and second.count("<think>") == 1  # history without its think block
+    single, _ = tokenize_conversation_rows(tokenizer, messages[:2], 512)
+    assert single == rows[:1]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}, {"messages": messages[:2]}])
+    built, stats = tokenize_examples(load_examples(path), tokenizer, 512, None)
+    assert len(built) == 3 and stats["examples"] == 2
+
+    # a template whose generation prompt is not how it starts a reply still gets a clear error
+    tokenizer.chat_template = THINKING_TEMPLATE.replace("'<|im_start|>assistant\n'", "'<|im_start|>bot\n'")
+    with pytest.raises(DataError, match="chat.jsonl:1: the chat template's generation prompt is not how it starts"):
+        tokenize_conversation_rows(tokenizer, messages, 512, "chat.jsonl:1")
+
+
 def test_truncation_is_reported(tiny_tokenizer):
     messages = [{"role": "user", "content": "one two three " * 20}, {"role": "assistant", "content": "four"}]
     row, truncated = tokenize_conversation(tiny_tokenizer, messages, max_seq_len=16)
