@@ -237,6 +237,10 @@ class TrainConfig(Section):
     """Stop after this many evaluations without eval-loss improvement; the best checkpoint is kept."""
     logging_steps: PositiveInt = 5
     gradient_checkpointing: bool = False
+    optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+                       "lion_8bit", "adafactor", "sgd"] = "auto"
+    """transformers' `optim`. `auto`: its default (fused AdamW). The bitsandbytes ones (`adamw_8bit`,
+    `paged_adamw_8bit`, as in the QLoRA paper) keep optimizer states in 8 bits; paging needs a CUDA GPU."""
     neftune_noise_alpha: Annotated[float, Field(gt=0.0)] | None = None
     """NEFTune: uniform noise on input embeddings while training (the paper uses 5); off by default."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"

@@ -289,7 +289,10 @@ def check_deepspeed(recipe: Recipe, device: str | None = None) -> list[str]:
         raw = recipe.deepspeed.extra
         problems.extend(_block_problems(recipe.deepspeed))
     own = _own_optimizer(recipe)
-    if own and "optimizer" in raw:
+    if recipe.train.optimizer != "auto" and "optimizer" in raw:
+        problems.append(f"train.optimizer is {recipe.train.optimizer} but the DeepSpeed config defines an `optimizer` "
+                        "too: keep one of them")
+    elif own and "optimizer" in raw:
         problems.append(f"deepspeed: the config defines an `optimizer` but {own} needs peftkit's own optimizer "
                         "(its parameter groups): remove the DeepSpeed `optimizer` block")
     from peftkit.adapters import effective_quantization

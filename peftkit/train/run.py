@@ -92,6 +92,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr,
         neftune_noise_alpha=cfg.neftune_noise_alpha,
+        **({"optim": cfg.optimizer} if cfg.optimizer != "auto" else {}),
         lr_scheduler_type=cfg.scheduler,
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,

@@ -353,3 +353,7 @@ def test_deepspeed_optimizer_block_is_refused_where_peftkit_brings_its_own(tiny_
     # Without an optimizer block, or with plain LoRA, nothing to report.
     assert ds.check_deepspeed(_recipe(tiny_recipe, adapter=loraplus, deepspeed={"stage": 2}), "cpu") == []
     assert ds.check_deepspeed(_recipe(tiny_recipe, deepspeed=str(ds_json)), "cpu") == []
+    # train.optimizer and a DeepSpeed optimizer block both choose one
+    eight_bit = _recipe(tiny_recipe, deepspeed=str(ds_json), train={**tiny_recipe["train"], "optimizer": "adamw_8bit"})
+    assert ds.check_deepspeed(eight_bit, "cpu") == [
+        "train.optimizer is adamw_8bit but the DeepSpeed config defines an `optimizer` too: keep one of them"]

@@ -55,3 +55,23 @@ def test_neftune_noise_changes_training(tiny_recipe, tmp_path):
                                      "output_dir": str(tmp_path / "noisy")})
     noisy = train(noisy_recipe)
     assert _losses(noisy.run_dir) != pytest.approx(_losses(plain.run_dir), abs=1e-6)
+
+
+def test_optimizer_choice_reaches_the_trainer(tiny_recipe, tmp_path):
+    """`train.optimizer: adamw_8bit` trains with bitsandbytes' 8-bit AdamW (its CPU kernels here)."""
+    import bitsandbytes as bnb
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Capture(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            seen.append(optimizer)
+
+    recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 3, "optimizer": "adamw_8bit"}})
+    result = train(recipe, extra_callbacks=[Capture()])
+    inner = getattr(seen[0], "optimizer", seen[0])  # accelerate wraps it
+    assert isinstance(inner, bnb.optim.AdamW) and inner.args.optim_bits == 8  # transformers' adamw_8bit
+    assert all("state1" in state for state in inner.state.values()) and inner.state  # it stepped
+    # (bitsandbytes keeps tensors under min_8bit_size = 4096 elements, like these tiny LoRA matrices, in 32 bits)
+    assert len(_losses(result.run_dir)) == 3
