@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -162,10 +163,14 @@ def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
     section = data.get("data")
     if not isinstance(section, dict):
         return
+    def resolved(value: Any) -> Any:
+        if isinstance(value, str) and value and not is_hub_ref(value) and not Path(value).expanduser().is_absolute():
+            return str((base / value).resolve())
+        return value
+
     for key in DATA_PATH_KEYS:
         value = section.get(key)
-        if isinstance(value, str) and value and not is_hub_ref(value) and not Path(value).expanduser().is_absolute():
-            section[key] = str((base / value).resolve())
+        section[key] = [resolved(v) for v in value] if isinstance(value, list) else resolved(value)
     replay = section.get("replay")
     if isinstance(replay, dict) and isinstance(replay.get("path"), str):
         path = Path(replay["path"]).expanduser()
@@ -173,11 +178,43 @@ def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
             replay["path"] = str((base / path).resolve())
 
 
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\])$")
+_TYPE_WORDS = {"str": "a string", "list[str]": "a list of strings", "int": "an integer", "float": "a number",
+               "bool": "true or false", "none": "null"}
+
+
+def _collapse_union_branches(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """pydantic reports a `str | list[str]` field once per branch (`data.train.str`, `data.train.list[str]`);
+    keep the branch matching the value's shape, or say once which shapes the field takes."""
+    kept, branches = [], {}
+    for err in errors:
+        loc = tuple(err["loc"])
+        at = next((i for i, part in enumerate(loc) if isinstance(part, str) and _TYPE_TAG.match(part)), None)
+        if at is None:
+            kept.append(err)
+        elif len(loc) > at + 1:  # inside a value of the branch's shape (a list item): that branch is the one
+            kept.append({**err, "loc": loc[:at] + loc[at + 1:]})
+            branches.setdefault(loc[:at], []).append(None)
+        else:
+            branches.setdefault(loc[:at], []).append((loc[at], err))
+    for field, found in branches.items():
+        if None in found:
+            continue
+        value = found[0][1]["input"]
+        same_shape = [err for tag, err in found if tag.startswith("list") == isinstance(value, list)]
+        if isinstance(value, (list, str)) and same_shape:
+            kept += [{**err, "loc": field} for err in same_shape]
+        else:
+            shapes = " or ".join(_TYPE_WORDS.get(tag, tag) for tag, _ in found)
+            kept.append({"type": "union_shape", "loc": field, "msg": f"expected {shapes}", "input": value})
+    return kept
+
+
 def recipe_from_dict(data: dict[str, Any], source: str | None = None) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        problems = [_friendly(e) for e in exc.errors()]
+        problems = [_friendly(e) for e in _collapse_union_branches(exc.errors())]
         raise ConfigError(list(dict.fromkeys(problems)), source) from None
 
 

@@ -200,12 +200,12 @@ class ReplayConfig(Section):
 
 
 class DataConfig(Section):
-    train: str
-    """Training file: chat JSONL (`messages`), ShareGPT (`conversations`), `prompt` + `completion`, alpaca
-    JSON/JSONL, or plain text (.txt / `text`); also CSV / Parquet with those columns, a Hub dataset
-    `hf:OWNER/NAME[/CONFIG][:SPLIT]` or a `save_to_disk` folder."""
-    eval: str | None = None
-    """Evaluation file (same formats). Without it, `eval_fraction` of train is held out."""
+    train: Union[str, Annotated[list[str], Field(min_length=1)]]
+    """Training data, or a list of them (concatenated): chat JSONL (`messages`), ShareGPT (`conversations`),
+    `prompt` + `completion`, alpaca JSON/JSONL, or plain text (.txt / `text`); also CSV / Parquet with those
+    columns, a Hub dataset `hf:OWNER/NAME[/CONFIG][:SPLIT]` or a `save_to_disk` folder."""
+    eval: Union[str, Annotated[list[str], Field(min_length=1)], None] = None
+    """Evaluation data (same formats, also a list). Without it, `eval_fraction` of train is held out."""
     heldout: str | None = None
     """Held-out questions `{"question", "key_fact"}` scored by greedy generation before and after."""
     format: Literal["auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"] = "auto"

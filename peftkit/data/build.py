@@ -13,7 +13,7 @@ import torch
 
 from peftkit.config.schema import DataConfig
 from peftkit.data.chat import IGNORE_INDEX, tokenize_conversation_rows, tokenize_text, with_system_prompt
-from peftkit.data.formats import Example, Message, load_examples, read_records
+from peftkit.data.formats import Example, Message, data_sources, load_examples, read_records
 from peftkit.data.replay import ReplayAnswerer, load_replay, sample_replay
 from peftkit.errors import DataError
 
@@ -118,7 +118,8 @@ def build_datasets(
         train_rows, replayed = [*train_rows, *replay_rows], len(replay_rows)
     eval_rows, _ = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
     if not train_rows:
-        raise DataError(f"{cfg.train}: no example has any supervised token left; check max_seq_len and the data")
+        raise DataError(f"{', '.join(map(str, data_sources(cfg.train)))}: no example has any supervised token left; "
+                        "check max_seq_len and the data")
     heldout = load_heldout(cfg.heldout, cfg.system_prompt) if cfg.heldout else []
     stats = {
         **{f"train_{k}": v for k, v in train_stats.items()},

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from peftkit.config.schema import DataConfig, Recipe
-from peftkit.data.formats import read_records
+from peftkit.data.formats import data_sources, read_records
 from peftkit.errors import DataError, RunDirError
 
 LABELS_FILE = "labels.json"
@@ -41,9 +42,10 @@ class ClassificationData:
         return {name: i for i, name in enumerate(self.labels)}
 
 
-def load_labeled(path: str | Path) -> list[LabeledText]:
+def load_labeled(source: str | Path | Sequence[str | Path]) -> list[LabeledText]:
     items = []
-    for where, record in read_records(Path(path)):
+    records = [record for one in data_sources(source) for record in read_records(Path(one))]
+    for where, record in records:
         if not isinstance(record, dict) or "text" not in record or "label" not in record:
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{where}: classification records need `text` and `label` (found: {keys})")
@@ -54,7 +56,7 @@ def load_labeled(path: str | Path) -> list[LabeledText]:
             raise DataError(f"{where}: `label` must be a non-empty string (a label name) or an integer")
         items.append(LabeledText(where, text, str(label).strip()))
     if not items:
-        raise DataError(f"data file {path} contains no examples")
+        raise DataError(f"data {', '.join(map(str, data_sources(source)))} contains no examples")
     return items
 
 

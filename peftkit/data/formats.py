@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -241,10 +242,18 @@ def to_example(record: Any, where: str, fmt: str) -> Example:
     return Example(where, text=text)
 
 
-def load_examples(source: str | Path, fmt: str = "auto") -> list[Example]:
+def data_sources(value: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    """A recipe's `data.train` / `data.eval`: one source or a list of them."""
+    return [value] if isinstance(value, (str, Path)) else list(value)
+
+
+def load_examples(source: str | Path | Sequence[str | Path], fmt: str = "auto") -> list[Example]:
     """Conversations (or texts) from a data file, a Hub dataset `hf:OWNER/NAME[/CONFIG][:SPLIT]`
-    or a `datasets` `save_to_disk` folder."""
-    examples = [to_example(record, where, fmt) for where, record in read_records(source)]
-    if not examples:
-        raise DataError(f"data {source} contains no examples")
+    or a `datasets` `save_to_disk` folder; from a list of them, all in order."""
+    examples: list[Example] = []
+    for one in data_sources(source):
+        found = [to_example(record, where, fmt) for where, record in read_records(one)]
+        if not found:
+            raise DataError(f"data {one} contains no examples")
+        examples += found
     return examples

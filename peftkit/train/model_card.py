@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.config.schema import Recipe
+from peftkit.data.formats import data_sources
 from peftkit.utils.atomic import atomic_write_text
 
 
@@ -64,7 +65,8 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         f"| base model | `{recipe.model.name}` |",
         f"| method | {recipe.adapter.method} |",
         f"| quantization | {quant_text} |",
-        f"| train data | `{Path(recipe.data.train).name}` ({summary['train_examples']} examples) |",
+        f"| train data | {', '.join(f'`{Path(s).name}`' for s in data_sources(recipe.data.train))} "
+        f"({summary['train_examples']} examples) |",
         f"| trainable parameters | {summary['trainable_params']:,} of {summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%) |",
         f"| steps / supervised tokens | {summary['steps']} / {summary['trained_tokens']:,} |",
         f"| speed | {_fmt(summary['tokens_per_second'])} supervised tokens/s on {summary['device']} ({summary['threads']} threads) |",

@@ -100,3 +100,14 @@ def test_yaml_round_trip(tmp_path):
 
     again = recipe_from_dict(yaml.safe_load(recipe_to_yaml(recipe)))
     assert again == recipe
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"train": 5}, "`data.train`: expected a string or a list of strings (got 5)"),
+    ({"train": []}, "`data.train`: List should have at least 1 item"),
+    ({"train": ["a.jsonl", 3]}, "`data.train.1`: Input should be a valid string (got 3)"),
+])
+def test_a_path_or_list_field_gets_one_message_not_one_per_union_branch(data, message):
+    with pytest.raises(ConfigError) as info:
+        recipe_from_dict({"data": data})
+    assert len(info.value.problems) == 1 and message in info.value.problems[0]

@@ -287,3 +287,32 @@ def test_recipe_keeps_hub_references_unresolved(tmp_path):
     data = load_recipe(recipe).data
     assert data.train == "hf:HuggingFaceH4/no_robots:train"
     assert data.eval == str((tmp_path / "local.jsonl").resolve())
+
+
+def test_several_training_sources_are_concatenated(tmp_path, tiny_tokenizer):
+    """`data.train` may list several sources (axolotl's `datasets:`), relative paths resolved each."""
+    from peftkit.config import load_recipe
+    from peftkit.data.build import build_datasets
+
+    write_jsonl(tmp_path / "data" / "chat.jsonl", CHAT_ROWS)
+    write_jsonl(tmp_path / "data" / "sharegpt.jsonl", [
+        {"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(3)])
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text("name: t\nmodel: {name: smollm2-135m-instruct}\nadapter: {method: lora}\n"
+                           "data: {train: [data/chat.jsonl, data/sharegpt.jsonl, 'hf:OWNER/NAME'], eval: data/chat.jsonl}\n")
+    data = load_recipe(recipe_path).data
+    assert data.train == [str((tmp_path / "data" / "chat.jsonl").resolve()),
+                          str((tmp_path / "data" / "sharegpt.jsonl").resolve()), "hf:OWNER/NAME"]
+    examples = load_examples(data.train[:2])
+    assert len(examples) == 7 and examples[4].where.endswith("sharegpt.jsonl:1")
+    bundle = build_datasets(data.model_copy(update={"train": data.train[:2]}), tiny_tokenizer)
+    assert bundle.stats["train_examples"] == 7 and len(bundle.eval) == 4
+
+    (tmp_path / "data" / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty.jsonl"):
+        load_examples([data.train[0], str(tmp_path / "data" / "empty.jsonl")])
+    from peftkit.config import recipe_from_dict
+    from peftkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.train"):
+        recipe_from_dict({"data": {"train": []}})
