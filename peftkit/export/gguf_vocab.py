@@ -159,8 +159,7 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, source_pre: str 
         writer.add_tokenizer_model(kind)
         if kind == "gpt2":
             writer.add_tokenizer_pre(tokenizer_pre(tokenizer_json, source_pre))
-        else:
-            writer.add_tokenizer_pre("default")
+        else:  # no pre-tokenizer name: llama.cpp's sentencepiece tokenizer has none (nor does its converter write one)
             _warn_unmatched_normalizer(tokenizer_json)
         writer.add_token_list(tokens)
         if kind == "llama":
