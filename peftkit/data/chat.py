@@ -65,7 +65,7 @@ def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool
         except TemplateError:
             pass
         else:
-            key = hash(tokenizer.chat_template)
+            key = hash(str(tokenizer.chat_template))
             if key not in _warned_templates:
                 _warned_templates.add(key)
                 log.warning("The chat template refuses system messages (%s); the system prompt goes at the start of "
@@ -145,7 +145,7 @@ def tokenize_conversation_rows(
         row, truncated = tokenize_conversation(tokenizer, messages, max_seq_len, where)
         return [row], int(truncated)
     except HistoryRenderedDifferently as exc:
-        key = hash(tokenizer.chat_template)
+        key = hash(str(tokenizer.chat_template))
         if key not in _warned_history:
             _warned_history.add(key)
             log.warning("%s (e.g. dropping <think> blocks from earlier replies): each assistant turn of a multi-turn "
