@@ -92,23 +92,25 @@ def merge_scores(tokens: list[str], merges: list[Any]) -> list[float]:
     return [-float(first_rank[t]) if t in first_rank else UNMERGED_SCORE for t in tokens]
 
 
+def _steps(tokenizer_json: dict[str, Any], block: Literal["pre_tokenizer", "normalizer"]) -> list[dict[str, Any]]:
+    """The steps of tokenizer.json's pre-tokenizer or normalizer, a `Sequence` unwrapped."""
+    part = tokenizer_json.get(block) or {}
+    inner = "pretokenizers" if block == "pre_tokenizer" else "normalizers"
+    return part.get(inner, [part]) if part.get("type") == "Sequence" else [part]
+
+
 def adds_space_prefix(tokenizer_json: dict[str, Any]) -> bool:
     """Whether the text gets a leading `▁` (sentencepiece's add_dummy_prefix): a Metaspace pre-tokenizer
     that prepends, or the older normalizer `Prepend("▁")`."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    for part in parts:
+    for part in _steps(tokenizer_json, "pre_tokenizer"):
         if part.get("type") == "Metaspace":
             return part.get("prepend_scheme", "always") != "never" and part.get("add_prefix_space", True)
-    normalizer = tokenizer_json.get("normalizer") or {}
-    steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
-    return any(step.get("type") == "Prepend" and step.get("prepend") == SPACE for step in steps)
+    return any(s.get("type") == "Prepend" and s.get("prepend") == SPACE for s in _steps(tokenizer_json, "normalizer"))
 
 
 def _warn_unmatched_normalizer(tokenizer_json: dict[str, Any]) -> None:
     """llama.cpp's sentencepiece tokenizer only turns spaces into `▁`; say so if the tokenizer does more."""
-    normalizer = tokenizer_json.get("normalizer") or {}
-    steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+    steps = _steps(tokenizer_json, "normalizer")
     extra = sorted({str(s.get("type")) for s in steps if s and s.get("type") not in ("Prepend", "Replace")})
     if extra:
         log.warning("llama.cpp does not apply this tokenizer's %s normalizer: text it would change tokenizes "
@@ -120,8 +122,7 @@ def tokenizer_pre(tokenizer_json: dict[str, Any], source_pre: str | None) -> str
     tokenizer.json."""
     if source_pre:
         return source_pre
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    parts = _steps(tokenizer_json, "pre_tokenizer")
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt2"
