@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from peftkit.export.common import gguf_package
@@ -40,26 +41,43 @@ class SpmVocab:
         return cls(list(value("tokenizer.ggml.tokens")), list(value("tokenizer.ggml.scores")),
                    list(value("tokenizer.ggml.token_type")), bool(value("tokenizer.ggml.add_space_prefix", True)))
 
+    # lookups derived once per vocabulary (a tokenizer call runs per prompt, a merge per text fragment)
+    @cached_property
+    def ids(self) -> dict[str, int]:
+        return {token: index for index, token in enumerate(self.tokens)}
+
+    @cached_property
+    def byte_ids(self) -> dict[int, int]:
+        return {int(t[3:5], 16): i for i, (t, k) in enumerate(zip(self.tokens, self.types)) if k == BYTE}
+
+    @cached_property
+    def unknown_id(self) -> int:
+        return self.types.index(UNKNOWN) if UNKNOWN in self.types else 0
+
+    def specials(self, parse_special: bool) -> list[str]:
+        """Tokens llama.cpp splits out of raw text, longest first."""
+        kinds = (CONTROL, USER_DEFINED, UNKNOWN) if parse_special else (USER_DEFINED,)
+        return sorted((t for t, k in zip(self.tokens, self.types) if k in kinds and t), key=len, reverse=True)
+
 
 def tokenize(text: str, vocab: SpmVocab, *, parse_special: bool = True) -> list[int]:
     """Token ids as llama.cpp's `llama_tokenize(..., add_special=false, parse_special)` returns them."""
-    ids = {token: index for index, token in enumerate(vocab.tokens)}
-    kinds = (CONTROL, USER_DEFINED, UNKNOWN) if parse_special else (USER_DEFINED,)
-    specials = sorted((t for t, k in zip(vocab.tokens, vocab.types) if k in kinds and t), key=len, reverse=True)
+    specials = vocab.specials(parse_special)
     fragments = re.split(f"({'|'.join(map(re.escape, specials))})", text) if specials else [text]
     out: list[int] = []
     after_special = True  # the start of the text counts as after a special token
     for index, fragment in enumerate(fragments):
         if index % 2:  # the separators re.split keeps: special tokens
-            out.append(ids[fragment])
+            out.append(vocab.ids[fragment])
             after_special = True
         elif fragment:
-            out += _merge(" " + fragment if vocab.add_space_prefix and after_special else fragment, vocab, ids)
+            out += _merge(" " + fragment if vocab.add_space_prefix and after_special else fragment, vocab)
             after_special = False
     return out
 
 
-def _merge(text: str, vocab: SpmVocab, ids: dict[str, int]) -> list[int]:
+def _merge(text: str, vocab: SpmVocab) -> list[int]:
+    ids = vocab.ids
     symbols = list(text.replace(" ", "\u2581"))  # one symbol per character
     alive = [True] * len(symbols)
     nxt = list(range(1, len(symbols) + 1))
@@ -82,12 +100,10 @@ def _merge(text: str, vocab: SpmVocab, ids: dict[str, int]) -> list[int]:
             prv[nxt[left]] = left
         add_pair(prv[left], left)
         add_pair(left, nxt[left])
-    byte_ids = {int(t[3:5], 16): i for i, (t, k) in enumerate(zip(vocab.tokens, vocab.types)) if k == BYTE}
-    unknown = vocab.types.index(UNKNOWN) if UNKNOWN in vocab.types else 0
     out: list[int] = []
     index = 0
     while index < len(symbols):
         piece = symbols[index]
-        out += [ids[piece]] if piece in ids else [byte_ids.get(b, unknown) for b in piece.encode("utf-8")]
+        out += [ids[piece]] if piece in ids else [vocab.byte_ids.get(b, vocab.unknown_id) for b in piece.encode("utf-8")]
         index = nxt[index]
     return out
