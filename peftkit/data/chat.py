@@ -41,8 +41,15 @@ def fold_system_prompt(messages: Sequence[Message]) -> list[Message] | None:
     return [{**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
 
 
-_warned_templates: set[int] = set()  # templates already warned about, so each warning is said once
-_warned_history: set[int] = set()
+_warned: set[tuple[str, int]] = set()  # (topic, template) pairs already warned about
+
+
+def _warn_once(tokenizer: Any, topic: str, message: str, *args: Any) -> None:
+    """Log `message` the first time `topic` comes up for this chat template (not once per conversation)."""
+    key = (topic, hash(str(tokenizer.chat_template)))
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
 
 
 def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool = False, where: str = "") -> str:
@@ -65,11 +72,8 @@ def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool
         except TemplateError:
             pass
         else:
-            key = hash(str(tokenizer.chat_template))
-            if key not in _warned_templates:
-                _warned_templates.add(key)
-                log.warning("The chat template refuses system messages (%s); the system prompt goes at the start of "
-                            "the first user message instead", refusal)
+            _warn_once(tokenizer, "system", "The chat template refuses system messages (%s); the system prompt goes "
+                       "at the start of the first user message instead", refusal)
             return text
     at = f"{where}: " if where else ""
     raise DataError(
@@ -81,6 +85,10 @@ def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool
 class HistoryRenderedDifferently(DataError):
     """The template renders an earlier assistant turn differently once later turns follow it (Qwen3, QwQ and
     DeepSeek-R1 drop `<think>` blocks from history), so one rendering cannot hold every turn as it is generated."""
+
+    def __init__(self, where: str, turn: int) -> None:
+        self.finding = f"the chat template renders turn {turn} differently once later turns follow it"
+        super().__init__(f"{where}: {self.finding}")
 
 
 def _reply_span(tokenizer: Any, messages: Sequence[Message], i: int, where: str) -> tuple[str, tuple[int, int]]:
@@ -107,8 +115,7 @@ def render_with_reply_spans(tokenizer: Any, messages: Sequence[Message], where: 
     for i in _trained_turns(messages):
         through, span = _reply_span(tokenizer, messages, i, where)
         if not text.startswith(through):
-            raise HistoryRenderedDifferently(f"{where}: the chat template renders turn {i + 1} differently once later "
-                                             "turns follow it")
+            raise HistoryRenderedDifferently(where, i + 1)
         spans.append(span)
     return text, spans
 
@@ -145,11 +152,8 @@ def tokenize_conversation_rows(
         row, truncated = tokenize_conversation(tokenizer, messages, max_seq_len, where)
         return [row], int(truncated)
     except HistoryRenderedDifferently as exc:
-        key = hash(str(tokenizer.chat_template))
-        if key not in _warned_history:
-            _warned_history.add(key)
-            log.warning("%s (e.g. dropping <think> blocks from earlier replies): each assistant turn of a multi-turn "
-                        "conversation is trained as the last turn of its own row", str(exc).split(": ", 1)[-1])
+        _warn_once(tokenizer, "history", "%s (e.g. dropping <think> blocks from earlier replies): each assistant "
+                   "turn of a multi-turn conversation is trained as the last turn of its own row", exc.finding)
     rows, truncated = [], 0
     for i in _trained_turns(messages):
         text, span = _reply_span(tokenizer, messages, i, where)
