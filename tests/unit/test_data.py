@@ -36,6 +36,19 @@ def test_only_assistant_turns_are_supervised_including_end_of_turn(tiny_tokenize
     assert len(user_eot) == 3, "system/user end-of-turn tokens are not supervised"
 
 
+def _with_template(tokenizer, template: str):
+    """A copy of `tokenizer` with another chat template (the session fixture stays as it is)."""
+    import copy
+
+    changed = copy.deepcopy(tokenizer)
+    changed.chat_template = template
+    return changed
+
+
+TWO_TURNS = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"},
+             {"role": "user", "content": "bye"}, {"role": "assistant", "content": "goodbye"}]
+
+
 MISTRAL_V01_TEMPLATE = (  # refuses system messages, as Mistral-7B-Instruct v0.1/v0.2 and Gemma 1 do
     "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
@@ -45,15 +58,10 @@ MISTRAL_V01_TEMPLATE = (  # refuses system messages, as Mistral-7B-Instruct v0.1
 
 
 def test_a_template_that_refuses_system_messages_gets_the_system_prompt_in_the_first_user_turn(tiny_tokenizer, caplog):
-    import copy
-
     from peftkit.data.chat import generation_prompt
 
-    tokenizer = copy.deepcopy(tiny_tokenizer)
-    tokenizer.chat_template = MISTRAL_V01_TEMPLATE
-    messages = [{"role": "system", "content": "be brief."}, {"role": "user", "content": "hello"},
-                {"role": "assistant", "content": "hi there"}, {"role": "user", "content": "bye"},
-                {"role": "assistant", "content": "goodbye"}]
+    tokenizer = _with_template(tiny_tokenizer, MISTRAL_V01_TEMPLATE)
+    messages = [{"role": "system", "content": "be brief."}, *TWO_TURNS]
     with caplog.at_level("WARNING", logger="peftkit.data.chat"):
         row, _ = tokenize_conversation(tokenizer, messages, max_seq_len=512)
         tokenize_conversation(tokenizer, messages, max_seq_len=512)
@@ -76,17 +84,14 @@ THINKING_TEMPLATE = (  # Qwen3-like: only the last assistant turn carries an (em
 )
 
 
-def test_a_template_that_rewrites_history_trains_each_turn_as_the_last_one(tiny_tokenizer, tmp_path):
-    import copy
-
+def test_a_template_that_rewrites_history_trains_each_turn_as_the_last_one(tiny_tokenizer, tmp_path, caplog):
     from peftkit.data.build import tokenize_examples
     from peftkit.data.chat import tokenize_conversation_rows
 
-    tokenizer = copy.deepcopy(tiny_tokenizer)
-    tokenizer.chat_template = THINKING_TEMPLATE
-    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"},
-                {"role": "user", "content": "bye"}, {"role": "assistant", "content": "goodbye"}]
-    rows, truncated = tokenize_conversation_rows(tokenizer, messages, 512, "chat.jsonl:1")
+    tokenizer = _with_template(tiny_tokenizer, THINKING_TEMPLATE)
+    messages = TWO_TURNS
+    with caplog.at_level("WARNING", logger="peftkit.data.chat"):
+        rows, truncated = tokenize_conversation_rows(tokenizer, messages, 512, "chat.jsonl:1")
     assert truncated == 0 and len(rows) == 2
     assert supervised_text(tokenizer, rows[0]) == "<think>\n\n</think>\n\nhi there<|im_end|>"
     assert supervised_text(tokenizer, rows[1]) == "<think>\n\n</think>\n\ngoodbye<|im_end|>"
@@ -97,6 +102,8 @@ def test_a_template_that_rewrites_history_trains_each_turn_as_the_last_one(tiny_
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}, {"messages": messages[:2]}])
     built, stats = tokenize_examples(load_examples(path), tokenizer, 512, None)
     assert len(built) == 3 and stats["examples"] == 2
+    said = [r.message for r in caplog.records if "renders turn 2 differently" in r.message]
+    assert len(said) == 1 and "trained as the last turn of its own row" in said[0] and "chat.jsonl" not in said[0]
 
     # a template whose generation prompt is not how it starts a reply still gets a clear error
     tokenizer.chat_template = THINKING_TEMPLATE.replace("'<|im_start|>assistant\n'", "'<|im_start|>bot\n'")
