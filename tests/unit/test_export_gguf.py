@@ -290,6 +290,7 @@ def test_gguf_export_of_a_sentencepiece_tokenizer_tokenizes_like_llama_cpp(expor
     fields, _ = _fields(result.path / "tiny-f32.gguf")
     assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is True
     assert "tokenizer.ggml.merges" not in fields  # llama.cpp's sentencepiece tokenizer merges by score
+    assert "tokenizer.ggml.pre" not in fields  # nor has it a pre-tokenizer (llama.cpp's converter writes none)
     vocab = SpmVocab.from_gguf(result.path / "tiny-f32.gguf")
     assert vocab.types.count(6) == 256 and vocab.types[tokenizer.unk_token_id] == 2 and vocab.types[tokenizer.eos_token_id] == 3
     for text in SPM_TEXTS:
@@ -301,6 +302,22 @@ def test_gguf_export_of_a_sentencepiece_tokenizer_tokenizes_like_llama_cpp(expor
     if not legacy:
         assert "llama.cpp will tokenize 5 of 5 verification prompts differently" in " ".join(result.notes)
         assert "['<<', 'SYS', '>>'] here, ['▁<<', 'SYS', '>>'] in llama.cpp" in report["llama_cpp_tokenizer_note"]
+
+
+def test_scores_in_the_wrong_order_fail_the_llama_cpp_check(export_recipe, tmp_path, monkeypatch):
+    """The check reads the written file: reversed scores (llama.cpp merging by the lowest rank first) are caught,
+    where transformers' reader alone does not notice them."""
+    from peftkit.export import gguf_vocab
+    from tests.unit.export_fixtures import build_llama_dir, build_sentencepiece_tokenizer
+
+    base = build_llama_dir(tmp_path / "base", build_sentencepiece_tokenizer(tmp_path / "spm", legacy=True))
+    run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=base)
+    right = gguf_vocab.merge_scores
+    monkeypatch.setattr(gguf_vocab, "merge_scores",
+                        lambda tokens, merges: [s if s == gguf_vocab.UNMERGED_SCORE else -s for s in right(tokens, merges)])
+    report = json.loads((export_gguf(run, gguf_type="f32").path / "verification.json").read_text())
+    assert report["llama_cpp_tokenizer_match"] is False
+    assert "verification prompts differently from the original tokenizer" in report["llama_cpp_tokenizer_note"]
 
 
 def test_llama_cpp_tokenizer_merges_by_score_and_splits_special_tokens():
