@@ -67,12 +67,9 @@ def check_recipe_adapter(recipe: Recipe) -> list[str]:
             f"quantization: a 4/8-bit base is only supported with lora/qlora, not `{method.name}`; "
             "remove the `quantization:` block (or use method: qlora)"
         )
-    quantization = effective_quantization(recipe)
-    if quantization is not None and quantization.recover and task != "causal_lm":
-        problems.append(f"quantization.recover: only for causal_lm (chat) training, not task: {task}; remove it")
     init = getattr(recipe.adapter, "init", None)
     if init is not None:
-        problems.extend(lora.init_problems(init, quantization is not None))
+        problems.extend(lora.init_problems(init, effective_quantization(recipe) is not None))
     return problems
 
 

@@ -40,13 +40,6 @@ class QuantizationConfig(Section):
     """Module names (suffixes such as `down_proj`, or transformers' patterns) left unquantized, in the
     model's dtype; the output head always is. For small models whose accuracy the 4-bit grid hurts most
     (`python -m benchmarks.quant_error` ranks the module kinds)."""
-    recover: bool = False
-    """Quantization-error recovery (peftkit/train/recovery.py): the adapter also learns the
-    full-precision base's next-token distribution on the prompt tokens of the training data. Costs one
-    full-precision forward pass over the data before training (that model must fit in memory once) and
-    logits at the prompt positions during training."""
-    recover_weight: PositiveFloat = 1.0
-    """Weight of the recovery KL (per prompt token) against the answer loss (per answer token)."""
 
 
 class LoraAdapterConfig(Section):

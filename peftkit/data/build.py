@@ -156,10 +156,6 @@ class PaddingCollator:
             from peftkit.train.distill import teacher_batch
 
             tensors.update(teacher_batch(rows, len(teacher["teacher_ids"][0])))
-        if any("recovery_ids" in r for r in rows):  # quantization recovery (train/recovery.py)
-            from peftkit.train.recovery import recovery_batch
-
-            tensors.update(recovery_batch(rows, length))
         return tensors
 
 

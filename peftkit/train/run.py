@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -23,7 +22,6 @@ from peftkit.data import PaddingCollator, build_datasets
 from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
 from peftkit.errors import PeftkitError, RunDirError
 from peftkit.train.distill import add_teacher_targets
-from peftkit.train.recovery import add_recovery_targets
 from peftkit.evaluate.generation import generate_replies, heldout_accuracy
 from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref, save_tokenizer
 from peftkit.train import checkpoints
@@ -173,12 +171,9 @@ def train(
     tokenizer = load_tokenizer(recipe.model, source)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     quantization = effective_quantization(recipe)
-    # Quantization recovery (train/recovery.py): the full-precision base sets the targets (and answers the
-    # replay prompts), then makes room for the quantized one.
-    recover = quantization is not None and quantization.recover
     log.info("Loading %s on %s (%s%s)", recipe.model.name, device, str(dtype).removeprefix("torch."),
-             f", {quantization.bits}-bit" if quantization and not recover else "")
-    model = load_model(recipe.model, None if recover else quantization, device=device, dtype=dtype, source=source,
+             f", {quantization.bits}-bit" if quantization else "")
+    model = load_model(recipe.model, quantization, device=device, dtype=dtype, source=source,
                        quant_storage=deepspeed_setup.quant_storage_dtype(recipe, dtype))
     replay = recipe.data.replay
     if replay is not None and answers_from_base(replay.path, replay.answers):  # self-distilled replay
@@ -191,16 +186,6 @@ def train(
     if replay is not None and replay.distill and data.stats["replay_examples"]:
         n = data.stats["replay_examples"]  # replay rows are the last ones (data/build.py)
         data.train[-n:] = add_teacher_targets(model, tokenizer.pad_token_id, data.train[-n:])
-    if recover:
-        log.info("Quantization recovery: full-precision targets at the prompt positions of %d rows", len(data.train))
-        data.train = add_recovery_targets(model, tokenizer.pad_token_id, data.train)
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        log.info("Loading %s %d-bit", recipe.model.name, quantization.bits)
-        model = load_model(recipe.model, quantization, device=device, dtype=dtype, source=source,
-                           quant_storage=deepspeed_setup.quant_storage_dtype(recipe, dtype))
 
     accuracy_before, details_before = (None, [])
     if recipe.eval.before and not resume and main_process:
@@ -243,7 +228,6 @@ def train(
         supervised_logits_only=recipe.train.supervised_logits_only,
         share_prompt_prefix=recipe.train.share_prompt_prefix,
         bucket_within_batch=recipe.train.bucket_within_batch,
-        recovery_weight=quantization.recover_weight if recover else 0.0,
     )
     eval_loss_before = None
     if has_eval and not resume:

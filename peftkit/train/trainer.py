@@ -18,7 +18,6 @@ from transformers import Trainer
 
 from peftkit.data.chat import IGNORE_INDEX
 from peftkit.train.bucketing import length_buckets
-from peftkit.train.recovery import RECOVERY_IDS, RECOVERY_KEYS, RECOVERY_MASK, RECOVERY_PROBS, recovery_kl_sum
 from peftkit.train.shared_prefix import MIN_SHARED_PREFIX, forward_with_shared_prefix, shared_prefix_length
 
 
@@ -45,15 +44,6 @@ def _is_prompt_learning(model: Any) -> bool:
     return bool(getattr(config, "is_prompt_learning", False))
 
 
-def _row_offsets(counts: torch.Tensor) -> list[int]:
-    """Start of each row's entries in a flat per-position tensor (and the end)."""
-    return [0, *torch.cumsum(counts, 0).tolist()]
-
-
-def _rows_of(flat: torch.Tensor, offsets: list[int], rows: list[int]) -> torch.Tensor:
-    return torch.cat([flat[offsets[r] : offsets[r + 1]] for r in rows])
-
-
 def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
     """Positions whose *next* token is supervised (the shift of causal LM training)."""
     keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -64,7 +54,7 @@ def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
 class SFTTrainer(Trainer):
     def __init__(
         self, *args: Any, supervised_logits_only: bool = True, share_prompt_prefix: bool = True,
-        bucket_within_batch: bool = True, recovery_weight: float = 1.0, **kwargs: Any
+        bucket_within_batch: bool = True, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
         self.sparse_logits = supervised_logits_only and _base_forward_accepts(self.model, "logits_to_keep")
@@ -86,7 +76,6 @@ class SFTTrainer(Trainer):
         )
         self.bucket_batches = bucket_within_batch and several_forwards
         self.virtual_tokens = _virtual_tokens(self.model)
-        self.recovery_weight = recovery_weight
         # Ask the Trainer to count supervised tokens across the accumulated batch (num_items_in_batch).
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
@@ -103,7 +92,6 @@ class SFTTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         teacher = {k: inputs.pop(k) for k in ("teacher_ids", "teacher_probs") if k in inputs}
-        recovery = {k: inputs.pop(k) for k in RECOVERY_KEYS if k in inputs}
         targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
         if model.training:
             self.supervised_tokens_seen += int(targets.numel())
@@ -119,25 +107,23 @@ class SFTTrainer(Trainer):
                 # num_items_in_batch is summed over processes; DDP averages gradients over them.
                 denominator = denominator / self.accelerator.num_processes
         if buckets is None or len(buckets) == 1:
-            loss, outputs = self._loss_sum(model, inputs, labels, teacher, recovery)
+            loss, outputs = self._loss_sum(model, inputs, labels, teacher)
         else:  # same rows, same token-sum loss; each bucket padded only to its own longest row
             # Training: every bucket but the last is back-propagated at once, so its activations are freed
             # before the next bucket runs (peak memory of the largest bucket, not of the whole batch); the
             # returned loss carries the earlier buckets' value detached and the last bucket's graph.
             backward_early = model.training and torch.is_grad_enabled()
             loss, outputs = 0.0, None
-            offsets = _row_offsets((labels[:, 1:] != IGNORE_INDEX).sum(dim=1))
-            recovery_offsets = _row_offsets(recovery[RECOVERY_MASK].sum(dim=1)) if recovery else []
+            counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+            offsets = [0]
+            for count in counts:
+                offsets.append(offsets[-1] + count)
             for number, rows in enumerate(buckets, start=1):
                 index = torch.tensor(rows, device=labels.device)
                 width = int(inputs["attention_mask"][index].sum(dim=1).max())
                 part = {k: v[index, :width] for k, v in inputs.items()}
-                part_teacher = {k: _rows_of(v, offsets, rows) for k, v in teacher.items()}
-                part_recovery = {
-                    k: v[index, :width] if k == RECOVERY_MASK else _rows_of(v, recovery_offsets, rows)
-                    for k, v in recovery.items()
-                }
-                part_loss, outputs = self._loss_sum(model, part, labels[index, :width], part_teacher, part_recovery)
+                part_teacher = {k: torch.cat([v[offsets[r] : offsets[r + 1]] for r in rows]) for k, v in teacher.items()}
+                part_loss, outputs = self._loss_sum(model, part, labels[index, :width], part_teacher)
                 if backward_early and number < len(buckets):
                     self.accelerator.backward(part_loss / denominator)
                     part_loss = part_loss.detach()
@@ -146,40 +132,30 @@ class SFTTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _loss_sum(
-        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
-        teacher: dict[str, torch.Tensor], recovery: dict[str, torch.Tensor] | None = None,
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, teacher: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, Any]:
         """Token-sum loss of one forward call (the caller divides by the batch's supervised tokens)."""
         targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
         # Inside peft's `disable_adapter()` (the "before" eval) prompt tuning prepends nothing.
         virtual = 0 if getattr(self.model, "_adapters_disabled", False) else self.virtual_tokens
-        keep = supervised_mask(labels)
-        # Quantization recovery (train/recovery.py) also needs logits at its prompt positions.
-        extra = recovery[RECOVERY_MASK] if recovery else None
-        wanted = keep if extra is None else keep | extra
         if self.sparse_logits:
+            keep = supervised_mask(labels)
             if virtual:
-                wanted = torch.cat([wanted.new_zeros(wanted.shape[0], virtual), wanted], dim=1)
-            prefix = shared_prefix_length(inputs["input_ids"], wanted) if self.share_prefix and not virtual else 0
+                keep = torch.cat([keep.new_zeros(keep.shape[0], virtual), keep], dim=1)
+            prefix = shared_prefix_length(inputs["input_ids"], keep) if self.share_prefix and not virtual else 0
             if prefix >= MIN_SHARED_PREFIX:
-                outputs = forward_with_shared_prefix(model, inputs, wanted, prefix)
+                outputs = forward_with_shared_prefix(model, inputs, keep, prefix)
             else:
-                outputs = model(**inputs, logits_to_keep=wanted, use_cache=False)
-            logits = outputs.logits  # the `wanted` positions, row-major
-            if extra is not None:
-                logits, extra_logits = logits[keep[wanted]], logits[extra[wanted]]
+                outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+            logits = outputs.logits
         else:
             outputs = model(**inputs, use_cache=False)
-            logits = outputs.logits[:, virtual:][keep]
-            extra_logits = outputs.logits[:, virtual:][extra] if extra is not None else None
+            logits = outputs.logits[:, virtual:][:, :-1][labels[:, 1:] != IGNORE_INDEX]
         if not teacher:
-            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-        else:  # soft targets (distilled replay); one-hot rows reduce to the cross-entropy above
-            log_probs = torch.log_softmax(logits.float(), dim=-1).gather(1, teacher["teacher_ids"])
-            loss = -(teacher["teacher_probs"] * log_probs).sum()
-        if extra is not None:
-            loss = loss + self.recovery_weight * recovery_kl_sum(extra_logits, recovery[RECOVERY_IDS], recovery[RECOVERY_PROBS])
-        return loss, outputs
+            return F.cross_entropy(logits.float(), targets, reduction="sum"), outputs
+        # Soft targets (distilled replay); one-hot rows reduce to the cross-entropy above.
+        log_probs = torch.log_softmax(logits.float(), dim=-1).gather(1, teacher["teacher_ids"])
+        return -(teacher["teacher_probs"] * log_probs).sum(), outputs
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # type: ignore[override]
         """Eval loss through the same sparse path (token-mean over the batch)."""
