@@ -33,6 +33,9 @@ VARIANT_OVERRIDES = {
     # nf4 except the value projections: 3 % of SmolLM2's linear weights, half of nf4's KL from fp32
     # (benchmarks/quant_error.py).
     "qlora-keep-v": ("qlora", ['quantization.keep_modules=["v_proj"]']),
+    "qlora-bs32": ("qlora", ["quantization.blocksize=32"]),  # nf4 in blocks of 32: half the KL from fp32
+    "qlora-nogc": ("qlora", ["adapter.gradient_checkpointing=false"]),
+    "lora-gc": ("lora", ["train.gradient_checkpointing=true"]),
     # LoRA with the built-in general replay set mixed in (data.replay defaults: ratio 0.2, the base
     # model's own answers), to show its effect on forgetting.
     "lora-replay": ("lora", ["data.replay.path=builtin:general"]),

@@ -42,6 +42,15 @@ def prediction_error(logits: torch.Tensor, reference: torch.Tensor, mask: torch.
     }
 
 
+def bits_per_weight(q: Any) -> float | None:
+    """Storage of a 4-bit weight with its block scales: one absmax per block, itself 8-bit with an fp32
+    scale per 256 blocks under double quantization. (8-bit: one fp32 scale per row, about 8.05 here.)"""
+    if q.bits != 4:
+        return None
+    scale_bits = 8 / q.blocksize + 32 / (256 * q.blocksize) if q.double_quant else 32 / q.blocksize
+    return round(4 + scale_bits, 3)
+
+
 def round_trip(model: torch.nn.Module, originals: dict[str, torch.Tensor], keep: Callable[[str], bool]) -> None:
     """Set every decoder Linear to its nf4 quantize -> dequantize round trip (fp32), except where `keep`."""
     import bitsandbytes.functional as bnbf
@@ -89,13 +98,15 @@ def main() -> None:
     reference = logits(fp32)
     results: list[dict[str, Any]] = []
 
-    def record(setting: str, got: torch.Tensor, kept_share: float = 0.0) -> None:
-        results.append({"setting": setting, "linear_weights_kept_fp32": round(kept_share, 3),
+    def record(setting: str, got: torch.Tensor, kept_share: float = 0.0, bits: float | None = None) -> None:
+        results.append({"setting": setting, "bits_per_weight": bits, "linear_weights_kept_fp32": round(kept_share, 3),
                         **prediction_error(got, reference, mask)})
         print(results[-1], file=sys.stderr, flush=True)
 
     settings = {
         "nf4 + double quant (peftkit default)": QuantizationConfig(bits=4),
+        "nf4, blocksize 32": QuantizationConfig(bits=4, blocksize=32),
+        "nf4, blocksize 128": QuantizationConfig(bits=4, blocksize=128),
         "nf4, no double quant": QuantizationConfig(bits=4, double_quant=False),
         "fp4": QuantizationConfig(bits=4, quant_type="fp4", double_quant=False),
         "int8 (LLM.int8)": QuantizationConfig(bits=8),
@@ -104,7 +115,7 @@ def main() -> None:
     for setting, quantization in settings.items():
         got = logits(load(quantization))
         bnb_nf4 = got if bnb_nf4 is None else bnb_nf4
-        record(setting, got)
+        record(setting, got, bits=bits_per_weight(quantization))
 
     originals = {n: m.weight.data.clone() for n, m in fp32.named_modules()
                  if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in MODULE_KINDS}
@@ -123,7 +134,8 @@ def main() -> None:
     lines = [
         "# Quantized base vs fp32: prediction error before training", "",
         f"Model `{recipe.model.name}`, {len(rows)} training conversations of `{Path(args.recipe).name}` "
-        f"({int(mask.sum())} tokens), teacher-forced. KL: mean per-token KL(fp32 || quantized) in nats.", "",
+        f"({int(mask.sum())} tokens), teacher-forced. KL: mean per-token KL(fp32 || quantized) in nats; "
+        "bits_per_weight: a 4-bit weight with its share of the block scales.", "",
         *markdown_table(results, list(results[0])), "",
         f"bitsandbytes nf4 layers vs the nf4 round trip in fp32 Linear layers: max |logit difference| {kernel_gap:.2e} "
         "(the error is the quantization grid's, not the CPU kernel's).", "",

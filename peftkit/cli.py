@@ -97,6 +97,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_set_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", nargs="+", action="extend", default=[], dest="set_overrides", metavar="KEY=VALUE",
+                   help="the same overrides as a flag (as `python -m benchmarks.*` takes them)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning from YAML recipes.")
     parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
@@ -106,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe into a run directory")
     p.add_argument("recipe", help="recipe YAML file (or a run directory, to resume it)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
+    _add_set_flag(p)
     p.add_argument("--resume", nargs="?", const="last", default=None, metavar="RUN_DIR|auto",
                    help="continue from the last complete checkpoint (of RUN_DIR, default: the recipe's output_dir); "
                         "`auto` starts fresh when there is none")
@@ -124,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a recipe (and its data and model) without training")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
+    _add_set_flag(p)
     p.add_argument("--no-model", action="store_true", help="skip the checks that read the model's config")
     p.set_defaults(func=cmd_validate)
 
@@ -147,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "set_overrides"):  # `--set k=v` and positional `k=v` are one list
+        args.overrides = [*args.overrides, *args.set_overrides]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _setup_logging(args.verbose)
     try:

@@ -36,10 +36,20 @@ class QuantizationConfig(Section):
     double_quant: bool = True
     compute_dtype: DType = "auto"
     """`auto`: float32 on CPU (no fast bf16 on AVX2), bfloat16 on GPUs that support it."""
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
+    """4-bit only: weights per quantization block (one absmax each). bitsandbytes' and the QLoRA paper's
+    64 by default; 32 costs 0.125 bits per weight more and halves nf4's error on SmolLM2-135M
+    (`python -m benchmarks.quant_error`)."""
     keep_modules: list[str] | None = None
     """Module names (suffixes such as `down_proj`, or transformers' patterns) left unquantized, in the
     model's dtype; the output head always is. For small models whose accuracy the 4-bit grid hurts most
     (`python -m benchmarks.quant_error` ranks the module kinds)."""
+
+    @model_validator(mode="after")
+    def _blocksize_is_4bit(self) -> "QuantizationConfig":
+        if self.bits == 8 and self.blocksize != 64:
+            raise ValueError("blocksize applies to 4-bit quantization only (8-bit quantizes per row); remove it or set bits: 4")
+        return self
 
 
 class LoraAdapterConfig(Section):

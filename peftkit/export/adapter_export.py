@@ -96,8 +96,9 @@ def _bnb_kwargs(run: RunAdapter) -> dict[str, Any] | None:
     skip = {"llm_int8_skip_modules": unquantized_modules(q, default_skips(run.source, run.model_cfg, "causal_lm"))} if q.keep_modules else {}
     if q.bits == 8:
         return {"load_in_8bit": True, **skip}
+    # `blocksize` is not a BitsAndBytesConfig field: the child applies it as peftkit's loader does.
     return {"load_in_4bit": True, "bnb_4bit_quant_type": q.quant_type, "bnb_4bit_use_double_quant": q.double_quant,
-            "bnb_4bit_compute_dtype": "float32", **skip}
+            "bnb_4bit_compute_dtype": "float32", "blocksize": q.blocksize, **skip}
 
 
 def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False, check: bool = True,

@@ -309,17 +309,21 @@ def _load_for_kind(args: argparse.Namespace) -> tuple[Any, Any]:
     elif args.kind == "peft":
         from peft import PeftModel
 
+        from peftkit.models.load import disable_bnb_cpu_repacking, four_bit_blocksize
+
         kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True}
+        blocksize = 64
         if args.quantization:
             from transformers import BitsAndBytesConfig
 
             q = json.loads(args.quantization)
+            blocksize = q.pop("blocksize", 64)
             if q.get("bnb_4bit_compute_dtype"):
                 q["bnb_4bit_compute_dtype"] = getattr(torch, q["bnb_4bit_compute_dtype"])
             kwargs["quantization_config"] = BitsAndBytesConfig(**q)
             kwargs["device_map"] = {"": "cpu"}
-        base = AutoModelForCausalLM.from_pretrained(args.base, **kwargs)
-        from peftkit.models.load import disable_bnb_cpu_repacking
+        with four_bit_blocksize(blocksize):
+            base = AutoModelForCausalLM.from_pretrained(args.base, **kwargs)
 
         disable_bnb_cpu_repacking(base)  # as peftkit loads it: see that function
         model = PeftModel.from_pretrained(base, args.model)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +197,32 @@ def default_skips(source: ModelSource, cfg: ModelConfig, task: str) -> list[str]
     return list(get_keys_to_not_convert(model_skeleton(source, cfg, task)))
 
 
+@contextmanager
+def four_bit_blocksize(blocksize: int) -> Iterator[None]:
+    """Inside: the bitsandbytes `Linear4bit` layers transformers creates quantize in blocks of `blocksize`.
+
+    transformers' `BitsAndBytesConfig` has no block size; its loader builds each quantized weight from the
+    empty layer's `Params4bit` attributes, so setting them on new layers is enough. From then on every
+    weight carries its block size in its own `quant_state` (forward, dequantize and merge follow it).
+    """
+    if blocksize == 64:  # bitsandbytes' default: nothing to change
+        yield
+        return
+    import bitsandbytes as bnb
+
+    original = bnb.nn.Linear4bit.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.weight.blocksize = blocksize
+
+    bnb.nn.Linear4bit.__init__ = init
+    try:
+        yield
+    finally:
+        bnb.nn.Linear4bit.__init__ = original
+
+
 def load_model(
     cfg: ModelConfig,
     quantization: QuantizationConfig | None = None,
@@ -225,7 +253,8 @@ def load_model(
         auto = AutoModelForSequenceClassification
         kwargs["num_labels"] = num_labels
     try:
-        model = auto.from_pretrained(materialize(source), **kwargs)
+        with four_bit_blocksize(quantization.blocksize if quantization is not None and quantization.bits == 4 else 64):
+            model = auto.from_pretrained(materialize(source), **kwargs)
     except OSError as exc:
         if source.kind == "hub":
             raise ModelNotFoundError(hub_hint(source.ref)) from None

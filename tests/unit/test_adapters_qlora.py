@@ -175,3 +175,31 @@ def test_unknown_keep_module_is_refused_before_loading(tiny_recipe):
     recipe = recipe_from_dict({**tiny_recipe, "adapter": {"method": "qlora"}, "quantization": {"keep_modules": ["down_prj"]}})
     with pytest.raises(ConfigError, match="'down_prj' matches no linear layer of the model; use names such as .*down_proj"):
         validate_recipe(recipe)
+
+
+def test_blocksize_32_quantizes_in_finer_blocks_and_is_closer_to_fp32(tiny_model_dir):
+    """transformers' BitsAndBytesConfig has no block size: peftkit sets it on the layers it creates,
+    only while loading (bitsandbytes' own class is left as it was)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    init = bnb.nn.Linear4bit.__init__
+    reference = load_model(ModelConfig(name=str(tiny_model_dir)), None).model.layers[0].mlp.up_proj.weight
+    errors = {}
+    for blocksize in (64, 32):
+        model = load_model(ModelConfig(name=str(tiny_model_dir)), QuantizationConfig(blocksize=blocksize))
+        weights = [m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert weights and {w.quant_state.blocksize for w in weights} == {blocksize}
+        layer = model.model.layers[0].mlp.up_proj
+        errors[blocksize] = (bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state) - reference).abs().mean()
+    assert errors[32] < 0.9 * errors[64], errors
+    assert bnb.nn.Linear4bit.__init__ is init
+
+
+def test_blocksize_is_for_4bit_only():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="blocksize applies to 4-bit quantization only"):
+        QuantizationConfig(bits=8, blocksize=32)
+    with pytest.raises(ValidationError):
+        QuantizationConfig(blocksize=48)

@@ -30,6 +30,15 @@ def test_validate_reports_unknown_target_modules(tiny_recipe, tmp_path, capsys):
     assert "matches no linear module" in err and "q_proj" in err
 
 
+def test_set_flag_is_the_same_override_list(tiny_recipe, tmp_path, capsys):
+    """`--set k=v` (the benchmarks' form) and positional `k=v` both reach the recipe, in order."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    assert main(["validate", str(path), "--set", "adapter.target_modules=[attn]"]) == 2
+    assert "matches no linear module" in capsys.readouterr().err
+    assert main(["validate", str(path), "adapter.target_modules=[attn]", "--set", "adapter.target_modules=[q_proj]"]) == 0
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [

@@ -92,11 +92,12 @@ def test_read_adapter_reads_shapes_without_loading(export_recipe, tmp_path):
     assert info.method == "LoRA" and not info.is_prompt_learning
 
 
-@pytest.mark.parametrize("keep", [None, ["down_proj"]], ids=["all-4bit", "down_proj-kept"])
-def test_qlora_adapter_export_is_verified_on_the_4bit_base(keep, export_recipe, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"keep_modules": ["down_proj"]}, {"blocksize": 32}],
+                         ids=["all-4bit", "down_proj-kept", "blocksize-32"])
+def test_qlora_adapter_export_is_verified_on_the_4bit_base(extra, export_recipe, tmp_path):
     """The verification child loads the base as training did, including `keep_modules` (else down_proj
-    would be 4-bit there and the logits would differ)."""
-    quant = {"bits": 4, "quant_type": "nf4", "double_quant": True, "keep_modules": keep}
+    would be 4-bit there and the logits would differ) and the block size."""
+    quant = {"bits": 4, "quant_type": "nf4", "double_quant": True, **extra}
     run = make_run(tmp_path / "qrun", export_recipe, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                                 task_type="CAUSAL_LM"), quantization=quant)
     result = export_adapter(run)

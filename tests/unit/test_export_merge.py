@@ -110,6 +110,13 @@ def test_qlora_merge_uses_dequantized_base_and_reports_both_errors(export_recipe
     assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
 
 
+def test_qlora_merge_reloads_the_base_with_the_trained_blocksize(export_recipe, tmp_path):
+    quant = {"bits": 4, "quant_type": "nf4", "double_quant": True, "blocksize": 32}
+    run = make_run(tmp_path / "qrun", export_recipe, METHODS["lora"], quantization=quant, scale=0.05)
+    q = merge_run(run).qlora
+    assert q["dequantized_max_abs_diff"] < 1e-4, q
+
+
 def test_qlora_merge_of_a_gpt2_conv1d_model_reloads_as_gpt2(export_recipe, tmp_path):
     """bitsandbytes holds GPT-2's Conv1D layers as transposed Linear4bit: the merged model must get Conv1D back."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
