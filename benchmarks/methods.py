@@ -35,13 +35,19 @@ VARIANT_OVERRIDES = {
     "qlora-keep-v": ("qlora", ['quantization.keep_modules=["v_proj"]']),
     "qlora-bs32": ("qlora", ["quantization.blocksize=32"]),  # nf4 in blocks of 32: half the KL from fp32
     "qlora-nogc": ("qlora", ["adapter.gradient_checkpointing=false"]),
+    "qlora-r64": ("qlora", ["adapter.r=64", "adapter.alpha=128"]),  # 4x the capacity to carry the 4-bit error too
     "lora-gc": ("lora", ["train.gradient_checkpointing=true"]),
+    "lora-r64": ("lora", ["adapter.r=64", "adapter.alpha=128"]),  # the control for qlora-r64
     # LoRA with the built-in general replay set mixed in (data.replay defaults: ratio 0.2, the base
     # model's own answers), to show its effect on forgetting.
     "lora-replay": ("lora", ["data.replay.path=builtin:general"]),
     "lora-replay-distill": ("lora", ["data.replay.path=builtin:general", "data.replay.distill=true"]),
 }
 
+
+# `qlora@original`: the `qlora` run (trained if missing), its adapter evaluated on the unquantized
+# weights (`peftkit eval --qlora-base original`), as vLLM multi-LoRA serves it on the original model.
+ORIGINAL_BASE = "@original"
 
 # LoRA-family methods run on a recipe's own LoRA settings; the others take their method settings
 # (adapter, train, quantization sections) from the quickstart recipe of that method.
@@ -84,15 +90,21 @@ def train_run(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
 def measure(name: str, method: str, sets: list[str], out_root: Path, *, retrain: bool = True,
             reuse_eval: bool = False, seed: int | None = None) -> dict:
     """Train (unless `retrain` is off and the run exists) and `peftkit eval` one recipe x method (x seed)."""
-    recipe, overrides = recipe_for(name, method)
-    run_dir = out_root / (f"{name}-{method}" if seed is None else f"{name}-{method}-seed{seed}")
-    if retrain or not (run_dir / "summary.json").is_file():
+    trained, original_base = method.removesuffix(ORIGINAL_BASE), method.endswith(ORIGINAL_BASE)
+    recipe, overrides = recipe_for(name, trained)
+    run_dir = out_root / (f"{name}-{trained}" if seed is None else f"{name}-{trained}-seed{seed}")
+    if (retrain and not original_base) or not (run_dir / "summary.json").is_file():
         train_run(recipe, [*overrides, *sets, *([f"train.seed={seed}"] if seed is not None else [])], run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     used_seed = yaml.safe_load((run_dir / "recipe.yaml").read_text())["train"]["seed"]
-    if retrain or not reuse_eval or not (run_dir / "eval.json").is_file():
-        run([*PEFTKIT, "eval", str(run_dir)])
-    report = json.loads((run_dir / "eval.json").read_text())
+    eval_file = run_dir / ("eval_original_base.json" if original_base else "eval.json")
+    if retrain or not reuse_eval or not eval_file.is_file():
+        run([*PEFTKIT, "eval", str(run_dir), *(["--qlora-base", "original"] if original_base else [])])
+    report = json.loads(eval_file.read_text())
+    if original_base:  # the training summary measured the adapter on the quantized base: take the eval's
+        summary = {**summary, "eval_loss_after": report["after"].get("loss"),
+                   "heldout_accuracy_after": report["after"].get("heldout_accuracy"),
+                   "heldout_accuracy_before": report["before"].get("heldout_accuracy")}
     return {
         "recipe": name,
         "method": method,

@@ -45,8 +45,11 @@ def adapter_dir(run_dir: Path) -> Path:
     return path
 
 
-def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
-    """Base model (quantized as in training) + trained adapter, ready for generation."""
+def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: bool = True) -> LoadedRun:
+    """Base model (quantized as in training) + trained adapter, ready for generation.
+
+    `quantized_base=False` puts a QLoRA adapter on the original full-precision weights instead: how a
+    serving engine that loads the adapter onto the unquantized model (vLLM multi-LoRA) will run it."""
     from peft import PeftModel
 
     from peftkit.adapters import prepare_for_generation
@@ -69,18 +72,21 @@ def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
     if adapter is None:
         model = load_model(recipe.model, None, device=device, dtype=dtype, source=resolve_model_ref(str(full_model)), **extra)
     else:
-        model = PeftModel.from_pretrained(load_base_model(run_dir, recipe, device), str(adapter))
+        base = load_base_model(run_dir, recipe, device, quantized=quantized_base)
+        model = PeftModel.from_pretrained(base, str(adapter))
     finish_loaded_model(model, run_dir, recipe, tokenizer)
     prepare_for_generation(model)
     model.eval()
     return LoadedRun(run_dir, recipe, model, tokenizer)
 
 
-def load_base_model(run_dir: Path, recipe: Recipe, device: str) -> Any:
-    """The model the run started from, loaded as training loaded it (quantized where the recipe is)."""
+def load_base_model(run_dir: Path, recipe: Recipe, device: str, *, quantized: bool = True) -> Any:
+    """The model the run started from, loaded as training loaded it (quantized where the recipe is,
+    unless `quantized` is False)."""
     from peftkit.adapters import effective_quantization
     from peftkit.data.classification import load_kwargs
     from peftkit.models import load_model, resolve_dtype
 
     dtype = resolve_dtype(recipe.train.dtype, device)
-    return load_model(recipe.model, effective_quantization(recipe), device=device, dtype=dtype, **load_kwargs(run_dir, recipe))
+    quantization = effective_quantization(recipe) if quantized else None
+    return load_model(recipe.model, quantization, device=device, dtype=dtype, **load_kwargs(run_dir, recipe))

@@ -22,6 +22,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         general=args.general,
         max_new_tokens=args.max_new_tokens,
         compare_base=not args.no_base,
+        qlora_base=args.qlora_base,
     )
     print_eval_report(Console(highlight=False), report)
     run_dir = Path(args.run_dir)
@@ -33,11 +34,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add this area's sub-commands to the `peftkit` parser."""
-    p = sub.add_parser("eval", help="loss, held-out fact accuracy and forgetting of a trained run (writes eval.json)")
+    p = sub.add_parser("eval", help="loss, held-out fact accuracy and forgetting of a trained run (writes eval.json)",
+                       description="Writes RUN_DIR/eval.json (RUN_DIR/eval_original_base.json with --qlora-base original).")
     p.add_argument("run_dir")
     p.add_argument("--data", help="chat/alpaca/text file for the loss (default: the run's eval split)")
     p.add_argument("--heldout", help='held-out questions {"question", "key_fact"} (default: data.heldout of the recipe)')
     p.add_argument("--general", help="general-knowledge set for forgetting (default: the built-in one)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--no-base", action="store_true", help="skip the base-model comparison")
+    p.add_argument("--qlora-base", choices=["quantized", "original"], default="quantized",
+                   help="QLoRA runs: put the adapter on the quantized weights it was trained on (default) or on the "
+                        "original unquantized ones, as a serving engine that loads adapters onto the base model does")
     p.set_defaults(func=cmd_eval)

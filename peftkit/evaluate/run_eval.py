@@ -13,13 +13,14 @@ import json
 from importlib import resources
 from pathlib import Path
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 from peftkit.data.build import build_datasets, load_heldout, tokenize_examples
 from peftkit.data.formats import load_examples
 from peftkit.evaluate.generation import heldout_accuracy
 from peftkit.evaluate.loss import mean_loss, perplexity
-from peftkit.runs import LoadedRun, load_base_model, load_run
+from peftkit.errors import RunDirError
+from peftkit.runs import LoadedRun, load_base_model, load_run, read_run_recipe, trained_model_dir
 from peftkit.utils.atomic import atomic_write_text
 
 GENERAL_SET = "general_knowledge.jsonl"
@@ -54,8 +55,20 @@ def evaluate_run(
     general: str | None = None,
     max_new_tokens: int | None = None,
     compare_base: bool = True,
+    qlora_base: Literal["quantized", "original"] = "quantized",
 ) -> dict[str, Any]:
-    run = load_run(run_dir)
+    """`qlora_base="original"` evaluates a QLoRA adapter on the unquantized base weights (before and
+    after), as a serving engine that loads the adapter onto the original model runs it."""
+    if qlora_base not in ("quantized", "original"):
+        raise ValueError(f"qlora_base must be `quantized` or `original`, got {qlora_base!r}")
+    if qlora_base == "original":
+        from peftkit.adapters import effective_quantization
+
+        if effective_quantization(read_run_recipe(run_dir)) is None:
+            raise RunDirError(f"{run_dir} was not trained on a quantized base; drop --qlora-base original")
+        if trained_model_dir(Path(run_dir)) is not None:
+            raise RunDirError(f"{run_dir} saved a whole tuned model, not an adapter; --qlora-base applies to adapter runs")
+    run = load_run(run_dir, quantized_base=qlora_base == "quantized")
     recipe, model, tokenizer = run.recipe, run.model, run.tokenizer
     system = recipe.data.system_prompt
     new_tokens = max_new_tokens or recipe.eval.max_new_tokens
@@ -90,6 +103,7 @@ def evaluate_run(
             before = measure(base)
     report = {
         "run_dir": str(run.run_dir),
+        "base_weights": "original (unquantized)" if qlora_base == "original" else "as trained",
         "eval_examples": len(rows),
         "heldout_questions": len(items),
         "general_questions": len(general_items),
@@ -100,14 +114,19 @@ def evaluate_run(
         ),
         "details": {k: v for k, v in after.items() if k.endswith("_details")},
     }
-    atomic_write_text(Path(run_dir) / "eval.json", json.dumps(report, indent=2))
+    # The as-trained report (the one the model card shows) is never overwritten by the other view.
+    name = "eval.json" if qlora_base == "quantized" else "eval_original_base.json"
+    atomic_write_text(Path(run_dir) / name, json.dumps(report, indent=2))
     return report
 
 
 def print_eval_report(console: Any, report: dict[str, Any]) -> None:
     from rich.table import Table
 
-    table = Table(title=f"eval: {report['run_dir']}")
+    title = f"eval: {report['run_dir']}"
+    if report.get("base_weights", "as trained") != "as trained":
+        title += f" (adapter on the {report['base_weights']} base weights)"
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("tuned", justify="right")

@@ -119,3 +119,32 @@ def test_quant_error_metrics_and_round_trip(tiny_model_dir):
             assert error < 0.35, (name, float(error))  # the same matrix, on a grid:
             blocks = module.weight.data.flatten().view(-1, 64)
             assert same or max(len(block.unique()) for block in blocks) <= 16, name  # 4 bits: 16 values per block
+
+
+def test_original_base_rows_reuse_the_qlora_run_and_its_original_base_eval(tmp_path, monkeypatch):
+    """`qlora@original` evaluates the `qlora` run's adapter on the unquantized weights; it never retrains
+    an existing run, and its accuracy/loss come from that evaluation, not from the training summary."""
+    import json
+
+    import benchmarks.methods as methods
+
+    run_dir = tmp_path / "quickstart-qlora-seed3"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text("train: {seed: 3}\n")
+    summary = {"trainable_params": 10, "trainable_share": 0.01, "peak_memory_mb": 1.0, "tokens_per_second": 5.0,
+               "train_seconds": 2.0, "eval_loss_after": 1.5, "heldout_accuracy_after": 0.5, "heldout_accuracy_before": 0.0}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    commands = []
+
+    def fake_run(cmd, timeout=0):
+        commands.append(cmd)
+        report = {"before": {"heldout_accuracy": 0.1}, "after": {"loss": 1.2, "heldout_accuracy": 0.6, "general_accuracy": 0.9},
+                  "forgetting_points": 9.1}
+        (run_dir / "eval_original_base.json").write_text(json.dumps(report))
+
+    monkeypatch.setattr(methods, "run", fake_run)
+    row = methods.measure("quickstart", "qlora@original", [], tmp_path, seed=3)
+    assert len(commands) == 1 and commands[0][-4:] == ["eval", str(run_dir), "--qlora-base", "original"]
+    assert row["method"] == "qlora@original" and row["seed"] == 3
+    assert (row["heldout_accuracy"], row["heldout_accuracy_base"], row["eval_loss"]) == (0.6, 0.1, 1.2)
+    assert row["tokens_per_second"] == 5.0 and row["forgetting_points"] == 9.1

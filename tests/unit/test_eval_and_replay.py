@@ -11,9 +11,11 @@ from peftkit.cli import main
 from peftkit.config import recipe_from_dict
 from peftkit.data.build import build_datasets
 from peftkit.data.replay import replay_path, sample_replay
+from peftkit.errors import RunDirError
 from peftkit.data.formats import Example, load_examples
 from peftkit.evaluate.run_eval import builtin_resource
 from peftkit.train.callbacks import OverfittingWatch
+from peftkit.runs import load_run
 from peftkit.train.run import train
 from tests.conftest import write_jsonl
 
@@ -137,3 +139,32 @@ def test_self_distilled_replay_uses_the_base_models_answers_and_caches_them(tiny
     assert again == answered and len(calls) == 1, "a second run on the same base reads the cache"
     assert answers_from_base("builtin:general", "auto") and not answers_from_base("my.jsonl", "auto")
     assert answers_from_base("my.jsonl", "base") and not answers_from_base("builtin:general", "dataset")
+
+
+def test_eval_puts_a_qlora_adapter_on_the_original_weights_when_asked(tiny_recipe, tmp_path):
+    """--qlora-base original: the adapter on the unquantized base (as a serving engine loads it), reported in
+    its own file; the as-trained eval.json is left as it was."""
+    from tests.unit.adapters_fixtures import recipe_for
+
+    recipe = recipe_for(tiny_recipe, "qlora", tmp_path)
+    recipe["eval"] = {"before": False, "max_new_tokens": 4}
+    run_dir = train(recipe_from_dict(recipe)).run_dir
+    general = write_jsonl(tmp_path / "general.jsonl", [{"question": "one two", "key_fact": "three"}] * 2)
+    assert main(["eval", str(run_dir), "--general", str(general)]) == 0
+    trained = (run_dir / "eval.json").read_text()
+    assert main(["eval", str(run_dir), "--general", str(general), "--qlora-base", "original"]) == 0
+    assert (run_dir / "eval.json").read_text() == trained
+    quantized, original = json.loads(trained), json.loads((run_dir / "eval_original_base.json").read_text())
+    assert original["base_weights"].startswith("original") and quantized["base_weights"] == "as trained"
+    # the 4-bit round trip moves the base model's loss; on the original weights it is the fp32 base's own
+    assert original["before"]["loss"] != pytest.approx(quantized["before"]["loss"], rel=1e-6)
+    assert original["after"]["loss"] != pytest.approx(original["before"]["loss"]), "the adapter is on"
+    layers = {type(m).__name__ for m in load_run(run_dir, quantized_base=False).model.modules()}
+    assert "Linear4bit" not in layers and "Linear" in layers
+
+
+def test_eval_refuses_qlora_base_original_for_an_unquantized_run(tiny_recipe, capsys):
+    run_dir = train(recipe_from_dict({**tiny_recipe, "eval": {"before": False}})).run_dir
+    assert main(["eval", str(run_dir), "--qlora-base", "original"]) == RunDirError.exit_code
+    assert "was not trained on a quantized base; drop --qlora-base original" in capsys.readouterr().err
+    assert not (run_dir / "eval_original_base.json").exists()
