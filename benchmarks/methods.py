@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import earlier_rows, environment, markdown_table, results_stem, write_csv
+from peftkit.evaluate.run_eval import ORIGINAL_BASE_REPORT, REPORT
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["lora", "qlora", "qlora-loftq", "full", "lora-replay", "dora", "qlora-int8", "prefix", "partial"]
@@ -97,7 +98,7 @@ def measure(name: str, method: str, sets: list[str], out_root: Path, *, retrain:
         train_run(recipe, [*overrides, *sets, *([f"train.seed={seed}"] if seed is not None else [])], run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     used_seed = yaml.safe_load((run_dir / "recipe.yaml").read_text())["train"]["seed"]
-    eval_file = run_dir / ("eval_original_base.json" if original_base else "eval.json")
+    eval_file = run_dir / (ORIGINAL_BASE_REPORT if original_base else REPORT)
     if retrain or not reuse_eval or not eval_file.is_file():
         run([*PEFTKIT, "eval", str(run_dir), *(["--qlora-base", "original"] if original_base else [])])
     report = json.loads(eval_file.read_text())

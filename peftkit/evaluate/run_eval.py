@@ -20,10 +20,12 @@ from peftkit.data.formats import load_examples
 from peftkit.evaluate.generation import heldout_accuracy
 from peftkit.evaluate.loss import mean_loss, perplexity
 from peftkit.errors import RunDirError
-from peftkit.runs import LoadedRun, load_base_model, load_run, read_run_recipe, trained_model_dir
+from peftkit.runs import LoadedRun, load_base_model, load_run, read_run_recipe
 from peftkit.utils.atomic import atomic_write_text
 
 GENERAL_SET = "general_knowledge.jsonl"
+REPORT = "eval.json"
+ORIGINAL_BASE_REPORT = "eval_original_base.json"  # --qlora-base original: beside the as-trained report
 
 
 def builtin_resource(name: str) -> Path:
@@ -64,10 +66,9 @@ def evaluate_run(
     if qlora_base == "original":
         from peftkit.adapters import effective_quantization
 
+        # Only lora/qlora recipes may quantize (check_recipe_adapter), so such a run always has an adapter.
         if effective_quantization(read_run_recipe(run_dir)) is None:
             raise RunDirError(f"{run_dir} was not trained on a quantized base; drop --qlora-base original")
-        if trained_model_dir(Path(run_dir)) is not None:
-            raise RunDirError(f"{run_dir} saved a whole tuned model, not an adapter; --qlora-base applies to adapter runs")
     run = load_run(run_dir, quantized_base=qlora_base == "quantized")
     recipe, model, tokenizer = run.recipe, run.model, run.tokenizer
     system = recipe.data.system_prompt
@@ -115,7 +116,7 @@ def evaluate_run(
         "details": {k: v for k, v in after.items() if k.endswith("_details")},
     }
     # The as-trained report (the one the model card shows) is never overwritten by the other view.
-    name = "eval.json" if qlora_base == "quantized" else "eval_original_base.json"
+    name = REPORT if qlora_base == "quantized" else ORIGINAL_BASE_REPORT
     atomic_write_text(Path(run_dir) / name, json.dumps(report, indent=2))
     return report
 

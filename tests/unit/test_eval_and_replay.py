@@ -11,11 +11,11 @@ from peftkit.cli import main
 from peftkit.config import recipe_from_dict
 from peftkit.data.build import build_datasets
 from peftkit.data.replay import replay_path, sample_replay
-from peftkit.errors import RunDirError
 from peftkit.data.formats import Example, load_examples
+from peftkit.errors import RunDirError
 from peftkit.evaluate.run_eval import builtin_resource
-from peftkit.train.callbacks import OverfittingWatch
 from peftkit.runs import load_run
+from peftkit.train.callbacks import OverfittingWatch
 from peftkit.train.run import train
 from tests.conftest import write_jsonl
 
