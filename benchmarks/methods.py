@@ -36,13 +36,20 @@ VARIANT_OVERRIDES = {
     "qlora-keep-v": ("qlora", ['quantization.keep_modules=["v_proj"]']),
     "qlora-bs32": ("qlora", ["quantization.blocksize=32"]),  # nf4 in blocks of 32: half the KL from fp32
     "qlora-nogc": ("qlora", ["adapter.gradient_checkpointing=false"]),
-    "qlora-r64": ("qlora", ["adapter.r=64", "adapter.alpha=128"]),  # 4x the capacity to carry the 4-bit error too
+    # quickstart-qlora.yaml trains r64 / alpha 128 (the 4-bit error needs the capacity); on the other
+    # recipes `qlora` takes the recipe's LoRA rank (16), so `qlora-r64` is the recommended setting there.
+    # `qlora-r16` reproduces the quickstart `qlora` rows measured before the recipe moved to r64.
+    "qlora-r64": ("qlora", ["adapter.r=64", "adapter.alpha=128"]),
+    "qlora-r16": ("qlora", ["adapter.r=16", "adapter.alpha=32"]),
     "lora-gc": ("lora", ["train.gradient_checkpointing=true"]),
     "lora-r64": ("lora", ["adapter.r=64", "adapter.alpha=128"]),  # the control for qlora-r64
     # LoRA with the built-in general replay set mixed in (data.replay defaults: ratio 0.2, the base
     # model's own answers), to show its effect on forgetting.
     "lora-replay": ("lora", ["data.replay.path=builtin:general"]),
     "lora-replay-distill": ("lora", ["data.replay.path=builtin:general", "data.replay.distill=true"]),
+    # One replay row per domain row, trained towards the base distribution: the strongest pull back.
+    "lora-replay1-distill": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
+                                      "data.replay.distill=true"]),
 }
 
 
@@ -124,13 +131,33 @@ def measure(name: str, method: str, sets: list[str], out_root: Path, *, retrain:
     }
 
 
-def plots(rows: list[dict], stem: Path) -> None:
+def curve_key(row: dict) -> str:
+    return f"{row['recipe']}/{row['method']}/{row.get('seed')}"
+
+
+def update_curves(rows: list[dict], path: Path) -> dict[str, list[list[float]]]:
+    """Train-loss curves of every reported run, kept in results beside the CSV: run directories are
+    scratch (runs/ is not committed), so a report redrawn later still has the curves of earlier runs."""
+    from peftkit.train.callbacks import read_metrics
+    from peftkit.utils.atomic import atomic_write_text
+
+    curves = json.loads(path.read_text()) if path.is_file() else {}
+    for row in rows:
+        metrics_file = Path(row["run_dir"]) / "metrics.jsonl"
+        if metrics_file.is_file():
+            points = [[m["step"], m["loss"]] for m in read_metrics(metrics_file) if "loss" in m]
+            if points:
+                curves[curve_key(row)] = points
+    lines = [f"{json.dumps(key)}: {json.dumps(curves[key])}" for key in sorted(curves)]  # a run per line
+    atomic_write_text(path, "{\n" + ",\n".join(lines) + "\n}\n")
+    return curves
+
+
+def plots(rows: list[dict], stem: Path, curves: dict[str, list[list[float]]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from peftkit.train.callbacks import read_metrics
 
     runs_of: dict[tuple[str, str], int] = {}
     for row in rows:
@@ -141,8 +168,7 @@ def plots(rows: list[dict], stem: Path) -> None:
     fig, axes = plt.subplots(panels, columns, figsize=(5 * columns, 3.6 * panels), dpi=110, squeeze=False)
     for ax, recipe in zip(axes.flat, recipes):
         for row in (r for r in rows if r["recipe"] == recipe):
-            metrics = read_metrics(Path(row["run_dir"]) / "metrics.jsonl")
-            points = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+            points = curves.get(curve_key(row), [])
             seed = f" (seed {row.get('seed')})" if runs_of[(row["recipe"], row["method"])] > 1 else ""
             if points:
                 ax.plot(*zip(*points), label=f"{row['method']}{seed}")
@@ -251,9 +277,11 @@ def method_matrix(rows: list[dict]) -> list[str]:
     grid = []
     for recipe in recipes:
         line = {"recipe": recipe, **{m: cell(recipe, m) for m in methods}}
-        lora, full, qlora = (mean(recipe, m, "heldout_accuracy", 100) for m in ("lora", "full", "qlora"))
+        lora, full = (mean(recipe, m, "heldout_accuracy", 100) for m in ("lora", "full"))
         line["lora / full"] = f"{100 * lora / full:.1f} %" if lora is not None and full else ""
-        line["qlora - lora"] = f"{qlora - lora:+.1f}" if lora is not None and qlora is not None else ""
+        for qlora_method in (m for m in ("qlora", "qlora-r64") if m in seen):
+            qlora = mean(recipe, qlora_method, "heldout_accuracy", 100)
+            line[f"{qlora_method} - lora"] = f"{qlora - lora:+.1f}" if lora is not None and qlora is not None else ""
         grid.append(line)
     title = "Held-out fact accuracy % / forgetting points, recipe x method (mean over the seeds run; n = number of runs):"
     return [title, "", *markdown_table(grid, list(grid[0])), ""]
@@ -273,7 +301,7 @@ def write_report(new_rows: list[dict], args: argparse.Namespace) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     rows = [*earlier_rows(stem, new_rows, ROW_KEY), *new_rows]
     write_csv(stem, rows)
-    plots(rows, stem)
+    plots(rows, stem, update_curves(rows, Path(f"{stem}_curves.json")))
     columns = [c for c in rows[0] if c != "run_dir"]
     lines = [
         "# Method comparison", "",
@@ -282,7 +310,8 @@ def write_report(new_rows: list[dict], args: argparse.Namespace) -> None:
         *markdown_table(rows, columns), "",
         *seed_summary(rows),
         *method_matrix(rows),
-        f"Plots: `{stem.name}_loss.png`, `{stem.name}_accuracy.png`, `{stem.name}_speed.png`.", "",
+        f"Plots: `{stem.name}_loss.png` (curves kept in `{stem.name}_curves.json`), `{stem.name}_accuracy.png`, "
+        f"`{stem.name}_speed.png`.", "",
         "```", environment(), "```", "",
         "Command: `python -m benchmarks.methods` (rows of several invocations on the same day are merged; "
         f"this one: `--recipes {' '.join(args.recipes)} --methods {' '.join(args.methods)}"

@@ -58,7 +58,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from peftkit.runs import load_run
     from peftkit.serve.chat import chat
 
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, quantized_base=args.qlora_base == "quantized")
     chat(
         run.model,
         run.tokenizer,
@@ -103,6 +103,8 @@ def _add_set_flag(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from peftkit.runs import add_qlora_base_option
+
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning from YAML recipes.")
     parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--system", help="system prompt (default: the recipe's data.system_prompt)")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    add_qlora_base_option(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("models", help="list built-in models and the conversion cache")

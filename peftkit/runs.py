@@ -45,6 +45,13 @@ def adapter_dir(run_dir: Path) -> Path:
     return path
 
 
+def add_qlora_base_option(parser: Any) -> None:
+    """`--qlora-base quantized|original` for commands that load a run (`quantized_base` of load_run)."""
+    parser.add_argument("--qlora-base", choices=["quantized", "original"], default="quantized",
+                        help="QLoRA runs: put the adapter on the quantized weights it was trained on (default) or on "
+                             "the original unquantized ones, as a serving engine that loads adapters onto the base does")
+
+
 def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: bool = True) -> LoadedRun:
     """Base model (quantized as in training) + trained adapter, ready for generation.
 
@@ -58,6 +65,12 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
 
     run_dir = Path(run_dir)
     recipe = read_run_recipe(run_dir)
+    if not quantized_base:
+        from peftkit.adapters import effective_quantization
+
+        # Only lora/qlora recipes may quantize (check_recipe_adapter), so such a run always has an adapter.
+        if effective_quantization(recipe) is None:
+            raise RunDirError(f"{run_dir} was not trained on a quantized base; drop --qlora-base original")
     full_model = trained_model_dir(run_dir)
     adapter = None if full_model is not None else adapter_dir(run_dir)
     device = device or resolve_device(recipe.train.device)

@@ -34,6 +34,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add this area's sub-commands to the `peftkit` parser."""
+    from peftkit.runs import add_qlora_base_option
+
     p = sub.add_parser("eval", help="loss, held-out fact accuracy and forgetting of a trained run (writes eval.json)",
                        description="Writes RUN_DIR/eval.json (RUN_DIR/eval_original_base.json with --qlora-base original).")
     p.add_argument("run_dir")
@@ -42,7 +44,5 @@ def register(sub: Any) -> None:
     p.add_argument("--general", help="general-knowledge set for forgetting (default: the built-in one)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--no-base", action="store_true", help="skip the base-model comparison")
-    p.add_argument("--qlora-base", choices=["quantized", "original"], default="quantized",
-                   help="QLoRA runs: put the adapter on the quantized weights it was trained on (default) or on the "
-                        "original unquantized ones, as a serving engine that loads adapters onto the base model does")
+    add_qlora_base_option(p)
     p.set_defaults(func=cmd_eval)

@@ -19,8 +19,7 @@ from peftkit.data.build import build_datasets, load_heldout, tokenize_examples
 from peftkit.data.formats import load_examples
 from peftkit.evaluate.generation import heldout_accuracy
 from peftkit.evaluate.loss import mean_loss, perplexity
-from peftkit.errors import RunDirError
-from peftkit.runs import LoadedRun, load_base_model, load_run, read_run_recipe
+from peftkit.runs import LoadedRun, load_base_model, load_run
 from peftkit.utils.atomic import atomic_write_text
 
 GENERAL_SET = "general_knowledge.jsonl"
@@ -63,12 +62,6 @@ def evaluate_run(
     after), as a serving engine that loads the adapter onto the original model runs it."""
     if qlora_base not in ("quantized", "original"):
         raise ValueError(f"qlora_base must be `quantized` or `original`, got {qlora_base!r}")
-    if qlora_base == "original":
-        from peftkit.adapters import effective_quantization
-
-        # Only lora/qlora recipes may quantize (check_recipe_adapter), so such a run always has an adapter.
-        if effective_quantization(read_run_recipe(run_dir)) is None:
-            raise RunDirError(f"{run_dir} was not trained on a quantized base; drop --qlora-base original")
     run = load_run(run_dir, quantized_base=qlora_base == "quantized")
     recipe, model, tokenizer = run.recipe, run.model, run.tokenizer
     system = recipe.data.system_prompt

@@ -25,7 +25,9 @@ def _pct(value: float | None) -> str:
 
 def _eval_section(run_dir: Path) -> list[str]:
     """Results of `peftkit eval`, when it has been run on this directory."""
-    path = run_dir / "eval.json"
+    from peftkit.evaluate.run_eval import REPORT  # the as-trained report; eval_original_base.json is not shown
+
+    path = run_dir / REPORT
     if not path.is_file():
         return []
     report = json.loads(path.read_text(encoding="utf-8"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.common import earlier_rows, markdown_table, write_csv
-from benchmarks.methods import ROOT, ROW_KEY, kept_notes, method_matrix, recipe_for, seed_summary
+from benchmarks.methods import ROOT, ROW_KEY, kept_notes, method_matrix, recipe_for, seed_summary, update_curves
 
 
 def test_methods_map_to_their_recipes_and_variants():
@@ -63,6 +63,9 @@ def test_method_matrix_grids_recipes_by_methods_with_the_target_ratios():
     assert lines[4] == "| q | 65.0 / 25.0 (n=2) | 55.0 | 80.0 / 10.0 | 81.2 % | -10.0 |"
     assert lines[5] == "| s |  |  | 50.0 / 40.0 |  |  |"
     assert method_matrix(rows[:4]) == []  # one recipe: the seed summary says it all
+    with_r64 = method_matrix([*rows, row("q", "qlora-r64", 42, 0.66, "")])
+    assert with_r64[2].endswith("| qlora-r64 | lora / full | qlora - lora | qlora-r64 - lora |")
+    assert with_r64[4].endswith("| 66.0 | 81.2 % | -10.0 | +1.0 |")
 
 
 def test_hand_written_notes_survive_a_rewritten_report(tmp_path):
@@ -70,6 +73,24 @@ def test_hand_written_notes_survive_a_rewritten_report(tmp_path):
     assert kept_notes(report) == ""
     report.write_text("# table\n| a |\n\n## Reading the table\n\n- a note\n")
     assert kept_notes(report) == "\n## Reading the table\n\n- a note\n"
+
+
+def test_loss_curves_outlive_their_run_directories(tmp_path):
+    """Run directories are scratch: a report redrawn after they are gone still plots earlier curves."""
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in [
+        {"step": 5, "loss": 2.5}, {"step": 5, "eval_loss": 2.9}, {"step": 10, "loss": 1.5}]) + "\n")
+    row = {"recipe": "quickstart", "method": "lora", "seed": 1, "run_dir": str(run)}
+    store = tmp_path / "curves.json"
+    assert update_curves([row], store) == {"quickstart/lora/1": [[5, 2.5], [10, 1.5]]}
+    shutil.rmtree(run)
+    other = {**row, "method": "dora", "run_dir": str(tmp_path / "gone")}
+    assert update_curves([row, other], store) == {"quickstart/lora/1": [[5, 2.5], [10, 1.5]]}
+    assert json.loads(store.read_text()) == {"quickstart/lora/1": [[5, 2.5], [10, 1.5]]}
 
 
 def test_csv_has_every_rows_columns_and_sweep_means_use_what_was_measured(tmp_path):

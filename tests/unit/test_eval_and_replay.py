@@ -161,6 +161,7 @@ def test_eval_puts_a_qlora_adapter_on_the_original_weights_when_asked(tiny_recip
     assert original["after"]["loss"] != pytest.approx(original["before"]["loss"]), "the adapter is on"
     layers = {type(m).__name__ for m in load_run(run_dir, quantized_base=False).model.modules()}
     assert "Linear4bit" not in layers and "Linear" in layers
+    assert main(["chat", str(run_dir), "--prompt", "one two", "--max-new-tokens", "2", "--qlora-base", "original"]) == 0
 
 
 def test_eval_refuses_qlora_base_original_for_an_unquantized_run(tiny_recipe, capsys):
@@ -168,3 +169,5 @@ def test_eval_refuses_qlora_base_original_for_an_unquantized_run(tiny_recipe, ca
     assert main(["eval", str(run_dir), "--qlora-base", "original"]) == RunDirError.exit_code
     assert "was not trained on a quantized base; drop --qlora-base original" in capsys.readouterr().err
     assert not (run_dir / "eval_original_base.json").exists()
+    assert main(["chat", str(run_dir), "--prompt", "hi", "--qlora-base", "original"]) == RunDirError.exit_code
+    assert "drop --qlora-base original" in capsys.readouterr().err
