@@ -45,9 +45,13 @@ def adapter_dir(run_dir: Path) -> Path:
     return path
 
 
+QLORA_BASES = ("quantized", "original")
+"""Where a QLoRA adapter is put: the quantized weights it was trained on, or the original ones."""
+
+
 def add_qlora_base_option(parser: Any) -> None:
     """`--qlora-base quantized|original` for commands that load a run (`quantized_base` of load_run)."""
-    parser.add_argument("--qlora-base", choices=["quantized", "original"], default="quantized",
+    parser.add_argument("--qlora-base", choices=QLORA_BASES, default="quantized",
                         help="QLoRA runs: put the adapter on the quantized weights it was trained on (default) or on "
                              "the original unquantized ones, as a serving engine that loads adapters onto the base does")
 

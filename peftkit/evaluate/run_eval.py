@@ -19,7 +19,7 @@ from peftkit.data.build import build_datasets, load_heldout, tokenize_examples
 from peftkit.data.formats import load_examples
 from peftkit.evaluate.generation import heldout_accuracy
 from peftkit.evaluate.loss import mean_loss, perplexity
-from peftkit.runs import LoadedRun, load_base_model, load_run
+from peftkit.runs import QLORA_BASES, LoadedRun, load_base_model, load_run
 from peftkit.utils.atomic import atomic_write_text
 
 GENERAL_SET = "general_knowledge.jsonl"
@@ -60,7 +60,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """`qlora_base="original"` evaluates a QLoRA adapter on the unquantized base weights (before and
     after), as a serving engine that loads the adapter onto the original model runs it."""
-    if qlora_base not in ("quantized", "original"):
+    if qlora_base not in QLORA_BASES:
         raise ValueError(f"qlora_base must be `quantized` or `original`, got {qlora_base!r}")
     run = load_run(run_dir, quantized_base=qlora_base == "quantized")
     recipe, model, tokenizer = run.recipe, run.model, run.tokenizer
