@@ -50,6 +50,10 @@ VARIANT_OVERRIDES = {
     # One replay row per domain row, trained towards the base distribution: the strongest pull back.
     "lora-replay1-distill": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
                                       "data.replay.distill=true"]),
+    # CorDA knowledge-preserved init (peft): the adapter starts in the directions the general set uses
+    # least, here with distilled replay (ratio 0.2).
+    "lora-corda-kpm-replay-distill": ("lora", ["adapter.init=corda_kpm", "data.replay.path=builtin:general",
+                                               "data.replay.distill=true"]),
 }
 
 

@@ -1,6 +1,6 @@
-"""LoRA (with DoRA / rsLoRA and PiSSA / OLoRA / EVA initialisation) as a `peft.LoraConfig`.
+"""LoRA (with DoRA / rsLoRA and PiSSA / OLoRA / EVA / CorDA initialisation) as a `peft.LoraConfig`.
 
-PiSSA and OLoRA move the principal part of each targeted weight into the adapter and leave a
+PiSSA, OLoRA and CorDA move the principal part of each targeted weight into the adapter and leave a
 residual in the base. Such an adapter only fits that residual base, so we keep a copy of the
 initial adapter and let peft convert the trained one into a plain LoRA of rank 2r at save
 time: the saved adapter then applies to the untouched base model like any other.
@@ -25,10 +25,18 @@ from peftkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-INIT_TO_PEFT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "eva": "eva", "loftq": True}
+INIT_TO_PEFT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "eva": "eva",
+                                 "corda": "corda", "corda_kpm": "corda", "loftq": True}
 """`loftq` starts as default LoRA and is then set from the quantization error (adapters/loftq.py)."""
 TASK_TYPES = PEFT_TASK_TYPES
-CONVERTED_INITS = ("pissa", "olora")
+CORDA_INITS = {"corda": "ipm", "corda_kpm": "kpm"}
+"""CorDA (peft): `corda` builds the adapter from the components of W·C that matter most on the training
+rows (instruction-previewed); `corda_kpm` from those that matter least on general-knowledge rows, to
+leave what the model knows in the frozen part (knowledge-preserved)."""
+CALIBRATED_INITS = ("eva", *CORDA_INITS)
+KNOWLEDGE_INITS = ("corda_kpm",)
+"""Calibrated on general-knowledge rows (`peftkit.data.build.general_rows`) instead of the training rows."""
+CONVERTED_INITS = ("pissa", "olora", *CORDA_INITS)
 """Inits that rewrite the base weights; their adapters are converted to plain LoRA when saved."""
 INITIAL_ADAPTER_ATTR = "peftkit_initial_adapter"
 
@@ -36,9 +44,10 @@ __all__ = ["lora_config", "matches_target", "check", "init_problems", "build", "
 
 
 def _targets(cfg: LoraAdapterConfig, model: torch.nn.Module | None) -> str | list[str]:
-    """peft refuses `layers_to_transform` with a string target (regex or `all-linear`): resolve to names."""
+    """peft refuses `layers_to_transform` with a string target (regex or `all-linear`), and CorDA's
+    preprocessing does not expand `all-linear`: resolve to names."""
     target = cfg.target_modules
-    if model is None or cfg.layers is None or not isinstance(target, str):
+    if model is None or not isinstance(target, str) or (cfg.layers is None and cfg.init not in CORDA_INITS):
         return target
     return sorted(n for n in selected_linear(model, target) if _in_layers(n, cfg.layers))
 
@@ -68,6 +77,10 @@ def lora_config(cfg: LoraAdapterConfig, task: str = "causal_lm", model: torch.nn
         from peft import EvaConfig
 
         extra["eva_config"] = EvaConfig(rho=2.0)
+    if cfg.init in CORDA_INITS:
+        from peft.tuners.lora.config import CordaConfig
+
+        extra["corda_config"] = CordaConfig(corda_method=CORDA_INITS[cfg.init])
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -128,7 +141,7 @@ def init_problems(init: str, quantized: bool) -> list[str]:
     if init == "loftq" and not quantized:
         return ["adapter.init: loftq corrects the quantization error of a 4-bit/8-bit base; use method: qlora "
                 "(or a quantization block), or another init"]
-    if init in (*CONVERTED_INITS, "eva") and quantized:
+    if init in (*CONVERTED_INITS, *CALIBRATED_INITS) and quantized:
         return [f"adapter.init: {init} is not supported over a quantized base in peftkit; use default, gaussian or loftq"]
     return []
 
@@ -141,12 +154,13 @@ def build(
     quantized: bool = False,
     calibration: Sequence[dict[str, list[int]]] | None = None,
 ) -> Any:
-    """`get_peft_model` with the recipe's LoRA config; EVA runs on the training rows first."""
+    """`get_peft_model` with the recipe's LoRA config; EVA and CorDA run on `calibration` first (the training
+    rows; for `corda_kpm` general-knowledge rows, see `peftkit.data.build.general_rows`)."""
     from peft import get_peft_model
 
     problems = [*check(model, cfg, task), *init_problems(cfg.init, quantized)]
-    if cfg.init == "eva" and not calibration:
-        problems.append("adapter.init: eva needs training data to compute its initialisation (none was given)")
+    if cfg.init in CALIBRATED_INITS and not calibration:
+        problems.append(f"adapter.init: {cfg.init} needs data to compute its initialisation (none was given)")
     if problems:
         raise ConfigError(problems)
     if quantized:
@@ -160,6 +174,8 @@ def build(
         peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
         initialize_lora_eva_weights(peft_model, _eva_dataloader(calibration or []), show_progress_bar=False)
         return peft_model
+    if cfg.init in CORDA_INITS:
+        _preprocess_corda(model, config, calibration or [])
     peft_model = get_peft_model(model, config)
     if cfg.init == "loftq":
         from peftkit.adapters import loftq
@@ -168,6 +184,25 @@ def build(
     if cfg.init in CONVERTED_INITS:
         _keep_initial_adapter(peft_model)
     return peft_model
+
+
+def _preprocess_corda(model: Any, config: Any, calibration: Sequence[dict[str, list[int]]]) -> None:
+    """peft's CorDA preprocessing: input covariance of every targeted layer over `calibration` (one row
+    per forward: peft's hook takes one sequence at a time), then the SVD of W·C."""
+    from peft.tuners.lora.corda import preprocess_corda
+
+    device = next(model.parameters()).device
+
+    def run_model() -> None:
+        with torch.no_grad():
+            for row in calibration:
+                model(input_ids=torch.tensor([row["input_ids"]], device=device), use_cache=False)
+
+    log.info("CorDA (%s): covariance of %d calibration rows, then one SVD per targeted layer",
+             config.corda_config.corda_method, len(calibration))
+    was_training = model.training
+    preprocess_corda(model, config, run_model=run_model)
+    model.train(was_training)
 
 
 def _keep_initial_adapter(peft_model: Any) -> None:

@@ -61,7 +61,7 @@ class LoraAdapterConfig(Section):
     """`all-linear`, a list of module-name suffixes, or a regex (a string that is not `all-linear`)."""
     use_dora: bool = False
     use_rslora: bool = False
-    init: Literal["gaussian", "default", "pissa", "olora", "eva", "loftq"] = "default"
+    init: Literal["gaussian", "default", "pissa", "olora", "eva", "corda", "corda_kpm", "loftq"] = "default"
     layers: tuple[int, int] | None = None
     """Restrict to decoder layers [start, end] (inclusive)."""
     modules_to_save: list[str] | None = None
@@ -196,7 +196,7 @@ class ReplayConfig(Section):
     """Mix general data back into training to limit catastrophic forgetting."""
 
     path: str = "builtin:general"
-    """`builtin:general` (114 general prompts: explanations, instructions, short facts, arithmetic) or a data file."""
+    """`builtin:general` (514 general prompts: short facts, arithmetic, explanations, instructions, advice) or a data file."""
     ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
     """Replay examples added per training example (sampled deterministically)."""
     answers: Literal["auto", "base", "dataset"] = "auto"

@@ -14,7 +14,7 @@ import torch
 from peftkit.config.schema import DataConfig
 from peftkit.data.chat import IGNORE_INDEX, tokenize_conversation_rows, tokenize_text, with_system_prompt
 from peftkit.data.formats import Example, Message, data_sources, load_examples, read_records
-from peftkit.data.replay import ReplayAnswerer, load_replay, sample_replay
+from peftkit.data.replay import BUILTIN_PREFIX, ReplayAnswerer, load_replay, sample_replay
 from peftkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,15 @@ def build_datasets(
         "train_supervised_tokens": sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in train_rows),
     }
     return DataBundle(train_rows, eval_rows, heldout, stats)
+
+
+def general_rows(data: DataBundle, cfg: DataConfig, tokenizer: Any) -> list[Row]:
+    """Rows that stand for the model's general use: the run's replay rows, or the built-in general set as
+    written (calibration for knowledge-preserving inits; only the inputs matter there)."""
+    n = data.stats["replay_examples"]
+    if n:
+        return data.train[-n:]
+    return tokenize_examples(load_replay(f"{BUILTIN_PREFIX}general"), tokenizer, cfg.max_seq_len, None)[0]
 
 
 class PaddingCollator:

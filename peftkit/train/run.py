@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,8 @@ from peftkit.config.load import recipe_to_yaml
 from peftkit.config.schema import Recipe
 from peftkit.config.validate import validate_recipe
 from peftkit.data import PaddingCollator, build_datasets
+from peftkit.adapters.lora import CONVERTED_INITS, KNOWLEDGE_INITS
+from peftkit.data.build import general_rows
 from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
 from peftkit.errors import PeftkitError, RunDirError
 from peftkit.train.distill import add_teacher_targets
@@ -191,7 +194,8 @@ def train(
     if recipe.eval.before and not resume and main_process:
         accuracy_before, details_before = _heldout(model, tokenizer, recipe, data.heldout)
 
-    model = build_adapter(model, recipe.adapter, quantized=quantization is not None, calibration=data.train)
+    calibration = general_rows(data, recipe.data, tokenizer) if getattr(recipe.adapter, "init", None) in KNOWLEDGE_INITS else data.train
+    model = build_adapter(model, recipe.adapter, quantized=quantization is not None, calibration=calibration)
     trainable, total = parameter_counts(model)
     log.info("Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
@@ -231,7 +235,9 @@ def train(
     )
     eval_loss_before = None
     if has_eval and not resume:
-        with base_model_view(model):
+        # Inits that move part of each weight into the adapter (PiSSA, OLoRA, CorDA) leave a residual base:
+        # the untrained adapted model is the base model there, the adapter switched off is not.
+        with contextlib.nullcontext() if getattr(recipe.adapter, "init", None) in CONVERTED_INITS else base_model_view(model):
             eval_loss_before = _eval_loss(trainer, has_eval) if ds_config is None else deepspeed_setup.plain_eval_loss(trainer)
 
     resume_from = str(checkpoints.prepare_resume(

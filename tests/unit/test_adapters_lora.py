@@ -16,11 +16,20 @@ from tests.unit.adapters_fixtures import chat_batch, load_tiny
 torch.set_num_threads(1)
 
 
-def _lora(model_dir, **kwargs):
+def _lora(model_dir, calibration=None, **kwargs):
     torch.manual_seed(0)
     model = load_tiny(model_dir)
     torch.manual_seed(0)
-    return build_adapter(model, LoraAdapterConfig(**{"r": 4, "alpha": 8, "dropout": 0.0, **kwargs}))
+    return build_adapter(model, LoraAdapterConfig(**{"r": 4, "alpha": 8, "dropout": 0.0, **kwargs}), calibration=calibration)
+
+
+def _rows(tokenizer, records=CHAT_RECORDS, copies=4):
+    from peftkit.data import tokenize_conversation
+
+    return [tokenize_conversation(tokenizer, r["messages"], 64, "t")[0] for r in records * copies]
+
+
+CALIBRATED = {"eva", "corda", "corda_kpm"}
 
 
 def _lora_modules(model) -> set[str]:
@@ -67,27 +76,27 @@ def test_dora_and_rslora(tiny_model_dir):
     assert plain.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(8 / 4)
 
 
-@pytest.mark.parametrize("init", ["default", "gaussian", "pissa", "olora"])
+@pytest.mark.parametrize("init", ["default", "gaussian", "pissa", "olora", "corda", "corda_kpm"])
 def test_inits_keep_the_initial_output(init, tiny_model_dir, tiny_tokenizer):
     base = load_tiny(tiny_model_dir)
     inputs = _inputs(tiny_tokenizer)
     with torch.no_grad():
         expected = base(**inputs).logits
-    model = _lora(tiny_model_dir, init=init)
+    model = _lora(tiny_model_dir, init=init, calibration=_rows(tiny_tokenizer) if init in CALIBRATED else None)
     with torch.no_grad():
         got = model(**inputs).logits
     assert torch.allclose(got, expected, atol=1e-4)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     b_nonzero = bool(layer.lora_B["default"].weight.abs().sum() > 0)
-    assert b_nonzero == (init in ("pissa", "olora"))  # SVD/QR inits move part of W into the adapter
+    assert b_nonzero == (init in ("pissa", "olora", "corda", "corda_kpm"))  # SVD/QR inits move part of W into the adapter
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("init", ["pissa", "olora", "corda_kpm"])
 def test_pissa_olora_adapter_saved_for_the_original_base(init, tiny_model_dir, tiny_tokenizer, tmp_path):
     """The residual base is not what users load: the saved adapter is converted to plain LoRA (rank 2r)."""
     from peft import PeftModel
 
-    model = _lora(tiny_model_dir, init=init)
+    model = _lora(tiny_model_dir, init=init, calibration=_rows(tiny_tokenizer) if init in CALIBRATED else None)
     with torch.no_grad():  # stands in for training
         for name, param in model.named_parameters():
             if "lora_" in name:
@@ -104,10 +113,8 @@ def test_pissa_olora_adapter_saved_for_the_original_base(init, tiny_model_dir, t
 
 
 def test_eva_uses_the_training_rows(tiny_model_dir, tiny_tokenizer):
-    from peftkit.data import tokenize_conversation
-
-    rows = [tokenize_conversation(tiny_tokenizer, r["messages"], 64, "t")[0] for r in CHAT_RECORDS * 4]
-    with pytest.raises(ConfigError, match="eva needs training data"):
+    rows = _rows(tiny_tokenizer)
+    with pytest.raises(ConfigError, match="eva needs data"):
         _lora(tiny_model_dir, init="eva")
     torch.manual_seed(0)
     model = build_adapter(load_tiny(tiny_model_dir), LoraAdapterConfig(r=4, alpha=8, init="eva"), calibration=rows)
@@ -191,3 +198,31 @@ def test_gpt2_conv1d_targets_get_fan_in_fan_out_and_match_the_merged_weights(rec
         adapted = peft_model(input_ids=ids).logits
         merged = peft_model.merge_and_unload()(input_ids=ids).logits
     assert (adapted - merged).abs().max() < 1e-5
+
+
+def _adapter_share_on(model, rows) -> float:
+    """||ΔW x|| / ||W0 x|| of layer 0's q_proj over the tokens of `rows`: how much the initial
+    adapter carries of what the original layer computes on these inputs."""
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    inputs = []
+    handle = layer.register_forward_hook(lambda module, args, out: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for row in rows:
+            model(input_ids=torch.tensor([row["input_ids"]]))
+    handle.remove()
+    x = torch.cat(inputs)
+    delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    original = layer.get_base_layer().weight + delta
+    return float((x @ delta.T).norm() / (x @ original.T).norm())
+
+
+def test_corda_kpm_starts_where_the_calibration_rows_do_not_look(tiny_model_dir, tiny_tokenizer):
+    """CorDA knowledge-preserved mode puts the components that matter least on the calibration rows into
+    the adapter (training them disturbs those rows least); instruction-previewed mode the ones that
+    matter most."""
+    rows = _rows(tiny_tokenizer)
+    kpm = _adapter_share_on(_lora(tiny_model_dir, init="corda_kpm", calibration=rows), rows)
+    ipm = _adapter_share_on(_lora(tiny_model_dir, init="corda", calibration=rows), rows)
+    assert kpm < 0.2 * ipm, (kpm, ipm)
+    with pytest.raises(ConfigError, match="corda_kpm needs data"):
+        _lora(tiny_model_dir, init="corda_kpm")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,28 @@ def test_builtin_sets_are_packaged_and_valid():
     assert len(rows) >= 20 and all("question" in r and "key_fact" in r for r in rows)
     replay = load_examples(replay_path("builtin:general"))
     assert len(replay) >= 60 and all(e.messages[-1]["role"] == "assistant" for e in replay)
+
+
+FORGETTING_SETS = {"builtin": builtin_resource("general_knowledge.jsonl"),
+                   "check": Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "general_check.jsonl"}
+
+
+@pytest.mark.parametrize("which", sorted(FORGETTING_SETS))
+def test_builtin_replay_never_asks_the_forgetting_questions(which):
+    """Replay is trained on; the general-knowledge sets measure forgetting: no question may be in both,
+    and no replay prompt may name an answer of the built-in set (Paris, Shakespeare, ...; the check
+    set's answers include everyday words such as Sun or Earth that replay prompts may well use)."""
+    import re
+
+    general = [json.loads(line) for line in FORGETTING_SETS[which].read_text().splitlines()]
+    questions = {g["question"].lower().rstrip("?. ") for g in general}
+    names = {f for g in general for f in ([g["key_fact"]] if isinstance(g["key_fact"], str) else g["key_fact"]) if f[0].isupper()}
+    prompts = [e.messages[0]["content"] for e in load_examples(replay_path("builtin:general"))]
+    lowered = [p.lower().rstrip("?. ") for p in prompts]
+    assert len(lowered) == len(set(lowered)), "duplicate replay prompts"
+    assert not questions & set(lowered)
+    if which == "builtin":
+        assert not [(p, n) for p in prompts for n in names if re.search(rf"\b{re.escape(n)}\b", p)]
 
 
 def test_sample_replay_is_deterministic_and_sized():
@@ -171,3 +194,16 @@ def test_eval_refuses_qlora_base_original_for_an_unquantized_run(tiny_recipe, ca
     assert not (run_dir / "eval_original_base.json").exists()
     assert main(["chat", str(run_dir), "--prompt", "hi", "--qlora-base", "original"]) == RunDirError.exit_code
     assert "drop --qlora-base original" in capsys.readouterr().err
+
+
+def test_weight_moving_inits_report_the_base_models_loss_before_training(tiny_recipe):
+    """PiSSA / CorDA leave a residual base under the adapter: "before" is the untrained adapted model there,
+    and it must equal the base model's loss (the adapter switched off would be the residual)."""
+    losses = {}
+    for init in ("default", "pissa", "corda_kpm"):
+        recipe = recipe_from_dict({**tiny_recipe, "adapter": {**tiny_recipe["adapter"], "init": init},
+                                   "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False},
+                                   "output_dir": f"{tiny_recipe['output_dir']}-{init}"})
+        losses[init] = train(recipe).summary["eval_loss_before"]
+    assert losses["pissa"] == pytest.approx(losses["default"], rel=1e-4)
+    assert losses["corda_kpm"] == pytest.approx(losses["default"], rel=1e-4)
