@@ -103,8 +103,10 @@ def uses_peft(model: Any) -> bool:
 @contextlib.contextmanager
 def base_model_view(model: Any) -> Iterator[Any]:
     """The model without its adapter, for "before" scores. Full/partial models are still the base
-    before training starts, so they are used as they are (call this before training only)."""
-    if uses_peft(model):
+    before training starts, so they are used as they are (call this before training only); so are
+    freshly built PiSSA / OLoRA / CorDA adapters, which moved part of each weight out of the base:
+    switched off they would leave the residual, while untrained they make up the base exactly."""
+    if uses_peft(model) and not lora.rewrote_base(model):
         with model.disable_adapter():
             yield model
     else:

@@ -219,6 +219,11 @@ def _keep_initial_adapter(peft_model: Any) -> None:
     setattr(peft_model, INITIAL_ADAPTER_ATTR, str(folder))
 
 
+def rewrote_base(peft_model: Any) -> bool:
+    """Built here with an init that moved part of the base weights into the adapter (CONVERTED_INITS)."""
+    return getattr(peft_model, INITIAL_ADAPTER_ATTR, None) is not None
+
+
 def save(peft_model: Any, directory: Path) -> None:
     """Standard PEFT layout; PiSSA/OLoRA adapters are converted so they apply to the original base."""
     initial = getattr(peft_model, INITIAL_ADAPTER_ATTR, None)

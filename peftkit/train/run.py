@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from peftkit.config.load import recipe_to_yaml
 from peftkit.config.schema import Recipe
 from peftkit.config.validate import validate_recipe
 from peftkit.data import PaddingCollator, build_datasets
-from peftkit.adapters.lora import CONVERTED_INITS, KNOWLEDGE_INITS
+from peftkit.adapters.lora import KNOWLEDGE_INITS
 from peftkit.data.build import general_rows
 from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
 from peftkit.errors import PeftkitError, RunDirError
@@ -235,9 +234,7 @@ def train(
     )
     eval_loss_before = None
     if has_eval and not resume:
-        # Inits that move part of each weight into the adapter (PiSSA, OLoRA, CorDA) leave a residual base:
-        # the untrained adapted model is the base model there, the adapter switched off is not.
-        with contextlib.nullcontext() if getattr(recipe.adapter, "init", None) in CONVERTED_INITS else base_model_view(model):
+        with base_model_view(model):
             eval_loss_before = _eval_loss(trainer, has_eval) if ds_config is None else deepspeed_setup.plain_eval_loss(trainer)
 
     resume_from = str(checkpoints.prepare_resume(

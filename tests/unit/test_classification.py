@@ -129,3 +129,14 @@ def test_partial_and_full_on_bert(method, tiny_bert_dir, tmp_path):
 def test_prompt_methods_are_rejected_for_classification(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="prefix_tuning does not support task: sequence_classification"):
         train(recipe_from_dict(_recipe(tiny_model_dir, tmp_path, {"method": "prefix_tuning"})))
+
+
+def test_pissa_scores_before_training_are_the_base_models(tiny_model_dir, tmp_path):
+    """PiSSA leaves a residual base under its adapter: the "before" scores must come from the base model
+    (the untrained adapted model), not from the residual with the adapter switched off."""
+    losses = {}
+    for init in ("default", "pissa"):
+        recipe = _recipe(tiny_model_dir, tmp_path / init, {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "init": init},
+                         max_steps=1)
+        losses[init] = train(recipe_from_dict(recipe)).summary["eval_loss_before"]
+    assert losses["pissa"] == pytest.approx(losses["default"], rel=1e-4)
