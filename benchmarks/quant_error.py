@@ -42,11 +42,14 @@ def prediction_error(logits: torch.Tensor, reference: torch.Tensor, mask: torch.
     }
 
 
-def bits_per_weight(q: Any) -> float | None:
-    """Storage of a 4-bit weight with its block scales: one absmax per block, itself 8-bit with an fp32
-    scale per 256 blocks under double quantization. (8-bit: one fp32 scale per row, about 8.05 here.)"""
-    if q.bits != 4:
-        return None
+def bits_per_weight(q: Any, shapes: list[tuple[int, int]]) -> float:
+    """Storage per quantized weight, averaged over the Linear layers of `shapes` (out, in).
+
+    4-bit: one absmax per block, itself 8-bit with an fp32 scale per 256 blocks under double
+    quantization. 8-bit (LLM.int8): int8 weights with one fp32 scale per output row."""
+    if q.bits == 8:
+        weights = sum(rows * cols for rows, cols in shapes)
+        return round(8 + 32 * sum(rows for rows, _ in shapes) / weights, 3)
     scale_bits = 8 / q.blocksize + 32 / (256 * q.blocksize) if q.double_quant else 32 / q.blocksize
     return round(4 + scale_bits, 3)
 
@@ -96,6 +99,8 @@ def main() -> None:
 
     fp32 = load(None)
     reference = logits(fp32)
+    shapes = [tuple(m.weight.shape) for n, m in fp32.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in MODULE_KINDS]
     results: list[dict[str, Any]] = []
 
     def record(setting: str, got: torch.Tensor, kept_share: float = 0.0, bits: float | None = None) -> None:
@@ -115,7 +120,7 @@ def main() -> None:
     for setting, quantization in settings.items():
         got = logits(load(quantization))
         bnb_nf4 = got if bnb_nf4 is None else bnb_nf4
-        record(setting, got, bits=bits_per_weight(quantization))
+        record(setting, got, bits=bits_per_weight(quantization, shapes))
 
     originals = {n: m.weight.data.clone() for n, m in fp32.named_modules()
                  if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in MODULE_KINDS}
@@ -135,7 +140,7 @@ def main() -> None:
         "# Quantized base vs fp32: prediction error before training", "",
         f"Model `{recipe.model.name}`, {len(rows)} training conversations of `{Path(args.recipe).name}` "
         f"({int(mask.sum())} tokens), teacher-forced. KL: mean per-token KL(fp32 || quantized) in nats; "
-        "bits_per_weight: a 4-bit weight with its share of the block scales.", "",
+        "bits_per_weight: a quantized weight with its share of the scales (block absmax for 4-bit, row scale for int8).", "",
         *markdown_table(results, list(results[0])), "",
         f"bitsandbytes nf4 layers vs the nf4 round trip in fp32 Linear layers: max |logit difference| {kernel_gap:.2e} "
         "(the error is the quantization grid's, not the CPU kernel's).", "",

@@ -241,7 +241,9 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
         resume, force = resolve_resume(getattr(args, "resume", None), run_dir, bool(args.force))
     try:
         result = train(recipe, resume=resume, force=force)
+        finish_process_group(synchronise=True)
     except TrainingInterrupted as exc:
+        finish_process_group(synchronise=False)
         if os.environ.get(WORKER_ENV):
             return 0  # the launching process reads interrupted.json and tells the user
         raise exc.with_command(resume_command()) from None
@@ -451,3 +453,19 @@ def sum_over_processes(*values: int) -> tuple[int, ...]:
     total = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(total)
     return tuple(int(v) for v in total.tolist())
+
+
+def finish_process_group(*, synchronise: bool) -> None:
+    """Tear the process group down before interpreter exit, on every rank.
+
+    Left to exit-time destructors, gloo's and DeepSpeed's communication threads can still be joinable
+    when C++ static destruction runs, and a worker that finished training aborts ("terminate called
+    without an active exception"). `synchronise` waits for all ranks first (only after a normal end:
+    an interrupted rank's peers may never get there)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronise and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -169,3 +169,13 @@ def test_original_base_rows_reuse_the_qlora_run_and_its_original_base_eval(tmp_p
     assert row["method"] == "qlora@original" and row["seed"] == 3
     assert (row["heldout_accuracy"], row["heldout_accuracy_base"], row["eval_loss"]) == (0.6, 0.1, 1.2)
     assert row["tokens_per_second"] == 5.0 and row["forgetting_points"] == 9.1
+
+
+def test_bits_per_weight_counts_block_and_row_scales():
+    from benchmarks.quant_error import bits_per_weight
+    from peftkit.config.schema import QuantizationConfig
+
+    shapes = [(2, 4), (6, 4)]  # 8 rows, 32 weights
+    assert bits_per_weight(QuantizationConfig(bits=8), shapes) == 8 + 32 * 8 / 32
+    assert bits_per_weight(QuantizationConfig(bits=4, double_quant=False), shapes) == 4.5  # fp32 absmax per 64
+    assert bits_per_weight(QuantizationConfig(bits=4, blocksize=32), shapes) == round(4 + 8 / 32 + 32 / (256 * 32), 3)
