@@ -50,6 +50,15 @@ VARIANT_OVERRIDES = {
     # One replay row per domain row, trained towards the base distribution: the strongest pull back.
     "lora-replay1-distill": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
                                       "data.replay.distill=true"]),
+    # The same with new replay rows every epoch (each row seen ~twice instead of five times).
+    "lora-replay1-distill-resample": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
+                                               "data.replay.distill=true", "data.replay.resample=true"]),
+    # Distilled replay 1.0 of the prompts the base model answers in agreement with the written answer only.
+    "lora-replay1-distill-known": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
+                                            "data.replay.distill=true", "data.replay.known_only=true"]),
+    # One replay row per domain row with the set's written answers (classic replay of old data), hard targets.
+    "lora-replay1-written": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
+                                      "data.replay.answers=dataset"]),
     # CorDA knowledge-preserved init (peft): the adapter starts in the directions the general set uses
     # least, here with distilled replay (ratio 0.2).
     "lora-corda-kpm-replay-distill": ("lora", ["adapter.init=corda_kpm", "data.replay.path=builtin:general",

@@ -202,11 +202,27 @@ class ReplayConfig(Section):
     answers: Literal["auto", "base", "dataset"] = "auto"
     """`base`: train on the base model's own greedy answers to the replay prompts (self-distilled
     replay); `dataset`: on the answers as written; `auto`: `base` for built-in sets, `dataset` for files."""
+    known_only: bool = False
+    """With the base model's answers: replay only the prompts it answers in agreement with the written
+    answer (the written answer's numbers and most of its names, those the prompt does not give away);
+    replaying its wrong answers trains it to state them with confidence."""
     max_answer_tokens: PositiveInt = 256
     """Generation limit for `base` answers; answers that do not finish within it are left out."""
     distill: bool = False
     """Train replay rows towards the base model's top-20 next-token distribution (soft targets,
     computed once before training) instead of only its answer tokens."""
+    resample: bool = False
+    """Draw new replay examples for every epoch (cycling through the set without repeats) instead of
+    repeating one draw: the same replay share per step, more of the set covered, each row seen less."""
+
+    @model_validator(mode="after")
+    def _known_only_checks_base_answers(self) -> "ReplayConfig":
+        from peftkit.data.replay import answers_from_base
+
+        if self.known_only and not answers_from_base(self.path, self.answers):
+            raise ValueError("known_only checks the base model's answers against the written ones; it needs "
+                             "`answers: base` (or `auto` with a built-in set): set it, or remove known_only")
+        return self
 
 
 class DataConfig(Section):

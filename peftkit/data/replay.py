@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,12 @@ def _read_answers(path: Path | None) -> dict[str, dict[str, Any]]:
 
 
 def base_model_answerer(model: Any, tokenizer: Any, *, cache: Path | None, shared_cache: Path | None = None,
-                        max_new_tokens: int = 256, batch_size: int = 16) -> ReplayAnswerer:
+                        max_new_tokens: int = 256, batch_size: int = 16, known_only: bool = False) -> ReplayAnswerer:
     """An answerer that asks `model` (the base, before any adapter) for greedy answers.
 
     Answers are kept in `cache` (the run's own JSONL keyed by the prompt turns: a resumed run
     trains on exactly the same replay rows) and in `shared_cache` (see `shared_cache_path`).
+    `known_only`: drop the answers that disagree with the written one (`states_the_facts_of`).
     """
 
     def answer(examples: list[Example]) -> list[Example]:
@@ -116,18 +118,55 @@ def base_model_answerer(model: Any, tokenizer: Any, *, cache: Path | None, share
                     log.warning("could not keep the replay answers in %s (%s)", shared_cache, exc.strerror)
         if cache is not None:
             _write_answers(cache, {k: known[k] for k in prompts})
-        kept = []
+        kept, unfinished, wrong = [], 0, 0
         for e in examples:  # rows without a final assistant turn to regenerate are kept as written
             if not _answerable(e):
                 kept.append(e)
-            elif known[_key(e)]["finished"] and known[_key(e)]["reply"]:
-                kept.append(Example(e.where, messages=(*e.messages[:-1], {"role": "assistant", "content": known[_key(e)]["reply"]})))
-        if len(kept) < len(examples):
+                continue
+            reply = known[_key(e)]
+            if not (reply["finished"] and reply["reply"]):
+                unfinished += 1
+            elif known_only and not states_the_facts_of(e.messages[-1]["content"], reply["reply"], _prompt_text(e)):
+                wrong += 1
+            else:
+                kept.append(Example(e.where, messages=(*e.messages[:-1], {"role": "assistant", "content": reply["reply"]})))
+        if unfinished:
             log.warning("%d of %d replay answers did not finish within %d tokens and were left out",
-                        len(examples) - len(kept), len(examples), max_new_tokens)
+                        unfinished, len(examples), max_new_tokens)
+        if wrong:
+            log.info("%d of %d replay answers disagree with the written answer and were left out (known_only)",
+                     wrong, len(examples))
         return kept
 
     return answer
+
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())} | {"thirty": 30, "forty": 40, "fifty": 50, "hundred": 100}
+_NAME = re.compile(r"(?<![.!?:]\s)(?<!^)\b[A-Z][a-z]+")
+"""A capitalised word that does not start a sentence: a name, in languages that capitalise them."""
+
+
+def states_the_facts_of(written: str, reply: str, prompt: str = "") -> bool:
+    """Whether `reply` agrees with the reference answer `written` on the facts the prompt does not give
+    away: all of its numbers, and more than half of its names. Answers without either agree."""
+    def numbers(text: str) -> set[str]:
+        words = {str(_NUMBER_WORDS[w]) for w in re.findall(r"[a-z]+", text.lower()) if w in _NUMBER_WORDS}
+        return {n.replace(",", "") for n in _NUMBER.findall(text)} | words
+
+    needed = numbers(written) - numbers(prompt)
+    if not needed <= numbers(reply):
+        return False
+    asked = prompt.lower()
+    names = {name for name in _NAME.findall(written.strip()) if name.lower() not in asked}
+    said = reply.lower()
+    return not names or sum(name.lower() in said for name in names) * 2 > len(names)
+
+
+def _prompt_text(example: Example) -> str:
+    return " ".join(str(m.get("content", "")) for m in example.messages[:-1])
 
 
 def _write_answers(path: Path, answers: dict[str, dict[str, Any]]) -> None:
@@ -143,3 +182,31 @@ def _key(example: Example) -> str:
 
 def _answerable(example: Example) -> bool:
     return bool(example.messages) and example.messages[-1]["role"] == "assistant"
+
+
+class ReplayByEpoch:
+    """The domain rows plus the current epoch's replay rows (`replay.resample`); `set_epoch` moves on.
+
+    Every epoch has the same length, so steps, schedules and resume offsets are those of a plain run;
+    the trainer calls `set_epoch` at each epoch's start (train/callbacks.py `ReplayEpochSwitch`), and
+    a resumed run gets the interrupted epoch's rows back from the epoch number alone."""
+
+    def __init__(self, domain: list[dict[str, Any]], replay_epochs: list[list[dict[str, Any]]]) -> None:
+        if len({len(block) for block in replay_epochs}) != 1:
+            raise ValueError("every epoch needs the same number of replay rows")
+        self.domain = domain
+        self.replay_epochs = replay_epochs
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.domain) + len(self.replay_epochs[0])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index < 0:
+            index += len(self)
+        if index < len(self.domain):
+            return self.domain[index]
+        return self.replay_epochs[self.epoch % len(self.replay_epochs)][index - len(self.domain)]

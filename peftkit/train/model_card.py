@@ -52,6 +52,20 @@ def _plain_use(run_dir: Path) -> list[str]:
             f'model = AutoPeftModelForCausalLM.from_pretrained("{run_dir / "adapter"}")', "```", ""]
 
 
+def _replay_row(recipe: Recipe, summary: dict[str, Any]) -> list[str]:
+    replay, stats = recipe.data.replay, summary.get("data_stats", {})
+    if replay is None or not stats.get("replay_examples"):
+        return []
+    from peftkit.data.replay import answers_from_base
+
+    draws = stats.get("replay_epochs_drawn", 1)
+    how = [f"`{replay.path}`", f"{stats['replay_examples']} rows per epoch" + (f", drawn anew for {draws} epochs" if draws > 1 else ""),
+           ("base model's answers" + (" (those agreeing with the written ones)" if replay.known_only else ""))
+           if answers_from_base(replay.path, replay.answers) else "answers as written",
+           *(["distilled (top-20)"] if replay.distill else [])]
+    return [f"| replay (in the examples) | {', '.join(how)} |"]
+
+
 def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> None:
     quant = summary.get("quantization")
     quant_text = f"{quant['bits']}-bit {quant.get('quant_type', '')}".strip() if quant else "none"
@@ -69,6 +83,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         f"| quantization | {quant_text} |",
         f"| train data | {', '.join(f'`{Path(s).name}`' for s in data_sources(recipe.data.train))} "
         f"({summary['train_examples']} examples) |",
+        *_replay_row(recipe, summary),
         f"| trainable parameters | {summary['trainable_params']:,} of {summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%) |",
         f"| steps / supervised tokens | {summary['steps']} / {summary['trained_tokens']:,} |",
         f"| speed | {_fmt(summary['tokens_per_second'])} supervised tokens/s on {summary['device']} ({summary['threads']} threads) |",

@@ -111,3 +111,10 @@ def test_a_path_or_list_field_gets_one_message_not_one_per_union_branch(data, me
     with pytest.raises(ConfigError) as info:
         recipe_from_dict({"data": data})
     assert len(info.value.problems) == 1 and message in info.value.problems[0]
+
+
+def test_known_only_needs_the_base_models_answers():
+    base = {"model": {"name": "m"}, "data": {"train": "t.jsonl"}}
+    assert recipe_from_dict({**base, "data": {**base["data"], "replay": {"known_only": True}}}).data.replay.known_only
+    with pytest.raises(ConfigError, match="known_only checks the base model's answers"):
+        recipe_from_dict({**base, "data": {**base["data"], "replay": {"path": "mine.jsonl", "known_only": True}}})

@@ -161,6 +161,13 @@ def test_self_distilled_replay_uses_the_base_models_answers_and_caches_them(tiny
     again = base_model_answerer(model, tiny_tokenizer, cache=None, shared_cache=shared, max_new_tokens=8)(examples)
     assert again == answered and len(calls) == 1, "a second run on the same base reads the cache"
     assert answers_from_base("builtin:general", "auto") and not answers_from_base("my.jsonl", "auto")
+    facts = [Example("f", messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": "It is short Short."})),
+             Example("g", messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": "It is 7 Paris."})),
+             Example("h", messages=({"role": "user", "content": "short"}, {"role": "assistant", "content": "Yes."}))]
+    monkeypatch.setattr(generation, "generate_replies", lambda m, t, conversations, **kw: [
+        generation.Reply({"q": "it is short", "short": "no"}[c[-1]["content"]], finished=True) for c in conversations])
+    checked = base_model_answerer(model, tiny_tokenizer, cache=None, known_only=True)(facts)
+    assert [e.where for e in checked] == ["f", "h"], "known_only drops the answers that miss the written facts"
     assert answers_from_base("my.jsonl", "base") and not answers_from_base("builtin:general", "dataset")
 
 
@@ -207,3 +214,20 @@ def test_weight_moving_inits_report_the_base_models_loss_before_training(tiny_re
         losses[init] = train(recipe).summary["eval_loss_before"]
     assert losses["pissa"] == pytest.approx(losses["default"], rel=1e-4)
     assert losses["corda_kpm"] == pytest.approx(losses["default"], rel=1e-4)
+
+
+@pytest.mark.parametrize(("written", "reply", "prompt", "agrees"), [
+    ("The capital of Argentina is Buenos Aires.", "Argentina's capital is Buenos Aires.", "Capital of Argentina?", True),
+    ("The capital of Argentina is Buenos Aires.", "Alberta, Argentina is a country.", "Capital of Argentina?", False),
+    ("A standard piano has 88 keys.", "It has 888 keys.", "How many keys does a piano have?", False),
+    ("Light travels at about 300,000 km per second.", "About 300000 kilometres each second.", "", True),
+    ("An insect has six legs.", "An insect has 6 legs.", "", True),
+    ("An insect has six legs.", "An insect has 8 legs.", "", False),
+    ("12 times 3 is 36.", "36", "What is 12 times 3?", True),  # numbers of the prompt are not required
+    ("Slow down and practise a few minutes a day.", "Practise daily.", "How can I write better?", True),
+    ("George Washington was the first president.", "It was John F. Kennedy.", "", False),
+])
+def test_states_the_facts_of(written, reply, prompt, agrees):
+    from peftkit.data.replay import states_the_facts_of
+
+    assert states_the_facts_of(written, reply, prompt) is agrees
