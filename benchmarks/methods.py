@@ -50,9 +50,7 @@ VARIANT_OVERRIDES = {
     # One replay row per domain row, trained towards the base distribution: the strongest pull back.
     "lora-replay1-distill": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
                                       "data.replay.distill=true"]),
-    # The same with new replay rows every epoch (each row seen ~twice instead of five times).
-    "lora-replay1-distill-resample": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
-                                               "data.replay.distill=true", "data.replay.resample=true"]),
+    # (`lora-replay1-distill-resample`, new replay rows every epoch, lived in commit 476c604: measured worse.)
     # Distilled replay 1.0 of the prompts the base model answers in agreement with the written answer only.
     "lora-replay1-distill-known": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
                                             "data.replay.distill=true", "data.replay.known_only=true"]),

@@ -211,9 +211,6 @@ class ReplayConfig(Section):
     distill: bool = False
     """Train replay rows towards the base model's top-20 next-token distribution (soft targets,
     computed once before training) instead of only its answer tokens."""
-    resample: bool = False
-    """Draw new replay examples for every epoch (cycling through the set without repeats) instead of
-    repeating one draw: the same replay share per step, more of the set covered, each row seen less."""
 
     @model_validator(mode="after")
     def _known_only_checks_base_answers(self) -> "ReplayConfig":

@@ -36,17 +36,6 @@ class DataBundle:
     eval: list[Row]
     heldout: list[HeldoutItem]
     stats: dict[str, Any] = field(default_factory=dict)
-    replay_epochs: list[list[Row]] = field(default_factory=list)
-    """With `replay.resample`: each epoch's replay rows. The last `stats["replay_examples"]` rows of
-    `train` are epoch 0's; training swaps in the others (`ReplayByEpoch`)."""
-
-    def training_set(self) -> Any:
-        """What the trainer iterates: `train`, or with resampled replay a view that changes per epoch."""
-        if len(self.replay_epochs) < 2:
-            return self.train
-        from peftkit.data.replay import ReplayByEpoch
-
-        return ReplayByEpoch(self.train[: len(self.train) - len(self.replay_epochs[0])], self.replay_epochs)
 
 
 def tokenize_examples(
@@ -109,27 +98,24 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int) -> tup
 
 
 def build_datasets(
-    cfg: DataConfig, tokenizer: Any, seed: int = 42, replay_answerer: ReplayAnswerer | None = None, epochs: int = 1
+    cfg: DataConfig, tokenizer: Any, seed: int = 42, replay_answerer: ReplayAnswerer | None = None
 ) -> DataBundle:
-    """`replay_answerer` rewrites the sampled replay answers (self-distilled replay, see data/replay.py);
-    `epochs`: how many epochs' replay rows to draw when `replay.resample` is on."""
+    """`replay_answerer` rewrites the sampled replay answers (self-distilled replay, see data/replay.py)."""
     examples = load_examples(cfg.train, cfg.format)
     if cfg.eval:
         train_examples, eval_examples = examples, load_examples(cfg.eval, cfg.format)
     else:
         train_examples, eval_examples = split_train_eval(examples, cfg.eval_fraction, seed)
     train_rows, train_stats = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
-    replayed, replay_epochs = 0, []
+    replayed = 0
     if cfg.replay is not None:
         # Replay stands for the model's general use, so it keeps its own system prompt (or the chat
         # template's default), not the recipe's domain one.
-        draws = max(1, epochs) if cfg.replay.resample else 1
-        picked = sample_replay(len(train_examples), load_replay(cfg.replay.path), cfg.replay.ratio * draws, seed)
+        picked = sample_replay(len(train_examples), load_replay(cfg.replay.path), cfg.replay.ratio, seed)
         if replay_answerer is not None:
             picked = replay_answerer(picked)
         replay_rows, _ = tokenize_examples(picked, tokenizer, cfg.max_seq_len, None)
-        replay_epochs = split_epochs(replay_rows, draws)
-        train_rows, replayed = [*train_rows, *replay_epochs[0]], len(replay_epochs[0])
+        train_rows, replayed = [*train_rows, *replay_rows], len(replay_rows)
     eval_rows, _ = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
     if not train_rows:
         raise DataError(f"{', '.join(map(str, data_sources(cfg.train)))}: no example has any supervised token left; "
@@ -141,19 +127,10 @@ def build_datasets(
         "eval_rows": len(eval_rows),
         "heldout_questions": len(heldout),
         "replay_examples": replayed,
-        "replay_epochs_drawn": len(replay_epochs) if replayed else 0,
         "train_tokens": sum(len(r["input_ids"]) for r in train_rows),
         "train_supervised_tokens": sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in train_rows),
     }
-    return DataBundle(train_rows, eval_rows, heldout, stats, replay_epochs if len(replay_epochs) > 1 else [])
-
-
-def split_epochs(rows: list[Row], epochs: int) -> list[list[Row]]:
-    """`rows` cut into `epochs` equal blocks (the remainder left out: every epoch has the same steps)."""
-    size = len(rows) // epochs
-    if epochs == 1 or size == 0:
-        return [rows]
-    return [rows[i * size : (i + 1) * size] for i in range(epochs)]
+    return DataBundle(train_rows, eval_rows, heldout, stats)
 
 
 def general_rows(data: DataBundle, cfg: DataConfig, tokenizer: Any) -> list[Row]:

@@ -183,30 +183,3 @@ def _key(example: Example) -> str:
 def _answerable(example: Example) -> bool:
     return bool(example.messages) and example.messages[-1]["role"] == "assistant"
 
-
-class ReplayByEpoch:
-    """The domain rows plus the current epoch's replay rows (`replay.resample`); `set_epoch` moves on.
-
-    Every epoch has the same length, so steps, schedules and resume offsets are those of a plain run;
-    the trainer calls `set_epoch` at each epoch's start (train/callbacks.py `ReplayEpochSwitch`), and
-    a resumed run gets the interrupted epoch's rows back from the epoch number alone."""
-
-    def __init__(self, domain: list[dict[str, Any]], replay_epochs: list[list[dict[str, Any]]]) -> None:
-        if len({len(block) for block in replay_epochs}) != 1:
-            raise ValueError("every epoch needs the same number of replay rows")
-        self.domain = domain
-        self.replay_epochs = replay_epochs
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.domain) + len(self.replay_epochs[0])
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if index < 0:
-            index += len(self)
-        if index < len(self.domain):
-            return self.domain[index]
-        return self.replay_epochs[self.epoch % len(self.replay_epochs)][index - len(self.domain)]

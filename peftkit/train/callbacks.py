@@ -29,18 +29,6 @@ class MetricsJsonlCallback(TrainerCallback):
             handle.write(json.dumps(record) + "\n")
 
 
-class ReplayEpochSwitch(TrainerCallback):
-    """Gives a `ReplayByEpoch` training set the epoch number at each epoch's start (also after a resume)."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        import math
-
-        self.dataset.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
-
-
 class OverfittingWatch(TrainerCallback):
     """Warns once when eval loss rises for two evaluations in a row while train loss keeps falling."""
 

@@ -58,8 +58,7 @@ def _replay_row(recipe: Recipe, summary: dict[str, Any]) -> list[str]:
         return []
     from peftkit.data.replay import answers_from_base
 
-    draws = stats.get("replay_epochs_drawn", 1)
-    how = [f"`{replay.path}`", f"{stats['replay_examples']} rows per epoch" + (f", drawn anew for {draws} epochs" if draws > 1 else ""),
+    how = [f"`{replay.path}`", f"{stats['replay_examples']} rows",
            ("base model's answers" + (" (those agreeing with the written ones)" if replay.known_only else ""))
            if answers_from_base(replay.path, replay.answers) else "answers as written",
            *(["distilled (top-20)"] if replay.distill else [])]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import resource
 import shutil
@@ -30,7 +29,7 @@ from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_d
 from peftkit.train import checkpoints
 from peftkit.train import deepspeed as deepspeed_setup, signals
 from peftkit.train.launch import dist_info, is_main_process, sum_over_processes
-from peftkit.train.callbacks import MetricsJsonlCallback, OverfittingWatch, ReplayEpochSwitch, plot_loss_curves, read_metrics
+from peftkit.train.callbacks import MetricsJsonlCallback, OverfittingWatch, plot_loss_curves, read_metrics
 from peftkit.train.model_card import write_model_card
 from peftkit.train.trainer import SFTTrainer
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
@@ -172,8 +171,7 @@ def train(
     ds_config = deepspeed_setup.setup(recipe, run_dir, device, dtype, write=main_process)  # None without DeepSpeed
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_tokenizer(recipe.model, source)
-    replay_draws = math.ceil(recipe.train.epochs)  # replay.resample: one draw of replay rows per epoch
-    data = build_datasets(recipe.data, tokenizer, recipe.train.seed, epochs=replay_draws)
+    data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     quantization = effective_quantization(recipe)
     log.info("Loading %s on %s (%s%s)", recipe.model.name, device, str(dtype).removeprefix("torch."),
              f", {quantization.bits}-bit" if quantization else "")
@@ -185,13 +183,11 @@ def train(
             model, tokenizer, cache=run_dir / "replay_answers.jsonl" if main_process else None,
             shared_cache=shared_cache_path(model, tokenizer, replay.max_answer_tokens) if main_process else None,
             max_new_tokens=replay.max_answer_tokens, batch_size=recipe.eval.batch_size, known_only=replay.known_only)
-        data = build_datasets(recipe.data, tokenizer, recipe.train.seed, replay_answerer=answerer, epochs=replay_draws)
+        data = build_datasets(recipe.data, tokenizer, recipe.train.seed, replay_answerer=answerer)
 
     if replay is not None and replay.distill and data.stats["replay_examples"]:
         n = data.stats["replay_examples"]  # replay rows are the last ones (data/build.py)
-        data.replay_epochs = [add_teacher_targets(model, tokenizer.pad_token_id, block) for block in data.replay_epochs]
-        data.train[-n:] = data.replay_epochs[0] if data.replay_epochs else add_teacher_targets(
-            model, tokenizer.pad_token_id, data.train[-n:])
+        data.train[-n:] = add_teacher_targets(model, tokenizer.pad_token_id, data.train[-n:])
 
     accuracy_before, details_before = (None, [])
     if recipe.eval.before and not resume and main_process:
@@ -209,7 +205,6 @@ def train(
     metrics_path = run_dir / "metrics.jsonl"
     if not resume and main_process:
         metrics_path.unlink(missing_ok=True)
-    training_set = data.training_set()  # with replay.resample: new replay rows each epoch
     callbacks = [
         MetricsJsonlCallback(metrics_path),
         *([TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard")))] if main_process else []),
@@ -217,7 +212,6 @@ def train(
         checkpoints.SeededLengthGrouping(),  # group_by_length batches reproducible on resume
         interrupt := signals.interrupt_callback(),  # Ctrl-C: checkpoint at the end of the step, then stop
         overfitting := OverfittingWatch(),
-        *([ReplayEpochSwitch(training_set)] if training_set is not data.train else []),
         *(extra_callbacks or []),
     ]
     if recipe.train.early_stopping_patience and has_eval:
@@ -229,7 +223,7 @@ def train(
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=training_set,
+        train_dataset=data.train,
         eval_dataset=data.eval or None,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
         callbacks=[*extras.callbacks, *callbacks],
