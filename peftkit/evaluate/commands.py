@@ -23,6 +23,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         compare_base=not args.no_base,
         qlora_base=args.qlora_base,
+        out=args.out,
     )
     print_eval_report(Console(highlight=False), report)
     run_dir = Path(args.run_dir)
@@ -44,5 +45,7 @@ def register(sub: Any) -> None:
     p.add_argument("--general", help="general-knowledge set for forgetting (default: the built-in one)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--no-base", action="store_true", help="skip the base-model comparison")
+    p.add_argument("--out", help="write the report here instead of RUN_DIR/eval.json (e.g. an eval with "
+                                 "another --general set beside the run's own)")
     add_qlora_base_option(p)
     p.set_defaults(func=cmd_eval)

@@ -57,9 +57,11 @@ def evaluate_run(
     max_new_tokens: int | None = None,
     compare_base: bool = True,
     qlora_base: Literal["quantized", "original"] = "quantized",
+    out: str | Path | None = None,
 ) -> dict[str, Any]:
     """`qlora_base="original"` evaluates a QLoRA adapter on the unquantized base weights (before and
-    after), as a serving engine that loads the adapter onto the original model runs it."""
+    after), as a serving engine that loads the adapter onto the original model runs it. The report goes
+    to `out`, by default RUN_DIR/eval.json (eval_original_base.json for the original weights)."""
     if qlora_base not in QLORA_BASES:
         raise ValueError(f"qlora_base must be `quantized` or `original`, got {qlora_base!r}")
     run = load_run(run_dir, quantized_base=qlora_base == "quantized")
@@ -109,8 +111,10 @@ def evaluate_run(
         "details": {k: v for k, v in after.items() if k.endswith("_details")},
     }
     # The as-trained report (the one the model card shows) is never overwritten by the other view.
-    name = REPORT if qlora_base == "quantized" else ORIGINAL_BASE_REPORT
-    atomic_write_text(Path(run_dir) / name, json.dumps(report, indent=2))
+    default = Path(run_dir) / (REPORT if qlora_base == "quantized" else ORIGINAL_BASE_REPORT)
+    target = Path(out) if out else default
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(report, indent=2))
     return report
 
 

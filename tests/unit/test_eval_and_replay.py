@@ -96,6 +96,10 @@ def test_eval_command_writes_report_and_updates_card(tiny_recipe, tmp_path, caps
     )
     assert "Evaluation (`peftkit eval`)" in (run_dir / "README.md").read_text()
     assert "general knowledge" in capsys.readouterr().out
+    first = (run_dir / "eval.json").read_text()
+    assert main(["eval", str(run_dir), "--no-base", "--out", str(tmp_path / "other" / "check.json")]) == 0
+    assert (run_dir / "eval.json").read_text() == first, "--out leaves the run's own report alone"
+    assert json.loads((tmp_path / "other" / "check.json").read_text())["general_questions"] > 3  # the built-in set
 
 
 def test_eval_of_a_full_finetune_compares_with_the_base_model(tiny_recipe, tmp_path):
