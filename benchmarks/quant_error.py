@@ -99,8 +99,9 @@ def main() -> None:
 
     fp32 = load(None)
     reference = logits(fp32)
-    shapes = [tuple(m.weight.shape) for n, m in fp32.named_modules()
-              if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in MODULE_KINDS]
+    originals = {n: m.weight.data.clone() for n, m in fp32.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in MODULE_KINDS}
+    shapes = [tuple(w.shape) for w in originals.values()]
     results: list[dict[str, Any]] = []
 
     def record(setting: str, got: torch.Tensor, kept_share: float = 0.0, bits: float | None = None) -> None:
@@ -122,8 +123,6 @@ def main() -> None:
         bnb_nf4 = got if bnb_nf4 is None else bnb_nf4
         record(setting, got, bits=bits_per_weight(quantization, shapes))
 
-    originals = {n: m.weight.data.clone() for n, m in fp32.named_modules()
-                 if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in MODULE_KINDS}
     round_trip(fp32, originals, keep=lambda name: False)
     trip = logits(fp32)
     kernel_gap = float((trip - bnb_nf4).abs().max())

@@ -182,4 +182,3 @@ def _key(example: Example) -> str:
 
 def _answerable(example: Example) -> bool:
     return bool(example.messages) and example.messages[-1]["role"] == "assistant"
-
