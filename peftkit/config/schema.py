@@ -197,8 +197,9 @@ class ReplayConfig(Section):
 
     path: str = "builtin:general"
     """`builtin:general` (514 general prompts: short facts, arithmetic, explanations, instructions, advice) or a data file."""
-    ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
-    """Replay examples added per training example (sampled deterministically)."""
+    ratio: Annotated[float, Field(gt=0.0, le=4.0)] = 0.2
+    """Replay examples added per training example (sampled deterministically; above what the set holds,
+    its examples repeat)."""
     answers: Literal["auto", "base", "dataset"] = "auto"
     """`base`: train on the base model's own greedy answers to the replay prompts (self-distilled
     replay); `dataset`: on the answers as written; `auto`: `base` for built-in sets, `dataset` for files."""
@@ -208,6 +209,10 @@ class ReplayConfig(Section):
     replaying its wrong answers trains it to state them with confidence."""
     max_answer_tokens: PositiveInt = 256
     """Generation limit for `base` answers; answers that do not finish within it are left out."""
+    answer_tokens: PositiveInt | None = None
+    """Train on only the first N tokens of each replay answer (the rest is cut from the row, no end of
+    turn is learnt there): the start of an answer carries its facts and form, and short rows let a run
+    replay more prompts for the same time. None: whole answers."""
     distill: bool = False
     """Train replay rows towards the base model's top-20 next-token distribution (soft targets,
     computed once before training) instead of only its answer tokens."""

@@ -75,6 +75,31 @@ def test_replay_rows_keep_their_own_system_prompt(tiny_recipe, tmp_path):
     assert not any("DOMAINPROMPT" in tokenizer.decode(r["input_ids"]) for r in bundle.train[-n_replay:])
 
 
+def test_replay_answer_tokens_keeps_only_the_start_of_each_replay_answer(tiny_recipe, tmp_path):
+    """answer_tokens cuts replay rows after their first N supervised tokens; domain rows stay whole."""
+    from peftkit.data.build import first_supervised
+    from peftkit.data.chat import IGNORE_INDEX
+    from peftkit.models import load_tokenizer, resolve_model_ref
+
+    long_answer = " ".join(f"word{i}" for i in range(60))
+    replay = write_jsonl(tmp_path / "replay.jsonl", [{"messages": [{"role": "user", "content": "tell me"},
+                                                                   {"role": "assistant", "content": long_answer}]}] * 4)
+    recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "max_seq_len": 512,
+                                                       "replay": {"path": str(replay), "ratio": 2.0, "answer_tokens": 5}}})
+    tokenizer = load_tokenizer(recipe.model, resolve_model_ref(recipe.model.name))
+    whole = build_datasets(recipe.data.model_copy(update={"replay": recipe.data.replay.model_copy(
+        update={"answer_tokens": None})}), tokenizer, recipe.train.seed)
+    cut = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    n = cut.stats["replay_examples"]
+    assert n == whole.stats["replay_examples"] > 4, "a ratio above 1 repeats the set"
+    assert cut.train[:-n] == whole.train[:-n]
+    for short, full in zip(cut.train[-n:], whole.train[-n:]):
+        assert sum(label != IGNORE_INDEX for label in short["labels"]) == 5
+        assert short["labels"][-1] != IGNORE_INDEX and short["input_ids"] == full["input_ids"][: len(short["input_ids"])]
+    row = {"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX, 2, 3]}
+    assert first_supervised(row, 5) == row and first_supervised(row, 1) == {"input_ids": [1, 2], "labels": [IGNORE_INDEX, 2]}
+
+
 def test_replay_adds_examples_to_training(tiny_recipe, tmp_path):
     replay = write_jsonl(tmp_path / "replay.jsonl", [{"text": "one two three four"}] * 5)
     recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "replay": {"path": str(replay), "ratio": 0.5}},
