@@ -50,10 +50,8 @@ VARIANT_OVERRIDES = {
     # One replay row per domain row, trained towards the base distribution: the strongest pull back.
     "lora-replay1-distill": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
                                       "data.replay.distill=true"]),
-    # Two replay rows per domain row, each cut after the first 64 answer tokens (about the cost of
-    # lora-replay1-distill's whole answers): twice the answer starts, where facts and form are decided.
-    "lora-replay2-distill-cut64": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=2.0",
-                                            "data.replay.distill=true", "data.replay.answer_tokens=64"]),
+    # (`lora-replay2-distill-cut64`, ratio 2.0 with replay answers cut after 64 tokens, lived in commit
+    # f44963f: measured worse.)
     # (`lora-replay1-distill-resample`, new replay rows every epoch, lived in commit 476c604: measured worse.)
     # Distilled replay 1.0 of the prompts the base model answers in agreement with the written answer only.
     "lora-replay1-distill-known": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",

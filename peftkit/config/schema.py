@@ -209,10 +209,6 @@ class ReplayConfig(Section):
     replaying its wrong answers trains it to state them with confidence."""
     max_answer_tokens: PositiveInt = 256
     """Generation limit for `base` answers; answers that do not finish within it are left out."""
-    answer_tokens: PositiveInt | None = None
-    """Train on only the first N tokens of each replay answer (the rest is cut from the row, no end of
-    turn is learnt there): the start of an answer carries its facts and form, and short rows let a run
-    replay more prompts for the same time. None: whole answers."""
     distill: bool = False
     """Train replay rows towards the base model's top-20 next-token distribution (soft targets,
     computed once before training) instead of only its answer tokens."""

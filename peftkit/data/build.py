@@ -115,8 +115,6 @@ def build_datasets(
         if replay_answerer is not None:
             picked = replay_answerer(picked)
         replay_rows, _ = tokenize_examples(picked, tokenizer, cfg.max_seq_len, None)
-        if cfg.replay.answer_tokens is not None:
-            replay_rows = [first_supervised(row, cfg.replay.answer_tokens) for row in replay_rows]
         train_rows, replayed = [*train_rows, *replay_rows], len(replay_rows)
     eval_rows, _ = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
     if not train_rows:
@@ -133,16 +131,6 @@ def build_datasets(
         "train_supervised_tokens": sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in train_rows),
     }
     return DataBundle(train_rows, eval_rows, heldout, stats)
-
-
-def first_supervised(row: Row, n: int) -> Row:
-    """`row` cut right after its n-th supervised token (unchanged if it has no more than n)."""
-    seen = 0
-    for index, label in enumerate(row["labels"]):
-        seen += label != IGNORE_INDEX
-        if seen == n:
-            return {key: values[: index + 1] for key, values in row.items()}
-    return row
 
 
 def general_rows(data: DataBundle, cfg: DataConfig, tokenizer: Any) -> list[Row]:

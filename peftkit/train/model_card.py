@@ -61,7 +61,6 @@ def _replay_row(recipe: Recipe, summary: dict[str, Any]) -> list[str]:
     how = [f"`{replay.path}`", f"{stats['replay_examples']} rows",
            ("base model's answers" + (" (those agreeing with the written ones)" if replay.known_only else ""))
            if answers_from_base(replay.path, replay.answers) else "answers as written",
-           *([f"first {replay.answer_tokens} answer tokens"] if replay.answer_tokens else []),
            *(["distilled (top-20)"] if replay.distill else [])]
     return [f"| replay (in the examples) | {', '.join(how)} |"]
 

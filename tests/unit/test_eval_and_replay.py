@@ -13,7 +13,7 @@ from peftkit.config import recipe_from_dict
 from peftkit.data.build import build_datasets
 from peftkit.data.replay import replay_path, sample_replay
 from peftkit.data.formats import Example, load_examples
-from peftkit.errors import RunDirError
+from peftkit.errors import ConfigError, RunDirError
 from peftkit.evaluate.run_eval import builtin_resource
 from peftkit.runs import load_run
 from peftkit.train.callbacks import OverfittingWatch
@@ -75,29 +75,21 @@ def test_replay_rows_keep_their_own_system_prompt(tiny_recipe, tmp_path):
     assert not any("DOMAINPROMPT" in tokenizer.decode(r["input_ids"]) for r in bundle.train[-n_replay:])
 
 
-def test_replay_answer_tokens_keeps_only_the_start_of_each_replay_answer(tiny_recipe, tmp_path):
-    """answer_tokens cuts replay rows after their first N supervised tokens; domain rows stay whole."""
-    from peftkit.data.build import first_supervised
-    from peftkit.data.chat import IGNORE_INDEX
+def test_replay_ratio_above_one_repeats_the_set(tiny_recipe, tmp_path):
+    """A small domain set can draw more replay rows than it has examples; the set then repeats."""
+    replay = write_jsonl(tmp_path / "replay.jsonl", [{"messages": [{"role": "user", "content": f"question {i}"},
+                                                                   {"role": "assistant", "content": "an answer"}]}
+                                                     for i in range(3)])
+    recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "max_seq_len": 512,
+                                                       "replay": {"path": str(replay), "ratio": 4.0}}})
     from peftkit.models import load_tokenizer, resolve_model_ref
 
-    long_answer = " ".join(f"word{i}" for i in range(60))
-    replay = write_jsonl(tmp_path / "replay.jsonl", [{"messages": [{"role": "user", "content": "tell me"},
-                                                                   {"role": "assistant", "content": long_answer}]}] * 4)
-    recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "max_seq_len": 512,
-                                                       "replay": {"path": str(replay), "ratio": 2.0, "answer_tokens": 5}}})
     tokenizer = load_tokenizer(recipe.model, resolve_model_ref(recipe.model.name))
-    whole = build_datasets(recipe.data.model_copy(update={"replay": recipe.data.replay.model_copy(
-        update={"answer_tokens": None})}), tokenizer, recipe.train.seed)
-    cut = build_datasets(recipe.data, tokenizer, recipe.train.seed)
-    n = cut.stats["replay_examples"]
-    assert n == whole.stats["replay_examples"] > 4, "a ratio above 1 repeats the set"
-    assert cut.train[:-n] == whole.train[:-n]
-    for short, full in zip(cut.train[-n:], whole.train[-n:]):
-        assert sum(label != IGNORE_INDEX for label in short["labels"]) == 5
-        assert short["labels"][-1] != IGNORE_INDEX and short["input_ids"] == full["input_ids"][: len(short["input_ids"])]
-    row = {"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX, 2, 3]}
-    assert first_supervised(row, 5) == row and first_supervised(row, 1) == {"input_ids": [1, 2], "labels": [IGNORE_INDEX, 2]}
+    bundle = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    n_train = bundle.stats["train_examples"]
+    assert bundle.stats["replay_examples"] == 4 * n_train > 3
+    with pytest.raises(ConfigError, match="ratio"):
+        recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "replay": {"path": str(replay), "ratio": 4.5}}})
 
 
 def test_replay_adds_examples_to_training(tiny_recipe, tmp_path):
