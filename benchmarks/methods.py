@@ -50,6 +50,9 @@ VARIANT_OVERRIDES = {
     # One replay row per domain row, trained towards the base distribution: the strongest pull back.
     "lora-replay1-distill": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
                                       "data.replay.distill=true"]),
+    # Distilled replay 1.0 on a rank-8 adapter: half the update's capacity ("LoRA learns less and forgets less").
+    "lora-r8-replay1-distill": ("lora", ["adapter.r=8", "adapter.alpha=16", "data.replay.path=builtin:general",
+                                         "data.replay.ratio=1.0", "data.replay.distill=true"]),
     # (`lora-replay2-distill-cut64`, ratio 2.0 with replay answers cut after 64 tokens, lived in commit
     # f44963f: measured worse.)
     # (`lora-replay1-distill-resample`, new replay rows every epoch, lived in commit 476c604: measured worse.)
