@@ -77,13 +77,13 @@ def test_replay_rows_keep_their_own_system_prompt(tiny_recipe, tmp_path):
 
 def test_replay_ratio_above_one_repeats_the_set(tiny_recipe, tmp_path):
     """A small domain set can draw more replay rows than it has examples; the set then repeats."""
+    from peftkit.models import load_tokenizer, resolve_model_ref
+
     replay = write_jsonl(tmp_path / "replay.jsonl", [{"messages": [{"role": "user", "content": f"question {i}"},
                                                                    {"role": "assistant", "content": "an answer"}]}
                                                      for i in range(3)])
     recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "max_seq_len": 512,
                                                        "replay": {"path": str(replay), "ratio": 4.0}}})
-    from peftkit.models import load_tokenizer, resolve_model_ref
-
     tokenizer = load_tokenizer(recipe.model, resolve_model_ref(recipe.model.name))
     bundle = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     n_train = bundle.stats["train_examples"]
