@@ -91,11 +91,14 @@ def _read_answers(path: Path | None) -> dict[str, dict[str, Any]]:
 
 
 def base_model_answerer(model: Any, tokenizer: Any, *, cache: Path | None, shared_cache: Path | None = None,
-                        max_new_tokens: int = 256, batch_size: int = 16, known_only: bool = False) -> ReplayAnswerer:
+                        write_caches: bool = True, max_new_tokens: int = 256, batch_size: int = 16,
+                        known_only: bool = False) -> ReplayAnswerer:
     """An answerer that asks `model` (the base, before any adapter) for greedy answers.
 
     Answers are kept in `cache` (the run's own JSONL keyed by the prompt turns: a resumed run
     trains on exactly the same replay rows) and in `shared_cache` (see `shared_cache_path`).
+    Every process reads both; only the one with `write_caches` (global rank 0) writes them, so
+    worker processes reuse the answers a run or an earlier run already has.
     `known_only`: drop the answers that disagree with the written one (`states_the_facts_of`).
     """
 
@@ -111,12 +114,12 @@ def base_model_answerer(model: Any, tokenizer: Any, *, cache: Path | None, share
                                        batch_size=batch_size, progress="replay answers")
             for key, reply in zip(missing, replies):
                 known[key] = {"key": key, "reply": reply.text, "finished": reply.finished}
-            if shared_cache is not None:
+            if shared_cache is not None and write_caches:
                 try:
                     _write_answers(shared_cache, known)
                 except OSError as exc:  # a read-only home only costs the next run the generation
                     log.warning("could not keep the replay answers in %s (%s)", shared_cache, exc.strerror)
-        if cache is not None:
+        if cache is not None and write_caches:
             _write_answers(cache, {k: known[k] for k in prompts})
         kept, unfinished, wrong = [], 0, 0
         for e in examples:  # rows without a final assistant turn to regenerate are kept as written

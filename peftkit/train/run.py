@@ -180,8 +180,8 @@ def train(
     replay = recipe.data.replay
     if replay is not None and answers_from_base(replay.path, replay.answers):  # self-distilled replay
         answerer = base_model_answerer(
-            model, tokenizer, cache=run_dir / "replay_answers.jsonl" if main_process else None,
-            shared_cache=shared_cache_path(model, tokenizer, replay.max_answer_tokens) if main_process else None,
+            model, tokenizer, cache=run_dir / "replay_answers.jsonl",
+            shared_cache=shared_cache_path(model, tokenizer, replay.max_answer_tokens), write_caches=main_process,
             max_new_tokens=replay.max_answer_tokens, batch_size=recipe.eval.batch_size, known_only=replay.known_only)
         data = build_datasets(recipe.data, tokenizer, recipe.train.seed, replay_answerer=answerer)
 

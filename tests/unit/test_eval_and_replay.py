@@ -181,6 +181,15 @@ def test_self_distilled_replay_uses_the_base_models_answers_and_caches_them(tiny
     assert run_cache.is_file() and shared.is_file()
     again = base_model_answerer(model, tiny_tokenizer, cache=None, shared_cache=shared, max_new_tokens=8)(examples)
     assert again == answered and len(calls) == 1, "a second run on the same base reads the cache"
+    worker_cache = tmp_path / "worker" / "run.jsonl"  # a worker process (not rank 0) of a run
+    worker = base_model_answerer(model, tiny_tokenizer, cache=worker_cache, shared_cache=shared, write_caches=False,
+                                 max_new_tokens=8)
+    assert worker(examples) == answered and len(calls) == 1, "worker processes read the answers rank 0 keeps"
+    assert not worker_cache.exists(), "only rank 0 writes the caches"
+    worker_new = base_model_answerer(model, tiny_tokenizer, cache=run_cache, shared_cache=tmp_path / "none.jsonl",
+                                     write_caches=False, max_new_tokens=8)
+    assert worker_new([chat("short"), chat("other")])[0].messages[-1]["content"] == "base says short"
+    assert calls[1:] == [["other"]] and not (tmp_path / "none.jsonl").exists(), "it generates only what is missing"
     assert answers_from_base("builtin:general", "auto") and not answers_from_base("my.jsonl", "auto")
     facts = [Example("f", messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": "It is short Short."})),
              Example("g", messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": "It is 7 Paris."})),
