@@ -229,8 +229,23 @@ def save(peft_model: Any, directory: Path) -> None:
     initial = getattr(peft_model, INITIAL_ADAPTER_ATTR, None)
     if initial is not None and Path(initial).is_dir():
         peft_model.save_pretrained(str(directory), safe_serialization=True, path_initial_model_for_weight_conversion=initial)
+        _restore_trained_modules(peft_model, Path(directory))
     else:
         peft_model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def _restore_trained_modules(peft_model: Any, directory: Path) -> None:
+    """peft's conversion (`subtract_mutated_init`, peft 0.21) keeps only the lora_A/lora_B tensors, so a
+    trained task head (`modules_to_save`, e.g. a classifier's `score`) would be lost: put it back."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "adapter_model.safetensors"
+    saved = load_file(str(path))
+    missing = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()
+               if k not in saved and "lora_" not in k}
+    if missing:
+        save_file({**saved, **missing}, str(path), metadata={"format": "pt"})
 
 
 def trainer_extras(model: Any, cfg: LoraAdapterConfig, args: Any) -> TrainerExtras:

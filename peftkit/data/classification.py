@@ -111,6 +111,16 @@ def tokenize_labeled(
     return rows
 
 
+def general_inputs(tokenizer: Any, max_seq_len: int) -> list[dict[str, Any]]:
+    """The built-in general set's prompts as plain text: what a classifier's backbone was good at before
+    tuning (calibration for knowledge-preserving inits such as `corda_kpm`; only the inputs matter)."""
+    from peftkit.data.replay import BUILTIN_PREFIX, load_replay
+
+    texts = [next(m["content"] for m in e.messages if m["role"] == "user")
+             for e in load_replay(f"{BUILTIN_PREFIX}general") if e.messages]
+    return [{"input_ids": ids} for ids in tokenizer(texts, truncation=True, max_length=max_seq_len)["input_ids"]]
+
+
 def build_classification_data(
     cfg: DataConfig, tokenizer: Any, seed: int = 42, input_names: set[str] | None = None
 ) -> ClassificationData:

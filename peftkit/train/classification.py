@@ -23,6 +23,7 @@ import torch
 from transformers import Trainer
 
 from peftkit.adapters import base_model_view, build_adapter, effective_quantization, parameter_counts, save_trained, trainer_extras
+from peftkit.adapters.lora import CALIBRATED_INITS, KNOWLEDGE_INITS
 from peftkit.config.load import recipe_to_yaml
 from peftkit.config.schema import Recipe
 from peftkit.config.validate import validate_recipe
@@ -30,6 +31,7 @@ from peftkit.data.classification import (
     LABELS_FILE,
     ClassificationData,
     build_classification_data,
+    general_inputs,
     label_config,
     label_names,
     load_labeled,
@@ -163,7 +165,10 @@ def train_classifier(
     model = load_model(recipe.model, quantization, device=device, dtype=dtype, task=TASK, num_labels=len(labels), source=source)
     label_config(model, labels, tokenizer.pad_token_id)
     data: ClassificationData = build_classification_data(recipe.data, tokenizer, recipe.train.seed, model_input_names(model))
-    model = build_adapter(model, recipe.adapter, task=TASK, quantized=quantization is not None)
+    init = getattr(recipe.adapter, "init", None)
+    calibration = (general_inputs(tokenizer, recipe.data.max_seq_len) if init in KNOWLEDGE_INITS
+                   else [{"input_ids": row["input_ids"]} for row in data.train] if init in CALIBRATED_INITS else None)
+    model = build_adapter(model, recipe.adapter, task=TASK, quantized=quantization is not None, calibration=calibration)
     trainable, total = parameter_counts(model)
     log.info("Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 

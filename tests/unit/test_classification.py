@@ -140,3 +140,23 @@ def test_pissa_scores_before_training_are_the_base_models(tiny_model_dir, tmp_pa
                          max_steps=1)
         losses[init] = train(recipe_from_dict(recipe)).summary["eval_loss_before"]
     assert losses["pissa"] == pytest.approx(losses["default"], rel=1e-4)
+
+
+@pytest.mark.parametrize(("model", "init"), [("decoder", "eva"), ("decoder", "corda_kpm"), ("bert", "corda"), ("decoder", "pissa")])
+def test_calibrated_inits_train_a_classifier(model, init, tiny_model_dir, tiny_bert_dir, tmp_path, monkeypatch):
+    """EVA and CorDA compute the adapter's start from data: the training texts (`eva`, `corda`), or the
+    built-in general prompts as plain text for `corda_kpm` (what the model should keep doing well)."""
+    from peftkit.adapters import lora
+
+    seen = []
+    real = lora._preprocess_corda
+    monkeypatch.setattr(lora, "_preprocess_corda", lambda m, config, rows: seen.append(rows) or real(m, config, rows))
+    decoder = model == "decoder"
+    adapter = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "init": init,
+               **({} if decoder else {"target_modules": ["query", "value"]})}
+    result = train(recipe_from_dict(_recipe(tiny_model_dir if decoder else tiny_bert_dir, tmp_path, adapter, max_steps=20)))
+    _check_run(result, "score" if decoder else "classifier")
+    if init == "corda_kpm":
+        assert len(seen[0]) > 100, "kpm calibrates on the general prompts, not on the 30 training texts"
+    elif init == "corda":
+        assert len(seen[0]) == result.summary["data_stats"]["train_rows"]
