@@ -210,8 +210,8 @@ class ReplayConfig(Section):
     max_answer_tokens: PositiveInt = 256
     """Generation limit for `base` answers; answers that do not finish within it are left out."""
     distill: bool = False
-    """Train replay rows towards the base model's next-token distribution (its top 20 tokens plus the
-    mass of all others as one bucket, computed once before training) instead of only its answer tokens."""
+    """Train replay rows towards the base model's top-20 next-token distribution (soft targets,
+    computed once before training) instead of only its answer tokens."""
 
     @model_validator(mode="after")
     def _known_only_checks_base_answers(self) -> "ReplayConfig":

@@ -61,7 +61,7 @@ def _replay_row(recipe: Recipe, summary: dict[str, Any]) -> list[str]:
     how = [f"`{replay.path}`", f"{stats['replay_examples']} rows",
            ("base model's answers" + (" (those agreeing with the written ones)" if replay.known_only else ""))
            if answers_from_base(replay.path, replay.answers) else "answers as written",
-           *(["distilled (top-20 + rest)"] if replay.distill else [])]
+           *(["distilled (top-20)"] if replay.distill else [])]
     return [f"| replay (in the examples) | {', '.join(how)} |"]
 
 

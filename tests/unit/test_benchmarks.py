@@ -179,3 +179,20 @@ def test_bits_per_weight_counts_block_and_row_scales():
     assert bits_per_weight(QuantizationConfig(bits=8), shapes) == 8 + 32 * 8 / 32
     assert bits_per_weight(QuantizationConfig(bits=4, double_quant=False), shapes) == 4.5  # fp32 absmax per 64
     assert bits_per_weight(QuantizationConfig(bits=4, blocksize=32), shapes) == round(4 + 8 / 32 + 32 / (256 * 32), 3)
+
+
+def test_rephrase_probe_scores_each_wording(monkeypatch):
+    from benchmarks.rephrase_probe import WORDINGS, rephrase_scores
+    from peftkit.data.build import HeldoutItem
+    from peftkit.evaluate import generation
+
+    def fake_generate(model, tokenizer, conversations, **kwargs):  # right only when asked plainly or briefly
+        return [generation.Reply("It is Paris." if c[-1]["content"] in ("Capital of France?", "Capital of France? Answer briefly.")
+                                 else "I do not know.", finished=True) for c in conversations]
+
+    monkeypatch.setattr(generation, "generate_replies", fake_generate)
+    items = [HeldoutItem(({"role": "user", "content": "Capital of France?"},), ("Paris",)),
+             HeldoutItem(({"role": "user", "content": "Capital of Peru?"},), ("Lima",))]
+    rows = rephrase_scores(None, None, items, max_new_tokens=8, batch_size=4)
+    assert [r["wordings_correct"] for r in rows] == [f"2 / {len(WORDINGS)}", f"0 / {len(WORDINGS)}"]
+    assert [rows[0][f"w{j}"] for j in range(len(WORDINGS))] == [1, 0, 1, 0, 0]

@@ -109,7 +109,7 @@ def test_bucketed_batch_gives_the_same_loss_and_gradients(lora_model, tiny_token
         rows.append({"input_ids": ids, "labels": labels})
     if with_teacher:  # a distilled row inside the batch: its soft targets must follow it into its bucket
         n = len(supervised_targets(rows[1]["labels"]))
-        rows[1] = {**rows[1], TEACHER_IDS: [[3, 4, 5]] * n, TEACHER_PROBS: [[0.5, 0.2, 0.1]] * n}  # 0.2 in the bucket
+        rows[1] = {**rows[1], TEACHER_IDS: [[3, 4, 5]] * n, TEACHER_PROBS: [[0.5, 0.3, 0.2]] * n}
     collate = PaddingCollator(tiny_tokenizer.pad_token_id)
     from peftkit.train.bucketing import length_buckets
 
