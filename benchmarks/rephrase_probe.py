@@ -59,7 +59,7 @@ def main() -> None:
                            batch_size=recipe.eval.batch_size)
     stem = results_stem("rephrase_probe")
     table = "\n".join(markdown_table(rows, list(rows[0])))
-    firm = sum(r["wordings_correct"].startswith(f"{len(WORDINGS)} ") for r in rows)
+    firm = sum(all(r[f"w{j}"] for j in range(len(WORDINGS))) for r in rows)
     text = (f"# Forgetting set in {len(WORDINGS)} wordings (base model `{recipe.model.name}`, greedy, "
             f"{recipe.eval.max_new_tokens} new tokens)\n\n"
             + "Wordings: " + ", ".join(f"w{j} `{w}`" for j, w in enumerate(WORDINGS))

@@ -166,8 +166,11 @@ def train_classifier(
     label_config(model, labels, tokenizer.pad_token_id)
     data: ClassificationData = build_classification_data(recipe.data, tokenizer, recipe.train.seed, model_input_names(model))
     init = getattr(recipe.adapter, "init", None)
-    calibration = (general_inputs(tokenizer, recipe.data.max_seq_len) if init in KNOWLEDGE_INITS
-                   else [{"input_ids": row["input_ids"]} for row in data.train] if init in CALIBRATED_INITS else None)
+    calibration = None  # rows for the data-driven inits (EVA, CorDA); only their input_ids are used
+    if init in KNOWLEDGE_INITS:
+        calibration = general_inputs(tokenizer, recipe.data.max_seq_len)
+    elif init in CALIBRATED_INITS:
+        calibration = [{"input_ids": row["input_ids"]} for row in data.train]
     model = build_adapter(model, recipe.adapter, task=TASK, quantized=quantization is not None, calibration=calibration)
     trainable, total = parameter_counts(model)
     log.info("Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
