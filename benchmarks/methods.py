@@ -61,9 +61,8 @@ VARIANT_OVERRIDES = {
     # Distilled replay 1.0 of the prompts the base model answers in agreement with the written answer only.
     "lora-replay1-distill-known": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
                                             "data.replay.distill=true", "data.replay.known_only=true"]),
-    # Distilled replay 1.0 plus 60 prompts about the domain's 20 most frequent words (data/domain_replay.py).
-    "lora-replay1-distill-vocab60": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
-                                              "data.replay.distill=true", "data.replay.domain_prompts=60"]),
+    # (`lora-replay1-distill-vocab60`, distilled replay 1.0 plus 60 prompts about the domain's 20 most frequent
+    # words, `data.replay.domain_prompts`, lived in commit d3d17d1: within the seed spread at 1.5x the time.)
     # One replay row per domain row with the set's written answers (classic replay of old data), hard targets.
     "lora-replay1-written": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
                                       "data.replay.answers=dataset"]),

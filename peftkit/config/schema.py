@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, NonNegativeInt, PositiveFloat, PositiveInt, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, PositiveInt, Tag, model_validator
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -209,24 +209,17 @@ class ReplayConfig(Section):
     replaying its wrong answers trains it to state them with confidence."""
     max_answer_tokens: PositiveInt = 256
     """Generation limit for `base` answers; answers that do not finish within it are left out."""
-    domain_prompts: NonNegativeInt = 0
-    """Add this many replay prompts built from the domain's most frequent words ('What does the word
-    "hours" mean?', ...; `data/domain_replay.py`), answered by the base model: the tuned model keeps the
-    general use of the words its domain data trains hardest. Needs the base model's answers."""
     distill: bool = False
     """Train replay rows towards the base model's top-20 next-token distribution (soft targets,
     computed once before training) instead of only its answer tokens."""
 
     @model_validator(mode="after")
-    def _base_answer_options_have_base_answers(self) -> "ReplayConfig":
+    def _known_only_checks_base_answers(self) -> "ReplayConfig":
         from peftkit.data.replay import answers_from_base
 
         if self.known_only and not answers_from_base(self.path, self.answers):
             raise ValueError("known_only checks the base model's answers against the written ones; it needs "
                              "`answers: base` (or `auto` with a built-in set): set it, or remove known_only")
-        if self.domain_prompts and not answers_from_base(self.path, self.answers):
-            raise ValueError("domain_prompts are answered by the base model; they need `answers: base` (or `auto` "
-                             "with a built-in set): set it, or remove domain_prompts")
         return self
 
 

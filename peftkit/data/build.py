@@ -14,7 +14,6 @@ import torch
 from peftkit.config.schema import DataConfig
 from peftkit.data.chat import IGNORE_INDEX, tokenize_conversation_rows, tokenize_text, with_system_prompt
 from peftkit.data.formats import Example, Message, data_sources, load_examples, read_records
-from peftkit.data.domain_replay import domain_vocabulary_prompts
 from peftkit.data.replay import BUILTIN_PREFIX, ReplayAnswerer, load_replay, sample_replay
 from peftkit.errors import DataError
 
@@ -113,8 +112,8 @@ def build_datasets(
         # Replay stands for the model's general use, so it keeps its own system prompt (or the chat
         # template's default), not the recipe's domain one.
         picked = sample_replay(len(train_examples), load_replay(cfg.replay.path), cfg.replay.ratio, seed)
-        if replay_answerer is not None:  # domain prompts have no written answer (the schema requires base answers)
-            picked = replay_answerer([*picked, *domain_vocabulary_prompts(train_examples, cfg.replay.domain_prompts)])
+        if replay_answerer is not None:
+            picked = replay_answerer(picked)
         replay_rows, _ = tokenize_examples(picked, tokenizer, cfg.max_seq_len, None)
         train_rows, replayed = [*train_rows, *replay_rows], len(replay_rows)
     eval_rows, _ = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
