@@ -63,6 +63,14 @@ VARIANT_OVERRIDES = {
                                             "data.replay.distill=true", "data.replay.known_only=true"]),
     # (`lora-replay1-distill-vocab60`, distilled replay 1.0 plus 60 prompts about the domain's 20 most frequent
     # words, `data.replay.domain_prompts`, lived in commit d3d17d1: within the seed spread at 1.5x the time.)
+    # LoRA on the MLP projections only / on the attention projections only ("LoRA learns less and
+    # forgets less": which half of the blocks carries the forgetting).
+    "lora-mlp": ("lora", ['adapter.target_modules=["gate_proj","up_proj","down_proj"]']),
+    "lora-attn": ("lora", ['adapter.target_modules=["q_proj","k_proj","v_proj","o_proj"]']),
+    # `quickstart-replay.yaml` (distilled replay 1.0) on the MLP projections only.
+    "lora-mlp-replay1-distill": ("lora", ['adapter.target_modules=["gate_proj","up_proj","down_proj"]',
+                                          "data.replay.path=builtin:general", "data.replay.ratio=1.0",
+                                          "data.replay.distill=true"]),
     # One replay row per domain row with the set's written answers (classic replay of old data), hard targets.
     "lora-replay1-written": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
                                       "data.replay.answers=dataset"]),
