@@ -27,6 +27,7 @@ from peftkit.evaluate.run_eval import ORIGINAL_BASE_REPORT, REPORT
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["lora", "qlora", "qlora-loftq", "full", "lora-replay", "dora", "qlora-int8", "prefix", "partial"]
+LLAMA_MLP_TARGETS = 'adapter.target_modules=["gate_proj","up_proj","down_proj"]'  # SmolLM2 / Llama MLP names
 # Methods that are a variant of another recipe rather than a recipe of their own.
 VARIANT_OVERRIDES = {
     "qlora-int8": ("qlora", ["quantization.bits=8"]),
@@ -65,12 +66,11 @@ VARIANT_OVERRIDES = {
     # words, `data.replay.domain_prompts`, lived in commit d3d17d1: within the seed spread at 1.5x the time.)
     # LoRA on the MLP projections only / on the attention projections only ("LoRA learns less and
     # forgets less": which half of the blocks carries the forgetting).
-    "lora-mlp": ("lora", ['adapter.target_modules=["gate_proj","up_proj","down_proj"]']),
+    "lora-mlp": ("lora", [LLAMA_MLP_TARGETS]),
     "lora-attn": ("lora", ['adapter.target_modules=["q_proj","k_proj","v_proj","o_proj"]']),
     # `quickstart-replay.yaml` (distilled replay 1.0) on the MLP projections only.
-    "lora-mlp-replay1-distill": ("lora", ['adapter.target_modules=["gate_proj","up_proj","down_proj"]',
-                                          "data.replay.path=builtin:general", "data.replay.ratio=1.0",
-                                          "data.replay.distill=true"]),
+    "lora-mlp-replay1-distill": ("lora", [LLAMA_MLP_TARGETS, "data.replay.path=builtin:general",
+                                          "data.replay.ratio=1.0", "data.replay.distill=true"]),
     # One replay row per domain row with the set's written answers (classic replay of old data), hard targets.
     "lora-replay1-written": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
                                       "data.replay.answers=dataset"]),
