@@ -241,9 +241,9 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
         resume, force = resolve_resume(getattr(args, "resume", None), run_dir, bool(args.force))
     try:
         result = train(recipe, resume=resume, force=force)
-        finish_process_group(synchronise=True)
+        finish_process_group()
     except TrainingInterrupted as exc:
-        finish_process_group(synchronise=False)
+        finish_process_group()  # every rank raises it, at the same step: the stop flag is all-reduced
         if os.environ.get(WORKER_ENV):
             return 0  # the launching process reads interrupted.json and tells the user
         raise exc.with_command(resume_command()) from None
@@ -395,7 +395,7 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
     from peftkit.train import deepspeed as ds
     from peftkit.train.report import print_run_report
     from peftkit.train.run import prepare_run_dir
-    from peftkit.train.signals import TrainingInterrupted, read_interrupted
+    from peftkit.train.signals import read_interrupted
 
     problems = options.problems()
     if recipe.task != "causal_lm":
@@ -425,14 +425,7 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
     log.debug("Launch command: %s", shlex.join(cmd))
     started = time.time()
     code, interrupts = run_supervised(cmd, env, direct_signals=options.chosen_launcher == "deepspeed")
-    record = read_interrupted(run_dir, since=started - 1)
-    if record is not None and code == 0:
-        raise TrainingInterrupted(int(record["step"]), Path(record["checkpoint"]), run_dir, resume_command())
-    if interrupts:
-        raise LaunchError(f"training was interrupted before a checkpoint could be saved (launcher exit code {code}); "
-                          f"rerun with: {resume_command()}")
-    if code != 0:
-        raise LaunchError(f"training failed in a worker process (launcher exit code {code}); the worker's error is above")
+    raise_for_worker_exit(code, interrupts, read_interrupted(run_dir, since=started - 1), run_dir)
     if options.node_rank != 0:
         return 0
     summary_path = run_dir / "summary.json"
@@ -440,6 +433,29 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
         raise LaunchError(f"the workers exited without writing {summary_path}; see their output above")
     print_run_report(console, run_dir, json.loads(summary_path.read_text(encoding="utf-8")))
     return 0
+
+
+def raise_for_worker_exit(code: int, interrupts: int, record: dict[str, Any] | None, run_dir: Path) -> None:
+    """Turn the launcher's exit code and the workers' interrupt record into what the user is told.
+
+    A worker that saved its interrupt checkpoint can still die on the way out (C++ destructors of the
+    communication libraries); when the checkpoint the record names is complete, the run is resumable and
+    is reported as interrupted, not as lost."""
+    from peftkit.train import checkpoints
+    from peftkit.train.signals import TrainingInterrupted
+
+    if record is not None:
+        checkpoint = Path(record["checkpoint"])
+        if code == 0 or checkpoints.is_complete(checkpoint):
+            if code != 0:
+                log.warning("A worker exited abnormally after the checkpoint was saved (launcher exit code %d); "
+                            "the checkpoint is complete", code)
+            raise TrainingInterrupted(int(record["step"]), checkpoint, run_dir, resume_command())
+    if interrupts:
+        raise LaunchError(f"training was interrupted before a checkpoint could be saved (launcher exit code {code}); "
+                          f"rerun with: {resume_command()}")
+    if code != 0:
+        raise LaunchError(f"training failed in a worker process (launcher exit code {code}); the worker's error is above")
 
 
 def sum_over_processes(*values: int) -> tuple[int, ...]:
@@ -455,17 +471,17 @@ def sum_over_processes(*values: int) -> tuple[int, ...]:
     return tuple(int(v) for v in total.tolist())
 
 
-def finish_process_group(*, synchronise: bool) -> None:
-    """Tear the process group down before interpreter exit, on every rank.
+def finish_process_group() -> None:
+    """Wait for every rank, then tear the process group down before interpreter exit.
 
     Left to exit-time destructors, gloo's and DeepSpeed's communication threads can still be joinable
     when C++ static destruction runs, and a worker that finished training aborts ("terminate called
-    without an active exception"). `synchronise` waits for all ranks first (only after a normal end:
-    an interrupted rank's peers may never get there)."""
+    without an active exception"). Only called where all ranks arrive: after a normal end, and after a
+    coordinated interrupt stop (a second Ctrl-C raises KeyboardInterrupt and never gets here)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if synchronise and dist.get_world_size() > 1:
+    if dist.get_world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()

@@ -17,8 +17,9 @@ import torch
 from peftkit.config import load_recipe
 from peftkit.errors import RunDirError
 from peftkit.train import checkpoints
-from peftkit.train.launch import resolve_resume, resume_command
+from peftkit.train.launch import LaunchError, raise_for_worker_exit, resolve_resume, resume_command
 from peftkit.train.run import train
+from peftkit.train.signals import TrainingInterrupted
 from tests.train_procs import (
     adapter_tensors,
     complete_checkpoints,
@@ -180,6 +181,27 @@ def test_resume_flag_semantics(tmp_path):
     (run_dir / "summary.json").write_text("{}")
     with pytest.raises(RunDirError, match="finished run"):
         resolve_resume("auto", run_dir, force=False)
+
+
+def test_worker_exit_is_reported_by_what_the_workers_left(tmp_path, caplog):
+    """The launcher's exit code alone does not decide: an interrupt checkpoint that is complete is resumable."""
+    saved = _checkpoint(tmp_path, 3, world_size=2, deepspeed_stage=2)
+    record = {"step": 3, "checkpoint": str(saved), "signal": "SIGINT"}
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 3") as clean:
+        raise_for_worker_exit(0, 1, record, tmp_path)
+    assert clean.value.checkpoint == saved and clean.value.exit_code == 130
+    with caplog.at_level("WARNING"), pytest.raises(TrainingInterrupted):
+        raise_for_worker_exit(1, 1, record, tmp_path)  # a worker aborted on the way out, after the save
+    assert "exit code 1" in caplog.text and "checkpoint is complete" in caplog.text
+
+    partial = _checkpoint(tmp_path, 5, complete=False)
+    with pytest.raises(LaunchError, match="before a checkpoint could be saved"):
+        raise_for_worker_exit(1, 1, {"step": 5, "checkpoint": str(partial)}, tmp_path)
+    with pytest.raises(LaunchError, match="before a checkpoint could be saved"):
+        raise_for_worker_exit(-2, 1, None, tmp_path)
+    with pytest.raises(LaunchError, match="failed in a worker process"):
+        raise_for_worker_exit(1, 0, None, tmp_path)
+    raise_for_worker_exit(0, 0, None, tmp_path)  # a normal end: nothing to say here
 
 
 def test_resume_command_repeats_the_launch_with_resume():
