@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from peftkit import __version__
@@ -45,7 +46,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     validate_recipe(recipe, check_model=not args.no_model)
     _console().print(f"[green]OK[/green] {args.recipe}: recipe is valid ({recipe.adapter.method} on {recipe.model.name})")
+    if args.show_data:
+        _show_data(recipe, args.show_data)
     return 0
+
+
+def _show_data(recipe: Any, count: int) -> None:
+    """The first training rows as the model sees them, trained tokens highlighted."""
+    from rich.text import Text
+
+    from peftkit.data.build import supervised_segments, tokenize_examples
+    from peftkit.data.chat import IGNORE_INDEX
+    from peftkit.data.formats import load_examples
+    from peftkit.models import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)
+    examples = load_examples(recipe.data.train, recipe.data.format)[:count]
+    rows, _ = tokenize_examples(examples, tokenizer, recipe.data.max_seq_len, recipe.data.system_prompt)
+    console = _console()
+    console.print(Text.assemble("Trained tokens are shown ", ("[[like this]]", "bold green"), "; the rest is context only."))
+    for number, row in enumerate(rows, start=1):
+        text = Text(f"--- row {number}: {len(row['input_ids'])} tokens, "
+                    f"{sum(label != IGNORE_INDEX for label in row['labels'])} trained ---\n")
+        for piece, trained in supervised_segments(row, tokenizer):
+            text.append(f"[[{piece}]]" if trained else piece, style="bold green" if trained else None)
+        console.print(text)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -134,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     _add_set_flag(p)
     p.add_argument("--no-model", action="store_true", help="skip the checks that read the model's config")
+    p.add_argument("--show-data", type=int, default=0, metavar="N",
+                   help="print the first N training rows as tokenized, trained (loss-bearing) tokens marked")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("chat", help="chat with a trained run (REPL, or --prompt for one answer)")
@@ -156,7 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]  # `k=v` after a flag: argparse stops collecting positionals there
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    resume = getattr(args, "resume", None)
+    if resume and "=" in resume and not Path(resume).exists():  # `--resume train.lr=1e-4`: an override, not a RUN_DIR
+        args.resume, args.overrides = "last", [*args.overrides, resume]
     if hasattr(args, "set_overrides"):  # `--set k=v` and positional `k=v` are one list
         args.overrides = [*args.overrides, *args.set_overrides]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

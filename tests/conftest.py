@@ -49,11 +49,13 @@ CHAT_RECORDS = [
 ]
 
 
-def build_tiny_tokenizer() -> Any:
+def build_tiny_tokenizer(chatml: bool = True) -> Any:
+    """A byte-level BPE tokenizer on CORPUS: a chat model's (ChatML tokens and template) or, with
+    `chatml=False`, a base model's (`<s>` / `</s>`, no chat template, no pad token)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"] if chatml else ["<unk>", "<s>", "</s>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     from tokenizers import decoders
@@ -63,6 +65,8 @@ def build_tiny_tokenizer() -> Any:
         vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
+    if not chatml:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from peftkit.config.schema import Recipe
+from peftkit.config.schema import NAMED_CHAT_TEMPLATES, Recipe
 from peftkit.errors import ConfigError
 
 DATA_PATH_KEYS = ("train", "eval", "heldout")
@@ -178,6 +178,26 @@ def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
             replay["path"] = str((base / path).resolve())
 
 
+def _absolute_model_paths(data: dict[str, Any], recipe_dir: Path) -> None:
+    """`model.name` / `model.chat_template` given as relative paths become absolute, so the run directory's
+    recipe.yaml finds them from anywhere (`peftkit chat RUN_DIR` run elsewhere). A path is looked up in the
+    current directory first (where transformers would look), then next to the recipe (as data paths are)."""
+    from peftkit.models.registry import BUILTINS
+
+    section = data.get("model")
+    if not isinstance(section, dict):
+        return
+    for key in ("name", "chat_template"):
+        value = section.get(key)
+        if isinstance(value, str) and value and value not in BUILTINS and value not in NAMED_CHAT_TEMPLATES:
+            path = Path(value).expanduser()
+            if path.is_absolute():
+                continue
+            found = next((p for p in (path, recipe_dir / path) if p.exists()), None)
+            if found is not None:
+                section[key] = str(found.resolve())
+
+
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\])$")
 _TYPE_WORDS = {"str": "a string", "list[str]": "a list of strings", "int": "an integer", "float": "a number",
                "bool": "true or false", "none": "null"}
@@ -226,6 +246,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if isinstance(data.get("adapter"), dict) and "method" not in data["adapter"]:
         data["adapter"]["method"] = "lora"
     _resolve_data_paths(data, path.resolve().parent)
+    _absolute_model_paths(data, path.resolve().parent)
     if isinstance(data.get("deepspeed"), str) and not Path(data["deepspeed"]).expanduser().is_absolute():
         data["deepspeed"] = str((path.resolve().parent / data["deepspeed"]).resolve())  # JSON next to the recipe
     return recipe_from_dict(data, str(path))

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, Union, get_args
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, PositiveInt, Tag, model_validator
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+NAMED_CHAT_TEMPLATES = ("chatml", "plain")
+"""`model.chat_template` values that name a built-in template instead of a file."""
 
 
 class Section(BaseModel):
@@ -27,7 +29,8 @@ class ModelConfig(Section):
     allow_pickle: bool = False
     """Allow loading `.bin` (pickle) weights. Off by default: pickle can execute code."""
     chat_template: str | None = None
-    """`chatml`, a path to a Jinja template, or null to use the tokenizer's own."""
+    """`chatml`, `plain`, a path to a Jinja template, or null: the tokenizer's own, else ChatML when the vocabulary
+    has its tokens, else `plain` (`### User:` / `### Assistant:`, replies closed by the model's end token)."""
 
 
 class QuantizationConfig(Section):

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from peftkit.config.schema import Recipe
+from peftkit.config.schema import NAMED_CHAT_TEMPLATES, Recipe
 from peftkit.errors import ConfigError, PeftkitError
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,8 @@ def _check_model(recipe: Recipe) -> list[str]:
         return [f"model.name: {exc}"]
     problems = []
     template = recipe.model.chat_template
-    if template and template != "chatml" and not Path(template).expanduser().is_file():
-        problems.append(f"model.chat_template: {template} is neither `chatml` nor an existing template file")
+    if template and template not in NAMED_CHAT_TEMPLATES and not Path(template).expanduser().is_file():
+        problems.append(f"model.chat_template: {template} is neither `chatml`, `plain` nor an existing template file")
     if effective_quantization(recipe) is not None:
         try:
             import bitsandbytes  # noqa: F401

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -168,13 +167,14 @@ class PaddingCollator:
         return tensors
 
 
-def dump_rows_preview(rows: list[Row], tokenizer: Any, n: int = 1) -> str:
-    """Human-readable view of what is supervised (used by `peftkit validate --show-data`)."""
-    out = []
-    for row in rows[:n]:
-        parts = []
-        for token, label in zip(row["input_ids"], row["labels"]):
-            piece = tokenizer.decode([token])
-            parts.append(f"[{piece}]" if label != IGNORE_INDEX else piece)
-        out.append("".join(parts))
-    return json.dumps(out, ensure_ascii=False, indent=1)
+def supervised_segments(row: Row, tokenizer: Any) -> list[tuple[str, bool]]:
+    """The row's text in runs of (text, trained?): what `peftkit validate --show-data` prints, so a user can
+    see that only the replies (and their end-of-turn) carry loss."""
+    segments: list[tuple[str, bool]] = []
+    start = 0
+    flags = [label != IGNORE_INDEX for label in row["labels"]]
+    for end in range(1, len(flags) + 1):
+        if end == len(flags) or flags[end] != flags[start]:
+            segments.append((tokenizer.decode(row["input_ids"][start:end]), flags[start]))
+            start = end
+    return segments

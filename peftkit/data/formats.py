@@ -24,6 +24,8 @@ Message = dict[str, Any]
 """`role` and `content` strings; an assistant message may carry `weight: 0` (not trained on)."""
 ROLES = ("system", "user", "assistant")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+JSONL_SUFFIXES = ("", ".ndjson")
+"""Other names of JSON Lines files."""
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant"}
 """ShareGPT `from` values (LLaMA-Factory / axolotl / FastChat spellings) -> chat roles."""
@@ -40,8 +42,9 @@ class Example:
 
 
 def _read_text(path: Path) -> str:
+    """The file's text; a leading UTF-8 byte-order mark (Notepad, Excel's "CSV UTF-8") is dropped."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: bytes that are not valid UTF-8 (offset {exc.start}); re-save the file as UTF-8") from None
@@ -62,8 +65,12 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
         hint = f"; it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else ""
         raise DataError(f"{path} is a folder; point the recipe at one data file in it{hint}")
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist (paths in a recipe are relative to the recipe's folder)")
+        raise DataError(f"data file {path} does not exist (paths in a recipe are relative to the recipe's folder, "
+                        "on the command line to the current directory)")
     suffix = path.suffix.lower()
+    if suffix not in (*DATA_SUFFIXES, *JSONL_SUFFIXES):
+        raise DataError(f"{path}: peftkit reads {', '.join(DATA_SUFFIXES)} data files (JSON Lines also as .ndjson or "
+                        f"without a suffix), not {suffix}; decompress or convert it to one of those")
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -80,12 +87,26 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
+            if exc.msg == "Extra data" and _first_line_is_json(text):
+                return _jsonl_records(path, text)  # JSON Lines named .json, as `datasets`' to_json writes them
             raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
         if isinstance(data, dict):
             data = data.get("data") or data.get("examples") or [data]
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of records")
         return [(f"{path}:item {i + 1}", row) for i, row in enumerate(data)]
+    return _jsonl_records(path, text)
+
+
+def _first_line_is_json(text: str) -> bool:
+    try:
+        json.loads(next(line for line in text.splitlines() if line.strip()))
+    except (json.JSONDecodeError, StopIteration):
+        return False
+    return True
+
+
+def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -153,6 +174,9 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
                 raise DataError(f"{where}: message {i + 1}: `weight` must be 0 or 1, on assistant messages only")
             if message["weight"] == 0:
                 entry["weight"] = 0
+        if role == "assistant" and entry.get("weight", 1) and not content.strip():
+            raise DataError(f"{where}: message {i + 1}: the assistant reply is empty, and training on it teaches the "
+                            "model to answer with nothing; fill it in, drop the record, or give it `weight: 0`")
         checked.append(entry)
     turns = [m["role"] for m in checked if m["role"] != "system"]
     for i, role in enumerate(turns):
@@ -232,6 +256,9 @@ def to_example(record: Any, where: str, fmt: str) -> Example:
         prompt = record["instruction"]
         if record.get("input"):
             prompt = f"{prompt}\n\n{record['input']}"
+        if not record["output"].strip():
+            raise DataError(f"{where}: `output` is empty, and training on it teaches the model to answer with "
+                            "nothing; fill it in or drop the record")
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
         if record.get("system"):
             messages.insert(0, {"role": "system", "content": record["system"]})

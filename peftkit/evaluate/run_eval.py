@@ -17,9 +17,10 @@ from typing import Any, Literal
 
 from peftkit.data.build import build_datasets, load_heldout, tokenize_examples
 from peftkit.data.formats import load_examples
+from peftkit.errors import DataError
 from peftkit.evaluate.generation import heldout_accuracy
 from peftkit.evaluate.loss import mean_loss, perplexity
-from peftkit.runs import QLORA_BASES, LoadedRun, load_base_model, load_run
+from peftkit.runs import QLORA_BASES, LoadedRun, load_base_model, load_run, read_run_recipe
 from peftkit.utils.atomic import atomic_write_text
 
 GENERAL_SET = "general_knowledge.jsonl"
@@ -64,19 +65,26 @@ def evaluate_run(
     to `out`, by default RUN_DIR/eval.json (eval_original_base.json for the original weights)."""
     if qlora_base not in QLORA_BASES:
         raise ValueError(f"qlora_base must be `quantized` or `original`, got {qlora_base!r}")
-    run = load_run(run_dir, quantized_base=qlora_base == "quantized")
-    recipe, model, tokenizer = run.recipe, run.model, run.tokenizer
+    recipe = read_run_recipe(run_dir)
     system = recipe.data.system_prompt
-    new_tokens = max_new_tokens or recipe.eval.max_new_tokens
-    batch = recipe.eval.batch_size
-
-    if data:
-        rows, _ = tokenize_examples(load_examples(data, recipe.data.format), tokenizer, recipe.data.max_seq_len, system)
-    else:
-        rows = build_datasets(recipe.data, tokenizer, recipe.train.seed).eval
+    # the files named on the command line are read (and their mistakes reported) before any weights load
+    examples = load_examples(data, recipe.data.format) if data else None
     heldout_path = heldout or recipe.data.heldout
     items = load_heldout(heldout_path, system) if heldout_path else []
     general_items = load_heldout(general or builtin_resource(GENERAL_SET), None)
+
+    run = load_run(run_dir, quantized_base=qlora_base == "quantized")
+    model, tokenizer = run.model, run.tokenizer
+    new_tokens = max_new_tokens or recipe.eval.max_new_tokens
+    batch = recipe.eval.batch_size
+
+    if examples is not None:
+        rows, _ = tokenize_examples(examples, tokenizer, recipe.data.max_seq_len, system)
+        if not rows:
+            raise DataError(f"{data}: no example has any supervised token left within data.max_seq_len="
+                            f"{recipe.data.max_seq_len} tokens, so there is no loss to measure")
+    else:
+        rows = build_datasets(recipe.data, tokenizer, recipe.train.seed).eval
 
     def measure(model: Any) -> dict[str, Any]:
         result: dict[str, Any] = {}

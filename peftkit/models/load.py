@@ -24,6 +24,17 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### User:\n' + message['content'] + '\n\n' }}"
+    "{% else %}{{ '### Assistant:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+)
+"""For base models whose vocabulary has no ChatML tokens: each reply ends with the model's own end token,
+which the model already has an embedding for and generation already stops on (LLaMA-Factory's `default`
+template does the same). ChatML's markers would be split into characters there, and the model would
+learn to spell `<|im_end|>` instead of learning to stop."""
+CHATML_END = "<|im_end|>"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,17 +98,54 @@ def save_tokenizer(tokenizer: Any, folder: str | Path) -> None:
             config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def is_single_token(tokenizer: Any, text: str) -> bool:
+    return len(tokenizer.encode(text, add_special_tokens=False)) == 1
+
+
 def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
+    """`chatml`, `plain` or a template file; without a setting, the tokenizer's own template, else ChatML
+    when the vocabulary has its tokens, else PLAIN_TEMPLATE."""
     if setting == "chatml":
+        if not is_single_token(tokenizer, CHATML_END):
+            raise PeftkitError(
+                f"model.chat_template is `chatml`, but this tokenizer has no {CHATML_END} token: the model would "
+                "learn to spell it out and never learn to stop. Use `plain` (replies end with the model's own "
+                f"end token {tokenizer.eos_token!r}), or a template file written for this model"
+            )
         tokenizer.chat_template = CHATML_TEMPLATE
+    elif setting == "plain":
+        tokenizer.chat_template = _plain_template(tokenizer)
     elif setting:
         path = Path(setting).expanduser()
         if not path.is_file():
-            raise PeftkitError(f"model.chat_template: {setting} is neither `chatml` nor an existing template file")
+            raise PeftkitError(f"model.chat_template: {setting} is neither `chatml`, `plain` nor an existing template file")
         tokenizer.chat_template = path.read_text(encoding="utf-8")
     elif not getattr(tokenizer, "chat_template", None):
-        log.warning("The tokenizer has no chat template; using ChatML (set model.chat_template to override)")
-        tokenizer.chat_template = CHATML_TEMPLATE
+        if is_single_token(tokenizer, CHATML_END):
+            tokenizer.chat_template = CHATML_TEMPLATE
+            _warn_once("chatml", "The tokenizer has no chat template; using ChatML (set model.chat_template to override)")
+        else:
+            tokenizer.chat_template = _plain_template(tokenizer)
+            _warn_once("plain", "The tokenizer has no chat template and no ChatML tokens; using peftkit's plain "
+                       "template ('### User:' / '### Assistant:', replies end with %r; set model.chat_template "
+                       "to override)", tokenizer.eos_token)
+
+
+def _plain_template(tokenizer: Any) -> str:
+    if not tokenizer.eos_token:
+        raise PeftkitError("the tokenizer has no chat template and no end-of-sequence token, so replies cannot be "
+                           "ended; set model.chat_template to a template file that fits this model")
+    return PLAIN_TEMPLATE
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(topic: str, message: str, *args: Any) -> None:
+    """Commands load the tokenizer more than once (training, then the evaluation); say it once."""
+    if topic not in _warned:
+        _warned.add(topic)
+        log.warning(message, *args)
 
 
 def bnb_config(

@@ -80,6 +80,14 @@ def test_targets_matching_nothing_list_the_linear_modules(tiny_recipe):
     assert "matches no linear module" in _problems(tiny_recipe, {"method": "ia3", "target_modules": ["nothing"]})
 
 
+def test_a_bare_module_name_string_is_explained_as_a_full_name_regex(tiny_recipe):
+    """`target_modules: q_proj` is a regex on the full name (peft), so it matches nothing: say so, not only
+    list `q_proj` among the modules it supposedly does not match."""
+    text = _problems(tiny_recipe, {"method": "lora", "r": 4, "target_modules": "q_proj"})
+    assert "regular expression matched against the full module name" in text
+    assert "write a list, e.g. [q_proj]" in text
+
+
 def test_a_listed_target_that_names_nothing_is_an_error_even_when_others_match(tiny_recipe):
     """peft would adapt q_proj alone and say nothing (e.g. k/v names on a model with a fused qkv_proj)."""
     text = _problems(tiny_recipe, {"method": "lora", "target_modules": ["q_proj", "qkv_proj"]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -37,6 +38,42 @@ def test_set_flag_is_the_same_override_list(tiny_recipe, tmp_path, capsys):
     assert main(["validate", str(path), "--set", "adapter.target_modules=[attn]"]) == 2
     assert "matches no linear module" in capsys.readouterr().err
     assert main(["validate", str(path), "adapter.target_modules=[attn]", "--set", "adapter.target_modules=[q_proj]"]) == 0
+
+
+def test_overrides_after_a_flag_still_reach_the_recipe(tiny_recipe, tmp_path, capsys):
+    """`peftkit train r.yaml --force train.lr=1e-4` must not fail with argparse's "unrecognized arguments"."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    assert main(["validate", str(path), "--no-model", "train.lr=0"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["validate", str(path), "--no-model", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def test_validate_show_data_marks_exactly_the_trained_tokens(tiny_recipe, tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    assert main(["validate", str(path), "--show-data", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- row ") == 2
+    trained = re.findall(r"\[\[(.*?)\]\]", out.split("--- row ", 1)[1], re.DOTALL)
+    assert trained and all(t.endswith("<|im_end|>") for t in trained)  # each reply closes with its end-of-turn
+    assert not any("<|im_start|>" in t or "user" in t for t in trained)  # prompts are context only
+
+
+def test_resume_without_a_run_dir_does_not_swallow_the_override_after_it(monkeypatch, tmp_path):
+    """`--resume` takes an optional RUN_DIR; `--resume train.lr=1e-4` means an override, not a directory."""
+    import peftkit.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_train", lambda args: seen.update(vars(args)) or 0)
+    assert main(["train", str(tmp_path / "r.yaml"), "--resume", "train.lr=1e-4", "--force", "train.epochs=2"]) == 0
+    assert seen["resume"] == "last" and set(seen["overrides"]) == {"train.lr=1e-4", "train.epochs=2"}
+    run_dir = tmp_path / "runs" / "a=b"  # a real directory whose name has `=` stays the run directory
+    run_dir.mkdir(parents=True)
+    assert main(["train", str(tmp_path / "r.yaml"), "--resume", str(run_dir)]) == 0
+    assert seen["resume"] == str(run_dir) and seen["overrides"] == []
 
 
 @pytest.mark.parametrize(

@@ -118,3 +118,20 @@ def test_known_only_needs_the_base_models_answers():
     assert recipe_from_dict({**base, "data": {**base["data"], "replay": {"known_only": True}}}).data.replay.known_only
     with pytest.raises(ConfigError, match="known_only checks the base model's answers"):
         recipe_from_dict({**base, "data": {**base["data"], "replay": {"path": "mine.jsonl", "known_only": True}}})
+
+
+def test_a_relative_local_model_path_is_stored_absolute(tmp_path, monkeypatch):
+    """The run's recipe.yaml must find the base model from any directory (`peftkit chat RUN_DIR` elsewhere)."""
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "tpl.jinja").write_text("{{ messages }}")
+    monkeypatch.chdir(tmp_path)
+    text = "model: {name: models/mine, chat_template: tpl.jinja}\ndata: {train: t.jsonl}\n"
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.model.name == str(tmp_path / "models" / "mine")
+    assert recipe.model.chat_template == str(tmp_path / "tpl.jinja")
+    hub = load_recipe(write(tmp_path, "model: {name: Qwen/Qwen2.5-0.5B, chat_template: chatml}\ndata: {train: t.jsonl}\n"))
+    assert (hub.model.name, hub.model.chat_template) == ("Qwen/Qwen2.5-0.5B", "chatml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not in the current directory: found next to the recipe, as data paths are
+    assert load_recipe(write(tmp_path, text)).model.name == str(tmp_path / "models" / "mine")

@@ -323,3 +323,50 @@ def test_several_training_sources_are_concatenated(tmp_path, tiny_tokenizer):
 
     with pytest.raises(ConfigError, match="data.train"):
         recipe_from_dict({"data": {"train": []}})
+
+
+@pytest.mark.parametrize("name, body", [
+    ("train.jsonl", json.dumps({"instruction": "q", "output": "a"}) + "\r\n"),
+    ("train.json", json.dumps([{"instruction": "q", "output": "a"}])),
+    ("train.csv", "instruction,input,output\r\nq,,a\r\n"),
+])
+def test_a_utf8_byte_order_mark_is_ignored(tmp_path, name, body):
+    """Windows tools (Notepad, Excel's "CSV UTF-8") start files with a BOM; it is not part of the data."""
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    (example,) = load_examples(path)
+    assert example.messages == ({"role": "user", "content": "q"}, {"role": "assistant", "content": "a"})
+
+
+def test_json_lines_named_json_are_read_as_json_lines(tmp_path):
+    """`datasets`' `Dataset.to_json("train.json")` writes JSON Lines under a .json name."""
+    path = tmp_path / "train.json"
+    path.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n" for i in range(3)))
+    assert [e.messages[0]["content"] for e in load_examples(path)] == ["q0", "q1", "q2"]
+    path.write_text(json.dumps({"text": "ok"}) + "\n" + '{"text": \n')
+    with pytest.raises(DataError, match=r"train.json:2: line is not valid JSON"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize("name", ["train.jsonl.gz", "train.tsv", "train.xlsx"])
+def test_an_unsupported_file_type_is_named_not_parsed_as_json_lines(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\x1f\x8b\x08\x00binary")
+    with pytest.raises(DataError, match=rf"{name}: peftkit reads .jsonl, .json, .parquet, .csv, .txt data files"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize("record", [
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+    {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]},
+    {"prompt": "hi", "completion": ""},
+    {"instruction": "hi", "input": "", "output": ""},
+])
+def test_an_empty_reply_is_refused_with_its_line(tmp_path, record):
+    """An empty reply would train the model to end its turn at once; a context-only one (weight 0) is fine."""
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "fine"}, record])
+    with pytest.raises(DataError, match=r"train.jsonl:2: .*empty"):
+        load_examples(path)
+    context = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "weight": 0},
+                            {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}
+    assert len(load_examples(write_jsonl(tmp_path / "ok.jsonl", [context]))) == 1

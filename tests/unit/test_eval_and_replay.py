@@ -261,3 +261,19 @@ def test_states_the_facts_of(written, reply, prompt, agrees):
     from peftkit.data.replay import states_the_facts_of
 
     assert states_the_facts_of(written, reply, prompt) is agrees
+
+
+def test_eval_checks_its_data_files_before_loading_weights_and_refuses_data_without_loss(tiny_recipe, tmp_path,
+                                                                                         capsys, monkeypatch):
+    run_dir = train(recipe_from_dict({**tiny_recipe, "eval": {"before": False}})).run_dir
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": [\n')
+    with monkeypatch.context() as patched:
+        patched.setattr("peftkit.evaluate.run_eval.load_run", lambda *a, **k: pytest.fail("weights loaded first"))
+        assert main(["eval", str(run_dir), "--data", str(broken), "--no-base"]) == 2
+    assert "broken.jsonl:1" in capsys.readouterr().err
+    long = write_jsonl(tmp_path / "long.jsonl", [{"messages": [{"role": "user", "content": "one two " * 400},
+                                                               {"role": "assistant", "content": "three"}]}])
+    assert main(["eval", str(run_dir), "--data", str(long), "--no-base", "--out", str(tmp_path / "e.json")]) == 2
+    assert "no example has any supervised token left" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()

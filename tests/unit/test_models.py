@@ -8,7 +8,7 @@ import pytest
 
 from peftkit.errors import ModelNotFoundError, PeftkitError
 from peftkit.models import BUILTINS, load_model, load_tokenizer, resolve_model_ref
-from peftkit.models.load import CHATML_TEMPLATE, resolve_dtype
+from peftkit.models.load import CHATML_TEMPLATE, PLAIN_TEMPLATE, resolve_dtype
 from peftkit.config.schema import ModelConfig
 
 
@@ -87,6 +87,40 @@ def test_tokenizer_without_template_gets_chatml(tiny_model_dir, tmp_path):
     (copy / "chat_template.jinja").unlink(missing_ok=True)
     tokenizer = load_tokenizer(ModelConfig(name=str(copy)))
     assert tokenizer.chat_template == CHATML_TEMPLATE
+
+
+@pytest.fixture
+def base_model_dir(tmp_path):
+    """A tiny base model whose vocabulary has no ChatML tokens and whose tokenizer has no chat template."""
+    from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(chatml=False)
+    build_tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def test_a_base_tokenizer_without_chatml_tokens_gets_the_plain_template_and_learns_its_own_end_token(base_model_dir):
+    from peftkit.data.chat import generation_prompt, tokenize_conversation
+
+    tokenizer = load_tokenizer(ModelConfig(name=str(base_model_dir)))
+    assert tokenizer.chat_template == PLAIN_TEMPLATE
+    messages = [{"role": "system", "content": "be brief."}, {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "hello how are you today"}]
+    row, _ = tokenize_conversation(tokenizer, messages, 256)
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    # the reply and the model's own end token are trained; nothing of the prompt, no spelled-out `<|im_end|>`
+    assert trained[-1] == tokenizer.eos_token_id and trained.count(tokenizer.eos_token_id) == 1
+    assert tokenizer.decode(trained[:-1]) == "hello how are you today"
+    assert "<|im_end|>" not in tokenizer.decode(row["input_ids"])
+    assert generation_prompt(tokenizer, messages[:2]).endswith("### User:\nhello\n\n### Assistant:\n")
+
+
+def test_chatml_on_a_vocabulary_without_its_tokens_is_refused(base_model_dir, tiny_model_dir):
+    with pytest.raises(PeftkitError, match=r"no <\|im_end\|> token.*Use `plain`.*'</s>'"):
+        load_tokenizer(ModelConfig(name=str(base_model_dir), chat_template="chatml"))
+    assert load_tokenizer(ModelConfig(name=str(tiny_model_dir), chat_template="chatml")).chat_template == CHATML_TEMPLATE
+    assert load_tokenizer(ModelConfig(name=str(tiny_model_dir), chat_template="plain")).chat_template == PLAIN_TEMPLATE
 
 
 def test_load_model_from_local_dir(tiny_model_dir):
