@@ -133,8 +133,8 @@ def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
 
 def _plain_template(tokenizer: Any) -> str:
     if not tokenizer.eos_token:
-        raise PeftkitError("the tokenizer has no chat template and no end-of-sequence token, so replies cannot be "
-                           "ended; set model.chat_template to a template file that fits this model")
+        raise PeftkitError("the tokenizer has no end-of-sequence token, so the plain chat template cannot end a "
+                           "reply; set model.chat_template to a template file that fits this model")
     return PLAIN_TEMPLATE
 
 
