@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
-from peftkit.config.schema import NAMED_CHAT_TEMPLATES, Recipe
+from peftkit.config.schema import Recipe
 from peftkit.errors import ConfigError, PeftkitError
 
 log = logging.getLogger(__name__)
@@ -46,6 +45,7 @@ def _check_data(recipe: Recipe) -> list[str]:
 
 def _check_model(recipe: Recipe) -> list[str]:
     from peftkit.adapters import check_targets, effective_quantization
+    from peftkit.models.load import chat_template_setting_problem
     from peftkit.models.registry import BUILTINS
     from peftkit.models.resolve import resolve_model_ref
     from peftkit.models.skeleton import model_skeleton
@@ -55,9 +55,9 @@ def _check_model(recipe: Recipe) -> list[str]:
     except PeftkitError as exc:
         return [f"model.name: {exc}"]
     problems = []
-    template = recipe.model.chat_template
-    if template and template not in NAMED_CHAT_TEMPLATES and not Path(template).expanduser().is_file():
-        problems.append(f"model.chat_template: {template} is neither `chatml`, `plain` nor an existing template file")
+    template_problem = chat_template_setting_problem(recipe.model.chat_template)
+    if template_problem:
+        problems.append(template_problem)
     if effective_quantization(recipe) is not None:
         try:
             import bitsandbytes  # noqa: F401

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from peftkit.config.schema import ModelConfig, QuantizationConfig
+from peftkit.config.schema import NAMED_CHAT_TEMPLATES, ModelConfig, QuantizationConfig
 from peftkit.errors import MissingDependencyError, ModelNotFoundError, PeftkitError
 from peftkit.models.resolve import ModelSource, hub_hint, materialize, resolve_model_ref
 
@@ -102,6 +102,13 @@ def is_single_token(tokenizer: Any, text: str) -> bool:
     return len(tokenizer.encode(text, add_special_tokens=False)) == 1
 
 
+def chat_template_setting_problem(setting: str | None) -> str | None:
+    """What is wrong with `model.chat_template` before any tokenizer loads (None when nothing is)."""
+    if setting and setting not in NAMED_CHAT_TEMPLATES and not Path(setting).expanduser().is_file():
+        return f"model.chat_template: {setting} is neither `chatml`, `plain` nor an existing template file"
+    return None
+
+
 def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
     """`chatml`, `plain` or a template file; without a setting, the tokenizer's own template, else ChatML
     when the vocabulary has its tokens, else PLAIN_TEMPLATE."""
@@ -116,10 +123,10 @@ def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
     elif setting == "plain":
         tokenizer.chat_template = _plain_template(tokenizer)
     elif setting:
-        path = Path(setting).expanduser()
-        if not path.is_file():
-            raise PeftkitError(f"model.chat_template: {setting} is neither `chatml`, `plain` nor an existing template file")
-        tokenizer.chat_template = path.read_text(encoding="utf-8")
+        problem = chat_template_setting_problem(setting)
+        if problem:
+            raise PeftkitError(problem)
+        tokenizer.chat_template = Path(setting).expanduser().read_text(encoding="utf-8")
     elif not getattr(tokenizer, "chat_template", None):
         if is_single_token(tokenizer, CHATML_END):
             tokenizer.chat_template = CHATML_TEMPLATE
