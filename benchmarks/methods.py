@@ -68,6 +68,17 @@ VARIANT_OVERRIDES = {
     # forgets less": which half of the blocks carries the forgetting).
     "lora-mlp": ("lora", [LLAMA_MLP_TARGETS]),
     "lora-attn": ("lora", ['adapter.target_modules=["q_proj","k_proj","v_proj","o_proj"]']),
+    # Only the upper / lower half of SmolLM2-135M's 30 decoder layers ("spurious forgetting", Zheng et al., 2025:
+    # much of what fine-tuning forgets is undone in the lowest layers).
+    "lora-top": ("lora", ["adapter.layers=[15,29]"]),
+    "lora-bottom": ("lora", ["adapter.layers=[0,14]"]),
+    # The domain's own training prompts asked WITHOUT its system prompt, answered (distilled) by the base model
+    # (`data.replay.contrast`): alone (a replay file of the training prompts themselves, no general replay),
+    # and on top of `quickstart-replay.yaml`'s distilled general replay.
+    "lora-contrast": ("lora", ["data.replay.path=recipes/data/quickstart/train.jsonl",
+                               "data.replay.answers=base", "data.replay.ratio=1.0", "data.replay.distill=true"]),
+    "lora-replay1-distill-contrast": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
+                                               "data.replay.distill=true", "data.replay.contrast=true"]),
     # `quickstart-replay.yaml` (distilled replay 1.0) on the MLP projections only.
     "lora-mlp-replay1-distill": ("lora", [LLAMA_MLP_TARGETS, "data.replay.path=builtin:general",
                                           "data.replay.ratio=1.0", "data.replay.distill=true"]),
@@ -155,6 +166,7 @@ def measure(name: str, method: str, sets: list[str], out_root: Path, *, retrain:
         "heldout_accuracy_base": summary["heldout_accuracy_before"],
         "general_accuracy": report["after"].get("general_accuracy"),
         "forgetting_points": report["forgetting_points"],
+        "forgetting_in_role_points": report.get("forgetting_in_role_points"),
         "run_dir": str(run_dir),
     }
 

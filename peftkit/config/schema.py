@@ -215,14 +215,19 @@ class ReplayConfig(Section):
     distill: bool = False
     """Train replay rows towards the base model's top-20 next-token distribution (soft targets,
     computed once before training) instead of only its answer tokens."""
+    contrast: bool = False
+    """Also replay every training prompt *without* the recipe's system prompt, answered by the base model: the
+    domain's answers are learnt behind `data.system_prompt` and the model without it stays the base model
+    (needs `data.system_prompt` and the base model's answers; ask the tuned model with that system prompt)."""
 
     @model_validator(mode="after")
-    def _known_only_checks_base_answers(self) -> "ReplayConfig":
+    def _checks_need_base_answers(self) -> "ReplayConfig":
         from peftkit.data.replay import answers_from_base
 
-        if self.known_only and not answers_from_base(self.path, self.answers):
-            raise ValueError("known_only checks the base model's answers against the written ones; it needs "
-                             "`answers: base` (or `auto` with a built-in set): set it, or remove known_only")
+        for option in ("known_only", "contrast"):
+            if getattr(self, option) and not answers_from_base(self.path, self.answers):
+                raise ValueError(f"{option} needs the base model's answers to the replay prompts: set `answers: base` "
+                                 f"(or `auto` with a built-in set), or remove {option}")
         return self
 
 
@@ -241,6 +246,13 @@ class DataConfig(Section):
     system_prompt: str | None = None
     """Added as the system turn to conversations (train, eval, held-out, chat) that have none."""
     replay: ReplayConfig | None = None
+
+    @model_validator(mode="after")
+    def _contrast_needs_a_system_prompt(self) -> "DataConfig":
+        if self.replay is not None and self.replay.contrast and not self.system_prompt:
+            raise ValueError("data.replay.contrast replays the training prompts without data.system_prompt, so it "
+                             "needs one: set data.system_prompt (the domain's), or remove contrast")
+        return self
 
 
 class TrainConfig(Section):

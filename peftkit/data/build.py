@@ -96,6 +96,12 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int) -> tup
     return [e for i, e in enumerate(examples) if i not in eval_ids], [e for i, e in enumerate(examples) if i in eval_ids]
 
 
+def without_system_prompt(examples: list[Example]) -> list[Example]:
+    """The conversations that get the recipe's system prompt, as they are (asked without it): the contrast
+    half of `data.replay.contrast`. Conversations with a system turn of their own, and plain text, are left out."""
+    return [e for e in examples if e.messages is not None and e.messages[0]["role"] != "system"]
+
+
 def build_datasets(
     cfg: DataConfig, tokenizer: Any, seed: int = 42, replay_answerer: ReplayAnswerer | None = None
 ) -> DataBundle:
@@ -106,11 +112,14 @@ def build_datasets(
     else:
         train_examples, eval_examples = split_train_eval(examples, cfg.eval_fraction, seed)
     train_rows, train_stats = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
-    replayed = 0
+    replayed = contrasted = 0
     if cfg.replay is not None:
         # Replay stands for the model's general use, so it keeps its own system prompt (or the chat
         # template's default), not the recipe's domain one.
         picked = sample_replay(len(train_examples), load_replay(cfg.replay.path), cfg.replay.ratio, seed)
+        if cfg.replay.contrast:
+            contrast = without_system_prompt(train_examples)
+            picked, contrasted = [*picked, *contrast], len(contrast)
         if replay_answerer is not None:
             picked = replay_answerer(picked)
         replay_rows, _ = tokenize_examples(picked, tokenizer, cfg.max_seq_len, None)
@@ -126,6 +135,7 @@ def build_datasets(
         "eval_rows": len(eval_rows),
         "heldout_questions": len(heldout),
         "replay_examples": replayed,
+        "replay_contrast_prompts": contrasted,
         "train_tokens": sum(len(r["input_ids"]) for r in train_rows),
         "train_supervised_tokens": sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in train_rows),
     }

@@ -71,7 +71,10 @@ def evaluate_run(
     examples = load_examples(data, recipe.data.format) if data else None
     heldout_path = heldout or recipe.data.heldout
     items = load_heldout(heldout_path, system) if heldout_path else []
-    general_items = load_heldout(general or builtin_resource(GENERAL_SET), None)
+    general_path = general or builtin_resource(GENERAL_SET)
+    general_items = load_heldout(general_path, None)
+    # The same questions asked in the recipe's role (its system prompt): what the domain chatbot's users see.
+    in_role_items = load_heldout(general_path, system) if system else []
 
     run = load_run(run_dir, quantized_base=qlora_base == "quantized")
     model, tokenizer = run.model, run.tokenizer
@@ -98,6 +101,10 @@ def evaluate_run(
         result["general_accuracy"], result["general_details"] = heldout_accuracy(
             model, tokenizer, general_items, max_new_tokens=new_tokens, batch_size=batch
         )
+        if in_role_items:
+            result["general_in_role_accuracy"], result["general_in_role_details"] = heldout_accuracy(
+                model, tokenizer, in_role_items, max_new_tokens=new_tokens, batch_size=batch
+            )
         return result
 
     after = measure(model)
@@ -113,9 +120,8 @@ def evaluate_run(
         "general_questions": len(general_items),
         "before": {k: v for k, v in before.items() if not k.endswith("_details")},
         "after": {k: v for k, v in after.items() if not k.endswith("_details")},
-        "forgetting_points": (
-            round(100 * (before["general_accuracy"] - after["general_accuracy"]), 2) if before else None
-        ),
+        "forgetting_points": _points_lost(before, after, "general_accuracy"),
+        "forgetting_in_role_points": _points_lost(before, after, "general_in_role_accuracy"),
         "details": {k: v for k, v in after.items() if k.endswith("_details")},
     }
     # The as-trained report (the one the model card shows) is never overwritten by the other view.
@@ -124,6 +130,10 @@ def evaluate_run(
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, json.dumps(report, indent=2))
     return report
+
+
+def _points_lost(before: dict[str, Any], after: dict[str, Any], key: str) -> float | None:
+    return round(100 * (before[key] - after[key]), 2) if key in before and key in after else None
 
 
 def print_eval_report(console: Any, report: dict[str, Any]) -> None:
@@ -138,7 +148,8 @@ def print_eval_report(console: Any, report: dict[str, Any]) -> None:
     table.add_column("tuned", justify="right")
     rows = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
             (f"held-out fact accuracy ({report['heldout_questions']} q)", "heldout_accuracy", "{:.1%}"),
-            (f"general knowledge ({report['general_questions']} q)", "general_accuracy", "{:.1%}")]
+            (f"general knowledge ({report['general_questions']} q)", "general_accuracy", "{:.1%}"),
+            ("  asked with the system prompt", "general_in_role_accuracy", "{:.1%}")]
     for label, key, pattern in rows:
         before, after = report["before"].get(key), report["after"].get(key)
         if before is None and after is None:
@@ -146,4 +157,6 @@ def print_eval_report(console: Any, report: dict[str, Any]) -> None:
         table.add_row(label, "n/a" if before is None else pattern.format(before), "n/a" if after is None else pattern.format(after))
     console.print(table)
     if report["forgetting_points"] is not None:
-        console.print(f"forgetting: {report['forgetting_points']:+.1f} points of general-knowledge accuracy")
+        console.print(f"forgetting: {report['forgetting_points']:+.1f} points of general-knowledge accuracy"
+                      + (f" ({report['forgetting_in_role_points']:+.1f} asked with the system prompt)"
+                         if report.get("forgetting_in_role_points") is not None else ""))

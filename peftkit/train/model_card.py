@@ -33,12 +33,15 @@ def _eval_section(run_dir: Path) -> list[str]:
     report = json.loads(path.read_text(encoding="utf-8"))
     before, after = report.get("before", {}), report.get("after", {})
     lines = ["## Evaluation (`peftkit eval`)", "", "| metric | base | tuned |", "|---|---|---|"]
-    for label, key in [("loss", "loss"), ("held-out fact accuracy", "heldout_accuracy"), ("general knowledge", "general_accuracy")]:
+    for label, key in [("loss", "loss"), ("held-out fact accuracy", "heldout_accuracy"), ("general knowledge", "general_accuracy"),
+                       ("general knowledge, with the system prompt", "general_in_role_accuracy")]:
         if key in after:
             fmt = _pct if key.endswith("accuracy") else _fmt
             lines.append(f"| {label} | {fmt(before.get(key))} | {fmt(after.get(key))} |")
     if report.get("forgetting_points") is not None:
-        lines += ["", f"Forgetting: {report['forgetting_points']:+.1f} points of general-knowledge accuracy."]
+        in_role = report.get("forgetting_in_role_points")
+        lines += ["", f"Forgetting: {report['forgetting_points']:+.1f} points of general-knowledge accuracy"
+                  + (f" ({in_role:+.1f} with the recipe's system prompt)." if in_role is not None else ".")]
     return [*lines, ""]
 
 
@@ -61,7 +64,9 @@ def _replay_row(recipe: Recipe, summary: dict[str, Any]) -> list[str]:
     how = [f"`{replay.path}`", f"{stats['replay_examples']} rows",
            ("base model's answers" + (" (those agreeing with the written ones)" if replay.known_only else ""))
            if answers_from_base(replay.path, replay.answers) else "answers as written",
-           *(["distilled (top-20)"] if replay.distill else [])]
+           *(["distilled (top-20)"] if replay.distill else []),
+           *([f"with {stats['replay_contrast_prompts']} training prompts asked without the system prompt (contrast)"]
+             if stats.get("replay_contrast_prompts") else [])]
     return [f"| replay (in the examples) | {', '.join(how)} |"]
 
 

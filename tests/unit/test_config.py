@@ -116,8 +116,17 @@ def test_a_path_or_list_field_gets_one_message_not_one_per_union_branch(data, me
 def test_known_only_needs_the_base_models_answers():
     base = {"model": {"name": "m"}, "data": {"train": "t.jsonl"}}
     assert recipe_from_dict({**base, "data": {**base["data"], "replay": {"known_only": True}}}).data.replay.known_only
-    with pytest.raises(ConfigError, match="known_only checks the base model's answers"):
+    with pytest.raises(ConfigError, match="known_only needs the base model's answers"):
         recipe_from_dict({**base, "data": {**base["data"], "replay": {"path": "mine.jsonl", "known_only": True}}})
+
+
+def test_contrast_needs_the_base_models_answers_and_a_system_prompt():
+    data = {"train": "t.jsonl", "system_prompt": "You are the desk."}
+    assert recipe_from_dict({"data": {**data, "replay": {"contrast": True}}}).data.replay.contrast
+    with pytest.raises(ConfigError, match="contrast needs the base model's answers"):
+        recipe_from_dict({"data": {**data, "replay": {"contrast": True, "answers": "dataset"}}})
+    with pytest.raises(ConfigError, match="set data.system_prompt"):
+        recipe_from_dict({"data": {"train": "t.jsonl", "replay": {"contrast": True}}})
 
 
 def test_a_relative_local_model_path_is_stored_absolute(tmp_path, monkeypatch):

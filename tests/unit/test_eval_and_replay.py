@@ -75,6 +75,54 @@ def test_replay_rows_keep_their_own_system_prompt(tiny_recipe, tmp_path):
     assert not any("DOMAINPROMPT" in tokenizer.decode(r["input_ids"]) for r in bundle.train[-n_replay:])
 
 
+def test_contrast_replays_the_training_prompts_without_the_system_prompt(tiny_recipe, tmp_path):
+    """`contrast`: each training prompt once more, without the domain system prompt, answered by the answerer
+    (the base model in training); conversations with a system turn of their own are not contrasted."""
+    from peftkit.models import load_tokenizer, resolve_model_ref
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", [
+        *({"messages": [{"role": "user", "content": f"domain question {i}"},
+                        {"role": "assistant", "content": f"domain answer {i}"}]} for i in range(4)),
+        {"messages": [{"role": "system", "content": "OWNSYSTEM"}, {"role": "user", "content": "own question"},
+                      {"role": "assistant", "content": "own answer"}]}])
+    general = write_jsonl(tmp_path / "general.jsonl", [{"messages": [{"role": "user", "content": "general question"},
+                                                                     {"role": "assistant", "content": "general answer"}]}])
+    recipe = recipe_from_dict({**tiny_recipe, "data": {"train": str(train_file), "eval_fraction": 0.0, "max_seq_len": 512,
+                                                       "system_prompt": "DOMAINPROMPT",
+                                                       "replay": {"path": str(general), "ratio": 0.2, "answers": "base",
+                                                                  "contrast": True}}})
+    tokenizer = load_tokenizer(recipe.model, resolve_model_ref(recipe.model.name))
+
+    def base_answers(examples: list[Example]) -> list[Example]:
+        return [Example(e.where, messages=(*e.messages[:-1], {"role": "assistant", "content": "BASEANSWER"}))
+                for e in examples]
+
+    bundle = build_datasets(recipe.data, tokenizer, recipe.train.seed, replay_answerer=base_answers)
+    assert bundle.stats["replay_contrast_prompts"] == 4 and bundle.stats["replay_examples"] == 1 + 4
+    replayed = [tokenizer.decode(r["input_ids"]) for r in bundle.train[-5:]]
+    assert sum("general question" in text for text in replayed) == 1
+    assert sorted(i for i in range(4) for text in replayed if f"domain question {i}" in text) == [0, 1, 2, 3]
+    assert all("BASEANSWER" in text and "DOMAINPROMPT" not in text and "domain answer" not in text for text in replayed)
+    assert not any("OWNSYSTEM" in text for text in replayed)
+    domain = [tokenizer.decode(r["input_ids"]) for r in bundle.train[:-5]]
+    assert len(domain) == 5 and all("DOMAINPROMPT" in t for t in domain if "OWNSYSTEM" not in t)
+
+
+def test_eval_also_asks_the_general_set_with_the_recipes_system_prompt(tiny_recipe, tmp_path, capsys):
+    recipe = {**tiny_recipe, "data": {**tiny_recipe["data"], "system_prompt": "You answer for the desk."},
+              "eval": {"before": False, "max_new_tokens": 6}}
+    run_dir = train(recipe_from_dict(recipe)).run_dir
+    general = write_jsonl(tmp_path / "general.jsonl", [{"question": f"one two {i}", "key_fact": "three"} for i in range(3)])
+    assert main(["eval", str(run_dir), "--general", str(general)]) == 0
+    report = json.loads((run_dir / "eval.json").read_text())
+    in_role = report["details"]["general_in_role_details"]
+    assert len(in_role) == 3 and report["general_questions"] == 3
+    assert report["forgetting_in_role_points"] == pytest.approx(
+        100 * (report["before"]["general_in_role_accuracy"] - report["after"]["general_in_role_accuracy"]))
+    assert "asked with the system prompt" in capsys.readouterr().out
+    assert "with the recipe's system prompt" in (run_dir / "README.md").read_text()
+
+
 def test_replay_ratio_above_one_repeats_the_set(tiny_recipe, tmp_path):
     """A small domain set can draw more replay rows than it has examples; the set then repeats."""
     from peftkit.models import load_tokenizer, resolve_model_ref
@@ -113,6 +161,8 @@ def test_eval_command_writes_report_and_updates_card(tiny_recipe, tmp_path, caps
     )
     assert "Evaluation (`peftkit eval`)" in (run_dir / "README.md").read_text()
     assert "general knowledge" in capsys.readouterr().out
+    assert report["forgetting_in_role_points"] is None and "general_in_role_accuracy" not in report["after"], \
+        "no system prompt, no second measurement"
     first = (run_dir / "eval.json").read_text()
     assert main(["eval", str(run_dir), "--no-base", "--out", str(tmp_path / "other" / "check.json")]) == 0
     assert (run_dir / "eval.json").read_text() == first, "--out leaves the run's own report alone"
