@@ -8,6 +8,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -89,3 +90,17 @@ def earlier_rows(stem: Path, keep_out: list[dict], key: tuple[str, ...]) -> list
     with open(path, newline="") as handle:
         rows = [{k: (v if k == "run_dir" else _number(v)) for k, v in r.items()} for r in csv.DictReader(handle)]
     return [r for r in rows if ident(r) not in done]
+
+
+def recipe_with_base_model(recipe_path: str) -> tuple[Any, Any, Any]:
+    """The recipe, its tokenizer and its base model (float32 on the CPU, no adapter), for the probes."""
+    import torch
+
+    from peftkit.config import load_recipe
+    from peftkit.models import load_model, load_tokenizer, resolve_model_ref
+
+    recipe = load_recipe(recipe_path)
+    source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision)
+    tokenizer = load_tokenizer(recipe.model, source)
+    model = load_model(recipe.model, None, device="cpu", dtype=torch.float32, source=source).eval()
+    return recipe, tokenizer, model

@@ -14,9 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from benchmarks.common import environment, markdown_table, results_stem, write_csv
+from benchmarks.common import environment, markdown_table, recipe_with_base_model, results_stem, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDINGS = ("{q}", "Question: {q}", "{q} Answer briefly.", "Please tell me: {q}", "Quick question. {q}")
@@ -45,15 +43,10 @@ def main() -> None:
     parser.add_argument("--general", default=None, help="question set (default: the built-in forgetting set)")
     args = parser.parse_args()
 
-    from peftkit.config import load_recipe
     from peftkit.data.build import load_heldout
     from peftkit.evaluate.run_eval import GENERAL_SET, builtin_resource
-    from peftkit.models import load_model, load_tokenizer, resolve_model_ref
 
-    recipe = load_recipe(args.recipe)
-    source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision)
-    tokenizer = load_tokenizer(recipe.model, source)
-    model = load_model(recipe.model, None, device="cpu", dtype=torch.float32, source=source)
+    recipe, tokenizer, model = recipe_with_base_model(args.recipe)
     items = load_heldout(args.general or builtin_resource(GENERAL_SET), None)
     rows = rephrase_scores(model, tokenizer, items, max_new_tokens=recipe.eval.max_new_tokens,
                            batch_size=recipe.eval.batch_size)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import environment, markdown_table, results_stem, write_csv
+from benchmarks.common import environment, markdown_table, recipe_with_base_model, results_stem, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTIONS = ("q_proj", "o_proj", "gate_proj", "down_proj")
@@ -87,16 +87,11 @@ def main() -> None:
     parser.add_argument("--fit", type=int, default=400, help="general conversations for the covariance (rest held out)")
     args = parser.parse_args()
 
-    from peftkit.config import load_recipe
     from peftkit.data.build import tokenize_examples
     from peftkit.data.formats import load_examples
     from peftkit.data.replay import load_replay, replay_path
-    from peftkit.models import load_model, load_tokenizer, resolve_model_ref
 
-    recipe = load_recipe(args.recipe)
-    source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision)
-    tokenizer = load_tokenizer(recipe.model, source)
-    model = load_model(recipe.model, None, device="cpu", dtype=torch.float32, source=source).eval()
+    recipe, tokenizer, model = recipe_with_base_model(args.recipe)
     general = load_replay(str(replay_path("builtin:general")))
     random.Random(0).shuffle(general)
     max_len = recipe.data.max_seq_len
