@@ -196,3 +196,23 @@ def test_rephrase_probe_scores_each_wording(monkeypatch):
     rows = rephrase_scores(None, None, items, max_new_tokens=8, batch_size=4)
     assert [r["wordings_correct"] for r in rows] == [f"2 / {len(WORDINGS)}", f"0 / {len(WORDINGS)}"]
     assert [rows[0][f"w{j}"] for j in range(len(WORDINGS))] == [1, 0, 1, 0, 0]
+
+
+def test_subspace_probe_finds_inputs_inside_and_outside_the_fitted_subspace():
+    """Inputs the covariance was fitted on lie inside its full-energy subspace; with fewer fitted tokens than
+    input dimensions, other inputs keep energy outside it."""
+    from benchmarks.subspace_probe import ENERGIES, PROJECTIONS, layer_inputs, residual_shares, subspaces
+    from tests.conftest import build_tiny_llama
+
+    model = build_tiny_llama(vocab_size=400).eval()
+    fitted = [{"input_ids": list(range(10, 22)), "labels": [-100] * 4 + list(range(14, 22))}]
+    other = [{"input_ids": list(range(200, 212)), "labels": [-100] * 4 + list(range(204, 212))}]
+    covariances: dict = {}
+    layer_inputs(model, fitted, lambda n, x: covariances.__setitem__(n, covariances.get(n, 0) + x.T @ x), answers_only=False)
+    assert covariances and {n.rsplit(".", 1)[-1] for n in covariances} == set(PROJECTIONS)
+    bases = subspaces(covariances)
+    assert all(len(b) == len(ENERGIES) and b[-1].shape[1] <= 12 for b in bases.values())
+    inside, outside = residual_shares(model, fitted, bases), residual_shares(model, other, bases)
+    assert all(shares[-1] < 1e-3 for shares in inside.values())
+    assert all(shares[-1] > 0.05 for shares in outside.values())
+    assert all(shares == sorted(shares, reverse=True) for shares in outside.values()), "more energy kept, less outside"
