@@ -15,7 +15,8 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from peftkit.data.build import build_datasets, load_heldout, tokenize_examples
+from peftkit.data.build import HeldoutItem, build_datasets, load_heldout, tokenize_examples
+from peftkit.data.chat import with_system_prompt
 from peftkit.data.formats import load_examples
 from peftkit.errors import DataError
 from peftkit.evaluate.generation import heldout_accuracy
@@ -71,10 +72,9 @@ def evaluate_run(
     examples = load_examples(data, recipe.data.format) if data else None
     heldout_path = heldout or recipe.data.heldout
     items = load_heldout(heldout_path, system) if heldout_path else []
-    general_path = general or builtin_resource(GENERAL_SET)
-    general_items = load_heldout(general_path, None)
+    general_items = load_heldout(general or builtin_resource(GENERAL_SET), None)
     # The same questions asked in the recipe's role (its system prompt): what the domain chatbot's users see.
-    in_role_items = load_heldout(general_path, system) if system else []
+    in_role_items = [HeldoutItem(tuple(with_system_prompt(i.messages, system)), i.key_facts) for i in general_items] if system else []
 
     run = load_run(run_dir, quantized_base=qlora_base == "quantized")
     model, tokenizer = run.model, run.tokenizer

@@ -123,6 +123,17 @@ def test_eval_also_asks_the_general_set_with_the_recipes_system_prompt(tiny_reci
     assert "with the recipe's system prompt" in (run_dir / "README.md").read_text()
 
 
+def test_model_card_names_the_contrast_rows(tiny_recipe):
+    from peftkit.train.model_card import _replay_row
+
+    recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "system_prompt": "S",
+                                                       "replay": {"contrast": True}}})
+    row = _replay_row(recipe, {"data_stats": {"replay_examples": 7, "replay_contrast_prompts": 5}})
+    assert row and "5 training prompts asked without the system prompt (contrast)" in row[0]
+    plain = _replay_row(recipe, {"data_stats": {"replay_examples": 7, "replay_contrast_prompts": 0}})
+    assert plain and "contrast" not in plain[0]
+
+
 def test_replay_ratio_above_one_repeats_the_set(tiny_recipe, tmp_path):
     """A small domain set can draw more replay rows than it has examples; the set then repeats."""
     from peftkit.models import load_tokenizer, resolve_model_ref
