@@ -28,6 +28,8 @@ from peftkit.evaluate.run_eval import ORIGINAL_BASE_REPORT, REPORT
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["lora", "qlora", "qlora-loftq", "full", "lora-replay", "dora", "qlora-int8", "prefix", "partial"]
 LLAMA_MLP_TARGETS = 'adapter.target_modules=["gate_proj","up_proj","down_proj"]'  # SmolLM2 / Llama MLP names
+TRAIN_FILE = "{train}"
+"""In a variant's override: the recipe's own `data.train` file (absolute path)."""
 # Methods that are a variant of another recipe rather than a recipe of their own.
 VARIANT_OVERRIDES = {
     "qlora-int8": ("qlora", ["quantization.bits=8"]),
@@ -75,7 +77,7 @@ VARIANT_OVERRIDES = {
     # The domain's own training prompts asked WITHOUT its system prompt, answered (distilled) by the base model
     # (`data.replay.contrast`): alone (a replay file of the training prompts themselves, no general replay),
     # and on top of `quickstart-replay.yaml`'s distilled general replay.
-    "lora-contrast": ("lora", ["data.replay.path=recipes/data/quickstart/train.jsonl",
+    "lora-contrast": ("lora", [f"data.replay.path={TRAIN_FILE}",
                                "data.replay.answers=base", "data.replay.ratio=1.0", "data.replay.distill=true"]),
     "lora-replay1-distill-contrast": ("lora", ["data.replay.path=builtin:general", "data.replay.ratio=1.0",
                                                "data.replay.distill=true", "data.replay.contrast=true"]),
@@ -108,8 +110,9 @@ def recipe_for(name: str, method: str) -> tuple[Path, list[str]]:
     base_method, extra = VARIANT_OVERRIDES.get(method, (method, []))
     dedicated = ROOT / "recipes" / f"{name}-{base_method}.yaml"
     if dedicated.is_file():
-        return dedicated, extra
+        return dedicated, _with_train_file(dedicated, extra)
     recipe = ROOT / "recipes" / f"{name}.yaml"
+    extra = _with_train_file(recipe, extra)
     if base_method in LORA_FAMILY:
         return recipe, [*LORA_FAMILY[base_method], *extra]
     template = ROOT / "recipes" / f"quickstart-{base_method}.yaml"
@@ -117,6 +120,13 @@ def recipe_for(name: str, method: str) -> tuple[Path, list[str]]:
         raise SystemExit(f"no recipes/{name}-{base_method}.yaml or recipes/quickstart-{base_method}.yaml for {method}")
     sections = yaml.safe_load(template.read_text())
     return recipe, [*(f"{key}={json.dumps(sections[key])}" for key in METHOD_SECTIONS if key in sections), *extra]
+
+
+def _with_train_file(recipe: Path, overrides: list[str]) -> list[str]:
+    if not any(TRAIN_FILE in o for o in overrides):
+        return overrides
+    train = (recipe.parent / yaml.safe_load(recipe.read_text())["data"]["train"]).resolve()
+    return [o.replace(TRAIN_FILE, str(train)) for o in overrides]
 
 
 def run(cmd: list[str], timeout: int = 5400) -> None:

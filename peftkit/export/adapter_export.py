@@ -78,6 +78,7 @@ def build_manifest(run: RunAdapter, files: list[Path]) -> dict[str, Any]:
         "target_modules": info.target_modules(),
         "modules_to_save": info.modules_to_save or None,
         "task_type": info.config.get("task_type"),
+        "system_prompt": run.recipe.data.system_prompt,
         "quantization": quantization,
         "serving": serving_compatibility(info, base["model_type"]),
         "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},

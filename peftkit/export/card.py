@@ -12,6 +12,11 @@ def _front_matter(data: dict[str, Any]) -> str:
     return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n"
 
 
+def _cell(text: str) -> str:
+    """`text` quoted for one Markdown table cell or sentence (one line, pipes escaped)."""
+    return "\"" + " ".join(text.split()).replace("|", "\\|") + "\""
+
+
 def _num(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
 
@@ -61,6 +66,10 @@ def merged_card(merged: Any, *, dtype: str, verification: dict[str, Any] | None,
         f"| dtype | {dtype} |",
         f"| merged vs unmerged (in memory, float32) | max abs logit diff {_num(merged.merge_max_abs_diff)} |",
     ]
+    system = run.recipe.data.system_prompt
+    if system:
+        lines.append(f"| default system prompt | {_cell(system)} (the chat template adds it to conversations without a "
+                     "system message; send your own to replace it) |")
     if merged.combination:
         c = merged.combination
         lines.append(f"| combination | {c['combination']}, weights {c['weights']} |")
@@ -113,6 +122,10 @@ def adapter_card(manifest: dict[str, Any], verification: dict[str, Any] | None, 
     for engine, status in manifest["serving"].items():
         why = "; ".join(status["reasons"] or status.get("notes", []))
         lines.append(f"| {engine} | {'yes' if status['compatible'] else 'no'} | {why} |")
+    if manifest.get("system_prompt"):
+        lines += ["", f"Trained with the system prompt {_cell(manifest['system_prompt'])}. The tokenizer saved here adds it "
+                  "when a conversation has none, but a server that renders prompts with the base model's chat template "
+                  "instead of this folder's (common for multi-LoRA serving) does not: send it as the first message."]
     lines += ["", *verification_section(verification)]
     lines += [
         "## Use",

@@ -99,8 +99,11 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
 
 
 def load_run_tokenizer(run: RunAdapter) -> Any:
-    """The tokenizer saved with the run (it carries the chat template used in training)."""
+    """The tokenizer saved with the run (it carries the chat template used in training), with the recipe's
+    `data.system_prompt` as the template's default: exports answer as the trained chatbot when a client
+    sends no system message, as the Ollama Modelfile's SYSTEM line does."""
     from peftkit.models import load_tokenizer
+    from peftkit.models.load import set_default_system_prompt
 
     folder = run.run_dir / "tokenizer"
     if (folder / "tokenizer_config.json").is_file():
@@ -109,8 +112,10 @@ def load_run_tokenizer(run: RunAdapter) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        return tokenizer
-    return load_tokenizer(run.model_cfg, run.source)
+    else:
+        tokenizer = load_tokenizer(run.model_cfg, run.source)
+    set_default_system_prompt(tokenizer, run.recipe.data.system_prompt)
+    return tokenizer
 
 
 def _load_base(run: RunAdapter, quantized: bool) -> Any:
@@ -309,6 +314,10 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
     if combination == "linear" and len(set(ranks)) > 1:
         raise ExportError(f"--combination linear needs equal ranks, got {ranks}; use `cat` (exact) instead")
 
+    if len({r.recipe.data.system_prompt for r in runs}) > 1:
+        log.warning("The runs were trained with different data.system_prompt values; the combined model's chat template "
+                    "defaults to the first one's (%r). Clients can send their own system message.",
+                    first.recipe.data.system_prompt)
     tokenizer = load_run_tokenizer(first)
     base_model = _load_base(first, quantized=first.quantization is not None)
     if first.quantization is not None:

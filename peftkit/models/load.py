@@ -109,6 +109,32 @@ def chat_template_setting_problem(setting: str | None) -> str | None:
     return None
 
 
+def template_with_default_system(template: str, system_prompt: str) -> str:
+    """`template` that renders a conversation without a system message as if it began with `system_prompt`.
+
+    Exports carry this so that a server which gets only user messages (vLLM, llama.cpp, a plain
+    `apply_chat_template` call) prompts the model the way it was trained, instead of falling back to the base
+    template's own default system prompt or none. A conversation with its own system message is unchanged.
+    (Jinja `if` blocks do not open a scope, so the `set` replaces `messages` for the rest of the template.)
+    """
+    import json
+
+    literal = json.dumps(system_prompt, ensure_ascii=False)  # a valid Jinja string literal, escapes included
+    return ("{% if not messages or messages[0]['role'] != 'system' %}"
+            "{% set messages = [{'role': 'system', 'content': " + literal + "}] + messages %}{% endif %}" + template)
+
+
+def set_default_system_prompt(tokenizer: Any, system_prompt: str | None) -> bool:
+    """Give the tokenizer's chat template `system_prompt` as its default (see template_with_default_system).
+
+    Returns False, changing nothing, when there is no system prompt or no single string template."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not system_prompt or not isinstance(template, str):
+        return False
+    tokenizer.chat_template = template_with_default_system(template, system_prompt)
+    return True
+
+
 def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
     """`chatml`, `plain` or a template file; without a setting, the tokenizer's own template, else ChatML
     when the vocabulary has its tokens, else PLAIN_TEMPLATE."""

@@ -24,6 +24,10 @@ def test_methods_map_to_their_recipes_and_variants():
     with pytest.raises(SystemExit, match="quickstart-nosuch.yaml"):
         recipe_for("support-desk", "nosuch")
     assert recipe_for("quickstart", "lora-replay")[1][0].startswith("data.replay.path=")
+    # contrast replays each recipe's own training prompts, not the quickstart's
+    for name in ("quickstart", "support-desk"):
+        replay = recipe_for(name, "lora-contrast")[1][0]
+        assert replay == f"data.replay.path={ROOT / 'recipes' / 'data' / name / 'train.jsonl'}"
 
 
 def test_rows_of_an_earlier_invocation_are_kept_unless_measured_again(tmp_path):
@@ -216,3 +220,41 @@ def test_subspace_probe_finds_inputs_inside_and_outside_the_fitted_subspace():
     assert all(shares[-1] < 1e-3 for shares in inside.values())
     assert all(shares[-1] > 0.05 for shares in outside.values())
     assert all(shares == sorted(shares, reverse=True) for shares in outside.values()), "more energy kept, less outside"
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapter_scale_probe_moves_along_the_line_from_base_to_tuned(dora, tiny_model_dir):
+    """Scale 0 is the base model and scale 1 the tuned one; the scales come back afterwards; DoRA is refused."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.adapter_scale_probe import scaled_lora
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=dora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    ids = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(1))
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    tuned = logits()
+    if dora:
+        with pytest.raises(SystemExit, match="DoRA"), scaled_lora(model, 0.5):
+            pass
+        return
+    with model.disable_adapter():
+        base = logits()
+    assert (tuned - base).abs().max() > 1e-3
+    with scaled_lora(model, 0.0):
+        assert torch.allclose(logits(), base, atol=1e-6)
+    with scaled_lora(model, 0.5):
+        half = logits()
+    assert not torch.allclose(half, base, atol=1e-4) and not torch.allclose(half, tuned, atol=1e-4)
+    assert torch.equal(logits(), tuned)

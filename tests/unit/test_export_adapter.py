@@ -37,6 +37,13 @@ def test_adapter_export_is_standard_peft_and_verified_in_a_fresh_process(export_
     report = json.loads((out / "verification.json").read_text())
     assert report["passed"] and report["kind"] == "peft" and report["max_abs_diff"] < 1e-5
     assert manifest["verified"]["loader"].startswith("peft.PeftModel.from_pretrained")
+    assert manifest["system_prompt"] == export_recipe["data"]["system_prompt"]
+    assert "send it as the first message" in (out / "README.md").read_text()
+    from transformers import AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(str(out)).apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith(f"<|im_start|>system\n{export_recipe['data']['system_prompt']}<|im_end|>\n")
 
     base = AutoModelForCausalLM.from_pretrained(manifest["base_model"]["path"], dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(out)).eval()

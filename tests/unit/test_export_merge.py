@@ -75,8 +75,11 @@ def test_merge_writes_verified_sharded_hf_directory(export_recipe, tmp_path):
     ids = token_ids()
     assert (_merged_logits(reloaded, ids) - adapter_logits(run, ids)).abs().max() < 1e-5
     tokenizer = AutoTokenizer.from_pretrained(str(out))
-    assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    # a client that sends no system message gets the recipe's, as in training (not the base template's default)
+    assert prompt.startswith(f"<|im_start|>system\n{export_recipe['data']['system_prompt']}<|im_end|>\n")
+    assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert "| default system prompt | \"You are the library help desk.\"" in card
 
 
 def test_half_precision_merge_writes_that_dtype(export_recipe, tmp_path):

@@ -152,3 +152,26 @@ def test_save_tokenizer_keeps_the_legacy_flag(tmp_path):
     save_tokenizer(legacy, tmp_path / "kept")
     kept = AutoTokenizer.from_pretrained(tmp_path / "kept")
     assert kept(text, add_special_tokens=False)["input_ids"] == legacy(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("template", ["chatml", "plain"])
+def test_default_system_prompt_fills_in_only_when_a_conversation_has_none(template, tiny_model_dir, base_model_dir):
+    from peftkit.models.load import set_default_system_prompt
+
+    folder = tiny_model_dir if template == "chatml" else base_model_dir
+    plain = load_tokenizer(ModelConfig(name=str(folder), chat_template=template))
+    tuned = load_tokenizer(ModelConfig(name=str(folder), chat_template=template))
+    # quotes, backslashes, a newline, Jinja delimiters and a character outside the BMP must survive as text
+    system = 'You are "Desk" \\ the {{ helper }} {% raw %}\nAnswer in one line 🙂'
+    assert set_default_system_prompt(tuned, system)
+    user = [{"role": "user", "content": "hello"}]
+
+    def render(tok, messages):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    assert render(tuned, user) == render(plain, [{"role": "system", "content": system}, *user])
+    own = [{"role": "system", "content": "be brief."}, *user]
+    assert render(tuned, own) == render(plain, own)
+    assert render(tuned, [{"role": "system", "content": system}, *user]).count("Desk") == 1
+    unchanged = load_tokenizer(ModelConfig(name=str(folder), chat_template=template))
+    assert not set_default_system_prompt(unchanged, None) and unchanged.chat_template == plain.chat_template
