@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import earlier_rows, environment, markdown_table, results_stem, write_csv
+from benchmarks.common import write_table_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK_SET = ROOT / "benchmarks" / "data" / "general_check.jsonl"
@@ -102,16 +102,11 @@ def main() -> None:
     if any(not 0.0 <= s <= 2.0 for s in args.scales):
         raise SystemExit("--scales: give factors between 0 and 2")
     rows = [row for run_dir in args.run_dirs for row in probe_rows(run_dir, args.scales)]
-    stem = results_stem("adapter_scale")
-    rows = earlier_rows(stem, rows, ("run", "scale")) + rows
-    write_csv(stem, rows)
-    text = ("# LoRA update scaled between the base (0) and the tuned model (1)\n\n"
-            "Held-out and check in % correct; forgetting in points lost against scale 0 (the base model) on the "
-            "built-in 33 general questions, asked without and with the recipe's system prompt.\n\n"
-            + "\n".join(markdown_table(rows, COLUMNS)) + f"\n\n```\n{environment()}\n```\n")
-    Path(f"{stem}.md").write_text(text)
-    print(text)
-
+    write_table_report("adapter_scale", rows, ("run", "scale"),
+                       "# LoRA update scaled between the base (0) and the tuned model (1)\n\n"
+                       "Held-out and check in % correct; forgetting in points lost against scale 0 (the base model) "
+                       "on the built-in 33 general questions, asked without and with the recipe's system prompt.\n\n",
+                       COLUMNS)
 
 if __name__ == "__main__":
     main()

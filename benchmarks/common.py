@@ -92,6 +92,17 @@ def earlier_rows(stem: Path, keep_out: list[dict], key: tuple[str, ...]) -> list
     return [r for r in rows if ident(r) not in done]
 
 
+def write_table_report(kind: str, rows: list[dict], key: tuple[str, ...], intro: str, columns: list[str]) -> None:
+    """`results/<date>_<machine>_<kind>.{csv,md}`: today's earlier rows (not measured again) + `rows`, as a
+    CSV and as `intro` followed by a Markdown table and the environment; the Markdown is printed too."""
+    stem = results_stem(kind)
+    rows = earlier_rows(stem, rows, key) + rows
+    write_csv(stem, rows)
+    text = intro + "\n".join(markdown_table(rows, columns)) + f"\n\n```\n{environment()}\n```\n"
+    Path(f"{stem}.md").write_text(text)
+    print(text)
+
+
 def recipe_with_base_model(recipe_path: str) -> tuple[Any, Any, Any]:
     """The recipe, its tokenizer and its base model (float32 on the CPU, no adapter), for the probes."""
     import torch

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import earlier_rows, environment, markdown_table, results_stem, write_csv
+from benchmarks.common import write_table_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK_SET = ROOT / "benchmarks" / "data" / "general_check.jsonl"
@@ -75,16 +75,10 @@ def main() -> None:
             raise SystemExit(f"`{spec}`: give NAME=RUN_DIR,RUN_DIR[,...] with at least two run directories")
         groups.append((name, run_dirs))
     rows = [soup_row(name, run_dirs) for name, run_dirs in groups]
-    stem = results_stem("seed_soup")
-    rows = earlier_rows(stem, rows, ("group",)) + rows
-    write_csv(stem, rows)
-    text = ("# Seed soups: equal-weight averages of LoRA updates trained with different seeds\n\n"
-            "Held-out and forgetting in points (forgetting: built-in 33-question set; check: accuracy on the "
-            "80-question `benchmarks/data/general_check.jsonl`).\n\n"
-            + "\n".join(markdown_table(rows, COLUMNS)) + f"\n\n```\n{environment()}\n```\n")
-    Path(f"{stem}.md").write_text(text)
-    print(text)
-
+    write_table_report("seed_soup", rows, ("group",),
+                       "# Seed soups: equal-weight averages of LoRA updates trained with different seeds\n\n"
+                       "Held-out and forgetting in points (forgetting: built-in 33-question set; check: accuracy on the "
+                       "80-question `benchmarks/data/general_check.jsonl`).\n\n", COLUMNS)
 
 if __name__ == "__main__":
     main()

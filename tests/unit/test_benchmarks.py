@@ -258,3 +258,17 @@ def test_adapter_scale_probe_moves_along_the_line_from_base_to_tuned(dora, tiny_
         half = logits()
     assert not torch.allclose(half, base, atol=1e-4) and not torch.allclose(half, tuned, atol=1e-4)
     assert torch.equal(logits(), tuned)
+
+
+def test_table_report_keeps_todays_earlier_rows_and_writes_csv_and_markdown(tmp_path, monkeypatch, capsys):
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "results_stem", lambda kind: tmp_path / f"day_{kind}")
+    common.write_table_report("probe", [{"run": "a", "scale": 1.0, "x": 1}, {"run": "a", "scale": 0.5, "x": 2}],
+                              ("run", "scale"), "# Probe\n\n", ["run", "scale", "x"])
+    common.write_table_report("probe", [{"run": "a", "scale": 0.5, "x": 3}], ("run", "scale"), "# Probe\n\n",
+                              ["run", "scale", "x"])
+    text = (tmp_path / "day_probe.md").read_text()
+    assert text.startswith("# Probe\n\n| run | scale | x |") and "| a | 1.0 | 1 |" in text and "| a | 0.5 | 3 |" in text
+    assert "| a | 0.5 | 2 |" not in text and (tmp_path / "day_probe.csv").read_text().count("\n") == 3
+    assert "# Probe" in capsys.readouterr().out
