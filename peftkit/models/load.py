@@ -109,17 +109,23 @@ def chat_template_setting_problem(setting: str | None) -> str | None:
     return None
 
 
-def template_with_default_system(template: str, system_prompt: str) -> str:
+def template_with_default_system(template: str, system_prompt: str, *, fold: bool = False) -> str:
     """`template` that renders a conversation without a system message as if it began with `system_prompt`.
 
     Exports carry this so that a server which gets only user messages (vLLM, llama.cpp, a plain
     `apply_chat_template` call) prompts the model the way it was trained, instead of falling back to the base
     template's own default system prompt or none. A conversation with its own system message is unchanged.
+    `fold`: for templates that refuse system messages, the prompt goes at the start of the first user
+    message, as training put it there (data/chat.py fold_system_prompt).
     (Jinja `if` blocks do not open a scope, so the `set` replaces `messages` for the rest of the template.)
     """
     import json
 
-    literal = json.dumps(system_prompt, ensure_ascii=False)  # a valid Jinja string literal, escapes included
+    if fold:
+        literal = json.dumps(system_prompt + "\n\n", ensure_ascii=False)  # a valid Jinja string literal
+        return ("{% if messages and messages[0]['role'] == 'user' %}{% set messages = [{'role': 'user', 'content': "
+                + literal + " + messages[0]['content']}] + messages[1:] %}{% endif %}" + template)
+    literal = json.dumps(system_prompt, ensure_ascii=False)
     return ("{% if not messages or messages[0]['role'] != 'system' %}"
             "{% set messages = [{'role': 'system', 'content': " + literal + "}] + messages %}{% endif %}" + template)
 
@@ -131,7 +137,13 @@ def set_default_system_prompt(tokenizer: Any, system_prompt: str | None) -> bool
     template = getattr(tokenizer, "chat_template", None)
     if not system_prompt or not isinstance(template, str):
         return False
-    tokenizer.chat_template = template_with_default_system(template, system_prompt)
+    probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    try:
+        tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        fold = False
+    except Exception:  # noqa: BLE001 - the template refuses system messages (raise_exception)
+        fold = True
+    tokenizer.chat_template = template_with_default_system(template, system_prompt, fold=fold)
     return True
 
 

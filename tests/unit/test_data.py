@@ -370,3 +370,15 @@ def test_an_empty_reply_is_refused_with_its_line(tmp_path, record):
     context = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "weight": 0},
                             {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}
     assert len(load_examples(write_jsonl(tmp_path / "ok.jsonl", [context]))) == 1
+
+
+def test_an_export_of_a_template_without_system_messages_folds_its_default_into_the_first_user_turn(tiny_tokenizer):
+    from peftkit.data.chat import generation_prompt
+    from peftkit.models.load import set_default_system_prompt
+
+    tokenizer = _with_template(tiny_tokenizer, MISTRAL_V01_TEMPLATE)
+    trained = generation_prompt(tokenizer, [{"role": "system", "content": "be brief."}, TWO_TURNS[0]])
+    assert set_default_system_prompt(tokenizer, "be brief.")
+    # what a client that sends only the user turn gets is what training saw (no exception from the template)
+    served = tokenizer.apply_chat_template([TWO_TURNS[0]], tokenize=False, add_generation_prompt=True)
+    assert served == trained and "[INST] be brief.\n\nhello [/INST]" in served
