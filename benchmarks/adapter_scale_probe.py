@@ -46,11 +46,18 @@ def scaled_lora(model: Any, scale: float) -> Iterator[None]:
             m.scaling.update(scaling)
 
 
+def _points(value: float | None) -> float | None:
+    return None if value is None else round(100 * value, 1)
+
+
+def _lost(value: float | None, before: float | None) -> float | None:
+    return None if value is None or before is None else round(100 * (before - value), 1)
+
+
 def probe_rows(run_dir: Path, scales: list[float]) -> list[dict[str, Any]]:
-    from peftkit.data.build import HeldoutItem, load_heldout
-    from peftkit.data.chat import with_system_prompt
+    from peftkit.data.build import load_heldout
     from peftkit.evaluate.generation import heldout_accuracy
-    from peftkit.evaluate.run_eval import GENERAL_SET, builtin_resource
+    from peftkit.evaluate.run_eval import GENERAL_SET, asked_in_role, builtin_resource
     from peftkit.runs import load_run
 
     run = load_run(run_dir)
@@ -58,7 +65,7 @@ def probe_rows(run_dir: Path, scales: list[float]) -> list[dict[str, Any]]:
     system = recipe.data.system_prompt
     heldout = load_heldout(recipe.data.heldout, system) if recipe.data.heldout else []
     general = load_heldout(builtin_resource(GENERAL_SET), None)
-    in_role = [HeldoutItem(tuple(with_system_prompt(i.messages, system)), i.key_facts) for i in general] if system else []
+    in_role = asked_in_role(general, system)
     check = load_heldout(CHECK_SET, None)
 
     def accuracy(items: list[Any]) -> tuple[float | None, list[dict[str, Any]]]:
@@ -78,16 +85,10 @@ def probe_rows(run_dir: Path, scales: list[float]) -> list[dict[str, Any]]:
         if scale == 0.0:
             base = {"general": gen, "in_role": role}
 
-        def points(value: float | None) -> float | None:
-            return None if value is None else round(100 * value, 1)
-
-        def lost(value: float | None, before: float | None) -> float | None:
-            return None if value is None or before is None else round(100 * (before - value), 1)
-
         rows.append({
-            "run": run_dir.name, "scale": scale, "heldout": points(held),
-            "forgetting": lost(gen, base["general"]), "forgetting_in_role": lost(role, base["in_role"]),
-            "check_accuracy": points(chk),
+            "run": run_dir.name, "scale": scale, "heldout": _points(held),
+            "forgetting": _lost(gen, base["general"]), "forgetting_in_role": _lost(role, base["in_role"]),
+            "check_accuracy": _points(chk),
             "lost": "; ".join(d["question"] for d in details if not d["correct"]),
         })
     return rows
@@ -107,6 +108,7 @@ def main() -> None:
                        "Held-out and check in % correct; forgetting in points lost against scale 0 (the base model) "
                        "on the built-in 33 general questions, asked without and with the recipe's system prompt.\n\n",
                        COLUMNS)
+
 
 if __name__ == "__main__":
     main()

@@ -80,5 +80,6 @@ def main() -> None:
                        "Held-out and forgetting in points (forgetting: built-in 33-question set; check: accuracy on the "
                        "80-question `benchmarks/data/general_check.jsonl`).\n\n", COLUMNS)
 
+
 if __name__ == "__main__":
     main()

@@ -50,6 +50,13 @@ def model_before_tuning(run: LoadedRun) -> Iterator[Any]:
     yield base
 
 
+def asked_in_role(items: list[HeldoutItem], system_prompt: str | None) -> list[HeldoutItem]:
+    """`items` asked with the recipe's system prompt (none without one): what the domain chatbot's users see."""
+    if not system_prompt:
+        return []
+    return [HeldoutItem(tuple(with_system_prompt(i.messages, system_prompt)), i.key_facts) for i in items]
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -74,7 +81,7 @@ def evaluate_run(
     items = load_heldout(heldout_path, system) if heldout_path else []
     general_items = load_heldout(general or builtin_resource(GENERAL_SET), None)
     # The same questions asked in the recipe's role (its system prompt): what the domain chatbot's users see.
-    in_role_items = [HeldoutItem(tuple(with_system_prompt(i.messages, system)), i.key_facts) for i in general_items] if system else []
+    in_role_items = asked_in_role(general_items, system)
 
     run = load_run(run_dir, quantized_base=qlora_base == "quantized")
     model, tokenizer = run.model, run.tokenizer

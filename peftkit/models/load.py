@@ -137,11 +137,13 @@ def set_default_system_prompt(tokenizer: Any, system_prompt: str | None) -> bool
     template = getattr(tokenizer, "chat_template", None)
     if not system_prompt or not isinstance(template, str):
         return False
+    from jinja2.exceptions import TemplateError
+
     probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
     try:
         tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
         fold = False
-    except Exception:  # noqa: BLE001 - the template refuses system messages (raise_exception)
+    except TemplateError:  # the template refuses system messages; training folded them (data/chat.py _render)
         fold = True
     tokenizer.chat_template = template_with_default_system(template, system_prompt, fold=fold)
     return True
