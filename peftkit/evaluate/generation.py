@@ -83,16 +83,19 @@ def is_correct(reply: str, key_facts: Sequence[str]) -> bool:
 
 
 def heldout_accuracy(
-    model: Any, tokenizer: Any, items: Sequence[HeldoutItem], *, max_new_tokens: int = 64, batch_size: int = 16
+    model: Any, tokenizer: Any, items: Sequence[HeldoutItem], *, max_new_tokens: int = 64, batch_size: int = 16,
+    label: str = "held-out questions",
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Share of held-out questions whose greedy reply contains the key fact, and the per-item record."""
+    """Share of questions whose greedy reply contains the key fact, and the per-item record.
+
+    `label` names the question set on the progress bar (held-out facts, the general set, ...)."""
     replies = generate_replies(
         model,
         tokenizer,
         [item.messages for item in items],
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
-        progress=f"held-out questions ({len(items)})",
+        progress=f"{label} ({len(items)})",
     )
     details = [
         {

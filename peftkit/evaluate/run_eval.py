@@ -106,11 +106,12 @@ def evaluate_run(
                 model, tokenizer, items, max_new_tokens=new_tokens, batch_size=batch
             )
         result["general_accuracy"], result["general_details"] = heldout_accuracy(
-            model, tokenizer, general_items, max_new_tokens=new_tokens, batch_size=batch
+            model, tokenizer, general_items, max_new_tokens=new_tokens, batch_size=batch, label="general questions"
         )
         if in_role_items:
             result["general_in_role_accuracy"], result["general_in_role_details"] = heldout_accuracy(
-                model, tokenizer, in_role_items, max_new_tokens=new_tokens, batch_size=batch
+                model, tokenizer, in_role_items, max_new_tokens=new_tokens, batch_size=batch,
+                label="general questions in role"
             )
         return result
 

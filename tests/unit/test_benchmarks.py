@@ -272,3 +272,29 @@ def test_table_report_keeps_todays_earlier_rows_and_writes_csv_and_markdown(tmp_
     assert text.startswith("# Probe\n\n| run | scale | x |") and "| a | 1.0 | 1 |" in text and "| a | 0.5 | 3 |" in text
     assert "| a | 0.5 | 2 |" not in text and (tmp_path / "day_probe.csv").read_text().count("\n") == 3
     assert "# Probe" in capsys.readouterr().out
+
+
+def test_sharpness_probe_sees_a_sharper_model_and_not_an_untrained_adapter(tiny_model_dir, tiny_tokenizer):
+    """An adapter that changes nothing measures as the base; doubling the output logits lowers the entropy
+    and widens the margin along the same answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.sharpness_probe import answer_sharpness
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    conversations = [[{"role": "user", "content": "where is the library"}], [{"role": "user", "content": "one two"}]]
+    answers = ["the library opens at nine", "three four five"]
+    entropy, margin, tokens = answer_sharpness(base, tiny_tokenizer, conversations, answers)
+    assert tokens == sum(len(tiny_tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    assert entropy > 0 and margin >= 0
+    untouched = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval(),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # B = 0: the base model
+    same = answer_sharpness(untouched, tiny_tokenizer, conversations, answers)
+    assert same[0] == pytest.approx(entropy, abs=1e-5) and same[1] == pytest.approx(margin, abs=1e-5)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(2.0)
+    sharper, wider, _ = answer_sharpness(base, tiny_tokenizer, conversations, answers)
+    assert sharper < entropy and wider > margin

@@ -108,12 +108,19 @@ def test_contrast_replays_the_training_prompts_without_the_system_prompt(tiny_re
     assert len(domain) == 5 and all("DOMAINPROMPT" in t for t in domain if "OWNSYSTEM" not in t)
 
 
-def test_eval_also_asks_the_general_set_with_the_recipes_system_prompt(tiny_recipe, tmp_path, capsys):
+def test_eval_also_asks_the_general_set_with_the_recipes_system_prompt(tiny_recipe, tmp_path, capsys, monkeypatch):
     recipe = {**tiny_recipe, "data": {**tiny_recipe["data"], "system_prompt": "You answer for the desk."},
               "eval": {"before": False, "max_new_tokens": 6}}
     run_dir = train(recipe_from_dict(recipe)).run_dir
     general = write_jsonl(tmp_path / "general.jsonl", [{"question": f"one two {i}", "key_fact": "three"} for i in range(3)])
+    from peftkit.evaluate import generation
+
+    asked, generate = [], generation.generate_replies
+    monkeypatch.setattr(generation, "generate_replies",
+                        lambda *a, **kw: asked.append(kw.get("progress")) or generate(*a, **kw))
     assert main(["eval", str(run_dir), "--general", str(general)]) == 0
+    # each question set is named on its progress bar (the general set is not "held-out questions")
+    assert {"held-out questions (2)", "general questions (3)", "general questions in role (3)"} <= set(asked), asked
     report = json.loads((run_dir / "eval.json").read_text())
     in_role = report["details"]["general_in_role_details"]
     assert len(in_role) == 3 and report["general_questions"] == 3
