@@ -68,20 +68,20 @@ def probe_rows(run_dir: Path, scales: list[float]) -> list[dict[str, Any]]:
     in_role = asked_in_role(general, system)
     check = load_heldout(CHECK_SET, None)
 
-    def accuracy(items: list[Any]) -> tuple[float | None, list[dict[str, Any]]]:
+    def accuracy(items: list[Any], label: str) -> tuple[float | None, list[dict[str, Any]]]:
         if not items:
             return None, []
         return heldout_accuracy(run.model, run.tokenizer, items, max_new_tokens=recipe.eval.max_new_tokens,
-                                batch_size=recipe.eval.batch_size)
+                                batch_size=recipe.eval.batch_size, label=f"{label}, x{scale}")
 
     rows = []
     base: dict[str, float | None] = {}
     for scale in sorted({0.0, *scales}):
         with scaled_lora(run.model, scale):
-            held, _ = accuracy(heldout)
-            gen, details = accuracy(general)
-            role, _ = accuracy(in_role)
-            chk, _ = accuracy(check)
+            held, _ = accuracy(heldout, "held-out questions")
+            gen, details = accuracy(general, "general questions")
+            role, _ = accuracy(in_role, "general questions in role")
+            chk, _ = accuracy(check, "check questions")
         if scale == 0.0:
             base = {"general": gen, "in_role": role}
 

@@ -43,13 +43,13 @@ def soup_row(group: str, run_dirs: list[Path]) -> dict[str, Any]:
     recipe = soup.primary.recipe
     new_tokens, batch = recipe.eval.max_new_tokens, recipe.eval.batch_size
 
-    def accuracy(path: Path | str, system: str | None) -> tuple[float, list[dict[str, Any]]]:
+    def accuracy(path: Path | str, system: str | None, label: str) -> tuple[float, list[dict[str, Any]]]:
         return heldout_accuracy(soup.model, soup.tokenizer, load_heldout(path, system),
-                                max_new_tokens=new_tokens, batch_size=batch)
+                                max_new_tokens=new_tokens, batch_size=batch, label=label)
 
-    heldout, _ = accuracy(run_dirs[0] / "heldout.jsonl", recipe.data.system_prompt)
-    general, details = accuracy(builtin_resource(GENERAL_SET), None)
-    check, _ = accuracy(CHECK_SET, None)
+    heldout, _ = accuracy(run_dirs[0] / "heldout.jsonl", recipe.data.system_prompt, "held-out questions")
+    general, details = accuracy(builtin_resource(GENERAL_SET), None, "general questions")
+    check, _ = accuracy(CHECK_SET, None, "check questions")
     base_general = members[0]["before"]["general_accuracy"]  # the same base for every member
     return {
         "group": group,
