@@ -215,13 +215,6 @@ class ReplayConfig(Section):
     distill: bool = False
     """Train replay rows towards the base model's top-20 next-token distribution (soft targets,
     computed once before training) instead of only its answer tokens."""
-    on_policy: bool = False
-    """With `distill`: at each epoch after the first, the model in training answers the replay prompts itself
-    and the base model (the adapter switched off) scores those answers, so the replay term corrects the
-    model where it actually drifts (on-policy distillation). Needs an adapter that can be switched off."""
-    on_policy_tokens: PositiveInt = 64
-    """Length limit of the on-policy answers: the start of an answer is where a drift shows, and generation
-    is the cost (once an epoch over the replay prompts)."""
     contrast: bool = False
     """Also replay every training prompt *without* the recipe's system prompt, answered by the base model: the
     domain's answers are learnt behind `data.system_prompt` and the model without it stays the base model
@@ -235,9 +228,6 @@ class ReplayConfig(Section):
             if getattr(self, option) and not answers_from_base(self.path, self.answers):
                 raise ValueError(f"{option} needs the base model's answers to the replay prompts: set `answers: base` "
                                  f"(or `auto` with a built-in set), or remove {option}")
-        if self.on_policy and not self.distill:
-            raise ValueError("on_policy trains towards the base model's distribution over the model's own answers: "
-                             "set `distill: true` as well, or remove on_policy")
         return self
 
 

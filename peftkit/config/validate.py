@@ -43,26 +43,6 @@ def _check_data(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _check_on_policy(recipe: Recipe) -> list[str]:
-    """On-policy replay asks the base model for targets during training: the adapter must switch off to it."""
-    replay = recipe.data.replay
-    if replay is None or not replay.on_policy:
-        return []
-    from peftkit.adapters.lora import CONVERTED_INITS
-
-    why = None
-    if recipe.adapter.method in ("full", "partial"):
-        why = f"adapter.method {recipe.adapter.method} trains the base weights themselves"
-    elif getattr(recipe.adapter, "init", None) in (*CONVERTED_INITS, "loftq"):
-        why = f"adapter.init {recipe.adapter.init} rewrites the base weights"
-    elif recipe.deepspeed is not None:
-        why = "it regenerates the replay answers in one process, not under DeepSpeed"
-    if why is None:
-        return []
-    return [f"data.replay.on_policy: {why}, so the base model is not there to score the answers; "
-            "use an adapter method (lora, qlora, ia3, ...) with its default init, or remove on_policy"]
-
-
 def _check_model(recipe: Recipe) -> list[str]:
     from peftkit.adapters import check_targets, effective_quantization
     from peftkit.models.load import chat_template_setting_problem
@@ -117,7 +97,7 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> None:
     """Raise one ConfigError listing every problem found; return quietly when the recipe is runnable."""
     from peftkit.adapters import check_recipe_adapter
 
-    problems = _check_data(recipe) + check_recipe_adapter(recipe) + _check_on_policy(recipe)
+    problems = _check_data(recipe) + check_recipe_adapter(recipe)
     from peftkit.train.deepspeed import check_deepspeed  # `deepspeed:` combinations and JSON file
 
     problems.extend(check_deepspeed(recipe))

@@ -30,46 +30,6 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 @torch.inference_mode()
-def greedy_continuations(
-    model: Any,
-    prompt_ids: Sequence[Sequence[int]],
-    *,
-    stops: Sequence[int],
-    pad_token_id: int,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    progress: str | None = None,
-) -> list[tuple[list[int], bool]]:
-    """Greedy continuation token ids of each prompt (ending with the stop token when the model emitted one)
-    and whether it finished; batched with left padding, longest prompts first to bound padding."""
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    device = next(model.parameters()).device
-    results: dict[int, tuple[list[int], bool]] = {}
-    starts: Any = range(0, len(order), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
-    with eval_mode(model):
-        for start in starts:
-            ids = order[start : start + batch_size]
-            width = max(len(prompt_ids[i]) for i in ids)
-            input_ids = [[pad_token_id] * (width - len(prompt_ids[i])) + list(prompt_ids[i]) for i in ids]
-            mask = [[0] * (width - len(prompt_ids[i])) + [1] * len(prompt_ids[i]) for i in ids]
-            out = model.generate(
-                input_ids=torch.tensor(input_ids, device=device),
-                attention_mask=torch.tensor(mask, device=device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=list(stops),
-                pad_token_id=pad_token_id,
-            )
-            for row, index in zip(out[:, width:].tolist(), ids):
-                ends = [row.index(t) for t in stops if t in row]
-                results[index] = (row[: min(ends) + 1], True) if ends else (row, False)
-    return [results[i] for i in range(len(prompt_ids))]
-
-
 def generate_replies(
     model: Any,
     tokenizer: Any,
@@ -79,13 +39,42 @@ def generate_replies(
     batch_size: int = 16,
     progress: str | None = None,
 ) -> list[Reply]:
-    """Greedy replies to chat conversations (see `greedy_continuations`)."""
-    prompts = [tokenizer(generation_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
+    """Greedy replies, batched with left padding; longest prompts first to bound padding."""
+    prompts = [generation_prompt(tokenizer, c) for c in conversations]
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     stops = stop_token_ids(model, tokenizer)
-    continuations = greedy_continuations(model, prompts, stops=stops, pad_token_id=tokenizer.pad_token_id,
-                                         max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    return [Reply(tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=True).strip(), finished)
-            for ids, finished in continuations]
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    replies: dict[int, Reply] = {}
+    starts: Any = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
+    try:
+        with eval_mode(model):
+            for start in starts:
+                ids = order[start : start + batch_size]
+                batch = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True, add_special_tokens=False)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stops,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                new_tokens = out[:, batch["input_ids"].shape[1] :]
+                for row, index in zip(new_tokens.tolist(), ids):
+                    finished = any(t in stops for t in row)
+                    if finished:
+                        row = row[: min(row.index(t) for t in stops if t in row)]
+                    replies[index] = Reply(tokenizer.decode(row, skip_special_tokens=True).strip(), finished)
+    finally:
+        tokenizer.padding_side = side
+    return [replies[i] for i in range(len(prompts))]
 
 
 def is_correct(reply: str, key_facts: Sequence[str]) -> bool:

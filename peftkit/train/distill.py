@@ -10,9 +10,7 @@ distribution is the usual loss, so domain rows are unchanged).
 Renormalised top-k targets are a little sharper than the base model (on SmolLM2's replay answers
 6.5 % of the mass lies outside the top 20 on average). Keeping that mass as one more target bucket,
 which makes the gradient zero at the base model, was measured (quickstart, three seeds): the same
-forgetting, slightly fewer facts learned and 1.15x the training time, so these targets stay
-renormalised. On-policy replay (train/on_policy.py) keeps the bucket (`renormalise=False`): its
-term must vanish where the model has not drifted.
+forgetting, slightly fewer facts learned and 1.15x the training time, so the targets stay renormalised.
 """
 
 from __future__ import annotations
@@ -38,9 +36,8 @@ def supervised_targets(labels: list[int]) -> list[int]:
 
 @torch.inference_mode()
 def add_teacher_targets(model: Any, pad_token_id: int, rows: list[Row], top_k: int = TOP_K,
-                        batch_size: int = 4, renormalise: bool = True) -> list[Row]:
-    """`rows` with the base model's top-k next-token distribution at each supervised position
-    (`renormalise=False`: the mass outside the top k stays out, as the "any other token" bucket)."""
+                        batch_size: int = 4) -> list[Row]:
+    """`rows` with the base model's top-k next-token distribution at each supervised position."""
     collate = PaddingCollator(pad_token_id)
     device = next(model.parameters()).device
     out: list[Row] = []
@@ -55,8 +52,7 @@ def add_teacher_targets(model: Any, pad_token_id: int, rows: list[Row], top_k: i
                 log_probs = torch.log_softmax(logits[index][keep].float(), dim=-1)
                 top = log_probs.topk(top_k, dim=-1)
                 probs = top.values.exp()
-                if renormalise:
-                    probs = probs / probs.sum(dim=-1, keepdim=True)
+                probs = probs / probs.sum(dim=-1, keepdim=True)
                 out.append({**row, TEACHER_IDS: top.indices.cpu().tolist(), TEACHER_PROBS: probs.cpu().tolist()})
     return out
 
@@ -74,17 +70,3 @@ def teacher_batch(rows: list[Row], top_k: int) -> dict[str, torch.Tensor]:
                 ids.append([token] + [0] * (top_k - 1))
                 probs.append([1.0] + [0.0] * (top_k - 1))
     return {TEACHER_IDS: torch.tensor(ids, dtype=torch.long), TEACHER_PROBS: torch.tensor(probs, dtype=torch.float32)}
-
-
-def distillation_loss_sum(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-    """Token-sum cross-entropy of the model's next-token distribution (`logits`, one row per supervised
-    position) against the teacher's top-k probabilities plus, where the teacher's row sums to less than 1,
-    the bucket of all other tokens. One-hot and renormalised rows pay nothing for the bucket."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    loss = -(teacher_probs * log_probs.gather(1, teacher_ids)).sum()
-    rest = 1.0 - teacher_probs.sum(dim=-1)
-    has_rest = rest > 1e-4
-    if bool(has_rest.any()):
-        others = log_probs[has_rest].scatter(1, teacher_ids[has_rest], float("-inf")).logsumexp(dim=-1)
-        loss = loss - (rest[has_rest] * others).sum()
-    return loss

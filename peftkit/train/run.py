@@ -24,7 +24,6 @@ from peftkit.data.build import general_rows
 from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
 from peftkit.errors import PeftkitError, RunDirError
 from peftkit.train.distill import add_teacher_targets
-from peftkit.train.on_policy import OnPolicyReplay
 from peftkit.evaluate.generation import generate_replies, heldout_accuracy
 from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref, save_tokenizer
 from peftkit.train import checkpoints
@@ -188,9 +187,7 @@ def train(
 
     if replay is not None and replay.distill and data.stats["replay_examples"]:
         n = data.stats["replay_examples"]  # replay rows are the last ones (data/build.py)
-        # On-policy replay keeps the teacher's rest mass as a bucket: its term is zero at the base model.
-        data.train[-n:] = add_teacher_targets(model, tokenizer.pad_token_id, data.train[-n:],
-                                              renormalise=not replay.on_policy)
+        data.train[-n:] = add_teacher_targets(model, tokenizer.pad_token_id, data.train[-n:])
 
     accuracy_before, details_before = (None, [])
     if recipe.eval.before and not resume and main_process:
@@ -217,11 +214,6 @@ def train(
         overfitting := OverfittingWatch(),
         *(extra_callbacks or []),
     ]
-    on_policy = None
-    if replay is not None and replay.on_policy and data.stats["replay_examples"]:
-        on_policy = OnPolicyReplay(data.train, data.stats["replay_examples"], tokenizer,
-                                   max_new_tokens=replay.on_policy_tokens, batch_size=recipe.eval.batch_size)
-        callbacks.append(on_policy)
     if recipe.train.early_stopping_patience and has_eval:
         from transformers import EarlyStoppingCallback
 
@@ -287,7 +279,6 @@ def train(
         ),
         "samples": samples,
         "data_stats": data.stats,
-        **({"replay_regenerated_in_epochs": [e + 1 for e in on_policy.refreshed_at]} if on_policy else {}),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     if details_after:

@@ -18,7 +18,6 @@ from transformers import Trainer
 
 from peftkit.data.chat import IGNORE_INDEX
 from peftkit.train.bucketing import length_buckets
-from peftkit.train.distill import distillation_loss_sum
 from peftkit.train.shared_prefix import MIN_SHARED_PREFIX, forward_with_shared_prefix, shared_prefix_length
 
 
@@ -155,7 +154,8 @@ class SFTTrainer(Trainer):
         if not teacher:
             return F.cross_entropy(logits.float(), targets, reduction="sum"), outputs
         # Soft targets (distilled replay); one-hot rows reduce to the cross-entropy above.
-        return distillation_loss_sum(logits, teacher["teacher_ids"], teacher["teacher_probs"]), outputs
+        log_probs = torch.log_softmax(logits.float(), dim=-1).gather(1, teacher["teacher_ids"])
+        return -(teacher["teacher_probs"] * log_probs).sum(), outputs
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # type: ignore[override]
         """Eval loss through the same sparse path (token-mean over the batch)."""
