@@ -83,6 +83,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from peftkit.runs import load_run
     from peftkit.serve.chat import chat
 
+    tools = _read_tools(args.tools) if args.tools else None  # before the weights load
     run = load_run(args.run_dir, quantized_base=args.qlora_base == "quantized")
     chat(
         run.model,
@@ -90,8 +91,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
         system_prompt=args.system or run.recipe.data.system_prompt,
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
+        tools=tools,
     )
     return 0
+
+
+def _read_tools(path: str) -> tuple[dict[str, Any], ...] | None:
+    """`--tools FILE`: a JSON list of function schemas, or a record with `tools` (a line of the training data)."""
+    import json
+
+    from peftkit.data.formats import tools_of
+    from peftkit.errors import DataError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise DataError(f"--tools {path}: {exc.strerror}") from None
+    if path.endswith(".jsonl"):
+        text = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise DataError(f"--tools {path}: not a JSON list of function schemas (or a JSONL line with `tools`)") from None
+    return tools_of(value.get("tools") if isinstance(value, dict) and "tools" in value else value, f"--tools {path}")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -168,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--system", help="system prompt (default: the recipe's data.system_prompt)")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--tools", metavar="FILE", help="function schemas shown to the model (a JSON list, or a JSONL "
+                   "whose first line has `tools`); in the REPL, /tool RESULT answers the model's last call")
     add_qlora_base_option(p)
     p.set_defaults(func=cmd_chat)
 

@@ -1,7 +1,8 @@
 """(IA)^3: learned scaling vectors on keys, values and feed-forward inputs (`peft.IA3Config`).
 
 Without `target_modules` peft's per-architecture defaults apply (Llama: k_proj, v_proj,
-down_proj, of which down_proj is feed-forward). When only `target_modules` is given, the
+down_proj, of which down_proj is feed-forward); for architectures peft has no entry for, the same
+roles found by their module names. When only `target_modules` is given, the
 feed-forward set defaults to peft's feed-forward modules among those targets.
 """
 
@@ -25,7 +26,27 @@ def _defaults(model: torch.nn.Module) -> tuple[list[str] | None, list[str] | Non
     )
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return TARGETS.get(model_type), FEEDFORWARD.get(model_type)
+    if model_type in TARGETS:
+        return TARGETS[model_type], FEEDFORWARD.get(model_type)
+    return _defaults_by_name(model)
+
+
+_KEY_VALUE_NAMES = (["k_proj", "v_proj"], ["qkv_proj"], ["query_key_value"], ["Wqkv"], ["c_attn"])
+_FEEDFORWARD_NAMES = ("down_proj", "fc2", "dense_4h_to_h", "w2", "mlp.c_proj")
+
+
+def _defaults_by_name(model: torch.nn.Module) -> tuple[list[str] | None, list[str] | None]:
+    """peft's rule for architectures it has no table entry for (Phi-3, OLMo-2, Granite, StableLM, Starcoder2,
+    ...): scale the keys and values and the input of the MLP's output projection, found by the names
+    transformers gives them."""
+    def present(name: str) -> bool:
+        return bool(selected_linear(model, [name]))
+
+    key_value = next((names for names in _KEY_VALUE_NAMES if all(present(n) for n in names)), None)
+    feedforward = next((name for name in _FEEDFORWARD_NAMES if present(name)), None)
+    if key_value is None or feedforward is None:
+        return None, None
+    return [*key_value, feedforward], [feedforward]
 
 
 def resolve(model: torch.nn.Module, cfg: IA3AdapterConfig) -> tuple[str | list[str] | None, str | list[str] | None]:
@@ -42,7 +63,8 @@ def resolve(model: torch.nn.Module, cfg: IA3AdapterConfig) -> tuple[str | list[s
 def check(model: torch.nn.Module, cfg: IA3AdapterConfig, task: str = "causal_lm") -> list[str]:
     targets, feedforward = resolve(model, cfg)
     if targets is None:
-        return [f"adapter.target_modules: peft has no (IA)^3 default for {type(model).__name__}; list the modules to scale"]
+        return [f"adapter.target_modules: peft has no (IA)^3 default for {type(model).__name__} and its key / value and "
+                "MLP output projections have unfamiliar names; list the modules to scale (and `feedforward_modules`)"]
     names, problems = target_problems("adapter.target_modules", targets, model)
     if names and not problems and feedforward:
         scaled_inputs = selected_linear(model, feedforward)

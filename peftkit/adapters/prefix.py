@@ -33,7 +33,35 @@ def prefix_config(model: Any, cfg: PrefixTuningAdapterConfig, task: str = "causa
         num_virtual_tokens=cfg.num_virtual_tokens,
         prefix_projection=cfg.prefix_projection,
         encoder_hidden_size=cfg.encoder_hidden_size or hidden,
+        **(_cache_shape(model) if task == "causal_lm" else {}),
     )
+
+
+def _cache_shape(model: Any) -> dict[str, int]:
+    """The prefix's shape as the model's KV cache holds it, for configs peft cannot read it from.
+
+    peft sizes the prefix from `num_key_value_heads` when the config has it, else from `num_attention_heads`:
+    wrong for multi-query models that name their key/value heads otherwise (Falcon's `multi_query`,
+    `num_kv_heads`), whose first training step then fails inside attention. One token through the model
+    shows the cache's real shape; nothing is overridden where it agrees, or where the probe cannot run
+    (e.g. weights already partitioned by ZeRO-3)."""
+    config = model.config
+    if hasattr(config, "num_key_value_heads") or not hasattr(config, "num_attention_heads"):
+        return {}
+    try:
+        one_token = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
+        with torch.no_grad():
+            cache = model(input_ids=one_token, use_cache=True).past_key_values
+        keys = [layer.keys for layer in cache.layers]
+    except Exception as exc:  # noqa: BLE001 - an optional refinement; peft's own sizing stays
+        log.debug("could not probe the KV cache shape (%s); peft sizes the prefix from the config", exc)
+        return {}
+    heads, head_dim = keys[0].shape[1], keys[0].shape[-1]
+    if any(k.shape[1] != heads or k.shape[-1] != head_dim for k in keys) or heads == config.num_attention_heads:
+        return {}
+    log.info("prefix tuning: the model caches %d key/value head(s) of %d, not %d heads; the prefix is sized to match",
+             heads, head_dim, config.num_attention_heads)
+    return {"num_layers": len(keys), "num_attention_heads": heads, "token_dim": heads * head_dim}
 
 
 def check(model: torch.nn.Module, cfg: PrefixTuningAdapterConfig, task: str = "causal_lm") -> list[str]:

@@ -11,23 +11,28 @@ from peftkit.errors import ConfigError, PeftkitError
 log = logging.getLogger(__name__)
 
 
-def _check_data(recipe: Recipe) -> list[str]:
+def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
+    """Problems with the recipe's data files, and its first tool-use conversation (None without one): the
+    model check renders that with the recipe's chat template, which may not support tools."""
     from peftkit.data.build import load_heldout
     from peftkit.data.formats import load_examples
 
     if recipe.task == "sequence_classification":  # `{text, label}` records, checked in their own module
         from peftkit.data.classification import check_classification_data
 
-        return check_classification_data(recipe.data)
-    problems = []
+        return check_classification_data(recipe.data), None
+    problems, tool_use = [], None
     for key in ("train", "eval"):
         path = getattr(recipe.data, key)
         if path is None:
             continue
         try:
-            load_examples(path, recipe.data.format)
+            examples = load_examples(path, recipe.data.format)
         except PeftkitError as exc:
             problems.append(f"data.{key}: {exc}")
+            continue
+        tool_use = tool_use or next((e for e in examples if e.tools or any(
+            m["role"] == "tool" or m.get("tool_calls") for m in e.messages or ())), None)
     if recipe.data.replay is not None:
         from peftkit.data.replay import replay_path
 
@@ -40,10 +45,25 @@ def _check_data(recipe: Recipe) -> list[str]:
             load_heldout(recipe.data.heldout, recipe.data.system_prompt)
         except PeftkitError as exc:
             problems.append(f"data.heldout: {exc}")
-    return problems
+    return problems, tool_use
 
 
-def _check_model(recipe: Recipe) -> list[str]:
+def _check_tool_use_template(recipe: Recipe, source: Any, example: Any) -> list[str]:
+    from peftkit.data.chat import render_with_reply_spans, with_system_prompt
+    from peftkit.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(recipe.model, source)
+        render_with_reply_spans(tokenizer, with_system_prompt(example.messages, recipe.data.system_prompt),
+                                example.where, example.tools)
+    except PeftkitError as exc:
+        return [f"model.chat_template: {exc}"]
+    except (OSError, ValueError) as exc:  # a tokenizer that cannot load here is reported by training itself
+        log.debug("tool-use template check skipped: %s", exc)
+    return []
+
+
+def _check_model(recipe: Recipe, tool_use: Any = None) -> list[str]:
     from peftkit.adapters import check_targets, effective_quantization
     from peftkit.models.load import chat_template_setting_problem
     from peftkit.models.registry import BUILTINS
@@ -73,6 +93,8 @@ def _check_model(recipe: Recipe) -> list[str]:
     except (OSError, ValueError) as exc:
         return [*problems, f"model.name: cannot read the model configuration of {recipe.model.name!r}: {exc}"]
     problems.extend(check_targets(skeleton, recipe.adapter, recipe.task))
+    if tool_use is not None and not template_problem:
+        problems.extend(_check_tool_use_template(recipe, source, tool_use))
     quantization = effective_quantization(recipe)
     if quantization is not None and quantization.keep_modules:
         problems.extend(_check_keep_modules(skeleton, quantization.keep_modules))
@@ -97,11 +119,12 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> None:
     """Raise one ConfigError listing every problem found; return quietly when the recipe is runnable."""
     from peftkit.adapters import check_recipe_adapter
 
-    problems = _check_data(recipe) + check_recipe_adapter(recipe)
+    problems, tool_use = _check_data(recipe)
+    problems += check_recipe_adapter(recipe)
     from peftkit.train.deepspeed import check_deepspeed  # `deepspeed:` combinations and JSON file
 
     problems.extend(check_deepspeed(recipe))
     if check_model:
-        problems.extend(_check_model(recipe))
+        problems.extend(_check_model(recipe, tool_use))
     if problems:
         raise ConfigError(problems)

@@ -12,7 +12,7 @@ import torch
 
 from peftkit.config.schema import DataConfig
 from peftkit.data.chat import IGNORE_INDEX, tokenize_conversation_rows, tokenize_text, with_system_prompt
-from peftkit.data.formats import Example, Message, data_sources, load_examples, read_records
+from peftkit.data.formats import Example, Message, data_sources, load_examples, read_records, tool_calls_of, tools_of
 from peftkit.data.replay import BUILTIN_PREFIX, ReplayAnswerer, load_replay, sample_replay
 from peftkit.errors import DataError
 
@@ -27,6 +27,13 @@ class HeldoutItem:
     """The prompt: optional system turn and the user question."""
     key_facts: tuple[str, ...]
     """Accepted answers: the reply is correct if it contains any of them (case-insensitive)."""
+    tools: tuple[dict[str, Any], ...] | None = None
+    """Function schemas shown to the model (a tool-use question: the key fact can be the function's name)."""
+
+    @property
+    def question(self) -> str:
+        """The last user message (a conversation may end with a tool's result instead)."""
+        return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), self.messages[-1]["content"])
 
 
 @dataclass
@@ -45,7 +52,9 @@ def tokenize_examples(
     for example in examples:
         if example.messages is not None:
             messages = with_system_prompt(example.messages, system_prompt)
-            example_rows, cut = tokenize_conversation_rows(tokenizer, messages, max_seq_len, example.where)
+            example_rows, cut = tokenize_conversation_rows(
+                tokenizer, messages, max_seq_len, example.where, example.tools
+            )
         else:
             row, text_cut = tokenize_text(tokenizer, example.text or "", max_seq_len)
             example_rows, cut = [row], int(text_cut)
@@ -77,9 +86,14 @@ def load_heldout(path: str | Path, system_prompt: str | None) -> list[HeldoutIte
             messages: list[Message] = [{"role": "user", "content": record["question"]}]
         elif isinstance(record.get("messages"), list):
             messages = [dict(m) for m in record["messages"]]
+            for n, message in enumerate(messages, start=1):
+                if message.get("tool_calls"):
+                    message["tool_calls"] = tool_calls_of(message["tool_calls"], f"{where}: message {n}")
+                    message["content"] = message.get("content") or ""
         else:
             raise DataError(f"{where}: held-out record needs a `question` string or a `messages` list")
-        items.append(HeldoutItem(tuple(with_system_prompt(messages, system_prompt)), tuple(facts)))
+        items.append(HeldoutItem(tuple(with_system_prompt(messages, system_prompt)), tuple(facts),
+                                 tools_of(record.get("tools"), where)))
     if not items:
         raise DataError(f"held-out file {path} contains no questions")
     return items

@@ -10,6 +10,7 @@ collator that masks by id teaches the model never to stop.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -52,14 +53,22 @@ def _warn_once(tokenizer: Any, topic: str, message: str, *args: Any) -> None:
         log.warning(message, *args)
 
 
-def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool = False, where: str = "") -> str:
+Tools = Sequence[dict[str, Any]] | None
+"""Function schemas a conversation may call, passed to the chat template as `tools`."""
+
+
+def _render(
+    tokenizer: Any, messages: Sequence[Message], generation_prompt: bool = False, where: str = "", tools: Tools = None
+) -> str:
     """The chat template's text for `messages`. Templates that refuse a system message (Mistral 7B v0.1/v0.2,
     Gemma 1, Llama-2-era Mistral fine-tunes) get it folded into the first user message instead, as
     LLaMA-Factory does and as Gemma's later templates do themselves."""
     from jinja2.exceptions import TemplateError
 
     def render(conversation: Sequence[Message]) -> str:
-        return tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=generation_prompt)
+        extra = {"tools": list(tools)} if tools else {}
+        return tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=generation_prompt,
+                                             **extra)
 
     try:
         return render(messages)
@@ -91,16 +100,21 @@ class HistoryRenderedDifferently(DataError):
         super().__init__(f"{where}: {self.finding}")
 
 
-def _reply_span(tokenizer: Any, messages: Sequence[Message], i: int, where: str) -> tuple[str, tuple[int, int]]:
+def _reply_span(
+    tokenizer: Any, messages: Sequence[Message], i: int, where: str, tools: Tools = None
+) -> tuple[str, tuple[int, int]]:
     """`messages[: i + 1]` rendered, and the character span of its last (assistant) reply with its end-of-turn."""
-    prefix = _render(tokenizer, messages[:i], generation_prompt=True, where=where)
-    through = _render(tokenizer, messages[: i + 1], where=where)
+    prefix = _render(tokenizer, messages[:i], generation_prompt=True, where=where, tools=tools)
+    through = _render(tokenizer, messages[: i + 1], where=where, tools=tools)
     if not through.startswith(prefix):
         raise DataError(
             f"{where}: the chat template's generation prompt is not how it starts an assistant turn, so replies "
             "cannot be located; set `model.chat_template: chatml` or provide a simpler template"
         )
-    return through, (len(prefix), len(through.rstrip()))  # the newline after the end-of-turn is not the reply's
+    span = (len(prefix), len(through.rstrip()))  # the newline after the end-of-turn is not the reply's
+    if messages[i].get("tool_calls"):  # the tools' names may show elsewhere (schemas): the call must be in the reply
+        _check_tool_use_rendered(through[span[0] : span[1]], messages[i : i + 1], None, where)
+    return through, span
 
 
 def _trained_turns(messages: Sequence[Message]) -> list[int]:
@@ -108,12 +122,41 @@ def _trained_turns(messages: Sequence[Message]) -> list[int]:
     return [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
 
 
-def render_with_reply_spans(tokenizer: Any, messages: Sequence[Message], where: str = "") -> tuple[str, list[tuple[int, int]]]:
+def _check_tool_use_rendered(text: str, messages: Sequence[Message], tools: Tools, where: str) -> None:
+    """Templates without tool support render tool calls as empty replies and drop `tools`: training on that
+    teaches the model to answer with nothing, so refuse before any weights load."""
+    lost = [f"the tool schema {_tool_name(t)!r}" for t in tools or () if _tool_name(t) not in text]
+    lost += [f"the tool call {c['function']['name']!r}" for m in messages for c in m.get("tool_calls", ())
+             if c["function"]["name"] not in text]
+    lost += [f"a {m['role']!r} message" for m in messages if m["role"] == "tool" and not _shown(m["content"], text)]
+    if lost:
+        raise DataError(
+            f"{where}: the chat template leaves out {lost[0]}: it does not render tool use. Set "
+            "`model.chat_template: chatml` (tools in the system turn, calls as <tool_call> JSON, results as `tool` "
+            "turns) or point it at a template file that renders `tools`, `tool_calls` and `tool` messages"
+        )
+
+
+def _shown(content: str, text: str) -> bool:
+    """Whether `content` is in `text` as it is or JSON-escaped (templates that wrap tool results in JSON)."""
+    content = content.strip()
+    return content in text or json.dumps(content)[1:-1] in text or json.dumps(content, ensure_ascii=False)[1:-1] in text
+
+
+def _tool_name(tool: dict[str, Any]) -> str:
+    return str(tool.get("function", tool)["name"])
+
+
+def render_with_reply_spans(
+    tokenizer: Any, messages: Sequence[Message], where: str = "", tools: Tools = None
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of every trained assistant reply (with its end-of-turn)."""
-    text = _render(tokenizer, messages, where=where)
+    text = _render(tokenizer, messages, where=where, tools=tools)
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        _check_tool_use_rendered(text, messages, tools, where)
     spans = []
     for i in _trained_turns(messages):
-        through, span = _reply_span(tokenizer, messages, i, where)
+        through, span = _reply_span(tokenizer, messages, i, where, tools)
         if not text.startswith(through):
             raise HistoryRenderedDifferently(where, i + 1)
         spans.append(span)
@@ -132,15 +175,15 @@ def _labelled(tokenizer: Any, text: str, spans: list[tuple[int, int]], max_seq_l
 
 
 def tokenize_conversation(
-    tokenizer: Any, messages: Sequence[Message], max_seq_len: int, where: str = ""
+    tokenizer: Any, messages: Sequence[Message], max_seq_len: int, where: str = "", tools: Tools = None
 ) -> tuple[dict[str, list[int]], bool]:
     """Token ids and labels (IGNORE_INDEX outside assistant replies); also whether it was truncated."""
-    text, spans = render_with_reply_spans(tokenizer, messages, where)
+    text, spans = render_with_reply_spans(tokenizer, messages, where, tools)
     return _labelled(tokenizer, text, spans, max_seq_len)
 
 
 def tokenize_conversation_rows(
-    tokenizer: Any, messages: Sequence[Message], max_seq_len: int, where: str = ""
+    tokenizer: Any, messages: Sequence[Message], max_seq_len: int, where: str = "", tools: Tools = None
 ) -> tuple[list[dict[str, list[int]]], int]:
     """Training rows of one conversation (one row; one per trained turn where the template rewrites history),
     and how many of them were truncated.
@@ -149,14 +192,14 @@ def tokenize_conversation_rows(
     its own row, in the context the model sees when it generates that turn (earlier turns as history).
     """
     try:
-        row, truncated = tokenize_conversation(tokenizer, messages, max_seq_len, where)
+        row, truncated = tokenize_conversation(tokenizer, messages, max_seq_len, where, tools)
         return [row], int(truncated)
     except HistoryRenderedDifferently as exc:
         _warn_once(tokenizer, "history", "%s (e.g. dropping <think> blocks from earlier replies): each assistant "
                    "turn of a multi-turn conversation is trained as the last turn of its own row", exc.finding)
     rows, truncated = [], 0
     for i in _trained_turns(messages):
-        text, span = _reply_span(tokenizer, messages, i, where)
+        text, span = _reply_span(tokenizer, messages, i, where, tools)
         row, cut = _labelled(tokenizer, text, [span], max_seq_len)
         rows.append(row)
         truncated += cut
@@ -174,5 +217,5 @@ def tokenize_text(tokenizer: Any, text: str, max_seq_len: int) -> tuple[dict[str
     return {"input_ids": ids, "labels": list(ids)}, truncated
 
 
-def generation_prompt(tokenizer: Any, messages: Sequence[Message]) -> str:
-    return _render(tokenizer, messages, generation_prompt=True)
+def generation_prompt(tokenizer: Any, messages: Sequence[Message], tools: Tools = None) -> str:
+    return _render(tokenizer, messages, generation_prompt=True, tools=tools)

@@ -2,8 +2,10 @@
 
 Accepted: chat JSONL (`{"messages": [{"role", "content"}, ...]}`, OpenAI style, content a string
 or a list of `{"type": "text", "text"}` parts; an assistant message with `"weight": 0` is context,
-not trained on, as in axolotl), ShareGPT (`{"conversations": [{"from": "human"|"gpt"|"system",
-"value"}, ...]}`, optional `system`), TRL's prompt-completion (`prompt` + `completion`, both strings or both message lists; only the completion
+not trained on, as in axolotl; tool use: assistant `tool_calls`, `tool` messages and a record-level
+`tools` list, as TRL reads them), ShareGPT (`{"conversations": [{"from": "human"|"gpt"|"system",
+"value"}, ...]}`, optional `system`; LLaMA-Factory's `function_call` / `observation` turns and `tools`),
+TRL's prompt-completion (`prompt` + `completion`, both strings or both message lists; only the completion
 is trained on), alpaca JSON/JSONL (`instruction`, `input`, `output`, optional `system`), plain text
 (`.txt` files, or records with a `text` field), CSV and Parquet with those columns; the same
 records from a Hub dataset (`hf:OWNER/NAME`) or a `save_to_disk` folder (`data/hub.py`).
@@ -21,14 +23,18 @@ from typing import Any, Literal
 from peftkit.errors import DataError
 
 Message = dict[str, Any]
-"""`role` and `content` strings; an assistant message may carry `weight: 0` (not trained on)."""
-ROLES = ("system", "user", "assistant")
+"""`role` and `content` strings; an assistant message may carry `weight: 0` (not trained on) and `tool_calls`
+(`[{"type": "function", "function": {"name", "arguments": {...}}}]`, the form chat templates read); a `tool`
+message may carry `name` and `tool_call_id`."""
+ROLES = ("system", "user", "assistant", "tool")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 JSONL_SUFFIXES = ("", ".ndjson")
 """Other names of JSON Lines files."""
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "chatgpt": "assistant"}
-"""ShareGPT `from` values (LLaMA-Factory / axolotl / FastChat spellings) -> chat roles."""
+                  "model": "assistant", "chatgpt": "assistant", "function_call": "assistant", "observation": "tool",
+                  "tool": "tool"}
+"""ShareGPT `from` values (LLaMA-Factory / axolotl / FastChat spellings) -> chat roles. LLaMA-Factory's
+`function_call` turn is an assistant tool call whose value is the call's JSON; `observation` is the tool's answer."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class Example:
     """`file:line`, for error messages."""
     messages: tuple[Message, ...] | None = None
     text: str | None = None
+    tools: tuple[dict[str, Any], ...] | None = None
+    """Function schemas the conversation may call (passed to the chat template as `tools`)."""
 
 
 def _read_text(path: Path) -> str:
@@ -155,37 +163,104 @@ def message_text(content: Any, where: str) -> str:
     raise DataError(f"{where}: content must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts")
 
 
+def _json_value(value: Any, what: str, where: str) -> Any:
+    """`value`, or the JSON it spells when it is a string (datasets often store tool schemas and calls as JSON text)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: {what} is a string but not valid JSON ({exc.msg}); write it as a JSON object "
+                        "or list") from None
+
+
+def tool_calls_of(value: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's tool calls in the form chat templates read: `{"type": "function", "function":
+    {"name", "arguments": {...}}}` each. Accepts OpenAI's form (arguments as a JSON string) and the flat
+    `{"name", "arguments"}` of LLaMA-Factory / Glaive, one call or a list."""
+    value = _json_value(value, "`tool_calls`", where)
+    calls = [value] if isinstance(value, dict) else value
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}: `tool_calls` must be a non-empty list of {{\"type\": \"function\", \"function\": "
+                        "{\"name\", \"arguments\"}} objects")
+    normalised = []
+    for n, call in enumerate(calls, start=1):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise DataError(f"{where}: tool call {n} needs a function `name` (`{{\"type\": \"function\", \"function\": "
+                            "{\"name\": ..., \"arguments\": {...}}}`)")
+        arguments = _json_value(function.get("arguments", {}), f"tool call {n}'s `arguments`", where)
+        if not isinstance(arguments, dict):
+            raise DataError(f"{where}: tool call {n}'s `arguments` must be a JSON object of parameter values")
+        entry: dict[str, Any] = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        normalised.append(entry)
+    return normalised
+
+
+def tools_of(value: Any, where: str) -> tuple[dict[str, Any], ...] | None:
+    """A record's `tools`: function schemas (`{"type": "function", "function": {"name", "description",
+    "parameters"}}` or the bare function object), a list or its JSON text; empty or absent is None."""
+    value = _json_value(value, "`tools`", where)
+    if value is None or value == [] or value == "":
+        return None
+    tools = [value] if isinstance(value, dict) else value
+    if not isinstance(tools, list):
+        raise DataError(f"{where}: `tools` must be a list of function schemas (or their JSON text)")
+    for n, tool in enumerate(tools, start=1):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataError(f"{where}: tool {n} in `tools` needs a `name` (a JSON schema like "
+                            "{\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}})")
+    return tuple(tools)
+
+
+_NEXT_ROLES = {None: ("user",), "user": ("assistant",), "assistant": ("user",), "tool_calls": ("tool",),
+               "tool": ("tool", "assistant")}
+"""Which roles may follow each turn (None: the start; `tool_calls`: an assistant turn that calls tools)."""
+
+
 def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
     checked: list[Message] = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or "role" not in message or ("content" not in message and not calls):
             raise DataError(f"{where}: message {i + 1} must be an object with `role` and `content`")
-        role, content = message["role"], message["content"]
+        role, content = message["role"], message.get("content")
         if role not in ROLES:
             raise DataError(f"{where}: message {i + 1} has unknown role {role!r}; use one of {', '.join(ROLES)}")
-        content = message_text(content, f"{where}: message {i + 1}")
+        content = "" if content is None and calls else message_text(content, f"{where}: message {i + 1}")
         if role == "system" and i != 0:
             raise DataError(f"{where}: a system message may only come first (found at position {i + 1})")
         entry: Message = {"role": role, "content": content}
+        if calls:
+            if role != "assistant":
+                raise DataError(f"{where}: message {i + 1}: only assistant messages make `tool_calls`")
+            entry["tool_calls"] = tool_calls_of(calls, f"{where}: message {i + 1}")
+        if role == "tool":
+            entry |= {k: message[k] for k in ("name", "tool_call_id") if isinstance(message.get(k), str)}
         if message.get("weight") is not None:  # None: the column exists (Arrow/Parquet rows) but is unset here
             if role != "assistant" or message["weight"] not in (0, 1):
                 raise DataError(f"{where}: message {i + 1}: `weight` must be 0 or 1, on assistant messages only")
             if message["weight"] == 0:
                 entry["weight"] = 0
-        if role == "assistant" and entry.get("weight", 1) and not content.strip():
+        if role == "assistant" and entry.get("weight", 1) and not content.strip() and not calls:
             raise DataError(f"{where}: message {i + 1}: the assistant reply is empty, and training on it teaches the "
                             "model to answer with nothing; fill it in, drop the record, or give it `weight: 0`")
         checked.append(entry)
-    turns = [m["role"] for m in checked if m["role"] != "system"]
-    for i, role in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if role != expected:
+    previous = None
+    for i, message in enumerate(m for m in checked if m["role"] != "system"):
+        expected = _NEXT_ROLES[previous]
+        if message["role"] not in expected:
             raise DataError(
-                f"{where}: roles out of order: turn {i + 1} is {role!r} but {expected!r} was expected "
-                "(conversations alternate user, assistant, user, ...)"
+                f"{where}: roles out of order: turn {i + 1} is {message['role']!r} but "
+                f"{' or '.join(map(repr, expected))} was expected (conversations alternate user, assistant, user, ...; an assistant turn with "
+                "`tool_calls` is followed by `tool` turns, then the assistant again)"
             )
+        previous = "tool_calls" if message.get("tool_calls") else message["role"]
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in checked):
         raise DataError(f"{where}: the conversation has no assistant turn to train on, so there is nothing to learn from")
     return tuple(checked)
@@ -205,13 +280,18 @@ def sharegpt_messages(record: dict[str, Any], where: str) -> list[Message]:
             continue
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise DataError(f"{where}: conversation turn {i + 1} must be an object with `from` and `value`")
-        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        source = str(turn["from"]).lower()
+        role = SHAREGPT_ROLES.get(source)
         if role is None:
             raise DataError(
-                f"{where}: conversation turn {i + 1} is from {turn['from']!r}; peftkit trains on "
-                f"{', '.join(sorted(SHAREGPT_ROLES))} turns (tool/function turns are not supported: drop or rewrite them)"
+                f"{where}: conversation turn {i + 1} is from {turn['from']!r}; peftkit reads "
+                f"{', '.join(sorted(SHAREGPT_ROLES))} turns"
             )
-        messages.append({"role": role, "content": turn["value"]})
+        if source == "function_call":
+            where_turn = f"{where}: conversation turn {i + 1}"
+            messages.append({"role": role, "content": "", "tool_calls": tool_calls_of(turn["value"], where_turn)})
+        else:
+            messages.append({"role": role, "content": turn["value"]})
         if turn.get("weight") is not None:  # axolotl's per-turn weight
             messages[-1]["weight"] = turn["weight"]
     return messages
@@ -243,12 +323,10 @@ def to_example(record: Any, where: str, fmt: str) -> Example:
     missing = [k for k in required.get(kind, ()) if k not in record]
     if missing:
         raise DataError(f"{where}: record has no {' / '.join(f'`{k}`' for k in missing)} (data.format is {kind})")
-    if kind == "chat":
-        return Example(where, messages=check_messages(record["messages"], where))
-    if kind == "sharegpt":
-        return Example(where, messages=check_messages(sharegpt_messages(record, where), where))
-    if kind == "prompt_completion":
-        return Example(where, messages=check_messages(prompt_completion_messages(record, where), where))
+    if kind in ("chat", "sharegpt", "prompt_completion"):
+        messages = {"chat": lambda: record["messages"], "sharegpt": lambda: sharegpt_messages(record, where),
+                    "prompt_completion": lambda: prompt_completion_messages(record, where)}[kind]()
+        return Example(where, messages=check_messages(messages, where), tools=tools_of(record.get("tools"), where))
     if kind == "alpaca":
         missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str)]
         if missing:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from peftkit.data.build import HeldoutItem
-from peftkit.data.chat import generation_prompt
+from peftkit.data.chat import Tools, generation_prompt
 from peftkit.data.formats import Message
 from peftkit.utils.modes import eval_mode
 
@@ -38,9 +38,12 @@ def generate_replies(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     progress: str | None = None,
+    tools: Sequence[Tools] | None = None,
 ) -> list[Reply]:
-    """Greedy replies, batched with left padding; longest prompts first to bound padding."""
-    prompts = [generation_prompt(tokenizer, c) for c in conversations]
+    """Greedy replies, batched with left padding; longest prompts first to bound padding. `tools`: each
+    conversation's function schemas, if any."""
+    tools = tools or [None] * len(conversations)
+    prompts = [generation_prompt(tokenizer, c, t) for c, t in zip(conversations, tools)]
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     stops = stop_token_ids(model, tokenizer)
@@ -96,10 +99,11 @@ def heldout_accuracy(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         progress=f"{label} ({len(items)})",
+        tools=[item.tools for item in items],
     )
     details = [
         {
-            "question": item.messages[-1]["content"],
+            "question": item.question,
             "key_fact": list(item.key_facts),
             "reply": reply.text,
             "correct": is_correct(reply.text, item.key_facts),

@@ -54,7 +54,7 @@ def asked_in_role(items: list[HeldoutItem], system_prompt: str | None) -> list[H
     """`items` asked with the recipe's system prompt (none without one): what the domain chatbot's users see."""
     if not system_prompt:
         return []
-    return [HeldoutItem(tuple(with_system_prompt(i.messages, system_prompt)), i.key_facts) for i in items]
+    return [HeldoutItem(tuple(with_system_prompt(i.messages, system_prompt)), i.key_facts, i.tools) for i in items]
 
 
 def evaluate_run(

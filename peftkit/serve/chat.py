@@ -1,4 +1,7 @@
-"""`peftkit chat RUN_DIR`: a streaming REPL (or one answer with --prompt) over the tuned model."""
+"""`peftkit chat RUN_DIR`: a streaming REPL (or one answer with --prompt) over the tuned model.
+
+With `tools` (function schemas, `--tools FILE`), the chat template shows them to the model as in training;
+the user plays the tools: `/tool RESULT` answers the model's last call and lets it reply."""
 
 from __future__ import annotations
 
@@ -8,15 +11,17 @@ from typing import Any, TextIO
 
 import torch
 
-from peftkit.data.chat import generation_prompt, with_system_prompt
+from peftkit.data.chat import Tools, generation_prompt, with_system_prompt
 from peftkit.data.formats import Message
 from peftkit.evaluate.generation import stop_token_ids
 
 
-def stream_reply(model: Any, tokenizer: Any, messages: list[Message], *, max_new_tokens: int, out: TextIO) -> str:
+def stream_reply(
+    model: Any, tokenizer: Any, messages: list[Message], *, max_new_tokens: int, out: TextIO, tools: Tools = None
+) -> str:
     from transformers import TextIteratorStreamer
 
-    prompt = generation_prompt(tokenizer, messages)
+    prompt = generation_prompt(tokenizer, messages, tools)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -50,14 +55,17 @@ def chat(
     max_new_tokens: int = 256,
     stdin: TextIO = sys.stdin,
     out: TextIO = sys.stdout,
+    tools: Tools = None,
 ) -> list[Message]:
-    """One answer for `prompt`, or a REPL until EOF / `/exit`. `/reset` clears the history."""
+    """One answer for `prompt`, or a REPL until EOF / `/exit`. `/reset` clears the history; with `tools`,
+    `/tool RESULT` adds a tool result after the model's call and asks for its next reply."""
     history: list[Message] = with_system_prompt([], system_prompt)
     if prompt is not None:
         history.append({"role": "user", "content": prompt})
-        reply = stream_reply(model, tokenizer, history, max_new_tokens=max_new_tokens, out=out)
+        reply = stream_reply(model, tokenizer, history, max_new_tokens=max_new_tokens, out=out, tools=tools)
         return [*history, {"role": "assistant", "content": reply}]
-    out.write("Chat with the tuned model. /reset clears the conversation, /exit (or Ctrl-D) quits.\n")
+    out.write("Chat with the tuned model. /reset clears the conversation, /exit (or Ctrl-D) quits"
+              + (", /tool RESULT answers its last tool call" if tools else "") + ".\n")
     while True:
         out.write("\nyou> ")
         out.flush()
@@ -71,7 +79,10 @@ def chat(
         if text == "/reset":
             history = with_system_prompt([], system_prompt)
             continue
-        history.append({"role": "user", "content": text})
+        if tools and text.startswith("/tool "):
+            history.append({"role": "tool", "content": text.removeprefix("/tool ").strip()})
+        else:
+            history.append({"role": "user", "content": text})
         out.write("bot> ")
-        reply = stream_reply(model, tokenizer, history, max_new_tokens=max_new_tokens, out=out)
+        reply = stream_reply(model, tokenizer, history, max_new_tokens=max_new_tokens, out=out, tools=tools)
         history.append({"role": "assistant", "content": reply})

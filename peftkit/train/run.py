@@ -334,12 +334,15 @@ def _sample_answers(model: Any, tokenizer: Any, recipe: Recipe, data: Any) -> li
     from peftkit.data.chat import with_system_prompt
 
     prompts = list(recipe.eval.sample_prompts)
-    if not prompts and data.heldout:
-        prompts = [item.messages[-1]["content"] for item in data.heldout[:2]]
+    conversations = [with_system_prompt([{"role": "user", "content": p}], recipe.data.system_prompt) for p in prompts]
+    tools = None
+    if not prompts and data.heldout:  # the first held-out questions, as evaluation asks them (with their tools)
+        prompts = [item.question for item in data.heldout[:2]]
+        conversations = [item.messages for item in data.heldout[:2]]
+        tools = [item.tools for item in data.heldout[:2]]
     if not prompts:
         return []
-    conversations = [with_system_prompt([{"role": "user", "content": p}], recipe.data.system_prompt) for p in prompts]
-    replies = generate_replies(model, tokenizer, conversations, max_new_tokens=recipe.eval.max_new_tokens)
+    replies = generate_replies(model, tokenizer, conversations, max_new_tokens=recipe.eval.max_new_tokens, tools=tools)
     return [{"prompt": p, "reply": r.text} for p, r in zip(prompts, replies)]
 
 

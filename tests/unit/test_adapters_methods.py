@@ -19,7 +19,7 @@ from peftkit.runs import load_run
 from peftkit.train.run import train
 from peftkit.train.trainer import SFTTrainer
 from tests.conftest import CHAT_RECORDS
-from tests.unit.adapters_fixtures import ALL_METHODS, CaptureModel, build, chat_batch, recipe_for
+from tests.unit.adapters_fixtures import ALL_METHODS, CaptureModel, adapter_config, build, chat_batch, recipe_for
 
 torch.set_num_threads(1)
 
@@ -228,3 +228,45 @@ def test_loraplus_recipe_trains_with_its_optimizer(tiny_recipe, tmp_path):
     a = [v for k, v in capture.lrs.items() if "lora_A" in k]
     assert b and a and len(b) + len(a) == len(capture.lrs)
     assert all(v == pytest.approx(8 * lr) for v in b) and all(v == pytest.approx(lr) for v in a)  # constant schedule
+
+
+def test_prefix_tuning_fits_a_multi_query_cache_peft_cannot_read_from_the_config(tiny_tokenizer):
+    """Falcon names its key/value heads `multi_query` / `num_kv_heads`: peft alone sizes the prefix for all
+    attention heads and the first forward fails inside attention. peftkit sizes it from the model's cache."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from peftkit.adapters import build_adapter
+
+    torch.manual_seed(0)
+    base = FalconForCausalLM(FalconConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4, multi_query=True))
+    model = build_adapter(base, adapter_config("prefix_tuning"))
+    config = model.peft_config["default"]
+    assert (config.num_attention_heads, config.token_dim, config.num_layers) == (1, 8, 2)
+    ids = tiny_tokenizer(["hello world", "one two three"], return_tensors="pt", padding=True)
+    loss = model(**ids, labels=ids["input_ids"]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id).shape[1] \
+        == ids["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize(("config_name", "targets"), [
+    ("Phi3Config", {"qkv_proj", "down_proj"}),         # fused keys / values
+    ("Starcoder2Config", {"k_proj", "v_proj", "c_proj"}),  # the MLP's output is `mlp.c_proj`
+])
+def test_ia3_finds_its_modules_where_peft_has_no_default(config_name, targets):
+    import transformers
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    from peftkit.adapters import build_adapter
+
+    config = getattr(transformers, config_name)(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                                hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2)
+    assert config.model_type not in PEFT_DEFAULTS, "peft covers it now: pick another architecture for this test"
+    model = build_adapter(transformers.AutoModelForCausalLM.from_config(config), adapter_config("ia3"))
+    scaled = {name.split(".")[-3] for name, p in model.named_parameters() if p.requires_grad}
+    assert scaled == targets
+    feedforward = set(model.peft_config["default"].feedforward_modules)
+    assert feedforward == ({"down_proj"} if "down_proj" in targets else {"mlp.c_proj"})

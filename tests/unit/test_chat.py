@@ -28,3 +28,26 @@ def test_one_shot_prompt(tiny_recipe):
     history = chat(run.model, run.tokenizer, system_prompt=None, prompt="hello", max_new_tokens=4, out=out)
     assert history[-1]["role"] == "assistant"
     assert out.getvalue().strip() == history[-1]["content"]
+
+
+def test_tools_reach_the_template_and_tool_results_continue_the_conversation(tiny_recipe, tmp_path, capsys):
+    from peftkit.cli import main
+
+    recipe = {**tiny_recipe, "model": {**tiny_recipe["model"], "chat_template": "chatml"},
+              "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}}
+    run = load_run(train(recipe_from_dict(recipe)).run_dir)
+    tools = ({"type": "function", "function": {"name": "find_book", "parameters": {"type": "object"}}},)
+    seen = []
+    original = run.tokenizer.apply_chat_template
+    run.tokenizer.apply_chat_template = lambda messages, **kw: seen.append((messages, kw)) or original(messages, **kw)
+    stdin = io.StringIO("is the river here?\n/tool {\"shelf\": \"B4\"}\n/exit\n")
+    history = chat(run.model, run.tokenizer, system_prompt=None, max_new_tokens=3, stdin=stdin, out=io.StringIO(),
+                   tools=tools)
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
+    assert history[2]["content"] == '{"shelf": "B4"}'
+    assert all(kw.get("tools") == list(tools) for _, kw in seen) and len(seen) == 2
+    assert "<tools>" in original(history, tokenize=False, tools=list(tools))
+    bad = tmp_path / "tools.json"
+    bad.write_text("[{\"description\": \"no name\"}]")
+    assert main(["chat", str(run.run_dir), "--tools", str(bad), "--prompt", "hi"]) == 2
+    assert "tool 1 in `tools` needs a `name`" in capsys.readouterr().err

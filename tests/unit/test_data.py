@@ -178,7 +178,7 @@ def test_content_given_as_text_parts(tmp_path):
         ('{"question": "x"}', "unrecognised record"),
         ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
         ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "{}"}]}',
-         "tool/function turns are not supported"),
+         "tool call 1 needs a function `name`"),
         ('{"prompt": "x", "completion": [{"role": "assistant", "content": "y"}]}', "both be strings or both be lists"),
         ('{"messages": [{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "b"}]}',
          "on assistant messages only"),
