@@ -257,8 +257,8 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
         if message["role"] not in expected:
             raise DataError(
                 f"{where}: roles out of order: turn {i + 1} is {message['role']!r} but "
-                f"{' or '.join(map(repr, expected))} was expected (conversations alternate user, assistant, user, ...; an assistant turn with "
-                "`tool_calls` is followed by `tool` turns, then the assistant again)"
+                f"{' or '.join(map(repr, expected))} was expected (conversations alternate user, assistant, user, "
+                "...; an assistant turn with `tool_calls` is followed by `tool` turns, then the assistant again)"
             )
         previous = "tool_calls" if message.get("tool_calls") else message["role"]
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in checked):
@@ -324,8 +324,12 @@ def to_example(record: Any, where: str, fmt: str) -> Example:
     if missing:
         raise DataError(f"{where}: record has no {' / '.join(f'`{k}`' for k in missing)} (data.format is {kind})")
     if kind in ("chat", "sharegpt", "prompt_completion"):
-        messages = {"chat": lambda: record["messages"], "sharegpt": lambda: sharegpt_messages(record, where),
-                    "prompt_completion": lambda: prompt_completion_messages(record, where)}[kind]()
+        if kind == "chat":
+            messages = record["messages"]
+        elif kind == "sharegpt":
+            messages = sharegpt_messages(record, where)
+        else:
+            messages = prompt_completion_messages(record, where)
         return Example(where, messages=check_messages(messages, where), tools=tools_of(record.get("tools"), where))
     if kind == "alpaca":
         missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str)]
