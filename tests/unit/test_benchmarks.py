@@ -298,3 +298,42 @@ def test_sharpness_probe_sees_a_sharper_model_and_not_an_untrained_adapter(tiny_
         base.lm_head.weight.mul_(2.0)
     sharper, wider, _ = answer_sharpness(base, tiny_tokenizer, conversations, answers)
     assert sharper < entropy and wider > margin
+
+
+def _tiny_runs(tiny_recipe, tmp_path, seeds):
+    from peftkit.config import recipe_from_dict
+    from peftkit.train.run import train
+
+    runs = []
+    for seed in seeds:
+        recipe = {**tiny_recipe, "data": {**tiny_recipe["data"], "system_prompt": "be brief."},
+                  "train": {**tiny_recipe["train"], "seed": seed, "max_steps": 2},
+                  "eval": {"before": False, "max_new_tokens": 4}, "output_dir": str(tmp_path / f"seed{seed}")}
+        runs.append(train(recipe_from_dict(recipe)).run_dir)
+    return runs
+
+
+def test_seed_soup_evaluates_the_average_of_its_members_end_to_end(tiny_recipe, tmp_path):
+    from benchmarks.seed_soup import soup_row
+    from peftkit.cli import main
+
+    runs = _tiny_runs(tiny_recipe, tmp_path, (0, 1))
+    with pytest.raises(SystemExit, match="has no eval.json"):
+        soup_row("tiny", runs)
+    for run_dir in runs:
+        assert main(["eval", str(run_dir)]) == 0
+    row = soup_row("tiny", runs)
+    assert row["group"] == "tiny" and row["members"] == "seed0 seed1"
+    assert len(row["member_forgetting"].split(" / ")) == 2
+    assert 0 <= row["soup_heldout"] <= 100 and 0 <= row["soup_check_accuracy"] <= 100
+    assert -100 <= row["soup_forgetting"] <= 100
+
+
+def test_adapter_scale_probe_rows_start_at_the_base_model_end_to_end(tiny_recipe, tmp_path):
+    from benchmarks.adapter_scale_probe import probe_rows
+
+    (run_dir,) = _tiny_runs(tiny_recipe, tmp_path, (0,))
+    rows = probe_rows(run_dir, [1.0, 0.5])
+    assert [r["scale"] for r in rows] == [0.0, 0.5, 1.0]
+    assert rows[0]["forgetting"] == 0 and rows[0]["forgetting_in_role"] == 0, "scale 0 is the base model itself"
+    assert all(r["run"] == "seed0" and r["heldout"] is not None for r in rows)
