@@ -202,8 +202,10 @@ def tool_calls_of(value: Any, where: str) -> list[dict[str, Any]]:
 def tools_of(value: Any, where: str) -> tuple[dict[str, Any], ...] | None:
     """A record's `tools`: function schemas (`{"type": "function", "function": {"name", "description",
     "parameters"}}` or the bare function object), a list or its JSON text; empty or absent is None."""
+    if value is None or (isinstance(value, str) and not value.strip()):  # Hub columns leave it "" where unused
+        return None
     value = _json_value(value, "`tools`", where)
-    if value is None or value == [] or value == "":
+    if value == []:
         return None
     tools = [value] if isinstance(value, dict) else value
     if not isinstance(tools, list):

@@ -75,6 +75,13 @@ def test_a_template_without_tool_support_is_refused_before_training(tmp_path, ti
         tokenize_conversation(tiny_tokenizer, example.messages, 512, where="tools.jsonl:1", tools=example.tools)
 
 
+@pytest.mark.parametrize("empty", [None, "", "  ", "[]", []])
+def test_a_record_without_tools_may_leave_the_column_empty(tmp_path, empty):
+    record = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": empty}
+    (example,) = load_examples(write_jsonl(tmp_path / "plain.jsonl", [record]))
+    assert example.tools is None
+
+
 def test_llama_factory_sharegpt_function_call_and_observation_turns(tmp_path, tool_tokenizer):
     record = {"conversations": [{"from": "human", "value": "is the river on the shelf?"},
                                 {"from": "function_call", "value": '{"name": "find_book", "arguments": {"title": "the river"}}'},
