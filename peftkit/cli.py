@@ -97,23 +97,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _read_tools(path: str) -> tuple[dict[str, Any], ...] | None:
-    """`--tools FILE`: a JSON list of function schemas, or a record with `tools` (a line of the training data)."""
-    import json
+    """`--tools FILE`: a JSON list of function schemas, or records with `tools` (the training data: the first
+    record's are used)."""
+    from peftkit.data.formats import read_records, tools_of
 
-    from peftkit.data.formats import tools_of
-    from peftkit.errors import DataError
-
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise DataError(f"--tools {path}: {exc.strerror}") from None
-    if path.endswith(".jsonl"):
-        text = next((line for line in text.splitlines() if line.strip()), "")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise DataError(f"--tools {path}: not a JSON list of function schemas (or a JSONL line with `tools`)") from None
-    return tools_of(value.get("tools") if isinstance(value, dict) and "tools" in value else value, f"--tools {path}")
+    records = [record for _, record in read_records(path)]
+    if records and isinstance(records[0], dict) and "tools" in records[0]:
+        return tools_of(records[0]["tools"], f"--tools {path}")
+    return tools_of(records, f"--tools {path}")
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -51,3 +51,19 @@ def test_tools_reach_the_template_and_tool_results_continue_the_conversation(tin
     bad.write_text("[{\"description\": \"no name\"}]")
     assert main(["chat", str(run.run_dir), "--tools", str(bad), "--prompt", "hi"]) == 2
     assert "tool 1 in `tools` needs a `name`" in capsys.readouterr().err
+
+
+def test_tools_are_read_from_a_schema_list_or_from_training_data(tmp_path):
+    import json
+
+    import pytest
+
+    from peftkit.cli import _read_tools
+    from peftkit.errors import DataError
+
+    schema = {"type": "function", "function": {"name": "find_book", "parameters": {"type": "object"}}}
+    (tmp_path / "tools.json").write_text(json.dumps([schema]))
+    (tmp_path / "train.jsonl").write_text(json.dumps({"tools": json.dumps([schema]), "messages": []}) + "\n")
+    assert _read_tools(str(tmp_path / "tools.json")) == _read_tools(str(tmp_path / "train.jsonl")) == (schema,)
+    with pytest.raises(DataError, match="does not exist"):
+        _read_tools(str(tmp_path / "missing.json"))
