@@ -191,3 +191,14 @@ def test_a_template_that_shows_the_schemas_but_drops_the_calls_is_refused(tmp_pa
     (example,) = load_examples(write_jsonl(tmp_path / "tools.jsonl", [CONVERSATION]))
     with pytest.raises(DataError, match="leaves out the tool call 'find_book'"):
         tokenize_conversation(tool_tokenizer, example.messages, 512, where="tools.jsonl:1", tools=example.tools)
+
+
+def test_a_template_that_wraps_tool_results_in_json_is_accepted(tmp_path, tool_tokenizer):
+    """Mistral-style templates write the result JSON-escaped ({"content": "{\\"shelf\\": ...}"}): still rendered."""
+    escaping = CHATML_TEMPLATE.replace("'<tool_response>\n' + message['content'] + '\n</tool_response>'",
+                                       "'{\"content\": ' + (message['content'] | tojson) + '}'")
+    assert escaping != CHATML_TEMPLATE
+    tool_tokenizer.chat_template = escaping
+    (example,) = load_examples(write_jsonl(tmp_path / "tools.jsonl", [CONVERSATION]))
+    row, _ = tokenize_conversation(tool_tokenizer, example.messages, 512, tools=example.tools)
+    assert '{"content": "{\\"shelf\\": \\"B4\\"' in tool_tokenizer.decode(row["input_ids"])
