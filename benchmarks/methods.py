@@ -180,6 +180,7 @@ def measure(name: str, method: str, sets: list[str], out_root: Path, *, retrain:
         "general_accuracy": report["after"].get("general_accuracy"),
         "forgetting_points": report["forgetting_points"],
         "forgetting_in_role_points": report.get("forgetting_in_role_points"),
+        "forgetting_confident_points": report.get("forgetting_confident_points"),
         "run_dir": str(run_dir),
     }
 
@@ -299,6 +300,7 @@ def seed_summary(rows: list[dict]) -> list[str]:
 
     summary = [{"recipe": recipe, "method": method, "seeds": " ".join(str(r["seed"]) for r in runs),
                 "heldout_accuracy_%": points(runs, "heldout_accuracy", 100), "forgetting_points": points(runs, "forgetting_points"),
+                "forgetting_confident_points": points(runs, "forgetting_confident_points"),
                 "eval_loss": points(runs, "eval_loss", digits=3)}
                for (recipe, method), runs in repeated.items()]
     return ["Over seeds (mean ± sample standard deviation):", "", *markdown_table(summary, list(summary[0])), ""]

@@ -19,6 +19,8 @@ class Reply:
     text: str
     finished: bool
     """True when the model ended the turn itself (emitted an end-of-turn token)."""
+    token_ids: tuple[int, ...] = ()
+    """The generated tokens before the end of turn, for measurements that need the exact greedy path."""
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -74,7 +76,7 @@ def generate_replies(
                     finished = any(t in stops for t in row)
                     if finished:
                         row = row[: min(row.index(t) for t in stops if t in row)]
-                    replies[index] = Reply(tokenizer.decode(row, skip_special_tokens=True).strip(), finished)
+                    replies[index] = Reply(tokenizer.decode(row, skip_special_tokens=True).strip(), finished, tuple(row))
     finally:
         tokenizer.padding_side = side
     return [replies[i] for i in range(len(prompts))]
@@ -92,7 +94,16 @@ def heldout_accuracy(
     """Share of questions whose greedy reply contains the key fact, and the per-item record.
 
     `label` names the question set on the progress bar (held-out facts, the general set, ...)."""
-    replies = generate_replies(
+    replies = answer_items(model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size, label=label)
+    return score_replies(items, replies)
+
+
+def answer_items(
+    model: Any, tokenizer: Any, items: Sequence[HeldoutItem], *, max_new_tokens: int = 64, batch_size: int = 16,
+    label: str = "held-out questions",
+) -> list[Reply]:
+    """Greedy replies to question items (each with its own tools, if any), with a progress bar named `label`."""
+    return generate_replies(
         model,
         tokenizer,
         [item.messages for item in items],
@@ -101,6 +112,10 @@ def heldout_accuracy(
         progress=f"{label} ({len(items)})",
         tools=[item.tools for item in items],
     )
+
+
+def score_replies(items: Sequence[HeldoutItem], replies: Sequence[Reply]) -> tuple[float, list[dict[str, Any]]]:
+    """Share of `replies` that contain their item's key fact, and the per-item record."""
     details = [
         {
             "question": item.question,
@@ -109,7 +124,7 @@ def heldout_accuracy(
             "correct": is_correct(reply.text, item.key_facts),
             "finished": reply.finished,
         }
-        for item, reply in zip(items, replies)
+        for item, reply in zip(items, replies, strict=True)
     ]
     accuracy = sum(d["correct"] for d in details) / max(len(details), 1)
     return accuracy, details

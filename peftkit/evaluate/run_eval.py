@@ -3,7 +3,8 @@
 Forgetting is measured on a small built-in general-knowledge set (capitals, arithmetic, simple
 instructions) that the default base model answers correctly: the drop in its accuracy from the base
 model (adapter switched off, or loaded again for full / partial runs) to the tuned one is what
-tuning cost in general ability.
+tuning cost in general ability. Questions the base model answers only through a near-tie flip under
+any change of the weights; the score is also given over the ones it answers confidently (`margins`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from peftkit.data.build import HeldoutItem, build_datasets, load_heldout, tokeni
 from peftkit.data.chat import with_system_prompt
 from peftkit.data.formats import load_examples
 from peftkit.errors import DataError
-from peftkit.evaluate.generation import heldout_accuracy
+from peftkit.evaluate.generation import answer_items, heldout_accuracy, score_replies
 from peftkit.evaluate.loss import mean_loss, perplexity
+from peftkit.evaluate.margins import CONFIDENT_MARGIN, confidently_known, decision_margins
 from peftkit.runs import QLORA_BASES, LoadedRun, load_base_model, load_run, read_run_recipe
 from peftkit.utils.atomic import atomic_write_text
 
@@ -96,7 +98,7 @@ def evaluate_run(
     else:
         rows = build_datasets(recipe.data, tokenizer, recipe.train.seed).eval
 
-    def measure(model: Any) -> dict[str, Any]:
+    def measure(model: Any, base: bool = False) -> dict[str, Any]:
         result: dict[str, Any] = {}
         if rows:
             loss = mean_loss(model, rows, tokenizer.pad_token_id)
@@ -105,9 +107,11 @@ def evaluate_run(
             result["heldout_accuracy"], result["heldout_details"] = heldout_accuracy(
                 model, tokenizer, items, max_new_tokens=new_tokens, batch_size=batch
             )
-        result["general_accuracy"], result["general_details"] = heldout_accuracy(
-            model, tokenizer, general_items, max_new_tokens=new_tokens, batch_size=batch, label="general questions"
-        )
+        replies = answer_items(model, tokenizer, general_items, max_new_tokens=new_tokens, batch_size=batch,
+                               label="general questions")
+        result["general_accuracy"], result["general_details"] = score_replies(general_items, replies)
+        if base:
+            result["general_margins"] = decision_margins(model, tokenizer, general_items, replies)
         if in_role_items:
             result["general_in_role_accuracy"], result["general_in_role_details"] = heldout_accuracy(
                 model, tokenizer, in_role_items, max_new_tokens=new_tokens, batch_size=batch,
@@ -119,17 +123,18 @@ def evaluate_run(
     before: dict[str, Any] = {}
     if compare_base:
         with model_before_tuning(run) as base:
-            before = measure(base)
+            before = measure(base, base=True)
     report = {
         "run_dir": str(run.run_dir),
         "base_weights": "original (unquantized)" if qlora_base == "original" else "as trained",
         "eval_examples": len(rows),
         "heldout_questions": len(items),
         "general_questions": len(general_items),
-        "before": {k: v for k, v in before.items() if not k.endswith("_details")},
+        "before": {k: v for k, v in before.items() if not k.endswith(("_details", "_margins"))},
         "after": {k: v for k, v in after.items() if not k.endswith("_details")},
         "forgetting_points": _points_lost(before, after, "general_accuracy"),
         "forgetting_in_role_points": _points_lost(before, after, "general_in_role_accuracy"),
+        **_confident_forgetting(before, after),
         "details": {k: v for k, v in after.items() if k.endswith("_details")},
     }
     # The as-trained report (the one the model card shows) is never overwritten by the other view.
@@ -138,6 +143,20 @@ def evaluate_run(
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, json.dumps(report, indent=2))
     return report
+
+
+def _confident_forgetting(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Forgetting over the general questions the base model answers confidently, and each question's base
+    margin in the tuned model's details (a near-tie there explains a loss that is chance, not forgetting)."""
+    margins = before.get("general_margins")
+    if margins is None:
+        return {"general_confident_questions": None, "confident_margin_nats": None, "forgetting_confident_points": None}
+    for detail, base_detail, margin in zip(after["general_details"], before["general_details"], margins, strict=True):
+        detail.update(base_correct=base_detail["correct"], base_margin=None if margin is None else round(margin, 3))
+    confident = confidently_known(margins)
+    lost = sum(not after["general_details"][i]["correct"] for i in confident)
+    return {"general_confident_questions": len(confident), "confident_margin_nats": round(CONFIDENT_MARGIN, 4),
+            "forgetting_confident_points": round(100 * lost / len(confident), 2) if confident else None}
 
 
 def _points_lost(before: dict[str, Any], after: dict[str, Any], key: str) -> float | None:
@@ -168,3 +187,7 @@ def print_eval_report(console: Any, report: dict[str, Any]) -> None:
         console.print(f"forgetting: {report['forgetting_points']:+.1f} points of general-knowledge accuracy"
                       + (f" ({report['forgetting_in_role_points']:+.1f} asked with the system prompt)"
                          if report.get("forgetting_in_role_points") is not None else ""))
+    if report.get("forgetting_confident_points") is not None:
+        console.print(f"  {report['forgetting_confident_points']:+.1f} points on the {report['general_confident_questions']} "
+                      "questions the base model answers confidently (each token up to the fact at least twice as "
+                      "likely as the runner-up); the others hinge on a near-tie that any weight change can flip")

@@ -42,6 +42,9 @@ def _eval_section(run_dir: Path) -> list[str]:
         in_role = report.get("forgetting_in_role_points")
         lines += ["", f"Forgetting: {report['forgetting_points']:+.1f} points of general-knowledge accuracy"
                   + (f" ({in_role:+.1f} with the recipe's system prompt)." if in_role is not None else ".")]
+    if report.get("forgetting_confident_points") is not None:
+        lines.append(f"On the {report['general_confident_questions']} general questions the base model answers confidently "
+                     f"(no near-tie on the way to the answer): {report['forgetting_confident_points']:+.1f} points.")
     return [*lines, ""]
 
 

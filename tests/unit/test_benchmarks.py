@@ -337,3 +337,37 @@ def test_adapter_scale_probe_rows_start_at_the_base_model_end_to_end(tiny_recipe
     assert [r["scale"] for r in rows] == [0.0, 0.5, 1.0]
     assert rows[0]["forgetting"] == 0 and rows[0]["forgetting_in_role"] == 0, "scale 0 is the base model itself"
     assert all(r["run"] == "seed0" and r["heldout"] is not None for r in rows)
+
+
+def test_noise_floor_counts_losses_overall_and_among_confident_answers_and_restores_the_weights(
+        tiny_model_dir, tiny_tokenizer, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks import noise_floor
+    from peftkit.data.build import HeldoutItem
+    from peftkit.evaluate import generation, margins
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    seen = {}
+
+    def answers(model, tokenizer, items, *, label, **kwargs):  # every perturbation loses q0 and q1; q2 is never known
+        seen[label] = [float(p.sum()) for p in model.parameters()][:1]
+        right = [True, True, False] if label == "base model" else [False, False, False]
+        return [generation.Reply("paris" if ok else "rome", True, (5,)) for ok in right]
+
+    monkeypatch.setattr(generation, "answer_items", answers)
+    monkeypatch.setattr(margins, "decision_margins", lambda model, tok, items, replies: [2.0, 0.05, None])
+    items = [HeldoutItem(({"role": "user", "content": f"q{i}"},), ("paris",), None) for i in range(3)]
+    rows, margin_rows = noise_floor.floor_rows(model, tiny_tokenizer, items, max_new_tokens=4, batch_size=2,
+                                               seeds=[0, 1], set_name="tiny")
+    assert [(r["perturbation"], r["seed"]) for r in rows] == [
+        ("bf16 weights", ""), ("fp16 weights", ""), *((name, s) for name in ("noise 0.1 %", "noise 0.3 %", "noise 1 %")
+                                                      for s in (0, 1))]
+    assert all(r["known"] == 2 and r["lost"] == 2 and r["forgetting"] == 100.0 for r in rows)
+    assert all(r["confident"] == 1 and r["lost_confident"] == 1 and r["forgetting_confident"] == 100.0 for r in rows)
+    assert rows[0]["lost_questions (base margin)"] == "q0 (2.00); q1 (0.05)"
+    assert [m["confident"] for m in margin_rows] == [True, False, False]
+    assert seen["noise 1 %"] != seen["base model"], "the perturbed model is the one asked"
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters()), "the base weights come back"
