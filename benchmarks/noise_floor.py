@@ -12,6 +12,7 @@ question's decision margin, so the two scores can be read against the floor they
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,7 @@ def main() -> None:
         f"Per-question margins: `{stem.name}_margins.csv`.",
         "",
         "```", environment(), "```", "",
-        f"Command: `python -m benchmarks.noise_floor --recipe {args.recipe}`",
+        f"Command: `python -m benchmarks.noise_floor {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         "",
     ])
     Path(f"{stem}.md").write_text(text)
