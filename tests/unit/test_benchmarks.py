@@ -46,12 +46,14 @@ def test_rows_of_an_earlier_invocation_are_kept_unless_measured_again(tmp_path):
 
 
 def test_seed_summary_reports_mean_and_spread_of_repeated_runs():
-    rows = [{"recipe": "q", "method": "lora", "seed": s, "heldout_accuracy": acc, "forgetting_points": f, "eval_loss": 1.0}
-            for s, acc, f in ((42, 0.6, 30.0), (1, 0.7, 20.0), (2, 0.65, ""))]
+    rows = [{"recipe": "q", "method": "lora", "seed": s, "heldout_accuracy": acc, "forgetting_points": f,
+             "forgetting_confident_points": c, "eval_loss": 1.0}
+            for s, acc, f, c in ((42, 0.6, 30.0, 6.25), (1, 0.7, 20.0, 0.0), (2, 0.65, "", None))]
     rows.append({"recipe": "q", "method": "full", "seed": 42, "heldout_accuracy": 0.7, "forgetting_points": 20.0, "eval_loss": 1.0})
     lines = seed_summary(rows)
-    assert lines[2] == "| recipe | method | seeds | heldout_accuracy_% | forgetting_points | eval_loss |"
-    assert lines[4] == "| q | lora | 42 1 2 | 65.0 ± 5.0 | 25.0 ± 7.1 | 1.000 ± 0.000 |"
+    assert lines[2] == ("| recipe | method | seeds | heldout_accuracy_% | forgetting_points | forgetting_confident_points"
+                        " | eval_loss |")
+    assert lines[4] == "| q | lora | 42 1 2 | 65.0 ± 5.0 | 25.0 ± 7.1 | 3.1 ± 4.4 | 1.000 ± 0.000 |"
     assert len(lines) == 6  # full ran once: no spread to report
     assert seed_summary(rows[3:]) == []
 
