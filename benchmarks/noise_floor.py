@@ -54,7 +54,7 @@ def floor_rows(model: Any, tokenizer: Any, items: list[Any], *, max_new_tokens: 
     import torch
 
     from peftkit.evaluate.generation import answer_items, score_replies
-    from peftkit.evaluate.margins import CONFIDENT_MARGIN, confidently_known, decision_margins
+    from peftkit.evaluate.margins import confidently_known, decision_margins
 
     def ask(label: str) -> tuple[list[dict[str, Any]], list[Any]]:
         replies = answer_items(model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -64,30 +64,34 @@ def floor_rows(model: Any, tokenizer: Any, items: list[Any], *, max_new_tokens: 
     base_details, base_replies = ask("base model")
     margins = decision_margins(model, tokenizer, items, base_replies)
     known = [i for i, d in enumerate(base_details) if d["correct"]]
-    confident = confidently_known(margins)
+    confident = set(confidently_known(margins))
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def set_weights(change: Callable[[Any], Any]) -> None:
+        for parameter_name, parameter in model.named_parameters():
+            parameter.copy_(change(original[parameter_name]))
+
     rows = []
     for name, perturb in PERTURBATIONS.items():
-        for seed in (seeds if name.startswith("noise") else [0]):
-            with torch.no_grad():
-                for parameter_name, parameter in model.named_parameters():
-                    parameter.copy_(perturb(original[parameter_name], seed))
+        random = name.startswith("noise")
+        for seed in (seeds if random else [0]):
+            set_weights(lambda weight: perturb(weight, seed))
             details, _ = ask(name)
             lost = [i for i in known if not details[i]["correct"]]
-            rows.append({"set": set_name, "perturbation": name, "seed": seed if name.startswith("noise") else "",
+            lost_confident = sum(i in confident for i in lost)
+            rows.append({"set": set_name, "perturbation": name, "seed": seed if random else "",
                          "known": len(known), "lost": len(lost),
                          "forgetting": round(100 * len(lost) / max(len(known), 1), 1),
                          "confident": len(confident),
-                         "lost_confident": sum(i in confident for i in lost),
-                         "forgetting_confident": round(100 * sum(i in confident for i in lost) / max(len(confident), 1), 1),
+                         "lost_confident": lost_confident,
+                         "forgetting_confident": round(100 * lost_confident / max(len(confident), 1), 1),
                          "lost_questions (base margin)": "; ".join(
                              f"{base_details[i]['question']} ({margins[i]:.2f})" for i in lost)})
-    with torch.no_grad():
-        for parameter_name, parameter in model.named_parameters():
-            parameter.copy_(original[parameter_name])
+    set_weights(lambda weight: weight)
     margin_rows = [{"set": set_name, "question": d["question"], "base_correct": d["correct"],
-                    "margin": "" if m is None else round(m, 3),
-                    "confident": m is not None and m >= CONFIDENT_MARGIN} for d, m in zip(base_details, margins)]
+                    "margin": "" if m is None else round(m, 3), "confident": i in confident}
+                   for i, (d, m) in enumerate(zip(base_details, margins, strict=True))]
     return rows, margin_rows
 
 

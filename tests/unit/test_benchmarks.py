@@ -355,7 +355,7 @@ def test_noise_floor_counts_losses_overall_and_among_confident_answers_and_resto
     seen = {}
 
     def answers(model, tokenizer, items, *, label, **kwargs):  # every perturbation loses q0 and q1; q2 is never known
-        seen[label] = [float(p.sum()) for p in model.parameters()][:1]
+        seen[label] = float(next(model.parameters()).sum())
         right = [True, True, False] if label == "base model" else [False, False, False]
         return [generation.Reply("paris" if ok else "rome", True, (5,)) for ok in right]
 
