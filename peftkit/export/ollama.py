@@ -1,4 +1,5 @@
-"""The Ollama `Modelfile` written next to a GGUF export: ChatML or plain template, stop words, system prompt."""
+"""The Ollama `Modelfile` written next to a GGUF export: ChatML (with tools when the model was trained with them) or
+plain template, stop words, system prompt."""
 
 from __future__ import annotations
 
@@ -17,6 +18,52 @@ OLLAMA_CHATML_TEMPLATE = (
     "{{ range .Messages }}{{ if eq .Role \"user\" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n"
     "{{ else if eq .Role \"assistant\" }}{{ .Content }}<|im_end|>\n{{ end }}{{ end }}"
 )
+
+
+OLLAMA_CHATML_TOOLS_TEMPLATE = (
+    '{{- if .Tools }}<|im_start|>system\n'
+    '{{ if .System }}{{ .System }}\n'
+    '\n'
+    '{{ end }}You can call these functions, described as JSON schemas:\n'
+    '<tools>\n'
+    '{{- range .Tools }}\n'
+    '{{ json . }}\n'
+    '{{- end }}\n'
+    '</tools>\n'
+    'To call one, reply with <tool_call>{"name": ..., "arguments": {...}}</tool_call>.<|im_end|>\n'
+    '{{ else if .System }}<|im_start|>system\n'
+    '{{ .System }}<|im_end|>\n'
+    '{{ end }}\n'
+    '{{- range $i, $m := .Messages }}\n'
+    '{{- $last := eq (len (slice $.Messages $i)) 1 }}\n'
+    '{{- if eq .Role "user" }}<|im_start|>user\n'
+    '{{ .Content }}<|im_end|>\n'
+    '{{ else if eq .Role "tool" }}<|im_start|>tool\n'
+    '<tool_response>\n'
+    '{{ .Content }}\n'
+    '</tool_response><|im_end|>\n'
+    '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n'
+    '{{ .Content }}{{ if and $m.Content $m.ToolCalls }}\n'
+    '{{ end }}{{ if .ToolCalls }}{{ range $j, $c := .ToolCalls }}<tool_call>{"name": {{ json .Function.Name }}, "arguments": {{ json .Function.Arguments }}}</tool_call>{{ if ne (len (slice $m.ToolCalls $j)) 1 }}\n'
+    '{{ end }}{{ end }}{{ end }}{{ if not $last }}<|im_end|>\n'
+    '{{ end }}\n'
+    '{{- end }}\n'
+    '{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant\n'
+    '{{ end }}\n'
+    '{{- end }}'
+)
+"""peftkit's tool-aware `chatml` template (models/load.py CHATML_TEMPLATE) in Ollama's Go template syntax: with
+`.Tools` Ollama accepts tool requests, and it finds the call tag (`<tool_call>`) as the first text under
+`{{ if .ToolCalls }}`. Ollama re-serialises schemas and past call arguments as compact JSON; everything else renders
+byte for byte as in training (checked against Go's text/template: tests/data/ollama_tools)."""
+
+TOOLS_PROBE = [
+    {"role": "system", "content": "S"},
+    {"role": "user", "content": "U"},
+    {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]},
+    {"role": "tool", "content": "R"},
+]
+PROBE_TOOLS = [{"type": "function", "function": {"name": "f", "description": "D", "parameters": {"type": "object", "properties": {}}}}]
 
 
 def ollama_plain_template(eos: str) -> str:
@@ -46,6 +93,21 @@ def chatml_default_system(tokenizer: Any) -> tuple[bool, str | None]:
     return True, match.group(1) if match else None
 
 
+def renders_tools_as_chatml(tokenizer: Any) -> bool:
+    """Whether the tokenizer's template writes tools, calls and results as peftkit's `chatml` does (the model was
+    trained on that form, so the tool-aware Ollama template prompts it the same way)."""
+    from peftkit.models.load import CHATML_TEMPLATE
+
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    try:
+        rendered = tokenizer.apply_chat_template(TOOLS_PROBE, tools=PROBE_TOOLS, tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - templates that reject tools or tool turns do not render them our way
+        return False
+    return rendered == tokenizer.apply_chat_template(TOOLS_PROBE, tools=PROBE_TOOLS, tokenize=False,
+                                                     add_generation_prompt=True, chat_template=CHATML_TEMPLATE)
+
+
 def _quote(text: str) -> str:
     return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
 
@@ -57,7 +119,8 @@ def ollama_modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None) 
     lines = ["# Ollama Modelfile written by peftkit. Create the model with: ollama create NAME -f Modelfile",
              f"FROM ./{gguf_name}", ""]
     if is_chatml:
-        lines += [f"TEMPLATE {_quote(OLLAMA_CHATML_TEMPLATE)}", ""]
+        template = OLLAMA_CHATML_TOOLS_TEMPLATE if renders_tools_as_chatml(tokenizer) else OLLAMA_CHATML_TEMPLATE
+        lines += [f"TEMPLATE {_quote(template)}", ""]
         stops = ["<|im_start|>", "<|im_end|>"]
     elif getattr(tokenizer, "chat_template", None) == PLAIN_TEMPLATE and tokenizer.eos_token:
         lines += [f"TEMPLATE {_quote(ollama_plain_template(tokenizer.eos_token))}", ""]

