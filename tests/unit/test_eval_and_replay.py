@@ -30,6 +30,7 @@ def test_builtin_sets_are_packaged_and_valid():
 
 
 FORGETTING_SETS = {"builtin": builtin_resource("general_knowledge.jsonl"),
+                   "wide": Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "general_wide.jsonl",
                    "check": Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "general_check.jsonl"}
 
 
@@ -49,6 +50,21 @@ def test_builtin_replay_never_asks_the_forgetting_questions(which):
     assert not questions & set(lowered)
     if which == "builtin":
         assert not [(p, n) for p in prompts for n in names if re.search(rf"\b{re.escape(n)}\b", p)]
+
+
+def test_the_forgetting_sets_are_disjoint_and_well_formed():
+    """Each question is asked once across the sets, and no key fact is a single letter (which
+    would match almost any reply); single digits are answers to arithmetic."""
+    seen: dict[str, str] = {}
+    for which, path in FORGETTING_SETS.items():
+        for line in path.read_text().splitlines():
+            item = json.loads(line)
+            facts = [item["key_fact"]] if isinstance(item["key_fact"], str) else item["key_fact"]
+            assert facts and all(len(f.strip()) >= 2 or f.strip().isdigit() for f in facts), (which, item)
+            key = item["question"].lower().rstrip("?. ")
+            assert key not in seen, f"{item['question']!r} is in both {seen.get(key)} and {which}"
+            seen[key] = which
+    assert len(seen) >= 33 + 80 + 250
 
 
 def test_sample_replay_is_deterministic_and_sized():
