@@ -73,21 +73,27 @@ def ollama_plain_template(eos: str) -> str:
             "{{ else if eq .Role \"assistant\" }}{{ .Content }}" + eos + "\n\n{{ end }}{{ end }}")
 
 
-def chatml_default_system(tokenizer: Any) -> tuple[bool, str | None]:
-    """(is the chat template ChatML?, the system prompt it inserts when a conversation has none)."""
+def _renders_as_chatml(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> bool:
+    """Whether the tokenizer's own template renders `messages` (and `tools`) exactly as peftkit's `chatml` does."""
     from peftkit.models.load import CHATML_TEMPLATE
 
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template that rejects the probe does not render it as ChatML
+        return False
+    return rendered == tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                                     chat_template=CHATML_TEMPLATE)
+
+
+def chatml_default_system(tokenizer: Any) -> tuple[bool, str | None]:
+    """(is the chat template ChatML?, the system prompt it inserts when a conversation has none)."""
+    if not _renders_as_chatml(tokenizer, CHATML_PROBE):
         return False, None
     try:
-        rendered = tokenizer.apply_chat_template(CHATML_PROBE, tokenize=False, add_generation_prompt=True)
         plain = tokenizer.apply_chat_template([CHATML_PROBE[1]], tokenize=False, add_generation_prompt=True)
     except Exception:  # noqa: BLE001 - templates that reject the probe are simply not ChatML
-        return False, None
-    expected = tokenizer.apply_chat_template(CHATML_PROBE, tokenize=False, add_generation_prompt=True,
-                                             chat_template=CHATML_TEMPLATE)
-    if rendered != expected:
         return False, None
     match = re.match(r"^<\|im_start\|>system\n(.*?)<\|im_end\|>\n<\|im_start\|>user\n", plain, re.DOTALL)
     return True, match.group(1) if match else None
@@ -96,16 +102,7 @@ def chatml_default_system(tokenizer: Any) -> tuple[bool, str | None]:
 def renders_tools_as_chatml(tokenizer: Any) -> bool:
     """Whether the tokenizer's template writes tools, calls and results as peftkit's `chatml` does (the model was
     trained on that form, so the tool-aware Ollama template prompts it the same way)."""
-    from peftkit.models.load import CHATML_TEMPLATE
-
-    if not getattr(tokenizer, "chat_template", None):
-        return False
-    try:
-        rendered = tokenizer.apply_chat_template(TOOLS_PROBE, tools=PROBE_TOOLS, tokenize=False, add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 - templates that reject tools or tool turns do not render them our way
-        return False
-    return rendered == tokenizer.apply_chat_template(TOOLS_PROBE, tools=PROBE_TOOLS, tokenize=False,
-                                                     add_generation_prompt=True, chat_template=CHATML_TEMPLATE)
+    return _renders_as_chatml(tokenizer, TOOLS_PROBE, PROBE_TOOLS)
 
 
 def _quote(text: str) -> str:

@@ -29,9 +29,10 @@ def test_builtin_sets_are_packaged_and_valid():
     assert len(replay) >= 60 and all(e.messages[-1]["role"] == "assistant" for e in replay)
 
 
+BENCHMARK_DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 FORGETTING_SETS = {"builtin": builtin_resource("general_knowledge.jsonl"),
-                   "wide": Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "general_wide.jsonl",
-                   "check": Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "general_check.jsonl"}
+                   "wide": BENCHMARK_DATA / "general_wide.jsonl",
+                   "check": BENCHMARK_DATA / "general_check.jsonl"}
 
 
 @pytest.mark.parametrize("which", sorted(FORGETTING_SETS))
