@@ -45,10 +45,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     validate_recipe(recipe, check_model=not args.no_model)
+    data_line = _tokenized_data_line(recipe) if not args.no_model and recipe.task == "causal_lm" else None
     _console().print(f"[green]OK[/green] {args.recipe}: recipe is valid ({recipe.adapter.method} on {recipe.model.name})")
+    if data_line:
+        _console().print(data_line)
     if args.show_data:
         _show_data(recipe, args.show_data)
     return 0
+
+
+def _tokenized_data_line(recipe: Any) -> str:
+    """Tokenize the data as training will (raising what training would), and say how much of it fits."""
+    from peftkit.data import build_datasets
+    from peftkit.models import load_tokenizer
+
+    data = build_datasets(recipe.data, load_tokenizer(recipe.model), recipe.train.seed)
+    stats = data.stats
+    cut = [f"{stats['train_truncated']} cut at max_seq_len={recipe.data.max_seq_len}"] if stats["train_truncated"] else []
+    cut += [f"{stats['train_dropped']} dropped (no trained token left)"] if stats["train_dropped"] else []
+    parts = [f"{stats['train_rows'] - stats['replay_examples']} training rows" + (f" ({', '.join(cut)})" if cut else ""),
+             f"{stats['train_supervised_tokens']:,} trained tokens", f"{stats['eval_rows']} eval rows"]
+    parts += [f"{stats['replay_examples']} replay rows"] if stats["replay_examples"] else []
+    parts += [f"{stats['heldout_questions']} held-out questions"] if stats["heldout_questions"] else []
+    return "Data: " + ", ".join(parts)
 
 
 def _show_data(recipe: Any, count: int) -> None:

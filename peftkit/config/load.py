@@ -66,6 +66,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.y*ml"))
+        hint = f"; it holds {', '.join(found[:5])}" if found else ""
+        raise ConfigError(f"{path} is a folder; give the recipe file itself (a .yaml file){hint}")
     if not path.is_file():
         raise ConfigError(f"recipe file {path} does not exist (check the path, or see recipes/ for examples)")
     try:
@@ -127,6 +131,20 @@ def _sections_for(loc: tuple[Any, ...]) -> list[type[BaseModel]]:
     return [cls] if cls is not None else []
 
 
+def _section_owning(key: str) -> list[str]:
+    """`train.lr` for a top-level `lr`: the sections that have a field of that name."""
+    from peftkit.config import schema
+
+    owners = []
+    for name, field in schema.Recipe.model_fields.items():
+        classes = [t for t in _leaf_types(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if name == "adapter":
+            classes = list(schema.ADAPTER_CLASSES)
+        if any(key in cls.model_fields for cls in classes):
+            owners.append(f"{name}.{key}")
+    return owners
+
+
 def _friendly(err: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
     # Drop the union tag from displayed locations: `adapter.lora.r` reads as `adapter.r`.
@@ -139,6 +157,7 @@ def _friendly(err: dict[str, Any]) -> str:
         for cls in _sections_for(loc):
             known.extend(cls.model_fields)
         hint = [KEY_ALIASES[key]] if KEY_ALIASES.get(key) in known else difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = hint or _section_owning(key) if len(loc) == 1 else hint
         if hint:
             return f"unknown key `{dotted}`: did you mean `{hint[0]}`?"
         if loc[0] == "adapter" and len(loc) == 3:
@@ -154,7 +173,8 @@ def _friendly(err: dict[str, Any]) -> str:
         return f"`{dotted}` is required but missing"
     got = err.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
-    return f"`{dotted}`: {err['msg'].removeprefix('Value error, ')}{got_text}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"`{dotted}`: {message}{got_text}" if shown else message  # a whole-recipe check names its own keys
 
 
 def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
@@ -164,8 +184,9 @@ def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
     if not isinstance(section, dict):
         return
     def resolved(value: Any) -> Any:
-        if isinstance(value, str) and value and not is_hub_ref(value) and not Path(value).expanduser().is_absolute():
-            return str((base / value).resolve())
+        if isinstance(value, str) and value and not is_hub_ref(value):
+            path = Path(value).expanduser()  # `~/data.jsonl` is the user's home, not a folder named ~
+            return str(path if path.is_absolute() else (base / path).resolve())
         return value
 
     for key in DATA_PATH_KEYS:
@@ -174,7 +195,9 @@ def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
     replay = section.get("replay")
     if isinstance(replay, dict) and isinstance(replay.get("path"), str):
         path = Path(replay["path"]).expanduser()
-        if not path.is_absolute() and (base / path).exists():
+        if path.is_absolute():
+            replay["path"] = str(path)
+        elif (base / path).exists():
             replay["path"] = str((base / path).resolve())
 
 

@@ -369,4 +369,11 @@ class Recipe(Section):
     name: str | None = None
     description: str | None = None
 
+    @model_validator(mode="after")
+    def _early_stopping_needs_eval(self) -> "Recipe":
+        if self.train.early_stopping_patience and self.data.eval is None and self.data.eval_fraction == 0:
+            raise ValueError("train.early_stopping_patience watches the eval loss, but there is no eval data "
+                             "(data.eval_fraction is 0 and data.eval is unset): set one of them, or drop the patience")
+        return self
+
 ADAPTER_CLASSES: tuple[type[Section], ...] = get_args(get_args(AdapterConfig)[0])

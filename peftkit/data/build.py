@@ -106,6 +106,9 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int) -> tup
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(examples) * fraction))
+    if n_eval >= len(examples):
+        raise DataError(f"data.eval_fraction={fraction} of {len(examples)} examples leaves none to train on; "
+                        "lower it, or give the eval examples in their own file (data.eval)")
     eval_ids = set(order[:n_eval])
     return [e for i, e in enumerate(examples) if i not in eval_ids], [e for i, e in enumerate(examples) if i in eval_ids]
 
@@ -140,8 +143,9 @@ def build_datasets(
         train_rows, replayed = [*train_rows, *replay_rows], len(replay_rows)
     eval_rows, _ = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
     if not train_rows:
-        raise DataError(f"{', '.join(map(str, data_sources(cfg.train)))}: no example has any supervised token left; "
-                        "check max_seq_len and the data")
+        raise DataError(f"{', '.join(map(str, data_sources(cfg.train)))}: none of the {train_stats['examples']} training "
+                        f"examples has a trained (assistant) token left within data.max_seq_len={cfg.max_seq_len} "
+                        "tokens (the prompt fills it); raise data.max_seq_len or shorten the conversations and system prompt")
     heldout = load_heldout(cfg.heldout, cfg.system_prompt) if cfg.heldout else []
     stats = {
         **{f"train_{k}": v for k, v in train_stats.items()},

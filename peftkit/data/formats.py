@@ -264,7 +264,9 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
             )
         previous = "tool_calls" if message.get("tool_calls") else message["role"]
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in checked):
-        raise DataError(f"{where}: the conversation has no assistant turn to train on, so there is nothing to learn from")
+        context_only = any(m["role"] == "assistant" for m in checked)
+        raise DataError(f"{where}: the conversation has no assistant turn to train on, so there is nothing to learn from"
+                        + (" (its assistant turns all have `weight: 0`, context only)" if context_only else ""))
     return tuple(checked)
 
 

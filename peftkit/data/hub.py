@@ -45,7 +45,7 @@ def hub_records(ref: str) -> list[tuple[str, Any]]:
     except ConnectionError as exc:
         raise DataError(
             f"could not reach the Hub for dataset {repo} ({exc}). Run once while online (it is then cached), or on a "
-            f"machine with internet run `huggingface-cli download {repo} --repo-type dataset --local-dir DIR`, copy "
+            f"machine with internet run `hf download {repo} --repo-type dataset --local-dir DIR`, copy "
             "DIR here and point the recipe at its data file (e.g. DIR/data/train-00000-of-00001.parquet)"
         ) from None
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetsError) as exc:

@@ -7,6 +7,8 @@ id) are reported here, before any expensive work.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -17,6 +19,9 @@ from peftkit.errors import ModelNotFoundError, PeftkitError
 from peftkit.models.registry import BUILTINS, peftkit_home
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_PROBE_TIMEOUT_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,20 +82,57 @@ def resolve_model_ref(ref: str, *, revision: str | None = None, allow_pickle: bo
         raise ModelNotFoundError(f"{path} is a file but not a .gguf model; model.name must be a directory, .gguf or hub id")
     if _looks_like_path(ref) or not HUB_ID.match(ref):
         raise ModelNotFoundError(
-            f"model path {ref!r} does not exist; built-in models are: {', '.join(BUILTINS)} (see `peftkit models`)"
+            f"model path {ref!r} does not exist; {_did_you_mean(Path(ref).name)}built-in models are: "
+            f"{', '.join(BUILTINS)} (see `peftkit models`)"
         )
-    if offline() and not _hub_cached(ref, revision):
-        raise ModelNotFoundError(hub_hint(ref))
+    if not _hub_cached(ref, revision):
+        if offline():
+            raise ModelNotFoundError(hub_hint(ref))
+        check_on_hub(ref, revision)
     return ModelSource(ref, "hub", None, revision)
+
+
+def _did_you_mean(ref: str) -> str:
+    close = difflib.get_close_matches(ref.lower(), list(BUILTINS), n=1, cutoff=0.6)
+    return f"did you mean the built-in `{close[0]}`? " if close else ""
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def hub_hint(ref: str) -> str:
     return (
         f"model {ref!r} is not a built-in name or a local path, and it cannot be fetched from the Hugging Face hub "
-        f"here (offline or not in the cache). On a machine with internet run "
-        f"`huggingface-cli download {ref} --local-dir DIR`, copy DIR here and set `model.name: DIR`; "
+        f"here (offline or not in the cache). {_capitalized(_did_you_mean(ref))}On a machine with internet run "
+        f"`hf download {ref} --local-dir DIR`, copy DIR here and set `model.name: DIR`; "
         f"built-in models: {', '.join(BUILTINS)}"
     )
+
+
+def check_on_hub(ref: str, revision: str | None) -> None:
+    """One quick request before anything downloads: an unreachable hub, an unknown or gated repository, or a
+    wrong revision is said in one line here, instead of after the download library's retries."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().model_info(ref, revision=revision, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError:
+        raise ModelNotFoundError(
+            f"model {ref!r} is gated on the Hugging Face hub: accept its license on https://huggingface.co/{ref} "
+            "and log in here (`hf auth login`, or set HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"model {ref!r} is not on the Hugging Face hub (or it is private: log in with `hf auth login`); "
+            f"{_did_you_mean(ref)}built-in models: {', '.join(BUILTINS)}; a local model is a directory path") from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"model {ref!r} has no revision {revision!r} on the hub; fix model.revision") from None
+    except HfHubHTTPError as exc:  # the hub answered with another error (rate limit, outage): let the download try
+        log.debug("hub check of %s: %s", ref, exc)
+    except Exception as exc:  # no connection (DNS, proxy, timeout): the transport's own error classes vary
+        log.debug("hub check of %s: %s", ref, exc)
+        raise ModelNotFoundError(hub_hint(ref)) from None
 
 
 def materialize(source: ModelSource) -> str:

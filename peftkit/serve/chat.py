@@ -64,8 +64,9 @@ def chat(
         history.append({"role": "user", "content": prompt})
         reply = stream_reply(model, tokenizer, history, max_new_tokens=max_new_tokens, out=out, tools=tools)
         return [*history, {"role": "assistant", "content": reply}]
-    out.write("Chat with the tuned model. /reset clears the conversation, /exit (or Ctrl-D) quits"
-              + (", /tool RESULT answers its last tool call" if tools else "") + ".\n")
+    commands = ("/reset clears the conversation, /exit (or Ctrl-D) quits"
+                + (", /tool RESULT answers its last tool call" if tools else ""))
+    out.write(f"Chat with the tuned model. {commands}.\n")
     while True:
         out.write("\nyou> ")
         out.flush()
@@ -78,6 +79,9 @@ def chat(
             continue
         if text == "/reset":
             history = with_system_prompt([], system_prompt)
+            continue
+        if text.startswith("/") and " " not in text:  # `/help`, a typo, or `/tool` without its result
+            out.write(f"Commands: {commands}.\n")
             continue
         if tools and text.startswith("/tool "):
             history.append({"role": "tool", "content": text.removeprefix("/tool ").strip()})

@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,28 @@ def read_marker(checkpoint: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {"step": data}
 
 
+@dataclass
+class Progress:
+    """Totals over every step trained so far, kept in each checkpoint's marker so that the summary of a
+    resumed run covers the whole run (the Trainer only counts the steps of its own session)."""
+
+    supervised_tokens: int = 0
+    input_tokens: int = 0
+    train_seconds: float = 0.0
+    loss_sum: float = 0.0
+    """Sum of the per-step training losses (their mean is the run's train_loss)."""
+    steps: int = 0
+
+
+def read_progress(checkpoint: Path) -> Progress | None:
+    """The totals recorded with `checkpoint`; None for checkpoints written before they were recorded."""
+    recorded = read_marker(checkpoint).get("progress")
+    if not isinstance(recorded, dict):
+        return None
+    names = {f.name for f in fields(Progress)}
+    return Progress(**{k: v for k, v in recorded.items() if k in names})
+
+
 def _fsync_dir_files(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
@@ -96,20 +120,24 @@ class CompleteMarkerCallback(TrainerCallback):
     """Marks each saved checkpoint complete, then keeps the newest `keep` complete ones.
 
     Pruning here (not by the Trainer's save_total_limit, which deletes before the new checkpoint is
-    marked) means a complete checkpoint exists at every moment, also with keep=1."""
+    marked) means a complete checkpoint exists at every moment, also with keep=1. `progress` (called on
+    every rank: it may sum over processes) gives the run's totals to record in the marker."""
 
-    def __init__(self, keep: int | None = None) -> None:
+    def __init__(self, keep: int | None = None, progress: Callable[[], Progress] | None = None) -> None:
         self.keep = keep
+        self.progress = progress
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         _barrier()  # every rank has written its part (DeepSpeed partitions, rng_state_<rank>.pth)
+        progress = self.progress() if self.progress is not None else None
         if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not folder.is_dir():
             return
         _fsync_dir_files(folder)
-        marker = {"step": state.global_step, "world_size": args.world_size, "deepspeed_stage": deepspeed_stage_of(args)}
+        marker = {"step": state.global_step, "world_size": args.world_size, "deepspeed_stage": deepspeed_stage_of(args),
+                  **({"progress": asdict(progress)} if progress is not None else {})}
         tmp = folder / f"{MARKER}.tmp"
         tmp.write_text(json.dumps(marker), encoding="utf-8")
         with tmp.open("rb") as handle:

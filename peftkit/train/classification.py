@@ -42,7 +42,8 @@ from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_mo
 from peftkit.models.resolve import ModelSource, hub_hint, materialize
 from peftkit.train import checkpoints
 from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
-from peftkit.train.run import RunResult, configure_threads, peak_memory_mb, prepare_run_dir, summary_header, training_arguments
+from peftkit.train.run import RunResult, configure_threads, peak_memory_mb, summary_header, training_arguments
+from peftkit.train.run_dir import check_resume_recipe, mark_run_dir, prepare_run_dir
 from peftkit.utils.atomic import atomic_write_text
 from peftkit.utils.modes import eval_mode
 
@@ -145,8 +146,10 @@ def train_classifier(
     validate_recipe(recipe, check_model=True)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     prepare_run_dir(run_dir, resume=resume, force=force)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+    if resume:
+        check_resume_recipe(run_dir, recipe.model_dump(mode="json"))
+    else:
+        mark_run_dir(run_dir, recipe_to_yaml(recipe))
 
     threads = configure_threads(recipe.train.num_threads)
     from transformers import DataCollatorWithPadding, set_seed

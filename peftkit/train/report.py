@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -34,4 +35,4 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
     )
     for sample in summary.get("samples", []):
         console.print(f"\n[bold]Q:[/bold] {sample['prompt']}\n[bold]A:[/bold] {sample['reply']}")
-    console.print(f"\nRun directory: {run_dir}  (chat: peftkit chat {run_dir})")
+    console.print(f"\nRun directory: {run_dir}  (chat: peftkit chat {shlex.quote(str(run_dir))})")

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +21,12 @@ from peftkit.data import PaddingCollator, build_datasets
 from peftkit.adapters.lora import KNOWLEDGE_INITS
 from peftkit.data.build import general_rows
 from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
-from peftkit.errors import PeftkitError, RunDirError
+from peftkit.errors import PeftkitError
 from peftkit.train.distill import add_teacher_targets
 from peftkit.evaluate.generation import generate_replies, heldout_accuracy
 from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref, save_tokenizer
 from peftkit.train import checkpoints
-from peftkit.train import deepspeed as deepspeed_setup, signals
+from peftkit.train import deepspeed as deepspeed_setup, run_dir as run_dirs, signals
 from peftkit.train.launch import dist_info, is_main_process, sum_over_processes
 from peftkit.train.callbacks import MetricsJsonlCallback, OverfittingWatch, plot_loss_curves, read_metrics
 from peftkit.train.model_card import write_model_card
@@ -41,32 +40,6 @@ log = logging.getLogger(__name__)
 class RunResult:
     run_dir: Path
     summary: dict[str, Any]
-
-
-def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
-    """Refuse to clobber a finished or half-finished run unless asked to."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        if resume:
-            raise RunDirError(f"--resume: {run_dir} holds no run to resume; start it without --resume")
-        return
-    if force:
-        shutil.rmtree(run_dir)
-        return
-    if resume:
-        if checkpoints.latest_complete(run_dir) is None:
-            raise RunDirError(
-                f"--resume: {run_dir} has no complete checkpoint yet; start again with --force "
-                "(checkpoints are written every train.save_steps steps, or each epoch)"
-            )
-        return
-    if (run_dir / "summary.json").is_file():
-        raise RunDirError(
-            f"{run_dir} already holds a finished run; set another output_dir (e.g. output_dir={run_dir}-2) "
-            "or pass --force to overwrite it"
-        )
-    raise RunDirError(
-        f"{run_dir} already exists and holds an unfinished run; pass --resume to continue it or --force to start over"
-    )
 
 
 def configure_threads(num_threads: int | None) -> int:
@@ -140,6 +113,23 @@ def _eval_loss(trainer: SFTTrainer, has_eval: bool) -> float | None:
     return float(trainer.evaluate()["eval_loss"]) if has_eval else None
 
 
+def tensorboard_callback(log_dir: Path) -> Any:
+    """TensorBoard logging into RUN_DIR/tensorboard, the final evaluation included (the Trainer closes the
+    writer at the end of training and would reopen it under checkpoints/runs/ for that last point)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback(SummaryWriter(log_dir=str(log_dir)))
+    callback.logging_dir = str(log_dir)
+    return callback
+
+
+def _session_loss_sum(trainer: Any) -> float:
+    """Sum of the step losses the Trainer has seen in this session (its own train_loss divides it by the steps)."""
+    pending = getattr(trainer, "_tr_loss", None)
+    return float(getattr(trainer, "_total_loss_scalar", 0.0)) + (float(pending.item()) if hasattr(pending, "item") else 0.0)
+
+
 def train(
     recipe: Recipe, *, resume: bool = False, force: bool = False, extra_callbacks: list[Any] | None = None
 ) -> RunResult:
@@ -151,16 +141,11 @@ def train(
     validate_recipe(recipe, check_model=True)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     main_process = is_main_process()  # under a launcher, only global rank 0 writes the run directory
+    replace_earlier = False
     if main_process:
-        prepare_run_dir(run_dir, resume=resume, force=force)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise RunDirError(f"cannot write the run directory {run_dir} ({exc.strerror}); set output_dir to a writable place") from None
-        atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+        replace_earlier = run_dirs.check_run_dir(run_dir, resume=resume, force=force)
+        if resume:
+            run_dirs.check_resume_recipe(run_dir, recipe.model_dump(mode="json"))
 
     threads = configure_threads(recipe.train.num_threads)
     from transformers import set_seed
@@ -168,10 +153,15 @@ def train(
     set_seed(recipe.train.seed)
     device = resolve_device(recipe.train.device)
     dtype = resolve_dtype(recipe.train.dtype, device)
-    ds_config = deepspeed_setup.setup(recipe, run_dir, device, dtype, write=main_process)  # None without DeepSpeed
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_tokenizer(recipe.model, source)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    if main_process:  # the data is usable: only now may an earlier run in output_dir make way (--force)
+        if replace_earlier:
+            run_dirs.clear_run_dir(run_dir)
+        if not resume:
+            run_dirs.mark_run_dir(run_dir, recipe_to_yaml(recipe))
+    ds_config = deepspeed_setup.setup(recipe, run_dir, device, dtype, write=main_process)  # None without DeepSpeed
     quantization = effective_quantization(recipe)
     log.info("Loading %s on %s (%s%s)", recipe.model.name, device, str(dtype).removeprefix("torch."),
              f", {quantization.bits}-bit" if quantization else "")
@@ -199,16 +189,13 @@ def train(
     log.info("Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     has_eval = bool(data.eval)
-    from transformers.integrations import TensorBoardCallback
-    from torch.utils.tensorboard import SummaryWriter
-
     metrics_path = run_dir / "metrics.jsonl"
     if not resume and main_process:
         metrics_path.unlink(missing_ok=True)
     callbacks = [
         MetricsJsonlCallback(metrics_path),
-        *([TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard")))] if main_process else []),
-        checkpoints.CompleteMarkerCallback(keep=recipe.train.save_total_limit),
+        *([tensorboard_callback(run_dir / "tensorboard")] if main_process else []),
+        checkpoints.CompleteMarkerCallback(keep=recipe.train.save_total_limit, progress=lambda: run_progress()),
         checkpoints.SeededLengthGrouping(),  # group_by_length batches reproducible on resume
         interrupt := signals.interrupt_callback(),  # Ctrl-C: checkpoint at the end of the step, then stop
         overfitting := OverfittingWatch(),
@@ -236,14 +223,36 @@ def train(
     if has_eval and not resume:
         with base_model_view(model):
             eval_loss_before = _eval_loss(trainer, has_eval) if ds_config is None else deepspeed_setup.plain_eval_loss(trainer)
+    if resume:  # measured when the run started
+        before = run_dirs.load_before(run_dir)
+        eval_loss_before, accuracy_before = before.get("eval_loss"), before.get("heldout_accuracy")
+        details_before = before.get("heldout_details") or []
+    elif main_process:
+        run_dirs.save_before(run_dir, {"eval_loss": eval_loss_before, "heldout_accuracy": accuracy_before,
+                                       "heldout_details": details_before})
 
-    resume_from = str(checkpoints.prepare_resume(
+    resume_from = checkpoints.prepare_resume(
         run_dir, world_size=dist_info().world_size, deepspeed_stage=checkpoints.deepspeed_stage_of(args),
-        main_process=main_process)) if resume else None
+        main_process=main_process) if resume else None
+    prior = (checkpoints.read_progress(resume_from) if resume_from else None) or checkpoints.Progress()
+    if resume_from and main_process:  # every rank adds its own tokens; rank 0 carries the earlier sessions' sum
+        trainer.supervised_tokens_seen, trainer.input_tokens_seen = prior.supervised_tokens, prior.input_tokens
+
+    def run_progress() -> checkpoints.Progress:
+        """The whole run's totals so far (recorded with each checkpoint); sums over processes."""
+        supervised, inputs = sum_over_processes(trainer.supervised_tokens_seen, trainer.input_tokens_seen)
+        return checkpoints.Progress(
+            supervised_tokens=supervised, input_tokens=inputs,
+            train_seconds=prior.train_seconds + time.perf_counter() - train_started,
+            loss_sum=prior.loss_sum + _session_loss_sum(trainer), steps=trainer.state.global_step)
+
     train_started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     signals.raise_if_interrupted(interrupt, trainer, run_dir)  # a signal stopped it: checkpoint saved, say how to resume
-    train_seconds = time.perf_counter() - train_started
+    train_seconds = prior.train_seconds + time.perf_counter() - train_started
+    session_steps = output.global_step - prior.steps
+    train_loss = ((prior.loss_sum + float(output.training_loss) * session_steps) / output.global_step
+                  if output.global_step else float(output.training_loss))
     eval_loss_after = _eval_loss(trainer, has_eval)
     accuracy_after, details_after = _heldout(model, tokenizer, recipe, data.heldout)
 
@@ -266,11 +275,11 @@ def train(
         "tokens_per_second": round(trainer.supervised_tokens_seen / train_seconds, 2) if train_seconds else None,
         "input_tokens_per_second": round(trainer.input_tokens_seen / train_seconds, 2) if train_seconds else None,
         "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "train_loss": round(float(output.training_loss), 5),
+        "train_loss": round(train_loss, 5),
         "eval_loss_before": eval_loss_before,
         "eval_loss_after": eval_loss_after,
         "overfitting_warning": overfitting.warned,
-        "stopped_early": bool(recipe.train.max_steps is None and trainer.state.max_steps > output.global_step),
+        "stopped_early": trainer.state.max_steps > output.global_step,
         "heldout_questions": len(data.heldout),
         "heldout_accuracy_before": accuracy_before,
         "heldout_accuracy_after": accuracy_after,

@@ -70,7 +70,7 @@ CASES: dict[str, tuple[Case, str]] = {
         "key_fact",
     ),
     "model path missing": (lambda r, t: ["train", recipe_file(r, t), f"model.name={t / 'no-model'}"], "does not exist"),
-    "hub id offline": (lambda r, t: ["train", recipe_file(r, t), "model.name=nobody/nothing-here"], "huggingface-cli download"),
+    "hub id offline": (lambda r, t: ["train", recipe_file(r, t), "model.name=nobody/nothing-here"], "hf download"),
     "directory not a model": (lambda r, t: ["train", recipe_file(r, t), f"model.name={t}"], "no config.json"),
     "pickle-only model": (lambda r, t: ["train", recipe_file(r, t), f"model.name={pickle_model(t)}"], "allow_pickle"),
     "gguf of unsupported architecture": (lambda r, t: ["train", recipe_file(r, t), f"model.name={odd_gguf(t)}"], "cannot load"),

@@ -104,3 +104,26 @@ def test_models_lists_builtins(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m-instruct" in out and "minilm-l6" in out
+
+
+def test_validate_tokenizes_the_data_and_says_what_fits(tiny_recipe, tmp_path, capsys):
+    """`validate` finds what would only fail in `train`: data that max_seq_len cuts to nothing."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    assert main(["validate", str(path)]) == 0
+    said = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert re.search(r"Data: \d+ training rows \(\d+ cut at max_seq_len=64\), [\d,]+ trained tokens, \d+ eval rows", said)
+    assert main(["validate", str(path), "data.max_seq_len=8"]) == 2
+    assert "max_seq_len=8" in capsys.readouterr().err
+
+
+def test_recipe_mistakes_point_at_the_fix(tiny_recipe, tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    assert main(["validate", str(path), "lr=1e-3"]) == 2
+    assert "did you mean `train.lr`?" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder; give the recipe file itself" in err and "r.yaml" in err
+    assert main(["validate", str(path), "data.eval_fraction=0", "train.early_stopping_patience=2", "--no-model"]) == 2
+    assert "early_stopping_patience watches the eval loss" in capsys.readouterr().err

@@ -43,8 +43,34 @@ def test_pickle_only_weights_refused_unless_allowed(tmp_path):
 
 def test_offline_hub_id_says_how_to_use_a_local_copy(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotFoundError, match="huggingface-cli download someorg/some-model --local-dir"):
+    with pytest.raises(ModelNotFoundError, match="hf download someorg/some-model --local-dir"):
         resolve_model_ref("someorg/some-model")
+
+
+def test_hub_id_is_checked_in_one_request_before_any_download(monkeypatch):
+    """Online mode: an unreachable hub, an unknown repository or a gated one is one line, at once."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    response = SimpleNamespace(headers={}, request=None)  # what the hub's HTTP errors read from their response
+    answers = {
+        "no network": (OSError("Name or service not known"), "hf download smollm2-135m --local-dir"),
+        "unknown": (RepositoryNotFoundError("404", response=response), "is not on the Hugging Face hub"),
+        "gated": (GatedRepoError("403", response=response), "accept its license"),
+    }
+    for error, expected in answers.values():
+        def model_info(self, *args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(HfApi, "model_info", model_info)
+        with pytest.raises(ModelNotFoundError, match=expected) as caught:
+            resolve_model_ref("smollm2-135m")
+        if type(error) is OSError:
+            assert "Did you mean the built-in `smollm2-135m-instruct`?" in str(caught.value)
+    monkeypatch.setattr(HfApi, "model_info", lambda self, *args, **kwargs: object())
+    assert resolve_model_ref("someorg/some-model").kind == "hub"
 
 
 def test_non_gguf_file_is_rejected(tmp_path):

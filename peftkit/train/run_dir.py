@@ -1,0 +1,152 @@
+"""The run directory's life: what may be started, replaced or resumed there, and what a resumed run needs back.
+
+peftkit deletes only folders it made itself (a `.peftkit-run` marker, or the files of an older run), and only
+once the new run's data has been checked, so a failing `--force` loses nothing. A resumed run must use the
+recipe it was started with: the checkpoint's optimizer, schedule and adapter shapes come from it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.errors import RunDirError
+from peftkit.train import checkpoints
+from peftkit.utils.atomic import atomic_write_text
+
+RUN_MARKER = ".peftkit-run"
+BEFORE_FILE = "before.json"
+"""Measurements of the untrained model, kept for the summary of a run that is resumed later."""
+RESUME_MAY_CHANGE = ("description", "eval.", "train.num_threads", "train.logging_steps")
+"""Recipe keys that do not touch the training state, so a resumed run may change them."""
+
+
+def is_peftkit_run(run_dir: Path) -> bool:
+    """A folder peftkit made: the marker, or (runs written before the marker) a recipe next to a summary or checkpoints."""
+    return (run_dir / RUN_MARKER).is_file() or (
+        (run_dir / "recipe.yaml").is_file() and ((run_dir / "summary.json").is_file() or (run_dir / "checkpoints").is_dir())
+    )
+
+
+def _has_content(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir())
+
+
+def _has_started(run_dir: Path) -> bool:
+    """Training has begun: a metric or checkpoint exists (a run that failed while loading has neither)."""
+    return (run_dir / "metrics.jsonl").is_file() or bool(checkpoints.checkpoint_dirs(run_dir)) or (run_dir / "summary.json").is_file()
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> bool:
+    """Raise when `run_dir` cannot be used as asked; True when it holds an earlier run to replace (see `clear_run_dir`)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"output_dir {run_dir} is a file; set output_dir to a new or empty folder")
+    if not _has_content(run_dir):
+        if resume:
+            raise RunDirError(f"--resume: {run_dir} holds no run to resume; start it without --resume")
+        return False
+    if not is_peftkit_run(run_dir):
+        raise RunDirError(
+            f"output_dir {run_dir} is a folder that peftkit did not create (no {RUN_MARKER} marker), and it is not empty; "
+            "peftkit never deletes such a folder, not even with --force: set output_dir to a new or empty folder"
+        )
+    if resume:
+        if checkpoints.latest_complete(run_dir) is None:
+            raise RunDirError(
+                f"--resume: {run_dir} has no complete checkpoint yet; start again with --force "
+                "(checkpoints are written every train.save_steps steps, or each epoch)"
+            )
+        return False
+    if force or not _has_started(run_dir):  # a run that failed before training has nothing to lose
+        return True
+    if (run_dir / "summary.json").is_file():
+        raise RunDirError(
+            f"{run_dir} already holds a finished run; set another output_dir (e.g. output_dir={run_dir}-2) "
+            "or pass --force to overwrite it"
+        )
+    raise RunDirError(
+        f"{run_dir} already exists and holds an unfinished run; pass --resume to continue it or --force to start over"
+    )
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove an earlier run's files (only ever called on a folder `check_run_dir` recognised as a run); hidden
+    files stay (the marker, a `.gitkeep`)."""
+    for path in run_dir.iterdir():
+        if path.name.startswith("."):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
+    """Check, and replace an earlier run at once (the launcher, whose workers check the data themselves)."""
+    if check_run_dir(run_dir, resume=resume, force=force):
+        clear_run_dir(run_dir)
+
+
+def mark_run_dir(run_dir: Path, recipe_yaml: str) -> None:
+    """Create the run directory with its marker and the recipe it runs."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / RUN_MARKER, "peftkit run directory: `peftkit train --force` may replace it\n")
+    except OSError as exc:
+        raise RunDirError(f"cannot write the run directory {run_dir} ({exc.strerror}); set output_dir to a writable place") from None
+    atomic_write_text(run_dir / "recipe.yaml", recipe_yaml)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): value}
+
+
+def recipe_changes(run_dir: Path, recipe_dump: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for each training setting that differs from the run's stored recipe.yaml."""
+    stored_path = run_dir / "recipe.yaml"
+    if not stored_path.is_file():
+        return []
+    stored = _flatten(yaml.safe_load(stored_path.read_text(encoding="utf-8")) or {})
+    current = _flatten(recipe_dump)
+    changed = []
+    for key in sorted(set(stored) | set(current)):
+        if key.startswith(RESUME_MAY_CHANGE) or key in RESUME_MAY_CHANGE:
+            continue
+        if stored.get(key) != current.get(key):
+            changed.append(f"{key}: {stored.get(key)!r} -> {current.get(key)!r}")
+    return changed
+
+
+def check_resume_recipe(run_dir: Path, recipe_dump: dict[str, Any]) -> None:
+    changed = recipe_changes(run_dir, recipe_dump)
+    if changed:
+        raise RunDirError(
+            f"--resume: the recipe differs from the one {run_dir} was started with ({'; '.join(changed)}); the "
+            "checkpoint's optimizer, schedule and adapter come from that one. Resume with the same recipe and "
+            "overrides, or start a new run (another output_dir, or --force)"
+        )
+
+
+def save_before(run_dir: Path, before: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / BEFORE_FILE, json.dumps(before))
+
+
+def load_before(run_dir: Path) -> dict[str, Any]:
+    """The untrained model's measurements saved when the run started; empty for runs started before they were kept."""
+    path = run_dir / BEFORE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}

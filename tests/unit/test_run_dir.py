@@ -1,0 +1,145 @@
+"""The run directory: --force deletes only peftkit's own runs and only once the new run's data is usable; a
+resumed run keeps its recipe; a failed start blocks nothing; early stopping is reported with max_steps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftkit.config import recipe_from_dict
+from peftkit.errors import DataError, RunDirError
+from peftkit.train import checkpoints
+from peftkit.train.run import train
+from peftkit.train.run_dir import RUN_MARKER, check_run_dir, recipe_changes
+
+
+def _too_long_chat(folder: Path) -> Path:
+    """Valid conversations whose prompt alone fills max_seq_len=64: they pass `validate`, then leave nothing to train."""
+    path = folder / "long.jsonl"
+    prompt = " ".join(["word"] * 200)
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": prompt},
+                                                     {"role": "assistant", "content": "ok"}]}) + "\n" for _ in range(8)))
+    return path
+
+
+def _short(tiny_recipe: dict, **train_settings) -> dict:
+    return {**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 2, **train_settings}, "eval": {"before": False}}
+
+
+def test_force_never_deletes_a_folder_peftkit_did_not_make(tiny_recipe, tmp_path):
+    precious = tmp_path / "my-project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("years of work")
+    (precious / "recipe.yaml").write_text("a recipe of mine")  # a recipe alone does not make it a run
+    recipe = recipe_from_dict({**_short(tiny_recipe), "output_dir": str(precious)})
+    with pytest.raises(RunDirError, match="did not create") as caught:
+        train(recipe, force=True)
+    assert "--force" in str(caught.value)
+    assert (precious / "notes.txt").read_text() == "years of work"
+    assert (precious / "recipe.yaml").read_text() == "a recipe of mine"
+
+
+def test_failing_force_keeps_the_earlier_run(tiny_recipe, tmp_path):
+    first = train(recipe_from_dict(_short(tiny_recipe))).run_dir
+    assert (first / RUN_MARKER).is_file()
+    adapter = (first / "adapter" / "adapter_model.safetensors").read_bytes()
+    summary = (first / "summary.json").read_text()
+    recipe = recipe_from_dict({**_short(tiny_recipe), "data": {**tiny_recipe["data"], "train": str(_too_long_chat(tmp_path))}})
+    with pytest.raises(DataError, match="max_seq_len"):
+        train(recipe, force=True)
+    assert (first / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (first / "summary.json").read_text() == summary
+
+
+def test_a_start_that_failed_on_its_data_blocks_nothing(tiny_recipe, tmp_path):
+    long_chat = _too_long_chat(tmp_path)
+    recipe = _short(tiny_recipe)
+    with pytest.raises(DataError, match=r"data.max_seq_len=64"):
+        train(recipe_from_dict({**recipe, "data": {**recipe["data"], "train": str(long_chat)}}))
+    run_dir = Path(recipe["output_dir"])
+    assert not run_dir.exists() or not any(p for p in run_dir.iterdir() if not p.name.startswith("."))
+    summary = train(recipe_from_dict(recipe)).summary  # the fixed data trains in the same output_dir, no --force
+    assert summary["steps"] == 2
+
+
+def test_a_run_that_failed_before_training_is_replaced_without_force(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / RUN_MARKER).write_text("")
+    (run_dir / "recipe.yaml").write_text("x")
+    assert check_run_dir(run_dir, resume=False, force=False) is True
+    (run_dir / "metrics.jsonl").write_text("{}\n")  # training had begun: that needs --resume or --force
+    with pytest.raises(RunDirError, match="unfinished run"):
+        check_run_dir(run_dir, resume=False, force=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunDirError, match="is a file"):
+        check_run_dir(tmp_path / "file", resume=False, force=True)
+
+
+def test_resume_refuses_a_changed_recipe_and_keeps_the_stored_one(tiny_recipe):
+    recipe = _short(tiny_recipe, save_steps=1)
+    run_dir = train(recipe_from_dict(recipe)).run_dir
+    (run_dir / "summary.json").unlink()  # as if killed after its last checkpoint
+    stored = (run_dir / "recipe.yaml").read_text()
+    changed = {**recipe, "train": {**recipe["train"], "lr": 0.1}}
+    with pytest.raises(RunDirError, match=r"train\.lr: 0\.005 -> 0\.1"):
+        train(recipe_from_dict(changed), resume=True)
+    assert (run_dir / "recipe.yaml").read_text() == stored
+    # Settings that do not touch the training state may change on resume.
+    harmless = recipe_from_dict({**recipe, "eval": {"before": False, "max_new_tokens": 4}, "description": "again"})
+    assert recipe_changes(run_dir, harmless.model_dump(mode="json")) == []
+
+
+def test_resumed_summary_covers_the_whole_run(tiny_recipe, tmp_path):
+    whole = train(recipe_from_dict({**tiny_recipe, "output_dir": str(tmp_path / "whole"), "train": {
+        **tiny_recipe["train"], "max_steps": 4, "save_steps": 2}})).summary
+    recipe = recipe_from_dict({**tiny_recipe, "output_dir": str(tmp_path / "cut"), "train": {
+        **tiny_recipe["train"], "max_steps": 4, "save_steps": 2}})
+    run_dir = train(recipe).run_dir
+    for name in ("summary.json", "adapter", "checkpoints/checkpoint-4"):  # as if killed after step 2's checkpoint
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    progress = checkpoints.read_progress(run_dir / "checkpoints" / "checkpoint-2")
+    assert progress is not None and progress.steps == 2 and progress.supervised_tokens > 0
+    resumed = train(recipe, resume=True).summary
+    assert resumed["trained_tokens"] == whole["trained_tokens"]
+    assert resumed["input_tokens"] == whole["input_tokens"]
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-4)
+    assert resumed["eval_loss_before"] == pytest.approx(whole["eval_loss_before"], rel=1e-5)
+    assert resumed["heldout_accuracy_before"] == whole["heldout_accuracy_before"] is not None
+    assert resumed["train_seconds"] > progress.train_seconds
+
+
+def test_early_stopping_is_reported_with_max_steps(tiny_recipe):
+    recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 60, "lr": 0.5,
+                                                        "eval_steps": 1, "early_stopping_patience": 1},
+                               "eval": {"before": False}})
+    result = train(recipe)
+    assert result.summary["stopped_early"] is True and result.summary["steps"] < 60
+    # The final evaluation lands in RUN_DIR/tensorboard, not in a stray checkpoints/runs folder.
+    assert not (result.run_dir / "checkpoints" / "runs").exists()
+
+
+def test_data_paths_expand_the_home_folder(tiny_recipe, tmp_path, monkeypatch):
+    from peftkit.config import load_recipe
+
+    home = tmp_path / "home"
+    (home / "d").mkdir(parents=True)
+    (home / "d" / "chat.jsonl").write_text(Path(tiny_recipe["data"]["train"]).read_text())
+    monkeypatch.setenv("HOME", str(home))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**tiny_recipe, "data": {**tiny_recipe["data"], "train": "~/d/chat.jsonl"}}))
+    assert load_recipe(path).data.train == str(home / "d" / "chat.jsonl")
+
+
+def test_an_eval_fraction_that_leaves_nothing_to_train_on_says_so(tiny_recipe):
+    recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "eval_fraction": 0.99}})
+    with pytest.raises(DataError, match="eval_fraction=0.99 of .* leaves none to train on"):
+        train(recipe)
