@@ -30,6 +30,8 @@ ROLES = ("system", "user", "assistant", "tool")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 JSONL_SUFFIXES = ("", ".ndjson")
 """Other names of JSON Lines files."""
+MAX_REPORTED_PROBLEMS = 5
+"""Bad records listed in one data error (the rest are counted)."""
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "function_call": "assistant", "observation": "tool",
                   "tool": "tool"}
@@ -365,7 +367,17 @@ def load_examples(source: str | Path | Sequence[str | Path], fmt: str = "auto") 
     or a `datasets` `save_to_disk` folder; from a list of them, all in order."""
     examples: list[Example] = []
     for one in data_sources(source):
-        found = [to_example(record, where, fmt) for where, record in read_records(one)]
+        found, problems = [], []
+        for where, record in read_records(one):
+            try:
+                found.append(to_example(record, where, fmt))
+            except DataError as exc:  # go on: one message lists the first few bad records, not just one
+                problems.append(str(exc))
+        if problems:
+            shown = problems[:MAX_REPORTED_PROBLEMS]
+            more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+            raise DataError(shown[0] if len(problems) == 1 else
+                            f"{len(problems)} records of {one} need fixing:\n  " + "\n  ".join(shown) + more)
         if not found:
             raise DataError(f"data {one} contains no examples")
         examples += found

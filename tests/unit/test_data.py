@@ -382,3 +382,19 @@ def test_an_export_of_a_template_without_system_messages_folds_its_default_into_
     # what a client that sends only the user turn gets is what training saw (no exception from the template)
     served = tokenizer.apply_chat_template([TWO_TURNS[0]], tokenize=False, add_generation_prompt=True)
     assert served == trained and "[INST] be brief.\n\nhello [/INST]" in served
+
+
+def test_several_bad_records_are_listed_in_one_error(tmp_path):
+    from peftkit.data.formats import MAX_REPORTED_PROBLEMS
+
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    rows = [good, {"messages": [{"role": "user", "content": "a"}]}, {"messages": [{"role": "bot", "content": "a"}]}]
+    rows += [{"messages": [{"role": "user", "content": "a"}]}] * MAX_REPORTED_PROBLEMS
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as caught:
+        load_examples(path)
+    said = str(caught.value)
+    assert said.startswith(f"{len(rows) - 1} records of {path} need fixing")
+    assert f"{path}:2: the conversation has no assistant turn" in said and f"{path}:3: message 1 has unknown role 'bot'" in said
+    assert said.endswith("... and 2 more")
