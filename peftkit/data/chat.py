@@ -207,6 +207,21 @@ def tokenize_conversation_rows(
 
 
 
+def end_of_turn_token_id(tokenizer: Any) -> int | None:
+    """The special token the chat template closes an assistant reply with (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`, EOS): training teaches it as the reply's last token, so generation must stop on it, also
+    where it is not the tokenizer's EOS (Qwen2.5 base models: ChatML turns, EOS `<|endoftext|>`)."""
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"}]
+    try:
+        text, span = _reply_span(tokenizer, messages, 1, "end-of-turn probe")
+    except Exception:  # a template that cannot render this probe: generation falls back to EOS alone
+        return None
+    row, _ = _labelled(tokenizer, text, [span], len(text) + 1)
+    trained = [token for token, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return trained[-1] if trained and trained[-1] in special else None
+
+
 def tokenize_text(tokenizer: Any, text: str, max_seq_len: int) -> tuple[dict[str, list[int]], bool]:
     """Plain text: every token is supervised; EOS closes the document."""
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]

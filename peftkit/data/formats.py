@@ -253,7 +253,8 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
                 entry["weight"] = 0
         if role == "assistant" and entry.get("weight", 1) and not content.strip() and not calls:
             raise DataError(f"{where}: message {i + 1}: the assistant reply is empty, and training on it teaches the "
-                            "model to answer with nothing; fill it in, drop the record, or give it `weight: 0`")
+                            "model to answer with nothing; fill it in or drop the record (in chat data, `weight: 0` "
+                            "keeps an assistant turn as context only)")
         checked.append(entry)
     previous = None
     for i, message in enumerate(m for m in checked if m["role"] != "system"):

@@ -24,10 +24,14 @@ class Reply:
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The generation config's EOS ids, the tokenizer's EOS and the chat template's end-of-turn token."""
+    from peftkit.data.chat import end_of_turn_token_id
+
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
+    for extra in (tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)):
+        if extra is not None and extra not in ids:
+            ids.append(extra)
     return ids
 
 

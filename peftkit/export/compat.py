@@ -288,11 +288,13 @@ def serving_compatibility(info: AdapterInfo, model_type: str | None) -> dict[str
 
     if model_type is not None and model_type not in GGUF_ARCHITECTURES:
         reasons.append(f"peftkit writes GGUF adapters for {', '.join(GGUF_ARCHITECTURES)} models (this base is {model_type})")
-    engines["llama.cpp"] = {
-        "compatible": not reasons,
-        "reasons": reasons,
-        "notes": ["convert with `peftkit export RUN_DIR --format gguf-adapter`; use with `llama-cli -m BASE.gguf --lora FILE`"],
-    }
+    if not reasons:
+        llama_notes = ["convert with `peftkit export RUN_DIR --format gguf-adapter`; use with `llama-cli -m BASE.gguf --lora FILE`"]
+    elif info.is_prompt_learning:
+        llama_notes = ["virtual tokens cannot be merged or converted; serve this adapter with transformers + peft"]
+    else:
+        llama_notes = ["merge it into the base instead: `peftkit export RUN_DIR --format gguf`"]
+    engines["llama.cpp"] = {"compatible": not reasons, "reasons": reasons, "notes": llama_notes}
     engines["transformers+peft"] = {
         "compatible": True,
         "reasons": [],

@@ -52,6 +52,12 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
 
     gguf = gguf_package()
     info = run.info
+    if info.peft_type == "FULL_MODEL":
+        raise ExportError(f"{run.run_dir} trained the model itself ({info.method}), so there is no adapter to write as a "
+                          f"GGUF LoRA; `peftkit export {run.run_dir} --format gguf` writes the whole model")
+    if info.is_prompt_learning:
+        raise ExportError(f"{info.method} adds virtual tokens, which neither a GGUF LoRA nor a merge can carry; serve it "
+                          f"with transformers + peft (`peftkit export {run.run_dir} --format adapter`)")
     problems = []
     if not info.is_lora:
         problems.append(f"it is {info.peft_type}, not LoRA")
@@ -161,7 +167,9 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
             write_json(tmp / "verification.json", report)
         source = source_gguf_of(run)
         modelfile = ["# Ollama: base model + this LoRA. Create with: ollama create NAME -f Modelfile",
-                     f"FROM {source}" if source else "FROM /path/to/base-model.gguf  # the base this LoRA was trained on",
+                     *([f"FROM {source}"] if source else  # Ollama reads `#` as a comment only at a line's start
+                       ["# Replace the path below with the GGUF of the base this LoRA was trained on:",
+                        "FROM /path/to/base-model.gguf"]),
                      f"ADAPTER ./{file_name}"]
         atomic_write_text(tmp / "Modelfile", "\n".join(modelfile) + "\n")
     notes = [f"alpha written: {facts['alpha']:.4g} over {facts['modules']} modules",

@@ -213,6 +213,11 @@ def quantize_array(data: np.ndarray, qtype: Any) -> tuple[np.ndarray, Any]:
         return gguf.quants.quantize(data, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
 
 
+GGUF_NAMES_READ_AS_ARCHITECTURES = frozenset({"mistral"})
+"""`general.name` values transformers' GGUF loader takes for an architecture (a llama file named exactly
+`mistral` is loaded as a `mistral` GGUF, which it cannot read): such a name gets a suffix."""
+
+
 def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, name: str,
                      source_gguf: Path | None = None, description: str | None = None) -> dict[str, int]:
     """Write `model` (a float32 Llama-family model) with its tokenizer to `path`. Returns tensor counts per type."""
@@ -222,7 +227,7 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
     qtype, ftype = gguf_types(gguf_type)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[model_arch(layout)])
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
+    writer.add_name(f"{name}-finetune" if name in GGUF_NAMES_READ_AS_ARCHITECTURES else name)
     if description:
         writer.add_description(description)
     add_model_parameters(writer, config)

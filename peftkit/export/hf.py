@@ -19,8 +19,9 @@ from peftkit.errors import ExportError
 from peftkit.export import verify
 from peftkit.export.card import merged_card
 from peftkit.export.common import DTYPE_NAMES, ExportResult, list_files, prepare_output, save_failed_report, write_json
-from peftkit.export.merge import MergedModel, QLoraBase, combine_runs, merge_run
+from peftkit.export.merge import MergedModel, QLoraBase, combine_runs, load_trained_model, merge_run
 from peftkit.models.load import save_tokenizer
+from peftkit.runs import trained_model_dir
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,11 @@ def save_model_dir(model: Any, tokenizer: Any, folder: Path, *, dtype: str, shar
     model.config.dtype = dtype
     generation = getattr(model, "generation_config", None)
     if generation is not None:
-        if generation.eos_token_id is None and tokenizer.eos_token_id is not None:
-            generation.eos_token_id = tokenizer.eos_token_id
+        from peftkit.evaluate.generation import stop_token_ids
+
+        stops = stop_token_ids(model, tokenizer)  # with the template's end-of-turn: plain `generate` stops there
+        if stops:
+            generation.eos_token_id = stops[0] if len(stops) == 1 else stops
         if generation.pad_token_id is None and tokenizer.pad_token_id is not None:
             generation.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(folder), max_shard_size=shard_size, safe_serialization=True)
@@ -82,12 +86,16 @@ def write_merged(merged: MergedModel, out: Path, *, dtype: str = "float32", shar
 def export_hf(run_dir: str | Path, out: str | Path | None = None, *, dtype: str = "float32",
               shard_size: int = 2 * 10**9, force: bool = False, check: bool = True,
               qlora_base: QLoraBase = "dequantized", base: str | None = None) -> ExportResult:
-    """`peftkit merge RUN_DIR` / `peftkit export RUN_DIR --format hf`."""
+    """`peftkit merge RUN_DIR` / `peftkit export RUN_DIR --format hf`. A full / partial run has nothing to merge:
+    its trained model is written the same way (with tokenizer, chat template, model card and verification)."""
     run_dir = Path(run_dir).expanduser().resolve()
     target = Path(out) if out else run_dir / "merged"
     _dtype(dtype)
     prepare_output(target, force=force, protected=[run_dir])  # fail before minutes of loading, not after
-    merged = merge_run(run_dir, qlora_base=qlora_base, base=base)
+    if trained_model_dir(run_dir) is not None:
+        merged = load_trained_model(run_dir, base)
+    else:
+        merged = merge_run(run_dir, qlora_base=qlora_base, base=base)
     return write_merged(merged, target, dtype=dtype, shard_size=shard_size, force=force, check=check)
 
 

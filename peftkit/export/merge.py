@@ -184,8 +184,8 @@ def merge_run(run_dir: str | Path, *, qlora_base: QLoraBase = "dequantized", bas
     if run.info.peft_type == FULL_MODEL:
         raise ExportError(
             f"{run.run_dir} trained the model's weights directly (method {run.info.config['method']}), so there is no "
-            f"adapter to merge: {run.info.path} already is a complete Hugging Face model directory. Use it as it is, "
-            f"or `peftkit export {run.run_dir} --format gguf` for llama.cpp / Ollama"
+            f"adapter to merge or combine; `peftkit export {run.run_dir} --format hf` writes its model with the "
+            "tokenizer, and `--format gguf` for llama.cpp / Ollama"
         )
     tokenizer = load_run_tokenizer(run)
     adapter = run.info.path

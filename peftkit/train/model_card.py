@@ -48,6 +48,11 @@ def _eval_section(run_dir: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _what_was_trained(run_dir: Path, recipe: Recipe) -> str:
+    """`lora adapter for`, or for full / partial runs (no adapter: the model itself was trained) `partial fine-tune of`."""
+    return f"{recipe.adapter.method} fine-tune of" if (run_dir / "model").is_dir() else f"{recipe.adapter.method} adapter for"
+
+
 def _plain_use(run_dir: Path) -> list[str]:
     """How to load the result without peftkit: an adapter (peft), or the whole model (full / partial runs)."""
     if (run_dir / "model").is_dir():
@@ -77,7 +82,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
     quant = summary.get("quantization")
     quant_text = f"{quant['bits']}-bit {quant.get('quant_type', '')}".strip() if quant else "none"
     lines = [
-        f"# {summary['recipe']}: {recipe.adapter.method} adapter for {recipe.model.name}",
+        f"# {summary['recipe']}: {_what_was_trained(run_dir, recipe)} {recipe.model.name}",
         "",
         recipe.description or "Trained with peftkit.",
         "",
@@ -111,7 +116,8 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         "```",
         "",
         *_plain_use(run_dir),
-        "Files: `adapter/` (PEFT layout), `tokenizer/`, `recipe.yaml` (resolved recipe), `metrics.jsonl`, "
+        ("Files: `model/` (the whole trained model), " if (run_dir / "model").is_dir() else "Files: `adapter/` (PEFT layout), ")
+        + "`tokenizer/`, `recipe.yaml` (resolved recipe), `metrics.jsonl`, "
         "`tensorboard/`, `plots/loss.png`, `summary.json`, `heldout.jsonl` (per-question replies).",
         "",
     ]

@@ -204,6 +204,9 @@ def test_partial_run_logs_trainable_counts(tiny_recipe, tmp_path):
     steps = {r["step"]: (r["trainable_params"], r["unfrozen_blocks"]) for r in records if "loss" in r}
     assert steps[1][1] == 0 and steps[4][1] == 1 and steps[7][1] == 2
     assert steps[1][0] < steps[4][0] < steps[7][0]
+    card = (result.run_dir / "README.md").read_text()  # no adapter: the card names the trained model
+    assert card.splitlines()[0].endswith(f"partial fine-tune of {tiny_recipe['model']['name']}")
+    assert "Files: `model/` (the whole trained model)" in card and "`adapter/`" not in card
 
 
 def test_loraplus_recipe_trains_with_its_optimizer(tiny_recipe, tmp_path):

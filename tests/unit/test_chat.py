@@ -46,6 +46,7 @@ def test_tools_reach_the_template_and_tool_results_continue_the_conversation(tin
                    tools=tools)
     assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
     assert history[2]["content"] == '{"shelf": "B4"}'
+    seen = [(messages, kw) for messages, kw in seen if messages[0]["content"] != "Hello"]  # not the end-of-turn probe
     assert all(kw.get("tools") == list(tools) for _, kw in seen) and len(seen) == 2
     assert "<tools>" in original(history, tokenize=False, tools=list(tools))
     bad = tmp_path / "tools.json"
@@ -68,3 +69,23 @@ def test_tools_are_read_from_a_schema_list_or_from_training_data(tmp_path):
     assert _read_tools(str(tmp_path / "tools.json")) == _read_tools(str(tmp_path / "train.jsonl")) == (schema,)
     with pytest.raises(DataError, match="does not exist"):
         _read_tools(str(tmp_path / "missing.json"))
+
+
+def test_generation_stops_at_the_templates_end_of_turn_when_it_is_not_eos(tiny_model_dir, tmp_path):
+    """A Qwen2.5-base-like tokenizer: ChatML turns end with <|im_end|>, but EOS is another token. Training
+    teaches <|im_end|> as each reply's last token, so chat, eval and the merged export must stop there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from peftkit.evaluate.generation import stop_token_ids
+    from peftkit.export.hf import save_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tokenizer.eos_token = "<unk>"  # stands in for <|endoftext|>
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn != tokenizer.eos_token_id
+    assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id, end_of_turn]
+    save_model_dir(model, tokenizer, tmp_path / "merged", dtype="float32", shard_size=10**9)
+    saved = GenerationConfig.from_pretrained(str(tmp_path / "merged"))
+    assert saved.eos_token_id == [tokenizer.eos_token_id, end_of_turn]

@@ -200,11 +200,15 @@ def test_gguf_metadata_covers_the_builtin_models_keys(export_recipe, tmp_path):
     assert report["passed"] and report["greedy_agreement"] > 0.7, report
 
 
-def test_gguf_export_refuses_other_architectures_and_prefix_tuning():
+def test_gguf_export_refuses_other_architectures_and_prefix_tuning(export_recipe, tmp_path):
+    from peft import PrefixTuningConfig
     from transformers import GPT2Config
 
     with pytest.raises(ExportError, match="supports llama, mistral, qwen2, qwen3 models; this base is `gpt2`"):
         check_architecture(GPT2Config())
+    run = make_run(tmp_path / "prefix", export_recipe, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(ExportError, match=r"virtual tokens.*--format adapter"):  # the way that works, not another refusal
+        export_gguf_adapter(run, gguf_type="f32")
 
 
 def _family_dir(path: Path, model_type: str) -> Path:
@@ -237,25 +241,28 @@ def test_gguf_export_of_other_llama_family_models_round_trips(export_recipe, tmp
     from transformers import AutoModelForCausalLM
 
     base = _family_dir(tmp_path / model_type, model_type)
-    run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=base)
+    # Named after its family: transformers reads a llama GGUF whose general.name is exactly "mistral" as a
+    # "mistral" GGUF, which it cannot load; the writer must not produce that name.
+    run = make_run(tmp_path / "run", {**export_recipe, "name": model_type}, LORA, model_dir=base)
     result = export_gguf(run, gguf_type="f32")
     report = json.loads((result.path / "verification.json").read_text())
     assert report["passed"] and report["max_abs_diff"] < 1e-4 and report["greedy_exact"] == 1.0, report
-    fields, reader = _fields(result.path / "tiny-f32.gguf")
+    fields, reader = _fields(result.path / f"{model_type}-f32.gguf")
     assert fields["general.architecture"] == arch
+    assert fields["general.name"] == (f"{model_type}-finetune" if model_type == "mistral" else model_type)
     names = {t.name for t in reader.tensors}
     assert ("blk.0.attn_q.bias" in names) == (model_type == "qwen2")
     assert ("blk.0.attn_q_norm.weight" in names) == (model_type == "qwen3")
     assert ("output.weight" in names) == (model_type == "mistral")  # untied head
     # plain transformers needs the head size from attention.key_length for Qwen3 (head_dim != hidden / heads)
-    loaded = AutoModelForCausalLM.from_pretrained(str(result.path), gguf_file="tiny-f32.gguf", dtype=torch.float32,
-                                                  config=verify._gguf_config(result.path, "tiny-f32.gguf"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(result.path), gguf_file=f"{model_type}-f32.gguf", dtype=torch.float32,
+                                                  config=verify._gguf_config(result.path, f"{model_type}-f32.gguf"))
     assert loaded.config.model_type == arch  # transformers reads a "llama" GGUF as Llama (Mistral included)
 
     lora = export_gguf_adapter(run, gguf_type="f32")  # the reconstruction un-permutes only where it permuted
     lora_report = json.loads((lora.path / "verification.json").read_text())
     assert lora_report["passed"] and lora_report["max_abs_diff"] < 1e-4, lora_report
-    assert _fields(lora.path / "tiny-lora-f32.gguf")[0]["general.architecture"] == arch
+    assert _fields(lora.path / f"{model_type}-lora-f32.gguf")[0]["general.architecture"] == arch
 
 
 def test_tokenizer_pre_names_llama3_and_qwen_digit_splits():
@@ -311,7 +318,7 @@ def test_gguf_lora_adapter_file_reproduces_the_adapter(export_recipe, tmp_path):
         export_gguf_adapter(dora, check=False)
 
 
-def test_full_finetune_run_exports_its_model_to_gguf_and_refuses_merge(export_recipe, tmp_path, capsys):
+def test_full_finetune_run_exports_its_model_to_gguf_and_hf(export_recipe, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.cli import main
@@ -327,8 +334,14 @@ def test_full_finetune_run_exports_its_model_to_gguf_and_refuses_merge(export_re
         model.model.layers[0].self_attn.q_proj.weight.add_(0.05)  # "trained"
     model.save_pretrained(run / "model")
 
-    assert main(["merge", str(run)]) == 2
-    assert "no adapter to merge" in capsys.readouterr().err
+    assert main(["merge", str(run)]) == 0  # nothing to merge: the trained model, written as a complete export
+    merged = run / "merged"
+    assert json.loads((merged / "verification.json").read_text())["passed"]
+    assert AutoTokenizer.from_pretrained(str(merged)).chat_template
+    reloaded = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
+    probe = torch.tensor([[5, 17, 33, 2]])
+    with torch.no_grad():
+        assert (reloaded(input_ids=probe).logits - model(input_ids=probe).logits).abs().max() < 1e-5
     result = export_gguf(run, gguf_type="f32", check=False)
     loaded = AutoModelForCausalLM.from_pretrained(str(result.path), gguf_file="tiny-f32.gguf", dtype=torch.float32)
     ids = torch.tensor([[5, 17, 33, 2, 40, 41]])
