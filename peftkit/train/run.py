@@ -114,12 +114,23 @@ def _eval_loss(trainer: SFTTrainer, has_eval: bool) -> float | None:
 
 
 def tensorboard_callback(log_dir: Path) -> Any:
-    """TensorBoard logging into RUN_DIR/tensorboard, the final evaluation included (the Trainer closes the
-    writer at the end of training and would reopen it under checkpoints/runs/ for that last point)."""
+    """TensorBoard logging into one event file in RUN_DIR/tensorboard, the final evaluation included: the
+    Trainer's callback closes its writer when training ends and would open another one, under
+    checkpoints/runs/, for that last point; this one stays open until `close()`."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    callback = TensorBoardCallback(SummaryWriter(log_dir=str(log_dir)))
+    class RunTensorBoard(TensorBoardCallback):
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.tb_writer is not None:
+                self.tb_writer.flush()
+
+        def close(self) -> None:
+            if self.tb_writer is not None:
+                self.tb_writer.close()
+                self.tb_writer = None
+
+    callback = RunTensorBoard(SummaryWriter(log_dir=str(log_dir)))
     callback.logging_dir = str(log_dir)
     return callback
 
@@ -190,11 +201,12 @@ def train(
 
     has_eval = bool(data.eval)
     metrics_path = run_dir / "metrics.jsonl"
+    tensorboard = tensorboard_callback(run_dir / "tensorboard") if main_process else None
     if not resume and main_process:
         metrics_path.unlink(missing_ok=True)
     callbacks = [
         MetricsJsonlCallback(metrics_path),
-        *([tensorboard_callback(run_dir / "tensorboard")] if main_process else []),
+        *([tensorboard] if tensorboard is not None else []),
         checkpoints.CompleteMarkerCallback(keep=recipe.train.save_total_limit, progress=lambda: run_progress()),
         checkpoints.SeededLengthGrouping(),  # group_by_length batches reproducible on resume
         interrupt := signals.interrupt_callback(),  # Ctrl-C: checkpoint at the end of the step, then stop
@@ -254,6 +266,8 @@ def train(
     train_loss = ((prior.loss_sum + float(output.training_loss) * session_steps) / output.global_step
                   if output.global_step else float(output.training_loss))
     eval_loss_after = _eval_loss(trainer, has_eval)
+    if tensorboard is not None:
+        tensorboard.close()
     accuracy_after, details_after = _heldout(model, tokenizer, recipe, data.heldout)
 
     samples = _sample_answers(model, tokenizer, recipe, data)

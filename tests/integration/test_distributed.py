@@ -96,7 +96,9 @@ def test_zero2_two_processes_match_one_process(zero2, one_process, tiny_model_di
     assert summary["trained_tokens"] == reference["trained_tokens"]  # both ranks' tokens are counted
     assert len(list((zero2 / "tensorboard").glob("events.*"))) == 1  # rank 0 alone writes the run directory
     marker = checkpoints.read_marker(complete_checkpoints(zero2)[-1])
+    progress = marker.pop("progress")
     assert marker == {"step": STEPS, "world_size": 2, "deepspeed_stage": 2}
+    assert progress["steps"] == STEPS and progress["supervised_tokens"] == reference["trained_tokens"]  # summed over ranks
 
 
 @pytest.mark.timeout(300)
