@@ -1,6 +1,6 @@
 """Training speed: peftkit vs the plain transformers Trainer + peft reference, same run, same data.
 
-    python -m benchmarks.speed [--recipe recipes/quickstart.yaml] [--epochs 1] [--repeats 1]
+    python -m benchmarks.speed [--recipe recipes/quickstart.yaml] [--epochs 1] [--variants NAME ...]
 
 Each variant runs in its own process, one after the other (never concurrently: 2 cores).
 Writes benchmarks/results/<date>_<machine>_speed.{md,csv,png}.

@@ -232,6 +232,10 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
 
     recipe, recipe_arg = load_train_recipe(args)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
+    if getattr(args, "resume", None) == "auto" and not worker and (run_dir / "summary.json").is_file():
+        # A job that always passes --resume auto, started again after the run finished: nothing left to do.
+        console.print(f"{run_dir} holds a finished run (summary.json): nothing to resume (--resume auto)")
+        return 0
     options = LaunchOptions.from_args(args)
     if options.multi_process and not worker:
         return launch(args, recipe, recipe_arg, options, console)

@@ -21,8 +21,9 @@ from peftkit.utils.atomic import atomic_write_text
 RUN_MARKER = ".peftkit-run"
 BEFORE_FILE = "before.json"
 """Measurements of the untrained model, kept for the summary of a run that is resumed later."""
-RESUME_MAY_CHANGE = ("description", "eval.", "train.num_threads", "train.logging_steps")
-"""Recipe keys that do not touch the training state, so a resumed run may change them."""
+RESUME_MAY_CHANGE = ("description", "eval.", "train.num_threads", "train.logging_steps", "output_dir")
+"""Recipe keys that do not touch the training state, so a resumed run may change them (`output_dir`: the run is
+the folder being resumed, however it is named: `peftkit train RUN_DIR --resume`, or a moved run)."""
 
 
 def is_peftkit_run(run_dir: Path) -> bool:

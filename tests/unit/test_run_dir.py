@@ -92,6 +92,23 @@ def test_resume_refuses_a_changed_recipe_and_keeps_the_stored_one(tiny_recipe):
     # Settings that do not touch the training state may change on resume.
     harmless = recipe_from_dict({**recipe, "eval": {"before": False, "max_new_tokens": 4}, "description": "again"})
     assert recipe_changes(run_dir, harmless.model_dump(mode="json")) == []
+    # `peftkit train RUN_DIR --resume` names the run by its absolute path; the recipe said `runs/x`.
+    moved = recipe_from_dict({**recipe, "output_dir": "runs/somewhere-relative"})
+    assert recipe_changes(run_dir, moved.model_dump(mode="json")) == []
+
+
+def test_resume_auto_on_a_finished_run_does_nothing_and_succeeds(tiny_recipe, tmp_path, capsys):
+    from peftkit.cli import main
+
+    recipe = _short(tiny_recipe)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+    summary = (Path(recipe["output_dir"]) / "summary.json").read_text()
+    capsys.readouterr()
+    assert main(["train", str(path), "--resume", "auto"]) == 0  # a scheduled job started again after the end
+    assert "nothing to resume" in " ".join(capsys.readouterr().out.split())
+    assert (Path(recipe["output_dir"]) / "summary.json").read_text() == summary
 
 
 def test_resumed_summary_covers_the_whole_run(tiny_recipe, tmp_path):
