@@ -45,21 +45,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     validate_recipe(recipe, check_model=not args.no_model)
-    data_line = _tokenized_data_line(recipe) if not args.no_model and recipe.task == "causal_lm" else None
+    check_data = not args.no_model and recipe.task == "causal_lm"
+    tokenizer = None
+    if check_data or args.show_data:
+        from peftkit.models import load_tokenizer
+
+        tokenizer = load_tokenizer(recipe.model)
+    data_line = _tokenized_data_line(recipe, tokenizer) if check_data else None
     _console().print(f"[green]OK[/green] {args.recipe}: recipe is valid ({recipe.adapter.method} on {recipe.model.name})")
     if data_line:
         _console().print(data_line)
     if args.show_data:
-        _show_data(recipe, args.show_data)
+        _show_data(recipe, tokenizer, args.show_data)
     return 0
 
 
-def _tokenized_data_line(recipe: Any) -> str:
+def _tokenized_data_line(recipe: Any, tokenizer: Any) -> str:
     """Tokenize the data as training will (raising what training would), and say how much of it fits."""
     from peftkit.data import build_datasets
-    from peftkit.models import load_tokenizer
 
-    data = build_datasets(recipe.data, load_tokenizer(recipe.model), recipe.train.seed)
+    data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     stats = data.stats
     cut = [f"{stats['train_truncated']} cut at max_seq_len={recipe.data.max_seq_len}"] if stats["train_truncated"] else []
     cut += [f"{stats['train_dropped']} dropped (no trained token left)"] if stats["train_dropped"] else []
@@ -70,16 +75,14 @@ def _tokenized_data_line(recipe: Any) -> str:
     return "Data: " + ", ".join(parts)
 
 
-def _show_data(recipe: Any, count: int) -> None:
+def _show_data(recipe: Any, tokenizer: Any, count: int) -> None:
     """The first training rows as the model sees them, trained tokens highlighted."""
     from rich.text import Text
 
     from peftkit.data.build import supervised_segments, tokenize_examples
     from peftkit.data.chat import IGNORE_INDEX
     from peftkit.data.formats import load_examples
-    from peftkit.models import load_tokenizer
 
-    tokenizer = load_tokenizer(recipe.model)
     examples = load_examples(recipe.data.train, recipe.data.format)[:count]
     rows, _ = tokenize_examples(examples, tokenizer, recipe.data.max_seq_len, recipe.data.system_prompt)
     console = _console()

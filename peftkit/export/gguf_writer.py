@@ -32,11 +32,9 @@ from peftkit.export.merge import (
     QLoraBase,
     RunAdapter,
     load_run_tokenizer,
-    load_trained_model,
-    merge_run,
     resolve_run,
+    shipped_model,
 )
-from peftkit.runs import trained_model_dir
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -329,8 +327,5 @@ def export_gguf(run_dir: str | Path, out: str | Path | None = None, *, gguf_type
     run = resolve_run(run_dir, base)
     check_architecture(run.base_config)
     check_tokenizer(load_run_tokenizer(run))
-    if trained_model_dir(run.run_dir) is not None:  # full / partial fine-tuning: nothing to merge
-        merged = load_trained_model(run_dir, base)
-    else:
-        merged = merge_run(run_dir, qlora_base=qlora_base, base=base)
+    merged = shipped_model(run_dir, qlora_base=qlora_base, base=base)
     return write_gguf_export(merged, target, gguf_type=gguf_type, force=force, check=check)

@@ -19,9 +19,8 @@ from peftkit.errors import ExportError
 from peftkit.export import verify
 from peftkit.export.card import merged_card
 from peftkit.export.common import DTYPE_NAMES, ExportResult, list_files, prepare_output, save_failed_report, write_json
-from peftkit.export.merge import MergedModel, QLoraBase, combine_runs, load_trained_model, merge_run
+from peftkit.export.merge import MergedModel, QLoraBase, combine_runs, shipped_model
 from peftkit.models.load import save_tokenizer
-from peftkit.runs import trained_model_dir
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -92,10 +91,7 @@ def export_hf(run_dir: str | Path, out: str | Path | None = None, *, dtype: str 
     target = Path(out) if out else run_dir / "merged"
     _dtype(dtype)
     prepare_output(target, force=force, protected=[run_dir])  # fail before minutes of loading, not after
-    if trained_model_dir(run_dir) is not None:
-        merged = load_trained_model(run_dir, base)
-    else:
-        merged = merge_run(run_dir, qlora_base=qlora_base, base=base)
+    merged = shipped_model(run_dir, qlora_base=qlora_base, base=base)
     return write_merged(merged, target, dtype=dtype, shard_size=shard_size, force=force, check=check)
 
 

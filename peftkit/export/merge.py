@@ -202,6 +202,13 @@ def merge_run(run_dir: str | Path, *, qlora_base: QLoraBase = "dequantized", bas
     return MergedModel(merged, tokenizer, [run], reference, diff, qlora=qlora)
 
 
+def shipped_model(run_dir: str | Path, *, qlora_base: QLoraBase = "dequantized", base: str | None = None) -> MergedModel:
+    """The model a run ships as: its adapter merged into the base, or a full / partial run's own trained model."""
+    if trained_model_dir(Path(run_dir).expanduser().resolve()) is not None:
+        return load_trained_model(run_dir, base)
+    return merge_run(run_dir, qlora_base=qlora_base, base=base)
+
+
 def load_trained_model(run_dir: str | Path, base: str | None = None) -> MergedModel:
     """A `full`/`partial` run's own model, in the shape of a merge result (for GGUF export)."""
     from peftkit.models import load_model, resolve_model_ref

@@ -43,7 +43,7 @@ from peftkit.models.resolve import ModelSource, hub_hint, materialize
 from peftkit.train import checkpoints
 from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
 from peftkit.train.run import RunResult, configure_threads, peak_memory_mb, summary_header, training_arguments
-from peftkit.train.run_dir import check_resume_recipe, mark_run_dir, prepare_run_dir
+from peftkit.train.run_dir import mark_run_dir, prepare_run_dir
 from peftkit.utils.atomic import atomic_write_text
 from peftkit.utils.modes import eval_mode
 
@@ -145,10 +145,8 @@ def train_classifier(
     started = time.perf_counter()
     validate_recipe(recipe, check_model=True)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
-    prepare_run_dir(run_dir, resume=resume, force=force)
-    if resume:
-        check_resume_recipe(run_dir, recipe.model_dump(mode="json"))
-    else:
+    prepare_run_dir(run_dir, resume=resume, force=force, recipe_dump=recipe.model_dump(mode="json"))
+    if not resume:
         mark_run_dir(run_dir, recipe_to_yaml(recipe))
 
     threads = configure_threads(recipe.train.num_threads)

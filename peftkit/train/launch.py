@@ -398,7 +398,7 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
     from peftkit.models import resolve_device
     from peftkit.train import deepspeed as ds
     from peftkit.train.report import print_run_report
-    from peftkit.train.run_dir import check_resume_recipe, prepare_run_dir
+    from peftkit.train.run_dir import prepare_run_dir
     from peftkit.train.signals import read_interrupted
 
     problems = options.problems()
@@ -410,9 +410,7 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     resume, force = resolve_resume(getattr(args, "resume", None), run_dir, bool(args.force))
     if options.node_rank == 0:
-        prepare_run_dir(run_dir, resume=resume, force=force)
-        if resume:
-            check_resume_recipe(run_dir, recipe.model_dump(mode="json"))
+        prepare_run_dir(run_dir, resume=resume, force=force, recipe_dump=recipe.model_dump(mode="json"))
     device = resolve_device(recipe.train.device)
     extra: list[str] = []
     threads = recipe.train.num_threads

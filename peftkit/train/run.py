@@ -154,9 +154,8 @@ def train(
     main_process = is_main_process()  # under a launcher, only global rank 0 writes the run directory
     replace_earlier = False
     if main_process:
-        replace_earlier = run_dirs.check_run_dir(run_dir, resume=resume, force=force)
-        if resume:
-            run_dirs.check_resume_recipe(run_dir, recipe.model_dump(mode="json"))
+        replace_earlier = run_dirs.check_run_dir(run_dir, resume=resume, force=force,
+                                                 recipe_dump=recipe.model_dump(mode="json"))
 
     threads = configure_threads(recipe.train.num_threads)
     from transformers import set_seed

@@ -42,8 +42,9 @@ def _has_started(run_dir: Path) -> bool:
     return (run_dir / "metrics.jsonl").is_file() or bool(checkpoints.checkpoint_dirs(run_dir)) or (run_dir / "summary.json").is_file()
 
 
-def check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> bool:
-    """Raise when `run_dir` cannot be used as asked; True when it holds an earlier run to replace (see `clear_run_dir`)."""
+def check_run_dir(run_dir: Path, *, resume: bool, force: bool, recipe_dump: dict[str, Any]) -> bool:
+    """Raise when `run_dir` cannot be used as asked (a resumed run must keep its recipe: `recipe_dump`, the
+    recipe's `model_dump(mode="json")`); True when it holds an earlier run to replace (see `clear_run_dir`)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"output_dir {run_dir} is a file; set output_dir to a new or empty folder")
     if not _has_content(run_dir):
@@ -61,6 +62,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> bool:
                 f"--resume: {run_dir} has no complete checkpoint yet; start again with --force "
                 "(checkpoints are written every train.save_steps steps, or each epoch)"
             )
+        check_resume_recipe(run_dir, recipe_dump)
         return False
     if force or not _has_started(run_dir):  # a run that failed before training has nothing to lose
         return True
@@ -86,9 +88,9 @@ def clear_run_dir(run_dir: Path) -> None:
             path.unlink()
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
+def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool, recipe_dump: dict[str, Any]) -> None:
     """Check, and replace an earlier run at once (the launcher, whose workers check the data themselves)."""
-    if check_run_dir(run_dir, resume=resume, force=force):
+    if check_run_dir(run_dir, resume=resume, force=force, recipe_dump=recipe_dump):
         clear_run_dir(run_dir)
 
 
@@ -120,7 +122,7 @@ def recipe_changes(run_dir: Path, recipe_dump: dict[str, Any]) -> list[str]:
     current = _flatten(recipe_dump)
     changed = []
     for key in sorted(set(stored) | set(current)):
-        if key.startswith(RESUME_MAY_CHANGE) or key in RESUME_MAY_CHANGE:
+        if key.startswith(RESUME_MAY_CHANGE):
             continue
         if stored.get(key) != current.get(key):
             changed.append(f"{key}: {stored.get(key)!r} -> {current.get(key)!r}")

@@ -398,3 +398,9 @@ def test_several_bad_records_are_listed_in_one_error(tmp_path):
     assert said.startswith(f"{len(rows) - 1} records of {path} need fixing")
     assert f"{path}:2: the conversation has no assistant turn" in said and f"{path}:3: message 1 has unknown role 'bot'" in said
     assert said.endswith("... and 2 more")
+
+
+def test_a_conversation_whose_replies_are_all_context_says_so(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]}]
+    with pytest.raises(DataError, match=r"no assistant turn to train on.*all have `weight: 0`"):
+        load_examples(write_jsonl(tmp_path / "d.jsonl", rows))

@@ -63,6 +63,7 @@ def test_manifest_lists_why_vllm_would_reject_the_adapter(export_recipe, tmp_pat
     assert any("DoRA" in r for r in vllm["reasons"]) and any("modules_to_save" in r for r in vllm["reasons"])
     assert any("--max-lora-rank 32" in n for n in vllm["notes"])
     assert manifest["serving"]["llama.cpp"]["compatible"] is False
+    assert manifest["serving"]["llama.cpp"]["notes"] == ["merge it into the base instead: `peftkit export RUN_DIR --format gguf`"]
     assert manifest["method"] == "DoRA" and manifest["modules_to_save"] == ["lm_head"]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| vllm | no |" in card

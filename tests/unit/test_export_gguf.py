@@ -310,7 +310,12 @@ def test_gguf_lora_adapter_file_reproduces_the_adapter(export_recipe, tmp_path):
     shapes = {t.name: [int(n) for n in t.shape] for t in GGUFReader(str(result.path / "tiny-lora-f32.gguf")).tensors}
     assert shapes["blk.0.attn_q.weight.lora_a"] == [64, 8]  # ggml order: (in, r) = torch (r, in)
     assert shapes["blk.0.attn_k.weight.lora_b"] == [8, 32]  # (r, out)
-    assert "ADAPTER ./tiny-lora-f32.gguf" in (result.path / "Modelfile").read_text()
+    modelfile = (result.path / "Modelfile").read_text().splitlines()
+    assert "ADAPTER ./tiny-lora-f32.gguf" in modelfile
+    # A local HF base has no source GGUF: a placeholder FROM, its explanation on a comment line of its own
+    # (Ollama reads `#` as a comment only at the start of a line).
+    assert "FROM /path/to/base-model.gguf" in modelfile
+    assert all(line.startswith("#") or "#" not in line for line in modelfile)
 
     dora = make_run(tmp_path / "dora", export_recipe,
                     LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM"))

@@ -71,13 +71,13 @@ def test_a_run_that_failed_before_training_is_replaced_without_force(tmp_path):
     run_dir.mkdir()
     (run_dir / RUN_MARKER).write_text("")
     (run_dir / "recipe.yaml").write_text("x")
-    assert check_run_dir(run_dir, resume=False, force=False) is True
+    assert check_run_dir(run_dir, resume=False, force=False, recipe_dump={}) is True
     (run_dir / "metrics.jsonl").write_text("{}\n")  # training had begun: that needs --resume or --force
     with pytest.raises(RunDirError, match="unfinished run"):
-        check_run_dir(run_dir, resume=False, force=False)
+        check_run_dir(run_dir, resume=False, force=False, recipe_dump={})
     (tmp_path / "file").write_text("")
     with pytest.raises(RunDirError, match="is a file"):
-        check_run_dir(tmp_path / "file", resume=False, force=True)
+        check_run_dir(tmp_path / "file", resume=False, force=True, recipe_dump={})
 
 
 def test_resume_refuses_a_changed_recipe_and_keeps_the_stored_one(tiny_recipe):
