@@ -199,7 +199,7 @@ def test_existing_output_needs_force_and_run_files_are_protected(export_recipe, 
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    monkeypatch.setattr("peftkit.export.hf.merge_run", lambda *a, **k: pytest.fail("must refuse before merging"))
+    monkeypatch.setattr("peftkit.export.hf.shipped_model", lambda *a, **k: pytest.fail("must refuse before merging"))
     assert main(["merge", str(run), "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err and (out / "keep.txt").is_file()
     with pytest.raises(ExportError, match="refusing to write"):
