@@ -9,6 +9,9 @@ through the same format detection and checks as a local file. No loading script 
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,9 @@ from peftkit.errors import DataError
 
 HUB_PREFIX = "hf:"
 DEFAULT_SPLIT = "train"
+HUB_PROBE_TIMEOUT_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 def is_hub_ref(value: str | Path) -> bool:
@@ -41,7 +47,8 @@ def hub_records(ref: str) -> list[tuple[str, Any]]:
 
     repo, config, split = parse_hub_ref(ref)
     try:
-        rows = datasets.load_dataset(repo, config, split=split)
+        with _offline_unless(hub_answers(repo)):
+            rows = datasets.load_dataset(repo, config, split=split)
     except ConnectionError as exc:
         raise DataError(
             f"could not reach the Hub for dataset {repo} ({exc}). Run once while online (it is then cached), or on a "
@@ -52,6 +59,49 @@ def hub_records(ref: str) -> list[tuple[str, Any]]:
         # not found / private (FileNotFoundError), unknown split or config (ValueError)
         raise DataError(f"could not load Hub dataset {repo} (config {config}, split {split!r}): {exc}") from None
     return _located(ref, rows)
+
+
+def hub_answers(repo: str) -> bool:
+    """One quick request before `datasets` starts: False when the Hub cannot be reached (the dataset then loads from
+    the local cache alone, instead of after a minute of retries), a clear error for an unknown or gated dataset."""
+    import huggingface_hub.constants as hub_constants
+
+    if hub_constants.HF_HUB_OFFLINE:
+        return False
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(repo, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError:
+        raise DataError(f"dataset {repo} is gated on the Hugging Face Hub: accept its terms on "
+                        f"https://huggingface.co/datasets/{repo} and log in here (`hf auth login`, or set HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise DataError(f"dataset {repo} is not on the Hugging Face Hub (or it is private: log in with `hf auth "
+                        "login`); check the name in hf:OWNER/NAME") from None
+    except HfHubHTTPError as exc:  # the Hub answered with another error (rate limit, outage): let `datasets` try
+        log.debug("hub check of dataset %s: %s", repo, exc)
+    except Exception as exc:  # no connection (DNS, proxy, timeout): the transport's own error classes vary
+        log.debug("hub check of dataset %s: %s", repo, exc)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _offline_unless(online: bool) -> Iterator[None]:
+    """`datasets` and `huggingface_hub` in offline mode for the duration (their cache only, no retries)."""
+    if online:
+        yield
+        return
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
 def is_saved_dataset(path: Path) -> bool:

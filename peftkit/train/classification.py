@@ -43,7 +43,7 @@ from peftkit.models.resolve import ModelSource, hub_hint, materialize
 from peftkit.train import checkpoints
 from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
 from peftkit.train.run import RunResult, configure_threads, peak_memory_mb, summary_header, training_arguments
-from peftkit.train.run_dir import mark_run_dir, prepare_run_dir
+from peftkit.train.run_dir import check_run_dir, clear_run_dir, mark_run_dir
 from peftkit.utils.atomic import atomic_write_text
 from peftkit.utils.modes import eval_mode
 
@@ -145,9 +145,7 @@ def train_classifier(
     started = time.perf_counter()
     validate_recipe(recipe, check_model=True)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
-    prepare_run_dir(run_dir, resume=resume, force=force, recipe_dump=recipe.model_dump(mode="json"))
-    if not resume:
-        mark_run_dir(run_dir, recipe_to_yaml(recipe))
+    replace_earlier = check_run_dir(run_dir, resume=resume, force=force, recipe_dump=recipe.model_dump(mode="json"))
 
     threads = configure_threads(recipe.train.num_threads)
     from transformers import DataCollatorWithPadding, set_seed
@@ -159,13 +157,17 @@ def train_classifier(
     tokenizer = load_classification_tokenizer(recipe, source)
     labels = label_names(load_labeled(recipe.data.train))
     quantization = effective_quantization(recipe)
+    model = load_model(recipe.model, quantization, device=device, dtype=dtype, task=TASK, num_labels=len(labels), source=source)
+    label_config(model, labels, tokenizer.pad_token_id)
+    data: ClassificationData = build_classification_data(recipe.data, tokenizer, recipe.train.seed, model_input_names(model))
+    if replace_earlier:  # the data is usable: only now may an earlier run in output_dir make way (--force)
+        clear_run_dir(run_dir)
+    if not resume:
+        mark_run_dir(run_dir, recipe_to_yaml(recipe))
     atomic_write_text(
         run_dir / LABELS_FILE,
         json.dumps({"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}, indent=2),
     )
-    model = load_model(recipe.model, quantization, device=device, dtype=dtype, task=TASK, num_labels=len(labels), source=source)
-    label_config(model, labels, tokenizer.pad_token_id)
-    data: ClassificationData = build_classification_data(recipe.data, tokenizer, recipe.train.seed, model_input_names(model))
     init = getattr(recipe.adapter, "init", None)
     calibration = None  # rows for the data-driven inits (EVA, CorDA); only their input_ids are used
     if init in KNOWLEDGE_INITS:

@@ -256,7 +256,9 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
     return 0
 
 
-def _worker_argv(args: argparse.Namespace, recipe_arg: str, resume: bool, run_dir: Path, extra: list[str]) -> list[str]:
+def _worker_argv(
+    args: argparse.Namespace, recipe_arg: str, resume: bool, run_dir: Path, extra: list[str], replace: bool = False
+) -> list[str]:
     argv = ["-v"] if getattr(args, "verbose", False) else []
     argv += ["train", recipe_arg, *(getattr(args, "overrides", None) or []), *extra]
     if getattr(args, "deepspeed", None):
@@ -264,6 +266,8 @@ def _worker_argv(args: argparse.Namespace, recipe_arg: str, resume: bool, run_di
         argv += ["--deepspeed", value if value.strip() in {"0", "1", "2", "3"} else str(Path(value).expanduser().resolve())]
     if resume:
         argv += ["--resume", str(run_dir)]
+    elif replace:  # rank 0 replaces the earlier run once the new run's data has been read (peftkit/train/run.py)
+        argv += ["--force"]
     return argv
 
 
@@ -398,7 +402,7 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
     from peftkit.models import resolve_device
     from peftkit.train import deepspeed as ds
     from peftkit.train.report import print_run_report
-    from peftkit.train.run_dir import prepare_run_dir
+    from peftkit.train.run_dir import check_run_dir
     from peftkit.train.signals import read_interrupted
 
     problems = options.problems()
@@ -409,8 +413,9 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
     validate_recipe(recipe, check_model=True)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     resume, force = resolve_resume(getattr(args, "resume", None), run_dir, bool(args.force))
+    replace = False  # checked here, before any worker starts; the workers' rank 0 deletes only after reading the data
     if options.node_rank == 0:
-        prepare_run_dir(run_dir, resume=resume, force=force, recipe_dump=recipe.model_dump(mode="json"))
+        replace = check_run_dir(run_dir, resume=resume, force=force, recipe_dump=recipe.model_dump(mode="json"))
     device = resolve_device(recipe.train.device)
     extra: list[str] = []
     threads = recipe.train.num_threads
@@ -423,7 +428,7 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
         ds.ensure_cpu_ops_built()  # once, here, with a message; the workers then find it built
     else:
         ds.check_extension_locks()
-    cmd = launcher_command(options, _worker_argv(args, recipe_arg, resume, run_dir, extra))
+    cmd = launcher_command(options, _worker_argv(args, recipe_arg, resume, run_dir, extra, replace))
     log.info("Starting %d worker process(es) per node with %s%s", options.nproc, options.chosen_launcher,
              f", DeepSpeed ZeRO stage {ds.zero_stage(recipe)}" if ds.enabled(recipe) else " (DDP)")
     log.debug("Launch command: %s", shlex.join(cmd))

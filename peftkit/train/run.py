@@ -113,6 +113,21 @@ def _eval_loss(trainer: SFTTrainer, has_eval: bool) -> float | None:
     return float(trainer.evaluate()["eval_loss"]) if has_eval else None
 
 
+def final_eval_loss(trainer: Any, has_eval: bool) -> float | None:
+    """The shipped model's eval loss without evaluating the same weights twice: with early stopping the best
+    checkpoint was loaded (its loss is the best metric); an evaluation at the last step (epoch end, eval_steps) is
+    reused; only weights that were never evaluated get a new pass."""
+    if not has_eval:
+        return None
+    state = trainer.state
+    if trainer.args.load_best_model_at_end and state.best_metric is not None and state.best_model_checkpoint:
+        return float(state.best_metric)
+    last = next((entry for entry in reversed(state.log_history) if "eval_loss" in entry), None)
+    if last is not None and last.get("step") == state.global_step:
+        return float(last["eval_loss"])
+    return _eval_loss(trainer, has_eval)
+
+
 def tensorboard_callback(log_dir: Path) -> Any:
     """TensorBoard logging into one event file in RUN_DIR/tensorboard, the final evaluation included: the
     Trainer's callback closes its writer when training ends and would open another one, under
@@ -264,7 +279,7 @@ def train(
     session_steps = output.global_step - prior.steps
     train_loss = ((prior.loss_sum + float(output.training_loss) * session_steps) / output.global_step
                   if output.global_step else float(output.training_loss))
-    eval_loss_after = _eval_loss(trainer, has_eval)
+    eval_loss_after = final_eval_loss(trainer, has_eval)
     if tensorboard is not None:
         tensorboard.close()
     accuracy_after, details_after = _heldout(model, tokenizer, recipe, data.heldout)

@@ -88,12 +88,6 @@ def clear_run_dir(run_dir: Path) -> None:
             path.unlink()
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool, recipe_dump: dict[str, Any]) -> None:
-    """Check, and replace an earlier run at once (the launcher, whose workers check the data themselves)."""
-    if check_run_dir(run_dir, resume=resume, force=force, recipe_dump=recipe_dump):
-        clear_run_dir(run_dir)
-
-
 def mark_run_dir(run_dir: Path, recipe_yaml: str) -> None:
     """Create the run directory with its marker and the recipe it runs."""
     try:

@@ -157,6 +157,13 @@ class SFTTrainer(Trainer):
         log_probs = torch.log_softmax(logits.float(), dim=-1).gather(1, teacher["teacher_ids"])
         return -(teacher["teacher_probs"] * log_probs).sum(), outputs
 
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        metrics = super().evaluate(*args, **kwargs)
+        # transformers times the model's preparation (the DDP wrap) once, at the first evaluation, but subtracts it
+        # from every later evaluation's runtime: multi-process runs logged negative eval_runtime. Count it once.
+        self.__dict__.pop("model_preparation_time", None)
+        return metrics
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # type: ignore[override]
         """Eval loss through the same sparse path (token-mean over the batch)."""
         if not prediction_loss_only or self.compute_loss_func is not None:

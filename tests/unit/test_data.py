@@ -240,7 +240,10 @@ CHAT_ROWS = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role"
 def test_hub_dataset_reference(monkeypatch):
     import datasets
 
+    from peftkit.data import hub
+
     calls = []
+    monkeypatch.setattr(hub, "hub_answers", lambda repo: True)  # tests never reach the network
 
     def fake_load_dataset(repo, config=None, *, split):
         calls.append((repo, config, split))
@@ -262,6 +265,40 @@ def test_hub_dataset_reference(monkeypatch):
         load_examples("hf:someone/offline")
     with pytest.raises(DataError, match="not a Hub dataset reference"):
         load_examples("hf:no_robots")
+
+
+def test_an_unreachable_hub_loads_hub_datasets_from_the_cache_without_retries(monkeypatch):
+    import datasets
+    import huggingface_hub.constants as hub_constants
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def unreachable(self, repo, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    offline_seen = []
+
+    def cached_only(repo, config=None, *, split):
+        offline_seen.append((datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE))
+        return datasets.Dataset.from_list(CHAT_ROWS)
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "dataset_info", unreachable)
+    monkeypatch.setattr(datasets, "load_dataset", cached_only)
+    assert len(load_examples("hf:HuggingFaceH4/no_robots")) == len(CHAT_ROWS)  # a cached copy still loads
+    assert offline_seen == [(True, True)]
+    assert (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE) == (False, False)  # restored
+
+    def unknown(self, repo, **kwargs):
+        import httpx2
+
+        raise RepositoryNotFoundError("404", response=httpx2.Response(404, request=httpx2.Request("GET", "https://hf.co")))
+
+    monkeypatch.setattr(HfApi, "dataset_info", unknown)
+    with pytest.raises(DataError, match="not on the Hugging Face Hub"):
+        load_examples("hf:someone/typo")
+    assert len(offline_seen) == 1  # refused before `datasets` is asked
 
 
 def test_saved_to_disk_dataset_folders(tmp_path):

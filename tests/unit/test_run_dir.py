@@ -160,3 +160,42 @@ def test_an_eval_fraction_that_leaves_nothing_to_train_on_says_so(tiny_recipe):
     recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "eval_fraction": 0.99}})
     with pytest.raises(DataError, match="eval_fraction=0.99 of .* leaves none to train on"):
         train(recipe)
+
+
+def test_the_launcher_leaves_the_replacement_to_the_workers(tiny_recipe, monkeypatch):
+    """`--nproc N --force` checks the folder before starting workers but deletes nothing itself: rank 0 replaces the
+    earlier run once the new data is read, so workers that fail on their data lose nothing."""
+    import argparse
+
+    from peftkit.train import launch as launcher
+
+    first = train(recipe_from_dict(_short(tiny_recipe))).run_dir
+    summary = (first / "summary.json").read_text()
+    started: list[list[str]] = []
+    monkeypatch.setattr(launcher, "run_supervised", lambda cmd, env, **kw: (started.append(cmd), (1, 0))[1])
+    args = argparse.Namespace(resume=None, force=True, overrides=[], deepspeed=None, verbose=False)
+    with pytest.raises(launcher.LaunchError):
+        launcher.launch(args, recipe_from_dict(_short(tiny_recipe)), "recipe.yaml",
+                        launcher.LaunchOptions(nproc=2), console=None)
+    assert started and "--force" in started[0]
+    assert (first / "summary.json").read_text() == summary
+
+
+def test_a_classification_force_that_fails_on_its_data_keeps_the_earlier_run(tiny_recipe, monkeypatch):
+    from tests.unit.test_classification import _recipe
+
+    import peftkit.train.classification as classification
+
+    run_dir = Path(tiny_recipe["output_dir"])
+    recipe = recipe_from_dict(_recipe(Path(tiny_recipe["model"]["name"]), run_dir.parent, {"method": "lora", "r": 4},
+                                      max_steps=2))
+    train(recipe)
+    summary = (run_dir / "summary.json").read_text()
+
+    def failing_data(*args, **kwargs):
+        raise DataError("the new data is broken")
+
+    monkeypatch.setattr(classification, "build_classification_data", failing_data)
+    with pytest.raises(DataError, match="broken"):
+        train(recipe, force=True)
+    assert (run_dir / "summary.json").read_text() == summary

@@ -32,6 +32,11 @@ def test_train_writes_self_describing_run_dir(tiny_recipe):
     assert summary["trained_tokens"] > 0
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert not list(run.glob(".tmp-*")), "temporary directories must not be left behind"
+    # The last epoch's evaluation is the shipped model's: reused for the summary, not run (and logged) twice.
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval_loss"' in line]
+    assert len({e["step"] for e in evals}) == len(evals) == 3  # before training, then each epoch
+    assert summary["eval_loss_after"] == pytest.approx(evals[-1]["eval_loss"])
+    assert all(e["eval_runtime"] > 0 for e in evals)
 
 
 def test_same_seed_gives_same_loss_curve(tiny_recipe, tmp_path):
