@@ -72,7 +72,9 @@ def hub_answers(repo: str) -> bool:
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     try:
-        HfApi().dataset_info(repo, timeout=HUB_PROBE_TIMEOUT_S)
+        info = HfApi().dataset_info(repo, timeout=HUB_PROBE_TIMEOUT_S)
+        if getattr(info, "gated", False):  # public metadata; the files need accepted terms and a token
+            HfApi().auth_check(repo, repo_type="dataset")
     except GatedRepoError:
         raise DataError(f"dataset {repo} is gated on the Hugging Face Hub: accept its terms on "
                         f"https://huggingface.co/datasets/{repo} and log in here (`hf auth login`, or set HF_TOKEN)") from None

@@ -96,8 +96,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("merge", help="merge a run's adapter into its base: a standard Hugging Face model directory")
     p.add_argument("run_dir", nargs="?", help="run directory (output_dir of `peftkit train`)")
     _common(p)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="weights dtype of the merged model (the merge itself is done in float32)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights dtype of the merged model (default auto: the base model's; the merge itself is done in float32)")
     p.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB (default 2GB)")
     p.add_argument("--qlora-base", choices=["dequantized", "original"], default="dequantized",
                    help="QLoRA runs: merge into the dequantized 4-bit weights (what was trained) or the original ones")
@@ -112,7 +112,8 @@ def register(sub: Any) -> None:
     p.add_argument("--format", required=True, choices=["hf", "gguf", "adapter", "gguf-adapter"])
     _common(p)
     p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF tensor type (default f16)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="--format hf dtype")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="--format hf weights dtype (default auto: the base model's)")
     p.add_argument("--shard-size", default="2GB", help="--format hf: largest safetensors shard")
     p.add_argument("--qlora-base", choices=["dequantized", "original"], default="dequantized",
                    help="QLoRA runs: which weights the adapter is merged into (hf, gguf)")

@@ -69,7 +69,7 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
         raise ExportError("this adapter cannot be written as a GGUF LoRA: " + "; ".join(problems) +
                           f". Use `peftkit export {run.run_dir} --format gguf` (merged) instead")
     config = run.base_config
-    layout = check_architecture(config)
+    layout = check_architecture(config, with_rope=False)
     qtype, ftype = gguf_types(gguf_type)
     alpha = gguf_lora_alpha(run)
     tensors = load_file(str(info.path / "adapter_model.safetensors"))
@@ -114,7 +114,7 @@ def read_lora_gguf_deltas(path: Path, base_model: Any) -> dict[str, torch.Tensor
     alpha_field = reader.fields[gguf.Keys.Adapter.LORA_ALPHA]
     alpha = float(alpha_field.parts[alpha_field.data[0]][0])
     config = base_model.config
-    layout = check_architecture(config)
+    layout = check_architecture(config, with_rope=False)
     name_map = gguf.get_tensor_name_map(model_arch(layout), config.num_hidden_layers)
     to_hf = {}
     for hf_name in base_model.state_dict():

@@ -76,8 +76,10 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
 
 
-def check_architecture(config: Any) -> GgufArchitecture:
-    """The GGUF layout of `config`'s model type, or an ExportError that says what to do instead."""
+def check_architecture(config: Any, *, with_rope: bool = True) -> GgufArchitecture:
+    """The GGUF layout of `config`'s model type, or an ExportError that says what to do instead. `with_rope=False`
+    for LoRA adapters: they carry no RoPE settings (llama.cpp takes those from the base GGUF), so a base with RoPE
+    scaling (Llama 3.1+ `llama3`) is fine for them."""
     model_type = getattr(config, "model_type", None)
     if model_type not in GGUF_ARCHITECTURES:
         raise ExportError(
@@ -86,7 +88,7 @@ def check_architecture(config: Any) -> GgufArchitecture:
         )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in (None, "default"):
+    if with_rope and rope_type not in (None, "default"):
         raise ExportError(f"GGUF export does not handle `{rope_type}` RoPE scaling yet; export with --format hf instead")
     return GGUF_ARCHITECTURES[model_type]
 

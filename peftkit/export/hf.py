@@ -34,6 +34,17 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def export_dtype(name: str, base_config: Any) -> str:
+    """`auto`: the base model's own dtype (a bf16 base stays bf16, half the size of float32), float32 when its config
+    names none (the merge itself is always done in float32)."""
+    if name != "auto":
+        _dtype(name)
+        return name
+    own = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None)
+    own = str(own).removeprefix("torch.") if own is not None else "float32"
+    return own if own in DTYPE_NAMES else "float32"
+
+
 def save_model_dir(model: Any, tokenizer: Any, folder: Path, *, dtype: str, shard_size: int) -> None:
     """config + generation config + safetensors shards + tokenizer (with chat template) into `folder`.
 
@@ -58,12 +69,12 @@ def save_model_dir(model: Any, tokenizer: Any, folder: Path, *, dtype: str, shar
         log.warning("The tokenizer has no chat template; the export will not format conversations by itself")
 
 
-def write_merged(merged: MergedModel, out: Path, *, dtype: str = "float32", shard_size: int = 2 * 10**9,
+def write_merged(merged: MergedModel, out: Path, *, dtype: str = "auto", shard_size: int = 2 * 10**9,
                  force: bool = False, check: bool = True) -> ExportResult:
     """Save `merged` to `out` atomically; with `check`, reload it in a fresh process and compare first."""
     protected = [r.run_dir for r in merged.runs]
     out = prepare_output(out, force=force, protected=protected)
-    _dtype(dtype)
+    dtype = export_dtype(dtype, merged.primary.base_config)
     report = None
     with atomic_directory(out, replace=force) as tmp:
         assert tmp is not None
@@ -82,24 +93,24 @@ def write_merged(merged: MergedModel, out: Path, *, dtype: str = "float32", shar
     return ExportResult(out, "hf", list_files(out), report, merged.qlora, notes)
 
 
-def export_hf(run_dir: str | Path, out: str | Path | None = None, *, dtype: str = "float32",
+def export_hf(run_dir: str | Path, out: str | Path | None = None, *, dtype: str = "auto",
               shard_size: int = 2 * 10**9, force: bool = False, check: bool = True,
               qlora_base: QLoraBase = "dequantized", base: str | None = None) -> ExportResult:
     """`peftkit merge RUN_DIR` / `peftkit export RUN_DIR --format hf`. A full / partial run has nothing to merge:
     its trained model is written the same way (with tokenizer, chat template, model card and verification)."""
     run_dir = Path(run_dir).expanduser().resolve()
     target = Path(out) if out else run_dir / "merged"
-    _dtype(dtype)
+    export_dtype(dtype, None)  # a wrong name fails before any loading
     prepare_output(target, force=force, protected=[run_dir])  # fail before minutes of loading, not after
     merged = shipped_model(run_dir, qlora_base=qlora_base, base=base)
     return write_merged(merged, target, dtype=dtype, shard_size=shard_size, force=force, check=check)
 
 
 def export_combined(run_dirs: list[str | Path], out: str | Path, *, weights: list[float] | None = None,
-                    combination: str = "cat", dtype: str = "float32", shard_size: int = 2 * 10**9,
+                    combination: str = "cat", dtype: str = "auto", shard_size: int = 2 * 10**9,
                     force: bool = False, check: bool = True, base: str | None = None) -> ExportResult:
     """`peftkit merge --adapters RUN_A RUN_B --weights 0.7 0.3 --out DIR`."""
-    _dtype(dtype)
+    export_dtype(dtype, None)  # a wrong name fails before any loading
     prepare_output(Path(out), force=force, protected=[Path(r) for r in run_dirs])
     merged = combine_runs(run_dirs, weights, combination=combination, base=base)
     return write_merged(merged, Path(out), dtype=dtype, shard_size=shard_size, force=force, check=check)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,21 +60,39 @@ def resolve_device(preference: str = "auto") -> str:
     if preference != "auto":
         if preference == "cuda" and not torch.cuda.is_available():
             raise PeftkitError("train.device is `cuda` but no CUDA GPU is visible; use `auto` or `cpu`")
-        return preference
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+        device = preference
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        use_local_gpu()
+    return device
+
+
+def use_local_gpu() -> None:
+    """Under a launcher every process sees all GPUs: make its own (LOCAL_RANK) the current one before any weights
+    load, so that `cuda` (device maps, `.to`) means that GPU, not GPU 0 for every rank."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
+    if 0 <= local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)
 
 
 def resolve_dtype(preference: str, device: str) -> torch.dtype:
     """float32 on CPU: bf16 is emulated (~30x slower) on CPUs without AVX512-BF16/AMX."""
     if preference != "auto":
         return _DTYPES[preference]
-    if device == "cuda" and torch.cuda.is_bf16_supported():
+    if device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):  # V100 / T4: fp16
         return torch.bfloat16
     if device == "cuda":
         return torch.float16
     return torch.float32
+
+
+def weights_dtype(dtype: torch.dtype, *, trains_model_weights: bool) -> torch.dtype:
+    """The dtype to load weights in for training with `dtype`. fp16 mixed precision (GPUs without bf16) needs fp32
+    weights wherever gradients reach the model's own weights (full / partial fine-tuning, `modules_to_save`, a
+    classifier's head): its GradScaler refuses fp16 gradients. Adapters alone keep an fp16 base (peft keeps their
+    own weights in fp32)."""
+    return torch.float32 if dtype == torch.float16 and trains_model_weights else dtype
 
 
 def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None) -> Any:
@@ -228,7 +247,8 @@ def bnb_config(
         ) from None
     from transformers import BitsAndBytesConfig
 
-    dtype = compute_dtype or resolve_dtype(cfg.compute_dtype, device)
+    # The recipe's compute_dtype when it names one, else the model's dtype (`compute_dtype`).
+    dtype = resolve_dtype(cfg.compute_dtype, device) if cfg.compute_dtype != "auto" else (compute_dtype or resolve_dtype("auto", device))
     skip = unquantized_modules(cfg, transformers_skips or [])
     if cfg.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
@@ -358,7 +378,7 @@ def load_model(
         silence_bnb_cpu_warnings()
         kwargs["quantization_config"] = bnb_config(quantization, device, dtype, quant_storage,
                                                    transformers_skips=default_skips(source, cfg, task) if quantization.keep_modules else None)
-        kwargs["device_map"] = {"": device}
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else device}  # this rank's GPU
     auto = AutoModelForCausalLM
     if task == "sequence_classification":
         auto = AutoModelForSequenceClassification

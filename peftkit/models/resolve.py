@@ -116,12 +116,15 @@ def check_on_hub(ref: str, revision: str | None) -> None:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+    gated = ModelNotFoundError(
+        f"model {ref!r} is gated on the Hugging Face hub: accept its license on https://huggingface.co/{ref} "
+        "and log in here (`hf auth login`, or set HF_TOKEN)")
     try:
-        HfApi().model_info(ref, revision=revision, timeout=HUB_PROBE_TIMEOUT_S)
+        info = HfApi().model_info(ref, revision=revision, timeout=HUB_PROBE_TIMEOUT_S)
+        if getattr(info, "gated", False):  # public metadata; the files need an accepted license and a token
+            HfApi().auth_check(ref)
     except GatedRepoError:
-        raise ModelNotFoundError(
-            f"model {ref!r} is gated on the Hugging Face hub: accept its license on https://huggingface.co/{ref} "
-            "and log in here (`hf auth login`, or set HF_TOKEN)") from None
+        raise gated from None
     except RepositoryNotFoundError:
         raise ModelNotFoundError(
             f"model {ref!r} is not on the Hugging Face hub (or it is private: log in with `hf auth login`); "

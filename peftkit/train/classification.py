@@ -38,7 +38,7 @@ from peftkit.data.classification import (
 )
 from peftkit.errors import ModelNotFoundError
 from peftkit.evaluate.classification import metrics_from_eval_prediction
-from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_model_ref, save_tokenizer
+from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_model_ref, save_tokenizer, weights_dtype
 from peftkit.models.resolve import ModelSource, hub_hint, materialize
 from peftkit.train import checkpoints
 from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
@@ -157,7 +157,8 @@ def train_classifier(
     tokenizer = load_classification_tokenizer(recipe, source)
     labels = label_names(load_labeled(recipe.data.train))
     quantization = effective_quantization(recipe)
-    model = load_model(recipe.model, quantization, device=device, dtype=dtype, task=TASK, num_labels=len(labels), source=source)
+    model = load_model(recipe.model, quantization, device=device, dtype=weights_dtype(dtype, trains_model_weights=True),  # the head
+                       task=TASK, num_labels=len(labels), source=source)
     label_config(model, labels, tokenizer.pad_token_id)
     data: ClassificationData = build_classification_data(recipe.data, tokenizer, recipe.train.seed, model_input_names(model))
     if replace_earlier:  # the data is usable: only now may an earlier run in output_dir make way (--force)

@@ -295,6 +295,17 @@ def check_deepspeed(recipe: Recipe, device: str | None = None) -> list[str]:
     elif own and "optimizer" in raw:
         problems.append(f"deepspeed: the config defines an `optimizer` but {own} needs peftkit's own optimizer "
                         "(its parameter groups): remove the DeepSpeed `optimizer` block")
+    offload = (raw.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    offloads_optimizer = (offload.get("device", "none") != "none" if isinstance(offload, dict) else False) or (
+        not isinstance(recipe.deepspeed, str) and recipe.deepspeed.offload_optimizer != "none")
+    if offloads_optimizer and ("8bit" in recipe.train.optimizer or "paged" in recipe.train.optimizer):
+        problems.append(f"train.optimizer {recipe.train.optimizer} is a bitsandbytes GPU optimizer, but the DeepSpeed "
+                        "config offloads the optimizer to CPU / NVMe, where it cannot run: use train.optimizer: auto "
+                        "(AdamW), or deepspeed.offload_optimizer: none")
+    if getattr(recipe.adapter, "unfreeze_schedule", None) is not None:
+        problems.append("adapter.unfreeze_schedule (gradual unfreezing) cannot run under DeepSpeed: ZeRO partitions the "
+                        "trainable parameters once, at the start, so blocks unfrozen later would never train; drop the "
+                        "schedule (train_last_layers trains a fixed set) or the `deepspeed:` block")
     from peftkit.adapters import effective_quantization
 
     quantization = effective_quantization(recipe)

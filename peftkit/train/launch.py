@@ -17,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,7 +290,10 @@ def launcher_command(options: LaunchOptions, worker_argv: list[str]) -> list[str
             from peftkit.train.deepspeed import free_port
 
             port = free_port()  # one node: a free port, so concurrent runs do not collide
-        cmd += ["--master_addr", options.master_addr or "127.0.0.1", "--master_port", str(port)]
+        # With a hostfile and no address DeepSpeed asks the first host for its own (`hostname -I`): 127.0.0.1 would
+        # send every other node to itself.
+        address = options.master_addr or (None if options.hostfile else "127.0.0.1")
+        cmd += [*(["--master_addr", address] if address else []), "--master_port", str(port)]
         return [*cmd, "--no_local_rank", "--module", "peftkit.cli", *worker_argv]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(options.nproc)]
     if options.nnodes == 1 and not options.master_addr and options.master_port is None:
@@ -382,6 +386,30 @@ def run_supervised(cmd: list[str], env: dict[str, str], *, direct_signals: bool 
     return code, forward.count
 
 
+FORWARDED_TO_NODES = ("PEFTKIT_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS",
+                      "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "PYTORCH_CUDA_ALLOC_CONF")
+"""Variables the workers on other nodes need: peftkit's worker flag and home, the Hugging Face cache / offline / token
+settings, thread counts."""
+
+
+def deepspeed_env_file(env: dict[str, str]) -> Path:
+    """The DeepSpeed runner reaches other nodes through pdsh / ssh, which carries only a few variables (NCCL_*,
+    PYTHON*, ...) and the lines of a `.deepspeed_env` file. This writes such a file (private: it may hold HF_TOKEN)
+    with the user's own `~/.deepspeed_env` / `./.deepspeed_env` lines and `FORWARDED_TO_NODES`; the runner reads it
+    through DS_ENV_FILE."""
+    lines = []
+    for folder in (Path.home(), Path.cwd()):
+        own = folder / os.environ.get("DS_ENV_FILE", ".deepspeed_env")
+        if own.is_file():
+            lines += [line for line in own.read_text(encoding="utf-8").splitlines() if "=" in line]
+    lines += [f"{key}={value}" for key, value in sorted(env.items())
+              if key.startswith(FORWARDED_TO_NODES) and value and "\n" not in value]
+    handle, path = tempfile.mkstemp(prefix="peftkit-deepspeed-env-", text=True)  # mode 0600
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write("\n".join(lines) + "\n")
+    return Path(path)
+
+
 def worker_environment(recipe: Recipe, device: str, options: LaunchOptions, threads: int | None) -> dict[str, str]:
     from peftkit.train.deepspeed import extensions_dir
 
@@ -408,6 +436,10 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
     problems = options.problems()
     if recipe.task != "causal_lm":
         problems.append(f"multi-process training runs causal_lm recipes only so far (this one is {recipe.task}); drop --nproc")
+    if getattr(recipe.adapter, "unfreeze_schedule", None) is not None:
+        problems.append("adapter.unfreeze_schedule (gradual unfreezing) runs in one process only: DDP registers the "
+                        "trainable parameters when it wraps the model, so blocks unfrozen later would drift apart "
+                        "between processes; drop the schedule (train_last_layers trains a fixed set) or --nproc")
     if problems:
         raise LaunchError("; ".join(problems))
     validate_recipe(recipe, check_model=True)
@@ -433,7 +465,14 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
              f", DeepSpeed ZeRO stage {ds.zero_stage(recipe)}" if ds.enabled(recipe) else " (DDP)")
     log.debug("Launch command: %s", shlex.join(cmd))
     started = time.time()
-    code, interrupts = run_supervised(cmd, env, direct_signals=options.chosen_launcher == "deepspeed")
+    env_file = deepspeed_env_file(env) if options.chosen_launcher == "deepspeed" and options.hostfile else None
+    if env_file is not None:
+        env["DS_ENV_FILE"] = str(env_file)
+    try:
+        code, interrupts = run_supervised(cmd, env, direct_signals=options.chosen_launcher == "deepspeed")
+    finally:
+        if env_file is not None:
+            env_file.unlink(missing_ok=True)
     raise_for_worker_exit(code, interrupts, read_interrupted(run_dir, since=started - 1), run_dir)
     if options.node_rank != 0:
         return 0

@@ -24,7 +24,9 @@ from peftkit.data.replay import answers_from_base, base_model_answerer, shared_c
 from peftkit.errors import PeftkitError
 from peftkit.train.distill import add_teacher_targets
 from peftkit.evaluate.generation import generate_replies, heldout_accuracy
-from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref, save_tokenizer
+from peftkit.models import (
+    load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref, save_tokenizer, weights_dtype,
+)
 from peftkit.train import checkpoints
 from peftkit.train import deepspeed as deepspeed_setup, run_dir as run_dirs, signals
 from peftkit.train.launch import dist_info, is_main_process, sum_over_processes
@@ -190,8 +192,10 @@ def train(
     quantization = effective_quantization(recipe)
     log.info("Loading %s on %s (%s%s)", recipe.model.name, device, str(dtype).removeprefix("torch."),
              f", {quantization.bits}-bit" if quantization else "")
-    model = load_model(recipe.model, quantization, device=device, dtype=dtype, source=source,
-                       quant_storage=deepspeed_setup.quant_storage_dtype(recipe, dtype))
+    load_dtype = weights_dtype(dtype, trains_model_weights=recipe.adapter.method in ("full", "partial")
+                               or bool(getattr(recipe.adapter, "modules_to_save", None)))
+    model = load_model(recipe.model, quantization, device=device, dtype=load_dtype, source=source,
+                       quant_storage=deepspeed_setup.quant_storage_dtype(recipe, load_dtype))
     replay = recipe.data.replay
     if replay is not None and answers_from_base(replay.path, replay.answers):  # self-distilled replay
         answerer = base_model_answerer(

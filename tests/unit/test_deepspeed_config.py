@@ -240,6 +240,33 @@ def test_launcher_command_lines():
     assert hostfile[1:3] == ["-m", "deepspeed.launcher.runner"]
     assert hostfile[hostfile.index("--hostfile") + 1] == "/etc/hosts" and "--no_local_rank" in hostfile
     assert hostfile[hostfile.index("--module") + 1] == "peftkit.cli"
+    # DeepSpeed finds the first host's address itself; 127.0.0.1 would point every other node at itself.
+    assert "--master_addr" not in hostfile
+    given = launcher_command(LaunchOptions(nproc=4, hostfile="/etc/hosts", master_addr="10.0.0.1"), worker)
+    assert given[given.index("--master_addr") + 1] == "10.0.0.1"
+    local = launcher_command(LaunchOptions(nproc=2, launcher="deepspeed"), worker)
+    assert local[local.index("--master_addr") + 1] == "127.0.0.1"  # one node: DeepSpeed needs an address
+
+
+def test_other_nodes_get_peftkits_environment_through_a_deepspeed_env_file(tmp_path, monkeypatch):
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+
+    from peftkit.train.launch import deepspeed_env_file
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DS_ENV_FILE", raising=False)
+    (tmp_path / ".deepspeed_env").write_text("NCCL_IB_DISABLE=1\n\n")  # the user's own file is kept
+    env = {"PEFTKIT_WORKER": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": "/data/hf cache", "OMP_NUM_THREADS": "4",
+           "SECRET_UNRELATED": "x", "PATH": "/usr/bin"}
+    path = deepspeed_env_file(env)
+    assert path.stat().st_mode & 0o077 == 0  # private: it may carry HF_TOKEN
+    runner = PDSHRunner(argparse.Namespace(launcher_args="", user_script="x", user_args=[]), "world-info")
+    for line in path.read_text().splitlines():  # as DeepSpeed's runner reads it
+        key, value = line.split("=", maxsplit=1)
+        runner.add_export(key, value)
+    assert runner.exports == {"NCCL_IB_DISABLE": "1", "HF_HOME": '"/data/hf cache"', "HF_HUB_OFFLINE": "1",
+                              "OMP_NUM_THREADS": "4", "PEFTKIT_WORKER": "1"}
 
 
 def test_launch_option_problems(tmp_path):
@@ -357,3 +384,18 @@ def test_deepspeed_optimizer_block_is_refused_where_peftkit_brings_its_own(tiny_
     eight_bit = _recipe(tiny_recipe, deepspeed=str(ds_json), train={**tiny_recipe["train"], "optimizer": "adamw_8bit"})
     assert ds.check_deepspeed(eight_bit, "cpu") == [
         "train.optimizer is adamw_8bit but the DeepSpeed config defines an `optimizer` too: keep one of them"]
+
+
+def test_combinations_that_cannot_train_under_deepspeed_or_ddp_are_refused(tiny_recipe):
+    from peftkit.train.launch import LaunchError, LaunchOptions, launch
+
+    offloaded = _recipe(tiny_recipe, train={**tiny_recipe["train"], "optimizer": "paged_adamw_8bit"},
+                        deepspeed={"stage": 2, "offload_optimizer": "cpu"})
+    assert any("bitsandbytes GPU optimizer" in p for p in ds.check_deepspeed(offloaded, "cpu"))
+    on_gpu = _recipe(tiny_recipe, train={**tiny_recipe["train"], "optimizer": "paged_adamw_8bit"}, deepspeed={"stage": 2})
+    assert not any("bitsandbytes" in p for p in ds.check_deepspeed(on_gpu, "cpu"))
+    gradual = {"method": "partial", "train_last_layers": 2, "unfreeze_schedule": {"every_steps": 5, "start_layers": 1}}
+    assert any("unfreeze_schedule" in p for p in ds.check_deepspeed(_recipe(tiny_recipe, adapter=gradual, deepspeed={"stage": 2}), "cpu"))
+    args = argparse.Namespace(resume=None, force=False, overrides=[], deepspeed=None, verbose=False)
+    with pytest.raises(LaunchError, match="unfreeze_schedule"):
+        launch(args, _recipe(tiny_recipe, adapter=gradual), "r.yaml", LaunchOptions(nproc=2), console=None)

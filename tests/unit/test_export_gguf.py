@@ -480,3 +480,21 @@ def test_vocab_kind_and_space_prefix_read_off_tokenizer_json_forms():
     assert vocab_kind({"model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel"}}) == "gpt2"
     # the first merge that makes a token sets its score; merges come as "a b" strings or [a, b] pairs
     assert merge_scores(["a", "b", "ab", "abb", "<s>"], ["a b", ["ab", "b"], ["a", "bb"]]) == [-1e9, -1e9, -0.0, -1.0, -1e9]
+
+
+def test_a_llama3_rope_base_exports_its_lora_to_gguf(export_recipe, tmp_path, tiny_tokenizer):
+    """A LoRA GGUF carries no RoPE settings (llama.cpp reads them from the base GGUF): Llama 3.1+ bases, whose
+    `llama3` RoPE scaling the full GGUF export does not write yet, still get their adapter exported and verified."""
+    from tests.unit.export_fixtures import build_llama_dir
+
+    base = build_llama_dir(tmp_path / "llama3", tiny_tokenizer)
+    config = json.loads((base / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    (base / "config.json").write_text(json.dumps(config))
+    run = make_run(tmp_path / "run", export_recipe,
+                   LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"), model_dir=base)
+    result = export_gguf_adapter(run, gguf_type="f32")
+    assert json.loads((result.path / "verification.json").read_text())["passed"]
+    with pytest.raises(ExportError, match="llama3"):
+        export_gguf(run, gguf_type="f32")

@@ -238,3 +238,17 @@ def test_broken_export_fails_verification_and_leaves_nothing(export_recipe, tmp_
     assert not (run / "merged").exists()
     failed = json.loads((run / "merged.verification-failed.json").read_text())
     assert failed["passed"] is False and failed["max_abs_diff"] > failed["tolerance"]
+
+
+def test_merged_exports_keep_the_base_models_dtype_by_default():
+    from types import SimpleNamespace
+
+    from peftkit.errors import ExportError
+    from peftkit.export.hf import export_dtype
+
+    assert export_dtype("auto", SimpleNamespace(dtype="bfloat16")) == "bfloat16"  # not twice the size in float32
+    assert export_dtype("auto", SimpleNamespace(dtype=None)) == "float32"
+    assert export_dtype("auto", None) == "float32"
+    assert export_dtype("float16", SimpleNamespace(dtype="bfloat16")) == "float16"  # an explicit --dtype wins
+    with pytest.raises(ExportError, match="--dtype"):
+        export_dtype("fp8", None)

@@ -71,6 +71,17 @@ def test_hub_id_is_checked_in_one_request_before_any_download(monkeypatch):
             assert "Did you mean the built-in `smollm2-135m-instruct`?" in str(caught.value)
     monkeypatch.setattr(HfApi, "model_info", lambda self, *args, **kwargs: object())
     assert resolve_model_ref("someorg/some-model").kind == "hub"
+    # A gated repository's metadata is public: the access check says whether its files can be downloaded.
+    monkeypatch.setattr(HfApi, "model_info", lambda self, *args, **kwargs: SimpleNamespace(gated="manual"))
+
+    def no_access(self, *args, **kwargs):
+        raise GatedRepoError("403", response=response)
+
+    monkeypatch.setattr(HfApi, "auth_check", no_access)
+    with pytest.raises(ModelNotFoundError, match="accept its license"):
+        resolve_model_ref("meta-llama/Llama-3.2-1B-Instruct")
+    monkeypatch.setattr(HfApi, "auth_check", lambda self, *args, **kwargs: None)  # license accepted, token set
+    assert resolve_model_ref("meta-llama/Llama-3.2-1B-Instruct").kind == "hub"
 
 
 def test_non_gguf_file_is_rejected(tmp_path):
@@ -201,3 +212,51 @@ def test_default_system_prompt_fills_in_only_when_a_conversation_has_none(templa
     assert render(tuned, [{"role": "system", "content": system}, *user]).count("Desk") == 1
     unchanged = load_tokenizer(ModelConfig(name=str(folder), chat_template=template))
     assert not set_default_system_prompt(unchanged, None) and unchanged.chat_template == plain.chat_template
+
+
+def test_each_launched_process_loads_onto_its_own_gpu(monkeypatch):
+    """Without this every rank put its model on GPU 0 (`cuda` means the current device, 0 unless set)."""
+    import torch
+
+    from peftkit.models import resolve_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == "cuda" and chosen == [3]
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("cuda") == "cuda" and chosen == [3]  # a single process keeps the default GPU
+
+
+def test_gpus_with_emulated_bf16_train_in_fp16(monkeypatch):
+    import torch
+
+    from peftkit.models import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)  # a T4
+    assert resolve_dtype("auto", "cuda") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("auto", "cpu") == torch.float32
+
+
+def test_fp16_training_keeps_trained_model_weights_in_fp32():
+    import torch
+
+    from peftkit.models import weights_dtype
+
+    assert weights_dtype(torch.float16, trains_model_weights=True) == torch.float32  # GradScaler refuses fp16 grads
+    assert weights_dtype(torch.float16, trains_model_weights=False) == torch.float16  # adapters only: fp16 base
+    assert weights_dtype(torch.bfloat16, trains_model_weights=True) == torch.bfloat16
+
+
+def test_the_recipes_quantization_compute_dtype_is_used():
+    import torch
+
+    from peftkit.config.schema import QuantizationConfig
+    from peftkit.models.load import bnb_config
+
+    assert bnb_config(QuantizationConfig(compute_dtype="bfloat16"), "cpu", torch.float32).bnb_4bit_compute_dtype == torch.bfloat16
+    assert bnb_config(QuantizationConfig(), "cpu", torch.float32).bnb_4bit_compute_dtype == torch.float32  # auto: the model's
