@@ -524,9 +524,10 @@ def setup(recipe: Recipe, run_dir: Path, device: str, dtype: torch.dtype, *, wri
 
 
 def plain_eval_loss(trainer: Any) -> float:
-    """Eval loss before DeepSpeed wraps the model: `Trainer.evaluate()` would set up a ZeRO inference
-    engine at this point (and refuses to below stage 3). Every rank computes it on the full eval set;
-    the average matches `evaluate()` (per-batch token means, weighted by batch size)."""
+    """Eval loss before DeepSpeed or DDP wraps the model: `Trainer.evaluate()` would set up a ZeRO inference
+    engine at this point (and refuses to below stage 3), and under DDP it leaves the model registered so that
+    training never wraps it in DistributedDataParallel. Every rank computes it on the full eval set; the
+    average matches `evaluate()` (per-batch token means, weighted by batch size)."""
     from torch.utils.data import DataLoader
 
     model = trainer.model

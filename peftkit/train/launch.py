@@ -240,8 +240,8 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
     options = LaunchOptions.from_args(args)
     if options.multi_process and not worker:
         return launch(args, recipe, recipe_arg, options, console)
-    if os.environ.get(WORKER_ENV):  # the launching peftkit resolved --resume and prepared the run directory
-        resume, force = getattr(args, "resume", None) is not None, False
+    if os.environ.get(WORKER_ENV):  # the launching peftkit resolved --resume and checked the run directory
+        resume, force = getattr(args, "resume", None) is not None, bool(args.force)  # --force: its replacement
     else:
         resume, force = resolve_resume(getattr(args, "resume", None), run_dir, bool(args.force))
     try:

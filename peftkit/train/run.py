@@ -97,6 +97,9 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # Every trainable parameter gets a gradient each step (adapters, unfrozen blocks); transformers would set True
+        # for a PeftModel (not a PreTrainedModel), costing DDP a graph traversal per step.
+        ddp_find_unused_parameters=False,
         dataloader_pin_memory=device == "cuda",
         disable_tqdm=False,
         **deepspeed_setup.training_kwargs(recipe, device, dtype),  # deepspeed config; gloo (CPU) / nccl backend
@@ -252,7 +255,10 @@ def train(
     eval_loss_before = None
     if has_eval and not resume:
         with base_model_view(model):
-            eval_loss_before = _eval_loss(trainer, has_eval) if ds_config is None else deepspeed_setup.plain_eval_loss(trainer)
+            # Under a launcher, `Trainer.evaluate()` before training would keep the model from being wrapped: in DDP
+            # (transformers then skips the DDP wrap: ranks trained apart, gradients never averaged) and in DeepSpeed.
+            several = ds_config is not None or dist_info().world_size > 1
+            eval_loss_before = deepspeed_setup.plain_eval_loss(trainer) if several else _eval_loss(trainer, has_eval)
     if resume:  # measured when the run started
         before = run_dirs.load_before(run_dir)
         eval_loss_before, accuracy_before = before.get("eval_loss"), before.get("heldout_accuracy")

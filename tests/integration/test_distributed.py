@@ -102,6 +102,25 @@ def test_zero2_two_processes_match_one_process(zero2, one_process, tiny_model_di
 
 
 @pytest.mark.timeout(300)
+def test_plain_ddp_two_processes_match_one_process(one_process, tiny_model_dir, tmp_path):
+    """`--nproc 2` without DeepSpeed: torch DDP (gloo), every trainable parameter reduced each step."""
+    recipe = tiny_recipe_file(tmp_path, tiny_model_dir, train=TWO_PROCS)
+    result = run(peftkit("train", str(recipe), "--nproc", "2"), subprocess_env(tmp_path), tmp_path / "train.log", 240)
+    assert result.returncode == 0, tail(tmp_path / "train.log")
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "deepspeed.json").exists()
+    _same_losses(losses(run_dir), losses(one_process))
+    _same_adapter(run_dir / "adapter", one_process / "adapter")
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval_loss"' in line]
+    assert evals and all(e["eval_runtime"] > 0 for e in evals)  # not less the DDP wrap's time, after the first
+    assert len({e["step"] for e in evals}) == len(evals)  # the final evaluation is not logged twice
+    # --force reaches the workers, whose rank 0 replaces the finished run once the data is read.
+    again = run(peftkit("train", str(recipe), "--nproc", "2", "--force"), subprocess_env(tmp_path), tmp_path / "again.log", 240)
+    assert again.returncode == 0, tail(tmp_path / "again.log")
+    _same_losses(losses(run_dir), losses(one_process))
+
+
+@pytest.mark.timeout(300)
 def test_zero3_two_processes_save_the_gathered_adapter(one_process, tiny_model_dir, tmp_path):
     """ZeRO-3 partitions every parameter; the saved adapter (and modules_to_save) must be whole.
 
