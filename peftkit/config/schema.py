@@ -84,6 +84,8 @@ class QLoraAdapterConfig(LoraAdapterConfig):
 
     method: Literal["qlora"] = "qlora"  # type: ignore[assignment]
     gradient_checkpointing: bool = True
+    """Activation checkpointing set up with the 4-bit base (peft's `prepare_model_for_kbit_training`), on by default
+    as in the QLoRA recipe; `false` turns it off. `train.gradient_checkpointing: true` turns it on for any method."""
 
 
 class PrefixTuningAdapterConfig(Section):

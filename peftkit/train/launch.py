@@ -280,7 +280,11 @@ def launcher_command(options: LaunchOptions, worker_argv: list[str]) -> list[str
             cmd += ["--hostfile", str(Path(options.hostfile).expanduser().resolve())]
         if options.nnodes > 1:
             cmd += ["--num_nodes", str(options.nnodes)]
-        if options.nproc > 1 or not options.hostfile:
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        if not options.hostfile and visible and all(d.isdigit() for d in visible):
+            # --num_gpus N would make DeepSpeed use GPUs 0..N-1 whatever CUDA_VISIBLE_DEVICES says
+            cmd += ["--include", "localhost:" + ",".join(visible[: options.nproc])]
+        elif options.nproc > 1 or not options.hostfile:
             cmd += ["--num_gpus", str(options.nproc)]
         if options.master_port is not None:
             port = options.master_port

@@ -217,6 +217,8 @@ def train(
 
     calibration = general_rows(data, recipe.data, tokenizer) if getattr(recipe.adapter, "init", None) in KNOWLEDGE_INITS else data.train
     model = build_adapter(model, recipe.adapter, quantized=quantization is not None, calibration=calibration)
+    for peft_config in getattr(model, "peft_config", {}).values():  # AutoPeftModel loads the base at this revision
+        peft_config.revision = recipe.model.revision
     trainable, total = parameter_counts(model)
     log.info("Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 

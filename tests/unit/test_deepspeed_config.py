@@ -248,6 +248,17 @@ def test_launcher_command_lines():
     assert local[local.index("--master_addr") + 1] == "127.0.0.1"  # one node: DeepSpeed needs an address
 
 
+def test_the_deepspeed_launcher_keeps_cuda_visible_devices(monkeypatch):
+    """DeepSpeed's --num_gpus N means GPUs 0..N-1 and overrides CUDA_VISIBLE_DEVICES; --include keeps the choice."""
+    worker = ["train", "/r.yaml"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
+    cmd = launcher_command(LaunchOptions(nproc=2, launcher="deepspeed"), worker)
+    assert cmd[cmd.index("--include") + 1] == "localhost:2,3" and "--num_gpus" not in cmd
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    cmd = launcher_command(LaunchOptions(nproc=2, launcher="deepspeed"), worker)
+    assert cmd[cmd.index("--num_gpus") + 1] == "2" and "--include" not in cmd
+
+
 def test_other_nodes_get_peftkits_environment_through_a_deepspeed_env_file(tmp_path, monkeypatch):
     from deepspeed.launcher.multinode_runner import PDSHRunner
 

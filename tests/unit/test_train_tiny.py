@@ -46,8 +46,11 @@ def test_same_seed_gives_same_loss_curve(tiny_recipe, tmp_path):
 
 
 def test_existing_finished_run_is_not_overwritten(tiny_recipe):
-    recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}})
-    train(recipe)
+    recipe = recipe_from_dict({**tiny_recipe, "model": {**tiny_recipe["model"], "revision": "v1.0"},
+                               "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}})
+    run_dir = train(recipe).run_dir
+    # The base model's revision travels with the adapter (AutoPeftModel loads the base at it).
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["revision"] == "v1.0"
     with pytest.raises(RunDirError, match="--force"):
         train(recipe)
     train(recipe, force=True)
