@@ -46,3 +46,9 @@ class RunDirError(PeftkitError, FileNotFoundError):
 
 class ExportError(PeftkitError, ValueError):
     """A merge or export cannot be done as asked, or its verification failed."""
+
+
+class TrainingDivergedError(PeftkitError, ArithmeticError):
+    """The loss or gradient became inf / NaN: the weights are ruined from that step on."""
+
+    exit_code = 1

@@ -36,11 +36,19 @@ def trained_model_dir(run_dir: Path) -> Path | None:
 
 
 def adapter_dir(run_dir: Path) -> Path:
+    from peftkit.train.run_dir import training_in
+
     path = run_dir / "adapter"
     if not (path / "adapter_config.json").is_file():
+        holder = training_in(run_dir)
+        if holder is not None:
+            raise RunDirError(f"{run_dir} is still training ({holder}); its adapter is written when the run ends")
+        if (run_dir / "summary.json").is_file():
+            raise RunDirError(f"{run_dir} is a finished run whose adapter/ folder is missing or incomplete (no "
+                              "adapter_config.json); restore it, or train again with `--force`")
         raise RunDirError(
-            f"{run_dir} has no trained adapter (adapter/adapter_config.json); the run may not have finished: "
-            f"resume it with `peftkit train {run_dir / 'recipe.yaml'} --resume`"
+            f"{run_dir} has no trained adapter (adapter/adapter_config.json); the run did not finish: "
+            f"resume it with `peftkit train {run_dir} --resume`"
         )
     return path
 
@@ -89,6 +97,13 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
     if adapter is None:
         model = load_model(recipe.model, None, device=device, dtype=dtype, source=resolve_model_ref(str(full_model)), **extra)
     else:
+        from peftkit.errors import ExportError
+        from peftkit.export.compat import read_adapter
+
+        try:
+            read_adapter(adapter)  # a damaged or mismatched adapter is one message, before the base loads
+        except ExportError as exc:
+            raise RunDirError(str(exc)) from None
         base = load_base_model(run_dir, recipe, device, quantized=quantized_base)
         model = PeftModel.from_pretrained(base, str(adapter))
     finish_loaded_model(model, run_dir, recipe, tokenizer)

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from peftkit.adapters.modules import layer_index, matches_target, selected_linear, target_problems
+from peftkit.adapters.modules import (layer_index, lora_module_types, matches_target, peft_targets, rank_limit,
+                                      selected_linear, target_problems)
 from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, TrainerExtras, register, trainer_optimizer_class
 from peftkit.config.schema import LoraAdapterConfig
 from peftkit.errors import ConfigError
@@ -107,10 +108,33 @@ def check(model: torch.nn.Module, cfg: LoraAdapterConfig, task: str = "causal_lm
     problems.extend(target_issues)
     if matched and cfg.layers is not None and not any(_in_layers(n, cfg.layers) for n in matched) and not problems:
         problems.append(f"adapter.target_modules {cfg.target_modules!r} matches no module inside adapter.layers {list(cfg.layers)}")
+    if not problems:
+        problems.extend(_wrapped_module_problems(model, cfg))
     problems.extend(check_modules_to_save(model, cfg.modules_to_save))
     if cfg.init == "loftq" and cfg.use_dora:
         problems.append("adapter.init: loftq does not combine with use_dora; use one of them")
     return problems
+
+
+def _wrapped_module_problems(model: torch.nn.Module, cfg: LoraAdapterConfig) -> list[str]:
+    """What peft would only find out while wrapping: a target it cannot adapt, or a rank above a layer's size."""
+    wrapped = {n: m for n, m in peft_targets(model, _targets(cfg, model), cfg.modules_to_save).items()
+               if _in_layers(n, cfg.layers)}
+    kinds = lora_module_types()
+    unsupported = [f"{n} ({type(m).__name__})" for n, m in wrapped.items() if not isinstance(m, kinds)]
+    if unsupported:
+        shown = ", ".join(unsupported[:4]) + (f" and {len(unsupported) - 4} more" if len(unsupported) > 4 else "")
+        return [f"adapter.target_modules {cfg.target_modules!r} matches modules LoRA cannot adapt: {shown}. LoRA adapts "
+                "Linear, Embedding, Conv1d/2d/3d, Conv1D (GPT-2) and MultiheadAttention layers: use `all-linear`, a list "
+                "of layer names (e.g. [q_proj, v_proj]) or a narrower regex (e.g. `.*\\.(q_proj|v_proj)`)"]
+    sizes = {n: size for n, m in wrapped.items() if (size := rank_limit(m)) is not None}
+    if sizes:
+        smallest = min(sizes, key=sizes.__getitem__)
+        if cfg.r > sizes[smallest]:
+            return [f"adapter.r = {cfg.r} is larger than the smallest targeted layer ({smallest}: {sizes[smallest]} "
+                    f"wide); a rank above a layer's smaller dimension adds no capacity, only memory: use r <= "
+                    f"{sizes[smallest]} (typically 8-64), or target only larger layers"]
+    return []
 
 
 def check_modules_to_save(model: torch.nn.Module, names: Sequence[str] | None) -> list[str]:

@@ -80,6 +80,40 @@ def target_problems(option: str, target: str | list[str] | None, model: torch.nn
     return matched, []
 
 
+def lora_module_types() -> tuple[type, ...]:
+    """The layer types peft's LoRA can wrap (peft 0.21 `dispatch_default`; bitsandbytes' layers are Linear)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+            torch.nn.MultiheadAttention, Conv1D)
+
+
+def peft_targets(model: torch.nn.Module, target: str | list[str] | None,
+                 exclude: list[str] | None = None) -> dict[str, torch.nn.Module]:
+    """Every module peft would wrap for `target`: a regex or a suffix also selects containers (a decoder block,
+    the rotary embedding) that it then refuses. `exclude`: modules_to_save, which peft never targets."""
+    linear = all_linear_targets(model)
+    found = {}
+    for name, module in model.named_modules():
+        if not name or any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in exclude or []):
+            continue
+        if matches_target(name, target, linear):
+            found[name] = module
+    return found
+
+
+def rank_limit(module: torch.nn.Module) -> int | None:
+    """The largest useful LoRA rank for a layer: its smaller dimension (a rank-r update of an m x n weight)."""
+    if isinstance(module, torch.nn.Embedding):
+        return min(module.num_embeddings, module.embedding_dim)
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):  # also 4/8-bit layers (packed weights)
+        return min(module.in_features, module.out_features)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() >= 2:  # Conv1D (in, out); ConvNd (out, in, *kernel)
+        return min(weight.shape[0], weight[0].numel()) if weight.dim() > 2 else min(weight.shape)
+    return None
+
+
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
 

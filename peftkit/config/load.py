@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import typing
 from pathlib import Path
@@ -38,13 +39,43 @@ KEY_ALIASES = {
 }
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A key given twice in one mapping: PyYAML would keep the last value without a word."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # keys merged in from an anchor (`<<: *base`) may be overridden on purpose
+            key = self.construct_object(key_node)
+            if key in first_line:
+                raise DuplicateKeyError(
+                    problem=f"duplicate key `{key}` (first given at line {first_line[key]}); YAML would keep only "
+                    "the last value: remove one of them",
+                    problem_mark=key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def expand_path(value: str) -> Path:
+    """`~`, `$HOME` and `${VAR}` as a shell would expand them; an unset variable stays as written."""
+    return Path(os.path.expandvars(value)).expanduser()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.lr=1e-4` -> (["train", "lr"], 0.0001). Values are parsed as YAML scalars/lists."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form key.sub=value (e.g. train.lr=1e-4)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -77,7 +108,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"recipe file is not UTF-8 text (byte {exc.start}); save it as UTF-8", str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = _yaml_load(text)
+    except DuplicateKeyError as exc:
+        mark = exc.problem_mark
+        raise ConfigError(f"{path}:{mark.line + 1}: {exc.problem}") from None  # file:line names the source
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -172,6 +206,9 @@ def _friendly(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"`{dotted}` is required but missing"
     got = err.get("input")
+    if kind == "finite_number":
+        return (f"`{dotted}` must be a finite number, not {got!r} (YAML reads `.inf` / `.nan` as infinity / not a "
+                "number); give a real value, or remove the key for the default")
     got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
     message = err["msg"].removeprefix("Value error, ")
     return f"`{dotted}`: {message}{got_text}" if shown else message  # a whole-recipe check names its own keys
@@ -185,7 +222,7 @@ def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
         return
     def resolved(value: Any) -> Any:
         if isinstance(value, str) and value and not is_hub_ref(value):
-            path = Path(value).expanduser()  # `~/data.jsonl` is the user's home, not a folder named ~
+            path = expand_path(value)  # `~/data.jsonl` is the user's home, not a folder named ~
             return str(path if path.is_absolute() else (base / path).resolve())
         return value
 
@@ -194,7 +231,7 @@ def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
         section[key] = [resolved(v) for v in value] if isinstance(value, list) else resolved(value)
     replay = section.get("replay")
     if isinstance(replay, dict) and isinstance(replay.get("path"), str):
-        path = Path(replay["path"]).expanduser()
+        path = expand_path(replay["path"])
         if path.is_absolute():
             replay["path"] = str(path)
         elif (base / path).exists():
@@ -213,8 +250,9 @@ def _absolute_model_paths(data: dict[str, Any], recipe_dir: Path) -> None:
     for key in ("name", "chat_template"):
         value = section.get(key)
         if isinstance(value, str) and value and value not in BUILTINS and value not in NAMED_CHAT_TEMPLATES:
-            path = Path(value).expanduser()
+            path = expand_path(value)
             if path.is_absolute():
+                section[key] = str(path)
                 continue
             found = next((p for p in (path, recipe_dir / path) if p.exists()), None)
             if found is not None:
@@ -270,8 +308,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data["adapter"]["method"] = "lora"
     _resolve_data_paths(data, path.resolve().parent)
     _absolute_model_paths(data, path.resolve().parent)
-    if isinstance(data.get("deepspeed"), str) and not Path(data["deepspeed"]).expanduser().is_absolute():
-        data["deepspeed"] = str((path.resolve().parent / data["deepspeed"]).resolve())  # JSON next to the recipe
+    if isinstance(data.get("deepspeed"), str):
+        deepspeed = expand_path(data["deepspeed"])
+        data["deepspeed"] = str(deepspeed if deepspeed.is_absolute() else (path.resolve().parent / deepspeed).resolve())
     return recipe_from_dict(data, str(path))
 
 

@@ -6,17 +6,40 @@ Semantic checks that need the file system or several sections live in `validate.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, PositiveInt, Tag, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, PositiveInt, Tag, field_validator,
+                      model_validator)
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 NAMED_CHAT_TEMPLATES = ("chatml", "plain")
 """`model.chat_template` values that name a built-in template instead of a file."""
 
 
+MAX_LORA_RANK = 65536
+"""Above any layer width of today's models: a rank this large is a typo (the model check compares with the
+targeted layers' own sizes)."""
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # `.inf` / `.nan` are valid YAML floats, but no setting means them: an infinite lr trains a NaN adapter.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def check_target_regex(value: Any) -> Any:
+    """peft compiles a string target as a regex only when it builds the adapter: check it while validating."""
+    if not isinstance(value, str) or value == "all-linear":
+        return value
+    try:
+        re.compile(value)
+    except re.error as exc:
+        unclosed = " (a list needs its closing `]`)" if value.startswith("[") and not value.rstrip().endswith("]") else ""
+        raise ValueError(
+            f"is not a valid regular expression ({exc}){unclosed}; a string is a regex matched against the full module "
+            "name, e.g. `.*\\.(q_proj|v_proj)`; for module names write a list, e.g. [q_proj, v_proj], or use all-linear"
+        ) from None
+    return value
 
 
 class ModelConfig(Section):
@@ -57,7 +80,8 @@ class QuantizationConfig(Section):
 
 class LoraAdapterConfig(Section):
     method: Literal["lora"] = "lora"
-    r: PositiveInt = 16
+    r: Annotated[int, Field(gt=0, le=MAX_LORA_RANK)] = 16
+    """LoRA rank; at most the smallest dimension of the targeted layers (more adds no capacity)."""
     alpha: PositiveFloat = 32.0
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     target_modules: Union[str, list[str]] = "all-linear"
@@ -71,6 +95,8 @@ class LoraAdapterConfig(Section):
     """Modules trained fully and saved with the adapter (e.g. `lm_head`, `score`)."""
     loraplus_lr_ratio: PositiveFloat | None = None
     """LoRA+: the B matrices learn at `train.lr` x this ratio (the paper suggests 16), A at `train.lr`."""
+
+    _target_regex = field_validator("target_modules")(check_target_regex)
 
     @model_validator(mode="after")
     def _layers_ordered(self) -> "LoraAdapterConfig":
@@ -133,6 +159,8 @@ class IA3AdapterConfig(Section):
     feedforward_modules: Union[str, list[str], None] = None
     """Which targets are feed-forward (scaled on their input); must be among target_modules."""
     modules_to_save: list[str] | None = None
+
+    _target_regex = field_validator("target_modules", "feedforward_modules")(check_target_regex)
 
 
 class FullAdapterConfig(Section):
@@ -307,7 +335,8 @@ class EvalConfig(Section):
     before: bool = True
     """Also score the base model, for the before/after comparison."""
     sample_prompts: list[str] = Field(default_factory=list)
-    """Prompts answered by the tuned model at the end of a run (shown and stored in summary.json)."""
+    """Prompts answered by the tuned model at the end of a run (shown and stored in summary.json); empty: the first
+    two held-out questions, so a recipe copied to another domain shows answers about that domain."""
 
 
 Offload = Literal["none", "cpu", "nvme"]

@@ -21,7 +21,7 @@ def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
         from peftkit.data.classification import check_classification_data
 
         return check_classification_data(recipe.data), None
-    problems, tool_use = [], None
+    problems, tool_use, trailing = [], None, []
     for key in ("train", "eval"):
         path = getattr(recipe.data, key)
         if path is None:
@@ -33,6 +33,12 @@ def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
             continue
         tool_use = tool_use or next((e for e in examples if e.tools or any(
             m["role"] == "tool" or m.get("tool_calls") for m in e.messages or ())), None)
+        trailing += [e.where for e in examples if e.messages and e.messages[-1]["role"] != "assistant"]
+    if trailing:
+        # Not an error: the turns before it still train; but the trailing turn is never learnt from.
+        log.warning("%d conversation(s) end with a user or tool turn after the last assistant reply (first: %s); "
+                    "nothing after that reply is trained on, so the trailing turn only costs tokens: end each "
+                    "conversation with the assistant's reply, or drop the trailing turn", len(trailing), trailing[0])
     if recipe.data.replay is not None:
         from peftkit.data.replay import replay_path
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,8 +76,11 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
         hint = f"; it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else ""
         raise DataError(f"{path} is a folder; point the recipe at one data file in it{hint}")
     if not path.is_file():
+        unset = re.findall(r"\$\{?(\w+)", str(path))  # the recipe loader expanded the variables that are set
+        why = (f"; ${unset[0]} is not set in the environment, so it was not expanded: export it or write the path out"
+               if unset else "")
         raise DataError(f"data file {path} does not exist (paths in a recipe are relative to the recipe's folder, "
-                        "on the command line to the current directory)")
+                        f"on the command line to the current directory){why}")
     suffix = path.suffix.lower()
     if suffix not in (*DATA_SUFFIXES, *JSONL_SUFFIXES):
         raise DataError(f"{path}: peftkit reads {', '.join(DATA_SUFFIXES)} data files (JSON Lines also as .ndjson or "
@@ -358,6 +362,23 @@ def to_example(record: Any, where: str, fmt: str) -> Example:
     return Example(where, text=text)
 
 
+def _check_unicode(value: Any, where: str) -> None:
+    """JSON can spell half of a surrogate pair (`"\\ud800"`), which no UTF-8 text holds: tokenizers reject
+    such a string with a bare TypeError, so name the record instead."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(f"{where}: invalid unicode (lone surrogate U+{ord(value[exc.start]):04X}, written "
+                            "`\\u` + 4 hex digits without its pair); fix the escape or drop the record") from None
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_unicode(item, where)
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item, where)
+
+
 def data_sources(value: str | Path | Sequence[str | Path]) -> list[str | Path]:
     """A recipe's `data.train` / `data.eval`: one source or a list of them."""
     return [value] if isinstance(value, (str, Path)) else list(value)
@@ -371,6 +392,7 @@ def load_examples(source: str | Path | Sequence[str | Path], fmt: str = "auto") 
         found, problems = [], []
         for where, record in read_records(one):
             try:
+                _check_unicode(record, where)
                 found.append(to_example(record, where, fmt))
             except DataError as exc:  # go on: one message lists the first few bad records, not just one
                 problems.append(str(exc))

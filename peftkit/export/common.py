@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import ExportError, MissingDependencyError
-from peftkit.utils.atomic import atomic_write_text
+from peftkit.utils.atomic import atomic_write_text, mark_when_written
 
+EXPORT_MARKER = ".peftkit-export"  # in every export folder: `--force` may replace what holds it
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
 
@@ -43,7 +44,8 @@ def parse_shard_size(text: str) -> int:
 
 
 def prepare_output(out: Path, *, force: bool, protected: list[Path]) -> Path:
-    """Refuse to overwrite an existing output without --force, and never a run's own files even with it."""
+    """Refuse to overwrite an existing output without --force; never a run's own files or a folder peftkit
+    did not write, even with it (a mistyped --out must not cost anyone their data)."""
     out = Path(out).expanduser().resolve()
     for run_dir in protected:
         run_dir = Path(run_dir).resolve()
@@ -53,15 +55,46 @@ def prepare_output(out: Path, *, force: bool, protected: list[Path]) -> Path:
                     f"refusing to write the export to {out}: that would replace {keep}, which the run needs; "
                     f"choose another --out (the default is inside {run_dir})"
                 )
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to overwrite it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is a file; --out must be a directory")
+    if out.exists() and not written_by_peftkit(out):
+        names = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ExportError(
+            f"{out} holds files peftkit did not write ({shown}); peftkit never deletes a folder it did not write, "
+            "even with --force: choose another --out, or empty that folder yourself"
+        )
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to overwrite it, or choose another --out")
+    mark_when_written(out, EXPORT_MARKER)
     return out
 
 
+def written_by_peftkit(folder: Path) -> bool:
+    """An empty folder or a peftkit export: exports before the marker are recognised by files they always hold."""
+    if not any(folder.iterdir()):
+        return True
+    if (folder / EXPORT_MARKER).is_file() or (folder / "verification.json").is_file():  # any verified export
+        return True
+    if (folder / "adapter_config.json").is_file() and (folder / "manifest.json").is_file():  # adapter export
+        return True
+    if _head(folder / "Modelfile").startswith(("# Ollama Modelfile written by peftkit",  # GGUF export
+                                               "# Ollama: base model + this LoRA.")):  # GGUF adapter export
+        return True
+    card = _head(folder / "README.md")  # HF export with --no-verify: its card's front matter is tagged peftkit
+    return card.startswith("---\n") and "\n- peftkit\n" in card.split("\n---\n", 1)[0]
+
+
+def _head(path: Path, size: int = 4096) -> str:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            return handle.read(size)
+    except OSError:
+        return ""
+
+
 def list_files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != EXPORT_MARKER)
 
 
 def write_json(path: Path, data: Any) -> None:

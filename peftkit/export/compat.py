@@ -90,8 +90,12 @@ def read_adapter(path: Path) -> AdapterInfo:
     if weights.is_file():
         from safetensors import safe_open
 
-        with safe_open(str(weights), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        except Exception as exc:  # SafetensorError: truncated, empty or not a safetensors file
+            raise ExportError(f"{weights} is damaged ({exc}); the adapter cannot be read. Restore it (a run keeps "
+                              "its last checkpoints in checkpoints/), or train again") from None
     elif any(path.glob("adapter_model.bin")):
         raise ExportError(
             f"{path} holds the adapter as adapter_model.bin (pickle); peftkit reads safetensors only. "
@@ -99,7 +103,23 @@ def read_adapter(path: Path) -> AdapterInfo:
         )
     else:
         raise ExportError(f"{path} has adapter_config.json but no {WEIGHT_FILE}; the adapter was not saved completely")
-    return AdapterInfo(path, config, shapes)
+    info = AdapterInfo(path, config, shapes)
+    _check_ranks(info)
+    return info
+
+
+def _check_ranks(info: AdapterInfo) -> None:
+    """adapter_config.json must describe these weights: a rank that disagrees with the LoRA matrices would fail
+    deep inside peft with a list of size mismatches."""
+    if not info.is_lora or info.rank is None or info.config.get("rank_pattern"):
+        return
+    for key, shape in info.shapes.items():
+        rank = shape[0] if ".lora_A." in key else shape[1] if ".lora_B." in key and len(shape) > 1 else None
+        if rank is not None and rank != info.rank:
+            raise ExportError(
+                f"{info.path / 'adapter_config.json'} says r={info.rank}, but the weights have rank {rank} ({key}): "
+                "the config does not belong to these weights. Restore the run's adapter/ folder (or a checkpoint's), "
+                "or train again")
 
 
 def require_mergeable(info: AdapterInfo, run_dir: Path | str) -> None:

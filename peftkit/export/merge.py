@@ -231,8 +231,12 @@ def _merge_qlora(run: RunAdapter, tokenizer: Any, qlora_base: QLoraBase) -> tupl
     on_quantized = _attach(_load_base(run, quantized=True), adapter)
     reference_q = _reference(on_quantized, tokenizer, run, f"{run.info.method} adapter on the {bits}-bit base, as trained")
     # unload() restores the bitsandbytes layers untouched; dequantize() turns them into float32 nn.Linear.
-    dequantized_base = dequantized(on_quantized.unload())
-    merged_deq = _attach(dequantized_base, adapter).merge_and_unload()
+    on_dequantized = _attach(dequantized(on_quantized.unload()), adapter)
+    # 8-bit layers also quantize their *inputs* (LLM.int8), which no float32 model reproduces: the merged 8-bit run
+    # is checked against the adapter on the dequantized weights (what it must equal), the int8 gap reported apart.
+    reference_deq = (_reference(on_dequantized, tokenizer, run, f"{run.info.method} adapter on the dequantized {bits}-bit base")
+                     if bits == 8 else None)
+    merged_deq = on_dequantized.merge_and_unload()
     error_deq = max_abs_diff(merged_deq, reference_q)
 
     on_original = _attach(_load_base(run, quantized=False), adapter)
@@ -254,7 +258,7 @@ def _merge_qlora(run: RunAdapter, tokenizer: Any, qlora_base: QLoraBase) -> tupl
              bits, error_deq, error_orig)
     if qlora_base == "dequantized":
         del merged_orig
-        return merged_deq, reference_q, qlora
+        return merged_deq, reference_deq or reference_q, qlora
     del merged_deq
     assert reference_orig is not None
     return merged_orig, reference_orig, qlora

@@ -14,7 +14,7 @@ import torch
 
 from peftkit.config.schema import NAMED_CHAT_TEMPLATES, ModelConfig, QuantizationConfig
 from peftkit.errors import MissingDependencyError, ModelNotFoundError, PeftkitError
-from peftkit.models.resolve import ModelSource, hub_hint, materialize, resolve_model_ref
+from peftkit.models.resolve import ModelSource, hub_hint, materialize, needs_remote_code, remote_code_error, resolve_model_ref
 
 log = logging.getLogger(__name__)
 # peft still reads the deprecated `is_gradient_checkpointing` whenever it wraps a model (training, eval,
@@ -107,6 +107,10 @@ def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None) -> Any:
         if source.kind == "hub":
             raise ModelNotFoundError(hub_hint(source.ref)) from None
         raise ModelNotFoundError(f"could not load the tokenizer of {source.ref}: {exc}") from None
+    except ValueError as exc:
+        if needs_remote_code(exc):
+            raise remote_code_error(source.ref) from None
+        raise
     apply_chat_template_setting(tokenizer, cfg.chat_template)
     if tokenizer.pad_token is None:
         # Padding positions are masked by position in our collator, so reusing EOS is safe.
@@ -390,6 +394,10 @@ def load_model(
         if source.kind == "hub":
             raise ModelNotFoundError(hub_hint(source.ref)) from None
         raise ModelNotFoundError(f"could not load model weights from {source.ref}: {exc}") from None
+    except ValueError as exc:
+        if needs_remote_code(exc):
+            raise remote_code_error(source.ref) from None
+        raise
     if quantization is None:
         model.to(device)
     else:

@@ -147,3 +147,15 @@ def materialize(source: ModelSource) -> str:
 
         return str(convert_gguf(source.path, peftkit_home()))
     return str(source.path)
+
+
+def needs_remote_code(exc: BaseException) -> bool:
+    """transformers' refusal to load a model whose code ships with its weights (`trust_remote_code` is off)."""
+    return isinstance(exc, ValueError) and "trust_remote_code" in str(exc)
+
+
+def remote_code_error(ref: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model {ref!r} needs its own Python code to load (its config names custom classes), and peftkit does not "
+        "run code that comes with a model unless the recipe allows it. If you trust its source, set "
+        "`model.trust_remote_code: true`; otherwise use a model that transformers supports natively")

@@ -8,7 +8,7 @@ import torch
 
 from peftkit.config.schema import ModelConfig
 from peftkit.models.registry import peftkit_home
-from peftkit.models.resolve import ModelSource
+from peftkit.models.resolve import ModelSource, needs_remote_code, remote_code_error
 
 
 def load_config(source: ModelSource, cfg: ModelConfig) -> Any:
@@ -23,7 +23,12 @@ def load_config(source: ModelSource, cfg: ModelConfig) -> Any:
         check_gguf_supported(source.path)
         return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
     target = str(source.path) if source.path is not None else source.ref
-    return AutoConfig.from_pretrained(target, revision=source.revision, trust_remote_code=cfg.trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(target, revision=source.revision, trust_remote_code=cfg.trust_remote_code)
+    except ValueError as exc:
+        if needs_remote_code(exc):
+            raise remote_code_error(source.ref) from None
+        raise
 
 
 def model_skeleton(source: ModelSource, cfg: ModelConfig, task: str = "causal_lm") -> torch.nn.Module:

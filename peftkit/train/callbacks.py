@@ -63,6 +63,27 @@ class OverfittingWatch(TrainerCallback):
             )
 
 
+class DivergenceGuard(TrainerCallback):
+    """Stops a run whose loss or gradient norm becomes inf / NaN (a too-high lr, fp16 overflow): every later
+    step trains on ruined weights, and the run would otherwise finish and save a NaN adapter with exit 0."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        import math
+
+        from peftkit.errors import TrainingDivergedError
+
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise TrainingDivergedError(
+                    f"training diverged: the {key.replace('_', ' ')} is {value} at step {state.global_step}. Lower "
+                    f"train.lr (now {self.lr:g}), keep train.max_grad_norm set, or train in float32; then start again "
+                    "with --force (checkpoints written before this step are in checkpoints/)")
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []

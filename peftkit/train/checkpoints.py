@@ -83,6 +83,8 @@ class Progress:
     loss_sum: float = 0.0
     """Sum of the per-step training losses (their mean is the run's train_loss)."""
     steps: int = 0
+    wall_seconds: float = 0.0
+    """Wall time of the sessions so far (loading, evaluation and training), up to this checkpoint."""
 
 
 def read_progress(checkpoint: Path) -> Progress | None:
@@ -250,3 +252,15 @@ class SeededLengthGrouping(TrainerCallback):
         seed = args.data_seed if args.data_seed is not None else args.seed
         for sampler in _length_grouped_samplers(train_dataloader):
             sampler.generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+
+
+def restore_finished(trainer: Any, checkpoint: Path) -> Any:
+    """A run stopped after its last step was saved (killed during the final evaluation or while saving): load that
+    checkpoint instead of training, since transformers resumes a `max_steps` run at its last step by training one
+    step more. Returns the Trainer's TrainOutput for no new steps."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    return TrainOutput(trainer.state.global_step, 0.0, {})

@@ -43,7 +43,7 @@ from peftkit.models.resolve import ModelSource, hub_hint, materialize
 from peftkit.train import checkpoints
 from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
 from peftkit.train.run import RunResult, configure_threads, peak_memory_mb, summary_header, training_arguments
-from peftkit.train.run_dir import check_run_dir, clear_run_dir, mark_run_dir
+from peftkit.train.run_dir import check_run_dir, clear_run_dir, mark_run_dir, run_lock
 from peftkit.utils.atomic import atomic_write_text
 from peftkit.utils.modes import eval_mode
 
@@ -142,9 +142,16 @@ def write_classification_card(run_dir: Path, recipe: Recipe, summary: dict[str, 
 def train_classifier(
     recipe: Recipe, *, resume: bool = False, force: bool = False, extra_callbacks: list[Any] | None = None
 ) -> RunResult:
+    run_dir = Path(recipe.output_dir).expanduser().resolve()
+    with run_lock(run_dir):  # one process only (multi-process classification is refused by the launcher)
+        return _train_classifier(recipe, run_dir, resume=resume, force=force, extra_callbacks=extra_callbacks)
+
+
+def _train_classifier(
+    recipe: Recipe, run_dir: Path, *, resume: bool, force: bool, extra_callbacks: list[Any] | None
+) -> RunResult:
     started = time.perf_counter()
     validate_recipe(recipe, check_model=True)
-    run_dir = Path(recipe.output_dir).expanduser().resolve()
     replace_earlier = check_run_dir(run_dir, resume=resume, force=force, recipe_dump=recipe.model_dump(mode="json"))
 
     threads = configure_threads(recipe.train.num_threads)

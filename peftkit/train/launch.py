@@ -431,11 +431,7 @@ def worker_environment(recipe: Recipe, device: str, options: LaunchOptions, thre
 def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: LaunchOptions, console: Any) -> int:
     """Validate and prepare once, start the workers, and report what they did."""
     from peftkit.config.validate import validate_recipe
-    from peftkit.models import resolve_device
-    from peftkit.train import deepspeed as ds
-    from peftkit.train.report import print_run_report
-    from peftkit.train.run_dir import check_run_dir
-    from peftkit.train.signals import read_interrupted
+    from peftkit.train.run_dir import run_lock
 
     problems = options.problems()
     if recipe.task != "causal_lm":
@@ -448,6 +444,18 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
         raise LaunchError("; ".join(problems))
     validate_recipe(recipe, check_model=True)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
+    with run_lock(run_dir, enabled=options.node_rank == 0):  # held for the workers, which do not lock themselves
+        return _launch(args, recipe, recipe_arg, options, console, run_dir)
+
+
+def _launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: LaunchOptions, console: Any,
+            run_dir: Path) -> int:
+    from peftkit.models import resolve_device
+    from peftkit.train import deepspeed as ds
+    from peftkit.train.report import print_run_report
+    from peftkit.train.run_dir import check_run_dir
+    from peftkit.train.signals import read_interrupted
+
     resume, force = resolve_resume(getattr(args, "resume", None), run_dir, bool(args.force))
     replace = False  # checked here, before any worker starts; the workers' rank 0 deletes only after reading the data
     if options.node_rank == 0:

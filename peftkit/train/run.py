@@ -29,8 +29,8 @@ from peftkit.models import (
 )
 from peftkit.train import checkpoints
 from peftkit.train import deepspeed as deepspeed_setup, run_dir as run_dirs, signals
-from peftkit.train.launch import dist_info, is_main_process, sum_over_processes
-from peftkit.train.callbacks import MetricsJsonlCallback, OverfittingWatch, plot_loss_curves, read_metrics
+from peftkit.train.launch import WORKER_ENV, dist_info, is_main_process, sum_over_processes
+from peftkit.train.callbacks import DivergenceGuard, MetricsJsonlCallback, OverfittingWatch, plot_loss_curves, read_metrics
 from peftkit.train.model_card import write_model_card
 from peftkit.train.trainer import SFTTrainer
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
@@ -48,6 +48,20 @@ def configure_threads(num_threads: int | None) -> int:
     threads = num_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     return threads
+
+
+def warn_if_cpu_busy(threads: int) -> None:
+    """Training on every core while other jobs use them runs several times slower (threads wait on each other);
+    measured 5-15x on 2 cores. Say so at the start, with the setting that helps."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return
+    cores = os.cpu_count() or 1
+    if load >= 0.75 * cores:
+        log.warning("The CPU is busy (load %.1f on %d cores): training on %d threads next to other jobs can run "
+                    "several times slower; set train.num_threads to the cores that are free, or run it alone",
+                    load, cores, threads)
 
 
 def peak_memory_mb(device: str) -> float:
@@ -77,6 +91,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
         logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must show (and stop the run: DivergenceGuard), not be averaged away
         eval_strategy=("steps" if cfg.eval_steps else "epoch") if has_eval else "no",
         eval_steps=cfg.eval_steps,
         save_strategy="steps" if cfg.save_steps or (early_stop and cfg.eval_steps) else "epoch",
@@ -168,9 +183,17 @@ def train(
         from peftkit.train.classification import train_classifier
 
         return train_classifier(recipe, resume=resume, force=force, extra_callbacks=extra_callbacks)
+    run_dir = Path(recipe.output_dir).expanduser().resolve()
+    # Under `peftkit train --nproc`, the launching process holds the lock for its workers.
+    with run_dirs.run_lock(run_dir, enabled=is_main_process() and not os.environ.get(WORKER_ENV)):
+        return _train(recipe, run_dir, resume=resume, force=force, extra_callbacks=extra_callbacks)
+
+
+def _train(
+    recipe: Recipe, run_dir: Path, *, resume: bool, force: bool, extra_callbacks: list[Any] | None
+) -> RunResult:
     started = time.perf_counter()
     validate_recipe(recipe, check_model=True)
-    run_dir = Path(recipe.output_dir).expanduser().resolve()
     main_process = is_main_process()  # under a launcher, only global rank 0 writes the run directory
     replace_earlier = False
     if main_process:
@@ -182,6 +205,8 @@ def train(
 
     set_seed(recipe.train.seed)
     device = resolve_device(recipe.train.device)
+    if device == "cpu" and dist_info().world_size == 1:
+        warn_if_cpu_busy(threads)
     dtype = resolve_dtype(recipe.train.dtype, device)
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_tokenizer(recipe.model, source)
@@ -234,6 +259,7 @@ def train(
         checkpoints.SeededLengthGrouping(),  # group_by_length batches reproducible on resume
         interrupt := signals.interrupt_callback(),  # Ctrl-C: checkpoint at the end of the step, then stop
         overfitting := OverfittingWatch(),
+        DivergenceGuard(recipe.train.lr),
         *(extra_callbacks or []),
     ]
     if recipe.train.early_stopping_patience and has_eval:
@@ -282,10 +308,14 @@ def train(
         return checkpoints.Progress(
             supervised_tokens=supervised, input_tokens=inputs,
             train_seconds=prior.train_seconds + time.perf_counter() - train_started,
-            loss_sum=prior.loss_sum + _session_loss_sum(trainer), steps=trainer.state.global_step)
+            loss_sum=prior.loss_sum + _session_loss_sum(trainer), steps=trainer.state.global_step,
+            wall_seconds=prior.wall_seconds + time.perf_counter() - started)
 
     train_started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resume_from and ds_config is None and recipe.train.max_steps and prior.steps >= recipe.train.max_steps:
+        output = checkpoints.restore_finished(trainer, resume_from)  # every step was trained before the stop
+    else:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     signals.raise_if_interrupted(interrupt, trainer, run_dir)  # a signal stopped it: checkpoint saved, say how to resume
     train_seconds = prior.train_seconds + time.perf_counter() - train_started
     session_steps = output.global_step - prior.steps
@@ -328,7 +358,7 @@ def train(
         ),
         "samples": samples,
         "data_stats": data.stats,
-        "wall_seconds": round(time.perf_counter() - started, 2),
+        "wall_seconds": round(prior.wall_seconds + time.perf_counter() - started, 2),  # all sessions
     }
     if details_after:
         atomic_write_text(

@@ -7,8 +7,12 @@ recipe it was started with: the checkpoint's optimizer, schedule and adapter sha
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +23,69 @@ from peftkit.train import checkpoints
 from peftkit.utils.atomic import atomic_write_text
 
 RUN_MARKER = ".peftkit-run"
+LOCK_FILE = ".peftkit-lock"
+"""Held (flock) by the process training into the folder; the OS releases it when that process ends, killed or not."""
 BEFORE_FILE = "before.json"
 """Measurements of the untrained model, kept for the summary of a run that is resumed later."""
 RESUME_MAY_CHANGE = ("description", "eval.", "train.num_threads", "train.logging_steps", "output_dir")
 """Recipe keys that do not touch the training state, so a resumed run may change them (`output_dir`: the run is
 the folder being resumed, however it is named: `peftkit train RUN_DIR --resume`, or a moved run)."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
+    """Only one peftkit process trains into a folder at a time: a second `train` (with --force or --resume) would
+    delete or interleave the first one's checkpoints and metrics."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        enabled = False
+    if not enabled or (run_dir.exists() and not run_dir.is_dir()):  # a file: check_run_dir says so
+        yield
+        return
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = (run_dir / LOCK_FILE).open("a+", encoding="utf-8")
+    except OSError as exc:
+        raise RunDirError(f"cannot write the run directory {run_dir} ({exc.strerror}); set output_dir to a writable place") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunDirError(f"{run_dir} is in use: peftkit is training into it ({holder}); wait for that run to end "
+                          "or stop it (Ctrl-C saves a checkpoint), or set another output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)  # no stray file in a folder the run never used
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+        if created and not any(run_dir.iterdir()):  # a start that failed before writing anything leaves nothing
+            run_dir.rmdir()
+
+
+def training_in(run_dir: Path) -> str | None:
+    """Who holds the run's lock ("pid N, since ..."), or None when no process is training into it."""
+    try:
+        import fcntl
+
+        handle = (run_dir / LOCK_FILE).open("r", encoding="utf-8")
+    except (ImportError, OSError):
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 def is_peftkit_run(run_dir: Path) -> bool:

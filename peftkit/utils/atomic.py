@@ -1,17 +1,96 @@
 """Atomic writes: a file or directory is either complete or absent, never half-written.
 
 We write to a hidden temporary sibling (same file system), fsync, then rename into place.
-A process killed mid-write leaves only a `.tmp-*` sibling, which is ignored and cleaned later.
+A process killed mid-write leaves only a `.tmp-<name>-<pid>-<random>` sibling; the next write of
+the same target removes it once that process is gone (each can be a full model copy).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# Leftovers from before temporary names carried a process id (`.tmp-<name>-<8 random chars>`) cannot be
+# matched to a writer, so they are removed only when untouched for a day: no write takes that long.
+_OLD_STYLE_AGE_S = 86400
+_OLD_STYLE = re.compile(r"[a-z0-9_]{8}")
+_WITH_PID = re.compile(r"(\d+)-[0-9a-f]{8}")
+_MARKERS: dict[Path, str] = {}
+
+
+def mark_when_written(target: Path, marker: str) -> None:
+    """Have the next `atomic_directory(target)` put a small `marker` file in the folder it writes.
+
+    Exports call this (through `prepare_output`) so that peftkit can later tell its own output,
+    which `--force` may replace, from a folder it must never delete.
+    """
+    _MARKERS[Path(target).resolve()] = marker
+
+
+def _alive(pid: int) -> bool:
+    # Process ids are per machine (and per container): a writer on another host sharing this file
+    # system looks dead here, so two machines must not write the same target at once.
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Remove temporary siblings of `target` left by writers that were killed; never a live writer's."""
+    prefix = f".tmp-{target.name}-"
+    with contextlib.suppress(OSError), os.scandir(target.parent) as entries:
+        for entry in list(entries):
+            if not entry.name.startswith(prefix):
+                continue
+            rest = entry.name[len(prefix):]
+            with_pid = _WITH_PID.fullmatch(rest)
+            if with_pid:
+                stale = not _alive(int(with_pid.group(1)))
+            else:
+                stale = bool(_OLD_STYLE.fullmatch(rest)) and _age(entry) > _OLD_STYLE_AGE_S
+            if not stale:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _age(entry: os.DirEntry) -> float:
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _temporary_sibling(target: Path, create: Callable[[Path], T]) -> tuple[Path, T]:
+    """Create a new `.tmp-<name>-<pid>-<random>` next to `target` with `create(path)`.
+
+    Unlike tempfile.mkdtemp/mkstemp (always 0700/0600), plain os.mkdir/os.open apply the umask, so the
+    output gets the modes any other file gets and a server running as another user can read it.
+    """
+    _remove_leftovers(target)
+    for _ in range(100):
+        path = target.with_name(f".tmp-{target.name}-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            return path, create(path)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {target}")
 
 
 def _fsync_tree(root: Path) -> None:
@@ -39,9 +118,12 @@ def atomic_directory(target: Path, *, exist_ok: bool = False, replace: bool = Fa
     if target.exists() and exist_ok and not replace:
         yield None
         return
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    marker = _MARKERS.pop(target.resolve(), None)
+    tmp, _ = _temporary_sibling(target, lambda path: os.mkdir(path, 0o777))
     try:
         yield tmp
+        if marker is not None:
+            (tmp / marker).write_text("written by peftkit: `--force` may replace this folder\n", encoding="utf-8")
         _fsync_tree(tmp)
         if target.exists():
             if exist_ok and not replace:
@@ -64,7 +146,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file atomically (temp sibling + fsync + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    tmp, fd = _temporary_sibling(path, lambda p: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)

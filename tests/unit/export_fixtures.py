@@ -65,11 +65,12 @@ def make_run(run_dir: Path, recipe: dict[str, Any], peft_config: Any, *, model_d
 
         data["quantization"] = quantization
         data["adapter"] = {**data["adapter"], "method": "qlora", "gradient_checkpointing": False}
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quantization.get("quant_type", "nf4"),
-            bnb_4bit_use_double_quant=quantization.get("double_quant", True),
-            bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8,
-        )
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True) if quantization.get("bits") == 8 else (
+            BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=quantization.get("quant_type", "nf4"),
+                bnb_4bit_use_double_quant=quantization.get("double_quant", True),
+                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8,
+            ))
         kwargs["device_map"] = {"": "cpu"}
     recipe_obj = recipe_from_dict(data)
     run_dir.mkdir(parents=True, exist_ok=True)

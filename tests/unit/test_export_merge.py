@@ -113,6 +113,17 @@ def test_qlora_merge_uses_dequantized_base_and_reports_both_errors(export_recipe
     assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
 
 
+def test_an_8bit_lora_merge_verifies_against_the_dequantized_weights(export_recipe, tmp_path):
+    """LLM.int8 layers quantize their inputs too, which no float32 export reproduces: the merged model must equal
+    the adapter on the dequantized 8-bit weights, and the int8 gap is reported, not failed on."""
+    run = make_run(tmp_path / "q8", export_recipe, METHODS["lora"], quantization={"bits": 8}, scale=0.05)
+    result = export_hf(run, tmp_path / "merged")
+    report = json.loads((tmp_path / "merged" / "verification.json").read_text())
+    assert report["passed"] and report["max_abs_diff"] < 1e-4, report
+    assert "dequantized 8-bit base" in report["reference"] or "dequantized 8-bit base" in json.dumps(report)
+    assert result.qlora["dequantized_max_abs_diff"] > report["max_abs_diff"]  # the int8 activation gap, reported
+
+
 def test_qlora_merge_reloads_the_base_with_the_trained_blocksize(export_recipe, tmp_path):
     quant = {"bits": 4, "quant_type": "nf4", "double_quant": True, "blocksize": 32}
     run = make_run(tmp_path / "qrun", export_recipe, METHODS["lora"], quantization=quant, scale=0.05)
@@ -205,8 +216,13 @@ def test_existing_output_needs_force_and_run_files_are_protected(export_recipe, 
     with pytest.raises(ExportError, match="refusing to write"):
         export_hf(run, run / "adapter", force=True)
     monkeypatch.undo()
+    with pytest.raises(ExportError, match="never deletes a folder it did not write"):
+        export_hf(run, out, force=True, check=False)  # keep.txt is not peftkit's
+    assert (out / "keep.txt").is_file()
+    (out / "keep.txt").unlink()
+    export_hf(run, out, force=True, check=False)  # an empty folder, then peftkit's own export, are replaced
     export_hf(run, out, force=True, check=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
 
 
 def test_run_without_adapter_is_a_clear_error(export_recipe, tmp_path, capsys):
@@ -252,3 +268,30 @@ def test_merged_exports_keep_the_base_models_dtype_by_default():
     assert export_dtype("float16", SimpleNamespace(dtype="bfloat16")) == "float16"  # an explicit --dtype wins
     with pytest.raises(ExportError, match="--dtype"):
         export_dtype("fp8", None)
+
+
+def test_a_damaged_or_mismatched_adapter_is_one_message_before_any_model_loads(export_recipe, tmp_path, monkeypatch):
+    from peftkit import runs
+
+    run = make_run(tmp_path / "run", export_recipe, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                               task_type="CAUSAL_LM"))
+    weights = run / "adapter" / "adapter_model.safetensors"
+    intact = weights.read_bytes()
+    config_path = run / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the base model must not load for a damaged adapter")
+
+    monkeypatch.setattr(runs, "load_base_model", no_model)
+    weights.write_bytes(intact[:1000])  # a copy cut short
+    with pytest.raises(ExportError, match="is damaged"):
+        merge_run(run)
+    with pytest.raises(RunDirError, match="is damaged"):
+        runs.load_run(run)  # chat / eval
+    weights.write_bytes(intact)
+    config_path.write_text(json.dumps({**config, "r": 8}))  # a config from another run
+    with pytest.raises(ExportError, match="says r=8, but the weights have rank 4"):
+        merge_run(run)
+    with pytest.raises(RunDirError, match="says r=8"):
+        runs.load_run(run)

@@ -260,3 +260,27 @@ def test_the_recipes_quantization_compute_dtype_is_used():
 
     assert bnb_config(QuantizationConfig(compute_dtype="bfloat16"), "cpu", torch.float32).bnb_4bit_compute_dtype == torch.bfloat16
     assert bnb_config(QuantizationConfig(), "cpu", torch.float32).bnb_4bit_compute_dtype == torch.float32  # auto: the model's
+
+
+def test_a_model_that_needs_remote_code_is_refused_with_the_recipe_key_to_allow_it(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from peftkit.config import recipe_from_dict
+    from peftkit.config.schema import ModelConfig
+    from peftkit.config.validate import validate_recipe
+    from peftkit.errors import ConfigError
+    from peftkit.models import load_model
+
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_model_dir, remote)
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="my-own-llama", auto_map={"AutoConfig": "modeling_mine.MyConfig",
+                                                        "AutoModelForCausalLM": "modeling_mine.MyModel"})
+    (remote / "config.json").write_text(json.dumps(config))
+    (remote / "modeling_mine.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(ConfigError, match="needs its own Python code.*model.trust_remote_code: true"):
+        validate_recipe(recipe_from_dict({"model": {"name": str(remote)}, "data": {"train": str(tmp_path / "x.jsonl")}}),
+                        check_model=True)
+    with pytest.raises(ModelNotFoundError, match="model.trust_remote_code: true"):
+        load_model(ModelConfig(name=str(remote)))  # `merge --base` and the other loaders

@@ -4,6 +4,7 @@ resumed run keeps its recipe; a failed start blocks nothing; early stopping is r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -132,6 +133,7 @@ def test_resumed_summary_covers_the_whole_run(tiny_recipe, tmp_path):
     assert resumed["eval_loss_before"] == pytest.approx(whole["eval_loss_before"], rel=1e-5)
     assert resumed["heldout_accuracy_before"] == whole["heldout_accuracy_before"] is not None
     assert resumed["train_seconds"] > progress.train_seconds
+    assert resumed["wall_seconds"] > progress.wall_seconds > 0 and resumed["wall_seconds"] >= resumed["train_seconds"]
 
 
 def test_early_stopping_is_reported_with_max_steps(tiny_recipe):
@@ -199,3 +201,55 @@ def test_a_classification_force_that_fails_on_its_data_keeps_the_earlier_run(tin
     with pytest.raises(DataError, match="broken"):
         train(recipe, force=True)
     assert (run_dir / "summary.json").read_text() == summary
+
+
+def test_one_process_at_a_time_trains_into_a_run_directory(tiny_recipe, tmp_path):
+    from peftkit.train.run_dir import LOCK_FILE, run_lock, training_in
+
+    run_dir = Path(tiny_recipe["output_dir"])
+    with run_lock(run_dir):
+        assert training_in(run_dir).startswith(f"pid {os.getpid()}")
+        with pytest.raises(RunDirError, match=f"in use: peftkit is training into it \\(pid {os.getpid()}"):
+            train(recipe_from_dict(_short(tiny_recipe)), force=True)  # a second run would delete the first's files
+    assert training_in(run_dir) is None and not (run_dir / LOCK_FILE).exists()
+    assert not run_dir.exists()  # the lock made the folder; nothing else was written, so nothing is left
+    result = train(recipe_from_dict(_short(tiny_recipe)))
+    assert result.summary["steps"] == 2 and not (run_dir / LOCK_FILE).exists()
+
+
+def test_the_lock_goes_with_a_killed_process(tmp_path):
+    import subprocess
+    import sys
+
+    from peftkit.train.run_dir import run_lock, training_in
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from peftkit.train.run_dir import run_lock\n"
+        f"with run_lock(Path({str(run_dir)!r})):\n    print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert training_in(run_dir) == f"pid {holder.pid}" or training_in(run_dir).startswith(f"pid {holder.pid},")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert training_in(run_dir) is None  # kill -9 released it; the stale file does not block
+    with run_lock(run_dir):
+        pass
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_without_an_extra_step(tiny_recipe):
+    """Killed during the final evaluation or saving: the checkpoint of the last step exists, and transformers
+    would train one step past max_steps on resume."""
+    recipe = recipe_from_dict(_short(tiny_recipe, max_steps=4, save_steps=2))
+    whole = train(recipe)
+    adapter = (whole.run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    for name in ("summary.json", "README.md", "adapter"):
+        path = whole.run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = train(recipe, resume=True)
+    assert resumed.summary["steps"] == 4 and resumed.summary["trained_tokens"] == whole.summary["trained_tokens"]
+    assert resumed.summary["train_loss"] == pytest.approx(whole.summary["train_loss"], rel=1e-6)
+    assert (resumed.run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert [p.name for p in checkpoints.checkpoint_dirs(resumed.run_dir)][-1] == "checkpoint-4"

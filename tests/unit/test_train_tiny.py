@@ -83,3 +83,30 @@ def test_optimizer_choice_reaches_the_trainer(tiny_recipe, tmp_path):
     assert all("state1" in state for state in inner.state.values()) and inner.state  # it stepped
     # (bitsandbytes keeps tensors under min_8bit_size = 4096 elements, like these tiny LoRA matrices, in 32 bits)
     assert len(_losses(result.run_dir)) == 3
+
+
+def test_a_diverging_run_stops_with_the_step_instead_of_saving_a_nan_adapter(tiny_recipe):
+    from peftkit.errors import TrainingDivergedError
+
+    recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 8, "lr": 1e12,
+                                                        "max_grad_norm": 0.0, "warmup_ratio": 0.0},
+                               "eval": {"before": False}})
+    with pytest.raises(TrainingDivergedError, match=r"training diverged: the (loss|grad norm) is (nan|inf) at step \d") as caught:
+        train(recipe)
+    assert "train.lr (now 1e+12)" in str(caught.value)
+    run_dir = Path(tiny_recipe["output_dir"])
+    assert not (run_dir / "adapter").exists() and not (run_dir / "summary.json").exists()
+
+
+def test_a_busy_cpu_is_reported_with_the_setting_that_helps(monkeypatch, caplog):
+    import os
+
+    from peftkit.train.run import warn_if_cpu_busy
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))
+    warn_if_cpu_busy(2)
+    assert not caplog.records
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.1, 1.0, 0.5))
+    warn_if_cpu_busy(2)
+    assert "train.num_threads" in caplog.text and "load 2.1 on 2 cores" in caplog.text

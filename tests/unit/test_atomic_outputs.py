@@ -1,0 +1,168 @@
+"""Outputs peftkit writes: --force replaces only peftkit's own exports, killed writes leave no
+full-size leftovers behind, and written folders/files are readable by other users as the umask says."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from tests.unit.export_fixtures import export_recipe, llama64_dir, make_run  # noqa: F401
+from peftkit.cli import main
+from peftkit.errors import ExportError, PeftkitError
+from peftkit.export.adapter_export import export_adapter
+from peftkit.export.common import EXPORT_MARKER, list_files, prepare_output
+from peftkit.utils.atomic import atomic_directory, atomic_write_text
+
+torch.set_num_threads(1)
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+# --force replaces only what peftkit wrote
+
+
+def test_force_never_deletes_a_folder_peftkit_did_not_write(export_recipe, tmp_path, capsys):
+    run = make_run(tmp_path / "run", export_recipe, LORA)
+    important = tmp_path / "important"
+    important.mkdir()
+    (important / "thesis.txt").write_text("precious")
+    code = main(["export", str(run), "--format", "adapter", "--out", str(important), "--force", "--no-verify"])
+    assert code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "never deletes a folder it did not write" in err and "--out" in err
+    assert (important / "thesis.txt").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_force_replaces_a_peftkit_export_and_an_empty_folder(export_recipe, tmp_path):
+    run = make_run(tmp_path / "run", export_recipe, LORA)
+    out = tmp_path / "out"
+    out.mkdir()  # empty: nothing to lose
+    export_adapter(run, out, force=True, check=False)
+    assert (out / EXPORT_MARKER).is_file() and (out / "adapter_config.json").is_file()
+    assert EXPORT_MARKER not in list_files(out)  # bookkeeping, not part of the export's listing
+    (out / "stale.txt").write_text("from the previous export")
+    with pytest.raises(ExportError, match="--force"):
+        export_adapter(run, out, check=False)
+    result = export_adapter(run, out, force=True, check=False)
+    assert not (out / "stale.txt").exists() and "adapter_model.safetensors" in result.files
+    assert (out / EXPORT_MARKER).is_file()
+
+
+@pytest.mark.parametrize("files", [
+    {"verification.json": "{}", "model.safetensors": ""},  # any verified export
+    {"adapter_config.json": "{}", "manifest.json": "{}"},  # adapter export, --no-verify
+    {"Modelfile": "# Ollama Modelfile written by peftkit. Create ...\nFROM ./m.gguf\n", "m.gguf": ""},
+    {"Modelfile": "# Ollama: base model + this LoRA. Create with: ...\nADAPTER ./a.gguf\n", "a.gguf": ""},
+    {"README.md": "---\nbase_model: x\ntags:\n- peftkit\n- merged\n---\n# card\n", "model.safetensors": ""},
+])
+def test_exports_from_before_the_marker_are_recognised(tmp_path, files):
+    out = tmp_path / "old-export"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    assert prepare_output(out, force=True, protected=[]) == out.resolve()
+
+
+@pytest.mark.parametrize("files", [
+    {"config.json": "{}", "model.safetensors": ""},  # a model downloaded from the hub
+    {"Modelfile": "FROM ./mine.gguf\n", "mine.gguf": ""},  # the user's own Ollama folder
+    {"README.md": "---\ntags:\n- llama\n---\npeftkit is mentioned here\n"},
+    {"sub/verification.json": "{}"},  # only at the top level
+])
+def test_other_folders_are_refused_even_with_force(tmp_path, files):
+    out = tmp_path / "theirs"
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    with pytest.raises(ExportError, match="never deletes a folder it did not write") as info:
+        prepare_output(out, force=True, protected=[])
+    assert isinstance(info.value, PeftkitError)
+
+
+def test_a_failed_write_keeps_the_previous_output(tmp_path):
+    target = tmp_path / "merged"
+    with atomic_directory(target) as tmp:
+        (tmp / "model.safetensors").write_text("old")
+    with pytest.raises(RuntimeError, match="verification failed"):
+        with atomic_directory(target, replace=True) as tmp:
+            (tmp / "model.safetensors").write_text("new")
+            raise RuntimeError("verification failed")
+    assert (target / "model.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+# killed writes leave nothing behind for long
+
+
+def test_temporary_names_carry_the_process_id(tmp_path):
+    with atomic_directory(tmp_path / "merged") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(f".tmp-merged-{os.getpid()}-")
+
+
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path, kind):
+    name = "merged" if kind == "directory" else "summary.json"
+    dead, live = tmp_path / f".tmp-{name}-{dead_pid()}-abcd1234", tmp_path / f".tmp-{name}-{os.getpid()}-abcd1234"
+    old_style, recent_old_style = tmp_path / f".tmp-{name}-k3j_x9q0", tmp_path / f".tmp-{name}-z8y7x6w5"
+    other = tmp_path / f".tmp-other-{dead_pid()}-abcd1234"  # another target's: not ours to judge
+    for leftover in (dead, live, old_style, recent_old_style, other):
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_text("a full-size copy")
+    age(old_style, 2 * 86400)
+    if kind == "directory":
+        with atomic_directory(tmp_path / name) as tmp:
+            (tmp / "config.json").write_text("{}")
+    else:
+        atomic_write_text(tmp_path / name, "{}")
+    assert not dead.exists() and not old_style.exists()
+    assert live.is_dir() and recent_old_style.is_dir() and other.is_dir()
+    assert (tmp_path / name).exists()
+
+
+# written outputs follow the umask, like any other file
+
+
+def test_written_folders_and_files_follow_the_umask(tmp_path):
+    with umask(0o022):
+        with atomic_directory(tmp_path / "merged") as tmp:
+            (tmp / "config.json").write_text("{}")
+        atomic_write_text(tmp_path / "merged" / "README.md", "card")
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "merged" / "config.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "merged" / "README.md").stat().st_mode) == 0o644
+    with umask(0o077):
+        with atomic_directory(tmp_path / "private") as tmp:
+            pass
+        atomic_write_text(tmp_path / "secret.txt", "x")
+    assert stat.S_IMODE((tmp_path / "private").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "secret.txt").stat().st_mode) == 0o600

@@ -1,0 +1,190 @@
+"""Problems `peftkit validate` used to let through (or crash on): each is now one clear ConfigError problem
+(or, for a trailing user turn, one warning), found before any weights load."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from peftkit.cli import main
+from peftkit.config import load_recipe, recipe_from_dict
+from peftkit.config.validate import validate_recipe
+from peftkit.errors import ConfigError
+
+
+def _with(tiny_recipe: dict[str, Any], section: str, **values: Any) -> dict[str, Any]:
+    data = copy.deepcopy(tiny_recipe)
+    data[section] = {**data.get(section, {}), **values}
+    return data
+
+
+def _problems(data: dict[str, Any], check_model: bool = True) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        validate_recipe(recipe_from_dict(data), check_model=check_model)
+    return info.value.problems
+
+
+def _write(tmp_path: Path, data: dict[str, Any] | str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+# 1. an invalid regex in target_modules
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "ia3"])
+def test_invalid_target_regex_is_one_problem_naming_key_error_and_example(tiny_recipe, method):
+    data = {**tiny_recipe, "adapter": {"method": method, "target_modules": "q_proj[("}}
+    with pytest.raises(ConfigError) as info:
+        recipe_from_dict(data)
+    [problem] = info.value.problems
+    assert problem.startswith("`adapter.target_modules`: is not a valid regular expression (unterminated character set")
+    assert "[q_proj, v_proj]" in problem and "all-linear" in problem
+
+
+def test_unclosed_list_override_is_reported_not_raised(tiny_recipe, tmp_path, capsys):
+    """`--set adapter.target_modules=[q_proj` is not YAML, so it arrives as the string `[q_proj`."""
+    code = main(["validate", str(_write(tmp_path, tiny_recipe)), "--set", "adapter.target_modules=[q_proj"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "`adapter.target_modules`: is not a valid regular expression" in err and "closing `]`" in err
+
+
+# 2. a target pattern that selects modules LoRA cannot wrap
+
+@pytest.mark.parametrize(("target", "named"), [(".*", "model.layers.0.self_attn (LlamaAttention)"),
+                                               (".*mlp.*", "model.layers.0.mlp (LlamaMLP)")])
+def test_pattern_matching_modules_lora_cannot_adapt_is_refused(tiny_recipe, target, named):
+    [problem] = _problems(_with(tiny_recipe, "adapter", target_modules=target))
+    assert f"adapter.target_modules {target!r} matches modules LoRA cannot adapt" in problem
+    assert named in problem and "Linear, Embedding" in problem and "all-linear" in problem
+
+
+def test_the_refused_pattern_is_one_peft_refuses_and_narrow_patterns_pass(tiny_recipe, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match="is not supported"):  # what `train` would hit after weights load
+        get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), LoraConfig(r=4, target_modules=".*mlp.*"))
+    for target in [r".*\.(q_proj|v_proj)", ["q_proj", "embed_tokens"]]:
+        validate_recipe(recipe_from_dict(_with(tiny_recipe, "adapter", target_modules=target)))
+    # with `layers`, a regex is resolved to the linear layers in range, so containers never reach peft
+    validate_recipe(recipe_from_dict(_with(tiny_recipe, "adapter", target_modules=".*mlp.*", layers=[0, 0])))
+
+
+# 3. non-finite numbers
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("train", "lr", float("inf")), ("train", "epochs", float("inf")), ("train", "max_grad_norm", float("nan")),
+    ("adapter", "alpha", float("inf")), ("data", "eval_fraction", float("nan")),
+])
+def test_non_finite_numbers_are_refused(tiny_recipe, section, key, value):
+    with pytest.raises(ConfigError) as info:
+        recipe_from_dict(_with(tiny_recipe, section, **{key: value}))
+    assert info.value.problems == [f"`{section}.{key}` must be a finite number, not {value!r} (YAML reads `.inf` / "
+                                   "`.nan` as infinity / not a number); give a real value, or remove the key for the default"]
+
+
+def test_yaml_inf_in_a_nested_section_is_refused(tiny_recipe, tmp_path):
+    data = _with(tiny_recipe, "data", replay={"path": "builtin:general", "ratio": 0.5})
+    text = yaml.safe_dump(data).replace("ratio: 0.5", "ratio: .nan")
+    with pytest.raises(ConfigError, match=r"`data.replay.ratio` must be a finite number"):
+        load_recipe(_write(tmp_path, text))
+
+
+# 4. LoRA rank against the targeted layers
+
+def test_rank_above_smallest_targeted_layer_names_the_layer(tiny_recipe):
+    """The tiny Llama's k_proj is 32 -> 16 (2 kv heads of 8): r 16 is the most that means anything."""
+    [problem] = _problems(_with(tiny_recipe, "adapter", r=17))
+    assert problem.startswith("adapter.r = 17 is larger than the smallest targeted layer "
+                              "(model.layers.0.self_attn.k_proj: 16 wide)") and "r <= 16" in problem
+    validate_recipe(recipe_from_dict(_with(tiny_recipe, "adapter", r=16)))
+    validate_recipe(recipe_from_dict(_with(tiny_recipe, "adapter", r=32, target_modules=["gate_proj", "up_proj"])))
+
+
+def test_absurd_rank_is_refused_without_the_model(tiny_recipe):
+    with pytest.raises(ConfigError, match=r"`adapter.r`: Input should be less than or equal to 65536"):
+        recipe_from_dict(_with(tiny_recipe, "adapter", r=100_000_000_000))
+
+
+# 5. duplicate keys
+
+def test_duplicate_key_is_refused_with_file_line_and_key(tmp_path, chat_file):
+    path = _write(tmp_path, f"data: {{train: {chat_file}}}\nadapter:\n  r: 4\n  alpha: 8\n  alpha: 16\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert info.value.problems == [f"{path}:5: duplicate key `alpha` (first given at line 4); YAML would keep only the "
+                                   "last value: remove one of them"]
+
+
+def test_keys_merged_from_an_anchor_may_be_overridden(tmp_path, chat_file):
+    text = f"data: {{train: {chat_file}}}\nadapter:\n  <<: {{r: 4, alpha: 8}}\n  alpha: 16\n"
+    assert load_recipe(_write(tmp_path, text)).adapter.alpha == 16
+
+
+# 6. environment variables in paths
+
+def test_environment_variables_in_data_paths_are_expanded(tmp_path, chat_file, monkeypatch):
+    monkeypatch.setenv("PEFTKIT_TEST_DATA", str(chat_file.parent))
+    for spelled in ("$PEFTKIT_TEST_DATA", "${PEFTKIT_TEST_DATA}"):
+        recipe = load_recipe(_write(tmp_path, {"data": {"train": f"{spelled}/{chat_file.name}"}}))
+        assert recipe.data.train == str(chat_file)
+
+
+def test_unset_variable_is_named_in_the_missing_file_message(tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.delenv("PEFTKIT_UNSET_VAR", raising=False)
+    data = _with(tiny_recipe, "data", train="${PEFTKIT_UNSET_VAR}/train.jsonl")
+    with pytest.raises(ConfigError) as info:
+        validate_recipe(load_recipe(_write(tmp_path, data)), check_model=False)
+    [problem] = info.value.problems
+    assert "does not exist" in problem and "$PEFTKIT_UNSET_VAR is not set in the environment" in problem
+
+
+# 7. lone surrogates in JSON data
+
+def test_lone_surrogate_is_a_located_data_problem(tiny_recipe, tmp_path):
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    bad = '{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "ok"}]}'
+    data_file = tmp_path / "bad.jsonl"
+    data_file.write_text(f"{good}\n{bad}\n", encoding="utf-8")
+    [problem] = _problems(_with(tiny_recipe, "data", train=str(data_file)))
+    assert problem.startswith(f"data.train: {data_file}:2: invalid unicode (lone surrogate U+D800")
+
+
+def test_lone_surrogate_through_the_cli_has_no_traceback(tiny_recipe, tmp_path, capsys):
+    data_file = tmp_path / "bad.jsonl"
+    data_file.write_text('{"messages": [{"role": "user", "content": "\\udfff x"}, '
+                         '{"role": "assistant", "content": "ok"}]}\n', encoding="utf-8")
+    code = main(["validate", str(_write(tmp_path, _with(tiny_recipe, "data", train=str(data_file))))])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "invalid unicode (lone surrogate U+DFFF" in err, err
+
+
+# 8. conversations ending with a user turn
+
+def test_trailing_user_turn_warns_once_with_the_count(tiny_recipe, tmp_path, caplog):
+    rows = [[("user", "hi"), ("assistant", "hello"), ("user", "and then?")],
+            [("user", "a"), ("assistant", "b")],
+            [("user", "c"), ("assistant", "d"), ("user", "e")]]
+    data_file = tmp_path / "trailing.jsonl"
+    data_file.write_text("".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in row]}) + "\n"
+                                 for row in rows), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        validate_recipe(recipe_from_dict(_with(tiny_recipe, "data", train=str(data_file))), check_model=False)
+    warnings = [r.getMessage() for r in caplog.records if "trailing turn" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"2 conversation(s) end with a user or tool turn after the "
+                                                         f"last assistant reply (first: {data_file}:1)")
+
+
+def test_conversation_without_assistant_turn_is_still_an_error(tiny_recipe, tmp_path):
+    data_file = tmp_path / "user_only.jsonl"
+    data_file.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n", encoding="utf-8")
+    [problem] = _problems(_with(tiny_recipe, "data", train=str(data_file)), check_model=False)
+    assert "no assistant turn to train on" in problem
