@@ -526,8 +526,8 @@ def setup(recipe: Recipe, run_dir: Path, device: str, dtype: torch.dtype, *, wri
 def plain_eval_loss(trainer: Any) -> float:
     """Eval loss before DeepSpeed or DDP wraps the model: `Trainer.evaluate()` would set up a ZeRO inference
     engine at this point (and refuses to below stage 3), and under DDP it leaves the model registered so that
-    training never wraps it in DistributedDataParallel. Every rank computes it on the full eval set; the
-    average matches `evaluate()` (per-batch token means, weighted by batch size)."""
+    training never wraps it in DistributedDataParallel. Every rank computes it on the full eval set, as a token
+    mean like `evaluate()` (peftkit's SFTTrainer.evaluation_loop)."""
     from torch.utils.data import DataLoader
 
     model = trainer.model
@@ -540,9 +540,9 @@ def plain_eval_loss(trainer: Any) -> float:
         with torch.no_grad():
             for batch in loader:
                 batch = {k: v.to(trainer.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                rows = int(batch["labels"].shape[0])
-                total += float(trainer.compute_loss(model, batch)) * rows
-                weight += rows
+                tokens = int((batch["labels"][:, 1:] != -100).sum())
+                total += float(trainer.compute_loss(model, batch)) * tokens
+                weight += tokens
     return total / weight if weight else float("nan")
 
 

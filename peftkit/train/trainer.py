@@ -164,11 +164,32 @@ class SFTTrainer(Trainer):
         self.__dict__.pop("model_preparation_time", None)
         return metrics
 
+    def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
+        """The eval loss as a token mean over the whole set (what `peftkit eval` and perplexity use), not the
+        Trainer's mean of per-batch means, which weights the tokens of short batches more."""
+        self._eval_totals = [0.0, 0]
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        loss_sum, tokens = self._eval_totals
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            totals = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64, device=self.args.device)
+            torch.distributed.all_reduce(totals)
+            loss_sum, tokens = float(totals[0]), int(totals[1])
+        if tokens and f"{metric_key_prefix}_loss" in output.metrics:
+            output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / tokens
+        return output
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # type: ignore[override]
-        """Eval loss through the same sparse path (token-mean over the batch)."""
+        """Eval loss through the same sparse path (token-mean over the batch; its token sum is kept for the set's
+        token mean, see `evaluation_loop`)."""
         if not prediction_loss_only or self.compute_loss_func is not None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
+        tokens = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        totals = getattr(self, "_eval_totals", None)
+        if totals is not None:
+            totals[0] += float(loss) * tokens
+            totals[1] += tokens
         return loss.detach(), None, None

@@ -185,11 +185,16 @@ def test_replay_adds_examples_to_training(tiny_recipe, tmp_path):
 
 
 def test_eval_command_writes_report_and_updates_card(tiny_recipe, tmp_path, capsys):
-    run_dir = train(recipe_from_dict({**tiny_recipe, "eval": {"before": False, "max_new_tokens": 6}})).run_dir
+    run_dir = train(recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "batch_size": 2},  # eval in batches
+                                      "eval": {"before": False, "max_new_tokens": 6}})).run_dir
     general = write_jsonl(tmp_path / "general.jsonl", [{"question": "one two", "key_fact": "three"}] * 3)
     assert main(["eval", str(run_dir), "--general", str(general)]) == 0
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["general_questions"] == 3 and report["heldout_questions"] == 2
+    # One definition of eval loss (a token mean over the set) in training's summary and in `peftkit eval`.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert report["after"]["loss"] == pytest.approx(summary["eval_loss_after"], rel=1e-4)
+    assert report["before"]["loss"] == pytest.approx(summary["eval_loss_before"], rel=1e-4)
     assert report["after"]["loss"] != pytest.approx(report["before"]["loss"]), "base and tuned are different models"
     assert report["forgetting_points"] == pytest.approx(
         100 * (report["before"]["general_accuracy"] - report["after"]["general_accuracy"])
