@@ -104,6 +104,10 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
             read_adapter(adapter)  # a damaged or mismatched adapter is one message, before the base loads
         except ExportError as exc:
             raise RunDirError(str(exc)) from None
+        from peftkit.models.fingerprint import warn_if_other_base
+
+        warn_if_other_base(run_dir, resolve_model_ref(recipe.model.name, revision=recipe.model.revision,
+                                                      allow_pickle=recipe.model.allow_pickle), recipe.model.name)
         base = load_base_model(run_dir, recipe, device, quantized=quantized_base)
         model = PeftModel.from_pretrained(base, str(adapter))
     finish_loaded_model(model, run_dir, recipe, tokenizer)

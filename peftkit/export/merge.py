@@ -72,6 +72,7 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
     """Recipe + adapter + base reference, with the adapter/base fit checked from files only."""
     from peftkit.adapters import effective_quantization
     from peftkit.models import resolve_model_ref
+    from peftkit.models.fingerprint import warn_if_other_base
     from peftkit.models.skeleton import model_skeleton
     from peftkit.runs import adapter_dir, read_run_recipe
 
@@ -93,6 +94,7 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
     source = resolve_model_ref(model_cfg.name, revision=model_cfg.revision, allow_pickle=model_cfg.allow_pickle)
     skeleton = model_skeleton(source, model_cfg)
     check_adapter_matches_base(info, skeleton, model_cfg.name)
+    warn_if_other_base(run_dir, source, model_cfg.name)  # same shapes, other weights (a fine-tune, an edited copy)
     if recipe.train.num_threads:  # the run's thread budget (oversubscribed CPUs get much slower, not faster)
         torch.set_num_threads(recipe.train.num_threads)
     return RunAdapter(run_dir, recipe, info, model_cfg, source, effective_quantization(recipe), skeleton.config)

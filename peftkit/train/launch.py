@@ -510,7 +510,7 @@ def raise_for_worker_exit(code: int, interrupts: int, record: dict[str, Any] | N
             if code != 0:
                 log.warning("A worker exited abnormally after the checkpoint was saved (launcher exit code %d); "
                             "the checkpoint is complete", code)
-            raise TrainingInterrupted(int(record["step"]), checkpoint, run_dir, resume_command())
+            raise TrainingInterrupted(int(record["step"]), checkpoint, run_dir, resume_command(), record.get("signal"))
     if interrupts:
         raise LaunchError(f"training was interrupted before a checkpoint could be saved (launcher exit code {code}); "
                           f"rerun with: {resume_command()}")

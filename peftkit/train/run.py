@@ -30,6 +30,7 @@ from peftkit.models import (
 from peftkit.train import checkpoints
 from peftkit.train import deepspeed as deepspeed_setup, run_dir as run_dirs, signals
 from peftkit.train.launch import WORKER_ENV, dist_info, is_main_process, sum_over_processes
+from peftkit.models.fingerprint import source_fingerprint
 from peftkit.train.callbacks import DivergenceGuard, MetricsJsonlCallback, OverfittingWatch, plot_loss_curves, read_metrics
 from peftkit.train.model_card import write_model_card
 from peftkit.train.trainer import SFTTrainer
@@ -359,6 +360,7 @@ def _train(
         "samples": samples,
         "data_stats": data.stats,
         "wall_seconds": round(prior.wall_seconds + time.perf_counter() - started, 2),  # all sessions
+        "base_fingerprint": source_fingerprint(source),  # merge / chat warn when put on other weights
     }
     if details_after:
         atomic_write_text(

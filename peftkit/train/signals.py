@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import signal
 import sys
 import time
@@ -30,12 +31,14 @@ DUPLICATE_WINDOW_S = 2.0
 class TrainingInterrupted(PeftkitError):
     """Training stopped on a signal after saving a checkpoint; the run can be resumed."""
 
-    exit_code = 130
-
-    def __init__(self, step: int, checkpoint: Path, run_dir: Path, resume_command: str | None = None) -> None:
+    def __init__(self, step: int, checkpoint: Path, run_dir: Path, resume_command: str | None = None,
+                 signal_name: str | None = None) -> None:
         self.step = step
         self.checkpoint = checkpoint
         self.run_dir = run_dir
+        self.signal_name = signal_name
+        # the shell's convention: 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)
+        self.exit_code = 128 + int(getattr(signal.Signals, signal_name or "SIGINT", signal.SIGINT))
         command = resume_command or f"peftkit train {run_dir} --resume"
         super().__init__(
             f"training interrupted at step {step}; checkpoint saved in {checkpoint}.\n"
@@ -43,7 +46,7 @@ class TrainingInterrupted(PeftkitError):
         )
 
     def with_command(self, resume_command: str) -> "TrainingInterrupted":
-        return TrainingInterrupted(self.step, self.checkpoint, self.run_dir, resume_command)
+        return TrainingInterrupted(self.step, self.checkpoint, self.run_dir, resume_command, self.signal_name)
 
 
 def _distributed_any(flag: bool, device: Any) -> bool:
@@ -133,9 +136,10 @@ def raise_if_interrupted(callback: InterruptCallback, trainer: Any, run_dir: Pat
 
         atomic_write_text(
             run_dir / INTERRUPTED_FILE,
-            json.dumps({"step": step, "checkpoint": str(checkpoint), "signal": callback.signal_name}) + "\n",
+            json.dumps({"step": step, "checkpoint": str(checkpoint), "signal": callback.signal_name,
+                        "resume": f"peftkit train {shlex.quote(str(run_dir))} --resume"}) + "\n",
         )
-    raise TrainingInterrupted(step, checkpoint, run_dir)
+    raise TrainingInterrupted(step, checkpoint, run_dir, signal_name=callback.signal_name)
 
 
 def read_interrupted(run_dir: Path, since: float = 0.0) -> dict[str, Any] | None:

@@ -295,3 +295,27 @@ def test_a_damaged_or_mismatched_adapter_is_one_message_before_any_model_loads(e
         merge_run(run)
     with pytest.raises(RunDirError, match="says r=8"):
         runs.load_run(run)
+
+
+def test_merging_onto_other_weights_of_the_same_shape_is_warned(tiny_recipe, tmp_path, caplog):
+    """A fine-tune of the base, or a base edited in place, loads into the same shapes: nothing else notices."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from peftkit.config import recipe_from_dict
+    from peftkit.train.run import train
+
+    run = train(recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1},
+                                  "eval": {"before": False}})).run_dir
+    assert len(json.loads((run / "summary.json").read_text())["base_fingerprint"]) == 16
+    merge_run(run)
+    assert "is not the one" not in caplog.text
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_recipe["model"]["name"], other)
+    weights = load_file(str(other / "model.safetensors"))
+    norm = next(k for k in weights if k.endswith("norm.weight"))
+    weights[norm] = weights[norm] * 1.001  # a fine-tune's small change
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    merge_run(run, base=str(other))
+    assert f"The base model {other} is not the one" in caplog.text

@@ -92,7 +92,9 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_pa
     output = tail(log)
     assert "training interrupted at step" in output and "--resume" in output, output
     saved = complete_checkpoints(run_dir)
-    step = json.loads((run_dir / "interrupted.json").read_text())["step"]
+    record = json.loads((run_dir / "interrupted.json").read_text())
+    step = record["step"]
+    assert record["resume"] == f"peftkit train {run_dir} --resume" and record["signal"] == "SIGINT"
     assert saved and checkpoints.step_of(saved[-1]) == step
     assert step % 5 != 0, "the checkpoint must come from the interrupt, not from save_steps"
     assert not (run_dir / "summary.json").exists() and not (run_dir / "adapter").exists()
@@ -190,6 +192,9 @@ def test_worker_exit_is_reported_by_what_the_workers_left(tmp_path, caplog):
     with pytest.raises(TrainingInterrupted, match="interrupted at step 3") as clean:
         raise_for_worker_exit(0, 1, record, tmp_path)
     assert clean.value.checkpoint == saved and clean.value.exit_code == 130
+    with pytest.raises(TrainingInterrupted) as terminated:
+        raise_for_worker_exit(0, 1, {**record, "signal": "SIGTERM"}, tmp_path)
+    assert terminated.value.exit_code == 143  # 128 + SIGTERM, as a shell reports a job stopped by it
     with caplog.at_level("WARNING"), pytest.raises(TrainingInterrupted):
         raise_for_worker_exit(1, 1, record, tmp_path)  # a worker aborted on the way out, after the save
     assert "exit code 1" in caplog.text and "checkpoint is complete" in caplog.text

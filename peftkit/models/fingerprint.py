@@ -1,0 +1,90 @@
+"""A fingerprint of a base model's weight files, to notice an adapter put on weights it was not trained on.
+
+Two models of one architecture (a base and its fine-tune, or a checkpoint edited in place) load into the same
+shapes, so a merge onto the wrong one raises nothing, and its verification compares against the same wrong base.
+The fingerprint hashes the stored bytes of the normalisation weights and a sample of embedding rows: tensors that
+quantization leaves alone and that any fine-tune changes; read from the files, so the dtype a run loads in does
+not matter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_ROWS = 256
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [folder / name for name in names]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def files_fingerprint(folder: str | Path) -> str | None:
+    """16 hex digits, or None where there are no safetensors files to read (a hub id not in the local cache)."""
+    import torch
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    files = _weight_files(folder) if folder.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    try:
+        for path in files:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in sorted(handle.keys()):
+                    shape = handle.get_slice(key).get_shape()
+                    if len(shape) == 1 and "norm" in key.lower():
+                        tensor = handle.get_tensor(key)
+                    elif len(shape) == 2 and "embed" in key.lower():
+                        tensor = handle.get_slice(key)[:: max(1, shape[0] // EMBEDDING_ROWS)]
+                    else:
+                        continue
+                    digest.update(key.encode())
+                    digest.update(tensor.contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    except Exception as exc:  # an unreadable file: no fingerprint, the load itself will say what is wrong
+        log.debug("no fingerprint for %s: %s", folder, exc)
+        return None
+    return digest.hexdigest()[:16]
+
+
+def source_fingerprint(source: object) -> str | None:
+    """The fingerprint of a resolved model reference (`ModelSource`): its folder, or its files in the hub cache."""
+    from peftkit.models.resolve import materialize
+
+    try:
+        target = materialize(source)  # type: ignore[arg-type]
+        if not Path(target).is_dir():
+            from huggingface_hub import snapshot_download
+
+            target = snapshot_download(target, revision=getattr(source, "revision", None), local_files_only=True)
+    except Exception as exc:  # not cached, offline: nothing to compare
+        log.debug("no fingerprint for %s: %s", source, exc)
+        return None
+    return files_fingerprint(target)
+
+
+def warn_if_other_base(run_dir: Path, source: object, name: str) -> bool:
+    """Warn when `source` is not the base the run in `run_dir` was trained on (its summary's fingerprint); True
+    when they differ."""
+    summary = run_dir / "summary.json"
+    try:
+        trained = json.loads(summary.read_text(encoding="utf-8")).get("base_fingerprint")
+    except (OSError, ValueError):
+        return False
+    now = source_fingerprint(source) if trained else None
+    if trained and now and now != trained:
+        log.warning("The base model %s is not the one %s was trained on (its weights differ, fingerprint %s, "
+                    "trained on %s): the adapter will be applied to other weights, and verification compares "
+                    "against those same weights. Use the original base unless this is intended.", name, run_dir, now,
+                    trained)
+        return True
+    return False
