@@ -68,7 +68,10 @@ def _tokenized_data_line(recipe: Any, tokenizer: Any) -> str:
     stats = data.stats
     cut = [f"{stats['train_truncated']} cut at max_seq_len={recipe.data.max_seq_len}"] if stats["train_truncated"] else []
     cut += [f"{stats['train_dropped']} dropped (no trained token left)"] if stats["train_dropped"] else []
-    parts = [f"{stats['train_rows'] - stats['replay_examples']} training rows" + (f" ({', '.join(cut)})" if cut else ""),
+    formats = sorted(stats.get("train_formats", {}).items(), key=lambda item: -item[1])  # as `format: auto` read them
+    read_as = [f"{formats[0][0]} format" if len(formats) == 1 else ", ".join(f"{n} {name}" for name, n in formats)]
+    notes = "; ".join(read_as * bool(formats) + ([", ".join(cut)] if cut else []))
+    parts = [f"{stats['train_rows'] - stats['replay_examples']} training rows" + (f" ({notes})" if notes else ""),
              f"{stats['train_supervised_tokens']:,} trained tokens", f"{stats['eval_rows']} eval rows"]
     parts += [f"{stats['replay_examples']} replay rows"] if stats["replay_examples"] else []
     parts += [f"{stats['heldout_questions']} held-out questions"] if stats["heldout_questions"] else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,7 @@ def build_datasets(
         "replay_contrast_prompts": contrasted,
         "train_tokens": sum(len(r["input_ids"]) for r in train_rows),
         "train_supervised_tokens": sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in train_rows),
+        "train_formats": dict(Counter(e.format for e in train_examples if e.format)),  # as auto-detection read them
     }
     return DataBundle(train_rows, eval_rows, heldout, stats)
 

@@ -14,6 +14,7 @@ records from a Hub dataset (`hf:OWNER/NAME`) or a `save_to_disk` folder (`data/h
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 from collections.abc import Sequence
@@ -50,6 +51,8 @@ class Example:
     text: str | None = None
     tools: tuple[dict[str, Any], ...] | None = None
     """Function schemas the conversation may call (passed to the chat template as `tools`)."""
+    format: str = ""
+    """The record format it was read as (chat, sharegpt, prompt_completion, alpaca, text), shown by validate."""
 
 
 def _read_text(path: Path) -> str:
@@ -322,6 +325,10 @@ def prompt_completion_messages(record: dict[str, Any], where: str) -> list[Messa
 
 def to_example(record: Any, where: str, fmt: str) -> Example:
     kind = detect_format(record) if fmt == "auto" else fmt
+    return dataclasses.replace(_to_example(record, where, kind), format=kind or "")
+
+
+def _to_example(record: Any, where: str, kind: str | None) -> Example:
     if kind is None:
         keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
         raise DataError(

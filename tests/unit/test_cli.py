@@ -112,7 +112,8 @@ def test_validate_tokenizes_the_data_and_says_what_fits(tiny_recipe, tmp_path, c
     path.write_text(yaml.safe_dump(tiny_recipe))
     assert main(["validate", str(path)]) == 0
     said = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
-    assert re.search(r"Data: \d+ training rows \(\d+ cut at max_seq_len=64\), [\d,]+ trained tokens, \d+ eval rows", said)
+    assert re.search(r"Data: \d+ training rows \(chat format; \d+ cut at max_seq_len=64\), [\d,]+ trained tokens, \d+ eval rows",
+                     said)
     assert main(["validate", str(path), "data.max_seq_len=8"]) == 2
     assert "max_seq_len=8" in capsys.readouterr().err
 
