@@ -103,7 +103,7 @@ def plot_loss_curves(metrics: list[dict[str, Any]], out: Path, title: str = "") 
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss", color="#1f77b4")
+        ax.plot(*zip(*train), "o-" if len(train) < 3 else "-", label="train loss", color="#1f77b4")  # 1 point: a dot
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", color="#d62728")
     ax.set_xlabel("optimizer step")

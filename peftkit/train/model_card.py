@@ -98,7 +98,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         *_replay_row(recipe, summary),
         f"| trainable parameters | {summary['trainable_params']:,} of {summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%) |",
         f"| steps / supervised tokens | {summary['steps']} / {summary['trained_tokens']:,} |",
-        f"| speed | {_fmt(summary['tokens_per_second'])} supervised tokens/s on {summary['device']} ({summary['threads']} threads) |",
+        f"| speed | {_fmt(summary['tokens_per_second'])} supervised tokens/s on {summary['device']} ({summary['threads']} thread{'s' * (summary['threads'] != 1)}) |",
         f"| training time | {summary['train_seconds']:.0f} s |",
         "",
         "## Results",
@@ -106,7 +106,8 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         "| metric | before | after |",
         "|---|---|---|",
         f"| eval loss | {_fmt(summary['eval_loss_before'])} | {_fmt(summary['eval_loss_after'])} |",
-        f"| held-out fact accuracy | {_pct(summary['heldout_accuracy_before'])} | {_pct(summary['heldout_accuracy_after'])} |",
+        *([f"| held-out fact accuracy | {_pct(summary['heldout_accuracy_before'])} | "
+           f"{_pct(summary['heldout_accuracy_after'])} |"] if summary.get("heldout_questions") else []),
         "",
         *_eval_section(run_dir),
         "## Use",

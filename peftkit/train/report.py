@@ -20,11 +20,12 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
     table.add_column("after", justify="right")
     table.add_row("eval loss", _num(summary["eval_loss_before"]), _num(summary["eval_loss_after"]))
     pct = "{:.1%}"
-    table.add_row(
-        f"held-out fact accuracy ({summary['heldout_questions']} q)",
-        _num(summary["heldout_accuracy_before"], pct),
-        _num(summary["heldout_accuracy_after"], pct),
-    )
+    if summary.get("heldout_questions"):  # no held-out file: no row of n/a
+        table.add_row(
+            f"held-out fact accuracy ({summary['heldout_questions']} q)",
+            _num(summary["heldout_accuracy_before"], pct),
+            _num(summary["heldout_accuracy_after"], pct),
+        )
     console.print(table)
     console.print(
         f"trainable {summary['trainable_params']:,} / {summary['total_params']:,} params "

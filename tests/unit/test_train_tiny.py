@@ -110,3 +110,17 @@ def test_a_busy_cpu_is_reported_with_the_setting_that_helps(monkeypatch, caplog)
     monkeypatch.setattr(os, "getloadavg", lambda: (2.1, 1.0, 0.5))
     warn_if_cpu_busy(2)
     assert "train.num_threads" in caplog.text and "load 2.1 on 2 cores" in caplog.text
+
+
+def test_a_run_without_held_out_questions_reports_no_empty_accuracy(tiny_recipe, capsys):
+    from rich.console import Console
+
+    from peftkit.train.report import print_run_report
+
+    recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "heldout": None},
+                               "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}})
+    result = train(recipe)
+    card = (result.run_dir / "README.md").read_text()
+    assert "held-out fact accuracy" not in card and "(1 thread)" in card
+    print_run_report(Console(width=200), result.run_dir, result.summary)
+    assert "held-out" not in capsys.readouterr().out
