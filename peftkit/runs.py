@@ -106,9 +106,9 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
             raise RunDirError(str(exc)) from None
         from peftkit.models.fingerprint import warn_if_other_base
 
-        warn_if_other_base(run_dir, resolve_model_ref(recipe.model.name, revision=recipe.model.revision,
-                                                      allow_pickle=recipe.model.allow_pickle), recipe.model.name)
-        base = load_base_model(run_dir, recipe, device, quantized=quantized_base)
+        source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
+        warn_if_other_base(run_dir, source, recipe.model.name)
+        base = load_base_model(run_dir, recipe, device, quantized=quantized_base, source=source)  # resolved once
         model = PeftModel.from_pretrained(base, str(adapter))
     finish_loaded_model(model, run_dir, recipe, tokenizer)
     prepare_for_generation(model)
@@ -116,13 +116,13 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
     return LoadedRun(run_dir, recipe, model, tokenizer)
 
 
-def load_base_model(run_dir: Path, recipe: Recipe, device: str, *, quantized: bool = True) -> Any:
+def load_base_model(run_dir: Path, recipe: Recipe, device: str, *, quantized: bool = True, source: Any = None) -> Any:
     """The model the run started from, loaded as training loaded it (quantized where the recipe is,
-    unless `quantized` is False)."""
+    unless `quantized` is False). `source`: the recipe's model reference, when the caller resolved it already."""
     from peftkit.adapters import effective_quantization
     from peftkit.data.classification import load_kwargs
     from peftkit.models import load_model, resolve_dtype
 
     dtype = resolve_dtype(recipe.train.dtype, device)
     quantization = effective_quantization(recipe) if quantized else None
-    return load_model(recipe.model, quantization, device=device, dtype=dtype, **load_kwargs(run_dir, recipe))
+    return load_model(recipe.model, quantization, device=device, dtype=dtype, source=source, **load_kwargs(run_dir, recipe))

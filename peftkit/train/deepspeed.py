@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from peftkit.config.schema import DeepSpeedConfig, Recipe
+from peftkit.data.chat import IGNORE_INDEX
 from peftkit.errors import ConfigError, PeftkitError
 from peftkit.utils.modes import eval_mode
 
@@ -540,7 +541,7 @@ def plain_eval_loss(trainer: Any) -> float:
         with torch.no_grad():
             for batch in loader:
                 batch = {k: v.to(trainer.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                tokens = int((batch["labels"][:, 1:] != -100).sum())
+                tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                 total += float(trainer.compute_loss(model, batch)) * tokens
                 weight += tokens
     return total / weight if weight else float("nan")
