@@ -86,7 +86,7 @@ def _show_data(recipe: Any, tokenizer: Any, count: int) -> None:
     from peftkit.data.chat import IGNORE_INDEX
     from peftkit.data.formats import load_examples
 
-    examples = load_examples(recipe.data.train, recipe.data.format)[:count]
+    examples = load_examples(recipe.data.train, recipe.data.format, recipe.data.columns)[:count]
     rows, _ = tokenize_examples(examples, tokenizer, recipe.data.max_seq_len, recipe.data.system_prompt)
     console = _console()
     console.print(Text.assemble("Trained tokens are shown ", ("[[like this]]", "bold green"), "; the rest is context only."))

@@ -261,6 +261,51 @@ class ReplayConfig(Section):
         return self
 
 
+class ColumnsConfig(Section):
+    """Your records' field names where they are not peftkit's (LLaMA-Factory's `columns` and `tags`), in
+    one of three forms: a conversation field (`messages`, with `role` / `content` naming the keys of each
+    turn and `roles` mapping speaker names), a one-turn `prompt` + `response` pair (optional `input`), or a
+    `text` field (trained on every token; with `label`, the records of `task: sequence_classification`)."""
+
+    messages: str | None = None
+    """The field holding a conversation (a list of turns)."""
+    role: str = "role"
+    """The key of each turn's speaker (ShareGPT: `from`)."""
+    content: str = "content"
+    """The key of each turn's text (ShareGPT: `value`)."""
+    roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(default_factory=dict)
+    """Speaker names -> roles, e.g. `{customer: user, agent: assistant}` (human/gpt/bot/... are known)."""
+    prompt: str | None = None
+    """The field holding the user's question or instruction, in one-turn records."""
+    input: str | None = None
+    """Optional field appended to the prompt after a blank line (e.g. a context passage)."""
+    response: str | None = None
+    """The field holding the reply that is trained on, in one-turn records."""
+    system: str | None = None
+    """Optional field holding a per-record system prompt (conversations and one-turn records)."""
+    text: str | None = None
+    """The field holding a plain text (or, for sequence classification, the text to classify)."""
+    label: str | None = None
+    """The field holding the class label (`task: sequence_classification` only; default `label`)."""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "ColumnsConfig":
+        forms = [name for name, fields in (("messages", ("messages",)), ("prompt + response", ("prompt", "input", "response")),
+                                           ("text", ("text", "label"))) if any(getattr(self, f) for f in fields)]
+        if len(forms) != 1:
+            raise ValueError("name the fields of one form: a conversation (`messages: FIELD`), a one-turn pair "
+                             "(`prompt: FIELD`, `response: FIELD`) or a text (`text: FIELD`)"
+                             + (f"; found {' and '.join(forms)}" if forms else ""))
+        if forms == ["prompt + response"] and not (self.prompt and self.response):
+            raise ValueError(f"a one-turn pair needs both `prompt` and `response` (missing: "
+                             f"{'prompt' if not self.prompt else 'response'})")
+        if not self.messages and (self.roles or self.role != "role" or self.content != "content"):
+            raise ValueError("`role`, `content` and `roles` describe the turns of a conversation field: set `messages` too")
+        if self.system and forms == ["text"]:
+            raise ValueError("`system` belongs to conversations or one-turn pairs, not to plain text")
+        return self
+
+
 class DataConfig(Section):
     train: Union[str, Annotated[list[str], Field(min_length=1)]]
     """Training data, or a list of them (concatenated): chat JSONL (`messages`), ShareGPT (`conversations`),
@@ -271,11 +316,21 @@ class DataConfig(Section):
     heldout: str | None = None
     """Held-out questions `{"question", "key_fact"}` scored by greedy generation before and after."""
     format: Literal["auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"] = "auto"
+    """`auto` detects each record's format (a pair such as `question` + `answer` too)."""
+    columns: ColumnsConfig | None = None
+    """Field names of train/eval records that use other names (no detection then)."""
     eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     max_seq_len: PositiveInt = 1024
     system_prompt: str | None = None
     """Added as the system turn to conversations (train, eval, held-out, chat) that have none."""
     replay: ReplayConfig | None = None
+
+    @model_validator(mode="after")
+    def _columns_replace_detection(self) -> "DataConfig":
+        if self.columns is not None and self.format != "auto":
+            raise ValueError(f"data.columns names the fields itself, so data.format must stay auto (it is {self.format}); "
+                             "remove one of them")
+        return self
 
     @model_validator(mode="after")
     def _contrast_needs_a_system_prompt(self) -> "DataConfig":
@@ -399,6 +454,19 @@ class Recipe(Section):
     """Run directory. Relative paths are resolved against the current directory."""
     name: str | None = None
     description: str | None = None
+
+    @model_validator(mode="after")
+    def _columns_fit_the_task(self) -> "Recipe":
+        columns = self.data.columns
+        if columns is None:
+            return self
+        if self.task == "sequence_classification" and (columns.messages or columns.prompt):
+            raise ValueError("classification records are a text and a label: map them with data.columns "
+                             "`{text: FIELD, label: FIELD}` (a conversation or prompt/response map is for chat training)")
+        if self.task == "causal_lm" and columns.label:
+            raise ValueError("data.columns.label names the class of `task: sequence_classification` records; chat "
+                             "training has no labels: remove it (or set the task)")
+        return self
 
     @model_validator(mode="after")
     def _early_stopping_needs_eval(self) -> "Recipe":

@@ -27,7 +27,7 @@ def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
         if path is None:
             continue
         try:
-            examples = load_examples(path, recipe.data.format)
+            examples = load_examples(path, recipe.data.format, recipe.data.columns)
         except PeftkitError as exc:
             problems.append(f"data.{key}: {exc}")
             continue
@@ -40,10 +40,10 @@ def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
                     "nothing after that reply is trained on, so the trailing turn only costs tokens: end each "
                     "conversation with the assistant's reply, or drop the trailing turn", len(trailing), trailing[0])
     if recipe.data.replay is not None:
-        from peftkit.data.replay import replay_path
+        from peftkit.data.replay import load_replay
 
-        try:
-            load_examples(replay_path(recipe.data.replay.path), recipe.data.format)
+        try:  # as training reads it: auto-detected, without data.format / data.columns (they describe train/eval)
+            load_replay(recipe.data.replay.path)
         except PeftkitError as exc:
             problems.append(f"data.replay: {exc}")
     if recipe.data.heldout:

@@ -124,9 +124,9 @@ def build_datasets(
     cfg: DataConfig, tokenizer: Any, seed: int = 42, replay_answerer: ReplayAnswerer | None = None
 ) -> DataBundle:
     """`replay_answerer` rewrites the sampled replay answers (self-distilled replay, see data/replay.py)."""
-    examples = load_examples(cfg.train, cfg.format)
+    examples = load_examples(cfg.train, cfg.format, cfg.columns)
     if cfg.eval:
-        train_examples, eval_examples = examples, load_examples(cfg.eval, cfg.format)
+        train_examples, eval_examples = examples, load_examples(cfg.eval, cfg.format, cfg.columns)
     else:
         train_examples, eval_examples = split_train_eval(examples, cfg.eval_fraction, seed)
     train_rows, train_stats = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)

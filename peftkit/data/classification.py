@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peftkit.config.schema import DataConfig, Recipe
+from peftkit.config.schema import ColumnsConfig, DataConfig, Recipe
 from peftkit.data.formats import data_sources, read_records
 from peftkit.errors import DataError, RunDirError
 
@@ -42,18 +42,23 @@ class ClassificationData:
         return {name: i for i, name in enumerate(self.labels)}
 
 
-def load_labeled(source: str | Path | Sequence[str | Path]) -> list[LabeledText]:
+def load_labeled(source: str | Path | Sequence[str | Path], columns: ColumnsConfig | None = None) -> list[LabeledText]:
+    """`{text, label}` records; `columns` (the recipe's `data.columns`) may name other fields."""
+    text_field = columns.text if columns and columns.text else "text"
+    label_field = columns.label if columns and columns.label else "label"
+    names = f"`{text_field}` and `{label_field}`"
+    hint = "" if columns else "; map other field names with data.columns, e.g. `{text: sentence, label: sentiment}`"
     items = []
     records = [record for one in data_sources(source) for record in read_records(Path(one))]
     for where, record in records:
-        if not isinstance(record, dict) or "text" not in record or "label" not in record:
-            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{where}: classification records need `text` and `label` (found: {keys})")
-        text, label = record["text"], record["label"]
+        if not isinstance(record, dict) or text_field not in record or label_field not in record:
+            keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{where}: classification records need {names} (found: {keys}){hint}")
+        text, label = record[text_field], record[label_field]
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where}: `text` must be a non-empty string")
+            raise DataError(f"{where}: `{text_field}` must be a non-empty string")
         if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
-            raise DataError(f"{where}: `label` must be a non-empty string (a label name) or an integer")
+            raise DataError(f"{where}: `{label_field}` must be a non-empty string (a label name) or an integer")
         items.append(LabeledText(where, text, str(label).strip()))
     if not items:
         raise DataError(f"data {', '.join(map(str, data_sources(source)))} contains no examples")
@@ -81,7 +86,7 @@ def check_classification_data(cfg: DataConfig) -> list[str]:
     """Validation (no tokenizer): files readable, records well-formed, label sets consistent."""
     problems = []
     try:
-        train = load_labeled(cfg.train)
+        train = load_labeled(cfg.train, cfg.columns)
         labels = label_names(train)
     except DataError as exc:
         return [f"data.train: {exc}"]
@@ -90,7 +95,7 @@ def check_classification_data(cfg: DataConfig) -> list[str]:
         if path is None:
             continue
         try:
-            check_labels(load_labeled(path), labels, key)
+            check_labels(load_labeled(path, cfg.columns), labels, key)
         except DataError as exc:
             problems.append(f"data.{key}: {exc}")
     return problems
@@ -126,13 +131,13 @@ def build_classification_data(
 ) -> ClassificationData:
     from peftkit.data.build import split_train_eval
 
-    items = load_labeled(cfg.train)
+    items = load_labeled(cfg.train, cfg.columns)
     labels = label_names(items)
     if cfg.eval:
-        train_items, eval_items = items, load_labeled(cfg.eval)
+        train_items, eval_items = items, load_labeled(cfg.eval, cfg.columns)
     else:
         train_items, eval_items = split_train_eval(items, cfg.eval_fraction, seed)  # type: ignore[arg-type]
-    heldout_items = load_labeled(cfg.heldout) if cfg.heldout else []
+    heldout_items = load_labeled(cfg.heldout, cfg.columns) if cfg.heldout else []
     check_labels(eval_items, labels, "eval")
     check_labels(heldout_items, labels, "heldout")
     label2id = {name: i for i, name in enumerate(labels)}

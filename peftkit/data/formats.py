@@ -6,9 +6,11 @@ not trained on, as in axolotl; tool use: assistant `tool_calls`, `tool` messages
 `tools` list, as TRL reads them), ShareGPT (`{"conversations": [{"from": "human"|"gpt"|"system",
 "value"}, ...]}`, optional `system`; LLaMA-Factory's `function_call` / `observation` turns and `tools`),
 TRL's prompt-completion (`prompt` + `completion`, both strings or both message lists; only the completion
-is trained on), alpaca JSON/JSONL (`instruction`, `input`, `output`, optional `system`), plain text
-(`.txt` files, or records with a `text` field), CSV and Parquet with those columns; the same
-records from a Hub dataset (`hf:OWNER/NAME`) or a `save_to_disk` folder (`data/hub.py`).
+is trained on), alpaca JSON/JSONL (`instruction`, `input`, `output`, optional `system`), one-turn pairs
+with common field names (`question` + `answer`, Dolly's `instruction` + `response`, ...: `data/columns.py`),
+plain text (`.txt` files, or records with a `text` field), CSV and Parquet with those columns; the same
+records from a Hub dataset (`hf:OWNER/NAME`) or a `save_to_disk` folder (`data/hub.py`). Records with other
+field names are read through the recipe's `data.columns` map.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from peftkit.data.columns import ROLE_ALIASES, detected_pair, detected_pair_messages, mapped_messages
 from peftkit.errors import DataError
+
+if TYPE_CHECKING:
+    from peftkit.config.schema import ColumnsConfig
 
 Message = dict[str, Any]
 """`role` and `content` strings; an assistant message may carry `weight: 0` (not trained on) and `tool_calls`
@@ -34,13 +40,6 @@ JSONL_SUFFIXES = ("", ".ndjson")
 """Other names of JSON Lines files."""
 MAX_REPORTED_PROBLEMS = 5
 """Bad records listed in one data error (the rest are counted)."""
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "chatgpt": "assistant", "function_call": "assistant", "observation": "tool",
-                  "tool": "tool"}
-"""ShareGPT `from` values (LLaMA-Factory / axolotl / FastChat spellings) -> chat roles. LLaMA-Factory's
-`function_call` turn is an assistant tool call whose value is the call's JSON; `observation` is the tool's answer."""
-
-
 @dataclass(frozen=True)
 class Example:
     """One training example: a conversation, or raw text trained on every token."""
@@ -138,7 +137,7 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
     return records
 
 
-def detect_format(record: Any) -> Literal["chat", "sharegpt", "prompt_completion", "alpaca", "text"] | None:
+def detect_format(record: Any) -> Literal["chat", "sharegpt", "prompt_completion", "alpaca", "pair", "text"] | None:
     if not isinstance(record, dict):
         return None
     if "messages" in record:
@@ -149,6 +148,8 @@ def detect_format(record: Any) -> Literal["chat", "sharegpt", "prompt_completion
         return "prompt_completion"
     if "instruction" in record and "output" in record:
         return "alpaca"
+    if detected_pair(record):
+        return "pair"
     if "text" in record:
         return "text"
     return None
@@ -295,11 +296,11 @@ def sharegpt_messages(record: dict[str, Any], where: str) -> list[Message]:
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise DataError(f"{where}: conversation turn {i + 1} must be an object with `from` and `value`")
         source = str(turn["from"]).lower()
-        role = SHAREGPT_ROLES.get(source)
+        role = ROLE_ALIASES.get(source)
         if role is None:
             raise DataError(
                 f"{where}: conversation turn {i + 1} is from {turn['from']!r}; peftkit reads "
-                f"{', '.join(sorted(SHAREGPT_ROLES))} turns"
+                f"{', '.join(sorted(ROLE_ALIASES))} turns (or map other speakers with data.columns.roles)"
             )
         if source == "function_call":
             where_turn = f"{where}: conversation turn {i + 1}"
@@ -323,17 +324,44 @@ def prompt_completion_messages(record: dict[str, Any], where: str) -> list[Messa
     raise DataError(f"{where}: `prompt` and `completion` must both be strings or both be lists of {{role, content}} messages")
 
 
-def to_example(record: Any, where: str, fmt: str) -> Example:
+def to_example(record: Any, where: str, fmt: str, columns: ColumnsConfig | None = None) -> Example:
+    if columns is not None and columns.text:  # the recipe names the fields: no detection
+        if not isinstance(record, dict) or columns.text not in record:
+            keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{where}: the text field {columns.text!r} (data.columns.text) is missing (record fields: {keys})")
+        return dataclasses.replace(_to_example({"text": record[columns.text]}, where, "text"), format="columns")
+    if columns is not None:
+        messages = mapped_messages(record, columns, where)
+        tools = tools_of(record.get("tools"), where)
+        return Example(where, messages=check_messages(messages, where), tools=tools, format="columns")
     kind = detect_format(record) if fmt == "auto" else fmt
-    return dataclasses.replace(_to_example(record, where, kind), format=kind or "")
+    example = _to_example(record, where, kind)
+    if kind == "pair":
+        return dataclasses.replace(example, format="/".join(detected_pair(record) or ()))
+    return dataclasses.replace(example, format=kind or "")
+
+
+def chat_record_messages(record: dict[str, Any], where: str) -> list[Message]:
+    """A chat record's messages: `role`/`content` turns, or ShareGPT's `from`/`value` under `messages`;
+    a record-level `system` string becomes the system turn when the conversation has none."""
+    messages = record["messages"]
+    if isinstance(messages, list) and messages and all(isinstance(m, dict) and "from" in m and "role" not in m
+                                                       for m in messages):
+        messages = sharegpt_messages({"conversations": messages}, where)
+    system = record.get("system")
+    if (isinstance(system, str) and system.strip() and isinstance(messages, list) and messages
+            and not (isinstance(messages[0], dict) and messages[0].get("role") == "system")):
+        messages = [{"role": "system", "content": system}, *messages]
+    return messages
 
 
 def _to_example(record: Any, where: str, kind: str | None) -> Example:
     if kind is None:
-        keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
         raise DataError(
             f"{where}: unrecognised record (keys: {keys}); expected `messages` (chat), `conversations` (ShareGPT), "
-            "`prompt` + `completion`, `instruction` + `output` (alpaca) or `text`"
+            "`prompt` + `completion`, `instruction` + `output` (alpaca), a pair such as `question` + `answer`, or "
+            "`text`; for other field names add a map to the recipe, e.g. `data: {columns: {prompt: q, response: a}}`"
         )
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -343,12 +371,14 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
         raise DataError(f"{where}: record has no {' / '.join(f'`{k}`' for k in missing)} (data.format is {kind})")
     if kind in ("chat", "sharegpt", "prompt_completion"):
         if kind == "chat":
-            messages = record["messages"]
+            messages = chat_record_messages(record, where)
         elif kind == "sharegpt":
             messages = sharegpt_messages(record, where)
         else:
             messages = prompt_completion_messages(record, where)
         return Example(where, messages=check_messages(messages, where), tools=tools_of(record.get("tools"), where))
+    if kind == "pair":
+        return Example(where, messages=check_messages(detected_pair_messages(record, where), where))
     if kind == "alpaca":
         missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str)]
         if missing:
@@ -391,18 +421,25 @@ def data_sources(value: str | Path | Sequence[str | Path]) -> list[str | Path]:
     return [value] if isinstance(value, (str, Path)) else list(value)
 
 
-def load_examples(source: str | Path | Sequence[str | Path], fmt: str = "auto") -> list[Example]:
+def load_examples(source: str | Path | Sequence[str | Path], fmt: str = "auto",
+                  columns: ColumnsConfig | None = None) -> list[Example]:
     """Conversations (or texts) from a data file, a Hub dataset `hf:OWNER/NAME[/CONFIG][:SPLIT]`
-    or a `datasets` `save_to_disk` folder; from a list of them, all in order."""
+    or a `datasets` `save_to_disk` folder; from a list of them, all in order. `columns` (the recipe's
+    `data.columns`) names the fields of records that use other names."""
     examples: list[Example] = []
     for one in data_sources(source):
-        found, problems = [], []
+        found, problems, reasons = [], [], set()
         for where, record in read_records(one):
             try:
                 _check_unicode(record, where)
-                found.append(to_example(record, where, fmt))
+                found.append(to_example(record, where, fmt, columns))
             except DataError as exc:  # go on: one message lists the first few bad records, not just one
                 problems.append(str(exc))
+                reasons.add(str(exc).removeprefix(f"{where}: "))
+        if len(problems) > 1 and len(reasons) == 1:  # e.g. a misnamed column: say it once
+            reason = reasons.pop()
+            which = f"all {len(problems)} records" if not found else f"{len(problems)} of {len(problems) + len(found)} records"
+            raise DataError(f"{which} of {one} (first: {problems[0].removesuffix(': ' + reason)}): {reason}")
         if problems:
             shown = problems[:MAX_REPORTED_PROBLEMS]
             more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""

@@ -58,8 +58,9 @@ def sample_replay(n_train: int, replay: list[Example], ratio: float, seed: int) 
     return picked
 
 
-def load_replay(path: str, fmt: str = "auto") -> list[Example]:
-    return load_examples(replay_path(path), fmt)
+def load_replay(path: str) -> list[Example]:
+    """The replay set, each record's format detected (`data.format` / `data.columns` describe train and eval)."""
+    return load_examples(replay_path(path))
 
 
 def shared_cache_path(model: Any, tokenizer: Any, max_new_tokens: int) -> Path:

@@ -78,7 +78,7 @@ def evaluate_run(
     recipe = read_run_recipe(run_dir)
     system = recipe.data.system_prompt
     # the files named on the command line are read (and their mistakes reported) before any weights load
-    examples = load_examples(data, recipe.data.format) if data else None
+    examples = load_examples(data, recipe.data.format, recipe.data.columns) if data else None
     heldout_path = heldout or recipe.data.heldout
     items = load_heldout(heldout_path, system) if heldout_path else []
     general_items = load_heldout(general or builtin_resource(GENERAL_SET), None)

@@ -162,7 +162,7 @@ def _train_classifier(
     dtype = resolve_dtype(recipe.train.dtype, device)
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_classification_tokenizer(recipe, source)
-    labels = label_names(load_labeled(recipe.data.train))
+    labels = label_names(load_labeled(recipe.data.train, recipe.data.columns))
     quantization = effective_quantization(recipe)
     model = load_model(recipe.model, quantization, device=device, dtype=weights_dtype(dtype, trains_model_weights=True),  # the head
                        task=TASK, num_labels=len(labels), source=source)

@@ -1,0 +1,115 @@
+"""Records whose fields carry other names: the common one-turn field pairs that auto-detection reads
+(Dolly's `instruction`/`context`/`response`, GSM8K's `question`/`answer`, ...), and the recipe's
+`data.columns` map for everything else (LLaMA-Factory's `columns` and `tags` in a recipe)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from peftkit.errors import DataError
+
+if TYPE_CHECKING:
+    from peftkit.config.schema import ColumnsConfig
+
+Message = dict[str, Any]
+
+PAIR_FIELDS = (("instruction", "response"), ("question", "answer"), ("question", "response"),
+               ("query", "response"), ("prompt", "response"), ("input", "output"))
+"""(prompt, response) field names of one-turn records read without a map, first match wins: Dolly,
+GSM8K, OpenOrca, MetaMathQA and many exports (alpaca's `instruction` + `output` and TRL's `prompt` +
+`completion` are matched before these)."""
+CONTEXT_FIELDS = ("context", "input")
+"""Extra text appended to the prompt after a blank line when the record has it (Dolly's `context`)."""
+SYSTEM_FIELDS = ("system", "system_prompt")
+"""A per-record system prompt (OpenOrca's `system_prompt`)."""
+ROLE_ALIASES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                "model": "assistant", "chatgpt": "assistant", "bot": "assistant", "function_call": "assistant",
+                "observation": "tool", "tool": "tool"}
+"""Speaker names -> chat roles, case-insensitive (ShareGPT, LLaMA-Factory, axolotl, FastChat, Gemma spellings).
+LLaMA-Factory's `function_call` turn is an assistant tool call whose value is the call's JSON; `observation`
+is the tool's answer."""
+
+
+def detected_pair(record: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The (prompt, response) fields of a one-turn record with well-known field names, or None."""
+    return next(((p, r) for p, r in PAIR_FIELDS if p in record and r in record), None)
+
+
+def pair_messages(record: Mapping[str, Any], where: str, prompt: str, response: str,
+                  context: str | None = None, system: str | None = None) -> list[Message]:
+    """One user turn and one reply from the named fields; `context` (appended to the prompt) and
+    `system` may be absent or empty in a record."""
+    texts = {}
+    for key, field in (("prompt", prompt), ("response", response)):
+        value = record.get(field)
+        if not isinstance(value, str) or not value.strip():
+            found = "is missing" if field not in record else ("is empty" if isinstance(value, str) else
+                                                              f"is a {type(value).__name__}, not text")
+            raise DataError(f"{where}: the {key} field {field!r} {found}" + (
+                "; training on an empty reply teaches the model to answer with nothing: fill it in or drop the record"
+                if key == "response" and isinstance(value, str) else f" (record fields: {_keys(record)})"))
+        texts[key] = value
+    user = texts["prompt"]
+    if context and isinstance(record.get(context), str) and record[context].strip():
+        user = f"{user}\n\n{record[context]}"
+    messages: list[Message] = [{"role": "user", "content": user}, {"role": "assistant", "content": texts["response"]}]
+    if system and isinstance(record.get(system), str) and record[system].strip():
+        messages.insert(0, {"role": "system", "content": record[system]})
+    return messages
+
+
+def detected_pair_messages(record: Mapping[str, Any], where: str) -> list[Message]:
+    pair = detected_pair(record)
+    assert pair is not None, "detect_format matched a field pair"
+    prompt, response = pair
+    context = next((f for f in CONTEXT_FIELDS if f in record and f not in pair), None)
+    system = next((f for f in SYSTEM_FIELDS if f in record), None)
+    return pair_messages(record, where, prompt, response, context, system)
+
+
+def speaker_role(speaker: Any, roles: Mapping[str, str], where: str, hint: str) -> str:
+    """The chat role of a turn's speaker: the recipe's map first, then the usual spellings."""
+    if isinstance(speaker, str) and speaker in roles:
+        return roles[speaker]
+    role = ROLE_ALIASES.get(str(speaker).lower())
+    if role is None:
+        raise DataError(f"{where}: speaker {speaker!r} is not a role peftkit knows ({', '.join(sorted(ROLE_ALIASES))}); "
+                        f"{hint}")
+    return role
+
+
+def mapped_messages(record: Any, columns: ColumnsConfig, where: str) -> list[Message]:
+    """A record read through `data.columns`: a conversation field or a prompt/response pair."""
+    if not isinstance(record, Mapping):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if columns.messages is None:
+        assert columns.prompt and columns.response, "ColumnsConfig validation requires prompt + response"
+        return pair_messages(record, where, columns.prompt, columns.response, columns.input, columns.system)
+    turns = record.get(columns.messages)
+    if not isinstance(turns, list) or not turns:
+        found = "is missing" if columns.messages not in record else f"is a {type(turns).__name__}, not a list of turns"
+        raise DataError(f"{where}: the conversation field {columns.messages!r} (data.columns.messages) {found} "
+                        f"(record fields: {_keys(record)})")
+    messages: list[Message] = []
+    if columns.system and isinstance(record.get(columns.system), str) and record[columns.system].strip():
+        messages.append({"role": "system", "content": record[columns.system]})
+    hint = "map it in data.columns.roles, e.g. `roles: {customer: user, agent: assistant}`"
+    for n, turn in enumerate(turns, start=1):
+        at = f"{where}: turn {n}"
+        if not isinstance(turn, Mapping) or columns.role not in turn:
+            keys = _keys(turn) if isinstance(turn, Mapping) else type(turn).__name__
+            raise DataError(f"{at} has no speaker field {columns.role!r} (data.columns.role; the turn has: {keys})")
+        message: Message = {k: v for k, v in turn.items() if k not in (columns.role, columns.content)}
+        message["role"] = speaker_role(turn[columns.role], columns.roles, at, hint)
+        if columns.content in turn:
+            message["content"] = turn[columns.content]
+        elif not turn.get("tool_calls"):
+            raise DataError(f"{at} has no text field {columns.content!r} (data.columns.content; the turn has: "
+                            f"{_keys(turn)})")
+        messages.append(message)
+    return messages
+
+
+def _keys(record: Mapping[str, Any]) -> str:
+    return ", ".join(map(str, record)) or "none"

@@ -1,0 +1,186 @@
+"""Records with other field names: auto-detected one-turn pairs and the recipe's `data.columns` map."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from peftkit.config.load import recipe_from_dict
+from peftkit.config.schema import ColumnsConfig
+from peftkit.config.validate import validate_recipe
+from peftkit.data import load_examples
+from peftkit.data.build import build_datasets
+from peftkit.data.classification import load_labeled
+from peftkit.errors import ConfigError, DataError
+from tests.conftest import write_jsonl
+
+
+def roles_and_texts(example) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"]) for m in example.messages]
+
+
+@pytest.mark.parametrize(
+    ("record", "expected", "fmt"),
+    [
+        ({"question": "Capital of Peru?", "answer": "Lima."},
+         [("user", "Capital of Peru?"), ("assistant", "Lima.")], "question/answer"),
+        ({"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"},
+         [("user", "Summarise.\n\nA long text."), ("assistant", "Short.")], "instruction/response"),
+        ({"system_prompt": "Be terse.", "question": "2+2?", "response": "4", "id": "x1"},
+         [("system", "Be terse."), ("user", "2+2?"), ("assistant", "4")], "question/response"),
+        ({"query": "Solve x+1=2.", "response": "x = 1", "type": "MATH"},
+         [("user", "Solve x+1=2."), ("assistant", "x = 1")], "query/response"),
+        ({"input": "hello", "output": "hi there"}, [("user", "hello"), ("assistant", "hi there")], "input/output"),
+    ],
+)
+def test_common_one_turn_field_pairs_are_detected(tmp_path, record, expected, fmt):
+    [example] = load_examples(write_jsonl(tmp_path / "d.jsonl", [record]))
+    assert roles_and_texts(example) == expected
+    assert example.format == fmt
+
+
+def test_alpaca_and_prompt_completion_win_over_the_pairs(tmp_path):
+    records = [{"instruction": "Say hi.", "input": "", "output": "Hi.", "response": "ignored"},
+               {"prompt": "Q?", "completion": "A.", "response": "ignored"}]
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl", records))
+    assert [e.format for e in examples] == ["alpaca", "prompt_completion"]
+    assert [e.messages[-1]["content"] for e in examples] == ["Hi.", "A."]
+
+
+def test_empty_detected_answer_names_the_field(tmp_path):
+    with pytest.raises(DataError, match=r"d.jsonl:1: the response field 'answer' is empty"):
+        load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "Q?", "answer": "  "}]))
+
+
+def test_chat_records_with_sharegpt_turns_and_a_record_system_prompt(tmp_path):
+    records = [{"system": "You are terse.", "messages": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+               {"system": "ignored: the conversation has one", "messages": [
+                   {"role": "system", "content": "own"}, {"role": "user", "content": "a"},
+                   {"role": "assistant", "content": "b"}]}]
+    first, second = load_examples(write_jsonl(tmp_path / "d.jsonl", records))
+    assert roles_and_texts(first) == [("system", "You are terse."), ("user", "hi"), ("assistant", "yo")]
+    assert roles_and_texts(second)[0] == ("system", "own")
+
+
+def test_unrecognised_record_points_at_data_columns(tmp_path):
+    with pytest.raises(DataError, match=r"keys: q, a\).*data: \{columns: \{prompt: q, response: a\}\}"):
+        load_examples(write_jsonl(tmp_path / "d.jsonl", [{"q": "x", "a": "y"}]))
+
+
+def test_columns_map_a_conversation_with_custom_speakers(tmp_path):
+    records = [{"persona": "You are the bank's agent.", "dialog": [
+        {"speaker": "customer", "text": "My card is blocked.", "ts": 1},
+        {"speaker": "agent", "text": "I unblocked it."},
+        {"speaker": "Human", "text": "Thanks!"},
+        {"speaker": "agent", "text": "You are welcome.", "weight": 0}]}]
+    columns = ColumnsConfig(messages="dialog", role="speaker", content="text", system="persona",
+                            roles={"customer": "user", "agent": "assistant"})
+    [example] = load_examples(write_jsonl(tmp_path / "d.jsonl", records), columns=columns)
+    assert roles_and_texts(example) == [("system", "You are the bank's agent."), ("user", "My card is blocked."),
+                                        ("assistant", "I unblocked it."), ("user", "Thanks!"),
+                                        ("assistant", "You are welcome.")]
+    assert example.messages[-1]["weight"] == 0, "per-turn weights survive the map"
+    assert "ts" not in example.messages[1], "unknown turn keys are dropped"
+    assert example.format == "columns"
+
+
+def test_columns_errors_name_the_field_and_the_fix(tmp_path):
+    columns = ColumnsConfig(messages="dialog", role="speaker", content="text")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"dialog": [{"speaker": "customer", "text": "hi"}]}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: turn 1: speaker 'customer' is not a role.*data.columns.roles"):
+        load_examples(path, columns=columns)
+    path = write_jsonl(tmp_path / "e.jsonl", [{"conversation": []}])
+    with pytest.raises(DataError, match=r"e.jsonl:1: the conversation field 'dialog' \(data.columns.messages\) is "
+                                        r"missing \(record fields: conversation\)"):
+        load_examples(path, columns=columns)
+    path = write_jsonl(tmp_path / "f.jsonl", [{"dialog": [{"speaker": "user", "body": "hi"}]}])
+    with pytest.raises(DataError, match=r"turn 1 has no text field 'text' \(data.columns.content; the turn has: speaker, body\)"):
+        load_examples(path, columns=columns)
+    pair = ColumnsConfig(prompt="ask", response="reply")
+    with pytest.raises(DataError, match=r"the response field 'reply' is missing \(record fields: ask, answer\)"):
+        load_examples(write_jsonl(tmp_path / "g.jsonl", [{"ask": "x", "answer": "y"}]), columns=pair)
+
+
+def test_columns_map_a_csv_pair_with_input_and_system(tmp_path):
+    path = tmp_path / "faq.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Frage", "Kontext", "Antwort", "Rolle"])
+        writer.writerow(["Wann offen?", "", "Ab neun.", "Sei kurz."])
+        writer.writerow(["Preis?", "Tarif B", "Zehn Euro.", ""])
+    columns = ColumnsConfig(prompt="Frage", input="Kontext", response="Antwort", system="Rolle")
+    first, second = load_examples(path, columns=columns)
+    assert roles_and_texts(first) == [("system", "Sei kurz."), ("user", "Wann offen?"), ("assistant", "Ab neun.")]
+    assert roles_and_texts(second) == [("user", "Preis?\n\nTarif B"), ("assistant", "Zehn Euro.")]
+
+
+def test_columns_text_form_trains_plain_text(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"body": "Plain domain text.", "id": 3}])
+    [example] = load_examples(path, columns=ColumnsConfig(text="body"))
+    assert example.text == "Plain domain text." and example.messages is None
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ({"prompt": "q"}, "needs both `prompt` and `response`"),
+        ({"messages": "dialog", "prompt": "q", "response": "a"}, "found messages and prompt \\+ response"),
+        ({"prompt": "q", "response": "a", "roles": {"bot": "assistant"}}, "set `messages` too"),
+        ({"messages": "dialog", "roles": {"bot": "narrator"}}, "roles"),
+        ({}, "name the fields of one form"),
+        ({"text": "body", "system": "s"}, "not to plain text"),
+    ],
+)
+def test_inconsistent_column_maps_are_refused(tiny_recipe, columns, message):
+    tiny_recipe["data"]["columns"] = columns
+    with pytest.raises(ConfigError, match=message):
+        recipe_from_dict(tiny_recipe)
+
+
+def test_columns_and_task_must_agree(tiny_recipe):
+    tiny_recipe["data"]["columns"] = {"prompt": "q", "response": "a"}
+    tiny_recipe["data"]["format"] = "alpaca"
+    with pytest.raises(ConfigError, match="data.format must stay auto"):
+        recipe_from_dict(tiny_recipe)
+    del tiny_recipe["data"]["format"]
+    tiny_recipe["data"]["columns"] = {"text": "body", "label": "y"}
+    with pytest.raises(ConfigError, match="chat training has no labels"):
+        recipe_from_dict(tiny_recipe)
+    tiny_recipe["task"] = "sequence_classification"
+    tiny_recipe["data"]["columns"] = {"prompt": "q", "response": "a"}
+    with pytest.raises(ConfigError, match="classification records are a text and a label"):
+        recipe_from_dict(tiny_recipe)
+
+
+def test_classification_columns(tmp_path):
+    path = write_jsonl(tmp_path / "sst.jsonl", [{"sentence": "great film", "sentiment": 1},
+                                                {"sentence": "dull", "sentiment": 0}])
+    items = load_labeled(path, ColumnsConfig(text="sentence", label="sentiment"))
+    assert [(i.text, i.label) for i in items] == [("great film", "1"), ("dull", "0")]
+    with pytest.raises(DataError, match=r"need `text` and `label` \(found: sentence, sentiment\); map other field names "
+                                        r"with data.columns"):
+        load_labeled(path)
+
+
+def test_recipe_with_columns_validates_and_builds(tiny_recipe, tiny_tokenizer, tmp_path):
+    records = [{"ask": f"question {i}?", "reply": f"answer {i}.", "tone": "Be brief."} for i in range(8)]
+    tiny_recipe["data"]["train"] = str(write_jsonl(tmp_path / "custom.jsonl", records))
+    tiny_recipe["data"]["columns"] = {"prompt": "ask", "response": "reply", "system": "tone"}
+    recipe = recipe_from_dict(tiny_recipe)
+    validate_recipe(recipe, check_model=False)
+    bundle = build_datasets(recipe.data, tiny_tokenizer, seed=0)
+    assert len(bundle.train) + len(bundle.eval) == 8
+    assert bundle.stats["train_formats"] == {"columns": len(bundle.train)}
+    tiny_recipe["data"]["columns"] = {"prompt": "question", "response": "reply"}
+    with pytest.raises(ConfigError, match=r"data.train: all 8 records of .*custom.jsonl \(first: .*custom.jsonl:1\): the prompt field 'question' is missing"):
+        validate_recipe(recipe_from_dict(tiny_recipe), check_model=False)
+
+
+def test_validate_reads_the_replay_set_as_training_does(tiny_recipe, tmp_path):
+    """`data.format` describes train/eval; the built-in replay set (chat) must not be read as alpaca."""
+    records = [{"instruction": f"Say {i}.", "output": f"{i}."} for i in range(8)]
+    tiny_recipe["data"]["train"] = str(write_jsonl(tmp_path / "alpaca.jsonl", records))
+    tiny_recipe["data"]["format"] = "alpaca"
+    tiny_recipe["data"]["replay"] = {"path": "builtin:general", "answers": "dataset"}
+    validate_recipe(recipe_from_dict(tiny_recipe), check_model=False)
