@@ -54,6 +54,10 @@ class ModelConfig(Section):
     chat_template: str | None = None
     """`chatml`, `plain`, a path to a Jinja template, or null: the tokenizer's own, else ChatML when the vocabulary
     has its tokens, else `plain` (`### User:` / `### Assistant:`, replies closed by the model's end token)."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] = "auto"
+    """transformers' attention kernel. `auto`: its default (sdpa where the architecture has it). The flash
+    kernels need a CUDA GPU and their package (`flash-attn`); elsewhere (a CPU chat, merge or eval of a
+    GPU-trained run) the default is used, with a warning."""
 
 
 class QuantizationConfig(Section):
@@ -367,6 +371,9 @@ class TrainConfig(Section):
     `paged_adamw_8bit`, as in the QLoRA paper) keep optimizer states in 8 bits; paging needs a CUDA GPU."""
     neftune_noise_alpha: Annotated[float, Field(gt=0.0)] | None = None
     """NEFTune: uniform noise on input embeddings while training (the paper uses 5); off by default."""
+    tf32: bool = False
+    """TF32 matmuls on Ampere or newer NVIDIA GPUs (faster fp32 maths at a 10-bit mantissa; what axolotl's
+    `tf32: true` sets); without a CUDA GPU it is ignored with a warning."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: DType = "auto"
     """Weights/compute dtype. `auto`: float32 on CPU, bfloat16 on capable GPUs."""

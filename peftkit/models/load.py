@@ -358,6 +358,45 @@ def four_bit_blocksize(blocksize: int) -> Iterator[None]:
         bnb.nn.Linear4bit.__init__ = original
 
 
+ATTENTION_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"), "flash_attention_3": ("flash_attn_interface", "flash-attn-3")}
+"""Kernel -> (module, pip name) it needs."""
+ATTENTION_SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+                           "flash_attention_3": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
+"""Kernel -> the transformers model-class attribute that says the architecture has it."""
+
+
+def attention_problem(name: str, model: Any = None) -> str | None:
+    """Why `model.attn_implementation: name` cannot load here (a missing package, or an architecture without
+    that kernel when a model or skeleton is given), or None."""
+    import importlib.util
+
+    if name in ATTENTION_PACKAGES and importlib.util.find_spec(ATTENTION_PACKAGES[name][0]) is None:
+        return (f"model.attn_implementation: {name} needs the {ATTENTION_PACKAGES[name][1]} package (CUDA GPUs only: "
+                f"`pip install {ATTENTION_PACKAGES[name][1]} --no-build-isolation`); or use sdpa / auto")
+    flag = ATTENTION_SUPPORT_FLAGS.get(name)
+    if model is not None and flag and not getattr(model, flag, False):
+        has = [kernel for kernel, attribute in ATTENTION_SUPPORT_FLAGS.items() if getattr(model, attribute, False)]
+        return (f"model.attn_implementation: {type(model).__name__} has no {name} kernel in transformers; "
+                f"use {' / '.join(['auto', 'eager', *has])}")
+    return None
+
+
+def attention_kwargs(cfg: ModelConfig, device: str) -> dict[str, Any]:
+    """`from_pretrained` keyword for the recipe's attention kernel: none for `auto`, and none (with a
+    warning) for a flash kernel off a CUDA GPU, so a GPU-trained run still chats and merges on a CPU."""
+    name = cfg.attn_implementation
+    if name == "auto":
+        return {}
+    if name in ATTENTION_PACKAGES and device != "cuda":
+        log.warning("model.attn_implementation %s needs a CUDA GPU; loading on %s with transformers' default "
+                    "attention instead (same results, other kernel)", name, device)
+        return {}
+    problem = attention_problem(name)
+    if problem:
+        raise MissingDependencyError(problem)
+    return {"attn_implementation": name}
+
+
 def load_model(
     cfg: ModelConfig,
     quantization: QuantizationConfig | None = None,
@@ -377,6 +416,7 @@ def load_model(
         "trust_remote_code": cfg.trust_remote_code,
         "dtype": dtype,
         "use_safetensors": None if cfg.allow_pickle else True,
+        **attention_kwargs(cfg, device),
     }
     if quantization is not None:
         silence_bnb_cpu_warnings()

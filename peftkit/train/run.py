@@ -21,7 +21,7 @@ from peftkit.data import PaddingCollator, build_datasets
 from peftkit.adapters.lora import KNOWLEDGE_INITS
 from peftkit.data.build import general_rows
 from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
-from peftkit.errors import PeftkitError
+from peftkit.errors import ConfigError, PeftkitError
 from peftkit.train.distill import add_teacher_targets
 from peftkit.evaluate.generation import generate_replies, heldout_accuracy
 from peftkit.models import (
@@ -63,6 +63,19 @@ def warn_if_cpu_busy(threads: int) -> None:
         log.warning("The CPU is busy (load %.1f on %d cores): training on %d threads next to other jobs can run "
                     "several times slower; set train.num_threads to the cores that are free, or run it alone",
                     load, cores, threads)
+
+
+def check_tf32(enabled: bool, device: str) -> None:
+    """`train.tf32` before the model loads: transformers would refuse a pre-Ampere GPU only after it."""
+    if not enabled:
+        return
+    if device != "cuda":
+        log.warning("train.tf32 is for NVIDIA GPUs; training on %s ignores it", device)
+        return
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        raise ConfigError(f"train.tf32 needs an Ampere or newer GPU (compute capability 8.0+); "
+                          f"{torch.cuda.get_device_name()} is {major}.{minor}: remove train.tf32")
 
 
 def peak_memory_mb(device: str) -> float:
@@ -108,6 +121,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         use_cpu=device == "cpu",
         bf16=dtype == torch.bfloat16 and device != "cpu",
         fp16=dtype == torch.float16 and device != "cpu",
+        tf32=True if cfg.tf32 and device == "cuda" else None,
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
@@ -209,6 +223,7 @@ def _train(
     if device == "cpu" and dist_info().world_size == 1:
         warn_if_cpu_busy(threads)
     dtype = resolve_dtype(recipe.train.dtype, device)
+    check_tf32(recipe.train.tf32, device)
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_tokenizer(recipe.model, source)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)

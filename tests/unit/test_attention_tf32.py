@@ -1,0 +1,76 @@
+"""`model.attn_implementation` and `train.tf32`: passed through where they apply, refused early where they cannot."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import pytest
+import torch
+
+from peftkit.config.load import recipe_from_dict
+from peftkit.config.schema import ModelConfig
+from peftkit.config.validate import validate_recipe
+from peftkit.errors import ConfigError, MissingDependencyError
+from peftkit.models.load import attention_kwargs, attention_problem, load_model
+from peftkit.train.run import check_tf32, training_arguments
+
+
+def without_flash_attn(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("flash_attn") else real(name, *a))
+
+
+def test_auto_passes_nothing_and_named_kernels_pass_through(tiny_model_dir):
+    assert attention_kwargs(ModelConfig(name=str(tiny_model_dir)), "cpu") == {}
+    eager = ModelConfig(name=str(tiny_model_dir), attn_implementation="eager")
+    assert attention_kwargs(eager, "cpu") == {"attn_implementation": "eager"}
+    model = load_model(eager)
+    assert model.config._attn_implementation == "eager"
+    assert load_model(ModelConfig(name=str(tiny_model_dir))).config._attn_implementation == "sdpa"
+
+
+def test_flash_attention_off_a_gpu_falls_back_with_a_warning(tiny_model_dir, caplog):
+    cfg = ModelConfig(name=str(tiny_model_dir), attn_implementation="flash_attention_2")
+    with caplog.at_level(logging.WARNING, logger="peftkit.models.load"):
+        assert attention_kwargs(cfg, "cpu") == {}
+    assert "needs a CUDA GPU; loading on cpu with transformers' default attention" in caplog.text
+    assert load_model(cfg).config._attn_implementation == "sdpa", "a GPU-trained run still chats on a CPU"
+
+
+def test_flash_attention_without_its_package_is_refused_before_loading(monkeypatch, tiny_model_dir):
+    without_flash_attn(monkeypatch)
+    cfg = ModelConfig(name=str(tiny_model_dir), attn_implementation="flash_attention_2")
+    with pytest.raises(MissingDependencyError, match=r"needs the flash-attn package .*pip install flash-attn"):
+        attention_kwargs(cfg, "cuda")
+
+
+def test_validate_names_kernels_the_architecture_lacks(monkeypatch, tiny_recipe):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.device("meta"):
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2))
+    problem = attention_problem("flex_attention", gpt2)
+    assert problem and "GPT2LMHeadModel has no flex_attention kernel" in problem and "sdpa" in problem
+    assert attention_problem("sdpa", gpt2) is None
+    without_flash_attn(monkeypatch)
+    tiny_recipe["model"]["attn_implementation"] = "flash_attention_2"
+    with pytest.raises(ConfigError, match="model.attn_implementation: flash_attention_2 needs the flash-attn package"):
+        validate_recipe(recipe_from_dict(tiny_recipe))
+
+
+def test_tf32_only_on_ampere_or_newer(monkeypatch, caplog, tiny_recipe, tmp_path):
+    with caplog.at_level(logging.WARNING, logger="peftkit.train.run"):
+        check_tf32(True, "cpu")
+    assert "training on cpu ignores it" in caplog.text
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    with pytest.raises(ConfigError, match=r"needs an Ampere or newer GPU .*Tesla V100 is 7.0"):
+        check_tf32(True, "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    check_tf32(True, "cuda")
+    check_tf32(False, "cuda")
+    tiny_recipe["train"]["tf32"] = True
+    args = training_arguments(recipe_from_dict(tiny_recipe), tmp_path, "cpu", torch.float32, has_eval=False)
+    assert args.tf32 is None, "not set on a CPU run (transformers would refuse it)"
