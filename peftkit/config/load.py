@@ -36,6 +36,17 @@ KEY_ALIASES = {
     "max_length": "max_seq_len",
     "base_model": "name",
     "model_name_or_path": "name",
+    "cutoff_len": "max_seq_len",
+    "max_seq_length": "max_seq_len",
+    "val_set_size": "eval_fraction",
+    "flash_attention": "attn_implementation",
+    "sdp_attention": "attn_implementation",
+    "optim": "optimizer",
+    "bf16": "dtype",
+    "fp16": "dtype",
+    "dataset": "train",
+    "datasets": "data",
+    "dataset_text_field": "columns",
 }
 
 

@@ -25,9 +25,7 @@ from typing import Any
 import torch
 
 from peftkit.config.schema import DeepSpeedConfig, Recipe
-from peftkit.data.chat import IGNORE_INDEX
 from peftkit.errors import ConfigError, PeftkitError
-from peftkit.utils.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -522,29 +520,6 @@ def setup(recipe: Recipe, run_dir: Path, device: str, dtype: torch.dtype, *, wri
 
 # --------------------------------------------------------------------------------------------------
 # Evaluation and saving around the engine
-
-
-def plain_eval_loss(trainer: Any) -> float:
-    """Eval loss before DeepSpeed or DDP wraps the model: `Trainer.evaluate()` would set up a ZeRO inference
-    engine at this point (and refuses to below stage 3), and under DDP it leaves the model registered so that
-    training never wraps it in DistributedDataParallel. Every rank computes it on the full eval set, as a token
-    mean like `evaluate()` (peftkit's SFTTrainer.evaluation_loop)."""
-    from torch.utils.data import DataLoader
-
-    model = trainer.model
-    loader = DataLoader(
-        trainer.eval_dataset, batch_size=trainer.args.per_device_eval_batch_size,
-        collate_fn=trainer.data_collator, shuffle=False,
-    )
-    total = weight = 0.0
-    with eval_mode(model):
-        with torch.no_grad():
-            for batch in loader:
-                batch = {k: v.to(trainer.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                total += float(trainer.compute_loss(model, batch)) * tokens
-                weight += tokens
-    return total / weight if weight else float("nan")
 
 
 @contextlib.contextmanager

@@ -32,6 +32,10 @@ RESUME_MAY_CHANGE = ("description", "eval.", "train.num_threads", "train.logging
 the folder being resumed, however it is named: `peftkit train RUN_DIR --resume`, or a moved run)."""
 
 
+def unwritable(run_dir: Path, exc: OSError) -> RunDirError:
+    return RunDirError(f"cannot write the run directory {run_dir} ({exc.strerror}); set output_dir to a writable place")
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
     """Only one peftkit process trains into a folder at a time: a second `train` (with --force or --resume) would
@@ -48,7 +52,7 @@ def run_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
         run_dir.mkdir(parents=True, exist_ok=True)
         handle = (run_dir / LOCK_FILE).open("a+", encoding="utf-8")
     except OSError as exc:
-        raise RunDirError(f"cannot write the run directory {run_dir} ({exc.strerror}); set output_dir to a writable place") from None
+        raise unwritable(run_dir, exc) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -156,7 +160,7 @@ def mark_run_dir(run_dir: Path, recipe_yaml: str) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / RUN_MARKER, "peftkit run directory: `peftkit train --force` may replace it\n")
     except OSError as exc:
-        raise RunDirError(f"cannot write the run directory {run_dir} ({exc.strerror}); set output_dir to a writable place") from None
+        raise unwritable(run_dir, exc) from None
     atomic_write_text(run_dir / "recipe.yaml", recipe_yaml)
 
 

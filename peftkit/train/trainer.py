@@ -19,6 +19,7 @@ from transformers import Trainer
 from peftkit.data.chat import IGNORE_INDEX
 from peftkit.train.bucketing import length_buckets
 from peftkit.train.shared_prefix import MIN_SHARED_PREFIX, forward_with_shared_prefix, shared_prefix_length
+from peftkit.utils.modes import eval_mode
 
 
 def _base_forward_accepts(model: Any, name: str) -> bool:
@@ -163,6 +164,24 @@ class SFTTrainer(Trainer):
         # from every later evaluation's runtime: multi-process runs logged negative eval_runtime. Count it once.
         self.__dict__.pop("model_preparation_time", None)
         return metrics
+
+    def eval_loss_unwrapped(self) -> float:
+        """The eval loss before DeepSpeed or DDP wraps the model: `evaluate()` would set up a ZeRO inference
+        engine at this point (and refuses to below stage 3), and under DDP it leaves the model registered so that
+        training never wraps it in DistributedDataParallel. Every rank computes it on the full eval set, as the
+        same token mean as `evaluate()` (see `evaluation_loop`)."""
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(self.eval_dataset, batch_size=self.args.per_device_eval_batch_size,
+                            collate_fn=self.data_collator, shuffle=False)
+        total = weight = 0.0
+        with eval_mode(self.model), torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                total += float(self.compute_loss(self.model, batch)) * tokens
+                weight += tokens
+        return total / weight if weight else float("nan")
 
     def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
                         ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:

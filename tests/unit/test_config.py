@@ -59,6 +59,18 @@ def test_all_problems_reported_at_once_with_did_you_mean(tmp_path):
     assert "train.lr" in message and "greater than 0" in message
 
 
+def test_other_tools_key_names_point_at_peftkits(tmp_path):
+    """axolotl / LLaMA-Factory / TRL spellings a new user brings along."""
+    text = ("model: {name: x, flash_attention: true}\ndata: {train: t.jsonl, cutoff_len: 512, val_set_size: 0.05}\n"
+            "train: {optim: adamw_torch, bf16: true}\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(write(tmp_path, text))
+    message = str(info.value)
+    for wrong, right in [("model.flash_attention", "attn_implementation"), ("data.cutoff_len", "max_seq_len"),
+                         ("data.val_set_size", "eval_fraction"), ("train.optim", "optimizer"), ("train.bf16", "dtype")]:
+        assert f"unknown key `{wrong}`: did you mean `{right}`?" in message
+
+
 def test_unknown_adapter_method_lists_valid_ones(tmp_path):
     with pytest.raises(ConfigError, match="choose one of: lora"):
         load_recipe(write(tmp_path, "adapter: {method: lorax}\ndata: {train: t.jsonl}\n"))
