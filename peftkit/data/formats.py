@@ -142,7 +142,7 @@ def detect_format(record: Any) -> Literal["chat", "sharegpt", "prompt_completion
         return None
     if "messages" in record:
         return "chat"
-    if "conversations" in record:
+    if "conversations" in record or isinstance(record.get("conversation"), list):  # LMSYS-Chat / WildChat: `conversation`
         return "sharegpt"
     if "prompt" in record and "completion" in record:
         return "prompt_completion"
@@ -283,7 +283,7 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
 
 def sharegpt_messages(record: dict[str, Any], where: str) -> list[Message]:
     """ShareGPT turns (`from` / `value`, or already `role` / `content`) as chat messages."""
-    turns = record["conversations"]
+    turns = record["conversations"] if "conversations" in record else record.get("conversation")
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: `conversations` must be a non-empty list of {{from, value}} objects")
     messages: list[Message] = []
@@ -358,6 +358,10 @@ def chat_record_messages(record: dict[str, Any], where: str) -> list[Message]:
 def _to_example(record: Any, where: str, kind: str | None) -> Example:
     if kind is None:
         keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+        if isinstance(record, dict) and "chosen" in record and "rejected" in record:
+            raise DataError(f"{where}: a preference record (keys: {keys}) is for DPO-style training, which peftkit does "
+                            "not do; to fine-tune on the preferred answers map them: `data: {columns: {prompt: prompt, "
+                            "response: chosen}}` (or `{messages: chosen}` when `chosen` holds the whole conversation)")
         raise DataError(
             f"{where}: unrecognised record (keys: {keys}); expected `messages` (chat), `conversations` (ShareGPT), "
             "`prompt` + `completion`, `instruction` + `output` (alpaca), a pair such as `question` + `answer`, or "
@@ -366,7 +370,7 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     required = {"chat": ("messages",), "sharegpt": ("conversations",), "prompt_completion": ("prompt", "completion")}
-    missing = [k for k in required.get(kind, ()) if k not in record]
+    missing = [k for k in required.get(kind, ()) if k not in record and not (k == "conversations" and "conversation" in record)]
     if missing:
         raise DataError(f"{where}: record has no {' / '.join(f'`{k}`' for k in missing)} (data.format is {kind})")
     if kind in ("chat", "sharegpt", "prompt_completion"):

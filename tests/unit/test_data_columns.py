@@ -184,3 +184,18 @@ def test_validate_reads_the_replay_set_as_training_does(tiny_recipe, tmp_path):
     tiny_recipe["data"]["format"] = "alpaca"
     tiny_recipe["data"]["replay"] = {"path": "builtin:general", "answers": "dataset"}
     validate_recipe(recipe_from_dict(tiny_recipe), check_model=False)
+
+
+def test_lmsys_style_conversation_field_is_read(tmp_path):
+    record = {"conversation_id": "a1", "model": "x", "conversation": [
+        {"role": "user", "content": "hi", "turn": 1}, {"role": "assistant", "content": "hello"}]}
+    [example] = load_examples(write_jsonl(tmp_path / "d.jsonl", [record]))
+    assert roles_and_texts(example) == [("user", "hi"), ("assistant", "hello")]
+
+
+def test_preference_records_get_their_own_advice(tmp_path):
+    path = write_jsonl(tmp_path / "dpo.jsonl", [{"prompt": "Q?", "chosen": "good", "rejected": "bad"}])
+    with pytest.raises(DataError, match=r"a preference record .* map them: `data: \{columns: \{prompt: prompt, response: chosen\}\}`"):
+        load_examples(path)
+    [example] = load_examples(path, columns=ColumnsConfig(prompt="prompt", response="chosen"))
+    assert roles_and_texts(example) == [("user", "Q?"), ("assistant", "good")]
