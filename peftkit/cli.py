@@ -87,7 +87,8 @@ def _show_data(recipe: Any, tokenizer: Any, count: int) -> None:
     from peftkit.data.formats import load_examples
 
     examples = load_examples(recipe.data.train, recipe.data.format, recipe.data.columns)[:count]
-    rows, _ = tokenize_examples(examples, tokenizer, recipe.data.max_seq_len, recipe.data.system_prompt)
+    rows, _ = tokenize_examples(examples, tokenizer, recipe.data.max_seq_len, recipe.data.system_prompt,
+                                train_on_prompt=recipe.data.train_on_prompt)
     console = _console()
     console.print(Text.assemble("Trained tokens are shown ", ("[[like this]]", "bold green"), "; the rest is context only."))
     for number, row in enumerate(rows, start=1):

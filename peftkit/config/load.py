@@ -47,6 +47,7 @@ KEY_ALIASES = {
     "dataset": "train",
     "datasets": "data",
     "dataset_text_field": "columns",
+    "train_on_inputs": "train_on_prompt",
 }
 
 

@@ -327,6 +327,10 @@ class DataConfig(Section):
     max_seq_len: PositiveInt = 1024
     system_prompt: str | None = None
     """Added as the system turn to conversations (train, eval, held-out, chat) that have none."""
+    train_on_prompt: bool = False
+    """Also learn the system and user turns (axolotl's `train_on_inputs`, LLaMA-Factory's `train_on_prompt`):
+    every token of a training conversation is supervised, `weight: 0` turns too. The eval loss stays on the
+    replies, so it compares with runs without it."""
     replay: ReplayConfig | None = None
 
     @model_validator(mode="after")
@@ -464,6 +468,8 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _columns_fit_the_task(self) -> "Recipe":
+        if self.task == "sequence_classification" and self.data.train_on_prompt:
+            raise ValueError("data.train_on_prompt is for chat training; a classifier learns labels, not text: remove it")
         columns = self.data.columns
         if columns is None:
             return self

@@ -46,8 +46,9 @@ class DataBundle:
 
 
 def tokenize_examples(
-    examples: list[Example], tokenizer: Any, max_seq_len: int, system_prompt: str | None
+    examples: list[Example], tokenizer: Any, max_seq_len: int, system_prompt: str | None, *, train_on_prompt: bool = False
 ) -> tuple[list[Row], dict[str, int]]:
+    """Token ids and labels; `train_on_prompt` supervises every token of a conversation, not only its replies."""
     rows: list[Row] = []
     truncated = dropped = 0
     for example in examples:
@@ -56,6 +57,8 @@ def tokenize_examples(
             example_rows, cut = tokenize_conversation_rows(
                 tokenizer, messages, max_seq_len, example.where, example.tools
             )
+            if train_on_prompt:
+                example_rows = [{"input_ids": row["input_ids"], "labels": list(row["input_ids"])} for row in example_rows]
         else:
             row, text_cut = tokenize_text(tokenizer, example.text or "", max_seq_len)
             example_rows, cut = [row], int(text_cut)
@@ -129,7 +132,8 @@ def build_datasets(
         train_examples, eval_examples = examples, load_examples(cfg.eval, cfg.format, cfg.columns)
     else:
         train_examples, eval_examples = split_train_eval(examples, cfg.eval_fraction, seed)
-    train_rows, train_stats = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
+    train_rows, train_stats = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt,
+                                                train_on_prompt=cfg.train_on_prompt)
     replayed = contrasted = 0
     if cfg.replay is not None:
         # Replay stands for the model's general use, so it keeps its own system prompt (or the chat

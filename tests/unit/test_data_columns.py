@@ -199,3 +199,29 @@ def test_preference_records_get_their_own_advice(tmp_path):
         load_examples(path)
     [example] = load_examples(path, columns=ColumnsConfig(prompt="prompt", response="chosen"))
     assert roles_and_texts(example) == [("user", "Q?"), ("assistant", "good")]
+
+
+def test_train_on_prompt_supervises_every_training_token_but_not_eval(tiny_recipe, tiny_tokenizer):
+    from peftkit.data import IGNORE_INDEX
+
+    tiny_recipe["data"]["system_prompt"] = "You are the library's assistant."
+    plain = build_datasets(recipe_from_dict(tiny_recipe).data, tiny_tokenizer, seed=0)
+    tiny_recipe["data"]["train_on_prompt"] = True
+    recipe = recipe_from_dict(tiny_recipe)
+    everything = build_datasets(recipe.data, tiny_tokenizer, seed=0)
+    assert [r["input_ids"] for r in everything.train] == [r["input_ids"] for r in plain.train]
+    assert all(r["labels"] == r["input_ids"] for r in everything.train)
+    assert everything.eval == plain.eval, "the eval loss stays on the replies"
+    assert everything.stats["train_supervised_tokens"] > 2 * plain.stats["train_supervised_tokens"]
+    assert any(label == IGNORE_INDEX for r in plain.train for label in r["labels"])
+
+
+def test_train_on_inputs_is_pointed_at_train_on_prompt(tiny_recipe):
+    tiny_recipe["data"]["train_on_inputs"] = True
+    with pytest.raises(ConfigError, match="unknown key `data.train_on_inputs`: did you mean `train_on_prompt`"):
+        recipe_from_dict(tiny_recipe)
+    del tiny_recipe["data"]["train_on_inputs"]
+    tiny_recipe["data"]["train_on_prompt"] = True
+    tiny_recipe["task"] = "sequence_classification"
+    with pytest.raises(ConfigError, match="train_on_prompt is for chat training"):
+        recipe_from_dict(tiny_recipe)
