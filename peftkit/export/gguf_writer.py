@@ -86,11 +86,37 @@ def check_architecture(config: Any, *, with_rope: bool = True) -> GgufArchitectu
             f"GGUF export supports {', '.join(GGUF_ARCHITECTURES)} models; this base is `{model_type}`. Export it "
             "with `--format hf` and convert that directory with llama.cpp's convert_hf_to_gguf.py"
         )
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if with_rope and rope_type not in (None, "default"):
-        raise ExportError(f"GGUF export does not handle `{rope_type}` RoPE scaling yet; export with --format hf instead")
+    rope_type = rope_settings(config).get("rope_type") or "default"
+    if with_rope and rope_type not in GGUF_ROPE_TYPES:
+        raise ExportError(f"GGUF export writes {', '.join(GGUF_ROPE_TYPES)} RoPE, not `{rope_type}` scaling; export with "
+                          "--format hf and convert that directory with llama.cpp's convert_hf_to_gguf.py")
     return GGUF_ARCHITECTURES[model_type]
+
+
+GGUF_ROPE_TYPES = ("default", "llama3", "linear")
+"""RoPE variants the model GGUF export writes: Llama 3.1+'s `llama3` as llama.cpp's per-frequency `rope_freqs`
+tensor, `linear` as the `rope.scaling.*` keys."""
+
+
+def rope_settings(config: Any) -> dict[str, Any]:
+    """The config's RoPE parameters (transformers 5 `rope_parameters`, older `rope_scaling`), `rope_type` filled in."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return {"rope_type": "default"}
+    return {**rope, "rope_type": rope.get("rope_type", rope.get("type", "default"))}
+
+
+def rope_freq_factors(config: Any) -> torch.Tensor | None:
+    """For `llama3` RoPE: the divisor of each rotary frequency (llama.cpp's `rope_freqs` tensor), i.e. the
+    unscaled inverse frequencies over the ones transformers computes for this config; None for other RoPE."""
+    if rope_settings(config)["rope_type"] != "llama3":
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    unscaled = 1.0 / (rope_theta(config) ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    return (unscaled / scaled.float()).to(torch.float32)
 
 
 def model_arch(layout: GgufArchitecture) -> Any:
@@ -162,6 +188,10 @@ def add_model_parameters(writer: Any, config: Any) -> None:
     writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
+    rope = rope_settings(config)
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf_package().RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +281,10 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
         array, written = quantize_array(data, target)
         writer.add_tensor(new_name, array, raw_dtype=written)
         counts[written.name] = counts.get(written.name, 0) + 1
+    factors = rope_freq_factors(config)
+    if factors is not None:  # as convert_hf_to_gguf.py writes Llama 3.1+: llama.cpp divides each frequency by it
+        writer.add_tensor(f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", factors.numpy())
+        counts["F32"] = counts.get("F32", 0) + 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

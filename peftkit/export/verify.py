@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from peftkit.errors import ExportError
@@ -296,6 +297,39 @@ def _gguf_config(directory: Path, gguf_file: str) -> Any:
     return config
 
 
+def _apply_gguf_rope(model: Any, path: Path) -> None:
+    """transformers' GGUF loader reads neither llama.cpp's `rope_freqs` tensor (Llama 3.1+ RoPE) nor its linear
+    `rope.scaling.*` keys: divide the loaded model's rotary frequencies by them, as llama.cpp does, so the check
+    compares what llama.cpp will compute from this file."""
+    from peftkit.export.common import gguf_package
+    from peftkit.export.gguf_writer import read_gguf_field
+
+    arch = read_gguf_field(path, "general.architecture")
+    divisor: Any = None
+    if read_gguf_field(path, f"{arch}.rope.scaling.type") == "linear":
+        divisor = float(read_gguf_field(path, f"{arch}.rope.scaling.factor"))
+    if _has_tensor(path, "rope_freqs.weight"):  # the full reader parses the whole vocabulary: only when needed
+        tensor = next(t for t in gguf_package().GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight")
+        divisor = torch.from_numpy(np.array(tensor.data, dtype=np.float32)).reshape(-1)
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if divisor is None or rotary is None:
+        return
+    scaled = rotary.inv_freq / (divisor.to(rotary.inv_freq.device) if torch.is_tensor(divisor) else divisor)
+    rotary.inv_freq = scaled
+    rotary.original_inv_freq = scaled.clone()
+
+
+def _has_tensor(path: Path, name: str) -> bool:
+    try:
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+
+        return name in read_gguf_metadata(str(path))[1]
+    except Exception:  # noqa: BLE001 - private transformers API: ask the public reader
+        from peftkit.export.common import gguf_package
+
+        return any(t.name == name for t in gguf_package().GGUFReader(str(path)).tensors)
+
+
 def _load_for_kind(args: argparse.Namespace) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -305,6 +339,7 @@ def _load_for_kind(args: argparse.Namespace) -> tuple[Any, Any]:
     elif args.kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(args.model, gguf_file=args.gguf_file, dtype=torch.float32,
                                                      config=_gguf_config(Path(args.model), args.gguf_file))
+        _apply_gguf_rope(model, Path(args.model) / args.gguf_file)
         tokenizer = AutoTokenizer.from_pretrained(args.model, gguf_file=args.gguf_file)
     elif args.kind == "peft":
         from peft import PeftModel

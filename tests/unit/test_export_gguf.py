@@ -482,19 +482,64 @@ def test_vocab_kind_and_space_prefix_read_off_tokenizer_json_forms():
     assert merge_scores(["a", "b", "ab", "abb", "<s>"], ["a b", ["ab", "b"], ["a", "bb"]]) == [-1e9, -1e9, -0.0, -1.0, -1e9]
 
 
-def test_a_llama3_rope_base_exports_its_lora_to_gguf(export_recipe, tmp_path, tiny_tokenizer):
-    """A LoRA GGUF carries no RoPE settings (llama.cpp reads them from the base GGUF): Llama 3.1+ bases, whose
-    `llama3` RoPE scaling the full GGUF export does not write yet, still get their adapter exported and verified."""
+def _rope_run(tmp_path: Path, export_recipe, tiny_tokenizer, rope: dict) -> Path:
     from tests.unit.export_fixtures import build_llama_dir
 
-    base = build_llama_dir(tmp_path / "llama3", tiny_tokenizer)
+    base = build_llama_dir(tmp_path / rope["rope_type"], tiny_tokenizer)
     config = json.loads((base / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    config["rope_parameters"] = rope
     (base / "config.json").write_text(json.dumps(config))
-    run = make_run(tmp_path / "run", export_recipe,
-                   LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"), model_dir=base)
+    return make_run(tmp_path / f"run-{rope['rope_type']}", export_recipe,
+                    LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"), model_dir=base)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+"""Llama 3.1's RoPE scaling with an original context short enough that the verification prompts feel it."""
+
+
+def test_a_llama3_rope_model_exports_to_gguf_with_llama_cpp_rope_freqs(export_recipe, tmp_path, tiny_tokenizer, monkeypatch):
+    """Llama 3.1+ (`llama3` RoPE): the file carries llama.cpp's per-frequency `rope_freqs` divisors, and the
+    verification applies them as llama.cpp does; a file without them fails the check."""
+    import gguf
+
+    from transformers import AutoConfig
+
+    from peftkit.export import gguf_writer
+
+    run = _rope_run(tmp_path, export_recipe, tiny_tokenizer, LLAMA3_ROPE)
+    result = export_gguf(run, gguf_type="f32")
+    report = json.loads((result.path / "verification.json").read_text())
+    assert report["passed"] and report["greedy_agreement"] == 1.0, report
+    tensors = {t.name: t for t in gguf.GGUFReader(str(result.path / "tiny-f32.gguf")).tensors}
+    factors = np.array(tensors["rope_freqs.weight"].data)
+    expected = gguf_writer.rope_freq_factors(AutoConfig.from_pretrained(tmp_path / "llama3")).numpy()
+    np.testing.assert_allclose(factors, expected, rtol=1e-6)
+    assert factors.min() == pytest.approx(1.0) and factors.max() == pytest.approx(8.0), "high freqs kept, low ones / 8"
+    assert ((factors > 1.0) & (factors < 8.0)).any(), "the smoothed band in between"
+
+    monkeypatch.setattr(gguf_writer, "rope_freq_factors", lambda config: None)
+    with pytest.raises(ExportError, match="GGUF file"):
+        export_gguf(run, tmp_path / "without-factors", gguf_type="f32")
+
+
+def test_linear_rope_goes_into_the_gguf_metadata_and_other_scalings_are_refused(export_recipe, tmp_path, tiny_tokenizer):
+    from peftkit.export.gguf_writer import read_gguf_field
+
+    run = _rope_run(tmp_path, export_recipe, tiny_tokenizer, {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})
+    result = export_gguf(run, gguf_type="f32")
+    assert json.loads((result.path / "verification.json").read_text())["passed"]
+    path = result.path / "tiny-f32.gguf"
+    assert read_gguf_field(path, "llama.rope.scaling.type") == "linear"
+    assert read_gguf_field(path, "llama.rope.scaling.factor") == pytest.approx(4.0)
+    yarn = _rope_run(tmp_path, export_recipe, tiny_tokenizer, {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                                "original_max_position_embeddings": 32})
+    with pytest.raises(ExportError, match="GGUF export writes default, llama3, linear RoPE, not `yarn` scaling"):
+        export_gguf(yarn, gguf_type="f32")
+
+
+def test_a_llama3_rope_base_exports_its_lora_to_gguf(export_recipe, tmp_path, tiny_tokenizer):
+    """A LoRA GGUF carries no RoPE settings: llama.cpp reads them from the base GGUF."""
+    run = _rope_run(tmp_path, export_recipe, tiny_tokenizer, LLAMA3_ROPE)
     result = export_gguf_adapter(run, gguf_type="f32")
     assert json.loads((result.path / "verification.json").read_text())["passed"]
-    with pytest.raises(ExportError, match="llama3"):
-        export_gguf(run, gguf_type="f32")
