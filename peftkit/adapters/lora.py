@@ -138,7 +138,7 @@ def _wrapped_module_problems(model: torch.nn.Module, cfg: LoraAdapterConfig) -> 
 
 
 def check_modules_to_save(model: torch.nn.Module, names: Sequence[str] | None) -> list[str]:
-    missing = [m for m in names or [] if not any(n == m or n.endswith(f".{m}") for n, _ in model.named_modules())]
+    missing = [m for m in names or [] if not any(n.endswith(m) for n, _ in model.named_modules() if n)]  # as peft matches
     if not missing:
         return []
     tops = sorted({n.split(".")[-1] for n, mod in model.named_modules() if n and not list(mod.children())} | {n for n, _ in model.named_children()})

@@ -7,6 +7,7 @@ Shared by the method modules and by validation, which runs them on a meta-device
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,14 @@ def lora_module_types() -> tuple[type, ...]:
             torch.nn.MultiheadAttention, Conv1D)
 
 
+def saved_module(name: str, modules_to_save: Sequence[str]) -> bool:
+    """Whether `name` is, or sits inside, a module peft trains fully for `modules_to_save`: peft takes every module
+    whose full name ends with an entry (a plain suffix, `head` also picks `lm_head`)."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(prefix.endswith(entry) for entry in modules_to_save for prefix in prefixes)
+
+
 def peft_targets(model: torch.nn.Module, target: str | list[str] | None,
                  exclude: list[str] | None = None) -> dict[str, torch.nn.Module]:
     """Every module peft would wrap for `target`: a regex or a suffix also selects containers (a decoder block,
@@ -95,7 +104,7 @@ def peft_targets(model: torch.nn.Module, target: str | list[str] | None,
     linear = all_linear_targets(model)
     found = {}
     for name, module in model.named_modules():
-        if not name or any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in exclude or []):
+        if not name or saved_module(name, exclude or []):
             continue
         if matches_target(name, target, linear):
             found[name] = module

@@ -141,3 +141,20 @@ def test_classification_builtin_needs_its_task(tiny_recipe):
 def test_valid_recipes_for_every_method_pass(tiny_recipe):
     for method in METHODS:
         validate_recipe(recipe_from_dict(_recipe(tiny_recipe, {"method": method})), check_model=True)
+
+
+def test_modules_to_save_is_matched_as_peft_matches_it(tiny_recipe, tiny_model_dir):
+    """peft takes every module whose name ends with an entry (no dot boundary), and never puts LoRA inside one."""
+    from peftkit.adapters.modules import peft_targets, saved_module
+    from peftkit.config.schema import ModelConfig
+    from peftkit.models.resolve import resolve_model_ref
+    from peftkit.models.skeleton import model_skeleton
+
+    assert saved_module("lm_head", ["head"]) and saved_module("model.embed_tokens", ["embed_tokens"])
+    assert saved_module("model.layers.0.mlp.down_proj", ["layers.0.mlp"]), "inside a saved module"
+    assert not saved_module("model.layers.1.mlp.down_proj", ["layers.0.mlp"])
+    validate_recipe(recipe_from_dict(_recipe(tiny_recipe, {"method": "lora", "modules_to_save": ["head"]})))
+    skeleton = model_skeleton(resolve_model_ref(str(tiny_model_dir)), ModelConfig(name=str(tiny_model_dir)))
+    targets = peft_targets(skeleton, ["down_proj", "q_proj"], ["layers.0.mlp"])
+    assert "model.layers.0.mlp.down_proj" not in targets and "model.layers.1.mlp.down_proj" in targets
+    assert "model.layers.0.self_attn.q_proj" in targets
