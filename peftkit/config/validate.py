@@ -100,7 +100,10 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> list[str]:
         return [*problems, f"model.name: cannot read the model configuration of {recipe.model.name!r}: {exc}"]
     problems.extend(check_targets(skeleton, recipe.adapter, recipe.task))
     if recipe.model.attn_implementation != "auto":
-        attention = attention_problem(recipe.model.attn_implementation, skeleton)
+        import torch
+
+        device = recipe.train.device if recipe.train.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        attention = attention_problem(recipe.model.attn_implementation, skeleton, device=device)
         problems.extend([attention] if attention else [])
     if tool_use is not None and not template_problem:
         problems.extend(_check_tool_use_template(recipe, source, tool_use))

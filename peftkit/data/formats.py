@@ -40,6 +40,8 @@ JSONL_SUFFIXES = ("", ".ndjson")
 """Other names of JSON Lines files."""
 MAX_REPORTED_PROBLEMS = 5
 """Bad records listed in one data error (the rest are counted)."""
+
+
 @dataclass(frozen=True)
 class Example:
     """One training example: a conversation, or raw text trained on every token."""

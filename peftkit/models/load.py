@@ -365,12 +365,12 @@ ATTENTION_SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supp
 """Kernel -> the transformers model-class attribute that says the architecture has it."""
 
 
-def attention_problem(name: str, model: Any = None) -> str | None:
-    """Why `model.attn_implementation: name` cannot load here (a missing package, or an architecture without
-    that kernel when a model or skeleton is given), or None."""
+def attention_problem(name: str, model: Any = None, *, device: str = "cuda") -> str | None:
+    """Why `model.attn_implementation: name` cannot load on `device` (a flash kernel's missing package on a GPU;
+    elsewhere it falls back), or for `model` (a skeleton is enough) an architecture without that kernel; or None."""
     import importlib.util
 
-    if name in ATTENTION_PACKAGES and importlib.util.find_spec(ATTENTION_PACKAGES[name][0]) is None:
+    if name in ATTENTION_PACKAGES and device == "cuda" and importlib.util.find_spec(ATTENTION_PACKAGES[name][0]) is None:
         return (f"model.attn_implementation: {name} needs the {ATTENTION_PACKAGES[name][1]} package (CUDA GPUs only: "
                 f"`pip install {ATTENTION_PACKAGES[name][1]} --no-build-isolation`); or use sdpa / auto")
     flag = ATTENTION_SUPPORT_FLAGS.get(name)

@@ -144,11 +144,11 @@ def test_modules_to_save_trains_and_reloads(tiny_model_dir, tiny_tokenizer, tmp_
 
 def test_check_reports_unknown_targets_layers_and_modules(tiny_model_dir):
     model = load_tiny(tiny_model_dir)
-    problems = check_targets(model, LoraAdapterConfig(target_modules=["qkv"], layers=(0, 5), modules_to_save=["head"]))
+    problems = check_targets(model, LoraAdapterConfig(target_modules=["qkv"], layers=(0, 5), modules_to_save=["classifier"]))
     text = "\n".join(problems)
     assert "layers [0, 5] is out of range: this model has layers 0..1" in text
     assert "matches no linear module" in text and "q_proj" in text and "down_proj" in text
-    assert "modules_to_save: head not found" in text
+    assert "modules_to_save: classifier not found" in text
     assert check_targets(model, LoraAdapterConfig(target_modules=r".*\.q_proj")) == []
     assert "loftq does not combine with use_dora" in "\n".join(check_targets(model, LoraAdapterConfig(init="loftq", use_dora=True)))
 

@@ -56,6 +56,8 @@ def test_validate_names_kernels_the_architecture_lacks(monkeypatch, tiny_recipe)
     assert attention_problem("sdpa", gpt2) is None
     without_flash_attn(monkeypatch)
     tiny_recipe["model"]["attn_implementation"] = "flash_attention_2"
+    validate_recipe(recipe_from_dict(tiny_recipe))  # on this CPU it falls back (with a warning) at load time
+    tiny_recipe["train"]["device"] = "cuda"  # where the package is needed
     with pytest.raises(ConfigError, match="model.attn_implementation: flash_attention_2 needs the flash-attn package"):
         validate_recipe(recipe_from_dict(tiny_recipe))
 
