@@ -43,6 +43,8 @@ def pair_messages(record: Mapping[str, Any], where: str, prompt: str, response: 
     texts = {}
     for key, field in (("prompt", prompt), ("response", response)):
         value = record.get(field)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # a numeric answer column (`4`, `3.5`)
+            value = str(value)
         if not isinstance(value, str) or not value.strip():
             found = "is missing" if field not in record else ("is empty" if isinstance(value, str) else
                                                               f"is a {type(value).__name__}, not text")

@@ -48,6 +48,13 @@ def test_alpaca_and_prompt_completion_win_over_the_pairs(tmp_path):
     assert [e.messages[-1]["content"] for e in examples] == ["Hi.", "A."]
 
 
+def test_numeric_answers_are_read_as_text(tmp_path):
+    [example] = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "2 + 2?", "answer": 4}]))
+    assert roles_and_texts(example)[-1] == ("assistant", "4")
+    with pytest.raises(DataError, match="the response field 'answer' is a list, not text"):
+        load_examples(write_jsonl(tmp_path / "e.jsonl", [{"question": "Q?", "answer": ["a"]}]))
+
+
 def test_empty_detected_answer_names_the_field(tmp_path):
     with pytest.raises(DataError, match=r"d.jsonl:1: the response field 'answer' is empty"):
         load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "Q?", "answer": "  "}]))
