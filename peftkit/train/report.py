@@ -21,8 +21,10 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
     table.add_row("eval loss", _num(summary["eval_loss_before"]), _num(summary["eval_loss_after"]))
     pct = "{:.1%}"
     if summary.get("heldout_questions"):  # no held-out file: no row of n/a
+        classifier = summary.get("task") == "sequence_classification"  # held-out texts with labels, not questions
         table.add_row(
-            f"held-out fact accuracy ({summary['heldout_questions']} q)",
+            f"held-out {'label' if classifier else 'fact'} accuracy ({summary['heldout_questions']} "
+            f"{'texts' if classifier else 'q'})",
             _num(summary["heldout_accuracy_before"], pct),
             _num(summary["heldout_accuracy_after"], pct),
         )

@@ -124,3 +124,16 @@ def test_a_run_without_held_out_questions_reports_no_empty_accuracy(tiny_recipe,
     assert "held-out fact accuracy" not in card and "(1 thread)" in card
     print_run_report(Console(width=200), result.run_dir, result.summary)
     assert "held-out" not in capsys.readouterr().out
+
+
+def test_the_run_report_names_what_was_held_out(tiny_recipe, capsys):
+    from rich.console import Console
+
+    from peftkit.train.report import print_run_report
+
+    recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}})
+    result = train(recipe)
+    print_run_report(Console(width=200), result.run_dir, result.summary)
+    assert "held-out fact accuracy (2 q)" in capsys.readouterr().out
+    print_run_report(Console(width=200), result.run_dir, {**result.summary, "task": "sequence_classification"})
+    assert "held-out label accuracy (2 texts)" in capsys.readouterr().out
