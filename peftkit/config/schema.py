@@ -467,7 +467,7 @@ class Recipe(Section):
     description: str | None = None
 
     @model_validator(mode="after")
-    def _columns_fit_the_task(self) -> "Recipe":
+    def _data_fits_the_task(self) -> "Recipe":
         if self.task == "sequence_classification" and self.data.train_on_prompt:
             raise ValueError("data.train_on_prompt is for chat training; a classifier learns labels, not text: remove it")
         columns = self.data.columns
