@@ -71,7 +71,7 @@ def _check_tool_use_template(recipe: Recipe, source: Any, example: Any) -> list[
 
 def _check_model(recipe: Recipe, tool_use: Any = None) -> list[str]:
     from peftkit.adapters import check_targets, effective_quantization
-    from peftkit.models.load import attention_problem, chat_template_setting_problem
+    from peftkit.models.load import attention_problem, chat_template_setting_problem, planned_device
     from peftkit.models.registry import BUILTINS
     from peftkit.models.resolve import resolve_model_ref
     from peftkit.models.skeleton import model_skeleton
@@ -100,9 +100,7 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> list[str]:
         return [*problems, f"model.name: cannot read the model configuration of {recipe.model.name!r}: {exc}"]
     problems.extend(check_targets(skeleton, recipe.adapter, recipe.task))
     if recipe.model.attn_implementation != "auto":
-        import torch
-
-        device = recipe.train.device if recipe.train.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        device = planned_device(recipe.train.device)
         attention = attention_problem(recipe.model.attn_implementation, skeleton, device=device)
         problems.extend([attention] if attention else [])
     if tool_use is not None and not template_problem:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.config.schema import ColumnsConfig, DataConfig, Recipe
+from peftkit.data.columns import record_keys
 from peftkit.data.formats import data_sources, read_records
 from peftkit.errors import DataError, RunDirError
 
@@ -52,8 +53,7 @@ def load_labeled(source: str | Path | Sequence[str | Path], columns: ColumnsConf
     records = [record for one in data_sources(source) for record in read_records(Path(one))]
     for where, record in records:
         if not isinstance(record, dict) or text_field not in record or label_field not in record:
-            keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{where}: classification records need {names} (found: {keys}){hint}")
+            raise DataError(f"{where}: classification records need {names} (found: {record_keys(record)}){hint}")
         text, label = record[text_field], record[label_field]
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where}: `{text_field}` must be a non-empty string")

@@ -50,7 +50,7 @@ def pair_messages(record: Mapping[str, Any], where: str, prompt: str, response: 
                                                               f"is a {type(value).__name__}, not text")
             raise DataError(f"{where}: the {key} field {field!r} {found}" + (
                 "; training on an empty reply teaches the model to answer with nothing: fill it in or drop the record"
-                if key == "response" and isinstance(value, str) else f" (record fields: {_keys(record)})"))
+                if key == "response" and isinstance(value, str) else f" (record fields: {record_keys(record)})"))
         texts[key] = value
     user = texts["prompt"]
     if context and isinstance(record.get(context), str) and record[context].strip():
@@ -81,6 +81,14 @@ def speaker_role(speaker: Any, roles: Mapping[str, str], where: str, hint: str) 
     return role
 
 
+def mapped_text(record: Any, columns: ColumnsConfig, where: str) -> Any:
+    """The value of the recipe's `data.columns.text` field (checked as a text by the caller)."""
+    if not isinstance(record, Mapping) or columns.text not in record:
+        raise DataError(f"{where}: the text field {columns.text!r} (data.columns.text) is missing (record fields: "
+                        f"{record_keys(record)})")
+    return record[columns.text]
+
+
 def mapped_messages(record: Any, columns: ColumnsConfig, where: str) -> list[Message]:
     """A record read through `data.columns`: a conversation field or a prompt/response pair."""
     if not isinstance(record, Mapping):
@@ -92,7 +100,7 @@ def mapped_messages(record: Any, columns: ColumnsConfig, where: str) -> list[Mes
     if not isinstance(turns, list) or not turns:
         found = "is missing" if columns.messages not in record else f"is a {type(turns).__name__}, not a list of turns"
         raise DataError(f"{where}: the conversation field {columns.messages!r} (data.columns.messages) {found} "
-                        f"(record fields: {_keys(record)})")
+                        f"(record fields: {record_keys(record)})")
     messages: list[Message] = []
     if columns.system and isinstance(record.get(columns.system), str) and record[columns.system].strip():
         messages.append({"role": "system", "content": record[columns.system]})
@@ -100,18 +108,21 @@ def mapped_messages(record: Any, columns: ColumnsConfig, where: str) -> list[Mes
     for n, turn in enumerate(turns, start=1):
         at = f"{where}: turn {n}"
         if not isinstance(turn, Mapping) or columns.role not in turn:
-            keys = _keys(turn) if isinstance(turn, Mapping) else type(turn).__name__
-            raise DataError(f"{at} has no speaker field {columns.role!r} (data.columns.role; the turn has: {keys})")
+            raise DataError(f"{at} has no speaker field {columns.role!r} (data.columns.role; the turn has: "
+                            f"{record_keys(turn)})")
         message: Message = {k: v for k, v in turn.items() if k not in (columns.role, columns.content)}
         message["role"] = speaker_role(turn[columns.role], columns.roles, at, hint)
         if columns.content in turn:
             message["content"] = turn[columns.content]
         elif not turn.get("tool_calls"):
             raise DataError(f"{at} has no text field {columns.content!r} (data.columns.content; the turn has: "
-                            f"{_keys(turn)})")
+                            f"{record_keys(turn)})")
         messages.append(message)
     return messages
 
 
-def _keys(record: Mapping[str, Any]) -> str:
+def record_keys(record: Any) -> str:
+    """A record's field names for an error message (or its type, when it is not an object)."""
+    if not isinstance(record, Mapping):
+        return type(record).__name__
     return ", ".join(map(str, record)) or "none"

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from peftkit.data.columns import ROLE_ALIASES, detected_pair, detected_pair_messages, mapped_messages
+from peftkit.data.columns import (ROLE_ALIASES, detected_pair, detected_pair_messages, mapped_messages, mapped_text,
+                                  record_keys)
 from peftkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -328,10 +329,7 @@ def prompt_completion_messages(record: dict[str, Any], where: str) -> list[Messa
 
 def to_example(record: Any, where: str, fmt: str, columns: ColumnsConfig | None = None) -> Example:
     if columns is not None and columns.text:  # the recipe names the fields: no detection
-        if not isinstance(record, dict) or columns.text not in record:
-            keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{where}: the text field {columns.text!r} (data.columns.text) is missing (record fields: {keys})")
-        return dataclasses.replace(_to_example({"text": record[columns.text]}, where, "text"), format="columns")
+        return dataclasses.replace(_to_example({"text": mapped_text(record, columns, where)}, where, "text"), format="columns")
     if columns is not None:
         messages = mapped_messages(record, columns, where)
         tools = tools_of(record.get("tools"), where)
@@ -359,7 +357,7 @@ def chat_record_messages(record: dict[str, Any], where: str) -> list[Message]:
 
 def _to_example(record: Any, where: str, kind: str | None) -> Example:
     if kind is None:
-        keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+        keys = record_keys(record)
         if isinstance(record, dict) and "chosen" in record and "rejected" in record:
             raise DataError(f"{where}: a preference record (keys: {keys}) is for DPO-style training, which peftkit does "
                             "not do; to fine-tune on the preferred answers map them: `data: {columns: {prompt: prompt, "

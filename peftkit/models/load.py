@@ -56,13 +56,17 @@ CHATML_END = "<|im_end|>"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(preference: str = "auto") -> str:
+def planned_device(preference: str = "auto") -> str:
+    """The device `train.device` names here (`auto`: a CUDA GPU if one is visible), without checking or selecting it."""
     if preference != "auto":
-        if preference == "cuda" and not torch.cuda.is_available():
-            raise PeftkitError("train.device is `cuda` but no CUDA GPU is visible; use `auto` or `cpu`")
-        device = preference
-    else:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return preference
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(preference: str = "auto") -> str:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise PeftkitError("train.device is `cuda` but no CUDA GPU is visible; use `auto` or `cpu`")
+    device = planned_device(preference)
     if device == "cuda":
         use_local_gpu()
     return device
@@ -391,7 +395,7 @@ def attention_kwargs(cfg: ModelConfig, device: str) -> dict[str, Any]:
         log.warning("model.attn_implementation %s needs a CUDA GPU; loading on %s with transformers' default "
                     "attention instead (same results, other kernel)", name, device)
         return {}
-    problem = attention_problem(name)
+    problem = attention_problem(name, device=device)
     if problem:
         raise MissingDependencyError(problem)
     return {"attn_implementation": name}

@@ -90,6 +90,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
     cfg = recipe.train
     # Early stopping keeps the best checkpoint, so checkpoints must be saved exactly when evaluating.
     early_stop = bool(cfg.early_stopping_patience) and has_eval
+    bf16, fp16 = deepspeed_setup.precision_flags(device, dtype)
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
@@ -119,8 +120,8 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         data_seed=cfg.seed,
         report_to="none",
         use_cpu=device == "cpu",
-        bf16=dtype == torch.bfloat16 and device != "cpu",
-        fp16=dtype == torch.float16 and device != "cpu",
+        bf16=bf16,
+        fp16=fp16,
         tf32=True if cfg.tf32 and device == "cuda" else None,
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
