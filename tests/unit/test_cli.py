@@ -62,6 +62,15 @@ def test_validate_show_data_marks_exactly_the_trained_tokens(tiny_recipe, tmp_pa
     assert not any("<|im_start|>" in t or "user" in t for t in trained)  # prompts are context only
 
 
+def test_validate_show_data_marks_the_prompt_trained_with_train_on_prompt(tiny_recipe, tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    assert main(["validate", str(path), "--show-data", "1", "data.train_on_prompt=true"]) == 0
+    row = capsys.readouterr().out.split("--- row ", 1)[1]
+    trained = "".join(re.findall(r"\[\[(.*?)\]\]", row, re.DOTALL))
+    assert "<|im_start|>user" in trained, "the user turn is trained too"
+
+
 def test_resume_without_a_run_dir_does_not_swallow_the_override_after_it(monkeypatch, tmp_path):
     """`--resume` takes an optional RUN_DIR; `--resume train.lr=1e-4` means an override, not a directory."""
     import peftkit.cli as cli

@@ -193,6 +193,13 @@ def test_validate_reads_the_replay_set_as_training_does(tiny_recipe, tmp_path):
     validate_recipe(recipe_from_dict(tiny_recipe), check_model=False)
 
 
+def test_records_failing_the_same_way_are_named_once(tmp_path):
+    records = [{"question": "Q1?", "answer": "A1."}, {"question": "Q2?", "answer": ""}, {"question": "Q3?", "answer": ""}]
+    with pytest.raises(DataError, match=r"^2 of 3 records of .*d.jsonl \(first: .*d.jsonl:2\): the response field "
+                                        r"'answer' is empty"):
+        load_examples(write_jsonl(tmp_path / "d.jsonl", records))
+
+
 def test_lmsys_style_conversation_field_is_read(tmp_path):
     record = {"conversation_id": "a1", "model": "x", "conversation": [
         {"role": "user", "content": "hi", "turn": 1}, {"role": "assistant", "content": "hello"}]}
