@@ -31,6 +31,21 @@ def shared_prefix_length(input_ids: torch.Tensor, keep: torch.Tensor) -> int:
     return min(length, input_ids.shape[1] - 1)
 
 
+def attention_window(model: Any) -> int | None:
+    """The sliding attention window of `model`'s layers (Gemma 2/3, Mistral v0.1, Phi-3), None without one.
+
+    Sharing the prefix is only exact while every row fits in the window: beyond it the model's own cache
+    drops the earliest keys of the sliding layers, and the prefix cache broadcast here keeps them."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return int(window) if "sliding_attention" in layer_types else None
+    return int(window) if getattr(config, "use_sliding_window", True) else None
+
+
 def _broadcast_cache(cache: Any, batch: int) -> Any:
     from transformers import DynamicCache
 

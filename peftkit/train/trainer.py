@@ -18,7 +18,12 @@ from transformers import Trainer
 
 from peftkit.data.chat import IGNORE_INDEX
 from peftkit.train.bucketing import length_buckets
-from peftkit.train.shared_prefix import MIN_SHARED_PREFIX, forward_with_shared_prefix, shared_prefix_length
+from peftkit.train.shared_prefix import (
+    MIN_SHARED_PREFIX,
+    attention_window,
+    forward_with_shared_prefix,
+    shared_prefix_length,
+)
 from peftkit.utils.modes import eval_mode
 
 
@@ -75,6 +80,7 @@ class SFTTrainer(Trainer):
             and not self.args.activation_checkpointing
             and not getattr(self.model, "is_activation_checkpointing", False)
         )
+        self.attention_window = attention_window(self.model)
         self.bucket_batches = bucket_within_batch and several_forwards
         self.virtual_tokens = _virtual_tokens(self.model)
         # Ask the Trainer to count supervised tokens across the accumulated batch (num_items_in_batch).
@@ -143,7 +149,9 @@ class SFTTrainer(Trainer):
             keep = supervised_mask(labels)
             if virtual:
                 keep = torch.cat([keep.new_zeros(keep.shape[0], virtual), keep], dim=1)
-            prefix = shared_prefix_length(inputs["input_ids"], keep) if self.share_prefix and not virtual else 0
+            within_window = self.attention_window is None or inputs["input_ids"].shape[1] < self.attention_window
+            share = self.share_prefix and not virtual and within_window
+            prefix = shared_prefix_length(inputs["input_ids"], keep) if share else 0
             if prefix >= MIN_SHARED_PREFIX:
                 outputs = forward_with_shared_prefix(model, inputs, keep, prefix)
             else:

@@ -154,3 +154,34 @@ def test_model_preparation_time_is_not_subtracted_from_later_evaluations(lora_mo
     assert "eval_model_preparation_time" in first  # this transformers still measures it: the fix is still needed
     second = trainer.evaluate()
     assert "eval_model_preparation_time" not in second and second["eval_runtime"] > 0
+
+
+@pytest.mark.parametrize("window, shared_calls", [(8, 0), (64, 1)])
+def test_sliding_window_models_share_the_prefix_only_within_the_window(tiny_tokenizer, tmp_path, monkeypatch,
+                                                                        window, shared_calls):
+    """Gemma 2/3, Mistral v0.1, Phi-3: past the window the model's own cache drops the sliding layers' earliest
+    keys, which the broadcast prefix cache keeps (a crash, or another loss). Rows wider than the window run
+    unshared; shorter ones keep the saving. Either way the loss is the plain one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
+
+    from peftkit.train import trainer as trainer_module
+    from peftkit.train.trainer import SFTTrainer
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gemma3_text", vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  query_pre_attn_scalar=16, sliding_window=window, pad_token_id=0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                           LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights="gaussian"))
+    model.train()
+    calls = []
+    real = trainer_module.forward_with_shared_prefix
+    monkeypatch.setattr(trainer_module, "forward_with_shared_prefix", lambda *a: calls.append(1) or real(*a))
+    trainer = SFTTrainer(model=model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
+                         bucket_within_batch=False)
+    assert trainer.share_prefix and trainer.attention_window == window
+    ids, mask, labels = batch(len(tiny_tokenizer))  # 20 tokens, 9 shared
+    loss = trainer.compute_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    assert len(calls) == shared_calls
+    assert float(loss) == pytest.approx(float(full_logits_loss(model, ids, mask, labels)), abs=1e-5)
