@@ -85,7 +85,7 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     writer.add_name(name)
-    add_model_parameters(writer, config)
+    add_model_parameters(writer, config, layout)
     writer.add_file_type(int(ftype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     name_map = gguf.get_tensor_name_map(model_arch(layout), config.num_hidden_layers)

@@ -1,10 +1,14 @@
 """GGUF export of the merged model for llama.cpp / Ollama (f32, f16, q8_0); the LoRA alone: `gguf_lora`.
 
-Written with the `gguf` package the way llama.cpp's convert_hf_to_gguf.py does for Llama-family
-models (Llama, Mistral, Qwen2, Qwen3): the same metadata keys, tensor names from
+Written with the `gguf` package the way llama.cpp's convert_hf_to_gguf.py does for decoder models
+(Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3): the same metadata keys, tensor names from
 `gguf.get_tensor_name_map`, and for Llama/Mistral the Q/K rows permuted from Hugging Face's
 rotate-half RoPE layout into llama.cpp's interleaved one (transformers' GGUF loader undoes exactly
-this in `LlamaTensorProcessor`; llama.cpp runs Qwen with rotate-half RoPE, so nothing is permuted).
+this in `LlamaTensorProcessor`; llama.cpp runs Qwen, Phi-3 and Gemma with rotate-half RoPE, so nothing
+is permuted). Gemma's RMSNorm scales by (1 + weight) where llama.cpp scales by the weight: its norm
+weights are written plus one. What llama.cpp does not read from the file but fixes per architecture
+(Gemma's sliding-window layer pattern and attention scale) is checked against the model's config first
+(`llama_cpp_mismatches`), so a file that would run differently in llama.cpp is never written.
 The tokenizer (`gguf_vocab`: byte-level BPE or sentencepiece BPE) and the chat template go into
 the metadata; an Ollama `Modelfile` (`ollama`) goes next to the file. The result is verified by loading it
 back with transformers' GGUF loader.
@@ -50,6 +54,14 @@ class GgufArchitecture:
     """`gguf.MODEL_ARCH` member: llama.cpp converts Mistral as LLAMA."""
     permute_qk: bool
     """Q/K rows go to llama.cpp's interleaved RoPE layout (Llama's normal RoPE, not Qwen's NEOX one)."""
+    norm_shift: float = 0.0
+    """Added to every RMSNorm weight: Gemma's norms scale by (1 + weight), llama.cpp's by the weight."""
+    swa_period: int = 0
+    """llama.cpp's fixed sliding-window layout: of every `swa_period` layers all but the last slide (0: llama.cpp
+    runs no sliding window for this architecture, whatever the file says)."""
+    large_layers: int = 0
+    """The layer count llama.cpp takes for the largest size (Gemma 27B), whose attention scale it computes as
+    1/sqrt(hidden / heads) instead of 1/sqrt(head_dim)."""
 
 
 GGUF_ARCHITECTURES = {
@@ -57,7 +69,13 @@ GGUF_ARCHITECTURES = {
     "mistral": GgufArchitecture("LLAMA", permute_qk=True),
     "qwen2": GgufArchitecture("QWEN2", permute_qk=False),
     "qwen3": GgufArchitecture("QWEN3", permute_qk=False),
+    "phi3": GgufArchitecture("PHI3", permute_qk=False),
+    "gemma2": GgufArchitecture("GEMMA2", permute_qk=False, norm_shift=1.0, swa_period=2, large_layers=46),
+    "gemma3_text": GgufArchitecture("GEMMA3", permute_qk=False, norm_shift=1.0, swa_period=6, large_layers=62),
 }
+
+LLAMA_CPP_SWA_ROPE_THETA = 10000.0
+"""llama.cpp's Gemma 3 sliding-window layers use this RoPE base whatever the file says (older builds)."""
 
 
 def gguf_types(gguf_type: str) -> tuple[Any, Any]:
@@ -90,7 +108,57 @@ def check_architecture(config: Any, *, with_rope: bool = True) -> GgufArchitectu
     if with_rope and rope_type not in GGUF_ROPE_TYPES:
         raise ExportError(f"GGUF export writes {', '.join(GGUF_ROPE_TYPES)} RoPE, not `{rope_type}` scaling; export with "
                           "--format hf and convert that directory with llama.cpp's convert_hf_to_gguf.py")
-    return GGUF_ARCHITECTURES[model_type]
+    layout = GGUF_ARCHITECTURES[model_type]
+    problems = llama_cpp_mismatches(config, layout)
+    if problems:
+        raise ExportError(f"llama.cpp would not run this {model_type} model as it was trained: " + "; ".join(problems) +
+                          ". Serve it with transformers (`--format hf`) or vLLM (`--format adapter`) instead")
+    return layout
+
+
+def llama_cpp_attention_dim(config: Any, layout: GgufArchitecture) -> int:
+    """The d in llama.cpp's 1/sqrt(d) attention scale for Gemma (the config's `query_pre_attn_scalar`)."""
+    if layout.large_layers and config.num_hidden_layers == layout.large_layers:
+        return config.hidden_size // config.num_attention_heads
+    return head_dim_of(config)
+
+
+def llama_cpp_layer_types(config: Any, layout: GgufArchitecture) -> list[str]:
+    """Which layers llama.cpp runs with the sliding window (its fixed pattern for the architecture)."""
+    period = layout.swa_period
+    return ["sliding_attention" if i % period < period - 1 else "full_attention" for i in range(config.num_hidden_layers)]
+
+
+def llama_cpp_mismatches(config: Any, layout: GgufArchitecture) -> list[str]:
+    """Settings of `config` that llama.cpp hard-codes for the architecture and would run differently."""
+    problems = []
+    partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor",
+                                                                   getattr(config, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        problems.append(f"RoPE on {partial:g} of each head (partial_rotary_factor) is not written by peftkit's GGUF export")
+    if not layout.swa_period:
+        return problems
+    expected_dim = llama_cpp_attention_dim(config, layout)
+    scalar = getattr(config, "query_pre_attn_scalar", expected_dim)
+    if scalar != expected_dim:
+        problems.append(f"llama.cpp scales attention by 1/sqrt({expected_dim}) for this size, the model by "
+                        f"1/sqrt({scalar}) (query_pre_attn_scalar)")
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and list(layer_types) != llama_cpp_layer_types(config, layout):
+        problems.append(f"llama.cpp slides the attention window on all but every {layout.swa_period}th layer; this "
+                        "model's layer_types differ")
+    local = sliding_rope_settings(config)
+    if local is not None and (local.get("rope_type", "default") != "default"
+                              or float(local.get("rope_theta", LLAMA_CPP_SWA_ROPE_THETA)) != LLAMA_CPP_SWA_ROPE_THETA):
+        problems.append(f"llama.cpp runs the sliding-window layers with plain RoPE of base {LLAMA_CPP_SWA_ROPE_THETA:g}; "
+                        f"this model uses {local}")
+    if layout.arch == "GEMMA3" and getattr(config, "attn_logit_softcapping", None) is not None:
+        problems.append("llama.cpp's Gemma 3 has no attention logit soft-capping")
+    return problems
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 GGUF_ROPE_TYPES = ("default", "llama3", "linear")
@@ -99,11 +167,22 @@ tensor, `linear` as the `rope.scaling.*` keys."""
 
 
 def rope_settings(config: Any) -> dict[str, Any]:
-    """The config's RoPE parameters (transformers 5 `rope_parameters`, older `rope_scaling`), `rope_type` filled in."""
+    """The config's RoPE parameters (transformers 5 `rope_parameters`, older `rope_scaling`), `rope_type` filled in.
+    For models with one RoPE per layer type (Gemma 3), those of the full-attention layers: llama.cpp's main RoPE."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if not isinstance(rope, dict):
         return {"rope_type": "default"}
+    rope = rope.get("full_attention", rope)
     return {**rope, "rope_type": rope.get("rope_type", rope.get("type", "default"))}
+
+
+def sliding_rope_settings(config: Any) -> dict[str, Any] | None:
+    """The sliding-window layers' own RoPE parameters, where the config gives them one (Gemma 3)."""
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and isinstance(rope.get("sliding_attention"), dict):
+        return rope["sliding_attention"]
+    local_base = getattr(config, "rope_local_base_freq", None)  # transformers 4's spelling
+    return {"rope_type": "default", "rope_theta": local_base} if local_base is not None else None
 
 
 def rope_freq_factors(config: Any) -> torch.Tensor | None:
@@ -114,7 +193,7 @@ def rope_freq_factors(config: Any) -> torch.Tensor | None:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     unscaled = 1.0 / (rope_theta(config) ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     return (unscaled / scaled.float()).to(torch.float32)
 
@@ -124,8 +203,8 @@ def model_arch(layout: GgufArchitecture) -> Any:
 
 
 def rope_theta(config: Any) -> float:
-    rope = getattr(config, "rope_parameters", None)
-    if isinstance(rope, dict) and "rope_theta" in rope:
+    rope = rope_settings(config)
+    if "rope_theta" in rope:
         return float(rope["rope_theta"])
     return float(getattr(config, "rope_theta", 10000.0))
 
@@ -169,13 +248,14 @@ def unpermute_for(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArc
     return data if heads is None else unpermute_qk(data, *heads)
 
 
-def add_model_parameters(writer: Any, config: Any) -> None:
-    """`{arch}.*` hyper-parameters, as convert_hf_to_gguf.py writes them for Llama-family models."""
+def add_model_parameters(writer: Any, config: Any, layout: GgufArchitecture) -> None:
+    """`{arch}.*` hyper-parameters, as convert_hf_to_gguf.py writes them for the architecture."""
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+    if (window and not layout.swa_period and getattr(config, "use_sliding_window", True)
+            and window < config.max_position_embeddings):
         log.warning("llama.cpp ignores %s's sliding attention window (%d tokens): the GGUF model matches the "
                     "original up to that context length only", config.model_type, window)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -192,6 +272,18 @@ def add_model_parameters(writer: Any, config: Any) -> None:
     if rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf_package().RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    original_context = getattr(config, "original_max_position_embeddings", None)
+    if layout.arch == "PHI3" and original_context:
+        writer.add_rope_scaling_orig_ctx_len(int(original_context))
+    if layout.swa_period and window:
+        writer.add_sliding_window(int(window))
+        local = sliding_rope_settings(config)
+        if local is not None:  # newer llama.cpp reads it; older ones assume this same value
+            writer.add_rope_freq_base_swa(float(local.get("rope_theta", LLAMA_CPP_SWA_ROPE_THETA)))
+        for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+                         ("final_logit_softcapping", writer.add_final_logit_softcapping)):
+            if getattr(config, key, None) is not None:
+                add(float(getattr(config, key)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +352,7 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
     writer.add_name(f"{name}-finetune" if name in GGUF_NAMES_READ_AS_ARCHITECTURES else name)
     if description:
         writer.add_description(description)
-    add_model_parameters(writer, config)
+    add_model_parameters(writer, config, layout)
     writer.add_file_type(int(ftype))
     source_pre = read_gguf_string(source_gguf, "tokenizer.ggml.pre") if source_gguf and source_gguf.is_file() else None
     add_tokenizer(writer, tokenizer, config.vocab_size, source_pre)
@@ -276,7 +368,10 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
         if new_name is None:
             raise ExportError(f"no GGUF tensor name for `{hf_name}`; this {config.model_type} variant is not supported "
                               "by the GGUF export")
-        data = permute_for(hf_name, tensor.detach().to(torch.float32).cpu(), config, layout).numpy()
+        data = permute_for(hf_name, tensor.detach().to(torch.float32).cpu(), config, layout)
+        if layout.norm_shift and hf_name.endswith("norm.weight"):
+            data = data + layout.norm_shift
+        data = data.numpy()
         target = gguf.GGMLQuantizationType.F32 if data.ndim <= 1 or new_name.endswith("_norm.weight") else qtype
         array, written = quantize_array(data, target)
         writer.add_tensor(new_name, array, raw_dtype=written)

@@ -294,7 +294,38 @@ def _gguf_config(directory: Path, gguf_file: str) -> Any:
     key_length = read_gguf_field(directory / gguf_file, f"{arch}.attention.key_length")
     if key_length and hasattr(config, "head_dim") and config.head_dim != int(key_length):
         config.head_dim = int(key_length)
+    _as_llama_cpp_runs_gemma(config, directory / gguf_file, arch)
     return config
+
+
+def _as_llama_cpp_runs_gemma(config: Any, path: Path, arch: str) -> None:
+    """transformers' GGUF loader leaves Gemma's soft-capping, attention scale, sliding-layer pattern and Gemma 3's
+    two RoPEs at its own defaults: set them to what llama.cpp reads from this file or fixes for the architecture."""
+    from peftkit.export.gguf_writer import (
+        GGUF_ARCHITECTURES,
+        LLAMA_CPP_SWA_ROPE_THETA,
+        llama_cpp_attention_dim,
+        llama_cpp_layer_types,
+        read_gguf_field,
+    )
+
+    layout = GGUF_ARCHITECTURES.get(config.model_type)
+    if layout is None or not layout.swa_period:
+        return
+
+    def field(key: str) -> Any:
+        return read_gguf_field(path, f"{arch}.{key}")
+
+    config.attn_logit_softcapping = field("attn_logit_softcapping")  # absent: no capping, as in llama.cpp
+    config.final_logit_softcapping = field("final_logit_softcapping")
+    config.query_pre_attn_scalar = llama_cpp_attention_dim(config, layout)
+    config.layer_types = llama_cpp_layer_types(config, layout)
+    if layout.arch == "GEMMA3":
+        full: dict[str, Any] = {"rope_type": "default", "rope_theta": float(field("rope.freq_base") or 10000.0)}
+        if field("rope.scaling.type") == "linear":
+            full.update(rope_type="linear", factor=float(field("rope.scaling.factor")))
+        local = {"rope_type": "default", "rope_theta": float(field("rope.freq_base_swa") or LLAMA_CPP_SWA_ROPE_THETA)}
+        config.rope_parameters = {"full_attention": full, "sliding_attention": local}
 
 
 def _apply_gguf_rope(model: Any, path: Path) -> None:
@@ -304,6 +335,8 @@ def _apply_gguf_rope(model: Any, path: Path) -> None:
     from peftkit.export.common import gguf_package
     from peftkit.export.gguf_writer import read_gguf_field
 
+    if "full_attention" in (getattr(model.config, "rope_parameters", None) or {}):
+        return  # one RoPE per layer type (Gemma 3): `_as_llama_cpp_runs_gemma` put the file's into the config
     arch = read_gguf_field(path, "general.architecture")
     divisor: Any = None
     if read_gguf_field(path, f"{arch}.rope.scaling.type") == "linear":

@@ -204,25 +204,42 @@ def test_gguf_export_refuses_other_architectures_and_prefix_tuning(export_recipe
     from peft import PrefixTuningConfig
     from transformers import GPT2Config
 
-    with pytest.raises(ExportError, match="supports llama, mistral, qwen2, qwen3 models; this base is `gpt2`"):
+    with pytest.raises(ExportError, match="supports llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text models; "
+                                          "this base is `gpt2`"):
         check_architecture(GPT2Config())
     run = make_run(tmp_path / "prefix", export_recipe, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with pytest.raises(ExportError, match=r"virtual tokens.*--format adapter"):  # the way that works, not another refusal
         export_gguf_adapter(run, gguf_type="f32")
 
 
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+"""Gemma 3 4B+'s two RoPEs: scaled and of base 1e6 on the global layers, plain base 1e4 on the sliding ones."""
+
+FAMILY_EXTRAS = {
+    "qwen3": {"head_dim": 32},
+    # Gemma: a window of 8 tokens so the verification prompts cross it; llama.cpp's attention scale (head_dim)
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8, "num_hidden_layers": 6,
+                    "rope_parameters": GEMMA3_ROPE},
+}
+
+
 def _family_dir(path: Path, model_type: str) -> Path:
-    """A tiny Mistral / Qwen2 (attention biases) / Qwen3 (q/k norms, head_dim != hidden/heads) model."""
+    """A tiny Mistral / Qwen2 (attention biases) / Qwen3 (q/k norms, head_dim != hidden/heads) / Phi-3 (fused
+    qkv and gate_up) / Gemma 2 (soft-capping, 1 + weight norms, alternating sliding layers) / Gemma 3 (q/k norms,
+    five sliding layers to one global, two RoPEs) model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tests.conftest import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(0)
-    extra = {"head_dim": 32} if model_type == "qwen3" else {}
+    extra = {"num_hidden_layers": 2, **FAMILY_EXTRAS.get(model_type, {})}
     config = AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=model_type != "mistral",
+        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=model_type not in ("mistral", "phi3"),
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         **extra,
     )
@@ -235,9 +252,11 @@ def _family_dir(path: Path, model_type: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("model_type, arch", [("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")])
-def test_gguf_export_of_other_llama_family_models_round_trips(export_recipe, tmp_path, model_type, arch):
-    """Mistral is written as llama (Q/K permuted); Qwen keeps its rotate-half layout and its biases / q-k norms."""
+@pytest.mark.parametrize("model_type, arch", [("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"),
+                                             ("phi3", "phi3"), ("gemma2", "gemma2"), ("gemma3_text", "gemma3")])
+def test_gguf_export_of_other_model_families_round_trips(export_recipe, tmp_path, model_type, arch):
+    """Mistral is written as llama (Q/K permuted); Qwen, Phi-3 and Gemma keep their rotate-half layout, and their
+    biases / q-k norms / fused projections / extra norms. The verification runs the file as llama.cpp would."""
     from transformers import AutoModelForCausalLM
 
     base = _family_dir(tmp_path / model_type, model_type)
@@ -252,17 +271,75 @@ def test_gguf_export_of_other_llama_family_models_round_trips(export_recipe, tmp
     assert fields["general.name"] == (f"{model_type}-finetune" if model_type == "mistral" else model_type)
     names = {t.name for t in reader.tensors}
     assert ("blk.0.attn_q.bias" in names) == (model_type == "qwen2")
-    assert ("blk.0.attn_q_norm.weight" in names) == (model_type == "qwen3")
-    assert ("output.weight" in names) == (model_type == "mistral")  # untied head
+    assert ("blk.0.attn_q_norm.weight" in names) == (model_type in ("qwen3", "gemma3_text"))
+    assert ("output.weight" in names) == (model_type in ("mistral", "phi3"))  # untied head
+    assert ("blk.0.attn_qkv.weight" in names and "blk.0.attn_q.weight" not in names) == (model_type == "phi3")
+    assert ("blk.0.post_ffw_norm.weight" in names) == model_type.startswith("gemma")
     # plain transformers needs the head size from attention.key_length for Qwen3 (head_dim != hidden / heads)
     loaded = AutoModelForCausalLM.from_pretrained(str(result.path), gguf_file=f"{model_type}-f32.gguf", dtype=torch.float32,
                                                   config=verify._gguf_config(result.path, f"{model_type}-f32.gguf"))
-    assert loaded.config.model_type == arch  # transformers reads a "llama" GGUF as Llama (Mistral included)
+    # transformers reads a "llama" GGUF as Llama (Mistral included), a "gemma3" one as its text model
+    assert loaded.config.model_type == {"gemma3": "gemma3_text"}.get(arch, arch)
 
     lora = export_gguf_adapter(run, gguf_type="f32")  # the reconstruction un-permutes only where it permuted
     lora_report = json.loads((lora.path / "verification.json").read_text())
     assert lora_report["passed"] and lora_report["max_abs_diff"] < 1e-4, lora_report
     assert _fields(lora.path / f"{model_type}-lora-f32.gguf")[0]["general.architecture"] == arch
+
+
+def test_gemma_norms_are_written_plus_one_and_the_check_catches_a_file_without(export_recipe, tmp_path, monkeypatch):
+    """llama.cpp multiplies by the stored norm weight, Gemma by (1 + weight)."""
+    import dataclasses
+
+    import gguf
+
+    from peftkit.export import gguf_writer
+
+    run = make_run(tmp_path / "run", {**export_recipe, "name": "g2"}, LORA, model_dir=_family_dir(tmp_path / "g2", "gemma2"))
+    result = export_gguf(run, gguf_type="f32")
+    stored = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(result.path / "g2-f32.gguf")).tensors}
+    merged = merge_run(run).model.state_dict()
+    np.testing.assert_allclose(stored["blk.1.post_ffw_norm.weight"],
+                               merged["model.layers.1.post_feedforward_layernorm.weight"].numpy() + 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(stored["blk.0.attn_q.weight"], merged["model.layers.0.self_attn.q_proj.weight"].numpy())
+
+    unshifted = dataclasses.replace(gguf_writer.GGUF_ARCHITECTURES["gemma2"], norm_shift=0.0)
+    monkeypatch.setitem(gguf_writer.GGUF_ARCHITECTURES, "gemma2", unshifted)
+    with pytest.raises(ExportError, match="GGUF file"):
+        export_gguf(run, tmp_path / "unshifted", gguf_type="f32")
+
+
+def test_settings_llama_cpp_fixes_per_architecture_are_checked_before_any_export():
+    """What llama.cpp does not read from a GGUF (Gemma's attention scale and sliding-layer pattern, Gemma 3's
+    local RoPE) must match the model, or the file would run differently there: refused up front."""
+    from transformers import AutoConfig
+
+    def config(model_type: str, **extra):
+        base = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, pad_token_id=0)
+        return AutoConfig.for_model(model_type, **{**base, **extra})
+
+    assert check_architecture(config("gemma2", head_dim=16, query_pre_attn_scalar=16)).arch == "GEMMA2"
+    with pytest.raises(ExportError, match=r"scales attention by 1/sqrt\(16\) for this size, the model by 1/sqrt\(256\)"):
+        check_architecture(config("gemma2", head_dim=16))  # transformers' default query_pre_attn_scalar
+    # llama.cpp's 27B rule (46 layers): hidden / heads, not head_dim
+    assert check_architecture(config("gemma2", num_hidden_layers=46, hidden_size=128, head_dim=16,
+                                     query_pre_attn_scalar=32)).arch == "GEMMA2"
+    with pytest.raises(ExportError, match=r"1/sqrt\(32\) for this size"):
+        check_architecture(config("gemma2", num_hidden_layers=46, hidden_size=128, head_dim=16, query_pre_attn_scalar=16))
+    gemma3 = dict(head_dim=16, query_pre_attn_scalar=16, num_hidden_layers=6)
+    assert check_architecture(config("gemma3_text", rope_parameters=GEMMA3_ROPE, **gemma3)).arch == "GEMMA3"
+    with pytest.raises(ExportError, match="layer_types differ"):
+        check_architecture(config("gemma3_text", layer_types=["full_attention"] * 6, **gemma3))
+    local_base = {**GEMMA3_ROPE, "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}}
+    with pytest.raises(ExportError, match="sliding-window layers with plain RoPE of base 10000"):
+        check_architecture(config("gemma3_text", rope_parameters=local_base, **gemma3))
+    partial = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    with pytest.raises(ExportError, match="partial_rotary_factor"):
+        check_architecture(config("phi3", rope_parameters=partial))
+    # LoRA GGUFs take RoPE from the base file, but the rest still has to match
+    with pytest.raises(ExportError, match="query_pre_attn_scalar"):
+        check_architecture(config("gemma2", head_dim=16), with_rope=False)
 
 
 def test_tokenizer_pre_names_llama3_and_qwen_digit_splits():
@@ -358,16 +435,24 @@ def test_sliding_window_that_llama_cpp_ignores_is_warned_once_per_file(tmp_path,
     import logging
 
     from gguf import GGUFWriter
-    from transformers import MistralConfig, Qwen2Config
+    from transformers import Gemma2Config, MistralConfig, Qwen2Config
 
-    from peftkit.export.gguf_writer import add_model_parameters
+    from peftkit.export.gguf_writer import GGUF_ARCHITECTURES, add_model_parameters, read_gguf_field
 
     small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256)
     with caplog.at_level(logging.WARNING, logger="peftkit.export.gguf_writer"):
-        add_model_parameters(GGUFWriter(str(tmp_path / "m.gguf"), "llama"), MistralConfig(sliding_window=64, **small))
+        add_model_parameters(GGUFWriter(str(tmp_path / "m.gguf"), "llama"), MistralConfig(sliding_window=64, **small),
+                             GGUF_ARCHITECTURES["mistral"])
         add_model_parameters(GGUFWriter(str(tmp_path / "q.gguf"), "qwen2"),  # Qwen2's window is off by default
-                             Qwen2Config(sliding_window=64, use_sliding_window=False, **small))
+                             Qwen2Config(sliding_window=64, use_sliding_window=False, **small), GGUF_ARCHITECTURES["qwen2"])
+        gemma = GGUFWriter(str(tmp_path / "g.gguf"), "gemma2")  # llama.cpp runs Gemma's window: written, not warned
+        add_model_parameters(gemma, Gemma2Config(sliding_window=64, head_dim=16, **small), GGUF_ARCHITECTURES["gemma2"])
+        gemma.write_header_to_file()
+        gemma.write_kv_data_to_file()
+        gemma.close()
+    assert read_gguf_field(tmp_path / "g.gguf", "gemma2.attention.sliding_window") == 64
+    assert read_gguf_field(tmp_path / "g.gguf", "gemma2.attn_logit_softcapping") == pytest.approx(50.0)
     warned = [r.getMessage() for r in caplog.records if "sliding attention window" in r.getMessage()]
     assert warned == ["llama.cpp ignores mistral's sliding attention window (64 tokens): the GGUF model matches the "
                       "original up to that context length only"]
