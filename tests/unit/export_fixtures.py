@@ -156,3 +156,36 @@ def build_sentencepiece_tokenizer(folder: Path, *, legacy: bool = False) -> Any:
     tokenizer = LlamaTokenizer.from_pretrained(str(folder), legacy=legacy)  # transformers converts tokenizer.model
     tokenizer.chat_template = LLAMA2_TEMPLATE
     return tokenizer
+
+
+GEMMA_TEMPLATE = (  # Gemma's turns; like Gemma's own template it refuses a system message
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def build_gemma_tokenizer(folder: Path) -> Any:
+    """A Gemma-style tokenizer: sentencepiece BPE with byte fallback and no space prefix, converted by
+    transformers' Gemma converter (a Replace normalizer and a space Split, no Metaspace)."""
+    import sentencepiece
+    from transformers import GemmaTokenizer
+
+    from tests.conftest import CORPUS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 8 + ["<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"] * 8),
+                      encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=400, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3, hard_vocab_limit=False, add_dummy_prefix=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, minloglevel=2,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+    )
+    tokenizer = GemmaTokenizer.from_pretrained(str(folder))
+    tokenizer.chat_template = GEMMA_TEMPLATE
+    tokenizer.eos_token = "<end_of_turn>"
+    return tokenizer

@@ -496,6 +496,33 @@ def test_gguf_export_of_a_sentencepiece_tokenizer_tokenizes_like_llama_cpp(expor
         assert "['<<', 'SYS', '>>'] here, ['▁<<', 'SYS', '>>'] in llama.cpp" in report["llama_cpp_tokenizer_note"]
 
 
+def test_a_gemma_model_with_a_gemma_tokenizer_exports_to_gguf(export_recipe, tmp_path):
+    """Gemma's vocabulary (sentencepiece BPE, no space prefix, a Replace normalizer instead of Metaspace) goes out
+    as a `llama` vocab without the prefix, tokenized by llama.cpp as by the original; its template refuses a system
+    message, so the verification prompts carry it in the first user turn, as training did."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.unit.export_fixtures import build_gemma_tokenizer
+
+    tokenizer = build_gemma_tokenizer(tmp_path / "spm")
+    config = AutoConfig.for_model("gemma2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  query_pre_attn_scalar=16, sliding_window=8, pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    run = make_run(tmp_path / "run", {**export_recipe, "name": "gem"}, LORA, model_dir=tmp_path / "base")
+    result = export_gguf(run, gguf_type="f32")
+    report = json.loads((result.path / "verification.json").read_text())
+    assert report["passed"] and report["greedy_exact"] == 1.0, report
+    assert report["tokenizer_match"] and report["template_match"] and report["llama_cpp_tokenizer_match"], report
+    fields, _ = _fields(result.path / "gem-f32.gguf")
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is False
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert 'PARAMETER stop "<end_of_turn>"' in (result.path / "Modelfile").read_text()
+
+
 def test_scores_in_the_wrong_order_fail_the_llama_cpp_check(export_recipe, tmp_path, monkeypatch):
     """The check reads the written file: reversed scores (llama.cpp merging by the lowest rank first) are caught,
     where transformers' reader alone does not notice them."""
