@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,20 @@ from peftkit.export import verify
 from peftkit.export.common import ExportResult, gguf_package, list_files, prepare_output, save_failed_report, write_json
 from peftkit.export.gguf_vocab import add_tokenizer, check_tokenizer
 from peftkit.export.ollama import ollama_modelfile
+from peftkit.models.gguf_config import (  # noqa: F401 - re-exported: the export's view of the same facts
+    GGUF_ARCHITECTURES,
+    LLAMA_CPP_SWA_ROPE_THETA,
+    GgufArchitecture,
+    head_dim_of,
+    llama_cpp_attention_dim,
+    llama_cpp_layer_types,
+    read_gguf_field,
+    read_gguf_string,
+    rope_freq_factors,
+    rope_settings,
+    rope_theta,
+    sliding_rope_settings,
+)
 from peftkit.export.merge import (
     MergedModel,
     QLoraBase,
@@ -44,38 +57,6 @@ from peftkit.utils.atomic import atomic_directory, atomic_write_text
 log = logging.getLogger(__name__)
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
-
-
-@dataclass(frozen=True)
-class GgufArchitecture:
-    """How llama.cpp's converter writes one transformers `model_type`."""
-
-    arch: str
-    """`gguf.MODEL_ARCH` member: llama.cpp converts Mistral as LLAMA."""
-    permute_qk: bool
-    """Q/K rows go to llama.cpp's interleaved RoPE layout (Llama's normal RoPE, not Qwen's NEOX one)."""
-    norm_shift: float = 0.0
-    """Added to every RMSNorm weight: Gemma's norms scale by (1 + weight), llama.cpp's by the weight."""
-    swa_period: int = 0
-    """llama.cpp's fixed sliding-window layout: of every `swa_period` layers all but the last slide (0: llama.cpp
-    runs no sliding window for this architecture, whatever the file says)."""
-    large_layers: int = 0
-    """The layer count llama.cpp takes for the largest size (Gemma 27B), whose attention scale it computes as
-    1/sqrt(hidden / heads) instead of 1/sqrt(head_dim)."""
-
-
-GGUF_ARCHITECTURES = {
-    "llama": GgufArchitecture("LLAMA", permute_qk=True),
-    "mistral": GgufArchitecture("LLAMA", permute_qk=True),
-    "qwen2": GgufArchitecture("QWEN2", permute_qk=False),
-    "qwen3": GgufArchitecture("QWEN3", permute_qk=False),
-    "phi3": GgufArchitecture("PHI3", permute_qk=False),
-    "gemma2": GgufArchitecture("GEMMA2", permute_qk=False, norm_shift=1.0, swa_period=2, large_layers=46),
-    "gemma3_text": GgufArchitecture("GEMMA3", permute_qk=False, norm_shift=1.0, swa_period=6, large_layers=62),
-}
-
-LLAMA_CPP_SWA_ROPE_THETA = 10000.0
-"""llama.cpp's Gemma 3 sliding-window layers use this RoPE base whatever the file says (older builds)."""
 
 
 def gguf_types(gguf_type: str) -> tuple[Any, Any]:
@@ -116,19 +97,6 @@ def check_architecture(config: Any, *, with_rope: bool = True) -> GgufArchitectu
     return layout
 
 
-def llama_cpp_attention_dim(config: Any, layout: GgufArchitecture) -> int:
-    """The d in llama.cpp's 1/sqrt(d) attention scale for Gemma (the config's `query_pre_attn_scalar`)."""
-    if layout.large_layers and config.num_hidden_layers == layout.large_layers:
-        return config.hidden_size // config.num_attention_heads
-    return head_dim_of(config)
-
-
-def llama_cpp_layer_types(config: Any, layout: GgufArchitecture) -> list[str]:
-    """Which layers llama.cpp runs with the sliding window (its fixed pattern for the architecture)."""
-    period = layout.swa_period
-    return ["sliding_attention" if i % period < period - 1 else "full_attention" for i in range(config.num_hidden_layers)]
-
-
 def llama_cpp_mismatches(config: Any, layout: GgufArchitecture) -> list[str]:
     """Settings of `config` that llama.cpp hard-codes for the architecture and would run differently."""
     problems = []
@@ -157,56 +125,13 @@ def llama_cpp_mismatches(config: Any, layout: GgufArchitecture) -> list[str]:
     return problems
 
 
-def head_dim_of(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 GGUF_ROPE_TYPES = ("default", "llama3", "linear")
 """RoPE variants the model GGUF export writes: Llama 3.1+'s `llama3` as llama.cpp's per-frequency `rope_freqs`
 tensor, `linear` as the `rope.scaling.*` keys."""
 
 
-def rope_settings(config: Any) -> dict[str, Any]:
-    """The config's RoPE parameters (transformers 5 `rope_parameters`, older `rope_scaling`), `rope_type` filled in.
-    For models with one RoPE per layer type (Gemma 3), those of the full-attention layers: llama.cpp's main RoPE."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(rope, dict):
-        return {"rope_type": "default"}
-    rope = rope.get("full_attention", rope)
-    return {**rope, "rope_type": rope.get("rope_type", rope.get("type", "default"))}
-
-
-def sliding_rope_settings(config: Any) -> dict[str, Any] | None:
-    """The sliding-window layers' own RoPE parameters, where the config gives them one (Gemma 3)."""
-    rope = getattr(config, "rope_parameters", None)
-    if isinstance(rope, dict) and isinstance(rope.get("sliding_attention"), dict):
-        return rope["sliding_attention"]
-    local_base = getattr(config, "rope_local_base_freq", None)  # transformers 4's spelling
-    return {"rope_type": "default", "rope_theta": local_base} if local_base is not None else None
-
-
-def rope_freq_factors(config: Any) -> torch.Tensor | None:
-    """For `llama3` RoPE: the divisor of each rotary frequency (llama.cpp's `rope_freqs` tensor), i.e. the
-    unscaled inverse frequencies over the ones transformers computes for this config; None for other RoPE."""
-    if rope_settings(config)["rope_type"] != "llama3":
-        return None
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
-    head_dim = head_dim_of(config)
-    unscaled = 1.0 / (rope_theta(config) ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    return (unscaled / scaled.float()).to(torch.float32)
-
-
 def model_arch(layout: GgufArchitecture) -> Any:
     return gguf_package().MODEL_ARCH[layout.arch]
-
-
-def rope_theta(config: Any) -> float:
-    rope = rope_settings(config)
-    if "rope_theta" in rope:
-        return float(rope["rope_theta"])
-    return float(getattr(config, "rope_theta", 10000.0))
 
 
 def permute_qk(weights: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
@@ -289,23 +214,6 @@ def add_model_parameters(writer: Any, config: Any, layout: GgufArchitecture) -> 
 # ---------------------------------------------------------------------------------------------
 # Reading GGUF metadata
 # ---------------------------------------------------------------------------------------------
-
-
-def read_gguf_field(path: Path, key: str) -> Any:
-    """One metadata value of a GGUF file. transformers' header reader skips the big token arrays (~0.1 s);
-    gguf.GGUFReader parses all 100k+ array items (~10 s), so it is only the fallback."""
-    try:
-        from transformers.integrations.gguf.reader import read_gguf_metadata
-
-        return read_gguf_metadata(str(path))[0].get(key)
-    except Exception:  # noqa: BLE001 - private transformers API: fall back to the public reader
-        field = gguf_package().GGUFReader(str(path)).fields.get(key)
-        return field.contents() if field is not None else None
-
-
-def read_gguf_string(path: Path, key: str) -> str | None:
-    value = read_gguf_field(path, key)
-    return value if isinstance(value, str) else None
 
 
 def source_gguf_of(run: RunAdapter) -> Path | None:

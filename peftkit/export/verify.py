@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from peftkit.errors import ExportError
@@ -283,84 +282,32 @@ def summary_line(report: dict[str, Any]) -> str:
 
 
 def _gguf_config(directory: Path, gguf_file: str) -> Any:
-    """transformers' config of a GGUF file, with the head size llama.cpp reads (`attention.key_length`):
-    transformers derives Qwen3's from hidden_size / heads, which is wrong for the real models (128 vs 64)."""
-    from transformers import AutoConfig
+    from peftkit.models.gguf_config import gguf_config
 
-    from peftkit.export.gguf_writer import read_gguf_field
-
-    config = AutoConfig.from_pretrained(str(directory), gguf_file=gguf_file)
-    arch = read_gguf_field(directory / gguf_file, "general.architecture")
-    key_length = read_gguf_field(directory / gguf_file, f"{arch}.attention.key_length")
-    if key_length and hasattr(config, "head_dim") and config.head_dim != int(key_length):
-        config.head_dim = int(key_length)
-    _as_llama_cpp_runs_gemma(config, directory / gguf_file, arch)
-    return config
-
-
-def _as_llama_cpp_runs_gemma(config: Any, path: Path, arch: str) -> None:
-    """transformers' GGUF loader leaves Gemma's soft-capping, attention scale, sliding-layer pattern and Gemma 3's
-    two RoPEs at its own defaults: set them to what llama.cpp reads from this file or fixes for the architecture."""
-    from peftkit.export.gguf_writer import (
-        GGUF_ARCHITECTURES,
-        LLAMA_CPP_SWA_ROPE_THETA,
-        llama_cpp_attention_dim,
-        llama_cpp_layer_types,
-        read_gguf_field,
-    )
-
-    layout = GGUF_ARCHITECTURES.get(config.model_type)
-    if layout is None or not layout.swa_period:
-        return
-
-    def field(key: str) -> Any:
-        return read_gguf_field(path, f"{arch}.{key}")
-
-    config.attn_logit_softcapping = field("attn_logit_softcapping")  # absent: no capping, as in llama.cpp
-    config.final_logit_softcapping = field("final_logit_softcapping")
-    config.query_pre_attn_scalar = llama_cpp_attention_dim(config, layout)
-    config.layer_types = llama_cpp_layer_types(config, layout)
-    if layout.arch == "GEMMA3":
-        full: dict[str, Any] = {"rope_type": "default", "rope_theta": float(field("rope.freq_base") or 10000.0)}
-        if field("rope.scaling.type") == "linear":
-            full.update(rope_type="linear", factor=float(field("rope.scaling.factor")))
-        local = {"rope_type": "default", "rope_theta": float(field("rope.freq_base_swa") or LLAMA_CPP_SWA_ROPE_THETA)}
-        config.rope_parameters = {"full_attention": full, "sliding_attention": local}
+    return gguf_config(directory / gguf_file)
 
 
 def _apply_gguf_rope(model: Any, path: Path) -> None:
     """transformers' GGUF loader reads neither llama.cpp's `rope_freqs` tensor (Llama 3.1+ RoPE) nor its linear
     `rope.scaling.*` keys: divide the loaded model's rotary frequencies by them, as llama.cpp does, so the check
     compares what llama.cpp will compute from this file."""
-    from peftkit.export.common import gguf_package
-    from peftkit.export.gguf_writer import read_gguf_field
+    from peftkit.models.gguf_config import read_gguf_field, rope_freqs
 
     if "full_attention" in (getattr(model.config, "rope_parameters", None) or {}):
-        return  # one RoPE per layer type (Gemma 3): `_as_llama_cpp_runs_gemma` put the file's into the config
+        return  # one RoPE per layer type (Gemma 3): gguf_config put the file's into the config
     arch = read_gguf_field(path, "general.architecture")
     divisor: Any = None
     if read_gguf_field(path, f"{arch}.rope.scaling.type") == "linear":
         divisor = float(read_gguf_field(path, f"{arch}.rope.scaling.factor"))
-    if _has_tensor(path, "rope_freqs.weight"):  # the full reader parses the whole vocabulary: only when needed
-        tensor = next(t for t in gguf_package().GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight")
-        divisor = torch.from_numpy(np.array(tensor.data, dtype=np.float32)).reshape(-1)
+    factors = rope_freqs(path)
+    if factors is not None:
+        divisor = factors
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
     if divisor is None or rotary is None:
         return
     scaled = rotary.inv_freq / (divisor.to(rotary.inv_freq.device) if torch.is_tensor(divisor) else divisor)
     rotary.inv_freq = scaled
     rotary.original_inv_freq = scaled.clone()
-
-
-def _has_tensor(path: Path, name: str) -> bool:
-    try:
-        from transformers.integrations.gguf.reader import read_gguf_metadata
-
-        return name in read_gguf_metadata(str(path))[1]
-    except Exception:  # noqa: BLE001 - private transformers API: ask the public reader
-        from peftkit.export.common import gguf_package
-
-        return any(t.name == name for t in gguf_package().GGUFReader(str(path)).tensors)
 
 
 def _load_for_kind(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -70,9 +70,14 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from peftkit.models.gguf_config import converted_config
+
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # transformers' loader leaves some settings at its defaults (head size, Gemma's, RoPE scaling): the model is
+    # built with what llama.cpp reads from the file, so training starts from the model the file describes
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                  config=converted_config(gguf_path))
     config = loaded.config
     for attr in ("quantization_config", "_model_name_or_path"):
         if hasattr(config, attr):
