@@ -57,13 +57,29 @@ def cached_model_dir(gguf_path: Path, cache_root: Path) -> Path:
     return cache_root / "models" / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
 
 
+CONVERSION_VERSION = 2
+"""Bumped when a conversion would come out differently: 2 reads what transformers' GGUF loader skips
+(`gguf_config.converted_config`); older cached conversions are redone once."""
+
+
+def conversion_is_current(target: Path) -> bool:
+    marker = target / "peftkit_source.json"
+    if not (target / "config.json").is_file() or not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("conversion", 1) >= CONVERSION_VERSION
+    except (OSError, ValueError):
+        return False
+
+
 def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     """Return the cached model directory for `gguf_path`, converting it on first use."""
     if not gguf_path.is_file():
         raise ModelNotFoundError(f"GGUF file {gguf_path} does not exist")
     target = cached_model_dir(gguf_path, cache_root)
-    if (target / "config.json").is_file():
+    if conversion_is_current(target):
         return target
+    stale = target.exists()
     check_gguf_supported(gguf_path)
     log.info("Converting %s to safetensors (once; cached in %s)", gguf_path.name, target)
 
@@ -88,12 +104,12 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     clean.load_state_dict(loaded.state_dict(), assign=True)
     clean.tie_weights()
     clean.generation_config = loaded.generation_config
-    with atomic_directory(target, exist_ok=True) as tmp:
+    with atomic_directory(target, exist_ok=True, replace=stale) as tmp:
         if tmp is None:  # another process finished first
             return target
         clean.save_pretrained(tmp)
         save_tokenizer(tokenizer, tmp)
-        (tmp / "peftkit_source.json").write_text(
-            json.dumps({"converted_from": str(gguf_path), "fingerprint": target.name.rsplit("-", 1)[-1]}, indent=2)
-        )
+        (tmp / "peftkit_source.json").write_text(json.dumps(
+            {"converted_from": str(gguf_path), "fingerprint": target.name.rsplit("-", 1)[-1],
+             "conversion": CONVERSION_VERSION}, indent=2))
     return target

@@ -15,13 +15,14 @@ def load_config(source: ModelSource, cfg: ModelConfig) -> Any:
     from transformers import AutoConfig
 
     if source.is_gguf and source.path is not None:
-        from peftkit.models.gguf_convert import cached_model_dir, check_gguf_supported
+        from peftkit.models.gguf_config import converted_config
+        from peftkit.models.gguf_convert import cached_model_dir, check_gguf_supported, conversion_is_current
 
         cached = cached_model_dir(source.path, peftkit_home())
-        if (cached / "config.json").is_file():
+        if conversion_is_current(cached):
             return AutoConfig.from_pretrained(str(cached))
         check_gguf_supported(source.path)
-        return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+        return converted_config(source.path)
     target = str(source.path) if source.path is not None else source.ref
     try:
         return AutoConfig.from_pretrained(target, revision=source.revision, trust_remote_code=cfg.trust_remote_code)

@@ -679,6 +679,14 @@ def test_a_gguf_base_converts_to_the_model_the_file_describes(export_recipe, tmp
             assert kind == "qwen3"
     if kind == "llama3":
         assert {k: model.config.rope_parameters[k] for k in LLAMA3_ROPE} == pytest.approx(LLAMA3_ROPE)
+    if kind == "qwen3":  # a conversion cached by an older peftkit (no version in its marker) is redone, in place
+        marker = converted / "peftkit_source.json"
+        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "conversion"}))
+        config = json.loads((converted / "config.json").read_text())
+        (converted / "config.json").write_text(json.dumps({**config, "head_dim": 16}))  # as transformers alone had it
+        assert convert_gguf(gguf_file, tmp_path / "home") == converted
+        assert json.loads((converted / "config.json").read_text())["head_dim"] == 32
+        assert json.loads(marker.read_text())["conversion"] >= 2
 
 
 def test_a_llama3_rope_base_exports_its_lora_to_gguf(export_recipe, tmp_path, tiny_tokenizer):
