@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from peftkit.adapters.modules import (layer_index, lora_module_types, matches_target, peft_targets, rank_limit,
-                                      selected_linear, target_problems)
+                                      selected_linear, target_problems, text_decoder)
 from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, TrainerExtras, register, trainer_optimizer_class
 from peftkit.config.schema import LoraAdapterConfig
 from peftkit.errors import ConfigError
@@ -45,10 +45,13 @@ __all__ = ["lora_config", "matches_target", "check", "init_problems", "build", "
 
 
 def _targets(cfg: LoraAdapterConfig, model: torch.nn.Module | None) -> str | list[str]:
-    """peft refuses `layers_to_transform` with a string target (regex or `all-linear`), and CorDA's
-    preprocessing does not expand `all-linear`: resolve to names."""
+    """peft refuses `layers_to_transform` with a string target (regex or `all-linear`), CorDA's preprocessing
+    does not expand `all-linear`, and peft's suffix matching would reach into a vision tower: resolve to names."""
     target = cfg.target_modules
-    if model is None or not isinstance(target, str) or (cfg.layers is None and cfg.init not in CORDA_INITS):
+    if model is None:
+        return target
+    if text_decoder(model) is None and (
+            not isinstance(target, str) or (cfg.layers is None and cfg.init not in CORDA_INITS)):
         return target
     return sorted(n for n in selected_linear(model, target) if _in_layers(n, cfg.layers))
 

@@ -35,9 +35,30 @@ def head_module_names(model: torch.nn.Module) -> set[str]:
 
 
 def all_linear_targets(model: torch.nn.Module) -> set[str]:
-    """What peft's `all-linear` selects: every linear layer except the output head."""
+    """What peft's `all-linear` selects: every linear layer except the output head (and, in a vision-language
+    model, what `selected_linear` keeps of it: the text decoder's)."""
     heads = head_module_names(model)
     return {n for n in linear_module_names(model) if n not in heads and not any(n.startswith(h + ".") for h in heads)}
+
+
+def text_decoder(model: torch.nn.Module) -> str | None:
+    """The text decoder's module name in a model that has other towers (Gemma 3 4B+, Llama 4, Qwen2-VL, ...), None
+    for a plain language model. Text-only chat training never runs those towers: adapters there would only add
+    untrained weights, which serving engines (vLLM) refuse for the vision encoder."""
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    name = next((n for n, m in model.named_modules() if m is decoder), None) if decoder is not None else None
+    if not name:
+        return None
+    inside = name + "."
+    return name if any(not n.startswith(inside) for n in all_linear_targets(model)) else None
+
+
+def in_text_decoder(name: str, decoder: str | None) -> bool:
+    return decoder is None or name.startswith(decoder + ".")
 
 
 def matches_target(name: str, target: str | list[str] | None, linear_names: set[str]) -> bool:
@@ -52,9 +73,12 @@ def matches_target(name: str, target: str | list[str] | None, linear_names: set[
 
 
 def selected_linear(model: torch.nn.Module, target: str | list[str] | None) -> dict[str, str]:
-    """Full name -> class name of the linear-like modules `target` selects (as peft matches them)."""
+    """Full name -> class name of the linear-like modules `target` selects (as peft matches them), in the text
+    decoder only where the model has other towers (`text_decoder`)."""
     linear = all_linear_targets(model)
-    return {name: kind for name, kind in linear_module_names(model).items() if matches_target(name, target, linear)}
+    decoder = text_decoder(model)
+    return {name: kind for name, kind in linear_module_names(model).items()
+            if matches_target(name, target, linear) and in_text_decoder(name, decoder)}
 
 
 def target_problems(option: str, target: str | list[str] | None, model: torch.nn.Module,

@@ -226,3 +226,32 @@ def test_corda_kpm_starts_where_the_calibration_rows_do_not_look(tiny_model_dir,
     assert kpm < 0.2 * ipm, (kpm, ipm)
     with pytest.raises(ConfigError, match="corda_kpm needs data"):
         _lora(tiny_model_dir, init="corda_kpm")
+
+
+@pytest.mark.parametrize("target", ["all-linear", ["q_proj", "v_proj"]])
+def test_lora_on_a_vision_language_model_stays_in_its_text_decoder(target):
+    """Text-only chat training never runs a vision tower: `all-linear` or a suffix like `q_proj` (which peft would
+    also match there) adapts the text decoder only, validation sees the same set, and a forward pass still runs."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    from peftkit.adapters.modules import selected_linear, text_decoder
+
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                                          image_token_index=120, boi_token_index=121, eoi_token_index=122))
+    from peftkit.adapters.modules import linear_module_names
+
+    assert text_decoder(model) == "model.language_model"
+    assert any(n.startswith("model.vision_tower.") and n.endswith(".q_proj") for n in linear_module_names(model))
+    expected = set(selected_linear(model, target))
+    assert expected and all(n.startswith("model.language_model.layers.") for n in expected)
+    assert check_targets(model, LoraAdapterConfig(r=4, target_modules=target)) == []
+    peft_model = build_adapter(model, LoraAdapterConfig(r=4, alpha=8, dropout=0.0, target_modules=target))
+    adapted = _lora_modules(peft_model)
+    assert adapted == expected and len(adapted) == (14 if target == "all-linear" else 4)
+    with torch.no_grad():
+        assert peft_model(input_ids=torch.tensor([[1, 5, 9, 13]])).logits.shape == (1, 4, 128)
