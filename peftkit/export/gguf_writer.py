@@ -173,13 +173,22 @@ def unpermute_for(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArc
     return data if heads is None else unpermute_qk(data, *heads)
 
 
-def add_model_parameters(writer: Any, config: Any, layout: GgufArchitecture) -> None:
-    """`{arch}.*` hyper-parameters, as convert_hf_to_gguf.py writes them for the architecture."""
+def ignored_sliding_window(config: Any, layout: GgufArchitecture) -> int | None:
+    """The model's sliding attention window where llama.cpp runs full attention instead (Mistral v0.1, Phi-3)."""
     window = getattr(config, "sliding_window", None)
     if (window and not layout.swa_period and getattr(config, "use_sliding_window", True)
             and window < config.max_position_embeddings):
+        return int(window)
+    return None
+
+
+def add_model_parameters(writer: Any, config: Any, layout: GgufArchitecture) -> None:
+    """`{arch}.*` hyper-parameters, as convert_hf_to_gguf.py writes them for the architecture."""
+    ignored = ignored_sliding_window(config, layout)
+    if ignored:
         log.warning("llama.cpp ignores %s's sliding attention window (%d tokens): the GGUF model matches the "
-                    "original up to that context length only", config.model_type, window)
+                    "original up to that context length only", config.model_type, ignored)
+    window = getattr(config, "sliding_window", None)
     head_dim = head_dim_of(config)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -347,7 +356,13 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
             report.update(llama_cpp_tokenizer_check(tmp / file_name, reference))
             if not report["passed"]:
                 failed = save_failed_report(out, report)
-                verify.enforce({**report, "failures": [*report["failures"], f"details in {failed}"]}, "GGUF file")
+                hints = [f"details in {failed}"]
+                window = ignored_sliding_window(merged.model.config, check_architecture(merged.model.config))
+                if window and max(map(len, reference.sequences())) > window:
+                    hints.append(f"the verification prompts are longer than the model's {window}-token sliding "
+                                 "window, which llama.cpp ignores: in llama.cpp this model would answer differently "
+                                 "beyond it too (export with --format hf for an exact copy)")
+                verify.enforce({**report, "failures": [*report["failures"], *hints]}, "GGUF file")
             write_json(tmp / "verification.json", report)
     notes = [f"tensor types: {counts}", f"Ollama: cd {out} && ollama create {name} -f Modelfile"]
     if report is not None and not report.get("tokenizer_match", True) and "llama_cpp_tokenizer_match" not in report:

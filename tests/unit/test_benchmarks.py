@@ -373,3 +373,20 @@ def test_noise_floor_counts_losses_overall_and_among_confident_answers_and_resto
     assert [m["confident"] for m in margin_rows] == [True, False, False]
     assert seen["noise 1 %"] != seen["base model"], "the perturbed model is the one asked"
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters()), "the base weights come back"
+
+
+def test_the_architecture_matrix_builds_each_family_and_a_valid_recipe(tmp_path, tiny_tokenizer):
+    """Every family of `benchmarks.architectures` builds from its config with the shared tokenizer, and the recipe
+    it trains validates against that model (a failure here would show up as a misleading `refused` row)."""
+    from transformers import AutoConfig
+
+    from benchmarks.architectures import FAMILIES, build_family, recipe
+    from peftkit.config import load_recipe
+
+    for name in ("gemma3-vision", "gpt2", "llama-3.1-rope"):
+        model_dir = build_family(name, tmp_path, tiny_tokenizer)
+        assert AutoConfig.from_pretrained(model_dir).model_type == FAMILIES[name][0]
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(recipe(name, model_dir, tmp_path / "runs" / name))
+        loaded = load_recipe(path)
+        assert loaded.model.name == str(model_dir) and loaded.train.max_steps == 3

@@ -287,6 +287,17 @@ def test_gguf_export_of_other_model_families_round_trips(export_recipe, tmp_path
     assert _fields(lora.path / f"{model_type}-lora-f32.gguf")[0]["general.architecture"] == arch
 
 
+def test_a_sliding_window_llama_cpp_ignores_fails_the_check_with_the_reason(export_recipe, tmp_path):
+    """Mistral v0.1 / Phi-3 windows: llama.cpp attends to everything, so past the window the file answers
+    differently; when the verification prompts cross it, the refusal says that rather than only a logit gap."""
+    base = _family_dir(tmp_path / "mistral", "mistral")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "sliding_window": 8}))
+    run = make_run(tmp_path / "run", {**export_recipe, "name": "m"}, LORA, model_dir=base)
+    with pytest.raises(ExportError, match="longer than the model's 8-token sliding window, which llama.cpp ignores"):
+        export_gguf(run, gguf_type="f32")
+
+
 def test_gemma_norms_are_written_plus_one_and_the_check_catches_a_file_without(export_recipe, tmp_path, monkeypatch):
     """llama.cpp multiplies by the stored norm weight, Gemma by (1 + weight)."""
     import dataclasses
