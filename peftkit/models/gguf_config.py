@@ -49,7 +49,6 @@ LLAMA_CPP_SWA_ROPE_THETA = 10000.0
 """llama.cpp's Gemma 3 sliding-window layers use this RoPE base whatever the file says (older builds)."""
 
 
-
 def llama_cpp_attention_dim(config: Any, layout: GgufArchitecture) -> int:
     """The d in llama.cpp's 1/sqrt(d) attention scale for Gemma (the config's `query_pre_attn_scalar`)."""
     if layout.large_layers and config.num_hidden_layers == layout.large_layers:
@@ -63,10 +62,8 @@ def llama_cpp_layer_types(config: Any, layout: GgufArchitecture) -> list[str]:
     return ["sliding_attention" if i % period < period - 1 else "full_attention" for i in range(config.num_hidden_layers)]
 
 
-
 def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
 
 
 def rope_settings(config: Any) -> dict[str, Any]:
@@ -101,13 +98,11 @@ def rope_freq_factors(config: Any) -> torch.Tensor | None:
     return (unscaled / scaled.float()).to(torch.float32)
 
 
-
 def rope_theta(config: Any) -> float:
     rope = rope_settings(config)
     if "rope_theta" in rope:
         return float(rope["rope_theta"])
     return float(getattr(config, "rope_theta", 10000.0))
-
 
 
 def read_gguf_field(path: Path, key: str) -> Any:
@@ -127,8 +122,6 @@ def read_gguf_field(path: Path, key: str) -> Any:
 def read_gguf_string(path: Path, key: str) -> str | None:
     value = read_gguf_field(path, key)
     return value if isinstance(value, str) else None
-
-
 
 
 def has_tensor(path: Path, name: str) -> bool:
