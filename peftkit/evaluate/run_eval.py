@@ -183,7 +183,10 @@ def print_eval_report(console: Any, report: dict[str, Any]) -> None:
             continue
         table.add_row(label, "n/a" if before is None else pattern.format(before), "n/a" if after is None else pattern.format(after))
     console.print(table)
-    if report["forgetting_points"] is not None:
+    if report["forgetting_points"] is not None and report["before"].get("general_accuracy") == 0:
+        console.print(f"forgetting: n/a (the base model answers none of the {report['general_questions']} general "
+                      "questions: there is nothing to forget; pass --general with questions it knows)")
+    elif report["forgetting_points"] is not None:
         console.print(f"forgetting: {report['forgetting_points']:+.1f} points of general-knowledge accuracy"
                       + (f" ({report['forgetting_in_role_points']:+.1f} asked with the system prompt)"
                          if report.get("forgetting_in_role_points") is not None else ""))

@@ -367,3 +367,20 @@ def test_eval_checks_its_data_files_before_loading_weights_and_refuses_data_with
     assert main(["eval", str(run_dir), "--data", str(long), "--no-base", "--out", str(tmp_path / "e.json")]) == 2
     assert "no example has any supervised token left" in capsys.readouterr().err
     assert not (tmp_path / "e.json").exists()
+
+
+def test_the_eval_report_says_forgetting_is_undefined_when_the_base_model_knows_none_of_the_set():
+    """A forgetting of +0.0 points would read as 'nothing lost' when nothing was known to begin with."""
+    from rich.console import Console
+
+    from peftkit.evaluate.run_eval import print_eval_report
+
+    def printed(before: float, after: float) -> str:
+        console = Console(record=True, width=200)
+        report = {"run_dir": "runs/x", "heldout_questions": 4, "general_questions": 33, "forgetting_points": 100 * (before - after),
+                  "before": {"general_accuracy": before}, "after": {"general_accuracy": after}}
+        print_eval_report(console, report)
+        return console.export_text()
+
+    assert "forgetting: n/a (the base model answers none of the 33 general questions" in printed(0.0, 0.0)
+    assert "forgetting: +10.0 points of general-knowledge accuracy" in printed(0.5, 0.4)
