@@ -337,7 +337,7 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
     run = merged.primary
     out = prepare_output(out, force=force, protected=[r.run_dir for r in merged.runs])
     gguf_types(gguf_type)
-    check_architecture(merged.model.config)
+    layout = check_architecture(merged.model.config)
     name = slug(run.recipe.name or run.run_dir.name)
     file_name = f"{name}-{gguf_type}.gguf"
     report = None
@@ -357,7 +357,7 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
             if not report["passed"]:
                 failed = save_failed_report(out, report)
                 hints = [f"details in {failed}"]
-                window = ignored_sliding_window(merged.model.config, check_architecture(merged.model.config))
+                window = ignored_sliding_window(merged.model.config, layout)
                 if window and max(map(len, reference.sequences())) > window:
                     hints.append(f"the verification prompts are longer than the model's {window}-token sliding "
                                  "window, which llama.cpp ignores: in llama.cpp this model would answer differently "

@@ -291,15 +291,16 @@ def _apply_gguf_rope(model: Any, path: Path) -> None:
     """transformers' GGUF loader reads neither llama.cpp's `rope_freqs` tensor (Llama 3.1+ RoPE) nor its linear
     `rope.scaling.*` keys: divide the loaded model's rotary frequencies by them, as llama.cpp does, so the check
     compares what llama.cpp will compute from this file."""
-    from peftkit.models.gguf_config import read_gguf_field, rope_freqs
+    from peftkit.models.gguf_config import gguf_header, rope_freqs
 
     if "full_attention" in (getattr(model.config, "rope_parameters", None) or {}):
         return  # one RoPE per layer type (Gemma 3): gguf_config put the file's into the config
-    arch = read_gguf_field(path, "general.architecture")
+    metadata, tensor_names = gguf_header(path)
+    arch = metadata["general.architecture"]
     divisor: Any = None
-    if read_gguf_field(path, f"{arch}.rope.scaling.type") == "linear":
-        divisor = float(read_gguf_field(path, f"{arch}.rope.scaling.factor"))
-    factors = rope_freqs(path)
+    if metadata.get(f"{arch}.rope.scaling.type") == "linear":
+        divisor = float(metadata[f"{arch}.rope.scaling.factor"])
+    factors = rope_freqs(path, tensor_names)
     if factors is not None:
         divisor = factors
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)

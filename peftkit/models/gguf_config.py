@@ -105,18 +105,25 @@ def rope_theta(config: Any) -> float:
     return float(getattr(config, "rope_theta", 10000.0))
 
 
-def read_gguf_field(path: Path, key: str) -> Any:
-    """One metadata value of a GGUF file. transformers' header reader skips the big token arrays (~0.1 s);
-    gguf.GGUFReader parses all 100k+ array items (~10 s), so it is only the fallback."""
+def gguf_header(path: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """A GGUF file's metadata values and tensor names, without tensor data or the token lists. transformers'
+    header reader skips the big token arrays (~0.1 s); gguf.GGUFReader parses all 100k+ array items (~10 s), so
+    it is only the fallback, and then the array values (the vocabulary) are left out as well."""
     try:
         from transformers.integrations.gguf.reader import read_gguf_metadata
 
-        return read_gguf_metadata(str(path))[0].get(key)
+        return read_gguf_metadata(str(path))
     except Exception:  # noqa: BLE001 - private transformers API: fall back to the public reader
-        from gguf import GGUFReader
+        from gguf import GGUFReader, GGUFValueType
 
-        field = GGUFReader(str(path)).fields.get(key)
-        return field.contents() if field is not None else None
+        reader = GGUFReader(str(path))
+        return ({k: f.contents() for k, f in reader.fields.items() if f.types and f.types[0] != GGUFValueType.ARRAY},
+                tuple(t.name for t in reader.tensors))
+
+
+def read_gguf_field(path: Path, key: str) -> Any:
+    """One metadata value (not an array) of a GGUF file; a file's several values: `gguf_header` once."""
+    return gguf_header(path)[0].get(key)
 
 
 def read_gguf_string(path: Path, key: str) -> str | None:
@@ -124,20 +131,11 @@ def read_gguf_string(path: Path, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def has_tensor(path: Path, name: str) -> bool:
-    try:
-        from transformers.integrations.gguf.reader import read_gguf_metadata
-
-        return name in read_gguf_metadata(str(path))[1]
-    except Exception:  # noqa: BLE001 - private transformers API: ask the public reader
-        from gguf import GGUFReader
-
-        return any(t.name == name for t in GGUFReader(str(path)).tensors)
-
-
-def rope_freqs(path: Path) -> torch.Tensor | None:
-    """llama.cpp's per-frequency RoPE divisors (Llama 3.1+), if the file has them."""
-    if not has_tensor(path, "rope_freqs.weight"):  # the full reader parses the whole vocabulary: only when needed
+def rope_freqs(path: Path, tensor_names: tuple[str, ...] | None = None) -> torch.Tensor | None:
+    """llama.cpp's per-frequency RoPE divisors (Llama 3.1+), if the file has them (`tensor_names`: the header's,
+    if already read)."""
+    names = gguf_header(path)[1] if tensor_names is None else tensor_names
+    if "rope_freqs.weight" not in names:  # the full reader parses the whole vocabulary: only when needed
         return None
     from gguf import GGUFReader
 
@@ -153,8 +151,9 @@ def gguf_config(path: Path) -> Any:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    arch = read_gguf_field(path, "general.architecture")
-    key_length = read_gguf_field(path, f"{arch}.attention.key_length")
+    metadata = gguf_header(path)[0]
+    arch = metadata["general.architecture"]
+    key_length = metadata.get(f"{arch}.attention.key_length")
     if key_length and hasattr(config, "head_dim") and config.head_dim != int(key_length):
         config.head_dim = int(key_length)
     layout = GGUF_ARCHITECTURES.get(config.model_type)
@@ -162,7 +161,7 @@ def gguf_config(path: Path) -> Any:
         return config
 
     def field(key: str) -> Any:
-        return read_gguf_field(path, f"{arch}.{key}")
+        return metadata.get(f"{arch}.{key}")
 
     config.attn_logit_softcapping = field("attn_logit_softcapping")  # absent: no capping, as in llama.cpp
     config.final_logit_softcapping = field("final_logit_softcapping")
@@ -204,18 +203,19 @@ def converted_config(path: Path) -> Any:
     from peftkit.errors import PeftkitError
 
     config = gguf_config(path)
-    arch = read_gguf_field(path, "general.architecture")
     if "full_attention" in (getattr(config, "rope_parameters", None) or {}):
         return config  # Gemma 3: set by gguf_config
+    metadata, tensor_names = gguf_header(path)
+    arch = metadata["general.architecture"]
     theta = rope_theta(config)
-    divisors = rope_freqs(path)
+    divisors = rope_freqs(path, tensor_names)
     if divisors is not None:
         matched = llama3_rope_matching(config, divisors)
         if matched is None:
             raise PeftkitError(f"{path.name} scales RoPE with llama.cpp `rope_freqs` divisors that match no Llama 3 "
                                "RoPE setting peftkit knows; train from the original Hugging Face checkpoint instead")
         config.rope_parameters = matched
-    elif read_gguf_field(path, f"{arch}.rope.scaling.type") == "linear":
-        factor = float(read_gguf_field(path, f"{arch}.rope.scaling.factor"))
+    elif metadata.get(f"{arch}.rope.scaling.type") == "linear":
+        factor = float(metadata[f"{arch}.rope.scaling.factor"])
         config.rope_parameters = {"rope_type": "linear", "rope_theta": theta, "factor": factor}
     return config
