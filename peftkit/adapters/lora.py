@@ -50,8 +50,8 @@ def _targets(cfg: LoraAdapterConfig, model: torch.nn.Module | None) -> str | lis
     target = cfg.target_modules
     if model is None:
         return target
-    if text_decoder(model) is None and (
-            not isinstance(target, str) or (cfg.layers is None and cfg.init not in CORDA_INITS)):
+    string_needs_names = isinstance(target, str) and (cfg.layers is not None or cfg.init in CORDA_INITS)
+    if not string_needs_names and text_decoder(model) is None:
         return target
     return sorted(n for n in selected_linear(model, target) if _in_layers(n, cfg.layers))
 

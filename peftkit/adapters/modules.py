@@ -35,16 +35,17 @@ def head_module_names(model: torch.nn.Module) -> set[str]:
 
 
 def all_linear_targets(model: torch.nn.Module) -> set[str]:
-    """What peft's `all-linear` selects: every linear layer except the output head (and, in a vision-language
-    model, what `selected_linear` keeps of it: the text decoder's)."""
+    """What peft's `all-linear` selects: every linear layer except the output head (`selected_linear` keeps only
+    a vision-language model's text decoder of it)."""
     heads = head_module_names(model)
     return {n for n in linear_module_names(model) if n not in heads and not any(n.startswith(h + ".") for h in heads)}
 
 
-def text_decoder(model: torch.nn.Module) -> str | None:
+def text_decoder(model: torch.nn.Module, linear: set[str] | None = None) -> str | None:
     """The text decoder's module name in a model that has other towers (Gemma 3 4B+, Llama 4, Qwen2-VL, ...), None
     for a plain language model. Text-only chat training never runs those towers: adapters there would only add
-    untrained weights, which serving engines (vLLM) refuse for the vision encoder."""
+    untrained weights, which serving engines (vLLM) refuse for the vision encoder. `linear`: `all_linear_targets`
+    of the model, if the caller has it already."""
     get_decoder = getattr(model, "get_decoder", None)
     try:
         decoder = get_decoder() if callable(get_decoder) else None
@@ -54,7 +55,8 @@ def text_decoder(model: torch.nn.Module) -> str | None:
     if not name:
         return None
     inside = name + "."
-    return name if any(not n.startswith(inside) for n in all_linear_targets(model)) else None
+    linear = all_linear_targets(model) if linear is None else linear
+    return name if any(not n.startswith(inside) for n in linear) else None
 
 
 def in_text_decoder(name: str, decoder: str | None) -> bool:
@@ -76,7 +78,7 @@ def selected_linear(model: torch.nn.Module, target: str | list[str] | None) -> d
     """Full name -> class name of the linear-like modules `target` selects (as peft matches them), in the text
     decoder only where the model has other towers (`text_decoder`)."""
     linear = all_linear_targets(model)
-    decoder = text_decoder(model)
+    decoder = text_decoder(model, linear)
     return {name: kind for name, kind in linear_module_names(model).items()
             if matches_target(name, target, linear) and in_text_decoder(name, decoder)}
 
