@@ -108,7 +108,7 @@ def write_report(rows: list[dict], peak: float, args: argparse.Namespace) -> Non
         "",
         *markdown_table(rows, columns),
         "",
-        f"Matmul peak (fp32, 2048x2048, same machine, same run): {peak:.1f} GFLOP/s. Achieved GFLOP/s counts LoRA "
+        f"Matmul peak (2048x2048, fp32 on a CPU / bf16 on a GPU, same machine, same run): {peak:.1f} GFLOP/s. Achieved GFLOP/s counts LoRA "
         "training FLOPs (forward + input-gradient backward of the frozen body on every processed token, plus the "
         "vocabulary head where it is computed).",
         "",

@@ -40,16 +40,22 @@ def main() -> None:
     from peftkit.config import load_recipe
     from peftkit.data import PaddingCollator, build_datasets
     from peftkit.evaluate.loss import mean_loss
-    from peftkit.models import load_model, load_tokenizer
+    from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
     from peftkit.train.bucketing import length_buckets
+    from peftkit.train.deepspeed import precision_flags
+    from peftkit.train.run import peak_memory_mb
     from peftkit.train.trainer import SFTTrainer
 
     recipe = load_recipe(args.recipe)
     torch.set_num_threads(os.cpu_count() or 1)
     set_seed(recipe.train.seed)
+    # Device and precision as `peftkit train` chooses them (fp32 on CPU; bf16 autocast on a bf16 GPU), for every variant.
+    device = resolve_device(recipe.train.device)
+    dtype = resolve_dtype(recipe.train.dtype, device)
+    bf16, fp16 = precision_flags(device, dtype)
     tokenizer = load_tokenizer(recipe.model)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
-    model = build_adapter(load_model(recipe.model), recipe.adapter)
+    model = build_adapter(load_model(recipe.model, device=device, dtype=dtype), recipe.adapter)
     cfg = recipe.train
     group = args.variant == "peftkit-grouped"
     training_args = TrainingArguments(
@@ -68,7 +74,9 @@ def main() -> None:
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to="none",
-        use_cpu=True,
+        use_cpu=device == "cpu",
+        bf16=bf16,
+        fp16=fp16,
         disable_tqdm=True,
         remove_unused_columns=False,
         train_sampling_strategy="group_by_length" if group else "random",
@@ -102,6 +110,8 @@ def main() -> None:
     epochs = args.epochs
     started = time.perf_counter()
     output = trainer.train()
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     loss = mean_loss(model, data.eval, tokenizer.pad_token_id)
     result = {
@@ -118,6 +128,9 @@ def main() -> None:
         "train_loss": round(float(output.training_loss), 4),
         "eval_loss": round(loss, 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": round(peak_memory_mb(device), 1) if device == "cuda" else None,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
     }
     print(json.dumps(result), flush=True)

@@ -390,3 +390,36 @@ def test_the_architecture_matrix_builds_each_family_and_a_valid_recipe(tmp_path,
         path.write_text(recipe(name, model_dir, tmp_path / "runs" / name))
         loaded = load_recipe(path)
         assert loaded.model.name == str(model_dir) and loaded.train.max_steps == 3
+
+
+def test_gpu_checks_skip_what_does_not_fit_record_failures_and_report_what_ran(tmp_path, monkeypatch):
+    from benchmarks import gpu
+
+    def lora(ctx, timeout):
+        (ctx.logs / "lora.metrics.jsonl").write_text('{"step": 5, "loss": 2.0}\n{"step": 10, "loss": 1.5}\n')
+        return {"method": "lora", "trainable_share": 0.035, "heldout_accuracy_before": 0.0, "heldout_accuracy_after": 0.6,
+                "eval_loss_after": 1.1, "tokens_per_second": 900.0, "train_seconds": 20.0, "peak_memory_mb": 1500.0}
+
+    def broken(ctx, timeout):
+        raise gpu.StepFailed("exit 1: CUDA error: out of memory")
+
+    def speed(variant, rate):
+        return lambda ctx, timeout: {"variant": variant, "train_seconds": 10.0, "supervised_tokens_per_second": rate,
+                                     "eval_loss": 1.2, "peak_gpu_mb": 900.0, "dtype": "bfloat16"}
+
+    steps = {"lora": (1, lora), "zero2": (1, broken), "speed-reference": (1, speed("reference", 100.0)),
+             "speed-peftkit": (1, speed("peftkit", 250.0)), "full": (10_000, lora)}
+    monkeypatch.setattr(gpu, "STEPS", steps)
+    out, results = tmp_path / "out", tmp_path / "results"
+    out.mkdir(), results.mkdir()
+    records = gpu.run_steps(gpu.Context(out, results, []), list(steps), budget=600)
+    assert [r["status"] for r in records] == ["ok", "failed", "ok", "ok", "skipped"]
+    assert "out of memory" in records[1]["error"] and "estimate 10000 s" in records[4]["reason"]
+    assert len((results / gpu.RESULTS_FILE).read_text().splitlines()) == 5  # a line per step, written as it ends
+
+    stem = tmp_path / "report" / "2026-01-01_gpu_gpu"
+    text = gpu.report(results, stem).read_text()  # from the results folder alone: logs come out of logs.tar.gz
+    assert "| lora | 3.500 | 0.0 | 60.0 | 1.1 |" in text
+    assert "| peftkit | 10.0 | 250.0 | 2.5 |" in text  # 2.5x the reference
+    assert "| zero2 | failed |" in text and "| full | skipped |" in text
+    assert (tmp_path / "report" / "2026-01-01_gpu_gpu_loss.png").stat().st_size > 0
