@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from peftkit.adapters.lora import check_modules_to_save
-from peftkit.adapters.modules import selected_linear, target_problems
+from peftkit.adapters.modules import selected_linear, target_problems, text_decoder
 from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, register
 from peftkit.config.schema import IA3AdapterConfig
 from peftkit.errors import ConfigError
@@ -81,6 +81,8 @@ def build(model: Any, cfg: IA3AdapterConfig, *, task: str = "causal_lm", quantiz
     if problems:
         raise ConfigError(problems)
     targets, feedforward = resolve(model, cfg)
+    if text_decoder(model) is not None:  # peft's suffix matching would also scale the vision tower's projections
+        targets, feedforward = sorted(selected_linear(model, targets)), sorted(selected_linear(model, feedforward))
     config = IA3Config(
         task_type=PEFT_TASK_TYPES[task],
         target_modules=targets,

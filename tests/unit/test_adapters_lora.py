@@ -228,22 +228,26 @@ def test_corda_kpm_starts_where_the_calibration_rows_do_not_look(tiny_model_dir,
         _lora(tiny_model_dir, init="corda_kpm")
 
 
-@pytest.mark.parametrize("target", ["all-linear", ["q_proj", "v_proj"]])
-def test_lora_on_a_vision_language_model_stays_in_its_text_decoder(target):
-    """Text-only chat training never runs a vision tower: `all-linear` or a suffix like `q_proj` (which peft would
-    also match there) adapts the text decoder only, validation sees the same set, and a forward pass still runs."""
+def _tiny_vision_language_model() -> torch.nn.Module:
+    """A Gemma 3 vision-language model (SigLIP tower + text decoder) small enough for a unit test."""
     from transformers import AutoModelForCausalLM, Gemma3Config
-
-    from peftkit.adapters.modules import selected_linear, text_decoder
 
     text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=16)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                   patch_size=14)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                                                          image_token_index=120, boi_token_index=121, eoi_token_index=122))
-    from peftkit.adapters.modules import linear_module_names
+    return AutoModelForCausalLM.from_config(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                                         image_token_index=120, boi_token_index=121, eoi_token_index=122))
+
+
+@pytest.mark.parametrize("target", ["all-linear", ["q_proj", "v_proj"]])
+def test_lora_on_a_vision_language_model_stays_in_its_text_decoder(target):
+    """Text-only chat training never runs a vision tower: `all-linear` or a suffix like `q_proj` (which peft would
+    also match there) adapts the text decoder only, validation sees the same set, and a forward pass still runs."""
+    from peftkit.adapters.modules import linear_module_names, selected_linear, text_decoder
+
+    model = _tiny_vision_language_model()
 
     assert text_decoder(model) == "model.language_model"
     assert any(n.startswith("model.vision_tower.") and n.endswith(".q_proj") for n in linear_module_names(model))
@@ -253,5 +257,22 @@ def test_lora_on_a_vision_language_model_stays_in_its_text_decoder(target):
     peft_model = build_adapter(model, LoraAdapterConfig(r=4, alpha=8, dropout=0.0, target_modules=target))
     adapted = _lora_modules(peft_model)
     assert adapted == expected and len(adapted) == (14 if target == "all-linear" else 4)
+    with torch.no_grad():
+        assert peft_model(input_ids=torch.tensor([[1, 5, 9, 13]])).logits.shape == (1, 4, 128)
+
+
+@pytest.mark.parametrize("target", [None, ["k_proj", "v_proj", "down_proj"]])
+def test_ia3_on_a_vision_language_model_scales_only_its_text_decoder(target):
+    """(IA)^3 likewise: peft's defaults or listed suffixes would also match the SigLIP tower's k_proj / v_proj."""
+    from peftkit.adapters.modules import selected_linear
+    from peftkit.config.schema import IA3AdapterConfig
+
+    model = _tiny_vision_language_model()
+    expected = set(selected_linear(model, ["k_proj", "v_proj", "down_proj"]))
+    assert len(expected) == 6  # 2 layers of the text decoder
+    peft_model = build_adapter(model, IA3AdapterConfig(target_modules=target))
+    scaled = {n.removeprefix("base_model.model.").rsplit(".ia3_l", 1)[0]
+              for n, _ in peft_model.named_parameters() if ".ia3_l" in n}
+    assert scaled == expected, sorted(scaled)
     with torch.no_grad():
         assert peft_model(input_ids=torch.tensor([[1, 5, 9, 13]])).logits.shape == (1, 4, 128)
