@@ -45,6 +45,21 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def speed_bars(labels: list[str], tokens_per_second: list[float], path: str | Path) -> None:
+    """A horizontal bar per run: supervised tokens/s (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.barh(labels, tokens_per_second)
+    ax.set_xlabel("supervised tokens / s")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def environment() -> str:
     import importlib.metadata as md
 

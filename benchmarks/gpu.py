@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, environment, markdown_table, write_csv
+from benchmarks.common import RESULTS, environment, markdown_table, speed_bars, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "quickstart"
@@ -333,12 +333,7 @@ def plot(folder: Path, ok: dict[str, dict[str, Any]], stem: Path) -> None:
     plt.close(fig)
     speeds = {name: r.get("tokens_per_second") or r.get("supervised_tokens_per_second") for name, r in ok.items()}
     speeds = {name: value for name, value in speeds.items() if value}
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.barh(list(speeds), list(speeds.values()))
-    ax.set_xlabel("supervised tokens / s")
-    fig.tight_layout()
-    fig.savefig(f"{stem}_speed.png")
-    plt.close(fig)
+    speed_bars(list(speeds), list(speeds.values()), f"{stem}_speed.png")
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import earlier_rows, environment, markdown_table, results_stem, write_csv
+from benchmarks.common import earlier_rows, environment, markdown_table, results_stem, speed_bars, write_csv
 from peftkit.evaluate.run_eval import ORIGINAL_BASE_REPORT, REPORT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,13 +249,7 @@ def plots(rows: list[dict], stem: Path, curves: dict[str, list[list[float]]]) ->
     fig.tight_layout()
     fig.savefig(f"{stem}_accuracy.png")
     plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.barh([f"{r['recipe']}/{r['method']}" for r in rows], [r["tokens_per_second"] or 0 for r in rows])
-    ax.set_xlabel("supervised tokens / s")
-    fig.tight_layout()
-    fig.savefig(f"{stem}_speed.png")
-    plt.close(fig)
+    speed_bars([f"{r['recipe']}/{r['method']}" for r in rows], [r["tokens_per_second"] or 0 for r in rows], f"{stem}_speed.png")
 
 
 def main() -> None:
