@@ -8,8 +8,9 @@ model: the quality rows (LoRA, QLoRA nf4 / int8, full, DoRA, prefix, partial: `p
 LoRA also `peftkit eval` for forgetting), the QLoRA adapter merged into deployable weights and
 exported for vLLM (each export verified against the adapter model), DeepSpeed ZeRO-2, ZeRO-3, ZeRO-3
 with CPU offload and QLoRA under ZeRO-3 against the same run without DeepSpeed (one epoch each),
-and training speed against the transformers `Trainer` + peft reference. A step whose estimate no
-longer fits the budget is skipped and says so, so a lease that ends early still returns what ran.
+and training speed against the transformers `Trainer` + peft reference (default path and `train.packing`).
+A step whose estimate no longer fits the budget is skipped and says so, so a lease that ends early still
+returns what ran.
 Each finished step appends a JSON line to RESULTS/gpu.jsonl and refreshes RESULTS/logs.tar.gz (its
 logs and metrics); the runs themselves stay in OUT. RESULTS (default: OUT) holds only those small
 files and the report, so it can be a folder a remote machine sends back.
@@ -207,6 +208,7 @@ STEPS: dict[str, tuple[float, Callable[[Context, float], dict[str, Any]]]] = {
     "qlora-int8": (60, method_step("qlora-int8", evaluate=False)),
     "speed-reference": (40, speed_step("reference")),
     "speed-peftkit": (40, speed_step("peftkit")),
+    "speed-packed": (40, speed_step("peftkit-packed")),
     "full": (50, method_step("full", evaluate=False)),
     "dora": (60, method_step("dora", evaluate=False)),
     "prefix": (40, method_step("prefix", evaluate=False)),
@@ -292,7 +294,7 @@ def report(folder: Path, stem: Path) -> Path:
         lines += markdown_table(table, list(table[0]))
     if "export-qlora" in ok:
         lines += ["", "## QLoRA export", "", *(f"- `{k}`: {v}" for k, v in ok["export-qlora"].items())]
-    speed = [ok[n] for n in ("speed-reference", "speed-peftkit") if n in ok]
+    speed = [ok[n] for n in ("speed-reference", "speed-peftkit", "speed-packed") if n in ok]
     if speed:
         reference = ok.get("speed-reference")
         for r in speed:

@@ -7,7 +7,8 @@ and number of epochs; they differ only in the trainer:
   batches, the model's own loss over full logits: what a user would write by hand.
 - peftkit: peftkit's `SFTTrainer` with its defaults: the reference's batches, each run as length
   buckets, supervised-only logits, shared prompt prefix (loss-exact up to float rounding and
-  dropout draws); peftkit-grouped adds length grouping across the dataset (other batches)
+  dropout draws); peftkit-grouped adds length grouping across the dataset (other batches); peftkit-packed
+  runs each batch as one padding-free sequence (`train.packing`) instead of buckets and shared prefix
 - peftkit-no-prefix / -no-sparse / -no-bucket: optimisations switched off, to measure each one's share
   (no-sparse also drops the shared prefix, which relies on it).
 
@@ -29,7 +30,8 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", required=True)
-    parser.add_argument("--variant", required=True, choices=["reference", "peftkit", "peftkit-grouped", "peftkit-no-prefix", "peftkit-no-sparse", "peftkit-no-bucket"])
+    parser.add_argument("--variant", required=True, choices=["reference", "peftkit", "peftkit-grouped", "peftkit-packed", "peftkit-no-prefix",
+                                                               "peftkit-no-sparse", "peftkit-no-bucket"])
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -94,6 +96,7 @@ def main() -> None:
             supervised_logits_only=args.variant != "peftkit-no-sparse",
             share_prompt_prefix=args.variant not in {"peftkit-no-prefix", "peftkit-no-sparse"},
             bucket_within_batch=args.variant != "peftkit-no-bucket",
+            packing=args.variant == "peftkit-packed",
         )
     bucketed = getattr(trainer, "bucket_batches", False)
 
@@ -101,7 +104,9 @@ def main() -> None:
     padded = real = supervised = 0
     for batch in trainer.get_train_dataloader():
         lengths = batch["attention_mask"].sum(dim=1).tolist()
-        if bucketed:  # what the length buckets actually run (train/bucketing.py)
+        if getattr(trainer, "packing", False):  # one padding-free sequence per batch
+            padded += int(batch["attention_mask"].sum())
+        elif bucketed:  # what the length buckets actually run (train/bucketing.py)
             padded += sum(len(b) * max(lengths[i] for i in b) for b in length_buckets(lengths))
         else:
             padded += batch["input_ids"].numel()

@@ -393,6 +393,12 @@ class TrainConfig(Section):
     """Run the prompt prefix shared by a whole batch (e.g. the system prompt) once per batch (same loss)."""
     bucket_within_batch: bool = True
     """Run each batch as length buckets, each padded only to its own longest row (same batch, same loss)."""
+    packing: bool = False
+    """Padding-free batches: each batch's rows joined into one sequence, positions restarting per row and attention
+    kept within each row (same batch, same loss, no padding; replaces the length buckets and the shared prefix).
+    Meant for GPUs with `model.attn_implementation: flash_attention_2` (variable-length kernels, not measured here);
+    with sdpa or eager attention the joined sequence's attention grows with the square of the whole batch's length
+    (2-core CPU, quickstart: 1.25x the reference's tokens/s against the default path's 1.60x)."""
 
 
 class EvalConfig(Section):
@@ -479,6 +485,21 @@ class Recipe(Section):
         if self.task == "causal_lm" and columns.label:
             raise ValueError("data.columns.label names the class of `task: sequence_classification` records; chat "
                              "training has no labels: remove it (or set the task)")
+        return self
+
+    @model_validator(mode="after")
+    def _packing_fits(self) -> "Recipe":
+        if not self.train.packing:
+            return self
+        if self.task != "causal_lm":
+            raise ValueError("train.packing joins chat rows into one sequence; a classifier reads each text on its own: "
+                             "remove train.packing")
+        if self.adapter.method in ("prefix_tuning", "prompt_tuning"):
+            raise ValueError(f"train.packing joins a batch's rows into one sequence, where {self.adapter.method}'s "
+                             "virtual tokens have no place: remove train.packing (or use another adapter method)")
+        if self.train.neftune_noise_alpha is not None:
+            raise ValueError("train.neftune_noise_alpha scales its noise by the sequence length, which packing changes "
+                             "(the whole batch becomes one sequence): use one of them")
         return self
 
     @model_validator(mode="after")

@@ -296,6 +296,7 @@ def _train(
         supervised_logits_only=recipe.train.supervised_logits_only,
         share_prompt_prefix=recipe.train.share_prompt_prefix,
         bucket_within_batch=recipe.train.bucket_within_batch,
+        packing=recipe.train.packing,
     )
     eval_loss_before = None
     if has_eval and not resume:

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from peftkit.data.chat import IGNORE_INDEX
+from peftkit.errors import ConfigError
 from peftkit.train.bucketing import length_buckets
+from peftkit.train.packing import flatten_batch, packed_rows_stay_separate
 from peftkit.train.shared_prefix import (
     MIN_SHARED_PREFIX,
     attention_window,
@@ -60,9 +62,15 @@ def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
 class SFTTrainer(Trainer):
     def __init__(
         self, *args: Any, supervised_logits_only: bool = True, share_prompt_prefix: bool = True,
-        bucket_within_batch: bool = True, **kwargs: Any
+        bucket_within_batch: bool = True, packing: bool = False, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
+        # Padding-free batches replace the length buckets and the shared prefix (whose cache would hide the joined
+        # rows from transformers' packed-sequence detection).
+        self.packing = packing
+        if packing:
+            share_prompt_prefix = bucket_within_batch = False
+            self._check_packing()
         self.sparse_logits = supervised_logits_only and _base_forward_accepts(self.model, "logits_to_keep")
         # Shared prefixes and length buckets both run several forward calls per optimizer step: only in one
         # process (DDP/ZeRO wrappers expect exactly one forward per backward) and without NEFTune (its noise
@@ -103,6 +111,8 @@ class SFTTrainer(Trainer):
         if model.training:
             self.supervised_tokens_seen += int(targets.numel())
             self.input_tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else labels.numel()
+        if self.packing and set(inputs) == {"input_ids", "attention_mask"}:
+            inputs, labels = flatten_batch(inputs, labels)
         buckets = None
         if self.bucket_batches and not return_outputs and "attention_mask" in inputs and set(inputs) <= {"input_ids", "attention_mask"}:
             buckets = length_buckets(inputs["attention_mask"].sum(dim=1).tolist())
@@ -165,6 +175,21 @@ class SFTTrainer(Trainer):
         # Soft targets (distilled replay); one-hot rows reduce to the cross-entropy above.
         log_probs = torch.log_softmax(logits.float(), dim=-1).gather(1, teacher["teacher_ids"])
         return -(teacher["teacher_probs"] * log_probs).sum(), outputs
+
+    def _check_packing(self) -> None:
+        """`train.packing` on a model whose attention would cross the joined rows is refused before training. Under
+        ZeRO-3 the weights are partitioned until DeepSpeed starts, so the check relies on transformers there."""
+        if _is_prompt_learning(self.model):
+            raise ConfigError("train.packing joins a batch's rows into one sequence, which prefix and prompt tuning's "
+                              "virtual tokens cannot be placed in: set train.packing: false")
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            return
+        config = self.model.config
+        vocab_size = int(getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", 0) or 0)
+        if not packed_rows_stay_separate(self.model, vocab_size):
+            name = type(getattr(self.model, "get_base_model", lambda: self.model)()).__name__
+            raise ConfigError(f"train.packing: {name} attends across the rows joined into one sequence (its "
+                              f"attention ignores the restarting position_ids): set train.packing: false")
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         metrics = super().evaluate(*args, **kwargs)

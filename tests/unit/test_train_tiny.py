@@ -65,6 +65,15 @@ def test_neftune_noise_changes_training(tiny_recipe, tmp_path):
     assert _losses(noisy.run_dir) != pytest.approx(_losses(plain.run_dir), abs=1e-6)
 
 
+def test_packed_training_follows_the_padded_loss_curve(tiny_recipe, tmp_path):
+    """`train.packing` end to end: the same batches as one padding-free sequence each, the same losses."""
+    steps = {**tiny_recipe["train"], "max_steps": 4, "logging_steps": 1}
+    padded = train(recipe_from_dict({**tiny_recipe, "train": steps, "output_dir": str(tmp_path / "padded")}))
+    packed = train(recipe_from_dict({**tiny_recipe, "train": {**steps, "packing": True}, "output_dir": str(tmp_path / "packed")}))
+    assert len(_losses(packed.run_dir)) == 4
+    assert _losses(packed.run_dir) == pytest.approx(_losses(padded.run_dir), rel=1e-4)
+
+
 def test_optimizer_choice_reaches_the_trainer(tiny_recipe, tmp_path):
     """`train.optimizer: adamw_8bit` trains with bitsandbytes' 8-bit AdamW (its CPU kernels here)."""
     import bitsandbytes as bnb

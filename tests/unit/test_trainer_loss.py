@@ -185,3 +185,89 @@ def test_sliding_window_models_share_the_prefix_only_within_the_window(tiny_toke
     loss = trainer.compute_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
     assert len(calls) == shared_calls
     assert float(loss) == pytest.approx(float(full_logits_loss(model, ids, mask, labels)), abs=1e-5)
+
+
+def _rows_of_mixed_length(vocab: int, with_teacher: bool = False) -> list[dict]:
+    from peftkit.train.distill import TEACHER_IDS, TEACHER_PROBS, supervised_targets
+
+    torch.manual_seed(3)
+    rows = []
+    for length in (14, 40, 16, 33):
+        ids = torch.randint(5, vocab, (length,)).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 6 + ids[6:]})
+    if with_teacher:  # soft targets stay in row order when the rows are joined
+        n = len(supervised_targets(rows[1]["labels"]))
+        rows[1] = {**rows[1], TEACHER_IDS: [[3, 4, 5]] * n, TEACHER_PROBS: [[0.5, 0.3, 0.2]] * n}
+    return rows
+
+
+@pytest.mark.parametrize("attention, with_teacher", [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_packed_batch_gives_the_same_loss_and_gradients(tiny_tokenizer, tmp_path, attention, with_teacher):
+    """`train.packing`: the batch as one padding-free sequence trains on the same rows with the same loss and
+    gradients (attention stays within each row), whichever attention implementation runs it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from peftkit.data.build import PaddingCollator
+    from peftkit.train.trainer import SFTTrainer
+
+    torch.manual_seed(0)
+    model = build_tiny_llama(len(tiny_tokenizer))
+    model.config._attn_implementation = attention
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights="gaussian"))
+    collate = PaddingCollator(tiny_tokenizer.pad_token_id)
+    rows = _rows_of_mixed_length(len(tiny_tokenizer), with_teacher)
+    results, seen = {}, {}
+    for packing in (False, True):
+        trainer = SFTTrainer(model=model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
+                             data_collator=collate, packing=packing, bucket_within_batch=False)
+        assert trainer.share_prefix is False or not packing
+        calls = []
+        hook = model.get_base_model().model.register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+        model.zero_grad(set_to_none=True)
+        model.train()
+        loss = trainer.compute_loss(model, collate(rows))
+        loss.backward()
+        hook.remove()
+        results[packing], seen[packing] = (float(loss), grads(model)), calls
+    assert seen[True] == [torch.Size([1, 14 + 40 + 16 + 33])]  # one row, no padding
+    assert seen[False] == [torch.Size([4, 40])]
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    for name, value in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], value, atol=1e-6, rtol=1e-4)
+
+
+def test_packing_is_refused_for_a_model_that_attends_across_the_joined_rows(tiny_tokenizer, tmp_path):
+    """A model whose attention ignores the restarting positions would silently learn across rows: refused."""
+    from transformers import TrainingArguments
+
+    from peftkit.errors import ConfigError
+    from peftkit.train.packing import flatten_batch, packed_rows_stay_separate
+    from peftkit.train.trainer import SFTTrainer
+
+    torch.manual_seed(0)
+    model = build_tiny_llama(len(tiny_tokenizer))
+    assert packed_rows_stay_separate(model, len(tiny_tokenizer))
+    forward = model.forward
+    model.forward = lambda *a, position_ids=None, **k: forward(*a, **k)  # drops the positions: plain causal attention
+    assert not packed_rows_stay_separate(model, len(tiny_tokenizer))
+    with pytest.raises(ConfigError, match="attends across the rows"):
+        SFTTrainer(model=model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True), packing=True)
+
+    joined, labels = flatten_batch({"input_ids": torch.tensor([[7, 8, 9], [4, 5, 0]]),
+                                    "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])},
+                                   torch.tensor([[7, 8, 9], [4, 5, -100]]))
+    assert joined["input_ids"].tolist() == [[7, 8, 9, 4, 5]] and joined["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert labels.tolist() == [[-100, 8, 9, -100, 5]]  # each row's first label is never a target
+
+
+def test_packing_recipe_checks():
+    from peftkit.config.schema import Recipe
+
+    base = {"data": {"train": "t.jsonl"}, "train": {"packing": True}}
+    assert Recipe.model_validate(base).train.packing
+    with pytest.raises(ValueError, match="virtual tokens"):
+        Recipe.model_validate({**base, "adapter": {"method": "prefix_tuning"}})
+    with pytest.raises(ValueError, match="neftune"):
+        Recipe.model_validate({**base, "train": {"packing": True, "neftune_noise_alpha": 5}})
