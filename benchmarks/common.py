@@ -24,13 +24,14 @@ def results_stem(kind: str) -> Path:
     return RESULTS / f"{datetime.date.today().isoformat()}_{machine_tag()}_{kind}"
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Best-of matmul throughput in the precision training uses here (fp32 on the CPU, bf16 on a GPU that has it):
-    the ceiling training FLOP/s are compared against."""
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10, dtype: Any = None) -> float:
+    """Best-of matmul throughput, by default in the precision training uses here (fp32 on the CPU, bf16 on a GPU
+    that has it): the ceiling training FLOP/s are compared against."""
     import torch
 
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     a, b = (torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu") for _ in range(2))
     a @ b
     best = float("inf")

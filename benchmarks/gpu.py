@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, environment, markdown_table, speed_bars, write_csv
+from benchmarks.common import RESULTS, environment, markdown_table, matmul_peak_gflops, speed_bars, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "quickstart"
@@ -85,25 +85,13 @@ def environment_step(ctx: Context, timeout: float) -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise StepFailed("no CUDA GPU visible")
     props = torch.cuda.get_device_properties(0)
-
-    def peak(dtype: torch.dtype, n: int) -> float:
-        a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
-        for _ in range(3):
-            a @ b
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            a @ b
-        end.record()
-        torch.cuda.synchronize()
-        return round(2 * n**3 * 10 / (start.elapsed_time(end) / 1000) / 1e12, 1)
-
+    bf16 = round(matmul_peak_gflops(8192, dtype=torch.bfloat16) / 1000, 1)
     torch.backends.cuda.matmul.allow_tf32 = False
-    fp32 = peak(torch.float32, 4096)
+    fp32 = round(matmul_peak_gflops(4096, dtype=torch.float32) / 1000, 1)
     import bitsandbytes
 
     return {"gpu": props.name, "capability": f"{props.major}.{props.minor}", "memory_gb": round(props.total_memory / 2**30, 1),
-            "cuda": torch.version.cuda, "bf16_matmul_tflops": peak(torch.bfloat16, 8192), "fp32_matmul_tflops": fp32,
+            "cuda": torch.version.cuda, "bf16_matmul_tflops": bf16, "fp32_matmul_tflops": fp32,
             "bitsandbytes_backend": str(getattr(bitsandbytes.cextension, "BNB_BACKEND", "")), "versions": environment()}
 
 

@@ -30,11 +30,12 @@ def flatten_batch(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tupl
     return {"input_ids": inputs["input_ids"][mask][None], "position_ids": positions[None]}, flat_labels[None]
 
 
-def packed_rows_stay_separate(model: Any, vocab_size: int) -> bool:
+def packed_rows_stay_separate(model: Any) -> bool:
     """Whether `model` gives a row the same logits alone and joined after another row (no attention across).
     Attention across rows moves the joined row's first logits by a large share of their scale; rounding in
     16-bit weights moves them by well under 3 %."""
     generator = torch.Generator().manual_seed(0)
+    vocab_size = model.get_input_embeddings().num_embeddings
     first, second = (torch.randint(3, max(vocab_size, 4), (n,), generator=generator) for n in (5, 7))
     device = next(model.parameters()).device
     positions = torch.cat([torch.arange(5), torch.arange(7)])

@@ -184,9 +184,7 @@ class SFTTrainer(Trainer):
                               "virtual tokens cannot be placed in: set train.packing: false")
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             return
-        config = self.model.config
-        vocab_size = int(getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", 0) or 0)
-        if not packed_rows_stay_separate(self.model, vocab_size):
+        if not packed_rows_stay_separate(self.model):
             name = type(getattr(self.model, "get_base_model", lambda: self.model)()).__name__
             raise ConfigError(f"train.packing: {name} attends across the rows joined into one sequence (its "
                               f"attention ignores the restarting position_ids): set train.packing: false")

@@ -248,10 +248,10 @@ def test_packing_is_refused_for_a_model_that_attends_across_the_joined_rows(tiny
 
     torch.manual_seed(0)
     model = build_tiny_llama(len(tiny_tokenizer))
-    assert packed_rows_stay_separate(model, len(tiny_tokenizer))
+    assert packed_rows_stay_separate(model)
     forward = model.forward
     model.forward = lambda *a, position_ids=None, **k: forward(*a, **k)  # drops the positions: plain causal attention
-    assert not packed_rows_stay_separate(model, len(tiny_tokenizer))
+    assert not packed_rows_stay_separate(model)
     with pytest.raises(ConfigError, match="attends across the rows"):
         SFTTrainer(model=model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True), packing=True)
 
