@@ -79,24 +79,27 @@ def _tokenized_data_line(recipe: Any, tokenizer: Any) -> str:
 
 
 def _show_data(recipe: Any, tokenizer: Any, count: int) -> None:
-    """The first training rows as the model sees them, trained tokens highlighted."""
+    """The first training rows as the model sees them (its eval split left out), trained tokens highlighted."""
     from rich.text import Text
 
-    from peftkit.data.build import supervised_segments, tokenize_examples
+    from peftkit.data.build import supervised_segments, tokenize_examples, train_eval_examples
     from peftkit.data.chat import IGNORE_INDEX
-    from peftkit.data.formats import load_examples
 
-    examples = load_examples(recipe.data.train, recipe.data.format, recipe.data.columns)[:count]
-    rows, _ = tokenize_examples(examples, tokenizer, recipe.data.max_seq_len, recipe.data.system_prompt,
-                                train_on_prompt=recipe.data.train_on_prompt)
     console = _console()
     console.print(Text.assemble("Trained tokens are shown ", ("[[like this]]", "bold green"), "; the rest is context only."))
-    for number, row in enumerate(rows, start=1):
-        text = Text(f"--- row {number}: {len(row['input_ids'])} tokens, "
-                    f"{sum(label != IGNORE_INDEX for label in row['labels'])} trained ---\n")
-        for piece, trained in supervised_segments(row, tokenizer):
-            text.append(f"[[{piece}]]" if trained else piece, style="bold green" if trained else None)
-        console.print(text)
+    shown = 0
+    for example in train_eval_examples(recipe.data, recipe.train.seed)[0]:
+        rows, _ = tokenize_examples([example], tokenizer, recipe.data.max_seq_len, recipe.data.system_prompt,
+                                    train_on_prompt=recipe.data.train_on_prompt, what=None)  # counted above already
+        for row in rows[: count - shown]:
+            shown += 1
+            text = Text(f"--- row {shown} ({example.where}): {len(row['input_ids'])} tokens, "
+                        f"{sum(label != IGNORE_INDEX for label in row['labels'])} trained ---\n")
+            for piece, trained in supervised_segments(row, tokenizer):
+                text.append(f"[[{piece}]]" if trained else piece, style="bold green" if trained else None)
+            console.print(text)
+        if shown >= count:
+            break
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -81,14 +81,21 @@ def expand_path(value: str) -> Path:
     return Path(os.path.expandvars(value)).expanduser()
 
 
+_YAML_11_BOOLEANS = {"yes", "no", "on", "off", "y", "n"}
+"""Words YAML 1.1 reads as booleans; on the command line they stay text (a bool field still takes them)."""
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=1e-4` -> (["train", "lr"], 0.0001). Values are parsed as YAML scalars/lists."""
+    """`train.lr=1e-4` -> (["train", "lr"], 0.0001). Values are parsed as YAML scalars / lists / `{...}` maps;
+    anything else stays the text it is (`data.system_prompt=You are: a bot` is a sentence, not a mapping)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form key.sub=value (e.g. train.lr=1e-4)")
     try:
         value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
+        value = raw
+    if (isinstance(value, dict) and not raw.lstrip().startswith("{")) or raw.strip().lower() in _YAML_11_BOOLEANS:
         value = raw
     return key.strip().split("."), value
 
@@ -312,18 +319,26 @@ def recipe_from_dict(data: dict[str, Any], source: str | None = None) -> Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Parse a recipe file. Relative data paths are resolved against the recipe's directory."""
+    """Parse a recipe file. Relative paths in it are resolved against the recipe's directory, those given as
+    overrides (the command line) against the current directory."""
     path = Path(path)
     data = read_yaml(path)
+    recipe_dir = path.resolve().parent
+    _resolve_file_paths(data, recipe_dir)
     apply_overrides(data, overrides or [])
+    _resolve_file_paths(data, Path.cwd())  # what the recipe named is absolute by now: this reaches the overrides
     if isinstance(data.get("adapter"), dict) and "method" not in data["adapter"]:
         data["adapter"]["method"] = "lora"
-    _resolve_data_paths(data, path.resolve().parent)
-    _absolute_model_paths(data, path.resolve().parent)
+    _absolute_model_paths(data, recipe_dir)
+    return recipe_from_dict(data, str(path))
+
+
+def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative data files and the DeepSpeed config file, made absolute against `base`."""
+    _resolve_data_paths(data, base)
     if isinstance(data.get("deepspeed"), str):
         deepspeed = expand_path(data["deepspeed"])
-        data["deepspeed"] = str(deepspeed if deepspeed.is_absolute() else (path.resolve().parent / deepspeed).resolve())
-    return recipe_from_dict(data, str(path))
+        data["deepspeed"] = str(deepspeed if deepspeed.is_absolute() else (base / deepspeed).resolve())
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

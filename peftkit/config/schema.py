@@ -405,7 +405,8 @@ class EvalConfig(Section):
     max_new_tokens: PositiveInt = 64
     batch_size: PositiveInt = 16
     before: bool = True
-    """Also score the base model, for the before/after comparison."""
+    """Also ask the base model the held-out questions before training (greedy generation: the slow part), for the
+    before/after comparison. The eval loss before training is always measured (one forward pass over the eval set)."""
     sample_prompts: list[str] = Field(default_factory=list)
     """Prompts answered by the tuned model at the end of a run (shown and stored in summary.json); empty: the first
     two held-out questions, so a recipe copied to another domain shows answers about that domain."""

@@ -46,9 +46,11 @@ class DataBundle:
 
 
 def tokenize_examples(
-    examples: list[Example], tokenizer: Any, max_seq_len: int, system_prompt: str | None, *, train_on_prompt: bool = False
+    examples: list[Example], tokenizer: Any, max_seq_len: int, system_prompt: str | None, *, train_on_prompt: bool = False,
+    what: str | None = "example",
 ) -> tuple[list[Row], dict[str, int]]:
-    """Token ids and labels; `train_on_prompt` supervises every token of a conversation, not only its replies."""
+    """Token ids and labels; `train_on_prompt` supervises every token of a conversation, not only its replies.
+    Truncated and dropped examples are logged as `what` ("training example", ...; None: not logged)."""
     rows: list[Row] = []
     truncated = dropped = 0
     for example in examples:
@@ -68,12 +70,10 @@ def tokenize_examples(
                 dropped += 1
                 continue
             rows.append(row)
-    if truncated:
-        log.warning(
-            "%d example(s) were longer than data.max_seq_len=%d tokens and were truncated", truncated, max_seq_len
-        )
-    if dropped:
-        log.warning("%d example(s) had no supervised tokens left after truncation and were skipped", dropped)
+    if truncated and what:
+        log.warning("%d %s(s) were longer than data.max_seq_len=%d tokens and were truncated", truncated, what, max_seq_len)
+    if dropped and what:
+        log.warning("%d %s(s) had no supervised tokens left after truncation and were skipped", dropped, what)
     return rows, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
 
 
@@ -83,7 +83,9 @@ def load_heldout(path: str | Path, system_prompt: str | None) -> list[HeldoutIte
         if not isinstance(record, dict) or "key_fact" not in record:
             raise DataError(f"{where}: held-out records need `question` (or `messages`) and `key_fact`")
         facts = record["key_fact"]
-        facts = [facts] if isinstance(facts, str) else facts
+        facts = [facts] if isinstance(facts, (str, int, float)) and not isinstance(facts, bool) else facts
+        facts = [str(f) if isinstance(f, (int, float)) and not isinstance(f, bool) else f for f in facts] \
+            if isinstance(facts, list) else facts  # a number answer (`4`, `3.5`) is matched as written
         if not isinstance(facts, list) or not facts or not all(isinstance(f, str) and f.strip() for f in facts):
             raise DataError(f"{where}: `key_fact` must be a non-empty string or a list of strings")
         if isinstance(record.get("question"), str):
@@ -123,17 +125,21 @@ def without_system_prompt(examples: list[Example]) -> list[Example]:
     return [e for e in examples if e.messages is not None and e.messages[0]["role"] != "system"]
 
 
+def train_eval_examples(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:
+    """The recipe's training and eval examples: `data.eval`, or the `eval_fraction` split of `data.train`."""
+    examples = load_examples(cfg.train, cfg.format, cfg.columns)
+    if cfg.eval:
+        return examples, load_examples(cfg.eval, cfg.format, cfg.columns)
+    return split_train_eval(examples, cfg.eval_fraction, seed)
+
+
 def build_datasets(
     cfg: DataConfig, tokenizer: Any, seed: int = 42, replay_answerer: ReplayAnswerer | None = None
 ) -> DataBundle:
     """`replay_answerer` rewrites the sampled replay answers (self-distilled replay, see data/replay.py)."""
-    examples = load_examples(cfg.train, cfg.format, cfg.columns)
-    if cfg.eval:
-        train_examples, eval_examples = examples, load_examples(cfg.eval, cfg.format, cfg.columns)
-    else:
-        train_examples, eval_examples = split_train_eval(examples, cfg.eval_fraction, seed)
+    train_examples, eval_examples = train_eval_examples(cfg, seed)
     train_rows, train_stats = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt,
-                                                train_on_prompt=cfg.train_on_prompt)
+                                                train_on_prompt=cfg.train_on_prompt, what="training example")
     replayed = contrasted = 0
     if cfg.replay is not None:
         # Replay stands for the model's general use, so it keeps its own system prompt (or the chat
@@ -144,13 +150,15 @@ def build_datasets(
             picked, contrasted = [*picked, *contrast], len(contrast)
         if replay_answerer is not None:
             picked = replay_answerer(picked)
-        replay_rows, _ = tokenize_examples(picked, tokenizer, cfg.max_seq_len, None)
+        replay_rows, _ = tokenize_examples(picked, tokenizer, cfg.max_seq_len, None, what="replay example")
         train_rows, replayed = [*train_rows, *replay_rows], len(replay_rows)
-    eval_rows, _ = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt)
-    if not train_rows:
-        raise DataError(f"{', '.join(map(str, data_sources(cfg.train)))}: none of the {train_stats['examples']} training "
-                        f"examples has a trained (assistant) token left within data.max_seq_len={cfg.max_seq_len} "
-                        "tokens (the prompt fills it); raise data.max_seq_len or shorten the conversations and system prompt")
+    eval_rows, _ = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt, what="eval example")
+    for name, rows, examples in (("training", train_rows, train_examples), ("eval", eval_rows, eval_examples)):
+        if examples and not rows:
+            source = ", ".join(map(str, data_sources(cfg.eval if name == "eval" and cfg.eval else cfg.train)))
+            raise DataError(f"{source}: none of the {len(examples)} {name} examples has a trained (assistant) token left "
+                            f"within data.max_seq_len={cfg.max_seq_len} tokens (the prompt fills it); raise "
+                            "data.max_seq_len or shorten the conversations and system prompt")
     heldout = load_heldout(cfg.heldout, cfg.system_prompt) if cfg.heldout else []
     stats = {
         **{f"train_{k}": v for k, v in train_stats.items()},

@@ -53,8 +53,11 @@ def pair_messages(record: Mapping[str, Any], where: str, prompt: str, response: 
                 if key == "response" and isinstance(value, str) else f" (record fields: {record_keys(record)})"))
         texts[key] = value
     user = texts["prompt"]
-    if context and isinstance(record.get(context), str) and record[context].strip():
-        user = f"{user}\n\n{record[context]}"
+    extra = record.get(context) if context else None
+    if isinstance(extra, (int, float)) and not isinstance(extra, bool):
+        extra = str(extra)
+    if isinstance(extra, str) and extra.strip():
+        user = f"{user}\n\n{extra}"
     messages: list[Message] = [{"role": "user", "content": user}, {"role": "assistant", "content": texts["response"]}]
     if system and isinstance(record.get(system), str) and record[system].strip():
         messages.insert(0, {"role": "system", "content": record[system]})

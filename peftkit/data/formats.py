@@ -6,9 +6,9 @@ not trained on, as in axolotl; tool use: assistant `tool_calls`, `tool` messages
 `tools` list, as TRL reads them), ShareGPT (`{"conversations": [{"from": "human"|"gpt"|"system",
 "value"}, ...]}`, optional `system`; LLaMA-Factory's `function_call` / `observation` turns and `tools`),
 TRL's prompt-completion (`prompt` + `completion`, both strings or both message lists; only the completion
-is trained on), alpaca JSON/JSONL (`instruction`, `input`, `output`, optional `system`), one-turn pairs
+is trained on), alpaca JSON/JSONL (`instruction`, `input`, `output`, optional `system` and `history`), one-turn pairs
 with common field names (`question` + `answer`, Dolly's `instruction` + `response`, ...: `data/columns.py`),
-plain text (`.txt` files, or records with a `text` field), CSV and Parquet with those columns; the same
+plain text (`.txt` files, or records with a `text` field), CSV / TSV and Parquet with those columns; the same
 records from a Hub dataset (`hf:OWNER/NAME`) or a `save_to_disk` folder (`data/hub.py`). Records with other
 field names are read through the recipe's `data.columns` map.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import re
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from peftkit.data.columns import (ROLE_ALIASES, detected_pair, detected_pair_messages, mapped_messages, mapped_text,
-                                  record_keys)
+                                  pair_messages, record_keys)
 from peftkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ Message = dict[str, Any]
 (`[{"type": "function", "function": {"name", "arguments": {...}}}]`, the form chat templates read); a `tool`
 message may carry `name` and `tool_call_id`."""
 ROLES = ("system", "user", "assistant", "tool")
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt")
 JSONL_SUFFIXES = ("", ".ndjson")
 """Other names of JSON Lines files."""
 MAX_REPORTED_PROBLEMS = 5
@@ -99,9 +100,8 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
     if suffix == ".txt":
         chunks = [c.strip() for c in text.split("\n\n")]
         return [(f"{path}:chunk {i + 1}", {"text": c}) for i, c in enumerate(chunks) if c]
-    if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        return [(f"{path}:{i + 2}", row) for i, row in enumerate(reader)]
+    if suffix in (".csv", ".tsv"):
+        return _csv_records(path, text, "\t" if suffix == ".tsv" else _csv_delimiter(text))
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -109,17 +109,61 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
             if exc.msg == "Extra data" and _first_line_is_json(text):
                 return _jsonl_records(path, text)  # JSON Lines named .json, as `datasets`' to_json writes them
             raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-        if isinstance(data, dict):
-            data = data.get("data") or data.get("examples") or [data]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of records")
-        return [(f"{path}:item {i + 1}", row) for i, row in enumerate(data)]
+        return _json_document_records(path, data)
     return _jsonl_records(path, text)
+
+
+def _json_document_records(path: Path, data: Any) -> list[tuple[str, Any]]:
+    """The records of one JSON document: a list, or an object that wraps one list (`{"data": [...]}`,
+    `{"train": [...]}`), or a single record."""
+    if isinstance(data, dict) and detect_format(data) is not None:
+        data = [data]
+    elif isinstance(data, dict):
+        lists = [key for key, value in data.items() if isinstance(value, list) and value and isinstance(value[0], dict)]
+        if "data" in lists or "examples" in lists:
+            data = data["data" if "data" in lists else "examples"]
+        elif len(lists) == 1 and len(data) == 1:
+            data = data[lists[0]]
+        elif len(lists) > 1:
+            raise DataError(f"{path}: a JSON object holding several lists of records ({', '.join(lists)}); "
+                            "write each split to its own file (data.train, data.eval)")
+        else:
+            data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records")
+    return [(f"{path}:item {i + 1}", row) for i, row in enumerate(data)]
+
+
+def _csv_delimiter(text: str) -> str:
+    """`,` unless the header row has none and is split by `;` (spreadsheets in many European locales) or tabs."""
+    header = text.split("\n", 1)[0]
+    if "," in header:
+        return ","
+    return max(";\t|", key=header.count) if any(d in header for d in ";\t|") else ","
+
+
+def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[str, Any]]:
+    """Rows of a CSV file, each named by the line it starts on; quoted fields keep their line breaks."""
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    records, start = [], 2
+    try:
+        for row in reader:
+            records.append((f"{path}:{start}", row))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc}); check the quoting of that row") from None
+    return records
+
+
+def _lines(text: str) -> list[str]:
+    """JSON Lines split at line feeds only: `str.splitlines` also splits at U+2028, U+0085 and form feeds, which
+    JSON strings may hold unescaped (Python's `json.dumps(..., ensure_ascii=False)` writes them)."""
+    return text.split("\n")
 
 
 def _first_line_is_json(text: str) -> bool:
     try:
-        json.loads(next(line for line in text.splitlines() if line.strip()))
+        json.loads(next(line for line in _lines(text) if line.strip()))
     except (json.JSONDecodeError, StopIteration):
         return False
     return True
@@ -127,16 +171,23 @@ def _first_line_is_json(text: str) -> bool:
 
 def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
             records.append((f"{path}:{number}", json.loads(line)))
         except json.JSONDecodeError as exc:
+            if not records and text.lstrip().startswith("["):
+                try:  # a JSON array (pretty-printed) in a .jsonl file: read it as the document it is
+                    return _json_document_records(path, json.loads(text))
+                except json.JSONDecodeError:
+                    pass
             raise DataError(
                 f"{path}:{number}: line is not valid JSON ({exc.msg} at column {exc.colno}); "
                 "each line of a .jsonl file must be one JSON object"
             ) from None
+    if len(records) == 1 and isinstance(records[0][1], list):  # a whole JSON array on one line
+        return _json_document_records(path, records[0][1])
     return records
 
 
@@ -245,8 +296,11 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
         if not isinstance(message, dict) or "role" not in message or ("content" not in message and not calls):
             raise DataError(f"{where}: message {i + 1} must be an object with `role` and `content`")
         role, content = message["role"], message.get("content")
-        if role not in ROLES:
-            raise DataError(f"{where}: message {i + 1} has unknown role {role!r}; use one of {', '.join(ROLES)}")
+        if role not in ROLES:  # `human` / `gpt` / `User` ...: the speaker names ShareGPT data uses
+            role = ROLE_ALIASES.get(str(role).lower()) if str(role).lower() != "function_call" else None
+        if role is None:
+            raise DataError(f"{where}: message {i + 1} has unknown role {message['role']!r}; use one of "
+                            f"{', '.join(ROLES)} (or map other speakers with data.columns.roles)")
         content = "" if content is None and calls else message_text(content, f"{where}: message {i + 1}")
         if role == "system" and i != 0:
             raise DataError(f"{where}: a system message may only come first (found at position {i + 1})")
@@ -257,10 +311,14 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
             entry["tool_calls"] = tool_calls_of(calls, f"{where}: message {i + 1}")
         if role == "tool":
             entry |= {k: message[k] for k in ("name", "tool_call_id") if isinstance(message.get(k), str)}
-        if message.get("weight") is not None:  # None: the column exists (Arrow/Parquet rows) but is unset here
-            if role != "assistant" or message["weight"] not in (0, 1):
-                raise DataError(f"{where}: message {i + 1}: `weight` must be 0 or 1, on assistant messages only")
-            if message["weight"] == 0:
+        weight = message.get("weight")  # None: the column exists (Arrow/Parquet rows) but is unset here
+        if weight is None and isinstance(message.get("training"), bool):  # axolotl's per-message `training` flag
+            weight = int(message["training"]) if role == "assistant" or message["training"] else None
+        if weight is not None:
+            if role != "assistant" or weight not in (0, 1):
+                raise DataError(f"{where}: message {i + 1}: `weight` (or `training`) must be 0 or 1 (false / true), "
+                                "on assistant messages only; `data.train_on_prompt: true` trains the prompts too")
+            if weight == 0:
                 entry["weight"] = 0
         if role == "assistant" and entry.get("weight", 1) and not content.strip() and not calls:
             raise DataError(f"{where}: message {i + 1}: the assistant reply is empty, and training on it teaches the "
@@ -271,10 +329,13 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
     for i, message in enumerate(m for m in checked if m["role"] != "system"):
         expected = _NEXT_ROLES[previous]
         if message["role"] not in expected:
+            opening = (" A conversation that opens with the assistant's greeting: drop the greeting, or put it in the "
+                       "system prompt." if i == 0 and message["role"] == "assistant" else "")
             raise DataError(
                 f"{where}: roles out of order: turn {i + 1} is {message['role']!r} but "
                 f"{' or '.join(map(repr, expected))} was expected (conversations alternate user, assistant, user, "
-                "...; an assistant turn with `tool_calls` is followed by `tool` turns, then the assistant again)"
+                "...; an assistant turn with `tool_calls` is followed by `tool` turns, then the assistant again)."
+                + opening
             )
         previous = "tool_calls" if message.get("tool_calls") else message["role"]
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in checked):
@@ -287,11 +348,14 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
 def sharegpt_messages(record: dict[str, Any], where: str) -> list[Message]:
     """ShareGPT turns (`from` / `value`, or already `role` / `content`) as chat messages."""
     turns = record["conversations"] if "conversations" in record else record.get("conversation")
+    turns = _json_value(turns, "`conversations`", where)  # a CSV column holds the JSON text
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: `conversations` must be a non-empty list of {{from, value}} objects")
     messages: list[Message] = []
-    if isinstance(record.get("system"), str) and record["system"]:
-        messages.append({"role": "system", "content": record["system"]})
+    first = turns[0] if isinstance(turns[0], dict) else {}
+    opens_with_system = "system" in (str(first.get("from", "")).lower(), first.get("role"))
+    if isinstance(record.get("system"), str) and record["system"] and not opens_with_system:
+        messages.append({"role": "system", "content": record["system"]})  # a system turn wins, as in LLaMA-Factory
     for i, turn in enumerate(turns):
         if isinstance(turn, dict) and "role" in turn and "content" in turn:
             messages.append(turn)
@@ -344,7 +408,7 @@ def to_example(record: Any, where: str, fmt: str, columns: ColumnsConfig | None 
 def chat_record_messages(record: dict[str, Any], where: str) -> list[Message]:
     """A chat record's messages: `role`/`content` turns, or ShareGPT's `from`/`value` under `messages`;
     a record-level `system` string becomes the system turn when the conversation has none."""
-    messages = record["messages"]
+    messages = _json_value(record["messages"], "`messages`", where)  # a CSV column holds the JSON text
     if isinstance(messages, list) and messages and all(isinstance(m, dict) and "from" in m and "role" not in m
                                                        for m in messages):
         messages = sharegpt_messages({"conversations": messages}, where)
@@ -356,6 +420,10 @@ def chat_record_messages(record: dict[str, Any], where: str) -> list[Message]:
 
 
 def _to_example(record: Any, where: str, kind: str | None) -> Example:
+    if kind is None and not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object (one record), got a {type(record).__name__}"
+                        + ("; a .jsonl file holds one object per line, a JSON list belongs in a .json file"
+                           if isinstance(record, list) else ""))
     if kind is None:
         keys = record_keys(record)
         if isinstance(record, dict) and "chosen" in record and "rejected" in record:
@@ -384,23 +452,27 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
     if kind == "pair":
         return Example(where, messages=check_messages(detected_pair_messages(record, where), where))
     if kind == "alpaca":
-        missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str)]
-        if missing:
-            raise DataError(f"{where}: alpaca record needs string fields {', '.join(missing)}")
-        prompt = record["instruction"]
-        if record.get("input"):
-            prompt = f"{prompt}\n\n{record['input']}"
-        if not record["output"].strip():
-            raise DataError(f"{where}: `output` is empty, and training on it teaches the model to answer with "
-                            "nothing; fill it in or drop the record")
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
-        if record.get("system"):
-            messages.insert(0, {"role": "system", "content": record["system"]})
-        return Example(where, messages=tuple(messages))
+        messages = pair_messages(record, where, "instruction", "output", context="input", system="system")
+        history = alpaca_history(record.get("history"), where)
+        at = 1 if messages[0]["role"] == "system" else 0
+        return Example(where, messages=check_messages([*messages[:at], *history, *messages[at:]], where))
     text = record.get("text")
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"{where}: `text` must be a non-empty string")
     return Example(where, text=text)
+
+
+def alpaca_history(history: Any, where: str) -> list[Message]:
+    """LLaMA-Factory's alpaca `history`: the earlier `[instruction, response]` pairs of the conversation, trained
+    like every assistant turn of a chat record."""
+    if history is None or history == "" or history == []:
+        return []
+    history = _json_value(history, "`history`", where)
+    if not isinstance(history, list) or not all(isinstance(pair, list) and len(pair) == 2
+                                                and all(isinstance(text, str) for text in pair) for pair in history):
+        raise DataError(f"{where}: `history` must be a list of [instruction, response] string pairs (the earlier turns)")
+    return [message for query, response in history
+            for message in ({"role": "user", "content": query}, {"role": "assistant", "content": response})]
 
 
 def _check_unicode(value: Any, where: str) -> None:

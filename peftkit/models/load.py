@@ -99,22 +99,29 @@ def weights_dtype(dtype: torch.dtype, *, trains_model_weights: bool) -> torch.dt
     return torch.float32 if dtype == torch.float16 and trains_model_weights else dtype
 
 
-def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None) -> Any:
-    from transformers import AutoTokenizer
-
-    source = source or resolve_model_ref(cfg.name, revision=cfg.revision, allow_pickle=cfg.allow_pickle)
+@contextmanager
+def loading_errors(source: ModelSource, what: str) -> Iterator[None]:
+    """transformers' loading failures as one peftkit message: hub unreachable, files missing, remote code needed."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            materialize(source), revision=source.revision, trust_remote_code=cfg.trust_remote_code
-        )
+        yield
     except OSError as exc:
         if source.kind == "hub":
             raise ModelNotFoundError(hub_hint(source.ref)) from None
-        raise ModelNotFoundError(f"could not load the tokenizer of {source.ref}: {exc}") from None
+        raise ModelNotFoundError(f"could not load {what} {source.ref}: {exc}") from None
     except ValueError as exc:
         if needs_remote_code(exc):
             raise remote_code_error(source.ref) from None
         raise
+
+
+def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    source = source or resolve_model_ref(cfg.name, revision=cfg.revision, allow_pickle=cfg.allow_pickle)
+    with loading_errors(source, "the tokenizer of"):
+        tokenizer = AutoTokenizer.from_pretrained(
+            materialize(source), revision=source.revision, trust_remote_code=cfg.trust_remote_code
+        )
     apply_chat_template_setting(tokenizer, cfg.chat_template)
     if tokenizer.pad_token is None:
         # Padding positions are masked by position in our collator, so reusing EOS is safe.
@@ -431,17 +438,9 @@ def load_model(
     if task == "sequence_classification":
         auto = AutoModelForSequenceClassification
         kwargs["num_labels"] = num_labels
-    try:
-        with four_bit_blocksize(quantization.blocksize if quantization is not None and quantization.bits == 4 else 64):
-            model = auto.from_pretrained(materialize(source), **kwargs)
-    except OSError as exc:
-        if source.kind == "hub":
-            raise ModelNotFoundError(hub_hint(source.ref)) from None
-        raise ModelNotFoundError(f"could not load model weights from {source.ref}: {exc}") from None
-    except ValueError as exc:
-        if needs_remote_code(exc):
-            raise remote_code_error(source.ref) from None
-        raise
+    with loading_errors(source, "model weights from"), \
+            four_bit_blocksize(quantization.blocksize if quantization is not None and quantization.bits == 4 else 64):
+        model = auto.from_pretrained(materialize(source), **kwargs)
     if quantization is None:
         model.to(device)
     else:

@@ -93,7 +93,13 @@ def resolve_model_ref(ref: str, *, revision: str | None = None, allow_pickle: bo
 
 
 def _did_you_mean(ref: str) -> str:
-    close = difflib.get_close_matches(ref.lower(), list(BUILTINS), n=1, cutoff=0.6)
+    """A built-in name close to `ref` (a typo); for a hub id `OWNER/NAME`, one whose name is NAME."""
+    if "/" in ref:
+        name = ref.rsplit("/", 1)[-1].lower()
+        close = [builtin for builtin in BUILTINS if builtin == name]
+    else:
+        close = [builtin for builtin in BUILTINS if builtin.startswith(ref.lower())]  # `smollm2-135m`
+        close = close or difflib.get_close_matches(ref.lower(), list(BUILTINS), n=1, cutoff=0.75)
     return f"did you mean the built-in `{close[0]}`? " if close else ""
 
 

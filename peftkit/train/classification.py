@@ -36,10 +36,10 @@ from peftkit.data.classification import (
     label_names,
     load_labeled,
 )
-from peftkit.errors import ModelNotFoundError
 from peftkit.evaluate.classification import metrics_from_eval_prediction
 from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_model_ref, save_tokenizer, weights_dtype
-from peftkit.models.resolve import ModelSource, hub_hint, materialize
+from peftkit.models.load import loading_errors
+from peftkit.models.resolve import ModelSource, materialize
 from peftkit.train import checkpoints
 from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
 from peftkit.train.run import RunResult, check_tf32, configure_threads, peak_memory_mb, summary_header, training_arguments
@@ -69,14 +69,10 @@ def load_classification_tokenizer(recipe: Recipe, source: ModelSource) -> Any:
     """The model's own tokenizer, with a pad token (no chat template: inputs are plain text)."""
     from transformers import AutoTokenizer
 
-    try:
+    with loading_errors(source, "the tokenizer of"):
         tokenizer = AutoTokenizer.from_pretrained(
             materialize(source), revision=source.revision, trust_remote_code=recipe.model.trust_remote_code
         )
-    except OSError as exc:
-        if source.kind == "hub":
-            raise ModelNotFoundError(hub_hint(source.ref)) from None
-        raise ModelNotFoundError(f"could not load the tokenizer of {source.ref}: {exc}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer

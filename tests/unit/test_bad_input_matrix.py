@@ -156,6 +156,8 @@ def test_failed_run_leaves_existing_run_untouched(tiny_recipe, tmp_path, capsys)
     recipe = {**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}}
     assert main(["train", recipe_file(recipe, tmp_path)]) == 0
     run_dir = Path(recipe["output_dir"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["heldout_accuracy_before"] is None and summary["eval_loss_before"] is not None  # eval.before: false
     before = sorted(p.name for p in run_dir.iterdir())
     assert main(["train", recipe_file(recipe, tmp_path)]) == 2
     assert "--force" in capsys.readouterr().err

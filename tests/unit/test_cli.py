@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -137,3 +138,16 @@ def test_recipe_mistakes_point_at_the_fix(tiny_recipe, tmp_path, capsys):
     assert "is a folder; give the recipe file itself" in err and "r.yaml" in err
     assert main(["validate", str(path), "data.eval_fraction=0", "train.early_stopping_patience=2", "--no-model"]) == 2
     assert "early_stopping_patience watches the eval loss" in capsys.readouterr().err
+
+
+def test_validate_show_data_shows_the_first_trained_rows_with_their_lines(tiny_recipe, tmp_path, capsys):
+    """Rows dropped for length are skipped (not shown as nothing), and each row names its file and line."""
+    data = tmp_path / "long_first.jsonl"
+    long = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}
+    short = {"messages": [{"role": "user", "content": "hours?"}, {"role": "assistant", "content": "nine to five"}]}
+    data.write_text("".join(json.dumps(r) + "\n" for r in [long, long, short, short]))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**tiny_recipe, "data": {**tiny_recipe["data"], "train": str(data), "eval_fraction": 0}}))
+    assert main(["validate", str(path), "--show-data", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- row ") == 1 and f"({data}:3)" in out.replace("\n", "")

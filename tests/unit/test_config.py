@@ -156,3 +156,33 @@ def test_a_relative_local_model_path_is_stored_absolute(tmp_path, monkeypatch):
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # not in the current directory: found next to the recipe, as data paths are
     assert load_recipe(write(tmp_path, text)).model.name == str(tmp_path / "models" / "mine")
+
+
+def test_override_paths_are_relative_to_the_current_directory(tmp_path, monkeypatch):
+    """A recipe's own paths are relative to its folder; paths typed on the command line to where the user is."""
+    recipes, work = tmp_path / "recipes", tmp_path / "work"
+    recipes.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(work)
+    recipe = load_recipe(write(recipes, "data: {train: t.jsonl, eval: e.jsonl}\ndeepspeed: ds.json\n"),
+                         ["data.train=[mine.jsonl, sub/more.csv]", "data.heldout=h.jsonl"])
+    assert recipe.data.train == [str(work / "mine.jsonl"), str(work / "sub/more.csv")]
+    assert recipe.data.heldout == str(work / "h.jsonl")
+    assert recipe.data.eval == str(recipes / "e.jsonl") and recipe.deepspeed == str(recipes / "ds.json")
+    assert load_recipe(recipes / "recipe.yaml", ["deepspeed=my_ds.json"]).deepspeed == str(work / "my_ds.json")
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("data.system_prompt=You are: a=b bot", "You are: a=b bot"),
+    ("data.system_prompt=yes", "yes"),
+    ("data.system_prompt=Off", "Off"),
+    ("data.columns={prompt: q, response: a}", {"prompt": "q", "response": "a"}),
+    ("adapter.r=8", 8),
+])
+def test_override_text_stays_text_unless_it_is_a_yaml_value(text, value):
+    assert parse_override(text)[1] == value
+
+
+def test_a_yes_override_still_sets_a_boolean(tmp_path):
+    recipe = load_recipe(write(tmp_path, "data: {train: t.jsonl}\n"), ["model.trust_remote_code=yes"])
+    assert recipe.model.trust_remote_code is True

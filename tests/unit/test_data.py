@@ -385,11 +385,11 @@ def test_json_lines_named_json_are_read_as_json_lines(tmp_path):
         load_examples(path)
 
 
-@pytest.mark.parametrize("name", ["train.jsonl.gz", "train.tsv", "train.xlsx"])
+@pytest.mark.parametrize("name", ["train.jsonl.gz", "train.xlsx"])
 def test_an_unsupported_file_type_is_named_not_parsed_as_json_lines(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(b"\x1f\x8b\x08\x00binary")
-    with pytest.raises(DataError, match=rf"{name}: peftkit reads .jsonl, .json, .parquet, .csv, .txt data files"):
+    with pytest.raises(DataError, match=rf"{name}: peftkit reads .jsonl, .json, .parquet, .csv, .tsv, .txt data files"):
         load_examples(path)
 
 
@@ -425,7 +425,7 @@ def test_several_bad_records_are_listed_in_one_error(tmp_path):
     from peftkit.data.formats import MAX_REPORTED_PROBLEMS
 
     good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
-    rows = [good, {"messages": [{"role": "user", "content": "a"}]}, {"messages": [{"role": "bot", "content": "a"}]}]
+    rows = [good, {"messages": [{"role": "user", "content": "a"}]}, {"messages": [{"role": "narrator", "content": "a"}]}]
     rows += [{"messages": [{"role": "user", "content": "a"}]}] * MAX_REPORTED_PROBLEMS
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -433,7 +433,7 @@ def test_several_bad_records_are_listed_in_one_error(tmp_path):
         load_examples(path)
     said = str(caught.value)
     assert said.startswith(f"{len(rows) - 1} records of {path} need fixing")
-    assert f"{path}:2: the conversation has no assistant turn" in said and f"{path}:3: message 1 has unknown role 'bot'" in said
+    assert f"{path}:2: the conversation has no assistant turn" in said and f"{path}:3: message 1 has unknown role 'narrator'" in said
     assert said.endswith("... and 2 more")
 
 

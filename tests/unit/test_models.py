@@ -284,3 +284,11 @@ def test_a_model_that_needs_remote_code_is_refused_with_the_recipe_key_to_allow_
                         check_model=True)
     with pytest.raises(ModelNotFoundError, match="model.trust_remote_code: true"):
         load_model(ModelConfig(name=str(remote)))  # `merge --base` and the other loaders
+
+
+def test_a_hub_id_is_offered_a_built_in_only_of_the_same_name():
+    from peftkit.models.resolve import hub_hint
+
+    assert "did you mean" not in hub_hint("meta-llama/Llama-3.2-1B-Instruct").lower()
+    assert "Did you mean the built-in `smollm2-135m-instruct`?" in hub_hint("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert "Did you mean the built-in `smollm2-135m-instruct`?" in hub_hint("smolm2-135m-instruct")  # a typo

@@ -1,0 +1,158 @@
+"""Data files as users bring them: line separators inside strings, multi-line CSV fields, other delimiters,
+JSON arrays in .jsonl files, wrapped JSON, LLaMA-Factory's alpaca history, ShareGPT speaker names under `messages`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import pytest
+
+from peftkit.config.schema import DataConfig
+from peftkit.data.build import build_datasets, load_heldout
+from peftkit.data.formats import load_examples
+from peftkit.errors import DataError
+
+PAIR = {"question": "Opening hours?", "answer": "Mon-Fri 7-18"}
+
+
+def test_jsonl_lines_split_at_line_feeds_only(tmp_path):
+    """`json.dumps(ensure_ascii=False)` writes U+2028, U+0085 and form feeds raw; `str.splitlines` would cut there."""
+    reply = "Mon-Fri 7-18\u2028Sat 7:30-14\x85Sun closed\x0c."
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hours?"},
+                                             {"role": "assistant", "content": reply}]}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    [example] = load_examples(path)
+    assert example.messages[1]["content"] == reply
+
+
+def test_csv_quoted_fields_keep_their_line_breaks_and_rows_their_line_numbers(tmp_path):
+    path = tmp_path / "t.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["question", "answer"])
+        writer.writerow(["Weekend hours?", "Saturday: 7:30-14:00\nSunday: closed"])
+        writer.writerow(["Weekday hours?", ""])
+    with pytest.raises(DataError, match=r"t\.csv:4: the response field 'answer' is empty"):
+        load_examples(path)
+    path.write_text(path.read_text().replace('Weekday hours?,', 'Weekday hours?,7-18'))
+    first, second = load_examples(path)
+    assert first.messages[1]["content"] == "Saturday: 7:30-14:00\nSunday: closed"
+    assert first.where.endswith("t.csv:2") and second.where.endswith("t.csv:4")
+
+
+@pytest.mark.parametrize(("name", "delimiter"), [("t.csv", ";"), ("t.csv", "\t"), ("t.tsv", "\t")])
+def test_csv_with_semicolons_or_tabs_is_read(tmp_path, name, delimiter):
+    path = tmp_path / name
+    path.write_text(f"question{delimiter}answer\nOpening hours?{delimiter}Mon-Fri, 7-18\n", encoding="utf-8")
+    [example] = load_examples(path)
+    assert example.messages[1]["content"] == "Mon-Fri, 7-18"
+
+
+def test_csv_messages_column_holding_json_text(tmp_path):
+    path = tmp_path / "t.csv"
+    messages = [{"role": "user", "content": "Hours?"}, {"role": "assistant", "content": "7-18"}]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["messages"], [json.dumps(messages)]])
+    [example] = load_examples(path)
+    assert list(example.messages) == messages
+
+
+@pytest.mark.parametrize("text", [json.dumps([PAIR, PAIR], indent=2), json.dumps([PAIR, PAIR])])
+def test_a_json_array_in_a_jsonl_file_is_read_as_one(tmp_path, text):
+    path = tmp_path / "t.jsonl"
+    path.write_text(text + "\n")
+    assert len(load_examples(path)) == 2
+
+
+def test_a_list_on_one_line_of_many_says_what_a_jsonl_line_holds(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(PAIR) + "\n" + json.dumps([PAIR]) + "\n")
+    with pytest.raises(DataError, match=r"t\.jsonl:2: expected a JSON object \(one record\), got a list; a \.jsonl"):
+        load_examples(path)
+
+
+def test_a_json_object_wrapping_one_list_of_records(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"train": [PAIR, PAIR, PAIR]}))
+    assert len(load_examples(path)) == 3
+    path.write_text(json.dumps({"train": [PAIR], "test": [PAIR]}))
+    with pytest.raises(DataError, match="several lists of records \\(train, test\\); write each split to its own file"):
+        load_examples(path)
+    chat = {"messages": [{"role": "user", "content": "Hours?"}, {"role": "assistant", "content": "7-18"}]}
+    path.write_text(json.dumps(chat))  # one record whose field is a list: not a wrapper
+    [example] = load_examples(path)
+    assert example.format == "chat"
+
+
+def test_alpaca_history_becomes_the_earlier_turns(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"instruction": "And on Sunday?", "input": "", "output": "Closed on Sundays.",
+                                "system": "Bakery assistant.", "history": [["When do you open on Saturday?", "At 7:30."]]}))
+    [example] = load_examples(path)
+    assert [(m["role"], m["content"]) for m in example.messages] == [
+        ("system", "Bakery assistant."), ("user", "When do you open on Saturday?"), ("assistant", "At 7:30."),
+        ("user", "And on Sunday?"), ("assistant", "Closed on Sundays.")]
+    path.write_text(json.dumps({"instruction": "a", "output": "b", "history": ["just one string"]}))
+    with pytest.raises(DataError, match=r"`history` must be a list of \[instruction, response\] string pairs"):
+        load_examples(path)
+
+
+def test_numbers_are_answers_in_alpaca_and_held_out_files(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"instruction": "2 + 2?", "input": 3, "output": 4}))
+    [example] = load_examples(path)
+    assert example.messages[0]["content"] == "2 + 2?\n\n3" and example.messages[1]["content"] == "4"
+    heldout = tmp_path / "h.jsonl"
+    heldout.write_text(json.dumps({"question": "2 + 2?", "key_fact": 4}) + "\n"
+                       + json.dumps({"question": "pi?", "key_fact": [3.14, "three"]}) + "\n")
+    assert [item.key_facts for item in load_heldout(heldout, None)] == [("4",), ("3.14", "three")]
+
+
+@pytest.mark.parametrize(("user", "assistant"), [("human", "gpt"), ("User", "Assistant"), ("human", "bot")])
+def test_sharegpt_speaker_names_under_messages(tmp_path, user, assistant):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": user, "content": "Hours?"}, {"role": assistant, "content": "7-18"}]}))
+    [example] = load_examples(path)
+    assert [m["role"] for m in example.messages] == ["user", "assistant"]
+
+
+def test_axolotl_training_flag_marks_context_turns(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Hi", "training": False}, {"role": "assistant", "content": "Hello!", "training": False},
+        {"role": "user", "content": "Hours?", "training": False}, {"role": "assistant", "content": "7-18", "training": True}]}))
+    [example] = load_examples(path)
+    assert [m.get("weight", 1) for m in example.messages if m["role"] == "assistant"] == [0, 1]
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi", "training": True},
+                                             {"role": "assistant", "content": "Hello!"}]}))
+    with pytest.raises(DataError, match="on assistant messages only; `data.train_on_prompt: true` trains the prompts"):
+        load_examples(path)
+
+
+def test_sharegpt_system_turn_wins_over_the_record_system(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"system": "record", "conversations": [
+        {"from": "system", "value": "turn"}, {"from": "human", "value": "Hours?"}, {"from": "gpt", "value": "7-18"}]}))
+    [example] = load_examples(path)
+    assert [(m["role"], m["content"]) for m in example.messages][0] == ("system", "turn") and len(example.messages) == 3
+
+
+def test_a_conversation_opening_with_a_greeting_gets_a_fix(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"conversations": [{"from": "gpt", "value": "Welcome!"}, {"from": "human", "value": "Hours?"},
+                                                  {"from": "gpt", "value": "7-18"}]}))
+    with pytest.raises(DataError, match="opens with the assistant's greeting: drop the greeting, or put it in the system"):
+        load_examples(path)
+
+
+def test_an_eval_file_with_no_trained_token_left_is_an_error(tmp_path, tiny_tokenizer, chat_file, caplog):
+    long_eval = tmp_path / "eval.jsonl"
+    long_eval.write_text(json.dumps({"messages": [{"role": "user", "content": "word " * 200},
+                                                  {"role": "assistant", "content": "ok"}]}) + "\n")
+    cfg = DataConfig(train=str(chat_file), eval=str(long_eval), max_seq_len=64)
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError, match=r"eval\.jsonl: none of the 1 eval examples"):
+        build_datasets(cfg, tiny_tokenizer)
+    assert "1 eval example(s) were longer than data.max_seq_len=64" in caplog.text
