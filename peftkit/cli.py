@@ -63,8 +63,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _tokenized_data_line(recipe: Any, tokenizer: Any) -> str:
     """Tokenize the data as training will (raising what training would), and say how much of it fits."""
     from peftkit.data import build_datasets
+    from peftkit.data.build import check_token_ids_fit
+    from peftkit.models import resolve_model_ref
+    from peftkit.models.skeleton import model_skeleton
 
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
+    embeddings = model_skeleton(source, recipe.model, task=recipe.task).get_input_embeddings()  # no weights loaded
+    check_token_ids_fit(data, embeddings.num_embeddings, recipe.model.name)
     stats = data.stats
     cut = [f"{stats['train_truncated']} cut at max_seq_len={recipe.data.max_seq_len}"] if stats["train_truncated"] else []
     cut += [f"{stats['train_dropped']} dropped (no trained token left)"] if stats["train_dropped"] else []

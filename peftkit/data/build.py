@@ -174,6 +174,17 @@ def build_datasets(
     return DataBundle(train_rows, eval_rows, heldout, stats)
 
 
+def check_token_ids_fit(data: DataBundle, embedding_rows: int, model_name: str) -> None:
+    """Token ids past the model's embedding table fail deep inside the first forward pass (IndexError); say why."""
+    top = max((max(row["input_ids"]) for row in (*data.train, *data.eval) if row["input_ids"]), default=-1)
+    if top >= embedding_rows:
+        raise DataError(
+            f"the tokenizer writes token id {top}, but the model {model_name} has only {embedding_rows} input "
+            "embeddings: tokenizer and model do not belong together (tokens added to the tokenizer without "
+            "`model.resize_token_embeddings(len(tokenizer))` before saving, or another model's tokenizer); save the "
+            "model with resized embeddings next to its tokenizer, or use the model's own tokenizer")
+
+
 def general_rows(data: DataBundle, cfg: DataConfig, tokenizer: Any) -> list[Row]:
     """Rows that stand for the model's general use: the run's replay rows, or the built-in general set as
     written (calibration for knowledge-preserving inits; only the inputs matter there)."""

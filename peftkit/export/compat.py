@@ -11,9 +11,11 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from peftkit.errors import ExportError
+from peftkit.models.fingerprint import BASE_CONFIG_KEYS
 
 PROMPT_LEARNING_TYPES = frozenset({"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"})
 """peft types that add virtual tokens instead of changing weights: nothing to fold into a checkpoint."""
@@ -182,7 +184,14 @@ def _config_summary(config: Any) -> str:
 
 
 def _trained_base_config(info: AdapterInfo) -> Any | None:
-    """The config.json of the model the adapter says it was trained on, when that is a local directory."""
+    """The base the adapter was trained on: as its run recorded it (summary.json next to the adapter), else the
+    config.json of the model the adapter names, when that is a local directory (which may have changed since)."""
+    try:
+        recorded = json.loads((info.path.parent / "summary.json").read_text(encoding="utf-8")).get("base_config")
+    except (OSError, ValueError):
+        recorded = None
+    if isinstance(recorded, dict) and recorded.get("model_type"):
+        return SimpleNamespace(**recorded)
     ref = info.config.get("base_model_name_or_path")
     if not ref:
         return None
@@ -240,11 +249,11 @@ def find_mismatches(info: AdapterInfo, base_skeleton: Any) -> list[str]:
 
 def check_adapter_matches_base(info: AdapterInfo, base_skeleton: Any, base_label: str) -> None:
     """Raise one clear ExportError when the adapter was trained for a different model than `base_label`."""
-    problems = find_mismatches(info, base_skeleton)
+    problems = list(dict.fromkeys(find_mismatches(info, base_skeleton)))  # lora_A and lora_B of one missing module
     trained = _trained_base_config(info)
     config = base_skeleton.config
     if trained is not None:
-        for attr in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers"):
+        for attr in BASE_CONFIG_KEYS:
             left, right = getattr(trained, attr, None), getattr(config, attr, None)
             if left is not None and right is not None and left != right:
                 problems.insert(0, f"{attr}: adapter's base has {left}, this base has {right}")

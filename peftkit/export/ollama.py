@@ -77,6 +77,18 @@ def _renders_as_chatml(tokenizer: Any, messages: list[dict[str, Any]], tools: li
     """Whether the tokenizer's own template renders `messages` (and `tools`) exactly as peftkit's `chatml` does."""
     from peftkit.models.load import CHATML_TEMPLATE
 
+    return _renders_as(tokenizer, CHATML_TEMPLATE, messages, tools)
+
+
+def renders_as_plain(tokenizer: Any) -> bool:
+    """Whether the tokenizer's template is peftkit's `plain` one (possibly behind a default system prompt, which the
+    run's tokenizer carries: models/load.py set_default_system_prompt)."""
+    from peftkit.models.load import PLAIN_TEMPLATE
+
+    return bool(tokenizer.eos_token) and _renders_as(tokenizer, PLAIN_TEMPLATE, CHATML_PROBE)
+
+
+def _renders_as(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> bool:
     if not getattr(tokenizer, "chat_template", None):
         return False
     try:
@@ -84,7 +96,7 @@ def _renders_as_chatml(tokenizer: Any, messages: list[dict[str, Any]], tools: li
     except Exception:  # noqa: BLE001 - a template that rejects the probe does not render it as ChatML
         return False
     return rendered == tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
-                                                     chat_template=CHATML_TEMPLATE)
+                                                     chat_template=template)
 
 
 def chatml_default_system(tokenizer: Any) -> tuple[bool, str | None]:
@@ -110,8 +122,6 @@ def _quote(text: str) -> str:
 
 
 def ollama_modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None) -> str:
-    from peftkit.models.load import PLAIN_TEMPLATE
-
     is_chatml, default_system = chatml_default_system(tokenizer)
     lines = ["# Ollama Modelfile written by peftkit. Create the model with: ollama create NAME -f Modelfile",
              f"FROM ./{gguf_name}", ""]
@@ -119,7 +129,7 @@ def ollama_modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None) 
         template = OLLAMA_CHATML_TOOLS_TEMPLATE if renders_tools_as_chatml(tokenizer) else OLLAMA_CHATML_TEMPLATE
         lines += [f"TEMPLATE {_quote(template)}", ""]
         stops = ["<|im_start|>", "<|im_end|>"]
-    elif getattr(tokenizer, "chat_template", None) == PLAIN_TEMPLATE and tokenizer.eos_token:
+    elif renders_as_plain(tokenizer):
         lines += [f"TEMPLATE {_quote(ollama_plain_template(tokenizer.eos_token))}", ""]
         stops = ["### User:"]
     else:

@@ -213,7 +213,8 @@ def _child_env() -> dict[str, str]:
 
 
 def run_child(kind: str, model_path: Path, reference: Reference, *, gguf_file: str | None = None,
-              base: str | None = None, quantization: dict[str, Any] | None = None, timeout: float = 1800) -> dict[str, Any]:
+              base: str | None = None, quantization: dict[str, Any] | None = None, allow_pickle: bool = False,
+              timeout: float = 1800) -> dict[str, Any]:
     """Reload the export in a fresh Python process and return its raw comparison report."""
     with tempfile.TemporaryDirectory(prefix="peftkit-verify-") as tmp:
         folder = Path(tmp)
@@ -227,6 +228,8 @@ def run_child(kind: str, model_path: Path, reference: Reference, *, gguf_file: s
             cmd += ["--base", base]
         if quantization:
             cmd += ["--quantization", json.dumps(quantization)]
+        if allow_pickle:  # a base with only pickled (.bin) weights, which the recipe opted into (model.allow_pickle)
+            cmd += ["--allow-pickle"]
         started = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout)
@@ -327,7 +330,7 @@ def _load_for_kind(args: argparse.Namespace) -> tuple[Any, Any]:
 
         from peftkit.models.load import disable_bnb_cpu_repacking, four_bit_blocksize
 
-        kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True}
+        kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": None if args.allow_pickle else True}
         blocksize = 64
         if args.quantization:
             from transformers import BitsAndBytesConfig
@@ -394,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf-file", help="GGUF file name inside --model (--kind gguf)")
     parser.add_argument("--base", help="base model directory (--kind peft)")
     parser.add_argument("--quantization", help="BitsAndBytesConfig kwargs as JSON (--kind peft)")
+    parser.add_argument("--allow-pickle", action="store_true", help="the base may load from .bin weights (--kind peft)")
     args = parser.parse_args(argv)
     report = _child(args)
     Path(args.report).write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -2,9 +2,10 @@
 
 Two models of one architecture (a base and its fine-tune, or a checkpoint edited in place) load into the same
 shapes, so a merge onto the wrong one raises nothing, and its verification compares against the same wrong base.
-The fingerprint hashes the stored bytes of the normalisation weights and a sample of embedding rows: tensors that
-quantization leaves alone and that any fine-tune changes; read from the files, so the dtype a run loads in does
-not matter.
+The fingerprint hashes the stored bytes of the normalisation weights, a sample of embedding rows and the first row
+of every other weight matrix (a LoRA merged into the linear layers changes those rows, and nothing else: version 1,
+without them, missed it); read from the files, so the dtype or quantization a run loads in does not matter.
+Version 2 is written `v2-` + 16 hex digits; a run recorded with version 1 (16 hex digits) is compared in version 1.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,9 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def files_fingerprint(folder: str | Path) -> str | None:
-    """16 hex digits, or None where there are no safetensors files to read (a hub id not in the local cache)."""
+def files_fingerprint(folder: str | Path, version: int = 2) -> str | None:
+    """`v2-` + 16 hex digits (version 1: the digits alone), or None where there are no safetensors files to read (a
+    hub id not in the local cache; pickled `.bin` weights, which are not opened just for this)."""
     import torch
     from safetensors import safe_open
 
@@ -46,6 +49,8 @@ def files_fingerprint(folder: str | Path) -> str | None:
                         tensor = handle.get_tensor(key)
                     elif len(shape) == 2 and "embed" in key.lower():
                         tensor = handle.get_slice(key)[:: max(1, shape[0] // EMBEDDING_ROWS)]
+                    elif version >= 2 and shape:  # biases whole, matrices' first row, stacked experts' first row
+                        tensor = handle.get_slice(key)[tuple(slice(0, 1) for _ in shape[:-1])]
                     else:
                         continue
                     digest.update(key.encode())
@@ -53,10 +58,19 @@ def files_fingerprint(folder: str | Path) -> str | None:
     except Exception as exc:  # an unreadable file: no fingerprint, the load itself will say what is wrong
         log.debug("no fingerprint for %s: %s", folder, exc)
         return None
-    return digest.hexdigest()[:16]
+    return ("v2-" if version >= 2 else "") + digest.hexdigest()[:16]
 
 
-def source_fingerprint(source: object) -> str | None:
+BASE_CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+
+
+def base_config_summary(config: Any) -> dict[str, Any]:
+    """What a run records of its base's config (summary.json `base_config`), since the base's folder may change
+    later and an adapter that no longer fits should be told what it was trained on."""
+    return {key: getattr(config, key, None) for key in BASE_CONFIG_KEYS}
+
+
+def source_fingerprint(source: object, version: int = 2) -> str | None:
     """The fingerprint of a resolved model reference (`ModelSource`): its folder, or its files in the hub cache."""
     from peftkit.models.resolve import materialize
 
@@ -69,7 +83,7 @@ def source_fingerprint(source: object) -> str | None:
     except Exception as exc:  # not cached, offline: nothing to compare
         log.debug("no fingerprint for %s: %s", source, exc)
         return None
-    return files_fingerprint(target)
+    return files_fingerprint(target, version)
 
 
 def warn_if_other_base(run_dir: Path, source: object, name: str) -> bool:
@@ -80,7 +94,7 @@ def warn_if_other_base(run_dir: Path, source: object, name: str) -> bool:
         trained = json.loads(summary.read_text(encoding="utf-8")).get("base_fingerprint")
     except (OSError, ValueError):
         return False
-    now = source_fingerprint(source) if trained else None
+    now = source_fingerprint(source, 2 if str(trained).startswith("v2-") else 1) if trained else None
     if trained and now and now != trained:
         log.warning("The base model %s is not the one %s was trained on (its weights differ, fingerprint %s, "
                     "trained on %s): the adapter will be applied to other weights, and verification compares "

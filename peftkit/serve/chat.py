@@ -42,8 +42,11 @@ def stream_reply(
         out.write(piece)
         out.flush()
     worker.join()
+    reply = "".join(pieces).strip()
+    if not reply:  # otherwise a blank line, which reads as a hang or a crash
+        out.write("(no reply: the model ended its turn at once)")
     out.write("\n")
-    return "".join(pieces).strip()
+    return reply
 
 
 def chat(

@@ -18,6 +18,7 @@ from peftkit.config.load import recipe_to_yaml
 from peftkit.config.schema import Recipe
 from peftkit.config.validate import validate_recipe
 from peftkit.data import PaddingCollator, build_datasets
+from peftkit.data.build import check_token_ids_fit
 from peftkit.adapters.lora import KNOWLEDGE_INITS
 from peftkit.data.build import general_rows
 from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
@@ -30,7 +31,7 @@ from peftkit.models import (
 from peftkit.train import checkpoints
 from peftkit.train import deepspeed as deepspeed_setup, run_dir as run_dirs, signals
 from peftkit.train.launch import WORKER_ENV, dist_info, is_main_process, sum_over_processes
-from peftkit.models.fingerprint import source_fingerprint
+from peftkit.models.fingerprint import base_config_summary, source_fingerprint
 from peftkit.train.callbacks import DivergenceGuard, MetricsJsonlCallback, OverfittingWatch, plot_loss_curves, read_metrics
 from peftkit.train.model_card import write_model_card
 from peftkit.train.trainer import SFTTrainer
@@ -249,6 +250,7 @@ def _train(
             max_new_tokens=replay.max_answer_tokens, batch_size=recipe.eval.batch_size, known_only=replay.known_only)
         data = build_datasets(recipe.data, tokenizer, recipe.train.seed, replay_answerer=answerer)
 
+    check_token_ids_fit(data, model.get_input_embeddings().num_embeddings, recipe.model.name)
     if replay is not None and replay.distill and data.stats["replay_examples"]:
         n = data.stats["replay_examples"]  # replay rows are the last ones (data/build.py)
         data.train[-n:] = add_teacher_targets(model, tokenizer.pad_token_id, data.train[-n:])
@@ -378,6 +380,7 @@ def _train(
         "data_stats": data.stats,
         "wall_seconds": round(prior.wall_seconds + time.perf_counter() - started, 2),  # all sessions
         "base_fingerprint": source_fingerprint(source),  # merge / chat warn when put on other weights
+        "base_config": base_config_summary(model.config),  # named when an adapter does not fit a base
     }
     if details_after:
         atomic_write_text(

@@ -28,7 +28,7 @@ def test_one_shot_prompt(tiny_recipe):
     out = io.StringIO()
     history = chat(run.model, run.tokenizer, system_prompt=None, prompt="hello", max_new_tokens=4, out=out)
     assert history[-1]["role"] == "assistant"
-    assert out.getvalue().strip() == history[-1]["content"]
+    assert out.getvalue().strip() == (history[-1]["content"] or "(no reply: the model ended its turn at once)")
 
 
 def test_tools_reach_the_template_and_tool_results_continue_the_conversation(tiny_recipe, tmp_path, capsys):
@@ -89,3 +89,12 @@ def test_generation_stops_at_the_templates_end_of_turn_when_it_is_not_eos(tiny_m
     save_model_dir(model, tokenizer, tmp_path / "merged", dtype="float32", shard_size=10**9)
     saved = GenerationConfig.from_pretrained(str(tmp_path / "merged"))
     assert saved.eos_token_id == [tokenizer.eos_token_id, end_of_turn]
+
+
+def test_an_empty_reply_is_said_not_shown_as_a_blank_line(tiny_recipe, monkeypatch):
+    run_dir = train(recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}})).run_dir
+    run = load_run(run_dir)
+    monkeypatch.setattr("peftkit.serve.chat.stop_token_ids", lambda model, tokenizer: list(range(len(tokenizer))))
+    out = io.StringIO()
+    history = chat(run.model, run.tokenizer, system_prompt=None, prompt="hello", max_new_tokens=4, out=out)
+    assert history[-1]["content"] == "" and "(no reply: the model ended its turn at once)" in out.getvalue()

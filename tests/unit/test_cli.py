@@ -151,3 +151,19 @@ def test_validate_show_data_shows_the_first_trained_rows_with_their_lines(tiny_r
     assert main(["validate", str(path), "--show-data", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("--- row ") == 1 and f"({data}:3)" in out.replace("\n", "")
+
+
+def test_a_tokenizer_bigger_than_the_model_is_refused_by_validate_and_train(tiny_recipe, tmp_path, capsys):
+    """Tokens added to a tokenizer without resizing the model's embeddings: one message, not an IndexError at step 0."""
+    from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model_dir = tmp_path / "small-vocab"
+    build_tiny_llama(len(tokenizer) // 2).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**tiny_recipe, "model": {"name": str(model_dir)}}))
+    for command in (["validate"], ["train"]):
+        assert main([*command, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"has only {len(tokenizer) // 2} input embeddings" in " ".join(err.split()), err

@@ -113,3 +113,24 @@ def test_qlora_adapter_export_is_verified_on_the_4bit_base(extra, export_recipe,
     assert manifest["method"] == "QLoRA (LoRA)" and manifest["quantization"]["bits"] == 4
     report = result.verification
     assert report["passed"] and report["max_abs_diff"] < 1e-4 and "LoRA adapter as peftkit loads it" == report["reference"]
+
+
+def test_adapter_export_verifies_on_a_pickled_base_the_recipe_allows(export_recipe, llama64_dir, tmp_path):
+    """A base with only `.bin` weights (`model.allow_pickle: true`) is loaded the same way by the fresh-process check."""
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file
+
+    run = make_run(tmp_path / "run", export_recipe, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                               task_type="CAUSAL_LM"))
+    pickled = tmp_path / "pickled-base"
+    shutil.copytree(llama64_dir, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["model"].update(name=str(pickled), allow_pickle=True)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    export_adapter(run)
+    report = json.loads((run / "adapter-export" / "verification.json").read_text())
+    assert report["passed"] and report["max_abs_diff"] < 1e-5

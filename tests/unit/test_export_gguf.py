@@ -103,6 +103,10 @@ def test_the_modelfile_of_a_plain_template_model_mirrors_it_for_ollama():
                 {"role": "assistant", "content": "A1"}]
     assert by_hand == tokenizer.apply_chat_template(messages, tokenize=False)
     assert 'PARAMETER stop "</s>"' in modelfile and 'PARAMETER stop "### User:"' in modelfile
+    from peftkit.models.load import set_default_system_prompt
+
+    assert set_default_system_prompt(tokenizer, "Be brief.")  # as a run's tokenizer carries the recipe's system prompt
+    assert ollama_modelfile("m.gguf", tokenizer, "Be brief.") == modelfile
 
 
 OLLAMA_TOOLS = Path(__file__).resolve().parents[1] / "data" / "ollama_tools"

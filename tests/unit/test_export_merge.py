@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,6 +206,24 @@ def test_adapter_base_mismatch_is_reported_before_loading_weights(export_recipe,
         merge_run(run, base=str(other_vocab))
 
 
+def test_a_base_folder_replaced_since_training_is_named_as_the_run_recorded_it(export_recipe, tmp_path):
+    """The adapter names its base by folder; when that folder now holds another model, the error must still say what
+    the adapter was trained on (the run's summary.json `base_config`), and each missing module once."""
+    import shutil
+
+    base = build_llama_dir(tmp_path / "base", build_tiny_tokenizer())
+    run = make_run(tmp_path / "run", export_recipe, METHODS["lora"], model_dir=base)
+    (run / "summary.json").write_text(json.dumps({"base_config": {"model_type": "llama", "hidden_size": 64,
+                                                                  "num_hidden_layers": 2, "vocab_size": 400}}))
+    shutil.rmtree(base)
+    build_llama_dir(base, build_tiny_tokenizer(), hidden=96, layers=1)
+    with pytest.raises(ExportError) as info:
+        merge_run(run)
+    message = str(info.value)
+    assert f"It was trained on {base} (llama, hidden 64, layers 2, vocab 400)" in message
+    assert message.count("`model.layers.1.self_attn.q_proj`") <= 1
+
+
 def test_existing_output_needs_force_and_run_files_are_protected(export_recipe, tmp_path, monkeypatch, capsys):
     run = make_run(tmp_path / "run", export_recipe, METHODS["lora"])
     out = tmp_path / "out"
@@ -308,14 +327,26 @@ def test_merging_onto_other_weights_of_the_same_shape_is_warned(tiny_recipe, tmp
 
     run = train(recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1},
                                   "eval": {"before": False}})).run_dir
-    assert len(json.loads((run / "summary.json").read_text())["base_fingerprint"]) == 16
+    summary_path = run / "summary.json"
+    assert json.loads(summary_path.read_text())["base_fingerprint"].startswith("v2-")
+    assert json.loads(summary_path.read_text())["base_config"] == {"model_type": "llama", "hidden_size": 32,
+                                                                   "num_hidden_layers": 2, "vocab_size": 400}
     merge_run(run)
     assert "is not the one" not in caplog.text
-    other = tmp_path / "other-base"
-    shutil.copytree(tiny_recipe["model"]["name"], other)
-    weights = load_file(str(other / "model.safetensors"))
-    norm = next(k for k in weights if k.endswith("norm.weight"))
-    weights[norm] = weights[norm] * 1.001  # a fine-tune's small change
-    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
-    merge_run(run, base=str(other))
-    assert f"The base model {other} is not the one" in caplog.text
+    original = load_file(str(Path(tiny_recipe["model"]["name"]) / "model.safetensors"))
+    norm = next(k for k in original if k.endswith("norm.weight"))
+    for n, (key, factor) in enumerate([(norm, 1.001), ("model.layers.1.mlp.down_proj.weight", 1.001)]):
+        other = tmp_path / f"other-base-{n}"  # a fine-tune's small change to a norm; a LoRA merged into the MLP
+        shutil.copytree(tiny_recipe["model"]["name"], other)
+        save_file({**original, key: original[key] * factor}, str(other / "model.safetensors"), metadata={"format": "pt"})
+        caplog.clear()
+        merge_run(run, base=str(other))
+        assert f"The base model {other} is not the one" in caplog.text, key
+    # A run recorded with the first fingerprint (norms and embeddings only) is compared in that version.
+    from peftkit.models.fingerprint import files_fingerprint
+
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, "base_fingerprint": files_fingerprint(tiny_recipe["model"]["name"], 1)}))
+    caplog.clear()
+    merge_run(run)
+    assert "is not the one" not in caplog.text
