@@ -115,9 +115,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from peftkit.runs import load_run
+    from peftkit.runs import load_run, read_run_recipe, require_chat_run
     from peftkit.serve.chat import chat
 
+    require_chat_run(read_run_recipe(args.run_dir), args.run_dir, "chat")
     tools = _read_tools(args.tools) if args.tools else None  # before the weights load
     run = load_run(args.run_dir, quantized_base=args.qlora_base == "quantized")
     chat(

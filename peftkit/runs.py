@@ -29,6 +29,15 @@ def read_run_recipe(run_dir: str | Path) -> Recipe:
     return recipe_from_dict(read_yaml(path), str(path))
 
 
+def require_chat_run(recipe: Recipe, run_dir: str | Path, command: str) -> None:
+    """`chat` and `eval` generate text: a sequence classifier gets one message instead of a failure mid-load."""
+    if recipe.task == "sequence_classification":
+        raise RunDirError(
+            f"{run_dir} is a sequence classifier (task: sequence_classification); `peftkit {command}` is for chat "
+            "models. Its accuracy and macro-F1 are in summary.json; label texts from Python: "
+            "peftkit.runs.load_run(RUN_DIR) and peftkit.train.classification.predict_labels (docs/adapters.md)")
+
+
 def trained_model_dir(run_dir: Path) -> Path | None:
     """RUN_DIR/model for full / partial runs, which save the whole trained model instead of an adapter."""
     folder = run_dir / "model"

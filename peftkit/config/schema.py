@@ -1,6 +1,6 @@
 """The recipe schema: frozen, typed sections that reject unknown keys.
 
-Field docstrings are the reference for recipe authors (`docs/recipes.md` points here).
+Field docstrings are the reference for recipe authors (README.md's recipe section points here).
 Semantic checks that need the file system or several sections live in `validate.py`.
 """
 

@@ -23,7 +23,7 @@ from peftkit.errors import DataError
 from peftkit.evaluate.generation import answer_items, heldout_accuracy, score_replies
 from peftkit.evaluate.loss import mean_loss, perplexity
 from peftkit.evaluate.margins import CONFIDENT_MARGIN, confidently_known, decision_margins
-from peftkit.runs import QLORA_BASES, LoadedRun, load_base_model, load_run, read_run_recipe
+from peftkit.runs import QLORA_BASES, LoadedRun, load_base_model, load_run, read_run_recipe, require_chat_run
 from peftkit.utils.atomic import atomic_write_text
 
 GENERAL_SET = "general_knowledge.jsonl"
@@ -76,6 +76,7 @@ def evaluate_run(
     if qlora_base not in QLORA_BASES:
         raise ValueError(f"qlora_base must be `quantized` or `original`, got {qlora_base!r}")
     recipe = read_run_recipe(run_dir)
+    require_chat_run(recipe, run_dir, "eval")
     system = recipe.data.system_prompt
     # the files named on the command line are read (and their mistakes reported) before any weights load
     examples = load_examples(data, recipe.data.format, recipe.data.columns) if data else None

@@ -38,4 +38,6 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
     )
     for sample in summary.get("samples", []):
         console.print(f"\n[bold]Q:[/bold] {sample['prompt']}\n[bold]A:[/bold] {sample['reply']}")
-    console.print(f"\nRun directory: {run_dir}  (chat: peftkit chat {shlex.quote(str(run_dir))})")
+    next_step = ("scores in summary.json" if summary.get("task") == "sequence_classification"
+                 else f"chat: peftkit chat {shlex.quote(str(run_dir))}")
+    console.print(f"\nRun directory: {run_dir}  ({next_step})")

@@ -98,6 +98,10 @@ def _check_run(result, trained_head: str) -> None:
     assert base.config.id2label == {0: "negative", 1: "positive"}
     assert predict_labels(run.model, run.tokenizer, POSITIVE + NEGATIVE) == ["positive"] * 5 + ["negative"] * 5
     assert any(name.split(".")[-1] == trained_head for name, _ in base.named_modules())
+    from peftkit.cli import main
+
+    for command in ("chat", "eval"):  # generation commands: one message, before any weights load
+        assert main([command, str(run_dir)]) == 2
 
 
 def test_lora_on_a_decoder_trains_the_score_head(tiny_model_dir, tmp_path):
