@@ -366,7 +366,8 @@ class TrainConfig(Section):
     """Checkpoint every N steps (default: once per epoch)."""
     save_total_limit: PositiveInt = 2
     early_stopping_patience: PositiveInt | None = None
-    """Stop after this many evaluations without eval-loss improvement; the best checkpoint is kept."""
+    """Stop after this many evaluations without eval-loss improvement; the best checkpoint is kept. Evaluations
+    happen every `eval_steps`, else every `save_steps`, else once per epoch; checkpoints are saved at each one."""
     logging_steps: PositiveInt = 5
     gradient_checkpointing: bool = False
     optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",

@@ -140,6 +140,9 @@ def base_model_answerer(model: Any, tokenizer: Any, *, cache: Path | None, share
         if wrong:
             log.info("%d of %d replay answers disagree with the written answer and were left out (known_only)",
                      wrong, len(examples))
+        if examples and not kept:
+            log.warning("no replay answer is left, so this run trains without replay; raise "
+                        "data.replay.max_answer_tokens%s", " or drop known_only" if wrong else "")
         return kept
 
     return answer

@@ -161,7 +161,9 @@ def _confident_forgetting(before: dict[str, Any], after: dict[str, Any]) -> dict
 
 
 def _points_lost(before: dict[str, Any], after: dict[str, Any], key: str) -> float | None:
-    return round(100 * (before[key] - after[key]), 2) if key in before and key in after else None
+    """Accuracy points lost; None where it was not measured, or where the base model knew none of it (nothing to
+    forget: 0 would read as "no forgetting")."""
+    return round(100 * (before[key] - after[key]), 2) if before.get(key) and key in after else None
 
 
 def print_eval_report(console: Any, report: dict[str, Any]) -> None:
@@ -184,7 +186,7 @@ def print_eval_report(console: Any, report: dict[str, Any]) -> None:
             continue
         table.add_row(label, "n/a" if before is None else pattern.format(before), "n/a" if after is None else pattern.format(after))
     console.print(table)
-    if report["forgetting_points"] is not None and report["before"].get("general_accuracy") == 0:
+    if report["before"].get("general_accuracy") == 0:
         console.print(f"forgetting: n/a (the base model answers none of the {report['general_questions']} general "
                       "questions: there is nothing to forget; pass --general with questions it knows)")
     elif report["forgetting_points"] is not None:

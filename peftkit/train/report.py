@@ -36,6 +36,9 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
         f"train {summary['train_seconds']:.0f} s, total {summary['wall_seconds']:.0f} s | "
         f"peak memory {summary['peak_memory_mb']:.0f} MB"
     )
+    if summary.get("stopped_early"):
+        console.print("stopped early: the eval loss stopped improving (train.early_stopping_patience); the saved "
+                      "weights are the best evaluation's")
     for sample in summary.get("samples", []):
         console.print(f"\n[bold]Q:[/bold] {sample['prompt']}\n[bold]A:[/bold] {sample['reply']}")
     next_step = ("scores in summary.json" if summary.get("task") == "sequence_classification"

@@ -89,8 +89,10 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
     from transformers import TrainingArguments
 
     cfg = recipe.train
-    # Early stopping keeps the best checkpoint, so checkpoints must be saved exactly when evaluating.
+    # Early stopping keeps the best checkpoint, so checkpoints must be saved exactly when evaluating: with only
+    # save_steps set, evaluation moves onto them (else the Trainer refuses the mismatch of epochs and steps).
     early_stop = bool(cfg.early_stopping_patience) and has_eval
+    eval_steps = cfg.eval_steps or (cfg.save_steps if early_stop else None)
     bf16, fp16 = deepspeed_setup.precision_flags(device, dtype)
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
@@ -108,10 +110,10 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         max_steps=cfg.max_steps or -1,
         logging_steps=cfg.logging_steps,
         logging_nan_inf_filter=False,  # a NaN loss must show (and stop the run: DivergenceGuard), not be averaged away
-        eval_strategy=("steps" if cfg.eval_steps else "epoch") if has_eval else "no",
-        eval_steps=cfg.eval_steps,
-        save_strategy="steps" if cfg.save_steps or (early_stop and cfg.eval_steps) else "epoch",
-        save_steps=(cfg.eval_steps if early_stop and cfg.eval_steps else cfg.save_steps) or 500,
+        eval_strategy=("steps" if eval_steps else "epoch") if has_eval else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps" if cfg.save_steps or (early_stop and eval_steps) else "epoch",
+        save_steps=(eval_steps if early_stop and eval_steps else cfg.save_steps) or 500,
         # >= 2: the Trainer prunes before the new checkpoint is marked complete; CompleteMarkerCallback prunes to the limit after.
         save_total_limit=max(2, cfg.save_total_limit),
         load_best_model_at_end=early_stop,

@@ -233,8 +233,10 @@ def test_overfitting_watch_warns_once(caplog):
     assert sum("Overfitting" in r.message for r in caplog.records) == 1
 
 
-def test_early_stopping_stops_and_keeps_best(tiny_recipe):
-    recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "epochs": 30, "lr": 0.5, "eval_steps": 1,
+@pytest.mark.parametrize("every", ["eval_steps", "save_steps"])
+def test_early_stopping_stops_and_keeps_best(tiny_recipe, every):
+    """Evaluations every eval_steps, or (with save_steps alone) at every checkpoint: the Trainer needs them to match."""
+    recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "epochs": 30, "lr": 0.5, every: 1,
                                                         "early_stopping_patience": 1}, "eval": {"before": False}})
     summary = train(recipe).summary
     assert summary["stopped_early"] is True
@@ -384,3 +386,12 @@ def test_the_eval_report_says_forgetting_is_undefined_when_the_base_model_knows_
 
     assert "forgetting: n/a (the base model answers none of the 33 general questions" in printed(0.0, 0.0)
     assert "forgetting: +10.0 points of general-knowledge accuracy" in printed(0.5, 0.4)
+
+
+def test_forgetting_is_none_in_the_report_when_the_base_model_knew_none_of_the_set():
+    """eval.json and the model card must not say 0 points where the terminal says n/a."""
+    from peftkit.evaluate.run_eval import _points_lost
+
+    assert _points_lost({"general_accuracy": 0.0}, {"general_accuracy": 0.0}, "general_accuracy") is None
+    assert _points_lost({"general_accuracy": 0.5}, {"general_accuracy": 0.4}, "general_accuracy") == 10.0
+    assert _points_lost({}, {"general_accuracy": 0.4}, "general_accuracy") is None

@@ -142,6 +142,13 @@ def test_early_stopping_is_reported_with_max_steps(tiny_recipe):
                                "eval": {"before": False}})
     result = train(recipe)
     assert result.summary["stopped_early"] is True and result.summary["steps"] < 60
+    from rich.console import Console
+
+    from peftkit.train.report import print_run_report
+
+    console = Console(record=True, width=300)
+    print_run_report(console, result.run_dir, result.summary)
+    assert "stopped early: the eval loss stopped improving" in console.export_text()
     # The final evaluation lands in RUN_DIR/tensorboard, not in a stray checkpoints/runs folder.
     assert not (result.run_dir / "checkpoints" / "runs").exists()
 
