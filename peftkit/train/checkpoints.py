@@ -157,17 +157,19 @@ class CompleteMarkerCallback(TrainerCallback):
 
 
 def truncate_metrics(path: Path, step: int) -> int:
-    """Drop metric records logged after `step` (they are logged again when training resumes there)."""
+    """Drop metric records logged after `step` (they are logged again when training resumes there), and an
+    interrupted session's end-of-training record (`train_runtime`, `train_loss`): it described a session, not the run."""
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines()
     kept = []
     for line in lines:
         try:
-            record_step = json.loads(line).get("step", 0)
+            record = json.loads(line)
+            record_step = record.get("step", 0)
         except (json.JSONDecodeError, AttributeError):
             continue
-        if record_step <= step:
+        if record_step <= step and "train_runtime" not in record:
             kept.append(line)
     if len(kept) != len(lines):
         from peftkit.utils.atomic import atomic_write_text

@@ -214,3 +214,18 @@ def test_resume_command_repeats_the_launch_with_resume():
         "peftkit train r.yaml train.lr=1e-3 --nproc 2 --resume"
     )
     assert resume_command(["train", "r.yaml", "--resume", "runs/x"]) == "peftkit train r.yaml --resume runs/x"
+
+
+def test_resuming_drops_later_records_and_the_interrupted_sessions_end_record(tmp_path):
+    """A Ctrl-C'd session ends with a `train_runtime` / `train_loss` record at the checkpoint's own step; it described
+    that session only, and the resumed run writes the run's own at its end."""
+    import json
+
+    from peftkit.train.checkpoints import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": 5, "loss": 2.0}, {"step": 7, "eval_loss": 1.9}, {"step": 7, "train_runtime": 3.1, "train_loss": 2.2},
+               {"step": 9, "loss": 1.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert truncate_metrics(path, 7) == 2
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records[:2]
