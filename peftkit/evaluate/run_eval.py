@@ -161,9 +161,7 @@ def _confident_forgetting(before: dict[str, Any], after: dict[str, Any]) -> dict
 
 
 def _points_lost(before: dict[str, Any], after: dict[str, Any], key: str) -> float | None:
-    """Accuracy points lost; None where it was not measured, or where the base model knew none of it (nothing to
-    forget: 0 would read as "no forgetting")."""
-    return round(100 * (before[key] - after[key]), 2) if before.get(key) and key in after else None
+    return round(100 * (before[key] - after[key]), 2) if key in before and key in after else None
 
 
 def print_eval_report(console: Any, report: dict[str, Any]) -> None:

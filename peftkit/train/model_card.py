@@ -38,7 +38,9 @@ def _eval_section(run_dir: Path) -> list[str]:
         if key in after:
             fmt = _pct if key.endswith("accuracy") else _fmt
             lines.append(f"| {label} | {fmt(before.get(key))} | {fmt(after.get(key))} |")
-    if report.get("forgetting_points") is not None:
+    if report.get("forgetting_points") is not None and before.get("general_accuracy") == 0:
+        lines += ["", "Forgetting: n/a (the base model answers none of the general questions: nothing to forget)."]
+    elif report.get("forgetting_points") is not None:
         in_role = report.get("forgetting_in_role_points")
         lines += ["", f"Forgetting: {report['forgetting_points']:+.1f} points of general-knowledge accuracy"
                   + (f" ({in_role:+.1f} with the recipe's system prompt)." if in_role is not None else ".")]

@@ -144,7 +144,12 @@ def test_eval_also_asks_the_general_set_with_the_recipes_system_prompt(tiny_reci
     assert report["forgetting_in_role_points"] == pytest.approx(
         100 * (report["before"]["general_in_role_accuracy"] - report["after"]["general_in_role_accuracy"]))
     assert "asked with the system prompt" in capsys.readouterr().out
-    assert "with the recipe's system prompt" in (run_dir / "README.md").read_text()
+    card = (run_dir / "README.md").read_text()
+    assert "| general knowledge, with the system prompt |" in card
+    if report["before"]["general_accuracy"]:  # a tiny random model usually knows none of it: then forgetting is n/a
+        assert "with the recipe's system prompt" in card
+    else:
+        assert "Forgetting: n/a" in card
 
 
 def test_model_card_names_the_contrast_rows(tiny_recipe):
@@ -388,10 +393,15 @@ def test_the_eval_report_says_forgetting_is_undefined_when_the_base_model_knows_
     assert "forgetting: +10.0 points of general-knowledge accuracy" in printed(0.5, 0.4)
 
 
-def test_forgetting_is_none_in_the_report_when_the_base_model_knew_none_of_the_set():
-    """eval.json and the model card must not say 0 points where the terminal says n/a."""
-    from peftkit.evaluate.run_eval import _points_lost
+def test_the_model_card_says_forgetting_is_undefined_when_the_base_model_knows_none_of_the_set(tmp_path):
+    """The card must not say +0.0 points where the terminal says n/a."""
+    from peftkit.train.model_card import _eval_section
 
-    assert _points_lost({"general_accuracy": 0.0}, {"general_accuracy": 0.0}, "general_accuracy") is None
-    assert _points_lost({"general_accuracy": 0.5}, {"general_accuracy": 0.4}, "general_accuracy") == 10.0
-    assert _points_lost({}, {"general_accuracy": 0.4}, "general_accuracy") is None
+    def card(before: float, after: float) -> str:
+        (tmp_path / "eval.json").write_text(json.dumps({
+            "forgetting_points": 100 * (before - after), "before": {"general_accuracy": before},
+            "after": {"general_accuracy": after}}))
+        return "\n".join(_eval_section(tmp_path))
+
+    assert "Forgetting: n/a (the base model answers none of the general questions" in card(0.0, 0.0)
+    assert "Forgetting: +10.0 points of general-knowledge accuracy" in card(0.5, 0.4)
