@@ -13,6 +13,7 @@ import torch
 
 from peftkit.config.schema import DataConfig
 from peftkit.data.chat import IGNORE_INDEX, tokenize_conversation_rows, tokenize_text, with_system_prompt
+from peftkit.data.columns import number_as_text
 from peftkit.data.formats import Example, Message, data_sources, load_examples, read_records, tool_calls_of, tools_of
 from peftkit.data.replay import BUILTIN_PREFIX, ReplayAnswerer, load_replay, sample_replay
 from peftkit.errors import DataError
@@ -83,10 +84,8 @@ def load_heldout(path: str | Path, system_prompt: str | None) -> list[HeldoutIte
         if not isinstance(record, dict) or "key_fact" not in record:
             raise DataError(f"{where}: held-out records need `question` (or `messages`) and `key_fact`")
         facts = record["key_fact"]
-        facts = [facts] if isinstance(facts, (str, int, float)) and not isinstance(facts, bool) else facts
-        facts = [str(f) if isinstance(f, (int, float)) and not isinstance(f, bool) else f for f in facts] \
-            if isinstance(facts, list) else facts  # a number answer (`4`, `3.5`) is matched as written
-        if not isinstance(facts, list) or not facts or not all(isinstance(f, str) and f.strip() for f in facts):
+        facts = [number_as_text(f) for f in (facts if isinstance(facts, list) else [facts])]  # `4` matched as written
+        if not facts or not all(isinstance(f, str) and f.strip() for f in facts):
             raise DataError(f"{where}: `key_fact` must be a non-empty string or a list of strings")
         if isinstance(record.get("question"), str):
             messages: list[Message] = [{"role": "user", "content": record["question"]}]

@@ -36,15 +36,19 @@ def detected_pair(record: Mapping[str, Any]) -> tuple[str, str] | None:
     return next(((p, r) for p, r in PAIR_FIELDS if p in record and r in record), None)
 
 
+def number_as_text(value: Any) -> Any:
+    """A numeric answer or input (`4`, `3.5`, as JSON and CSV-derived Parquet hold them) as the text it spells;
+    anything else unchanged (booleans stay booleans: `true` is no answer)."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
 def pair_messages(record: Mapping[str, Any], where: str, prompt: str, response: str,
                   context: str | None = None, system: str | None = None) -> list[Message]:
     """One user turn and one reply from the named fields; `context` (appended to the prompt) and
     `system` may be absent or empty in a record."""
     texts = {}
     for key, field in (("prompt", prompt), ("response", response)):
-        value = record.get(field)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):  # a numeric answer column (`4`, `3.5`)
-            value = str(value)
+        value = number_as_text(record.get(field))
         if not isinstance(value, str) or not value.strip():
             found = "is missing" if field not in record else ("is empty" if isinstance(value, str) else
                                                               f"is a {type(value).__name__}, not text")
@@ -53,9 +57,7 @@ def pair_messages(record: Mapping[str, Any], where: str, prompt: str, response: 
                 if key == "response" and isinstance(value, str) else f" (record fields: {record_keys(record)})"))
         texts[key] = value
     user = texts["prompt"]
-    extra = record.get(context) if context else None
-    if isinstance(extra, (int, float)) and not isinstance(extra, bool):
-        extra = str(extra)
+    extra = number_as_text(record.get(context)) if context else None
     if isinstance(extra, str) and extra.strip():
         user = f"{user}\n\n{extra}"
     messages: list[Message] = [{"role": "user", "content": user}, {"role": "assistant", "content": texts["response"]}]

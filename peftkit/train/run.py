@@ -18,9 +18,8 @@ from peftkit.config.load import recipe_to_yaml
 from peftkit.config.schema import Recipe
 from peftkit.config.validate import validate_recipe
 from peftkit.data import PaddingCollator, build_datasets
-from peftkit.data.build import check_token_ids_fit
 from peftkit.adapters.lora import KNOWLEDGE_INITS
-from peftkit.data.build import general_rows
+from peftkit.data.build import check_token_ids_fit, general_rows
 from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
 from peftkit.errors import ConfigError, PeftkitError
 from peftkit.train.distill import add_teacher_targets
