@@ -102,6 +102,13 @@ def _check_run(result, trained_head: str) -> None:
 
     for command in ("chat", "eval"):  # generation commands: one message, before any weights load
         assert main([command, str(run_dir)]) == 2
+    from rich.console import Console
+
+    from peftkit.train.report import print_run_report
+
+    console = Console(record=True, width=400)
+    print_run_report(console, run_dir, summary)
+    assert "(scores in summary.json)" in console.export_text() and "peftkit chat" not in console.export_text()
 
 
 def test_lora_on_a_decoder_trains_the_score_head(tiny_model_dir, tmp_path):

@@ -405,3 +405,20 @@ def test_the_model_card_says_forgetting_is_undefined_when_the_base_model_knows_n
 
     assert "Forgetting: n/a (the base model answers none of the general questions" in card(0.0, 0.0)
     assert "Forgetting: +10.0 points of general-knowledge accuracy" in card(0.5, 0.4)
+
+
+def test_a_replay_with_no_answer_left_says_the_run_trains_without_it(tiny_model_dir, tiny_tokenizer, monkeypatch, caplog):
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.data.replay import base_model_answerer
+    from peftkit.evaluate import generation
+
+    monkeypatch.setattr(generation, "generate_replies", lambda m, t, conversations, **kw: [
+        generation.Reply("cut off", finished=False) for _ in conversations])
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    examples = [Example(q, messages=({"role": "user", "content": q}, {"role": "assistant", "content": "W"})) for q in "ab"]
+    with caplog.at_level(logging.WARNING):
+        assert base_model_answerer(model, tiny_tokenizer, cache=None, max_new_tokens=4)(examples) == []
+    assert "no replay answer is left, so this run trains without replay; raise data.replay.max_answer_tokens" in caplog.text
