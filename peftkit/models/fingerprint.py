@@ -6,6 +6,8 @@ The fingerprint hashes the stored bytes of the normalisation weights, a sample o
 of every other weight matrix (a LoRA merged into the linear layers changes those rows, and nothing else: version 1,
 without them, missed it); read from the files, so the dtype or quantization a run loads in does not matter.
 Version 2 is written `v2-` + 16 hex digits; a run recorded with version 1 (16 hex digits) is compared in version 1.
+Pickled `.bin` weights are not unpickled just for this: their fingerprint (`bin-`) hashes the files' sizes and
+evenly spaced blocks of their bytes, which any edit of the dense weights reaches.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 EMBEDDING_ROWS = 256
+BIN_BLOCKS, BIN_BLOCK_BYTES = 64, 1 << 16
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -29,16 +32,33 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
+def _bin_fingerprint(files: list[Path]) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        for path in files:
+            size = path.stat().st_size
+            digest.update(f"{path.name}:{size}".encode())
+            with path.open("rb") as handle:
+                for block in range(BIN_BLOCKS):
+                    handle.seek(max(0, size - BIN_BLOCK_BYTES) * block // (BIN_BLOCKS - 1))
+                    digest.update(handle.read(BIN_BLOCK_BYTES))
+    except OSError as exc:
+        log.debug("no fingerprint for %s: %s", files[0].parent, exc)
+        return None
+    return "bin-" + digest.hexdigest()[:16]
+
+
 def files_fingerprint(folder: str | Path, version: int = 2) -> str | None:
-    """`v2-` + 16 hex digits (version 1: the digits alone), or None where there are no safetensors files to read (a
-    hub id not in the local cache; pickled `.bin` weights, which are not opened just for this)."""
+    """`v2-` + 16 hex digits (version 1: the digits alone; `bin-` for pickled `.bin` weights), or None where there
+    are no weight files to read (a hub id not in the local cache)."""
     import torch
     from safetensors import safe_open
 
     folder = Path(folder)
     files = _weight_files(folder) if folder.is_dir() else []
     if not files:
-        return None
+        bins = sorted(folder.glob("pytorch_model*.bin")) if folder.is_dir() else []
+        return _bin_fingerprint(bins) if bins and version >= 2 else None
     digest = hashlib.sha256()
     try:
         for path in files:
@@ -94,8 +114,12 @@ def warn_if_other_base(run_dir: Path, source: object, name: str) -> bool:
         trained = json.loads(summary.read_text(encoding="utf-8")).get("base_fingerprint")
     except (OSError, ValueError):
         return False
-    now = source_fingerprint(source, 2 if str(trained).startswith("v2-") else 1) if trained else None
-    if trained and now and now != trained:
+    now = source_fingerprint(source, 1 if trained and "-" not in trained else 2) if trained else None
+    def kind(fingerprint: str) -> str:
+        return fingerprint.split("-")[0] if "-" in fingerprint else "v1"
+
+    same_kind = bool(trained and now) and kind(trained) == kind(now)  # a .bin base since saved as safetensors: not comparable
+    if same_kind and now != trained:
         log.warning("The base model %s is not the one %s was trained on (its weights differ, fingerprint %s, "
                     "trained on %s): the adapter will be applied to other weights, and verification compares "
                     "against those same weights. Use the original base unless this is intended.", name, run_dir, now,

@@ -42,7 +42,7 @@ from peftkit.models.load import loading_errors
 from peftkit.models.resolve import ModelSource, materialize
 from peftkit.train import checkpoints
 from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
-from peftkit.train.run import RunResult, check_tf32, configure_threads, peak_memory_mb, summary_header, training_arguments
+from peftkit.train.run import RunResult, check_device_options, configure_threads, peak_memory_mb, summary_header, training_arguments
 from peftkit.train.run_dir import check_run_dir, clear_run_dir, mark_run_dir, run_lock
 from peftkit.utils.atomic import atomic_write_text
 from peftkit.utils.modes import eval_mode
@@ -156,7 +156,7 @@ def _train_classifier(
     set_seed(recipe.train.seed)
     device = resolve_device(recipe.train.device)
     dtype = resolve_dtype(recipe.train.dtype, device)
-    check_tf32(recipe.train.tf32, device)
+    check_device_options(recipe.train, device)
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_classification_tokenizer(recipe, source)
     labels = label_names(load_labeled(recipe.data.train, recipe.data.columns))

@@ -65,9 +65,13 @@ def warn_if_cpu_busy(threads: int) -> None:
                     load, cores, threads)
 
 
-def check_tf32(enabled: bool, device: str) -> None:
-    """`train.tf32` before the model loads: transformers would refuse a pre-Ampere GPU only after it."""
-    if not enabled:
+def check_device_options(cfg: Any, device: str) -> None:
+    """GPU-only `train` options, checked before the model loads (transformers would refuse a pre-Ampere GPU's
+    tf32 only after it; paged optimizers page nothing without CUDA, so asking for one on a CPU is worth a word)."""
+    if cfg.optimizer.startswith("paged_") and device != "cuda":
+        log.warning("train.optimizer %s pages optimizer states between GPU and CPU memory; on %s there is nothing "
+                    "to page and it runs as %s", cfg.optimizer, device, cfg.optimizer.removeprefix("paged_"))
+    if not cfg.tf32:
         return
     if device != "cuda":
         log.warning("train.tf32 is for NVIDIA GPUs; training on %s ignores it", device)
@@ -226,7 +230,7 @@ def _train(
     if device == "cpu" and dist_info().world_size == 1:
         warn_if_cpu_busy(threads)
     dtype = resolve_dtype(recipe.train.dtype, device)
-    check_tf32(recipe.train.tf32, device)
+    check_device_options(recipe.train, device)
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_tokenizer(recipe.model, source)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)

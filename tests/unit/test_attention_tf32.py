@@ -13,7 +13,7 @@ from peftkit.config.schema import ModelConfig
 from peftkit.config.validate import validate_recipe
 from peftkit.errors import ConfigError, MissingDependencyError
 from peftkit.models.load import attention_kwargs, attention_problem, load_model
-from peftkit.train.run import check_tf32, training_arguments
+from peftkit.train.run import check_device_options, training_arguments
 
 
 def without_flash_attn(monkeypatch):
@@ -63,16 +63,30 @@ def test_validate_names_kernels_the_architecture_lacks(monkeypatch, tiny_recipe)
 
 
 def test_tf32_only_on_ampere_or_newer(monkeypatch, caplog, tiny_recipe, tmp_path):
+    def options(**train):
+        return recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], **train}}).train
+
     with caplog.at_level(logging.WARNING, logger="peftkit.train.run"):
-        check_tf32(True, "cpu")
+        check_device_options(options(tf32=True), "cpu")
     assert "training on cpu ignores it" in caplog.text
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
     with pytest.raises(ConfigError, match=r"needs an Ampere or newer GPU .*Tesla V100 is 7.0"):
-        check_tf32(True, "cuda")
+        check_device_options(options(tf32=True), "cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    check_tf32(True, "cuda")
-    check_tf32(False, "cuda")
+    check_device_options(options(tf32=True), "cuda")
+    check_device_options(options(tf32=False), "cuda")
     tiny_recipe["train"]["tf32"] = True
     args = training_arguments(recipe_from_dict(tiny_recipe), tmp_path, "cpu", torch.float32, has_eval=False)
     assert args.tf32 is None, "not set on a CPU run (transformers would refuse it)"
+
+
+def test_paged_optimizer_off_cuda_is_named_before_the_model_loads(caplog, tiny_recipe):
+    tiny_recipe["train"]["optimizer"] = "paged_adamw_8bit"
+    train = recipe_from_dict(tiny_recipe).train
+    with caplog.at_level(logging.WARNING, logger="peftkit.train.run"):
+        check_device_options(train, "cuda")
+    assert "page" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="peftkit.train.run"):
+        check_device_options(train, "cpu")
+    assert "nothing to page and it runs as adamw_8bit" in caplog.text

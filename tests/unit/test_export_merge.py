@@ -350,3 +350,36 @@ def test_merging_onto_other_weights_of_the_same_shape_is_warned(tiny_recipe, tmp
     caplog.clear()
     merge_run(run)
     assert "is not the one" not in caplog.text
+
+
+def test_pickled_bases_get_a_fingerprint_of_their_bytes(tiny_recipe, tmp_path, caplog):
+    """`.bin` weights are not unpickled for it; sampled blocks of their bytes still tell an edited base apart."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from peftkit.models import resolve_model_ref
+    from peftkit.models.fingerprint import files_fingerprint, warn_if_other_base
+
+    def other_base(path):
+        return resolve_model_ref(str(path), allow_pickle=True)
+
+    weights = load_file(str(Path(tiny_recipe["model"]["name"]) / "model.safetensors"))
+    bases = []
+    for n, factor in enumerate([1.0, 1.0, 1.001]):
+        base = tmp_path / f"pickled-{n}"
+        shutil.copytree(tiny_recipe["model"]["name"], base)
+        (base / "model.safetensors").unlink()
+        edited = {**weights, "model.layers.1.mlp.down_proj.weight": weights["model.layers.1.mlp.down_proj.weight"] * factor}
+        torch.save(edited, base / "pytorch_model.bin")
+        bases.append(base)
+    prints = [files_fingerprint(base) for base in bases]
+    assert prints[0].startswith("bin-") and prints[0] == prints[1] != prints[2]
+    assert files_fingerprint(bases[0], 1) is None, "version 1 never read .bin files: nothing to compare with"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"base_fingerprint": prints[0]}))
+    assert not warn_if_other_base(run, other_base(bases[1]), "same")
+    assert warn_if_other_base(run, other_base(bases[2]), "edited") and "The base model edited is not the one" in caplog.text
+    assert not warn_if_other_base(run, other_base(tiny_recipe["model"]["name"]), "safetensors"), "kinds not compared"
