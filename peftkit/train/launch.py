@@ -518,17 +518,34 @@ def raise_for_worker_exit(code: int, interrupts: int, record: dict[str, Any] | N
         raise LaunchError(f"training failed in a worker process (launcher exit code {code}); the worker's error is above")
 
 
-def sum_over_processes(*values: int) -> tuple[int, ...]:
-    """Per-process counters (e.g. tokens trained) summed over all processes; every rank must call it."""
+def _all_reduce_sum(values: tuple[float, ...], dtype: Any) -> list[float] | None:
+    """The element-wise sum over all processes, or None when this is the only one."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tuple(values)
+        return None
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    total = torch.tensor(values, dtype=torch.int64, device=device)
+    total = torch.tensor(values, dtype=dtype, device=device)
     dist.all_reduce(total)
-    return tuple(int(v) for v in total.tolist())
+    return total.tolist()
+
+
+def sum_over_processes(*values: int) -> tuple[int, ...]:
+    """Per-process counters (e.g. tokens trained) summed over all processes; every rank must call it."""
+    import torch
+
+    total = _all_reduce_sum(values, torch.int64)
+    return tuple(values) if total is None else tuple(int(v) for v in total)
+
+
+def mean_over_processes(value: float) -> float:
+    """A per-process number (e.g. the loss since the last log) averaged over all processes; every rank calls it."""
+    import torch
+    import torch.distributed as dist
+
+    total = _all_reduce_sum((value,), torch.float64)
+    return value if total is None else total[0] / dist.get_world_size()
 
 
 def finish_process_group() -> None:

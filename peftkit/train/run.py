@@ -29,7 +29,7 @@ from peftkit.models import (
 )
 from peftkit.train import checkpoints
 from peftkit.train import deepspeed as deepspeed_setup, run_dir as run_dirs, signals
-from peftkit.train.launch import WORKER_ENV, dist_info, is_main_process, sum_over_processes
+from peftkit.train.launch import WORKER_ENV, dist_info, is_main_process, mean_over_processes, sum_over_processes
 from peftkit.models.fingerprint import base_config_summary, source_fingerprint
 from peftkit.train.callbacks import DivergenceGuard, MetricsJsonlCallback, OverfittingWatch, plot_loss_curves, read_metrics
 from peftkit.train.model_card import write_model_card
@@ -192,10 +192,14 @@ def tensorboard_callback(log_dir: Path) -> Any:
     return callback
 
 
-def _session_loss_sum(trainer: Any) -> float:
-    """Sum of the step losses the Trainer has seen in this session (its own train_loss divides it by the steps)."""
+def _session_loss_sum(trainer: Any, *, finished: bool = False) -> float:
+    """Sum of this session's step losses, averaged over processes; every rank must call it. The Trainer's logged
+    losses are means over processes, but the steps since the last log are still per process (`_tr_loss`), and
+    its own end-of-training sum (`finished`: already in `_total_loss_scalar`) adds those of the one process alone."""
     pending = getattr(trainer, "_tr_loss", None)
-    return float(getattr(trainer, "_total_loss_scalar", 0.0)) + (float(pending.item()) if hasattr(pending, "item") else 0.0)
+    local = float(pending.item()) if hasattr(pending, "item") else 0.0
+    logged = float(getattr(trainer, "_total_loss_scalar", 0.0)) - (local if finished else 0.0)
+    return logged + mean_over_processes(local)
 
 
 def train(
@@ -344,8 +348,8 @@ def _train(
     signals.raise_if_interrupted(interrupt, trainer, run_dir)  # a signal stopped it: checkpoint saved, say how to resume
     train_seconds = prior.train_seconds + time.perf_counter() - train_started
     session_steps = output.global_step - prior.steps
-    train_loss = ((prior.loss_sum + float(output.training_loss) * session_steps) / output.global_step
-                  if output.global_step else float(output.training_loss))
+    session_loss = _session_loss_sum(trainer, finished=True) if session_steps else 0.0
+    train_loss = (prior.loss_sum + session_loss) / output.global_step if output.global_step else float(output.training_loss)
     eval_loss_after = final_eval_loss(trainer, has_eval)
     if tensorboard is not None:
         tensorboard.close()

@@ -120,6 +120,25 @@ def test_plain_ddp_two_processes_match_one_process(one_process, tiny_model_dir, 
     _same_losses(losses(run_dir), losses(one_process))
 
 
+@pytest.mark.timeout(400)
+def test_killed_and_resumed_two_process_run_reports_the_global_train_loss(one_process, tiny_model_dir, tmp_path):
+    """Losses between logs are still per process when a checkpoint records the run's loss sum (and when the
+    Trainer adds its last ones): the summary must hold the mean over processes, as one process computes it."""
+    recipe = tiny_recipe_file(tmp_path, tiny_model_dir, train={**TWO_PROCS, "logging_steps": 4})
+    run_dir = tmp_path / "run"
+    log = tmp_path / "first.log"
+    proc = start(peftkit("train", str(recipe), "--nproc", "2"), subprocess_env(tmp_path, 1.0), log)
+    wait_for(lambda: complete_checkpoints(run_dir), proc, log, 240, "a complete checkpoint")
+    kill_tree(proc)
+    assert checkpoints.step_of(complete_checkpoints(run_dir)[-1]) < STEPS
+    result = run(peftkit("train", str(recipe), "--nproc", "2", "--resume"), subprocess_env(tmp_path),
+                 tmp_path / "resume.log", 240)
+    assert result.returncode == 0, tail(tmp_path / "resume.log")
+    reference = losses(one_process)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train_loss"] == pytest.approx(sum(reference.values()) / STEPS, abs=2e-4)
+
+
 @pytest.mark.timeout(300)
 def test_zero3_two_processes_save_the_gathered_adapter(one_process, tiny_model_dir, tmp_path):
     """ZeRO-3 partitions every parameter; the saved adapter (and modules_to_save) must be whole.
