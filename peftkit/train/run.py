@@ -315,7 +315,12 @@ def _train(
             # Under a launcher, `Trainer.evaluate()` before training would keep the model from being wrapped: in DDP
             # (transformers then skips the DDP wrap: ranks trained apart, gradients never averaged) and in DeepSpeed.
             several = ds_config is not None or dist_info().world_size > 1
-            eval_loss_before = trainer.eval_loss_unwrapped() if several else _eval_loss(trainer, has_eval)
+            if several:  # logged as evaluate() logs it: the curve starts at step 0 in metrics.jsonl and TensorBoard
+                eval_started = time.perf_counter()
+                eval_loss_before = trainer.eval_loss_unwrapped()
+                trainer.log({"eval_loss": eval_loss_before, "eval_runtime": round(time.perf_counter() - eval_started, 4)})
+            else:
+                eval_loss_before = _eval_loss(trainer, has_eval)
     if resume:  # measured when the run started
         before = run_dirs.load_before(run_dir)
         eval_loss_before, accuracy_before = before.get("eval_loss"), before.get("heldout_accuracy")

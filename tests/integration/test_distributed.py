@@ -114,6 +114,9 @@ def test_plain_ddp_two_processes_match_one_process(one_process, tiny_model_dir, 
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval_loss"' in line]
     assert evals and all(e["eval_runtime"] > 0 for e in evals)  # not less the DDP wrap's time, after the first
     assert len({e["step"] for e in evals}) == len(evals)  # the final evaluation is not logged twice
+    reference = [json.loads(line) for line in (one_process / "metrics.jsonl").read_text().splitlines()]
+    assert evals[0]["step"] == 0, "the eval curve starts before training, as in one process"
+    assert evals[0]["eval_loss"] == pytest.approx(next(r for r in reference if "eval_loss" in r)["eval_loss"], abs=1e-5)
     # --force reaches the workers, whose rank 0 replaces the finished run once the data is read.
     again = run(peftkit("train", str(recipe), "--nproc", "2", "--force"), subprocess_env(tmp_path), tmp_path / "again.log", 240)
     assert again.returncode == 0, tail(tmp_path / "again.log")
