@@ -234,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run_command(argv)
+    except KeyboardInterrupt:  # also while the command's libraries import, before it starts
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run_command(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
@@ -252,9 +260,6 @@ def main(argv: list[str] | None = None) -> int:
     except PeftkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     except OSError as exc:
         if args.verbose:
             raise

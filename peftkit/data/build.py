@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ class HeldoutItem:
     messages: tuple[Message, ...]
     """The prompt: optional system turn and the user question."""
     key_facts: tuple[str, ...]
-    """Accepted answers: the reply is correct if it contains any of them (case-insensitive)."""
+    """Accepted answers: the reply is correct if it contains any of them (`matchable` forms)."""
     tools: tuple[dict[str, Any], ...] | None = None
     """Function schemas shown to the model (a tool-use question: the key fact can be the function's name)."""
 
@@ -78,8 +79,19 @@ def tokenize_examples(
     return rows, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
 
 
-def load_heldout(path: str | Path, system_prompt: str | None) -> list[HeldoutItem]:
+def matchable(text: str) -> str:
+    """Text as key facts are matched: Unicode-normalised (NFKC: a no-break space is a space, composed and
+    decomposed accents agree), case-folded (`ß` matches `SS`) and with runs of whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+_WARNED_GIVEN_AWAY: set[str] = set()
+
+
+def load_heldout(path: str | Path, system_prompt: str | None, *, warn_given_away: bool = True) -> list[HeldoutItem]:
+    """Questions and key facts. `warn_given_away`: warn (once per file) about questions that contain their own key fact."""
     items = []
+    given_away = []  # questions that contain their own key fact: an echo of the question would score
     for where, record in read_records(Path(path)):
         if not isinstance(record, dict) or "key_fact" not in record:
             raise DataError(f"{where}: held-out records need `question` (or `messages`) and `key_fact`")
@@ -97,10 +109,18 @@ def load_heldout(path: str | Path, system_prompt: str | None) -> list[HeldoutIte
                     message["content"] = message.get("content") or ""
         else:
             raise DataError(f"{where}: held-out record needs a `question` string or a `messages` list")
-        items.append(HeldoutItem(tuple(with_system_prompt(messages, system_prompt)), tuple(facts),
-                                 tools_of(record.get("tools"), where)))
+        item = HeldoutItem(tuple(with_system_prompt(messages, system_prompt)), tuple(f.strip() for f in facts),
+                           tools_of(record.get("tools"), where))
+        if item.tools is None and all(matchable(f) in matchable(item.question) for f in item.key_facts):
+            given_away.append(where)
+        items.append(item)
     if not items:
         raise DataError(f"held-out file {path} contains no questions")
+    if given_away and warn_given_away and str(path) not in _WARNED_GIVEN_AWAY:
+        _WARNED_GIVEN_AWAY.add(str(path))
+        log.warning("%d held-out question(s) contain their own key fact (first: %s): a reply that repeats the "
+                    "question scores as correct; reword the question or choose a key fact it does not give away",
+                    len(given_away), given_away[0])
     return items
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from peftkit.data.build import HeldoutItem
+from peftkit.data.build import HeldoutItem, matchable
 from peftkit.data.chat import Tools, generation_prompt
 from peftkit.data.formats import Message
 from peftkit.utils.modes import eval_mode
@@ -87,8 +87,8 @@ def generate_replies(
 
 
 def is_correct(reply: str, key_facts: Sequence[str]) -> bool:
-    text = reply.lower()
-    return any(fact.lower() in text for fact in key_facts)
+    text = matchable(reply)
+    return any(matchable(fact) in text for fact in key_facts)
 
 
 def heldout_accuracy(

@@ -82,7 +82,7 @@ def evaluate_run(
     examples = load_examples(data, recipe.data.format, recipe.data.columns) if data else None
     heldout_path = heldout or recipe.data.heldout
     items = load_heldout(heldout_path, system) if heldout_path else []
-    general_items = load_heldout(general or builtin_resource(GENERAL_SET), None)
+    general_items = load_heldout(general or builtin_resource(GENERAL_SET), None, warn_given_away=general is not None)
     # The same questions asked in the recipe's role (its system prompt): what the domain chatbot's users see.
     in_role_items = asked_in_role(general_items, system)
 

@@ -93,9 +93,21 @@ def _temporary_sibling(target: Path, create: Callable[[Path], T]) -> tuple[Path,
     raise FileExistsError(f"could not create a temporary file next to {target}")
 
 
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
 def _fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, giving files that a library wrote owner-only (safetensors writes 0600) the
+    modes the umask gives any other file."""
+    default_mode = 0o666 & ~_umask()
     for path in [*root.rglob("*"), root]:
-        if path.is_file():
+        if path.is_file() and not path.is_symlink():
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077 == 0 and mode | default_mode != mode:
+                path.chmod(mode | default_mode)
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
     with contextlib.suppress(OSError):  # directory fsync is not supported everywhere

@@ -153,16 +153,22 @@ def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path, kind
 
 
 def test_written_folders_and_files_follow_the_umask(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     with umask(0o022):
         with atomic_directory(tmp_path / "merged") as tmp:
             (tmp / "config.json").write_text("{}")
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))  # safetensors itself writes 0600
         atomic_write_text(tmp_path / "merged" / "README.md", "card")
     assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "merged" / "config.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "merged" / "model.safetensors").stat().st_mode) == 0o644, "a server can read it"
     assert stat.S_IMODE((tmp_path / "merged" / "README.md").stat().st_mode) == 0o644
     with umask(0o077):
         with atomic_directory(tmp_path / "private") as tmp:
-            pass
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
         atomic_write_text(tmp_path / "secret.txt", "x")
     assert stat.S_IMODE((tmp_path / "private").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "private" / "model.safetensors").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "secret.txt").stat().st_mode) == 0o600

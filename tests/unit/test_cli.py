@@ -167,3 +167,25 @@ def test_a_tokenizer_bigger_than_the_model_is_refused_by_validate_and_train(tiny
         assert main([*command, str(path)]) == 2
         err = capsys.readouterr().err
         assert f"has only {len(tokenizer) // 2} input embeddings" in " ".join(err.split()), err
+
+
+def test_the_command_starts_without_importing_torch():
+    """`peftkit --version` (and argument errors) answer at once; torch loads only for commands that use it."""
+    probe = ("import sys\nfrom peftkit.cli import build_parser\nbuild_parser()\n"
+             "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr
+    from peftkit.evaluate import is_correct  # the package's names still load, on first use
+
+    assert is_correct("It opens at nine.", ["nine"])
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(monkeypatch, capsys):
+    import peftkit.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(peftkit.cli, "build_parser", interrupted)
+    assert main(["models"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

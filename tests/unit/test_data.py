@@ -233,6 +233,30 @@ def test_heldout_accepts_alternatives_and_adds_system_prompt(heldout_file):
     assert items[1].key_facts == ("river",)
 
 
+
+def test_key_facts_match_as_written_not_byte_for_byte(tmp_path, caplog):
+    """A key fact with stray whitespace, a no-break space, decomposed accents or `ß` is the same fact; a question
+    that contains its own key fact is named (an echo of it would score as correct)."""
+    from peftkit.evaluate.generation import is_correct
+
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "When do you open?", "key_fact": " nine\n"},
+        {"question": "What is the capital of Tunisia?", "key_fact": "Tunis"},
+        {"question": "Which street?", "key_fact": "Große Straße"},
+    ]) + "\n", encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        items = load_heldout(path, None)
+    assert items[0].key_facts == ("nine",)
+    assert "1 held-out question(s) contain their own key fact (first: " in caplog.text and ":2)" in caplog.text
+    assert is_correct("It opens at nine.", items[0].key_facts)
+    assert is_correct("We are at GROSSE STRASSE 4.", items[2].key_facts)
+    assert is_correct("Caf\u0065\u0301 at 9\u00a0am, in  Tunis", ["café", "9 am", "in tunis"])
+    assert not is_correct("It opens at ten.", items[0].key_facts)
+    caplog.clear()
+    load_heldout(path, None)
+    assert "own key fact" not in caplog.text, "once per file: validate and train read it twice"
+
 CHAT_ROWS = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
              for i in range(4)]
 
