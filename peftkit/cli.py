@@ -16,6 +16,17 @@ from peftkit.errors import PeftkitError
 PLUGIN_COMMANDS = ("peftkit.export.commands", "peftkit.evaluate.commands")
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts such as --max-new-tokens: a usage error names the flag, before anything loads."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _console() -> Any:
     from rich.console import Console
 
@@ -216,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--system", help="system prompt (default: the recipe's data.system_prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--tools", metavar="FILE", help="function schemas shown to the model (a JSON list, or a JSONL "
                    "whose first line has `tools`); in the REPL, /tool RESULT answers the model's last call")
     add_qlora_base_option(p)

@@ -15,8 +15,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from peftkit.runs import read_run_recipe
     from peftkit.train.model_card import write_model_card
 
+    run_dir = Path(args.run_dir).expanduser().resolve()  # the model card and eval.json name it as a path that works anywhere
     report = evaluate_run(
-        args.run_dir,
+        run_dir,
         data=args.data,
         heldout=args.heldout,
         general=args.general,
@@ -26,7 +27,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out=args.out,
     )
     print_eval_report(Console(highlight=False), report)
-    run_dir = Path(args.run_dir)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         write_model_card(run_dir, read_run_recipe(run_dir), json.loads(summary_path.read_text()))
@@ -35,6 +35,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add this area's sub-commands to the `peftkit` parser."""
+    from peftkit.cli import positive_int
     from peftkit.runs import add_qlora_base_option
 
     p = sub.add_parser("eval", help="loss, held-out fact accuracy and forgetting of a trained run (writes eval.json)",
@@ -43,7 +44,7 @@ def register(sub: Any) -> None:
     p.add_argument("--data", help="chat/alpaca/text file for the loss (default: the run's eval split)")
     p.add_argument("--heldout", help='held-out questions {"question", "key_fact"} (default: data.heldout of the recipe)')
     p.add_argument("--general", help="general-knowledge set for forgetting (default: the built-in one)")
-    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--max-new-tokens", type=positive_int, help="reply length (default: the recipe's eval.max_new_tokens)")
     p.add_argument("--no-base", action="store_true", help="skip the base-model comparison")
     p.add_argument("--out", help="write the report here instead of RUN_DIR/eval.json (e.g. an eval with "
                                  "another --general set beside the run's own)")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from peftkit.data.build import HeldoutItem, build_datasets, load_heldout, tokenize_examples
 from peftkit.data.chat import with_system_prompt
 from peftkit.data.formats import load_examples
-from peftkit.errors import DataError
+from peftkit.errors import DataError, PeftkitError
 from peftkit.evaluate.generation import answer_items, heldout_accuracy, score_replies
 from peftkit.evaluate.loss import mean_loss, perplexity
 from peftkit.evaluate.margins import CONFIDENT_MARGIN, confidently_known, decision_margins
@@ -77,6 +77,12 @@ def evaluate_run(
         raise ValueError(f"qlora_base must be `quantized` or `original`, got {qlora_base!r}")
     recipe = read_run_recipe(run_dir)
     require_chat_run(recipe, run_dir, "eval")
+    # The report goes here; a path that cannot take it is said now, not after the evaluation.
+    default = Path(run_dir) / (REPORT if qlora_base == "quantized" else ORIGINAL_BASE_REPORT)
+    target = Path(out).expanduser() if out else default
+    if target.is_dir():
+        raise PeftkitError(f"--out {out} is a folder; give the report's file name, e.g. {Path(out) / REPORT}")
+    target.parent.mkdir(parents=True, exist_ok=True)
     system = recipe.data.system_prompt
     # the files named on the command line are read (and their mistakes reported) before any weights load
     examples = load_examples(data, recipe.data.format, recipe.data.columns) if data else None
@@ -130,7 +136,9 @@ def evaluate_run(
         "base_weights": "original (unquantized)" if qlora_base == "original" else "as trained",
         "eval_examples": len(rows),
         "heldout_questions": len(items),
+        "heldout_set": str(heldout_path) if heldout_path else None,
         "general_questions": len(general_items),
+        "general_set": str(general) if general else f"built-in ({GENERAL_SET})",
         "before": {k: v for k, v in before.items() if not k.endswith(("_details", "_margins"))},
         "after": {k: v for k, v in after.items() if not k.endswith("_details")},
         "forgetting_points": _points_lost(before, after, "general_accuracy"),
@@ -139,9 +147,6 @@ def evaluate_run(
         "details": {k: v for k, v in after.items() if k.endswith("_details")},
     }
     # The as-trained report (the one the model card shows) is never overwritten by the other view.
-    default = Path(run_dir) / (REPORT if qlora_base == "quantized" else ORIGINAL_BASE_REPORT)
-    target = Path(out) if out else default
-    target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, json.dumps(report, indent=2))
     return report
 

@@ -29,6 +29,21 @@ class MetricsJsonlCallback(TrainerCallback):
             handle.write(json.dumps(record) + "\n")
 
 
+class RunTotals(TrainerCallback):
+    """Makes the Trainer's end-of-training record (metrics.jsonl, TensorBoard) describe the whole run, as the
+    summary does: its own `train_loss` and `train_runtime` cover one session of a resumed run, and its loss adds
+    the last steps of rank 0 alone. Must come before the callbacks that write logs; `totals` is called on every
+    rank (it may reduce over processes) and returns (train loss, train seconds) of the run so far."""
+
+    def __init__(self, totals: Any) -> None:
+        self.totals = totals
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs and "train_loss" in logs and "train_runtime" in logs:
+            loss, seconds = self.totals()
+            logs.update(train_loss=loss, train_runtime=round(seconds, 4))
+
+
 class OverfittingWatch(TrainerCallback):
     """Warns once when eval loss rises for two evaluations in a row while train loss keeps falling."""
 
@@ -53,7 +68,8 @@ class OverfittingWatch(TrainerCallback):
         recent_eval = self.evals[-self.window - 1 :]
         recent_train = self.trains_at_eval[-self.window - 1 :]
         rising = all(b > a for a, b in zip(recent_eval, recent_eval[1:]))
-        falling = all(b < a for a, b in zip(recent_train, recent_train[1:]))
+        # Not rising, and lower at the end: with eval_steps below logging_steps two evaluations see one logged loss.
+        falling = all(b <= a for a, b in zip(recent_train, recent_train[1:])) and recent_train[-1] < recent_train[0]
         if rising and falling:
             self.warned = True
             log.warning(

@@ -11,12 +11,12 @@ from peftkit.data.formats import data_sources
 from peftkit.utils.atomic import atomic_write_text
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+def _loss(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _speed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
 
 
 def _pct(value: float | None) -> str:
@@ -33,10 +33,15 @@ def _eval_section(run_dir: Path) -> list[str]:
     report = json.loads(path.read_text(encoding="utf-8"))
     before, after = report.get("before", {}), report.get("after", {})
     lines = ["## Evaluation (`peftkit eval`)", "", "| metric | base | tuned |", "|---|---|---|"]
-    for label, key in [("loss", "loss"), ("held-out fact accuracy", "heldout_accuracy"), ("general knowledge", "general_accuracy"),
+    heldout = f"held-out fact accuracy ({report.get('heldout_questions')} q" + (
+        f", `{Path(report['heldout_set']).name}`)" if report.get("heldout_set") else ")")
+    general_set = report.get("general_set")  # absent from reports written before it was recorded
+    general = f"general knowledge ({report.get('general_questions')} q" + (
+        "" if general_set is None else ", built-in" if general_set.startswith("built-in") else f", `{Path(general_set).name}`") + ")"
+    for label, key in [("loss", "loss"), (heldout, "heldout_accuracy"), (general, "general_accuracy"),
                        ("general knowledge, with the system prompt", "general_in_role_accuracy")]:
         if key in after:
-            fmt = _pct if key.endswith("accuracy") else _fmt
+            fmt = _pct if key.endswith("accuracy") else _loss
             lines.append(f"| {label} | {fmt(before.get(key))} | {fmt(after.get(key))} |")
     if report.get("forgetting_points") is not None and before.get("general_accuracy") == 0:
         lines += ["", "Forgetting: n/a (the base model answers none of the general questions: nothing to forget)."]
@@ -48,6 +53,13 @@ def _eval_section(run_dir: Path) -> list[str]:
         lines.append(f"On the {report['general_confident_questions']} general questions the base model answers confidently "
                      f"(no near-tie on the way to the answer): {report['forgetting_confident_points']:+.1f} points.")
     return [*lines, ""]
+
+
+def _stopping_note(summary: dict[str, Any]) -> str:
+    best = summary.get("weights_from_step")
+    if summary.get("stopped_early"):
+        return " (stopped early" + (f"; the weights are step {best}'s, the best evaluation)" if best else ")")
+    return f" (the weights are step {best}'s, the best evaluation)" if best and best != summary["steps"] else ""
 
 
 def _what_was_trained(run_dir: Path, recipe: Recipe) -> str:
@@ -99,17 +111,19 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         f"({summary['train_examples']} examples) |",
         *_replay_row(recipe, summary),
         f"| trainable parameters | {summary['trainable_params']:,} of {summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%) |",
-        f"| steps / supervised tokens | {summary['steps']} / {summary['trained_tokens']:,} |",
-        f"| speed | {_fmt(summary['tokens_per_second'])} supervised tokens/s on {summary['device']} ({summary['threads']} thread{'s' * (summary['threads'] != 1)}) |",
+        f"| steps / supervised tokens | {summary['steps']}{_stopping_note(summary)} / {summary['trained_tokens']:,} |",
+        f"| speed | {_speed(summary['tokens_per_second'])} supervised tokens/s on {summary['device']} ({summary['threads']} thread{'s' * (summary['threads'] != 1)}) |",
         f"| training time | {summary['train_seconds']:.0f} s |",
         "",
         "## Results",
         "",
         "| metric | before | after |",
         "|---|---|---|",
-        f"| eval loss | {_fmt(summary['eval_loss_before'])} | {_fmt(summary['eval_loss_after'])} |",
+        f"| eval loss | {_loss(summary['eval_loss_before'])} | {_loss(summary['eval_loss_after'])} |",
         *([f"| held-out fact accuracy | {_pct(summary['heldout_accuracy_before'])} | "
            f"{_pct(summary['heldout_accuracy_after'])} |"] if summary.get("heldout_questions") else []),
+        *(["", "Overfitting warning: the eval loss rose while the train loss kept falling (`plots/loss.png`)."]
+          if summary.get("overfitting_warning") else []),
         "",
         *_eval_section(run_dir),
         "## Use",

@@ -36,9 +36,15 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
         f"train {summary['train_seconds']:.0f} s, total {summary['wall_seconds']:.0f} s | "
         f"peak memory {summary['peak_memory_mb']:.0f} MB"
     )
+    best = summary.get("weights_from_step")
     if summary.get("stopped_early"):
         console.print("stopped early: the eval loss stopped improving (train.early_stopping_patience); the saved "
-                      "weights are the best evaluation's")
+                      "weights are the best evaluation's" + (f", step {best}" if best else ""))
+    elif best and best != summary["steps"]:
+        console.print(f"the saved weights are step {best}'s, the best evaluation (train.early_stopping_patience)")
+    if summary.get("overfitting_warning"):
+        console.print("[yellow]overfitting:[/yellow] the eval loss rose while the train loss kept falling (see "
+                      "plots/loss.png); consider fewer epochs, a lower lr, or train.early_stopping_patience")
     for sample in summary.get("samples", []):
         console.print(f"\n[bold]Q:[/bold] {sample['prompt']}\n[bold]A:[/bold] {sample['reply']}")
     next_step = ("scores in summary.json" if summary.get("task") == "sequence_classification"

@@ -31,7 +31,14 @@ from peftkit.train import checkpoints
 from peftkit.train import deepspeed as deepspeed_setup, run_dir as run_dirs, signals
 from peftkit.train.launch import WORKER_ENV, dist_info, is_main_process, mean_over_processes, sum_over_processes
 from peftkit.models.fingerprint import base_config_summary, source_fingerprint
-from peftkit.train.callbacks import DivergenceGuard, MetricsJsonlCallback, OverfittingWatch, plot_loss_curves, read_metrics
+from peftkit.train.callbacks import (
+    DivergenceGuard,
+    MetricsJsonlCallback,
+    OverfittingWatch,
+    RunTotals,
+    plot_loss_curves,
+    read_metrics,
+)
 from peftkit.train.model_card import write_model_card
 from peftkit.train.trainer import SFTTrainer
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
@@ -155,6 +162,17 @@ def _eval_loss(trainer: SFTTrainer, has_eval: bool) -> float | None:
     return float(trainer.evaluate()["eval_loss"]) if has_eval else None
 
 
+def _weights_step(trainer: Any, last_step: int) -> int:
+    """The step whose weights were saved: with early stopping the best evaluation's, else the last."""
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best:
+        try:
+            return checkpoints.step_of(Path(best))
+        except ValueError:
+            return last_step
+    return last_step
+
+
 def final_eval_loss(trainer: Any, has_eval: bool) -> float | None:
     """The shipped model's eval loss without evaluating the same weights twice: with early stopping the best
     checkpoint was loaded (its loss is the best metric); an evaluation at the last step (epoch end, eval_steps) is
@@ -170,10 +188,11 @@ def final_eval_loss(trainer: Any, has_eval: bool) -> float | None:
     return _eval_loss(trainer, has_eval)
 
 
-def tensorboard_callback(log_dir: Path) -> Any:
+def tensorboard_callback(log_dir: Path, resume_step: int | None = None) -> Any:
     """TensorBoard logging into one event file in RUN_DIR/tensorboard, the final evaluation included: the
     Trainer's callback closes its writer when training ends and would open another one, under
-    checkpoints/runs/, for that last point; this one stays open until `close()`."""
+    checkpoints/runs/, for that last point; this one stays open until `close()`. A resumed run hides what an
+    interrupted session logged after `resume_step` (TensorBoard's purge_step), as metrics.jsonl drops it."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
@@ -187,7 +206,8 @@ def tensorboard_callback(log_dir: Path) -> Any:
                 self.tb_writer.close()
                 self.tb_writer = None
 
-    callback = RunTensorBoard(SummaryWriter(log_dir=str(log_dir)))
+    purge = {"purge_step": resume_step + 1} if resume_step is not None else {}
+    callback = RunTensorBoard(SummaryWriter(log_dir=str(log_dir), **purge))
     callback.logging_dir = str(log_dir)
     return callback
 
@@ -277,10 +297,13 @@ def _train(
 
     has_eval = bool(data.eval)
     metrics_path = run_dir / "metrics.jsonl"
-    tensorboard = tensorboard_callback(run_dir / "tensorboard") if main_process else None
+    resuming_at = checkpoints.latest_complete(run_dir) if resume else None  # what prepare_resume will pick
+    tensorboard = tensorboard_callback(run_dir / "tensorboard", resume_step=checkpoints.step_of(resuming_at)
+                                       if resuming_at else None) if main_process else None
     if not resume and main_process:
         metrics_path.unlink(missing_ok=True)
     callbacks = [
+        RunTotals(lambda: run_totals()),  # first: the end-of-training record the next two write is the run's
         MetricsJsonlCallback(metrics_path),
         *([tensorboard] if tensorboard is not None else []),
         checkpoints.CompleteMarkerCallback(keep=recipe.train.save_total_limit, progress=lambda: run_progress()),
@@ -345,16 +368,19 @@ def _train(
             loss_sum=prior.loss_sum + _session_loss_sum(trainer), steps=trainer.state.global_step,
             wall_seconds=prior.wall_seconds + time.perf_counter() - started)
 
+    def run_totals() -> tuple[float, float]:
+        """The run's train loss and train seconds at the end of training (every rank calls it)."""
+        steps = trainer.state.global_step
+        session_loss = _session_loss_sum(trainer, finished=True) if steps > prior.steps else 0.0
+        return (prior.loss_sum + session_loss) / steps if steps else 0.0, prior.train_seconds + time.perf_counter() - train_started
+
     train_started = time.perf_counter()
     if resume_from and ds_config is None and recipe.train.max_steps and prior.steps >= recipe.train.max_steps:
         output = checkpoints.restore_finished(trainer, resume_from)  # every step was trained before the stop
     else:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     signals.raise_if_interrupted(interrupt, trainer, run_dir)  # a signal stopped it: checkpoint saved, say how to resume
-    train_seconds = prior.train_seconds + time.perf_counter() - train_started
-    session_steps = output.global_step - prior.steps
-    session_loss = _session_loss_sum(trainer, finished=True) if session_steps else 0.0
-    train_loss = (prior.loss_sum + session_loss) / output.global_step if output.global_step else float(output.training_loss)
+    train_loss, train_seconds = run_totals()
     eval_loss_after = final_eval_loss(trainer, has_eval)
     if tensorboard is not None:
         tensorboard.close()
@@ -384,6 +410,7 @@ def _train(
         "eval_loss_after": eval_loss_after,
         "overfitting_warning": overfitting.warned,
         "stopped_early": trainer.state.max_steps > output.global_step,
+        "weights_from_step": _weights_step(trainer, output.global_step),
         "heldout_questions": len(data.heldout),
         "heldout_accuracy_before": accuracy_before,
         "heldout_accuracy_after": accuracy_after,

@@ -189,13 +189,14 @@ def test_replay_adds_examples_to_training(tiny_recipe, tmp_path):
     assert summary["train_examples"] == 12 + 6
 
 
-def test_eval_command_writes_report_and_updates_card(tiny_recipe, tmp_path, capsys):
+def test_eval_command_writes_report_and_updates_card(tiny_recipe, tmp_path, capsys, monkeypatch):
     run_dir = train(recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "batch_size": 2},  # eval in batches
                                       "eval": {"before": False, "max_new_tokens": 6}})).run_dir
     general = write_jsonl(tmp_path / "general.jsonl", [{"question": "one two", "key_fact": "three"}] * 3)
-    assert main(["eval", str(run_dir), "--general", str(general)]) == 0
+    monkeypatch.chdir(run_dir.parent)
+    assert main(["eval", run_dir.name, "--general", str(general)]) == 0  # a relative RUN_DIR
     report = json.loads((run_dir / "eval.json").read_text())
-    assert report["general_questions"] == 3 and report["heldout_questions"] == 2
+    assert report["general_questions"] == 3 and report["heldout_questions"] == 2 and report["run_dir"] == str(run_dir)
     # One definition of eval loss (a token mean over the set) in training's summary and in `peftkit eval`.
     summary = json.loads((run_dir / "summary.json").read_text())
     assert report["after"]["loss"] == pytest.approx(summary["eval_loss_after"], rel=1e-4)
@@ -204,10 +205,20 @@ def test_eval_command_writes_report_and_updates_card(tiny_recipe, tmp_path, caps
     assert report["forgetting_points"] == pytest.approx(
         100 * (report["before"]["general_accuracy"] - report["after"]["general_accuracy"])
     )
-    assert "Evaluation (`peftkit eval`)" in (run_dir / "README.md").read_text()
+    card = (run_dir / "README.md").read_text()
+    assert "Evaluation (`peftkit eval`)" in card
+    assert "| general knowledge (3 q, `general.jsonl`) |" in card and "| held-out fact accuracy (2 q, `heldout.jsonl`) |" in card
+    assert f"peftkit chat {run_dir}\n" in card, "the card names the run by a path that works from anywhere"
     assert "general knowledge" in capsys.readouterr().out
     assert report["forgetting_in_role_points"] is None and "general_in_role_accuracy" not in report["after"], \
         "no system prompt, no second measurement"
+    # Arguments that cannot work are said before anything loads.
+    (tmp_path / "a-folder").mkdir()
+    assert main(["eval", str(run_dir), "--out", str(tmp_path / "a-folder")]) == 2
+    assert "is a folder; give the report's file name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", str(run_dir), "--max-new-tokens", "0"])
+    assert "--max-new-tokens: must be at least 1, got 0" in capsys.readouterr().err
     first = (run_dir / "eval.json").read_text()
     assert main(["eval", str(run_dir), "--no-base", "--out", str(tmp_path / "other" / "check.json")]) == 0
     assert (run_dir / "eval.json").read_text() == first, "--out leaves the run's own report alone"
@@ -238,14 +249,34 @@ def test_overfitting_watch_warns_once(caplog):
     assert sum("Overfitting" in r.message for r in caplog.records) == 1
 
 
+
+def test_overfitting_watch_with_more_evaluations_than_logged_losses(caplog):
+    """eval_steps below logging_steps: two evaluations see the same logged train loss, which still falls overall."""
+    watch = OverfittingWatch()
+    with caplog.at_level(logging.WARNING):
+        for train_loss, eval_loss in [(2.0, 1.5), (2.0, 1.4), (1.0, 1.45), (1.0, 1.6)]:
+            watch.on_log(None, None, None, logs={"loss": train_loss})
+            watch.on_evaluate(None, None, None, metrics={"eval_loss": eval_loss})
+    assert watch.warned
+    flat = OverfittingWatch()  # both losses rising with nothing learnt on the training side: not overfitting
+    for eval_loss in [1.5, 1.6, 1.7]:
+        flat.on_log(None, None, None, logs={"loss": 2.0})
+        flat.on_evaluate(None, None, None, metrics={"eval_loss": eval_loss})
+    assert not flat.warned
+
 @pytest.mark.parametrize("every", ["eval_steps", "save_steps"])
 def test_early_stopping_stops_and_keeps_best(tiny_recipe, every):
     """Evaluations every eval_steps, or (with save_steps alone) at every checkpoint: the Trainer needs them to match."""
     recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "epochs": 30, "lr": 0.5, every: 1,
                                                         "early_stopping_patience": 1}, "eval": {"before": False}})
-    summary = train(recipe).summary
+    result = train(recipe)
+    summary = result.summary
     assert summary["stopped_early"] is True
     assert summary["steps"] < 30 * 3
+    assert 1 <= summary["weights_from_step"] < summary["steps"]  # the best evaluation came before patience ran out
+    card = (result.run_dir / "README.md").read_text()
+    assert f"| steps / supervised tokens | {summary['steps']} (stopped early; the weights are step " \
+           f"{summary['weights_from_step']}'s, the best evaluation) /" in card
 
 
 def test_self_distilled_replay_uses_the_base_models_answers_and_caches_them(tiny_model_dir, tiny_tokenizer, tmp_path,
@@ -422,3 +453,29 @@ def test_a_replay_with_no_answer_left_says_the_run_trains_without_it(tiny_model_
     with caplog.at_level(logging.WARNING):
         assert base_model_answerer(model, tiny_tokenizer, cache=None, max_new_tokens=4)(examples) == []
     assert "no replay answer is left, so this run trains without replay; raise data.replay.max_answer_tokens" in caplog.text
+
+
+def test_run_report_and_card_show_what_the_summary_records(tiny_recipe, tmp_path):
+    """An overfitting warning and the best step's weights are in the run report and the card, not only in
+    summary.json; losses keep four decimals (5.9996 is not "6")."""
+    from rich.console import Console
+
+    from peftkit.train.model_card import write_model_card
+    from peftkit.train.report import print_run_report
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    summary = {"recipe": "r", "method": "lora", "base_model": "m", "eval_loss_before": 5.99961, "eval_loss_after": 5.2,
+               "trainable_params": 10, "total_params": 100, "trainable_share": 0.1, "steps": 20, "trained_tokens": 400,
+               "tokens_per_second": 12345.6, "train_seconds": 3.0, "wall_seconds": 4.0, "peak_memory_mb": 100.0,
+               "overfitting_warning": True, "stopped_early": False, "weights_from_step": 12, "train_examples": 8,
+               "device": "cpu", "threads": 1}
+    console = Console(record=True, width=300)
+    print_run_report(console, run_dir, summary)
+    printed = console.export_text()
+    assert "overfitting: the eval loss rose while the train loss kept falling" in printed
+    assert "the saved weights are step 12's, the best evaluation" in printed and "5.9996" in printed
+    write_model_card(run_dir, recipe_from_dict(tiny_recipe), summary)
+    card = (run_dir / "README.md").read_text()
+    assert "| eval loss | 5.9996 | 5.2000 |" in card and "| speed | 12,346 supervised tokens/s" in card
+    assert "Overfitting warning" in card and "| 20 (the weights are step 12's, the best evaluation) / 400 |" in card

@@ -133,6 +133,16 @@ def test_resumed_summary_covers_the_whole_run(tiny_recipe, tmp_path):
     assert resumed["eval_loss_before"] == pytest.approx(whole["eval_loss_before"], rel=1e-5)
     assert resumed["heldout_accuracy_before"] == whole["heldout_accuracy_before"] is not None
     assert resumed["train_seconds"] > progress.train_seconds
+    # The logs agree with the summary: the end record is the run's, and TensorBoard hides the cut session's steps.
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    end = [r for r in records if "train_runtime" in r]
+    assert len(end) == 1 and end[0]["train_loss"] == pytest.approx(resumed["train_loss"], rel=1e-6)
+    assert end[0]["train_runtime"] == pytest.approx(resumed["train_seconds"], abs=0.5)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("train/train_loss")] == [pytest.approx(resumed["train_loss"], rel=1e-6)]
     assert resumed["wall_seconds"] > progress.wall_seconds > 0 and resumed["wall_seconds"] >= resumed["train_seconds"]
 
 
