@@ -244,12 +244,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that temporary folders are removed and a verification child is
+    stopped on the way out (the default action ends the process on the spot, leaving both behind). Not a
+    KeyboardInterrupt: the chat REPL takes Ctrl-C as "stop this reply", which a SIGTERM is not."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)  # training installs its own while it trains
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         return _run_command(argv)
     except KeyboardInterrupt:  # also while the command's libraries import, before it starts
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run_command(argv: list[str] | None) -> int:

@@ -20,7 +20,7 @@ import yaml
 
 from peftkit.errors import RunDirError
 from peftkit.train import checkpoints
-from peftkit.utils.atomic import atomic_write_text
+from peftkit.utils.atomic import atomic_write_text, remove_dead_writers_temporaries
 
 RUN_MARKER = ".peftkit-run"
 LOCK_FILE = ".peftkit-lock"
@@ -144,7 +144,8 @@ def check_run_dir(run_dir: Path, *, resume: bool, force: bool, recipe_dump: dict
 
 def clear_run_dir(run_dir: Path) -> None:
     """Remove an earlier run's files (only ever called on a folder `check_run_dir` recognised as a run); hidden
-    files stay (the marker, a `.gitkeep`)."""
+    files stay (the marker, a `.gitkeep`), except what killed merges and exports left half-written."""
+    remove_dead_writers_temporaries(run_dir)
     for path in run_dir.iterdir():
         if path.name.startswith("."):
             continue

@@ -61,13 +61,29 @@ def _remove_leftovers(target: Path) -> None:
                 stale = not _alive(int(with_pid.group(1)))
             else:
                 stale = bool(_OLD_STYLE.fullmatch(rest)) and _age(entry) > _OLD_STYLE_AGE_S
-            if not stale:
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+            if stale:
+                _remove(entry)
+
+
+_ANY_TEMPORARY = re.compile(r"\.(?:tmp-.+-(\d+)-[0-9a-f]{8}|old-.+-(\d+))")
+
+
+def remove_dead_writers_temporaries(folder: Path) -> None:
+    """Remove every `.tmp-*` / `.old-*` sibling in `folder` whose writing process is gone (a merge killed with
+    -9 leaves a full model copy there), whatever target it was for."""
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in list(entries):
+            match = _ANY_TEMPORARY.fullmatch(entry.name)
+            if match is not None and not _alive(int(match.group(1) or match.group(2))):
+                _remove(entry)
+
+
+def _remove(entry: os.DirEntry) -> None:
+    if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
 
 
 def _age(entry: os.DirEntry) -> float:

@@ -172,3 +172,23 @@ def test_written_folders_and_files_follow_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "private").stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "private" / "model.safetensors").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "secret.txt").stat().st_mode) == 0o600
+
+
+def test_force_clears_what_killed_writers_left_in_a_run_folder(tmp_path):
+    """`train --force` keeps hidden files (the run marker) but not a killed merge's full model copy."""
+    import os
+    import subprocess
+    import sys
+
+    from peftkit.train.run_dir import clear_run_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    run = tmp_path / "run"
+    for name in [f".tmp-merged-{dead_pid}-0123abcd", f".old-gguf-{dead_pid}", f".tmp-merged-{os.getpid()}-0123abcd"]:
+        (run / name).mkdir(parents=True)
+        (run / name / "model.safetensors").write_text("copy")
+    (run / ".peftkit-run").write_text("marker")
+    (run / "adapter").mkdir()
+    clear_run_dir(run)
+    assert sorted(p.name for p in run.iterdir()) == [".peftkit-run", f".tmp-merged-{os.getpid()}-0123abcd"]

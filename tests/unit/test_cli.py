@@ -189,3 +189,32 @@ def test_ctrl_c_while_the_command_starts_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(peftkit.cli, "build_parser", interrupted)
     assert main(["models"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_sigterm_stops_a_command_without_leaving_a_child_or_a_half_written_folder(monkeypatch, tmp_path, capsys):
+    """A merge's verification runs in a child process and writes into a temporary folder: SIGTERM (a job
+    scheduler, `kill`) must end both, as Ctrl-C does, instead of leaving the child running and the copy behind."""
+    import os
+    import signal
+    import threading
+
+    import peftkit.cli
+    from peftkit.utils.atomic import atomic_directory
+
+    pid_file = tmp_path / "child.pid"
+
+    def slow_export(args):
+        with atomic_directory(tmp_path / "merged") as tmp:
+            (tmp / "model.safetensors").write_text("partial")
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            subprocess.run([sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                            "time.sleep(60)"], check=True)
+        return 0
+
+    monkeypatch.setattr(peftkit.cli, "cmd_models", slow_export)
+    assert main(["models"]) == 143
+    assert capsys.readouterr().err == "terminated (SIGTERM)\n"
+    assert not (tmp_path / "merged").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+    assert signal.getsignal(signal.SIGTERM) is not peftkit.cli._raise_terminated, "restored after the command"
