@@ -163,8 +163,25 @@ def render_with_reply_spans(
     return text, spans
 
 
+PREFIX_CHARS_PER_TOKEN = 16
+PREFIX_MARGIN_TOKENS = 128
+
+
+def _encode_prefix(tokenizer: Any, text: str, max_seq_len: int, **kwargs: Any) -> Any:
+    """Tokenize enough of `text` to give its first `max_seq_len` tokens (all that training keeps): a 50 MB record
+    tokenized whole took minutes and gigabytes. The text is cut at growing lengths until the encoding runs well
+    past `max_seq_len` tokens, so the cut (which can change the last tokens before it) never reaches the kept ones."""
+    limit = (max_seq_len + PREFIX_MARGIN_TOKENS) * PREFIX_CHARS_PER_TOKEN
+    while limit < len(text):
+        encoded = tokenizer(text[:limit], **kwargs)
+        if len(encoded["input_ids"]) > max_seq_len + PREFIX_MARGIN_TOKENS:
+            return encoded
+        limit *= 4
+    return tokenizer(text, **kwargs)
+
+
 def _labelled(tokenizer: Any, text: str, spans: list[tuple[int, int]], max_seq_len: int) -> tuple[dict[str, list[int]], bool]:
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = _encode_prefix(tokenizer, text, max_seq_len, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = encoded["input_ids"]
     labels = [IGNORE_INDEX] * len(input_ids)
     for index, (start, _end) in enumerate(encoded["offset_mapping"]):
@@ -224,7 +241,7 @@ def end_of_turn_token_id(tokenizer: Any) -> int | None:
 
 def tokenize_text(tokenizer: Any, text: str, max_seq_len: int) -> tuple[dict[str, list[int]], bool]:
     """Plain text: every token is supervised; EOS closes the document."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    ids = _encode_prefix(tokenizer, text, max_seq_len, add_special_tokens=True)["input_ids"]
     if tokenizer.eos_token_id is not None:
         ids = [*ids, tokenizer.eos_token_id]
     truncated = len(ids) > max_seq_len

@@ -465,3 +465,39 @@ def test_a_conversation_whose_replies_are_all_context_says_so(tmp_path):
     rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]}]
     with pytest.raises(DataError, match=r"no assistant turn to train on.*all have `weight: 0`"):
         load_examples(write_jsonl(tmp_path / "d.jsonl", rows))
+
+
+def test_a_huge_record_is_tokenized_only_as_far_as_training_keeps_it(tiny_tokenizer):
+    """A 50 MB message took minutes and gigabytes to tokenize whole; only its first max_seq_len tokens are kept,
+    and they must be the same tokens (and labels) as the whole text's."""
+    import random
+
+    from peftkit.data.chat import tokenize_conversation, tokenize_text
+
+    words = ["library", "opens", "nine", "river", "password", "  ", "\n", "x" * 40, "42", "é"]
+    rng = random.Random(0)
+    long_reply = " ".join(rng.choice(words) for _ in range(40_000))
+    messages = [{"role": "user", "content": "tell me everything"}, {"role": "assistant", "content": long_reply}]
+    seen = []
+
+    class Recording:
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __call__(self, text, **kwargs):
+            seen.append(len(text))
+            return self.tokenizer(text, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+    for max_seq_len in (64, 300):
+        whole, whole_cut = tokenize_conversation(tiny_tokenizer, messages, 10**9)
+        seen.clear()
+        row, cut = tokenize_conversation(Recording(tiny_tokenizer), messages, max_seq_len)
+        assert cut and not whole_cut and max(seen) < len(long_reply) / 4
+        assert row["input_ids"] == whole["input_ids"][:max_seq_len] and row["labels"] == whole["labels"][:max_seq_len]
+        text_row, text_cut = tokenize_text(tiny_tokenizer, long_reply, max_seq_len)
+        assert text_cut and text_row["input_ids"] == tokenize_text(tiny_tokenizer, long_reply, 10**9)[0]["input_ids"][:max_seq_len]
+    short, short_cut = tokenize_conversation(Recording(tiny_tokenizer), messages[:1] + [{"role": "assistant", "content": "hi"}], 64)
+    assert not short_cut and short["input_ids"]
