@@ -88,13 +88,15 @@ def matchable(text: str) -> str:
 _WARNED_GIVEN_AWAY: set[str] = set()
 
 
-def load_heldout(path: str | Path, system_prompt: str | None, *, warn_given_away: bool = True) -> list[HeldoutItem]:
-    """Questions and key facts. `warn_given_away`: warn (once per file) about questions that contain their own key fact."""
+def load_heldout(path: str | Path, system_prompt: str | None, *, warn_given_away: bool = True,
+                 what: str = "held-out") -> list[HeldoutItem]:
+    """Questions and key facts. `warn_given_away`: warn (once per file) about questions that contain their own key
+    fact. `what` names the set in messages (`held-out`, `general-set`)."""
     items = []
     given_away = []  # questions that contain their own key fact: an echo of the question would score
     for where, record in read_records(Path(path)):
         if not isinstance(record, dict) or "key_fact" not in record:
-            raise DataError(f"{where}: held-out records need `question` (or `messages`) and `key_fact`")
+            raise DataError(f"{where}: {what} records need `question` (or `messages`) and `key_fact`")
         facts = record["key_fact"]
         facts = [number_as_text(f) for f in (facts if isinstance(facts, list) else [facts])]  # `4` matched as written
         if not facts or not all(isinstance(f, str) and f.strip() for f in facts):
@@ -108,19 +110,19 @@ def load_heldout(path: str | Path, system_prompt: str | None, *, warn_given_away
                     message["tool_calls"] = tool_calls_of(message["tool_calls"], f"{where}: message {n}")
                     message["content"] = message.get("content") or ""
         else:
-            raise DataError(f"{where}: held-out record needs a `question` string or a `messages` list")
+            raise DataError(f"{where}: {what} record needs a `question` string or a `messages` list")
         item = HeldoutItem(tuple(with_system_prompt(messages, system_prompt)), tuple(f.strip() for f in facts),
                            tools_of(record.get("tools"), where))
         if item.tools is None and all(matchable(f) in matchable(item.question) for f in item.key_facts):
             given_away.append(where)
         items.append(item)
     if not items:
-        raise DataError(f"held-out file {path} contains no questions")
+        raise DataError(f"{what} file {path} contains no questions")
     if given_away and warn_given_away and str(path) not in _WARNED_GIVEN_AWAY:
         _WARNED_GIVEN_AWAY.add(str(path))
-        log.warning("%d held-out question(s) contain their own key fact (first: %s): a reply that repeats the "
+        log.warning("%d %s question(s) contain their own key fact (first: %s): a reply that repeats the "
                     "question scores as correct; reword the question or choose a key fact it does not give away",
-                    len(given_away), given_away[0])
+                    len(given_away), what, given_away[0])
     return items
 
 

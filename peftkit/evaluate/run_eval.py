@@ -16,7 +16,7 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from peftkit.data.build import HeldoutItem, build_datasets, load_heldout, tokenize_examples
+from peftkit.data.build import HeldoutItem, load_heldout, tokenize_examples, train_eval_examples
 from peftkit.data.chat import with_system_prompt
 from peftkit.data.formats import load_examples
 from peftkit.errors import DataError, PeftkitError
@@ -87,8 +87,12 @@ def evaluate_run(
     # the files named on the command line are read (and their mistakes reported) before any weights load
     examples = load_examples(data, recipe.data.format, recipe.data.columns) if data else None
     heldout_path = heldout or recipe.data.heldout
+    if heldout is None and heldout_path and not Path(heldout_path).is_file():
+        raise DataError(f"the run's held-out questions {heldout_path} (data.heldout in {Path(run_dir) / 'recipe.yaml'}) "
+                        "are gone; pass --heldout FILE, or put the file back")
     items = load_heldout(heldout_path, system) if heldout_path else []
-    general_items = load_heldout(general or builtin_resource(GENERAL_SET), None, warn_given_away=general is not None)
+    general_items = load_heldout(general or builtin_resource(GENERAL_SET), None, warn_given_away=general is not None,
+                                 what="general-set")
     # The same questions asked in the recipe's role (its system prompt): what the domain chatbot's users see.
     in_role_items = asked_in_role(general_items, system)
 
@@ -102,8 +106,9 @@ def evaluate_run(
         if not rows:
             raise DataError(f"{data}: no example has any supervised token left within data.max_seq_len="
                             f"{recipe.data.max_seq_len} tokens, so there is no loss to measure")
-    else:
-        rows = build_datasets(recipe.data, tokenizer, recipe.train.seed).eval
+    else:  # the run's eval split, as training made it (its training rows are not needed, nor warned about)
+        eval_examples = train_eval_examples(recipe.data, recipe.train.seed)[1]
+        rows = tokenize_examples(eval_examples, tokenizer, recipe.data.max_seq_len, system, what="eval example")[0]
 
     def measure(model: Any, base: bool = False) -> dict[str, Any]:
         result: dict[str, Any] = {}

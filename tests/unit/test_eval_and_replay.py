@@ -219,10 +219,17 @@ def test_eval_command_writes_report_and_updates_card(tiny_recipe, tmp_path, caps
     with pytest.raises(SystemExit):
         main(["eval", str(run_dir), "--max-new-tokens", "0"])
     assert "--max-new-tokens: must be at least 1, got 0" in capsys.readouterr().err
+    bad_general = write_jsonl(tmp_path / "bad.jsonl", [{"question": "one two"}])
+    assert main(["eval", str(run_dir), "--general", str(bad_general)]) == 2
+    assert "general-set records need `question`" in capsys.readouterr().err
     first = (run_dir / "eval.json").read_text()
     assert main(["eval", str(run_dir), "--no-base", "--out", str(tmp_path / "other" / "check.json")]) == 0
     assert (run_dir / "eval.json").read_text() == first, "--out leaves the run's own report alone"
     assert json.loads((tmp_path / "other" / "check.json").read_text())["general_questions"] > 3  # the built-in set
+    Path(tiny_recipe["data"]["heldout"]).unlink()  # the recipe's held-out file moved away since training
+    assert main(["eval", str(run_dir), "--no-base"]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"(data.heldout in {run_dir / 'recipe.yaml'}) are gone; pass --heldout FILE" in said
 
 
 def test_eval_of_a_full_finetune_compares_with_the_base_model(tiny_recipe, tmp_path):
