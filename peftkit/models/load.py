@@ -112,6 +112,13 @@ def loading_errors(source: ModelSource, what: str) -> Iterator[None]:
         if needs_remote_code(exc):
             raise remote_code_error(source.ref) from None
         raise
+    except Exception as exc:
+        from safetensors import SafetensorError
+
+        if isinstance(exc, SafetensorError):  # a truncated or damaged weights file
+            raise ModelNotFoundError(f"could not load {what} {source.ref}: a weights file is damaged ({exc}); "
+                                     "download or copy the model again") from None
+        raise
 
 
 def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None) -> Any:

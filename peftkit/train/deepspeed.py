@@ -496,8 +496,9 @@ def async_io_available() -> bool:
     return builder is not None and bool(builder.is_compatible(verbose=False))
 
 
-def setup(recipe: Recipe, run_dir: Path, device: str, dtype: torch.dtype, *, write: bool) -> dict[str, Any] | None:
-    """Prepare this process for DeepSpeed and write RUN_DIR/deepspeed.json (rank 0); None without DeepSpeed."""
+def setup(recipe: Recipe, device: str, dtype: torch.dtype) -> dict[str, Any] | None:
+    """Prepare this process for DeepSpeed and return its config (`write_config` puts it in the run directory);
+    None without DeepSpeed."""
     config = build_config(recipe, device, dtype)
     if config is None:
         return None
@@ -510,12 +511,15 @@ def setup(recipe: Recipe, run_dir: Path, device: str, dtype: torch.dtype, *, wri
             "deepspeed: nvme offload needs DeepSpeed's async_io op, which cannot be built here: install libaio "
             "(`apt install libaio-dev`, then `ds_report` shows async_io as compatible), or offload to cpu"
         )
-    if write:
-        from peftkit.utils.atomic import atomic_write_text
-
-        atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-    log.info("DeepSpeed ZeRO stage %s (%s)", config.get("zero_optimization", {}).get("stage", 0), run_dir / CONFIG_FILE)
+    log.info("DeepSpeed ZeRO stage %s", config.get("zero_optimization", {}).get("stage", 0))
     return config
+
+
+def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """RUN_DIR/deepspeed.json: the config the run trained with (rank 0 writes it)."""
+    from peftkit.utils.atomic import atomic_write_text
+
+    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------

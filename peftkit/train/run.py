@@ -258,12 +258,7 @@ def _train(
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_tokenizer(recipe.model, source)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
-    if main_process:  # the data is usable: only now may an earlier run in output_dir make way (--force)
-        if replace_earlier:
-            run_dirs.clear_run_dir(run_dir)
-        if not resume:
-            run_dirs.mark_run_dir(run_dir, recipe_to_yaml(recipe))
-    ds_config = deepspeed_setup.setup(recipe, run_dir, device, dtype, write=main_process)  # None without DeepSpeed
+    ds_config = deepspeed_setup.setup(recipe, device, dtype)  # None without DeepSpeed
     quantization = effective_quantization(recipe)
     log.info("Loading %s on %s (%s%s)", recipe.model.name, device, str(dtype).removeprefix("torch."),
              f", {quantization.bits}-bit" if quantization else "")
@@ -271,6 +266,13 @@ def _train(
                                or bool(getattr(recipe.adapter, "modules_to_save", None)))
     model = load_model(recipe.model, quantization, device=device, dtype=load_dtype, source=source,
                        quant_storage=deepspeed_setup.quant_storage_dtype(recipe, load_dtype))
+    if main_process:  # data and model are usable: only now may an earlier run in output_dir make way (--force)
+        if replace_earlier:
+            run_dirs.clear_run_dir(run_dir)
+        if not resume:
+            run_dirs.mark_run_dir(run_dir, recipe_to_yaml(recipe))
+        if ds_config is not None:
+            deepspeed_setup.write_config(run_dir, ds_config)
     replay = recipe.data.replay
     if replay is not None and answers_from_base(replay.path, replay.answers):  # self-distilled replay
         answerer = base_model_answerer(

@@ -372,7 +372,7 @@ def test_nvme_offload_without_async_io_stops_before_loading(tiny_recipe, tmp_pat
     monkeypatch.setattr(ds, "prepare_process", lambda device: None)
     monkeypatch.setattr(ds, "async_io_available", lambda: False)
     with pytest.raises(ds.PeftkitError, match="libaio"):
-        ds.setup(recipe, tmp_path, "cpu", torch.float32, write=False)
+        ds.setup(recipe, "cpu", torch.float32)
     assert not ds.uses_nvme(ds.build_config(_recipe(tiny_recipe, deepspeed={"stage": 3}), "cpu", torch.float32))
 
 

@@ -1,4 +1,4 @@
-"""The run directory: --force deletes only peftkit's own runs and only once the new run's data is usable; a
+"""The run directory: --force deletes only peftkit's own runs and only once the new run's data and model are usable; a
 resumed run keeps its recipe; a failed start blocks nothing; early stopping is reported with max_steps."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from peftkit.config import recipe_from_dict
-from peftkit.errors import DataError, RunDirError
+from peftkit.errors import DataError, ModelNotFoundError, RunDirError
 from peftkit.train import checkpoints
 from peftkit.train.run import train
 from peftkit.train.run_dir import RUN_MARKER, check_run_dir, recipe_changes
@@ -52,6 +52,15 @@ def test_failing_force_keeps_the_earlier_run(tiny_recipe, tmp_path):
     recipe = recipe_from_dict({**_short(tiny_recipe), "data": {**tiny_recipe["data"], "train": str(_too_long_chat(tmp_path))}})
     with pytest.raises(DataError, match="max_seq_len"):
         train(recipe, force=True)
+    assert (first / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (first / "summary.json").read_text() == summary
+    # Nor does a model that cannot load (a damaged copy of the base: validate reads only its config).
+    damaged = tmp_path / "damaged-base"
+    shutil.copytree(tiny_recipe["model"]["name"], damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelNotFoundError, match="a weights file is damaged .* download or copy the model again"):
+        train(recipe_from_dict({**_short(tiny_recipe), "model": {"name": str(damaged)}}), force=True)
     assert (first / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert (first / "summary.json").read_text() == summary
 
