@@ -263,14 +263,16 @@ def save(peft_model: Any, directory: Path) -> None:
 
 def _restore_trained_modules(peft_model: Any, directory: Path) -> None:
     """peft's conversion (`subtract_mutated_init`, peft 0.21) keeps only the lora_A/lora_B tensors, so a
-    trained task head (`modules_to_save`, e.g. a classifier's `score`) would be lost: put it back."""
+    trained task head (`modules_to_save`, e.g. a classifier's `score`) and DoRA's trained magnitudes would be lost
+    (the adapter reloaded with fresh magnitudes): put them back. The magnitudes carry over unchanged, since the
+    converted adapter on the original weights adds up to the same weight matrix as the trained one on the residual."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
     path = directory / "adapter_model.safetensors"
     saved = load_file(str(path))
     missing = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()
-               if k not in saved and "lora_" not in k}
+               if k not in saved and ("lora_" not in k or "lora_magnitude_vector" in k)}
     if missing:
         save_file({**saved, **missing}, str(path), metadata={"format": "pt"})
 

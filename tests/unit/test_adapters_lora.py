@@ -91,12 +91,14 @@ def test_inits_keep_the_initial_output(init, tiny_model_dir, tiny_tokenizer):
     assert b_nonzero == (init in ("pissa", "olora", "corda", "corda_kpm"))  # SVD/QR inits move part of W into the adapter
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora", "corda_kpm"])
-def test_pissa_olora_adapter_saved_for_the_original_base(init, tiny_model_dir, tiny_tokenizer, tmp_path):
-    """The residual base is not what users load: the saved adapter is converted to plain LoRA (rank 2r)."""
+@pytest.mark.parametrize("init,dora", [("pissa", False), ("olora", False), ("corda_kpm", False), ("pissa", True),
+                                       ("olora", True)])
+def test_pissa_olora_adapter_saved_for_the_original_base(init, dora, tiny_model_dir, tiny_tokenizer, tmp_path):
+    """The residual base is not what users load: the saved adapter is converted to plain LoRA (rank 2r), with
+    DoRA's trained magnitudes kept (peft's conversion drops them)."""
     from peft import PeftModel
 
-    model = _lora(tiny_model_dir, init=init, calibration=_rows(tiny_tokenizer) if init in CALIBRATED else None)
+    model = _lora(tiny_model_dir, init=init, use_dora=dora, calibration=_rows(tiny_tokenizer) if init in CALIBRATED else None)
     with torch.no_grad():  # stands in for training
         for name, param in model.named_parameters():
             if "lora_" in name:
