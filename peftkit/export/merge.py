@@ -304,6 +304,8 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
     weights = list(weights) if weights else [1.0 / len(run_dirs)] * len(run_dirs)
     if len(weights) != len(run_dirs):
         raise ExportError(f"--weights has {len(weights)} values for {len(run_dirs)} adapters; give one weight per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise ExportError(f"--weights must be finite numbers, got {' '.join(map(str, weights))}")
     if combination not in COMBINATIONS:
         raise ExportError(f"--combination must be one of {', '.join(COMBINATIONS)}, got {combination!r}")
     runs = [resolve_run(r, base) for r in run_dirs]
@@ -314,6 +316,12 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
             raise ExportError(
                 f"{run.run_dir}: only LoRA/rsLoRA adapters can be combined (this one is {run.info.method}); "
                 "merge it on its own with `peftkit merge RUN_DIR`"
+            )
+        if run.info.config.get("modules_to_save"):
+            raise ExportError(
+                f"{run.run_dir} also trained whole modules ({', '.join(run.info.config['modules_to_save'])}, "
+                "adapter.modules_to_save), which a weighted combination of LoRA deltas cannot mix (peft would keep "
+                "one run's copy or the base's); merge it on its own with `peftkit merge RUN_DIR`"
             )
         if run.source.path != first.source.path or run.source.ref != first.source.ref:
             raise ExportError(

@@ -176,6 +176,12 @@ def test_weighted_combination_is_the_weighted_sum_of_updates(export_recipe, tmp_
     assert (out / "model.safetensors").is_file()
     with pytest.raises(ExportError, match="one weight per adapter"):
         export_combined([run_a, run_b], tmp_path / "x", weights=[1.0])
+    with pytest.raises(ExportError, match="--weights must be finite numbers, got 1.0 nan"):
+        combine_runs([run_a, run_b], [1.0, float("nan")])
+    head = make_run(tmp_path / "head", export_recipe, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                 modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    with pytest.raises(ExportError, match=r"also trained whole modules \(lm_head, adapter.modules_to_save\)"):
+        combine_runs([run_a, head], [0.5, 0.5])
 
 
 def test_prefix_tuning_merge_is_refused_with_exit_2(export_recipe, tmp_path, capsys):
