@@ -191,8 +191,14 @@ def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     return best
 
 
+# Modules that run after the block stack although some models register them before it (OPT's decoder registers
+# `final_layer_norm` and `project_out` ahead of `layers`).
+_AFTER_BLOCKS = re.compile(r"(^|\.)(final[^.]*|ln_f|norm_f|project_out)\.")
+
+
 def block_layout(model: torch.nn.Module) -> BlockLayout:
-    """Split parameters by position relative to the block stack (registration order of named_parameters)."""
+    """Split parameters by position relative to the block stack (registration order of named_parameters, except
+    the output-side modules named in `_AFTER_BLOCKS`)."""
     blocks_name, blocks = find_blocks(model)
     block_params = {id(p) for p in blocks.parameters()}
     heads = head_module_names(model)
@@ -204,7 +210,7 @@ def block_layout(model: torch.nn.Module) -> BlockLayout:
             head.append((name, param))
         elif id(param) in block_params:
             seen_blocks = True
-        elif seen_blocks:
+        elif seen_blocks or _AFTER_BLOCKS.search(name):
             top.append((name, param))
         else:
             embeddings.append((name, param))

@@ -103,3 +103,21 @@ def test_plan_caps_unfreezing_at_train_last_layers(tiny_model_dir):
         counts.append(plan.trainable_count())
     assert counts[0] < counts[1] == counts[2] == counts[3]
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("model.layers.0."))
+
+
+def test_output_side_modules_registered_before_the_blocks_train_with_the_top(tiny_tokenizer):
+    """OPT's decoder registers `final_layer_norm` before `layers`: it still runs after the blocks, so it trains with
+    them (and at the full lr), while the input embeddings stay below."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from peftkit.adapters.modules import block_layout
+
+    model = OPTForCausalLM(OPTConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32))
+    layout = block_layout(model)
+    top = {name for name, _ in layout.top}
+    assert {"model.decoder.final_layer_norm.weight", "model.decoder.final_layer_norm.bias"} <= top
+    assert not any("final_layer_norm" in name for name, _ in layout.embeddings)
+    assert any("embed_positions" in name for name, _ in layout.embeddings)
+    trained = build_adapter(model, PartialAdapterConfig(train_last_layers=1, train_head=False))
+    assert "model.decoder.final_layer_norm.weight" in _trainable(trained)
