@@ -92,7 +92,9 @@ def initialise(peft_model: Any, model_dir: str | Path, adapter_name: str = "defa
         original = weights.get(name.removeprefix(PEFT_PREFIX) + ".weight")
         if original is None:
             raise ConfigError(f"adapter.init: loftq: {model_dir} has no weight for {name}; is it the model that was quantized?")
+        packed = base.weight
         quantized = dequantize_module_weight(base).float()
+        base.weight = packed  # on CPU peft re-assigns an 8-bit weight without its scales (SCB), breaking the layer
         residual = original.to(device=quantized.device, dtype=torch.float32) - quantized
         lora_a, lora_b = low_rank_factors(residual, module.r[adapter_name], module.scaling[adapter_name])
         module.lora_A[adapter_name].weight.copy_(lora_a)

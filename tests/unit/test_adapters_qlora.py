@@ -203,3 +203,15 @@ def test_blocksize_is_for_4bit_only():
         QuantizationConfig(bits=8, blocksize=32)
     with pytest.raises(ValidationError):
         QuantizationConfig(blocksize=48)
+
+
+def test_loftq_over_an_8_bit_base_trains(tiny_recipe):
+    """peft's dequantization re-assigns an 8-bit weight on CPU without its scales; the layer then failed in the
+    first evaluation (`'NoneType' object has no attribute 'dtype'`)."""
+    from peftkit.config import recipe_from_dict
+    from peftkit.train.run import train
+
+    recipe = recipe_from_dict({**tiny_recipe, "adapter": {"method": "qlora", "r": 4, "alpha": 8, "init": "loftq"},
+                               "quantization": {"bits": 8}, "train": {**tiny_recipe["train"], "max_steps": 1}})
+    summary = train(recipe).summary
+    assert summary["steps"] == 1 and summary["eval_loss_after"] is not None
