@@ -19,7 +19,7 @@ def _print_result(result: Any) -> None:
         q = result.qlora
         console.print(
             f"QLoRA merge into [bold]{q['base']}[/bold] weights. Max |logit diff| vs {q['reference']} "
-            f"on {q['prompts']} prompts: dequantized 4-bit base {q['dequantized_max_abs_diff']:.3g}, "
+            f"on {q['prompts']} prompts: dequantized {q['quantization']['bits']}-bit base {q['dequantized_max_abs_diff']:.3g}, "
             f"original weights {q['original_max_abs_diff']:.3g} (choose with --qlora-base)"
         )
     for note in result.notes:

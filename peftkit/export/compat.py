@@ -281,6 +281,13 @@ VLLM_DEFAULT_MAX_LORA_RANK = 16
 def serving_compatibility(info: AdapterInfo, model_type: str | None) -> dict[str, dict[str, Any]]:
     """Which engines load this adapter as a hot-swappable LoRA, and why not where they do not."""
     engines: dict[str, dict[str, Any]] = {}
+    if str(info.config.get("task_type", "")).upper() == "SEQ_CLS":  # a classifier: no generation engine, no merge
+        why = "this is a sequence-classification adapter (a label head, no text generation)"
+        engines["vllm"] = {"compatible": False, "reasons": [why], "notes": []}
+        engines["llama.cpp"] = {"compatible": False, "reasons": [why], "notes": []}
+        engines["transformers+peft"] = {"compatible": True, "reasons": [], "notes": [
+            "`AutoPeftModelForSequenceClassification.from_pretrained(DIR)` (peft)"]}
+        return engines
 
     reasons: list[str] = []
     notes: list[str] = []

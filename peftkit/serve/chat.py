@@ -34,7 +34,16 @@ def stream_reply(
         pad_token_id=tokenizer.pad_token_id,
         streamer=streamer,
     )
-    worker = threading.Thread(target=lambda: torch.inference_mode()(model.generate)(**kwargs), daemon=True)
+    failure: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            torch.inference_mode()(model.generate)(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which would wait on the streamer forever
+            failure.append(exc)
+            streamer.end()
+
+    worker = threading.Thread(target=generate, daemon=True)
     worker.start()
     pieces = []
     for piece in streamer:
@@ -42,9 +51,12 @@ def stream_reply(
         out.write(piece)
         out.flush()
     worker.join()
-    reply = "".join(pieces).strip()
+    if failure:
+        raise failure[0]
+    raw = "".join(pieces)
+    reply = raw.strip()
     if not reply:  # otherwise a blank line, which reads as a hang or a crash
-        out.write("(no reply: the model ended its turn at once)")
+        out.write("(no reply: the model wrote only blank space)" if raw else "(no reply: the model ended its turn at once)")
     out.write("\n")
     return reply
 

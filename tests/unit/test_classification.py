@@ -117,6 +117,12 @@ def test_lora_on_a_decoder_trains_the_score_head(tiny_model_dir, tmp_path):
     assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
     assert 0 < result.summary["trainable_share"] < 0.5
     _check_run(result, "score")
+    from peftkit.cli import main  # the adapter export the merge refusal points to says how to load it, not "merge it"
+
+    assert main(["export", str(result.run_dir), "--format", "adapter", "--no-verify"]) == 0
+    serving = json.loads((result.run_dir / "adapter-export" / "manifest.json").read_text())["serving"]
+    assert not serving["vllm"]["compatible"] and "sequence-classification adapter" in serving["vllm"]["reasons"][0]
+    assert "merge" not in json.dumps(serving) and "AutoPeftModelForSequenceClassification" in json.dumps(serving)
 
 
 def test_lora_on_bert_targets_query_key_value_dense(tiny_bert_dir, tmp_path):
