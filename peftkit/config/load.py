@@ -78,7 +78,12 @@ def _yaml_load(text: str) -> Any:
 
 def expand_path(value: str) -> Path:
     """`~`, `$HOME` and `${VAR}` as a shell would expand them; an unset variable stays as written."""
-    return Path(os.path.expandvars(value)).expanduser()
+    try:
+        return Path(os.path.expandvars(value)).expanduser()
+    except RuntimeError:  # `~name` of a user this machine does not know
+        user = value.split("/", 1)[0]
+        raise ConfigError(f"{value}: there is no user {user[1:]!r} here, so {user} cannot be expanded; write the "
+                          "path out (or `~/...` for your own home)") from None
 
 
 _YAML_11_BOOLEANS = {"yes", "no", "on", "off", "y", "n"}
@@ -97,6 +102,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = raw
     if (isinstance(value, dict) and not raw.lstrip().startswith("{")) or raw.strip().lower() in _YAML_11_BOOLEANS:
         value = raw
+    quoted = raw.strip()[:1] in ("'", '"')
+    if "#" in raw and not quoted and (value is None or isinstance(value, str)):  # `#1 helper` is text, not a YAML comment
+        value = raw.strip()
     return key.strip().split("."), value
 
 
@@ -327,6 +335,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     _resolve_file_paths(data, recipe_dir)
     apply_overrides(data, overrides or [])
     _resolve_file_paths(data, Path.cwd())  # what the recipe named is absolute by now: this reaches the overrides
+    if isinstance(data.get("output_dir"), str):  # `${RUNS}/x` and `~/runs/x` as for data files (relative stays relative)
+        data["output_dir"] = str(expand_path(data["output_dir"]))
     if isinstance(data.get("adapter"), dict) and "method" not in data["adapter"]:
         data["adapter"]["method"] = "lora"
     _absolute_model_paths(data, recipe_dir)

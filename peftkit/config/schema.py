@@ -359,7 +359,8 @@ class TrainConfig(Section):
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     max_grad_norm: Annotated[float, Field(ge=0.0)] = 1.0
-    seed: int = 42
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+    """Seeds torch, numpy and the data order (numpy takes 0 to 2**32 - 1)."""
     eval_steps: PositiveInt | None = None
     """Evaluate every N steps (default: once per epoch)."""
     save_steps: PositiveInt | None = None

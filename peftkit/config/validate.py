@@ -138,3 +138,14 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> None:
         problems.extend(_check_model(recipe, tool_use))
     if problems:
         raise ConfigError(problems)
+    _warn_about_this_machine(recipe)
+
+
+def _warn_about_this_machine(recipe: Recipe) -> None:
+    """A recipe may be checked here and trained elsewhere: what only this machine lacks is a warning, not a problem."""
+    import torch
+
+    if recipe.train.device == "cuda" and not torch.cuda.is_available():
+        log.warning("train.device is `cuda`, and this machine has no CUDA GPU: `train` will refuse to start here")
+    elif recipe.train.device == "mps" and not torch.backends.mps.is_available():
+        log.warning("train.device is `mps`, and this machine has no Apple GPU: `train` will refuse to start here")

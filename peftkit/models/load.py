@@ -66,6 +66,8 @@ def planned_device(preference: str = "auto") -> str:
 def resolve_device(preference: str = "auto") -> str:
     if preference == "cuda" and not torch.cuda.is_available():
         raise PeftkitError("train.device is `cuda` but no CUDA GPU is visible; use `auto` or `cpu`")
+    if preference == "mps" and not torch.backends.mps.is_available():
+        raise PeftkitError("train.device is `mps` but this machine has no Apple GPU (MPS); use `auto` or `cpu`")
     device = planned_device(preference)
     if device == "cuda":
         use_local_gpu()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from peftkit.config import load_recipe, recipe_from_dict, recipe_to_yaml
 from peftkit.config.load import parse_override
@@ -178,6 +179,9 @@ def test_override_paths_are_relative_to_the_current_directory(tmp_path, monkeypa
     ("data.system_prompt=Off", "Off"),
     ("data.columns={prompt: q, response: a}", {"prompt": "q", "response": "a"}),
     ("adapter.r=8", 8),
+    ("data.system_prompt=You are the #1 helper. Be brief", "You are the #1 helper. Be brief"),
+    ("data.system_prompt=#1 helper", "#1 helper"),
+    ("data.system_prompt='quoted # text'", "quoted # text"),
 ])
 def test_override_text_stays_text_unless_it_is_a_yaml_value(text, value):
     assert parse_override(text)[1] == value
@@ -186,3 +190,25 @@ def test_override_text_stays_text_unless_it_is_a_yaml_value(text, value):
 def test_a_yes_override_still_sets_a_boolean(tmp_path):
     recipe = load_recipe(write(tmp_path, "data: {train: t.jsonl}\n"), ["model.trust_remote_code=yes"])
     assert recipe.model.trust_remote_code is True
+
+
+def test_paths_and_values_that_would_fail_later_are_said_at_load(tmp_path, monkeypatch, tiny_recipe, caplog):
+    """`output_dir: ${RUNS}/x` expands as data paths do; `~nobody/x` and a seed numpy refuses are one message each;
+    a GPU device on a machine without one is a warning in validate (the recipe may train elsewhere)."""
+    import yaml
+
+    from peftkit.config import load_recipe
+    from peftkit.config.validate import validate_recipe
+
+    monkeypatch.setenv("RUNS_ROOT", str(tmp_path / "runs"))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**tiny_recipe, "output_dir": "${RUNS_ROOT}/first"}))
+    assert load_recipe(path).output_dir == str(tmp_path / "runs" / "first")
+    with pytest.raises(ConfigError, match="there is no user 'nobody-peftkit' here"):
+        load_recipe(path, ["data.train=~nobody-peftkit/x.jsonl"])
+    with pytest.raises(ConfigError, match="train.seed"):
+        load_recipe(path, ["train.seed=-1"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        validate_recipe(load_recipe(path, ["train.device=cuda"]), check_model=False)
+    assert "this machine has no CUDA GPU: `train` will refuse to start here" in caplog.text
