@@ -55,10 +55,12 @@ def adapter_dir(run_dir: Path) -> Path:
         if (run_dir / "summary.json").is_file():
             raise RunDirError(f"{run_dir} is a finished run whose adapter/ folder is missing or incomplete (no "
                               "adapter_config.json); restore it, or train again with `--force`")
-        raise RunDirError(
-            f"{run_dir} has no trained adapter (adapter/adapter_config.json); the run did not finish: "
-            f"resume it with `peftkit train {run_dir} --resume`"
-        )
+        from peftkit.train.checkpoints import latest_complete
+
+        next_step = (f"resume it with `peftkit train {run_dir} --resume`" if latest_complete(run_dir) is not None
+                     else f"it saved no checkpoint to resume from, so train it again with `peftkit train {run_dir} --force`")
+        raise RunDirError(f"{run_dir} has no trained adapter (adapter/adapter_config.json); the run did not finish: "
+                          + next_step)
     return path
 
 

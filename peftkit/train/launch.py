@@ -186,6 +186,11 @@ def resolve_resume(resume_arg: str | None, run_dir: Path, force: bool) -> tuple[
         return False, force
     if force:
         raise RunDirError("--resume and --force contradict each other: --force deletes the run --resume would continue")
+    from peftkit.train.run_dir import in_use, training_in
+
+    holder = training_in(run_dir)  # its checkpoints are still being written: "no checkpoint" would mislead
+    if holder is not None:
+        raise in_use(run_dir, holder)
     if (run_dir / "summary.json").is_file():
         raise RunDirError(f"--resume: {run_dir} holds a finished run (summary.json); there is nothing to resume")
     if checkpoints.latest_complete(run_dir) is not None:

@@ -59,8 +59,7 @@ def run_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise RunDirError(f"{run_dir} is in use: peftkit is training into it ({holder}); wait for that run to end "
-                          "or stop it (Ctrl-C saves a checkpoint), or set another output_dir") from None
+        raise in_use(run_dir, holder) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -73,6 +72,11 @@ def run_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
         handle.close()
         if created and not any(run_dir.iterdir()):  # a start that failed before writing anything leaves nothing
             run_dir.rmdir()
+
+
+def in_use(run_dir: Path, holder: str) -> RunDirError:
+    return RunDirError(f"{run_dir} is in use: peftkit is training into it ({holder}); wait for that run to end "
+                       "or stop it (Ctrl-C saves a checkpoint), or set another output_dir")
 
 
 def training_in(run_dir: Path) -> str | None:
@@ -137,6 +141,11 @@ def check_run_dir(run_dir: Path, *, resume: bool, force: bool, recipe_dump: dict
             f"{run_dir} already holds a finished run; set another output_dir (e.g. output_dir={run_dir}-2) "
             "or pass --force to overwrite it"
         )
+    from peftkit.train.checkpoints import latest_complete
+
+    if latest_complete(run_dir) is None:
+        raise RunDirError(f"{run_dir} already exists and holds an unfinished run that saved no checkpoint; pass "
+                          "--force to start over")
     raise RunDirError(
         f"{run_dir} already exists and holds an unfinished run; pass --resume to continue it or --force to start over"
     )

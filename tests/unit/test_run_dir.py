@@ -83,8 +83,20 @@ def test_a_run_that_failed_before_training_is_replaced_without_force(tmp_path):
     (run_dir / "recipe.yaml").write_text("x")
     assert check_run_dir(run_dir, resume=False, force=False, recipe_dump={}) is True
     (run_dir / "metrics.jsonl").write_text("{}\n")  # training had begun: that needs --resume or --force
-    with pytest.raises(RunDirError, match="unfinished run"):
+    with pytest.raises(RunDirError, match="unfinished run that saved no checkpoint; pass --force to start over"):
         check_run_dir(run_dir, resume=False, force=False, recipe_dump={})
+    from peftkit.runs import adapter_dir  # chat / eval / merge / export: no advice that cannot work (--resume)
+
+    with pytest.raises(RunDirError, match="saved no checkpoint to resume from, so train it again with .* --force"):
+        adapter_dir(run_dir)
+    checkpoint = run_dir / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / checkpoints.MARKER).write_text("{}")
+    (checkpoint / "trainer_state.json").write_text("{}")
+    with pytest.raises(RunDirError, match="pass --resume to continue it or --force"):
+        check_run_dir(run_dir, resume=False, force=False, recipe_dump={})
+    with pytest.raises(RunDirError, match=f"resume it with `peftkit train {run_dir} --resume`"):
+        adapter_dir(run_dir)
     (tmp_path / "file").write_text("")
     with pytest.raises(RunDirError, match="is a file"):
         check_run_dir(tmp_path / "file", resume=False, force=True, recipe_dump={})
@@ -237,6 +249,10 @@ def test_one_process_at_a_time_trains_into_a_run_directory(tiny_recipe, tmp_path
         assert training_in(run_dir).startswith(f"pid {os.getpid()}")
         with pytest.raises(RunDirError, match=f"in use: peftkit is training into it \\(pid {os.getpid()}"):
             train(recipe_from_dict(_short(tiny_recipe)), force=True)  # a second run would delete the first's files
+        from peftkit.train.launch import resolve_resume
+
+        with pytest.raises(RunDirError, match="is in use"):  # not "no complete checkpoint": it is being written
+            resolve_resume("last", run_dir, force=False)
     assert training_in(run_dir) is None and not (run_dir / LOCK_FILE).exists()
     assert not run_dir.exists()  # the lock made the folder; nothing else was written, so nothing is left
     result = train(recipe_from_dict(_short(tiny_recipe)))
