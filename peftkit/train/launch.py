@@ -91,10 +91,14 @@ class LaunchOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LaunchOptions":
+        def given(name: str, default: int) -> int:  # 0 is a value the user gave (and `problems` refuses)
+            value = getattr(args, name, None)
+            return default if value is None else value
+
         return cls(
-            nproc=getattr(args, "nproc", None) or 1,
-            nnodes=getattr(args, "nnodes", None) or 1,
-            node_rank=getattr(args, "node_rank", None) or 0,
+            nproc=given("nproc", 1),
+            nnodes=given("nnodes", 1),
+            node_rank=given("node_rank", 0),
             master_addr=getattr(args, "master_addr", None),
             master_port=getattr(args, "master_port", None),
             hostfile=getattr(args, "hostfile", None),
@@ -243,6 +247,8 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
         console.print(f"{run_dir} holds a finished run (summary.json): nothing to resume (--resume auto)")
         return 0
     options = LaunchOptions.from_args(args)
+    if not worker and not options.multi_process and options.problems():  # `--nproc 0` must not train quietly in one
+        raise PeftkitError("; ".join(options.problems()))
     if options.multi_process and not worker:
         return launch(args, recipe, recipe_arg, options, console)
     if os.environ.get(WORKER_ENV):  # the launching peftkit resolved --resume and checked the run directory

@@ -218,3 +218,13 @@ def test_sigterm_stops_a_command_without_leaving_a_child_or_a_half_written_folde
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)
     assert signal.getsignal(signal.SIGTERM) is not peftkit.cli._raise_terminated, "restored after the command"
+
+
+def test_launch_options_that_make_no_sense_are_refused_before_training(tiny_recipe, tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    assert main(["train", str(path), "--nproc", "0"]) == 2
+    assert "--nproc must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["train", str(path), "--node-rank", "5"]) == 2
+    assert "--node-rank must be in 0..0, got 5" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
