@@ -123,6 +123,9 @@ def check(model: torch.nn.Module, cfg: PartialAdapterConfig, task: str = "causal
             f"adapter.train_last_layers {cfg.train_last_layers} is out of range: this model has {layout.num_blocks} blocks "
             f"(use 0..{layout.num_blocks})"
         )
+    if cfg.unfreeze_schedule is not None and cfg.train_last_layers == 0:
+        problems.append("adapter.unfreeze_schedule unfreezes the top blocks one by one up to train_last_layers, which "
+                        "is 0: there is nothing to unfreeze; set train_last_layers or drop the schedule")
     if cfg.train_head and not layout.head:
         problems.append("adapter.train_head: this model has no output head (lm_head / score / classifier)")
     if task == "sequence_classification" and not cfg.train_head:

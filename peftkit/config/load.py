@@ -331,6 +331,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     overrides (the command line) against the current directory."""
     path = Path(path)
     data = read_yaml(path)
+    for section in ("model", "adapter", "data", "train", "eval"):  # every key commented out: the section's defaults
+        if section in data and data[section] is None:
+            data[section] = {}
     recipe_dir = path.resolve().parent
     _resolve_file_paths(data, recipe_dir)
     apply_overrides(data, overrides or [])

@@ -121,3 +121,11 @@ def test_output_side_modules_registered_before_the_blocks_train_with_the_top(tin
     assert any("embed_positions" in name for name, _ in layout.embeddings)
     trained = build_adapter(model, PartialAdapterConfig(train_last_layers=1, train_head=False))
     assert "model.decoder.final_layer_norm.weight" in _trainable(trained)
+
+
+def test_a_schedule_with_no_block_to_unfreeze_is_refused(tiny_model_dir):
+    from peftkit.adapters import check_targets
+
+    cfg = PartialAdapterConfig(train_last_layers=0, train_head=True, unfreeze_schedule={"every_steps": 2})
+    problems = check_targets(load_tiny(tiny_model_dir), cfg)
+    assert len(problems) == 1 and "there is nothing to unfreeze" in problems[0]

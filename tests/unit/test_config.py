@@ -212,3 +212,15 @@ def test_paths_and_values_that_would_fail_later_are_said_at_load(tmp_path, monke
     with caplog.at_level("WARNING"):
         validate_recipe(load_recipe(path, ["train.device=cuda"]), check_model=False)
     assert "this machine has no CUDA GPU: `train` will refuse to start here" in caplog.text
+
+
+def test_a_section_with_every_key_commented_out_takes_its_defaults(tmp_path, tiny_recipe):
+    import yaml
+
+    from peftkit.config import load_recipe
+
+    text = yaml.safe_dump({k: v for k, v in tiny_recipe.items() if k not in ("train", "eval")})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text + "train:\n  # epochs: 3\neval:\n")
+    recipe = load_recipe(path)
+    assert recipe.train.epochs == type(recipe.train)().epochs and recipe.eval.max_new_tokens > 0
