@@ -142,7 +142,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError(f"YAML syntax error at {where}: {exc.problem}", str(path)) from None
+        tab = "; YAML indents with spaces only: replace the tab" if "'\\t'" in str(exc.problem) else ""
+        raise ConfigError(f"YAML syntax error at {where}: {exc.problem}{tab}", str(path)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"YAML syntax error: {exc}", str(path)) from None
     if data is None:
@@ -326,6 +327,17 @@ def recipe_from_dict(data: dict[str, Any], source: str | None = None) -> Recipe:
         raise ConfigError(list(dict.fromkeys(problems)), source) from None
 
 
+def _missing_files(data: dict[str, Any]) -> list[str]:
+    section = data.get("data") if isinstance(data.get("data"), dict) else {}
+    named = [(f"data.{key}", section.get(key)) for key in ("train", "eval", "heldout")]
+    named = [(key, path) for key, value in named for path in (value if isinstance(value, list) else [value])]
+    replay = section.get("replay")
+    if isinstance(replay, dict):
+        named.append(("data.replay.path", replay.get("path")))
+    return [f"`{key}`: file {path} does not exist" for key, path in named
+            if isinstance(path, str) and path and ":" not in path and not Path(path).exists()]
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Parse a recipe file. Relative paths in it are resolved against the recipe's directory, those given as
     overrides (the command line) against the current directory."""
@@ -343,7 +355,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if isinstance(data.get("adapter"), dict) and "method" not in data["adapter"]:
         data["adapter"]["method"] = "lora"
     _absolute_model_paths(data, recipe_dir)
-    return recipe_from_dict(data, str(path))
+    try:
+        return recipe_from_dict(data, str(path))
+    except ConfigError as exc:  # missing files too, so that one `validate` lists every problem (the later checks
+        raise ConfigError([*exc.problems, *_missing_files(data)], exc.source) from None  # need a valid recipe)
 
 
 def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:

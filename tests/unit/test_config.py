@@ -53,7 +53,8 @@ def test_all_problems_reported_at_once_with_did_you_mean(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_recipe(write(tmp_path, text))
     message = str(info.value)
-    assert len(info.value.problems) == 4
+    assert len(info.value.problems) == 5  # t.jsonl does not exist either
+    assert "`data.train`: file" in message and "t.jsonl does not exist" in message
     assert "did you mean `name`" in message
     assert "did you mean `r`" in message
     assert "did you mean `epochs`" in message
@@ -224,3 +225,18 @@ def test_a_section_with_every_key_commented_out_takes_its_defaults(tmp_path, tin
     path.write_text(text + "train:\n  # epochs: 3\neval:\n")
     recipe = load_recipe(path)
     assert recipe.train.epochs == type(recipe.train)().epochs and recipe.eval.max_new_tokens > 0
+
+
+def test_validate_lists_missing_files_with_wrong_values_and_explains_tabs(tmp_path):
+    from peftkit.config import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data:\n  train: nope.jsonl\n  heldout: nope2.jsonl\ntrain:\n  lr: -1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_recipe(path)
+    said = str(caught.value)
+    assert "train.lr" in said and f"`data.train`: file {tmp_path / 'nope.jsonl'} does not exist" in said
+    assert "`data.heldout`: file" in said and "(3 problems)" in said
+    path.write_text("data:\n\ttrain: x.jsonl\n")
+    with pytest.raises(ConfigError, match="YAML indents with spaces only: replace the tab"):
+        load_recipe(path)
