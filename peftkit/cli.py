@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     _add_set_flag(p)
     p.add_argument("--no-model", action="store_true", help="skip the checks that read the model's config")
-    p.add_argument("--show-data", type=int, default=0, metavar="N",
+    p.add_argument("--show-data", type=positive_int, default=0, metavar="N",
                    help="print the first N training rows as tokenized, trained (loss-bearing) tokens marked")
     p.set_defaults(func=cmd_validate)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from peftkit.config import Recipe, recipe_from_dict
 from peftkit.config.load import read_yaml
-from peftkit.errors import RunDirError
+from peftkit.errors import ModelNotFoundError, RunDirError
 
 
 @dataclass
@@ -21,6 +21,9 @@ class LoadedRun:
 
 def read_run_recipe(run_dir: str | Path) -> Recipe:
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise RunDirError(f"{run_dir} is a file; pass the run directory a `peftkit train` run wrote (the recipe's "
+                          "output_dir), not the recipe")
     if not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} does not exist; pass the output_dir of a `peftkit train` run")
     path = run_dir / "recipe.yaml"
@@ -117,7 +120,12 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
             raise RunDirError(str(exc)) from None
         from peftkit.models.fingerprint import warn_if_other_base
 
-        source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
+        try:
+            source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision,
+                                       allow_pickle=recipe.model.allow_pickle)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"{exc}. The run was trained on it: put the base model back, or set model.name "
+                                     f"in {run_dir / 'recipe.yaml'} to where it is now") from None
         warn_if_other_base(run_dir, source, recipe.model.name)
         base = load_base_model(run_dir, recipe, device, quantized=quantized_base, source=source)  # resolved once
         model = PeftModel.from_pretrained(base, str(adapter))

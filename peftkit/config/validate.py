@@ -145,6 +145,9 @@ def _warn_about_this_machine(recipe: Recipe) -> None:
     """A recipe may be checked here and trained elsewhere: what only this machine lacks is a warning, not a problem."""
     import torch
 
+    if recipe.train.eval_steps and recipe.data.eval is None and recipe.data.eval_fraction == 0:
+        log.warning("train.eval_steps is set, but there is no eval set (data.eval_fraction is 0 and no data.eval): "
+                    "nothing will be evaluated")
     if recipe.train.device == "cuda" and not torch.cuda.is_available():
         log.warning("train.device is `cuda`, and this machine has no CUDA GPU: `train` will refuse to start here")
     elif recipe.train.device == "mps" and not torch.backends.mps.is_available():

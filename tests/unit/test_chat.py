@@ -131,3 +131,20 @@ def test_blank_space_and_a_failing_generation_are_said(tiny_recipe, monkeypatch)
     with pytest.raises(RuntimeError, match="device-side assert"):
         chat(run.model, run.tokenizer, system_prompt=None, prompt="hello", max_new_tokens=4, out=io.StringIO())
     monkeypatch.setattr(run.model, "generate", original)
+
+
+def test_a_run_whose_base_moved_and_a_recipe_given_as_the_run_are_explained(tiny_recipe, tmp_path):
+    import yaml
+
+    from peftkit.errors import ModelNotFoundError, RunDirError
+
+    run_dir = train(recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}})).run_dir
+    stored = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    stored["model"]["name"] = str(tmp_path / "moved-away")
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(stored))
+    with pytest.raises(ModelNotFoundError, match=r"put the base model back, or set model.name in .*recipe.yaml"):
+        load_run(run_dir)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(tiny_recipe))
+    with pytest.raises(RunDirError, match="is a file; pass the run directory"):
+        load_run(recipe_file)

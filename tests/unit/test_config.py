@@ -213,6 +213,9 @@ def test_paths_and_values_that_would_fail_later_are_said_at_load(tmp_path, monke
     with caplog.at_level("WARNING"):
         validate_recipe(load_recipe(path, ["train.device=cuda"]), check_model=False)
     assert "this machine has no CUDA GPU: `train` will refuse to start here" in caplog.text
+    with caplog.at_level("WARNING"):
+        validate_recipe(load_recipe(path, ["train.eval_steps=2", "data.eval_fraction=0"]), check_model=False)
+    assert "train.eval_steps is set, but there is no eval set" in caplog.text
 
 
 def test_a_section_with_every_key_commented_out_takes_its_defaults(tmp_path, tiny_recipe):
