@@ -237,6 +237,11 @@ def _friendly(err: dict[str, Any]) -> str:
     if kind == "finite_number":
         return (f"`{dotted}` must be a finite number, not {got!r} (YAML reads `.inf` / `.nan` as infinity / not a "
                 "number); give a real value, or remove the key for the default")
+    if kind == "int_parsing" and isinstance(got, str) and re.fullmatch(r"[0-9.]+[eE][+-]?[0-9]+", got.strip()):
+        return (f"`{dotted}` must be a whole number; YAML reads {got!r} as text, not a number: write it out "
+                f"(e.g. {int(float(got)) if float(got).is_integer() else 1000})")
+    if kind == "string_type" and isinstance(got, (int, float)) and not isinstance(got, bool) and loc[-1] in ("name", "description"):
+        return f"`{dotted}`: {got!r} reads as a number; quote it to use it as text ({dotted}: \"{got}\")"
     got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
     message = err["msg"].removeprefix("Value error, ")
     return f"`{dotted}`: {message}{got_text}" if shown else message  # a whole-recipe check names its own keys

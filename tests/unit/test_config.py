@@ -243,3 +243,16 @@ def test_validate_lists_missing_files_with_wrong_values_and_explains_tabs(tmp_pa
     path.write_text("data:\n\ttrain: x.jsonl\n")
     with pytest.raises(ConfigError, match="YAML indents with spaces only: replace the tab"):
         load_recipe(path)
+
+
+def test_numbers_yaml_reads_otherwise_are_explained(tmp_path, tiny_recipe):
+    import yaml
+
+    from peftkit.config import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    with pytest.raises(ConfigError, match=r"`train.max_steps` must be a whole number; YAML reads '1e3' as text.*\(e.g. 1000\)"):
+        load_recipe(path, ["train.max_steps=1e3"])
+    with pytest.raises(ConfigError, match=r"`name`: 2024 reads as a number; quote it"):
+        load_recipe(path, ["name=2024"])
