@@ -274,9 +274,25 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _set_flags_last(argv: list[str]) -> list[str]:
+    """`--set k=v ... RECIPE`: argparse would take RECIPE as one more `--set` value; the flag goes last instead."""
+    kept, moved, i = [], [], 0
+    while i < len(argv):
+        if argv[i] != "--set":
+            kept.append(argv[i])
+            i += 1
+            continue
+        moved.append(argv[i])
+        i += 1
+        while i < len(argv) and "=" in argv[i] and not argv[i].startswith("-"):
+            moved.append(argv[i])
+            i += 1
+    return kept + moved
+
+
 def _run_command(argv: list[str] | None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_set_flags_last(sys.argv[1:] if argv is None else list(argv)))
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]  # `k=v` after a flag: argparse stops collecting positionals there
     elif extra:

@@ -39,6 +39,8 @@ def test_set_flag_is_the_same_override_list(tiny_recipe, tmp_path, capsys):
     assert main(["validate", str(path), "--set", "adapter.target_modules=[attn]"]) == 2
     assert "matches no linear module" in capsys.readouterr().err
     assert main(["validate", str(path), "adapter.target_modules=[attn]", "--set", "adapter.target_modules=[q_proj]"]) == 0
+    assert main(["validate", "--set", "adapter.target_modules=[attn]", str(path)]) == 2, "--set before the recipe"
+    assert "matches no linear module" in capsys.readouterr().err
 
 
 def test_overrides_after_a_flag_still_reach_the_recipe(tiny_recipe, tmp_path, capsys):
