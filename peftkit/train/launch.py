@@ -178,6 +178,19 @@ def load_train_recipe(args: argparse.Namespace) -> tuple[Recipe, str]:
     return load_recipe(recipe_file, overrides), str(target.resolve()) if target.exists() else str(target)
 
 
+def _refuse_if_in_use(run_dir: Path) -> None:
+    """Another process trains into `run_dir` (one killed a moment ago gets a few seconds to let go of the lock)."""
+    from peftkit.train.run_dir import in_use, training_in
+
+    holder = training_in(run_dir)
+    for _ in range(10):
+        if holder is None:
+            return
+        time.sleep(0.5)
+        holder = training_in(run_dir)
+    raise in_use(run_dir, holder)
+
+
 def resolve_resume(resume_arg: str | None, run_dir: Path, force: bool) -> tuple[bool, bool]:
     """(resume, force) for `--resume [RUN_DIR|auto]`.
 
@@ -190,11 +203,6 @@ def resolve_resume(resume_arg: str | None, run_dir: Path, force: bool) -> tuple[
         return False, force
     if force:
         raise RunDirError("--resume and --force contradict each other: --force deletes the run --resume would continue")
-    from peftkit.train.run_dir import in_use, training_in
-
-    holder = training_in(run_dir)  # its checkpoints are still being written: "no checkpoint" would mislead
-    if holder is not None:
-        raise in_use(run_dir, holder)
     if (run_dir / "summary.json").is_file():
         raise RunDirError(f"--resume: {run_dir} holds a finished run (summary.json); there is nothing to resume")
     if checkpoints.latest_complete(run_dir) is not None:
@@ -254,6 +262,7 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
     if os.environ.get(WORKER_ENV):  # the launching peftkit resolved --resume and checked the run directory
         resume, force = getattr(args, "resume", None) is not None, bool(args.force)  # --force: its replacement
     else:
+        _refuse_if_in_use(run_dir)  # before --resume's checks: a running run's checkpoints are still being written
         resume, force = resolve_resume(getattr(args, "resume", None), run_dir, bool(args.force))
     try:
         result = train(recipe, resume=resume, force=force)

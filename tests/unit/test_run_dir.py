@@ -241,7 +241,7 @@ def test_a_classification_force_that_fails_on_its_data_keeps_the_earlier_run(tin
     assert (run_dir / "summary.json").read_text() == summary
 
 
-def test_one_process_at_a_time_trains_into_a_run_directory(tiny_recipe, tmp_path):
+def test_one_process_at_a_time_trains_into_a_run_directory(tiny_recipe, tmp_path, capsys):
     from peftkit.train.run_dir import LOCK_FILE, run_lock, training_in
 
     run_dir = Path(tiny_recipe["output_dir"])
@@ -249,10 +249,12 @@ def test_one_process_at_a_time_trains_into_a_run_directory(tiny_recipe, tmp_path
         assert training_in(run_dir).startswith(f"pid {os.getpid()}")
         with pytest.raises(RunDirError, match=f"in use: peftkit is training into it \\(pid {os.getpid()}"):
             train(recipe_from_dict(_short(tiny_recipe)), force=True)  # a second run would delete the first's files
-        from peftkit.train.launch import resolve_resume
+        from peftkit.cli import main
 
-        with pytest.raises(RunDirError, match="is in use"):  # not "no complete checkpoint": it is being written
-            resolve_resume("last", run_dir, force=False)
+        recipe_file = tmp_path / "recipe.yaml"
+        recipe_file.write_text(yaml.safe_dump(_short(tiny_recipe)))
+        assert main(["train", str(recipe_file), "--resume"]) == 2  # not "no complete checkpoint": it is being written
+        assert "is in use: peftkit is training into it" in capsys.readouterr().err
     assert training_in(run_dir) is None and not (run_dir / LOCK_FILE).exists()
     assert not run_dir.exists()  # the lock made the folder; nothing else was written, so nothing is left
     result = train(recipe_from_dict(_short(tiny_recipe)))
