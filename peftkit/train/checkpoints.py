@@ -85,6 +85,8 @@ class Progress:
     steps: int = 0
     wall_seconds: float = 0.0
     """Wall time of the sessions so far (loading, evaluation and training), up to this checkpoint."""
+    overfitting_warned: bool = False
+    """An earlier session warned about overfitting (the warning belongs to the run, not to the session)."""
 
 
 def read_progress(checkpoint: Path) -> Progress | None:
@@ -265,4 +267,7 @@ def restore_finished(trainer: Any, checkpoint: Path) -> Any:
 
     trainer._load_from_checkpoint(str(checkpoint))
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    best = trainer.state.best_model_checkpoint  # early stopping ships the best evaluation's weights, as the Trainer would
+    if trainer.args.load_best_model_at_end and best and Path(best).is_dir() and Path(best) != checkpoint:
+        trainer._load_from_checkpoint(str(best))
     return TrainOutput(trainer.state.global_step, 0.0, {})

@@ -368,7 +368,8 @@ def _train(
             supervised_tokens=supervised, input_tokens=inputs,
             train_seconds=prior.train_seconds + time.perf_counter() - train_started,
             loss_sum=prior.loss_sum + _session_loss_sum(trainer), steps=trainer.state.global_step,
-            wall_seconds=prior.wall_seconds + time.perf_counter() - started)
+            wall_seconds=prior.wall_seconds + time.perf_counter() - started,
+            overfitting_warned=prior.overfitting_warned or overfitting.warned)
 
     def run_totals() -> tuple[float, float]:
         """The run's train loss and train seconds at the end of training (every rank calls it)."""
@@ -410,7 +411,7 @@ def _train(
         "train_loss": round(train_loss, 5),
         "eval_loss_before": eval_loss_before,
         "eval_loss_after": eval_loss_after,
-        "overfitting_warning": overfitting.warned,
+        "overfitting_warning": overfitting.warned or prior.overfitting_warned,
         "stopped_early": trainer.state.max_steps > output.global_step,
         "weights_from_step": _weights_step(trainer, output.global_step),
         "heldout_questions": len(data.heldout),

@@ -297,3 +297,21 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_without_an_extra_step(ti
     assert resumed.summary["train_loss"] == pytest.approx(whole.summary["train_loss"], rel=1e-6)
     assert (resumed.run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert [p.name for p in checkpoints.checkpoint_dirs(resumed.run_dir)][-1] == "checkpoint-4"
+
+
+def test_an_early_stopping_run_killed_after_its_last_checkpoint_still_ships_the_best_weights(tiny_recipe):
+    """Resumed at its last step, the run is not trained again; it must still load the best evaluation's weights
+    (what load_best_model_at_end does at the end of training), as its summary and card say."""
+    recipe = recipe_from_dict(_short(tiny_recipe, max_steps=6, save_steps=1, eval_steps=1, lr=0.5,
+                                     early_stopping_patience=10, save_total_limit=10))
+    whole = train(recipe)
+    best = whole.summary["weights_from_step"]
+    assert best < 6, "the high lr makes the eval loss rise after an early best step"
+    adapter = (whole.run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    for name in ("summary.json", "README.md", "adapter"):
+        path = whole.run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = train(recipe, resume=True)
+    assert resumed.summary["weights_from_step"] == best
+    assert (resumed.run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert resumed.summary["overfitting_warning"] == whole.summary["overfitting_warning"]
