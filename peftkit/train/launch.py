@@ -532,8 +532,19 @@ def raise_for_worker_exit(code: int, interrupts: int, record: dict[str, Any] | N
                             "the checkpoint is complete", code)
             raise TrainingInterrupted(int(record["step"]), checkpoint, run_dir, resume_command(), record.get("signal"))
     if interrupts:
-        raise LaunchError(f"training was interrupted before a checkpoint could be saved (launcher exit code {code}); "
-                          f"rerun with: {resume_command()}")
+        if checkpoints.latest_complete(run_dir) is not None:  # an earlier session's checkpoint
+            again = resume_command()
+        else:  # nothing to resume: the same command, replacing what the stopped start left
+            argv, given = [], sys.argv[1:]
+            for i, arg in enumerate(given):
+                resume_value = i > 0 and given[i - 1] == "--resume" and not arg.startswith("-") and "=" not in arg
+                if arg != "--resume" and not arg.startswith("--resume=") and not resume_value:
+                    argv.append(arg)
+            again = shlex.join(["peftkit", *argv, *(["--force"] if run_dir.is_dir() and "--force" not in argv else [])])
+        error = LaunchError(f"training was interrupted before a checkpoint could be saved (launcher exit code {code}); "
+                            f"rerun with: {again}")
+        error.exit_code = 130  # interrupted, as a one-process run reports it
+        raise error
     if code != 0:
         raise LaunchError(f"training failed in a worker process (launcher exit code {code}); the worker's error is above")
 

@@ -6,6 +6,8 @@ sitecustomize so the test can act between checkpoints) and compare against an un
 
 from __future__ import annotations
 
+import sys
+
 import json
 import signal
 from pathlib import Path
@@ -185,7 +187,7 @@ def test_resume_flag_semantics(tmp_path):
         resolve_resume("auto", run_dir, force=False)
 
 
-def test_worker_exit_is_reported_by_what_the_workers_left(tmp_path, caplog):
+def test_worker_exit_is_reported_by_what_the_workers_left(tmp_path, caplog, monkeypatch):
     """The launcher's exit code alone does not decide: an interrupt checkpoint that is complete is resumable."""
     saved = _checkpoint(tmp_path, 3, world_size=2, deepspeed_stage=2)
     record = {"step": 3, "checkpoint": str(saved), "signal": "SIGINT"}
@@ -202,8 +204,15 @@ def test_worker_exit_is_reported_by_what_the_workers_left(tmp_path, caplog):
     partial = _checkpoint(tmp_path, 5, complete=False)
     with pytest.raises(LaunchError, match="before a checkpoint could be saved"):
         raise_for_worker_exit(1, 1, {"step": 5, "checkpoint": str(partial)}, tmp_path)
-    with pytest.raises(LaunchError, match="before a checkpoint could be saved"):
-        raise_for_worker_exit(-2, 1, None, tmp_path)
+    with pytest.raises(LaunchError, match=r"before a checkpoint could be saved.*--resume") as resumable:
+        raise_for_worker_exit(-2, 1, None, tmp_path)  # checkpoint-3 of an earlier session is there
+    assert resumable.value.exit_code == 130
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    monkeypatch.setattr(sys, "argv", ["peftkit", "train", "r.yaml", "--nproc", "2", "--resume", "auto"])
+    with pytest.raises(LaunchError) as no_checkpoint:
+        raise_for_worker_exit(-2, 1, None, fresh)
+    assert str(no_checkpoint.value).endswith("rerun with: peftkit train r.yaml --nproc 2 --force")
     with pytest.raises(LaunchError, match="failed in a worker process"):
         raise_for_worker_exit(1, 0, None, tmp_path)
     raise_for_worker_exit(0, 0, None, tmp_path)  # a normal end: nothing to say here
