@@ -357,6 +357,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     _resolve_file_paths(data, Path.cwd())  # what the recipe named is absolute by now: this reaches the overrides
     if isinstance(data.get("output_dir"), str):  # `${RUNS}/x` and `~/runs/x` as for data files (relative stays relative)
         data["output_dir"] = str(expand_path(data["output_dir"]))
+        unset = re.findall(r"\$\{?(\w+)", data["output_dir"])
+        if unset:
+            raise ConfigError(f"output_dir: ${unset[0]} is not set in the environment, so it was not expanded: export "
+                              "it or write the path out", str(path))
     if isinstance(data.get("adapter"), dict) and "method" not in data["adapter"]:
         data["adapter"]["method"] = "lora"
     _absolute_model_paths(data, recipe_dir)

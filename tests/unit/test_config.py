@@ -205,6 +205,10 @@ def test_paths_and_values_that_would_fail_later_are_said_at_load(tmp_path, monke
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({**tiny_recipe, "output_dir": "${RUNS_ROOT}/first"}))
     assert load_recipe(path).output_dir == str(tmp_path / "runs" / "first")
+    monkeypatch.delenv("RUNS_ROOT")
+    with pytest.raises(ConfigError, match=r"output_dir: \$RUNS_ROOT is not set in the environment"):
+        load_recipe(path)
+    monkeypatch.setenv("RUNS_ROOT", str(tmp_path / "runs"))
     with pytest.raises(ConfigError, match="there is no user 'nobody-peftkit' here"):
         load_recipe(path, ["data.train=~nobody-peftkit/x.jsonl"])
     with pytest.raises(ConfigError, match="train.seed"):
