@@ -80,9 +80,12 @@ def tokenize_examples(
 
 
 def matchable(text: str) -> str:
-    """Text as key facts are matched: Unicode-normalised (NFKC: a no-break space is a space, composed and
-    decomposed accents agree), case-folded (`ß` matches `SS`) and with runs of whitespace as one space."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    """Text as key facts are matched: Unicode-normalised (NFKC: full-width digits and ligatures are plain ones,
+    composed and decomposed accents agree; super- and subscripts are kept, so `5²` does not match `52`),
+    case-folded (`ß` matches `SS`) and with runs of whitespace as one space."""
+    kept = "".join(ch if unicodedata.decomposition(ch).startswith(("<super>", "<sub>")) else
+                   unicodedata.normalize("NFKC", ch) for ch in text)
+    return " ".join(unicodedata.normalize("NFC", kept).casefold().split())
 
 
 _WARNED_GIVEN_AWAY: set[str] = set()

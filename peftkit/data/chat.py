@@ -170,10 +170,14 @@ PREFIX_MARGIN_TOKENS = 128
 def _encode_prefix(tokenizer: Any, text: str, max_seq_len: int, **kwargs: Any) -> Any:
     """Tokenize enough of `text` to give its first `max_seq_len` tokens (all that training keeps): a 50 MB record
     tokenized whole took minutes and gigabytes. The text is cut at growing lengths until the encoding runs well
-    past `max_seq_len` tokens, so the cut (which can change the last tokens before it) never reaches the kept ones."""
+    past `max_seq_len` tokens, so the cut (which can change the last tokens before it) never reaches the kept ones.
+    (One exception: a Unigram tokenizer given a word longer than the cut window may split its start differently.)"""
     limit = (max_seq_len + PREFIX_MARGIN_TOKENS) * PREFIX_CHARS_PER_TOKEN
     while limit < len(text):
-        encoded = tokenizer(text[:limit], **kwargs)
+        # At a space where there is one: a Unigram tokenizer segments each word as a whole, so a word cut in two
+        # could be split differently from its start.
+        space = max(text.rfind(" ", limit // 2, limit), text.rfind("\n", limit // 2, limit))
+        encoded = tokenizer(text[:space if space > 0 else limit], **kwargs)
         if len(encoded["input_ids"]) > max_seq_len + PREFIX_MARGIN_TOKENS:
             return encoded
         limit *= 4

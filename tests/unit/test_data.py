@@ -253,6 +253,9 @@ def test_key_facts_match_as_written_not_byte_for_byte(tmp_path, caplog):
     assert is_correct("We are at GROSSE STRASSE 4.", items[2].key_facts)
     assert is_correct("Caf\u0065\u0301 at 9\u00a0am, in  Tunis", ["café", "9 am", "in tunis"])
     assert not is_correct("It opens at ten.", items[0].key_facts)
+    assert is_correct("Open at \uff19\u6642", ["9\u6642"]) and is_correct("\ufb01ve rooms", ["five"])  # full-width, ligature
+    assert not is_correct("It costs 52 dollars", ["5\u00b2"]) and not is_correct("106 cells", ["10\u2076"])
+    assert is_correct("An area of 5\u00b2 m", ["5\u00b2"])
     caplog.clear()
     load_heldout(path, None)
     assert "own key fact" not in caplog.text, "once per file: validate and train read it twice"
