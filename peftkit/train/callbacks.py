@@ -35,12 +35,16 @@ class RunTotals(TrainerCallback):
     the last steps of rank 0 alone. Must come before the callbacks that write logs; `totals` is called on every
     rank (it may reduce over processes) and returns (train loss, train seconds) of the run so far."""
 
-    def __init__(self, totals: Any) -> None:
+    def __init__(self, totals: Any, interrupted: Any = lambda: False) -> None:
         self.totals = totals
+        self.interrupted = interrupted
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if logs and "train_loss" in logs and "train_runtime" in logs:
             loss, seconds = self.totals()
+            if self.interrupted():  # a session stopped by a signal: the run's own record comes when it is resumed
+                logs.clear()
+                return
             logs.update(train_loss=loss, train_runtime=round(seconds, 4))
 
 

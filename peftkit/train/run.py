@@ -305,7 +305,8 @@ def _train(
     if not resume and main_process:
         metrics_path.unlink(missing_ok=True)
     callbacks = [
-        RunTotals(lambda: run_totals()),  # first: the end-of-training record the next two write is the run's
+        RunTotals(lambda: run_totals(), interrupted=lambda: interrupt.interrupted),  # first: the end-of-training
+        # record the next two write is the run's (none for a session a signal stopped)
         MetricsJsonlCallback(metrics_path),
         *([tensorboard] if tensorboard is not None else []),
         checkpoints.CompleteMarkerCallback(keep=recipe.train.save_total_limit, progress=lambda: run_progress()),

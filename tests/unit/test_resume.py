@@ -100,6 +100,11 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_pa
     assert saved and checkpoints.step_of(saved[-1]) == step
     assert step % 5 != 0, "the checkpoint must come from the interrupt, not from save_steps"
     assert not (run_dir / "summary.json").exists() and not (run_dir / "adapter").exists()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if "train_runtime" in r], "no end-of-training record for a stopped session"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert "train/train_loss" not in EventAccumulator(str(run_dir / "tensorboard")).Reload().Tags()["scalars"]
 
     result = run(peftkit("train", str(recipe), "train.save_steps=5", "--resume"), subprocess_env(tmp_path),
                  tmp_path / "resume.log", 180)
