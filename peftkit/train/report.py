@@ -44,7 +44,9 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
         console.print(f"the saved weights are step {best}'s, the best evaluation (train.early_stopping_patience)")
     if summary.get("overfitting_warning"):
         console.print("[yellow]overfitting:[/yellow] the eval loss rose while the train loss kept falling (see "
-                      "plots/loss.png); consider fewer epochs, a lower lr, or train.early_stopping_patience")
+                      "plots/loss.png); if the held-out answers suffer, consider fewer epochs, a lower lr, or "
+                      "train.early_stopping_patience (the defaults accept a little of it for more facts learnt: "
+                      "recipes/README.md)")
     for sample in summary.get("samples", []):
         console.print(f"\n[bold]Q:[/bold] {sample['prompt']}\n[bold]A:[/bold] {sample['reply']}")
     next_step = ("scores in summary.json" if summary.get("task") == "sequence_classification"
