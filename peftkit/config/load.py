@@ -260,7 +260,9 @@ def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
         return value
 
     for key in DATA_PATH_KEYS:
-        value = section.get(key)
+        if key not in section:  # absent stays absent: a missing `train` is reported as missing, not as None
+            continue
+        value = section[key]
         section[key] = [resolved(v) for v in value] if isinstance(value, list) else resolved(value)
     replay = section.get("replay")
     if isinstance(replay, dict) and isinstance(replay.get("path"), str):

@@ -260,3 +260,13 @@ def test_numbers_yaml_reads_otherwise_are_explained(tmp_path, tiny_recipe):
         load_recipe(path, ["train.max_steps=1e3"])
     with pytest.raises(ConfigError, match=r"`name`: 2024 reads as a number; quote it"):
         load_recipe(path, ["name=2024"])
+
+
+def test_a_misspelt_required_key_is_reported_as_missing(tmp_path):
+    from peftkit.config import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model:\n  name: x\ndata:\n  trian: a.jsonl\n")
+    with pytest.raises(ConfigError) as caught:
+        load_recipe(path)
+    assert caught.value.problems == ["`data.train` is required but missing", "unknown key `data.trian`: did you mean `train`?"]
