@@ -86,6 +86,13 @@ def expand_path(value: str) -> Path:
                           "path out (or `~/...` for your own home)") from None
 
 
+def unset_variable_message(expanded: str) -> str | None:
+    """What to say of a path that still holds `$VAR` / `${VAR}` after `expand_path`: that variable is not set."""
+    unset = re.findall(r"\$\{?(\w+)", expanded)
+    return f"${unset[0]} is not set in the environment, so it was not expanded: export it or write the path out" \
+        if unset else None
+
+
 _YAML_11_BOOLEANS = {"yes", "no", "on", "off", "y", "n"}
 """Words YAML 1.1 reads as booleans; on the command line they stay text (a bool field still takes them)."""
 
@@ -336,7 +343,7 @@ def recipe_from_dict(data: dict[str, Any], source: str | None = None) -> Recipe:
 
 def _missing_files(data: dict[str, Any]) -> list[str]:
     section = data.get("data") if isinstance(data.get("data"), dict) else {}
-    named = [(f"data.{key}", section.get(key)) for key in ("train", "eval", "heldout")]
+    named = [(f"data.{key}", section.get(key)) for key in DATA_PATH_KEYS]
     named = [(key, path) for key, value in named for path in (value if isinstance(value, list) else [value])]
     replay = section.get("replay")
     if isinstance(replay, dict):
@@ -359,10 +366,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     _resolve_file_paths(data, Path.cwd())  # what the recipe named is absolute by now: this reaches the overrides
     if isinstance(data.get("output_dir"), str):  # `${RUNS}/x` and `~/runs/x` as for data files (relative stays relative)
         data["output_dir"] = str(expand_path(data["output_dir"]))
-        unset = re.findall(r"\$\{?(\w+)", data["output_dir"])
+        unset = unset_variable_message(data["output_dir"])
         if unset:
-            raise ConfigError(f"output_dir: ${unset[0]} is not set in the environment, so it was not expanded: export "
-                              "it or write the path out", str(path))
+            raise ConfigError(f"output_dir: {unset}", str(path))
     if isinstance(data.get("adapter"), dict) and "method" not in data["adapter"]:
         data["adapter"]["method"] = "lora"
     _absolute_model_paths(data, recipe_dir)

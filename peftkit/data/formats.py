@@ -19,7 +19,6 @@ import csv
 import dataclasses
 import io
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +81,10 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
         hint = f"; it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else ""
         raise DataError(f"{path} is a folder; point the recipe at one data file in it{hint}")
     if not path.is_file():
-        unset = re.findall(r"\$\{?(\w+)", str(path))  # the recipe loader expanded the variables that are set
-        why = (f"; ${unset[0]} is not set in the environment, so it was not expanded: export it or write the path out"
-               if unset else "")
+        from peftkit.config.load import unset_variable_message  # the loader expanded the variables that are set
+
+        unset = unset_variable_message(str(path))
+        why = f"; {unset}" if unset else ""
         raise DataError(f"data file {path} does not exist (paths in a recipe are relative to the recipe's folder, "
                         f"on the command line to the current directory){why}")
     suffix = path.suffix.lower()

@@ -106,6 +106,11 @@ def source_fingerprint(source: object, version: int = 2) -> str | None:
     return files_fingerprint(target, version)
 
 
+def _kind(fingerprint: str) -> str:
+    """`v1` (bare digits), `v2` or `bin`."""
+    return fingerprint.split("-")[0] if "-" in fingerprint else "v1"
+
+
 def warn_if_other_base(run_dir: Path, source: object, name: str) -> bool:
     """Warn when `source` is not the base the run in `run_dir` was trained on (its summary's fingerprint); True
     when they differ."""
@@ -114,12 +119,11 @@ def warn_if_other_base(run_dir: Path, source: object, name: str) -> bool:
         trained = json.loads(summary.read_text(encoding="utf-8")).get("base_fingerprint")
     except (OSError, ValueError):
         return False
-    now = source_fingerprint(source, 1 if trained and "-" not in trained else 2) if trained else None
-    def kind(fingerprint: str) -> str:
-        return fingerprint.split("-")[0] if "-" in fingerprint else "v1"
-
-    same_kind = bool(trained and now) and kind(trained) == kind(now)  # a .bin base since saved as safetensors: not comparable
-    if same_kind and now != trained:
+    if not trained:
+        return False
+    now = source_fingerprint(source, 1 if _kind(trained) == "v1" else 2)
+    # a .bin base since saved as safetensors (`bin-` against `v2-`) is not comparable
+    if now and _kind(now) == _kind(trained) and now != trained:
         log.warning("The base model %s is not the one %s was trained on (its weights differ, fingerprint %s, "
                     "trained on %s): the adapter will be applied to other weights, and verification compares "
                     "against those same weights. Use the original base unless this is intended.", name, run_dir, now,

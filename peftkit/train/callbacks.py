@@ -41,7 +41,7 @@ class RunTotals(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if logs and "train_loss" in logs and "train_runtime" in logs:
-            loss, seconds = self.totals()
+            loss, seconds = self.totals()  # on every rank, also for a record that is dropped: it may reduce
             if self.interrupted():  # a session stopped by a signal: the run's own record comes when it is resumed
                 logs.clear()
                 return

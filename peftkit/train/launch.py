@@ -233,6 +233,17 @@ def resume_command(argv: list[str] | None = None) -> str:
     return shlex.join(["peftkit", *argv])
 
 
+def restart_command(run_dir: Path, argv: list[str] | None = None) -> str:
+    """The command line that starts this run again when nothing can be resumed: the same one without --resume (and
+    its RUN_DIR / `auto` value), with --force where the stopped start left a folder behind."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    kept = [arg for i, arg in enumerate(given)
+            if arg != "--resume" and not arg.startswith("--resume=")
+            and not (i > 0 and given[i - 1] == "--resume" and not arg.startswith("-") and "=" not in arg)]
+    force = ["--force"] if run_dir.is_dir() and "--force" not in kept else []
+    return shlex.join(["peftkit", *kept, *force])
+
+
 # --------------------------------------------------------------------------------------------------
 # The entry point behind `peftkit train`
 
@@ -532,15 +543,8 @@ def raise_for_worker_exit(code: int, interrupts: int, record: dict[str, Any] | N
                             "the checkpoint is complete", code)
             raise TrainingInterrupted(int(record["step"]), checkpoint, run_dir, resume_command(), record.get("signal"))
     if interrupts:
-        if checkpoints.latest_complete(run_dir) is not None:  # an earlier session's checkpoint
-            again = resume_command()
-        else:  # nothing to resume: the same command, replacing what the stopped start left
-            argv, given = [], sys.argv[1:]
-            for i, arg in enumerate(given):
-                resume_value = i > 0 and given[i - 1] == "--resume" and not arg.startswith("-") and "=" not in arg
-                if arg != "--resume" and not arg.startswith("--resume=") and not resume_value:
-                    argv.append(arg)
-            again = shlex.join(["peftkit", *argv, *(["--force"] if run_dir.is_dir() and "--force" not in argv else [])])
+        # an earlier session's checkpoint can be resumed; else the same command starts over
+        again = resume_command() if checkpoints.latest_complete(run_dir) is not None else restart_command(run_dir)
         error = LaunchError(f"training was interrupted before a checkpoint could be saved (launcher exit code {code}); "
                             f"rerun with: {again}")
         error.exit_code = 130  # interrupted, as a one-process run reports it
