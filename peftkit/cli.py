@@ -274,6 +274,15 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _naming_the_recipe(exc: PeftkitError, recipe: str | None) -> PeftkitError:
+    """A recipe problem found after loading (validation, data, model) names the recipe file, as parse errors do."""
+    from peftkit.errors import ConfigError
+
+    if not isinstance(exc, ConfigError) or exc.source or not recipe or not Path(recipe).is_file() or recipe in str(exc):
+        return exc
+    return ConfigError(exc.problems, recipe)
+
+
 def _set_flags_last(argv: list[str]) -> list[str]:
     """`--set k=v ... RECIPE`: argparse would take RECIPE as one more `--set` value; the flag goes last instead."""
     kept, moved, i = [], [], 0
@@ -307,7 +316,7 @@ def _run_command(argv: list[str] | None) -> int:
     try:
         return args.func(args)
     except PeftkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_naming_the_recipe(exc, getattr(args, 'recipe', None))}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
         if args.verbose:

@@ -30,6 +30,7 @@ def test_validate_reports_unknown_target_modules(tiny_recipe, tmp_path, capsys):
     assert main(["validate", str(path), "adapter.target_modules=[attn]"]) == 2
     err = capsys.readouterr().err
     assert "matches no linear module" in err and "q_proj" in err
+    assert f"Invalid recipe in {path}:" in err, "a problem found after parsing names the recipe file too"
 
 
 def test_set_flag_is_the_same_override_list(tiny_recipe, tmp_path, capsys):
