@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from peftkit.config.schema import DataConfig
-from peftkit.data.chat import IGNORE_INDEX, tokenize_conversation_rows, tokenize_text, with_system_prompt
+from peftkit.data.chat import (IGNORE_INDEX, special_tokens_pattern, tokenize_conversation_rows, tokenize_text,
+                               with_system_prompt)
 from peftkit.data.columns import number_as_text
 from peftkit.data.formats import Example, Message, data_sources, load_examples, read_records, tool_calls_of, tools_of
 from peftkit.data.replay import BUILTIN_PREFIX, ReplayAnswerer, load_replay, sample_replay
@@ -55,7 +56,12 @@ def tokenize_examples(
     Truncated and dropped examples are logged as `what` ("training example", ...; None: not logged)."""
     rows: list[Row] = []
     truncated = dropped = 0
+    specials = special_tokens_pattern(tokenizer)
+    written_specials: dict[str, str] = {}  # token text -> the first place it was written in the data
     for example in examples:
+        texts = [example.text or ""] if example.messages is None else [str(m.get("content") or "") for m in example.messages]
+        for token in {found for text in texts for found in specials.findall(text)} if specials else ():
+            written_specials.setdefault(token, example.where)
         if example.messages is not None:
             messages = with_system_prompt(example.messages, system_prompt)
             example_rows, cut = tokenize_conversation_rows(
@@ -72,6 +78,11 @@ def tokenize_examples(
                 dropped += 1
                 continue
             rows.append(row)
+    if written_specials and what:
+        named = ", ".join(f"{token!r} ({where})" for token, where in list(written_specials.items())[:3])
+        log.warning("the %ss contain the text of special tokens, which the tokenizer reads as the tokens themselves "
+                    "(a reply can learn to end halfway): %s. Rewrite those passages (HTML's `<s>` can be `<del>`)",
+                    what, named)
     if truncated and what:
         log.warning("%d %s(s) were longer than data.max_seq_len=%d tokens and were truncated", truncated, what, max_seq_len)
     if dropped and what:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def with_system_prompt(messages: Sequence[Message], system_prompt: str | None) -> list[Message]:
+    """`system_prompt` first unless the conversation has its own. A blank system turn (common in ShareGPT exports)
+    counts as none: it would be trained with an empty system turn and served with the recipe's or the template's."""
     messages = list(messages)
+    if messages and messages[0]["role"] == "system" and not str(messages[0].get("content") or "").strip():
+        messages = messages[1:]
     if system_prompt and (not messages or messages[0]["role"] != "system"):
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
@@ -71,9 +77,13 @@ def _render(
                                              **extra)
 
     try:
-        return render(messages)
+        text = render(messages)
     except TemplateError as exc:
-        refusal = exc
+        refusal: Exception | str = exc
+    else:
+        if not _drops_system_message(messages, text):
+            return text
+        refusal = "it leaves them out"
     folded = fold_system_prompt(messages)
     if folded is not None:
         try:
@@ -89,6 +99,13 @@ def _render(
         f"{at}the chat template refused this conversation: {refusal}. Fix the conversation (roles in the order the "
         "template wants), or set `model.chat_template` to a template that accepts it (e.g. `chatml`)"
     ) from None
+
+
+def _drops_system_message(messages: Sequence[Message], text: str) -> bool:
+    """Whether the template rendered the leading system message's text nowhere (some render user and assistant
+    turns only): the system prompt would be trained and served as absent, without a word."""
+    system = str(messages[0].get("content") or "").strip() if messages and messages[0]["role"] == "system" else ""
+    return bool(system) and system not in text
 
 
 class HistoryRenderedDifferently(DataError):
@@ -111,10 +128,31 @@ def _reply_span(
             f"{where}: the chat template's generation prompt is not how it starts an assistant turn, so replies "
             "cannot be located; set `model.chat_template: chatml` or provide a simpler template"
         )
+    through = through[: _conversation_end(tokenizer, messages, i, through, tools)]
     span = (len(prefix), len(through.rstrip()))  # the newline after the end-of-turn is not the reply's
     if messages[i].get("tool_calls"):  # the tools' names may show elsewhere (schemas): the call must be in the reply
         _check_tool_use_rendered(through[span[0] : span[1]], messages[i : i + 1], None, where)
     return through, span
+
+
+def _conversation_end(tokenizer: Any, messages: Sequence[Message], i: int, through: str, tools: Tools) -> int:
+    """Where `through` (the conversation rendered up to reply `i`) stops being that reply: Phi-3's template closes
+    a whole conversation with EOS after the last `<|end|>`, which is not the reply's, and which a later turn does not
+    follow. The end is where a continued conversation departs from `through`, when all it leaves out is special
+    tokens (a template that rewrites the reply itself, such as Qwen3's, is handled as rewritten history)."""
+    try:
+        longer = _render(tokenizer, [*messages[: i + 1], {"role": "user", "content": "…"}], tools=tools)
+    except DataError:  # a template that wants something else after this reply (a tool's result)
+        return len(through)
+    same = len(os.path.commonprefix([through, longer]))
+    if same == len(through):
+        return same
+    specials = special_tokens_pattern(tokenizer)
+    if specials is None:
+        return len(through)
+    # "<|endoftext|>" and "<|user|>" share "<|": the departure is at the start of the token it falls in
+    same = next((m.start() for m in specials.finditer(through) if m.start() < same < m.end()), same)
+    return same if not specials.sub("", through[same:]).strip() else len(through)
 
 
 def _trained_turns(messages: Sequence[Message]) -> list[int]:
@@ -184,11 +222,39 @@ def _encode_prefix(tokenizer: Any, text: str, max_seq_len: int, **kwargs: Any) -
     return tokenizer(text, **kwargs)
 
 
+def _encode_split_at(tokenizer: Any, text: str, cuts: list[int], max_seq_len: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and offsets of `text` encoded piece by piece, the pieces cut at `cuts`, until past `max_seq_len`."""
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    for lo, hi in zip([0, *cuts], [*cuts, len(text)]):
+        piece = _encode_prefix(tokenizer, text[lo:hi], max_seq_len, add_special_tokens=False, return_offsets_mapping=True)
+        ids += piece["input_ids"]
+        offsets += [(start + lo, end + lo) for start, end in piece["offset_mapping"]]
+        if len(ids) > max_seq_len + PREFIX_MARGIN_TOKENS:
+            break
+    return ids, offsets
+
+
 def _labelled(tokenizer: Any, text: str, spans: list[tuple[int, int]], max_seq_len: int) -> tuple[dict[str, list[int]], bool]:
     encoded = _encode_prefix(tokenizer, text, max_seq_len, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = encoded["input_ids"]
+    offsets: list[tuple[int, int]] = encoded["offset_mapping"]
+    # A generation prompt that ends in a space ("ASSISTANT: "): the reply's first token (" Martha") starts in the
+    # prompt, so it would go untrained, and served models see the prompt tokenized on its own, ending in a space
+    # token, which training never showed. Encoded in pieces cut at each reply's start, training sees what serving does.
+    straddled = [lo for lo, _ in spans if any(start < lo < end for start, end in offsets)]
+    if straddled:
+        split_ids, split_offsets = _encode_split_at(tokenizer, text, straddled, max_seq_len)
+        split_text, whole_text = tokenizer.decode(split_ids), tokenizer.decode(input_ids)
+        same = min(len(split_text), len(whole_text))
+        if split_text[:same] == whole_text[:same]:
+            input_ids, offsets = split_ids, split_offsets
+        else:  # e.g. a sentencepiece tokenizer that puts a space before each piece it encodes
+            _warn_once(tokenizer, "straddle", "the chat template's generation prompt ends in whitespace that this "
+                       "tokenizer joins to the reply's first token, which is not trained: remove the whitespace at "
+                       "the end of the template's assistant header (model.chat_template)")
     labels = [IGNORE_INDEX] * len(input_ids)
-    for index, (start, _end) in enumerate(encoded["offset_mapping"]):
+    for index, (start, _end) in enumerate(offsets):
         if any(lo <= start < hi for lo, hi in spans):
             labels[index] = input_ids[index]
     truncated = len(input_ids) > max_seq_len
@@ -226,6 +292,16 @@ def tokenize_conversation_rows(
         truncated += cut
     return rows, truncated
 
+
+
+def special_tokens_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """Matches the text of the tokenizer's special tokens (HTML's `<s>` under a Llama tokenizer, a written
+    `<|im_end|>`): in data the tokenizer reads them as the tokens themselves, so a reply could teach an end of
+    turn halfway through."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    specials = {*tokenizer.all_special_tokens, *(t.content for t in decoder.values() if getattr(t, "special", False))}
+    specials.discard("")
+    return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
 
 
 def end_of_turn_token_id(tokenizer: Any) -> int | None:

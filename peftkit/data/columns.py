@@ -76,9 +76,13 @@ def detected_pair_messages(record: Mapping[str, Any], where: str) -> list[Messag
 
 
 def speaker_role(speaker: Any, roles: Mapping[str, str], where: str, hint: str) -> str:
-    """The chat role of a turn's speaker: the recipe's map first, then the usual spellings."""
+    """The chat role of a turn's speaker: the recipe's map first (exact, then ignoring case, as the usual
+    spellings are), then the usual spellings."""
     if isinstance(speaker, str) and speaker in roles:
         return roles[speaker]
+    folded = {name.casefold(): role for name, role in roles.items()}
+    if isinstance(speaker, str) and speaker.casefold() in folded:
+        return folded[speaker.casefold()]
     role = ROLE_ALIASES.get(str(speaker).lower())
     if role is None:
         raise DataError(f"{where}: speaker {speaker!r} is not a role peftkit knows ({', '.join(sorted(ROLE_ALIASES))}); "

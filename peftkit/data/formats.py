@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from peftkit.data.columns import (ROLE_ALIASES, detected_pair, detected_pair_messages, mapped_messages, mapped_text,
-                                  pair_messages, record_keys)
+from peftkit.data.columns import (ROLE_ALIASES, SYSTEM_FIELDS, detected_pair, detected_pair_messages, mapped_messages,
+                                  mapped_text, pair_messages, record_keys)
 from peftkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -352,10 +352,6 @@ def sharegpt_messages(record: dict[str, Any], where: str) -> list[Message]:
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: `conversations` must be a non-empty list of {{from, value}} objects")
     messages: list[Message] = []
-    first = turns[0] if isinstance(turns[0], dict) else {}
-    opens_with_system = "system" in (str(first.get("from", "")).lower(), first.get("role"))
-    if isinstance(record.get("system"), str) and record["system"] and not opens_with_system:
-        messages.append({"role": "system", "content": record["system"]})  # a system turn wins, as in LLaMA-Factory
     for i, turn in enumerate(turns):
         if isinstance(turn, dict) and "role" in turn and "content" in turn:
             messages.append(turn)
@@ -376,7 +372,20 @@ def sharegpt_messages(record: dict[str, Any], where: str) -> list[Message]:
             messages.append({"role": role, "content": turn["value"]})
         if turn.get("weight") is not None:  # axolotl's per-turn weight
             messages[-1]["weight"] = turn["weight"]
-    return messages
+    return with_record_system(messages, record)
+
+
+def with_record_system(messages: Any, record: dict[str, Any]) -> Any:
+    """A record-level `system` / `system_prompt` string becomes the system turn when the conversation has none
+    (a blank one counts as none); a system turn of its own wins, as in LLaMA-Factory."""
+    system = next((record[f] for f in SYSTEM_FIELDS if isinstance(record.get(f), str) and record[f].strip()), None)
+    if system is None or not isinstance(messages, list) or not messages or not isinstance(messages[0], dict):
+        return messages
+    if messages[0].get("role") == "system":
+        if str(messages[0].get("content") or "").strip():
+            return messages
+        messages = messages[1:]
+    return [{"role": "system", "content": system}, *messages]
 
 
 def prompt_completion_messages(record: dict[str, Any], where: str) -> list[Message]:
@@ -384,10 +393,11 @@ def prompt_completion_messages(record: dict[str, Any], where: str) -> list[Messa
     conversation and its continuation). Assistant turns inside the prompt are context only."""
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, str) and isinstance(completion, str):
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return with_record_system([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+                                  record)
     if isinstance(prompt, list) and isinstance(completion, list):
         context = [{**m, "weight": 0} if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt]
-        return [*context, *completion]
+        return with_record_system([*context, *completion], record)
     raise DataError(f"{where}: `prompt` and `completion` must both be strings or both be lists of {{role, content}} messages")
 
 
@@ -406,17 +416,12 @@ def to_example(record: Any, where: str, fmt: str, columns: ColumnsConfig | None 
 
 
 def chat_record_messages(record: dict[str, Any], where: str) -> list[Message]:
-    """A chat record's messages: `role`/`content` turns, or ShareGPT's `from`/`value` under `messages`;
-    a record-level `system` string becomes the system turn when the conversation has none."""
+    """A chat record's messages: `role`/`content` turns, or ShareGPT's `from`/`value` under `messages`."""
     messages = _json_value(record["messages"], "`messages`", where)  # a CSV column holds the JSON text
     if isinstance(messages, list) and messages and all(isinstance(m, dict) and "from" in m and "role" not in m
                                                        for m in messages):
         messages = sharegpt_messages({"conversations": messages}, where)
-    system = record.get("system")
-    if (isinstance(system, str) and system.strip() and isinstance(messages, list) and messages
-            and not (isinstance(messages[0], dict) and messages[0].get("role") == "system")):
-        messages = [{"role": "system", "content": system}, *messages]
-    return messages
+    return with_record_system(messages, record)
 
 
 def _to_example(record: Any, where: str, kind: str | None) -> Example:
@@ -452,10 +457,9 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
     if kind == "pair":
         return Example(where, messages=check_messages(detected_pair_messages(record, where), where))
     if kind == "alpaca":
-        messages = pair_messages(record, where, "instruction", "output", context="input", system="system")
+        messages = pair_messages(record, where, "instruction", "output", context="input")
         history = alpaca_history(record.get("history"), where)
-        at = 1 if messages[0]["role"] == "system" else 0
-        return Example(where, messages=check_messages([*messages[:at], *history, *messages[at:]], where))
+        return Example(where, messages=check_messages(with_record_system([*history, *messages], record), where))
     text = record.get("text")
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"{where}: `text` must be a non-empty string")

@@ -171,7 +171,8 @@ def _confident_forgetting(before: dict[str, Any], after: dict[str, Any]) -> dict
 
 
 def _points_lost(before: dict[str, Any], after: dict[str, Any], key: str) -> float | None:
-    return round(100 * (before[key] - after[key]), 2) if key in before and key in after else None
+    """Accuracy points lost; None where the base model answers none of the questions (nothing to forget)."""
+    return round(100 * (before[key] - after[key]), 2) if before.get(key) and key in after else None
 
 
 def print_eval_report(console: Any, report: dict[str, Any]) -> None:

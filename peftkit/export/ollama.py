@@ -82,10 +82,12 @@ def _renders_as_chatml(tokenizer: Any, messages: list[dict[str, Any]], tools: li
 
 def renders_as_plain(tokenizer: Any) -> bool:
     """Whether the tokenizer's template is peftkit's `plain` one (possibly behind a default system prompt, which the
-    run's tokenizer carries: models/load.py set_default_system_prompt)."""
-    from peftkit.models.load import PLAIN_TEMPLATE
+    run's tokenizer carries: models/load.py set_default_system_prompt), with or without its opening BOS token
+    (llama.cpp adds that one itself)."""
+    from peftkit.models.load import PLAIN_TEMPLATE, PLAIN_TEMPLATE_WITH_BOS
 
-    return bool(tokenizer.eos_token) and _renders_as(tokenizer, PLAIN_TEMPLATE, CHATML_PROBE)
+    return bool(tokenizer.eos_token) and any(_renders_as(tokenizer, template, CHATML_PROBE)
+                                             for template in (PLAIN_TEMPLATE, PLAIN_TEMPLATE_WITH_BOS))
 
 
 def _renders_as(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> bool:

@@ -51,6 +51,7 @@ PLAIN_TEMPLATE = (
 which the model already has an embedding for and generation already stops on (LLaMA-Factory's `default`
 template does the same). ChatML's markers would be split into characters there, and the model would
 learn to spell `<|im_end|>` instead of learning to stop."""
+PLAIN_TEMPLATE_WITH_BOS = "{{ bos_token }}" + PLAIN_TEMPLATE
 CHATML_END = "<|im_end|>"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -238,10 +239,14 @@ def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
 
 
 def _plain_template(tokenizer: Any) -> str:
+    """PLAIN_TEMPLATE, opened with the BOS token where the tokenizer starts every text with one (Llama and Mistral
+    base models were pretrained so): chat rows are tokenized without the tokenizer's own special tokens."""
     if not tokenizer.eos_token:
         raise PeftkitError("the tokenizer has no end-of-sequence token, so the plain chat template cannot end a "
                            "reply; set model.chat_template to a template file that fits this model")
-    return PLAIN_TEMPLATE
+    bos = tokenizer.bos_token_id
+    starts_with_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    return PLAIN_TEMPLATE_WITH_BOS if starts_with_bos else PLAIN_TEMPLATE
 
 
 _warned: set[str] = set()

@@ -43,7 +43,7 @@ def _eval_section(run_dir: Path) -> list[str]:
         if key in after:
             fmt = _pct if key.endswith("accuracy") else _loss
             lines.append(f"| {label} | {fmt(before.get(key))} | {fmt(after.get(key))} |")
-    if report.get("forgetting_points") is not None and before.get("general_accuracy") == 0:
+    if before.get("general_accuracy") == 0 and "general_accuracy" in after:
         lines += ["", "Forgetting: n/a (the base model answers none of the general questions: nothing to forget)."]
     elif report.get("forgetting_points") is not None:
         in_role = report.get("forgetting_in_role_points")

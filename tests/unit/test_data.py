@@ -84,6 +84,51 @@ THINKING_TEMPLATE = (  # Qwen3-like: only the last assistant turn carries an (em
 )
 
 
+SYSTEM_DROPPING_TEMPLATE = (  # renders user and assistant turns only, as some older templates do
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|im_start|>user\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% elif message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_leaves_system_messages_out_gets_them_in_the_first_user_turn(tiny_tokenizer, caplog):
+    """The system prompt was dropped without a word, in training and in chat alike."""
+    from peftkit.data.chat import generation_prompt
+
+    tokenizer = _with_template(tiny_tokenizer, SYSTEM_DROPPING_TEMPLATE)
+    messages = [{"role": "system", "content": "be brief."}, *TWO_TURNS]
+    with caplog.at_level("WARNING", logger="peftkit.data.chat"):
+        row, _ = tokenize_conversation(tokenizer, messages, max_seq_len=512)
+    assert tokenizer.decode(row["input_ids"]).startswith("<|im_start|>user\nbe brief.\n\nhello<|im_end|>")
+    assert supervised_text(tokenizer, row) == "hi there<|im_end|>goodbye<|im_end|>"
+    assert "leaves them out" in caplog.text
+    assert "be brief." in generation_prompt(tokenizer, messages[:2])
+    row, _ = tokenize_conversation(tokenizer, TWO_TURNS, max_seq_len=512)  # no system message: rendered as it is
+    assert tokenizer.decode(row["input_ids"]).startswith("<|im_start|>user\nhello<|im_end|>")
+
+
+PHI3_TEMPLATE = (  # Phi-3's: every turn closed by <|end|>, the whole conversation by EOS
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def test_a_template_that_closes_the_conversation_with_eos_trains_each_reply_to_its_end_of_turn(tiny_tokenizer, caplog):
+    """Phi-3's EOS after the last turn is not a reply's: it was taken for rewritten history (one row per turn, a
+    wrong warning) and trained after the last reply, so generation stopped on EOS and showed the newline before it."""
+    from peftkit.data.chat import end_of_turn_token_id, tokenize_conversation_rows
+
+    tokenizer = _with_template(tiny_tokenizer, PHI3_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"]})
+    tokenizer.eos_token = "<|endoftext|>"
+    with caplog.at_level("WARNING", logger="peftkit.data.chat"):
+        rows, _ = tokenize_conversation_rows(tokenizer, TWO_TURNS, max_seq_len=512)
+    assert len(rows) == 1 and "differently" not in caplog.text
+    assert supervised_text(tokenizer, rows[0]) == "hi there<|end|>goodbye<|end|>"
+    assert tokenizer.decode(rows[0]["input_ids"]).endswith("goodbye<|end|>\n<|endoftext|>")
+    assert end_of_turn_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|end|>")
+
+
 def test_a_template_that_rewrites_history_trains_each_turn_as_the_last_one(tiny_tokenizer, tmp_path, caplog):
     from peftkit.data.build import tokenize_examples
     from peftkit.data.chat import tokenize_conversation_rows
@@ -504,3 +549,80 @@ def test_a_huge_record_is_tokenized_only_as_far_as_training_keeps_it(tiny_tokeni
         assert text_cut and text_row["input_ids"] == tokenize_text(tiny_tokenizer, long_reply, 10**9)[0]["input_ids"][:max_seq_len]
     short, short_cut = tokenize_conversation(Recording(tiny_tokenizer), messages[:1] + [{"role": "assistant", "content": "hi"}], 64)
     assert not short_cut and short["input_ids"]
+
+
+SPACE_ENDED_TEMPLATE = (  # Vicuna-style: the assistant header ends in a space that byte-level BPE joins to the reply
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + '\n' }}"
+    "{% else %}{{ 'ASSISTANT: ' + message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT: ' }}{% endif %}"
+)
+
+
+def test_a_generation_prompt_ending_in_a_space_trains_what_serving_feeds_the_model(tiny_tokenizer):
+    """" Martha" starts on the header's space: it went untrained, and the model never saw the prompt as a served
+    model does (tokenized alone, ending in a space token), so it answered nonsense after training."""
+    from peftkit.data.chat import generation_prompt
+
+    tokenizer = _with_template(tiny_tokenizer, SPACE_ENDED_TEMPLATE)
+    row, _ = tokenize_conversation(tokenizer, TWO_TURNS, max_seq_len=512)
+    assert supervised_text(tokenizer, row) == "hi there<|im_end|>goodbye<|im_end|>"
+    for turn in (1, 3):  # each reply follows its prompt exactly as serving tokenizes that prompt
+        prompt = tokenizer(generation_prompt(tokenizer, TWO_TURNS[:turn]), add_special_tokens=False)["input_ids"]
+        assert row["input_ids"][: len(prompt)] == prompt
+        assert row["labels"][len(prompt) - 1] == IGNORE_INDEX and row["labels"][len(prompt)] != IGNORE_INDEX
+
+
+def test_a_space_ended_prompt_that_the_tokenizer_cannot_cut_cleanly_is_named(tmp_path, caplog):
+    """A sentencepiece tokenizer puts a space before each piece it encodes, so the cut would add a space: the
+    conversation is encoded whole, as before, and the template fix is named."""
+    from tests.unit.export_fixtures import build_sentencepiece_tokenizer
+
+    tokenizer = build_sentencepiece_tokenizer(tmp_path / "sp")
+    tokenizer.chat_template = SPACE_ENDED_TEMPLATE.replace("<|im_end|>", "</s>")
+    row, _ = tokenize_conversation(tokenizer, TWO_TURNS, max_seq_len=512)
+    assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(TWO_TURNS, tokenize=False)
+    assert "remove the whitespace at the end of the template's assistant header" in caplog.text
+
+
+def test_special_token_text_written_in_the_data_is_named(tiny_tokenizer, caplog):
+    """`<|im_end|>` written in a reply is read as the end-of-turn token itself: the reply would teach the model to
+    stop halfway. It cannot be told apart after tokenizing, so it is named before training."""
+    from peftkit.data.build import tokenize_examples
+    from peftkit.data.formats import Example
+
+    written = [{"role": "user", "content": "what ends a turn?"},
+               {"role": "assistant", "content": "the marker <|im_end|> ends a turn."}]
+    plain = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
+    tokenize_examples([Example(messages=tuple(plain), where="t.jsonl:1")], tiny_tokenizer, 128, None)
+    assert "special tokens" not in caplog.text
+    tokenize_examples([Example(messages=tuple(plain), where="t.jsonl:1"), Example(messages=tuple(written), where="t.jsonl:2")],
+                      tiny_tokenizer, 128, None, what="training example")
+    assert "the training examples contain the text of special tokens" in caplog.text
+    assert "'<|im_end|>' (t.jsonl:2)" in caplog.text
+
+
+def test_a_blank_system_turn_counts_as_none(tiny_tokenizer):
+    """ShareGPT exports often carry `{"from": "system", "value": ""}`: it was trained as an empty system turn
+    while chat, eval and held-out questions used the recipe's system prompt."""
+    from peftkit.data.chat import with_system_prompt
+
+    blank = [{"role": "system", "content": "  "}, {"role": "user", "content": "hello"}]
+    assert with_system_prompt(blank, "you are the desk bot.")[0] == {"role": "system", "content": "you are the desk bot."}
+    assert with_system_prompt(blank, None) == blank[1:]
+    own = [{"role": "system", "content": "you are bob."}, *blank[1:]]
+    assert with_system_prompt(own, "you are the desk bot.") == own
+
+
+@pytest.mark.parametrize("record", [
+    {"system": "be brief.", "prompt": "hello", "completion": "hi"},
+    {"system_prompt": "be brief.", "instruction": "hello", "input": "", "output": "hi"},
+    {"system": "be brief.", "instruction": "hello", "output": "hi", "history": [["hey", "hi"]]},
+    {"system": "be brief.", "conversations": [{"from": "system", "value": ""}, {"from": "human", "value": "hello"},
+                                              {"from": "gpt", "value": "hi"}]},
+    {"system_prompt": "be brief.", "messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]},
+])
+def test_a_record_level_system_prompt_is_the_system_turn_in_every_format(tmp_path, record):
+    """prompt/completion and alpaca records dropped their `system` / `system_prompt`; a blank system turn hid it."""
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl", [record]))
+    assert examples[0].messages[0] == {"role": "system", "content": "be brief."}
+    assert [m["role"] for m in examples[0].messages].count("system") == 1

@@ -239,3 +239,11 @@ def test_train_on_inputs_is_pointed_at_train_on_prompt(tiny_recipe):
     tiny_recipe["task"] = "sequence_classification"
     with pytest.raises(ConfigError, match="train_on_prompt is for chat training"):
         recipe_from_dict(tiny_recipe)
+
+
+def test_the_recipes_speaker_map_ignores_case_as_the_usual_spellings_do(tmp_path):
+    """`roles: {customer: user}` against a `Customer` speaker said to map it in data.columns.roles: the map it had."""
+    records = [{"turns": [{"speaker": "Customer", "text": "hi"}, {"speaker": "AGENT", "text": "hello"}]}]
+    columns = ColumnsConfig(messages="turns", role="speaker", content="text", roles={"customer": "user", "agent": "assistant"})
+    [example] = load_examples(write_jsonl(tmp_path / "d.jsonl", records), columns=columns)
+    assert roles_and_texts(example) == [("user", "hi"), ("assistant", "hello")]

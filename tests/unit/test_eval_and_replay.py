@@ -141,8 +141,9 @@ def test_eval_also_asks_the_general_set_with_the_recipes_system_prompt(tiny_reci
     report = json.loads((run_dir / "eval.json").read_text())
     in_role = report["details"]["general_in_role_details"]
     assert len(in_role) == 3 and report["general_questions"] == 3
-    assert report["forgetting_in_role_points"] == pytest.approx(
-        100 * (report["before"]["general_in_role_accuracy"] - report["after"]["general_in_role_accuracy"]))
+    in_role_before = report["before"]["general_in_role_accuracy"]
+    assert report["forgetting_in_role_points"] == (  # none when the base model knows none of it in role either
+        pytest.approx(100 * (in_role_before - report["after"]["general_in_role_accuracy"])) if in_role_before else None)
     assert "asked with the system prompt" in capsys.readouterr().out
     card = (run_dir / "README.md").read_text()
     assert "| general knowledge, with the system prompt |" in card
@@ -202,9 +203,9 @@ def test_eval_command_writes_report_and_updates_card(tiny_recipe, tmp_path, caps
     assert report["after"]["loss"] == pytest.approx(summary["eval_loss_after"], rel=1e-4)
     assert report["before"]["loss"] == pytest.approx(summary["eval_loss_before"], rel=1e-4)
     assert report["after"]["loss"] != pytest.approx(report["before"]["loss"]), "base and tuned are different models"
-    assert report["forgetting_points"] == pytest.approx(
-        100 * (report["before"]["general_accuracy"] - report["after"]["general_accuracy"])
-    )
+    before_general = report["before"]["general_accuracy"]
+    assert report["forgetting_points"] == (  # none when the tiny base model knows none of the set
+        pytest.approx(100 * (before_general - report["after"]["general_accuracy"])) if before_general else None)
     card = (run_dir / "README.md").read_text()
     assert "Evaluation (`peftkit eval`)" in card
     assert "| general knowledge (3 q, `general.jsonl`) |" in card and "| held-out fact accuracy (2 q, `heldout.jsonl`) |" in card
@@ -443,6 +444,15 @@ def test_the_model_card_says_forgetting_is_undefined_when_the_base_model_knows_n
 
     assert "Forgetting: n/a (the base model answers none of the general questions" in card(0.0, 0.0)
     assert "Forgetting: +10.0 points of general-knowledge accuracy" in card(0.5, 0.4)
+
+
+def test_eval_json_has_no_forgetting_figure_when_the_base_model_knows_none_of_the_set():
+    """eval.json said 0.0 points where the terminal and the card say n/a."""
+    from peftkit.evaluate.run_eval import _points_lost
+
+    assert _points_lost({"general_accuracy": 0.0}, {"general_accuracy": 0.0}, "general_accuracy") is None
+    assert _points_lost({"general_accuracy": 0.5}, {"general_accuracy": 0.4}, "general_accuracy") == 10.0
+    assert _points_lost({}, {"general_accuracy": 0.4}, "general_accuracy") is None
 
 
 def test_a_replay_with_no_answer_left_says_the_run_trains_without_it(tiny_model_dir, tiny_tokenizer, monkeypatch, caplog):

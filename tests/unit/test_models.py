@@ -292,3 +292,24 @@ def test_a_hub_id_is_offered_a_built_in_only_of_the_same_name():
     assert "did you mean" not in hub_hint("meta-llama/Llama-3.2-1B-Instruct").lower()
     assert "Did you mean the built-in `smollm2-135m-instruct`?" in hub_hint("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert "Did you mean the built-in `smollm2-135m-instruct`?" in hub_hint("smolm2-135m-instruct")  # a typo
+
+
+def test_the_plain_template_opens_with_bos_where_the_tokenizer_starts_texts_with_it(tmp_path):
+    """Llama and Mistral base models were pretrained with BOS first; chat rows are tokenized without the tokenizer's
+    own special tokens, so the template must write it (it did not: every row and every prompt lacked it)."""
+    from peftkit.data.chat import generation_prompt, tokenize_conversation
+    from peftkit.export.ollama import ollama_modelfile
+    from peftkit.models.load import PLAIN_TEMPLATE_WITH_BOS, apply_chat_template_setting
+    from tests.unit.export_fixtures import build_sentencepiece_tokenizer
+
+    tokenizer = build_sentencepiece_tokenizer(tmp_path / "sp")
+    tokenizer.add_bos_token = True  # as Llama 2 / Mistral base tokenizers are saved
+    assert tokenizer("hello")["input_ids"][0] == tokenizer.bos_token_id
+    tokenizer.chat_template = None
+    apply_chat_template_setting(tokenizer, None)
+    assert tokenizer.chat_template == PLAIN_TEMPLATE_WITH_BOS
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello how are you today"}]
+    row, _ = tokenize_conversation(tokenizer, messages, 256)
+    assert row["input_ids"][0] == tokenizer.bos_token_id and row["input_ids"].count(tokenizer.bos_token_id) == 1
+    assert generation_prompt(tokenizer, messages[:1]).startswith(tokenizer.bos_token)
+    assert "TEMPLATE" in ollama_modelfile("m.gguf", tokenizer, None), "Ollama still gets the plain template (llama.cpp adds BOS)"
