@@ -91,8 +91,9 @@ def make_plan(model: torch.nn.Module, cfg: PartialAdapterConfig) -> FreezePlan:
     start = cfg.unfreeze_schedule.start_layers if cfg.unfreeze_schedule else k
     groups: list[ParamGroup] = []
     if layout.head:
-        trains_head = cfg.train_head or (layout.tied_head and cfg.train_embeddings)
-        groups.append(ParamGroup("head", list(layout.head), 0, 0 if trains_head else None))
+        # A head tied to the input embeddings is one matrix: it trains at the head's rate when train_head is on, and
+        # at the embeddings' (the lowest layer-wise rate) when only train_embeddings is.
+        groups.append(ParamGroup("head", list(layout.head), 0, 0 if cfg.train_head else None))
     if layout.top:
         # The final norm / pooler sit above the blocks: they train once any block does.
         stage = None if k == 0 else max(0, 1 - start)
@@ -102,8 +103,10 @@ def make_plan(model: torch.nn.Module, cfg: PartialAdapterConfig) -> FreezePlan:
         index = n - 1 - offset  # offset 0 is the top block
         stage = None if offset >= k else max(0, offset + 1 - start)
         groups.append(ParamGroup(f"block.{index}", blocks[index], n - index, stage))
-    if layout.embeddings:
-        groups.append(ParamGroup("embeddings", list(layout.embeddings), n + 1, 0 if cfg.train_embeddings else None))
+    tied_as_embeddings = layout.tied_head and cfg.train_embeddings and not cfg.train_head
+    embeddings = [*layout.embeddings, *(layout.head if tied_as_embeddings else ())]
+    if embeddings:
+        groups.append(ParamGroup("embeddings", embeddings, n + 1, 0 if cfg.train_embeddings else None))
     return FreezePlan(n, groups, start, k, layout.tied_head)
 
 
@@ -192,6 +195,24 @@ def _stage(schedule: Any, state: Any) -> int:
     return math.floor((state.epoch or 0.0) + 1e-6) // schedule.every_epochs
 
 
+def _warn_if_unfinished(plan: FreezePlan, schedule: Any, state: Any) -> None:
+    """A schedule whose last stage starts after the run's last step leaves top-K blocks untrained without a word
+    (quickstart-partial's every 20 steps over 120 steps stopped at 7 of 8)."""
+    if schedule is None or not state.max_steps:
+        return
+    if schedule.every_steps:
+        last_stage, unit, length = (state.max_steps - 1) // schedule.every_steps, "steps", state.max_steps
+    else:
+        epochs = math.ceil(state.num_train_epochs or 1)
+        last_stage, unit, length = (epochs - 1) // schedule.every_epochs, "epochs", epochs
+    reached, wanted = plan.unfrozen_blocks(last_stage), plan.final_blocks
+    if reached < wanted:
+        every = max((length - 1) // (wanted - plan.start_blocks), 1)
+        log.warning("adapter.unfreeze_schedule reaches %d of the %d blocks of train_last_layers within the run's %d "
+                    "%s: the last %d never train. Unfreeze more often (every_%s: %d or less) or train longer",
+                    reached, wanted, length, unit, wanted - reached, unit, every)
+
+
 def unfreeze_callback(plan: FreezePlan, cfg: PartialAdapterConfig) -> Any:
     from transformers import TrainerCallback
 
@@ -208,6 +229,7 @@ def unfreeze_callback(plan: FreezePlan, cfg: PartialAdapterConfig) -> Any:
                 )
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            _warn_if_unfinished(plan, cfg.unfreeze_schedule, state)
             self._update(state)
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

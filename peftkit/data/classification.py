@@ -1,7 +1,8 @@
 """Sequence-classification data: `{"text", "label"}` records (JSONL, JSON, CSV, Parquet).
 
 Labels are names (strings; numbers are read as their text). The label set comes from the
-training file, sorted, so the same file always gives the same ids; eval and held-out labels
+training file, sorted (integer labels by value: labels 0..N-1 keep their own numbers as ids), so the same file
+always gives the same ids; eval and held-out labels
 must be among them. The mapping is stored in the run directory and the model config.
 """
 
@@ -66,7 +67,10 @@ def load_labeled(source: str | Path | Sequence[str | Path], columns: ColumnsConf
 
 
 def label_names(items: list[LabeledText]) -> list[str]:
+    """Sorted; integer labels by value, so that label `2` gets id 2 (as text, `10` would sort before it)."""
     names = sorted({item.label for item in items})
+    if all(name.lstrip("-").isdigit() for name in names):
+        names.sort(key=int)
     if len(names) < 2:
         raise DataError(f"the training data has a single label ({names[0]!r}); classification needs at least two")
     return names

@@ -19,7 +19,7 @@ from typing import Any
 from peftkit import __version__
 from peftkit.errors import ExportError
 from peftkit.export import verify
-from peftkit.export.card import adapter_card
+from peftkit.export.card import adapter_card, classifier_loading
 from peftkit.export.common import ExportResult, list_files, prepare_output, save_failed_report, write_json
 from peftkit.export.compat import serving_compatibility
 from peftkit.export.merge import FULL_MODEL, RunAdapter, _attach, _load_base, _reference, load_run_tokenizer, resolve_run
@@ -62,6 +62,8 @@ def build_manifest(run: RunAdapter, files: list[Path]) -> dict[str, Any]:
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),
         "vocab_size": getattr(config, "vocab_size", None),
     }
+    if str(info.config.get("task_type", "")).upper() == "SEQ_CLS":
+        base["labels"] = _classifier_labels(run)
     if source.is_gguf:
         base["converted_from_gguf"] = str(source.path)
         base["note"] = ("trained on the dequantized weights of this GGUF file, not on the original hub checkpoint; "
@@ -86,6 +88,14 @@ def build_manifest(run: RunAdapter, files: list[Path]) -> dict[str, Any]:
         "peftkit_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _classifier_labels(run: RunAdapter) -> list[str]:
+    """A classifier's label names in id order: loading the adapter needs them (a base loaded without `num_labels`
+    gets a 2-label head, which a 3-label adapter does not fit)."""
+    from peftkit.data.classification import read_labels
+
+    return read_labels(run.run_dir)
 
 
 def _bnb_kwargs(run: RunAdapter) -> dict[str, Any] | None:
@@ -120,6 +130,10 @@ def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force:
         tokenizer = load_run_tokenizer(run)
         save_tokenizer(tokenizer, tmp)  # the chat template the adapter was trained with travels along
         manifest = build_manifest(run, copied)
+        labels = manifest["base_model"].get("labels")
+        if labels is not None:  # a classifier: its labels travel along, and the way to load it names them
+            shutil.copy2(run.run_dir / "labels.json", tmp / "labels.json")
+            manifest["serving"]["transformers+peft"]["notes"] = [f"`{classifier_loading(labels, str(target))}` (peft)"]
         if check:
             base_path = manifest["base_model"]["path"]
             if base_path is None:

@@ -99,6 +99,13 @@ def merged_card(merged: Any, *, dtype: str, verification: dict[str, Any] | None,
     return "\n".join(lines)
 
 
+def classifier_loading(labels: list[str], adapter: str) -> str:
+    """The one line of Python that loads a classification adapter with its labels."""
+    id2label = dict(enumerate(labels))
+    return (f'AutoPeftModelForSequenceClassification.from_pretrained("{adapter}", num_labels={len(labels)}, '
+            f"id2label={id2label!r}, label2id={ {name: i for i, name in id2label.items()}!r})")
+
+
 def adapter_card(manifest: dict[str, Any], verification: dict[str, Any] | None, out: Path) -> str:
     base = manifest["base_model"]
     base_ref = base.get("path") or base["name"]
@@ -127,15 +134,11 @@ def adapter_card(manifest: dict[str, Any], verification: dict[str, Any] | None, 
                   "when a conversation has none, but a server that renders prompts with the base model's chat template "
                   "instead of this folder's (common for multi-LoRA serving) does not: send it as the first message."]
     lines += ["", *verification_section(verification)]
-    lines += [
-        "## Use",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM",
-        f'base = AutoModelForCausalLM.from_pretrained("{base_ref}")',
-        f'model = PeftModel.from_pretrained(base, "{out}")',
-        "```",
-        "",
-    ]
+    labels = base.get("labels")
+    if labels is not None:  # a classifier: its head needs the label count before the adapter loads
+        use = ["from peft import AutoPeftModelForSequenceClassification", f"model = {classifier_loading(labels, str(out))}"]
+    else:
+        use = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM",
+               f'base = AutoModelForCausalLM.from_pretrained("{base_ref}")', f'model = PeftModel.from_pretrained(base, "{out}")']
+    lines += ["## Use", "", "```python", *use, "```", ""]
     return "\n".join(lines)

@@ -79,13 +79,14 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
     run_dir = Path(run_dir).expanduser().resolve()
     recipe = read_run_recipe(run_dir)
     task = getattr(recipe, "task", "causal_lm")
-    if require_causal_lm and task != "causal_lm":
-        raise ExportError(
-            f"{run_dir} is a {task} run; merge/export (and their verification) handle causal language models. "
-            "Load its adapter with peft's AutoPeftModelForSequenceClassification, or "
-            f"`peftkit export {run_dir} --format adapter --no-verify` for the adapter files"
-        )
     full = trained_model_dir(run_dir)
+    if require_causal_lm and task != "causal_lm":
+        use = (f"{full} is the trained classifier itself: load it with transformers' "
+               "AutoModelForSequenceClassification.from_pretrained" if full is not None else
+               "Load its adapter with peft's AutoPeftModelForSequenceClassification, or "
+               f"`peftkit export {run_dir} --format adapter --no-verify` for the adapter files")
+        raise ExportError(f"{run_dir} is a {task} run; merge/export (and their verification) handle causal language "
+                          f"models. {use}")
     if full is not None:
         info = AdapterInfo(full, {"peft_type": FULL_MODEL, "method": getattr(recipe.adapter, "method", "full")})
     else:

@@ -110,7 +110,9 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         f"| train data | {', '.join(f'`{Path(s).name}`' for s in data_sources(recipe.data.train))} "
         f"({summary['train_examples']} examples) |",
         *_replay_row(recipe, summary),
-        f"| trainable parameters | {summary['trainable_params']:,} of {summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%) |",
+        f"| trainable parameters | {summary['trainable_params']:,} of {summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%)"
+        + (f"; {summary['trainable_params_end']:,} at the end (gradual unfreezing)" if "trainable_params_end" in summary else "")
+        + " |",
         f"| steps / supervised tokens | {summary['steps']}{_stopping_note(summary)} / {summary['trained_tokens']:,} |",
         f"| speed | {_speed(summary['tokens_per_second'])} supervised tokens/s on {summary['device']} ({summary['threads']} thread{'s' * (summary['threads'] != 1)}) |",
         f"| training time | {summary['train_seconds']:.0f} s |",

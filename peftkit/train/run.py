@@ -399,10 +399,12 @@ def _train(
     if not main_process:
         return RunResult(run_dir, {})  # rank 0 writes metrics, plots, summary and model card
 
+    trainable_at_end = parameter_counts(model)[0]  # gradual unfreezing ends with more than it started with
     metrics = read_metrics(metrics_path)
     plot_loss_curves(metrics, run_dir / "plots" / "loss.png", title=f"{recipe.name or run_dir.name}: {recipe.adapter.method}")
     summary = {
         **summary_header(recipe, run_dir, quantization, device, dtype, threads, (trainable, total), data, output),
+        **({"trainable_params_end": trainable_at_end} if trainable_at_end != trainable else {}),
         "trained_tokens": trainer.supervised_tokens_seen,
         "input_tokens": trainer.input_tokens_seen,
         "train_seconds": round(train_seconds, 2),

@@ -55,7 +55,10 @@ def test_gradual_unfreezing_updates_blocks_only_after_they_unfreeze(tiny_recipe,
     )
     recipe["train"].update({"max_steps": 6, "weight_decay": 0.1})
     snapshots = Snapshots()
-    train(recipe_from_dict(recipe), extra_callbacks=[snapshots])
+    result = train(recipe_from_dict(recipe), extra_callbacks=[snapshots])
+    summary = result.summary  # the card and summary said only the starting count
+    assert summary["trainable_params_end"] > summary["trainable_params"]
+    assert f"{summary['trainable_params_end']:,} at the end (gradual unfreezing)" in (result.run_dir / "README.md").read_text()
     steps = snapshots.steps
     assert len(steps) == 7
 
@@ -84,6 +87,25 @@ def test_layerwise_lr_decay_param_groups(tiny_model_dir, tmp_path):
     assert lr_by_group == {"head": {1e-3}, "top": {1e-3}, "block.1": {5e-4}, "block.0": {2.5e-4}}
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_a_tied_head_trained_as_embeddings_takes_the_embeddings_rate(tiny_model_dir, tmp_path):
+    """train_embeddings without train_head put the shared matrix at the head's full rate, 8x the documented
+    embeddings rate lr * d^(L+1) here; with train_head on, the head's rate it is."""
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, use_cpu=True, report_to="none")
+
+    def rates(**flags) -> dict[str, set[float]]:
+        cfg = PartialAdapterConfig(train_last_layers=2, layerwise_lr_decay=0.5, **flags)
+        model = build_adapter(load_tiny(tiny_model_dir), cfg)
+        assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.requires_grad
+        found: dict[str, set[float]] = {}
+        for group in trainer_extras(model, cfg, args).optimizer.param_groups:
+            found.setdefault(group["peftkit_group"], set()).add(round(group["lr"], 12))
+        return found
+
+    assert rates(train_head=False, train_embeddings=True)["embeddings"] == {1.25e-4}
+    assert "head" not in rates(train_head=False, train_embeddings=True)
+    assert rates(train_head=True, train_embeddings=True)["head"] == {1e-3}
 
 
 def test_schedule_stage_by_steps_and_epochs():
@@ -129,3 +151,25 @@ def test_a_schedule_with_no_block_to_unfreeze_is_refused(tiny_model_dir):
     cfg = PartialAdapterConfig(train_last_layers=0, train_head=True, unfreeze_schedule={"every_steps": 2})
     problems = check_targets(load_tiny(tiny_model_dir), cfg)
     assert len(problems) == 1 and "there is nothing to unfreeze" in problems[0]
+
+
+def test_a_schedule_that_cannot_finish_within_the_run_is_named(tiny_model_dir, caplog):
+    """quickstart-partial unfroze every 20 steps from 2 to 8 blocks over 120 steps: block 8 would have unfrozen at
+    step 120, after the last step, and nothing said so."""
+    from peftkit.adapters.partial import _warn_if_unfinished
+
+    cfg = PartialAdapterConfig(train_last_layers=2, train_head=True, unfreeze_schedule={"every_steps": 3, "start_layers": 1})
+    plan = freeze_plan(build_adapter(load_tiny(tiny_model_dir), cfg))
+    with caplog.at_level("WARNING", logger="peftkit.adapters.partial"):
+        _warn_if_unfinished(plan, cfg.unfreeze_schedule, SimpleNamespace(max_steps=4, num_train_epochs=1))
+        assert not caplog.text, "block 2 unfreezes at step 3, the run's 4th and last"
+        _warn_if_unfinished(plan, cfg.unfreeze_schedule, SimpleNamespace(max_steps=3, num_train_epochs=1))
+    assert "reaches 1 of the 2 blocks of train_last_layers within the run's 3 steps: the last 1 never train" in caplog.text
+    assert "every_steps: 2 or less" in caplog.text
+    caplog.clear()
+    by_epochs = UnfreezeScheduleConfig(every_epochs=2, start_layers=1)
+    with caplog.at_level("WARNING", logger="peftkit.adapters.partial"):
+        _warn_if_unfinished(plan, by_epochs, SimpleNamespace(max_steps=30, num_train_epochs=3))
+        assert not caplog.text, "block 2 unfreezes at the start of epoch 3"
+        _warn_if_unfinished(plan, by_epochs, SimpleNamespace(max_steps=20, num_train_epochs=2))
+    assert "within the run's 2 epochs" in caplog.text and "every_epochs: 1 or less" in caplog.text

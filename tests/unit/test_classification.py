@@ -74,6 +74,12 @@ def test_labeled_data_and_label_ids(tmp_path, tiny_tokenizer):
     assert len(problems) == 1 and "'neutral' do not occur in the training data (its labels: negative, positive)" in problems[0]
     single = write_jsonl(tmp_path / "s.jsonl", [{"text": "x", "label": "only"}] * 3)
     assert "single label" in check_classification_data(recipe_from_dict({"data": {"train": str(single)}}).data)[0]
+    from peftkit.data.classification import label_names
+
+    numbered = load_labeled(write_jsonl(tmp_path / "n.jsonl", [{"text": "x", "label": n} for n in (10, 2, 0, 1, 11)]))
+    assert label_names(numbered) == ["0", "1", "2", "10", "11"], "integer labels keep their numbers as ids"
+    assert label_names(load_labeled(write_jsonl(tmp_path / "m.jsonl", [{"text": "x", "label": n} for n in ("2", "10", "b")]))) \
+        == ["10", "2", "b"]
 
 
 def test_accuracy_and_macro_f1():
@@ -141,6 +147,12 @@ def test_partial_and_full_on_bert(method, tiny_bert_dir, tmp_path):
     share = result.summary["trainable_share"]
     assert share == 1.0 if method == "full" else 0 < share < 0.5
     _check_run(result, "classifier")
+    from peftkit.export.merge import resolve_run
+    from peftkit.errors import ExportError
+
+    with pytest.raises(ExportError, match=r"/model is the trained classifier itself: load it with transformers' "
+                                          r"AutoModelForSequenceClassification"):  # not "its adapter"
+        resolve_run(result.run_dir)
 
 
 def test_prompt_methods_are_rejected_for_classification(tiny_model_dir, tmp_path):
@@ -177,3 +189,32 @@ def test_calibrated_inits_train_a_classifier(model, init, tiny_model_dir, tiny_b
         assert len(seen[0]) > 100, "kpm calibrates on the general prompts, not on the 30 training texts"
     elif init == "corda":
         assert len(seen[0]) == result.summary["data_stats"]["train_rows"]
+
+
+def test_a_three_label_adapter_export_loads_as_its_card_says(tiny_bert_dir, tmp_path):
+    """The export named `AutoPeftModelForSequenceClassification.from_pretrained(DIR)`, which builds a 2-label head
+    that a 3-label adapter does not fit (size mismatch); the export now carries labels.json and the full call."""
+    import re
+
+    from peftkit.cli import main
+
+    recipe = _recipe(tiny_bert_dir, tmp_path, {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+                     max_steps=2)
+    three = [*_records(1), {"text": "movie food service", "label": "neutral"}, {"text": "food movie", "label": "neutral"}]
+    recipe["data"].update({"train": str(write_jsonl(tmp_path / "three.jsonl", three * 2)), "heldout": None})
+    recipe["data"]["eval"] = recipe["data"]["train"]
+    run_dir = train(recipe_from_dict(recipe)).run_dir
+    assert main(["export", str(run_dir), "--format", "adapter", "--no-verify"]) == 0
+    export = run_dir / "adapter-export"
+    assert json.loads((export / "labels.json").read_text()) == json.loads((run_dir / "labels.json").read_text())
+    card = (export / "README.md").read_text()
+    call = re.search(r"model = (AutoPeftModelForSequenceClassification\.from_pretrained\(.*\))", card).group(1)
+    assert "AutoModelForCausalLM" not in card and call in (export / "manifest.json").read_text().replace('\\"', '"')
+    from peft import AutoPeftModelForSequenceClassification  # noqa: F401 - the card's call runs as written
+
+    model = eval(call)  # noqa: S307 - the card's own line
+    assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    tokenizer = load_run(run_dir).tokenizer
+    batch = tokenizer(["great movie", "bad food"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, load_run(run_dir).model(**batch).logits)
