@@ -81,7 +81,7 @@ def _tokenized_data_line(recipe: Any, tokenizer: Any) -> str:
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     embeddings = model_skeleton(source, recipe.model, task=recipe.task).get_input_embeddings()  # no weights loaded
-    check_token_ids_fit(data, embeddings.num_embeddings, recipe.model.name)
+    check_token_ids_fit(data, embeddings.num_embeddings, recipe.model.name, tokenizer)
     stats = data.stats
     cut = [f"{stats['train_truncated']} cut at max_seq_len={recipe.data.max_seq_len}"] if stats["train_truncated"] else []
     cut += [f"{stats['train_dropped']} dropped (no trained token left)"] if stats["train_dropped"] else []

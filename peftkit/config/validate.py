@@ -80,7 +80,9 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> list[str]:
         source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     except PeftkitError as exc:
         return [f"model.name: {exc}"]
-    problems = []
+    from peftkit.models.resolve import tokenizer_files_problem
+
+    problems = [f"model.name: {problem}"] if (problem := tokenizer_files_problem(source)) else []
     template_problem = chat_template_setting_problem(recipe.model.chat_template)
     if template_problem:
         problems.append(template_problem)

@@ -209,15 +209,24 @@ def build_datasets(
     return DataBundle(train_rows, eval_rows, heldout, stats)
 
 
-def check_token_ids_fit(data: DataBundle, embedding_rows: int, model_name: str) -> None:
-    """Token ids past the model's embedding table fail deep inside the first forward pass (IndexError); say why."""
+MISMATCH_ADVICE = ("tokenizer and model do not belong together (tokens added to the tokenizer without "
+                   "`model.resize_token_embeddings(len(tokenizer))` before saving, or another model's tokenizer); save the "
+                   "model with resized embeddings next to its tokenizer, or use the model's own tokenizer")
+
+
+def check_token_ids_fit(data: DataBundle, embedding_rows: int, model_name: str, tokenizer: Any = None) -> None:
+    """Token ids past the model's embedding table fail deep inside the first forward pass (IndexError); say why.
+    Ids the data does not use are a warning: chat and export would meet them later."""
     top = max((max(row["input_ids"]) for row in (*data.train, *data.eval) if row["input_ids"]), default=-1)
     if top >= embedding_rows:
-        raise DataError(
-            f"the tokenizer writes token id {top}, but the model {model_name} has only {embedding_rows} input "
-            "embeddings: tokenizer and model do not belong together (tokens added to the tokenizer without "
-            "`model.resize_token_embeddings(len(tokenizer))` before saving, or another model's tokenizer); save the "
-            "model with resized embeddings next to its tokenizer, or use the model's own tokenizer")
+        raise DataError(f"the tokenizer writes token id {top}, but the model {model_name} has only {embedding_rows} "
+                        f"input embeddings: {MISMATCH_ADVICE}")
+    if tokenizer is not None and len(tokenizer) > embedding_rows:
+        beyond = tokenizer.convert_ids_to_tokens(list(range(embedding_rows, min(len(tokenizer), embedding_rows + 3))))
+        log.warning("the tokenizer has %d tokens, but the model %s has only %d input embeddings: the data does not "
+                    "use the ones beyond (%s%s), but a chat prompt or an export that meets them fails. %s",
+                    len(tokenizer), model_name, embedding_rows, ", ".join(map(repr, beyond)),
+                    ", ..." if len(tokenizer) > embedding_rows + 3 else "", MISMATCH_ADVICE[0].upper() + MISMATCH_ADVICE[1:])
 
 
 def general_rows(data: DataBundle, cfg: DataConfig, tokenizer: Any) -> list[Row]:

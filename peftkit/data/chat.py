@@ -319,6 +319,24 @@ def end_of_turn_token_id(tokenizer: Any) -> int | None:
     return trained[-1] if trained and trained[-1] in special else None
 
 
+def reply_end_problem(tokenizer: Any) -> str | None:
+    """What is wrong when the chat template ends an assistant reply with no special token (a ChatML template over a
+    vocabulary without `<|im_end|>`): the model would learn to spell the marker out, and generation, which stops on
+    tokens, would never stop. None when the reply ends with one, or the template cannot render the probe."""
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"}]
+    try:
+        text, span = _reply_span(tokenizer, messages, 1, "end-of-turn probe")
+    except Exception:  # noqa: BLE001 - a template that refuses the probe is reported where it is used
+        return None
+    if end_of_turn_token_id(tokenizer) is not None:
+        return None
+    marker = text[span[0]:span[1]].split("Hi there", 1)[-1]
+    what = f"with {marker!r}, which is not a special token of this tokenizer" if marker else "with no end token at all"
+    return (f"the chat template ends an assistant reply {what}: the model would learn to spell it out and generation "
+            f"would never stop. End replies with a token of this vocabulary, e.g. its end token {tokenizer.eos_token!r} "
+            "(`{{ eos_token }}`), or use `model.chat_template: plain`")
+
+
 def tokenize_text(tokenizer: Any, text: str, max_seq_len: int) -> tuple[dict[str, list[int]], bool]:
     """Plain text: every token is supervised; EOS closes the document."""
     ids = _encode_prefix(tokenizer, text, max_seq_len, add_special_tokens=True)["input_ids"]

@@ -145,7 +145,8 @@ def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force:
             reference = _reference(model, tokenizer, run, f"{run.info.method} adapter as peftkit loads it")
             del model
             raw = verify.run_child("peft", tmp, reference, base=base_path, quantization=_bnb_kwargs(run),
-                                   allow_pickle=run.model_cfg.allow_pickle)
+                                   allow_pickle=run.model_cfg.allow_pickle,
+                                   trust_remote_code=run.model_cfg.trust_remote_code)
             report = verify.judge(raw, "float32")
             if not report["passed"]:
                 failed = save_failed_report(target, report)

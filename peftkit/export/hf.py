@@ -80,7 +80,8 @@ def write_merged(merged: MergedModel, out: Path, *, dtype: str = "auto", shard_s
         assert tmp is not None
         save_model_dir(merged.model, merged.tokenizer, tmp, dtype=dtype, shard_size=shard_size)
         if check:
-            report = verify.judge(verify.run_child("hf", tmp, merged.reference), dtype)
+            trust = merged.primary.model_cfg.trust_remote_code
+            report = verify.judge(verify.run_child("hf", tmp, merged.reference, trust_remote_code=trust), dtype)
             report["in_memory_merge_max_abs_diff"] = merged.merge_max_abs_diff
             if merged.qlora:
                 report["qlora"] = merged.qlora

@@ -214,7 +214,7 @@ def _child_env() -> dict[str, str]:
 
 def run_child(kind: str, model_path: Path, reference: Reference, *, gguf_file: str | None = None,
               base: str | None = None, quantization: dict[str, Any] | None = None, allow_pickle: bool = False,
-              timeout: float = 1800) -> dict[str, Any]:
+              trust_remote_code: bool = False, timeout: float = 1800) -> dict[str, Any]:
     """Reload the export in a fresh Python process and return its raw comparison report."""
     with tempfile.TemporaryDirectory(prefix="peftkit-verify-") as tmp:
         folder = Path(tmp)
@@ -230,6 +230,8 @@ def run_child(kind: str, model_path: Path, reference: Reference, *, gguf_file: s
             cmd += ["--quantization", json.dumps(quantization)]
         if allow_pickle:  # a base with only pickled (.bin) weights, which the recipe opted into (model.allow_pickle)
             cmd += ["--allow-pickle"]
+        if trust_remote_code:  # a model with its own code, which the recipe opted into (model.trust_remote_code)
+            cmd += ["--trust-remote-code"]
         started = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout)
@@ -317,9 +319,10 @@ def _apply_gguf_rope(model: Any, path: Path) -> None:
 def _load_for_kind(args: argparse.Namespace) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    remote = {"trust_remote_code": True} if args.trust_remote_code else {}
     if args.kind == "hf":
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto", use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto", use_safetensors=True, **remote)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, **remote)
     elif args.kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(args.model, gguf_file=args.gguf_file, dtype=torch.float32,
                                                      config=_gguf_config(Path(args.model), args.gguf_file))
@@ -330,7 +333,7 @@ def _load_for_kind(args: argparse.Namespace) -> tuple[Any, Any]:
 
         from peftkit.models.load import disable_bnb_cpu_repacking, four_bit_blocksize
 
-        kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": None if args.allow_pickle else True}
+        kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": None if args.allow_pickle else True, **remote}
         blocksize = 64
         if args.quantization:
             from transformers import BitsAndBytesConfig
@@ -347,7 +350,7 @@ def _load_for_kind(args: argparse.Namespace) -> tuple[Any, Any]:
         disable_bnb_cpu_repacking(base)  # as peftkit loads it: see that function
         model = PeftModel.from_pretrained(base, args.model)
         tok_dir = args.model if (Path(args.model) / "tokenizer_config.json").is_file() else args.base
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, **remote)
     else:  # pragma: no cover - argparse restricts choices
         raise ValueError(args.kind)
     model.eval()
@@ -398,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", help="base model directory (--kind peft)")
     parser.add_argument("--quantization", help="BitsAndBytesConfig kwargs as JSON (--kind peft)")
     parser.add_argument("--allow-pickle", action="store_true", help="the base may load from .bin weights (--kind peft)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="the model runs its own code (model.trust_remote_code)")
     args = parser.parse_args(argv)
     report = _child(args)
     Path(args.report).write_text(json.dumps(report, indent=2), encoding="utf-8")

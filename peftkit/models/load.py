@@ -14,7 +14,8 @@ import torch
 
 from peftkit.config.schema import NAMED_CHAT_TEMPLATES, ModelConfig, QuantizationConfig
 from peftkit.errors import MissingDependencyError, ModelNotFoundError, PeftkitError
-from peftkit.models.resolve import ModelSource, hub_hint, materialize, needs_remote_code, remote_code_error, resolve_model_ref
+from peftkit.models.resolve import (ModelSource, hub_hint, materialize, needs_remote_code, remote_code_error, resolve_model_ref,
+                                    tokenizer_files_problem)
 
 log = logging.getLogger(__name__)
 # peft still reads the deprecated `is_gradient_checkpointing` whenever it wraps a model (training, eval,
@@ -109,7 +110,7 @@ def loading_errors(source: ModelSource, what: str) -> Iterator[None]:
         yield
     except OSError as exc:
         if source.kind == "hub":
-            raise ModelNotFoundError(hub_hint(source.ref)) from None
+            raise ModelNotFoundError(hub_hint(source.ref, source.revision)) from None
         raise ModelNotFoundError(f"could not load {what} {source.ref}: {exc}") from None
     except ValueError as exc:
         if needs_remote_code(exc):
@@ -128,6 +129,9 @@ def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None) -> Any:
     from transformers import AutoTokenizer
 
     source = source or resolve_model_ref(cfg.name, revision=cfg.revision, allow_pickle=cfg.allow_pickle)
+    problem = tokenizer_files_problem(source)
+    if problem:
+        raise ModelNotFoundError(problem)
     with loading_errors(source, "the tokenizer of"):
         tokenizer = AutoTokenizer.from_pretrained(
             materialize(source), revision=source.revision, trust_remote_code=cfg.trust_remote_code
@@ -193,19 +197,24 @@ def template_with_default_system(template: str, system_prompt: str, *, fold: boo
 def set_default_system_prompt(tokenizer: Any, system_prompt: str | None) -> bool:
     """Give the tokenizer's chat template `system_prompt` as its default (see template_with_default_system).
 
-    Returns False, changing nothing, when there is no system prompt or no single string template."""
+    A tokenizer with several named templates (`default`, `tool_use`, ...) gets it in each. Returns False, changing
+    nothing, when there is no system prompt or no template."""
     template = getattr(tokenizer, "chat_template", None)
-    if not system_prompt or not isinstance(template, str):
+    named = template if isinstance(template, dict) else {None: template}
+    if not system_prompt or not named or not all(isinstance(t, str) and t for t in named.values()):
         return False
     from jinja2.exceptions import TemplateError
 
     probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
-    try:
-        tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-        fold = False
-    except TemplateError:  # the template refuses system messages; training folded them (data/chat.py _render)
-        fold = True
-    tokenizer.chat_template = template_with_default_system(template, system_prompt, fold=fold)
+    wrapped = {}
+    for name, one in named.items():
+        try:
+            tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True, chat_template=one)
+            fold = False
+        except TemplateError:  # the template refuses system messages; training folded them (data/chat.py _render)
+            fold = True
+        wrapped[name] = template_with_default_system(one, system_prompt, fold=fold)
+    tokenizer.chat_template = wrapped[None] if None in wrapped else wrapped
     return True
 
 
@@ -227,6 +236,11 @@ def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
         if problem:
             raise PeftkitError(problem)
         tokenizer.chat_template = Path(setting).expanduser().read_text(encoding="utf-8")
+        from peftkit.data.chat import reply_end_problem
+
+        problem = reply_end_problem(tokenizer)
+        if problem:
+            raise PeftkitError(f"model.chat_template {setting}: {problem}")
     elif not getattr(tokenizer, "chat_template", None):
         if is_single_token(tokenizer, CHATML_END):
             tokenizer.chat_template = CHATML_TEMPLATE

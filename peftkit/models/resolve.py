@@ -41,7 +41,28 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.endswith(".gguf") or os.sep in ref.strip("/").split("/", 1)[-1]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def tokenizer_files_problem(source: ModelSource) -> str | None:
+    """A local model directory without any tokenizer file: transformers then fails with advice to install
+    sentencepiece, which would not help."""
+    path = source.path
+    if path is None or not path.is_dir() or any((path / name).is_file() for name in TOKENIZER_FILES) \
+            or any(path.glob("*.tiktoken")):
+        return None
+    return (f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy them from the model it was "
+            "saved from (`tokenizer.save_pretrained(DIR)`)")
+
+
 def _check_model_dir(path: Path, allow_pickle: bool) -> None:
+    if not (path / "config.json").is_file() and ((path / "adapter_config.json").is_file() or (path / "recipe.yaml").is_file()):
+        raise ModelNotFoundError(
+            f"{path} is a {'peftkit run' if (path / 'recipe.yaml').is_file() else 'PEFT adapter'} directory, not a base "
+            "model: point model.name at the base model it was trained on (the run's recipe.yaml `model.name`), or "
+            "make a full model of it with `peftkit merge RUN_DIR` and point model.name at that"
+        )
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(
             f"{path} is not a Hugging Face model directory (it has no config.json); point model.name at a "
@@ -87,9 +108,37 @@ def resolve_model_ref(ref: str, *, revision: str | None = None, allow_pickle: bo
         )
     if not _hub_cached(ref, revision):
         if offline():
-            raise ModelNotFoundError(hub_hint(ref))
+            raise ModelNotFoundError(hub_hint(ref, revision))
         check_on_hub(ref, revision)
+    elif not offline() and not _hub_answers(ref):
+        _go_offline(f"the Hugging Face hub cannot be reached: {ref} loads from its cached copy (set HF_HUB_OFFLINE=1 "
+                    "to skip this check)")
     return ModelSource(ref, "hub", None, revision)
+
+
+def _hub_answers(ref: str) -> bool:
+    """One quick request: whether the hub answers at all (any HTTP answer counts, a private repository's too)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        HfApi().model_info(ref, timeout=HUB_PROBE_TIMEOUT_S)
+    except HfHubHTTPError:
+        return True
+    except Exception as exc:  # no connection (DNS, proxy, timeout): the transport's own error classes vary
+        log.debug("hub check of %s: %s", ref, exc)
+        return False
+    return True
+
+
+def _go_offline(reason: str) -> None:
+    """Offline mode for the rest of the process and its children: transformers would otherwise retry every optional
+    file of a cached model against an unreachable hub (minutes of `Retrying in Ns` lines)."""
+    import huggingface_hub.constants as hub_constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hub_constants.HF_HUB_OFFLINE = True
+    log.warning("%s", reason)
 
 
 def _did_you_mean(ref: str) -> str:
@@ -107,11 +156,12 @@ def _capitalized(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def hub_hint(ref: str) -> str:
+def hub_hint(ref: str, revision: str | None = None) -> str:
+    at, flag = (f" at revision {revision!r}", f" --revision {revision}") if revision else ("", "")
     return (
-        f"model {ref!r} is not a built-in name or a local path, and it cannot be fetched from the Hugging Face hub "
+        f"model {ref!r}{at} is not a built-in name or a local path, and it cannot be fetched from the Hugging Face hub "
         f"here (offline or not in the cache). {_capitalized(_did_you_mean(ref))}On a machine with internet run "
-        f"`hf download {ref} --local-dir DIR`, copy DIR here and set `model.name: DIR`; "
+        f"`hf download {ref}{flag} --local-dir DIR`, copy DIR here and set `model.name: DIR`; "
         f"built-in models: {', '.join(BUILTINS)}"
     )
 
@@ -141,7 +191,7 @@ def check_on_hub(ref: str, revision: str | None) -> None:
         log.debug("hub check of %s: %s", ref, exc)
     except Exception as exc:  # no connection (DNS, proxy, timeout): the transport's own error classes vary
         log.debug("hub check of %s: %s", ref, exc)
-        raise ModelNotFoundError(hub_hint(ref)) from None
+        raise ModelNotFoundError(hub_hint(ref, revision)) from None
 
 
 def materialize(source: ModelSource) -> str:

@@ -23,6 +23,14 @@ def stream_reply(
 
     prompt = generation_prompt(tokenizer, messages, tools)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    rows = model.get_input_embeddings().num_embeddings
+    if int(inputs["input_ids"].max()) >= rows:
+        from peftkit.data.build import MISMATCH_ADVICE
+        from peftkit.errors import PeftkitError
+
+        beyond = sorted({t for t in inputs["input_ids"][0].tolist() if t >= rows})
+        raise PeftkitError(f"the prompt has tokens the model has no embedding for ({', '.join(map(repr, tokenizer.convert_ids_to_tokens(beyond)))}, "
+                           f"ids from {rows} on): {MISMATCH_ADVICE}")
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -281,7 +281,7 @@ def _train(
             max_new_tokens=replay.max_answer_tokens, batch_size=recipe.eval.batch_size, known_only=replay.known_only)
         data = build_datasets(recipe.data, tokenizer, recipe.train.seed, replay_answerer=answerer)
 
-    check_token_ids_fit(data, model.get_input_embeddings().num_embeddings, recipe.model.name)
+    check_token_ids_fit(data, model.get_input_embeddings().num_embeddings, recipe.model.name, tokenizer)
     if replay is not None and replay.distill and data.stats["replay_examples"]:
         n = data.stats["replay_examples"]  # replay rows are the last ones (data/build.py)
         data.train[-n:] = add_teacher_targets(model, tokenizer.pad_token_id, data.train[-n:])

@@ -172,6 +172,30 @@ def test_a_tokenizer_bigger_than_the_model_is_refused_by_validate_and_train(tiny
         assert f"has only {len(tokenizer) // 2} input embeddings" in " ".join(err.split()), err
 
 
+def test_tokens_beyond_the_models_embeddings_that_the_data_does_not_use_are_warned_and_refused_in_chat(
+        tiny_recipe, tiny_model_dir, tmp_path, capsys, caplog):
+    """validate and train passed (only the data's ids were checked), then chat died with an IndexError."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "added"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>", "<|sep|>"]})
+    tokenizer.save_pretrained(model_dir)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**tiny_recipe, "model": {"name": str(model_dir)}, "output_dir": str(tmp_path / "run"),
+                                    "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}}))
+    assert main(["validate", str(path)]) == 0
+    assert "the tokenizer has 402 tokens, but the model" in caplog.text and "'<|tool|>', '<|sep|>'" in caplog.text
+    assert main(["train", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["chat", str(tmp_path / "run"), "--prompt", "use <|tool|> please"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the prompt has tokens the model has no embedding for ('<|tool|>', ids from 400 on)" in err
+
+
 def test_the_command_starts_without_importing_torch():
     """`peftkit --version` (and argument errors) answer at once; torch loads only for commands that use it."""
     probe = ("import sys\nfrom peftkit.cli import build_parser\nbuild_parser()\n"

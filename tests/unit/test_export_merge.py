@@ -389,3 +389,30 @@ def test_pickled_bases_get_a_fingerprint_of_their_bytes(tiny_recipe, tmp_path, c
     assert not warn_if_other_base(run, other_base(bases[1]), "same")
     assert warn_if_other_base(run, other_base(bases[2]), "edited") and "The base model edited is not the one" in caplog.text
     assert not warn_if_other_base(run, other_base(tiny_recipe["model"]["name"]), "safetensors"), "kinds not compared"
+
+
+def test_a_model_with_its_own_code_merges_and_verifies_when_the_recipe_trusts_it(export_recipe, llama64_dir, tmp_path):
+    """Verification reloaded the merged model without trust_remote_code, so every merge of such a model failed."""
+    import shutil
+
+    remote = tmp_path / "remote"
+    shutil.copytree(llama64_dir, remote)
+    (remote / "configuration_mine.py").write_text(
+        "from transformers import LlamaConfig\n\nclass MyConfig(LlamaConfig):\n    model_type = 'my-own-llama'\n")
+    (remote / "modeling_mine.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_mine import MyConfig\n\n"
+        "class MyModel(LlamaForCausalLM):\n    config_class = MyConfig\n")
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="my-own-llama", architectures=["MyModel"],
+                  auto_map={"AutoConfig": "configuration_mine.MyConfig", "AutoModelForCausalLM": "modeling_mine.MyModel"})
+    (remote / "config.json").write_text(json.dumps(config))
+    run = make_run(tmp_path / "run", export_recipe, METHODS["lora"])  # trained on the same weights
+    import yaml
+
+    recorded = yaml.safe_load((run / "recipe.yaml").read_text())
+    recorded["model"] = {**recorded["model"], "name": str(remote), "trust_remote_code": True}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recorded))
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(remote)}))
+    result = export_hf(run)
+    assert result.verification["passed"], result.verification

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -45,6 +46,8 @@ def test_offline_hub_id_says_how_to_use_a_local_copy(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="hf download someorg/some-model --local-dir"):
         resolve_model_ref("someorg/some-model")
+    with pytest.raises(ModelNotFoundError, match="at revision 'v2' .*hf download someorg/some-model --revision v2 --local-dir"):
+        resolve_model_ref("someorg/some-model", revision="v2")  # the advice fetches the revision the recipe names
 
 
 def test_hub_id_is_checked_in_one_request_before_any_download(monkeypatch):
@@ -82,6 +85,29 @@ def test_hub_id_is_checked_in_one_request_before_any_download(monkeypatch):
         resolve_model_ref("meta-llama/Llama-3.2-1B-Instruct")
     monkeypatch.setattr(HfApi, "auth_check", lambda self, *args, **kwargs: None)  # license accepted, token set
     assert resolve_model_ref("meta-llama/Llama-3.2-1B-Instruct").kind == "hub"
+
+
+def test_a_cached_hub_model_with_the_hub_unreachable_loads_offline_without_retries(monkeypatch, caplog):
+    """With the model cached and no network, transformers retried every optional file: 2-3 minutes of
+    `Retrying in Ns` lines before a 10 s training. One probe now switches the process to offline mode."""
+    import huggingface_hub.constants as hub_constants
+    from huggingface_hub import HfApi
+
+    from peftkit.models import resolve
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(resolve, "_hub_cached", lambda ref, revision: True)
+    monkeypatch.setattr(HfApi, "model_info", lambda self, *args, **kwargs: object())
+    assert resolve_model_ref("acme/tiny-llama").kind == "hub" and not hub_constants.HF_HUB_OFFLINE, "reachable: online"
+
+    def no_network(self, *args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(HfApi, "model_info", no_network)
+    assert resolve_model_ref("acme/tiny-llama").kind == "hub"
+    assert hub_constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"  # children (verification) too
+    assert "cannot be reached: acme/tiny-llama loads from its cached copy" in caplog.text
 
 
 def test_non_gguf_file_is_rejected(tmp_path):
@@ -313,3 +339,66 @@ def test_the_plain_template_opens_with_bos_where_the_tokenizer_starts_texts_with
     assert row["input_ids"][0] == tokenizer.bos_token_id and row["input_ids"].count(tokenizer.bos_token_id) == 1
     assert generation_prompt(tokenizer, messages[:1]).startswith(tokenizer.bos_token)
     assert "TEMPLATE" in ollama_modelfile("m.gguf", tokenizer, None), "Ollama still gets the plain template (llama.cpp adds BOS)"
+
+
+def test_a_default_system_prompt_reaches_every_named_template(tiny_tokenizer):
+    """A tokenizer with named templates (`default`, `tool_use`) kept no default system prompt in exports, while the
+    merged model's card said the template adds it."""
+    import copy
+
+    from tests.conftest import CHATML
+
+    from peftkit.models.load import set_default_system_prompt
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = {"default": CHATML, "tool_use": CHATML}
+    assert set_default_system_prompt(tokenizer, "You are Bob.")
+    for name in ("default", "tool_use"):
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, chat_template=name)
+        assert rendered.startswith("<|im_start|>system\nYou are Bob.<|im_end|>\n<|im_start|>user\nhi"), name
+
+
+def test_a_model_folder_without_tokenizer_files_or_a_run_folder_is_named(tiny_model_dir, tmp_path):
+    """No tokenizer files was a transformers traceback advising to install sentencepiece; a run or adapter folder
+    as model.name said only that it has no config.json."""
+    import shutil
+
+    from peftkit.config import recipe_from_dict
+    from peftkit.config.validate import validate_recipe
+    from peftkit.errors import ConfigError
+    from peftkit.models.resolve import resolve_model_ref
+
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, weights_only / name)
+    with pytest.raises(ModelNotFoundError, match=r"weights-only has no tokenizer files \(tokenizer.json, .*save_pretrained"):
+        load_tokenizer(ModelConfig(name=str(weights_only)))
+    recipe = recipe_from_dict({"model": {"name": str(weights_only)}, "data": {"train": str(tmp_path / "t.jsonl")}})
+    with pytest.raises(ConfigError, match="model.name: .*has no tokenizer files"):
+        validate_recipe(recipe)
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("data: {train: t.jsonl}\n")
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match=r"run is a peftkit run directory, not a base model: .*peftkit merge"):
+        resolve_model_ref(str(run))
+    with pytest.raises(ModelNotFoundError, match=r"adapter is a PEFT adapter directory, not a base model"):
+        resolve_model_ref(str(run / "adapter"))
+
+
+def test_a_template_file_whose_replies_end_in_no_token_is_refused(base_model_dir, tiny_model_dir, tmp_path):
+    """`chat_template: chatml` on a vocabulary without <|im_end|> was refused, the same template given as a file was
+    trained: every reply ended in the spelled-out marker and generation never stopped."""
+    from tests.conftest import CHATML
+
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    with pytest.raises(PeftkitError, match=r"chatml.jinja: the chat template ends an assistant reply with "
+                                           r"'<\|im_end\|>', which is not a special token of this tokenizer.*'</s>'"):
+        load_tokenizer(ModelConfig(name=str(base_model_dir), chat_template=str(template)))
+    assert load_tokenizer(ModelConfig(name=str(tiny_model_dir), chat_template=str(template))).chat_template == CHATML
+    ending_in_eos = tmp_path / "eos.jinja"
+    ending_in_eos.write_text(CHATML.replace("'<|im_end|>\n' }}{% endfor %}", "eos_token + '\n' }}{% endfor %}"))
+    assert "eos_token" in ending_in_eos.read_text()
+    load_tokenizer(ModelConfig(name=str(base_model_dir), chat_template=str(ending_in_eos)))
