@@ -55,7 +55,8 @@ def soup_row(group: str, run_dirs: list[Path]) -> dict[str, Any]:
         "group": group,
         "members": " ".join(r.name for r in run_dirs),
         "member_heldout": " / ".join(f"{100 * m['after']['heldout_accuracy']:.1f}" for m in members),
-        "member_forgetting": " / ".join(f"{m['forgetting_points']:.1f}" for m in members),
+        "member_forgetting": " / ".join("n/a" if m["forgetting_points"] is None else f"{m['forgetting_points']:.1f}"
+                                        for m in members),  # n/a: the base model knows none of the set
         "soup_heldout": round(100 * heldout, 1),
         "soup_forgetting": round(100 * (base_general - general), 1),
         "soup_check_accuracy": round(100 * check, 1),

@@ -105,7 +105,7 @@ def _drops_system_message(messages: Sequence[Message], text: str) -> bool:
     """Whether the template rendered the leading system message's text nowhere (some render user and assistant
     turns only): the system prompt would be trained and served as absent, without a word."""
     system = str(messages[0].get("content") or "").strip() if messages and messages[0]["role"] == "system" else ""
-    return bool(system) and system not in text
+    return bool(system) and not _shown(system, text)  # as written, or JSON-escaped (`| tojson`)
 
 
 class HistoryRenderedDifferently(DataError):
@@ -152,7 +152,12 @@ def _conversation_end(tokenizer: Any, messages: Sequence[Message], i: int, throu
         return len(through)
     # "<|endoftext|>" and "<|user|>" share "<|": the departure is at the start of the token it falls in
     same = next((m.start() for m in specials.finditer(through) if m.start() < same < m.end()), same)
-    return same if not specials.sub("", through[same:]).strip() else len(through)
+    if specials.sub("", through[same:]).strip():
+        return len(through)
+    # Only a suffix after the reply's own end token is the conversation's: gpt-oss ends its last reply with
+    # <|return|> and earlier ones with <|end|>, an Alpaca-style template ends replies with the closing EOS alone.
+    kept = through[:same].rstrip()
+    return same if any(m.end() == len(kept) for m in specials.finditer(kept)) else len(through)
 
 
 def _trained_turns(messages: Sequence[Message]) -> list[int]:

@@ -69,7 +69,7 @@ def load_labeled(source: str | Path | Sequence[str | Path], columns: ColumnsConf
 def label_names(items: list[LabeledText]) -> list[str]:
     """Sorted; integer labels by value, so that label `2` gets id 2 (as text, `10` would sort before it)."""
     names = sorted({item.label for item in items})
-    if all(name.lstrip("-").isdigit() for name in names):
+    if all(name.isascii() and name.lstrip("-").isdigit() for name in names):
         names.sort(key=int)
     if len(names) < 2:
         raise DataError(f"the training data has a single label ({names[0]!r}); classification needs at least two")
@@ -131,12 +131,13 @@ def general_inputs(tokenizer: Any, max_seq_len: int) -> list[dict[str, Any]]:
 
 
 def build_classification_data(
-    cfg: DataConfig, tokenizer: Any, seed: int = 42, input_names: set[str] | None = None
+    cfg: DataConfig, tokenizer: Any, seed: int = 42, input_names: set[str] | None = None, labels: list[str] | None = None
 ) -> ClassificationData:
+    """`labels`: the ids a resumed run started with (the data's own `label_names` otherwise)."""
     from peftkit.data.build import split_train_eval
 
     items = load_labeled(cfg.train, cfg.columns)
-    labels = label_names(items)
+    labels = labels or label_names(items)
     if cfg.eval:
         train_items, eval_items = items, load_labeled(cfg.eval, cfg.columns)
     else:

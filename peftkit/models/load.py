@@ -205,13 +205,13 @@ def set_default_system_prompt(tokenizer: Any, system_prompt: str | None) -> bool
         return False
     from jinja2.exceptions import TemplateError
 
-    probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    probe = [{"role": "system", "content": "Probe system prompt."}, {"role": "user", "content": "U"}]
     wrapped = {}
     for name, one in named.items():
-        try:
-            tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True, chat_template=one)
-            fold = False
-        except TemplateError:  # the template refuses system messages; training folded them (data/chat.py _render)
+        try:  # a template that refuses system messages, or leaves them out: training folded them (data/chat.py _render)
+            fold = "Probe system prompt." not in tokenizer.apply_chat_template(
+                probe, tokenize=False, add_generation_prompt=True, chat_template=one)
+        except TemplateError:
             fold = True
         wrapped[name] = template_with_default_system(one, system_prompt, fold=fold)
     tokenizer.chat_template = wrapped[None] if None in wrapped else wrapped

@@ -8,6 +8,7 @@ id) are reported here, before any expensive work.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 import re
@@ -29,7 +30,7 @@ class ModelSource:
     ref: str
     kind: Literal["builtin", "local", "gguf", "hub"]
     path: Path | None = None
-    """Local directory or .gguf file (None for hub ids)."""
+    """Local directory or .gguf file (None for hub ids, except the cached snapshot when the hub cannot be reached)."""
     revision: str | None = None
 
     @property
@@ -41,7 +42,7 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.endswith(".gguf") or os.sep in ref.strip("/").split("/", 1)[-1]
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tekken.json", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model")
 
 
@@ -57,11 +58,12 @@ def tokenizer_files_problem(source: ModelSource) -> str | None:
 
 
 def _check_model_dir(path: Path, allow_pickle: bool) -> None:
-    if not (path / "config.json").is_file() and ((path / "adapter_config.json").is_file() or (path / "recipe.yaml").is_file()):
+    is_run = (path / "recipe.yaml").is_file() and ((path / "adapter").is_dir() or (path / "summary.json").is_file())
+    if not (path / "config.json").is_file() and (is_run or (path / "adapter_config.json").is_file()):
         raise ModelNotFoundError(
-            f"{path} is a {'peftkit run' if (path / 'recipe.yaml').is_file() else 'PEFT adapter'} directory, not a base "
-            "model: point model.name at the base model it was trained on (the run's recipe.yaml `model.name`), or "
-            "make a full model of it with `peftkit merge RUN_DIR` and point model.name at that"
+            f"{path} is a {'peftkit run' if is_run else 'PEFT adapter'} directory, not a base model: point model.name "
+            "at the base model it was trained on (the run's recipe.yaml `model.name`), or make a full model of it "
+            "with `peftkit merge RUN_DIR` and point model.name at that"
         )
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(
@@ -111,13 +113,21 @@ def resolve_model_ref(ref: str, *, revision: str | None = None, allow_pickle: bo
             raise ModelNotFoundError(hub_hint(ref, revision))
         check_on_hub(ref, revision)
     elif not offline() and not _hub_answers(ref):
-        _go_offline(f"the Hugging Face hub cannot be reached: {ref} loads from its cached copy (set HF_HUB_OFFLINE=1 "
-                    "to skip this check)")
+        # transformers would retry every optional file of the cached model against the unreachable hub (minutes of
+        # `Retrying in Ns` lines): the cached snapshot folder loads as a local model instead, with no request at all.
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(ref, revision=revision, local_files_only=True))
+        log.warning("the Hugging Face hub cannot be reached: %s loads from its cached copy %s (set HF_HUB_OFFLINE=1 "
+                    "to skip this check)", ref, snapshot)
+        return ModelSource(ref, "hub", snapshot, revision)
     return ModelSource(ref, "hub", None, revision)
 
 
+@functools.lru_cache(maxsize=None)
 def _hub_answers(ref: str) -> bool:
-    """One quick request: whether the hub answers at all (any HTTP answer counts, a private repository's too)."""
+    """One quick request per model and process: whether the hub answers at all (any HTTP answer counts, a private
+    repository's too)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -129,16 +139,6 @@ def _hub_answers(ref: str) -> bool:
         log.debug("hub check of %s: %s", ref, exc)
         return False
     return True
-
-
-def _go_offline(reason: str) -> None:
-    """Offline mode for the rest of the process and its children: transformers would otherwise retry every optional
-    file of a cached model against an unreachable hub (minutes of `Retrying in Ns` lines)."""
-    import huggingface_hub.constants as hub_constants
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    hub_constants.HF_HUB_OFFLINE = True
-    log.warning("%s", reason)
 
 
 def _did_you_mean(ref: str) -> str:

@@ -35,7 +35,9 @@ from peftkit.data.classification import (
     label_config,
     label_names,
     load_labeled,
+    read_labels,
 )
+from peftkit.errors import DataError
 from peftkit.evaluate.classification import metrics_from_eval_prediction
 from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_model_ref, save_tokenizer, weights_dtype
 from peftkit.models.load import loading_errors
@@ -160,11 +162,18 @@ def _train_classifier(
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_classification_tokenizer(recipe, source)
     labels = label_names(load_labeled(recipe.data.train, recipe.data.columns))
+    if resume and (run_dir / LABELS_FILE).is_file():  # the ids the checkpoint's head was trained with
+        recorded = read_labels(run_dir)
+        if sorted(recorded) != sorted(labels):
+            raise DataError(f"the training labels changed since {run_dir} started ({', '.join(recorded)} -> "
+                            f"{', '.join(labels)}): a resumed head cannot take them; train afresh with --force")
+        labels = recorded
     quantization = effective_quantization(recipe)
     model = load_model(recipe.model, quantization, device=device, dtype=weights_dtype(dtype, trains_model_weights=True),  # the head
                        task=TASK, num_labels=len(labels), source=source)
     label_config(model, labels, tokenizer.pad_token_id)
-    data: ClassificationData = build_classification_data(recipe.data, tokenizer, recipe.train.seed, model_input_names(model))
+    data: ClassificationData = build_classification_data(recipe.data, tokenizer, recipe.train.seed, model_input_names(model),
+                                                         labels)
     if replace_earlier:  # the data is usable: only now may an earlier run in output_dir make way (--force)
         clear_run_dir(run_dir)
     if not resume:

@@ -218,3 +218,21 @@ def test_a_three_label_adapter_export_loads_as_its_card_says(tiny_bert_dir, tmp_
     batch = tokenizer(["great movie", "bad food"], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, load_run(run_dir).model(**batch).logits)
+
+
+def test_a_resumed_classifier_keeps_the_label_ids_it_started_with(tiny_bert_dir, tmp_path):
+    """labels.json was rewritten from the data on resume: a run started before a change in label ordering (integer
+    labels sort by value now) would have had its head's ids renumbered without a word."""
+    from peftkit.errors import DataError
+
+    recipe = recipe_from_dict(_recipe(tiny_bert_dir, tmp_path, {"method": "full"}, max_steps=2, save_steps=1))
+    run_dir = train(recipe).run_dir
+    labels_file = run_dir / "labels.json"
+    older = {"id2label": {"0": "positive", "1": "negative"}, "label2id": {"positive": 0, "negative": 1}}
+    labels_file.write_text(json.dumps(older))
+    train(recipe, resume=True)
+    assert json.loads(labels_file.read_text()) == older
+    changed = write_jsonl(tmp_path / "train.jsonl", [{"text": "meh", "label": "neutral"}, *_records(3)])
+    assert changed.is_file()
+    with pytest.raises(DataError, match="the training labels changed since"):
+        train(recipe, resume=True)

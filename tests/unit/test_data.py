@@ -105,6 +105,10 @@ def test_a_template_that_leaves_system_messages_out_gets_them_in_the_first_user_
     assert "be brief." in generation_prompt(tokenizer, messages[:2])
     row, _ = tokenize_conversation(tokenizer, TWO_TURNS, max_seq_len=512)  # no system message: rendered as it is
     assert tokenizer.decode(row["input_ids"]).startswith("<|im_start|>user\nhello<|im_end|>")
+    from peftkit.models.load import set_default_system_prompt  # exports put the recipe's prompt where training did
+
+    assert set_default_system_prompt(tokenizer, "be brief.")
+    assert tokenizer.apply_chat_template(TWO_TURNS[:1], tokenize=False).startswith("<|im_start|>user\nbe brief.\n\nhello")
 
 
 PHI3_TEMPLATE = (  # Phi-3's: every turn closed by <|end|>, the whole conversation by EOS
@@ -626,3 +630,29 @@ def test_a_record_level_system_prompt_is_the_system_turn_in_every_format(tmp_pat
     examples = load_examples(write_jsonl(tmp_path / "d.jsonl", [record]))
     assert examples[0].messages[0] == {"role": "system", "content": "be brief."}
     assert [m["role"] for m in examples[0].messages].count("system") == 1
+
+
+GPT_OSS_LIKE_TEMPLATE = (  # gpt-oss: the last reply ends with <|return|>, earlier ones with <|end|>
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|start|>user<|message|>' + m['content'] + '<|end|>' }}"
+    "{% else %}{{ '<|start|>assistant<|message|>' + m['content'] }}{{ '<|return|>' if loop.last else '<|end|>' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant<|message|>' }}{% endif %}"
+)
+CLOSING_EOS_ONLY_TEMPLATE = (  # Alpaca style: no end token per reply, EOS closes the conversation
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] + '\\n\\n' }}"
+    "{% else %}{{ '### Response:\\n' + m['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(("template", "end"), [(GPT_OSS_LIKE_TEMPLATE, "<|return|>"), (CLOSING_EOS_ONLY_TEMPLATE, "<|im_end|>")])
+def test_a_reply_whose_only_end_token_closes_the_conversation_keeps_it(tiny_tokenizer, template, end):
+    """Trimming Phi-3's conversation-closing EOS must not take a reply's only end token: gpt-oss's <|return|> and an
+    Alpaca-style closing EOS were cut, and the model would never learn to stop."""
+    from peftkit.data.chat import end_of_turn_token_id, reply_end_problem
+
+    tokenizer = _with_template(tiny_tokenizer, template)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|message|>", "<|end|>", "<|return|>"]})
+    row, _ = tokenize_conversation(tokenizer, TWO_TURNS[:2], max_seq_len=512)
+    assert supervised_text(tokenizer, row).startswith("hi there") and supervised_text(tokenizer, row).endswith(end)
+    assert end_of_turn_token_id(tokenizer) == tokenizer.convert_tokens_to_ids(end)
+    assert reply_end_problem(tokenizer) is None

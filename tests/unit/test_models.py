@@ -87,9 +87,12 @@ def test_hub_id_is_checked_in_one_request_before_any_download(monkeypatch):
     assert resolve_model_ref("meta-llama/Llama-3.2-1B-Instruct").kind == "hub"
 
 
-def test_a_cached_hub_model_with_the_hub_unreachable_loads_offline_without_retries(monkeypatch, caplog):
+def test_a_cached_hub_model_with_the_hub_unreachable_loads_from_its_snapshot_without_retries(monkeypatch, tmp_path,
+                                                                                             caplog):
     """With the model cached and no network, transformers retried every optional file: 2-3 minutes of
-    `Retrying in Ns` lines before a 10 s training. One probe now switches the process to offline mode."""
+    `Retrying in Ns` lines before a 10 s training. One probe per model now loads the cached snapshot as a local
+    folder (no request at all), and changes nothing else in the process."""
+    import huggingface_hub
     import huggingface_hub.constants as hub_constants
     from huggingface_hub import HfApi
 
@@ -98,16 +101,22 @@ def test_a_cached_hub_model_with_the_hub_unreachable_loads_offline_without_retri
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(resolve, "_hub_cached", lambda ref, revision: True)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda ref, revision=None, local_files_only=False: str(tmp_path))
+    resolve._hub_answers.cache_clear()
     monkeypatch.setattr(HfApi, "model_info", lambda self, *args, **kwargs: object())
-    assert resolve_model_ref("acme/tiny-llama").kind == "hub" and not hub_constants.HF_HUB_OFFLINE, "reachable: online"
+    source = resolve_model_ref("acme/tiny-llama")
+    assert source.kind == "hub" and source.path is None, "reachable: transformers fetches as usual"
+    resolve._hub_answers.cache_clear()
 
     def no_network(self, *args, **kwargs):
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(HfApi, "model_info", no_network)
-    assert resolve_model_ref("acme/tiny-llama").kind == "hub"
-    assert hub_constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"  # children (verification) too
+    source = resolve_model_ref("acme/tiny-llama", revision="v1")
+    assert source.kind == "hub" and source.path == tmp_path and source.revision == "v1"
     assert "cannot be reached: acme/tiny-llama loads from its cached copy" in caplog.text
+    assert not hub_constants.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in os.environ, "nothing process-wide"
+    resolve._hub_answers.cache_clear()
 
 
 def test_non_gguf_file_is_rejected(tmp_path):
