@@ -57,20 +57,40 @@ MISTRAL_V01_TEMPLATE = (  # refuses system messages, as Mistral-7B-Instruct v0.1
 )
 
 
-def test_a_template_that_refuses_system_messages_gets_the_system_prompt_in_the_first_user_turn(tiny_tokenizer, caplog):
-    from peftkit.data.chat import generation_prompt
+SYSTEM_DROPPING_TEMPLATE = (  # renders user and assistant turns only, as some older templates do
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|im_start|>user\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% elif message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
-    tokenizer = _with_template(tiny_tokenizer, MISTRAL_V01_TEMPLATE)
+
+@pytest.mark.parametrize(("template", "rendered", "said"), [
+    (MISTRAL_V01_TEMPLATE, "<|im_start|>[INST] be brief.\n\nhello [/INST]hi there", "refuses system messages"),
+    (SYSTEM_DROPPING_TEMPLATE, "<|im_start|>user\nbe brief.\n\nhello<|im_end|>", "leaves them out"),  # was silent
+])
+def test_a_template_that_refuses_or_leaves_out_system_messages_gets_them_in_the_first_user_turn(
+        tiny_tokenizer, caplog, template, rendered, said):
+    from peftkit.data.chat import generation_prompt
+    from peftkit.models.load import set_default_system_prompt
+
+    tokenizer = _with_template(tiny_tokenizer, template)
     messages = [{"role": "system", "content": "be brief."}, *TWO_TURNS]
     with caplog.at_level("WARNING", logger="peftkit.data.chat"):
         row, _ = tokenize_conversation(tokenizer, messages, max_seq_len=512)
         tokenize_conversation(tokenizer, messages, max_seq_len=512)
-    assert tokenizer.decode(row["input_ids"]).startswith("<|im_start|>[INST] be brief.\n\nhello [/INST]hi there")
+    assert tokenizer.decode(row["input_ids"]).startswith(rendered)
     assert supervised_text(tokenizer, row) == "hi there<|im_end|>goodbye<|im_end|>"
-    assert sum("refuses system messages" in r.message for r in caplog.records) == 1  # said once per template
-    assert generation_prompt(tokenizer, messages[:2]).endswith("[INST] be brief.\n\nhello [/INST]")
+    assert sum(said in r.message for r in caplog.records) == 1  # said once per template
+    assert "be brief.\n\nhello" in generation_prompt(tokenizer, messages[:2])
+    row, _ = tokenize_conversation(tokenizer, TWO_TURNS, max_seq_len=512)  # no system message: rendered as it is
+    assert "be brief." not in tokenizer.decode(row["input_ids"])
+    assert set_default_system_prompt(tokenizer, "be brief.")  # exports put the recipe's prompt where training did
+    assert "be brief.\n\nhello" in tokenizer.apply_chat_template(TWO_TURNS[:1], tokenize=False)
 
-    tokenizer.chat_template = "{{ raise_exception('this template takes no conversations') }}"
+
+def test_a_template_that_refuses_every_conversation_is_one_message(tiny_tokenizer):
+    tokenizer = _with_template(tiny_tokenizer, "{{ raise_exception('this template takes no conversations') }}")
+    messages = [{"role": "system", "content": "be brief."}, *TWO_TURNS]
     with pytest.raises(DataError, match=r"data.jsonl:3: the chat template refused this conversation: this template "
                                         r"takes no conversations\. .*model.chat_template"):
         tokenize_conversation(tokenizer, messages, max_seq_len=512, where="data.jsonl:3")
@@ -82,55 +102,6 @@ THINKING_TEMPLATE = (  # Qwen3-like: only the last assistant turn carries an (em
     "{{ message['content'] + '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-SYSTEM_DROPPING_TEMPLATE = (  # renders user and assistant turns only, as some older templates do
-    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|im_start|>user\n' + message['content'] + "
-    "'<|im_end|>\n' }}{% elif message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' + message['content'] + "
-    "'<|im_end|>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def test_a_template_that_leaves_system_messages_out_gets_them_in_the_first_user_turn(tiny_tokenizer, caplog):
-    """The system prompt was dropped without a word, in training and in chat alike."""
-    from peftkit.data.chat import generation_prompt
-
-    tokenizer = _with_template(tiny_tokenizer, SYSTEM_DROPPING_TEMPLATE)
-    messages = [{"role": "system", "content": "be brief."}, *TWO_TURNS]
-    with caplog.at_level("WARNING", logger="peftkit.data.chat"):
-        row, _ = tokenize_conversation(tokenizer, messages, max_seq_len=512)
-    assert tokenizer.decode(row["input_ids"]).startswith("<|im_start|>user\nbe brief.\n\nhello<|im_end|>")
-    assert supervised_text(tokenizer, row) == "hi there<|im_end|>goodbye<|im_end|>"
-    assert "leaves them out" in caplog.text
-    assert "be brief." in generation_prompt(tokenizer, messages[:2])
-    row, _ = tokenize_conversation(tokenizer, TWO_TURNS, max_seq_len=512)  # no system message: rendered as it is
-    assert tokenizer.decode(row["input_ids"]).startswith("<|im_start|>user\nhello<|im_end|>")
-    from peftkit.models.load import set_default_system_prompt  # exports put the recipe's prompt where training did
-
-    assert set_default_system_prompt(tokenizer, "be brief.")
-    assert tokenizer.apply_chat_template(TWO_TURNS[:1], tokenize=False).startswith("<|im_start|>user\nbe brief.\n\nhello")
-
-
-PHI3_TEMPLATE = (  # Phi-3's: every turn closed by <|end|>, the whole conversation by EOS
-    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
-
-
-def test_a_template_that_closes_the_conversation_with_eos_trains_each_reply_to_its_end_of_turn(tiny_tokenizer, caplog):
-    """Phi-3's EOS after the last turn is not a reply's: it was taken for rewritten history (one row per turn, a
-    wrong warning) and trained after the last reply, so generation stopped on EOS and showed the newline before it."""
-    from peftkit.data.chat import end_of_turn_token_id, tokenize_conversation_rows
-
-    tokenizer = _with_template(tiny_tokenizer, PHI3_TEMPLATE)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"]})
-    tokenizer.eos_token = "<|endoftext|>"
-    with caplog.at_level("WARNING", logger="peftkit.data.chat"):
-        rows, _ = tokenize_conversation_rows(tokenizer, TWO_TURNS, max_seq_len=512)
-    assert len(rows) == 1 and "differently" not in caplog.text
-    assert supervised_text(tokenizer, rows[0]) == "hi there<|end|>goodbye<|end|>"
-    assert tokenizer.decode(rows[0]["input_ids"]).endswith("goodbye<|end|>\n<|endoftext|>")
-    assert end_of_turn_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|end|>")
 
 
 def test_a_template_that_rewrites_history_trains_each_turn_as_the_last_one(tiny_tokenizer, tmp_path, caplog):
