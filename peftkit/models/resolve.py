@@ -112,16 +112,33 @@ def resolve_model_ref(ref: str, *, revision: str | None = None, allow_pickle: bo
         if offline():
             raise ModelNotFoundError(hub_hint(ref, revision))
         check_on_hub(ref, revision)
-    elif not offline() and not _hub_answers(ref):
+    elif offline():
+        _cached_snapshot(ref, revision, allow_pickle)  # what is missing from it is said now, not after loading starts
+    elif not _hub_answers(ref) and (snapshot := _cached_snapshot(ref, revision, allow_pickle)) is not None:
         # transformers would retry every optional file of the cached model against the unreachable hub (minutes of
         # `Retrying in Ns` lines): the cached snapshot folder loads as a local model instead, with no request at all.
-        from huggingface_hub import snapshot_download
-
-        snapshot = Path(snapshot_download(ref, revision=revision, local_files_only=True))
         log.warning("the Hugging Face hub cannot be reached: %s loads from its cached copy %s (set HF_HUB_OFFLINE=1 "
                     "to skip this check)", ref, snapshot)
         return ModelSource(ref, "hub", snapshot, revision)
     return ModelSource(ref, "hub", None, revision)
+
+
+def _cached_snapshot(ref: str, revision: str | None, allow_pickle: bool) -> Path | None:
+    """The cached snapshot folder of a hub model that cannot be fetched now, checked as a local model folder
+    (None where the cache layout does not give one: transformers' own lookup then decides)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(snapshot_download(ref, revision=revision, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - the cache library's errors for a partial layout vary
+        log.debug("no cached snapshot folder for %s: %s", ref, exc)
+        return None
+    try:
+        _check_model_dir(snapshot, allow_pickle)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"the cached copy of {ref} is incomplete ({exc}) and the hub cannot be reached. "
+                                 f"{_capitalized(hub_hint(ref, revision))}") from None
+    return snapshot
 
 
 @functools.lru_cache(maxsize=None)

@@ -102,6 +102,8 @@ def test_a_cached_hub_model_with_the_hub_unreachable_loads_from_its_snapshot_wit
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(resolve, "_hub_cached", lambda ref, revision: True)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda ref, revision=None, local_files_only=False: str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
     resolve._hub_answers.cache_clear()
     monkeypatch.setattr(HfApi, "model_info", lambda self, *args, **kwargs: object())
     source = resolve_model_ref("acme/tiny-llama")
@@ -116,6 +118,12 @@ def test_a_cached_hub_model_with_the_hub_unreachable_loads_from_its_snapshot_wit
     assert source.kind == "hub" and source.path == tmp_path and source.revision == "v1"
     assert "cannot be reached: acme/tiny-llama loads from its cached copy" in caplog.text
     assert not hub_constants.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in os.environ, "nothing process-wide"
+    (tmp_path / "model.safetensors").unlink()  # a snapshot with config but no weights: said now, offline or not
+    with pytest.raises(ModelNotFoundError, match=r"the cached copy of acme/tiny-llama is incomplete \(.*no weight files"):
+        resolve_model_ref("acme/tiny-llama")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="the cached copy of acme/tiny-llama is incomplete"):
+        resolve_model_ref("acme/tiny-llama")
     resolve._hub_answers.cache_clear()
 
 
