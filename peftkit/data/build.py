@@ -224,9 +224,9 @@ def check_token_ids_fit(data: DataBundle, embedding_rows: int, model_name: str, 
     if tokenizer is not None and len(tokenizer) > embedding_rows:
         beyond = tokenizer.convert_ids_to_tokens(list(range(embedding_rows, min(len(tokenizer), embedding_rows + 3))))
         log.warning("the tokenizer has %d tokens, but the model %s has only %d input embeddings: the data does not "
-                    "use the ones beyond (%s%s), but a chat prompt or an export that meets them fails. %s",
+                    "use the ones beyond (%s%s), but a chat prompt or an export that meets them fails: %s",
                     len(tokenizer), model_name, embedding_rows, ", ".join(map(repr, beyond)),
-                    ", ..." if len(tokenizer) > embedding_rows + 3 else "", MISMATCH_ADVICE[0].upper() + MISMATCH_ADVICE[1:])
+                    ", ..." if len(tokenizer) > embedding_rows + 3 else "", MISMATCH_ADVICE)
 
 
 def general_rows(data: DataBundle, cfg: DataConfig, tokenizer: Any) -> list[Row]:

@@ -309,33 +309,40 @@ def special_tokens_pattern(tokenizer: Any) -> re.Pattern[str] | None:
     return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
 
 
-def end_of_turn_token_id(tokenizer: Any) -> int | None:
-    """The special token the chat template closes an assistant reply with (`<|im_end|>`, `<|eot_id|>`,
-    `<end_of_turn>`, EOS): training teaches it as the reply's last token, so generation must stop on it, also
-    where it is not the tokenizer's EOS (Qwen2.5 base models: ChatML turns, EOS `<|endoftext|>`)."""
-    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"}]
+PROBE_REPLY = "Hi there"
+
+
+def _probe_reply(tokenizer: Any) -> tuple[str, int | None] | None:
+    """A one-turn probe as training sees it: the reply as rendered (text, end marker included) and its last trained
+    token when that is a special token. None when the template cannot render the probe."""
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": PROBE_REPLY}]
     try:
         text, span = _reply_span(tokenizer, messages, 1, "end-of-turn probe")
-    except Exception:  # a template that cannot render this probe: generation falls back to EOS alone
+    except Exception:  # noqa: BLE001 - a template that cannot render this probe is reported where it is used
         return None
     row, _ = _labelled(tokenizer, text, [span], len(text) + 1)
     trained = [token for token, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    return trained[-1] if trained and trained[-1] in special else None
+    return text[span[0]:span[1]], trained[-1] if trained and trained[-1] in special else None
+
+
+def end_of_turn_token_id(tokenizer: Any) -> int | None:
+    """The special token the chat template closes an assistant reply with (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`, EOS): training teaches it as the reply's last token, so generation must stop on it, also
+    where it is not the tokenizer's EOS (Qwen2.5 base models: ChatML turns, EOS `<|endoftext|>`). None for a
+    template that cannot render the probe: generation falls back to EOS alone."""
+    probe = _probe_reply(tokenizer)
+    return probe[1] if probe else None
 
 
 def reply_end_problem(tokenizer: Any) -> str | None:
     """What is wrong when the chat template ends an assistant reply with no special token (a ChatML template over a
     vocabulary without `<|im_end|>`): the model would learn to spell the marker out, and generation, which stops on
     tokens, would never stop. None when the reply ends with one, or the template cannot render the probe."""
-    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"}]
-    try:
-        text, span = _reply_span(tokenizer, messages, 1, "end-of-turn probe")
-    except Exception:  # noqa: BLE001 - a template that refuses the probe is reported where it is used
+    probe = _probe_reply(tokenizer)
+    if probe is None or probe[1] is not None:
         return None
-    if end_of_turn_token_id(tokenizer) is not None:
-        return None
-    marker = text[span[0]:span[1]].split("Hi there", 1)[-1]
+    marker = probe[0].split(PROBE_REPLY, 1)[-1]
     what = f"with {marker!r}, which is not a special token of this tokenizer" if marker else "with no end token at all"
     return (f"the chat template ends an assistant reply {what}: the model would learn to spell it out and generation "
             f"would never stop. End replies with a token of this vocabulary, e.g. its end token {tokenizer.eos_token!r} "

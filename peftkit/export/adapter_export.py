@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import __version__
+from peftkit.data.classification import read_labels
 from peftkit.errors import ExportError
 from peftkit.export import verify
 from peftkit.export.card import adapter_card, classifier_loading
@@ -62,8 +63,8 @@ def build_manifest(run: RunAdapter, files: list[Path]) -> dict[str, Any]:
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),
         "vocab_size": getattr(config, "vocab_size", None),
     }
-    if str(info.config.get("task_type", "")).upper() == "SEQ_CLS":
-        base["labels"] = _classifier_labels(run)
+    if str(info.config.get("task_type", "")).upper() == "SEQ_CLS":  # loading needs them: peft's default head has 2
+        base["labels"] = read_labels(run.run_dir)
     if source.is_gguf:
         base["converted_from_gguf"] = str(source.path)
         base["note"] = ("trained on the dequantized weights of this GGUF file, not on the original hub checkpoint; "
@@ -88,14 +89,6 @@ def build_manifest(run: RunAdapter, files: list[Path]) -> dict[str, Any]:
         "peftkit_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _classifier_labels(run: RunAdapter) -> list[str]:
-    """A classifier's label names in id order: loading the adapter needs them (a base loaded without `num_labels`
-    gets a 2-label head, which a 3-label adapter does not fit)."""
-    from peftkit.data.classification import read_labels
-
-    return read_labels(run.run_dir)
 
 
 def _bnb_kwargs(run: RunAdapter) -> dict[str, Any] | None:
