@@ -78,6 +78,8 @@ def test_labeled_data_and_label_ids(tmp_path, tiny_tokenizer):
 
     numbered = load_labeled(write_jsonl(tmp_path / "n.jsonl", [{"text": "x", "label": n} for n in (10, 2, 0, 1, 11)]))
     assert label_names(numbered) == ["0", "1", "2", "10", "11"], "integer labels keep their numbers as ids"
+    superscript = load_labeled(write_jsonl(tmp_path / "s2.jsonl", [{"text": "x", "label": n} for n in ("²", "1")]))
+    assert label_names(superscript) == ["1", "²"], "a non-ASCII digit is a name, not a number (int() would fail)"
     assert label_names(load_labeled(write_jsonl(tmp_path / "m.jsonl", [{"text": "x", "label": n} for n in ("2", "10", "b")]))) \
         == ["10", "2", "b"]
 

@@ -88,6 +88,18 @@ def test_a_template_that_refuses_or_leaves_out_system_messages_gets_them_in_the_
     assert "be brief.\n\nhello" in tokenizer.apply_chat_template(TWO_TURNS[:1], tokenize=False)
 
 
+def test_a_system_prompt_rendered_json_escaped_is_kept_where_the_template_puts_it(tiny_tokenizer):
+    """A template that writes the system text with `| tojson` shows it escaped: that is rendered, not left out."""
+    tokenizer = _with_template(tiny_tokenizer, (
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<|im_start|>system\n' + "
+        "({'instructions': message['content']} | tojson) + '<|im_end|>\n' }}{% else %}{{ '<|im_start|>' + "
+        "message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"))
+    messages = [{"role": "system", "content": 'Say "hi".\nBe brief.'}, *TWO_TURNS]
+    row, _ = tokenize_conversation(tokenizer, messages, max_seq_len=512)
+    assert tokenizer.decode(row["input_ids"]).startswith('<|im_start|>system\n{"instructions": "Say \\"hi\\".\\nBe brief."}')
+
+
 def test_a_template_that_refuses_every_conversation_is_one_message(tiny_tokenizer):
     tokenizer = _with_template(tiny_tokenizer, "{{ raise_exception('this template takes no conversations') }}")
     messages = [{"role": "system", "content": "be brief."}, *TWO_TURNS]
