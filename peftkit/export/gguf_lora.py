@@ -6,6 +6,7 @@ rebuilding each weight delta the way llama.cpp applies it and comparing logits w
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from peftkit.errors import ExportError
-from peftkit.export import verify
+from peftkit.export import llama_cpp_check, verify
 from peftkit.export.common import ExportResult, gguf_package, list_files, prepare_output, write_json
 from peftkit.export.gguf_writer import (
     add_model_parameters,
@@ -30,6 +31,8 @@ from peftkit.export.gguf_writer import (
 )
 from peftkit.export.merge import RunAdapter, resolve_run
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 _LORA_TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
@@ -134,6 +137,32 @@ def read_lora_gguf_deltas(path: Path, base_model: Any) -> dict[str, torch.Tensor
     return deltas
 
 
+FLOAT_FILE_TYPES = frozenset({0, 1, 32})  # general.file_type: all F32, mostly F16, mostly BF16
+
+
+def _run_on_base_gguf(source: Path | None, lora_file: Path, reference: verify.Reference, gguf_type: str) -> dict[str, Any]:
+    """The LoRA file in llama.cpp on the GGUF the base was converted from, as the Modelfile's FROM runs it.
+
+    On a quantized base llama.cpp also quantizes the activations, so the bound is loose and a miss is a
+    warning (the base file's precision is not the export's doing); on a float base a miss fails the export.
+    """
+    if source is None:
+        return llama_cpp_check.not_run("there is no base GGUF to run it on (the base was not converted from one); "
+                                       "try it with llama-cli -m BASE.gguf --lora FILE")
+    from peftkit.models.gguf_config import read_gguf_field
+
+    quantized = read_gguf_field(source, "general.file_type") not in FLOAT_FILE_TYPES
+    result = llama_cpp_check.check(source, reference, precision="llama.cpp-quantized-base" if quantized
+                                   else f"llama.cpp-{gguf_type}", lora=lora_file)
+    if result.get("passed") is False:
+        if not quantized:
+            verify.enforce({**result, "failures": [f"in llama.cpp on {source.name}: {f}" for f in result["failures"]]},
+                           "GGUF LoRA file")
+        log.warning("In llama.cpp on the quantized base %s, the LoRA answers further from the adapter than expected: %s",
+                    source.name, "; ".join(result["failures"]))
+    return result
+
+
 def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, gguf_type: str = "f16",
                         force: bool = False, check: bool = True, base: str | None = None) -> ExportResult:
     """`peftkit export RUN_DIR --format gguf-adapter`: the LoRA alone, for `llama-cli -m BASE.gguf --lora FILE`."""
@@ -164,6 +193,7 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
                                    "kind": "gguf-adapter (reconstructed in process)"}, f"gguf-{gguf_type}")
             if not report["passed"]:
                 verify.enforce(report, "GGUF LoRA file")
+            report["llama_cpp"] = _run_on_base_gguf(source_gguf_of(run), tmp / file_name, reference, gguf_type)
             write_json(tmp / "verification.json", report)
         source = source_gguf_of(run)
         modelfile = ["# Ollama: base model + this LoRA. Create with: ollama create NAME -f Modelfile",
@@ -173,6 +203,7 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
                      f"ADAPTER ./{file_name}"]
         atomic_write_text(tmp / "Modelfile", "\n".join(modelfile) + "\n")
     notes = [f"alpha written: {facts['alpha']:.4g} over {facts['modules']} modules",
+             *([llama_cpp_check.summary(report["llama_cpp"])] if report is not None else []),
              f"llama.cpp: llama-cli -m {source or 'BASE.gguf'} --lora {target / file_name}"]
     if source is not None:
         notes.append(f"the Modelfile's FROM is the GGUF the base was converted from ({source.name}): the weights "

@@ -125,7 +125,7 @@ def tokenizer_pre(tokenizer_json: dict[str, Any], source_pre: str | None) -> str
     parts = _steps(tokenizer_json, "pre_tokenizer")
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (hyphenated); it refuses to load a file saying "gpt2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
     if kinds == ["Split", "ByteLevel"]:

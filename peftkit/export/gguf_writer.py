@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from peftkit.errors import ExportError
-from peftkit.export import verify
+from peftkit.export import llama_cpp_check, verify
 from peftkit.export.common import ExportResult, gguf_package, list_files, prepare_output, save_failed_report, write_json
 from peftkit.export.gguf_vocab import add_tokenizer, check_tokenizer
 from peftkit.export.ollama import ollama_modelfile
@@ -256,6 +256,33 @@ GGUF_NAMES_READ_AS_ARCHITECTURES = frozenset({"mistral"})
 """`general.name` values transformers' GGUF loader takes for an architecture (a llama file named exactly
 `mistral` is loaded as a `mistral` GGUF, which it cannot read): such a name gets a suffix."""
 
+LLAMA_CPP_PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)
+LLAMA_CPP_PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+"""llama.cpp reads no per-token attributes from a GGUF. It gives special tokens Phi-3's right-stripping (the
+whitespace after `<|user|>`, `<|end|>`, ... belongs to the token, as in Phi-3's tokenizer.json) by *name*: when
+the lower-cased `general.name` contains `phi3` or `phi-3`, looking these four tokens up by text (a vocabulary
+without one of them fails to load: `unordered_map::at`)."""
+
+
+def gguf_general_name(name: str, tokenizer: Any) -> str:
+    """`general.name` for a model file: `name`, unless llama.cpp or transformers would read it as something else.
+
+    The Phi-3 marker is there exactly when llama.cpp can and should apply Phi-3's right-stripping: a Phi-3
+    vocabulary exported as `support-desk` would otherwise tokenize `<|user|>\n` as two tokens in llama.cpp
+    (one in training), and a run named `phi3-desk` on another vocabulary would not load.
+    """
+    if name in GGUF_NAMES_READ_AS_ARCHITECTURES:
+        return f"{name}-finetune"
+    vocab = tokenizer.get_vocab()
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    phi3_stripping = (all(token in vocab for token in LLAMA_CPP_PHI3_TOKENS)
+                      and any(getattr(t, "special", False) and getattr(t, "rstrip", False) for t in added))
+    if phi3_stripping and not LLAMA_CPP_PHI3_NAME.search(name):
+        return f"{name}-phi3"
+    if not phi3_stripping and LLAMA_CPP_PHI3_NAME.search(name):
+        return LLAMA_CPP_PHI3_NAME.sub("phi_3", name)
+    return name
+
 
 def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, name: str,
                      source_gguf: Path | None = None, description: str | None = None) -> dict[str, int]:
@@ -266,7 +293,7 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
     qtype, ftype = gguf_types(gguf_type)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[model_arch(layout)])
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(f"{name}-finetune" if name in GGUF_NAMES_READ_AS_ARCHITECTURES else name)
+    writer.add_name(gguf_general_name(name, tokenizer))
     if description:
         writer.add_description(description)
     add_model_parameters(writer, config, layout)
@@ -354,6 +381,11 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
             report = verify.judge(verify.run_child("gguf", tmp, reference, gguf_file=file_name), f"gguf-{gguf_type}")
             report["tensor_types"] = counts
             report.update(llama_cpp_tokenizer_check(tmp / file_name, reference))
+            report["llama_cpp"] = (llama_cpp_check.check(tmp / file_name, reference, precision=f"llama.cpp-{gguf_type}")
+                                   if report["passed"] else llama_cpp_check.not_run("the transformers check failed"))
+            if report["llama_cpp"].get("passed") is False:
+                report["passed"] = False
+                report["failures"] = [*report["failures"], *(f"in llama.cpp: {f}" for f in report["llama_cpp"]["failures"])]
             if not report["passed"]:
                 failed = save_failed_report(out, report)
                 hints = [f"details in {failed}"]
@@ -365,6 +397,8 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
                 verify.enforce({**report, "failures": [*report["failures"], *hints]}, "GGUF file")
             write_json(tmp / "verification.json", report)
     notes = [f"tensor types: {counts}", f"Ollama: cd {out} && ollama create {name} -f Modelfile"]
+    if report is not None:
+        notes.append(llama_cpp_check.summary(report["llama_cpp"]))
     if report is not None and not report.get("tokenizer_match", True) and "llama_cpp_tokenizer_match" not in report:
         notes.append("transformers' GGUF tokenizer splits some prompts differently than the original tokenizer")
     if report is not None and report.get("llama_cpp_tokenizer_match") is False:

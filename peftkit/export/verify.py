@@ -41,9 +41,17 @@ RELATIVE_TOLERANCE = {
     "gguf-f32": 1e-3,
     "gguf-f16": 2e-2,
     "gguf-q8_0": 0.3,  # lossy by design: a sanity bound (a broken file is off by ~100%), agreement is reported
+    # the file run in llama.cpp (llama_cpp_check): ggml computes GELU from a float16 table (measured 7.6e-4 on a
+    # tiny Gemma 3, 1e-6 relative on SiLU models); f16 measured 3.2e-3 on the quickstart model
+    "llama.cpp-f32": 3e-3,
+    "llama.cpp-f16": 2e-2,
+    "llama.cpp-q8_0": 0.3,
+    # a GGUF LoRA on the quantized GGUF the base came from: llama.cpp also quantizes the activations there
+    # (Q4_1: measured 5.7e-2 and 94 % agreement on the quickstart model; the base alone, 53 %)
+    "llama.cpp-quantized-base": 0.3,
 }
 # teacher-forced greedy-token agreement below this fails (float32 only: half precision may flip near-ties)
-MIN_AGREEMENT = {"float32": 0.95, "gguf-f32": 0.95}
+MIN_AGREEMENT = {"float32": 0.95, "gguf-f32": 0.95, "llama.cpp-f32": 0.95, "llama.cpp-quantized-base": 0.85}
 
 
 @dataclass
@@ -214,7 +222,7 @@ def _child_env() -> dict[str, str]:
 
 def run_child(kind: str, model_path: Path, reference: Reference, *, gguf_file: str | None = None,
               base: str | None = None, quantization: dict[str, Any] | None = None, allow_pickle: bool = False,
-              trust_remote_code: bool = False, timeout: float = 1800) -> dict[str, Any]:
+              trust_remote_code: bool = False, lora: Path | None = None, timeout: float = 1800) -> dict[str, Any]:
     """Reload the export in a fresh Python process and return its raw comparison report."""
     with tempfile.TemporaryDirectory(prefix="peftkit-verify-") as tmp:
         folder = Path(tmp)
@@ -232,6 +240,8 @@ def run_child(kind: str, model_path: Path, reference: Reference, *, gguf_file: s
             cmd += ["--allow-pickle"]
         if trust_remote_code:  # a model with its own code, which the recipe opted into (model.trust_remote_code)
             cmd += ["--trust-remote-code"]
+        if lora:  # a GGUF LoRA run on top of the --model GGUF (--kind llama.cpp)
+            cmd += ["--lora", str(lora)]
         started = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout)
@@ -239,7 +249,10 @@ def run_child(kind: str, model_path: Path, reference: Reference, *, gguf_file: s
             raise ExportError(f"verification of {model_path} did not finish within {timeout:.0f} s; "
                               "pass --no-verify to skip it") from None
         if proc.returncode != 0 or not report_path.is_file():
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            # llama.cpp logs why a file does not load, well before the Python traceback
+            reasons = [line for line in lines[:-15] if "error loading model" in line]
+            tail = "\n".join(reasons + lines[-15:])
             raise ExportError(
                 f"verification failed: the exported {kind} model at {model_path} could not be loaded and run in a "
                 f"fresh process (exit {proc.returncode}):\n{tail}"
@@ -362,6 +375,10 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(max(1, int(os.environ.get("PEFTKIT_VERIFY_THREADS", "2"))))
     reference = load_reference(Path(args.reference))
+    if args.kind == "llama.cpp":
+        from peftkit.export.llama_cpp_check import child_report
+
+        return child_report(args.model, reference, lora=args.lora)
     started = time.perf_counter()
     model, tokenizer = _load_for_kind(args)
     load_seconds = time.perf_counter() - started
@@ -393,8 +410,9 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peftkit.export.verify",
                                      description="Reload an export in this fresh process and compare with a reference.")
-    parser.add_argument("--kind", choices=["hf", "gguf", "peft"], required=True)
-    parser.add_argument("--model", required=True, help="exported model directory (or adapter directory for --kind peft)")
+    parser.add_argument("--kind", choices=["hf", "gguf", "peft", "llama.cpp"], required=True)
+    parser.add_argument("--model", required=True,
+                        help="exported model directory (adapter directory for --kind peft, GGUF file for --kind llama.cpp)")
     parser.add_argument("--reference", required=True, help="folder written by save_reference")
     parser.add_argument("--report", required=True, help="where to write the JSON report")
     parser.add_argument("--gguf-file", help="GGUF file name inside --model (--kind gguf)")
@@ -402,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantization", help="BitsAndBytesConfig kwargs as JSON (--kind peft)")
     parser.add_argument("--allow-pickle", action="store_true", help="the base may load from .bin weights (--kind peft)")
     parser.add_argument("--trust-remote-code", action="store_true", help="the model runs its own code (model.trust_remote_code)")
+    parser.add_argument("--lora", help="a GGUF LoRA to apply on top of --model (--kind llama.cpp)")
     args = parser.parse_args(argv)
     report = _child(args)
     Path(args.report).write_text(json.dumps(report, indent=2), encoding="utf-8")

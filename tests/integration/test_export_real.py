@@ -1,5 +1,5 @@
 """The real default model: train a few LoRA steps, merge (verified in a fresh process), export GGUF f16
-and check, through transformers' GGUF loader, that it answers like the merged model."""
+and check, through transformers' GGUF loader and in llama.cpp itself, that it answers like the merged model."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from peftkit.config import load_recipe
+from peftkit.export.gguf_lora import export_gguf_adapter
 from peftkit.export.gguf_writer import write_gguf_export
 from peftkit.export.hf import write_merged
 from peftkit.export.merge import merge_run
@@ -45,3 +46,15 @@ def test_trained_run_merges_and_exports_to_gguf_that_answers_the_same(tmp_path):
     name = next(f for f in gguf.files if f.endswith(".gguf"))
     modelfile = (run_dir / "gguf" / "Modelfile").read_text()
     assert f"FROM ./{name}" in modelfile and recipe.data.system_prompt in modelfile
+    # ... and run in llama.cpp itself: same logits along the same tokens, llama.cpp's own tokenization of the prompts
+    in_llama_cpp = report["llama_cpp"]
+    assert in_llama_cpp["ran"] and in_llama_cpp["passed"] and in_llama_cpp["greedy_exact"] == 1.0, in_llama_cpp
+    assert in_llama_cpp["max_abs_diff"] < 0.5 and in_llama_cpp["tokenizer_match"], in_llama_cpp
+
+    # the LoRA alone, in llama.cpp on the Q4_1 GGUF the model came from (the Modelfile's FROM): llama.cpp's 4-bit
+    # kernels quantize the activations too, so it is close, not equal
+    lora = export_gguf_adapter(run_dir, gguf_type="f16")
+    on_source = json.loads((lora.path / "verification.json").read_text())["llama_cpp"]
+    assert on_source["ran"] and on_source["model"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf"), on_source
+    assert on_source["passed"] and on_source["precision"] == "llama.cpp-quantized-base", on_source
+    assert on_source["greedy_agreement"] >= 0.85, on_source

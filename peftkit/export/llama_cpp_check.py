@@ -1,0 +1,97 @@
+"""Run a written GGUF in llama.cpp itself and compare it with the reference, in a fresh process.
+
+The main GGUF check reads the file back with transformers' GGUF loader: a second implementation of the
+format, which reads some things llama.cpp does not (and the other way round). llama.cpp is what Ollama,
+llama-server and LM Studio run, so when its Python binding is installed (`pip install 'peftkit[llama-cpp]'`)
+the export is also run there: the same prompts, logits along the same tokens, and llama.cpp's own
+tokenization of the prompt text. This check found a file llama.cpp refused to load that transformers read
+without complaint (a GPT-2 pre-tokenizer named `gpt2`; llama.cpp's name is `gpt-2`).
+
+llama.cpp runs in the verification's child process, never in the exporting one: a ggml assertion aborts
+the whole process. The KV cache is kept in float32 so only the file's own precision is measured.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftkit.errors import ExportError
+from peftkit.export import verify
+
+INSTALL_HINT = "pip install 'peftkit[llama-cpp]'"
+GGML_TYPE_F32 = 0  # ggml_type: the KV cache in float32
+
+
+def installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def not_run(why: str) -> dict[str, Any]:
+    return {"ran": False, "why": why}
+
+
+def check(gguf_path: Path, reference: verify.Reference, *, precision: str, lora: Path | None = None) -> dict[str, Any]:
+    """Judged report of `gguf_path` (plus a GGUF LoRA) run in llama.cpp; `ran: False` when llama.cpp is not installed."""
+    if not installed():
+        return not_run(f"llama-cpp-python is not installed ({INSTALL_HINT} runs the file in llama.cpp itself)")
+    try:
+        report = verify.run_child("llama.cpp", gguf_path, reference, lora=lora)
+    except ExportError as error:
+        raise ExportError(
+            f"llama.cpp ({llama_cpp_version()}) could not run the written GGUF. {error}\nIf this llama.cpp predates "
+            f"the model's architecture, upgrade it (pip install -U llama-cpp-python); --no-verify writes the file anyway"
+        ) from None
+    return {"ran": True, **verify.judge(report, precision)}
+
+
+def llama_cpp_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"llama-cpp-python {version('llama-cpp-python')}"
+    except PackageNotFoundError:
+        return "llama-cpp-python"
+
+
+def summary(report: dict[str, Any]) -> str:
+    """One line for the terminal."""
+    if not report.get("ran"):
+        return f"llama.cpp: not run: {report['why']}"
+    line = f"Ran in llama.cpp: {verify.summary_line(report)}"
+    if report.get("tokenizer_match") is False:
+        line += "; llama.cpp tokenizes some prompts differently (see verification.json)"
+    return line
+
+
+# ---------------------------------------------------------------------------------------------
+# Child side (`python -m peftkit.export.verify --kind llama.cpp`)
+# ---------------------------------------------------------------------------------------------
+
+
+def child_report(model: str, reference: verify.Reference, lora: str | None = None) -> dict[str, Any]:
+    import llama_cpp
+
+    sequences = reference.sequences()
+    n_ctx = max(map(len, sequences)) + 8
+    threads = max(1, int(os.environ.get("PEFTKIT_VERIFY_THREADS", "2")))
+    # verbose: llama.cpp says why a file does not load only in its log, which the parent shows on failure
+    llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                          n_threads=threads, n_threads_batch=threads, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32,
+                          lora_path=lora, verbose=True)
+    logits = []
+    for sequence in sequences:
+        llm.reset()
+        llm.eval(sequence)
+        logits.append(torch.from_numpy(np.array(llm.scores[: len(sequence)], dtype=np.float32)))
+    tokens_ok = all(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids
+                    for text, ids in zip(reference.texts, reference.prompt_ids))
+    report = verify.compare(reference, logits)
+    report.update({"kind": "llama.cpp", "model": model, "lora": lora, "reference": reference.label,
+                   "tokenizer_match": tokens_ok, "llama_cpp_version": llama_cpp_version()})
+    return report

@@ -1,0 +1,151 @@
+"""GGUF exports run in llama.cpp itself (llama-cpp-python), not only read back by transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.unit.export_fixtures import build_gemma_tokenizer, export_recipe, llama64_dir, make_run  # noqa: F401
+from tests.unit.test_export_gguf import LORA, SPM_TEXTS, _family_dir, _fields
+from peftkit.errors import ExportError
+from peftkit.export import llama_cpp_check
+from peftkit.export.gguf_lora import export_gguf_adapter
+from peftkit.export.gguf_writer import export_gguf, write_model_gguf
+
+torch.set_num_threads(1)
+
+
+def _base_gguf(model_dir: Path, out: Path) -> Path:
+    """The base model as an f32 GGUF: what `ollama create` / `llama-cli -m` would take as the LoRA's base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    write_model_gguf(model, AutoTokenizer.from_pretrained(model_dir), out, gguf_type="f32", name="base")
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "phi3", "gemma3_text"])
+def test_a_gguf_lora_runs_in_llama_cpp_on_its_base_gguf(export_recipe, llama64_dir, tmp_path, model_type):
+    """Trained from a GGUF base, the GGUF LoRA is run in llama.cpp on that file (the Modelfile's FROM): permuted
+    Q/K (Llama), q/k norms (Qwen3), fused qkv / gate_up (Phi-3), the norm shift and soft-capping (Gemma 3)."""
+    # Gemma with its own kind of vocabulary: transformers turns a byte-level one in a Gemma GGUF into a broken tokenizer
+    tokenizer = build_gemma_tokenizer(tmp_path / "spm") if model_type == "gemma3_text" else None
+    model_dir = llama64_dir if model_type == "llama" else _family_dir(tmp_path / model_type, model_type, tokenizer)
+    base = _base_gguf(model_dir, tmp_path / f"{model_type}-base.gguf")
+    run = make_run(tmp_path / "run", {**export_recipe, "name": "desk"}, LORA, model_dir=base)
+    result = export_gguf_adapter(run, gguf_type="f32")
+    report = json.loads((result.path / "verification.json").read_text())["llama_cpp"]
+    assert report["ran"] and report["passed"] and report["precision"] == "llama.cpp-f32", report
+    assert report["lora"].endswith("desk-lora-f32.gguf") and report["model"] == str(base)
+    assert report["greedy_exact"] == 1.0 and report["tokenizer_match"]
+    assert any(note.startswith("Ran in llama.cpp: max |logit diff|") for note in result.notes)
+
+    # the same check without the LoRA fails: it measures the adapter, not only the base
+    from peftkit.export.merge import merge_run
+
+    without = llama_cpp_check.check(base, merge_run(run).reference, precision="llama.cpp-f32")
+    assert without["ran"] and not without["passed"] and without["max_abs_diff"] > 10 * report["max_abs_diff"]
+
+
+def test_a_file_llama_cpp_cannot_load_is_refused_with_llama_cpps_reason(export_recipe, tmp_path, monkeypatch):
+    """transformers reads a byte-level vocabulary whose pre-tokenizer is named `gpt2` without complaint; llama.cpp
+    (its name is `gpt-2`) refuses to load it. The export says llama.cpp's reason and writes nothing."""
+    from peftkit.export import gguf_vocab
+
+    run = make_run(tmp_path / "run", export_recipe, LORA)
+    assert json.loads((export_gguf(run, tmp_path / "ok", gguf_type="f32").path / "verification.json").read_text())[
+        "llama_cpp"]["passed"]
+    assert _fields(tmp_path / "ok" / "tiny-f32.gguf")[0]["tokenizer.ggml.pre"] == "gpt-2"
+    monkeypatch.setattr(gguf_vocab, "tokenizer_pre", lambda tokenizer_json, source_pre: "gpt2")
+    with pytest.raises(ExportError) as error:
+        export_gguf(run, tmp_path / "bad", gguf_type="f32")
+    message = str(error.value)
+    assert "llama.cpp (llama-cpp-python" in message and "could not run the written GGUF" in message
+    assert "unknown pre-tokenizer type: 'gpt2'" in message and "--no-verify" in message
+    assert not (tmp_path / "bad").exists()
+
+
+def test_without_llama_cpp_the_export_says_how_to_run_it_there(export_recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(llama_cpp_check, "installed", lambda: False)
+    run = make_run(tmp_path / "run", export_recipe, LORA)
+    result = export_gguf(run, gguf_type="f32")
+    report = json.loads((result.path / "verification.json").read_text())
+    assert report["passed"] and report["llama_cpp"] == {
+        "ran": False, "why": "llama-cpp-python is not installed (pip install 'peftkit[llama-cpp]' runs the file in "
+                             "llama.cpp itself)"}
+    assert "llama.cpp: not run: llama-cpp-python is not installed" in " ".join(result.notes)
+    adapter = json.loads((export_gguf_adapter(run, gguf_type="f32").path / "verification.json").read_text())
+    assert adapter["passed"] and not adapter["llama_cpp"]["ran"]  # no base GGUF to run it on
+    assert "no base GGUF" in adapter["llama_cpp"]["why"]
+
+
+def _phi3_style_tokenizer():
+    """Phi-3's specials: `<s>`, `</s>`, `<unk>`, `<|endoftext|>`, and turn tokens that take the whitespace after
+    them (rstrip), as Phi-3's tokenizer.json has them."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import CORPUS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)]
+                           + [AddedToken(t, rstrip=True, special=True) for t in ("<|user|>", "<|assistant|>", "<|end|>")])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+                          "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+    return fast
+
+
+def test_a_phi3_vocabulary_is_named_so_llama_cpp_strips_like_its_tokenizer(export_recipe, tmp_path):
+    """llama.cpp applies Phi-3's right-stripping only to a file whose general.name says phi3: without it,
+    `<|user|>\\n` became two tokens there and one in training. Any run name gets the marker it needs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = _phi3_style_tokenizer()
+    config = AutoConfig.for_model("phi3", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]  # the newlines belong to the turn tokens
+    assert ids == tokenizer("<|user|>hello<|end|><|assistant|>", add_special_tokens=False)["input_ids"]
+    run = make_run(tmp_path / "run", {**export_recipe, "name": "support-desk"}, LORA, model_dir=tmp_path / "base")
+    result = export_gguf(run, gguf_type="f32")
+    report = json.loads((result.path / "verification.json").read_text())["llama_cpp"]
+    assert report["passed"] and report["tokenizer_match"], report
+    assert _fields(result.path / "support-desk-f32.gguf")[0]["general.name"] == "support-desk-phi3"
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_peftkits_llama_cpp_tokenizer_agrees_with_llama_cpp(export_recipe, tmp_path, legacy):
+    """The pure-Python copy of llama.cpp's sentencepiece tokenizer (used when llama.cpp is not installed) gives
+    llama.cpp's own ids on the written file, special tokens and byte fallback included."""
+    from llama_cpp import Llama
+
+    from peftkit.export.llama_cpp_tokenizer import SpmVocab, tokenize
+    from tests.unit.export_fixtures import build_llama_dir, build_sentencepiece_tokenizer
+
+    base = build_llama_dir(tmp_path / "base", build_sentencepiece_tokenizer(tmp_path / "spm", legacy=legacy))
+    run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=base)
+    result = export_gguf(run, gguf_type="f32")
+    report = json.loads((result.path / "verification.json").read_text())
+    assert report["llama_cpp"]["passed"]
+    assert report["llama_cpp"]["tokenizer_match"] is report["llama_cpp_tokenizer_match"] is legacy
+    path = result.path / "tiny-f32.gguf"
+    vocab = SpmVocab.from_gguf(path)
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for text in [*SPM_TEXTS, "<s>[INST] hi [/INST] ok</s>", "  leading spaces", "tab\there"]:
+        for special in (True, False):
+            assert tokenize(text, vocab, parse_special=special) == llm.tokenize(
+                text.encode("utf-8"), add_bos=False, special=special), (text, special)
