@@ -176,4 +176,19 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, source_pre: str 
     writer.add_add_space_prefix(kind == "llama" and adds_space_prefix(tokenizer_json))
     if special.chat_template is None and getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+    _add_end_of_turn(writer, tokenizer)
     return kind
+
+
+def _add_end_of_turn(writer: Any, tokenizer: Any) -> None:
+    """The token the chat template closes a reply with, where it is not EOS, as `tokenizer.ggml.eot_token_id`:
+    llama.cpp stops generating on EOS, EOT and a list of token texts it knows (`<|im_end|>`, `<end_of_turn>`,
+    ...); a template's own end-of-turn token outside that list would otherwise never end a reply there."""
+    from peftkit.data.chat import end_of_turn_token_id
+
+    try:
+        end_of_turn = end_of_turn_token_id(tokenizer)
+    except Exception:  # noqa: BLE001 - a template that cannot render the probe: EOS alone, as in generation
+        return
+    if end_of_turn is not None and end_of_turn != tokenizer.eos_token_id:
+        writer.add_eot_token_id(end_of_turn)

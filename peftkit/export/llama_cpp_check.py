@@ -66,6 +66,8 @@ def summary(report: dict[str, Any]) -> str:
     line = f"Ran in llama.cpp: {verify.summary_line(report)}"
     if report.get("tokenizer_match") is False:
         line += "; llama.cpp tokenizes some prompts differently (see verification.json)"
+    if report.get("stops_not_ending_generation"):
+        line += f"; llama.cpp does not stop generating on {', '.join(report['stops_not_ending_generation'])}"
     return line
 
 
@@ -91,7 +93,12 @@ def child_report(model: str, reference: verify.Reference, lora: str | None = Non
         logits.append(torch.from_numpy(np.array(llm.scores[: len(sequence)], dtype=np.float32)))
     tokens_ok = all(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids
                     for text, ids in zip(reference.texts, reference.prompt_ids))
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    # the tokens generation stops on (EOS, the template's end of turn) must end generation in llama.cpp too
+    not_stopping = [llm.detokenize([t], special=True).decode("utf-8", "replace")
+                    for t in reference.stop_ids if not llama_cpp.llama_vocab_is_eog(vocab, t)]
     report = verify.compare(reference, logits)
     report.update({"kind": "llama.cpp", "model": model, "lora": lora, "reference": reference.label,
-                   "tokenizer_match": tokens_ok, "llama_cpp_version": llama_cpp_version()})
+                   "tokenizer_match": tokens_ok, "stops_not_ending_generation": not_stopping,
+                   "llama_cpp_version": llama_cpp_version()})
     return report

@@ -149,3 +149,24 @@ def test_peftkits_llama_cpp_tokenizer_agrees_with_llama_cpp(export_recipe, tmp_p
         for special in (True, False):
             assert tokenize(text, vocab, parse_special=special) == llm.tokenize(
                 text.encode("utf-8"), add_bos=False, special=special), (text, special)
+
+
+def test_a_templates_own_end_of_turn_token_ends_generation_in_llama_cpp(export_recipe, tmp_path):
+    """llama.cpp stops on EOS, EOT and token texts it knows; a template closing replies with a token of its own
+    (`<|turn_end|>`, EOS `</s>`) gets it written as the EOT token, or llama-cli would run on past every reply."""
+    from tests.conftest import build_tiny_tokenizer
+    from tests.unit.export_fixtures import build_llama_dir
+
+    tokenizer = build_tiny_tokenizer(chatml=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|turn_end|>"]})
+    tokenizer.pad_token = "</s>"
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|turn_end|>\n' }}"
+                               "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=build_llama_dir(tmp_path / "base", tokenizer))
+    result = export_gguf(run, gguf_type="f32")
+    report = json.loads((result.path / "verification.json").read_text())["llama_cpp"]
+    end = tokenizer.convert_tokens_to_ids("<|turn_end|>")
+    assert report["passed"], report
+    assert report["stops_not_ending_generation"] == [], report
+    fields = _fields(result.path / "tiny-f32.gguf")[0]
+    assert fields["tokenizer.ggml.eot_token_id"] == end and fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
