@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from peftkit.errors import ModelNotFoundError, PeftkitError
 from peftkit.models.load import save_tokenizer
@@ -72,6 +74,24 @@ def conversion_is_current(target: Path) -> bool:
         return False
 
 
+TOKENIZER_PROBE = "Hello, world!\nThe 2 cats sat on the mat (3.5 m) at 10:30."
+
+
+def check_tokenizer_reads_back(tokenizer: Any, gguf_path: Path) -> None:
+    """transformers rebuilds a GGUF's tokenizer by architecture; for a vocabulary that architecture does not
+    usually have (a byte-level one in a Gemma file) the saved and reloaded tokenizer maps spaces and newlines to
+    `<unk>`, and training would quietly learn from that. Plain text must come back from its own tokens."""
+    ids = tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    back = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    unknown = tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids
+    if unknown or back.strip() != TOKENIZER_PROBE:
+        raise PeftkitError(
+            f"transformers cannot read the tokenizer in {gguf_path.name} correctly: {TOKENIZER_PROBE!r} comes back as "
+            f"{back!r}{' (unknown tokens)' if unknown else ''}. Train from the original model instead: its folder with "
+            "tokenizer.json, or its hub id"
+        )
+
+
 def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     """Return the cached model directory for `gguf_path`, converting it on first use."""
     if not gguf_path.is_file():
@@ -90,6 +110,9 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with tempfile.TemporaryDirectory(prefix="peftkit-tokenizer-") as probe:  # as training will load it: saved
+        save_tokenizer(tokenizer, Path(probe))
+        check_tokenizer_reads_back(AutoTokenizer.from_pretrained(probe), gguf_path)
     # transformers' loader leaves some settings at its defaults (head size, Gemma's, RoPE scaling): the model is
     # built with what llama.cpp reads from the file, so training starts from the model the file describes
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,

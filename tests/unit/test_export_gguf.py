@@ -16,7 +16,14 @@ from tests.unit.export_fixtures import export_recipe, llama64_dir, make_run  # n
 from peftkit.errors import ExportError
 from peftkit.export import verify
 from peftkit.export.gguf_lora import export_gguf_adapter
-from peftkit.export.gguf_writer import check_architecture, export_gguf, permute_qk, unpermute_qk, write_gguf_export
+from peftkit.export.gguf_writer import (
+    check_architecture,
+    export_gguf,
+    permute_qk,
+    unpermute_qk,
+    write_gguf_export,
+    write_model_gguf,
+)
 from peftkit.export.ollama import chatml_default_system
 from peftkit.export.merge import merge_run
 
@@ -679,8 +686,11 @@ def test_a_gguf_base_converts_to_the_model_the_file_describes(export_recipe, tmp
     if kind in ("llama3", "linear"):
         rope = LLAMA3_ROPE if kind == "llama3" else {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
         run = _rope_run(tmp_path, export_recipe, tiny_tokenizer, rope)
-    else:
-        run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=_family_dir(tmp_path / kind, kind))
+    else:  # Gemma with a Gemma vocabulary: transformers cannot rebuild a byte-level one from a Gemma GGUF (below)
+        from tests.unit.export_fixtures import build_gemma_tokenizer
+
+        tokenizer = build_gemma_tokenizer(tmp_path / "spm") if kind == "gemma3_text" else None
+        run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=_family_dir(tmp_path / kind, kind, tokenizer))
     result = export_gguf(run, gguf_type="f32", check=False)
     converted = convert_gguf(next(result.path.glob("*.gguf")), tmp_path / "home")
     model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
@@ -705,6 +715,24 @@ def test_a_gguf_base_converts_to_the_model_the_file_describes(export_recipe, tmp
         assert convert_gguf(gguf_file, tmp_path / "home") == converted
         assert json.loads((converted / "config.json").read_text())["head_dim"] == 32
         assert json.loads(marker.read_text())["conversion"] >= 2
+
+
+def test_a_gguf_whose_tokenizer_transformers_rebuilds_wrongly_is_refused_before_converting(tmp_path):
+    """A byte-level vocabulary in a Gemma GGUF comes back from transformers (saved and reloaded, as training loads
+    it) with spaces and newlines as <unk>: training would learn from that without a sign. It is refused, nothing
+    is cached, and the message names the way out."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.errors import PeftkitError
+    from peftkit.models.gguf_convert import convert_gguf
+
+    model_dir = _family_dir(tmp_path / "gemma3", "gemma3_text")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    write_model_gguf(model, AutoTokenizer.from_pretrained(model_dir), tmp_path / "g.gguf", gguf_type="f32", name="g")
+    with pytest.raises(PeftkitError, match=r"cannot read the tokenizer in g\.gguf correctly: .* comes back as "
+                                           r"'Hello,world!The2cats.*\(unknown tokens\)\. Train from the original model"):
+        convert_gguf(tmp_path / "g.gguf", tmp_path / "home")
+    assert not (tmp_path / "home").exists() or not any((tmp_path / "home").iterdir())
 
 
 def test_a_llama3_rope_base_exports_its_lora_to_gguf(export_recipe, tmp_path, tiny_tokenizer):
