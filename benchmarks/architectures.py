@@ -12,6 +12,7 @@ crashed (a traceback: a bug). Written to `results/<date>_<machine>_architectures
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -130,8 +131,22 @@ def run_family(name: str, work: Path, tokenizer: Any) -> dict[str, Any]:
         print(f"{name:16s} {step:13s} {row[step]}", flush=True)
         if step == "train" and row[step] != "ok":
             break
+    row["gguf in llama.cpp"] = in_llama_cpp(run_dir / "gguf" / "verification.json")
     row["seconds"] = round(total, 1)
     return row
+
+
+def in_llama_cpp(report_path: Path) -> str:
+    """What running the GGUF export in llama.cpp itself gave (peftkit's verification, when llama-cpp-python is
+    installed): the largest logit difference relative to the largest logit, and greedy-token agreement."""
+    if not report_path.is_file():
+        return "-"
+    report = json.loads(report_path.read_text()).get("llama_cpp", {})
+    if not report.get("ran"):
+        return f"not run: {report.get('why', 'no llama.cpp check in this report')}"
+    relative = report["max_abs_diff"] / max(1.0, report["max_abs_reference_logit"])
+    return (f"{'ok' if report['passed'] else 'FAILED'}: max diff {relative:.1e} of the largest logit, "
+            f"agreement {report['greedy_agreement']:.0%}{'' if report['tokenizer_match'] else ', tokenization differs'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
              "Tiny random models of each family (SmolLM2's tokenizer), LoRA `all-linear` r 8, 3 training steps on the "
              "quickstart data, then chat and every export format, each verified by peftkit as usual. `refused` is "
              "peftkit's own message (the intended answer where a format cannot hold that family); `crashed` would be "
-             f"a bug. Command: `python -m benchmarks.architectures{' --only ' + ' '.join(args.only) if args.only else ''}`.\n\n")
-    write_table_report("architectures", rows, ("family",), intro, ["family", "model_type", *STEPS, "seconds"])
+             "a bug. `gguf in llama.cpp`: the GGUF export (f16) run in llama.cpp itself by peftkit's verification "
+             f"(llama-cpp-python), logits along the reference tokens and llama.cpp's own tokenization. Command: `python -m benchmarks.architectures{' --only ' + ' '.join(args.only) if args.only else ''}`.\n\n")
+    write_table_report("architectures", rows, ("family",), intro,
+                       ["family", "model_type", *STEPS, "gguf in llama.cpp", "seconds"])
     return 0 if not any(str(v).startswith("crashed") for row in rows for v in row.values()) else 1
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks.common import earlier_rows, markdown_table, write_csv
@@ -423,3 +425,15 @@ def test_gpu_checks_skip_what_does_not_fit_record_failures_and_report_what_ran(t
     assert "| peftkit | 10.0 | 250.0 | 2.5 |" in text  # 2.5x the reference
     assert "| zero2 | failed |" in text and "| full | skipped |" in text
     assert (tmp_path / "report" / "2026-01-01_gpu_gpu_loss.png").stat().st_size > 0
+
+
+def test_the_architectures_table_says_what_llama_cpp_made_of_each_gguf(tmp_path):
+    from benchmarks.architectures import in_llama_cpp
+
+    path = tmp_path / "verification.json"
+    assert in_llama_cpp(path) == "-"  # no GGUF export (refused, or training failed)
+    path.write_text(json.dumps({"llama_cpp": {"ran": False, "why": "llama-cpp-python is not installed"}}))
+    assert in_llama_cpp(path) == "not run: llama-cpp-python is not installed"
+    path.write_text(json.dumps({"llama_cpp": {"ran": True, "passed": True, "max_abs_diff": 0.02, "greedy_agreement": 1.0,
+                                              "max_abs_reference_logit": 20.0, "tokenizer_match": False}}))
+    assert in_llama_cpp(path) == "ok: max diff 1.0e-03 of the largest logit, agreement 100%, tokenization differs"
