@@ -137,23 +137,29 @@ def read_lora_gguf_deltas(path: Path, base_model: Any) -> dict[str, torch.Tensor
     return deltas
 
 
-FLOAT_FILE_TYPES = frozenset({0, 1, 32})  # general.file_type: all F32, mostly F16, mostly BF16
+FLOAT_FILE_TYPES = {0: "f32", 1: "f16", 32: "bf16"}  # general.file_type: all F32, mostly F16, mostly BF16
+PRECISION_ORDER = ("f32", "f16", "bf16", "q8_0")  # finer to coarser, as the tolerances in `verify`
 
 
 def _run_on_base_gguf(source: Path | None, lora_file: Path, reference: verify.Reference, gguf_type: str) -> dict[str, Any]:
     """The LoRA file in llama.cpp on the GGUF the base was converted from, as the Modelfile's FROM runs it.
 
-    On a quantized base llama.cpp also quantizes the activations, so the bound is loose and a miss is a
-    warning (the base file's precision is not the export's doing); on a float base a miss fails the export.
+    The tolerance is the coarser of the base file's and the LoRA's precision (llama.cpp multiplies F16 / BF16
+    weights with activations rounded to that type). On a quantized base llama.cpp also quantizes the activations,
+    so the bound is loose and a miss is a warning (the base file's precision is not the export's doing); on a
+    float base a miss fails the export.
     """
-    if source is None:
-        return llama_cpp_check.not_run("there is no base GGUF to run it on (the base was not converted from one); "
+    if source is None or not source.is_file():
+        where = "the base was not converted from one" if source is None else f"{source} no longer exists"
+        return llama_cpp_check.not_run(f"there is no base GGUF to run it on ({where}); "
                                        "try it with llama-cli -m BASE.gguf --lora FILE")
     from peftkit.models.gguf_config import read_gguf_field
 
-    quantized = read_gguf_field(source, "general.file_type") not in FLOAT_FILE_TYPES
+    base_type = FLOAT_FILE_TYPES.get(read_gguf_field(source, "general.file_type"))  # None: quantized, or not said
+    quantized = base_type is None
+    coarser = max(base_type or "f32", gguf_type, key=PRECISION_ORDER.index)
     result = llama_cpp_check.check(source, reference, precision="llama.cpp-quantized-base" if quantized
-                                   else f"llama.cpp-{gguf_type}", lora=lora_file)
+                                   else f"llama.cpp-{coarser}", lora=lora_file)
     if result.get("passed") is False:
         if not quantized:
             verify.enforce({**result, "failures": [f"in llama.cpp on {source.name}: {f}" for f in result["failures"]]},

@@ -120,8 +120,8 @@ def _warn_unmatched_normalizer(tokenizer_json: dict[str, Any]) -> None:
 def tokenizer_pre(tokenizer_json: dict[str, Any], source_pre: str | None) -> str:
     """llama.cpp's pre-tokenizer name (byte-level BPE): the one of the GGUF the base came from, else read off
     tokenizer.json."""
-    if source_pre:
-        return source_pre
+    if source_pre:  # earlier peftkit versions wrote GPT-2's as "gpt2", a name llama.cpp does not load
+        return {"gpt2": "gpt-2"}.get(source_pre, source_pre)
     parts = _steps(tokenizer_json, "pre_tokenizer")
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):

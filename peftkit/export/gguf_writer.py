@@ -280,7 +280,7 @@ def gguf_general_name(name: str, tokenizer: Any) -> str:
     if phi3_stripping and not LLAMA_CPP_PHI3_NAME.search(name):
         return f"{name}-phi3"
     if not phi3_stripping and LLAMA_CPP_PHI3_NAME.search(name):
-        return LLAMA_CPP_PHI3_NAME.sub("phi_3", name)
+        return LLAMA_CPP_PHI3_NAME.sub(lambda found: found.group(0)[:3] + "_3", name)  # keeps the name's case
     return name
 
 
@@ -381,8 +381,12 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
             report = verify.judge(verify.run_child("gguf", tmp, reference, gguf_file=file_name), f"gguf-{gguf_type}")
             report["tensor_types"] = counts
             report.update(llama_cpp_tokenizer_check(tmp / file_name, reference))
-            report["llama_cpp"] = (llama_cpp_check.check(tmp / file_name, reference, precision=f"llama.cpp-{gguf_type}")
-                                   if report["passed"] else llama_cpp_check.not_run("the transformers check failed"))
+            try:
+                report["llama_cpp"] = (llama_cpp_check.check(tmp / file_name, reference, precision=f"llama.cpp-{gguf_type}")
+                                       if report["passed"] else llama_cpp_check.not_run("the transformers check failed"))
+            except ExportError as error:  # llama.cpp could not load it: keep what the transformers check measured
+                save_failed_report(out, {**report, "passed": False, "failures": [str(error)]})
+                raise
             if report["llama_cpp"].get("passed") is False:
                 report["passed"] = False
                 report["failures"] = [*report["failures"], *(f"in llama.cpp: {f}" for f in report["llama_cpp"]["failures"])]

@@ -14,6 +14,7 @@ the whole process. The KV cache is kept in float32 so only the file's own precis
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,37 @@ import torch
 from peftkit.errors import ExportError
 from peftkit.export import verify
 
+log = logging.getLogger(__name__)
+
 INSTALL_HINT = "pip install 'peftkit[llama-cpp]'"
 GGML_TYPE_F32 = 0  # ggml_type: the KV cache in float32
 
 
-def installed() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None
+MIN_VERSION = "0.3.36"  # the binding's low-level API this module uses (llama_vocab_is_eog, ...), as tested
+
+
+def installed_version() -> str | None:
+    """llama-cpp-python's version, or None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:  # importable but not installed as a distribution (a source checkout)
+        return MIN_VERSION
+
+
+def unavailable() -> str | None:
+    """Why the file cannot be run in llama.cpp here, or None when it can."""
+    from packaging.version import Version
+
+    found = installed_version()
+    if found is None:
+        return f"llama-cpp-python is not installed ({INSTALL_HINT} runs the file in llama.cpp itself)"
+    if Version(found) < Version(MIN_VERSION):
+        return f"llama-cpp-python {found} is older than {MIN_VERSION} (pip install -U llama-cpp-python)"
+    return None
 
 
 def not_run(why: str) -> dict[str, Any]:
@@ -37,26 +63,27 @@ def not_run(why: str) -> dict[str, Any]:
 
 
 def check(gguf_path: Path, reference: verify.Reference, *, precision: str, lora: Path | None = None) -> dict[str, Any]:
-    """Judged report of `gguf_path` (plus a GGUF LoRA) run in llama.cpp; `ran: False` when llama.cpp is not installed."""
-    if not installed():
-        return not_run(f"llama-cpp-python is not installed ({INSTALL_HINT} runs the file in llama.cpp itself)")
+    """Judged report of `gguf_path` (plus a GGUF LoRA) run in llama.cpp; `ran: False` when llama.cpp is not here.
+
+    A written model file llama.cpp cannot run fails the export. With a LoRA, `gguf_path` is the user's base GGUF:
+    if llama.cpp cannot run that, the LoRA is not at fault, so it is reported (and warned about), not raised.
+    """
+    why = unavailable()
+    if why:
+        return not_run(why)
     try:
         report = verify.run_child("llama.cpp", gguf_path, reference, lora=lora)
     except ExportError as error:
+        version = f"llama-cpp-python {installed_version()}"
+        if lora is not None:
+            reason = f"llama.cpp ({version}) could not run the base GGUF {gguf_path} with this LoRA: {error}"
+            log.warning("%s\nThe Modelfile's FROM is that file: check it loads in your llama.cpp / Ollama", reason)
+            return not_run(reason)
         raise ExportError(
-            f"llama.cpp ({llama_cpp_version()}) could not run the written GGUF. {error}\nIf this llama.cpp predates "
-            f"the model's architecture, upgrade it (pip install -U llama-cpp-python); --no-verify writes the file anyway"
+            f"llama.cpp ({version}) could not run the written GGUF. {error}\nIf this llama.cpp predates the model's "
+            "architecture, upgrade it (pip install -U llama-cpp-python); --no-verify writes the file anyway"
         ) from None
     return {"ran": True, **verify.judge(report, precision)}
-
-
-def llama_cpp_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"llama-cpp-python {version('llama-cpp-python')}"
-    except PackageNotFoundError:
-        return "llama-cpp-python"
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -100,5 +127,5 @@ def child_report(model: str, reference: verify.Reference, lora: str | None = Non
     report = verify.compare(reference, logits)
     report.update({"kind": "llama.cpp", "model": model, "lora": lora, "reference": reference.label,
                    "tokenizer_match": tokens_ok, "stops_not_ending_generation": not_stopping,
-                   "llama_cpp_version": llama_cpp_version()})
+                   "llama_cpp_version": installed_version()})
     return report

@@ -66,10 +66,12 @@ def test_a_file_llama_cpp_cannot_load_is_refused_with_llama_cpps_reason(export_r
     assert "llama.cpp (llama-cpp-python" in message and "could not run the written GGUF" in message
     assert "unknown pre-tokenizer type: 'gpt2'" in message and "--no-verify" in message
     assert not (tmp_path / "bad").exists()
+    failed = json.loads((tmp_path / "bad.verification-failed.json").read_text())  # the transformers check's numbers
+    assert failed["kind"] == "gguf" and failed["greedy_exact"] == 1.0 and "unknown pre-tokenizer" in failed["failures"][0]
 
 
 def test_without_llama_cpp_the_export_says_how_to_run_it_there(export_recipe, tmp_path, monkeypatch):
-    monkeypatch.setattr(llama_cpp_check, "installed", lambda: False)
+    monkeypatch.setattr(llama_cpp_check, "installed_version", lambda: None)
     run = make_run(tmp_path / "run", export_recipe, LORA)
     result = export_gguf(run, gguf_type="f32")
     report = json.loads((result.path / "verification.json").read_text())
@@ -170,3 +172,66 @@ def test_a_templates_own_end_of_turn_token_ends_generation_in_llama_cpp(export_r
     assert report["stops_not_ending_generation"] == [], report
     fields = _fields(result.path / "tiny-f32.gguf")[0]
     assert fields["tokenizer.ggml.eot_token_id"] == end and fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+
+
+def test_an_old_llama_cpp_python_is_named_instead_of_failing_the_export(export_recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(llama_cpp_check, "installed_version", lambda: "0.2.90")
+    run = make_run(tmp_path / "run", export_recipe, LORA)
+    report = json.loads((export_gguf(run, gguf_type="f32").path / "verification.json").read_text())
+    assert report["passed"] and report["llama_cpp"]["why"] == ("llama-cpp-python 0.2.90 is older than 0.3.36 "
+                                                               "(pip install -U llama-cpp-python)")
+
+
+@pytest.mark.parametrize("base_type", ["f16", "q8_0", "gone"])
+def test_a_gguf_lora_is_judged_by_its_bases_precision_and_a_missing_base_is_said(export_recipe, llama64_dir, tmp_path,
+                                                                                 base_type):
+    """An f32 LoRA on an F16 base is held to F16's bound (llama.cpp rounds the activations to the base's type); on a
+    quantized base a miss only warns; a base GGUF moved away since is reported, not a crash."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(llama64_dir, dtype=torch.float32)
+    base = tmp_path / "base.gguf"
+    write_model_gguf(model, AutoTokenizer.from_pretrained(llama64_dir), base, name="base",
+                     gguf_type="f16" if base_type == "gone" else base_type)
+    if base_type == "gone":  # trained on the converted folder, whose marker names the GGUF it came from
+        from peftkit.models.gguf_convert import convert_gguf
+
+        run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=convert_gguf(base, tmp_path / "home"))
+        base.rename(tmp_path / "moved.gguf")
+    else:
+        run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=base)
+    report = json.loads((export_gguf_adapter(run, gguf_type="f32").path / "verification.json").read_text())["llama_cpp"]
+    if base_type == "gone":
+        assert not report["ran"] and f"{base} no longer exists" in report["why"]
+    else:
+        assert report["ran"] and report["passed"], report
+        assert report["precision"] == {"f16": "llama.cpp-f16", "q8_0": "llama.cpp-quantized-base"}[base_type]
+
+
+def test_a_base_gguf_llama_cpp_cannot_load_is_reported_not_blamed_on_the_lora(export_recipe, llama64_dir, tmp_path,
+                                                                              monkeypatch, caplog):
+    """A base GGUF written before the `gpt-2` fix does not load in llama.cpp: the LoRA is written, and the report
+    and a warning say the base is the problem (the Modelfile's FROM would fail too)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.export import gguf_vocab
+
+    model = AutoModelForCausalLM.from_pretrained(llama64_dir, dtype=torch.float32)
+    base = tmp_path / "old.gguf"
+    run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=_base_gguf(llama64_dir, base))
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf_vocab, "tokenizer_pre", lambda tokenizer_json, source_pre: "gpt2")
+        write_model_gguf(model, AutoTokenizer.from_pretrained(llama64_dir), base, gguf_type="f32", name="base")
+    result = export_gguf_adapter(run, gguf_type="f32")
+    report = json.loads((result.path / "verification.json").read_text())
+    assert report["passed"] and not report["llama_cpp"]["ran"]
+    assert f"could not run the base GGUF {base} with this LoRA" in report["llama_cpp"]["why"]
+    assert "unknown pre-tokenizer type: 'gpt2'" in report["llama_cpp"]["why"]
+    assert "The Modelfile's FROM is that file" in caplog.text
+
+
+def test_a_base_gguf_with_the_old_gpt2_name_is_exported_with_llama_cpps(tmp_path):
+    from peftkit.export.gguf_vocab import tokenizer_pre
+
+    assert tokenizer_pre({"pre_tokenizer": {"type": "ByteLevel"}}, "gpt2") == "gpt-2"
+    assert tokenizer_pre({"pre_tokenizer": {"type": "ByteLevel"}}, "smollm") == "smollm"
