@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'peftkit[llama-cpp]'"
 GGML_TYPE_F32 = 0  # ggml_type: the KV cache in float32
-
-
 MIN_VERSION = "0.3.36"  # the binding's low-level API this module uses (llama_vocab_is_eog, ...), as tested
 
 
