@@ -30,6 +30,7 @@ from peftkit.export.gguf_writer import (
     unpermute_for,
 )
 from peftkit.export.merge import RunAdapter, resolve_run
+from peftkit.export.ollama import ollama_modelfile
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -202,15 +203,20 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
             report["llama_cpp"] = _run_on_base_gguf(source_gguf_of(run), tmp / file_name, reference, gguf_type)
             write_json(tmp / "verification.json", report)
         source = source_gguf_of(run)
-        modelfile = ["# Ollama: base model + this LoRA. Create with: ollama create NAME -f Modelfile",
-                     *([f"FROM {source}"] if source else  # Ollama reads `#` as a comment only at a line's start
-                       ["# Replace the path below with the GGUF of the base this LoRA was trained on:",
-                        "FROM /path/to/base-model.gguf"]),
-                     f"ADAPTER ./{file_name}"]
-        atomic_write_text(tmp / "Modelfile", "\n".join(modelfile) + "\n")
+        # A GGUF LoRA carries no chat template or system prompt: without these lines Ollama would prompt it with
+        # the base GGUF's template and default system prompt, not the ones it was trained with
+        from_lines = [*([f"FROM {source}"] if source else  # Ollama reads `#` as a comment only at a line's start
+                        ["# Replace the path below with the GGUF of the base this LoRA was trained on:",
+                         "FROM /path/to/base-model.gguf"]),
+                      f"ADAPTER ./{file_name}"]
+        atomic_write_text(tmp / "Modelfile", ollama_modelfile(file_name, load_run_tokenizer(run),
+                                                              run.recipe.data.system_prompt, from_lines=from_lines))
+    system = run.recipe.data.system_prompt
     notes = [f"alpha written: {facts['alpha']:.4g} over {facts['modules']} modules",
              *([llama_cpp_check.summary(report["llama_cpp"])] if report is not None else []),
-             f"llama.cpp: llama-cli -m {source or 'BASE.gguf'} --lora {target / file_name}"]
+             f"llama.cpp: llama-cli -m {source or 'BASE.gguf'} --lora {target / file_name}"
+             + (f" --system-prompt {system!r}: a GGUF LoRA carries no system prompt or chat template, so send the "
+                "one it was trained with (the Modelfile has it for Ollama)" if system else "")]
     if source is not None:
         notes.append(f"the Modelfile's FROM is the GGUF the base was converted from ({source.name}): the weights "
                      "this adapter was trained on" + (", before the extra 4-bit quantization of QLoRA"

@@ -29,7 +29,7 @@ from peftkit.errors import ExportError
 from peftkit.export import llama_cpp_check, verify
 from peftkit.export.common import ExportResult, gguf_package, list_files, prepare_output, save_failed_report, write_json
 from peftkit.export.gguf_vocab import add_tokenizer, check_tokenizer
-from peftkit.export.ollama import ollama_modelfile
+from peftkit.export.ollama import has_ollama_template, ollama_modelfile
 from peftkit.models.gguf_config import (  # noqa: F401 - re-exported: the export's view of the same facts
     GGUF_ARCHITECTURES,
     LLAMA_CPP_SWA_ROPE_THETA,
@@ -403,6 +403,9 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
     notes = [f"tensor types: {counts}", f"Ollama: cd {out} && ollama create {name} -f Modelfile"]
     if report is not None:
         notes.append(llama_cpp_check.summary(report["llama_cpp"]))
+    if not has_ollama_template(merged.tokenizer):
+        notes.append("Ollama: the Modelfile has no TEMPLATE (peftkit writes them for ChatML and its plain template); "
+                     "Ollama does not run the GGUF's Jinja template, so check `ollama show NAME --template`")
     if report is not None and not report.get("tokenizer_match", True) and "llama_cpp_tokenizer_match" not in report:
         notes.append("transformers' GGUF tokenizer splits some prompts differently than the original tokenizer")
     if report is not None and report.get("llama_cpp_tokenizer_match") is False:

@@ -90,7 +90,8 @@ def summary(report: dict[str, Any]) -> str:
         return f"llama.cpp: not run: {report['why']}"
     line = f"Ran in llama.cpp: {verify.summary_line(report)}"
     if report.get("tokenizer_match") is False:
-        line += "; llama.cpp tokenizes some prompts differently (see verification.json)"
+        line += (f"; llama.cpp tokenizes some prompts differently: from its own tokens, identical greedy answers "
+                 f"{report['greedy_exact_own_tokenization']:.0%}")
     if report.get("stops_not_ending_generation"):
         line += f"; llama.cpp does not stop generating on {', '.join(report['stops_not_ending_generation'])}"
     return line
@@ -105,7 +106,7 @@ def child_report(model: str, reference: verify.Reference, lora: str | None = Non
     import llama_cpp
 
     sequences = reference.sequences()
-    n_ctx = max(map(len, sequences)) + 8
+    n_ctx = 2 * max(map(len, sequences)) + 16  # room for prompts llama.cpp splits into more tokens
     threads = max(1, int(os.environ.get("PEFTKIT_VERIFY_THREADS", "2")))
     # verbose: llama.cpp says why a file does not load only in its log, which the parent shows on failure
     llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
@@ -116,8 +117,11 @@ def child_report(model: str, reference: verify.Reference, lora: str | None = Non
         llm.reset()
         llm.eval(sequence)
         logits.append(torch.from_numpy(np.array(llm.scores[: len(sequence)], dtype=np.float32)))
-    tokens_ok = all(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids
-                    for text, ids in zip(reference.texts, reference.prompt_ids))
+    own_ids = [llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) for text in reference.texts]
+    tokens_ok = own_ids == reference.prompt_ids
+    # where llama.cpp splits a prompt its own way, what it answers from that (the logits above use the reference ids)
+    same_answer = [ids == ref or _greedy(llm, ids, len(answer), reference.stop_ids) == answer
+                   for ids, ref, answer in zip(own_ids, reference.prompt_ids, reference.continuations)]
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     # the tokens generation stops on (EOS, the template's end of turn) must end generation in llama.cpp too
     not_stopping = [llm.detokenize([t], special=True).decode("utf-8", "replace")
@@ -125,5 +129,20 @@ def child_report(model: str, reference: verify.Reference, lora: str | None = Non
     report = verify.compare(reference, logits)
     report.update({"kind": "llama.cpp", "model": model, "lora": lora, "reference": reference.label,
                    "tokenizer_match": tokens_ok, "stops_not_ending_generation": not_stopping,
+                   "greedy_exact_own_tokenization": sum(same_answer) / len(same_answer),
                    "llama_cpp_version": installed_version()})
     return report
+
+
+def _greedy(llm: Any, prompt: list[int], max_new_tokens: int, stops: list[int]) -> list[int]:
+    """llama.cpp's greedy continuation of `prompt` (the stop token included, as in the reference)."""
+    llm.reset()
+    llm.eval(prompt)
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        if token in stops:
+            break
+        llm.eval([token])
+    return out

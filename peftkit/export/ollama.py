@@ -123,10 +123,24 @@ def _quote(text: str) -> str:
     return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
 
 
-def ollama_modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None) -> str:
+NO_OLLAMA_TEMPLATE = (
+    "# peftkit writes Ollama templates for ChatML and its plain template only. Ollama does not run the GGUF's Jinja\n"
+    "# chat template: it picks the closest template it knows, or none (the bare prompt, no roles, no SYSTEM). Check\n"
+    "# `ollama show NAME --template`, and add a TEMPLATE here that renders conversations as tokenizer.chat_template does."
+)
+
+
+def has_ollama_template(tokenizer: Any) -> bool:
+    return chatml_default_system(tokenizer)[0] or renders_as_plain(tokenizer)
+
+
+def ollama_modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None, *,
+                     from_lines: list[str] | None = None) -> str:
+    """The Modelfile for `gguf_name` (a model; or, after `from_lines` naming its base, a LoRA to add as ADAPTER):
+    the training chat format as TEMPLATE where peftkit has one, stop words, and the system prompt."""
     is_chatml, default_system = chatml_default_system(tokenizer)
     lines = ["# Ollama Modelfile written by peftkit. Create the model with: ollama create NAME -f Modelfile",
-             f"FROM ./{gguf_name}", ""]
+             *(from_lines or [f"FROM ./{gguf_name}"]), ""]
     if is_chatml:
         template = OLLAMA_CHATML_TOOLS_TEMPLATE if renders_tools_as_chatml(tokenizer) else OLLAMA_CHATML_TEMPLATE
         lines += [f"TEMPLATE {_quote(template)}", ""]
@@ -135,7 +149,7 @@ def ollama_modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None) 
         lines += [f"TEMPLATE {_quote(ollama_plain_template(tokenizer.eos_token))}", ""]
         stops = ["### User:"]
     else:
-        lines += ["# The chat template is not ChatML: Ollama reads tokenizer.chat_template from the GGUF instead.", ""]
+        lines += [NO_OLLAMA_TEMPLATE, ""]
         stops = []
     eos = tokenizer.eos_token
     if eos and eos not in stops:

@@ -179,16 +179,20 @@ def template_with_default_system(template: str, system_prompt: str, *, fold: boo
     Exports carry this so that a server which gets only user messages (vLLM, llama.cpp, a plain
     `apply_chat_template` call) prompts the model the way it was trained, instead of falling back to the base
     template's own default system prompt or none. A conversation with its own system message is unchanged.
-    `fold`: for templates that refuse system messages, the prompt goes at the start of the first user
-    message, as training put it there (data/chat.py fold_system_prompt).
+    `fold`: for templates that refuse system messages (or leave them out), the prompt goes at the start of the
+    first user message, as training put it there (data/chat.py fold_system_prompt); so does a client's own
+    system message, which the template itself would reject or drop.
     (Jinja `if` blocks do not open a scope, so the `set` replaces `messages` for the rest of the template.)
     """
     import json
 
     if fold:
         literal = json.dumps(system_prompt + "\n\n", ensure_ascii=False)  # a valid Jinja string literal
-        return ("{% if messages and messages[0]['role'] == 'user' %}{% set messages = [{'role': 'user', 'content': "
-                + literal + " + messages[0]['content']}] + messages[1:] %}{% endif %}" + template)
+        return ("{% if messages and messages[0]['role'] == 'system' and messages|length > 1 and messages[1]['role'] == "
+                "'user' %}{% set messages = [{'role': 'user', 'content': messages[0]['content'] + '\\n\\n' + "
+                "messages[1]['content']}] + messages[2:] %}{% elif messages and messages[0]['role'] == 'user' %}"
+                "{% set messages = [{'role': 'user', 'content': " + literal + " + messages[0]['content']}] + "
+                "messages[1:] %}{% endif %}" + template)
     literal = json.dumps(system_prompt, ensure_ascii=False)
     return ("{% if not messages or messages[0]['role'] != 'system' %}"
             "{% set messages = [{'role': 'system', 'content': " + literal + "}] + messages %}{% endif %}" + template)

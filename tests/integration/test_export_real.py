@@ -58,3 +58,7 @@ def test_trained_run_merges_and_exports_to_gguf_that_answers_the_same(tmp_path):
     assert on_source["ran"] and on_source["model"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf"), on_source
     assert on_source["passed"] and on_source["precision"] == "llama.cpp-quantized-base", on_source
     assert on_source["greedy_agreement"] >= 0.85, on_source
+    # a GGUF LoRA has no chat template or system prompt: its Modelfile brings the trained ones, not the base GGUF's
+    adapter_modelfile = (lora.path / "Modelfile").read_text()
+    assert "ADAPTER ./" in adapter_modelfile and f'SYSTEM """{recipe.data.system_prompt}"""' in adapter_modelfile
+    assert 'TEMPLATE """{{ if .System }}<|im_start|>system' in adapter_modelfile

@@ -86,6 +86,13 @@ def test_a_template_that_refuses_or_leaves_out_system_messages_gets_them_in_the_
     assert "be brief." not in tokenizer.decode(row["input_ids"])
     assert set_default_system_prompt(tokenizer, "be brief.")  # exports put the recipe's prompt where training did
     assert "be brief.\n\nhello" in tokenizer.apply_chat_template(TWO_TURNS[:1], tokenize=False)
+    # a client's own system message (llama-server, an OpenAI-style client) is folded as training folds it, where the
+    # template alone would refuse or drop it
+    own = [{"role": "system", "content": "be kind."}, *TWO_TURNS]
+    assert tokenizer.apply_chat_template(own, tokenize=False) == tokenizer.decode(
+        tokenize_conversation(tokenizer, own, max_seq_len=512)[0]["input_ids"])
+    assert "be kind.\n\nhello" in tokenizer.apply_chat_template(own, tokenize=False) and "brief" not in \
+        tokenizer.apply_chat_template(own, tokenize=False)
 
 
 def test_a_system_prompt_rendered_json_escaped_is_kept_where_the_template_puts_it(tiny_tokenizer):

@@ -414,6 +414,9 @@ def test_gguf_lora_adapter_file_reproduces_the_adapter(export_recipe, tmp_path):
     assert shapes["blk.0.attn_k.weight.lora_b"] == [8, 32]  # (r, out)
     modelfile = (result.path / "Modelfile").read_text().splitlines()
     assert "ADAPTER ./tiny-lora-f32.gguf" in modelfile
+    # the LoRA file has no chat template: the Modelfile brings the trained one, or Ollama would use the base GGUF's
+    assert any(line.startswith('TEMPLATE """{{ if .System }}<|im_start|>system') for line in modelfile)
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
     # A local HF base has no source GGUF: a placeholder FROM, its explanation on a comment line of its own
     # (Ollama reads `#` as a comment only at the start of a line).
     assert "FROM /path/to/base-model.gguf" in modelfile
@@ -546,6 +549,9 @@ def test_a_gemma_model_with_a_gemma_tokenizer_exports_to_gguf(export_recipe, tmp
     assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is False
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.convert_tokens_to_ids("<end_of_turn>")
     assert 'PARAMETER stop "<end_of_turn>"' in (result.path / "Modelfile").read_text()
+    # no Ollama template for Gemma's turns: said in the Modelfile and on the terminal, not claimed to work
+    assert "Ollama does not run the GGUF's Jinja\n# chat template" in (result.path / "Modelfile").read_text()
+    assert any(note.startswith("Ollama: the Modelfile has no TEMPLATE") for note in result.notes)
 
 
 def test_scores_in_the_wrong_order_fail_the_llama_cpp_check(export_recipe, tmp_path, monkeypatch):
