@@ -181,13 +181,13 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
     run = resolve_run(run_dir, base)
     name = slug(run.recipe.name or run.run_dir.name)
     file_name = f"{name}-lora-{gguf_type}.gguf"
+    tokenizer, source, system = load_run_tokenizer(run), source_gguf_of(run), run.recipe.data.system_prompt
     report = None
     with atomic_directory(target, replace=force) as tmp:
         assert tmp is not None
         facts = write_lora_gguf(run, tmp / file_name, gguf_type=gguf_type, name=name)
         if check:
             # Rebuild W + alpha/r * B @ A from the file (un-permuting Q/K) and compare with the adapter itself.
-            tokenizer = load_run_tokenizer(run)
             reference = _reference(_attach(_load_base(run, quantized=False), run.info.path), tokenizer, run,
                                    f"{run.info.method} adapter on the float32 base (unmerged)")
             rebuilt = _load_base(run, quantized=False)
@@ -200,18 +200,15 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
                                    "kind": "gguf-adapter (reconstructed in process)"}, f"gguf-{gguf_type}")
             if not report["passed"]:
                 verify.enforce(report, "GGUF LoRA file")
-            report["llama_cpp"] = _run_on_base_gguf(source_gguf_of(run), tmp / file_name, reference, gguf_type)
+            report["llama_cpp"] = _run_on_base_gguf(source, tmp / file_name, reference, gguf_type)
             write_json(tmp / "verification.json", report)
-        source = source_gguf_of(run)
         # A GGUF LoRA carries no chat template or system prompt: without these lines Ollama would prompt it with
         # the base GGUF's template and default system prompt, not the ones it was trained with
         from_lines = [*([f"FROM {source}"] if source else  # Ollama reads `#` as a comment only at a line's start
                         ["# Replace the path below with the GGUF of the base this LoRA was trained on:",
                          "FROM /path/to/base-model.gguf"]),
                       f"ADAPTER ./{file_name}"]
-        atomic_write_text(tmp / "Modelfile", ollama_modelfile(file_name, load_run_tokenizer(run),
-                                                              run.recipe.data.system_prompt, from_lines=from_lines))
-    system = run.recipe.data.system_prompt
+        atomic_write_text(tmp / "Modelfile", ollama_modelfile(file_name, tokenizer, system, from_lines=from_lines))
     notes = [f"alpha written: {facts['alpha']:.4g} over {facts['modules']} modules",
              *([llama_cpp_check.summary(report["llama_cpp"])] if report is not None else []),
              f"llama.cpp: llama-cli -m {source or 'BASE.gguf'} --lora {target / file_name}"

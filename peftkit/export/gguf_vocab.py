@@ -186,9 +186,6 @@ def _add_end_of_turn(writer: Any, tokenizer: Any) -> None:
     ...); a template's own end-of-turn token outside that list would otherwise never end a reply there."""
     from peftkit.data.chat import end_of_turn_token_id
 
-    try:
-        end_of_turn = end_of_turn_token_id(tokenizer)
-    except Exception:  # noqa: BLE001 - a template that cannot render the probe: EOS alone, as in generation
-        return
+    end_of_turn = end_of_turn_token_id(tokenizer)  # None for a template that cannot render the probe: EOS alone
     if end_of_turn is not None and end_of_turn != tokenizer.eos_token_id:
         writer.add_eot_token_id(end_of_turn)

@@ -234,7 +234,7 @@ def test_a_base_gguf_llama_cpp_cannot_load_is_reported_not_blamed_on_the_lora(ex
     assert "The Modelfile's FROM is that file" in caplog.text
 
 
-def test_a_base_gguf_with_the_old_gpt2_name_is_exported_with_llama_cpps(tmp_path):
+def test_a_base_gguf_with_the_old_gpt2_name_is_exported_with_llama_cpps():
     from peftkit.export.gguf_vocab import tokenizer_pre
 
     assert tokenizer_pre({"pre_tokenizer": {"type": "ByteLevel"}}, "gpt2") == "gpt-2"
