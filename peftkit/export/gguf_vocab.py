@@ -60,8 +60,14 @@ def token_list(tokenizer: Any, vocab_size: int, kind: VocabKind = "gpt2") -> tup
     """Tokens by id and llama.cpp token types (get_vocab_base / _set_vocab_sentencepiece in convert_hf_to_gguf.py)."""
     types_ = gguf_package().TokenType
     reverse = {index: token for token, index in tokenizer.get_vocab().items()}
-    if reverse and max(reverse) >= vocab_size:
-        raise ExportError(f"the tokenizer has token id {max(reverse)}, beyond the model's vocab_size {vocab_size}")
+    beyond = sorted(index for index in reverse if index >= vocab_size)
+    if beyond:
+        from peftkit.data.build import MISMATCH_ADVICE
+
+        names = ", ".join(f"{reverse[i]!r} (id {i})" for i in beyond[:3]) + (", ..." if len(beyond) > 3 else "")
+        raise ExportError(f"the tokenizer has {len(beyond)} token(s) beyond the model's {vocab_size} embedding rows "
+                          f"({names}); a GGUF holds one vocabulary for both, so llama.cpp could not use them: "
+                          f"{MISMATCH_ADVICE}")
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
     for index in range(vocab_size):

@@ -459,7 +459,8 @@ def summary_header(
         "trainable_params": trainable,
         "total_params": total,
         "trainable_share": trainable / total,
-        "train_examples": len(data.train),
+        # the recipe's own rows; replay rows mixed in are counted in data_stats.replay_examples
+        "train_examples": len(data.train) - data.stats.get("replay_examples", 0),
         "eval_examples": len(data.eval),
         "steps": output.global_step,
         "epochs": recipe.train.epochs if not recipe.train.max_steps else None,

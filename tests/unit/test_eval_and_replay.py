@@ -185,9 +185,12 @@ def test_replay_adds_examples_to_training(tiny_recipe, tmp_path):
     replay = write_jsonl(tmp_path / "replay.jsonl", [{"text": "one two three four"}] * 5)
     recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "replay": {"path": str(replay), "ratio": 0.5}},
                                "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}})
-    summary = train(recipe).summary
+    result = train(recipe)
+    summary = result.summary
     assert summary["data_stats"]["replay_examples"] == 6
-    assert summary["train_examples"] == 12 + 6
+    assert summary["train_examples"] == 12  # the recipe's own rows; the card names the replay rows apart
+    card = (result.run_dir / "README.md").read_text()
+    assert "(12 examples)" in card and "6 rows" in card
 
 
 def test_eval_command_writes_report_and_updates_card(tiny_recipe, tmp_path, capsys, monkeypatch):

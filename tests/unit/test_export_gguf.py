@@ -746,3 +746,13 @@ def test_a_llama3_rope_base_exports_its_lora_to_gguf(export_recipe, tmp_path, ti
     run = _rope_run(tmp_path, export_recipe, tiny_tokenizer, LLAMA3_ROPE)
     result = export_gguf_adapter(run, gguf_type="f32")
     assert json.loads((result.path / "verification.json").read_text())["passed"]
+
+
+def test_a_tokenizer_larger_than_the_embedding_table_is_refused_with_the_tokens_and_the_fix(tiny_tokenizer):
+    from peftkit.export.gguf_vocab import token_list
+
+    n = len(tiny_tokenizer)
+    tokens, _ = token_list(tiny_tokenizer, n)
+    assert len(tokens) == n
+    with pytest.raises(ExportError, match=r"2 token\(s\) beyond the model's \d+ embedding rows .*resize_token_embeddings"):
+        token_list(tiny_tokenizer, n - 2)
