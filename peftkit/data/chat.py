@@ -361,3 +361,8 @@ def tokenize_text(tokenizer: Any, text: str, max_seq_len: int) -> tuple[dict[str
 
 def generation_prompt(tokenizer: Any, messages: Sequence[Message], tools: Tools = None) -> str:
     return _render(tokenizer, messages, generation_prompt=True, tools=tools)
+
+
+def render_chat(tokenizer: Any, messages: Sequence[Message], generation: bool) -> str:
+    """The text training and chat give the template for `messages` (a refused system message folded)."""
+    return _render(tokenizer, messages, generation_prompt=generation)

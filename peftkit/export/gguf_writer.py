@@ -404,8 +404,8 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
     if report is not None:
         notes.append(llama_cpp_check.summary(report["llama_cpp"]))
     if not has_ollama_template(merged.tokenizer):
-        notes.append("Ollama: the Modelfile has no TEMPLATE (peftkit writes them for ChatML and its plain template); "
-                     "Ollama does not run the GGUF's Jinja template, so check `ollama show NAME --template`")
+        notes.append("Ollama: the Modelfile has no TEMPLATE (this chat template's turns are not fixed texts peftkit can "
+                     "rewrite); Ollama does not run the GGUF's Jinja template, so check `ollama show NAME --template`")
     if report is not None and not report.get("tokenizer_match", True) and "llama_cpp_tokenizer_match" not in report:
         notes.append("transformers' GGUF tokenizer splits some prompts differently than the original tokenizer")
     if report is not None and report.get("llama_cpp_tokenizer_match") is False:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from peftkit.export.ollama_template import TurnTemplate, ollama_go_template, read_turn_template, stop_texts
+
 CHATML_PROBE = [
     {"role": "system", "content": "S"},
     {"role": "user", "content": "U1"},
@@ -124,14 +126,27 @@ def _quote(text: str) -> str:
 
 
 NO_OLLAMA_TEMPLATE = (
-    "# peftkit writes Ollama templates for ChatML and its plain template only. Ollama does not run the GGUF's Jinja\n"
-    "# chat template: it picks the closest template it knows, or none (the bare prompt, no roles, no SYSTEM). Check\n"
-    "# `ollama show NAME --template`, and add a TEMPLATE here that renders conversations as tokenizer.chat_template does."
+    "# No TEMPLATE: this chat template is not one peftkit can rewrite for Ollama (the text between turns depends on\n"
+    "# more than their roles, or the system prompt is not before the first user message). Ollama does not run the\n"
+    "# GGUF's Jinja chat template: it picks the closest template it knows, or none (the bare prompt, no roles, no\n"
+    "# SYSTEM). Check `ollama show NAME --template`, and add a TEMPLATE here that renders conversations as\n"
+    "# tokenizer.chat_template does."
 )
 
 
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer (and so the GGUF: gguf_vocab.add_tokenizer) starts each text with BOS itself."""
+    probe = tokenizer("a")["input_ids"]
+    return bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
+
+
+def turn_template(tokenizer: Any) -> TurnTemplate | None:
+    """The turn texts of a chat template that is neither ChatML nor plain, without the BOS Ollama adds."""
+    return read_turn_template(tokenizer, bos=tokenizer.bos_token if _adds_bos(tokenizer) else None)
+
+
 def has_ollama_template(tokenizer: Any) -> bool:
-    return chatml_default_system(tokenizer)[0] or renders_as_plain(tokenizer)
+    return chatml_default_system(tokenizer)[0] or renders_as_plain(tokenizer) or turn_template(tokenizer) is not None
 
 
 def ollama_modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None, *,
@@ -148,6 +163,10 @@ def ollama_modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None, 
     elif renders_as_plain(tokenizer):
         lines += [f"TEMPLATE {_quote(ollama_plain_template(tokenizer.eos_token))}", ""]
         stops = ["### User:"]
+    elif (turns := turn_template(tokenizer)) is not None:
+        lines += ["# The chat template's turns in Ollama's template language: conversations render as in training.",
+                  f"TEMPLATE {_quote(ollama_go_template(turns))}", ""]
+        stops, default_system = stop_texts(tokenizer, turns), turns.default_system
     else:
         lines += [NO_OLLAMA_TEMPLATE, ""]
         stops = []

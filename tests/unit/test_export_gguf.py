@@ -549,9 +549,11 @@ def test_a_gemma_model_with_a_gemma_tokenizer_exports_to_gguf(export_recipe, tmp
     assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is False
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.convert_tokens_to_ids("<end_of_turn>")
     assert 'PARAMETER stop "<end_of_turn>"' in (result.path / "Modelfile").read_text()
-    # no Ollama template for Gemma's turns: said in the Modelfile and on the terminal, not claimed to work
-    assert "Ollama does not run the GGUF's Jinja\n# chat template" in (result.path / "Modelfile").read_text()
-    assert any(note.startswith("Ollama: the Modelfile has no TEMPLATE") for note in result.notes)
+    # Gemma's turns in Ollama's template language, the system prompt folded into the first user turn as in training
+    modelfile = (result.path / "Modelfile").read_text()
+    assert '<start_of_turn>user\n{{ .System }}\n\n{{ else }}' in modelfile
+    assert '{{ if $last }}<end_of_turn>\n<start_of_turn>model\n{{ end }}' in modelfile
+    assert not any("no TEMPLATE" in note for note in result.notes)
 
 
 def test_scores_in_the_wrong_order_fail_the_llama_cpp_check(export_recipe, tmp_path, monkeypatch):

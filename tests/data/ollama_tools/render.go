@@ -2,6 +2,7 @@
 // TEMPLATE for /api/chat (fields System, Messages, Tools; a `json` function; system messages collated into
 // .System). Writes renders.json, which tests/unit/test_export_gguf.py compares with the Hugging Face
 // rendering of the same conversations. Run after changing the template: go run render.go > renders.json
+// (or, for other files: go run render.go TEMPLATE CASES > RENDERS; tests/data/ollama_turns uses it so)
 package main
 
 import (
@@ -40,7 +41,11 @@ type testCase struct {
 }
 
 func main() {
-	raw, err := os.ReadFile("template.gotmpl")
+	templatePath, casesPath := "template.gotmpl", "cases.json"
+	if len(os.Args) == 3 {
+		templatePath, casesPath = os.Args[1], os.Args[2]
+	}
+	raw, err := os.ReadFile(templatePath)
 	check(err)
 	tmpl := template.Must(template.New("").Option("missingkey=zero").Funcs(template.FuncMap{
 		"json": func(v any) string { b, _ := json.Marshal(v); return string(b) },
@@ -49,7 +54,7 @@ func main() {
 		Toolsets map[string][]tool `json:"toolsets"`
 		Cases    []testCase        `json:"cases"`
 	}
-	data, err := os.ReadFile("cases.json")
+	data, err := os.ReadFile(casesPath)
 	check(err)
 	check(json.Unmarshal(data, &input))
 	renders := map[string]string{}
