@@ -134,4 +134,4 @@ def test_a_tokenizer_that_adds_bos_gets_a_template_without_the_first_one(tmp_pat
     bos, eos = tokenizer.bos_token, tokenizer.eos_token
     assert turns.start == "[INST] " and turns.assistant_to_user == f" {eos}{bos}[INST] "
     modelfile = ollama_modelfile("m.gguf", tokenizer, "Be brief.")
-    assert f'TEMPLATE """{{{{ if .System }}}}[INST] <<SYS>>\n{{{{ .System }}}}' in modelfile
+    assert 'TEMPLATE """{{ if .System }}[INST] <<SYS>>\n{{ .System }}' in modelfile
