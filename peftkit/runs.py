@@ -78,6 +78,25 @@ def add_qlora_base_option(parser: Any) -> None:
                              "the original unquantized ones, as a serving engine that loads adapters onto the base does")
 
 
+def _require_bitsandbytes_for(run_dir: Path, recipe: Any) -> None:
+    """A QLoRA run loads its base quantized as in training, which needs bitsandbytes; without it, the way out for a
+    finished run is its original weights, not a recipe change."""
+    from peftkit.adapters import effective_quantization
+
+    quantization = effective_quantization(recipe)
+    if quantization is None:
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        from peftkit.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            f"{run_dir} was trained on a {quantization.bits}-bit base, which loads with bitsandbytes: `pip install "
+            "bitsandbytes`, or pass `--qlora-base original` to run the adapter on the original weights (answers "
+            "differ a little from training's)") from None
+
+
 def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: bool = True) -> LoadedRun:
     """Base model (quantized as in training) + trained adapter, ready for generation.
 
@@ -127,6 +146,8 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
             raise ModelNotFoundError(f"{exc}. The run was trained on it: put the base model back, or set model.name "
                                      f"in {run_dir / 'recipe.yaml'} to where it is now") from None
         warn_if_other_base(run_dir, source, recipe.model.name)
+        if quantized_base:
+            _require_bitsandbytes_for(run_dir, recipe)
         base = load_base_model(run_dir, recipe, device, quantized=quantized_base, source=source)  # resolved once
         model = PeftModel.from_pretrained(base, str(adapter))
     finish_loaded_model(model, run_dir, recipe, tokenizer)

@@ -247,7 +247,10 @@ def _friendly(err: dict[str, Any]) -> str:
     if kind == "int_parsing" and isinstance(got, str) and re.fullmatch(r"[0-9.]+[eE][+-]?[0-9]+", got.strip()):
         return (f"`{dotted}` must be a whole number; YAML reads {got!r} as text, not a number: write it out "
                 f"(e.g. {int(float(got)) if float(got).is_integer() else 1000})")
-    if kind == "string_type" and isinstance(got, (int, float)) and not isinstance(got, bool) and loc[-1] in ("name", "description"):
+    if kind == "string_type" and isinstance(got, (int, float)) and isinstance(loc[-1], str):  # YAML: 2024, 1.0, yes, off
+        if isinstance(got, bool):
+            return (f"`{dotted}`: YAML reads the value as {str(got).lower()} (yes / no / on / off / true / false are "
+                    "true/false values); quote it to use it as text")
         return f"`{dotted}`: {got!r} reads as a number; quote it to use it as text ({dotted}: \"{got}\")"
     got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
     message = err["msg"].removeprefix("Value error, ")

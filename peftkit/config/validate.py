@@ -101,6 +101,7 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> list[str]:
     except (OSError, ValueError) as exc:
         return [*problems, f"model.name: cannot read the model configuration of {recipe.model.name!r}: {exc}"]
     problems.extend(check_targets(skeleton, recipe.adapter, recipe.task))
+    problems.extend(_check_context(recipe, skeleton))
     if recipe.model.attn_implementation != "auto":
         device = planned_device(recipe.train.device)
         attention = attention_problem(recipe.model.attn_implementation, skeleton, device=device)
@@ -111,6 +112,24 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> list[str]:
     if quantization is not None and quantization.keep_modules:
         problems.extend(_check_keep_modules(skeleton, quantization.keep_modules))
     return problems
+
+
+def _check_context(recipe: Recipe, skeleton: Any) -> list[str]:
+    """`data.max_seq_len` against the model's positions: past a learned position table the forward pass fails (a
+    problem); past a RoPE model's trained context it runs, untrained there (a warning)."""
+    from peftkit.models.skeleton import learned_position_limit, trained_context
+
+    length = recipe.data.max_seq_len
+    learned = learned_position_limit(skeleton)
+    if learned is not None and length > learned:
+        return [f"data.max_seq_len: {length} tokens do not fit {recipe.model.name!r}, which has learned positions for "
+                f"{learned} tokens only (longer inputs fail inside the model); set data.max_seq_len to {learned} or less"]
+    context = trained_context(skeleton)
+    if learned is None and context is not None and length > context:
+        log.warning("data.max_seq_len %d is longer than the %d-token context %r was trained for: rows past it train "
+                    "positions the model never saw; keep data.max_seq_len at %d or less unless the model is meant to "
+                    "be extended (rope scaling)", length, context, recipe.model.name, context)
+    return []
 
 
 def _check_keep_modules(skeleton: Any, keep: list[str]) -> list[str]:
@@ -140,7 +159,16 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> None:
         problems.extend(_check_model(recipe, tool_use))
     if problems:
         raise ConfigError(problems)
+    _warn_about_ignored_settings(recipe)
     _warn_about_this_machine(recipe)
+
+
+def _warn_about_ignored_settings(recipe: Recipe) -> None:
+    """Settings the recipe wrote that another one overrides: said, so a user does not wait for their effect."""
+    if recipe.data.eval is not None and "eval_fraction" in recipe.data.model_fields_set and recipe.data.eval_fraction:
+        log.warning("data.eval_fraction is ignored: data.eval names the eval set, and all of data.train trains")
+    if recipe.train.max_steps and "epochs" in recipe.train.model_fields_set:
+        log.warning("train.epochs is ignored: train.max_steps=%d sets the length of training", recipe.train.max_steps)
 
 
 def _warn_about_this_machine(recipe: Recipe) -> None:

@@ -11,6 +11,8 @@ import torch
 from peftkit.data.build import HeldoutItem, matchable
 from peftkit.data.chat import Tools, generation_prompt
 from peftkit.data.formats import Message
+from peftkit.errors import PeftkitError
+from peftkit.models.skeleton import learned_position_limit
 from peftkit.utils.modes import eval_mode
 
 
@@ -53,6 +55,7 @@ def generate_replies(
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     stops = stop_token_ids(model, tokenizer)
+    positions = learned_position_limit(model)
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -70,7 +73,7 @@ def generate_replies(
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out = model.generate(
                     **batch,
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=room_to_answer(batch["input_ids"].shape[1], max_new_tokens, positions),
                     do_sample=False,
                     eos_token_id=stops,
                     pad_token_id=tokenizer.pad_token_id,
@@ -84,6 +87,16 @@ def generate_replies(
     finally:
         tokenizer.padding_side = side
     return [replies[i] for i in range(len(prompts))]
+
+
+def room_to_answer(prompt_tokens: int, max_new_tokens: int, positions: int | None) -> int:
+    """New tokens that still fit a model with a learned position table of `positions` (GPT-2, OPT)."""
+    if positions is None:
+        return max_new_tokens
+    if prompt_tokens >= positions:
+        raise PeftkitError(f"a prompt of {prompt_tokens} tokens fills all {positions} positions this model has (learned "
+                           "position embeddings): no room to answer; shorten the question or the system prompt")
+    return min(max_new_tokens, positions - prompt_tokens)
 
 
 def is_correct(reply: str, key_facts: Sequence[str]) -> bool:

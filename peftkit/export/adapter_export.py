@@ -69,6 +69,11 @@ def build_manifest(run: RunAdapter, files: list[Path]) -> dict[str, Any]:
         base["converted_from_gguf"] = str(source.path)
         base["note"] = ("trained on the dequantized weights of this GGUF file, not on the original hub checkpoint; "
                         "load the base from `path` for identical results")
+    serving = serving_compatibility(info, base["model_type"])
+    if quantization is not None and info.is_lora and serving["vllm"]["compatible"]:
+        serving["vllm"]["notes"].append(
+            f"trained on a {quantization['bits']}-bit base: for the trained behaviour serve it on the base quantized "
+            "the same way (vLLM: `--quantization bitsandbytes`), or merge it (`peftkit merge`) and serve the result")
     return {
         "format": "peft",
         "peft_type": info.peft_type,
@@ -83,7 +88,8 @@ def build_manifest(run: RunAdapter, files: list[Path]) -> dict[str, Any]:
         "task_type": info.config.get("task_type"),
         "system_prompt": run.recipe.data.system_prompt,
         "quantization": quantization,
-        "serving": serving_compatibility(info, base["model_type"]),
+        "bitsandbytes_config": _bnb_kwargs(run),  # how the base was loaded in training (and in verification)
+        "serving": serving,
         "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
         "source_run": str(run.run_dir),
         "peftkit_version": __version__,

@@ -106,6 +106,23 @@ def classifier_loading(labels: list[str], adapter: str) -> str:
             f"id2label={id2label!r}, label2id={ {name: i for i, name in id2label.items()}!r})")
 
 
+def _quantized_base_loading(bnb: dict[str, Any] | None, base_ref: str) -> list[str]:
+    """Lines that load the base as training did: a QLoRA adapter learnt the quantized weights' errors too, and on
+    the unquantized base it answers differently."""
+    if not bnb:
+        return [f'base = AutoModelForCausalLM.from_pretrained("{base_ref}")']
+    settings = {k: v for k, v in bnb.items() if k != "blocksize"}
+    if "bnb_4bit_compute_dtype" in settings:
+        settings["bnb_4bit_compute_dtype"] = "bfloat16"  # float32 on CPU; bfloat16 is the usual GPU choice
+    arguments = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+    lines = ["from transformers import BitsAndBytesConfig",
+             f"quantization = BitsAndBytesConfig({arguments})  # as in training (bitsandbytes, a GPU)"]
+    if bnb.get("blocksize") not in (None, 64):
+        lines.append(f"# trained with quantization blocks of {bnb['blocksize']} (peftkit's loader sets them; "
+                     "BitsAndBytesConfig has no field for it)")
+    return [*lines, f'base = AutoModelForCausalLM.from_pretrained("{base_ref}", quantization_config=quantization)']
+
+
 def adapter_card(manifest: dict[str, Any], verification: dict[str, Any] | None, out: Path) -> str:
     base = manifest["base_model"]
     base_ref = base.get("path") or base["name"]
@@ -139,6 +156,7 @@ def adapter_card(manifest: dict[str, Any], verification: dict[str, Any] | None, 
         use = ["from peft import AutoPeftModelForSequenceClassification", f"model = {classifier_loading(labels, str(out))}"]
     else:
         use = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM",
-               f'base = AutoModelForCausalLM.from_pretrained("{base_ref}")', f'model = PeftModel.from_pretrained(base, "{out}")']
+               *_quantized_base_loading(manifest.get("bitsandbytes_config"), base_ref),
+               f'model = PeftModel.from_pretrained(base, "{out}")']
     lines += ["## Use", "", "```python", *use, "```", ""]
     return "\n".join(lines)

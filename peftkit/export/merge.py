@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from peftkit.config.schema import ModelConfig, QuantizationConfig, Recipe
-from peftkit.errors import ExportError
+from peftkit.errors import ExportError, ModelNotFoundError
 from peftkit.export.compat import AdapterInfo, check_adapter_matches_base, read_adapter, require_mergeable
 from peftkit.export.verify import Reference, build_reference, conversations_for, max_abs_diff
 from peftkit.models.resolve import ModelSource
@@ -92,7 +92,12 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
     else:
         info = read_adapter(adapter_dir(run_dir))
     model_cfg = recipe.model if base is None else recipe.model.model_copy(update={"name": base})
-    source = resolve_model_ref(model_cfg.name, revision=model_cfg.revision, allow_pickle=model_cfg.allow_pickle)
+    try:
+        source = resolve_model_ref(model_cfg.name, revision=model_cfg.revision, allow_pickle=model_cfg.allow_pickle)
+    except ModelNotFoundError as exc:
+        if base is None:
+            raise
+        raise ModelNotFoundError(f"--base {base}: {exc}".replace("set `model.name: DIR`", "pass `--base DIR`")) from None
     skeleton = model_skeleton(source, model_cfg)
     check_adapter_matches_base(info, skeleton, model_cfg.name)
     warn_if_other_base(run_dir, source, model_cfg.name)  # same shapes, other weights (a fine-tune, an edited copy)

@@ -39,3 +39,26 @@ def model_skeleton(source: ModelSource, cfg: ModelConfig, task: str = "causal_lm
     auto = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
     with torch.device("meta"):
         return auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+
+
+def learned_position_limit(model: torch.nn.Module) -> int | None:
+    """How many tokens a model with learned absolute position embeddings (GPT-2, OPT, BERT) can take at all: a longer
+    input indexes past its position table and fails deep inside the forward pass. None for models whose positions are
+    computed (RoPE, ALiBi), which run past their trained context, only worse."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for name, module in model.named_modules():
+        if (isinstance(module, torch.nn.Embedding) and module is not tokens and limit <= module.num_embeddings <= limit + 2
+                and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))):
+            return limit  # OPT's table has 2 extra rows for its position offset
+    return None
+
+
+def trained_context(model: torch.nn.Module) -> int | None:
+    """The context length the model was trained for, from its config (None if it does not say)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return limit if isinstance(limit, int) and limit > 0 else None

@@ -13,7 +13,9 @@ import torch
 
 from peftkit.data.chat import Tools, generation_prompt, with_system_prompt
 from peftkit.data.formats import Message
-from peftkit.evaluate.generation import stop_token_ids
+from peftkit.errors import PeftkitError
+from peftkit.evaluate.generation import room_to_answer, stop_token_ids
+from peftkit.models.skeleton import learned_position_limit
 
 
 def stream_reply(
@@ -26,7 +28,6 @@ def stream_reply(
     rows = model.get_input_embeddings().num_embeddings
     if int(inputs["input_ids"].max()) >= rows:
         from peftkit.data.build import MISMATCH_ADVICE
-        from peftkit.errors import PeftkitError
 
         beyond = sorted({t for t in inputs["input_ids"][0].tolist() if t >= rows})
         raise PeftkitError(f"the prompt has tokens the model has no embedding for ({', '.join(map(repr, tokenizer.convert_ids_to_tokens(beyond)))}, "
@@ -36,7 +37,7 @@ def stream_reply(
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(
         **inputs,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=room_to_answer(inputs["input_ids"].shape[1], max_new_tokens, learned_position_limit(model)),
         do_sample=False,
         eos_token_id=stop_token_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
@@ -69,6 +70,18 @@ def stream_reply(
     return reply
 
 
+def check_tools_shown(tokenizer: Any, tools: Tools, system_prompt: str | None) -> None:
+    """A chat template without tool support drops `tools` from the prompt: the model would be asked without them,
+    and it never learnt a way to call them."""
+    text = generation_prompt(tokenizer, with_system_prompt([{"role": "user", "content": "?"}], system_prompt), tools)
+    names = [str((t.get("function") or t).get("name", "")) for t in tools or ()]
+    missing = [name for name in names if name and name not in text]
+    if missing:
+        raise PeftkitError(f"--tools: the run's chat template leaves the tool schemas out of the prompt ({missing[0]!r} "
+                           "is not in it), so the model would never see them and was not trained to call them. Train "
+                           "with `model.chat_template: chatml` (or a template file that renders `tools`) to chat with tools")
+
+
 def chat(
     model: Any,
     tokenizer: Any,
@@ -82,6 +95,8 @@ def chat(
 ) -> list[Message]:
     """One answer for `prompt`, or a REPL until EOF / `/exit`. `/reset` clears the history; with `tools`,
     `/tool RESULT` adds a tool result after the model's call and asks for its next reply."""
+    if tools:
+        check_tools_shown(tokenizer, tools, system_prompt)
     history: list[Message] = with_system_prompt([], system_prompt)
     if prompt is not None:
         history.append({"role": "user", "content": prompt})

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from peftkit.config import recipe_from_dict
+from peftkit.errors import PeftkitError
 from peftkit.runs import load_run
 from peftkit.serve.chat import chat
 from peftkit.train.run import train
@@ -50,13 +51,35 @@ def test_tools_reach_the_template_and_tool_results_continue_the_conversation(tin
                    tools=tools)
     assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
     assert history[2]["content"] == '{"shelf": "B4"}'
-    seen = [(messages, kw) for messages, kw in seen if messages[0]["content"] != "Hello"]  # not the end-of-turn probe
+    seen = [(messages, kw) for messages, kw in seen if messages[0]["content"] not in ("Hello", "?")]  # not the probes
     assert all(kw.get("tools") == list(tools) for _, kw in seen) and len(seen) == 2
     assert "<tools>" in original(history, tokenize=False, tools=list(tools))
     bad = tmp_path / "tools.json"
     bad.write_text("[{\"description\": \"no name\"}]")
     assert main(["chat", str(run.run_dir), "--tools", str(bad), "--prompt", "hi"]) == 2
     assert "tool 1 in `tools` needs a `name`" in capsys.readouterr().err
+
+
+def test_tools_for_a_template_that_leaves_them_out_are_refused_not_dropped(tiny_recipe):
+    recipe = {**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}}
+    run = load_run(train(recipe_from_dict(recipe)).run_dir)  # the tiny model's own ChatML template: no tools
+    tools = ({"type": "function", "function": {"name": "find_book", "parameters": {"type": "object"}}},)
+    with pytest.raises(PeftkitError, match="leaves the tool schemas out of the prompt .'find_book'.*chatml"):
+        chat(run.model, run.tokenizer, system_prompt=None, prompt="hi", max_new_tokens=2, out=io.StringIO(), tools=tools)
+
+
+def test_generation_stops_at_the_last_learned_position(tmp_path):
+    """GPT-2-style models index a learned position table: a prompt plus reply past it would fail inside the model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from peftkit.evaluate.generation import room_to_answer
+    from peftkit.models.skeleton import learned_position_limit
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    assert learned_position_limit(gpt2) == 32
+    assert room_to_answer(20, 64, 32) == 12 and room_to_answer(20, 5, 32) == 5 and room_to_answer(20, 64, None) == 64
+    with pytest.raises(PeftkitError, match="fills all 32 positions"):
+        room_to_answer(32, 8, 32)
 
 
 def test_tools_are_read_from_a_schema_list_or_from_training_data(tmp_path):

@@ -260,6 +260,10 @@ def test_numbers_yaml_reads_otherwise_are_explained(tmp_path, tiny_recipe):
         load_recipe(path, ["train.max_steps=1e3"])
     with pytest.raises(ConfigError, match=r"`name`: 2024 reads as a number; quote it"):
         load_recipe(path, ["name=2024"])
+    with pytest.raises(ConfigError, match=r"`data.system_prompt`: 123 reads as a number; quote it"):
+        load_recipe(path, ["data.system_prompt=123"])
+    with pytest.raises(ConfigError, match=r"`data.system_prompt`: YAML reads the value as true .*quote it"):
+        recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "system_prompt": True}})  # `system_prompt: yes`
 
 
 def test_a_misspelt_required_key_is_reported_as_missing(tmp_path):

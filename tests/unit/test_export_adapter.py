@@ -113,6 +113,15 @@ def test_qlora_adapter_export_is_verified_on_the_4bit_base(extra, export_recipe,
     assert manifest["method"] == "QLoRA (LoRA)" and manifest["quantization"]["bits"] == 4
     report = result.verification
     assert report["passed"] and report["max_abs_diff"] < 1e-4 and "LoRA adapter as peftkit loads it" == report["reference"]
+    # the card loads the base quantized as training did (on the original weights the adapter answers differently)
+    card = (result.path / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0]
+    compile(snippet, "card", "exec")
+    assert "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True" in snippet
+    assert "quantization_config=quantization)" in snippet
+    assert ("llm_int8_skip_modules=" in snippet) == bool(extra.get("keep_modules"))
+    assert ("blocks of 32" in snippet) == (extra.get("blocksize") == 32)
+    assert any("--quantization bitsandbytes" in note for note in manifest["serving"]["vllm"]["notes"])
 
 
 def test_adapter_export_verifies_on_a_pickled_base_the_recipe_allows(export_recipe, llama64_dir, tmp_path):

@@ -416,3 +416,20 @@ def test_a_model_with_its_own_code_merges_and_verifies_when_the_recipe_trusts_it
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(remote)}))
     result = export_hf(run)
     assert result.verification["passed"], result.verification
+
+
+def test_a_missing_base_and_a_qlora_run_without_bitsandbytes_name_the_flags_that_help(export_recipe, tmp_path, monkeypatch):
+    import sys
+
+    from peftkit.errors import MissingDependencyError, ModelNotFoundError
+    from peftkit.export.merge import resolve_run
+    from peftkit.runs import load_run
+
+    run = make_run(tmp_path / "q", export_recipe, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                             task_type="CAUSAL_LM"), quantization={"bits": 4})
+    with pytest.raises(ModelNotFoundError) as missing:
+        resolve_run(run, str(tmp_path / "no-such-base"))
+    assert str(missing.value).startswith(f"--base {tmp_path / 'no-such-base'}: ") and "model.name" not in str(missing.value)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(MissingDependencyError, match=r"trained on a 4-bit base.*pip install bitsandbytes.*--qlora-base original"):
+        load_run(run)

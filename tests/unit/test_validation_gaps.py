@@ -188,3 +188,42 @@ def test_conversation_without_assistant_turn_is_still_an_error(tiny_recipe, tmp_
     data_file.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n", encoding="utf-8")
     [problem] = _problems(_with(tiny_recipe, "data", train=str(data_file)), check_model=False)
     assert "no assistant turn to train on" in problem
+
+
+# data.max_seq_len past the model's positions
+
+def test_max_seq_len_past_learned_positions_is_a_problem_and_past_a_rope_context_a_warning(tiny_recipe, tmp_path, caplog):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import build_tiny_tokenizer
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=16, n_layer=1, n_head=2, vocab_size=400)).save_pretrained(gpt2)
+    build_tiny_tokenizer().save_pretrained(gpt2)
+    recipe = _with(_with(tiny_recipe, "model", name=str(gpt2)), "data", max_seq_len=128)
+    recipe["adapter"] = {**recipe["adapter"], "target_modules": "all-linear"}
+    problems = _problems(recipe)
+    assert any("data.max_seq_len: 128 tokens do not fit" in p and "learned positions for 64" in p
+               and "set data.max_seq_len to 64 or less" in p for p in problems), problems
+    recipe["data"]["max_seq_len"] = 64
+    validate_recipe(recipe_from_dict(recipe))
+    llama_context = json.loads((Path(tiny_recipe["model"]["name"]) / "config.json").read_text())["max_position_embeddings"]
+    with caplog.at_level(logging.WARNING):
+        validate_recipe(recipe_from_dict(_with(tiny_recipe, "data", max_seq_len=llama_context + 1)))
+    assert f"longer than the {llama_context}-token context" in caplog.text
+
+
+def test_settings_another_setting_overrides_are_warned_about(tiny_recipe, tmp_path, caplog):
+    other_eval = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    (tmp_path / "eval.jsonl").write_text(other_eval + "\n")
+    recipe = _with(_with(tiny_recipe, "data", eval=str(tmp_path / "eval.jsonl"), eval_fraction=0.3),
+                   "train", max_steps=3, epochs=2)
+    with caplog.at_level(logging.WARNING):
+        validate_recipe(recipe_from_dict(recipe), check_model=False)
+    assert "data.eval_fraction is ignored" in caplog.text and "train.epochs is ignored" in caplog.text
+    caplog.clear()
+    plain = copy.deepcopy(tiny_recipe)
+    plain["train"].pop("epochs", None)
+    with caplog.at_level(logging.WARNING):
+        validate_recipe(recipe_from_dict(plain), check_model=False)
+    assert "is ignored" not in caplog.text
