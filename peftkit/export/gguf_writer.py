@@ -359,12 +359,27 @@ def llama_cpp_tokenizer_check(path: Path, reference: verify.Reference) -> dict[s
     return {"llama_cpp_tokenizer_match": False, "llama_cpp_tokenizer_note": note}
 
 
+def check_merge(merged: MergedModel) -> dict[str, Any]:
+    """The merged model against what was trained (the adapter, unmerged), before a GGUF of it is written: the GGUF
+    itself is then compared with the merged model, which isolates the file's own rounding."""
+    report = verify.judge(verify.compare(merged.reference, verify.sequence_logits(merged.model, merged.reference.sequences())),
+                          "float32")
+    if not report["passed"]:
+        raise ExportError(
+            f"the merged model does not reproduce {merged.reference.label}: {'; '.join(report['failures'])}, so a GGUF "
+            "of it would not be the trained model. `peftkit merge` reports the same; an adapter on a layer that "
+            "shares its weight with another (a tied output head) cannot be merged: train it with "
+            "`modules_to_save` for that layer instead, or ship the adapter (`--format adapter`)")
+    return {key: report[key] for key in ("max_abs_diff", "tolerance", "greedy_agreement", "passed")}
+
+
 def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16", force: bool = False,
                       check: bool = True) -> ExportResult:
     run = merged.primary
     out = prepare_output(out, force=force, protected=[r.run_dir for r in merged.runs])
     gguf_types(gguf_type)
     layout = check_architecture(merged.model.config)
+    merge_report = check_merge(merged) if check else None
     name = slug(run.recipe.name or run.run_dir.name)
     file_name = f"{name}-{gguf_type}.gguf"
     report = None
@@ -380,6 +395,7 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
             reference = verify.with_logits(merged.reference, merged.model, "the merged model (float32)")
             report = verify.judge(verify.run_child("gguf", tmp, reference, gguf_file=file_name), f"gguf-{gguf_type}")
             report["tensor_types"] = counts
+            report["merge"] = merge_report
             report.update(llama_cpp_tokenizer_check(tmp / file_name, reference))
             try:
                 report["llama_cpp"] = (llama_cpp_check.check(tmp / file_name, reference, precision=f"llama.cpp-{gguf_type}")

@@ -758,3 +758,13 @@ def test_a_tokenizer_larger_than_the_embedding_table_is_refused_with_the_tokens_
     assert len(tokens) == n
     with pytest.raises(ExportError, match=r"2 token\(s\) beyond the model's \d+ embedding rows .*resize_token_embeddings"):
         token_list(tiny_tokenizer, n - 2)
+
+
+def test_a_merge_that_does_not_reproduce_the_adapter_is_not_shipped_as_a_gguf(export_recipe, tmp_path):
+    """A LoRA on a tied output head merges into the shared embedding matrix too: the merged model is not the trained
+    one. The GGUF export compares the file with the merged model, so the merge itself must be checked first."""
+    run = make_run(tmp_path / "run", export_recipe, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                                                               task_type="CAUSAL_LM"), scale=0.2)
+    with pytest.raises(ExportError, match=r"the merged model does not reproduce .*tied output head.*modules_to_save"):
+        export_gguf(run, gguf_type="f32")
+    assert not (run / "gguf").exists()
