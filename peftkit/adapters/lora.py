@@ -130,14 +130,34 @@ def _wrapped_module_problems(model: torch.nn.Module, cfg: LoraAdapterConfig) -> 
         return [f"adapter.target_modules {cfg.target_modules!r} matches modules LoRA cannot adapt: {shown}. LoRA adapts "
                 "Linear, Embedding, Conv1d/2d/3d, Conv1D (GPT-2) and MultiheadAttention layers: use `all-linear`, a list "
                 "of layer names (e.g. [q_proj, v_proj]) or a narrower regex (e.g. `.*\\.(q_proj|v_proj)`)"]
+    tied = _tied_output_head(model, wrapped)
+    if tied is not None:
+        return [f"adapter.target_modules {cfg.target_modules!r} includes the output head {tied}, whose weight is tied to "
+                "the input embeddings: its LoRA could never be merged (merging would change the embeddings too) and "
+                f"peft would save the whole embedding matrix with it. Leave {tied.rsplit('.', 1)[-1]} out of the targets, "
+                f"or train it fully with `modules_to_save: [{tied.rsplit('.', 1)[-1]}]` (that unties it)"]
     sizes = {n: size for n, m in wrapped.items() if (size := rank_limit(m)) is not None}
     if sizes:
         smallest = min(sizes, key=sizes.__getitem__)
         if cfg.r > sizes[smallest]:
+            kinds_ok = sorted({n.rsplit(".", 1)[-1] for n, size in sizes.items() if size >= cfg.r})
+            narrow = sorted({n.rsplit(".", 1)[-1] for n, size in sizes.items() if size < cfg.r})
+            instead = (f"target the others by name: {kinds_ok}" if kinds_ok else "target larger layers")
             return [f"adapter.r = {cfg.r} is larger than the smallest targeted layer ({smallest}: {sizes[smallest]} "
-                    f"wide); a rank above a layer's smaller dimension adds no capacity, only memory: use r <= "
-                    f"{sizes[smallest]} (typically 8-64), or target only larger layers"]
+                    f"wide; also too narrow: {', '.join(narrow)}); a rank above a layer's smaller dimension adds no "
+                    f"capacity, only memory: {instead}, or lower r to {sizes[smallest]}"]
     return []
+
+
+def _tied_output_head(model: torch.nn.Module, wrapped: dict[str, torch.nn.Module]) -> str | None:
+    """The name of a targeted output head that shares its weight with the input embeddings, if any."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if head is None or tokens is None or not getattr(text_config, "tie_word_embeddings", False):
+        return None
+    return next((name for name, module in wrapped.items() if module is head), None)
 
 
 def check_modules_to_save(model: torch.nn.Module, names: Sequence[str] | None) -> list[str]:

@@ -104,9 +104,32 @@ def test_rank_above_smallest_targeted_layer_names_the_layer(tiny_recipe):
     """The tiny Llama's k_proj is 32 -> 16 (2 kv heads of 8): r 16 is the most that means anything."""
     [problem] = _problems(_with(tiny_recipe, "adapter", r=17))
     assert problem.startswith("adapter.r = 17 is larger than the smallest targeted layer "
-                              "(model.layers.0.self_attn.k_proj: 16 wide)") and "r <= 16" in problem
+                              "(model.layers.0.self_attn.k_proj: 16 wide; also too narrow: k_proj, v_proj)")
+    assert "target the others by name: ['down_proj', 'gate_proj', 'o_proj', 'q_proj', 'up_proj'], or lower r to 16" in problem
     validate_recipe(recipe_from_dict(_with(tiny_recipe, "adapter", r=16)))
     validate_recipe(recipe_from_dict(_with(tiny_recipe, "adapter", r=32, target_modules=["gate_proj", "up_proj"])))
+
+
+def test_a_lora_on_a_tied_output_head_is_refused_with_modules_to_save_as_the_way(tiny_recipe, tmp_path):
+    """Merging it would change the shared input embeddings too: the merged model would not be the trained one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = AutoConfig.for_model("qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                  tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "qwen2")
+    tokenizer.save_pretrained(tmp_path / "qwen2")
+    recipe = _with(_with(tiny_recipe, "model", name=str(tmp_path / "qwen2")), "adapter", target_modules=["q_proj", "lm_head"])
+    [problem] = _problems(recipe)
+    assert "includes the output head lm_head, whose weight is tied" in problem and "modules_to_save: [lm_head]" in problem
+    validate_recipe(recipe_from_dict(_with(recipe, "adapter", target_modules=["q_proj"], modules_to_save=["lm_head"])))
+    config.tie_word_embeddings = False  # a head of its own: its LoRA merges into it alone
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "untied")
+    tokenizer.save_pretrained(tmp_path / "untied")
+    validate_recipe(recipe_from_dict(_with(recipe, "model", name=str(tmp_path / "untied"))))
 
 
 def test_absurd_rank_is_refused_without_the_model(tiny_recipe):
