@@ -476,5 +476,20 @@ def load_model(
     if quantization is None:
         model.to(device)
     else:
+        require_quantized_layers(model, quantization.bits)
         disable_bnb_cpu_repacking(model)  # bnb's CPU inference packing breaks later training and merging
     return model
+
+
+def require_quantized_layers(model: torch.nn.Module, bits: int) -> None:
+    """transformers quantizes the nn.Linear layers it finds; a model built from its own linear class (Falcon's
+    FalconLinear, ...) comes back all full precision, and a QLoRA run would claim a 4-bit base it never had."""
+    import bitsandbytes as bnb
+
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    if not any(isinstance(module, kinds) for module in model.modules()):
+        linear = sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)})
+        raise PeftkitError(
+            f"bitsandbytes quantized no layer of this {type(model).__name__} to {bits} bits (its linear layers are "
+            f"{', '.join(linear) or 'not torch.nn.Linear'}, which transformers' quantizer leaves alone): remove the "
+            "`quantization:` block and use `method: lora` on the full-precision model")

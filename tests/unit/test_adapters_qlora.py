@@ -215,3 +215,18 @@ def test_loftq_over_an_8_bit_base_trains(tiny_recipe):
                                "quantization": {"bits": 8}, "train": {**tiny_recipe["train"], "max_steps": 1}})
     summary = train(recipe).summary
     assert summary["steps"] == 1 and summary["eval_loss_after"] is not None
+
+
+def test_a_model_bitsandbytes_quantizes_no_layer_of_is_refused_not_trained_as_qlora(tmp_path):
+    """Falcon builds its projections from its own FalconLinear class, which transformers' quantizer passes over:
+    the 'QLoRA' run would train on the full-precision model and claim a 4-bit base."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftkit.errors import PeftkitError
+    from tests.conftest import build_tiny_tokenizer
+
+    config = AutoConfig.for_model("falcon", vocab_size=400, hidden_size=64, num_hidden_layers=1, num_attention_heads=4)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "falcon")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "falcon")
+    with pytest.raises(PeftkitError, match=r"bitsandbytes quantized no layer of this FalconForCausalLM to 4 bits.*method: lora"):
+        load_model(ModelConfig(name=str(tmp_path / "falcon")), QuantizationConfig(bits=4), device="cpu", dtype=torch.float32)
