@@ -254,6 +254,12 @@ def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
             _warn_once("plain", "The tokenizer has no chat template and no ChatML tokens; using peftkit's plain "
                        "template ('### User:' / '### Assistant:', replies end with %r; set model.chat_template "
                        "to override)", tokenizer.eos_token)
+    else:  # the model's own template: held to what a template file is held to
+        from peftkit.data.chat import reply_end_problem
+
+        problem = reply_end_problem(tokenizer)
+        if problem:
+            raise PeftkitError(f"the model's own chat template: {problem}. (`model.chat_template` replaces it)")
 
 
 def _plain_template(tokenizer: Any) -> str:

@@ -250,3 +250,25 @@ def test_settings_another_setting_overrides_are_warned_about(tiny_recipe, tmp_pa
     with caplog.at_level(logging.WARNING):
         validate_recipe(recipe_from_dict(plain), check_model=False)
     assert "is ignored" not in caplog.text
+
+
+def test_a_models_own_template_without_an_end_token_is_refused_like_a_template_file(tiny_model_dir, tmp_path):
+    """Replies trained with no end token teach the model never to stop; a template file was refused for it, the
+    model's own template went through."""
+    import shutil
+
+    from peftkit.config.schema import ModelConfig
+    from peftkit.errors import PeftkitError
+    from peftkit.models import load_tokenizer
+
+    model_dir = tmp_path / "completion-style"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}Assistant:{% endif %}")
+    config_path.write_text(json.dumps(config))
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(PeftkitError, match=r"the model's own chat template: .*with no end token at all.*chat_template"):
+        load_tokenizer(ModelConfig(name=str(model_dir)))
+    load_tokenizer(ModelConfig(name=str(model_dir), chat_template="plain"))  # the way out works
