@@ -151,8 +151,14 @@ def gguf_config(path: Path) -> Any:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    metadata = gguf_header(path)[0]
+    metadata, tensor_names = gguf_header(path)
     arch = metadata["general.architecture"]
+    # Llama-family projections with biases (attention_bias / mlp_bias): the config reader leaves both off, and the
+    # model would be built without them (their tensors dropped), whatever the file holds.
+    if hasattr(config, "attention_bias"):
+        config.attention_bias = any(name.endswith("attn_q.bias") for name in tensor_names)
+    if hasattr(config, "mlp_bias"):
+        config.mlp_bias = any(name.endswith(("ffn_up.bias", "ffn_down.bias")) for name in tensor_names)
     key_length = metadata.get(f"{arch}.attention.key_length")
     if key_length and hasattr(config, "head_dim") and config.head_dim != int(key_length):
         config.head_dim = int(key_length)

@@ -768,3 +768,28 @@ def test_a_merge_that_does_not_reproduce_the_adapter_is_not_shipped_as_a_gguf(ex
     with pytest.raises(ExportError, match=r"the merged model does not reproduce .*tied output head.*modules_to_save"):
         export_gguf(run, gguf_type="f32")
     assert not (run / "gguf").exists()
+
+
+def test_a_llama_with_projection_biases_exports_and_verifies(export_recipe, tiny_tokenizer, tmp_path):
+    """transformers' GGUF config reader leaves attention_bias / mlp_bias off and drops the bias tensors: the check
+    must build the model the file describes (llama.cpp reads the biases)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftkit.models.gguf_config import gguf_config
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+                         bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+                         pad_token_id=tiny_tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0.0, 0.1 if param.dim() == 2 else 0.5)  # biases that change the logits
+    model.save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=tmp_path / "base")
+    result = export_gguf(run, gguf_type="f32")
+    assert result.verification["passed"], result.verification
+    read = gguf_config(next(result.path.glob("*.gguf")))
+    assert read.attention_bias and read.mlp_bias
