@@ -26,8 +26,10 @@ def _defaults(model: torch.nn.Module) -> tuple[list[str] | None, list[str] | Non
     )
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in TARGETS:
-        return TARGETS[model_type], FEEDFORWARD.get(model_type)
+    table = TARGETS.get(model_type)
+    # peft's table can name modules a newer transformers no longer has (Mixtral's `w2`: the experts are fused now)
+    if table and all(selected_linear(model, [name]) for name in table):
+        return table, FEEDFORWARD.get(model_type)
     return _defaults_by_name(model)
 
 
@@ -37,15 +39,17 @@ _FEEDFORWARD_NAMES = ("down_proj", "fc2", "dense_4h_to_h", "w2", "mlp.c_proj")
 
 def _defaults_by_name(model: torch.nn.Module) -> tuple[list[str] | None, list[str] | None]:
     """peft's rule for architectures it has no table entry for (Phi-3, OLMo-2, Granite, StableLM, Starcoder2,
-    ...): scale the keys and values and the input of the MLP's output projection, found by the names
-    transformers gives them."""
+    ...), or whose entry names modules the model does not have: scale the keys and values and the input of the
+    MLP's output projection, found by the names transformers gives them."""
     def present(name: str) -> bool:
         return bool(selected_linear(model, [name]))
 
     key_value = next((names for names in _KEY_VALUE_NAMES if all(present(n) for n in names)), None)
     feedforward = next((name for name in _FEEDFORWARD_NAMES if present(name)), None)
-    if key_value is None or feedforward is None:
+    if key_value is None:
         return None, None
+    if feedforward is None:  # no linear MLP output (an MoE with fused experts): keys and values only
+        return key_value, []
     return [*key_value, feedforward], [feedforward]
 
 

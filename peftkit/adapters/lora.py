@@ -50,10 +50,20 @@ def _targets(cfg: LoraAdapterConfig, model: torch.nn.Module | None) -> str | lis
     target = cfg.target_modules
     if model is None:
         return target
-    string_needs_names = isinstance(target, str) and (cfg.layers is not None or cfg.init in CORDA_INITS)
+    # peft expands `all-linear` into `target_parameters` for fused 3-D expert weights (Mixtral, Qwen-MoE in
+    # transformers 5): LoRA there needs dropout 0 and cannot be merged or exported, so all-linear stays linear
+    string_needs_names = isinstance(target, str) and (cfg.layers is not None or cfg.init in CORDA_INITS
+                                                      or (target == "all-linear" and has_fused_experts(model)))
     if not string_needs_names and text_decoder(model) is None:
         return target
     return sorted(n for n in selected_linear(model, target) if _in_layers(n, cfg.layers))
+
+
+def has_fused_experts(model: torch.nn.Module) -> bool:
+    """Whether the model keeps weights as 3-D parameters of its own modules (an MoE's experts stacked in one
+    tensor) rather than in linear layers."""
+    return any(param.dim() == 3 for module in model.modules() for param in module.parameters(recurse=False)
+               if not isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)))
 
 
 def _in_layers(name: str, layers: tuple[int, int] | None) -> bool:
@@ -108,6 +118,10 @@ def check(model: torch.nn.Module, cfg: LoraAdapterConfig, task: str = "causal_lm
     if cfg.layers is not None and n_layers is not None and cfg.layers[1] >= n_layers:
         problems.append(f"adapter.layers {list(cfg.layers)} is out of range: this model has layers 0..{n_layers - 1}")
     matched, target_issues = target_problems("adapter.target_modules", cfg.target_modules, model, " (or use `all-linear`)")
+    if target_issues and has_fused_experts(model):
+        target_issues = [f"{target_issues[0]}. This model keeps its experts' weights fused in 3-D parameters, not in "
+                         "linear layers (w1 / w2 / w3 in older code): LoRA here adapts the attention and any linear "
+                         "MLP layers", *target_issues[1:]]
     problems.extend(target_issues)
     if matched and cfg.layers is not None and not any(_in_layers(n, cfg.layers) for n in matched) and not problems:
         problems.append(f"adapter.target_modules {cfg.target_modules!r} matches no module inside adapter.layers {list(cfg.layers)}")

@@ -278,3 +278,28 @@ def test_ia3_on_a_vision_language_model_scales_only_its_text_decoder(target):
     assert scaled == expected, sorted(scaled)
     with torch.no_grad():
         assert peft_model(input_ids=torch.tensor([[1, 5, 9, 13]])).logits.shape == (1, 4, 128)
+
+
+def test_all_linear_on_an_moe_with_fused_experts_stays_on_linear_layers_and_ia3_finds_its_defaults():
+    """transformers 5 stacks Mixtral's experts in 3-D parameters; peft's `all-linear` would adapt them through
+    `target_parameters`, which refuses dropout and cannot be merged. peftkit keeps all-linear on linear layers, and
+    IA3's defaults no longer come from peft's stale table (`w2`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftkit.adapters import ia3
+    from peftkit.adapters.lora import has_fused_experts, lora_config
+    from peftkit.config.schema import IA3AdapterConfig
+
+    config = AutoConfig.for_model("mixtral", vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    assert has_fused_experts(model)
+    peft_config = lora_config(LoraAdapterConfig(r=4, dropout=0.05, target_modules="all-linear"), model=model)
+    assert sorted({name.rsplit(".", 1)[-1] for name in peft_config.target_modules}) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert not peft_config.target_parameters
+    adapted = build_adapter(model, LoraAdapterConfig(r=4, dropout=0.05, target_modules="all-linear"))
+    adapted(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()  # peft's ParamWrapper refused dropout here
+    problems = check_targets(AutoModelForCausalLM.from_config(config), LoraAdapterConfig(target_modules=["w1", "w2"]))
+    assert problems and "experts' weights fused in 3-D parameters" in problems[0]
+    assert ia3.resolve(AutoModelForCausalLM.from_config(config), IA3AdapterConfig()) == (["k_proj", "v_proj"], [])
