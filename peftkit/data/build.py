@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import unicodedata
@@ -140,8 +141,16 @@ def load_heldout(path: str | Path, system_prompt: str | None, *, warn_given_away
     return items
 
 
+def content_key(item: Any) -> str:
+    """What a record says, without where it was read (or the format it was read as): copies share it."""
+    fields = {k: v for k, v in vars(item).items() if k not in ("where", "format")}
+    return json.dumps(fields, sort_keys=True, ensure_ascii=False, default=str)
+
+
 def split_train_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A deterministic split: the same seed and file always give the same eval set."""
+    """A deterministic split: the same seed and file always give the same eval set, of round(fraction * n)
+    examples. Copies of one record stay on one side (an eval row that training saw measures memorisation), so
+    with duplicates the eval set's size can differ a little; without them it is the plain shuffled split."""
     if fraction <= 0 or len(examples) < 2:
         return examples, []
     order = list(range(len(examples)))
@@ -150,8 +159,48 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int) -> tup
     if n_eval >= len(examples):
         raise DataError(f"data.eval_fraction={fraction} of {len(examples)} examples leaves none to train on; "
                         "lower it, or give the eval examples in their own file (data.eval)")
-    eval_ids = set(order[:n_eval])
+    keys = [content_key(example) for example in examples]
+    copies: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        copies.setdefault(key, []).append(i)
+    groups = [copies[keys[i]] for i in order]  # each example's copies, in shuffled order
+    eval_ids: set[int] = set()
+    for group in groups:  # whole groups, as long as they fit
+        if group[0] not in eval_ids and len(eval_ids) + len(group) <= n_eval:
+            eval_ids.update(group)
+    if not eval_ids:  # every record has more copies than the eval set holds: the smallest group
+        smallest = min(groups, key=len)
+        eval_ids = set(smallest) if len(smallest) < len(examples) else set(order[:n_eval])
     return [e for i, e in enumerate(examples) if i not in eval_ids], [e for i, e in enumerate(examples) if i in eval_ids]
+
+
+_WARNED_DUPLICATES: set[str] = set()
+
+
+def warn_duplicates(read: list[Any], train: list[Any], held_out: list[Any]) -> None:
+    """Warn (once per message) about exact copies among the training records `read` (before any eval split), and
+    about eval records that `train` also has: their eval loss measures memorisation, and early stopping follows it."""
+    first_seen: dict[str, Any] = {}
+    repeats = []  # (copy, original) locations
+    for item in read:
+        original = first_seen.setdefault(content_key(item), item)
+        if original is not item:
+            repeats.append((item.where, original.where))
+    train_keys = {content_key(item) for item in train}
+    seen = [item.where for item in held_out if content_key(item) in train_keys]
+    messages = []
+    if repeats:
+        messages.append(f"training examples that repeat an earlier one exactly: {len(repeats)} of {len(read)} (first: "
+                        f"{repeats[0][0]} repeats {repeats[0][1]}); a copy is trained on once more each epoch, so drop "
+                        "the copies unless that weighting is meant")
+    if seen:
+        messages.append(f"eval examples that also occur in the training data: {len(seen)} of {len(held_out)} (first: "
+                        f"{seen[0]}); their eval loss measures memorisation, not how the model does on new data, so "
+                        "remove them from one of the two")
+    for message in messages:
+        if message not in _WARNED_DUPLICATES:
+            _WARNED_DUPLICATES.add(message)
+            log.warning("%s", message)
 
 
 def without_system_prompt(examples: list[Example]) -> list[Example]:
@@ -164,8 +213,11 @@ def train_eval_examples(cfg: DataConfig, seed: int) -> tuple[list[Example], list
     """The recipe's training and eval examples: `data.eval`, or the `eval_fraction` split of `data.train`."""
     examples = load_examples(cfg.train, cfg.format, cfg.columns)
     if cfg.eval:
-        return examples, load_examples(cfg.eval, cfg.format, cfg.columns)
-    return split_train_eval(examples, cfg.eval_fraction, seed)
+        train, held_out = examples, load_examples(cfg.eval, cfg.format, cfg.columns)
+    else:
+        train, held_out = split_train_eval(examples, cfg.eval_fraction, seed)
+    warn_duplicates(examples, train, held_out)
+    return train, held_out
 
 
 def build_datasets(
@@ -186,6 +238,11 @@ def build_datasets(
         if replay_answerer is not None:
             picked = replay_answerer(picked)
         replay_rows, _ = tokenize_examples(picked, tokenizer, cfg.max_seq_len, None, what="replay example")
+        if picked and not replay_rows:
+            raise DataError(f"data.replay: none of the {len(picked)} replay examples has a trained (assistant) token "
+                            f"left within data.max_seq_len={cfg.max_seq_len} tokens, so the run would train without "
+                            "the replay the recipe asks for; raise data.max_seq_len or use a replay file with shorter "
+                            "prompts")
         train_rows, replayed = [*train_rows, *replay_rows], len(replay_rows)
     eval_rows, _ = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt, what="eval example")
     for name, rows, examples in (("training", train_rows, train_examples), ("eval", eval_rows, eval_examples)):

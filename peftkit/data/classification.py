@@ -9,6 +9,8 @@ must be among them. The mapping is stored in the run directory and the model con
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +23,8 @@ from peftkit.errors import DataError, RunDirError
 
 LABELS_FILE = "labels.json"
 TASK = "sequence_classification"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,29 @@ def label_names(items: list[LabeledText]) -> list[str]:
         names.sort(key=int)
     if len(names) < 2:
         raise DataError(f"the training data has a single label ({names[0]!r}); classification needs at least two")
+    _warn_case_variants(items, names)
     return names
+
+
+_WARNED_VARIANTS: set[str] = set()
+
+
+def _warn_case_variants(items: list[LabeledText], names: list[str]) -> None:
+    """Labels are kept as written (`A` and `a` may be different codes), so `pos` and `POS` are two classes: say so,
+    since it is far more often one class written two ways."""
+    spellings: dict[str, list[str]] = {}
+    for name in names:
+        spellings.setdefault(" ".join(name.split()).casefold(), []).append(name)
+    variants = [group for group in spellings.values() if len(group) > 1]
+    if not variants:
+        return
+    counts = Counter(item.label for item in items)
+    named = "; ".join(" / ".join(f"{name!r} ({counts[name]})" for name in group) for group in variants)
+    if named not in _WARNED_VARIANTS:  # validation and training both read the labels
+        _WARNED_VARIANTS.add(named)
+        log.warning("training labels that differ only in case or spacing are separate classes: %s. If each group is "
+                    "one class, write its label one way in the data (the run trains a head with %d classes)",
+                    named, len(names))
 
 
 def check_labels(items: list[LabeledText], labels: list[str], what: str) -> None:
@@ -134,7 +160,7 @@ def build_classification_data(
     cfg: DataConfig, tokenizer: Any, seed: int = 42, input_names: set[str] | None = None, labels: list[str] | None = None
 ) -> ClassificationData:
     """`labels`: the ids a resumed run started with (the data's own `label_names` otherwise)."""
-    from peftkit.data.build import split_train_eval
+    from peftkit.data.build import split_train_eval, warn_duplicates
 
     items = load_labeled(cfg.train, cfg.columns)
     labels = labels or label_names(items)
@@ -142,6 +168,7 @@ def build_classification_data(
         train_items, eval_items = items, load_labeled(cfg.eval, cfg.columns)
     else:
         train_items, eval_items = split_train_eval(items, cfg.eval_fraction, seed)  # type: ignore[arg-type]
+    warn_duplicates(items, train_items, eval_items)
     heldout_items = load_labeled(cfg.heldout, cfg.columns) if cfg.heldout else []
     check_labels(eval_items, labels, "eval")
     check_labels(heldout_items, labels, "heldout")

@@ -41,6 +41,9 @@ JSONL_SUFFIXES = ("", ".ndjson")
 """Other names of JSON Lines files."""
 MAX_REPORTED_PROBLEMS = 5
 """Bad records listed in one data error (the rest are counted)."""
+COLUMNS_ADVICE = "for other field names add a map to the recipe, e.g. `data: {columns: {prompt: q, response: a}}`"
+ROLES_ADVICE = " (or map other speakers with data.columns.roles)"
+"""Advice that suits data.train / data.eval; replay files replace it (data.columns does not apply to them)."""
 
 
 @dataclass(frozen=True)
@@ -114,19 +117,20 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
 
 
 def _json_document_records(path: Path, data: Any) -> list[tuple[str, Any]]:
-    """The records of one JSON document: a list, or an object that wraps one list (`{"data": [...]}`,
-    `{"train": [...]}`), or a single record."""
+    """The records of one JSON document: a list, or an object that wraps one list of records (`{"data": [...]}`,
+    `{"version": 2, "train": [...]}`: its other fields are metadata), or a single record."""
     if isinstance(data, dict) and detect_format(data) is not None:
         data = [data]
     elif isinstance(data, dict):
         lists = [key for key, value in data.items() if isinstance(value, list) and value and isinstance(value[0], dict)]
         if "data" in lists or "examples" in lists:
             data = data["data" if "data" in lists else "examples"]
-        elif len(lists) == 1 and len(data) == 1:
+        elif len(lists) == 1:
             data = data[lists[0]]
         elif len(lists) > 1:
-            raise DataError(f"{path}: a JSON object holding several lists of records ({', '.join(lists)}); "
-                            "write each split to its own file (data.train, data.eval)")
+            raise DataError(f"{path}: a JSON object holding several lists of records ({', '.join(lists)}); write each "
+                            "split to its own file and name it in the recipe (data.train, data.eval), or put the list "
+                            "to train on under the key `data` (read when present, the others ignored)")
         else:
             data = [data]
     if not isinstance(data, list):
@@ -148,11 +152,29 @@ def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[str, Any]]
     records, start = [], 2
     try:
         for row in reader:
+            # DictReader keeps extra fields under the key None and fills missing ones with None: a silently cut reply
+            if None in row or None in row.values():
+                raise _csv_row_length_error(path, start, reader.fieldnames or [], row, delimiter)
             records.append((f"{path}:{start}", row))
             start = reader.line_num + 1
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc}); check the quoting of that row") from None
     return records
+
+
+def _csv_row_length_error(path: Path, line: int, header: Sequence[str], row: dict[Any, Any],
+                          delimiter: str) -> DataError:
+    """A row with more or fewer fields than the header: an unquoted delimiter or line break inside a field."""
+    found = len(header) + len(row.get(None) or []) - sum(value is None for value in row.values())
+    name = {"\t": "tab", ",": "comma", ";": "semicolon"}.get(delimiter, repr(delimiter))
+    if found > len(header):
+        other = "" if delimiter == "\t" else ", or save the file tab-separated as .tsv"
+        why = f"an unquoted {name} inside a field splits it; put that field in double quotes (\"Yes, we ship\"){other}"
+    else:
+        why = (f"fill in the missing fields (an empty one as nothing between two {name}s); a field holding a line "
+               "break must be in double quotes, or the break starts a new row")
+    return DataError(f"{path}:{line}: the row has {found} field{'s' * (found != 1)} but the header has {len(header)} "
+                    f"({', '.join(header)}): {why}")
 
 
 def _lines(text: str) -> list[str]:
@@ -175,7 +197,8 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append((f"{path}:{number}", json.loads(line)))
+            # a byte-order mark opens each part of files joined with `cat` (the first one is dropped on reading)
+            records.append((f"{path}:{number}", json.loads(line.removeprefix("\ufeff"))))
         except json.JSONDecodeError as exc:
             if not records and text.lstrip().startswith("["):
                 try:  # a JSON array (pretty-printed) in a .jsonl file: read it as the document it is
@@ -300,7 +323,7 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
             role = ROLE_ALIASES.get(str(role).lower()) if str(role).lower() != "function_call" else None
         if role is None:
             raise DataError(f"{where}: message {i + 1} has unknown role {message['role']!r}; use one of "
-                            f"{', '.join(ROLES)} (or map other speakers with data.columns.roles)")
+                            f"{', '.join(ROLES)}{ROLES_ADVICE}")
         content = "" if content is None and calls else message_text(content, f"{where}: message {i + 1}")
         if role == "system" and i != 0:
             raise DataError(f"{where}: a system message may only come first (found at position {i + 1})")
@@ -363,7 +386,7 @@ def sharegpt_messages(record: dict[str, Any], where: str) -> list[Message]:
         if role is None:
             raise DataError(
                 f"{where}: conversation turn {i + 1} is from {turn['from']!r}; peftkit reads "
-                f"{', '.join(sorted(ROLE_ALIASES))} turns (or map other speakers with data.columns.roles)"
+                f"{', '.join(sorted(ROLE_ALIASES))} turns{ROLES_ADVICE}"
             )
         if source == "function_call":
             where_turn = f"{where}: conversation turn {i + 1}"
@@ -438,7 +461,7 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
         raise DataError(
             f"{where}: unrecognised record (keys: {keys}); expected `messages` (chat), `conversations` (ShareGPT), "
             "`prompt` + `completion`, `instruction` + `output` (alpaca), a pair such as `question` + `answer`, or "
-            "`text`; for other field names add a map to the recipe, e.g. `data: {columns: {prompt: q, response: a}}`"
+            f"`text`; {COLUMNS_ADVICE}"
         )
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")

@@ -120,6 +120,10 @@ def saved_dataset_records(path: Path) -> list[tuple[str, Any]]:
         if DEFAULT_SPLIT not in loaded:
             raise DataError(f"{path} holds the splits {', '.join(splits)} and no `train`; point the recipe at "
                             f"one of them: {path / splits[0]}")
+        if len(splits) > 1:  # as LLaMA-Factory and axolotl read such a folder: its `train` split
+            others = [split for split in splits if split != DEFAULT_SPLIT]
+            log.info("%s holds the splits %s: reading `%s` (for another split point at its folder, e.g. %s)", path,
+                     ", ".join(splits), DEFAULT_SPLIT, path / others[0])
         loaded = loaded[DEFAULT_SPLIT]
     return _located(str(path), loaded)
 

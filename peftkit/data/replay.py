@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from peftkit.data.formats import Example, load_examples
+from peftkit.data.formats import COLUMNS_ADVICE, ROLES_ADVICE, Example, load_examples
 from peftkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,18 @@ def sample_replay(n_train: int, replay: list[Example], ratio: float, seed: int) 
     return picked
 
 
+REPLAY_LAYOUT_ADVICE = ("a replay file must be in one of those layouts as written (data.columns and data.format apply "
+                        "to data.train and data.eval only), so rename the replay file's fields")
+"""Follows the list of layouts in the unrecognised-record error, in place of its data.columns advice."""
+
+
 def load_replay(path: str) -> list[Example]:
     """The replay set, each record's format detected (`data.format` / `data.columns` describe train and eval)."""
-    return load_examples(replay_path(path))
+    try:
+        return load_examples(replay_path(path))
+    except DataError as exc:  # the generic advice would point at data.columns, which never reads a replay file
+        message = str(exc).replace(COLUMNS_ADVICE, REPLAY_LAYOUT_ADVICE)
+        raise DataError(message.replace(ROLES_ADVICE, " (data.columns.roles does not apply to replay files)")) from None
 
 
 def shared_cache_path(model: Any, tokenizer: Any, max_new_tokens: int) -> Path:
@@ -140,12 +149,27 @@ def base_model_answerer(model: Any, tokenizer: Any, *, cache: Path | None, share
         if wrong:
             log.info("%d of %d replay answers disagree with the written answer and were left out (known_only)",
                      wrong, len(examples))
-        if examples and not kept:
-            log.warning("no replay answer is left, so this run trains without replay; raise "
-                        "data.replay.max_answer_tokens%s", " or drop known_only" if wrong else "")
+        if examples and not kept:  # the recipe asks for replay: training without it is not what it asked for
+            raise DataError(no_replay_left(len(examples), unfinished, wrong, max_new_tokens))
         return kept
 
     return answer
+
+
+def no_replay_left(total: int, unfinished: int, wrong: int, max_new_tokens: int) -> str:
+    """Why no base-model replay answer is left, and what helps: a higher limit only up to data.max_seq_len,
+    past which rows are cut anyway."""
+    why = [f"{unfinished} did not finish within data.replay.max_answer_tokens={max_new_tokens} tokens"]
+    why = why if unfinished else []
+    why += [f"{wrong} disagree with the written answer (known_only)"] * bool(wrong)
+    fixes = ["drop data.replay.known_only"] * bool(wrong)
+    if unfinished:
+        fixes += ["raise data.replay.max_answer_tokens (that helps up to data.max_seq_len only: longer rows are cut "
+                  "there); if it is that high already, the base model does not end its answers: set "
+                  "`data.replay.answers: dataset` to train on the replay set's written answers (without known_only "
+                  "and contrast)"]
+    return (f"data.replay: none of the base model's {total} replay answers is usable ({'; '.join(why)}), so the run "
+            f"would train without the replay the recipe asks for; {', or '.join(fixes)}; or remove data.replay")
 
 
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")

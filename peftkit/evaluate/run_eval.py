@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 from collections.abc import Iterator
@@ -18,7 +19,8 @@ from typing import Any, Literal
 
 from peftkit.data.build import HeldoutItem, load_heldout, tokenize_examples, train_eval_examples
 from peftkit.data.chat import with_system_prompt
-from peftkit.data.formats import load_examples
+from peftkit.config.schema import Recipe
+from peftkit.data.formats import COLUMNS_ADVICE, Example, load_examples
 from peftkit.errors import DataError, PeftkitError
 from peftkit.evaluate.generation import answer_items, heldout_accuracy, score_replies
 from peftkit.evaluate.loss import mean_loss, perplexity
@@ -29,6 +31,8 @@ from peftkit.utils.atomic import atomic_write_text
 GENERAL_SET = "general_knowledge.jsonl"
 REPORT = "eval.json"
 ORIGINAL_BASE_REPORT = "eval_original_base.json"  # --qlora-base original: beside the as-trained report
+
+log = logging.getLogger(__name__)
 
 
 def builtin_resource(name: str) -> Path:
@@ -59,6 +63,30 @@ def asked_in_role(items: list[HeldoutItem], system_prompt: str | None) -> list[H
     return [HeldoutItem(tuple(with_system_prompt(i.messages, system_prompt)), i.key_facts, i.tools) for i in items]
 
 
+def eval_data_examples(data: str, recipe: Recipe, run_dir: Path) -> list[Example]:
+    """`--data` read as the run's recipe reads its data (`data.columns` / `data.format`), or with format detection
+    where it does not fit them: a file in a standard layout needs no map. Where neither reads it, the error of the
+    reading that recognised the records is the one to fix."""
+    fmt, columns = recipe.data.format, recipe.data.columns
+    if fmt == "auto" and columns is None:
+        return load_examples(data)
+    setting = "data.columns map" if columns is not None else f"data.format ({fmt})"
+    try:
+        return load_examples(data, fmt, columns)
+    except DataError as mapped:
+        try:
+            examples = load_examples(data)
+        except DataError as detected:
+            if COLUMNS_ADVICE not in str(detected):  # a standard layout with a mistake, or an unreadable file
+                raise
+            raise DataError(f"--data {data} is in no standard layout (chat, ShareGPT, alpaca, prompt/completion, "
+                            f"question/answer), so it was read with the run's {setting} (from "
+                            f"{run_dir / 'recipe.yaml'}), and that fails: {mapped}\nWrite it in one of those layouts, or with the fields the "
+                            "run's recipe names") from None
+        log.info("%s does not fit the run's %s; its format was detected instead", data, setting)
+        return examples
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -85,7 +113,7 @@ def evaluate_run(
     target.parent.mkdir(parents=True, exist_ok=True)
     system = recipe.data.system_prompt
     # the files named on the command line are read (and their mistakes reported) before any weights load
-    examples = load_examples(data, recipe.data.format, recipe.data.columns) if data else None
+    examples = eval_data_examples(data, recipe, Path(run_dir)) if data else None
     heldout_path = heldout or recipe.data.heldout
     if heldout is None and heldout_path and not Path(heldout_path).is_file():
         raise DataError(f"the run's held-out questions {heldout_path} (data.heldout in {Path(run_dir) / 'recipe.yaml'}) "

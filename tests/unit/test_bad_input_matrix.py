@@ -137,7 +137,7 @@ def test_text_longer_than_max_seq_len_warns_and_trains(tiny_recipe, tmp_path, ca
     fine = json.loads(GOOD)
     data = tmp_path / "long.jsonl"
     data.write_text("\n".join(json.dumps(x) for x in [long, fine, fine, fine]) + "\n")
-    recipe = {**tiny_recipe, "data": {**tiny_recipe["data"], "train": str(data), "max_seq_len": 24},
+    recipe = {**tiny_recipe, "data": {**tiny_recipe["data"], "train": str(data), "max_seq_len": 24, "eval_fraction": 0},
               "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}}
     assert main(["train", recipe_file(recipe, tmp_path)]) == 0
     assert any("truncated" in r.message or "no supervised tokens" in r.message for r in caplog.records)

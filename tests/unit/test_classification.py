@@ -238,3 +238,19 @@ def test_a_resumed_classifier_keeps_the_label_ids_it_started_with(tiny_bert_dir,
     assert changed.is_file()
     with pytest.raises(DataError, match="the training labels changed since"):
         train(recipe, resume=True)
+
+
+def test_labels_differing_only_in_case_are_warned_about(tmp_path, caplog):
+    """`pos` and `POS` are two classes (labels are kept as written): far more often one class written two ways."""
+    import logging
+
+    from peftkit.data.classification import label_names
+
+    labels = ["pos", "POS ", "neg", "pos", "very  bad", "Very bad"]
+    records = [{"text": f"text {i}", "label": label} for i, label in enumerate(labels)]
+    with caplog.at_level(logging.WARNING, logger="peftkit.data.classification"):
+        assert label_names(load_labeled(write_jsonl(tmp_path / "d.jsonl", records))) == [
+            "POS", "Very bad", "neg", "pos", "very  bad"]
+    assert ("labels that differ only in case or spacing are separate classes: 'POS' (1) / 'pos' (2); 'Very bad' (1) / "
+            "'very  bad' (1). If each group is one class, write its label one way in the data (the run trains a head "
+            "with 5 classes)") in caplog.text

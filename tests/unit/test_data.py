@@ -646,3 +646,53 @@ def test_a_reply_whose_only_end_token_closes_the_conversation_keeps_it(tiny_toke
     assert supervised_text(tokenizer, row).startswith("hi there") and supervised_text(tokenizer, row).endswith(end)
     assert end_of_turn_token_id(tokenizer) == tokenizer.convert_tokens_to_ids(end)
     assert reply_end_problem(tokenizer) is None
+
+
+def _pairs(tmp_path, name, questions):
+    return write_jsonl(tmp_path / name, [{"question": q, "answer": f"answer to {q}"} for q in questions])
+
+
+def _question(example) -> str:
+    return example.messages[0]["content"]
+
+
+def test_copies_of_a_record_stay_on_one_side_of_the_split(tmp_path):
+    """An eval row that training also has measures memorisation: copies are split as one group."""
+    import random
+
+    distinct = load_examples(_pairs(tmp_path, "d.jsonl", [f"q{i}" for i in range(20)]))
+    order = list(range(20))
+    random.Random(7).shuffle(order)
+    train, held_out = split_train_eval(distinct, 0.2, seed=7)
+    assert [e.where for e in held_out] == [distinct[i].where for i in sorted(order[:4])], "no copies: the plain split"
+    examples = load_examples(_pairs(tmp_path, "c.jsonl", ["a", "b", "c"] * 10 + [f"q{i}" for i in range(10)]))
+    for seed in range(5):
+        train, held_out = split_train_eval(examples, 0.2, seed=seed)
+        assert len(held_out) == 8 and len(train) == 32
+        assert not {_question(e) for e in held_out} & {_question(e) for e in train}
+        assert [e.where for e in held_out] == [e.where for e in split_train_eval(examples, 0.2, seed=seed)[1]]
+    train, held_out = split_train_eval(load_examples(_pairs(tmp_path, "x.jsonl", ["a", "b", "c", "d"] * 10)), 0.2, seed=0)
+    assert len(held_out) == 10 and len({_question(e) for e in held_out}) == 1, "every group too big: the smallest one"
+    assert not {_question(e) for e in held_out} & {_question(e) for e in train}
+
+
+def test_duplicates_and_eval_rows_seen_in_training_are_warned_about(tmp_path, caplog):
+    import logging
+
+    from peftkit.config.schema import DataConfig
+    from peftkit.data.build import train_eval_examples
+
+    train_file = _pairs(tmp_path, "t.jsonl", ["a", "b", "a", "c", "a", "d", "e", "f"])
+    eval_file = _pairs(tmp_path, "e.jsonl", ["b", "z"])
+    with caplog.at_level(logging.WARNING, logger="peftkit.data.build"):
+        train_eval_examples(DataConfig(train=str(train_file), eval=str(eval_file)), seed=0)
+        train_eval_examples(DataConfig(train=str(train_file), eval=str(eval_file)), seed=0)
+    assert caplog.text.count(f"training examples that repeat an earlier one exactly: 2 of 8 (first: {train_file}:3 "
+                             f"repeats {train_file}:1)") == 1, "warned once"
+    assert caplog.text.count(f"eval examples that also occur in the training data: 1 of 2 (first: {eval_file}:1)") == 1
+    caplog.clear()
+    other = _pairs(tmp_path, "o.jsonl", ["a", "b", "a", "c", "a", "d", "e", "f"])
+    with caplog.at_level(logging.WARNING, logger="peftkit.data.build"):
+        train, held_out = train_eval_examples(DataConfig(train=str(other), eval_fraction=0.25), seed=0)
+    assert "repeat an earlier one exactly: 2 of 8" in caplog.text and "also occur in the training" not in caplog.text
+    assert len(held_out) == 2

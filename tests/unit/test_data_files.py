@@ -156,3 +156,47 @@ def test_an_eval_file_with_no_trained_token_left_is_an_error(tmp_path, tiny_toke
     with caplog.at_level(logging.WARNING), pytest.raises(DataError, match=r"eval\.jsonl: none of the 1 eval examples"):
         build_datasets(cfg, tiny_tokenizer)
     assert "1 eval example(s) were longer than data.max_seq_len=64" in caplog.text
+
+
+def test_a_csv_row_with_more_or_fewer_fields_than_the_header_is_named(tmp_path):
+    """csv.DictReader puts extra fields under the key None: an unquoted comma silently cut the reply."""
+    path = tmp_path / "t.csv"
+    path.write_text("question,answer\nOpening hours?,7-18\nDo you ship abroad?,Yes, we ship to 12 countries.\n")
+    with pytest.raises(DataError, match=r"t\.csv:3: the row has 3 fields but the header has 2 \(question, answer\): "
+                                        r"an unquoted comma inside a field splits it; put that field in double quotes"):
+        load_examples(path)
+    path.write_text('question,answer\n"Do you ship abroad?","Yes, we ship to 12 countries."\n')
+    assert load_examples(path)[0].messages[1]["content"] == "Yes, we ship to 12 countries."
+    path.write_text("question,answer\nOpening hours?,7-18\nDo you ship abroad?\n")
+    with pytest.raises(DataError, match=r"t\.csv:3: the row has 1 field but the header has 2 \(question, answer\): "
+                                        "fill in the missing fields"):
+        load_examples(path)
+
+
+def test_a_json_object_wrapping_one_list_next_to_metadata(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"version": "1", "source": "faq", "rows": [PAIR, PAIR]}))
+    assert [e.format for e in load_examples(path)] == ["question/answer"] * 2
+    path.write_text(json.dumps({"version": "1", "rows": [PAIR], "more": [PAIR]}))
+    with pytest.raises(DataError, match=r"several lists of records \(rows, more\); .* under the key `data`"):
+        load_examples(path)
+
+
+def test_a_byte_order_mark_opening_a_later_part_of_joined_jsonl_files(tmp_path):
+    path = tmp_path / "t.jsonl"
+    line = json.dumps(PAIR) + "\n"
+    path.write_bytes(("\ufeff" + line + "\ufeff" + line).encode("utf-8"))  # `cat a.jsonl b.jsonl`, both with a BOM
+    assert len(load_examples(path)) == 2
+
+
+def test_a_saved_dataset_dict_with_several_splits_says_which_one_it_reads(tmp_path, caplog):
+    import datasets
+
+    chat = {"messages": [{"role": "user", "content": "Hours?"}, {"role": "assistant", "content": "7-18"}]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([chat] * 3),
+                          "test": datasets.Dataset.from_list([chat])}).save_to_disk(str(tmp_path / "dd"))
+    with caplog.at_level(logging.INFO, logger="peftkit.data.hub"):
+        assert len(load_examples(tmp_path / "dd")) == 3
+    assert f"holds the splits train, test: reading `train` (for another split point at its folder, e.g. " \
+           f"{tmp_path / 'dd' / 'test'})" in caplog.text
+    assert len(load_examples(tmp_path / "dd" / "test")) == 1

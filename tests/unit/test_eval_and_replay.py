@@ -13,7 +13,7 @@ from peftkit.config import recipe_from_dict
 from peftkit.data.build import build_datasets
 from peftkit.data.replay import replay_path, sample_replay
 from peftkit.data.formats import Example, load_examples
-from peftkit.errors import ConfigError, RunDirError
+from peftkit.errors import ConfigError, DataError, RunDirError
 from peftkit.evaluate.run_eval import builtin_resource
 from peftkit.runs import load_run
 from peftkit.train.callbacks import OverfittingWatch
@@ -458,21 +458,65 @@ def test_eval_json_has_no_forgetting_figure_when_the_base_model_knows_none_of_th
     assert _points_lost({}, {"general_accuracy": 0.4}, "general_accuracy") is None
 
 
-def test_a_replay_with_no_answer_left_says_the_run_trains_without_it(tiny_model_dir, tiny_tokenizer, monkeypatch, caplog):
-    import logging
-
+def test_a_replay_with_no_answer_left_is_an_error_with_a_fix_that_works(tiny_model_dir, tiny_tokenizer, monkeypatch,
+                                                                         caplog):
+    """The recipe asks for replay: training without it is refused, and a higher limit helps only up to max_seq_len."""
     from transformers import AutoModelForCausalLM
 
     from peftkit.data.replay import base_model_answerer
     from peftkit.evaluate import generation
 
     monkeypatch.setattr(generation, "generate_replies", lambda m, t, conversations, **kw: [
-        generation.Reply("cut off", finished=False) for _ in conversations])
+        generation.Reply("cut off", finished=c[-1]["content"] == "a") for c in conversations])
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    examples = [Example(q, messages=({"role": "user", "content": q}, {"role": "assistant", "content": "W"})) for q in "ab"]
+    examples = [Example(q, messages=({"role": "user", "content": q}, {"role": "assistant", "content": "W"})) for q in "abc"]
     with caplog.at_level(logging.WARNING):
-        assert base_model_answerer(model, tiny_tokenizer, cache=None, max_new_tokens=4)(examples) == []
-    assert "no replay answer is left, so this run trains without replay; raise data.replay.max_answer_tokens" in caplog.text
+        assert len(base_model_answerer(model, tiny_tokenizer, cache=None, max_new_tokens=4)(examples)) == 1
+    assert "2 of 3 replay answers did not finish within 4 tokens and were left out" in caplog.text, "a shortfall warns"
+    with pytest.raises(DataError, match=r"data.replay: none of the base model's 2 replay answers is usable \(2 did not "
+                                        r"finish within data.replay.max_answer_tokens=4 tokens\), so the run would "
+                                        r"train without the replay the recipe asks for; raise data.replay.max_answer_"
+                                        r"tokens \(that helps up to data.max_seq_len only.*`data.replay.answers: dataset`"):
+        base_model_answerer(model, tiny_tokenizer, cache=None, max_new_tokens=4)(examples[1:])
+
+
+def test_a_replay_file_in_no_standard_layout_is_not_pointed_at_data_columns(tmp_path):
+    """data.columns never reads a replay file, so its advice cannot help there."""
+    from peftkit.data.replay import load_replay
+
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"Frage": "Wie spät?", "Antwort": "Neun."}] * 2)
+    with pytest.raises(DataError, match=r"unrecognised record \(keys: Frage, Antwort\).*`text`; a replay file must "
+                                        r"be in one of those layouts as written \(data.columns and data.format apply "
+                                        r"to data.train and data.eval only\)") as caught:
+        load_replay(str(odd))
+    assert "add a map" not in str(caught.value)
+    speakers = write_jsonl(tmp_path / "s.jsonl", [{"messages": [{"role": "kunde", "content": "Hallo"},
+                                                                {"role": "assistant", "content": "Hi"}]}])
+    with pytest.raises(DataError, match=r"unknown role 'kunde'; .* \(data.columns.roles does not apply to replay files\)"):
+        load_replay(str(speakers))
+
+
+def test_eval_data_in_a_standard_layout_is_read_though_the_run_maps_other_fields(tiny_recipe, tmp_path, caplog):
+    """`eval --data` used the run recipe's data.columns for any file: a standard chat file failed on 'Frage'."""
+    from peftkit.evaluate.run_eval import eval_data_examples
+
+    columns = {"prompt": "Frage", "response": "Antwort"}
+    recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "columns": columns}})
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hours?"},
+                                                               {"role": "assistant", "content": "Nine."}]}])
+    with caplog.at_level(logging.INFO, logger="peftkit.evaluate.run_eval"):
+        assert [e.format for e in eval_data_examples(str(chat), recipe, tmp_path / "run")] == ["chat"]
+    assert "does not fit the run's data.columns map; its format was detected instead" in caplog.text
+    mapped = write_jsonl(tmp_path / "de.jsonl", [{"Frage": "Wie spät?", "Antwort": "Neun.", "text": "not this"}])
+    assert eval_data_examples(str(mapped), recipe, tmp_path / "run")[0].format == "columns", "the map comes first"
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"Question": "Hours?", "Reply": "Nine."}])
+    with pytest.raises(DataError, match=r"is in no standard layout .* so it was read with the run's data.columns map "
+                                        r"\(from .*run/recipe.yaml\), and that fails: .*the prompt field 'Frage' is "
+                                        r"missing"):
+        eval_data_examples(str(odd), recipe, tmp_path / "run")
+    broken = write_jsonl(tmp_path / "broken.jsonl", [{"messages": [{"role": "assistant", "content": "Hi"}]}])
+    with pytest.raises(DataError, match="no assistant turn|roles out of order"):  # its own layout's mistake, not the map's
+        eval_data_examples(str(broken), recipe, tmp_path / "run")
 
 
 def test_run_report_and_card_show_what_the_summary_records(tiny_recipe, tmp_path):
@@ -499,3 +543,13 @@ def test_run_report_and_card_show_what_the_summary_records(tiny_recipe, tmp_path
     card = (run_dir / "README.md").read_text()
     assert "| eval loss | 5.9996 | 5.2000 |" in card and "| speed | 12,346 supervised tokens/s" in card
     assert "Overfitting warning" in card and "| 20 (the weights are step 12's, the best evaluation) / 400 |" in card
+
+
+def test_replay_rows_that_all_fall_outside_max_seq_len_are_an_error(tiny_tokenizer, chat_file, tmp_path):
+    from peftkit.config.schema import DataConfig
+
+    long = write_jsonl(tmp_path / "long.jsonl", [{"question": "one two " * 100, "answer": "three"}] * 2)
+    cfg = DataConfig(train=str(chat_file), eval_fraction=0, max_seq_len=32, replay={"path": str(long), "ratio": 1.0})
+    with pytest.raises(DataError, match=r"data.replay: none of the 16 replay examples has a trained \(assistant\) token "
+                                        r"left within data.max_seq_len=32 tokens"):
+        build_datasets(cfg, tiny_tokenizer)
