@@ -146,7 +146,7 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total), counting 4-bit packed weights at their logical size."""
     trainable = total = 0
     for param in model.parameters():
-        count = param.numel()
+        count = getattr(param, "ds_numel", param.numel())  # ZeRO-3 leaves empty placeholders
         if type(param).__name__ == "Params4bit":
             count *= 2
         total += count

@@ -11,7 +11,7 @@
   lr * d^(L - i) (top block lr*d), embeddings at lr * d^(L + 1): ELECTRA/BEiT convention.
 
 The optimizer is the Trainer's own choice (`Trainer.get_optimizer_cls_and_kwargs`), built over
-these parameter groups and handed to the Trainer with `optimizers=`.
+these parameter groups and handed to the Trainer (`SFTTrainer(method_optimizer=)`, kept under DeepSpeed too).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ class FreezePlan:
         seen: dict[int, int] = {}
         for group in self.groups:
             for _, param in group.params:
-                if param.requires_grad:
-                    seen[id(param)] = param.numel()
+                if param.requires_grad:  # ZeRO-3 leaves a partitioned parameter empty; ds_numel is its full size
+                    seen[id(param)] = getattr(param, "ds_numel", param.numel())
         return sum(seen.values())
 
 

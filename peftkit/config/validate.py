@@ -155,6 +155,9 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> None:
     from peftkit.train.deepspeed import check_deepspeed  # `deepspeed:` combinations and JSON file
 
     problems.extend(check_deepspeed(recipe))
+    from peftkit.train.deepspeed import optimizer_problems  # a bitsandbytes optimizer without bitsandbytes
+
+    problems.extend(optimizer_problems(recipe.train.optimizer))
     if check_model:
         problems.extend(_check_model(recipe, tool_use))
     if problems:

@@ -30,6 +30,7 @@ from peftkit.errors import ConfigError, PeftkitError
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "deepspeed.json"
+EXTRA = "deepspeed.extra"
 LOCK_MINUTES_ENV = "PEFTKIT_EXTENSION_LOCK_MINUTES"
 DEFAULT_LOCK_MINUTES = 5.0
 QUIET_STEPS = 1_000_000_000
@@ -195,6 +196,17 @@ def quant_storage_dtype(recipe: Recipe, dtype: torch.dtype) -> torch.dtype | Non
 # Validation (before any weights load)
 
 
+def optimizer_problems(optimizer: str) -> list[str]:
+    """`train.optimizer` choices that need bitsandbytes (with or without DeepSpeed; here with the other optimizer checks,
+    in a module `validate` imports cheaply). transformers imports bitsandbytes only when it builds the optimizer, after
+    the model loaded and the before-evaluation ran, and then fails with a bare ImportError."""
+    from transformers.utils import is_bitsandbytes_available
+
+    if ("8bit" in optimizer or optimizer.startswith("paged_")) and not is_bitsandbytes_available():
+        return [f"train.optimizer {optimizer} needs bitsandbytes: `pip install bitsandbytes` (or train.optimizer: auto)"]
+    return []
+
+
 def _own_optimizer(recipe: Recipe) -> str | None:
     """The setting that makes peftkit hand the Trainer its own optimizer (adapters' `trainer_extras`), if any."""
     if recipe.adapter.method == "partial":
@@ -204,7 +216,14 @@ def _own_optimizer(recipe: Recipe) -> str | None:
     return None
 
 
-def _json_problems(recipe: Recipe, raw: dict[str, Any], where: str, device: str | None) -> list[str]:
+def _fix(where: str, in_json: str) -> str:
+    """What to do about a contradicting value: in `extra` it has no business (peftkit writes it), in a JSON file it may."""
+    return "remove it from deepspeed.extra (peftkit writes the right value)" if where == EXTRA else in_json
+
+
+def _train_problems(recipe: Recipe, raw: dict[str, Any], where: str, device: str | None) -> list[str]:
+    """Values of a user's DeepSpeed JSON (or `deepspeed.extra`) that contradict the train section: transformers rejects
+    them at launch, after the model has loaded, with a traceback from every rank."""
     problems = []
     train = recipe.train
     for key, field, expected in (
@@ -214,19 +233,9 @@ def _json_problems(recipe: Recipe, raw: dict[str, Any], where: str, device: str 
     ):
         value = raw.get(key)
         if value not in (None, "auto") and value != expected:
-            problems.append(f"{where} sets {key}={value} but train.{field} is {expected}: make them equal, or set it to \"auto\"")
-    zero = raw.get("zero_optimization") or {}
-    if not isinstance(zero, dict):
-        return [*problems, f"{where}: zero_optimization must be an object"]
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        problems.append(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    for key in ("offload_optimizer", "offload_param"):
-        block = zero.get(key) or {}
-        if isinstance(block, dict) and block.get("device") == "nvme" and not block.get("nvme_path"):
-            problems.append(f"{where}: zero_optimization.{key} offloads to nvme but sets no nvme_path")
-    if isinstance(zero.get("offload_param"), dict) and zero["offload_param"].get("device", "none") != "none" and stage != 3:
-        problems.append(f"{where}: offload_param needs ZeRO stage 3 (only stage 3 partitions parameters)")
+            problems.append(f"{where} sets {key}={value} but train.{field} is {expected}: "
+                            + _fix(where, 'make them equal, or set it to "auto"'))
+    problems.extend(_global_batch_problems(recipe, raw, where, None))
     if device is not None:
         from peftkit.models import resolve_dtype
 
@@ -237,13 +246,56 @@ def _json_problems(recipe: Recipe, raw: dict[str, Any], where: str, device: str 
                 state = "enables" if value else "disables"
                 problems.append(
                     f"{where} {state} {key} but this run {'uses' if wanted else 'does not use'} {key} on {device} "
-                    f"(train.dtype: {recipe.train.dtype}); set {key}.enabled to \"auto\""
+                    f"(train.dtype: {recipe.train.dtype}); " + _fix(where, f'set {key}.enabled to "auto"')
                 )
+    return problems
+
+
+def _global_batch_problems(recipe: Recipe, raw: dict[str, Any], where: str, world_size: int | None) -> list[str]:
+    """`train_batch_size` is processes x batch size x accumulation. The number of processes is known at launch only
+    (world_size None: `validate`, which can still tell a value that fits no number of processes)."""
+    value = raw.get("train_batch_size")
+    if value in (None, "auto"):
+        return []
+    batch, accum = recipe.train.batch_size, recipe.train.grad_accum
+    if world_size is not None:
+        if value == batch * accum * world_size:
+            return []
+        return [f"{where} sets train_batch_size={value} but this run trains {world_size} process(es) x train.batch_size "
+                f"{batch} x train.grad_accum {accum} = {batch * accum * world_size} examples per step: "
+                + _fix(where, 'set it to "auto"')]
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0 and value % (batch * accum) == 0:
+        return []
+    return [f"{where} sets train_batch_size={value}, which is not a multiple of train.batch_size {batch} x "
+            f"train.grad_accum {accum} (it must be that times the number of processes): " + _fix(where, 'set it to "auto"')]
+
+
+def _zero_problems(raw: dict[str, Any], where: str) -> list[str]:
+    problems = []
+    zero = raw.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        return [f"{where}: zero_optimization must be an object"]
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    for key in ("offload_optimizer", "offload_param"):
+        block = zero.get(key) or {}
+        if isinstance(block, dict) and block.get("device") == "nvme" and not block.get("nvme_path"):
+            problems.append(f"{where}: zero_optimization.{key} offloads to nvme but sets no nvme_path")
+    if isinstance(zero.get("offload_param"), dict) and zero["offload_param"].get("device", "none") != "none" and stage != 3:
+        problems.append(f"{where}: offload_param needs ZeRO stage 3 (only stage 3 partitions parameters)")
     return problems
 
 
 def _block_problems(cfg: DeepSpeedConfig) -> list[str]:
     problems = []
+    extra_zero = cfg.extra.get("zero_optimization")
+    extra_stage = extra_zero.get("stage") if isinstance(extra_zero, dict) else None
+    if extra_stage is not None and extra_stage != cfg.stage:
+        # DeepSpeed would run the extra's stage while peftkit's stage-3 handling (gathering on save, 4-bit storage,
+        # the 8-bit refusal) follows deepspeed.stage.
+        problems.append(f"deepspeed.extra sets zero_optimization.stage={extra_stage} but deepspeed.stage is {cfg.stage}: "
+                        f"set the stage with deepspeed.stage only, and remove it from deepspeed.extra")
     if cfg.offload_params != "none" and cfg.stage != 3:
         problems.append(
             f"deepspeed.offload_params: {cfg.offload_params} needs stage 3 (only ZeRO-3 partitions parameters); "
@@ -259,10 +311,31 @@ def _block_problems(cfg: DeepSpeedConfig) -> list[str]:
     return problems
 
 
-def check_deepspeed(recipe: Recipe, device: str | None = None) -> list[str]:
-    """Every problem with the recipe's `deepspeed:` setting (empty when fine or absent).
+def _raw_config(recipe: Recipe) -> tuple[dict[str, Any], str]:
+    """The user's own DeepSpeed keys (the JSON file, or the block's `extra`) and how messages name them."""
+    if isinstance(recipe.deepspeed, str):
+        return read_json_config(recipe.deepspeed), f"deepspeed: {recipe.deepspeed}"
+    assert recipe.deepspeed is not None
+    return recipe.deepspeed.extra, EXTRA
 
-    device: the device the run will use (default: resolved from train.device); raw JSON precision is checked against it."""
+
+def world_size_problems(recipe: Recipe, world_size: int) -> list[str]:
+    """`train_batch_size` against the number of processes, once the launch knows it."""
+    if recipe.deepspeed is None:
+        return []
+    try:
+        raw, where = _raw_config(recipe)
+    except ConfigError:
+        return []  # check_deepspeed reports it
+    return _global_batch_problems(recipe, raw, where, world_size)
+
+
+def check_deepspeed(recipe: Recipe, device: str | None = None) -> list[str]:
+    """Every problem with the recipe's `deepspeed:` setting (empty when fine or absent). A JSON file and the block's
+    `extra` keys get the same checks.
+
+    device: the device the run will use (default: resolved from train.device); raw precision is checked against it.
+    The number of processes is not known here: `world_size_problems` checks train_batch_size against it at launch."""
     if recipe.deepspeed is None:
         return []
     if device is None:
@@ -278,15 +351,17 @@ def check_deepspeed(recipe: Recipe, device: str | None = None) -> list[str]:
     if recipe.task != "causal_lm":
         problems.append(f"deepspeed: only causal_lm recipes run under DeepSpeed so far (this one is {recipe.task}); "
                         "remove the `deepspeed:` block")
+    try:
+        raw, where = _raw_config(recipe)
+    except ConfigError as exc:
+        return [*problems, *exc.problems]
     if isinstance(recipe.deepspeed, str):
-        try:
-            raw = read_json_config(recipe.deepspeed)
-        except ConfigError as exc:
-            return [*problems, *exc.problems]
-        problems.extend(_json_problems(recipe, raw, f"deepspeed: {recipe.deepspeed}", device))
+        problems.extend(_zero_problems(raw, where))
     else:
-        raw = recipe.deepspeed.extra
         problems.extend(_block_problems(recipe.deepspeed))
+        # The block's own settings are checked above; here what `extra` adds (its offload settings at the block's stage).
+        problems.extend(_zero_problems(deep_merge({"zero_optimization": {"stage": recipe.deepspeed.stage}}, raw), where))
+    problems.extend(_train_problems(recipe, raw, where, device))
     own = _own_optimizer(recipe)
     if recipe.train.optimizer != "auto" and "optimizer" in raw:
         problems.append(f"train.optimizer is {recipe.train.optimizer} but the DeepSpeed config defines an `optimizer` "
@@ -294,7 +369,12 @@ def check_deepspeed(recipe: Recipe, device: str | None = None) -> list[str]:
     elif own and "optimizer" in raw:
         problems.append(f"deepspeed: the config defines an `optimizer` but {own} needs peftkit's own optimizer "
                         "(its parameter groups): remove the DeepSpeed `optimizer` block")
-    offload = (raw.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if own and "scheduler" in raw:  # DeepSpeed's schedulers set one learning rate for every parameter group
+        problems.append(f"deepspeed: the config defines a `scheduler`, which gives every parameter group the same "
+                        f"learning rate, but {own} sets one per group: remove the DeepSpeed `scheduler` block "
+                        "(train.scheduler and train.warmup_ratio choose the schedule)")
+    zero = raw.get("zero_optimization")
+    offload = (zero.get("offload_optimizer") if isinstance(zero, dict) else None) or {}
     offloads_optimizer = (offload.get("device", "none") != "none" if isinstance(offload, dict) else False) or (
         not isinstance(recipe.deepspeed, str) and recipe.deepspeed.offload_optimizer != "none")
     if offloads_optimizer and ("8bit" in recipe.train.optimizer or "paged" in recipe.train.optimizer):
@@ -496,6 +576,22 @@ def async_io_available() -> bool:
     return builder is not None and bool(builder.is_compatible(verbose=False))
 
 
+class _AccumulationWarning(logging.Filter):
+    """accelerate's "GradientAccumulationPlugin has 1, DeepSpeed config has N" at every DeepSpeed start with
+    train.grad_accum > 1. The Trainer accumulates itself and gives accelerate 1 step; accelerate then takes DeepSpeed's
+    value, which it does not divide the loss by under DeepSpeed (nor does DeepSpeed: the Trainer passes
+    scale_wrt_gas=False). Nothing is wrong (the losses match a run without DeepSpeed), so the warning is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "GradientAccumulationPlugin has 1, DeepSpeed config has" not in str(record.msg)
+
+
+def _quiet_accumulation_warning() -> None:
+    logger = logging.getLogger("accelerate.accelerator")
+    if not any(isinstance(f, _AccumulationWarning) for f in logger.filters):
+        logger.addFilter(_AccumulationWarning())
+
+
 def setup(recipe: Recipe, device: str, dtype: torch.dtype) -> dict[str, Any] | None:
     """Prepare this process for DeepSpeed and return its config (`write_config` puts it in the run directory);
     None without DeepSpeed."""
@@ -506,6 +602,12 @@ def setup(recipe: Recipe, device: str, dtype: torch.dtype) -> dict[str, Any] | N
     if device == "cpu" and isinstance(cfg, DeepSpeedConfig) and "cpu" in (cfg.offload_optimizer, cfg.offload_params):
         log.warning("deepspeed: offloading to CPU memory saves nothing on a CPU-only run (it is the same memory)")
     prepare_process(device)
+    from peftkit.train.launch import dist_info
+
+    problems = world_size_problems(recipe, dist_info().world_size)  # before the model loads, not in every rank's traceback
+    if problems:
+        raise ConfigError(problems)
+    _quiet_accumulation_warning()
     if uses_nvme(config) and not async_io_available():
         raise PeftkitError(
             "deepspeed: nvme offload needs DeepSpeed's async_io op, which cannot be built here: install libaio "
@@ -527,17 +629,21 @@ def write_config(run_dir: Path, config: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def gathered_for_save(trainer: Any, *, adapter_only: bool = True) -> Iterator[None]:
+def gathered_for_save(trainer: Any, method: str) -> Iterator[None]:
     """Under ZeRO-3 every parameter is partitioned: each rank holds a slice, and saving the model as it is
     writes empty tensors (the upstream bugs trl#4416, peft#2892, peft#2450). All ranks gather what will be
-    saved (the trainable weights; everything for full/partial fine-tuning) while rank 0 writes it."""
+    saved while rank 0 writes it: the trainable weights of an adapter, every weight (frozen ones too) of a
+    method that saves the whole model (`full`, `partial`)."""
     engine = getattr(trainer, "deepspeed", None)
     if engine is None or not engine.zero_optimization_partition_weights():
         yield
         return
     import deepspeed
 
+    from peftkit.adapters.registry import get_method
+
     model = trainer.model
-    params = [p for p in model.parameters() if p.requires_grad] if adapter_only else list(model.parameters())
+    whole = not get_method(method).uses_peft
+    params = list(model.parameters()) if whole else [p for p in model.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.config.schema import Recipe
-from peftkit.errors import PeftkitError, RunDirError
+from peftkit.errors import ConfigError, PeftkitError, RunDirError
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,14 @@ class TrainRequest:
     force: bool
 
 
-def _deepspeed_override(value: str) -> str:
+def _deepspeed_override(value: str, recipe_file: Path, overrides: list[str]) -> str:
+    """`--deepspeed STAGE|FILE` as a recipe override. A stage keeps the rest of a `deepspeed:` block and replaces a
+    recipe's JSON path (a string has no `stage` to set)."""
     if value.strip() in {"0", "1", "2", "3"}:
+        from peftkit.config.load import apply_overrides, read_yaml
+
+        if isinstance(apply_overrides(read_yaml(recipe_file), list(overrides)).get("deepspeed"), str):
+            return f"deepspeed={{stage: {value.strip()}}}"
         return f"deepspeed.stage={value.strip()}"
     path = Path(value).expanduser()
     if not path.is_file():
@@ -167,7 +173,7 @@ def load_train_recipe(args: argparse.Namespace) -> tuple[Recipe, str]:
         recipe_file = target
     overrides.extend(getattr(args, "overrides", None) or [])
     if getattr(args, "deepspeed", None):
-        overrides.append(_deepspeed_override(args.deepspeed))
+        overrides.append(_deepspeed_override(args.deepspeed, recipe_file, overrides))
     resume = getattr(args, "resume", None)
     if resume not in (None, "auto", RESUME_LAST):
         run_dir = Path(resume).expanduser()
@@ -474,6 +480,12 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
     if problems:
         raise LaunchError("; ".join(problems))
     validate_recipe(recipe, check_model=True)
+    if not options.hostfile:  # the processes are known (with a hostfile, each worker checks: deepspeed.setup)
+        from peftkit.train.deepspeed import world_size_problems
+
+        batch_problems = world_size_problems(recipe, options.nproc * options.nnodes)
+        if batch_problems:
+            raise ConfigError(batch_problems)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     with run_lock(run_dir, enabled=options.node_rank == 0):  # held for the workers, which do not lock themselves
         return _launch(args, recipe, recipe_arg, options, console, run_dir)

@@ -258,6 +258,9 @@ def _train(
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_tokenizer(recipe.model, source)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    fingerprint = run_dirs.data_fingerprint(data.train, data.eval)
+    if resume and main_process:  # the checkpoint's data order and the eval loss before belong to the start's data
+        run_dirs.check_resume_data(run_dir, fingerprint)
     ds_config = deepspeed_setup.setup(recipe, device, dtype)  # None without DeepSpeed
     quantization = effective_quantization(recipe)
     log.info("Loading %s on %s (%s%s)", recipe.model.name, device, str(dtype).removeprefix("torch."),
@@ -329,7 +332,7 @@ def _train(
         eval_dataset=data.eval or None,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
         callbacks=[*extras.callbacks, *callbacks],
-        optimizers=(extras.optimizer, None),
+        method_optimizer=extras.optimizer,  # kept under DeepSpeed too (SFTTrainer.create_optimizer)
         supervised_logits_only=recipe.train.supervised_logits_only,
         share_prompt_prefix=recipe.train.share_prompt_prefix,
         bucket_within_batch=recipe.train.bucket_within_batch,
@@ -353,7 +356,7 @@ def _train(
         details_before = before.get("heldout_details") or []
     elif main_process:
         run_dirs.save_before(run_dir, {"eval_loss": eval_loss_before, "heldout_accuracy": accuracy_before,
-                                       "heldout_details": details_before})
+                                       "heldout_details": details_before, "data_fingerprint": fingerprint})
 
     resume_from = checkpoints.prepare_resume(
         run_dir, world_size=dist_info().world_size, deepspeed_stage=checkpoints.deepspeed_stage_of(args),
@@ -393,7 +396,7 @@ def _train(
     samples = _sample_answers(model, tokenizer, recipe, data)
     trainer.supervised_tokens_seen, trainer.input_tokens_seen = sum_over_processes(
         trainer.supervised_tokens_seen, trainer.input_tokens_seen)  # all ranks' tokens, for the summary
-    with deepspeed_setup.gathered_for_save(trainer):  # ZeRO-3: every rank gathers the partitioned weights
+    with deepspeed_setup.gathered_for_save(trainer, recipe.adapter.method):  # ZeRO-3: every rank gathers what is saved
         if main_process:
             save_adapter(model, tokenizer, run_dir, recipe.adapter.method)
     if not main_process:

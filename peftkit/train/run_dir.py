@@ -8,11 +8,12 @@ recipe it was started with: the checkpoint's optimizer, schedule and adapter sha
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,30 @@ def check_resume_recipe(run_dir: Path, recipe_dump: dict[str, Any]) -> None:
             f"--resume: the recipe differs from the one {run_dir} was started with ({'; '.join(changed)}); the "
             "checkpoint's optimizer, schedule and adapter come from that one. Resume with the same recipe and "
             "overrides, or start a new run (another output_dir, or --force)"
+        )
+
+
+def data_fingerprint(*row_sets: Sequence[dict[str, Any]]) -> str:
+    """A hash of the tokenized rows (inputs and labels): it changes with the data files, the recipe's data settings,
+    the tokenizer and the chat template."""
+    digest = hashlib.sha256()
+    for rows in row_sets:
+        digest.update(b"|")
+        for row in rows:
+            digest.update(json.dumps([row["input_ids"], row["labels"]]).encode())
+    return digest.hexdigest()
+
+
+def check_resume_data(run_dir: Path, fingerprint: str) -> None:
+    """Resuming on other data would continue the checkpoint's data order over other rows, and compare the eval loss
+    measured at the start with one on another eval set."""
+    started_with = load_before(run_dir).get("data_fingerprint")
+    if started_with is not None and started_with != fingerprint:
+        raise RunDirError(
+            f"--resume: the training or eval data differ from those {run_dir} was started with (a data file changed, "
+            "or the tokenizer or chat template did); the checkpoint continues that data's order and the eval loss "
+            "before training was measured on it. Restore the data to resume, or start a new run on the new data "
+            "(another output_dir, or --force)"
         )
 
 

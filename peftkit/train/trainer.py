@@ -62,9 +62,11 @@ def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
 class SFTTrainer(Trainer):
     def __init__(
         self, *args: Any, supervised_logits_only: bool = True, share_prompt_prefix: bool = True,
-        bucket_within_batch: bool = True, packing: bool = False, **kwargs: Any
+        bucket_within_batch: bool = True, packing: bool = False, method_optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.method_optimizer = method_optimizer
         # Padding-free batches replace the length buckets and the shared prefix (whose cache would hide the joined
         # rows from transformers' packed-sequence detection).
         self.packing = packing
@@ -96,6 +98,17 @@ class SFTTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self.supervised_tokens_seen = 0
         self.input_tokens_seen = 0
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The adapter method's own optimizer when it has one (partial's layer-wise learning rates, LoRA+'s faster B
+        matrices), else the Trainer's default.
+
+        Passing it as `optimizers=` is not enough: under DeepSpeed, transformers' `deepspeed_init` drops that optimizer
+        and calls this method for a new one. Handing it out here serves DeepSpeed and plain runs alike; the LR
+        scheduler then scales every group from its own learning rate."""
+        if self.optimizer is None and self.method_optimizer is not None:
+            self.optimizer = self.method_optimizer
+        return super().create_optimizer(model)
 
     def compute_loss(
         self,

@@ -166,6 +166,75 @@ def test_json_config_problems(tiny_recipe, tmp_path):
     assert not any("enables bf16" in p for p in ds.check_deepspeed(gpu_bf16, "cuda"))  # right on a bf16 GPU
 
 
+def test_extra_keys_get_the_checks_a_json_file_gets(tiny_recipe, tmp_path, hf_ds_config):
+    """`deepspeed.extra` is merged over the generated config: a value there that the Trainer would reject at launch
+    (after the model loaded, in every rank) is a recipe problem, as in a JSON file."""
+    train = {**tiny_recipe["train"], "batch_size": 2, "grad_accum": 2}
+    extra = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 4, "gradient_clipping": 0.5,
+             "bf16": {"enabled": True}, "train_batch_size": 6}
+    recipe = _recipe(tiny_recipe, train=train, deepspeed={"stage": 2, "extra": extra})
+    hf = hf_ds_config(ds.build_config(recipe, "cpu", torch.float32))
+    hf.trainer_config_process(_training_args(recipe, tmp_path))
+    assert len(hf.mismatches) == 5  # transformers rejects every one of them at launch
+    problems = ds.check_deepspeed(recipe, "cpu")
+    fix = "remove it from deepspeed.extra (peftkit writes the right value)"
+    assert problems == [
+        f"deepspeed.extra sets train_micro_batch_size_per_gpu=16 but train.batch_size is 2: {fix}",
+        f"deepspeed.extra sets gradient_accumulation_steps=4 but train.grad_accum is 2: {fix}",
+        f"deepspeed.extra sets gradient_clipping=0.5 but train.max_grad_norm is 1.0: {fix}",
+        "deepspeed.extra sets train_batch_size=6, which is not a multiple of train.batch_size 2 x train.grad_accum 2 "
+        f"(it must be that times the number of processes): {fix}",
+        f"deepspeed.extra enables bf16 but this run does not use bf16 on cpu (train.dtype: auto); {fix}",
+    ]
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=16"):
+        validate_recipe(recipe, check_model=False)
+    # "auto" and matching values are fine; so are DeepSpeed keys peftkit does not set.
+    fine = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": "auto", "train_batch_size": 8,
+            "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2, "sub_group_size": 1000}}
+    assert ds.check_deepspeed(_recipe(tiny_recipe, train=train, deepspeed={"stage": 2, "extra": fine}), "cpu") == []
+
+
+def test_a_stage_in_extra_must_be_the_blocks_stage(tiny_recipe):
+    """DeepSpeed would run the stage in `extra` while peftkit's stage-3 handling follows `deepspeed.stage`."""
+    other = _recipe(tiny_recipe, deepspeed={"stage": 2, "extra": {"zero_optimization": {"stage": 3}}})
+    assert ds.check_deepspeed(other, "cpu") == [
+        "deepspeed.extra sets zero_optimization.stage=3 but deepspeed.stage is 2: set the stage with deepspeed.stage "
+        "only, and remove it from deepspeed.extra"]
+    same = _recipe(tiny_recipe, deepspeed={"stage": 3, "extra": {"zero_optimization": {"stage": 3}}})
+    assert ds.check_deepspeed(same, "cpu") == []
+    offload = {"zero_optimization": {"offload_param": {"device": "cpu"}}}
+    assert ds.check_deepspeed(_recipe(tiny_recipe, deepspeed={"stage": 2, "extra": offload}), "cpu") == [
+        "deepspeed.extra: offload_param needs ZeRO stage 3 (only stage 3 partitions parameters)"]
+    assert ds.check_deepspeed(_recipe(tiny_recipe, deepspeed={"stage": 3, "extra": offload}), "cpu") == []
+
+
+def test_train_batch_size_is_checked_against_the_processes(tiny_recipe, tmp_path, monkeypatch):
+    """train_batch_size = processes x batch x accumulation: `validate` does not know the processes (a value that fits
+    none is refused); the launch and each process do, before the model loads."""
+    from peftkit.train.launch import LaunchOptions, launch
+
+    path = tmp_path / "tbs.json"
+    path.write_text(json.dumps({"train_batch_size": 16, "zero_optimization": {"stage": 2}}))
+    recipe = _recipe(tiny_recipe, deepspeed=str(path))  # batch 4, accumulation 1
+    assert ds.check_deepspeed(recipe, "cpu") == []  # 4 processes would fit
+    assert ds.world_size_problems(recipe, 4) == []
+    assert ds.world_size_problems(recipe, 2) == [
+        f"deepspeed: {path} sets train_batch_size=16 but this run trains 2 process(es) x train.batch_size 4 x "
+        "train.grad_accum 1 = 8 examples per step: set it to \"auto\""]
+    path.write_text(json.dumps({"train_batch_size": 6}))
+    assert "not a multiple of train.batch_size 4" in ds.check_deepspeed(recipe, "cpu")[0]
+    path.write_text(json.dumps({"train_batch_size": 16}))
+    args = argparse.Namespace(resume=None, force=False, overrides=[], deepspeed=None, verbose=False)
+    with pytest.raises(ConfigError, match="2 process"):
+        launch(args, recipe, "r.yaml", LaunchOptions(nproc=2), console=None)
+    assert not Path(recipe.output_dir).exists()  # refused before anything was prepared
+    # One process (`peftkit train` without a launcher): refused by setup, which runs before the model loads.
+    monkeypatch.setattr(ds, "prepare_process", lambda device: None)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match="1 process"):
+        ds.setup(recipe, "cpu", torch.float32)
+
+
 def test_json_config_is_completed_and_resolved_next_to_the_recipe(tiny_recipe, tmp_path):
     folder = tmp_path / "recipes"
     folder.mkdir()
@@ -219,6 +288,15 @@ def test_deepspeed_flag_and_run_dir_argument(tiny_recipe, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     recipe, _ = load_train_recipe(_args(path, deepspeed="ds.json"))
     assert recipe.deepspeed == str(tmp_path / "ds.json")
+    # A stage replaces a recipe's JSON path (it has no `stage` to set), and keeps the rest of a block.
+    (tmp_path / "json.yaml").write_text(yaml.safe_dump({**tiny_recipe, "deepspeed": "ds.json"}))
+    recipe, _ = load_train_recipe(_args(tmp_path / "json.yaml", deepspeed="2"))
+    assert recipe.deepspeed.stage == 2 and recipe.deepspeed.offload_optimizer == "none"
+    recipe, _ = load_train_recipe(_args(path, deepspeed="2", overrides=["deepspeed=ds.json"]))
+    assert recipe.deepspeed.stage == 2
+    (tmp_path / "block.yaml").write_text(yaml.safe_dump({**tiny_recipe, "deepspeed": {"stage": 2, "offload_optimizer": "cpu"}}))
+    recipe, _ = load_train_recipe(_args(tmp_path / "block.yaml", deepspeed="3"))
+    assert recipe.deepspeed.stage == 3 and recipe.deepspeed.offload_optimizer == "cpu"
     run_dir = tmp_path / "old-run"
     run_dir.mkdir()
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump({**tiny_recipe, "output_dir": "somewhere/else"}))
@@ -388,6 +466,10 @@ def test_deepspeed_optimizer_block_is_refused_where_peftkit_brings_its_own(tiny_
     extra = {"stage": 2, "extra": {"optimizer": {"type": "AdamW"}}}
     partial = {"method": "partial", "train_last_layers": 1}
     assert "adapter.method: partial" in ds.check_deepspeed(_recipe(tiny_recipe, adapter=partial, deepspeed=extra), "cpu")[0]
+    # DeepSpeed's schedulers give every group the same learning rate.
+    scheduler = {"stage": 2, "extra": {"scheduler": {"type": "WarmupLR"}}}
+    assert "defines a `scheduler`" in ds.check_deepspeed(_recipe(tiny_recipe, adapter=loraplus, deepspeed=scheduler), "cpu")[0]
+    assert ds.check_deepspeed(_recipe(tiny_recipe, deepspeed=scheduler), "cpu") == []
     # Without an optimizer block, or with plain LoRA, nothing to report.
     assert ds.check_deepspeed(_recipe(tiny_recipe, adapter=loraplus, deepspeed={"stage": 2}), "cpu") == []
     assert ds.check_deepspeed(_recipe(tiny_recipe, deepspeed=str(ds_json)), "cpu") == []

@@ -243,3 +243,18 @@ def test_resuming_drops_later_records_and_the_interrupted_sessions_end_record(tm
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert truncate_metrics(path, 7) == 2
     assert [json.loads(line) for line in path.read_text().splitlines()] == records[:2]
+
+
+def test_resume_refuses_data_that_changed_since_the_run_started(tiny_model_dir, tmp_path):
+    """The checkpoint continues the start's data order, and the eval loss before training was measured on its eval
+    split: resuming on an edited data file would mix two runs without a word."""
+    from tests.conftest import CHAT_RECORDS, write_jsonl
+
+    path = tiny_recipe_file(tmp_path, tiny_model_dir, train={"max_steps": 4})
+    run_dir = train(load_recipe(path)).run_dir
+    (run_dir / "summary.json").unlink()  # as if killed after its last checkpoint
+    train(load_recipe(path), resume=True)  # the same data: resumes
+    (run_dir / "summary.json").unlink()
+    write_jsonl(tmp_path / "train.jsonl", CHAT_RECORDS * 2)
+    with pytest.raises(RunDirError, match="the training or eval data differ from those .* was started with"):
+        train(load_recipe(path), resume=True)
