@@ -62,8 +62,8 @@ def _targets(cfg: LoraAdapterConfig, model: torch.nn.Module | None) -> str | lis
 def has_fused_experts(model: torch.nn.Module) -> bool:
     """Whether the model keeps weights as 3-D parameters of its own modules (an MoE's experts stacked in one
     tensor) rather than in linear layers."""
-    return any(param.dim() == 3 for module in model.modules() for param in module.parameters(recurse=False)
-               if not isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)))
+    return any(param.dim() == 3 for module in model.modules() if "expert" in type(module).__name__.lower()
+               for param in module.parameters(recurse=False))
 
 
 def _in_layers(name: str, layers: tuple[int, int] | None) -> bool:
@@ -158,8 +158,8 @@ def _wrapped_module_problems(model: torch.nn.Module, cfg: LoraAdapterConfig) -> 
             narrow = sorted({n.rsplit(".", 1)[-1] for n, size in sizes.items() if size < cfg.r})
             instead = (f"target the others by name: {kinds_ok}" if kinds_ok else "target larger layers")
             return [f"adapter.r = {cfg.r} is larger than the smallest targeted layer ({smallest}: {sizes[smallest]} "
-                    f"wide; also too narrow: {', '.join(narrow)}); a rank above a layer's smaller dimension adds no "
-                    f"capacity, only memory: {instead}, or lower r to {sizes[smallest]}"]
+                    f"wide; layers narrower than r: {', '.join(narrow)}); a rank above a layer's smaller dimension adds "
+                    f"no capacity, only memory: {instead}, or lower r to {sizes[smallest]}"]
     return []
 
 

@@ -116,11 +116,14 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> list[str]:
 
 def _check_context(recipe: Recipe, skeleton: Any) -> list[str]:
     """`data.max_seq_len` against the model's positions: past a learned position table the forward pass fails (a
-    problem); past a RoPE model's trained context it runs, untrained there (a warning)."""
+    problem where the recipe set it; the schema's default is lowered to fit); past a RoPE model's trained context
+    it runs, untrained there (a warning)."""
     from peftkit.models.skeleton import learned_position_limit, trained_context
 
     length = recipe.data.max_seq_len
     learned = learned_position_limit(skeleton)
+    if learned is not None and length > learned and "max_seq_len" not in recipe.data.model_fields_set:
+        return []  # the schema's default, not the recipe's: validate_recipe lowers it (fitted_max_seq_len)
     if learned is not None and length > learned:
         return [f"data.max_seq_len: {length} tokens do not fit {recipe.model.name!r}, which has learned positions for "
                 f"{learned} tokens only (longer inputs fail inside the model); set data.max_seq_len to {learned} or less"]
@@ -146,8 +149,29 @@ def _check_keep_modules(skeleton: Any, keep: list[str]) -> list[str]:
     ]
 
 
-def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> None:
-    """Raise one ConfigError listing every problem found; return quietly when the recipe is runnable."""
+def fitted_max_seq_len(recipe: Recipe) -> Recipe:
+    """The recipe with the schema's default data.max_seq_len lowered to a learned position table's size (a 512-token
+    BERT); a value the recipe set is checked, not changed (_check_context)."""
+    from peftkit.models.resolve import resolve_model_ref
+    from peftkit.models.skeleton import learned_position_limit, model_skeleton
+
+    if "max_seq_len" in recipe.data.model_fields_set:
+        return recipe
+    try:
+        source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
+        learned = learned_position_limit(model_skeleton(source, recipe.model, task=recipe.task))
+    except (PeftkitError, OSError, ValueError):
+        return recipe  # reported by the model checks
+    if learned is None or recipe.data.max_seq_len <= learned:
+        return recipe
+    log.info("data.max_seq_len: the default %d lowered to %d, the positions %s has", recipe.data.max_seq_len, learned,
+             recipe.model.name)
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_seq_len": learned})})
+
+
+def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> Recipe:
+    """Raise one ConfigError listing every problem found; return the recipe as it will run (fitted_max_seq_len)
+    when it is runnable."""
     from peftkit.adapters import check_recipe_adapter
 
     problems, tool_use = _check_data(recipe)
@@ -164,6 +188,7 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> None:
         raise ConfigError(problems)
     _warn_about_ignored_settings(recipe)
     _warn_about_this_machine(recipe)
+    return fitted_max_seq_len(recipe) if check_model else recipe
 
 
 def _warn_about_ignored_settings(recipe: Recipe) -> None:

@@ -168,9 +168,10 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int) -> tup
     for group in groups:  # whole groups, as long as they fit
         if group[0] not in eval_ids and len(eval_ids) + len(group) <= n_eval:
             eval_ids.update(group)
-    if not eval_ids:  # every record has more copies than the eval set holds: the smallest group
+    if not eval_ids:  # every record has more copies than the eval set holds: the smallest group, if near the size
         smallest = min(groups, key=len)
-        eval_ids = set(smallest) if len(smallest) < len(examples) else set(order[:n_eval])
+        fits = len(smallest) <= 2 * n_eval and len(smallest) < len(examples)
+        eval_ids = set(smallest) if fits else set(order[:n_eval])  # else copies on both sides (warned about)
     return [e for i, e in enumerate(examples) if i not in eval_ids], [e for i, e in enumerate(examples) if i in eval_ids]
 
 

@@ -153,6 +153,8 @@ def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[str, Any]]
     try:
         for row in reader:
             # DictReader keeps extra fields under the key None and fills missing ones with None: a silently cut reply
+            if not any((value or "").strip() for value in row.get(None) or []):
+                row.pop(None, None)  # a trailing delimiter (`q,a,`): empty extra fields lose nothing
             if None in row or None in row.values():
                 raise _csv_row_length_error(path, start, reader.fieldnames or [], row, delimiter)
             records.append((f"{path}:{start}", row))

@@ -367,9 +367,9 @@ def check_merge(merged: MergedModel) -> dict[str, Any]:
     if not report["passed"]:
         raise ExportError(
             f"the merged model does not reproduce {merged.reference.label}: {'; '.join(report['failures'])}, so a GGUF "
-            "of it would not be the trained model. `peftkit merge` reports the same; an adapter on a layer that "
-            "shares its weight with another (a tied output head) cannot be merged: train it with "
-            "`modules_to_save` for that layer instead, or ship the adapter (`--format adapter`)")
+            "of it would not be the trained model. An adapter on a layer that shares its weight with another (a "
+            "tied output head) cannot be merged: train that layer with `modules_to_save` instead; or ship the "
+            "adapter itself (`--format adapter`)")
     return {key: report[key] for key in ("max_abs_diff", "tolerance", "greedy_agreement", "passed")}
 
 
@@ -379,7 +379,7 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
     out = prepare_output(out, force=force, protected=[r.run_dir for r in merged.runs])
     gguf_types(gguf_type)
     layout = check_architecture(merged.model.config)
-    merge_report = check_merge(merged) if check else None
+    merge_report = check_merge(merged) if check and merged.qlora is None else None  # QLoRA: merged.qlora measures it
     name = slug(run.recipe.name or run.run_dir.name)
     file_name = f"{name}-{gguf_type}.gguf"
     report = None

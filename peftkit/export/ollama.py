@@ -164,7 +164,9 @@ def ollama_modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None, 
         lines += [f"TEMPLATE {_quote(ollama_plain_template(tokenizer.eos_token))}", ""]
         stops = ["### User:"]
     elif (turns := turn_template(tokenizer)) is not None:
-        lines += ["# The chat template's turns in Ollama's template language: conversations render as in training.",
+        lines += ["# The chat template's turns in Ollama's template language: conversations render as in training"
+                  + (" (except that the chat template strips spaces and line breaks around each message, which Ollama's"
+                     "\n# template language cannot: send messages without them)." if turns.trims else "."),
                   f"TEMPLATE {_quote(ollama_go_template(turns))}", ""]
         stops, default_system = stop_texts(tokenizer, turns), turns.default_system
     else:

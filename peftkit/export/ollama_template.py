@@ -28,6 +28,7 @@ class TurnTemplate:
     assistant_to_user: str
     after_last_user: str  # the user turn's closing and the generation prompt
     default_system: str | None  # what the template puts in the system prompt's place when there is none
+    trims: bool = False  # the template strips spaces around message texts (`| trim`), which Go templates cannot
 
 
 def _conversation(system: str | None, *turns: str) -> list[dict[str, str]]:
@@ -71,8 +72,9 @@ def read_turn_template(tokenizer: Any, bos: str | None = None) -> TurnTemplate |
     default_system = None  # the template's own system prompt, where a conversation has none
     if len(bare_start) > len(head) - len(S) and bare_start.startswith(before_system) and bare_start.endswith(after_system):
         default_system = bare_start[len(before_system):len(bare_start) - len(after_system)]
+    padded = render_chat(tokenizer, _conversation(None, f"  {U1} \n"), True)
     found = TurnTemplate(before_system, after_system, bare_start, user_to_assistant, assistant_to_user,
-                         after_last_user, default_system)
+                         after_last_user, default_system, trims=f"  {U1} \n" not in padded)
     return found if _reproduces(tokenizer, found, bos) else None
 
 

@@ -46,13 +46,16 @@ def learned_position_limit(model: torch.nn.Module) -> int | None:
     input indexes past its position table and fails deep inside the forward pass. None for models whose positions are
     computed (RoPE, ALiBi), which run past their trained context, only worse."""
     config = getattr(model, "config", None)
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    limit = (getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+             or getattr(config, "max_seq_len", None))  # MPT
     if not isinstance(limit, int) or limit <= 0:
         return None
     tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for name, module in model.named_modules():
         if (isinstance(module, torch.nn.Embedding) and module is not tokens and limit <= module.num_embeddings <= limit + 2
                 and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))):
+            if module.padding_idx is not None:  # RoBERTa / XLM-R count positions from padding_idx + 1
+                return module.num_embeddings - module.padding_idx - 1
             return limit  # OPT's table has 2 extra rows for its position offset
     return None
 

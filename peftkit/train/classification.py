@@ -149,7 +149,7 @@ def _train_classifier(
     recipe: Recipe, run_dir: Path, *, resume: bool, force: bool, extra_callbacks: list[Any] | None
 ) -> RunResult:
     started = time.perf_counter()
-    validate_recipe(recipe, check_model=True)
+    recipe = validate_recipe(recipe, check_model=True)
     replace_earlier = check_run_dir(run_dir, resume=resume, force=force, recipe_dump=recipe.model_dump(mode="json"))
 
     threads = configure_threads(recipe.train.num_threads)

@@ -239,7 +239,7 @@ def _train(
     recipe: Recipe, run_dir: Path, *, resume: bool, force: bool, extra_callbacks: list[Any] | None
 ) -> RunResult:
     started = time.perf_counter()
-    validate_recipe(recipe, check_model=True)
+    recipe = validate_recipe(recipe, check_model=True)
     main_process = is_main_process()  # under a launcher, only global rank 0 writes the run directory
     replace_earlier = False
     if main_process:

@@ -674,6 +674,9 @@ def test_copies_of_a_record_stay_on_one_side_of_the_split(tmp_path):
     train, held_out = split_train_eval(load_examples(_pairs(tmp_path, "x.jsonl", ["a", "b", "c", "d"] * 10)), 0.2, seed=0)
     assert len(held_out) == 10 and len({_question(e) for e in held_out}) == 1, "every group too big: the smallest one"
     assert not {_question(e) for e in held_out} & {_question(e) for e in train}
+    two = load_examples(_pairs(tmp_path, "y.jsonl", ["a", "b"] * 50))
+    train, held_out = split_train_eval(two, 0.05, seed=0)  # a whole group would be half the data: the plain split
+    assert len(held_out) == 5 and len(train) == 95
 
 
 def test_duplicates_and_eval_rows_seen_in_training_are_warned_about(tmp_path, caplog):

@@ -167,6 +167,10 @@ def test_a_csv_row_with_more_or_fewer_fields_than_the_header_is_named(tmp_path):
         load_examples(path)
     path.write_text('question,answer\n"Do you ship abroad?","Yes, we ship to 12 countries."\n')
     assert load_examples(path)[0].messages[1]["content"] == "Yes, we ship to 12 countries."
+    path.write_text("question,answer,\nOpening hours?,7-18,\n")  # trailing commas: empty extra fields lose nothing
+    assert load_examples(path)[0].messages[1]["content"] == "7-18"
+    path.write_text("question,answer\nOpening hours?,7-18,\n")
+    assert load_examples(path)[0].messages[1]["content"] == "7-18"
     path.write_text("question,answer\nOpening hours?,7-18\nDo you ship abroad?\n")
     with pytest.raises(DataError, match=r"t\.csv:3: the row has 1 field but the header has 2 \(question, answer\): "
                                         "fill in the missing fields"):

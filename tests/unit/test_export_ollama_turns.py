@@ -135,3 +135,11 @@ def test_a_tokenizer_that_adds_bos_gets_a_template_without_the_first_one(tmp_pat
     assert turns.start == "[INST] " and turns.assistant_to_user == f" {eos}{bos}[INST] "
     modelfile = ollama_modelfile("m.gguf", tokenizer, "Be brief.")
     assert 'TEMPLATE """{{ if .System }}[INST] <<SYS>>\n{{ .System }}' in modelfile
+
+
+def test_a_template_that_trims_messages_says_so_in_the_modelfile():
+    """Go templates cannot strip spaces: the Modelfile says what differs instead of claiming an exact rendering."""
+    trimming, keeping = _tokenizer(FAMILIES["llama3"]), _tokenizer(FAMILIES["phi3"])
+    assert turn_template(trimming).trims and not turn_template(keeping).trims
+    assert "strips spaces and line breaks around each message" in ollama_modelfile("m.gguf", trimming, None)
+    assert "strips spaces" not in ollama_modelfile("m.gguf", keeping, None)

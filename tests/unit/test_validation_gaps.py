@@ -104,7 +104,7 @@ def test_rank_above_smallest_targeted_layer_names_the_layer(tiny_recipe):
     """The tiny Llama's k_proj is 32 -> 16 (2 kv heads of 8): r 16 is the most that means anything."""
     [problem] = _problems(_with(tiny_recipe, "adapter", r=17))
     assert problem.startswith("adapter.r = 17 is larger than the smallest targeted layer "
-                              "(model.layers.0.self_attn.k_proj: 16 wide; also too narrow: k_proj, v_proj)")
+                              "(model.layers.0.self_attn.k_proj: 16 wide; layers narrower than r: k_proj, v_proj)")
     assert "target the others by name: ['down_proj', 'gate_proj', 'o_proj', 'q_proj', 'up_proj'], or lower r to 16" in problem
     validate_recipe(recipe_from_dict(_with(tiny_recipe, "adapter", r=16)))
     validate_recipe(recipe_from_dict(_with(tiny_recipe, "adapter", r=32, target_modules=["gate_proj", "up_proj"])))
@@ -272,3 +272,25 @@ def test_a_models_own_template_without_an_end_token_is_refused_like_a_template_f
     with pytest.raises(PeftkitError, match=r"the model's own chat template: .*with no end token at all.*chat_template"):
         load_tokenizer(ModelConfig(name=str(model_dir)))
     load_tokenizer(ModelConfig(name=str(model_dir), chat_template="plain"))  # the way out works
+
+
+def test_the_default_max_seq_len_is_lowered_to_learned_positions_and_roberta_counts_from_its_padding(tiny_recipe, tmp_path):
+    """A recipe that leaves data.max_seq_len out (schema default 1024) on a 512-position BERT must still run; an
+    explicit value past the table is the user's to fix. RoBERTa's positions start after its padding index."""
+    from transformers import RobertaConfig, RobertaForCausalLM
+
+    from peftkit.models.skeleton import learned_position_limit
+    from tests.conftest import build_tiny_tokenizer
+
+    roberta = RobertaForCausalLM(RobertaConfig(vocab_size=400, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=32, max_position_embeddings=66, pad_token_id=1,
+                                               is_decoder=True))
+    assert learned_position_limit(roberta) == 64  # 66 rows, positions from padding_idx + 1 = 2
+    roberta.save_pretrained(tmp_path / "roberta")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "roberta")
+    recipe = _with(tiny_recipe, "model", name=str(tmp_path / "roberta"))
+    recipe["adapter"] = {**recipe["adapter"], "target_modules": ["query", "value"]}
+    recipe["data"] = {k: v for k, v in recipe["data"].items() if k != "max_seq_len"}
+    assert validate_recipe(recipe_from_dict(recipe)).data.max_seq_len == 64
+    problems = _problems(_with(recipe, "data", max_seq_len=65))
+    assert any("set data.max_seq_len to 64 or less" in p for p in problems), problems
