@@ -69,7 +69,8 @@ def _check_tool_use_template(recipe: Recipe, source: Any, example: Any) -> list[
     return []
 
 
-def _check_model(recipe: Recipe, tool_use: Any = None) -> list[str]:
+def _check_model(recipe: Recipe, tool_use: Any = None) -> tuple[list[str], Any]:
+    """Problems with the model and what the recipe asks of it, and the model's skeleton (None where unreadable)."""
     from peftkit.adapters import check_targets, effective_quantization
     from peftkit.models.load import attention_problem, chat_template_setting_problem, planned_device
     from peftkit.models.registry import BUILTINS
@@ -79,7 +80,7 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> list[str]:
     try:
         source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     except PeftkitError as exc:
-        return [f"model.name: {exc}"]
+        return [f"model.name: {exc}"], None
     from peftkit.models.resolve import tokenizer_files_problem
 
     problems = [f"model.name: {problem}"] if (problem := tokenizer_files_problem(source)) else []
@@ -97,9 +98,9 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> list[str]:
     try:
         skeleton = model_skeleton(source, recipe.model, task=recipe.task)
     except PeftkitError as exc:
-        return [*problems, f"model.name: {exc}"]
+        return [*problems, f"model.name: {exc}"], None
     except (OSError, ValueError) as exc:
-        return [*problems, f"model.name: cannot read the model configuration of {recipe.model.name!r}: {exc}"]
+        return [*problems, f"model.name: cannot read the model configuration of {recipe.model.name!r}: {exc}"], None
     problems.extend(check_targets(skeleton, recipe.adapter, recipe.task))
     problems.extend(_check_context(recipe, skeleton))
     if recipe.model.attn_implementation != "auto":
@@ -111,7 +112,7 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> list[str]:
     quantization = effective_quantization(recipe)
     if quantization is not None and quantization.keep_modules:
         problems.extend(_check_keep_modules(skeleton, quantization.keep_modules))
-    return problems
+    return problems, skeleton
 
 
 def _check_context(recipe: Recipe, skeleton: Any) -> list[str]:
@@ -149,19 +150,14 @@ def _check_keep_modules(skeleton: Any, keep: list[str]) -> list[str]:
     ]
 
 
-def fitted_max_seq_len(recipe: Recipe) -> Recipe:
+def fitted_max_seq_len(recipe: Recipe, skeleton: Any) -> Recipe:
     """The recipe with the schema's default data.max_seq_len lowered to a learned position table's size (a 512-token
     BERT); a value the recipe set is checked, not changed (_check_context)."""
-    from peftkit.models.resolve import resolve_model_ref
-    from peftkit.models.skeleton import learned_position_limit, model_skeleton
+    from peftkit.models.skeleton import learned_position_limit
 
-    if "max_seq_len" in recipe.data.model_fields_set:
+    if skeleton is None or "max_seq_len" in recipe.data.model_fields_set:
         return recipe
-    try:
-        source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
-        learned = learned_position_limit(model_skeleton(source, recipe.model, task=recipe.task))
-    except (PeftkitError, OSError, ValueError):
-        return recipe  # reported by the model checks
+    learned = learned_position_limit(skeleton)
     if learned is None or recipe.data.max_seq_len <= learned:
         return recipe
     log.info("data.max_seq_len: the default %d lowered to %d, the positions %s has", recipe.data.max_seq_len, learned,
@@ -182,13 +178,15 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> Recipe:
     from peftkit.train.deepspeed import optimizer_problems  # a bitsandbytes optimizer without bitsandbytes
 
     problems.extend(optimizer_problems(recipe.train.optimizer))
+    skeleton = None
     if check_model:
-        problems.extend(_check_model(recipe, tool_use))
+        model_problems, skeleton = _check_model(recipe, tool_use)
+        problems.extend(model_problems)
     if problems:
         raise ConfigError(problems)
     _warn_about_ignored_settings(recipe)
     _warn_about_this_machine(recipe)
-    return fitted_max_seq_len(recipe) if check_model else recipe
+    return fitted_max_seq_len(recipe, skeleton)
 
 
 def _warn_about_ignored_settings(recipe: Recipe) -> None:
