@@ -359,11 +359,11 @@ def llama_cpp_tokenizer_check(path: Path, reference: verify.Reference) -> dict[s
     return {"llama_cpp_tokenizer_match": False, "llama_cpp_tokenizer_note": note}
 
 
-def check_merge(merged: MergedModel) -> dict[str, Any]:
-    """The merged model against what was trained (the adapter, unmerged), before a GGUF of it is written: the GGUF
-    itself is then compared with the merged model, which isolates the file's own rounding."""
-    report = verify.judge(verify.compare(merged.reference, verify.sequence_logits(merged.model, merged.reference.sequences())),
-                          "float32")
+def check_merge(merged: MergedModel, merged_reference: verify.Reference) -> dict[str, Any]:
+    """The merged model (`merged_reference`: its logits) against what was trained (the adapter, unmerged), before a
+    GGUF of it is written: the GGUF itself is then compared with the merged model, which isolates the file's own
+    rounding."""
+    report = verify.judge(verify.compare(merged.reference, merged_reference.logits), "float32")
     if not report["passed"]:
         raise ExportError(
             f"the merged model does not reproduce {merged.reference.label}: {'; '.join(report['failures'])}, so a GGUF "
@@ -379,7 +379,8 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
     out = prepare_output(out, force=force, protected=[r.run_dir for r in merged.runs])
     gguf_types(gguf_type)
     layout = check_architecture(merged.model.config)
-    merge_report = check_merge(merged) if check and merged.qlora is None else None  # QLoRA: merged.qlora measures it
+    reference = verify.with_logits(merged.reference, merged.model, "the merged model (float32)") if check else None
+    merge_report = check_merge(merged, reference) if reference is not None and merged.qlora is None else None  # QLoRA: merged.qlora
     name = slug(run.recipe.name or run.run_dir.name)
     file_name = f"{name}-{gguf_type}.gguf"
     report = None
@@ -391,8 +392,7 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
             description=f"{run.info.method} fine-tune of {run.model_cfg.name}, merged by peftkit",
         )
         atomic_write_text(tmp / "Modelfile", ollama_modelfile(file_name, merged.tokenizer, run.recipe.data.system_prompt))
-        if check:
-            reference = verify.with_logits(merged.reference, merged.model, "the merged model (float32)")
+        if reference is not None:
             report = verify.judge(verify.run_child("gguf", tmp, reference, gguf_file=file_name), f"gguf-{gguf_type}")
             report["tensor_types"] = counts
             report["merge"] = merge_report
