@@ -380,7 +380,8 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
     gguf_types(gguf_type)
     layout = check_architecture(merged.model.config)
     reference = verify.with_logits(merged.reference, merged.model, "the merged model (float32)") if check else None
-    merge_report = check_merge(merged, reference) if reference is not None and merged.qlora is None else None  # QLoRA: merged.qlora
+    # QLoRA merges are measured in merged.qlora, against the adapter on its quantized base
+    merge_report = check_merge(merged, reference) if reference is not None and merged.qlora is None else None
     name = slug(run.recipe.name or run.run_dir.name)
     file_name = f"{name}-{gguf_type}.gguf"
     report = None
