@@ -177,8 +177,9 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, source_pre: str 
             raise ExportError("the tokenizer has no BPE merges; GGUF needs them")
         special.add_to_gguf(writer, quiet=True)
     if "bos" not in special.add_special_token:
-        probe = tokenizer("a")["input_ids"]
-        writer.add_add_bos_token(bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
+        from peftkit.models.load import adds_bos
+
+        writer.add_add_bos_token(adds_bos(tokenizer))
     writer.add_add_space_prefix(kind == "llama" and adds_space_prefix(tokenizer_json))
     if special.chat_template is None and getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)

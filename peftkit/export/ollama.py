@@ -134,15 +134,11 @@ NO_OLLAMA_TEMPLATE = (
 )
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer (and so the GGUF: gguf_vocab.add_tokenizer) starts each text with BOS itself."""
-    probe = tokenizer("a")["input_ids"]
-    return bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
-
-
 def turn_template(tokenizer: Any) -> TurnTemplate | None:
     """The turn texts of a chat template that is neither ChatML nor plain, without the BOS Ollama adds."""
-    return read_turn_template(tokenizer, bos=tokenizer.bos_token if _adds_bos(tokenizer) else None)
+    from peftkit.models.load import adds_bos
+
+    return read_turn_template(tokenizer, bos=tokenizer.bos_token if adds_bos(tokenizer) else None)
 
 
 def has_ollama_template(tokenizer: Any) -> bool:

@@ -268,9 +268,13 @@ def _plain_template(tokenizer: Any) -> str:
     if not tokenizer.eos_token:
         raise PeftkitError("the tokenizer has no end-of-sequence token, so the plain chat template cannot end a "
                            "reply; set model.chat_template to a template file that fits this model")
+    return PLAIN_TEMPLATE_WITH_BOS if adds_bos(tokenizer) else PLAIN_TEMPLATE
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts every text with BOS itself (so the GGUF says so, and llama.cpp and Ollama add it)."""
     bos = tokenizer.bos_token_id
-    starts_with_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-    return PLAIN_TEMPLATE_WITH_BOS if starts_with_bos else PLAIN_TEMPLATE
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 _warned: set[str] = set()
