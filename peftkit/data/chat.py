@@ -180,6 +180,17 @@ def _check_tool_use_rendered(text: str, messages: Sequence[Message], tools: Tool
         )
 
 
+def check_tools_shown(tokenizer: Any, tools: Tools, system_prompt: str | None) -> None:
+    """Chat's side of _check_tool_use_rendered: a template without tool support drops `tools` from the prompt, so
+    the model would be asked without them, and it never learnt a way to call them."""
+    text = generation_prompt(tokenizer, with_system_prompt([{"role": "user", "content": "?"}], system_prompt), tools)
+    missing = [name for name in map(_tool_name, tools or ()) if name not in text]
+    if missing:
+        raise DataError(f"--tools: the run's chat template leaves the tool schemas out of the prompt ({missing[0]!r} "
+                        "is not in it), so the model would never see them and was not trained to call them. Train "
+                        "with `model.chat_template: chatml` (or a template file that renders `tools`) to chat with tools")
+
+
 def _shown(content: str, text: str) -> bool:
     """Whether `content` is in `text` as it is or JSON-escaped (templates that wrap tool results in JSON)."""
     content = content.strip()

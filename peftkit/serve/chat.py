@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 import torch
 
-from peftkit.data.chat import Tools, generation_prompt, with_system_prompt
+from peftkit.data.chat import Tools, check_tools_shown, generation_prompt, with_system_prompt
 from peftkit.data.formats import Message
 from peftkit.errors import PeftkitError
 from peftkit.evaluate.generation import room_to_answer, stop_token_ids
@@ -68,18 +68,6 @@ def stream_reply(
         out.write("(no reply: the model wrote only blank space)" if raw else "(no reply: the model ended its turn at once)")
     out.write("\n")
     return reply
-
-
-def check_tools_shown(tokenizer: Any, tools: Tools, system_prompt: str | None) -> None:
-    """A chat template without tool support drops `tools` from the prompt: the model would be asked without them,
-    and it never learnt a way to call them."""
-    text = generation_prompt(tokenizer, with_system_prompt([{"role": "user", "content": "?"}], system_prompt), tools)
-    names = [str((t.get("function") or t).get("name", "")) for t in tools or ()]
-    missing = [name for name in names if name and name not in text]
-    if missing:
-        raise PeftkitError(f"--tools: the run's chat template leaves the tool schemas out of the prompt ({missing[0]!r} "
-                           "is not in it), so the model would never see them and was not trained to call them. Train "
-                           "with `model.chat_template: chatml` (or a template file that renders `tools`) to chat with tools")
 
 
 def chat(
