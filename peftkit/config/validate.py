@@ -69,6 +69,26 @@ def _check_tool_use_template(recipe: Recipe, source: Any, example: Any) -> list[
     return []
 
 
+def bitsandbytes_problems(recipe: Recipe) -> list[str]:
+    """Settings that need bitsandbytes when it is not installed: a quantized base, an 8-bit or paged optimizer.
+    transformers imports bitsandbytes only when it builds the model or the optimizer, after the model loaded (and,
+    for the optimizer, after the before-evaluation ran), and then fails with a bare ImportError."""
+    from transformers.utils import is_bitsandbytes_available
+
+    from peftkit.adapters import effective_quantization
+
+    if is_bitsandbytes_available():
+        return []
+    problems = []
+    if effective_quantization(recipe) is not None:
+        problems.append("quantization needs bitsandbytes: `pip install bitsandbytes` (or remove `quantization:`)")
+    optimizer = recipe.train.optimizer
+    if "8bit" in optimizer or optimizer.startswith("paged_"):
+        problems.append(f"train.optimizer {optimizer} needs bitsandbytes: `pip install bitsandbytes` "
+                        "(or train.optimizer: auto)")
+    return problems
+
+
 def _check_model(recipe: Recipe, tool_use: Any = None) -> tuple[list[str], Any]:
     """Problems with the model and what the recipe asks of it, and the model's skeleton (None where unreadable)."""
     from peftkit.adapters import check_targets, effective_quantization
@@ -87,11 +107,6 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> tuple[list[str], Any]:
     template_problem = chat_template_setting_problem(recipe.model.chat_template)
     if template_problem:
         problems.append(template_problem)
-    if effective_quantization(recipe) is not None:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            problems.append("quantization needs bitsandbytes: `pip install bitsandbytes` (or remove `quantization:`)")
     builtin = BUILTINS.get(recipe.model.name) if source.kind == "builtin" else None
     if builtin is not None and builtin.task != "causal_lm" and recipe.task != builtin.task:
         problems.append(f"model.name: {builtin.name} is a {builtin.task} model; set `task: {builtin.task}` in the recipe")
@@ -175,9 +190,7 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> Recipe:
     from peftkit.train.deepspeed import check_deepspeed  # `deepspeed:` combinations and JSON file
 
     problems.extend(check_deepspeed(recipe))
-    from peftkit.train.deepspeed import optimizer_problems  # a bitsandbytes optimizer without bitsandbytes
-
-    problems.extend(optimizer_problems(recipe.train.optimizer))
+    problems.extend(bitsandbytes_problems(recipe))
     skeleton = None
     if check_model:
         model_problems, skeleton = _check_model(recipe, tool_use)

@@ -196,17 +196,6 @@ def quant_storage_dtype(recipe: Recipe, dtype: torch.dtype) -> torch.dtype | Non
 # Validation (before any weights load)
 
 
-def optimizer_problems(optimizer: str) -> list[str]:
-    """`train.optimizer` choices that need bitsandbytes (with or without DeepSpeed; here with the other optimizer checks,
-    in a module `validate` imports cheaply). transformers imports bitsandbytes only when it builds the optimizer, after
-    the model loaded and the before-evaluation ran, and then fails with a bare ImportError."""
-    from transformers.utils import is_bitsandbytes_available
-
-    if ("8bit" in optimizer or optimizer.startswith("paged_")) and not is_bitsandbytes_available():
-        return [f"train.optimizer {optimizer} needs bitsandbytes: `pip install bitsandbytes` (or train.optimizer: auto)"]
-    return []
-
-
 def _own_optimizer(recipe: Recipe) -> str | None:
     """The setting that makes peftkit hand the Trainer its own optimizer (adapters' `trainer_extras`), if any."""
     if recipe.adapter.method == "partial":

@@ -151,20 +151,6 @@ def test_method_optimizer_is_the_trainers_optimizer(tiny_recipe, tmp_path):
     assert SFTTrainer(model=model, args=args).create_optimizer() is not extras.optimizer  # the Trainer's default
 
 
-def test_bitsandbytes_optimizer_without_bitsandbytes_is_a_recipe_problem(monkeypatch):
-    import transformers.utils
-
-    from peftkit.train.deepspeed import optimizer_problems
-
-    monkeypatch.setattr(transformers.utils, "is_bitsandbytes_available", lambda: False)
-    for name in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit"):
-        assert optimizer_problems(name) == [f"train.optimizer {name} needs bitsandbytes: `pip install bitsandbytes` "
-                                            "(or train.optimizer: auto)"]
-    assert optimizer_problems("adamw_torch") == [] and optimizer_problems("auto") == []
-    monkeypatch.setattr(transformers.utils, "is_bitsandbytes_available", lambda: True)
-    assert optimizer_problems("adamw_8bit") == []
-
-
 def test_accelerates_accumulation_warning_is_dropped(caplog):
     """With train.grad_accum > 1 accelerate warns at every DeepSpeed start that its plugin has 1 step; harmless."""
     from peftkit.train import deepspeed as ds
