@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -30,7 +31,7 @@ def positive_int(text: str) -> int:
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, soft_wrap=True)  # piped output: no hard line breaks inside shown data
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -135,7 +136,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     chat(
         run.model,
         run.tokenizer,
-        system_prompt=args.system or run.recipe.data.system_prompt,
+        system_prompt=run.recipe.data.system_prompt if args.system is None else (args.system or None),
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
         tools=tools,
@@ -147,11 +148,22 @@ def _read_tools(path: str) -> tuple[dict[str, Any], ...] | None:
     """`--tools FILE`: a JSON list of function schemas, or records with `tools` (the training data: the first
     record's are used)."""
     from peftkit.data.formats import read_records, tools_of
+    from peftkit.errors import DataError
 
+    if Path(path).is_dir():
+        raise DataError(f"--tools {path} is a folder; pass one JSON file of function schemas (or a training data file)")
+    if not Path(path).is_file():
+        raise DataError(f"--tools {path} does not exist (relative to the current directory {Path.cwd()})")
     records = [record for _, record in read_records(path)]
     if records and isinstance(records[0], dict) and "tools" in records[0]:
-        return tools_of(records[0]["tools"], f"--tools {path}")
-    return tools_of(records, f"--tools {path}")
+        tools = tools_of(records[0]["tools"], f"--tools {path}")
+    else:
+        tools = tools_of(records, f"--tools {path}")
+    if tools is None:  # an empty file or list would chat as if the flag were not given
+        raise DataError(f"--tools {path} holds no function schemas; write a JSON list of them "
+                        "([{\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}]) or "
+                        "leave out --tools")
+    return tools
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -226,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with a trained run (REPL, or --prompt for one answer)")
     p.add_argument("run_dir")
     p.add_argument("--prompt", help="answer this one message and exit")
-    p.add_argument("--system", help="system prompt (default: the recipe's data.system_prompt)")
+    p.add_argument("--system", help="system prompt (default: the recipe's data.system_prompt; --system '' for none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--tools", metavar="FILE", help="function schemas shown to the model (a JSON list, or a JSONL "
                    "whose first line has `tools`); in the REPL, /tool RESULT answers the model's last call")
@@ -299,6 +311,27 @@ def _set_flags_last(argv: list[str]) -> list[str]:
     return kept + moved
 
 
+def _disk_full(exc: BaseException | None) -> bool:
+    """A full disk, also as torch's checkpoint writer (`unexpected pos N vs M`) and safetensors word it."""
+    while exc is not None:
+        if getattr(exc, "errno", None) == errno.ENOSPC or any(
+                text in str(exc) for text in ("No space left on device", "[Errno 28]", "os error 28")):
+            return True
+        if isinstance(exc, RuntimeError) and "unexpected pos" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _disk_full_message(exc: BaseException, args: argparse.Namespace) -> str:
+    what = getattr(exc, "filename", None) or "a checkpoint or output file"
+    if args.func is cmd_train:
+        then = f"resume with `peftkit train {args.recipe} --resume`"
+    else:
+        then = "run the command again"
+    return f"no space left on device while writing {what}; free space and {then} (-v shows the traceback)"
+
+
 def _run_command(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(_set_flags_last(sys.argv[1:] if argv is None else list(argv)))
@@ -318,10 +351,13 @@ def _run_command(argv: list[str] | None) -> int:
     except PeftkitError as exc:
         print(f"error: {_naming_the_recipe(exc, getattr(args, 'recipe', None))}", file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:
-        if args.verbose:
+    except Exception as exc:  # noqa: BLE001 - only OSErrors and a full disk (torch's, safetensors' words) are handled
+        if args.verbose or not (isinstance(exc, OSError) or _disk_full(exc)):
             raise
-        # Disk full, permission denied, ...: say which file, without a traceback (-v shows it).
+        if _disk_full(exc):
+            print(f"error: {_disk_full_message(exc, args)}", file=sys.stderr)
+            return 2
+        # Permission denied, ...: say which file, without a traceback (-v shows it).
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}; check the path and free space, or rerun with -v", file=sys.stderr)
         return 2

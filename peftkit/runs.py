@@ -149,11 +149,31 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
         if quantized_base:
             _require_bitsandbytes_for(run_dir, recipe)
         base = load_base_model(run_dir, recipe, device, quantized=quantized_base, source=source)  # resolved once
-        model = PeftModel.from_pretrained(base, str(adapter))
+        try:
+            model = PeftModel.from_pretrained(base, str(adapter))
+        except RuntimeError as exc:
+            if "size mismatch" not in str(exc):
+                raise
+            _raise_if_other_base(run_dir, recipe, adapter, source)
+            raise
     finish_loaded_model(model, run_dir, recipe, tokenizer)
     prepare_for_generation(model)
     model.eval()
     return LoadedRun(run_dir, recipe, model, tokenizer)
+
+
+def _raise_if_other_base(run_dir: Path, recipe: Recipe, adapter: Path, source: Any) -> None:
+    """The adapter's shapes against the base's, as merge checks them: a base model of another size is one message
+    naming the shapes, not torch's page of `size mismatch` lines."""
+    from peftkit.errors import ExportError
+    from peftkit.export.compat import check_adapter_matches_base, read_adapter
+    from peftkit.models.skeleton import model_skeleton
+
+    try:
+        check_adapter_matches_base(read_adapter(adapter), model_skeleton(source, recipe.model), recipe.model.name)
+    except ExportError as exc:
+        raise RunDirError(str(exc).replace("(the run's recipe.yaml `model.name`, or --base)",
+                                           f"(`model.name` in {run_dir / 'recipe.yaml'})")) from None
 
 
 def load_base_model(run_dir: Path, recipe: Recipe, device: str, *, quantized: bool = True, source: Any = None) -> Any:

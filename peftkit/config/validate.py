@@ -70,23 +70,25 @@ def _check_tool_use_template(recipe: Recipe, source: Any, example: Any) -> list[
 
 
 def bitsandbytes_problems(recipe: Recipe) -> list[str]:
-    """Settings that need bitsandbytes when it is not installed: a quantized base, an 8-bit or paged optimizer.
+    """Settings that need bitsandbytes when it cannot be imported: a quantized base, an 8-bit or paged optimizer.
     transformers imports bitsandbytes only when it builds the model or the optimizer, after the model loaded (and,
     for the optimizer, after the before-evaluation ran), and then fails with a bare ImportError."""
-    from transformers.utils import is_bitsandbytes_available
-
     from peftkit.adapters import effective_quantization
 
-    if is_bitsandbytes_available():
-        return []
-    problems = []
-    if effective_quantization(recipe) is not None:
-        problems.append("quantization needs bitsandbytes: `pip install bitsandbytes` (or remove `quantization:`)")
     optimizer = recipe.train.optimizer
+    needs = []
+    if effective_quantization(recipe) is not None:
+        needs.append("quantization needs bitsandbytes: `pip install bitsandbytes` (or remove `quantization:`)")
     if "8bit" in optimizer or optimizer.startswith("paged_"):
-        problems.append(f"train.optimizer {optimizer} needs bitsandbytes: `pip install bitsandbytes` "
-                        "(or train.optimizer: auto)")
-    return problems
+        needs.append(f"train.optimizer {optimizer} needs bitsandbytes: `pip install bitsandbytes` "
+                     "(or train.optimizer: auto)")
+    if not needs:
+        return []
+    try:
+        import bitsandbytes  # noqa: F401 - an installed but broken package fails here too
+    except ImportError:
+        return needs
+    return []
 
 
 def _check_model(recipe: Recipe, tool_use: Any = None) -> tuple[list[str], Any]:

@@ -16,8 +16,9 @@ import torch
 from peftkit.config.schema import DataConfig
 from peftkit.data.chat import (IGNORE_INDEX, special_tokens_pattern, tokenize_conversation_rows, tokenize_text,
                                with_system_prompt)
-from peftkit.data.columns import number_as_text
-from peftkit.data.formats import Example, Message, data_sources, load_examples, read_records, tool_calls_of, tools_of
+from peftkit.data.columns import ROLE_ALIASES, number_as_text
+from peftkit.data.formats import (Example, Message, chat_record_messages, data_sources, load_examples, message_text,
+                                  read_records, tool_calls_of, tools_of, with_record_system)
 from peftkit.data.replay import BUILTIN_PREFIX, ReplayAnswerer, load_replay, sample_replay
 from peftkit.errors import DataError
 
@@ -103,6 +104,31 @@ def matchable(text: str) -> str:
 _WARNED_GIVEN_AWAY: set[str] = set()
 
 
+def _heldout_messages(record: dict[str, Any], where: str, what: str) -> list[Message]:
+    """A held-out prompt read as training reads chat data (`human` / `gpt` roles, ShareGPT's `from` / `value` under
+    `messages`, a record-level `system`): a question must reach the model as the training conversations did."""
+    if isinstance(record.get("question"), str):
+        return with_record_system([{"role": "user", "content": record["question"]}], record)
+    if not isinstance(record.get("messages"), list) or not record["messages"]:
+        raise DataError(f"{where}: {what} record needs a `question` string or a non-empty `messages` list")
+    messages = []
+    for n, message in enumerate(chat_record_messages(record, where), start=1):
+        here = f"{where}: message {n}"
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or "role" not in message or ("content" not in message and not calls):
+            raise DataError(f"{here} must be an object with `role` and `content` (or ShareGPT's `from` and `value`), "
+                            f"got {json.dumps(message, ensure_ascii=False, default=str)[:80]}")
+        role = ROLE_ALIASES.get(str(message["role"]).lower())
+        if role is None or str(message["role"]).lower() == "function_call":
+            raise DataError(f"{here} has unknown role {message['role']!r}; use one of system, user, assistant, tool")
+        content = "" if message.get("content") is None and calls else message_text(message.get("content"), here)
+        entry: Message = {**message, "role": role, "content": content}
+        if calls:
+            entry["tool_calls"] = tool_calls_of(calls, here)
+        messages.append(entry)
+    return messages
+
+
 def load_heldout(path: str | Path, system_prompt: str | None, *, warn_given_away: bool = True,
                  what: str = "held-out") -> list[HeldoutItem]:
     """Questions and key facts. `warn_given_away`: warn (once per file) about questions that contain their own key
@@ -116,16 +142,7 @@ def load_heldout(path: str | Path, system_prompt: str | None, *, warn_given_away
         facts = [number_as_text(f) for f in (facts if isinstance(facts, list) else [facts])]  # `4` matched as written
         if not facts or not all(isinstance(f, str) and f.strip() for f in facts):
             raise DataError(f"{where}: `key_fact` must be a non-empty string or a list of strings")
-        if isinstance(record.get("question"), str):
-            messages: list[Message] = [{"role": "user", "content": record["question"]}]
-        elif isinstance(record.get("messages"), list):
-            messages = [dict(m) for m in record["messages"]]
-            for n, message in enumerate(messages, start=1):
-                if message.get("tool_calls"):
-                    message["tool_calls"] = tool_calls_of(message["tool_calls"], f"{where}: message {n}")
-                    message["content"] = message.get("content") or ""
-        else:
-            raise DataError(f"{where}: {what} record needs a `question` string or a `messages` list")
+        messages = _heldout_messages(record, where, what)
         item = HeldoutItem(tuple(with_system_prompt(messages, system_prompt)), tuple(f.strip() for f in facts),
                            tools_of(record.get("tools"), where))
         if item.tools is None and all(matchable(f) in matchable(item.question) for f in item.key_facts):
@@ -204,6 +221,21 @@ def warn_duplicates(read: list[Any], train: list[Any], held_out: list[Any]) -> N
             log.warning("%s", message)
 
 
+def warn_heldout_in_training(heldout: list[HeldoutItem], train: list[Example]) -> None:
+    """Warn (once per message) about held-out questions that a training conversation asks word for word: the
+    model was trained on their answers, so held-out accuracy measures memorisation, not what it learned."""
+    asked = {" ".join(str(m.get("content") or "").casefold().split())
+             for example in train for m in example.messages or () if m["role"] == "user"}
+    copied = [item.question for item in heldout if " ".join(item.question.casefold().split()) in asked]
+    if copied:
+        message = (f"held-out questions that the training data also asks: {len(copied)} of {len(heldout)} (first: "
+                   f"{copied[0][:80]!r}); held-out accuracy on them measures memorisation, not how the model does on "
+                   "new questions, so reword them or remove them from the training data")
+        if message not in _WARNED_DUPLICATES:
+            _WARNED_DUPLICATES.add(message)
+            log.warning("%s", message)
+
+
 def without_system_prompt(examples: list[Example]) -> list[Example]:
     """The conversations that get the recipe's system prompt, as they are (asked without it): the contrast
     half of `data.replay.contrast`. Conversations with a system turn of their own, and plain text, are left out."""
@@ -253,6 +285,7 @@ def build_datasets(
                             f"within data.max_seq_len={cfg.max_seq_len} tokens (the prompt fills it); raise "
                             "data.max_seq_len or shorten the conversations and system prompt")
     heldout = load_heldout(cfg.heldout, cfg.system_prompt) if cfg.heldout else []
+    warn_heldout_in_training(heldout, train_examples)
     stats = {
         **{f"train_{k}": v for k, v in train_stats.items()},
         "train_rows": len(train_rows),

@@ -21,7 +21,8 @@ from peftkit.data.classification import read_labels
 from peftkit.errors import ExportError
 from peftkit.export import verify
 from peftkit.export.card import adapter_card, classifier_loading
-from peftkit.export.common import ExportResult, list_files, prepare_output, save_failed_report, write_json
+from peftkit.export.common import (ExportResult, disk_full_as_error, list_files, prepare_output, save_failed_report,
+                                   write_json)
 from peftkit.export.compat import serving_compatibility
 from peftkit.export.merge import FULL_MODEL, RunAdapter, _attach, _load_base, _reference, load_run_tokenizer, resolve_run
 from peftkit.models.load import default_skips, save_tokenizer, unquantized_modules
@@ -120,7 +121,7 @@ def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force:
     if run.info.peft_type == FULL_MODEL:
         raise ExportError(f"{run.run_dir} trained the weights directly (no adapter); {run.info.path} is the model itself")
     report = None
-    with atomic_directory(target, replace=force) as tmp:
+    with disk_full_as_error(target), atomic_directory(target, replace=force) as tmp:
         assert tmp is not None
         copied = []
         for name in ADAPTER_FILES:

@@ -112,11 +112,15 @@ def _quantized_base_loading(bnb: dict[str, Any] | None, base_ref: str) -> list[s
     if not bnb:
         return [f'base = AutoModelForCausalLM.from_pretrained("{base_ref}")']
     settings = {k: v for k, v in bnb.items() if k != "blocksize"}
-    if "bnb_4bit_compute_dtype" in settings:
-        settings["bnb_4bit_compute_dtype"] = "bfloat16"  # float32 on CPU; bfloat16 is the usual GPU choice
+    trained_dtype = settings.get("bnb_4bit_compute_dtype")
+    if trained_dtype not in (None, "bfloat16"):  # float32 on a CPU: on a GPU bfloat16 is the usual, faster choice
+        settings["bnb_4bit_compute_dtype"] = "bfloat16"
     arguments = ", ".join(f"{k}={v!r}" for k, v in settings.items())
     lines = ["from transformers import BitsAndBytesConfig",
-             f"quantization = BitsAndBytesConfig({arguments})  # as in training (bitsandbytes, a GPU)"]
+             f"quantization = BitsAndBytesConfig({arguments})  # the same 4-bit weights as training (on a GPU)"]
+    if trained_dtype not in (None, "bfloat16"):
+        lines.append(f"# training computed in {trained_dtype}; bfloat16 is the usual choice on a GPU, "
+                     f"bnb_4bit_compute_dtype='{trained_dtype}' reproduces training's numbers exactly")
     if bnb.get("blocksize") not in (None, 64):
         lines.append(f"# trained with quantization blocks of {bnb['blocksize']} (peftkit's loader sets them; "
                      "BitsAndBytesConfig has no field for it)")

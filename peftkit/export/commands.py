@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from peftkit.errors import ExportError
+from peftkit.export.common import GGUF_TYPES
 
 
 def _print_result(result: Any) -> None:
@@ -111,7 +112,8 @@ def register(sub: Any) -> None:
     p.add_argument("run_dir", help="run directory (output_dir of `peftkit train`)")
     p.add_argument("--format", required=True, choices=["hf", "gguf", "adapter", "gguf-adapter"])
     _common(p)
-    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF tensor type (default f16)")
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
+                   help="GGUF tensor type (default f16; gguf-adapter: f32, f16 or q8_0)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="--format hf weights dtype (default auto: the base model's)")
     p.add_argument("--shard-size", default="2GB", help="--format hf: largest safetensors shard")

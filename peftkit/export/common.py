@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,24 @@ EXPORT_MARKER = ".peftkit-export"  # in every export folder: `--force` may repla
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
 
+
+GGUF_TYPES = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+"""`--gguf-type` choices, finer to coarser: the float and block-quantized types gguf-py can write. The K-quants
+(Q4_K_M, ...) come from llama.cpp's own `llama-quantize` run on an f16 export (docs/export.md)."""
+ADAPTER_GGUF_TYPES = ("f32", "f16", "q8_0")
+"""A GGUF LoRA's types: its A/B matrices are small, and llama.cpp adds their product to a quantized base anyway."""
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt",
+                    "merges.txt", "spiece.model")
+EXPORT_FILES = {
+    "hf": ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "config.json",
+           "generation_config.json", "README.md", "verification.json", *_TOKENIZER_FILES),
+    "adapter": ("adapter_config.json", "adapter_model.safetensors", "manifest.json", "labels.json", "README.md",
+                "verification.json", *_TOKENIZER_FILES),
+    "gguf": ("*.gguf", "Modelfile", "verification.json"),  # a model GGUF or a GGUF LoRA
+}
+"""The file names each kind of export writes: an export from before the marker holds nothing else."""
 
 @dataclass
 class ExportResult:
@@ -57,8 +80,10 @@ def prepare_output(out: Path, *, force: bool, protected: list[Path]) -> Path:
                 )
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is a file; --out must be a directory")
+    _check_writable(out)
     if out.exists() and not written_by_peftkit(out):
         names = sorted(p.name for p in out.iterdir())
+        names = [n for n in names if not any(_is_export_file(n, kind) for kind in EXPORT_FILES)] or names
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise ExportError(
             f"{out} holds files peftkit did not write ({shown}); peftkit never deletes a folder it did not write, "
@@ -70,11 +95,33 @@ def prepare_output(out: Path, *, force: bool, protected: list[Path]) -> Path:
     return out
 
 
+def _check_writable(out: Path) -> None:
+    """The export goes into a temporary sibling of `out`, renamed when complete: say now, before minutes of
+    loading, when that folder cannot be created there (not afterwards, naming the hidden temporary)."""
+    parent = out.parent
+    while not parent.exists():  # folders the export will create
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"cannot write the export to {out}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write the export to {out}: {parent} is not writable (permission denied); "
+                          "choose another --out, in a folder you can write")
+
+
+def _is_export_file(name: str, kind: str) -> bool:
+    return any(fnmatch(name, pattern) for pattern in EXPORT_FILES[kind])
+
+
 def written_by_peftkit(folder: Path) -> bool:
-    """An empty folder or a peftkit export: exports before the marker are recognised by files they always hold."""
-    if not any(folder.iterdir()):
+    """An empty folder or a peftkit export. Exports before the marker are recognised by a file only peftkit
+    writes, and only while every entry is a file that kind of export writes: a folder that merely holds a
+    `verification.json` next to the user's own files is not one (--force would delete them)."""
+    entries = list(folder.iterdir())
+    if not entries or (folder / EXPORT_MARKER).is_file():
         return True
-    if (folder / EXPORT_MARKER).is_file() or (folder / "verification.json").is_file():  # any verified export
+    if not any(all(p.is_file() and _is_export_file(p.name, kind) for p in entries) for kind in EXPORT_FILES):
+        return False
+    if (folder / "verification.json").is_file():  # any verified export
         return True
     if (folder / "adapter_config.json").is_file() and (folder / "manifest.json").is_file():  # adapter export
         return True
@@ -99,6 +146,27 @@ def list_files(folder: Path) -> list[str]:
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile (gguf-py) on a full disk
+
+
+@contextlib.contextmanager
+def disk_full_as_error(folder: Path, fix: str = "free some space there, or choose another --out") -> Iterator[None]:
+    """A full disk while writing `folder`: one clear error instead of a traceback (safetensors and torch raise
+    RuntimeError-like errors, numpy a short-write OSError, none of them naming the folder)."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as exc:
+        cause: BaseException | None = exc
+        while cause is not None:
+            if ((isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT))
+                    or "No space left on device" in str(cause) or _SHORT_WRITE.search(str(cause))):
+                raise ExportError(f"no space left on device while writing {folder}: {fix}") from exc
+            cause = cause.__cause__ or cause.__context__
+        raise
 
 
 def save_failed_report(target: Path, report: dict[str, Any]) -> Path:

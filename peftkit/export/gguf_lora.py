@@ -17,7 +17,7 @@ import torch
 
 from peftkit.errors import ExportError
 from peftkit.export import llama_cpp_check, verify
-from peftkit.export.common import ExportResult, gguf_package, list_files, prepare_output, write_json
+from peftkit.export.common import ADAPTER_GGUF_TYPES, ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, write_json
 from peftkit.export.gguf_writer import (
     add_model_parameters,
     check_architecture,
@@ -74,7 +74,7 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
                           f". Use `peftkit export {run.run_dir} --format gguf` (merged) instead")
     config = run.base_config
     layout = check_architecture(config, with_rope=False)
-    qtype, ftype = gguf_types(gguf_type)
+    qtype, ftype = gguf_types(gguf_type, ADAPTER_GGUF_TYPES)
     alpha = gguf_lora_alpha(run)
     tensors = load_file(str(info.path / "adapter_model.safetensors"))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -177,13 +177,13 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
 
     run_dir = Path(run_dir).expanduser().resolve()
     target = prepare_output(Path(out) if out else run_dir / "gguf-adapter", force=force, protected=[run_dir])
-    gguf_types(gguf_type)
+    gguf_types(gguf_type, ADAPTER_GGUF_TYPES)
     run = resolve_run(run_dir, base)
     name = slug(run.recipe.name or run.run_dir.name)
     file_name = f"{name}-lora-{gguf_type}.gguf"
     tokenizer, source, system = load_run_tokenizer(run), source_gguf_of(run), run.recipe.data.system_prompt
     report = None
-    with atomic_directory(target, replace=force) as tmp:
+    with disk_full_as_error(target), atomic_directory(target, replace=force) as tmp:
         assert tmp is not None
         facts = write_lora_gguf(run, tmp / file_name, gguf_type=gguf_type, name=name)
         if check:

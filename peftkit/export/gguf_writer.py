@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ import torch
 
 from peftkit.errors import ExportError
 from peftkit.export import llama_cpp_check, verify
-from peftkit.export.common import ExportResult, gguf_package, list_files, prepare_output, save_failed_report, write_json
+from peftkit.export.common import GGUF_TYPES, ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, save_failed_report, write_json
 from peftkit.export.gguf_vocab import add_tokenizer, check_tokenizer
 from peftkit.export.ollama import has_ollama_template, ollama_modelfile
 from peftkit.models.gguf_config import (  # noqa: F401 - re-exported: the export's view of the same facts
@@ -56,23 +58,35 @@ from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
-
-
-def gguf_types(gguf_type: str) -> tuple[Any, Any]:
+def gguf_types(gguf_type: str, allowed: tuple[str, ...] = GGUF_TYPES) -> tuple[Any, Any]:
+    """The tensor type and the file type (`general.file_type`) of a `--gguf-type` choice."""
     gguf = gguf_package()
-    table = {
-        "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
-        "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-        "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-    }
-    if gguf_type not in table:
-        raise ExportError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
-    return table[gguf_type]
+    if gguf_type not in allowed:
+        raise ExportError(f"--gguf-type must be one of {', '.join(allowed)}, got {gguf_type!r}")
+    if gguf_type == "f32":
+        return gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32
+    if gguf_type == "f16":
+        return gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16
+    return gguf.GGMLQuantizationType[gguf_type.upper()], gguf.LlamaFileType[f"MOSTLY_{gguf_type.upper()}"]
+
+
+def tensor_type(gguf_name: str, data: np.ndarray, qtype: Any, has_output: bool) -> Any:
+    """The type one tensor is written in. Vectors and norms stay float32 (as llama.cpp's converter writes them). In a
+    4- or 5-bit file the output head (or, tied, the embedding table that serves as one) is written as Q8_0: llama.cpp's
+    `llama-quantize` keeps it finer too (Q6_K there), since its rounding error lands directly on every logit."""
+    gguf = gguf_package()
+    if data.ndim <= 1 or gguf_name.endswith("_norm.weight"):
+        return gguf.GGMLQuantizationType.F32
+    coarse = qtype.name.startswith(("Q4", "Q5"))
+    head = gguf_name == "output.weight" or (not has_output and gguf_name == "token_embd.weight")
+    return gguf.GGMLQuantizationType.Q8_0 if coarse and head else qtype
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+    """A file and Ollama model name: accents dropped from letters (`ünï` -> `uni`), anything else not in
+    [A-Za-z0-9._-] turned into `-`."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", ascii_text).strip("-") or "model"
 
 
 def check_architecture(config: Any, *, with_rope: bool = True) -> GgufArchitecture:
@@ -316,8 +330,7 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
         if layout.norm_shift and hf_name.endswith("norm.weight"):
             data = data + layout.norm_shift
         data = data.numpy()
-        target = gguf.GGMLQuantizationType.F32 if data.ndim <= 1 or new_name.endswith("_norm.weight") else qtype
-        array, written = quantize_array(data, target)
+        array, written = quantize_array(data, tensor_type(new_name, data, qtype, has_output=not tied))
         writer.add_tensor(new_name, array, raw_dtype=written)
         counts[written.name] = counts.get(written.name, 0) + 1
     factors = rope_freq_factors(config)
@@ -329,6 +342,32 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
     writer.write_tensors_to_file()
     writer.close()
     return counts
+
+
+def round_like_file(model: Any, gguf_type: str) -> None:
+    """Round `model`'s weights in place as a `gguf_type` file stores them (each quantized tensor through gguf-py's
+    quantize / dequantize round trip, the same per-tensor types as `write_model_gguf`).
+
+    A quantized file cannot match the float model closely (4-bit SmolLM2-135M: logits off by a third of the largest);
+    against the rounded model it must match at float32's bound, so a file written wrongly is still caught. Blocks lie
+    along rows, so rounding before the Q/K row permutation is the same as after it."""
+    gguf = gguf_package()
+    qtype, _ = gguf_types(gguf_type)
+    layout = check_architecture(model.config)
+    name_map = gguf.get_tensor_name_map(model_arch(layout), model.config.num_hidden_layers)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    with torch.no_grad():
+        for hf_name, tensor in model.state_dict().items():
+            if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+                continue
+            data = tensor.detach().to(torch.float32).cpu().numpy()
+            target = tensor_type(name_map.get_name(hf_name, try_suffixes=(".weight", ".bias")) or hf_name, data, qtype,
+                                 has_output=not tied)
+            if target == gguf.GGMLQuantizationType.F32:
+                continue
+            array, written = quantize_array(data, target)
+            rounded = gguf.quants.dequantize(array, written).reshape(data.shape)
+            tensor.copy_(torch.from_numpy(np.ascontiguousarray(rounded)).to(tensor.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +398,25 @@ def llama_cpp_tokenizer_check(path: Path, reference: verify.Reference) -> dict[s
     return {"llama_cpp_tokenizer_match": False, "llama_cpp_tokenizer_note": note}
 
 
+LOW_ROUNDING_AGREEMENT = 0.9
+"""Below this greedy-token agreement between a quantized file and the float model, the export warns."""
+
+
+def rounding_report(reference: verify.Reference, rounded: verify.Reference, gguf_type: str) -> dict[str, Any]:
+    """What the file's rounding costs, measured (not judged): the rounded model against the float merged model."""
+    measured = verify.compare(reference, rounded.logits)
+    report = {key: measured[key] for key in ("max_abs_diff", "max_abs_reference_logit", "greedy_agreement",
+                                             "greedy_exact")}
+    note = (f"{gguf_type} rounding: greedy-token agreement with the float model {measured['greedy_agreement']:.1%}, "
+            f"identical answers to {measured['greedy_exact']:.0%} of {measured['prompts']} prompts, max |logit diff| "
+            f"{measured['max_abs_diff']:.3g} of {measured['max_abs_reference_logit']:.3g}")
+    if measured["greedy_agreement"] < LOW_ROUNDING_AGREEMENT:
+        note += (". That is a large change for this model (small models lose most to 4- and 5-bit rounding): compare "
+                 "its answers with `--gguf-type q8_0` or f16 before shipping it")
+        log.warning("%s", note)
+    return {**report, "note": note}
+
+
 def check_merge(merged: MergedModel, merged_reference: verify.Reference) -> dict[str, Any]:
     """The merged model (`merged_reference`: its logits) against what was trained (the adapter, unmerged), before a
     GGUF of it is written: the GGUF itself is then compared with the merged model, which isolates the file's own
@@ -385,7 +443,7 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
     name = slug(run.recipe.name or run.run_dir.name)
     file_name = f"{name}-{gguf_type}.gguf"
     report = None
-    with atomic_directory(out, replace=force) as tmp:
+    with disk_full_as_error(out), atomic_directory(out, replace=force) as tmp:
         assert tmp is not None
         counts = write_model_gguf(
             merged.model, merged.tokenizer, tmp / file_name, gguf_type=gguf_type, name=name,
@@ -394,12 +452,21 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
         )
         atomic_write_text(tmp / "Modelfile", ollama_modelfile(file_name, merged.tokenizer, run.recipe.data.system_prompt))
         if reference is not None:
-            report = verify.judge(verify.run_child("gguf", tmp, reference, gguf_file=file_name), f"gguf-{gguf_type}")
+            file_reference, precision = reference, f"gguf-{gguf_type}"
+            if gguf_type not in ("f32", "f16"):  # the merged model is not used again: round it as the file stores it
+                round_like_file(merged.model, gguf_type)
+                file_reference = verify.with_logits(reference, merged.model, f"the merged model with its weights "
+                                                    f"rounded to {gguf_type} as the file stores them")
+                precision = "gguf-f32"
+            report = verify.judge(verify.run_child("gguf", tmp, file_reference, gguf_file=file_name), precision)
+            if file_reference is not reference:
+                report["rounding"] = rounding_report(reference, file_reference, gguf_type)
             report["tensor_types"] = counts
             report["merge"] = merge_report
             report.update(llama_cpp_tokenizer_check(tmp / file_name, reference))
             try:
-                report["llama_cpp"] = (llama_cpp_check.check(tmp / file_name, reference, precision=f"llama.cpp-{gguf_type}")
+                cpp_precision = f"llama.cpp-{gguf_type}" if file_reference is reference else "llama.cpp-quantized"
+                report["llama_cpp"] = (llama_cpp_check.check(tmp / file_name, file_reference, precision=cpp_precision)
                                        if report["passed"] else llama_cpp_check.not_run("the transformers check failed"))
             except ExportError as error:  # llama.cpp could not load it: keep what the transformers check measured
                 save_failed_report(out, {**report, "passed": False, "failures": [str(error)]})
@@ -417,9 +484,11 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
                                  "beyond it too (export with --format hf for an exact copy)")
                 verify.enforce({**report, "failures": [*report["failures"], *hints]}, "GGUF file")
             write_json(tmp / "verification.json", report)
-    notes = [f"tensor types: {counts}", f"Ollama: cd {out} && ollama create {name} -f Modelfile"]
+    notes = [f"tensor types: {counts}", f"Ollama: cd {shlex.quote(str(out))} && ollama create {name} -f Modelfile"]
     if report is not None:
         notes.append(llama_cpp_check.summary(report["llama_cpp"]))
+    if report is not None and "rounding" in report:
+        notes.append(report["rounding"]["note"])
     if not has_ollama_template(merged.tokenizer):
         notes.append("Ollama: the Modelfile has no TEMPLATE (this chat template's turns are not fixed texts peftkit can "
                      "rewrite); Ollama does not run the GGUF's Jinja template, so check `ollama show NAME --template`")

@@ -18,7 +18,8 @@ import torch
 from peftkit.errors import ExportError
 from peftkit.export import verify
 from peftkit.export.card import merged_card
-from peftkit.export.common import DTYPE_NAMES, ExportResult, list_files, prepare_output, save_failed_report, write_json
+from peftkit.export.common import (DTYPE_NAMES, ExportResult, disk_full_as_error, list_files, prepare_output,
+                                   save_failed_report, write_json)
 from peftkit.export.merge import FULL_MODEL, MergedModel, QLoraBase, combine_runs, shipped_model
 from peftkit.models.load import save_tokenizer
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
@@ -76,7 +77,7 @@ def write_merged(merged: MergedModel, out: Path, *, dtype: str = "auto", shard_s
     out = prepare_output(out, force=force, protected=protected)
     dtype = export_dtype(dtype, merged.primary.base_config)
     report = None
-    with atomic_directory(out, replace=force) as tmp:
+    with disk_full_as_error(out), atomic_directory(out, replace=force) as tmp:
         assert tmp is not None
         save_model_dir(merged.model, merged.tokenizer, tmp, dtype=dtype, shard_size=shard_size)
         if check:

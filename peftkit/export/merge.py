@@ -95,8 +95,9 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
     try:
         source = resolve_model_ref(model_cfg.name, revision=model_cfg.revision, allow_pickle=model_cfg.allow_pickle)
     except ModelNotFoundError as exc:
-        if base is None:
-            raise
+        if base is None:  # the base was moved or deleted since training: --base exists for exactly this
+            raise ModelNotFoundError(f"{exc}. The run was trained on it: put the base model back, or pass "
+                                     "`--base PATH` with where it is now") from None
         raise ModelNotFoundError(f"--base {base}: {exc}".replace("set `model.name: DIR`", "pass `--base DIR`")) from None
     skeleton = model_skeleton(source, model_cfg)
     check_adapter_matches_base(info, skeleton, model_cfg.name)

@@ -9,13 +9,18 @@ broken file. The child writes a JSON report; the parent applies the dtype-depend
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,12 +52,16 @@ RELATIVE_TOLERANCE = {
     "llama.cpp-f16": 2e-2,
     "llama.cpp-bf16": 1e-1,  # a LoRA on a BF16 base GGUF: llama.cpp rounds the activations to bf16 there
     "llama.cpp-q8_0": 0.3,
+    # a quantized merged-model file against the merged model rounded as the file stores it (gguf_writer.round_like_file):
+    # llama.cpp also quantizes the activations for those dot products
+    "llama.cpp-quantized": 0.3,
     # a GGUF LoRA on the quantized GGUF the base came from: llama.cpp also quantizes the activations there
     # (Q4_1: measured 5.7e-2 and 94 % agreement on the quickstart model; the base alone, 53 %)
     "llama.cpp-quantized-base": 0.3,
 }
 # teacher-forced greedy-token agreement below this fails (float32 only: half precision may flip near-ties)
-MIN_AGREEMENT = {"float32": 0.95, "gguf-f32": 0.95, "llama.cpp-f32": 0.95, "llama.cpp-quantized-base": 0.85}
+MIN_AGREEMENT = {"float32": 0.95, "gguf-f32": 0.95, "llama.cpp-f32": 0.95, "llama.cpp-quantized-base": 0.85,
+                 "llama.cpp-quantized": 0.85}
 
 
 @dataclass
@@ -221,13 +230,56 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+_VERIFY_FOLDER = re.compile(r"peftkit-verify-(?:(\d+)-)?[a-z0-9_]{8}")
+
+
+def remove_stale_verify_folders() -> None:
+    """Remove the reference folders of verifications whose process is gone (`kill -9` runs no cleanup; each holds
+    the reference logits), as atomic.py removes dead writers' `.tmp-*` folders; older ones, named without the
+    process id, once untouched for a day."""
+    from peftkit.utils.atomic import _OLD_STYLE_AGE_S, _age, _alive
+
+    with contextlib.suppress(OSError), os.scandir(tempfile.gettempdir()) as entries:
+        for entry in list(entries):
+            match = _VERIFY_FOLDER.fullmatch(entry.name)
+            if match is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            pid = match.group(1)
+            stale = not _alive(int(pid)) if pid else _age(entry) > _OLD_STYLE_AGE_S
+            if stale:
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _dies_with_parent() -> Callable[[], None] | None:
+    """On Linux, have the kernel kill the child when this process dies (even by `kill -9`): a verification child
+    left running holds a full copy of the model in memory. Elsewhere, nothing (None)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_death_signal() -> None:  # runs in the child, between fork and exec
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the signal was set
+            os._exit(1)
+
+    return set_death_signal
+
+
 def run_child(kind: str, model_path: Path, reference: Reference, *, gguf_file: str | None = None,
               base: str | None = None, quantization: dict[str, Any] | None = None, allow_pickle: bool = False,
               trust_remote_code: bool = False, lora: Path | None = None, timeout: float = 1800) -> dict[str, Any]:
     """Reload the export in a fresh Python process and return its raw comparison report."""
-    with tempfile.TemporaryDirectory(prefix="peftkit-verify-") as tmp:
+    from peftkit.export.common import disk_full_as_error
+
+    remove_stale_verify_folders()
+    with tempfile.TemporaryDirectory(prefix=f"peftkit-verify-{os.getpid()}-") as tmp:
         folder = Path(tmp)
-        save_reference(reference, folder / "reference")
+        with disk_full_as_error(folder, "free some space there, or set TMPDIR to a folder on a disk with room"):
+            save_reference(reference, folder / "reference")
         report_path = folder / "report.json"
         cmd = [sys.executable, "-m", "peftkit.export.verify", "--kind", kind, "--model", str(model_path),
                "--reference", str(folder / "reference"), "--report", str(report_path)]
@@ -245,7 +297,8 @@ def run_child(kind: str, model_path: Path, reference: Reference, *, gguf_file: s
             cmd += ["--lora", str(lora)]
         started = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout,
+                                  preexec_fn=_dies_with_parent())
         except subprocess.TimeoutExpired:
             raise ExportError(f"verification of {model_path} did not finish within {timeout:.0f} s; "
                               "pass --no-verify to skip it") from None

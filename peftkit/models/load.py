@@ -103,12 +103,28 @@ def weights_dtype(dtype: torch.dtype, *, trains_model_weights: bool) -> torch.dt
     return torch.float32 if dtype == torch.float16 and trains_model_weights else dtype
 
 
+def _unreadable_files(path: Path | None) -> list[Path]:
+    """A model directory's files (or the directory itself) that this user may not read."""
+    if path is None or not path.exists():
+        return []
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return [p for p in files if not os.access(p, os.R_OK)]
+
+
 @contextmanager
 def loading_errors(source: ModelSource, what: str) -> Iterator[None]:
     """transformers' loading failures as one peftkit message: hub unreachable, files missing, remote code needed."""
     try:
         yield
     except OSError as exc:
+        unreadable = _unreadable_files(source.path)
+        if unreadable:  # safetensors reports a file it may not read as "No such file or directory"
+            raise ModelNotFoundError(f"could not load {what} {source.ref}: permission denied: {unreadable[0]}"
+                                     + (f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else "")
+                                     + "; make it readable for this user (`chmod a+r FILE`) or copy the model "
+                                     "somewhere you own") from None
         if source.kind == "hub":
             raise ModelNotFoundError(hub_hint(source.ref, source.revision)) from None
         raise ModelNotFoundError(f"could not load {what} {source.ref}: {exc}") from None

@@ -55,10 +55,15 @@ def stream_reply(
     worker = threading.Thread(target=generate, daemon=True)
     worker.start()
     pieces = []
+    started = False  # leading blank space is held back: a reply of nothing else gets a note instead
     for piece in streamer:
         pieces.append(piece)
-        out.write(piece)
-        out.flush()
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        if piece:
+            out.write(piece)
+            out.flush()
     worker.join()
     if failure:
         raise failure[0]
@@ -77,12 +82,14 @@ def chat(
     system_prompt: str | None,
     prompt: str | None = None,
     max_new_tokens: int = 256,
-    stdin: TextIO = sys.stdin,
-    out: TextIO = sys.stdout,
+    stdin: TextIO | None = None,
+    out: TextIO | None = None,
     tools: Tools = None,
 ) -> list[Message]:
     """One answer for `prompt`, or a REPL until EOF / `/exit`. `/reset` clears the history; with `tools`,
-    `/tool RESULT` adds a tool result after the model's call and asks for its next reply."""
+    `/tool RESULT` adds a tool result after the model's call and asks for its next reply. `stdin` / `out` default to
+    the streams at call time (not at import: a captured stream may be closed by then)."""
+    stdin, out = stdin or sys.stdin, out or sys.stdout
     if tools:
         check_tools_shown(tokenizer, tools, system_prompt)
     history: list[Message] = with_system_prompt([], system_prompt)

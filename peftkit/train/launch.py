@@ -119,7 +119,7 @@ class LaunchOptions:
             found.append(f"--nproc must be at least 1, got {self.nproc}")
         if self.nnodes < 1:
             found.append(f"--nnodes must be at least 1, got {self.nnodes}")
-        if not 0 <= self.node_rank < self.nnodes:
+        elif not 0 <= self.node_rank < self.nnodes:
             found.append(f"--node-rank must be in 0..{self.nnodes - 1}, got {self.node_rank}")
         if self.nnodes > 1 and not self.master_addr and not self.hostfile:
             found.append("--nnodes > 1 needs --master-addr (the address of the node with --node-rank 0)")
@@ -268,7 +268,17 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
     recipe, recipe_arg = load_train_recipe(args)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     if getattr(args, "resume", None) == "auto" and not worker and (run_dir / "summary.json").is_file():
-        # A job that always passes --resume auto, started again after the run finished: nothing left to do.
+        # A job that always passes --resume auto, started again after the run finished: nothing left to do,
+        # unless its recipe was edited since (that recipe was never trained).
+        from peftkit.train.run_dir import recipe_changes
+
+        changed = recipe_changes(run_dir, recipe.model_dump(mode="json"))
+        if changed:
+            raise RunDirError(
+                f"--resume auto: {run_dir} holds a finished run made from another recipe ({'; '.join(changed)}), so "
+                "this recipe has not been trained. Train it into another output_dir, or replace that run with "
+                "--force instead of --resume"
+            )
         console.print(f"{run_dir} holds a finished run (summary.json): nothing to resume (--resume auto)")
         return 0
     options = LaunchOptions.from_args(args)

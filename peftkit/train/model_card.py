@@ -6,17 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from peftkit.adapters import effective_quantization
 from peftkit.config.schema import Recipe
 from peftkit.data.formats import data_sources
+from peftkit.train.report import tokens_rate
 from peftkit.utils.atomic import atomic_write_text
 
 
 def _loss(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _speed(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:,.0f}"
 
 
 def _pct(value: float | None) -> str:
@@ -67,14 +65,48 @@ def _what_was_trained(run_dir: Path, recipe: Recipe) -> str:
     return f"{recipe.adapter.method} fine-tune of" if (run_dir / "model").is_dir() else f"{recipe.adapter.method} adapter for"
 
 
-def _plain_use(run_dir: Path) -> list[str]:
-    """How to load the result without peftkit: an adapter (peft), or the whole model (full / partial runs)."""
+def _quantized_loading(quantization: Any) -> tuple[list[str], str]:
+    """Lines and a keyword argument that load a QLoRA adapter's base quantized, as training did: the adapter learnt
+    the quantized weights' errors too, and on the original weights it answers differently (docs/export.md)."""
+    if quantization is None:
+        return [], ""
+    if quantization.bits == 8:
+        settings = "load_in_8bit=True"
+    else:
+        settings = (f"load_in_4bit=True, bnb_4bit_quant_type={quantization.quant_type!r}, "
+                    f"bnb_4bit_use_double_quant={quantization.double_quant}, bnb_4bit_compute_dtype='bfloat16'")
+    lines = ["from transformers import BitsAndBytesConfig",
+             f"quantization = BitsAndBytesConfig({settings})  # the base quantized as in training (on a GPU)"]
+    if quantization.keep_modules or quantization.blocksize not in (None, 64):
+        lines.append("# this run also kept some layers unquantized or changed the block size: `peftkit export RUN "
+                     "--format adapter` writes the exact loading code")
+    return lines, ", quantization_config=quantization"
+
+
+def _plain_use(run_dir: Path, system_prompt: str | None = None, quantization: Any = None) -> list[str]:
+    """How to load the result without peftkit: an adapter (peft; a QLoRA one on its quantized base), or the whole
+    model (full / partial runs). With the recipe's system prompt the snippet sends it: without it the chat template
+    may add its own default one, which the model was not trained with, and it answers worse."""
     if (run_dir / "model").is_dir():
-        return ["or with plain transformers (the whole trained model, no adapter):", "", "```python",
-                "from transformers import AutoModelForCausalLM",
-                f'model = AutoModelForCausalLM.from_pretrained("{run_dir / "model"}")', "```", ""]
-    return ["or with plain peft:", "", "```python", "from peft import AutoPeftModelForCausalLM",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{run_dir / "adapter"}")', "```", ""]
+        lines = ["or with plain transformers (the whole trained model, no adapter):", "", "```python",
+                 "from transformers import AutoModelForCausalLM",
+                 f'model = AutoModelForCausalLM.from_pretrained("{run_dir / "model"}")']
+    else:
+        quantized, argument = _quantized_loading(quantization)
+        lines = ["or with plain peft:", "", "```python", "from peft import AutoPeftModelForCausalLM", *quantized,
+                 f'model = AutoPeftModelForCausalLM.from_pretrained("{run_dir / "adapter"}"{argument})']
+    if not system_prompt:
+        return [*lines, "```", ""]
+    prompt = json.dumps(system_prompt, ensure_ascii=False)
+    return [*lines[:3], "from transformers import AutoTokenizer", *lines[3:],
+            f'tokenizer = AutoTokenizer.from_pretrained("{run_dir / "tokenizer"}")',
+            f'messages = [{{"role": "system", "content": {prompt}}}, {{"role": "user", "content": "Your question"}}]',
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")",
+            "reply = model.generate(inputs, max_new_tokens=200)[0][inputs.shape[1]:]",
+            "print(tokenizer.decode(reply, skip_special_tokens=True))", "```", "",
+            f"The model was trained with the system prompt {prompt}: send it as the first message, as above and as "
+            "`peftkit chat` does (without it the chat template may add a default system prompt of its own, which "
+            "the model was not trained with, and it answers worse).", ""]
 
 
 def _replay_row(recipe: Recipe, summary: dict[str, Any]) -> list[str]:
@@ -114,7 +146,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         + (f"; {summary['trainable_params_end']:,} at the end (gradual unfreezing)" if "trainable_params_end" in summary else "")
         + " |",
         f"| steps / supervised tokens | {summary['steps']}{_stopping_note(summary)} / {summary['trained_tokens']:,} |",
-        f"| speed | {_speed(summary['tokens_per_second'])} supervised tokens/s on {summary['device']} ({summary['threads']} thread{'s' * (summary['threads'] != 1)}) |",
+        f"| speed | {tokens_rate(summary['tokens_per_second'])} supervised tokens/s on {summary['device']} ({summary['threads']} thread{'s' * (summary['threads'] != 1)}) |",
         f"| training time | {summary['train_seconds']:.0f} s |",
         "",
         "## Results",
@@ -134,7 +166,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         f"peftkit chat {run_dir}",
         "```",
         "",
-        *_plain_use(run_dir),
+        *_plain_use(run_dir, recipe.data.system_prompt, effective_quantization(recipe)),
         ("Files: `model/` (the whole trained model), " if (run_dir / "model").is_dir() else "Files: `adapter/` (PEFT layout), ")
         + "`tokenizer/`, `recipe.yaml` (resolved recipe), `metrics.jsonl`, "
         "`tensorboard/`, `plots/loss.png`, `summary.json`, `heldout.jsonl` (per-question replies).",

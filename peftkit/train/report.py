@@ -11,6 +11,13 @@ def _num(value: Any, pattern: str = "{:.4f}") -> str:
     return "n/a" if value is None else pattern.format(value)
 
 
+def tokens_rate(value: float | None) -> str:
+    """Tokens per second: whole numbers, but two significant digits below 10 (a slow CPU run is not "0 tok/s")."""
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
+
+
 def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -32,7 +39,7 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
     console.print(
         f"trainable {summary['trainable_params']:,} / {summary['total_params']:,} params "
         f"({summary['trainable_share']:.3%}) | {summary['steps']} steps | "
-        f"{summary['trained_tokens']:,} supervised tokens at {_num(summary['tokens_per_second'], '{:.0f}')} tok/s | "
+        f"{summary['trained_tokens']:,} supervised tokens at {tokens_rate(summary['tokens_per_second'])} tok/s | "
         f"train {summary['train_seconds']:.0f} s, total {summary['wall_seconds']:.0f} s | "
         f"peak memory {summary['peak_memory_mb']:.0f} MB"
     )

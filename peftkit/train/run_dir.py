@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -97,10 +98,46 @@ def training_in(run_dir: Path) -> str | None:
     return None
 
 
+_EXPORTS = ("merged", "gguf", "adapter-export", "gguf-adapter")  # the exports' default places in a run
+RUN_FILES = frozenset({
+    "adapter", "model", "tokenizer", "checkpoints", "tensorboard", "plots", "recipe.yaml", "metrics.jsonl",
+    "summary.json", "heldout.jsonl", BEFORE_FILE, "interrupted.json", "README.md", "labels.json",
+    "replay_answers.jsonl", "deepspeed.json", "eval.json", "eval_original_base.json",
+    *_EXPORTS, *(f"{name}.verification-failed.json" for name in _EXPORTS),
+})
+"""What peftkit writes into a run directory (training, eval, default exports): all that --force may delete."""
+_CHECKPOINT_ENTRY = re.compile(r"^(tmp-)?checkpoint-\d+$|^runs$")
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """Entries peftkit did not write (hidden ones aside): a user's files, or a project folder used as output_dir."""
+    found = [p.name for p in run_dir.iterdir() if not p.name.startswith(".") and p.name not in RUN_FILES]
+    saved = run_dir / "checkpoints"
+    if saved.is_dir() and not saved.is_symlink():
+        found += [f"checkpoints/{p.name}" for p in saved.iterdir()
+                  if not p.name.startswith(".") and not _CHECKPOINT_ENTRY.match(p.name)]
+    return sorted(found)
+
+
 def is_peftkit_run(run_dir: Path) -> bool:
-    """A folder peftkit made: the marker, or (runs written before the marker) a recipe next to a summary or checkpoints."""
+    """A folder peftkit made: the marker, or (runs written before the marker) a recipe next to a summary or
+    checkpoints, with nothing else than a run's files (a project folder may hold a recipe.yaml and checkpoints/)."""
     return (run_dir / RUN_MARKER).is_file() or (
-        (run_dir / "recipe.yaml").is_file() and ((run_dir / "summary.json").is_file() or (run_dir / "checkpoints").is_dir())
+        (run_dir / "recipe.yaml").is_file()
+        and ((run_dir / "summary.json").is_file() or (run_dir / "checkpoints").is_dir())
+        and not foreign_entries(run_dir)
+    )
+
+
+def _refuse_foreign(run_dir: Path) -> None:
+    """Replacing a run deletes its files, never a user's files kept beside them."""
+    foreign = foreign_entries(run_dir)
+    if not foreign:
+        return
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    raise RunDirError(
+        f"output_dir {run_dir} holds an earlier run and files peftkit did not write ({shown}); peftkit never deletes "
+        "those, not even with --force: move them out of the folder, or set output_dir to a new or empty folder"
     )
 
 
@@ -136,6 +173,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, force: bool, recipe_dump: dict
         check_resume_recipe(run_dir, recipe_dump)
         return False
     if force or not _has_started(run_dir):  # a run that failed before training has nothing to lose
+        _refuse_foreign(run_dir)  # now, not after minutes of loading: clear_run_dir would refuse
         return True
     if (run_dir / "summary.json").is_file():
         raise RunDirError(
@@ -154,10 +192,12 @@ def check_run_dir(run_dir: Path, *, resume: bool, force: bool, recipe_dump: dict
 
 def clear_run_dir(run_dir: Path) -> None:
     """Remove an earlier run's files (only ever called on a folder `check_run_dir` recognised as a run); hidden
-    files stay (the marker, a `.gitkeep`), except what killed merges and exports left half-written."""
+    files stay (the marker, a `.gitkeep`), except what killed merges and exports left half-written. A folder that
+    also holds anything peftkit did not write is refused whole, before anything is deleted."""
+    _refuse_foreign(run_dir)
     remove_dead_writers_temporaries(run_dir)
     for path in run_dir.iterdir():
-        if path.name.startswith("."):
+        if path.name.startswith(".") or path.name not in RUN_FILES:
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

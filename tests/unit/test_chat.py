@@ -146,6 +146,7 @@ def test_blank_space_and_a_failing_generation_are_said(tiny_recipe, monkeypatch)
     out = io.StringIO()
     history = chat(run.model, run.tokenizer, system_prompt=None, prompt="hello", max_new_tokens=4, out=out)
     assert history[-1]["content"] == "" and "(no reply: the model wrote only blank space)" in out.getvalue()
+    assert "\n\n" not in out.getvalue()  # the blank space itself is not printed before the note
 
     def broken(**kwargs):
         raise RuntimeError("CUDA error: device-side assert triggered")
@@ -171,3 +172,10 @@ def test_a_run_whose_base_moved_and_a_recipe_given_as_the_run_are_explained(tiny
     recipe_file.write_text(yaml.safe_dump(tiny_recipe))
     with pytest.raises(RunDirError, match="is a file; pass the run directory"):
         load_run(recipe_file)
+
+
+def test_token_rates_below_ten_keep_two_significant_digits():
+    from peftkit.train.report import tokens_rate
+
+    assert tokens_rate(0.23) == "0.23" and tokens_rate(7.46) == "7.5" and tokens_rate(1234.6) == "1,235"
+    assert tokens_rate(None) == "n/a"

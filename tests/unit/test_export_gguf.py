@@ -793,3 +793,63 @@ def test_a_llama_with_projection_biases_exports_and_verifies(export_recipe, tiny
     assert result.verification["passed"], result.verification
     read = gguf_config(next(result.path.glob("*.gguf")))
     assert read.attention_bias and read.mlp_bias
+
+
+@pytest.mark.parametrize("gguf_type", ["q4_0", "q5_1"])
+def test_a_4_or_5_bit_gguf_keeps_norms_float_and_the_tied_head_at_q8_0_and_passes_verification(
+        export_recipe, tmp_path, gguf_type):
+    """The tied embedding table is also the output head: its rounding lands on every logit, so it is written finer
+    (as llama-quantize does); the file is then verified like any other, in transformers and in llama.cpp."""
+    run = make_run(tmp_path / "run", export_recipe, LORA)
+    result = export_gguf(run, gguf_type=gguf_type)
+    fields, reader = _fields(result.path / f"tiny-{gguf_type}.gguf")
+    assert fields["general.file_type"] == {"q4_0": 2, "q5_1": 9}[gguf_type]  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == gguf_type.upper() and types["blk.1.ffn_down.weight"] == gguf_type.upper()
+    assert types["token_embd.weight"] == "Q8_0" and "output.weight" not in types
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    # Checked against the merged model rounded as the file stores it: at float32's bound in transformers' GGUF loader
+    # (the same dequantization), at the quantized-activation bound in llama.cpp; the rounding's own cost is reported.
+    report = json.loads((result.path / "verification.json").read_text())
+    assert report["passed"] and report["precision"] == "gguf-f32" and report["max_abs_diff"] < 1e-3, report
+    assert report["llama_cpp"]["ran"] and report["llama_cpp"]["precision"] == "llama.cpp-quantized"
+    rounding = report["rounding"]
+    assert 0 < rounding["max_abs_diff"] and 0 <= rounding["greedy_agreement"] <= 1
+    assert rounding["note"].startswith(f"{gguf_type} rounding: greedy-token agreement with the float model")
+
+
+def test_a_quantized_file_that_does_not_hold_the_merged_weights_fails_verification(export_recipe, tmp_path, monkeypatch):
+    """The round-trip reference is strict: a file whose rounding differs from the model's (here: one layer's up
+    projection written from other weights) is refused, though it would pass a loose 4-bit bound."""
+    from peftkit.export import gguf_writer
+
+    run = make_run(tmp_path / "run", export_recipe, LORA)
+    writer = gguf_writer.write_model_gguf
+
+    def one_layer_off(model, *args, **kwargs):
+        with torch.no_grad():
+            model.model.layers[1].mlp.up_proj.weight.mul_(1.5)
+        try:
+            return writer(model, *args, **kwargs)
+        finally:
+            with torch.no_grad():
+                model.model.layers[1].mlp.up_proj.weight.div_(1.5)
+
+    monkeypatch.setattr(gguf_writer, "write_model_gguf", one_layer_off)
+    with pytest.raises(ExportError, match=r"verification of the GGUF file failed: max abs logit diff"):
+        export_gguf(run, gguf_type="q4_0")
+    assert not (run / "gguf").exists()
+
+
+def test_a_gguf_lora_is_written_in_float_or_q8_0_only(export_recipe, tmp_path):
+    run = make_run(tmp_path / "run", export_recipe, LORA)
+    with pytest.raises(ExportError, match=r"--gguf-type must be one of f32, f16, q8_0, got 'q4_0'"):
+        export_gguf_adapter(run, gguf_type="q4_0")
+    assert not (run / "gguf-adapter").exists()
+
+
+def test_file_and_ollama_names_keep_accented_letters_as_ascii():
+    from peftkit.export.gguf_writer import slug
+
+    assert slug("ünï") == "uni" and slug("Crème brûlée desk") == "Creme-brulee-desk"
+    assert slug("日本") == "model" and slug("a/b c") == "a-b-c"

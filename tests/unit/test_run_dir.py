@@ -315,3 +315,76 @@ def test_an_early_stopping_run_killed_after_its_last_checkpoint_still_ships_the_
     assert resumed.summary["weights_from_step"] == best
     assert (resumed.run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert resumed.summary["overfitting_warning"] == whole.summary["overfitting_warning"]
+
+
+def test_a_project_folder_with_a_recipe_and_checkpoints_is_never_cleared(tiny_recipe, tmp_path):
+    """A recipe.yaml next to a checkpoints/ folder (or a summary.json) of the user's own is no older peftkit run:
+    neither a plain start nor --force deletes anything in it."""
+    project = tmp_path / "myproj"
+    (project / "checkpoints" / "my-other-model").mkdir(parents=True)
+    (project / "checkpoints" / "my-other-model" / "weights.bin").write_text("w")
+    (project / "src").mkdir()
+    (project / "src" / "code.py").write_text("print('hi')")
+    shutil.copy(tiny_recipe["data"]["train"], project / "train.jsonl")
+    (project / "recipe.yaml").write_text("my recipe")
+    recipe = recipe_from_dict({**_short(tiny_recipe), "output_dir": str(project)})
+    for force in (False, True):
+        with pytest.raises(RunDirError, match="did not create"):
+            train(recipe, force=force)
+    assert (project / "src" / "code.py").read_text() == "print('hi')"
+    assert (project / "checkpoints" / "my-other-model" / "weights.bin").read_text() == "w"
+    assert (project / "recipe.yaml").read_text() == "my recipe" and (project / "train.jsonl").is_file()
+    # Only its foreign checkpoints/ entry keeps it from looking like an older run.
+    (project / "src" / "code.py").unlink()
+    (project / "src").rmdir()
+    (project / "train.jsonl").unlink()
+    with pytest.raises(RunDirError, match="did not create"):
+        check_run_dir(project, resume=False, force=False, recipe_dump={})
+    # A summary.json does not make one either.
+    notes = tmp_path / "notes-folder"
+    notes.mkdir()
+    for name, text in (("recipe.yaml", "r"), ("summary.json", "{}"), ("notes.txt", "mine")):
+        (notes / name).write_text(text)
+    with pytest.raises(RunDirError, match="did not create"):
+        check_run_dir(notes, resume=False, force=True, recipe_dump={})
+    assert (notes / "notes.txt").read_text() == "mine"
+
+
+def test_force_replaces_a_run_but_never_files_put_beside_it(tmp_path):
+    from peftkit.train.run_dir import clear_run_dir
+
+    old = tmp_path / "old-run"  # written before the marker existed: a run's files only
+    (old / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    for name in ("recipe.yaml", "summary.json", "metrics.jsonl"):
+        (old / name).write_text("x")
+    assert check_run_dir(old, resume=False, force=True, recipe_dump={}) is True
+    clear_run_dir(old)
+    assert list(old.iterdir()) == []
+    marked = tmp_path / "marked"
+    (marked / "adapter").mkdir(parents=True)
+    (marked / RUN_MARKER).write_text("")
+    (marked / "summary.json").write_text("{}")
+    (marked / "my-notes.txt").write_text("mine")
+    for force in (False, True):  # --force, or a start that failed before training: refused before loading anything
+        if not force:
+            (marked / "summary.json").unlink()
+        with pytest.raises(RunDirError, match=r"files peftkit did not write \(my-notes.txt\).*move them out"):
+            check_run_dir(marked, resume=False, force=force, recipe_dump={})
+    with pytest.raises(RunDirError, match="my-notes.txt"):
+        clear_run_dir(marked)
+    assert sorted(p.name for p in marked.iterdir()) == [RUN_MARKER, "adapter", "my-notes.txt"]
+
+
+def test_resume_auto_refuses_a_finished_run_of_another_recipe(tiny_recipe, tmp_path, capsys):
+    from peftkit.cli import main
+
+    recipe = _short(tiny_recipe)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+    summary = (Path(recipe["output_dir"]) / "summary.json").read_text()
+    capsys.readouterr()
+    assert main(["train", str(path), "train.lr=1e-3", "adapter.r=8", "--resume", "auto"]) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "finished run made from another recipe" in err and "adapter.r: 4 -> 8" in err and "--force" in err
+    assert (Path(recipe["output_dir"]) / "summary.json").read_text() == summary

@@ -299,21 +299,20 @@ def test_the_default_max_seq_len_is_lowered_to_learned_positions_and_roberta_cou
 def test_settings_that_need_bitsandbytes_are_recipe_problems_without_it(tiny_recipe, monkeypatch):
     """A quantized base or an 8-bit / paged optimizer without bitsandbytes: transformers would import it only after the
     model loaded, with a bare ImportError."""
-    import transformers.utils
+    import sys
 
     from peftkit.config.validate import bitsandbytes_problems
 
-    monkeypatch.setattr(transformers.utils, "is_bitsandbytes_available", lambda: False)
+    qlora = copy.deepcopy(tiny_recipe)
+    qlora["adapter"] = {"method": "qlora"}
+    assert bitsandbytes_problems(recipe_from_dict(qlora)) == []  # installed here
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
     for name in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit"):
         recipe = recipe_from_dict(_with(tiny_recipe, "train", optimizer=name))
         assert bitsandbytes_problems(recipe) == [f"train.optimizer {name} needs bitsandbytes: `pip install "
                                                  "bitsandbytes` (or train.optimizer: auto)"]
     assert bitsandbytes_problems(recipe_from_dict(_with(tiny_recipe, "train", optimizer="adamw_torch"))) == []
-    qlora = copy.deepcopy(tiny_recipe)
-    qlora["adapter"] = {"method": "qlora"}
     assert bitsandbytes_problems(recipe_from_dict(qlora)) == [
         "quantization needs bitsandbytes: `pip install bitsandbytes` (or remove `quantization:`)"]
     with pytest.raises(ConfigError, match="train.optimizer paged_adamw_8bit needs bitsandbytes"):
         validate_recipe(recipe_from_dict(_with(tiny_recipe, "train", optimizer="paged_adamw_8bit")), check_model=False)
-    monkeypatch.setattr(transformers.utils, "is_bitsandbytes_available", lambda: True)
-    assert bitsandbytes_problems(recipe_from_dict(qlora)) == []

@@ -1,0 +1,195 @@
+"""Testers' reports: held-out data read as training reads it, clean errors for common mistakes and failures."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_jsonl
+from tests.unit.export_fixtures import export_recipe, llama64_dir, make_run  # noqa: F401
+
+from peftkit.cli import main
+from peftkit.config import recipe_from_dict
+from peftkit.data.build import build_datasets, load_heldout
+from peftkit.errors import DataError, ModelNotFoundError, RunDirError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_heldout_messages_are_normalised_like_training_messages(tmp_path):
+    path = write_jsonl(tmp_path / "heldout.jsonl", [
+        {"messages": [{"from": "human", "value": "When is trash day?"}], "key_fact": "Tuesday"},
+        {"messages": [{"role": "human", "content": "When is pickup?"}], "key_fact": "Monday"},
+        {"question": "Which bin for glass?", "system": "Be terse.", "key_fact": "blue"},
+        {"messages": [{"role": "user", "content": "Bulky items?"}], "system": "Be terse.", "key_fact": "$25"},
+    ])
+    items = load_heldout(path, "You are a waste helper.")
+    assert [m["role"] for m in items[0].messages] == ["system", "user"]
+    assert items[0].question == "When is trash day?" and items[1].messages[-1] == {"role": "user", "content": "When is pickup?"}
+    assert items[2].messages[0] == {"role": "system", "content": "Be terse."}, "a record-level system wins, as in training"
+    assert items[3].messages[0] == {"role": "system", "content": "Be terse."}
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "ok?", "key_fact": "ok"},
+                                               {"messages": ["When is trash day?"], "key_fact": "Tuesday"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: message 1 must be an object with `role` and `content`"):
+        load_heldout(bad, None)
+    no_role = write_jsonl(tmp_path / "no_role.jsonl", [{"messages": [{"content": "hi"}], "key_fact": "x"}])
+    with pytest.raises(DataError, match=r"no_role\.jsonl:1: message 1"):
+        load_heldout(no_role, None)
+
+
+def test_heldout_question_copied_from_training_is_warned_once(tiny_recipe, tiny_tokenizer, tmp_path, caplog):
+    heldout = write_jsonl(tmp_path / "copied.jsonl", [
+        {"question": "What is the  WiFi password?", "key_fact": "river"},  # a training question, case and spaces aside
+        {"question": "who runs the library?", "key_fact": "marta"},
+    ])
+    cfg = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "heldout": str(heldout)}}).data
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        build_datasets(cfg, tiny_tokenizer)
+        build_datasets(cfg, tiny_tokenizer)
+    warned = [r.getMessage() for r in caplog.records if "held-out questions that the training data also asks" in r.getMessage()]
+    assert len(warned) == 1 and "1 of 2" in warned[0] and "WiFi password" in warned[0]
+
+
+def test_model_card_sends_the_recipes_system_prompt(tmp_path):
+    from peftkit.train.model_card import _plain_use
+
+    card = "\n".join(_plain_use(tmp_path, "You are a waste helper."))
+    assert '{"role": "system", "content": "You are a waste helper."}' in card
+    assert "trained with the system prompt \"You are a waste helper.\"" in card
+    assert "AutoPeftModelForCausalLM.from_pretrained" in card and "apply_chat_template(messages" in card
+    assert "system" not in "\n".join(_plain_use(tmp_path, None))
+
+
+def test_chat_on_a_base_of_another_size_names_the_shapes(export_recipe, tiny_model_dir, tmp_path, capsys):
+    run = make_run(tmp_path / "run", export_recipe, __import__("peft").LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    recipe_file = run / "recipe.yaml"
+    recipe_file.write_text(recipe_file.read_text().replace(export_recipe["model"]["name"], str(tiny_model_dir)))
+    from peftkit.runs import load_run
+
+    with pytest.raises(RunDirError) as info:
+        load_run(run)  # trained on hidden 64, the base is now hidden 32
+    message = str(info.value)
+    assert "does not fit the base model" in message and "hidden_size: adapter's base has 64, this base has 32" in message
+    assert f"(`model.name` in {recipe_file})" in message and "size mismatch" not in message
+    assert main(["chat", str(run), "--prompt", "hi"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "does not fit the base model" in err
+
+
+def test_unreadable_weights_file_says_permission_denied(tiny_model_dir, monkeypatch):
+    import os
+
+    from peftkit.models.load import loading_errors
+    from peftkit.models.resolve import resolve_model_ref
+
+    source = resolve_model_ref(str(tiny_model_dir))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: not str(p).endswith(".safetensors") and real_access(p, mode))
+    with pytest.raises(ModelNotFoundError, match=r"permission denied: .*model\.safetensors; make it readable"):
+        with loading_errors(source, "the model"):
+            raise FileNotFoundError(2, "No such file or directory")  # what safetensors raises for an unreadable file
+    monkeypatch.setattr(os, "access", real_access)
+    with pytest.raises(ModelNotFoundError, match="No such file or directory"):
+        with loading_errors(source, "the model"):
+            raise FileNotFoundError(2, "No such file or directory")
+
+
+def test_cli_console_does_not_hard_wrap_piped_output(capsys):
+    from peftkit.cli import _console
+
+    _console().print("word " * 40 + "end")
+    assert capsys.readouterr().out == "word " * 40 + "end\n"
+
+
+def test_chat_tools_flag_refuses_empty_files_and_names_the_flag(tmp_path):
+    from peftkit.cli import _read_tools
+
+    for name, text in (("empty.jsonl", ""), ("empty.json", "[]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match="holds no function schemas"):
+            _read_tools(str(tmp_path / name))
+    for path in (tmp_path / "missing.json", tmp_path):
+        with pytest.raises(DataError) as info:
+            _read_tools(str(path))
+        assert str(info.value).startswith(f"--tools {path}") and "recipe" not in str(info.value)
+    (tmp_path / "tools.json").write_text('[{"type": "function", "function": {"name": "f", "parameters": {}}}]')
+    assert _read_tools(str(tmp_path / "tools.json"))[0]["function"]["name"] == "f"
+
+
+def test_disk_full_during_train_is_one_line(monkeypatch, capsys):
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 43200 vs 43092")
+
+    monkeypatch.setattr("peftkit.train.launch.train_command", full)
+    assert main(["train", "recipe.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no space left on device while writing") and err.count("\n") == 1
+    assert "`peftkit train recipe.yaml --resume`" in err and "Traceback" not in err
+
+    def safetensors_full(*args, **kwargs):
+        from safetensors import SafetensorError
+
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("peftkit.train.launch.train_command", safetensors_full)
+    assert main(["train", "recipe.yaml"]) == 2 and "no space left on device" in capsys.readouterr().err
+
+    def other(*args, **kwargs):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr("peftkit.train.launch.train_command", other)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        main(["train", "recipe.yaml"])
+    monkeypatch.setattr("peftkit.train.launch.train_command", full)
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        main(["-v", "train", "recipe.yaml"])
+
+
+def test_readme_own_domain_lists_description():
+    paragraph = (REPO / "README.md").read_text(encoding="utf-8").split("**Your own domain**", 1)[1].split("\n\n", 1)[0]
+    assert "`description`" in paragraph
+
+
+def test_a_qlora_runs_card_loads_the_adapter_on_its_quantized_base(tmp_path):
+    """On the original weights a QLoRA adapter answers differently (docs/export.md): the run card's plain-peft snippet
+    loads the base quantized as training did, and the snippet is valid Python."""
+    from peftkit.config.schema import QuantizationConfig
+    from peftkit.train.model_card import _plain_use
+
+    card = "\n".join(_plain_use(tmp_path, "Be brief.", QuantizationConfig(bits=4)))
+    snippet = card.split("```python\n")[1].split("```")[0]
+    compile(snippet, "card", "exec")
+    assert "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'" in snippet
+    assert 'from_pretrained("' + str(tmp_path / "adapter") + '", quantization_config=quantization)' in snippet
+    assert "exact loading code" not in snippet
+    kept = "\n".join(_plain_use(tmp_path, None, QuantizationConfig(bits=4, keep_modules=["v_proj"])))
+    assert "--format adapter` writes the exact loading code" in kept
+    assert "quantization" not in "\n".join(_plain_use(tmp_path, None, None))
+
+
+def test_chat_system_empty_asks_without_a_system_prompt(monkeypatch):
+    """`--system ''` is how to ask a model with no system prompt (e.g. to check a `contrast`-trained one)."""
+    import types
+
+    import peftkit.runs
+    import peftkit.serve.chat
+
+    run = types.SimpleNamespace(model=None, tokenizer=None,
+                                recipe=types.SimpleNamespace(data=types.SimpleNamespace(system_prompt="recipe's")))
+    seen = []
+    monkeypatch.setattr(peftkit.runs, "read_run_recipe", lambda run_dir: None)
+    monkeypatch.setattr(peftkit.runs, "require_chat_run", lambda *args: None)
+    monkeypatch.setattr(peftkit.runs, "load_run", lambda *args, **kwargs: run)
+    monkeypatch.setattr(peftkit.serve.chat, "chat", lambda *args, **kwargs: seen.append(kwargs["system_prompt"]))
+    for flags in ([], ["--system", ""], ["--system", "Be brief."]):
+        assert main(["chat", "RUN", "--prompt", "hi", *flags]) == 0
+    assert seen == ["recipe's", None, "Be brief."]
+
+
+def test_an_invalid_node_count_is_one_problem():
+    from peftkit.train.launch import LaunchOptions
+
+    assert LaunchOptions(nnodes=0).problems() == ["--nnodes must be at least 1, got 0"]
