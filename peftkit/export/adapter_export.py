@@ -133,7 +133,10 @@ def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force:
         labels = manifest["base_model"].get("labels")
         if labels is not None:  # a classifier: its labels travel along, and the way to load it names them
             shutil.copy2(run.run_dir / "labels.json", tmp / "labels.json")
-            manifest["serving"]["transformers+peft"]["notes"] = [f"`{classifier_loading(labels, str(target))}` (peft)"]
+            if getattr(run.base_config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+                manifest["base_model"]["pad_token_id"] = tokenizer.pad_token_id  # as training set it
+            loading = classifier_loading(labels, str(target), manifest["base_model"].get("pad_token_id"))
+            manifest["serving"]["transformers+peft"]["notes"] = [f"`{loading}` (peft)"]
         if check:
             base_path = manifest["base_model"]["path"]
             if base_path is None:

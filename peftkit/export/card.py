@@ -99,11 +99,13 @@ def merged_card(merged: Any, *, dtype: str, verification: dict[str, Any] | None,
     return "\n".join(lines)
 
 
-def classifier_loading(labels: list[str], adapter: str) -> str:
-    """The one line of Python that loads a classification adapter with its labels."""
+def classifier_loading(labels: list[str], adapter: str, pad_token_id: int | None = None) -> str:
+    """The one line of Python that loads a classification adapter with its labels (and the pad id training set on a
+    decoder whose config has none: without it the classifier cannot find each row's last token in a batch)."""
     id2label = dict(enumerate(labels))
+    pad = f", pad_token_id={pad_token_id}" if pad_token_id is not None else ""
     return (f'AutoPeftModelForSequenceClassification.from_pretrained("{adapter}", num_labels={len(labels)}, '
-            f"id2label={id2label!r}, label2id={ {name: i for i, name in id2label.items()}!r})")
+            f"id2label={id2label!r}, label2id={ {name: i for i, name in id2label.items()}!r}{pad})")
 
 
 def _quantized_base_loading(bnb: dict[str, Any] | None, base_ref: str) -> list[str]:
@@ -157,7 +159,8 @@ def adapter_card(manifest: dict[str, Any], verification: dict[str, Any] | None, 
     lines += ["", *verification_section(verification)]
     labels = base.get("labels")
     if labels is not None:  # a classifier: its head needs the label count before the adapter loads
-        use = ["from peft import AutoPeftModelForSequenceClassification", f"model = {classifier_loading(labels, str(out))}"]
+        use = ["from peft import AutoPeftModelForSequenceClassification",
+               f"model = {classifier_loading(labels, str(out), base.get('pad_token_id'))}"]
     else:
         use = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM",
                *_quantized_base_loading(manifest.get("bitsandbytes_config"), base_ref),

@@ -81,6 +81,11 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
     for key, value in tensors.items():
         match = _LORA_TENSOR.match(key)
         if match is None:
+            if ".base_layer." in key:  # peft saves a copy of an output head / embedding layer it adapts
+                module = key.split(".base_layer.")[0].removeprefix("base_model.model.")
+                raise ExportError(f"the adapter carries `{module}`'s own weights (peft saves them with a LoRA on an "
+                                  "output head or embedding), which a GGUF LoRA cannot hold; use "
+                                  f"`peftkit export {run.run_dir} --format gguf` (merged) instead")
             raise ExportError(f"unexpected adapter tensor `{key}` (embedding LoRA?); GGUF LoRA export supports linear layers")
         pairs.setdefault(match.group("module"), {})[match.group("ab")] = value.to(torch.float32)
 
@@ -218,4 +223,11 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
         notes.append(f"the Modelfile's FROM is the GGUF the base was converted from ({source.name}): the weights "
                      "this adapter was trained on" + (", before the extra 4-bit quantization of QLoRA"
                                                       if run.quantization is not None else ""))
+    if run.quantization is not None:
+        note = (f"this QLoRA adapter learnt the {run.quantization.bits}-bit base's rounding too, but a GGUF LoRA is "
+                "applied to whatever base GGUF llama.cpp loads, and was verified against the adapter on the float "
+                f"base: it answers as `peftkit eval {run.run_dir} --qlora-base original` measures. `--format gguf` "
+                "(merged into the dequantized weights) keeps what was trained")
+        log.warning("%s", note)
+        notes.append(note)
     return ExportResult(target, f"gguf-adapter-{gguf_type}", list_files(target), report, None, notes)

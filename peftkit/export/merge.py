@@ -71,6 +71,7 @@ FULL_MODEL = "FULL_MODEL"
 def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_lm: bool = True) -> RunAdapter:
     """Recipe + adapter + base reference, with the adapter/base fit checked from files only."""
     from peftkit.adapters import effective_quantization
+    from peftkit.data.classification import load_kwargs
     from peftkit.models import resolve_model_ref
     from peftkit.models.fingerprint import warn_if_other_base
     from peftkit.models.skeleton import model_skeleton
@@ -91,6 +92,8 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
         info = AdapterInfo(full, {"peft_type": FULL_MODEL, "method": getattr(recipe.adapter, "method", "full")})
     else:
         info = read_adapter(adapter_dir(run_dir))
+    if base is not None and Path(base).expanduser().exists():  # a local folder: cards and manifests name it wherever read
+        base = str(Path(base).expanduser().resolve())
     model_cfg = recipe.model if base is None else recipe.model.model_copy(update={"name": base})
     try:
         source = resolve_model_ref(model_cfg.name, revision=model_cfg.revision, allow_pickle=model_cfg.allow_pickle)
@@ -99,7 +102,9 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
             raise ModelNotFoundError(f"{exc}. The run was trained on it: put the base model back, or pass "
                                      "`--base PATH` with where it is now") from None
         raise ModelNotFoundError(f"--base {base}: {exc}".replace("set `model.name: DIR`", "pass `--base DIR`")) from None
-    skeleton = model_skeleton(source, model_cfg)
+    # a classifier's adapter may target its pooler, and its head has the run's label count
+    labels = load_kwargs(run_dir, recipe).get("num_labels")
+    skeleton = model_skeleton(source, model_cfg, task=task, num_labels=labels)
     check_adapter_matches_base(info, skeleton, model_cfg.name)
     warn_if_other_base(run_dir, source, model_cfg.name)  # same shapes, other weights (a fine-tune, an edited copy)
     if recipe.train.num_threads:  # the run's thread budget (oversubscribed CPUs get much slower, not faster)

@@ -32,10 +32,14 @@ def load_config(source: ModelSource, cfg: ModelConfig) -> Any:
         raise
 
 
-def model_skeleton(source: ModelSource, cfg: ModelConfig, task: str = "causal_lm") -> torch.nn.Module:
+def model_skeleton(source: ModelSource, cfg: ModelConfig, task: str = "causal_lm",
+                   num_labels: int | None = None) -> torch.nn.Module:
+    """The model's modules on the meta device (no weights); a classifier with `num_labels` outputs where given."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = load_config(source, cfg)
+    if num_labels is not None:
+        config.num_labels = num_labels
     auto = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
     with torch.device("meta"):
         return auto.from_config(config, trust_remote_code=cfg.trust_remote_code)

@@ -9,21 +9,28 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 log = logging.getLogger(__name__)
 
 
 class MetricsJsonlCallback(TrainerCallback):
-    """Appends every log event (loss, lr, eval loss, ...) as one JSON line to `metrics.jsonl`."""
+    """Appends every log event (loss, lr, eval loss, ...) as one JSON line to `metrics.jsonl`.
+
+    `time` counts the whole run: a resumed session goes on from the last record the earlier sessions kept."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.start = time.perf_counter()
+        self.offset: float | None = None  # read at the first record: resuming truncates the file after __init__
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.perf_counter() - self.start, 2)}
+        if self.offset is None:
+            self.offset = max((float(r.get("time", 0.0)) for r in read_metrics(self.path)), default=0.0)
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
+                  "time": round(self.offset + time.perf_counter() - self.start, 2)}
         record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -46,6 +53,15 @@ class RunTotals(TrainerCallback):
                 logs.clear()
                 return
             logs.update(train_loss=loss, train_runtime=round(seconds, 4))
+
+
+class ProgressBar(ProgressCallback):
+    """The Trainer's progress bar, silent for a record emptied by an earlier callback (RunTotals drops an interrupted
+    session's end record; the bar would print `{}`)."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs:
+            super().on_log(args, state, control, logs=logs, **kwargs)
 
 
 class OverfittingWatch(TrainerCallback):

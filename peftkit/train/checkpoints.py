@@ -205,18 +205,79 @@ def check_compatible(checkpoint: Path, *, world_size: int, deepspeed_stage: int 
     log.warning("Resuming a checkpoint saved by %d process(es) with %d: the global batch size changes", saved_world, world_size)
 
 
+def damage(checkpoint: Path) -> str | None:
+    """What makes a checkpoint marked complete unloadable (a file cut short or overwritten after the save), found
+    cheaply: torch files (optimizer, scheduler, RNG states) are zip archives whose directory sits at the end."""
+    import zipfile
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "trainer_state.json is not valid JSON"
+    for path in sorted(checkpoint.rglob("*")):
+        if path.suffix in (".pt", ".pth", ".bin") and path.is_file():
+            try:
+                zipfile.ZipFile(path).close()
+            except (OSError, zipfile.BadZipFile):
+                return f"{path.relative_to(checkpoint)} is not a whole torch file"
+    return None
+
+
+def latest_loadable(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint that is not damaged: the one `prepare_resume` picks."""
+    return next((p for p in reversed(checkpoint_dirs(run_dir)) if is_complete(p) and damage(p) is None), None)
+
+
+def rebase_best(checkpoint: Path) -> None:
+    """Point the recorded best checkpoint (an absolute path) into the run's current checkpoints folder: a run
+    directory that was moved would otherwise lose it (transformers drops a best path that no longer exists, and the
+    run would ship its last weights under the best step's name). Rewrites `checkpoint`'s trainer_state.json."""
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    best = state.get("best_model_checkpoint")
+    if not best:
+        return
+    here = checkpoint.parent / Path(best).name
+    if not is_complete(here):
+        log.warning("The best checkpoint %s is gone (not in %s): the run goes on without it and ships its last weights",
+                    Path(best).name, checkpoint.parent)
+        here_value = None
+    else:
+        here_value = str(here)
+    if here_value != best:
+        from peftkit.utils.atomic import atomic_write_text
+
+        atomic_write_text(state_file, json.dumps({**state, "best_model_checkpoint": here_value}, indent=2) + "\n")
+
+
 def prepare_resume(
     run_dir: Path, *, world_size: int = 1, deepspeed_stage: int | None = None, main_process: bool = True
 ) -> Path:
-    """The checkpoint to resume from, after removing incomplete ones and metrics logged past it (rank 0)."""
+    """The checkpoint to resume from, after removing incomplete ones and metrics logged past it (rank 0). A damaged
+    checkpoint (marked complete, but a file is cut short) is passed over, with a warning, for the one before it."""
     if main_process:
         for path in remove_incomplete(run_dir):
             log.warning("Removed incomplete checkpoint %s (its save was interrupted)", path)
         (run_dir / "interrupted.json").unlink(missing_ok=True)
-    checkpoint = latest_complete(run_dir)
-    if checkpoint is None:
+    complete = [p for p in checkpoint_dirs(run_dir) if is_complete(p)]
+    if not complete:
         raise RunDirError(f"--resume: {run_dir} has no complete checkpoint; start it again with --force")
+    checkpoint = None
+    for candidate in reversed(complete):
+        problem = damage(candidate)
+        if problem is None:
+            checkpoint = candidate
+            break
+        if main_process:  # unmarked: a save of the same step replaces it, and the next resume removes it
+            log.warning("Checkpoint %s is damaged (%s): resuming from an earlier one", candidate, problem)
+            (candidate / MARKER).unlink(missing_ok=True)
+    if checkpoint is None:
+        raise RunDirError(f"--resume: every checkpoint in {run_dir / 'checkpoints'} is damaged (a file is cut short), "
+                          "so nothing can be resumed; start the run again with --force")
     check_compatible(checkpoint, world_size=world_size, deepspeed_stage=deepspeed_stage)
+    if main_process:
+        rebase_best(checkpoint)
+    _barrier()  # the other ranks read the rebased trainer_state.json
     if main_process:
         dropped = truncate_metrics(run_dir / "metrics.jsonl", step_of(checkpoint))
         if dropped:
@@ -258,16 +319,33 @@ class SeededLengthGrouping(TrainerCallback):
             sampler.generator = torch.Generator().manual_seed(seed * 1000 + epoch)
 
 
+def stopped_early(checkpoint: Path, patience: int | None) -> bool:
+    """The run had already stopped early when `checkpoint` was saved (EarlyStoppingCallback's counter reached
+    `patience`): resuming must finish it, not train on until the next evaluation."""
+    if not patience:
+        return False
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    saved = (state.get("stateful_callbacks") or {}).get("EarlyStoppingCallback")
+    for entry in saved if isinstance(saved, list) else [saved]:
+        if isinstance(entry, dict) and entry.get("attributes", {}).get("early_stopping_patience_counter", 0) >= patience:
+            return True
+    return False
+
+
 def restore_finished(trainer: Any, checkpoint: Path) -> Any:
     """A run stopped after its last step was saved (killed during the final evaluation or while saving): load that
     checkpoint instead of training, since transformers resumes a `max_steps` run at its last step by training one
-    step more. Returns the Trainer's TrainOutput for no new steps."""
+    step more (and an early-stopped run until its next evaluation). Returns the Trainer's TrainOutput for no new steps."""
     from transformers.trainer_callback import TrainerState
     from transformers.trainer_utils import TrainOutput
 
     trainer._load_from_checkpoint(str(checkpoint))
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
     best = trainer.state.best_model_checkpoint  # early stopping ships the best evaluation's weights, as the Trainer would
-    if trainer.args.load_best_model_at_end and best and Path(best).is_dir() and Path(best) != checkpoint:
-        trainer._load_from_checkpoint(str(best))
+    if trainer.args.load_best_model_at_end and best and Path(best) != checkpoint:
+        if Path(best).is_dir():  # `prepare_resume` put it in this run's checkpoints folder
+            trainer._load_from_checkpoint(str(best))
+        else:
+            log.warning("The best checkpoint %s is gone: shipping the weights of step %d", best, trainer.state.global_step)
+            trainer.state.best_model_checkpoint = None
     return TrainOutput(trainer.state.global_step, 0.0, {})

@@ -42,10 +42,12 @@ from peftkit.evaluate.classification import metrics_from_eval_prediction
 from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_model_ref, save_tokenizer, weights_dtype
 from peftkit.models.load import loading_errors
 from peftkit.models.resolve import ModelSource, materialize
-from peftkit.train import checkpoints
+from peftkit.train import checkpoints, signals
 from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
-from peftkit.train.run import RunResult, check_device_options, configure_threads, peak_memory_mb, summary_header, training_arguments
-from peftkit.train.run_dir import check_run_dir, clear_run_dir, mark_run_dir, run_lock
+from peftkit.train.run import (
+    RunResult, _session_loss_sum, check_device_options, configure_threads, peak_memory_mb, summary_header, training_arguments,
+)
+from peftkit.train.run_dir import check_run_dir, clear_run_dir, load_before, mark_run_dir, run_lock, save_before
 from peftkit.utils.atomic import atomic_write_text
 from peftkit.utils.modes import eval_mode
 
@@ -206,8 +208,9 @@ def _train_classifier(
         *extras.callbacks,  # first: they add trainable counts to the log records the next ones write
         MetricsJsonlCallback(metrics_path),
         tensorboard,
-        checkpoints.CompleteMarkerCallback(keep=recipe.train.save_total_limit),
+        checkpoints.CompleteMarkerCallback(keep=recipe.train.save_total_limit, progress=lambda: run_progress()),
         checkpoints.SeededLengthGrouping(),
+        interrupt := signals.interrupt_callback(),  # Ctrl-C: checkpoint at the end of the step, then stop
         *(extra_callbacks or []),
     ]
     if recipe.train.early_stopping_patience and has_eval:
@@ -229,10 +232,30 @@ def _train_classifier(
         with base_model_view(model):
             before = {"eval": _scores(trainer, data.eval, "eval"), "heldout": _scores(trainer, data.heldout, "heldout")}
 
-    resume_from = str(checkpoints.prepare_resume(run_dir)) if resume else None
+    if resume:  # measured when the run started
+        before = load_before(run_dir).get("classification") or before
+    else:
+        save_before(run_dir, {"classification": before})
+
+    resume_from = checkpoints.prepare_resume(run_dir) if resume else None
+    prior = (checkpoints.read_progress(resume_from) if resume_from else None) or checkpoints.Progress()
+    trainer.input_tokens_seen = prior.input_tokens
+
+    def run_progress() -> checkpoints.Progress:
+        """The whole run's totals so far, recorded with each checkpoint (a resumed summary covers every session)."""
+        return checkpoints.Progress(
+            supervised_tokens=trainer.input_tokens_seen, input_tokens=trainer.input_tokens_seen,
+            train_seconds=prior.train_seconds + time.perf_counter() - train_started,
+            loss_sum=prior.loss_sum + _session_loss_sum(trainer), steps=trainer.state.global_step,
+            wall_seconds=prior.wall_seconds + time.perf_counter() - started)
+
     train_started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = time.perf_counter() - train_started
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    signals.raise_if_interrupted(interrupt, trainer, run_dir)  # a signal stopped it: checkpoint saved, say how to resume
+    train_seconds = prior.train_seconds + time.perf_counter() - train_started
+    steps = output.global_step
+    session_loss = _session_loss_sum(trainer, finished=True) if steps > prior.steps else 0.0
+    train_loss = (prior.loss_sum + session_loss) / steps if steps else 0.0
     after = {"eval": _scores(trainer, data.eval, "eval"), "heldout": _scores(trainer, data.heldout, "heldout")}
 
     save_trained(model, run_dir, recipe.adapter.method)
@@ -256,7 +279,7 @@ def _train_classifier(
         "train_seconds": round(train_seconds, 2),
         "tokens_per_second": round(trainer.input_tokens_seen / train_seconds, 2) if train_seconds else None,
         "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "train_loss": round(float(output.training_loss), 5),
+        "train_loss": round(train_loss, 5),
         "data_stats": data.stats,
         "samples": samples,
     }
@@ -266,7 +289,7 @@ def _train_classifier(
             summary[f"{split}_{metric}_after"] = after[split].get(metric)
     # Keys the terminal report shares with causal runs (there: fact accuracy on held-out questions).
     summary["heldout_questions"] = len(data.heldout)
-    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+    summary["wall_seconds"] = round(prior.wall_seconds + time.perf_counter() - started, 2)  # all sessions
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     write_classification_card(run_dir, recipe, summary)
     return RunResult(run_dir, summary)

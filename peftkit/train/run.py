@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import time
@@ -35,6 +36,7 @@ from peftkit.train.callbacks import (
     DivergenceGuard,
     MetricsJsonlCallback,
     OverfittingWatch,
+    ProgressBar,
     RunTotals,
     plot_loss_curves,
     read_metrics,
@@ -53,7 +55,8 @@ class RunResult:
 
 
 def configure_threads(num_threads: int | None) -> int:
-    threads = num_threads or os.cpu_count() or 1
+    """train.num_threads, else OMP_NUM_THREADS where it is set (torch starts with it), else every core."""
+    threads = num_threads or (torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else os.cpu_count()) or 1
     torch.set_num_threads(threads)
     return threads
 
@@ -67,9 +70,9 @@ def warn_if_cpu_busy(threads: int) -> None:
         return
     cores = os.cpu_count() or 1
     if load >= 0.75 * cores:
-        log.warning("The CPU is busy (load %.1f on %d cores): training on %d threads next to other jobs can run "
-                    "several times slower; set train.num_threads to the cores that are free, or run it alone",
-                    load, cores, threads)
+        advice = "run it alone" if threads == 1 else "set train.num_threads to the cores that are free, or run it alone"
+        log.warning("The CPU is busy (load %.1f on %d cores): training on %d thread%s next to other jobs can run "
+                    "several times slower; %s", load, cores, threads, "" if threads == 1 else "s", advice)
 
 
 def check_device_options(cfg: Any, device: str) -> None:
@@ -103,6 +106,15 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
     # save_steps set, evaluation moves onto them (else the Trainer refuses the mismatch of epochs and steps).
     early_stop = bool(cfg.early_stopping_patience) and has_eval
     eval_steps = cfg.eval_steps or (cfg.save_steps if early_stop else None)
+    if early_stop and cfg.save_steps and cfg.eval_steps and cfg.save_steps != cfg.eval_steps:
+        log.warning("train.save_steps %d is replaced by train.eval_steps %d: early stopping keeps the best evaluation's "
+                    "checkpoint, so checkpoints are saved at every evaluation", cfg.save_steps, cfg.eval_steps)
+    warmup = cfg.warmup_ratio
+    if cfg.max_steps and warmup and math.ceil(warmup * cfg.max_steps) >= cfg.max_steps:
+        # a linear warm-up starts at lr 0: over every step, a 1-step run would save an untrained adapter
+        log.warning("train.warmup_ratio %g would make all %d steps warm-up steps, the first at learning rate 0: "
+                    "training without warm-up", warmup, cfg.max_steps)
+        warmup = 0.0
     bf16, fp16 = deepspeed_setup.precision_flags(device, dtype)
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
@@ -113,7 +125,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         neftune_noise_alpha=cfg.neftune_noise_alpha,
         **({"optim": cfg.optimizer} if cfg.optimizer != "auto" else {}),
         lr_scheduler_type=cfg.scheduler,
-        warmup_steps=cfg.warmup_ratio,
+        warmup_steps=warmup,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         num_train_epochs=cfg.epochs,
@@ -127,6 +139,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         # >= 2: the Trainer prunes before the new checkpoint is marked complete; CompleteMarkerCallback prunes to the limit after.
         save_total_limit=max(2, cfg.save_total_limit),
         load_best_model_at_end=early_stop,
+        restore_callback_states_from_checkpoint=True,  # a resumed run keeps EarlyStoppingCallback's patience count
         metric_for_best_model="eval_loss" if early_stop else None,
         greater_is_better=False if early_stop else None,
         seed=cfg.seed,
@@ -231,12 +244,14 @@ def train(
         return train_classifier(recipe, resume=resume, force=force, extra_callbacks=extra_callbacks)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     # Under `peftkit train --nproc`, the launching process holds the lock for its workers.
-    with run_dirs.run_lock(run_dir, enabled=is_main_process() and not os.environ.get(WORKER_ENV)):
-        return _train(recipe, run_dir, resume=resume, force=force, extra_callbacks=extra_callbacks)
+    with (run_dirs.run_lock(run_dir, enabled=is_main_process() and not os.environ.get(WORKER_ENV)),
+          signals.FinishingGuard(run_dir, main_process=is_main_process()) as finishing):
+        return _train(recipe, run_dir, resume=resume, force=force, extra_callbacks=extra_callbacks, finishing=finishing)
 
 
 def _train(
-    recipe: Recipe, run_dir: Path, *, resume: bool, force: bool, extra_callbacks: list[Any] | None
+    recipe: Recipe, run_dir: Path, *, resume: bool, force: bool, extra_callbacks: list[Any] | None,
+    finishing: signals.FinishingGuard | None = None,
 ) -> RunResult:
     started = time.perf_counter()
     recipe = validate_recipe(recipe, check_model=True)
@@ -248,6 +263,7 @@ def _train(
 
     threads = configure_threads(recipe.train.num_threads)
     from transformers import set_seed
+    from transformers.trainer_callback import ProgressCallback
 
     set_seed(recipe.train.seed)
     device = resolve_device(recipe.train.device)
@@ -302,7 +318,7 @@ def _train(
 
     has_eval = bool(data.eval)
     metrics_path = run_dir / "metrics.jsonl"
-    resuming_at = checkpoints.latest_complete(run_dir) if resume else None  # what prepare_resume will pick
+    resuming_at = checkpoints.latest_loadable(run_dir) if resume else None  # what prepare_resume will pick
     tensorboard = tensorboard_callback(run_dir / "tensorboard", resume_step=checkpoints.step_of(resuming_at)
                                        if resuming_at else None) if main_process else None
     if not resume and main_process:
@@ -338,6 +354,8 @@ def _train(
         bucket_within_batch=recipe.train.bucket_within_batch,
         packing=recipe.train.packing,
     )
+    if trainer.pop_callback(ProgressCallback) is not None:  # the same bar, without a `{}` line for a dropped record
+        trainer.add_callback(ProgressBar())
     eval_loss_before = None
     if has_eval and not resume:
         with base_model_view(model):
@@ -382,11 +400,16 @@ def _train(
         return (prior.loss_sum + session_loss) / steps if steps else 0.0, prior.train_seconds + time.perf_counter() - train_started
 
     train_started = time.perf_counter()
-    if resume_from and ds_config is None and recipe.train.max_steps and prior.steps >= recipe.train.max_steps:
+    finished = resume_from is not None and ds_config is None and (
+        (bool(recipe.train.max_steps) and prior.steps >= recipe.train.max_steps)
+        or checkpoints.stopped_early(resume_from, recipe.train.early_stopping_patience if has_eval else None))
+    if finished:
         output = checkpoints.restore_finished(trainer, resume_from)  # every step was trained before the stop
     else:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     signals.raise_if_interrupted(interrupt, trainer, run_dir)  # a signal stopped it: checkpoint saved, say how to resume
+    if finishing is not None:
+        finishing.arm()  # from here a signal stops at once; the run resumes from its last checkpoint
     train_loss, train_seconds = run_totals()
     eval_loss_after = final_eval_loss(trainer, has_eval)
     if tensorboard is not None:

@@ -241,6 +241,11 @@ def recipe_changes(run_dir: Path, recipe_dump: dict[str, Any]) -> list[str]:
 
 
 def check_resume_recipe(run_dir: Path, recipe_dump: dict[str, Any]) -> None:
+    if (recipe_dump.get("adapter") or {}).get("prefix_projection"):
+        from peftkit.adapters import PREFIX_PROJECTION_CHECKPOINTS
+
+        raise RunDirError(f"--resume: {PREFIX_PROJECTION_CHECKPOINTS}, so {run_dir} cannot be resumed: start it "
+                          "again with --force (a run without prefix_projection resumes)")
     changed = recipe_changes(run_dir, recipe_dump)
     if changed:
         raise RunDirError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -132,18 +133,76 @@ def raise_if_interrupted(callback: InterruptCallback, trainer: Any, run_dir: Pat
     step = int(callback.stopped_step or 0)
     checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{step}"
     if trainer.is_world_process_zero():
-        from peftkit.utils.atomic import atomic_write_text
-
-        atomic_write_text(
-            run_dir / INTERRUPTED_FILE,
-            json.dumps({"step": step, "checkpoint": str(checkpoint), "signal": callback.signal_name,
-                        "resume": f"peftkit train {shlex.quote(str(run_dir))} --resume"}) + "\n",
-        )
+        _write_record(run_dir, step, checkpoint, callback.signal_name)
     raise TrainingInterrupted(step, checkpoint, run_dir, signal_name=callback.signal_name)
 
 
+def _write_record(run_dir: Path, step: int, checkpoint: Path, signal_name: str | None,
+                  resume: str | None = None) -> None:
+    from peftkit.utils.atomic import atomic_write_text
+
+    atomic_write_text(
+        run_dir / INTERRUPTED_FILE,
+        json.dumps({"step": step, "checkpoint": str(checkpoint), "signal": signal_name,
+                    "resume": resume or f"peftkit train {shlex.quote(str(run_dir))} --resume"}) + "\n",
+    )
+
+
+class _StoppedFinishing(BaseException):
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+class FinishingGuard:
+    """Ctrl-C / SIGTERM after training (final evaluation, samples, saving: minutes on a CPU) stops at once, but the
+    run is resumable from its last checkpoint (`--resume` finishes it): say so, and leave interrupted.json, as an
+    interrupt during training does. `arm()` when training has returned; leaving the `with` restores the handlers."""
+
+    def __init__(self, run_dir: Path, main_process: bool = True) -> None:
+        self.run_dir = run_dir
+        self.main_process = main_process
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        raise _StoppedFinishing(signal.Signals(signum).name)
+
+    def arm(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                return
+
+    def __enter__(self) -> "FinishingGuard":
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+        if not isinstance(exc, _StoppedFinishing):
+            return
+        from peftkit.train.checkpoints import latest_loadable, step_of
+
+        checkpoint = latest_loadable(self.run_dir)
+        if checkpoint is None:  # nothing to resume: the usual meaning of the signal
+            if exc.signal_name == "SIGTERM":
+                from peftkit.cli import Terminated
+
+                raise Terminated() from None
+            raise KeyboardInterrupt from None
+        step = step_of(checkpoint)
+        if self.main_process:
+            _write_record(self.run_dir, step, checkpoint, exc.signal_name)
+        raise TrainingInterrupted(step, checkpoint, self.run_dir, signal_name=exc.signal_name) from None
+
+
 def read_interrupted(run_dir: Path, since: float = 0.0) -> dict[str, Any] | None:
-    """The record a worker left when a signal stopped training (written after `since`, a time.time())."""
+    """The record a worker left when a signal stopped training (written after `since`, a time.time()).
+
+    The launching process reads it, and it alone knows the command the user ran (a worker's is torchrun's, without
+    `--nproc`): its resume command goes into the record."""
     path = run_dir / INTERRUPTED_FILE
     try:
         if path.stat().st_mtime < since:
@@ -151,4 +210,11 @@ def read_interrupted(run_dir: Path, since: float = 0.0) -> dict[str, Any] | None
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    from peftkit.train.launch import WORKER_ENV, resume_command
+
+    if not os.environ.get(WORKER_ENV) and "step" in data and "checkpoint" in data:
+        data["resume"] = resume_command()
+        _write_record(run_dir, int(data["step"]), Path(data["checkpoint"]), data.get("signal"), data["resume"])
+    return data

@@ -139,6 +139,12 @@ def test_lora_on_bert_targets_query_key_value_dense(tiny_bert_dir, tmp_path):
     config = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == {"query", "key", "value", "dense"} and "classifier" in config["modules_to_save"]
     _check_run(result, "classifier")
+    # `dense` also names the classifier's pooler, which a causal-LM skeleton of BERT lacks: the export checks the
+    # adapter against the classifier it was trained on
+    from peftkit.cli import main
+
+    assert main(["export", str(result.run_dir), "--format", "adapter", "--no-verify"]) == 0
+    assert (result.run_dir / "adapter-export" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("method", ["partial", "full"])
@@ -254,3 +260,32 @@ def test_labels_differing_only_in_case_are_warned_about(tmp_path, caplog):
     assert ("labels that differ only in case or spacing are separate classes: 'POS' (1) / 'pos' (2); 'Very bad' (1) / "
             "'very  bad' (1). If each group is one class, write its label one way in the data (the run trains a head "
             "with 5 classes)") in caplog.text
+
+
+def test_a_decoder_classifier_export_names_the_pad_id_training_set(tmp_path):
+    """A decoder whose config has no pad id (GPT-2, Llama 3, ...): training sets it so the classifier finds each row's
+    last token; the card's loading call has to set it too, or batches of two fail."""
+    import re
+
+    from peft import AutoPeftModelForSequenceClassification  # noqa: F401 - the card's call runs as written
+
+    from peftkit.cli import main
+    from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_llama(len(tokenizer))
+    model.config.pad_token_id = None
+    base = tmp_path / "no-pad"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    recipe = _recipe(base, tmp_path, {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                     max_steps=2)
+    run_dir = train(recipe_from_dict(recipe)).run_dir
+    assert main(["export", str(run_dir), "--format", "adapter", "--no-verify"]) == 0
+    card = (run_dir / "adapter-export" / "README.md").read_text()
+    call = re.search(r"model = (AutoPeftModelForSequenceClassification\.from_pretrained\(.*\))", card).group(1)
+    assert f"pad_token_id={tokenizer.pad_token_id}" in call
+    exported = eval(call)  # noqa: S307 - the card's own line
+    batch = load_run(run_dir).tokenizer(["great movie", "bad food today"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**batch).logits, load_run(run_dir).model(**batch).logits)

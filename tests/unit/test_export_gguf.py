@@ -853,3 +853,24 @@ def test_file_and_ollama_names_keep_accented_letters_as_ascii():
 
     assert slug("ünï") == "uni" and slug("Crème brûlée desk") == "Creme-brulee-desk"
     assert slug("日本") == "model" and slug("a/b c") == "a-b-c"
+
+
+def test_a_gguf_lora_of_an_adapter_on_an_untied_output_head_points_to_the_merged_export(export_recipe, tmp_path):
+    """peft saves the adapted head's own weights next to its lora_A/B; a GGUF LoRA cannot carry them."""
+    from tests.unit.export_fixtures import build_llama_dir
+    from tests.conftest import build_tiny_tokenizer
+
+    untied = build_llama_dir(tmp_path / "untied", build_tiny_tokenizer(), tie=False)
+    run = make_run(tmp_path / "run", export_recipe, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                                                               task_type="CAUSAL_LM"), model_dir=untied)
+    with pytest.raises(ExportError, match=r"carries `lm_head`'s own weights .* --format gguf` \(merged\) instead"):
+        export_gguf_adapter(run, gguf_type="f32")
+
+
+def test_a_qlora_gguf_lora_says_it_runs_on_a_float_base(export_recipe, tmp_path):
+    run = make_run(tmp_path / "qrun", export_recipe, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                task_type="CAUSAL_LM"),
+                   quantization={"bits": 4, "quant_type": "nf4", "double_quant": True})
+    result = export_gguf_adapter(run, gguf_type="f32", check=False)
+    assert any("learnt the 4-bit base's rounding too" in note and "--qlora-base original" in note
+               for note in result.notes)

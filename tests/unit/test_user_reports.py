@@ -193,3 +193,58 @@ def test_an_invalid_node_count_is_one_problem():
     from peftkit.train.launch import LaunchOptions
 
     assert LaunchOptions(nnodes=0).problems() == ["--nnodes must be at least 1, got 0"]
+
+
+def test_prefix_projection_runs_are_refused_where_their_checkpoints_would_be_loaded(tiny_recipe, tmp_path, capsys):
+    """peft checkpoints a projected prefix in its inference form: early stopping (best checkpoint) and --resume would
+    crash after training with a raw size mismatch; both are refused before any weights load."""
+    import copy
+
+    from peftkit.config.validate import validate_recipe
+    from peftkit.errors import ConfigError
+
+    data = copy.deepcopy(tiny_recipe)
+    data["adapter"] = {"method": "prefix_tuning", "num_virtual_tokens": 4, "prefix_projection": True}
+    data["train"] = {**data["train"], "early_stopping_patience": 2}
+    with pytest.raises(ConfigError, match="early stopping cannot load its best checkpoint"):
+        validate_recipe(recipe_from_dict(data), check_model=False)
+    data["train"] = {**tiny_recipe["train"], "max_steps": 2}
+    data["eval"] = {"before": False}
+    recipe_path = tmp_path / "prefix.yaml"
+    recipe_path.write_text(__import__("yaml").safe_dump(data))
+    assert main(["train", str(recipe_path)]) == 0
+    capsys.readouterr()
+    (Path(data["output_dir"]) / "summary.json").unlink()  # as a run stopped before its end leaves it
+    assert main(["train", str(recipe_path), "--resume"]) == 2
+    assert "cannot be resumed: start it again with --force" in capsys.readouterr().err
+
+
+def test_a_warm_up_over_every_step_is_dropped_and_a_replaced_save_interval_is_said(tiny_recipe, tmp_path, caplog):
+    """A 1-step run's only step would be a warm-up step at learning rate 0: the saved adapter would be untrained."""
+    import copy
+
+    import torch
+
+    from peftkit.train.run import training_arguments
+
+    def arguments(**train):
+        data = copy.deepcopy(tiny_recipe)
+        data["train"] = {**data["train"], **train}
+        return training_arguments(recipe_from_dict(data), tmp_path, "cpu", torch.float32, has_eval=True)
+
+    with caplog.at_level(logging.WARNING):
+        assert arguments(max_steps=1, warmup_ratio=0.05).warmup_steps == 0
+        assert "all 1 steps warm-up steps" in caplog.text
+        caplog.clear()
+        assert arguments(max_steps=40, warmup_ratio=0.05).warmup_steps == 0.05 and not caplog.text
+        args = arguments(max_steps=12, eval_steps=2, save_steps=3, early_stopping_patience=1)
+        assert args.save_steps == 2 and "train.save_steps 3 is replaced by train.eval_steps 2" in caplog.text
+
+
+def test_a_relative_base_is_recorded_as_an_absolute_path(export_recipe, llama64_dir, tmp_path, monkeypatch):
+    """`merge --base DIR` wrote `base_model: DIR` into the card: valid only where the command ran."""
+    from peftkit.export.merge import resolve_run
+
+    run = make_run(tmp_path / "run", export_recipe, __import__("peft").LoraConfig(r=4, target_modules=["q_proj"]))
+    monkeypatch.chdir(llama64_dir.parent)
+    assert resolve_run(run, base=llama64_dir.name).model_cfg.name == str(llama64_dir.resolve())

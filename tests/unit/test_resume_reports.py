@@ -1,0 +1,261 @@
+"""Resume and interrupt cases from testers' reports: a moved run, early stopping, damaged checkpoints, signals after
+training, the resume command of a launched run, the progress bar, threads and the metrics clock."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from peftkit.config import load_recipe
+from peftkit.errors import RunDirError
+from peftkit.train import checkpoints, run as run_module
+from peftkit.train.callbacks import MetricsJsonlCallback, ProgressBar
+from peftkit.train.run import configure_threads, train, warn_if_cpu_busy
+from peftkit.train.signals import INTERRUPTED_FILE, TrainingInterrupted, read_interrupted
+from tests.train_procs import adapter_tensors, tiny_recipe_file
+from tests.unit.test_classification import _recipe as classification_recipe, tiny_bert_dir  # noqa: F401 (a fixture)
+
+# lr 0.05 on the tiny model: eval loss falls until step 4, then rises (best checkpoint before the last one)
+EARLY = {"lr": 0.05, "eval_steps": 2, "save_total_limit": 20}
+
+
+class Killed(BaseException):
+    """Stands for a kill -9 while the run evaluates its final weights."""
+
+
+def _killed_after_training(monkeypatch: pytest.MonkeyPatch, recipe_file: Path) -> Path:
+    def kill(*args, **kwargs):
+        raise Killed()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "final_eval_loss", kill)
+        with pytest.raises(Killed):
+            train(load_recipe(recipe_file))
+    run_dir = recipe_file.parent / "run"
+    assert not (run_dir / "summary.json").exists()
+    return run_dir
+
+
+def _steps_logged(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_moved_run_resumed_after_its_last_checkpoint_ships_the_best_weights(tiny_model_dir, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    recipe_file = tiny_recipe_file(tmp_path / "a", tiny_model_dir, train={**EARLY, "max_steps": 8, "early_stopping_patience": 10})
+    run_dir = _killed_after_training(monkeypatch, recipe_file)
+    last = checkpoints.latest_complete(run_dir)
+    best = Path(json.loads((last / "trainer_state.json").read_text())["best_model_checkpoint"])
+    assert checkpoints.step_of(last) == 8 and checkpoints.step_of(best) < 8, "the setup needs a best step before the last"
+    moved = tmp_path / "moved"
+    shutil.move(str(run_dir), moved)  # resumed as `peftkit train RUN_DIR --resume` resumes it
+    summary = train(load_recipe(moved / "recipe.yaml", [f"output_dir={moved}"]), resume=True).summary
+    assert summary["weights_from_step"] == checkpoints.step_of(best)
+    shipped = adapter_tensors(moved / "adapter")
+    want = adapter_tensors(moved / "checkpoints" / best.name)
+    for key, value in want.items():
+        torch.testing.assert_close(shipped[key], value)
+
+
+def test_a_resumed_run_whose_best_checkpoint_is_gone_says_so(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    torch.set_num_threads(1)
+    recipe_file = tiny_recipe_file(tmp_path, tiny_model_dir, train={**EARLY, "max_steps": 8, "early_stopping_patience": 10})
+    run_dir = _killed_after_training(monkeypatch, recipe_file)
+    best = Path(json.loads((run_dir / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())["best_model_checkpoint"])
+    shutil.rmtree(best)
+    with caplog.at_level(logging.WARNING):
+        summary = train(load_recipe(recipe_file), resume=True).summary
+    assert f"The best checkpoint {best.name} is gone" in caplog.text
+    assert summary["weights_from_step"] == 8  # what it shipped, not the best step's name
+
+
+def test_an_epoch_run_that_had_stopped_early_does_not_train_on_when_resumed(tiny_model_dir, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    recipe_file = tiny_recipe_file(tmp_path, tiny_model_dir,
+                                   train={**EARLY, "max_steps": None, "epochs": 6, "early_stopping_patience": 1})
+    run_dir = _killed_after_training(monkeypatch, recipe_file)
+    last = checkpoints.latest_complete(run_dir)
+    stopped_at = checkpoints.step_of(last)
+    summary = train(load_recipe(recipe_file), resume=True).summary
+    assert summary["steps"] == stopped_at and summary["stopped_early"]
+    assert max(_steps_logged(run_dir)) == stopped_at
+    assert checkpoints.stopped_early(last, 1) and not checkpoints.stopped_early(last, 2)
+
+
+def test_resumed_runs_restore_the_early_stopping_counter(tiny_recipe, tmp_path):
+    from peftkit.config.load import recipe_from_dict
+
+    recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "early_stopping_patience": 2}})
+    args = run_module.training_arguments(recipe, tmp_path, "cpu", torch.float32, has_eval=True)
+    assert args.restore_callback_states_from_checkpoint
+
+
+def _fake_checkpoint(run_dir: Path, step: int) -> Path:
+    folder = run_dir / "checkpoints" / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    torch.save({"state": step}, folder / "optimizer.pt")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(64)}, str(folder / "adapter_model.safetensors"))
+    (folder / "trainer_state.json").write_text("{}")
+    (folder / checkpoints.MARKER).write_text(json.dumps({"step": step, "world_size": 1, "deepspeed_stage": None}))
+    return folder
+
+
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(tmp_path, caplog):
+    older, newer = _fake_checkpoint(tmp_path, 2), _fake_checkpoint(tmp_path, 4)
+    os.truncate(newer / "optimizer.pt", 100)  # `truncate -s 100`
+    with caplog.at_level(logging.WARNING):
+        assert checkpoints.prepare_resume(tmp_path) == older
+    assert "checkpoint-4 is damaged (optimizer.pt is not a whole torch file)" in caplog.text
+    assert not checkpoints.is_complete(newer)  # a save of step 4 replaces it
+    assert checkpoints.damage(older) is None and checkpoints.latest_loadable(tmp_path) == older
+
+
+def test_no_loadable_checkpoint_is_one_clear_error(tmp_path):
+    only = _fake_checkpoint(tmp_path, 2)
+    (only / "trainer_state.json").write_text('{"global_step": 2')
+    assert checkpoints.damage(only) == "trainer_state.json is not valid JSON"
+    with pytest.raises(RunDirError, match="every checkpoint .* is damaged"):
+        checkpoints.prepare_resume(tmp_path)
+
+
+def test_sigterm_after_training_leaves_a_resumable_run_and_says_so(tiny_model_dir, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    recipe_file = tiny_recipe_file(tmp_path, tiny_model_dir)
+
+    class Terminated(BaseException):
+        pass
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    previous = signal.signal(signal.SIGTERM, terminated)  # as the CLI's handler: the run must not meet it
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(run_module, "final_eval_loss", signalled)
+            with pytest.raises(TrainingInterrupted) as caught:
+                train(load_recipe(recipe_file))
+        assert signal.getsignal(signal.SIGTERM) is terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    run_dir = tmp_path / "run"
+    assert caught.value.exit_code == 143 and "--resume" in str(caught.value)
+    record = json.loads((run_dir / INTERRUPTED_FILE).read_text())
+    assert record["step"] == 12 and record["signal"] == "SIGTERM" and record["resume"].endswith("--resume")
+    assert train(load_recipe(recipe_file), resume=True).summary["steps"] == 12
+
+
+def test_the_launching_process_records_its_own_resume_command(tmp_path, monkeypatch):
+    monkeypatch.delenv("PEFTKIT_WORKER", raising=False)
+    monkeypatch.setattr("sys.argv", ["peftkit", "train", "np.yaml", "--nproc", "2"])
+    (tmp_path / INTERRUPTED_FILE).write_text(json.dumps(
+        {"step": 3, "checkpoint": str(tmp_path / "checkpoints" / "checkpoint-3"), "signal": "SIGINT",
+         "resume": f"peftkit train {tmp_path} --resume"}))
+    record = read_interrupted(tmp_path)
+    assert record is not None and record["resume"] == "peftkit train np.yaml --nproc 2 --resume"
+    assert json.loads((tmp_path / INTERRUPTED_FILE).read_text())["resume"] == record["resume"]
+
+
+def test_ctrl_c_prints_no_empty_record(tiny_model_dir, tmp_path, capfd):
+    from transformers import TrainerCallback
+
+    torch.set_num_threads(1)
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        train(load_recipe(tiny_recipe_file(tmp_path, tiny_model_dir)), extra_callbacks=[CtrlC()])
+    out, err = capfd.readouterr()
+    assert "SIGINT: saving a checkpoint" in err
+    assert "{}" not in out + err
+
+
+def test_the_progress_bar_skips_an_emptied_record():
+    written = []
+    bar = ProgressBar()
+    bar.training_bar = SimpleNamespace(write=written.append)
+    state = SimpleNamespace(is_world_process_zero=True)
+    bar.on_log(None, state, None, logs={})
+    bar.on_log(None, state, None, logs={"loss": 1.0})
+    assert len(written) == 1 and "loss" in written[0]
+
+
+def test_threads_follow_omp_num_threads_without_a_recipe_setting(monkeypatch, caplog):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    current = torch.get_num_threads()
+    assert configure_threads(None) == current != 64
+    assert configure_threads(1) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert configure_threads(None) == 64
+    monkeypatch.setattr(os, "getloadavg", lambda: (200.0, 0.0, 0.0))
+    with caplog.at_level(logging.WARNING):
+        warn_if_cpu_busy(1)
+    assert "training on 1 thread next" in caplog.text and "run it alone" in caplog.text
+    assert "train.num_threads" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        warn_if_cpu_busy(4)
+    assert "on 4 threads" in caplog.text and "train.num_threads" in caplog.text
+
+
+def test_metrics_time_goes_on_from_the_earlier_sessions(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 4, "time": 100.0, "loss": 1.0}) + "\n")
+    callback = MetricsJsonlCallback(path)
+    callback.on_log(None, SimpleNamespace(is_world_process_zero=True, global_step=5, epoch=1.0), None, logs={"loss": 0.9})
+    last = json.loads(path.read_text().splitlines()[-1])
+    assert last["step"] == 5 and 100.0 <= last["time"] < 110.0
+
+
+def test_a_classifier_stopped_by_ctrl_c_resumes_into_the_whole_runs_summary(tiny_bert_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    from peftkit.config.load import recipe_from_dict
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def recipe(folder: Path):
+        folder.mkdir()
+        return recipe_from_dict(classification_recipe(tiny_bert_dir, folder, {"method": "lora", "r": 4, "alpha": 8}, max_steps=8,
+                                        save_steps=100))
+
+    def unhandled(signum, frame):
+        raise RuntimeError("the run did not take the Ctrl-C")
+
+    want = train(recipe(tmp_path / "whole")).summary
+    stopped = recipe(tmp_path / "stopped")
+    previous = signal.signal(signal.SIGINT, unhandled)
+    try:
+        with pytest.raises(TrainingInterrupted):
+            train(stopped, extra_callbacks=[CtrlC()])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    run_dir = tmp_path / "stopped" / "run"
+    assert json.loads((run_dir / INTERRUPTED_FILE).read_text())["step"] == 4
+    got = train(stopped, resume=True).summary
+    assert got["steps"] == 8
+    for key in ("eval_loss_before", "eval_accuracy_before", "heldout_accuracy_before", "trained_tokens"):
+        assert got[key] is not None and got[key] == want[key], key
+    assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-4)
