@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import __version__
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, Terminated, is_disk_full
 
 
 PLUGIN_COMMANDS = ("peftkit.export.commands", "peftkit.evaluate.commands")
@@ -256,11 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised where the process is so that temporary folders are removed and a verification child is
-    stopped on the way out (the default action ends the process on the spot, leaving both behind). Not a
-    KeyboardInterrupt: the chat REPL takes Ctrl-C as "stop this reply", which a SIGTERM is not."""
-
 
 def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
@@ -311,22 +305,12 @@ def _set_flags_last(argv: list[str]) -> list[str]:
     return kept + moved
 
 
-def _disk_full(exc: BaseException | None) -> bool:
-    """A full disk, also as torch's checkpoint writer (`unexpected pos N vs M`) and safetensors word it."""
-    while exc is not None:
-        if getattr(exc, "errno", None) == errno.ENOSPC or any(
-                text in str(exc) for text in ("No space left on device", "[Errno 28]", "os error 28")):
-            return True
-        if isinstance(exc, RuntimeError) and "unexpected pos" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _disk_full_message(exc: BaseException, args: argparse.Namespace) -> str:
+def _disk_full_message(exc: BaseException, args: argparse.Namespace, argv: list[str]) -> str:
     what = getattr(exc, "filename", None) or "a checkpoint or output file"
-    if args.func is cmd_train:
-        then = f"resume with `peftkit train {args.recipe} --resume`"
+    if args.func is cmd_train:  # the command as typed (overrides and launch flags kept), with --resume
+        from peftkit.train.launch import resume_command
+
+        then = f"resume with `{resume_command(argv)}`"
     else:
         then = "run the command again"
     return f"no space left on device while writing {what}; free space and {then} (-v shows the traceback)"
@@ -352,10 +336,11 @@ def _run_command(argv: list[str] | None) -> int:
         print(f"error: {_naming_the_recipe(exc, getattr(args, 'recipe', None))}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - only OSErrors and a full disk (torch's, safetensors' words) are handled
-        if args.verbose or not (isinstance(exc, OSError) or _disk_full(exc)):
+        if args.verbose or not (isinstance(exc, OSError) or is_disk_full(exc)):
             raise
-        if _disk_full(exc):
-            print(f"error: {_disk_full_message(exc, args)}", file=sys.stderr)
+        if is_disk_full(exc):
+            print(f"error: {_disk_full_message(exc, args, sys.argv[1:] if argv is None else list(argv))}",
+                  file=sys.stderr)
             return 2
         # Permission denied, ...: say which file, without a traceback (-v shows it).
         where = f" ({exc.filename})" if exc.filename else ""

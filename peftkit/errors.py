@@ -6,6 +6,9 @@ traceback and exits with ``exit_code`` (2 for bad input).
 
 from __future__ import annotations
 
+import errno
+import re
+
 
 class PeftkitError(Exception):
     """Base class: a problem the user can fix."""
@@ -52,3 +55,26 @@ class TrainingDivergedError(PeftkitError, ArithmeticError):
     """The loss or gradient became inf / NaN: the weights are ruined from that step on."""
 
     exit_code = 1
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that temporary folders are removed and a verification child is
+    stopped on the way out (the default action ends the process on the spot, leaving both behind). Not a
+    KeyboardInterrupt: the chat REPL takes Ctrl-C as "stop this reply", which a SIGTERM is not. Defined here, not in
+    the CLI: workers run `python -m peftkit.cli`, whose `__main__` copy would not catch the class `peftkit.cli` has."""
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile (gguf-py) on a full disk
+_DISK_FULL_TEXTS = ("No space left on device", "[Errno 28]", "os error 28", "Disk quota exceeded")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """A full disk anywhere in an exception's chain, however the writer words it: an OSError (ENOSPC, EDQUOT),
+    safetensors' `os error 28`, numpy's short write, torch's checkpoint writer (`unexpected pos N vs M`)."""
+    while exc is not None:
+        text = str(exc)
+        if (getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(t in text for t in _DISK_FULL_TEXTS)
+                or _SHORT_WRITE.search(text) or (isinstance(exc, RuntimeError) and "unexpected pos" in text)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from peftkit.models.registry import hub_base_model
+
 
 def _front_matter(data: dict[str, Any]) -> str:
     return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n"
@@ -49,7 +51,7 @@ def merged_card(merged: Any, *, dtype: str, verification: dict[str, Any] | None,
     title = f"{run.recipe.name or run.run_dir.name}: {info.method} merged into {run.model_cfg.name}"
     lines = [
         _front_matter({
-            "base_model": run.model_cfg.name,
+            "base_model": hub_base_model(run.model_cfg.name),
             "library_name": "transformers",
             "tags": ["peftkit", "merged", *(r.info.method.lower() for r in runs)],
         }),
@@ -121,8 +123,8 @@ def _quantized_base_loading(bnb: dict[str, Any] | None, base_ref: str) -> list[s
     lines = ["from transformers import BitsAndBytesConfig",
              f"quantization = BitsAndBytesConfig({arguments})  # the same 4-bit weights as training (on a GPU)"]
     if trained_dtype not in (None, "bfloat16"):
-        lines.append(f"# training computed in {trained_dtype}; bfloat16 is the usual choice on a GPU, "
-                     f"bnb_4bit_compute_dtype='{trained_dtype}' reproduces training's numbers exactly")
+        lines.append(f"# bfloat16 computes fast on a GPU; bnb_4bit_compute_dtype='{trained_dtype}' reproduces this "
+                     "export's verification numbers exactly")
     if bnb.get("blocksize") not in (None, 64):
         lines.append(f"# trained with quantization blocks of {bnb['blocksize']} (peftkit's loader sets them; "
                      "BitsAndBytesConfig has no field for it)")
@@ -134,7 +136,7 @@ def adapter_card(manifest: dict[str, Any], verification: dict[str, Any] | None, 
     base_ref = base.get("path") or base["name"]
     local = f" (local path `{base['path']}`)" if base.get("path") and base["path"] != base["name"] else ""
     lines = [
-        _front_matter({"base_model": base["name"], "library_name": "peft", "tags": ["peftkit", manifest["method"].lower()]}),
+        _front_matter({"base_model": hub_base_model(base["name"]), "library_name": "peft", "tags": ["peftkit", manifest["method"].lower()]}),
         f"# {manifest['method']} adapter for {base['name']}",
         "",
         "| | |",

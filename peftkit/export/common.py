@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -13,8 +12,9 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import ExportError, MissingDependencyError
-from peftkit.utils.atomic import atomic_write_text, mark_when_written
+from peftkit.errors import ExportError, MissingDependencyError, is_disk_full
+from peftkit.models.resolve import TOKENIZER_FILES
+from peftkit.utils.atomic import atomic_write_text, mark_when_written, marked_entries
 
 EXPORT_MARKER = ".peftkit-export"  # in every export folder: `--force` may replace what holds it
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -27,15 +27,14 @@ GGUF_TYPES = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 ADAPTER_GGUF_TYPES = ("f32", "f16", "q8_0")
 """A GGUF LoRA's types: its A/B matrices are small, and llama.cpp adds their product to a quantized base anyway."""
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt",
-                    "merges.txt", "spiece.model")
+_TOKENIZER_FILES = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                    "chat_template.json", "merges.txt", "*.tiktoken")
 EXPORT_FILES = {
     "hf": ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "config.json",
            "generation_config.json", "README.md", "verification.json", *_TOKENIZER_FILES),
     "adapter": ("adapter_config.json", "adapter_model.safetensors", "manifest.json", "labels.json", "README.md",
                 "verification.json", *_TOKENIZER_FILES),
-    "gguf": ("*.gguf", "Modelfile", "verification.json"),  # a model GGUF or a GGUF LoRA
+    "gguf": (*(f"*-{t}.gguf" for t in GGUF_TYPES), "Modelfile", "verification.json"),  # a model GGUF or a GGUF LoRA
 }
 """The file names each kind of export writes: an export from before the marker holds nothing else."""
 
@@ -82,8 +81,10 @@ def prepare_output(out: Path, *, force: bool, protected: list[Path]) -> Path:
         raise ExportError(f"{out} exists and is a file; --out must be a directory")
     _check_writable(out)
     if out.exists() and not written_by_peftkit(out):
-        names = sorted(p.name for p in out.iterdir())
-        names = [n for n in names if not any(_is_export_file(n, kind) for kind in EXPORT_FILES)] or names
+        names = sorted(p.name for p in out.iterdir() if p.name != EXPORT_MARKER)
+        listed = marked_entries(out / EXPORT_MARKER)
+        names = ([n for n in names if n not in listed] if listed is not None else
+                 [n for n in names if not any(_is_export_file(n, kind) for kind in EXPORT_FILES)] or names)
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise ExportError(
             f"{out} holds files peftkit did not write ({shown}); peftkit never deletes a folder it did not write, "
@@ -116,11 +117,16 @@ def written_by_peftkit(folder: Path) -> bool:
     """An empty folder or a peftkit export. Exports before the marker are recognised by a file only peftkit
     writes, and only while every entry is a file that kind of export writes: a folder that merely holds a
     `verification.json` next to the user's own files is not one (--force would delete them)."""
-    entries = list(folder.iterdir())
-    if not entries or (folder / EXPORT_MARKER).is_file():
+    entries = [p for p in folder.iterdir() if p.name != EXPORT_MARKER]
+    if not entries:
         return True
+    listed = marked_entries(folder / EXPORT_MARKER)
+    if listed is not None:  # the marker names what the export wrote: e.g. a llama-quantize output added later is not
+        return {p.name for p in entries} <= listed
     if not any(all(p.is_file() and _is_export_file(p.name, kind) for p in entries) for kind in EXPORT_FILES):
         return False
+    if (folder / EXPORT_MARKER).is_file():  # a marker from before it listed the files
+        return True
     if (folder / "verification.json").is_file():  # any verified export
         return True
     if (folder / "adapter_config.json").is_file() and (folder / "manifest.json").is_file():  # adapter export
@@ -148,9 +154,6 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile (gguf-py) on a full disk
-
-
 @contextlib.contextmanager
 def disk_full_as_error(folder: Path, fix: str = "free some space there, or choose another --out") -> Iterator[None]:
     """A full disk while writing `folder`: one clear error instead of a traceback (safetensors and torch raise
@@ -160,12 +163,8 @@ def disk_full_as_error(folder: Path, fix: str = "free some space there, or choos
     except ExportError:
         raise
     except Exception as exc:
-        cause: BaseException | None = exc
-        while cause is not None:
-            if ((isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT))
-                    or "No space left on device" in str(cause) or _SHORT_WRITE.search(str(cause))):
-                raise ExportError(f"no space left on device while writing {folder}: {fix}") from exc
-            cause = cause.__cause__ or cause.__context__
+        if is_disk_full(exc):
+            raise ExportError(f"no space left on device while writing {folder}: {fix}") from exc
         raise
 
 

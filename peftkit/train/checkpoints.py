@@ -223,6 +223,17 @@ def damage(checkpoint: Path) -> str | None:
     return None
 
 
+def trained_to_the_end(resume_from: Path | None, recipe: Any, prior_steps: int, has_eval: bool,
+                       deepspeed: bool = False) -> bool:
+    """A resumed run whose steps were all trained before it stopped (its max_steps reached, or early stopping had
+    ended it): it is finished from its checkpoint (`restore_finished`), not trained on. DeepSpeed checkpoints are
+    restored by the engine itself, so such runs train on."""
+    cfg = recipe.train
+    return resume_from is not None and not deepspeed and (
+        (bool(cfg.max_steps) and prior_steps >= cfg.max_steps)
+        or stopped_early(resume_from, cfg.early_stopping_patience if has_eval else None))
+
+
 def latest_loadable(run_dir: Path) -> Path | None:
     """The newest complete checkpoint that is not damaged: the one `prepare_resume` picks."""
     return next((p for p in reversed(checkpoint_dirs(run_dir)) if is_complete(p) and damage(p) is None), None)
@@ -268,9 +279,12 @@ def prepare_resume(
         if problem is None:
             checkpoint = candidate
             break
-        if main_process:  # unmarked: a save of the same step replaces it, and the next resume removes it
-            log.warning("Checkpoint %s is damaged (%s): resuming from an earlier one", candidate, problem)
-            (candidate / MARKER).unlink(missing_ok=True)
+        if main_process:  # set aside: left in place, the Trainer's rotation would count it and delete a good one
+            aside = candidate.with_name(f".damaged-{candidate.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            candidate.rename(aside)
+            log.warning("Checkpoint %s is damaged (%s): moved it to %s, resuming from an earlier one", candidate,
+                        problem, aside.name)
     if checkpoint is None:
         raise RunDirError(f"--resume: every checkpoint in {run_dir / 'checkpoints'} is damaged (a file is cut short), "
                           "so nothing can be resumed; start the run again with --force")

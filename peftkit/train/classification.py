@@ -143,12 +143,15 @@ def train_classifier(
     recipe: Recipe, *, resume: bool = False, force: bool = False, extra_callbacks: list[Any] | None = None
 ) -> RunResult:
     run_dir = Path(recipe.output_dir).expanduser().resolve()
-    with run_lock(run_dir):  # one process only (multi-process classification is refused by the launcher)
-        return _train_classifier(recipe, run_dir, resume=resume, force=force, extra_callbacks=extra_callbacks)
+    # one process only (multi-process classification is refused by the launcher)
+    with run_lock(run_dir), signals.FinishingGuard(run_dir) as finishing:
+        return _train_classifier(recipe, run_dir, resume=resume, force=force, extra_callbacks=extra_callbacks,
+                                 finishing=finishing)
 
 
 def _train_classifier(
-    recipe: Recipe, run_dir: Path, *, resume: bool, force: bool, extra_callbacks: list[Any] | None
+    recipe: Recipe, run_dir: Path, *, resume: bool, force: bool, extra_callbacks: list[Any] | None,
+    finishing: signals.FinishingGuard | None = None,
 ) -> RunResult:
     started = time.perf_counter()
     recipe = validate_recipe(recipe, check_model=True)
@@ -250,8 +253,13 @@ def _train_classifier(
             wall_seconds=prior.wall_seconds + time.perf_counter() - started)
 
     train_started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if checkpoints.trained_to_the_end(resume_from, recipe, prior.steps, has_eval):
+        output = checkpoints.restore_finished(trainer, resume_from)  # every step was trained before the stop
+    else:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     signals.raise_if_interrupted(interrupt, trainer, run_dir)  # a signal stopped it: checkpoint saved, say how to resume
+    if finishing is not None:
+        finishing.arm()  # from here a signal stops at once; the run resumes from its last checkpoint
     train_seconds = prior.train_seconds + time.perf_counter() - train_started
     steps = output.global_step
     session_loss = _session_loss_sum(trainer, finished=True) if steps > prior.steps else 0.0

@@ -211,7 +211,7 @@ def resolve_resume(resume_arg: str | None, run_dir: Path, force: bool) -> tuple[
         raise RunDirError("--resume and --force contradict each other: --force deletes the run --resume would continue")
     if (run_dir / "summary.json").is_file():
         raise RunDirError(f"--resume: {run_dir} holds a finished run (summary.json); there is nothing to resume")
-    if checkpoints.latest_complete(run_dir) is not None:
+    if checkpoints.latest_loadable(run_dir) is not None:
         return True, False
     started = run_dir.is_dir() and any(run_dir.iterdir())
     if resume_arg != "auto":
@@ -295,7 +295,7 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
         result = train(recipe, resume=resume, force=force)
         finish_process_group()
     except TrainingInterrupted as exc:
-        finish_process_group()  # every rank raises it, at the same step: the stop flag is all-reduced
+        finish_process_group(wait=exc.coordinated)  # during training every rank stops at the same step
         if os.environ.get(WORKER_ENV):
             return 0  # the launching process reads interrupted.json and tells the user
         raise exc.with_command(resume_command()) from None
@@ -566,7 +566,7 @@ def raise_for_worker_exit(code: int, interrupts: int, record: dict[str, Any] | N
             raise TrainingInterrupted(int(record["step"]), checkpoint, run_dir, resume_command(), record.get("signal"))
     if interrupts:
         # an earlier session's checkpoint can be resumed; else the same command starts over
-        again = resume_command() if checkpoints.latest_complete(run_dir) is not None else restart_command(run_dir)
+        again = resume_command() if checkpoints.latest_loadable(run_dir) is not None else restart_command(run_dir)
         error = LaunchError(f"training was interrupted before a checkpoint could be saved (launcher exit code {code}); "
                             f"rerun with: {again}")
         error.exit_code = 130  # interrupted, as a one-process run reports it
@@ -605,8 +605,9 @@ def mean_over_processes(value: float) -> float:
     return value if total is None else total[0] / dist.get_world_size()
 
 
-def finish_process_group() -> None:
-    """Wait for every rank, then tear the process group down before interpreter exit.
+def finish_process_group(wait: bool = True) -> None:
+    """Wait for every rank (unless `wait` is False: ranks that did not stop together would wait forever), then
+    tear the process group down before interpreter exit.
 
     Left to exit-time destructors, gloo's and DeepSpeed's communication threads can still be joinable
     when C++ static destruction runs, and a worker that finished training aborts ("terminate called
@@ -616,6 +617,6 @@ def finish_process_group() -> None:
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if dist.get_world_size() > 1:
+    if wait and dist.get_world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()

@@ -101,8 +101,9 @@ def _plain_use(run_dir: Path, system_prompt: str | None = None, quantization: An
     return [*lines[:3], "from transformers import AutoTokenizer", *lines[3:],
             f'tokenizer = AutoTokenizer.from_pretrained("{run_dir / "tokenizer"}")',
             f'messages = [{{"role": "system", "content": {prompt}}}, {{"role": "user", "content": "Your question"}}]',
-            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")",
-            "reply = model.generate(inputs, max_new_tokens=200)[0][inputs.shape[1]:]",
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+            "return_dict=True)",
+            "reply = model.generate(**inputs, max_new_tokens=200)[0][inputs[\"input_ids\"].shape[1]:]",
             "print(tokenizer.decode(reply, skip_special_tokens=True))", "```", "",
             f"The model was trained with the system prompt {prompt}: send it as the first message, as above and as "
             "`peftkit chat` does (without it the chat template may add a default system prompt of its own, which "

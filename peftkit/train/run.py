@@ -400,10 +400,7 @@ def _train(
         return (prior.loss_sum + session_loss) / steps if steps else 0.0, prior.train_seconds + time.perf_counter() - train_started
 
     train_started = time.perf_counter()
-    finished = resume_from is not None and ds_config is None and (
-        (bool(recipe.train.max_steps) and prior.steps >= recipe.train.max_steps)
-        or checkpoints.stopped_early(resume_from, recipe.train.early_stopping_patience if has_eval else None))
-    if finished:
+    if checkpoints.trained_to_the_end(resume_from, recipe, prior.steps, has_eval, deepspeed=ds_config is not None):
         output = checkpoints.restore_finished(trainer, resume_from)  # every step was trained before the stop
     else:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

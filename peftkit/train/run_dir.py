@@ -112,6 +112,10 @@ _CHECKPOINT_ENTRY = re.compile(r"^(tmp-)?checkpoint-\d+$|^runs$")
 def foreign_entries(run_dir: Path) -> list[str]:
     """Entries peftkit did not write (hidden ones aside): a user's files, or a project folder used as output_dir."""
     found = [p.name for p in run_dir.iterdir() if not p.name.startswith(".") and p.name not in RUN_FILES]
+    from peftkit.export.common import written_by_peftkit
+
+    found += [f"{name}/" for name in _EXPORTS  # e.g. a llama-quantize output put into RUN/gguf
+              if (run_dir / name).is_dir() and not written_by_peftkit(run_dir / name)]
     saved = run_dir / "checkpoints"
     if saved.is_dir() and not saved.is_symlink():
         found += [f"checkpoints/{p.name}" for p in saved.iterdir()
@@ -121,11 +125,11 @@ def foreign_entries(run_dir: Path) -> list[str]:
 
 def is_peftkit_run(run_dir: Path) -> bool:
     """A folder peftkit made: the marker, or (runs written before the marker) a recipe next to a summary or
-    checkpoints, with nothing else than a run's files (a project folder may hold a recipe.yaml and checkpoints/)."""
+    checkpoints. A project folder may look like that too: replacing a run (`clear_run_dir`) refuses any folder
+    that holds what a run does not, so this decides only what may be resumed."""
     return (run_dir / RUN_MARKER).is_file() or (
         (run_dir / "recipe.yaml").is_file()
         and ((run_dir / "summary.json").is_file() or (run_dir / "checkpoints").is_dir())
-        and not foreign_entries(run_dir)
     )
 
 
@@ -136,7 +140,7 @@ def _refuse_foreign(run_dir: Path) -> None:
         return
     shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
     raise RunDirError(
-        f"output_dir {run_dir} holds an earlier run and files peftkit did not write ({shown}); peftkit never deletes "
+        f"output_dir {run_dir} holds files peftkit did not write ({shown}); peftkit never deletes "
         "those, not even with --force: move them out of the folder, or set output_dir to a new or empty folder"
     )
 
@@ -165,7 +169,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, force: bool, recipe_dump: dict
             "peftkit never deletes such a folder, not even with --force: set output_dir to a new or empty folder"
         )
     if resume:
-        if checkpoints.latest_complete(run_dir) is None:
+        if checkpoints.latest_loadable(run_dir) is None:
             raise RunDirError(
                 f"--resume: {run_dir} has no complete checkpoint yet; start again with --force "
                 "(checkpoints are written every train.save_steps steps, or each epoch)"

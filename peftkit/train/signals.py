@@ -33,7 +33,10 @@ class TrainingInterrupted(PeftkitError):
     """Training stopped on a signal after saving a checkpoint; the run can be resumed."""
 
     def __init__(self, step: int, checkpoint: Path, run_dir: Path, resume_command: str | None = None,
-                 signal_name: str | None = None) -> None:
+                 signal_name: str | None = None, coordinated: bool = True) -> None:
+        self.coordinated = coordinated
+        """Every rank stopped at the same step (the stop flag is all-reduced during training); a signal after
+        training reaches each rank wherever it is, so there is no common point to wait at."""
         self.step = step
         self.checkpoint = checkpoint
         self.run_dir = run_dir
@@ -185,17 +188,19 @@ class FinishingGuard:
             return
         from peftkit.train.checkpoints import latest_loadable, step_of
 
-        checkpoint = latest_loadable(self.run_dir)
+        finished = (self.run_dir / "summary.json").is_file()  # only the model card was left to write
+        checkpoint = None if finished else latest_loadable(self.run_dir)
         if checkpoint is None:  # nothing to resume: the usual meaning of the signal
             if exc.signal_name == "SIGTERM":
-                from peftkit.cli import Terminated
+                from peftkit.errors import Terminated
 
                 raise Terminated() from None
             raise KeyboardInterrupt from None
         step = step_of(checkpoint)
         if self.main_process:
             _write_record(self.run_dir, step, checkpoint, exc.signal_name)
-        raise TrainingInterrupted(step, checkpoint, self.run_dir, signal_name=exc.signal_name) from None
+        raise TrainingInterrupted(step, checkpoint, self.run_dir, signal_name=exc.signal_name,
+                                  coordinated=False) from None
 
 
 def read_interrupted(run_dir: Path, since: float = 0.0) -> dict[str, Any] | None:

@@ -27,6 +27,20 @@ _WITH_PID = re.compile(r"(\d+)-[0-9a-f]{8}")
 _MARKERS: dict[Path, str] = {}
 
 
+MARKER_HEADER = "written by peftkit: `--force` may replace this folder; it wrote these entries:\n"
+
+
+def marked_entries(marker: Path) -> set[str] | None:
+    """The entry names a marker says peftkit wrote next to it; None for a marker from before it listed them."""
+    try:
+        text = marker.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    if not text.startswith(MARKER_HEADER):
+        return None
+    return {line for line in text[len(MARKER_HEADER):].splitlines() if line}
+
+
 def mark_when_written(target: Path, marker: str) -> None:
     """Have the next `atomic_directory(target)` put a small `marker` file in the folder it writes.
 
@@ -150,8 +164,9 @@ def atomic_directory(target: Path, *, exist_ok: bool = False, replace: bool = Fa
     tmp, _ = _temporary_sibling(target, lambda path: os.mkdir(path, 0o777))
     try:
         yield tmp
-        if marker is not None:
-            (tmp / marker).write_text("written by peftkit: `--force` may replace this folder\n", encoding="utf-8")
+        if marker is not None:  # with the names written: anything else found there later is the user's
+            written = "".join(f"{p.name}\n" for p in sorted(tmp.iterdir()))
+            (tmp / marker).write_text(MARKER_HEADER + written, encoding="utf-8")
         _fsync_tree(tmp)
         if target.exists():
             if exist_ok and not replace:

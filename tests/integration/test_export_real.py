@@ -34,6 +34,8 @@ def test_trained_run_merges_and_exports_to_gguf_that_answers_the_same(tmp_path):
     hf = write_merged(merged, run_dir / "merged")
     assert hf.verification["passed"] and hf.verification["greedy_exact"] == 1.0, hf.verification
     assert hf.verification["tokenizer_match"] and hf.verification["template_match"]
+    # the card names the Hub model the built-in weights come from, not peftkit's alias
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (run_dir / "merged" / "README.md").read_text()
 
     gguf = write_gguf_export(merged, run_dir / "gguf", gguf_type="f16")
     # written by transformers' GGUF loader (AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)) in a fresh
@@ -62,3 +64,11 @@ def test_trained_run_merges_and_exports_to_gguf_that_answers_the_same(tmp_path):
     adapter_modelfile = (lora.path / "Modelfile").read_text()
     assert "ADAPTER ./" in adapter_modelfile and f'SYSTEM """{recipe.data.system_prompt}"""' in adapter_modelfile
     assert 'TEMPLATE """{{ if .System }}<|im_start|>system' in adapter_modelfile
+
+    # a 4-bit file holds exactly the merged weights rounded as it stores them (transformers' reader), runs in llama.cpp
+    # close to them (quantized activations), and reports what the rounding costs against the float model
+    q4 = write_gguf_export(merged, run_dir / "gguf-q4_0", gguf_type="q4_0")  # rounds `merged` in place: kept last
+    assert q4.verification["passed"] and q4.verification["max_abs_diff"] < 1e-3, q4.verification
+    assert q4.verification["llama_cpp"]["passed"], q4.verification["llama_cpp"]
+    rounding = q4.verification["rounding"]
+    assert rounding["max_abs_diff"] > 0.1 and rounding["greedy_agreement"] >= 0.5, rounding

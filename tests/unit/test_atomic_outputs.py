@@ -70,19 +70,23 @@ def test_force_replaces_a_peftkit_export_and_an_empty_folder(export_recipe, tmp_
     export_adapter(run, out, force=True, check=False)
     assert (out / EXPORT_MARKER).is_file() and (out / "adapter_config.json").is_file()
     assert EXPORT_MARKER not in list_files(out)  # bookkeeping, not part of the export's listing
-    (out / "stale.txt").write_text("from the previous export")
     with pytest.raises(ExportError, match="--force"):
         export_adapter(run, out, check=False)
     result = export_adapter(run, out, force=True, check=False)
-    assert not (out / "stale.txt").exists() and "adapter_model.safetensors" in result.files
-    assert (out / EXPORT_MARKER).is_file()
+    assert "adapter_model.safetensors" in result.files and (out / EXPORT_MARKER).is_file()
+    # a file put there afterwards (e.g. a llama-quantize output next to a GGUF) is the user's: the marker lists
+    # what the export wrote, and --force refuses the folder instead of deleting it
+    (out / "mine-Q4_K_M.gguf").write_text("user's")
+    with pytest.raises(ExportError, match=r"holds files peftkit did not write \(mine-Q4_K_M.gguf\)"):
+        export_adapter(run, out, force=True, check=False)
+    assert (out / "mine-Q4_K_M.gguf").read_text() == "user's"
 
 
 @pytest.mark.parametrize("files", [
     {"verification.json": "{}", "model.safetensors": ""},  # any verified export
     {"adapter_config.json": "{}", "manifest.json": "{}"},  # adapter export, --no-verify
-    {"Modelfile": "# Ollama Modelfile written by peftkit. Create ...\nFROM ./m.gguf\n", "m.gguf": ""},
-    {"Modelfile": "# Ollama: base model + this LoRA. Create with: ...\nADAPTER ./a.gguf\n", "a.gguf": ""},
+    {"Modelfile": "# Ollama Modelfile written by peftkit. Create ...\nFROM ./m-f16.gguf\n", "m-f16.gguf": ""},
+    {"Modelfile": "# Ollama: base model + this LoRA. Create with: ...\nADAPTER ./a-lora-q8_0.gguf\n", "a-lora-q8_0.gguf": ""},
     {"README.md": "---\nbase_model: x\ntags:\n- peftkit\n- merged\n---\n# card\n", "model.safetensors": ""},
 ])
 def test_exports_from_before_the_marker_are_recognised(tmp_path, files):

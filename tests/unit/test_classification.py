@@ -289,3 +289,14 @@ def test_a_decoder_classifier_export_names_the_pad_id_training_set(tmp_path):
     batch = load_run(run_dir).tokenizer(["great movie", "bad food today"], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(exported(**batch).logits, load_run(run_dir).model(**batch).logits)
+
+
+def test_a_classifier_resumed_after_its_last_step_trains_no_further(tiny_bert_dir, tmp_path):
+    """Killed after its last checkpoint (during the final evaluation): the resume finishes it from that checkpoint,
+    as for chat runs (transformers would train a max_steps run one step more)."""
+    recipe = _recipe(tiny_bert_dir, tmp_path, {"method": "full"}, max_steps=4, save_steps=2)
+    run_dir = train(recipe_from_dict(recipe)).run_dir
+    (run_dir / "summary.json").unlink()  # as a kill after the last checkpoint leaves it
+    train(recipe_from_dict(recipe), resume=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 4

@@ -131,6 +131,11 @@ def test_resume_auto_on_a_finished_run_does_nothing_and_succeeds(tiny_recipe, tm
     assert main(["train", str(path), "--resume", "auto"]) == 0  # a scheduled job started again after the end
     assert "nothing to resume" in " ".join(capsys.readouterr().out.split())
     assert (Path(recipe["output_dir"]) / "summary.json").read_text() == summary
+    # the same job after its recipe was edited: that recipe was never trained, which is not success
+    assert main(["train", str(path), "train.lr=1e-3", "adapter.r=8", "--resume", "auto"]) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "finished run made from another recipe" in err and "adapter.r: 4 -> 8" in err and "--force" in err
+    assert (Path(recipe["output_dir"]) / "summary.json").read_text() == summary
 
 
 def test_resumed_summary_covers_the_whole_run(tiny_recipe, tmp_path):
@@ -329,23 +334,23 @@ def test_a_project_folder_with_a_recipe_and_checkpoints_is_never_cleared(tiny_re
     (project / "recipe.yaml").write_text("my recipe")
     recipe = recipe_from_dict({**_short(tiny_recipe), "output_dir": str(project)})
     for force in (False, True):
-        with pytest.raises(RunDirError, match="did not create"):
+        with pytest.raises(RunDirError, match="did not (create|write)"):
             train(recipe, force=force)
     assert (project / "src" / "code.py").read_text() == "print('hi')"
     assert (project / "checkpoints" / "my-other-model" / "weights.bin").read_text() == "w"
     assert (project / "recipe.yaml").read_text() == "my recipe" and (project / "train.jsonl").is_file()
-    # Only its foreign checkpoints/ entry keeps it from looking like an older run.
+    # Its foreign checkpoints/ entry alone keeps it from being replaced.
     (project / "src" / "code.py").unlink()
     (project / "src").rmdir()
     (project / "train.jsonl").unlink()
-    with pytest.raises(RunDirError, match="did not create"):
+    with pytest.raises(RunDirError, match="did not (create|write)"):
         check_run_dir(project, resume=False, force=False, recipe_dump={})
     # A summary.json does not make one either.
     notes = tmp_path / "notes-folder"
     notes.mkdir()
     for name, text in (("recipe.yaml", "r"), ("summary.json", "{}"), ("notes.txt", "mine")):
         (notes / name).write_text(text)
-    with pytest.raises(RunDirError, match="did not create"):
+    with pytest.raises(RunDirError, match="did not (create|write)"):
         check_run_dir(notes, resume=False, force=True, recipe_dump={})
     assert (notes / "notes.txt").read_text() == "mine"
 
@@ -375,16 +380,31 @@ def test_force_replaces_a_run_but_never_files_put_beside_it(tmp_path):
     assert sorted(p.name for p in marked.iterdir()) == [RUN_MARKER, "adapter", "my-notes.txt"]
 
 
-def test_resume_auto_refuses_a_finished_run_of_another_recipe(tiny_recipe, tmp_path, capsys):
-    from peftkit.cli import main
 
-    recipe = _short(tiny_recipe)
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    assert main(["train", str(path)]) == 0
-    summary = (Path(recipe["output_dir"]) / "summary.json").read_text()
-    capsys.readouterr()
-    assert main(["train", str(path), "train.lr=1e-3", "adapter.r=8", "--resume", "auto"]) != 0
-    err = " ".join(capsys.readouterr().err.split())
-    assert "finished run made from another recipe" in err and "adapter.r: 4 -> 8" in err and "--force" in err
-    assert (Path(recipe["output_dir"]) / "summary.json").read_text() == summary
+def test_a_file_added_to_a_runs_export_folder_blocks_force_and_extra_entries_do_not_block_resume(tmp_path):
+    """docs/export.md suggests running llama-quantize next to the GGUF export: RUN/gguf then holds the user's file,
+    which `train --force` must not delete with the run. Resuming deletes nothing, so an older run holding an extra
+    entry (an export written to another --out inside it) still resumes."""
+    from peftkit.train.run_dir import foreign_entries, is_peftkit_run
+    from peftkit.utils.atomic import MARKER_HEADER
+
+    run = tmp_path / "run"
+    (run / "gguf").mkdir(parents=True)
+    (run / RUN_MARKER).write_text("")
+    (run / "recipe.yaml").write_text("r")
+    (run / "summary.json").write_text("{}")
+    (run / "gguf" / ".peftkit-export").write_text(MARKER_HEADER + "Modelfile\nrun-f16.gguf\n")
+    (run / "gguf" / "Modelfile").write_text("FROM ./run-f16.gguf\n")
+    (run / "gguf" / "run-f16.gguf").write_text("")
+    assert foreign_entries(run) == []
+    (run / "gguf" / "run-Q4_K_M.gguf").write_text("user's")
+    assert foreign_entries(run) == ["gguf/"]
+    with pytest.raises(RunDirError, match=r"files peftkit did not write \(gguf/\)"):
+        check_run_dir(run, resume=False, force=True, recipe_dump={})
+    assert (run / "gguf" / "run-Q4_K_M.gguf").read_text() == "user's"
+
+    older = tmp_path / "older"  # no marker: written before it existed
+    (older / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (older / "recipe.yaml").write_text("r")
+    (older / "merged-bf16").mkdir()
+    assert is_peftkit_run(older) and foreign_entries(older) == ["merged-bf16"]

@@ -248,3 +248,21 @@ def test_a_relative_base_is_recorded_as_an_absolute_path(export_recipe, llama64_
     run = make_run(tmp_path / "run", export_recipe, __import__("peft").LoraConfig(r=4, target_modules=["q_proj"]))
     monkeypatch.chdir(llama64_dir.parent)
     assert resolve_run(run, base=llama64_dir.name).model_cfg.name == str(llama64_dir.resolve())
+
+
+def test_the_run_cards_plain_peft_snippet_runs_as_written(tiny_recipe, tmp_path):
+    """The card's Python, executed: on transformers 5 apply_chat_template returns a dict-like batch."""
+    import copy
+
+    from peftkit.train.run import train
+
+    data = copy.deepcopy(tiny_recipe)
+    data["data"]["system_prompt"] = "you are a helpful assistant."
+    data["train"] = {**data["train"], "max_steps": 1}
+    data["eval"] = {"before": False}
+    run_dir = train(recipe_from_dict(data)).run_dir
+    card = (run_dir / "README.md").read_text()
+    snippet = card.split("or with plain peft:")[1].split("```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(compile(snippet.replace("max_new_tokens=200", "max_new_tokens=3"), "card", "exec"), namespace)  # noqa: S102
+    assert namespace["reply"].ndim == 1 and len(namespace["reply"]) <= 3
