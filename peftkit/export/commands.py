@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from peftkit.errors import ExportError
-from peftkit.export.common import GGUF_TYPES
+from peftkit.export.gguf_types import GGUF_TYPES
 
 
 def _print_result(result: Any) -> None:

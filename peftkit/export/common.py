@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import ExportError, MissingDependencyError, is_disk_full
+from peftkit.export.gguf_types import GGUF_TYPES
 from peftkit.models.resolve import TOKENIZER_FILES
 from peftkit.utils.atomic import atomic_write_text, mark_when_written, marked_entries
 
@@ -20,12 +21,6 @@ EXPORT_MARKER = ".peftkit-export"  # in every export folder: `--force` may repla
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
 
-
-GGUF_TYPES = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
-"""`--gguf-type` choices, finer to coarser: the float and block-quantized types gguf-py can write. The K-quants
-(Q4_K_M, ...) come from llama.cpp's own `llama-quantize` run on an f16 export (docs/export.md)."""
-ADAPTER_GGUF_TYPES = ("f32", "f16", "q8_0")
-"""A GGUF LoRA's types: its A/B matrices are small, and llama.cpp adds their product to a quantized base anyway."""
 
 _TOKENIZER_FILES = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
                     "chat_template.json", "merges.txt", "*.tiktoken")

@@ -17,7 +17,8 @@ import torch
 
 from peftkit.errors import ExportError
 from peftkit.export import llama_cpp_check, verify
-from peftkit.export.common import ADAPTER_GGUF_TYPES, ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, write_json
+from peftkit.export.common import ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, write_json
+from peftkit.export.gguf_types import ADAPTER_GGUF_TYPES
 from peftkit.export.gguf_writer import (
     add_model_parameters,
     check_architecture,

@@ -29,7 +29,8 @@ import torch
 
 from peftkit.errors import ExportError
 from peftkit.export import llama_cpp_check, verify
-from peftkit.export.common import GGUF_TYPES, ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, save_failed_report, write_json
+from peftkit.export.common import ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, save_failed_report, write_json
+from peftkit.export.gguf_types import GGUF_TYPES
 from peftkit.export.gguf_vocab import add_tokenizer, check_tokenizer
 from peftkit.export.ollama import has_ollama_template, ollama_modelfile
 from peftkit.models.gguf_config import (  # noqa: F401 - re-exported: the export's view of the same facts
@@ -433,6 +434,8 @@ def check_merge(merged: MergedModel, merged_reference: verify.Reference) -> dict
 
 def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16", force: bool = False,
                       check: bool = True) -> ExportResult:
+    """Write and verify the GGUF of a merged model. Verifying a block-quantized type (q8_0 ... q4_0) rounds
+    `merged.model`'s weights in place (`round_like_file`): do not use it for another export afterwards."""
     run = merged.primary
     out = prepare_output(out, force=force, protected=[r.run_dir for r in merged.runs])
     gguf_types(gguf_type)
