@@ -45,7 +45,8 @@ from peftkit.models.resolve import ModelSource, materialize
 from peftkit.train import checkpoints, signals
 from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
 from peftkit.train.run import (
-    RunResult, _session_loss_sum, check_device_options, configure_threads, peak_memory_mb, summary_header, training_arguments,
+    RunResult, _session_loss_sum, check_device_options, configure_threads, peak_memory_mb, summary_header, train_or_finish,
+    training_arguments,
 )
 from peftkit.train.run_dir import check_run_dir, clear_run_dir, load_before, mark_run_dir, run_lock, save_before
 from peftkit.utils.atomic import atomic_write_text
@@ -253,13 +254,7 @@ def _train_classifier(
             wall_seconds=prior.wall_seconds + time.perf_counter() - started)
 
     train_started = time.perf_counter()
-    if checkpoints.trained_to_the_end(resume_from, recipe, prior.steps, has_eval):
-        output = checkpoints.restore_finished(trainer, resume_from)  # every step was trained before the stop
-    else:
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    signals.raise_if_interrupted(interrupt, trainer, run_dir)  # a signal stopped it: checkpoint saved, say how to resume
-    if finishing is not None:
-        finishing.arm()  # from here a signal stops at once; the run resumes from its last checkpoint
+    output = train_or_finish(trainer, recipe, resume_from, prior.steps, has_eval, interrupt, run_dir, finishing)
     train_seconds = prior.train_seconds + time.perf_counter() - train_started
     steps = output.global_step
     session_loss = _session_loss_sum(trainer, finished=True) if steps > prior.steps else 0.0

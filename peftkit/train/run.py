@@ -92,6 +92,20 @@ def check_device_options(cfg: Any, device: str) -> None:
                           f"{torch.cuda.get_device_name()} is {major}.{minor}: remove train.tf32")
 
 
+def train_or_finish(trainer: Any, recipe: Recipe, resume_from: Path | None, prior_steps: int, has_eval: bool,
+                    interrupt: Any, run_dir: Path, finishing: Any, deepspeed: bool = False) -> Any:
+    """Train (or, resumed after its last step, finish from that checkpoint); a signal during training stops with a
+    saved checkpoint and the resume command, and from here on stops at once with the run resumable."""
+    if checkpoints.trained_to_the_end(resume_from, recipe, prior_steps, has_eval, deepspeed=deepspeed):
+        output = checkpoints.restore_finished(trainer, resume_from)  # every step was trained before the stop
+    else:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    signals.raise_if_interrupted(interrupt, trainer, run_dir)  # a signal stopped it: checkpoint saved, say how to resume
+    if finishing is not None:
+        finishing.arm()
+    return output
+
+
 def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -400,13 +414,8 @@ def _train(
         return (prior.loss_sum + session_loss) / steps if steps else 0.0, prior.train_seconds + time.perf_counter() - train_started
 
     train_started = time.perf_counter()
-    if checkpoints.trained_to_the_end(resume_from, recipe, prior.steps, has_eval, deepspeed=ds_config is not None):
-        output = checkpoints.restore_finished(trainer, resume_from)  # every step was trained before the stop
-    else:
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    signals.raise_if_interrupted(interrupt, trainer, run_dir)  # a signal stopped it: checkpoint saved, say how to resume
-    if finishing is not None:
-        finishing.arm()  # from here a signal stops at once; the run resumes from its last checkpoint
+    output = train_or_finish(trainer, recipe, resume_from, prior.steps, has_eval, interrupt, run_dir, finishing,
+                             deepspeed=ds_config is not None)
     train_loss, train_seconds = run_totals()
     eval_loss_after = final_eval_loss(trainer, has_eval)
     if tensorboard is not None:
