@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +150,8 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
         warn_if_other_base(run_dir, source, recipe.model.name)
         if quantized_base:
             _require_bitsandbytes_for(run_dir, recipe)
-        base = load_base_model(run_dir, recipe, device, quantized=quantized_base, source=source)  # resolved once
+        with _head_restored_by_adapter(bool(extra)):
+            base = load_base_model(run_dir, recipe, device, quantized=quantized_base, source=source)  # resolved once
         try:
             model = PeftModel.from_pretrained(base, str(adapter))
         except RuntimeError as exc:
@@ -160,6 +163,23 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
     prepare_for_generation(model)
     model.eval()
     return LoadedRun(run_dir, recipe, model, tokenizer)
+
+
+@contextlib.contextmanager
+def _head_restored_by_adapter(classifier: bool) -> Iterator[None]:
+    """A classifier's base loads with a fresh task head, which transformers reports as "newly initialized: you should
+    probably TRAIN this model"; the adapter's saved head replaces it a moment later, so the warning is kept quiet."""
+    if not classifier:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _raise_if_other_base(run_dir: Path, recipe: Recipe, adapter: Path, source: Any) -> None:

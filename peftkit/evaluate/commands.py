@@ -14,22 +14,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from peftkit.evaluate.run_eval import evaluate_run, print_eval_report
     from peftkit.runs import read_run_recipe
     from peftkit.train.model_card import write_model_card
+    from peftkit.train.run_dir import reading_runs
 
     run_dir = Path(args.run_dir).expanduser().resolve()  # the model card and eval.json name it as a path that works anywhere
-    report = evaluate_run(
-        run_dir,
-        data=args.data,
-        heldout=args.heldout,
-        general=args.general,
-        max_new_tokens=args.max_new_tokens,
-        compare_base=not args.no_base,
-        qlora_base=args.qlora_base,
-        out=args.out,
-    )
-    print_eval_report(Console(highlight=False), report)
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        write_model_card(run_dir, read_run_recipe(run_dir), json.loads(summary_path.read_text()))
+    with reading_runs(run_dir):
+        report = evaluate_run(
+            run_dir,
+            data=args.data,
+            heldout=args.heldout,
+            general=args.general,
+            max_new_tokens=args.max_new_tokens,
+            compare_base=not args.no_base,
+            qlora_base=args.qlora_base,
+            out=args.out,
+        )
+        print_eval_report(Console(highlight=False), report)
+        summary_path = run_dir / "summary.json"
+        if summary_path.is_file():
+            write_model_card(run_dir, read_run_recipe(run_dir), json.loads(summary_path.read_text()))
     return 0
 
 

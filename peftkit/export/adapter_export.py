@@ -20,7 +20,7 @@ from peftkit import __version__
 from peftkit.data.classification import read_labels
 from peftkit.errors import ExportError
 from peftkit.export import verify
-from peftkit.export.card import adapter_card, classifier_loading
+from peftkit.export.card import adapter_card, bnb_kwargs, classifier_loading
 from peftkit.export.common import (ExportResult, disk_full_as_error, list_files, prepare_output, save_failed_report,
                                    write_json)
 from peftkit.export.compat import serving_compatibility
@@ -99,17 +99,11 @@ def build_manifest(run: RunAdapter, files: list[Path]) -> dict[str, Any]:
 
 
 def _bnb_kwargs(run: RunAdapter) -> dict[str, Any] | None:
-    """The BitsAndBytesConfig the adapter was trained under, as JSON for the verification child."""
+    """The BitsAndBytesConfig the adapter was trained under, as JSON for the verification child and the card; layers
+    kept unquantized are listed with transformers' own defaults, which a skip list would otherwise replace."""
     q = run.quantization
-    if q is None:
-        return None
-    # Layers kept unquantized (with transformers' own defaults, which a skip list would otherwise replace).
-    skip = {"llm_int8_skip_modules": unquantized_modules(q, default_skips(run.source, run.model_cfg, "causal_lm"))} if q.keep_modules else {}
-    if q.bits == 8:
-        return {"load_in_8bit": True, **skip}
-    # `blocksize` is not a BitsAndBytesConfig field: the child applies it as peftkit's loader does.
-    return {"load_in_4bit": True, "bnb_4bit_quant_type": q.quant_type, "bnb_4bit_use_double_quant": q.double_quant,
-            "bnb_4bit_compute_dtype": "float32", "blocksize": q.blocksize, **skip}
+    skip = unquantized_modules(q, default_skips(run.source, run.model_cfg, "causal_lm")) if q and q.keep_modules else None
+    return bnb_kwargs(q, skip)
 
 
 def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False, check: bool = True,

@@ -110,25 +110,38 @@ def classifier_loading(labels: list[str], adapter: str, pad_token_id: int | None
             f"id2label={id2label!r}, label2id={ {name: i for i, name in id2label.items()}!r}{pad})")
 
 
-def _quantized_base_loading(bnb: dict[str, Any] | None, base_ref: str) -> list[str]:
-    """Lines that load the base as training did: a QLoRA adapter learnt the quantized weights' errors too, and on
-    the unquantized base it answers differently."""
+def bnb_kwargs(quantization: Any, skip_modules: list[str] | None = None) -> dict[str, Any] | None:
+    """The BitsAndBytesConfig arguments a run's base was quantized with (JSON-friendly; None: not quantized).
+    `blocksize` is not a BitsAndBytesConfig field: peftkit's loader applies it, and the cards say so."""
+    q = quantization
+    if q is None:
+        return None
+    skip = {"llm_int8_skip_modules": skip_modules} if skip_modules else {}
+    if q.bits == 8:
+        return {"load_in_8bit": True, **skip}
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": q.quant_type, "bnb_4bit_use_double_quant": q.double_quant,
+            "bnb_4bit_compute_dtype": "float32", "blocksize": q.blocksize, **skip}
+
+
+def quantized_base_loading(bnb: dict[str, Any] | None) -> tuple[list[str], str]:
+    """Lines and a `from_pretrained` keyword argument that load the base as training did: a QLoRA adapter learnt the
+    quantized weights' errors too, and on the unquantized base it answers differently."""
     if not bnb:
-        return [f'base = AutoModelForCausalLM.from_pretrained("{base_ref}")']
+        return [], ""
     settings = {k: v for k, v in bnb.items() if k != "blocksize"}
     trained_dtype = settings.get("bnb_4bit_compute_dtype")
     if trained_dtype not in (None, "bfloat16"):  # float32 on a CPU: on a GPU bfloat16 is the usual, faster choice
         settings["bnb_4bit_compute_dtype"] = "bfloat16"
     arguments = ", ".join(f"{k}={v!r}" for k, v in settings.items())
     lines = ["from transformers import BitsAndBytesConfig",
-             f"quantization = BitsAndBytesConfig({arguments})  # the same 4-bit weights as training (on a GPU)"]
+             f"quantization = BitsAndBytesConfig({arguments})  # the same quantized weights as training (on a GPU)"]
     if trained_dtype not in (None, "bfloat16"):
-        lines.append(f"# bfloat16 computes fast on a GPU; bnb_4bit_compute_dtype='{trained_dtype}' reproduces this "
-                     "export's verification numbers exactly")
+        lines.append(f"# bfloat16 computes fast on a GPU; bnb_4bit_compute_dtype='{trained_dtype}' reproduces the "
+                     "training's (and the export's verification) numbers exactly")
     if bnb.get("blocksize") not in (None, 64):
         lines.append(f"# trained with quantization blocks of {bnb['blocksize']} (peftkit's loader sets them; "
                      "BitsAndBytesConfig has no field for it)")
-    return [*lines, f'base = AutoModelForCausalLM.from_pretrained("{base_ref}", quantization_config=quantization)']
+    return lines, ", quantization_config=quantization"
 
 
 def adapter_card(manifest: dict[str, Any], verification: dict[str, Any] | None, out: Path) -> str:
@@ -164,8 +177,9 @@ def adapter_card(manifest: dict[str, Any], verification: dict[str, Any] | None, 
         use = ["from peft import AutoPeftModelForSequenceClassification",
                f"model = {classifier_loading(labels, str(out), base.get('pad_token_id'))}"]
     else:
+        quantized = quantized_base_loading(manifest.get("bitsandbytes_config"))
         use = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM",
-               *_quantized_base_loading(manifest.get("bitsandbytes_config"), base_ref),
+               *quantized[0], f'base = AutoModelForCausalLM.from_pretrained("{base_ref}"{quantized[1]})',
                f'model = PeftModel.from_pretrained(base, "{out}")']
     lines += ["## Use", "", "```python", *use, "```", ""]
     return "\n".join(lines)

@@ -36,6 +36,7 @@ def _print_result(result: Any) -> None:
 def cmd_merge(args: argparse.Namespace) -> int:
     from peftkit.export.common import parse_shard_size
     from peftkit.export.hf import export_combined, export_hf
+    from peftkit.train.run_dir import reading_runs
 
     shard = parse_shard_size(args.shard_size)
     if args.adapters:
@@ -43,21 +44,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
             raise ExportError("give either RUN_DIR or --adapters RUN_A RUN_B ..., not both")
         if not args.out:
             raise ExportError("--adapters needs --out DIR (where the combined model goes)")
-        result = export_combined(args.adapters, args.out, weights=args.weights, combination=args.combination,
-                                 dtype=args.dtype, shard_size=shard, force=args.force, check=not args.no_verify,
-                                 base=args.base)
+        with reading_runs(*args.adapters):
+            result = export_combined(args.adapters, args.out, weights=args.weights, combination=args.combination,
+                                     dtype=args.dtype, shard_size=shard, force=args.force, check=not args.no_verify,
+                                     base=args.base)
     else:
         if not args.run_dir:
             raise ExportError("give the run directory to merge (peftkit merge RUN_DIR), or --adapters RUN_A RUN_B")
         if args.weights:
             raise ExportError("--weights only applies with --adapters")
-        result = export_hf(args.run_dir, args.out, dtype=args.dtype, shard_size=shard, force=args.force,
-                           check=not args.no_verify, qlora_base=args.qlora_base, base=args.base)
+        with reading_runs(args.run_dir):
+            result = export_hf(args.run_dir, args.out, dtype=args.dtype, shard_size=shard, force=args.force,
+                               check=not args.no_verify, qlora_base=args.qlora_base, base=args.base)
     _print_result(result)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from peftkit.train.run_dir import reading_runs
+
+    with reading_runs(args.run_dir):
+        result = _export(args)
+    _print_result(result)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> Any:
     from peftkit.export.common import parse_shard_size
 
     check = not args.no_verify
@@ -80,8 +92,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from peftkit.export.adapter_export import export_adapter
 
         result = export_adapter(args.run_dir, args.out, force=args.force, check=check, base=args.base)
-    _print_result(result)
-    return 0
+    return result
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -220,7 +220,24 @@ def damage(checkpoint: Path) -> str | None:
                 zipfile.ZipFile(path).close()
             except (OSError, zipfile.BadZipFile):
                 return f"{path.relative_to(checkpoint)} is not a whole torch file"
+        elif path.suffix == ".safetensors" and path.is_file() and not _whole_safetensors(path):
+            return f"{path.relative_to(checkpoint)} is not a whole safetensors file"
     return None
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """A safetensors file is an 8-byte header length, a JSON header and the tensor bytes the header's offsets
+    span: it is whole when its size is exactly that (read from the header, not by loading the tensors)."""
+    try:
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 2 <= header_len <= path.stat().st_size - 8:
+                return False
+            header = json.loads(f.read(header_len))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        return path.stat().st_size == 8 + header_len + max(ends, default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return False
 
 
 def trained_to_the_end(resume_from: Path | None, recipe: Any, prior_steps: int, has_eval: bool,

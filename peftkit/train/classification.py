@@ -136,7 +136,15 @@ def write_classification_card(run_dir: Path, recipe: Recipe, summary: dict[str, 
             before, after = summary.get(f"{split}_{metric}_before"), summary.get(f"{split}_{metric}_after")
             if after is not None:
                 lines.append(f"| {split} | {metric} | {fmt(before)} | {fmt(after)} |")
-    lines += ["", f"Files: {weights}, `tokenizer/`, `labels.json`, `recipe.yaml`, `metrics.jsonl`, `summary.json`.", ""]
+    lines += ["", "## Use", "", "```python", "from peftkit.runs import load_run",
+              "from peftkit.train.classification import predict_labels", "", f'run = load_run("{run_dir}")',
+              'print(predict_labels(run.model, run.tokenizer, ["Your text"]))', "```", ""]
+    if (run_dir / "model").is_dir():
+        lines += ["or with plain transformers (the whole trained model; its config names the labels):", "", "```python",
+                  "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+                  f'model = AutoModelForSequenceClassification.from_pretrained("{run_dir / "model"}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{run_dir / "tokenizer"}")', "```", ""]
+    lines += [f"Files: {weights}, `tokenizer/`, `labels.json`, `recipe.yaml`, `metrics.jsonl`, `summary.json`.", ""]
     atomic_write_text(run_dir / "README.md", "\n".join(lines))
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from peftkit.adapters import effective_quantization
 from peftkit.config.schema import Recipe
 from peftkit.data.formats import data_sources
+from peftkit.export.card import bnb_kwargs, quantized_base_loading
 from peftkit.train.report import tokens_rate
 from peftkit.utils.atomic import atomic_write_text
 
@@ -65,24 +66,6 @@ def _what_was_trained(run_dir: Path, recipe: Recipe) -> str:
     return f"{recipe.adapter.method} fine-tune of" if (run_dir / "model").is_dir() else f"{recipe.adapter.method} adapter for"
 
 
-def _quantized_loading(quantization: Any) -> tuple[list[str], str]:
-    """Lines and a keyword argument that load a QLoRA adapter's base quantized, as training did: the adapter learnt
-    the quantized weights' errors too, and on the original weights it answers differently (docs/export.md)."""
-    if quantization is None:
-        return [], ""
-    if quantization.bits == 8:
-        settings = "load_in_8bit=True"
-    else:
-        settings = (f"load_in_4bit=True, bnb_4bit_quant_type={quantization.quant_type!r}, "
-                    f"bnb_4bit_use_double_quant={quantization.double_quant}, bnb_4bit_compute_dtype='bfloat16'")
-    lines = ["from transformers import BitsAndBytesConfig",
-             f"quantization = BitsAndBytesConfig({settings})  # the base quantized as in training (on a GPU)"]
-    if quantization.keep_modules or quantization.blocksize not in (None, 64):
-        lines.append("# this run also kept some layers unquantized or changed the block size: `peftkit export RUN "
-                     "--format adapter` writes the exact loading code")
-    return lines, ", quantization_config=quantization"
-
-
 def _plain_use(run_dir: Path, system_prompt: str | None = None, quantization: Any = None) -> list[str]:
     """How to load the result without peftkit: an adapter (peft; a QLoRA one on its quantized base), or the whole
     model (full / partial runs). With the recipe's system prompt the snippet sends it: without it the chat template
@@ -92,7 +75,10 @@ def _plain_use(run_dir: Path, system_prompt: str | None = None, quantization: An
                  "from transformers import AutoModelForCausalLM",
                  f'model = AutoModelForCausalLM.from_pretrained("{run_dir / "model"}")']
     else:
-        quantized, argument = _quantized_loading(quantization)
+        quantized, argument = quantized_base_loading(bnb_kwargs(quantization))
+        if quantization is not None and quantization.keep_modules:
+            quantized.append("# this run also kept some layers unquantized: `peftkit export RUN --format adapter` "
+                             "writes the exact loading code")
         lines = ["or with plain peft:", "", "```python", "from peft import AutoPeftModelForCausalLM", *quantized,
                  f'model = AutoPeftModelForCausalLM.from_pretrained("{run_dir / "adapter"}"{argument})']
     if not system_prompt:

@@ -59,7 +59,7 @@ def run_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        holder = handle.read().strip()  # empty: merge / export / eval hold it shared
         handle.close()
         raise in_use(run_dir, holder) from None
     handle.seek(0)
@@ -77,8 +77,48 @@ def run_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
 
 
 def in_use(run_dir: Path, holder: str) -> RunDirError:
+    if not holder:  # shared holders (`reading_runs`) write no name
+        return RunDirError(f"{run_dir} is in use: another peftkit command (merge, export or eval) is reading it; "
+                           "wait for it to end, or set another output_dir")
     return RunDirError(f"{run_dir} is in use: peftkit is training into it ({holder}); wait for that run to end "
                        "or stop it (Ctrl-C saves a checkpoint), or set another output_dir")
+
+
+@contextlib.contextmanager
+def reading_runs(*run_dirs: Path | str) -> Iterator[None]:
+    """Merge, export and eval hold the runs they read under a shared lock: `train --force` (or `--resume`) into one
+    of them is refused meanwhile instead of deleting the adapter being read, and they refuse a run that is training.
+    A run folder they cannot write to (a read-only copy) is read without a lock."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for run_dir in map(Path, run_dirs):
+            try:
+                handle = stack.enter_context((run_dir / LOCK_FILE).open("a+", encoding="utf-8"))
+            except OSError:
+                continue
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise RunDirError(f"{run_dir} is still training ({holder}); wait for that run to end") from None
+            stack.callback(_release_shared, run_dir, handle)
+        yield
+
+
+def _release_shared(run_dir: Path, handle: Any) -> None:
+    import fcntl
+
+    try:  # the last reader removes the lock file, which a run folder does not otherwise keep
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+    except (BlockingIOError, OSError):
+        pass
+    fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def training_in(run_dir: Path) -> str | None:

@@ -92,6 +92,36 @@ def test_accuracy_and_macro_f1():
     assert classification_metrics([1, 1], [1, 1], num_labels=3)["macro_f1"] == 1.0  # absent labels do not count
 
 
+def _run_card_snippets(run_dir: Path) -> None:
+    """The run card's "Use" code runs as written; loading prints no "newly initialized ... TRAIN this model" warning
+    for a head the adapter restores."""
+    import contextlib
+    import io
+    import logging
+    import re
+
+    from transformers.utils import logging as hf_logging
+
+    snippets = re.findall(r"```python\n(.*?)```", (run_dir / "README.md").read_text(), re.S)
+    assert len(snippets) == (2 if (run_dir / "model").is_dir() else 1)
+    printed, warned = io.StringIO(), io.StringIO()
+    handler, level = logging.StreamHandler(warned), hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        for code in snippets:
+            namespace: dict = {}
+            with contextlib.redirect_stdout(printed):
+                exec(code, namespace)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+        hf_logging.set_verbosity(level)
+    assert printed.getvalue().strip() in ("['positive']", "['negative']")
+    if snippets[1:]:
+        assert namespace["model"].config.id2label == {0: "negative", 1: "positive"}
+    assert "newly initialized" not in warned.getvalue()
+
+
 def _check_run(result, trained_head: str) -> None:
     run_dir, summary = result.run_dir, result.summary
     assert json.loads((run_dir / "labels.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
@@ -101,6 +131,7 @@ def _check_run(result, trained_head: str) -> None:
         assert summary[f"{split}_loss_after"] < summary[f"{split}_loss_before"]
     assert summary["labels"] == ["negative", "positive"]
     assert [s["reply"] for s in summary["samples"]] == ["positive", "negative"]
+    _run_card_snippets(run_dir)
     run = load_run(run_dir)
     base = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model
     assert base.config.id2label == {0: "negative", 1: "positive"}

@@ -123,7 +123,7 @@ def test_qlora_adapter_export_is_verified_on_the_4bit_base(extra, export_recipe,
     assert ("blocks of 32" in snippet) == (extra.get("blocksize") == 32)
     # verified in float32: the card suggests bfloat16 for a GPU and says which dtype reproduces the verification
     assert manifest["bitsandbytes_config"]["bnb_4bit_compute_dtype"] == "float32"
-    assert "bnb_4bit_compute_dtype='bfloat16'" in snippet and "compute_dtype='float32' reproduces this" in snippet
+    assert "bnb_4bit_compute_dtype='bfloat16'" in snippet and "compute_dtype='float32' reproduces the training" in snippet
     assert "as in training" not in snippet
     assert any("--quantization bitsandbytes" in note for note in manifest["serving"]["vllm"]["notes"])
 

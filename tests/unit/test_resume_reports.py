@@ -122,6 +122,23 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(tmp_path, caplog
     assert checkpoints.damage(older) is None and checkpoints.latest_loadable(tmp_path) == older
 
 
+@pytest.mark.parametrize("cut", [0, 5, 60, -4])
+def test_a_cut_short_safetensors_file_damages_its_checkpoint(tmp_path, cut):
+    folder = _fake_checkpoint(tmp_path, 2)
+    weights = folder / "adapter_model.safetensors"
+    size = weights.stat().st_size
+    assert checkpoints.damage(folder) is None
+    os.truncate(weights, cut if cut >= 0 else size + cut)
+    assert checkpoints.damage(folder) == "adapter_model.safetensors is not a whole safetensors file"
+
+
+def test_a_safetensors_file_with_bytes_appended_is_damage(tmp_path):
+    folder = _fake_checkpoint(tmp_path, 2)
+    with (folder / "adapter_model.safetensors").open("ab") as f:
+        f.write(b"\0" * 16)
+    assert checkpoints.damage(folder) is not None
+
+
 def test_no_loadable_checkpoint_is_one_clear_error(tmp_path):
     only = _fake_checkpoint(tmp_path, 2)
     (only / "trainer_state.json").write_text('{"global_step": 2')

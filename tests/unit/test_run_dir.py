@@ -266,6 +266,35 @@ def test_one_process_at_a_time_trains_into_a_run_directory(tiny_recipe, tmp_path
     assert result.summary["steps"] == 2 and not (run_dir / LOCK_FILE).exists()
 
 
+def test_train_waits_for_a_merge_reading_the_run_and_a_merge_for_a_training(tiny_recipe, tmp_path, capsys):
+    from peftkit.cli import main
+    from peftkit.train.run_dir import LOCK_FILE, reading_runs, run_lock
+
+    run_dir = Path(tiny_recipe["output_dir"])
+    train(recipe_from_dict(_short(tiny_recipe)))
+    with reading_runs(run_dir, run_dir):  # two readers (as `merge --adapters A A`) share it
+        with pytest.raises(RunDirError, match="another peftkit command \\(merge, export or eval\\) is reading it"):
+            train(recipe_from_dict(_short(tiny_recipe)), force=True)  # would delete the adapter being merged
+        assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert not (run_dir / LOCK_FILE).exists()
+    with run_lock(run_dir):
+        assert main(["merge", str(run_dir), "--out", str(tmp_path / "merged"), "--no-verify"]) == 2
+        assert f"{run_dir} is still training (pid {os.getpid()}" in capsys.readouterr().err
+        assert not (tmp_path / "merged").exists()
+    assert main(["export", str(run_dir), "--format", "adapter", "--out", str(tmp_path / "a"), "--no-verify"]) == 0
+    assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_a_run_folder_the_lock_cannot_be_made_in_is_read_without_one(tmp_path):
+    from peftkit.train.run_dir import reading_runs
+
+    not_a_folder = tmp_path / "run.tar"
+    not_a_folder.write_text("x")
+    with reading_runs(not_a_folder, tmp_path / "missing"):  # the export itself then says what is wrong
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.tar"]
+
+
 def test_the_lock_goes_with_a_killed_process(tmp_path):
     import subprocess
     import sys
