@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from peftkit.config.schema import DataConfig
-from peftkit.data.chat import (IGNORE_INDEX, special_tokens_pattern, tokenize_conversation_rows, tokenize_text,
+from peftkit.data.chat import (IGNORE_INDEX, special_tokens_pattern, tokenize_conversation_rows, tokenize_text_rows,
                                with_system_prompt)
 from peftkit.data.columns import ROLE_ALIASES, number_as_text
-from peftkit.data.formats import (Example, Message, chat_record_messages, data_sources, load_examples, message_text,
-                                  read_records, tool_calls_of, tools_of, with_record_system)
+from peftkit.data.formats import (Example, Message, chat_record_messages, data_sources, detect_format, load_examples,
+                                  message_calls, message_text, read_records, record_tools, sharegpt_messages,
+                                  tool_calls_of, with_record_system)
 from peftkit.data.replay import BUILTIN_PREFIX, ReplayAnswerer, load_replay, sample_replay
 from peftkit.errors import DataError
 
@@ -55,9 +56,13 @@ def tokenize_examples(
     what: str | None = "example",
 ) -> tuple[list[Row], dict[str, int]]:
     """Token ids and labels; `train_on_prompt` supervises every token of a conversation, not only its replies.
-    Truncated and dropped examples are logged as `what` ("training example", ...; None: not logged)."""
+    Plain text longer than `max_seq_len` is split into rows of `max_seq_len` tokens (`split`: how many texts,
+    `split_rows`: the rows they made). Truncated, split and dropped examples are logged as `what` ("training
+    example", ...; None: not logged)."""
     rows: list[Row] = []
-    truncated = dropped = 0
+    truncated = dropped = split = split_rows = replies_lost = 0
+    truncated_at: list[str] = []  # where the truncated examples, and those that lost whole replies, were read
+    lost_at: list[str] = []
     specials = special_tokens_pattern(tokenizer)
     written_specials: dict[str, str] = {}  # token text -> the first place it was written in the data
     for example in examples:
@@ -69,12 +74,19 @@ def tokenize_examples(
             example_rows, cut = tokenize_conversation_rows(
                 tokenizer, messages, max_seq_len, example.where, example.tools
             )
+            lost = _replies_lost(messages, example_rows) if cut else 0
+            if lost:
+                replies_lost += lost
+                lost_at.append(example.where)
             if train_on_prompt:
                 example_rows = [{"input_ids": row["input_ids"], "labels": list(row["input_ids"])} for row in example_rows]
         else:
-            row, text_cut = tokenize_text(tokenizer, example.text or "", max_seq_len)
-            example_rows, cut = [row], int(text_cut)
+            example_rows, cut = tokenize_text_rows(tokenizer, example.text or "", max_seq_len), 0
+            if len(example_rows) > 1:
+                split, split_rows = split + 1, split_rows + len(example_rows)
         truncated += cut
+        if cut:
+            truncated_at.append(example.where)
         for row in example_rows:
             if sum(label != IGNORE_INDEX for label in row["labels"]) == 0:
                 dropped += 1
@@ -86,10 +98,30 @@ def tokenize_examples(
                     "(a reply can learn to end halfway): %s. Rewrite those passages (HTML's `<s>` can be `<del>`)",
                     what, named)
     if truncated and what:
-        log.warning("%d %s(s) were longer than data.max_seq_len=%d tokens and were truncated", truncated, what, max_seq_len)
+        lost_note = (f"; {len(lost_at)} of them lost {replies_lost} later assistant repl{'y' if replies_lost == 1 else 'ies'} "
+                     f"entirely, past the limit (first: {lost_at[0]}), which are not trained at all: raise "
+                     "data.max_seq_len or split those conversations" if lost_at else "")
+        log.warning("%d %s(s) were longer than data.max_seq_len=%d tokens and were truncated, the text past the "
+                    "limit not trained (first: %s)%s", truncated, what, max_seq_len, truncated_at[0], lost_note)
+    if split and what:
+        log.info("%d plain-text %s(s) longer than data.max_seq_len=%d tokens were split into %d rows of up to %d "
+                 "tokens, each trained whole", split, what, max_seq_len, split_rows, max_seq_len)
     if dropped and what:
         log.warning("%d %s(s) had no supervised tokens left after truncation and were skipped", dropped, what)
-    return rows, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
+    return rows, {"examples": len(examples), "truncated": truncated, "dropped": dropped, "split": split,
+                  "split_rows": split_rows, "replies_lost": replies_lost}
+
+
+def _replies_lost(messages: list[Message], rows: list[Row]) -> int:
+    """Trained assistant replies of a truncated conversation that fall wholly past `max_seq_len` in its one row:
+    each kept reply is one run of trained tokens (the turns between are not trained). A row of its own per reply
+    (templates that rewrite history) that lost its reply is dropped, and counted there instead."""
+    if len(rows) != 1 or all(label == IGNORE_INDEX for label in rows[0]["labels"]):
+        return 0
+    labels = rows[0]["labels"]
+    runs = sum(label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX) for i, label in enumerate(labels))
+    trained = sum(m["role"] == "assistant" and m.get("weight", 1) != 0 for m in messages)
+    return max(0, trained - runs)
 
 
 def matchable(text: str) -> str:
@@ -109,12 +141,15 @@ def _heldout_messages(record: dict[str, Any], where: str, what: str) -> list[Mes
     `messages`, a record-level `system`): a question must reach the model as the training conversations did."""
     if isinstance(record.get("question"), str):
         return with_record_system([{"role": "user", "content": record["question"]}], record)
-    if not isinstance(record.get("messages"), list) or not record["messages"]:
-        raise DataError(f"{where}: {what} record needs a `question` string or a non-empty `messages` list")
+    sharegpt = not isinstance(record.get("messages"), list) and detect_format(record) == "sharegpt"
+    if not sharegpt and (not isinstance(record.get("messages"), list) or not record["messages"]):
+        raise DataError(f"{where}: {what} record needs a `question` string or a non-empty `messages` (or ShareGPT "
+                        "`conversations`) list")
+    turns = sharegpt_messages(record, where) if sharegpt else chat_record_messages(record, where)
     messages = []
-    for n, message in enumerate(chat_record_messages(record, where), start=1):
+    for n, message in enumerate(turns, start=1):
         here = f"{where}: message {n}"
-        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        calls = message_calls(message, here)
         if not isinstance(message, dict) or "role" not in message or ("content" not in message and not calls):
             raise DataError(f"{here} must be an object with `role` and `content` (or ShareGPT's `from` and `value`), "
                             f"got {json.dumps(message, ensure_ascii=False, default=str)[:80]}")
@@ -122,7 +157,7 @@ def _heldout_messages(record: dict[str, Any], where: str, what: str) -> list[Mes
         if role is None or str(message["role"]).lower() == "function_call":
             raise DataError(f"{here} has unknown role {message['role']!r}; use one of system, user, assistant, tool")
         content = "" if message.get("content") is None and calls else message_text(message.get("content"), here)
-        entry: Message = {**message, "role": role, "content": content}
+        entry: Message = {k: v for k, v in message.items() if k != "function_call"} | {"role": role, "content": content}
         if calls:
             entry["tool_calls"] = tool_calls_of(calls, here)
         messages.append(entry)
@@ -144,7 +179,7 @@ def load_heldout(path: str | Path, system_prompt: str | None, *, warn_given_away
             raise DataError(f"{where}: `key_fact` must be a non-empty string or a list of strings")
         messages = _heldout_messages(record, where, what)
         item = HeldoutItem(tuple(with_system_prompt(messages, system_prompt)), tuple(f.strip() for f in facts),
-                           tools_of(record.get("tools"), where))
+                           record_tools(record, where))
         if item.tools is None and all(matchable(f) in matchable(item.question) for f in item.key_facts):
             given_away.append(where)
         items.append(item)

@@ -360,14 +360,18 @@ def reply_end_problem(tokenizer: Any) -> str | None:
             "(`{{ eos_token }}`), or use `model.chat_template: plain`")
 
 
-def tokenize_text(tokenizer: Any, text: str, max_seq_len: int) -> tuple[dict[str, list[int]], bool]:
-    """Plain text: every token is supervised; EOS closes the document."""
-    ids = _encode_prefix(tokenizer, text, max_seq_len, add_special_tokens=True)["input_ids"]
+def tokenize_text_rows(tokenizer: Any, text: str, max_seq_len: int) -> list[dict[str, list[int]]]:
+    """Plain text in consecutive blocks of `max_seq_len` tokens, each its own row with every token supervised
+    (pretraining style, as TRL's and axolotl's completion training): a long document is trained whole, not cut at
+    `max_seq_len`. EOS closes the document; a last block of a single token is left out (a row predicts nothing
+    from one token)."""
+    ids = list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
-        ids = [*ids, tokenizer.eos_token_id]
-    truncated = len(ids) > max_seq_len
-    ids = ids[:max_seq_len]
-    return {"input_ids": ids, "labels": list(ids)}, truncated
+        ids.append(tokenizer.eos_token_id)
+    blocks = [ids[start : start + max_seq_len] for start in range(0, len(ids), max_seq_len)]
+    if len(blocks) > 1 and len(blocks[-1]) < 2:
+        blocks.pop()
+    return [{"input_ids": block, "labels": list(block)} for block in blocks]
 
 
 def generation_prompt(tokenizer: Any, messages: Sequence[Message], tools: Tools = None) -> str:

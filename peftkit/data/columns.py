@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -25,10 +26,10 @@ SYSTEM_FIELDS = ("system", "system_prompt")
 """A per-record system prompt (OpenOrca's `system_prompt`)."""
 ROLE_ALIASES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "model": "assistant", "chatgpt": "assistant", "bot": "assistant", "function_call": "assistant",
-                "observation": "tool", "tool": "tool"}
+                "observation": "tool", "tool": "tool", "function": "tool"}
 """Speaker names -> chat roles, case-insensitive (ShareGPT, LLaMA-Factory, axolotl, FastChat, Gemma spellings).
 LLaMA-Factory's `function_call` turn is an assistant tool call whose value is the call's JSON; `observation`
-is the tool's answer."""
+is the tool's answer, as is OpenAI's legacy `function` message."""
 
 
 def detected_pair(record: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -38,8 +39,21 @@ def detected_pair(record: Mapping[str, Any]) -> tuple[str, str] | None:
 
 def number_as_text(value: Any) -> Any:
     """A numeric answer or input (`4`, `3.5`, as JSON and CSV-derived Parquet hold them) as the text it spells;
-    anything else unchanged (booleans stay booleans: `true` is no answer)."""
+    anything else unchanged (booleans stay booleans: `true` is no answer). A whole float is its integer (`4.0`
+    -> `4`): pandas stores an integer column with one missing cell as floats."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def type_name(value: Any) -> str:
+    """A JSON value's type in words, for messages that refuse it (`got an object`)."""
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    names = {bool: "a boolean", dict: "an object", str: "a string", int: "a number", float: "a number"}
+    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def pair_messages(record: Mapping[str, Any], where: str, prompt: str, response: str,
@@ -51,7 +65,7 @@ def pair_messages(record: Mapping[str, Any], where: str, prompt: str, response: 
         value = number_as_text(record.get(field))
         if not isinstance(value, str) or not value.strip():
             found = "is missing" if field not in record else ("is empty" if isinstance(value, str) else
-                                                              f"is a {type(value).__name__}, not text")
+                                                              f"is {type_name(value)}, not text")
             raise DataError(f"{where}: the {key} field {field!r} {found}" + (
                 "; training on an empty reply teaches the model to answer with nothing: fill it in or drop the record"
                 if key == "response" and isinstance(value, str) else f" (record fields: {record_keys(record)})"))
@@ -134,4 +148,10 @@ def record_keys(record: Any) -> str:
     """A record's field names for an error message (or its type, when it is not an object)."""
     if not isinstance(record, Mapping):
         return type(record).__name__
-    return ", ".join(map(str, record)) or "none"
+    return ", ".join(map(_shown_name, record)) or "none"
+
+
+def _shown_name(key: Any) -> str:
+    """A field name as written, or quoted when spaces around it or unprintable characters would not show."""
+    name = str(key)
+    return name if name and name == name.strip() and name.isprintable() else json.dumps(name)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from peftkit.data.columns import (ROLE_ALIASES, SYSTEM_FIELDS, detected_pair, detected_pair_messages, mapped_messages,
-                                  mapped_text, pair_messages, record_keys)
+                                  mapped_text, number_as_text, pair_messages, record_keys, type_name)
 from peftkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -75,14 +75,15 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
     from peftkit.data import hub
 
     if hub.is_hub_ref(source):
-        return hub.hub_records(str(source))
+        return _arrow_records(hub.hub_records(str(source)))
     path = Path(source)
     if path.is_dir() and hub.is_saved_dataset(path):
-        return hub.saved_dataset_records(path)
+        return _arrow_records(hub.saved_dataset_records(path))
     if path.is_dir():
         found = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in DATA_SUFFIXES)
         hint = f"; it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else ""
-        raise DataError(f"{path} is a folder; point the recipe at one data file in it{hint}")
+        raise DataError(f"{path} is a folder; point the recipe at one data file in it, or list the files to read "
+                        f"them all: `train: [a.jsonl, b.jsonl]`{hint}")
     if not path.is_file():
         from peftkit.config.load import unset_variable_message  # the loader expanded the variables that are set
 
@@ -98,7 +99,7 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
         import pyarrow.parquet as pq
 
         rows = pq.read_table(path).to_pylist()
-        return [(f"{path}:row {i + 1}", row) for i, row in enumerate(rows)]
+        return _arrow_records([(f"{path}:row {i + 1}", row) for i, row in enumerate(rows)])
     text = _read_text(path)
     if suffix == ".txt":
         chunks = [c.strip() for c in text.split("\n\n")]
@@ -116,16 +117,47 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
     return _jsonl_records(path, text)
 
 
+ARROW_MERGED_FIELDS = ("tools", "functions", "tool_calls", "function_call")
+"""Fields whose objects Arrow (Parquet, `datasets`) merges into one struct type across all rows: every tool call's
+arguments and every tool schema get the keys of all the others, set to None where a record has none."""
+
+
+def _without_nulls(value: Any) -> Any:
+    """`value` with None-valued object keys dropped, at every depth."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
+def _without_arrow_nulls(record: Any) -> Any:
+    """`record` with the keys Arrow added to its tool calls and tool schemas removed (they would be trained as
+    `"city": null` arguments). Only for Arrow-backed rows: a null a JSONL record writes is the writer's own."""
+    if isinstance(record, dict):
+        return {k: _without_nulls(v) if k in ARROW_MERGED_FIELDS else _without_arrow_nulls(v) for k, v in record.items()}
+    if isinstance(record, list):
+        return [_without_arrow_nulls(item) for item in record]
+    return record
+
+
+def _arrow_records(records: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return [(where, _without_arrow_nulls(record)) for where, record in records]
+
+
 def _json_document_records(path: Path, data: Any) -> list[tuple[str, Any]]:
     """The records of one JSON document: a list, or an object that wraps one list of records (`{"data": [...]}`,
     `{"version": 2, "train": [...]}`: its other fields are metadata), or a single record."""
-    if isinstance(data, dict) and detect_format(data) is not None:
+    lists = [key for key, value in data.items() if isinstance(value, list) and value and isinstance(value[0], dict)
+             ] if isinstance(data, dict) else []
+    if _is_conversation(data):  # one conversation: a list of {role, content} messages
+        data = [data]
+    elif "data" in lists or "examples" in lists:  # a wrapper, also where its metadata looks like a record (`text`)
+        data = data["data" if "data" in lists else "examples"]
+    elif isinstance(data, dict) and detect_format(data) is not None:
         data = [data]
     elif isinstance(data, dict):
-        lists = [key for key, value in data.items() if isinstance(value, list) and value and isinstance(value[0], dict)]
-        if "data" in lists or "examples" in lists:
-            data = data["data" if "data" in lists else "examples"]
-        elif len(lists) == 1:
+        if len(lists) == 1:
             data = data[lists[0]]
         elif len(lists) > 1:
             raise DataError(f"{path}: a JSON object holding several lists of records ({', '.join(lists)}); write each "
@@ -135,7 +167,16 @@ def _json_document_records(path: Path, data: Any) -> list[tuple[str, Any]]:
             data = [data]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records")
-    return [(f"{path}:item {i + 1}", row) for i, row in enumerate(data)]
+    return [(f"{path}:item {i + 1}", _as_record(row)) for i, row in enumerate(data)]
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _as_record(value: Any) -> Any:
+    """A conversation written as a bare list of messages (a .jsonl line, a .json list item) as the chat record it is."""
+    return {"messages": value} if _is_conversation(value) else value
 
 
 def _csv_delimiter(text: str) -> str:
@@ -149,6 +190,8 @@ def _csv_delimiter(text: str) -> str:
 def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[str, Any]]:
     """Rows of a CSV file, each named by the line it starts on; quoted fields keep their line breaks."""
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    if reader.fieldnames:  # `question, answer`: the space after the comma is no part of the name
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
     records, start = [], 2
     try:
         for row in reader:
@@ -200,7 +243,7 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
             continue
         try:
             # a byte-order mark opens each part of files joined with `cat` (the first one is dropped on reading)
-            records.append((f"{path}:{number}", json.loads(line.removeprefix("\ufeff"))))
+            records.append((f"{path}:{number}", _as_record(json.loads(line.removeprefix("\ufeff")))))
         except json.JSONDecodeError as exc:
             if not records and text.lstrip().startswith("["):
                 try:  # a JSON array (pretty-printed) in a .jsonl file: read it as the document it is
@@ -236,7 +279,9 @@ def detect_format(record: Any) -> Literal["chat", "sharegpt", "prompt_completion
 
 def message_text(content: Any, where: str) -> str:
     """A message's text: a string, or a list of content parts (OpenAI / TRL conversational style)
-    whose `text` parts are joined; image, audio or other parts have no meaning for a text model."""
+    whose `text` parts are joined; image, audio or other parts have no meaning for a text model. A number is the
+    text it spells, as in alpaca and question/answer records."""
+    content = number_as_text(content)
     if isinstance(content, str):
         return content
     if isinstance(content, list) and content:
@@ -249,7 +294,8 @@ def message_text(content: Any, where: str) -> str:
                                 "so keep `{\"type\": \"text\", \"text\": ...}` parts only or write the content as a string")
             texts.append(part["text"])
         return "".join(texts)
-    raise DataError(f"{where}: content must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts")
+    raise DataError(f"{where}: content must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts, "
+                    f"got {type_name(content)}")
 
 
 def _json_value(value: Any, what: str, where: str) -> Any:
@@ -307,6 +353,35 @@ def tools_of(value: Any, where: str) -> tuple[dict[str, Any], ...] | None:
     return tuple(tools)
 
 
+def message_calls(message: Any, where: str) -> Any:
+    """A message's tool calls: `tool_calls`, or OpenAI's legacy single `function_call` (`{"name", "arguments"}`,
+    read as one call of the same function)."""
+    if not isinstance(message, dict):
+        return None
+    if message.get("function_call") is None:
+        return message.get("tool_calls")
+    if message.get("tool_calls"):
+        raise DataError(f"{where}: the message has both `tool_calls` and the legacy `function_call`; keep "
+                        "`tool_calls` (a list of {\"type\": \"function\", \"function\": {\"name\", \"arguments\"}})")
+    return message["function_call"]
+
+
+def record_tools(record: dict[str, Any], where: str) -> tuple[dict[str, Any], ...] | None:
+    """A record's `tools`, or OpenAI's legacy `functions` list (bare function schemas) read as tools."""
+    functions = record.get("functions")
+    if functions is None or (isinstance(functions, str) and not functions.strip()) or functions == []:
+        return tools_of(record.get("tools"), where)
+    if tools_of(record.get("tools"), where):
+        raise DataError(f"{where}: the record has both `tools` and the legacy `functions`; keep `tools` (a list of "
+                        "{\"type\": \"function\", \"function\": {schema}})")
+    functions = _json_value(functions, "`functions`", where)
+    if not isinstance(functions, list):
+        raise DataError(f"{where}: `functions` must be a list of function schemas ({{\"name\", \"parameters\"}}); "
+                        "or write them as `tools`")
+    return tools_of([{"type": "function", "function": f} if isinstance(f, dict) and "function" not in f else f
+                     for f in functions], where)
+
+
 _NEXT_ROLES = {None: ("user",), "user": ("assistant",), "assistant": ("user",), "tool_calls": ("tool",),
                "tool": ("tool", "assistant")}
 """Which roles may follow each turn (None: the start; `tool_calls`: an assistant turn that calls tools)."""
@@ -317,7 +392,7 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
         raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
     checked: list[Message] = []
     for i, message in enumerate(messages):
-        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        calls = message_calls(message, f"{where}: message {i + 1}")
         if not isinstance(message, dict) or "role" not in message or ("content" not in message and not calls):
             raise DataError(f"{where}: message {i + 1} must be an object with `role` and `content`")
         role, content = message["role"], message.get("content")
@@ -332,18 +407,22 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
         entry: Message = {"role": role, "content": content}
         if calls:
             if role != "assistant":
-                raise DataError(f"{where}: message {i + 1}: only assistant messages make `tool_calls`")
+                raise DataError(f"{where}: message {i + 1}: only assistant messages make `tool_calls` (or `function_call`)")
             entry["tool_calls"] = tool_calls_of(calls, f"{where}: message {i + 1}")
         if role == "tool":
             entry |= {k: message[k] for k in ("name", "tool_call_id") if isinstance(message.get(k), str)}
         weight = message.get("weight")  # None: the column exists (Arrow/Parquet rows) but is unset here
         if weight is None and isinstance(message.get("training"), bool):  # axolotl's per-message `training` flag
             weight = int(message["training"]) if role == "assistant" or message["training"] else None
-        if weight is not None:
-            if role != "assistant" or weight not in (0, 1):
+        if weight is not None:  # SlimOrca puts `weight: 0` on every human turn: never trained anyway, so accepted
+            if isinstance(weight, str) or weight not in (0, 1):
                 raise DataError(f"{where}: message {i + 1}: `weight` (or `training`) must be 0 or 1 (false / true), "
-                                "on assistant messages only; `data.train_on_prompt: true` trains the prompts too")
-            if weight == 0:
+                                f"not {weight!r}")
+            if role != "assistant" and weight == 1:
+                raise DataError(f"{where}: message {i + 1}: `weight: 1` (or `training: true`) on a {role} message is not "
+                                "supported: only assistant turns are trained, so weights go on assistant messages only; "
+                                "`data.train_on_prompt: true` trains the prompts too")
+            if role == "assistant" and weight == 0:
                 entry["weight"] = 0
         if role == "assistant" and entry.get("weight", 1) and not content.strip() and not calls:
             raise DataError(f"{where}: message {i + 1}: the assistant reply is empty, and training on it teaches the "
@@ -416,14 +495,15 @@ def with_record_system(messages: Any, record: dict[str, Any]) -> Any:
 def prompt_completion_messages(record: dict[str, Any], where: str) -> list[Message]:
     """TRL's prompt-completion record: strings (one user turn, one reply) or message lists (a
     conversation and its continuation). Assistant turns inside the prompt are context only."""
-    prompt, completion = record["prompt"], record["completion"]
+    prompt, completion = number_as_text(record["prompt"]), number_as_text(record["completion"])
     if isinstance(prompt, str) and isinstance(completion, str):
         return with_record_system([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
                                   record)
     if isinstance(prompt, list) and isinstance(completion, list):
         context = [{**m, "weight": 0} if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt]
         return with_record_system([*context, *completion], record)
-    raise DataError(f"{where}: `prompt` and `completion` must both be strings or both be lists of {{role, content}} messages")
+    raise DataError(f"{where}: `prompt` and `completion` must both be strings or both be lists of {{role, content}} "
+                    f"messages, got {type_name(prompt)} and {type_name(completion)}")
 
 
 def to_example(record: Any, where: str, fmt: str, columns: ColumnsConfig | None = None) -> Example:
@@ -431,13 +511,25 @@ def to_example(record: Any, where: str, fmt: str, columns: ColumnsConfig | None 
         return dataclasses.replace(_to_example({"text": mapped_text(record, columns, where)}, where, "text"), format="columns")
     if columns is not None:
         messages = mapped_messages(record, columns, where)
-        tools = tools_of(record.get("tools"), where)
+        tools = record_tools(record, where) if isinstance(record, dict) else None
         return Example(where, messages=check_messages(messages, where), tools=tools, format="columns")
     kind = detect_format(record) if fmt == "auto" else fmt
+    if kind is None and fmt == "auto" and detect_format(_with_folded_keys(record)) is not None:
+        record = _with_folded_keys(record)
+        kind = detect_format(record)
     example = _to_example(record, where, kind)
     if kind == "pair":
         return dataclasses.replace(example, format="/".join(detected_pair(record) or ()))
     return dataclasses.replace(example, format=kind or "")
+
+
+def _with_folded_keys(record: Any) -> Any:
+    """`record` with its field names lower-cased and stripped (`Question`, `Answer ` as spreadsheets write them),
+    unless two names would then be the same: detection reads those names."""
+    if not isinstance(record, dict) or not all(isinstance(key, str) for key in record):
+        return record
+    folded = {key.strip().lower(): value for key, value in record.items()}
+    return folded if len(folded) == len(record) else record
 
 
 def chat_record_messages(record: dict[str, Any], where: str) -> list[Message]:
@@ -452,8 +544,8 @@ def chat_record_messages(record: dict[str, Any], where: str) -> list[Message]:
 def _to_example(record: Any, where: str, kind: str | None) -> Example:
     if kind is None and not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object (one record), got a {type(record).__name__}"
-                        + ("; a .jsonl file holds one object per line, a JSON list belongs in a .json file"
-                           if isinstance(record, list) else ""))
+                        + ("; a .jsonl line or an item of a .json list is one record object, or one conversation "
+                           "written as a list of {\"role\", \"content\"} messages" if isinstance(record, list) else ""))
     if kind is None:
         keys = record_keys(record)
         if isinstance(record, dict) and "chosen" in record and "rejected" in record:
@@ -478,9 +570,12 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
             messages = sharegpt_messages(record, where)
         else:
             messages = prompt_completion_messages(record, where)
-        return Example(where, messages=check_messages(messages, where), tools=tools_of(record.get("tools"), where))
-    if kind == "pair":
-        return Example(where, messages=check_messages(detected_pair_messages(record, where), where))
+        return Example(where, messages=check_messages(messages, where), tools=record_tools(record, where))
+    if kind == "pair":  # ChatGLM / Qwen fine-tuning data: `prompt` / `query` + `response` with the same `history`
+        messages = detected_pair_messages(record, where)
+        system = messages[:1] if messages[0]["role"] == "system" else []
+        history = alpaca_history(record.get("history"), where)
+        return Example(where, messages=check_messages([*system, *history, *messages[len(system):]], where))
     if kind == "alpaca":
         messages = pair_messages(record, where, "instruction", "output", context="input")
         history = alpaca_history(record.get("history"), where)
@@ -492,14 +587,15 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
 
 
 def alpaca_history(history: Any, where: str) -> list[Message]:
-    """LLaMA-Factory's alpaca `history`: the earlier `[instruction, response]` pairs of the conversation, trained
-    like every assistant turn of a chat record."""
+    """LLaMA-Factory's alpaca `history` (and ChatGLM's / Qwen's beside `prompt` or `query` + `response`): the earlier
+    `[user, assistant]` pairs of the conversation, trained like every assistant turn of a chat record."""
     if history is None or history == "" or history == []:
         return []
     history = _json_value(history, "`history`", where)
     if not isinstance(history, list) or not all(isinstance(pair, list) and len(pair) == 2
                                                 and all(isinstance(text, str) for text in pair) for pair in history):
-        raise DataError(f"{where}: `history` must be a list of [instruction, response] string pairs (the earlier turns)")
+        raise DataError(f"{where}: `history` must be a list of [instruction, response] string pairs (the earlier user and "
+                        "assistant turns)")
     return [message for query, response in history
             for message in ({"role": "user", "content": query}, {"role": "assistant", "content": response})]
 

@@ -9,6 +9,7 @@ teaches the model to stop mid-sentence.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -117,11 +118,12 @@ def base_model_answerer(model: Any, tokenizer: Any, *, cache: Path | None, share
 
         known = {**_read_answers(shared_cache), **_read_answers(cache)}
         prompts = {_key(e): e.messages[:-1] for e in examples if _answerable(e)}
+        tools = {_key(e): e.tools for e in examples if _answerable(e)}  # the base answers seeing the schemas
         missing = [k for k in dict.fromkeys(prompts) if k not in known]
         if missing:
             log.info("Generating the base model's answers to %d replay prompts", len(missing))
             replies = generate_replies(model, tokenizer, [prompts[k] for k in missing], max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size, progress="replay answers")
+                                       batch_size=batch_size, progress="replay answers", tools=[tools[k] for k in missing])
             for key, reply in zip(missing, replies):
                 known[key] = {"key": key, "reply": reply.text, "finished": reply.finished}
             if shared_cache is not None and write_caches:
@@ -142,7 +144,8 @@ def base_model_answerer(model: Any, tokenizer: Any, *, cache: Path | None, share
             elif known_only and not states_the_facts_of(e.messages[-1]["content"], reply["reply"], _prompt_text(e)):
                 wrong += 1
             else:
-                kept.append(Example(e.where, messages=(*e.messages[:-1], {"role": "assistant", "content": reply["reply"]})))
+                answered = (*e.messages[:-1], {"role": "assistant", "content": reply["reply"]})
+                kept.append(dataclasses.replace(e, messages=answered))  # its `tools` kept: trained with the schemas
         if unfinished:
             log.warning("%d of %d replay answers did not finish within %d tokens and were left out",
                         unfinished, len(examples), max_new_tokens)
@@ -208,7 +211,9 @@ def _write_answers(path: Path, answers: dict[str, dict[str, Any]]) -> None:
 
 
 def _key(example: Example) -> str:
-    return json.dumps(list(example.messages[:-1]) if example.messages else example.text, sort_keys=True)
+    """The cache key of a replay prompt: its turns before the answer, and its tool schemas when it has some."""
+    prompt = list(example.messages[:-1]) if example.messages else example.text
+    return json.dumps({"prompt": prompt, "tools": list(example.tools)} if example.tools else prompt, sort_keys=True)
 
 
 def _answerable(example: Example) -> bool:

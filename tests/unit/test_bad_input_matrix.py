@@ -63,7 +63,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "no assistant turn": (lambda r, t: with_train_lines(r, t, [msgs(("user", "hi"))]), "no assistant turn"),
     "roles out of order": (lambda r, t: with_train_lines(r, t, [msgs(("assistant", "a"), ("user", "b"))]), "roles out of order"),
     "unknown role": (lambda r, t: with_train_lines(r, t, [msgs(("wizard", "a"), ("assistant", "b"))]), "unknown role"),
-    "content not a string": (lambda r, t: with_train_lines(r, t, ['{"messages": [{"role": "user", "content": 3}]}']), "must be a string"),
+    "content not a string": (lambda r, t: with_train_lines(r, t, ['{"messages": [{"role": "user", "content": {"a": 3}}]}']), "must be a string"),
     "non-utf8 bytes": (lambda r, t: with_train_lines(r, t, b'{"text": "caf\xe9"}\n'), "not valid UTF-8"),
     "heldout without key_fact": (
         lambda r, t: ["train", recipe_file(r, t), "data.heldout=" + write(t / "h.jsonl", NO_KEY_FACT)],
