@@ -202,7 +202,13 @@ def check_compatible(checkpoint: Path, *, world_size: int, deepspeed_stage: int 
             f"--resume: {checkpoint} holds ZeRO stage {deepspeed_stage} state partitioned over {saved_world} processes, "
             f"but this run has {world_size}; resume with the same number of processes (--nproc {saved_world})"
         )
-    log.warning("Resuming a checkpoint saved by %d process(es) with %d: the global batch size changes", saved_world, world_size)
+    # The Trainer skips the epoch's first `step x batches` batches on every process: with another process count
+    # that skips rows never trained, or trains rows twice, and the global batch size changes under the schedule.
+    raise RunDirError(
+        f"--resume: {checkpoint} was saved by {saved_world} process(es), but this run has {world_size}; the rest "
+        f"of the epoch would skip rows never trained or repeat trained ones, so resume with the same number "
+        f"(--nproc {saved_world}{' across all nodes' if saved_world > 1 else ''}), or start again with --force"
+    )
 
 
 def damage(checkpoint: Path) -> str | None:
@@ -286,7 +292,6 @@ def prepare_resume(
     if main_process:
         for path in remove_incomplete(run_dir):
             log.warning("Removed incomplete checkpoint %s (its save was interrupted)", path)
-        (run_dir / "interrupted.json").unlink(missing_ok=True)
     complete = [p for p in checkpoint_dirs(run_dir) if is_complete(p)]
     if not complete:
         raise RunDirError(f"--resume: {run_dir} has no complete checkpoint; start it again with --force")
@@ -306,7 +311,8 @@ def prepare_resume(
         raise RunDirError(f"--resume: every checkpoint in {run_dir / 'checkpoints'} is damaged (a file is cut short), "
                           "so nothing can be resumed; start the run again with --force")
     check_compatible(checkpoint, world_size=world_size, deepspeed_stage=deepspeed_stage)
-    if main_process:
+    if main_process:  # a refused resume keeps the record of how to resume
+        (run_dir / "interrupted.json").unlink(missing_ok=True)
         rebase_best(checkpoint)
     _barrier()  # the other ranks read the rebased trainer_state.json
     if main_process:

@@ -121,7 +121,9 @@ def _checkpoint(run_dir: Path, step: int, *, complete: bool = True, world_size: 
                 deepspeed_stage: int | None = None) -> Path:
     folder = run_dir / "checkpoints" / f"checkpoint-{step}"
     folder.mkdir(parents=True)
-    (folder / "adapter_model.safetensors").write_bytes(b"x")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
     if deepspeed_stage is not None:
         (folder / f"global_step{step}").mkdir()
     if complete:
@@ -157,6 +159,12 @@ def test_resume_refuses_a_checkpoint_from_another_setup(tmp_path):
     _checkpoint(other, 2)
     with pytest.raises(RunDirError, match="saved without DeepSpeed"):
         checkpoints.prepare_resume(other, world_size=1, deepspeed_stage=3)
+    ddp = tmp_path / "ddp"  # plain data parallel: the epoch's rest is found per process, so the count must match
+    _checkpoint(ddp, 2, world_size=1)
+    (ddp / "interrupted.json").write_text('{"resume": "peftkit train r.yaml --resume"}')
+    with pytest.raises(RunDirError, match=r"saved by 1 process\(es\), but this run has 2.*--nproc 1\)"):
+        checkpoints.prepare_resume(ddp, world_size=2, deepspeed_stage=None)
+    assert (ddp / "interrupted.json").is_file()  # a refused resume keeps the record of how to resume
 
 
 def test_marker_callback_keeps_a_complete_checkpoint_when_pruning_to_one(tmp_path):
