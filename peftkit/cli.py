@@ -328,6 +328,7 @@ def _run_command(argv: list[str] | None) -> int:
         args.resume, args.overrides = "last", [*args.overrides, resume]
     if hasattr(args, "set_overrides"):  # `--set k=v` and positional `k=v` are one list
         args.overrides = [*args.overrides, *args.set_overrides]
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # what the user typed: resume commands repeat it
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _setup_logging(args.verbose)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -337,11 +338,41 @@ def _collapse_union_branches(errors: list[dict[str, Any]]) -> list[dict[str, Any
 
 
 def recipe_from_dict(data: dict[str, Any], source: str | None = None) -> Recipe:
+    """A recipe from a mapping, as `load_recipe` reads one: an adapter without `method` is LoRA, and relative paths
+    that exist here (the current directory, as `load_recipe` looks next to the recipe file) are made absolute, so
+    the run's recipe.yaml finds them from anywhere. The caller's mapping is left as it was."""
+    data = _from_current_directory(data) if isinstance(data, dict) else data
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         problems = [_friendly(e) for e in _collapse_union_branches(exc.errors())]
         raise ConfigError(list(dict.fromkeys(problems)), source) from None
+
+
+def _from_current_directory(data: dict[str, Any]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    if isinstance(data.get("adapter"), dict) and "method" not in data["adapter"]:
+        data["adapter"]["method"] = "lora"
+    cwd = Path.cwd()
+    _absolute_model_paths(data, cwd)
+
+    def existing(value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            return value
+        path = expand_path(value)
+        return str(path.resolve()) if not path.is_absolute() and path.exists() else value
+
+    section = data.get("data")
+    if isinstance(section, dict):
+        for key in DATA_PATH_KEYS:
+            value = section.get(key)
+            if value is not None:
+                section[key] = [existing(v) for v in value] if isinstance(value, list) else existing(value)
+        if isinstance(section.get("replay"), dict) and "path" in section["replay"]:
+            section["replay"]["path"] = existing(section["replay"]["path"])
+    if isinstance(data.get("deepspeed"), str):
+        data["deepspeed"] = existing(data["deepspeed"])
+    return data
 
 
 def _missing_files(data: dict[str, Any]) -> list[str]:

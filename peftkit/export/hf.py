@@ -96,6 +96,12 @@ def write_merged(merged: MergedModel, out: Path, *, dtype: str = "auto", shard_s
     return ExportResult(out, "hf", list_files(out), report, merged.qlora, notes)
 
 
+def check_shard_size(shard_size: int) -> None:
+    """transformers takes a size <= 0 as "every tensor its own shard"; say so before minutes of loading."""
+    if isinstance(shard_size, (int, float)) and shard_size <= 0:
+        raise ExportError(f"shard_size must be a positive number of bytes (e.g. 2 * 10**9 for 2GB), got {shard_size!r}")
+
+
 def export_hf(run_dir: str | Path, out: str | Path | None = None, *, dtype: str = "auto",
               shard_size: int = 2 * 10**9, force: bool = False, check: bool = True,
               qlora_base: QLoraBase = "dequantized", base: str | None = None) -> ExportResult:
@@ -104,6 +110,7 @@ def export_hf(run_dir: str | Path, out: str | Path | None = None, *, dtype: str 
     run_dir = Path(run_dir).expanduser().resolve()
     target = Path(out) if out else run_dir / "merged"
     export_dtype(dtype, None)  # a wrong name fails before any loading
+    check_shard_size(shard_size)
     prepare_output(target, force=force, protected=[run_dir])  # fail before minutes of loading, not after
     merged = shipped_model(run_dir, qlora_base=qlora_base, base=base)
     return write_merged(merged, target, dtype=dtype, shard_size=shard_size, force=force, check=check)
@@ -114,6 +121,7 @@ def export_combined(run_dirs: list[str | Path], out: str | Path, *, weights: lis
                     force: bool = False, check: bool = True, base: str | None = None) -> ExportResult:
     """`peftkit merge --adapters RUN_A RUN_B --weights 0.7 0.3 --out DIR`."""
     export_dtype(dtype, None)  # a wrong name fails before any loading
+    check_shard_size(shard_size)
     prepare_output(Path(out), force=force, protected=[Path(r) for r in run_dirs])
     merged = combine_runs(run_dirs, weights, combination=combination, base=base)
     return write_merged(merged, Path(out), dtype=dtype, shard_size=shard_size, force=force, check=check)

@@ -18,10 +18,32 @@ from peftkit.evaluate.generation import room_to_answer, stop_token_ids
 from peftkit.models.skeleton import learned_position_limit
 
 
+class ReplyStopped(KeyboardInterrupt):
+    """Ctrl-C during a reply: generation has stopped; `text` is what the model had written (the REPL keeps it)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+def _stop_when(event: threading.Event) -> Any:
+    """A stopping criterion that ends `generate` at its next token once `event` is set: an interrupted reply must
+    not leave torch working in a thread while the interpreter exits (a C++ `terminate`, exit 134)."""
+    from transformers import StoppingCriteria
+
+    class StopOnEvent(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StopOnEvent()
+
+
 def stream_reply(
     model: Any, tokenizer: Any, messages: list[Message], *, max_new_tokens: int, out: TextIO, tools: Tools = None
 ) -> str:
-    from transformers import TextIteratorStreamer
+    """Stream one reply to `out`. Ctrl-C (or SIGTERM's Terminated) stops generation before it propagates;
+    a KeyboardInterrupt comes out as ReplyStopped with the text so far."""
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     prompt = generation_prompt(tokenizer, messages, tools)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
@@ -35,6 +57,7 @@ def stream_reply(
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop = threading.Event()
     kwargs = dict(
         **inputs,
         max_new_tokens=room_to_answer(inputs["input_ids"].shape[1], max_new_tokens, learned_position_limit(model)),
@@ -42,6 +65,7 @@ def stream_reply(
         eos_token_id=stop_token_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([_stop_when(stop)]),
     )
     failure: list[BaseException] = []
 
@@ -56,14 +80,21 @@ def stream_reply(
     worker.start()
     pieces = []
     started = False  # leading blank space is held back: a reply of nothing else gets a note instead
-    for piece in streamer:
-        pieces.append(piece)
-        if not started:
-            piece = piece.lstrip()
-            started = bool(piece)
-        if piece:
-            out.write(piece)
-            out.flush()
+    try:
+        for piece in streamer:
+            pieces.append(piece)
+            if not started:
+                piece = piece.lstrip()
+                started = bool(piece)
+            if piece:
+                out.write(piece)
+                out.flush()
+    except BaseException as exc:  # Ctrl-C, Terminated: stop the generation thread before leaving
+        stop.set()
+        worker.join()
+        if type(exc) is KeyboardInterrupt:
+            raise ReplyStopped("".join(pieces).strip()) from exc
+        raise
     worker.join()
     if failure:
         raise failure[0]
@@ -99,7 +130,7 @@ def chat(
         return [*history, {"role": "assistant", "content": reply}]
     commands = ("/reset clears the conversation, /exit (or Ctrl-D) quits"
                 + (", /tool RESULT answers its last tool call" if tools else ""))
-    out.write(f"Chat with the tuned model. {commands}.\n")
+    out.write(f"Chat with the tuned model. {commands}; Ctrl-C stops a reply.\n")
     while True:
         out.write("\nyou> ")
         out.flush()
@@ -121,5 +152,9 @@ def chat(
         else:
             history.append({"role": "user", "content": text})
         out.write("bot> ")
-        reply = stream_reply(model, tokenizer, history, max_new_tokens=max_new_tokens, out=out, tools=tools)
+        try:
+            reply = stream_reply(model, tokenizer, history, max_new_tokens=max_new_tokens, out=out, tools=tools)
+        except ReplyStopped as stopped:  # Ctrl-C during a reply stops that reply; at the prompt it quits
+            out.write(" (stopped)\n")
+            reply = stopped.text
         history.append({"role": "assistant", "content": reply})

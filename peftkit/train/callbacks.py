@@ -53,6 +53,20 @@ class RunTotals(TrainerCallback):
                 logs.clear()
                 return
             logs.update(train_loss=loss, train_runtime=round(seconds, 4))
+            if seconds > 0:  # the Trainer's rates are one session's, over its own clock: these are the run's
+                samples = state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps \
+                    * args.world_size
+                logs.update(train_steps_per_second=round(state.global_step / seconds, 3),
+                            train_samples_per_second=round(samples / seconds, 3))
+
+
+class ResumedSettings(TrainerCallback):
+    """A resumed run takes `train.logging_steps` from its recipe (it may change on resume): the Trainer would keep
+    the value stored in the checkpoint's trainer_state.json."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if args.logging_steps and args.logging_steps >= 1:
+            state.logging_steps = args.logging_steps
 
 
 class ProgressBar(ProgressCallback):

@@ -13,6 +13,7 @@ split and on `data.heldout` (same `{text, label}` format), before and after trai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -43,11 +44,12 @@ from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_mo
 from peftkit.models.load import loading_errors
 from peftkit.models.resolve import ModelSource, materialize
 from peftkit.train import checkpoints, signals
-from peftkit.train.callbacks import MetricsJsonlCallback, plot_loss_curves, read_metrics
+from peftkit.train.callbacks import MetricsJsonlCallback, ResumedSettings, plot_loss_curves, read_metrics
 from peftkit.train.run import (
-    RunResult, _session_loss_sum, check_device_options, configure_threads, peak_memory_mb, summary_header, train_or_finish,
-    training_arguments,
+    RunResult, _session_loss_sum, check_device_options, configure_threads, peak_memory_mb, summary_header, tensorboard_callback,
+    train_or_finish, training_arguments,
 )
+from peftkit.train.trainer import drop_warmup_covering_all_steps
 from peftkit.train.run_dir import check_run_dir, clear_run_dir, load_before, mark_run_dir, run_lock, save_before
 from peftkit.utils.atomic import atomic_write_text
 from peftkit.utils.modes import eval_mode
@@ -63,6 +65,11 @@ class ClassificationTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.input_tokens_seen = 0
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        if self.lr_scheduler is None:
+            drop_warmup_covering_all_steps(self.args, num_training_steps)
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
         if model.training and "attention_mask" in inputs:
@@ -153,14 +160,14 @@ def train_classifier(
 ) -> RunResult:
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     # one process only (multi-process classification is refused by the launcher)
-    with run_lock(run_dir), signals.FinishingGuard(run_dir) as finishing:
+    with run_lock(run_dir), signals.FinishingGuard(run_dir) as finishing, contextlib.ExitStack() as cleanup:
         return _train_classifier(recipe, run_dir, resume=resume, force=force, extra_callbacks=extra_callbacks,
-                                 finishing=finishing)
+                                 finishing=finishing, cleanup=cleanup)
 
 
 def _train_classifier(
     recipe: Recipe, run_dir: Path, *, resume: bool, force: bool, extra_callbacks: list[Any] | None,
-    finishing: signals.FinishingGuard | None = None,
+    finishing: signals.FinishingGuard | None = None, cleanup: contextlib.ExitStack | None = None,
 ) -> RunResult:
     started = time.perf_counter()
     recipe = validate_recipe(recipe, check_model=True)
@@ -211,10 +218,12 @@ def _train_classifier(
     if not resume:
         metrics_path.unlink(missing_ok=True)
     args = training_arguments(recipe, run_dir, device, dtype, has_eval)
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
-
-    tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard")))
+    # the causal path's writer: one event file in RUN_DIR/tensorboard, the final evaluation included
+    resuming_at = checkpoints.latest_loadable(run_dir) if resume else None
+    tensorboard = tensorboard_callback(run_dir / "tensorboard",
+                                       resume_step=checkpoints.step_of(resuming_at) if resuming_at else None)
+    if cleanup is not None:  # closed however the run ends
+        cleanup.callback(tensorboard.close)
     extras = trainer_extras(model, recipe.adapter, args)
     callbacks = [
         *extras.callbacks,  # first: they add trainable counts to the log records the next ones write
@@ -222,6 +231,7 @@ def _train_classifier(
         tensorboard,
         checkpoints.CompleteMarkerCallback(keep=recipe.train.save_total_limit, progress=lambda: run_progress()),
         checkpoints.SeededLengthGrouping(),
+        ResumedSettings(),
         interrupt := signals.interrupt_callback(),  # Ctrl-C: checkpoint at the end of the step, then stop
         *(extra_callbacks or []),
     ]
@@ -268,6 +278,7 @@ def _train_classifier(
     session_loss = _session_loss_sum(trainer, finished=True) if steps > prior.steps else 0.0
     train_loss = (prior.loss_sum + session_loss) / steps if steps else 0.0
     after = {"eval": _scores(trainer, data.eval, "eval"), "heldout": _scores(trainer, data.heldout, "heldout")}
+    tensorboard.close()
 
     save_trained(model, run_dir, recipe.adapter.method)
     from peftkit.utils.atomic import atomic_directory

@@ -298,7 +298,7 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
         finish_process_group(wait=exc.coordinated)  # during training every rank stops at the same step
         if os.environ.get(WORKER_ENV):
             return 0  # the launching process reads interrupted.json and tells the user
-        raise exc.with_command(resume_command()) from None
+        raise exc.with_command(resume_command(getattr(args, "argv", None))) from None
     if is_main_process() and not os.environ.get(WORKER_ENV):
         print_run_report(console, result.run_dir, result.summary)
     return 0
@@ -379,8 +379,8 @@ _PRCTL = _load_prctl()
 
 
 class _Forwarder:
-    """Ctrl-C / SIGTERM on the launching process -> one SIGINT to each worker (checkpoint, then stop);
-    a second Ctrl-C -> SIGINT again (workers quit at once); a third -> SIGKILL."""
+    """Ctrl-C / SIGTERM on the launching process -> the same signal to each worker (checkpoint, then stop; the run
+    exits 130 or 143 and records which); a second one -> again (workers quit at once); a third -> SIGKILL."""
 
     def __init__(self, proc: subprocess.Popen[bytes], direct: bool) -> None:
         self.proc = proc
@@ -404,7 +404,7 @@ class _Forwarder:
             return  # the same interrupt seen twice
         self.count += 1
         self.last = now
-        sig = signal.SIGKILL if self.count >= 3 else signal.SIGINT
+        sig = signal.SIGKILL if self.count >= 3 else signum
         if self.count == 1:
             print("\nInterrupt: the workers save a checkpoint at the end of this step, then stop "
                   "(Ctrl-C again to stop them at once)", file=sys.stderr, flush=True)
@@ -538,7 +538,8 @@ def _launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: 
     finally:
         if env_file is not None:
             env_file.unlink(missing_ok=True)
-    raise_for_worker_exit(code, interrupts, read_interrupted(run_dir, since=started - 1), run_dir)
+    argv = getattr(args, "argv", None)  # cli.main(argv) in a notebook: not the kernel's sys.argv
+    raise_for_worker_exit(code, interrupts, read_interrupted(run_dir, since=started - 1, argv=argv), run_dir, argv)
     if options.node_rank != 0:
         return 0
     summary_path = run_dir / "summary.json"
@@ -548,7 +549,8 @@ def _launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: 
     return 0
 
 
-def raise_for_worker_exit(code: int, interrupts: int, record: dict[str, Any] | None, run_dir: Path) -> None:
+def raise_for_worker_exit(code: int, interrupts: int, record: dict[str, Any] | None, run_dir: Path,
+                          argv: list[str] | None = None) -> None:
     """Turn the launcher's exit code and the workers' interrupt record into what the user is told.
 
     A worker that saved its interrupt checkpoint can still die on the way out (C++ destructors of the
@@ -563,10 +565,13 @@ def raise_for_worker_exit(code: int, interrupts: int, record: dict[str, Any] | N
             if code != 0:
                 log.warning("A worker exited abnormally after the checkpoint was saved (launcher exit code %d); "
                             "the checkpoint is complete", code)
-            raise TrainingInterrupted(int(record["step"]), checkpoint, run_dir, resume_command(), record.get("signal"))
+            raise TrainingInterrupted(int(record["step"]), checkpoint, run_dir, resume_command(argv), record.get("signal"))
+    if interrupts and code == 0 and (run_dir / "summary.json").is_file():
+        log.warning("The interrupt arrived as the run was finishing; it finished (summary.json is written)")
+        return
     if interrupts:
         # an earlier session's checkpoint can be resumed; else the same command starts over
-        again = resume_command() if checkpoints.latest_loadable(run_dir) is not None else restart_command(run_dir)
+        again = resume_command(argv) if checkpoints.latest_loadable(run_dir) is not None else restart_command(run_dir, argv)
         error = LaunchError(f"training was interrupted before a checkpoint could be saved (launcher exit code {code}); "
                             f"rerun with: {again}")
         error.exit_code = 130  # interrupted, as a one-process run reports it

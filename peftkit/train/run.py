@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -10,19 +11,19 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from peftkit.adapters import base_model_view, build_adapter, effective_quantization, parameter_counts, trainer_extras
-from peftkit.config.load import recipe_to_yaml
+from peftkit.config.load import load_recipe, recipe_to_yaml
 from peftkit.config.schema import Recipe
 from peftkit.config.validate import validate_recipe
 from peftkit.data import PaddingCollator, build_datasets
 from peftkit.adapters.lora import KNOWLEDGE_INITS
 from peftkit.data.build import check_token_ids_fit, general_rows
 from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
-from peftkit.errors import ConfigError, PeftkitError
+from peftkit.errors import ConfigError, PeftkitError, RunDirError
 from peftkit.train.distill import add_teacher_targets
 from peftkit.evaluate.generation import generate_replies, heldout_accuracy
 from peftkit.models import (
@@ -37,12 +38,13 @@ from peftkit.train.callbacks import (
     MetricsJsonlCallback,
     OverfittingWatch,
     ProgressBar,
+    ResumedSettings,
     RunTotals,
     plot_loss_curves,
     read_metrics,
 )
 from peftkit.train.model_card import write_model_card
-from peftkit.train.trainer import SFTTrainer
+from peftkit.train.trainer import SFTTrainer, pad_eval_rows
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -96,10 +98,13 @@ def train_or_finish(trainer: Any, recipe: Recipe, resume_from: Path | None, prio
                     interrupt: Any, run_dir: Path, finishing: Any, deepspeed: bool = False) -> Any:
     """Train (or, resumed after its last step, finish from that checkpoint); a signal during training stops with a
     saved checkpoint and the resume command, and from here on stops at once with the run resumable."""
-    if checkpoints.trained_to_the_end(resume_from, recipe, prior_steps, has_eval, deepspeed=deepspeed):
-        output = checkpoints.restore_finished(trainer, resume_from)  # every step was trained before the stop
-    else:
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        if checkpoints.trained_to_the_end(resume_from, recipe, prior_steps, has_eval, deepspeed=deepspeed):
+            output = checkpoints.restore_finished(trainer, resume_from)  # every step was trained before the stop
+        else:
+            output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:  # a failed run (divergence, a callback's error, OOM) never reaches on_train_end
+        interrupt.restore()
     signals.raise_if_interrupted(interrupt, trainer, run_dir)  # a signal stopped it: checkpoint saved, say how to resume
     if finishing is not None:
         finishing.arm()
@@ -250,23 +255,71 @@ def _session_loss_sum(trainer: Any, *, finished: bool = False) -> float:
 
 
 def train(
-    recipe: Recipe, *, resume: bool = False, force: bool = False, extra_callbacks: list[Any] | None = None
+    recipe: Recipe | str | Path, *, resume: bool = False, force: bool = False, extra_callbacks: list[Any] | None = None
 ) -> RunResult:
-    if recipe.task == "sequence_classification":  # own Trainer and data path (peftkit/train/classification.py)
-        from peftkit.train.classification import train_classifier
+    """Train `recipe` (a Recipe, or the path of a recipe file) into its output_dir, with the checks `peftkit train`
+    makes: `resume` continues an unfinished run from its last checkpoint, `force` replaces an earlier run."""
+    recipe = _as_recipe(recipe)
+    if resume and force:
+        raise RunDirError("resume=True and force=True contradict each other: force deletes the run resume would "
+                          "continue; pass one of them")
+    run_dir = Path(recipe.output_dir).expanduser().resolve()
+    if resume and (run_dir / "summary.json").is_file():  # resuming would only rewrite its summary and model card
+        raise RunDirError(f"resume: {run_dir} holds a finished run (summary.json); there is nothing to resume")
+    with callers_settings_kept():  # a notebook or sweep goes on with its own thread count and random state
+        if recipe.task == "sequence_classification":  # own Trainer and data path (peftkit/train/classification.py)
+            from peftkit.train.classification import train_classifier
 
-        return train_classifier(recipe, resume=resume, force=force, extra_callbacks=extra_callbacks)
+            return train_classifier(recipe, resume=resume, force=force, extra_callbacks=extra_callbacks)
+        return _train_causal(recipe, resume=resume, force=force, extra_callbacks=extra_callbacks)
+
+
+@contextlib.contextmanager
+def callers_settings_kept() -> Iterator[None]:
+    """Training sets torch's thread count (train.num_threads) and seeds every random generator (train.seed): put
+    the caller's back afterwards, however the run ends."""
+    import random
+
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _train_causal(recipe: Recipe, *, resume: bool, force: bool, extra_callbacks: list[Any] | None) -> RunResult:
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     # Under `peftkit train --nproc`, the launching process holds the lock for its workers.
     with (run_dirs.run_lock(run_dir, enabled=is_main_process() and not os.environ.get(WORKER_ENV)),
-          signals.FinishingGuard(run_dir, main_process=is_main_process()) as finishing):
-        return _train(recipe, run_dir, resume=resume, force=force, extra_callbacks=extra_callbacks, finishing=finishing)
+          signals.FinishingGuard(run_dir, main_process=is_main_process()) as finishing,
+          contextlib.ExitStack() as cleanup):
+        return _train(recipe, run_dir, resume=resume, force=force, extra_callbacks=extra_callbacks, finishing=finishing,
+                      cleanup=cleanup)
+
+
+def _as_recipe(recipe: Any) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (str, Path)):  # a recipe file, read as `peftkit train FILE` reads it
+        return load_recipe(recipe)
+    raise TypeError(f"train() takes a Recipe (peftkit.config.load_recipe / recipe_from_dict) or the path of a recipe "
+                    f"file, not {type(recipe).__name__}")
 
 
 def _train(
     recipe: Recipe, run_dir: Path, *, resume: bool, force: bool, extra_callbacks: list[Any] | None,
-    finishing: signals.FinishingGuard | None = None,
+    finishing: signals.FinishingGuard | None = None, cleanup: contextlib.ExitStack | None = None,
 ) -> RunResult:
+    """`cleanup` closes what this opens (the TensorBoard writer) however the run ends."""
     started = time.perf_counter()
     recipe = validate_recipe(recipe, check_model=True)
     main_process = is_main_process()  # under a launcher, only global rank 0 writes the run directory
@@ -335,6 +388,8 @@ def _train(
     resuming_at = checkpoints.latest_loadable(run_dir) if resume else None  # what prepare_resume will pick
     tensorboard = tensorboard_callback(run_dir / "tensorboard", resume_step=checkpoints.step_of(resuming_at)
                                        if resuming_at else None) if main_process else None
+    if tensorboard is not None and cleanup is not None:  # a failed or interrupted run leaves no writer thread behind
+        cleanup.callback(tensorboard.close)
     if not resume and main_process:
         metrics_path.unlink(missing_ok=True)
     callbacks = [
@@ -344,6 +399,7 @@ def _train(
         *([tensorboard] if tensorboard is not None else []),
         checkpoints.CompleteMarkerCallback(keep=recipe.train.save_total_limit, progress=lambda: run_progress()),
         checkpoints.SeededLengthGrouping(),  # group_by_length batches reproducible on resume
+        ResumedSettings(),
         interrupt := signals.interrupt_callback(),  # Ctrl-C: checkpoint at the end of the step, then stop
         overfitting := OverfittingWatch(),
         DivergenceGuard(recipe.train.lr),
@@ -359,7 +415,8 @@ def _train(
         model=model,
         args=args,
         train_dataset=data.train,
-        eval_dataset=data.eval or None,
+        # several processes: padded with loss-free rows, so accelerate pads (and counts twice) no real rows
+        eval_dataset=pad_eval_rows(data.eval, dist_info().world_size, args.per_device_eval_batch_size) or None,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
         callbacks=[*extras.callbacks, *callbacks],
         method_optimizer=extras.optimizer,  # kept under DeepSpeed too (SFTTrainer.create_optimizer)
@@ -487,7 +544,9 @@ def summary_header(
         "quantization": quantization.model_dump() if quantization else None,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
-        "threads": threads,
+        "threads": threads,  # per process
+        "processes": dist_info().world_size,
+        "global_batch_size": recipe.train.batch_size * recipe.train.grad_accum * dist_info().world_size,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_share": trainable / total,

@@ -116,7 +116,27 @@ class InterruptCallback(TrainerCallback):
             self.stopped_step = state.global_step
             self.finished_anyway = state.max_steps > 0 and state.global_step >= state.max_steps
 
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The stop breaks the epoch loop, and the Trainer then ends the epoch: with epoch-wise evaluation and saving
+        that would add an evaluation (an early-stopping count the uninterrupted run never makes) and save the same
+        checkpoint again. At a real epoch boundary both were due anyway, and stay."""
+        if self.stopped_step is not None and not self.finished_anyway and state.epoch is not None \
+                and abs(state.epoch - round(state.epoch)) > 1e-6:
+            control.should_evaluate = False
+            control.should_save = False
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.restore()
+
+    @property
+    def arrived_after_last_step(self) -> bool:
+        """A signal came after the last step ended (during its evaluation or checkpoint save): training ran to the
+        end, but the user asked to stop."""
+        return self.requested_at is not None and self.stopped_step is None
+
+    def restore(self) -> None:
+        """Put the caller's handlers back; also called when `trainer.train()` raises (on_train_end is not reached),
+        or the next Ctrl-C in a notebook would be swallowed."""
         for signum, previous in self._previous.items():
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
@@ -128,9 +148,13 @@ def interrupt_callback() -> InterruptCallback:
 
 
 def raise_if_interrupted(callback: InterruptCallback, trainer: Any, run_dir: Path) -> None:
-    """After `trainer.train()`: if a signal stopped it, record where (rank 0) and raise TrainingInterrupted."""
+    """After `trainer.train()`: if a signal stopped it, record where (rank 0) and raise TrainingInterrupted. One that
+    came during the last step's evaluation or save stops as a signal after training does (`FinishingGuard`): the run
+    is resumable from its last checkpoint, and `--resume` finishes it."""
     if callback.finished_anyway:
         log.info("%s arrived at the last step: training had finished; completing the run", callback.signal_name)
+    if callback.arrived_after_last_step:
+        raise _StoppedFinishing(callback.signal_name or "SIGINT")
     if not callback.interrupted:
         return
     step = int(callback.stopped_step or 0)
@@ -203,7 +227,7 @@ class FinishingGuard:
                                   coordinated=False) from None
 
 
-def read_interrupted(run_dir: Path, since: float = 0.0) -> dict[str, Any] | None:
+def read_interrupted(run_dir: Path, since: float = 0.0, argv: list[str] | None = None) -> dict[str, Any] | None:
     """The record a worker left when a signal stopped training (written after `since`, a time.time()).
 
     The launching process reads it, and it alone knows the command the user ran (a worker's is torchrun's, without
@@ -220,6 +244,6 @@ def read_interrupted(run_dir: Path, since: float = 0.0) -> dict[str, Any] | None
     from peftkit.train.launch import WORKER_ENV, resume_command
 
     if not os.environ.get(WORKER_ENV) and "step" in data and "checkpoint" in data:
-        data["resume"] = resume_command()
+        data["resume"] = resume_command(argv)
         _write_record(run_dir, int(data["step"]), Path(data["checkpoint"]), data.get("signal"), data["resume"])
     return data

@@ -10,6 +10,7 @@ token-mean cross-entropy on those rows. Gradient-accumulation scaling follows th
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from peftkit.train.shared_prefix import (
 )
 from peftkit.utils.modes import eval_mode
 
+log = logging.getLogger(__name__)
 
 def _base_forward_accepts(model: Any, name: str) -> bool:
     base = model
@@ -57,6 +59,31 @@ def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     return keep
+
+
+def drop_warmup_covering_all_steps(args: Any, num_training_steps: int) -> None:
+    """A linear warm-up starts at learning rate 0: over every step (a 1-step epochs run, whose total only the Trainer
+    knows), the run would save an untrained adapter. Train without warm-up instead, and say so."""
+    warmup = args.get_warmup_steps(num_training_steps)
+    if warmup and warmup >= num_training_steps:
+        log.warning("train.warmup_ratio %g would make all %d steps warm-up steps, the first at learning rate 0: "
+                    "training without warm-up", args.warmup_steps, num_training_steps)
+        args.warmup_steps = 0
+
+
+def pad_eval_rows(rows: list[dict[str, Any]], world_size: int, batch_size: int) -> list[dict[str, Any]]:
+    """With several processes, the eval rows padded to a multiple of (processes x per-device batch) with rows that
+    carry no loss token.
+
+    Otherwise accelerate evens out the processes' last batches with rows from the start of the set, whose loss is
+    then counted twice (and early stopping, the overfitting warning and the summary see a wrong eval loss). Under
+    ZeRO-3 every rank must still run the same number of forward passes, so the set is padded, not truncated."""
+    missing = -len(rows) % (world_size * batch_size) if rows and world_size > 1 else 0
+    if not missing:
+        return rows
+    shortest = min(rows, key=lambda row: len(row["input_ids"]))
+    filler = {"input_ids": list(shortest["input_ids"]), "labels": [IGNORE_INDEX] * len(shortest["input_ids"])}
+    return [*rows, *(dict(filler) for _ in range(missing))]
 
 
 class SFTTrainer(Trainer):
@@ -98,6 +125,11 @@ class SFTTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self.supervised_tokens_seen = 0
         self.input_tokens_seen = 0
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        if self.lr_scheduler is None:
+            drop_warmup_covering_all_steps(self.args, num_training_steps)
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """The adapter method's own optimizer when it has one (partial's layer-wise learning rates, LoRA+'s faster B

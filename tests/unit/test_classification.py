@@ -269,10 +269,16 @@ def test_a_resumed_classifier_keeps_the_label_ids_it_started_with(tiny_bert_dir,
     labels_file = run_dir / "labels.json"
     older = {"id2label": {"0": "positive", "1": "negative"}, "label2id": {"positive": 0, "negative": 1}}
     labels_file.write_text(json.dumps(older))
+    from peftkit.errors import RunDirError
+
+    with pytest.raises(RunDirError, match="holds a finished run"):  # as `peftkit train --resume` says
+        train(recipe, resume=True)
+    (run_dir / "summary.json").unlink()  # as a run stopped after its last checkpoint
     train(recipe, resume=True)
     assert json.loads(labels_file.read_text()) == older
     changed = write_jsonl(tmp_path / "train.jsonl", [{"text": "meh", "label": "neutral"}, *_records(3)])
     assert changed.is_file()
+    (run_dir / "summary.json").unlink()
     with pytest.raises(DataError, match="the training labels changed since"):
         train(recipe, resume=True)
 
