@@ -84,6 +84,9 @@ def _tokenized_data_line(recipe: Any, tokenizer: Any) -> str:
     check_token_ids_fit(data, embeddings.num_embeddings, recipe.model.name, tokenizer)
     stats = data.stats
     cut = [f"{stats['train_truncated']} cut at max_seq_len={recipe.data.max_seq_len}"] if stats["train_truncated"] else []
+    cut += [f"{stats['train_replies_lost']} replies past it lost"] if stats.get("train_replies_lost") else []
+    cut += ([f"{stats['train_split']} long text{'s' * (stats['train_split'] != 1)} split into {stats['train_split_rows']} rows"]
+            if stats.get("train_split") else [])
     cut += [f"{stats['train_dropped']} dropped (no trained token left)"] if stats["train_dropped"] else []
     formats = sorted(stats.get("train_formats", {}).items(), key=lambda item: -item[1])  # as `format: auto` read them
     read_as = [f"{formats[0][0]} format" if len(formats) == 1 else ", ".join(f"{n} {name}" for name, n in formats)]

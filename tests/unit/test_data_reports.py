@@ -261,3 +261,18 @@ def test_a_held_out_sharegpt_record_is_read(tmp_path):
     (item,) = load_heldout(write_jsonl(tmp_path / "heldout.jsonl", [record]), None)
     assert item.messages == ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "When do you open?"})
     assert item.key_facts == ("nine",)
+
+
+def test_validate_says_how_many_long_texts_were_split(tiny_recipe, tmp_path, capsys):
+    import yaml
+
+    from peftkit.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(WORDS[j % len(WORDS)] for j in range(400)) + "\n\nA short paragraph.\n")
+    recipe = {**tiny_recipe, "data": {"train": str(corpus), "max_seq_len": 32, "eval_fraction": 0}}
+    recipe_file = tmp_path / "text.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(recipe_file)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(text format; 1 long text split into" in out and "rows)" in out
