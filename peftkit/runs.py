@@ -10,7 +10,7 @@ from typing import Any
 
 from peftkit.config import Recipe, recipe_from_dict
 from peftkit.config.load import read_yaml
-from peftkit.errors import ModelNotFoundError, RunDirError
+from peftkit.errors import ModelNotFoundError, PeftkitError, RunDirError
 
 
 @dataclass
@@ -95,21 +95,23 @@ def _require_bitsandbytes_for(run_dir: Path, recipe: Any) -> None:
 
         raise MissingDependencyError(
             f"{run_dir} was trained on a {quantization.bits}-bit base, which loads with bitsandbytes: `pip install "
-            "bitsandbytes`, or pass `--qlora-base original` to run the adapter on the original weights (answers "
-            "differ a little from training's)") from None
+            "bitsandbytes`, or pass `--qlora-base original` (quantized_base=False in Python) to run the adapter on the "
+            "original weights (answers differ a little from training's)") from None
 
 
 def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: bool = True) -> LoadedRun:
     """Base model (quantized as in training) + trained adapter, ready for generation.
 
     `quantized_base=False` puts a QLoRA adapter on the original full-precision weights instead: how a
-    serving engine that loads the adapter onto the unquantized model (vLLM multi-LoRA) will run it."""
+    serving engine that loads the adapter onto the unquantized model (vLLM multi-LoRA) will run it. `device`: one
+    of DEVICES (default: the recipe's train.device)."""
     from peft import PeftModel
 
     from peftkit.adapters import prepare_for_generation
     from peftkit.data.classification import finish_loaded_model, load_kwargs
-    from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref
+    from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_model_ref
 
+    check_device_argument(device)
     run_dir = Path(run_dir)
     recipe = read_run_recipe(run_dir)
     if not quantized_base:
@@ -117,17 +119,13 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
 
         # Only lora/qlora recipes may quantize (check_recipe_adapter), so such a run always has an adapter.
         if effective_quantization(recipe) is None:
-            raise RunDirError(f"{run_dir} was not trained on a quantized base; drop --qlora-base original")
+            raise RunDirError(f"{run_dir} was not trained on a quantized base; drop --qlora-base original "
+                              "(quantized_base=False in Python)")
     full_model = trained_model_dir(run_dir)
     adapter = None if full_model is not None else adapter_dir(run_dir)
-    device = device or resolve_device(recipe.train.device)
+    device = resolve_device(device or recipe.train.device)
     dtype = resolve_dtype(recipe.train.dtype, device)
-    if (run_dir / "tokenizer").is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
-    else:
-        tokenizer = load_tokenizer(recipe.model)
+    tokenizer = read_run_tokenizer(run_dir, recipe)
     extra = load_kwargs(run_dir, recipe)  # classification: task head and label count
     if adapter is None:
         model = load_model(recipe.model, None, device=device, dtype=dtype, source=resolve_model_ref(str(full_model)), **extra)
@@ -163,6 +161,38 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
     prepare_for_generation(model)
     model.eval()
     return LoadedRun(run_dir, recipe, model, tokenizer)
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def check_device_argument(device: str | None) -> None:
+    """`load_run(device=...)`: a device this machine lacks is said before any weights load, not as torch's bare
+    AssertionError once they have."""
+    if device is None:
+        return
+    if device not in DEVICES:
+        raise PeftkitError(f"device={device!r} is not one of {', '.join(DEVICES)}; leave it out to use the run's "
+                           "train.device")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PeftkitError("device='cuda' but no CUDA GPU is visible on this machine; pass device='cpu' (or 'auto': "
+                           "a GPU where there is one)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise PeftkitError("device='mps' but this machine has no Apple GPU (MPS); pass device='cpu' (or 'auto')")
+
+
+def read_run_tokenizer(run_dir: Path, recipe: Recipe) -> Any:
+    """The tokenizer the run saved (training's, chat template and pad token included), or for a run that saved none
+    the base model's, set up as training set it up."""
+    if (run_dir / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+    from peftkit.models import load_tokenizer
+
+    return load_tokenizer(recipe.model)
 
 
 @contextlib.contextmanager

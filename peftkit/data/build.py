@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from peftkit.config.schema import DataConfig
 from peftkit.data.chat import (IGNORE_INDEX, special_tokens_pattern, tokenize_conversation_rows, tokenize_text_rows,
                                with_system_prompt)
 from peftkit.data.columns import ROLE_ALIASES, number_as_text
+from peftkit.data.facts import whole_fact_spans
 from peftkit.data.formats import (Example, Message, chat_record_messages, data_sources, detect_format, load_examples,
                                   message_calls, message_text, read_records, record_tools, sharegpt_messages,
                                   tool_calls_of, with_record_system)
@@ -124,15 +124,6 @@ def _replies_lost(messages: list[Message], rows: list[Row]) -> int:
     return max(0, trained - runs)
 
 
-def matchable(text: str) -> str:
-    """Text as key facts are matched: Unicode-normalised (NFKC: full-width digits and ligatures are plain ones,
-    composed and decomposed accents agree; super- and subscripts are kept, so `5²` does not match `52`),
-    case-folded (`ß` matches `SS`) and with runs of whitespace as one space."""
-    kept = "".join(ch if unicodedata.decomposition(ch).startswith(("<super>", "<sub>")) else
-                   unicodedata.normalize("NFKC", ch) for ch in text)
-    return " ".join(unicodedata.normalize("NFC", kept).casefold().split())
-
-
 _WARNED_GIVEN_AWAY: set[str] = set()
 
 
@@ -180,7 +171,7 @@ def load_heldout(path: str | Path, system_prompt: str | None, *, warn_given_away
         messages = _heldout_messages(record, where, what)
         item = HeldoutItem(tuple(with_system_prompt(messages, system_prompt)), tuple(f.strip() for f in facts),
                            record_tools(record, where))
-        if item.tools is None and all(matchable(f) in matchable(item.question) for f in item.key_facts):
+        if item.tools is None and all(whole_fact_spans(item.question, f) for f in item.key_facts):
             given_away.append(where)
         items.append(item)
     if not items:

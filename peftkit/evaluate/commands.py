@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from peftkit.evaluate.run_eval import evaluate_run, print_eval_report
-    from peftkit.runs import read_run_recipe
-    from peftkit.train.model_card import write_model_card
     from peftkit.train.run_dir import reading_runs
 
     run_dir = Path(args.run_dir).expanduser().resolve()  # the model card and eval.json name it as a path that works anywhere
@@ -28,10 +25,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             qlora_base=args.qlora_base,
             out=args.out,
         )
-        print_eval_report(Console(highlight=False), report)
-        summary_path = run_dir / "summary.json"
-        if summary_path.is_file():
-            write_model_card(run_dir, read_run_recipe(run_dir), json.loads(summary_path.read_text()))
+        print_eval_report(Console(highlight=False), report)  # evaluate_run refreshed the model card
     return 0
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from peftkit.data.build import HeldoutItem, matchable
+from peftkit.data.build import HeldoutItem
+from peftkit.data.facts import whole_fact_spans
 from peftkit.data.chat import Tools, generation_prompt
 from peftkit.data.formats import Message
 from peftkit.errors import PeftkitError
@@ -99,9 +100,12 @@ def room_to_answer(prompt_tokens: int, max_new_tokens: int, positions: int | Non
     return min(max_new_tokens, positions - prompt_tokens)
 
 
-def is_correct(reply: str, key_facts: Sequence[str]) -> bool:
-    text = matchable(reply)
-    return any(matchable(fact) in text for fact in key_facts)
+def is_correct(reply: str, key_facts: str | Sequence[str]) -> bool:
+    """Whether the reply states a key fact (`matchable` forms) as a whole word or number: `4` is not found in
+    `14` or `4.5`, `Tunis` not in `Tunisia`, `$14` not in `$140`; `Paris.`, `(4)` and `4,` are found. Text in
+    scripts written without spaces (Chinese, Japanese, Korean particles, Thai, ...) needs no boundary.
+    A lone string is one fact, not a list of characters."""
+    return bool(whole_fact_spans(reply, key_facts))
 
 
 def heldout_accuracy(

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from peftkit.data.build import HeldoutItem
+from peftkit.data.facts import matchable, whole_fact_spans
 from peftkit.data.chat import generation_prompt
-from peftkit.evaluate.generation import Reply, is_correct
+from peftkit.evaluate.generation import Reply
 from peftkit.utils.modes import eval_mode
 
 CONFIDENT_MARGIN = math.log(2)
@@ -56,13 +57,20 @@ def decision_margins(model: Any, tokenizer: Any, items: Sequence[HeldoutItem], r
 
 
 def _tokens_to_fact(tokenizer: Any, token_ids: Sequence[int], key_facts: Sequence[str]) -> int | None:
-    """The fewest leading tokens whose text contains a key fact; None when the whole reply lacks one."""
-    if not token_ids or not is_correct(tokenizer.decode(list(token_ids), skip_special_tokens=True), key_facts):
+    """The fewest leading tokens whose text holds a key fact where the whole reply states it (a word or number on
+    its own: the `4` of `4.` rather than the one in `45`); None when the whole reply lacks one."""
+    if not token_ids:
         return None
-    low, high = 1, len(token_ids)  # containing the fact is monotone in the prefix length: bisect
+    reply = matchable(tokenizer.decode(list(token_ids), skip_special_tokens=True))
+    spans = whole_fact_spans(reply, key_facts)
+    if not spans:
+        return None
+    # holding one of these spans is monotone in the prefix length (a prefix's text is the reply's start): bisect
+    low, high = 1, len(token_ids)
     while low < high:
         middle = (low + high) // 2
-        if is_correct(tokenizer.decode(list(token_ids[:middle]), skip_special_tokens=True), key_facts):
+        prefix = matchable(tokenizer.decode(list(token_ids[:middle]), skip_special_tokens=True))
+        if any(prefix[start:end] == reply[start:end] for start, end in spans):
             high = middle
         else:
             low = middle + 1

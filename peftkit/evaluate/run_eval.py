@@ -17,7 +17,7 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from peftkit.data.build import HeldoutItem, load_heldout, tokenize_examples, train_eval_examples
+from peftkit.data.build import HeldoutItem, Row, build_datasets, load_heldout, tokenize_examples, train_eval_examples
 from peftkit.data.chat import with_system_prompt
 from peftkit.config.schema import Recipe
 from peftkit.data.formats import COLUMNS_ADVICE, Example, load_examples
@@ -25,12 +25,15 @@ from peftkit.errors import DataError, PeftkitError
 from peftkit.evaluate.generation import answer_items, heldout_accuracy, score_replies
 from peftkit.evaluate.loss import mean_loss, perplexity
 from peftkit.evaluate.margins import CONFIDENT_MARGIN, confidently_known, decision_margins
-from peftkit.runs import QLORA_BASES, LoadedRun, load_base_model, load_run, read_run_recipe, require_chat_run
+from peftkit.runs import (QLORA_BASES, LoadedRun, load_base_model, load_run, read_run_recipe, read_run_tokenizer,
+                          require_chat_run)
 from peftkit.utils.atomic import atomic_write_text
 
 GENERAL_SET = "general_knowledge.jsonl"
 REPORT = "eval.json"
 ORIGINAL_BASE_REPORT = "eval_original_base.json"  # --qlora-base original: beside the as-trained report
+RUN_EVAL_SPLIT = "the run's eval split"
+"""`eval_data` of a report whose loss was measured on the eval examples training used (no --data)."""
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,41 @@ def eval_data_examples(data: str, recipe: Recipe, run_dir: Path) -> list[Example
         return examples
 
 
+def run_eval_rows(run_dir: Path, recipe: Recipe, tokenizer: Any) -> list[Row]:
+    """The run's eval rows, as training made them (its training rows are not needed, nor warned about again).
+
+    An eval split of the training files is drawn from them as they are now: where they changed since the run (its
+    data fingerprint in before.json), the split would hold other examples, some of them ones the run trained on, so
+    it is refused before any weights load."""
+    from peftkit.train.run_dir import data_fingerprint, load_before
+
+    cfg, seed = recipe.data, recipe.train.seed
+    trained_on = load_before(run_dir).get("data_fingerprint")  # None: a run from before fingerprints were kept
+    if cfg.eval or cfg.eval_fraction <= 0 or trained_on is None:
+        eval_examples = train_eval_examples(cfg, seed)[1]
+        return tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt, what="eval example")[0]
+    with _quiet("peftkit.data"):  # training reported what these files hold (truncations, duplicates, ...)
+        data = build_datasets(cfg, tokenizer, seed)
+    if data_fingerprint(data.train, data.eval) != trained_on:
+        raise DataError(
+            f"the training data changed since {run_dir} was trained (a file of data.train was edited or added to, or "
+            "the tokenizer or chat template changed), so its eval split cannot be rebuilt: drawn from the data as it "
+            "is now, it would hold other examples, some of them ones the run trained on. Pass --data FILE to "
+            "measure the loss on a file, or restore the training data")
+    return data.eval
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -100,20 +138,27 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """`qlora_base="original"` evaluates a QLoRA adapter on the unquantized base weights (before and
     after), as a serving engine that loads the adapter onto the original model runs it. The report goes
-    to `out`, by default RUN_DIR/eval.json (eval_original_base.json for the original weights)."""
+    to `out`, by default RUN_DIR/eval.json (eval_original_base.json for the original weights); writing
+    RUN_DIR/eval.json also refreshes the run's model card (README.md), which shows it.
+    `max_new_tokens`: reply length (None: the recipe's eval.max_new_tokens)."""
     if qlora_base not in QLORA_BASES:
         raise ValueError(f"qlora_base must be `quantized` or `original`, got {qlora_base!r}")
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+        raise PeftkitError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}; leave it "
+                           "out (None) for the recipe's eval.max_new_tokens")
+    run_dir = Path(run_dir).expanduser().resolve()  # the report and the card name it by a path that works anywhere
     recipe = read_run_recipe(run_dir)
     require_chat_run(recipe, run_dir, "eval")
     # The report goes here; a path that cannot take it is said now, not after the evaluation.
-    default = Path(run_dir) / (REPORT if qlora_base == "quantized" else ORIGINAL_BASE_REPORT)
+    default = run_dir / (REPORT if qlora_base == "quantized" else ORIGINAL_BASE_REPORT)
     target = Path(out).expanduser() if out else default
     if target.is_dir():
         raise PeftkitError(f"--out {out} is a folder; give the report's file name, e.g. {Path(out) / REPORT}")
     target.parent.mkdir(parents=True, exist_ok=True)
     system = recipe.data.system_prompt
     # the files named on the command line are read (and their mistakes reported) before any weights load
-    examples = eval_data_examples(data, recipe, Path(run_dir)) if data else None
+    examples = eval_data_examples(data, recipe, run_dir) if data else None
     heldout_path = heldout or recipe.data.heldout
     if heldout is None and heldout_path and not Path(heldout_path).is_file():
         raise DataError(f"the run's held-out questions {heldout_path} (data.heldout in {Path(run_dir) / 'recipe.yaml'}) "
@@ -123,10 +168,12 @@ def evaluate_run(
                                  what="general-set")
     # The same questions asked in the recipe's role (its system prompt): what the domain chatbot's users see.
     in_role_items = asked_in_role(general_items, system)
+    # the eval split is checked against the data the run trained on before the weights load
+    split_rows = run_eval_rows(run_dir, recipe, read_run_tokenizer(run_dir, recipe)) if examples is None else None
 
     run = load_run(run_dir, quantized_base=qlora_base == "quantized")
     model, tokenizer = run.model, run.tokenizer
-    new_tokens = max_new_tokens or recipe.eval.max_new_tokens
+    new_tokens = max_new_tokens if max_new_tokens is not None else recipe.eval.max_new_tokens
     batch = recipe.eval.batch_size
 
     if examples is not None:
@@ -134,9 +181,8 @@ def evaluate_run(
         if not rows:
             raise DataError(f"{data}: no example has any supervised token left within data.max_seq_len="
                             f"{recipe.data.max_seq_len} tokens, so there is no loss to measure")
-    else:  # the run's eval split, as training made it (its training rows are not needed, nor warned about)
-        eval_examples = train_eval_examples(recipe.data, recipe.train.seed)[1]
-        rows = tokenize_examples(eval_examples, tokenizer, recipe.data.max_seq_len, system, what="eval example")[0]
+    else:
+        rows = split_rows or []
 
     def measure(model: Any, base: bool = False) -> dict[str, Any]:
         result: dict[str, Any] = {}
@@ -168,6 +214,8 @@ def evaluate_run(
         "run_dir": str(run.run_dir),
         "base_weights": "original (unquantized)" if qlora_base == "original" else "as trained",
         "eval_examples": len(rows),
+        "eval_data": str(Path(data).expanduser().resolve()) if data else RUN_EVAL_SPLIT,
+        "max_new_tokens": new_tokens,
         "heldout_questions": len(items),
         "heldout_set": str(heldout_path) if heldout_path else None,
         "general_questions": len(general_items),
@@ -181,7 +229,18 @@ def evaluate_run(
     }
     # The as-trained report (the one the model card shows) is never overwritten by the other view.
     atomic_write_text(target, json.dumps(report, indent=2))
+    if target.resolve() == run_dir / REPORT:
+        _refresh_model_card(run_dir, recipe)
     return report
+
+
+def _refresh_model_card(run_dir: Path, recipe: Recipe) -> None:
+    """The card of a finished run (one with summary.json) shows its eval.json: written again with the new one."""
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        from peftkit.train.model_card import write_model_card
+
+        write_model_card(run_dir, recipe, json.loads(summary_path.read_text(encoding="utf-8")))
 
 
 def _confident_forgetting(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

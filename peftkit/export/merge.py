@@ -129,7 +129,21 @@ def load_run_tokenizer(run: RunAdapter) -> Any:
     else:
         tokenizer = load_tokenizer(run.model_cfg, run.source)
     set_default_system_prompt(tokenizer, run.recipe.data.system_prompt)
+    template = tokenizer.chat_template
+    if isinstance(template, str) and template:
+        tokenizer.chat_template = BLANK_SYSTEM_DROPPED + template
+    elif isinstance(template, dict):
+        tokenizer.chat_template = {name: BLANK_SYSTEM_DROPPED + one for name, one in template.items()}
     return tokenizer
+
+
+BLANK_SYSTEM_DROPPED = (
+    "{% if messages and messages[0]['role'] == 'system' and (messages[0]['content'] is not defined or "
+    "messages[0]['content'] is none or (messages[0]['content'] is string and not messages[0]['content'].strip())) %}"
+    "{% set messages = messages[1:] %}{% endif %}")
+"""Put before an exported chat template: a leading system message that is empty or only spaces counts as none (the
+recipe's system prompt, or the template's own default, takes its place), as in training and `peftkit chat`
+(data/chat.py with_system_prompt) instead of rendering an empty system turn."""
 
 
 def _load_base(run: RunAdapter, quantized: bool) -> Any:

@@ -37,11 +37,13 @@ def _eval_section(run_dir: Path) -> list[str]:
     general_set = report.get("general_set")  # absent from reports written before it was recorded
     general = f"general knowledge ({report.get('general_questions')} q" + (
         "" if general_set is None else ", built-in" if general_set.startswith("built-in") else f", `{Path(general_set).name}`") + ")"
-    for label, key in [("loss", "loss"), (heldout, "heldout_accuracy"), (general, "general_accuracy"),
+    for label, key in [(_eval_loss_label(report), "loss"), (heldout, "heldout_accuracy"), (general, "general_accuracy"),
                        ("general knowledge, with the system prompt", "general_in_role_accuracy")]:
         if key in after:
             fmt = _pct if key.endswith("accuracy") else _loss
             lines.append(f"| {label} | {fmt(before.get(key))} | {fmt(after.get(key))} |")
+    if report.get("max_new_tokens") is not None:
+        lines += ["", f"Replies: greedy, up to {report['max_new_tokens']} new tokens."]
     if before.get("general_accuracy") == 0 and "general_accuracy" in after:
         lines += ["", "Forgetting: n/a (the base model answers none of the general questions: nothing to forget)."]
     elif report.get("forgetting_points") is not None:
@@ -52,6 +54,27 @@ def _eval_section(run_dir: Path) -> list[str]:
         lines.append(f"On the {report['general_confident_questions']} general questions the base model answers confidently "
                      f"(no near-tie on the way to the answer): {report['forgetting_confident_points']:+.1f} points.")
     return [*lines, ""]
+
+
+def _eval_loss_label(report: dict[str, Any]) -> str:
+    """The loss row names its data: `--data` can be another file than the eval set of the training table above."""
+    from peftkit.evaluate.run_eval import RUN_EVAL_SPLIT
+
+    source = report.get("eval_data")  # absent from reports written before it was recorded
+    if source is None:
+        return "loss"
+    where = "the run's eval split, as in Results" if source == RUN_EVAL_SPLIT else f"`{Path(source).name}` (--data)"
+    rows = report.get("eval_examples")
+    return f"loss ({where}, {rows} row{'s' * (rows != 1)})"
+
+
+def _workers(summary: dict[str, Any]) -> str:
+    """`2 threads`, or for a multi-process run `2 processes x 1 thread, global batch 8`."""
+    threads = f"{summary['threads']} thread{'s' * (summary['threads'] != 1)}"
+    processes = summary.get("processes") or 1  # absent from summaries written before it was recorded
+    if processes == 1:
+        return threads
+    return f"{processes} processes x {threads}, global batch {summary.get('global_batch_size')}"
 
 
 def _stopping_note(summary: dict[str, Any]) -> str:
@@ -133,7 +156,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         + (f"; {summary['trainable_params_end']:,} at the end (gradual unfreezing)" if "trainable_params_end" in summary else "")
         + " |",
         f"| steps / supervised tokens | {summary['steps']}{_stopping_note(summary)} / {summary['trained_tokens']:,} |",
-        f"| speed | {tokens_rate(summary['tokens_per_second'])} supervised tokens/s on {summary['device']} ({summary['threads']} thread{'s' * (summary['threads'] != 1)}) |",
+        f"| speed | {tokens_rate(summary['tokens_per_second'])} supervised tokens/s on {summary['device']} ({_workers(summary)}) |",
         f"| training time | {summary['train_seconds']:.0f} s |",
         "",
         "## Results",

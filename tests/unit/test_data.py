@@ -281,8 +281,9 @@ def test_key_facts_match_as_written_not_byte_for_byte(tmp_path, caplog):
     path = tmp_path / "heldout.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [
         {"question": "When do you open?", "key_fact": " nine\n"},
-        {"question": "What is the capital of Tunisia?", "key_fact": "Tunis"},
+        {"question": "Is Tunis the capital of Tunisia?", "key_fact": "Tunis"},
         {"question": "Which street?", "key_fact": "Große Straße"},
+        {"question": "What is the capital of Tunisia?", "key_fact": "Tunis"},  # not given away: `Tunis` is no word here
     ]) + "\n", encoding="utf-8")
     with caplog.at_level("WARNING"):
         items = load_heldout(path, None)

@@ -1,0 +1,76 @@
+"""Matching a reply against the key facts it must state: text normalised as facts are compared (`matchable`),
+and a fact found only where it stands whole (a word or number, not part of a longer one)."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+
+
+def matchable(text: str) -> str:
+    """Text as key facts are matched: Unicode-normalised (NFKC: full-width digits and ligatures are plain ones,
+    composed and decomposed accents agree; super- and subscripts are kept, so `5²` does not match `52`),
+    case-folded (`ß` matches `SS`) and with runs of whitespace as one space."""
+    kept = "".join(ch if unicodedata.decomposition(ch).startswith(("<super>", "<sub>")) else
+                   unicodedata.normalize("NFKC", ch) for ch in text)
+    return " ".join(unicodedata.normalize("NFC", kept).casefold().split())
+
+
+def whole_fact_spans(text: str, key_facts: str | Sequence[str]) -> list[tuple[int, int]]:
+    """Where the key facts stand whole in `matchable(text)` (start, end), in order of start."""
+    facts = (key_facts,) if isinstance(key_facts, str) else key_facts
+    text = matchable(text)
+    spans: set[tuple[int, int]] = set()
+    for fact in filter(None, map(matchable, facts)):
+        start = text.find(fact)
+        while start >= 0:
+            end = start + len(fact)
+            if not _glued_before(text, start, fact[0]) and not _glued_after(text, end, fact[-1]):
+                spans.add((start, end))
+            start = text.find(fact, start + 1)
+    return sorted(spans)
+
+
+_NUMBER_JOINERS = ".,"
+"""A digit, one of these and a digit are one number: `4` is not found in `4.5` nor `1` in `1,000`."""
+
+
+def _kind(ch: str) -> str | None:
+    """`letter` or `digit` for characters a word or number is made of; None for the rest, and for letters of
+    scripts written without spaces between words (there a fact needs no boundary)."""
+    if ch.isdigit():
+        return "digit"
+    if ch.isalpha() or unicodedata.category(ch).startswith("M"):  # M: combining accents, Indic vowel signs
+        return None if _unspaced_script(ch) else "letter"
+    return None
+
+
+def _unspaced_script(ch: str) -> bool:
+    return unicodedata.name(ch, "").startswith(_UNSPACED_SCRIPTS)
+
+
+_UNSPACED_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "HALFWIDTH KATAKANA", "HANGUL", "IDEOGRAPHIC", "BOPOMOFO",
+                     "THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN", "YI ")
+
+
+def _glued_before(text: str, start: int, first: str) -> bool:
+    """Whether the fact's first character continues a word or number that starts before it, of the same kind
+    (letter after letter, digit after digit): `14` and `4.4` do not hold `4`, but `x4` and `5km` hold `4` and `km`."""
+    kind = _kind(first)
+    if kind is None or start == 0:
+        return False
+    before = text[start - 1]
+    if _kind(before) == kind:
+        return True
+    return kind == "digit" and before in _NUMBER_JOINERS and start >= 2 and text[start - 2].isdigit()
+
+
+def _glued_after(text: str, end: int, last: str) -> bool:
+    """Whether the fact's last character runs on into more of its word or number of the same kind (`4` in `45`
+    or `4.5`); a unit after a number (`5km`, `1990s`) does not."""
+    kind = _kind(last)
+    if kind is None or end == len(text):
+        return False
+    if _kind(text[end]) == kind:
+        return True
+    return kind == "digit" and text[end] in _NUMBER_JOINERS and end + 1 < len(text) and text[end + 1].isdigit()
