@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -49,6 +50,21 @@ class DataBundle:
     eval: list[Row]
     heldout: list[HeldoutItem]
     stats: dict[str, Any] = field(default_factory=dict)
+    split_fingerprint: str = ""
+    """Which examples went to training and which to evaluation (`split_fingerprint`)."""
+
+
+def split_fingerprint(train: list[Example], eval: list[Example]) -> str:
+    """A hash of the examples on each side of the train / eval split, by content (not where they were read, nor
+    how they tokenize): it changes when a data file is edited or added to, not with a chat template that writes
+    today's date or a change in how text is tokenized. `peftkit eval` and `--resume` compare it with the run's."""
+    digest = hashlib.sha256()
+    for examples in (train, eval):
+        digest.update(b"|")
+        for example in examples:
+            digest.update(json.dumps([example.messages, example.text, example.tools], sort_keys=True,
+                                     ensure_ascii=False, default=str).encode())
+    return digest.hexdigest()
 
 
 def tokenize_examples(
@@ -323,7 +339,7 @@ def build_datasets(
         "train_supervised_tokens": sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in train_rows),
         "train_formats": dict(Counter(e.format for e in train_examples if e.format)),  # as auto-detection read them
     }
-    return DataBundle(train_rows, eval_rows, heldout, stats)
+    return DataBundle(train_rows, eval_rows, heldout, stats, split_fingerprint(train_examples, eval_examples))
 
 
 MISMATCH_ADVICE = ("tokenizer and model do not belong together (tokens added to the tokenizer without "

@@ -3,6 +3,7 @@ and a fact found only where it stands whole (a word or number, not part of a lon
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Sequence
 
@@ -25,7 +26,7 @@ def whole_fact_spans(text: str, key_facts: str | Sequence[str]) -> list[tuple[in
         start = text.find(fact)
         while start >= 0:
             end = start + len(fact)
-            if not _glued_before(text, start, fact[0]) and not _glued_after(text, end, fact[-1]):
+            if not _glued_before(text, start, fact[0]) and not _glued_after(text, end, fact):
                 spans.add((start, end))
             start = text.find(fact, start + 1)
     return sorted(spans)
@@ -55,22 +56,34 @@ _UNSPACED_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "HALFWIDTH KATAKANA", "HANGU
 
 def _glued_before(text: str, start: int, first: str) -> bool:
     """Whether the fact's first character continues a word or number that starts before it, of the same kind
-    (letter after letter, digit after digit): `14` and `4.4` do not hold `4`, but `x4` and `5km` hold `4` and `km`."""
+    (letter after letter, digit after digit): `14` and `4.4` do not hold `4`, but `x4` and `5km` hold `4` and `km`.
+    Leading zeros are no other number: `09:00` holds `9:00`."""
     kind = _kind(first)
     if kind is None or start == 0:
         return False
     before = text[start - 1]
+    if kind == "digit" and _LEADING_ZEROS.search(text, 0, start):
+        return False
     if _kind(before) == kind:
         return True
     return kind == "digit" and before in _NUMBER_JOINERS and start >= 2 and text[start - 2].isdigit()
 
 
-def _glued_after(text: str, end: int, last: str) -> bool:
+def _glued_after(text: str, end: int, fact: str) -> bool:
     """Whether the fact's last character runs on into more of its word or number of the same kind (`4` in `45`
-    or `4.5`); a unit after a number (`5km`, `1990s`) does not."""
-    kind = _kind(last)
+    or `4.5`); a unit after a number (`5km`, `1990s`) does not, nor do zeros that leave its value as it is
+    (`$14` in `$14.00`, `12.5` in `12.50`)."""
+    kind = _kind(fact[-1])
     if kind is None or end == len(text):
+        return False
+    if kind == "digit" and (_ZERO_DECIMALS.match(text, end) or ("." in fact and _TRAILING_ZEROS.match(text, end))):
         return False
     if _kind(text[end]) == kind:
         return True
     return kind == "digit" and text[end] in _NUMBER_JOINERS and end + 1 < len(text) and text[end + 1].isdigit()
+
+
+_LEADING_ZEROS = re.compile(r"(?<![\d.,])0+$")
+"""Zeros that open a number, right before the fact (`searched` up to its start)."""
+_ZERO_DECIMALS = re.compile(r"\.0+(?!\d)")
+_TRAILING_ZEROS = re.compile(r"0+(?!\d)")

@@ -171,7 +171,11 @@ def _json_document_records(path: Path, data: Any) -> list[tuple[str, Any]]:
 
 
 def _is_conversation(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+    """A bare list of chat messages: each a `{role, content}` (or tool-call) object and no record of its own (a
+    list of alpaca records with a `role` column is a list of records)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and "role" in m and any(k in m for k in ("content", "tool_calls", "function_call"))
+        and detect_format(m) is None for m in value)
 
 
 def _as_record(value: Any) -> Any:

@@ -17,7 +17,7 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from peftkit.data.build import HeldoutItem, Row, build_datasets, load_heldout, tokenize_examples, train_eval_examples
+from peftkit.data.build import HeldoutItem, Row, load_heldout, tokenize_examples, train_eval_examples
 from peftkit.data.chat import with_system_prompt
 from peftkit.config.schema import Recipe
 from peftkit.data.formats import COLUMNS_ADVICE, Example, load_examples
@@ -93,25 +93,25 @@ def eval_data_examples(data: str, recipe: Recipe, run_dir: Path) -> list[Example
 def run_eval_rows(run_dir: Path, recipe: Recipe, tokenizer: Any) -> list[Row]:
     """The run's eval rows, as training made them (its training rows are not needed, nor warned about again).
 
-    An eval split of the training files is drawn from them as they are now: where they changed since the run (its
-    data fingerprint in before.json), the split would hold other examples, some of them ones the run trained on, so
-    it is refused before any weights load."""
-    from peftkit.train.run_dir import data_fingerprint, load_before
+    An eval split of the training files is drawn from them as they are now: where they changed since the run (the
+    split fingerprint in before.json), the split would hold other examples, some of them ones the run trained on, so
+    it is refused before any weights load. Only the train and eval files are read: the held-out and replay files
+    the recipe names may have moved (`--heldout` replaces the one)."""
+    from peftkit.data.build import split_fingerprint
+    from peftkit.train.run_dir import load_before
 
     cfg, seed = recipe.data, recipe.train.seed
-    trained_on = load_before(run_dir).get("data_fingerprint")  # None: a run from before fingerprints were kept
-    if cfg.eval or cfg.eval_fraction <= 0 or trained_on is None:
-        eval_examples = train_eval_examples(cfg, seed)[1]
-        return tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt, what="eval example")[0]
-    with _quiet("peftkit.data"):  # training reported what these files hold (truncations, duplicates, ...)
-        data = build_datasets(cfg, tokenizer, seed)
-    if data_fingerprint(data.train, data.eval) != trained_on:
+    with _quiet("peftkit.data"):  # training reported what these files hold (duplicates, overlaps, ...)
+        train_examples, eval_examples = train_eval_examples(cfg, seed)
+    trained_on = load_before(run_dir).get("split_fingerprint")  # None: a run from before it was kept
+    if not cfg.eval and cfg.eval_fraction > 0 and trained_on is not None \
+            and split_fingerprint(train_examples, eval_examples) != trained_on:
         raise DataError(
-            f"the training data changed since {run_dir} was trained (a file of data.train was edited or added to, or "
-            "the tokenizer or chat template changed), so its eval split cannot be rebuilt: drawn from the data as it "
-            "is now, it would hold other examples, some of them ones the run trained on. Pass --data FILE to "
-            "measure the loss on a file, or restore the training data")
-    return data.eval
+            f"the training data changed since {run_dir} was trained (a file of data.train was edited or added to), "
+            "so its eval split cannot be rebuilt: drawn from the data as it is now, it would hold other examples, "
+            "some of them ones the run trained on. Pass --data FILE to measure the loss on a file, or restore the "
+            "training data")
+    return tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt, what="eval example")[0]
 
 
 @contextlib.contextmanager

@@ -343,7 +343,7 @@ def _train(
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     fingerprint = run_dirs.data_fingerprint(data.train, data.eval)
     if resume and main_process:  # the checkpoint's data order and the eval loss before belong to the start's data
-        run_dirs.check_resume_data(run_dir, fingerprint)
+        run_dirs.check_resume_data(run_dir, fingerprint, data.split_fingerprint, [len(data.train), len(data.eval)])
     ds_config = deepspeed_setup.setup(recipe, device, dtype)  # None without DeepSpeed
     quantization = effective_quantization(recipe)
     log.info("Loading %s on %s (%s%s)", recipe.model.name, device, str(dtype).removeprefix("torch."),
@@ -445,7 +445,9 @@ def _train(
         details_before = before.get("heldout_details") or []
     elif main_process:
         run_dirs.save_before(run_dir, {"eval_loss": eval_loss_before, "heldout_accuracy": accuracy_before,
-                                       "heldout_details": details_before, "data_fingerprint": fingerprint})
+                                       "heldout_details": details_before, "data_fingerprint": fingerprint,
+                                       "split_fingerprint": data.split_fingerprint,
+                                       "rows": [len(data.train), len(data.eval)]})
 
     resume_from = checkpoints.prepare_resume(
         run_dir, world_size=dist_info().world_size, deepspeed_stage=checkpoints.deepspeed_stage_of(args),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ import yaml
 from peftkit.errors import RunDirError
 from peftkit.train import checkpoints
 from peftkit.utils.atomic import atomic_write_text, remove_dead_writers_temporaries
+
+log = logging.getLogger(__name__)
 
 RUN_MARKER = ".peftkit-run"
 LOCK_FILE = ".peftkit-lock"
@@ -88,7 +91,8 @@ def in_use(run_dir: Path, holder: str) -> RunDirError:
 def reading_runs(*run_dirs: Path | str) -> Iterator[None]:
     """Merge, export and eval hold the runs they read under a shared lock: `train --force` (or `--resume`) into one
     of them is refused meanwhile instead of deleting the adapter being read, and they refuse a run that is training.
-    A run folder they cannot write to (a read-only copy) is read without a lock."""
+    A run folder they cannot write to (a read-only copy) is read without a lock. The (hidden) lock file stays: a
+    reader that removed it could strand another one's lock on the removed file, which `train` would not see."""
     try:
         import fcntl
     except ImportError:  # not on POSIX: no lock
@@ -106,19 +110,7 @@ def reading_runs(*run_dirs: Path | str) -> Iterator[None]:
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 raise RunDirError(f"{run_dir} is still training ({holder}); wait for that run to end") from None
-            stack.callback(_release_shared, run_dir, handle)
         yield
-
-
-def _release_shared(run_dir: Path, handle: Any) -> None:
-    import fcntl
-
-    try:  # the last reader removes the lock file, which a run folder does not otherwise keep
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        (run_dir / LOCK_FILE).unlink(missing_ok=True)
-    except (BlockingIOError, OSError):
-        pass
-    fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def training_in(run_dir: Path) -> str | None:
@@ -310,17 +302,25 @@ def data_fingerprint(*row_sets: Sequence[dict[str, Any]]) -> str:
     return digest.hexdigest()
 
 
-def check_resume_data(run_dir: Path, fingerprint: str) -> None:
+def check_resume_data(run_dir: Path, fingerprint: str, split: str | None = None, rows: list[int] | None = None) -> None:
     """Resuming on other data would continue the checkpoint's data order over other rows, and compare the eval loss
-    measured at the start with one on another eval set."""
-    started_with = load_before(run_dir).get("data_fingerprint")
-    if started_with is not None and started_with != fingerprint:
-        raise RunDirError(
-            f"--resume: the training or eval data differ from those {run_dir} was started with (a data file changed, "
-            "or the tokenizer or chat template did); the checkpoint continues that data's order and the eval loss "
-            "before training was measured on it. Restore the data to resume, or start a new run on the new data "
-            "(another output_dir, or --force)"
-        )
+    measured at the start with one on another eval set. `split` (the examples on each side, `split_fingerprint`)
+    decides where the run recorded it: the same examples tokenized a little differently (a chat template that
+    writes today's date) resume with a warning, as long as the row counts, which the data order is drawn over, hold."""
+    before = load_before(run_dir)
+    started_with, started_split = before.get("data_fingerprint"), before.get("split_fingerprint")
+    if started_with is None or started_with == fingerprint:
+        return
+    if started_split is not None and started_split == split and before.get("rows") == rows:
+        log.warning("The training examples are the ones %s started with, but they tokenize differently now (a chat "
+                    "template that writes the date, or another tokenizer version); resuming on them", run_dir)
+        return
+    raise RunDirError(
+        f"--resume: the training or eval data differ from those {run_dir} was started with (a data file changed, "
+        "or the tokenizer or chat template did); the checkpoint continues that data's order and the eval loss "
+        "before training was measured on it. Restore the data to resume, or start a new run on the new data "
+        "(another output_dir, or --force)"
+    )
 
 
 def save_before(run_dir: Path, before: dict[str, Any]) -> None:

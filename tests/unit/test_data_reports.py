@@ -276,3 +276,14 @@ def test_validate_says_how_many_long_texts_were_split(tiny_recipe, tmp_path, cap
     assert main(["validate", str(recipe_file)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "(text format; 1 long text split into" in out and "rows)" in out
+
+
+def test_a_json_list_of_records_with_a_role_column_is_a_list_of_records(tmp_path):
+    """Only `{role, content}` messages make a bare conversation: alpaca records that carry a `role` field stay
+    records."""
+    path = tmp_path / "roles.json"
+    path.write_text(json.dumps([{"role": "librarian", "instruction": f"When does it open on day {i}?",
+                                 "output": f"At {i} am."} for i in range(1, 4)]))
+    examples = load_examples(str(path))
+    assert [e.format for e in examples] == ["alpaca"] * 3
+    assert examples[0].messages[-1] == {"role": "assistant", "content": "At 1 am."}

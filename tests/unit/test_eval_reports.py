@@ -51,6 +51,12 @@ def test_a_lone_string_key_fact_is_one_fact_not_its_characters():
     ("เมืองหลวงคือกรุงเทพ", ["กรุงเทพ"]),
     ("东京Tokyo是首都", ["Tokyo"]),
     ("no, it is four", ["4", "four"]),
+    ("Parking is $14.00 per night.", ["$14"]),  # zeros that leave the value as it is
+    ("It costs 5.00 euros", ["5"]),
+    ("It is £12.50", ["£12.5"]),
+    ("Doors open at 07:30am.", ["7:30am"]),  # leading zeros
+    ("from 09:00", ["9:00"]),
+    ("We close at 18:00.", ["18:00"]),
 ])
 def test_a_key_fact_is_found_as_a_whole_word_or_number(reply, facts):
     assert is_correct(reply, facts)
@@ -70,6 +76,10 @@ def test_a_key_fact_is_found_as_a_whole_word_or_number(reply, facts):
     ("it is 45", ["4"]),
     ("I have no idea", ["Marta Okafor"]),
     ("anything", [""]),  # an empty fact matches nothing
+    ("It is 100", ["0"]),
+    ("It is 10.05", ["10"]),
+    ("Pi is 12.501", ["12.5"]),
+    ("it costs $14.0001", ["$14"]),
 ])
 def test_a_key_fact_inside_a_longer_word_or_number_is_not_found(reply, facts):
     assert not is_correct(reply, facts)
@@ -158,6 +168,27 @@ def test_eval_refuses_an_eval_split_of_training_data_that_changed_since_the_run(
     report = evaluate_run(quick_run, data=str(data), general=small_general, compare_base=False,
                           out=tmp_path / "e.json")  # a file of one's own still evaluates
     assert report["eval_examples"] == 3
+
+
+def test_eval_of_an_unchanged_run_needs_neither_the_same_tokens_nor_the_recipes_held_out_file(
+        quick_run, tiny_recipe, tmp_path, small_general, caplog):
+    """The split is checked by its examples: rows that tokenize differently now (a chat template writing today's
+    date, a newer tokenizer) are the same split; and only the train / eval files are read for it, so a held-out file
+    that moved is replaced with --heldout."""
+    from peftkit.train.run_dir import BEFORE_FILE, check_resume_data
+
+    before_file = quick_run / BEFORE_FILE
+    before = json.loads(before_file.read_text())
+    before_file.write_text(json.dumps({**before, "data_fingerprint": "tokenized differently"}))
+    heldout = Path(tiny_recipe["data"]["heldout"])
+    moved = heldout.rename(tmp_path / "moved-heldout.jsonl")
+    report = evaluate_run(quick_run, heldout=str(moved), general=small_general, compare_base=False)
+    assert report["eval_examples"] == 4 and report["heldout_questions"] > 0
+    with caplog.at_level("WARNING"):  # resuming on the same examples, tokenized differently: a warning
+        check_resume_data(quick_run, "tokenized again", before["split_fingerprint"], before["rows"])
+    assert "tokenize differently now" in caplog.text
+    with pytest.raises(RunDirError, match="data differ from those"):  # other row counts: the data order would differ
+        check_resume_data(quick_run, "tokenized again", before["split_fingerprint"], [before["rows"][0] + 1, 4])
 
 
 def test_the_eval_report_and_card_name_the_loss_data_and_reply_length(quick_run, tmp_path, small_general):
