@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ def main() -> None:
                                                                "peftkit-no-sparse", "peftkit-no-bucket"])
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--count-only", action="store_true", help="print the tokens and positions a variant processes, untrained")
     args = parser.parse_args()
 
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
@@ -45,11 +45,12 @@ def main() -> None:
     from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
     from peftkit.train.bucketing import length_buckets
     from peftkit.train.deepspeed import precision_flags
-    from peftkit.train.run import peak_memory_mb
-    from peftkit.train.trainer import SFTTrainer
+    from peftkit.train.run import configure_threads, peak_memory_mb
+    from peftkit.train.shared_prefix import MIN_SHARED_PREFIX, shared_prefix_length
+    from peftkit.train.trainer import SFTTrainer, supervised_mask
 
     recipe = load_recipe(args.recipe)
-    torch.set_num_threads(os.cpu_count() or 1)
+    configure_threads(recipe.train.num_threads)  # as `peftkit train` does: train.num_threads, OMP_NUM_THREADS, all cores
     set_seed(recipe.train.seed)
     # Device and precision as `peftkit train` chooses them (fp32 on CPU; bf16 autocast on a bf16 GPU), for every variant.
     device = resolve_device(recipe.train.device)
@@ -100,19 +101,34 @@ def main() -> None:
         )
     bucketed = getattr(trainer, "bucket_batches", False)
 
-    # Count what each variant actually processes: the same batches the trainer will draw.
-    padded = real = supervised = 0
+    # Count what each variant actually processes: the same batches the trainer will draw. `computed`: positions the
+    # model body runs (padding included; a prompt prefix the rows of a bucket share, once), for executed FLOPs.
+    padded = real = supervised = computed = 0
+    share = getattr(trainer, "share_prefix", False)
     for batch in trainer.get_train_dataloader():
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         if getattr(trainer, "packing", False):  # one padding-free sequence per batch
             padded += int(batch["attention_mask"].sum())
-        elif bucketed:  # what the length buckets actually run (train/bucketing.py)
-            padded += sum(len(b) * max(lengths[i] for i in b) for b in length_buckets(lengths))
-        else:
-            padded += batch["input_ids"].numel()
+            computed += int(batch["attention_mask"].sum())
+        else:  # what the length buckets actually run (train/bucketing.py), or the whole padded batch
+            width = batch["input_ids"].shape[1]
+            groups = length_buckets(lengths) if bucketed else [list(range(len(lengths)))]
+            for rows in groups:
+                w = max(lengths[i] for i in rows) if bucketed else width
+                padded += len(rows) * w
+                prefix = 0
+                if share:
+                    index = torch.tensor(rows)
+                    prefix = shared_prefix_length(batch["input_ids"][index, :w], supervised_mask(batch["labels"][index, :w]))
+                    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+                computed += len(rows) * w - (len(rows) - 1) * prefix
         real += int(batch["attention_mask"].sum())
         supervised += int((batch["labels"][:, 1:] != -100).sum())
     epochs = args.epochs
+    if args.count_only:  # what a variant would process, without training it (to recount an earlier report's FLOPs)
+        print(json.dumps({"variant": args.variant, "input_tokens": real, "padded_tokens": padded,
+                          "computed_positions": computed, "supervised_tokens": supervised}), flush=True)
+        return
     started = time.perf_counter()
     output = trainer.train()
     if device == "cuda":
@@ -127,6 +143,7 @@ def main() -> None:
         "supervised_tokens": int(supervised * epochs),
         "input_tokens": int(real * epochs),
         "padded_tokens": int(padded * epochs),
+        "computed_positions": int(computed * epochs),
         "padding_share": round(1 - real / padded, 4),
         "supervised_tokens_per_second": round(supervised * epochs / seconds, 2),
         "input_tokens_per_second": round(real * epochs / seconds, 2),

@@ -205,6 +205,25 @@ def test_blocksize_is_for_4bit_only():
         QuantizationConfig(blocksize=48)
 
 
+def test_blocks_larger_than_64_are_refused_on_the_cpu(tiny_recipe):
+    """bitsandbytes' CPU kernels quantize them wrongly for many shapes (checked here on one, so a fixed release shows)."""
+    import bitsandbytes.functional as bnbf
+
+    from peftkit.config import recipe_from_dict
+    from peftkit.config.validate import validate_recipe
+    from peftkit.errors import ConfigError
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 64)
+    error = {bs: float((bnbf.dequantize_4bit(*bnbf.quantize_4bit(weight, blocksize=bs, quant_type="nf4")) - weight).norm()
+                       / weight.norm()) for bs in (64, 128)}
+    assert error[128] > 1.5 * error[64], error
+    recipe = {**tiny_recipe, "adapter": {"method": "qlora"}, "train": {**tiny_recipe["train"], "device": "cpu"}}
+    with pytest.raises(ConfigError, match="quantization.blocksize 128 on the CPU: .* use 32 or 64 on a CPU"):
+        validate_recipe(recipe_from_dict({**recipe, "quantization": {"blocksize": 128}}), check_model=False)
+    validate_recipe(recipe_from_dict({**recipe, "quantization": {"blocksize": 32}}), check_model=False)
+
+
 def test_loftq_over_an_8_bit_base_trains(tiny_recipe):
     """peft's dequantization re-assigns an 8-bit weight on CPU without its scales; the layer then failed in the
     first evaluation (`'NoneType' object has no attribute 'dtype'`)."""
