@@ -115,14 +115,25 @@ def earlier_rows(stem: Path, keep_out: list[dict], key: tuple[str, ...]) -> list
     return [r for r in rows if ident(r) not in done]
 
 
+NOTES_HEADING = "\n## Reading the table"
+"""Where a report's hand-written notes start: a rewrite of the report keeps them."""
+
+
+def kept_notes(report: Path) -> str:
+    """The hand-written notes section of an existing report, carried over when its table is rewritten."""
+    text = report.read_text() if report.is_file() else ""
+    return text[text.index(NOTES_HEADING):] if NOTES_HEADING in text else ""
+
+
 def write_table_report(kind: str, rows: list[dict], key: tuple[str, ...], intro: str, columns: list[str]) -> None:
     """`results/<date>_<machine>_<kind>.{csv,md}`: today's earlier rows (not measured again) + `rows`, as a
-    CSV and as `intro` followed by a Markdown table and the environment; the Markdown is printed too."""
+    CSV and as `intro` followed by a Markdown table, the environment and the report's kept notes; the Markdown is
+    printed too."""
     stem = results_stem(kind)
     rows = earlier_rows(stem, rows, key) + rows
     write_csv(stem, rows)
     text = intro + "\n".join(markdown_table(rows, columns)) + f"\n\n```\n{environment()}\n```\n"
-    Path(f"{stem}.md").write_text(text)
+    Path(f"{stem}.md").write_text(text + kept_notes(Path(f"{stem}.md")))
     print(text)
 
 

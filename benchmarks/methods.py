@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import earlier_rows, environment, markdown_table, results_stem, speed_bars, write_csv
+from benchmarks.common import earlier_rows, environment, kept_notes, markdown_table, results_stem, speed_bars, write_csv
 from peftkit.evaluate.run_eval import ORIGINAL_BASE_REPORT, REPORT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,6 +181,7 @@ def measure(name: str, method: str, sets: list[str], out_root: Path, *, retrain:
         "forgetting_points": report["forgetting_points"],
         "forgetting_in_role_points": report.get("forgetting_in_role_points"),
         "forgetting_confident_points": report.get("forgetting_confident_points"),
+        "overrides": " ".join(sets),  # rows of several invocations are merged into one report: each says its own
         "run_dir": str(run_dir),
     }
 
@@ -336,15 +337,6 @@ def method_matrix(rows: list[dict]) -> list[str]:
     return [title, "", *markdown_table(grid, list(grid[0])), ""]
 
 
-NOTES_HEADING = "\n## Reading the table"
-
-
-def kept_notes(report: Path) -> str:
-    """The hand-written notes section of an existing report, carried over when its table is rewritten."""
-    text = report.read_text() if report.is_file() else ""
-    return text[text.index(NOTES_HEADING):] if NOTES_HEADING in text else ""
-
-
 def write_report(new_rows: list[dict], args: argparse.Namespace) -> None:
     stem = results_stem("methods")
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -354,7 +346,7 @@ def write_report(new_rows: list[dict], args: argparse.Namespace) -> None:
     columns = [c for c in rows[0] if c != "run_dir"]
     lines = [
         "# Method comparison", "",
-        f"Overrides: `{' '.join(args.sets) or 'none'}`. Accuracy: greedy answers containing the key fact; "
+        "Overrides (`--set`): each row's `overrides` column. Accuracy: greedy answers stating the key fact; "
         "forgetting: drop in built-in general-knowledge accuracy vs the base model (points).", "",
         *markdown_table(rows, columns), "",
         *seed_summary(rows),

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import earlier_rows, environment, markdown_table, results_stem, write_csv
-from benchmarks.methods import PEFTKIT, ROOT, kept_notes, run, train_run
+from benchmarks.common import kept_notes
+from benchmarks.methods import PEFTKIT, ROOT, run, train_run
 
 RECIPES = ["quickstart", "support-desk", "clinic", "it-helpdesk"]
 SETTINGS: dict[str, list[str]] = {

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from benchmarks.common import earlier_rows, markdown_table, write_csv
-from benchmarks.methods import ROOT, ROW_KEY, kept_notes, method_matrix, recipe_for, seed_summary, update_curves
+from benchmarks.common import kept_notes
+from benchmarks.methods import ROOT, ROW_KEY, method_matrix, recipe_for, seed_summary, update_curves
 
 
 def test_methods_map_to_their_recipes_and_variants():
