@@ -33,6 +33,10 @@ def _console() -> Any:
     return Console(highlight=False, soft_wrap=True)  # piped output: no hard line breaks inside shown data
 
 
+def _not_the_cpu_accelerator_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU.")
+
+
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
@@ -44,6 +48,9 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("peftkit").setLevel(logging.DEBUG if verbose else logging.INFO)
     # bitsandbytes warns on import that optional hub-fetched CPU kernels are absent; nothing to act on.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # DeepSpeed, imported by transformers on every run, warns "Setting accelerator to CPU ... unable to detect"
+    # on a machine without a GPU: a CPU run is meant to be one, and DeepSpeed's other messages stay.
+    logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_accelerator_notice)
     import transformers
 
     transformers.logging.set_verbosity_error()

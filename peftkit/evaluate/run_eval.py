@@ -243,6 +243,11 @@ def _refresh_model_card(run_dir: Path, recipe: Recipe) -> None:
         write_model_card(run_dir, recipe, json.loads(summary_path.read_text(encoding="utf-8")))
 
 
+def lost_points(points: float) -> str:
+    """Forgetting in words: `lost 36.4 points` (a `+36.4` read as a gain), or `gained 3.0 points`."""
+    return f"gained {-points:.1f} points" if points < 0 else f"lost {points:.1f} points"
+
+
 def _confident_forgetting(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """Forgetting over the general questions the base model answers confidently, and each question's base
     margin in the tuned model's details (a near-tie there explains a loss that is chance, not forgetting)."""
@@ -286,10 +291,10 @@ def print_eval_report(console: Any, report: dict[str, Any]) -> None:
         console.print(f"forgetting: n/a (the base model answers none of the {report['general_questions']} general "
                       "questions: there is nothing to forget; pass --general with questions it knows)")
     elif report["forgetting_points"] is not None:
-        console.print(f"forgetting: {report['forgetting_points']:+.1f} points of general-knowledge accuracy"
-                      + (f" ({report['forgetting_in_role_points']:+.1f} asked with the system prompt)"
+        console.print(f"forgetting: {lost_points(report['forgetting_points'])} of general-knowledge accuracy"
+                      + (f" ({lost_points(report['forgetting_in_role_points'])} asked with the system prompt)"
                          if report.get("forgetting_in_role_points") is not None else ""))
     if report.get("forgetting_confident_points") is not None:
-        console.print(f"  {report['forgetting_confident_points']:+.1f} points on the {report['general_confident_questions']} "
+        console.print(f"  {lost_points(report['forgetting_confident_points'])} on the {report['general_confident_questions']} "
                       "questions the base model answers confidently (each token up to the fact at least twice as "
                       "likely as the runner-up); the others hinge on a near-tie that any weight change can flip")

@@ -22,7 +22,7 @@ from peftkit.errors import ExportError
 from peftkit.export import verify
 from peftkit.export.card import adapter_card, bnb_kwargs, classifier_loading
 from peftkit.export.common import (ExportResult, disk_full_as_error, list_files, prepare_output, save_failed_report,
-                                   write_json)
+                                   write_json, write_verification)
 from peftkit.export.compat import serving_compatibility
 from peftkit.export.merge import FULL_MODEL, RunAdapter, _attach, _load_base, _reference, load_run_tokenizer, resolve_run
 from peftkit.models.load import default_skips, save_tokenizer, unquantized_modules
@@ -148,7 +148,7 @@ def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force:
             if not report["passed"]:
                 failed = save_failed_report(target, report)
                 verify.enforce({**report, "failures": [*report["failures"], f"details in {failed}"]}, "adapter export")
-            write_json(tmp / "verification.json", report)
+            report = write_verification(tmp, target, report)
             manifest["verified"] = {"max_abs_diff": report["max_abs_diff"], "greedy_agreement": report["greedy_agreement"],
                                     "loader": "peft.PeftModel.from_pretrained (fresh process)"}
         write_json(tmp / "manifest.json", manifest)

@@ -158,6 +158,7 @@ def adapter_card(manifest: dict[str, Any], verification: dict[str, Any] | None, 
         f"| rank / alpha | {manifest.get('rank')} / {manifest.get('alpha')} |",
         f"| target modules | {manifest.get('target_modules')} |",
         f"| base model | `{base['name']}`{local} |",
+        *([f"| base weights | {_cell(base['note'])[1:-1]} |"] if base.get("note") else []),  # GGUF-converted bases
         "",
         "## Serving engines",
         "",

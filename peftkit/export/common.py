@@ -149,6 +149,23 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def write_verification(tmp: Path, final: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """verification.json in the export being written (`tmp`), its paths naming where the export ends up (`final`):
+    the check ran on the temporary folder, which is gone once the export is in place. Returns that report."""
+    def moved(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(str(tmp), str(final))
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        return value
+
+    report = moved(report)
+    write_json(tmp / "verification.json", report)
+    return report
+
+
 @contextlib.contextmanager
 def disk_full_as_error(folder: Path, fix: str = "free some space there, or choose another --out") -> Iterator[None]:
     """A full disk while writing `folder`: one clear error instead of a traceback (safetensors and torch raise

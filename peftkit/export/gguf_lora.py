@@ -17,7 +17,7 @@ import torch
 
 from peftkit.errors import ExportError
 from peftkit.export import llama_cpp_check, verify
-from peftkit.export.common import ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, write_json
+from peftkit.export.common import (ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, write_verification)
 from peftkit.export.gguf_types import ADAPTER_GGUF_TYPES
 from peftkit.export.gguf_writer import (
     add_model_parameters,
@@ -207,7 +207,7 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
             if not report["passed"]:
                 verify.enforce(report, "GGUF LoRA file")
             report["llama_cpp"] = _run_on_base_gguf(source, tmp / file_name, reference, gguf_type)
-            write_json(tmp / "verification.json", report)
+            report = write_verification(tmp, target, report)
         # A GGUF LoRA carries no chat template or system prompt: without these lines Ollama would prompt it with
         # the base GGUF's template and default system prompt, not the ones it was trained with
         from_lines = [*([f"FROM {source}"] if source else  # Ollama reads `#` as a comment only at a line's start

@@ -29,7 +29,8 @@ import torch
 
 from peftkit.errors import ExportError
 from peftkit.export import llama_cpp_check, verify
-from peftkit.export.common import ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, save_failed_report, write_json
+from peftkit.export.common import (ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, save_failed_report,
+                                   write_verification)
 from peftkit.export.gguf_types import GGUF_TYPES
 from peftkit.export.gguf_vocab import add_tokenizer, check_tokenizer
 from peftkit.export.ollama import has_ollama_template, ollama_modelfile
@@ -486,7 +487,7 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
                                  "window, which llama.cpp ignores: in llama.cpp this model would answer differently "
                                  "beyond it too (export with --format hf for an exact copy)")
                 verify.enforce({**report, "failures": [*report["failures"], *hints]}, "GGUF file")
-            write_json(tmp / "verification.json", report)
+            report = write_verification(tmp, out, report)
     notes = [f"tensor types: {counts}", f"Ollama: cd {shlex.quote(str(out))} && ollama create {name} -f Modelfile"]
     if report is not None:
         notes.append(llama_cpp_check.summary(report["llama_cpp"]))

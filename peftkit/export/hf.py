@@ -19,7 +19,7 @@ from peftkit.errors import ExportError
 from peftkit.export import verify
 from peftkit.export.card import merged_card
 from peftkit.export.common import (DTYPE_NAMES, ExportResult, disk_full_as_error, list_files, prepare_output,
-                                   save_failed_report, write_json)
+                                   save_failed_report, write_verification)
 from peftkit.export.merge import FULL_MODEL, MergedModel, QLoraBase, combine_runs, shipped_model
 from peftkit.models.load import save_tokenizer
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
@@ -89,7 +89,7 @@ def write_merged(merged: MergedModel, out: Path, *, dtype: str = "auto", shard_s
             if not report["passed"]:
                 failed = save_failed_report(out, report)
                 verify.enforce({**report, "failures": [*report["failures"], f"details in {failed}"]}, "merged model")
-            write_json(tmp / "verification.json", report)
+            report = write_verification(tmp, out, report)
         atomic_write_text(tmp / "README.md", merged_card(merged, dtype=dtype, verification=report, out=out))
     adapters = [run for run in merged.runs if run.info.peft_type != FULL_MODEL]  # full / partial: nothing was merged
     notes = [f"merged vs unmerged adapter (in memory, float32): max |logit diff| {merged.merge_max_abs_diff:.3g}"] * bool(adapters)

@@ -129,7 +129,8 @@ def child_report(model: str, reference: verify.Reference, lora: str | None = Non
     report = verify.compare(reference, logits)
     report.update({"kind": "llama.cpp", "model": model, "lora": lora, "reference": reference.label,
                    "tokenizer_match": tokens_ok, "stops_not_ending_generation": not_stopping,
-                   "greedy_exact_own_tokenization": sum(same_answer) / len(same_answer),
+                   # measured only where llama.cpp splits a prompt its own way (else it is greedy_exact's question)
+                   "greedy_exact_own_tokenization": None if tokens_ok else sum(same_answer) / len(same_answer),
                    "llama_cpp_version": installed_version()})
     return report
 

@@ -47,12 +47,16 @@ def _eval_section(run_dir: Path) -> list[str]:
     if before.get("general_accuracy") == 0 and "general_accuracy" in after:
         lines += ["", "Forgetting: n/a (the base model answers none of the general questions: nothing to forget)."]
     elif report.get("forgetting_points") is not None:
+        from peftkit.evaluate.run_eval import lost_points
+
         in_role = report.get("forgetting_in_role_points")
-        lines += ["", f"Forgetting: {report['forgetting_points']:+.1f} points of general-knowledge accuracy"
-                  + (f" ({in_role:+.1f} with the recipe's system prompt)." if in_role is not None else ".")]
+        lines += ["", f"Forgetting: {lost_points(report['forgetting_points'])} of general-knowledge accuracy"
+                  + (f" ({lost_points(in_role)} with the recipe's system prompt)." if in_role is not None else ".")]
     if report.get("forgetting_confident_points") is not None:
+        from peftkit.evaluate.run_eval import lost_points
+
         lines.append(f"On the {report['general_confident_questions']} general questions the base model answers confidently "
-                     f"(no near-tie on the way to the answer): {report['forgetting_confident_points']:+.1f} points.")
+                     f"(no near-tie on the way to the answer): {lost_points(report['forgetting_confident_points'])}.")
     return [*lines, ""]
 
 

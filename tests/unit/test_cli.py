@@ -255,3 +255,22 @@ def test_launch_options_that_make_no_sense_are_refused_before_training(tiny_reci
     assert main(["train", str(path), "--node-rank", "5"]) == 2
     assert "--node-rank must be in 0..0, got 5" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_deepspeeds_cpu_accelerator_notice_is_not_shown_on_every_cpu_run(capsys):
+    """transformers imports DeepSpeed on every run; on a machine without a GPU it warned "unable to detect" a GPU."""
+    import logging
+
+    from peftkit.cli import _setup_logging
+
+    _setup_logging(False)
+    logger = logging.getLogger("DeepSpeed")
+    handler = logging.StreamHandler()
+    logger.addHandler(handler)
+    try:
+        logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        logger.warning("a DeepSpeed warning that matters")
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "Setting accelerator to CPU" not in err and "a DeepSpeed warning that matters" in err

@@ -432,7 +432,8 @@ def test_the_eval_report_says_forgetting_is_undefined_when_the_base_model_knows_
         return console.export_text()
 
     assert "forgetting: n/a (the base model answers none of the 33 general questions" in printed(0.0, 0.0)
-    assert "forgetting: +10.0 points of general-knowledge accuracy" in printed(0.5, 0.4)
+    assert "forgetting: lost 10.0 points of general-knowledge accuracy" in printed(0.5, 0.4)
+    assert "forgetting: gained 10.0 points of general-knowledge accuracy" in printed(0.4, 0.5)  # not "-10.0"
 
 
 def test_the_model_card_says_forgetting_is_undefined_when_the_base_model_knows_none_of_the_set(tmp_path):
@@ -446,7 +447,7 @@ def test_the_model_card_says_forgetting_is_undefined_when_the_base_model_knows_n
         return "\n".join(_eval_section(tmp_path))
 
     assert "Forgetting: n/a (the base model answers none of the general questions" in card(0.0, 0.0)
-    assert "Forgetting: +10.0 points of general-knowledge accuracy" in card(0.5, 0.4)
+    assert "Forgetting: lost 10.0 points of general-knowledge accuracy" in card(0.5, 0.4)
 
 
 def test_eval_json_has_no_forgetting_figure_when_the_base_model_knows_none_of_the_set():

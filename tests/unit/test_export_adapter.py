@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,20 @@ def test_adapter_export_verifies_on_a_pickled_base_the_recipe_allows(export_reci
     export_adapter(run)
     report = json.loads((run / "adapter-export" / "verification.json").read_text())
     assert report["passed"] and report["max_abs_diff"] < 1e-5
+
+
+def test_the_adapter_card_says_when_the_base_weights_are_a_converted_gguf():
+    """The card's front matter names the hub checkpoint (for the Hub's links); its body says the adapter was
+    trained on the GGUF file's dequantized weights, which answer a little differently."""
+    from peftkit.export.card import adapter_card
+
+    manifest = {"base_model": {"name": "smollm2-135m-instruct", "path": "/cache/smollm2", "model_type": "llama",
+                               "note": "trained on the dequantized weights of this GGUF file, not on the original hub "
+                                       "checkpoint; load the base from `path` for identical results"},
+                "method": "lora", "peft_type": "LORA", "rank": 4, "alpha": 8, "target_modules": ["q_proj"],
+                "serving": {}}
+    card = adapter_card(manifest, None, Path("/out"))
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "| base weights | trained on the dequantized weights of this GGUF file, not on the original hub" in card
+    del manifest["base_model"]["note"]
+    assert "| base weights |" not in adapter_card(manifest, None, Path("/out"))

@@ -146,7 +146,7 @@ def test_peftkits_llama_cpp_tokenizer_agrees_with_llama_cpp(export_recipe, tmp_p
     assert report["llama_cpp"]["tokenizer_match"] is report["llama_cpp_tokenizer_match"] is legacy
     # the logits are compared along the reference ids; what llama.cpp answers from its own split is said as well
     own = report["llama_cpp"]["greedy_exact_own_tokenization"]
-    assert own == 1.0 if legacy else 0.0 <= own <= 1.0
+    assert own is None if legacy else 0.0 <= own <= 1.0  # measured only where llama.cpp tokenizes differently
     assert ("from its own tokens, identical greedy answers" in " ".join(result.notes)) is not legacy
     path = result.path / "tiny-f32.gguf"
     vocab = SpmVocab.from_gguf(path)
