@@ -81,6 +81,12 @@ def _workers(summary: dict[str, Any]) -> str:
     return f"{processes} processes x {threads}, global batch {summary.get('global_batch_size')}"
 
 
+def _split_note(recipe: Recipe, summary: dict[str, Any]) -> str:
+    """`; 24 more held out as the eval split` where the eval rows came from the training files (the file has more)."""
+    held = summary.get("eval_examples") or 0
+    return f"; {held} more held out as the eval split" if held and not recipe.data.eval else ""
+
+
 def _stopping_note(summary: dict[str, Any]) -> str:
     best = summary.get("weights_from_step")
     if summary.get("stopped_early"):
@@ -154,7 +160,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         f"| method | {recipe.adapter.method} |",
         f"| quantization | {quant_text} |",
         f"| train data | {', '.join(f'`{Path(s).name}`' for s in data_sources(recipe.data.train))} "
-        f"({summary['train_examples']} examples) |",
+        f"({summary['train_examples']} examples{_split_note(recipe, summary)}) |",
         *_replay_row(recipe, summary),
         f"| trainable parameters | {summary['trainable_params']:,} of {summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%)"
         + (f"; {summary['trainable_params_end']:,} at the end (gradual unfreezing)" if "trainable_params_end" in summary else "")

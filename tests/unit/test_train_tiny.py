@@ -131,6 +131,8 @@ def test_a_run_without_held_out_questions_reports_no_empty_accuracy(tiny_recipe,
     result = train(recipe)
     card = (result.run_dir / "README.md").read_text()
     assert "held-out fact accuracy" not in card and "(1 thread)" in card
+    # eval_fraction 0.25 of the 16 records: the card says the file has more than the trained examples
+    assert "(12 examples; 4 more held out as the eval split) |" in card
     print_run_report(Console(width=200), result.run_dir, result.summary)
     assert "held-out" not in capsys.readouterr().out
 
