@@ -45,7 +45,10 @@ def _setup_logging(verbose: bool) -> None:
         format="%(message)s",
         handlers=[RichHandler(show_path=False, show_time=False, markup=False)],
     )
-    logging.getLogger("peftkit").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Under a launcher every rank runs this: rank 0 tells the story, the others only warn (their "Loading ..." and
+    # progress lines would repeat it once per process).
+    other_rank = int(os.environ.get("RANK", "0") or 0) > 0
+    logging.getLogger("peftkit").setLevel(logging.DEBUG if verbose else logging.WARNING if other_rank else logging.INFO)
     # bitsandbytes warns on import that optional hub-fetched CPU kernels are absent; nothing to act on.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # DeepSpeed, imported by transformers on every run, warns "Setting accelerator to CPU ... unable to detect"

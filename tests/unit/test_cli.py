@@ -274,3 +274,16 @@ def test_deepspeeds_cpu_accelerator_notice_is_not_shown_on_every_cpu_run(capsys)
         logger.removeHandler(handler)
     err = capsys.readouterr().err
     assert "Setting accelerator to CPU" not in err and "a DeepSpeed warning that matters" in err
+
+
+def test_only_rank_0_tells_the_story_under_a_launcher(monkeypatch):
+    import logging
+
+    from peftkit.cli import _setup_logging
+
+    monkeypatch.setenv("RANK", "1")
+    _setup_logging(False)
+    assert logging.getLogger("peftkit").level == logging.WARNING  # warnings still come from every rank
+    monkeypatch.setenv("RANK", "0")
+    _setup_logging(False)
+    assert logging.getLogger("peftkit").level == logging.INFO
