@@ -62,14 +62,27 @@ def test_a_classification_run_logs_to_the_run_tensorboard_and_closes_it(tmp_path
 
 
 def _endless(model: Any, produced: list[int], signum: int) -> Any:
-    """The model's generate, kept from ending its turn early (an unstopped thread would run for seconds), with
-    `signum` sent to this process while it generates (Ctrl-C, SIGTERM at the terminal)."""
+    """The model's generate, kept from ending its turn early (an unstopped thread would run on), with `signum` sent
+    to this process from inside generation at its 5th token (Ctrl-C, SIGTERM at the terminal): not on a timer, which
+    a fast machine outran. `produced` gets (tokens generated, tokens allowed)."""
+    from transformers import StoppingCriteria
+
     original = model.generate
 
+    class SignalAtFifthToken(StoppingCriteria):
+        calls = 0
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            self.calls += 1
+            if self.calls == 5:
+                os.kill(os.getpid(), signum)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
     def generate(**kwargs: Any) -> Any:
-        threading.Timer(0.3, os.kill, (os.getpid(), signum)).start()
+        kwargs["stopping_criteria"].append(SignalAtFifthToken())
         output = original(**kwargs, min_new_tokens=kwargs["max_new_tokens"])
         produced.append(output.shape[1] - kwargs["input_ids"].shape[1])
+        produced.append(kwargs["max_new_tokens"])
         return output
 
     return generate
@@ -94,7 +107,7 @@ def test_ctrl_c_during_a_reply_stops_generation_before_it_propagates(tiny_model_
     with pytest.raises(KeyboardInterrupt):  # --prompt: the CLI turns it into exit 130
         chat(model, tiny_tokenizer, system_prompt=None, prompt="hello", max_new_tokens=LONG, out=io.StringIO())
     assert not {t for t in _chat_threads() - before if t.is_alive()}, "the generation thread still runs"
-    assert produced and produced[0] < LONG, "generation was not stopped"
+    assert produced and produced[0] < produced[1] > 20, "generation was not stopped"
 
     # The REPL: Ctrl-C during a reply stops that reply (kept as far as it went) and asks for the next message.
     produced.clear()
@@ -102,7 +115,7 @@ def test_ctrl_c_during_a_reply_stops_generation_before_it_propagates(tiny_model_
     history = chat(model, tiny_tokenizer, system_prompt=None, max_new_tokens=LONG, out=out,
                    stdin=io.StringIO("hello\n/exit\n"))
     assert [m["role"] for m in history] == ["user", "assistant"] and "(stopped)" in out.getvalue()
-    assert produced and produced[0] < LONG
+    assert produced and produced[0] < produced[1]
 
 
 def test_sigterm_during_a_reply_stops_generation_too(tiny_model_dir, tiny_tokenizer, monkeypatch):
@@ -123,7 +136,7 @@ def test_sigterm_during_a_reply_stops_generation_too(tiny_model_dir, tiny_tokeni
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert not {t for t in _chat_threads() - before if t.is_alive()}
-    assert produced and produced[0] < LONG
+    assert produced and produced[0] < produced[1]
 
 
 def test_multi_process_eval_counts_every_row_once(tiny_model_dir, tmp_path):

@@ -100,6 +100,6 @@ def test_eval_reports_forgetting_on_confidently_known_questions(tiny_recipe, tmp
     assert report["general_confident_questions"] == 2 and report["forgetting_confident_points"] == 50.0
     details = report["details"]["general_details"]
     assert [d["base_margin"] for d in details] == [1.0, 0.1, None, 2.0]
-    assert "+50.0 points on the 2 questions the base model answers confidently" in capsys.readouterr().out
+    assert "lost 50.0 points on the 2 questions the base model answers confidently" in capsys.readouterr().out
     assert "On the 2 general questions the base model answers confidently" in (run_dir / "README.md").read_text()
     assert "general_margins" not in report["before"], "per-question margins live in the details"
