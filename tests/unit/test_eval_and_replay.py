@@ -190,7 +190,7 @@ def test_replay_adds_examples_to_training(tiny_recipe, tmp_path):
     assert summary["data_stats"]["replay_examples"] == 6
     assert summary["train_examples"] == 12  # the recipe's own rows; the card names the replay rows apart
     card = (result.run_dir / "README.md").read_text()
-    assert "(12 examples)" in card and "6 rows" in card
+    assert "(12 examples;" in card and "6 rows" in card
 
 
 def test_eval_command_writes_report_and_updates_card(tiny_recipe, tmp_path, capsys, monkeypatch):
