@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from peftkit.export import verify
 from peftkit.export.card import adapter_card, bnb_kwargs, classifier_loading
 from peftkit.export.common import (ExportResult, disk_full_as_error, list_files, prepare_output, save_failed_report,
                                    write_json, write_verification)
-from peftkit.export.compat import serving_compatibility
+from peftkit.export.compat import serving_compatibility, vllm_quantized_base_note
 from peftkit.export.merge import FULL_MODEL, RunAdapter, _attach, _load_base, _reference, load_run_tokenizer, resolve_run
 from peftkit.models.load import default_skips, save_tokenizer, unquantized_modules
+from peftkit.runs import trained_quantization
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -70,11 +72,9 @@ def build_manifest(run: RunAdapter, files: list[Path]) -> dict[str, Any]:
         base["converted_from_gguf"] = str(source.path)
         base["note"] = ("trained on the dequantized weights of this GGUF file, not on the original hub checkpoint; "
                         "load the base from `path` for identical results")
-    serving = serving_compatibility(info, base["model_type"])
+    serving = serving_compatibility(info, base["model_type"], tied_embeddings=getattr(config, "tie_word_embeddings", None))
     if quantization is not None and info.is_lora and serving["vllm"]["compatible"]:
-        serving["vllm"]["notes"].append(
-            f"trained on a {quantization['bits']}-bit base: for the trained behaviour serve it on the base quantized "
-            "the same way (vLLM: `--quantization bitsandbytes`), or merge it (`peftkit merge`) and serve the result")
+        serving["vllm"]["notes"].append(vllm_quantized_base_note(quantization))
     return {
         "format": "peft",
         "peft_type": info.peft_type,
@@ -114,6 +114,8 @@ def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force:
     run = resolve_run(run_dir, base, require_causal_lm=check)
     if run.info.peft_type == FULL_MODEL:
         raise ExportError(f"{run.run_dir} trained the weights directly (no adapter); {run.info.path} is the model itself")
+    # the dtype training's 4-bit layers computed in, for the reference, the verification child, manifest and card alike
+    run = replace(run, quantization=trained_quantization(run.run_dir, run.quantization))
     report = None
     with disk_full_as_error(target), atomic_directory(target, replace=force) as tmp:
         assert tmp is not None

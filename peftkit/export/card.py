@@ -112,15 +112,19 @@ def classifier_loading(labels: list[str], adapter: str, pad_token_id: int | None
 
 def bnb_kwargs(quantization: Any, skip_modules: list[str] | None = None) -> dict[str, Any] | None:
     """The BitsAndBytesConfig arguments a run's base was quantized with (JSON-friendly; None: not quantized).
-    `blocksize` is not a BitsAndBytesConfig field: peftkit's loader applies it, and the cards say so."""
+    `blocksize` is not a BitsAndBytesConfig field: peftkit's loader applies it, and the cards say so.
+
+    The compute dtype is the quantization's own: pass one with `compute_dtype: auto` resolved to what the run
+    computed in (peftkit.runs.trained_quantization); an unresolved `auto` is taken as a CPU's float32."""
     q = quantization
     if q is None:
         return None
     skip = {"llm_int8_skip_modules": skip_modules} if skip_modules else {}
     if q.bits == 8:
         return {"load_in_8bit": True, **skip}
+    compute_dtype = "float32" if q.compute_dtype == "auto" else q.compute_dtype
     return {"load_in_4bit": True, "bnb_4bit_quant_type": q.quant_type, "bnb_4bit_use_double_quant": q.double_quant,
-            "bnb_4bit_compute_dtype": "float32", "blocksize": q.blocksize, **skip}
+            "bnb_4bit_compute_dtype": compute_dtype, "blocksize": q.blocksize, **skip}
 
 
 def quantized_base_loading(bnb: dict[str, Any] | None) -> tuple[list[str], str]:
@@ -130,12 +134,12 @@ def quantized_base_loading(bnb: dict[str, Any] | None) -> tuple[list[str], str]:
         return [], ""
     settings = {k: v for k, v in bnb.items() if k != "blocksize"}
     trained_dtype = settings.get("bnb_4bit_compute_dtype")
-    if trained_dtype not in (None, "bfloat16"):  # float32 on a CPU: on a GPU bfloat16 is the usual, faster choice
+    if trained_dtype == "float32":  # a CPU run's: on a GPU bfloat16 is the usual, faster choice
         settings["bnb_4bit_compute_dtype"] = "bfloat16"
     arguments = ", ".join(f"{k}={v!r}" for k, v in settings.items())
     lines = ["from transformers import BitsAndBytesConfig",
              f"quantization = BitsAndBytesConfig({arguments})  # the same quantized weights as training (on a GPU)"]
-    if trained_dtype not in (None, "bfloat16"):
+    if trained_dtype == "float32":
         lines.append(f"# bfloat16 computes fast on a GPU; bnb_4bit_compute_dtype='{trained_dtype}' reproduces the "
                      "training's (and the export's verification) numbers exactly")
     if bnb.get("blocksize") not in (None, 64):

@@ -7,7 +7,6 @@ config.json through a meta-device skeleton), so a mismatch is reported before an
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +71,18 @@ class AdapterInfo:
         if self.peft_type == "FULL_MODEL":
             return f"{self.config.get('method', 'full')} fine-tuning"
         return {"IA3": "IA3"}.get(self.peft_type, self.peft_type)
+
+    @property
+    def embedding_modules(self) -> list[str]:
+        """Embedding layers the adapter has a LoRA on (peft's `lora_embedding_A/B` tensors)."""
+        return sorted({key.split(".lora_embedding_")[0].removeprefix(_PREFIX) for key in self.shapes
+                       if ".lora_embedding_" in key})
+
+    @property
+    def output_head_modules(self) -> list[str]:
+        """Output heads (`lm_head`) the adapter has a linear LoRA on."""
+        return sorted({key.split(".lora_A.")[0].removeprefix(_PREFIX) for key in self.shapes
+                       if ".lora_A." in key and key.split(".lora_A.")[0].endswith("lm_head")})
 
     def target_modules(self) -> list[str] | str | None:
         targets = self.config.get("target_modules")
@@ -276,11 +287,21 @@ def check_adapter_matches_base(info: AdapterInfo, base_skeleton: Any, base_label
 # ---------------------------------------------------------------------------------------------
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for `--max-lora-rank` (vllm/config/lora.py `MaxLoRARanks`)."""
+VLLM_BNB_QUANTIZATION = {"bits": 4, "quant_type": "nf4", "blocksize": 64, "double_quant": True, "keep_modules": None}
+"""How vLLM's bitsandbytes loader quantizes an unquantized checkpoint (bitsandbytes_loader.py `_unquantized_generator`:
+`quantize_4bit(..., compress_statistics=True, quant_type="nf4")` at bitsandbytes' default blocksize 64, on every
+linear layer), in QuantizationConfig's terms."""
 
 
-def serving_compatibility(info: AdapterInfo, model_type: str | None) -> dict[str, dict[str, Any]]:
-    """Which engines load this adapter as a hot-swappable LoRA, and why not where they do not."""
+def serving_compatibility(info: AdapterInfo, model_type: str | None, *,
+                          tied_embeddings: bool | None = None) -> dict[str, dict[str, Any]]:
+    """Which engines load this adapter as a hot-swappable LoRA, and why not where they do not. `tied_embeddings`:
+    the base config's `tie_word_embeddings` (None: not known), which decides whether llama.cpp can apply a LoRA on
+    the output head or the token embeddings."""
     engines: dict[str, dict[str, Any]] = {}
+    head_notes: list[str] = []
     if str(info.config.get("task_type", "")).upper() == "SEQ_CLS":  # a classifier: no generation engine, no merge
         why = "this is a sequence-classification adapter (a label head, no text generation)"
         engines["vllm"] = {"compatible": False, "reasons": [why], "notes": []}
@@ -302,11 +323,20 @@ def serving_compatibility(info: AdapterInfo, model_type: str | None) -> dict[str
             )
         if info.config.get("bias", "none") != "none":
             reasons.append(f"adapter has trained biases (bias: {info.config.get('bias')}), which vLLM LoRA does not load by default")
-        ranks = [info.rank or 0, *(info.config.get("rank_pattern") or {}).values()]
-        if max(ranks) > VLLM_DEFAULT_MAX_LORA_RANK:
-            notes.append(f"start vLLM with --max-lora-rank {_next_vllm_rank(max(ranks))} (rank {max(ranks)} > default 16)")
+        rank = max([info.rank or 0, *(info.config.get("rank_pattern") or {}).values()])
+        max_lora_rank = vllm_max_lora_rank(rank)
+        if max_lora_rank is None:
+            reasons.append(f"rank {rank} is above the largest --max-lora-rank vLLM accepts ({VLLM_MAX_LORA_RANKS[-1]}); "
+                           "merge it instead (`peftkit merge`), or train with r <= 512")
+        elif rank > VLLM_DEFAULT_MAX_LORA_RANK:
+            notes.append(f"start vLLM with --max-lora-rank {max_lora_rank} (rank {rank} > default 16)")
         if info.use_rslora:
             notes.append("rsLoRA scaling (alpha/sqrt(r)) is read from adapter_config.json by vLLM")
+        if info.embedding_modules:
+            notes.append(f"the adapter has a LoRA on the input embeddings ({', '.join(info.embedding_modules)}), which "
+                         "vLLM loads only for model classes that support embedding LoRA; in training it changed the "
+                         "input lookup only, also where the output head shares that matrix (tied embeddings). Check "
+                         "vLLM's answers against `peftkit chat`, or serve the merged model (`peftkit merge`)")
         notes.append("serve with `vllm serve BASE --enable-lora --lora-modules name=DIR`")
     engines["vllm"] = {"compatible": not reasons, "reasons": reasons, "notes": notes}
 
@@ -318,14 +348,28 @@ def serving_compatibility(info: AdapterInfo, model_type: str | None) -> dict[str
             reasons.append("llama.cpp LoRA adapters cannot express DoRA's magnitude vectors")
         if info.modules_to_save:
             reasons.append("llama.cpp LoRA adapters cannot carry fully trained modules (modules_to_save)")
+        head_reasons, head_notes = _llama_cpp_head_and_embeddings(info, tied_embeddings)
+        reasons += head_reasons
         if info.config.get("alpha_pattern") and len(set(info.config["alpha_pattern"].values()) | {info.alpha}) > 1:
             reasons.append("llama.cpp LoRA files hold one alpha; this adapter has per-module alphas (alpha_pattern)")
-    from peftkit.export.gguf_writer import GGUF_ARCHITECTURES  # gguf_writer imports this module
+    from peftkit.export.gguf_writer import (  # gguf_writer imports this module
+        GGUF_ARCHITECTURES,
+        LLAMA_CPP_EMBEDDINGS_AS_HEAD,
+        embeddings_as_head,
+    )
 
     if model_type is not None and model_type not in GGUF_ARCHITECTURES:
         reasons.append(f"peftkit writes GGUF adapters for {', '.join(GGUF_ARCHITECTURES)} models (this base is {model_type})")
+    elif (model_type is not None and tied_embeddings is False
+          and GGUF_ARCHITECTURES[model_type].arch in LLAMA_CPP_EMBEDDINGS_AS_HEAD):
+        reasons.append(f"{embeddings_as_head(GGUF_ARCHITECTURES[model_type])}, and this base has a head of its own "
+                       "(tie_word_embeddings: false): in llama.cpp neither the base nor the LoRA runs as trained")
     if not reasons:
-        llama_notes = ["convert with `peftkit export RUN_DIR --format gguf-adapter`; use with `llama-cli -m BASE.gguf --lora FILE`"]
+        llama_notes = ["convert with `peftkit export RUN_DIR --format gguf-adapter`; use with `llama-cli -m BASE.gguf --lora FILE`",
+                       *head_notes]
+        ollama_refusal = ollama_lora_refusal(model_type)
+        if ollama_refusal is not None:
+            llama_notes.append(ollama_refusal)
     elif info.is_prompt_learning:
         llama_notes = ["virtual tokens cannot be merged or converted; serve this adapter with transformers + peft"]
     else:
@@ -339,8 +383,86 @@ def serving_compatibility(info: AdapterInfo, model_type: str | None) -> dict[str
     return engines
 
 
-def _next_vllm_rank(rank: int) -> int:
-    for allowed in (8, 16, 32, 64, 128, 256, 320, 512):
-        if rank <= allowed:
-            return allowed
-    return 2 ** math.ceil(math.log2(rank))
+OUTPUT_HEAD_MODULES = ("lm_head",)
+TOKEN_EMBEDDING_MODULES = ("embed_tokens", "wte")
+"""Last name parts of the output head and the token embeddings (llama.cpp's `output` / `token_embd`)."""
+
+
+def _llama_cpp_head_and_embeddings(info: AdapterInfo, tied_embeddings: bool | None) -> tuple[list[str], list[str]]:
+    """Reasons and notes for a LoRA on the output head or the token embeddings. `gguf_lora` writes them as llama.cpp's
+    convert_lora_to_gguf.py does (`output.weight.lora_*`, `token_embd.weight.lora_*`), which llama.cpp applies as
+    peft did only where head and embeddings are separate matrices."""
+    heads, embeddings = info.output_head_modules, info.embedding_modules
+    if not heads and not embeddings:
+        return [], []
+    reasons = [f"llama.cpp applies an embedding LoRA to the token embeddings (token_embd.weight) only; this adapter has "
+               f"one on `{module}`" for module in embeddings if module.split(".")[-1] not in TOKEN_EMBEDDING_MODULES]
+    if tied_embeddings:
+        tied = "the base ties its output head to the input embeddings, "
+        reasons += [f"{tied}so its GGUF has no output.weight for the LoRA on `{module}` (llama.cpp fails to load the "
+                    "file)" for module in heads]
+        reasons += [f"{tied}which llama.cpp runs with token_embd.weight itself: it would apply the embedding LoRA on "
+                    f"`{module}` to the head too (and aborts; peft changed only the input lookup)" for module in embeddings]
+    adapted = ", ".join(f"`{module}`" for module in [*heads, *embeddings])
+    notes = [f"the LoRA on {adapted} goes into the GGUF LoRA as output.weight / token_embd.weight tensors; the copies of "
+             "those layers peft saves with it (base_layer.weight) must equal the base's weights, which the export "
+             "checks before dropping them (a resized vocabulary or a changed copy is refused: use `--format gguf`)"]
+    if tied_embeddings is None:
+        notes.append("llama.cpp applies it only on a base whose output head is not tied to the input embeddings "
+                     "(tie_word_embeddings: false); the gguf-adapter export refuses a tied one")
+    return reasons, notes
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest `--max-lora-rank` vLLM accepts for an adapter of `rank`; None above the largest (vLLM refuses
+    other values at startup, and adapters of a higher rank at load)."""
+    return next((allowed for allowed in VLLM_MAX_LORA_RANKS if rank <= allowed), None)
+
+
+def vllm_quantized_base_note(quantization: dict[str, Any]) -> str:
+    """How to serve a QLoRA adapter on vLLM. vLLM quantizes a full-precision base one way only; an adapter trained on
+    any other rounding of the weights would run on other weights than it learnt to correct."""
+    settings = {**quantization, "keep_modules": quantization.get("keep_modules") or None}
+    if settings.get("bits") != 4:  # an 8-bit record holds no 4-bit keys to compare
+        return ("trained on an 8-bit (LLM.int8) base: vLLM loads the adapter, but its `--quantization bitsandbytes` "
+                "quantizes a full-precision checkpoint to 4-bit nf4, so it would serve it on other weights than it "
+                "trained on. Merge it (`peftkit merge`) and serve the merged model instead")
+    differs = [f"{key} {settings.get(key)!r}" for key, value in VLLM_BNB_QUANTIZATION.items()
+               if settings.get(key) != value]
+    if not differs:
+        return ("trained on a 4-bit nf4 base (blocksize 64, double quantization), which is how vLLM's bitsandbytes "
+                "loader quantizes a full-precision checkpoint: for the trained behaviour serve it on the unquantized base "
+                "with `--quantization bitsandbytes`, or merge it (`peftkit merge`) and serve the result")
+    return (f"trained on a 4-bit base quantized otherwise than vLLM does ({', '.join(differs)}; vLLM's "
+            "`--quantization bitsandbytes` quantizes every linear layer to 4-bit nf4, blocksize 64, double quantization): "
+            "vLLM loads the adapter but would serve it on other weights than it trained on. Merge it (`peftkit merge`) "
+            "and serve the merged model instead")
+
+
+OLLAMA_ENGINE_ARCHITECTURES = frozenset({
+    "bert", "deepseek2", "deepseekocr", "gemma3", "gemma3n", "gptoss", "gpt-oss", "llama4", "mistral3", "mllama",
+    "nemotron_h", "nemotron_h_moe", "nomic-bert", "olmo3", "qwen25vl", "qwen3", "qwen3moe", "qwen35", "qwen35moe",
+    "qwen3next", "qwen3vl", "qwen3vlmoe", "glm4moelite", "glmocr", "lfm2", "lfm2moe",
+})
+"""GGUF architectures Ollama always runs on its own engine (fs/ggml/ggml.go `OllamaEngineRequired`), whose runner
+refuses an ADAPTER with "loras are not yet implemented" (runner/ollamarunner/runner.go); llama.cpp loads them."""
+
+
+def ollama_loads_gguf_lora(model_type: str | None) -> bool:
+    """Whether Ollama applies a GGUF LoRA (a Modelfile's ADAPTER line) on a base of this transformers `model_type`."""
+    if model_type is None:
+        return True
+    from peftkit.models.gguf_config import GGUF_ARCHITECTURES
+
+    layout = GGUF_ARCHITECTURES.get(model_type)
+    arch = layout.arch.lower() if layout is not None else model_type.removesuffix("_text").replace("_", "")
+    return arch not in OLLAMA_ENGINE_ARCHITECTURES
+
+
+def ollama_lora_refusal(model_type: str | None, run_dir: str = "RUN_DIR") -> str | None:
+    """Why Ollama will not run a GGUF LoRA on this base and what to ship instead; None where Ollama loads it."""
+    if ollama_loads_gguf_lora(model_type):
+        return None
+    return (f"Ollama runs {model_type} models on its own engine, which does not load ADAPTER files (it fails with "
+            f"\"loras are not yet implemented\"; llama.cpp itself does load it: `llama-cli -m BASE.gguf --lora FILE`). "
+            f"For Ollama export the merged model: `peftkit export {run_dir} --format gguf`")

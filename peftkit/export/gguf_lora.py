@@ -1,7 +1,9 @@
 """The LoRA adapter alone as a GGUF LoRA file, for `llama-cli -m BASE.gguf --lora FILE` (and Ollama's ADAPTER).
 
 Tensor names, Q/K permutation and types follow the model GGUF (`gguf_writer`); the file is verified by
-rebuilding each weight delta the way llama.cpp applies it and comparing logits with the adapter.
+rebuilding each weight delta the way llama.cpp applies it and comparing logits with the adapter. peft keeps
+lora_A as (r, in) and lora_B as (out, r) for GPT-2's Conv1D layers too (it only transposes their merged delta),
+so they are written as for a linear layer.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import torch
 
 from peftkit.errors import ExportError
 from peftkit.export import llama_cpp_check, verify
+from peftkit.export.compat import ollama_lora_refusal
 from peftkit.export.common import (ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, write_verification)
 from peftkit.export.gguf_types import ADAPTER_GGUF_TYPES
 from peftkit.export.gguf_writer import (
@@ -28,6 +32,7 @@ from peftkit.export.gguf_writer import (
     quantize_array,
     slug,
     source_gguf_of,
+    stored_transposed,
     unpermute_for,
 )
 from peftkit.export.merge import RunAdapter, resolve_run
@@ -37,6 +42,10 @@ from peftkit.utils.atomic import atomic_directory, atomic_write_text
 log = logging.getLogger(__name__)
 
 _LORA_TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_EMBEDDING_LORA_TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_embedding_(?P<ab>[AB])$")
+_BASE_LAYER_COPY = re.compile(r"^base_model\.model\.(?P<module>.+)\.base_layer\.weight$")
+TOKEN_EMBEDDINGS, OUTPUT_HEAD = "token_embd.weight", "output.weight"
+"""The GGUF tensors of the input embeddings and the (untied) output head."""
 
 
 def gguf_lora_alpha(run: RunAdapter) -> float:
@@ -50,6 +59,83 @@ def gguf_lora_alpha(run: RunAdapter) -> float:
             raise ExportError("rsLoRA with per-module ranks cannot be written as one GGUF alpha; merge it instead")
         alpha *= math.sqrt(float(info.rank or 1))
     return alpha
+
+
+def _base_weights(run: RunAdapter, names: list[str]) -> dict[str, torch.Tensor]:
+    """The base's own weights `names` (Hugging Face parameter names), read from its safetensors files; the whole
+    model is loaded only where the files do not have them (a hub model not in the cache, pickled weights)."""
+    import json
+
+    from safetensors import safe_open
+
+    from peftkit.models.resolve import materialize
+
+    folder = Path(materialize(run.source))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        where = {key: folder / file for key, file in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
+    else:
+        where = {}
+        for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            with safe_open(str(file), framework="pt") as handle:
+                where.update(dict.fromkeys(handle.keys(), file))
+    found = {}
+    for hf_name in names:
+        if hf_name in where:
+            with safe_open(str(where[hf_name]), framework="pt") as handle:
+                found[hf_name] = handle.get_tensor(hf_name)
+    if len(found) < len(names):
+        from peftkit.export.merge import _load_base
+
+        state = _load_base(run, quantized=False).state_dict()
+        found.update({hf_name: state[hf_name] for hf_name in names if hf_name not in found and hf_name in state})
+    return found
+
+
+def check_head_and_embedding_loras(run: RunAdapter, gguf_names: dict[str, str], embeddings: set[str],
+                                   copies: dict[str, torch.Tensor]) -> None:
+    """Refuse a LoRA on the output head or token embeddings that llama.cpp would not apply as peft does.
+
+    With such a LoRA peft also saves the layer's own weights (`base_layer.weight`, `save_embedding_layers="auto"`).
+    A GGUF LoRA holds only the low-rank update, so it is applied to the base GGUF's matrix: right only where that
+    copy is the base's weight unchanged (no resized vocabulary), which is what llama.cpp's convert_lora_to_gguf.py
+    takes for granted when it skips these tensors.
+    """
+    merged = f"use `peftkit export {run.run_dir} --format gguf` (merged) instead"
+    for module in sorted(embeddings):
+        if gguf_names[module] != TOKEN_EMBEDDINGS:
+            raise ExportError(f"the adapter has an embedding LoRA on `{module}` ({gguf_names[module]}), and llama.cpp "
+                              f"applies one to the token embeddings ({TOKEN_EMBEDDINGS}) only; {merged}")
+    if getattr(run.base_config, "tie_word_embeddings", False):
+        for module, gguf_name in sorted(gguf_names.items()):
+            if gguf_name == OUTPUT_HEAD:
+                raise ExportError(f"this base ties its output head to the input embeddings, so its GGUF has no "
+                                  f"{OUTPUT_HEAD} for the LoRA on `{module}` (llama.cpp fails to load the file); "
+                                  f"{merged}")
+            if gguf_name == TOKEN_EMBEDDINGS:  # llama-adapter.cpp finds a LoRA by tensor name, the head's included
+                raise ExportError(f"this base ties its output head to the input embeddings: llama.cpp then runs the "
+                                  f"head with {TOKEN_EMBEDDINGS} itself and applies the embedding LoRA on `{module}` "
+                                  f"there too, as a linear LoRA of the wrong shape (it aborts; peft changes only the "
+                                  f"input lookup); {merged}")
+    unexpected = sorted(module for module in copies if gguf_names.get(module) not in (TOKEN_EMBEDDINGS, OUTPUT_HEAD))
+    if unexpected:
+        raise ExportError(f"the adapter carries the own weights of `{'`, `'.join(unexpected)}` (base_layer.weight), "
+                          f"which a GGUF LoRA cannot hold; {merged}")
+    base = _base_weights(run, [f"{module}.weight" for module in copies])
+    for module, copy in sorted(copies.items()):
+        own = base.get(f"{module}.weight")
+        if own is None:
+            raise ExportError(f"the adapter carries `{module}`'s own weights, and the base {run.model_cfg.name} has no "
+                              f"`{module}.weight` to check them against; {merged}")
+        if own.shape != copy.shape:
+            raise ExportError(f"the adapter's copy of `{module}` has shape {tuple(copy.shape)} and the base "
+                              f"{run.model_cfg.name}'s has {tuple(own.shape)}: the vocabulary was resized for "
+                              f"training, and a GGUF LoRA cannot carry the new rows; {merged}")
+        if not torch.equal(copy.to(torch.float32), own.to(torch.float32)):
+            diff = float((copy.to(torch.float32) - own.to(torch.float32)).abs().max())
+            raise ExportError(f"the adapter's copy of `{module}`'s weights differs from the base {run.model_cfg.name}'s "
+                              f"(max |diff| {diff:.3g}): it was changed in training or saved from another base, and a "
+                              f"GGUF LoRA carries only the low-rank update, not the layer itself; {merged}")
 
 
 def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -> dict[str, Any]:
@@ -79,16 +165,30 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
     alpha = gguf_lora_alpha(run)
     tensors = load_file(str(info.path / "adapter_model.safetensors"))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    embeddings: set[str] = set()  # modules with peft's embedding LoRA (lora_embedding_A / _B)
+    copies: dict[str, torch.Tensor] = {}  # peft's copy of an adapted output head / embedding layer
     for key, value in tensors.items():
-        match = _LORA_TENSOR.match(key)
-        if match is None:
-            if ".base_layer." in key:  # peft saves a copy of an output head / embedding layer it adapts
-                module = key.split(".base_layer.")[0].removeprefix("base_model.model.")
-                raise ExportError(f"the adapter carries `{module}`'s own weights (peft saves them with a LoRA on an "
-                                  "output head or embedding), which a GGUF LoRA cannot hold; use "
-                                  f"`peftkit export {run.run_dir} --format gguf` (merged) instead")
-            raise ExportError(f"unexpected adapter tensor `{key}` (embedding LoRA?); GGUF LoRA export supports linear layers")
-        pairs.setdefault(match.group("module"), {})[match.group("ab")] = value.to(torch.float32)
+        match = _LORA_TENSOR.match(key) or _EMBEDDING_LORA_TENSOR.match(key)
+        if match is not None:
+            pairs.setdefault(match.group("module"), {})[match.group("ab")] = value.to(torch.float32)
+            if match.re is _EMBEDDING_LORA_TENSOR:
+                embeddings.add(match.group("module"))
+        elif (layer_copy := _BASE_LAYER_COPY.match(key)) is not None:
+            copies[layer_copy.group("module")] = value
+        else:
+            raise ExportError(f"unexpected adapter tensor `{key}`; GGUF LoRA export supports LoRA on linear layers "
+                              "and the token embeddings")
+    name_map = gguf.get_tensor_name_map(model_arch(layout), config.num_hidden_layers)
+    gguf_names = {}
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise ExportError(f"the adapter has only lora_{''.join(ab)} for `{module}`; it is incomplete")
+        gguf_names[module] = name_map.get_name(f"{module}.weight", try_suffixes=(".weight",))
+        if gguf_names[module] is None:  # e.g. Gemma 2's head: llama.cpp runs it with the token embeddings
+            raise ExportError(f"llama.cpp's {layout.arch.lower()} layout has no tensor for `{module}`, so a GGUF LoRA "
+                              f"cannot carry its update; use `peftkit export {run.run_dir} --format gguf` (merged) "
+                              "instead")
+    check_head_and_embedding_loras(run, gguf_names, embeddings, copies)
 
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[model_arch(layout)])
     writer.add_type(gguf.GGUFType.ADAPTER)
@@ -98,15 +198,13 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
     add_model_parameters(writer, config, layout)
     writer.add_file_type(int(ftype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    name_map = gguf.get_tensor_name_map(model_arch(layout), config.num_hidden_layers)
     for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise ExportError(f"the adapter has only lora_{''.join(ab)} for `{module}`; it is incomplete")
-        base_name = name_map.get_name(f"{module}.weight", try_suffixes=(".weight",))
-        if base_name is None:
-            raise ExportError(f"no GGUF tensor name for `{module}`")
-        lora_a = ab["A"]  # (r, in): same layout llama.cpp expects
-        lora_b = permute_for(f"{module}.weight", ab["B"], config, layout)  # rows are output rows: permute like the weight
+        base_name = gguf_names[module]
+        if module in embeddings:  # peft: A (r, vocab), B (dim, r); llama.cpp looks up token rows of lora_a
+            lora_a, lora_b = ab["A"].T.contiguous(), ab["B"]  # (vocab, r), (dim, r), as convert_lora_to_gguf.py
+        else:
+            lora_a = ab["A"]  # (r, in): same layout llama.cpp expects
+            lora_b = permute_for(f"{module}.weight", ab["B"], config, layout)  # rows are output rows: permute like the weight
         for suffix, data in ((".lora_a", lora_a), (".lora_b", lora_b)):
             array, written = quantize_array(data.numpy(), qtype)
             writer.add_tensor(base_name + suffix, array, raw_dtype=written)
@@ -140,7 +238,11 @@ def read_lora_gguf_deltas(path: Path, base_model: Any) -> dict[str, torch.Tensor
     for stem, ab in parts.items():
         hf_name = to_hf[stem]
         lora_a, lora_b = torch.from_numpy(ab["lora_a"]), torch.from_numpy(ab["lora_b"])
-        deltas[hf_name] = unpermute_for(hf_name, (alpha / lora_b.shape[1]) * (lora_b @ lora_a), config, layout)
+        if stem == TOKEN_EMBEDDINGS:  # lora_a (vocab, r): rows llama.cpp looks up per token; lora_b (dim, r)
+            deltas[hf_name] = (alpha / lora_b.shape[1]) * (lora_a @ lora_b.T)
+            continue
+        delta = unpermute_for(hf_name, (alpha / lora_b.shape[1]) * (lora_b @ lora_a), config, layout)
+        deltas[hf_name] = delta.T if stored_transposed(hf_name, layout) else delta  # GPT-2's Conv1D: (in, out)
     return deltas
 
 
@@ -188,6 +290,7 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
     name = slug(run.recipe.name or run.run_dir.name)
     file_name = f"{name}-lora-{gguf_type}.gguf"
     tokenizer, source, system = load_run_tokenizer(run), source_gguf_of(run), run.recipe.data.system_prompt
+    ollama_refusal = ollama_lora_refusal(getattr(run.base_config, "model_type", None), str(run.run_dir))
     report = None
     with disk_full_as_error(target), atomic_directory(target, replace=force) as tmp:
         assert tmp is not None
@@ -214,7 +317,11 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
                         ["# Replace the path below with the GGUF of the base this LoRA was trained on:",
                          "FROM /path/to/base-model.gguf"]),
                       f"ADAPTER ./{file_name}"]
-        atomic_write_text(tmp / "Modelfile", ollama_modelfile(file_name, tokenizer, system, from_lines=from_lines))
+        modelfile = ollama_modelfile(file_name, tokenizer, system, from_lines=from_lines)
+        if ollama_refusal is not None:  # said first, so nobody runs `ollama create` on it unwarned
+            modelfile = "".join(f"# {line}\n" for line in textwrap.wrap(ollama_refusal, 110, break_long_words=False,
+                                                                               break_on_hyphens=False)) + modelfile
+        atomic_write_text(tmp / "Modelfile", modelfile)
     notes = [f"alpha written: {facts['alpha']:.4g} over {facts['modules']} modules",
              *([llama_cpp_check.summary(report["llama_cpp"])] if report is not None else []),
              f"llama.cpp: llama-cli -m {source or 'BASE.gguf'} --lora {target / file_name}"
@@ -224,6 +331,8 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
         notes.append(f"the Modelfile's FROM is the GGUF the base was converted from ({source.name}): the weights "
                      "this adapter was trained on" + (", before the extra 4-bit quantization of QLoRA"
                                                       if run.quantization is not None else ""))
+    if ollama_refusal is not None:
+        notes.append(ollama_refusal + " (the Modelfile says so at its top)")
     if run.quantization is not None:
         note = (f"this QLoRA adapter learnt the {run.quantization.bits}-bit base's rounding too, but a GGUF LoRA is "
                 "applied to whatever base GGUF llama.cpp loads, and was verified against the adapter on the float "

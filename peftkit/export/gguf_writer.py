@@ -1,13 +1,14 @@
 """GGUF export of the merged model for llama.cpp / Ollama (f32, f16, q8_0); the LoRA alone: `gguf_lora`.
 
 Written with the `gguf` package the way llama.cpp's convert_hf_to_gguf.py does for decoder models
-(Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3): the same metadata keys, tensor names from
-`gguf.get_tensor_name_map`, and for Llama/Mistral the Q/K rows permuted from Hugging Face's
+(Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3, GPT-2, StarCoder2, StableLM): the same metadata keys,
+tensor names from `gguf.get_tensor_name_map`, and for Llama/Mistral the Q/K rows permuted from Hugging Face's
 rotate-half RoPE layout into llama.cpp's interleaved one (transformers' GGUF loader undoes exactly
-this in `LlamaTensorProcessor`; llama.cpp runs Qwen, Phi-3 and Gemma with rotate-half RoPE, so nothing
-is permuted). Gemma's RMSNorm scales by (1 + weight) where llama.cpp scales by the weight: its norm
-weights are written plus one. What llama.cpp does not read from the file but fixes per architecture
-(Gemma's sliding-window layer pattern and attention scale) is checked against the model's config first
+this in `LlamaTensorProcessor`; llama.cpp runs Qwen, Phi-3, Gemma, StarCoder2 and StableLM with rotate-half
+RoPE, so nothing is permuted). GPT-2's Conv1D weights, stored (in, out), are written transposed. Gemma's
+RMSNorm scales by (1 + weight) where llama.cpp scales by the weight: its norm weights are written plus one.
+What llama.cpp does not read from the file but fixes per architecture (Gemma's sliding-window layer pattern
+and attention scale, GPT-2 / StarCoder2 / StableLM's activation) is checked against the model's config first
 (`llama_cpp_mismatches`), so a file that would run differently in llama.cpp is never written.
 The tokenizer (`gguf_vocab`: byte-level BPE or sentencepiece BPE) and the chat template go into
 the metadata; an Ollama `Modelfile` (`ollama`) goes next to the file. The result is verified by loading it
@@ -29,6 +30,7 @@ import torch
 
 from peftkit.errors import ExportError
 from peftkit.export import llama_cpp_check, verify
+from peftkit.export.compat import OUTPUT_HEAD_MODULES, TOKEN_EMBEDDING_MODULES
 from peftkit.export.common import (ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, save_failed_report,
                                    write_verification)
 from peftkit.export.gguf_types import GGUF_TYPES
@@ -38,14 +40,19 @@ from peftkit.models.gguf_config import (  # noqa: F401 - re-exported: the export
     GGUF_ARCHITECTURES,
     LLAMA_CPP_SWA_ROPE_THETA,
     GgufArchitecture,
+    feed_forward_size,
     head_dim_of,
+    kv_head_count,
+    layer_norm_eps,
     llama_cpp_attention_dim,
     llama_cpp_layer_types,
+    partial_rotary_factor,
     read_gguf_field,
     read_gguf_string,
     rope_freq_factors,
     rope_settings,
     rope_theta,
+    rotary_dims,
     sliding_rope_settings,
 )
 from peftkit.export.merge import (
@@ -77,8 +84,8 @@ def tensor_type(gguf_name: str, data: np.ndarray, qtype: Any, has_output: bool) 
     4- or 5-bit file the output head (or, tied, the embedding table that serves as one) is written as Q8_0: llama.cpp's
     `llama-quantize` keeps it finer too (Q6_K there), since its rounding error lands directly on every logit."""
     gguf = gguf_package()
-    if data.ndim <= 1 or gguf_name.endswith("_norm.weight"):
-        return gguf.GGMLQuantizationType.F32
+    if data.ndim <= 1 or gguf_name.endswith("_norm.weight") or gguf_name == "position_embd.weight":
+        return gguf.GGMLQuantizationType.F32  # learned positions (GPT-2) stay float32 too, as the converter keeps them
     coarse = qtype.name.startswith(("Q4", "Q5"))
     head = gguf_name == "output.weight" or (not has_output and gguf_name == "token_embd.weight")
     return gguf.GGMLQuantizationType.Q8_0 if coarse and head else qtype
@@ -101,11 +108,13 @@ def check_architecture(config: Any, *, with_rope: bool = True) -> GgufArchitectu
             f"GGUF export supports {', '.join(GGUF_ARCHITECTURES)} models; this base is `{model_type}`. Export it "
             "with `--format hf` and convert that directory with llama.cpp's convert_hf_to_gguf.py"
         )
-    rope_type = rope_settings(config).get("rope_type") or "default"
-    if with_rope and rope_type not in GGUF_ROPE_TYPES:
-        raise ExportError(f"GGUF export writes {', '.join(GGUF_ROPE_TYPES)} RoPE, not `{rope_type}` scaling; export with "
-                          "--format hf and convert that directory with llama.cpp's convert_hf_to_gguf.py")
     layout = GGUF_ARCHITECTURES[model_type]
+    rope_type = rope_settings(config).get("rope_type") or "default"
+    written = [t for t in GGUF_ROPE_TYPES if t in layout.rope_types]
+    if with_rope and rope_type not in written:
+        raise ExportError(f"GGUF export writes {', '.join(written)} RoPE, not `{rope_type}` scaling, for {model_type} "
+                          "models; export with --format hf and convert that directory with llama.cpp's "
+                          "convert_hf_to_gguf.py")
     problems = llama_cpp_mismatches(config, layout)
     if problems:
         raise ExportError(f"llama.cpp would not run this {model_type} model as it was trained: " + "; ".join(problems) +
@@ -116,10 +125,15 @@ def check_architecture(config: Any, *, with_rope: bool = True) -> GgufArchitectu
 def llama_cpp_mismatches(config: Any, layout: GgufArchitecture) -> list[str]:
     """Settings of `config` that llama.cpp hard-codes for the architecture and would run differently."""
     problems = []
-    partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor",
-                                                                   getattr(config, "partial_rotary_factor", 1.0))
-    if partial not in (None, 1.0):
+    partial = partial_rotary_factor(config)
+    if partial != 1.0 and layout.rope != "partial":
         problems.append(f"RoPE on {partial:g} of each head (partial_rotary_factor) is not written by peftkit's GGUF export")
+    elif layout.rope == "partial" and (rotary_dims(config) % 2 or rotary_dims(config) != partial * head_dim_of(config)):
+        problems.append(f"RoPE on {partial:g} of each {head_dim_of(config)}-dim head is not a whole, even number of dims")
+    problems += _fixed_graph_mismatches(config, layout)
+    if layout.arch in LLAMA_CPP_EMBEDDINGS_AS_HEAD and not getattr(config, "tie_word_embeddings", True):
+        problems.append(f"{embeddings_as_head(layout)}, and this model has a head of its own (tie_word_embeddings: "
+                        "false)")
     if not layout.swa_period:
         return problems
     expected_dim = llama_cpp_attention_dim(config, layout)
@@ -139,6 +153,61 @@ def llama_cpp_mismatches(config: Any, layout: GgufArchitecture) -> list[str]:
     if layout.arch == "GEMMA3" and getattr(config, "attn_logit_softcapping", None) is not None:
         problems.append("llama.cpp's Gemma 3 has no attention logit soft-capping")
     return problems
+
+
+def _fixed_graph_mismatches(config: Any, layout: GgufArchitecture) -> list[str]:
+    """Parts of GPT-2 / StarCoder2 / StableLM blocks that llama.cpp's graph for them fixes, unlike the config."""
+    problems = []
+    activation = getattr(config, "activation_function", None) or getattr(config, "hidden_act", None)
+    if layout.activations and activation not in layout.activations:
+        problems.append(f"llama.cpp's {config.model_type} computes {' / '.join(layout.activations)} in the MLP, the model "
+                        f"{activation!r}")
+    if layout.arch == "GPT2" and (not getattr(config, "scale_attn_weights", True)
+                                  or getattr(config, "scale_attn_by_inverse_layer_idx", False)):
+        problems.append("llama.cpp's GPT-2 scales attention by 1/sqrt(head_dim) only (scale_attn_weights on, "
+                        "scale_attn_by_inverse_layer_idx off)")
+    if layout.arch == "STABLELM" and getattr(config, "qk_layernorm", False):
+        problems.append("StableLM's per-head q/k LayerNorms (qk_layernorm) are not written by peftkit's GGUF export")
+    return problems
+
+
+LLAMA_CPP_EMBEDDINGS_AS_HEAD = frozenset({"GEMMA2"})
+"""Architectures whose llama.cpp graph always runs the output head with the token embeddings: its Gemma 2 loader
+reads no `output.weight` (convert_hf_to_gguf.py drops `lm_head`, gguf-py has no OUTPUT tensor for GEMMA2), so an
+untied head would be lost. Gemma 3 reads `output.weight` where the file has one (checked with llama-cpp-python
+0.3.36)."""
+
+
+def embeddings_as_head(layout: GgufArchitecture) -> str:
+    """Why llama.cpp loses an untied output head of an architecture in LLAMA_CPP_EMBEDDINGS_AS_HEAD."""
+    arch = layout.arch.lower()
+    return f"llama.cpp's {arch} runs the output head with the token embeddings (a {arch} GGUF has no output.weight)"
+
+
+def merge_unties_head(run: RunAdapter) -> str | None:
+    """Why merging `run` gives its tied base's output head a matrix of its own (`merge.merged_model`, peft's
+    modules_to_save), or None; known from the adapter's files, before anything is merged."""
+    if not getattr(run.base_config, "tie_word_embeddings", True):
+        return None
+    info = run.info
+    if info.embedding_modules:
+        return (f"the adapter has a LoRA on the input embeddings ({', '.join(info.embedding_modules)}), which the merge "
+                "keeps out of the output head that shares them")
+    whole = [name for name in info.modules_to_save
+             if name.split(".")[-1] in (*OUTPUT_HEAD_MODULES, *TOKEN_EMBEDDING_MODULES)]
+    if whole:
+        return f"the adapter trained {', '.join(whole)} in full (modules_to_save), so head and embeddings differ"
+    return None
+
+
+def check_merged_head(run: RunAdapter, layout: GgufArchitecture) -> None:
+    """Refuse, before merging, a merged model whose own output head llama.cpp would not read."""
+    why = merge_unties_head(run) if layout.arch in LLAMA_CPP_EMBEDDINGS_AS_HEAD else None
+    if why is not None:
+        raise ExportError(f"merging this run unties its {run.base_config.model_type} base's output head: {why}; but "
+                          f"{embeddings_as_head(layout)}, so there the merged model would answer otherwise than it was "
+                          "trained. Train without a LoRA on embed_tokens / lm_head (and without them in "
+                          "modules_to_save), or serve it with transformers (`--format hf`) or vLLM (`--format adapter`)")
 
 
 GGUF_ROPE_TYPES = ("default", "llama3", "linear")
@@ -184,6 +253,18 @@ def permute_for(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArchi
     return data if heads is None else permute_qk(data, *heads)
 
 
+def stored_transposed(hf_name: str, layout: GgufArchitecture) -> bool:
+    """Whether `hf_name` is a weight Hugging Face keeps as (in, out) (GPT-2's Conv1D) and the file as (out, in)."""
+    return hf_name.endswith(layout.transposed) if layout.transposed else False
+
+
+def file_layout(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArchitecture) -> torch.Tensor:
+    """A Hugging Face weight as the file holds it: Conv1D weights transposed, Llama's Q/K rows permuted."""
+    if stored_transposed(hf_name, layout):
+        data = data.T.contiguous()
+    return permute_for(hf_name, data, config, layout)
+
+
 def unpermute_for(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArchitecture) -> torch.Tensor:
     heads = _qk_heads(hf_name, config, layout)
     return data if heads is None else unpermute_qk(data, *heads)
@@ -209,15 +290,20 @@ def add_model_parameters(writer: Any, config: Any, layout: GgufArchitecture) -> 
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(feed_forward_size(config))
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(rope_theta(config))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_head_count_kv(kv_head_count(config))
+    if layout.layer_norm:
+        writer.add_layer_norm_eps(layer_norm_eps(config))
+    else:
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
+    if layout.rope == "none":  # GPT-2: learned position embeddings (`position_embd`)
+        return
+    writer.add_rope_freq_base(rope_theta(config))
+    writer.add_rope_dimension_count(rotary_dims(config))
     rope = rope_settings(config)
     if rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf_package().RopeScalingType.LINEAR)
@@ -328,7 +414,7 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
         if new_name is None:
             raise ExportError(f"no GGUF tensor name for `{hf_name}`; this {config.model_type} variant is not supported "
                               "by the GGUF export")
-        data = permute_for(hf_name, tensor.detach().to(torch.float32).cpu(), config, layout)
+        data = file_layout(hf_name, tensor.detach().to(torch.float32).cpu(), config, layout)
         if layout.norm_shift and hf_name.endswith("norm.weight"):
             data = data + layout.norm_shift
         data = data.numpy()
@@ -352,7 +438,8 @@ def round_like_file(model: Any, gguf_type: str) -> None:
 
     A quantized file cannot match the float model closely (4-bit SmolLM2-135M: logits off by a third of the largest);
     against the rounded model it must match at float32's bound, so a file written wrongly is still caught. Blocks lie
-    along rows, so rounding before the Q/K row permutation is the same as after it."""
+    along rows, so rounding before the Q/K row permutation is the same as after it; a transposed (Conv1D) weight is
+    rounded along the file's rows."""
     gguf = gguf_package()
     qtype, _ = gguf_types(gguf_type)
     layout = check_architecture(model.config)
@@ -362,13 +449,16 @@ def round_like_file(model: Any, gguf_type: str) -> None:
         for hf_name, tensor in model.state_dict().items():
             if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
                 continue
+            transposed = stored_transposed(hf_name, layout)
             data = tensor.detach().to(torch.float32).cpu().numpy()
+            data = np.ascontiguousarray(data.T) if transposed else data
             target = tensor_type(name_map.get_name(hf_name, try_suffixes=(".weight", ".bias")) or hf_name, data, qtype,
                                  has_output=not tied)
             if target == gguf.GGMLQuantizationType.F32:
                 continue
             array, written = quantize_array(data, target)
             rounded = gguf.quants.dequantize(array, written).reshape(data.shape)
+            rounded = rounded.T if transposed else rounded
             tensor.copy_(torch.from_numpy(np.ascontiguousarray(rounded)).to(tensor.dtype))
 
 
@@ -510,7 +600,7 @@ def export_gguf(run_dir: str | Path, out: str | Path | None = None, *, gguf_type
     gguf_types(gguf_type)
     prepare_output(target, force=force, protected=[run_dir])
     run = resolve_run(run_dir, base)
-    check_architecture(run.base_config)
+    check_merged_head(run, check_architecture(run.base_config))
     check_tokenizer(load_run_tokenizer(run))
     merged = shipped_model(run_dir, qlora_base=qlora_base, base=base)
     return write_gguf_export(merged, target, gguf_type=gguf_type, force=force, check=check)

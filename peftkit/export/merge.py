@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,6 +189,25 @@ def _attach(base: Any, adapter: Path) -> Any:
     return model
 
 
+def merged_model(peft_model: Any, **kwargs: Any) -> Any:
+    """peft's `merge_and_unload`, keeping a tied output head out of a LoRA on the input embeddings.
+
+    In training such a LoRA changes only the embedding lookup: the head shares the base's matrix, not the adapter
+    layer. Merging in place would add the delta to the head too (one tensor), so the head gets its own copy first;
+    peft's merge then sees the two differ and unties them in the config (`tie_word_embeddings: false`), as it does for
+    `modules_to_save: [lm_head]` on a tied base. The merged model is one output matrix larger."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = peft_model.get_base_model()
+    head, tokens = base.get_output_embeddings(), base.get_input_embeddings()
+    if isinstance(tokens, BaseTunerLayer) and head is not None and isinstance(getattr(head, "weight", None), torch.Tensor):
+        if head.weight.data_ptr() == tokens.get_base_layer().weight.data_ptr():
+            log.info("The adapter changes the input embeddings, which the output head shares: the merged model keeps "
+                     "the head's original weight as a matrix of its own (tie_word_embeddings: false), as in training")
+            head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    return peft_model.merge_and_unload(**kwargs)
+
+
 def _clean_config(model: Any, name: str) -> Any:
     """A merged model is a plain checkpoint: no quantization or peft leftovers in its config."""
     for attr in ("quantization_config", "_pre_quantization_dtype"):
@@ -220,7 +239,7 @@ def merge_run(run_dir: str | Path, *, qlora_base: QLoraBase = "dequantized", bas
     if run.quantization is None:
         peft_model = _attach(_load_base(run, quantized=False), adapter)
         reference = _reference(peft_model, tokenizer, run, f"{run.info.method} adapter on the float32 base (unmerged)")
-        merged = peft_model.merge_and_unload()
+        merged = merged_model(peft_model)
         qlora = None
     else:
         merged, reference, qlora = _merge_qlora(run, tokenizer, qlora_base)
@@ -256,7 +275,10 @@ def _merge_qlora(run: RunAdapter, tokenizer: Any, qlora_base: QLoraBase) -> tupl
     assert run.quantization is not None
     bits = run.quantization.bits
     adapter = run.info.path
-    on_quantized = _attach(_load_base(run, quantized=True), adapter)
+    # computed in float32 like the merge: a bfloat16 compute_dtype (a GPU run's) rounds each matmul, which no float32
+    # merged model reproduces and which is no merge error
+    exact = replace(run, quantization=run.quantization.model_copy(update={"compute_dtype": "float32"})) if bits == 4 else run
+    on_quantized = _attach(_load_base(exact, quantized=True), adapter)
     reference_q = _reference(on_quantized, tokenizer, run, f"{run.info.method} adapter on the {bits}-bit base, as trained")
     # unload() restores the bitsandbytes layers untouched; dequantize() turns them into float32 nn.Linear.
     on_dequantized = _attach(dequantized(on_quantized.unload()), adapter)
@@ -264,14 +286,14 @@ def _merge_qlora(run: RunAdapter, tokenizer: Any, qlora_base: QLoraBase) -> tupl
     # is checked against the adapter on the dequantized weights (what it must equal), the int8 gap reported apart.
     reference_deq = (_reference(on_dequantized, tokenizer, run, f"{run.info.method} adapter on the dequantized {bits}-bit base")
                      if bits == 8 else None)
-    merged_deq = on_dequantized.merge_and_unload()
+    merged_deq = merged_model(on_dequantized)
     error_deq = max_abs_diff(merged_deq, reference_q)
 
     on_original = _attach(_load_base(run, quantized=False), adapter)
     reference_orig = None
     if qlora_base == "original":
         reference_orig = _reference(on_original, tokenizer, run, f"{run.info.method} adapter on the original float32 base")
-    merged_orig = on_original.merge_and_unload()
+    merged_orig = merged_model(on_original)
     error_orig = max_abs_diff(merged_orig, reference_q)
 
     qlora = {
@@ -385,7 +407,7 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
     model.eval()
     label = f"weighted {combination} combination of {len(runs)} adapters (unmerged)"
     reference = _reference(model, tokenizer, first, label)
-    merged = model.merge_and_unload(adapter_names=["combined"])
+    merged = merged_model(model, adapter_names=["combined"])
     _clean_config(merged, f"{first.run_dir.name}-combined")
     diff = max_abs_diff(merged, reference)
     info = {

@@ -4,7 +4,8 @@ Shared by the GGUF export (which writes these settings and refuses models llama.
 its verifier (which loads the written file back with transformers) and the conversion of a `.gguf` base
 model into a training directory. transformers' GGUF loader reads only part of the metadata: Qwen3's head
 size (`attention.key_length`), Gemma's soft-capping, attention scale, sliding-layer pattern and second RoPE,
-Llama 3.1+'s `rope_freqs` divisors and linear RoPE scaling are left at its defaults; `gguf_config` and
+Llama 3.1+'s `rope_freqs` divisors and linear RoPE scaling, GPT-2's position count and MLP width, StarCoder2's
+and StableLM's RoPE base (and StableLM's rotary share) are left at its defaults; `gguf_config` and
 `converted_config` put them back.
 """
 
@@ -33,7 +34,21 @@ class GgufArchitecture:
     large_layers: int = 0
     """The layer count llama.cpp takes for the largest size (Gemma 27B), whose attention scale it computes as
     1/sqrt(hidden / heads) instead of 1/sqrt(head_dim)."""
+    layer_norm: bool = False
+    """LayerNorm with a bias (GPT-2, StarCoder2, StableLM; eps in `attention.layer_norm_epsilon`), not RMSNorm."""
+    rope: str = "full"
+    """"full": RoPE over each whole head; "partial": over the `rope.dimension_count` first dims of each head, which
+    llama.cpp reads from the file (StableLM); "none": learned position embeddings (GPT-2)."""
+    rope_types: tuple[str, ...] = ("default", "llama3", "linear")
+    """RoPE scalings written for this architecture (the newer families were checked with plain RoPE only)."""
+    transposed: tuple[str, ...] = ()
+    """Endings of the weights Hugging Face stores as (in, out) (GPT-2's Conv1D): the file holds them as (out, in)."""
+    activations: tuple[str, ...] = ()
+    """The config activations that match the one llama.cpp hard-codes for the architecture (empty: not checked)."""
 
+
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+"""llama.cpp's GELU is the tanh approximation; the exact (erf) GELU differs by up to ~1e-3 per activation."""
 
 GGUF_ARCHITECTURES = {
     "llama": GgufArchitecture("LLAMA", permute_qk=True),
@@ -43,6 +58,12 @@ GGUF_ARCHITECTURES = {
     "phi3": GgufArchitecture("PHI3", permute_qk=False),
     "gemma2": GgufArchitecture("GEMMA2", permute_qk=False, norm_shift=1.0, swa_period=2, large_layers=46),
     "gemma3_text": GgufArchitecture("GEMMA3", permute_qk=False, norm_shift=1.0, swa_period=6, large_layers=62),
+    "gpt2": GgufArchitecture("GPT2", permute_qk=False, layer_norm=True, rope="none", rope_types=("default",),
+                             transposed=(".c_attn.weight", ".c_proj.weight", ".c_fc.weight"), activations=TANH_GELU),
+    "starcoder2": GgufArchitecture("STARCODER2", permute_qk=False, layer_norm=True, rope_types=("default",),
+                                   activations=TANH_GELU),
+    "stablelm": GgufArchitecture("STABLELM", permute_qk=False, layer_norm=True, rope="partial", rope_types=("default",),
+                                 activations=("silu",)),
 }
 
 LLAMA_CPP_SWA_ROPE_THETA = 10000.0
@@ -64,6 +85,35 @@ def llama_cpp_layer_types(config: Any, layout: GgufArchitecture) -> list[str]:
 
 def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_head_count(config: Any) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def feed_forward_size(config: Any) -> int:
+    """The MLP width: `intermediate_size`, or GPT-2's `n_inner` (None there means 4 * hidden)."""
+    size = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+    return int(size or 4 * config.hidden_size)
+
+
+def layer_norm_eps(config: Any) -> float:
+    """The LayerNorm epsilon under each family's name (GPT-2, StableLM, StarCoder2)."""
+    for key in ("layer_norm_epsilon", "layer_norm_eps", "norm_epsilon"):
+        if getattr(config, key, None) is not None:
+            return float(getattr(config, key))
+    raise ValueError(f"{config.model_type} config names no LayerNorm epsilon")
+
+
+def partial_rotary_factor(config: Any) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    return 1.0 if factor is None else float(factor)
+
+
+def rotary_dims(config: Any) -> int:
+    """How many dims of each head RoPE turns (`rope.dimension_count`): all, unless `partial_rotary_factor` says."""
+    return int(head_dim_of(config) * partial_rotary_factor(config))
 
 
 def rope_settings(config: Any) -> dict[str, Any]:
@@ -162,6 +212,7 @@ def gguf_config(path: Path) -> Any:
     key_length = metadata.get(f"{arch}.attention.key_length")
     if key_length and hasattr(config, "head_dim") and config.head_dim != int(key_length):
         config.head_dim = int(key_length)
+    _set_skipped_sizes(config, metadata, tensor_names)
     layout = GGUF_ARCHITECTURES.get(config.model_type)
     if layout is None or not layout.swa_period:
         return config
@@ -180,6 +231,29 @@ def gguf_config(path: Path) -> Any:
         local = {"rope_type": "default", "rope_theta": float(field("rope.freq_base_swa") or LLAMA_CPP_SWA_ROPE_THETA)}
         config.rope_parameters = {"full_attention": full, "sliding_attention": local}
     return config
+
+
+def _set_skipped_sizes(config: Any, metadata: dict[str, Any], tensor_names: tuple[str, ...]) -> None:
+    """What transformers' GGUF config reader leaves at the class defaults for GPT-2, StarCoder2 and StableLM: GPT-2's
+    position table size (it sets an unused `n_ctx`, so `n_positions` stays 1024) and MLP width, StarCoder2's
+    biases, and the RoPE base and rotary share of StarCoder2 / StableLM."""
+    arch = metadata["general.architecture"]
+    if config.model_type == "gpt2":
+        config.n_positions = int(metadata[f"{arch}.context_length"])
+        feed_forward = metadata.get(f"{arch}.feed_forward_length")
+        config.n_inner = int(feed_forward) if feed_forward else None
+        return
+    if config.model_type not in ("starcoder2", "stablelm"):
+        return
+    if config.model_type == "starcoder2":
+        config.use_bias = any(name.endswith("attn_q.bias") for name in tensor_names)
+    rope = dict(getattr(config, "rope_parameters", None) or {"rope_type": "default"})
+    if metadata.get(f"{arch}.rope.freq_base") is not None:
+        rope["rope_theta"] = float(metadata[f"{arch}.rope.freq_base"])
+    dims = metadata.get(f"{arch}.rope.dimension_count")
+    if dims and config.model_type == "stablelm":
+        rope["partial_rotary_factor"] = int(dims) / head_dim_of(config)
+    config.rope_parameters = rope
 
 
 LLAMA3_ROPE_CANDIDATES = [

@@ -59,9 +59,10 @@ def cached_model_dir(gguf_path: Path, cache_root: Path) -> Path:
     return cache_root / "models" / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
 
 
-CONVERSION_VERSION = 2
+CONVERSION_VERSION = 3
 """Bumped when a conversion would come out differently: 2 reads what transformers' GGUF loader skips
-(`gguf_config.converted_config`); older cached conversions are redone once."""
+(`gguf_config.converted_config`), 3 also StarCoder2's / StableLM's RoPE base and rotary share and GPT-2's context
+length; older cached conversions are redone once."""
 
 
 def conversion_is_current(target: Path) -> bool:

@@ -41,6 +41,16 @@ def build_llama_dir(path: Path, tokenizer: Any, *, hidden: int = 64, intermediat
     return path
 
 
+def save_with_random_weights(model: Any, tokenizer: Any, path: Path) -> Path:
+    """Save a tiny model with weights large enough to move the logits (the default init barely does)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.1 if param.dim() == 2 else 0.5)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def perturb_adapter(model: Any, scale: float = 0.2, seed: int = 1) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -90,7 +90,7 @@ def test_serving_compatibility_rules():
     assert engines["vllm"]["compatible"] and engines["llama.cpp"]["compatible"]
     ia3 = serving_compatibility(AdapterInfo(Path("."), {"peft_type": "IA3"}), "llama")
     assert not ia3["vllm"]["compatible"] and "IA3" in ia3["vllm"]["reasons"][0]
-    assert not serving_compatibility(plain, "gpt2")["llama.cpp"]["compatible"]
+    assert not serving_compatibility(plain, "bloom")["llama.cpp"]["compatible"]
 
 
 def test_read_adapter_reads_shapes_without_loading(export_recipe, tmp_path):

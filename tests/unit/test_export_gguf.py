@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from tests.unit.export_fixtures import export_recipe, llama64_dir, make_run  # noqa: F401
+from tests.unit.export_fixtures import export_recipe, llama64_dir, make_run, save_with_random_weights  # noqa: F401
 from peftkit.errors import ExportError
 from peftkit.export import verify
 from peftkit.export.gguf_lora import export_gguf_adapter
@@ -214,11 +214,11 @@ def test_gguf_metadata_covers_the_builtin_models_keys(export_recipe, tmp_path):
 
 def test_gguf_export_refuses_other_architectures_and_prefix_tuning(export_recipe, tmp_path):
     from peft import PrefixTuningConfig
-    from transformers import GPT2Config
+    from transformers import BloomConfig
 
-    with pytest.raises(ExportError, match="supports llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text models; "
-                                          "this base is `gpt2`"):
-        check_architecture(GPT2Config())
+    with pytest.raises(ExportError, match="supports llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, gpt2, "
+                                          "starcoder2, stablelm models; this base is `bloom`"):
+        check_architecture(BloomConfig())
     run = make_run(tmp_path / "prefix", export_recipe, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with pytest.raises(ExportError, match=r"virtual tokens.*--format adapter"):  # the way that works, not another refusal
         export_gguf_adapter(run, gguf_type="f32")
@@ -255,13 +255,7 @@ def _family_dir(path: Path, model_type: str, tokenizer: Any = None) -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         **extra,
     )
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.1 if param.dim() == 2 else 0.5)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_with_random_weights(AutoModelForCausalLM.from_config(config), tokenizer, path)
 
 
 @pytest.mark.parametrize("model_type, arch", [("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"),
@@ -856,15 +850,25 @@ def test_file_and_ollama_names_keep_accented_letters_as_ascii():
 
 
 def test_a_gguf_lora_of_an_adapter_on_an_untied_output_head_points_to_the_merged_export(export_recipe, tmp_path):
-    """peft saves the adapted head's own weights next to its lora_A/B; a GGUF LoRA cannot carry them."""
+    """peft saves the adapted head's own weights next to its lora_A/B. A GGUF LoRA holds the update alone, which is
+    the adapter only while that copy is the base's head unchanged (tests/unit/test_export_gguf_lora_heads.py)."""
+    from safetensors.torch import load_file, save_file
+
     from tests.unit.export_fixtures import build_llama_dir
     from tests.conftest import build_tiny_tokenizer
 
     untied = build_llama_dir(tmp_path / "untied", build_tiny_tokenizer(), tie=False)
     run = make_run(tmp_path / "run", export_recipe, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
                                                                task_type="CAUSAL_LM"), model_dir=untied)
-    with pytest.raises(ExportError, match=r"carries `lm_head`'s own weights .* --format gguf` \(merged\) instead"):
-        export_gguf_adapter(run, gguf_type="f32")
+    assert export_gguf_adapter(run, tmp_path / "ok", gguf_type="f32", check=False).path.is_dir()
+    weights = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["base_model.model.lm_head.base_layer.weight"][0, 0] += 0.25  # the head itself changed in training
+    save_file(tensors, str(weights))
+    with pytest.raises(ExportError, match=r"copy of `lm_head`'s weights differs from the base .* \(max \|diff\| 0.25\)"
+                                          r".* --format gguf` \(merged\) instead"):
+        export_gguf_adapter(run, tmp_path / "bad", gguf_type="f32")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_qlora_gguf_lora_says_it_runs_on_a_float_base(export_recipe, tmp_path):
