@@ -68,7 +68,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     validate_recipe(recipe, check_model=not args.no_model)
     check_data = not args.no_model and recipe.task == "causal_lm"
     tokenizer = None
-    if check_data or args.show_data:
+    if check_data or (args.show_data and recipe.task == "causal_lm"):
         from peftkit.models import load_tokenizer
 
         tokenizer = load_tokenizer(recipe.model)
@@ -76,8 +76,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     _console().print(f"[green]OK[/green] {args.recipe}: recipe is valid ({recipe.adapter.method} on {recipe.model.name})")
     if data_line:
         _console().print(data_line)
-    if args.show_data:
+    if args.show_data and recipe.task == "causal_lm":
         _show_data(recipe, tokenizer, args.show_data)
+    elif args.show_data:
+        _show_labeled_data(recipe, args.show_data)
     return 0
 
 
@@ -130,6 +132,26 @@ def _show_data(recipe: Any, tokenizer: Any, count: int) -> None:
             console.print(text)
         if shown >= count:
             break
+
+
+def _show_labeled_data(recipe: Any, count: int) -> None:
+    """A classifier's first training rows: the text as its tokenizer reads it (plain text, no chat template) and the
+    label it learns; the whole text is input, the label the only target."""
+    from peftkit.data.build import split_train_eval
+    from peftkit.data.classification import load_labeled
+    from peftkit.models import resolve_model_ref
+    from peftkit.train.classification import load_classification_tokenizer
+
+    source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
+    tokenizer = load_classification_tokenizer(recipe, source)
+    items = load_labeled(recipe.data.train, recipe.data.columns)
+    if not recipe.data.eval:  # as training splits it
+        items = split_train_eval(items, recipe.data.eval_fraction, recipe.train.seed)[0]  # type: ignore[arg-type]
+    console = _console()
+    for shown, item in enumerate(items[:count], start=1):
+        ids = tokenizer(item.text, truncation=True, max_length=recipe.data.max_seq_len)["input_ids"]
+        console.print(f"--- row {shown} ({item.where}): {len(ids)} tokens, label {item.label!r} ---", markup=False)
+        console.print(tokenizer.decode(ids), markup=False)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

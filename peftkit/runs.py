@@ -31,7 +31,7 @@ def read_run_recipe(run_dir: str | Path) -> Recipe:
     path = run_dir / "recipe.yaml"
     if not path.is_file():
         raise RunDirError(f"{run_dir} is not a peftkit run directory (no recipe.yaml)")
-    return recipe_from_dict(read_yaml(path), str(path))
+    return recipe_from_dict(read_yaml(path), str(path), stored_run=True)
 
 
 def require_chat_run(recipe: Recipe, run_dir: str | Path, command: str) -> None:
@@ -67,6 +67,27 @@ def adapter_dir(run_dir: Path) -> Path:
         raise RunDirError(f"{run_dir} has no trained adapter (adapter/adapter_config.json); the run did not finish: "
                           + next_step)
     return path
+
+
+def trained_quantization(run_dir: Path, quantization: Any) -> Any:
+    """The run's quantization with `compute_dtype: auto` replaced by the dtype its 4-bit layers computed in, as
+    summary.json recorded it: `auto` follows the device (bfloat16 on a GPU, float32 on a CPU), so resolving it again
+    where a GPU run is exported would pick another dtype than training's. Runs whose summary predates the record
+    computed in their `dtype` (the model's); without a summary the quantization is returned as it is."""
+    if quantization is None or quantization.bits != 4 or quantization.compute_dtype != "auto":
+        return quantization
+    import json
+
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return quantization
+    recorded = (summary.get("quantization") or {}).get("compute_dtype")
+    if recorded in (None, "auto"):
+        recorded = summary.get("dtype")
+    if recorded not in ("float32", "bfloat16", "float16"):
+        return quantization
+    return quantization.model_copy(update={"compute_dtype": recorded})
 
 
 QLORA_BASES = ("quantized", "original")

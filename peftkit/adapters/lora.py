@@ -312,17 +312,44 @@ def _restore_trained_modules(peft_model: Any, directory: Path) -> None:
 
 
 def trainer_extras(model: Any, cfg: LoraAdapterConfig, args: Any) -> TrainerExtras:
-    """LoRA+ (`loraplus_lr_ratio`): peft's optimizer with a faster learning rate for the B matrices.
+    """LoRA+ (`loraplus_lr_ratio`): the B matrices learn at lr x ratio, every other trained tensor at lr.
 
-    The optimizer class and its settings stay the Trainer's own (`args.optim`, betas, weight decay)."""
+    Not peft's `create_loraplus_optimizer`: it also gives every 1-D tensor (DoRA magnitudes, a bias or norm trained
+    whole through `modules_to_save`) the B matrices' rate, and decays norms. Weight decay here is the Trainer's own
+    choice (`get_decay_parameter_names`: no biases or norms), as without LoRA+. A LoRA on an embedding layer (all its
+    tensors, as peft groups them) learns at peft's LoRA+ embedding rate, 1e-6 (its `loraplus_lr_embedding` default,
+    from the paper's code). The optimizer class and its settings stay the Trainer's own (`args.optim`, betas)."""
     if cfg.loraplus_lr_ratio is None:
         return TrainerExtras()
-    from peft.optimizers import create_loraplus_optimizer
+    from peft.tuners.lora import Embedding as LoraEmbedding
+    from transformers import Trainer
 
+    embedding_lr = 1e-6  # peft.optimizers.create_loraplus_optimizer's loraplus_lr_embedding
+    decayed = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
+    on_embeddings = {id(p) for m in model.modules() if isinstance(m, LoraEmbedding) for p in m.parameters()}
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in on_embeddings:
+            lr = embedding_lr
+        else:
+            lr = args.learning_rate * (cfg.loraplus_lr_ratio if "lora_B" in name else 1.0)
+        groups.setdefault((lr, name in decayed), []).append(param)
+    # train.lr's groups first: the Trainer logs the first group's learning rate as the run's
+    ordered = sorted(groups.items(), key=lambda item: item[0][0] != args.learning_rate)
+    param_groups = [{"params": params, "lr": lr, "weight_decay": args.weight_decay if decay else 0.0}
+                    for (lr, decay), params in ordered]
     optimizer_cls, kwargs = trainer_optimizer_class(args, model)
-    optimizer = create_loraplus_optimizer(model, optimizer_cls, lr=args.learning_rate, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
-                                          loraplus_weight_decay=args.weight_decay, **kwargs)
-    return TrainerExtras(optimizer=optimizer)
+    if "bitsandbytes" in str(optimizer_cls) and kwargs.get("optim_bits") == 8:
+        # as the Trainer's create_optimizer does: embedding layers keep 32-bit optimizer states
+        import bitsandbytes
+
+        manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+    return TrainerExtras(optimizer=optimizer_cls(param_groups, lr=args.learning_rate, **kwargs))
 
 
 METHOD = register(

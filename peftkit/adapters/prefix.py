@@ -65,7 +65,14 @@ def _cache_shape(model: Any) -> dict[str, int]:
 
 
 def check(model: torch.nn.Module, cfg: PrefixTuningAdapterConfig, task: str = "causal_lm") -> list[str]:
-    """Nothing model-specific: peft sizes the prefix from the model config (causal LMs only, see `tasks`)."""
+    """peft sizes the prefix from the model config (causal LMs only, see `tasks`); but the text's positions start
+    after the prefix, so a learned position table (GPT-2) must hold more than it."""
+    from peftkit.models.skeleton import learned_position_limit
+
+    learned = learned_position_limit(model)
+    if learned is not None and cfg.num_virtual_tokens >= learned:
+        return [f"adapter.num_virtual_tokens ({cfg.num_virtual_tokens}) must be below the model's {learned} learned "
+                "positions: the text's positions start after the prefix"]
     return []
 
 

@@ -51,7 +51,11 @@ def prompt_config(model: Any, cfg: PromptTuningAdapterConfig, task: str = "causa
 
 
 def check(model: torch.nn.Module, cfg: PromptTuningAdapterConfig, task: str = "causal_lm") -> list[str]:
-    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    """The soft prompt takes sequence positions: a learned position table (the real limit where a model has one) or
+    the configured context must hold more than it."""
+    from peftkit.models.skeleton import learned_position_limit
+
+    max_positions = learned_position_limit(model) or getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_positions is not None and cfg.num_virtual_tokens >= max_positions:
         return [f"adapter.num_virtual_tokens ({cfg.num_virtual_tokens}) must be below the model's {max_positions} positions"]
     return []

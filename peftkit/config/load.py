@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from peftkit.config.schema import NAMED_CHAT_TEMPLATES, Recipe
+from peftkit.config.schema import NAMED_CHAT_TEMPLATES, STORED_RUN, Recipe
 from peftkit.errors import ConfigError
 
 DATA_PATH_KEYS = ("train", "eval", "heldout")
@@ -337,13 +337,14 @@ def _collapse_union_branches(errors: list[dict[str, Any]]) -> list[dict[str, Any
     return kept
 
 
-def recipe_from_dict(data: dict[str, Any], source: str | None = None) -> Recipe:
+def recipe_from_dict(data: dict[str, Any], source: str | None = None, *, stored_run: bool = False) -> Recipe:
     """A recipe from a mapping, as `load_recipe` reads one: an adapter without `method` is LoRA, and relative paths
     that exist here (the current directory, as `load_recipe` looks next to the recipe file) are made absolute, so
-    the run's recipe.yaml finds them from anywhere. The caller's mapping is left as it was."""
+    the run's recipe.yaml finds them from anywhere. The caller's mapping is left as it was. `stored_run`: the
+    recipe.yaml of a trained run, exempt from refusals of settings it ignored (schema.STORED_RUN)."""
     data = _from_current_directory(data) if isinstance(data, dict) else data
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={STORED_RUN: True} if stored_run else None)
     except ValidationError as exc:
         problems = [_friendly(e) for e in _collapse_union_branches(exc.errors())]
         raise ConfigError(list(dict.fromkeys(problems)), source) from None

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, PositiveInt, Tag, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, PositiveInt, SerializerFunctionWrapHandler,
+                      Tag, ValidationInfo, field_validator, model_serializer, model_validator)
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 NAMED_CHAT_TEMPLATES = ("chatml", "plain")
@@ -60,12 +60,30 @@ class ModelConfig(Section):
     GPU-trained run) the default is used, with a warning."""
 
 
+FOUR_BIT_ONLY = ("quant_type", "double_quant", "compute_dtype", "blocksize")
+"""`quantization:` keys that only 4-bit quantization reads: 8-bit (LLM.int8) stores int8 weights per row and computes
+in the model's dtype."""
+
+
+STORED_RUN = "stored_run"
+"""Validation context key: the recipe.yaml of a run already trained. Refusals added after a run was trained (settings
+it ignored) must not make it unloadable: it is read as it trained; new recipes get them."""
+
+
+def stored_run(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(STORED_RUN))
+
+
 class QuantizationConfig(Section):
     bits: Literal[4, 8] = 4
+    """4: QLoRA's 4-bit weights (the keys below); 8: LLM.int8 (per-row int8 weights; the 4-bit-only keys are refused)."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit only: the 4-bit number grid."""
     double_quant: bool = True
+    """4-bit only: quantize the blocks' absmax constants too (QLoRA's double quantization: 0.37 bits per weight
+    less at blocksize 64)."""
     compute_dtype: DType = "auto"
-    """`auto`: float32 on CPU (no fast bf16 on AVX2), bfloat16 on GPUs that support it."""
+    """4-bit only. `auto`: float32 on CPU (no fast bf16 on AVX2), bfloat16 on GPUs that support it."""
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
     """4-bit only: weights per quantization block (one absmax each). bitsandbytes' and the QLoRA paper's
     64 by default; 32 costs 0.125 bits per weight more and halves nf4's error on SmolLM2-135M
@@ -76,10 +94,28 @@ class QuantizationConfig(Section):
     (`python -m benchmarks.quant_error` ranks the module kinds)."""
 
     @model_validator(mode="after")
-    def _blocksize_is_4bit(self) -> "QuantizationConfig":
-        if self.bits == 8 and self.blocksize != 64:
-            raise ValueError("blocksize applies to 4-bit quantization only (8-bit quantizes per row); remove it or set bits: 4")
+    def _four_bit_keys_need_4_bits(self, info: ValidationInfo) -> "QuantizationConfig":
+        # Compared with the defaults, not `model_fields_set`: recipe.yaml files written before 8-bit records left the
+        # 4-bit-only keys out hold them at their defaults. A finished run's recipe is read as it trained (STORED_RUN).
+        if stored_run(info):
+            return self
+        changed = [key for key in FOUR_BIT_ONLY if self.bits == 8 and getattr(self, key) != type(self).model_fields[key].default]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} {'applies' if len(changed) == 1 else 'apply'} to 4-bit quantization "
+                             "only (8-bit quantizes each row to int8 and computes in the model's dtype, and would ignore "
+                             f"{'it' if len(changed) == 1 else 'them'}); remove {'it' if len(changed) == 1 else 'them'}, "
+                             "or set bits: 4")
         return self
+
+    @model_serializer(mode="wrap")
+    def _record_what_is_used(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """An 8-bit run's recipe.yaml and summary.json leave out the 4-bit keys (nf4, double quantization...) it never
+        used, instead of recording their defaults as if they applied."""
+        record = handler(self)
+        if self.bits == 8:
+            for key in FOUR_BIT_ONLY:
+                record.pop(key, None)
+        return record
 
 
 class LoraAdapterConfig(Section):
@@ -371,12 +407,15 @@ class TrainConfig(Section):
     happen every `eval_steps`, else every `save_steps`, else once per epoch; checkpoints are saved at each one."""
     logging_steps: PositiveInt = 5
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them (less memory, more compute). Refused with
+    prefix tuning (the recomputation adds its KV-cache prefix twice); turns `share_prompt_prefix` off."""
     optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
                        "lion_8bit", "adafactor", "sgd"] = "auto"
     """transformers' `optim`. `auto`: its default (fused AdamW). The bitsandbytes ones (`adamw_8bit`,
     `paged_adamw_8bit`, as in the QLoRA paper) keep optimizer states in 8 bits; paging needs a CUDA GPU."""
     neftune_noise_alpha: Annotated[float, Field(gt=0.0)] | None = None
-    """NEFTune: uniform noise on input embeddings while training (the paper uses 5); off by default."""
+    """NEFTune: uniform noise on input embeddings while training (the paper uses 5); off by default. Its noise scales
+    with each sequence's length, so it turns `share_prompt_prefix` and `bucket_within_batch` off."""
     tf32: bool = False
     """TF32 matmuls on Ampere or newer NVIDIA GPUs (faster fp32 maths at a 10-bit mantissa; what axolotl's
     `tf32: true` sets); without a CUDA GPU it is ignored with a warning."""
@@ -392,9 +431,14 @@ class TrainConfig(Section):
     supervised_logits_only: bool = True
     """Compute the vocabulary projection only where a label is supervised (faster, same loss)."""
     share_prompt_prefix: bool = True
-    """Run the prompt prefix shared by a whole batch (e.g. the system prompt) once per batch (same loss)."""
+    """Run the prompt prefix shared by a whole batch (e.g. the system prompt) once per batch (same loss). Off, with
+    an info line at the start of training, with NEFTune (`neftune_noise_alpha`), several processes or DeepSpeed
+    (one forward pass per backward there), gradient checkpointing (its recomputation would add the shared prefix's
+    cache twice), prefix/prompt tuning (the adapter owns the prefix), or `supervised_logits_only: false`."""
     bucket_within_batch: bool = True
-    """Run each batch as length buckets, each padded only to its own longest row (same batch, same loss)."""
+    """Run each batch as length buckets, each padded only to its own longest row (same batch, same loss). Off, with
+    an info line at the start of training, with NEFTune (its noise scales with each sequence's padded length) and with
+    several processes or DeepSpeed (one forward pass per backward there)."""
     packing: bool = False
     """Padding-free batches: each batch's rows joined into one sequence, positions restarting per row and attention
     kept within each row (same batch, same loss, no padding; replaces the length buckets and the shared prefix).
@@ -432,11 +476,13 @@ class DeepSpeedConfig(Section):
     overlap_comm: bool | None = None
     """Overlap gradient reduction with the backward pass (null: DeepSpeed's default)."""
     contiguous_gradients: bool = True
-    """Copy gradients into one contiguous buffer as they are produced (less memory fragmentation)."""
+    """Stages 1-3: copy gradients into one contiguous buffer as they are produced (less memory fragmentation);
+    changing it at stage 0 is refused."""
     reduce_bucket_size: PositiveInt | Literal["auto"] = "auto"
-    """Elements reduced at once; `auto`: hidden_size² (filled in by transformers)."""
+    """Stages 1-3: elements reduced at once; `auto`: hidden_size² (filled in by transformers); refused at stage 0."""
     gather_weights_on_save: bool = True
-    """Stage 3: gather the partitioned weights when saving, so checkpoints hold a normal PEFT adapter."""
+    """Stage 3: gather the partitioned weights when saving, so checkpoints hold a normal PEFT adapter (`false`
+    warns: intermediate checkpoints hold no usable adapter; refused at stages 0-2, which have nothing to gather)."""
     extra: dict[str, Any] = Field(default_factory=dict)
     """Raw DeepSpeed keys deep-merged over the generated config (escape hatch; DeepSpeed's config reference)."""
 
@@ -476,9 +522,16 @@ class Recipe(Section):
     description: str | None = None
 
     @model_validator(mode="after")
-    def _data_fits_the_task(self) -> "Recipe":
+    def _data_fits_the_task(self, info: ValidationInfo) -> "Recipe":
         if self.task == "sequence_classification" and self.data.train_on_prompt:
             raise ValueError("data.train_on_prompt is for chat training; a classifier learns labels, not text: remove it")
+        chat_only = self._chat_only_settings() if self.task == "sequence_classification" and not stored_run(info) else []
+        if chat_only:
+            raise ValueError(f"{', '.join(chat_only)} {'is' if len(chat_only) == 1 else 'are'} for chat training, and "
+                             "`task: sequence_classification` would ignore "
+                             f"{'it' if len(chat_only) == 1 else 'them'}: a classifier reads each record's plain text "
+                             "and learns its label (no conversation, system turn, chat template or generated reply); "
+                             f"remove {'it' if len(chat_only) == 1 else 'them'}")
         columns = self.data.columns
         if columns is None:
             return self
@@ -488,6 +541,22 @@ class Recipe(Section):
         if self.task == "causal_lm" and columns.label:
             raise ValueError("data.columns.label names the class of `task: sequence_classification` records; chat "
                              "training has no labels: remove it (or set the task)")
+        return self
+
+    def _chat_only_settings(self) -> list[str]:
+        """The chat-training settings this recipe changes from their defaults (compared with the defaults, not with
+        the keys written, so a run's own recipe.yaml, which writes every key, loads)."""
+        defaults = {"data.format": "auto", "data.system_prompt": None, "data.replay": None, "model.chat_template": None}
+        return [key for key, default in defaults.items()
+                if getattr(getattr(self, key.split(".")[0]), key.split(".")[1]) != default]
+
+    @model_validator(mode="after")
+    def _gradient_checkpointing_fits(self) -> "Recipe":
+        if self.train.gradient_checkpointing and self.adapter.method == "prefix_tuning":
+            raise ValueError("train.gradient_checkpointing recomputes each layer in the backward pass, where prefix "
+                             "tuning's trained keys/values (kept in the layer's KV cache) are added a second time and "
+                             "the first training step fails: remove train.gradient_checkpointing (or use another "
+                             "adapter method, e.g. prompt_tuning or lora)")
         return self
 
     @model_validator(mode="after")

@@ -147,24 +147,42 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> tuple[list[str], Any]:
     return problems, skeleton
 
 
+def virtual_positions(recipe: Recipe) -> int:
+    """Positions a prompt-learning adapter takes before the text: prompt tuning's soft prompt is part of the
+    sequence, and prefix tuning's cached prefix shifts the text's position ids by its length."""
+    if recipe.adapter.method in ("prefix_tuning", "prompt_tuning"):
+        return recipe.adapter.num_virtual_tokens  # type: ignore[union-attr]
+    return 0
+
+
+def _virtual_note(recipe: Recipe) -> str:
+    virtual = virtual_positions(recipe)
+    return f" after {recipe.adapter.method}'s {virtual} virtual tokens" if virtual else ""
+
+
 def _check_context(recipe: Recipe, skeleton: Any) -> list[str]:
-    """`data.max_seq_len` against the model's positions: past a learned position table the forward pass fails (a
-    problem where the recipe set it; the schema's default is lowered to fit); past a RoPE model's trained context
-    it runs, untrained there (a warning)."""
+    """`data.max_seq_len` (after prefix/prompt tuning's virtual tokens) against the model's positions: past a learned
+    position table the forward pass fails (a problem where the recipe set it; the schema's default is lowered to
+    fit); past a RoPE model's trained context it runs, untrained there (a warning)."""
     from peftkit.models.skeleton import learned_position_limit, trained_context
 
-    length = recipe.data.max_seq_len
+    length, virtual = recipe.data.max_seq_len, virtual_positions(recipe)
     learned = learned_position_limit(skeleton)
-    if learned is not None and length > learned and "max_seq_len" not in recipe.data.model_fields_set:
+    if learned is not None and learned - virtual < 1:
+        return []  # no room for any text: the adapter's own check (check_targets) reports num_virtual_tokens
+    if learned is not None and length + virtual > learned and "max_seq_len" not in recipe.data.model_fields_set:
         return []  # the schema's default, not the recipe's: validate_recipe lowers it (fitted_max_seq_len)
-    if learned is not None and length > learned:
-        return [f"data.max_seq_len: {length} tokens do not fit {recipe.model.name!r}, which has learned positions for "
-                f"{learned} tokens only (longer inputs fail inside the model); set data.max_seq_len to {learned} or less"]
+    if learned is not None and length + virtual > learned:
+        fewer = " (or use fewer adapter.num_virtual_tokens)" if virtual else ""
+        return [f"data.max_seq_len: {length} tokens{_virtual_note(recipe)} do not fit {recipe.model.name!r}, which has "
+                f"learned positions for {learned} tokens only (longer inputs fail inside the model); set "
+                f"data.max_seq_len to {learned - virtual} or less{fewer}"]
     context = trained_context(skeleton)
-    if learned is None and context is not None and length > context:
-        log.warning("data.max_seq_len %d is longer than the %d-token context %r was trained for: rows past it train "
+    if learned is None and context is not None and length + virtual > context and context - virtual >= 1:
+        log.warning("data.max_seq_len %d%s is longer than the %d-token context %r was trained for: rows past it train "
                     "positions the model never saw; keep data.max_seq_len at %d or less unless the model is meant to "
-                    "be extended (rope scaling)", length, context, recipe.model.name, context)
+                    "be extended (rope scaling)", length, _virtual_note(recipe), context, recipe.model.name,
+                    context - virtual)
     return []
 
 
@@ -184,17 +202,21 @@ def _check_keep_modules(skeleton: Any, keep: list[str]) -> list[str]:
 
 def fitted_max_seq_len(recipe: Recipe, skeleton: Any) -> Recipe:
     """The recipe with the schema's default data.max_seq_len lowered to a learned position table's size (a 512-token
-    BERT); a value the recipe set is checked, not changed (_check_context)."""
+    BERT), less prefix/prompt tuning's virtual tokens; a value the recipe set is checked, not changed (_check_context)."""
     from peftkit.models.skeleton import learned_position_limit
 
     if skeleton is None or "max_seq_len" in recipe.data.model_fields_set:
         return recipe
     learned = learned_position_limit(skeleton)
-    if learned is None or recipe.data.max_seq_len <= learned:
+    if learned is None:
         return recipe
-    log.info("data.max_seq_len: the default %d lowered to %d, the positions %s has", recipe.data.max_seq_len, learned,
-             recipe.model.name)
-    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_seq_len": learned})})
+    fitted = learned - virtual_positions(recipe)
+    if fitted < 1 or recipe.data.max_seq_len <= fitted:
+        return recipe
+    log.info("data.max_seq_len: the default %d lowered to %d, the positions %s has%s", recipe.data.max_seq_len, fitted,
+             recipe.model.name, f" less {recipe.adapter.method}'s {virtual_positions(recipe)} virtual tokens"
+             if virtual_positions(recipe) else "")
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_seq_len": fitted})})
 
 
 def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> Recipe:

@@ -331,6 +331,7 @@ def build_datasets(
     stats = {
         **{f"train_{k}": v for k, v in train_stats.items()},
         "train_rows": len(train_rows),
+        "eval_examples": len(eval_examples),
         "eval_rows": len(eval_rows),
         "heldout_questions": len(heldout),
         "replay_examples": replayed,

@@ -323,7 +323,7 @@ def bnb_config(
     # The recipe's compute_dtype when it names one, else the model's dtype (`compute_dtype`).
     dtype = resolve_dtype(cfg.compute_dtype, device) if cfg.compute_dtype != "auto" else (compute_dtype or resolve_dtype("auto", device))
     skip = unquantized_modules(cfg, transformers_skips or [])
-    if cfg.bits == 8:
+    if cfg.bits == 8:  # LLM.int8 reads none of the 4-bit keys (the schema refuses them with bits: 8)
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,

@@ -117,6 +117,8 @@ def generate_config(cfg: DeepSpeedConfig, recipe: Recipe, device: str, dtype: to
     if cfg.offload_params != "none":
         zero["offload_param"] = _offload(cfg.offload_params, cfg.nvme_path, device)
     if cfg.stage == 3:
+        if not cfg.gather_weights_on_save:
+            log.warning(NO_GATHER_ON_SAVE.format(key="deepspeed.gather_weights_on_save"))
         zero["stage3_gather_16bit_weights_on_model_save"] = cfg.gather_weights_on_save
         zero["stage3_prefetch_bucket_size"] = "auto"
         zero["stage3_param_persistence_threshold"] = "auto"
@@ -137,14 +139,18 @@ def generate_config(cfg: DeepSpeedConfig, recipe: Recipe, device: str, dtype: to
     return deep_merge(config, cfg.extra)
 
 
+NO_GATHER_ON_SAVE = ("deepspeed: {key} is false, so intermediate checkpoints hold no usable adapter (the final "
+                     "adapter is still gathered and saved)")
+"""The warning for ZeRO-3 without gathering on save, in a JSON config or a `deepspeed:` block."""
+
+
 def complete_json_config(config: dict[str, Any], device: str) -> dict[str, Any]:
     """Fill in what peftkit relies on in a user's JSON; explicit user values win."""
     config = copy.deepcopy(config)
     zero = config.setdefault("zero_optimization", {})
     if int(zero.get("stage", 0)) == 3:
         if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
-            log.warning("deepspeed: stage3_gather_16bit_weights_on_model_save is false, so intermediate checkpoints "
-                        "hold no usable adapter (the final adapter is still gathered and saved)")
+            log.warning(NO_GATHER_ON_SAVE.format(key="stage3_gather_16bit_weights_on_model_save"))
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     optimizer = config.get("optimizer")
     if optimizer is None:
@@ -292,11 +298,31 @@ def _block_problems(cfg: DeepSpeedConfig) -> list[str]:
         )
     if cfg.offload_optimizer != "none" and cfg.stage == 0:
         problems.append("deepspeed.offload_optimizer needs stage 1, 2 or 3 (stage 0 does not partition optimizer states)")
+    problems.extend(_settings_the_stage_ignores(cfg))
     uses_nvme = "nvme" in (cfg.offload_optimizer, cfg.offload_params)
     if uses_nvme and not cfg.nvme_path:
         problems.append("deepspeed: nvme offload needs deepspeed.nvme_path (a directory on a local NVMe drive, on every node)")
     elif uses_nvme and cfg.nvme_path and not Path(cfg.nvme_path).expanduser().is_dir():
         problems.append(f"deepspeed.nvme_path {cfg.nvme_path} is not a directory; create it (on every node) or fix the path")
+    return problems
+
+
+def _settings_the_stage_ignores(cfg: DeepSpeedConfig) -> list[str]:
+    """Block settings changed from their defaults that generate_config leaves out at this stage: refused like the
+    offload settings, instead of dropped without a word. Compared with the defaults, not the keys written, so a run's
+    own recipe.yaml (every key written) loads."""
+    fields = type(cfg).model_fields
+    problems = []
+    if cfg.stage == 0:
+        changed = [key for key in ("contiguous_gradients", "reduce_bucket_size") if getattr(cfg, key) != fields[key].default]
+        if changed:
+            them = "it" if len(changed) == 1 else "them"
+            problems.append(f"deepspeed.{' and deepspeed.'.join(changed)} {'tunes' if len(changed) == 1 else 'tune'} "
+                            f"ZeRO's gradient reduction (stages 1 to 3); stage 0 is plain data parallelism and would "
+                            f"ignore {them}: remove {them}, or set deepspeed.stage: 1, 2 or 3")
+    if cfg.stage != 3 and cfg.gather_weights_on_save != fields["gather_weights_on_save"].default:
+        problems.append(f"deepspeed.gather_weights_on_save: false applies to stage 3 only (stage {cfg.stage} keeps whole "
+                        "weights in every process, so there is nothing to gather): remove it, or set deepspeed.stage: 3")
     return problems
 
 

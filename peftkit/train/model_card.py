@@ -87,6 +87,19 @@ def _split_note(recipe: Recipe, summary: dict[str, Any]) -> str:
     return f"; {held} more held out as the eval split" if held and not recipe.data.eval else ""
 
 
+def _examples(summary: dict[str, Any]) -> str:
+    """`12 examples`, or `4 examples (16 rows)` where long texts were split or a template made a row per turn."""
+    examples, rows = summary["train_examples"], summary.get("train_rows")
+    return f"{examples} examples" + (f" ({rows} rows)" if rows is not None and rows != examples else "")
+
+
+def _trained_quantization(run_dir: Path, recipe: Recipe) -> Any:
+    """The quantization the card's loading snippet repeats: `compute_dtype: auto` as the run resolved it."""
+    from peftkit.runs import trained_quantization
+
+    return trained_quantization(run_dir, effective_quantization(recipe))
+
+
 def _stopping_note(summary: dict[str, Any]) -> str:
     best = summary.get("weights_from_step")
     if summary.get("stopped_early"):
@@ -144,9 +157,17 @@ def _replay_row(recipe: Recipe, summary: dict[str, Any]) -> list[str]:
     return [f"| replay (in the examples) | {', '.join(how)} |"]
 
 
+def _quantization_text(quant: dict[str, Any] | None) -> str:
+    """What the base was quantized with: 8-bit is LLM.int8, whatever 4-bit keys an older summary recorded with it."""
+    if not quant:
+        return "none"
+    if quant["bits"] == 8:
+        return "8-bit (LLM.int8)"
+    return f"{quant['bits']}-bit {quant.get('quant_type', '')}".strip()
+
+
 def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> None:
-    quant = summary.get("quantization")
-    quant_text = f"{quant['bits']}-bit {quant.get('quant_type', '')}".strip() if quant else "none"
+    quant_text = _quantization_text(summary.get("quantization"))
     lines = [
         f"# {summary['recipe']}: {_what_was_trained(run_dir, recipe)} {recipe.model.name}",
         "",
@@ -160,7 +181,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         f"| method | {recipe.adapter.method} |",
         f"| quantization | {quant_text} |",
         f"| train data | {', '.join(f'`{Path(s).name}`' for s in data_sources(recipe.data.train))} "
-        f"({summary['train_examples']} examples{_split_note(recipe, summary)}) |",
+        f"({_examples(summary)}{_split_note(recipe, summary)}) |",
         *_replay_row(recipe, summary),
         f"| trainable parameters | {summary['trainable_params']:,} of {summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%)"
         + (f"; {summary['trainable_params_end']:,} at the end (gradual unfreezing)" if "trainable_params_end" in summary else "")
@@ -186,7 +207,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         f"peftkit chat {run_dir}",
         "```",
         "",
-        *_plain_use(run_dir, recipe.data.system_prompt, effective_quantization(recipe)),
+        *_plain_use(run_dir, recipe.data.system_prompt, _trained_quantization(run_dir, recipe)),
         ("Files: `model/` (the whole trained model), " if (run_dir / "model").is_dir() else "Files: `adapter/` (PEFT layout), ")
         + "`tokenizer/`, `recipe.yaml` (resolved recipe), `metrics.jsonl`, "
         "`tensorboard/`, `plots/loss.png`, `summary.json`, `heldout.jsonl` (per-question replies).",

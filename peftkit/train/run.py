@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import resource
 import time
@@ -128,12 +127,6 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
     if early_stop and cfg.save_steps and cfg.eval_steps and cfg.save_steps != cfg.eval_steps:
         log.warning("train.save_steps %d is replaced by train.eval_steps %d: early stopping keeps the best evaluation's "
                     "checkpoint, so checkpoints are saved at every evaluation", cfg.save_steps, cfg.eval_steps)
-    warmup = cfg.warmup_ratio
-    if cfg.max_steps and warmup and math.ceil(warmup * cfg.max_steps) >= cfg.max_steps:
-        # a linear warm-up starts at lr 0: over every step, a 1-step run would save an untrained adapter
-        log.warning("train.warmup_ratio %g would make all %d steps warm-up steps, the first at learning rate 0: "
-                    "training without warm-up", warmup, cfg.max_steps)
-        warmup = 0.0
     bf16, fp16 = deepspeed_setup.precision_flags(device, dtype)
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
@@ -144,7 +137,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         neftune_noise_alpha=cfg.neftune_noise_alpha,
         **({"optim": cfg.optimizer} if cfg.optimizer != "auto" else {}),
         lr_scheduler_type=cfg.scheduler,
-        warmup_steps=warmup,
+        warmup_steps=cfg.warmup_ratio,  # a warm-up over every step is dropped in create_scheduler
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         num_train_epochs=cfg.epochs,
@@ -539,6 +532,13 @@ def summary_header(
 ) -> dict[str, Any]:
     """The summary.json keys every task shares: what ran, on what, and how much of the model trained."""
     trainable, total = counts
+    if quantization is not None and quantization.bits == 4 and quantization.compute_dtype == "auto":
+        # `auto` is the dtype the weights load in (models/load.py bnb_config), which follows the device: recorded as
+        # computed, since exports reproduce it wherever they run (peftkit.runs.trained_quantization)
+        trains_weights = recipe.task != "causal_lm" or bool(getattr(recipe.adapter, "modules_to_save", None))
+        computed = str(weights_dtype(dtype, trains_model_weights=trains_weights)).removeprefix("torch.")
+        quantization = quantization.model_copy(update={"compute_dtype": computed})
+    own_rows = len(data.train) - data.stats.get("replay_examples", 0)  # replay rows are counted in data_stats
     return {
         "recipe": recipe.name or run_dir.name,
         "base_model": recipe.model.name,
@@ -552,9 +552,12 @@ def summary_header(
         "trainable_params": trainable,
         "total_params": total,
         "trainable_share": trainable / total,
-        # the recipe's own rows; replay rows mixed in are counted in data_stats.replay_examples
-        "train_examples": len(data.train) - data.stats.get("replay_examples", 0),
-        "eval_examples": len(data.eval),
+        # the recipe's examples as read, and the rows they made (a long text is split into several rows, some chat
+        # templates make one per turn); classification data has one row per example
+        "train_examples": data.stats.get("train_examples", own_rows),
+        "train_rows": own_rows,
+        "eval_examples": data.stats.get("eval_examples", len(data.eval)),
+        "eval_rows": len(data.eval),
         "steps": output.global_step,
         "epochs": recipe.train.epochs if not recipe.train.max_steps else None,
     }

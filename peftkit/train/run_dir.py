@@ -269,11 +269,21 @@ def recipe_changes(run_dir: Path, recipe_dump: dict[str, Any]) -> list[str]:
     current = _flatten(recipe_dump)
     changed = []
     for key in sorted(set(stored) | set(current)):
-        if key.startswith(RESUME_MAY_CHANGE):
+        if key.startswith(RESUME_MAY_CHANGE) or _no_longer_recorded(key, current):
             continue
         if stored.get(key) != current.get(key):
             changed.append(f"{key}: {stored.get(key)!r} -> {current.get(key)!r}")
     return changed
+
+
+def _no_longer_recorded(key: str, current: dict[str, Any]) -> bool:
+    """An 8-bit run's 4-bit-only quantization keys, which earlier versions wrote into recipe.yaml and the recipe now
+    leaves out (they never applied): not a change. Any other key gone (a whole section, an entry of a free-form
+    mapping such as `data.columns.roles` or `deepspeed.extra`) is one."""
+    from peftkit.config.schema import FOUR_BIT_ONLY
+
+    section, _, name = key.rpartition(".")
+    return key not in current and section == "quantization" and name in FOUR_BIT_ONLY and "quantization.bits" in current
 
 
 def check_resume_recipe(run_dir: Path, recipe_dump: dict[str, Any]) -> None:

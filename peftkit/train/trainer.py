@@ -86,6 +86,37 @@ def pad_eval_rows(rows: list[dict[str, Any]], world_size: int, batch_size: int) 
     return [*rows, *(dict(filler) for _ in range(missing))]
 
 
+def speed_options_off(trainer: "SFTTrainer", share_prompt_prefix: bool, bucket_within_batch: bool) -> str | None:
+    """One line naming the requested speed options this run turns off, and why (None when none is): the recipe
+    asked for them, so their silent absence would read as slow steps without a cause."""
+    args = trainer.args
+    both = []
+    if trainer.is_deepspeed_enabled or args.world_size > 1:
+        runner = "DeepSpeed" if trainer.is_deepspeed_enabled else f"{args.world_size} processes"
+        both.append(f"{runner} expect exactly one forward pass per backward")
+    if args.neftune_noise_alpha is not None:
+        both.append("train.neftune_noise_alpha is set, and NEFTune's noise scales with each sequence's length, which "
+                    "splitting a batch would change")
+    share_only = []
+    if _is_prompt_learning(trainer.model):
+        share_only.append("prefix/prompt tuning puts its own virtual tokens before the prompt")
+    if args.activation_checkpointing or getattr(trainer.model, "is_activation_checkpointing", False):
+        share_only.append("gradient checkpointing would add the shared prefix's cache twice when it recomputes a layer")
+    if not trainer.sparse_logits:
+        share_only.append("the vocabulary projection runs on every position (train.supervised_logits_only is off, or "
+                          "the model takes no logits_to_keep)")
+    share_off = share_prompt_prefix and not trainer.share_prefix
+    bucket_off = bucket_within_batch and not trainer.bucket_batches
+    if share_off and bucket_off:
+        off, reasons = "train.share_prompt_prefix and train.bucket_within_batch are", both + [
+            f"train.share_prompt_prefix also because {reason}" for reason in share_only]
+    elif share_off or bucket_off:
+        off, reasons = ("train.share_prompt_prefix is", both + share_only) if share_off else ("train.bucket_within_batch is", both)
+    else:
+        return None
+    return f"{off} off for this run (the same loss, slower steps): {'; '.join(reasons)}"
+
+
 class SFTTrainer(Trainer):
     def __init__(
         self, *args: Any, supervised_logits_only: bool = True, share_prompt_prefix: bool = True,
@@ -119,6 +150,9 @@ class SFTTrainer(Trainer):
         )
         self.attention_window = attention_window(self.model)
         self.bucket_batches = bucket_within_batch and several_forwards
+        speed_note = speed_options_off(self, share_prompt_prefix, bucket_within_batch)
+        if speed_note and self.is_world_process_zero():
+            log.info(speed_note)
         self.virtual_tokens = _virtual_tokens(self.model)
         # Ask the Trainer to count supervised tokens across the accumulated batch (num_items_in_batch).
         self.model_accepts_loss_kwargs = True

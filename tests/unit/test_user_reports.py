@@ -226,6 +226,7 @@ def test_a_warm_up_over_every_step_is_dropped_and_a_replaced_save_interval_is_sa
     import torch
 
     from peftkit.train.run import training_arguments
+    from peftkit.train.trainer import drop_warmup_covering_all_steps
 
     def arguments(**train):
         data = copy.deepcopy(tiny_recipe)
@@ -233,10 +234,13 @@ def test_a_warm_up_over_every_step_is_dropped_and_a_replaced_save_interval_is_sa
         return training_arguments(recipe_from_dict(data), tmp_path, "cpu", torch.float32, has_eval=True)
 
     with caplog.at_level(logging.WARNING):
-        assert arguments(max_steps=1, warmup_ratio=0.05).warmup_steps == 0
-        assert "all 1 steps warm-up steps" in caplog.text
+        one_step = arguments(max_steps=1, warmup_ratio=0.05)
+        drop_warmup_covering_all_steps(one_step, 1)  # as both trainers' create_scheduler call it
+        assert one_step.warmup_steps == 0 and "all 1 steps warm-up steps" in caplog.text
         caplog.clear()
-        assert arguments(max_steps=40, warmup_ratio=0.05).warmup_steps == 0.05 and not caplog.text
+        forty_steps = arguments(max_steps=40, warmup_ratio=0.05)
+        drop_warmup_covering_all_steps(forty_steps, 40)
+        assert forty_steps.warmup_steps == 0.05 and not caplog.text
         args = arguments(max_steps=12, eval_steps=2, save_steps=3, early_stopping_patience=1)
         assert args.save_steps == 2 and "train.save_steps 3 is replaced by train.eval_steps 2" in caplog.text
 
