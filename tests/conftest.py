@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,24 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+SIGNAL_HANDLERS = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+"""The interpreter's own Ctrl-C / SIGTERM handling, as the test session started with it."""
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored(request: pytest.FixtureRequest) -> Any:
+    """peftkit installs Ctrl-C / SIGTERM handlers while it trains, launches or chats: each test (and each fixture:
+    a module's trained run is set up before this check starts) must leave the interpreter's own, or a later Ctrl-C
+    (a notebook's, the next test's) is swallowed or misrouted."""
+    yield
+    left = {signal.Signals(s).name: signal.getsignal(s) for s, handler in SIGNAL_HANDLERS.items()
+            if signal.getsignal(s) is not handler}
+    for s, handler in SIGNAL_HANDLERS.items():
+        signal.signal(s, handler)  # keep the next tests independent of this one
+    assert not left, f"{request.node.nodeid} (or a fixture it uses) left other signal handlers installed: {left}"
+
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
