@@ -26,10 +26,12 @@ PEFT_PREFIX = "base_model.model."
 
 
 class SafetensorsWeights:
-    """Reads single tensors from a model directory's (possibly sharded) safetensors files."""
+    """Reads single tensors from a model directory's (possibly sharded) safetensors files; `files` is empty where the
+    directory has none."""
 
     def __init__(self, model_dir: Path) -> None:
         index = model_dir / "model.safetensors.index.json"
+        self.files: dict[str, Path] = {}
         if index.is_file():
             self.files = {name: model_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
         elif (model_dir / "model.safetensors").is_file():
@@ -37,11 +39,6 @@ class SafetensorsWeights:
 
             with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
                 self.files = {name: model_dir / "model.safetensors" for name in f.keys()}
-        else:
-            raise ConfigError(
-                f"adapter.init: loftq reads the full-precision weights from safetensors files, and {model_dir} has none; "
-                "use a local model directory or hub model with model.safetensors, or init: default"
-            )
 
     def get(self, name: str) -> torch.Tensor | None:
         from safetensors import safe_open
@@ -81,7 +78,13 @@ def initialise(peft_model: Any, model_dir: str | Path, adapter_name: str = "defa
     """Set every bitsandbytes LoRA layer's A/B from the quantization error; returns how many were set."""
     from peft.utils.integrations import dequantize_module_weight
 
-    weights = SafetensorsWeights(local_model_dir(str(model_dir)))
+    source = local_model_dir(str(model_dir))
+    weights = SafetensorsWeights(source)
+    if not weights.files:
+        raise ConfigError(
+            f"adapter.init: loftq reads the full-precision weights from safetensors files, and {source} has none; "
+            "use a local model directory or hub model with model.safetensors, or init: default"
+        )
     done = 0
     for name, module in peft_model.named_modules():
         if not (hasattr(module, "lora_A") and adapter_name in getattr(module, "lora_A", {})):

@@ -82,7 +82,7 @@ class AdapterInfo:
     def output_head_modules(self) -> list[str]:
         """Output heads (`lm_head`) the adapter has a linear LoRA on."""
         return sorted({key.split(".lora_A.")[0].removeprefix(_PREFIX) for key in self.shapes
-                       if ".lora_A." in key and key.split(".lora_A.")[0].endswith("lm_head")})
+                       if ".lora_A." in key and key.split(".lora_A.")[0].split(".")[-1] in OUTPUT_HEAD_MODULES})
 
     def target_modules(self) -> list[str] | str | None:
         targets = self.config.get("target_modules")

@@ -64,26 +64,16 @@ def gguf_lora_alpha(run: RunAdapter) -> float:
 def _base_weights(run: RunAdapter, names: list[str]) -> dict[str, torch.Tensor]:
     """The base's own weights `names` (Hugging Face parameter names), read from its safetensors files; the whole
     model is loaded only where the files do not have them (a hub model not in the cache, pickled weights)."""
-    import json
-
-    from safetensors import safe_open
-
+    from peftkit.adapters.loftq import SafetensorsWeights
     from peftkit.models.resolve import materialize
 
     folder = Path(materialize(run.source))
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        where = {key: folder / file for key, file in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
-    else:
-        where = {}
-        for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-            with safe_open(str(file), framework="pt") as handle:
-                where.update(dict.fromkeys(handle.keys(), file))
+    weights = SafetensorsWeights(folder) if folder.is_dir() else None
     found = {}
     for hf_name in names:
-        if hf_name in where:
-            with safe_open(str(where[hf_name]), framework="pt") as handle:
-                found[hf_name] = handle.get_tensor(hf_name)
+        tensor = weights.get(hf_name) if weights is not None else None
+        if tensor is not None:
+            found[hf_name] = tensor
     if len(found) < len(names):
         from peftkit.export.merge import _load_base
 

@@ -255,7 +255,7 @@ def permute_for(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArchi
 
 def stored_transposed(hf_name: str, layout: GgufArchitecture) -> bool:
     """Whether `hf_name` is a weight Hugging Face keeps as (in, out) (GPT-2's Conv1D) and the file as (out, in)."""
-    return hf_name.endswith(layout.transposed) if layout.transposed else False
+    return hf_name.endswith(layout.transposed)  # False for an empty tuple
 
 
 def file_layout(hf_name: str, data: torch.Tensor, config: Any, layout: GgufArchitecture) -> torch.Tensor:
