@@ -26,6 +26,12 @@ class Section(BaseModel):
     # `.inf` / `.nan` are valid YAML floats, but no setting means them: an infinite lr trains a NaN adapter.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    def changed_from_defaults(self, keys: tuple[str, ...] | list[str]) -> list[str]:
+        """Those of `keys` set to other than their defaults. Compared with the defaults, not with the keys written: a
+        run's recipe.yaml writes every key, and a refusal of settings that do not apply must still load it."""
+        fields = type(self).model_fields
+        return [key for key in keys if getattr(self, key) != fields[key].default]
+
 
 def check_target_regex(value: Any) -> Any:
     """peft compiles a string target as a regex only when it builds the adapter: check it while validating."""
@@ -99,7 +105,7 @@ class QuantizationConfig(Section):
         # 4-bit-only keys out hold them at their defaults. A finished run's recipe is read as it trained (STORED_RUN).
         if stored_run(info):
             return self
-        changed = [key for key in FOUR_BIT_ONLY if self.bits == 8 and getattr(self, key) != type(self).model_fields[key].default]
+        changed = self.changed_from_defaults(FOUR_BIT_ONLY) if self.bits == 8 else []
         if changed:
             raise ValueError(f"{', '.join(changed)} {'applies' if len(changed) == 1 else 'apply'} to 4-bit quantization "
                              "only (8-bit quantizes each row to int8 and computes in the model's dtype, and would ignore "
@@ -544,11 +550,9 @@ class Recipe(Section):
         return self
 
     def _chat_only_settings(self) -> list[str]:
-        """The chat-training settings this recipe changes from their defaults (compared with the defaults, not with
-        the keys written, so a run's own recipe.yaml, which writes every key, loads)."""
-        defaults = {"data.format": "auto", "data.system_prompt": None, "data.replay": None, "model.chat_template": None}
-        return [key for key, default in defaults.items()
-                if getattr(getattr(self, key.split(".")[0]), key.split(".")[1]) != default]
+        """The chat-training settings this recipe changes from their defaults."""
+        return [*(f"data.{key}" for key in self.data.changed_from_defaults(("format", "system_prompt", "replay"))),
+                *(f"model.{key}" for key in self.model.changed_from_defaults(("chat_template",)))]
 
     @model_validator(mode="after")
     def _gradient_checkpointing_fits(self) -> "Recipe":

@@ -311,16 +311,15 @@ def _settings_the_stage_ignores(cfg: DeepSpeedConfig) -> list[str]:
     """Block settings changed from their defaults that generate_config leaves out at this stage: refused like the
     offload settings, instead of dropped without a word. Compared with the defaults, not the keys written, so a run's
     own recipe.yaml (every key written) loads."""
-    fields = type(cfg).model_fields
     problems = []
     if cfg.stage == 0:
-        changed = [key for key in ("contiguous_gradients", "reduce_bucket_size") if getattr(cfg, key) != fields[key].default]
+        changed = cfg.changed_from_defaults(("contiguous_gradients", "reduce_bucket_size"))
         if changed:
             them = "it" if len(changed) == 1 else "them"
             problems.append(f"deepspeed.{' and deepspeed.'.join(changed)} {'tunes' if len(changed) == 1 else 'tune'} "
                             f"ZeRO's gradient reduction (stages 1 to 3); stage 0 is plain data parallelism and would "
                             f"ignore {them}: remove {them}, or set deepspeed.stage: 1, 2 or 3")
-    if cfg.stage != 3 and cfg.gather_weights_on_save != fields["gather_weights_on_save"].default:
+    if cfg.stage != 3 and cfg.changed_from_defaults(("gather_weights_on_save",)):
         problems.append(f"deepspeed.gather_weights_on_save: false applies to stage 3 only (stage {cfg.stage} keeps whole "
                         "weights in every process, so there is nothing to gather): remove it, or set deepspeed.stage: 3")
     return problems
