@@ -86,27 +86,36 @@ def pad_eval_rows(rows: list[dict[str, Any]], world_size: int, batch_size: int) 
     return [*rows, *(dict(filler) for _ in range(missing))]
 
 
-def speed_options_off(trainer: "SFTTrainer", share_prompt_prefix: bool, bucket_within_batch: bool) -> str | None:
-    """One line naming the requested speed options this run turns off, and why (None when none is): the recipe
-    asked for them, so their silent absence would read as slow steps without a cause."""
-    args = trainer.args
-    both = []
+def _several_forwards_refused(trainer: "SFTTrainer") -> list[str]:
+    """Why this run cannot split a step into several forward calls (shared prefix, length buckets): DDP/ZeRO wrappers
+    expect exactly one forward per backward, and NEFTune's noise scales with 1/sqrt(sequence length)."""
+    args, reasons = trainer.args, []
     if trainer.is_deepspeed_enabled or args.world_size > 1:
         runner = "DeepSpeed" if trainer.is_deepspeed_enabled else f"{args.world_size} processes"
-        both.append(f"{runner} expect exactly one forward pass per backward")
+        reasons.append(f"{runner} expect exactly one forward pass per backward")
     if args.neftune_noise_alpha is not None:
-        both.append("train.neftune_noise_alpha is set, and NEFTune's noise scales with each sequence's length, which "
-                    "splitting a batch would change")
-    share_only = []
+        reasons.append("train.neftune_noise_alpha is set, and NEFTune's noise scales with each sequence's length, "
+                       "which splitting a batch would change")
+    return reasons
+
+
+def _prefix_cache_refused(trainer: "SFTTrainer") -> list[str]:
+    """Why the shared prefix's cache cannot be used: it must be ours (not prefix/prompt tuning's), activations kept
+    (no checkpointing; QLoRA turns it on in the model itself, not via args) and the head sparse."""
+    reasons = []
     if _is_prompt_learning(trainer.model):
-        share_only.append("prefix/prompt tuning puts its own virtual tokens before the prompt")
-    if args.activation_checkpointing or getattr(trainer.model, "is_activation_checkpointing", False):
-        share_only.append("gradient checkpointing would add the shared prefix's cache twice when it recomputes a layer")
+        reasons.append("prefix/prompt tuning puts its own virtual tokens before the prompt")
+    if trainer.args.activation_checkpointing or getattr(trainer.model, "is_activation_checkpointing", False):
+        reasons.append("gradient checkpointing would add the shared prefix's cache twice when it recomputes a layer")
     if not trainer.sparse_logits:
-        share_only.append("the vocabulary projection runs on every position (train.supervised_logits_only is off, or "
-                          "the model takes no logits_to_keep)")
-    share_off = share_prompt_prefix and not trainer.share_prefix
-    bucket_off = bucket_within_batch and not trainer.bucket_batches
+        reasons.append("the vocabulary projection runs on every position (train.supervised_logits_only is off, or "
+                       "the model takes no logits_to_keep)")
+    return reasons
+
+
+def speed_options_off(share_off: bool, bucket_off: bool, both: list[str], share_only: list[str]) -> str | None:
+    """One line naming the requested speed options this run turns off, and why (None when none is): the recipe
+    asked for them, so their silent absence would read as slow steps without a cause."""
     if share_off and bucket_off:
         off, reasons = "train.share_prompt_prefix and train.bucket_within_batch are", both + [
             f"train.share_prompt_prefix also because {reason}" for reason in share_only]
@@ -132,25 +141,13 @@ class SFTTrainer(Trainer):
             share_prompt_prefix = bucket_within_batch = False
             self._check_packing()
         self.sparse_logits = supervised_logits_only and _base_forward_accepts(self.model, "logits_to_keep")
-        # Shared prefixes and length buckets both run several forward calls per optimizer step: only in one
-        # process (DDP/ZeRO wrappers expect exactly one forward per backward) and without NEFTune (its noise
-        # scales with 1/sqrt(sequence length), so splitting a sequence or a batch would change it).
-        several_forwards = (
-            self.args.world_size == 1 and not self.is_deepspeed_enabled and self.args.neftune_noise_alpha is None
-        )
-        # The prefix cache must be ours (not prefix/prompt tuning) and activations kept (no checkpointing;
-        # QLoRA turns it on in the model itself, prepare_model_for_kbit_training, not via args).
-        self.share_prefix = (
-            share_prompt_prefix
-            and several_forwards
-            and self.sparse_logits
-            and not _is_prompt_learning(self.model)
-            and not self.args.activation_checkpointing
-            and not getattr(self.model, "is_activation_checkpointing", False)
-        )
+        # Shared prefixes and length buckets both run several forward calls per optimizer step.
+        one_forward_only, no_prefix_cache = _several_forwards_refused(self), _prefix_cache_refused(self)
+        self.share_prefix = share_prompt_prefix and not one_forward_only and not no_prefix_cache
         self.attention_window = attention_window(self.model)
-        self.bucket_batches = bucket_within_batch and several_forwards
-        speed_note = speed_options_off(self, share_prompt_prefix, bucket_within_batch)
+        self.bucket_batches = bucket_within_batch and not one_forward_only
+        speed_note = speed_options_off(share_prompt_prefix and not self.share_prefix,
+                                       bucket_within_batch and not self.bucket_batches, one_forward_only, no_prefix_cache)
         if speed_note and self.is_world_process_zero():
             log.info(speed_note)
         self.virtual_tokens = _virtual_tokens(self.model)
