@@ -137,16 +137,13 @@ def _show_data(recipe: Any, tokenizer: Any, count: int) -> None:
 def _show_labeled_data(recipe: Any, count: int) -> None:
     """A classifier's first training rows: the text as its tokenizer reads it (plain text, no chat template) and the
     label it learns; the whole text is input, the label the only target."""
-    from peftkit.data.build import split_train_eval
-    from peftkit.data.classification import load_labeled
+    from peftkit.data.classification import labeled_train_eval
     from peftkit.models import resolve_model_ref
     from peftkit.train.classification import load_classification_tokenizer
 
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_classification_tokenizer(recipe, source)
-    items = load_labeled(recipe.data.train, recipe.data.columns)
-    if not recipe.data.eval:  # as training splits it
-        items = split_train_eval(items, recipe.data.eval_fraction, recipe.train.seed)[0]  # type: ignore[arg-type]
+    items = labeled_train_eval(recipe.data, recipe.train.seed)[0]  # as training splits it
     console = _console()
     for shown, item in enumerate(items[:count], start=1):
         ids = tokenizer(item.text, truncation=True, max_length=recipe.data.max_seq_len)["input_ids"]

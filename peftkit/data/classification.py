@@ -156,18 +156,27 @@ def general_inputs(tokenizer: Any, max_seq_len: int) -> list[dict[str, Any]]:
     return [{"input_ids": ids} for ids in tokenizer(texts, truncation=True, max_length=max_seq_len)["input_ids"]]
 
 
+def labeled_train_eval(cfg: DataConfig, seed: int, items: list[LabeledText] | None = None
+                       ) -> tuple[list[LabeledText], list[LabeledText]]:
+    """The training and eval examples: `data.eval`'s file, or a seeded split of the training file (`items`, when
+    already read)."""
+    from peftkit.data.build import split_train_eval
+
+    items = load_labeled(cfg.train, cfg.columns) if items is None else items
+    if cfg.eval:
+        return items, load_labeled(cfg.eval, cfg.columns)
+    return split_train_eval(items, cfg.eval_fraction, seed)  # type: ignore[arg-type]
+
+
 def build_classification_data(
     cfg: DataConfig, tokenizer: Any, seed: int = 42, input_names: set[str] | None = None, labels: list[str] | None = None
 ) -> ClassificationData:
     """`labels`: the ids a resumed run started with (the data's own `label_names` otherwise)."""
-    from peftkit.data.build import split_train_eval, warn_duplicates
+    from peftkit.data.build import warn_duplicates
 
     items = load_labeled(cfg.train, cfg.columns)
     labels = labels or label_names(items)
-    if cfg.eval:
-        train_items, eval_items = items, load_labeled(cfg.eval, cfg.columns)
-    else:
-        train_items, eval_items = split_train_eval(items, cfg.eval_fraction, seed)  # type: ignore[arg-type]
+    train_items, eval_items = labeled_train_eval(cfg, seed, items)
     warn_duplicates(items, train_items, eval_items)
     heldout_items = load_labeled(cfg.heldout, cfg.columns) if cfg.heldout else []
     check_labels(eval_items, labels, "eval")
