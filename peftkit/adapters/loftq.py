@@ -11,7 +11,6 @@ LoRA scaling. The adapter then carries that correction: merge it into the dequan
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,35 +18,11 @@ from typing import Any
 import torch
 
 from peftkit.errors import ConfigError
+from peftkit.models.safetensors_files import SafetensorsWeights
 
 log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
-
-
-class SafetensorsWeights:
-    """Reads single tensors from a model directory's (possibly sharded) safetensors files; `files` is empty where the
-    directory has none."""
-
-    def __init__(self, model_dir: Path) -> None:
-        index = model_dir / "model.safetensors.index.json"
-        self.files: dict[str, Path] = {}
-        if index.is_file():
-            self.files = {name: model_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-        elif (model_dir / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-                self.files = {name: model_dir / "model.safetensors" for name in f.keys()}
-
-    def get(self, name: str) -> torch.Tensor | None:
-        from safetensors import safe_open
-
-        for candidate in (name, name.split(".", 1)[-1], f"model.{name}"):
-            if candidate in self.files:
-                with safe_open(str(self.files[candidate]), framework="pt") as f:
-                    return f.get_tensor(candidate)
-        return None
 
 
 def local_model_dir(name: str) -> Path:

@@ -56,7 +56,7 @@ def generate_replies(
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     stops = stop_token_ids(model, tokenizer)
-    positions = learned_position_limit(model)
+    positions = text_position_limit(model)
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -90,13 +90,26 @@ def generate_replies(
     return [replies[i] for i in range(len(prompts))]
 
 
+def text_position_limit(model: Any) -> int | None:
+    """`learned_position_limit` less the positions a prompt-learning adapter takes before the text: prompt tuning's
+    soft prompt is part of the sequence, and prefix tuning's cached prefix shifts the text's position ids by its
+    length. Past it, generation indexes beyond the position table (an IndexError deep inside the model)."""
+    limit = learned_position_limit(model)
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    if limit is None or not getattr(config, "is_prompt_learning", False):
+        return limit
+    return limit - int(config.num_virtual_tokens)
+
+
 def room_to_answer(prompt_tokens: int, max_new_tokens: int, positions: int | None) -> int:
-    """New tokens that still fit a model with a learned position table of `positions` (GPT-2, OPT)."""
+    """New tokens that still fit a model with a learned position table of `positions` (GPT-2, OPT): its
+    `text_position_limit`."""
     if positions is None:
         return max_new_tokens
     if prompt_tokens >= positions:
-        raise PeftkitError(f"a prompt of {prompt_tokens} tokens fills all {positions} positions this model has (learned "
-                           "position embeddings): no room to answer; shorten the question or the system prompt")
+        raise PeftkitError(f"a prompt of {prompt_tokens} tokens fills all {positions} positions this model has for text "
+                           "(learned position embeddings, less a prompt-learning adapter's virtual tokens): no room to "
+                           "answer; shorten the question or the system prompt")
     return min(max_new_tokens, positions - prompt_tokens)
 
 

@@ -64,7 +64,7 @@ def gguf_lora_alpha(run: RunAdapter) -> float:
 def _base_weights(run: RunAdapter, names: list[str]) -> dict[str, torch.Tensor]:
     """The base's own weights `names` (Hugging Face parameter names), read from its safetensors files; the whole
     model is loaded only where the files do not have them (a hub model not in the cache, pickled weights)."""
-    from peftkit.adapters.loftq import SafetensorsWeights
+    from peftkit.models.safetensors_files import SafetensorsWeights
     from peftkit.models.resolve import materialize
 
     folder = Path(materialize(run.source))

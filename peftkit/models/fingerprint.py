@@ -18,18 +18,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from peftkit.models.safetensors_files import weight_files
+
 log = logging.getLogger(__name__)
 
 EMBEDDING_ROWS = 256
 BIN_BLOCKS, BIN_BLOCK_BYTES = 64, 1 << 16
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [folder / name for name in names]
-    return sorted(folder.glob("*.safetensors"))
 
 
 def _bin_fingerprint(files: list[Path]) -> str | None:
@@ -55,7 +49,7 @@ def files_fingerprint(folder: str | Path, version: int = 2) -> str | None:
     from safetensors import safe_open
 
     folder = Path(folder)
-    files = _weight_files(folder) if folder.is_dir() else []
+    files = weight_files(folder) if folder.is_dir() else []
     if not files:
         bins = sorted(folder.glob("pytorch_model*.bin")) if folder.is_dir() else []
         return _bin_fingerprint(bins) if bins and version >= 2 else None

@@ -14,8 +14,7 @@ import torch
 from peftkit.data.chat import Tools, check_tools_shown, generation_prompt, with_system_prompt
 from peftkit.data.formats import Message
 from peftkit.errors import PeftkitError
-from peftkit.evaluate.generation import room_to_answer, stop_token_ids
-from peftkit.models.skeleton import learned_position_limit
+from peftkit.evaluate.generation import room_to_answer, stop_token_ids, text_position_limit
 
 
 class ReplyStopped(KeyboardInterrupt):
@@ -60,7 +59,7 @@ def stream_reply(
     stop = threading.Event()
     kwargs = dict(
         **inputs,
-        max_new_tokens=room_to_answer(inputs["input_ids"].shape[1], max_new_tokens, learned_position_limit(model)),
+        max_new_tokens=room_to_answer(inputs["input_ids"].shape[1], max_new_tokens, text_position_limit(model)),
         do_sample=False,
         eos_token_id=stop_token_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,

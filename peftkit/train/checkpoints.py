@@ -87,6 +87,8 @@ class Progress:
     """Wall time of the sessions so far (loading, evaluation and training), up to this checkpoint."""
     overfitting_warned: bool = False
     """An earlier session warned about overfitting (the warning belongs to the run, not to the session)."""
+    eval_seconds: float = 0.0
+    """Of train_seconds, the time the evaluations during training took (left out of the training speed)."""
 
 
 def read_progress(checkpoint: Path) -> Progress | None:

@@ -44,7 +44,9 @@ from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_mo
 from peftkit.models.load import loading_errors
 from peftkit.models.resolve import ModelSource, materialize
 from peftkit.train import checkpoints, signals
-from peftkit.train.callbacks import MetricsJsonlCallback, ResumedSettings, plot_loss_curves, read_metrics
+from peftkit.train.callbacks import (
+    EvaluationClock, MetricsJsonlCallback, ResumedSettings, per_second, plot_loss_curves, read_metrics,
+)
 from peftkit.train.run import (
     RunResult, _session_loss_sum, check_device_options, configure_threads, peak_memory_mb, summary_header, tensorboard_callback,
     train_or_finish, training_arguments,
@@ -233,6 +235,7 @@ def _train_classifier(
         checkpoints.SeededLengthGrouping(),
         ResumedSettings(),
         interrupt := signals.interrupt_callback(),  # Ctrl-C: checkpoint at the end of the step, then stop
+        eval_clock := EvaluationClock(),
         *(extra_callbacks or []),
     ]
     if recipe.train.early_stopping_patience and has_eval:
@@ -269,11 +272,13 @@ def _train_classifier(
             supervised_tokens=trainer.input_tokens_seen, input_tokens=trainer.input_tokens_seen,
             train_seconds=prior.train_seconds + time.perf_counter() - train_started,
             loss_sum=prior.loss_sum + _session_loss_sum(trainer), steps=trainer.state.global_step,
-            wall_seconds=prior.wall_seconds + time.perf_counter() - started)
+            wall_seconds=prior.wall_seconds + time.perf_counter() - started,
+            eval_seconds=prior.eval_seconds + eval_clock.seconds)
 
     train_started = time.perf_counter()
     output = train_or_finish(trainer, recipe, resume_from, prior.steps, has_eval, interrupt, run_dir, finishing)
     train_seconds = prior.train_seconds + time.perf_counter() - train_started
+    eval_seconds = prior.eval_seconds + eval_clock.seconds
     steps = output.global_step
     session_loss = _session_loss_sum(trainer, finished=True) if steps > prior.steps else 0.0
     train_loss = (prior.loss_sum + session_loss) / steps if steps else 0.0
@@ -299,7 +304,8 @@ def _train_classifier(
         "trained_tokens": trainer.input_tokens_seen,
         "input_tokens": trainer.input_tokens_seen,
         "train_seconds": round(train_seconds, 2),
-        "tokens_per_second": round(trainer.input_tokens_seen / train_seconds, 2) if train_seconds else None,
+        "eval_seconds_in_training": round(eval_seconds, 2),  # part of train_seconds, not of the speed
+        "tokens_per_second": per_second(trainer.input_tokens_seen, train_seconds - eval_seconds),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "train_loss": round(train_loss, 5),
         "data_stats": data.stats,

@@ -123,7 +123,8 @@ def test_loftq_adapter_starts_at_the_quantization_error():
     from peft.utils.integrations import dequantize_module_weight
 
     from peftkit.adapters import build_adapter
-    from peftkit.adapters.loftq import SafetensorsWeights, local_model_dir
+    from peftkit.adapters.loftq import local_model_dir
+    from peftkit.models.safetensors_files import SafetensorsWeights
     from peftkit.config.schema import ModelConfig, QLoraAdapterConfig, QuantizationConfig
     from peftkit.models import load_model, resolve_model_ref
 

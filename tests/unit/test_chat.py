@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from unittest import mock
 
 import pytest
 import torch
@@ -80,6 +81,40 @@ def test_generation_stops_at_the_last_learned_position(tmp_path):
     assert room_to_answer(20, 64, 32) == 12 and room_to_answer(20, 5, 32) == 5 and room_to_answer(20, 64, None) == 64
     with pytest.raises(PeftkitError, match="fills all 32 positions"):
         room_to_answer(32, 8, 32)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_generation_leaves_a_prompt_learning_adapters_virtual_tokens_their_positions(method):
+    """Prompt tuning's soft prompt and prefix tuning's cached prefix both take positions of the learned table before
+    the text: a reply sized to the bare table ran past it (IndexError inside GPT-2's position embedding)."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from peftkit.evaluate.generation import generate_replies, text_position_limit
+
+    config = (PromptTuningConfig if method == "prompt" else PrefixTuningConfig)(task_type="CAUSAL_LM", num_virtual_tokens=8)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    model = get_peft_model(gpt2, config)
+    assert text_position_limit(gpt2) == 32 and text_position_limit(model) == 24
+
+    class Words:  # one token per word: a 20-token prompt
+        padding_side, pad_token_id, eos_token_id, chat_template = "right", 0, 49, None
+
+        def __call__(self, texts, **kwargs):
+            if isinstance(texts, str):
+                return {"input_ids": [1 + len(w) % 40 for w in texts.split()]}
+            ids = torch.tensor([[1 + len(w) % 40 for w in t.split()] for t in texts])
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+        def decode(self, row, **kwargs):
+            return " ".join(map(str, row))
+
+    tokenizer = Words()
+    prompt = " ".join(["word"] * 20)
+    with mock.patch("peftkit.evaluate.generation.generation_prompt", lambda tok, conversation, tools: prompt), \
+            mock.patch("peftkit.evaluate.generation.stop_token_ids", lambda model, tok: [49]):
+        reply = generate_replies(model, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=64)[0]
+    assert len(reply.token_ids) <= 4  # 20 prompt + 8 virtual + 4 = the 32 positions
 
 
 def test_tools_are_read_from_a_schema_list_or_from_training_data(tmp_path):

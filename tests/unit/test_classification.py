@@ -131,6 +131,9 @@ def _check_run(result, trained_head: str) -> None:
         assert summary[f"{split}_loss_after"] < summary[f"{split}_loss_before"]
     assert summary["labels"] == ["negative", "positive"]
     assert [s["reply"] for s in summary["samples"]] == ["positive", "negative"]
+    training_only = summary["train_seconds"] - summary["eval_seconds_in_training"]  # per-epoch evaluations left out
+    assert summary["eval_seconds_in_training"] > 0
+    assert summary["tokens_per_second"] == pytest.approx(summary["trained_tokens"] / training_only, rel=0.02)
     _run_card_snippets(run_dir)
     run = load_run(run_dir)
     base = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model

@@ -37,6 +37,11 @@ def test_train_writes_self_describing_run_dir(tiny_recipe):
     assert len({e["step"] for e in evals}) == len(evals) == 3  # before training, then each epoch
     assert summary["eval_loss_after"] == pytest.approx(evals[-1]["eval_loss"])
     assert all(e["eval_runtime"] > 0 for e in evals)
+    # The evaluations during training are part of train_seconds but not of the training speed.
+    during = sum(e["eval_runtime"] for e in evals if e["step"] > 0)
+    assert summary["eval_seconds_in_training"] == pytest.approx(during, abs=0.02) and during > 0
+    training_only = summary["train_seconds"] - summary["eval_seconds_in_training"]
+    assert summary["tokens_per_second"] == pytest.approx(summary["trained_tokens"] / training_only, rel=0.02)
 
 
 def test_same_seed_gives_same_loss_curve(tiny_recipe, tmp_path):
