@@ -123,16 +123,56 @@ def _reply_span(
     """`messages[: i + 1]` rendered, and the character span of its last (assistant) reply with its end-of-turn."""
     prefix = _render(tokenizer, messages[:i], generation_prompt=True, where=where, tools=tools)
     through = _render(tokenizer, messages[: i + 1], where=where, tools=tools)
-    if not through.startswith(prefix):
+    placed = None if through.startswith(prefix) else _system_placed_by_position(tokenizer, messages, i, through, tools)
+    if not through.startswith(prefix) and placed is None:
         raise DataError(
             f"{where}: the chat template's generation prompt is not how it starts an assistant turn, so replies "
             "cannot be located; set `model.chat_template: chatml` or provide a simpler template"
         )
     through = through[: _conversation_end(tokenizer, messages, i, through, tools)]
+    if placed is not None:  # the reply as rendered, after the prompt as served (a row of its own: rewritten history)
+        through = prefix + through[len(placed):]
     span = (len(prefix), len(through.rstrip()))  # the newline after the end-of-turn is not the reply's
     if messages[i].get("tool_calls"):  # the tools' names may show elsewhere (schemas): the call must be in the reply
         _check_tool_use_rendered(through[span[0] : span[1]], messages[i : i + 1], None, where)
+    _check_reply_rendered(messages[i], through[span[0] : span[1]], i, where)
     return through, span
+
+
+def _system_placed_by_position(
+    tokenizer: Any, messages: Sequence[Message], i: int, through: str, tools: Tools
+) -> str | None:
+    """The generation prompt of `messages[:i]` as `through` renders it, where the template shows the system prompt
+    only in the conversation's last user message (Mistral v0.3: the served prompt has it there, while a conversation
+    ending in a reply leaves it out and gets it folded into the first user message): None for other templates."""
+    folded = fold_system_prompt(messages[:i])
+    if not folded:
+        return None
+    extra = {"tools": list(tools)} if tools else {}
+    served_folded = tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=True, **extra)
+    return served_folded if through.startswith(served_folded) else None
+
+
+def _check_reply_rendered(message: Message, reply: str, i: int, where: str) -> None:
+    """A template that leaves part of a reply's text out (DeepSeek-R1 distills' `content.split('</think>')[-1]`
+    drops the reasoning, Llama 3.1 the text beside a tool call) would train the reply without it, without a word.
+    Compared without whitespace: templates trim, and Qwen3's re-wraps a <think> block in its own newlines."""
+    content = message.get("content")
+    if not isinstance(content, str) or not content.strip():
+        return
+    written, rendered = "".join(content.split()), "".join(reply.split())
+    if written in rendered or "".join(json.dumps(content)[1:-1].split()) in rendered:
+        return
+    raise DataError(
+        f"{where}: the chat template leaves part of reply {i + 1}'s text out ({_abridged(content)!r} is rendered as "
+        f"{_abridged(reply)!r}), so it would be trained without it. Point `model.chat_template` at a template that "
+        "renders assistant replies as written (e.g. one that keeps <think> blocks), or remove that text from the data"
+    )
+
+
+def _abridged(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _conversation_end(tokenizer: Any, messages: Sequence[Message], i: int, through: str, tools: Tools) -> int:
@@ -259,22 +299,39 @@ def _labelled(tokenizer: Any, text: str, spans: list[tuple[int, int]], max_seq_l
     # prompt, so it would go untrained, and served models see the prompt tokenized on its own, ending in a space
     # token, which training never showed. Encoded in pieces cut at each reply's start, training sees what serving does.
     straddled = [lo for lo, _ in spans if any(start < lo < end for start, end in offsets)]
-    if straddled:
-        split_ids, split_offsets = _encode_split_at(tokenizer, text, straddled, max_seq_len)
+    # A prompt whose last tokens change once the reply follows ("\n\n" is one token at the end of a text and two
+    # before a word under GPT-2's pre-tokenizer): served, the prompt ends in tokens training never showed.
+    served_apart = [lo for lo, _ in spans if lo not in straddled and _tokenized_apart(tokenizer, text, lo, input_ids, offsets)]
+    if straddled or served_apart:
+        split_ids, split_offsets = _encode_split_at(tokenizer, text, sorted(straddled + served_apart), max_seq_len)
         split_text, whole_text = tokenizer.decode(split_ids), tokenizer.decode(input_ids)
         same = min(len(split_text), len(whole_text))
         if split_text[:same] == whole_text[:same]:
             input_ids, offsets = split_ids, split_offsets
-        else:  # e.g. a sentencepiece tokenizer that puts a space before each piece it encodes
+        elif straddled:  # e.g. a sentencepiece tokenizer that puts a space before each piece it encodes
             _warn_once(tokenizer, "straddle", "the chat template's generation prompt ends in whitespace that this "
                        "tokenizer joins to the reply's first token, which is not trained: remove the whitespace at "
                        "the end of the template's assistant header (model.chat_template)")
+        else:
+            _warn_once(tokenizer, "served-apart", "the chat template's generation prompt ends in text this tokenizer "
+                       "encodes differently on its own (as chat and eval send it) than followed by a reply (as "
+                       "training sees it), so a tuned model is served a prompt ending it never learnt from: remove "
+                       "the whitespace at the end of the template's assistant header (model.chat_template)")
     labels = [IGNORE_INDEX] * len(input_ids)
     for index, (start, _end) in enumerate(offsets):
         if any(lo <= start < hi for lo, hi in spans):
             labels[index] = input_ids[index]
     truncated = len(input_ids) > max_seq_len
     return {"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len]}, truncated
+
+
+def _tokenized_apart(tokenizer: Any, text: str, cut: int, ids: list[int], offsets: list[tuple[int, int]]) -> bool:
+    """Whether `text[:cut]` encoded on its own gives other tokens than it has within the whole text's `ids` (checked
+    while those lie within the encoded window: a reply past it is truncated away)."""
+    before = sum(1 for _start, end in offsets if end <= cut)
+    if before == len(ids):
+        return False
+    return tokenizer(text[:cut], add_special_tokens=False)["input_ids"] != ids[:before]
 
 
 def tokenize_conversation(

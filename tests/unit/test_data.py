@@ -565,6 +565,98 @@ def test_a_generation_prompt_ending_in_a_space_trains_what_serving_feeds_the_mod
         assert row["labels"][len(prompt) - 1] == IGNORE_INDEX and row["labels"][len(prompt)] != IGNORE_INDEX
 
 
+MISTRAL_V03_TEMPLATE = (  # Mistral-7B-Instruct v0.3: the system prompt goes into the conversation's LAST user message
+    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}{{ bos_token }}"
+    "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
+    "{% if loop.last and system_message is defined %}{{ '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
+    "{% else %}{{ ' ' + message['content'] | trim + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_a_template_that_places_the_system_prompt_in_the_last_user_turn_trains_each_turn_as_served(tiny_tokenizer):
+    """Mistral v0.3 shows the system prompt only in a conversation's last user message: a multi-turn conversation
+    with a system prompt was refused ("the generation prompt is not how it starts an assistant turn")."""
+    from peftkit.data.chat import generation_prompt, tokenize_conversation_rows
+
+    tokenizer = _with_template(tiny_tokenizer, MISTRAL_V03_TEMPLATE)
+    messages = [{"role": "system", "content": "be brief."}, *TWO_TURNS]
+    rows, _ = tokenize_conversation_rows(tokenizer, messages, 512)
+    assert [supervised_text(tokenizer, row) for row in rows] == [" hi there<|im_end|>", " goodbye<|im_end|>"]
+    for row, turn in zip(rows, (2, 4)):  # each reply after its prompt exactly as chat and eval send it
+        served = generation_prompt(tokenizer, messages[:turn])
+        assert served.count("be brief.") == 1
+        assert tokenizer.decode(row["input_ids"]).startswith(served)
+
+
+R1_TEMPLATE = (  # DeepSeek-R1 distills: every reply rendered without its <think> block
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|im_start|>user\\n' + message['content'] }}"
+    "{% else %}{{ '<|im_start|>assistant\\n' + message['content'].split('</think>')[-1] + '<|im_end|>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_leaves_part_of_a_reply_out_is_named_not_trained_silently(tiny_tokenizer):
+    """The reasoning of an R1-style reply vanished from training; a template that only re-wraps the <think> block in
+    its own newlines (Qwen3) keeps every word and is accepted."""
+    reply = "<think>two and two</think>the answer is four."
+    messages = [{"role": "user", "content": "two and two?"}, {"role": "assistant", "content": reply}]
+    with pytest.raises(DataError, match=r"chat.jsonl:3: the chat template leaves part of reply 2's text out "
+                                        r"\('<think>two and two</think>the answer is four.' is rendered as "
+                                        r"'the answer is four.<\|im_end\|>'\).*model.chat_template"):
+        tokenize_conversation(_with_template(tiny_tokenizer, R1_TEMPLATE), messages, 512, where="chat.jsonl:3")
+    rewrapping = R1_TEMPLATE.replace(
+        "message['content'].split('</think>')[-1]",
+        "'<think>\\n' + message['content'].split('</think>')[0].split('<think>')[-1] + '\\n</think>\\n\\n'"
+        " + message['content'].split('</think>')[-1]")
+    row, _ = tokenize_conversation(_with_template(tiny_tokenizer, rewrapping), messages, 512)
+    assert supervised_text(tiny_tokenizer, row) == "<think>\ntwo and two\n</think>\n\nthe answer is four.<|im_end|>"
+
+BLANK_LINE_TEMPLATE = (  # Llama-3-style headers: the generation prompt ends in a blank line ("\n\n")
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n\n' + message['content'] + '<|im_end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n\n' }}{% endif %}"
+)
+
+CHATML_NEWLINE_ENDED = BLANK_LINE_TEMPLATE.replace("\n\n", "\n")
+
+
+def test_a_prompt_the_tokenizer_encodes_otherwise_at_its_end_trains_what_serving_feeds_the_model():
+    """GPT-2's pre-tokenizer makes "\n\n" one token at the end of a text and two before a word: tokenized whole, the
+    rows taught replies after two newline tokens while chat and eval send the prompt ending in one; the tuned model
+    answered from its second or third word on."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from peftkit.data.chat import generation_prompt
+    from tests.conftest import CORPUS
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    backend.train_from_iterator([*CORPUS, "hello\n\nworld\n\n" * 50] * 4, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+                                        pad_token="<|im_end|>")
+    tokenizer.chat_template = BLANK_LINE_TEMPLATE
+    prompt = generation_prompt(tokenizer, TWO_TURNS[:1])
+    assert tokenizer(prompt, add_special_tokens=False)["input_ids"] != \
+        tokenizer(prompt + "hi", add_special_tokens=False)["input_ids"][:-1]  # the case: the last tokens differ
+    row, _ = tokenize_conversation(tokenizer, TWO_TURNS, max_seq_len=512)
+    assert supervised_text(tokenizer, row) == "hi there<|im_end|>goodbye<|im_end|>"
+    labels = row["labels"]
+    starts = [i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX]
+    header = len(tokenizer("<|im_start|>assistant\n\n", add_special_tokens=False)["input_ids"])
+    for turn, start in zip((1, 3), starts):  # each reply follows the generation prompt's tokens as served
+        served = tokenizer(generation_prompt(tokenizer, TWO_TURNS[:turn]), add_special_tokens=False)["input_ids"]
+        assert row["input_ids"][start - header : start] == served[-header:]
+    first = tokenizer(generation_prompt(tokenizer, TWO_TURNS[:1]), add_special_tokens=False)["input_ids"]
+    assert row["input_ids"][: starts[0]] == first
+    plain = _with_template(tokenizer, CHATML_NEWLINE_ENDED)  # a prompt whose tokens do not change: encoded whole
+    whole = tokenizer(plain.apply_chat_template(TWO_TURNS, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert tokenize_conversation(plain, TWO_TURNS, max_seq_len=512)[0]["input_ids"] == whole
+
+
 def test_a_space_ended_prompt_that_the_tokenizer_cannot_cut_cleanly_is_named(tmp_path, caplog):
     """A sentencepiece tokenizer puts a space before each piece it encodes, so the cut would add a space: the
     conversation is encoded whole, as before, and the template fix is named."""

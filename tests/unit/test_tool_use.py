@@ -202,3 +202,27 @@ def test_a_template_that_wraps_tool_results_in_json_is_accepted(tmp_path, tool_t
     (example,) = load_examples(write_jsonl(tmp_path / "tools.jsonl", [CONVERSATION]))
     row, _ = tokenize_conversation(tool_tokenizer, example.messages, 512, tools=example.tools)
     assert '{"content": "{\\"shelf\\": \\"B4\\"' in tool_tokenizer.decode(row["input_ids"])
+
+
+def test_a_thinking_template_that_rewrites_history_trains_tool_use_turn_by_turn(tiny_recipe, tmp_path):
+    """Qwen3-style: only the last assistant turn carries its <think> block. The recipe check rendered the whole
+    conversation once and refused it ("renders turn 2 differently"), although training gives each turn its own row."""
+    from peftkit.config.validate import validate_recipe
+    from peftkit.data.chat import tokenize_conversation_rows
+    from peftkit.models import load_tokenizer
+
+    thinking = CHATML_TEMPLATE.replace(
+        "{% else %}{{ message['content'] or '' }}{% endif %}",
+        "{% else %}{% if message['role'] == 'assistant' and loop.last %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+        "{% endif %}{{ message['content'] or '' }}{% endif %}")
+    assert thinking != CHATML_TEMPLATE
+    template = tmp_path / "thinking.jinja"
+    template.write_text(thinking)
+    data = write_jsonl(tmp_path / "tools.jsonl", [CONVERSATION] * 4)
+    recipe = recipe_from_dict({**tiny_recipe, "model": {**tiny_recipe["model"], "chat_template": str(template)},
+                               "data": {**tiny_recipe["data"], "train": str(data), "max_seq_len": 256}})
+    validate_recipe(recipe)  # raised ConfigError: "model.chat_template: ...: the chat template renders turn 2 differently"
+    (example,) = load_examples(write_jsonl(tmp_path / "one.jsonl", [CONVERSATION]))
+    tokenizer = load_tokenizer(recipe.model)  # as training loads it
+    rows, _ = tokenize_conversation_rows(tokenizer, example.messages, 4096, tools=example.tools)
+    assert [_supervised(tokenizer, row).startswith("<think>") for row in rows] == [True, True]
