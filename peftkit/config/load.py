@@ -260,6 +260,7 @@ def _friendly(err: dict[str, Any]) -> str:
 
 def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
     from peftkit.data.hub import is_hub_ref
+    from peftkit.data.replay import BUILTIN_PREFIX
 
     section = data.get("data")
     if not isinstance(section, dict):
@@ -276,12 +277,8 @@ def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
         value = section[key]
         section[key] = [resolved(v) for v in value] if isinstance(value, list) else resolved(value)
     replay = section.get("replay")
-    if isinstance(replay, dict) and isinstance(replay.get("path"), str):
-        path = expand_path(replay["path"])
-        if path.is_absolute():
-            replay["path"] = str(path)
-        elif (base / path).exists():
-            replay["path"] = str((base / path).resolve())
+    if isinstance(replay, dict) and "path" in replay and not str(replay["path"]).startswith(BUILTIN_PREFIX):
+        replay["path"] = resolved(replay.get("path"))  # relative to the recipe's folder, as the other data files
 
 
 def _absolute_model_paths(data: dict[str, Any], recipe_dir: Path) -> None:

@@ -40,12 +40,21 @@ def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
                     "nothing after that reply is trained on, so the trailing turn only costs tokens: end each "
                     "conversation with the assistant's reply, or drop the trailing turn", len(trailing), trailing[0])
     if recipe.data.replay is not None:
-        from peftkit.data.replay import load_replay
+        from peftkit.data.replay import answers_from_base, load_replay
 
+        replay = recipe.data.replay
         try:  # as training reads it: auto-detected, without data.format / data.columns (they describe train/eval)
-            load_replay(recipe.data.replay.path)
+            replay_rows = load_replay(replay.path)
         except PeftkitError as exc:
             problems.append(f"data.replay: {exc}")
+        else:
+            text_rows = [e.where for e in replay_rows if not e.messages]
+            if text_rows and answers_from_base(replay.path, replay.answers):
+                problems.append(
+                    f"data.replay: answers: {replay.answers} has the base model answer each replay prompt, but "
+                    f"{len(text_rows)} of the {len(replay_rows)} records are plain text with no prompt to answer "
+                    f"(first: {text_rows[0]}), which would be trained as written; give them as conversations or "
+                    "prompt/response records, or set `data.replay.answers: dataset`")
     if recipe.data.heldout:
         try:
             load_heldout(recipe.data.heldout, recipe.data.system_prompt)

@@ -187,7 +187,7 @@ def load_heldout(path: str | Path, system_prompt: str | None, *, warn_given_away
         messages = _heldout_messages(record, where, what)
         item = HeldoutItem(tuple(with_system_prompt(messages, system_prompt)), tuple(f.strip() for f in facts),
                            record_tools(record, where))
-        if item.tools is None and all(whole_fact_spans(item.question, f) for f in item.key_facts):
+        if item.tools is None and whole_fact_spans(item.question, item.key_facts):  # one fact of a list scores
             given_away.append(where)
         items.append(item)
     if not items:
@@ -307,11 +307,12 @@ def build_datasets(
         # Replay stands for the model's general use, so it keeps its own system prompt (or the chat
         # template's default), not the recipe's domain one.
         picked = sample_replay(len(train_examples), load_replay(cfg.replay.path), cfg.replay.ratio, seed)
-        if cfg.replay.contrast:
-            contrast = without_system_prompt(train_examples)
-            picked, contrasted = [*picked, *contrast], len(contrast)
+        contrast = without_system_prompt(train_examples) if cfg.replay.contrast else []
         if replay_answerer is not None:
             picked = replay_answerer(picked)
+            # known_only would drop the contrast rows it exists for: their written answers are the domain's
+            contrast = replay_answerer(contrast, check_known=False) if contrast else []
+        picked, contrasted = [*picked, *contrast], len(contrast)
         replay_rows, _ = tokenize_examples(picked, tokenizer, cfg.max_seq_len, None, what="replay example")
         if picked and not replay_rows:
             raise DataError(f"data.replay: none of the {len(picked)} replay examples has a trained (assistant) token "

@@ -11,10 +11,20 @@ from collections.abc import Sequence
 def matchable(text: str) -> str:
     """Text as key facts are matched: Unicode-normalised (NFKC: full-width digits and ligatures are plain ones,
     composed and decomposed accents agree; super- and subscripts are kept, so `5²` does not match `52`),
-    case-folded (`ß` matches `SS`) and with runs of whitespace as one space."""
+    case-folded (`ß` matches `SS`, `İ` matches `I`), with typographic apostrophes and dashes as the plain ones,
+    thousands separators dropped (`1,200` matches `1200`), clock times before am / pm written one way (`9am`,
+    `9 a.m.` and `9:00 AM` match `9 am`) and runs of whitespace as one space."""
     kept = "".join(ch if unicodedata.decomposition(ch).startswith(("<super>", "<sub>")) else
                    unicodedata.normalize("NFKC", ch) for ch in text)
-    return " ".join(unicodedata.normalize("NFC", kept).casefold().split())
+    folded = unicodedata.normalize("NFC", kept).casefold().replace("i\u0307", "i").translate(_PLAIN_PUNCTUATION)
+    folded = _CLOCK_HOUR.sub(r"\1 \2m", _THOUSANDS.sub("", folded))
+    return " ".join(folded.split())
+
+
+_PLAIN_PUNCTUATION = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u2010": "-", "\u2011": "-",
+                                    "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2212": "-"})
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_CLOCK_HOUR = re.compile(r"\b(\d{1,2})(?::00)?\s*([ap])\.?\s?m\b\.?")
 
 
 def whole_fact_spans(text: str, key_facts: str | Sequence[str]) -> list[tuple[int, int]]:
@@ -32,8 +42,9 @@ def whole_fact_spans(text: str, key_facts: str | Sequence[str]) -> list[tuple[in
     return sorted(spans)
 
 
-_NUMBER_JOINERS = ".,"
-"""A digit, one of these and a digit are one number: `4` is not found in `4.5` nor `1` in `1,000`."""
+_NUMBER_JOINERS = ".,:"
+"""A digit, one of these and a digit are one number: `4` is not found in `4.5`, `1` in `1,5` nor `9` in `9:30`
+(`9:00` does hold `9`)."""
 
 
 def _kind(ch: str) -> str | None:
@@ -66,6 +77,8 @@ def _glued_before(text: str, start: int, first: str) -> bool:
         return False
     if _kind(before) == kind:
         return True
+    if kind == "digit" and before == "-" and (start < 2 or not text[start - 2].isalnum()):
+        return True  # a minus sign: `-5` is not 5 (`9-5` and `555-0187` are a range and a phone number)
     return kind == "digit" and before in _NUMBER_JOINERS and start >= 2 and text[start - 2].isdigit()
 
 
@@ -76,7 +89,8 @@ def _glued_after(text: str, end: int, fact: str) -> bool:
     kind = _kind(fact[-1])
     if kind is None or end == len(text):
         return False
-    if kind == "digit" and (_ZERO_DECIMALS.match(text, end) or ("." in fact and _TRAILING_ZEROS.match(text, end))):
+    if kind == "digit" and (_ZERO_DECIMALS.match(text, end) or ("." in fact and _TRAILING_ZEROS.match(text, end))
+                            or (":" not in fact and _FULL_HOUR.match(text, end))):
         return False
     if _kind(text[end]) == kind:
         return True
@@ -86,4 +100,5 @@ def _glued_after(text: str, end: int, fact: str) -> bool:
 _LEADING_ZEROS = re.compile(r"(?<![\d.,])0+$")
 """Zeros that open a number, right before the fact (`searched` up to its start)."""
 _ZERO_DECIMALS = re.compile(r"\.0+(?!\d)")
+_FULL_HOUR = re.compile(r":00(?!\d)")
 _TRAILING_ZEROS = re.compile(r"0+(?!\d)")

@@ -15,9 +15,8 @@ import json
 import logging
 import random
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from peftkit.data.formats import COLUMNS_ADVICE, ROLES_ADVICE, Example, load_examples
 from peftkit.errors import DataError
@@ -25,8 +24,11 @@ from peftkit.errors import DataError
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-ReplayAnswerer = Callable[[list[Example]], list[Example]]
-"""Rewrites the last assistant turn of each replay conversation (and may drop some)."""
+class ReplayAnswerer(Protocol):
+    """Rewrites the last assistant turn of each replay conversation (and may drop some). `check_known=False`: keep
+    answers whatever the written one says (contrast rows, whose written answers are the domain's by design)."""
+
+    def __call__(self, examples: list[Example], *, check_known: bool = True) -> list[Example]: ...
 
 
 def replay_path(path: str) -> Path:
@@ -50,6 +52,10 @@ def answers_from_base(path: str, answers: str) -> bool:
 def sample_replay(n_train: int, replay: list[Example], ratio: float, seed: int) -> list[Example]:
     """round(ratio * n_train) replay examples, drawn without repeats until the pool is used up."""
     wanted = round(n_train * ratio)
+    if n_train and not wanted:
+        raise DataError(f"data.replay: ratio {ratio:g} of {n_train} training examples rounds to no replay example, so "
+                        f"the run would train without the replay the recipe asks for; set data.replay.ratio to at "
+                        f"least {1 / n_train:.2g} (one replay example), or remove data.replay")
     rng = random.Random(seed + 1)
     picked: list[Example] = []
     while len(picked) < wanted:
@@ -113,7 +119,7 @@ def base_model_answerer(model: Any, tokenizer: Any, *, cache: Path | None, share
     `known_only`: drop the answers that disagree with the written one (`states_the_facts_of`).
     """
 
-    def answer(examples: list[Example]) -> list[Example]:
+    def answer(examples: list[Example], *, check_known: bool = True) -> list[Example]:
         from peftkit.evaluate.generation import generate_replies
 
         known = {**_read_answers(shared_cache), **_read_answers(cache)}
@@ -141,7 +147,7 @@ def base_model_answerer(model: Any, tokenizer: Any, *, cache: Path | None, share
             reply = known[_key(e)]
             if not (reply["finished"] and reply["reply"]):
                 unfinished += 1
-            elif known_only and not states_the_facts_of(e.messages[-1]["content"], reply["reply"], _prompt_text(e)):
+            elif known_only and check_known and not states_the_facts_of(e.messages[-1]["content"], reply["reply"], _prompt_text(e)):
                 wrong += 1
             else:
                 answered = (*e.messages[:-1], {"role": "assistant", "content": reply["reply"]})
@@ -179,8 +185,13 @@ _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _NUMBER_WORDS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())} | {"thirty": 30, "forty": 40, "fifty": 50, "hundred": 100}
-_NAME = re.compile(r"(?<![.!?:]\s)(?<!^)\b[A-Z][a-z]+")
-"""A capitalised word that does not start a sentence: a name, in languages that capitalise them."""
+_WORD_INSIDE_A_SENTENCE = re.compile(r"(?<![.!?:]\s)(?<!^)\b[^\W\d_]{2,}")
+
+
+def _names(text: str) -> set[str]:
+    """Capitalised words that do not start a sentence (`Zürich`, `Łódź` as well as `Bern`): names, in languages
+    that capitalise them."""
+    return {w for w in _WORD_INSIDE_A_SENTENCE.findall(text) if w[0].isupper() and w[1:].islower()}
 
 
 def states_the_facts_of(written: str, reply: str, prompt: str = "") -> bool:
@@ -194,7 +205,7 @@ def states_the_facts_of(written: str, reply: str, prompt: str = "") -> bool:
     if not needed <= numbers(reply):
         return False
     asked = prompt.lower()
-    names = {name for name in _NAME.findall(written.strip()) if name.lower() not in asked}
+    names = {name for name in _names(written.strip()) if name.lower() not in asked}
     said = reply.lower()
     return not names or sum(name.lower() in said for name in names) * 2 > len(names)
 

@@ -100,7 +100,15 @@ def run_eval_rows(run_dir: Path, recipe: Recipe, tokenizer: Any) -> list[Row]:
     from peftkit.data.build import split_fingerprint
     from peftkit.train.run_dir import load_before
 
+    from peftkit.data.formats import data_sources
+    from peftkit.data.hub import is_hub_ref
+
     cfg, seed = recipe.data, recipe.train.seed
+    for key, value in (("data.eval", cfg.eval), ("data.train", cfg.train)):
+        gone = [str(s) for s in data_sources(value or []) if not is_hub_ref(str(s)) and not Path(s).exists()]
+        if gone:
+            raise DataError(f"the run's eval data needs {gone[0]} ({key} in {run_dir / 'recipe.yaml'}), which is gone; "
+                            "pass --data FILE to measure the loss on a file, or put it back")
     with _quiet("peftkit.data"):  # training reported what these files hold (duplicates, overlaps, ...)
         train_examples, eval_examples = train_eval_examples(cfg, seed)
     trained_on = load_before(run_dir).get("split_fingerprint")  # None: a run from before it was kept
@@ -217,9 +225,9 @@ def evaluate_run(
         "eval_data": str(Path(data).expanduser().resolve()) if data else RUN_EVAL_SPLIT,
         "max_new_tokens": new_tokens,
         "heldout_questions": len(items),
-        "heldout_set": str(heldout_path) if heldout_path else None,
+        "heldout_set": str(Path(heldout_path).expanduser().resolve()) if heldout_path else None,
         "general_questions": len(general_items),
-        "general_set": str(general) if general else f"built-in ({GENERAL_SET})",
+        "general_set": str(Path(general).expanduser().resolve()) if general else f"built-in ({GENERAL_SET})",
         "before": {k: v for k, v in before.items() if not k.endswith(("_details", "_margins"))},
         "after": {k: v for k, v in after.items() if not k.endswith("_details")},
         "forgetting_points": _points_lost(before, after, "general_accuracy"),

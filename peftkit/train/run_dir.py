@@ -172,8 +172,9 @@ def _refuse_foreign(run_dir: Path) -> None:
         return
     shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
     raise RunDirError(
-        f"output_dir {run_dir} holds files peftkit did not write ({shown}); peftkit never deletes "
-        "those, not even with --force: move them out of the folder, or set output_dir to a new or empty folder"
+        f"output_dir {run_dir} holds files that are not a run's own ({shown}): your files, or reports you named "
+        "(`peftkit eval --out`, an export's --out); peftkit never deletes those, not even with --force: move them "
+        "out of the folder, or set output_dir to a new or empty folder"
     )
 
 

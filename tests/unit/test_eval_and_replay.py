@@ -110,7 +110,7 @@ def test_contrast_replays_the_training_prompts_without_the_system_prompt(tiny_re
                                                                   "contrast": True}}})
     tokenizer = load_tokenizer(recipe.model, resolve_model_ref(recipe.model.name))
 
-    def base_answers(examples: list[Example]) -> list[Example]:
+    def base_answers(examples: list[Example], *, check_known: bool = True) -> list[Example]:
         return [Example(e.where, messages=(*e.messages[:-1], {"role": "assistant", "content": "BASEANSWER"}))
                 for e in examples]
 

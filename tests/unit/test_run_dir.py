@@ -364,7 +364,7 @@ def test_a_project_folder_with_a_recipe_and_checkpoints_is_never_cleared(tiny_re
     (project / "recipe.yaml").write_text("my recipe")
     recipe = recipe_from_dict({**_short(tiny_recipe), "output_dir": str(project)})
     for force in (False, True):
-        with pytest.raises(RunDirError, match="did not (create|write)"):
+        with pytest.raises(RunDirError, match="did not create|not a run.s own"):
             train(recipe, force=force)
     assert (project / "src" / "code.py").read_text() == "print('hi')"
     assert (project / "checkpoints" / "my-other-model" / "weights.bin").read_text() == "w"
@@ -373,14 +373,14 @@ def test_a_project_folder_with_a_recipe_and_checkpoints_is_never_cleared(tiny_re
     (project / "src" / "code.py").unlink()
     (project / "src").rmdir()
     (project / "train.jsonl").unlink()
-    with pytest.raises(RunDirError, match="did not (create|write)"):
+    with pytest.raises(RunDirError, match="did not create|not a run.s own"):
         check_run_dir(project, resume=False, force=False, recipe_dump={})
     # A summary.json does not make one either.
     notes = tmp_path / "notes-folder"
     notes.mkdir()
     for name, text in (("recipe.yaml", "r"), ("summary.json", "{}"), ("notes.txt", "mine")):
         (notes / name).write_text(text)
-    with pytest.raises(RunDirError, match="did not (create|write)"):
+    with pytest.raises(RunDirError, match="did not create|not a run.s own"):
         check_run_dir(notes, resume=False, force=True, recipe_dump={})
     assert (notes / "notes.txt").read_text() == "mine"
 
@@ -403,7 +403,7 @@ def test_force_replaces_a_run_but_never_files_put_beside_it(tmp_path):
     for force in (False, True):  # --force, or a start that failed before training: refused before loading anything
         if not force:
             (marked / "summary.json").unlink()
-        with pytest.raises(RunDirError, match=r"files peftkit did not write \(my-notes.txt\).*move them out"):
+        with pytest.raises(RunDirError, match=r"files that are not a run's own \(my-notes.txt\).*move them out"):
             check_run_dir(marked, resume=False, force=force, recipe_dump={})
     with pytest.raises(RunDirError, match="my-notes.txt"):
         clear_run_dir(marked)
@@ -429,7 +429,7 @@ def test_a_file_added_to_a_runs_export_folder_blocks_force_and_extra_entries_do_
     assert foreign_entries(run) == []
     (run / "gguf" / "run-Q4_K_M.gguf").write_text("user's")
     assert foreign_entries(run) == ["gguf/"]
-    with pytest.raises(RunDirError, match=r"files peftkit did not write \(gguf/\)"):
+    with pytest.raises(RunDirError, match=r"files that are not a run's own \(gguf/\)"):
         check_run_dir(run, resume=False, force=True, recipe_dump={})
     assert (run / "gguf" / "run-Q4_K_M.gguf").read_text() == "user's"
 
