@@ -95,6 +95,12 @@ def _render(
                        "at the start of the first user message instead", refusal)
             return text
     at = f"{where}: " if where else ""
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        raise DataError(
+            f"{at}the chat template refused this tool-use conversation ({refusal}): it most likely has no tool support "
+            "(no `tool` role, no `tool_calls`). Set `model.chat_template: chatml` where the vocabulary has ChatML's "
+            "tokens, or point it at a template file that renders `tools`, `tool_calls` and `tool` messages"
+        ) from None
     raise DataError(
         f"{at}the chat template refused this conversation: {refusal}. Fix the conversation (roles in the order the "
         "template wants), or set `model.chat_template` to a template that accepts it (e.g. `chatml`)"

@@ -75,6 +75,19 @@ def test_a_template_without_tool_support_is_refused_before_training(tmp_path, ti
         tokenize_conversation(tiny_tokenizer, example.messages, 512, where="tools.jsonl:1", tools=example.tools)
 
 
+
+def test_a_template_that_raises_on_the_tool_role_is_named_as_lacking_tool_support(tmp_path, tiny_tokenizer):
+    """Gemma's templates raise "roles must alternate" on a `tool` turn: the advice was to reorder the roles."""
+    strict = copy.deepcopy(tiny_tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                            "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                            "{% endif %}{{ m['role'] + ': ' + m['content'] + '<|im_end|>' }}{% endfor %}")
+    (example,) = load_examples(write_jsonl(tmp_path / "tools.jsonl", [CONVERSATION]))
+    with pytest.raises(DataError, match=r"tools.jsonl:1: the chat template refused this tool-use conversation "
+                                        r"\(Conversation roles must alternate.*\): it most likely has no tool support"):
+        tokenize_conversation(strict, example.messages, 512, where="tools.jsonl:1", tools=example.tools)
+
+
 @pytest.mark.parametrize("empty", [None, "", "  ", "[]", []])
 def test_a_record_without_tools_may_leave_the_column_empty(tmp_path, empty):
     record = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": empty}
