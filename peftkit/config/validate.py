@@ -46,7 +46,10 @@ def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
         try:  # as training reads it: auto-detected, without data.format / data.columns (they describe train/eval)
             replay_rows = load_replay(replay.path)
         except PeftkitError as exc:
-            problems.append(f"data.replay: {exc}")
+            placeholder = (" (with the base model's answers each record still needs an assistant turn, which its "
+                           "answer replaces: a placeholder such as \"-\" will do)"
+                           if "no assistant turn" in str(exc) and answers_from_base(replay.path, replay.answers) else "")
+            problems.append(f"data.replay: {exc}{placeholder}")
         else:
             text_rows = [e.where for e in replay_rows if not e.messages]
             if text_rows and answers_from_base(replay.path, replay.answers):

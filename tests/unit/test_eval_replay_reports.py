@@ -161,3 +161,18 @@ def test_known_only_reads_names_that_start_with_any_capital_letter():
     assert states_the_facts_of("The capital is Zürich.", "It is Zürich.", "Which city?")
     assert not states_the_facts_of("It is in Łódź.", "It is in Warsaw.")
     assert not states_the_facts_of("The capital is Paris.", "The capital is Rome.")  # as before
+
+
+def test_prompt_only_replay_records_for_base_answers_are_told_how_to_pass(tiny_recipe, tmp_path):
+    from peftkit.config import recipe_from_dict
+    from peftkit.config.validate import validate_recipe
+    from peftkit.errors import ConfigError
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": "What is 2 + 2?"}]}])
+    recipe = {**tiny_recipe, "data": {**tiny_recipe["data"], "replay": {"path": str(prompts), "answers": "base"}}}
+    with pytest.raises(ConfigError, match=r"no assistant turn to train on.*a placeholder such as \"-\" will do"):
+        validate_recipe(recipe_from_dict(recipe))
+    placeholder = write_jsonl(tmp_path / "placeholder.jsonl", [
+        {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "-"}]}])
+    recipe["data"]["replay"]["path"] = str(placeholder)
+    validate_recipe(recipe_from_dict(recipe))
