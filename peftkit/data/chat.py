@@ -97,8 +97,9 @@ def _render(
     at = f"{where}: " if where else ""
     if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
         raise DataError(
-            f"{at}the chat template refused this tool-use conversation ({refusal}): it most likely has no tool support "
-            "(no `tool` role, no `tool_calls`). Set `model.chat_template: chatml` where the vocabulary has ChatML's "
+            f"{at}the chat template refused this tool-use conversation: {refusal}. Where that is what the template "
+            "asks of tool use (call ids, one call at a time), fix the data; where it has no tool support at all (no "
+            "`tool` role, no `tool_calls`), set `model.chat_template: chatml` where the vocabulary has ChatML's "
             "tokens, or point it at a template file that renders `tools`, `tool_calls` and `tool` messages"
         ) from None
     raise DataError(

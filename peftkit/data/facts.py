@@ -12,19 +12,20 @@ def matchable(text: str) -> str:
     """Text as key facts are matched: Unicode-normalised (NFKC: full-width digits and ligatures are plain ones,
     composed and decomposed accents agree; super- and subscripts are kept, so `5²` does not match `52`),
     case-folded (`ß` matches `SS`, `İ` matches `I`), with typographic apostrophes and dashes as the plain ones,
-    thousands separators dropped (`1,200` matches `1200`), clock times before am / pm written one way (`9am`,
-    `9 a.m.` and `9:00 AM` match `9 am`) and runs of whitespace as one space."""
+    thousands separators dropped (`1,200` matches `1200`), clock times with am / pm written one way (`9am`,
+    `9 a.m.`, `9 AM` and `9:00 am` are all `9:00 am`, which `9 am`, `9` and `9:00` are found in) and runs of
+    whitespace as one space."""
     kept = "".join(ch if unicodedata.decomposition(ch).startswith(("<super>", "<sub>")) else
                    unicodedata.normalize("NFKC", ch) for ch in text)
     folded = unicodedata.normalize("NFC", kept).casefold().replace("i\u0307", "i").translate(_PLAIN_PUNCTUATION)
-    folded = _CLOCK_HOUR.sub(r"\1 \2m", _THOUSANDS.sub("", folded))
+    folded = _CLOCK_TIME.sub(lambda m: f"{m[1]}:{m[2] or '00'} {m[3]}m", _THOUSANDS.sub("", folded))
     return " ".join(folded.split())
 
 
 _PLAIN_PUNCTUATION = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u2010": "-", "\u2011": "-",
                                     "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2212": "-"})
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_CLOCK_HOUR = re.compile(r"\b(\d{1,2})(?::00)?\s*([ap])\.?\s?m\b\.?")
+_CLOCK_TIME = re.compile(r"\b(\d{1,2})(?::(\d\d))?\s*([ap])\.?\s?m\b\.?")
 
 
 def whole_fact_spans(text: str, key_facts: str | Sequence[str]) -> list[tuple[int, int]]:

@@ -138,7 +138,8 @@ def base_model_answerer(model: Any, tokenizer: Any, *, cache: Path | None, share
                 except OSError as exc:  # a read-only home only costs the next run the generation
                     log.warning("could not keep the replay answers in %s (%s)", shared_cache, exc.strerror)
         if cache is not None and write_caches:
-            _write_answers(cache, {k: known[k] for k in prompts})
+            # what the run used so far stays: the replay and contrast rows are answered in two calls
+            _write_answers(cache, {**_read_answers(cache), **{k: known[k] for k in prompts}})
         kept, unfinished, wrong = [], 0, 0
         for e in examples:  # rows without a final assistant turn to regenerate are kept as written
             if not _answerable(e):

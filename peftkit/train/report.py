@@ -18,6 +18,12 @@ def tokens_rate(value: float | None) -> str:
     return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
 
 
+def _eval_part(summary: dict[str, Any]) -> str:
+    """The evaluations within the training time, which the tokens/s figure leaves out."""
+    seconds = summary.get("eval_seconds_in_training") or 0
+    return f" (evaluation {seconds:.0f} s of it, not in tok/s)" if seconds >= 0.5 else ""
+
+
 def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -40,7 +46,7 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
         f"trainable {summary['trainable_params']:,} / {summary['total_params']:,} params "
         f"({summary['trainable_share']:.3%}) | {summary['steps']} steps | "
         f"{summary['trained_tokens']:,} supervised tokens at {tokens_rate(summary['tokens_per_second'])} tok/s | "
-        f"train {summary['train_seconds']:.0f} s, total {summary['wall_seconds']:.0f} s | "
+        f"train {summary['train_seconds']:.0f} s{_eval_part(summary)}, total {summary['wall_seconds']:.0f} s | "
         f"peak memory {summary['peak_memory_mb']:.0f} MB"
     )
     best = summary.get("weights_from_step")

@@ -67,6 +67,9 @@ def test_known_only_filters_the_replay_answers_not_the_contrast_rows(tiny_recipe
     ("It costs $14.50.", "$14.50", True), ("rooms 1,2 and 3", "1,2", True),
     ("Doors open at 9am.", "9 am", True), ("Doors open at 9 a.m. sharp.", "9 am", True),
     ("Doors open at 9:00 AM.", "9 am", True), ("Doors open at 9:30 am.", "9 am", False),
+    ("The meeting is at 3:00 PM.", "3:00", True), ("Checkout is 12:00 pm", "12:00", True),
+    ("We open at 9:00 a.m. daily", "9:00", True), ("Doors open at 9:30am.", "9:30 am", True),
+    ("Doors open at 9am.", "9", True), ("Doors open at 9am.", "9:00", True),
     ("We open at 9:30.", "9", False), ("We open at 9:00.", "9", True), ("half past: 9:30", "30", False),
     ("It can drop to -5 degrees.", "5", False), ("It can drop to \u22125 degrees.", "-5", True),
     ("open 9\u20135 daily", "9-5", True), ("Call 555-0187.", "0187", True), ("open 9-5", "5", True),
@@ -176,3 +179,42 @@ def test_prompt_only_replay_records_for_base_answers_are_told_how_to_pass(tiny_r
         {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "-"}]}])
     recipe["data"]["replay"]["path"] = str(placeholder)
     validate_recipe(recipe_from_dict(recipe))
+
+
+def test_the_runs_replay_cache_keeps_the_replay_and_the_contrast_answers(tmp_path, monkeypatch):
+    """The replay and contrast rows are answered in two calls: each call wrote the run's cache with its own answers
+    alone, so a resumed run (without the shared cache) generated the first set again, possibly differently."""
+    import peftkit.evaluate.generation as generation
+    from peftkit.data.formats import Example
+    from peftkit.data.replay import base_model_answerer
+
+    asked = []
+
+    def fake_generate_replies(model, tokenizer, conversations, **kwargs):
+        asked.extend(conversations)
+        return [generation.Reply(f"answer {len(asked)}", True) for _ in conversations]
+
+    monkeypatch.setattr(generation, "generate_replies", fake_generate_replies)
+    replay = [Example("r:1", messages=tuple(REPLAY_ROW["messages"]))]
+    contrast = [Example("t:1", messages=({"role": "user", "content": "fee?"}, {"role": "assistant", "content": "$4"}))]
+    cache = tmp_path / "replay_answers.jsonl"
+    first = base_model_answerer(None, None, cache=cache)
+    answered = first(replay) + first(contrast, check_known=False)
+    assert len(cache.read_text().splitlines()) == 2
+    asked.clear()
+    resumed = base_model_answerer(None, None, cache=cache)
+    assert resumed(replay) + resumed(contrast, check_known=False) == answered and asked == []
+
+
+def test_the_run_report_says_how_much_of_the_training_time_was_evaluation(tmp_path):
+    from rich.console import Console
+
+    from peftkit.train.report import print_run_report
+
+    summary = {"recipe": "r", "method": "lora", "base_model": "m", "trainable_params": 10, "total_params": 100, "trainable_share": 0.1, "steps": 20,
+               "trained_tokens": 7680, "tokens_per_second": 1038.5, "train_seconds": 21.15, "wall_seconds": 30.0,
+               "eval_seconds_in_training": 13.76, "peak_memory_mb": 100.0, "eval_loss_before": 2.0,
+               "eval_loss_after": 1.0}
+    console = Console(record=True, width=300)
+    print_run_report(console, tmp_path, summary)
+    assert "at 1,038 tok/s | train 21 s (evaluation 14 s of it, not in tok/s), total 30 s" in console.export_text()

@@ -83,8 +83,9 @@ def test_a_template_that_raises_on_the_tool_role_is_named_as_lacking_tool_suppor
                             "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
                             "{% endif %}{{ m['role'] + ': ' + m['content'] + '<|im_end|>' }}{% endfor %}")
     (example,) = load_examples(write_jsonl(tmp_path / "tools.jsonl", [CONVERSATION]))
-    with pytest.raises(DataError, match=r"tools.jsonl:1: the chat template refused this tool-use conversation "
-                                        r"\(Conversation roles must alternate.*\): it most likely has no tool support"):
+    with pytest.raises(DataError, match=r"tools.jsonl:1: the chat template refused this tool-use conversation: "
+                                        r"Conversation roles must alternate.*fix the data; where it has no tool "
+                                        r"support at all"):
         tokenize_conversation(strict, example.messages, 512, where="tools.jsonl:1", tools=example.tools)
 
 
