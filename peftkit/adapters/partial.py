@@ -207,10 +207,12 @@ def _warn_if_unfinished(plan: FreezePlan, schedule: Any, state: Any) -> None:
         last_stage, unit, length = (epochs - 1) // schedule.every_epochs, "epochs", epochs
     reached, wanted = plan.unfrozen_blocks(last_stage), plan.final_blocks
     if reached < wanted:
-        every = max((length - 1) // (wanted - plan.start_blocks), 1)
+        every = (length - 1) // (wanted - plan.start_blocks)
+        fix = (f"unfreeze more often (every_{unit}: {every} or less) or train longer" if every >= 1 else
+               f"even a block every {unit[:-1]} cannot get there: start with more blocks (start_layers: "
+               f"{wanted - (length - 1)} or more), train longer, or lower train_last_layers")
         log.warning("adapter.unfreeze_schedule reaches %d of the %d blocks of train_last_layers within the run's %d "
-                    "%s: the last %d never train. Unfreeze more often (every_%s: %d or less) or train longer",
-                    reached, wanted, length, unit, wanted - reached, unit, every)
+                    "%s: the last %d never train; %s", reached, wanted, length, unit, wanted - reached, fix)
 
 
 def unfreeze_callback(plan: FreezePlan, cfg: PartialAdapterConfig) -> Any:

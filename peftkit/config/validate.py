@@ -126,7 +126,7 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> tuple[list[str], Any]:
     from peftkit.models.load import attention_problem, chat_template_setting_problem, planned_device
     from peftkit.models.registry import BUILTINS
     from peftkit.models.resolve import resolve_model_ref
-    from peftkit.models.skeleton import model_skeleton
+    from peftkit.models.skeleton import bidirectional_problem, model_skeleton
 
     try:
         source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
@@ -139,7 +139,8 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> tuple[list[str], Any]:
     if template_problem:
         problems.append(template_problem)
     builtin = BUILTINS.get(recipe.model.name) if source.kind == "builtin" else None
-    if builtin is not None and builtin.task != "causal_lm" and recipe.task != builtin.task:
+    wrong_task = builtin is not None and builtin.task != "causal_lm" and recipe.task != builtin.task
+    if wrong_task:
         problems.append(f"model.name: {builtin.name} is a {builtin.task} model; set `task: {builtin.task}` in the recipe")
     try:
         skeleton = model_skeleton(source, recipe.model, task=recipe.task)
@@ -147,6 +148,10 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> tuple[list[str], Any]:
         return [*problems, f"model.name: {exc}"], None
     except (OSError, ValueError) as exc:
         return [*problems, f"model.name: cannot read the model configuration of {recipe.model.name!r}: {exc}"], None
+    bidirectional = None if wrong_task or recipe.task != "causal_lm" else bidirectional_problem(skeleton.config,
+                                                                                                  recipe.model.name)
+    if bidirectional:  # the target and context checks would only add noise
+        return [*problems, f"model.name: {bidirectional}"], skeleton
     problems.extend(check_targets(skeleton, recipe.adapter, recipe.task))
     problems.extend(_check_context(recipe, skeleton))
     if recipe.model.attn_implementation != "auto":

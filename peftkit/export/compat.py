@@ -272,13 +272,14 @@ def check_adapter_matches_base(info: AdapterInfo, base_skeleton: Any, base_label
         return
     shown = problems[:6]
     more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-    trained_text = f" It was trained on {info.config.get('base_model_name_or_path')}" + (
-        f" ({_config_summary(trained)})." if trained is not None else "."
-    )
+    trained_on = info.config.get("base_model_name_or_path")
+    trained_text = (f" It was trained on {trained_on}" if trained_on else " Its base") + (
+        f" ({_config_summary(trained)})." if trained is not None else "." if trained_on else " is not recorded.")
+    what = "trained model" if info.peft_type == "FULL_MODEL" else "adapter"  # partial / full runs: `model/`
     raise ExportError(
-        f"the adapter in {info.path} does not fit the base model {base_label} ({_config_summary(config)})."
+        f"the {what} in {info.path} does not fit the base model {base_label} ({_config_summary(config)})."
         f"{trained_text} Problems:\n" + "\n".join(f"  - {p}" for p in shown) + more + "\n"
-        "Use the base model the adapter was trained on (the run's recipe.yaml `model.name`, or --base)."
+        f"Use the base model the {what} was trained on (the run's recipe.yaml `model.name`, or --base)."
     )
 
 

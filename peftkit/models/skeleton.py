@@ -32,6 +32,24 @@ def load_config(source: ModelSource, cfg: ModelConfig) -> Any:
         raise
 
 
+BIDIRECTIONAL_UNLESS_DECODER = frozenset({
+    "bert", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert", "reformer", "rembert",
+    "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "xlm-roberta", "xlm-roberta-xl", "xmod"})
+"""Encoders that transformers also builds as causal LMs, whose attention is causal only with `is_decoder: true`
+(their masked-LM checkpoints have it off: each position sees the whole text)."""
+
+
+def bidirectional_problem(config: Any, name: str) -> str | None:
+    """Why `config`'s model cannot be trained as a causal LM (chat SFT): an encoder whose attention sees the tokens
+    it is asked to predict would learn nothing a generator can use, with a loss that looks excellent."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in BIDIRECTIONAL_UNLESS_DECODER or getattr(config, "is_decoder", False):
+        return None
+    return (f"{name} is a {model_type} encoder (is_decoder: false): its attention sees the whole text, so trained as "
+            "a causal LM it would read the tokens it is meant to predict. Use `task: sequence_classification` for "
+            "it, or a decoder model (Llama, Qwen, SmolLM2, ...) for chat")
+
+
 def model_skeleton(source: ModelSource, cfg: ModelConfig, task: str = "causal_lm",
                    num_labels: int | None = None) -> torch.nn.Module:
     """The model's modules on the meta device (no weights); a classifier with `num_labels` outputs where given."""

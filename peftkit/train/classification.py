@@ -51,6 +51,7 @@ from peftkit.train.run import (
     RunResult, _session_loss_sum, check_device_options, configure_threads, peak_memory_mb, summary_header, tensorboard_callback,
     train_or_finish, training_arguments,
 )
+from peftkit.train.model_card import unfrozen_at_end
 from peftkit.train.trainer import drop_warmup_covering_all_steps
 from peftkit.train.run_dir import check_run_dir, clear_run_dir, load_before, mark_run_dir, run_lock, save_before
 from peftkit.utils.atomic import atomic_write_text
@@ -134,7 +135,8 @@ def write_classification_card(run_dir: Path, recipe: Recipe, summary: dict[str, 
         recipe.description or "Trained with peftkit.",
         "",
         f"Labels: {', '.join(summary['labels'])}. Trainable parameters: {summary['trainable_params']:,} of "
-        f"{summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%), {summary['steps']} steps, "
+        f"{summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%){unfrozen_at_end(summary)}, "
+        f"{summary['steps']} steps, "
         f"{summary['train_seconds']:.0f} s on {summary['device']}.",
         "",
         "| split | metric | before | after |",
@@ -294,10 +296,12 @@ def _train_classifier(
     prompts = list(recipe.eval.sample_prompts)
     samples = [{"prompt": p, "reply": r} for p, r in zip(prompts, predict_labels(model, tokenizer, prompts, recipe.data.max_seq_len))]
 
+    trainable_at_end = parameter_counts(model)[0]  # gradual unfreezing ends with more than it started with
     metrics = read_metrics(metrics_path)
     plot_loss_curves(metrics, run_dir / "plots" / "loss.png", title=f"{recipe.name or run_dir.name}: {recipe.adapter.method}")
     summary: dict[str, Any] = {
         **summary_header(recipe, run_dir, quantization, device, dtype, threads, (trainable, total), data, output),
+        **({"trainable_params_end": trainable_at_end} if trainable_at_end != trainable else {}),
         "task": TASK,
         "labels": data.labels,
         "heldout_examples": len(data.heldout),

@@ -166,6 +166,12 @@ def _quantization_text(quant: dict[str, Any] | None) -> str:
     return f"{quant['bits']}-bit {quant.get('quant_type', '')}".strip()
 
 
+def unfrozen_at_end(summary: dict[str, Any]) -> str:
+    """The trainable count a gradual unfreezing schedule ended with, after the count it started with."""
+    end = summary.get("trainable_params_end")
+    return f"; {end:,} at the end (gradual unfreezing)" if end is not None else ""
+
+
 def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> None:
     quant_text = _quantization_text(summary.get("quantization"))
     lines = [
@@ -184,8 +190,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         f"({_examples(summary)}{_split_note(recipe, summary)}) |",
         *_replay_row(recipe, summary),
         f"| trainable parameters | {summary['trainable_params']:,} of {summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%)"
-        + (f"; {summary['trainable_params_end']:,} at the end (gradual unfreezing)" if "trainable_params_end" in summary else "")
-        + " |",
+        + unfrozen_at_end(summary) + " |",
         f"| steps / supervised tokens | {summary['steps']}{_stopping_note(summary)} / {summary['trained_tokens']:,} |",
         f"| speed | {tokens_rate(summary['tokens_per_second'])} supervised tokens/s on {summary['device']} ({_workers(summary)}) |",
         f"| training time | {summary['train_seconds']:.0f} s |",

@@ -173,3 +173,15 @@ def test_a_schedule_that_cannot_finish_within_the_run_is_named(tiny_model_dir, c
         assert not caplog.text, "block 2 unfreezes at the start of epoch 3"
         _warn_if_unfinished(plan, by_epochs, SimpleNamespace(max_steps=20, num_train_epochs=2))
     assert "within the run's 2 epochs" in caplog.text and "every_epochs: 1 or less" in caplog.text
+
+
+def test_a_schedule_no_period_can_finish_names_another_fix(tiny_model_dir, caplog):
+    """Every epoch from 0 of 2 blocks over 2 epochs: the advice was `every_epochs: 1 or less`, which the recipe had."""
+    from peftkit.adapters.partial import _warn_if_unfinished
+
+    cfg = PartialAdapterConfig(train_last_layers=2, train_head=True, unfreeze_schedule={"every_epochs": 1, "start_layers": 0})
+    plan = freeze_plan(build_adapter(load_tiny(tiny_model_dir), cfg))
+    with caplog.at_level("WARNING", logger="peftkit.adapters.partial"):
+        _warn_if_unfinished(plan, cfg.unfreeze_schedule, SimpleNamespace(max_steps=10, num_train_epochs=2))
+    assert "reaches 1 of the 2 blocks" in caplog.text and "every_epochs: 1 or less" not in caplog.text
+    assert "start with more blocks (start_layers: 1 or more), train longer, or lower train_last_layers" in caplog.text
