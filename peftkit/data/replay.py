@@ -24,6 +24,8 @@ from peftkit.errors import DataError
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
+
+
 class ReplayAnswerer(Protocol):
     """Rewrites the last assistant turn of each replay conversation (and may drop some). `check_known=False`: keep
     answers whatever the written one says (contrast rows, whose written answers are the domain's by design)."""
