@@ -88,7 +88,9 @@ def build(model: Any, cfg: PrefixTuningAdapterConfig, *, task: str = "causal_lm"
 
 
 def is_prefix_model(model: Any) -> bool:
-    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    from peftkit.models.skeleton import active_peft_config
+
+    config = active_peft_config(model)
     return config is not None and str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING")
 
 

@@ -74,7 +74,9 @@ FIXED_ATTR = "peftkit_prompt_generate_fixed"
 
 
 def is_prompt_tuning_model(model: Any) -> bool:
-    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    from peftkit.models.skeleton import active_peft_config
+
+    config = active_peft_config(model)
     return config is not None and str(getattr(config, "peft_type", "")).endswith("PROMPT_TUNING")
 
 

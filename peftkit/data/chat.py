@@ -155,8 +155,10 @@ def _system_placed_by_position(
     folded = fold_system_prompt(messages[:i])
     if not folded:
         return None
-    extra = {"tools": list(tools)} if tools else {}
-    served_folded = tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=True, **extra)
+    try:
+        served_folded = _render(tokenizer, folded, generation_prompt=True, tools=tools)
+    except DataError:
+        return None
     return served_folded if through.startswith(served_folded) else None
 
 

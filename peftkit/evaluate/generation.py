@@ -13,7 +13,7 @@ from peftkit.data.facts import whole_fact_spans
 from peftkit.data.chat import Tools, generation_prompt
 from peftkit.data.formats import Message
 from peftkit.errors import PeftkitError
-from peftkit.models.skeleton import learned_position_limit
+from peftkit.models.skeleton import active_peft_config, learned_position_limit
 from peftkit.utils.modes import eval_mode
 
 
@@ -95,7 +95,7 @@ def text_position_limit(model: Any) -> int | None:
     soft prompt is part of the sequence, and prefix tuning's cached prefix shifts the text's position ids by its
     length. Past it, generation indexes beyond the position table (an IndexError deep inside the model)."""
     limit = learned_position_limit(model)
-    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    config = active_peft_config(model)
     if limit is None or not getattr(config, "is_prompt_learning", False):
         return limit
     return limit - int(config.num_virtual_tokens)

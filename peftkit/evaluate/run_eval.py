@@ -98,10 +98,9 @@ def run_eval_rows(run_dir: Path, recipe: Recipe, tokenizer: Any) -> list[Row]:
     it is refused before any weights load. Only the train and eval files are read: the held-out and replay files
     the recipe names may have moved (`--heldout` replaces the one)."""
     from peftkit.data.build import split_fingerprint
-    from peftkit.train.run_dir import load_before
-
     from peftkit.data.formats import data_sources
     from peftkit.data.hub import is_hub_ref
+    from peftkit.train.run_dir import load_before
 
     cfg, seed = recipe.data, recipe.train.seed
     for key, value in (("data.eval", cfg.eval), ("data.train", cfg.train)):

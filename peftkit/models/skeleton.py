@@ -63,6 +63,11 @@ def model_skeleton(source: ModelSource, cfg: ModelConfig, task: str = "causal_lm
         return auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
 
 
+def active_peft_config(model: Any) -> Any:
+    """The PEFT config of `model`'s active adapter; None for a model without one."""
+    return getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+
+
 def learned_position_limit(model: torch.nn.Module) -> int | None:
     """How many tokens a model with learned absolute position embeddings (GPT-2, OPT, BERT) can take at all: a longer
     input indexes past its position table and fails deep inside the forward pass. None for models whose positions are

@@ -19,6 +19,7 @@ from transformers import Trainer
 
 from peftkit.data.chat import IGNORE_INDEX
 from peftkit.errors import ConfigError
+from peftkit.models.skeleton import active_peft_config
 from peftkit.train.bucketing import length_buckets
 from peftkit.train.packing import flatten_batch, packed_rows_stay_separate
 from peftkit.train.shared_prefix import (
@@ -41,7 +42,7 @@ def _base_forward_accepts(model: Any, name: str) -> bool:
 
 def _virtual_tokens(model: Any) -> int:
     """Prompt tuning prepends virtual tokens to the sequence; prefix tuning does not."""
-    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    config = active_peft_config(model)
     if config is None or not getattr(config, "is_prompt_learning", False):
         return 0
     if str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING"):
@@ -50,7 +51,7 @@ def _virtual_tokens(model: Any) -> int:
 
 
 def _is_prompt_learning(model: Any) -> bool:
-    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    config = active_peft_config(model)
     return bool(getattr(config, "is_prompt_learning", False))
 
 
