@@ -138,6 +138,15 @@ def tiny_tokenizer(tiny_model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(tiny_model_dir))
 
 
+def assert_speed_leaves_out_evaluation(summary: dict[str, Any], count: int) -> None:
+    """tokens_per_second is `count` over train_seconds less eval_seconds_in_training. Both times are stored
+    rounded to 0.01 s, so on a sub-second tiny run the check allows that rounding, not a relative margin."""
+    training_only = summary["train_seconds"] - summary["eval_seconds_in_training"]
+    assert training_only > 0.01, summary
+    slowest, fastest = count / (training_only + 0.01), count / (training_only - 0.01)
+    assert slowest - 0.005 <= summary["tokens_per_second"] <= fastest + 0.005, (summary, slowest, fastest)
+
+
 def write_jsonl(path: Path, records: list[Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
