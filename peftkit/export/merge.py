@@ -92,21 +92,32 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
         info = AdapterInfo(full, {"peft_type": FULL_MODEL, "method": getattr(recipe.adapter, "method", "full")})
     else:
         info = read_adapter(adapter_dir(run_dir))
+    if full is not None and base is not None:
+        log.warning("--base %s is not used: %s is a %s run, and its trained model %s holds every weight", base,
+                    run_dir, info.config["method"], full)
+        base = None
     if base is not None and Path(base).expanduser().exists():  # a local folder: cards and manifests name it wherever read
         base = str(Path(base).expanduser().resolve())
     model_cfg = recipe.model if base is None else recipe.model.model_copy(update={"name": base})
     try:
         source = resolve_model_ref(model_cfg.name, revision=model_cfg.revision, allow_pickle=model_cfg.allow_pickle)
     except ModelNotFoundError as exc:
-        if base is None:  # the base was moved or deleted since training: --base exists for exactly this
+        if full is not None:  # a full / partial run needs no base: its own model stands in for it
+            log.warning("%s, the base model this run was trained from, is not available here; its trained model %s "
+                        "holds every weight and is used on its own", model_cfg.name, full)
+            log.debug("the base model: %s", exc)
+            source = resolve_model_ref(str(full), allow_pickle=model_cfg.allow_pickle)
+        elif base is None:  # the base was moved or deleted since training: --base exists for exactly this
             raise ModelNotFoundError(f"{exc}. The run was trained on it: put the base model back, or pass "
                                      "`--base PATH` with where it is now") from None
-        raise ModelNotFoundError(f"--base {base}: {exc}".replace("set `model.name: DIR`", "pass `--base DIR`")) from None
+        else:
+            raise ModelNotFoundError(f"--base {base}: {exc}".replace("set `model.name: DIR`", "pass `--base DIR`")) from None
     # a classifier's adapter may target its pooler, and its head has the run's label count
     labels = load_kwargs(run_dir, recipe).get("num_labels")
     skeleton = model_skeleton(source, model_cfg, task=task, num_labels=labels)
     check_adapter_matches_base(info, skeleton, model_cfg.name)
-    warn_if_other_base(run_dir, source, model_cfg.name)  # same shapes, other weights (a fine-tune, an edited copy)
+    if source.path != full:
+        warn_if_other_base(run_dir, source, model_cfg.name)  # same shapes, other weights (a fine-tune, an edited copy)
     if recipe.train.num_threads:  # the run's thread budget (oversubscribed CPUs get much slower, not faster)
         torch.set_num_threads(recipe.train.num_threads)
     return RunAdapter(run_dir, recipe, info, model_cfg, source, effective_quantization(recipe), skeleton.config)

@@ -129,6 +129,37 @@ def test_moved_base_error_names_the_base_option(export_recipe, llama64_dir, tmp_
     assert main(["merge", str(run), "--no-verify", "--base", str(tmp_path / "moved")]) == 0
 
 
+def test_full_run_exports_without_its_base_and_ignores_base_option(export_recipe, llama64_dir, tmp_path, capsys,
+                                                                  caplog):
+    """A full / partial run's model holds every weight: the base it started from may be gone (merge and GGUF export
+    used to refuse with "put the base model back"), and `--base` has nothing to do for it (it was resolved, then
+    ignored in silence)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.config import recipe_from_dict, recipe_to_yaml
+
+    base = shutil.copytree(llama64_dir, tmp_path / "base")
+    run = tmp_path / "full"
+    run.mkdir()
+    data = {**export_recipe, "model": {"name": str(base)}, "adapter": {"method": "full"}, "output_dir": str(run)}
+    (run / "recipe.yaml").write_text(recipe_to_yaml(recipe_from_dict(data)))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(run / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(0.05)  # "trained"
+    model.save_pretrained(run / "model")
+    shutil.rmtree(base)
+    with caplog.at_level("WARNING", logger="peftkit.export.merge"):
+        assert main(["merge", str(run), "--base", str(tmp_path / "elsewhere")]) == 0, err_text(capsys)
+    assert f"--base {tmp_path / 'elsewhere'} is not used" in caplog.text and "holds every weight" in caplog.text
+    assert f"{base}, the base model this run was trained from, is not available here" in caplog.text
+    probe = torch.tensor([[5, 17, 33, 2]])
+    merged = AutoModelForCausalLM.from_pretrained(str(run / "merged"), dtype=torch.float32)
+    with torch.no_grad():
+        assert (merged(input_ids=probe).logits - model(input_ids=probe).logits).abs().max() < 1e-5
+    assert main(["export", str(run), "--format", "gguf", "--gguf-type", "f32", "--no-verify"]) == 0, err_text(capsys)
+
+
 # 4. a killed export: its verification child dies with it, its reference folder is removed by the next run
 
 
