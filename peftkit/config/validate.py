@@ -44,12 +44,9 @@ def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
 
         replay = recipe.data.replay
         try:  # as training reads it: auto-detected, without data.format / data.columns (they describe train/eval)
-            replay_rows = load_replay(replay.path)
+            replay_rows = load_replay(replay.path, replay.answers, known_only=replay.known_only)
         except PeftkitError as exc:
-            placeholder = (" (with the base model's answers each record still needs an assistant turn, which its "
-                           "answer replaces: a placeholder such as \"-\" will do)"
-                           if "no assistant turn" in str(exc) and answers_from_base(replay.path, replay.answers) else "")
-            problems.append(f"data.replay: {exc}{placeholder}")
+            problems.append(f"data.replay: {exc}")
         else:
             text_rows = [e.where for e in replay_rows if not e.messages]
             if text_rows and answers_from_base(replay.path, replay.answers):

@@ -306,7 +306,8 @@ def build_datasets(
     if cfg.replay is not None:
         # Replay stands for the model's general use, so it keeps its own system prompt (or the chat
         # template's default), not the recipe's domain one.
-        picked = sample_replay(len(train_examples), load_replay(cfg.replay.path), cfg.replay.ratio, seed)
+        pool = load_replay(cfg.replay.path, cfg.replay.answers, known_only=cfg.replay.known_only)
+        picked = sample_replay(len(train_examples), pool, cfg.replay.ratio, seed)
         contrast = without_system_prompt(train_examples) if cfg.replay.contrast else []
         if replay_answerer is not None:
             picked = replay_answerer(picked)

@@ -627,17 +627,19 @@ def data_sources(value: str | Path | Sequence[str | Path]) -> list[str | Path]:
 
 
 def load_examples(source: str | Path | Sequence[str | Path], fmt: str = "auto",
-                  columns: ColumnsConfig | None = None) -> list[Example]:
+                  columns: ColumnsConfig | None = None,
+                  prepare: Callable[[Any, str], Any] | None = None) -> list[Example]:
     """Conversations (or texts) from a data file, a Hub dataset `hf:OWNER/NAME[/CONFIG][:SPLIT]`
     or a `datasets` `save_to_disk` folder; from a list of them, all in order. `columns` (the recipe's
-    `data.columns`) names the fields of records that use other names."""
+    `data.columns`) names the fields of records that use other names; `prepare(record, where)` may
+    rewrite each raw record first (or raise DataError for it)."""
     examples: list[Example] = []
     for one in data_sources(source):
         found, problems, reasons = [], [], set()
         for where, record in read_records(one):
             try:
                 _check_unicode(record, where)
-                found.append(to_example(record, where, fmt, columns))
+                found.append(to_example(prepare(record, where) if prepare else record, where, fmt, columns))
             except DataError as exc:  # go on: one message lists the first few bad records, not just one
                 problems.append(str(exc))
                 reasons.add(str(exc).removeprefix(f"{where}: "))

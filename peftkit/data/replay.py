@@ -72,13 +72,82 @@ REPLAY_LAYOUT_ADVICE = ("a replay file must be in one of those layouts as writte
 """Follows the list of layouts in the unrecognised-record error, in place of its data.columns advice."""
 
 
-def load_replay(path: str) -> list[Example]:
-    """The replay set, each record's format detected (`data.format` / `data.columns` describe train and eval)."""
+ANSWER_SLOT = "(answered by the base model before training)"
+"""The assistant turn given to a replay prompt without an answer when the base model answers the replay prompts:
+the answerer replaces it before training (a data preview shows it as written)."""
+
+QUESTION_FIELDS = {"prompt": "completion", "instruction": "output", "question": "answer", "query": "response"}
+"""A one-turn record's prompt field -> the answer field it gets when it has no answer field of its own."""
+ANSWER_FIELDS = ("completion", "output", "answer", "response")
+
+
+def with_answer_slot(record: Any) -> Any | None:
+    """`record` with an answer to fill in when it ends with a question (a conversation whose last turn is the user's;
+    a `prompt`, `instruction`, `question` or `query` without an answer field), else None."""
+    turns = record if isinstance(record, list) else None
+    if isinstance(record, dict):
+        turns = next((record[k] for k in ("messages", "conversations", "conversation") if k in record), None)
+    if isinstance(turns, list):
+        last = turns[-1] if turns else None
+        if not isinstance(last, dict) or _role(last) != "user":
+            return None
+        slot = {"from": "gpt", "value": ANSWER_SLOT} if "from" in last else {"role": "assistant", "content": ANSWER_SLOT}
+        if isinstance(record, list):
+            return [*turns, slot]
+        key = next(k for k in ("messages", "conversations", "conversation") if k in record)
+        return {**record, key: [*turns, slot]}
+    if not isinstance(record, dict) or any(field in record for field in ANSWER_FIELDS):
+        return None
+    question = next((q for q in QUESTION_FIELDS if isinstance(record.get(q), (str, list))), None)
+    if question is None:
+        return None
+    answer: Any = [{"role": "assistant", "content": ANSWER_SLOT}] if isinstance(record[question], list) else ANSWER_SLOT
+    return {**record, QUESTION_FIELDS[question]: answer}
+
+
+def _role(turn: dict[str, Any]) -> str | None:
+    from peftkit.data.columns import ROLE_ALIASES
+
+    return ROLE_ALIASES.get(str(turn.get("role", turn.get("from"))).lower())
+
+
+def _answers_nothing(record: Any) -> bool:
+    """A question with no answer anywhere in it (a conversation with earlier assistant turns still trains on them)."""
+    turns = record if isinstance(record, list) else next(
+        (record[k] for k in ("messages", "conversations", "conversation") if k in record), None)
+    return not isinstance(turns, list) or not any(isinstance(t, dict) and _role(t) == "assistant" for t in turns)
+
+
+def load_replay(path: str, answers: str = "auto", *, known_only: bool = False) -> list[Example]:
+    """The replay set, each record's format detected (`data.format` / `data.columns` describe train and eval).
+
+    When the base model answers the replay prompts (`answers_from_base`), a record may be the prompt alone: it gets
+    an answer slot (`ANSWER_SLOT`) for the base model's answer. With written answers, such a record is refused."""
+    from_base = answers_from_base(path, answers)
+
+    def prepare(record: Any, where: str) -> Any:
+        slotted = with_answer_slot(record)
+        if slotted is None:
+            return record
+        if from_base:
+            return slotted
+        if _answers_nothing(record):
+            raise DataError(f"{where}: a replay prompt without an answer, and `data.replay.answers: {answers}` trains "
+                            "on the written answers; add each record's answer, or set `data.replay.answers: base` to "
+                            "have the base model answer the prompts")
+        return record
+
     try:
-        return load_examples(replay_path(path))
+        examples = load_examples(replay_path(path), prepare=prepare)
     except DataError as exc:  # the generic advice would point at data.columns, which never reads a replay file
         message = str(exc).replace(COLUMNS_ADVICE, REPLAY_LAYOUT_ADVICE)
         raise DataError(message.replace(ROLES_ADVICE, " (data.columns.roles does not apply to replay files)")) from None
+    unanswered = [e.where for e in examples if e.messages and e.messages[-1]["content"] == ANSWER_SLOT]
+    if known_only and unanswered:
+        raise DataError(f"data.replay.known_only keeps the base model's answers that agree with the written ones, but "
+                        f"{len(unanswered)} of the {len(examples)} replay records have no written answer (first: "
+                        f"{unanswered[0]}); add their answers, or remove known_only")
+    return examples
 
 
 def shared_cache_path(model: Any, tokenizer: Any, max_new_tokens: int) -> Path:

@@ -166,19 +166,53 @@ def test_known_only_reads_names_that_start_with_any_capital_letter():
     assert not states_the_facts_of("The capital is Paris.", "The capital is Rome.")  # as before
 
 
-def test_prompt_only_replay_records_for_base_answers_are_told_how_to_pass(tiny_recipe, tmp_path):
+PROMPT_ONLY_RECORDS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]},
+    {"conversations": [{"from": "human", "value": "Name a colour."}]},
+    {"prompt": "What is the capital of Peru?"},
+    {"prompt": [{"role": "user", "content": "Spell cat."}]},
+    {"instruction": "List three fruits.", "input": ""},
+    {"question": "How many legs has a spider?"},
+    [{"role": "user", "content": "Say hi."}],
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": "How are you?"}]},
+]
+
+
+def test_prompt_only_replay_records_are_answered_by_the_base_model(tiny_recipe, tmp_path, monkeypatch):
+    """A replay file of prompts alone is what `answers: base` needs: each record gets an answer slot that the base
+    model fills in (a placeholder answer used to be required). With written answers they are refused, saying so."""
+    import peftkit.evaluate.generation as generation
     from peftkit.config import recipe_from_dict
     from peftkit.config.validate import validate_recipe
+    from peftkit.data.replay import ANSWER_SLOT, base_model_answerer, load_replay
     from peftkit.errors import ConfigError
 
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": "What is 2 + 2?"}]}])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPT_ONLY_RECORDS)
+    examples = load_replay(str(prompts), "base")
+    assert [e.messages[-1] for e in examples] == [{"role": "assistant", "content": ANSWER_SLOT}] * len(examples)
+    assert [e.messages[-2]["content"] for e in examples] == [
+        "What is 2 + 2?", "Name a colour.", "What is the capital of Peru?", "Spell cat.", "List three fruits.",
+        "How many legs has a spider?", "Say hi.", "How are you?"]
+    assert examples[0].messages[0] == {"role": "system", "content": "Be brief."}
+    monkeypatch.setattr(generation, "generate_replies", lambda model, tokenizer, conversations, **kw: [
+        generation.Reply(f"base answer to {c[-1]['content']}", True) for c in conversations])
+    answered = base_model_answerer(None, None, cache=None)(examples)
+    assert [e.messages[-1]["content"] for e in answered] == [
+        f"base answer to {e.messages[-2]['content']}" for e in examples]
+    assert answered[-1].messages[1] == {"role": "assistant", "content": "Hello!"}  # earlier turns as written
+
     recipe = {**tiny_recipe, "data": {**tiny_recipe["data"], "replay": {"path": str(prompts), "answers": "base"}}}
-    with pytest.raises(ConfigError, match=r"no assistant turn to train on.*a placeholder such as \"-\" will do"):
-        validate_recipe(recipe_from_dict(recipe))
-    placeholder = write_jsonl(tmp_path / "placeholder.jsonl", [
-        {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "-"}]}])
-    recipe["data"]["replay"]["path"] = str(placeholder)
     validate_recipe(recipe_from_dict(recipe))
+    recipe["data"]["replay"]["known_only"] = True  # nothing written to agree with
+    with pytest.raises(ConfigError, match=r"known_only .* 8 of the 8 replay records have no written answer"):
+        validate_recipe(recipe_from_dict(recipe))
+    recipe["data"]["replay"] = {"path": str(prompts), "answers": "dataset"}
+    with pytest.raises(ConfigError, match=r"7 of 8 records of .*a replay prompt without an answer.*"
+                                          r"set `data.replay.answers: base`"):
+        validate_recipe(recipe_from_dict(recipe))
+    answered_file = write_jsonl(tmp_path / "qa.jsonl", [{"question": "2 + 2?", "answer": "4"}])
+    assert load_replay(str(answered_file), "base")[0].messages[-1]["content"] == "4"  # answered records unchanged
 
 
 def test_the_runs_replay_cache_keeps_the_replay_and_the_contrast_answers(tmp_path, monkeypatch):
