@@ -119,8 +119,12 @@ class HistoryRenderedDifferently(DataError):
     """The template renders an earlier assistant turn differently once later turns follow it (Qwen3, QwQ and
     DeepSeek-R1 drop `<think>` blocks from history), so one rendering cannot hold every turn as it is generated."""
 
-    def __init__(self, where: str, turn: int) -> None:
-        self.finding = f"the chat template renders turn {turn} differently once later turns follow it"
+    def __init__(self, where: str, turn: int, *, system_moves: bool = False) -> None:
+        self.finding = (f"the chat template shows the system prompt in the conversation's last user message only (as "
+                        f"Mistral v0.3's does), so turn {turn} is served after another prompt than the whole "
+                        "conversation shows" if system_moves else
+                        f"the chat template renders turn {turn} differently once later turns follow it (e.g. dropping "
+                        "<think> blocks from earlier replies)")
         super().__init__(f"{where}: {self.finding}")
 
 
@@ -160,6 +164,18 @@ def _system_placed_by_position(
     except DataError:
         return None
     return served_folded if through.startswith(served_folded) else None
+
+
+def _only_system_moves(tokenizer: Any, messages: Sequence[Message], i: int, tools: Tools) -> bool:
+    """Whether reply `i` keeps its place in the whole conversation once the system message is left out: then what
+    differs is only where the template shows the system prompt, not how it renders history."""
+    if not messages or messages[0]["role"] != "system":
+        return False
+    rest = messages[1:]
+    try:
+        return _render(tokenizer, rest, tools=tools).startswith(_reply_span(tokenizer, rest, i - 1, "", tools)[0])
+    except DataError:
+        return False
 
 
 def _check_reply_rendered(message: Message, reply: str, i: int, where: str) -> None:
@@ -261,7 +277,7 @@ def render_with_reply_spans(
     for i in _trained_turns(messages):
         through, span = _reply_span(tokenizer, messages, i, where, tools)
         if not text.startswith(through):
-            raise HistoryRenderedDifferently(where, i + 1)
+            raise HistoryRenderedDifferently(where, i + 1, system_moves=_only_system_moves(tokenizer, messages, i, tools))
         spans.append(span)
     return text, spans
 
@@ -364,8 +380,8 @@ def tokenize_conversation_rows(
         row, truncated = tokenize_conversation(tokenizer, messages, max_seq_len, where, tools)
         return [row], int(truncated)
     except HistoryRenderedDifferently as exc:
-        _warn_once(tokenizer, "history", "%s (e.g. dropping <think> blocks from earlier replies): each assistant "
-                   "turn of a multi-turn conversation is trained as the last turn of its own row", exc.finding)
+        _warn_once(tokenizer, "history", "%s: each assistant turn of a multi-turn conversation is trained as the last "
+                   "turn of its own row", exc.finding)
     rows, truncated = [], 0
     for i in _trained_turns(messages):
         text, span = _reply_span(tokenizer, messages, i, where, tools)

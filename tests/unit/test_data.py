@@ -575,14 +575,19 @@ MISTRAL_V03_TEMPLATE = (  # Mistral-7B-Instruct v0.3: the system prompt goes int
 )
 
 
-def test_a_template_that_places_the_system_prompt_in_the_last_user_turn_trains_each_turn_as_served(tiny_tokenizer):
+def test_a_template_that_places_the_system_prompt_in_the_last_user_turn_trains_each_turn_as_served(tiny_tokenizer,
+                                                                                                    caplog):
     """Mistral v0.3 shows the system prompt only in a conversation's last user message: a multi-turn conversation
-    with a system prompt was refused ("the generation prompt is not how it starts an assistant turn")."""
+    with a system prompt was refused ("the generation prompt is not how it starts an assistant turn"), then trained
+    per turn with a warning about templates that rewrite earlier replies."""
     from peftkit.data.chat import generation_prompt, tokenize_conversation_rows
 
     tokenizer = _with_template(tiny_tokenizer, MISTRAL_V03_TEMPLATE)
     messages = [{"role": "system", "content": "be brief."}, *TWO_TURNS]
-    rows, _ = tokenize_conversation_rows(tokenizer, messages, 512)
+    with caplog.at_level("WARNING", logger="peftkit.data"):
+        rows, _ = tokenize_conversation_rows(tokenizer, messages, 512)
+    assert "shows the system prompt in the conversation's last user message only" in caplog.text
+    assert "<think>" not in caplog.text
     assert [supervised_text(tokenizer, row) for row in rows] == [" hi there<|im_end|>", " goodbye<|im_end|>"]
     for row, turn in zip(rows, (2, 4)):  # each reply after its prompt exactly as chat and eval send it
         served = generation_prompt(tokenizer, messages[:turn])
