@@ -88,14 +88,12 @@ def tokenize_examples(
         if example.messages is not None:
             messages = with_system_prompt(example.messages, system_prompt)
             example_rows, cut = tokenize_conversation_rows(
-                tokenizer, messages, max_seq_len, example.where, example.tools
+                tokenizer, messages, max_seq_len, example.where, example.tools, train_on_prompt=train_on_prompt
             )
             lost = _replies_lost(messages, example_rows) if cut else 0
             if lost:
                 replies_lost += lost
                 lost_at.append(example.where)
-            if train_on_prompt:
-                example_rows = [{"input_ids": row["input_ids"], "labels": list(row["input_ids"])} for row in example_rows]
         else:
             example_rows, cut = tokenize_text_rows(tokenizer, example.text or "", max_seq_len), 0
             if len(example_rows) > 1:

@@ -368,27 +368,48 @@ def tokenize_conversation(
 
 
 def tokenize_conversation_rows(
-    tokenizer: Any, messages: Sequence[Message], max_seq_len: int, where: str = "", tools: Tools = None
+    tokenizer: Any, messages: Sequence[Message], max_seq_len: int, where: str = "", tools: Tools = None, *,
+    train_on_prompt: bool = False,
 ) -> tuple[list[dict[str, list[int]]], int]:
     """Training rows of one conversation (one row; one per trained turn where the template rewrites history),
-    and how many of them were truncated.
+    and how many of them were truncated. `train_on_prompt`: every token is trained, not only the replies.
 
     With a template that renders history differently, each assistant turn is trained as the last turn of
-    its own row, in the context the model sees when it generates that turn (earlier turns as history).
+    its own row, in the context the model sees when it generates that turn (earlier turns as history). With
+    `train_on_prompt`, a row trains what comes after the previous row's reply, so no turn is trained twice.
     """
     try:
         row, truncated = tokenize_conversation(tokenizer, messages, max_seq_len, where, tools)
+        if train_on_prompt:
+            row = {"input_ids": row["input_ids"], "labels": list(row["input_ids"])}
         return [row], int(truncated)
     except HistoryRenderedDifferently as exc:
         _warn_once(tokenizer, "history", "%s: each assistant turn of a multi-turn conversation is trained as the last "
                    "turn of its own row", exc.finding)
-    rows, truncated = [], 0
+    rows, truncated, previous = [], 0, None
     for i in _trained_turns(messages):
         text, span = _reply_span(tokenizer, messages, i, where, tools)
+        if train_on_prompt:
+            span = (0 if previous is None else _after_history(tokenizer, messages, previous, text, tools), span[1])
         row, cut = _labelled(tokenizer, text, [span], max_seq_len)
         rows.append(row)
         truncated += cut
+        previous = i
     return rows, truncated
+
+
+HISTORY_PROBE = "\u2063peftkit history probe"
+
+
+def _after_history(tokenizer: Any, messages: Sequence[Message], previous: int, text: str, tools: Tools) -> int:
+    """Where `text` (the row of a later reply) goes on past the conversation up to reply `previous` in its history
+    form: where it departs from that history followed by a probe user message (the next turn's content, or its
+    header where that turn is another role's). 0 (the whole row) when the template cannot render the probe."""
+    try:
+        probe = _render(tokenizer, [*messages[: previous + 1], {"role": "user", "content": HISTORY_PROBE}], tools=tools)
+    except DataError:
+        return 0
+    return len(os.path.commonprefix([probe, text]))
 
 
 

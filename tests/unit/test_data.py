@@ -150,6 +150,28 @@ def test_a_template_that_rewrites_history_trains_each_turn_as_the_last_one(tiny_
         tokenize_conversation_rows(tokenizer, messages, 512, "chat.jsonl:1")
 
 
+def test_train_on_prompt_with_a_history_rewriting_template_trains_each_turn_once(tiny_tokenizer, tmp_path):
+    """Per-turn rows repeat the conversation so far: with train_on_prompt every row trained all of it, so the first
+    turns were trained once per later reply (and in their history form). Each row now trains what is new in it."""
+    from peftkit.data.build import tokenize_examples
+
+    tokenizer = _with_template(tiny_tokenizer, THINKING_TEMPLATE)
+    messages = [{"role": "system", "content": "be brief."}, *TWO_TURNS,
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": "see you"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    rows, _ = tokenize_examples(load_examples(path), tokenizer, 512, None, train_on_prompt=True)
+    trained = [supervised_text(tokenizer, row) for row in rows]
+    assert trained[0] == ("<|im_start|>system\nbe brief.<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n"
+                          "<|im_start|>assistant\n<think>\n\n</think>\n\nhi there<|im_end|>")
+    assert trained[1] == "bye<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\ngoodbye<|im_end|>"
+    assert trained[2] == "again<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nsee you<|im_end|>"
+    plain, _ = tokenize_examples(load_examples(path), tokenizer, 512, None)  # without it: the replies alone
+    assert [supervised_text(tokenizer, row) for row in plain] == [
+        f"<think>\n\n</think>\n\n{reply}<|im_end|>" for reply in ("hi there", "goodbye", "see you")]
+    single = tokenize_examples(load_examples(path), tiny_tokenizer, 512, None, train_on_prompt=True)[0]
+    assert len(single) == 1 and single[0]["labels"] == single[0]["input_ids"]  # one row: every token
+
+
 def test_truncation_is_reported(tiny_tokenizer):
     messages = [{"role": "user", "content": "one two three " * 20}, {"role": "assistant", "content": "four"}]
     row, truncated = tokenize_conversation(tiny_tokenizer, messages, max_seq_len=16)
