@@ -139,8 +139,8 @@ def tiny_tokenizer(tiny_model_dir: Path) -> Any:
 
 
 def assert_speed_leaves_out_evaluation(summary: dict[str, Any], count: int) -> None:
-    """tokens_per_second is `count` over train_seconds less eval_seconds_in_training. Both times are stored
-    rounded to 0.01 s, so on a sub-second tiny run the check allows that rounding, not a relative margin."""
+    """tokens_per_second is `count` over train_seconds less eval_seconds_in_training. The times are stored rounded
+    (0.01 s, 0.001 s), so on a sub-second tiny run the check allows that rounding, not a relative margin."""
     training_only = summary["train_seconds"] - summary["eval_seconds_in_training"]
     assert training_only > 0.01, summary
     slowest, fastest = count / (training_only + 0.01), count / (training_only - 0.01)

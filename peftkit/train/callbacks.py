@@ -60,26 +60,6 @@ class RunTotals(TrainerCallback):
                             train_samples_per_second=round(samples / seconds, 3))
 
 
-class EvaluationClock(TrainerCallback):
-    """Seconds the evaluations *during* training took (the Trainer's own `eval_runtime` of each), so that the
-    run's training speed leaves them out; the evaluations before and after training are not counted."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._training = False
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._training = True
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._training = False
-
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
-                    **kwargs: Any) -> None:
-        if self._training:
-            self.seconds += max(float((metrics or {}).get("eval_runtime", 0.0)), 0.0)
-
-
 def per_second(count: int, seconds: float) -> float | None:
     """A rate for the summary (None when nothing was timed)."""
     return round(count / seconds, 2) if seconds > 0 else None

@@ -4,7 +4,7 @@ The model comes from `AutoModelForSequenceClassification` (`num_labels` from the
 labels), the head is new. With LoRA/IA3 peft trains the head fully (`modules_to_save`: it adds
 `classifier`/`score` itself) and the body through the adapter; with `partial` the body is
 frozen except its top blocks; `full` trains everything. The loss is the model's own
-cross-entropy (no causal shift, no sparse logits), so this path uses a plain `Trainer`.
+cross-entropy (no causal shift, no sparse logits): the Trainer's own loss, in peftkit's `RunTrainer`.
 
 The run directory has the same shape as a causal run, plus `labels.json` (id -> name, also in
 the model config as id2label/label2id); summary.json reports accuracy and macro-F1 on the eval
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
 
 from peftkit.adapters import base_model_view, build_adapter, effective_quantization, parameter_counts, save_trained, trainer_extras
 from peftkit.adapters.lora import CALIBRATED_INITS, KNOWLEDGE_INITS
@@ -45,14 +44,14 @@ from peftkit.models.load import loading_errors
 from peftkit.models.resolve import ModelSource, materialize
 from peftkit.train import checkpoints, signals
 from peftkit.train.callbacks import (
-    EvaluationClock, MetricsJsonlCallback, ResumedSettings, per_second, plot_loss_curves, read_metrics,
+    MetricsJsonlCallback, ResumedSettings, per_second, plot_loss_curves, read_metrics,
 )
 from peftkit.train.run import (
     RunResult, _session_loss_sum, check_device_options, configure_threads, peak_memory_mb, summary_header, tensorboard_callback,
     train_or_finish, training_arguments,
 )
 from peftkit.train.model_card import unfrozen_at_end
-from peftkit.train.trainer import drop_warmup_covering_all_steps
+from peftkit.train.trainer import RunTrainer
 from peftkit.train.run_dir import check_run_dir, clear_run_dir, load_before, mark_run_dir, run_lock, save_before
 from peftkit.utils.atomic import atomic_write_text
 from peftkit.utils.modes import eval_mode
@@ -62,17 +61,12 @@ log = logging.getLogger(__name__)
 TASK = "sequence_classification"
 
 
-class ClassificationTrainer(Trainer):
+class ClassificationTrainer(RunTrainer):
     """The default Trainer loss (the model's cross-entropy); counts the input tokens it trains on."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.input_tokens_seen = 0
-
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
-        if self.lr_scheduler is None:
-            drop_warmup_covering_all_steps(self.args, num_training_steps)
-        return super().create_scheduler(num_training_steps, optimizer)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
         if model.training and "attention_mask" in inputs:
@@ -117,7 +111,7 @@ def predict_labels(model: Any, tokenizer: Any, texts: list[str], max_seq_len: in
     return out
 
 
-def _scores(trainer: Trainer, rows: list[dict[str, Any]], prefix: str) -> dict[str, float | None]:
+def _scores(trainer: RunTrainer, rows: list[dict[str, Any]], prefix: str) -> dict[str, float | None]:
     if not rows:
         return {"loss": None, "accuracy": None, "macro_f1": None}
     metrics = trainer.evaluate(rows, metric_key_prefix=prefix)
@@ -237,7 +231,6 @@ def _train_classifier(
         checkpoints.SeededLengthGrouping(),
         ResumedSettings(),
         interrupt := signals.interrupt_callback(),  # Ctrl-C: checkpoint at the end of the step, then stop
-        eval_clock := EvaluationClock(),
         *(extra_callbacks or []),
     ]
     if recipe.train.early_stopping_patience and has_eval:
@@ -275,12 +268,12 @@ def _train_classifier(
             train_seconds=prior.train_seconds + time.perf_counter() - train_started,
             loss_sum=prior.loss_sum + _session_loss_sum(trainer), steps=trainer.state.global_step,
             wall_seconds=prior.wall_seconds + time.perf_counter() - started,
-            eval_seconds=prior.eval_seconds + eval_clock.seconds)
+            eval_seconds=prior.eval_seconds + trainer.eval_seconds_in_training)
 
     train_started = time.perf_counter()
     output = train_or_finish(trainer, recipe, resume_from, prior.steps, has_eval, interrupt, run_dir, finishing)
     train_seconds = prior.train_seconds + time.perf_counter() - train_started
-    eval_seconds = prior.eval_seconds + eval_clock.seconds
+    eval_seconds = prior.eval_seconds + trainer.eval_seconds_in_training
     steps = output.global_step
     session_loss = _session_loss_sum(trainer, finished=True) if steps > prior.steps else 0.0
     train_loss = (prior.loss_sum + session_loss) / steps if steps else 0.0
@@ -308,7 +301,7 @@ def _train_classifier(
         "trained_tokens": trainer.input_tokens_seen,
         "input_tokens": trainer.input_tokens_seen,
         "train_seconds": round(train_seconds, 2),
-        "eval_seconds_in_training": round(eval_seconds, 2),  # part of train_seconds, not of the speed
+        "eval_seconds_in_training": round(eval_seconds, 3),  # part of train_seconds, not of the speed
         "tokens_per_second": per_second(trainer.input_tokens_seen, train_seconds - eval_seconds),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "train_loss": round(train_loss, 5),

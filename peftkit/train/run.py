@@ -34,7 +34,6 @@ from peftkit.train.launch import WORKER_ENV, dist_info, is_main_process, mean_ov
 from peftkit.models.fingerprint import base_config_summary, source_fingerprint
 from peftkit.train.callbacks import (
     DivergenceGuard,
-    EvaluationClock,
     MetricsJsonlCallback,
     OverfittingWatch,
     ProgressBar,
@@ -398,7 +397,6 @@ def _train(
         interrupt := signals.interrupt_callback(),  # Ctrl-C: checkpoint at the end of the step, then stop
         overfitting := OverfittingWatch(),
         DivergenceGuard(recipe.train.lr),
-        eval_clock := EvaluationClock(),
         *(extra_callbacks or []),
     ]
     if recipe.train.early_stopping_patience and has_eval:
@@ -461,7 +459,7 @@ def _train(
             loss_sum=prior.loss_sum + _session_loss_sum(trainer), steps=trainer.state.global_step,
             wall_seconds=prior.wall_seconds + time.perf_counter() - started,
             overfitting_warned=prior.overfitting_warned or overfitting.warned,
-            eval_seconds=prior.eval_seconds + eval_clock.seconds)
+            eval_seconds=prior.eval_seconds + trainer.eval_seconds_in_training)
 
     def run_totals() -> tuple[float, float]:
         """The run's train loss and train seconds at the end of training (every rank calls it)."""
@@ -473,7 +471,7 @@ def _train(
     output = train_or_finish(trainer, recipe, resume_from, prior.steps, has_eval, interrupt, run_dir, finishing,
                              deepspeed=ds_config is not None)
     train_loss, train_seconds = run_totals()
-    eval_seconds = prior.eval_seconds + eval_clock.seconds
+    eval_seconds = prior.eval_seconds + trainer.eval_seconds_in_training
     eval_loss_after = final_eval_loss(trainer, has_eval)
     if tensorboard is not None:
         tensorboard.close()
@@ -497,7 +495,7 @@ def _train(
         "trained_tokens": trainer.supervised_tokens_seen,
         "input_tokens": trainer.input_tokens_seen,
         "train_seconds": round(train_seconds, 2),
-        "eval_seconds_in_training": round(eval_seconds, 2),  # part of train_seconds, not of the speeds below
+        "eval_seconds_in_training": round(eval_seconds, 3),  # part of train_seconds, not of the speeds below
         "tokens_per_second": per_second(trainer.supervised_tokens_seen, train_seconds - eval_seconds),
         "input_tokens_per_second": per_second(trainer.input_tokens_seen, train_seconds - eval_seconds),
         "peak_memory_mb": round(peak_memory_mb(device), 1),

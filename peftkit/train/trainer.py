@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from typing import Any
 
 import torch
@@ -127,7 +128,33 @@ def speed_options_off(share_off: bool, bucket_off: bool, both: list[str], share_
     return f"{off} off for this run (the same loss, slower steps): {'; '.join(reasons)}"
 
 
-class SFTTrainer(Trainer):
+class RunTrainer(Trainer):
+    """What both of peftkit's trainers (chat SFT and classification) add to transformers' Trainer: a warm-up that
+    would cover every step is dropped, and the evaluations are timed so the training speed can leave them out."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.eval_seconds_in_training = 0.0
+        """Seconds spent in evaluate() during train() (perf_counter: `eval_runtime` reads the wall clock)."""
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        if self.lr_scheduler is None:
+            drop_warmup_covering_all_steps(self.args, num_training_steps)
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        started = time.perf_counter()
+        metrics = super().evaluate(*args, **kwargs)
+        # transformers times the model's preparation (the DDP wrap) once, at the first evaluation, but subtracts it
+        # from every later evaluation's runtime: eval_runtime came out negative (multi-process runs; a classifier on
+        # a busy CPU). Count it once.
+        self.__dict__.pop("model_preparation_time", None)
+        if self.is_in_train:  # the evaluations before and after training are not part of train_seconds
+            self.eval_seconds_in_training += time.perf_counter() - started
+        return metrics
+
+
+class SFTTrainer(RunTrainer):
     def __init__(
         self, *args: Any, supervised_logits_only: bool = True, share_prompt_prefix: bool = True,
         bucket_within_batch: bool = True, packing: bool = False, method_optimizer: torch.optim.Optimizer | None = None,
@@ -157,11 +184,6 @@ class SFTTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self.supervised_tokens_seen = 0
         self.input_tokens_seen = 0
-
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
-        if self.lr_scheduler is None:
-            drop_warmup_covering_all_steps(self.args, num_training_steps)
-        return super().create_scheduler(num_training_steps, optimizer)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """The adapter method's own optimizer when it has one (partial's layer-wise learning rates, LoRA+'s faster B
@@ -265,13 +287,6 @@ class SFTTrainer(Trainer):
             name = type(getattr(self.model, "get_base_model", lambda: self.model)()).__name__
             raise ConfigError(f"train.packing: {name} attends across the rows joined into one sequence (its "
                               f"attention ignores the restarting position_ids): set train.packing: false")
-
-    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        metrics = super().evaluate(*args, **kwargs)
-        # transformers times the model's preparation (the DDP wrap) once, at the first evaluation, but subtracts it
-        # from every later evaluation's runtime: multi-process runs logged negative eval_runtime. Count it once.
-        self.__dict__.pop("model_preparation_time", None)
-        return metrics
 
     def eval_loss_unwrapped(self) -> float:
         """The eval loss before DeepSpeed or DDP wraps the model: `evaluate()` would set up a ZeRO inference

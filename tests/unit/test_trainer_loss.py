@@ -137,23 +137,31 @@ def test_bucketed_batch_gives_the_same_loss_and_gradients(lora_model, tiny_token
         torch.testing.assert_close(results[True][1][name], value, atol=1e-6, rtol=1e-4)
 
 
-def test_model_preparation_time_is_not_subtracted_from_later_evaluations(lora_model, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("trainer_class", ["SFTTrainer", "ClassificationTrainer"])
+def test_evaluations_are_timed_in_training_only_and_preparation_is_subtracted_once(lora_model, tiny_tokenizer, tmp_path,
+                                                                                    trainer_class):
     """transformers measures the model's preparation at the first evaluation and subtracted it from every later
-    one's runtime (negative eval_runtime under DDP, where the wrap takes seconds)."""
+    one's runtime (negative eval_runtime under DDP, where the wrap takes seconds, and for a classifier on a busy CPU:
+    the classification trainer lacked the fix). Both trainers time their evaluations during training themselves."""
     from transformers import TrainingArguments
 
     from peftkit.data.build import PaddingCollator
-    from peftkit.train.trainer import SFTTrainer
+    from peftkit.train import classification, trainer as sft
 
     torch.manual_seed(3)
     rows = [{"input_ids": (ids := torch.randint(5, len(tiny_tokenizer), (12,)).tolist()), "labels": [-100] * 4 + ids[4:]}
             for _ in range(4)]
-    trainer = SFTTrainer(model=lora_model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
-                         data_collator=PaddingCollator(tiny_tokenizer.pad_token_id), eval_dataset=rows)
+    trainer_type = getattr(sft, trainer_class, None) or getattr(classification, trainer_class)
+    trainer = trainer_type(model=lora_model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
+                           data_collator=PaddingCollator(tiny_tokenizer.pad_token_id), eval_dataset=rows)
     first = trainer.evaluate()
     assert "eval_model_preparation_time" in first  # this transformers still measures it: the fix is still needed
     second = trainer.evaluate()
     assert "eval_model_preparation_time" not in second and second["eval_runtime"] > 0
+    assert trainer.eval_seconds_in_training == 0.0  # outside train(): not part of the training time
+    trainer.is_in_train = True  # as during train()
+    trainer.evaluate()
+    assert trainer.eval_seconds_in_training > 0
 
 
 @pytest.mark.parametrize("window, shared_calls", [(8, 0), (64, 1)])
