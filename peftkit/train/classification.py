@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from peftkit.adapters import base_model_view, build_adapter, effective_quantization, parameter_counts, save_trained, trainer_extras
+from peftkit.adapters import base_model_view, build_adapter, effective_quantization, parameter_counts, trainer_extras
 from peftkit.adapters.lora import CALIBRATED_INITS, KNOWLEDGE_INITS
 from peftkit.config.load import recipe_to_yaml
 from peftkit.config.schema import Recipe
@@ -39,7 +39,7 @@ from peftkit.data.classification import (
 )
 from peftkit.errors import DataError
 from peftkit.evaluate.classification import metrics_from_eval_prediction
-from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_model_ref, save_tokenizer, weights_dtype
+from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_model_ref, weights_dtype
 from peftkit.models.load import loading_errors
 from peftkit.models.resolve import ModelSource, materialize
 from peftkit.train import checkpoints, signals
@@ -47,8 +47,8 @@ from peftkit.train.callbacks import (
     MetricsJsonlCallback, ResumedSettings, per_second, plot_loss_curves, read_metrics,
 )
 from peftkit.train.run import (
-    RunResult, _session_loss_sum, check_device_options, configure_threads, peak_memory_mb, summary_header, tensorboard_callback,
-    train_or_finish, training_arguments,
+    RunResult, _session_loss_sum, check_device_options, configure_threads, peak_memory_mb, save_adapter, summary_header,
+    tensorboard_callback, train_or_finish, training_arguments,
 )
 from peftkit.train.model_card import unfrozen_at_end
 from peftkit.train.trainer import RunTrainer
@@ -280,12 +280,7 @@ def _train_classifier(
     after = {"eval": _scores(trainer, data.eval, "eval"), "heldout": _scores(trainer, data.heldout, "heldout")}
     tensorboard.close()
 
-    save_trained(model, run_dir, recipe.adapter.method)
-    from peftkit.utils.atomic import atomic_directory
-
-    with atomic_directory(run_dir / "tokenizer", replace=True) as tmp:
-        assert tmp is not None
-        save_tokenizer(tokenizer, tmp)
+    save_adapter(model, tokenizer, run_dir, recipe.adapter.method)  # or the trained model, and the tokenizer
     prompts = list(recipe.eval.sample_prompts)
     samples = [{"prompt": p, "reply": r} for p, r in zip(prompts, predict_labels(model, tokenizer, prompts, recipe.data.max_seq_len))]
 

@@ -45,7 +45,7 @@ from peftkit.train.callbacks import (
 )
 from peftkit.train.model_card import write_model_card
 from peftkit.train.trainer import SFTTrainer, pad_eval_rows
-from peftkit.utils.atomic import atomic_directory, atomic_write_text
+from peftkit.utils.atomic import RUN_FOLDER_LISTING, atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -574,7 +574,7 @@ def save_adapter(model: Any, tokenizer: Any, run_dir: Path, method: str | None =
     from peftkit.adapters import save_trained
 
     save_trained(model, run_dir, method)
-    with atomic_directory(run_dir / "tokenizer", replace=True) as tmp:
+    with atomic_directory(run_dir / "tokenizer", replace=True, listing=RUN_FOLDER_LISTING) as tmp:
         assert tmp is not None
         save_tokenizer(tokenizer, tmp)
 

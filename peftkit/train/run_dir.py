@@ -23,7 +23,7 @@ import yaml
 
 from peftkit.errors import RunDirError
 from peftkit.train import checkpoints
-from peftkit.utils.atomic import atomic_write_text, remove_dead_writers_temporaries
+from peftkit.utils.atomic import RUN_FOLDER_LISTING, atomic_write_text, marked_entries, remove_dead_writers_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -141,18 +141,37 @@ RUN_FILES = frozenset({
 _CHECKPOINT_ENTRY = re.compile(r"^(tmp-)?checkpoint-\d+$|^runs$")
 
 
+_RUN_FOLDER_FILES = {"checkpoints": _CHECKPOINT_ENTRY, "plots": re.compile(r"^loss\.png$"),
+                     "tensorboard": re.compile(r"^events\.out\.tfevents\.")}
+"""What peftkit writes into these run folders; adapter/, model/ and tokenizer/ list theirs (RUN_FOLDER_LISTING)."""
+
+
 def foreign_entries(run_dir: Path) -> list[str]:
     """Entries peftkit did not write (hidden ones aside): a user's files, or a project folder used as output_dir."""
     found = [p.name for p in run_dir.iterdir() if not p.name.startswith(".") and p.name not in RUN_FILES]
-    from peftkit.export.common import written_by_peftkit
+    from peftkit.export.common import EXPORT_MARKER, written_by_peftkit
 
-    found += [f"{name}/" for name in _EXPORTS  # e.g. a llama-quantize output put into RUN/gguf
-              if (run_dir / name).is_dir() and not written_by_peftkit(run_dir / name)]
-    saved = run_dir / "checkpoints"
-    if saved.is_dir() and not saved.is_symlink():
-        found += [f"checkpoints/{p.name}" for p in saved.iterdir()
-                  if not p.name.startswith(".") and not _CHECKPOINT_ENTRY.match(p.name)]
+    for name in _EXPORTS:  # e.g. a llama-quantize output put into RUN/gguf
+        folder = run_dir / name
+        if folder.is_dir() and not written_by_peftkit(folder):
+            found += _unlisted(folder, EXPORT_MARKER) or [f"{name}/"]
+    for name, written in _RUN_FOLDER_FILES.items():
+        folder = run_dir / name
+        if folder.is_dir() and not folder.is_symlink():
+            found += [f"{name}/{p.name}" for p in folder.iterdir() if not p.name.startswith(".") and not written.match(p.name)]
+    for name in ("adapter", "model", "tokenizer"):  # runs from before the listing: their folders as they are
+        folder = run_dir / name
+        if folder.is_dir() and not folder.is_symlink():
+            found += _unlisted(folder, RUN_FOLDER_LISTING)
     return sorted(found)
+
+
+def _unlisted(folder: Path, marker: str) -> list[str]:
+    """`folder`'s entries that its marker does not name (none when it has no listing marker)."""
+    listed = marked_entries(folder / marker)
+    if listed is None:
+        return []
+    return [f"{folder.name}/{p.name}" for p in folder.iterdir() if p.name != marker and p.name not in listed]
 
 
 def is_peftkit_run(run_dir: Path) -> bool:

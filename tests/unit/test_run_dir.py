@@ -412,6 +412,24 @@ def test_force_replaces_a_run_but_never_files_put_beside_it(tmp_path):
 
 
 
+def test_force_keeps_files_put_into_a_runs_own_folders(tiny_recipe, tmp_path):
+    """`train --force` deleted a user's files inside plots/, tensorboard/, adapter/ and tokenizer/ with the run:
+    only the top folder, the exports and checkpoints/ were looked into."""
+    from peftkit.train.run_dir import foreign_entries
+
+    recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1}})
+    run_dir = train(recipe).run_dir
+    assert foreign_entries(run_dir) == []  # all a run writes is its own
+    for name in ("plots", "tensorboard", "adapter", "tokenizer"):
+        mine = run_dir / name / "my-notes.txt"
+        mine.write_text("mine")
+        with pytest.raises(RunDirError, match=rf"files that are not a run's own \({name}/my-notes.txt\)"):
+            train(recipe, force=True)
+        assert mine.read_text() == "mine"
+        mine.unlink()
+    train(recipe, force=True)  # nothing of the user's: replaced
+
+
 def test_a_file_added_to_a_runs_export_folder_blocks_force_and_extra_entries_do_not_block_resume(tmp_path):
     """docs/export.md suggests running llama-quantize next to the GGUF export: RUN/gguf then holds the user's file,
     which `train --force` must not delete with the run. Resuming deletes nothing, so an older run holding an extra
@@ -429,8 +447,8 @@ def test_a_file_added_to_a_runs_export_folder_blocks_force_and_extra_entries_do_
     (run / "gguf" / "run-f16.gguf").write_text("")
     assert foreign_entries(run) == []
     (run / "gguf" / "run-Q4_K_M.gguf").write_text("user's")
-    assert foreign_entries(run) == ["gguf/"]
-    with pytest.raises(RunDirError, match=r"files that are not a run's own \(gguf/\)"):
+    assert foreign_entries(run) == ["gguf/run-Q4_K_M.gguf"]  # the file named, not only its folder
+    with pytest.raises(RunDirError, match=r"files that are not a run's own \(gguf/run-Q4_K_M.gguf\)"):
         check_run_dir(run, resume=False, force=True, recipe_dump={})
     assert (run / "gguf" / "run-Q4_K_M.gguf").read_text() == "user's"
 
