@@ -70,16 +70,17 @@ def check_recipe_adapter(recipe: Recipe) -> list[str]:
     init = getattr(recipe.adapter, "init", None)
     if init is not None:
         problems.extend(lora.init_problems(init, effective_quantization(recipe) is not None))
-    if getattr(recipe.adapter, "prefix_projection", False) and recipe.train.early_stopping_patience:
+    if getattr(recipe.adapter, "prefix_projection", False) and recipe.train.early_stopping_patience and recipe.deepspeed:
         problems.append(PREFIX_PROJECTION_CHECKPOINTS + ", so early stopping cannot load its best checkpoint: remove "
                         "train.early_stopping_patience, or adapter.prefix_projection")
     return problems
 
 
 PREFIX_PROJECTION_CHECKPOINTS = (
-    "adapter.prefix_projection: peft saves a projected prefix in the form used for inference, not the MLP being "
-    "trained, and cannot load it back into training")
-"""Why checkpoints of a prefix-projection run cannot be trained from (early stopping's best, --resume)."""
+    "adapter.prefix_projection under DeepSpeed: peft saves a projected prefix in the form used for inference, not the "
+    "MLP being trained, and peftkit's own copy of the trained encoder is not written into DeepSpeed checkpoints")
+"""Why DeepSpeed checkpoints of a prefix-projection run cannot be trained from (early stopping's best, --resume);
+without DeepSpeed each checkpoint carries the trained encoder (train/trainer.py PREFIX_ENCODER_FILE)."""
 
 
 def check_targets(model: torch.nn.Module, cfg: Any, task: str = "causal_lm") -> list[str]:

@@ -307,7 +307,7 @@ def _no_longer_recorded(key: str, current: dict[str, Any]) -> bool:
 
 
 def check_resume_recipe(run_dir: Path, recipe_dump: dict[str, Any]) -> None:
-    if (recipe_dump.get("adapter") or {}).get("prefix_projection"):
+    if (recipe_dump.get("adapter") or {}).get("prefix_projection") and recipe_dump.get("deepspeed"):
         from peftkit.adapters import PREFIX_PROJECTION_CHECKPOINTS
 
         raise RunDirError(f"--resume: {PREFIX_PROJECTION_CHECKPOINTS}, so {run_dir} cannot be resumed: start it "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
 from typing import Any
 
@@ -154,6 +155,19 @@ class RunTrainer(Trainer):
         return metrics
 
 
+PREFIX_ENCODER_FILE = "prefix_encoder.safetensors"
+"""In each checkpoint of a `prefix_projection` run: the prefix encoder as trained (embedding and MLP). peft saves the
+prefix in its projected, inference-only form, which cannot be trained from (resume, early stopping's best)."""
+
+
+def _projected_prefix_encoder(model: Any) -> torch.nn.Module | None:
+    """The trained prefix encoder of a prefix-tuning model with `prefix_projection`, or None."""
+    config = active_peft_config(model)
+    if config is None or not getattr(config, "prefix_projection", False):
+        return None
+    return model.prompt_encoder[model.active_adapter]
+
+
 class SFTTrainer(RunTrainer):
     def __init__(
         self, *args: Any, supervised_logits_only: bool = True, share_prompt_prefix: bool = True,
@@ -287,6 +301,36 @@ class SFTTrainer(RunTrainer):
             name = type(getattr(self.model, "get_base_model", lambda: self.model)()).__name__
             raise ConfigError(f"train.packing: {name} attends across the rows joined into one sequence (its "
                               f"attention ignores the restarting position_ids): set train.packing: false")
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        encoder = _projected_prefix_encoder(self.accelerator.unwrap_model(self.model))
+        if encoder is not None and self.args.should_save:
+            from safetensors.torch import save_file
+
+            weights = {name: tensor.detach().cpu().contiguous() for name, tensor in encoder.state_dict().items()}
+            save_file(weights, os.path.join(output_dir or self.args.output_dir, PREFIX_ENCODER_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        if not self._load_prefix_encoder(resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._load_prefix_encoder(self.state.best_model_checkpoint):
+            super()._load_best_model()
+
+    def _load_prefix_encoder(self, checkpoint: str | None, model: Any = None) -> bool:
+        """A `prefix_projection` run's checkpoint loads its trained encoder (see PREFIX_ENCODER_FILE)."""
+        if self.is_deepspeed_enabled:  # its engine checkpoints hold every trainable weight (and load them)
+            return False
+        encoder = _projected_prefix_encoder(self.accelerator.unwrap_model(model or self.model))
+        saved = os.path.join(checkpoint or "", PREFIX_ENCODER_FILE)
+        if encoder is None or not os.path.isfile(saved):
+            return False
+        from safetensors.torch import load_file
+
+        encoder.load_state_dict(load_file(saved), strict=True)
+        return True
 
     def eval_loss_unwrapped(self) -> float:
         """The eval loss before DeepSpeed or DDP wraps the model: `evaluate()` would set up a ZeRO inference

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from tests.unit.export_fixtures import export_recipe, llama64_dir, make_run  # n
 from peftkit.cli import main
 from peftkit.config import recipe_from_dict
 from peftkit.data.build import build_datasets, load_heldout
-from peftkit.errors import DataError, ModelNotFoundError, RunDirError
+from peftkit.errors import ConfigError, DataError, ModelNotFoundError, RunDirError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -195,28 +196,41 @@ def test_an_invalid_node_count_is_one_problem():
     assert LaunchOptions(nnodes=0).problems() == ["--nnodes must be at least 1, got 0"]
 
 
-def test_prefix_projection_runs_are_refused_where_their_checkpoints_would_be_loaded(tiny_recipe, tmp_path, capsys):
-    """peft checkpoints a projected prefix in its inference form: early stopping (best checkpoint) and --resume would
-    crash after training with a raw size mismatch; both are refused before any weights load."""
+def test_prefix_projection_runs_resume_and_early_stop_from_their_checkpoints(tiny_recipe):
+    """peft checkpoints a projected prefix in its inference form, which cannot be trained from: a stopped run of
+    `quickstart-prefix.yaml` was told its resume command and then refused, and early stopping was refused. Each
+    checkpoint now carries the trained encoder: a resumed run ends where an uninterrupted one does."""
     import copy
 
     from peftkit.config.validate import validate_recipe
-    from peftkit.errors import ConfigError
+    from peftkit.train.run import train
+    from peftkit.train.signals import TrainingInterrupted
+    from peftkit.train.trainer import PREFIX_ENCODER_FILE
+    from tests.unit.test_interrupt_reports import SignalAt
 
     data = copy.deepcopy(tiny_recipe)
     data["adapter"] = {"method": "prefix_tuning", "num_virtual_tokens": 4, "prefix_projection": True}
-    data["train"] = {**data["train"], "early_stopping_patience": 2}
-    with pytest.raises(ConfigError, match="early stopping cannot load its best checkpoint"):
-        validate_recipe(recipe_from_dict(data), check_model=False)
-    data["train"] = {**tiny_recipe["train"], "max_steps": 2}
+    data["train"] = {**data["train"], "max_steps": 6, "save_steps": 2, "eval_steps": 2, "lr": 1e-2}
     data["eval"] = {"before": False}
-    recipe_path = tmp_path / "prefix.yaml"
-    recipe_path.write_text(__import__("yaml").safe_dump(data))
-    assert main(["train", str(recipe_path)]) == 0
-    capsys.readouterr()
-    (Path(data["output_dir"]) / "summary.json").unlink()  # as a run stopped before its end leaves it
-    assert main(["train", str(recipe_path), "--resume"]) == 2
-    assert "cannot be resumed: start it again with --force" in capsys.readouterr().err
+    reference = train(recipe_from_dict({**data, "output_dir": str(Path(data["output_dir"]).parent / "whole")}))
+    recipe = recipe_from_dict(data)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(recipe, extra_callbacks=[SignalAt(3)])
+    assert (stopped.value.run_dir / "checkpoints" / f"checkpoint-{stopped.value.step}" / PREFIX_ENCODER_FILE).is_file()
+    resumed = train(recipe, resume=True)
+    assert resumed.summary["eval_loss_after"] == pytest.approx(reference.summary["eval_loss_after"], rel=1e-4)
+    assert resumed.summary["train_loss"] == pytest.approx(reference.summary["train_loss"], rel=1e-4)
+
+    data["train"] = {**data["train"], "early_stopping_patience": 1, "lr": 0.3}  # diverges: the best is an early one
+    early = train(recipe_from_dict({**data, "output_dir": str(Path(data["output_dir"]).parent / "early")}))  # was refused
+    evals = {r["step"]: r["eval_loss"] for r in map(json.loads, (early.run_dir / "metrics.jsonl").read_text().splitlines())
+             if "eval_loss" in r and r["step"] > 0}
+    best = min(evals, key=evals.get)
+    assert early.summary["weights_from_step"] == best and best < max(evals)
+    assert early.summary["eval_loss_after"] == pytest.approx(evals[best], rel=1e-4)  # the best checkpoint's encoder
+    data["deepspeed"] = "zero2"  # DeepSpeed's checkpoints do not carry peftkit's copy of the encoder: still refused
+    with pytest.raises(ConfigError, match="under DeepSpeed.*early stopping cannot load its best checkpoint"):
+        validate_recipe(recipe_from_dict(data), check_model=False)
 
 
 def test_a_warm_up_over_every_step_is_dropped_and_a_replaced_save_interval_is_said(tiny_recipe, tmp_path, caplog):
