@@ -398,6 +398,7 @@ class TrainConfig(Section):
     grad_accum: PositiveInt = 1
     lr: PositiveFloat = 2e-4
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """The learning-rate schedule after the warm-up (transformers' schedules of these names)."""
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     max_grad_norm: Annotated[float, Field(ge=0.0)] = 1.0
@@ -426,6 +427,7 @@ class TrainConfig(Section):
     """TF32 matmuls on Ampere or newer NVIDIA GPUs (faster fp32 maths at a 10-bit mantissa; what axolotl's
     `tf32: true` sets); without a CUDA GPU it is ignored with a warning."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """`auto`: a CUDA GPU when one is visible, else the CPU (Apple's MPS only when named)."""
     dtype: DType = "auto"
     """Weights/compute dtype. `auto`: float32 on CPU, bfloat16 on capable GPUs."""
     num_threads: PositiveInt | None = None
