@@ -202,8 +202,18 @@ def test_prompt_only_replay_records_are_answered_by_the_base_model(tiny_recipe, 
         f"base answer to {e.messages[-2]['content']}" for e in examples]
     assert answered[-1].messages[1] == {"role": "assistant", "content": "Hello!"}  # earlier turns as written
 
-    recipe = {**tiny_recipe, "data": {**tiny_recipe["data"], "replay": {"path": str(prompts), "answers": "base"}}}
+    recipe = {**tiny_recipe, "data": {**tiny_recipe["data"], "replay": {"path": str(prompts), "answers": "base",
+                                                                        "ratio": 1.0}}}
     validate_recipe(recipe_from_dict(recipe))
+    from peftkit.data.build import build_datasets
+    from peftkit.models import load_tokenizer, resolve_model_ref
+
+    parsed = recipe_from_dict(recipe)
+    tokenizer = load_tokenizer(parsed.model, resolve_model_ref(parsed.model.name))
+    bundle = build_datasets(parsed.data, tokenizer, parsed.train.seed,
+                            replay_answerer=base_model_answerer(None, tokenizer, cache=None))
+    replayed = [tokenizer.decode(row["input_ids"]) for row in bundle.train[-bundle.stats["replay_examples"]:]]
+    assert replayed and all("base answer to" in text and ANSWER_SLOT not in text for text in replayed)
     recipe["data"]["replay"]["known_only"] = True  # nothing written to agree with
     with pytest.raises(ConfigError, match=r"known_only .* 8 of the 8 replay records have no written answer"):
         validate_recipe(recipe_from_dict(recipe))
