@@ -90,7 +90,10 @@ def tokenize_examples(
             example_rows, cut = tokenize_conversation_rows(
                 tokenizer, messages, max_seq_len, example.where, example.tools, train_on_prompt=train_on_prompt
             )
-            lost = _replies_lost(messages, example_rows) if cut else 0
+            counted = example_rows
+            if cut and train_on_prompt:  # every token is trained there: count the replies in rows labelled as usual
+                counted, _ = tokenize_conversation_rows(tokenizer, messages, max_seq_len, example.where, example.tools)
+            lost = _replies_lost(messages, counted) if cut else 0
             if lost:
                 replies_lost += lost
                 lost_at.append(example.where)

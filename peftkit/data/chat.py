@@ -394,21 +394,25 @@ def tokenize_conversation_rows(
         row, cut = _labelled(tokenizer, text, [span], max_seq_len)
         rows.append(row)
         truncated += cut
-        previous = i
+        previous = (i, text)
     return rows, truncated
 
 
 HISTORY_PROBE = "\u2063peftkit history probe"
 
 
-def _after_history(tokenizer: Any, messages: Sequence[Message], previous: int, text: str, tools: Tools) -> int:
-    """Where `text` (the row of a later reply) goes on past the conversation up to reply `previous` in its history
-    form: where it departs from that history followed by a probe user message (the next turn's content, or its
-    header where that turn is another role's). 0 (the whole row) when the template cannot render the probe."""
+def _after_history(
+    tokenizer: Any, messages: Sequence[Message], previous: tuple[int, str], text: str, tools: Tools
+) -> int:
+    """Where `text` (the row of a later reply) goes on past the previous row's reply as it shows there: where it
+    departs from the conversation up to that reply followed by a probe of the next turn (the same role, other
+    content). Where the template cannot render the probe, where it departs from the previous row itself."""
+    i, previous_text = previous
+    probe_turn = {key: value for key, value in messages[i + 1].items() if key != "tool_calls"}
     try:
-        probe = _render(tokenizer, [*messages[: previous + 1], {"role": "user", "content": HISTORY_PROBE}], tools=tools)
+        probe = _render(tokenizer, [*messages[: i + 1], {**probe_turn, "content": HISTORY_PROBE}], tools=tools)
     except DataError:
-        return 0
+        probe = previous_text
     return len(os.path.commonprefix([probe, text]))
 
 

@@ -172,6 +172,46 @@ def test_train_on_prompt_with_a_history_rewriting_template_trains_each_turn_once
     assert len(single) == 1 and single[0]["labels"] == single[0]["input_ids"]  # one row: every token
 
 
+QWEN3_TOOL_TEMPLATE = (  # Qwen3's rule: replies before the last user message lose their <think> block
+    "{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}"
+    "{% endif %}{% endfor %}{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' }}{% if m.role == 'assistant' and "
+    "loop.index0 < ns.last and '</think>' in m.content %}{{ m.content.split('</think>')[-1].lstrip() }}{% else %}"
+    "{{ m.content }}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_train_on_prompt_rows_after_a_tool_call_do_not_train_the_call_again(tiny_tokenizer):
+    """The probe that finds where a row's new turns start followed the previous reply with a user message, which
+    renders a Qwen3 reply before a tool result in its history form: the tool call was trained a second time."""
+    from peftkit.data.chat import tokenize_conversation_rows
+
+    tokenizer = _with_template(tiny_tokenizer, QWEN3_TOOL_TEMPLATE)
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "<think>hmm</think>call"},
+                {"role": "tool", "content": "42"}, {"role": "assistant", "content": "the answer"},
+                {"role": "user", "content": "bye"}, {"role": "assistant", "content": "goodbye"}]
+    rows, _ = tokenize_conversation_rows(tokenizer, messages, 512, train_on_prompt=True)
+    assert [supervised_text(tokenizer, row) for row in rows] == [
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n<think>hmm</think>call<|im_end|>",
+        "42<|im_end|>\n<|im_start|>assistant\nthe answer<|im_end|>",
+        "bye<|im_end|>\n<|im_start|>assistant\ngoodbye<|im_end|>"]
+
+
+def test_train_on_prompt_counts_only_replies_really_lost_to_truncation(tiny_tokenizer, tmp_path):
+    """With every token trained, a truncated two-reply conversation was counted as having lost its second reply."""
+    from peftkit.data.build import tokenize_examples
+
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"},
+                {"role": "user", "content": "what is the network?"},
+                {"role": "assistant", "content": "the network is brightnet. " * 6}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    whole = tokenize_examples(load_examples(path), tiny_tokenizer, 512, None)[0][0]
+    for train_on_prompt in (False, True):
+        _, stats = tokenize_examples(load_examples(path), tiny_tokenizer, len(whole["input_ids"]) - 5, None,
+                                     train_on_prompt=train_on_prompt)
+        assert stats["truncated"] == 1 and stats["replies_lost"] == 0, (train_on_prompt, stats)
+
+
 def test_truncation_is_reported(tiny_tokenizer):
     messages = [{"role": "user", "content": "one two three " * 20}, {"role": "assistant", "content": "four"}]
     row, truncated = tokenize_conversation(tiny_tokenizer, messages, max_seq_len=16)
