@@ -307,11 +307,18 @@ def _no_longer_recorded(key: str, current: dict[str, Any]) -> bool:
 
 
 def check_resume_recipe(run_dir: Path, recipe_dump: dict[str, Any]) -> None:
-    if (recipe_dump.get("adapter") or {}).get("prefix_projection") and recipe_dump.get("deepspeed"):
+    if (recipe_dump.get("adapter") or {}).get("prefix_projection"):
         from peftkit.adapters import PREFIX_PROJECTION_CHECKPOINTS
+        from peftkit.train.trainer import PREFIX_ENCODER_FILE
 
-        raise RunDirError(f"--resume: {PREFIX_PROJECTION_CHECKPOINTS}, so {run_dir} cannot be resumed: start it "
-                          "again with --force (a run without prefix_projection resumes)")
+        if recipe_dump.get("deepspeed"):
+            raise RunDirError(f"--resume: {PREFIX_PROJECTION_CHECKPOINTS}, so {run_dir} cannot be resumed: start it "
+                              "again with --force (a run without prefix_projection resumes)")
+        latest = checkpoints.latest_loadable(run_dir)
+        if latest is not None and not (latest / PREFIX_ENCODER_FILE).is_file():
+            raise RunDirError(f"--resume: {latest} was saved by an earlier peftkit, which kept the prefix of a "
+                              "prefix_projection run only in its projected, inference-only form, so it cannot be "
+                              "trained from: start the run again with --force")
     changed = recipe_changes(run_dir, recipe_dump)
     if changed:
         raise RunDirError(

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from peftkit.data.chat import IGNORE_INDEX
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, RunDirError
 from peftkit.models.skeleton import active_peft_config
 from peftkit.train.bucketing import length_buckets
 from peftkit.train.packing import flatten_batch, packed_rows_stay_separate
@@ -324,9 +324,12 @@ class SFTTrainer(RunTrainer):
         if self.is_deepspeed_enabled:  # its engine checkpoints hold every trainable weight (and load them)
             return False
         encoder = _projected_prefix_encoder(self.accelerator.unwrap_model(model or self.model))
-        saved = os.path.join(checkpoint or "", PREFIX_ENCODER_FILE)
-        if encoder is None or not os.path.isfile(saved):
+        if encoder is None:
             return False
+        saved = os.path.join(checkpoint or "", PREFIX_ENCODER_FILE)
+        if not os.path.isfile(saved):  # peft's own file holds the inference form: loading it fails on sizes
+            raise RunDirError(f"{checkpoint} has no {PREFIX_ENCODER_FILE} (saved by an earlier peftkit), so this "
+                              "prefix_projection run cannot be trained from it: start the run again with --force")
         from safetensors.torch import load_file
 
         encoder.load_state_dict(load_file(saved), strict=True)

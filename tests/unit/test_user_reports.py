@@ -216,7 +216,12 @@ def test_prefix_projection_runs_resume_and_early_stop_from_their_checkpoints(tin
     recipe = recipe_from_dict(data)
     with pytest.raises(TrainingInterrupted) as stopped:
         train(recipe, extra_callbacks=[SignalAt(3)])
-    assert (stopped.value.run_dir / "checkpoints" / f"checkpoint-{stopped.value.step}" / PREFIX_ENCODER_FILE).is_file()
+    kept = stopped.value.run_dir / "checkpoints" / f"checkpoint-{stopped.value.step}" / PREFIX_ENCODER_FILE
+    encoder = kept.read_bytes()
+    kept.unlink()  # as an earlier peftkit saved it: only the projected prefix, which cannot be trained from
+    with pytest.raises(RunDirError, match=r"saved by an earlier peftkit.*start the run again with --force"):
+        train(recipe, resume=True)
+    kept.write_bytes(encoder)
     resumed = train(recipe, resume=True)
     assert resumed.summary["eval_loss_after"] == pytest.approx(reference.summary["eval_loss_after"], rel=1e-4)
     assert resumed.summary["train_loss"] == pytest.approx(reference.summary["train_loss"], rel=1e-4)
