@@ -133,12 +133,12 @@ def trainer_extras(model: Any, cfg: Any, args: Any) -> TrainerExtras:
 
 def save_trained(model: Any, run_dir: Path, method: str | None = None) -> Path:
     """Write the trained weights: RUN_DIR/adapter (peft layout) or RUN_DIR/model (full/partial)."""
-    from peftkit.utils.atomic import RUN_FOLDER_LISTING, atomic_directory
+    from peftkit.utils.atomic import atomic_directory
 
     name = method or ("lora" if uses_peft(model) else "full")
     spec = get_method(name)
     target = run_dir / ("adapter" if spec.uses_peft else full.MODEL_DIR)
-    with atomic_directory(target, replace=True, listing=RUN_FOLDER_LISTING) as tmp:
+    with atomic_directory(target, replace=True) as tmp:
         assert tmp is not None
         if spec.save is not None:
             spec.save(model, Path(tmp))

@@ -45,7 +45,7 @@ from peftkit.train.callbacks import (
 )
 from peftkit.train.model_card import write_model_card
 from peftkit.train.trainer import SFTTrainer, pad_eval_rows
-from peftkit.utils.atomic import RUN_FOLDER_LISTING, atomic_directory, atomic_write_text
+from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -573,10 +573,11 @@ def save_adapter(model: Any, tokenizer: Any, run_dir: Path, method: str | None =
     Methods without an adapter (full, partial) save the whole model into RUN_DIR/model instead."""
     from peftkit.adapters import save_trained
 
-    save_trained(model, run_dir, method)
-    with atomic_directory(run_dir / "tokenizer", replace=True, listing=RUN_FOLDER_LISTING) as tmp:
+    saved = save_trained(model, run_dir, method)
+    with atomic_directory(run_dir / "tokenizer", replace=True) as tmp:
         assert tmp is not None
         save_tokenizer(tokenizer, tmp)
+    run_dirs.record_written(run_dir, saved.name, "tokenizer")  # `train --force` deletes no file of yours put there
 
 
 def _sample_answers(model: Any, tokenizer: Any, recipe: Recipe, data: Any) -> list[dict[str, str]]:

@@ -23,7 +23,7 @@ import yaml
 
 from peftkit.errors import RunDirError
 from peftkit.train import checkpoints
-from peftkit.utils.atomic import RUN_FOLDER_LISTING, atomic_write_text, marked_entries, remove_dead_writers_temporaries
+from peftkit.utils.atomic import atomic_write_text, marked_entries, remove_dead_writers_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +138,43 @@ RUN_FILES = frozenset({
     *_EXPORTS, *(f"{name}.verification-failed.json" for name in _EXPORTS),
 })
 """What peftkit writes into a run directory (training, eval, default exports): all that --force may delete."""
-_CHECKPOINT_ENTRY = re.compile(r"^(tmp-)?checkpoint-\d+$|^runs$")
+_CHECKPOINT_ENTRY = re.compile(r"^(tmp-|\.damaged-)?checkpoint-\d+$|^runs$")  # .damaged-: set aside on a resume
 
 
-_RUN_FOLDER_FILES = {"checkpoints": _CHECKPOINT_ENTRY, "plots": re.compile(r"^loss\.png$"),
-                     "tensorboard": re.compile(r"^events\.out\.tfevents\.")}
-"""What peftkit writes into these run folders; adapter/, model/ and tokenizer/ list theirs (RUN_FOLDER_LISTING)."""
+WRITTEN_LISTING = ".peftkit-files"
+"""In a run directory: the entries peftkit saved into adapter/, model/ and tokenizer/ (JSON, folder -> names)."""
+_RUN_FOLDER_FILES = {
+    "checkpoints": _CHECKPOINT_ENTRY,
+    "plots": re.compile(r"^loss\.png$"),
+    "tensorboard": re.compile(r"^events\.out\.tfevents\."),
+    # folders of runs from before WRITTEN_LISTING: what transformers and peft save there
+    "adapter": re.compile(r"^(adapter_config\.json|adapter_model\.safetensors|README\.md)$"),
+    "model": re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
+                        r"|model\.safetensors\.index\.json|README\.md)$"),
+    "tokenizer": re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template\.(jinja|json)"
+                            r"|vocab\.(json|txt)|merges\.txt|.*\.model|.*\.tiktoken)$"),
+}
+"""What peftkit writes into a run's folders (adapter/, model/ and tokenizer/: WRITTEN_LISTING where it exists)."""
+
+
+def record_written(run_dir: Path, *folders: str) -> None:
+    """Note what the run just saved into `folders`, so that `train --force` can tell a user's file put there."""
+    listing = _written(run_dir)
+    listing.update({name: sorted(p.name for p in (run_dir / name).iterdir()) for name in folders})
+    atomic_write_text(run_dir / WRITTEN_LISTING, json.dumps(listing, indent=1) + "\n")
+
+
+def _written(run_dir: Path) -> dict[str, list[str]]:
+    try:
+        listing = json.loads((run_dir / WRITTEN_LISTING).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return listing if isinstance(listing, dict) else {}
 
 
 def foreign_entries(run_dir: Path) -> list[str]:
-    """Entries peftkit did not write (hidden ones aside): a user's files, or a project folder used as output_dir."""
+    """Entries peftkit did not write: a user's files, or a project folder used as output_dir. Hidden entries of the
+    run directory itself are left alone (the marker, a `.gitkeep`); inside its folders only half-written leftovers."""
     found = [p.name for p in run_dir.iterdir() if not p.name.startswith(".") and p.name not in RUN_FILES]
     from peftkit.export.common import EXPORT_MARKER, written_by_peftkit
 
@@ -155,14 +182,14 @@ def foreign_entries(run_dir: Path) -> list[str]:
         folder = run_dir / name
         if folder.is_dir() and not written_by_peftkit(folder):
             found += _unlisted(folder, EXPORT_MARKER) or [f"{name}/"]
+    listing = _written(run_dir)
     for name, written in _RUN_FOLDER_FILES.items():
         folder = run_dir / name
-        if folder.is_dir() and not folder.is_symlink():
-            found += [f"{name}/{p.name}" for p in folder.iterdir() if not p.name.startswith(".") and not written.match(p.name)]
-    for name in ("adapter", "model", "tokenizer"):  # runs from before the listing: their folders as they are
-        folder = run_dir / name
-        if folder.is_dir() and not folder.is_symlink():
-            found += _unlisted(folder, RUN_FOLDER_LISTING)
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        own = listing.get(name)
+        found += [f"{name}/{p.name}" for p in folder.iterdir() if not p.name.startswith(".tmp-")
+                  and not (p.name in own if isinstance(own, list) else written.match(p.name))]
     return sorted(found)
 
 
@@ -252,6 +279,7 @@ def clear_run_dir(run_dir: Path) -> None:
     also holds anything peftkit did not write is refused whole, before anything is deleted."""
     _refuse_foreign(run_dir)
     remove_dead_writers_temporaries(run_dir)
+    (run_dir / WRITTEN_LISTING).unlink(missing_ok=True)  # of the folders removed below
     for path in run_dir.iterdir():
         if path.name.startswith(".") or path.name not in RUN_FILES:
             continue

@@ -28,8 +28,6 @@ _MARKERS: dict[Path, str] = {}
 
 
 MARKER_HEADER = "written by peftkit: `--force` may replace this folder; it wrote these entries:\n"
-RUN_FOLDER_LISTING = ".peftkit-files"
-"""The marker in a run's adapter/, model/ and tokenizer/ folders: `train --force` deletes only what it lists."""
 
 
 def marked_entries(marker: Path) -> set[str] | None:
@@ -151,20 +149,18 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path, *, exist_ok: bool = False, replace: bool = False,
-                     listing: str | None = None) -> Iterator[Path | None]:
+def atomic_directory(target: Path, *, exist_ok: bool = False, replace: bool = False) -> Iterator[Path | None]:
     """Yield a temporary directory that becomes `target` when the block succeeds.
 
     exist_ok: if `target` appears meanwhile (another process won), yield None and keep it.
     replace: swap out an existing `target` (the old one is removed only after the new one is in place).
-    listing: a marker file to write into it, naming the entries written (see `mark_when_written`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and exist_ok and not replace:
         yield None
         return
-    marker = _MARKERS.pop(target.resolve(), None) or listing
+    marker = _MARKERS.pop(target.resolve(), None)
     tmp, _ = _temporary_sibling(target, lambda path: os.mkdir(path, 0o777))
     try:
         yield tmp

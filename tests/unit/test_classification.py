@@ -132,8 +132,6 @@ def _check_run(result, trained_head: str) -> None:
     assert summary["labels"] == ["negative", "positive"]
     assert [s["reply"] for s in summary["samples"]] == ["positive", "negative"]
     assert 0 < summary["eval_seconds_in_training"] < summary["train_seconds"]  # the per-epoch evaluations, timed
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval_runtime"' in line]
-    assert all(e["eval_runtime"] >= 0 for e in evals), evals  # the model's preparation time is subtracted once only
     assert_speed_leaves_out_evaluation(summary, summary["trained_tokens"])
     _run_card_snippets(run_dir)
     run = load_run(run_dir)

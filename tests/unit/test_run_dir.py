@@ -427,7 +427,17 @@ def test_force_keeps_files_put_into_a_runs_own_folders(tiny_recipe, tmp_path):
             train(recipe, force=True)
         assert mine.read_text() == "mine"
         mine.unlink()
+    (run_dir / "plots" / ".my-hidden-notes").write_text("mine")  # hidden, but not a half-written leftover
+    with pytest.raises(RunDirError, match=r"plots/.my-hidden-notes"):
+        train(recipe, force=True)
+    (run_dir / "plots" / ".my-hidden-notes").unlink()
+    (run_dir / ".peftkit-files").unlink()  # a run from before the listing: its folders hold what peft saves
+    assert foreign_entries(run_dir) == []
+    (run_dir / "tokenizer" / "my_template_edit.jinja").write_text("mine")
+    assert foreign_entries(run_dir) == ["tokenizer/my_template_edit.jinja"]
+    (run_dir / "tokenizer" / "my_template_edit.jinja").unlink()
     train(recipe, force=True)  # nothing of the user's: replaced
+    assert foreign_entries(run_dir) == []
 
 
 def test_a_file_added_to_a_runs_export_folder_blocks_force_and_extra_entries_do_not_block_resume(tmp_path):
