@@ -77,32 +77,43 @@ ANSWER_SLOT = "(answered by the base model before training)"
 the answerer replaces it before training (a data preview shows it as written)."""
 
 QUESTION_FIELDS = {"prompt": "completion", "instruction": "output", "question": "answer", "query": "response"}
-"""A one-turn record's prompt field -> the answer field it gets when it has no answer field of its own."""
+"""A one-turn record's prompt field -> the answer field it gets when it has no answer of its own."""
 ANSWER_FIELDS = ("completion", "output", "answer", "response")
 
 
 def with_answer_slot(record: Any) -> Any | None:
-    """`record` with an answer to fill in when it ends with a question (a conversation whose last turn is the user's;
-    a `prompt`, `instruction`, `question` or `query` without an answer field), else None."""
+    """`record` with an answer to fill in when it ends with a question: a conversation whose last turn is the user's
+    or a tool's, or ends with an empty reply; a `prompt`, `instruction`, `question` or `query` whose answer field is
+    absent, null or empty. None for every other record."""
     turns = record if isinstance(record, list) else None
     if isinstance(record, dict):
         turns = next((record[k] for k in ("messages", "conversations", "conversation") if k in record), None)
     if isinstance(turns, list):
         last = turns[-1] if turns else None
-        if not isinstance(last, dict) or _role(last) != "user":
+        if not isinstance(last, dict):
             return None
         slot = {"from": "gpt", "value": ANSWER_SLOT} if "from" in last else {"role": "assistant", "content": ANSWER_SLOT}
+        if _role(last) in ("user", "tool"):
+            answered = [*turns, slot]
+        elif _role(last) == "assistant" and _empty(last.get("content", last.get("value"))) and not last.get("tool_calls"):
+            answered = [*turns[:-1], slot]
+        else:
+            return None
         if isinstance(record, list):
-            return [*turns, slot]
+            return answered
         key = next(k for k in ("messages", "conversations", "conversation") if k in record)
-        return {**record, key: [*turns, slot]}
-    if not isinstance(record, dict) or any(field in record for field in ANSWER_FIELDS):
+        return {**record, key: answered}
+    if not isinstance(record, dict) or any(not _empty(record.get(field)) for field in ANSWER_FIELDS):
         return None
-    question = next((q for q in QUESTION_FIELDS if isinstance(record.get(q), (str, list))), None)
+    question = next((q for q in QUESTION_FIELDS if isinstance(record.get(q), (str, list)) and record[q]), None)
     if question is None:
         return None
     answer: Any = [{"role": "assistant", "content": ANSWER_SLOT}] if isinstance(record[question], list) else ANSWER_SLOT
     return {**record, QUESTION_FIELDS[question]: answer}
+
+
+def _empty(answer: Any) -> bool:
+    return answer is None or (isinstance(answer, (str, list)) and not (answer.strip() if isinstance(answer, str) else answer))
 
 
 def _role(turn: dict[str, Any]) -> str | None:

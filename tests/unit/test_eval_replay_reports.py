@@ -224,6 +224,18 @@ def test_prompt_only_replay_records_are_answered_by_the_base_model(tiny_recipe, 
     answered_file = write_jsonl(tmp_path / "qa.jsonl", [{"question": "2 + 2?", "answer": "4"}])
     assert load_replay(str(answered_file), "base")[0].messages[-1]["content"] == "4"  # answered records unchanged
 
+    # an empty or null answer, an empty last reply, and a conversation ending with a tool's result are questions too
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {}}}
+    blank = write_jsonl(tmp_path / "blank.jsonl", [
+        {"instruction": "Say hi.", "input": "", "output": ""}, {"question": "What?", "answer": None},
+        {"prompt": "Why?", "completion": " "},
+        {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": ""}]},
+        {"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                      {"role": "tool", "content": "sunny"}]}])
+    slotted = load_replay(str(blank), "base")
+    assert [e.messages[-1]["content"] for e in slotted] == [ANSWER_SLOT] * 5
+    assert [e.messages[-2]["content"] for e in slotted] == ["Say hi.", "What?", "Why?", "Hi.", "sunny"]
+
 
 def test_the_runs_replay_cache_keeps_the_replay_and_the_contrast_answers(tmp_path, monkeypatch):
     """The replay and contrast rows are answered in two calls: each call wrote the run's cache with its own answers
