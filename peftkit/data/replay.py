@@ -85,9 +85,8 @@ def with_answer_slot(record: Any) -> Any | None:
     """`record` with an answer to fill in when it ends with a question: a conversation whose last turn is the user's
     or a tool's, or ends with an empty reply; a `prompt`, `instruction`, `question` or `query` whose answer field is
     absent, null or empty. None for every other record."""
-    turns = record if isinstance(record, list) else None
-    if isinstance(record, dict):
-        turns = next((record[k] for k in ("messages", "conversations", "conversation") if k in record), None)
+    key = _turns_key(record)
+    turns = record if isinstance(record, list) else record.get(key) if key else None
     if isinstance(turns, list):
         last = turns[-1] if turns else None
         if not isinstance(last, dict):
@@ -99,10 +98,7 @@ def with_answer_slot(record: Any) -> Any | None:
             answered = [*turns[:-1], slot]
         else:
             return None
-        if isinstance(record, list):
-            return answered
-        key = next(k for k in ("messages", "conversations", "conversation") if k in record)
-        return {**record, key: answered}
+        return answered if isinstance(record, list) else {**record, key: answered}
     if not isinstance(record, dict) or any(not _empty(record.get(field)) for field in ANSWER_FIELDS):
         return None
     question = next((q for q in QUESTION_FIELDS if isinstance(record.get(q), (str, list)) and record[q]), None)
@@ -113,7 +109,13 @@ def with_answer_slot(record: Any) -> Any | None:
 
 
 def _empty(answer: Any) -> bool:
-    return answer is None or (isinstance(answer, (str, list)) and not (answer.strip() if isinstance(answer, str) else answer))
+    return answer is None or answer == [] or (isinstance(answer, str) and not answer.strip())
+
+
+def _turns_key(record: Any) -> str | None:
+    """The field holding a record's conversation (`messages`, ShareGPT's `conversations` / `conversation`), if any."""
+    return next((k for k in ("messages", "conversations", "conversation") if k in record), None) \
+        if isinstance(record, dict) else None
 
 
 def _role(turn: dict[str, Any]) -> str | None:
@@ -124,8 +126,8 @@ def _role(turn: dict[str, Any]) -> str | None:
 
 def _answers_nothing(record: Any) -> bool:
     """A question with no answer anywhere in it (a conversation with earlier assistant turns still trains on them)."""
-    turns = record if isinstance(record, list) else next(
-        (record[k] for k in ("messages", "conversations", "conversation") if k in record), None)
+    key = _turns_key(record)
+    turns = record if isinstance(record, list) else record.get(key) if key else None
     return not isinstance(turns, list) or not any(isinstance(t, dict) and _role(t) == "assistant" for t in turns)
 
 
