@@ -387,14 +387,17 @@ def tokenize_conversation_rows(
         _warn_once(tokenizer, "history", "%s: each assistant turn of a multi-turn conversation is trained as the last "
                    "turn of its own row", exc.finding)
     rows, truncated, previous = [], 0, None
+    marker = _reply_end_marker(tokenizer) if train_on_prompt else ""
     for i in _trained_turns(messages):
         text, span = _reply_span(tokenizer, messages, i, where, tools)
+        reply_start = span[0]
         if train_on_prompt:
-            span = (0 if previous is None else _after_history(tokenizer, messages, previous, text, tools), span[1])
+            span = (0 if previous is None else _after_history(tokenizer, messages, previous, text, tools, marker),
+                    span[1])
         row, cut = _labelled(tokenizer, text, [span], max_seq_len)
         rows.append(row)
         truncated += cut
-        previous = (i, text)
+        previous = (i, text, reply_start)
     return rows, truncated
 
 
@@ -402,19 +405,25 @@ HISTORY_PROBE = "\u2063peftkit history probe"
 
 
 def _after_history(
-    tokenizer: Any, messages: Sequence[Message], previous: tuple[int, str], text: str, tools: Tools
+    tokenizer: Any, messages: Sequence[Message], previous: tuple[int, str, int], text: str, tools: Tools, marker: str
 ) -> int:
-    """Where `text` (the row of a later reply) goes on past the previous row's reply as it shows there: where it
-    departs from the conversation up to that reply followed by a probe of the next turn (the same role, other
-    content). Where the template cannot render the probe, where it departs from the previous row itself."""
-    i, previous_text = previous
+    """Where `text` (the row of a later reply) goes on past the previous row's reply as it shows there: past that
+    reply's end `marker` (`<|im_end|>`), so the next turn's header is trained as in a one-row conversation. The
+    reply is found in the conversation up to it followed by a probe of the next turn (the same role, other content);
+    where the marker is not found after the reply's start, where `text` departs from that probe (the header then goes
+    untrained); where the template cannot render the probe, where `text` departs from the previous row itself."""
+    i, previous_text, reply_start = previous
     probe_turn = {key: value for key, value in messages[i + 1].items() if key != "tool_calls"}
     try:
         probe = _render(tokenizer, [*messages[: i + 1], {**probe_turn, "content": HISTORY_PROBE}], tools=tools)
     except DataError:
         probe = previous_text
-    return len(os.path.commonprefix([probe, text]))
-
+    departs = len(os.path.commonprefix([probe, text]))
+    if marker and HISTORY_PROBE in probe:
+        at = probe.rfind(marker, 0, min(departs, probe.index(HISTORY_PROBE)))
+        if at >= min(reply_start, len(os.path.commonprefix([probe, previous_text]))):
+            return at + len(marker)
+    return departs
 
 
 def special_tokens_pattern(tokenizer: Any) -> re.Pattern[str] | None:
@@ -444,6 +453,17 @@ def _probe_reply(tokenizer: Any) -> tuple[str, int | None] | None:
     return text[span[0]:span[1]], trained[-1] if trained and trained[-1] in special else None
 
 
+def _marker_of(reply: str) -> str:
+    """What the template writes after a reply's text (`<|im_end|>`), from the probe reply as rendered."""
+    return reply.split(PROBE_REPLY, 1)[-1]
+
+
+def _reply_end_marker(tokenizer: Any) -> str:
+    """The text that closes an assistant reply (empty where the template cannot render the probe)."""
+    probe = _probe_reply(tokenizer)
+    return _marker_of(probe[0]) if probe else ""
+
+
 def end_of_turn_token_id(tokenizer: Any) -> int | None:
     """The special token the chat template closes an assistant reply with (`<|im_end|>`, `<|eot_id|>`,
     `<end_of_turn>`, EOS): training teaches it as the reply's last token, so generation must stop on it, also
@@ -460,7 +480,7 @@ def reply_end_problem(tokenizer: Any) -> str | None:
     probe = _probe_reply(tokenizer)
     if probe is None or probe[1] is not None:
         return None
-    marker = probe[0].split(PROBE_REPLY, 1)[-1]
+    marker = _marker_of(probe[0])
     what = f"with {marker!r}, which is not a special token of this tokenizer" if marker else "with no end token at all"
     return (f"the chat template ends an assistant reply {what}: the model would learn to spell it out and generation "
             f"would never stop. End replies with a token of this vocabulary, e.g. its end token {tokenizer.eos_token!r} "

@@ -76,10 +76,7 @@ def prepare_output(out: Path, *, force: bool, protected: list[Path]) -> Path:
         raise ExportError(f"{out} exists and is a file; --out must be a directory")
     _check_writable(out)
     if out.exists() and not written_by_peftkit(out):
-        names = sorted(p.name for p in out.iterdir() if p.name != EXPORT_MARKER)
-        listed = marked_entries(out / EXPORT_MARKER)
-        names = ([n for n in names if n not in listed] if listed is not None else
-                 [n for n in names if not any(_is_export_file(n, kind) for kind in EXPORT_FILES)] or names)
+        names = foreign_export_entries(out)
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise ExportError(
             f"{out} holds files peftkit did not write ({shown}); peftkit never deletes a folder it did not write, "
@@ -102,6 +99,16 @@ def _check_writable(out: Path) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write the export to {out}: {parent} is not writable (permission denied); "
                           "choose another --out, in a folder you can write")
+
+
+def foreign_export_entries(folder: Path) -> list[str]:
+    """The entries of an export folder that peftkit did not write, as far as it can tell: those its marker does not
+    list; in an export from before the marker listed them, those no export writes (else all, to name something)."""
+    names = sorted(p.name for p in folder.iterdir() if p.name != EXPORT_MARKER)
+    listed = marked_entries(folder / EXPORT_MARKER)
+    if listed is not None:
+        return [name for name in names if name not in listed]
+    return [name for name in names if not any(_is_export_file(name, kind) for kind in EXPORT_FILES)] or names
 
 
 def _is_export_file(name: str, kind: str) -> bool:

@@ -23,7 +23,7 @@ import yaml
 
 from peftkit.errors import RunDirError
 from peftkit.train import checkpoints
-from peftkit.utils.atomic import atomic_write_text, marked_entries, remove_dead_writers_temporaries
+from peftkit.utils.atomic import atomic_write_text, remove_dead_writers_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +176,12 @@ def foreign_entries(run_dir: Path) -> list[str]:
     """Entries peftkit did not write: a user's files, or a project folder used as output_dir. Hidden entries of the
     run directory itself are left alone (the marker, a `.gitkeep`); inside its folders only half-written leftovers."""
     found = [p.name for p in run_dir.iterdir() if not p.name.startswith(".") and p.name not in RUN_FILES]
-    from peftkit.export.common import EXPORT_MARKER, written_by_peftkit
+    from peftkit.export.common import foreign_export_entries, written_by_peftkit
 
     for name in _EXPORTS:  # e.g. a llama-quantize output put into RUN/gguf
         folder = run_dir / name
         if folder.is_dir() and not written_by_peftkit(folder):
-            found += _unlisted(folder, EXPORT_MARKER) or [f"{name}/"]
+            found += [f"{name}/{entry}" for entry in foreign_export_entries(folder)] or [f"{name}/"]
     listing = _written(run_dir)
     for name, written in _RUN_FOLDER_FILES.items():
         folder = run_dir / name
@@ -191,14 +191,6 @@ def foreign_entries(run_dir: Path) -> list[str]:
         found += [f"{name}/{p.name}" for p in folder.iterdir() if not p.name.startswith(".tmp-")
                   and not (p.name in own if isinstance(own, list) else written.match(p.name))]
     return sorted(found)
-
-
-def _unlisted(folder: Path, marker: str) -> list[str]:
-    """`folder`'s entries that its marker does not name (none when it has no listing marker)."""
-    listed = marked_entries(folder / marker)
-    if listed is None:
-        return []
-    return [f"{folder.name}/{p.name}" for p in folder.iterdir() if p.name != marker and p.name not in listed]
 
 
 def is_peftkit_run(run_dir: Path) -> bool:

@@ -163,8 +163,10 @@ def test_train_on_prompt_with_a_history_rewriting_template_trains_each_turn_once
     trained = [supervised_text(tokenizer, row) for row in rows]
     assert trained[0] == ("<|im_start|>system\nbe brief.<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n"
                           "<|im_start|>assistant\n<think>\n\n</think>\n\nhi there<|im_end|>")
-    assert trained[1] == "bye<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\ngoodbye<|im_end|>"
-    assert trained[2] == "again<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nsee you<|im_end|>"
+    # each later row trains the next turn's header too ("<|im_start|>user\n" went untrained), as one row would
+    assert trained[1] == "\n<|im_start|>user\nbye<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\ngoodbye<|im_end|>"
+    assert trained[2] == ("\n<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+                          "see you<|im_end|>")
     plain, _ = tokenize_examples(load_examples(path), tokenizer, 512, None)  # without it: the replies alone
     assert [supervised_text(tokenizer, row) for row in plain] == [
         f"<think>\n\n</think>\n\n{reply}<|im_end|>" for reply in ("hi there", "goodbye", "see you")]
@@ -193,8 +195,8 @@ def test_train_on_prompt_rows_after_a_tool_call_do_not_train_the_call_again(tiny
     rows, _ = tokenize_conversation_rows(tokenizer, messages, 512, train_on_prompt=True)
     assert [supervised_text(tokenizer, row) for row in rows] == [
         "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n<think>hmm</think>call<|im_end|>",
-        "42<|im_end|>\n<|im_start|>assistant\nthe answer<|im_end|>",
-        "bye<|im_end|>\n<|im_start|>assistant\ngoodbye<|im_end|>"]
+        "\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\nthe answer<|im_end|>",
+        "\n<|im_start|>user\nbye<|im_end|>\n<|im_start|>assistant\ngoodbye<|im_end|>"]
 
 
 def test_train_on_prompt_counts_only_replies_really_lost_to_truncation(tiny_tokenizer, tmp_path):

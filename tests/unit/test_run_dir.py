@@ -461,6 +461,9 @@ def test_a_file_added_to_a_runs_export_folder_blocks_force_and_extra_entries_do_
     with pytest.raises(RunDirError, match=r"files that are not a run's own \(gguf/run-Q4_K_M.gguf\)"):
         check_run_dir(run, resume=False, force=True, recipe_dump={})
     assert (run / "gguf" / "run-Q4_K_M.gguf").read_text() == "user's"
+    (run / "gguf" / ".peftkit-export").write_text("")  # an export from before the marker listed its files
+    (run / "gguf" / "notes.txt").write_text("mine")
+    assert foreign_entries(run) == ["gguf/notes.txt", "gguf/run-Q4_K_M.gguf"]  # names no export writes, as `export --out` says
 
     older = tmp_path / "older"  # no marker: written before it existed
     (older / "checkpoints" / "checkpoint-5").mkdir(parents=True)
