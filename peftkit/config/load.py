@@ -374,14 +374,15 @@ def _from_current_directory(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _missing_files(data: dict[str, Any]) -> list[str]:
+    from peftkit.data.formats import missing_local_files
+
     section = data.get("data") if isinstance(data.get("data"), dict) else {}
     named = [(f"data.{key}", section.get(key)) for key in DATA_PATH_KEYS]
-    named = [(key, path) for key, value in named for path in (value if isinstance(value, list) else [value])]
     replay = section.get("replay")
     if isinstance(replay, dict):
         named.append(("data.replay.path", replay.get("path")))
-    return [f"`{key}`: file {path} does not exist" for key, path in named
-            if isinstance(path, str) and path and ":" not in path and not Path(path).exists()]
+    return [f"`{key}`: file {path} does not exist" for key, value in named
+            for path in missing_local_files([v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)])]
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

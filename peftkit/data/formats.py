@@ -626,6 +626,14 @@ def data_sources(value: str | Path | Sequence[str | Path]) -> list[str | Path]:
     return [value] if isinstance(value, (str, Path)) else list(value)
 
 
+def missing_local_files(source: str | Path | Sequence[str | Path] | None) -> list[str]:
+    """The files among a recipe's data sources that do not exist (Hub datasets and built-in sets are not files)."""
+    from peftkit.data.hub import is_hub_ref
+
+    return [str(one) for one in data_sources(source or []) if str(one) and not is_hub_ref(one)
+            and not str(one).startswith("builtin:") and not Path(one).exists()]
+
+
 def load_examples(source: str | Path | Sequence[str | Path], fmt: str = "auto",
                   columns: ColumnsConfig | None = None,
                   prepare: Callable[[Any, str], Any] | None = None) -> list[Example]:

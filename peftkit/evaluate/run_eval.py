@@ -98,13 +98,12 @@ def run_eval_rows(run_dir: Path, recipe: Recipe, tokenizer: Any) -> list[Row]:
     it is refused before any weights load. Only the train and eval files are read: the held-out and replay files
     the recipe names may have moved (`--heldout` replaces the one)."""
     from peftkit.data.build import split_fingerprint
-    from peftkit.data.formats import data_sources
-    from peftkit.data.hub import is_hub_ref
+    from peftkit.data.formats import missing_local_files
     from peftkit.train.run_dir import load_before
 
     cfg, seed = recipe.data, recipe.train.seed
     for key, value in (("data.eval", cfg.eval), ("data.train", cfg.train)):
-        gone = [str(s) for s in data_sources(value or []) if not is_hub_ref(str(s)) and not Path(s).exists()]
+        gone = missing_local_files(value)
         if gone:
             raise DataError(f"the run's eval data needs {gone[0]} ({key} in {run_dir / 'recipe.yaml'}), which is gone; "
                             "pass --data FILE to measure the loss on a file, or put it back")
