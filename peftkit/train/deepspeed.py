@@ -416,14 +416,19 @@ def check_deepspeed(recipe: Recipe, device: str | None = None) -> list[str]:
 
 def extensions_dir() -> Path:
     """Where DeepSpeed's JIT-built ops go: $TORCH_EXTENSIONS_DIR, else a per-user peftkit folder keyed by
-    Python and torch build (ops built for another torch would not load)."""
+    Python and torch build (ops built for another torch would not load) and by environment: an op's build
+    file names the environment's include paths, so two virtual environments sharing one folder would each
+    rebuild it (minutes, without peftkit's message) whenever the other had built it last."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    import hashlib
+
     from peftkit.models import peftkit_home
 
     accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return peftkit_home() / "torch_extensions" / f"{py}-torch{torch.__version__.split('+')[0]}-{accel}"
+    env = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:8]
+    return peftkit_home() / "torch_extensions" / f"{py}-torch{torch.__version__.split('+')[0]}-{accel}-env{env}"
 
 
 def lock_holders(lock: Path) -> list[int] | None:

@@ -304,6 +304,8 @@ class SFTTrainer(RunTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
+        if self.is_deepspeed_enabled:  # not read there (see _load_prefix_encoder); under ZeRO-3 its tensors are shards
+            return
         encoder = _projected_prefix_encoder(self.accelerator.unwrap_model(self.model))
         if encoder is not None and self.args.should_save:
             from safetensors.torch import save_file

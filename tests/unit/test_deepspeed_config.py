@@ -439,6 +439,8 @@ def test_extensions_dir_is_per_user_and_per_torch_build(monkeypatch, tmp_path):
     path = ds.extensions_dir()
     assert path.parent == tmp_path / "torch_extensions"
     assert torch.__version__.split("+")[0] in path.name and f"py{sys.version_info.major}{sys.version_info.minor}" in path.name
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))  # another environment: its own build folder
+    assert ds.extensions_dir().parent == path.parent and ds.extensions_dir() != path
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/x/y")
     assert ds.extensions_dir() == Path("/x/y")
 

@@ -129,6 +129,22 @@ def test_partial_under_zero3_saves_every_weight(tiny_model_dir, tmp_path):
     assert len(set(trainable)) == 1 and trainable[0] > 1000  # full sizes, not the ZeRO-3 partitions' empty ones
 
 
+def test_prefix_projection_under_zero3_saves_the_whole_prefix(tiny_model_dir, tmp_path):
+    """ZeRO-3 partitions the prefix encoder too: the adapter must hold the whole projected prefix, and no checkpoint
+    a copy of the encoder's partitions (peftkit's own file, which DeepSpeed runs do not read)."""
+    from safetensors.torch import load_file
+
+    adapter = {"method": "prefix_tuning", "num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 16}
+    run_dir, seen = _train(tmp_path, tiny_model_dir, adapter, "deepspeed.stage=3")
+    assert "DeepSpeedZeroOptimizer_Stage3" in seen["1"]["chain"]
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    prefix = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    (tensor,) = prefix.values()
+    assert tensor.shape == (4, config["num_hidden_layers"] * 2 * config["hidden_size"])
+    assert tensor.abs().sum() > 0
+    assert not list(run_dir.glob("checkpoints/*/prefix_encoder.safetensors"))
+
+
 # ------------------------------------------------------------------------------------------------
 # Without DeepSpeed: one code path, and the pre-flight check of bitsandbytes optimizers
 
