@@ -96,7 +96,8 @@ def _tokenized_data_line(recipe: Any, tokenizer: Any) -> str:
     check_token_ids_fit(data, embeddings.num_embeddings, recipe.model.name, tokenizer)
     stats = data.stats
     cut = [f"{stats['train_truncated']} cut at max_seq_len={recipe.data.max_seq_len}"] if stats["train_truncated"] else []
-    cut += [f"{stats['train_replies_lost']} replies past it lost"] if stats.get("train_replies_lost") else []
+    lost = stats.get("train_replies_lost")
+    cut += [f"{lost} repl{'y' if lost == 1 else 'ies'} past it lost"] if lost else []
     cut += ([f"{stats['train_split']} long text{'s' * (stats['train_split'] != 1)} split into {stats['train_split_rows']} rows"]
             if stats.get("train_split") else [])
     cut += [f"{stats['train_dropped']} dropped (no trained token left)"] if stats["train_dropped"] else []

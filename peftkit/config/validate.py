@@ -34,7 +34,7 @@ def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
         tool_use = tool_use or next((e for e in examples if e.tools or any(
             m["role"] == "tool" or m.get("tool_calls") for m in e.messages or ())), None)
         trailing += [e.where for e in examples if e.messages and e.messages[-1]["role"] != "assistant"]
-    if trailing:
+    if trailing and not recipe.data.train_on_prompt:  # with it, the trailing turn is trained too
         # Not an error: the turns before it still train; but the trailing turn is never learnt from.
         log.warning("%d conversation(s) end with a user or tool turn after the last assistant reply (first: %s); "
                     "nothing after that reply is trained on, so the trailing turn only costs tokens: end each "
@@ -57,18 +57,25 @@ def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
                     "prompt/response records, or set `data.replay.answers: dataset`")
     if recipe.data.heldout:
         try:
-            load_heldout(recipe.data.heldout, recipe.data.system_prompt)
+            heldout = load_heldout(recipe.data.heldout, recipe.data.system_prompt)
         except PeftkitError as exc:
             problems.append(f"data.heldout: {exc}")
+        else:  # the template check renders training's tool use, else the held-out questions asked with tools
+            tool_use = tool_use or next((item for item in heldout if item.tools), None)
     return problems, tool_use
 
 
 def _check_tool_use_template(recipe: Recipe, source: Any, example: Any) -> list[str]:
-    from peftkit.data.chat import HistoryRenderedDifferently, render_with_reply_spans, with_system_prompt
+    from peftkit.data.build import HeldoutItem
+    from peftkit.data.chat import (HistoryRenderedDifferently, heldout_tools_problem, render_with_reply_spans,
+                                   with_system_prompt)
     from peftkit.models import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(recipe.model, source)
+        if isinstance(example, HeldoutItem):  # a question: its prompt must show the tools it is scored on calling
+            problem = heldout_tools_problem(tokenizer, [example], recipe.data.system_prompt)
+            return [f"data.heldout: {problem}"] if problem else []
         render_with_reply_spans(tokenizer, with_system_prompt(example.messages, recipe.data.system_prompt),
                                 example.where, example.tools)
     except HistoryRenderedDifferently:  # checked the tool use already; training gives each turn a row of its own

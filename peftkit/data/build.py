@@ -169,6 +169,11 @@ def _heldout_messages(record: dict[str, Any], where: str, what: str) -> list[Mes
         if calls:
             entry["tool_calls"] = tool_calls_of(calls, here)
         messages.append(entry)
+    if messages[-1]["role"] not in ("user", "tool"):  # a chat record reused as a question still holds its answer
+        raise DataError(f"{where}: this {what} conversation ends with a{'n' * (messages[-1]['role'] == 'assistant')} "
+                        f"{messages[-1]['role']} turn, so the model would be shown the answer it is scored on; end it "
+                        "with the user's question (or a tool's result): drop the reply, `key_fact` says what it must "
+                        "contain")
     return messages
 
 

@@ -245,15 +245,34 @@ def _check_tool_use_rendered(text: str, messages: Sequence[Message], tools: Tool
         )
 
 
-def check_tools_shown(tokenizer: Any, tools: Tools, system_prompt: str | None) -> None:
-    """Chat's side of _check_tool_use_rendered: a template without tool support drops `tools` from the prompt, so
-    the model would be asked without them, and it never learnt a way to call them."""
+def tool_left_out(tokenizer: Any, tools: Tools, system_prompt: str | None) -> str | None:
+    """The name of a tool whose schema the chat template leaves out of a prompt (a template without tool support
+    drops `tools`), or None when each one is shown."""
     text = generation_prompt(tokenizer, with_system_prompt([{"role": "user", "content": "?"}], system_prompt), tools)
-    missing = [name for name in map(_tool_name, tools or ()) if name not in text]
+    return next((name for name in map(_tool_name, tools or ()) if name not in text), None)
+
+
+def check_tools_shown(tokenizer: Any, tools: Tools, system_prompt: str | None) -> None:
+    """Chat's side of _check_tool_use_rendered: the model would be asked without the tools, and it never learnt a
+    way to call them."""
+    missing = tool_left_out(tokenizer, tools, system_prompt)
     if missing:
-        raise DataError(f"--tools: the run's chat template leaves the tool schemas out of the prompt ({missing[0]!r} "
+        raise DataError(f"--tools: the run's chat template leaves the tool schemas out of the prompt ({missing!r} "
                         "is not in it), so the model would never see them and was not trained to call them. Train "
                         "with `model.chat_template: chatml` (or a template file that renders `tools`) to chat with tools")
+
+
+def heldout_tools_problem(tokenizer: Any, items: Sequence[Any], system_prompt: str | None) -> str | None:
+    """What is wrong when held-out questions asked with tools reach the model without their schemas: each would be
+    scored on calling a tool the prompt never names."""
+    asked = next((item for item in items if item.tools), None)
+    missing = tool_left_out(tokenizer, asked.tools, system_prompt) if asked is not None else None
+    if missing is None:
+        return None
+    return (f"held-out questions come with `tools`, but the chat template leaves the tool schemas out of the prompt "
+            f"({missing!r} is not in it), so the model would be scored on calling tools it is never shown: use "
+            "`model.chat_template: chatml` (or a template file that renders `tools`), or ask those questions without "
+            "tools")
 
 
 def _shown(content: str, text: str) -> bool:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,10 @@ def detected_pair(record: Mapping[str, Any]) -> tuple[str, str] | None:
 def number_as_text(value: Any) -> Any:
     """A numeric answer or input (`4`, `3.5`, as JSON and CSV-derived Parquet hold them) as the text it spells;
     anything else unchanged (booleans stay booleans: `true` is no answer). A whole float is its integer (`4.0`
-    -> `4`): pandas stores an integer column with one missing cell as floats."""
+    -> `4`): pandas stores an integer column with one missing cell as floats, and that cell as NaN, which is a
+    missing value (None), not the text "nan"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value

@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,16 @@ class Example:
     """Function schemas the conversation may call (passed to the chat template as `tools`)."""
     format: str = ""
     """The record format it was read as (chat, sharegpt, prompt_completion, alpaca, text), shown by validate."""
+
+
+def _non_finite_as_null(constant: str) -> None:
+    """`NaN` / `Infinity` in a JSON file (Python's json.dumps writes a pandas missing cell so): a missing value,
+    as null is, not the text "nan" trained as an answer."""
+    return None
+
+
+def _parse_json(text: str) -> Any:
+    return json.loads(text, parse_constant=_non_finite_as_null)
 
 
 def _read_text(path: Path) -> str:
@@ -102,13 +113,13 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
         return _arrow_records([(f"{path}:row {i + 1}", row) for i, row in enumerate(rows)])
     text = _read_text(path)
     if suffix == ".txt":
-        chunks = [c.strip() for c in text.split("\n\n")]
+        chunks = [c.strip() for c in re.split(r"\n[ \t\r\f\v]*\n", text)]  # a blank line may hold spaces
         return [(f"{path}:chunk {i + 1}", {"text": c}) for i, c in enumerate(chunks) if c]
     if suffix in (".csv", ".tsv"):
         return _csv_records(path, text, "\t" if suffix == ".tsv" else _csv_delimiter(text))
     if suffix == ".json":
         try:
-            data = json.loads(text)
+            data = _parse_json(text)
         except json.JSONDecodeError as exc:
             if exc.msg == "Extra data" and _first_line_is_json(text):
                 return _jsonl_records(path, text)  # JSON Lines named .json, as `datasets`' to_json writes them
@@ -193,7 +204,8 @@ def _csv_delimiter(text: str) -> str:
 
 def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[str, Any]]:
     """Rows of a CSV file, each named by the line it starts on; quoted fields keep their line breaks."""
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # strict: a stray quote otherwise opens a field that swallows the following rows, and `"A" b` loses its quotes
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     if reader.fieldnames:  # `question, answer`: the space after the comma is no part of the name
         reader.fieldnames = [name.strip() for name in reader.fieldnames]
     records, start = [], 2
@@ -207,7 +219,9 @@ def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[str, Any]]
             records.append((f"{path}:{start}", row))
             start = reader.line_num + 1
     except csv.Error as exc:
-        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc}); check the quoting of that row") from None
+        raise DataError(f"{path}:{start}: not valid CSV ({exc}): a field that starts with a double quote must end "
+                        "with one right before the next delimiter, and a quote inside a quoted field is written twice "
+                        '(""); check the quoting of the row starting on this line') from None
     return records
 
 
@@ -247,25 +261,44 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
             continue
         try:
             # a byte-order mark opens each part of files joined with `cat` (the first one is dropped on reading)
-            records.append((f"{path}:{number}", _as_record(json.loads(line.removeprefix("\ufeff")))))
+            records.append((f"{path}:{number}", _as_record(_parse_json(line.removeprefix("\ufeff")))))
         except json.JSONDecodeError as exc:
             if not records and text.lstrip().startswith("["):
                 try:  # a JSON array (pretty-printed) in a .jsonl file: read it as the document it is
-                    return _json_document_records(path, json.loads(text))
-                except json.JSONDecodeError:
-                    pass
+                    return _json_document_records(path, _parse_json(text))
+                except json.JSONDecodeError as whole:  # its own mistake, where it is (not line 1's lone `[`)
+                    raise DataError(f"{path}:{whole.lineno}: not valid JSON ({_json_problem(whole)}); the file "
+                                    "holds one JSON array, read as a whole") from None
+            split = line.strip() in ("{", "[") or (number > 1 and line[:1].isspace())
+            hint = (" (a record spread over several lines, as pretty-printing writes it: write each on one line, "
+                    "e.g. with `jq -c .`)" if split else "")
             raise DataError(
-                f"{path}:{number}: line is not valid JSON ({exc.msg} at column {exc.colno}); "
-                "each line of a .jsonl file must be one JSON object"
+                f"{path}:{number}: line is not valid JSON ({_json_problem(exc)}); "
+                f"each line of a .jsonl file must be one JSON object{hint}"
             ) from None
     if len(records) == 1 and isinstance(records[0][1], list):  # a whole JSON array on one line
         return _json_document_records(path, records[0][1])
     return records
 
 
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    """The parser's complaint with its column: "Extra data" after a complete object is often a trailing comma."""
+    problem = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+    if exc.msg == "Extra data" and exc.doc[exc.pos:].strip().startswith(","):
+        problem += ": a comma after the record; JSON Lines puts nothing between records but the line break"
+    return problem
+
+
 def detect_format(record: Any) -> Literal["chat", "sharegpt", "prompt_completion", "alpaca", "pair", "text"] | None:
     if not isinstance(record, dict):
         return None
+    # A null field counts as absent (pandas, Arrow and `datasets` write every column on every row), unless the
+    # record is nothing without it: then its format is named, and the null refused as such
+    present = {key: value for key, value in record.items() if value is not None}
+    return _detected_format(present) or _detected_format(record)
+
+
+def _detected_format(record: dict[str, Any]) -> Literal["chat", "sharegpt", "prompt_completion", "alpaca", "pair", "text"] | None:
     if "messages" in record:
         return "chat"
     if "conversations" in record or isinstance(record.get("conversation"), list):  # LMSYS-Chat / WildChat: `conversation`

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 from peftkit.data.build import HeldoutItem, Row, load_heldout, tokenize_examples, train_eval_examples
-from peftkit.data.chat import with_system_prompt
+from peftkit.data.chat import heldout_tools_problem, with_system_prompt
 from peftkit.config.schema import Recipe
 from peftkit.data.formats import COLUMNS_ADVICE, Example, load_examples
 from peftkit.errors import DataError, PeftkitError
@@ -174,8 +174,12 @@ def evaluate_run(
                                  what="general-set")
     # The same questions asked in the recipe's role (its system prompt): what the domain chatbot's users see.
     in_role_items = asked_in_role(general_items, system)
+    tokenizer = read_run_tokenizer(run_dir, recipe)
+    tools_problem = heldout_tools_problem(tokenizer, items, system)
+    if tools_problem:
+        raise DataError(f"{heldout_path}: {tools_problem}")
     # the eval split is checked against the data the run trained on before the weights load
-    split_rows = run_eval_rows(run_dir, recipe, read_run_tokenizer(run_dir, recipe)) if examples is None else None
+    split_rows = run_eval_rows(run_dir, recipe, tokenizer) if examples is None else None
 
     run = load_run(run_dir, quantized_base=qlora_base == "quantized")
     model, tokenizer = run.model, run.tokenizer

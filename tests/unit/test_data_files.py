@@ -13,6 +13,7 @@ from peftkit.config.schema import DataConfig
 from peftkit.data.build import build_datasets, load_heldout
 from peftkit.data.formats import load_examples
 from peftkit.errors import DataError
+from tests.conftest import write_jsonl
 
 PAIR = {"question": "Opening hours?", "answer": "Mon-Fri 7-18"}
 
@@ -204,3 +205,92 @@ def test_a_saved_dataset_dict_with_several_splits_says_which_one_it_reads(tmp_pa
     assert f"holds the splits train, test: reading `train` (for another split point at its folder, e.g. " \
            f"{tmp_path / 'dd' / 'test'})" in caplog.text
     assert len(load_examples(tmp_path / "dd" / "test")) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Data as users export it (a tester's session: pandas, spreadsheets, pretty-printers)
+
+
+def test_a_stray_quote_in_a_csv_row_is_refused_not_merged_with_the_rows_after_it(tmp_path):
+    """Without strict parsing, a field opened by a quote swallowed every later row into one reply, silently."""
+    stray = tmp_path / "q.csv"
+    stray.write_text('question,answer\nScreen size?,"15 inches\nQ3?,A3\nQ4?,A4\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"q.csv:2: not valid CSV .*double quote"):
+        load_examples(stray)
+    quoted = tmp_path / "h.csv"  # `"Hamlet" is by whom?` lost its quotes
+    quoted.write_text('question,answer\n"Hamlet" is by whom?,Shakespeare\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"h.csv:2: not valid CSV"):
+        load_examples(quoted)
+    fine = tmp_path / "ok.csv"  # a quote inside an unquoted field, and a doubled one inside a quoted field, are text
+    fine.write_text('question,answer\nA 5" screen?,yes\nQ,"a ""quoted"" word"\n', encoding="utf-8")
+    assert [e.messages[0]["content"] for e in load_examples(fine)] == ['A 5" screen?', "Q"]
+    assert load_examples(fine)[1].messages[1]["content"] == 'a "quoted" word'
+
+
+def test_nan_and_infinity_are_missing_values_not_the_text_nan(tmp_path):
+    """json.dumps writes a pandas missing cell as NaN: it was trained as the answer "nan" (and a key fact "nan")."""
+    from peftkit.data.columns import number_as_text
+
+    answer = tmp_path / "a.jsonl"
+    answer.write_text('{"question": "Q", "answer": NaN}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="'answer' is null"):
+        load_examples(answer)
+    alpaca = tmp_path / "b.jsonl"
+    alpaca.write_text('{"instruction": "I2", "input": NaN, "output": "O2"}\n', encoding="utf-8")
+    assert load_examples(alpaca)[0].messages[0]["content"] == "I2"
+    facts = tmp_path / "h.jsonl"
+    facts.write_text('{"question": "How many?", "key_fact": Infinity}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="key_fact"):
+        load_heldout(facts, None)
+    assert number_as_text(float("nan")) is None and number_as_text(4.0) == "4"  # Parquet's float cells
+
+
+def test_a_null_field_counts_as_absent_when_detecting_the_format(tmp_path):
+    """pandas / Arrow / `datasets` write every column on every row: prompt/completion rows next to chat rows hold
+    `messages: null`, and were refused as broken chat records."""
+    mixed = write_jsonl(tmp_path / "m.jsonl", [
+        {"messages": None, "prompt": "P1", "completion": "C1"},
+        {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}],
+         "prompt": None, "completion": None}])
+    assert [e.format for e in load_examples(mixed)] == ["prompt_completion", "chat"]
+    broken = write_jsonl(tmp_path / "b.jsonl", [{"question": "Q", "answer": None}])
+    with pytest.raises(DataError, match="'answer' is null"):  # a record that is nothing without it: still named
+        load_examples(broken)
+
+
+def test_text_paragraphs_split_at_blank_lines_holding_spaces(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("First paragraph.\n  \nSecond paragraph.\n\t\nThird.\n", encoding="utf-8")
+    assert [e.text for e in load_examples(text)] == ["First paragraph.", "Second paragraph.", "Third."]
+
+
+def test_jsonl_mistakes_are_placed_and_explained(tmp_path):
+    array = tmp_path / "a.jsonl"  # a pretty-printed array with a trailing comma: the comma's line, not line 1's `[`
+    array.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c", "completion": "d"},\n]\n')
+    with pytest.raises(DataError, match=r"a.jsonl:4: not valid JSON .*one JSON array"):
+        load_examples(array)
+    commas = tmp_path / "c.jsonl"
+    commas.write_text('{"prompt": "a", "completion": "b"},\n{"prompt": "c", "completion": "d"},\n')
+    with pytest.raises(DataError, match=r"c.jsonl:1: .*a comma after the record"):
+        load_examples(commas)
+    pretty = tmp_path / "p.jsonl"
+    pretty.write_text('{\n  "prompt": "a",\n  "completion": "b"\n}\n')
+    with pytest.raises(DataError, match=r"p.jsonl:1: .*write each on one line, e.g. with `jq -c .`"):
+        load_examples(pretty)
+    cut = tmp_path / "t.jsonl"
+    cut.write_text('{"prompt": "a", "completion": "b\n')
+    with pytest.raises(DataError) as info:
+        load_examples(cut)
+    assert "(Unterminated string starting at column 31)" in str(info.value)  # was "starting at at column"
+
+
+def test_a_held_out_conversation_that_holds_its_answer_is_refused(tmp_path):
+    """A chat record reused as a question ended with the reply: the model was shown the answer it was scored on."""
+    path = write_jsonl(tmp_path / "h.jsonl", [{"messages": [{"role": "user", "content": "Q"},
+                                                            {"role": "assistant", "content": "A"}], "key_fact": "A"}])
+    with pytest.raises(DataError, match=r"h.jsonl:1: this held-out conversation ends with an assistant turn"):
+        load_heldout(path, None)
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"messages": [{"role": "user", "content": "Q"},
+                                                           {"role": "assistant", "content": "A"},
+                                                           {"role": "user", "content": "and?"}], "key_fact": "B"}])
+    assert load_heldout(ok, None)[0].question == "and?"

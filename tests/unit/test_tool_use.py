@@ -240,3 +240,27 @@ def test_a_thinking_template_that_rewrites_history_trains_tool_use_turn_by_turn(
     tokenizer = load_tokenizer(recipe.model)  # as training loads it
     rows, _ = tokenize_conversation_rows(tokenizer, example.messages, 4096, tools=example.tools)
     assert [_supervised(tokenizer, row).startswith("<think>") for row in rows] == [True, True]
+
+
+def test_heldout_tool_questions_need_a_template_that_shows_the_tools(tiny_recipe, tmp_path):
+    """Training data without tool use left the template unchecked: held-out tool questions were asked without their
+    schemas and scored on calling them. `validate` (and so `train`) and `peftkit eval --heldout` refuse that."""
+    from peftkit.config.validate import validate_recipe
+
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [{"question": "the sea?", "tools": TOOLS, "key_fact": "find_book"}])
+    recipe = {**tiny_recipe, "data": {**tiny_recipe["data"], "heldout": str(heldout)}}
+    with pytest.raises(ConfigError, match=r"data.heldout: held-out questions come with `tools`, but the chat template "
+                                          r"leaves the tool schemas out of the prompt \('find_book'"):
+        validate_recipe(recipe_from_dict(recipe))
+    validate_recipe(recipe_from_dict({**recipe, "model": {**recipe["model"], "chat_template": "chatml"}}))
+
+
+def test_eval_refuses_heldout_tool_questions_its_template_cannot_show(tiny_recipe, tmp_path):
+    from peftkit.evaluate.run_eval import evaluate_run
+
+    run = train(recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1},
+                                  "eval": {"before": False}}))
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [{"question": "the sea?", "tools": TOOLS, "key_fact": "find_book"}])
+    with pytest.raises(DataError, match=r"heldout.jsonl: held-out questions come with `tools`"):
+        evaluate_run(run.run_dir, heldout=str(heldout))
+    assert not (run.run_dir / "eval.json").exists()

@@ -204,6 +204,11 @@ def test_trailing_user_turn_warns_once_with_the_count(tiny_recipe, tmp_path, cap
     warnings = [r.getMessage() for r in caplog.records if "trailing turn" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith(f"2 conversation(s) end with a user or tool turn after the "
                                                          f"last assistant reply (first: {data_file}:1)")
+    caplog.clear()  # with train_on_prompt the trailing turn is trained: no warning that says it is not
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        validate_recipe(recipe_from_dict(_with(tiny_recipe, "data", train=str(data_file), train_on_prompt=True)),
+                        check_model=False)
+    assert not [r for r in caplog.records if "trailing turn" in r.getMessage()]
 
 
 def test_conversation_without_assistant_turn_is_still_an_error(tiny_recipe, tmp_path):
