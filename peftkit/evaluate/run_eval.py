@@ -27,7 +27,7 @@ from peftkit.evaluate.loss import mean_loss, perplexity
 from peftkit.evaluate.margins import CONFIDENT_MARGIN, confidently_known, decision_margins
 from peftkit.runs import (QLORA_BASES, LoadedRun, load_base_model, load_run, read_run_recipe, read_run_tokenizer,
                           require_chat_run)
-from peftkit.utils.atomic import atomic_write_text
+from peftkit.utils.atomic import atomic_write_text, write_problem
 
 GENERAL_SET = "general_knowledge.jsonl"
 REPORT = "eval.json"
@@ -161,6 +161,10 @@ def evaluate_run(
     target = Path(out).expanduser() if out else default
     if target.is_dir():
         raise PeftkitError(f"--out {out} is a folder; give the report's file name, e.g. {Path(out) / REPORT}")
+    problem = write_problem(target)
+    if problem:
+        raise PeftkitError(f"cannot write the report to {target}: {problem}; pass --out FILE in a folder you can "
+                           "write")
     target.parent.mkdir(parents=True, exist_ok=True)
     system = recipe.data.system_prompt
     # the files named on the command line are read (and their mistakes reported) before any weights load

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any
 from peftkit.errors import ExportError, MissingDependencyError, is_disk_full
 from peftkit.export.gguf_types import GGUF_TYPES
 from peftkit.models.resolve import TOKENIZER_FILES
-from peftkit.utils.atomic import atomic_write_text, mark_when_written, marked_entries
+from peftkit.utils.atomic import atomic_write_text, mark_when_written, marked_entries, write_problem
 
 EXPORT_MARKER = ".peftkit-export"  # in every export folder: `--force` may replace what holds it
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -91,14 +90,10 @@ def prepare_output(out: Path, *, force: bool, protected: list[Path]) -> Path:
 def _check_writable(out: Path) -> None:
     """The export goes into a temporary sibling of `out`, renamed when complete: say now, before minutes of
     loading, when that folder cannot be created there (not afterwards, naming the hidden temporary)."""
-    parent = out.parent
-    while not parent.exists():  # folders the export will create
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ExportError(f"cannot write the export to {out}: {parent} is a file, not a folder; choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write the export to {out}: {parent} is not writable (permission denied); "
-                          "choose another --out, in a folder you can write")
+    problem = write_problem(out)
+    if problem:
+        raise ExportError(f"cannot write the export to {out}: {problem}; choose another --out, in a folder you can "
+                          "write")
 
 
 def foreign_export_entries(folder: Path) -> list[str]:

@@ -25,6 +25,8 @@ from peftkit.errors import RunDirError
 log = logging.getLogger(__name__)
 
 MARKER = ".complete"
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+"""What a checkpoint's trained weights are saved as (an adapter, or a whole model: one file or shards)."""
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -157,6 +159,9 @@ class CompleteMarkerCallback(TrainerCallback):
         protected = {current.resolve(), *([Path(best).resolve()] if best else [])}
         excess = [p for p in complete if p.resolve() not in protected][: max(0, len(complete) - self.keep)]
         for path in excess:
+            # unmarked first: a kill during the deletion leaves an incomplete folder (removed on resume), never a
+            # marked one missing its weights
+            (path / MARKER).unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -222,6 +227,17 @@ def damage(checkpoint: Path) -> str | None:
         json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "trainer_state.json is not valid JSON"
+    if read_marker(checkpoint).get("deepspeed_stage") is None and not any(
+            (checkpoint / name).is_file() for name in WEIGHT_FILES):  # DeepSpeed keeps them in global_step*/
+        return f"its weights ({' or '.join(WEIGHT_FILES)}) are missing"
+    index = checkpoint / "model.safetensors.index.json"
+    try:
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()) if index.is_file() else set()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "model.safetensors.index.json is not a whole shard index"
+    missing = sorted(name for name in shards if not (checkpoint / name).is_file())
+    if missing:
+        return f"{missing[0]} (a shard its index names) is missing"
     for path in sorted(checkpoint.rglob("*")):
         if path.suffix in (".pt", ".pth", ".bin") and path.is_file():
             try:

@@ -149,8 +149,9 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         eval_steps=eval_steps,
         save_strategy="steps" if cfg.save_steps or (early_stop and eval_steps) else "epoch",
         save_steps=(eval_steps if early_stop and eval_steps else cfg.save_steps) or 500,
-        # >= 2: the Trainer prunes before the new checkpoint is marked complete; CompleteMarkerCallback prunes to the limit after.
-        save_total_limit=max(2, cfg.save_total_limit),
+        # None: the Trainer would prune before the new checkpoint is marked complete (with early stopping's best kept,
+        # the newest complete one); CompleteMarkerCallback prunes to cfg.save_total_limit once it is.
+        save_total_limit=None,
         load_best_model_at_end=early_stop,
         restore_callback_states_from_checkpoint=True,  # a resumed run keeps EarlyStoppingCallback's patience count
         metric_for_best_model="eval_loss" if early_stop else None,

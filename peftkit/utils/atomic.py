@@ -63,10 +63,15 @@ def _alive(pid: int) -> bool:
 
 
 def _remove_leftovers(target: Path) -> None:
-    """Remove temporary siblings of `target` left by writers that were killed; never a live writer's."""
-    prefix = f".tmp-{target.name}-"
+    """Remove temporary siblings of `target` left by writers that were killed (`.tmp-` ones, and the `.old-` copy
+    a replacement sets aside before deleting it); never a live writer's."""
+    prefix, old_prefix = f".tmp-{target.name}-", f".old-{target.name}-"
     with contextlib.suppress(OSError), os.scandir(target.parent) as entries:
         for entry in list(entries):
+            if entry.name.startswith(old_prefix) and entry.name[len(old_prefix):].isdigit():
+                if not _alive(int(entry.name[len(old_prefix):])):
+                    _remove(entry)
+                continue
             if not entry.name.startswith(prefix):
                 continue
             rest = entry.name[len(prefix):]
@@ -105,6 +110,25 @@ def _age(entry: os.DirEntry) -> float:
         return time.time() - entry.stat(follow_symlinks=False).st_mtime
     except OSError:
         return 0.0
+
+
+def write_problem(target: Path) -> str | None:
+    """Why `target` (a file or folder, and the folders above it that do not exist yet) cannot be written, or None:
+    found by creating a file there, not guessed from permissions (a read-only file system, a full disk, another
+    user's folder each say so)."""
+    parent = Path(target).expanduser().absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    try:
+        probe, fd = _temporary_sibling(parent / Path(target).name,
+                                       lambda p: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"{parent} is not writable ({(exc.strerror or str(exc)).lower()})"
+    return None
 
 
 def _temporary_sibling(target: Path, create: Callable[[Path], T]) -> tuple[Path, T]:
@@ -189,7 +213,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file atomically (temp sibling + fsync + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, fd = _temporary_sibling(path, lambda p: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        tmp, fd = _temporary_sibling(path, lambda p: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        exc.filename = str(path)  # the file asked for, not the temporary name
+        raise
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)

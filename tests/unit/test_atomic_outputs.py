@@ -139,7 +139,9 @@ def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path, kind
     dead, live = tmp_path / f".tmp-{name}-{dead_pid()}-abcd1234", tmp_path / f".tmp-{name}-{os.getpid()}-abcd1234"
     old_style, recent_old_style = tmp_path / f".tmp-{name}-k3j_x9q0", tmp_path / f".tmp-{name}-z8y7x6w5"
     other = tmp_path / f".tmp-other-{dead_pid()}-abcd1234"  # another target's: not ours to judge
-    for leftover in (dead, live, old_style, recent_old_style, other):
+    # the copy a replacement (--force) set aside and was killed deleting: a whole model, hidden
+    set_aside, live_set_aside = tmp_path / f".old-{name}-{dead_pid()}", tmp_path / f".old-{name}-{os.getpid()}"
+    for leftover in (dead, live, old_style, recent_old_style, other, set_aside, live_set_aside):
         leftover.mkdir()
         (leftover / "model.safetensors").write_text("a full-size copy")
     age(old_style, 2 * 86400)
@@ -148,9 +150,54 @@ def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path, kind
             (tmp / "config.json").write_text("{}")
     else:
         atomic_write_text(tmp_path / name, "{}")
-    assert not dead.exists() and not old_style.exists()
-    assert live.is_dir() and recent_old_style.is_dir() and other.is_dir()
+    assert not dead.exists() and not old_style.exists() and not set_aside.exists()
+    assert live.is_dir() and recent_old_style.is_dir() and other.is_dir() and live_set_aside.is_dir()
     assert (tmp_path / name).exists()
+
+
+def test_an_unwritable_place_is_named_before_the_work_and_by_its_own_name(tmp_path, monkeypatch):
+    """A read-only file system was called "permission denied" (export), found only after the whole evaluation
+    (eval), and named by the hidden temporary file (atomic_write_text)."""
+    import errno
+
+    from peftkit.utils import atomic
+
+    assert atomic.write_problem(tmp_path / "new" / "deeper" / "eval.json") is None
+    (tmp_path / "afile").write_text("")
+    assert atomic.write_problem(tmp_path / "afile" / "eval.json") == f"{tmp_path / 'afile'} is a file, not a folder"
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(atomic.os, "open", read_only)
+    assert atomic.write_problem(tmp_path / "eval.json") == f"{tmp_path} is not writable (read-only file system)"
+    with pytest.raises(OSError) as info:
+        atomic_write_text(tmp_path / "eval.json", "{}")
+    assert info.value.filename == str(tmp_path / "eval.json")
+    with pytest.raises(ExportError, match=r"cannot write the export to .*out: .* is not writable \(read-only file "
+                                          r"system\); choose another --out"):
+        prepare_output(tmp_path / "out", force=False, protected=[])
+
+
+def test_eval_names_an_unwritable_report_before_loading_anything(tmp_path, monkeypatch):
+    from peftkit.evaluate import run_eval
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(run_eval, "read_run_recipe", lambda run_dir: SimpleRecipe())
+    monkeypatch.setattr(run_eval, "require_chat_run", lambda *a: None)
+    monkeypatch.setattr(run_eval, "load_run", lambda *a, **k: pytest.fail("loaded the run before checking --out"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(PeftkitError, match=r"cannot write the report to .*afile/sub.json: .*afile is a file, not a "
+                                           r"folder; pass --out FILE in a folder you can write"):
+        run_eval.evaluate_run(run, out=str(tmp_path / "afile" / "sub.json"))
+
+
+class SimpleRecipe:
+    """What evaluate_run reads of a recipe before it checks where the report goes."""
 
 
 # written outputs follow the umask, like any other file

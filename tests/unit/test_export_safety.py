@@ -21,8 +21,9 @@ from peft import LoraConfig
 from tests.unit.export_fixtures import export_recipe, llama64_dir, make_run  # noqa: F401
 from peftkit.cli import main
 from peftkit.errors import ExportError
-from peftkit.export import common, verify
+from peftkit.export import verify
 from peftkit.export.common import disk_full_as_error, prepare_output
+from peftkit.utils import atomic
 
 torch.set_num_threads(1)
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -95,14 +96,21 @@ def _no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unwritable_output_folder_fails_before_loading(export_recipe, tmp_path, capsys, monkeypatch):
     run = make_run(tmp_path / "run", export_recipe, LORA)
-    real_access = os.access
+    real_open = os.open
     denied = run.resolve()  # the default output goes inside the run; root can write anywhere, so deny it here
-    monkeypatch.setattr(common.os, "access", lambda p, mode: False if Path(p) == denied else real_access(p, mode))
+
+    def deny(path, flags, *args):
+        if flags & os.O_CREAT and Path(path).parent == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(atomic.os, "open", deny)
     _no_model_loads(monkeypatch)
     for argv in (["merge", str(run)], ["export", str(run), "--format", "adapter"]):
         assert main([*argv, "--no-verify"]) == 2
         err = err_text(capsys)
-        assert f"cannot write the export to {denied}/" in err and "not writable" in err and "--out" in err
+        assert f"cannot write the export to {denied}/" in err and "not writable (permission denied)" in err
+        assert "--out" in err
         assert ".tmp-" not in err
 
 

@@ -122,6 +122,37 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(tmp_path, caplog
     assert checkpoints.damage(older) is None and checkpoints.latest_loadable(tmp_path) == older
 
 
+def test_a_checkpoint_missing_its_weights_is_passed_over(tmp_path, caplog):
+    """A kill while an old checkpoint was pruned left it marked complete without its adapter (the files went in
+    directory order): every --resume then failed in transformers with "Can't find a valid checkpoint"."""
+    older, newer = _fake_checkpoint(tmp_path, 2), _fake_checkpoint(tmp_path, 4)
+    (newer / "adapter_model.safetensors").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert checkpoints.prepare_resume(tmp_path) == older
+    assert "checkpoint-4 is damaged (its weights (adapter_model.safetensors or model.safetensors" in caplog.text
+    sharded = _fake_checkpoint(tmp_path / "full", 6)
+    (sharded / "adapter_model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert checkpoints.damage(sharded) == "model-00002-of-00002.safetensors (a shard its index names) is missing"
+
+
+def test_pruning_unmarks_a_checkpoint_before_deleting_it(tiny_recipe, tmp_path, monkeypatch):
+    """Pruned by the marker callback alone (the Trainer's own rotation deleted the newest complete checkpoint before
+    the new one was marked), and unmarked first: a kill mid-deletion leaves a folder resume removes."""
+    from peftkit.config import recipe_from_dict
+    from peftkit.train.run import training_arguments
+
+    recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "early_stopping_patience": 2,
+                                                        "eval_steps": 2, "save_total_limit": 1}})
+    assert training_arguments(recipe, tmp_path / "run", "cpu", torch.float32, True).save_total_limit is None
+    first, second = _fake_checkpoint(tmp_path, 2), _fake_checkpoint(tmp_path, 4)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", lambda *a, **k: None)  # killed before any file went
+    checkpoints.CompleteMarkerCallback(keep=1)._prune(tmp_path / "checkpoints", second, None)
+    assert not checkpoints.is_complete(first) and checkpoints.is_complete(second)
+    assert checkpoints.latest_loadable(tmp_path) == second
+
+
 @pytest.mark.parametrize("cut", [0, 5, 60, -4])
 def test_a_cut_short_safetensors_file_damages_its_checkpoint(tmp_path, cut):
     folder = _fake_checkpoint(tmp_path, 2)

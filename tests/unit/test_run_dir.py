@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from peftkit.config import recipe_from_dict
@@ -93,6 +94,9 @@ def test_a_run_that_failed_before_training_is_replaced_without_force(tmp_path):
     checkpoint.mkdir(parents=True)
     (checkpoint / checkpoints.MARKER).write_text("{}")
     (checkpoint / "trainer_state.json").write_text("{}")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(checkpoint / "adapter_model.safetensors"))
     with pytest.raises(RunDirError, match="pass --resume to continue it or --force"):
         check_run_dir(run_dir, resume=False, force=False, recipe_dump={})
     with pytest.raises(RunDirError, match=f"resume it with `peftkit train {run_dir} --resume`"):
