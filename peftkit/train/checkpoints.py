@@ -167,7 +167,8 @@ class CompleteMarkerCallback(TrainerCallback):
 
 def truncate_metrics(path: Path, step: int) -> int:
     """Drop metric records logged after `step` (they are logged again when training resumes there), and an
-    interrupted session's end-of-training record (`train_runtime`, `train_loss`): it described a session, not the run."""
+    interrupted session's end-of-training record (`train_runtime`, `train_loss`: it described a session, not the
+    run) with what followed it (the final evaluation, which the resumed session runs again)."""
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -178,7 +179,9 @@ def truncate_metrics(path: Path, step: int) -> int:
             record_step = record.get("step", 0)
         except (json.JSONDecodeError, AttributeError):
             continue
-        if record_step <= step and "train_runtime" not in record:
+        if "train_runtime" in record:
+            break
+        if record_step <= step:
             kept.append(line)
     if len(kept) != len(lines):
         from peftkit.utils.atomic import atomic_write_text

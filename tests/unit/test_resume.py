@@ -251,6 +251,12 @@ def test_resuming_drops_later_records_and_the_interrupted_sessions_end_record(tm
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert truncate_metrics(path, 7) == 2
     assert [json.loads(line) for line in path.read_text().splitlines()] == records[:2]
+    # killed during the final evaluation after training: it is run again, so its first record goes (it was kept twice)
+    records = [{"step": 12, "eval_loss": 1.8}, {"step": 12, "train_runtime": 3.1, "train_loss": 2.2},
+               {"step": 12, "eval_loss": 1.7}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert truncate_metrics(path, 12) == 2
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records[:1]
 
 
 def test_resume_refuses_data_that_changed_since_the_run_started(tiny_model_dir, tmp_path):
