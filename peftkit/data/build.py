@@ -20,7 +20,7 @@ from peftkit.data.columns import ROLE_ALIASES, number_as_text
 from peftkit.data.facts import whole_fact_spans
 from peftkit.data.formats import (Example, Message, chat_record_messages, data_sources, detect_format, load_examples,
                                   message_calls, message_text, read_records, record_tools, sharegpt_messages,
-                                  tool_calls_of, with_record_system)
+                                  tool_calls_of, with_folded_keys, with_record_system)
 from peftkit.data.replay import BUILTIN_PREFIX, ReplayAnswerer, load_replay, sample_replay
 from peftkit.errors import DataError
 
@@ -148,6 +148,8 @@ def _heldout_messages(record: dict[str, Any], where: str, what: str) -> list[Mes
     """A held-out prompt read as training reads chat data (`human` / `gpt` roles, ShareGPT's `from` / `value` under
     `messages`, a record-level `system`): a question must reach the model as the training conversations did."""
     if isinstance(record.get("question"), str):
+        if not record["question"].strip():
+            raise DataError(f"{where}: the {what} question is empty; write the question the model is to answer")
         return with_record_system([{"role": "user", "content": record["question"]}], record)
     sharegpt = not isinstance(record.get("messages"), list) and detect_format(record) == "sharegpt"
     if not sharegpt and (not isinstance(record.get("messages"), list) or not record["messages"]):
@@ -184,8 +186,10 @@ def load_heldout(path: str | Path, system_prompt: str | None, *, warn_given_away
     items = []
     given_away = []  # questions that contain their own key fact: an echo of the question would score
     for where, record in read_records(Path(path)):
+        record = with_folded_keys(record)  # `Question`, `Key_Fact` as spreadsheets write them, as training reads them
         if not isinstance(record, dict) or "key_fact" not in record:
-            raise DataError(f"{where}: {what} records need `question` (or `messages`) and `key_fact`")
+            fields = f" (this one: {', '.join(map(str, record))})" if isinstance(record, dict) else ""
+            raise DataError(f"{where}: {what} records need `question` (or `messages`) and `key_fact`{fields}")
         facts = record["key_fact"]
         facts = [number_as_text(f) for f in (facts if isinstance(facts, list) else [facts])]  # `4` matched as written
         if not facts or not all(isinstance(f, str) and f.strip() for f in facts):

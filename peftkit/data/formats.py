@@ -551,8 +551,8 @@ def to_example(record: Any, where: str, fmt: str, columns: ColumnsConfig | None 
         tools = record_tools(record, where) if isinstance(record, dict) else None
         return Example(where, messages=check_messages(messages, where), tools=tools, format="columns")
     kind = detect_format(record) if fmt == "auto" else fmt
-    if kind is None and fmt == "auto" and detect_format(_with_folded_keys(record)) is not None:
-        record = _with_folded_keys(record)
+    if kind is None and fmt == "auto" and detect_format(with_folded_keys(record)) is not None:
+        record = with_folded_keys(record)
         kind = detect_format(record)
     example = _to_example(record, where, kind)
     if kind == "pair":
@@ -560,7 +560,7 @@ def to_example(record: Any, where: str, fmt: str, columns: ColumnsConfig | None 
     return dataclasses.replace(example, format=kind or "")
 
 
-def _with_folded_keys(record: Any) -> Any:
+def with_folded_keys(record: Any) -> Any:
     """`record` with its field names lower-cased and stripped (`Question`, `Answer ` as spreadsheets write them),
     unless two names would then be the same: detection reads those names."""
     if not isinstance(record, dict) or not all(isinstance(key, str) for key in record):

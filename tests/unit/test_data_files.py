@@ -294,3 +294,16 @@ def test_a_held_out_conversation_that_holds_its_answer_is_refused(tmp_path):
                                                            {"role": "assistant", "content": "A"},
                                                            {"role": "user", "content": "and?"}], "key_fact": "B"}])
     assert load_heldout(ok, None)[0].question == "and?"
+
+
+def test_held_out_field_names_fold_as_training_data_do(tmp_path):
+    path = write_jsonl(tmp_path / "h.jsonl", [{"Question": "Opening hours?", "Key_Fact ": "7-18"}])
+    [item] = load_heldout(path, None)
+    assert item.question == "Opening hours?" and item.key_facts == ("7-18",)
+    wrong = write_jsonl(tmp_path / "w.jsonl", [{"question": "Opening hours?", "answer": "7-18"}])
+    with pytest.raises(DataError, match=r"w.jsonl:1: held-out records need `question` .* and `key_fact` "
+                                        r"\(this one: question, answer\)"):
+        load_heldout(wrong, None)
+    blank = write_jsonl(tmp_path / "b.jsonl", [{"question": "   ", "key_fact": "Bob"}])
+    with pytest.raises(DataError, match=r"b.jsonl:1: the held-out question is empty"):
+        load_heldout(blank, None)
