@@ -675,25 +675,36 @@ def load_examples(source: str | Path | Sequence[str | Path], fmt: str = "auto",
     `data.columns`) names the fields of records that use other names; `prepare(record, where)` may
     rewrite each raw record first (or raise DataError for it)."""
     examples: list[Example] = []
+    failed: list[str] = []  # one message per file: a list of files is checked whole, not up to its first mistake
     for one in data_sources(source):
-        found, problems, reasons = [], [], set()
-        for where, record in read_records(one):
-            try:
-                _check_unicode(record, where)
-                found.append(to_example(prepare(record, where) if prepare else record, where, fmt, columns))
-            except DataError as exc:  # go on: one message lists the first few bad records, not just one
-                problems.append(str(exc))
-                reasons.add(str(exc).removeprefix(f"{where}: "))
-        if len(problems) > 1 and len(reasons) == 1:  # e.g. a misnamed column: say it once
-            reason = reasons.pop()
-            which = f"all {len(problems)} records" if not found else f"{len(problems)} of {len(problems) + len(found)} records"
-            raise DataError(f"{which} of {one} (first: {problems[0].removesuffix(': ' + reason)}): {reason}")
-        if problems:
-            shown = problems[:MAX_REPORTED_PROBLEMS]
-            more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-            raise DataError(shown[0] if len(problems) == 1 else
-                            f"{len(problems)} records of {one} need fixing:\n  " + "\n  ".join(shown) + more)
-        if not found:
-            raise DataError(f"data {one} contains no examples")
-        examples += found
+        try:
+            examples += _file_examples(one, fmt, columns, prepare)
+        except DataError as exc:
+            failed.append(str(exc))
+    if failed:
+        raise DataError(failed[0] if len(failed) == 1 else "\n".join(failed))
     return examples
+
+
+def _file_examples(one: str | Path, fmt: str, columns: ColumnsConfig | None,
+                   prepare: Callable[[Any, str], Any] | None) -> list[Example]:
+    found, problems, reasons = [], [], set()
+    for where, record in read_records(one):
+        try:
+            _check_unicode(record, where)
+            found.append(to_example(prepare(record, where) if prepare else record, where, fmt, columns))
+        except DataError as exc:  # go on: one message lists the first few bad records, not just one
+            problems.append(str(exc))
+            reasons.add(str(exc).removeprefix(f"{where}: "))
+    if len(problems) > 1 and len(reasons) == 1:  # e.g. a misnamed column: say it once
+        reason = reasons.pop()
+        which = f"all {len(problems)} records" if not found else f"{len(problems)} of {len(problems) + len(found)} records"
+        raise DataError(f"{which} of {one} (first: {problems[0].removesuffix(': ' + reason)}): {reason}")
+    if problems:
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        raise DataError(shown[0] if len(problems) == 1 else
+                        f"{len(problems)} records of {one} need fixing:\n  " + "\n  ".join(shown) + more)
+    if not found:
+        raise DataError(f"data {one} contains no examples")
+    return found

@@ -307,3 +307,13 @@ def test_held_out_field_names_fold_as_training_data_do(tmp_path):
     blank = write_jsonl(tmp_path / "b.jsonl", [{"question": "   ", "key_fact": "Bob"}])
     with pytest.raises(DataError, match=r"b.jsonl:1: the held-out question is empty"):
         load_heldout(blank, None)
+
+
+def test_every_file_of_a_list_is_checked(tmp_path):
+    """`data.train: [a, b]` stopped at a's mistake: fixing it only revealed b's."""
+    turns = [{"role": "user", "content": "q"}, {"role": "user", "content": "again"}, {"role": "assistant", "content": "a"}]
+    first = write_jsonl(tmp_path / "a.jsonl", [{"messages": turns}])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "p"}])
+    with pytest.raises(DataError) as info:
+        load_examples([first, second])
+    assert "a.jsonl:1" in str(info.value) and "b.jsonl:1" in str(info.value)
