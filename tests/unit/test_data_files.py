@@ -317,3 +317,10 @@ def test_every_file_of_a_list_is_checked(tmp_path):
     with pytest.raises(DataError) as info:
         load_examples([first, second])
     assert "a.jsonl:1" in str(info.value) and "b.jsonl:1" in str(info.value)
+
+
+def test_openai_developer_messages_are_system_messages(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "developer", "content": "Be brief."},
+                                                            {"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "hello"}]}])
+    assert [m["role"] for m in load_examples(path)[0].messages] == ["system", "user", "assistant"]
