@@ -589,6 +589,10 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
             raise DataError(f"{where}: a preference record (keys: {keys}) is for DPO-style training, which peftkit does "
                             "not do; to fine-tune on the preferred answers map them: `data: {columns: {prompt: prompt, "
                             "response: chosen}}` (or `{messages: chosen}` when `chosen` holds the whole conversation)")
+        if isinstance(with_folded_keys(record), dict) and "key_fact" in with_folded_keys(record):
+            raise DataError(f"{where}: a held-out question (keys: {keys}): records with a `key_fact` are what "
+                            "`data.heldout` (and `peftkit eval --heldout`) ask the model to score its answers, not "
+                            "data to train or measure the loss on; name this file under data.heldout")
         raise DataError(
             f"{where}: unrecognised record (keys: {keys}); expected `messages` (chat), `conversations` (ShareGPT), "
             "`prompt` + `completion`, `instruction` + `output` (alpaca), a pair such as `question` + `answer`, or "

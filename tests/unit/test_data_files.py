@@ -324,3 +324,11 @@ def test_openai_developer_messages_are_system_messages(tmp_path):
                                                             {"role": "user", "content": "hi"},
                                                             {"role": "assistant", "content": "hello"}]}])
     assert [m["role"] for m in load_examples(path)[0].messages] == ["system", "user", "assistant"]
+
+
+def test_a_held_out_file_given_as_training_data_is_named_as_such(tmp_path):
+    """The generic advice (map the fields with data.columns) would have trained on the key facts."""
+    path = write_jsonl(tmp_path / "h.jsonl", [{"question": "Opening hours?", "key_fact": "7-18"}] * 2)
+    with pytest.raises(DataError, match=r"a held-out question \(keys: question, key_fact\).*under data.heldout") as info:
+        load_examples(path)
+    assert "columns" not in str(info.value)
