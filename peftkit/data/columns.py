@@ -25,8 +25,8 @@ CONTEXT_FIELDS = ("context", "input")
 """Extra text appended to the prompt after a blank line when the record has it (Dolly's `context`)."""
 SYSTEM_FIELDS = ("system", "system_prompt")
 """A per-record system prompt (OpenOrca's `system_prompt`)."""
-ROLE_ALIASES = {"system": "system", "developer": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                "model": "assistant", "chatgpt": "assistant", "bot": "assistant", "function_call": "assistant",
+ROLE_ALIASES = {"system": "system", "developer": "system", "human": "user", "user": "user", "gpt": "assistant",
+                "assistant": "assistant", "model": "assistant", "chatgpt": "assistant", "bot": "assistant", "function_call": "assistant",
                 "observation": "tool", "tool": "tool", "function": "tool"}
 """Speaker names -> chat roles, case-insensitive (ShareGPT, LLaMA-Factory, axolotl, FastChat, Gemma spellings).
 LLaMA-Factory's `function_call` turn is an assistant tool call whose value is the call's JSON; `observation`
