@@ -622,6 +622,10 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
         history = alpaca_history(record.get("history"), where)
         return Example(where, messages=check_messages(with_record_system([*history, *messages], record), where))
     text = record.get("text")
+    if "text" not in record:
+        raise DataError(f"{where}: read as plain text (data.format: text), but the record has no `text` field (its "
+                        f"fields: {record_keys(record)}); set data.format to the records' format (or auto), or map "
+                        "the field: `data: {columns: {text: FIELD}}`")
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"{where}: `text` must be a non-empty string")
     return Example(where, text=text)

@@ -332,3 +332,11 @@ def test_a_held_out_file_given_as_training_data_is_named_as_such(tmp_path):
     with pytest.raises(DataError, match=r"a held-out question \(keys: question, key_fact\).*under data.heldout") as info:
         load_examples(path)
     assert "columns" not in str(info.value)
+
+
+def test_format_text_on_records_without_text_names_what_is_missing(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "hello"}]}])
+    with pytest.raises(DataError, match=r"c.jsonl:1: read as plain text \(data.format: text\), but the record has no "
+                                        r"`text` field \(its fields: messages\)"):
+        load_examples(path, "text")
