@@ -181,7 +181,7 @@ def test_whole_numbers_stored_as_floats_are_trained_and_matched_as_integers(tmp_
     path = tmp_path / "sums.parquet"
     pq.write_table(pa.table({"question": ["2+2?", "7/2?", "1+1?"], "answer": [4.0, 3.5, 2.0]}), path)
     assert [e.messages[-1]["content"] for e in load_examples(path)] == ["4", "3.5", "2"]
-    assert number_as_text(1e20) == "100000000000000000000" and number_as_text(float("nan")) == "nan"
+    assert number_as_text(1e20) == "100000000000000000000" and number_as_text(float("nan")) is None  # a missing cell
     pq.write_table(pa.table({"question": ["2+2?"], "key_fact": [4.0]}), tmp_path / "heldout.parquet")
     assert load_heldout(tmp_path / "heldout.parquet", None)[0].key_facts == ("4",)
 

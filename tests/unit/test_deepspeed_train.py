@@ -140,7 +140,8 @@ def test_prefix_projection_under_zero3_saves_the_whole_prefix(tiny_model_dir, tm
     config = json.loads((tiny_model_dir / "config.json").read_text())
     prefix = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     (tensor,) = prefix.values()
-    assert tensor.shape == (4, config["num_hidden_layers"] * 2 * config["hidden_size"])
+    kv_width = config["num_key_value_heads"] * config["hidden_size"] // config["num_attention_heads"]
+    assert tensor.shape == (4, config["num_hidden_layers"] * 2 * kv_width)  # a key and a value per layer
     assert tensor.abs().sum() > 0
     assert not list(run_dir.glob("checkpoints/*/prefix_encoder.safetensors"))
 
