@@ -417,6 +417,11 @@ def tokenize_conversation_rows(
         rows.append(row)
         truncated += cut
         previous = (i, text, reply_start)
+    if train_on_prompt and messages and messages[-1]["role"] != "assistant":
+        _warn_once(tokenizer, "trailing-rows", "conversations that end with a user or tool turn after the last "
+                   "assistant reply: with this template each reply is its own row, ending at the reply, so that "
+                   "trailing turn is in no row and not trained, data.train_on_prompt notwithstanding; end each "
+                   "conversation with the assistant's reply, or drop the trailing turn")
     return rows, truncated
 
 

@@ -15,6 +15,7 @@ field names are read through the recipe's `data.columns` map.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -203,13 +204,29 @@ def _csv_delimiter(text: str) -> str:
 
 
 def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[str, Any]]:
-    """Rows of a CSV file, each named by the line it starts on; quoted fields keep their line breaks."""
-    # strict: a stray quote otherwise opens a field that swallows the following rows, and `"A" b` loses its quotes
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    if reader.fieldnames:  # `question, answer`: the space after the comma is no part of the name
-        reader.fieldnames = [name.strip() for name in reader.fieldnames]
-    records, start = [], 2
+    """Rows of a CSV file, each named by the line it starts on; quoted fields keep their line breaks. Strict: a stray
+    quote otherwise opens a field that swallows the following rows, and `"A" b` loses its quotes. Many TSV writers
+    quote nothing (spreadsheet TSV exports, `mysql -B`), so a TSV that is not strict CSV is read with every quote
+    as text, where its rows then fit the header."""
     try:
+        return _delimited_records(path, text, delimiter, csv.QUOTE_MINIMAL)
+    except csv.Error as exc:
+        kind, start = "TSV" if delimiter == "\t" else "CSV", exc.args[1]
+        if delimiter == "\t":
+            with contextlib.suppress(DataError):
+                return _delimited_records(path, text, delimiter, csv.QUOTE_NONE)
+        raise DataError(f"{path}:{start}: not valid {kind} ({exc.args[0]}): a field that starts with a double quote "
+                        "must end with one right before the next delimiter, and a quote inside a quoted field is "
+                        'written twice (""); check the quoting of the row starting on this line') from None
+
+
+def _delimited_records(path: Path, text: str, delimiter: str, quoting: int) -> list[tuple[str, Any]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True, quoting=quoting)
+    records, start = [], 1
+    try:
+        if reader.fieldnames:  # `question, answer`: the space after the comma is no part of the name
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
+        start = 2
         for row in reader:
             # DictReader keeps extra fields under the key None and fills missing ones with None: a silently cut reply
             if not any((value or "").strip() for value in row.get(None) or []):
@@ -219,9 +236,7 @@ def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[str, Any]]
             records.append((f"{path}:{start}", row))
             start = reader.line_num + 1
     except csv.Error as exc:
-        raise DataError(f"{path}:{start}: not valid CSV ({exc}): a field that starts with a double quote must end "
-                        "with one right before the next delimiter, and a quote inside a quoted field is written twice "
-                        '(""); check the quoting of the row starting on this line') from None
+        raise csv.Error(str(exc), start) from None
     return records
 
 
@@ -267,8 +282,9 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
                 try:  # a JSON array (pretty-printed) in a .jsonl file: read it as the document it is
                     return _json_document_records(path, _parse_json(text))
                 except json.JSONDecodeError as whole:  # its own mistake, where it is (not line 1's lone `[`)
-                    raise DataError(f"{path}:{whole.lineno}: not valid JSON ({_json_problem(whole)}); the file "
-                                    "holds one JSON array, read as a whole") from None
+                    if line.strip() == "[":  # else one array per line (messages), line 1's own mistake
+                        raise DataError(f"{path}:{whole.lineno}: not valid JSON ({_json_problem(whole)}); the file "
+                                        "holds one JSON array, read as a whole") from None
             split = line.strip() in ("{", "[") or (number > 1 and line[:1].isspace())
             hint = (" (a record spread over several lines, as pretty-printing writes it: write each on one line, "
                     "e.g. with `jq -c .`)" if split else "")

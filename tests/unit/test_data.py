@@ -174,6 +174,22 @@ def test_train_on_prompt_with_a_history_rewriting_template_trains_each_turn_once
     assert len(single) == 1 and single[0]["labels"] == single[0]["input_ids"]  # one row: every token
 
 
+def test_train_on_prompt_per_turn_rows_say_a_trailing_turn_is_not_trained(tiny_tokenizer, caplog, monkeypatch):
+    """validate no longer warns about a trailing user turn under train_on_prompt (one row trains it); rows of their
+    own each end at their reply, so there the trailing turn is in no row, and tokenizing says so."""
+    from peftkit.data import chat
+    from peftkit.data.chat import tokenize_conversation_rows
+
+    monkeypatch.setattr(chat, "_warned", set())  # said once per template and process: not by an earlier test
+
+    tokenizer = _with_template(tiny_tokenizer, THINKING_TEMPLATE)
+    messages = [*TWO_TURNS, {"role": "user", "content": "TRAILING thanks"}]
+    with caplog.at_level("WARNING", logger="peftkit.data.chat"):
+        rows, _ = tokenize_conversation_rows(tokenizer, messages, 512, train_on_prompt=True)
+    assert not any("TRAILING" in supervised_text(tokenizer, row) for row in rows)
+    assert any("trailing turn is in no row and not trained" in r.message for r in caplog.records)
+
+
 QWEN3_TOOL_TEMPLATE = (  # Qwen3's rule: replies before the last user message lose their <think> block
     "{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}"
     "{% endif %}{% endfor %}{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' }}{% if m.role == 'assistant' and "

@@ -221,6 +221,16 @@ def test_a_stray_quote_in_a_csv_row_is_refused_not_merged_with_the_rows_after_it
     quoted.write_text('question,answer\n"Hamlet" is by whom?,Shakespeare\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"h.csv:2: not valid CSV"):
         load_examples(quoted)
+    unquoted = tmp_path / "s.tsv"  # TSV writers that quote nothing: a cell starting with a quote is text
+    unquoted.write_text('question\tanswer\nWhat did she say?\t"Hi" she said\nScreen?\t"15 inches\nQ3?\tA3\n')
+    assert [e.messages[1]["content"] for e in load_examples(unquoted)] == ['"Hi" she said', '"15 inches', "A3"]
+    quoted = tmp_path / "q.tsv"  # a quoted TSV cell keeps its line break
+    quoted.write_text('question\tanswer\nQ\t"multi\nline"\nQ2\tA2\n')
+    assert [e.messages[1]["content"] for e in load_examples(quoted)] == ["multi\nline", "A2"]
+    broken = tmp_path / "b.tsv"  # read either way, its rows do not fit: the strict reading's error, named TSV
+    broken.write_text('question\tanswer\nQ\t"a\tb" c\n')
+    with pytest.raises(DataError, match=r"b.tsv:2: not valid TSV"):
+        load_examples(broken)
     fine = tmp_path / "ok.csv"  # a quote inside an unquoted field, and a doubled one inside a quoted field, are text
     fine.write_text('question,answer\nA 5" screen?,yes\nQ,"a ""quoted"" word"\n', encoding="utf-8")
     assert [e.messages[0]["content"] for e in load_examples(fine)] == ['A 5" screen?', "Q"]
@@ -269,6 +279,11 @@ def test_jsonl_mistakes_are_placed_and_explained(tmp_path):
     array.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c", "completion": "d"},\n]\n')
     with pytest.raises(DataError, match=r"a.jsonl:4: not valid JSON .*one JSON array"):
         load_examples(array)
+    per_line = tmp_path / "m.jsonl"  # one message array per line, line 1 broken: line 1's own mistake
+    per_line.write_text('[{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}\n'
+                        '[{"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}]\n')
+    with pytest.raises(DataError, match=r"m.jsonl:1: line is not valid JSON"):
+        load_examples(per_line)
     commas = tmp_path / "c.jsonl"
     commas.write_text('{"prompt": "a", "completion": "b"},\n{"prompt": "c", "completion": "d"},\n')
     with pytest.raises(DataError, match=r"c.jsonl:1: .*a comma after the record"):
