@@ -605,7 +605,7 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
             raise DataError(f"{where}: a preference record (keys: {keys}) is for DPO-style training, which peftkit does "
                             "not do; to fine-tune on the preferred answers map them: `data: {columns: {prompt: prompt, "
                             "response: chosen}}` (or `{messages: chosen}` when `chosen` holds the whole conversation)")
-        if isinstance(with_folded_keys(record), dict) and "key_fact" in with_folded_keys(record):
+        if isinstance(record, dict) and "key_fact" in with_folded_keys(record):
             raise DataError(f"{where}: a held-out question (keys: {keys}): records with a `key_fact` are what "
                             "`data.heldout` (and `peftkit eval --heldout`) ask the model to score its answers, not "
                             "data to train or measure the loss on; name this file under data.heldout")
@@ -686,9 +686,10 @@ def data_sources(value: str | Path | Sequence[str | Path]) -> list[str | Path]:
 def missing_local_files(source: str | Path | Sequence[str | Path] | None) -> list[str]:
     """The files among a recipe's data sources that do not exist (Hub datasets and built-in sets are not files)."""
     from peftkit.data.hub import is_hub_ref
+    from peftkit.data.replay import BUILTIN_PREFIX
 
     return [str(one) for one in data_sources(source or []) if str(one) and not is_hub_ref(one)
-            and not str(one).startswith("builtin:") and not Path(one).exists()]
+            and not str(one).startswith(BUILTIN_PREFIX) and not Path(one).exists()]
 
 
 def load_examples(source: str | Path | Sequence[str | Path], fmt: str = "auto",
