@@ -254,16 +254,21 @@ def plots(rows: list[dict], stem: Path, curves: dict[str, list[list[float]]]) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--recipes", nargs="*", default=["quickstart"])
-    parser.add_argument("--methods", nargs="*", default=METHODS)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", nargs="+", default=["quickstart"],
+                        help="recipe names under recipes/ whose data each method trains on (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=METHODS,
+                        help=f"methods or variants (VARIANT_OVERRIDES in this file; default: {' '.join(METHODS)})")
     parser.add_argument("--set", nargs="*", default=[], dest="sets", help="overrides applied to every run")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="where the runs go (default: runs/bench)")
     parser.add_argument("--eval-only", action="store_true", help="re-evaluate existing runs instead of training again")
     parser.add_argument("--collect", action="store_true", help="report existing runs and their eval.json as they are")
     parser.add_argument("--seeds", nargs="*", type=int, default=[None],
                         help="train.seed values to repeat each run with (default: the recipe's seed, one run)")
     args = parser.parse_args()
+    for name in args.recipes:  # an unknown recipe or method stops here, not after hours of the ones before it
+        for method in args.methods:
+            recipe_for(name, method)
     rows: list[dict] = []
     for name in args.recipes:
         for method in args.methods:

@@ -69,8 +69,8 @@ def round_trip(model: torch.nn.Module, originals: dict[str, torch.Tensor], keep:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"), help="default: %(default)s")
     parser.add_argument("--rows", type=int, default=32, help="training conversations to score")
     args = parser.parse_args()
 
@@ -104,9 +104,11 @@ def main() -> None:
     shapes = [tuple(w.shape) for w in originals.values()]
     results: list[dict[str, Any]] = []
 
-    def record(setting: str, got: torch.Tensor, kept_share: float = 0.0, bits: float | None = None) -> None:
-        results.append({"setting": setting, "bits_per_weight": bits, "linear_weights_kept_fp32": round(kept_share, 3),
-                        **prediction_error(got, reference, mask)})
+    def record(setting: str, got: torch.Tensor, kept_share: float = 0.0, bits: float | None = None,
+               model: Any = None) -> None:
+        weights = round(model.get_memory_footprint() / 2**20, 1) if model is not None else None
+        results.append({"setting": setting, "bits_per_weight": bits, "weight_mb": weights,
+                        "linear_weights_kept_fp32": round(kept_share, 3), **prediction_error(got, reference, mask)})
         print(results[-1], file=sys.stderr, flush=True)
 
     settings = {
@@ -118,10 +120,13 @@ def main() -> None:
         "int8 (LLM.int8)": QuantizationConfig(bits=8),
     }
     bnb_nf4 = None
+    record("fp32 (the reference)", reference, bits=32.0, model=fp32)
     for setting, quantization in settings.items():
-        got = logits(load(quantization))
+        quantized = load(quantization)
+        got = logits(quantized)
         bnb_nf4 = got if bnb_nf4 is None else bnb_nf4
-        record(setting, got, bits=bits_per_weight(quantization, shapes))
+        record(setting, got, bits=bits_per_weight(quantization, shapes), model=quantized)
+        del quantized
 
     round_trip(fp32, originals, keep=lambda name: False)
     trip = logits(fp32)
@@ -139,7 +144,9 @@ def main() -> None:
         "# Quantized base vs fp32: prediction error before training", "",
         f"Model `{recipe.model.name}`, {len(rows)} training conversations of `{Path(args.recipe).name}` "
         f"({int(mask.sum())} tokens), teacher-forced. KL: mean per-token KL(fp32 || quantized) in nats; "
-        "bits_per_weight: a quantized weight with its share of the scales (block absmax for 4-bit, row scale for int8).", "",
+        "bits_per_weight: a quantized weight with its share of the scales (block absmax for 4-bit, row scale for "
+        "int8); weight_mb: the whole model's weights as loaded (`get_memory_footprint()`: embeddings and norms stay "
+        "in fp32; the 4-bit block scales are not counted, bits_per_weight has them).", "",
         *markdown_table(results, list(results[0])), "",
         f"bitsandbytes nf4 layers vs the nf4 round trip in fp32 Linear layers: max |logit difference| {kernel_gap:.2e} "
         "(the error is the quantization grid's, not the CPU kernel's).", "",

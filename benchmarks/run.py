@@ -1,6 +1,6 @@
 """`make bench`: the speed comparison against the reference stack, then the method matrix.
 
-Both take a while on a 2-core CPU (speed: ~10 min; methods on the quickstart recipe: ~1 h).
+Both take a while on a 2-core CPU (speed: ~10 min; methods on the quickstart recipe: ~1.5 h).
 Run the pieces alone, with their options, as `python -m benchmarks.speed` / `python -m benchmarks.methods`.
 """
 

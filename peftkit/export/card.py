@@ -48,12 +48,16 @@ def merged_card(merged: Any, *, dtype: str, verification: dict[str, Any] | None,
     run = merged.primary
     info = run.info
     runs = merged.runs
-    title = f"{run.recipe.name or run.run_dir.name}: {info.method} merged into {run.model_cfg.name}"
+    if merged.combination:
+        names = ", ".join(r.recipe.name or r.run_dir.name for r in runs)
+        title = f"{merged.combination['combination']} combination of {names} merged into {run.model_cfg.name}"
+    else:
+        title = f"{run.recipe.name or run.run_dir.name}: {info.method} merged into {run.model_cfg.name}"
     lines = [
         _front_matter({
             "base_model": hub_base_model(run.model_cfg.name),
             "library_name": "transformers",
-            "tags": ["peftkit", "merged", *(r.info.method.lower() for r in runs)],
+            "tags": ["peftkit", "merged", *dict.fromkeys(r.info.method.lower() for r in runs)],
         }),
         f"# {title}",
         "",
@@ -75,6 +79,9 @@ def merged_card(merged: Any, *, dtype: str, verification: dict[str, Any] | None,
     if merged.combination:
         c = merged.combination
         lines.append(f"| combination | {c['combination']}, weights {c['weights']} |")
+        if c.get("qlora_base"):
+            lines.append(f"| QLoRA merge target | {c['qlora_base']} {c['bits']}-bit weights (what the adapters trained "
+                         "against) |")
     if merged.qlora:
         q = merged.qlora
         lines += [
@@ -95,7 +102,9 @@ def merged_card(merged: Any, *, dtype: str, verification: dict[str, Any] | None,
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))",
         "```",
         "",
-        f"For llama.cpp / Ollama: `peftkit export {run.run_dir} --format gguf`.",
+        (f"For llama.cpp / Ollama: `peftkit export {run.run_dir} --format gguf`." if not merged.combination else
+         "For llama.cpp / Ollama: convert this folder with llama.cpp's `convert_hf_to_gguf.py` (`peftkit export "
+         "RUN --format gguf` exports one run, not this combination)."),
         "",
     ]
     return "\n".join(lines)

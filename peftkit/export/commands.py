@@ -47,7 +47,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         with reading_runs(*args.adapters):
             result = export_combined(args.adapters, args.out, weights=args.weights, combination=args.combination,
                                      dtype=args.dtype, shard_size=shard, force=args.force, check=not args.no_verify,
-                                     base=args.base)
+                                     base=args.base, qlora_base=args.qlora_base)
     else:
         if not args.run_dir:
             raise ExportError("give the run directory to merge (peftkit merge RUN_DIR), or --adapters RUN_A RUN_B")

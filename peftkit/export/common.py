@@ -14,9 +14,13 @@ from typing import Any
 from peftkit.errors import ExportError, MissingDependencyError, is_disk_full
 from peftkit.export.gguf_types import GGUF_TYPES
 from peftkit.models.resolve import TOKENIZER_FILES
+from peftkit.train.run_dir import LOCK_FILE, is_peftkit_run
 from peftkit.utils.atomic import atomic_write_text, mark_when_written, marked_entries, write_problem
 
 EXPORT_MARKER = ".peftkit-export"  # in every export folder: `--force` may replace what holds it
+PEFTKIT_FILES = (EXPORT_MARKER, LOCK_FILE)
+"""Hidden files of peftkit's own, never a user's (the lock: left in an export folder by versions that locked any folder
+given to `export` / `eval`)."""
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
 
@@ -71,8 +75,17 @@ def prepare_output(out: Path, *, force: bool, protected: list[Path]) -> Path:
                     f"refusing to write the export to {out}: that would replace {keep}, which the run needs; "
                     f"choose another --out (the default is inside {run_dir})"
                 )
+            if keep != run_dir and out.is_relative_to(keep):
+                raise ExportError(
+                    f"refusing to write the export to {out}: it is inside {keep}, which holds the run's own files "
+                    f"(a checkpoint or adapter folder that tools read as a whole); choose another --out (the default "
+                    f"is inside {run_dir})"
+                )
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is a file; --out must be a directory")
+    if out.is_dir() and is_peftkit_run(out):
+        raise ExportError(f"{out} is a peftkit run directory (its adapter, checkpoints and metrics); an export never "
+                          "replaces a run: choose another --out")
     _check_writable(out)
     if out.exists() and not written_by_peftkit(out):
         names = foreign_export_entries(out)
@@ -99,7 +112,7 @@ def _check_writable(out: Path) -> None:
 def foreign_export_entries(folder: Path) -> list[str]:
     """The entries of an export folder that peftkit did not write, as far as it can tell: those its marker does not
     list; in an export from before the marker listed them, those no export writes (else all, to name something)."""
-    names = sorted(p.name for p in folder.iterdir() if p.name != EXPORT_MARKER)
+    names = sorted(p.name for p in folder.iterdir() if p.name not in PEFTKIT_FILES)
     listed = marked_entries(folder / EXPORT_MARKER)
     if listed is not None:
         return [name for name in names if name not in listed]
@@ -114,7 +127,7 @@ def written_by_peftkit(folder: Path) -> bool:
     """An empty folder or a peftkit export. Exports before the marker are recognised by a file only peftkit
     writes, and only while every entry is a file that kind of export writes: a folder that merely holds a
     `verification.json` next to the user's own files is not one (--force would delete them)."""
-    entries = [p for p in folder.iterdir() if p.name != EXPORT_MARKER]
+    entries = [p for p in folder.iterdir() if p.name not in PEFTKIT_FILES]
     if not entries:
         return True
     listed = marked_entries(folder / EXPORT_MARKER)

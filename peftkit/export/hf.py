@@ -118,10 +118,11 @@ def export_hf(run_dir: str | Path, out: str | Path | None = None, *, dtype: str 
 
 def export_combined(run_dirs: list[str | Path], out: str | Path, *, weights: list[float] | None = None,
                     combination: str = "cat", dtype: str = "auto", shard_size: int = 2 * 10**9,
-                    force: bool = False, check: bool = True, base: str | None = None) -> ExportResult:
+                    force: bool = False, check: bool = True, base: str | None = None,
+                    qlora_base: QLoraBase = "dequantized") -> ExportResult:
     """`peftkit merge --adapters RUN_A RUN_B --weights 0.7 0.3 --out DIR`."""
     export_dtype(dtype, None)  # a wrong name fails before any loading
     check_shard_size(shard_size)
     prepare_output(Path(out), force=force, protected=[Path(r) for r in run_dirs])
-    merged = combine_runs(run_dirs, weights, combination=combination, base=base)
+    merged = combine_runs(run_dirs, weights, combination=combination, base=base, qlora_base=qlora_base)
     return write_merged(merged, Path(out), dtype=dtype, shard_size=shard_size, force=force, check=check)

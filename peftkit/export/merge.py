@@ -352,7 +352,7 @@ def _normalized_lora_config(info: AdapterInfo) -> Any:
 
 
 def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None, *, combination: str = "cat",
-                 base: str | None = None) -> MergedModel:
+                 base: str | None = None, qlora_base: QLoraBase = "dequantized") -> MergedModel:
     """Merge a weighted combination of LoRA adapters trained on the same base into one model.
 
     `cat` (default) stacks the adapters, so the merged delta is exactly sum_i w_i * delta_i. `linear`
@@ -367,6 +367,9 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
         raise ExportError(f"--weights must be finite numbers, got {' '.join(map(str, weights))}")
     if combination not in COMBINATIONS:
         raise ExportError(f"--combination must be one of {', '.join(COMBINATIONS)}, got {combination!r}")
+    if qlora_base != "dequantized":
+        raise ExportError("--qlora-base original applies to one run (`peftkit merge RUN_DIR`); combined QLoRA adapters "
+                          "are merged into the dequantized quantized weights they were trained against")
     runs = [resolve_run(r, base) for r in run_dirs]
     first = runs[0]
     for run in runs:
@@ -390,6 +393,15 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
         if run.quantization != first.quantization:
             raise ExportError(f"{run.run_dir} and {first.run_dir} were trained with different quantization; combine "
                               "adapters trained the same way")
+    _check_same_placement(runs)
+    tokenizers = [load_run_tokenizer(r) for r in runs]
+    other = next((r for r, t in zip(runs, tokenizers) if t.chat_template != tokenizers[0].chat_template), None)
+    if other is not None:
+        raise ExportError(
+            f"{first.run_dir} and {other.run_dir} were "
+            "trained with different chat templates (model.chat_template or the tokenizer's own); a combined model has "
+            "one, and an adapter answers well only in the format it learnt: combine runs trained with the same "
+            "template")
     ranks = [r.info.rank for r in runs]
     if combination == "linear" and len(set(ranks)) > 1:
         raise ExportError(f"--combination linear needs equal ranks, got {ranks}; use `cat` (exact) instead")
@@ -398,7 +410,7 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
         log.warning("The runs were trained with different data.system_prompt values; the combined model's chat template "
                     "defaults to the first one's (%r). Clients can send their own system message.",
                     first.recipe.data.system_prompt)
-    tokenizer = load_run_tokenizer(first)
+    tokenizer = tokenizers[0]
     base_model = _load_base(first, quantized=first.quantization is not None)
     if first.quantization is not None:
         base_model = dequantized(base_model)  # the weights the adapters were trained against
@@ -428,4 +440,38 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
         "ranks": ranks,
         "methods": [r.info.method for r in runs],
     }
+    if first.quantization is not None:
+        info.update(qlora_base="dequantized", bits=first.quantization.bits)
+        log.info("QLoRA adapters combined in the dequantized %d-bit weights they were trained against",
+                 first.quantization.bits)
     return MergedModel(merged, tokenizer, runs, reference, diff, combination=info)
+
+
+PLACEMENT_KEYS = {"layers_to_transform": "adapter.layers", "layers_pattern": "the layers pattern",
+                  "exclude_modules": "excluded modules"}
+"""LoraConfig fields that peft's add_weighted_adapter copies from the first adapter to the combination: a run that
+differs in one would lose the updates outside the first run's placement (or fail after the base has loaded)."""
+
+
+def _check_same_placement(runs: list[RunAdapter]) -> None:
+    """Refuse, before loading the base, adapters that peft would combine wrongly or only after loading."""
+    first = runs[0]
+
+    def placement(run: RunAdapter, key: str) -> Any:
+        value = run.info.config.get(key)
+        return [value] if isinstance(value, int) and not isinstance(value, bool) else (value or None)
+
+    for run in runs[1:]:
+        for key, name in PLACEMENT_KEYS.items():
+            if placement(run, key) != placement(first, key):
+                raise ExportError(
+                    f"{first.run_dir} and {run.run_dir} place their adapters differently ({name}: "
+                    f"{placement(first, key) or 'all'} against {placement(run, key) or 'all'}); a weighted combination "
+                    "keeps one placement and would drop the other run's updates outside it: combine runs trained on "
+                    "the same layers, or merge them one at a time")
+        kinds = {type(r.info.config.get("target_modules")).__name__ == "str" for r in (first, run)}
+        if len(kinds) > 1:
+            raise ExportError(
+                f"{first.run_dir} and {run.run_dir} name their target modules differently (one a regular expression, "
+                "the other a list of names), which peft cannot combine: train both with a list (e.g. "
+                "adapter.target_modules: [q_proj, v_proj]) or both with the same kind")

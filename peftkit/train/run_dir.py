@@ -91,8 +91,9 @@ def in_use(run_dir: Path, holder: str) -> RunDirError:
 def reading_runs(*run_dirs: Path | str) -> Iterator[None]:
     """Merge, export and eval hold the runs they read under a shared lock: `train --force` (or `--resume`) into one
     of them is refused meanwhile instead of deleting the adapter being read, and they refuse a run that is training.
-    A run folder they cannot write to (a read-only copy) is read without a lock. The (hidden) lock file stays: a
-    reader that removed it could strand another one's lock on the removed file, which `train` would not see."""
+    A run folder they cannot write to (a read-only copy), or a folder that is no run, is read without a lock. The
+    (hidden) lock file stays: a reader that removed it could strand another one's lock on the removed file, which
+    `train` would not see."""
     try:
         import fcntl
     except ImportError:  # not on POSIX: no lock
@@ -100,6 +101,8 @@ def reading_runs(*run_dirs: Path | str) -> Iterator[None]:
         return
     with contextlib.ExitStack() as stack:
         for run_dir in map(Path, run_dirs):
+            if not ((run_dir / RUN_MARKER).is_file() or (run_dir / "recipe.yaml").is_file()):
+                continue  # not a run (a merged folder, a base model): the command says so; no lock file left there
             try:
                 handle = stack.enter_context((run_dir / LOCK_FILE).open("a+", encoding="utf-8"))
             except OSError:

@@ -188,6 +188,9 @@ class SFTTrainer(RunTrainer):
         self.share_prefix = share_prompt_prefix and not one_forward_only and not no_prefix_cache
         self.attention_window = attention_window(self.model)
         self.bucket_batches = bucket_within_batch and not one_forward_only
+        # Back-propagate each bucket but the last as soon as it has run (False holds every bucket's activations until
+        # one backward: only benchmarks.bucket_memory turns it off, to measure what the early backward saves).
+        self.backward_each_bucket = True
         speed_note = speed_options_off(share_prompt_prefix and not self.share_prefix,
                                        bucket_within_batch and not self.bucket_batches, one_forward_only, no_prefix_cache)
         if speed_note and self.is_world_process_zero():
@@ -242,7 +245,7 @@ class SFTTrainer(RunTrainer):
             # Training: every bucket but the last is back-propagated at once, so its activations are freed
             # before the next bucket runs (peak memory of the largest bucket, not of the whole batch); the
             # returned loss carries the earlier buckets' value detached and the last bucket's graph.
-            backward_early = model.training and torch.is_grad_enabled()
+            backward_early = self.backward_each_bucket and model.training and torch.is_grad_enabled()
             loss, outputs = 0.0, None
             counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
             offsets = [0]

@@ -438,3 +438,32 @@ def test_the_architectures_table_says_what_llama_cpp_made_of_each_gguf(tmp_path)
     path.write_text(json.dumps({"llama_cpp": {"ran": True, "passed": True, "max_abs_diff": 0.02, "greedy_agreement": 1.0,
                                               "max_abs_reference_logit": 20.0, "tokenizer_match": False}}))
     assert in_llama_cpp(path) == "ok: max diff 1.0e-03 of the largest logit, agreement 100%, tokenization differs"
+
+
+def test_bucket_memory_steps_the_same_batch_in_each_variant(tiny_recipe, tmp_path):
+    """The memory comparison is only fair if every variant trains the same rows to the same loss."""
+    import yaml
+
+    from benchmarks.bucket_memory import VARIANTS, measure, parse_lengths
+
+    assert parse_lengths(["40x2", "10x3", "7"]) == [40, 40, 10, 10, 10, 7]
+    with pytest.raises(SystemExit, match="LENGTHxCOUNT"):
+        parse_lengths(["40*2"])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe))
+    rows = {v: measure(str(recipe), v, [40, 40, 10, 10]) for v in VARIANTS}
+    assert {v: (r["buckets"], r["padded_tokens"]) for v, r in rows.items()} == {
+        "buckets": (2, 100), "buckets-one-backward": (2, 100), "padded": (1, 160)}
+    losses = [r["loss"] for r in rows.values()]
+    assert losses[0] > 0 and max(losses) - min(losses) < 1e-3
+    assert all(r["peak_rss_mb"] >= r["loaded_rss_mb"] > 0 for r in rows.values())
+
+
+def test_bucket_memory_reports_the_median_peak_and_its_range():
+    from benchmarks.bucket_memory import summarise
+
+    runs = [{"variant": "padded", "loaded_rss_mb": l, "peak_rss_mb": p, "peak_gpu_mb": None}
+            for l, p in [(600.0, 10100.0), (610.0, 9000.0), (620.0, 10500.0)]]
+    row = summarise(runs)
+    assert (row["peak_rss_mb"], row["peak_rss_mb_range"], row["repeats"], row["loaded_rss_mb"]) == (
+        10100.0, "9000.0-10500.0", 3, 610.0)

@@ -152,3 +152,12 @@ def test_gemma3_runs_an_untied_merged_head_in_llama_cpp(export_recipe, tmp_path)
     report = json.loads((result.path / "verification.json").read_text())
     assert report["passed"] and report["llama_cpp"]["ran"] and report["llama_cpp"]["passed"], report["llama_cpp"]
     assert "output.weight" in {t.name for t in _fields(result.path / "g3-f32.gguf")[1].tensors}
+
+
+def test_the_cli_writes_a_gguf_adapter(export_recipe, tmp_path):
+    from peftkit.cli import main
+
+    run = make_run(tmp_path / "run", export_recipe, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                               task_type="CAUSAL_LM"))
+    assert main(["export", str(run), "--format", "gguf-adapter", "--gguf-type", "f32", "--no-verify"]) == 0
+    assert len(list((run / "gguf-adapter").glob("*-lora-f32.gguf"))) == 1

@@ -433,3 +433,73 @@ def test_a_missing_base_and_a_qlora_run_without_bitsandbytes_name_the_flags_that
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
     with pytest.raises(MissingDependencyError, match=r"trained on a 4-bit base.*pip install bitsandbytes.*--qlora-base original"):
         load_run(run)
+
+
+def test_combinations_peft_would_get_wrong_are_refused_before_loading(export_recipe, tmp_path, monkeypatch):
+    """peft's add_weighted_adapter copies the first adapter's layer placement to the combination: a run on other
+    layers lost its updates there while the verification (against that same combination) passed."""
+    from transformers import AutoTokenizer
+
+    def lora(**kwargs):
+        return LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **kwargs)
+
+    everywhere = make_run(tmp_path / "all", export_recipe, lora(target_modules=["q_proj", "v_proj"]))
+    layer1 = make_run(tmp_path / "l1", export_recipe, lora(target_modules=["q_proj", "v_proj"], layers_to_transform=1))
+    regex = make_run(tmp_path / "rx", export_recipe, lora(target_modules=r".*\.(q_proj|v_proj)"))
+    plain = make_run(tmp_path / "plain", export_recipe, METHODS["lora"])
+    tokenizer = AutoTokenizer.from_pretrained(plain / "tokenizer")
+    tokenizer.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(plain / "tokenizer")
+    monkeypatch.setattr("peftkit.export.merge._load_base", lambda *a, **k: pytest.fail("refuse before loading"))
+    for runs, message in [([layer1, everywhere], r"place their adapters differently \(adapter.layers: \[1\] against all"),
+                          ([everywhere, layer1], r"adapter.layers: all against \[1\]"),
+                          ([everywhere, regex], "one a regular expression, the other a list of names"),
+                          ([everywhere, plain], "trained with different chat templates")]:
+        with pytest.raises(ExportError, match=message):
+            combine_runs(runs, [0.5, 0.5])
+    with pytest.raises(ExportError, match="--qlora-base original applies to one run"):
+        combine_runs([everywhere, layer1], [0.5, 0.5], qlora_base="original")
+
+
+def test_a_combined_model_card_names_every_run_and_no_single_run_gguf_command(export_recipe, tmp_path):
+    run_a = make_run(tmp_path / "a", export_recipe, METHODS["lora"], seed=1)
+    run_b = make_run(tmp_path / "b", export_recipe, METHODS["lora"], seed=2)
+    out = tmp_path / "mix"
+    export_combined([run_a, run_b], out, weights=[0.7, 0.3], check=False)
+    card = (out / "README.md").read_text()
+    title = next(line for line in card.splitlines() if line.startswith("# "))
+    assert "cat combination of" in title and "a" in title and "b" in title
+    assert f"peftkit export {run_a}" not in card and "convert_hf_to_gguf.py" in card
+    tags = card.split("---")[1]
+    assert tags.count("- lora") == 1
+
+
+def test_export_of_a_folder_that_is_no_run_leaves_nothing_there(export_recipe, tmp_path, capsys):
+    run = make_run(tmp_path / "run", export_recipe, METHODS["lora"])
+    assert main(["merge", str(run), "--no-verify"]) == 0
+    merged = run / "merged"
+    before = sorted(p.name for p in merged.iterdir())
+    assert main(["export", str(merged), "--format", "gguf"]) == 2
+    assert main(["eval", str(merged)]) == 2
+    assert sorted(p.name for p in merged.iterdir()) == before  # no lock file left behind
+    capsys.readouterr()
+    (merged / ".peftkit-lock").write_text("")  # left there by older versions: no user file
+    assert main(["merge", str(run), "--force", "--no-verify"]) == 0
+    other = make_run(tmp_path / "other", export_recipe, METHODS["lora"])
+    (other / ".peftkit-run").write_text("x")
+    assert main(["merge", str(run), "--out", str(other), "--force", "--no-verify"]) == 2
+    assert "is a peftkit run directory" in capsys.readouterr().err
+    for inside in ("adapter/sub", "checkpoints/new"):
+        assert main(["merge", str(run), "--out", str(run / inside), "--no-verify"]) == 2
+        assert "which holds the run's own files" in capsys.readouterr().err
+        assert not (run / inside).exists()
+
+
+def test_combined_qlora_adapters_say_which_weights_they_merged_into(export_recipe, tmp_path):
+    runs = [make_run(tmp_path / name, export_recipe, METHODS["lora"], quantization={"bits": 4}, seed=seed)
+            for name, seed in (("qa", 1), ("qb", 2))]
+    out = tmp_path / "mix"
+    export_combined(runs, out, weights=[0.5, 0.5], check=False)
+    assert (out / "model.safetensors").is_file()
+    card = (out / "README.md").read_text()
+    assert "| QLoRA merge target | dequantized 4-bit weights (what the adapters trained against) |" in card

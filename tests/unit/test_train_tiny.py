@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from peftkit.config import recipe_from_dict
 from peftkit.errors import RunDirError
-from peftkit.train.run import train
+from peftkit.train.run import peak_memory_mb, train
 from tests.conftest import assert_speed_leaves_out_evaluation
 
 
@@ -31,6 +33,8 @@ def test_train_writes_self_describing_run_dir(tiny_recipe):
         assert key in summary, key
     assert 0 < summary["trainable_share"] < 0.5
     assert summary["trained_tokens"] > 0
+    # The run's peak is this process's high-water mark at the end of training (it trained in this process).
+    assert 100 < summary["peak_memory_mb"] <= peak_memory_mb("cpu")
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert not list(run.glob(".tmp-*")), "temporary directories must not be left behind"
     # The last epoch's evaluation is the shipped model's: reused for the summary, not run (and logged) twice.
@@ -154,3 +158,12 @@ def test_the_run_report_names_what_was_held_out(tiny_recipe, capsys):
     assert "held-out fact accuracy (2 q)" in capsys.readouterr().out
     print_run_report(Console(width=200), result.run_dir, {**result.summary, "task": "sequence_classification"})
     assert "held-out label accuracy (2 texts)" in capsys.readouterr().out
+
+
+def test_peak_memory_follows_what_the_process_touched():
+    """The summary's and the benchmarks' peak memory: a fresh process's mark rises by what it writes."""
+    code = ("from peftkit.train.run import peak_memory_mb; before = peak_memory_mb('cpu'); "
+            "block = bytearray(b'x' * (300 * 2**20)); print(before, peak_memory_mb('cpu'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    before, after = map(float, out)
+    assert 50 < before and after - before >= 290
