@@ -115,6 +115,8 @@ def recipe_for(name: str, method: str) -> tuple[Path, list[str]]:
     if dedicated.is_file():
         return dedicated, _with_train_file(dedicated, extra)
     recipe = ROOT / "recipes" / f"{name}.yaml"
+    if not recipe.is_file():
+        raise SystemExit(f"no recipes/{name}.yaml for --recipes {name} (give a recipe's name without .yaml)")
     extra = _with_train_file(recipe, extra)
     if base_method in LORA_FAMILY:
         return recipe, [*LORA_FAMILY[base_method], *extra]

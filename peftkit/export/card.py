@@ -49,7 +49,8 @@ def merged_card(merged: Any, *, dtype: str, verification: dict[str, Any] | None,
     info = run.info
     runs = merged.runs
     if merged.combination:
-        names = ", ".join(r.recipe.name or r.run_dir.name for r in runs)
+        names = [r.recipe.name or r.run_dir.name for r in runs]
+        names = ", ".join(names if len(set(names)) == len(names) else [r.run_dir.name for r in runs])  # seed soups
         title = f"{merged.combination['combination']} combination of {names} merged into {run.model_cfg.name}"
     else:
         title = f"{run.recipe.name or run.run_dir.name}: {info.method} merged into {run.model_cfg.name}"

@@ -75,15 +75,18 @@ def prepare_output(out: Path, *, force: bool, protected: list[Path]) -> Path:
                     f"refusing to write the export to {out}: that would replace {keep}, which the run needs; "
                     f"choose another --out (the default is inside {run_dir})"
                 )
-            if keep != run_dir and out.is_relative_to(keep):
+    for run_dir in [*(p for p in out.parents if _is_run(p)), *map(Path, protected)]:  # this run or another
+        run_dir = run_dir.resolve()
+        for keep in (run_dir / "adapter", run_dir / "tokenizer", run_dir / "checkpoints"):
+            if out.is_relative_to(keep):
                 raise ExportError(
-                    f"refusing to write the export to {out}: it is inside {keep}, which holds the run's own files "
-                    f"(a checkpoint or adapter folder that tools read as a whole); choose another --out (the default "
-                    f"is inside {run_dir})"
+                    f"refusing to write the export to {out}: it is {'' if out == keep else 'inside '}{keep}, which "
+                    "holds a run's own files (a checkpoint or adapter folder that tools read as a whole); choose "
+                    "another --out (the default is inside the run directory)"
                 )
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is a file; --out must be a directory")
-    if out.is_dir() and is_peftkit_run(out):
+    if out.is_dir() and _is_run(out):
         raise ExportError(f"{out} is a peftkit run directory (its adapter, checkpoints and metrics); an export never "
                           "replaces a run: choose another --out")
     _check_writable(out)
@@ -98,6 +101,13 @@ def prepare_output(out: Path, *, force: bool, protected: list[Path]) -> Path:
         raise ExportError(f"{out} already exists; pass --force to overwrite it, or choose another --out")
     mark_when_written(out, EXPORT_MARKER)
     return out
+
+
+def _is_run(folder: Path) -> bool:
+    try:
+        return is_peftkit_run(folder)
+    except OSError:  # a folder this user cannot look into
+        return False
 
 
 def _check_writable(out: Path) -> None:

@@ -127,24 +127,30 @@ def load_run_tokenizer(run: RunAdapter) -> Any:
     """The tokenizer saved with the run (it carries the chat template used in training), with the recipe's
     `data.system_prompt` as the template's default: exports answer as the trained chatbot when a client
     sends no system message, as the Ollama Modelfile's SYSTEM line does."""
-    from peftkit.models import load_tokenizer
     from peftkit.models.load import set_default_system_prompt
 
-    folder = run.run_dir / "tokenizer"
-    if (folder / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    else:
-        tokenizer = load_tokenizer(run.model_cfg, run.source)
+    tokenizer = _trained_tokenizer(run)
     set_default_system_prompt(tokenizer, run.recipe.data.system_prompt)
     template = tokenizer.chat_template
     if isinstance(template, str) and template:
         tokenizer.chat_template = BLANK_SYSTEM_DROPPED + template
     elif isinstance(template, dict):
         tokenizer.chat_template = {name: BLANK_SYSTEM_DROPPED + one for name, one in template.items()}
+    return tokenizer
+
+
+def _trained_tokenizer(run: RunAdapter) -> Any:
+    """The tokenizer the run trained with, its chat template as training rendered it (no system prompt added)."""
+    from peftkit.models import load_tokenizer
+
+    folder = run.run_dir / "tokenizer"
+    if not (folder / "tokenizer_config.json").is_file():
+        return load_tokenizer(run.model_cfg, run.source)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
 
 
@@ -367,9 +373,6 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
         raise ExportError(f"--weights must be finite numbers, got {' '.join(map(str, weights))}")
     if combination not in COMBINATIONS:
         raise ExportError(f"--combination must be one of {', '.join(COMBINATIONS)}, got {combination!r}")
-    if qlora_base != "dequantized":
-        raise ExportError("--qlora-base original applies to one run (`peftkit merge RUN_DIR`); combined QLoRA adapters "
-                          "are merged into the dequantized quantized weights they were trained against")
     runs = [resolve_run(r, base) for r in run_dirs]
     first = runs[0]
     for run in runs:
@@ -393,9 +396,13 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
         if run.quantization != first.quantization:
             raise ExportError(f"{run.run_dir} and {first.run_dir} were trained with different quantization; combine "
                               "adapters trained the same way")
+    if qlora_base != "dequantized" and first.quantization is not None:
+        raise ExportError(f"--qlora-base {qlora_base} applies to one run (`peftkit merge RUN_DIR`); combined QLoRA "
+                          f"adapters are merged into the dequantized {first.quantization.bits}-bit weights they were "
+                          "trained against: leave the option out")
     _check_same_placement(runs)
-    tokenizers = [load_run_tokenizer(r) for r in runs]
-    other = next((r for r, t in zip(runs, tokenizers) if t.chat_template != tokenizers[0].chat_template), None)
+    templates = [_trained_tokenizer(r).chat_template for r in runs]  # the system prompts differ apart (warned below)
+    other = next((r for r, t in zip(runs, templates) if t != templates[0]), None)
     if other is not None:
         raise ExportError(
             f"{first.run_dir} and {other.run_dir} were "
@@ -410,7 +417,7 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
         log.warning("The runs were trained with different data.system_prompt values; the combined model's chat template "
                     "defaults to the first one's (%r). Clients can send their own system message.",
                     first.recipe.data.system_prompt)
-    tokenizer = tokenizers[0]
+    tokenizer = load_run_tokenizer(first)
     base_model = _load_base(first, quantized=first.quantization is not None)
     if first.quantization is not None:
         base_model = dequantized(base_model)  # the weights the adapters were trained against
@@ -458,8 +465,10 @@ def _check_same_placement(runs: list[RunAdapter]) -> None:
     first = runs[0]
 
     def placement(run: RunAdapter, key: str) -> Any:
-        value = run.info.config.get(key)
-        return [value] if isinstance(value, int) and not isinstance(value, bool) else (value or None)
+        value = run.info.config.get(key)  # peft saves a set (exclude_modules) in any order
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        return sorted(value) if isinstance(value, list) and value else (value or None)
 
     for run in runs[1:]:
         for key, name in PLACEMENT_KEYS.items():

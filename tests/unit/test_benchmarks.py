@@ -13,6 +13,9 @@ from benchmarks.methods import ROOT, ROW_KEY, method_matrix, recipe_for, seed_su
 
 def test_methods_map_to_their_recipes_and_variants():
     assert recipe_for("quickstart", "lora") == (ROOT / "recipes" / "quickstart.yaml", [])
+    for name, method in (("nosuch", "lora"), ("quickstart.yaml", "full")):  # refused before hours of other runs
+        with pytest.raises(SystemExit, match=f"no recipes/{name}.yaml for --recipes {name}"):
+            recipe_for(name, method)
     assert recipe_for("quickstart", "prefix")[0].name == "quickstart-prefix.yaml"
     recipe, overrides = recipe_for("quickstart", "qlora-int8")
     assert recipe.name == "quickstart-qlora.yaml" and overrides == ["quantization.bits=8"]

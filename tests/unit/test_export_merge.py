@@ -457,8 +457,19 @@ def test_combinations_peft_would_get_wrong_are_refused_before_loading(export_rec
                           ([everywhere, plain], "trained with different chat templates")]:
         with pytest.raises(ExportError, match=message):
             combine_runs(runs, [0.5, 0.5])
-    with pytest.raises(ExportError, match="--qlora-base original applies to one run"):
-        combine_runs([everywhere, layer1], [0.5, 0.5], qlora_base="original")
+    monkeypatch.undo()
+    # Runs that differ only in their system prompt combine (with a warning): their templates are the same.
+    other_prompt = make_run(tmp_path / "sp", {**export_recipe, "data": {**export_recipe["data"],
+                                                                      "system_prompt": "You are a pirate."}},
+                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    assert combine_runs([everywhere, other_prompt], [0.5, 0.5], qlora_base="original").combination  # plain LoRA: no-op
+    # Placements saved in another order (peft saves exclude_modules from a set) are the same placement.
+    for run, order in ((everywhere, ["k_proj", "o_proj"]), (other_prompt, ["o_proj", "k_proj"])):
+        config = run / "adapter" / "adapter_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "exclude_modules": order}))
+    from peftkit.export.merge import _check_same_placement, resolve_run
+
+    _check_same_placement([resolve_run(everywhere), resolve_run(other_prompt)])
 
 
 def test_a_combined_model_card_names_every_run_and_no_single_run_gguf_command(export_recipe, tmp_path):
@@ -468,7 +479,7 @@ def test_a_combined_model_card_names_every_run_and_no_single_run_gguf_command(ex
     export_combined([run_a, run_b], out, weights=[0.7, 0.3], check=False)
     card = (out / "README.md").read_text()
     title = next(line for line in card.splitlines() if line.startswith("# "))
-    assert "cat combination of" in title and "a" in title and "b" in title
+    assert "cat combination of a, b merged into" in title  # one recipe's seeds: named by their run folders
     assert f"peftkit export {run_a}" not in card and "convert_hf_to_gguf.py" in card
     tags = card.split("---")[1]
     assert tags.count("- lora") == 1
@@ -489,15 +500,17 @@ def test_export_of_a_folder_that_is_no_run_leaves_nothing_there(export_recipe, t
     (other / ".peftkit-run").write_text("x")
     assert main(["merge", str(run), "--out", str(other), "--force", "--no-verify"]) == 2
     assert "is a peftkit run directory" in capsys.readouterr().err
-    for inside in ("adapter/sub", "checkpoints/new"):
-        assert main(["merge", str(run), "--out", str(run / inside), "--no-verify"]) == 2
-        assert "which holds the run's own files" in capsys.readouterr().err
-        assert not (run / inside).exists()
+    for inside in (run / "adapter/sub", run / "checkpoints/new", other / "checkpoints/new"):
+        assert main(["merge", str(run), "--out", str(inside), "--no-verify"]) == 2
+        assert "which holds a run's own files" in capsys.readouterr().err
+        assert not inside.exists()
 
 
 def test_combined_qlora_adapters_say_which_weights_they_merged_into(export_recipe, tmp_path):
     runs = [make_run(tmp_path / name, export_recipe, METHODS["lora"], quantization={"bits": 4}, seed=seed)
             for name, seed in (("qa", 1), ("qb", 2))]
+    with pytest.raises(ExportError, match="--qlora-base original applies to one run"):
+        combine_runs(runs, [0.5, 0.5], qlora_base="original")
     out = tmp_path / "mix"
     export_combined(runs, out, weights=[0.5, 0.5], check=False)
     assert (out / "model.safetensors").is_file()
