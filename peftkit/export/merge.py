@@ -401,7 +401,7 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
                           f"adapters are merged into the dequantized {first.quantization.bits}-bit weights they were "
                           "trained against: leave the option out")
     _check_same_placement(runs)
-    templates = [_trained_tokenizer(r).chat_template for r in runs]  # the system prompts differ apart (warned below)
+    templates = [_trained_tokenizer(r).chat_template for r in runs]  # as trained; other system prompts: warned below
     other = next((r for r, t in zip(runs, templates) if t != templates[0]), None)
     if other is not None:
         raise ExportError(
@@ -454,8 +454,8 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
     return MergedModel(merged, tokenizer, runs, reference, diff, combination=info)
 
 
-PLACEMENT_KEYS = {"layers_to_transform": "adapter.layers", "layers_pattern": "the layers pattern",
-                  "exclude_modules": "excluded modules"}
+PLACEMENT_KEYS = {"layers_to_transform": ("adapter.layers", "all"), "layers_pattern": ("the layers pattern", "none"),
+                  "exclude_modules": ("excluded modules", "none")}
 """LoraConfig fields that peft's add_weighted_adapter copies from the first adapter to the combination: a run that
 differs in one would lose the updates outside the first run's placement (or fail after the base has loaded)."""
 
@@ -471,15 +471,15 @@ def _check_same_placement(runs: list[RunAdapter]) -> None:
         return sorted(value) if isinstance(value, list) and value else (value or None)
 
     for run in runs[1:]:
-        for key, name in PLACEMENT_KEYS.items():
+        for key, (name, unset) in PLACEMENT_KEYS.items():
             if placement(run, key) != placement(first, key):
                 raise ExportError(
                     f"{first.run_dir} and {run.run_dir} place their adapters differently ({name}: "
-                    f"{placement(first, key) or 'all'} against {placement(run, key) or 'all'}); a weighted combination "
+                    f"{placement(first, key) or unset} against {placement(run, key) or unset}); a weighted combination "
                     "keeps one placement and would drop the other run's updates outside it: combine runs trained on "
                     "the same layers, or merge them one at a time")
-        kinds = {type(r.info.config.get("target_modules")).__name__ == "str" for r in (first, run)}
-        if len(kinds) > 1:
+        regex = [isinstance(r.info.config.get("target_modules"), str) for r in (first, run)]
+        if regex[0] != regex[1]:
             raise ExportError(
                 f"{first.run_dir} and {run.run_dir} name their target modules differently (one a regular expression, "
                 "the other a list of names), which peft cannot combine: train both with a list (e.g. "
