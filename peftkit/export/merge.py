@@ -464,11 +464,15 @@ def _check_same_placement(runs: list[RunAdapter]) -> None:
     """Refuse, before loading the base, adapters that peft would combine wrongly or only after loading."""
     first = runs[0]
 
+    config = getattr(first.base_config, "text_config", None) or first.base_config
+    every_layer = list(range(getattr(config, "num_hidden_layers", None) or 0))
+
     def placement(run: RunAdapter, key: str) -> Any:
         value = run.info.config.get(key)  # peft saves a set (exclude_modules) in any order
         if isinstance(value, int) and not isinstance(value, bool):
-            return [value]
-        return sorted(value) if isinstance(value, list) and value else (value or None)
+            value = [value]
+        value = sorted(value) if isinstance(value, list) and value else (value or None)
+        return None if key == "layers_to_transform" and value == every_layer else value  # every layer: as unset
 
     for run in runs[1:]:
         for key, (name, unset) in PLACEMENT_KEYS.items():

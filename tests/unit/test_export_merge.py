@@ -470,6 +470,11 @@ def test_combinations_peft_would_get_wrong_are_refused_before_loading(export_rec
     from peftkit.export.merge import _check_same_placement, resolve_run
 
     _check_same_placement([resolve_run(everywhere), resolve_run(other_prompt)])
+    every_layer = make_run(tmp_path / "l01", export_recipe, lora(target_modules=["q_proj", "v_proj"],
+                                                                 layers_to_transform=[1, 0]))  # the tiny model's two
+    (everywhere / "adapter" / "adapter_config.json").write_text(json.dumps({**json.loads(
+        (everywhere / "adapter" / "adapter_config.json").read_text()), "exclude_modules": None}))
+    _check_same_placement([resolve_run(everywhere), resolve_run(every_layer)])
 
 
 def test_a_combined_model_card_names_every_run_and_no_single_run_gguf_command(export_recipe, tmp_path):
