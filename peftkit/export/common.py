@@ -21,6 +21,8 @@ EXPORT_MARKER = ".peftkit-export"  # in every export folder: `--force` may repla
 PEFTKIT_FILES = (EXPORT_MARKER, LOCK_FILE)
 """Hidden files of peftkit's own, never a user's (the lock: left in an export folder by versions that locked any folder
 given to `export` / `eval`)."""
+RUN_OWN_FOLDERS = ("adapter", "tokenizer", "checkpoints")
+"""A run's folders that tools read as a whole: no export goes into or over them."""
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
 
@@ -69,7 +71,7 @@ def prepare_output(out: Path, *, force: bool, protected: list[Path]) -> Path:
     out = Path(out).expanduser().resolve()
     for run_dir in protected:
         run_dir = Path(run_dir).resolve()
-        for keep in (run_dir, run_dir / "adapter", run_dir / "tokenizer", run_dir / "checkpoints"):
+        for keep in (run_dir, *(run_dir / name for name in RUN_OWN_FOLDERS)):
             if out == keep or keep.is_relative_to(out):
                 raise ExportError(
                     f"refusing to write the export to {out}: that would replace {keep}, which the run needs; "
@@ -77,7 +79,7 @@ def prepare_output(out: Path, *, force: bool, protected: list[Path]) -> Path:
                 )
     for run_dir in [*(p for p in out.parents if _is_run(p)), *map(Path, protected)]:  # this run or another
         run_dir = run_dir.resolve()
-        for keep in (run_dir / "adapter", run_dir / "tokenizer", run_dir / "checkpoints"):
+        for keep in (run_dir / name for name in RUN_OWN_FOLDERS):
             if out.is_relative_to(keep):
                 raise ExportError(
                     f"refusing to write the export to {out}: it is {'' if out == keep else 'inside '}{keep}, which "
