@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,10 +44,6 @@ def parse_lengths(specs: list[str]) -> list[int]:
     return lengths
 
 
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 def measure(recipe_path: str, variant: str, lengths: list[int]) -> dict:
     """One step of `variant` in this process (run it in a fresh one: the RSS mark never goes down)."""
     import torch
@@ -62,6 +57,7 @@ def measure(recipe_path: str, variant: str, lengths: list[int]) -> dict:
     from peftkit.train.deepspeed import precision_flags
     from peftkit.train.run import configure_threads
     from peftkit.train.trainer import SFTTrainer
+    from peftkit.utils.memory import peak_rss_mb
 
     recipe = load_recipe(recipe_path)
     configure_threads(recipe.train.num_threads)
@@ -86,7 +82,7 @@ def measure(recipe_path: str, variant: str, lengths: list[int]) -> dict:
         trainer = SFTTrainer(model=model, args=args, data_collator=PaddingCollator(tokenizer.pad_token_id),
                              bucket_within_batch=variant != "padded")
         trainer.backward_each_bucket = variant != "buckets-one-backward"
-        loaded = peak_rss_mb()
+        loaded = round(peak_rss_mb(), 1)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         batch = {k: v.to(model.device) for k, v in batch.items()}
@@ -99,7 +95,7 @@ def measure(recipe_path: str, variant: str, lengths: list[int]) -> dict:
         "padded_tokens": sum(len(b) * max(lengths[i] for i in b) for b in buckets),
         "loss": round(float(loss), 4),
         "loaded_rss_mb": loaded,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -48,6 +47,7 @@ def main() -> None:
     from peftkit.train.run import configure_threads, peak_memory_mb
     from peftkit.train.shared_prefix import MIN_SHARED_PREFIX, shared_prefix_length
     from peftkit.train.trainer import SFTTrainer, supervised_mask
+    from peftkit.utils.memory import peak_rss_mb
 
     recipe = load_recipe(args.recipe)
     configure_threads(recipe.train.num_threads)  # as `peftkit train` does: train.num_threads, OMP_NUM_THREADS, all cores
@@ -149,7 +149,7 @@ def main() -> None:
         "input_tokens_per_second": round(real * epochs / seconds, 2),
         "train_loss": round(float(output.training_loss), 4),
         "eval_loss": round(loss, 4),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_gpu_mb": round(peak_memory_mb(device), 1) if device == "cuda" else None,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),

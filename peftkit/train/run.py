@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from peftkit.train.callbacks import (
 from peftkit.train.model_card import write_model_card
 from peftkit.train.trainer import SFTTrainer, pad_eval_rows
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
+from peftkit.utils.memory import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def train_or_finish(trainer: Any, recipe: Recipe, resume_from: Path | None, prio
 def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_rss_mb()
 
 
 def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.dtype, has_eval: bool) -> Any:
