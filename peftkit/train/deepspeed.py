@@ -144,9 +144,22 @@ NO_GATHER_ON_SAVE = ("deepspeed: {key} is false, so intermediate checkpoints hol
 """The warning for ZeRO-3 without gathering on save, in a JSON config or a `deepspeed:` block."""
 
 
+TRAIN_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
+"""Top-level DeepSpeed keys the Trainer fills from the train section, but only where the JSON says "auto"."""
+
+
 def complete_json_config(config: dict[str, Any], device: str) -> dict[str, Any]:
-    """Fill in what peftkit relies on in a user's JSON; explicit user values win."""
+    """Fill in what peftkit relies on in a user's JSON; explicit user values win.
+
+    A key the JSON leaves out is not the Trainer's value but DeepSpeed's own default: no gradient clipping, no
+    micro batch (an error once the model has loaded), fp32. So absent train settings become "auto" (the recipe's)."""
     config = copy.deepcopy(config)
+    for key in TRAIN_KEYS:
+        config.setdefault(key, "auto")
+    for key in ("bf16", "fp16"):
+        block = config.setdefault(key, {})
+        if isinstance(block, dict):
+            block.setdefault("enabled", "auto")
     zero = config.setdefault("zero_optimization", {})
     if int(zero.get("stage", 0)) == 3:
         if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
@@ -225,8 +238,11 @@ def _train_problems(recipe: Recipe, raw: dict[str, Any], where: str, device: str
         ("train_micro_batch_size_per_gpu", "batch_size", train.batch_size),
         ("gradient_accumulation_steps", "grad_accum", train.grad_accum),
         ("gradient_clipping", "max_grad_norm", train.max_grad_norm),
+        ("optimizer.params.lr", "lr", train.lr),
+        ("optimizer.params.weight_decay", "weight_decay", train.weight_decay),
+        ("scheduler.params.warmup_max_lr", "lr", train.lr),
     ):
-        value = raw.get(key)
+        value = _nested(raw, key)
         if value not in (None, "auto") and value != expected:
             problems.append(f"{where} sets {key}={value} but train.{field} is {expected}: "
                             + _fix(where, 'make them equal, or set it to "auto"'))
@@ -244,6 +260,13 @@ def _train_problems(recipe: Recipe, raw: dict[str, Any], where: str, device: str
                     f"(train.dtype: {recipe.train.dtype}); " + _fix(where, f'set {key}.enabled to "auto"')
                 )
     return problems
+
+
+def _nested(raw: dict[str, Any], dotted: str) -> Any:
+    """`optimizer.params.lr` of a DeepSpeed config, or None where any level is missing."""
+    for part in dotted.split("."):
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    return raw
 
 
 def _global_batch_problems(recipe: Recipe, raw: dict[str, Any], where: str, world_size: int | None) -> list[str]:

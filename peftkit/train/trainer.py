@@ -95,7 +95,7 @@ def _several_forwards_refused(trainer: "SFTTrainer") -> list[str]:
     args, reasons = trainer.args, []
     if trainer.is_deepspeed_enabled or args.world_size > 1:
         runner = "DeepSpeed" if trainer.is_deepspeed_enabled else f"{args.world_size} processes"
-        reasons.append(f"{runner} expect exactly one forward pass per backward")
+        reasons.append(f"{runner} expects exactly one forward pass per backward")
     if args.neftune_noise_alpha is not None:
         reasons.append("train.neftune_noise_alpha is set, and NEFTune's noise scales with each sequence's length, "
                        "which splitting a batch would change")

@@ -96,6 +96,42 @@ def test_mismatched_json_is_what_the_trainer_would_reject(tiny_recipe, tmp_path,
     assert any("train_micro_batch_size_per_gpu=2 but train.batch_size is 4" in p for p in problems)
 
 
+def test_json_leaving_out_train_settings_gets_the_recipes(tiny_recipe, tmp_path, hf_ds_config):
+    """A key the JSON leaves out would be DeepSpeed's default, not the recipe's: no gradient clipping (a silently
+    200x larger update), no micro batch (an AssertionError once the model has loaded), fp32."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    train = {**tiny_recipe["train"], "batch_size": 3, "grad_accum": 2, "max_grad_norm": 0.001}
+    recipe = _recipe(tiny_recipe, train=train, deepspeed=str(path))
+    assert ds.check_deepspeed(recipe, "cpu") == []
+    hf = hf_ds_config(ds.build_config(recipe, "cpu", torch.float32))
+    hf.trainer_config_process(_training_args(recipe, tmp_path))
+    assert hf.mismatches == []
+    assert (hf.config["gradient_clipping"], hf.config["train_micro_batch_size_per_gpu"],
+            hf.config["gradient_accumulation_steps"], hf.config["train_batch_size"]) == (0.001, 3, 2, 6)
+    assert hf.config["bf16"] == {"enabled": False} and hf.config["fp16"] == {"enabled": False}
+    own = json.loads(path.read_text())
+    own.update(gradient_clipping=0.5, bf16={"loss_scale": 0})  # the user's values stay
+    path.write_text(json.dumps(own))
+    config = ds.build_config(recipe, "cpu", torch.float32)
+    assert config["gradient_clipping"] == 0.5 and config["bf16"] == {"loss_scale": 0, "enabled": "auto"}
+
+
+def test_json_optimizer_values_that_contradict_the_recipe_are_refused_before_loading(tiny_recipe, tmp_path, hf_ds_config):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2},
+                                "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "weight_decay": "auto"}},
+                                "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.1}}}))
+    recipe = _recipe(tiny_recipe, deepspeed=str(path))
+    hf = hf_ds_config(ds.build_config(recipe, "cpu", torch.float32))
+    hf.trainer_config_process(_training_args(recipe, tmp_path))
+    assert len(hf.mismatches) == 2  # what transformers would raise at launch, after the weights loaded
+    problems = ds.check_deepspeed(recipe, "cpu")
+    assert [p for p in problems if "optimizer.params.lr=0.1 but train.lr" in p]
+    assert [p for p in problems if "scheduler.params.warmup_max_lr=0.1 but train.lr" in p]
+    assert not [p for p in problems if "weight_decay" in p]
+
+
 def test_gpu_config_uses_bf16_nccl_and_pinned_offload(tiny_recipe, tmp_path, hf_ds_config):
     recipe = _recipe(tiny_recipe, deepspeed={"stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"})
     config = ds.build_config(recipe, "cuda", torch.bfloat16)
