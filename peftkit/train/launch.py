@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 WORKER_ENV = "PEFTKIT_WORKER"
 """Set by the launching `peftkit train` for its workers: they leave reporting to it."""
+INTERRUPT_FLAG_ENV = "PEFTKIT_INTERRUPT_FLAG"
+"""A file the launching `peftkit train` writes on Ctrl-C / SIGTERM before forwarding it. A worker that is not yet
+running, or still ignores Ctrl-C as torchrun started it, would lose the signal: it looks for the file once its own
+handler is in place, and stops at once."""
 SHUTDOWN_TIMEOUT_S = 600
 """How long torchrun lets workers finish a checkpoint after SIGTERM before it kills them."""
 RESUME_LAST = "last"
@@ -261,6 +265,7 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
         # torchrun starts workers with Ctrl-C ignored (the launching peftkit forwards it); restore it
         # before the slow imports, so a Ctrl-C during start-up stops the worker.
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop_if_interrupted_before_start()
     from peftkit.train.report import print_run_report
     from peftkit.train.run import train
     from peftkit.train.signals import TrainingInterrupted
@@ -378,13 +383,22 @@ def _load_prctl() -> Any:
 _PRCTL = _load_prctl()
 
 
+def stop_if_interrupted_before_start() -> None:
+    """In a worker, once its Ctrl-C handler is in place: the launcher's interrupt arrived before (INTERRUPT_FLAG_ENV)."""
+    flag = os.environ.get(INTERRUPT_FLAG_ENV)
+    if flag and Path(flag).exists():
+        raise KeyboardInterrupt
+
+
 class _Forwarder:
     """Ctrl-C / SIGTERM on the launching process -> the same signal to each worker (checkpoint, then stop; the run
-    exits 130 or 143 and records which); a second one -> again (workers quit at once); a third -> SIGKILL."""
+    exits 130 or 143 and records which); a second one -> again (workers quit at once); a third -> SIGKILL.
+    The first also writes `flag` (INTERRUPT_FLAG_ENV) for workers that start, or start listening, later."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], direct: bool) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], direct: bool, flag: Path | None = None) -> None:
         self.proc = proc
         self.direct = direct
+        self.flag = flag
         self.count = 0
         self.last = 0.0
 
@@ -408,6 +422,8 @@ class _Forwarder:
         if self.count == 1:
             print("\nInterrupt: the workers save a checkpoint at the end of this step, then stop "
                   "(Ctrl-C again to stop them at once)", file=sys.stderr, flush=True)
+            if self.flag is not None:
+                self.flag.touch()  # before the signal: a worker checks it after installing its handler
         for pid in self._targets():
             try:
                 os.kill(pid, sig)
@@ -417,6 +433,15 @@ class _Forwarder:
 
 def run_supervised(cmd: list[str], env: dict[str, str], *, direct_signals: bool = False) -> tuple[int, int]:
     """Run the launcher; returns (exit code, number of interrupts forwarded)."""
+    flag = Path(tempfile.gettempdir()) / f"peftkit-interrupt-{os.getpid()}-{time.monotonic_ns()}"
+    env = {**env, INTERRUPT_FLAG_ENV: str(flag)}
+    try:
+        return _run_supervised(cmd, env, direct_signals, flag)
+    finally:
+        flag.unlink(missing_ok=True)
+
+
+def _run_supervised(cmd: list[str], env: dict[str, str], direct_signals: bool, flag: Path) -> tuple[int, int]:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     if not direct_signals:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by torchrun: it must ignore Ctrl-C
@@ -424,7 +449,7 @@ def run_supervised(cmd: list[str], env: dict[str, str], *, direct_signals: bool 
         proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if _PRCTL else None)
     finally:
         signal.signal(signal.SIGINT, previous[signal.SIGINT])
-    forward = _Forwarder(proc, direct_signals)
+    forward = _Forwarder(proc, direct_signals, flag)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     try:

@@ -108,6 +108,32 @@ def test_the_launcher_forwards_the_signal_it_got(monkeypatch):
     assert sent == [signal.SIGTERM, signal.SIGINT, signal.SIGKILL]
 
 
+def test_an_interrupt_before_the_workers_listen_still_stops_them(monkeypatch, tmp_path):
+    """Ctrl-C in the first seconds of `--nproc`: torchrun has no workers yet, or they still ignore SIGINT as it started
+    them. The launcher writes a flag before forwarding, and a worker finding it once its handler is in place stops at
+    once (the whole run trained to the end before)."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from peftkit.train.launch import INTERRUPT_FLAG_ENV, WORKER_ENV, _Forwarder
+
+    flag = tmp_path / "flag"
+    seen: list[bool] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: seen.append(flag.exists()))
+    _Forwarder(SimpleNamespace(pid=12345), direct=True, flag=flag)(signal.SIGINT, None)
+    assert seen == [True]  # written before the signal went out
+    env = {**os.environ, WORKER_ENV: "1", INTERRUPT_FLAG_ENV: str(flag)}
+    worker = subprocess.run([sys.executable, "-m", "peftkit.cli", "train", str(tmp_path / "never-read.yaml")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 130, worker.stderr
+    assert "never-read.yaml" not in worker.stderr  # stopped before reading the recipe, let alone the model
+    flag.unlink()
+    worker = subprocess.run([sys.executable, "-m", "peftkit.cli", "train", str(tmp_path / "never-read.yaml")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 2 and "never-read.yaml" in worker.stderr  # no flag: the worker goes on
+
+
 def test_a_multi_process_runs_card_says_how_many_processes_trained():
     from peftkit.train.model_card import _workers
 
