@@ -221,6 +221,14 @@ def check_compatible(checkpoint: Path, *, world_size: int, deepspeed_stage: int 
     )
 
 
+def check_resume_setup(run_dir: Path, *, world_size: int, deepspeed_stage: int | None) -> None:
+    """`check_compatible` for the checkpoint a resume will start from, before any worker starts or weights load
+    (prepare_resume checks again, after it has set damaged checkpoints aside)."""
+    checkpoint = latest_loadable(run_dir)
+    if checkpoint is not None:
+        check_compatible(checkpoint, world_size=world_size, deepspeed_stage=deepspeed_stage)
+
+
 def damage(checkpoint: Path) -> str | None:
     """What makes a checkpoint marked complete unloadable (a file cut short or overwritten after the save), found
     cheaply: torch files (optimizer, scheduler, RNG states) are zip archives whose directory sits at the end."""

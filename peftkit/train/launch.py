@@ -538,6 +538,11 @@ def _launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: 
     replace = False  # checked here, before any worker starts; the workers' rank 0 deletes only after reading the data
     if options.node_rank == 0:
         replace = check_run_dir(run_dir, resume=resume, force=force, recipe_dump=recipe.model_dump(mode="json"))
+    if resume and not options.hostfile:  # the number of processes is known (with a hostfile, each worker checks)
+        from peftkit.train import checkpoints
+
+        checkpoints.check_resume_setup(run_dir, world_size=options.nproc * options.nnodes,
+                                       deepspeed_stage=ds.zero_stage(recipe))
     device = resolve_device(recipe.train.device)
     extra: list[str] = []
     threads = recipe.train.num_threads

@@ -322,6 +322,9 @@ def _train(
     if main_process:
         replace_earlier = run_dirs.check_run_dir(run_dir, resume=resume, force=force,
                                                  recipe_dump=recipe.model_dump(mode="json"))
+    if resume:
+        checkpoints.check_resume_setup(run_dir, world_size=dist_info().world_size,
+                                       deepspeed_stage=deepspeed_setup.zero_stage(recipe))
 
     threads = configure_threads(recipe.train.num_threads)
     from transformers import set_seed

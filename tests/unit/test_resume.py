@@ -272,3 +272,29 @@ def test_resume_refuses_data_that_changed_since_the_run_started(tiny_model_dir, 
     write_jsonl(tmp_path / "train.jsonl", CHAT_RECORDS * 2)
     with pytest.raises(RunDirError, match="the training or eval data differ from those .* was started with"):
         train(load_recipe(path), resume=True)
+
+
+def test_a_resume_with_another_process_count_is_refused_before_anything_loads(tiny_model_dir, tmp_path, monkeypatch):
+    """The one-process run and the launcher check the checkpoint's setup first (it was found after the model loaded,
+    and under --nproc by every worker, each with torchrun's traceback)."""
+    import argparse
+
+    from peftkit.train import launch, run as run_module
+    from peftkit.train.launch import LaunchOptions
+
+    path = tiny_recipe_file(tmp_path, tiny_model_dir, train={"max_steps": 2})
+    run_dir = train(load_recipe(path)).run_dir
+    (run_dir / "summary.json").unlink()
+    marker = checkpoints.checkpoint_dirs(run_dir)[-1] / checkpoints.MARKER
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "world_size": 2}))
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the tokenizer / workers were reached")
+
+    monkeypatch.setattr(run_module, "load_tokenizer", loaded)
+    with pytest.raises(RunDirError, match=r"saved by 2 process\(es\), but this run has 1"):
+        train(load_recipe(path), resume=True)
+    monkeypatch.setattr(launch, "run_supervised", loaded)
+    args = argparse.Namespace(resume="last", force=False)
+    with pytest.raises(RunDirError, match=r"saved by 2 process\(es\), but this run has 3"):
+        launch._launch(args, load_recipe(path), str(path), LaunchOptions(nproc=3), None, run_dir)
