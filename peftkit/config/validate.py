@@ -265,11 +265,17 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> Recipe:
     return fitted_max_seq_len(recipe, skeleton)
 
 
+def _written(section: Any, field: str) -> bool:
+    """Whether the recipe set `field` to other than its default. A run's stored recipe.yaml writes every default
+    out, so being set is not enough: its resume (or `peftkit train RUN_DIR`) would warn of what the user never wrote."""
+    return field in section.model_fields_set and getattr(section, field) != type(section).model_fields[field].default
+
+
 def _warn_about_ignored_settings(recipe: Recipe) -> None:
     """Settings the recipe wrote that another one overrides: said, so a user does not wait for their effect."""
-    if recipe.data.eval is not None and "eval_fraction" in recipe.data.model_fields_set and recipe.data.eval_fraction:
+    if recipe.data.eval is not None and _written(recipe.data, "eval_fraction") and recipe.data.eval_fraction:
         log.warning("data.eval_fraction is ignored: data.eval names the eval set, and all of data.train trains")
-    if recipe.train.max_steps and "epochs" in recipe.train.model_fields_set:
+    if recipe.train.max_steps and _written(recipe.train, "epochs"):
         log.warning("train.epochs is ignored: train.max_steps=%d sets the length of training", recipe.train.max_steps)
 
 

@@ -255,6 +255,12 @@ def test_settings_another_setting_overrides_are_warned_about(tiny_recipe, tmp_pa
     with caplog.at_level(logging.WARNING):
         validate_recipe(recipe_from_dict(plain), check_model=False)
     assert "is ignored" not in caplog.text
+    from peftkit.config.load import recipe_to_yaml
+
+    stored = recipe_from_dict(_with(plain, "train", max_steps=3))  # a run's recipe.yaml writes every default out
+    with caplog.at_level(logging.WARNING):
+        validate_recipe(recipe_from_dict(yaml.safe_load(recipe_to_yaml(stored))), check_model=False)
+    assert "is ignored" not in caplog.text
 
 
 def test_a_models_own_template_without_an_end_token_is_refused_like_a_template_file(tiny_model_dir, tmp_path):
