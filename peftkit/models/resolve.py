@@ -135,6 +135,8 @@ def _cached_snapshot(ref: str, revision: str | None, allow_pickle: bool) -> Path
         return None
     try:
         _check_model_dir(snapshot, allow_pickle)
+        if problem := tokenizer_files_problem(ModelSource(ref, "hub", snapshot, revision)):
+            raise ModelNotFoundError(problem.split(": copy them")[0])  # transformers' advice would be sentencepiece
     except ModelNotFoundError as exc:
         raise ModelNotFoundError(f"the cached copy of {ref} is incomplete ({exc}) and the hub cannot be reached. "
                                  f"{_capitalized(hub_hint(ref, revision))}") from None

@@ -104,6 +104,7 @@ def test_a_cached_hub_model_with_the_hub_unreachable_loads_from_its_snapshot_wit
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda ref, revision=None, local_files_only=False: str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "tokenizer.json").write_text("{}")
     resolve._hub_answers.cache_clear()
     monkeypatch.setattr(HfApi, "model_info", lambda self, *args, **kwargs: object())
     source = resolve_model_ref("acme/tiny-llama")
@@ -123,6 +124,10 @@ def test_a_cached_hub_model_with_the_hub_unreachable_loads_from_its_snapshot_wit
         resolve_model_ref("acme/tiny-llama")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="the cached copy of acme/tiny-llama is incomplete"):
+        resolve_model_ref("acme/tiny-llama")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "tokenizer.json").unlink()  # transformers' error would advise installing sentencepiece
+    with pytest.raises(ModelNotFoundError, match=r"incomplete \(.* has no tokenizer files \(tokenizer.json"):
         resolve_model_ref("acme/tiny-llama")
     resolve._hub_answers.cache_clear()
 
