@@ -127,11 +127,29 @@ class LaunchOptions:
             found.append(f"--node-rank must be in 0..{self.nnodes - 1}, got {self.node_rank}")
         if self.nnodes > 1 and not self.master_addr and not self.hostfile:
             found.append("--nnodes > 1 needs --master-addr (the address of the node with --node-rank 0)")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            found.append(f"--master-port must be a port number from 1 to 65535, got {self.master_port}")
         if self.hostfile and not Path(self.hostfile).expanduser().is_file():
             found.append(f"--hostfile {self.hostfile} does not exist")
+        elif self.hostfile and (problem := hostfile_problem(Path(self.hostfile).expanduser())):
+            found.append(problem)
         if self.hostfile and self.chosen_launcher == "torchrun":
             found.append("--hostfile is read by the DeepSpeed launcher; drop --launcher torchrun (or use --nnodes/--node-rank)")
         return found
+
+
+def hostfile_problem(path: Path) -> str | None:
+    """What DeepSpeed's launcher would reject in a hostfile (with a traceback that reads as a worker's failure)."""
+    import re
+
+    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    hosts = [line for line in lines if line and not line.startswith("#")]
+    bad = next((line for line in hosts if not re.match(r"\S+\s+slots=\d+", line)), None)  # as DeepSpeed reads it
+    if bad is not None:
+        return f"--hostfile {path}: {bad!r} is not a `hostname slots=N` line (N: the GPUs or processes on that host)"
+    if not hosts:
+        return f"--hostfile {path} lists no hosts; write one `hostname slots=N` line per machine"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

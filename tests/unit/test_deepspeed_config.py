@@ -402,6 +402,13 @@ def test_launch_option_problems(tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text("a slots=2\n")
     assert "DeepSpeed launcher" in LaunchOptions(hostfile=str(hosts), launcher="torchrun").problems()[0]
+    hosts.write_text("# workers\n\na slots=2\nb  slots=4\n")
+    assert LaunchOptions(hostfile=str(hosts)).problems() == []
+    for text, said in (("a slots=two\n", "'a slots=two' is not a `hostname slots=N` line"),
+                       ("# none yet\n\n", "lists no hosts")):
+        hosts.write_text(text)
+        assert [p for p in LaunchOptions(hostfile=str(hosts)).problems() if said in p]
+    assert "--master-port must be a port number" in LaunchOptions(nproc=2, master_port=99999).problems()[0]
 
 
 # ------------------------------------------------------------------------------------------------
