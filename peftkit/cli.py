@@ -162,13 +162,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from peftkit.runs import load_run, read_run_recipe, require_chat_run
     from peftkit.serve.chat import chat
 
-    require_chat_run(read_run_recipe(args.run_dir), args.run_dir, "chat")
-    tools = _read_tools(args.tools) if args.tools else None  # before the weights load
+    recipe = read_run_recipe(args.run_dir)
+    require_chat_run(recipe, args.run_dir, "chat")
+    system_prompt = recipe.data.system_prompt if args.system is None else (args.system or None)
+    tools = _read_tools(args.tools) if args.tools else None
+    if tools:  # before the weights load: a template that leaves tools out needs only the tokenizer to tell
+        from peftkit.data.chat import check_tools_shown
+        from peftkit.runs import read_run_tokenizer
+
+        check_tools_shown(read_run_tokenizer(Path(args.run_dir), recipe), tools, system_prompt)
     run = load_run(args.run_dir, quantized_base=args.qlora_base == "quantized")
     chat(
         run.model,
         run.tokenizer,
-        system_prompt=run.recipe.data.system_prompt if args.system is None else (args.system or None),
+        system_prompt=system_prompt,
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
         tools=tools,
@@ -236,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning from YAML recipes.")
     parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a recipe into a run directory")
@@ -271,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--system", help="system prompt (default: the recipe's data.system_prompt; --system '' for none)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256,
+                   help="longest reply, in tokens (default: %(default)s)")
     p.add_argument("--tools", metavar="FILE", help="function schemas shown to the model (a JSON list, or a JSONL "
                    "whose first line has `tools`); in the REPL, /tool RESULT answers the model's last call")
     add_qlora_base_option(p)
@@ -285,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in PLUGIN_COMMANDS:
         importlib.import_module(module).register(sub)
+    for command in sub.choices.values():  # `peftkit chat RUN -v` as well as `peftkit -v chat RUN`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logging, and tracebacks with errors")
     return parser
 
 
@@ -367,6 +378,10 @@ def _run_command(argv: list[str] | None) -> int:
     try:
         return args.func(args)
     except PeftkitError as exc:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {_naming_the_recipe(exc, getattr(args, 'recipe', None))}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - only OSErrors and a full disk (torch's, safetensors' words) are handled

@@ -287,3 +287,31 @@ def test_only_rank_0_tells_the_story_under_a_launcher(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     _setup_logging(False)
     assert logging.getLogger("peftkit").level == logging.INFO
+
+
+def test_verbose_goes_after_the_command_too_and_shows_the_traceback(tmp_path, capsys):
+    missing = str(tmp_path / "missing.yaml")
+    assert main(["validate", missing]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    for argv in (["validate", missing, "-v"], ["-v", "validate", missing]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("error: ") and "missing.yaml" in err
+
+
+def test_chat_tools_a_template_leaves_out_are_refused_before_the_weights_load(tiny_recipe, tmp_path, monkeypatch, capsys):
+    import peftkit.runs
+    from peftkit.config import recipe_from_dict
+    from peftkit.train.run import train
+
+    recipe = {**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}}
+    run_dir = train(recipe_from_dict(recipe)).run_dir  # the tiny model's own ChatML template: no tools
+    tools = tmp_path / "tools.json"
+    tools.write_text('[{"type": "function", "function": {"name": "find_book", "parameters": {"type": "object"}}}]')
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(peftkit.runs, "load_run", loaded)
+    assert main(["chat", str(run_dir), "--tools", str(tools), "--prompt", "hi"]) == 2
+    assert "leaves the tool schemas out of the prompt ('find_book'" in capsys.readouterr().err

@@ -424,3 +424,16 @@ def test_a_template_file_whose_replies_end_in_no_token_is_refused(base_model_dir
     ending_in_eos.write_text(CHATML.replace("'<|im_end|>\n' }}{% endfor %}", "eos_token + '\n' }}{% endfor %}"))
     assert "eos_token" in ending_in_eos.read_text()
     load_tokenizer(ModelConfig(name=str(base_model_dir), chat_template=str(ending_in_eos)))
+
+
+def test_peft_notice_on_every_prompt_learning_generate_is_not_shown():
+    """peft warns 'Position ids are not supported ...' on each generate of a prompt- or prefix-tuned model (twice in a
+    training log, once per chat reply): nothing a user can act on. (In a fresh process: pytest resets the filters.)"""
+    import subprocess
+    import sys
+
+    code = ("import warnings, peftkit.models.load\n"
+            "warnings.warn('Position ids are not supported for parameter efficient tuning. Ignoring position ids.')\n"
+            "warnings.warn('Another warning')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "Another warning" in err and "Position ids" not in err
