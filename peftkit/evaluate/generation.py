@@ -109,7 +109,7 @@ def room_to_answer(prompt_tokens: int, max_new_tokens: int, positions: int | Non
     if prompt_tokens >= positions:
         raise PeftkitError(f"a prompt of {prompt_tokens} tokens fills all {positions} positions this model has for text "
                            "(learned position embeddings, less a prompt-learning adapter's virtual tokens): no room to "
-                           "answer; shorten the question or the system prompt")
+                           "answer; shorten the prompt (the question, the system prompt or the turns before it)")
     return min(max_new_tokens, positions - prompt_tokens)
 
 

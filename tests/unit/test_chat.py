@@ -214,3 +214,138 @@ def test_token_rates_below_ten_keep_two_significant_digits():
 
     assert tokens_rate(0.23) == "0.23" and tokens_rate(7.46) == "7.5" and tokens_rate(1234.6) == "1,235"
     assert tokens_rate(None) == "n/a"
+
+
+@pytest.fixture
+def tiny_chat(tiny_model_dir):
+    """The tiny Llama and its ChatML tokenizer, untrained: enough for the REPL's own behaviour."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def test_input_that_is_not_utf8_is_replaced_not_a_crash(tiny_chat):
+    """stdin and argv decode undecodable bytes as lone surrogates (surrogateescape), which the tokenizer refuses
+    with a TypeError: they become U+FFFD, said once, and the REPL goes on."""
+    model, tokenizer = tiny_chat
+    # a stray byte, an escaped é (two bytes that are UTF-8 together) and a lone surrogate
+    stdin = io.StringIO("caf\udcc3 \udcc3\udca9 \ud800!\nhello\n/exit\n")
+    out = io.StringIO()
+    history = chat(model, tokenizer, system_prompt=None, max_new_tokens=2, stdin=stdin, out=out)
+    assert [m["content"] for m in history if m["role"] == "user"] == ["caf\ufffd é \ufffd!", "hello"]
+    assert out.getvalue().count("bytes that are not valid UTF-8 were replaced") == 1
+    assert out.getvalue().count("bot> ") == 2
+    out = io.StringIO()
+    history = chat(model, tokenizer, system_prompt="be \udcff brief", prompt="hi \udcfe", max_new_tokens=2, out=out)
+    assert history[0]["content"] == "be \ufffd brief" and history[1]["content"] == "hi \ufffd"
+    assert "bytes that are not valid UTF-8 were replaced" in out.getvalue()
+
+
+def test_a_conversation_that_outgrows_learned_positions_is_said_and_the_repl_goes_on(tiny_chat, monkeypatch):
+    """A GPT-2-like position table (the tiny Llama with a limit patched in): a reply cut short by it says so, and a
+    history past it is an error for that turn, not the end of the chat; --prompt still raises."""
+    from peftkit.data.chat import generation_prompt
+
+    model, tokenizer = tiny_chat
+    first = tokenizer(generation_prompt(tokenizer, [{"role": "user", "content": "hello"}]), add_special_tokens=False)
+    limit = len(first["input_ids"]) + 3
+    monkeypatch.setattr("peftkit.serve.chat.text_position_limit", lambda model: limit)
+    monkeypatch.setattr("peftkit.serve.chat.stop_token_ids", lambda model, tokenizer: [len(tokenizer) + 7])  # never
+    stdin = io.StringIO("hello\nand what about the river?\n/reset\nhello\n/exit\n")
+    out = io.StringIO()
+    history = chat(model, tokenizer, system_prompt=None, max_new_tokens=8, stdin=stdin, out=out)
+    said = out.getvalue()
+    cut = f" (cut short: the conversation fills the model's {limit} positions; /reset starts a new one)\n"
+    assert said.count(cut) == 2, said
+    assert "bot> error: a prompt of " in said and f"fills all {limit} positions" in said
+    assert "/reset starts a new conversation" in said.split("error: ")[1]
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "hello"
+    assert said.count("bot> ") == 3
+    out = io.StringIO()
+    chat(model, tokenizer, system_prompt=None, prompt="hello", max_new_tokens=8, out=out)
+    assert f" (cut short: the prompt and reply fill the model's {limit} positions)\n" in out.getvalue()
+    with pytest.raises(PeftkitError, match=f"fills all {limit} positions"):
+        chat(model, tokenizer, system_prompt=None, prompt="hello " * 10, max_new_tokens=8, out=io.StringIO())
+    out = io.StringIO()
+    chat(model, tokenizer, system_prompt=None, prompt="hello", max_new_tokens=3, out=out)
+    assert "cut short" not in out.getvalue()  # the budget was not cut
+
+
+def test_ctrl_c_before_generation_starts_stops_the_reply_not_the_chat(tiny_chat, monkeypatch):
+    """Ctrl-C right after `bot> ` lands while the prompt is built or the worker starts: that reply stops, the REPL
+    goes on; a worker that started is stopped and waited for (not left generating while the process exits)."""
+    import threading
+
+    from peftkit.data.chat import generation_prompt
+
+    model, tokenizer = tiny_chat
+    calls = []
+
+    def interrupted_once(tok, messages, tools=None):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return generation_prompt(tok, messages, tools)
+
+    def repl(stdin, out, max_new_tokens):
+        try:
+            return chat(model, tokenizer, system_prompt=None, max_new_tokens=max_new_tokens, stdin=stdin, out=out)
+        except KeyboardInterrupt:  # not re-raised: it would end the whole test session
+            pytest.fail("Ctrl-C before the reply streamed quit the chat")
+
+    monkeypatch.setattr("peftkit.serve.chat.generation_prompt", interrupted_once)
+    out = io.StringIO()
+    history = repl(io.StringIO("hello\nhi\n/exit\n"), out, 2)
+    assert "bot>  (stopped)\n" in out.getvalue() and out.getvalue().count("bot> ") == 2
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"] and history[1]["content"] == ""
+
+    start, workers = threading.Thread.start, []
+
+    def start_then_interrupt(self):
+        start(self)
+        workers.append(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupt)
+    out = io.StringIO()
+    repl(io.StringIO("hello\n"), out, 64)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    assert "bot>  (stopped)\n" in out.getvalue() and len(workers) == 1 and not workers[0].is_alive()
+
+
+def test_commands_are_known_first_words_and_paths_reach_the_model(tiny_chat):
+    model, tokenizer = tiny_chat
+    stdin = io.StringIO("hello\n/reset now\n/etc/hosts\n/usr/bin is a folder?\n/foo\n/exit now\nnever sent\n")
+    out = io.StringIO()
+    history = chat(model, tokenizer, system_prompt=None, max_new_tokens=2, stdin=stdin, out=out)
+    assert [m["content"] for m in history if m["role"] == "user"] == ["/etc/hosts", "/usr/bin is a folder?"]
+    assert out.getvalue().count("bot> ") == 3 and out.getvalue().count("Commands: ") == 1  # only /foo
+
+
+def test_an_error_during_a_reply_starts_on_a_line_of_its_own(tiny_chat):
+    """SIGTERM mid-reply: "terminated (SIGTERM)" was printed after the partial reply, on its line."""
+    from peftkit.errors import Terminated
+
+    model, tokenizer = tiny_chat
+    words = tokenizer("hello there friend", add_special_tokens=False)["input_ids"]
+
+    def some_words(**kwargs):
+        kwargs["streamer"].put(kwargs["input_ids"])  # the prompt, which the streamer skips
+        for word in words:
+            kwargs["streamer"].put(torch.tensor([word]))
+        kwargs["streamer"].end()
+
+    class SigtermOnSecondWrite(io.StringIO):
+        writes = 0
+
+        def write(self, text):
+            self.writes += 1
+            if self.writes == 2:
+                raise Terminated()
+            return super().write(text)
+
+    model.generate = some_words
+    out = SigtermOnSecondWrite()
+    with pytest.raises(Terminated):
+        chat(model, tokenizer, system_prompt=None, prompt="hi", max_new_tokens=8, out=out)
+    assert out.getvalue().strip() and out.getvalue().endswith("\n"), out.getvalue()
