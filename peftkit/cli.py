@@ -61,11 +61,19 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from peftkit.config import load_recipe
     from peftkit.config.validate import validate_recipe
+    from peftkit.errors import ConfigError
+    from peftkit.train.launch import LaunchOptions, check_launch, load_train_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe, _ = load_train_recipe(args)  # a recipe file or a run directory, with --deepspeed as `train` takes it
     validate_recipe(recipe, check_model=not args.no_model)
+    options = LaunchOptions.from_args(args)
+    if options.nproc * options.nnodes > 1:  # what `train --nproc N` would refuse, before it loads anything
+        check_launch(recipe, options)
+        from peftkit.train.deepspeed import world_size_problems
+
+        if problems := world_size_problems(recipe, options.nproc * options.nnodes):
+            raise ConfigError(problems)
     check_data = not args.no_model and recipe.task == "causal_lm"
     tokenizer = None
     if check_data or (args.show_data and recipe.task == "causal_lm"):
@@ -272,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-model", action="store_true", help="skip the checks that read the model's config")
     p.add_argument("--show-data", type=positive_int, default=0, metavar="N",
                    help="print the first N training rows as tokenized, trained (loss-bearing) tokens marked")
+    p.add_argument("--deepspeed", metavar="JSON|STAGE", help="as for `train`: a DeepSpeed config file, or a ZeRO stage")
+    p.add_argument("--nproc", type=int, default=1, help="as for `train`: check the recipe for this many processes")
+    p.add_argument("--nnodes", type=int, default=1, help="as for `train` (processes in all: nproc x nnodes)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("chat", help="chat with a trained run (REPL, or --prompt for one answer)")

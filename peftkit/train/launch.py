@@ -188,7 +188,10 @@ def load_train_recipe(args: argparse.Namespace) -> tuple[Recipe, str]:
     overrides: list[str] = []
     if target.is_dir():
         if not (target / "recipe.yaml").is_file():
-            raise RunDirError(f"{target} is a directory without recipe.yaml; pass a recipe file or a peftkit run directory")
+            found = sorted(p.name for p in target.glob("*.y*ml"))
+            hint = f"; it holds {', '.join(found[:5])}" if found else ""
+            raise RunDirError(f"{target} is a folder without recipe.yaml; give the recipe file itself (a .yaml file) "
+                              f"or a peftkit run directory{hint}")
         overrides.append(f"output_dir={json.dumps(str(target.resolve()))}")
         recipe_file = target / "recipe.yaml"
     else:
@@ -518,11 +521,8 @@ def worker_environment(recipe: Recipe, device: str, options: LaunchOptions, thre
     return env
 
 
-def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: LaunchOptions, console: Any) -> int:
-    """Validate and prepare once, start the workers, and report what they did."""
-    from peftkit.config.validate import validate_recipe
-    from peftkit.train.run_dir import run_lock
-
+def check_launch(recipe: Recipe, options: LaunchOptions) -> None:
+    """The launch options, and what of the recipe cannot run in several processes (`train`, and `validate --nproc`)."""
     problems = options.problems()
     if recipe.task != "causal_lm":
         problems.append(f"multi-process training runs causal_lm recipes only so far (this one is {recipe.task}); drop --nproc")
@@ -532,6 +532,14 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
                         "between processes; drop the schedule (train_last_layers trains a fixed set) or --nproc")
     if problems:
         raise LaunchError("; ".join(problems))
+
+
+def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: LaunchOptions, console: Any) -> int:
+    """Validate and prepare once, start the workers, and report what they did."""
+    from peftkit.config.validate import validate_recipe
+    from peftkit.train.run_dir import run_lock
+
+    check_launch(recipe, options)
     validate_recipe(recipe, check_model=True)
     if not options.hostfile:  # the processes are known (with a hostfile, each worker checks: deepspeed.setup)
         from peftkit.train.deepspeed import world_size_problems

@@ -138,7 +138,7 @@ def test_recipe_mistakes_point_at_the_fix(tiny_recipe, tmp_path, capsys):
     assert "did you mean `train.lr`?" in capsys.readouterr().err
     assert main(["validate", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "is a folder; give the recipe file itself" in err and "r.yaml" in err
+    assert "is a folder without recipe.yaml; give the recipe file itself" in err and "it holds r.yaml" in err
     assert main(["validate", str(path), "data.eval_fraction=0", "train.early_stopping_patience=2", "--no-model"]) == 2
     assert "early_stopping_patience watches the eval loss" in capsys.readouterr().err
 
@@ -315,3 +315,20 @@ def test_chat_tools_a_template_leaves_out_are_refused_before_the_weights_load(ti
     monkeypatch.setattr(peftkit.runs, "load_run", loaded)
     assert main(["chat", str(run_dir), "--tools", str(tools), "--prompt", "hi"]) == 2
     assert "leaves the tool schemas out of the prompt ('find_book'" in capsys.readouterr().err
+
+
+def test_validate_takes_the_train_commands_deepspeed_and_process_count(tiny_recipe, tmp_path, capsys):
+    """`peftkit validate` checks the command line `train` would get: --deepspeed, and --nproc for what depends on it."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"train_batch_size": 2 * tiny_recipe["train"]["batch_size"],
+                                   "zero_optimization": {"stage": 2}}))
+    assert main(["validate", str(path), "--deepspeed", "3", "--no-model"]) == 0
+    assert main(["validate", str(path), "--deepspeed", str(ds_json), "--nproc", "2", "--no-model"]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(path), "--deepspeed", str(ds_json), "--nproc", "3", "--no-model"]) == 2
+    assert "but this run trains 3 process(es)" in capsys.readouterr().err
+    assert main(["validate", str(path), "--deepspeed", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--deepspeed" in err and "no such file" in err
