@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import logging
 import os
 import re
@@ -66,6 +67,10 @@ def _check_model_dir(path: Path, allow_pickle: bool) -> None:
             "with `peftkit merge RUN_DIR` and point model.name at that"
         )
     if not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if ggufs:
+            raise ModelNotFoundError(f"{path} is not a Hugging Face model directory (it has no config.json) but holds "
+                                     f"{', '.join(ggufs[:3])}: point model.name at the .gguf file itself")
         raise ModelNotFoundError(
             f"{path} is not a Hugging Face model directory (it has no config.json); point model.name at a "
             "directory saved with save_pretrained, a .gguf file, or a built-in name (`peftkit models`)"
@@ -79,6 +84,22 @@ def _check_model_dir(path: Path, allow_pickle: bool) -> None:
         )
     if not has_safetensors and not has_pickle:
         raise ModelNotFoundError(f"{path} has a config.json but no weight files (*.safetensors)")
+    missing = _missing_shards(path)
+    if missing:
+        raise ModelNotFoundError(f"{path} lacks {len(missing)} weight shard(s) its index lists ({', '.join(missing[:3])}"
+                                 f"{', ...' if len(missing) > 3 else ''}): copy the model again, completely")
+
+
+def _missing_shards(path: Path) -> list[str]:
+    """Shards a sharded checkpoint's index names that are not there (a copy or download cut short): found when the
+    weights load otherwise, by every process of a launch."""
+    shards: set[str] = set()
+    for index in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json"):
+        try:
+            shards |= set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue  # absent, or unreadable: transformers says what is wrong with it
+    return sorted(name for name in shards if not (path / name).is_file())
 
 
 def _hub_cached(repo_id: str, revision: str | None) -> bool:

@@ -437,3 +437,23 @@ def test_peft_notice_on_every_prompt_learning_generate_is_not_shown():
             "warnings.warn('Another warning')")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert "Another warning" in err and "Position ids" not in err
+
+
+def test_a_model_folder_missing_a_shard_or_holding_only_a_gguf_is_said_before_loading(tmp_path):
+    import json
+
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ModelNotFoundError, match=r"lacks 1 weight shard\(s\) its index lists \(model-00002-of-00002"):
+        resolve_model_ref(str(folder))
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"")
+    assert resolve_model_ref(str(folder)).kind == "local"
+    gguf_only = tmp_path / "downloaded"
+    gguf_only.mkdir()
+    (gguf_only / "model.Q4_K_M.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelNotFoundError, match=r"holds model.Q4_K_M.gguf: point model.name at the .gguf file itself"):
+        resolve_model_ref(str(gguf_only))
