@@ -37,14 +37,33 @@ def _not_the_cpu_accelerator_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Setting accelerator to CPU.")
 
 
-def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Plain `LEVEL message` lines on sys.stderr as it is at each record (redirected or captured later too)."""
 
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(show_path=False, show_time=False, markup=False)],
-    )
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _log_handler() -> logging.Handler:
+    """Log lines go to stderr, apart from what a command prints (`chat --prompt ... > reply.txt`): rich's layout on a
+    terminal, plain unwrapped lines in a file or pipe (rich wraps those at 80 columns)."""
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        return RichHandler(console=Console(stderr=True), show_path=False, show_time=False, markup=False)
+    handler = _CurrentStderr()
+    handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    return handler
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[_log_handler()])
     # Under a launcher every rank runs this: rank 0 tells the story, the others only warn (their "Loading ..." and
     # progress lines would repeat it once per process).
     other_rank = int(os.environ.get("RANK", "0") or 0) > 0

@@ -332,3 +332,14 @@ def test_validate_takes_the_train_commands_deepspeed_and_process_count(tiny_reci
     assert main(["validate", str(path), "--deepspeed", str(tmp_path / "none.json")]) == 2
     err = capsys.readouterr().err
     assert "--deepspeed" in err and "no such file" in err
+
+
+def test_log_lines_go_to_stderr_unwrapped_and_what_a_command_prints_to_stdout(tiny_recipe, tmp_path):
+    recipe = {**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 3, "epochs": 2}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = run_cli("validate", str(path), "--no-model")
+    assert result.returncode == 0, result.stderr
+    assert "recipe is valid" in result.stdout and "WARNING" not in result.stdout
+    warned = [line for line in result.stderr.splitlines() if "train.epochs is ignored" in line]
+    assert warned and warned[0].startswith("WARNING") and warned[0].endswith("sets the length of training")

@@ -181,7 +181,7 @@ def test_chat_system_empty_asks_without_a_system_prompt(monkeypatch):
     run = types.SimpleNamespace(model=None, tokenizer=None,
                                 recipe=types.SimpleNamespace(data=types.SimpleNamespace(system_prompt="recipe's")))
     seen = []
-    monkeypatch.setattr(peftkit.runs, "read_run_recipe", lambda run_dir: None)
+    monkeypatch.setattr(peftkit.runs, "read_run_recipe", lambda run_dir: run.recipe)
     monkeypatch.setattr(peftkit.runs, "require_chat_run", lambda *args: None)
     monkeypatch.setattr(peftkit.runs, "load_run", lambda *args, **kwargs: run)
     monkeypatch.setattr(peftkit.serve.chat, "chat", lambda *args, **kwargs: seen.append(kwargs["system_prompt"]))
