@@ -82,13 +82,16 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from peftkit.config.validate import validate_recipe
     from peftkit.errors import ConfigError
-    from peftkit.train.launch import LaunchOptions, check_launch, load_train_recipe
+    from peftkit.train.launch import LaunchError, LaunchOptions, check_launch, load_train_recipe
 
     recipe, _ = load_train_recipe(args)  # a recipe file or a run directory, with --deepspeed as `train` takes it
     validate_recipe(recipe, check_model=not args.no_model)
-    options = LaunchOptions.from_args(args)
-    if options.nproc * options.nnodes > 1:  # what `train --nproc N` would refuse, before it loads anything
+    options = LaunchOptions.from_args(args)  # what `train` with these flags would refuse, before it loads anything
+    if options.nproc * options.nnodes > 1 or options.hostfile:
         check_launch(recipe, options)
+    elif problems := options.problems():
+        raise LaunchError("; ".join(problems))
+    if not options.hostfile:  # with a hostfile the number of processes is only known on the hosts
         from peftkit.train.deepspeed import world_size_problems
 
         if problems := world_size_problems(recipe, options.nproc * options.nnodes):
@@ -265,6 +268,18 @@ def _add_set_flag(p: argparse.ArgumentParser) -> None:
                    help="the same overrides as a flag (as `python -m benchmarks.*` takes them)")
 
 
+def _add_launch_flags(p: argparse.ArgumentParser) -> None:
+    dist = p.add_argument_group("distributed (docs/distributed.md)")
+    dist.add_argument("--deepspeed", metavar="JSON|STAGE", help="DeepSpeed config file, or a ZeRO stage 0-3")
+    dist.add_argument("--nproc", type=int, default=1, help="processes on this node (GPUs; CPU processes without one)")
+    dist.add_argument("--nnodes", type=int, default=1, help="nodes (run the same command on each, with --node-rank)")
+    dist.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
+    dist.add_argument("--master-addr", help="address of the node with --node-rank 0")
+    dist.add_argument("--master-port", type=int, help="rendezvous port on the master node (default 29500)")
+    dist.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines): launch on all hosts from here")
+    dist.add_argument("--launcher", choices=["torchrun", "deepspeed"], help="default: torchrun; deepspeed with --hostfile")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from peftkit.runs import add_qlora_base_option
 
@@ -281,15 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the last complete checkpoint (of RUN_DIR, default: the recipe's output_dir); "
                         "`auto` starts fresh when there is none")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
-    dist = p.add_argument_group("distributed (docs/distributed.md)")
-    dist.add_argument("--deepspeed", metavar="JSON|STAGE", help="DeepSpeed config file, or a ZeRO stage 0-3")
-    dist.add_argument("--nproc", type=int, default=1, help="processes on this node (GPUs; CPU processes without one)")
-    dist.add_argument("--nnodes", type=int, default=1, help="nodes (run the same command on each, with --node-rank)")
-    dist.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
-    dist.add_argument("--master-addr", help="address of the node with --node-rank 0")
-    dist.add_argument("--master-port", type=int, help="rendezvous port on the master node (default 29500)")
-    dist.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines): launch on all hosts from here")
-    dist.add_argument("--launcher", choices=["torchrun", "deepspeed"], help="default: torchrun; deepspeed with --hostfile")
+    _add_launch_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="check a recipe (and its data and model) without training")
@@ -299,9 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-model", action="store_true", help="skip the checks that read the model's config")
     p.add_argument("--show-data", type=positive_int, default=0, metavar="N",
                    help="print the first N training rows as tokenized, trained (loss-bearing) tokens marked")
-    p.add_argument("--deepspeed", metavar="JSON|STAGE", help="as for `train`: a DeepSpeed config file, or a ZeRO stage")
-    p.add_argument("--nproc", type=int, default=1, help="as for `train`: check the recipe for this many processes")
-    p.add_argument("--nnodes", type=int, default=1, help="as for `train` (processes in all: nproc x nnodes)")
+    _add_launch_flags(p)  # checked as `train` would check them
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("chat", help="chat with a trained run (REPL, or --prompt for one answer)")

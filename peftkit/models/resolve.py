@@ -84,22 +84,24 @@ def _check_model_dir(path: Path, allow_pickle: bool) -> None:
         )
     if not has_safetensors and not has_pickle:
         raise ModelNotFoundError(f"{path} has a config.json but no weight files (*.safetensors)")
-    missing = _missing_shards(path)
+    missing = _missing_shards(path, "model.safetensors.index.json" if has_safetensors else "pytorch_model.bin.index.json")
     if missing:
         raise ModelNotFoundError(f"{path} lacks {len(missing)} weight shard(s) its index lists ({', '.join(missing[:3])}"
                                  f"{', ...' if len(missing) > 3 else ''}): copy the model again, completely")
 
 
-def _missing_shards(path: Path) -> list[str]:
-    """Shards a sharded checkpoint's index names that are not there (a copy or download cut short): found when the
-    weights load otherwise, by every process of a launch."""
-    shards: set[str] = set()
-    for index in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json"):
-        try:
-            shards |= set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
-        except (OSError, ValueError, AttributeError, TypeError):
-            continue  # absent, or unreadable: transformers says what is wrong with it
-    return sorted(name for name in shards if not (path / name).is_file())
+def _missing_shards(path: Path, index_name: str) -> list[str]:
+    """Shards the index of the format that loads (safetensors where there are any) names that are not there (a copy
+    or download cut short): found when the weights load otherwise, by every process of a launch. The other format's
+    index is left alone: a download of the safetensors alone often keeps both indexes. A single `model.safetensors`
+    loads without its index."""
+    if index_name.startswith("model.safetensors") and (path / "model.safetensors").is_file():
+        return []
+    try:
+        shards = set(json.loads((path / index_name).read_text(encoding="utf-8")).get("weight_map", {}).values())
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []  # absent, or unreadable: transformers says what is wrong with it
+    return sorted(name for name in shards if isinstance(name, str) and not (path / name).is_file())
 
 
 def _hub_cached(repo_id: str, revision: str | None) -> bool:

@@ -5,6 +5,7 @@ the user plays the tools: `/tool RESULT` answers the model's last call and lets 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import threading
@@ -138,10 +139,12 @@ def stream_reply(
     reply = raw.strip()
     if not reply:  # otherwise a blank line, which reads as a hang or a crash
         out.write("(no reply: the model wrote only blank space)" if raw else "(no reply: the model ended its turn at once)")
-    if budget < max_new_tokens and criterion.used_all(budget, stop_ids):  # otherwise silently short
-        out.write(f" (cut short: the conversation fills the model's {positions} positions; /reset starts a new one)"
-                  if in_repl else f" (cut short: the prompt and reply fill the model's {positions} positions)")
+    cut = budget < max_new_tokens and criterion.used_all(budget, stop_ids)  # otherwise silently short
+    if cut and in_repl:
+        out.write(f" (cut short: the conversation fills the model's {positions} positions; /reset starts a new one)")
     out.write("\n")
+    if cut and not in_repl:  # --prompt: stdout holds the reply alone (`> reply.txt`)
+        sys.stderr.write(f"note: the reply was cut short: the prompt and reply fill the model's {positions} positions\n")
     return reply
 
 
@@ -160,13 +163,17 @@ def chat(
     `/tool RESULT` adds a tool result after the model's call and asks for its next reply. `stdin` / `out` default to
     the streams at call time (not at import: a captured stream may be closed by then)."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
+    notes = out if prompt is None else sys.stderr  # --prompt: stdout holds the reply alone (`> reply.txt`)
+    if stdin is sys.stdin and prompt is None and hasattr(stdin, "reconfigure"):
+        with contextlib.suppress(ValueError, OSError):  # a UTF-8 locale's strict stdin would raise on a stray byte
+            stdin.reconfigure(errors="surrogateescape")
     if system_prompt is not None:
-        system_prompt = _valid_text(system_prompt, out)
+        system_prompt = _valid_text(system_prompt, notes)
     if tools:
         check_tools_shown(tokenizer, tools, system_prompt)
     history: list[Message] = with_system_prompt([], system_prompt)
     if prompt is not None:
-        history.append({"role": "user", "content": _valid_text(prompt, out)})
+        history.append({"role": "user", "content": _valid_text(prompt, notes)})
         reply = stream_reply(model, tokenizer, history, max_new_tokens=max_new_tokens, out=out, tools=tools)
         return [*history, {"role": "assistant", "content": reply}]
     commands = ("/reset clears the conversation, /exit (or Ctrl-D) quits"

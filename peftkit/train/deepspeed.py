@@ -157,6 +157,8 @@ def complete_json_config(config: dict[str, Any], device: str) -> dict[str, Any]:
     for key in TRAIN_KEYS:
         config.setdefault(key, "auto")
     for key in ("bf16", "fp16"):
+        if key == "bf16" and "bfloat16" in config:  # DeepSpeed's older name: a `bf16` block would override it
+            continue
         block = config.setdefault(key, {})
         if isinstance(block, dict):
             block.setdefault("enabled", "auto")
@@ -252,7 +254,8 @@ def _train_problems(recipe: Recipe, raw: dict[str, Any], where: str, device: str
 
         bf16, fp16 = precision_flags(device, resolve_dtype(recipe.train.dtype, device))
         for key, wanted in (("bf16", bf16), ("fp16", fp16)):
-            value = (raw.get(key) or {}).get("enabled") if isinstance(raw.get(key), dict) else None
+            block = raw.get(key, raw.get("bfloat16") if key == "bf16" else None)  # DeepSpeed reads both names
+            value = block.get("enabled") if isinstance(block, dict) else None
             if value not in (None, "auto") and bool(value) != wanted:
                 state = "enables" if value else "disables"
                 problems.append(

@@ -149,6 +149,10 @@ def hostfile_problem(path: Path) -> str | None:
         return f"--hostfile {path}: {bad!r} is not a `hostname slots=N` line (N: the GPUs or processes on that host)"
     if not hosts:
         return f"--hostfile {path} lists no hosts; write one `hostname slots=N` line per machine"
+    names = [line.split()[0] for line in hosts]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        return f"--hostfile {path} lists {', '.join(twice)} more than once; write one line per machine"
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from unittest import mock
 
 import pytest
@@ -224,7 +225,7 @@ def tiny_chat(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), AutoTokenizer.from_pretrained(str(tiny_model_dir))
 
 
-def test_input_that_is_not_utf8_is_replaced_not_a_crash(tiny_chat):
+def test_input_that_is_not_utf8_is_replaced_not_a_crash(tiny_chat, capsys):
     """stdin and argv decode undecodable bytes as lone surrogates (surrogateescape), which the tokenizer refuses
     with a TypeError: they become U+FFFD, said once, and the REPL goes on."""
     model, tokenizer = tiny_chat
@@ -238,10 +239,11 @@ def test_input_that_is_not_utf8_is_replaced_not_a_crash(tiny_chat):
     out = io.StringIO()
     history = chat(model, tokenizer, system_prompt="be \udcff brief", prompt="hi \udcfe", max_new_tokens=2, out=out)
     assert history[0]["content"] == "be \ufffd brief" and history[1]["content"] == "hi \ufffd"
-    assert "bytes that are not valid UTF-8 were replaced" in out.getvalue()
+    assert "bytes that are not valid UTF-8 were replaced" in capsys.readouterr().err  # --prompt: stdout is the reply
+    assert "not valid UTF-8" not in out.getvalue()
 
 
-def test_a_conversation_that_outgrows_learned_positions_is_said_and_the_repl_goes_on(tiny_chat, monkeypatch):
+def test_a_conversation_that_outgrows_learned_positions_is_said_and_the_repl_goes_on(tiny_chat, monkeypatch, capsys):
     """A GPT-2-like position table (the tiny Llama with a limit patched in): a reply cut short by it says so, and a
     history past it is an error for that turn, not the end of the chat; --prompt still raises."""
     from peftkit.data.chat import generation_prompt
@@ -262,13 +264,15 @@ def test_a_conversation_that_outgrows_learned_positions_is_said_and_the_repl_goe
     assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "hello"
     assert said.count("bot> ") == 3
     out = io.StringIO()
+    capsys.readouterr()
     chat(model, tokenizer, system_prompt=None, prompt="hello", max_new_tokens=8, out=out)
-    assert f" (cut short: the prompt and reply fill the model's {limit} positions)\n" in out.getvalue()
+    assert f"the reply was cut short: the prompt and reply fill the model's {limit} positions\n" in capsys.readouterr().err
+    assert "cut short" not in out.getvalue()  # --prompt: stdout holds the reply alone
     with pytest.raises(PeftkitError, match=f"fills all {limit} positions"):
         chat(model, tokenizer, system_prompt=None, prompt="hello " * 10, max_new_tokens=8, out=io.StringIO())
     out = io.StringIO()
     chat(model, tokenizer, system_prompt=None, prompt="hello", max_new_tokens=3, out=out)
-    assert "cut short" not in out.getvalue()  # the budget was not cut
+    assert "cut short" not in out.getvalue() + capsys.readouterr().err  # the budget was not cut
 
 
 def test_ctrl_c_before_generation_starts_stops_the_reply_not_the_chat(tiny_chat, monkeypatch):
@@ -349,3 +353,12 @@ def test_an_error_during_a_reply_starts_on_a_line_of_its_own(tiny_chat):
     with pytest.raises(Terminated):
         chat(model, tokenizer, system_prompt=None, prompt="hi", max_new_tokens=8, out=out)
     assert out.getvalue().strip() and out.getvalue().endswith("\n"), out.getvalue()
+
+
+def test_a_strict_utf8_stdin_does_not_end_the_chat_on_a_stray_byte(tiny_chat, monkeypatch):
+    """Under a UTF-8 locale (not C.UTF-8) stdin decodes strictly: a Latin-1 byte raised UnicodeDecodeError."""
+    model, tokenizer = tiny_chat
+    strict = io.TextIOWrapper(io.BytesIO(b"caf\xe9\n/exit\n"), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdin", strict)
+    history = chat(model, tokenizer, system_prompt=None, max_new_tokens=2, out=io.StringIO())
+    assert history[0]["content"] == "caf\ufffd"

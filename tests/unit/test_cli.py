@@ -329,6 +329,12 @@ def test_validate_takes_the_train_commands_deepspeed_and_process_count(tiny_reci
     capsys.readouterr()
     assert main(["validate", str(path), "--deepspeed", str(ds_json), "--nproc", "3", "--no-model"]) == 2
     assert "but this run trains 3 process(es)" in capsys.readouterr().err
+    assert main(["validate", str(path), "--deepspeed", str(ds_json), "--no-model"]) == 2  # one process, as train
+    assert "but this run trains 1 process(es)" in capsys.readouterr().err
+    assert main(["validate", str(path), "--deepspeed", str(ds_json), "--nnodes", "2", "--master-addr", "10.0.0.1",
+                 "--no-model"]) == 0
+    assert main(["validate", str(path), "--nproc", "0", "--no-model"]) == 2
+    assert "--nproc must be at least 1" in capsys.readouterr().err
     assert main(["validate", str(path), "--deepspeed", str(tmp_path / "none.json")]) == 2
     err = capsys.readouterr().err
     assert "--deepspeed" in err and "no such file" in err

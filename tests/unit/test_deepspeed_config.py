@@ -115,6 +115,9 @@ def test_json_leaving_out_train_settings_gets_the_recipes(tiny_recipe, tmp_path,
     path.write_text(json.dumps(own))
     config = ds.build_config(recipe, "cpu", torch.float32)
     assert config["gradient_clipping"] == 0.5 and config["bf16"] == {"loss_scale": 0, "enabled": "auto"}
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bfloat16": {"enabled": True}}))  # the older name
+    assert "bf16" not in ds.build_config(recipe, "cpu", torch.float32)
+    assert [p for p in ds.check_deepspeed(recipe, "cpu") if "enables bf16 but this run does not use bf16" in p]
 
 
 def test_json_optimizer_values_that_contradict_the_recipe_are_refused_before_loading(tiny_recipe, tmp_path, hf_ds_config):
@@ -405,7 +408,7 @@ def test_launch_option_problems(tmp_path):
     hosts.write_text("# workers\n\na slots=2\nb  slots=4\n")
     assert LaunchOptions(hostfile=str(hosts)).problems() == []
     for text, said in (("a slots=two\n", "'a slots=two' is not a `hostname slots=N` line"),
-                       ("# none yet\n\n", "lists no hosts")):
+                       ("# none yet\n\n", "lists no hosts"), ("a slots=2\na slots=2\n", "lists a more than once")):
         hosts.write_text(text)
         assert [p for p in LaunchOptions(hostfile=str(hosts)).problems() if said in p]
     assert "--master-port must be a port number" in LaunchOptions(nproc=2, master_port=99999).problems()[0]

@@ -452,6 +452,8 @@ def test_a_model_folder_missing_a_shard_or_holding_only_a_gguf_is_said_before_lo
         resolve_model_ref(str(folder))
     (folder / "model-00002-of-00002.safetensors").write_bytes(b"")
     assert resolve_model_ref(str(folder)).kind == "local"
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "pytorch_model-1.bin"}}))
+    assert resolve_model_ref(str(folder)).kind == "local"  # the other format's index: not what loads
     gguf_only = tmp_path / "downloaded"
     gguf_only.mkdir()
     (gguf_only / "model.Q4_K_M.gguf").write_bytes(b"GGUF")
