@@ -17,6 +17,7 @@ from peftkit.data.chat import Tools, check_tools_shown, generation_prompt, with_
 from peftkit.data.formats import Message
 from peftkit.errors import PeftkitError
 from peftkit.evaluate.generation import room_to_answer, stop_token_ids, text_position_limit
+from peftkit.models.skeleton import trained_context
 
 
 class ReplyStopped(KeyboardInterrupt):
@@ -93,6 +94,8 @@ def stream_reply(
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         positions = text_position_limit(model)
         budget = room_to_answer(inputs["input_ids"].shape[1], max_new_tokens, positions)
+        context = trained_context(model) if positions is None else None  # computed positions (RoPE) run on, worse
+        past_context = context is not None and inputs["input_ids"].shape[1] + budget > context
         stop_ids = stop_token_ids(model, tokenizer)
         criterion = _stop_when(stop)
         kwargs = dict(
@@ -145,6 +148,10 @@ def stream_reply(
     out.write("\n")
     if cut and not in_repl:  # --prompt: stdout holds the reply alone (`> reply.txt`)
         sys.stderr.write(f"note: the reply was cut short: the prompt and reply fill the model's {positions} positions\n")
+    if past_context:
+        (out if in_repl else sys.stderr).write(
+            f"note: the {'conversation' if in_repl else 'prompt'} runs past the {context} tokens the model was trained "
+            f"on, where its replies degrade{'; /reset starts a new one' if in_repl else ''}\n")
     return reply
 
 

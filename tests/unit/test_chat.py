@@ -362,3 +362,21 @@ def test_a_strict_utf8_stdin_does_not_end_the_chat_on_a_stray_byte(tiny_chat, mo
     monkeypatch.setattr(sys, "stdin", strict)
     history = chat(model, tokenizer, system_prompt=None, max_new_tokens=2, out=io.StringIO())
     assert history[0]["content"] == "caf\ufffd"
+
+
+def test_a_conversation_past_the_trained_context_of_a_rope_model_is_said(tiny_chat, monkeypatch, capsys):
+    """RoPE models run past their trained context with no error, only worse replies: a 9,000-token prompt to SmolLM2
+    (8,192) answered without a word. Now a note (REPL: with /reset; --prompt: on stderr)."""
+    model, tokenizer = tiny_chat
+    monkeypatch.setattr("peftkit.serve.chat.trained_context", lambda model: 12)
+    out = io.StringIO()
+    chat(model, tokenizer, system_prompt=None, max_new_tokens=4, stdin=io.StringIO("hello there\n/exit\n"), out=out)
+    assert "note: the conversation runs past the 12 tokens the model was trained on" in out.getvalue()
+    assert "/reset starts a new one" in out.getvalue()
+    out = io.StringIO()
+    chat(model, tokenizer, system_prompt=None, prompt="hello there", max_new_tokens=4, out=out)
+    assert "note: the prompt runs past the 12 tokens" in capsys.readouterr().err and "note" not in out.getvalue()
+    monkeypatch.setattr("peftkit.serve.chat.trained_context", lambda model: 10_000)
+    out = io.StringIO()
+    chat(model, tokenizer, system_prompt=None, max_new_tokens=4, stdin=io.StringIO("hello there\n/exit\n"), out=out)
+    assert "note" not in out.getvalue() + capsys.readouterr().err
