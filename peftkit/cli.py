@@ -395,9 +395,25 @@ def _disk_full_message(exc: BaseException, args: argparse.Namespace, argv: list[
     return f"no space left on device while writing {what}; free space and {then} (-v shows the traceback)"
 
 
+def _recipe_after_resume(argv: list[str]) -> str | None:
+    """`peftkit train --resume r.yaml`: --resume takes r.yaml as its RUN_DIR, and argparse says only that the recipe
+    is missing. The recipe file, to name in a hint."""
+    if "train" not in argv[:2] or "--resume" not in argv:
+        return None
+    after = argv[argv.index("--resume") + 1:][:1]
+    return after[0] if after and after[0].endswith((".yaml", ".yml")) and Path(after[0]).is_file() else None
+
+
 def _run_command(argv: list[str] | None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(_set_flags_last(sys.argv[1:] if argv is None else list(argv)))
+    typed = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args, extra = parser.parse_known_args(_set_flags_last(typed))
+    except SystemExit:
+        if recipe := _recipe_after_resume(typed):
+            print(f"hint: --resume takes an optional RUN_DIR, so it took {recipe}; put the recipe first: "
+                  f"peftkit train {recipe} --resume", file=sys.stderr)
+        raise
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]  # `k=v` after a flag: argparse stops collecting positionals there
     elif extra:

@@ -349,3 +349,14 @@ def test_log_lines_go_to_stderr_unwrapped_and_what_a_command_prints_to_stdout(ti
     assert "recipe is valid" in result.stdout and "WARNING" not in result.stdout
     warned = [line for line in result.stderr.splitlines() if "train.epochs is ignored" in line]
     assert warned and warned[0].startswith("WARNING") and warned[0].endswith("sets the length of training")
+
+
+def test_a_recipe_after_resume_gets_a_hint_not_only_argparses_complaint(tiny_recipe, tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--resume", str(path)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "the following arguments are required: recipe" in err
+    assert f"hint: --resume takes an optional RUN_DIR, so it took {path}; put the recipe first: peftkit train {path} --resume" in err
