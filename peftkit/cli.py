@@ -81,8 +81,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from peftkit.config.validate import validate_recipe
-    from peftkit.errors import ConfigError
-    from peftkit.train.launch import LaunchError, LaunchOptions, check_launch, load_train_recipe
+    from peftkit.train.launch import LaunchError, LaunchOptions, check_launch, check_process_count, load_train_recipe
 
     recipe, _ = load_train_recipe(args)  # a recipe file or a run directory, with --deepspeed as `train` takes it
     validate_recipe(recipe, check_model=not args.no_model)
@@ -91,11 +90,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         check_launch(recipe, options)
     elif problems := options.problems():
         raise LaunchError("; ".join(problems))
-    if not options.hostfile:  # with a hostfile the number of processes is only known on the hosts
-        from peftkit.train.deepspeed import world_size_problems
-
-        if problems := world_size_problems(recipe, options.nproc * options.nnodes):
-            raise ConfigError(problems)
+    check_process_count(recipe, options)
     check_data = not args.no_model and recipe.task == "causal_lm"
     tokenizer = None
     if check_data or (args.show_data and recipe.task == "causal_lm"):

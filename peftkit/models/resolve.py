@@ -47,15 +47,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
 
 
-def tokenizer_files_problem(source: ModelSource) -> str | None:
-    """A local model directory without any tokenizer file: transformers then fails with advice to install
+def _no_tokenizer_files(path: Path) -> str | None:
+    """What a model folder without any tokenizer file lacks: transformers then fails with advice to install
     sentencepiece, which would not help."""
-    path = source.path
-    if path is None or not path.is_dir() or any((path / name).is_file() for name in TOKENIZER_FILES) \
-            or any(path.glob("*.tiktoken")):
+    if not path.is_dir() or any((path / name).is_file() for name in TOKENIZER_FILES) or any(path.glob("*.tiktoken")):
         return None
-    return (f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy them from the model it was "
-            "saved from (`tokenizer.save_pretrained(DIR)`)")
+    return f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)"
+
+
+def tokenizer_files_problem(source: ModelSource) -> str | None:
+    """A local model directory without any tokenizer file, and what to do."""
+    missing = _no_tokenizer_files(source.path) if source.path is not None else None
+    return f"{missing}: copy them from the model it was saved from (`tokenizer.save_pretrained(DIR)`)" if missing else None
 
 
 def _check_model_dir(path: Path, allow_pickle: bool) -> None:
@@ -158,8 +161,8 @@ def _cached_snapshot(ref: str, revision: str | None, allow_pickle: bool) -> Path
         return None
     try:
         _check_model_dir(snapshot, allow_pickle)
-        if problem := tokenizer_files_problem(ModelSource(ref, "hub", snapshot, revision)):
-            raise ModelNotFoundError(problem.split(": copy them")[0])  # transformers' advice would be sentencepiece
+        if missing := _no_tokenizer_files(snapshot):  # transformers' error would advise installing sentencepiece
+            raise ModelNotFoundError(missing)
     except ModelNotFoundError as exc:
         raise ModelNotFoundError(f"the cached copy of {ref} is incomplete ({exc}) and the hub cannot be reached. "
                                  f"{_capitalized(hub_hint(ref, revision))}") from None

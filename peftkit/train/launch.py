@@ -538,6 +538,17 @@ def check_launch(recipe: Recipe, options: LaunchOptions) -> None:
         raise LaunchError("; ".join(problems))
 
 
+def check_process_count(recipe: Recipe, options: LaunchOptions) -> None:
+    """A DeepSpeed `train_batch_size` against the processes the options start (with a hostfile they are known on the
+    hosts only, where each worker checks: deepspeed.setup)."""
+    if options.hostfile:
+        return
+    from peftkit.train.deepspeed import world_size_problems
+
+    if problems := world_size_problems(recipe, options.nproc * options.nnodes):
+        raise ConfigError(problems)
+
+
 def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: LaunchOptions, console: Any) -> int:
     """Validate and prepare once, start the workers, and report what they did."""
     from peftkit.config.validate import validate_recipe
@@ -545,12 +556,7 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
 
     check_launch(recipe, options)
     validate_recipe(recipe, check_model=True)
-    if not options.hostfile:  # the processes are known (with a hostfile, each worker checks: deepspeed.setup)
-        from peftkit.train.deepspeed import world_size_problems
-
-        batch_problems = world_size_problems(recipe, options.nproc * options.nnodes)
-        if batch_problems:
-            raise ConfigError(batch_problems)
+    check_process_count(recipe, options)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     with run_lock(run_dir, enabled=options.node_rank == 0):  # held for the workers, which do not lock themselves
         return _launch(args, recipe, recipe_arg, options, console, run_dir)
