@@ -62,7 +62,16 @@ def _log_handler() -> logging.Handler:
     return handler
 
 
+def _progress_bars_for_logs() -> None:
+    """In a file or pipe (nohup, a scheduler's job log) a progress bar redraws itself with a carriage return ten times
+    a second, all of it kept: there the bars update every 30 s instead. tqdm reads TQDM_* once, when first imported
+    (transformers' trainer imports it), and launched workers inherit the setting; one the user set is kept."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
+
+
 def _setup_logging(verbose: bool) -> None:
+    _progress_bars_for_logs()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[_log_handler()])
     # Under a launcher every rank runs this: rank 0 tells the story, the others only warn (their "Loading ..." and
     # progress lines would repeat it once per process).
@@ -195,7 +204,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         from peftkit.data.chat import check_tools_shown
         from peftkit.runs import read_run_tokenizer
 
-        check_tools_shown(read_run_tokenizer(Path(args.run_dir), recipe), tools, system_prompt)
+        check_tools_shown(read_run_tokenizer(Path(args.run_dir), recipe.model), tools, system_prompt)
     run = load_run(args.run_dir, quantized_base=args.qlora_base == "quantized")
     chat(
         run.model,

@@ -6,11 +6,15 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftkit.config import Recipe, recipe_from_dict
 from peftkit.config.load import read_yaml
 from peftkit.errors import ModelNotFoundError, PeftkitError, RunDirError
+
+if TYPE_CHECKING:
+    from peftkit.config.schema import ModelConfig
+    from peftkit.models.resolve import ModelSource
 
 
 @dataclass
@@ -146,7 +150,7 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
     adapter = None if full_model is not None else adapter_dir(run_dir)
     device = resolve_device(device or recipe.train.device)
     dtype = resolve_dtype(recipe.train.dtype, device)
-    tokenizer = read_run_tokenizer(run_dir, recipe)
+    tokenizer = read_run_tokenizer(run_dir, recipe.model)
     extra = load_kwargs(run_dir, recipe)  # classification: task head and label count
     if adapter is None:
         model = load_model(recipe.model, None, device=device, dtype=dtype, source=resolve_model_ref(str(full_model)), **extra)
@@ -204,16 +208,21 @@ def check_device_argument(device: str | None) -> None:
         raise PeftkitError("device='mps' but this machine has no Apple GPU (MPS); pass device='cpu' (or 'auto')")
 
 
-def read_run_tokenizer(run_dir: Path, recipe: Recipe) -> Any:
-    """The tokenizer the run saved (training's, chat template and pad token included), or for a run that saved none
-    the base model's, set up as training set it up."""
-    if (run_dir / "tokenizer").is_dir():
-        from transformers import AutoTokenizer
+def read_run_tokenizer(run_dir: Path, model: ModelConfig, source: ModelSource | None = None) -> Any:
+    """The tokenizer the run saved (training's, chat template and pad token included: its template as training
+    rendered it, no system prompt added), or for a run that saved none the base model's (`model`, found at `source`
+    when given), set up as training set it up."""
+    folder = run_dir / "tokenizer"
+    if not (folder / "tokenizer_config.json").is_file():
+        from peftkit.models import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
-    from peftkit.models import load_tokenizer
+        return load_tokenizer(model, source)
+    from transformers import AutoTokenizer
 
-    return load_tokenizer(recipe.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
 
 
 @contextlib.contextmanager

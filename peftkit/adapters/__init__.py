@@ -67,6 +67,12 @@ def check_recipe_adapter(recipe: Recipe) -> list[str]:
             f"quantization: a 4/8-bit base is only supported with lora/qlora, not `{method.name}`; "
             "remove the `quantization:` block (or use method: qlora)"
         )
+    quantization = effective_quantization(recipe)
+    if getattr(recipe.adapter, "use_dora", False) and quantization is not None and quantization.bits == 8:
+        from peftkit.models.load import planned_device
+
+        if planned_device(recipe.train.device) == "cpu":
+            problems.append(DORA_INT8_ON_CPU)
     init = getattr(recipe.adapter, "init", None)
     if init is not None:
         problems.extend(lora.init_problems(init, effective_quantization(recipe) is not None))
@@ -74,6 +80,15 @@ def check_recipe_adapter(recipe: Recipe) -> list[str]:
         problems.append(PREFIX_PROJECTION_CHECKPOINTS + ", so early stopping cannot load its best checkpoint: remove "
                         "train.early_stopping_patience, or adapter.prefix_projection")
     return problems
+
+
+DORA_INT8_ON_CPU = (
+    "adapter.use_dora over an 8-bit base cannot train on the CPU: peft's DoRA re-reads the int8 weight on every "
+    "forward pass and on the CPU that drops its scales (bitsandbytes then fails on the next step); use a 4-bit base "
+    "(quantization.bits: 4, the qlora default), 8-bit LoRA without use_dora, or a CUDA GPU")
+"""peft 0.21's `dequantize_module_weight` moves a CPU Int8Params back with `.to(cpu)`, which rebuilds it
+without the SCB that `Linear8bitLt.init_8bit_state` had moved into the layer's state: the next forward starts
+from SCB None. On a GPU that branch is not taken."""
 
 
 PREFIX_PROJECTION_CHECKPOINTS = (

@@ -178,7 +178,7 @@ def evaluate_run(
                                  what="general-set")
     # The same questions asked in the recipe's role (its system prompt): what the domain chatbot's users see.
     in_role_items = asked_in_role(general_items, system)
-    tokenizer = read_run_tokenizer(run_dir, recipe)
+    tokenizer = read_run_tokenizer(run_dir, recipe.model)
     tools_problem = heldout_tools_problem(tokenizer, items, system)
     if tools_problem:
         raise DataError(f"{heldout_path}: {tools_problem}")

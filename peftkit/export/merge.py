@@ -123,13 +123,13 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
     return RunAdapter(run_dir, recipe, info, model_cfg, source, effective_quantization(recipe), skeleton.config)
 
 
-def load_run_tokenizer(run: RunAdapter) -> Any:
-    """The tokenizer saved with the run (it carries the chat template used in training), with the recipe's
-    `data.system_prompt` as the template's default: exports answer as the trained chatbot when a client
-    sends no system message, as the Ollama Modelfile's SYSTEM line does."""
+def load_run_tokenizer(run: RunAdapter, trained: Any = None) -> Any:
+    """The tokenizer saved with the run (it carries the chat template used in training; `trained` when it is already
+    loaded), with the recipe's `data.system_prompt` as the template's default: exports answer as the trained chatbot
+    when a client sends no system message, as the Ollama Modelfile's SYSTEM line does."""
     from peftkit.models.load import set_default_system_prompt
 
-    tokenizer = _trained_tokenizer(run)
+    tokenizer = trained if trained is not None else _trained_tokenizer(run)
     set_default_system_prompt(tokenizer, run.recipe.data.system_prompt)
     template = tokenizer.chat_template
     if isinstance(template, str) and template:
@@ -141,17 +141,9 @@ def load_run_tokenizer(run: RunAdapter) -> Any:
 
 def _trained_tokenizer(run: RunAdapter) -> Any:
     """The tokenizer the run trained with, its chat template as training rendered it (no system prompt added)."""
-    from peftkit.models import load_tokenizer
+    from peftkit.runs import read_run_tokenizer
 
-    folder = run.run_dir / "tokenizer"
-    if not (folder / "tokenizer_config.json").is_file():
-        return load_tokenizer(run.model_cfg, run.source)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
+    return read_run_tokenizer(run.run_dir, run.model_cfg, run.source)
 
 
 BLANK_SYSTEM_DROPPED = (
@@ -401,7 +393,8 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
                           f"adapters are merged into the dequantized {first.quantization.bits}-bit weights they were "
                           "trained against: leave the option out")
     _check_same_placement(runs)
-    templates = [_trained_tokenizer(r).chat_template for r in runs]  # as trained; other system prompts: warned below
+    trained = [_trained_tokenizer(r) for r in runs]
+    templates = [t.chat_template for t in trained]  # as trained; other system prompts: warned below
     other = next((r for r, t in zip(runs, templates) if t != templates[0]), None)
     if other is not None:
         raise ExportError(
@@ -417,7 +410,7 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
         log.warning("The runs were trained with different data.system_prompt values; the combined model's chat template "
                     "defaults to the first one's (%r). Clients can send their own system message.",
                     first.recipe.data.system_prompt)
-    tokenizer = load_run_tokenizer(first)
+    tokenizer = load_run_tokenizer(first, trained[0])
     base_model = _load_base(first, quantized=first.quantization is not None)
     if first.quantization is not None:
         base_model = dequantized(base_model)  # the weights the adapters were trained against

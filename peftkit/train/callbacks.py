@@ -171,3 +171,25 @@ def plot_loss_curves(metrics: list[dict[str, Any]], out: Path, title: str = "") 
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def early_stopping_callbacks(patience: int | None, has_eval: bool) -> list[TrainerCallback]:
+    """transformers' early stopping on the eval loss, and a warning when the run is too short to evaluate at all."""
+    if not patience or not has_eval:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(early_stopping_patience=patience), EvaluationWithinRun()]
+
+
+class EvaluationWithinRun(TrainerCallback):
+    """Early stopping evaluates (and checkpoints) every `train.eval_steps`: a run shorter than that never evaluates
+    while it trains, so nothing can stop it and no checkpoint is kept on the way. Said once, at the start."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        every = args.eval_steps
+        if args.eval_strategy == "steps" and every and state.max_steps and every > state.max_steps:
+            log.warning("train.early_stopping_patience has nothing to watch: the run evaluates every %d steps "
+                        "(train.eval_steps) but trains %d, so it never evaluates (nor saves a checkpoint) before the "
+                        "end; set train.eval_steps to %d or less, or drop early_stopping_patience",
+                        every, state.max_steps, max(1, state.max_steps // 2))

@@ -44,7 +44,7 @@ from peftkit.models.load import loading_errors
 from peftkit.models.resolve import ModelSource, materialize
 from peftkit.train import checkpoints, signals
 from peftkit.train.callbacks import (
-    MetricsJsonlCallback, ResumedSettings, per_second, plot_loss_curves, read_metrics,
+    MetricsJsonlCallback, ResumedSettings, early_stopping_callbacks, per_second, plot_loss_curves, read_metrics,
 )
 from peftkit.train.run import (
     RunResult, _session_loss_sum, check_device_options, configure_threads, peak_memory_mb, save_adapter, summary_header,
@@ -233,10 +233,7 @@ def _train_classifier(
         interrupt := signals.interrupt_callback(),  # Ctrl-C: checkpoint at the end of the step, then stop
         *(extra_callbacks or []),
     ]
-    if recipe.train.early_stopping_patience and has_eval:
-        from transformers import EarlyStoppingCallback
-
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping_patience))
+    callbacks += early_stopping_callbacks(recipe.train.early_stopping_patience, has_eval)
     trainer = ClassificationTrainer(
         model=model,
         args=args,

@@ -38,6 +38,7 @@ from peftkit.train.callbacks import (
     ProgressBar,
     ResumedSettings,
     RunTotals,
+    early_stopping_callbacks,
     per_second,
     plot_loss_curves,
     read_metrics,
@@ -403,10 +404,7 @@ def _train(
         DivergenceGuard(recipe.train.lr),
         *(extra_callbacks or []),
     ]
-    if recipe.train.early_stopping_patience and has_eval:
-        from transformers import EarlyStoppingCallback
-
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping_patience))
+    callbacks += early_stopping_callbacks(recipe.train.early_stopping_patience, has_eval)
     args = training_arguments(recipe, run_dir, device, dtype, has_eval)
     extras = trainer_extras(model, recipe.adapter, args)  # partial: unfreeze schedule, layer-wise LR groups
     trainer = SFTTrainer(

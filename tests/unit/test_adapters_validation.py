@@ -158,3 +158,34 @@ def test_modules_to_save_is_matched_as_peft_matches_it(tiny_recipe, tiny_model_d
     targets = peft_targets(skeleton, ["down_proj", "q_proj"], ["layers.0.mlp"])
     assert "model.layers.0.mlp.down_proj" not in targets and "model.layers.1.mlp.down_proj" in targets
     assert "model.layers.0.self_attn.q_proj" in targets
+
+
+def test_dora_over_an_int8_base_is_refused_on_the_cpu_only(tiny_recipe):
+    from peftkit.adapters import DORA_INT8_ON_CPU, check_recipe_adapter
+
+    dora8 = {"method": "qlora", "use_dora": True}
+    cpu = {**tiny_recipe["train"], "device": "cpu"}
+    assert DORA_INT8_ON_CPU in _problems(tiny_recipe, dora8, quantization={"bits": 8}, train=cpu)
+    assert DORA_INT8_ON_CPU in _problems(tiny_recipe, {"method": "lora", "use_dora": True}, quantization={"bits": 8},
+                                         train=cpu)
+    validate_recipe(recipe_from_dict(_recipe(tiny_recipe, dora8, quantization={"bits": 4}, train=cpu)), check_model=True)
+    on_gpu = recipe_from_dict(_recipe(tiny_recipe, dora8, quantization={"bits": 8},
+                                      train={**tiny_recipe["train"], "device": "cuda"}))
+    assert DORA_INT8_ON_CPU not in check_recipe_adapter(on_gpu)
+
+
+def test_why_dora_over_int8_is_refused_on_the_cpu(tiny_model_dir, monkeypatch):
+    """The upstream failure behind DORA_INT8_ON_CPU: when this stops failing (a peft / bitsandbytes upgrade), lift
+    the refusal."""
+    monkeypatch.undo()  # this test loads weights on purpose
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32,
+                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model(input_ids=ids, labels=ids).loss.backward()  # the first step runs
+    with pytest.raises(AttributeError, match="NoneType"):
+        model(input_ids=ids, labels=ids).loss.backward()

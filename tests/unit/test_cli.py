@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -360,3 +362,29 @@ def test_a_recipe_after_resume_gets_a_hint_not_only_argparses_complaint(tiny_rec
     err = capsys.readouterr().err
     assert "the following arguments are required: recipe" in err
     assert f"hint: --resume takes an optional RUN_DIR, so it took {path}; put the recipe first: peftkit train {path} --resume" in err
+
+
+PROGRESS_INTERVAL = ("import io, sys; from peftkit.cli import main; rc = main(sys.argv[1:]); import tqdm; "
+                     "print(rc, tqdm.tqdm(range(1), file=io.StringIO()).mininterval)")
+
+
+def test_progress_bars_in_a_log_file_update_every_30s_unless_the_user_chose(tiny_recipe, tmp_path, monkeypatch):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    command = [sys.executable, "-c", PROGRESS_INTERVAL, "validate", str(path), "--no-model"]
+    piped = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)  # stderr: a pipe, not a terminal
+    assert piped.stdout.splitlines()[-1] == "0 30.0", piped.stderr
+    chosen = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**env, "TQDM_MININTERVAL": "2"})
+    assert chosen.stdout.splitlines()[-1] == "0 2.0", chosen.stderr
+
+    from peftkit import cli
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    cli._progress_bars_for_logs()
+    assert "TQDM_MININTERVAL" not in os.environ  # a terminal redraws in place: tqdm's own 0.1 s
