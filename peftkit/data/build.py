@@ -67,6 +67,18 @@ def split_fingerprint(train: list[Example], eval: list[Example]) -> str:
     return digest.hexdigest()
 
 
+PROGRESS_FROM = 2000
+"""Examples from which tokenizing shows a progress bar (about a millisecond each: 100,000 rows take minutes)."""
+
+
+def _tokenizing_progress(examples: list[Example], what: str | None) -> Any:
+    if what is None or len(examples) < PROGRESS_FROM:
+        return examples
+    from tqdm.auto import tqdm
+
+    return tqdm(examples, desc=f"tokenizing {what}s", unit=what.rsplit(" ", 1)[-1], leave=False)
+
+
 def tokenize_examples(
     examples: list[Example], tokenizer: Any, max_seq_len: int, system_prompt: str | None, *, train_on_prompt: bool = False,
     what: str | None = "example",
@@ -81,7 +93,7 @@ def tokenize_examples(
     lost_at: list[str] = []
     specials = special_tokens_pattern(tokenizer)
     written_specials: dict[str, str] = {}  # token text -> the first place it was written in the data
-    for example in examples:
+    for example in _tokenizing_progress(examples, what):
         texts = [example.text or ""] if example.messages is None else [str(m.get("content") or "") for m in example.messages]
         for token in {found for text in texts for found in specials.findall(text)} if specials else ():
             written_specials.setdefault(token, example.where)
@@ -216,15 +228,20 @@ def content_key(item: Any) -> str:
     return json.dumps(fields, sort_keys=True, ensure_ascii=False, default=str)
 
 
-def split_train_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_train_eval(examples: list[Example], fraction: float, seed: int, max_eval: int | None = None
+                     ) -> tuple[list[Example], list[Example]]:
     """A deterministic split: the same seed and file always give the same eval set, of round(fraction * n)
-    examples. Copies of one record stay on one side (an eval row that training saw measures memorisation), so
+    examples (at most `max_eval`). Copies of one record stay on one side (an eval row that training saw measures memorisation), so
     with duplicates the eval set's size can differ a little; without them it is the plain shuffled split."""
     if fraction <= 0 or len(examples) < 2:
         return examples, []
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(examples) * fraction))
+    if max_eval is not None and n_eval > max_eval:
+        log.info("The eval split holds %d of the %d examples (data.max_eval_examples; eval_fraction %g would "
+                 "hold %d)", max_eval, len(examples), fraction, n_eval)
+        n_eval = max_eval
     if n_eval >= len(examples):
         raise DataError(f"data.eval_fraction={fraction} of {len(examples)} examples leaves none to train on; "
                         "lower it, or give the eval examples in their own file (data.eval)")
@@ -300,7 +317,7 @@ def train_eval_examples(cfg: DataConfig, seed: int) -> tuple[list[Example], list
     if cfg.eval:
         train, held_out = examples, load_examples(cfg.eval, cfg.format, cfg.columns)
     else:
-        train, held_out = split_train_eval(examples, cfg.eval_fraction, seed)
+        train, held_out = split_train_eval(examples, cfg.eval_fraction, seed, cfg.max_eval_examples)
     warn_duplicates(examples, train, held_out)
     return train, held_out
 

@@ -165,7 +165,7 @@ def labeled_train_eval(cfg: DataConfig, seed: int, items: list[LabeledText] | No
     items = load_labeled(cfg.train, cfg.columns) if items is None else items
     if cfg.eval:
         return items, load_labeled(cfg.eval, cfg.columns)
-    return split_train_eval(items, cfg.eval_fraction, seed)  # type: ignore[arg-type]
+    return split_train_eval(items, cfg.eval_fraction, seed, cfg.max_eval_examples)  # type: ignore[arg-type]
 
 
 def build_classification_data(

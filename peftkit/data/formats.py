@@ -269,8 +269,13 @@ def _first_line_is_json(text: str) -> bool:
     return True
 
 
+SHOWN_BAD_LINES = 5
+"""Malformed lines named in one message: all of them are counted, so one round of fixing finds every one."""
+
+
 def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
-    records = []
+    records: list[tuple[str, Any]] = []
+    bad: list[tuple[int, str, str]] = []  # line number, the parser's complaint, a hint
     for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
@@ -278,7 +283,7 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
             # a byte-order mark opens each part of files joined with `cat` (the first one is dropped on reading)
             records.append((f"{path}:{number}", _as_record(_parse_json(line.removeprefix("\ufeff")))))
         except json.JSONDecodeError as exc:
-            if not records and text.lstrip().startswith("["):
+            if not records and not bad and text.lstrip().startswith("["):
                 try:  # a JSON array (pretty-printed) in a .jsonl file: read it as the document it is
                     return _json_document_records(path, _parse_json(text))
                 except json.JSONDecodeError as whole:  # its own mistake, where it is (not line 1's lone `[`)
@@ -288,13 +293,26 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
             split = line.strip() in ("{", "[") or (number > 1 and line[:1].isspace())
             hint = (" (a record spread over several lines, as pretty-printing writes it: write each on one line, "
                     "e.g. with `jq -c .`)" if split else "")
-            raise DataError(
-                f"{path}:{number}: line is not valid JSON ({_json_problem(exc)}); "
-                f"each line of a .jsonl file must be one JSON object{hint}"
-            ) from None
+            bad.append((number, _json_problem(exc), hint))
+            if split:  # every later line of the file fails the same way: the first one says it all
+                break
+    if bad:
+        raise DataError(_bad_lines_message(path, bad))
     if len(records) == 1 and isinstance(records[0][1], list):  # a whole JSON array on one line
         return _json_document_records(path, records[0][1])
     return records
+
+
+def _bad_lines_message(path: Path, bad: list[tuple[int, str, str]]) -> str:
+    number, problem, _ = bad[0]
+    hint = next((h for *_, h in bad if h), "")
+    message = f"{path}:{number}: line is not valid JSON ({problem})"
+    if len(bad) > 1:
+        more = "; ".join(f"line {n} ({p})" for n, p, _ in bad[1:SHOWN_BAD_LINES])
+        rest = len(bad) - SHOWN_BAD_LINES
+        message += (f"; {len(bad)} lines in all are not valid JSON: also {more}"
+                    + (f" and {rest} more" if rest > 0 else ""))
+    return f"{message}; each line of a .jsonl file must be one JSON object{hint}"
 
 
 def _json_problem(exc: json.JSONDecodeError) -> str:

@@ -14,14 +14,23 @@ from peftkit.utils.modes import eval_mode
 
 
 @torch.inference_mode()
-def mean_loss(model: Any, rows: list[Row], pad_token_id: int, batch_size: int = 8) -> float:
-    """The same number for every method and trainer, so runs and benchmarks compare exactly."""
+def mean_loss(model: Any, rows: list[Row], pad_token_id: int, batch_size: int = 8, progress: str | None = None
+              ) -> float:
+    """The same number for every method and trainer, so runs and benchmarks compare exactly. Rows are batched
+    longest first (little padding; a batch too large for memory fails at once), with a progress bar when
+    `progress` names it."""
     collate = PaddingCollator(pad_token_id)
     device = next(model.parameters()).device
+    by_length = sorted(rows, key=lambda row: -len(row["input_ids"]))
+    starts: Any = range(0, len(by_length), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
     total, count = 0.0, 0
     with eval_mode(model):
-        for start in range(0, len(rows), batch_size):
-            batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size]).items()}
+        for start in starts:
+            batch = {k: v.to(device) for k, v in collate(by_length[start : start + batch_size]).items()}
             labels = batch.pop("labels")
             logits = model(**batch).logits
             logits = logits[:, logits.shape[1] - labels.shape[1] :]  # drop prompt-tuning virtual tokens

@@ -201,7 +201,8 @@ def evaluate_run(
     def measure(model: Any, base: bool = False) -> dict[str, Any]:
         result: dict[str, Any] = {}
         if rows:
-            loss = mean_loss(model, rows, tokenizer.pad_token_id)
+            loss = mean_loss(model, rows, tokenizer.pad_token_id,
+                             progress=f"{'base model' if base else 'eval'} loss ({len(rows)} rows)")
             result.update(loss=loss, perplexity=perplexity(loss))
         if items:
             result["heldout_accuracy"], result["heldout_details"] = heldout_accuracy(

@@ -875,3 +875,21 @@ def test_duplicates_and_eval_rows_seen_in_training_are_warned_about(tmp_path, ca
         train, held_out = train_eval_examples(DataConfig(train=str(other), eval_fraction=0.25), seed=0)
     assert "repeat an earlier one exactly: 2 of 8" in caplog.text and "also occur in the training" not in caplog.text
     assert len(held_out) == 2
+
+
+def test_the_eval_split_is_limited_by_max_eval_examples_and_old_runs_keep_theirs(tmp_path, tiny_recipe):
+    from peftkit.config import recipe_from_dict
+    from peftkit.data.build import train_eval_examples
+
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(300)]
+    (tmp_path / "big.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = {**tiny_recipe["data"], "train": str(tmp_path / "big.jsonl"), "eval_fraction": 0.2}
+    limited = recipe_from_dict({**tiny_recipe, "data": {**data, "max_eval_examples": 25}})
+    train, held_out = train_eval_examples(limited.data, seed=1)
+    assert (len(train), len(held_out)) == (275, 25)
+    _, whole = train_eval_examples(recipe_from_dict({**tiny_recipe, "data": {**data, "max_eval_examples": None}}).data, 1)
+    assert len(whole) == 60
+    assert {e.where for e in held_out} <= {e.where for e in whole}  # the same shuffled order, cut shorter
+    assert recipe_from_dict({**tiny_recipe, "data": data}).data.max_eval_examples == 1000  # a new recipe's default
+    stored = recipe_from_dict({**tiny_recipe, "data": data}, stored_run=True)  # a run trained before the limit
+    assert stored.data.max_eval_examples is None

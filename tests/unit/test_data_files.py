@@ -355,3 +355,18 @@ def test_format_text_on_records_without_text_names_what_is_missing(tmp_path):
     with pytest.raises(DataError, match=r"c.jsonl:1: read as plain text \(data.format: text\), but the record has no "
                                         r"`text` field \(its fields: messages\)"):
         load_examples(path, "text")
+
+
+def test_every_malformed_jsonl_line_is_counted_in_one_message(tmp_path):
+    good = '{"prompt": "a", "completion": "b"}'
+    lines = [good] * 30
+    for number in (4, 9, 12, 15, 20, 27, 30):
+        lines[number - 1] = '{"prompt": "a", "completion": '
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as info:
+        load_examples(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:4: line is not valid JSON (Expecting value at column 31); 7 lines in all")
+    assert "also line 9 (" in message and "line 20 (" in message and "line 27" not in message
+    assert "and 2 more; each line of a .jsonl file must be one JSON object" in message

@@ -287,3 +287,16 @@ def test_a_json_list_of_records_with_a_role_column_is_a_list_of_records(tmp_path
     examples = load_examples(str(path))
     assert [e.format for e in examples] == ["alpaca"] * 3
     assert examples[0].messages[-1] == {"role": "assistant", "content": "At 1 am."}
+
+
+def test_tokenizing_many_examples_shows_progress_and_few_do_not(tiny_tokenizer, capsys):
+    from peftkit.data.build import PROGRESS_FROM
+    from peftkit.data.formats import Example
+
+    many = [Example(where=f"d.jsonl:{i}", messages=({"role": "user", "content": f"q {i}"},
+                                                      {"role": "assistant", "content": f"a {i}"}))
+            for i in range(PROGRESS_FROM)]
+    rows, _ = tokenize_examples(many[:10], tiny_tokenizer, 64, None, what="training example")
+    assert len(rows) == 10 and "tokenizing" not in capsys.readouterr().err
+    rows, _ = tokenize_examples(many, tiny_tokenizer, 64, None, what="training example")
+    assert len(rows) == PROGRESS_FROM and "tokenizing training examples" in capsys.readouterr().err

@@ -275,3 +275,27 @@ def test_the_exported_template_takes_a_blank_system_message_for_none(tiny_recipe
     assert render(exported, own) == render(trained, own), "a system message of the client's own is kept"
     assert "Be terse." in render(exported, own)
 
+
+
+def test_mean_loss_batched_longest_first_is_the_token_mean_of_each_row_alone(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.data.chat import IGNORE_INDEX
+    from peftkit.evaluate.loss import mean_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    rows = []
+    for length in (5, 17, 9, 30, 3, 12, 22):  # other lengths in file order: sorting and padding must not change it
+        ids = torch.randint(3, 100, (length,)).tolist()
+        labels = [IGNORE_INDEX] * (length // 2) + ids[length // 2:]
+        rows.append({"input_ids": ids, "labels": labels})
+    total, count = 0.0, 0
+    for row in rows:
+        logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+        target = torch.tensor(row["labels"][1:])
+        keep = target != IGNORE_INDEX
+        total += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+        count += int(keep.sum())
+    assert mean_loss(model, rows, pad_token_id=0, batch_size=3, progress="eval loss") == pytest.approx(total / count,
+                                                                                                      rel=1e-5)
