@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)  # training installs its own while it trains
     except ValueError:  # not the main thread: leave signals alone
         previous = None
+    progress_interval = os.environ.get("TQDM_MININTERVAL")
     try:
         return _run_command(argv)
     except KeyboardInterrupt:  # also while the command's libraries import, before it starts
@@ -361,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if progress_interval is None:  # a caller's process (a notebook, a script) keeps its own setting after main()
+            os.environ.pop("TQDM_MININTERVAL", None)
 
 
 def _naming_the_recipe(exc: PeftkitError, recipe: str | None) -> PeftkitError:

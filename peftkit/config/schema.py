@@ -366,10 +366,10 @@ class DataConfig(Section):
     columns: ColumnsConfig | None = None
     """Field names of train/eval records that use other names (no detection then)."""
     eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    max_eval_examples: PositiveInt | None = 1000
-    """The eval split drawn by `eval_fraction` holds at most this many examples (null: no limit), so that on large
-    data evaluating does not outlast training (a tenth of 100,000 rows is 10,000 examples at every evaluation).
-    A `data.eval` file is used whole."""
+    max_eval_examples: PositiveInt | None = None
+    """The eval split drawn by `eval_fraction` holds at most this many examples (null: no limit; a split of more than
+    LARGE_EVAL_SPLIT examples is warned about: a tenth of 100,000 rows is 10,000 examples at every evaluation, which
+    outlasts training). A `data.eval` file is used whole."""
     max_seq_len: PositiveInt = 1024
     system_prompt: str | None = None
     """Added as the system turn to conversations (train, eval, held-out, chat) that have none."""
@@ -378,14 +378,6 @@ class DataConfig(Section):
     every token of a training conversation is supervised, `weight: 0` turns too. The eval loss stays on the
     replies, so it compares with runs without it."""
     replay: ReplayConfig | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _stored_before_the_eval_limit(cls, data: Any, info: ValidationInfo) -> Any:
-        """A run trained before `max_eval_examples` existed drew its eval split without a limit: rebuilt as it was."""
-        if stored_run(info) and isinstance(data, dict) and "max_eval_examples" not in data:
-            return {**data, "max_eval_examples": None}
-        return data
 
     @model_validator(mode="after")
     def _columns_replace_detection(self) -> "DataConfig":

@@ -275,6 +275,10 @@ def _warn_about_ignored_settings(recipe: Recipe) -> None:
     """Settings the recipe wrote that another one overrides: said, so a user does not wait for their effect."""
     if recipe.data.eval is not None and _written(recipe.data, "eval_fraction") and recipe.data.eval_fraction:
         log.warning("data.eval_fraction is ignored: data.eval names the eval set, and all of data.train trains")
+    if recipe.data.max_eval_examples and (recipe.data.eval is not None or recipe.data.eval_fraction == 0):
+        log.warning("data.max_eval_examples is ignored: it limits the eval split drawn by data.eval_fraction, and %s",
+                    "data.eval names the eval set (used whole)" if recipe.data.eval is not None else
+                    "data.eval_fraction is 0")
     if recipe.train.max_steps and _written(recipe.train, "epochs"):
         log.warning("train.epochs is ignored: train.max_steps=%d sets the length of training", recipe.train.max_steps)
 

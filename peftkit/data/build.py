@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -72,8 +73,8 @@ PROGRESS_FROM = 2000
 
 
 def _tokenizing_progress(examples: list[Example], what: str | None) -> Any:
-    if what is None or len(examples) < PROGRESS_FROM:
-        return examples
+    if what is None or len(examples) < PROGRESS_FROM or int(os.environ.get("RANK", "0") or 0) > 0:
+        return examples  # under a launcher every rank tokenizes: rank 0 shows it
     from tqdm.auto import tqdm
 
     return tqdm(examples, desc=f"tokenizing {what}s", unit=what.rsplit(" ", 1)[-1], leave=False)
@@ -228,6 +229,10 @@ def content_key(item: Any) -> str:
     return json.dumps(fields, sort_keys=True, ensure_ascii=False, default=str)
 
 
+LARGE_EVAL_SPLIT = 1000
+"""Eval-split examples above which a split without `data.max_eval_examples` is warned about."""
+
+
 def split_train_eval(examples: list[Example], fraction: float, seed: int, max_eval: int | None = None
                      ) -> tuple[list[Example], list[Example]]:
     """A deterministic split: the same seed and file always give the same eval set, of round(fraction * n)
@@ -242,6 +247,10 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int, max_ev
         log.info("The eval split holds %d of the %d examples (data.max_eval_examples; eval_fraction %g would "
                  "hold %d)", max_eval, len(examples), fraction, n_eval)
         n_eval = max_eval
+    elif max_eval is None and n_eval > LARGE_EVAL_SPLIT:
+        log.warning("The eval split holds %d examples (data.eval_fraction %g of %d), all evaluated at every evaluation, "
+                    "which on data this size can take longer than training: set data.max_eval_examples (e.g. %d) or "
+                    "a lower eval_fraction", n_eval, fraction, len(examples), LARGE_EVAL_SPLIT)
     if n_eval >= len(examples):
         raise DataError(f"data.eval_fraction={fraction} of {len(examples)} examples leaves none to train on; "
                         "lower it, or give the eval examples in their own file (data.eval)")

@@ -295,7 +295,7 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
                     "e.g. with `jq -c .`)" if split else "")
             bad.append((number, _json_problem(exc), hint))
             if split:  # every later line of the file fails the same way: the first one says it all
-                break
+                raise DataError(_bad_lines_message(path, bad, counted_all=False))
     if bad:
         raise DataError(_bad_lines_message(path, bad))
     if len(records) == 1 and isinstance(records[0][1], list):  # a whole JSON array on one line
@@ -303,15 +303,19 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
     return records
 
 
-def _bad_lines_message(path: Path, bad: list[tuple[int, str, str]]) -> str:
+def _bad_lines_message(path: Path, bad: list[tuple[int, str, str]], counted_all: bool = True) -> str:
+    """The first bad line, then how many there are; counting stops at a record spread over several lines (`hint`
+    says so), whose every later line would fail too."""
     number, problem, _ = bad[0]
-    hint = next((h for *_, h in bad if h), "")
+    hint = bad[-1][2]  # only the last line can carry one: it stopped the count
     message = f"{path}:{number}: line is not valid JSON ({problem})"
     if len(bad) > 1:
         more = "; ".join(f"line {n} ({p})" for n, p, _ in bad[1:SHOWN_BAD_LINES])
         rest = len(bad) - SHOWN_BAD_LINES
-        message += (f"; {len(bad)} lines in all are not valid JSON: also {more}"
-                    + (f" and {rest} more" if rest > 0 else ""))
+        counted = f"{len(bad)} lines in all" if counted_all else f"at least {len(bad)} lines"
+        message += f"; {counted} are not valid JSON: also {more}" + (f" and {rest} more" if rest > 0 else "")
+        if hint:
+            hint = f" (line {bad[-1][0]}: {hint.removeprefix(' (')}"
     return f"{message}; each line of a .jsonl file must be one JSON object{hint}"
 
 

@@ -187,9 +187,13 @@ class EvaluationWithinRun(TrainerCallback):
     while it trains, so nothing can stop it and no checkpoint is kept on the way. Said once, at the start."""
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        every = args.eval_steps
-        if args.eval_strategy == "steps" and every and state.max_steps and every > state.max_steps:
-            log.warning("train.early_stopping_patience has nothing to watch: the run evaluates every %d steps "
-                        "(train.eval_steps) but trains %d, so it never evaluates (nor saves a checkpoint) before the "
-                        "end; set train.eval_steps to %d or less, or drop early_stopping_patience",
-                        every, state.max_steps, max(1, state.max_steps // 2))
+        every, steps = args.eval_steps, state.max_steps
+        if args.eval_strategy == "steps" and every and steps and every >= steps:
+            when = f"every {every} steps (train.eval_steps) and trains {steps}"
+        elif args.eval_strategy == "epoch" and steps and state.num_train_epochs <= 1:
+            when = "after each epoch and trains one"
+        else:
+            return
+        fix = f"set train.eval_steps below {steps}, or" if steps > 1 else "train longer, or"
+        log.warning("train.early_stopping_patience has nothing to watch: the run evaluates %s, so it never evaluates "
+                    "(nor saves a checkpoint) before the end; %s drop early_stopping_patience", when, fix)

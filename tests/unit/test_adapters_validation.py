@@ -183,7 +183,8 @@ def test_why_dora_over_int8_is_refused_on_the_cpu(tiny_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32,
-                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                 device_map={"": "cpu"})  # the CPU's failure, also on a GPU host
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     ids = torch.tensor([[1, 2, 3, 4]])
     model(input_ids=ids, labels=ids).loss.backward()  # the first step runs

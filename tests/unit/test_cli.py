@@ -375,6 +375,9 @@ def test_progress_bars_in_a_log_file_update_every_30s_unless_the_user_chose(tiny
     command = [sys.executable, "-c", PROGRESS_INTERVAL, "validate", str(path), "--no-model"]
     piped = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)  # stderr: a pipe, not a terminal
     assert piped.stdout.splitlines()[-1] == "0 30.0", piped.stderr
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    assert main(["validate", str(path), "--no-model"]) == 0  # in-process: the caller's environment is left as it was
+    assert "TQDM_MININTERVAL" not in os.environ
     chosen = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**env, "TQDM_MININTERVAL": "2"})
     assert chosen.stdout.splitlines()[-1] == "0 2.0", chosen.stderr
 
@@ -388,3 +391,13 @@ def test_progress_bars_in_a_log_file_update_every_30s_unless_the_user_chose(tiny
     monkeypatch.setattr(sys, "stderr", Terminal())
     cli._progress_bars_for_logs()
     assert "TQDM_MININTERVAL" not in os.environ  # a terminal redraws in place: tqdm's own 0.1 s
+
+
+def test_a_written_eval_limit_that_nothing_draws_is_said_to_be_ignored(tiny_recipe, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    result = run_cli("validate", str(path), "--no-model", "data.eval_fraction=0", "data.max_eval_examples=100")
+    assert result.returncode == 0, result.stderr
+    assert "data.max_eval_examples is ignored: it limits the eval split drawn by data.eval_fraction, and " \
+           "data.eval_fraction is 0" in result.stderr
+    assert "max_eval_examples" not in run_cli("validate", str(path), "--no-model").stderr

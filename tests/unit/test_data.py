@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -877,19 +878,25 @@ def test_duplicates_and_eval_rows_seen_in_training_are_warned_about(tmp_path, ca
     assert len(held_out) == 2
 
 
-def test_the_eval_split_is_limited_by_max_eval_examples_and_old_runs_keep_theirs(tmp_path, tiny_recipe):
+def test_the_eval_split_is_limited_by_max_eval_examples_and_a_large_one_is_warned(tmp_path, tiny_recipe, caplog,
+                                                                                  monkeypatch):
     from peftkit.config import recipe_from_dict
+    from peftkit.data import build
     from peftkit.data.build import train_eval_examples
 
+    monkeypatch.setattr(build, "LARGE_EVAL_SPLIT", 50)
     rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(300)]
     (tmp_path / "big.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     data = {**tiny_recipe["data"], "train": str(tmp_path / "big.jsonl"), "eval_fraction": 0.2}
     limited = recipe_from_dict({**tiny_recipe, "data": {**data, "max_eval_examples": 25}})
-    train, held_out = train_eval_examples(limited.data, seed=1)
+    with caplog.at_level(logging.INFO, logger="peftkit.data"):
+        train, held_out = train_eval_examples(limited.data, seed=1)
     assert (len(train), len(held_out)) == (275, 25)
-    _, whole = train_eval_examples(recipe_from_dict({**tiny_recipe, "data": {**data, "max_eval_examples": None}}).data, 1)
+    assert "The eval split holds 25 of the 300 examples (data.max_eval_examples" in caplog.text
+    assert "set data.max_eval_examples" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="peftkit.data"):
+        _, whole = train_eval_examples(recipe_from_dict({**tiny_recipe, "data": data}).data, 1)  # the default: no limit
     assert len(whole) == 60
+    assert "The eval split holds 60 examples (data.eval_fraction 0.2 of 300)" in caplog.text
     assert {e.where for e in held_out} <= {e.where for e in whole}  # the same shuffled order, cut shorter
-    assert recipe_from_dict({**tiny_recipe, "data": data}).data.max_eval_examples == 1000  # a new recipe's default
-    stored = recipe_from_dict({**tiny_recipe, "data": data}, stored_run=True)  # a run trained before the limit
-    assert stored.data.max_eval_examples is None

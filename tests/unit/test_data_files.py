@@ -370,3 +370,15 @@ def test_every_malformed_jsonl_line_is_counted_in_one_message(tmp_path):
     assert message.startswith(f"{path}:4: line is not valid JSON (Expecting value at column 31); 7 lines in all")
     assert "also line 9 (" in message and "line 20 (" in message and "line 27" not in message
     assert "and 2 more; each line of a .jsonl file must be one JSON object" in message
+
+
+def test_counting_malformed_lines_stops_at_a_record_spread_over_lines_and_says_so(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "a", "completion": \n{"prompt": "b", "completion": "c"}\n  "prompt": "x",\n{oops\n')
+    with pytest.raises(DataError) as info:
+        load_examples(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:1: line is not valid JSON (")
+    assert "at least 2 lines are not valid JSON: also line 3 (" in message and "line 4" not in message
+    assert message.endswith("must be one JSON object (line 3: a record spread over several lines, as pretty-printing "
+                            "writes it: write each on one line, e.g. with `jq -c .`)")

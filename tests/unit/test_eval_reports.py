@@ -297,5 +297,9 @@ def test_mean_loss_batched_longest_first_is_the_token_mean_of_each_row_alone(tin
         keep = target != IGNORE_INDEX
         total += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
         count += int(keep.sum())
+    widths: list[int] = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
     assert mean_loss(model, rows, pad_token_id=0, batch_size=3, progress="eval loss") == pytest.approx(total / count,
                                                                                                       rel=1e-5)
+    assert widths == [30, 12, 3]  # longest first: (30, 22, 17), (12, 9, 5), (3,)

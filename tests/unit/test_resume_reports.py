@@ -310,14 +310,16 @@ def test_a_classifier_stopped_by_ctrl_c_resumes_into_the_whole_runs_summary(tiny
     assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-4)
 
 
-@pytest.mark.parametrize("eval_steps, warned", [(5, True), (2, False)])
+@pytest.mark.parametrize("eval_steps, warned", [(5, True), (3, True), (2, False)])
 def test_early_stopping_in_a_run_too_short_to_evaluate_is_said(tiny_model_dir, tmp_path, caplog, eval_steps, warned):
     torch.set_num_threads(1)
     recipe_file = tiny_recipe_file(tmp_path, tiny_model_dir, train={**EARLY, "max_steps": 3, "eval_steps": eval_steps,
                                                                   "early_stopping_patience": 1})
     with caplog.at_level(logging.WARNING):
         train(load_recipe(recipe_file))
-    said = "train.early_stopping_patience has nothing to watch: the run evaluates every 5 steps (train.eval_steps) but trains 3"
+    said = (f"train.early_stopping_patience has nothing to watch: the run evaluates every {eval_steps} steps "
+            "(train.eval_steps) and trains 3, so it never evaluates (nor saves a checkpoint) before the end; set "
+            "train.eval_steps below 3, or drop early_stopping_patience")
     assert (said in caplog.text) is warned
     evaluated = [r for r in map(json.loads, (recipe_file.parent / "run" / "metrics.jsonl").read_text().splitlines())
                  if "eval_loss" in r and 0 < r["step"] < 3]  # not the evaluations before and after training
