@@ -324,3 +324,13 @@ def test_early_stopping_in_a_run_too_short_to_evaluate_is_said(tiny_model_dir, t
     evaluated = [r for r in map(json.loads, (recipe_file.parent / "run" / "metrics.jsonl").read_text().splitlines())
                  if "eval_loss" in r and 0 < r["step"] < 3]  # not the evaluations before and after training
     assert bool(evaluated) is not warned  # what the warning says: no evaluation while training
+
+
+def test_early_stopping_in_a_one_epoch_run_evaluated_per_epoch_is_said(tiny_model_dir, tmp_path, caplog):
+    torch.set_num_threads(1)
+    recipe_file = tiny_recipe_file(tmp_path, tiny_model_dir, train={**EARLY, "max_steps": None, "epochs": 1,
+                                                                  "eval_steps": None, "save_steps": None,
+                                                                  "early_stopping_patience": 1})
+    with caplog.at_level(logging.WARNING):
+        train(load_recipe(recipe_file))
+    assert "nothing to watch: the run evaluates after each epoch and trains one, so it never evaluates" in caplog.text
