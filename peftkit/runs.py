@@ -159,9 +159,10 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
         from peftkit.export.compat import read_adapter
 
         try:
-            read_adapter(adapter)  # a damaged or mismatched adapter is one message, before the base loads
+            info = read_adapter(adapter)  # a damaged or mismatched adapter is one message, before the base loads
         except ExportError as exc:
             raise RunDirError(str(exc)) from None
+        _refuse_dora_over_int8_on_cpu(run_dir, recipe, info.config, device, quantized_base)
         from peftkit.models.fingerprint import warn_if_other_base
 
         try:
@@ -186,6 +187,20 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
     prepare_for_generation(model)
     model.eval()
     return LoadedRun(run_dir, recipe, model, tokenizer)
+
+
+def _refuse_dora_over_int8_on_cpu(run_dir: Path, recipe: Recipe, adapter_config: dict[str, Any], device: str,
+                                  quantized_base: bool) -> None:
+    """A DoRA adapter trained over an 8-bit base on a GPU fails on the CPU's second forward pass (the upstream bug
+    behind adapters.DORA_INT8_ON_CPU): said before loading, with the ways that work."""
+    from peftkit.adapters import effective_quantization
+
+    quantization = effective_quantization(recipe)
+    if (quantized_base and device == "cpu" and adapter_config.get("use_dora") and quantization is not None
+            and quantization.bits == 8):
+        raise RunDirError(f"{run_dir} trained DoRA over an 8-bit base, which peft cannot run on the CPU (it drops the "
+                          "int8 scales after the first pass): use a CUDA GPU, or pass --qlora-base original "
+                          "(quantized_base=False in Python) to run it on the full-precision weights")
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")

@@ -190,3 +190,28 @@ def test_why_dora_over_int8_is_refused_on_the_cpu(tiny_model_dir, monkeypatch):
     model(input_ids=ids, labels=ids).loss.backward()  # the first step runs
     with pytest.raises(AttributeError, match="NoneType"):
         model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_a_gpu_trained_int8_dora_run_is_refused_on_the_cpu_before_loading(tiny_recipe, tmp_path):
+    """Such a run (trained on a GPU) would fail at its second forward pass here: one message before any weights."""
+    import json
+
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from peftkit.errors import RunDirError
+    from peftkit.runs import load_run
+
+    run_dir = tmp_path / "run"
+    (run_dir / "adapter").mkdir(parents=True)
+    recipe = _recipe(tiny_recipe, {"method": "qlora", "use_dora": True}, quantization={"bits": 8},
+                     train={**tiny_recipe["train"], "device": "cuda"}, output_dir=str(run_dir))
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (run_dir / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True, "r": 4}))
+    save_file({"base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(4, 64)},
+              str(run_dir / "adapter" / "adapter_model.safetensors"))
+    with pytest.raises(RunDirError, match="trained DoRA over an 8-bit base, which peft cannot run on the CPU"):
+        load_run(run_dir, device="cpu")
+    with pytest.raises(AssertionError, match="validation loaded model weights"):  # past the check: the base loads
+        load_run(run_dir, device="cpu", quantized_base=False)
