@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +64,23 @@ def _log_handler() -> logging.Handler:
     return handler
 
 
-def _progress_bars_for_logs() -> None:
+@contextlib.contextmanager
+def _progress_bars_for_logs() -> Iterator[None]:
     """In a file or pipe (nohup, a scheduler's job log) a progress bar redraws itself with a carriage return ten times
-    a second, all of it kept: there the bars update every 30 s instead. tqdm reads TQDM_* once, when first imported
-    (transformers' trainer imports it), and launched workers inherit the setting; one the user set is kept."""
-    if not sys.stderr.isatty():
-        os.environ.setdefault("TQDM_MININTERVAL", "30")
+    a second, all of it kept: there the bars update every 30 s instead, while the command runs. tqdm reads TQDM_*
+    once, when first imported (transformers' trainer imports it), and launched workers inherit the setting; one the
+    user set is kept, and a calling program (a notebook, a script) has its own back after `main()`."""
+    if sys.stderr.isatty() or "TQDM_MININTERVAL" in os.environ:
+        yield
+        return
+    os.environ["TQDM_MININTERVAL"] = "30"
+    try:
+        yield
+    finally:
+        os.environ.pop("TQDM_MININTERVAL", None)
 
 
 def _setup_logging(verbose: bool) -> None:
-    _progress_bars_for_logs()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[_log_handler()])
     # Under a launcher every rank runs this: rank 0 tells the story, the others only warn (their "Loading ..." and
     # progress lines would repeat it once per process).
@@ -350,9 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)  # training installs its own while it trains
     except ValueError:  # not the main thread: leave signals alone
         previous = None
-    progress_interval = os.environ.get("TQDM_MININTERVAL")
     try:
-        return _run_command(argv)
+        with _progress_bars_for_logs():
+            return _run_command(argv)
     except KeyboardInterrupt:  # also while the command's libraries import, before it starts
         print("interrupted", file=sys.stderr)
         return 130
@@ -362,8 +371,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        if progress_interval is None:  # a caller's process (a notebook, a script) keeps its own setting after main()
-            os.environ.pop("TQDM_MININTERVAL", None)
 
 
 def _naming_the_recipe(exc: PeftkitError, recipe: str | None) -> PeftkitError:

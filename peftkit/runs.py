@@ -193,11 +193,9 @@ def _refuse_dora_over_int8_on_cpu(run_dir: Path, recipe: Recipe, adapter_config:
                                   quantized_base: bool) -> None:
     """A DoRA adapter trained over an 8-bit base on a GPU fails on the CPU's second forward pass (the upstream bug
     behind adapters.DORA_INT8_ON_CPU): said before loading, with the ways that work."""
-    from peftkit.adapters import effective_quantization
+    from peftkit.adapters import dora_over_int8_on_cpu, effective_quantization
 
-    quantization = effective_quantization(recipe)
-    if (quantized_base and device == "cpu" and adapter_config.get("use_dora") and quantization is not None
-            and quantization.bits == 8):
+    if quantized_base and dora_over_int8_on_cpu(adapter_config.get("use_dora"), effective_quantization(recipe), device):
         raise RunDirError(f"{run_dir} trained DoRA over an 8-bit base, which peft cannot run on the CPU (it drops the "
                           "int8 scales after the first pass): use a CUDA GPU, or pass --qlora-base original "
                           "(quantized_base=False in Python) to run it on the full-precision weights")

@@ -62,20 +62,19 @@ def check_recipe_adapter(recipe: Recipe) -> list[str]:
             f"adapter.method: {method.name} does not support task: {task} in peftkit "
             f"(use one of: {', '.join(n for n, m in REGISTRY.items() if task in m.tasks)})"
         )
-    if effective_quantization(recipe) is not None and not method.quantization:
+    quantization = effective_quantization(recipe)
+    if quantization is not None and not method.quantization:
         problems.append(
             f"quantization: a 4/8-bit base is only supported with lora/qlora, not `{method.name}`; "
             "remove the `quantization:` block (or use method: qlora)"
         )
-    quantization = effective_quantization(recipe)
-    if getattr(recipe.adapter, "use_dora", False) and quantization is not None and quantization.bits == 8:
-        from peftkit.models.load import planned_device
+    from peftkit.models.load import planned_device
 
-        if planned_device(recipe.train.device) == "cpu":
-            problems.append(DORA_INT8_ON_CPU)
+    if dora_over_int8_on_cpu(getattr(recipe.adapter, "use_dora", False), quantization, planned_device(recipe.train.device)):
+        problems.append(DORA_INT8_ON_CPU)
     init = getattr(recipe.adapter, "init", None)
     if init is not None:
-        problems.extend(lora.init_problems(init, effective_quantization(recipe) is not None))
+        problems.extend(lora.init_problems(init, quantization is not None))
     if getattr(recipe.adapter, "prefix_projection", False) and recipe.train.early_stopping_patience and recipe.deepspeed:
         problems.append(PREFIX_PROJECTION_CHECKPOINTS + ", so early stopping cannot load its best checkpoint: remove "
                         "train.early_stopping_patience, or adapter.prefix_projection")
@@ -89,6 +88,11 @@ DORA_INT8_ON_CPU = (
 """peft 0.21's `dequantize_module_weight` moves a CPU Int8Params back with `.to(cpu)`, which rebuilds it
 without the SCB that `Linear8bitLt.init_8bit_state` had moved into the layer's state: the next forward starts
 from SCB None. On a GPU that branch is not taken."""
+
+
+def dora_over_int8_on_cpu(use_dora: bool, quantization: Any, device: str) -> bool:
+    """The combination DORA_INT8_ON_CPU refuses: for a recipe to train (validation) and a trained run to load."""
+    return bool(use_dora) and quantization is not None and quantization.bits == 8 and device == "cpu"
 
 
 PREFIX_PROJECTION_CHECKPOINTS = (

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from peftkit.data.formats import (Example, Message, chat_record_messages, data_s
                                   tool_calls_of, with_folded_keys, with_record_system)
 from peftkit.data.replay import BUILTIN_PREFIX, ReplayAnswerer, load_replay, sample_replay
 from peftkit.errors import DataError
+from peftkit.utils.progress import with_progress
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,11 @@ PROGRESS_FROM = 2000
 """Examples from which tokenizing shows a progress bar (about a millisecond each: 100,000 rows take minutes)."""
 
 
-def _tokenizing_progress(examples: list[Example], what: str | None) -> Any:
-    if what is None or len(examples) < PROGRESS_FROM or int(os.environ.get("RANK", "0") or 0) > 0:
-        return examples  # under a launcher every rank tokenizes: rank 0 shows it
-    from tqdm.auto import tqdm
+def _tokenizing_progress(examples: list[Example], what: str | None) -> Iterable[Example]:
+    from peftkit.train.launch import is_main_process
 
-    return tqdm(examples, desc=f"tokenizing {what}s", unit=what.rsplit(" ", 1)[-1], leave=False)
+    shown = what is not None and len(examples) >= PROGRESS_FROM and is_main_process()  # every rank tokenizes
+    return with_progress(examples, f"tokenizing {what}s" if shown else None, (what or "").rsplit(" ", 1)[-1])
 
 
 def tokenize_examples(

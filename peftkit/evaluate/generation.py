@@ -15,6 +15,7 @@ from peftkit.data.formats import Message
 from peftkit.errors import PeftkitError
 from peftkit.models.skeleton import active_peft_config, learned_position_limit
 from peftkit.utils.modes import eval_mode
+from peftkit.utils.progress import with_progress
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,9 @@ def generate_replies(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     replies: dict[int, Reply] = {}
-    starts: Any = range(0, len(order), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
     try:
         with eval_mode(model):
-            for start in starts:
+            for start in with_progress(range(0, len(order), batch_size), progress or None, "batch"):
                 ids = order[start : start + batch_size]
                 batch = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True, add_special_tokens=False)
                 batch = {k: v.to(device) for k, v in batch.items()}

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from peftkit.data.build import PaddingCollator, Row
 from peftkit.data.chat import IGNORE_INDEX
 from peftkit.utils.modes import eval_mode
+from peftkit.utils.progress import with_progress
 
 
 @torch.inference_mode()
@@ -22,14 +23,9 @@ def mean_loss(model: Any, rows: list[Row], pad_token_id: int, batch_size: int = 
     collate = PaddingCollator(pad_token_id)
     device = next(model.parameters()).device
     by_length = sorted(rows, key=lambda row: -len(row["input_ids"]))
-    starts: Any = range(0, len(by_length), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
     total, count = 0.0, 0
     with eval_mode(model):
-        for start in starts:
+        for start in with_progress(range(0, len(by_length), batch_size), progress or None, "batch"):
             batch = {k: v.to(device) for k, v in collate(by_length[start : start + batch_size]).items()}
             labels = batch.pop("labels")
             logits = model(**batch).logits

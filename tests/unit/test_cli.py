@@ -389,8 +389,8 @@ def test_progress_bars_in_a_log_file_update_every_30s_unless_the_user_chose(tiny
 
     monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
     monkeypatch.setattr(sys, "stderr", Terminal())
-    cli._progress_bars_for_logs()
-    assert "TQDM_MININTERVAL" not in os.environ  # a terminal redraws in place: tqdm's own 0.1 s
+    with cli._progress_bars_for_logs():
+        assert "TQDM_MININTERVAL" not in os.environ  # a terminal redraws in place: tqdm's own 0.1 s
 
 
 def test_a_written_eval_limit_that_nothing_draws_is_said_to_be_ignored(tiny_recipe, tmp_path):
