@@ -55,7 +55,7 @@ def measure(recipe_path: str, variant: str, lengths: list[int]) -> dict:
     from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
     from peftkit.train.bucketing import length_buckets
     from peftkit.train.deepspeed import precision_flags
-    from peftkit.train.run import configure_threads
+    from peftkit.utils.threads import configure_threads
     from peftkit.train.trainer import SFTTrainer
     from peftkit.utils.memory import peak_rss_mb
 

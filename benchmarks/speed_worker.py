@@ -44,7 +44,8 @@ def main() -> None:
     from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
     from peftkit.train.bucketing import length_buckets
     from peftkit.train.deepspeed import precision_flags
-    from peftkit.train.run import configure_threads, peak_memory_mb
+    from peftkit.train.run import peak_memory_mb
+    from peftkit.utils.threads import configure_threads
     from peftkit.train.shared_prefix import MIN_SHARED_PREFIX, shared_prefix_length
     from peftkit.train.trainer import SFTTrainer, supervised_mask
     from peftkit.utils.memory import peak_rss_mb

@@ -35,10 +35,6 @@ def _console() -> Any:
     return Console(highlight=False, soft_wrap=True)  # piped output: no hard line breaks inside shown data
 
 
-def _not_the_cpu_accelerator_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Setting accelerator to CPU.")
-
-
 class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
     """Plain `LEVEL message` lines on sys.stderr as it is at each record (redirected or captured later too)."""
 
@@ -86,11 +82,9 @@ def _setup_logging(verbose: bool) -> None:
     # progress lines would repeat it once per process).
     other_rank = int(os.environ.get("RANK", "0") or 0) > 0
     logging.getLogger("peftkit").setLevel(logging.DEBUG if verbose else logging.WARNING if other_rank else logging.INFO)
-    # bitsandbytes warns on import that optional hub-fetched CPU kernels are absent; nothing to act on.
+    # bitsandbytes warns on import that optional hub-fetched CPU kernels are absent; nothing to act on. (That notice
+    # and DeepSpeed's "Setting accelerator to CPU" are dropped for Python users too: `import peftkit`.)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # DeepSpeed, imported by transformers on every run, warns "Setting accelerator to CPU ... unable to detect"
-    # on a machine without a GPU: a CPU run is meant to be one, and DeepSpeed's other messages stay.
-    logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_accelerator_notice)
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -116,9 +110,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         tokenizer = load_tokenizer(recipe.model)
     data_line = _tokenized_data_line(recipe, tokenizer) if check_data else None
-    _console().print(f"[green]OK[/green] {args.recipe}: recipe is valid ({recipe.adapter.method} on {recipe.model.name})")
+    from rich.markup import escape
+
+    _console().print(f"[green]OK[/green] {escape(str(args.recipe))}: recipe is valid ({recipe.adapter.method} on "
+                     f"{escape(recipe.model.name)})")
     if data_line:
-        _console().print(data_line)
+        _console().print(data_line, markup=False)
     if args.show_data and recipe.task == "causal_lm":
         _show_data(recipe, tokenizer, args.show_data)
     elif args.show_data:
@@ -202,11 +199,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from peftkit.runs import load_run, read_run_recipe, require_chat_run
+    from peftkit.runs import load_run, read_run_recipe, require_chat_run, use_run_threads_for
     from peftkit.serve.chat import chat
 
     recipe = read_run_recipe(args.run_dir)
     require_chat_run(recipe, args.run_dir, "chat")
+    use_run_threads_for(args.run_dir, "chatting")
     system_prompt = recipe.data.system_prompt if args.system is None else (args.system or None)
     tools = _read_tools(args.tools) if args.tools else None
     if tools:  # before the weights load: a template that leaves tools out needs only the tokenizer to tell
@@ -258,21 +256,25 @@ def cmd_models(args: argparse.Namespace) -> int:
     table.add_column("name", no_wrap=True)
     table.add_column("task", no_wrap=True)
     table.add_column("available")
-    table.add_column("description")
+    table.add_column("description", overflow="fold")
+    missing = []  # install commands go below the table, whole: a narrow terminal or a pipe cuts table cells
     for model in BUILTINS.values():
         try:
             model.locate()
             available = "yes"
         except ModelNotFoundError:
-            available = f"no: {model.install_hint}"
+            available = "no (see below)"
+            missing.append(model)
         table.add_row(model.name, model.task, available, model.description)
     console = _console()
     console.print(table)
+    for model in missing:
+        console.print(f"{model.name}: {model.install_hint}", markup=False)
     cache = peftkit_home() / "models"
     entries = sorted(p.name for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")) if cache.is_dir() else []
-    console.print(f"Cache: {cache} ({len(entries)} converted model(s))")
+    console.print(f"Cache: {cache} ({len(entries)} converted model(s))", markup=False)
     for name in entries:
-        console.print(f"  {name}")
+        console.print(f"  {name}", markup=False)
     return 0
 
 
@@ -294,6 +296,7 @@ def _add_launch_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `peftkit` argument parser with every sub-command (the export and eval areas register their own)."""
     from peftkit.runs import add_qlora_base_option
 
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning from YAML recipes.")
@@ -313,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="check a recipe (and its data and model) without training")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("recipe", help="recipe YAML file (or a run directory: its recipe.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as `train` takes them")
     _add_set_flag(p)
     p.add_argument("--no-model", action="store_true", help="skip the checks that read the model's config")
     p.add_argument("--show-data", type=positive_int, default=0, metavar="N",
@@ -323,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("chat", help="chat with a trained run (REPL, or --prompt for one answer)")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="run directory (output_dir of `peftkit train`)")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--system", help="system prompt (default: the recipe's data.system_prompt; --system '' for none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256,
@@ -353,6 +356,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `peftkit` command (`argv`: its arguments, default sys.argv); returns the exit status: 0, 2 for bad input."""
     import signal
 
     try:

@@ -26,6 +26,7 @@ class LoadedRun:
 
 
 def read_run_recipe(run_dir: str | Path) -> Recipe:
+    """The recipe a run was trained with (its recipe.yaml), or one message saying why `run_dir` is not a run."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
         raise RunDirError(f"{run_dir} is a file; pass the run directory a `peftkit train` run wrote (the recipe's "
@@ -36,6 +37,18 @@ def read_run_recipe(run_dir: str | Path) -> Recipe:
     if not path.is_file():
         raise RunDirError(f"{run_dir} is not a peftkit run directory (no recipe.yaml)")
     return recipe_from_dict(read_yaml(path), str(path), stored_run=True)
+
+
+def use_run_threads_for(run_dir: str | Path, doing: str, *, on_cpu: bool = False) -> None:
+    """A command that runs a trained model (chat, eval, merge, export) uses OMP_NUM_THREADS threads where it is set,
+    else its run's train.num_threads, else the cores free now (`utils.threads.choose_threads`).
+    The commands call this, not the library functions: a Python caller keeps its own thread count. `on_cpu`: the
+    command works on the CPU whatever device the run trained on (merge, export)."""
+    from peftkit.models import resolve_device
+    from peftkit.utils.threads import choose_run_threads
+
+    recipe = read_run_recipe(run_dir)
+    choose_run_threads(recipe.train.num_threads, doing, on_cpu=on_cpu or resolve_device(recipe.train.device) == "cpu")
 
 
 def require_chat_run(recipe: Recipe, run_dir: str | Path, command: str) -> None:
@@ -54,6 +67,7 @@ def trained_model_dir(run_dir: Path) -> Path | None:
 
 
 def adapter_dir(run_dir: Path) -> Path:
+    """The run's adapter folder (standard PEFT layout), or one message: still training, stopped early, or no run."""
     from peftkit.train.run_dir import training_in
 
     path = run_dir / "adapter"

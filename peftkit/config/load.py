@@ -117,6 +117,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    if isinstance(overrides, str):  # iterated, a string would be read one character at a time
+        raise ConfigError(f"overrides are a list of 'key=value' strings, not one string: pass [{overrides!r}]")
     for text in overrides:
         path, value = parse_override(text)
         node = data
@@ -137,7 +139,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         hint = f"; it holds {', '.join(found[:5])}" if found else ""
         raise ConfigError(f"{path} is a folder; give the recipe file itself (a .yaml file){hint}")
     if not path.is_file():
-        raise ConfigError(f"recipe file {path} does not exist (check the path, or see recipes/ for examples)")
+        raise ConfigError(f"recipe file {path} does not exist (check the path; the README's \"A recipe\" section "
+                          "and the repository's recipes/ have examples)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -420,4 +423,5 @@ def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
+    """Every key written out, defaults included: what a run directory stores as recipe.yaml."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -518,6 +518,9 @@ DeepSpeedSetting = Annotated[
 
 
 class Recipe(Section):
+    """A whole recipe, validated and frozen: `config.load_recipe` reads one from YAML (with `key=value` overrides),
+    `recipe_from_dict` from a dict; change one with overrides or `model_copy(update=...)` per section."""
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
     """`sequence_classification`: a new classification head trained on `{text, label}` data (see docs/adapters.md)."""

@@ -11,9 +11,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from peftkit.evaluate.run_eval import evaluate_run, print_eval_report
+    from peftkit.runs import use_run_threads_for
     from peftkit.train.run_dir import reading_runs
 
     run_dir = Path(args.run_dir).expanduser().resolve()  # the model card and eval.json name it as a path that works anywhere
+    use_run_threads_for(run_dir, "evaluating")
     with reading_runs(run_dir):
         report = evaluate_run(
             run_dir,
@@ -36,7 +38,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("eval", help="loss, held-out fact accuracy and forgetting of a trained run (writes eval.json)",
                        description="Writes RUN_DIR/eval.json (RUN_DIR/eval_original_base.json with --qlora-base original).")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="run directory (output_dir of `peftkit train`)")
     p.add_argument("--data", help="chat/alpaca/text file for the loss (default: the run's eval split)")
     p.add_argument("--heldout", help='held-out questions {"question", "key_fact"} (default: data.heldout of the recipe)')
     p.add_argument("--general", help="general-knowledge set for forgetting (default: the built-in one)")

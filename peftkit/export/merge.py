@@ -118,8 +118,6 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
     check_adapter_matches_base(info, skeleton, model_cfg.name)
     if source.path != full:
         warn_if_other_base(run_dir, source, model_cfg.name)  # same shapes, other weights (a fine-tune, an edited copy)
-    if recipe.train.num_threads:  # the run's thread budget (oversubscribed CPUs get much slower, not faster)
-        torch.set_num_threads(recipe.train.num_threads)
     return RunAdapter(run_dir, recipe, info, model_cfg, source, effective_quantization(recipe), skeleton.config)
 
 

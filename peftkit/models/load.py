@@ -14,6 +14,7 @@ import torch
 
 from peftkit.config.schema import NAMED_CHAT_TEMPLATES, ModelConfig, QuantizationConfig
 from peftkit.errors import MissingDependencyError, ModelNotFoundError, PeftkitError
+from peftkit.utils.log_filters import PrefixFilter, add_prefix_filter, silence_library_notices
 from peftkit.models.resolve import (ModelSource, hub_hint, materialize, needs_remote_code, remote_code_error, resolve_model_ref,
                                     tokenizer_files_problem)
 
@@ -69,6 +70,8 @@ def planned_device(preference: str = "auto") -> str:
 
 
 def resolve_device(preference: str = "auto") -> str:
+    """`auto`: a visible CUDA GPU, else the CPU; a device asked for by name must be present (one message, before
+    loading). Under a launcher, `cuda` is this process's own GPU (LOCAL_RANK)."""
     if preference == "cuda" and not torch.cuda.is_available():
         raise PeftkitError("train.device is `cuda` but no CUDA GPU is visible; use `auto` or `cpu`")
     if preference == "mps" and not torch.backends.mps.is_available():
@@ -145,6 +148,7 @@ def loading_errors(source: ModelSource, what: str) -> Iterator[None]:
 
 
 def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None) -> Any:
+    """The model's tokenizer with the recipe's chat template choice applied and a pad token set (training pads)."""
     from transformers import AutoTokenizer
 
     source = source or resolve_model_ref(cfg.name, revision=cfg.revision, allow_pickle=cfg.allow_pickle)
@@ -339,38 +343,14 @@ def bnb_config(
 
 
 def silence_bnb_cpu_warnings() -> None:
-    """bitsandbytes 8-bit warns about a dtype cast on every CPU matmul; say it once instead. And on
-    CPUs with AVX512-BF16 it tells users to `pip install kernels` for a 4-bit kernel that is fetched
-    from the Hugging Face Hub: not advice to follow offline, and the built-in path works without it.
+    """bitsandbytes 8-bit warns about a dtype cast on every CPU matmul; say it once instead (its hub-kernel advice is
+    dropped from import on: `utils.log_filters`).
 
-    The messages go through `logging` loggers (not `warnings`), so logging filters let the first
-    cast warning through and drop the repeats and the kernels advice. Call before bitsandbytes loads."""
+    The messages go through `logging` loggers (not `warnings`), so a logging filter lets the first cast warning
+    through and drops the repeats. Call before bitsandbytes loads."""
     warnings.filterwarnings("ignore", message=r".*MatMul8bitLt: inputs will be cast from.*")
-    _add_filter("bitsandbytes.autograd._functions", _PrefixFilter("MatMul8bitLt: inputs will be cast", keep_first=True))
-    _add_filter("bitsandbytes.backends.cpu.ops", _PrefixFilter("Failed to load CPU gemm_4bit_forward from kernels-community"))
-
-
-def _add_filter(logger_name: str, new: "_PrefixFilter") -> None:
-    logger = logging.getLogger(logger_name)
-    if not any(isinstance(f, _PrefixFilter) and f.prefix == new.prefix for f in logger.filters):
-        logger.addFilter(new)
-
-
-class _PrefixFilter(logging.Filter):
-    """Drop records whose message starts with `prefix` (all of them, or all but the first)."""
-
-    def __init__(self, prefix: str, keep_first: bool = False) -> None:
-        super().__init__()
-        self.prefix = prefix
-        self.keep_first = keep_first
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.prefix):
-            return True
-        if self.keep_first:
-            self.keep_first = False
-            return True
-        return False
+    add_prefix_filter("bitsandbytes.autograd._functions", PrefixFilter("MatMul8bitLt: inputs will be cast", keep_first=True))
+    silence_library_notices()
 
 
 def disable_bnb_cpu_repacking(model: Any) -> int:
@@ -480,6 +460,8 @@ def load_model(
     source: ModelSource | None = None,
     quant_storage: torch.dtype | None = None,
 ) -> Any:
+    """The base model of `cfg` on `device`: quantized when `quantization` is given (bitsandbytes), weights from
+    safetensors unless the recipe allows pickle, remote code only where `trust_remote_code` is set."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source = source or resolve_model_ref(cfg.name, revision=cfg.revision, allow_pickle=cfg.allow_pickle)

@@ -119,6 +119,8 @@ def offline() -> bool:
 
 
 def resolve_model_ref(ref: str, *, revision: str | None = None, allow_pickle: bool = False) -> ModelSource:
+    """Where a model name points: a built-in name, a local directory, a .gguf file (converted once into the cache)
+    or a hub id (the local hub cache when offline); a reference that resolves nowhere is one message saying why."""
     if ref in BUILTINS:
         return ModelSource(ref, "builtin", BUILTINS[ref].locate(), revision)
     path = Path(ref).expanduser()

@@ -46,8 +46,9 @@ from peftkit.train import checkpoints, signals
 from peftkit.train.callbacks import (
     MetricsJsonlCallback, ResumedSettings, early_stopping_callbacks, per_second, plot_loss_curves, read_metrics,
 )
+from peftkit.utils.threads import choose_threads, omp_threads
 from peftkit.train.run import (
-    RunResult, _session_loss_sum, check_device_options, configure_threads, peak_memory_mb, save_adapter, summary_header,
+    RunResult, _session_loss_sum, check_device_options, peak_memory_mb, save_adapter, summary_header,
     tensorboard_callback, train_or_finish, training_arguments,
 )
 from peftkit.train.model_card import unfrozen_at_end
@@ -171,11 +172,12 @@ def _train_classifier(
     recipe = validate_recipe(recipe, check_model=True)
     replace_earlier = check_run_dir(run_dir, resume=resume, force=force, recipe_dump=recipe.model_dump(mode="json"))
 
-    threads = configure_threads(recipe.train.num_threads)
     from transformers import DataCollatorWithPadding, set_seed
 
-    set_seed(recipe.train.seed)
     device = resolve_device(recipe.train.device)
+    threads = choose_threads(recipe.train.num_threads or omp_threads(), "training", "train.num_threads",
+                             on_cpu=device == "cpu")
+    set_seed(recipe.train.seed)
     dtype = resolve_dtype(recipe.train.dtype, device)
     check_device_options(recipe.train, device)
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)

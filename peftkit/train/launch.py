@@ -309,7 +309,7 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
                 "this recipe has not been trained. Train it into another output_dir, or replace that run with "
                 "--force instead of --resume"
             )
-        console.print(f"{run_dir} holds a finished run (summary.json): nothing to resume (--resume auto)")
+        console.print(f"{run_dir} holds a finished run (summary.json): nothing to resume (--resume auto)", markup=False)
         return 0
     options = LaunchOptions.from_args(args)
     if not worker and not options.multi_process and options.problems():  # `--nproc 0` must not train quietly in one

@@ -47,6 +47,7 @@ from peftkit.train.model_card import write_model_card
 from peftkit.train.trainer import SFTTrainer, pad_eval_rows
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 from peftkit.utils.memory import peak_rss_mb
+from peftkit.utils.threads import choose_threads, omp_threads
 
 log = logging.getLogger(__name__)
 
@@ -55,27 +56,6 @@ log = logging.getLogger(__name__)
 class RunResult:
     run_dir: Path
     summary: dict[str, Any]
-
-
-def configure_threads(num_threads: int | None) -> int:
-    """train.num_threads, else OMP_NUM_THREADS where it is set (torch starts with it), else every core."""
-    threads = num_threads or (torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else os.cpu_count()) or 1
-    torch.set_num_threads(threads)
-    return threads
-
-
-def warn_if_cpu_busy(threads: int) -> None:
-    """Training on every core while other jobs use them runs several times slower (threads wait on each other);
-    measured 5-15x on 2 cores. Say so at the start, with the setting that helps."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return
-    cores = os.cpu_count() or 1
-    if load >= 0.75 * cores:
-        advice = "run it alone" if threads == 1 else "set train.num_threads to the cores that are free, or run it alone"
-        log.warning("The CPU is busy (load %.1f on %d cores): training on %d thread%s next to other jobs can run "
-                    "several times slower; %s", load, cores, threads, "" if threads == 1 else "s", advice)
 
 
 def check_device_options(cfg: Any, device: str) -> None:
@@ -327,14 +307,13 @@ def _train(
         checkpoints.check_resume_setup(run_dir, world_size=dist_info().world_size,
                                        deepspeed_stage=deepspeed_setup.zero_stage(recipe))
 
-    threads = configure_threads(recipe.train.num_threads)
     from transformers import set_seed
     from transformers.trainer_callback import ProgressCallback
 
-    set_seed(recipe.train.seed)
     device = resolve_device(recipe.train.device)
-    if device == "cpu" and dist_info().world_size == 1:
-        warn_if_cpu_busy(threads)
+    threads = choose_threads(recipe.train.num_threads or omp_threads(), "training", "train.num_threads",
+                             on_cpu=device == "cpu" and dist_info().world_size == 1)  # a launch sets each rank's count
+    set_seed(recipe.train.seed)
     dtype = resolve_dtype(recipe.train.dtype, device)
     check_device_options(recipe.train, device)
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
@@ -479,7 +458,7 @@ def _train(
         tensorboard.close()
     accuracy_after, details_after = _heldout(model, tokenizer, recipe, data.heldout)
 
-    samples = _sample_answers(model, tokenizer, recipe, data)
+    samples = _sample_answers(model, tokenizer, recipe, details_after)
     trainer.supervised_tokens_seen, trainer.input_tokens_seen = sum_over_processes(
         trainer.supervised_tokens_seen, trainer.input_tokens_seen)  # all ranks' tokens, for the summary
     with deepspeed_setup.gathered_for_save(trainer, recipe.adapter.method):  # ZeRO-3: every rank gathers what is saved
@@ -582,19 +561,19 @@ def save_adapter(model: Any, tokenizer: Any, run_dir: Path, method: str | None =
     run_dirs.record_written(run_dir, saved.name, "tokenizer")  # `train --force` deletes no file of yours put there
 
 
-def _sample_answers(model: Any, tokenizer: Any, recipe: Recipe, data: Any) -> list[dict[str, str]]:
+def _sample_answers(model: Any, tokenizer: Any, recipe: Recipe, heldout_details: list[dict[str, Any]]
+                    ) -> list[dict[str, Any]]:
+    """The recipe's eval.sample_prompts answered; without them the first two held-out questions as the evaluation
+    answered them, with their key facts and whether the reply holds one (two misses alone would read as a failed run
+    beside a good accuracy)."""
     from peftkit.data.chat import with_system_prompt
 
     prompts = list(recipe.eval.sample_prompts)
-    conversations = [with_system_prompt([{"role": "user", "content": p}], recipe.data.system_prompt) for p in prompts]
-    tools = None
-    if not prompts and data.heldout:  # the first held-out questions, as evaluation asks them (with their tools)
-        prompts = [item.question for item in data.heldout[:2]]
-        conversations = [item.messages for item in data.heldout[:2]]
-        tools = [item.tools for item in data.heldout[:2]]
     if not prompts:
-        return []
-    replies = generate_replies(model, tokenizer, conversations, max_new_tokens=recipe.eval.max_new_tokens, tools=tools)
+        return [{"prompt": d["question"], "reply": d["reply"], "key_fact": d["key_fact"], "correct": d["correct"]}
+                for d in heldout_details[:2]]
+    conversations = [with_system_prompt([{"role": "user", "content": p}], recipe.data.system_prompt) for p in prompts]
+    replies = generate_replies(model, tokenizer, conversations, max_new_tokens=recipe.eval.max_new_tokens)
     return [{"prompt": p, "reply": r.text} for p, r in zip(prompts, replies)]
 
 

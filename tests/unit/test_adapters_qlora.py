@@ -56,13 +56,14 @@ def test_qlora_trains_on_cpu(quantization, layer_class, tiny_model_dir, tiny_tok
 
 
 def test_8bit_cast_warning_is_said_once(tiny_model_dir, tiny_tokenizer, caplog):
-    from peftkit.models.load import _PrefixFilter, silence_bnb_cpu_warnings
+    from peftkit.models.load import silence_bnb_cpu_warnings
+    from peftkit.utils.log_filters import PrefixFilter
 
     model = _qlora(tiny_model_dir, QuantizationConfig(bits=8))
     batch = chat_batch(tiny_tokenizer, CHAT_RECORDS)
     # The filter is process-wide, and an earlier test may have let its one warning through: start a fresh one.
     logger = logging.getLogger("bitsandbytes.autograd._functions")
-    for old in [f for f in logger.filters if isinstance(f, _PrefixFilter)]:
+    for old in [f for f in logger.filters if isinstance(f, PrefixFilter)]:
         logger.removeFilter(old)
     silence_bnb_cpu_warnings()
     with caplog.at_level(logging.WARNING, logger="bitsandbytes"):

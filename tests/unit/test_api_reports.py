@@ -276,3 +276,51 @@ def test_train_gives_the_caller_its_thread_count_and_random_state_back(tiny_reci
         assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
     finally:
         torch.set_num_threads(threads)
+
+
+def test_overrides_given_as_one_string_are_refused_with_the_list_to_pass(tiny_recipe, tmp_path):
+    from peftkit.config import load_recipe
+    from peftkit.errors import ConfigError
+    from tests.train_procs import tiny_recipe_file
+
+    path = tiny_recipe_file(tmp_path, Path(tiny_recipe["model"]["name"]))
+    with pytest.raises(ConfigError, match=r"not one string: pass \['train.lr=1e-4'\]"):
+        load_recipe(path, "train.lr=1e-4")  # iterated, it was read as the override 't'
+    assert load_recipe(path, ["train.lr=1e-4"]).train.lr == 1e-4
+
+
+def test_python_m_peftkit_is_the_command_and_import_peftkit_quiets_library_notices():
+    import subprocess
+    import sys
+
+    version = subprocess.run([sys.executable, "-m", "peftkit", "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.startswith("peftkit ")
+    # DeepSpeed announces "Setting accelerator to CPU" on stdout when imported on a machine without a GPU; bitsandbytes
+    # advises `pip install kernels` on some CPUs. Neither is for a peftkit user to act on, in a script either.
+    quiet = "import peftkit, logging, deepspeed; print(len(logging.getLogger('DeepSpeed').filters))"
+    run = subprocess.run([sys.executable, "-c", quiet], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Setting accelerator to CPU" not in run.stdout + run.stderr
+    assert "kernels-community" not in run.stdout + run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_the_readme_python_example_runs_as_written(tiny_model_dir, tmp_path, monkeypatch):
+    """The README's *From Python* block, on the tiny model instead of the real one: every name it imports exists and
+    every call works in that order (a wheel user has no other guide)."""
+    import re
+
+    from tests.train_procs import tiny_recipe_file
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"\*\*From Python\*\*.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert 'load_recipe("recipes/quickstart.yaml", ["train.epochs=1", "output_dir=runs/mine"])' in block
+    recipe = tiny_recipe_file(tmp_path, tiny_model_dir)
+    code = block.replace('"recipes/quickstart.yaml"', repr(str(recipe))).replace('"train.epochs=1"', '"train.max_steps=2"')
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["result"].run_dir == (tmp_path / "runs" / "mine").resolve()
+    assert isinstance(namespace["reply"], str)
+    assert (tmp_path / "runs" / "mine" / "eval.json").is_file() and "forgetting_points" in namespace["report"]
+    assert (tmp_path / "runs" / "mine" / "merged" / "config.json").is_file()

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from peftkit.config import load_recipe
 from peftkit.errors import RunDirError
 from peftkit.train import checkpoints, run as run_module
 from peftkit.train.callbacks import MetricsJsonlCallback, ProgressBar
-from peftkit.train.run import configure_threads, train, warn_if_cpu_busy
+from peftkit.train.run import train
 from peftkit.train.signals import INTERRUPTED_FILE, TrainingInterrupted, read_interrupted
 from tests.train_procs import adapter_tensors, tiny_recipe_file
 from tests.unit.test_classification import _recipe as classification_recipe, tiny_bert_dir  # noqa: F401 (a fixture)
@@ -236,34 +237,15 @@ def test_ctrl_c_prints_no_empty_record(tiny_model_dir, tmp_path, capfd):
     assert "{}" not in out + err
 
 
-def test_the_progress_bar_skips_an_emptied_record():
+def test_the_progress_bar_skips_an_emptied_record_and_writes_its_log_lines_to_stderr():
     written = []
     bar = ProgressBar()
-    bar.training_bar = SimpleNamespace(write=written.append)
+    bar.training_bar = SimpleNamespace(write=lambda text, file=None: written.append((text, file)))
     state = SimpleNamespace(is_world_process_zero=True)
     bar.on_log(None, state, None, logs={})
-    bar.on_log(None, state, None, logs={"loss": 1.0})
-    assert len(written) == 1 and "loss" in written[0]
-
-
-def test_threads_follow_omp_num_threads_without_a_recipe_setting(monkeypatch, caplog):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    current = torch.get_num_threads()
-    assert configure_threads(None) == current != 64
-    assert configure_threads(1) == 1
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    assert configure_threads(None) == 64
-    monkeypatch.setattr(os, "getloadavg", lambda: (200.0, 0.0, 0.0))
-    with caplog.at_level(logging.WARNING):
-        warn_if_cpu_busy(1)
-    assert "training on 1 thread next" in caplog.text and "run it alone" in caplog.text
-    assert "train.num_threads" not in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        warn_if_cpu_busy(4)
-    assert "on 4 threads" in caplog.text and "train.num_threads" in caplog.text
+    bar.on_log(None, state, None, logs={"loss": 1.0, "total_flos": 3.0})
+    assert len(written) == 1 and "loss" in written[0][0] and "total_flos" not in written[0][0]
+    assert written[0][1] is sys.stderr  # tqdm.write's default is stdout, where a command's report goes
 
 
 def test_metrics_time_goes_on_from_the_earlier_sessions(tmp_path):

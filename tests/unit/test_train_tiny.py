@@ -118,20 +118,6 @@ def test_a_diverging_run_stops_with_the_step_instead_of_saving_a_nan_adapter(tin
     assert not (run_dir / "adapter").exists() and not (run_dir / "summary.json").exists()
 
 
-def test_a_busy_cpu_is_reported_with_the_setting_that_helps(monkeypatch, caplog):
-    import os
-
-    from peftkit.train.run import warn_if_cpu_busy
-
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))
-    warn_if_cpu_busy(2)
-    assert not caplog.records
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.1, 1.0, 0.5))
-    warn_if_cpu_busy(2)
-    assert "train.num_threads" in caplog.text and "load 2.1 on 2 cores" in caplog.text
-
-
 def test_a_run_without_held_out_questions_reports_no_empty_accuracy(tiny_recipe, capsys):
     from rich.console import Console
 

