@@ -55,12 +55,12 @@ def measure(recipe_path: str, variant: str, lengths: list[int]) -> dict:
     from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
     from peftkit.train.bucketing import length_buckets
     from peftkit.train.deepspeed import precision_flags
-    from peftkit.utils.threads import configure_threads
+    from peftkit.utils.threads import choose_threads, omp_threads
     from peftkit.train.trainer import SFTTrainer
     from peftkit.utils.memory import peak_rss_mb
 
     recipe = load_recipe(recipe_path)
-    configure_threads(recipe.train.num_threads)
+    choose_threads(recipe.train.num_threads or omp_threads(), on_cpu=False)
     set_seed(recipe.train.seed)
     device = resolve_device(recipe.train.device)
     dtype = resolve_dtype(recipe.train.dtype, device)

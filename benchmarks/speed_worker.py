@@ -45,13 +45,13 @@ def main() -> None:
     from peftkit.train.bucketing import length_buckets
     from peftkit.train.deepspeed import precision_flags
     from peftkit.train.run import peak_memory_mb
-    from peftkit.utils.threads import configure_threads
+    from peftkit.utils.threads import choose_threads, omp_threads
     from peftkit.train.shared_prefix import MIN_SHARED_PREFIX, shared_prefix_length
     from peftkit.train.trainer import SFTTrainer, supervised_mask
     from peftkit.utils.memory import peak_rss_mb
 
     recipe = load_recipe(args.recipe)
-    configure_threads(recipe.train.num_threads)  # as `peftkit train` does: train.num_threads, OMP_NUM_THREADS, all cores
+    choose_threads(recipe.train.num_threads or omp_threads(), on_cpu=False)  # as `peftkit train` does: train.num_threads, OMP_NUM_THREADS, all cores
     set_seed(recipe.train.seed)
     # Device and precision as `peftkit train` chooses them (fp32 on CPU; bf16 autocast on a bf16 GPU), for every variant.
     device = resolve_device(recipe.train.device)

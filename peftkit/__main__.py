@@ -1,7 +1,9 @@
 """`python -m peftkit ...`: the `peftkit` command, for environments whose scripts folder is not on PATH."""
 
 import sys
+from pathlib import Path
 
-from peftkit.cli import main
+from peftkit import cli
 
-sys.exit(main())
+cli.COMMAND[:] = [Path(sys.executable).name, "-m", "peftkit"]  # the resume and next-step lines name it so
+sys.exit(cli.main())

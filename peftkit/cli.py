@@ -16,6 +16,8 @@ from peftkit.errors import PeftkitError, Terminated, is_disk_full
 
 
 PLUGIN_COMMANDS = ("peftkit.export.commands", "peftkit.evaluate.commands")
+COMMAND = ["peftkit"]
+"""How the user started peftkit, for the command lines it prints to copy (`python -m peftkit` sets its own)."""
 
 
 def positive_int(text: str) -> int:
@@ -110,10 +112,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         tokenizer = load_tokenizer(recipe.model)
     data_line = _tokenized_data_line(recipe, tokenizer) if check_data else None
-    from rich.markup import escape
+    from rich.text import Text
 
-    _console().print(f"[green]OK[/green] {escape(str(args.recipe))}: recipe is valid ({recipe.adapter.method} on "
-                     f"{escape(recipe.model.name)})")
+    _console().print(Text.assemble(("OK", "green"), f" {args.recipe}: recipe is valid ({recipe.adapter.method} on "
+                                   f"{recipe.model.name})"))
     if data_line:
         _console().print(data_line, markup=False)
     if args.show_data and recipe.task == "causal_lm":
@@ -199,12 +201,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from peftkit.runs import load_run, read_run_recipe, require_chat_run, use_run_threads_for
+    from peftkit.runs import load_run, read_run_recipe, require_chat_run, use_run_threads
     from peftkit.serve.chat import chat
 
     recipe = read_run_recipe(args.run_dir)
     require_chat_run(recipe, args.run_dir, "chat")
-    use_run_threads_for(args.run_dir, "chatting")
+    use_run_threads(recipe, "chatting")
     system_prompt = recipe.data.system_prompt if args.system is None else (args.system or None)
     tools = _read_tools(args.tools) if args.tools else None
     if tools:  # before the weights load: a template that leaves tools out needs only the tokenizer to tell

@@ -39,15 +39,14 @@ def read_run_recipe(run_dir: str | Path) -> Recipe:
     return recipe_from_dict(read_yaml(path), str(path), stored_run=True)
 
 
-def use_run_threads_for(run_dir: str | Path, doing: str, *, on_cpu: bool = False) -> None:
+def use_run_threads(recipe: Recipe, doing: str, *, on_cpu: bool = False) -> None:
     """A command that runs a trained model (chat, eval, merge, export) uses OMP_NUM_THREADS threads where it is set,
-    else its run's train.num_threads, else the cores free now (`utils.threads.choose_threads`).
-    The commands call this, not the library functions: a Python caller keeps its own thread count. `on_cpu`: the
-    command works on the CPU whatever device the run trained on (merge, export)."""
+    else its run's train.num_threads, else the cores free now (`utils.threads.choose_threads`). The commands call
+    this, not the library functions: a Python caller keeps its own thread count. `on_cpu`: the command works on the
+    CPU whatever device the run trained on (merge, export)."""
     from peftkit.models import resolve_device
     from peftkit.utils.threads import choose_run_threads
 
-    recipe = read_run_recipe(run_dir)
     choose_run_threads(recipe.train.num_threads, doing, on_cpu=on_cpu or resolve_device(recipe.train.device) == "cpu")
 
 

@@ -435,7 +435,9 @@ class TrainConfig(Section):
     dtype: DType = "auto"
     """Weights/compute dtype. `auto`: float32 on CPU, bfloat16 on capable GPUs."""
     num_threads: PositiveInt | None = None
-    """CPU threads (default: OMP_NUM_THREADS when it is set, else all cores)."""
+    """CPU threads for training, and for chat / eval / merge / export of the run where OMP_NUM_THREADS is not set.
+    Default: OMP_NUM_THREADS when it is set, else the CPUs this process may use less those other work keeps busy
+    when it starts (`peftkit/utils/threads.py`)."""
     group_by_length: bool = False
     """Batch sequences of similar length together across the dataset (less padding, but other batches:
     measured +0.06 eval loss after 5 epochs on the quickstart recipe); `bucket_within_batch` keeps

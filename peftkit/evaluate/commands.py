@@ -11,11 +11,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from peftkit.evaluate.run_eval import evaluate_run, print_eval_report
-    from peftkit.runs import use_run_threads_for
+    from peftkit.runs import read_run_recipe, use_run_threads
     from peftkit.train.run_dir import reading_runs
 
     run_dir = Path(args.run_dir).expanduser().resolve()  # the model card and eval.json name it as a path that works anywhere
-    use_run_threads_for(run_dir, "evaluating")
+    use_run_threads(read_run_recipe(run_dir), "evaluating")
     with reading_runs(run_dir):
         report = evaluate_run(
             run_dir,

@@ -283,13 +283,13 @@ def _points_lost(before: dict[str, Any], after: dict[str, Any], key: str) -> flo
 
 
 def print_eval_report(console: Any, report: dict[str, Any]) -> None:
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     title = f"eval: {report['run_dir']}"
     if report.get("base_weights", "as trained") != "as trained":
         title += f" (adapter on the {report['base_weights']} base weights)"
-    table = Table(title=escape(title))
+    table = Table(title=Text(title))
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("tuned", justify="right")

@@ -11,19 +11,19 @@ from peftkit.export.gguf_types import GGUF_TYPES
 
 def _print_result(result: Any) -> None:
     from rich.console import Console
-    from rich.markup import escape  # paths and notes are data: `peftkit[llama-cpp]` is not a style tag
+    from rich.text import Text  # paths and notes are data: `peftkit[llama-cpp]` is not a style tag
 
     console = Console(highlight=False, soft_wrap=True)
-    console.print(f"[green]Wrote[/green] {result.kind} export to {escape(str(result.path))}")
+    console.print(Text.assemble(("Wrote", "green"), f" {result.kind} export to {result.path}"))
     for name in result.files:
         console.print(f"  {name}", markup=False)
     if result.qlora:
         q = result.qlora
-        console.print(
-            f"QLoRA merge into [bold]{escape(str(q['base']))}[/bold] weights. Max |logit diff| vs {escape(str(q['reference']))} "
+        console.print(Text.assemble(
+            "QLoRA merge into ", (str(q["base"]), "bold"), f" weights. Max |logit diff| vs {q['reference']} "
             f"on {q['prompts']} prompts: dequantized {q['quantization']['bits']}-bit base {q['dequantized_max_abs_diff']:.3g}, "
             f"original weights {q['original_max_abs_diff']:.3g} (choose with --qlora-base)"
-        )
+        ))
     for note in result.notes:
         console.print(note, markup=False)
     if result.verification is None:
@@ -31,12 +31,12 @@ def _print_result(result: Any) -> None:
     else:
         from peftkit.export.verify import summary_line
 
-        console.print(f"[green]Verified[/green] in a fresh process: {escape(summary_line(result.verification))}")
+        console.print(Text.assemble(("Verified", "green"), f" in a fresh process: {summary_line(result.verification)}"))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from peftkit.export.common import parse_shard_size
-    from peftkit.runs import use_run_threads_for
+    from peftkit.runs import read_run_recipe, use_run_threads
     from peftkit.export.hf import export_combined, export_hf
     from peftkit.train.run_dir import reading_runs
 
@@ -46,7 +46,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             raise ExportError("give either RUN_DIR or --adapters RUN_A RUN_B ..., not both")
         if not args.out:
             raise ExportError("--adapters needs --out DIR (where the combined model goes)")
-        use_run_threads_for(args.adapters[0], "merging", on_cpu=True)
+        use_run_threads(read_run_recipe(args.adapters[0]), "merging", on_cpu=True)
         with reading_runs(*args.adapters):
             result = export_combined(args.adapters, args.out, weights=args.weights, combination=args.combination,
                                      dtype=args.dtype, shard_size=shard, force=args.force, check=not args.no_verify,
@@ -56,7 +56,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             raise ExportError("give the run directory to merge (peftkit merge RUN_DIR), or --adapters RUN_A RUN_B")
         if args.weights:
             raise ExportError("--weights only applies with --adapters")
-        use_run_threads_for(args.run_dir, "merging", on_cpu=True)
+        use_run_threads(read_run_recipe(args.run_dir), "merging", on_cpu=True)
         with reading_runs(args.run_dir):
             result = export_hf(args.run_dir, args.out, dtype=args.dtype, shard_size=shard, force=args.force,
                                check=not args.no_verify, qlora_base=args.qlora_base, base=args.base)
@@ -65,10 +65,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from peftkit.runs import use_run_threads_for
+    from peftkit.runs import read_run_recipe, use_run_threads
     from peftkit.train.run_dir import reading_runs
 
-    use_run_threads_for(args.run_dir, "exporting", on_cpu=True)
+    use_run_threads(read_run_recipe(args.run_dir), "exporting", on_cpu=True)
     with reading_runs(args.run_dir):
         result = _export(args)
     _print_result(result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -76,15 +77,20 @@ class ResumedSettings(TrainerCallback):
 
 
 class ProgressBar(ProgressCallback):
-    """The Trainer's progress bar, with its log lines on stderr beside the bar (the Trainer's go to stdout, which holds
+    """The Trainer's progress bar, with its log lines on stderr beside the bar (tqdm writes them to stdout, which holds
     what a command reports: `peftkit train ... > summary.txt`), and silent for a record emptied by an earlier callback
     (RunTotals drops an interrupted session's end record; the bar would print `{}`)."""
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if logs and state.is_world_process_zero and self.training_bar is not None:
-            shown = {key: f"{value:.4g}" if isinstance(value, float) else value
-                     for key, value in logs.items() if key != "total_flos"}
-            self.training_bar.write(str(shown), file=sys.stderr)
+        if logs:
+            with contextlib.redirect_stdout(sys.stderr):  # tqdm.write looks sys.stdout up when it writes
+                super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+def use_progress_bar(trainer: Any) -> None:
+    """Put `ProgressBar` in the place of the Trainer's own."""
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressBar())
 
 
 class OverfittingWatch(TrainerCallback):

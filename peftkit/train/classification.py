@@ -45,6 +45,7 @@ from peftkit.models.resolve import ModelSource, materialize
 from peftkit.train import checkpoints, signals
 from peftkit.train.callbacks import (
     MetricsJsonlCallback, ResumedSettings, early_stopping_callbacks, per_second, plot_loss_curves, read_metrics,
+    use_progress_bar,
 )
 from peftkit.utils.threads import choose_threads, omp_threads
 from peftkit.train.run import (
@@ -246,6 +247,7 @@ def _train_classifier(
         callbacks=callbacks,
         optimizers=(extras.optimizer, None),
     )
+    use_progress_bar(trainer)
     before: dict[str, dict[str, float | None]] = {"eval": {}, "heldout": {}}
     if recipe.eval.before and not resume:
         with base_model_view(model):

@@ -265,7 +265,9 @@ def resume_command(argv: list[str] | None = None) -> str:
     argv = [a for a in argv if a != "--force"]
     if "--resume" not in argv and not any(a.startswith("--resume=") for a in argv):
         argv.append("--resume")
-    return shlex.join(["peftkit", *argv])
+    from peftkit.cli import COMMAND
+
+    return shlex.join([*COMMAND, *argv])
 
 
 def restart_command(run_dir: Path, argv: list[str] | None = None) -> str:
@@ -276,7 +278,9 @@ def restart_command(run_dir: Path, argv: list[str] | None = None) -> str:
             if arg != "--resume" and not arg.startswith("--resume=")
             and not (i > 0 and given[i - 1] == "--resume" and not arg.startswith("-") and "=" not in arg)]
     force = ["--force"] if run_dir.is_dir() and "--force" not in kept else []
-    return shlex.join(["peftkit", *kept, *force])
+    from peftkit.cli import COMMAND
+
+    return shlex.join([*COMMAND, *kept, *force])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,6 +515,20 @@ def deepspeed_env_file(env: dict[str, str]) -> Path:
     return Path(path)
 
 
+def cpu_threads_per_process(nproc: int) -> int:
+    """The CPUs free now (usable, less those other work keeps busy) shared among `nproc` CPU processes, one at least;
+    said when other work takes some (each rank sees the others' threads, so the ranks cannot look themselves)."""
+    from peftkit.utils.threads import busy_cpu, usable_cpus
+
+    busy = busy_cpu()
+    free = max(1, usable_cpus() - (busy.busy if busy else 0))
+    threads = max(1, free // nproc)
+    if busy is not None:
+        log.warning("The CPU is busy (%s): each of the %d processes trains on %d thread%s, the cores free now; set "
+                    "train.num_threads to choose", busy.describe(), nproc, threads, "s" * (threads != 1))
+    return threads
+
+
 def worker_environment(recipe: Recipe, device: str, options: LaunchOptions, threads: int | None) -> dict[str, str]:
     from peftkit.train.deepspeed import extensions_dir
 
@@ -583,7 +601,7 @@ def _launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: 
     extra: list[str] = []
     threads = recipe.train.num_threads
     if device == "cpu" and threads is None:
-        threads = max(1, (os.cpu_count() or 1) // options.nproc)
+        threads = cpu_threads_per_process(options.nproc)
         extra.append(f"train.num_threads={threads}")  # N processes x all cores would oversubscribe the CPU
     env = worker_environment(recipe, device, options, threads)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])

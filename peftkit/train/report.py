@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape  # names, paths and the model's replies are data, not style tags
+from rich.text import Text  # names, paths and the model's replies are data: never parsed as markup
 
 
 def _num(value: Any, pattern: str = "{:.4f}") -> str:
@@ -26,19 +26,20 @@ def _eval_part(summary: dict[str, Any]) -> str:
     return f" (evaluation {seconds:.0f} s of it, not in tok/s)" if seconds >= 0.5 else ""
 
 
-def _sample_verdict(sample: dict[str, Any]) -> str:
-    """A held-out sample's score: `(right: holds "9:30")` / `(missed: "9:30")`; nothing for a recipe's own prompt."""
+def _sample_verdict(sample: dict[str, Any]) -> tuple[str | tuple[str, str], ...]:
+    """A held-out sample's score: `(right: holds "9:30")` / `(missed: the key fact is "9:30")`; nothing for a recipe's
+    own prompt."""
     if "correct" not in sample:
-        return ""
+        return ()
     facts = " / ".join(f'"{fact}"' for fact in sample.get("key_fact") or [])
-    return (f"\n   [green](right: holds {escape(facts)})[/green]" if sample["correct"]
-            else f"\n   [yellow](missed: the key fact is {escape(facts)})[/yellow]")
+    return ("\n   ", (f"(right: holds {facts})", "green") if sample["correct"]
+            else (f"(missed: the key fact is {facts})", "yellow"))
 
 
 def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> None:
     from rich.table import Table
 
-    table = Table(title=escape(f"{summary['recipe']} ({summary['method']} on {summary['base_model']})"))
+    table = Table(title=Text(f"{summary['recipe']} ({summary['method']} on {summary['base_model']})"))
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -72,9 +73,11 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
                       "train.early_stopping_patience (the defaults accept a little of it for more facts learnt: "
                       "recipes/README.md)")
     for sample in summary.get("samples", []):
-        console.print(f"\n[bold]Q:[/bold] {escape(sample['prompt'])}\n[bold]A:[/bold] {escape(sample['reply'])}"
-                      + _sample_verdict(sample))
-    quoted = shlex.quote(str(run_dir))
+        console.print(Text.assemble("\n", ("Q:", "bold"), f" {sample['prompt']}\n", ("A:", "bold"), f" {sample['reply']}",
+                                    *_sample_verdict(sample)))
+    from peftkit.cli import COMMAND
+
+    quoted, command = shlex.quote(str(run_dir)), shlex.join(COMMAND)
     next_step = ("scores in summary.json" if summary.get("task") == "sequence_classification"
-                 else f"chat: peftkit chat {quoted}; what it forgot of general knowledge: peftkit eval {quoted}")
+                 else f"chat: {command} chat {quoted}; what it forgot of general knowledge: {command} eval {quoted}")
     console.print(f"\nRun directory: {run_dir}  ({next_step})", markup=False)

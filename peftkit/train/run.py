@@ -35,7 +35,7 @@ from peftkit.train.callbacks import (
     DivergenceGuard,
     MetricsJsonlCallback,
     OverfittingWatch,
-    ProgressBar,
+    use_progress_bar,
     ResumedSettings,
     RunTotals,
     early_stopping_callbacks,
@@ -308,7 +308,6 @@ def _train(
                                        deepspeed_stage=deepspeed_setup.zero_stage(recipe))
 
     from transformers import set_seed
-    from transformers.trainer_callback import ProgressCallback
 
     device = resolve_device(recipe.train.device)
     threads = choose_threads(recipe.train.num_threads or omp_threads(), "training", "train.num_threads",
@@ -400,8 +399,7 @@ def _train(
         bucket_within_batch=recipe.train.bucket_within_batch,
         packing=recipe.train.packing,
     )
-    if trainer.pop_callback(ProgressCallback) is not None:  # the same bar, without a `{}` line for a dropped record
-        trainer.add_callback(ProgressBar())
+    use_progress_bar(trainer)
     eval_loss_before = None
     if has_eval and not resume:
         with base_model_view(model):

