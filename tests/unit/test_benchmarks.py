@@ -470,3 +470,14 @@ def test_bucket_memory_reports_the_median_peak_and_its_range():
     row = summarise(runs)
     assert (row["peak_rss_mb"], row["peak_rss_mb_range"], row["repeats"], row["loaded_rss_mb"]) == (
         10100.0, "9000.0-10500.0", 3, 610.0)
+
+
+def test_shared_cpu_runs_two_overlapping_trainings_and_reads_their_summaries(tmp_path, tiny_model_dir):
+    from benchmarks.shared_cpu import run_pair
+    from peftkit.utils.threads import usable_cpus
+    from tests.train_procs import tiny_recipe_file
+
+    recipe = tiny_recipe_file(tmp_path, tiny_model_dir, train={"num_threads": None})
+    rows = run_pair(str(recipe), steps=2, offset=0.0, variant="all-cores", folder=tmp_path)
+    assert [row["run"] for row in rows] == ["A", "B"]
+    assert all(row["threads"] == usable_cpus() and row["train_seconds"] > 0 for row in rows)
