@@ -60,7 +60,7 @@ def measure(recipe_path: str, variant: str, lengths: list[int]) -> dict:
     from peftkit.utils.memory import peak_rss_mb
 
     recipe = load_recipe(recipe_path)
-    choose_threads(recipe.train.num_threads or omp_threads(), on_cpu=False)
+    choose_threads(recipe.train.num_threads or omp_threads(), "benchmarking", "train.num_threads", on_cpu=False)
     set_seed(recipe.train.seed)
     device = resolve_device(recipe.train.device)
     dtype = resolve_dtype(recipe.train.dtype, device)

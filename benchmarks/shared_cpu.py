@@ -35,13 +35,21 @@ def run_pair(recipe: str, steps: int, offset: float, variant: str, folder: Path)
 
     extra = [f"train.num_threads={usable_cpus()}"] if variant == "all-cores" else []
     started = time.perf_counter()
-    first = _start(recipe, steps, folder / f"{variant}-A", extra)
-    time.sleep(offset)
-    second = _start(recipe, steps, folder / f"{variant}-B", extra)
+    processes = {"A": _start(recipe, steps, folder / f"{variant}-A", extra)}
+    try:
+        time.sleep(offset)
+        processes["B"] = _start(recipe, steps, folder / f"{variant}-B", extra)
+        failed = next((name for name, process in processes.items() if process.wait() != 0), None)
+    finally:  # a failure or Ctrl-C here leaves no training behind
+        for process in processes.values():
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
+    if failed:  # the folder is a temporary one: say what the log said
+        log = (folder / f"{variant}-{failed}.log").read_text(errors="replace").strip().splitlines()
+        raise SystemExit(f"run {variant}-{failed} failed:\n" + "\n".join(log[-15:]))
     rows = []
-    for name, process in (("A", first), ("B", second)):
-        if process.wait() != 0:
-            raise SystemExit(f"run {variant}-{name} failed: see {folder / f'{variant}-{name}.log'}")
+    for name in processes:
         summary = json.loads((folder / f"{variant}-{name}" / "summary.json").read_text())
         rows.append({"variant": variant, "run": name, "threads": summary["threads"],
                      "train_seconds": summary["train_seconds"], "tokens_per_second": summary["tokens_per_second"],

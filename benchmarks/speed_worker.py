@@ -51,7 +51,8 @@ def main() -> None:
     from peftkit.utils.memory import peak_rss_mb
 
     recipe = load_recipe(args.recipe)
-    choose_threads(recipe.train.num_threads or omp_threads(), on_cpu=False)  # as `peftkit train` does: train.num_threads, OMP_NUM_THREADS, all cores
+    # As `peftkit train` counts them (train.num_threads, OMP_NUM_THREADS, all usable cores), without a look at the load.
+    choose_threads(recipe.train.num_threads or omp_threads(), "benchmarking", "train.num_threads", on_cpu=False)
     set_seed(recipe.train.seed)
     # Device and precision as `peftkit train` chooses them (fp32 on CPU; bf16 autocast on a bf16 GPU), for every variant.
     device = resolve_device(recipe.train.device)

@@ -1,9 +1,9 @@
 """`python -m peftkit ...`: the `peftkit` command, for environments whose scripts folder is not on PATH."""
 
 import sys
-from pathlib import Path
 
-from peftkit import cli
+from peftkit.cli import main
+from peftkit.utils.command_name import started_as_module
 
-cli.COMMAND[:] = [Path(sys.executable).name, "-m", "peftkit"]  # the resume and next-step lines name it so
-sys.exit(cli.main())
+started_as_module()  # the command lines peftkit prints to copy name it so
+sys.exit(main())

@@ -16,8 +16,6 @@ from peftkit.errors import PeftkitError, Terminated, is_disk_full
 
 
 PLUGIN_COMMANDS = ("peftkit.export.commands", "peftkit.evaluate.commands")
-COMMAND = ["peftkit"]
-"""How the user started peftkit, for the command lines it prints to copy (`python -m peftkit` sets its own)."""
 
 
 def positive_int(text: str) -> int:
@@ -431,8 +429,10 @@ def _run_command(argv: list[str] | None) -> int:
         args, extra = parser.parse_known_args(_set_flags_last(typed))
     except SystemExit:
         if recipe := _recipe_after_resume(typed):
+            from peftkit.utils.command_name import command
+
             print(f"hint: --resume takes an optional RUN_DIR, so it took {recipe}; put the recipe first: "
-                  f"peftkit train {recipe} --resume", file=sys.stderr)
+                  f"{command('train', recipe, '--resume')}", file=sys.stderr)
         raise
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]  # `k=v` after a flag: argparse stops collecting positionals there

@@ -79,8 +79,11 @@ def adapter_dir(run_dir: Path) -> Path:
                               "adapter_config.json); restore it, or train again with `--force`")
         from peftkit.train.checkpoints import latest_complete
 
-        next_step = (f"resume it with `peftkit train {run_dir} --resume`" if latest_complete(run_dir) is not None
-                     else f"it saved no checkpoint to resume from, so train it again with `peftkit train {run_dir} --force`")
+        from peftkit.utils.command_name import command
+
+        next_step = (f"resume it with `{command('train', str(run_dir), '--resume')}`"
+                     if latest_complete(run_dir) is not None else "it saved no checkpoint to resume from, so train it "
+                     f"again with `{command('train', str(run_dir), '--force')}`")
         raise RunDirError(f"{run_dir} has no trained adapter (adapter/adapter_config.json); the run did not finish: "
                           + next_step)
     return path

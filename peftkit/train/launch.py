@@ -25,6 +25,7 @@ from typing import Any
 
 from peftkit.config.schema import Recipe
 from peftkit.errors import ConfigError, PeftkitError, RunDirError
+from peftkit.utils import threads as cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -265,9 +266,9 @@ def resume_command(argv: list[str] | None = None) -> str:
     argv = [a for a in argv if a != "--force"]
     if "--resume" not in argv and not any(a.startswith("--resume=") for a in argv):
         argv.append("--resume")
-    from peftkit.cli import COMMAND
+    from peftkit.utils.command_name import command
 
-    return shlex.join([*COMMAND, *argv])
+    return command(*argv)
 
 
 def restart_command(run_dir: Path, argv: list[str] | None = None) -> str:
@@ -278,9 +279,9 @@ def restart_command(run_dir: Path, argv: list[str] | None = None) -> str:
             if arg != "--resume" and not arg.startswith("--resume=")
             and not (i > 0 and given[i - 1] == "--resume" and not arg.startswith("-") and "=" not in arg)]
     force = ["--force"] if run_dir.is_dir() and "--force" not in kept else []
-    from peftkit.cli import COMMAND
+    from peftkit.utils.command_name import command
 
-    return shlex.join([*COMMAND, *kept, *force])
+    return command(*kept, *force)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,11 +339,9 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
     return 0
 
 
-def _worker_argv(
-    args: argparse.Namespace, recipe_arg: str, resume: bool, run_dir: Path, extra: list[str], replace: bool = False
-) -> list[str]:
+def _worker_argv(args: argparse.Namespace, recipe_arg: str, resume: bool, run_dir: Path, replace: bool = False) -> list[str]:
     argv = ["-v"] if getattr(args, "verbose", False) else []
-    argv += ["train", recipe_arg, *(getattr(args, "overrides", None) or []), *extra]
+    argv += ["train", recipe_arg, *(getattr(args, "overrides", None) or [])]
     if getattr(args, "deepspeed", None):
         value = args.deepspeed
         argv += ["--deepspeed", value if value.strip() in {"0", "1", "2", "3"} else str(Path(value).expanduser().resolve())]
@@ -515,13 +514,20 @@ def deepspeed_env_file(env: dict[str, str]) -> Path:
     return Path(path)
 
 
+def worker_threads(recipe: Recipe, device: str, nproc: int) -> int | None:
+    """Each worker's thread count: the user's (train.num_threads, else OMP_NUM_THREADS); on a CPU without one, the free
+    cores shared among the `nproc` processes (N processes x all cores would oversubscribe it). It reaches the ranks as
+    OMP_NUM_THREADS, not as a recipe override: the run's recipe.yaml keeps no count the user did not set, which chat,
+    eval and export would take for one."""
+    threads = recipe.train.num_threads or cpu_threads.omp_threads()
+    return cpu_threads_per_process(nproc) if device == "cpu" and threads is None else threads
+
+
 def cpu_threads_per_process(nproc: int) -> int:
     """The CPUs free now (usable, less those other work keeps busy) shared among `nproc` CPU processes, one at least;
     said when other work takes some (each rank sees the others' threads, so the ranks cannot look themselves)."""
-    from peftkit.utils.threads import busy_cpu, usable_cpus
-
-    busy = busy_cpu()
-    free = max(1, usable_cpus() - (busy.busy if busy else 0))
+    busy = cpu_threads.busy_cpu()
+    free = max(1, cpu_threads.usable_cpus() - (busy.busy if busy else 0))
     threads = max(1, free // nproc)
     if busy is not None:
         log.warning("The CPU is busy (%s): each of the %d processes trains on %d thread%s, the cores free now; set "
@@ -598,18 +604,13 @@ def _launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: 
         checkpoints.check_resume_setup(run_dir, world_size=options.nproc * options.nnodes,
                                        deepspeed_stage=ds.zero_stage(recipe))
     device = resolve_device(recipe.train.device)
-    extra: list[str] = []
-    threads = recipe.train.num_threads
-    if device == "cpu" and threads is None:
-        threads = cpu_threads_per_process(options.nproc)
-        extra.append(f"train.num_threads={threads}")  # N processes x all cores would oversubscribe the CPU
-    env = worker_environment(recipe, device, options, threads)
+    env = worker_environment(recipe, device, options, worker_threads(recipe, device, options.nproc))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
     if ds.enabled(recipe) and device == "cpu":
         ds.ensure_cpu_ops_built()  # once, here, with a message; the workers then find it built
     else:
         ds.check_extension_locks()
-    cmd = launcher_command(options, _worker_argv(args, recipe_arg, resume, run_dir, extra, replace))
+    cmd = launcher_command(options, _worker_argv(args, recipe_arg, resume, run_dir, replace))
     log.info("Starting %d worker process(es) per node with %s%s", options.nproc, options.chosen_launcher,
              f", DeepSpeed ZeRO stage {ds.zero_stage(recipe)}" if ds.enabled(recipe) else " (DDP)")
     log.debug("Launch command: %s", shlex.join(cmd))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +74,9 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
     for sample in summary.get("samples", []):
         console.print(Text.assemble("\n", ("Q:", "bold"), f" {sample['prompt']}\n", ("A:", "bold"), f" {sample['reply']}",
                                     *_sample_verdict(sample)))
-    from peftkit.cli import COMMAND
+    from peftkit.utils.command_name import command
 
-    quoted, command = shlex.quote(str(run_dir)), shlex.join(COMMAND)
     next_step = ("scores in summary.json" if summary.get("task") == "sequence_classification"
-                 else f"chat: {command} chat {quoted}; what it forgot of general knowledge: {command} eval {quoted}")
+                 else f"chat: {command('chat', str(run_dir))}; what it forgot of general knowledge: "
+                      f"{command('eval', str(run_dir))}")
     console.print(f"\nRun directory: {run_dir}  ({next_step})", markup=False)

@@ -43,7 +43,9 @@ class TrainingInterrupted(PeftkitError):
         self.signal_name = signal_name
         # the shell's convention: 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)
         self.exit_code = 128 + int(getattr(signal.Signals, signal_name or "SIGINT", signal.SIGINT))
-        command = resume_command or f"peftkit train {run_dir} --resume"
+        from peftkit.utils.command_name import command as typed
+
+        command = resume_command or typed("train", str(run_dir), "--resume")
         super().__init__(
             f"training interrupted at step {step}; checkpoint saved in {checkpoint}.\n"
             f"Resume it with:  {command}"

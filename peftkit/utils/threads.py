@@ -18,8 +18,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-OMP_SETTING = "OMP_NUM_THREADS (e.g. `OMP_NUM_THREADS=1 peftkit ...`)"
-"""How a command that runs a trained model is given a thread count."""
 
 
 @dataclass(frozen=True)
@@ -34,21 +32,39 @@ class CpuLoad:
         return f"load {self.load:.1f} on {self.cores} cores, {self.busy} kept busy by other work now"
 
 
-def _cgroup_cpu_limit() -> int | None:
-    """The CPUs a cgroup quota allows (Docker `--cpus`, Kubernetes limits), rounded up; None without a quota."""
+def _quota(quota: str, period: str) -> float | None:
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "200000 100000"
-        if quota != "max":
-            return max(1, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
+        value, every = int(quota), int(period)
+    except ValueError:  # cgroup v2's "max": no quota
+        return None
+    return value / every if value > 0 and every > 0 else None
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The CPUs a cgroup quota allows this process (Docker `--cpus`, Kubernetes limits, systemd CPUQuota), rounded
+    up; None without a quota. cgroup v2: the smallest `cpu.max` from this process's own cgroup up to the root (a
+    limit may sit on a parent slice); v1: the cpu controller's quota at its mount."""
+    quotas = []
+    try:
+        path = next((line.split("::", 1)[1].strip() for line in own.read_text().splitlines() if line.startswith("0::")),
+                    "/")
+    except OSError:
+        path = "/"
+    folder = root / path.lstrip("/")
+    for place in [folder, *folder.parents]:
+        try:
+            quotas.append(_quota(*(place / "cpu.max").read_text().split()[:2]))
+        except (OSError, TypeError, ValueError):
+            pass
+        if place == root:
+            break
+    try:
+        quotas.append(_quota((root / "cpu" / "cpu.cfs_quota_us").read_text().strip(),
+                             (root / "cpu" / "cpu.cfs_period_us").read_text().strip()))
+    except OSError:
         pass
-    try:  # cgroup v1
-        quota_v1 = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        if quota_v1 > 0:
-            return max(1, math.ceil(quota_v1 / int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())))
-    except (OSError, ValueError):
-        pass
-    return None
+    limits = [q for q in quotas if q]
+    return max(1, math.ceil(min(limits))) if limits else None
 
 
 def usable_cpus() -> int:
@@ -58,7 +74,7 @@ def usable_cpus() -> int:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    limit = _cgroup_cpu_limit()
+    limit = cgroup_cpu_limit()
     return max(1, min(cpus, limit) if limit else cpus)
 
 
@@ -93,7 +109,7 @@ def busy_cpu() -> CpuLoad | None:
     others = other_runnable_tasks()
     if others is None:
         return None
-    busy = min(others, math.floor(load + 0.5))
+    busy = min(others, math.floor(load))  # a whole core's work over the last minute
     return CpuLoad(load, cores, busy) if busy >= 1 else None
 
 
@@ -108,7 +124,7 @@ def omp_threads() -> int | None:
     return value if value > 0 else None
 
 
-def choose_threads(explicit: int | None, doing: str = "", setting: str = "", *, on_cpu: bool = True) -> int:
+def choose_threads(explicit: int | None, doing: str, setting: str, *, on_cpu: bool = True) -> int:
     """Set torch's thread count for a command that runs a model: the count the user set (`explicit`) as given, with
     a warning when it collides with other work; without one, the usable CPUs, or on a busy CPU those that are free now
     (at least one), said in a warning that names `setting` to choose otherwise. `on_cpu=False`: no look at the load."""
@@ -135,4 +151,7 @@ def choose_threads(explicit: int | None, doing: str = "", setting: str = "", *, 
 def choose_run_threads(recipe_threads: int | None, doing: str, *, on_cpu: bool) -> int:
     """A command that runs a trained model (chat, eval, merge, export): OMP_NUM_THREADS where it is set, else the
     run's train.num_threads, else chosen around the load."""
-    return choose_threads(omp_threads() or recipe_threads, doing, OMP_SETTING, on_cpu=on_cpu)
+    from peftkit.utils.command_name import command
+
+    setting = f"OMP_NUM_THREADS (e.g. `OMP_NUM_THREADS=1 {command()} ...`)"  # how such a command is given a count
+    return choose_threads(omp_threads() or recipe_threads, doing, setting, on_cpu=on_cpu)

@@ -307,13 +307,19 @@ def test_python_m_peftkit_is_the_command_and_import_peftkit_quiets_library_notic
     assert run.stdout.strip().splitlines()[-1] == "[1, 1]"
 
 
-def test_command_lines_to_copy_name_python_m_peftkit_when_it_was_started_so(monkeypatch):
-    from peftkit import cli
+def test_command_lines_to_copy_name_python_m_peftkit_when_it_was_started_so(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
     from peftkit.train.launch import resume_command
+    from tests.train_procs import tiny_recipe_file
 
     assert resume_command(["train", "r.yaml", "--force"]) == "peftkit train r.yaml --resume"
-    monkeypatch.setattr(cli, "COMMAND", ["python3", "-m", "peftkit"])
-    assert resume_command(["train", "r.yaml"]) == "python3 -m peftkit train r.yaml --resume"
+    recipe = tiny_recipe_file(tmp_path, tiny_model_dir, train={"max_steps": 1})
+    run = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PATH": "/nonexistent"})  # no `python` found by name
+    assert run.returncode == 0, run.stderr
+    assert f"chat: {sys.executable} -m peftkit chat {tmp_path / 'run'}" in run.stdout
 
 
 def test_the_readme_python_example_runs_as_written(tiny_model_dir, tmp_path, monkeypatch):

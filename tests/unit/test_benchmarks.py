@@ -481,3 +481,10 @@ def test_shared_cpu_runs_two_overlapping_trainings_and_reads_their_summaries(tmp
     rows = run_pair(str(recipe), steps=2, offset=0.0, variant="all-cores", folder=tmp_path)
     assert [row["run"] for row in rows] == ["A", "B"]
     assert all(row["threads"] == usable_cpus() and row["train_seconds"] > 0 for row in rows)
+
+
+def test_shared_cpu_says_why_a_run_failed_and_leaves_no_training_behind(tmp_path):
+    from benchmarks.shared_cpu import run_pair
+
+    with pytest.raises(SystemExit, match="run all-cores-A failed:\n.*does not exist"):
+        run_pair(str(tmp_path / "missing.yaml"), steps=1, offset=0.0, variant="all-cores", folder=tmp_path)

@@ -36,12 +36,35 @@ def test_omp_num_threads_counts_only_when_it_is_a_count(monkeypatch):
 
 def test_usable_cpus_follow_the_affinity_mask_and_the_cgroup_quota(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setattr(threads_module, "_cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr(threads_module, "cgroup_cpu_limit", lambda: None)
     assert usable_cpus() == 4
-    monkeypatch.setattr(threads_module, "_cgroup_cpu_limit", lambda: 2)  # docker --cpus=1.5 rounds up to 2
+    monkeypatch.setattr(threads_module, "cgroup_cpu_limit", lambda: 2)  # docker --cpus=1.5 rounds up to 2
     assert usable_cpus() == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5}, raising=False)  # taskset -c 5
     assert usable_cpus() == 1
+
+
+def test_the_cgroup_quota_is_read_from_this_process_s_cgroup_and_its_parents(tmp_path):
+    from peftkit.utils.threads import cgroup_cpu_limit
+
+    own = tmp_path / "self_cgroup"
+    own.write_text("0::/pods/pod1/job\n")
+    root = tmp_path / "cgroup"
+    (root / "pods" / "pod1" / "job").mkdir(parents=True)
+    (root / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(root, own) is None  # no quota anywhere
+    (root / "pods" / "pod1" / "cpu.max").write_text("150000 100000\n")  # the pod's limit, 1.5 CPUs, on a parent
+    (root / "pods" / "pod1" / "job" / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(root, own) == 2
+    (root / "pods" / "pod1" / "job" / "cpu.max").write_text("50000 100000\n")  # the smallest wins
+    assert cgroup_cpu_limit(root, own) == 1
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(v1, tmp_path / "missing") is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    assert cgroup_cpu_limit(v1, tmp_path / "missing") == 3
 
 
 def test_without_a_setting_a_busy_cpu_gets_the_cores_that_are_free(monkeypatch, caplog):
@@ -57,7 +80,7 @@ def test_without_a_setting_a_busy_cpu_gets_the_cores_that_are_free(monkeypatch, 
 
 def test_on_a_big_machine_the_busy_cores_are_counted_without_a_cliff(monkeypatch):
     """A fixed share of the cores as the threshold let 40 busy threads of 64 cores pass unseen, then cut to 17."""
-    for load, others, expected in [(40.0, 40, 24), (47.9, 47, 17), (30.2, 47, 34), (3.0, 40, 61), (40.0, 3, 61)]:
+    for load, others, expected in [(40.0, 40, 24), (47.9, 47, 17), (30.7, 47, 34), (3.0, 40, 61), (40.0, 3, 61)]:
         _machine(monkeypatch, cores=64, load=load, others=others)
         assert choose_threads(None, "training", "x") == expected, (load, others)
 
@@ -67,7 +90,7 @@ def test_a_load_left_over_from_the_last_run_is_not_a_busy_cpu(monkeypatch, caplo
     _machine(monkeypatch, cores=2, load=2.0, others=0)
     with caplog.at_level(logging.WARNING):
         assert choose_threads(None, "chatting", "OMP_NUM_THREADS") == 2
-    _machine(monkeypatch, cores=2, load=0.3, others=4)  # a moment's spike after an idle minute
+    _machine(monkeypatch, cores=2, load=0.9, others=4)  # a moment's spike after a quiet minute
     with caplog.at_level(logging.WARNING):
         assert choose_threads(None, "chatting", "OMP_NUM_THREADS") == 2
     assert not caplog.records
@@ -110,6 +133,21 @@ def test_a_cpu_launch_shares_the_free_cores_among_its_processes(monkeypatch, cap
     assert "each of the 2 processes trains on 3 threads" in caplog.text
     _machine(monkeypatch, cores=8, load=0.0, others=0)
     assert cpu_threads_per_process(2) == 4 and cpu_threads_per_process(16) == 1
+
+
+def test_a_launch_keeps_the_user_s_count_and_passes_its_own_only_through_the_environment(tiny_recipe, monkeypatch):
+    from peftkit.train.launch import LaunchOptions, worker_environment, worker_threads
+
+    _machine(monkeypatch, cores=16, load=0.0, others=0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "num_threads": None}})
+    assert worker_threads(recipe, "cpu", 2) == 8
+    assert worker_threads(recipe, "cuda", 2) is None  # a GPU rank keeps torch's default
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert worker_threads(recipe, "cpu", 2) == 1  # what the user exported, not 8
+    assert worker_threads(recipe_from_dict(tiny_recipe), "cpu", 2) == 1  # the recipe's train.num_threads
+    env = worker_environment(recipe, "cpu", LaunchOptions(nproc=2), 8)
+    assert env["OMP_NUM_THREADS"] == "8"
 
 
 def test_the_running_count_comes_from_proc_loadavg():
