@@ -179,7 +179,8 @@ def test_chat_system_empty_asks_without_a_system_prompt(monkeypatch):
     import peftkit.serve.chat
 
     run = types.SimpleNamespace(model=None, tokenizer=None,
-                                recipe=types.SimpleNamespace(data=types.SimpleNamespace(system_prompt="recipe's")))
+                                recipe=types.SimpleNamespace(data=types.SimpleNamespace(system_prompt="recipe's"),
+                                                             train=types.SimpleNamespace(num_threads=1, device="cpu")))
     seen = []
     monkeypatch.setattr(peftkit.runs, "read_run_recipe", lambda run_dir: run.recipe)
     monkeypatch.setattr(peftkit.runs, "require_chat_run", lambda *args: None)
