@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -384,6 +385,7 @@ def test_other_nodes_get_peftkits_environment_through_a_deepspeed_env_file(tmp_p
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DS_ENV_FILE", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the file the launcher deletes after the run stays here
     (tmp_path / ".deepspeed_env").write_text("NCCL_IB_DISABLE=1\n\n")  # the user's own file is kept
     env = {"PEFTKIT_WORKER": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": "/data/hf cache", "OMP_NUM_THREADS": "4",
            "SECRET_UNRELATED": "x", "PATH": "/usr/bin"}
