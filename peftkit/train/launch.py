@@ -526,9 +526,9 @@ def worker_threads(recipe: Recipe, device: str, nproc: int) -> int | None:
 def cpu_threads_per_process(nproc: int) -> int:
     """The CPUs free now (usable, less those other work keeps busy) shared among `nproc` CPU processes, one at least;
     said when other work takes some (each rank sees the others' threads, so the ranks cannot look themselves)."""
-    busy = cpu_threads.busy_cpu()
-    free = max(1, cpu_threads.usable_cpus() - (busy.busy if busy else 0))
-    threads = max(1, free // nproc)
+    cpus = cpu_threads.usable_cpus()
+    busy = cpu_threads.busy_cpu(cpus)
+    threads = max(1, cpu_threads.free_cpus(cpus, busy) // nproc)
     if busy is not None:
         log.warning("The CPU is busy (%s): each of the %d processes trains on %d thread%s, the cores free now; set "
                     "train.num_threads to choose", busy.describe(), nproc, threads, "s" * (threads != 1))

@@ -19,7 +19,6 @@ import torch
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class CpuLoad:
     load: float
@@ -93,14 +92,15 @@ def other_runnable_tasks(samples: int = 5, interval: float = 0.04) -> int | None
     return sorted(counts)[len(counts) // 2]
 
 
-def busy_cpu() -> CpuLoad | None:
+def busy_cpu(cpus: int | None = None) -> CpuLoad | None:
     """The cores other work keeps busy, when there are any; None when none are or it cannot be told. Busy cores are
     both running other threads now and loaded over the last minute: a command started right after the previous one
     (whose load is still in the average) or beside a moment's spike is not slowed down. Linux only: elsewhere there
     is no count of the threads running now. The counts are the host's, so a process confined to some of its CPUs
-    (affinity, a container's quota) cannot tell which are busy and is left alone."""
+    (affinity, a container's quota) cannot tell which are busy and is left alone. `cpus`: `usable_cpus()`, when the
+    caller has it already."""
     cores = os.cpu_count() or 1
-    if usable_cpus() < cores:
+    if (cpus or usable_cpus()) < cores:
         return None
     try:
         load = os.getloadavg()[0]
@@ -111,6 +111,11 @@ def busy_cpu() -> CpuLoad | None:
         return None
     busy = min(others, math.floor(load))  # a whole core's work over the last minute
     return CpuLoad(load, cores, busy) if busy >= 1 else None
+
+
+def free_cpus(cpus: int, busy: CpuLoad | None) -> int:
+    """The usable CPUs other work does not keep busy now, one at least."""
+    return max(1, cpus - (busy.busy if busy else 0))
 
 
 def omp_threads() -> int | None:
@@ -129,7 +134,7 @@ def choose_threads(explicit: int | None, doing: str, setting: str, *, on_cpu: bo
     a warning when it collides with other work; without one, the usable CPUs, or on a busy CPU those that are free now
     (at least one), said in a warning that names `setting` to choose otherwise. `on_cpu=False`: no look at the load."""
     cpus = usable_cpus()
-    busy = busy_cpu() if on_cpu else None
+    busy = busy_cpu(cpus) if on_cpu else None
     if explicit:
         threads = explicit
         if busy is not None and busy.busy + threads > cpus:
@@ -138,7 +143,7 @@ def choose_threads(explicit: int | None, doing: str, setting: str, *, on_cpu: bo
                         "(about 10x measured on 2 cores); %s", busy.describe(), doing, threads, "s" * (threads != 1),
                         advice)
     elif busy is not None:
-        threads = max(1, cpus - busy.busy)
+        threads = free_cpus(cpus, busy)
         log.warning("The CPU is busy (%s): %s on %d of the %d cores, those free now (on every core next to other jobs "
                     "it can run about 10x slower); set %s to choose the count", busy.describe(), doing, threads, cpus,
                     setting)
