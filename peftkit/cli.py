@@ -403,14 +403,32 @@ def _set_flags_last(argv: list[str]) -> list[str]:
 
 
 def _disk_full_message(exc: BaseException, args: argparse.Namespace, argv: list[str]) -> str:
-    what = getattr(exc, "filename", None) or "a checkpoint or output file"
+    """Names the file when the error does; a full temporary folder (exports save the tokenizer and verify there)
+    is named with TMPDIR, which sends the user to the right disk."""
+    import shutil
+    import tempfile
+
+    filename = getattr(exc, "filename", None)
+    temporary = tempfile.gettempdir()
+    try:
+        temp_full = shutil.disk_usage(temporary).free < TEMP_FULL_BYTES
+    except OSError:
+        temp_full = False
+    in_temp = filename is not None and Path(filename).resolve().is_relative_to(Path(temporary).resolve())
+    what = filename or (f"a temporary file in {temporary}" if temp_full else "a checkpoint or output file")
     if args.func is cmd_train:  # the command as typed (overrides and launch flags kept), with --resume
         from peftkit.train.launch import resume_command
 
         then = f"resume with `{resume_command(argv)}`"
     else:
         then = "run the command again"
-    return f"no space left on device while writing {what}; free space and {then} (-v shows the traceback)"
+    where = (f"free space in {temporary} or set TMPDIR to a folder on a disk with room, and {then}" if temp_full or in_temp
+             else f"free space and {then}")
+    return f"no space left on device while writing {what}; {where}"
+
+
+TEMP_FULL_BYTES = 64 * 2**20
+"""Free space under which the temporary folder counts as the full disk."""
 
 
 def _recipe_after_resume(argv: list[str]) -> str | None:
@@ -420,6 +438,21 @@ def _recipe_after_resume(argv: list[str]) -> str | None:
         return None
     after = argv[argv.index("--resume") + 1:][:1]
     return after[0] if after and after[0].endswith((".yaml", ".yml")) and Path(after[0]).is_file() else None
+
+
+PATH_ARGUMENTS = ("recipe", "run_dir", "resume", "out", "adapters", "base", "data", "heldout", "general", "tools",
+                  "deepspeed", "hostfile", "weights")
+"""Arguments that name files or folders: a `~` the shell left as it is (quoted, `--out=~/x`, a script) is expanded
+in every command alike, as recipes expand it."""
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    for name in PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v for v in value])
 
 
 def _run_command(argv: list[str] | None) -> int:
@@ -444,6 +477,7 @@ def _run_command(argv: list[str] | None) -> int:
     if hasattr(args, "set_overrides"):  # `--set k=v` and positional `k=v` are one list
         args.overrides = [*args.overrides, *args.set_overrides]
     args.argv = sys.argv[1:] if argv is None else list(argv)  # what the user typed: resume commands repeat it
+    _expand_home(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _setup_logging(args.verbose)
     try:
@@ -456,16 +490,34 @@ def _run_command(argv: list[str] | None) -> int:
         print(f"error: {_naming_the_recipe(exc, getattr(args, 'recipe', None))}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - only OSErrors and a full disk (torch's, safetensors' words) are handled
-        if args.verbose or not (isinstance(exc, OSError) or is_disk_full(exc)):
+        if not (isinstance(exc, OSError) or is_disk_full(exc)):
             raise
+        if args.verbose:  # the traceback, then the same message and exit status as without -v
+            import traceback
+
+            traceback.print_exc()
         if is_disk_full(exc):
-            print(f"error: {_disk_full_message(exc, args, sys.argv[1:] if argv is None else list(argv))}",
-                  file=sys.stderr)
-            return 2
-        # Permission denied, ...: say which file, without a traceback (-v shows it).
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}; check the path and free space, or rerun with -v", file=sys.stderr)
+            message = _disk_full_message(exc, args, sys.argv[1:] if argv is None else list(argv))
+        else:
+            message = _os_error_message(exc)
+        print(f"error: {message}{'' if args.verbose else ' (-v shows the traceback)'}", file=sys.stderr)
         return 2
+
+
+def _os_error_message(exc: OSError) -> str:
+    """Permission denied, a missing file, ...: which file, and the likely fix for that kind of error."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "check its permissions, or use a place you can write to"
+    elif exc.errno == errno.ENOENT:
+        advice = "check the path"
+    elif exc.errno == errno.EEXIST:
+        advice = "use it, or run the command again with --force to replace it"
+    else:
+        advice = "check the path and free space"
+    return f"{exc.strerror or exc}{where}; {advice}"
 
 
 if __name__ == "__main__":

@@ -18,38 +18,100 @@ from peftkit.errors import ConfigError
 
 DATA_PATH_KEYS = ("train", "eval", "heldout")
 
-# Names users bring from transformers / peft / axolotl configs, mapped to ours for did-you-mean hints.
-KEY_ALIASES = {
-    "learning_rate": "lr",
-    "num_epochs": "epochs",
-    "num_train_epochs": "epochs",
-    "micro_batch_size": "batch_size",
-    "per_device_train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum",
-    "lr_scheduler": "scheduler",
-    "lr_scheduler_type": "scheduler",
-    "lora_r": "r",
-    "rank": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "lora_target_modules": "target_modules",
-    "sequence_len": "max_seq_len",
-    "max_length": "max_seq_len",
-    "base_model": "name",
-    "model_name_or_path": "name",
-    "cutoff_len": "max_seq_len",
-    "max_seq_length": "max_seq_len",
-    "val_set_size": "eval_fraction",
-    "flash_attention": "attn_implementation",
-    "sdp_attention": "attn_implementation",
-    "optim": "optimizer",
-    "bf16": "dtype",
-    "fp16": "dtype",
-    "dataset": "train",
-    "datasets": "data",
-    "dataset_text_field": "columns",
-    "train_on_inputs": "train_on_prompt",
+# Names users bring from transformers / peft / axolotl / LLaMA-Factory / TRL configs, mapped to where peftkit keeps
+# them (`section.key`): inside that section the did-you-mean hint names the key, anywhere else its whole path.
+KEY_ALIASES: dict[str, str] = {
+    "base_model": "model.name",
+    "model_name_or_path": "model.name",
+    "template": "model.chat_template",
+    "chat_template": "model.chat_template",
+    "flash_attention": "model.attn_implementation",
+    "sdp_attention": "model.attn_implementation",
+    "load_in_4bit": "quantization.bits",
+    "load_in_8bit": "quantization.bits",
+    "quantization_bit": "quantization.bits",
+    "finetuning_type": "adapter.method",
+    "peft_type": "adapter.method",
+    "lora_r": "adapter.r",
+    "lora_rank": "adapter.r",
+    "rank": "adapter.r",
+    "lora_alpha": "adapter.alpha",
+    "lora_dropout": "adapter.dropout",
+    "lora_target": "adapter.target_modules",
+    "lora_target_linear": "adapter.target_modules",
+    "lora_target_modules": "adapter.target_modules",
+    "peft_use_dora": "adapter.use_dora",
+    "peft_use_rslora": "adapter.use_rslora",
+    "dataset": "data.train",
+    "datasets": "data.train",
+    "type": "data.format",
+    "dataset_text_field": "data.columns",
+    "sequence_len": "data.max_seq_len",
+    "cutoff_len": "data.max_seq_len",
+    "max_length": "data.max_seq_len",
+    "max_seq_length": "data.max_seq_len",
+    "val_set_size": "data.eval_fraction",
+    "val_size": "data.eval_fraction",
+    "train_on_inputs": "data.train_on_prompt",
+    "completion_only_loss": "data.train_on_prompt",
+    "assistant_only_loss": "data.train_on_prompt",
+    "learning_rate": "train.lr",
+    "num_epochs": "train.epochs",
+    "num_train_epochs": "train.epochs",
+    "micro_batch_size": "train.batch_size",
+    "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler": "train.scheduler",
+    "lr_scheduler_type": "train.scheduler",
+    "warmup_steps": "train.warmup_ratio",
+    "optim": "train.optimizer",
+    "bf16": "train.dtype",
+    "fp16": "train.dtype",
+    "packing": "train.packing",
+    "sample_packing": "train.packing",
+    "gradient_checkpointing": "train.gradient_checkpointing",
 }
+
+ALIAS_NOTES: dict[str, str] = {
+    "template": "`chatml`, `plain`, a Jinja template file, or leave it out for the tokenizer's own",
+    "flash_attention": "`flash_attention: true` is `attn_implementation: flash_attention_2`",
+    "sdp_attention": "`sdp_attention: true` is `attn_implementation: sdpa`",
+    "load_in_4bit": "`load_in_4bit: true` is `quantization: {bits: 4}`, or `adapter.method: qlora`",
+    "load_in_8bit": "`load_in_8bit: true` is `quantization: {bits: 8}`",
+    "finetuning_type": "LLaMA-Factory's `freeze` is `partial`",
+    "lora_target": "`all` is `all-linear`; several modules are a list, e.g. [q_proj, v_proj]",
+    "lora_target_linear": "`lora_target_linear: true` is `target_modules: all-linear`",
+    "dataset": "a data file or a list of them",
+    "datasets": "a data file or a list of them",
+    "dataset_text_field": "`dataset_text_field: FIELD` is `columns: {text: FIELD}`",
+    "completion_only_loss": "in the opposite sense: `completion_only_loss: true` is `train_on_prompt: false`, the default",
+    "assistant_only_loss": "in the opposite sense: `assistant_only_loss: true` is `train_on_prompt: false`, the default",
+    "warmup_steps": "a fraction of the training steps, e.g. 0.05",
+    "bf16": "`bf16: true` is `dtype: bfloat16`",
+    "fp16": "`fp16: true` is `dtype: float16`",
+}
+"""What to add to an alias's hint where the value is written differently (or means the opposite)."""
+
+NOT_NEEDED: dict[str, str] = {
+    "stage": "peftkit always runs supervised fine-tuning (LLaMA-Factory's `stage: sft`)",
+    "do_train": "`peftkit train` trains",
+    "do_eval": "every run evaluates on `data.eval`, or on `data.eval_fraction` of the training data",
+    "dataset_dir": "data files are found relative to the recipe's folder: give their paths in `data.train`",
+}
+"""Foreign keys that have no peftkit setting, with the reason: a did-you-mean would point somewhere wrong."""
+
+SECTION_SHORTHANDS: dict[str, str] = {"model": "name", "adapter": "method", "data": "train", "quantization": "bits"}
+"""The key a section given as a single value (axolotl's `adapter: lora`) most likely meant."""
+
+FORMAT_ALIASES: dict[str, str] = {"chat_template": "chat", "conversational": "chat", "completion": "text",
+                                  "prompt-completion": "prompt_completion"}
+"""axolotl / TRL names of data formats -> `data.format` values."""
+
+AXOLOTL_COLUMNS: dict[str, str] = {"field_messages": "messages", "message_field_role": "role",
+                                   "message_field_content": "content", "field_instruction": "prompt",
+                                   "field_input": "input", "field_output": "response", "field_system": "system",
+                                   "field": "text"}
+"""axolotl dataset-entry field mappings -> `data.columns` keys."""
 
 
 class DuplicateKeyError(yaml.MarkedYAMLError):
@@ -218,25 +280,105 @@ def _section_owning(key: str) -> list[str]:
     return owners
 
 
+def _flow(value: Any) -> str:
+    """A mapping or list as one line of YAML: `{method: lora}`, `[a.jsonl, b.jsonl]`."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip()
+
+
+def _alias_hint(key: str, section: list[str], known: list[str]) -> str | None:
+    """peftkit's name for a foreign `key`: the key itself inside its section, else its whole path (None: an alias
+    of a key that this section's adapter method does not have)."""
+    target = KEY_ALIASES.get(key)
+    if target is None:
+        return None
+    parent, _, leaf = target.rpartition(".")
+    if parent != ".".join(section):
+        return target
+    return leaf if leaf in known else None
+
+
+def _axolotl_columns(entries: list[Any]) -> dict[str, Any]:
+    """The field mappings of axolotl dataset entries (the first entry that has some), as `data.columns`."""
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        fields = {**entry, **(entry["type"] if isinstance(entry.get("type"), dict) else {})}  # `type: {field_...}`
+        columns: dict[str, Any] = {ours: fields[theirs] for theirs, ours in AXOLOTL_COLUMNS.items()
+                                   if isinstance(fields.get(theirs), str)}
+        mapping = fields.get("message_property_mappings")
+        if isinstance(mapping, dict):
+            columns.update({k: mapping[k] for k in ("role", "content") if isinstance(mapping.get(k), str)})
+        for key in ("role", "content"):
+            if columns.get(key) == key:  # peftkit's default already
+                del columns[key]
+        roles = fields.get("roles")  # axolotl: role -> speaker names; peftkit: speaker name -> role
+        if isinstance(roles, dict):
+            columns["roles"] = {str(name): role for role, names in roles.items()
+                                if role in ("system", "user", "assistant", "tool")
+                                for name in ([names] if isinstance(names, str) else names or [])}
+        if columns and not columns.items() <= {"messages": "messages", "text": "text"}.items():
+            return columns  # (the field names peftkit detects by itself need no mapping)
+    return {}
+
+
+def _dataset_entries_fix(value: Any, key: str, top: bool = False) -> str:
+    """What `data.<key>` takes instead of axolotl's dataset entries (`[{path: a.jsonl, type: sharegpt}, ...]`),
+    written with the entries' paths and field mappings; `top`: the fix writes the `data:` section around it."""
+    entries = value if isinstance(value, list) else [value]
+    paths = [entry.get("path") if isinstance(entry, dict) else entry for entry in entries]
+    paths = [path for path in paths if isinstance(path, str)] or ["FILE.jsonl"]
+    columns = _axolotl_columns(entries)
+    written = f"data: {_flow({key: paths})}" if top else f"{key}: {_flow(paths)}"
+    fix = f"a data file or a list of them, not axolotl's dataset entries: write `{written}`"
+    if columns:
+        return fix + f"; axolotl's field mappings are written as `data.columns: {_flow(columns)}` (`data.format` stays auto)"
+    return fix + "; each file's format is detected, or set `data.format`"
+
+
+def _unknown_key(loc: tuple[Any, ...], shown: list[str], value: Any) -> str:
+    """An `extra_forbidden` key: peftkit's name for it (a foreign alias, a close spelling, or the section owning
+    it), or why it is not needed, or the keys valid there."""
+    key, dotted = str(loc[-1]), ".".join(shown)
+    known = [name for cls in _sections_for(loc) for name in cls.model_fields]
+    if key in NOT_NEEDED:
+        return f"unknown key `{dotted}` is not needed: {NOT_NEEDED[key]}; remove it"
+    hint = _alias_hint(key, shown[:-1], known)
+    if hint in ("train", "data.train") and any(isinstance(e, dict) for e in (value if isinstance(value, list) else [value])):
+        fix = _dataset_entries_fix(value, "train", top=hint == "data.train")
+        return f"unknown key `{dotted}`: did you mean `{hint}`? It takes {fix}"
+    if hint is not None:
+        note = f" ({ALIAS_NOTES[key]})" if key in ALIAS_NOTES else ""
+        return f"unknown key `{dotted}`: did you mean `{hint}`?{note}"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    found = (_section_owning(key) if len(loc) == 1 else []) + close  # a key of the same name first
+    if found:
+        return f"unknown key `{dotted}`: did you mean `{found[0]}`?"
+    if loc[0] == "adapter" and len(loc) == 3:
+        return f"`{key}` is not a parameter of adapter method `{loc[1]}` (its parameters: {', '.join(known)})"
+    valid = f" (valid keys here: {', '.join(known)})" if known else ""
+    return f"unknown key `{dotted}`{valid}"
+
+
 def _friendly(err: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
     # Drop the union tag from displayed locations: `adapter.lora.r` reads as `adapter.r`.
     shown = [str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] in ("adapter", "deepspeed") and len(loc) >= 2)]
     dotted = ".".join(shown) or "(top level)"
     kind = err["type"]
+    got = err.get("input")
     if kind == "extra_forbidden":
-        key = str(loc[-1])
-        known: list[str] = []
-        for cls in _sections_for(loc):
-            known.extend(cls.model_fields)
-        hint = [KEY_ALIASES[key]] if KEY_ALIASES.get(key) in known else difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = hint or _section_owning(key) if len(loc) == 1 else hint
-        if hint:
-            return f"unknown key `{dotted}`: did you mean `{hint[0]}`?"
-        if loc[0] == "adapter" and len(loc) == 3:
-            return f"`{key}` is not a parameter of adapter method `{loc[1]}` (its parameters: {', '.join(known)})"
-        valid = f" (valid keys here: {', '.join(known)})" if known else ""
-        return f"unknown key `{dotted}`{valid}"
+        return _unknown_key(loc, shown, got)
+    if kind == "dataset_entries":
+        return f"`{dotted}` takes {_dataset_entries_fix(got, str(loc[-1]))}"
+    if kind in ("model_type", "model_attributes_type") and len(loc) == 1 and isinstance(got, (str, int, float)):
+        if loc[0] in SECTION_SHORTHANDS and not isinstance(got, bool):
+            fix = f"write `{loc[0]}: {_flow({SECTION_SHORTHANDS[loc[0]]: got})}`"
+        else:
+            fix = f"write its keys under it, e.g. `{loc[0]}: {{KEY: VALUE}}`"
+        return f"`{dotted}` is a section of keys, not a single value (got {got!r}): {fix}"
+    if kind == "literal_error" and loc == ("data", "format") and got in FORMAT_ALIASES:
+        return (f"`data.format`: {got!r} is not a peftkit format name; peftkit calls it `{FORMAT_ALIASES[got]}`: "
+                f"write `format: {FORMAT_ALIASES[got]}` (or leave `format` out: each record's format is detected)")
     if kind == "union_tag_invalid":
         from peftkit.config import schema
 
@@ -244,7 +386,6 @@ def _friendly(err: dict[str, Any]) -> str:
         return f"`{dotted}.method` = {err['input'].get('method')!r} is not an adapter method; choose one of: {valid}"
     if kind == "missing":
         return f"`{dotted}` is required but missing"
-    got = err.get("input")
     if kind == "finite_number":
         return (f"`{dotted}` must be a finite number, not {got!r} (YAML reads `.inf` / `.nan` as infinity / not a "
                 "number); give a real value, or remove the key for the default")
@@ -337,6 +478,22 @@ def _collapse_union_branches(errors: list[dict[str, Any]]) -> list[dict[str, Any
     return kept
 
 
+def _merge_dataset_entries(errors: list[dict[str, Any]], data: Any) -> list[dict[str, Any]]:
+    """One error for axolotl's dataset entries (mappings) given as `data.train` / `data.eval`, not one per entry."""
+    section = data.get("data") if isinstance(data, dict) else None
+    kept, merged = [], set()
+    for err in errors:
+        loc = tuple(err["loc"])
+        where = loc[:2] if loc[:1] == ("data",) and loc[1:2] in (("train",), ("eval",)) else None
+        value = section.get(where[1]) if where and isinstance(section, dict) else None
+        if not any(isinstance(entry, dict) for entry in (value if isinstance(value, list) else [value])):
+            kept.append(err)
+        elif where not in merged:
+            merged.add(where)
+            kept.append({"type": "dataset_entries", "loc": where, "input": value})
+    return kept
+
+
 def recipe_from_dict(data: dict[str, Any], source: str | None = None, *, stored_run: bool = False) -> Recipe:
     """A recipe from a mapping, as `load_recipe` reads one: an adapter without `method` is LoRA, and relative paths
     that exist here (the current directory, as `load_recipe` looks next to the recipe file) are made absolute, so
@@ -346,7 +503,8 @@ def recipe_from_dict(data: dict[str, Any], source: str | None = None, *, stored_
     try:
         return Recipe.model_validate(data, context={STORED_RUN: True} if stored_run else None)
     except ValidationError as exc:
-        problems = [_friendly(e) for e in _collapse_union_branches(exc.errors())]
+        errors = _merge_dataset_entries(_collapse_union_branches(exc.errors()), data)
+        problems = [_friendly(e) for e in errors]
         raise ConfigError(list(dict.fromkeys(problems)), source) from None
 
 
@@ -377,14 +535,14 @@ def _from_current_directory(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _missing_files(data: dict[str, Any]) -> list[str]:
-    from peftkit.data.formats import missing_local_files
+    from peftkit.data.formats import hub_id_hint, missing_local_files
 
     section = data.get("data") if isinstance(data.get("data"), dict) else {}
     named = [(f"data.{key}", section.get(key)) for key in DATA_PATH_KEYS]
     replay = section.get("replay")
     if isinstance(replay, dict):
         named.append(("data.replay.path", replay.get("path")))
-    return [f"`{key}`: file {path} does not exist" for key, value in named
+    return [f"`{key}`: file {path} does not exist{hub_id_hint(Path(path))}" for key, value in named
             for path in missing_local_files([v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)])]
 
 

@@ -12,15 +12,35 @@ def matchable(text: str) -> str:
     """Text as key facts are matched: Unicode-normalised (NFKC: full-width digits and ligatures are plain ones,
     composed and decomposed accents agree; super- and subscripts are kept, so `5²` does not match `52`),
     case-folded (`ß` matches `SS`, `İ` matches `I`), with typographic apostrophes and dashes as the plain ones,
-    thousands separators dropped (`1,200` matches `1200`), clock times with am / pm written one way (`9am`,
-    `9 a.m.`, `9 AM` and `9:00 am` are all `9:00 am`, which `9 am`, `9` and `9:00` are found in) and runs of
-    whitespace as one space."""
+    thousands separators dropped (`1,200`, `1 200` with a no-break space, and Arabic `١٬٢٠٠` match `1200`), digits
+    of every script as ASCII ones (`٣` and `۳` match `3`; the Arabic decimal separator is `.`), clock times with
+    am / pm written one way (`9am`, `9 a.m.`, `9 AM` and `9:00 am` are all `9:00 am`, which `9 am`, `9` and `9:00`
+    are found in), optional marks dropped (Arabic vowel marks and shadda, Hebrew points, stress marks on Cyrillic:
+    `عمّان` matches `عمان`) and runs of whitespace as one space."""
+    text = _OPTIONAL_MARKS.sub("", _CYRILLIC_STRESS.sub(r"\1", unicodedata.normalize("NFD", text)))
+    text = _SPACE_THOUSANDS.sub("", "".join(_ascii_digit(ch) for ch in text)).replace("\u066b", ".")
     kept = "".join(ch if unicodedata.decomposition(ch).startswith(("<super>", "<sub>")) else
                    unicodedata.normalize("NFKC", ch) for ch in text)
     folded = unicodedata.normalize("NFC", kept).casefold().replace("i\u0307", "i").translate(_PLAIN_PUNCTUATION)
     folded = _CLOCK_TIME.sub(lambda m: f"{m[1]}:{m[2] or '00'} {m[3]}m", _THOUSANDS.sub("", folded))
     return " ".join(folded.split())
 
+
+def _ascii_digit(ch: str) -> str:
+    """A decimal digit of any script (Arabic-Indic, Devanagari, ...) as its ASCII digit; super- and subscripts
+    are not decimal digits and stay as they are."""
+    return str(unicodedata.decimal(ch)) if ch.isdecimal() and not ch.isascii() else ch
+
+
+_OPTIONAL_MARKS = re.compile("[\u0610-\u061a\u064b-\u065f\u0670\u06d6-\u06dc\u06df-\u06e4\u06e7\u06e8"
+                             "\u06ea-\u06ed\u0640\u0591-\u05bd\u05bf\u05c1\u05c2\u05c4\u05c5\u05c7]")
+"""Marks written or left out at will (in decomposed text): Arabic vowel marks, shadda, Quranic signs and the
+tatweel stretch, Hebrew points and cantillation."""
+_CYRILLIC_STRESS = re.compile("([\u0400-\u04ff])[\u0300\u0301]")
+"""A stress mark over a Cyrillic letter (decomposed text): a reading aid, not spelling."""
+_SPACE_THOUSANDS = re.compile("(?<=\\d)[\u00a0\u202f\u2009\u066c](?=\\d{3}(?!\\d))")
+"""Thousands separators other than the comma: no-break, narrow no-break and thin spaces (French, Russian, ISO)
+and the Arabic one. A plain space is not one: `1 200` may be two numbers."""
 
 _PLAIN_PUNCTUATION = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u2010": "-", "\u2011": "-",
                                     "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2212": "-"})
@@ -77,10 +97,29 @@ def _glued_before(text: str, start: int, first: str) -> bool:
     if kind == "digit" and _LEADING_ZEROS.search(text, 0, start):
         return False
     if _kind(before) == kind:
-        return True
+        return not _only_prefixes(text, start, first)
     if kind == "digit" and before == "-" and (start < 2 or not text[start - 2].isalnum()):
         return True  # a minus sign: `-5` is not 5 (`9-5` and `555-0187` are a range and a phone number)
     return kind == "digit" and before in _NUMBER_JOINERS and start >= 2 and text[start - 2].isdigit()
+
+
+def _only_prefixes(text: str, start: int, first: str) -> bool:
+    """Whether the letters glued before an Arabic or Hebrew fact are that script's one-letter prefixes, which are
+    written onto the next word (`و` and, `ب` in, `ال` the; `ב` in, `ה` the, ...): `بالقاهرة` holds `القاهرة`."""
+    prefixes = _PREFIXES.get(unicodedata.name(first, "").split(" ", 1)[0])
+    if prefixes is None:
+        return False
+    word_start = start
+    while word_start > 0 and _kind(text[word_start - 1]) == "letter":
+        word_start -= 1
+    return prefixes.fullmatch(text, word_start, start) is not None
+
+
+_PREFIXES = {"ARABIC": re.compile("[\u0648\u0641]?(?:[\u0628\u0643\u0644]?\u0627\u0644|[\u0628\u0643\u0644]|"
+                                  "\u0644\u0644)|[\u0648\u0641]"),
+             "HEBREW": re.compile("[\u05d5\u05d1\u05db\u05dc\u05de\u05e9\u05d4]{1,3}")}
+"""Arabic: wa / fa, then bi / ka / li and the article al- (or lil-); Hebrew: up to three of ve, be, ke, le, mi, she,
+ha."""
 
 
 def _glued_after(text: str, end: int, fact: str) -> bool:

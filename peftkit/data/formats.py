@@ -8,7 +8,8 @@ not trained on, as in axolotl; tool use: assistant `tool_calls`, `tool` messages
 TRL's prompt-completion (`prompt` + `completion`, both strings or both message lists; only the completion
 is trained on), alpaca JSON/JSONL (`instruction`, `input`, `output`, optional `system` and `history`), one-turn pairs
 with common field names (`question` + `answer`, Dolly's `instruction` + `response`, ...: `data/columns.py`),
-plain text (`.txt` files, or records with a `text` field), CSV / TSV and Parquet with those columns; the same
+plain text (`.txt` files, or records with a `text` field), CSV / TSV and Parquet with those columns (all but
+Parquet also gzip'd: `train.jsonl.gz`); the same
 records from a Hub dataset (`hf:OWNER/NAME`) or a `save_to_disk` folder (`data/hub.py`). Records with other
 field names are read through the recipe's `data.columns` map.
 """
@@ -18,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import gzip
 import io
 import json
 import re
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,6 +48,18 @@ MAX_REPORTED_PROBLEMS = 5
 """Bad records listed in one data error (the rest are counted)."""
 COLUMNS_ADVICE = "for other field names add a map to the recipe, e.g. `data: {columns: {prompt: q, response: a}}`"
 ROLES_ADVICE = " (or map other speakers with data.columns.roles)"
+_CONVERSATION_ADVICE = re.compile(r"`[^`]+` holds a list of objects, a conversation with other field names: .*?maps "
+                                  r"speaker names to user / assistant\)", re.DOTALL)
+
+
+def has_columns_advice(message: str) -> bool:
+    """Whether a data error ends in advice to add a `data.columns` map (the record is in no known layout)."""
+    return COLUMNS_ADVICE in message or _CONVERSATION_ADVICE.search(message) is not None
+
+
+def with_columns_advice_replaced(message: str, replacement: str) -> str:
+    """`message` with its `data.columns` advice replaced, for files data.columns does not read (replay files)."""
+    return _CONVERSATION_ADVICE.sub(replacement, message.replace(COLUMNS_ADVICE, replacement))
 """Advice that suits data.train / data.eval; replay files replace it (data.columns does not apply to them)."""
 
 
@@ -72,13 +87,59 @@ def _parse_json(text: str) -> Any:
     return json.loads(text, parse_constant=_non_finite_as_null)
 
 
-def _read_text(path: Path) -> str:
-    """The file's text; a leading UTF-8 byte-order mark (Notepad, Excel's "CSV UTF-8") is dropped."""
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A file the user may not read as a DataError naming it, so that `validate` lists it with every other file's
+    problems instead of stopping at a bare PermissionError."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        yield
+    except PermissionError:
+        raise DataError(f"{path}: cannot read it: permission denied; check its permissions (e.g. `chmod a+r "
+                        f"{path}`, or ask its owner to)") from None
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, gunzipped for `.gz`; a leading UTF-8 byte-order mark (Notepad, Excel's "CSV UTF-8") is dropped."""
+    with _reading(path):
+        data = path.read_bytes()
+    inside = ""
+    if path.suffix.lower() == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a cut-off file is an EOFError
+            raise DataError(f"{path}: not a readable gzip file ({exc or 'it ends too early'}); check that the "
+                            "download or copy is complete, or give the uncompressed file") from None
+        inside = " of the decompressed text"
+    try:
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: bytes that are not valid UTF-8 (offset {exc.start}); re-save the file as UTF-8") from None
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: bytes that are not valid UTF-8 (offset {exc.start}{inside}); re-save the "
+                        "file as UTF-8") from None
+
+
+GZIP_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".ndjson")
+"""Inner suffixes of gzip'd files read directly, as `datasets`, axolotl and TRL read them (Parquet compresses itself)."""
+
+
+def data_suffix(path: Path) -> str:
+    """The suffix that says how to read `path`: `train.jsonl.gz` reads as `.jsonl`, `train.parquet.gz` as
+    `.parquet.gz` (refused)."""
+    suffix = path.suffix.lower()
+    if suffix != ".gz":
+        return suffix
+    inner = Path(path.stem).suffix.lower()
+    return inner if inner in GZIP_SUFFIXES else inner + suffix
+
+
+def hub_id_hint(path: Path) -> str:
+    """For a missing `OWNER/NAME` (one folder level that does not exist, no file suffix): the `hf:` spelling of a
+    Hub dataset. The recipe folder was joined on, so look at the last two parts; `data/train.jsonl` gets no hint."""
+    hub_name = re.compile(r"[A-Za-z0-9][\w.-]*")
+    if (len(path.parts) < 2 or data_suffix(path) in (*DATA_SUFFIXES, *GZIP_SUFFIXES, ".gz") or path.parent.exists()
+            or not path.parent.parent.exists() or not all(hub_name.fullmatch(p) for p in path.parts[-2:])):
+        return ""
+    return f"; for a Hugging Face Hub dataset write `hf:{path.parent.name}/{path.name}`"
 
 
 def read_records(source: str | Path) -> list[tuple[str, Any]]:
@@ -92,7 +153,7 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
     if path.is_dir() and hub.is_saved_dataset(path):
         return _arrow_records(hub.saved_dataset_records(path))
     if path.is_dir():
-        found = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in DATA_SUFFIXES)
+        found = sorted(str(p.relative_to(path)) for p in path.rglob("*") if data_suffix(p) in DATA_SUFFIXES)
         hint = f"; it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else ""
         raise DataError(f"{path} is a folder; point the recipe at one data file in it, or list the files to read "
                         f"them all: `train: [a.jsonl, b.jsonl]`{hint}")
@@ -100,17 +161,22 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
         from peftkit.config.load import unset_variable_message  # the loader expanded the variables that are set
 
         unset = unset_variable_message(str(path))
-        why = f"; {unset}" if unset else ""
+        why = f"; {unset}" if unset else hub_id_hint(path)
         raise DataError(f"data file {path} does not exist (paths in a recipe are relative to the recipe's folder, "
                         f"on the command line to the current directory){why}")
-    suffix = path.suffix.lower()
+    suffix = data_suffix(path)
+    if suffix == ".parquet.gz":
+        raise DataError(f"{path}: a gzip'd Parquet file; Parquet compresses its own data, so decompress it "
+                        f"(`gunzip {path}`) and point the recipe at the .parquet file")
     if suffix not in (*DATA_SUFFIXES, *JSONL_SUFFIXES):
         raise DataError(f"{path}: peftkit reads {', '.join(DATA_SUFFIXES)} data files (JSON Lines also as .ndjson or "
-                        f"without a suffix), not {suffix}; decompress or convert it to one of those")
+                        f"without a suffix; all but Parquet also gzip'd, as train.jsonl.gz), not {suffix}; decompress "
+                        "or convert it to one of those")
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        with _reading(path):
+            rows = pq.read_table(path).to_pylist()
         return _arrow_records([(f"{path}:row {i + 1}", row) for i, row in enumerate(rows)])
     text = _read_text(path)
     if suffix == ".txt":
@@ -157,9 +223,66 @@ def _arrow_records(records: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return [(where, _without_arrow_nulls(record)) for where, record in records]
 
 
+LF_SOURCE_KEYS = ("file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+"""Where an entry of LLaMA-Factory's `dataset_info.json` finds its data."""
+LF_COLUMNS = {"prompt": "prompt", "query": "input", "response": "response", "system": "system", "messages": "messages"}
+"""LLaMA-Factory `columns` names -> peftkit's `data.columns` names."""
+LF_TAGS = {"user_tag": "user", "assistant_tag": "assistant", "system_tag": "system", "observation_tag": "tool",
+           "function_tag": "assistant"}
+
+
+def _is_llamafactory_registry(data: Any) -> bool:
+    """LLaMA-Factory's `dataset_info.json`: dataset names -> `{file_name | hf_hub_url | ..., columns, ...}`."""
+    return isinstance(data, dict) and bool(data) and all(isinstance(v, dict) for v in data.values()) and any(
+        k in entry for entry in data.values() for k in LF_SOURCE_KEYS)
+
+
+LF_READ_AS_IS = {"prompt": "instruction", "input": "input", "response": "output", "system": "system",
+                 "messages": "conversations messages", "role": "from role", "content": "value content"}
+"""Field names detection reads without a map (and then with alpaca's `history`, which a map would drop)."""
+
+
+def _llamafactory_columns(entry: dict[str, Any]) -> str:
+    """An entry's `columns` and `tags` as a `data.columns` map (YAML flow style); "" where detection reads its
+    records as they are."""
+    columns, tags = entry.get("columns") or {}, entry.get("tags") or {}
+    mapped = {LF_COLUMNS[k]: v for k, v in columns.items() if k in LF_COLUMNS and isinstance(v, str)}
+    roles = {v: LF_TAGS[k] for k, v in tags.items() if k in LF_TAGS and isinstance(v, str)}
+    if "messages" in mapped:  # ShareGPT turns: `from` / `value` unless the tags say otherwise
+        sharegpt = entry.get("formatting") == "sharegpt"
+        mapped["role"] = tags.get("role_tag", "from" if sharegpt else "role")
+        mapped["content"] = tags.get("content_tag", "value" if sharegpt else "content")
+    if all(v in LF_READ_AS_IS[k].split() for k, v in mapped.items()) and all(
+            ROLE_ALIASES.get(k.lower()) == v for k, v in roles.items()):
+        return ""
+    if roles and "messages" in mapped:
+        mapped["roles"] = "{" + ", ".join(f"{k}: {v}" for k, v in roles.items()) + "}"
+    return "{" + ", ".join(f"{k}: {v}" for k, v in mapped.items()) + "}"
+
+
+def _llamafactory_registry_error(path: Path, data: dict[str, Any]) -> DataError:
+    """Training on the registry would train on its metadata: name the data files it points to instead."""
+    found = []
+    for name, entry in list(data.items())[:8]:
+        source = next((f"{k}: {entry[k]}" for k in LF_SOURCE_KEYS if k in entry), "no file")
+        found.append(f"{name} ({source})")
+    more = f" and {len(data) - 8} more" if len(data) > 8 else ""
+    name, entry = next(((n, e) for n, e in data.items() if "file_name" in e), next(iter(data.items())))
+    example = f"`data: {{train: {path.parent / str(entry.get('file_name', 'FILE'))}"
+    columns = _llamafactory_columns(entry)
+    example += f", columns: {columns}}}`" if columns else "}` (its fields are ones peftkit reads without a map)"
+    return DataError(
+        f"{path}: this is LLaMA-Factory's dataset registry (dataset_info.json), not data; point data.train at the "
+        f"file named by `file_name` of the dataset you want (relative to {path.parent}; a `hf_hub_url` one as "
+        f"`hf:OWNER/NAME`), with its `columns` map as `data.columns` (LLaMA-Factory's `query` is peftkit's `input`). "
+        f"Found: {', '.join(found)}{more}; for {name}: {example}")
+
+
 def _json_document_records(path: Path, data: Any) -> list[tuple[str, Any]]:
     """The records of one JSON document: a list, or an object that wraps one list of records (`{"data": [...]}`,
     `{"version": 2, "train": [...]}`: its other fields are metadata), or a single record."""
+    if _is_llamafactory_registry(data):
+        raise _llamafactory_registry_error(path, data)
     lists = [key for key, value in data.items() if isinstance(value, list) and value and isinstance(value[0], dict)
              ] if isinstance(data, dict) else []
     if _is_conversation(data):  # one conversation: a list of {role, content} messages
@@ -634,7 +757,7 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
         raise DataError(
             f"{where}: unrecognised record (keys: {keys}); expected `messages` (chat), `conversations` (ShareGPT), "
             "`prompt` + `completion`, `instruction` + `output` (alpaca), a pair such as `question` + `answer`, or "
-            f"`text`; {COLUMNS_ADVICE}"
+            f"`text`; {conversation_advice(record) or COLUMNS_ADVICE}"
         )
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -667,6 +790,35 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"{where}: `text` must be a non-empty string")
     return Example(where, text=text)
+
+
+ROLE_KEYS = ("role", "from", "speaker", "author", "sender", "who", "user", "name")
+CONTENT_KEYS = ("content", "value", "text", "message", "utterance", "body", "msg")
+
+
+def conversation_advice(record: dict[str, Any]) -> str | None:
+    """The `data.columns` map of a conversation under another key with other turn keys (axolotl's custom
+    `field_messages` / `message_property_mappings`), for a record holding a list of objects; None for others,
+    whose one-turn example (COLUMNS_ADVICE) fits better."""
+    field, turns = next(((k, v) for k, v in record.items() if k not in ARROW_MERGED_FIELDS and isinstance(v, list)
+                         and v and all(isinstance(t, dict) for t in v)), (None, None))
+    if field is None or turns is None:
+        return None
+    keys = [k for k in turns[0] if isinstance(turns[0][k], str)]
+    role = next((k for k in ROLE_KEYS if k in keys), keys[0] if keys else "ROLE_KEY")
+    content = next((k for k in CONTENT_KEYS if k in keys and k != role), next((k for k in keys if k != role),
+                                                                              "TEXT_KEY"))
+    speakers = list(dict.fromkeys(t[role] for t in turns if isinstance(t.get(role), str)))
+    known = {ROLE_ALIASES.get(s.lower()) for s in speakers}
+    unknown = [s for s in speakers if s.lower() not in ROLE_ALIASES]
+    guesses = dict(zip(unknown, [r for r in ("user", "assistant") if r not in known]))
+    mapped = f"messages: {field}" + "".join(f", {name}: {key}" for name, key in (("role", role), ("content", content))
+                                            if key != name)
+    if guesses:
+        mapped += ", roles: {" + ", ".join(f"{s}: {r}" for s, r in guesses.items()) + "}"
+    return (f"`{field}` holds a list of objects, a conversation with other field names: map it in the recipe, e.g. "
+            f"`data: {{columns: {{{mapped}}}}}` (`role` / `content` name each turn's speaker and text keys, `roles` "
+            "maps speaker names to user / assistant)")
 
 
 def alpaca_history(history: Any, where: str) -> list[Message]:

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Protocol
 
-from peftkit.data.formats import COLUMNS_ADVICE, ROLES_ADVICE, Example, load_examples
+from peftkit.data.formats import ROLES_ADVICE, Example, load_examples, with_columns_advice_replaced
 from peftkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def load_replay(path: str, answers: str = "auto", *, known_only: bool = False) -
     try:
         examples = load_examples(replay_path(path), prepare=prepare)
     except DataError as exc:  # the generic advice would point at data.columns, which never reads a replay file
-        message = str(exc).replace(COLUMNS_ADVICE, REPLAY_LAYOUT_ADVICE)
+        message = with_columns_advice_replaced(str(exc), REPLAY_LAYOUT_ADVICE)
         raise DataError(message.replace(ROLES_ADVICE, " (data.columns.roles does not apply to replay files)")) from None
     unanswered = [e.where for e in examples if e.messages and e.messages[-1]["content"] == ANSWER_SLOT]
     if known_only and unanswered:

@@ -80,10 +80,17 @@ def generate_replies(
                     finished = any(t in stops for t in row)
                     if finished:
                         row = row[: min(row.index(t) for t in stops if t in row)]
-                    replies[index] = Reply(tokenizer.decode(row, skip_special_tokens=True).strip(), finished, tuple(row))
+                    text = tokenizer.decode(row, skip_special_tokens=True)
+                    if not finished:  # cut by max_new_tokens, maybe inside a character of several tokens (an emoji)
+                        text = text.rstrip(INCOMPLETE)
+                    replies[index] = Reply(text.strip(), finished, tuple(row))
     finally:
         tokenizer.padding_side = side
     return [replies[i] for i in range(len(prompts))]
+
+
+INCOMPLETE = "\ufffd"
+"""What a tokenizer decodes the first bytes of an unfinished character to."""
 
 
 def text_position_limit(model: Any) -> int | None:

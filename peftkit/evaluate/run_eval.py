@@ -20,7 +20,7 @@ from typing import Any, Literal
 from peftkit.data.build import HeldoutItem, Row, load_heldout, tokenize_examples, train_eval_examples
 from peftkit.data.chat import heldout_tools_problem, with_system_prompt
 from peftkit.config.schema import Recipe
-from peftkit.data.formats import COLUMNS_ADVICE, Example, load_examples
+from peftkit.data.formats import Example, has_columns_advice, load_examples
 from peftkit.errors import DataError, PeftkitError
 from peftkit.evaluate.generation import answer_items, heldout_accuracy, score_replies
 from peftkit.evaluate.loss import mean_loss, perplexity
@@ -28,6 +28,7 @@ from peftkit.evaluate.margins import CONFIDENT_MARGIN, confidently_known, decisi
 from peftkit.runs import (QLORA_BASES, LoadedRun, load_base_model, load_run, read_run_recipe, read_run_tokenizer,
                           require_chat_run)
 from peftkit.utils.atomic import atomic_write_text, write_problem
+from peftkit.utils.readable_json import readable_json
 
 GENERAL_SET = "general_knowledge.jsonl"
 REPORT = "eval.json"
@@ -80,7 +81,7 @@ def eval_data_examples(data: str, recipe: Recipe, run_dir: Path) -> list[Example
         try:
             examples = load_examples(data)
         except DataError as detected:
-            if COLUMNS_ADVICE not in str(detected):  # a standard layout with a mistake, or an unreadable file
+            if not has_columns_advice(str(detected)):  # a standard layout with a mistake, or an unreadable file
                 raise
             raise DataError(f"--data {data} is in no standard layout (chat, ShareGPT, alpaca, prompt/completion, "
                             f"question/answer), so it was read with the run's {setting} (from "
@@ -243,7 +244,7 @@ def evaluate_run(
         "details": {k: v for k, v in after.items() if k.endswith("_details")},
     }
     # The as-trained report (the one the model card shows) is never overwritten by the other view.
-    atomic_write_text(target, json.dumps(report, indent=2))
+    atomic_write_text(target, readable_json(report, indent=2))
     if target.resolve() == run_dir / REPORT:
         _refresh_model_card(run_dir, recipe)
     return report

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from peftkit.export.gguf_types import GGUF_TYPES
 from peftkit.models.resolve import TOKENIZER_FILES
 from peftkit.train.run_dir import LOCK_FILE, is_peftkit_run
 from peftkit.utils.atomic import atomic_write_text, mark_when_written, marked_entries, write_problem
+from peftkit.utils.readable_json import readable_json
 
 EXPORT_MARKER = ".peftkit-export"  # in every export folder: `--force` may replace what holds it
 PEFTKIT_FILES = (EXPORT_MARKER, LOCK_FILE)
@@ -173,7 +173,7 @@ def list_files(folder: Path) -> list[str]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    atomic_write_text(path, readable_json(data, indent=2, default=str) + "\n")
 
 
 def write_verification(tmp: Path, final: Path, report: dict[str, Any]) -> dict[str, Any]:

@@ -94,6 +94,11 @@ def summary(report: dict[str, Any]) -> str:
                  f"{report['greedy_exact_own_tokenization']:.0%}")
     if report.get("stops_not_ending_generation"):
         line += f"; llama.cpp does not stop generating on {', '.join(report['stops_not_ending_generation'])}"
+    if report.get("data_texts_tokenized_differently"):
+        first = " ".join(str(report["data_text_tokenized_differently"]).split())
+        line += (f"; llama.cpp splits {report['data_texts_tokenized_differently']} of {report['data_texts_checked']} "
+                 f"texts of the run's own data into other tokens than training did (first: {first[:60]!r}), so its "
+                 "answers to such text can differ from `peftkit chat`'s")
     return line
 
 
@@ -119,6 +124,8 @@ def child_report(model: str, reference: verify.Reference, lora: str | None = Non
         logits.append(torch.from_numpy(np.array(llm.scores[: len(sequence)], dtype=np.float32)))
     own_ids = [llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) for text in reference.texts]
     tokens_ok = own_ids == reference.prompt_ids
+    data_differ = [text for text, ids in zip(reference.data_texts, reference.data_ids)
+                   if llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) != ids]
     # where llama.cpp splits a prompt its own way, what it answers from that (the logits above use the reference ids)
     same_answer = [ids == ref or _greedy(llm, ids, len(answer), reference.stop_ids) == answer
                    for ids, ref, answer in zip(own_ids, reference.prompt_ids, reference.continuations)]
@@ -129,6 +136,8 @@ def child_report(model: str, reference: verify.Reference, lora: str | None = Non
     report = verify.compare(reference, logits)
     report.update({"kind": "llama.cpp", "model": model, "lora": lora, "reference": reference.label,
                    "tokenizer_match": tokens_ok, "stops_not_ending_generation": not_stopping,
+                   "data_texts_checked": len(reference.data_texts), "data_texts_tokenized_differently": len(data_differ),
+                   "data_text_tokenized_differently": data_differ[0] if data_differ else None,
                    # measured only where llama.cpp splits a prompt its own way (else it is greedy_exact's question)
                    "greedy_exact_own_tokenization": None if tokens_ok else sum(same_answer) / len(same_answer),
                    "llama_cpp_version": installed_version()})

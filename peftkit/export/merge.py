@@ -11,6 +11,7 @@ original full-precision W is offered too; both errors are measured and reported.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -226,7 +227,46 @@ def _clean_config(model: Any, name: str) -> Any:
 
 def _reference(model: Any, tokenizer: Any, run: RunAdapter, label: str) -> Reference:
     conversations = conversations_for(run.recipe.data.system_prompt, run.recipe.eval.sample_prompts)
-    return build_reference(model, tokenizer, conversations, label=label)
+    return build_reference(model, tokenizer, conversations, label=label, data_texts=run_data_texts(run))
+
+
+DATA_TEXTS = 200
+DATA_BYTES_READ = 32 * 2**20
+"""Training data larger than this is not read for those texts (the held-out replies still are)."""
+"""Texts of a run's own data whose tokenization an export compares with llama.cpp's (cheap: no model runs)."""
+
+
+def run_data_texts(run: RunAdapter, limit: int = DATA_TEXTS) -> list[str]:
+    """Message texts of the run's training data and its held-out questions and replies, each cut to 500
+    characters. The fixed verification prompts are English: llama.cpp splits some other scripts' text differently
+    (a space before an Arabic-Indic digit). Data that cannot be read here (moved, a Hub dataset offline) is
+    skipped: this is a check, not a requirement."""
+    import json
+
+    from peftkit.data.formats import load_examples
+    from peftkit.data.hub import is_hub_ref
+    from peftkit.errors import PeftkitError
+
+    texts: list[str] = []
+    sources = [run.recipe.data.train] if isinstance(run.recipe.data.train, str) else list(run.recipe.data.train)
+    local = not any(is_hub_ref(s) for s in sources)
+    if local and sum(Path(s).stat().st_size if Path(s).is_file() else 0 for s in sources) <= DATA_BYTES_READ:
+        try:
+            for example in load_examples(sources, run.recipe.data.format, run.recipe.data.columns):
+                texts += ([str(m.get("content") or "") for m in example.messages] if example.messages is not None
+                          else [example.text or ""])
+                if len(texts) >= limit:
+                    break
+        except (PeftkitError, OSError, ValueError):
+            pass
+    heldout = run.run_dir / "heldout.jsonl"
+    if heldout.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            for line in heldout.read_text(encoding="utf-8").splitlines():
+                record = json.loads(line)
+                texts += [str(record.get("question") or ""), str(record.get("reply") or "")]
+    unique = dict.fromkeys(t[:500] for t in texts if t.strip())
+    return list(unique)[:limit]
 
 
 def merge_run(run_dir: str | Path, *, qlora_base: QLoraBase = "dequantized", base: str | None = None) -> MergedModel:

@@ -21,13 +21,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from peftkit.errors import ExportError
+from peftkit.utils.readable_json import readable_json
 
 DEFAULT_PROMPTS = (
     "What can you help me with?",
@@ -75,6 +76,10 @@ class Reference:
     logits: list[torch.Tensor]
     stop_ids: list[int]
     label: str
+    data_texts: list[str] = field(default_factory=list)
+    """Texts of the run's own data, for a tokenizer comparison beyond the fixed (English) prompts."""
+    data_ids: list[list[int]] = field(default_factory=list)
+    """Their ids from the original tokenizer."""
 
     def sequences(self) -> list[list[int]]:
         return [p + c for p, c in zip(self.prompt_ids, self.continuations)]
@@ -126,7 +131,9 @@ def build_reference(
     *,
     label: str,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    data_texts: Sequence[str] = (),
 ) -> Reference:
+    """`data_texts`: texts of the run's own data, whose tokenization the llama.cpp check compares too."""
     from peftkit.data.chat import generation_prompt
 
     model.eval()
@@ -135,7 +142,8 @@ def build_reference(
     prompt_ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     continuations = _greedy_batch(model, tokenizer, prompt_ids, stops, max_new_tokens)
     logits = sequence_logits(model, [p + c for p, c in zip(prompt_ids, continuations)])
-    return Reference(conversations, texts, prompt_ids, continuations, logits, stops, label)
+    data_ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in data_texts]
+    return Reference(conversations, texts, prompt_ids, continuations, logits, stops, label, list(data_texts), data_ids)
 
 
 def max_abs_diff(model: Any, reference: Reference) -> float:
@@ -180,7 +188,7 @@ def with_logits(reference: Reference, model: Any, label: str) -> Reference:
     """The same prompts and continuations, with `model`'s logits as the reference (e.g. the merged model)."""
     logits = sequence_logits(model, reference.sequences())
     return Reference(reference.conversations, reference.texts, reference.prompt_ids, reference.continuations,
-                     logits, reference.stop_ids, label)
+                     logits, reference.stop_ids, label, reference.data_texts, reference.data_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +208,8 @@ def save_reference(reference: Reference, folder: Path) -> None:
         "continuations": reference.continuations,
         "stop_ids": reference.stop_ids,
         "label": reference.label,
+        "data_texts": reference.data_texts,
+        "data_ids": reference.data_ids,
     }
     (folder / "reference.json").write_text(json.dumps(meta), encoding="utf-8")
 
@@ -211,7 +221,7 @@ def load_reference(folder: Path) -> Reference:
     tensors = load_file(str(folder / "logits.safetensors"))
     logits = [tensors[f"logits_{i}"] for i in range(len(meta["texts"]))]
     return Reference(meta["conversations"], meta["texts"], meta["prompt_ids"], meta["continuations"], logits,
-                     meta["stop_ids"], meta["label"])
+                     meta["stop_ids"], meta["label"], meta.get("data_texts", []), meta.get("data_ids", []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", help="a GGUF LoRA to apply on top of --model (--kind llama.cpp)")
     args = parser.parse_args(argv)
     report = _child(args)
-    Path(args.report).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    Path(args.report).write_text(readable_json(report, indent=2), encoding="utf-8")
     return 0
 
 

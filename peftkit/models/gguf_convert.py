@@ -16,7 +16,7 @@ from typing import Any
 
 from peftkit.errors import ModelNotFoundError, PeftkitError
 from peftkit.models.load import save_tokenizer
-from peftkit.utils.atomic import atomic_directory
+from peftkit.utils.atomic import atomic_directory, write_problem
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,11 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
         return target
     stale = target.exists()
     check_gguf_supported(gguf_path)
+    problem = write_problem(target)  # before minutes of conversion, not after
+    if problem:
+        raise PeftkitError(f"cannot cache the converted model of {gguf_path.name}: {problem}. Converted models are "
+                           f"kept under $PEFTKIT_HOME (now {cache_root}, default ~/.cache/peftkit): set "
+                           "PEFTKIT_HOME to a writable folder")
     log.info("Converting %s to safetensors (once; cached in %s)", gguf_path.name, target)
 
     import torch

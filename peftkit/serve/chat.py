@@ -16,7 +16,7 @@ import torch
 from peftkit.data.chat import Tools, check_tools_shown, generation_prompt, with_system_prompt
 from peftkit.data.formats import Message
 from peftkit.errors import PeftkitError
-from peftkit.evaluate.generation import room_to_answer, stop_token_ids, text_position_limit
+from peftkit.evaluate.generation import INCOMPLETE, room_to_answer, stop_token_ids, text_position_limit
 from peftkit.models.skeleton import trained_context
 
 
@@ -118,8 +118,11 @@ def stream_reply(
 
         worker = threading.Thread(target=generate, daemon=True)
         worker.start()
+        held = ""  # the start of a character of several tokens (an emoji), shown once it is whole
         for piece in streamer:
             pieces.append(piece)
+            whole = (held + piece).rstrip(INCOMPLETE)
+            held, piece = (held + piece)[len(whole):], whole
             if not started:
                 piece = piece.lstrip()
                 started = bool(piece)
@@ -138,7 +141,7 @@ def stream_reply(
         if started:  # the error (SIGTERM's "terminated" too) goes on a line of its own
             out.write("\n")
         raise
-    raw = "".join(pieces)
+    raw = "".join(pieces).rstrip(INCOMPLETE)  # a reply cut inside a character: its start is not shown
     reply = raw.strip()
     if not reply:  # otherwise a blank line, which reads as a hang or a crash
         out.write("(no reply: the model wrote only blank space)" if raw else "(no reply: the model ended its turn at once)")

@@ -173,7 +173,8 @@ def plot_loss_curves(metrics: list[dict[str, Any]], out: Path, title: str = "") 
         ax.plot(*zip(*evals), "o-", label="eval loss", color="#d62728")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (supervised tokens)")
-    ax.set_title(title or "loss")
+    shown, family = _title_with_font(title or "loss")
+    ax.set_title(shown, **({"fontfamily": family} if family else {}))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -181,6 +182,29 @@ def plot_loss_curves(metrics: list[dict[str, Any]], out: Path, title: str = "") 
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _title_with_font(title: str) -> tuple[str, str | None]:
+    """The title and an installed font that has all its characters when the default one (DejaVu Sans) lacks some
+    (a run named in Chinese); with none, the title without those characters (matplotlib would draw empty boxes and
+    warn once per character)."""
+    from matplotlib import font_manager, ft2font
+
+    def characters(path: str) -> set[int]:
+        try:
+            return set(ft2font.FT2Font(path).get_charmap())
+        except (OSError, RuntimeError, ValueError):
+            return set()
+
+    needed = {ord(ch) for ch in title if not ch.isspace()}
+    default = characters(font_manager.findfont(font_manager.FontProperties()))
+    if needed <= default:
+        return title, None
+    for font in font_manager.fontManager.ttflist:  # "Last Resort" maps every character to a box
+        if not font.name.startswith("Last Resort") and needed <= characters(font.fname):
+            return title, font.name
+    kept = " ".join("".join(ch for ch in title if ord(ch) in default or ch.isspace()).split()).strip(" ():;,-")
+    return kept or "loss", None
 
 
 def early_stopping_callbacks(patience: int | None, has_eval: bool) -> list[TrainerCallback]:

@@ -21,6 +21,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from peftkit.errors import RunDirError
+from peftkit.utils.atomic import fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +103,6 @@ def read_progress(checkpoint: Path) -> Progress | None:
     return Progress(**{k: v for k, v in recorded.items() if k in names})
 
 
-def _fsync_dir_files(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-
-
 def deepspeed_stage_of(args: Any) -> int | None:
     """The ZeRO stage of a Trainer's arguments; None when DeepSpeed is off."""
     hf_config = getattr(args, "hf_deepspeed_config", None)
@@ -143,7 +137,7 @@ class CompleteMarkerCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not folder.is_dir():
             return
-        _fsync_dir_files(folder)
+        fsync_tree(folder)  # and the modes other files get (safetensors writes its files owner-only)
         marker = {"step": state.global_step, "world_size": args.world_size, "deepspeed_stage": deepspeed_stage_of(args),
                   **({"progress": asdict(progress)} if progress is not None else {})}
         tmp = folder / f"{MARKER}.tmp"

@@ -57,6 +57,7 @@ from peftkit.train.trainer import RunTrainer
 from peftkit.train.run_dir import check_run_dir, clear_run_dir, load_before, mark_run_dir, run_lock, save_before
 from peftkit.utils.atomic import atomic_write_text
 from peftkit.utils.modes import eval_mode
+from peftkit.utils.readable_json import readable_json
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +312,6 @@ def _train_classifier(
     # Keys the terminal report shares with causal runs (there: fact accuracy on held-out questions).
     summary["heldout_questions"] = len(data.heldout)
     summary["wall_seconds"] = round(prior.wall_seconds + time.perf_counter() - started, 2)  # all sessions
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / "summary.json", readable_json(summary, indent=2))
     write_classification_card(run_dir, recipe, summary)
     return RunResult(run_dir, summary)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -21,7 +20,7 @@ from peftkit.data import PaddingCollator, build_datasets
 from peftkit.adapters.lora import KNOWLEDGE_INITS
 from peftkit.data.build import check_token_ids_fit, general_rows
 from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
-from peftkit.errors import ConfigError, PeftkitError, RunDirError
+from peftkit.errors import ConfigError, PeftkitError, RunDirError, is_disk_full
 from peftkit.train.distill import add_teacher_targets
 from peftkit.evaluate.generation import generate_replies, heldout_accuracy
 from peftkit.models import (
@@ -47,6 +46,7 @@ from peftkit.train.model_card import write_model_card
 from peftkit.train.trainer import SFTTrainer, pad_eval_rows
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 from peftkit.utils.memory import peak_rss_mb
+from peftkit.utils.readable_json import readable_json
 from peftkit.utils.threads import choose_threads, omp_threads
 
 log = logging.getLogger(__name__)
@@ -84,12 +84,25 @@ def train_or_finish(trainer: Any, recipe: Recipe, resume_from: Path | None, prio
             output = checkpoints.restore_finished(trainer, resume_from)  # every step was trained before the stop
         else:
             output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except Exception as exc:
+        if is_disk_full(exc) and trainer.is_world_process_zero():
+            _free_the_failed_save(run_dir)
+        raise
     finally:  # a failed run (divergence, a callback's error, OOM) never reaches on_train_end
         interrupt.restore()
     signals.raise_if_interrupted(interrupt, trainer, run_dir)  # a signal stopped it: checkpoint saved, say how to resume
     if finishing is not None:
         finishing.arm()
     return output
+
+
+def _free_the_failed_save(run_dir: Path) -> None:
+    """A checkpoint that a full disk cut short can never be resumed from (`--resume` deletes it): deleting it now
+    gives back its space, so the resume can start once a little more is freed, and the user is not left to guess
+    which checkpoint folder is safe to delete."""
+    for path in checkpoints.remove_incomplete(run_dir):
+        log.warning("Removed %s: the full disk cut its save short (a checkpoint without its %s marker is never "
+                    "resumed from)", path, checkpoints.MARKER)
 
 
 def peak_memory_mb(device: str) -> float:
@@ -500,11 +513,11 @@ def _train(
         atomic_write_text(
             run_dir / "heldout.jsonl",
             "".join(
-                json.dumps({**after, "reply_before": before.get("reply"), "correct_before": before.get("correct")}) + "\n"
+                readable_json({**after, "reply_before": before.get("reply"), "correct_before": before.get("correct")}) + "\n"
                 for after, before in zip(details_after, details_before or [{}] * len(details_after))
             ),
         )
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / "summary.json", readable_json(summary, indent=2))
     write_model_card(run_dir, recipe, summary)
     return RunResult(run_dir, summary)
 

@@ -24,6 +24,7 @@ import yaml
 from peftkit.errors import RunDirError
 from peftkit.train import checkpoints
 from peftkit.utils.atomic import atomic_write_text, remove_dead_writers_temporaries
+from peftkit.utils.readable_json import readable_json
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +385,7 @@ def check_resume_data(run_dir: Path, fingerprint: str, split: str | None = None,
 
 
 def save_before(run_dir: Path, before: dict[str, Any]) -> None:
-    atomic_write_text(run_dir / BEFORE_FILE, json.dumps(before))
+    atomic_write_text(run_dir / BEFORE_FILE, readable_json(before))
 
 
 def load_before(run_dir: Path) -> dict[str, Any]:

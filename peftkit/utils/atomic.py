@@ -8,6 +8,7 @@ the same target removes it once that process is gone (each can be a full model c
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -153,7 +154,7 @@ def _umask() -> int:
     return current
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     """fsync every file under `root`, giving files that a library wrote owner-only (safetensors writes 0600) the
     modes the umask gives any other file."""
     default_mode = 0o666 & ~_umask()
@@ -191,13 +192,14 @@ def atomic_directory(target: Path, *, exist_ok: bool = False, replace: bool = Fa
         if marker is not None:  # with the names written: anything else found there later is the user's
             written = "".join(f"{p.name}\n" for p in sorted(tmp.iterdir()))
             (tmp / marker).write_text(MARKER_HEADER + written, encoding="utf-8")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if target.exists():
             if exist_ok and not replace:
                 shutil.rmtree(tmp)
                 return
-            if not replace:
-                raise FileExistsError(f"{target} already exists")
+            if not replace:  # it was not there when the block started: another process wrote it meanwhile
+                raise FileExistsError(errno.EEXIST, "written meanwhile by another process, so this result was not "
+                                      "kept", str(target))
             old = target.with_name(f".old-{target.name}-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)

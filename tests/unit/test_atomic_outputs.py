@@ -243,3 +243,38 @@ def test_force_clears_what_killed_writers_left_in_a_run_folder(tmp_path):
     (run / "adapter").mkdir()
     clear_run_dir(run)
     assert sorted(p.name for p in run.iterdir()) == [".peftkit-run", f".tmp-merged-{os.getpid()}-0123abcd"]
+
+
+def test_an_output_another_process_wrote_meanwhile_is_kept_and_said(tmp_path, capsys, monkeypatch):
+    """Two exports of one run at once: the slower one did all the work, then said "already exists; check the path
+    and free space"."""
+    target = tmp_path / "gguf"
+    with pytest.raises(FileExistsError) as info:
+        with atomic_directory(target) as tmp:
+            (tmp / "mine.txt").write_text("mine")
+            target.mkdir()
+            (target / "theirs.txt").write_text("theirs")
+    assert "written meanwhile by another process" in str(info.value)
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"] and [p.name for p in tmp_path.iterdir()] == ["gguf"]
+
+    def export(*args, **kwargs):
+        raise info.value
+
+    monkeypatch.setattr("peftkit.cli.build_parser", _parser_running(export))
+    assert main(["anything"]) == 2
+    err = capsys.readouterr().err
+    assert f"written meanwhile by another process, so this result was not kept ({target}); use it, or run" in err
+    assert "free space" not in err
+
+
+def _parser_running(func):
+    import argparse
+
+    def build():
+        parser = argparse.ArgumentParser()
+        parser.add_argument("name")
+        parser.add_argument("-v", "--verbose", action="store_true")
+        parser.set_defaults(func=func)
+        return parser
+
+    return build

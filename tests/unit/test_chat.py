@@ -380,3 +380,44 @@ def test_a_conversation_past_the_trained_context_of_a_rope_model_is_said(tiny_ch
     out = io.StringIO()
     chat(model, tokenizer, system_prompt=None, max_new_tokens=4, stdin=io.StringIO("hello there\n/exit\n"), out=out)
     assert "note" not in out.getvalue() + capsys.readouterr().err
+
+
+def _cut_inside_an_emoji(tokenizer) -> list[int]:
+    """Tokens of a reply that stops after the first byte-level token of an emoji."""
+    whole = tokenizer("Opens at 9 \U0001f558", add_special_tokens=False)["input_ids"]
+    cut = whole[:-1]
+    while not tokenizer.decode(cut).endswith("\ufffd"):
+        cut = cut[:-1]
+    assert tokenizer.decode(cut).startswith("Opens at 9"), "precondition: the emoji is split over byte tokens"
+    return cut
+
+
+def test_a_reply_cut_inside_a_character_is_stored_and_shown_without_its_broken_start(tiny_model_dir, tiny_tokenizer):
+    """A reply cut by max_new_tokens halfway through an emoji's byte tokens ended in U+FFFD, in heldout.jsonl and
+    on the screen."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.evaluate.generation import generate_replies
+    from peftkit.serve.chat import stream_reply
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    reply_ids = _cut_inside_an_emoji(tiny_tokenizer)
+    stop = tiny_tokenizer.eos_token_id
+    assert stop not in reply_ids
+
+    def generate(input_ids, streamer=None, **kwargs):
+        new = torch.tensor([reply_ids] * input_ids.shape[0])
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+            for token in reply_ids:
+                streamer.put(torch.tensor([token]))
+            streamer.end()
+        return torch.cat([input_ids, new], dim=1)
+
+    messages = [{"role": "user", "content": "When does it open?"}]
+    with mock.patch.object(model, "generate", generate):
+        stored = generate_replies(model, tiny_tokenizer, [messages], max_new_tokens=len(reply_ids))[0]
+        out = io.StringIO()
+        shown = stream_reply(model, tiny_tokenizer, messages, max_new_tokens=len(reply_ids), out=out)
+    assert not stored.finished and stored.text == "Opens at 9"
+    assert shown == "Opens at 9" and "\ufffd" not in out.getvalue() and out.getvalue().startswith("Opens at 9")

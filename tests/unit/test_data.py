@@ -533,7 +533,7 @@ def test_json_lines_named_json_are_read_as_json_lines(tmp_path):
         load_examples(path)
 
 
-@pytest.mark.parametrize("name", ["train.jsonl.gz", "train.xlsx"])
+@pytest.mark.parametrize("name", ["train.tar.gz", "train.xlsx"])
 def test_an_unsupported_file_type_is_named_not_parsed_as_json_lines(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(b"\x1f\x8b\x08\x00binary")

@@ -491,6 +491,11 @@ def test_a_replay_file_in_no_standard_layout_is_not_pointed_at_data_columns(tmp_
                                         r"to data.train and data.eval only\)") as caught:
         load_replay(str(odd))
     assert "add a map" not in str(caught.value)
+    dialog = write_jsonl(tmp_path / "dialog.jsonl", [{"dialog": [{"speaker": "user", "text": "Hi"},
+                                                                 {"speaker": "bot", "text": "Hello"}]}])
+    with pytest.raises(DataError, match="a replay file must be in one of those layouts as written") as caught:
+        load_replay(str(dialog))
+    assert "columns" not in str(caught.value).split("(data.columns and data.format apply")[0]
     speakers = write_jsonl(tmp_path / "s.jsonl", [{"messages": [{"role": "kunde", "content": "Hallo"},
                                                                 {"role": "assistant", "content": "Hi"}]}])
     with pytest.raises(DataError, match=r"unknown role 'kunde'; .* \(data.columns.roles does not apply to replay files\)"):

@@ -57,6 +57,19 @@ def test_a_lone_string_key_fact_is_one_fact_not_its_characters():
     ("Doors open at 07:30am.", ["7:30am"]),  # leading zeros
     ("from 09:00", ["9:00"]),
     ("We close at 18:00.", ["18:00"]),
+    ("السعر ٣ دنانير", ["3"]),  # Arabic-Indic digit, both ways
+    ("السعر 3 دنانير", ["٣"]),
+    ("الرقم ۱۲", ["12"]),  # Persian digits
+    ("सात ७ दिन", ["7"]),  # Devanagari
+    ("Цена 1 200 рублей", ["1200"]),  # no-break space as thousands separator
+    ("Prix : 1 200 €", ["1200"]),
+    ("السعر ١٬٢٠٠", ["1200"]),  # Arabic thousands separator
+    ("المُدِير هو سَامِي", ["سامي"]),  # vowel marks
+    ("تقع في عمّان", ["عمان"]),  # shadda
+    ("المكتب بالقاهرة", ["القاهرة"]),  # bi- before the word
+    ("المكتبة", ["مكتبة"]),  # the article al-
+    ("המשרד נמצא בתל אביב", ["תל אביב"]),  # Hebrew be-
+    ("Кафе́ открыто", ["Кафе"]),  # a stress mark
 ])
 def test_a_key_fact_is_found_as_a_whole_word_or_number(reply, facts):
     assert is_correct(reply, facts)
@@ -80,6 +93,14 @@ def test_a_key_fact_is_found_as_a_whole_word_or_number(reply, facts):
     ("It is 10.05", ["10"]),
     ("Pi is 12.501", ["12.5"]),
     ("it costs $14.0001", ["$14"]),
+    ("السعر ٣٫٥", ["3"]),  # Arabic decimal separator: 3.5
+    ("Цена 1 200 рублей", ["200"]),
+    ("١٬٢٠٠", ["٢٠٠"]),
+    ("سلامي", ["سامي"]),  # not a prefix: another word
+    ("Йоханнак", ["Йоханна"]),
+    ("١١٢", ["12"]),
+    ("café", ["cafe"]),  # Latin accents are spelling
+    ("й", ["и"]),
 ])
 def test_a_key_fact_inside_a_longer_word_or_number_is_not_found(reply, facts):
     assert not is_correct(reply, facts)

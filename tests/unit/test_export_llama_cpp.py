@@ -127,6 +127,20 @@ def test_a_phi3_vocabulary_is_named_so_llama_cpp_strips_like_its_tokenizer(expor
     report = json.loads((result.path / "verification.json").read_text())["llama_cpp"]
     assert report["passed"] and report["tokenizer_match"], report
     assert _fields(result.path / "support-desk-f32.gguf")[0]["general.name"] == "support-desk-phi3"
+    # beyond the fixed English prompts, the run's own data (its training messages) is tokenized in llama.cpp too
+    assert report["data_texts_checked"] > 10 and report["data_texts_tokenized_differently"] == 0, report
+
+
+def test_the_run_data_llama_cpp_tokenizes_differently_is_said():
+    """An Arabic run's export said `tokenizer_match: true` from four English prompts while llama.cpp split 15 of its
+    187 training texts differently (a space before an Arabic-Indic digit)."""
+    report = {"ran": True, "max_abs_diff": 0.001, "tolerance": 0.01, "greedy_agreement": 1.0, "greedy_exact": 1.0,
+              "prompts": 4, "tokenizer_match": True, "data_texts_checked": 187, "data_texts_tokenized_differently": 15,
+              "data_text_tokenized_differently": "السعر ٣ دنانير"}
+    line = llama_cpp_check.summary(report)
+    assert "llama.cpp splits 15 of 187 texts of the run's own data into other tokens than training did" in line
+    assert "السعر ٣" in line and "can differ from `peftkit chat`'s" in line
+    assert "own data" not in llama_cpp_check.summary({**report, "data_texts_tokenized_differently": 0})
 
 
 @pytest.mark.parametrize("legacy", [False, True])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from unittest import mock
 
 import pytest
 
@@ -459,3 +460,19 @@ def test_a_model_folder_missing_a_shard_or_holding_only_a_gguf_is_said_before_lo
     (gguf_only / "model.Q4_K_M.gguf").write_bytes(b"GGUF")
     with pytest.raises(ModelNotFoundError, match=r"holds model.Q4_K_M.gguf: point model.name at the .gguf file itself"):
         resolve_model_ref(str(gguf_only))
+
+
+def test_an_unwritable_model_cache_is_said_before_converting(tmp_path, monkeypatch):
+    """A read-only PEFTKIT_HOME was found only after the conversion (minutes for a large GGUF), as an error about
+    "the tokenizer", and every retry converted again."""
+    from peftkit.errors import PeftkitError
+    from peftkit.models import gguf_convert
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    monkeypatch.setattr(gguf_convert, "check_gguf_supported", lambda path: "llama")
+    (tmp_path / "not-a-folder").write_text("")
+    home = tmp_path / "not-a-folder" / "peftkit"
+    with mock.patch("transformers.AutoTokenizer.from_pretrained", side_effect=AssertionError("converted first")):
+        with pytest.raises(PeftkitError, match=r"cannot cache the converted model of model.gguf: .* set PEFTKIT_HOME"):
+            gguf_convert.convert_gguf(gguf, home)

@@ -6,6 +6,7 @@ sitecustomize so the test can act between checkpoints) and compare against an un
 
 from __future__ import annotations
 
+import os
 import sys
 
 import json
@@ -298,3 +299,35 @@ def test_a_resume_with_another_process_count_is_refused_before_anything_loads(ti
     args = argparse.Namespace(resume="last", force=False)
     with pytest.raises(RunDirError, match=r"saved by 2 process\(es\), but this run has 3"):
         launch._launch(args, load_recipe(path), str(path), LaunchOptions(nproc=3), None, run_dir)
+
+
+def test_a_checkpoint_the_full_disk_cut_short_is_removed_and_named(tiny_recipe, monkeypatch, caplog):
+    """The half-written checkpoint stayed on the full disk: --resume could not even start, and the message left the
+    user to guess which checkpoint folder was safe to delete (the older one is the only one to resume from)."""
+    from transformers import Trainer
+
+    from peftkit.config import recipe_from_dict
+
+    saves = []
+    original = Trainer._save_optimizer_and_scheduler
+
+    def fills_the_disk(self, output_dir):
+        saves.append(output_dir)
+        if len(saves) == 2:
+            (Path(output_dir) / "optimizer.pt").write_bytes(b"\0" * 1000)  # part-way
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 43200 vs 43092")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", fills_the_disk)
+    recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 3, "save_steps": 1},
+                               "eval": {"before": False}})
+    with caplog.at_level("WARNING", logger="peftkit"), pytest.raises(RuntimeError, match="unexpected pos"):
+        train(recipe)
+    run_dir = Path(tiny_recipe["output_dir"])
+    kept = checkpoints.checkpoint_dirs(run_dir)
+    assert [p.name for p in kept] == ["checkpoint-1"] and checkpoints.is_complete(kept[0])
+    assert f"Removed {run_dir / 'checkpoints' / 'checkpoint-2'}: the full disk cut its save short" in caplog.text
+    umask = os.umask(0)
+    os.umask(umask)
+    if umask & 0o044 == 0:  # safetensors writes 0600: readable by others as the rest is
+        assert (kept[0] / "adapter_model.safetensors").stat().st_mode & 0o044 == 0o044

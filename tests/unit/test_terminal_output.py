@@ -109,3 +109,23 @@ def test_a_finished_progress_bar_in_a_log_file_ends_its_own_line(capsys, caplog)
     err = capsys.readouterr().err  # not a terminal under pytest, as a log file
     last = err.rstrip("\n").split("\r")[-1]
     assert last.startswith("held-out questions (3): 100%") and err.endswith("\n")
+
+
+def test_a_loss_plot_titled_in_a_script_no_font_has_draws_without_boxes_or_warnings(tmp_path, monkeypatch):
+    """A run named in Chinese drew four empty boxes in the plot's title and warned once per character."""
+    import warnings
+
+    from matplotlib import font_manager
+
+    from peftkit.train.callbacks import _title_with_font, plot_loss_curves
+
+    plain = [font for font in font_manager.fontManager.ttflist if font.name == "DejaVu Sans"]
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", plain)  # no font with CJK installed
+    assert _title_with_font("星光书店: lora") == ("lora", None)
+    assert _title_with_font("Café: lora") == ("Café: lora", None)  # the default font has these: kept as written
+    assert _title_with_font("星光书店") == ("loss", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = plot_loss_curves([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], tmp_path / "loss.png",
+                               title="星光书店: lora")
+    assert out is not None and out.stat().st_size > 0

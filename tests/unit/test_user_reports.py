@@ -145,8 +145,9 @@ def test_disk_full_during_train_is_one_line(monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="some other failure"):
         main(["train", "recipe.yaml"])
     monkeypatch.setattr("peftkit.train.launch.train_command", full)
-    with pytest.raises(RuntimeError, match="unexpected pos"):
-        main(["-v", "train", "recipe.yaml"])
+    assert main(["-v", "train", "recipe.yaml"]) == 2  # the traceback as well, the same message and status
+    err = capsys.readouterr().err
+    assert "unexpected pos" in err and "Traceback" in err and "error: no space left on device" in err
 
 
 def test_readme_own_domain_lists_description():
@@ -290,3 +291,64 @@ def test_the_run_cards_plain_peft_snippet_runs_as_written(tiny_recipe, tmp_path)
     namespace: dict = {}
     exec(compile(snippet.replace("max_new_tokens=200", "max_new_tokens=3"), "card", "exec"), namespace)  # noqa: S102
     assert namespace["reply"].ndim == 1 and len(namespace["reply"]) <= 3
+
+
+def test_an_os_error_keeps_its_message_and_exit_status_under_verbose(monkeypatch, capsys):
+    """-v printed a bare traceback instead, and exited 1 where the same error exits 2 without it."""
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/data/train.jsonl")
+
+    monkeypatch.setattr("peftkit.train.launch.train_command", denied)
+    assert main(["train", "recipe.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: Permission denied (/data/train.jsonl); check its permissions, or use a place you can write "
+                   "to (-v shows the traceback)\n")
+    assert main(["train", "recipe.yaml", "-v"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith("check its permissions, or use a place you can write to")
+
+
+def test_a_full_temporary_folder_is_named_with_tmpdir(monkeypatch, capsys, tmp_path):
+    """A GGUF export saves the tokenizer into a temporary folder: a full TMPDIR was reported as a full checkpoint
+    disk, sending the user to free space on the wrong disk."""
+    import shutil
+    from collections import namedtuple
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("peftkit.train.launch.train_command", full)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 0))
+    assert main(["train", "recipe.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert f"while writing a temporary file in {tmp_path}; free space in {tmp_path} or set TMPDIR" in err
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    assert main(["train", "recipe.yaml"]) == 2
+    assert "TMPDIR" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["chat", "~/runs/r", "--prompt", "hi"], ["merge", "~/runs/r"],
+                                     ["export", "~/runs/r", "--format", "adapter"], ["eval", "~/runs/r"]])
+def test_a_tilde_the_shell_left_in_a_run_dir_is_expanded_by_every_command(command, monkeypatch, capsys, tmp_path):
+    """`eval` and `validate` expanded a quoted `~/runs/r`; `chat`, `merge` and `export` said it does not exist."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/runs/r" in err and "~" not in err, err
+
+
+def test_files_people_read_keep_their_text_as_written(tiny_recipe):
+    """heldout.jsonl, summary.json and eval.json stored Chinese / Arabic / Russian as \\u escapes."""
+    from peftkit.train.run import train
+    from peftkit.utils.readable_json import readable_json
+
+    assert readable_json({"q": "星光书店 ٣"}) == '{"q": "星光书店 ٣"}'
+    lone = readable_json({"q": "\ud800"})  # a `\ud800` escape in a data file: UTF-8 cannot hold it, the escape stays
+    assert lone == '{"q": "\\ud800"}' and json.loads(lone) == {"q": "\ud800"}
+    recipe = recipe_from_dict({**tiny_recipe, "name": "星光书店", "train": {**tiny_recipe["train"], "max_steps": 1},
+                               "eval": {"before": False}})
+    run_dir = train(recipe).run_dir
+    summary = (run_dir / "summary.json").read_text(encoding="utf-8")
+    assert "星光书店" in summary and "\\u" not in summary

@@ -1,0 +1,227 @@
+"""Data files in the containers and layouts users bring from other tools: gzip'd files, unreadable files,
+LLaMA-Factory's dataset registry, Hub ids written without `hf:`, axolotl conversations under other keys."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from peftkit.config.schema import ColumnsConfig
+from peftkit.data.formats import load_examples
+from peftkit.errors import DataError
+
+CHAT = {"messages": [{"role": "user", "content": "Opening hours?"}, {"role": "assistant", "content": "7 to 18."}]}
+
+
+def gz(path: Path, data: bytes) -> Path:
+    path.write_bytes(gzip.compress(data))
+    return path
+
+
+@pytest.mark.parametrize(("name", "data"), [
+    ("t.jsonl.gz", (json.dumps(CHAT) + "\n").encode()),
+    ("t.json.gz", json.dumps([CHAT]).encode()),
+    ("t.ndjson.gz", (json.dumps(CHAT) + "\n").encode()),
+    ("t.csv.gz", b"question,answer\nOpening hours?,7 to 18.\n"),
+    ("t.tsv.gz", b"question\tanswer\nOpening hours?\t7 to 18.\n"),
+    ("t.txt.gz", "\ufeffThe caf\u00e9 opens at 7.\n\nIt closes at 18.\n".encode()),
+])
+def test_gzipped_files_are_read_by_their_inner_suffix(tmp_path, name, data):
+    examples = load_examples(gz(tmp_path / name, data))
+    assert examples[0].where.startswith(f"{tmp_path / name}:")
+    if name.endswith(".txt.gz"):
+        assert [e.text for e in examples] == ["The caf\u00e9 opens at 7.", "It closes at 18."]  # BOM dropped
+    else:
+        assert examples[0].messages[-1]["content"] == "7 to 18."
+
+
+def test_gzipped_bad_bytes_and_lines_are_named_by_file_and_line(tmp_path):
+    path = gz(tmp_path / "bad.jsonl.gz", b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl\.gz:2: bytes that are not valid UTF-8 .*decompressed.*UTF-8"):
+        load_examples(path)
+    path = gz(tmp_path / "broken.jsonl.gz", b'{"text": "ok"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"broken\.jsonl\.gz:2: line is not valid JSON"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize("data", [b"this is not gzip at all", gzip.compress(b'{"text": "cut off"}\n' * 50)[:40]])
+def test_a_corrupt_or_truncated_gzip_is_a_data_error_naming_the_file(tmp_path, data):
+    path = tmp_path / "t.jsonl.gz"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=rf"{path}: not a readable gzip file .*uncompressed file"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize(("name", "message"), [("t.parquet.gz", r"Parquet compresses its own data.*gunzip"),
+                                               ("t.tar.gz", r"not \.tar\.gz; decompress or convert"),
+                                               ("t.gz", r"not \.gz; decompress or convert")])
+def test_other_gzipped_files_are_refused(tmp_path, name, message):
+    with pytest.raises(DataError, match=message):
+        load_examples(gz(tmp_path / name, b"x"))
+
+
+def test_a_folder_lists_its_gzipped_data_files(tmp_path):
+    gz(tmp_path / "train.jsonl.gz", b"{}")
+    with pytest.raises(DataError, match=r"is a folder; .* it holds train\.jsonl\.gz"):
+        load_examples(tmp_path)
+
+
+def _unreadable(monkeypatch, *names: str) -> None:
+    """As root chmod 000 does not stop reading: refuse the named files as the OS would."""
+    read_bytes = Path.read_bytes
+
+    def denied(self: Path) -> bytes:
+        if self.name in names:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+
+
+def test_each_unreadable_file_is_its_own_data_error(tmp_path, monkeypatch):
+    for name in ("a.jsonl", "b.jsonl.gz", "c.csv"):
+        (tmp_path / name).write_text(json.dumps(CHAT) + "\n")
+    _unreadable(monkeypatch, "a.jsonl", "b.jsonl.gz")
+    with pytest.raises(DataError) as info:
+        load_examples([tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz", tmp_path / "c.csv"])
+    lines = str(info.value).splitlines()
+    assert lines[:2] == [f"{tmp_path / n}: cannot read it: permission denied; check its permissions (e.g. `chmod a+r "
+                         f"{tmp_path / n}`, or ask its owner to)" for n in ("a.jsonl", "b.jsonl.gz")]
+    assert len(lines) == 3 and "c.csv" in lines[2]  # the readable file's own problem is still reported
+
+
+def test_an_unreadable_parquet_file_is_a_data_error(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    (tmp_path / "t.parquet").write_bytes(b"PAR1")
+    monkeypatch.setattr(pq, "read_table", denied)
+    with pytest.raises(DataError, match=r"t\.parquet: cannot read it: permission denied"):
+        load_examples(tmp_path / "t.parquet")
+
+
+def test_validate_lists_every_unreadable_file(tmp_path, monkeypatch):
+    from peftkit.config.load import recipe_from_dict
+    from peftkit.config.validate import _check_data
+
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text(json.dumps(CHAT) + "\n")
+    recipe = recipe_from_dict({"model": {"name": "smollm2-135m-instruct"}, "output_dir": str(tmp_path / "run"),
+                               "data": {"train": [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]}})
+    _unreadable(monkeypatch, "a.jsonl", "b.jsonl")
+    [problem], _ = _check_data(recipe)
+    assert problem.startswith("data.train: ") and problem.count("cannot read it: permission denied") == 2
+
+
+LF_REGISTRY = {
+    "cafe": {"file_name": "cafe.jsonl", "columns": {"prompt": "instruction", "query": "input", "response": "output",
+                                                     "system": "system", "history": "history"}},
+    "faq": {"file_name": "faq.json", "columns": {"prompt": "Frage", "response": "Antwort"}},
+    "chats": {"file_name": "chats.json", "formatting": "sharegpt",
+              "columns": {"messages": "dialog"}, "tags": {"role_tag": "speaker", "content_tag": "text",
+                                                          "user_tag": "customer", "assistant_tag": "barista"}},
+    "alpaca": {"hf_hub_url": "tatsu-lab/alpaca"},
+}
+
+
+def test_llamafactory_dataset_registry_names_its_data_files(tmp_path):
+    path = tmp_path / "dataset_info.json"
+    path.write_text(json.dumps(LF_REGISTRY))
+    with pytest.raises(DataError) as info:
+        load_examples(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: this is LLaMA-Factory's dataset registry (dataset_info.json), not data; "
+                              "point data.train at the file named by `file_name`")
+    assert ("Found: cafe (file_name: cafe.jsonl), faq (file_name: faq.json), chats (file_name: chats.json), "
+            "alpaca (hf_hub_url: tatsu-lab/alpaca)") in message
+    assert f"for cafe: `data: {{train: {tmp_path / 'cafe.jsonl'}}}` (its fields are ones peftkit reads without a map)" in message
+
+
+@pytest.mark.parametrize(("name", "columns"), [
+    ("faq", "{prompt: Frage, response: Antwort}"),
+    ("chats", "{messages: dialog, role: speaker, content: text, roles: {customer: user, barista: assistant}}"),
+])
+def test_llamafactory_registry_columns_become_a_data_columns_map_that_reads_the_file(tmp_path, name, columns):
+    import yaml
+
+    path = tmp_path / "dataset_info.json"
+    path.write_text(json.dumps({name: LF_REGISTRY[name]}))
+    with pytest.raises(DataError, match=f"for {name}: .*, columns: {columns.replace('{', '[{]')}}}`"):
+        load_examples(path)
+    record = ({"Frage": "Opening hours?", "Antwort": "7 to 18."} if name == "faq" else
+              {"dialog": [{"speaker": "customer", "text": "Hours?"}, {"speaker": "barista", "text": "7 to 18."}]})
+    (tmp_path / "data.jsonl").write_text(json.dumps(record) + "\n")
+    [example] = load_examples(tmp_path / "data.jsonl", columns=ColumnsConfig(**yaml.safe_load(columns)))
+    assert example.messages[-1] == {"role": "assistant", "content": "7 to 18."}
+
+
+def test_a_json_object_of_objects_without_sources_is_not_taken_for_the_registry(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"cafe": {"columns": {"prompt": "q"}}}))
+    with pytest.raises(DataError, match=r"unrecognised record \(keys: cafe\)"):
+        load_examples(path)
+
+
+def test_a_missing_owner_name_path_suggests_the_hub_spelling(tmp_path):
+    with pytest.raises(DataError, match=r"does not exist .*; for a Hugging Face Hub dataset write "
+                                        r"`hf:HuggingFaceH4/no_robots`$"):
+        load_examples(tmp_path / "HuggingFaceH4" / "no_robots")
+
+
+@pytest.mark.parametrize("written", ["data/train.jsonl", "train.jsonl", "a/b/c", "HuggingFaceH4/no_robots.jsonl",
+                                     "HuggingFaceH4/data.csv.gz"])
+def test_ordinary_missing_files_get_no_hub_hint(tmp_path, written):
+    with pytest.raises(DataError, match="does not exist") as info:
+        load_examples(tmp_path / written)
+    assert "hf:" not in str(info.value)
+
+
+def test_a_missing_file_in_an_existing_folder_gets_no_hub_hint(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError, match="does not exist") as info:
+        load_examples(tmp_path / "data" / "train")
+    assert "hf:" not in str(info.value)
+
+
+AXO = [{"dialog": [{"speaker": "customer", "text": "Hours?"}, {"speaker": "barista", "text": "7 to 18."}]}]
+
+
+def test_a_conversation_under_another_key_gets_the_conversation_map(tmp_path):
+    path = tmp_path / "axo.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in AXO * 2))
+    advice = "messages: dialog, role: speaker, content: text, roles: {customer: user, barista: assistant}"
+    with pytest.raises(DataError) as info:
+        load_examples(path)
+    message = str(info.value)
+    assert f"`dialog` holds a list of objects, a conversation with other field names: map it in the recipe, e.g. " \
+           f"`data: {{columns: {{{advice}}}}}`" in message and "prompt: q" not in message
+    examples = load_examples(path, columns=ColumnsConfig(messages="dialog", role="speaker", content="text",
+                                                         roles={"customer": "user", "barista": "assistant"}))
+    assert [m["role"] for m in examples[0].messages] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize(("turns", "advice"), [
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "{columns: {messages: chat}}"),
+    ([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+     "{columns: {messages: chat, role: from, content: value}}"),
+    ([{"author": "user", "utterance": "Hi"}, {"author": "agent", "utterance": "Hello"}],
+     "{columns: {messages: chat, role: author, content: utterance, roles: {agent: assistant}}}"),
+])
+def test_the_conversation_map_names_the_keys_found(tmp_path, turns, advice):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"chat": turns, "id": 3}) + "\n")
+    with pytest.raises(DataError, match=r"`chat` holds a list of objects") as info:
+        load_examples(path)
+    assert f"`data: {advice}`" in str(info.value)
+
+
+def test_records_without_a_list_of_objects_keep_the_one_turn_example(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"q": "Hours?", "a": "7 to 18.", "tags": ["x"]}) + "\n")
+    with pytest.raises(DataError, match=r"keys: q, a, tags\).*data: \{columns: \{prompt: q, response: a\}\}"):
+        load_examples(path)

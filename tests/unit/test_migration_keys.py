@@ -1,0 +1,156 @@
+"""axolotl / LLaMA-Factory / TRL recipes brought along: every foreign key points at peftkit's own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peftkit.config import load_recipe
+from peftkit.config.load import ALIAS_NOTES, KEY_ALIASES, NOT_NEEDED, SECTION_SHORTHANDS, _section_class
+from peftkit.config.schema import ADAPTER_CLASSES, Recipe
+from peftkit.errors import ConfigError
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    (tmp_path / "a.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(ConfigError) as caught:
+        load_recipe(path)
+    return caught.value.problems
+
+
+@pytest.mark.parametrize("key", sorted(KEY_ALIASES))
+def test_every_alias_target_is_a_schema_field(key):
+    section, _, leaf = KEY_ALIASES[key].rpartition(".")
+    cls = _section_class(tuple(section.split(".")))
+    classes = ADAPTER_CLASSES if section == "adapter" else (cls,)
+    assert cls is not None and any(leaf in c.model_fields for c in classes), KEY_ALIASES[key]
+    assert key not in NOT_NEEDED
+
+
+def test_tables_name_real_keys():
+    assert set(ALIAS_NOTES) <= set(KEY_ALIASES)
+    assert set(SECTION_SHORTHANDS) <= set(Recipe.model_fields)
+    assert not set(NOT_NEEDED) & set(Recipe.model_fields)
+
+
+def test_flat_axolotl_keys_at_the_top_level_name_the_full_path(tmp_path):
+    found = problems(tmp_path, "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\nsequence_len: 512\nlora_r: 16\n"
+                               "lora_alpha: 32\nlora_dropout: 0.05\nlora_target_linear: true\nmicro_batch_size: 2\n"
+                               "gradient_accumulation_steps: 4\nnum_epochs: 1\nlearning_rate: 0.0002\n"
+                               "train_on_inputs: false\ndata: {train: a.jsonl}\n")
+    for wrong, right in [("base_model", "model.name"), ("sequence_len", "data.max_seq_len"), ("lora_r", "adapter.r"),
+                         ("lora_alpha", "adapter.alpha"), ("lora_dropout", "adapter.dropout"),
+                         ("lora_target_linear", "adapter.target_modules"), ("micro_batch_size", "train.batch_size"),
+                         ("gradient_accumulation_steps", "train.grad_accum"), ("num_epochs", "train.epochs"),
+                         ("learning_rate", "train.lr"), ("train_on_inputs", "data.train_on_prompt")]:
+        assert any(p.startswith(f"unknown key `{wrong}`: did you mean `{right}`?") for p in found), (wrong, found)
+    assert not any("did you mean `name`" in p for p in found)  # top-level `name` is the run's title, not the model
+    assert any("`lora_target_linear: true` is `target_modules: all-linear`" in p for p in found)
+
+
+def test_llama_factory_keys(tmp_path):
+    found = problems(tmp_path, "model_name_or_path: x/y\nstage: sft\ndo_train: true\nfinetuning_type: lora\n"
+                               "lora_rank: 8\nlora_target: all\ntemplate: chatml\ncutoff_len: 1024\n"
+                               "per_device_train_batch_size: 1\nnum_train_epochs: 3.0\nload_in_4bit: true\n"
+                               "load_in_8bit: true\ndataset: cafe\ndata: {train: a.jsonl}\n")
+    for wrong, right in [("model_name_or_path", "model.name"), ("finetuning_type", "adapter.method"),
+                         ("lora_rank", "adapter.r"), ("lora_target", "adapter.target_modules"),
+                         ("template", "model.chat_template"), ("cutoff_len", "data.max_seq_len"),
+                         ("per_device_train_batch_size", "train.batch_size"), ("num_train_epochs", "train.epochs"),
+                         ("load_in_4bit", "quantization.bits"), ("load_in_8bit", "quantization.bits"),
+                         ("dataset", "data.train")]:
+        assert any(p.startswith(f"unknown key `{wrong}`: did you mean `{right}`?") for p in found), (wrong, found)
+    assert "unknown key `stage` is not needed: peftkit always runs supervised fine-tuning (LLaMA-Factory's " \
+           "`stage: sft`); remove it" in found
+    assert any(p.startswith("unknown key `do_train` is not needed:") and p.endswith("remove it") for p in found)
+    assert not any("deepspeed.stage" in p or "did you mean `train`" in p for p in found)
+    assert any("`load_in_4bit: true` is `quantization: {bits: 4}`" in p for p in found)
+
+
+def test_nested_aliases_name_the_key_in_its_section_and_the_path_elsewhere(tmp_path):
+    found = problems(tmp_path, "model: {model_name_or_path: x}\n"
+                               "adapter: {method: lora, lora_rank: 8, lora_target: all, gradient_checkpointing: true}\n"
+                               "data: {train: a.jsonl, type: alpaca, template: chatml, packing: true, max_length: 64,\n"
+                               "       completion_only_loss: true, assistant_only_loss: true, dataset_text_field: t}\n"
+                               "train: {val_set_size: 0.1, learning_rate: 0.001, bf16: true}\n")
+    for wrong, right in [("model.model_name_or_path", "name"), ("adapter.lora_rank", "r"),
+                         ("adapter.lora_target", "target_modules"),
+                         ("adapter.gradient_checkpointing", "train.gradient_checkpointing"), ("data.type", "format"),
+                         ("data.template", "model.chat_template"), ("data.packing", "train.packing"),
+                         ("data.max_length", "max_seq_len"), ("data.completion_only_loss", "train_on_prompt"),
+                         ("data.assistant_only_loss", "train_on_prompt"), ("data.dataset_text_field", "columns"),
+                         ("train.val_set_size", "data.eval_fraction"), ("train.learning_rate", "lr"),
+                         ("train.bf16", "dtype")]:
+        assert any(p.startswith(f"unknown key `{wrong}`: did you mean `{right}`?") for p in found), (wrong, found)
+    assert not any("eval_steps" in p for p in found)
+    assert any("in the opposite sense: `completion_only_loss: true` is `train_on_prompt: false`" in p for p in found)
+
+
+def test_alias_of_another_adapter_methods_key_says_which_parameters_there_are(tmp_path):
+    found = problems(tmp_path, "adapter: {method: prefix_tuning, lora_r: 8}\ndata: {train: a.jsonl}\n")
+    assert found == ["`lora_r` is not a parameter of adapter method `prefix_tuning` (its parameters: method, "
+                     "num_virtual_tokens, prefix_projection, encoder_hidden_size)"]
+
+
+def test_top_level_leaf_names_still_find_their_section(tmp_path):
+    found = problems(tmp_path, "lr: 0.001\ndata: {train: a.jsonl}\n")
+    assert found == ["unknown key `lr`: did you mean `train.lr`?"]
+
+
+def test_section_given_as_a_single_value(tmp_path):
+    found = problems(tmp_path, "model: HuggingFaceTB/SmolLM2-135M-Instruct\nadapter: lora\nquantization: 4\n"
+                               "train: fast\ndata: a.jsonl\n")
+    assert "`adapter` is a section of keys, not a single value (got 'lora'): write `adapter: {method: lora}`" in found
+    assert ("`model` is a section of keys, not a single value (got 'HuggingFaceTB/SmolLM2-135M-Instruct'): write "
+            "`model: {name: HuggingFaceTB/SmolLM2-135M-Instruct}`") in found
+    assert "`data` is a section of keys, not a single value (got 'a.jsonl'): write `data: {train: a.jsonl}`" in found
+    assert "`quantization` is a section of keys, not a single value (got 4): write `quantization: {bits: 4}`" in found
+    assert any(p.startswith("`train` is a section of keys, not a single value (got 'fast'): write its keys") for p in found)
+    assert not any("valid dictionary" in p for p in found)
+
+
+def test_axolotl_format_name(tmp_path):
+    found = problems(tmp_path, "data: {train: a.jsonl, format: chat_template}\n")
+    assert found == ["`data.format`: 'chat_template' is not a peftkit format name; peftkit calls it `chat`: write "
+                     "`format: chat` (or leave `format` out: each record's format is detected)"]
+
+
+def test_axolotl_dataset_entries_get_one_message_with_their_paths(tmp_path):
+    found = problems(tmp_path, "data:\n  train:\n    - {path: a.jsonl, type: sharegpt}\n"
+                               "    - {path: b.jsonl, type: alpaca}\n")
+    assert found == ["`data.train` takes a data file or a list of them, not axolotl's dataset entries: write "
+                     "`train: [a.jsonl, b.jsonl]`; each file's format is detected, or set `data.format`"]
+
+
+def test_axolotl_field_mappings_become_columns(tmp_path):
+    found = problems(tmp_path, "data:\n  train:\n    - path: a.jsonl\n      type: chat_template\n"
+                               "      field_messages: conversations\n"
+                               "      message_property_mappings: {role: from, content: value}\n"
+                               "      roles: {user: [human], assistant: [gpt]}\n")
+    assert found == ["`data.train` takes a data file or a list of them, not axolotl's dataset entries: write "
+                     "`train: [a.jsonl]`; axolotl's field mappings are written as `data.columns: {messages: "
+                     "conversations, role: from, content: value, roles: {human: user, gpt: assistant}}` "
+                     "(`data.format` stays auto)"]
+
+
+def test_default_field_mappings_need_no_columns(tmp_path):
+    found = problems(tmp_path, "data:\n  train: {path: a.jsonl, type: chat_template, field_messages: messages,\n"
+                               "          message_property_mappings: {role: role, content: content}}\n")
+    assert found == ["`data.train` takes a data file or a list of them, not axolotl's dataset entries: write "
+                     "`train: [a.jsonl]`; each file's format is detected, or set `data.format`"]
+
+
+def test_top_level_axolotl_datasets(tmp_path):
+    found = problems(tmp_path, "datasets:\n  - {path: a.jsonl, type: completion, field: body}\n")
+    assert ("unknown key `datasets`: did you mean `data.train`? It takes a data file or a list of them, not axolotl's "
+            "dataset entries: write `data: {train: [a.jsonl]}`; axolotl's field mappings are written as "
+            "`data.columns: {text: body}` (`data.format` stays auto)") in found
+
+
+def test_axolotl_datasets_inside_data(tmp_path):
+    found = problems(tmp_path, "data:\n  datasets: [{path: a.jsonl, type: alpaca}]\n")
+    assert ("unknown key `data.datasets`: did you mean `train`? It takes a data file or a list of them, not axolotl's "
+            "dataset entries: write `train: [a.jsonl]`; each file's format is detected, or set `data.format`") in found
