@@ -141,7 +141,7 @@ def in_llama_cpp(report_path: Path) -> str:
     installed): the largest logit difference relative to the largest logit, and greedy-token agreement."""
     if not report_path.is_file():
         return "-"
-    report = json.loads(report_path.read_text()).get("llama_cpp", {})
+    report = json.loads(report_path.read_text(encoding="utf-8")).get("llama_cpp", {})
     if not report.get("ran"):
         return f"not run: {report.get('why', 'no llama.cpp check in this report')}"
     relative = report["max_abs_diff"] / max(1.0, report["max_abs_reference_logit"])

@@ -121,7 +121,7 @@ NOTES_HEADING = "\n## Reading the table"
 
 def kept_notes(report: Path) -> str:
     """The hand-written notes section of an existing report, carried over when its table is rewritten."""
-    text = report.read_text() if report.is_file() else ""
+    text = report.read_text(encoding="utf-8") if report.is_file() else ""
     return text[text.index(NOTES_HEADING):] if NOTES_HEADING in text else ""
 
 

@@ -96,7 +96,7 @@ def environment_step(ctx: Context, timeout: float) -> dict[str, Any]:
 
 
 def summary_row(run_dir: Path) -> dict[str, Any]:
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     keys = ["trainable_params", "trainable_share", "tokens_per_second", "train_seconds", "peak_memory_mb", "eval_loss_before",
             "eval_loss_after", "heldout_accuracy_before", "heldout_accuracy_after", "device", "dtype"]
     return {key: summary.get(key) for key in keys}
@@ -122,7 +122,7 @@ def method_step(method: str, evaluate: bool) -> Callable[[Context, float], dict[
         row = {"method": method, **summary_row(run_dir)}
         if evaluate:
             run([*PEFTKIT, "eval", str(run_dir)], ctx.logs / f"{method}.eval.log", timeout - (time.perf_counter() - started))
-            report = json.loads((run_dir / "eval.json").read_text())
+            report = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
             row.update(general_accuracy_before=report["before"].get("general_accuracy"),
                        general_accuracy_after=report["after"].get("general_accuracy"),
                        forgetting_points=report.get("forgetting_points"))
@@ -159,7 +159,7 @@ def deepspeed_step(name: str, overrides: list[str], method: str = "lora") -> Cal
         run([*PEFTKIT, "train", str(recipe), *method_overrides, *ctx.sets, "train.epochs=1", "data.heldout=null", *overrides,
              f"output_dir={run_dir}", "--force"], ctx.logs / f"{name}.train.log", timeout)
         keep_run_files(ctx, run_dir, name)
-        config = json.loads((run_dir / "deepspeed.json").read_text()) if (run_dir / "deepspeed.json").is_file() else None
+        config = json.loads((run_dir / "deepspeed.json").read_text(encoding="utf-8")) if (run_dir / "deepspeed.json").is_file() else None
         zero = (config or {}).get("zero_optimization", {})
         return {"run": name, "method": method, "zero_stage": zero.get("stage"),
                 "offload": ",".join(k.removeprefix("offload_") for k in ("offload_optimizer", "offload_param")
@@ -239,7 +239,7 @@ def read_results(folder: Path) -> dict[str, dict[str, Any]]:
     if not (folder / LOGS).is_dir() and (folder / "logs.tar.gz").is_file():
         with tarfile.open(folder / "logs.tar.gz") as tar:
             tar.extractall(folder, filter="data")
-    records = [json.loads(line) for line in (folder / RESULTS_FILE).read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in (folder / RESULTS_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
     return {r["step"]: r for r in records}
 
 
@@ -312,7 +312,7 @@ def plot(folder: Path, ok: dict[str, dict[str, Any]], stem: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for metrics in sorted((folder / LOGS).glob("*.metrics.jsonl")):
-        points = [(m["step"], m["loss"]) for m in map(json.loads, metrics.read_text().splitlines()) if "loss" in m]
+        points = [(m["step"], m["loss"]) for m in map(json.loads, metrics.read_text(encoding="utf-8").splitlines()) if "loss" in m]
         if points:
             ax.plot(*zip(*points), label=metrics.name.removesuffix(".metrics.jsonl"))
     ax.set_xlabel("step")

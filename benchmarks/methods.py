@@ -123,14 +123,14 @@ def recipe_for(name: str, method: str) -> tuple[Path, list[str]]:
     template = ROOT / "recipes" / f"quickstart-{base_method}.yaml"
     if not template.is_file():
         raise SystemExit(f"no recipes/{name}-{base_method}.yaml or recipes/quickstart-{base_method}.yaml for {method}")
-    sections = yaml.safe_load(template.read_text())
+    sections = yaml.safe_load(template.read_text(encoding="utf-8"))
     return recipe, [*(f"{key}={json.dumps(sections[key])}" for key in METHOD_SECTIONS if key in sections), *extra]
 
 
 def _with_train_file(recipe: Path, overrides: list[str]) -> list[str]:
     if not any(TRAIN_FILE in o for o in overrides):
         return overrides
-    train = (recipe.parent / yaml.safe_load(recipe.read_text())["data"]["train"]).resolve()
+    train = (recipe.parent / yaml.safe_load(recipe.read_text(encoding="utf-8"))["data"]["train"]).resolve()
     return [o.replace(TRAIN_FILE, str(train)) for o in overrides]
 
 
@@ -146,7 +146,7 @@ PEFTKIT = [sys.executable, "-m", "peftkit.cli"]
 def train_run(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
     """`peftkit train` in a fresh process (clean peak RSS); returns the run's summary.json."""
     run([*PEFTKIT, "train", str(recipe), *overrides, f"output_dir={run_dir}", "--force"])
-    return json.loads((run_dir / "summary.json").read_text())
+    return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
 
 
 def measure(name: str, method: str, sets: list[str], out_root: Path, *, retrain: bool = True,
@@ -157,12 +157,12 @@ def measure(name: str, method: str, sets: list[str], out_root: Path, *, retrain:
     run_dir = out_root / (f"{name}-{trained}" if seed is None else f"{name}-{trained}-seed{seed}")
     if (retrain and not original_base) or not (run_dir / "summary.json").is_file():
         train_run(recipe, [*overrides, *sets, *([f"train.seed={seed}"] if seed is not None else [])], run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    used_seed = yaml.safe_load((run_dir / "recipe.yaml").read_text())["train"]["seed"]
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    used_seed = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))["train"]["seed"]
     eval_file = run_dir / (ORIGINAL_BASE_REPORT if original_base else REPORT)
     if retrain or not reuse_eval or not eval_file.is_file():
         run([*PEFTKIT, "eval", str(run_dir), *(["--qlora-base", "original"] if original_base else [])])
-    report = json.loads(eval_file.read_text())
+    report = json.loads(eval_file.read_text(encoding="utf-8"))
     if original_base:  # the training summary measured the adapter on the quantized base: take the eval's
         summary = {**summary, "eval_loss_after": report["after"].get("loss"),
                    "heldout_accuracy_after": report["after"].get("heldout_accuracy"),
@@ -198,7 +198,7 @@ def update_curves(rows: list[dict], path: Path) -> dict[str, list[list[float]]]:
     from peftkit.train.callbacks import read_metrics
     from peftkit.utils.atomic import atomic_write_text
 
-    curves = json.loads(path.read_text()) if path.is_file() else {}
+    curves = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     for row in rows:
         metrics_file = Path(row["run_dir"]) / "metrics.jsonl"
         if metrics_file.is_file():

@@ -28,7 +28,7 @@ COLUMNS = ["group", "members", "member_heldout", "member_forgetting", "soup_held
 def member_report(run_dir: Path) -> dict[str, Any]:
     for name in ("eval.bench.json", "eval.json"):
         if (run_dir / name).is_file():
-            return json.loads((run_dir / name).read_text())
+            return json.loads((run_dir / name).read_text(encoding="utf-8"))
     raise SystemExit(f"{run_dir} has no eval.json; run `peftkit eval {run_dir}` first")
 
 

@@ -50,10 +50,10 @@ def run_pair(recipe: str, steps: int, offset: float, variant: str, folder: Path)
         raise SystemExit(f"run {variant}-{failed} failed:\n" + "\n".join(log[-15:]))
     rows = []
     for name in processes:
-        summary = json.loads((folder / f"{variant}-{name}" / "summary.json").read_text())
+        summary = json.loads((folder / f"{variant}-{name}" / "summary.json").read_text(encoding="utf-8"))
         rows.append({"variant": variant, "run": name, "threads": summary["threads"],
                      "train_seconds": summary["train_seconds"], "tokens_per_second": summary["tokens_per_second"],
-                     "busy_warning": "The CPU is busy" in (folder / f"{variant}-{name}.log").read_text()})
+                     "busy_warning": "The CPU is busy" in (folder / f"{variant}-{name}.log").read_text(encoding="utf-8")})
     print(f"{variant}: both done after {time.perf_counter() - started:.0f} s", flush=True)
     return rows
 

@@ -44,7 +44,7 @@ def measure(name: str, setting: str, out_root: Path, *, forgetting: bool, retrai
     run_dir = out_root / f"{name}-{setting}"
     if retrain or not (run_dir / "summary.json").is_file():
         train_run(ROOT / "recipes" / f"{name}.yaml", SETTINGS[setting], run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     row = {
         "setting": setting,
         "recipe": name,
@@ -57,7 +57,7 @@ def measure(name: str, setting: str, out_root: Path, *, forgetting: bool, retrai
     }
     if forgetting:  # `peftkit eval`: general-knowledge accuracy of the base and the tuned model
         run([*PEFTKIT, "eval", str(run_dir)])
-        report = json.loads((run_dir / "eval.json").read_text())
+        report = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
         row.update(general_after=report["after"]["general_accuracy"], forgetting_points=report["forgetting_points"])
     return row
 

@@ -409,6 +409,7 @@ def _disk_full_message(exc: BaseException, args: argparse.Namespace, argv: list[
     import tempfile
 
     filename = getattr(exc, "filename", None)
+    filename = os.fsdecode(filename) if isinstance(filename, (str, bytes, os.PathLike)) else None
     temporary = tempfile.gettempdir()
     try:
         temp_full = shutil.disk_usage(temporary).free < TEMP_FULL_BYTES
@@ -508,7 +509,7 @@ def _os_error_message(exc: OSError) -> str:
     """Permission denied, a missing file, ...: which file, and the likely fix for that kind of error."""
     import errno
 
-    where = f" ({exc.filename})" if exc.filename else ""
+    where = f" ({os.fsdecode(exc.filename)})" if isinstance(exc.filename, (str, bytes, os.PathLike)) else ""
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         advice = "check its permissions, or use a place you can write to"
     elif exc.errno == errno.ENOENT:

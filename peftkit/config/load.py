@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from peftkit.config.schema import NAMED_CHAT_TEMPLATES, STORED_RUN, Recipe
 from peftkit.errors import ConfigError
+from peftkit.utils.yaml_flow import flow_yaml
 
 DATA_PATH_KEYS = ("train", "eval", "heldout")
 
@@ -86,11 +87,25 @@ ALIAS_NOTES: dict[str, str] = {
     "dataset_text_field": "`dataset_text_field: FIELD` is `columns: {text: FIELD}`",
     "completion_only_loss": "in the opposite sense: `completion_only_loss: true` is `train_on_prompt: false`, the default",
     "assistant_only_loss": "in the opposite sense: `assistant_only_loss: true` is `train_on_prompt: false`, the default",
+    "val_set_size": "a fraction of the training data below 1, e.g. 0.05; a count of examples such as `100` is not "
+                    "taken: give a fraction, and cap the split at 100 examples with `data.max_eval_examples: 100`",
+    "val_size": "a fraction of the training data below 1, e.g. 0.05; a count of examples such as `100` is not taken: "
+                "give a fraction, and cap the split at 100 examples with `data.max_eval_examples: 100`",
     "warmup_steps": "a fraction of the training steps, e.g. 0.05",
     "bf16": "`bf16: true` is `dtype: bfloat16`",
     "fp16": "`fp16: true` is `dtype: float16`",
 }
 """What to add to an alias's hint where the value is written differently (or means the opposite)."""
+
+GENERIC_ALIASES: dict[str, tuple[str, ...]] = {
+    "type": (), "rank": (), "max_length": (), "dataset": (), "datasets": (), "template": ("data",), "packing": ("data",),
+}
+"""Aliases that are common words (`quantization.type`, `eval.max_length`, `deepspeed.rank` mean something else):
+besides in their target's own section they apply only at the top level and in the sections named here."""
+
+CLOSE_BEFORE_ALIAS = 0.75
+"""Inside a section, a key of its own spelled at least this much like the unknown key (difflib ratio) is suggested
+before another section's alias (`eval.micro_batch_size` is `eval.batch_size`, not `train.batch_size`)."""
 
 NOT_NEEDED: dict[str, str] = {
     "stage": "peftkit always runs supervised fine-tuning (LLaMA-Factory's `stage: sft`)",
@@ -280,21 +295,23 @@ def _section_owning(key: str) -> list[str]:
     return owners
 
 
-def _flow(value: Any) -> str:
-    """A mapping or list as one line of YAML: `{method: lora}`, `[a.jsonl, b.jsonl]`."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip()
-
-
 def _alias_hint(key: str, section: list[str], known: list[str]) -> str | None:
-    """peftkit's name for a foreign `key`: the key itself inside its section, else its whole path (None: an alias
-    of a key that this section's adapter method does not have)."""
+    """peftkit's name for a foreign `key` found in `section` (a path; [] at the top level): the key itself inside its
+    own section, else its whole path. None: no alias applies here, because the key is a common word that means
+    something else in this section (GENERIC_ALIASES), this section has a key spelled much like it, or it is an alias
+    of a key that this section's adapter method does not have."""
     target = KEY_ALIASES.get(key)
     if target is None:
         return None
     parent, _, leaf = target.rpartition(".")
-    if parent != ".".join(section):
+    where = ".".join(section)
+    if parent == where:
+        return leaf if leaf in known else None
+    if not where:
         return target
-    return leaf if leaf in known else None
+    if key in GENERIC_ALIASES and where not in GENERIC_ALIASES[key]:
+        return None
+    return None if difflib.get_close_matches(key, known, n=1, cutoff=CLOSE_BEFORE_ALIAS) else target
 
 
 def _axolotl_columns(entries: list[Any]) -> dict[str, Any]:
@@ -321,30 +338,51 @@ def _axolotl_columns(entries: list[Any]) -> dict[str, Any]:
     return {}
 
 
-def _dataset_entries_fix(value: Any, key: str, top: bool = False) -> str:
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _entry_source(path: str, bases: tuple[Path, ...]) -> str:
+    """An axolotl entry's `path` as `data.train` names it: `hf:OWNER/NAME` for a Hub dataset id (one slash, no
+    data-file suffix, and neither such a file nor a folder OWNER next to the recipe or here), else the path as
+    written."""
+    from peftkit.data.formats import DATA_SUFFIXES, GZIP_SUFFIXES, data_suffix
+
+    if not _HUB_ID.fullmatch(path) or data_suffix(Path(path)) in (*DATA_SUFFIXES, *GZIP_SUFFIXES, ".gz", ".parquet.gz"):
+        return path
+    local = any((base / path).exists() or (base / path).parent.is_dir() for base in bases or (Path.cwd(),))
+    return path if local else f"hf:{path}"
+
+
+def _dataset_entries_fix(value: Any, key: str, top: bool = False, bases: tuple[Path, ...] = ()) -> str:
     """What `data.<key>` takes instead of axolotl's dataset entries (`[{path: a.jsonl, type: sharegpt}, ...]`),
-    written with the entries' paths and field mappings; `top`: the fix writes the `data:` section around it."""
+    written with the entries' paths (a Hub id as `hf:OWNER/NAME`; local paths are looked for in `bases`) and field
+    mappings; `top`: the fix writes the `data:` section around it."""
     entries = value if isinstance(value, list) else [value]
     paths = [entry.get("path") if isinstance(entry, dict) else entry for entry in entries]
-    paths = [path for path in paths if isinstance(path, str)] or ["FILE.jsonl"]
+    paths = [_entry_source(path, bases) for path in paths if isinstance(path, str)] or ["FILE.jsonl"]
     columns = _axolotl_columns(entries)
-    written = f"data: {_flow({key: paths})}" if top else f"{key}: {_flow(paths)}"
+    written = f"data: {flow_yaml({key: paths})}" if top else f"{key}: {flow_yaml(paths)}"
     fix = f"a data file or a list of them, not axolotl's dataset entries: write `{written}`"
     if columns:
-        return fix + f"; axolotl's field mappings are written as `data.columns: {_flow(columns)}` (`data.format` stays auto)"
+        return fix + f"; axolotl's field mappings are written as `data.columns: {flow_yaml(columns)}` (`data.format` stays auto)"
     return fix + "; each file's format is detected, or set `data.format`"
 
 
-def _unknown_key(loc: tuple[Any, ...], shown: list[str], value: Any) -> str:
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _unknown_key(loc: tuple[Any, ...], shown: list[str], value: Any, bases: tuple[Path, ...] = ()) -> str:
     """An `extra_forbidden` key: peftkit's name for it (a foreign alias, a close spelling, or the section owning
-    it), or why it is not needed, or the keys valid there."""
+    it), or why it is not needed, or the keys valid there. Inside a section its own keys come first: a close
+    spelling of one of them before another section's alias."""
     key, dotted = str(loc[-1]), ".".join(shown)
     known = [name for cls in _sections_for(loc) for name in cls.model_fields]
-    if key in NOT_NEEDED:
+    if key in NOT_NEEDED and not (key == "stage" and _is_number(value)):  # `stage: 3` is a ZeRO stage, not sft
         return f"unknown key `{dotted}` is not needed: {NOT_NEEDED[key]}; remove it"
     hint = _alias_hint(key, shown[:-1], known)
     if hint in ("train", "data.train") and any(isinstance(e, dict) for e in (value if isinstance(value, list) else [value])):
-        fix = _dataset_entries_fix(value, "train", top=hint == "data.train")
+        fix = _dataset_entries_fix(value, "train", top=hint == "data.train", bases=bases)
         return f"unknown key `{dotted}`: did you mean `{hint}`? It takes {fix}"
     if hint is not None:
         note = f" ({ALIAS_NOTES[key]})" if key in ALIAS_NOTES else ""
@@ -359,7 +397,7 @@ def _unknown_key(loc: tuple[Any, ...], shown: list[str], value: Any) -> str:
     return f"unknown key `{dotted}`{valid}"
 
 
-def _friendly(err: dict[str, Any]) -> str:
+def _friendly(err: dict[str, Any], bases: tuple[Path, ...] = ()) -> str:
     loc = tuple(err["loc"])
     # Drop the union tag from displayed locations: `adapter.lora.r` reads as `adapter.r`.
     shown = [str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] in ("adapter", "deepspeed") and len(loc) >= 2)]
@@ -367,12 +405,12 @@ def _friendly(err: dict[str, Any]) -> str:
     kind = err["type"]
     got = err.get("input")
     if kind == "extra_forbidden":
-        return _unknown_key(loc, shown, got)
+        return _unknown_key(loc, shown, got, bases)
     if kind == "dataset_entries":
-        return f"`{dotted}` takes {_dataset_entries_fix(got, str(loc[-1]))}"
+        return f"`{dotted}` takes {_dataset_entries_fix(got, str(loc[-1]), bases=bases)}"
     if kind in ("model_type", "model_attributes_type") and len(loc) == 1 and isinstance(got, (str, int, float)):
         if loc[0] in SECTION_SHORTHANDS and not isinstance(got, bool):
-            fix = f"write `{loc[0]}: {_flow({SECTION_SHORTHANDS[loc[0]]: got})}`"
+            fix = f"write `{loc[0]}: {flow_yaml({SECTION_SHORTHANDS[loc[0]]: got})}`"
         else:
             fix = f"write its keys under it, e.g. `{loc[0]}: {{KEY: VALUE}}`"
         return f"`{dotted}` is a section of keys, not a single value (got {got!r}): {fix}"
@@ -504,7 +542,8 @@ def recipe_from_dict(data: dict[str, Any], source: str | None = None, *, stored_
         return Recipe.model_validate(data, context={STORED_RUN: True} if stored_run else None)
     except ValidationError as exc:
         errors = _merge_dataset_entries(_collapse_union_branches(exc.errors()), data)
-        problems = [_friendly(e) for e in errors]
+        bases = (Path(source).parent, Path.cwd()) if source else (Path.cwd(),)  # where a dataset entry's path may be
+        problems = [_friendly(e, bases) for e in errors]
         raise ConfigError(list(dict.fromkeys(problems)), source) from None
 
 

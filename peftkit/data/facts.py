@@ -16,12 +16,24 @@ def matchable(text: str) -> str:
     of every script as ASCII ones (`٣` and `۳` match `3`; the Arabic decimal separator is `.`), clock times with
     am / pm written one way (`9am`, `9 a.m.`, `9 AM` and `9:00 am` are all `9:00 am`, which `9 am`, `9` and `9:00`
     are found in), optional marks dropped (Arabic vowel marks and shadda, Hebrew points, stress marks on Cyrillic:
-    `عمّان` matches `عمان`) and runs of whitespace as one space."""
-    text = _OPTIONAL_MARKS.sub("", _CYRILLIC_STRESS.sub(r"\1", unicodedata.normalize("NFD", text)))
+    `عمّان` matches `عمان`) and runs of whitespace as one space. Applied again it changes nothing (the steps are
+    repeated until they do not: a mark removed can join a number, a ligature expanded can bring out a mark), so
+    text already made matchable can be matched again."""
+    for _ in range(8):
+        again = _normalised_once(text)
+        if again == text:
+            break
+        text = again
+    return text
+
+
+def _normalised_once(text: str) -> str:
     text = _SPACE_THOUSANDS.sub("", "".join(_ascii_digit(ch) for ch in text)).replace("\u066b", ".")
     kept = "".join(ch if unicodedata.decomposition(ch).startswith(("<super>", "<sub>")) else
-                   unicodedata.normalize("NFKC", ch) for ch in text)
-    folded = unicodedata.normalize("NFC", kept).casefold().replace("i\u0307", "i").translate(_PLAIN_PUNCTUATION)
+                   unicodedata.normalize("NFKC", ch) for ch in text)  # first: presentation forms carry marks
+    kept = _CYRILLIC_STRESS.sub("", _OPTIONAL_MARKS.sub("", unicodedata.normalize("NFD", kept)))
+    folded = _DOTTED_I.sub("i", unicodedata.normalize("NFC", kept).casefold())
+    folded = unicodedata.normalize("NFC", folded).translate(_PLAIN_PUNCTUATION)  # case folding may decompose
     folded = _CLOCK_TIME.sub(lambda m: f"{m[1]}:{m[2] or '00'} {m[3]}m", _THOUSANDS.sub("", folded))
     return " ".join(folded.split())
 
@@ -32,16 +44,20 @@ def _ascii_digit(ch: str) -> str:
     return str(unicodedata.decimal(ch)) if ch.isdecimal() and not ch.isascii() else ch
 
 
-_OPTIONAL_MARKS = re.compile("[\u0610-\u061a\u064b-\u065f\u0670\u06d6-\u06dc\u06df-\u06e4\u06e7\u06e8"
-                             "\u06ea-\u06ed\u0640\u0591-\u05bd\u05bf\u05c1\u05c2\u05c4\u05c5\u05c7]")
+_OPTIONAL_MARKS = re.compile("[\u0610-\u061a\u064b-\u0652\u0656-\u065f\u0670\u06d6-\u06dc\u06df-\u06e4"
+                             "\u06e7\u06e8\u06ea-\u06ed\u0640\u0591-\u05bd\u05bf\u05c1\u05c2\u05c4\u05c5\u05c7]")
 """Marks written or left out at will (in decomposed text): Arabic vowel marks, shadda, Quranic signs and the
-tatweel stretch, Hebrew points and cantillation."""
-_CYRILLIC_STRESS = re.compile("([\u0400-\u04ff])[\u0300\u0301]")
-"""A stress mark over a Cyrillic letter (decomposed text): a reading aid, not spelling."""
+tatweel stretch, Hebrew points and cantillation. Not hamza and madda (U+0653-0655): `سئل` is not `سيل`."""
+_CYRILLIC_STRESS = re.compile("(?<=[\u0430\u0435\u0438\u043e\u0443\u044b\u044d\u044e\u044f\u0410\u0415"
+                              "\u0418\u041e\u0423\u042b\u042d\u042e\u042f])\u0301+")
+"""An acute over a Cyrillic vowel (decomposed text): a stress mark, a reading aid. Not the acute of Macedonian
+`ѓ` / `ќ` (consonants) nor Bulgarian `ѝ` (a grave)."""
 _SPACE_THOUSANDS = re.compile("(?<=\\d)[\u00a0\u202f\u2009\u066c](?=\\d{3}(?!\\d))")
 """Thousands separators other than the comma: no-break, narrow no-break and thin spaces (French, Russian, ISO)
 and the Arabic one. A plain space is not one: `1 200` may be two numbers."""
 
+_DOTTED_I = re.compile("i\u0307+")
+"""`İ` case-folded (an `i` and a combining dot): the `i` of `I`."""
 _PLAIN_PUNCTUATION = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u2010": "-", "\u2011": "-",
                                     "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2212": "-"})
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
@@ -57,7 +73,7 @@ def whole_fact_spans(text: str, key_facts: str | Sequence[str]) -> list[tuple[in
         start = text.find(fact)
         while start >= 0:
             end = start + len(fact)
-            if not _glued_before(text, start, fact[0]) and not _glued_after(text, end, fact):
+            if not _glued_before(text, start, fact) and not _glued_after(text, end, fact):
                 spans.add((start, end))
             start = text.find(fact, start + 1)
     return sorted(spans)
@@ -86,40 +102,47 @@ _UNSPACED_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "HALFWIDTH KATAKANA", "HANGU
                      "THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN", "YI ")
 
 
-def _glued_before(text: str, start: int, first: str) -> bool:
+def _glued_before(text: str, start: int, fact: str) -> bool:
     """Whether the fact's first character continues a word or number that starts before it, of the same kind
     (letter after letter, digit after digit): `14` and `4.4` do not hold `4`, but `x4` and `5km` hold `4` and `km`.
     Leading zeros are no other number: `09:00` holds `9:00`."""
-    kind = _kind(first)
+    kind = _kind(fact[0])
     if kind is None or start == 0:
         return False
     before = text[start - 1]
     if kind == "digit" and _LEADING_ZEROS.search(text, 0, start):
         return False
     if _kind(before) == kind:
-        return not _only_prefixes(text, start, first)
+        return not _only_prefixes(text, start, fact)
     if kind == "digit" and before == "-" and (start < 2 or not text[start - 2].isalnum()):
         return True  # a minus sign: `-5` is not 5 (`9-5` and `555-0187` are a range and a phone number)
     return kind == "digit" and before in _NUMBER_JOINERS and start >= 2 and text[start - 2].isdigit()
 
 
-def _only_prefixes(text: str, start: int, first: str) -> bool:
-    """Whether the letters glued before an Arabic or Hebrew fact are that script's one-letter prefixes, which are
-    written onto the next word (`و` and, `ب` in, `ال` the; `ב` in, `ה` the, ...): `بالقاهرة` holds `القاهرة`."""
-    prefixes = _PREFIXES.get(unicodedata.name(first, "").split(" ", 1)[0])
-    if prefixes is None:
-        return False
+def _only_prefixes(text: str, start: int, fact: str) -> bool:
+    """Whether the letters glued before an Arabic or Hebrew fact are prefixes written onto the next word: `بالقاهرة`
+    (bi- + al-Qahira) holds `القاهرة`, `المكتبة` holds `مكتبة`, `בתל אביב` holds `תל אביב`. Narrow, since the
+    prefix letters begin many words: in Arabic the article al- (with wa / fa / bi / ka / li before it), or one of
+    those before a fact that has the article itself (`كمال` does not hold `مال`); in Hebrew one or two of ve, be,
+    ke, le, mi, she, ha before a fact of three letters or more (`מים` does not hold `ים`)."""
+    script = unicodedata.name(fact[0], "").split(" ", 1)[0]
     word_start = start
     while word_start > 0 and _kind(text[word_start - 1]) == "letter":
         word_start -= 1
-    return prefixes.fullmatch(text, word_start, start) is not None
+    prefix = text[word_start:start]
+    if script == "ARABIC":
+        return (_ARABIC_ARTICLE.fullmatch(prefix) is not None
+                or (fact.startswith("\u0627\u0644") and _ARABIC_PROCLITICS.fullmatch(prefix) is not None))
+    if script == "HEBREW":
+        return len(fact.replace(" ", "")) >= 3 and _HEBREW_PREFIXES.fullmatch(prefix) is not None
+    return False
 
 
-_PREFIXES = {"ARABIC": re.compile("[\u0648\u0641]?(?:[\u0628\u0643\u0644]?\u0627\u0644|[\u0628\u0643\u0644]|"
-                                  "\u0644\u0644)|[\u0648\u0641]"),
-             "HEBREW": re.compile("[\u05d5\u05d1\u05db\u05dc\u05de\u05e9\u05d4]{1,3}")}
-"""Arabic: wa / fa, then bi / ka / li and the article al- (or lil-); Hebrew: up to three of ve, be, ke, le, mi, she,
-ha."""
+_ARABIC_PROCLITICS = re.compile("[\u0648\u0641]?[\u0628\u0643\u0644]?")
+"""wa- / fa- (and), then bi- (in), ka- (like) or li- (for)."""
+_ARABIC_ARTICLE = re.compile("[\u0648\u0641]?[\u0628\u0643\u0644]?\u0627\u0644")
+"""The article al-, with the proclitics before it."""
+_HEBREW_PREFIXES = re.compile("[\u05d5\u05d1\u05db\u05dc\u05de\u05e9\u05d4]{1,2}")
 
 
 def _glued_after(text: str, end: int, fact: str) -> bool:

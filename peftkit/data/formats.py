@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from peftkit.data.columns import (ROLE_ALIASES, SYSTEM_FIELDS, detected_pair, detected_pair_messages, mapped_messages,
                                   mapped_text, number_as_text, pair_messages, record_keys, type_name)
 from peftkit.errors import DataError
+from peftkit.utils.yaml_flow import flow_yaml
 
 if TYPE_CHECKING:
     from peftkit.config.schema import ColumnsConfig
@@ -47,6 +48,7 @@ JSONL_SUFFIXES = ("", ".ndjson")
 MAX_REPORTED_PROBLEMS = 5
 """Bad records listed in one data error (the rest are counted)."""
 COLUMNS_ADVICE = "for other field names add a map to the recipe, e.g. `data: {columns: {prompt: q, response: a}}`"
+"""Advice that suits data.train / data.eval; replay files replace it (data.columns does not apply to them)."""
 ROLES_ADVICE = " (or map other speakers with data.columns.roles)"
 _CONVERSATION_ADVICE = re.compile(r"`[^`]+` holds a list of objects, a conversation with other field names: .*?maps "
                                   r"speaker names to user / assistant\)", re.DOTALL)
@@ -60,7 +62,6 @@ def has_columns_advice(message: str) -> bool:
 def with_columns_advice_replaced(message: str, replacement: str) -> str:
     """`message` with its `data.columns` advice replaced, for files data.columns does not read (replay files)."""
     return _CONVERSATION_ADVICE.sub(replacement, message.replace(COLUMNS_ADVICE, replacement))
-"""Advice that suits data.train / data.eval; replay files replace it (data.columns does not apply to them)."""
 
 
 @dataclass(frozen=True)
@@ -242,9 +243,9 @@ LF_READ_AS_IS = {"prompt": "instruction", "input": "input", "response": "output"
 """Field names detection reads without a map (and then with alpaca's `history`, which a map would drop)."""
 
 
-def _llamafactory_columns(entry: dict[str, Any]) -> str:
-    """An entry's `columns` and `tags` as a `data.columns` map (YAML flow style); "" where detection reads its
-    records as they are."""
+def _llamafactory_columns(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """An entry's `columns` and `tags` as a `data.columns` mapping; None where detection reads its records as they
+    are."""
     columns, tags = entry.get("columns") or {}, entry.get("tags") or {}
     mapped = {LF_COLUMNS[k]: v for k, v in columns.items() if k in LF_COLUMNS and isinstance(v, str)}
     roles = {v: LF_TAGS[k] for k, v in tags.items() if k in LF_TAGS and isinstance(v, str)}
@@ -254,10 +255,10 @@ def _llamafactory_columns(entry: dict[str, Any]) -> str:
         mapped["content"] = tags.get("content_tag", "value" if sharegpt else "content")
     if all(v in LF_READ_AS_IS[k].split() for k, v in mapped.items()) and all(
             ROLE_ALIASES.get(k.lower()) == v for k, v in roles.items()):
-        return ""
+        return None
     if roles and "messages" in mapped:
-        mapped["roles"] = "{" + ", ".join(f"{k}: {v}" for k, v in roles.items()) + "}"
-    return "{" + ", ".join(f"{k}: {v}" for k, v in mapped.items()) + "}"
+        mapped["roles"] = roles
+    return mapped
 
 
 def _llamafactory_registry_error(path: Path, data: dict[str, Any]) -> DataError:
@@ -268,9 +269,10 @@ def _llamafactory_registry_error(path: Path, data: dict[str, Any]) -> DataError:
         found.append(f"{name} ({source})")
     more = f" and {len(data) - 8} more" if len(data) > 8 else ""
     name, entry = next(((n, e) for n, e in data.items() if "file_name" in e), next(iter(data.items())))
-    example = f"`data: {{train: {path.parent / str(entry.get('file_name', 'FILE'))}"
+    train = str(path.parent / str(entry.get("file_name", "FILE")))
     columns = _llamafactory_columns(entry)
-    example += f", columns: {columns}}}`" if columns else "}` (its fields are ones peftkit reads without a map)"
+    example = (f"`data: {flow_yaml({'train': train, 'columns': columns})}`" if columns else
+               f"`data: {flow_yaml({'train': train})}` (its fields are ones peftkit reads without a map)")
     return DataError(
         f"{path}: this is LLaMA-Factory's dataset registry (dataset_info.json), not data; point data.train at the "
         f"file named by `file_name` of the dataset you want (relative to {path.parent}; a `hf_hub_url` one as "
@@ -792,33 +794,40 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
     return Example(where, text=text)
 
 
-ROLE_KEYS = ("role", "from", "speaker", "author", "sender", "who", "user", "name")
+ROLE_KEYS = ("role", "from", "speaker", "author", "sender", "who")
 CONTENT_KEYS = ("content", "value", "text", "message", "utterance", "body", "msg")
+"""The keys a turn of a conversation names its speaker and its text with, in other tools' layouts."""
 
 
 def conversation_advice(record: dict[str, Any]) -> str | None:
     """The `data.columns` map of a conversation under another key with other turn keys (axolotl's custom
     `field_messages` / `message_property_mappings`), for a record holding a list of objects; None for others,
-    whose one-turn example (COLUMNS_ADVICE) fits better."""
+    whose one-turn example (COLUMNS_ADVICE) fits better, turns written as user / reply pairs
+    (`[{"user": "hi", "bot": "hello"}]`: no key names a speaker or a text) among them."""
     field, turns = next(((k, v) for k, v in record.items() if k not in ARROW_MERGED_FIELDS and isinstance(v, list)
                          and v and all(isinstance(t, dict) for t in v)), (None, None))
     if field is None or turns is None:
         return None
     keys = [k for k in turns[0] if isinstance(turns[0][k], str)]
-    role = next((k for k in ROLE_KEYS if k in keys), keys[0] if keys else "ROLE_KEY")
-    content = next((k for k in CONTENT_KEYS if k in keys and k != role), next((k for k in keys if k != role),
-                                                                              "TEXT_KEY"))
+    named_roles = [k for k in keys if k not in CONTENT_KEYS and all(  # a key whose values are all role names
+        isinstance(t.get(k), str) and t[k].lower() in ROLE_ALIASES for t in turns)]
+    role = next(iter(named_roles), next((k for k in ROLE_KEYS if k in keys), None))
+    content = next((k for k in CONTENT_KEYS if k in keys and k != role), None)
+    if role is None and content is None:
+        return None
+    role = role or next((k for k in keys if k != content), "ROLE_KEY")
+    content = content or next((k for k in keys if k != role), "TEXT_KEY")
     speakers = list(dict.fromkeys(t[role] for t in turns if isinstance(t.get(role), str)))
     known = {ROLE_ALIASES.get(s.lower()) for s in speakers}
     unknown = [s for s in speakers if s.lower() not in ROLE_ALIASES]
     guesses = dict(zip(unknown, [r for r in ("user", "assistant") if r not in known]))
-    mapped = f"messages: {field}" + "".join(f", {name}: {key}" for name, key in (("role", role), ("content", content))
-                                            if key != name)
+    mapped: dict[str, Any] = {"messages": field, **{name: key for name, key in (("role", role), ("content", content))
+                                                     if key != name}}
     if guesses:
-        mapped += ", roles: {" + ", ".join(f"{s}: {r}" for s, r in guesses.items()) + "}"
+        mapped["roles"] = guesses
     return (f"`{field}` holds a list of objects, a conversation with other field names: map it in the recipe, e.g. "
-            f"`data: {{columns: {{{mapped}}}}}` (`role` / `content` name each turn's speaker and text keys, `roles` "
-            "maps speaker names to user / assistant)")
+            f"`data: {flow_yaml({'columns': mapped})}` (`role` / `content` name each turn's speaker and text keys, "
+            "`roles` maps speaker names to user / assistant)")
 
 
 def alpaca_history(history: Any, where: str) -> list[Message]:

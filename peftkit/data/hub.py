@@ -111,6 +111,9 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
+_SAID_SPLITS: set[str] = set()
+
+
 def saved_dataset_records(path: Path) -> list[tuple[str, Any]]:
     import datasets
 
@@ -120,7 +123,8 @@ def saved_dataset_records(path: Path) -> list[tuple[str, Any]]:
         if DEFAULT_SPLIT not in loaded:
             raise DataError(f"{path} holds the splits {', '.join(splits)} and no `train`; point the recipe at "
                             f"one of them: {path / splits[0]}")
-        if len(splits) > 1:  # as LLaMA-Factory and axolotl read such a folder: its `train` split
+        if len(splits) > 1 and str(path) not in _SAID_SPLITS:  # as LLaMA-Factory and axolotl read it: `train`
+            _SAID_SPLITS.add(str(path))  # once: validation, the split and --show-data each read the folder
             others = [split for split in splits if split != DEFAULT_SPLIT]
             log.info("%s holds the splits %s: reading `%s` (for another split point at its folder, e.g. %s)", path,
                      ", ".join(splits), DEFAULT_SPLIT, path / others[0])

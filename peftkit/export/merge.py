@@ -231,9 +231,18 @@ def _reference(model: Any, tokenizer: Any, run: RunAdapter, label: str) -> Refer
 
 
 DATA_TEXTS = 200
-DATA_BYTES_READ = 32 * 2**20
-"""Training data larger than this is not read for those texts (the held-out replies still are)."""
 """Texts of a run's own data whose tokenization an export compares with llama.cpp's (cheap: no model runs)."""
+DATA_BYTES_READ = 32 * 2**20
+"""Training data larger than this (a gzip'd file counted at 8x) is not read for those texts, nor a dataset folder
+(the held-out questions and replies still are)."""
+
+
+def _readable_size(source: str) -> float:
+    """About how many bytes reading `source` parses; a folder (a `save_to_disk` dataset) counts as too many."""
+    path = Path(source)
+    if not path.is_file():
+        return float("inf")
+    return path.stat().st_size * (8 if path.suffix.lower() == ".gz" else 1)
 
 
 def run_data_texts(run: RunAdapter, limit: int = DATA_TEXTS) -> list[str]:
@@ -249,8 +258,7 @@ def run_data_texts(run: RunAdapter, limit: int = DATA_TEXTS) -> list[str]:
 
     texts: list[str] = []
     sources = [run.recipe.data.train] if isinstance(run.recipe.data.train, str) else list(run.recipe.data.train)
-    local = not any(is_hub_ref(s) for s in sources)
-    if local and sum(Path(s).stat().st_size if Path(s).is_file() else 0 for s in sources) <= DATA_BYTES_READ:
+    if not any(is_hub_ref(s) for s in sources) and sum(map(_readable_size, sources)) <= DATA_BYTES_READ:
         try:
             for example in load_examples(sources, run.recipe.data.format, run.recipe.data.columns):
                 texts += ([str(m.get("content") or "") for m in example.messages] if example.messages is not None

@@ -14,7 +14,6 @@ split and on `data.heldout` (same `{text, label}` format), before and after trai
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -203,7 +202,7 @@ def _train_classifier(
         mark_run_dir(run_dir, recipe_to_yaml(recipe))
     atomic_write_text(
         run_dir / LABELS_FILE,
-        json.dumps({"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}, indent=2),
+        readable_json({"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}, indent=2),
     )
     init = getattr(recipe.adapter, "init", None)
     calibration = None  # rows for the data-driven inits (EVA, CorDA); only their input_ids are used

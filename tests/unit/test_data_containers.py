@@ -225,3 +225,63 @@ def test_records_without_a_list_of_objects_keep_the_one_turn_example(tmp_path):
     path.write_text(json.dumps({"q": "Hours?", "a": "7 to 18.", "tags": ["x"]}) + "\n")
     with pytest.raises(DataError, match=r"keys: q, a, tags\).*data: \{columns: \{prompt: q, response: a\}\}"):
         load_examples(path)
+
+
+def advised_columns(message: str) -> dict:
+    """The `data.columns` map a data error suggests, read as YAML: a map that does not parse is no advice."""
+    import re
+
+    import yaml
+
+    found = re.search(r"`data: (\{.*?\})`( \(|$|;)", message)
+    assert found, message
+    return yaml.safe_load(found.group(1))["columns"]
+
+
+@pytest.mark.parametrize(("user", "agent"), [("[Customer]", "[Agent]"), ("@user", "@bot"), ("Q: customer", "A: agent"),
+                                             ("#1", "*2"), ("Kunde", "yes"), ("客户", "客服")])
+def test_the_conversation_map_quotes_speaker_names_and_followed_reads_the_file(tmp_path, user, agent):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"dialog": [{"speaker": user, "text": "Hours?"}, {"speaker": agent, "text": "7 to 18."}]},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"`dialog` holds a list of objects") as info:
+        load_examples(path)
+    columns = advised_columns(str(info.value))
+    assert columns["roles"] == {user: "user", agent: "assistant"}
+    [example] = load_examples(path, columns=ColumnsConfig(**columns))
+    assert [m["role"] for m in example.messages] == ["user", "assistant"]
+
+
+def test_turns_written_as_user_reply_pairs_get_the_one_turn_example_not_a_conversation_map(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"conv": [{"user": "hi", "bot": "yo"}, {"user": "Hours?", "bot": "7 to 18."}]}) + "\n")
+    with pytest.raises(DataError, match=r"keys: conv\).*data: \{columns: \{prompt: q, response: a\}\}") as info:
+        load_examples(path)
+    assert "holds a list of objects" not in str(info.value) and "role: user" not in str(info.value)
+
+
+def test_a_turn_key_holding_role_names_is_the_role_key(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"msgs": [{"name": "user", "kind": "x", "content": "Hours?"},
+                                         {"name": "assistant", "kind": "x", "content": "7 to 18."}]}) + "\n")
+    with pytest.raises(DataError, match=r"`msgs` holds a list of objects") as info:
+        load_examples(path)
+    columns = advised_columns(str(info.value))
+    assert columns == {"messages": "msgs", "role": "name"}
+    [example] = load_examples(path, columns=ColumnsConfig(**columns))
+    assert [m["role"] for m in example.messages] == ["user", "assistant"]
+
+
+def test_a_registry_map_with_bracketed_speaker_tags_parses_and_reads_the_file(tmp_path):
+    entry = {"file_name": "chats.json", "formatting": "sharegpt", "columns": {"messages": "dialog"},
+             "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "[Customer]", "assistant_tag": "@agent"}}
+    path = tmp_path / "dataset_info.json"
+    path.write_text(json.dumps({"chats": entry}))
+    with pytest.raises(DataError, match=r"for chats: `data: \{train: ") as info:
+        load_examples(path)
+    columns = advised_columns(str(info.value))
+    assert columns["roles"] == {"[Customer]": "user", "@agent": "assistant"}
+    (tmp_path / "chats.json").write_text(json.dumps([{"dialog": [{"speaker": "[Customer]", "text": "Hours?"},
+                                                                 {"speaker": "@agent", "text": "7 to 18."}]}]))
+    [example] = load_examples(tmp_path / "chats.json", columns=ColumnsConfig(**columns))
+    assert example.messages[-1] == {"role": "assistant", "content": "7 to 18."}

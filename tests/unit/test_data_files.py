@@ -202,8 +202,10 @@ def test_a_saved_dataset_dict_with_several_splits_says_which_one_it_reads(tmp_pa
                           "test": datasets.Dataset.from_list([chat])}).save_to_disk(str(tmp_path / "dd"))
     with caplog.at_level(logging.INFO, logger="peftkit.data.hub"):
         assert len(load_examples(tmp_path / "dd")) == 3
+        assert len(load_examples(tmp_path / "dd")) == 3  # validation, the split, --show-data: said once
     assert f"holds the splits train, test: reading `train` (for another split point at its folder, e.g. " \
            f"{tmp_path / 'dd' / 'test'})" in caplog.text
+    assert caplog.text.count("holds the splits") == 1
     assert len(load_examples(tmp_path / "dd" / "test")) == 1
 
 

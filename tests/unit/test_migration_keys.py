@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from peftkit.config import load_recipe
 from peftkit.config.load import ALIAS_NOTES, KEY_ALIASES, NOT_NEEDED, SECTION_SHORTHANDS, _section_class
@@ -66,7 +67,7 @@ def test_llama_factory_keys(tmp_path):
     assert "unknown key `stage` is not needed: peftkit always runs supervised fine-tuning (LLaMA-Factory's " \
            "`stage: sft`); remove it" in found
     assert any(p.startswith("unknown key `do_train` is not needed:") and p.endswith("remove it") for p in found)
-    assert not any("deepspeed.stage" in p or "did you mean `train`" in p for p in found)
+    assert not any("deepspeed.stage" in p or "did you mean `train`" in p for p in found)  # `sft` is no ZeRO stage
     assert any("`load_in_4bit: true` is `quantization: {bits: 4}`" in p for p in found)
 
 
@@ -154,3 +155,70 @@ def test_axolotl_datasets_inside_data(tmp_path):
     found = problems(tmp_path, "data:\n  datasets: [{path: a.jsonl, type: alpaca}]\n")
     assert ("unknown key `data.datasets`: did you mean `train`? It takes a data file or a list of them, not axolotl's "
             "dataset entries: write `train: [a.jsonl]`; each file's format is detected, or set `data.format`") in found
+
+
+def test_the_migration_guide_lists_every_key_validate_knows():
+    """docs/migrating.md is the table of KEY_ALIASES and NOT_NEEDED: a key added to one must be added to the other."""
+    guide = (Path(__file__).parents[2] / "docs" / "migrating.md").read_text(encoding="utf-8")
+    missing = [k for k, v in KEY_ALIASES.items() if f"| `{k}` | `{v}` |" not in guide]
+    missing += [k for k in NOT_NEEDED if f"| `{k}` |" not in guide]
+    assert not missing, f"docs/migrating.md lacks {missing}"
+
+
+def test_a_number_given_as_stage_is_a_zero_stage(tmp_path):
+    assert problems(tmp_path, "stage: 3\ndata: {train: a.jsonl}\n") == ["unknown key `stage`: did you mean `deepspeed.stage`?"]
+    assert problems(tmp_path, "stage: sft\ndata: {train: a.jsonl}\n") == [
+        "unknown key `stage` is not needed: peftkit always runs supervised fine-tuning (LLaMA-Factory's `stage: sft`); "
+        "remove it"]
+
+
+@pytest.mark.parametrize(("section", "wrong", "expected"), [
+    ("quantization: {type: nf4}", "data.format", "unknown key `quantization.type` (valid keys here: bits, quant_type,"),
+    ("adapter: {method: lora, type: lora}", "data.format", "`type` is not a parameter of adapter method `lora`"),
+    ("model: {name: x, type: llama}", "data.format", "unknown key `model.type` (valid keys here: name,"),
+    ("train: {type: x}", "data.format", "unknown key `train.type`: did you mean `dtype`?"),
+    ("deepspeed: {type: x}", "data.format", "unknown key `deepspeed.type` (valid keys here: stage,"),
+    ("eval: {max_length: 100}", "data.max_seq_len", "unknown key `eval.max_length` (valid keys here: max_new_tokens,"),
+    ("deepspeed: {stage: 2, rank: 8}", "adapter.r", "unknown key `deepspeed.rank` (valid keys here: stage,"),
+    ("eval: {dataset: e.jsonl}", "data.train", "unknown key `eval.dataset` (valid keys here: max_new_tokens,"),
+    ("eval: {micro_batch_size: 2}", "train.batch_size", "unknown key `eval.micro_batch_size`: did you mean `batch_size`?"),
+])
+def test_common_words_and_close_spellings_inside_a_section_are_not_taken_for_another_sections_key(
+        tmp_path, section, wrong, expected):
+    found = problems(tmp_path, f"{section}\ndata: {{train: a.jsonl}}\n")
+    assert len(found) == 1 and found[0].startswith(expected) and wrong not in found[0], found
+
+
+def test_a_common_word_under_data_columns_is_not_data_format(tmp_path):
+    found = problems(tmp_path, "data: {train: a.jsonl, columns: {type: x}}\n")
+    assert found == ["unknown key `data.columns.type` (valid keys here: messages, role, content, roles, prompt, input, "
+                     "response, system, text, label)"]
+
+
+def test_common_words_at_the_top_level_still_name_their_section(tmp_path):
+    found = problems(tmp_path, "type: alpaca\nrank: 8\nmax_length: 512\ndata: {train: a.jsonl}\n")
+    for wrong, right in [("type", "data.format"), ("rank", "adapter.r"), ("max_length", "data.max_seq_len")]:
+        assert f"unknown key `{wrong}`: did you mean `{right}`?" in found, found
+
+
+def test_val_set_size_says_that_eval_fraction_is_a_fraction(tmp_path):
+    [found] = problems(tmp_path, "val_set_size: 100\ndata: {train: a.jsonl}\n")
+    assert found.startswith("unknown key `val_set_size`: did you mean `data.eval_fraction`? (a fraction of the "
+                            "training data below 1, e.g. 0.05; a count of examples")
+    assert "`data.max_eval_examples: 100`" in found
+    (tmp_path / "recipe.yaml").write_text("data: {train: a.jsonl, eval_fraction: 0.05, max_eval_examples: 100}\n")
+    data = load_recipe(tmp_path / "recipe.yaml").data  # the note's spelling validates
+    assert (data.eval_fraction, data.max_eval_examples) == (0.05, 100)
+
+
+def test_axolotl_hub_ids_become_hf_sources(tmp_path):
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "chats").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    found = problems(tmp_path, "datasets:\n  - {path: mhenrichsen/alpaca_2k_test, type: alpaca}\n"
+                               "  - {path: local/chats, type: chat_template}\n  - {path: data/x.jsonl, type: alpaca}\n")
+    [hint] = [p for p in found if p.startswith("unknown key `datasets`")]
+    written = hint.split("write `")[1].split("`")[0]
+    assert yaml.safe_load(written) == {"data": {"train": ["hf:mhenrichsen/alpaca_2k_test", "local/chats", "data/x.jsonl"]}}
+    found = problems(tmp_path, "data:\n  train: [{path: tatsu-lab/alpaca, type: alpaca}]\n")
+    assert found[0].startswith("`data.train` takes a data file or a list of them, not axolotl's dataset entries: write "
+                               "`train: ['hf:tatsu-lab/alpaca']`")

@@ -339,7 +339,7 @@ def test_a_tilde_the_shell_left_in_a_run_dir_is_expanded_by_every_command(comman
     assert f"{tmp_path}/runs/r" in err and "~" not in err, err
 
 
-def test_files_people_read_keep_their_text_as_written(tiny_recipe):
+def test_files_people_read_keep_their_text_as_written(tiny_recipe, tmp_path):
     """heldout.jsonl, summary.json and eval.json stored Chinese / Arabic / Russian as \\u escapes."""
     from peftkit.train.run import train
     from peftkit.utils.readable_json import readable_json
@@ -347,8 +347,15 @@ def test_files_people_read_keep_their_text_as_written(tiny_recipe):
     assert readable_json({"q": "星光书店 ٣"}) == '{"q": "星光书店 ٣"}'
     lone = readable_json({"q": "\ud800"})  # a `\ud800` escape in a data file: UTF-8 cannot hold it, the escape stays
     assert lone == '{"q": "\\ud800"}' and json.loads(lone) == {"q": "\ud800"}
+    from peftkit.evaluate.run_eval import evaluate_run
+    from peftkit.train.run_dir import BEFORE_FILE
+
+    heldout = write_jsonl(tmp_path / "q.jsonl", [{"question": "书店几点开门？", "key_fact": "九点"}])
     recipe = recipe_from_dict({**tiny_recipe, "name": "星光书店", "train": {**tiny_recipe["train"], "max_steps": 1},
-                               "eval": {"before": False}})
+                               "data": {**tiny_recipe["data"], "heldout": str(heldout)}})
     run_dir = train(recipe).run_dir
-    summary = (run_dir / "summary.json").read_text(encoding="utf-8")
-    assert "星光书店" in summary and "\\u" not in summary
+    evaluate_run(run_dir, general=str(heldout))
+    for name, text in (("summary.json", "星光书店"), ("heldout.jsonl", "书店几点开门"), ("eval.json", "书店几点开门"),
+                       (BEFORE_FILE, "书店几点开门")):
+        written = (run_dir / name).read_text(encoding="utf-8")
+        assert text in written and "\\u" not in written, name
