@@ -338,16 +338,13 @@ def _axolotl_columns(entries: list[Any]) -> dict[str, Any]:
     return {}
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-
-
 def _entry_source(path: str, bases: tuple[Path, ...]) -> str:
     """An axolotl entry's `path` as `data.train` names it: `hf:OWNER/NAME` for a Hub dataset id (one slash, no
     data-file suffix, and neither such a file nor a folder OWNER next to the recipe or here), else the path as
     written."""
-    from peftkit.data.formats import DATA_SUFFIXES, GZIP_SUFFIXES, data_suffix
+    from peftkit.data.formats import looks_like_hub_id
 
-    if not _HUB_ID.fullmatch(path) or data_suffix(Path(path)) in (*DATA_SUFFIXES, *GZIP_SUFFIXES, ".gz", ".parquet.gz"):
+    if not looks_like_hub_id(path):
         return path
     local = any((base / path).exists() or (base / path).parent.is_dir() for base in bases or (Path.cwd(),))
     return path if local else f"hf:{path}"

@@ -133,14 +133,22 @@ def data_suffix(path: Path) -> str:
     return inner if inner in GZIP_SUFFIXES else inner + suffix
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def looks_like_hub_id(written: str) -> bool:
+    """`OWNER/NAME` as axolotl and LLaMA-Factory users write a Hub dataset: one slash, no data-file suffix."""
+    return (_HUB_ID.fullmatch(written) is not None
+            and data_suffix(Path(written)) not in (*DATA_SUFFIXES, *GZIP_SUFFIXES, ".gz", ".parquet.gz"))
+
+
 def hub_id_hint(path: Path) -> str:
-    """For a missing `OWNER/NAME` (one folder level that does not exist, no file suffix): the `hf:` spelling of a
-    Hub dataset. The recipe folder was joined on, so look at the last two parts; `data/train.jsonl` gets no hint."""
-    hub_name = re.compile(r"[A-Za-z0-9][\w.-]*")
-    if (len(path.parts) < 2 or data_suffix(path) in (*DATA_SUFFIXES, *GZIP_SUFFIXES, ".gz") or path.parent.exists()
-            or not path.parent.parent.exists() or not all(hub_name.fullmatch(p) for p in path.parts[-2:])):
+    """For a missing `OWNER/NAME` (one folder level that does not exist): the `hf:` spelling of a Hub dataset. The
+    recipe folder was joined on, so look at the last two parts; `data/train.jsonl` gets no hint."""
+    written = "/".join(path.parts[-2:])
+    if len(path.parts) < 2 or not looks_like_hub_id(written) or path.parent.exists() or not path.parent.parent.exists():
         return ""
-    return f"; for a Hugging Face Hub dataset write `hf:{path.parent.name}/{path.name}`"
+    return f"; for a Hugging Face Hub dataset write `hf:{written}`"
 
 
 def read_records(source: str | Path) -> list[tuple[str, Any]]:

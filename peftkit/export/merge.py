@@ -237,7 +237,7 @@ DATA_BYTES_READ = 32 * 2**20
 (the held-out questions and replies still are)."""
 
 
-def _readable_size(source: str) -> float:
+def _readable_size(source: str | Path) -> float:
     """About how many bytes reading `source` parses; a folder (a `save_to_disk` dataset) counts as too many."""
     path = Path(source)
     if not path.is_file():
@@ -252,12 +252,12 @@ def run_data_texts(run: RunAdapter, limit: int = DATA_TEXTS) -> list[str]:
     skipped: this is a check, not a requirement."""
     import json
 
-    from peftkit.data.formats import load_examples
+    from peftkit.data.formats import data_sources, load_examples
     from peftkit.data.hub import is_hub_ref
     from peftkit.errors import PeftkitError
 
     texts: list[str] = []
-    sources = [run.recipe.data.train] if isinstance(run.recipe.data.train, str) else list(run.recipe.data.train)
+    sources = data_sources(run.recipe.data.train)
     if not any(is_hub_ref(s) for s in sources) and sum(map(_readable_size, sources)) <= DATA_BYTES_READ:
         try:
             for example in load_examples(sources, run.recipe.data.format, run.recipe.data.columns):

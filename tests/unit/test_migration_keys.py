@@ -113,35 +113,30 @@ def test_section_given_as_a_single_value(tmp_path):
     assert not any("valid dictionary" in p for p in found)
 
 
-def test_axolotl_format_name(tmp_path):
-    found = problems(tmp_path, "data: {train: a.jsonl, format: chat_template}\n")
-    assert found == ["`data.format`: 'chat_template' is not a peftkit format name; peftkit calls it `chat`: write "
-                     "`format: chat` (or leave `format` out: each record's format is detected)"]
+ENTRIES_FIX = "`data.train` takes a data file or a list of them, not axolotl's dataset entries: write "
 
 
-def test_axolotl_dataset_entries_get_one_message_with_their_paths(tmp_path):
-    found = problems(tmp_path, "data:\n  train:\n    - {path: a.jsonl, type: sharegpt}\n"
-                               "    - {path: b.jsonl, type: alpaca}\n")
-    assert found == ["`data.train` takes a data file or a list of them, not axolotl's dataset entries: write "
-                     "`train: [a.jsonl, b.jsonl]`; each file's format is detected, or set `data.format`"]
-
-
-def test_axolotl_field_mappings_become_columns(tmp_path):
-    found = problems(tmp_path, "data:\n  train:\n    - path: a.jsonl\n      type: chat_template\n"
-                               "      field_messages: conversations\n"
-                               "      message_property_mappings: {role: from, content: value}\n"
-                               "      roles: {user: [human], assistant: [gpt]}\n")
-    assert found == ["`data.train` takes a data file or a list of them, not axolotl's dataset entries: write "
-                     "`train: [a.jsonl]`; axolotl's field mappings are written as `data.columns: {messages: "
-                     "conversations, role: from, content: value, roles: {human: user, gpt: assistant}}` "
-                     "(`data.format` stays auto)"]
-
-
-def test_default_field_mappings_need_no_columns(tmp_path):
-    found = problems(tmp_path, "data:\n  train: {path: a.jsonl, type: chat_template, field_messages: messages,\n"
-                               "          message_property_mappings: {role: role, content: content}}\n")
-    assert found == ["`data.train` takes a data file or a list of them, not axolotl's dataset entries: write "
-                     "`train: [a.jsonl]`; each file's format is detected, or set `data.format`"]
+@pytest.mark.parametrize(("recipe", "expected"), [
+    pytest.param("data: {train: a.jsonl, format: chat_template}\n",
+                 "`data.format`: 'chat_template' is not a peftkit format name; peftkit calls it `chat`: write "
+                 "`format: chat` (or leave `format` out: each record's format is detected)", id="format-name"),
+    pytest.param("data:\n  train:\n    - {path: a.jsonl, type: sharegpt}\n    - {path: b.jsonl, type: alpaca}\n",
+                 ENTRIES_FIX + "`train: [a.jsonl, b.jsonl]`; each file's format is detected, or set `data.format`",
+                 id="dataset-entries-one-message-with-their-paths"),
+    pytest.param("data:\n  train:\n    - path: a.jsonl\n      type: chat_template\n"
+                 "      field_messages: conversations\n"
+                 "      message_property_mappings: {role: from, content: value}\n"
+                 "      roles: {user: [human], assistant: [gpt]}\n",
+                 ENTRIES_FIX + "`train: [a.jsonl]`; axolotl's field mappings are written as `data.columns: {messages: "
+                 "conversations, role: from, content: value, roles: {human: user, gpt: assistant}}` "
+                 "(`data.format` stays auto)", id="field-mappings-become-columns"),
+    pytest.param("data:\n  train: {path: a.jsonl, type: chat_template, field_messages: messages,\n"
+                 "          message_property_mappings: {role: role, content: content}}\n",
+                 ENTRIES_FIX + "`train: [a.jsonl]`; each file's format is detected, or set `data.format`",
+                 id="default-field-mappings-need-no-columns"),
+])
+def test_axolotl_data_settings_get_one_message_saying_what_to_write(tmp_path, recipe, expected):
+    assert problems(tmp_path, recipe) == [expected]
 
 
 def test_top_level_axolotl_datasets(tmp_path):
