@@ -253,3 +253,29 @@ def test_a_base_gguf_with_the_old_gpt2_name_is_exported_with_llama_cpps():
 
     assert tokenizer_pre({"pre_tokenizer": {"type": "ByteLevel"}}, "gpt2") == "gpt-2"
     assert tokenizer_pre({"pre_tokenizer": {"type": "ByteLevel"}}, "smollm") == "smollm"
+
+
+def test_the_run_texts_an_export_checks_come_from_its_data_and_heldout_replies(tmp_path):
+    """Training messages and held-out questions and replies, each once; a dataset folder (a save_to_disk copy, maybe
+    gigabytes) is not read for a 200-text check, and data that cannot be read is skipped, not fatal."""
+    from types import SimpleNamespace
+
+    from peftkit.export.merge import run_data_texts
+    from tests.conftest import write_jsonl
+
+    train = write_jsonl(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "Когда открыто?"},
+                                                              {"role": "assistant", "content": "С 9 до 18."}]}] * 3)
+    write_jsonl(tmp_path / "heldout.jsonl", [{"question": "السعر؟", "reply": "٣ دنانير", "correct": True}])
+
+    def run(source):
+        data = SimpleNamespace(train=source, format="auto", columns=None)
+        return SimpleNamespace(recipe=SimpleNamespace(data=data), run_dir=tmp_path)
+
+    assert run_data_texts(run(str(train))) == ["Когда открыто?", "С 9 до 18.", "السعر؟", "٣ دنانير"]
+    import datasets
+
+    datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+                               ).save_to_disk(str(tmp_path / "saved"))  # readable, but not read: a folder may be huge
+    assert run_data_texts(run(str(tmp_path / "saved"))) == ["السعر؟", "٣ دنانير"]
+    assert run_data_texts(run([str(tmp_path / "gone.jsonl")])) == ["السعر؟", "٣ دنانير"]
+    assert run_data_texts(run(str(train)), limit=1) == ["Когда открыто?"]

@@ -359,3 +359,12 @@ def test_files_people_read_keep_their_text_as_written(tiny_recipe, tmp_path):
                        (BEFORE_FILE, "书店几点开门")):
         written = (run_dir / name).read_text(encoding="utf-8")
         assert text in written and "\\u" not in written, name
+
+
+def test_an_exports_json_reports_keep_their_text_as_written(tmp_path):
+    """verification.json and the export's other reports are read by people too."""
+    from peftkit.export.common import write_json
+
+    write_json(tmp_path / "verification.json", {"prompt": "Когда открыто?", "path": tmp_path / "东京"})
+    written = (tmp_path / "verification.json").read_text(encoding="utf-8")
+    assert "Когда открыто?" in written and "东京" in written and "\\u" not in written
