@@ -2,8 +2,9 @@
 
 We render the whole conversation once with the tokenizer's chat template, locate each
 assistant reply by rendering the conversation prefixes, and supervise exactly the tokens whose
-characters fall inside a reply, including the end-of-turn token that closes it (templates that
-rewrite history, like Qwen3's, get one row per assistant turn instead). Labels are
+characters fall inside a reply, including the end-of-turn token that closes it (a reply with axolotl's
+`train_detail`: the parts it marks trained, and its end-of-turn; templates that rewrite history, like Qwen3's,
+get one row per assistant turn instead). Labels are
 assigned by position, never by token id: SmolLM2's pad token *is* its end-of-turn token, and a
 collator that masks by id teaches the model never to stop.
 """
@@ -230,6 +231,43 @@ def _trained_turns(messages: Sequence[Message]) -> list[int]:
     return [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
 
 
+def _trained_parts(tokenizer: Any, message: Message, text: str, span: tuple[int, int], i: int, where: str
+                   ) -> list[tuple[int, int]]:
+    """The character ranges of reply `i`'s `span` in `text` that are trained: the whole span, or with `train_detail`
+    the ranges of the content it marks trained plus the template's own text in the span, the end-of-turn included
+    (as axolotl trains a turn's end-of-turn whatever its `train_detail` masks)."""
+    detail = message.get("train_detail")
+    if not detail:
+        return [span]
+    content, lo, hi = message["content"], *span
+    at, lead = _content_at(tokenizer, content, text, lo, hi), 0
+    if at < 0 and content.strip():  # templates that trim replies (Llama 3, Gemma): offsets past the cut whitespace
+        lead = len(content) - len(content.lstrip())
+        content = content.strip()
+        at = _content_at(tokenizer, content, text, lo, hi)
+    if at < 0:
+        raise DataError(
+            f"{where}: reply {i + 1} has a `train_detail`, but the chat template changes the reply's text "
+            f"({_abridged(message['content'])!r} is rendered as {_abridged(text[lo:hi])!r}), so its character offsets "
+            "cannot be applied. Point `model.chat_template` at a template that renders replies as written, or drop "
+            "`train_detail` from the message"
+        )
+    kept = [(at + max(begin - lead, 0), at + min(end - lead, len(content))) for begin, end, train in detail if train]
+    parts = [(lo, at), *kept, (at + len(content), hi)]
+    return [(begin, end) for begin, end in parts if begin < end]
+
+
+def _content_at(tokenizer: Any, content: str, text: str, lo: int, hi: int) -> int:
+    """Where a reply's content starts in its rendered span `text[lo:hi]`, -1 when it is not there verbatim: just
+    before the template's end-of-turn text where it is there (a short reply may also occur inside the template's own
+    text, `<think>` holding "in"), else its last occurrence."""
+    marker = _reply_end_marker(tokenizer)
+    end = hi - len(marker) if marker and text.endswith(marker, lo, hi) else hi
+    if text.startswith(content, end - len(content), end) and end - len(content) >= lo:
+        return end - len(content)
+    return text.rfind(content, lo, hi)
+
+
 def _check_tool_use_rendered(text: str, messages: Sequence[Message], tools: Tools, where: str) -> None:
     """Templates without tool support render tool calls as empty replies and drop `tools`: training on that
     teaches the model to answer with nothing, so refuse before any weights load."""
@@ -335,7 +373,11 @@ def _encode_split_at(tokenizer: Any, text: str, cuts: list[int], max_seq_len: in
     return ids, offsets
 
 
-def _labelled(tokenizer: Any, text: str, spans: list[tuple[int, int]], max_seq_len: int) -> tuple[dict[str, list[int]], bool]:
+def _labelled(
+    tokenizer: Any, text: str, spans: list[tuple[int, int]], max_seq_len: int, trained: list[tuple[int, int]] | None = None
+) -> tuple[dict[str, list[int]], bool]:
+    """Token ids and labels of `text`: a token is trained when its first character lies in one of the reply `spans`
+    (or, given `trained`, in one of those ranges: the parts of the replies that `train_detail` trains)."""
     encoded = _encode_prefix(tokenizer, text, max_seq_len, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = encoded["input_ids"]
     offsets: list[tuple[int, int]] = encoded["offset_mapping"]
@@ -363,7 +405,7 @@ def _labelled(tokenizer: Any, text: str, spans: list[tuple[int, int]], max_seq_l
                        "the whitespace at the end of the template's assistant header (model.chat_template)")
     labels = [IGNORE_INDEX] * len(input_ids)
     for index, (start, _end) in enumerate(offsets):
-        if any(lo <= start < hi for lo, hi in spans):
+        if any(lo <= start < hi for lo, hi in (spans if trained is None else trained)):
             labels[index] = input_ids[index]
     truncated = len(input_ids) > max_seq_len
     return {"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len]}, truncated
@@ -383,7 +425,9 @@ def tokenize_conversation(
 ) -> tuple[dict[str, list[int]], bool]:
     """Token ids and labels (IGNORE_INDEX outside assistant replies); also whether it was truncated."""
     text, spans = render_with_reply_spans(tokenizer, messages, where, tools)
-    return _labelled(tokenizer, text, spans, max_seq_len)
+    trained = [part for i, span in zip(_trained_turns(messages), spans, strict=True)
+               for part in _trained_parts(tokenizer, messages[i], text, span, i, where)]
+    return _labelled(tokenizer, text, spans, max_seq_len, trained)
 
 
 def tokenize_conversation_rows(
@@ -409,11 +453,12 @@ def tokenize_conversation_rows(
     marker = _reply_end_marker(tokenizer) if train_on_prompt else ""
     for i in _trained_turns(messages):
         text, span = _reply_span(tokenizer, messages, i, where, tools)
-        reply_start = span[0]
-        if train_on_prompt:
+        reply_start, trained = span[0], _trained_parts(tokenizer, messages[i], text, span, i, where)
+        if train_on_prompt:  # every token is trained, the parts train_detail leaves out too (as `weight: 0` turns)
             span = (0 if previous is None else _after_history(tokenizer, messages, previous, text, tools, marker),
                     span[1])
-        row, cut = _labelled(tokenizer, text, [span], max_seq_len)
+            trained = [span]
+        row, cut = _labelled(tokenizer, text, [span], max_seq_len, trained)
         rows.append(row)
         truncated += cut
         previous = (i, text, reply_start)

@@ -2,11 +2,12 @@
 
 Accepted: chat JSONL (`{"messages": [{"role", "content"}, ...]}`, OpenAI style, content a string
 or a list of `{"type": "text", "text"}` parts; an assistant message with `"weight": 0` is context,
-not trained on, as in axolotl; tool use: assistant `tool_calls`, `tool` messages and a record-level
-`tools` list, as TRL reads them), ShareGPT (`{"conversations": [{"from": "human"|"gpt"|"system",
-"value"}, ...]}`, optional `system`; LLaMA-Factory's `function_call` / `observation` turns and `tools`),
-TRL's prompt-completion (`prompt` + `completion`, both strings or both message lists; only the completion
-is trained on), alpaca JSON/JSONL (`instruction`, `input`, `output`, optional `system` and `history`), one-turn pairs
+not trained on, as in axolotl, and one with axolotl's `train_detail` is trained on the parts it marks; tool use:
+assistant `tool_calls`, `tool` messages and a record-level `tools` list, as TRL reads them), ShareGPT
+(`{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}`, optional `system`; LLaMA-Factory's
+`function_call` / `observation` turns and `tools`), TRL's prompt-completion (`prompt` + `completion`, both
+strings or both message lists; only the completion is trained on), alpaca JSON/JSONL (`instruction`, `input`,
+`output`, optional `system` and `history`), one-turn pairs
 with common field names (`question` + `answer`, Dolly's `instruction` + `response`, ...: `data/columns.py`),
 plain text (`.txt` files, or records with a `text` field), CSV / TSV and Parquet with those columns (all but
 Parquet also gzip'd: `train.jsonl.gz`); the same
@@ -38,9 +39,12 @@ if TYPE_CHECKING:
     from peftkit.config.schema import ColumnsConfig
 
 Message = dict[str, Any]
-"""`role` and `content` strings; an assistant message may carry `weight: 0` (not trained on) and `tool_calls`
+"""`role` and `content` strings; an assistant message may carry `weight: 0` (not trained on), `train_detail`
+(`((begin, end_exclusive, train), ...)`: which characters of `content` are trained) and `tool_calls`
 (`[{"type": "function", "function": {"name", "arguments": {...}}}]`, the form chat templates read); a `tool`
 message may carry `name` and `tool_call_id`."""
+TrainDetail = tuple[tuple[int, int, bool], ...]
+"""axolotl's per-message `train_detail` as (begin, end exclusive, train) character ranges of the content."""
 ROLES = ("system", "user", "assistant", "tool")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt")
 JSONL_SUFFIXES = ("", ".ndjson")
@@ -632,6 +636,16 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
                                 "`data.train_on_prompt: true` trains the prompts too")
             if role == "assistant" and weight == 0:
                 entry["weight"] = 0
+        detail = train_detail_of(message.get("train_detail"), content, f"{where}: message {i + 1}")
+        if detail is not None and role != "assistant" and any(train for _b, _e, train in detail):
+            raise DataError(f"{where}: message {i + 1}: `train_detail` marks part of a {role} message as trained, which "
+                            "is not supported: only assistant turns are trained, so `train: true` goes on assistant "
+                            "messages only; `data.train_on_prompt: true` trains the prompts too")
+        if detail is not None and role == "assistant" and entry.get("weight", 1):
+            if any(train for _b, _e, train in detail):
+                entry["train_detail"] = detail
+            else:  # nothing of the reply is trained: context, as with `weight: 0`
+                entry["weight"] = 0
         if role == "assistant" and entry.get("weight", 1) and not content.strip() and not calls:
             raise DataError(f"{where}: message {i + 1}: the assistant reply is empty, and training on it teaches the "
                             "model to answer with nothing; fill it in or drop the record (in chat data, `weight: 0` "
@@ -653,8 +667,38 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in checked):
         context_only = any(m["role"] == "assistant" for m in checked)
         raise DataError(f"{where}: the conversation has no assistant turn to train on, so there is nothing to learn from"
-                        + (" (its assistant turns all have `weight: 0`, context only)" if context_only else ""))
+                        + (" (its assistant turns all have `weight: 0`, or a `train_detail` that trains none of "
+                           "their text: context only)" if context_only else ""))
     return tuple(checked)
+
+
+def train_detail_of(value: Any, content: str, where: str) -> TrainDetail | None:
+    """axolotl's `train_detail`: `[{"begin_offset", "end_offset", "train"}, ...]`, character offsets into the
+    message's content with `end_offset` inclusive, as axolotl reads them (text no entry marks trained is not
+    trained). None where absent (also null: an Arrow/Parquet column that this message leaves unset)."""
+    if value is None:
+        return None
+    fix = ("write it as a list of {\"begin_offset\": int, \"end_offset\": int, \"train\": true|false} objects, "
+           "offsets counting the content's characters from 0, end_offset inclusive (as in axolotl)")
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"{where}: `train_detail` is {type_name(value)}; {fix}")
+    detail = []
+    for n, entry in enumerate(value, start=1):
+        at = f"{where}: `train_detail` entry {n}"
+        if not isinstance(entry, dict):
+            raise DataError(f"{at} is {type_name(entry)}, not an object; {fix}")
+        begin, end, train = entry.get("begin_offset"), entry.get("end_offset"), entry.get("train")
+        for key, offset in (("begin_offset", begin), ("end_offset", end)):
+            if not isinstance(offset, int) or isinstance(offset, bool):
+                raise DataError(f"{at}: `{key}` must be a whole number, not {offset!r}; {fix}")
+        if not isinstance(train, bool):
+            raise DataError(f"{at}: `train` must be true or false, not {train!r}; {fix}")
+        if not 0 <= begin <= end < len(content):
+            size = f"{len(content)} characters, so 0..{len(content) - 1} at most" if content else "it is empty"
+            raise DataError(f"{at}: offsets {begin}..{end} are not within the content ({size}; end_offset is inclusive "
+                            "and not below begin_offset); correct the offsets, or drop the entry")
+        detail.append((begin, end + 1, train))
+    return tuple(detail)
 
 
 def sharegpt_messages(record: dict[str, Any], where: str) -> list[Message]:
@@ -682,8 +726,9 @@ def sharegpt_messages(record: dict[str, Any], where: str) -> list[Message]:
             messages.append({"role": role, "content": "", "tool_calls": tool_calls_of(turn["value"], where_turn)})
         else:
             messages.append({"role": role, "content": turn["value"]})
-        if turn.get("weight") is not None:  # axolotl's per-turn weight
-            messages[-1]["weight"] = turn["weight"]
+        for key in ("weight", "training", "train_detail"):  # axolotl's per-turn flags, read as chat messages' are
+            if turn.get(key) is not None:
+                messages[-1][key] = turn[key]
     return with_record_system(messages, record)
 
 

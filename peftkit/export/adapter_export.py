@@ -22,6 +22,7 @@ from peftkit.data.classification import read_labels
 from peftkit.errors import ExportError
 from peftkit.export import verify
 from peftkit.export.card import adapter_card, bnb_kwargs, classifier_loading
+from peftkit.export import output_lock
 from peftkit.export.common import (ExportResult, disk_full_as_error, list_files, prepare_output, save_failed_report,
                                    write_json, write_verification)
 from peftkit.export.compat import serving_compatibility, vllm_quantized_base_note
@@ -106,6 +107,7 @@ def _bnb_kwargs(run: RunAdapter) -> dict[str, Any] | None:
     return bnb_kwargs(q, skip)
 
 
+@output_lock.releases_claims
 def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False, check: bool = True,
                    base: str | None = None) -> ExportResult:
     """`peftkit export RUN_DIR --format adapter`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import ExportError, MissingDependencyError, is_disk_full
+from peftkit.export import output_lock
 from peftkit.export.gguf_types import GGUF_TYPES
 from peftkit.models.resolve import TOKENIZER_FILES
 from peftkit.train.run_dir import LOCK_FILE, is_peftkit_run
@@ -92,6 +94,7 @@ def prepare_output(out: Path, *, force: bool, protected: list[Path]) -> Path:
         raise ExportError(f"{out} is a peftkit run directory (its adapter, checkpoints and metrics); an export never "
                           "replaces a run: choose another --out")
     _check_writable(out)
+    output_lock.claim(out)
     if out.exists() and not written_by_peftkit(out):
         names = foreign_export_entries(out)
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
@@ -205,6 +208,50 @@ def disk_full_as_error(folder: Path, fix: str = "free some space there, or choos
         if is_disk_full(exc):
             raise ExportError(f"no space left on device while writing {folder}: {fix}") from exc
         raise
+
+
+_BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "f32": 4.0, "f16": 2.0, "q8_0": 34 / 32,
+                     "q5_1": 24 / 32, "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32}
+"""Bytes a weight takes in the file, for each export dtype and GGUF type (block types: their blocks of 32)."""
+
+
+def _size(n: float) -> str:
+    return f"{n / 10**9:.2f} GB" if n >= 10**8 else f"{n / 10**6:.1f} MB"
+
+
+def weights_file_bytes(model: Any, file_type: str) -> float:
+    """About what `model`'s weights take on disk as `file_type` (an export dtype or a GGUF type); tied weights once.
+    A GGUF keeps vectors in float32, a 4- or 5-bit one its output head (or the tied embedding) in Q8_0, and rows
+    that are no multiple of a block's 32 weights in f16 (gguf_writer.tensor_type, quantize_array)."""
+    unique = {t.data_ptr(): t for t in model.state_dict().values() if t.device.type != "meta"}.values()
+    if file_type in DTYPE_NAMES:
+        return sum(t.numel() for t in unique) * _BYTES_PER_WEIGHT[file_type]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_ptr = head.weight.data_ptr() if head is not None and getattr(head, "weight", None) is not None else None
+
+    def per_weight(t: Any) -> float:
+        if t.dim() <= 1:
+            return 4.0
+        kind = "q8_0" if file_type.startswith(("q4", "q5")) and t.data_ptr() == head_ptr else file_type
+        return 2.0 if kind.startswith("q") and t.shape[-1] % 32 else _BYTES_PER_WEIGHT[kind]
+
+    return sum(t.numel() * per_weight(t) for t in unique)
+
+
+def check_room(out: Path, model: Any, file_type: str, what: str) -> None:
+    """Refuse, before writing, an export whose weights cannot fit next to `out` (the temporary copy is written there,
+    and with --force the old export stays until the new one is in place)."""
+    needed = weights_file_bytes(model, file_type)
+    folder = out.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # a file system that cannot say: the write itself will tell
+        return
+    if free < needed:
+        raise ExportError(f"not enough free space for the {what} in {folder}: it takes about {_size(needed)} "
+                          f"({file_type}), and {_size(free)} is free; free some space there, or choose another --out")
 
 
 def save_failed_report(target: Path, report: dict[str, Any]) -> Path:

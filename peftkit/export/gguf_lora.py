@@ -21,6 +21,7 @@ import torch
 from peftkit.errors import ExportError
 from peftkit.export import llama_cpp_check, verify
 from peftkit.export.compat import ollama_lora_refusal
+from peftkit.export import output_lock
 from peftkit.export.common import (ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, write_verification)
 from peftkit.export.gguf_types import ADAPTER_GGUF_TYPES
 from peftkit.export.gguf_writer import (
@@ -268,6 +269,7 @@ def _run_on_base_gguf(source: Path | None, lora_file: Path, reference: verify.Re
     return result
 
 
+@output_lock.releases_claims
 def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, gguf_type: str = "f16",
                         force: bool = False, check: bool = True, base: str | None = None) -> ExportResult:
     """`peftkit export RUN_DIR --format gguf-adapter`: the LoRA alone, for `llama-cli -m BASE.gguf --lora FILE`."""

@@ -31,7 +31,8 @@ import torch
 from peftkit.errors import ExportError
 from peftkit.export import llama_cpp_check, verify
 from peftkit.export.compat import OUTPUT_HEAD_MODULES, TOKEN_EMBEDDING_MODULES
-from peftkit.export.common import (ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, save_failed_report,
+from peftkit.export import output_lock
+from peftkit.export.common import (ExportResult, check_room, disk_full_as_error, gguf_package, list_files, prepare_output, save_failed_report,
                                    write_verification)
 from peftkit.export.gguf_types import GGUF_TYPES
 from peftkit.export.gguf_vocab import add_tokenizer, check_tokenizer
@@ -523,6 +524,7 @@ def check_merge(merged: MergedModel, merged_reference: verify.Reference) -> dict
     return {key: report[key] for key in ("max_abs_diff", "tolerance", "greedy_agreement", "passed")}
 
 
+@output_lock.releases_claims
 def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16", force: bool = False,
                       check: bool = True) -> ExportResult:
     """Write and verify the GGUF of a merged model. Verifying a block-quantized type (q8_0 ... q4_0) rounds
@@ -531,6 +533,7 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
     out = prepare_output(out, force=force, protected=[r.run_dir for r in merged.runs])
     gguf_types(gguf_type)
     layout = check_architecture(merged.model.config)
+    check_room(out, merged.model, gguf_type, "GGUF file")
     reference = verify.with_logits(merged.reference, merged.model, "the merged model (float32)") if check else None
     # QLoRA merges are measured in merged.qlora, against the adapter on its quantized base
     merge_report = check_merge(merged, reference) if reference is not None and merged.qlora is None else None
@@ -593,6 +596,7 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
     return ExportResult(out, f"gguf-{gguf_type}", list_files(out), report, merged.qlora, notes)
 
 
+@output_lock.releases_claims
 def export_gguf(run_dir: str | Path, out: str | Path | None = None, *, gguf_type: str = "f16", force: bool = False,
                 check: bool = True, qlora_base: QLoraBase = "dequantized", base: str | None = None) -> ExportResult:
     run_dir = Path(run_dir).expanduser().resolve()

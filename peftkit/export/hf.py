@@ -18,7 +18,8 @@ import torch
 from peftkit.errors import ExportError
 from peftkit.export import verify
 from peftkit.export.card import merged_card
-from peftkit.export.common import (DTYPE_NAMES, ExportResult, disk_full_as_error, list_files, prepare_output,
+from peftkit.export import output_lock
+from peftkit.export.common import (DTYPE_NAMES, ExportResult, check_room, disk_full_as_error, list_files, prepare_output,
                                    save_failed_report, write_verification)
 from peftkit.export.merge import FULL_MODEL, MergedModel, QLoraBase, combine_runs, shipped_model
 from peftkit.models.load import save_tokenizer
@@ -70,12 +71,14 @@ def save_model_dir(model: Any, tokenizer: Any, folder: Path, *, dtype: str, shar
         log.warning("The tokenizer has no chat template; the export will not format conversations by itself")
 
 
+@output_lock.releases_claims
 def write_merged(merged: MergedModel, out: Path, *, dtype: str = "auto", shard_size: int = 2 * 10**9,
                  force: bool = False, check: bool = True) -> ExportResult:
     """Save `merged` to `out` atomically; with `check`, reload it in a fresh process and compare first."""
     protected = [r.run_dir for r in merged.runs]
     out = prepare_output(out, force=force, protected=protected)
     dtype = export_dtype(dtype, merged.primary.base_config)
+    check_room(out, merged.model, dtype, "merged model")
     report = None
     with disk_full_as_error(out), atomic_directory(out, replace=force) as tmp:
         assert tmp is not None
@@ -102,6 +105,7 @@ def check_shard_size(shard_size: int) -> None:
         raise ExportError(f"shard_size must be a positive number of bytes (e.g. 2 * 10**9 for 2GB), got {shard_size!r}")
 
 
+@output_lock.releases_claims
 def export_hf(run_dir: str | Path, out: str | Path | None = None, *, dtype: str = "auto",
               shard_size: int = 2 * 10**9, force: bool = False, check: bool = True,
               qlora_base: QLoraBase = "dequantized", base: str | None = None) -> ExportResult:
@@ -116,6 +120,7 @@ def export_hf(run_dir: str | Path, out: str | Path | None = None, *, dtype: str 
     return write_merged(merged, target, dtype=dtype, shard_size=shard_size, force=force, check=check)
 
 
+@output_lock.releases_claims
 def export_combined(run_dirs: list[str | Path], out: str | Path, *, weights: list[float] | None = None,
                     combination: str = "cat", dtype: str = "auto", shard_size: int = 2 * 10**9,
                     force: bool = False, check: bool = True, base: str | None = None,

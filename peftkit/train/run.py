@@ -27,7 +27,7 @@ from peftkit.models import (
     load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_ref, save_tokenizer, weights_dtype,
 )
 from peftkit.train import checkpoints
-from peftkit.train import deepspeed as deepspeed_setup, run_dir as run_dirs, signals
+from peftkit.train import deepspeed as deepspeed_setup, disk_space, run_dir as run_dirs, signals
 from peftkit.train.launch import WORKER_ENV, dist_info, is_main_process, mean_over_processes, sum_over_processes
 from peftkit.models.fingerprint import base_config_summary, source_fingerprint
 from peftkit.train.callbacks import (
@@ -343,6 +343,7 @@ def _train(
     model = load_model(recipe.model, quantization, device=device, dtype=load_dtype, source=source,
                        quant_storage=deepspeed_setup.quant_storage_dtype(recipe, load_dtype))
     if main_process:  # data and model are usable: only now may an earlier run in output_dir make way (--force)
+        disk_space.check_whole_model_fits(run_dir, model, recipe, replacing=replace_earlier)
         if replace_earlier:
             run_dirs.clear_run_dir(run_dir)
         if not resume:
@@ -397,6 +398,9 @@ def _train(
     ]
     callbacks += early_stopping_callbacks(recipe.train.early_stopping_patience, has_eval)
     args = training_arguments(recipe, run_dir, device, dtype, has_eval)
+    if main_process:  # before the first step, not at the first save an epoch in
+        disk_space.check_before_training(run_dir, model, recipe, args, rows=len(data.train),
+                                         world_size=dist_info().world_size, resume=resume)
     extras = trainer_extras(model, recipe.adapter, args)  # partial: unfreeze schedule, layer-wise LR groups
     trainer = SFTTrainer(
         model=model,

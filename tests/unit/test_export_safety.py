@@ -280,3 +280,33 @@ def test_disk_full_while_exporting(export_recipe, tmp_path, capsys, monkeypatch,
     err = err_text(capsys)
     assert f"error: no space left on device while writing {out}" in err and "Traceback" not in err
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+@pytest.mark.parametrize(("fmt", "file_type", "pattern"), [("hf", "float16", "model*.safetensors"),
+                                                           ("gguf", "q8_0", "*.gguf"), ("gguf", "q4_0", "*.gguf")])
+def test_export_too_big_for_the_disk_is_refused_before_writing(export_recipe, tmp_path, capsys, monkeypatch, fmt,
+                                                              file_type, pattern):
+    from collections import namedtuple
+
+    from peftkit.export import common
+
+    run = make_run(tmp_path / "run", export_recipe, LORA)
+    type_option = ["--dtype", file_type] if fmt == "hf" else ["--gguf-type", file_type]
+    needed: list[float] = []
+    room = common.weights_file_bytes
+    monkeypatch.setattr(common, "weights_file_bytes", lambda model, kind: needed.append(room(model, kind)) or needed[-1])
+    real = shutil.disk_usage
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: namedtuple("Usage", "total used free")(1, 1, 50_000))
+    out = tmp_path / "out"
+    assert main(["export", str(run), "--format", fmt, "--out", str(out), "--no-verify", *type_option]) == 2
+    err = err_text(capsys)
+    what = "merged model" if fmt == "hf" else "GGUF file"
+    assert f"error: not enough free space for the {what} in {tmp_path}: it takes about " in err
+    assert f"({file_type}), and 0.1 MB is free; free some space there, or choose another --out" in err
+    assert not out.exists() and not [p.name for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".lock-"))]
+    monkeypatch.setattr(common.shutil, "disk_usage", real)
+    assert main(["export", str(run), "--format", fmt, "--out", str(out), "--no-verify", *type_option]) == 0
+    written = sum(p.stat().st_size for p in out.glob(pattern))
+    # the weights' size: the file's, less its headers and the GGUF's tokenizer metadata (never more, so a disk
+    # the estimate refuses could not have held the file)
+    assert 0.85 * written <= needed[-1] <= written
