@@ -15,6 +15,7 @@ from typing import Any
 
 from peftkit.errors import ExportError
 from peftkit.models.fingerprint import BASE_CONFIG_KEYS
+from peftkit.utils.command_name import command
 
 PROMPT_LEARNING_TYPES = frozenset({"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"})
 """peft types that add virtual tokens instead of changing weights: nothing to fold into a checkpoint."""
@@ -141,7 +142,7 @@ def require_mergeable(info: AdapterInfo, run_dir: Path | str) -> None:
         raise ExportError(
             f"{run_dir} holds a {info.peft_type} adapter, which adds learned virtual tokens instead of changing "
             f"weights, so it cannot be merged into the base model. Export the adapter on its own instead: "
-            f"`peftkit export {run_dir} --format adapter`"
+            f"`{command('export', str(run_dir), '--format', 'adapter')}`"
         )
 
 

@@ -39,6 +39,7 @@ from peftkit.export.gguf_writer import (
 from peftkit.export.merge import RunAdapter, resolve_run
 from peftkit.export.ollama import ollama_modelfile
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
+from peftkit.utils.command_name import command
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def check_head_and_embedding_loras(run: RunAdapter, gguf_names: dict[str, str], 
     copy is the base's weight unchanged (no resized vocabulary), which is what llama.cpp's convert_lora_to_gguf.py
     takes for granted when it skips these tensors.
     """
-    merged = f"use `peftkit export {run.run_dir} --format gguf` (merged) instead"
+    merged = f"use `{command('export', str(run.run_dir), '--format', 'gguf')}` (merged) instead"
     for module in sorted(embeddings):
         if gguf_names[module] != TOKEN_EMBEDDINGS:
             raise ExportError(f"the adapter has an embedding LoRA on `{module}` ({gguf_names[module]}), and llama.cpp "
@@ -136,10 +137,11 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
     info = run.info
     if info.peft_type == "FULL_MODEL":
         raise ExportError(f"{run.run_dir} trained the model itself ({info.method}), so there is no adapter to write as a "
-                          f"GGUF LoRA; `peftkit export {run.run_dir} --format gguf` writes the whole model")
+                          f"GGUF LoRA; `{command('export', str(run.run_dir), '--format', 'gguf')}` writes the whole "
+                          "model")
     if info.is_prompt_learning:
         raise ExportError(f"{info.method} adds virtual tokens, which neither a GGUF LoRA nor a merge can carry; serve it "
-                          f"with transformers + peft (`peftkit export {run.run_dir} --format adapter`)")
+                          f"with transformers + peft (`{command('export', str(run.run_dir), '--format', 'adapter')}`)")
     problems = []
     if not info.is_lora:
         problems.append(f"it is {info.peft_type}, not LoRA")
@@ -149,7 +151,7 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
         problems.append(f"modules_to_save ({', '.join(info.modules_to_save)}) cannot be carried by a GGUF LoRA")
     if problems:
         raise ExportError("this adapter cannot be written as a GGUF LoRA: " + "; ".join(problems) +
-                          f". Use `peftkit export {run.run_dir} --format gguf` (merged) instead")
+                          f". Use `{command('export', str(run.run_dir), '--format', 'gguf')}` (merged) instead")
     config = run.base_config
     layout = check_architecture(config, with_rope=False)
     qtype, ftype = gguf_types(gguf_type, ADAPTER_GGUF_TYPES)
@@ -177,8 +179,8 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
         gguf_names[module] = name_map.get_name(f"{module}.weight", try_suffixes=(".weight",))
         if gguf_names[module] is None:  # e.g. Gemma 2's head: llama.cpp runs it with the token embeddings
             raise ExportError(f"llama.cpp's {layout.arch.lower()} layout has no tensor for `{module}`, so a GGUF LoRA "
-                              f"cannot carry its update; use `peftkit export {run.run_dir} --format gguf` (merged) "
-                              "instead")
+                              "cannot carry its update; use "
+                              f"`{command('export', str(run.run_dir), '--format', 'gguf')}` (merged) instead")
     check_head_and_embedding_loras(run, gguf_names, embeddings, copies)
 
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[model_arch(layout)])
@@ -328,8 +330,8 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
     if run.quantization is not None:
         note = (f"this QLoRA adapter learnt the {run.quantization.bits}-bit base's rounding too, but a GGUF LoRA is "
                 "applied to whatever base GGUF llama.cpp loads, and was verified against the adapter on the float "
-                f"base: it answers as `peftkit eval {run.run_dir} --qlora-base original` measures. `--format gguf` "
-                "(merged into the dequantized weights) keeps what was trained")
+                f"base: it answers as `{command('eval', str(run.run_dir), '--qlora-base', 'original')}` measures. "
+                "`--format gguf` (merged into the dequantized weights) keeps what was trained")
         log.warning("%s", note)
         notes.append(note)
     return ExportResult(target, f"gguf-adapter-{gguf_type}", list_files(target), report, None, notes)

@@ -26,6 +26,7 @@ from peftkit.export.compat import AdapterInfo, check_adapter_matches_base, read_
 from peftkit.export.verify import Reference, build_reference, conversations_for, max_abs_diff
 from peftkit.models.resolve import ModelSource
 from peftkit.runs import trained_model_dir
+from peftkit.utils.command_name import command
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
         use = (f"{full} is the trained classifier itself: load it with transformers' "
                "AutoModelForSequenceClassification.from_pretrained" if full is not None else
                "Load its adapter with peft's AutoPeftModelForSequenceClassification, or "
-               f"`peftkit export {run_dir} --format adapter --no-verify` for the adapter files")
+               f"`{command('export', str(run_dir), '--format', 'adapter', '--no-verify')}` for the adapter files")
         raise ExportError(f"{run_dir} is a {task} run; merge/export (and their verification) handle causal language "
                           f"models. {use}")
     if full is not None:
@@ -286,8 +287,8 @@ def merge_run(run_dir: str | Path, *, qlora_base: QLoraBase = "dequantized", bas
     if run.info.peft_type == FULL_MODEL:
         raise ExportError(
             f"{run.run_dir} trained the model's weights directly (method {run.info.config['method']}), so there is no "
-            f"adapter to merge or combine; `peftkit export {run.run_dir} --format hf` writes its model with the "
-            "tokenizer, and `--format gguf` for llama.cpp / Ollama"
+            f"adapter to merge or combine; `{command('export', str(run.run_dir), '--format', 'hf')}` writes its model "
+            "with the tokenizer, and `--format gguf` for llama.cpp / Ollama"
         )
     tokenizer = load_run_tokenizer(run)
     adapter = run.info.path
@@ -403,7 +404,8 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
     averages A and B matrices separately (needs equal ranks) and mixes cross terms; `svd` re-factorises.
     """
     if len(run_dirs) < 2:
-        raise ExportError("--adapters needs at least two run directories to combine (use `peftkit merge RUN_DIR` for one)")
+        raise ExportError("--adapters needs at least two run directories to combine "
+                          f"(use `{command('merge', 'RUN_DIR')}` for one)")
     weights = list(weights) if weights else [1.0 / len(run_dirs)] * len(run_dirs)
     if len(weights) != len(run_dirs):
         raise ExportError(f"--weights has {len(weights)} values for {len(run_dirs)} adapters; give one weight per adapter")
@@ -418,13 +420,13 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
         if not run.info.is_lora or run.info.use_dora:
             raise ExportError(
                 f"{run.run_dir}: only LoRA/rsLoRA adapters can be combined (this one is {run.info.method}); "
-                "merge it on its own with `peftkit merge RUN_DIR`"
+                f"merge it on its own with `{command('merge', 'RUN_DIR')}`"
             )
         if run.info.config.get("modules_to_save"):
             raise ExportError(
                 f"{run.run_dir} also trained whole modules ({', '.join(run.info.config['modules_to_save'])}, "
                 "adapter.modules_to_save), which a weighted combination of LoRA deltas cannot mix (peft would keep "
-                "one run's copy or the base's); merge it on its own with `peftkit merge RUN_DIR`"
+                f"one run's copy or the base's); merge it on its own with `{command('merge', 'RUN_DIR')}`"
             )
         if run.source.path != first.source.path or run.source.ref != first.source.ref:
             raise ExportError(
@@ -435,9 +437,9 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
             raise ExportError(f"{run.run_dir} and {first.run_dir} were trained with different quantization; combine "
                               "adapters trained the same way")
     if qlora_base != "dequantized" and first.quantization is not None:
-        raise ExportError(f"--qlora-base {qlora_base} applies to one run (`peftkit merge RUN_DIR`); combined QLoRA "
-                          f"adapters are merged into the dequantized {first.quantization.bits}-bit weights they were "
-                          "trained against: leave the option out")
+        raise ExportError(f"--qlora-base {qlora_base} applies to one run (`{command('merge', 'RUN_DIR')}`); combined "
+                          f"QLoRA adapters are merged into the dequantized {first.quantization.bits}-bit weights they "
+                          "were trained against: leave the option out")
     _check_same_placement(runs)
     trained = [_trained_tokenizer(r) for r in runs]
     templates = [t.chat_template for t in trained]  # as trained; other system prompts: warned below

@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from peftkit.errors import ExportError
+from peftkit.utils.flock import lock_now, write_holder
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,7 +36,7 @@ def claim(target: Path) -> None:
     if target in _held or not _depth:  # outside an export (a direct call of prepare_output): nothing to release it
         return
     try:
-        import fcntl
+        import fcntl  # noqa: F401 - only to know it is there
     except ImportError:  # not on POSIX: no lock
         return
     path = lock_path(target)
@@ -46,14 +46,11 @@ def claim(target: Path) -> None:
             handle = path.open("a+", encoding="utf-8")
         except OSError:  # a folder this process cannot write: the export's own write check says so
             return
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+        holder = lock_now(handle)
+        if holder is not None:
             handle.close()
-            raise ExportError(f"another peftkit export is writing {target} now ({holder}); wait for it to end, or "
-                              "choose another --out") from None
+            raise ExportError(f"another peftkit export is writing {target} now ({holder or 'another process'}); wait "
+                              "for it to end, or choose another --out")
         try:
             same_file = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
         except FileNotFoundError:
@@ -63,10 +60,7 @@ def claim(target: Path) -> None:
         handle.close()
     else:
         return
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
+    write_holder(handle)
     _held[target] = handle
 
 

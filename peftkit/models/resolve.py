@@ -19,6 +19,7 @@ from typing import Literal
 
 from peftkit.errors import ModelNotFoundError, PeftkitError
 from peftkit.models.registry import BUILTINS, peftkit_home
+from peftkit.utils.command_name import command
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HUB_PROBE_TIMEOUT_S = 10.0
@@ -67,7 +68,7 @@ def _check_model_dir(path: Path, allow_pickle: bool) -> None:
         raise ModelNotFoundError(
             f"{path} is a {'peftkit run' if is_run else 'PEFT adapter'} directory, not a base model: point model.name "
             "at the base model it was trained on (the run's recipe.yaml `model.name`), or make a full model of it "
-            "with `peftkit merge RUN_DIR` and point model.name at that"
+            f"with `{command('merge', 'RUN_DIR')}` and point model.name at that"
         )
     if not (path / "config.json").is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
@@ -76,7 +77,7 @@ def _check_model_dir(path: Path, allow_pickle: bool) -> None:
                                      f"{', '.join(ggufs[:3])}: point model.name at the .gguf file itself")
         raise ModelNotFoundError(
             f"{path} is not a Hugging Face model directory (it has no config.json); point model.name at a "
-            "directory saved with save_pretrained, a .gguf file, or a built-in name (`peftkit models`)"
+            f"directory saved with save_pretrained, a .gguf file, or a built-in name (`{command('models')}`)"
         )
     has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
     has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
@@ -134,7 +135,7 @@ def resolve_model_ref(ref: str, *, revision: str | None = None, allow_pickle: bo
     if _looks_like_path(ref) or not HUB_ID.match(ref):
         raise ModelNotFoundError(
             f"model path {ref!r} does not exist; {_did_you_mean(Path(ref).name)}built-in models are: "
-            f"{', '.join(BUILTINS)} (see `peftkit models`)"
+            f"{', '.join(BUILTINS)} (see `{command('models')}`)"
         )
     if not _hub_cached(ref, revision):
         if offline():

@@ -11,10 +11,8 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import yaml
 from peftkit.errors import RunDirError
 from peftkit.train import checkpoints
 from peftkit.utils.atomic import atomic_write_text, remove_dead_writers_temporaries
+from peftkit.utils.flock import lock_now, write_holder
 from peftkit.utils.readable_json import readable_json
 
 log = logging.getLogger(__name__)
@@ -59,17 +58,11 @@ def run_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
         handle = (run_dir / LOCK_FILE).open("a+", encoding="utf-8")
     except OSError as exc:
         raise unwritable(run_dir, exc) from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip()  # empty: merge / export / eval hold it shared
+    holder = lock_now(handle)  # empty: merge / export / eval hold it shared
+    if holder is not None:
         handle.close()
-        raise in_use(run_dir, holder) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
+        raise in_use(run_dir, holder)
+    write_holder(handle)
     try:
         yield
     finally:
@@ -96,7 +89,7 @@ def reading_runs(*run_dirs: Path | str) -> Iterator[None]:
     (hidden) lock file stays: a reader that removed it could strand another one's lock on the removed file, which
     `train` would not see."""
     try:
-        import fcntl
+        import fcntl  # noqa: F401 - only to know it is there
     except ImportError:  # not on POSIX: no lock
         yield
         return
@@ -108,12 +101,10 @@ def reading_runs(*run_dirs: Path | str) -> Iterator[None]:
                 handle = stack.enter_context((run_dir / LOCK_FILE).open("a+", encoding="utf-8"))
             except OSError:
                 continue
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise RunDirError(f"{run_dir} is still training ({holder}); wait for that run to end") from None
+            holder = lock_now(handle, shared=True)
+            if holder is not None:
+                raise RunDirError(f"{run_dir} is still training ({holder or 'another process'}); wait for that run to "
+                                  "end")
         yield
 
 
@@ -126,10 +117,9 @@ def training_in(run_dir: Path) -> str | None:
     except (ImportError, OSError):
         return None
     with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return handle.read().strip() or "another process"
+        holder = lock_now(handle, shared=True)
+        if holder is not None:
+            return holder or "another process"
         fcntl.flock(handle, fcntl.LOCK_UN)
     return None
 
