@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from peftkit.config.schema import DataConfig
-from peftkit.data.chat import (IGNORE_INDEX, special_tokens_pattern, tokenize_conversation_rows, tokenize_text_rows,
-                               with_system_prompt)
+from peftkit.data.chat import (IGNORE_INDEX, replies_cut_off, special_tokens_pattern, tokenize_conversation_rows,
+                               tokenize_text_rows, with_system_prompt)
 from peftkit.data.columns import ROLE_ALIASES, number_as_text
 from peftkit.data.facts import whole_fact_spans
 from peftkit.data.formats import (Example, Message, chat_record_messages, data_sources, detect_format, load_examples,
@@ -106,7 +106,11 @@ def tokenize_examples(
             counted = example_rows
             if cut and train_on_prompt:  # every token is trained there: count the replies in rows labelled as usual
                 counted, _ = tokenize_conversation_rows(tokenizer, messages, max_seq_len, example.where, example.tools)
-            lost = _replies_lost(messages, counted) if cut else 0
+            lost = 0
+            if cut and any(m.get("train_detail") for m in messages):
+                lost = replies_cut_off(tokenizer, messages, max_seq_len, example.where, example.tools)
+            elif cut:
+                lost = _replies_lost(messages, counted)
             if lost:
                 replies_lost += lost
                 lost_at.append(example.where)

@@ -430,6 +430,21 @@ def tokenize_conversation(
     return _labelled(tokenizer, text, spans, max_seq_len, trained)
 
 
+def replies_cut_off(tokenizer: Any, messages: Sequence[Message], max_seq_len: int, where: str = "",
+                    tools: Tools = None) -> int:
+    """How many trained replies of a conversation start past its first `max_seq_len` tokens, found by position
+    (a reply that `train_detail` masks in the middle is several runs of trained tokens, so runs cannot count them).
+    0 for a template that rewrites history: its rows that lost their reply are dropped, and counted there."""
+    try:
+        text, spans = render_with_reply_spans(tokenizer, messages, where, tools)
+    except HistoryRenderedDifferently:
+        return 0
+    offsets = _encode_prefix(tokenizer, text, max_seq_len, add_special_tokens=False,
+                             return_offsets_mapping=True)["offset_mapping"]
+    kept_end = offsets[max_seq_len - 1][1] if len(offsets) > max_seq_len else len(text)
+    return sum(start >= kept_end for start, _end in spans)
+
+
 def tokenize_conversation_rows(
     tokenizer: Any, messages: Sequence[Message], max_seq_len: int, where: str = "", tools: Tools = None, *,
     train_on_prompt: bool = False,

@@ -237,3 +237,18 @@ def test_a_short_reply_is_located_before_the_end_of_turn_not_inside_the_template
     trained_chars = "".join(tokenizer.decode([rows[0]["input_ids"][i]]) for i in trained_positions(rows[0]))
     assert "<think>" in text and "<th" not in trained_chars.replace("<think>", "")  # the template's text is whole
     assert trained_chars.endswith("<|im_end|>") and "in<|im_end|>" not in trained_chars  # the masked "n" is not
+
+
+def test_a_reply_masked_in_the_middle_still_counts_when_a_later_one_is_cut_off(tiny_tokenizer, tmp_path):
+    """Its two runs of trained tokens are one reply: the reply past the limit is still reported as lost."""
+    from peftkit.data.build import tokenize_examples
+
+    long_question = "what time does the library open " * 20
+    messages = [QUESTION, {"role": "assistant", "content": REPLY, "train_detail": detail((0, 9, True), (26, 42, True))},
+                {"role": "user", "content": long_question}, {"role": "assistant", "content": "it opens at nine."}]
+    path = write_jsonl(tmp_path / "long.jsonl", [{"messages": messages}])
+    rows, stats = tokenize_examples(load_examples(path), tiny_tokenizer, 48, None, what=None)
+    trained = [i for i, label in enumerate(rows[0]["labels"]) if label != IGNORE_INDEX]
+    runs = sum(1 for n, i in enumerate(trained) if n == 0 or trained[n - 1] != i - 1)
+    assert runs >= 2  # the masked middle splits the first reply
+    assert stats["truncated"] == 1 and stats["replies_lost"] == 1
