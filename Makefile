@@ -35,7 +35,7 @@ quickstart: setup
 	$(BIN)/peftkit train recipes/quickstart.yaml --force
 	$(BIN)/peftkit chat runs/quickstart --prompt "$(PROMPT)"
 
-# Most tests use one thread (torch at 1 thread): two workers cut the wall time by a third on two cores. A file's tests
+# Most tests use one thread (torch at 1 thread): two workers cut the wall time by a quarter on two cores. A file's tests
 # stay on one worker (--dist loadfile): they share fixtures. The multi-process (torchrun, DeepSpeed) tests run alone
 # afterwards: with the other worker's load beside them, a rank once aborted in gloo's teardown after a finished run.
 TEST_WORKERS ?= 2
