@@ -11,10 +11,12 @@ collator that masks by id teaches the model never to stop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -523,9 +525,29 @@ def special_tokens_pattern(tokenizer: Any) -> re.Pattern[str] | None:
 PROBE_REPLY = "Hi there"
 
 
+Probe = tuple[str, int | None]
+_PROBED: weakref.WeakKeyDictionary[Any, tuple[tuple[str, int], Probe | None]] = weakref.WeakKeyDictionary()
+"""Each tokenizer's probe, with the chat template and vocabulary size it was made with: tokenizing asks for it once
+per conversation (or per reply, with `train_detail`), and it costs two renderings and a tokenization."""
+
+
 def _probe_reply(tokenizer: Any) -> tuple[str, int | None] | None:
     """A one-turn probe as training sees it: the reply as rendered (text, end marker included) and its last trained
     token when that is a special token. None when the template cannot render the probe."""
+    template = (str(tokenizer.chat_template), len(tokenizer))
+    try:
+        made_with, probe = _PROBED[tokenizer]
+        if made_with == template:
+            return probe
+    except (KeyError, TypeError):  # TypeError: an object that takes no weak reference
+        pass
+    probe = _probe_reply_uncached(tokenizer)
+    with contextlib.suppress(TypeError):
+        _PROBED[tokenizer] = (template, probe)
+    return probe
+
+
+def _probe_reply_uncached(tokenizer: Any) -> tuple[str, int | None] | None:
     messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": PROBE_REPLY}]
     try:
         text, span = _reply_span(tokenizer, messages, 1, "end-of-turn probe")

@@ -637,12 +637,13 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
             if role == "assistant" and weight == 0:
                 entry["weight"] = 0
         detail = train_detail_of(message.get("train_detail"), content, f"{where}: message {i + 1}")
-        if detail is not None and role != "assistant" and any(train for _b, _e, train in detail):
+        trains_some = detail is not None and any(train for _b, _e, train in detail)
+        if trains_some and role != "assistant":
             raise DataError(f"{where}: message {i + 1}: `train_detail` marks part of a {role} message as trained, which "
                             "is not supported: only assistant turns are trained, so `train: true` goes on assistant "
                             "messages only; `data.train_on_prompt: true` trains the prompts too")
         if detail is not None and role == "assistant" and entry.get("weight", 1):
-            if any(train for _b, _e, train in detail):
+            if trains_some:
                 entry["train_detail"] = detail
             else:  # nothing of the reply is trained: context, as with `weight: 0`
                 entry["weight"] = 0

@@ -16,8 +16,9 @@ from peftkit.export import output_lock
 from peftkit.export.gguf_types import GGUF_TYPES
 from peftkit.models.resolve import TOKENIZER_FILES
 from peftkit.train.run_dir import LOCK_FILE, is_peftkit_run
-from peftkit.utils.atomic import atomic_write_text, mark_when_written, marked_entries, write_problem
+from peftkit.utils.atomic import atomic_write_text, mark_when_written, marked_entries, nearest_existing, write_problem
 from peftkit.utils.readable_json import readable_json
+from peftkit.utils.sizes import readable_size
 
 EXPORT_MARKER = ".peftkit-export"  # in every export folder: `--force` may replace what holds it
 PEFTKIT_FILES = (EXPORT_MARKER, LOCK_FILE)
@@ -215,10 +216,6 @@ _BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "f32": 4.0
 """Bytes a weight takes in the file, for each export dtype and GGUF type (block types: their blocks of 32)."""
 
 
-def _size(n: float) -> str:
-    return f"{n / 10**9:.2f} GB" if n >= 10**8 else f"{n / 10**6:.1f} MB"
-
-
 def weights_file_bytes(model: Any, file_type: str) -> float:
     """About what `model`'s weights take on disk as `file_type` (an export dtype or a GGUF type); tied weights once.
     A GGUF keeps vectors in float32, a 4- or 5-bit one its output head (or the tied embedding) in Q8_0, and rows
@@ -242,16 +239,14 @@ def check_room(out: Path, model: Any, file_type: str, what: str) -> None:
     """Refuse, before writing, an export whose weights cannot fit next to `out` (the temporary copy is written there,
     and with --force the old export stays until the new one is in place)."""
     needed = weights_file_bytes(model, file_type)
-    folder = out.parent
-    while not folder.exists():
-        folder = folder.parent
+    folder = nearest_existing(out.parent)
     try:
         free = shutil.disk_usage(folder).free
     except OSError:  # a file system that cannot say: the write itself will tell
         return
     if free < needed:
-        raise ExportError(f"not enough free space for the {what} in {folder}: it takes about {_size(needed)} "
-                          f"({file_type}), and {_size(free)} is free; free some space there, or choose another --out")
+        raise ExportError(f"not enough free space for the {what} in {folder}: it takes about {readable_size(needed)} "
+                          f"({file_type}), and {readable_size(free)} is free; free some space there, or choose another --out")
 
 
 def save_failed_report(target: Path, report: dict[str, Any]) -> Path:

@@ -17,6 +17,8 @@ import torch
 
 from peftkit.errors import RunDirError
 from peftkit.train import checkpoints
+from peftkit.utils.atomic import nearest_existing
+from peftkit.utils.sizes import readable_size
 
 log = logging.getLogger(__name__)
 
@@ -132,20 +134,6 @@ def run_writes(model: torch.nn.Module, recipe: Any, *, rows: int, world_size: in
     return RunWrites(checkpoint=checkpoint, weights=weights, checkpoints_at_once=at_once)
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def _existing_folder(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
 def _tree_bytes(folder: Path) -> int:
     total = 0
     for path in folder.rglob("*"):
@@ -162,23 +150,23 @@ def check_free_space(run_dir: Path, writes: RunWrites, *, save_total_limit: int,
     `freed`: what an earlier run that this one replaces (--force) gives back. Measured where checkpoints go (a
     `checkpoints` folder linked to another disk counts there)."""
     try:
-        free = shutil.disk_usage(_existing_folder(run_dir / "checkpoints")).free + freed
+        free = shutil.disk_usage(nearest_existing(run_dir / "checkpoints")).free + freed
     except OSError:  # a file system that cannot say: the saves themselves will tell
         return
     each = (f"{writes.checkpoints_at_once} checkpoint{'s' if writes.checkpoints_at_once != 1 else ''} of "
-            f"{_size(writes.checkpoint)} (weights and optimizer states; train.save_total_limit is {save_total_limit}) "
-            f"and the final weights ({_size(writes.weights)})")
+            f"{readable_size(writes.checkpoint)} (weights and optimizer states; train.save_total_limit is {save_total_limit}) "
+            f"and the final weights ({readable_size(writes.weights)})")
     if free < writes.at_least:
         raise RunDirError(
-            f"not enough free space for this run in {run_dir}: {_size(free)} free"
+            f"not enough free space for this run in {run_dir}: {readable_size(free)} free"
             f"{' (with what the earlier run there gives back)' if freed else ''}, and it writes at least "
-            f"{_size(writes.at_least)} ({_size(writes.checkpoint)} a checkpoint and {_size(writes.weights)} of final "
+            f"{readable_size(writes.at_least)} ({readable_size(writes.checkpoint)} a checkpoint and {readable_size(writes.weights)} of final "
             "weights); free some space there, or set output_dir to a disk with more room"
         )
     if free < writes.at_most:
         log.warning("%s has %s free, and this run may write %s at once: %s. A later save may find the disk full "
                     "(the run then stops and can be resumed once space is freed); lower train.save_total_limit or "
-                    "free some space to avoid it", run_dir, _size(free), _size(writes.at_most), each)
+                    "free some space to avoid it", run_dir, readable_size(free), readable_size(writes.at_most), each)
 
 
 def check_whole_model_fits(run_dir: Path, model: torch.nn.Module, recipe: Any, *, replacing: bool) -> None:

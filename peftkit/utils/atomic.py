@@ -113,13 +113,19 @@ def _age(entry: os.DirEntry) -> float:
         return 0.0
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` (made absolute) when it exists, else the closest folder above it that does: where it would be created."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def write_problem(target: Path) -> str | None:
     """Why `target` (a file or folder, and the folders above it that do not exist yet) cannot be written, or None:
     found by creating a file there, not guessed from permissions (a read-only file system, a full disk, another
     user's folder each say so)."""
-    parent = Path(target).expanduser().absolute().parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(Path(target).expanduser().parent)
     if not parent.is_dir():
         return f"{parent} is a file, not a folder"
     try:

@@ -90,15 +90,20 @@ def test_nested_aliases_name_the_key_in_its_section_and_the_path_elsewhere(tmp_p
     assert any("in the opposite sense: `completion_only_loss: true` is `train_on_prompt: false`" in p for p in found)
 
 
-def test_alias_of_another_adapter_methods_key_says_which_parameters_there_are(tmp_path):
-    found = problems(tmp_path, "adapter: {method: prefix_tuning, lora_r: 8}\ndata: {train: a.jsonl}\n")
-    assert found == ["`lora_r` is not a parameter of adapter method `prefix_tuning` (its parameters: method, "
-                     "num_virtual_tokens, prefix_projection, encoder_hidden_size)"]
-
-
-def test_top_level_leaf_names_still_find_their_section(tmp_path):
-    found = problems(tmp_path, "lr: 0.001\ndata: {train: a.jsonl}\n")
-    assert found == ["unknown key `lr`: did you mean `train.lr`?"]
+@pytest.mark.parametrize(("recipe", "message"), [
+    pytest.param("adapter: {method: prefix_tuning, lora_r: 8}\ndata: {train: a.jsonl}\n",
+                 "`lora_r` is not a parameter of adapter method `prefix_tuning` (its parameters: method, "
+                 "num_virtual_tokens, prefix_projection, encoder_hidden_size)",
+                 id="another-adapter-methods-key-says-which-parameters-there-are"),
+    pytest.param("lr: 0.001\ndata: {train: a.jsonl}\n", "unknown key `lr`: did you mean `train.lr`?",
+                 id="top-level-leaf-names-still-find-their-section"),
+    pytest.param("data: {train: a.jsonl, columns: {type: x}}\n",
+                 "unknown key `data.columns.type` (valid keys here: messages, role, content, roles, prompt, input, "
+                 "response, system, text, label)",
+                 id="a-common-word-under-data-columns-is-not-data-format"),
+])
+def test_one_misplaced_key_gets_exactly_one_message(tmp_path, recipe, message):
+    assert problems(tmp_path, recipe) == [message]
 
 
 def test_section_given_as_a_single_value(tmp_path):
@@ -182,12 +187,6 @@ def test_common_words_and_close_spellings_inside_a_section_are_not_taken_for_ano
         tmp_path, section, wrong, expected):
     found = problems(tmp_path, f"{section}\ndata: {{train: a.jsonl}}\n")
     assert len(found) == 1 and found[0].startswith(expected) and wrong not in found[0], found
-
-
-def test_a_common_word_under_data_columns_is_not_data_format(tmp_path):
-    found = problems(tmp_path, "data: {train: a.jsonl, columns: {type: x}}\n")
-    assert found == ["unknown key `data.columns.type` (valid keys here: messages, role, content, roles, prompt, input, "
-                     "response, system, text, label)"]
 
 
 def test_common_words_at_the_top_level_still_name_their_section(tmp_path):
