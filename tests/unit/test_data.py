@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -824,6 +825,19 @@ def test_a_reply_whose_only_end_token_closes_the_conversation_keeps_it(tiny_toke
     assert end_of_turn_token_id(tokenizer) == tokenizer.convert_tokens_to_ids(end)
     assert reply_end_problem(tokenizer) is None
 
+
+def test_the_end_of_turn_probe_follows_a_tokenizer_whose_template_or_vocabulary_changes(tiny_tokenizer):
+    """The probe is cached per tokenizer; the same object with another template, or with tokens added, is probed
+    again rather than answered from the cache."""
+    from peftkit.data.chat import _reply_end_marker, end_of_turn_token_id
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    assert _reply_end_marker(tokenizer).startswith("<|im_end|>")
+    tokenizer.chat_template = GPT_OSS_LIKE_TEMPLATE
+    assert _reply_end_marker(tokenizer).startswith("<|return|>")
+    assert end_of_turn_token_id(tokenizer) is None  # <|return|> is not a token of this vocabulary yet
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|message|>", "<|end|>", "<|return|>"]})
+    assert end_of_turn_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|return|>")
 
 def _pairs(tmp_path, name, questions):
     return write_jsonl(tmp_path / name, [{"question": q, "answer": f"answer to {q}"} for q in questions])
