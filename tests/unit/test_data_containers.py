@@ -47,7 +47,12 @@ def test_gzipped_bad_bytes_and_lines_are_named_by_file_and_line(tmp_path):
         load_examples(path)
 
 
-@pytest.mark.parametrize("data", [b"this is not gzip at all", gzip.compress(b'{"text": "cut off"}\n' * 50)[:40]])
+@pytest.mark.parametrize(
+    "data",
+    # mtime=0: the header carries no timestamp, so every pytest-xdist worker collects the same test id.
+    [b"this is not gzip at all", gzip.compress(b'{"text": "cut off"}\n' * 50, mtime=0)[:40]],
+    ids=["not-gzip", "truncated-gzip"],
+)
 def test_a_corrupt_or_truncated_gzip_is_a_data_error_naming_the_file(tmp_path, data):
     path = tmp_path / "t.jsonl.gz"
     path.write_bytes(data)
