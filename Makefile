@@ -37,7 +37,8 @@ quickstart: setup
 
 # Most tests use one thread (torch at 1 thread): two workers cut the wall time by a quarter on two cores. A file's tests
 # stay on one worker (--dist loadfile): they share fixtures. The multi-process (torchrun, DeepSpeed) tests run alone
-# afterwards: with the other worker's load beside them, a rank once aborted in gloo's teardown after a finished run.
+# afterwards: with the other worker's load beside them, a rank once aborted in gloo's teardown after a finished run
+# (workers now leave with os._exit once everything is written: launch.leave_worker_now).
 TEST_WORKERS ?= 2
 ALONE := tests/integration/test_distributed.py
 

@@ -357,6 +357,13 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The `peftkit` command (`argv`: its arguments, default sys.argv); returns the exit status: 0, 2 for bad input."""
+    code = _main(argv)
+    if "peftkit.train.launch" in sys.modules:  # a training worker leaves at once (launch.leave_worker_now says why)
+        sys.modules["peftkit.train.launch"].leave_worker_now(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     import signal
 
     try:

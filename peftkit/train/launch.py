@@ -710,3 +710,30 @@ def finish_process_group(wait: bool = True) -> None:
     if wait and dist.get_world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()
+    global _process_group_finished
+    _process_group_finished = True
+
+
+_process_group_finished = False
+
+
+def leave_worker_now(code: int) -> None:
+    """A worker whose process group is torn down leaves with `os._exit`, after Python's own exit work.
+
+    `destroy_process_group` still leaves gloo's and DeepSpeed's C++ threads to static destruction, and under load a
+    rank that had finished and written everything sometimes aborted there ("terminate called without an active
+    exception"), failing the whole launch. The exit handlers, logging and the standard streams are run and flushed
+    here first, so nothing the run wrote is lost; only the C++ destructors are skipped. Returns (does nothing) in a
+    process that is not a launched worker, or whose process group was not torn down."""
+    if not (_process_group_finished and is_worker()):
+        return
+    import atexit
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said on it
+            pass
+    os._exit(code)
