@@ -455,9 +455,22 @@ def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
             continue
         value = section[key]
         section[key] = [resolved(v) for v in value] if isinstance(value, list) else resolved(value)
+        if key in ("train", "eval"):  # patterns become the files they match, so the run's recipe.yaml lists them
+            section[key] = _matched(section[key])
     replay = section.get("replay")
     if isinstance(replay, dict) and "path" in replay and not str(replay["path"]).startswith(BUILTIN_PREFIX):
         replay["path"] = resolved(replay.get("path"))  # relative to the recipe's folder, as the other data files
+
+
+def _matched(value: Any) -> Any:
+    from peftkit.data.formats import matching_files
+
+    if isinstance(value, str):
+        found = [str(f) for f in matching_files(value)]
+        return found[0] if len(found) == 1 else found
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [str(f) for v in value for f in matching_files(v)]
+    return value  # not paths: the schema says what is wrong
 
 
 def _absolute_model_paths(data: dict[str, Any], recipe_dir: Path) -> None:
@@ -571,14 +584,15 @@ def _from_current_directory(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _missing_files(data: dict[str, Any]) -> list[str]:
-    from peftkit.data.formats import hub_id_hint, missing_local_files
+    from peftkit.data.formats import hub_id_hint, is_pattern, missing_local_files
 
     section = data.get("data") if isinstance(data.get("data"), dict) else {}
     named = [(f"data.{key}", section.get(key)) for key in DATA_PATH_KEYS]
     replay = section.get("replay")
     if isinstance(replay, dict):
         named.append(("data.replay.path", replay.get("path")))
-    return [f"`{key}`: file {path} does not exist{hub_id_hint(Path(path))}" for key, value in named
+    return [f"`{key}`: no file matches the pattern {path} (`**` reaches into subfolders)" if is_pattern(path)
+            else f"`{key}`: file {path} does not exist{hub_id_hint(Path(path))}" for key, value in named
             for path in missing_local_files([v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)])]
 
 

@@ -168,8 +168,13 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
     if path.is_dir():
         found = sorted(str(p.relative_to(path)) for p in path.rglob("*") if data_suffix(p) in DATA_SUFFIXES)
         hint = f"; it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else ""
-        raise DataError(f"{path} is a folder; point the recipe at one data file in it, or list the files to read "
-                        f"them all: `train: [a.jsonl, b.jsonl]`{hint}")
+        suffixes = sorted({data_suffix(Path(f)) for f in found})
+        pattern = f"{path}/*{suffixes[0]}" if len(suffixes) == 1 else f"{path}/*.jsonl"
+        raise DataError(f"{path} is a folder; point the recipe at one data file in it, or read them all with a "
+                        f"pattern (`train: {pattern}`) or a list (`train: [a.jsonl, b.jsonl]`){hint}")
+    if is_pattern(path):
+        raise DataError(f"no file matches the pattern {path} (paths in a recipe are relative to the recipe's folder, "
+                        "on the command line to the current directory; `**` reaches into subfolders)")
     if not path.is_file():
         from peftkit.config.load import unset_variable_message  # the loader expanded the variables that are set
 
@@ -915,13 +920,41 @@ def _check_unicode(value: Any, where: str) -> None:
             _check_unicode(item, where)
 
 
+GLOB_CHARACTERS = re.compile(r"[*?[]")
+
+
+def is_pattern(source: str | Path) -> bool:
+    """A path pattern (`data/*.jsonl`); a Hub dataset's slice (`hf:OWNER/NAME:train[:500]`) and a built-in set are
+    not, nor a file whose name really holds `[`."""
+    from peftkit.data.hub import is_hub_ref
+    from peftkit.data.replay import BUILTIN_PREFIX
+
+    text = str(source)
+    return (bool(GLOB_CHARACTERS.search(text)) and not is_hub_ref(text) and not text.startswith(BUILTIN_PREFIX)
+            and not Path(text).exists())
+
+
+def matching_files(source: str | Path) -> list[str | Path]:
+    """A path pattern as the files it matches, sorted (`**` reaches into subfolders, as in `datasets`' data_files);
+    anything else, and a pattern that matches no file, as it is (reading it then says so)."""
+    import glob
+    import os
+
+    if not is_pattern(source):
+        return [source]
+    found = sorted(p for p in glob.glob(os.path.expanduser(str(source)), recursive=True) if Path(p).is_file())
+    return list(found) or [source]
+
+
 def data_sources(value: str | Path | Sequence[str | Path]) -> list[str | Path]:
-    """A recipe's `data.train` / `data.eval`: one source or a list of them."""
-    return [value] if isinstance(value, (str, Path)) else list(value)
+    """A recipe's `data.train` / `data.eval`: one source or a list of them, patterns replaced by their files."""
+    listed = [value] if isinstance(value, (str, Path)) else list(value)
+    return [found for one in listed for found in matching_files(one)]
 
 
 def missing_local_files(source: str | Path | Sequence[str | Path] | None) -> list[str]:
-    """The files among a recipe's data sources that do not exist (Hub datasets and built-in sets are not files)."""
+    """The files among a recipe's data sources that do not exist (Hub datasets and built-in sets are not files),
+    and the patterns that match no file."""
     from peftkit.data.hub import is_hub_ref
     from peftkit.data.replay import BUILTIN_PREFIX
 

@@ -290,3 +290,64 @@ def test_a_registry_map_with_bracketed_speaker_tags_parses_and_reads_the_file(tm
                                                                  {"speaker": "@agent", "text": "7 to 18."}]}]))
     [example] = load_examples(tmp_path / "chats.json", columns=ColumnsConfig(**columns))
     assert example.messages[-1] == {"role": "assistant", "content": "7 to 18."}
+
+
+def _chat_file(path: Path, question: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "Yes."}]}
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_pattern_in_a_recipe_becomes_the_sorted_files_it_matches(tmp_path):
+    from peftkit.config.load import load_recipe
+
+    _chat_file(tmp_path / "data" / "b.jsonl", "Second?")
+    _chat_file(tmp_path / "data" / "a.jsonl", "First?")
+    _chat_file(tmp_path / "data" / "old" / "c.jsonl", "Third?")
+    (tmp_path / "data" / "notes.md").write_text("not data", encoding="utf-8")
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text("data: {train: data/*.jsonl, eval: ['data/**/c.jsonl']}\n", encoding="utf-8")
+    recipe = load_recipe(recipe_path)
+    assert recipe.data.train == [str(tmp_path / "data" / "a.jsonl"), str(tmp_path / "data" / "b.jsonl")]
+    assert recipe.data.eval == [str(tmp_path / "data" / "old" / "c.jsonl")]
+    questions = [e.messages[0]["content"] for e in load_examples(recipe.data.train)]
+    assert questions == ["First?", "Second?"]
+
+
+def test_a_pattern_that_matches_no_file_is_named_before_anything_loads(tmp_path):
+    from peftkit.config.load import load_recipe
+    from peftkit.errors import ConfigError
+
+    _chat_file(tmp_path / "data" / "a.json", "First?")
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text("data: {train: data/*.jsonl, max_seq_len: many}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"`data\.train`: no file matches the pattern .*data/\*\.jsonl"):
+        load_recipe(recipe_path)  # listed beside the recipe's other problems
+    recipe_path.write_text("data: {train: data/*.jsonl}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"no file matches the pattern .*data/\*\.jsonl"):
+        load_examples(load_recipe(recipe_path).data.train)
+
+
+def test_patterns_are_read_by_the_python_api_too_and_an_empty_one_is_a_data_error(tmp_path):
+    _chat_file(tmp_path / "x2.jsonl", "Two?")
+    _chat_file(tmp_path / "x1.jsonl", "One?")
+    assert [e.messages[0]["content"] for e in load_examples(str(tmp_path / "x?.jsonl"))] == ["One?", "Two?"]
+    with pytest.raises(DataError, match=r"no file matches the pattern .*y\*\.jsonl"):
+        load_examples(str(tmp_path / "y*.jsonl"))
+
+
+def test_hub_slices_and_real_file_names_with_brackets_are_not_patterns(tmp_path):
+    from peftkit.data.formats import data_sources, is_pattern
+
+    assert not is_pattern("hf:OWNER/NAME:train[:500]")
+    named = _chat_file(tmp_path / "set[1].jsonl", "Bracket?")
+    assert data_sources(str(named)) == [str(named)]
+    assert [e.messages[0]["content"] for e in load_examples(str(named))] == ["Bracket?"]
+
+
+def test_a_folder_of_data_files_suggests_the_pattern_that_reads_them(tmp_path):
+    _chat_file(tmp_path / "a.jsonl", "First?")
+    _chat_file(tmp_path / "b.jsonl", "Second?")
+    with pytest.raises(DataError, match=rf"read them all with a pattern \(`train: {tmp_path}/\*\.jsonl`\)"):
+        load_examples(tmp_path)
