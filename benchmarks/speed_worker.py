@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -32,6 +34,7 @@ def main() -> None:
                                                                "peftkit-no-sparse", "peftkit-no-bucket"])
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=None, help="instead of the recipe's train.seed")
     parser.add_argument("--count-only", action="store_true", help="print the tokens and positions a variant processes, untrained")
     args = parser.parse_args()
 
@@ -51,6 +54,8 @@ def main() -> None:
     from peftkit.utils.memory import peak_rss_mb
 
     recipe = load_recipe(args.recipe)
+    if args.seed is not None:
+        recipe.train.seed = args.seed
     # As `peftkit train` counts them (train.num_threads, OMP_NUM_THREADS, all usable cores), without a look at the load.
     choose_threads(recipe.train.num_threads or omp_threads(), "benchmarking", "train.num_threads", on_cpu=False)
     set_seed(recipe.train.seed)
@@ -107,6 +112,9 @@ def main() -> None:
     # model body runs (padding included; a prompt prefix the rows of a bucket share, once), for executed FLOPs.
     padded = real = supervised = computed = 0
     share = getattr(trainer, "share_prefix", False)
+    # A length-grouped sampler draws from the global generators: put them back afterwards, so the trainer draws the
+    # batches counted here (and dropout the same masks as without the count).
+    rng_states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     for batch in trainer.get_train_dataloader():
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         if getattr(trainer, "packing", False):  # one padding-free sequence per batch
@@ -126,6 +134,9 @@ def main() -> None:
                 computed += len(rows) * w - (len(rows) - 1) * prefix
         real += int(batch["attention_mask"].sum())
         supervised += int((batch["labels"][:, 1:] != -100).sum())
+    random.setstate(rng_states[0])
+    np.random.set_state(rng_states[1])
+    torch.set_rng_state(rng_states[2])
     epochs = args.epochs
     if args.count_only:  # what a variant would process, without training it (to recount an earlier report's FLOPs)
         print(json.dumps({"variant": args.variant, "input_tokens": real, "padded_tokens": padded,
@@ -139,6 +150,7 @@ def main() -> None:
     loss = mean_loss(model, data.eval, tokenizer.pad_token_id)
     result = {
         "variant": args.variant,
+        "seed": recipe.train.seed,
         "epochs": epochs,
         "steps": output.global_step,
         "train_seconds": round(seconds, 2),

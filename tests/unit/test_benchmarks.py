@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -488,3 +489,35 @@ def test_shared_cpu_says_why_a_run_failed_and_leaves_no_training_behind(tmp_path
 
     with pytest.raises(SystemExit, match="run all-cores-A failed:\n.*does not exist"):
         run_pair(str(tmp_path / "missing.yaml"), steps=1, offset=0.0, variant="all-cores", folder=tmp_path)
+
+
+def test_speed_rounds_rotate_the_variant_order_and_pair_each_ratio_with_its_own_rounds_reference(tmp_path, monkeypatch):
+    from benchmarks import speed
+
+    assert speed.run_order(["reference", "peftkit"], [42, 1, 2]) == [
+        ("reference", 42), ("peftkit", 42), ("peftkit", 1), ("reference", 1), ("reference", 2), ("peftkit", 2)]
+    assert speed.run_order(["reference", "peftkit"], None) == [("reference", None), ("peftkit", None)]
+
+    rates = {("reference", 42): 40.0, ("peftkit", 42): 60.0, ("reference", 1): 20.0, ("peftkit", 1): 36.0,
+             ("reference", 2): 40.0, ("peftkit", 2): 64.0}
+    losses = {"reference": 1.10, "peftkit": 1.11}
+    ran = []
+
+    def fake_run(recipe, variant, epochs, seed=None):
+        ran.append((variant, seed))
+        return {"variant": variant, "seed": seed, "train_seconds": 10.0, "supervised_tokens_per_second": rates[variant, seed],
+                "supervised_tokens": 100, "input_tokens": 400, "padded_tokens": 500, "computed_positions": 450,
+                "eval_loss": losses[variant] + seed / 1000}
+
+    monkeypatch.setattr(speed, "run_variant", fake_run)
+    monkeypatch.setattr(speed, "matmul_peak_gflops", lambda: 100.0)
+    monkeypatch.setattr(speed, "lora_flops_per_token", lambda recipe: (1e6, 1e5))
+    monkeypatch.setattr(speed, "results_stem", lambda kind: tmp_path / f"day_{kind}")
+    monkeypatch.setattr(sys, "argv", ["speed", "--variants", "reference", "peftkit", "--seeds", "42", "1", "2"])
+    speed.main()
+    assert ran == speed.run_order(["reference", "peftkit"], [42, 1, 2])
+    text = (tmp_path / "day_speed.md").read_text()
+    # paired within each round: 1.5x, 1.8x, 1.6x (the unpaired medians would give 60 / 40 = 1.5x)
+    assert "| peftkit | 3 | 60.0 (36.0 to 64.0) | 1.60 (1.50 to 1.80) | 1.1120 (1.1110 to 1.1520) | 0.0100 |" in text
+    assert "| reference | 3 | 40.0 (20.0 to 40.0) | 1.00 | 1.1020 (1.1010 to 1.1420) | 0.0000 |" in text
+    assert "--seeds 42 1 2`" in text
