@@ -332,6 +332,10 @@ def train_eval_examples(cfg: DataConfig, seed: int) -> tuple[list[Example], list
     else:
         train, held_out = split_train_eval(examples, cfg.eval_fraction, seed, cfg.max_eval_examples)
     warn_duplicates(examples, train, held_out)
+    if cfg.system_prompt and examples and all(e.messages is None for e in examples):
+        log.warning("data.system_prompt is not trained: the training data is plain text, trained as it is without a "
+                    "chat template, yet `peftkit chat` and the exports would start every conversation with this system "
+                    "prompt, which the model never saw; remove it, or train on conversations")
     return train, held_out
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from peftkit.data.formats import Message
-from peftkit.errors import DataError
+from peftkit.errors import DataError, PeftkitError
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -73,6 +73,9 @@ def _render(
     Gemma 1, Llama-2-era Mistral fine-tunes) get it folded into the first user message instead, as
     LLaMA-Factory does and as Gemma's later templates do themselves."""
     from jinja2.exceptions import TemplateError
+
+    if not getattr(tokenizer, "chat_template", None) and getattr(tokenizer, "no_template_reason", None):
+        raise PeftkitError(f"{where}: {tokenizer.no_template_reason}" if where else tokenizer.no_template_reason)
 
     def render(conversation: Sequence[Message]) -> str:
         extra = {"tools": list(tools)} if tools else {}
@@ -588,18 +591,20 @@ def reply_end_problem(tokenizer: Any) -> str | None:
         return None
     marker = _marker_of(probe[0])
     what = f"with {marker!r}, which is not a special token of this tokenizer" if marker else "with no end token at all"
+    fix = (f"End replies with a token of this vocabulary, e.g. its end token {tokenizer.eos_token!r} (`{{{{ eos_token }}}}`), "
+           "or use `model.chat_template: plain`" if tokenizer.eos_token else
+           "This tokenizer has no end-of-sequence token: end replies with another special token of its vocabulary")
     return (f"the chat template ends an assistant reply {what}: the model would learn to spell it out and generation "
-            f"would never stop. End replies with a token of this vocabulary, e.g. its end token {tokenizer.eos_token!r} "
-            "(`{{ eos_token }}`), or use `model.chat_template: plain`")
+            f"would never stop. {fix}")
 
 
 def tokenize_text_rows(tokenizer: Any, text: str, max_seq_len: int) -> list[dict[str, list[int]]]:
     """Plain text in consecutive blocks of `max_seq_len` tokens, each its own row with every token supervised
     (pretraining style, as TRL's and axolotl's completion training): a long document is trained whole, not cut at
     `max_seq_len`. EOS closes the document; a last block of a single token is left out (a row predicts nothing
-    from one token)."""
+    from one token). A tokenizer that ends every text with EOS itself (`add_eos_token`) gets no second one."""
     ids = list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):  # some add it themselves
         ids.append(tokenizer.eos_token_id)
     blocks = [ids[start : start + max_seq_len] for start in range(0, len(ids), max_seq_len)]
     if len(blocks) > 1 and len(blocks[-1]) < 2:

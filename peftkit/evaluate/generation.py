@@ -14,7 +14,7 @@ from peftkit.data.chat import Tools, generation_prompt
 from peftkit.data.formats import Message
 from peftkit.errors import PeftkitError
 from peftkit.models.skeleton import active_peft_config, learned_position_limit
-from peftkit.utils.modes import eval_mode
+from peftkit.utils.modes import eval_mode, padding_side
 from peftkit.utils.progress import with_progress
 
 
@@ -59,33 +59,28 @@ def generate_replies(
     stops = stop_token_ids(model, tokenizer)
     positions = text_position_limit(model)
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     replies: dict[int, Reply] = {}
-    try:
-        with eval_mode(model):
-            for start in with_progress(range(0, len(order), batch_size), progress or None, "batch"):
-                ids = order[start : start + batch_size]
-                batch = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True, add_special_tokens=False)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                out = model.generate(
-                    **batch,
-                    max_new_tokens=room_to_answer(batch["input_ids"].shape[1], max_new_tokens, positions),
-                    do_sample=False,
-                    eos_token_id=stops,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                new_tokens = out[:, batch["input_ids"].shape[1] :]
-                for row, index in zip(new_tokens.tolist(), ids):
-                    finished = any(t in stops for t in row)
-                    if finished:
-                        row = row[: min(row.index(t) for t in stops if t in row)]
-                    text = tokenizer.decode(row, skip_special_tokens=True)
-                    if not finished:  # cut by max_new_tokens, maybe inside a character of several tokens (an emoji)
-                        text = text.rstrip(INCOMPLETE)
-                    replies[index] = Reply(text.strip(), finished, tuple(row))
-    finally:
-        tokenizer.padding_side = side
+    with padding_side(tokenizer, "left"), eval_mode(model):
+        for start in with_progress(range(0, len(order), batch_size), progress or None, "batch"):
+            ids = order[start : start + batch_size]
+            batch = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model.generate(
+                **batch,
+                max_new_tokens=room_to_answer(batch["input_ids"].shape[1], max_new_tokens, positions),
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = out[:, batch["input_ids"].shape[1] :]
+            for row, index in zip(new_tokens.tolist(), ids):
+                finished = any(t in stops for t in row)
+                if finished:
+                    row = row[: min(row.index(t) for t in stops if t in row)]
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                if not finished:  # cut by max_new_tokens, maybe inside a character of several tokens (an emoji)
+                    text = text.rstrip(INCOMPLETE)
+                replies[index] = Reply(text.strip(), finished, tuple(row))
     return [replies[i] for i in range(len(prompts))]
 
 

@@ -272,6 +272,8 @@ def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
         if is_single_token(tokenizer, CHATML_END):
             tokenizer.chat_template = CHATML_TEMPLATE
             _warn_once("chatml", "The tokenizer has no chat template; using ChatML (set model.chat_template to override)")
+        elif not tokenizer.eos_token:  # plain text trains without a template; conversations are refused when rendered
+            tokenizer.no_template_reason = NO_EOS_NO_TEMPLATE
         else:
             tokenizer.chat_template = _plain_template(tokenizer)
             _warn_once("plain", "The tokenizer has no chat template and no ChatML tokens; using peftkit's plain "
@@ -283,6 +285,11 @@ def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
         problem = reply_end_problem(tokenizer)
         if problem:
             raise PeftkitError(f"the model's own chat template: {problem}. (`model.chat_template` replaces it)")
+
+
+NO_EOS_NO_TEMPLATE = ("the tokenizer has no chat template, no ChatML tokens and no end-of-sequence token, so no "
+                      "template can end a reply with a token: set model.chat_template to a template file whose replies "
+                      "end with a special token of this vocabulary (plain-text data needs no template)")
 
 
 def _plain_template(tokenizer: Any) -> str:

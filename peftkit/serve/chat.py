@@ -143,9 +143,12 @@ def stream_reply(
         raise
     raw = "".join(pieces).rstrip(INCOMPLETE)  # a reply cut inside a character: its start is not shown
     reply = raw.strip()
+    ran_out = criterion.used_all(budget, stop_ids)
     if not reply:  # otherwise a blank line, which reads as a hang or a crash
-        out.write("(no reply: the model wrote only blank space)" if raw else "(no reply: the model ended its turn at once)")
-    cut = budget < max_new_tokens and criterion.used_all(budget, stop_ids)  # otherwise silently short
+        out.write("(no reply: the model wrote only blank space)" if raw else
+                  f"(no reply: its {budget} new tokens made no whole character; raise --max-new-tokens)" if ran_out else
+                  "(no reply: the model ended its turn at once)")
+    cut = budget < max_new_tokens and ran_out  # otherwise silently short
     if cut and in_repl:
         out.write(f" (cut short: the conversation fills the model's {positions} positions; /reset starts a new one)")
     out.write("\n")

@@ -55,7 +55,7 @@ from peftkit.train.model_card import unfrozen_at_end
 from peftkit.train.trainer import RunTrainer
 from peftkit.train.run_dir import check_run_dir, clear_run_dir, load_before, mark_run_dir, run_lock, save_before
 from peftkit.utils.atomic import atomic_write_text
-from peftkit.utils.modes import eval_mode
+from peftkit.utils.modes import eval_mode, padding_side
 from peftkit.utils.readable_json import readable_json
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def predict_labels(model: Any, tokenizer: Any, texts: list[str], max_seq_len: in
     accepted = model_input_names(model)
     device = next(model.parameters()).device
     out: list[str] = []
-    with eval_mode(model):
+    with eval_mode(model), padding_side(tokenizer, tokenizer.padding_side):  # the saved tokenizer keeps no padding
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_seq_len, padding=True, return_tensors="pt")
             logits = model(**{k: v.to(device) for k, v in batch.items() if k in accepted}).logits

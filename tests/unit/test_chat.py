@@ -421,3 +421,40 @@ def test_a_reply_cut_inside_a_character_is_stored_and_shown_without_its_broken_s
         shown = stream_reply(model, tiny_tokenizer, messages, max_new_tokens=len(reply_ids), out=out)
     assert not stored.finished and stored.text == "Opens at 9"
     assert shown == "Opens at 9" and "\ufffd" not in out.getvalue() and out.getvalue().startswith("Opens at 9")
+
+
+def test_a_reply_that_ran_out_of_tokens_inside_a_character_is_not_called_an_ended_turn(tiny_recipe, monkeypatch):
+    run_dir = train(recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}})).run_dir
+    run = load_run(run_dir)
+    first_byte = run.tokenizer.convert_tokens_to_ids("â")  # 0xE2: the first byte of a three-byte character
+    assert run.tokenizer.decode([first_byte]) == "\ufffd"
+
+    def partial_characters(**kwargs):
+        kwargs["streamer"].put(kwargs["input_ids"])
+        ids = kwargs["input_ids"]
+        for _ in range(kwargs["max_new_tokens"]):
+            ids = torch.cat([ids, torch.tensor([[first_byte]])], dim=1)
+            kwargs["stopping_criteria"][0](ids, None)
+            kwargs["streamer"].put(torch.tensor([first_byte]))
+        kwargs["streamer"].end()
+
+    monkeypatch.setattr(run.model, "generate", partial_characters)
+    out = io.StringIO()
+    chat(run.model, run.tokenizer, system_prompt=None, prompt="hello", max_new_tokens=4, out=out)
+    assert "(no reply: its 4 new tokens made no whole character; raise --max-new-tokens)" in out.getvalue()
+    assert "ended its turn" not in out.getvalue()
+
+
+def test_generating_replies_leaves_the_saved_tokenizer_padding_as_it_was(tiny_recipe, tmp_path):
+    from transformers import AutoTokenizer
+
+    from peftkit.evaluate.generation import generate_replies
+
+    run_dir = train(recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}})).run_dir
+    run = load_run(run_dir)
+    side, backend_padding = run.tokenizer.padding_side, run.tokenizer._tokenizer.padding
+    questions = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a much longer question here"}]]
+    generate_replies(run.model, run.tokenizer, questions, max_new_tokens=2, batch_size=2)
+    assert run.tokenizer.padding_side == side and run.tokenizer._tokenizer.padding == backend_padding
+    run.tokenizer.save_pretrained(tmp_path / "saved")
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved").padding_side == side == "right"

@@ -914,3 +914,58 @@ def test_the_eval_split_is_limited_by_max_eval_examples_and_a_large_one_is_warne
     assert len(whole) == 60
     assert "The eval split holds 60 examples (data.eval_fraction 0.2 of 300)" in caplog.text
     assert {e.where for e in held_out} <= {e.where for e in whole}  # the same shuffled order, cut shorter
+
+
+def test_plain_text_gets_one_eos_when_the_tokenizer_adds_eos_itself():
+    from peftkit.data.chat import tokenize_text_rows
+
+    class EndsWithEos:
+        eos_token_id = 2
+
+        def __call__(self, text, add_special_tokens=True, verbose=False):
+            return {"input_ids": [1, *range(10, 10 + len(text.split())), 2] if add_special_tokens else []}
+
+    rows = tokenize_text_rows(EndsWithEos(), "the library opens at nine", max_seq_len=64)
+    assert rows[0]["input_ids"] == [1, 10, 11, 12, 13, 14, 2]
+
+    class NoEos(EndsWithEos):
+        def __call__(self, text, add_special_tokens=True, verbose=False):
+            return {"input_ids": [1, 10, 11]}
+
+    assert tokenize_text_rows(NoEos(), "two words", max_seq_len=64)[0]["input_ids"] == [1, 10, 11, 2]
+
+
+def test_a_system_prompt_on_plain_text_data_is_warned_about(tmp_path, caplog):
+    import logging
+
+    from peftkit.config.schema import DataConfig
+    from peftkit.data.build import train_eval_examples
+
+    (tmp_path / "corpus.txt").write_text("The library opens at nine.\n\nIt closes at six.\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="peftkit.data.build"):
+        train_eval_examples(DataConfig(train=str(tmp_path / "corpus.txt"), system_prompt="You are a librarian."), 42)
+    assert "data.system_prompt is not trained: the training data is plain text" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="peftkit.data.build"):
+        train_eval_examples(DataConfig(train=str(tmp_path / "corpus.txt")), 42)
+    assert "system_prompt" not in caplog.text
+
+
+def test_a_tokenizer_without_eos_or_template_trains_plain_text_and_names_the_fix_for_conversations():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from peftkit.data.chat import render_chat, tokenize_text_rows
+    from peftkit.errors import PeftkitError
+    from peftkit.models.load import apply_chat_template_setting
+
+    words = ["<unk>", "the", "library", "opens", "at", "nine", "hi"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    assert tokenizer.eos_token is None and not tokenizer.chat_template
+    apply_chat_template_setting(tokenizer, None)
+    rows = tokenize_text_rows(tokenizer, "the library opens at nine", max_seq_len=64)
+    assert rows and rows[0]["labels"] == rows[0]["input_ids"]
+    with pytest.raises(PeftkitError, match=r"no end-of-sequence token.*set model\.chat_template to a template file"):
+        render_chat(tokenizer, [{"role": "user", "content": "hi"}], generation=True)
