@@ -156,7 +156,7 @@ def _show_data(recipe: Any, tokenizer: Any, count: int) -> None:
     from rich.text import Text
 
     from peftkit.data.build import supervised_segments, tokenize_examples, train_eval_examples
-    from peftkit.data.chat import IGNORE_INDEX
+    from peftkit.data.chat import trained_count
 
     console = _console()
     console.print(Text.assemble("Trained tokens are shown ", ("[[like this]]", "bold green"), "; the rest is context only."))
@@ -167,7 +167,7 @@ def _show_data(recipe: Any, tokenizer: Any, count: int) -> None:
         for row in rows[: count - shown]:
             shown += 1
             text = Text(f"--- row {shown} ({example.where}): {len(row['input_ids'])} tokens, "
-                        f"{sum(label != IGNORE_INDEX for label in row['labels'])} trained ---\n")
+                        f"{trained_count(row['labels'])} trained ---\n")
             for piece, trained in supervised_segments(row, tokenizer):
                 text.append(f"[[{piece}]]" if trained else piece, style="bold green" if trained else None)
             console.print(text)

@@ -16,7 +16,7 @@ import torch
 
 from peftkit.config.schema import DataConfig
 from peftkit.data.chat import (IGNORE_INDEX, replies_cut_off, special_tokens_pattern, tokenize_conversation_rows,
-                               tokenize_text_rows, with_system_prompt)
+                               tokenize_text_rows, trained_count, trained_flags, with_system_prompt)
 from peftkit.data.columns import ROLE_ALIASES, number_as_text
 from peftkit.data.facts import whole_fact_spans
 from peftkit.data.formats import (Example, Message, chat_record_messages, data_sources, detect_format, load_examples,
@@ -122,7 +122,7 @@ def tokenize_examples(
         if cut:
             truncated_at.append(example.where)
         for row in example_rows:
-            if sum(label != IGNORE_INDEX for label in row["labels"]) == 0:
+            if trained_count(row["labels"]) == 0:
                 dropped += 1
                 continue
             rows.append(row)
@@ -383,7 +383,7 @@ def build_datasets(
         "replay_examples": replayed,
         "replay_contrast_prompts": contrasted,
         "train_tokens": sum(len(r["input_ids"]) for r in train_rows),
-        "train_supervised_tokens": sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in train_rows),
+        "train_supervised_tokens": sum(trained_count(r["labels"]) for r in train_rows),
         "train_formats": dict(Counter(e.format for e in train_examples if e.format)),  # as auto-detection read them
     }
     return DataBundle(train_rows, eval_rows, heldout, stats, split_fingerprint(train_examples, eval_examples))
@@ -449,7 +449,7 @@ def supervised_segments(row: Row, tokenizer: Any) -> list[tuple[str, bool]]:
     see that only the replies (and their end-of-turn) carry loss."""
     segments: list[tuple[str, bool]] = []
     start = 0
-    flags = [label != IGNORE_INDEX for label in row["labels"]]
+    flags = trained_flags(row["labels"])
     for end in range(1, len(flags) + 1):
         if end == len(flags) or flags[end] != flags[start]:
             segments.append((tokenizer.decode(row["input_ids"][start:end]), flags[start]))

@@ -27,6 +27,16 @@ IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
 
 
+def trained_flags(labels: Sequence[int]) -> list[bool]:
+    """Which positions of a row carry loss. The first never does, whatever its label (`train_on_prompt` labels it):
+    the loss predicts each token from those before it."""
+    return [i > 0 and label != IGNORE_INDEX for i, label in enumerate(labels)]
+
+
+def trained_count(labels: Sequence[int]) -> int:
+    return sum(trained_flags(labels))
+
+
 def with_system_prompt(messages: Sequence[Message], system_prompt: str | None) -> list[Message]:
     """`system_prompt` first unless the conversation has its own. A blank system turn (common in ShareGPT exports)
     counts as none: it would be trained with an empty system turn and served with the recipe's or the template's."""

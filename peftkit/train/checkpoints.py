@@ -408,4 +408,17 @@ def restore_finished(trainer: Any, checkpoint: Path) -> Any:
         else:
             log.warning("The best checkpoint %s is gone: shipping the weights of step %d", best, trainer.state.global_step)
             trainer.state.best_model_checkpoint = None
+    _log_run_end(trainer)
     return TrainOutput(trainer.state.global_step, 0.0, {})
+
+
+def _log_run_end(trainer: Any) -> None:
+    """The end-of-training record for metrics.jsonl, which the Trainer writes only when it trains: resuming dropped
+    the killed session's there (`truncate_metrics`). RunTotals fills in the run's totals. TensorBoard is left out:
+    it still holds the killed session's record, whose totals were the run's too."""
+    from peftkit.train.callbacks import MetricsJsonlCallback, RunTotals
+
+    logs: dict[str, Any] = {"train_runtime": 0.0, "train_loss": 0.0}
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, (RunTotals, MetricsJsonlCallback)):
+            callback.on_log(trainer.args, trainer.state, trainer.control, logs=logs)

@@ -43,15 +43,15 @@ from peftkit.models.load import loading_errors
 from peftkit.models.resolve import ModelSource, materialize
 from peftkit.train import checkpoints, disk_space, signals
 from peftkit.train.callbacks import (
-    MetricsJsonlCallback, ResumedSettings, early_stopping_callbacks, per_second, plot_loss_curves, read_metrics,
-    use_progress_bar,
+    MetricsJsonlCallback, ResumedSettings, RunTotals, early_stopping_callbacks, per_second, plot_loss_curves,
+    read_metrics, use_progress_bar,
 )
 from peftkit.utils.threads import choose_threads, omp_threads
 from peftkit.train.run import (
-    RunResult, _session_loss_sum, check_device_options, peak_memory_mb, save_adapter, summary_header,
+    RunResult, _session_loss_sum, _weights_step, check_device_options, peak_memory_mb, save_adapter, summary_header,
     tensorboard_callback, train_or_finish, training_arguments,
 )
-from peftkit.train.model_card import unfrozen_at_end
+from peftkit.train.model_card import stopping_note, unfrozen_at_end
 from peftkit.train.trainer import RunTrainer
 from peftkit.train.run_dir import check_run_dir, clear_run_dir, load_before, mark_run_dir, run_lock, save_before
 from peftkit.utils.atomic import atomic_write_text
@@ -120,6 +120,23 @@ def _scores(trainer: RunTrainer, rows: list[dict[str, Any]], prefix: str) -> dic
     return {key: metrics.get(f"{prefix}_{key}") for key in ("loss", "accuracy", "macro_f1")}
 
 
+def _final_scores(trainer: RunTrainer, rows: list[dict[str, Any]], prefix: str) -> dict[str, float | None]:
+    """The saved weights' scores, logged only where they belong. With early stopping the best checkpoint's weights
+    were loaded: its evaluation is reused, as is one at the last step (logged again at the last step, it drew a
+    false point on the loss curve). Other splits (held-out) are scored without a log record."""
+    if not rows:
+        return {"loss": None, "accuracy": None, "macro_f1": None}
+    step = _weights_step(trainer, trainer.state.global_step)
+    logged = next((entry for entry in reversed(trainer.state.log_history)
+                   if entry.get("step") == step and f"{prefix}_loss" in entry), None)
+    if logged is not None:
+        return {key: logged.get(f"{prefix}_{key}") for key in ("loss", "accuracy", "macro_f1")}
+    if prefix == "eval" and step == trainer.state.global_step:
+        return _scores(trainer, rows, prefix)  # the last step's weights, logged at the last step
+    metrics = trainer.predict(rows, metric_key_prefix=prefix).metrics
+    return {key: metrics.get(f"{prefix}_{key}") for key in ("loss", "accuracy", "macro_f1")}
+
+
 def write_classification_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> None:
     def fmt(value: Any) -> str:
         return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -132,7 +149,7 @@ def write_classification_card(run_dir: Path, recipe: Recipe, summary: dict[str, 
         "",
         f"Labels: {', '.join(summary['labels'])}. Trainable parameters: {summary['trainable_params']:,} of "
         f"{summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%){unfrozen_at_end(summary)}, "
-        f"{summary['steps']} steps, "
+        f"{summary['steps']} steps{stopping_note(summary)}, "
         f"{summary['train_seconds']:.0f} s on {summary['device']}.",
         "",
         "| split | metric | before | after |",
@@ -230,6 +247,7 @@ def _train_classifier(
     extras = trainer_extras(model, recipe.adapter, args)
     callbacks = [
         *extras.callbacks,  # first: they add trainable counts to the log records the next ones write
+        RunTotals(lambda: run_totals(), interrupted=lambda: interrupt.interrupted),  # the end record is the run's
         MetricsJsonlCallback(metrics_path),
         tensorboard,
         checkpoints.CompleteMarkerCallback(keep=recipe.train.save_total_limit, progress=lambda: run_progress()),
@@ -273,14 +291,17 @@ def _train_classifier(
             wall_seconds=prior.wall_seconds + time.perf_counter() - started,
             eval_seconds=prior.eval_seconds + trainer.eval_seconds_in_training)
 
+    def run_totals() -> tuple[float, float]:
+        """The run's train loss and train seconds at the end of training, all sessions."""
+        steps = trainer.state.global_step
+        session_loss = _session_loss_sum(trainer, finished=True) if steps > prior.steps else 0.0
+        return (prior.loss_sum + session_loss) / steps if steps else 0.0, prior.train_seconds + time.perf_counter() - train_started
+
     train_started = time.perf_counter()
     output = train_or_finish(trainer, recipe, resume_from, prior.steps, has_eval, interrupt, run_dir, finishing)
-    train_seconds = prior.train_seconds + time.perf_counter() - train_started
+    train_loss, train_seconds = run_totals()
     eval_seconds = prior.eval_seconds + trainer.eval_seconds_in_training
-    steps = output.global_step
-    session_loss = _session_loss_sum(trainer, finished=True) if steps > prior.steps else 0.0
-    train_loss = (prior.loss_sum + session_loss) / steps if steps else 0.0
-    after = {"eval": _scores(trainer, data.eval, "eval"), "heldout": _scores(trainer, data.heldout, "heldout")}
+    after = {"eval": _final_scores(trainer, data.eval, "eval"), "heldout": _final_scores(trainer, data.heldout, "heldout")}
     tensorboard.close()
 
     save_adapter(model, tokenizer, run_dir, recipe.adapter.method)  # or the trained model, and the tokenizer
@@ -289,9 +310,12 @@ def _train_classifier(
 
     trainable_at_end = parameter_counts(model)[0]  # gradual unfreezing ends with more than it started with
     metrics = read_metrics(metrics_path)
-    plot_loss_curves(metrics, run_dir / "plots" / "loss.png", title=f"{recipe.name or run_dir.name}: {recipe.adapter.method}")
+    if plot_loss_curves(metrics, run_dir / "plots" / "loss.png", title=f"{recipe.name or run_dir.name}: {recipe.adapter.method}") is None:
+        log.info("No loss was logged (train.logging_steps=%s, %d steps, no evaluation), so there is no plots/loss.png",
+                 recipe.train.logging_steps, output.global_step)
     summary: dict[str, Any] = {
-        **summary_header(recipe, run_dir, quantization, device, dtype, threads, (trainable, total), data, output),
+        **summary_header(recipe, run_dir, quantization, device, dtype, threads, (trainable, total), data, output,
+                         trainer.state.epoch),
         **({"trainable_params_end": trainable_at_end} if trainable_at_end != trainable else {}),
         "task": TASK,
         "labels": data.labels,
@@ -303,6 +327,8 @@ def _train_classifier(
         "tokens_per_second": per_second(trainer.input_tokens_seen, train_seconds - eval_seconds),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "train_loss": round(train_loss, 5),
+        "stopped_early": trainer.state.max_steps > output.global_step,
+        "weights_from_step": _weights_step(trainer, output.global_step),
         "data_stats": data.stats,
         "samples": samples,
     }

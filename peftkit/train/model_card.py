@@ -100,7 +100,7 @@ def _trained_quantization(run_dir: Path, recipe: Recipe) -> Any:
     return trained_quantization(run_dir, effective_quantization(recipe))
 
 
-def _stopping_note(summary: dict[str, Any]) -> str:
+def stopping_note(summary: dict[str, Any]) -> str:
     best = summary.get("weights_from_step")
     if summary.get("stopped_early"):
         return " (stopped early" + (f"; the weights are step {best}'s, the best evaluation)" if best else ")")
@@ -191,7 +191,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         *_replay_row(recipe, summary),
         f"| trainable parameters | {summary['trainable_params']:,} of {summary['total_params']:,} ({100 * summary['trainable_share']:.3f}%)"
         + unfrozen_at_end(summary) + " |",
-        f"| steps / supervised tokens | {summary['steps']}{_stopping_note(summary)} / {summary['trained_tokens']:,} |",
+        f"| steps / supervised tokens | {summary['steps']}{stopping_note(summary)} / {summary['trained_tokens']:,} |",
         f"| speed | {tokens_rate(summary['tokens_per_second'])} supervised tokens/s on {summary['device']} ({_workers(summary)}) |",
         f"| training time | {summary['train_seconds']:.0f} s |",
         "",
@@ -214,8 +214,10 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         "",
         *_plain_use(run_dir, recipe.data.system_prompt, _trained_quantization(run_dir, recipe)),
         ("Files: `model/` (the whole trained model), " if (run_dir / "model").is_dir() else "Files: `adapter/` (PEFT layout), ")
-        + "`tokenizer/`, `recipe.yaml` (resolved recipe), `metrics.jsonl`, "
-        "`tensorboard/`, `plots/loss.png`, `summary.json`, `heldout.jsonl` (per-question replies).",
+        + "`tokenizer/`, `recipe.yaml` (resolved recipe), `metrics.jsonl`, `tensorboard/`, "
+        + ("`plots/loss.png`, " if (run_dir / "plots" / "loss.png").is_file() else "")
+        + "`summary.json`"
+        + (", `heldout.jsonl` (per-question replies)." if (run_dir / "heldout.jsonl").is_file() else "."),
         "",
     ]
     atomic_write_text(run_dir / "README.md", "\n".join(lines))

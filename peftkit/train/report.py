@@ -56,7 +56,8 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
     console.print(
         f"trainable {summary['trainable_params']:,} / {summary['total_params']:,} params "
         f"({summary['trainable_share']:.3%}) | {summary['steps']} steps | "
-        f"{summary['trained_tokens']:,} supervised tokens at {tokens_rate(summary['tokens_per_second'])} tok/s | "
+        f"{summary['trained_tokens']:,} {'input' if summary.get('task') == 'sequence_classification' else 'supervised'} "
+        f"tokens at {tokens_rate(summary['tokens_per_second'])} tok/s | "
         f"train {summary['train_seconds']:.0f} s{_eval_part(summary)}, total {summary['wall_seconds']:.0f} s | "
         f"peak memory {summary['peak_memory_mb']:.0f} MB"
     )

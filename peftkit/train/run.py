@@ -484,9 +484,12 @@ def _train(
 
     trainable_at_end = parameter_counts(model)[0]  # gradual unfreezing ends with more than it started with
     metrics = read_metrics(metrics_path)
-    plot_loss_curves(metrics, run_dir / "plots" / "loss.png", title=f"{recipe.name or run_dir.name}: {recipe.adapter.method}")
+    if plot_loss_curves(metrics, run_dir / "plots" / "loss.png", title=f"{recipe.name or run_dir.name}: {recipe.adapter.method}") is None:
+        log.info("No loss was logged (train.logging_steps=%s, %d steps, no evaluation), so there is no plots/loss.png",
+                 recipe.train.logging_steps, output.global_step)
     summary = {
-        **summary_header(recipe, run_dir, quantization, device, dtype, threads, (trainable, total), data, output),
+        **summary_header(recipe, run_dir, quantization, device, dtype, threads, (trainable, total), data, output,
+                         trainer.state.epoch),
         **({"trainable_params_end": trainable_at_end} if trainable_at_end != trainable else {}),
         "trained_tokens": trainer.supervised_tokens_seen,
         "input_tokens": trainer.input_tokens_seen,
@@ -528,9 +531,10 @@ def _train(
 
 def summary_header(
     recipe: Recipe, run_dir: Path, quantization: Any, device: str, dtype: torch.dtype, threads: int,
-    counts: tuple[int, int], data: Any, output: Any,
+    counts: tuple[int, int], data: Any, output: Any, epochs_trained: float | None = None,
 ) -> dict[str, Any]:
-    """The summary.json keys every task shares: what ran, on what, and how much of the model trained."""
+    """The summary.json keys every task shares: what ran, on what, and how much of the model trained. `epochs` is
+    the recipe's setting; `epochs_trained` what the run went through (less when it stopped early or at max_steps)."""
     trainable, total = counts
     if quantization is not None and quantization.bits == 4 and quantization.compute_dtype == "auto":
         # `auto` is the dtype the weights load in (models/load.py bnb_config), which follows the device: recorded as
@@ -560,6 +564,7 @@ def summary_header(
         "eval_rows": len(data.eval),
         "steps": output.global_step,
         "epochs": recipe.train.epochs if not recipe.train.max_steps else None,
+        "epochs_trained": round(epochs_trained, 4) if epochs_trained is not None else None,
     }
 
 

@@ -339,6 +339,10 @@ def test_a_classifier_resumed_after_its_last_step_trains_no_further(tiny_bert_di
     train(recipe_from_dict(recipe), resume=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4
+    # resuming dropped the killed session's end record; the finishing session trains nothing and writes the run's
+    ends = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train_runtime" in r]
+    assert len(ends) == 1 and ends[0]["step"] == 4
+    assert ends[0]["train_loss"] == pytest.approx(summary["train_loss"], abs=1e-5)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -353,3 +357,22 @@ def test_a_classifier_too_big_for_the_disk_is_refused_before_training(method, ti
     with pytest.raises(RunDirError, match="not enough free space for this run in .*: 1.0 KB free, and it writes at least"):
         train(recipe_from_dict(_recipe(tiny_model_dir, tmp_path, adapter)))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_early_stopped_classifier_says_so_and_logs_no_second_evaluation_at_its_last_step(tiny_bert_dir, tmp_path):
+    """The best checkpoint's weights are loaded at the end: their scores are its evaluation, not a new one logged at
+    the last step (which drew a vertical line on the loss curve)."""
+    recipe = _recipe(tiny_bert_dir, tmp_path, {"method": "lora", "r": 4, "alpha": 8}, lr=0.5, max_steps=40,
+                     eval_steps=2, save_steps=2, early_stopping_patience=1)
+    run_dir = train(recipe_from_dict(recipe)).run_dir
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["weights_from_step"] < summary["steps"] < 40
+    assert summary["epochs_trained"] == pytest.approx(summary["steps"] / 3, abs=1e-3)  # 30 rows, batches of 10
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r["step"] for r in records if "eval_loss" in r]
+    assert len(evaluations) == len(set(evaluations)), evaluations  # one evaluation per step
+    best = next(r for r in records if "eval_loss" in r and r["step"] == summary["weights_from_step"])
+    assert summary["eval_loss_after"] == best["eval_loss"]
+    assert not any(key.startswith("heldout_") for r in records if r["step"] > 0 for key in r)  # the summary has them
+    assert summary["heldout_accuracy_after"] is not None
+    assert f"(stopped early; the weights are step {summary['weights_from_step']}'s" in (run_dir / "README.md").read_text()

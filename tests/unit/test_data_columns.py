@@ -227,6 +227,8 @@ def test_train_on_prompt_supervises_every_training_token_but_not_eval(tiny_recip
     assert all(r["labels"] == r["input_ids"] for r in everything.train)
     assert everything.eval == plain.eval, "the eval loss stays on the replies"
     assert everything.stats["train_supervised_tokens"] > 2 * plain.stats["train_supervised_tokens"]
+    # each row's first token is labelled but never predicted: the count is what the shifted loss trains
+    assert everything.stats["train_supervised_tokens"] == sum(len(r["input_ids"]) - 1 for r in everything.train)
     assert any(label == IGNORE_INDEX for r in plain.train for label in r["labels"])
 
 

@@ -267,8 +267,11 @@ def test_resume_refuses_data_that_changed_since_the_run_started(tiny_model_dir, 
 
     path = tiny_recipe_file(tmp_path, tiny_model_dir, train={"max_steps": 4})
     run_dir = train(load_recipe(path)).run_dir
+    first = json.loads((run_dir / "summary.json").read_text())
     (run_dir / "summary.json").unlink()  # as if killed after its last checkpoint
     train(load_recipe(path), resume=True)  # the same data: resumes
+    ends = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train_runtime" in r]
+    assert len(ends) == 1 and ends[0]["train_loss"] == pytest.approx(first["train_loss"], abs=1e-5)  # the run's
     (run_dir / "summary.json").unlink()
     write_jsonl(tmp_path / "train.jsonl", CHAT_RECORDS * 2)
     with pytest.raises(RunDirError, match="the training or eval data differ from those .* was started with"):

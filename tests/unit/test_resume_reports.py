@@ -290,6 +290,9 @@ def test_a_classifier_stopped_by_ctrl_c_resumes_into_the_whole_runs_summary(tiny
     for key in ("eval_loss_before", "eval_accuracy_before", "heldout_accuracy_before", "trained_tokens"):
         assert got[key] is not None and got[key] == want[key], key
     assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-4)
+    # metrics.jsonl's end-of-training record is the whole run's too, not the resumed session's alone
+    ends = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
+    assert len(ends) == 1 and ends[0]["train_loss"] == pytest.approx(want["train_loss"], abs=1e-4)
 
 
 @pytest.mark.parametrize("eval_steps, warned", [(5, True), (3, True), (2, False)])
