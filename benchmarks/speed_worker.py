@@ -55,7 +55,7 @@ def main() -> None:
 
     recipe = load_recipe(args.recipe)
     if args.seed is not None:
-        recipe.train.seed = args.seed
+        recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"seed": args.seed})})
     # As `peftkit train` counts them (train.num_threads, OMP_NUM_THREADS, all usable cores), without a look at the load.
     choose_threads(recipe.train.num_threads or omp_threads(), "benchmarking", "train.num_threads", on_cpu=False)
     set_seed(recipe.train.seed)
