@@ -89,11 +89,13 @@ def main() -> None:
         result["useful_gflops"] = round(useful / result["train_seconds"] / 1e9, 1)
         rows.append(result)
         print(json.dumps(result), file=sys.stderr, flush=True)
-    for row in rows:  # against the reference of the same round (seed)
-        same_round = [r for r in rows if r["seed"] == row["seed"]]
-        reference = next((r for r in same_round if r["variant"] == "reference"), same_round[0])
+    baseline = "reference" if "reference" in args.variants else args.variants[0]  # without it: the first named
+    for row in rows:  # against the baseline of the same round (seed)
+        reference = next(r for r in rows if r["seed"] == row["seed"] and r["variant"] == baseline)
         row["speedup_vs_reference"] = round(row["supervised_tokens_per_second"] / reference["supervised_tokens_per_second"], 3)
         row["eval_loss_vs_reference"] = round(row["eval_loss"] - reference["eval_loss"], 4)
+    if baseline != "reference":
+        print(f"no reference run: the ratios are against {baseline}", file=sys.stderr)
     write_report(rows, peak, args)
 
 

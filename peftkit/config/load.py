@@ -438,6 +438,7 @@ def _friendly(err: dict[str, Any], bases: tuple[Path, ...] = ()) -> str:
 
 
 def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
+    from peftkit.data.formats import is_pattern, matching_files
     from peftkit.data.hub import is_hub_ref
     from peftkit.data.replay import BUILTIN_PREFIX
 
@@ -450,27 +451,25 @@ def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
             return str(path if path.is_absolute() else (base / path).resolve())
         return value
 
+    def matched(value: Any) -> list[Any]:
+        """A pattern as the files it matches (so the run's recipe.yaml lists them), matched inside `base`."""
+        if isinstance(value, str) and value and is_pattern(str(expand_path(value)), base):
+            found = matching_files(str(expand_path(value)), base)
+            return [resolved(str(f)) for f in found]
+        return [resolved(value)]
+
     for key in DATA_PATH_KEYS:
         if key not in section:  # absent stays absent: a missing `train` is reported as missing, not as None
             continue
         value = section[key]
-        section[key] = [resolved(v) for v in value] if isinstance(value, list) else resolved(value)
-        if key in ("train", "eval"):  # patterns become the files they match, so the run's recipe.yaml lists them
-            section[key] = _matched(section[key])
+        if key in ("train", "eval") and isinstance(value, (str, list)):
+            files = [f for v in (value if isinstance(value, list) else [value]) for f in matched(v)]
+            section[key] = files[0] if isinstance(value, str) and len(files) == 1 else files
+        else:
+            section[key] = [resolved(v) for v in value] if isinstance(value, list) else resolved(value)
     replay = section.get("replay")
     if isinstance(replay, dict) and "path" in replay and not str(replay["path"]).startswith(BUILTIN_PREFIX):
         replay["path"] = resolved(replay.get("path"))  # relative to the recipe's folder, as the other data files
-
-
-def _matched(value: Any) -> Any:
-    from peftkit.data.formats import matching_files
-
-    if isinstance(value, str):
-        found = [str(f) for f in matching_files(value)]
-        return found[0] if len(found) == 1 else found
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return [str(f) for v in value for f in matching_files(v)]
-    return value  # not paths: the schema says what is wrong
 
 
 def _absolute_model_paths(data: dict[str, Any], recipe_dir: Path) -> None:

@@ -141,7 +141,8 @@ def tokenize_examples(
         log.info("%d plain-text %s(s) longer than data.max_seq_len=%d tokens were split into %d rows of up to %d "
                  "tokens, each trained whole", split, what, max_seq_len, split_rows, max_seq_len)
     if dropped and what:
-        log.warning("%d %s(s) had no supervised tokens left after truncation and were skipped", dropped, what)
+        log.warning("%d %s(s) had no trained token (none after the first, or none left after truncation) and were "
+                    "skipped", dropped, what)
     return rows, {"examples": len(examples), "truncated": truncated, "dropped": dropped, "split": split,
                   "split_rows": split_rows, "replies_lost": replies_lost}
 

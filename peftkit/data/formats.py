@@ -169,7 +169,8 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
         found = sorted(str(p.relative_to(path)) for p in path.rglob("*") if data_suffix(p) in DATA_SUFFIXES)
         hint = f"; it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else ""
         suffixes = sorted({data_suffix(Path(f)) for f in found})
-        pattern = f"{path}/*{suffixes[0]}" if len(suffixes) == 1 else f"{path}/*.jsonl"
+        deep = "**/" if any(Path(f).parent != Path(".") for f in found) else ""  # some only in subfolders
+        pattern = f"{path}/{deep}*{suffixes[0]}" if len(suffixes) == 1 else f"{path}/{deep}*.jsonl"
         raise DataError(f"{path} is a folder; point the recipe at one data file in it, or read them all with a "
                         f"pattern (`train: {pattern}`) or a list (`train: [a.jsonl, b.jsonl]`){hint}")
     if is_pattern(path):
@@ -923,26 +924,33 @@ def _check_unicode(value: Any, where: str) -> None:
 GLOB_CHARACTERS = re.compile(r"[*?[]")
 
 
-def is_pattern(source: str | Path) -> bool:
+def is_pattern(source: str | Path, root: Path | None = None) -> bool:
     """A path pattern (`data/*.jsonl`); a Hub dataset's slice (`hf:OWNER/NAME:train[:500]`) and a built-in set are
-    not, nor a file whose name really holds `[`."""
+    not, nor a file whose name really holds `[`. `root`: the folder a relative path is read from."""
     from peftkit.data.hub import is_hub_ref
     from peftkit.data.replay import BUILTIN_PREFIX
 
     text = str(source)
     return (bool(GLOB_CHARACTERS.search(text)) and not is_hub_ref(text) and not text.startswith(BUILTIN_PREFIX)
-            and not Path(text).exists())
+            and not (Path(root or ".") / text).exists())
 
 
-def matching_files(source: str | Path) -> list[str | Path]:
+def matching_files(source: str | Path, root: Path | None = None) -> list[str | Path]:
     """A path pattern as the files it matches, sorted (`**` reaches into subfolders, as in `datasets`' data_files);
-    anything else, and a pattern that matches no file, as it is (reading it then says so)."""
+    anything else, and a pattern that matches no file, as it is (reading it then says so). A relative pattern is
+    matched inside `root` (given: the files come back joined to it), so `[` or `*` in the root's own name is not read
+    as part of the pattern."""
     import glob
     import os
 
-    if not is_pattern(source):
+    if not is_pattern(source, root):
         return [source]
-    found = sorted(p for p in glob.glob(os.path.expanduser(str(source)), recursive=True) if Path(p).is_file())
+    text = os.path.expanduser(str(source))
+    if root is not None and not os.path.isabs(text):
+        found = sorted(str(Path(root) / p) for p in glob.glob(text, root_dir=root, recursive=True)
+                       if (Path(root) / p).is_file())
+    else:
+        found = sorted(p for p in glob.glob(text, recursive=True) if Path(p).is_file())
     return list(found) or [source]
 
 

@@ -146,7 +146,8 @@ def stream_reply(
     ran_out = criterion.used_all(budget, stop_ids)
     if not reply:  # otherwise a blank line, which reads as a hang or a crash
         out.write("(no reply: the model wrote only blank space)" if raw else
-                  f"(no reply: its {budget} new tokens made no whole character; raise --max-new-tokens)" if ran_out else
+                  f"(no reply: its {budget} new tokens decode to no text"
+                  + ("; raise --max-new-tokens)" if budget >= max_new_tokens else ")") if ran_out else
                   "(no reply: the model ended its turn at once)")
     cut = budget < max_new_tokens and ran_out  # otherwise silently short
     if cut and in_repl:

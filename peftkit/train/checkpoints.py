@@ -414,10 +414,13 @@ def restore_finished(trainer: Any, checkpoint: Path) -> Any:
 
 def _log_run_end(trainer: Any) -> None:
     """The end-of-training record for metrics.jsonl, which the Trainer writes only when it trains: resuming dropped
-    the killed session's there (`truncate_metrics`). RunTotals fills in the run's totals. TensorBoard is left out:
-    it still holds the killed session's record, whose totals were the run's too."""
+    the killed session's there (`truncate_metrics`). RunTotals fills in the run's totals (without it, nothing is
+    written). TensorBoard is left out: it holds the killed session's record unless the kill came before the Trainer
+    logged it, and a second one there would be a duplicate."""
     from peftkit.train.callbacks import MetricsJsonlCallback, RunTotals
 
+    if not any(isinstance(callback, RunTotals) for callback in trainer.callback_handler.callbacks):
+        return
     logs: dict[str, Any] = {"train_runtime": 0.0, "train_loss": 0.0}
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, (RunTotals, MetricsJsonlCallback)):

@@ -722,13 +722,18 @@ def leave_worker_now(code: int) -> None:
 
     `destroy_process_group` still leaves gloo's and DeepSpeed's C++ threads to static destruction, and under load a
     rank that had finished and written everything sometimes aborted there ("terminate called without an active
-    exception"), failing the whole launch. The exit handlers, logging and the standard streams are run and flushed
-    here first, so nothing the run wrote is lost; only the C++ destructors are skipped. Returns (does nothing) in a
+    exception"), failing the whole launch. Non-daemon threads are joined and the exit handlers, logging and the
+    standard streams run and flushed here first, as at a normal exit, so nothing the run wrote is lost; only the C++
+    destructors are skipped. Returns (does nothing) in a
     process that is not a launched worker, or whose process group was not torn down."""
+    global _process_group_finished
     if not (_process_group_finished and is_worker()):
+        _process_group_finished = False  # a later command in this process starts afresh
         return
     import atexit
+    import threading
 
+    threading._shutdown()  # type: ignore[attr-defined]  # what the interpreter does first: join non-daemon threads
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -330,6 +330,12 @@ def _train(
     check_device_options(recipe.train, device)
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_tokenizer(recipe.model, source)
+    no_template = getattr(tokenizer, "no_template_reason", None)
+    asked = [key for key, used in (("eval.sample_prompts", recipe.eval.sample_prompts), ("data.heldout", recipe.data.heldout))
+             if used]
+    if no_template and asked:  # asked as conversations after training, which would fail only then
+        raise PeftkitError(f"{' and '.join(asked)} ask the model as a chat, but {no_template}; or remove "
+                           f"{' and '.join(asked)}")
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     fingerprint = run_dirs.data_fingerprint(data.train, data.eval)
     if resume and main_process:  # the checkpoint's data order and the eval loss before belong to the start's data

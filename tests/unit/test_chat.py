@@ -441,7 +441,7 @@ def test_a_reply_that_ran_out_of_tokens_inside_a_character_is_not_called_an_ende
     monkeypatch.setattr(run.model, "generate", partial_characters)
     out = io.StringIO()
     chat(run.model, run.tokenizer, system_prompt=None, prompt="hello", max_new_tokens=4, out=out)
-    assert "(no reply: its 4 new tokens made no whole character; raise --max-new-tokens)" in out.getvalue()
+    assert "(no reply: its 4 new tokens decode to no text; raise --max-new-tokens)" in out.getvalue()
     assert "ended its turn" not in out.getvalue()
 
 

@@ -74,7 +74,9 @@ def test_validate_show_data_marks_the_prompt_trained_with_train_on_prompt(tiny_r
     assert main(["validate", str(path), "--show-data", "1", "data.train_on_prompt=true"]) == 0
     row = capsys.readouterr().out.split("--- row ", 1)[1]
     trained = "".join(re.findall(r"\[\[(.*?)\]\]", row, re.DOTALL))
-    assert "<|im_start|>user" in trained, "the user turn is trained too"
+    assert "user" in trained and "<|im_end|>" in trained, "the user turn is trained too"
+    # all but the row's first token, which the loss never predicts
+    assert re.search(r"---\n<\|im_start\|>\[\[user", row), row[:200]
 
 
 def test_resume_without_a_run_dir_does_not_swallow_the_override_after_it(monkeypatch, tmp_path):

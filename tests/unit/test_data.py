@@ -969,3 +969,27 @@ def test_a_tokenizer_without_eos_or_template_trains_plain_text_and_names_the_fix
     assert rows and rows[0]["labels"] == rows[0]["input_ids"]
     with pytest.raises(PeftkitError, match=r"no end-of-sequence token.*set model\.chat_template to a template file"):
         render_chat(tokenizer, [{"role": "user", "content": "hi"}], generation=True)
+
+
+def test_held_out_questions_without_a_chat_template_are_refused_before_the_model_loads(tiny_recipe, monkeypatch):
+    from peftkit.config import recipe_from_dict
+    from peftkit.errors import PeftkitError
+    from peftkit.models.load import NO_EOS_NO_TEMPLATE
+    from peftkit.train import run as run_module
+
+    original = run_module.load_tokenizer
+
+    def without_template(*args, **kwargs):
+        tokenizer = original(*args, **kwargs)
+        tokenizer.chat_template, tokenizer.no_template_reason = None, NO_EOS_NO_TEMPLATE
+        return tokenizer
+
+    def model_loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(run_module, "load_tokenizer", without_template)
+    monkeypatch.setattr(run_module, "load_model", model_loaded)
+    recipe = {**tiny_recipe, "eval": {**tiny_recipe["eval"], "sample_prompts": ["hi"]}}
+    with pytest.raises(PeftkitError, match=r"^eval\.sample_prompts and data\.heldout ask the model as a chat, but the "
+                                           r"tokenizer has no chat template.*or remove eval\.sample_prompts and data\.heldout"):
+        run_module.train(recipe_from_dict(recipe))

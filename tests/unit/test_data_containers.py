@@ -351,3 +351,15 @@ def test_a_folder_of_data_files_suggests_the_pattern_that_reads_them(tmp_path):
     _chat_file(tmp_path / "b.jsonl", "Second?")
     with pytest.raises(DataError, match=rf"read them all with a pattern \(`train: {tmp_path}/\*\.jsonl`\)"):
         load_examples(tmp_path)
+
+
+def test_a_pattern_is_matched_inside_a_recipe_folder_whose_name_holds_glob_characters(tmp_path):
+    from peftkit.config.load import load_recipe
+
+    folder = tmp_path / "run[1]"
+    _chat_file(folder / "data" / "a.jsonl", "First?")
+    _chat_file(folder / "data" / "sub" / "b.jsonl", "Deeper?")
+    (folder / "r.yaml").write_text("data: {train: data/*.jsonl}\n", encoding="utf-8")
+    assert load_recipe(folder / "r.yaml").data.train == str(folder / "data" / "a.jsonl")
+    with pytest.raises(DataError, match=r"read them all with a pattern \(`train: .*data/\*\*/\*\.jsonl`\)"):
+        load_examples(folder / "data")  # one file only in a subfolder: the suggestion reaches into it

@@ -238,7 +238,8 @@ def test_a_truncation_that_loses_whole_replies_says_so_and_where(tmp_path, tiny_
 
 def test_a_folder_of_data_files_points_at_the_list_form(tmp_path):
     write_jsonl(tmp_path / "data" / "a.jsonl", [{"question": "q?", "answer": "a"}])
-    with pytest.raises(DataError, match=r"or list the files to read them all: `train: \[a.jsonl, b.jsonl\]`"):
+    with pytest.raises(DataError, match=r"read them all with a pattern \(`train: .*data/\*\.jsonl`\) or a list "
+                                        r"\(`train: \[a.jsonl, b.jsonl\]`\)"):
         load_examples(tmp_path / "data")
 
 

@@ -16,6 +16,8 @@ SCRIPT = textwrap.dedent(
 
     marker, store = sys.argv[1], sys.argv[2]
     atexit.register(lambda: open(marker, "w").write("exit handlers ran"))
+    import threading, time
+    threading.Thread(target=lambda: (time.sleep(0.5), open(marker + ".thread", "w").write("joined"))).start()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     sys.stdout.write("buffered, no newline")
@@ -38,6 +40,17 @@ def test_a_worker_leaves_at_once_after_its_exit_handlers_and_output(tmp_path):
     assert result.returncode == 3, result.stderr
     assert result.stdout == "buffered, no newline"
     assert (tmp_path / "marker").read_text() == "exit handlers ran"
+    assert (tmp_path / "marker.thread").read_text() == "joined"  # a non-daemon thread finished its work first
+
+
+def test_a_worker_whose_process_group_was_not_torn_down_returns(tmp_path):
+    script = SCRIPT.replace("launch.finish_process_group()", "pass")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE")}
+    env["PEFTKIT_WORKER"] = "1"
+    args = [sys.executable, "-c", script, str(tmp_path / "marker"), str(tmp_path / "store")]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "buffered, no newlinereturned\n"
 
 
 def test_a_process_that_was_not_launched_returns_and_exits_normally(tmp_path):
