@@ -453,9 +453,9 @@ def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
 
     def matched(value: Any) -> list[Any]:
         """A pattern as the files it matches (so the run's recipe.yaml lists them), matched inside `base`."""
-        if isinstance(value, str) and value and is_pattern(str(expand_path(value)), base):
-            found = matching_files(str(expand_path(value)), base)
-            return [resolved(str(f)) for f in found]
+        text = str(expand_path(value)) if isinstance(value, str) and value else ""
+        if text and is_pattern(text, base):
+            return [resolved(str(f)) for f in matching_files(text, base)]
         return [resolved(value)]
 
     for key in DATA_PATH_KEYS:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -16,7 +15,7 @@ from peftkit.export import output_lock
 from peftkit.export.gguf_types import GGUF_TYPES
 from peftkit.models.resolve import TOKENIZER_FILES
 from peftkit.train.run_dir import LOCK_FILE, is_peftkit_run
-from peftkit.utils.atomic import atomic_write_text, mark_when_written, marked_entries, nearest_existing, write_problem
+from peftkit.utils.atomic import atomic_write_text, free_space, mark_when_written, marked_entries, write_problem
 from peftkit.utils.readable_json import readable_json
 from peftkit.utils.sizes import readable_size
 
@@ -239,11 +238,10 @@ def check_room(out: Path, model: Any, file_type: str, what: str) -> None:
     """Refuse, before writing, an export whose weights cannot fit next to `out` (the temporary copy is written there,
     and with --force the old export stays until the new one is in place)."""
     needed = weights_file_bytes(model, file_type)
-    folder = nearest_existing(out.parent)
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:  # a file system that cannot say: the write itself will tell
+    measured = free_space(out.parent)
+    if measured is None:
         return
+    folder, free = measured
     if free < needed:
         raise ExportError(f"not enough free space for the {what} in {folder}: it takes about {readable_size(needed)} "
                           f"({file_type}), and {readable_size(free)} is free; free some space there, or choose another --out")

@@ -43,13 +43,12 @@ from peftkit.models.load import loading_errors
 from peftkit.models.resolve import ModelSource, materialize
 from peftkit.train import checkpoints, disk_space, signals
 from peftkit.train.callbacks import (
-    MetricsJsonlCallback, ResumedSettings, RunTotals, early_stopping_callbacks, per_second, plot_loss_curves,
-    read_metrics, use_progress_bar,
+    MetricsJsonlCallback, ResumedSettings, RunTotals, early_stopping_callbacks, per_second, use_progress_bar,
 )
 from peftkit.utils.threads import choose_threads, omp_threads
 from peftkit.train.run import (
     RunResult, _session_loss_sum, _weights_step, check_device_options, peak_memory_mb, save_adapter, summary_header,
-    tensorboard_callback, train_or_finish, training_arguments,
+    tensorboard_callback, totals_so_far, train_or_finish, training_arguments, write_loss_plot,
 )
 from peftkit.train.model_card import stopping_note, unfrozen_at_end
 from peftkit.train.trainer import RunTrainer
@@ -113,11 +112,15 @@ def predict_labels(model: Any, tokenizer: Any, texts: list[str], max_seq_len: in
     return out
 
 
+SCORES = ("loss", "accuracy", "macro_f1")
+
+
+def _picked(metrics: dict[str, Any] | None, prefix: str) -> dict[str, float | None]:
+    return {key: (metrics or {}).get(f"{prefix}_{key}") for key in SCORES}
+
+
 def _scores(trainer: RunTrainer, rows: list[dict[str, Any]], prefix: str) -> dict[str, float | None]:
-    if not rows:
-        return {"loss": None, "accuracy": None, "macro_f1": None}
-    metrics = trainer.evaluate(rows, metric_key_prefix=prefix)
-    return {key: metrics.get(f"{prefix}_{key}") for key in ("loss", "accuracy", "macro_f1")}
+    return _picked(trainer.evaluate(rows, metric_key_prefix=prefix) if rows else None, prefix)
 
 
 def _final_scores(trainer: RunTrainer, rows: list[dict[str, Any]], prefix: str) -> dict[str, float | None]:
@@ -125,16 +128,15 @@ def _final_scores(trainer: RunTrainer, rows: list[dict[str, Any]], prefix: str) 
     were loaded: its evaluation is reused, as is one at the last step (logged again at the last step, it drew a
     false point on the loss curve). Other splits (held-out) are scored without a log record."""
     if not rows:
-        return {"loss": None, "accuracy": None, "macro_f1": None}
+        return _picked(None, prefix)
     step = _weights_step(trainer, trainer.state.global_step)
     logged = next((entry for entry in reversed(trainer.state.log_history)
                    if entry.get("step") == step and f"{prefix}_loss" in entry), None)
     if logged is not None:
-        return {key: logged.get(f"{prefix}_{key}") for key in ("loss", "accuracy", "macro_f1")}
+        return _picked(logged, prefix)
     if prefix == "eval" and step == trainer.state.global_step:
         return _scores(trainer, rows, prefix)  # the last step's weights, logged at the last step
-    metrics = trainer.predict(rows, metric_key_prefix=prefix).metrics
-    return {key: metrics.get(f"{prefix}_{key}") for key in ("loss", "accuracy", "macro_f1")}
+    return _picked(trainer.predict(rows, metric_key_prefix=prefix).metrics, prefix)
 
 
 def write_classification_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> None:
@@ -292,10 +294,7 @@ def _train_classifier(
             eval_seconds=prior.eval_seconds + trainer.eval_seconds_in_training)
 
     def run_totals() -> tuple[float, float]:
-        """The run's train loss and train seconds at the end of training, all sessions."""
-        steps = trainer.state.global_step
-        session_loss = _session_loss_sum(trainer, finished=True) if steps > prior.steps else 0.0
-        return (prior.loss_sum + session_loss) / steps if steps else 0.0, prior.train_seconds + time.perf_counter() - train_started
+        return totals_so_far(trainer, prior, train_started)
 
     train_started = time.perf_counter()
     output = train_or_finish(trainer, recipe, resume_from, prior.steps, has_eval, interrupt, run_dir, finishing)
@@ -309,10 +308,7 @@ def _train_classifier(
     samples = [{"prompt": p, "reply": r} for p, r in zip(prompts, predict_labels(model, tokenizer, prompts, recipe.data.max_seq_len))]
 
     trainable_at_end = parameter_counts(model)[0]  # gradual unfreezing ends with more than it started with
-    metrics = read_metrics(metrics_path)
-    if plot_loss_curves(metrics, run_dir / "plots" / "loss.png", title=f"{recipe.name or run_dir.name}: {recipe.adapter.method}") is None:
-        log.info("No loss was logged (train.logging_steps=%s, %d steps, no evaluation), so there is no plots/loss.png",
-                 recipe.train.logging_steps, output.global_step)
+    write_loss_plot(run_dir, recipe, output.global_step)
     summary: dict[str, Any] = {
         **summary_header(recipe, run_dir, quantization, device, dtype, threads, (trainable, total), data, output,
                          trainer.state.epoch),
@@ -333,7 +329,7 @@ def _train_classifier(
         "samples": samples,
     }
     for split in ("eval", "heldout"):
-        for metric in ("loss", "accuracy", "macro_f1"):
+        for metric in SCORES:
             summary[f"{split}_{metric}_before"] = before[split].get(metric)
             summary[f"{split}_{metric}_after"] = after[split].get(metric)
     # Keys the terminal report shares with causal runs (there: fact accuracy on held-out questions).

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 
 from peftkit.errors import RunDirError
 from peftkit.train import checkpoints
-from peftkit.utils.atomic import nearest_existing
+from peftkit.utils.atomic import free_space
 from peftkit.utils.sizes import readable_size
 
 log = logging.getLogger(__name__)
@@ -149,10 +148,10 @@ def check_free_space(run_dir: Path, writes: RunWrites, *, save_total_limit: int,
     """Refuse a run whose first checkpoint and final weights cannot fit; warn when its later checkpoints may not.
     `freed`: what an earlier run that this one replaces (--force) gives back. Measured where checkpoints go (a
     `checkpoints` folder linked to another disk counts there)."""
-    try:
-        free = shutil.disk_usage(nearest_existing(run_dir / "checkpoints")).free + freed
-    except OSError:  # a file system that cannot say: the saves themselves will tell
+    measured = free_space(run_dir / "checkpoints")
+    if measured is None:
         return
+    free = measured[1] + freed
     each = (f"{writes.checkpoints_at_once} checkpoint{'s' if writes.checkpoints_at_once != 1 else ''} of "
             f"{readable_size(writes.checkpoint)} (weights and optimizer states; train.save_total_limit is {save_total_limit}) "
             f"and the final weights ({readable_size(writes.weights)})")

@@ -463,11 +463,8 @@ def _train(
             overfitting_warned=prior.overfitting_warned or overfitting.warned,
             eval_seconds=prior.eval_seconds + trainer.eval_seconds_in_training)
 
-    def run_totals() -> tuple[float, float]:
-        """The run's train loss and train seconds at the end of training (every rank calls it)."""
-        steps = trainer.state.global_step
-        session_loss = _session_loss_sum(trainer, finished=True) if steps > prior.steps else 0.0
-        return (prior.loss_sum + session_loss) / steps if steps else 0.0, prior.train_seconds + time.perf_counter() - train_started
+    def run_totals() -> tuple[float, float]:  # every rank calls it
+        return totals_so_far(trainer, prior, train_started)
 
     train_started = time.perf_counter()
     output = train_or_finish(trainer, recipe, resume_from, prior.steps, has_eval, interrupt, run_dir, finishing,
@@ -489,10 +486,7 @@ def _train(
         return RunResult(run_dir, {})  # rank 0 writes metrics, plots, summary and model card
 
     trainable_at_end = parameter_counts(model)[0]  # gradual unfreezing ends with more than it started with
-    metrics = read_metrics(metrics_path)
-    if plot_loss_curves(metrics, run_dir / "plots" / "loss.png", title=f"{recipe.name or run_dir.name}: {recipe.adapter.method}") is None:
-        log.info("No loss was logged (train.logging_steps=%s, %d steps, no evaluation), so there is no plots/loss.png",
-                 recipe.train.logging_steps, output.global_step)
+    write_loss_plot(run_dir, recipe, output.global_step)
     summary = {
         **summary_header(recipe, run_dir, quantization, device, dtype, threads, (trainable, total), data, output,
                          trainer.state.epoch),
@@ -533,6 +527,21 @@ def _train(
     atomic_write_text(run_dir / "summary.json", readable_json(summary, indent=2))
     write_model_card(run_dir, recipe, summary)
     return RunResult(run_dir, summary)
+
+
+def totals_so_far(trainer: Any, prior: checkpoints.Progress, train_started: float) -> tuple[float, float]:
+    """The run's train loss and train seconds at the end of training: this session's added to the earlier ones'."""
+    steps = trainer.state.global_step
+    session_loss = _session_loss_sum(trainer, finished=True) if steps > prior.steps else 0.0
+    return (prior.loss_sum + session_loss) / steps if steps else 0.0, prior.train_seconds + time.perf_counter() - train_started
+
+
+def write_loss_plot(run_dir: Path, recipe: Recipe, steps: int) -> None:
+    """RUN_DIR/plots/loss.png from metrics.jsonl, or a line saying why there is none."""
+    title = f"{recipe.name or run_dir.name}: {recipe.adapter.method}"
+    if plot_loss_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots" / "loss.png", title=title) is None:
+        log.info("No loss was logged (train.logging_steps=%s, %d steps, no evaluation), so there is no plots/loss.png",
+                 recipe.train.logging_steps, steps)
 
 
 def summary_header(

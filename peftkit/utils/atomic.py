@@ -121,6 +121,16 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
+def free_space(path: Path) -> tuple[Path, int] | None:
+    """The free bytes on the disk `path` would be written to, with the existing folder they were measured at; None
+    on a file system that cannot say (the write itself will tell)."""
+    folder = nearest_existing(path)
+    try:
+        return folder, shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
 def write_problem(target: Path) -> str | None:
     """Why `target` (a file or folder, and the folders above it that do not exist yet) cannot be written, or None:
     found by creating a file there, not guessed from permissions (a read-only file system, a full disk, another

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -350,10 +351,9 @@ def test_a_classifier_too_big_for_the_disk_is_refused_before_training(method, ti
     from collections import namedtuple
 
     from peftkit.errors import RunDirError
-    from peftkit.train import disk_space
 
     adapter = {"method": "lora", "r": 4, "alpha": 8} if method == "lora" else {"method": "full"}
-    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: namedtuple("Usage", "total used free")(1, 1, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("Usage", "total used free")(1, 1, 1000))
     with pytest.raises(RunDirError, match="not enough free space for this run in .*: 1.0 KB free, and it writes at least"):
         train(recipe_from_dict(_recipe(tiny_model_dir, tmp_path, adapter)))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

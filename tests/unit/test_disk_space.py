@@ -72,7 +72,7 @@ def test_saves_in_run(kwargs, saves):
 
 def test_a_disk_that_cannot_hold_one_checkpoint_refuses_the_run_before_training(tiny_recipe, monkeypatch):
     real = shutil.disk_usage
-    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: Usage(10**9, 10**9, 300_000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9, 300_000))
     with pytest.raises(RunDirError) as refused:
         train(recipe_from_dict(tiny_recipe))
     message = " ".join(str(refused.value).split())
@@ -80,7 +80,7 @@ def test_a_disk_that_cannot_hold_one_checkpoint_refuses_the_run_before_training(
     assert message.startswith(f"not enough free space for this run in {run}: 300.0 KB free, and it writes at least ")
     assert "free some space there, or set output_dir to a disk with more room" in message
     assert not (run / "metrics.jsonl").exists() and not checkpoints.checkpoint_dirs(run)
-    monkeypatch.setattr(disk_space.shutil, "disk_usage", real)
+    monkeypatch.setattr(shutil, "disk_usage", real)
     result = train(recipe_from_dict(tiny_recipe))  # the same command, once there is room: no --force needed
     assert (result.run_dir / "summary.json").is_file()
 
@@ -91,7 +91,7 @@ def test_a_disk_that_may_fill_at_a_later_save_warns(tiny_recipe, monkeypatch, ca
 
     def with_room_for_one(run_dir, writes, **kw):
         seen.append(writes)
-        monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: Usage(10**9, 10**9, writes.at_least + 1))
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9, writes.at_least + 1))
         check(run_dir, writes, **kw)
 
     monkeypatch.setattr(disk_space, "check_free_space", with_room_for_one)
@@ -133,7 +133,7 @@ def test_force_on_a_disk_too_small_for_the_whole_model_keeps_the_earlier_run(tin
     recipe = {**tiny_recipe, "adapter": {"method": "full"}}
     earlier = train(recipe_from_dict(recipe)).run_dir
     kept = disk_space._tree_bytes(earlier)
-    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: Usage(10**9, 10**9, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9, 1000))
     with pytest.raises(RunDirError, match=r"MB free \(with what the earlier run there gives back\), and it writes"):
         train(recipe_from_dict(recipe), force=True)
     assert (earlier / "summary.json").is_file() and disk_space._tree_bytes(earlier) == kept

@@ -296,7 +296,7 @@ def test_export_too_big_for_the_disk_is_refused_before_writing(export_recipe, tm
     room = common.weights_file_bytes
     monkeypatch.setattr(common, "weights_file_bytes", lambda model, kind: needed.append(room(model, kind)) or needed[-1])
     real = shutil.disk_usage
-    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: namedtuple("Usage", "total used free")(1, 1, 50_000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("Usage", "total used free")(1, 1, 50_000))
     out = tmp_path / "out"
     assert main(["export", str(run), "--format", fmt, "--out", str(out), "--no-verify", *type_option]) == 2
     err = err_text(capsys)
@@ -304,7 +304,7 @@ def test_export_too_big_for_the_disk_is_refused_before_writing(export_recipe, tm
     assert f"error: not enough free space for the {what} in {tmp_path}: it takes about " in err
     assert f"({file_type}), and 50.0 KB is free; free some space there, or choose another --out" in err
     assert not out.exists() and not [p.name for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".lock-"))]
-    monkeypatch.setattr(common.shutil, "disk_usage", real)
+    monkeypatch.setattr(shutil, "disk_usage", real)
     assert main(["export", str(run), "--format", fmt, "--out", str(out), "--no-verify", *type_option]) == 0
     written = sum(p.stat().st_size for p in out.glob(pattern))
     # the weights' size: the file's, less its headers and the GGUF's tokenizer metadata (never more, so a disk
