@@ -521,3 +521,11 @@ def test_speed_rounds_rotate_the_variant_order_and_pair_each_ratio_with_its_own_
     assert "| peftkit | 3 | 60.0 (36.0 to 64.0) | 1.60 (1.50 to 1.80) | 1.1120 (1.1110 to 1.1520) | 0.0100 |" in text
     assert "| reference | 3 | 40.0 (20.0 to 40.0) | 1.00 | 1.1020 (1.1010 to 1.1420) | 0.0000 |" in text
     assert "--seeds 42 1 2`" in text
+
+    # without a reference run, each round's ratios are against the first variant named, of the same round
+    monkeypatch.setattr(sys, "argv", ["speed", "--variants", "peftkit", "peftkit-no-bucket", "--seeds", "42", "1"])
+    rates.update({("peftkit", 1): 30.0, ("peftkit-no-bucket", 42): 30.0, ("peftkit-no-bucket", 1): 45.0})  # 0.5x, 1.5x
+    losses["peftkit-no-bucket"] = 1.12
+    speed.main()
+    text = (tmp_path / "day_speed.md").read_text()
+    assert "| peftkit-no-bucket | 2 | 37.5 (30.0 to 45.0) | 1.00 (0.50 to 1.50) |" in text

@@ -37,6 +37,8 @@ def test_train_writes_self_describing_run_dir(tiny_recipe):
     # summary rounds it to 0.1 MB).
     assert 100 < summary["peak_memory_mb"] <= round(peak_memory_mb("cpu"), 1)
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert summary["epochs"] == summary["epochs_trained"] == tiny_recipe["train"]["epochs"]
+    assert "`plots/loss.png`" in (run / "README.md").read_text() and "`heldout.jsonl`" in (run / "README.md").read_text()
     assert not list(run.glob(".tmp-*")), "temporary directories must not be left behind"
     # The last epoch's evaluation is the shipped model's: reused for the summary, not run (and logged) twice.
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval_loss"' in line]
@@ -132,6 +134,22 @@ def test_a_run_without_held_out_questions_reports_no_empty_accuracy(tiny_recipe,
     assert "(12 examples; 4 more held out as the eval split) |" in card
     print_run_report(Console(width=200), result.run_dir, result.summary)
     assert "held-out" not in capsys.readouterr().out
+
+
+def test_a_run_that_logged_no_loss_says_why_there_is_no_plot_and_its_card_lists_only_what_was_written(
+        tiny_recipe, caplog):
+    import logging
+
+    recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "heldout": None, "eval_fraction": 0},
+                               "train": {**tiny_recipe["train"], "max_steps": 2, "logging_steps": 10},
+                               "eval": {"before": False}})
+    with caplog.at_level(logging.INFO, logger="peftkit.train.run"):
+        run_dir = train(recipe).run_dir
+    assert not (run_dir / "plots" / "loss.png").exists() and not (run_dir / "heldout.jsonl").exists()
+    assert "No loss was logged (train.logging_steps=10, 2 steps, no evaluation), so there is no plots/loss.png" in caplog.text
+    files = next(line for line in (run_dir / "README.md").read_text().splitlines() if line.startswith("Files:"))
+    assert "loss.png" not in files and "heldout.jsonl" not in files and files.endswith("`summary.json`.")
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_trained"] < tiny_recipe["train"]["epochs"]
 
 
 def test_the_run_report_names_what_was_held_out(tiny_recipe, capsys):
