@@ -49,7 +49,7 @@ def main() -> None:
     from peftkit.train.deepspeed import precision_flags
     from peftkit.train.run import peak_memory_mb
     from peftkit.utils.threads import choose_threads, omp_threads
-    from peftkit.train.shared_prefix import MIN_SHARED_PREFIX, shared_prefix_length
+    from peftkit.train.shared_prefix import batch_prefix_length
     from peftkit.train.trainer import SFTTrainer, supervised_mask
     from peftkit.utils.memory import peak_rss_mb
 
@@ -109,7 +109,7 @@ def main() -> None:
     bucketed = getattr(trainer, "bucket_batches", False)
 
     # Count what each variant actually processes: the same batches the trainer will draw. `computed`: positions the
-    # model body runs (padding included; a prompt prefix the rows of a bucket share, once), for executed FLOPs.
+    # model body runs (padding included; a prompt prefix the rows of a batch share, once per step), for executed FLOPs.
     padded = real = supervised = computed = 0
     share = getattr(trainer, "share_prefix", False)
     # A length-grouped sampler draws from the global generators: put them back afterwards, so the trainer draws the
@@ -123,22 +123,19 @@ def main() -> None:
         else:  # what the length buckets actually run (train/bucketing.py), or the whole padded batch
             width = batch["input_ids"].shape[1]
             groups = length_buckets(lengths) if bucketed else [list(range(len(lengths)))]
+            prefix = batch_prefix_length(batch["input_ids"], batch["attention_mask"], supervised_mask(batch["labels"])) if share else 0
+            computed += prefix  # run once per step, for all of its buckets
             for rows in groups:
                 w = max(lengths[i] for i in rows) if bucketed else width
                 padded += len(rows) * w
-                prefix = 0
-                if share:
-                    index = torch.tensor(rows)
-                    prefix = shared_prefix_length(batch["input_ids"][index, :w], supervised_mask(batch["labels"][index, :w]))
-                    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
-                computed += len(rows) * w - (len(rows) - 1) * prefix
+                computed += len(rows) * (w - prefix)
         real += int(batch["attention_mask"].sum())
         supervised += int((batch["labels"][:, 1:] != -100).sum())
     random.setstate(rng_states[0])
     np.random.set_state(rng_states[1])
     torch.set_rng_state(rng_states[2])
     epochs = args.epochs
-    if args.count_only:  # what a variant would process, without training it (to recount an earlier report's FLOPs)
+    if args.count_only:  # what a variant would process now, untrained (before 2026-12-06 the prefix ran once per bucket)
         print(json.dumps({"variant": args.variant, "input_tokens": real, "padded_tokens": padded,
                           "computed_positions": computed, "supervised_tokens": supervised}), flush=True)
         return

@@ -199,9 +199,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from peftkit.runs import load_run, read_run_recipe, require_chat_run, use_run_threads
+    from peftkit.runs import is_model_folder, load_run, read_run_recipe, require_chat_run, use_run_threads
     from peftkit.serve.chat import chat
 
+    if is_model_folder(args.run_dir):
+        if Path(args.run_dir).name == "model" and (Path(args.run_dir).parent / "recipe.yaml").is_file():
+            args.run_dir = str(Path(args.run_dir).parent)  # a full fine-tune's weights: chat with its run
+        else:
+            return _chat_with_model_folder(args)
     recipe = read_run_recipe(args.run_dir)
     require_chat_run(recipe, args.run_dir, "chat")
     use_run_threads(recipe, "chatting")
@@ -221,6 +226,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         tools=tools,
     )
+    return 0
+
+
+def _chat_with_model_folder(args: argparse.Namespace) -> int:
+    """`peftkit chat RUN/merged` (or any model folder): the model as exported, with its chat template's own system
+    prompt (a merged run's is the recipe's) unless --system is given."""
+    from peftkit.errors import RunDirError
+    from peftkit.models import resolve_device
+    from peftkit.runs import load_model_folder
+    from peftkit.serve.chat import chat
+    from peftkit.utils.threads import choose_run_threads
+
+    if args.qlora_base != "quantized":
+        raise RunDirError(f"--qlora-base is for run directories; {args.run_dir} is a model folder, its weights are "
+                         "loaded as they are")
+    tools = _read_tools(args.tools) if args.tools else None
+    choose_run_threads(None, "chatting", on_cpu=resolve_device("auto") == "cpu")
+    model, tokenizer = load_model_folder(args.run_dir)
+    chat(model, tokenizer, system_prompt=None if args.system is None else (args.system or None), prompt=args.prompt,
+         max_new_tokens=args.max_new_tokens, tools=tools)
     return 0
 
 
@@ -325,10 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_flags(p)  # checked as `train` would check them
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("chat", help="chat with a trained run (REPL, or --prompt for one answer)")
-    p.add_argument("run_dir", help="run directory (output_dir of `peftkit train`)")
+    p = sub.add_parser("chat", help="chat with a trained run or a merged model (REPL, or --prompt for one answer)")
+    p.add_argument("run_dir", help="run directory (output_dir of `peftkit train`), or a model folder in Hugging Face "
+                   "layout (RUN/merged, as `peftkit merge` writes it)")
     p.add_argument("--prompt", help="answer this one message and exit")
-    p.add_argument("--system", help="system prompt (default: the recipe's data.system_prompt; --system '' for none)")
+    p.add_argument("--system", help="system prompt (default: the recipe's data.system_prompt, for a model folder its "
+                   "chat template's own; --system '' for none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256,
                    help="longest reply, in tokens (default: %(default)s)")
     p.add_argument("--tools", metavar="FILE", help="function schemas shown to the model (a JSON list, or a JSONL "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,12 @@ def read_run_recipe(run_dir: str | Path) -> Recipe:
         raise RunDirError(f"run directory {run_dir} does not exist; pass the output_dir of a `peftkit train` run")
     path = run_dir / "recipe.yaml"
     if not path.is_file():
+        if is_model_folder(run_dir):
+            raise RunDirError(f"{run_dir} is a model folder (config.json, no recipe.yaml), not a peftkit run directory: "
+                              "pass the run directory it came from (`peftkit chat` also takes the folder itself)")
+        if (run_dir / "adapter_config.json").is_file():
+            raise RunDirError(f"{run_dir} is an adapter folder (adapter_config.json, no recipe.yaml), not a peftkit run "
+                              "directory: pass the run directory it came from")
         raise RunDirError(f"{run_dir} is not a peftkit run directory (no recipe.yaml)")
     return recipe_from_dict(read_yaml(path), str(path), stored_run=True)
 
@@ -48,6 +55,39 @@ def use_run_threads(recipe: Recipe, doing: str, *, on_cpu: bool = False) -> None
     from peftkit.utils.threads import choose_run_threads
 
     choose_run_threads(recipe.train.num_threads, doing, on_cpu=on_cpu or resolve_device(recipe.train.device) == "cpu")
+
+
+def is_model_folder(folder: str | Path) -> bool:
+    """A whole model in Hugging Face layout, not a run: what `peftkit merge` writes (RUN/merged), a full
+    fine-tune's RUN/model, or any downloaded model directory."""
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and not (folder / "recipe.yaml").is_file()
+
+
+def load_model_folder(folder: str | Path, *, device: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a model folder, for generation: safetensors weights only and no remote code, in fp32 on
+    a CPU and the GPU's half precision on one. A merged export's chat template already holds the run's system prompt
+    as its default."""
+    from peftkit.config.schema import ModelConfig
+    from peftkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from peftkit.models.resolve import resolve_model_ref
+
+    check_device_argument(device)
+    folder = Path(folder)
+    try:
+        architectures = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError) as exc:
+        raise RunDirError(f"{folder / 'config.json'} cannot be read as a model config ({exc}); re-export the model") from None
+    if any(str(name).endswith("ForSequenceClassification") for name in architectures):
+        raise RunDirError(f"{folder} holds a sequence classifier ({', '.join(architectures)}); `peftkit chat` is for "
+                          "chat models")
+    cfg = ModelConfig(name=str(folder))
+    source = resolve_model_ref(cfg.name)  # a folder with pickle weights only is refused here, with the reason
+    device = resolve_device(device or "auto")
+    tokenizer = load_tokenizer(cfg, source)
+    model = load_model(cfg, None, device=device, dtype=resolve_dtype("auto", device), source=source)
+    model.eval()
+    return model, tokenizer
 
 
 def require_chat_run(recipe: Recipe, run_dir: str | Path, command: str) -> None:

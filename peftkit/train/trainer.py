@@ -24,12 +24,7 @@ from peftkit.errors import ConfigError, RunDirError
 from peftkit.models.skeleton import active_peft_config
 from peftkit.train.bucketing import length_buckets
 from peftkit.train.packing import flatten_batch, packed_rows_stay_separate
-from peftkit.train.shared_prefix import (
-    MIN_SHARED_PREFIX,
-    attention_window,
-    forward_with_shared_prefix,
-    shared_prefix_length,
-)
+from peftkit.train.shared_prefix import SharedPrefix, attention_window, batch_prefix_length, forward_after_prefix
 from peftkit.utils.modes import eval_mode
 
 log = logging.getLogger(__name__)
@@ -239,13 +234,17 @@ class SFTTrainer(RunTrainer):
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 # num_items_in_batch is summed over processes; DDP averages gradients over them.
                 denominator = denominator / self.accelerator.num_processes
+        prefix = self._shared_prefix(model, inputs, labels)
+        early_prefix = prefix
         if buckets is None or len(buckets) == 1:
-            loss, outputs = self._loss_sum(model, inputs, labels, teacher)
+            loss, outputs = self._loss_sum(model, inputs, labels, teacher, prefix)
         else:  # same rows, same token-sum loss; each bucket padded only to its own longest row
             # Training: every bucket but the last is back-propagated at once, so its activations are freed
             # before the next bucket runs (peak memory of the largest bucket, not of the whole batch); the
             # returned loss carries the earlier buckets' value detached and the last bucket's graph.
             backward_early = self.backward_each_bucket and model.training and torch.is_grad_enabled()
+            if prefix is not None and backward_early and prefix.requires_grad:
+                early_prefix = prefix.detached()
             loss, outputs = 0.0, None
             counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
             offsets = [0]
@@ -256,30 +255,54 @@ class SFTTrainer(RunTrainer):
                 width = int(inputs["attention_mask"][index].sum(dim=1).max())
                 part = {k: v[index, :width] for k, v in inputs.items()}
                 part_teacher = {k: torch.cat([v[offsets[r] : offsets[r + 1]] for r in rows]) for k, v in teacher.items()}
-                part_loss, outputs = self._loss_sum(model, part, labels[index, :width], part_teacher)
-                if backward_early and number < len(buckets):
+                last = number == len(buckets)
+                part_loss, outputs = self._loss_sum(model, part, labels[index, :width], part_teacher,
+                                                    prefix if last else early_prefix)
+                if backward_early and not last:
                     self.accelerator.backward(part_loss / denominator)
-                    part_loss = part_loss.detach()
+                    part_loss, outputs = part_loss.detach(), None  # its cache and logits freed before the next bucket
                 loss = loss + part_loss
         loss = loss / denominator
+        if early_prefix is not prefix:  # the early buckets' share of the prefix's gradient, in the last backward
+            loss = loss + prefix.pending_gradient(early_prefix)
         return (loss, outputs) if return_outputs else loss
 
-    def _loss_sum(
-        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, teacher: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, Any]:
-        """Token-sum loss of one forward call (the caller divides by the batch's supervised tokens)."""
-        targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+    def _virtual(self) -> int:
         # Inside peft's `disable_adapter()` (the "before" eval) prompt tuning prepends nothing.
-        virtual = 0 if getattr(self.model, "_adapters_disabled", False) else self.virtual_tokens
+        return 0 if getattr(self.model, "_adapters_disabled", False) else self.virtual_tokens
+
+    def _shared_prefix(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> SharedPrefix | None:
+        """The batch's shared prompt prefix, run once for all its rows and buckets; None where it is not shared."""
+        if not (self.share_prefix and self.sparse_logits) or self._virtual() or set(inputs) != {"input_ids", "attention_mask"}:
+            return None
+        input_ids = inputs["input_ids"]
+        if self.attention_window is not None and input_ids.shape[1] >= self.attention_window:
+            return None
+        length = batch_prefix_length(input_ids, inputs["attention_mask"], supervised_mask(labels))
+        if not length:
+            return None
+        prefix = SharedPrefix.run(model, input_ids, length)
+        if isinstance(prefix, str):  # known only once the model has run: said once, then not tried again
+            self.share_prefix = False
+            if self.is_world_process_zero():
+                log.info("train.share_prompt_prefix is off for this run (the same loss, slower steps): %s", prefix)
+            return None
+        return prefix
+
+    def _loss_sum(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, teacher: dict[str, torch.Tensor],
+        prefix: SharedPrefix | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """Token-sum loss of one forward call, continuing from the rows' shared `prefix` when given (the caller
+        divides by the batch's supervised tokens)."""
+        targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+        virtual = self._virtual()
         if self.sparse_logits:
             keep = supervised_mask(labels)
             if virtual:
                 keep = torch.cat([keep.new_zeros(keep.shape[0], virtual), keep], dim=1)
-            within_window = self.attention_window is None or inputs["input_ids"].shape[1] < self.attention_window
-            share = self.share_prefix and not virtual and within_window
-            prefix = shared_prefix_length(inputs["input_ids"], keep) if share else 0
-            if prefix >= MIN_SHARED_PREFIX:
-                outputs = forward_with_shared_prefix(model, inputs, keep, prefix)
+            if prefix is not None:
+                outputs = forward_after_prefix(model, inputs, keep, prefix)
             else:
                 outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
             logits = outputs.logits

@@ -116,10 +116,10 @@ def test_sparse_logits_loss_equals_full_logits_loss(method, system_prompt, tiny_
         records = [{"messages": [{"role": "system", "content": SYSTEM}, *r["messages"]]} for r in records]
     batch = chat_batch(tiny_tokenizer, records)
     if system_prompt:  # make sure the shared-prefix path really runs where it applies
-        from peftkit.train.shared_prefix import MIN_SHARED_PREFIX, shared_prefix_length
+        from peftkit.train.shared_prefix import batch_prefix_length
         from peftkit.train.trainer import supervised_mask
 
-        assert shared_prefix_length(batch["input_ids"], supervised_mask(batch["labels"])) >= MIN_SHARED_PREFIX
+        assert batch_prefix_length(batch["input_ids"], batch["attention_mask"], supervised_mask(batch["labels"])) > 0
         assert trainer.share_prefix == (method not in ("prefix_tuning", "prompt_tuning"))
     with torch.no_grad():
         reference = model(**batch, use_cache=False).loss  # the model's own loss over all logits

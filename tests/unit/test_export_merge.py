@@ -521,3 +521,37 @@ def test_combined_qlora_adapters_say_which_weights_they_merged_into(export_recip
     assert (out / "model.safetensors").is_file()
     card = (out / "README.md").read_text()
     assert "| QLoRA merge target | dequantized 4-bit weights (what the adapters trained against) |" in card
+
+
+def test_chat_takes_a_merged_folder_and_answers_as_the_run_does(export_recipe, tmp_path, capsys):
+    """`peftkit chat RUN/merged`: the exported weights, with the run's system prompt as the template's default,
+    give the run's own greedy reply; the commands that need a run say what the folder is instead."""
+    run = make_run(tmp_path / "run", export_recipe, METHODS["lora"], scale=0.05)
+    export_hf(run)
+    capsys.readouterr()
+    asked = ["--prompt", "What is the wifi password?", "--max-new-tokens", "6"]
+    assert main(["chat", str(run), *asked]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["chat", str(run / "merged"), *asked]) == 0
+    from_folder = capsys.readouterr().out
+    assert from_folder.strip() and from_folder == from_run
+    assert main(["chat", str(run / "merged"), *asked, "--system", "Answer in French."]) == 0
+    assert capsys.readouterr().out != from_run, "--system replaces the template's default"
+
+    assert main(["chat", str(run / "merged"), *asked, "--qlora-base", "original"]) == 2
+    assert "model folder" in capsys.readouterr().err
+    assert main(["eval", str(run / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "is a model folder" in err and "run directory it came from" in err
+    adapter_only = tmp_path / "adapter-export"
+    adapter_only.mkdir()
+    (adapter_only / "adapter_config.json").write_text("{}")
+    assert main(["chat", str(adapter_only)]) == 2
+    assert "is an adapter folder" in capsys.readouterr().err
+
+    # A full fine-tune's RUN/model holds weights without a tokenizer: chat goes to its run.
+    import shutil
+
+    shutil.copytree(run / "merged", run / "model", ignore=shutil.ignore_patterns("tokenizer*", "chat_template*"))
+    assert main(["chat", str(run / "model"), *asked]) == 0
+    assert capsys.readouterr().out == from_run

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftkit.train.shared_prefix import forward_with_shared_prefix, shared_prefix_length
+from peftkit.train.shared_prefix import SharedPrefix, forward_after_prefix, shared_prefix_length
 from peftkit.train.trainer import supervised_mask
 from tests.conftest import build_tiny_llama
 
@@ -60,7 +60,9 @@ def test_sparse_and_shared_prefix_losses_match_full_logits(lora_model, tiny_toke
 
     prefix = shared_prefix_length(ids, keep)
     assert prefix == 9
-    shared = F.cross_entropy(forward_with_shared_prefix(lora_model, {"input_ids": ids, "attention_mask": mask}, keep, prefix).logits, targets)
+    outputs = forward_after_prefix(lora_model, {"input_ids": ids, "attention_mask": mask}, keep,
+                                   SharedPrefix.run(lora_model, ids, prefix))
+    shared = F.cross_entropy(outputs.logits, targets)
     shared.backward()
     got_shared = grads(lora_model)
 
@@ -90,15 +92,24 @@ def test_length_buckets_cover_the_batch_and_split_only_when_padding_outweighs_a_
     assert sorted(i for b in length_buckets([7, 300, 12, 90, 250, 3, 180, 64]) for i in b) == list(range(8))
 
 
-@pytest.mark.parametrize("with_teacher", [False, True])
-def test_bucketed_batch_gives_the_same_loss_and_gradients(lora_model, tiny_tokenizer, tmp_path, with_teacher):
-    """The trainer's length buckets change the padding, not the loss or the gradients."""
+@pytest.mark.parametrize("with_teacher, top_layer_only", [(False, False), (True, False), (False, True)])
+def test_bucketed_batch_gives_the_same_loss_and_gradients(lora_model, tiny_tokenizer, tmp_path, monkeypatch, with_teacher,
+                                                          top_layer_only):
+    """The trainer's length buckets change the padding, not the loss or the gradients. The shared prompt prefix runs
+    once per step, not once per bucket: the first bucket's share of its gradient reaches it in the last backward.
+    With the lower layer frozen (LoRA on the top one only), its prefix keys and values take no gradient."""
+    from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
     from peftkit.data.build import PaddingCollator
     from peftkit.train.distill import TEACHER_IDS, TEACHER_PROBS, supervised_targets
     from peftkit.train.trainer import SFTTrainer
 
+    if top_layer_only:
+        torch.manual_seed(0)
+        lora_model = get_peft_model(build_tiny_llama(len(tiny_tokenizer)), LoraConfig(
+            r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], layers_to_transform=[1], lora_dropout=0.0,
+            init_lora_weights="gaussian"))
     torch.manual_seed(2)
     vocab = len(tiny_tokenizer)
     rows = []
@@ -114,27 +125,44 @@ def test_bucketed_batch_gives_the_same_loss_and_gradients(lora_model, tiny_token
     from peftkit.train.bucketing import length_buckets
 
     assert len(length_buckets([len(r["input_ids"]) for r in rows])) == 2, "the bucketed path really splits this batch"
-    results = {}
-    for bucket in (False, True):
+    results, prefix_runs = {}, []
+    real_run = SharedPrefix.run
+    def counted_run(cls, *args):
+        prefix = real_run(*args)
+        prefix_runs.append(prefix.length)
+        needs = [k.requires_grad for k, _ in prefix.states]
+        assert needs == [not top_layer_only, True]
+        assert [k.requires_grad for k, _ in prefix.detached().states] == needs
+        return prefix
+
+    monkeypatch.setattr(SharedPrefix, "run", classmethod(counted_run))
+    # (bucketed, back-propagating each bucket early); not early: one backward through every bucket and the prefix
+    for bucket, early in ((False, True), (True, True), (True, False)):
         trainer = SFTTrainer(model=lora_model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
                              data_collator=collate, bucket_within_batch=bucket)
+        trainer.backward_each_bucket = early
         assert trainer.bucket_batches == bucket
         lora_model.zero_grad(set_to_none=True)
         lora_model.train()
         loss = trainer.compute_loss(lora_model, collate(rows))
         # Bucketed, the first bucket is back-propagated inside compute_loss (its activations freed at once).
-        assert any(p.grad is not None for p in lora_model.parameters()) == bucket
+        assert any(p.grad is not None for p in lora_model.parameters()) == (bucket and early)
         loss.backward()
-        results[bucket] = (float(loss), grads(lora_model))
+        results[bucket, early] = (float(loss), grads(lora_model))
+        assert prefix_runs == [9], "one prefix run per step, buckets or not"
+        prefix_runs.clear()
     # The Trainer's own step (backward of the returned loss) gives the same gradients again.
     lora_model.zero_grad(set_to_none=True)
+    trainer.backward_each_bucket = True
     stepped = trainer.training_step(lora_model, collate(rows))
-    assert float(stepped) == pytest.approx(results[False][0], rel=1e-5)
+    plain_loss, plain_grads = results[False, True]
+    assert float(stepped) == pytest.approx(plain_loss, rel=1e-5)
     for name, value in grads(lora_model).items():
-        torch.testing.assert_close(value, results[False][1][name], atol=1e-6, rtol=1e-4)
-    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
-    for name, value in results[False][1].items():
-        torch.testing.assert_close(results[True][1][name], value, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(value, plain_grads[name], atol=1e-6, rtol=1e-4)
+    for early in (True, False):
+        assert results[True, early][0] == pytest.approx(plain_loss, rel=1e-5)
+        for name, value in plain_grads.items():
+            torch.testing.assert_close(results[True, early][1][name], value, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("trainer_class", ["SFTTrainer", "ClassificationTrainer"])
@@ -184,8 +212,8 @@ def test_sliding_window_models_share_the_prefix_only_within_the_window(tiny_toke
                            LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights="gaussian"))
     model.train()
     calls = []
-    real = trainer_module.forward_with_shared_prefix
-    monkeypatch.setattr(trainer_module, "forward_with_shared_prefix", lambda *a: calls.append(1) or real(*a))
+    real = trainer_module.forward_after_prefix
+    monkeypatch.setattr(trainer_module, "forward_after_prefix", lambda *a: calls.append(1) or real(*a))
     trainer = SFTTrainer(model=model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
                          bucket_within_batch=False)
     assert trainer.share_prefix and trainer.attention_window == window
@@ -279,3 +307,34 @@ def test_packing_recipe_checks():
         Recipe.model_validate({**base, "adapter": {"method": "prefix_tuning"}})
     with pytest.raises(ValueError, match="neftune"):
         Recipe.model_validate({**base, "train": {"packing": True, "neftune_noise_alpha": 5}})
+
+
+def test_a_cache_holding_more_than_keys_and_values_turns_the_shared_prefix_off(lora_model, tiny_tokenizer, tmp_path,
+                                                                               monkeypatch, caplog):
+    """Linear-attention, KV-sharing or indexed cache layers cannot be broadcast as keys and values: the first step
+    says so once and runs unshared, with the same loss."""
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+    from transformers.cache_utils import DynamicLayer
+
+    from peftkit.train.trainer import SFTTrainer
+
+    class LinearAttentionState:
+        keys = values = None
+
+    def fake_model(*layers):
+        return lambda **kwargs: SimpleNamespace(past_key_values=SimpleNamespace(layers=list(layers)))
+
+    ids = torch.zeros(1, 10, dtype=torch.long)
+    reason = SharedPrefix.run(fake_model(DynamicLayer(), LinearAttentionState()), ids, 9)
+    assert isinstance(reason, str) and "LinearAttentionState" in reason
+    assert "DynamicLayer" in SharedPrefix.run(fake_model(DynamicLayer()), ids, 9), "a layer never filled has no keys"
+
+    trainer = SFTTrainer(model=lora_model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True))
+    monkeypatch.setattr(SharedPrefix, "run", classmethod(lambda cls, *a: "the model's cache (X) holds more"))
+    ids, mask, labels = batch(len(tiny_tokenizer))
+    with caplog.at_level("INFO", logger="peftkit.train.trainer"):
+        loss = trainer.compute_loss(lora_model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    assert not trainer.share_prefix and "share_prompt_prefix is off" in caplog.text
+    assert float(loss) == pytest.approx(float(full_logits_loss(lora_model, ids, mask, labels)), abs=1e-5)
