@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.common import environment, markdown_table, write_csv, matmul_peak_gflops, results_stem
 
 VARIANTS = ["reference", "peftkit", "peftkit-grouped", "peftkit-packed", "peftkit-no-prefix", "peftkit-no-sparse",
-            "peftkit-no-bucket"]
+            "peftkit-no-bucket", "peftkit-torch-dropout"]
 
 
 def run_variant(recipe: str, variant: str, epochs: float, seed: int | None = None) -> dict:

@@ -9,8 +9,9 @@ and number of epochs; they differ only in the trainer:
   buckets, supervised-only logits, shared prompt prefix (loss-exact up to float rounding and
   dropout draws); peftkit-grouped adds length grouping across the dataset (other batches); peftkit-packed
   runs each batch as one padding-free sequence (`train.packing`) instead of buckets and shared prefix
-- peftkit-no-prefix / -no-sparse / -no-bucket: optimisations switched off, to measure each one's share
-  (no-sparse also drops the shared prefix, which relies on it).
+- peftkit-no-prefix / -no-sparse / -no-bucket / -torch-dropout: optimisations switched off, to measure each one's
+  share (no-sparse also drops the shared prefix, which relies on it; torch-dropout draws LoRA's dropout masks from
+  torch's generator instead of the hashed counter of train/fast_dropout.py).
 
 Prints one JSON line with the measurement.
 """
@@ -31,7 +32,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--variant", required=True, choices=["reference", "peftkit", "peftkit-grouped", "peftkit-packed", "peftkit-no-prefix",
-                                                               "peftkit-no-sparse", "peftkit-no-bucket"])
+                                                               "peftkit-no-sparse", "peftkit-no-bucket",
+                                                               "peftkit-torch-dropout"])
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=None, help="instead of the recipe's train.seed")
@@ -105,6 +107,7 @@ def main() -> None:
             share_prompt_prefix=args.variant not in {"peftkit-no-prefix", "peftkit-no-sparse"},
             bucket_within_batch=args.variant != "peftkit-no-bucket",
             packing=args.variant == "peftkit-packed",
+            hashed_dropout=args.variant != "peftkit-torch-dropout",
         )
     bucketed = getattr(trainer, "bucket_batches", False)
 

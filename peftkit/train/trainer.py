@@ -23,6 +23,7 @@ from peftkit.data.chat import IGNORE_INDEX
 from peftkit.errors import ConfigError, RunDirError
 from peftkit.models.skeleton import active_peft_config
 from peftkit.train.bucketing import length_buckets
+from peftkit.train.fast_dropout import use_hashed_dropout
 from peftkit.train.packing import flatten_batch, packed_rows_stay_separate
 from peftkit.train.shared_prefix import SharedPrefix, attention_window, batch_prefix_length, forward_after_prefix
 from peftkit.utils.modes import eval_mode
@@ -167,9 +168,11 @@ class SFTTrainer(RunTrainer):
     def __init__(
         self, *args: Any, supervised_logits_only: bool = True, share_prompt_prefix: bool = True,
         bucket_within_batch: bool = True, packing: bool = False, method_optimizer: torch.optim.Optimizer | None = None,
-        **kwargs: Any
+        hashed_dropout: bool = True, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
+        if hashed_dropout and self.args.device.type == "cpu":  # torch's CPU dropout masks are drawn serially
+            use_hashed_dropout(self.model)
         self.method_optimizer = method_optimizer
         # Padding-free batches replace the length buckets and the shared prefix (whose cache would hide the joined
         # rows from transformers' packed-sequence detection).
