@@ -199,12 +199,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from peftkit.runs import is_model_folder, load_run, read_run_recipe, require_chat_run, use_run_threads
+    from peftkit.runs import (
+        is_model_folder, load_run, read_run_recipe, require_chat_run, trained_model_dir, use_run_threads,
+    )
     from peftkit.serve.chat import chat
 
     if is_model_folder(args.run_dir):
-        if Path(args.run_dir).name == "model" and (Path(args.run_dir).parent / "recipe.yaml").is_file():
-            args.run_dir = str(Path(args.run_dir).parent)  # a full fine-tune's weights: chat with its run
+        folder = Path(args.run_dir)
+        if trained_model_dir(folder.parent) == folder and (folder.parent / "recipe.yaml").is_file():
+            args.run_dir = str(folder.parent)  # a full fine-tune's weights: chat with its run
         else:
             return _chat_with_model_folder(args)
     recipe = read_run_recipe(args.run_dir)
