@@ -453,6 +453,10 @@ class TrainConfig(Section):
     """Run each batch as length buckets, each padded only to its own longest row (same batch, same loss). Off, with
     an info line at the start of training, with NEFTune (its noise scales with each sequence's padded length) and with
     several processes or DeepSpeed (one forward pass per backward there)."""
+    hashed_dropout: bool = True
+    """On a CPU, draw LoRA's dropout masks from a hash of each element's index (`peftkit/train/fast_dropout.py`: the
+    same Bernoulli keep rate, seeded from torch's generator, 2.5-3.6x faster to draw than torch's serial generator;
+    2.6-13 % shorter epochs on the quickstart recipe). `false` keeps torch's dropout. GPUs always use torch's."""
     packing: bool = False
     """Padding-free batches: each batch's rows joined into one sequence, positions restarting per row and attention
     kept within each row (same batch, same loss, no padding; replaces the length buckets and the shared prefix).

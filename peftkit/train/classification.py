@@ -268,6 +268,7 @@ def _train_classifier(
         compute_metrics=metrics_from_eval_prediction(len(data.labels)),
         callbacks=callbacks,
         optimizers=(extras.optimizer, None),
+        hashed_dropout=recipe.train.hashed_dropout,
     )
     use_progress_bar(trainer)
     before: dict[str, dict[str, float | None]] = {"eval": {}, "heldout": {}}

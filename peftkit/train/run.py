@@ -421,6 +421,7 @@ def _train(
         share_prompt_prefix=recipe.train.share_prompt_prefix,
         bucket_within_batch=recipe.train.bucket_within_batch,
         packing=recipe.train.packing,
+        hashed_dropout=recipe.train.hashed_dropout,
     )
     use_progress_bar(trainer)
     eval_loss_before = None

@@ -127,10 +127,13 @@ def speed_options_off(share_off: bool, bucket_off: bool, both: list[str], share_
 
 class RunTrainer(Trainer):
     """What both of peftkit's trainers (chat SFT and classification) add to transformers' Trainer: a warm-up that
-    would cover every step is dropped, and the evaluations are timed so the training speed can leave them out."""
+    would cover every step is dropped, the evaluations are timed so the training speed can leave them out, and LoRA's
+    dropout masks on a CPU come from a hashed counter (`hashed_dropout`, `peftkit/train/fast_dropout.py`)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, hashed_dropout: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if hashed_dropout and self.args.device.type == "cpu":  # torch's CPU dropout masks are drawn serially
+            use_hashed_dropout(self.model)
         self.eval_seconds_in_training = 0.0
         """Seconds spent in evaluate() during train() (perf_counter: `eval_runtime` reads the wall clock)."""
 
@@ -168,11 +171,9 @@ class SFTTrainer(RunTrainer):
     def __init__(
         self, *args: Any, supervised_logits_only: bool = True, share_prompt_prefix: bool = True,
         bucket_within_batch: bool = True, packing: bool = False, method_optimizer: torch.optim.Optimizer | None = None,
-        hashed_dropout: bool = True, **kwargs: Any
+        **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
-        if hashed_dropout and self.args.device.type == "cpu":  # torch's CPU dropout masks are drawn serially
-            use_hashed_dropout(self.model)
         self.method_optimizer = method_optimizer
         # Padding-free batches replace the length buckets and the shared prefix (whose cache would hide the joined
         # rows from transformers' packed-sequence detection).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -82,3 +84,29 @@ def test_the_sft_trainer_swaps_loras_dropouts_on_a_cpu_only(tiny_tokenizer, tmp_
     SFTTrainer(model=kept, args=args, hashed_dropout=False)
     assert set(dropouts(kept)) == {nn.Dropout}
     assert use_hashed_dropout(kept) == count and use_hashed_dropout(kept) == 0, "swapped once"
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "sequence_classification"])
+@pytest.mark.parametrize("hashed", [True, False])
+def test_the_recipe_key_decides_the_dropout_both_trainers_train_with(task, hashed, tiny_recipe, tmp_path):
+    from transformers import TrainerCallback
+
+    from peftkit.config import recipe_from_dict
+    from peftkit.train.run import train
+
+    seen: list[set[type]] = []
+
+    class DropoutTypes(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.append({type(d) for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict)
+                         for d in m.lora_dropout.values()})
+
+    recipe = {**tiny_recipe, "adapter": {**tiny_recipe["adapter"], "dropout": 0.1},
+              "train": {**tiny_recipe["train"], "max_steps": 1, "hashed_dropout": hashed}, "eval": {"before": False}}
+    if task == "sequence_classification":
+        rows = [{"text": t, "label": label} for t, label in [("good food", "positive"), ("bad food", "negative")] * 4]
+        data = tmp_path / "labels.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        recipe = {**recipe, "task": task, "data": {"train": str(data), "max_seq_len": 16}}
+    train(recipe_from_dict(recipe), extra_callbacks=[DropoutTypes()])
+    assert seen == [{HashedDropout if hashed else nn.Dropout}]
