@@ -205,7 +205,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from peftkit.serve.chat import chat
 
     if is_model_folder(args.run_dir):
-        folder = Path(args.run_dir)
+        folder = Path(args.run_dir).resolve()  # `peftkit chat .` inside RUN/model has a parent too
         if trained_model_dir(folder.parent) == folder and (folder.parent / "recipe.yaml").is_file():
             args.run_dir = str(folder.parent)  # a full fine-tune's weights: chat with its run
         else:

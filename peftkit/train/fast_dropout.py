@@ -21,18 +21,29 @@ _counters = torch.empty(0, dtype=torch.int32)
 
 
 def _indices(count: int) -> torch.Tensor:
-    """0 .. count-1 as int32, from a buffer that grows as needed (torch.arange is slow for ints on a CPU)."""
+    """0 .. count-1 as int32, from a buffer that grows as needed (torch.arange is slow for ints on a CPU); it stays
+    about the size of the largest LoRA input seen, as large as one activation the step keeps anyway."""
     global _counters
     if _counters.numel() < count:
-        _counters = torch.arange(max(count, 2 * _counters.numel()), dtype=torch.int32)
+        _counters = torch.arange(min(count + count // 8, 2**31), dtype=torch.int32)
     return _counters[:count]
+
+
+def _rank_key() -> int:
+    """A key per process of a distributed run, as a signed int32 (0 for rank 0 and single-process runs). Every rank
+    starts from the same torch seed, and this dropout draws one number a call whatever the input's size, so the
+    ranks' generators stay in step for the whole run: without the key every rank would drop the same elements."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0
+    key = (torch.distributed.get_rank() * 0x9E3779B1) & 0xFFFFFFFF
+    return key - 2**32 if key >= 2**31 else key
 
 
 def keep_scale(shape: torch.Size, p: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A tensor of `shape` holding 1 / (1 - p) with probability 1 - p and 0 otherwise, element by element, from one
     seed of torch's generator. (Comparisons that give bool tensors, and their conversion, are the slow integer kernels
     on a CPU: the threshold is applied in float arithmetic instead.)"""
-    seed = torch.randint(-(2**31), 2**31 - 1, (), dtype=torch.int32)
+    seed = torch.randint(-(2**31), 2**31 - 1, (), dtype=torch.int32) ^ _rank_key()
     h = _indices(shape.numel()) ^ seed
     # lowbias32 (Chris Wellons' hash-prospector): int32 multiplication wraps as uint32 would; shifts are made
     # logical by masking off the sign bits an arithmetic shift copies in.

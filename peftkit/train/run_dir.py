@@ -32,9 +32,11 @@ LOCK_FILE = ".peftkit-lock"
 """Held (flock) by the process training into the folder; the OS releases it when that process ends, killed or not."""
 BEFORE_FILE = "before.json"
 """Measurements of the untrained model, kept for the summary of a run that is resumed later."""
-RESUME_MAY_CHANGE = ("description", "eval.", "train.num_threads", "train.logging_steps", "output_dir")
+RESUME_MAY_CHANGE = ("description", "eval.", "train.num_threads", "train.logging_steps", "train.hashed_dropout",
+                     "output_dir")
 """Recipe keys that do not touch the training state, so a resumed run may change them (`output_dir`: the run is
-the folder being resumed, however it is named: `peftkit train RUN_DIR --resume`, or a moved run)."""
+the folder being resumed, however it is named: `peftkit train RUN_DIR --resume`, or a moved run;
+`train.hashed_dropout`: which generator draws the dropout masks to come, a key runs written before it lack)."""
 
 
 def unwritable(run_dir: Path, exc: OSError) -> RunDirError:

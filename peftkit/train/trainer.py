@@ -132,6 +132,12 @@ class RunTrainer(Trainer):
 
     def __init__(self, *args: Any, hashed_dropout: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.args.n_gpu > 1:  # as transformers does for a model split over GPUs
+            log.warning("%d CUDA GPUs are visible to this one process: it trains on one of them (%s), not in "
+                        "nn.DataParallel, which would split each of its forward calls and the batch size with them; "
+                        "train on all of them with `peftkit train RECIPE --nproc %d` (one process a GPU), or choose "
+                        "the GPU with CUDA_VISIBLE_DEVICES", self.args.n_gpu, self.args.device, self.args.n_gpu)
+            self.args._n_gpu = 1
         if hashed_dropout and self.args.device.type == "cpu":  # torch's CPU dropout masks are drawn serially
             use_hashed_dropout(self.model)
         self.eval_seconds_in_training = 0.0

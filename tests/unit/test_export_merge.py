@@ -523,7 +523,7 @@ def test_combined_qlora_adapters_say_which_weights_they_merged_into(export_recip
     assert "| QLoRA merge target | dequantized 4-bit weights (what the adapters trained against) |" in card
 
 
-def test_chat_takes_a_merged_folder_and_answers_as_the_run_does(export_recipe, tmp_path, capsys):
+def test_chat_takes_a_merged_folder_and_answers_as_the_run_does(export_recipe, tmp_path, capsys, monkeypatch):
     """`peftkit chat RUN/merged`: the exported weights, with the run's system prompt as the template's default,
     give the run's own greedy reply; the commands that need a run say what the folder is instead."""
     run = make_run(tmp_path / "run", export_recipe, METHODS["lora"], scale=0.05)
@@ -554,4 +554,7 @@ def test_chat_takes_a_merged_folder_and_answers_as_the_run_does(export_recipe, t
 
     shutil.copytree(run / "merged", run / "model", ignore=shutil.ignore_patterns("tokenizer*", "chat_template*"))
     assert main(["chat", str(run / "model"), *asked]) == 0
+    assert capsys.readouterr().out == from_run
+    monkeypatch.chdir(run / "model")  # `peftkit chat .` from inside it
+    assert main(["chat", ".", *asked]) == 0
     assert capsys.readouterr().out == from_run

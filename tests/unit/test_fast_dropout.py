@@ -110,3 +110,20 @@ def test_the_recipe_key_decides_the_dropout_both_trainers_train_with(task, hashe
         recipe = {**recipe, "task": task, "data": {"train": str(data), "max_seq_len": 16}}
     train(recipe_from_dict(recipe), extra_callbacks=[DropoutTypes()])
     assert seen == [{HashedDropout if hashed else nn.Dropout}]
+
+
+def test_each_rank_of_a_distributed_run_draws_its_own_masks(monkeypatch):
+    """Every rank starts from the same torch seed and draws one number a call: the rank must enter the mask."""
+    def masks(rank):
+        if rank is not None:
+            monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+            monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+        torch.manual_seed(0)
+        return [keep_scale(torch.Size([20_000]), 0.5) > 0 for _ in range(3)]
+
+    alone, rank0, rank1, rank3 = masks(None), masks(0), masks(1), masks(3)
+    assert all(torch.equal(a, b) for a, b in zip(alone, rank0)), "rank 0 draws a single process's masks"
+    for other in (rank1, rank3):
+        for a, b in zip(rank0, other):
+            assert abs((a == b).double().mean().item() - 0.5) < 0.02  # independent Bernoulli(0.5): agree half the time
+    assert all(abs((a == b).double().mean().item() - 0.5) < 0.02 for a, b in zip(rank1, rank3))

@@ -121,6 +121,12 @@ def test_resume_refuses_a_changed_recipe_and_keeps_the_stored_one(tiny_recipe):
     # `peftkit train RUN_DIR --resume` names the run by its absolute path; the recipe said `runs/x`.
     moved = recipe_from_dict({**recipe, "output_dir": "runs/somewhere-relative"})
     assert recipe_changes(run_dir, moved.model_dump(mode="json")) == []
+    # A run written before train.hashed_dropout existed (its recipe.yaml lacks the key) still resumes.
+    yaml_text = (run_dir / "recipe.yaml").read_text()
+    assert "hashed_dropout: true" in yaml_text
+    (run_dir / "recipe.yaml").write_text(yaml_text.replace("hashed_dropout: true", ""))
+    torch_dropout = recipe_from_dict({**recipe, "train": {**recipe["train"], "hashed_dropout": False}})
+    assert recipe_changes(run_dir, torch_dropout.model_dump(mode="json")) == []
 
 
 def test_resume_auto_on_a_finished_run_does_nothing_and_succeeds(tiny_recipe, tmp_path, capsys):

@@ -338,3 +338,21 @@ def test_a_cache_holding_more_than_keys_and_values_turns_the_shared_prefix_off(l
         loss = trainer.compute_loss(lora_model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
     assert not trainer.share_prefix and "share_prompt_prefix is off" in caplog.text
     assert float(loss) == pytest.approx(float(full_logits_loss(lora_model, ids, mask, labels)), abs=1e-5)
+
+
+def test_several_gpus_seen_by_one_process_train_on_one_not_in_data_parallel(lora_model, tmp_path, caplog):
+    """transformers would wrap the model in nn.DataParallel (and multiply the batch size by the GPU count)."""
+    import logging
+
+    from transformers import TrainingArguments
+
+    from peftkit.train.trainer import SFTTrainer
+
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=4)
+    assert args.device.type == "cpu"
+    args._n_gpu = 3  # as _setup_devices sets it for three visible GPUs and no launcher
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        trainer = SFTTrainer(model=lora_model, args=args)
+    assert args.n_gpu == 1 and args.train_batch_size == 4
+    assert trainer._wrap_model(trainer.model) is trainer.model
+    assert "3 CUDA GPUs are visible to this one process" in caplog.text and "--nproc 3" in caplog.text
