@@ -112,8 +112,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     data_line = _tokenized_data_line(recipe, tokenizer) if check_data else None
     from rich.text import Text
 
+    unchecked = (" without the checks that read the model (target modules, sizes, tokenized data: --no-model)"
+                 if args.no_model else "")
     _console().print(Text.assemble(("OK", "green"), f" {args.recipe}: recipe is valid ({recipe.adapter.method} on "
-                                   f"{recipe.model.name})"))
+                                   f"{recipe.model.name}){unchecked}"))
     if data_line:
         _console().print(data_line, markup=False)
     if args.show_data and recipe.task == "causal_lm":
@@ -333,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a recipe into a run directory")
-    p.add_argument("recipe", help="recipe YAML file (or a run directory, to resume it)")
+    # optional for argparse only: `peftkit train --resume RUN_DIR` names the run through --resume (_resume_as_recipe)
+    p.add_argument("recipe", nargs="?", help="recipe YAML file (or a run directory, to resume it)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
     _add_set_flag(p)
     p.add_argument("--resume", nargs="?", const="last", default=None, metavar="RUN_DIR|auto",
@@ -469,13 +472,25 @@ TEMP_FULL_BYTES = 64 * 2**20
 """Free space under which the temporary folder counts as the full disk."""
 
 
-def _recipe_after_resume(argv: list[str]) -> str | None:
-    """`peftkit train --resume r.yaml`: --resume takes r.yaml as its RUN_DIR, and argparse says only that the recipe
-    is missing. The recipe file, to name in a hint."""
-    if "train" not in argv[:2] or "--resume" not in argv:
-        return None
-    after = argv[argv.index("--resume") + 1:][:1]
-    return after[0] if after and after[0].endswith((".yaml", ".yml")) and Path(after[0]).is_file() else None
+def _resume_as_recipe(args: argparse.Namespace, typed: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`peftkit train --resume RUN_DIR` with no recipe: the run directory is the recipe (its recipe.yaml), as in
+    `peftkit train RUN_DIR --resume`; returns the command line in that form, which resume hints repeat. Anything else
+    without a recipe is refused in one line (a recipe file after --resume: put it first)."""
+    from peftkit.utils.command_name import command
+
+    given = args.resume if args.resume not in (None, "auto", "last") else None
+    if given and Path(given).expanduser().is_dir():
+        args.recipe, args.resume = given, "last"
+        at = typed.index("--resume") if "--resume" in typed else -1
+        rest = typed[:at] + typed[at + 2:] if at >= 0 and typed[at + 1:at + 2] == [given] else \
+            [a for a in typed if a != f"--resume={given}"]
+        place = rest.index("train") + 1
+        return [*rest[:place], given, *rest[place:], "--resume"]
+    if given and Path(given).is_file():
+        parser.error(f"--resume takes an optional RUN_DIR, so it took the file {given}; put the recipe first: "
+                     f"{command('train', given, '--resume')}")
+    parser.error("train needs a recipe file, or a run directory to resume: `peftkit train RECIPE.yaml` or "
+                 "`peftkit train RUN_DIR --resume`")
 
 
 PATH_ARGUMENTS = ("recipe", "run_dir", "resume", "out", "adapters", "base", "data", "heldout", "general", "tools",
@@ -496,15 +511,9 @@ def _expand_home(args: argparse.Namespace) -> None:
 def _run_command(argv: list[str] | None) -> int:
     parser = build_parser()
     typed = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args, extra = parser.parse_known_args(_set_flags_last(typed))
-    except SystemExit:
-        if recipe := _recipe_after_resume(typed):
-            from peftkit.utils.command_name import command
-
-            print(f"hint: --resume takes an optional RUN_DIR, so it took {recipe}; put the recipe first: "
-                  f"{command('train', recipe, '--resume')}", file=sys.stderr)
-        raise
+    args, extra = parser.parse_known_args(_set_flags_last(typed))
+    if getattr(args, "func", None) is cmd_train and args.recipe is None:
+        typed = _resume_as_recipe(args, typed, parser)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]  # `k=v` after a flag: argparse stops collecting positionals there
     elif extra:
@@ -514,7 +523,7 @@ def _run_command(argv: list[str] | None) -> int:
         args.resume, args.overrides = "last", [*args.overrides, resume]
     if hasattr(args, "set_overrides"):  # `--set k=v` and positional `k=v` are one list
         args.overrides = [*args.overrides, *args.set_overrides]
-    args.argv = sys.argv[1:] if argv is None else list(argv)  # what the user typed: resume commands repeat it
+    args.argv = typed  # what the user typed (RUN_DIR first for `--resume RUN_DIR` alone): resume commands repeat it
     _expand_home(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _setup_logging(args.verbose)

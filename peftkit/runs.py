@@ -29,9 +29,14 @@ class LoadedRun:
 def read_run_recipe(run_dir: str | Path) -> Recipe:
     """The recipe a run was trained with (its recipe.yaml), or one message saying why `run_dir` is not a run."""
     run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.suffix.lower() == ".gguf":
+        raise RunDirError(f"{run_dir} is a GGUF file, which llama.cpp and Ollama run (`llama-cli -m {run_dir}`; the "
+                          "export's Modelfile: `ollama create NAME -f Modelfile`); pass the run directory it was "
+                          "exported from, or its merged model folder (RUN/merged)")
     if run_dir.is_file():
+        what = "the recipe" if run_dir.suffix.lower() in (".yaml", ".yml") else "a file in it"
         raise RunDirError(f"{run_dir} is a file; pass the run directory a `peftkit train` run wrote (the recipe's "
-                          "output_dir), not the recipe")
+                          f"output_dir), not {what}")
     if not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} does not exist; pass the output_dir of a `peftkit train` run")
     path = run_dir / "recipe.yaml"

@@ -230,8 +230,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        tab = "; YAML indents with spaces only: replace the tab" if "'\\t'" in str(exc.problem) else ""
-        raise ConfigError(f"YAML syntax error at {where}: {exc.problem}{tab}", str(path)) from None
+        lines = text.splitlines()
+        line = f" (`{lines[mark.line].strip()[:80]}`)" if mark and mark.line < len(lines) else ""
+        raise ConfigError(f"YAML syntax error at {where}{line}: {exc.problem}{_yaml_advice(str(exc.problem))}",
+                          str(path)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"YAML syntax error: {exc}", str(path)) from None
     if data is None:
@@ -593,6 +595,18 @@ def _missing_files(data: dict[str, Any]) -> list[str]:
     return [f"`{key}`: no file matches the pattern {path} (`**` reaches into subfolders)" if is_pattern(path)
             else f"`{key}`: file {path} does not exist{hub_id_hint(Path(path))}" for key, value in named
             for path in missing_local_files([v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)])]
+
+
+def _yaml_advice(problem: str) -> str:
+    """What usually causes a YAML parser's complaint in a hand-written recipe."""
+    if "'\\t'" in problem:
+        return "; YAML indents with spaces only: replace the tab"
+    if "mapping values are not allowed" in problem:
+        return ("; a value that holds ': ' must be quoted (system_prompt: \"Note: you are ...\"), and a line that "
+                "is a key of its own is indented as the keys beside it are")
+    if "expected <block end>" in problem or "did not find expected key" in problem:
+        return "; indent this line as the other keys of its section are (spaces, the same number for each)"
+    return ""
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

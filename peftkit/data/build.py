@@ -19,9 +19,9 @@ from peftkit.data.chat import (IGNORE_INDEX, replies_cut_off, special_tokens_pat
                                tokenize_text_rows, trained_count, trained_flags, with_system_prompt)
 from peftkit.data.columns import ROLE_ALIASES, number_as_text
 from peftkit.data.facts import whole_fact_spans
-from peftkit.data.formats import (Example, Message, chat_record_messages, data_sources, detect_format, load_examples,
-                                  message_calls, message_text, read_records, record_tools, sharegpt_messages,
-                                  tool_calls_of, with_folded_keys, with_record_system)
+from peftkit.data.formats import (Example, Message, bad_records_error, chat_record_messages, data_sources,
+                                  detect_format, load_examples, message_calls, message_text, read_records,
+                                  record_tools, sharegpt_messages, tool_calls_of, with_folded_keys, with_record_system)
 from peftkit.data.replay import BUILTIN_PREFIX, ReplayAnswerer, load_replay, sample_replay
 from peftkit.errors import DataError
 from peftkit.utils.progress import with_progress
@@ -197,27 +197,39 @@ def _heldout_messages(record: dict[str, Any], where: str, what: str) -> list[Mes
     return messages
 
 
+def _heldout_item(record: Any, where: str, what: str, system_prompt: str | None) -> HeldoutItem:
+    """One held-out record (`Question`, `Key_Fact` already folded as spreadsheets write them) as a question and the
+    key facts its answer must contain."""
+    if not isinstance(record, dict) or "key_fact" not in record:
+        fields = f" (this one: {', '.join(map(str, record))})" if isinstance(record, dict) else ""
+        raise DataError(f"{where}: {what} records need `question` (or `messages`) and `key_fact`{fields}")
+    facts = record["key_fact"]
+    facts = [number_as_text(f) for f in (facts if isinstance(facts, list) else [facts])]  # `4` matched as written
+    if not facts or not all(isinstance(f, str) and f.strip() for f in facts):
+        raise DataError(f"{where}: `key_fact` must be a non-empty string or a list of strings")
+    messages = _heldout_messages(record, where, what)
+    return HeldoutItem(tuple(with_system_prompt(messages, system_prompt)), tuple(f.strip() for f in facts),
+                       record_tools(record, where))
+
+
 def load_heldout(path: str | Path, system_prompt: str | None, *, warn_given_away: bool = True,
                  what: str = "held-out") -> list[HeldoutItem]:
     """Questions and key facts. `warn_given_away`: warn (once per file) about questions that contain their own key
     fact. `what` names the set in messages (`held-out`, `general-set`)."""
     items = []
     given_away = []  # questions that contain their own key fact: an echo of the question would score
+    problems: list[tuple[str, str]] = []  # all of them in one message, as for training data
     for where, record in read_records(Path(path)):
-        record = with_folded_keys(record)  # `Question`, `Key_Fact` as spreadsheets write them, as training reads them
-        if not isinstance(record, dict) or "key_fact" not in record:
-            fields = f" (this one: {', '.join(map(str, record))})" if isinstance(record, dict) else ""
-            raise DataError(f"{where}: {what} records need `question` (or `messages`) and `key_fact`{fields}")
-        facts = record["key_fact"]
-        facts = [number_as_text(f) for f in (facts if isinstance(facts, list) else [facts])]  # `4` matched as written
-        if not facts or not all(isinstance(f, str) and f.strip() for f in facts):
-            raise DataError(f"{where}: `key_fact` must be a non-empty string or a list of strings")
-        messages = _heldout_messages(record, where, what)
-        item = HeldoutItem(tuple(with_system_prompt(messages, system_prompt)), tuple(f.strip() for f in facts),
-                           record_tools(record, where))
+        try:
+            item = _heldout_item(with_folded_keys(record), where, what, system_prompt)
+        except DataError as exc:
+            problems.append((where, str(exc)))
+            continue
         if item.tools is None and whole_fact_spans(item.question, item.key_facts):  # one fact of a list scores
             given_away.append(where)
         items.append(item)
+    if problems:
+        raise bad_records_error(path, problems, len(items))
     if not items:
         raise DataError(f"{what} file {path} contains no questions")
     if given_away and warn_given_away and str(path) not in _WARNED_GIVEN_AWAY:

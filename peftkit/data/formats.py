@@ -476,7 +476,12 @@ def detect_format(record: Any) -> Literal["chat", "sharegpt", "prompt_completion
     # A null field counts as absent (pandas, Arrow and `datasets` write every column on every row), unless the
     # record is nothing without it: then its format is named, and the null refused as such
     present = {key: value for key, value in record.items() if value is not None}
-    return _detected_format(present) or _detected_format(record)
+    found, full = _detected_format(present), _detected_format(record)
+    # A null `instruction` beside an `input` reads as input -> output (alpaca joins the two, so the same prompt), but
+    # with the input empty too, the field to fill in is the instruction
+    if full == "alpaca" and found == "pair" and not (isinstance(record.get("input"), str) and record["input"].strip()):
+        return full
+    return found or full
 
 
 def _detected_format(record: dict[str, Any]) -> Literal["chat", "sharegpt", "prompt_completion", "alpaca", "pair", "text"] | None:
@@ -989,25 +994,32 @@ def load_examples(source: str | Path | Sequence[str | Path], fmt: str = "auto",
     return examples
 
 
+def bad_records_error(source: str | Path, problems: list[tuple[str, str]], good: int) -> DataError:
+    """One error for all of a file's bad records (`problems`: where and message, each), so that one round of fixes
+    clears them: a reason all share said once, else the first few named."""
+    messages = [message for _, message in problems]
+    reasons = {message.removeprefix(f"{where}: ") for where, message in problems}
+    if len(problems) > 1 and len(reasons) == 1:  # e.g. a misnamed column: say it once
+        reason = reasons.pop()
+        which = f"all {len(problems)} records" if not good else f"{len(problems)} of {len(problems) + good} records"
+        return DataError(f"{which} of {source} (first: {messages[0].removesuffix(': ' + reason)}): {reason}")
+    shown = messages[:MAX_REPORTED_PROBLEMS]
+    more = f"\n  ... and {len(messages) - len(shown)} more" if len(messages) > len(shown) else ""
+    return DataError(shown[0] if len(messages) == 1 else
+                     f"{len(messages)} records of {source} need fixing:\n  " + "\n  ".join(shown) + more)
+
+
 def _file_examples(one: str | Path, fmt: str, columns: ColumnsConfig | None,
                    prepare: Callable[[Any, str], Any] | None) -> list[Example]:
-    found, problems, reasons = [], [], set()
+    found, problems = [], []
     for where, record in read_records(one):
         try:
             _check_unicode(record, where)
             found.append(to_example(prepare(record, where) if prepare else record, where, fmt, columns))
         except DataError as exc:  # go on: one message lists the first few bad records, not just one
-            problems.append(str(exc))
-            reasons.add(str(exc).removeprefix(f"{where}: "))
-    if len(problems) > 1 and len(reasons) == 1:  # e.g. a misnamed column: say it once
-        reason = reasons.pop()
-        which = f"all {len(problems)} records" if not found else f"{len(problems)} of {len(problems) + len(found)} records"
-        raise DataError(f"{which} of {one} (first: {problems[0].removesuffix(': ' + reason)}): {reason}")
+            problems.append((where, str(exc)))
     if problems:
-        shown = problems[:MAX_REPORTED_PROBLEMS]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise DataError(shown[0] if len(problems) == 1 else
-                        f"{len(problems)} records of {one} need fixing:\n  " + "\n  ".join(shown) + more)
+        raise bad_records_error(one, problems, len(found))
     if not found:
         raise DataError(f"data {one} contains no examples")
     return found

@@ -44,6 +44,9 @@ def verification_section(report: dict[str, Any] | None) -> list[str]:
     return [*lines, ""]
 
 
+OTHER_BASE_NOTE = " (**not the base the adapter was trained on**: same shapes, other weights)"
+
+
 def merged_card(merged: Any, *, dtype: str, verification: dict[str, Any] | None, out: Path) -> str:
     run = merged.primary
     info = run.info
@@ -68,7 +71,7 @@ def merged_card(merged: Any, *, dtype: str, verification: dict[str, Any] | None,
         "",
         "| | |",
         "|---|---|",
-        f"| base model | `{run.model_cfg.name}` |",
+        f"| base model | `{run.model_cfg.name}`{OTHER_BASE_NOTE * any(r.other_base for r in runs)} |",
         f"| adapter(s) | {', '.join(f'`{r.run_dir}` ({r.info.method}, r={r.info.rank}, alpha={r.info.alpha})' for r in runs)} |",
         f"| dtype | {dtype} |",
         f"| merged vs unmerged (in memory, float32) | max abs logit diff {_num(merged.merge_max_abs_diff)} |",

@@ -45,6 +45,8 @@ class RunAdapter:
     source: ModelSource
     quantization: QuantizationConfig | None
     base_config: Any
+    other_base: bool = False
+    """The base has the trained one's shapes but other weights (its fingerprint differs): warned, and said in cards."""
 
 
 @dataclass
@@ -118,9 +120,10 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
     labels = load_kwargs(run_dir, recipe).get("num_labels")
     skeleton = model_skeleton(source, model_cfg, task=task, num_labels=labels)
     check_adapter_matches_base(info, skeleton, model_cfg.name)
-    if source.path != full:
-        warn_if_other_base(run_dir, source, model_cfg.name)  # same shapes, other weights (a fine-tune, an edited copy)
-    return RunAdapter(run_dir, recipe, info, model_cfg, source, effective_quantization(recipe), skeleton.config)
+    # same shapes, other weights (a fine-tune, an edited copy)
+    other_base = source.path != full and warn_if_other_base(run_dir, source, model_cfg.name)
+    return RunAdapter(run_dir, recipe, info, model_cfg, source, effective_quantization(recipe), skeleton.config,
+                      other_base)
 
 
 def load_run_tokenizer(run: RunAdapter, trained: Any = None) -> Any:

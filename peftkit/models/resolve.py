@@ -206,10 +206,11 @@ def _capitalized(text: str) -> str:
 
 def hub_hint(ref: str, revision: str | None = None) -> str:
     at, flag = (f" at revision {revision!r}", f" --revision {revision}") if revision else ("", "")
+    repo = ref if "/" in ref else f"OWNER/{ref}"  # a Hub id names its owner
     return (
         f"model {ref!r}{at} is not a built-in name or a local path, and it cannot be fetched from the Hugging Face hub "
         f"here (offline or not in the cache). {_capitalized(_did_you_mean(ref))}On a machine with internet run "
-        f"`hf download {ref}{flag} --local-dir DIR`, copy DIR here and set `model.name: DIR`; "
+        f"`hf download {repo}{flag} --local-dir DIR`, copy DIR here and set `model.name: DIR`; "
         f"built-in models: {', '.join(BUILTINS)}"
     )
 

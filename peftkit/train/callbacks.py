@@ -79,7 +79,13 @@ class ResumedSettings(TrainerCallback):
 class ProgressBar(ProgressCallback):
     """The Trainer's progress bar, with its log lines on stderr beside the bar (tqdm writes them to stdout, which holds
     what a command reports: `peftkit train ... > summary.txt`), and silent for a record emptied by an earlier callback
-    (RunTotals drops an interrupted session's end record; the bar would print `{}`)."""
+    (RunTotals drops an interrupted session's end record; the bar would print `{}`). In a file or pipe an evaluation
+    during training has no bar of its own: one under the training bar is drawn with cursor-up escapes, which a log
+    file keeps as they are."""
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.training_bar is None or sys.stderr.isatty():
+            super().on_prediction_step(args, state, control, **kwargs)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if logs:

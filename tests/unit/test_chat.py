@@ -206,8 +206,12 @@ def test_a_run_whose_base_moved_and_a_recipe_given_as_the_run_are_explained(tiny
         load_run(run_dir)
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(tiny_recipe))
-    with pytest.raises(RunDirError, match="is a file; pass the run directory"):
+    with pytest.raises(RunDirError, match="is a file; pass the run directory .* not the recipe$"):
         load_run(recipe_file)
+    gguf_file = tmp_path / "model-f16.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    with pytest.raises(RunDirError, match=r"is a GGUF file, which llama.cpp and Ollama run .*run directory it was"):
+        load_run(gguf_file)
 
 
 def test_token_rates_below_ten_keep_two_significant_digits():

@@ -330,7 +330,9 @@ def test_validate_takes_the_train_commands_deepspeed_and_process_count(tiny_reci
                                    "zero_optimization": {"stage": 2}}))
     assert main(["validate", str(path), "--deepspeed", "3", "--no-model"]) == 0
     assert main(["validate", str(path), "--deepspeed", str(ds_json), "--nproc", "2", "--no-model"]) == 0
-    capsys.readouterr()
+    said = " ".join(capsys.readouterr().out.split())
+    assert said.count("recipe is valid (lora on") == 2
+    assert said.count("without the checks that read the model (target modules, sizes, tokenized data: --no-model)") == 2
     assert main(["validate", str(path), "--deepspeed", str(ds_json), "--nproc", "3", "--no-model"]) == 2
     assert "but this run trains 3 process(es)" in capsys.readouterr().err
     assert main(["validate", str(path), "--deepspeed", str(ds_json), "--no-model"]) == 2  # one process, as train
@@ -362,8 +364,28 @@ def test_a_recipe_after_resume_gets_a_hint_not_only_argparses_complaint(tiny_rec
         main(["train", "--resume", str(path)])
     assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert "the following arguments are required: recipe" in err
-    assert f"hint: --resume takes an optional RUN_DIR, so it took {path}; put the recipe first: peftkit train {path} --resume" in err
+    assert "overrides" not in err and err.count("error:") == 1
+    assert f"--resume takes an optional RUN_DIR, so it took the file {path}; put the recipe first: peftkit train {path} --resume" in err
+    with pytest.raises(SystemExit):
+        main(["train"])
+    assert "train needs a recipe file, or a run directory to resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("form", [["--resume", "RUN"], ["--resume=RUN"]])
+def test_resume_run_dir_alone_resumes_that_run(form, tiny_recipe, tmp_path, capsys):
+    """`peftkit train --resume RUN_DIR`, as the README's `--resume RUN_DIR` reads: the run's own recipe.yaml."""
+    from peftkit.config import recipe_from_dict
+    from peftkit.train.run import train
+
+    recipe = {**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 2, "save_steps": 1},
+              "eval": {"before": False}}
+    run_dir = train(recipe_from_dict(recipe)).run_dir
+    (run_dir / "summary.json").unlink()  # as if killed after its last checkpoint
+    capsys.readouterr()
+    assert main(["train", *[a.replace("RUN", str(run_dir)) for a in form]]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+    assert main(["train", *[a.replace("RUN", str(run_dir)) for a in form]]) == 2  # finished: nothing to resume
+    assert "holds a finished run" in capsys.readouterr().err
 
 
 PROGRESS_INTERVAL = ("import io, sys; from peftkit.cli import main; rc = main(sys.argv[1:]); import tqdm; "

@@ -88,6 +88,18 @@ def test_yaml_syntax_error_has_line(tmp_path):
         load_recipe(write(tmp_path, "data:\n  train: x: y: z\nmodel: {}\n"))
 
 
+@pytest.mark.parametrize("text, said", [
+    ("data:\n  train: a.jsonl\n  system_prompt: Note: be brief.\n",
+     r"line 3, column 22 \(`system_prompt: Note: be brief.`\): mapping values are not allowed here; a value that "
+     r"holds ': ' must be quoted"),
+    ("data:\n    train: a.jsonl\n  eval: b.jsonl\n",
+     r"line 3, column 3 \(`eval: b.jsonl`\): expected <block end>.*; indent this line as the other keys of its section"),
+    ("data:\n\ttrain: a.jsonl\n", r"line 2, column 1 .*; YAML indents with spaces only: replace the tab")])
+def test_yaml_mistakes_people_make_are_explained(tmp_path, text, said):
+    with pytest.raises(ConfigError, match=said):
+        load_recipe(write(tmp_path, text))
+
+
 def test_missing_required_section(tmp_path):
     with pytest.raises(ConfigError, match="`data` is required"):
         load_recipe(write(tmp_path, "train: {lr: 0.001}\n"))

@@ -382,6 +382,29 @@ def test_key_facts_match_as_written_not_byte_for_byte(tmp_path, caplog):
     load_heldout(path, None)
     assert "own key fact" not in caplog.text, "once per file: validate and train read it twice"
 
+def test_every_bad_held_out_record_is_named_in_one_message(tmp_path):
+    """One round of fixes clears a held-out file, as for training data (a new user met one bad line per run)."""
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "When do you open?", "key_fact": "nine"},
+        {"question": "Where are you?"},
+        {"question": "", "key_fact": "Elm Street"},
+        {"question": "Fee?", "key_fact": ""},
+        {"question": "Card?", "key_fact": "stamp"},
+    ]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_heldout(path, None)
+    message = str(info.value)
+    assert message.startswith(f"3 records of {path} need fixing")
+    for line, reason in ((2, "need `question` (or `messages`) and `key_fact`"), (3, "question is empty"),
+                         (4, "`key_fact` must be a non-empty string")):
+        assert f"heldout.jsonl:{line}: " in message and reason in message
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps({"question": f"q{i}"}) + "\n" for i in range(3)), encoding="utf-8")
+    with pytest.raises(DataError, match=r"^all 3 records of .*same.jsonl \(first: .*same.jsonl:1\): held-out records"):
+        load_heldout(same, None)
+
+
 CHAT_ROWS = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
              for i in range(4)]
 

@@ -48,6 +48,15 @@ def test_alpaca_and_prompt_completion_win_over_the_pairs(tmp_path):
     assert [e.messages[-1]["content"] for e in examples] == ["Hi.", "A."]
 
 
+def test_a_null_alpaca_instruction_is_the_field_named(tmp_path):
+    """With the input empty too, the instruction is what to fill in (the `input` -> `output` pair reading named the
+    empty input); with an input, it is the prompt, as alpaca's instruction + input would make it."""
+    with pytest.raises(DataError, match=r"d.jsonl:1: the prompt field 'instruction' is null, not text"):
+        load_examples(write_jsonl(tmp_path / "d.jsonl", [{"instruction": None, "input": "", "output": "Hi."}]))
+    [example] = load_examples(write_jsonl(tmp_path / "e.jsonl", [{"instruction": None, "input": "Hi?", "output": "Hi."}]))
+    assert roles_and_texts(example) == [("user", "Hi?"), ("assistant", "Hi.")]
+
+
 def test_numeric_answers_are_read_as_text(tmp_path):
     [example] = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "2 + 2?", "answer": 4}]))
     assert roles_and_texts(example)[-1] == ("assistant", "4")

@@ -337,7 +337,7 @@ def test_merging_onto_other_weights_of_the_same_shape_is_warned(tiny_recipe, tmp
     assert json.loads(summary_path.read_text())["base_fingerprint"].startswith("v2-")
     assert json.loads(summary_path.read_text())["base_config"] == {"model_type": "llama", "hidden_size": 32,
                                                                    "num_hidden_layers": 2, "vocab_size": 400}
-    merge_run(run)
+    assert not merge_run(run).primary.other_base
     assert "is not the one" not in caplog.text
     original = load_file(str(Path(tiny_recipe["model"]["name"]) / "model.safetensors"))
     norm = next(k for k in original if k.endswith("norm.weight"))
@@ -346,8 +346,13 @@ def test_merging_onto_other_weights_of_the_same_shape_is_warned(tiny_recipe, tmp
         shutil.copytree(tiny_recipe["model"]["name"], other)
         save_file({**original, key: original[key] * factor}, str(other / "model.safetensors"), metadata={"format": "pt"})
         caplog.clear()
-        merge_run(run, base=str(other))
+        merged = merge_run(run, base=str(other))
         assert f"The base model {other} is not the one" in caplog.text, key
+        assert merged.primary.other_base, "the merged model card says so (export_hf)"
+    from peftkit.export.card import OTHER_BASE_NOTE, merged_card
+
+    card = merged_card(merged, dtype="float32", verification=None, out=tmp_path / "merged")
+    assert f"| base model | `{other}`{OTHER_BASE_NOTE} |" in card
     # A run recorded with the first fingerprint (norms and embeddings only) is compared in that version.
     from peftkit.models.fingerprint import files_fingerprint
 

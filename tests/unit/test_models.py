@@ -61,7 +61,7 @@ def test_hub_id_is_checked_in_one_request_before_any_download(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     response = SimpleNamespace(headers={}, request=None)  # what the hub's HTTP errors read from their response
     answers = {
-        "no network": (OSError("Name or service not known"), "hf download smollm2-135m --local-dir"),
+        "no network": (OSError("Name or service not known"), "hf download OWNER/smollm2-135m --local-dir"),
         "unknown": (RepositoryNotFoundError("404", response=response), "is not on the Hugging Face hub"),
         "gated": (GatedRepoError("403", response=response), "accept its license"),
     }

@@ -248,6 +248,18 @@ def test_the_progress_bar_skips_an_emptied_record_and_writes_its_log_lines_to_st
     assert err.count("loss") == 1 and "total_flos" not in err
 
 
+def test_a_log_file_gets_no_cursor_moves_from_evaluations_during_training(tmp_path, tiny_model_dir):
+    """A bar under the training bar is drawn with cursor-up escapes, which a log file (nohup, a job log) keeps."""
+    from tests.train_procs import peftkit, run, subprocess_env
+
+    recipe = tiny_recipe_file(tmp_path, tiny_model_dir, train={"max_steps": 4, "eval_steps": 2, "save_steps": 2})
+    log = tmp_path / "train.log"
+    done = run(peftkit("train", str(recipe)), subprocess_env(tmp_path), log, timeout=300)
+    text = log.read_text(encoding="utf-8", errors="replace")
+    assert done.returncode == 0, text[-3000:]
+    assert text.count("'eval_loss'") == 2 and "\x1b[" not in text
+
+
 def test_metrics_time_goes_on_from_the_earlier_sessions(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps({"step": 4, "time": 100.0, "loss": 1.0}) + "\n")
