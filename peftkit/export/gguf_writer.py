@@ -602,6 +602,10 @@ def export_gguf(run_dir: str | Path, out: str | Path | None = None, *, gguf_type
     run_dir = Path(run_dir).expanduser().resolve()
     target = Path(out) if out else run_dir / "gguf"
     gguf_types(gguf_type)
+    held = sorted(p.name for p in target.glob("*.gguf")) if out is None and not force else []
+    if held and not any(name.endswith(f"-{gguf_type}.gguf") for name in held):  # another type: keep both, by name
+        raise ExportError(f"{target} holds an earlier GGUF export ({', '.join(held)}); to keep it beside this "
+                          f"{gguf_type} one pass `--out {run_dir / f'gguf-{gguf_type}'}`, or --force to replace it")
     prepare_output(target, force=force, protected=[run_dir])
     run = resolve_run(run_dir, base)
     check_merged_head(run, check_architecture(run.base_config))

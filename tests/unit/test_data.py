@@ -256,6 +256,23 @@ def test_alpaca_and_text_formats(tmp_path):
     assert [e.text for e in load_examples(txt)] == ["first paragraph", "second paragraph"]
 
 
+def test_conversations_ending_with_an_unanswered_user_turn_are_said(tmp_path, tiny_tokenizer, caplog):
+    from peftkit.data.build import tokenize_examples
+
+    path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [
+        {"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi there"}, {"from": "human", "value": "bye"}]},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}])
+    with caplog.at_level("INFO", logger="peftkit"):
+        rows, _ = tokenize_examples(load_examples(path), tiny_tokenizer, 64, None, what="training example")
+    assert len(rows) == 2
+    assert "1 training example(s) end with a user turn that no reply follows (first: " in caplog.text
+    assert "s.jsonl:1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="peftkit"):
+        tokenize_examples(load_examples(path), tiny_tokenizer, 64, None, train_on_prompt=True, what="training example")
+    assert "no reply follows" not in caplog.text, "trained there: every token is"
+
+
 def test_sharegpt_and_prompt_completion_formats(tmp_path, tiny_tokenizer):
     sharegpt = write_jsonl(tmp_path / "s.jsonl", [{"system": "be brief", "conversations": [
         {"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi there"},

@@ -166,6 +166,14 @@ def test_full_run_exports_without_its_base_and_ignores_base_option(export_recipe
     with torch.no_grad():
         assert (merged(input_ids=probe).logits - model(input_ids=probe).logits).abs().max() < 1e-5
     assert main(["export", str(run), "--format", "gguf", "--gguf-type", "f32", "--no-verify"]) == 0, err_text(capsys)
+    # a second type: the default folder holds the first, so the message names a folder that keeps both
+    assert main(["export", str(run), "--format", "gguf", "--gguf-type", "q8_0", "--no-verify"]) == 2
+    said = err_text(capsys)
+    assert f"--out {run / 'gguf-q8_0'}" in said and "holds an earlier GGUF export (" in said and "-f32.gguf" in said
+    assert main(["export", str(run), "--format", "gguf", "--gguf-type", "q8_0", "--no-verify",
+                 "--out", str(run / "gguf-q8_0")]) == 0, err_text(capsys)
+    assert main(["export", str(run), "--format", "gguf", "--gguf-type", "f32", "--no-verify"]) == 2
+    assert "already exists; pass --force" in err_text(capsys)
 
 
 # 4. a killed export: its verification child dies with it, its reference folder is removed by the next run
