@@ -391,7 +391,8 @@ def _unknown_key(loc: tuple[Any, ...], shown: list[str], value: Any, bases: tupl
     if found:
         return f"unknown key `{dotted}`: did you mean `{found[0]}`?"
     if loc[0] == "adapter" and len(loc) == 3:
-        return f"`{key}` is not a parameter of adapter method `{loc[1]}` (its parameters: {', '.join(known)})"
+        return (f"`{key}` is not a parameter of adapter method `{loc[1]}` (its parameters: {', '.join(known)}); "
+                "remove it from the recipe's adapter section (another method's key)")
     valid = f" (valid keys here: {', '.join(known)})" if known else ""
     return f"unknown key `{dotted}`{valid}"
 
@@ -420,7 +421,10 @@ def _friendly(err: dict[str, Any], bases: tuple[Path, ...] = ()) -> str:
         from peftkit.config import schema
 
         valid = ", ".join(c.model_fields["method"].default for c in schema.ADAPTER_CLASSES)
-        return f"`{dotted}.method` = {err['input'].get('method')!r} is not an adapter method; choose one of: {valid}"
+        method = err["input"].get("method")
+        variant = LORA_VARIANT_KEYS.get(str(method).lower())
+        hint = f" ({method} is LoRA with a switch: `method: lora` and `{variant}: true`)" if variant else ""
+        return f"`{dotted}.method` = {method!r} is not an adapter method; choose one of: {valid}{hint}"
     if kind == "missing":
         return f"`{dotted}` is required but missing"
     if kind == "finite_number":
@@ -595,6 +599,10 @@ def _missing_files(data: dict[str, Any]) -> list[str]:
     return [f"`{key}`: no file matches the pattern {path} (`**` reaches into subfolders)" if is_pattern(path)
             else f"`{key}`: file {path} does not exist{hub_id_hint(Path(path))}" for key, value in named
             for path in missing_local_files([v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)])]
+
+
+LORA_VARIANT_KEYS = {"dora": "use_dora", "rslora": "use_rslora", "rs_lora": "use_rslora"}
+"""LoRA variants other tools name as methods, and the `adapter` key that turns each on."""
 
 
 def _yaml_advice(problem: str) -> str:

@@ -30,6 +30,7 @@ from peftkit.export.merge import FULL_MODEL, RunAdapter, _attach, _load_base, _r
 from peftkit.models.load import default_skips, save_tokenizer, unquantized_modules
 from peftkit.runs import trained_quantization
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
+from peftkit.utils.command_name import command
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -115,7 +116,9 @@ def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force:
     target = prepare_output(Path(out) if out else run_dir / "adapter-export", force=force, protected=[run_dir])
     run = resolve_run(run_dir, base, require_causal_lm=check)
     if run.info.peft_type == FULL_MODEL:
-        raise ExportError(f"{run.run_dir} trained the weights directly (no adapter); {run.info.path} is the model itself")
+        raise ExportError(f"{run.run_dir} trained the weights directly (no adapter); {run.info.path} is the model "
+                          f"itself: ship it with `{command('merge', str(run.run_dir))}` (the model with its tokenizer) "
+                          "or `--format gguf`")
     # the dtype training's 4-bit layers computed in, for the reference, the verification child, manifest and card alike
     run = replace(run, quantization=trained_quantization(run.run_dir, run.quantization))
     report = None

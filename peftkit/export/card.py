@@ -172,7 +172,7 @@ def adapter_card(manifest: dict[str, Any], verification: dict[str, Any] | None, 
         "| | |",
         "|---|---|",
         f"| peft type | {manifest['peft_type']} |",
-        f"| rank / alpha | {manifest.get('rank')} / {manifest.get('alpha')} |",
+        *([f"| rank / alpha | {manifest.get('rank')} / {manifest.get('alpha')} |"] if manifest.get("rank") else []),
         f"| target modules | {manifest.get('target_modules')} |",
         f"| base model | `{base['name']}`{local} |",
         *([f"| base weights | {_cell(base['note'])[1:-1]} |"] if base.get("note") else []),  # GGUF-converted bases

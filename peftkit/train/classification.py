@@ -50,7 +50,8 @@ from peftkit.train.run import (
     RunResult, _session_loss_sum, _weights_step, check_device_options, peak_memory_mb, save_adapter, summary_header,
     tensorboard_callback, totals_so_far, train_or_finish, training_arguments, write_loss_plot,
 )
-from peftkit.train.model_card import stopping_note, unfrozen_at_end
+from peftkit.train.model_card import stopping_note
+from peftkit.train.report import unfrozen_at_end
 from peftkit.train.trainer import RunTrainer
 from peftkit.train.run_dir import check_run_dir, clear_run_dir, load_before, mark_run_dir, run_lock, save_before
 from peftkit.utils.atomic import atomic_write_text

@@ -10,7 +10,7 @@ from peftkit.adapters import effective_quantization
 from peftkit.config.schema import Recipe
 from peftkit.data.formats import data_sources
 from peftkit.export.card import bnb_kwargs, quantized_base_loading
-from peftkit.train.report import tokens_rate
+from peftkit.train.report import tokens_rate, unfrozen_at_end
 from peftkit.utils.atomic import atomic_write_text
 
 
@@ -164,12 +164,6 @@ def _quantization_text(quant: dict[str, Any] | None) -> str:
     if quant["bits"] == 8:
         return "8-bit (LLM.int8)"
     return f"{quant['bits']}-bit {quant.get('quant_type', '')}".strip()
-
-
-def unfrozen_at_end(summary: dict[str, Any]) -> str:
-    """The trainable count a gradual unfreezing schedule ended with, after the count it started with."""
-    end = summary.get("trainable_params_end")
-    return f"; {end:,} at the end (gradual unfreezing)" if end is not None else ""
 
 
 def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> None:

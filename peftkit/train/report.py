@@ -8,6 +8,12 @@ from typing import Any
 from rich.text import Text  # names, paths and the model's replies are data: never parsed as markup
 
 
+def unfrozen_at_end(summary: dict[str, Any]) -> str:
+    """The trainable count a gradual unfreezing schedule ended with, after the count it started with."""
+    end = summary.get("trainable_params_end")
+    return f"; {end:,} at the end (gradual unfreezing)" if end is not None else ""
+
+
 def _num(value: Any, pattern: str = "{:.4f}") -> str:
     return "n/a" if value is None else pattern.format(value)
 
@@ -55,7 +61,7 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
     console.print(table)
     console.print(
         f"trainable {summary['trainable_params']:,} / {summary['total_params']:,} params "
-        f"({summary['trainable_share']:.3%}) | {summary['steps']} steps | "
+        f"({summary['trainable_share']:.3%}{unfrozen_at_end(summary)}) | {summary['steps']} steps | "
         f"{summary['trained_tokens']:,} {'input' if summary.get('task') == 'sequence_classification' else 'supervised'} "
         f"tokens at {tokens_rate(summary['tokens_per_second'])} tok/s | "
         f"train {summary['train_seconds']:.0f} s{_eval_part(summary)}, total {summary['wall_seconds']:.0f} s | "

@@ -59,6 +59,13 @@ def test_gradual_unfreezing_updates_blocks_only_after_they_unfreeze(tiny_recipe,
     summary = result.summary  # the card and summary said only the starting count
     assert summary["trainable_params_end"] > summary["trainable_params"]
     assert f"{summary['trainable_params_end']:,} at the end (gradual unfreezing)" in (result.run_dir / "README.md").read_text()
+    from rich.console import Console
+
+    from peftkit.train.report import print_run_report
+
+    console = Console(record=True, width=400)
+    print_run_report(console, result.run_dir, summary)  # the terminal's last lines too
+    assert f"{summary['trainable_params_end']:,} at the end (gradual unfreezing)" in console.export_text()
     steps = snapshots.steps
     assert len(steps) == 7
 

@@ -286,3 +286,10 @@ def test_a_misspelt_required_key_is_reported_as_missing(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_recipe(path)
     assert caught.value.problems == ["`data.train` is required but missing", "unknown key `data.trian`: did you mean `train`?"]
+
+
+@pytest.mark.parametrize("method, key", [("dora", "use_dora"), ("rsLoRA", "use_rslora")])
+def test_a_lora_variant_named_as_a_method_gets_its_switch(tmp_path, method, key):
+    with pytest.raises(ConfigError, match=rf"is not an adapter method; choose one of: .*\({method} is LoRA with a "
+                                          rf"switch: `method: lora` and `{key}: true`\)"):
+        load_recipe(write(tmp_path, f"adapter: {{method: {method}}}\ndata: {{train: t.jsonl}}\n"))

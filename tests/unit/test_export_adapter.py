@@ -67,7 +67,7 @@ def test_manifest_lists_why_vllm_would_reject_the_adapter(export_recipe, tmp_pat
     assert manifest["serving"]["llama.cpp"]["notes"] == ["merge it into the base instead: `peftkit export RUN_DIR --format gguf`"]
     assert manifest["method"] == "DoRA" and manifest["modules_to_save"] == ["lm_head"]
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "| vllm | no |" in card
+    assert "| vllm | no |" in card and f"| rank / alpha | {manifest['rank']} / {manifest['alpha']} |" in card
 
 
 def test_prefix_tuning_exports_as_adapter_and_loads_upstream(export_recipe, tmp_path, capsys):
@@ -78,6 +78,8 @@ def test_prefix_tuning_exports_as_adapter_and_loads_upstream(export_recipe, tmp_
     manifest = json.loads((tmp_path / "prefix" / "manifest.json").read_text())
     assert manifest["peft_type"] == "PREFIX_TUNING"
     assert json.loads((tmp_path / "prefix" / "verification.json").read_text())["max_abs_diff"] < 1e-5
+    card = (tmp_path / "prefix" / "README.md").read_text()
+    assert "| peft type | PREFIX_TUNING |" in card and "rank / alpha" not in card, "no rank to report"
 
 
 def test_serving_compatibility_rules():

@@ -165,6 +165,8 @@ def test_full_run_exports_without_its_base_and_ignores_base_option(export_recipe
     merged = AutoModelForCausalLM.from_pretrained(str(run / "merged"), dtype=torch.float32)
     with torch.no_grad():
         assert (merged(input_ids=probe).logits - model(input_ids=probe).logits).abs().max() < 1e-5
+    assert main(["export", str(run), "--format", "adapter"]) == 2  # no adapter: what ships it instead
+    assert f"is the model itself: ship it with `peftkit merge {run}`" in err_text(capsys)
     assert main(["export", str(run), "--format", "gguf", "--gguf-type", "f32", "--no-verify"]) == 0, err_text(capsys)
     # a second type: the default folder holds the first, so the message names a folder that keeps both
     assert main(["export", str(run), "--format", "gguf", "--gguf-type", "q8_0", "--no-verify"]) == 2

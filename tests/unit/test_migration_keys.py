@@ -93,7 +93,8 @@ def test_nested_aliases_name_the_key_in_its_section_and_the_path_elsewhere(tmp_p
 @pytest.mark.parametrize(("recipe", "message"), [
     pytest.param("adapter: {method: prefix_tuning, lora_r: 8}\ndata: {train: a.jsonl}\n",
                  "`lora_r` is not a parameter of adapter method `prefix_tuning` (its parameters: method, "
-                 "num_virtual_tokens, prefix_projection, encoder_hidden_size)",
+                 "num_virtual_tokens, prefix_projection, encoder_hidden_size); remove it from the recipe's adapter "
+                 "section (another method's key)",
                  id="another-adapter-methods-key-says-which-parameters-there-are"),
     pytest.param("lr: 0.001\ndata: {train: a.jsonl}\n", "unknown key `lr`: did you mean `train.lr`?",
                  id="top-level-leaf-names-still-find-their-section"),
