@@ -479,14 +479,15 @@ def _resume_as_recipe(args: argparse.Namespace, typed: list[str], parser: argpar
     from peftkit.utils.command_name import command
 
     given = args.resume if args.resume not in (None, "auto", "last") else None
-    if given and Path(given).expanduser().is_dir():
+    path = Path(given).expanduser() if given else None
+    if path is not None and path.is_dir():
         args.recipe, args.resume = given, "last"
         at = typed.index("--resume") if "--resume" in typed else -1
         rest = typed[:at] + typed[at + 2:] if at >= 0 and typed[at + 1:at + 2] == [given] else \
             [a for a in typed if a != f"--resume={given}"]
         place = rest.index("train") + 1
         return [*rest[:place], given, *rest[place:], "--resume"]
-    if given and Path(given).is_file():
+    if path is not None and path.is_file():
         parser.error(f"--resume takes an optional RUN_DIR, so it took the file {given}; put the recipe first: "
                      f"{command('train', given, '--resume')}")
     parser.error("train needs a recipe file, or a run directory to resume: `peftkit train RECIPE.yaml` or "
