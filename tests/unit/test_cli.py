@@ -371,6 +371,15 @@ def test_a_recipe_after_resume_gets_a_hint_not_only_argparses_complaint(tiny_rec
     assert "train needs a recipe file, or a run directory to resume" in capsys.readouterr().err
 
 
+def test_a_home_relative_recipe_after_resume_gets_the_same_hint(tiny_recipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe))
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", "~/r.yaml"])
+    assert "--resume takes an optional RUN_DIR, so it took the file ~/r.yaml; put the recipe first" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("form", [["--resume", "RUN"], ["--resume=RUN"]])
 def test_resume_run_dir_alone_resumes_that_run(form, tiny_recipe, tmp_path, capsys):
     """`peftkit train --resume RUN_DIR`, as the README's `--resume RUN_DIR` reads: the run's own recipe.yaml."""

@@ -127,3 +127,15 @@ def test_each_rank_of_a_distributed_run_draws_its_own_masks(monkeypatch):
         for a, b in zip(rank0, other):
             assert abs((a == b).double().mean().item() - 0.5) < 0.02  # independent Bernoulli(0.5): agree half the time
     assert all(abs((a == b).double().mean().item() - 0.5) < 0.02 for a, b in zip(rank1, rank3))
+
+
+def test_the_index_buffer_grows_to_the_largest_input_not_double(monkeypatch):
+    from peftkit.train import fast_dropout
+
+    monkeypatch.setattr(fast_dropout, "_counters", torch.empty(0, dtype=torch.int32))
+    assert torch.equal(fast_dropout._indices(1000), torch.arange(1000, dtype=torch.int32))
+    assert fast_dropout._counters.numel() == 1125  # an eighth of headroom
+    fast_dropout._indices(1100)
+    assert fast_dropout._counters.numel() == 1125, "fits: not rebuilt"
+    assert torch.equal(fast_dropout._indices(1500), torch.arange(1500, dtype=torch.int32))
+    assert fast_dropout._counters.numel() == 1687  # doubling would have made it 2250

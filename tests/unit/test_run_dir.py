@@ -480,3 +480,14 @@ def test_a_file_added_to_a_runs_export_folder_blocks_force_and_extra_entries_do_
     (older / "recipe.yaml").write_text("r")
     (older / "merged-bf16").mkdir()
     assert is_peftkit_run(older) and foreign_entries(older) == ["merged-bf16"]
+
+
+def test_unit_tests_keep_model_caches_out_of_the_users_home():
+    """tests/unit/conftest.py: GGUF bases the tests convert go under a temporary PEFTKIT_HOME."""
+    import tempfile
+
+    from peftkit.models.registry import peftkit_home
+
+    home = peftkit_home().resolve()
+    assert home.is_relative_to(Path(tempfile.gettempdir()).resolve()) and "peftkit-home" in str(home)
+    assert not home.is_relative_to(Path(os.path.expanduser("~")).resolve() / ".cache")
