@@ -261,6 +261,7 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> Recipe:
     if problems:
         raise ConfigError(problems)
     _warn_about_ignored_settings(recipe)
+    _warn_about_learning_rate(recipe)
     _warn_about_this_machine(recipe)
     return fitted_max_seq_len(recipe, skeleton)
 
@@ -281,6 +282,32 @@ def _warn_about_ignored_settings(recipe: Recipe) -> None:
                     "data.eval_fraction is 0")
     if recipe.train.max_steps and _written(recipe.train, "epochs"):
         log.warning("train.epochs is ignored: train.max_steps=%d sets the length of training", recipe.train.max_steps)
+
+
+# The learning rates each method is usually trained with (low, high): a recipe ten times outside says so before
+# training, since too high a rate shows only as a NaN or exploding loss minutes later, and too low as nothing learnt.
+USUAL_LR: dict[str, tuple[float, float]] = {
+    "full": (1e-6, 2e-4), "partial": (1e-5, 1e-3), "lora": (2e-5, 1e-3), "qlora": (2e-5, 1e-3),
+    "ia3": (1e-4, 1e-2), "prefix_tuning": (1e-4, 1e-2), "prompt_tuning": (1e-4, 3e-1),
+}
+
+
+def learning_rate_advice(method: str, lr: float) -> str | None:
+    """A sentence when `lr` is ten times above or below what `method` usually trains with, else None."""
+    low, high = USUAL_LR.get(method, (0.0, float("inf")))
+    if lr > 10 * high:
+        return (f"train.lr {lr:g} is more than ten times the usual rate for {method} ({low:g} to {high:g}): "
+                "expect the loss to explode or turn NaN; lower train.lr unless you mean it")
+    if lr < low / 10:
+        return (f"train.lr {lr:g} is less than a tenth of the usual rate for {method} ({low:g} to {high:g}): "
+                "the model will barely change; raise train.lr unless you mean it")
+    return None
+
+
+def _warn_about_learning_rate(recipe: Recipe) -> None:
+    advice = learning_rate_advice(recipe.adapter.method, recipe.train.lr)
+    if advice:
+        log.warning(advice)
 
 
 def _warn_about_this_machine(recipe: Recipe) -> None:

@@ -293,3 +293,30 @@ def test_a_lora_variant_named_as_a_method_gets_its_switch(tmp_path, method, key)
     with pytest.raises(ConfigError, match=rf"is not an adapter method; choose one of: .*\({method} is LoRA with a "
                                           rf"switch: `method: lora` and `{key}: true`\)"):
         load_recipe(write(tmp_path, f"adapter: {{method: {method}}}\ndata: {{train: t.jsonl}}\n"))
+
+
+@pytest.mark.parametrize("method, lr, said", [("lora", 0.5, "more than ten times the"), ("full", 5e-3, "more than ten times the"),
+                                              ("lora", 1e-7, "less than a tenth of the"), ("prompt_tuning", 3e-2, None)])
+def test_an_unusual_learning_rate_is_a_warning_before_training(tmp_path, tiny_recipe, caplog, method, lr, said):
+    import yaml
+
+    from peftkit.config.validate import validate_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**tiny_recipe, "adapter": {"method": method}}))
+    with caplog.at_level("WARNING"):
+        validate_recipe(load_recipe(path, [f"train.lr={lr}"]), check_model=False)
+    if said is None:
+        assert "train.lr" not in caplog.text
+    else:
+        assert f"train.lr {lr:g} is {said} usual rate for {method}" in caplog.text
+
+
+def test_every_shipped_recipe_trains_at_a_usual_learning_rate():
+    from peftkit.config.validate import learning_rate_advice
+
+    recipes = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
+    assert len(recipes) > 10
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert learning_rate_advice(recipe.adapter.method, recipe.train.lr) is None, path.name
