@@ -68,6 +68,17 @@ def active_peft_config(model: Any) -> Any:
     return getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
 
 
+def input_embedding_rows(model: torch.nn.Module) -> int:
+    """The token ids `model` has an embedding for. A LoRA on `embed_tokens`, or trainable tokens, wrap the embedding
+    in a peft layer without `num_embeddings`; under ZeRO-3 the weight's own shape is empty (`ds_shape` is the real one)."""
+    module = model.get_input_embeddings()
+    rows = getattr(module, "num_embeddings", None)
+    if rows is None:
+        weight = module.weight
+        rows = (getattr(weight, "ds_shape", None) or weight.shape)[0]
+    return int(rows)
+
+
 def learned_position_limit(model: torch.nn.Module) -> int | None:
     """How many tokens a model with learned absolute position embeddings (GPT-2, OPT, BERT) can take at all: a longer
     input indexes past its position table and fails deep inside the forward pass. None for models whose positions are

@@ -17,7 +17,7 @@ from peftkit.data.chat import Tools, check_tools_shown, generation_prompt, with_
 from peftkit.data.formats import Message
 from peftkit.errors import PeftkitError
 from peftkit.evaluate.generation import INCOMPLETE, room_to_answer, stop_token_ids, text_position_limit
-from peftkit.models.skeleton import trained_context
+from peftkit.models.skeleton import input_embedding_rows, trained_context
 
 
 class ReplyStopped(KeyboardInterrupt):
@@ -82,7 +82,7 @@ def stream_reply(
     try:
         prompt = generation_prompt(tokenizer, messages, tools)
         inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        rows = model.get_input_embeddings().num_embeddings
+        rows = input_embedding_rows(model)
         if int(inputs["input_ids"].max()) >= rows:
             from peftkit.data.build import MISMATCH_ADVICE
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from peftkit.data.chat import IGNORE_INDEX
+from peftkit.models.skeleton import input_embedding_rows
 from peftkit.utils.modes import eval_mode
 
 
@@ -35,7 +36,7 @@ def packed_rows_stay_separate(model: Any) -> bool:
     Attention across rows moves the joined row's first logits by a large share of their scale; rounding in
     16-bit weights moves them by well under 3 %."""
     generator = torch.Generator().manual_seed(0)
-    vocab_size = model.get_input_embeddings().num_embeddings
+    vocab_size = input_embedding_rows(model)
     first, second = (torch.randint(3, max(vocab_size, 4), (n,), generator=generator) for n in (5, 7))
     device = next(model.parameters()).device
     positions = torch.cat([torch.arange(5), torch.arange(7)])

@@ -30,6 +30,7 @@ from peftkit.train import checkpoints
 from peftkit.train import deepspeed as deepspeed_setup, disk_space, run_dir as run_dirs, signals
 from peftkit.train.launch import WORKER_ENV, dist_info, is_main_process, mean_over_processes, sum_over_processes
 from peftkit.models.fingerprint import base_config_summary, source_fingerprint
+from peftkit.models.skeleton import input_embedding_rows
 from peftkit.train.callbacks import (
     DivergenceGuard,
     MetricsJsonlCallback,
@@ -364,7 +365,7 @@ def _train(
             max_new_tokens=replay.max_answer_tokens, batch_size=recipe.eval.batch_size, known_only=replay.known_only)
         data = build_datasets(recipe.data, tokenizer, recipe.train.seed, replay_answerer=answerer)
 
-    check_token_ids_fit(data, model.get_input_embeddings().num_embeddings, recipe.model.name, tokenizer)
+    check_token_ids_fit(data, input_embedding_rows(model), recipe.model.name, tokenizer)
     if replay is not None and replay.distill and data.stats["replay_examples"]:
         n = data.stats["replay_examples"]  # replay rows are the last ones (data/build.py)
         data.train[-n:] = add_teacher_targets(model, tokenizer.pad_token_id, data.train[-n:])

@@ -134,6 +134,19 @@ def test_tools_are_read_from_a_schema_list_or_from_training_data(tmp_path):
         _read_tools(str(tmp_path / "missing.json"))
 
 
+@pytest.mark.parametrize("target", ["embed_tokens", "packing"])
+def test_a_run_with_a_lora_on_the_embeddings_trains_and_chats(tiny_recipe, target):
+    """peft wraps a LoRA'd `embed_tokens` in a layer without `num_embeddings`: chat's and packing's vocabulary
+    checks read the rows through it (both were an AttributeError)."""
+    adapter = {**tiny_recipe["adapter"], "target_modules": ["q_proj", "embed_tokens"]}
+    train_cfg = {**tiny_recipe["train"], "max_steps": 1, "packing": target == "packing"}
+    run_dir = train(recipe_from_dict({**tiny_recipe, "adapter": adapter, "train": train_cfg, "eval": {"before": False}})).run_dir
+    run = load_run(run_dir)
+    out = io.StringIO()
+    history = chat(run.model, run.tokenizer, system_prompt=None, prompt="hello", max_new_tokens=3, out=out)
+    assert history[-1]["role"] == "assistant" and out.getvalue().strip()
+
+
 def test_generation_stops_at_the_templates_end_of_turn_when_it_is_not_eos(tiny_model_dir, tmp_path):
     """A Qwen2.5-base-like tokenizer: ChatML turns end with <|im_end|>, but EOS is another token. Training
     teaches <|im_end|> as each reply's last token, so chat, eval and the merged export must stop there."""
