@@ -127,7 +127,7 @@ def cpu_blocksize_problem(recipe: Recipe) -> str | None:
 def _check_model(recipe: Recipe, tool_use: Any = None) -> tuple[list[str], Any]:
     """Problems with the model and what the recipe asks of it, and the model's skeleton (None where unreadable)."""
     from peftkit.adapters import check_targets, effective_quantization
-    from peftkit.models.load import attention_problem, chat_template_setting_problem, planned_device
+    from peftkit.models.load import attention_problem, planned_device
     from peftkit.models.registry import BUILTINS
     from peftkit.models.resolve import resolve_model_ref
     from peftkit.models.skeleton import bidirectional_problem, model_skeleton
@@ -139,9 +139,6 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> tuple[list[str], Any]:
     from peftkit.models.resolve import tokenizer_files_problem
 
     problems = [f"model.name: {problem}"] if (problem := tokenizer_files_problem(source)) else []
-    template_problem = chat_template_setting_problem(recipe.model.chat_template)
-    if template_problem:
-        problems.append(template_problem)
     builtin = BUILTINS.get(recipe.model.name) if source.kind == "builtin" else None
     wrong_task = builtin is not None and builtin.task != "causal_lm" and recipe.task != builtin.task
     if wrong_task:
@@ -162,7 +159,7 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> tuple[list[str], Any]:
         device = planned_device(recipe.train.device)
         attention = attention_problem(recipe.model.attn_implementation, skeleton, device=device)
         problems.extend([attention] if attention else [])
-    if tool_use is not None and not template_problem:
+    if tool_use is not None:
         problems.extend(_check_tool_use_template(recipe, source, tool_use))
     quantization = effective_quantization(recipe)
     if quantization is not None and quantization.keep_modules:
@@ -254,9 +251,13 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> Recipe:
     problems.extend(check_deepspeed(recipe))
     problems.extend(bitsandbytes_problems(recipe))
     problems.extend(filter(None, [cpu_blocksize_problem(recipe)]))
+    from peftkit.models.load import chat_template_setting_problem
+
+    template_problem = chat_template_setting_problem(recipe.model.chat_template)  # a file: checked without the model
+    problems.extend(filter(None, [template_problem]))
     skeleton = None
     if check_model:
-        model_problems, skeleton = _check_model(recipe, tool_use)
+        model_problems, skeleton = _check_model(recipe, None if template_problem else tool_use)
         problems.extend(model_problems)
     if problems:
         raise ConfigError(problems)

@@ -94,7 +94,7 @@ def tokenize_examples(
     lost_at: list[str] = []
     specials = special_tokens_pattern(tokenizer)
     written_specials: dict[str, str] = {}  # token text -> the first place it was written in the data
-    unanswered: list[str] = []  # conversations ending with a user turn: no reply follows it to train
+    dropped_at: list[str] = []
     for example in _tokenizing_progress(examples, what):
         texts = [example.text or ""] if example.messages is None else [str(m.get("content") or "") for m in example.messages]
         for token in {found for text in texts for found in specials.findall(text)} if specials else ():
@@ -124,9 +124,9 @@ def tokenize_examples(
             truncated_at.append(example.where)
         kept = [row for row in example_rows if trained_count(row["labels"])]
         dropped += len(example_rows) - len(kept)
+        if len(kept) < len(example_rows):
+            dropped_at.append(example.where)
         rows.extend(kept)
-        if kept and example.messages and example.messages[-1].get("role") == "user" and not train_on_prompt:
-            unanswered.append(example.where)
     if written_specials and what:
         named = ", ".join(f"{token!r} ({where})" for token, where in list(written_specials.items())[:3])
         log.warning("the %ss contain the text of special tokens, which the tokenizer reads as the tokens themselves "
@@ -141,13 +141,10 @@ def tokenize_examples(
     if split and what:
         log.info("%d plain-text %s(s) longer than data.max_seq_len=%d tokens were split into %d rows of up to %d "
                  "tokens, each trained whole", split, what, max_seq_len, split_rows, max_seq_len)
-    if unanswered and what:
-        log.info("%d %s(s) end with a user turn that no reply follows (first: %s): that turn is not trained, only "
-                 "read; end each conversation with the assistant's reply to train one", len(unanswered), what,
-                 unanswered[0])
-    if dropped and what:
-        log.warning("%d %s(s) had no trained token (none after the first, or none left after truncation) and were "
-                    "skipped", dropped, what)
+    if dropped and what:  # (a conversation ending in a user turn is the recipe check's warning: config/validate.py)
+        log.warning("%d %s row(s) had no token left to train and were skipped (first: %s): a reply that starts past "
+                    "data.max_seq_len=%d, replies all of weight 0, or a text of one token", dropped, what,
+                    dropped_at[0], max_seq_len)
     return rows, {"examples": len(examples), "truncated": truncated, "dropped": dropped, "split": split,
                   "split_rows": split_rows, "replies_lost": replies_lost}
 

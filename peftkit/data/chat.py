@@ -82,7 +82,7 @@ def _render(
     """The chat template's text for `messages`. Templates that refuse a system message (Mistral 7B v0.1/v0.2,
     Gemma 1, Llama-2-era Mistral fine-tunes) get it folded into the first user message instead, as
     LLaMA-Factory does and as Gemma's later templates do themselves."""
-    from jinja2.exceptions import TemplateError
+    from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
     if not getattr(tokenizer, "chat_template", None) and getattr(tokenizer, "no_template_reason", None):
         raise PeftkitError(f"{where}: {tokenizer.no_template_reason}" if where else tokenizer.no_template_reason)
@@ -94,6 +94,10 @@ def _render(
 
     try:
         text = render(messages)
+    except TemplateSyntaxError as exc:  # the template's own fault, whatever the conversation
+        raise PeftkitError(f"the chat template is not valid Jinja (line {exc.lineno}: {exc.message}): fix the template "
+                           "file model.chat_template names, or set `model.chat_template` to `chatml` or a template "
+                           "file that fits this model") from None
     except TemplateError as exc:
         refusal: Exception | str = exc
     else:

@@ -191,8 +191,32 @@ def is_single_token(tokenizer: Any, text: str) -> bool:
 
 def chat_template_setting_problem(setting: str | None) -> str | None:
     """What is wrong with `model.chat_template` before any tokenizer loads (None when nothing is)."""
-    if setting and setting not in NAMED_CHAT_TEMPLATES and not Path(setting).expanduser().is_file():
+    if not setting or setting in NAMED_CHAT_TEMPLATES:
+        return None
+    path = Path(setting).expanduser()
+    if not path.is_file():
         return f"model.chat_template: {setting} is neither `chatml`, `plain` nor an existing template file"
+    try:
+        problem = template_syntax_problem(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        problem = f"is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+    return f"model.chat_template: {setting} {problem}" if problem else None
+
+
+def template_syntax_problem(template: str) -> str | None:
+    """Why `template` does not compile as transformers compiles chat templates (its `{% generation %}` tag and
+    filters included), or None. A template that cannot compile fails on every conversation: said as the template's
+    fault, not the first record's."""
+    from jinja2.exceptions import TemplateSyntaxError
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # moved in another transformers: rendering still reports it (data/chat.py)
+        return None
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as exc:
+        return f"is not a valid Jinja chat template (line {exc.lineno}: {exc.message}); fix the template"
     return None
 
 

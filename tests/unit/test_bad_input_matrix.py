@@ -77,6 +77,12 @@ CASES: dict[str, tuple[Case, str]] = {
     "target modules match nothing": (lambda r, t: ["train", recipe_file(r, t), "adapter.target_modules=[attention]"], "matches no linear module"),
     "layers out of range": (lambda r, t: ["train", recipe_file(r, t), "adapter.layers=[0, 9]"], "out of range"),
     "chat template file missing": (lambda r, t: ["train", recipe_file(r, t), "model.chat_template=/no/template.jinja"], "chat_template"),
+    "chat template file not jinja": (lambda r, t: ["validate", recipe_file(r, t), "--no-model", "model.chat_template="
+                                     + write(t / "t.jinja", "{% for m in messages %}{{ m.content }")],
+                                     "t.jinja is not a valid Jinja chat template (line 1: unexpected '}')"),
+    "chat template unknown filter": (lambda r, t: ["train", recipe_file(r, t), "model.chat_template="
+                                      + write(t / "t.jinja", "{{ messages | nosuchfilter }}")],
+                                     "not a valid Jinja chat template (line 1: No filter named 'nosuchfilter'"),
     "read-only output location": (lambda r, t: ["train", recipe_file(r, t), "output_dir=/proc/peftkit/run"], "cannot write the run directory"),
     "resume without checkpoint": (lambda r, t: ["train", recipe_file(r, t), "--resume"], "no run to resume"),
     "chat on missing run": (lambda r, t: ["chat", str(t / "no-run")], "does not exist"),

@@ -10,7 +10,7 @@ import pytest
 
 from peftkit.data import IGNORE_INDEX, PaddingCollator, load_examples, tokenize_conversation
 from peftkit.data.build import load_heldout, split_train_eval
-from peftkit.errors import DataError
+from peftkit.errors import DataError, PeftkitError
 from tests.conftest import write_jsonl
 
 
@@ -115,6 +115,13 @@ def test_a_template_that_refuses_every_conversation_is_one_message(tiny_tokenize
     with pytest.raises(DataError, match=r"data.jsonl:3: the chat template refused this conversation: this template "
                                         r"takes no conversations\. .*model.chat_template"):
         tokenize_conversation(tokenizer, messages, max_seq_len=512, where="data.jsonl:3")
+
+
+def test_a_template_that_does_not_compile_is_blamed_not_the_conversation(tiny_tokenizer):
+    tokenizer = _with_template(tiny_tokenizer, "{% for m in messages %}{{ m.content }")
+    with pytest.raises(PeftkitError, match=r"^the chat template is not valid Jinja \(line 1: unexpected '}'\)") as caught:
+        tokenize_conversation(tokenizer, TWO_TURNS, max_seq_len=512, where="data.jsonl:3")
+    assert "data.jsonl" not in str(caught.value) and not isinstance(caught.value, DataError)
 
 
 THINKING_TEMPLATE = (  # Qwen3-like: only the last assistant turn carries an (empty) <think> block
@@ -256,21 +263,18 @@ def test_alpaca_and_text_formats(tmp_path):
     assert [e.text for e in load_examples(txt)] == ["first paragraph", "second paragraph"]
 
 
-def test_conversations_ending_with_an_unanswered_user_turn_are_said(tmp_path, tiny_tokenizer, caplog):
+def test_a_row_skipped_for_having_nothing_to_train_is_named(tmp_path, tiny_tokenizer, caplog):
     from peftkit.data.build import tokenize_examples
 
-    path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [
-        {"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi there"}, {"from": "human", "value": "bye"}]},
-        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}])
-    with caplog.at_level("INFO", logger="peftkit"):
-        rows, _ = tokenize_examples(load_examples(path), tiny_tokenizer, 64, None, what="training example")
-    assert len(rows) == 2
-    assert "1 training example(s) end with a user turn that no reply follows (first: " in caplog.text
-    assert "s.jsonl:1)" in caplog.text
-    caplog.clear()
-    with caplog.at_level("INFO", logger="peftkit"):
-        tokenize_examples(load_examples(path), tiny_tokenizer, 64, None, train_on_prompt=True, what="training example")
-    assert "no reply follows" not in caplog.text, "trained there: every token is"
+    path = write_jsonl(tmp_path / "s.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"messages": [{"role": "system", "content": "rules " * 80}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "hello"}]}])
+    with caplog.at_level("WARNING", logger="peftkit"):
+        rows, stats = tokenize_examples(load_examples(path), tiny_tokenizer, 32, None, what="training example")
+    assert len(rows) == 1 and stats["dropped"] == 1
+    assert "1 training example row(s) had no token left to train and were skipped (first: " in caplog.text
+    assert "s.jsonl:2)" in caplog.text
 
 
 def test_sharegpt_and_prompt_completion_formats(tmp_path, tiny_tokenizer):
