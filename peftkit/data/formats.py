@@ -23,6 +23,7 @@ import dataclasses
 import gzip
 import io
 import json
+import logging
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,8 @@ from peftkit.data.columns import (ROLE_ALIASES, SYSTEM_FIELDS, detected_pair, de
                                   mapped_text, number_as_text, pair_messages, record_keys, type_name)
 from peftkit.errors import DataError
 from peftkit.utils.yaml_flow import flow_yaml
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from peftkit.config.schema import ColumnsConfig
@@ -1018,8 +1021,26 @@ def _file_examples(one: str | Path, fmt: str, columns: ColumnsConfig | None,
             found.append(to_example(prepare(record, where) if prepare else record, where, fmt, columns))
         except DataError as exc:  # go on: one message lists the first few bad records, not just one
             problems.append((where, str(exc)))
+    if problems and not found and (fmt != "auto" or columns is not None):
+        detected = _read_as_detected(one, prepare)
+        if detected:  # a list of sources, each in its own format: the map fits some of them, not this one
+            log.info("%s does not fit data.%s; its format was detected instead", one,
+                     "columns" if columns is not None else f"format ({fmt})")
+            return detected
     if problems:
         raise bad_records_error(one, problems, len(found))
     if not found:
         raise DataError(f"data {one} contains no examples")
+    return found
+
+
+def _read_as_detected(one: str | Path, prepare: Callable[[Any, str], Any] | None) -> list[Example] | None:
+    """Every record of `one` in its detected format, or None where any of them is not in one."""
+    found = []
+    try:
+        for where, record in read_records(one):
+            _check_unicode(record, where)
+            found.append(to_example(prepare(record, where) if prepare else record, where, "auto", None))
+    except DataError:
+        return None
     return found

@@ -131,6 +131,27 @@ def test_columns_map_a_csv_pair_with_input_and_system(tmp_path):
     assert roles_and_texts(second) == [("user", "Preis?\n\nTarif B"), ("assistant", "Zehn Euro.")]
 
 
+def test_a_source_the_columns_map_does_not_fit_at_all_is_read_in_its_detected_format(tmp_path, caplog):
+    """`train: [faq.csv, chat.jsonl]` with a map written for the CSV: each source in its own format, as the README
+    says of lists; a file the map fits in part keeps the map's error (a mistake in the data, not another format)."""
+    faq = tmp_path / "faq.csv"
+    faq.write_text("Frage,Antwort\nWann offen?,Ab neun.\n", encoding="utf-8")
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                                {"role": "assistant", "content": "hello"}]}])
+    columns = ColumnsConfig(prompt="Frage", response="Antwort")
+    with caplog.at_level("INFO", logger="peftkit"):
+        first, second = load_examples([faq, chat], columns=columns)
+    assert roles_and_texts(first) == [("user", "Wann offen?"), ("assistant", "Ab neun.")]
+    assert roles_and_texts(second) == [("user", "hi"), ("assistant", "hello")]
+    assert "chat.jsonl does not fit data.columns; its format was detected instead" in caplog.text
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"Frage": "a?", "Antwort": "b."}, {"question": "c?", "answer": "d."}])
+    with pytest.raises(DataError, match="mixed.jsonl:2"):
+        load_examples(mixed, columns=columns)
+    custom = write_jsonl(tmp_path / "custom.jsonl", [{"Q": "a?", "A": "b."}])
+    with pytest.raises(DataError, match="prompt field 'Frage' is missing"):
+        load_examples(custom, columns=columns)
+
+
 def test_columns_text_form_trains_plain_text(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"body": "Plain domain text.", "id": 3}])
     [example] = load_examples(path, columns=ColumnsConfig(text="body"))
