@@ -351,7 +351,26 @@ def train_eval_examples(cfg: DataConfig, seed: int) -> tuple[list[Example], list
         log.warning("data.system_prompt is not trained: the training data is plain text, trained as it is without a "
                     "chat template, yet `peftkit chat` and the exports would start every conversation with this system "
                     "prompt, which the model never saw; remove it, or train on conversations")
+    elif cfg.system_prompt and examples and never_given_system_prompt(examples, cfg.system_prompt):
+        log.warning("data.system_prompt is not trained: every training conversation has a system turn of its own, "
+                    "which wins over it, yet the held-out scoring, `peftkit chat` and the exports ask with this one, "
+                    "which the model never saw; remove data.system_prompt, or set it to the data's own")
     return train, held_out
+
+
+def never_given_system_prompt(examples: list[Example], system_prompt: str) -> bool:
+    """Whether no conversation trains with `system_prompt`: each has its own, non-blank system turn (which
+    with_system_prompt keeps), and none of those is this prompt."""
+    own = set()
+    for example in examples:
+        if example.messages is None:
+            continue
+        first = example.messages[0] if example.messages else {}
+        text = str(first.get("content") or "").strip() if first.get("role") == "system" else ""
+        if not text:
+            return False
+        own.add(text)
+    return bool(own) and system_prompt.strip() not in own
 
 
 def build_datasets(

@@ -995,6 +995,23 @@ def test_a_system_prompt_on_plain_text_data_is_warned_about(tmp_path, caplog):
     assert "system_prompt" not in caplog.text
 
 
+@pytest.mark.parametrize(("systems", "warned"), [(["Own.", "Own."], True), (["Own.", None], False),
+                                                 (["Own.", "   "], False), (["Recipe's.", "Own."], False)])
+def test_a_system_prompt_no_conversation_trains_with_is_warned_about(tmp_path, caplog, systems, warned):
+    import logging
+
+    from peftkit.config.schema import DataConfig
+    from peftkit.data.build import train_eval_examples
+
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": ([{"role": "system", "content": text}] if text is not None else []) + turns} for text in systems])
+    with caplog.at_level(logging.WARNING, logger="peftkit.data.build"):
+        train_eval_examples(DataConfig(train=str(path), system_prompt="Recipe's.", eval_fraction=0), 42)
+    said = "data.system_prompt is not trained: every training conversation has a system turn of its own"
+    assert (said in caplog.text) is warned
+
+
 def test_a_tokenizer_without_eos_or_template_trains_plain_text_and_names_the_fix_for_conversations():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
