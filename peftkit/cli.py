@@ -128,7 +128,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _tokenized_data_line(recipe: Any, tokenizer: Any) -> str:
     """Tokenize the data as training will (raising what training would), and say how much of it fits."""
     from peftkit.data import build_datasets
-    from peftkit.data.build import check_token_ids_fit
+    from peftkit.data.build import check_token_ids_fit, data_summary_line
     from peftkit.models import resolve_model_ref
     from peftkit.models.skeleton import model_skeleton
 
@@ -136,21 +136,7 @@ def _tokenized_data_line(recipe: Any, tokenizer: Any) -> str:
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     embeddings = model_skeleton(source, recipe.model, task=recipe.task).get_input_embeddings()  # no weights loaded
     check_token_ids_fit(data, embeddings.num_embeddings, recipe.model.name, tokenizer)
-    stats = data.stats
-    cut = [f"{stats['train_truncated']} cut at max_seq_len={recipe.data.max_seq_len}"] if stats["train_truncated"] else []
-    lost = stats.get("train_replies_lost")
-    cut += [f"{lost} repl{'y' if lost == 1 else 'ies'} past it lost"] if lost else []
-    cut += ([f"{stats['train_split']} long text{'s' * (stats['train_split'] != 1)} split into {stats['train_split_rows']} rows"]
-            if stats.get("train_split") else [])
-    cut += [f"{stats['train_dropped']} dropped (no trained token left)"] if stats["train_dropped"] else []
-    formats = sorted(stats.get("train_formats", {}).items(), key=lambda item: -item[1])  # as `format: auto` read them
-    read_as = [f"{formats[0][0]} format" if len(formats) == 1 else ", ".join(f"{n} {name}" for name, n in formats)]
-    notes = "; ".join(read_as * bool(formats) + ([", ".join(cut)] if cut else []))
-    parts = [f"{stats['train_rows'] - stats['replay_examples']} training rows" + (f" ({notes})" if notes else ""),
-             f"{stats['train_supervised_tokens']:,} trained tokens", f"{stats['eval_rows']} eval rows"]
-    parts += [f"{stats['replay_examples']} replay rows"] if stats["replay_examples"] else []
-    parts += [f"{stats['heldout_questions']} held-out questions"] if stats["heldout_questions"] else []
-    return "Data: " + ", ".join(parts)
+    return data_summary_line(data.stats, recipe.data.max_seq_len)
 
 
 def _show_data(recipe: Any, tokenizer: Any, count: int) -> None:

@@ -358,6 +358,24 @@ def train_eval_examples(cfg: DataConfig, seed: int) -> tuple[list[Example], list
     return train, held_out
 
 
+def data_summary_line(stats: dict[str, Any], max_seq_len: int) -> str:
+    """One line on what the data became (`DataBundle.stats`): rows, formats, what was cut, trained tokens."""
+    cut = [f"{stats['train_truncated']} cut at max_seq_len={max_seq_len}"] if stats["train_truncated"] else []
+    lost = stats.get("train_replies_lost")
+    cut += [f"{lost} repl{'y' if lost == 1 else 'ies'} past it lost"] if lost else []
+    cut += ([f"{stats['train_split']} long text{'s' * (stats['train_split'] != 1)} split into {stats['train_split_rows']} rows"]
+            if stats.get("train_split") else [])
+    cut += [f"{stats['train_dropped']} dropped (no trained token left)"] if stats["train_dropped"] else []
+    formats = sorted(stats.get("train_formats", {}).items(), key=lambda item: -item[1])  # as `format: auto` read them
+    read_as = [f"{formats[0][0]} format" if len(formats) == 1 else ", ".join(f"{n} {name}" for name, n in formats)]
+    notes = "; ".join(read_as * bool(formats) + ([", ".join(cut)] if cut else []))
+    parts = [f"{stats['train_rows'] - stats['replay_examples']} training rows" + (f" ({notes})" if notes else ""),
+             f"{stats['train_supervised_tokens']:,} trained tokens", f"{stats['eval_rows']} eval rows"]
+    parts += [f"{stats['replay_examples']} replay rows"] if stats["replay_examples"] else []
+    parts += [f"{stats['heldout_questions']} held-out questions"] if stats["heldout_questions"] else []
+    return "Data: " + ", ".join(parts)
+
+
 def never_given_system_prompt(examples: list[Example], system_prompt: str) -> bool:
     """Whether no conversation trains with `system_prompt`: each has its own, non-blank system turn (which
     with_system_prompt keeps), and none of those is this prompt."""

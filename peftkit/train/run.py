@@ -18,7 +18,7 @@ from peftkit.config.schema import Recipe
 from peftkit.config.validate import validate_recipe
 from peftkit.data import PaddingCollator, build_datasets
 from peftkit.adapters.lora import KNOWLEDGE_INITS
-from peftkit.data.build import check_token_ids_fit, general_rows
+from peftkit.data.build import check_token_ids_fit, data_summary_line, general_rows
 from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
 from peftkit.errors import ConfigError, PeftkitError, RunDirError, is_disk_full
 from peftkit.train.distill import add_teacher_targets
@@ -170,6 +170,16 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
         disable_tqdm=False,
         **deepspeed_setup.training_kwargs(recipe, device, dtype),  # deepspeed config; gloo (CPU) / nccl backend
     )
+
+
+def _warn_if_one_batch_holds_all(recipe: Recipe, rows: int) -> None:
+    """A batch larger than the data trains smaller steps than the recipe says: said, not left to the summary's
+    `global_batch_size`."""
+    batch = recipe.train.batch_size * recipe.train.grad_accum * dist_info().world_size
+    if rows < batch:
+        log.warning("The global batch (%d = batch_size x grad_accum x processes) is larger than the %d training rows: "
+                    "every optimizer step trains on all %d, so each epoch is one step; lower train.batch_size, or add "
+                    "data", batch, rows, rows)
 
 
 def _heldout(model: Any, tokenizer: Any, recipe: Recipe, items: list[Any]) -> tuple[float | None, list[dict[str, Any]]]:
@@ -366,6 +376,9 @@ def _train(
         data = build_datasets(recipe.data, tokenizer, recipe.train.seed, replay_answerer=answerer)
 
     check_token_ids_fit(data, input_embedding_rows(model), recipe.model.name, tokenizer)
+    if main_process:
+        log.info("%s", data_summary_line(data.stats, recipe.data.max_seq_len))
+        _warn_if_one_batch_holds_all(recipe, len(data.train))
     if replay is not None and replay.distill and data.stats["replay_examples"]:
         n = data.stats["replay_examples"]  # replay rows are the last ones (data/build.py)
         data.train[-n:] = add_teacher_targets(model, tokenizer.pad_token_id, data.train[-n:])

@@ -368,3 +368,18 @@ def test_an_exports_json_reports_keep_their_text_as_written(tmp_path):
     write_json(tmp_path / "verification.json", {"prompt": "Когда открыто?", "path": tmp_path / "东京"})
     written = (tmp_path / "verification.json").read_text(encoding="utf-8")
     assert "Когда открыто?" in written and "东京" in written and "\\u" not in written
+
+
+def test_training_says_what_the_data_became_and_a_batch_larger_than_the_data(tiny_recipe, caplog):
+    from peftkit.train.run import train
+
+    recipe = {**tiny_recipe, "data": {**tiny_recipe["data"], "eval_fraction": 0},
+              "train": {**tiny_recipe["train"], "epochs": 1, "batch_size": 64}, "eval": {"before": False}}
+    with caplog.at_level(logging.INFO, logger="peftkit"):
+        result = train(recipe_from_dict(recipe))
+    summary = json.loads((Path(result.run_dir) / "summary.json").read_text())
+    rows = summary["train_rows"]
+    assert rows < 64 and summary["steps"] == 1
+    assert f"Data: {rows} training rows (chat format" in caplog.text
+    assert (f"The global batch (64 = batch_size x grad_accum x processes) is larger than the {rows} training rows: "
+            f"every optimizer step trains on all {rows}") in caplog.text
