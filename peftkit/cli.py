@@ -103,6 +103,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     elif problems := options.problems():
         raise LaunchError("; ".join(problems))
     check_process_count(recipe, options)
+    if not Path(args.recipe).is_dir():  # a run directory's own recipe names that run: nothing to warn of
+        _warn_if_output_dir_is_taken(recipe)
     check_data = not args.no_model and recipe.task == "causal_lm"
     tokenizer = None
     if check_data or (args.show_data and recipe.task == "causal_lm"):
@@ -123,6 +125,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     elif args.show_data:
         _show_labeled_data(recipe, args.show_data)
     return 0
+
+
+def _warn_if_output_dir_is_taken(recipe: Any) -> None:
+    """What `train` (without --resume / --force) would say of the recipe's output_dir, said as a warning: the
+    recipe is valid, and the flags decide."""
+    from peftkit.errors import RunDirError
+    from peftkit.train.run_dir import check_run_dir
+
+    try:
+        check_run_dir(Path(recipe.output_dir), resume=False, force=False, recipe_dump=recipe.model_dump(mode="json"))
+    except RunDirError as exc:
+        logging.getLogger("peftkit").warning("`peftkit train` would refuse to start: %s", exc)
 
 
 def _tokenized_data_line(recipe: Any, tokenizer: Any) -> str:

@@ -26,6 +26,23 @@ def test_validate_ok(tiny_recipe, tmp_path, capsys):
     assert "recipe is valid" in capsys.readouterr().out
 
 
+def test_validate_warns_of_an_output_dir_train_would_refuse(tiny_recipe, tmp_path, capsys, caplog):
+    from pathlib import Path
+
+    from peftkit.train.run_dir import mark_run_dir
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    run_dir = Path(tiny_recipe["output_dir"])
+    assert main(["validate", str(path), "--no-model"]) == 0
+    assert "would refuse to start" not in caplog.text, "no run there yet"
+    mark_run_dir(run_dir, "{}")
+    (run_dir / "summary.json").write_text("{}")
+    assert main(["validate", str(path), "--no-model"]) == 0
+    assert f"`peftkit train` would refuse to start: {run_dir} already holds a finished run" in caplog.text
+    assert "recipe is valid" in capsys.readouterr().out
+
+
 def test_validate_reports_unknown_target_modules(tiny_recipe, tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe))
