@@ -56,7 +56,17 @@ MAX_REPORTED_PROBLEMS = 5
 """Bad records listed in one data error (the rest are counted)."""
 COLUMNS_ADVICE = "for other field names add a map to the recipe, e.g. `data: {columns: {prompt: q, response: a}}`"
 """Advice that suits data.train / data.eval; replay files replace it (data.columns does not apply to them)."""
-ROLES_ADVICE = " (or map other speakers with data.columns.roles)"
+ROLES_ADVICE = " (or map other speakers with data.columns"
+"""How each unknown-speaker message's advice starts (roles_advice); replay files replace it from there to the end
+(data/replay.py): the recipe's columns do not apply to them."""
+
+
+def roles_advice(speaker: Any, field: str, role_key: str, content_key: str) -> str:
+    """The whole `data.columns` map that reads a conversation with another speaker name: `roles` describes the
+    turns of a conversation field, so the field and its keys are named too (`roles` alone is refused)."""
+    keys = "" if (role_key, content_key) == ("role", "content") else f", role: {role_key}, content: {content_key}"
+    return (f"{ROLES_ADVICE}: `data.columns: {{messages: {field}{keys}, roles: {{{speaker}: user}}}}`, each name to "
+            "user, assistant, system or tool)")
 _CONVERSATION_ADVICE = re.compile(r"`[^`]+` holds a list of objects, a conversation with other field names: .*?maps "
                                   r"speaker names to user / assistant\)", re.DOTALL)
 
@@ -626,7 +636,7 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
             role = ROLE_ALIASES.get(str(role).lower()) if str(role).lower() != "function_call" else None
         if role is None:
             raise DataError(f"{where}: message {i + 1} has unknown role {message['role']!r}; use one of "
-                            f"{', '.join(ROLES)}{ROLES_ADVICE}")
+                            f"{', '.join(ROLES)}{roles_advice(message['role'], 'messages', 'role', 'content')}")
         content = "" if content is None and calls else message_text(content, f"{where}: message {i + 1}")
         if role == "system" and i != 0:
             raise DataError(f"{where}: a system message may only come first (found at position {i + 1})")
@@ -734,7 +744,7 @@ def sharegpt_messages(record: dict[str, Any], where: str) -> list[Message]:
         if role is None:
             raise DataError(
                 f"{where}: conversation turn {i + 1} is from {turn['from']!r}; peftkit reads "
-                f"{', '.join(sorted(ROLE_ALIASES))} turns{ROLES_ADVICE}"
+                f"{', '.join(sorted(ROLE_ALIASES))} turns{roles_advice(turn['from'], 'conversations', 'from', 'value')}"
             )
         if source == "function_call":
             where_turn = f"{where}: conversation turn {i + 1}"
@@ -1021,11 +1031,10 @@ def _file_examples(one: str | Path, fmt: str, columns: ColumnsConfig | None,
             found.append(to_example(prepare(record, where) if prepare else record, where, fmt, columns))
         except DataError as exc:  # go on: one message lists the first few bad records, not just one
             problems.append((where, str(exc)))
-    if problems and not found and (fmt != "auto" or columns is not None):
+    if problems and not found and columns is not None:  # (an explicit data.format is the user's word on every file)
         detected = _read_as_detected(one, prepare)
         if detected:  # a list of sources, each in its own format: the map fits some of them, not this one
-            log.info("%s does not fit data.%s; its format was detected instead", one,
-                     "columns" if columns is not None else f"format ({fmt})")
+            log.info("%s does not fit data.columns; its format was detected instead", one)
             return detected
     if problems:
         raise bad_records_error(one, problems, len(found))

@@ -279,3 +279,21 @@ def test_the_recipes_speaker_map_ignores_case_as_the_usual_spellings_do(tmp_path
     columns = ColumnsConfig(messages="turns", role="speaker", content="text", roles={"customer": "user", "agent": "assistant"})
     [example] = load_examples(write_jsonl(tmp_path / "d.jsonl", records), columns=columns)
     assert roles_and_texts(example) == [("user", "hi"), ("assistant", "hello")]
+
+
+@pytest.mark.parametrize("record", [
+    {"conversations": [{"from": "kunde", "value": "Hallo"}, {"from": "gpt", "value": "Guten Tag."}]},
+    {"messages": [{"role": "kunde", "content": "Hallo"}, {"role": "assistant", "content": "Guten Tag."}]}])
+def test_an_unknown_speaker_is_told_the_whole_columns_map_that_reads_it(tmp_path, record):
+    """`roles` alone is refused (it describes a conversation field's turns): the advice is a map that works."""
+    import re
+
+    import yaml
+
+    path = write_jsonl(tmp_path / "d.jsonl", [record])
+    with pytest.raises(DataError) as caught:
+        load_examples(path)
+    advice = re.search(r"`data.columns: (\{.*\})`", str(caught.value))
+    assert advice, str(caught.value)
+    columns = ColumnsConfig(**yaml.safe_load(advice.group(1)))
+    assert roles_and_texts(load_examples(path, columns=columns)[0]) == [("user", "Hallo"), ("assistant", "Guten Tag.")]
