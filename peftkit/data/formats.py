@@ -623,6 +623,16 @@ _NEXT_ROLES = {None: ("user",), "user": ("assistant",), "assistant": ("user",), 
 """Which roles may follow each turn (None: the start; `tool_calls`: an assistant turn that calls tools)."""
 
 
+def _content_key_hint(message: Any) -> str:
+    """For a turn with a `role` and its text under one other key (`text`, `value`, ...): the map that reads it."""
+    if not isinstance(message, dict) or "role" not in message:
+        return ""
+    texts = [key for key, value in message.items() if key != "role" and isinstance(value, str)]
+    if len(texts) != 1:
+        return ""
+    return f"; its text is under `{texts[0]}`: `data.columns: {{messages: messages, content: {texts[0]}}}` reads it"
+
+
 def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
@@ -630,7 +640,8 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
     for i, message in enumerate(messages):
         calls = message_calls(message, f"{where}: message {i + 1}")
         if not isinstance(message, dict) or "role" not in message or ("content" not in message and not calls):
-            raise DataError(f"{where}: message {i + 1} must be an object with `role` and `content`")
+            raise DataError(f"{where}: message {i + 1} must be an object with `role` and `content`"
+                            f"{_content_key_hint(message)}")
         role, content = message["role"], message.get("content")
         if role not in ROLES:  # `human` / `gpt` / `User` ...: the speaker names ShareGPT data uses
             role = ROLE_ALIASES.get(str(role).lower()) if str(role).lower() != "function_call" else None

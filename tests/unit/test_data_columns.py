@@ -297,3 +297,17 @@ def test_an_unknown_speaker_is_told_the_whole_columns_map_that_reads_it(tmp_path
     assert advice, str(caught.value)
     columns = ColumnsConfig(**yaml.safe_load(advice.group(1)))
     assert roles_and_texts(load_examples(path, columns=columns)[0]) == [("user", "Hallo"), ("assistant", "Guten Tag.")]
+
+
+def test_turns_whose_text_has_another_key_are_told_the_map_that_reads_them(tmp_path):
+    import re
+
+    import yaml
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "text": "Hi"},
+                                                            {"role": "assistant", "text": "Hello."}]}])
+    with pytest.raises(DataError, match="message 1 must be an object with `role` and `content`; its text is under `text`"
+                       ) as caught:
+        load_examples(path)
+    columns = ColumnsConfig(**yaml.safe_load(re.search(r"`data.columns: (\{.*\})`", str(caught.value)).group(1)))
+    assert roles_and_texts(load_examples(path, columns=columns)[0]) == [("user", "Hi"), ("assistant", "Hello.")]
