@@ -34,6 +34,7 @@ def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
         tool_use = tool_use or next((e for e in examples if e.tools or any(
             m["role"] == "tool" or m.get("tool_calls") for m in e.messages or ())), None)
         trailing += [e.where for e in examples if e.messages and e.messages[-1]["role"] != "assistant"]
+        _warn_about_tool_calls(examples, f"data.{key}")
     if trailing and not recipe.data.train_on_prompt:  # with it, the trailing turn is trained too
         # Not an error: the turns before it still train; but the trailing turn is never learnt from.
         log.warning("%d conversation(s) end with a user or tool turn after the last assistant reply (first: %s); "
@@ -63,6 +64,30 @@ def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
         else:  # the template check renders training's tool use, else the held-out questions asked with tools
             tool_use = tool_use or next((item for item in heldout if item.tools), None)
     return problems, tool_use
+
+
+def _warn_about_tool_calls(examples: list[Any], key: str) -> None:
+    """Tool calls the record's `tools` do not declare: the model learns to call a function whose schema its prompt
+    never shows (a warning); calls with no `tools` at all may have their schema in the system prompt (said, info)."""
+    undeclared: list[tuple[str, list[str]]] = []
+    unlisted: list[str] = []
+    for example in examples:
+        called = {call["function"]["name"] for m in example.messages or () for call in m.get("tool_calls") or ()}
+        if called and example.tools:
+            declared = {str(tool.get("function", tool).get("name")) for tool in example.tools}
+            if called - declared:
+                undeclared.append((example.where, sorted(called - declared)))
+        elif called:
+            unlisted.append(example.where)
+    if undeclared:
+        where, names = undeclared[0]
+        log.warning("%s: %d conversation(s) call a tool their `tools` list does not declare (first: %s calls %s): the "
+                    "model learns to call it without its schema in the prompt; add it to the record's `tools`", key,
+                    len(undeclared), where, ", ".join(names))
+    if unlisted:
+        log.info("%s: %d conversation(s) make tool calls with no `tools` list (first: %s): no schema is shown in their "
+                 "prompt, so the calls are learnt from the conversations alone (fine where the system prompt "
+                 "describes the tools)", key, len(unlisted), unlisted[0])
 
 
 def _check_tool_use_template(recipe: Recipe, source: Any, example: Any) -> list[str]:

@@ -264,3 +264,20 @@ def test_eval_refuses_heldout_tool_questions_its_template_cannot_show(tiny_recip
     with pytest.raises(DataError, match=r"heldout.jsonl: held-out questions come with `tools`"):
         evaluate_run(run.run_dir, heldout=str(heldout))
     assert not (run.run_dir / "eval.json").exists()
+
+
+def test_calls_to_tools_the_record_does_not_declare_are_warned_about(tmp_path, tiny_recipe, caplog):
+    import logging
+
+    from peftkit.config.validate import validate_recipe
+
+    other = copy.deepcopy(CONVERSATION)
+    other["messages"][1]["tool_calls"] = [{"type": "function", "function": {"name": "renew_loan", "arguments": "{}"}}]
+    unlisted = {k: v for k, v in copy.deepcopy(CONVERSATION).items() if k != "tools"}
+    path = write_jsonl(tmp_path / "tools.jsonl", [CONVERSATION, other, unlisted])
+    recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "train": str(path)}})
+    with caplog.at_level(logging.INFO, logger="peftkit"):
+        validate_recipe(recipe, check_model=False)
+    assert ("data.train: 1 conversation(s) call a tool their `tools` list does not declare (first: "
+            f"{path}:2 calls renew_loan)") in caplog.text
+    assert f"data.train: 1 conversation(s) make tool calls with no `tools` list (first: {path}:3)" in caplog.text
