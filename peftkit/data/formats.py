@@ -129,12 +129,23 @@ def _read_text(path: Path) -> str:
             raise DataError(f"{path}: not a readable gzip file ({exc or 'it ends too early'}); check that the "
                             "download or copy is complete, or give the uncompressed file") from None
         inside = " of the decompressed text"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its byte-order mark (Windows PowerShell's `>`)
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            pass  # not UTF-16 after all: said below
+    utf16 = data[:200].count(b"\x00") * 3 > len(data[:200]) > 0  # ASCII in UTF-16: every other byte is 0
     try:
-        return data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: bytes that are not valid UTF-8 (offset {exc.start}{inside}); re-save the "
-                        "file as UTF-8") from None
+        raise DataError(f"{path}:{line}: bytes that are not valid UTF-8 (offset {exc.start}{inside})"
+                        + ("; it looks like UTF-16 text without a byte-order mark" if utf16 else "")
+                        + "; re-save the file as UTF-8") from None
+    if utf16:  # valid UTF-8 all the same (NUL is a character): every line would fail as JSON or be trained with NULs
+        raise DataError(f"{path}: the text{inside} is UTF-16 without a byte-order mark (every other byte is 0); "
+                        "re-save the file as UTF-8")
+    return text
 
 
 GZIP_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".ndjson")

@@ -348,6 +348,22 @@ def test_non_utf8_file(tmp_path):
         load_examples(path)
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".txt"])
+def test_utf16_with_its_byte_order_mark_is_read_and_without_it_is_named(tmp_path, suffix):
+    """Windows PowerShell's `>` writes UTF-16 with a byte-order mark: that is unambiguous, and read. Without the
+    mark ASCII text in UTF-16 is valid UTF-8 full of NULs: said as what it is, not as broken JSON."""
+    body = {".jsonl": '{"prompt": "Café?", "completion": "Oui."}\n', ".csv": "prompt,completion\nCafé?,Oui.\n",
+            ".txt": "Le café ouvre à neuf heures.\n"}[suffix]
+    marked = tmp_path / f"marked{suffix}"
+    marked.write_text(body, encoding="utf-16")
+    example = load_examples(marked)[0]
+    assert (example.text or example.messages[0]["content"]).startswith(("Café?", "Le café"))
+    ascii_body = body.replace("é", "e").replace("à", "a")
+    (tmp_path / f"bare{suffix}").write_bytes(ascii_body.encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"is UTF-16 without a byte-order mark .* re-save the file as UTF-8"):
+        load_examples(tmp_path / f"bare{suffix}")
+
+
 def test_empty_and_missing_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="contains no examples"):
