@@ -478,7 +478,8 @@ def _bad_lines_message(path: Path, bad: list[tuple[int, str, str]], counted_all:
     hint = bad[-1][2]  # only the last line can carry one: it stopped the count
     message = f"{path}:{number}: line is not valid JSON ({problem})"
     if len(bad) > 1:
-        more = "; ".join(f"line {n} ({p})" for n, p, _ in bad[1:SHOWN_BAD_LINES])
+        more = "; ".join(f"line {n} ({p.replace(TRAILING_COMMA, ', a comma after the record too')})"
+                         for n, p, _ in bad[1:SHOWN_BAD_LINES])  # the explanation said once, for the first line
         rest = len(bad) - SHOWN_BAD_LINES
         counted = f"{len(bad)} lines in all" if counted_all else f"at least {len(bad)} lines"
         message += f"; {counted} are not valid JSON: also {more}" + (f" and {rest} more" if rest > 0 else "")
@@ -487,11 +488,14 @@ def _bad_lines_message(path: Path, bad: list[tuple[int, str, str]], counted_all:
     return f"{message}; each line of a .jsonl file must be one JSON object{hint}"
 
 
+TRAILING_COMMA = ": a comma after the record; JSON Lines puts nothing between records but the line break"
+
+
 def _json_problem(exc: json.JSONDecodeError) -> str:
     """The parser's complaint with its column: "Extra data" after a complete object is often a trailing comma."""
     problem = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
     if exc.msg == "Extra data" and exc.doc[exc.pos:].strip().startswith(","):
-        problem += ": a comma after the record; JSON Lines puts nothing between records but the line break"
+        problem += TRAILING_COMMA
     return problem
 
 

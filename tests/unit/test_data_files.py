@@ -288,8 +288,10 @@ def test_jsonl_mistakes_are_placed_and_explained(tmp_path):
         load_examples(per_line)
     commas = tmp_path / "c.jsonl"
     commas.write_text('{"prompt": "a", "completion": "b"},\n{"prompt": "c", "completion": "d"},\n')
-    with pytest.raises(DataError, match=r"c.jsonl:1: .*a comma after the record"):
+    with pytest.raises(DataError, match=r"c.jsonl:1: .*a comma after the record") as caught:
         load_examples(commas)
+    assert str(caught.value).count("JSON Lines puts nothing between records") == 1, "explained once"
+    assert "line 2 (Extra data at column 35, a comma after the record too)" in str(caught.value)
     pretty = tmp_path / "p.jsonl"
     pretty.write_text('{\n  "prompt": "a",\n  "completion": "b"\n}\n')
     with pytest.raises(DataError, match=r"p.jsonl:1: .*write each on one line, e.g. with `jq -c .`"):
