@@ -273,6 +273,11 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int, max_ev
     if n_eval >= len(examples):
         raise DataError(f"data.eval_fraction={fraction} of {len(examples)} examples leaves none to train on; "
                         "lower it, or give the eval examples in their own file (data.eval)")
+    if n_eval > 2 * fraction * len(examples):  # at least one: on a few examples that is far more than asked
+        log.warning("The eval split holds %d of the %d examples (%.0f %%; data.eval_fraction is %g): on data this small "
+                    "that is taken from training; set data.eval_fraction: 0 to train on all of them, or give eval "
+                    "examples in their own file (data.eval)", n_eval, len(examples), 100 * n_eval / len(examples),
+                    fraction)
     keys = [content_key(example) for example in examples]
     copies: dict[str, list[int]] = {}
     for i, key in enumerate(keys):

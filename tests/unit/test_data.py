@@ -385,6 +385,18 @@ def test_split_is_deterministic_and_disjoint(chat_file):
     assert not {e.where for e in eval_a} & {e.where for e in train_a}
 
 
+def test_an_eval_split_far_larger_than_asked_on_a_few_examples_is_warned_about(chat_file, caplog):
+    examples = load_examples(chat_file)[:3]
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        train, held_out = split_train_eval(examples, 0.1, seed=0)
+    assert (len(train), len(held_out)) == (2, 1)
+    assert "The eval split holds 1 of the 3 examples (33 %; data.eval_fraction is 0.1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        split_train_eval(load_examples(chat_file), 0.1, seed=0)  # 2 of 16: about the fraction
+    assert "The eval split holds" not in caplog.text
+
+
 def test_heldout_accepts_alternatives_and_adds_system_prompt(heldout_file):
     items = load_heldout(heldout_file, system_prompt="be brief")
     assert items[0].messages[0] == {"role": "system", "content": "be brief"}
