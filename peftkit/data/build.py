@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from peftkit.config.schema import DataConfig
-from peftkit.data.chat import (IGNORE_INDEX, replies_cut_off, special_tokens_pattern, tokenize_conversation_rows,
+from peftkit.data.chat import (IGNORE_INDEX, abridged, replies_cut_off, special_tokens_pattern, tokenize_conversation_rows,
                                tokenize_text_rows, trained_count, trained_flags, with_system_prompt)
 from peftkit.data.columns import ROLE_ALIASES, number_as_text
 from peftkit.data.facts import whole_fact_spans
@@ -294,7 +294,15 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int, max_ev
     return [e for i, e in enumerate(examples) if i not in eval_ids], [e for i, e in enumerate(examples) if i in eval_ids]
 
 
-_WARNED_DUPLICATES: set[str] = set()
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """The data is read more than once in one command (validate's data line, then --show-data; training, then the
+    evaluation): a finding about it is said once."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
 
 
 def warn_duplicates(read: list[Any], train: list[Any], held_out: list[Any]) -> None:
@@ -318,9 +326,7 @@ def warn_duplicates(read: list[Any], train: list[Any], held_out: list[Any]) -> N
                         f"{seen[0]}); their eval loss measures memorisation, not how the model does on new data, so "
                         "remove them from one of the two")
     for message in messages:
-        if message not in _WARNED_DUPLICATES:
-            _WARNED_DUPLICATES.add(message)
-            log.warning("%s", message)
+        _warn_once(message)
 
 
 def warn_heldout_in_training(heldout: list[HeldoutItem], train: list[Example]) -> None:
@@ -333,9 +339,7 @@ def warn_heldout_in_training(heldout: list[HeldoutItem], train: list[Example]) -
         message = (f"held-out questions that the training data also asks: {len(copied)} of {len(heldout)} (first: "
                    f"{copied[0][:80]!r}); held-out accuracy on them measures memorisation, not how the model does on "
                    "new questions, so reword them or remove them from the training data")
-        if message not in _WARNED_DUPLICATES:
-            _WARNED_DUPLICATES.add(message)
-            log.warning("%s", message)
+        _warn_once(message)
 
 
 def without_system_prompt(examples: list[Example]) -> list[Example]:
@@ -353,13 +357,13 @@ def train_eval_examples(cfg: DataConfig, seed: int) -> tuple[list[Example], list
         train, held_out = split_train_eval(examples, cfg.eval_fraction, seed, cfg.max_eval_examples)
     warn_duplicates(examples, train, held_out)
     if cfg.system_prompt and examples and all(e.messages is None for e in examples):
-        log.warning("data.system_prompt is not trained: the training data is plain text, trained as it is without a "
-                    "chat template, yet `peftkit chat` and the exports would start every conversation with this system "
-                    "prompt, which the model never saw; remove it, or train on conversations")
+        _warn_once(f"data.system_prompt ({abridged(cfg.system_prompt)}) is not trained: the training data is plain text, trained as it is without a "
+                   "chat template, yet `peftkit chat` and the exports would start every conversation with this system "
+                   "prompt, which the model never saw; remove it, or train on conversations")
     elif cfg.system_prompt and examples and never_given_system_prompt(examples, cfg.system_prompt):
-        log.warning("data.system_prompt is not trained: every training conversation has a system turn of its own, "
-                    "which wins over it, yet the held-out scoring, `peftkit chat` and the exports ask with this one, "
-                    "which the model never saw; remove data.system_prompt, or set it to the data's own")
+        _warn_once(f"data.system_prompt ({abridged(cfg.system_prompt)}) is not trained: every training conversation has a system turn of its own, "
+                   "which wins over it, yet the held-out scoring, `peftkit chat` and the exports ask with this one, "
+                   "which the model never saw; remove data.system_prompt, or set it to the data's own")
     return train, held_out
 
 

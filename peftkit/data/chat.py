@@ -209,13 +209,13 @@ def _check_reply_rendered(message: Message, reply: str, i: int, where: str) -> N
     if written in rendered or "".join(json.dumps(content)[1:-1].split()) in rendered:
         return
     raise DataError(
-        f"{where}: the chat template leaves part of reply {i + 1}'s text out ({_abridged(content)!r} is rendered as "
-        f"{_abridged(reply)!r}), so it would be trained without it. Point `model.chat_template` at a template that "
+        f"{where}: the chat template leaves part of reply {i + 1}'s text out ({abridged(content)!r} is rendered as "
+        f"{abridged(reply)!r}), so it would be trained without it. Point `model.chat_template` at a template that "
         "renders assistant replies as written (e.g. one that keeps <think> blocks), or remove that text from the data"
     )
 
 
-def _abridged(text: str, limit: int = 60) -> str:
+def abridged(text: str, limit: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -267,7 +267,7 @@ def _trained_parts(tokenizer: Any, message: Message, text: str, span: tuple[int,
     if at < 0:
         raise DataError(
             f"{where}: reply {i + 1} has a `train_detail`, but the chat template changes the reply's text "
-            f"({_abridged(message['content'])!r} is rendered as {_abridged(text[lo:hi])!r}), so its character offsets "
+            f"({abridged(message['content'])!r} is rendered as {abridged(text[lo:hi])!r}), so its character offsets "
             "cannot be applied. Point `model.chat_template` at a template that renders replies as written, or drop "
             "`train_detail` from the message"
         )

@@ -1016,7 +1016,7 @@ def test_a_system_prompt_on_plain_text_data_is_warned_about(tmp_path, caplog):
     (tmp_path / "corpus.txt").write_text("The library opens at nine.\n\nIt closes at six.\n", encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="peftkit.data.build"):
         train_eval_examples(DataConfig(train=str(tmp_path / "corpus.txt"), system_prompt="You are a librarian."), 42)
-    assert "data.system_prompt is not trained: the training data is plain text" in caplog.text
+    assert "data.system_prompt (You are a librarian.) is not trained: the training data is plain text" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="peftkit.data.build"):
         train_eval_examples(DataConfig(train=str(tmp_path / "corpus.txt")), 42)
@@ -1034,9 +1034,12 @@ def test_a_system_prompt_no_conversation_trains_with_is_warned_about(tmp_path, c
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     path = write_jsonl(tmp_path / "chat.jsonl", [
         {"messages": ([{"role": "system", "content": text}] if text is not None else []) + turns} for text in systems])
+    from peftkit.data import build
+
+    build._WARNED.clear()  # said once per process
     with caplog.at_level(logging.WARNING, logger="peftkit.data.build"):
         train_eval_examples(DataConfig(train=str(path), system_prompt="Recipe's.", eval_fraction=0), 42)
-    said = "data.system_prompt is not trained: every training conversation has a system turn of its own"
+    said = "data.system_prompt (Recipe's.) is not trained: every training conversation has a system turn of its own"
     assert (said in caplog.text) is warned
 
 
