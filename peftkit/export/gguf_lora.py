@@ -25,9 +25,11 @@ from peftkit.export import output_lock
 from peftkit.export.common import (ExportResult, disk_full_as_error, gguf_package, list_files, prepare_output, write_verification)
 from peftkit.export.gguf_types import ADAPTER_GGUF_TYPES
 from peftkit.export.gguf_writer import (
+    LLAMA_CPP_EMBEDDINGS_AS_HEAD,
     add_model_parameters,
     check_architecture,
     gguf_types,
+    merge_unties_head,
     model_arch,
     permute_for,
     quantize_array,
@@ -37,6 +39,7 @@ from peftkit.export.gguf_writer import (
     unpermute_for,
 )
 from peftkit.export.merge import RunAdapter, resolve_run
+from peftkit.models.gguf_config import GGUF_ARCHITECTURES
 from peftkit.export.ollama import ollama_modelfile
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 from peftkit.utils.command_name import command
@@ -84,6 +87,18 @@ def _base_weights(run: RunAdapter, names: list[str]) -> dict[str, torch.Tensor]:
     return found
 
 
+def merged_gguf_advice(run: RunAdapter) -> str:
+    """What to do instead of a GGUF LoRA: the merged GGUF, unless that is refused too (a Gemma 2 base whose merge
+    unties the head: gguf_writer.check_merged_head), where only transformers and vLLM serve the run as trained."""
+    model_type = getattr(run.base_config, "model_type", None)
+    layout = GGUF_ARCHITECTURES.get(model_type)
+    why = merge_unties_head(run) if layout is not None and layout.arch in LLAMA_CPP_EMBEDDINGS_AS_HEAD else None
+    if why is not None:
+        return (f"a merged GGUF is no way out here ({why}, and llama.cpp runs a {model_type} model's output head with "
+                "the token embeddings), so serve it with transformers (`--format hf`) or vLLM (`--format adapter`)")
+    return f"use `{command('export', str(run.run_dir), '--format', 'gguf')}` (merged) instead"
+
+
 def check_head_and_embedding_loras(run: RunAdapter, gguf_names: dict[str, str], embeddings: set[str],
                                    copies: dict[str, torch.Tensor]) -> None:
     """Refuse a LoRA on the output head or token embeddings that llama.cpp would not apply as peft does.
@@ -93,7 +108,7 @@ def check_head_and_embedding_loras(run: RunAdapter, gguf_names: dict[str, str], 
     copy is the base's weight unchanged (no resized vocabulary), which is what llama.cpp's convert_lora_to_gguf.py
     takes for granted when it skips these tensors.
     """
-    merged = f"use `{command('export', str(run.run_dir), '--format', 'gguf')}` (merged) instead"
+    merged = merged_gguf_advice(run)
     for module in sorted(embeddings):
         if gguf_names[module] != TOKEN_EMBEDDINGS:
             raise ExportError(f"the adapter has an embedding LoRA on `{module}` ({gguf_names[module]}), and llama.cpp "
@@ -150,9 +165,17 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
     if info.modules_to_save:
         problems.append(f"modules_to_save ({', '.join(info.modules_to_save)}) cannot be carried by a GGUF LoRA")
     if problems:
+        advice = merged_gguf_advice(run)
         raise ExportError("this adapter cannot be written as a GGUF LoRA: " + "; ".join(problems) +
-                          f". Use `{command('export', str(run.run_dir), '--format', 'gguf')}` (merged) instead")
+                          f". {advice[0].upper()}{advice[1:]}")
     config = run.base_config
+    if getattr(config, "model_type", None) not in GGUF_ARCHITECTURES:
+        raise ExportError(
+            f"GGUF LoRA export supports {', '.join(GGUF_ARCHITECTURES)} bases; this base is `{config.model_type}`. "
+            f"Serve the adapter with vLLM or transformers + peft "
+            f"(`{command('export', str(run.run_dir), '--format', 'adapter')}`), or merge it "
+            f"(`{command('export', str(run.run_dir), '--format', 'hf')}`) and convert that folder with llama.cpp's "
+            "convert_hf_to_gguf.py")
     layout = check_architecture(config, with_rope=False)
     qtype, ftype = gguf_types(gguf_type, ADAPTER_GGUF_TYPES)
     alpha = gguf_lora_alpha(run)
@@ -179,8 +202,7 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
         gguf_names[module] = name_map.get_name(f"{module}.weight", try_suffixes=(".weight",))
         if gguf_names[module] is None:  # e.g. Gemma 2's head: llama.cpp runs it with the token embeddings
             raise ExportError(f"llama.cpp's {layout.arch.lower()} layout has no tensor for `{module}`, so a GGUF LoRA "
-                              "cannot carry its update; use "
-                              f"`{command('export', str(run.run_dir), '--format', 'gguf')}` (merged) instead")
+                              f"cannot carry its update; {merged_gguf_advice(run)}")
     check_head_and_embedding_loras(run, gguf_names, embeddings, copies)
 
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[model_arch(layout)])

@@ -219,6 +219,14 @@ def test_gguf_export_refuses_other_architectures_and_prefix_tuning(export_recipe
     with pytest.raises(ExportError, match="supports llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, gpt2, "
                                           "starcoder2, stablelm models; this base is `bloom`"):
         check_architecture(BloomConfig())
+    from peftkit.export.gguf_lora import write_lora_gguf
+    from peftkit.export.merge import resolve_run
+
+    bloom = resolve_run(make_run(tmp_path / "bloom", export_recipe, LORA))
+    bloom.base_config.model_type = "bloom"  # what the adapter path is told, not the model's
+    with pytest.raises(ExportError, match=r"GGUF LoRA export supports .*; this base is `bloom`. Serve the adapter with "
+                                          r"vLLM or transformers \+ peft .*--format adapter"):
+        write_lora_gguf(bloom, tmp_path / "b.gguf", gguf_type="f32", name="b")
     run = make_run(tmp_path / "prefix", export_recipe, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with pytest.raises(ExportError, match=r"virtual tokens.*--format adapter"):  # the way that works, not another refusal
         export_gguf_adapter(run, gguf_type="f32")

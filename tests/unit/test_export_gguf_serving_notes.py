@@ -139,6 +139,13 @@ def test_a_gemma2_merge_that_would_untie_the_head_is_refused_before_merging(expo
                                           r"gemma2 runs the output head with the token embeddings"):
         gguf_writer.export_gguf(run, tmp_path / "out", gguf_type="f32")
     assert not (tmp_path / "out").exists()
+    from peftkit.export.gguf_lora import export_gguf_adapter
+
+    with pytest.raises(ExportError) as caught:  # the GGUF LoRA's refusal does not send the user to that one
+        export_gguf_adapter(run, tmp_path / "lora", gguf_type="f32")
+    said = str(caught.value)
+    assert "merged gguf is no way out here" in said.lower() and "--format gguf`" not in said, said
+    assert "serve it with transformers (`--format hf`) or vLLM (`--format adapter`)" in said
 
 
 def test_gemma3_runs_an_untied_merged_head_in_llama_cpp(export_recipe, tmp_path):
