@@ -94,9 +94,10 @@ def target_problems(option: str, target: str | list[str] | None, model: torch.nn
     if not matched:
         if isinstance(target, str) and target != "all-linear":
             # a bare `q_proj` is a regex that must match the *full* name, so it selects nothing (as in peft)
+            example = target if re.fullmatch(r"[\w.]+", target) else ", ".join(suffixes.split(", ")[:2])
             hint = (f"{hint}; a string is a regular expression matched against the full module name "
                     f"(e.g. {next(iter(sorted(all_linear_targets(model))), 'model.layers.0.mlp')!r}): "
-                    f"for module names write a list, e.g. [{target}]")
+                    f"for module names write a list, e.g. [{example}]")
         return matched, [f"{option} {target!r} matches no linear module in this model; its linear modules are: {suffixes}{hint}"]
     if isinstance(target, (list, tuple)):
         modules = [n for n, _ in model.named_modules()]

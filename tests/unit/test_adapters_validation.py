@@ -78,6 +78,9 @@ def test_targets_matching_nothing_list_the_linear_modules(tiny_recipe):
     assert "adapter.target_modules ['query', 'value'] matches no linear module in this model" in text
     assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in text
     assert "matches no linear module" in _problems(tiny_recipe, {"method": "ia3", "target_modules": ["nothing"]})
+    assert "write a list, e.g. [q_proj]" in _problems(tiny_recipe, {"method": "lora", "target_modules": "q_proj"})
+    regex = _problems(tiny_recipe, {"method": "lora", "target_modules": r".*\.attention\.qkv.*"})
+    assert "write a list, e.g. [down_proj, gate_proj]" in regex, "module names, not the regex in brackets"
 
 
 def test_a_bare_module_name_string_is_explained_as_a_full_name_regex(tiny_recipe):
