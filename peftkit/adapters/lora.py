@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import warnings
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -237,7 +238,11 @@ def build(
         return peft_model
     if cfg.init in CORDA_INITS:
         _preprocess_corda(model, config, calibration or [])
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft's warning of "complications ... when merging": said as it is instead
+        warnings.filterwarnings("ignore", message=r"Model has `tie_word_embeddings=True` and a tied layer",
+                                category=UserWarning)
+        peft_model = get_peft_model(model, config)
+    say_untied_head(peft_model)
     if cfg.init == "loftq":
         from peftkit.adapters import loftq
 
@@ -245,6 +250,22 @@ def build(
     if cfg.init in CONVERTED_INITS:
         _keep_initial_adapter(peft_model)
     return peft_model
+
+
+def say_untied_head(peft_model: Any) -> None:
+    """A base whose output head is its input embeddings, with an adapter on either: peft changes only the one it
+    wraps, so the trained model has a head of its own (peftkit's merge writes it so). Said in place of peft's
+    warning of "complications ... when merging"."""
+    base = peft_model.get_base_model()
+    if not getattr(base.config, "tie_word_embeddings", False):
+        return
+    wrapped = [name for name, module in (("input embeddings", base.get_input_embeddings()),
+                                         ("output head", base.get_output_embeddings()))
+               if module is not None and (hasattr(module, "base_layer") or hasattr(module, "original_module"))]
+    if wrapped:
+        log.info("The base ties its output head to the input embeddings, and the adapter trains the %s: the other "
+                 "keeps the base's weights, so the tuned model has a head of its own; merges and exports write it "
+                 "untied (llama.cpp's Gemma 2 cannot run that: its GGUF exports are refused)", " and ".join(wrapped))
 
 
 def _preprocess_corda(model: Any, config: Any, calibration: Sequence[dict[str, list[int]]]) -> None:

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # peft still reads the deprecated `is_gradient_checkpointing` whenever it wraps a model (training, eval,
 # chat, export); the warning is not actionable for users.
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+# A LoRA on the embeddings: peft says on saving that it saves the embedding layers too, which is what it should do.
+warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True` as embedding layers found",
+                        category=UserWarning)
 # Prompt and prefix tuning: peft drops the position ids transformers' generate passes, and says so on every call.
 warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning",
                         category=UserWarning)

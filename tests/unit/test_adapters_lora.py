@@ -303,3 +303,18 @@ def test_all_linear_on_an_moe_with_fused_experts_stays_on_linear_layers_and_ia3_
     problems = check_targets(AutoModelForCausalLM.from_config(config), LoraAdapterConfig(target_modules=["w1", "w2"]))
     assert problems and "experts' weights fused in 3-D parameters" in problems[0]
     assert ia3.resolve(AutoModelForCausalLM.from_config(config), IA3AdapterConfig()) == (["k_proj", "v_proj"], [])
+
+
+@pytest.mark.parametrize(("extra", "trained"), [({"target_modules": ["q_proj", "embed_tokens"]}, "input embeddings"),
+                                                ({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+                                                 "output head"),
+                                                ({"target_modules": ["q_proj"]}, None)])
+def test_an_adapter_on_tied_embeddings_is_said_once_by_peftkit_not_peft(tiny_model_dir, caplog, extra, trained):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("INFO", logger="peftkit"):
+        _lora(tiny_model_dir, **extra)
+    said = "The base ties its output head to the input embeddings, and the adapter trains the"
+    assert (f"{said} {trained}:" in caplog.text) if trained else said not in caplog.text
+    peft_said = [str(w.message) for w in caught if "tie_word_embeddings=True" in str(w.message)]
+    assert not peft_said, peft_said
