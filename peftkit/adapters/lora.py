@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import atexit
 import logging
-import warnings
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
