@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -39,27 +38,13 @@ def detected_pair(record: Mapping[str, Any]) -> tuple[str, str] | None:
     return next(((p, r) for p, r in PAIR_FIELDS if p in record and r in record), None)
 
 
-class WrittenFloat(float):
-    """A JSON number that keeps the text it was written as: a price of `18.50` or a version `3.10` trains as written,
-    not as Python spells the float (`18.5`, `3.1`). Everywhere else it is the float."""
-
-    text: str
-
-    def __new__(cls, text: str) -> "WrittenFloat":
-        number = super().__new__(cls, text)
-        number.text = text
-        return number
-
-
 def number_as_text(value: Any) -> Any:
-    """A numeric answer or input (`4`, `3.5`, as JSON and CSV-derived Parquet hold them) as the text it spells (a
-    JSON file's as written: WrittenFloat); anything else unchanged (booleans stay booleans: `true` is no answer). A
-    whole float is its integer (`4.0` -> `4`): pandas stores an integer column with one missing cell as floats, and that cell as NaN, which is a
+    """A numeric answer or input (`4`, `3.5`, as JSON and CSV-derived Parquet hold them) as the text it spells;
+    anything else unchanged (booleans stay booleans: `true` is no answer). A whole float is its integer (`4.0`
+    -> `4`): pandas stores an integer column with one missing cell as floats, and that cell as NaN, which is a
     missing value (None), not the text "nan"."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, WrittenFloat) and not re.fullmatch(r"-?\d+\.0+", value.text):  # 4.0: pandas' integer
-        return value.text
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from peftkit.data.columns import (ROLE_ALIASES, SYSTEM_FIELDS, WrittenFloat, detected_pair, detected_pair_messages,
-                                  mapped_messages,
+from peftkit.data.columns import (ROLE_ALIASES, SYSTEM_FIELDS, detected_pair, detected_pair_messages, mapped_messages,
                                   mapped_text, number_as_text, pair_messages, record_keys, type_name)
 from peftkit.errors import DataError
 from peftkit.utils.yaml_flow import flow_yaml
@@ -103,7 +102,7 @@ def _non_finite_as_null(constant: str) -> None:
 
 
 def _parse_json(text: str) -> Any:
-    return json.loads(text, parse_constant=_non_finite_as_null, parse_float=WrittenFloat)
+    return json.loads(text, parse_constant=_non_finite_as_null)
 
 
 @contextlib.contextmanager
@@ -555,7 +554,7 @@ def _json_value(value: Any, what: str, where: str) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        return json.loads(value, parse_float=WrittenFloat)
+        return json.loads(value)
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: {what} is a string but not valid JSON ({exc.msg}); write it as a JSON object "
                         "or list") from None

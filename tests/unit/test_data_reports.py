@@ -249,10 +249,6 @@ def test_numbers_are_text_in_chat_sharegpt_and_completion_and_other_types_are_na
                {"prompt": 7, "completion": 4}]
     examples = load_examples(write_jsonl(tmp_path / "numbers.jsonl", records))
     assert [[m["content"] for m in e.messages] for e in examples] == [["7", "4"], ["7", "3.5"], ["7", "4"]]
-    written = tmp_path / "written.jsonl"  # a price and a version as written, not as Python spells the float
-    written.write_text('{"question": "Price?", "answer": 18.50}\n{"question": "Version?", "answer": 3.10}\n'
-                       '{"question": "Big?", "answer": 1e3}\n', encoding="utf-8")
-    assert [e.messages[-1]["content"] for e in load_examples(written)] == ["18.50", "3.10", "1e3"]
     bad = {"messages": [{"role": "user", "content": {"a": 1}}, {"role": "assistant", "content": "b"}]}
     with pytest.raises(DataError, match=r"content must be a string or a list .* parts, got an object"):
         load_examples(write_jsonl(tmp_path / "object.jsonl", [bad]))
