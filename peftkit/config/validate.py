@@ -27,7 +27,7 @@ def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
         if path is None:
             continue
         try:
-            examples = load_examples(path, recipe.data.format, recipe.data.columns)
+            examples = load_examples(path, recipe.data.format, recipe.data.columns, mapped_elsewhere=key == "eval")
         except PeftkitError as exc:
             problems.append(f"data.{key}: {exc}")
             continue

@@ -274,10 +274,10 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int, max_ev
         raise DataError(f"data.eval_fraction={fraction} of {len(examples)} examples leaves none to train on; "
                         "lower it, or give the eval examples in their own file (data.eval)")
     if n_eval > 2 * fraction * len(examples):  # at least one: on a few examples that is far more than asked
-        log.warning("The eval split holds %d of the %d examples (%.0f %%; data.eval_fraction is %g): on data this small "
-                    "that is taken from training; set data.eval_fraction: 0 to train on all of them, or give eval "
-                    "examples in their own file (data.eval)", n_eval, len(examples), 100 * n_eval / len(examples),
-                    fraction)
+        _warn_once(f"The eval split holds {n_eval} of the {len(examples)} examples ({100 * n_eval / len(examples):.0f} %; "
+                   f"data.eval_fraction is {fraction:g}): on data this small that is taken from training; set "
+                   "data.eval_fraction: 0 to train on all of them, or give eval examples in their own file (data.eval)",
+                   about=examples[0].where)
     keys = [content_key(example) for example in examples]
     copies: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
@@ -297,11 +297,14 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int, max_ev
 _WARNED: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
-    """The data is read more than once in one command (validate's data line, then --show-data; training, then the
-    evaluation): a finding about it is said once."""
-    if message not in _WARNED:
-        _WARNED.add(message)
+def _warn_once(message: str, about: Any = None) -> None:
+    """The data is read more than once in one command (validate's data line, then --show-data; training with
+    base-answered replay): a finding about it (`about`: the data, where the message does not name it) is said once.
+    A read with the warnings silenced (the evaluation's rebuilding of the eval split) says nothing, and so keeps
+    nothing back."""
+    key = f"{message}\0{about}"
+    if key not in _WARNED and log.isEnabledFor(logging.WARNING):
+        _WARNED.add(key)
         log.warning("%s", message)
 
 
@@ -352,18 +355,18 @@ def train_eval_examples(cfg: DataConfig, seed: int) -> tuple[list[Example], list
     """The recipe's training and eval examples: `data.eval`, or the `eval_fraction` split of `data.train`."""
     examples = load_examples(cfg.train, cfg.format, cfg.columns)
     if cfg.eval:
-        train, held_out = examples, load_examples(cfg.eval, cfg.format, cfg.columns)
+        train, held_out = examples, load_examples(cfg.eval, cfg.format, cfg.columns, mapped_elsewhere=True)
     else:
         train, held_out = split_train_eval(examples, cfg.eval_fraction, seed, cfg.max_eval_examples)
     warn_duplicates(examples, train, held_out)
     if cfg.system_prompt and examples and all(e.messages is None for e in examples):
         _warn_once(f"data.system_prompt ({abridged(cfg.system_prompt)}) is not trained: the training data is plain text, trained as it is without a "
                    "chat template, yet `peftkit chat` and the exports would start every conversation with this system "
-                   "prompt, which the model never saw; remove it, or train on conversations")
+                   "prompt, which the model never saw; remove it, or train on conversations", cfg.train)
     elif cfg.system_prompt and examples and never_given_system_prompt(examples, cfg.system_prompt):
         _warn_once(f"data.system_prompt ({abridged(cfg.system_prompt)}) is not trained: every training conversation has a system turn of its own, "
                    "which wins over it, yet the held-out scoring, `peftkit chat` and the exports ask with this one, "
-                   "which the model never saw; remove data.system_prompt, or set it to the data's own")
+                   "which the model never saw; remove data.system_prompt, or set it to the data's own", cfg.train)
     return train, held_out
 
 

@@ -61,12 +61,18 @@ ROLES_ADVICE = " (or map other speakers with data.columns"
 (data/replay.py): the recipe's columns do not apply to them."""
 
 
-def roles_advice(speaker: Any, field: str, role_key: str, content_key: str) -> str:
-    """The whole `data.columns` map that reads a conversation with another speaker name: `roles` describes the
-    turns of a conversation field, so the field and its keys are named too (`roles` alone is refused)."""
-    keys = "" if (role_key, content_key) == ("role", "content") else f", role: {role_key}, content: {content_key}"
-    return (f"{ROLES_ADVICE}: `data.columns: {{messages: {field}{keys}, roles: {{{speaker}: user}}}}`, each name to "
-            "user, assistant, system or tool)")
+def roles_advice(speaker: Any, field: str | None, role_key: str = "role", content_key: str = "content") -> str:
+    """The whole `data.columns` map that reads a conversation under `field` with another speaker name: `roles`
+    describes the turns of a conversation field, so the field and its keys are named too (`roles` alone is refused).
+    Without a field (prompt/completion message lists, a mapped record) only where to map speakers."""
+    if field is None:
+        return ROLES_ADVICE + ".roles)"
+    columns: dict[str, Any] = {"messages": field}
+    columns |= {"role": role_key, "content": content_key} if (role_key, content_key) != ("role", "content") else {}
+    columns["roles"] = {str(speaker): "user"}
+    return f"{ROLES_ADVICE}: `data.columns: {flow_yaml(columns)}`, each name to user, assistant, system or tool)"
+
+
 _CONVERSATION_ADVICE = re.compile(r"`[^`]+` holds a list of objects, a conversation with other field names: .*?maps "
                                   r"speaker names to user / assistant\)", re.DOTALL)
 
@@ -638,17 +644,20 @@ _NEXT_ROLES = {None: ("user",), "user": ("assistant",), "assistant": ("user",), 
 """Which roles may follow each turn (None: the start; `tool_calls`: an assistant turn that calls tools)."""
 
 
-def _content_key_hint(message: Any) -> str:
-    """For a turn with a `role` and its text under one other key (`text`, `value`, ...): the map that reads it."""
-    if not isinstance(message, dict) or "role" not in message:
+def _content_key_hint(message: Any, field: str | None) -> str:
+    """For a turn of the conversation under `field` with a `role` and its text under one other key (`text`,
+    `value`, ...): the map that reads it."""
+    if field is None or not isinstance(message, dict) or "role" not in message:
         return ""
     texts = [key for key, value in message.items() if key != "role" and isinstance(value, str)]
     if len(texts) != 1:
         return ""
-    return f"; its text is under `{texts[0]}`: `data.columns: {{messages: messages, content: {texts[0]}}}` reads it"
+    return f"; its text is under `{texts[0]}`: `data.columns: {flow_yaml({'messages': field, 'content': texts[0]})}` reads it"
 
 
-def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
+def check_messages(messages: Any, where: str, field: str | None = None) -> tuple[Message, ...]:
+    """The conversation checked and normalised; `field`: the record field it was read from (a chat record's
+    `messages`), which the advice for other key or speaker names puts in a `data.columns` map."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
     checked: list[Message] = []
@@ -656,13 +665,13 @@ def check_messages(messages: Any, where: str) -> tuple[Message, ...]:
         calls = message_calls(message, f"{where}: message {i + 1}")
         if not isinstance(message, dict) or "role" not in message or ("content" not in message and not calls):
             raise DataError(f"{where}: message {i + 1} must be an object with `role` and `content`"
-                            f"{_content_key_hint(message)}")
+                            f"{_content_key_hint(message, field)}")
         role, content = message["role"], message.get("content")
         if role not in ROLES:  # `human` / `gpt` / `User` ...: the speaker names ShareGPT data uses
             role = ROLE_ALIASES.get(str(role).lower()) if str(role).lower() != "function_call" else None
         if role is None:
             raise DataError(f"{where}: message {i + 1} has unknown role {message['role']!r}; use one of "
-                            f"{', '.join(ROLES)}{roles_advice(message['role'], 'messages', 'role', 'content')}")
+                            f"{', '.join(ROLES)}{roles_advice(message['role'], field)}")
         content = "" if content is None and calls else message_text(content, f"{where}: message {i + 1}")
         if role == "system" and i != 0:
             raise DataError(f"{where}: a system message may only come first (found at position {i + 1})")
@@ -752,8 +761,10 @@ def train_detail_of(value: Any, content: str, where: str) -> TrainDetail | None:
     return tuple(detail)
 
 
-def sharegpt_messages(record: dict[str, Any], where: str) -> list[Message]:
-    """ShareGPT turns (`from` / `value`, or already `role` / `content`) as chat messages."""
+def sharegpt_messages(record: dict[str, Any], where: str, field: str | None = None) -> list[Message]:
+    """ShareGPT turns (`from` / `value`, or already `role` / `content`) as chat messages; `field`: the record field
+    they came from, where it is not `conversations` / `conversation` (the advice for other speakers names it)."""
+    field = field or ("conversations" if "conversations" in record else "conversation")
     turns = record["conversations"] if "conversations" in record else record.get("conversation")
     turns = _json_value(turns, "`conversations`", where)  # a CSV column holds the JSON text
     if not isinstance(turns, list) or not turns:
@@ -770,7 +781,7 @@ def sharegpt_messages(record: dict[str, Any], where: str) -> list[Message]:
         if role is None:
             raise DataError(
                 f"{where}: conversation turn {i + 1} is from {turn['from']!r}; peftkit reads "
-                f"{', '.join(sorted(ROLE_ALIASES))} turns{roles_advice(turn['from'], 'conversations', 'from', 'value')}"
+                f"{', '.join(sorted(ROLE_ALIASES))} turns{roles_advice(turn['from'], field, 'from', 'value')}"
             )
         if source == "function_call":
             where_turn = f"{where}: conversation turn {i + 1}"
@@ -841,7 +852,7 @@ def chat_record_messages(record: dict[str, Any], where: str) -> list[Message]:
     messages = _json_value(record["messages"], "`messages`", where)  # a CSV column holds the JSON text
     if isinstance(messages, list) and messages and all(isinstance(m, dict) and "from" in m and "role" not in m
                                                        for m in messages):
-        messages = sharegpt_messages({"conversations": messages}, where)
+        messages = sharegpt_messages({"conversations": messages}, where, field="messages")
     return with_record_system(messages, record)
 
 
@@ -878,7 +889,8 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
             messages = sharegpt_messages(record, where)
         else:
             messages = prompt_completion_messages(record, where)
-        return Example(where, messages=check_messages(messages, where), tools=record_tools(record, where))
+        field = {"chat": "messages", "sharegpt": "conversations" if "conversations" in record else "conversation"}
+        return Example(where, messages=check_messages(messages, where, field.get(kind)), tools=record_tools(record, where))
     if kind == "pair":  # ChatGLM / Qwen fine-tuning data: `prompt` / `query` + `response` with the same `history`
         messages = detected_pair_messages(record, where)
         system = messages[:1] if messages[0]["role"] == "system" else []
@@ -1016,21 +1028,53 @@ def missing_local_files(source: str | Path | Sequence[str | Path] | None) -> lis
 
 def load_examples(source: str | Path | Sequence[str | Path], fmt: str = "auto",
                   columns: ColumnsConfig | None = None,
-                  prepare: Callable[[Any, str], Any] | None = None) -> list[Example]:
+                  prepare: Callable[[Any, str], Any] | None = None, *, mapped_elsewhere: bool = False) -> list[Example]:
     """Conversations (or texts) from a data file, a Hub dataset `hf:OWNER/NAME[/CONFIG][:SPLIT]`
     or a `datasets` `save_to_disk` folder; from a list of them, all in order. `columns` (the recipe's
     `data.columns`) names the fields of records that use other names; `prepare(record, where)` may
-    rewrite each raw record first (or raise DataError for it)."""
-    examples: list[Example] = []
-    failed: list[str] = []  # one message per file: a list of files is checked whole, not up to its first mistake
-    for one in data_sources(source):
+    rewrite each raw record first (or raise DataError for it).
+
+    Each source of a list is in its own format: one the map fits no record of, in a list where it fits another
+    source (or `mapped_elsewhere`: it fits the recipe's training data, and this is its eval data), is read in its
+    detected format where it has one. A single source is always read with the map: a misspelt field is an error."""
+    sources = data_sources(source)
+    read: dict[int, list[Example]] = {}
+    failed: dict[int, str] = {}  # one message per file: a list of files is checked whole, not up to its first mistake
+    unmapped: list[int] = []  # sources the map fits no record of
+    for i, one in enumerate(sources):
         try:
-            examples += _file_examples(one, fmt, columns, prepare)
+            found, problems = _mapped_records(one, fmt, columns, prepare)
         except DataError as exc:
-            failed.append(str(exc))
+            failed[i] = str(exc)
+            continue
+        if problems:
+            failed[i] = str(bad_records_error(one, problems, len(found)))
+            unmapped += [i] if not found else []
+        elif not found:
+            failed[i] = f"data {one} contains no examples"
+        else:
+            read[i] = found
+    if columns is not None and (read or mapped_elsewhere):
+        for i in unmapped:
+            detected = _read_as_detected(sources[i], prepare)
+            if detected:
+                read[i] = detected
+                del failed[i]
+                _say_once(f"{sources[i]}: no record has the fields data.columns names, so it was read in its own "
+                          f"{detected[0].format} format (the map reads the recipe's other data)")
     if failed:
-        raise DataError(failed[0] if len(failed) == 1 else "\n".join(failed))
-    return examples
+        raise DataError("\n".join(failed[i] for i in sorted(failed)))
+    return [example for i in sorted(read) for example in read[i]]
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """Data is read more than once in one command (the recipe check, the data line, --show-data): said once."""
+    if message not in _SAID and log.isEnabledFor(logging.INFO):
+        _SAID.add(message)
+        log.info("%s", message)
 
 
 def bad_records_error(source: str | Path, problems: list[tuple[str, str]], good: int) -> DataError:
@@ -1048,8 +1092,9 @@ def bad_records_error(source: str | Path, problems: list[tuple[str, str]], good:
                      f"{len(messages)} records of {source} need fixing:\n  " + "\n  ".join(shown) + more)
 
 
-def _file_examples(one: str | Path, fmt: str, columns: ColumnsConfig | None,
-                   prepare: Callable[[Any, str], Any] | None) -> list[Example]:
+def _mapped_records(one: str | Path, fmt: str, columns: ColumnsConfig | None,
+                    prepare: Callable[[Any, str], Any] | None) -> tuple[list[Example], list[tuple[str, str]]]:
+    """The examples of `one` as `fmt` / `columns` read them, and the records they do not read (where, why)."""
     found, problems = [], []
     for where, record in read_records(one):
         try:
@@ -1057,16 +1102,7 @@ def _file_examples(one: str | Path, fmt: str, columns: ColumnsConfig | None,
             found.append(to_example(prepare(record, where) if prepare else record, where, fmt, columns))
         except DataError as exc:  # go on: one message lists the first few bad records, not just one
             problems.append((where, str(exc)))
-    if problems and not found and columns is not None:  # (an explicit data.format is the user's word on every file)
-        detected = _read_as_detected(one, prepare)
-        if detected:  # a list of sources, each in its own format: the map fits some of them, not this one
-            log.info("%s does not fit data.columns; its format was detected instead", one)
-            return detected
-    if problems:
-        raise bad_records_error(one, problems, len(found))
-    if not found:
-        raise DataError(f"data {one} contains no examples")
-    return found
+    return found, problems
 
 
 def _read_as_detected(one: str | Path, prepare: Callable[[Any, str], Any] | None) -> list[Example] | None:

@@ -143,13 +143,21 @@ def test_a_source_the_columns_map_does_not_fit_at_all_is_read_in_its_detected_fo
         first, second = load_examples([faq, chat], columns=columns)
     assert roles_and_texts(first) == [("user", "Wann offen?"), ("assistant", "Ab neun.")]
     assert roles_and_texts(second) == [("user", "hi"), ("assistant", "hello")]
-    assert "chat.jsonl does not fit data.columns; its format was detected instead" in caplog.text
+    assert "chat.jsonl: no record has the fields data.columns names, so it was read in its own chat format" in caplog.text
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"Frage": "a?", "Antwort": "b."}, {"question": "c?", "answer": "d."}])
     with pytest.raises(DataError, match="mixed.jsonl:2"):
         load_examples(mixed, columns=columns)
     custom = write_jsonl(tmp_path / "custom.jsonl", [{"Q": "a?", "A": "b."}])
     with pytest.raises(DataError, match="prompt field 'Frage' is missing"):
-        load_examples(custom, columns=columns)
+        load_examples([faq, custom], columns=columns)
+    with pytest.raises(DataError, match="prompt field 'Frage' is missing"):  # one source: the map is meant for it
+        load_examples(chat, columns=columns)
+    typo = write_jsonl(tmp_path / "typo.jsonl", [{"text": "<p>raw</p>", "clean_text": "clean"}])
+    with pytest.raises(DataError, match="the text field 'clean_txt'"):  # not the `text` field instead
+        load_examples(typo, columns=ColumnsConfig(text="clean_txt"))
+    with pytest.raises(DataError, match="prompt field 'Frage' is missing"):  # no source fits it
+        load_examples([chat, chat], columns=columns)
+    assert load_examples(chat, columns=columns, mapped_elsewhere=True)[0].format == "chat"  # data.eval beside mapped train
 
 
 def test_columns_text_form_trains_plain_text(tmp_path):
@@ -283,7 +291,11 @@ def test_the_recipes_speaker_map_ignores_case_as_the_usual_spellings_do(tmp_path
 
 @pytest.mark.parametrize("record", [
     {"conversations": [{"from": "kunde", "value": "Hallo"}, {"from": "gpt", "value": "Guten Tag."}]},
-    {"messages": [{"role": "kunde", "content": "Hallo"}, {"role": "assistant", "content": "Guten Tag."}]}])
+    {"conversation": [{"from": "kunde", "value": "Hallo"}, {"from": "gpt", "value": "Guten Tag."}]},
+    {"messages": [{"from": "kunde", "value": "Hallo"}, {"from": "gpt", "value": "Guten Tag."}]},
+    {"messages": [{"role": "kunde", "content": "Hallo"}, {"role": "assistant", "content": "Guten Tag."}]},
+    {"messages": [{"role": "[Kunde]", "content": "Hallo"}, {"role": "assistant", "content": "Guten Tag."}]},
+    {"messages": [{"role": "1", "content": "Hallo"}, {"role": "assistant", "content": "Guten Tag."}]}])
 def test_an_unknown_speaker_is_told_the_whole_columns_map_that_reads_it(tmp_path, record):
     """`roles` alone is refused (it describes a conversation field's turns): the advice is a map that works."""
     import re
@@ -311,3 +323,10 @@ def test_turns_whose_text_has_another_key_are_told_the_map_that_reads_them(tmp_p
         load_examples(path)
     columns = ColumnsConfig(**yaml.safe_load(re.search(r"`data.columns: (\{.*\})`", str(caught.value)).group(1)))
     assert roles_and_texts(load_examples(path, columns=columns)[0]) == [("user", "Hi"), ("assistant", "Hello.")]
+
+
+def test_prompt_completion_lists_get_no_map_they_cannot_use(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": [{"role": "kunde", "content": "Hallo"}],
+                                               "completion": [{"role": "assistant", "content": "Tag."}]}])
+    with pytest.raises(DataError, match=r"unknown role 'kunde'.*\(or map other speakers with data.columns.roles\)$"):
+        load_examples(path)

@@ -510,9 +510,9 @@ def test_eval_data_in_a_standard_layout_is_read_though_the_run_maps_other_fields
     recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "columns": columns}})
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hours?"},
                                                                {"role": "assistant", "content": "Nine."}]}])
-    with caplog.at_level(logging.INFO, logger="peftkit"):
+    with caplog.at_level(logging.INFO, logger="peftkit.evaluate.run_eval"):
         assert [e.format for e in eval_data_examples(str(chat), recipe, tmp_path / "run")] == ["chat"]
-    assert "chat.jsonl does not fit data.columns; its format was detected instead" in caplog.text
+    assert "does not fit the run's data.columns map; its format was detected instead" in caplog.text
     mapped = write_jsonl(tmp_path / "de.jsonl", [{"Frage": "Wie spät?", "Antwort": "Neun.", "text": "not this"}])
     assert eval_data_examples(str(mapped), recipe, tmp_path / "run")[0].format == "columns", "the map comes first"
     odd = write_jsonl(tmp_path / "odd.jsonl", [{"Question": "Hours?", "Reply": "Nine."}])
