@@ -39,7 +39,6 @@ from peftkit.export.gguf_writer import (
     unpermute_for,
 )
 from peftkit.export.merge import RunAdapter, resolve_run
-from peftkit.models.gguf_config import GGUF_ARCHITECTURES
 from peftkit.export.ollama import ollama_modelfile
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 from peftkit.utils.command_name import command
@@ -88,14 +87,20 @@ def _base_weights(run: RunAdapter, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def merged_gguf_advice(run: RunAdapter) -> str:
-    """What to do instead of a GGUF LoRA: the merged GGUF, unless that is refused too (a Gemma 2 base whose merge
-    unties the head: gguf_writer.check_merged_head), where only transformers and vLLM serve the run as trained."""
-    model_type = getattr(run.base_config, "model_type", None)
-    layout = GGUF_ARCHITECTURES.get(model_type)
-    why = merge_unties_head(run) if layout is not None and layout.arch in LLAMA_CPP_EMBEDDINGS_AS_HEAD else None
-    if why is not None:
-        return (f"a merged GGUF is no way out here ({why}, and llama.cpp runs a {model_type} model's output head with "
-                "the token embeddings), so serve it with transformers (`--format hf`) or vLLM (`--format adapter`)")
+    """What to do instead of a GGUF LoRA: the merged GGUF, unless the model GGUF export would refuse this run too
+    (an architecture or RoPE it does not write, a setting llama.cpp runs otherwise, a Gemma 2 merge that unties
+    the head); then the ways that serve it as trained."""
+    config = run.base_config
+    try:
+        layout = check_architecture(config)  # with RoPE: what the merged export checks
+        why = merge_unties_head(run) if layout.arch in LLAMA_CPP_EMBEDDINGS_AS_HEAD else None
+        if why is not None:
+            raise ExportError(f"{why}, and llama.cpp runs a {config.model_type} model's output head with the token "
+                              "embeddings")
+    except ExportError as refused:
+        reason = str(refused).split(". ")[0]  # the first sentence: its own advice is about a model, not an adapter
+        return (f"a merged GGUF is refused too ({reason}), so serve it with vLLM or transformers + peft "
+                f"(`{command('export', str(run.run_dir), '--format', 'adapter')}`, or `--format hf` merged)")
     return f"use `{command('export', str(run.run_dir), '--format', 'gguf')}` (merged) instead"
 
 
@@ -169,14 +174,13 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
         raise ExportError("this adapter cannot be written as a GGUF LoRA: " + "; ".join(problems) +
                           f". {advice[0].upper()}{advice[1:]}")
     config = run.base_config
-    if getattr(config, "model_type", None) not in GGUF_ARCHITECTURES:
-        raise ExportError(
-            f"GGUF LoRA export supports {', '.join(GGUF_ARCHITECTURES)} bases; this base is `{config.model_type}`. "
-            f"Serve the adapter with vLLM or transformers + peft "
-            f"(`{command('export', str(run.run_dir), '--format', 'adapter')}`), or merge it "
-            f"(`{command('export', str(run.run_dir), '--format', 'hf')}`) and convert that folder with llama.cpp's "
-            "convert_hf_to_gguf.py")
-    layout = check_architecture(config, with_rope=False)
+    try:
+        layout = check_architecture(config, with_rope=False)
+    except ExportError as refused:  # its advice is about a model: say the adapter's
+        raise ExportError(f"{str(refused).split('. ')[0]}. Serve the adapter with vLLM or transformers + peft "
+                          f"(`{command('export', str(run.run_dir), '--format', 'adapter')}`), or merge it "
+                          f"(`{command('export', str(run.run_dir), '--format', 'hf')}`) for llama.cpp's "
+                          "convert_hf_to_gguf.py") from None
     qtype, ftype = gguf_types(gguf_type, ADAPTER_GGUF_TYPES)
     alpha = gguf_lora_alpha(run)
     tensors = load_file(str(info.path / "adapter_model.safetensors"))

@@ -224,8 +224,14 @@ def test_gguf_export_refuses_other_architectures_and_prefix_tuning(export_recipe
 
     bloom = resolve_run(make_run(tmp_path / "bloom", export_recipe, LORA))
     bloom.base_config.model_type = "bloom"  # what the adapter path is told, not the model's
-    with pytest.raises(ExportError, match=r"GGUF LoRA export supports .*; this base is `bloom`. Serve the adapter with "
+    with pytest.raises(ExportError, match=r"GGUF export supports .*; this base is `bloom`. Serve the adapter with "
                                           r"vLLM or transformers \+ peft .*--format adapter"):
+        write_lora_gguf(bloom, tmp_path / "b.gguf", gguf_type="f32", name="b")
+    import dataclasses
+
+    bloom.info = dataclasses.replace(bloom.info, config={**bloom.info.config, "use_dora": True})  # refused as an adapter first
+    with pytest.raises(ExportError, match=r"DoRA magnitude vectors have no GGUF LoRA form. A merged GGUF is refused too "
+                                          r"\(GGUF export supports .*this base is `bloom`\), so serve it with vLLM"):
         write_lora_gguf(bloom, tmp_path / "b.gguf", gguf_type="f32", name="b")
     run = make_run(tmp_path / "prefix", export_recipe, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with pytest.raises(ExportError, match=r"virtual tokens.*--format adapter"):  # the way that works, not another refusal

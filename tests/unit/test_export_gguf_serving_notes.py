@@ -144,8 +144,9 @@ def test_a_gemma2_merge_that_would_untie_the_head_is_refused_before_merging(expo
     with pytest.raises(ExportError) as caught:  # the GGUF LoRA's refusal does not send the user to that one
         export_gguf_adapter(run, tmp_path / "lora", gguf_type="f32")
     said = str(caught.value)
-    assert "merged gguf is no way out here" in said.lower() and "--format gguf`" not in said, said
-    assert "serve it with transformers (`--format hf`) or vLLM (`--format adapter`)" in said
+    assert "merged gguf is refused too" in said.lower() and "--format gguf`" not in said, said
+    assert "llama.cpp runs a gemma2 model's output head with the token embeddings" in said
+    assert "serve it with vLLM or transformers + peft" in said and "--format adapter" in said
 
 
 def test_gemma3_runs_an_untied_merged_head_in_llama_cpp(export_recipe, tmp_path):
