@@ -238,7 +238,10 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
         with _head_restored_by_adapter(bool(extra)):
             base = load_base_model(run_dir, recipe, device, quantized=quantized_base, source=source)  # resolved once
         try:
-            model = PeftModel.from_pretrained(base, str(adapter))
+            from peftkit.adapters.lora import tied_adapter_warning_said
+
+            with tied_adapter_warning_said():  # said at training
+                model = PeftModel.from_pretrained(base, str(adapter))
         except RuntimeError as exc:
             if "size mismatch" not in str(exc):
                 raise

@@ -9,11 +9,12 @@ time: the saved adapter then applies to the untouched base model like any other.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,14 +234,14 @@ def build(
     if cfg.init == "eva":
         from peft import initialize_lora_eva_weights
 
-        peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
+        with tied_adapter_warning_said():
+            peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
+        say_untied_head(peft_model)
         initialize_lora_eva_weights(peft_model, _eva_dataloader(calibration or []), show_progress_bar=False)
         return peft_model
     if cfg.init in CORDA_INITS:
         _preprocess_corda(model, config, calibration or [])
-    with warnings.catch_warnings():  # peft's warning of "complications ... when merging": said as it is instead
-        warnings.filterwarnings("ignore", message=r"Model has `tie_word_embeddings=True` and a tied layer",
-                                category=UserWarning)
+    with tied_adapter_warning_said():
         peft_model = get_peft_model(model, config)
     say_untied_head(peft_model)
     if cfg.init == "loftq":
@@ -252,13 +253,23 @@ def build(
     return peft_model
 
 
+@contextlib.contextmanager
+def tied_adapter_warning_said() -> Iterator[None]:
+    """Build or attach a LoRA without peft's warning of "complications ... when merging" for tied embeddings in
+    the adapter; say_untied_head says what happens instead (once: attaching a saved adapter says nothing)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Model has `tie_word_embeddings=True` and a tied layer",
+                                category=UserWarning)
+        yield
+
+
 def say_untied_head(peft_model: Any) -> None:
-    """A base whose output head is its input embeddings, with an adapter on either: peft changes only the one it
-    wraps, so the trained model has a head of its own (peftkit's merge writes it so). Said in place of peft's
-    warning of "complications ... when merging"."""
+    """A language model whose output head is its input embeddings, with an adapter on either: peft changes only the
+    one it wraps, so the trained model has a head of its own (peftkit's merge writes it so). Said in place of
+    peft's warning of "complications ... when merging"."""
     base = peft_model.get_base_model()
-    if not getattr(base.config, "tie_word_embeddings", False):
-        return
+    if not getattr(base.config, "tie_word_embeddings", False) or base.get_output_embeddings() is None:
+        return  # (a classifier's score head is no token head)
     wrapped = [name for name, module in (("input embeddings", base.get_input_embeddings()),
                                          ("output head", base.get_output_embeddings()))
                if module is not None and (hasattr(module, "base_layer") or hasattr(module, "original_module"))]

@@ -196,7 +196,10 @@ def dequantized(model: Any) -> Any:
 def _attach(base: Any, adapter: Path) -> Any:
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(base, str(adapter))
+    from peftkit.adapters.lora import tied_adapter_warning_said
+
+    with tied_adapter_warning_said():  # said at training
+        model = PeftModel.from_pretrained(base, str(adapter))
     model.eval()
     return model
 

@@ -318,3 +318,26 @@ def test_an_adapter_on_tied_embeddings_is_said_once_by_peftkit_not_peft(tiny_mod
     assert (f"{said} {trained}:" in caplog.text) if trained else said not in caplog.text
     peft_said = [str(w.message) for w in caught if "tie_word_embeddings=True" in str(w.message)]
     assert not peft_said, peft_said
+
+
+def test_a_classifier_with_tied_embedding_config_is_not_told_of_an_untied_head(tiny_model_dir, caplog):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=2)
+    assert model.config.tie_word_embeddings
+    with caplog.at_level("INFO", logger="peftkit"):
+        build_adapter(model, LoraAdapterConfig(r=4, alpha=8, target_modules=["q_proj", "embed_tokens"]),
+                      task="sequence_classification")
+    assert "ties its output head" not in caplog.text
+
+
+def test_attaching_a_saved_adapter_on_tied_embeddings_does_not_repeat_peft_s_warning(tiny_model_dir, tmp_path):
+    import warnings
+
+    from peftkit.export.merge import _attach
+
+    saved = save_trained(_lora(tiny_model_dir, target_modules=["q_proj", "embed_tokens"]), tmp_path, "lora")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _attach(load_tiny(tiny_model_dir), saved)
+    assert not [str(w.message) for w in caught if "tie_word_embeddings=True" in str(w.message)]
