@@ -134,11 +134,13 @@ def _read_text(path: Path) -> str:
             raise DataError(f"{path}: not a readable gzip file ({exc or 'it ends too early'}); check that the "
                             "download or copy is complete, or give the uncompressed file") from None
         inside = " of the decompressed text"
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its byte-order mark (Windows PowerShell's `>`)
-        try:
-            return data.decode("utf-16")
-        except UnicodeDecodeError:
-            pass  # not UTF-16 after all: said below
+    for marks, encoding in (((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"), "utf-32"), ((b"\xff\xfe", b"\xfe\xff"), "utf-16")):
+        if data.startswith(marks):  # UTF-16 (Windows PowerShell's `>` writes it) or UTF-32, with its byte-order mark
+            try:
+                return data.decode(encoding)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}: the text{inside} starts with a {encoding.upper()} byte-order mark but is not "
+                                f"valid {encoding.upper()} (offset {exc.start}); re-save the file as UTF-8") from None
     utf16 = data[:200].count(b"\x00") * 3 > len(data[:200]) > 0  # ASCII in UTF-16: every other byte is 0
     try:
         text = data.decode("utf-8-sig")

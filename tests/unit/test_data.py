@@ -358,6 +358,12 @@ def test_utf16_with_its_byte_order_mark_is_read_and_without_it_is_named(tmp_path
     marked.write_text(body, encoding="utf-16")
     example = load_examples(marked)[0]
     assert (example.text or example.messages[0]["content"]).startswith(("Café?", "Le café"))
+    marked.write_text(body, encoding="utf-32")
+    example = load_examples(marked)[0]
+    assert (example.text or example.messages[0]["content"]).startswith(("Café?", "Le café"))
+    marked.write_bytes(body.encode("utf-16") + b"\x00")
+    with pytest.raises(DataError, match=r"starts with a UTF-16 byte-order mark but is not valid UTF-16"):
+        load_examples(marked)
     ascii_body = body.replace("é", "e").replace("à", "a")
     (tmp_path / f"bare{suffix}").write_bytes(ascii_body.encode("utf-16-le"))
     with pytest.raises(DataError, match=r"is UTF-16 without a byte-order mark .* re-save the file as UTF-8"):
