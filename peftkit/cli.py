@@ -137,6 +137,9 @@ def _warn_if_output_dir_is_taken(recipe: Any) -> None:
         check_run_dir(Path(recipe.output_dir), resume=False, force=False, recipe_dump=recipe.model_dump(mode="json"))
     except RunDirError as exc:
         logging.getLogger("peftkit").warning("`peftkit train` would refuse to start: %s", exc)
+    except OSError as exc:  # a folder this user cannot read: train says so when it gets there
+        logging.getLogger("peftkit").warning("output_dir %s cannot be checked here: %s", recipe.output_dir,
+                                             exc.strerror or exc)
 
 
 def _tokenized_data_line(recipe: Any, tokenizer: Any) -> str:
