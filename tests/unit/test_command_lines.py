@@ -37,7 +37,9 @@ def test_a_gguf_lora_refusal_names_the_merged_export_as_started_with_the_run_dir
     from peftkit.export.gguf_lora import check_head_and_embedding_loras
 
     run_dir = tmp_path / "run with spaces"
-    run = SimpleNamespace(run_dir=run_dir, base_config=SimpleNamespace(tie_word_embeddings=False))
+    from transformers import LlamaConfig
+
+    run = SimpleNamespace(run_dir=run_dir, base_config=LlamaConfig(tie_word_embeddings=False))
     with pytest.raises(ExportError) as refused:  # an embedding LoRA on a layer llama.cpp has no LoRA for
         check_head_and_embedding_loras(run, {"model.wpe": "position_embd.weight"}, {"model.wpe"}, {})
     said = str(refused.value)
