@@ -35,6 +35,11 @@ def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
             m["role"] == "tool" or m.get("tool_calls") for m in e.messages or ())), None)
         trailing += [e.where for e in examples if e.messages and e.messages[-1]["role"] != "assistant"]
         _warn_about_tool_calls(examples, f"data.{key}")
+        blank = [e.where for e in examples if any(m["role"] == "user" and not str(m.get("content") or "").strip()
+                                                  for m in e.messages or ())]
+        if blank:  # a missing question (an empty prompt field) more often than a meant one
+            log.warning("data.%s: %d conversation(s) have an empty user turn (first: %s): the reply after it is "
+                        "trained to answer nothing; fill in the question, or drop the record", key, len(blank), blank[0])
     if trailing and not recipe.data.train_on_prompt:  # with it, the trailing turn is trained too
         # Not an error: the turns before it still train; but the trailing turn is never learnt from.
         log.warning("%d conversation(s) end with a user or tool turn after the last assistant reply (first: %s); "

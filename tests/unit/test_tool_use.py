@@ -281,3 +281,4 @@ def test_calls_to_tools_the_record_does_not_declare_are_warned_about(tmp_path, t
     assert ("data.train: 1 conversation(s) call a tool their `tools` list does not declare (first: "
             f"{path}:2 calls renew_loan)") in caplog.text
     assert f"data.train: 1 conversation(s) make tool calls with no `tools` list (first: {path}:3)" in caplog.text
+

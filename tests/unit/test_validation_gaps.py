@@ -327,3 +327,15 @@ def test_settings_that_need_bitsandbytes_are_recipe_problems_without_it(tiny_rec
         "quantization needs bitsandbytes: `pip install bitsandbytes` (or remove `quantization:`)"]
     with pytest.raises(ConfigError, match="train.optimizer paged_adamw_8bit needs bitsandbytes"):
         validate_recipe(recipe_from_dict(_with(tiny_recipe, "train", optimizer="paged_adamw_8bit")), check_model=False)
+
+
+def test_an_empty_user_turn_is_warned_about(tmp_path, tiny_recipe, caplog):
+    from tests.conftest import write_jsonl
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "", "completion": "orphan"}, {"prompt": "hi", "completion": "yo"},
+                                              {"messages": [{"role": "user", "content": "   "},
+                                                            {"role": "assistant", "content": "ok"}]}])
+    recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "train": str(path)}})
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        validate_recipe(recipe, check_model=False)
+    assert f"data.train: 2 conversation(s) have an empty user turn (first: {path}:1)" in caplog.text
