@@ -25,6 +25,7 @@ from peftkit.data.formats import (Example, Message, bad_records_error, chat_reco
 from peftkit.data.replay import BUILTIN_PREFIX, ReplayAnswerer, load_replay, sample_replay
 from peftkit.errors import DataError
 from peftkit.utils.progress import with_progress
+from peftkit.utils.once import say_once
 
 log = logging.getLogger(__name__)
 
@@ -274,10 +275,11 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int, max_ev
         raise DataError(f"data.eval_fraction={fraction} of {len(examples)} examples leaves none to train on; "
                         "lower it, or give the eval examples in their own file (data.eval)")
     if n_eval > 2 * fraction * len(examples):  # at least one: on a few examples that is far more than asked
-        _warn_once(f"The eval split holds {n_eval} of the {len(examples)} examples ({100 * n_eval / len(examples):.0f} %; "
-                   f"data.eval_fraction is {fraction:g}): on data this small that is taken from training; set "
-                   "data.eval_fraction: 0 to train on all of them, or give eval examples in their own file (data.eval)",
-                   about=examples[0].where)
+        share = 100 * n_eval / len(examples)
+        say_once(log, logging.WARNING, f"The eval split holds {n_eval} of the {len(examples)} examples ({share:.0f} %; "
+                 f"data.eval_fraction is {fraction:g}): on data this small that is taken from training; set "
+                 "data.eval_fraction: 0 to train on all of them, or give eval examples in their own file (data.eval)",
+                 key=examples[0].where)
     keys = [content_key(example) for example in examples]
     copies: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
@@ -292,20 +294,6 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int, max_ev
         fits = len(smallest) <= 2 * n_eval and len(smallest) < len(examples)
         eval_ids = set(smallest) if fits else set(order[:n_eval])  # else copies on both sides (warned about)
     return [e for i, e in enumerate(examples) if i not in eval_ids], [e for i, e in enumerate(examples) if i in eval_ids]
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str, about: Any = None) -> None:
-    """The data is read more than once in one command (validate's data line, then --show-data; training with
-    base-answered replay): a finding about it (`about`: the data, where the message does not name it) is said once.
-    A read with the warnings silenced (the evaluation's rebuilding of the eval split) says nothing, and so keeps
-    nothing back."""
-    key = f"{message}\0{about}"
-    if key not in _WARNED and log.isEnabledFor(logging.WARNING):
-        _WARNED.add(key)
-        log.warning("%s", message)
 
 
 def warn_duplicates(read: list[Any], train: list[Any], held_out: list[Any]) -> None:
@@ -329,7 +317,7 @@ def warn_duplicates(read: list[Any], train: list[Any], held_out: list[Any]) -> N
                         f"{seen[0]}); their eval loss measures memorisation, not how the model does on new data, so "
                         "remove them from one of the two")
     for message in messages:
-        _warn_once(message)
+        say_once(log, logging.WARNING, message)
 
 
 def warn_heldout_in_training(heldout: list[HeldoutItem], train: list[Example]) -> None:
@@ -342,7 +330,7 @@ def warn_heldout_in_training(heldout: list[HeldoutItem], train: list[Example]) -
         message = (f"held-out questions that the training data also asks: {len(copied)} of {len(heldout)} (first: "
                    f"{copied[0][:80]!r}); held-out accuracy on them measures memorisation, not how the model does on "
                    "new questions, so reword them or remove them from the training data")
-        _warn_once(message)
+        say_once(log, logging.WARNING, message)
 
 
 def without_system_prompt(examples: list[Example]) -> list[Example]:
@@ -360,13 +348,15 @@ def train_eval_examples(cfg: DataConfig, seed: int) -> tuple[list[Example], list
         train, held_out = split_train_eval(examples, cfg.eval_fraction, seed, cfg.max_eval_examples)
     warn_duplicates(examples, train, held_out)
     if cfg.system_prompt and examples and all(e.messages is None for e in examples):
-        _warn_once(f"data.system_prompt ({abridged(cfg.system_prompt)}) is not trained: the training data is plain text, trained as it is without a "
-                   "chat template, yet `peftkit chat` and the exports would start every conversation with this system "
-                   "prompt, which the model never saw; remove it, or train on conversations", cfg.train)
+        say_once(log, logging.WARNING, f"data.system_prompt ({abridged(cfg.system_prompt)}) is not trained: the "
+                 "training data is plain text, trained as it is without a chat template, yet `peftkit chat` and the "
+                 "exports would start every conversation with this system prompt, which the model never saw; remove "
+                 "it, or train on conversations", key=str(cfg.train))
     elif cfg.system_prompt and examples and never_given_system_prompt(examples, cfg.system_prompt):
-        _warn_once(f"data.system_prompt ({abridged(cfg.system_prompt)}) is not trained: every training conversation has a system turn of its own, "
-                   "which wins over it, yet the held-out scoring, `peftkit chat` and the exports ask with this one, "
-                   "which the model never saw; remove data.system_prompt, or set it to the data's own", cfg.train)
+        say_once(log, logging.WARNING, f"data.system_prompt ({abridged(cfg.system_prompt)}) is not trained: every "
+                 "training conversation has a system turn of its own, which wins over it, yet the held-out scoring, "
+                 "`peftkit chat` and the exports ask with this one, which the model never saw; remove "
+                 "data.system_prompt, or set it to the data's own", key=str(cfg.train))
     return train, held_out
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from peftkit.data.columns import (ROLE_ALIASES, SYSTEM_FIELDS, detected_pair, detected_pair_messages, mapped_messages,
                                   mapped_text, number_as_text, pair_messages, record_keys, type_name)
 from peftkit.errors import DataError
+from peftkit.utils.once import say_once
 from peftkit.utils.yaml_flow import flow_yaml
 
 log = logging.getLogger(__name__)
@@ -1062,21 +1063,11 @@ def load_examples(source: str | Path | Sequence[str | Path], fmt: str = "auto",
             if detected:
                 read[i] = detected
                 del failed[i]
-                _say_once(f"{sources[i]}: no record has the fields data.columns names, so it was read in its own "
-                          f"{detected[0].format} format (the map reads the recipe's other data)")
+                say_once(log, logging.INFO, f"{sources[i]}: no record has the fields data.columns names, so it was "
+                         f"read in its own {detected[0].format} format (the map reads the recipe's other data)")
     if failed:
         raise DataError("\n".join(failed[i] for i in sorted(failed)))
     return [example for i in sorted(read) for example in read[i]]
-
-
-_SAID: set[str] = set()
-
-
-def _say_once(message: str) -> None:
-    """Data is read more than once in one command (the recipe check, the data line, --show-data): said once."""
-    if message not in _SAID and log.isEnabledFor(logging.INFO):
-        _SAID.add(message)
-        log.info("%s", message)
 
 
 def bad_records_error(source: str | Path, problems: list[tuple[str, str]], good: int) -> DataError:

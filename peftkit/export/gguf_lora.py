@@ -86,6 +86,12 @@ def _base_weights(run: RunAdapter, names: list[str]) -> dict[str, torch.Tensor]:
     return found
 
 
+def _reason(refused: ExportError) -> str:
+    """The first sentence of a model GGUF export's refusal: what is wrong, without its advice (about a model, not
+    an adapter)."""
+    return str(refused).split(". ")[0]
+
+
 def merged_gguf_advice(run: RunAdapter) -> str:
     """What to do instead of a GGUF LoRA: the merged GGUF, unless the model GGUF export would refuse this run too
     (an architecture or RoPE it does not write, a setting llama.cpp runs otherwise, a Gemma 2 merge that unties
@@ -98,8 +104,7 @@ def merged_gguf_advice(run: RunAdapter) -> str:
             raise ExportError(f"{why}, and llama.cpp runs a {config.model_type} model's output head with the token "
                               "embeddings")
     except ExportError as refused:
-        reason = str(refused).split(". ")[0]  # the first sentence: its own advice is about a model, not an adapter
-        return (f"a merged GGUF is refused too ({reason}), so serve it with vLLM or transformers + peft "
+        return (f"a merged GGUF is refused too ({_reason(refused)}), so serve it with vLLM or transformers + peft "
                 f"(`{command('export', str(run.run_dir), '--format', 'adapter')}`, or `--format hf` merged)")
     return f"use `{command('export', str(run.run_dir), '--format', 'gguf')}` (merged) instead"
 
@@ -176,8 +181,8 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
     config = run.base_config
     try:
         layout = check_architecture(config, with_rope=False)
-    except ExportError as refused:  # its advice is about a model: say the adapter's
-        raise ExportError(f"{str(refused).split('. ')[0]}. Serve the adapter with vLLM or transformers + peft "
+    except ExportError as refused:
+        raise ExportError(f"{_reason(refused)}. Serve the adapter with vLLM or transformers + peft "
                           f"(`{command('export', str(run.run_dir), '--format', 'adapter')}`), or merge it "
                           f"(`{command('export', str(run.run_dir), '--format', 'hf')}`) for llama.cpp's "
                           "convert_hf_to_gguf.py") from None

@@ -172,10 +172,15 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
     )
 
 
+def global_batch_size(recipe: Recipe) -> int:
+    """The rows of one optimizer step over all processes."""
+    return recipe.train.batch_size * recipe.train.grad_accum * dist_info().world_size
+
+
 def _warn_if_one_batch_holds_all(recipe: Recipe, rows: int) -> None:
     """A batch larger than the data trains smaller steps than the recipe says: said, not left to the summary's
     `global_batch_size`."""
-    batch = recipe.train.batch_size * recipe.train.grad_accum * dist_info().world_size
+    batch = global_batch_size(recipe)
     if rows < batch:
         log.warning("The global batch (%d = batch_size x grad_accum x processes) is larger than the %d training rows: "
                     "every optimizer step trains on all %d, so each epoch is one step; lower train.batch_size, or add "
@@ -582,7 +587,7 @@ def summary_header(
         "dtype": str(dtype).removeprefix("torch."),
         "threads": threads,  # per process
         "processes": dist_info().world_size,
-        "global_batch_size": recipe.train.batch_size * recipe.train.grad_accum * dist_info().world_size,
+        "global_batch_size": global_batch_size(recipe),
         "trainable_params": trainable,
         "total_params": total,
         "trainable_share": trainable / total,

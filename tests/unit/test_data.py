@@ -1040,9 +1040,9 @@ def test_a_system_prompt_no_conversation_trains_with_is_warned_about(tmp_path, c
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     path = write_jsonl(tmp_path / "chat.jsonl", [
         {"messages": ([{"role": "system", "content": text}] if text is not None else []) + turns} for text in systems])
-    from peftkit.data import build
+    from peftkit.utils import once
 
-    build._WARNED.clear()  # said once per process
+    once._SAID.clear()  # said once per process
     with caplog.at_level(logging.WARNING, logger="peftkit.data.build"):
         train_eval_examples(DataConfig(train=str(path), system_prompt="Recipe's.", eval_fraction=0), 42)
     said = "data.system_prompt (Recipe's.) is not trained: every training conversation has a system turn of its own"
