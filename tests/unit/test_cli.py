@@ -43,6 +43,19 @@ def test_validate_warns_of_an_output_dir_train_would_refuse(tiny_recipe, tmp_pat
     assert "recipe is valid" in capsys.readouterr().out
 
 
+def test_validate_warns_and_goes_on_where_the_output_dir_cannot_be_read(tiny_recipe, tmp_path, caplog, monkeypatch):
+    from peftkit.train import run_dir
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(run_dir, "check_run_dir", unreadable)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    assert main(["validate", str(path), "--no-model"]) == 0
+    assert f"output_dir {tiny_recipe['output_dir']} cannot be checked here: Permission denied" in caplog.text
+
+
 def test_validate_reports_unknown_target_modules(tiny_recipe, tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe))
