@@ -77,18 +77,26 @@ def _progress_bars_for_logs() -> Iterator[None]:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[_log_handler()])
-    # Under a launcher every rank runs this: rank 0 tells the story, the others only warn (their "Loading ..." and
-    # progress lines would repeat it once per process).
-    other_rank = int(os.environ.get("RANK", "0") or 0) > 0
-    logging.getLogger("peftkit").setLevel(logging.DEBUG if verbose else logging.WARNING if other_rank else logging.INFO)
+    from peftkit.utils.once import track_warnings
+
+    handler = _log_handler()
+    track_warnings(handler)  # a launched worker keeps back the warnings its launcher showed
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler])
+    # Under a launcher every rank runs this: global rank 0 tells the story; the first process on each other node
+    # warns (what it finds there), the rest only report errors (each would repeat rank 0's warnings).
+    rank, local_rank = (int(os.environ.get(name, "0") or 0) for name in ("RANK", "LOCAL_RANK"))
+    level = logging.INFO if rank == 0 else logging.WARNING if local_rank == 0 else logging.ERROR
+    logging.getLogger("peftkit").setLevel(logging.DEBUG if verbose else level)
     # bitsandbytes warns on import that optional hub-fetched CPU kernels are absent; nothing to act on. (That notice
     # and DeepSpeed's "Setting accelerator to CPU" are dropped for Python users too: `import peftkit`.)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import transformers
 
     transformers.logging.set_verbosity_error()
-    transformers.logging.enable_progress_bar()
+    if rank == 0:
+        transformers.logging.enable_progress_bar()
+    else:  # "Loading weights" once, not once per process
+        transformers.logging.disable_progress_bar()
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

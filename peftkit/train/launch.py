@@ -538,8 +538,11 @@ def cpu_threads_per_process(nproc: int) -> int:
 def worker_environment(recipe: Recipe, device: str, options: LaunchOptions, threads: int | None) -> dict[str, str]:
     from peftkit.train.deepspeed import extensions_dir
 
+    from peftkit.utils.once import said_by_launcher_env
+
     env = dict(os.environ)
     env[WORKER_ENV] = "1"
+    env.update(said_by_launcher_env())
     env.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     env.setdefault("PYTHONUNBUFFERED", "1")
     if device == "cpu":

@@ -3,10 +3,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Hashable
+import os
+from collections.abc import Hashable, Iterable
 
 _SAID: set[Hashable] = set()
+
+# `peftkit train --nproc N` checks the recipe and reads the data in the launching process, and then each worker does
+# the same: every warning came 1 + N times. The launcher passes the digests of the warnings it showed to its workers,
+# which keep them back.
+SAID_BY_LAUNCHER_ENV = "PEFTKIT_SAID_BY_LAUNCHER"
 
 
 def say_once(logger: logging.Logger, level: int, message: str, key: Hashable = None) -> None:
@@ -17,3 +24,51 @@ def say_once(logger: logging.Logger, level: int, message: str, key: Hashable = N
     if key not in _SAID and logger.isEnabledFor(level):
         _SAID.add(key)
         logger.log(level, "%s", message)
+
+
+def _is_warning(record: logging.LogRecord) -> bool:
+    return logging.WARNING <= record.levelno < logging.ERROR  # errors are always shown
+
+
+def _digest(record: logging.LogRecord) -> str:
+    return hashlib.sha1(record.getMessage().encode("utf-8", "replace")).hexdigest()[:16]
+
+
+class WarningLedger(logging.Filter):
+    """On a log handler: notes the warnings it shows (their digests), passing every record on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.digests: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _is_warning(record) and (digest := _digest(record)) not in self.digests:
+            self.digests.append(digest)
+        return True
+
+
+class KeepBackSaid(logging.Filter):
+    """On a log handler: drops the warnings whose digests are given (said by the process that launched this one)."""
+
+    def __init__(self, digests: Iterable[str]) -> None:
+        super().__init__()
+        self.digests = frozenset(digests)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_is_warning(record) and _digest(record) in self.digests)
+
+
+LEDGER = WarningLedger()
+
+
+def said_by_launcher_env() -> dict[str, str]:
+    """The environment entry that tells launched workers which warnings this process showed."""
+    return {SAID_BY_LAUNCHER_ENV: ",".join(LEDGER.digests[-2000:])}  # bounded: an environment entry has a size limit
+
+
+def track_warnings(handler: logging.Handler, environ: dict[str, str] | None = None) -> None:
+    """Note the warnings `handler` shows, and keep back those the launching process showed already."""
+    env = os.environ if environ is None else environ
+    handler.addFilter(LEDGER)
+    if said := env.get(SAID_BY_LAUNCHER_ENV):
+        handler.addFilter(KeepBackSaid(said.split(",")))

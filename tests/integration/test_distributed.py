@@ -104,9 +104,13 @@ def test_zero2_two_processes_match_one_process(zero2, one_process, tiny_model_di
 @pytest.mark.timeout(300)
 def test_plain_ddp_two_processes_match_one_process(one_process, tiny_model_dir, tmp_path):
     """`--nproc 2` without DeepSpeed: torch DDP (gloo), every trainable parameter reduced each step."""
-    recipe = tiny_recipe_file(tmp_path, tiny_model_dir, train=TWO_PROCS)
+    recipe = tiny_recipe_file(tmp_path, tiny_model_dir, train={**TWO_PROCS, "epochs": 2})  # epochs: a warning
     result = run(peftkit("train", str(recipe), "--nproc", "2"), subprocess_env(tmp_path), tmp_path / "train.log", 240)
     assert result.returncode == 0, tail(tmp_path / "train.log")
+    log_text = (tmp_path / "train.log").read_text()
+    # said by the launcher's check; not again by each worker (it was said three times)
+    assert log_text.count("train.epochs is ignored") == 1, log_text
+    assert log_text.count("Loading weights: 100%") <= 1 and log_text.count("Trainable parameters") == 1
     run_dir = tmp_path / "run"
     assert not (run_dir / "deepspeed.json").exists()
     _same_losses(losses(run_dir), losses(one_process))

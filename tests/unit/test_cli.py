@@ -317,8 +317,12 @@ def test_only_rank_0_tells_the_story_under_a_launcher(monkeypatch):
 
     monkeypatch.setenv("RANK", "1")
     _setup_logging(False)
-    assert logging.getLogger("peftkit").level == logging.WARNING  # warnings still come from every rank
+    assert logging.getLogger("peftkit").level == logging.WARNING  # the first process of another node warns
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    _setup_logging(False)
+    assert logging.getLogger("peftkit").level == logging.ERROR  # the others would repeat rank 0's warnings
     monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
     _setup_logging(False)
     assert logging.getLogger("peftkit").level == logging.INFO
 
