@@ -76,12 +76,16 @@ def _warn_about_tool_calls(examples: list[Any], key: str) -> None:
     never shows (a warning); calls with no `tools` at all may have their schema in the system prompt (said, info)."""
     undeclared: list[tuple[str, list[str]]] = []
     unlisted: list[str] = []
+    mismatched: list[tuple[str, str]] = []
     for example in examples:
-        called = {call["function"]["name"] for m in example.messages or () for call in m.get("tool_calls") or ()}
+        calls = [call["function"] for m in example.messages or () for call in m.get("tool_calls") or ()]
+        called = {call["name"] for call in calls}
         if called and example.tools:
-            declared = {str(tool.get("function", tool).get("name")) for tool in example.tools}
-            if called - declared:
-                undeclared.append((example.where, sorted(called - declared)))
+            schemas = {str(tool.get("function", tool).get("name")): tool.get("function", tool) for tool in example.tools}
+            if called - schemas.keys():
+                undeclared.append((example.where, sorted(called - schemas.keys())))
+            mismatched += [(example.where, f"{call['name']} {problem}") for call in calls if call["name"] in schemas
+                           if (problem := _arguments_problem(call.get("arguments"), schemas[call["name"]]))]
         elif called:
             unlisted.append(example.where)
     if undeclared:
@@ -89,10 +93,30 @@ def _warn_about_tool_calls(examples: list[Any], key: str) -> None:
         log.warning("%s: %d conversation(s) call a tool their `tools` list does not declare (first: %s calls %s): the "
                     "model learns to call it without its schema in the prompt; add it to the record's `tools`", key,
                     len(undeclared), where, ", ".join(names))
+    if mismatched:
+        where, problem = mismatched[0]
+        log.warning("%s: %d tool call(s) do not fit their tool's declared parameters (first: %s calls %s): the model "
+                    "learns calls its prompt's schema does not describe; fix the arguments or the schema", key,
+                    len(mismatched), where, problem)
     if unlisted:
         log.info("%s: %d conversation(s) make tool calls with no `tools` list (first: %s): no schema is shown in their "
                  "prompt, so the calls are learnt from the conversations alone (fine where the system prompt "
                  "describes the tools)", key, len(unlisted), unlisted[0])
+
+
+def _arguments_problem(arguments: Any, tool: dict[str, Any]) -> str | None:
+    """What a call's arguments get wrong against its tool's JSON-schema `parameters` (names only: an argument the
+    schema does not list where it allows no others, a required one left out); None where they fit or it says nothing."""
+    schema = tool.get("parameters")
+    if not isinstance(arguments, dict) or not isinstance(schema, dict) or not isinstance(schema.get("properties"), dict):
+        return None
+    unknown = [] if schema.get("additionalProperties") not in (None, False) else sorted(
+        set(arguments) - set(schema["properties"]))
+    required = schema.get("required")
+    missing = sorted(set(required) - set(arguments)) if isinstance(required, list) else []
+    found = ([f"with {', '.join(f'`{name}`' for name in unknown)}, which the schema does not list"] if unknown else []) + (
+        [f"without required {', '.join(f'`{name}`' for name in missing)}"] if missing else [])
+    return "; ".join(found) or None
 
 
 def _check_tool_use_template(recipe: Recipe, source: Any, example: Any) -> list[str]:

@@ -282,3 +282,24 @@ def test_calls_to_tools_the_record_does_not_declare_are_warned_about(tmp_path, t
             f"{path}:2 calls renew_loan)") in caplog.text
     assert f"data.train: 1 conversation(s) make tool calls with no `tools` list (first: {path}:3)" in caplog.text
 
+
+
+def test_tool_call_arguments_that_do_not_fit_the_declared_schema_are_warned_about(tmp_path, tiny_recipe, caplog):
+    import logging
+
+    from peftkit.config.validate import validate_recipe
+
+    strict = copy.deepcopy(TOOLS)
+    strict[0]["function"]["parameters"]["required"] = ["title"]
+    typo = {**copy.deepcopy(CONVERSATION), "tools": strict}
+    typo["messages"][1]["tool_calls"] = [{"type": "function", "function": {"name": "find_book",
+                                                                           "arguments": {"titel": "the river"}}}]
+    open_schema = copy.deepcopy(typo)
+    open_schema["tools"][0]["function"]["parameters"].update(additionalProperties=True, required=[])
+    path = write_jsonl(tmp_path / "tools.jsonl", [{**CONVERSATION, "tools": strict}, typo, open_schema])
+    recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "train": str(path)}})
+    with caplog.at_level(logging.INFO, logger="peftkit"):
+        validate_recipe(recipe, check_model=False)
+    assert ("data.train: 1 tool call(s) do not fit their tool's declared parameters (first: "
+            f"{path}:2 calls find_book with `titel`, which the schema does not list; without required `title`)"
+            ) in caplog.text
