@@ -13,6 +13,7 @@ from typing import Any
 
 from peftkit import __version__
 from peftkit.errors import PeftkitError, Terminated, is_disk_full
+from peftkit.train import RESUME_KEYWORDS, RESUME_LAST
 
 
 PLUGIN_COMMANDS = ("peftkit.export.commands", "peftkit.evaluate.commands")
@@ -350,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe YAML file (or a run directory, to resume it)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
     _add_set_flag(p)
-    p.add_argument("--resume", nargs="?", const="last", default=None, metavar="RUN_DIR|auto",
+    p.add_argument("--resume", nargs="?", const=RESUME_LAST, default=None, metavar="RUN_DIR|auto",
                    help="continue from the last complete checkpoint (of RUN_DIR, default: the recipe's output_dir); "
                         "`auto` starts fresh when there is none")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
@@ -489,10 +490,10 @@ def _resume_as_recipe(args: argparse.Namespace, typed: list[str], parser: argpar
     without a recipe is refused in one line (a recipe file after --resume: put it first)."""
     from peftkit.utils.command_name import command
 
-    given = args.resume if args.resume not in (None, "auto", "last") else None
+    given = args.resume if args.resume not in RESUME_KEYWORDS else None
     path = Path(given).expanduser() if given else None
     if path is not None and path.is_dir():
-        args.recipe, args.resume = given, "last"
+        args.recipe, args.resume = given, RESUME_LAST
         at = typed.index("--resume") if "--resume" in typed else -1
         rest = typed[:at] + typed[at + 2:] if at >= 0 and typed[at + 1:at + 2] == [given] else \
             [a for a in typed if a != f"--resume={given}"]
@@ -532,7 +533,7 @@ def _run_command(argv: list[str] | None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     resume = getattr(args, "resume", None)
     if resume and "=" in resume and not Path(resume).exists():  # `--resume train.lr=1e-4`: an override, not a RUN_DIR
-        args.resume, args.overrides = "last", [*args.overrides, resume]
+        args.resume, args.overrides = RESUME_LAST, [*args.overrides, resume]
     if hasattr(args, "set_overrides"):  # `--set k=v` and positional `k=v` are one list
         args.overrides = [*args.overrides, *args.set_overrides]
     args.argv = typed  # what the user typed (RUN_DIR first for `--resume RUN_DIR` alone): resume commands repeat it

@@ -25,6 +25,7 @@ from typing import Any
 
 from peftkit.config.schema import Recipe
 from peftkit.errors import ConfigError, PeftkitError, RunDirError
+from peftkit.train import RESUME_KEYWORDS
 from peftkit.utils import threads as cpu_threads
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,6 @@ running, or still ignores Ctrl-C as torchrun started it, would lose the signal: 
 handler is in place, and stops at once."""
 SHUTDOWN_TIMEOUT_S = 600
 """How long torchrun lets workers finish a checkpoint after SIGTERM before it kills them."""
-RESUME_LAST = "last"
-"""What a bare `--resume` means: the recipe's output_dir, which must hold a checkpoint."""
 
 
 class LaunchError(PeftkitError, RuntimeError):
@@ -205,7 +204,7 @@ def load_train_recipe(args: argparse.Namespace) -> tuple[Recipe, str]:
     if getattr(args, "deepspeed", None):
         overrides.append(_deepspeed_override(args.deepspeed, recipe_file, overrides))
     resume = getattr(args, "resume", None)
-    if resume not in (None, "auto", RESUME_LAST):
+    if resume not in RESUME_KEYWORDS:
         run_dir = Path(resume).expanduser()
         if not run_dir.is_dir():
             hint = " (put key=value overrides before --resume)" if "=" in resume else ""
