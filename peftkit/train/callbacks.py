@@ -134,6 +134,29 @@ class OverfittingWatch(TrainerCallback):
             )
 
 
+    def check_final(self, log_history: list[dict[str, Any]], ships_best: bool) -> None:
+        """Warns (unless it did already) when the shipped last step's eval loss rose well above the best evaluation's
+        while train loss fell: a run with few evaluations often ends on one large rise, which the two-in-a-row rule
+        above cannot see. "Well above": 10 % over the best, and more than a quarter of what training had gained by
+        then (the defaults' small late rise, a price paid for facts learnt, stays unmentioned)."""
+        evals = [(int(e.get("step", 0)), float(e["eval_loss"])) for e in log_history if "eval_loss" in e]
+        if self.warned or ships_best or len(evals) < 3:
+            return
+        (best_step, best), (last_step, last) = min(evals, key=lambda e: e[1]), evals[-1]
+        rise = last - best
+        if best_step == last_step or rise <= 0.1 * best or rise <= 0.25 * (evals[0][1] - best):
+            return
+        trains = [(int(e.get("step", 0)), float(e["loss"])) for e in log_history if "loss" in e]
+        at_best = [loss for step, loss in trains if step <= best_step]
+        if not at_best or trains[-1][1] >= at_best[-1]:
+            return
+        self.warned = True
+        log.warning("Overfitting: the final eval loss %.3f is %.0f%% above the best, %.3f at step %d, while train loss "
+                    "kept falling, and the saved weights are the last step's: set train.early_stopping_patience (it "
+                    "keeps the best evaluation's weights), or train fewer epochs or at a lower lr", last,
+                    100 * rise / best, best, best_step)
+
+
 class DivergenceGuard(TrainerCallback):
     """Stops a run whose loss or gradient norm becomes inf / NaN (a too-high lr, fp16 overflow): every later
     step trains on ruined weights, and the run would otherwise finish and save a NaN adapter with exit 0."""

@@ -275,6 +275,34 @@ def test_overfitting_watch_with_more_evaluations_than_logged_losses(caplog):
         flat.on_evaluate(None, None, None, metrics={"eval_loss": eval_loss})
     assert not flat.warned
 
+
+def _history(points):
+    """log_history as the Trainer keeps it: (step, train loss or None, eval loss or None)."""
+    return [entry for step, train_loss, eval_loss in points for entry in (
+        [{"step": step, "loss": train_loss}] if train_loss is not None else []) + (
+        [{"step": step, "eval_loss": eval_loss}] if eval_loss is not None else [])]
+
+
+def test_a_run_that_ends_on_one_large_eval_loss_rise_is_warned_about(caplog):
+    """A short run with few evaluations: the best at step 40, the last (shipped) 31 % above it; no two rises in a row."""
+    jump = _history([(0, None, 6.762), (8, 4.0, 6.793), (40, 3.8, 6.713), (48, 3.61, 8.799)])
+    watch = OverfittingWatch()
+    with caplog.at_level(logging.WARNING):
+        watch.check_final(jump, ships_best=True)  # early stopping shipped the best weights: nothing to say
+        assert not watch.warned
+        watch.check_final(jump, ships_best=False)
+        watch.check_final(jump, ships_best=False)
+    assert watch.warned and sum("Overfitting" in r.message for r in caplog.records) == 1
+    assert "8.799 is 31% above the best, 6.713 at step 40" in caplog.text
+    # the defaults' small late rise after a large gain, a rise with the train loss rising too, a best at the end
+    for points in ([(0, None, 2.86), (20, 1.6, 1.30), (40, 0.5, 1.05), (60, 0.2, 1.12)],
+                   [(0, None, 6.762), (8, 4.0, 6.793), (40, 3.8, 6.713), (48, 4.2, 8.799)],
+                   [(0, None, 2.86), (20, 1.6, 1.30), (40, 0.5, 1.05)]):
+        quiet = OverfittingWatch()
+        quiet.check_final(_history(points), ships_best=False)
+        assert not quiet.warned, points
+
+
 @pytest.mark.parametrize("every", ["eval_steps", "save_steps"])
 def test_early_stopping_stops_and_keeps_best(tiny_recipe, every):
     """Evaluations every eval_steps, or (with save_steps alone) at every checkpoint: the Trainer needs them to match."""
