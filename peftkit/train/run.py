@@ -229,8 +229,10 @@ def tensorboard_callback(log_dir: Path, resume_step: int | None = None) -> Any:
     """TensorBoard logging into one event file in RUN_DIR/tensorboard, the final evaluation included: the
     Trainer's callback closes its writer when training ends and would open another one, under
     checkpoints/runs/, for that last point; this one stays open until `close()`. A resumed run hides what an
-    interrupted session logged after `resume_step` (TensorBoard's purge_step), as metrics.jsonl drops it."""
+    interrupted session logged after `resume_step` (event_files.trim_event_files), as metrics.jsonl drops it."""
     from torch.utils.tensorboard import SummaryWriter
+
+    from peftkit.train.event_files import trim_event_files
     from transformers.integrations import TensorBoardCallback
 
     class RunTensorBoard(TensorBoardCallback):
@@ -243,7 +245,9 @@ def tensorboard_callback(log_dir: Path, resume_step: int | None = None) -> Any:
                 self.tb_writer.close()
                 self.tb_writer = None
 
-    purge = {"purge_step": resume_step + 1} if resume_step is not None else {}
+    if resume_step is not None and (dropped := trim_event_files(log_dir, resume_step)):
+        log.info("Dropped %d TensorBoard events logged after step %d", dropped, resume_step)
+    purge = {"purge_step": resume_step + 1} if resume_step is not None else {}  # for a file that could not be trimmed
     callback = RunTensorBoard(SummaryWriter(log_dir=str(log_dir), **purge))
     callback.logging_dir = str(log_dir)
     return callback

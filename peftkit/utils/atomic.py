@@ -229,6 +229,11 @@ def atomic_directory(target: Path, *, exist_ok: bool = False, replace: bool = Fa
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file atomically (temp sibling + fsync + rename)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically (temp sibling + fsync + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -237,8 +242,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         exc.filename = str(path)  # the file asked for, not the temporary name
         raise
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -56,6 +56,21 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
     for key in b:
         assert a[key].shape == b[key].shape and a[key].numel() > 0
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert _tensorboard_steps(resumed) == _tensorboard_steps(reference)  # no step twice, none lost
+
+
+def _tensorboard_steps(run_dir: Path) -> dict[str, list[int]]:
+    """Each scalar tag's steps as the event files hold them (the TensorBoard app would hide repeats); each session
+    writes its settings (`args/text_summary`) once."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps: dict[str, list[int]] = {}
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if not value.tag.endswith("text_summary"):
+                    steps.setdefault(value.tag, []).append(event.step)
+    return {tag: sorted(found) for tag, found in steps.items()}
 
 
 @pytest.mark.timeout(240)
@@ -64,6 +79,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path,
     run_dir = tmp_path / "run"
     proc = start(peftkit("train", str(recipe)), subprocess_env(tmp_path, step_delay=0.4), tmp_path / "first.log")
     first = wait_for(lambda: complete_checkpoints(run_dir), proc, tmp_path / "first.log", 120, "a complete checkpoint")
+    logged_after = lambda: max(losses(run_dir), default=0) > checkpoints.step_of(first[-1])  # noqa: E731
+    wait_for(logged_after, proc, tmp_path / "first.log", 60, "a step logged after the checkpoint")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
