@@ -296,9 +296,11 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int, max_ev
     return [e for i, e in enumerate(examples) if i not in eval_ids], [e for i, e in enumerate(examples) if i in eval_ids]
 
 
-def warn_duplicates(read: list[Any], train: list[Any], held_out: list[Any]) -> None:
+def warn_duplicates(read: list[Any], train: list[Any], held_out: list[Any], *, split: bool = False) -> None:
     """Warn (once per message) about exact copies among the training records `read` (before any eval split), and
-    about eval records that `train` also has: their eval loss measures memorisation, and early stopping follows it."""
+    about eval records that `train` also has: their eval loss measures memorisation, and early stopping follows it.
+    `split`: the eval records were split off `read` (split_train_eval put copies on both sides only where every
+    record has more copies than the split holds), so there is no eval file to remove them from."""
     first_seen: dict[str, Any] = {}
     repeats = []  # (copy, original) locations
     for item in read:
@@ -312,7 +314,13 @@ def warn_duplicates(read: list[Any], train: list[Any], held_out: list[Any]) -> N
         messages.append(f"training examples that repeat an earlier one exactly: {len(repeats)} of {len(read)} (first: "
                         f"{repeats[0][0]} repeats {repeats[0][1]}); a copy is trained on once more each epoch, so drop "
                         "the copies unless that weighting is meant")
-    if seen:
+    if seen and split:
+        messages.append(f"eval split examples that also occur in the training data: {len(seen)} of {len(held_out)} "
+                        f"(first: {seen[0]}): each record has more copies than the eval split holds, so copies went to "
+                        "both sides, and their eval loss measures memorisation, not how the model does on new data; "
+                        "drop the copies from the training data, raise data.eval_fraction, or give eval examples in "
+                        "their own file (data.eval)")
+    elif seen:
         messages.append(f"eval examples that also occur in the training data: {len(seen)} of {len(held_out)} (first: "
                         f"{seen[0]}); their eval loss measures memorisation, not how the model does on new data, so "
                         "remove them from one of the two")
@@ -346,7 +354,7 @@ def train_eval_examples(cfg: DataConfig, seed: int) -> tuple[list[Example], list
         train, held_out = examples, load_examples(cfg.eval, cfg.format, cfg.columns, mapped_elsewhere=True)
     else:
         train, held_out = split_train_eval(examples, cfg.eval_fraction, seed, cfg.max_eval_examples)
-    warn_duplicates(examples, train, held_out)
+    warn_duplicates(examples, train, held_out, split=not cfg.eval)
     if cfg.system_prompt and examples and all(e.messages is None for e in examples):
         say_once(log, logging.WARNING, f"data.system_prompt ({abridged(cfg.system_prompt)}) is not trained: the "
                  "training data is plain text, trained as it is without a chat template, yet `peftkit chat` and the "

@@ -177,7 +177,7 @@ def build_classification_data(
     items = load_labeled(cfg.train, cfg.columns)
     labels = labels or label_names(items)
     train_items, eval_items = labeled_train_eval(cfg, seed, items)
-    warn_duplicates(items, train_items, eval_items)
+    warn_duplicates(items, train_items, eval_items, split=not cfg.eval)
     heldout_items = load_labeled(cfg.heldout, cfg.columns) if cfg.heldout else []
     check_labels(eval_items, labels, "eval")
     check_labels(heldout_items, labels, "heldout")

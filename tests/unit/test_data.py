@@ -968,6 +968,12 @@ def test_duplicates_and_eval_rows_seen_in_training_are_warned_about(tmp_path, ca
         train, held_out = train_eval_examples(DataConfig(train=str(other), eval_fraction=0.25), seed=0)
     assert "repeat an earlier one exactly: 2 of 8" in caplog.text and "also occur in the training" not in caplog.text
     assert len(held_out) == 2
+    caplog.clear()
+    copies = _pairs(tmp_path, "k.jsonl", ["a", "b", "c"] * 4)  # every record 4 times; the split holds 1
+    with caplog.at_level(logging.WARNING, logger="peftkit.data.build"):
+        train, held_out = train_eval_examples(DataConfig(train=str(copies), eval_fraction=0.1), seed=0)
+    assert len(held_out) == 1 and "eval split examples that also occur in the training data: 1 of 1" in caplog.text
+    assert "raise data.eval_fraction" in caplog.text and "remove them from one of the two" not in caplog.text
 
 
 def test_the_eval_split_is_limited_by_max_eval_examples_and_a_large_one_is_warned(tmp_path, tiny_recipe, caplog,
