@@ -205,8 +205,8 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
 
         # Only lora/qlora recipes may quantize (check_recipe_adapter), so such a run always has an adapter.
         if effective_quantization(recipe) is None:
-            raise RunDirError(f"{run_dir} was not trained on a quantized base; drop --qlora-base original "
-                              "(quantized_base=False in Python)")
+            raise RunDirError(f"{run_dir} was not trained on a quantized base, so --qlora-base original has nothing "
+                              "to choose: drop it (in Python, leave quantized_base at True)")
     full_model = trained_model_dir(run_dir)
     adapter = None if full_model is not None else adapter_dir(run_dir)
     device = resolve_device(device or recipe.train.device)

@@ -290,6 +290,9 @@ def merge_run(run_dir: str | Path, *, qlora_base: QLoraBase = "dequantized", bas
         raise ExportError(f"--qlora-base must be `dequantized` or `original`, got {qlora_base!r}")
     run = resolve_run(run_dir, base)
     require_mergeable(run.info, run.run_dir)
+    if qlora_base == "original" and run.quantization is None:  # as `eval` and `chat` refuse it
+        raise ExportError(f"{run.run_dir} was not trained on a quantized base, so --qlora-base original has nothing to "
+                          "choose: drop it")
     if run.info.peft_type == FULL_MODEL:
         raise ExportError(
             f"{run.run_dir} trained the model's weights directly (method {run.info.config['method']}), so there is no "

@@ -394,10 +394,13 @@ def test_eval_puts_a_qlora_adapter_on_the_original_weights_when_asked(tiny_recip
 def test_eval_refuses_qlora_base_original_for_an_unquantized_run(tiny_recipe, capsys):
     run_dir = train(recipe_from_dict({**tiny_recipe, "eval": {"before": False}})).run_dir
     assert main(["eval", str(run_dir), "--qlora-base", "original"]) == RunDirError.exit_code
-    assert "was not trained on a quantized base; drop --qlora-base original" in capsys.readouterr().err
+    assert "was not trained on a quantized base, so --qlora-base original has nothing to choose" in capsys.readouterr().err
     assert not (run_dir / "eval_original_base.json").exists()
     assert main(["chat", str(run_dir), "--prompt", "hi", "--qlora-base", "original"]) == RunDirError.exit_code
-    assert "drop --qlora-base original" in capsys.readouterr().err
+    assert "--qlora-base original has nothing to choose: drop it" in capsys.readouterr().err
+    out = run_dir.parent / "merged"
+    assert main(["merge", str(run_dir), "--out", str(out), "--qlora-base", "original"]) == 2  # merge took it silently
+    assert "--qlora-base original has nothing to choose: drop it" in capsys.readouterr().err and not out.exists()
 
 
 def test_weight_moving_inits_report_the_base_models_loss_before_training(tiny_recipe):

@@ -245,7 +245,7 @@ def test_python_api_arguments_are_checked_before_weights_load(quick_run, small_g
         runs.load_run(quick_run, device="cuda")
     with pytest.raises(PeftkitError, match="device='gpu' is not one of auto, cpu, cuda, mps"):
         runs.load_run(quick_run, device="gpu")
-    with pytest.raises(RunDirError, match=r"drop --qlora-base original \(quantized_base=False in Python\)"):
+    with pytest.raises(RunDirError, match=r"--qlora-base original has nothing to choose: drop it \(in Python, leave quantized_base at True\)"):
         runs.load_run(quick_run, quantized_base=False)
     for bad in (0, -1, 2.5):
         with pytest.raises(PeftkitError, match="max_new_tokens must be a whole number of at least 1"):
