@@ -530,7 +530,9 @@ def _run_command(argv: list[str] | None) -> int:
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]  # `k=v` after a flag: argparse stops collecting positionals there
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        keys = [e for e in extra if hasattr(args, "overrides") and "." in e and "=" not in e and not e.startswith("-")]
+        parser.error(f"unrecognized arguments: {' '.join(extra)}" + (
+            f" (a recipe override is KEY=VALUE, e.g. {keys[0]}=...)" if keys else ""))
     resume = getattr(args, "resume", None)
     if resume and "=" in resume and not Path(resume).exists():  # `--resume train.lr=1e-4`: an override, not a RUN_DIR
         args.resume, args.overrides = RESUME_LAST, [*args.overrides, resume]

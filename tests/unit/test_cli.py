@@ -85,6 +85,9 @@ def test_overrides_after_a_flag_still_reach_the_recipe(tiny_recipe, tmp_path, ca
     with pytest.raises(SystemExit):
         main(["validate", str(path), "--no-model", "stray"])
     assert "unrecognized arguments: stray" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["validate", str(path), "--no-model", "train.lr"])  # the value left out
+    assert "unrecognized arguments: train.lr (a recipe override is KEY=VALUE, e.g. train.lr=...)" in capsys.readouterr().err
 
 
 def test_validate_show_data_marks_exactly_the_trained_tokens(tiny_recipe, tmp_path, capsys):
