@@ -18,13 +18,17 @@ DEFAULT_QUANTIZATION = QuantizationConfig(bits=4, quant_type="nf4", double_quant
 
 def prepare(model: Any, gradient_checkpointing: bool) -> Any:
     """Cast norms to fp32 and (optionally) enable gradient checkpointing, as QLoRA prescribes."""
+    import warnings
+
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    with warnings.catch_warnings():  # peft calls transformers' renamed `gradient_checkpointing_enable`: not the user's to fix
+        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable.*deprecated", category=FutureWarning)
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
 
 
 def build(model: Any, cfg: QLoraAdapterConfig, *, task: str = "causal_lm", quantized: bool = True, calibration: Any = None) -> Any:

@@ -257,3 +257,14 @@ def test_a_model_bitsandbytes_quantizes_no_layer_of_is_refused_not_trained_as_ql
     build_tiny_tokenizer().save_pretrained(tmp_path / "falcon")
     with pytest.raises(PeftkitError, match=r"bitsandbytes quantized no layer of this FalconForCausalLM to 4 bits.*method: lora"):
         load_model(ModelConfig(name=str(tmp_path / "falcon")), QuantizationConfig(bits=4), device="cpu", dtype=torch.float32)
+
+
+def test_peft_preparing_the_quantized_base_shows_no_transformers_deprecation(tiny_model_dir):
+    """peft's prepare_model_for_kbit_training calls the renamed `gradient_checkpointing_enable`: nothing a user
+    of peftkit can act on, so it is not shown."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _qlora(tiny_model_dir, QuantizationConfig(bits=4), init="gaussian")
+    assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)], [str(w.message) for w in caught]
