@@ -28,7 +28,8 @@ class CpuLoad:
     """Cores other work keeps busy: threads of other processes running now, at most the sustained load."""
 
     def describe(self) -> str:
-        return f"load {self.load:.1f} on {self.cores} cores, {self.busy} kept busy by other work now"
+        kept = "all of them" if self.busy >= self.cores else str(self.busy)
+        return f"load {self.load:.1f} on {self.cores} cores, {kept} kept busy by other work now"
 
 
 def _quota(quota: str, period: str) -> float | None:
@@ -144,9 +145,10 @@ def choose_threads(explicit: int | None, doing: str, setting: str, *, on_cpu: bo
                         advice)
     elif busy is not None:
         threads = free_cpus(cpus, busy)
-        log.warning("The CPU is busy (%s): %s on %d of the %d cores, those free now (on every core next to other jobs "
-                    "it can run about 10x slower); set %s to choose the count", busy.describe(), doing, threads, cpus,
-                    setting)
+        where = (f"{threads} of the {cpus} cores, those free now" if busy.busy < cpus else
+                 "1 thread, as no core is free now")
+        log.warning("The CPU is busy (%s): %s on %s (on every core next to other jobs it can run about 10x slower); "
+                    "set %s to choose the count", busy.describe(), doing, where, setting)
     else:
         threads = cpus
     torch.set_num_threads(threads)

@@ -75,7 +75,12 @@ def test_without_a_setting_a_busy_cpu_gets_the_cores_that_are_free(monkeypatch, 
     assert "training on 1 of the 4 cores" in caplog.text and "set train.num_threads" in caplog.text
     assert "3 kept busy by other work now" in caplog.text
     _machine(monkeypatch, cores=2, load=6.0, others=9)
-    assert choose_threads(None, "training", "train.num_threads") == 1  # at least one
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert choose_threads(None, "training", "train.num_threads") == 1  # at least one
+    # not "9 kept busy" on 2 cores, nor "1 of the 2 cores, those free now"
+    assert "load 6.0 on 2 cores, all of them kept busy by other work now" in caplog.text
+    assert "training on 1 thread, as no core is free now" in caplog.text
 
 
 def test_on_a_big_machine_the_busy_cores_are_counted_without_a_cliff(monkeypatch):
