@@ -380,9 +380,16 @@ def serving_compatibility(info: AdapterInfo, model_type: str | None, *,
     engines["transformers+peft"] = {
         "compatible": True,
         "reasons": [],
-        "notes": ["`PeftModel.from_pretrained(base_model, DIR)` (verified by peftkit at export time)"],
+        "notes": ["`PeftModel.from_pretrained(base_model, DIR)` (verified by peftkit at export time)", *(
+            [DORA_TRANSFORMERS_NOTE] if info.use_dora else [])],
     }
     return engines
+
+
+DORA_TRANSFORMERS_NOTE = (
+    "load it with peft, not with transformers' own adapter loading (`AutoModelForCausalLM.from_pretrained(DIR)`, "
+    "`load_adapter`): transformers 5.23 leaves DoRA's magnitude vectors out (UNEXPECTED / MISSING in its load "
+    "report), and the model's outputs differ")
 
 
 OUTPUT_HEAD_MODULES = ("lm_head",)

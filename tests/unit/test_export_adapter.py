@@ -66,6 +66,8 @@ def test_manifest_lists_why_vllm_would_reject_the_adapter(export_recipe, tmp_pat
     assert manifest["serving"]["llama.cpp"]["compatible"] is False
     assert manifest["serving"]["llama.cpp"]["notes"] == ["merge it into the base instead: `peftkit export RUN_DIR --format gguf`"]
     assert manifest["method"] == "DoRA" and manifest["modules_to_save"] == ["lm_head"]
+    # transformers' own adapter loading leaves DoRA's magnitude vectors out: the manifest says to load it with peft
+    assert any("transformers' own adapter loading" in n for n in manifest["serving"]["transformers+peft"]["notes"])
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| vllm | no |" in card and f"| rank / alpha | {manifest['rank']} / {manifest['alpha']} |" in card
 
@@ -90,6 +92,7 @@ def test_serving_compatibility_rules():
     plain = AdapterInfo(Path("."), {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_rslora": True})
     engines = serving_compatibility(plain, "llama")
     assert engines["vllm"]["compatible"] and engines["llama.cpp"]["compatible"]
+    assert len(engines["transformers+peft"]["notes"]) == 1, "the DoRA loading note is for DoRA only"
     ia3 = serving_compatibility(AdapterInfo(Path("."), {"peft_type": "IA3"}), "llama")
     assert not ia3["vllm"]["compatible"] and "IA3" in ia3["vllm"]["reasons"][0]
     assert not serving_compatibility(plain, "bloom")["llama.cpp"]["compatible"]
