@@ -405,6 +405,17 @@ def _normalized_lora_config(info: AdapterInfo) -> Any:
     return config
 
 
+def _base_shapes_differ(a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, ...]]) -> str | None:
+    """The first layer whose size two LoRA adapters disagree on (lora_A's input width, lora_B's output width, which
+    the base model fixes), as `q_proj: 64 against 576`; None where every layer both adapt agrees."""
+    for key in sorted(a.keys() & b.keys()):
+        axis = 1 if ".lora_A." in key else 0 if ".lora_B." in key else None
+        if axis is not None and len(a[key]) == len(b[key]) == 2 and a[key][axis] != b[key][axis]:
+            name = key.split(".lora_")[0].rsplit(".", 1)[-1]
+            return f"{name}: {a[key][axis]} against {b[key][axis]}"
+    return None
+
+
 def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None, *, combination: str = "cat",
                  base: str | None = None, qlora_base: QLoraBase = "dequantized") -> MergedModel:
     """Merge a weighted combination of LoRA adapters trained on the same base into one model.
@@ -438,10 +449,12 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
                 f"one run's copy or the base's); merge it on its own with `{command('merge', 'RUN_DIR')}`"
             )
         if run.source.path != first.source.path or run.source.ref != first.source.ref:
+            differ = _base_shapes_differ(run.info.shapes, first.info.shapes)
             raise ExportError(
                 f"{run.run_dir} was trained on {run.model_cfg.name}, but {first.run_dir} on {first.model_cfg.name}; "
-                "only adapters of the same base model can be combined (or pass --base to force one base)"
-            )
+                "only adapters of the same base model can be combined " + (
+                    f"(their layers differ in size: {differ}, so no one base fits both)" if differ else
+                    "(where both are copies of one model, pass --base to use one of them)"))
         if run.quantization != first.quantization:
             raise ExportError(f"{run.run_dir} and {first.run_dir} were trained with different quantization; combine "
                               "adapters trained the same way")

@@ -563,3 +563,20 @@ def test_chat_takes_a_merged_folder_and_answers_as_the_run_does(export_recipe, t
     monkeypatch.chdir(run / "model")  # `peftkit chat .` from inside it
     assert main(["chat", ".", *asked]) == 0
     assert capsys.readouterr().out == from_run
+
+
+def test_combining_adapters_of_different_bases_suggests_base_only_where_it_can_work(export_recipe, tiny_model_dir,
+                                                                                     tmp_path):
+    import shutil
+
+    run_a = make_run(tmp_path / "a", export_recipe, METHODS["lora"], seed=1)  # hidden 64
+    other = make_run(tmp_path / "b", export_recipe, METHODS["lora"], model_dir=tiny_model_dir)  # hidden 32
+    with pytest.raises(ExportError) as info:
+        combine_runs([run_a, other])
+    assert "their layers differ in size" in str(info.value) and "--base" not in str(info.value)
+    copy = tmp_path / "copy-of-base"
+    shutil.copytree(export_recipe["model"]["name"], copy)
+    moved = make_run(tmp_path / "c", export_recipe, METHODS["lora"], model_dir=copy, seed=2)
+    with pytest.raises(ExportError, match="where both are copies of one model, pass --base to use one of them"):
+        combine_runs([run_a, moved])
+    assert combine_runs([run_a, moved], base=str(copy)).merge_max_abs_diff < 1e-4
