@@ -206,7 +206,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: `{part}` is not a section")
             node = child
-        node[path[-1]] = value
+        if value is None:  # `key=null` drops the key, so its default applies (no setting's default is other than
+            node.pop(path[-1], None)  # null where null is allowed) and another method's key can be taken out
+        else:
+            node[path[-1]] = value
     return data
 
 

@@ -43,6 +43,18 @@ def test_overrides_parse_yaml_scalars_and_nested_keys(tmp_path):
     assert recipe.quantization is not None and recipe.quantization.bits == 8
 
 
+def test_a_null_override_drops_the_key_so_a_method_can_be_switched(tmp_path):
+    """`adapter.method=prompt_tuning` on a LoRA recipe: its `r` and `target_modules` are not prompt tuning's keys;
+    `adapter.r=null` takes one out, where setting it to null was refused as another method's key."""
+    path = write(tmp_path, "adapter: {method: lora, r: 8, target_modules: [q_proj]}\ndata: {train: t.jsonl, eval: e.jsonl}\n")
+    (tmp_path / "t.jsonl").write_text("")
+    (tmp_path / "e.jsonl").write_text("")
+    recipe = load_recipe(path, ["adapter.method=prompt_tuning", "adapter.r=null", "adapter.target_modules=",
+                                "data.eval=null", "model.revision=null"])
+    assert recipe.adapter.method == "prompt_tuning" and recipe.data.eval is None
+    assert "eval" not in recipe.data.model_fields_set and recipe.model.revision is None
+
+
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_override("train.lr")
