@@ -252,8 +252,6 @@ def _check_context(recipe: Recipe, skeleton: Any) -> list[str]:
                 f"learned positions for {learned} tokens only (longer inputs fail inside the model); set "
                 f"data.max_seq_len to {learned - virtual} or less{fewer}"]
     context = trained_context(skeleton)
-    if learned is None and "max_seq_len" not in recipe.data.model_fields_set:
-        return []  # the schema's default: validate_recipe lowers it to the trained context (fitted_max_seq_len)
     if learned is None and context is not None and length + virtual > context and context - virtual >= 1:
         log.warning("data.max_seq_len %d%s is longer than the %d-token context %r was trained for: rows past it train "
                     "positions the model never saw; keep data.max_seq_len at %d or less unless the model is meant to "
@@ -278,23 +276,20 @@ def _check_keep_modules(skeleton: Any, keep: list[str]) -> list[str]:
 
 def fitted_max_seq_len(recipe: Recipe, skeleton: Any) -> Recipe:
     """The recipe with the schema's default data.max_seq_len lowered to a learned position table's size (a 512-token
-    BERT) or to the context a RoPE model was trained for, less prefix/prompt tuning's virtual tokens; a value the
-    recipe set is checked, not changed (_check_context)."""
-    from peftkit.models.skeleton import learned_position_limit, trained_context
+    BERT), less prefix/prompt tuning's virtual tokens; a value the recipe set is checked, not changed (_check_context)."""
+    from peftkit.models.skeleton import learned_position_limit
 
     if skeleton is None or "max_seq_len" in recipe.data.model_fields_set:
         return recipe
     learned = learned_position_limit(skeleton)
-    limit = learned if learned is not None else trained_context(skeleton)
-    if limit is None:
+    if learned is None:
         return recipe
-    fitted = limit - virtual_positions(recipe)
+    fitted = learned - virtual_positions(recipe)
     if fitted < 1 or recipe.data.max_seq_len <= fitted:
         return recipe
-    log.info("data.max_seq_len: the default %d lowered to %d, the %s%s", recipe.data.max_seq_len, fitted,
-             f"positions {recipe.model.name} has" if learned is not None else
-             f"context {recipe.model.name} was trained for", f" less {recipe.adapter.method}'s "
-             f"{virtual_positions(recipe)} virtual tokens" if virtual_positions(recipe) else "")
+    log.info("data.max_seq_len: the default %d lowered to %d, the positions %s has%s", recipe.data.max_seq_len, fitted,
+             recipe.model.name, f" less {recipe.adapter.method}'s {virtual_positions(recipe)} virtual tokens"
+             if virtual_positions(recipe) else "")
     return recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_seq_len": fitted})})
 
 

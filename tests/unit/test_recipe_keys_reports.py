@@ -107,17 +107,6 @@ def test_virtual_tokens_past_a_rope_context_are_a_warning(tiny_recipe, caplog):
             f"context" in caplog.text and f"at {context - 8} or less" in caplog.text), caplog.text
 
 
-def test_the_default_max_seq_len_is_lowered_to_a_rope_context_not_warned_about(tiny_recipe, caplog):
-    """The user set nothing: no warning telling them to change data.max_seq_len (the default 1024 > 256 - 8)."""
-    recipe = {**tiny_recipe, "data": {k: v for k, v in tiny_recipe["data"].items() if k != "max_seq_len"},
-              "adapter": {"method": "prompt_tuning", "num_virtual_tokens": 8}}
-    with caplog.at_level(logging.INFO, logger="peftkit"):
-        fitted = validate_recipe(recipe_from_dict(recipe))
-    assert fitted.data.max_seq_len == 256 - 8
-    assert "is longer than" not in caplog.text
-    assert "data.max_seq_len: the default 1024 lowered to 248, the context" in caplog.text
-
-
 # 3. 8-bit quantization and the 4-bit-only keys
 
 
