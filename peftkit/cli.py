@@ -105,7 +105,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from peftkit.train.launch import LaunchError, LaunchOptions, check_launch, check_process_count, load_train_recipe
 
     recipe, _ = load_train_recipe(args)  # a recipe file or a run directory, with --deepspeed as `train` takes it
-    validate_recipe(recipe, check_model=not args.no_model)
+    recipe = validate_recipe(recipe, check_model=not args.no_model)  # as it will run (a default length fitted)
     options = LaunchOptions.from_args(args)  # what `train` with these flags would refuse, before it loads anything
     if options.nproc * options.nnodes > 1 or options.hostfile:
         check_launch(recipe, options)
@@ -530,7 +530,10 @@ def _run_command(argv: list[str] | None) -> int:
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]  # `k=v` after a flag: argparse stops collecting positionals there
     elif extra:
-        keys = [e for e in extra if hasattr(args, "overrides") and "." in e and "=" not in e and not e.startswith("-")]
+        from peftkit.config.schema import Recipe
+
+        keys = [e for e in extra if hasattr(args, "overrides") and "=" not in e and e.split(".")[0] in Recipe.model_fields
+                and not Path(e).exists()]  # `train.lr`, not `./runs/old` or `extra.yaml`
         parser.error(f"unrecognized arguments: {' '.join(extra)}" + (
             f" (a recipe override is KEY=VALUE, e.g. {keys[0]}=...)" if keys else ""))
     resume = getattr(args, "resume", None)

@@ -198,6 +198,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         raise ConfigError(f"overrides are a list of 'key=value' strings, not one string: pass [{overrides!r}]")
     for text in overrides:
         path, value = parse_override(text)
+        if value is None and _drop_key(data, path):  # its default applies (none is other than null where null is
+            continue  # allowed), and another method's key can be taken out of a recipe that switches method
         node = data
         for part in path[:-1]:
             child = node.get(part)
@@ -206,11 +208,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: `{part}` is not a section")
             node = child
-        if value is None:  # `key=null` drops the key, so its default applies (no setting's default is other than
-            node.pop(path[-1], None)  # null where null is allowed) and another method's key can be taken out
-        else:
-            node[path[-1]] = value
+        node[path[-1]] = value
     return data
+
+
+def _drop_key(data: dict[str, Any], path: list[str]) -> bool:
+    """Remove the key at `path` where the recipe has it; False (nothing changed) where it does not: a misspelt key, or
+    one of a section the recipe lacks, is then set to null and refused or checked as before."""
+    node: Any = data
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or path[-1] not in node:
+        return False
+    del node[path[-1]]
+    return True
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

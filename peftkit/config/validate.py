@@ -105,15 +105,18 @@ def _warn_about_tool_calls(examples: list[Any], key: str) -> None:
 
 
 def _arguments_problem(arguments: Any, tool: dict[str, Any]) -> str | None:
-    """What a call's arguments get wrong against its tool's JSON-schema `parameters` (names only: an argument the
-    schema does not list where it allows no others, a required one left out); None where they fit or it says nothing."""
+    """What a call's arguments get wrong against its tool's JSON-schema `parameters` (names only): an argument the
+    schema does not list, unless it allows others (`additionalProperties`, `patternProperties`; function-calling
+    schemas seldom say, and an unlisted argument is then most often a misspelt one), and a required one left out.
+    None where they fit, or where the schema says nothing to check against."""
     schema = tool.get("parameters")
     if not isinstance(arguments, dict) or not isinstance(schema, dict) or not isinstance(schema.get("properties"), dict):
         return None
-    unknown = [] if schema.get("additionalProperties") not in (None, False) else sorted(
-        set(arguments) - set(schema["properties"]))
+    open_ended = schema.get("additionalProperties") not in (None, False) or "patternProperties" in schema
+    unknown = [] if open_ended else sorted(str(name) for name in set(arguments) - set(schema["properties"]))
     required = schema.get("required")
-    missing = sorted(set(required) - set(arguments)) if isinstance(required, list) else []
+    named = {name for name in required if isinstance(name, str)} if isinstance(required, list) else set()
+    missing = sorted(named - set(arguments))
     found = ([f"with {', '.join(f'`{name}`' for name in unknown)}, which the schema does not list"] if unknown else []) + (
         [f"without required {', '.join(f'`{name}`' for name in missing)}"] if missing else [])
     return "; ".join(found) or None

@@ -195,7 +195,7 @@ def _config_summary(config: Any) -> str:
     return ", ".join(parts)
 
 
-def _trained_base_config(info: AdapterInfo) -> Any | None:
+def trained_base_config(info: AdapterInfo) -> Any | None:
     """The base the adapter was trained on: as its run recorded it (summary.json next to the adapter), else the
     config.json of the model the adapter names, when that is a local directory (which may have changed since)."""
     try:
@@ -262,7 +262,7 @@ def find_mismatches(info: AdapterInfo, base_skeleton: Any) -> list[str]:
 def check_adapter_matches_base(info: AdapterInfo, base_skeleton: Any, base_label: str) -> None:
     """Raise one clear ExportError when the adapter was trained for a different model than `base_label`."""
     problems = list(dict.fromkeys(find_mismatches(info, base_skeleton)))  # lora_A and lora_B of one missing module
-    trained = _trained_base_config(info)
+    trained = trained_base_config(info)
     config = base_skeleton.config
     if trained is not None:
         for attr in BASE_CONFIG_KEYS:

@@ -22,7 +22,8 @@ import torch
 
 from peftkit.config.schema import ModelConfig, QuantizationConfig, Recipe
 from peftkit.errors import ExportError, ModelNotFoundError
-from peftkit.export.compat import AdapterInfo, check_adapter_matches_base, read_adapter, require_mergeable
+from peftkit.export.compat import (AdapterInfo, check_adapter_matches_base, read_adapter, require_mergeable,
+                                   trained_base_config)
 from peftkit.export.verify import Reference, build_reference, conversations_for, max_abs_diff
 from peftkit.models.resolve import ModelSource
 from peftkit.runs import trained_model_dir
@@ -405,14 +406,24 @@ def _normalized_lora_config(info: AdapterInfo) -> Any:
     return config
 
 
-def _base_shapes_differ(a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, ...]]) -> str | None:
-    """The first layer whose size two LoRA adapters disagree on (lora_A's input width, lora_B's output width, which
-    the base model fixes), as `q_proj: 64 against 576`; None where every layer both adapt agrees."""
-    for key in sorted(a.keys() & b.keys()):
+def _bases_differ(a: AdapterInfo, b: AdapterInfo) -> str | None:
+    """How the bases two LoRA adapters were trained on differ (as their runs recorded them: `num_hidden_layers: 2
+    against 30`; else the first layer whose size the adapters disagree on, lora_A's input width or lora_B's output
+    width, which the base fixes: `q_proj: 64 against 576`); None where nothing tells them apart."""
+    from peftkit.models.fingerprint import BASE_CONFIG_KEYS
+
+    configs = trained_base_config(a), trained_base_config(b)
+    if all(config is not None for config in configs):
+        for key in BASE_CONFIG_KEYS:
+            values = [getattr(config, key, None) for config in configs]
+            if None not in values and values[0] != values[1]:
+                return f"{key}: {values[0]} against {values[1]}"
+    for key in sorted(a.shapes.keys() & b.shapes.keys()):
         axis = 1 if ".lora_A." in key else 0 if ".lora_B." in key else None
-        if axis is not None and len(a[key]) == len(b[key]) == 2 and a[key][axis] != b[key][axis]:
+        first, second = a.shapes[key], b.shapes[key]
+        if axis is not None and len(first) == len(second) == 2 and first[axis] != second[axis]:
             name = key.split(".lora_")[0].rsplit(".", 1)[-1]
-            return f"{name}: {a[key][axis]} against {b[key][axis]}"
+            return f"{name}: {first[axis]} against {second[axis]}"
     return None
 
 
@@ -449,15 +460,18 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
                 f"one run's copy or the base's); merge it on its own with `{command('merge', 'RUN_DIR')}`"
             )
         if run.source.path != first.source.path or run.source.ref != first.source.ref:
-            differ = _base_shapes_differ(run.info.shapes, first.info.shapes)
+            differ = _bases_differ(run.info, first.info)
             raise ExportError(
                 f"{run.run_dir} was trained on {run.model_cfg.name}, but {first.run_dir} on {first.model_cfg.name}; "
                 "only adapters of the same base model can be combined " + (
-                    f"(their layers differ in size: {differ}, so no one base fits both)" if differ else
+                    f"(their bases differ, {differ}, so no one base fits both)" if differ else
                     "(where both are copies of one model, pass --base to use one of them)"))
         if run.quantization != first.quantization:
             raise ExportError(f"{run.run_dir} and {first.run_dir} were trained with different quantization; combine "
                               "adapters trained the same way")
+    if qlora_base == "original" and first.quantization is None:  # as a single run's merge refuses it
+        raise ExportError("these runs were not trained on a quantized base, so --qlora-base original has nothing to "
+                          "choose: drop it")
     if qlora_base != "dequantized" and first.quantization is not None:
         raise ExportError(f"--qlora-base {qlora_base} applies to one run (`{command('merge', 'RUN_DIR')}`); combined "
                           f"QLoRA adapters are merged into the dequantized {first.quantization.bits}-bit weights they "

@@ -20,9 +20,8 @@ from peftkit.models.resolve import (ModelSource, hub_hint, materialize, needs_re
 
 log = logging.getLogger(__name__)
 # peft still reads the deprecated `is_gradient_checkpointing` whenever it wraps a model (training, eval,
-# chat, export), and calls `gradient_checkpointing_enable` (QLoRA's preparation); not actionable for users.
-warnings.filterwarnings("ignore", message=r".*(is_gradient_checkpointing|gradient_checkpointing_(enable|disable)).*"
-                        "deprecated", category=FutureWarning)
+# chat, export); the warning is not actionable for users.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 # A LoRA on the embeddings: peft says on saving that it saves the embedding layers too, which is what it should do.
 warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True` as embedding layers found",
                         category=UserWarning)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -135,16 +136,18 @@ class OverfittingWatch(TrainerCallback):
 
 
     def check_final(self, log_history: list[dict[str, Any]], ships_best: bool) -> None:
-        """Warns (unless it did already) when the shipped last step's eval loss rose well above the best evaluation's
-        while train loss fell: a run with few evaluations often ends on one large rise, which the two-in-a-row rule
-        above cannot see. "Well above": 10 % over the best, and more than a quarter of what training had gained by
-        then (the defaults' small late rise, a price paid for facts learnt, stays unmentioned)."""
+        """Warns (unless it did already) when the shipped last step's eval loss ends on one large rise while train
+        loss fell: a run with few evaluations often does, which the two-in-a-row rule above cannot see. "Large": the
+        highest of all evaluations during training, 10 % over the best, and more than a quarter of what training had
+        gained by then (the defaults' small late rise, a price paid for facts learnt, and a flat noisy curve stay
+        unmentioned). A loss that is not finite is divergence, stopped by DivergenceGuard, not overfitting."""
         evals = [(int(e.get("step", 0)), float(e["eval_loss"])) for e in log_history if "eval_loss" in e]
-        if self.warned or ships_best or len(evals) < 3:
+        if self.warned or ships_best or len(evals) < 3 or not all(math.isfinite(loss) for _, loss in evals):
             return
         (best_step, best), (last_step, last) = min(evals, key=lambda e: e[1]), evals[-1]
         rise = last - best
-        if best_step == last_step or rise <= 0.1 * best or rise <= 0.25 * (evals[0][1] - best):
+        if (best_step == last_step or last < max(loss for _, loss in evals[1:-1]) or rise <= 0.1 * best
+                or rise <= 0.25 * (evals[0][1] - best)):
             return
         trains = [(int(e.get("step", 0)), float(e["loss"])) for e in log_history if "loss" in e]
         at_best = [loss for step, loss in trains if step <= best_step]

@@ -529,8 +529,9 @@ def cpu_threads_per_process(nproc: int) -> int:
     busy = cpu_threads.busy_cpu(cpus)
     threads = max(1, cpu_threads.free_cpus(cpus, busy) // nproc)
     if busy is not None:
-        log.warning("The CPU is busy (%s): each of the %d processes trains on %d thread%s, the cores free now; set "
-                    "train.num_threads to choose", busy.describe(), nproc, threads, "s" * (threads != 1))
+        share = "the cores free now" if busy.busy < cpus else "as no core is free now"
+        log.warning("The CPU is busy (%s): each of the %d processes trains on %d thread%s, %s; set train.num_threads "
+                    "to choose", busy.describe(), nproc, threads, "s" * (threads != 1), share)
     return threads
 
 
@@ -581,8 +582,8 @@ def launch(args: argparse.Namespace, recipe: Recipe, recipe_arg: str, options: L
     from peftkit.train.run_dir import run_lock
 
     check_launch(recipe, options)
-    validate_recipe(recipe, check_model=True)
-    check_process_count(recipe, options)
+    recipe = validate_recipe(recipe, check_model=True)  # as the workers run it (a default length fitted): resume
+    check_process_count(recipe, options)  # compares it with the run's stored recipe
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     with run_lock(run_dir, enabled=options.node_rank == 0):  # held for the workers, which do not lock themselves
         return _launch(args, recipe, recipe_arg, options, console, run_dir)

@@ -496,7 +496,7 @@ def _train(
     train_loss, train_seconds = run_totals()
     eval_seconds = prior.eval_seconds + trainer.eval_seconds_in_training
     eval_loss_after = final_eval_loss(trainer, has_eval)
-    if main_process:
+    if main_process and not prior.overfitting_warned:  # an earlier session of the run warned already
         overfitting.check_final(trainer.state.log_history, ships_best=bool(
             trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint))
     if tensorboard is not None:

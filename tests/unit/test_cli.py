@@ -88,6 +88,10 @@ def test_overrides_after_a_flag_still_reach_the_recipe(tiny_recipe, tmp_path, ca
     with pytest.raises(SystemExit):
         main(["validate", str(path), "--no-model", "train.lr"])  # the value left out
     assert "unrecognized arguments: train.lr (a recipe override is KEY=VALUE, e.g. train.lr=...)" in capsys.readouterr().err
+    for stray in ("./runs/old", "extra.yaml"):  # not keys: no override hint
+        with pytest.raises(SystemExit):
+            main(["validate", str(path), "--no-model", stray])
+        assert capsys.readouterr().err.rstrip().endswith(f"unrecognized arguments: {stray}")
 
 
 def test_validate_show_data_marks_exactly_the_trained_tokens(tiny_recipe, tmp_path, capsys):

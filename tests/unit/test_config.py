@@ -53,6 +53,11 @@ def test_a_null_override_drops_the_key_so_a_method_can_be_switched(tmp_path):
                                 "data.eval=null", "model.revision=null"])
     assert recipe.adapter.method == "prompt_tuning" and recipe.data.eval is None
     assert "eval" not in recipe.data.model_fields_set and recipe.model.revision is None
+    # a key the recipe does not have is not created as a section, and a misspelt one is still refused
+    for override, refusal in (("adapter.rr=null", "did you mean `r`"), ("quantization.bits=null", "quantization.bits"),
+                              ("deepspeed.stage=null", "deepspeed")):
+        with pytest.raises(ConfigError, match=refusal):
+            load_recipe(path, [override])
 
 
 def test_bad_override_syntax():

@@ -294,10 +294,17 @@ def test_a_run_that_ends_on_one_large_eval_loss_rise_is_warned_about(caplog):
         watch.check_final(jump, ships_best=False)
     assert watch.warned and sum("Overfitting" in r.message for r in caplog.records) == 1
     assert "8.799 is 31% above the best, 6.713 at step 40" in caplog.text
-    # the defaults' small late rise after a large gain, a rise with the train loss rising too, a best at the end
+    # the defaults' small late rise after a large gain, a rise with the train loss rising too, a best at the end,
+    # a diverged (NaN) last evaluation, and a flat noisy curve whose last point is not its highest
+    import random
+
+    rng = random.Random(0)
+    flat = [(0, None, 2.0)] + [(step, 2.0 - step / 1000, 1.0 + rng.gauss(0, 0.05)) for step in range(10, 500, 10)]
+    flat.append((500, 1.5, max(loss for *_, loss in flat[1:]) - 0.01))
     for points in ([(0, None, 2.86), (20, 1.6, 1.30), (40, 0.5, 1.05), (60, 0.2, 1.12)],
                    [(0, None, 6.762), (8, 4.0, 6.793), (40, 3.8, 6.713), (48, 4.2, 8.799)],
-                   [(0, None, 2.86), (20, 1.6, 1.30), (40, 0.5, 1.05)]):
+                   [(0, None, 2.86), (20, 1.6, 1.30), (40, 0.5, 1.05)],
+                   [(0, None, 6.762), (8, 4.0, 6.793), (40, 3.8, 6.713), (48, 3.6, float("nan"))], flat):
         quiet = OverfittingWatch()
         quiet.check_final(_history(points), ships_best=False)
         assert not quiet.warned, points

@@ -467,7 +467,7 @@ def test_combinations_peft_would_get_wrong_are_refused_before_loading(export_rec
     other_prompt = make_run(tmp_path / "sp", {**export_recipe, "data": {**export_recipe["data"],
                                                                       "system_prompt": "You are a pirate."}},
                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    assert combine_runs([everywhere, other_prompt], [0.5, 0.5], qlora_base="original").combination  # plain LoRA: no-op
+    assert combine_runs([everywhere, other_prompt], [0.5, 0.5]).combination
     # Placements saved in another order (peft saves exclude_modules from a set) are the same placement.
     for run, order in ((everywhere, ["k_proj", "o_proj"]), (other_prompt, ["o_proj", "k_proj"])):
         config = run / "adapter" / "adapter_config.json"
@@ -573,10 +573,26 @@ def test_combining_adapters_of_different_bases_suggests_base_only_where_it_can_w
     other = make_run(tmp_path / "b", export_recipe, METHODS["lora"], model_dir=tiny_model_dir)  # hidden 32
     with pytest.raises(ExportError) as info:
         combine_runs([run_a, other])
-    assert "their layers differ in size" in str(info.value) and "--base" not in str(info.value)
+    assert "their bases differ, hidden_size: 32 against 64" in str(info.value) and "--base" not in str(info.value)
+    deeper = build_llama_dir(tmp_path / "deeper", build_tiny_tokenizer(), layers=3)  # the same layer sizes
+    with pytest.raises(ExportError, match=r"their bases differ, num_hidden_layers: 3 against 2, so no one base fits both"):
+        combine_runs([run_a, make_run(tmp_path / "d", export_recipe, METHODS["lora"], model_dir=deeper)])
+    with pytest.raises(ExportError, match="--qlora-base original has nothing to choose"):
+        combine_runs([run_a, run_a], qlora_base="original")
     copy = tmp_path / "copy-of-base"
     shutil.copytree(export_recipe["model"]["name"], copy)
     moved = make_run(tmp_path / "c", export_recipe, METHODS["lora"], model_dir=copy, seed=2)
     with pytest.raises(ExportError, match="where both are copies of one model, pass --base to use one of them"):
         combine_runs([run_a, moved])
     assert combine_runs([run_a, moved], base=str(copy)).merge_max_abs_diff < 1e-4
+
+
+def test_bases_told_apart_by_adapter_shapes_where_no_config_is_recorded(tmp_path):
+    from peftkit.export.compat import AdapterInfo
+    from peftkit.export.merge import _bases_differ
+
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    a = AdapterInfo(tmp_path / "a" / "adapter", {}, {key: (8, 64)})
+    b = AdapterInfo(tmp_path / "b" / "adapter", {}, {key: (16, 576)})
+    assert _bases_differ(a, b) == "q_proj: 64 against 576"  # the rank (8 against 16) is no base's size
+    assert _bases_differ(a, AdapterInfo(tmp_path / "c" / "adapter", {}, {key: (16, 64)})) is None

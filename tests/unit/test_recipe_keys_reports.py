@@ -5,6 +5,7 @@ quantization, chat keys with a classifier, speed options turned off, DeepSpeed b
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,23 @@ def test_virtual_tokens_count_against_a_learned_position_table(tiny_recipe, gpt2
     del recipe["data"]["max_seq_len"]  # the schema's default is fitted instead
     fitted = validate_recipe(recipe_from_dict(recipe))
     assert fitted.data.max_seq_len == 56
+
+
+def test_validate_tokenizes_at_the_fitted_length(tiny_recipe, gpt2_dir, tmp_path, capsys):
+    """`peftkit validate` threw the fitted recipe away: its Data line cut rows at the default 1024, not at 56."""
+    from peftkit.cli import main
+
+    recipe = _with(tiny_recipe, "model", name=str(gpt2_dir))
+    recipe["adapter"] = {"method": "prompt_tuning", "num_virtual_tokens": 8}
+    long = [{"messages": [{"role": "user", "content": "tell me " * 5 + str(i)},
+                          {"role": "assistant", "content": "one two three four " * 20}]} for i in range(12)]
+    (tmp_path / "long.jsonl").write_text("".join(f"{json.dumps(r)}\n" for r in long))
+    recipe["data"] = {"train": str(tmp_path / "long.jsonl"), "eval_fraction": 0.25}
+    path = tmp_path / "gpt2.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "max_seq_len=56" in out and "1024" not in out, out
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])

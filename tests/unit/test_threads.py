@@ -135,7 +135,12 @@ def test_a_cpu_launch_shares_the_free_cores_among_its_processes(monkeypatch, cap
     _machine(monkeypatch, cores=8, load=2.0, others=2)
     with caplog.at_level(logging.WARNING):
         assert cpu_threads_per_process(2) == 3
-    assert "each of the 2 processes trains on 3 threads" in caplog.text
+    assert "each of the 2 processes trains on 3 threads, the cores free now" in caplog.text
+    _machine(monkeypatch, cores=2, load=5.0, others=4)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert cpu_threads_per_process(2) == 1
+    assert "all of them kept busy" in caplog.text and "trains on 1 thread, as no core is free now" in caplog.text
     _machine(monkeypatch, cores=8, load=0.0, others=0)
     assert cpu_threads_per_process(2) == 4 and cpu_threads_per_process(16) == 1
 

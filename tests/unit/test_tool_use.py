@@ -303,3 +303,8 @@ def test_tool_call_arguments_that_do_not_fit_the_declared_schema_are_warned_abou
     assert ("data.train: 1 tool call(s) do not fit their tool's declared parameters (first: "
             f"{path}:2 calls find_book with `titel`, which the schema does not list; without required `title`)"
             ) in caplog.text
+    from peftkit.config.validate import _arguments_problem
+
+    odd = {"parameters": {"type": "object", "properties": {"a": {}}, "required": [{"a": 1}, 3, "a"]}}
+    assert _arguments_problem({"a": 1}, odd) is None  # names that are not strings in `required` are no crash
+    assert _arguments_problem({"b": 1}, {"parameters": {"properties": {}, "patternProperties": {"^b": {}}}}) is None
