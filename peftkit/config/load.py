@@ -503,6 +503,8 @@ def _absolute_model_paths(data: dict[str, Any], recipe_dir: Path) -> None:
         return
     for key in ("name", "chat_template"):
         value = section.get(key)
+        if key == "chat_template" and isinstance(value, str) and ("{%" in value or "{{" in value):
+            continue  # the Jinja template itself, not a file name
         if isinstance(value, str) and value and value not in BUILTINS and value not in NAMED_CHAT_TEMPLATES:
             path = expand_path(value)
             if path.is_absolute():

@@ -192,18 +192,66 @@ def is_single_token(tokenizer: Any, text: str) -> bool:
     return len(tokenizer.encode(text, add_special_tokens=False)) == 1
 
 
+def is_inline_template(setting: str) -> bool:
+    """`model.chat_template` holding the Jinja text itself (as axolotl's and TRL's configs can), not a file name."""
+    return "{%" in setting or "{{" in setting
+
+
+class TemplateSettingError(ValueError):
+    """`model.chat_template` names a file that holds no template (said as the setting's problem)."""
+
+
+def template_text(setting: str) -> str:
+    """The Jinja text `model.chat_template` gives: itself (inline), a template file's text, or the `chat_template` of
+    a tokenizer_config.json-style JSON file (its `default` where it holds several named ones). Raises OSError for an
+    unreadable file, UnicodeDecodeError and TemplateSettingError for one that holds no template."""
+    import json
+
+    if is_inline_template(setting):
+        return setting
+    path = Path(setting).expanduser()
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() != ".json":
+        if not text.strip():
+            raise TemplateSettingError("is empty; write the Jinja chat template into it")
+        return text
+    try:
+        found = json.loads(text).get("chat_template") if text.strip().startswith("{") else None
+    except ValueError:
+        found = None
+    if isinstance(found, list):  # transformers' several named templates: [{"name": ..., "template": ...}]
+        found = next((t.get("template") for t in found if isinstance(t, dict) and t.get("name") == "default"), None)
+    if not isinstance(found, str) or not found.strip():
+        raise TemplateSettingError("is a JSON file without a `chat_template` text (as tokenizer_config.json holds "
+                                   "one); name that file, or a file holding the Jinja template itself")
+    return found
+
+
 def chat_template_setting_problem(setting: str | None) -> str | None:
     """What is wrong with `model.chat_template` before any tokenizer loads (None when nothing is)."""
     if not setting or setting in NAMED_CHAT_TEMPLATES:
         return None
-    path = Path(setting).expanduser()
-    if not path.is_file():
-        return f"model.chat_template: {setting} is neither `chatml`, `plain` nor an existing template file"
+    inline = is_inline_template(setting)
+    if not inline and not _is_file(Path(setting).expanduser()):
+        return f"model.chat_template: {setting} is neither `chatml`, `plain`, an existing template file nor a Jinja template"
+    label = "(the Jinja template given inline)" if inline else setting
     try:
-        problem = template_syntax_problem(path.read_text(encoding="utf-8"))
+        problem = template_syntax_problem(template_text(setting))
     except UnicodeDecodeError as exc:
         problem = f"is not UTF-8 text (byte {exc.start}); save it as UTF-8"
-    return f"model.chat_template: {setting} {problem}" if problem else None
+    except TemplateSettingError as exc:
+        problem = str(exc)
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror or exc})"
+    return f"model.chat_template {label} {problem}" if inline and problem else (
+        f"model.chat_template: {setting} {problem}" if problem else None)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for a path (a template pasted without `{%`): not a file
+        return False
 
 
 def template_syntax_problem(template: str) -> str | None:
@@ -289,12 +337,13 @@ def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
         problem = chat_template_setting_problem(setting)
         if problem:
             raise PeftkitError(problem)
-        tokenizer.chat_template = Path(setting).expanduser().read_text(encoding="utf-8")
+        tokenizer.chat_template = template_text(setting)
         from peftkit.data.chat import reply_end_problem
 
         problem = reply_end_problem(tokenizer)
         if problem:
-            raise PeftkitError(f"model.chat_template {setting}: {problem}")
+            label = "(the Jinja template given inline)" if is_inline_template(setting) else setting
+            raise PeftkitError(f"model.chat_template {label}: {problem}")
     elif not getattr(tokenizer, "chat_template", None):
         if is_single_token(tokenizer, CHATML_END):
             tokenizer.chat_template = CHATML_TEMPLATE

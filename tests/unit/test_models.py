@@ -476,3 +476,30 @@ def test_an_unwritable_model_cache_is_said_before_converting(tmp_path, monkeypat
     with mock.patch("transformers.AutoTokenizer.from_pretrained", side_effect=AssertionError("converted first")):
         with pytest.raises(PeftkitError, match=r"cannot cache the converted model of model.gguf: .* set PEFTKIT_HOME"):
             gguf_convert.convert_gguf(gguf, home)
+
+
+def test_a_template_given_inline_or_in_a_tokenizer_config_json_is_used(tiny_model_dir, tiny_recipe, tmp_path):
+    """axolotl / TRL configs can hold the Jinja text itself: it was taken for a file name ("File name too long ...;
+    check the path and free space"); a tokenizer_config.json was rendered as if it were Jinja."""
+    import json
+
+    from peftkit.config import recipe_from_dict
+    from peftkit.config.validate import validate_recipe
+    from peftkit.models.load import chat_template_setting_problem
+    from tests.conftest import CHATML
+
+    assert load_tokenizer(ModelConfig(name=str(tiny_model_dir), chat_template=CHATML)).chat_template == CHATML
+    validate_recipe(recipe_from_dict({**tiny_recipe, "model": {**tiny_recipe["model"], "chat_template": CHATML}}))
+    broken = CHATML.replace("{% endfor %}", "")
+    assert "(the Jinja template given inline) is not a valid Jinja chat template" in chat_template_setting_problem(broken)
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": "x"},
+                                                    {"name": "default", "template": CHATML}]}))
+    assert load_tokenizer(ModelConfig(name=str(tiny_model_dir), chat_template=str(config))).chat_template == CHATML
+    config.write_text(json.dumps({"model_max_length": 8}))
+    assert "is a JSON file without a `chat_template` text" in chat_template_setting_problem(str(config))
+    empty = tmp_path / "empty.jinja"
+    empty.write_text("\n")
+    assert chat_template_setting_problem(str(empty)).endswith("is empty; write the Jinja chat template into it")
+    assert "is neither `chatml`, `plain`, an existing template file nor a Jinja template" in (
+        chat_template_setting_problem("x" * 5000))  # a name too long for a path is no crash
