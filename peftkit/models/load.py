@@ -164,8 +164,11 @@ def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None) -> Any:
         )
     apply_chat_template_setting(tokenizer, cfg.chat_template)
     if tokenizer.pad_token is None:
-        # Padding positions are masked by position in our collator, so reusing EOS is safe.
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        # Padding positions are masked by position in our collator (and by the attention mask in generation), so
+        # reusing any token is safe: EOS, else UNK, else another special token, else the vocabulary's first.
+        specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+        tokenizer.pad_token = (tokenizer.eos_token or tokenizer.unk_token or (specials[0] if specials else None)
+                               or tokenizer.convert_ids_to_tokens(0))
     return tokenizer
 
 

@@ -503,3 +503,23 @@ def test_a_template_given_inline_or_in_a_tokenizer_config_json_is_used(tiny_mode
     assert chat_template_setting_problem(str(empty)).endswith("is empty; write the Jinja chat template into it")
     assert "is neither `chatml`, `plain`, an existing template file nor a Jinja template" in (
         chat_template_setting_problem("x" * 5000))  # a name too long for a path is no crash
+
+
+def test_a_tokenizer_without_pad_eos_or_unk_still_pads(tmp_path):
+    """A BPE tokenizer with ChatML's tokens and nothing else: validate passed, then training crashed in the collator
+    ('NoneType' object cannot be interpreted as an integer) or in held-out generation ("Asking to pad ...")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["hello there, how are you", "the library opens at nine"] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path / "bare"
+    PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(folder)
+    GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=16, n_layer=1, n_head=2, vocab_size=300)).save_pretrained(folder)
+    tokenizer = load_tokenizer(ModelConfig(name=str(folder)))
+    assert tokenizer.eos_token is None and tokenizer.pad_token_id is not None
+    batch = tokenizer(["hello", "the library opens"], padding=True)
+    assert len(set(map(len, batch["input_ids"]))) == 1
