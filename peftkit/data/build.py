@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -81,6 +82,20 @@ def _tokenizing_progress(examples: list[Example], what: str | None) -> Iterable[
     return with_progress(examples, f"tokenizing {what}s" if shown else None, (what or "").rsplit(" ", 1)[-1])
 
 
+def _written_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """The special tokens' texts, and the end-of-turn token's where it is an added token not marked special (a
+    ChatML-style `<|eot|>` added with `special=False`): written in data, each is read as the token itself."""
+    from peftkit.data.chat import end_of_turn_token_id
+
+    pattern = special_tokens_pattern(tokenizer)
+    end = end_of_turn_token_id(tokenizer)
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    end_text = added[end].content if end in added and not getattr(added[end], "special", False) else None
+    if not end_text or (pattern is not None and pattern.fullmatch(end_text)):
+        return pattern
+    return re.compile("|".join([re.escape(end_text), *([pattern.pattern] if pattern is not None else [])]))
+
+
 def tokenize_examples(
     examples: list[Example], tokenizer: Any, max_seq_len: int, system_prompt: str | None, *, train_on_prompt: bool = False,
     what: str | None = "example",
@@ -93,7 +108,7 @@ def tokenize_examples(
     truncated = dropped = split = split_rows = replies_lost = 0
     truncated_at: list[str] = []  # where the truncated examples, and those that lost whole replies, were read
     lost_at: list[str] = []
-    specials = special_tokens_pattern(tokenizer)
+    specials = _written_token_pattern(tokenizer)
     written_specials: dict[str, str] = {}  # token text -> the first place it was written in the data
     dropped_at: list[str] = []
     for example in _tokenizing_progress(examples, what):

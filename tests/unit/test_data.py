@@ -851,6 +851,26 @@ def test_special_token_text_written_in_the_data_is_named(tiny_tokenizer, caplog)
     assert "'<|im_end|>' (t.jsonl:2)" in caplog.text
 
 
+def test_an_end_of_turn_token_not_marked_special_is_named_too(tiny_tokenizer, caplog):
+    """`<|eot|>` added with special=False and closing each reply: written in a reply it is still read as the token,
+    and the model learns to stop there; only special tokens were looked for."""
+    import copy
+
+    from tokenizers import AddedToken
+
+    from peftkit.data.build import tokenize_examples
+    from peftkit.data.formats import Example
+    from tests.conftest import CHATML
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.add_tokens([AddedToken("<|eot|>", special=False)])
+    tokenizer.chat_template = CHATML.replace("<|im_end|>", "<|eot|>")
+    written = [{"role": "user", "content": "what ends it?"}, {"role": "assistant", "content": "the <|eot|> ends it."}]
+    tokenize_examples([Example(messages=tuple(written), where="t.jsonl:1")], tokenizer, 128, None,
+                      what="training example")
+    assert "'<|eot|>' (t.jsonl:1)" in caplog.text
+
+
 def test_a_blank_system_turn_counts_as_none(tiny_tokenizer):
     """ShareGPT exports often carry `{"from": "system", "value": ""}`: it was trained as an empty system turn
     while chat, eval and held-out questions used the recipe's system prompt."""
