@@ -256,9 +256,10 @@ def _check_context(recipe: Recipe, skeleton: Any) -> list[str]:
                 f"data.max_seq_len to {learned - virtual} or less{fewer}"]
     context = trained_context(skeleton)
     if learned is None and context is not None and length + virtual > context and context - virtual >= 1:
-        log.warning("data.max_seq_len %d%s is longer than the %d-token context %r was trained for: rows past it train "
-                    "positions the model never saw; keep data.max_seq_len at %d or less unless the model is meant to "
-                    "be extended (rope scaling)", length, _virtual_note(recipe), context, recipe.model.name,
+        default = "" if "max_seq_len" in recipe.data.model_fields_set else " (the default)"
+        log.warning("data.max_seq_len %d%s%s is longer than the %d-token context %r was trained for: rows past it "
+                    "train positions the model never saw; set data.max_seq_len to %d or less unless the model is meant "
+                    "to be extended (rope scaling)", length, default, _virtual_note(recipe), context, recipe.model.name,
                     context - virtual)
     return []
 

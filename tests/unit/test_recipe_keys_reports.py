@@ -122,7 +122,12 @@ def test_virtual_tokens_past_a_rope_context_are_a_warning(tiny_recipe, caplog):
     with caplog.at_level(logging.WARNING, logger="peftkit"):
         validate_recipe(recipe_from_dict(recipe))
     assert (f"data.max_seq_len {context - 4} after prompt_tuning's 8 virtual tokens is longer than the {context}-token "
-            f"context" in caplog.text and f"at {context - 8} or less" in caplog.text), caplog.text
+            f"context" in caplog.text and f"set data.max_seq_len to {context - 8} or less" in caplog.text), caplog.text
+    caplog.clear()
+    del recipe["data"]["max_seq_len"]  # the user set nothing: the warning says the value is the default
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        validate_recipe(recipe_from_dict(recipe))
+    assert "data.max_seq_len 1024 (the default) after prompt_tuning's 8 virtual tokens is longer" in caplog.text
 
 
 # 3. 8-bit quantization and the 4-bit-only keys
