@@ -14,6 +14,7 @@ from typing import Any
 from peftkit import __version__
 from peftkit.errors import PeftkitError, Terminated, is_disk_full
 from peftkit.train import RESUME_KEYWORDS, RESUME_LAST
+from peftkit.utils.once import command_scope
 
 
 PLUGIN_COMMANDS = ("peftkit.export.commands", "peftkit.evaluate.commands")
@@ -401,11 +402,49 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `peftkit` command (`argv`: its arguments, default sys.argv); returns the exit status: 0, 2 for bad input."""
-    code = _main(argv)
+    """The `peftkit` command (`argv`: its arguments, default sys.argv); returns the exit status: 0, 2 for bad input.
+    Called with `argv` (from Python: a notebook, a script), it puts the caller's logging setup, torch thread count and
+    environment back afterwards, and returns argparse's status instead of raising SystemExit."""
+    if argv is None:
+        code = _main(argv)
+    else:
+        with _callers_state_kept():
+            code = _main(argv)
     if "peftkit.train.launch" in sys.modules:  # a training worker leaves at once (launch.leave_worker_now says why)
         sys.modules["peftkit.train.launch"].leave_worker_now(code)
     return code
+
+
+@contextlib.contextmanager
+def _callers_state_kept() -> Iterator[None]:
+    """What a command sets for itself (log handler and levels, transformers' verbosity, torch's threads,
+    TOKENIZERS_PARALLELISM) put back for a Python caller, who goes on in the same process."""
+    root, ours = logging.getLogger(), logging.getLogger("peftkit")
+    handlers, levels = list(root.handlers), (root.level, ours.level, logging.getLogger("bitsandbytes").level)
+    environ = {name: os.environ.get(name) for name in ("TOKENIZERS_PARALLELISM", "TQDM_MININTERVAL")}
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    transformers = sys.modules.get("transformers")
+    verbosity = transformers.logging.get_verbosity() if transformers is not None else None
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(levels[0])
+        ours.setLevel(levels[1])
+        logging.getLogger("bitsandbytes").setLevel(levels[2])
+        for name, value in environ.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if threads is not None:
+            torch.set_num_threads(threads)
+        transformers = sys.modules.get("transformers")
+        if transformers is not None:  # imported by the command: its default level (TRANSFORMERS_VERBOSITY or warnings)
+            default = getattr(transformers.utils.logging, "_get_default_logging_level", lambda: logging.WARNING)
+            transformers.logging.set_verbosity(verbosity if verbosity is not None else default())
 
 
 def _main(argv: list[str] | None) -> int:
@@ -416,8 +455,12 @@ def _main(argv: list[str] | None) -> int:
     except ValueError:  # not the main thread: leave signals alone
         previous = None
     try:
-        with _progress_bars_for_logs():
+        with _progress_bars_for_logs(), command_scope():
             return _run_command(argv)
+    except SystemExit as exc:  # argparse: --help, --version, a usage error (it printed why)
+        if argv is None:
+            raise
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     except KeyboardInterrupt:  # also while the command's libraries import, before it starts
         print("interrupted", file=sys.stderr)
         return 130

@@ -578,6 +578,17 @@ def recipe_from_dict(data: dict[str, Any], source: str | None = None, *, stored_
         raise ConfigError(list(dict.fromkeys(problems)), source) from None
 
 
+def revalidated(recipe: Recipe) -> Recipe:
+    """`recipe` checked again: `recipe.model_copy(update=...)`, the documented way to change a frozen recipe, skips
+    pydantic's checks, so a negative lr or a section given as a dict reached training (and failed there, in torch or
+    peft, after the run directory was made). What the recipe set stays set (a default length is still fitted); it is
+    read as a stored run is, so settings it ignores are not refused anew."""
+    data = recipe.model_dump(mode="json", exclude_unset=True, warnings=False)
+    if isinstance(data.get("adapter"), dict):  # the method picks the adapter's class, default or not
+        data["adapter"]["method"] = getattr(recipe.adapter, "method", None) or data["adapter"].get("method", "lora")
+    return recipe_from_dict(data, stored_run=True)
+
+
 def _from_current_directory(data: dict[str, Any]) -> dict[str, Any]:
     data = copy.deepcopy(data)
     if isinstance(data.get("adapter"), dict) and "method" not in data["adapter"]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from peftkit.config.schema import Recipe
 from peftkit.errors import ConfigError, PeftkitError
+from peftkit.utils.once import as_command
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +298,7 @@ def fitted_max_seq_len(recipe: Recipe, skeleton: Any) -> Recipe:
     return recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_seq_len": fitted})})
 
 
+@as_command
 def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> Recipe:
     """Raise one ConfigError listing every problem found; return the recipe as it will run (fitted_max_seq_len)
     when it is runnable."""

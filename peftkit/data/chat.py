@@ -22,6 +22,7 @@ from typing import Any
 
 from peftkit.data.formats import Message
 from peftkit.errors import DataError, PeftkitError
+from peftkit.utils.once import remembered
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def fold_system_prompt(messages: Sequence[Message]) -> list[Message] | None:
     return [{**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
 
 
-_warned: set[tuple[str, int]] = set()  # (topic, template) pairs already warned about
+_warned: set[tuple[str, int]] = remembered(set())  # (topic, template) pairs already warned about
 
 
 def _warn_once(tokenizer: Any, topic: str, message: str, *args: Any) -> None:

@@ -28,6 +28,7 @@ from peftkit.evaluate.margins import CONFIDENT_MARGIN, confidently_known, decisi
 from peftkit.runs import (QLORA_BASES, LoadedRun, load_base_model, load_run, read_run_recipe, read_run_tokenizer,
                           require_chat_run)
 from peftkit.utils.atomic import atomic_write_text, write_problem
+from peftkit.utils.once import as_command
 from peftkit.utils.readable_json import readable_json
 
 GENERAL_SET = "general_knowledge.jsonl"
@@ -132,6 +133,7 @@ def _quiet(logger: str) -> Iterator[None]:
         target.setLevel(level)
 
 
+@as_command
 def evaluate_run(
     run_dir: str | Path,
     *,

@@ -15,6 +15,7 @@ import torch
 from peftkit.config.schema import NAMED_CHAT_TEMPLATES, ModelConfig, QuantizationConfig
 from peftkit.errors import MissingDependencyError, ModelNotFoundError, PeftkitError
 from peftkit.utils.log_filters import PrefixFilter, add_prefix_filter, silence_library_notices
+from peftkit.utils.once import remembered
 from peftkit.models.resolve import (ModelSource, hub_hint, materialize, needs_remote_code, remote_code_error, resolve_model_ref,
                                     tokenizer_files_problem)
 
@@ -386,7 +387,7 @@ def adds_bos(tokenizer: Any) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
-_warned: set[str] = set()
+_warned: set[str] = remembered(set())
 
 
 def _warn_once(topic: str, message: str, *args: Any) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from peftkit.adapters import base_model_view, build_adapter, effective_quantization, parameter_counts, trainer_extras
-from peftkit.config.load import load_recipe, recipe_to_yaml
+from peftkit.config.load import load_recipe, recipe_to_yaml, revalidated
 from peftkit.config.schema import Recipe
 from peftkit.config.validate import validate_recipe
 from peftkit.data import PaddingCollator, build_datasets
@@ -28,6 +28,7 @@ from peftkit.models import (
 )
 from peftkit.train import checkpoints
 from peftkit.train import deepspeed as deepspeed_setup, disk_space, run_dir as run_dirs, signals
+from peftkit.utils.once import command_scope
 from peftkit.train.launch import WORKER_ENV, dist_info, is_main_process, mean_over_processes, sum_over_processes
 from peftkit.models.fingerprint import base_config_summary, source_fingerprint
 from peftkit.models.skeleton import input_embedding_rows
@@ -275,7 +276,8 @@ def train(
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     if resume and (run_dir / "summary.json").is_file():  # resuming would only rewrite its summary and model card
         raise RunDirError(f"resume: {run_dir} holds a finished run (summary.json); there is nothing to resume")
-    with callers_settings_kept():  # a notebook or sweep goes on with its own thread count and random state
+    with callers_settings_kept(), command_scope():  # a notebook or sweep goes on with its own thread count and
+        # random state; and the findings said once per command are said again in the next call
         if recipe.task == "sequence_classification":  # own Trainer and data path (peftkit/train/classification.py)
             from peftkit.train.classification import train_classifier
 
@@ -316,8 +318,8 @@ def _train_causal(recipe: Recipe, *, resume: bool, force: bool, extra_callbacks:
 
 
 def _as_recipe(recipe: Any) -> Recipe:
-    if isinstance(recipe, Recipe):
-        return recipe
+    if isinstance(recipe, Recipe):  # checked again: model_copy(update=...) skips the checks
+        return revalidated(recipe)
     if isinstance(recipe, (str, Path)):  # a recipe file, read as `peftkit train FILE` reads it
         return load_recipe(recipe)
     raise TypeError(f"train() takes a Recipe (peftkit.config.load_recipe / recipe_from_dict) or the path of a recipe "

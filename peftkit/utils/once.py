@@ -1,14 +1,56 @@
-"""Findings said once per process: a command reads its data more than once (the recipe check, validate's data line,
---show-data; training with base-answered replay), and each read would say the same again."""
+"""Findings said once per command: a command reads its data more than once (the recipe check, validate's data line,
+--show-data; training with base-answered replay), and each read would say the same again. A command is the outermost
+`command_scope()` (a CLI command, a `train()` / `evaluate_run()` / `validate_recipe()` call from Python): the next one,
+in the same process (a notebook), says its findings again."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import os
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _SAID: set[Hashable] = set()
+_REMEMBERED: list[set[Any]] = []  # other modules' said-once sets, forgotten with _SAID
+_depth = 0
+
+
+def as_command(function: Callable[..., T]) -> Callable[..., T]:
+    """`function` as one command (command_scope), for a public entry point a Python caller uses on its own."""
+
+    @functools.wraps(function)
+    def command(*args: Any, **kwargs: Any) -> T:
+        with command_scope():
+            return function(*args, **kwargs)
+
+    return command
+
+
+def remembered(said: set[Any]) -> set[Any]:
+    """Register a module's own set of findings already said (keyed on a topic, not the message), so that a new
+    command forgets it too; returns the set."""
+    _REMEMBERED.append(said)
+    return said
+
+
+@contextlib.contextmanager
+def command_scope() -> Iterator[None]:
+    """One command: its outermost entry forgets what earlier commands said."""
+    global _depth
+    if _depth == 0:
+        _SAID.clear()
+        for said in _REMEMBERED:
+            said.clear()
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
 
 # `peftkit train --nproc N` checks the recipe and reads the data in the launching process, and then each worker does
 # the same: every warning came 1 + N times. The launcher passes the digests of the warnings it showed to its workers,

@@ -249,6 +249,18 @@ def test_train_makes_the_checks_the_cli_makes(tiny_recipe, tmp_path):
         train(tiny_recipe)
 
 
+def test_a_recipe_changed_with_model_copy_is_checked_before_anything_is_written(tiny_recipe, tmp_path):
+    """model_copy(update=...), the README's way to change a recipe, skips pydantic's checks: a negative lr reached
+    torch after the run directory was made, and the corrected recipe was then refused as an unfinished run."""
+    from peftkit.errors import ConfigError
+
+    recipe = recipe_from_dict({**tiny_recipe, "output_dir": str(tmp_path / "copied")})
+    broken = recipe.model_copy(update={"train": recipe.train.model_copy(update={"lr": -1.0})})
+    with pytest.raises(ConfigError, match=r"`train.lr`: Input should be greater than 0"):
+        train(broken)
+    assert not (tmp_path / "copied").exists()
+
+
 def test_export_refuses_a_shard_size_that_is_not_positive(tmp_path):
     from peftkit.errors import ExportError
     from peftkit.export.hf import export_combined, export_hf

@@ -82,15 +82,12 @@ def test_overrides_after_a_flag_still_reach_the_recipe(tiny_recipe, tmp_path, ca
     path.write_text(yaml.safe_dump(tiny_recipe))
     assert main(["validate", str(path), "--no-model", "train.lr=0"]) == 2
     assert "train.lr" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["validate", str(path), "--no-model", "stray"])
+    assert main(["validate", str(path), "--no-model", "stray"]) == 2
     assert "unrecognized arguments: stray" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["validate", str(path), "--no-model", "train.lr"])  # the value left out
+    assert main(["validate", str(path), "--no-model", "train.lr"]) == 2  # the value left out
     assert "unrecognized arguments: train.lr (a recipe override is KEY=VALUE, e.g. train.lr=...)" in capsys.readouterr().err
     for stray in ("./runs/old", "extra.yaml"):  # not keys: no override hint
-        with pytest.raises(SystemExit):
-            main(["validate", str(path), "--no-model", stray])
+        assert main(["validate", str(path), "--no-model", stray]) == 2
         assert capsys.readouterr().err.rstrip().endswith(f"unrecognized arguments: {stray}")
 
 
@@ -401,22 +398,18 @@ def test_log_lines_go_to_stderr_unwrapped_and_what_a_command_prints_to_stdout(ti
 def test_a_recipe_after_resume_gets_a_hint_not_only_argparses_complaint(tiny_recipe, tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe))
-    with pytest.raises(SystemExit) as stopped:
-        main(["train", "--resume", str(path)])
-    assert stopped.value.code == 2
+    assert main(["train", "--resume", str(path)]) == 2
     err = capsys.readouterr().err
     assert "overrides" not in err and err.count("error:") == 1
     assert f"--resume takes an optional RUN_DIR, so it took the file {path}; put the recipe first: peftkit train {path} --resume" in err
-    with pytest.raises(SystemExit):
-        main(["train"])
+    assert main(["train"]) == 2
     assert "train needs a recipe file, or a run directory to resume" in capsys.readouterr().err
 
 
 def test_a_home_relative_recipe_after_resume_gets_the_same_hint(tiny_recipe, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe))
-    with pytest.raises(SystemExit):
-        main(["train", "--resume", "~/r.yaml"])
+    assert main(["train", "--resume", "~/r.yaml"]) == 2
     assert "--resume takes an optional RUN_DIR, so it took the file ~/r.yaml; put the recipe first" in \
         capsys.readouterr().err
 
@@ -475,3 +468,30 @@ def test_a_written_eval_limit_that_nothing_draws_is_said_to_be_ignored(tiny_reci
     assert "data.max_eval_examples is ignored: it limits the eval split drawn by data.eval_fraction, and " \
            "data.eval_fraction is 0" in result.stderr
     assert "max_eval_examples" not in run_cli("validate", str(path), "--no-model").stderr
+
+
+def test_main_from_python_puts_the_callers_state_back_and_returns_argparse_status(tiny_recipe, tmp_path, monkeypatch):
+    """A notebook calling cli.main kept peftkit's INFO level, a root handler (so its own basicConfig did nothing),
+    TOKENIZERS_PARALLELISM, transformers at error level and torch at the command's thread count; argparse's
+    errors raised SystemExit instead of returning the documented status."""
+    import logging
+    import os
+
+    import torch
+    import transformers
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    torch.set_num_threads(2)
+    root = logging.getLogger()
+    handlers, peftkit_level = list(root.handlers), logging.getLogger("peftkit").level
+    transformers.logging.set_verbosity_info()
+    try:
+        assert main(["validate", str(path), "--no-model"]) == 0
+        assert list(root.handlers) == handlers and logging.getLogger("peftkit").level == peftkit_level
+        assert "TOKENIZERS_PARALLELISM" not in os.environ and torch.get_num_threads() == 2
+        assert transformers.logging.get_verbosity() == logging.INFO
+        assert main(["no-such-command"]) == 2 and main(["--version"]) == 0
+    finally:
+        transformers.logging.set_verbosity_warning()

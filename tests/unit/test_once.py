@@ -46,3 +46,21 @@ def test_workers_keep_back_the_warnings_their_launcher_showed(monkeypatch):
     plain = logging.Handler()
     once.track_warnings(plain, environ={})
     assert shown(plain, logging.WARNING, "train.lr 0.5 is ten times ...")
+
+
+def test_each_command_says_its_findings_again_but_not_twice_within_itself(monkeypatch, caplog):
+    """A notebook's second train() on the same data said nothing of the duplicates the first one was told about."""
+    monkeypatch.setattr(once, "_SAID", set())
+    topics = once.remembered(set())
+    log = logging.getLogger("peftkit.test_once")
+    with caplog.at_level(logging.WARNING, logger="peftkit.test_once"):
+        for _ in range(2):  # two commands
+            with once.command_scope():
+                topics.add("chatml")
+                say_once(log, logging.WARNING, "duplicates")
+                with once.command_scope():  # train() inside the CLI's command: the same command
+                    say_once(log, logging.WARNING, "duplicates")
+                    assert "chatml" in topics
+            assert "chatml" in topics  # kept until the next command starts
+    assert caplog.text.count("duplicates") == 2
+    once._REMEMBERED.remove(topics)
