@@ -177,15 +177,21 @@ def test_chat_and_eval_use_omp_num_threads_before_the_run_recipe(tiny_recipe, mo
                                   "eval": {"before": False}, "data": {**tiny_recipe["data"], "heldout": None}})).run_dir
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     _machine(monkeypatch, cores=2, load=4.0, others=2)
+    from peftkit.utils import threads as threads_module
+
+    chosen: list[int] = []
+    choose = threads_module.choose_threads
+    monkeypatch.setattr(threads_module, "choose_threads", lambda *a, **k: chosen.append(choose(*a, **k)) or chosen[-1])
     torch.set_num_threads(2)
     with caplog.at_level(logging.WARNING):
         assert main(["chat", str(run), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
-    assert torch.get_num_threads() == 1  # the run's train.num_threads
+    assert chosen[-1] == 1  # the run's train.num_threads
+    assert torch.get_num_threads() == 2  # cli.main from Python gives the caller's count back
     assert "chatting on 1 thread next to other jobs" in caplog.text and "run it alone" in caplog.text
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     torch.set_num_threads(2)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert main(["eval", str(run), "--no-base", "--out", str(run / "e.json")]) == 0
-    assert torch.get_num_threads() == 2  # the user's OMP_NUM_THREADS wins over the recipe
+    assert chosen[-1] == 2  # the user's OMP_NUM_THREADS wins over the recipe
     assert "evaluating on 2 threads" in caplog.text and "OMP_NUM_THREADS=1 peftkit" in caplog.text
