@@ -95,6 +95,12 @@ def load_model_folder(folder: str | Path, *, device: str | None = None) -> tuple
     return model, tokenizer
 
 
+def no_quantized_base(subject: str) -> str:
+    """`--qlora-base original` refused for runs trained without a quantized base (`subject`: "RUN was", "these
+    runs were"): eval, chat and merge say it alike."""
+    return f"{subject} not trained on a quantized base, so --qlora-base original has nothing to choose: drop it"
+
+
 def require_chat_run(recipe: Recipe, run_dir: str | Path, command: str) -> None:
     """`chat` and `eval` generate text: a sequence classifier gets one message instead of a failure mid-load."""
     if recipe.task == "sequence_classification":
@@ -205,8 +211,7 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
 
         # Only lora/qlora recipes may quantize (check_recipe_adapter), so such a run always has an adapter.
         if effective_quantization(recipe) is None:
-            raise RunDirError(f"{run_dir} was not trained on a quantized base, so --qlora-base original has nothing "
-                              "to choose: drop it (in Python, leave quantized_base at True)")
+            raise RunDirError(f"{no_quantized_base(f'{run_dir} was')} (in Python, leave quantized_base at True)")
     full_model = trained_model_dir(run_dir)
     adapter = None if full_model is not None else adapter_dir(run_dir)
     device = resolve_device(device or recipe.train.device)

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from peftkit.config.schema import NAMED_CHAT_TEMPLATES, STORED_RUN, Recipe
+from peftkit.config.schema import NAMED_CHAT_TEMPLATES, STORED_RUN, Recipe, is_inline_template
 from peftkit.errors import ConfigError
 from peftkit.utils.yaml_flow import flow_yaml
 
@@ -503,7 +503,7 @@ def _absolute_model_paths(data: dict[str, Any], recipe_dir: Path) -> None:
         return
     for key in ("name", "chat_template"):
         value = section.get(key)
-        if key == "chat_template" and isinstance(value, str) and ("{%" in value or "{{" in value):
+        if key == "chat_template" and isinstance(value, str) and is_inline_template(value):
             continue  # the Jinja template itself, not a file name
         if isinstance(value, str) and value and value not in BUILTINS and value not in NAMED_CHAT_TEMPLATES:
             path = expand_path(value)
@@ -585,7 +585,7 @@ def revalidated(recipe: Recipe) -> Recipe:
     read as a stored run is, so settings it ignores are not refused anew."""
     data = recipe.model_dump(mode="json", exclude_unset=True, warnings=False)
     if isinstance(data.get("adapter"), dict):  # the method picks the adapter's class, default or not
-        data["adapter"]["method"] = getattr(recipe.adapter, "method", None) or data["adapter"].get("method", "lora")
+        data["adapter"]["method"] = recipe.adapter.method
     return recipe_from_dict(data, stored_run=True)
 
 

@@ -17,6 +17,11 @@ NAMED_CHAT_TEMPLATES = ("chatml", "plain")
 """`model.chat_template` values that name a built-in template instead of a file."""
 
 
+def is_inline_template(setting: str) -> bool:
+    """`model.chat_template` holding the Jinja text itself (as axolotl's and TRL's configs can), not a file name."""
+    return "{%" in setting or "{{" in setting
+
+
 MAX_LORA_RANK = 65536
 """Above any layer width of today's models: a rank this large is a typo (the model check compares with the
 targeted layers' own sizes)."""

@@ -26,7 +26,7 @@ from peftkit.export.compat import (AdapterInfo, check_adapter_matches_base, read
                                    trained_base_config)
 from peftkit.export.verify import Reference, build_reference, conversations_for, max_abs_diff
 from peftkit.models.resolve import ModelSource
-from peftkit.runs import trained_model_dir
+from peftkit.runs import no_quantized_base, trained_model_dir
 from peftkit.utils.command_name import command
 
 log = logging.getLogger(__name__)
@@ -292,8 +292,7 @@ def merge_run(run_dir: str | Path, *, qlora_base: QLoraBase = "dequantized", bas
     run = resolve_run(run_dir, base)
     require_mergeable(run.info, run.run_dir)
     if qlora_base == "original" and run.quantization is None:  # as `eval` and `chat` refuse it
-        raise ExportError(f"{run.run_dir} was not trained on a quantized base, so --qlora-base original has nothing to "
-                          "choose: drop it")
+        raise ExportError(no_quantized_base(f"{run.run_dir} was"))
     if run.info.peft_type == FULL_MODEL:
         raise ExportError(
             f"{run.run_dir} trained the model's weights directly (method {run.info.config['method']}), so there is no "
@@ -470,8 +469,7 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
             raise ExportError(f"{run.run_dir} and {first.run_dir} were trained with different quantization; combine "
                               "adapters trained the same way")
     if qlora_base == "original" and first.quantization is None:  # as a single run's merge refuses it
-        raise ExportError("these runs were not trained on a quantized base, so --qlora-base original has nothing to "
-                          "choose: drop it")
+        raise ExportError(no_quantized_base("these runs were"))
     if qlora_base != "dequantized" and first.quantization is not None:
         raise ExportError(f"--qlora-base {qlora_base} applies to one run (`{command('merge', 'RUN_DIR')}`); combined "
                           f"QLoRA adapters are merged into the dequantized {first.quantization.bits}-bit weights they "

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from peftkit.config.schema import NAMED_CHAT_TEMPLATES, ModelConfig, QuantizationConfig
+from peftkit.config.schema import NAMED_CHAT_TEMPLATES, ModelConfig, QuantizationConfig, is_inline_template
 from peftkit.errors import MissingDependencyError, ModelNotFoundError, PeftkitError
 from peftkit.utils.log_filters import PrefixFilter, add_prefix_filter, silence_library_notices
 from peftkit.utils.once import remembered
@@ -196,9 +196,9 @@ def is_single_token(tokenizer: Any, text: str) -> bool:
     return len(tokenizer.encode(text, add_special_tokens=False)) == 1
 
 
-def is_inline_template(setting: str) -> bool:
-    """`model.chat_template` holding the Jinja text itself (as axolotl's and TRL's configs can), not a file name."""
-    return "{%" in setting or "{{" in setting
+def _template_label(setting: str) -> str:
+    """How a message names the `model.chat_template` setting: its file, or the inline template (too long to quote)."""
+    return "(the Jinja template given inline)" if is_inline_template(setting) else setting
 
 
 class TemplateSettingError(ValueError):
@@ -238,7 +238,6 @@ def chat_template_setting_problem(setting: str | None) -> str | None:
     inline = is_inline_template(setting)
     if not inline and not _is_file(Path(setting).expanduser()):
         return f"model.chat_template: {setting} is neither `chatml`, `plain`, an existing template file nor a Jinja template"
-    label = "(the Jinja template given inline)" if inline else setting
     try:
         problem = template_syntax_problem(template_text(setting))
     except UnicodeDecodeError as exc:
@@ -247,8 +246,10 @@ def chat_template_setting_problem(setting: str | None) -> str | None:
         problem = str(exc)
     except OSError as exc:
         problem = f"cannot be read ({exc.strerror or exc})"
-    return f"model.chat_template {label} {problem}" if inline and problem else (
-        f"model.chat_template: {setting} {problem}" if problem else None)
+    if not problem:
+        return None
+    named = f"model.chat_template {_template_label(setting)}" if inline else f"model.chat_template: {setting}"
+    return f"{named} {problem}"
 
 
 def _is_file(path: Path) -> bool:
@@ -346,8 +347,7 @@ def apply_chat_template_setting(tokenizer: Any, setting: str | None) -> None:
 
         problem = reply_end_problem(tokenizer)
         if problem:
-            label = "(the Jinja template given inline)" if is_inline_template(setting) else setting
-            raise PeftkitError(f"model.chat_template {label}: {problem}")
+            raise PeftkitError(f"model.chat_template {_template_label(setting)}: {problem}")
     elif not getattr(tokenizer, "chat_template", None):
         if is_single_token(tokenizer, CHATML_END):
             tokenizer.chat_template = CHATML_TEMPLATE

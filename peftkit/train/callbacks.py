@@ -134,7 +134,6 @@ class OverfittingWatch(TrainerCallback):
                 " -> ".join(f"{v:.3f}" for v in recent_eval),
             )
 
-
     def check_final(self, log_history: list[dict[str, Any]], ships_best: bool) -> None:
         """Warns (unless it did already) when the shipped last step's eval loss ends on one large rise while train
         loss fell: a run with few evaluations often does, which the two-in-a-row rule above cannot see. "Large": the

@@ -232,9 +232,9 @@ def tensorboard_callback(log_dir: Path, resume_step: int | None = None) -> Any:
     checkpoints/runs/, for that last point; this one stays open until `close()`. A resumed run hides what an
     interrupted session logged after `resume_step` (event_files.trim_event_files), as metrics.jsonl drops it."""
     from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
 
     from peftkit.train.event_files import trim_event_files
-    from transformers.integrations import TensorBoardCallback
 
     class RunTensorBoard(TensorBoardCallback):
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -52,11 +52,6 @@ def command_scope() -> Iterator[None]:
     finally:
         _depth -= 1
 
-# `peftkit train --nproc N` checks the recipe and reads the data in the launching process, and then each worker does
-# the same: every warning came 1 + N times. The launcher passes the digests of the warnings it showed to its workers,
-# which keep them back.
-SAID_BY_LAUNCHER_ENV = "PEFTKIT_SAID_BY_LAUNCHER"
-
 
 def say_once(logger: logging.Logger, level: int, message: str, key: Hashable = None) -> None:
     """Log `message` at `level` unless it (or `key`, where the message alone does not name what it is about) was
@@ -68,6 +63,12 @@ def say_once(logger: logging.Logger, level: int, message: str, key: Hashable = N
         logger.log(level, "%s", message)
 
 
+# `peftkit train --nproc N` checks the recipe and reads the data in the launching process, and then each worker does
+# the same: every warning came 1 + N times. The launcher passes the digests of the warnings it showed to its workers,
+# which keep them back.
+SAID_BY_LAUNCHER_ENV = "PEFTKIT_SAID_BY_LAUNCHER"
+
+
 def _is_warning(record: logging.LogRecord) -> bool:
     return logging.WARNING <= record.levelno < logging.ERROR  # errors are always shown
 
@@ -77,15 +78,16 @@ def _digest(record: logging.LogRecord) -> str:
 
 
 class WarningLedger(logging.Filter):
-    """On a log handler: notes the warnings it shows (their digests), passing every record on."""
+    """On a log handler: notes the warnings it shows (their digests, in the order first shown), passing every record
+    on."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.digests: list[str] = []
+        self.digests: dict[str, None] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _is_warning(record) and (digest := _digest(record)) not in self.digests:
-            self.digests.append(digest)
+        if _is_warning(record):
+            self.digests.setdefault(_digest(record))
         return True
 
 
@@ -105,7 +107,7 @@ LEDGER = WarningLedger()
 
 def said_by_launcher_env() -> dict[str, str]:
     """The environment entry that tells launched workers which warnings this process showed."""
-    return {SAID_BY_LAUNCHER_ENV: ",".join(LEDGER.digests[-2000:])}  # bounded: an environment entry has a size limit
+    return {SAID_BY_LAUNCHER_ENV: ",".join(list(LEDGER.digests)[-2000:])}  # bounded: an environment entry has a size limit
 
 
 def track_warnings(handler: logging.Handler, environ: dict[str, str] | None = None) -> None:
