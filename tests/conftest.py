@@ -24,6 +24,16 @@ SIGNAL_HANDLERS = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTER
 
 
 @pytest.fixture(autouse=True)
+def _findings_forgotten() -> None:
+    """Each test starts as a new command: a finding said once per command (utils/once.say_once) by an earlier test in
+    this worker is said again."""
+    from peftkit.utils.once import command_scope
+
+    with command_scope():
+        pass
+
+
+@pytest.fixture(autouse=True)
 def _signal_handlers_restored(request: pytest.FixtureRequest) -> Any:
     """peftkit installs Ctrl-C / SIGTERM handlers while it trains, launches or chats: each test (and each fixture:
     a module's trained run is set up before this check starts) must leave the interpreter's own, or a later Ctrl-C

@@ -29,6 +29,7 @@ from peftkit.adapters.modules import block_layout
 from peftkit.adapters.registry import AdapterMethod, TrainerExtras, register, trainer_optimizer_class
 from peftkit.config.schema import PartialAdapterConfig
 from peftkit.errors import ConfigError
+from peftkit.utils.once import say_once
 
 log = logging.getLogger(__name__)
 
@@ -195,24 +196,38 @@ def _stage(schedule: Any, state: Any) -> int:
     return math.floor((state.epoch or 0.0) + 1e-6) // schedule.every_epochs
 
 
-def _warn_if_unfinished(plan: FreezePlan, schedule: Any, state: Any) -> None:
-    """A schedule whose last stage starts after the run's last step leaves top-K blocks untrained without a word
-    (quickstart-partial's every 20 steps over 120 steps stopped at 7 of 8)."""
-    if schedule is None or not state.max_steps:
-        return
+def unfinished_schedule_advice(start_blocks: int, final_blocks: int, schedule: Any, max_steps: int,
+                               epochs: float) -> str | None:
+    """A sentence when a schedule's last stage starts after the run's last step, leaving top blocks of
+    train_last_layers untrained without a word (quickstart-partial's every 20 steps over 120 steps stopped at 7 of
+    8); else None. `max_steps` counts for `every_steps`, `epochs` for `every_epochs`."""
+    if schedule is None:
+        return None
     if schedule.every_steps:
-        last_stage, unit, length = (state.max_steps - 1) // schedule.every_steps, "steps", state.max_steps
+        if not max_steps:
+            return None
+        last_stage, unit, length = (max_steps - 1) // schedule.every_steps, "steps", max_steps
     else:
-        epochs = math.ceil(state.num_train_epochs or 1)
-        last_stage, unit, length = (epochs - 1) // schedule.every_epochs, "epochs", epochs
-    reached, wanted = plan.unfrozen_blocks(last_stage), plan.final_blocks
-    if reached < wanted:
-        every = (length - 1) // (wanted - plan.start_blocks)
-        fix = (f"unfreeze more often (every_{unit}: {every} or less) or train longer" if every >= 1 else
-               f"even a block every {unit[:-1]} cannot get there: start with more blocks (start_layers: "
-               f"{wanted - (length - 1)} or more), train longer, or lower train_last_layers")
-        log.warning("adapter.unfreeze_schedule reaches %d of the %d blocks of train_last_layers within the run's %d "
-                    "%s: the last %d never train; %s", reached, wanted, length, unit, wanted - reached, fix)
+        length = math.ceil(epochs or 1)
+        last_stage, unit = (length - 1) // schedule.every_epochs, "epochs"
+    reached = min(final_blocks, start_blocks + last_stage)
+    if reached >= final_blocks:
+        return None
+    every = (length - 1) // (final_blocks - start_blocks)
+    fix = (f"unfreeze more often (every_{unit}: {every} or less) or train longer" if every >= 1 else
+           f"even a block every {unit[:-1]} cannot get there: start with more blocks (start_layers: "
+           f"{final_blocks - (length - 1)} or more), train longer, or lower train_last_layers")
+    return (f"adapter.unfreeze_schedule reaches {reached} of the {final_blocks} blocks of train_last_layers within "
+            f"the run's {length} {unit}: the last {final_blocks - reached} never train; {fix}")
+
+
+def _warn_if_unfinished(plan: FreezePlan, schedule: Any, state: Any) -> None:
+    if not state.max_steps:
+        return
+    advice = unfinished_schedule_advice(plan.start_blocks, plan.final_blocks, schedule, state.max_steps,
+                                        state.num_train_epochs)
+    if advice:  # validate said it already where the recipe alone gives the run's length
+        say_once(log, logging.WARNING, advice)
 
 
 def unfreeze_callback(plan: FreezePlan, cfg: PartialAdapterConfig) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 
 from peftkit.config.schema import Recipe
 from peftkit.errors import ConfigError, PeftkitError
-from peftkit.utils.once import as_command
+from peftkit.utils.once import as_command, say_once
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +323,7 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> Recipe:
         raise ConfigError(problems)
     _warn_about_ignored_settings(recipe)
     _warn_about_learning_rate(recipe)
+    _warn_about_unfreeze_schedule(recipe)
     _warn_about_this_machine(recipe)
     return fitted_max_seq_len(recipe, skeleton)
 
@@ -369,6 +370,21 @@ def _warn_about_learning_rate(recipe: Recipe) -> None:
     advice = learning_rate_advice(recipe.adapter.method, recipe.train.lr)
     if advice:
         log.warning(advice)
+
+
+def _warn_about_unfreeze_schedule(recipe: Recipe) -> None:
+    """Training warns of a gradual-unfreezing schedule that ends before train_last_layers; said here too where the
+    recipe alone gives the run's length (train.max_steps for every_steps, train.epochs for every_epochs)."""
+    adapter = recipe.adapter
+    schedule = getattr(adapter, "unfreeze_schedule", None)
+    if schedule is None or (schedule.every_epochs and recipe.train.max_steps):
+        return
+    from peftkit.adapters.partial import unfinished_schedule_advice
+
+    advice = unfinished_schedule_advice(schedule.start_layers, adapter.train_last_layers, schedule,
+                                        recipe.train.max_steps or 0, recipe.train.epochs)
+    if advice:
+        say_once(log, logging.WARNING, advice)
 
 
 def _warn_about_this_machine(recipe: Recipe) -> None:

@@ -183,6 +183,39 @@ def test_a_schedule_that_cannot_finish_within_the_run_is_named(tiny_model_dir, c
     assert "within the run's 2 epochs" in caplog.text and "every_epochs: 1 or less" in caplog.text
 
 
+def test_validate_names_a_schedule_that_cannot_finish_once(tiny_model_dir, tiny_recipe, caplog):
+    """Where the recipe alone gives the run's length (max_steps for every_steps, epochs for every_epochs), validate
+    says it before any weights load; training, which says it at its first step, does not say it again."""
+    from peftkit.adapters.partial import _warn_if_unfinished
+    from peftkit.config.validate import _warn_about_unfreeze_schedule
+    from peftkit.utils.once import command_scope
+
+    schedule = {"every_steps": 3, "start_layers": 0}
+    adapter = {"method": "partial", "train_last_layers": 2, "train_head": True, "unfreeze_schedule": schedule}
+
+    def recipe_with(adapter: dict, **train: float):
+        return recipe_from_dict({**tiny_recipe, "adapter": adapter, "train": {**tiny_recipe["train"], **train}})
+
+    recipe = recipe_with(adapter, max_steps=4)
+    with caplog.at_level("WARNING"), command_scope():
+        _warn_about_unfreeze_schedule(recipe)
+        assert "reaches 1 of the 2 blocks of train_last_layers within the run's 4 steps" in caplog.text
+        plan = freeze_plan(build_adapter(load_tiny(tiny_model_dir), recipe.adapter))
+        _warn_if_unfinished(plan, recipe.adapter.unfreeze_schedule, SimpleNamespace(max_steps=4, num_train_epochs=1))
+    assert caplog.text.count("never train") == 1
+    caplog.clear()
+    by_epochs = {**adapter, "unfreeze_schedule": {"every_epochs": 1, "start_layers": 0}}
+    with caplog.at_level("WARNING"), command_scope():
+        _warn_about_unfreeze_schedule(recipe_with(by_epochs, epochs=3))
+        assert not caplog.text, "blocks 1 and 2 unfreeze at epochs 2 and 3"
+        _warn_about_unfreeze_schedule(recipe_with(by_epochs, epochs=2))
+        assert "within the run's 2 epochs" in caplog.text
+        caplog.clear()  # the length in epochs of a max_steps run is known once the data is
+        _warn_about_unfreeze_schedule(recipe_with(by_epochs, max_steps=2))
+        _warn_about_unfreeze_schedule(recipe_with(adapter))
+    assert not caplog.text
+
+
 def test_a_schedule_no_period_can_finish_names_another_fix(tiny_model_dir, caplog):
     """Every epoch from 0 of 2 blocks over 2 epochs: the advice was `every_epochs: 1 or less`, which the recipe had."""
     from peftkit.adapters.partial import _warn_if_unfinished
