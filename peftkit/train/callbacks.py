@@ -161,23 +161,44 @@ class OverfittingWatch(TrainerCallback):
 
 class DivergenceGuard(TrainerCallback):
     """Stops a run whose loss or gradient norm becomes inf / NaN (a too-high lr, fp16 overflow): every later
-    step trains on ruined weights, and the run would otherwise finish and save a NaN adapter with exit 0."""
+    step trains on ruined weights, and the run would otherwise finish and save a NaN adapter with exit 0.
+
+    Under fp16 loss scaling an inf gradient norm is routine: the scaler skips that step (the weights stay as they
+    were) and halves its scale, several times at the start of a run. There only a non-finite loss, or gradients
+    still inf after OVERFLOW_STEPS steps (the scale halved that often), is divergence."""
+
+    OVERFLOW_STEPS = 24
 
     def __init__(self, lr: float) -> None:
         self.lr = lr
+        self.overflow_since: int | None = None
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        import math
-
         from peftkit.errors import TrainingDivergedError
 
         for key in ("loss", "grad_norm"):
             value = (logs or {}).get(key)
-            if isinstance(value, (int, float)) and not math.isfinite(value):
-                raise TrainingDivergedError(
-                    f"training diverged: the {key.replace('_', ' ')} is {value} at step {state.global_step}. Lower "
-                    f"train.lr (now {self.lr:g}), keep train.max_grad_norm set, or train in float32; then start again "
-                    "with --force (checkpoints written before this step are in checkpoints/)")
+            if not isinstance(value, (int, float)):
+                continue
+            if key == "grad_norm" and getattr(args, "fp16", False):
+                if math.isfinite(value):
+                    self.overflow_since = None
+                    continue
+                if self.overflow_since is None:
+                    self.overflow_since = state.global_step
+                if state.global_step - self.overflow_since < self.OVERFLOW_STEPS:
+                    continue
+                what = (f"the grad norm has been {value} at every logged step from step {self.overflow_since} to "
+                        f"{state.global_step} (fp16 loss scaling skips such steps and halves its scale: it did not "
+                        "recover)")
+            elif math.isfinite(value):
+                continue
+            else:
+                what = f"the {key.replace('_', ' ')} is {value} at step {state.global_step}"
+            raise TrainingDivergedError(
+                f"training diverged: {what}. Lower "
+                f"train.lr (now {self.lr:g}), keep train.max_grad_norm set, or train in float32; then start again "
+                "with --force (checkpoints written before this step are in checkpoints/)")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

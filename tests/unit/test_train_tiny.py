@@ -120,6 +120,32 @@ def test_a_diverging_run_stops_with_the_step_instead_of_saving_a_nan_adapter(tin
     assert not (run_dir / "adapter").exists() and not (run_dir / "summary.json").exists()
 
 
+def test_fp16_loss_scaling_skipping_steps_is_not_divergence():
+    """Under fp16 AMP (T4 / V100) the Trainer logs the unscaled grad norm of a step the scaler skipped: inf, several
+    times at the start of a run. Only gradients still inf after the scale halved many times, or a loss that is not
+    finite, stop the run; in float32 and bf16 the first inf does."""
+    from types import SimpleNamespace
+
+    from peftkit.errors import TrainingDivergedError
+    from peftkit.train.callbacks import DivergenceGuard
+
+    def log(guard: DivergenceGuard, step: int, fp16: bool, **logs: float) -> None:
+        guard.on_log(SimpleNamespace(fp16=fp16), SimpleNamespace(global_step=step), None, logs=logs)
+
+    guard = DivergenceGuard(1e-4)
+    for step in range(1, 6):
+        log(guard, step, True, loss=1.8, grad_norm=float("inf"))
+    log(guard, 6, True, loss=1.7, grad_norm=0.9)  # the scale found: the streak ends
+    for step in range(7, 7 + DivergenceGuard.OVERFLOW_STEPS):
+        log(guard, step, True, loss=1.7, grad_norm=float("inf"))
+    with pytest.raises(TrainingDivergedError, match=r"grad norm has been inf at every logged step from step 7 to 31"):
+        log(guard, 7 + DivergenceGuard.OVERFLOW_STEPS, True, loss=1.7, grad_norm=float("inf"))
+    with pytest.raises(TrainingDivergedError, match="the loss is nan at step 2"):
+        log(DivergenceGuard(1e-4), 2, True, loss=float("nan"), grad_norm=1.0)
+    with pytest.raises(TrainingDivergedError, match="the grad norm is inf at step 1"):
+        log(DivergenceGuard(1e-4), 1, False, loss=1.8, grad_norm=float("inf"))
+
+
 def test_a_run_without_held_out_questions_reports_no_empty_accuracy(tiny_recipe, capsys):
     from rich.console import Console
 
