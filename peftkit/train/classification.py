@@ -69,6 +69,10 @@ class ClassificationTrainer(RunTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.input_tokens_seen = 0
+        # `*ForSequenceClassification.forward` takes **kwargs, so the Trainer takes its loss for one already divided
+        # over the accumulation window and skips its own `/ grad_accum`; but that loss is the batch's plain mean, and
+        # the loss, gradients and clipping were grad_accum times too large.
+        self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
         if model.training and "attention_mask" in inputs:

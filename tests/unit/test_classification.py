@@ -167,6 +167,20 @@ def test_lora_on_a_decoder_trains_the_score_head(tiny_model_dir, tmp_path):
     assert "merge" not in json.dumps(serving) and "AutoPeftModelForSequenceClassification" in json.dumps(serving)
 
 
+def test_grad_accum_gives_the_loss_and_gradient_norm_of_one_whole_batch(tiny_model_dir, tmp_path):
+    """The same 8 rows per optimizer step as one batch of 8 or as 4 x 2 accumulated: the same logged loss and grad
+    norm (both were grad_accum times larger: the Trainer took the model's mean loss as already divided)."""
+    logged = []
+    for batch_size, grad_accum in ((8, 1), (2, 4)):
+        recipe = _recipe(tiny_model_dir, tmp_path / f"{batch_size}x{grad_accum}", {"method": "lora", "r": 4, "alpha": 8,
+                         "dropout": 0.0}, max_steps=2, batch_size=batch_size, grad_accum=grad_accum, logging_steps=1)
+        recipe["eval"] = {"before": False}
+        run_dir = train(recipe_from_dict(recipe)).run_dir
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        logged.append([(row["loss"], row["grad_norm"]) for row in rows if "grad_norm" in row])
+    assert len(logged[0]) == 2 and torch.tensor(logged[0]).allclose(torch.tensor(logged[1]), rtol=1e-4), logged
+
+
 def test_lora_on_bert_targets_query_key_value_dense(tiny_bert_dir, tmp_path):
     adapter = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "key", "value", "dense"]}
     result = train(recipe_from_dict(_recipe(tiny_bert_dir, tmp_path, adapter, max_steps=20, lr=1e-2)))
