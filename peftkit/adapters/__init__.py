@@ -125,6 +125,28 @@ def build_adapter(
     return method.build(model, cfg, task=task, quantized=quantized, calibration=calibration)
 
 
+def keep_trained_weights_in_float32(model: torch.nn.Module, dtype: torch.dtype, device: str, *, deepspeed: bool) -> int:
+    """bf16 mixed precision on a GPU: the model's own weights that train (full / partial fine-tuning, including blocks
+    a schedule unfreezes later, `modules_to_save`, a classifier's head) are kept in float32, as fp16 runs load them.
+    In bf16, AdamW's steps of about lr are below the resolution of most weights: at lr 1e-5 one step changed 15 % of
+    them. The forward still runs in bf16 (autocast); DeepSpeed keeps float32 master weights of its own; on a CPU
+    (no autocast) a bf16 recipe trains in bf16 as written. Returns the number of parameters cast."""
+    if dtype != torch.bfloat16 or device == "cpu" or deepspeed:
+        return 0
+    plan = partial.freeze_plan(model)
+    trained = ([p for g in plan.groups if g.unfreeze_stage is not None for _, p in g.params] if plan is not None
+               else [p for p in model.parameters() if p.requires_grad])
+    cast = 0
+    for param in {id(p): p for p in trained}.values():
+        if param.dtype == torch.bfloat16:
+            param.data = param.data.float()
+            cast += param.numel()
+    if cast:
+        log.info("Training %s weights in float32 under bf16 mixed precision (kept precise enough for small updates)",
+                 f"{cast:,}")
+    return cast
+
+
 def uses_peft(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 

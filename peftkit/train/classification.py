@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 
-from peftkit.adapters import base_model_view, build_adapter, effective_quantization, parameter_counts, trainer_extras
+from peftkit.adapters import (
+    base_model_view, build_adapter, effective_quantization, keep_trained_weights_in_float32, parameter_counts,
+    trainer_extras,
+)
 from peftkit.adapters.lora import CALIBRATED_INITS, KNOWLEDGE_INITS
 from peftkit.config.load import recipe_to_yaml
 from peftkit.config.schema import Recipe
@@ -236,6 +239,7 @@ def _train_classifier(
     elif init in CALIBRATED_INITS:
         calibration = [{"input_ids": row["input_ids"]} for row in data.train]
     model = build_adapter(model, recipe.adapter, task=TASK, quantized=quantization is not None, calibration=calibration)
+    keep_trained_weights_in_float32(model, dtype, device, deepspeed=recipe.deepspeed is not None)
     trainable, total = parameter_counts(model)
     log.info("Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 

@@ -12,7 +12,10 @@ from typing import Any, Iterator
 
 import torch
 
-from peftkit.adapters import base_model_view, build_adapter, effective_quantization, parameter_counts, trainer_extras
+from peftkit.adapters import (
+    base_model_view, build_adapter, effective_quantization, keep_trained_weights_in_float32, parameter_counts,
+    trainer_extras,
+)
 from peftkit.config.load import load_recipe, recipe_to_yaml, revalidated
 from peftkit.config.schema import Recipe
 from peftkit.config.validate import validate_recipe
@@ -400,6 +403,7 @@ def _train(
 
     calibration = general_rows(data, recipe.data, tokenizer) if getattr(recipe.adapter, "init", None) in KNOWLEDGE_INITS else data.train
     model = build_adapter(model, recipe.adapter, quantized=quantization is not None, calibration=calibration)
+    keep_trained_weights_in_float32(model, dtype, device, deepspeed=recipe.deepspeed is not None)
     for peft_config in getattr(model, "peft_config", {}).values():  # AutoPeftModel loads the base at this revision
         peft_config.revision = recipe.model.revision
     trainable, total = parameter_counts(model)

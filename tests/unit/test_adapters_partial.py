@@ -226,3 +226,24 @@ def test_a_schedule_no_period_can_finish_names_another_fix(tiny_model_dir, caplo
         _warn_if_unfinished(plan, cfg.unfreeze_schedule, SimpleNamespace(max_steps=10, num_train_epochs=2))
     assert "reaches 1 of the 2 blocks" in caplog.text and "every_epochs: 1 or less" not in caplog.text
     assert "start with more blocks (start_layers: 1 or more), train longer, or lower train_last_layers" in caplog.text
+
+
+def test_weights_that_train_under_bf16_mixed_precision_are_kept_in_float32(tiny_model_dir):
+    """bf16 AdamW steps of about lr round away on most weights; the blocks a schedule unfreezes later are cast too,
+    frozen ones stay bf16, and the bf16 forward (autocast) and backward run over the mixed model."""
+    from peftkit.adapters import keep_trained_weights_in_float32
+
+    cfg = PartialAdapterConfig(train_last_layers=2, train_head=False, unfreeze_schedule={"every_steps": 2, "start_layers": 1})
+    model = build_adapter(load_tiny(tiny_model_dir).to(torch.bfloat16), cfg)
+    assert keep_trained_weights_in_float32(model, torch.bfloat16, "cpu", deepspeed=False) == 0  # no autocast there
+    assert keep_trained_weights_in_float32(model, torch.bfloat16, "cuda", deepspeed=True) == 0  # DeepSpeed's own masters
+    top = [p for name, p in model.named_parameters() if ".layers." in name or name == "model.norm.weight"]
+    assert keep_trained_weights_in_float32(model, torch.bfloat16, "cuda", deepspeed=False) == sum(p.numel() for p in top)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert all(p.dtype == torch.float32 for p in top) and dtypes["model.embed_tokens.weight"] == torch.bfloat16
+    assert not model.model.layers[0].self_attn.q_proj.weight.requires_grad  # cast before its stage comes
+    freeze_plan(model).apply(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in top if p.requires_grad)
