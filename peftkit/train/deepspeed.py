@@ -591,6 +591,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextlib.contextmanager
+def process_state_released() -> Iterator[None]:
+    """A DeepSpeed run inside a Python caller's process (`train()` in a notebook or sweep, no launcher) leaves
+    process-wide state behind: transformers' global ZeRO config, which makes every later `from_pretrained` load
+    ZeRO-3-partitioned (empty) weights, accelerate's DeepSpeed state (and its ACCELERATE_USE_DEEPSPEED, which made
+    the next run without DeepSpeed evaluate through it), a one-process world and its environment (RANK, ...). Put
+    back as the caller had them, however the run ends."""
+    import torch.distributed as dist
+
+    environ = dict(os.environ)
+    had_world = dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    finally:
+        from accelerate.state import AcceleratorState
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        AcceleratorState._reset_state(reset_partial_state=True)  # noqa: SLF001 - accelerate's own reset (its tests')
+        if "RANK" not in environ and not had_world and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # the one-process world prepare_process made, not a launcher's
+        if os.environ != environ:
+            os.environ.clear()
+            os.environ.update(environ)
+
+
 def prepare_process(device: str) -> None:
     """Environment DeepSpeed needs in this process: the CPU accelerator, the build cache (checked for stale
     locks, CPU op built), and a one-process "world" when no launcher started us."""

@@ -279,8 +279,9 @@ def train(
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     if resume and (run_dir / "summary.json").is_file():  # resuming would only rewrite its summary and model card
         raise RunDirError(f"resume: {run_dir} holds a finished run (summary.json); there is nothing to resume")
-    with callers_settings_kept(), command_scope():  # a notebook or sweep goes on with its own thread count and
-        # random state; and the findings said once per command are said again in the next call
+    with (callers_settings_kept(), command_scope(),  # a notebook or sweep goes on with its own thread count and
+          # random state; and the findings said once per command are said again in the next call
+          deepspeed_setup.process_state_released() if recipe.deepspeed is not None else contextlib.nullcontext()):
         if recipe.task == "sequence_classification":  # own Trainer and data path (peftkit/train/classification.py)
             from peftkit.train.classification import train_classifier
 

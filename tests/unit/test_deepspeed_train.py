@@ -150,6 +150,41 @@ def test_prefix_projection_under_zero3_saves_the_whole_prefix(tiny_model_dir, tm
 # Without DeepSpeed: one code path, and the pre-flight check of bitsandbytes optimizers
 
 
+SWEEP = '''
+import json, os, sys
+import torch.distributed as dist
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from peftkit.config import load_recipe
+from peftkit.models import load_model
+from peftkit.config.schema import ModelConfig
+from peftkit.train.run import train
+
+environ = dict(os.environ)
+train(load_recipe(sys.argv[1], ["deepspeed.stage=3", f"output_dir={sys.argv[3]}/zero3"]), force=True)
+after = {"zero3": is_deepspeed_zero3_enabled(), "world": dist.is_initialized(),
+         "environ": sorted(set(os.environ.items()) ^ set(environ.items()))}
+plain = train(load_recipe(sys.argv[1], [f"output_dir={sys.argv[3]}/plain"]), force=True)
+weight = load_model(ModelConfig(name=sys.argv[2])).model.layers[0].self_attn.q_proj.weight
+after.update(plain_loss=plain.summary["train_loss"], weight=list(weight.shape))
+print("AFTER", json.dumps(after))
+'''
+
+
+def test_a_zero3_train_in_a_python_process_leaves_it_as_it_was(tiny_model_dir, tmp_path):
+    """A sweep or notebook that trains under ZeRO-3 and then without DeepSpeed: transformers' global ZeRO-3 config
+    made every later load partitioned (empty weights, "Cannot copy out of meta tensor"), and accelerate's DeepSpeed
+    environment made the next run evaluate through DeepSpeed ("ZeRO inference only makes sense with ZeRO Stage 3")."""
+    recipe = tiny_recipe_file(tmp_path, tiny_model_dir, train=TRAIN)
+    script = tmp_path / "sweep.py"
+    script.write_text(SWEEP, encoding="utf-8")
+    result = run([sys.executable, str(script), str(recipe), str(tiny_model_dir), str(tmp_path)], subprocess_env(tmp_path),
+                 tmp_path / "sweep.log", timeout=420)
+    assert result.returncode == 0, tail(tmp_path / "sweep.log")
+    after = json.loads(next(line for line in (tmp_path / "sweep.log").read_text().splitlines()
+                            if line.startswith("AFTER "))[len("AFTER "):])
+    assert after == {"zero3": False, "world": False, "environ": [], "plain_loss": after["plain_loss"], "weight": [32, 32]}
+
+
 def test_method_optimizer_is_the_trainers_optimizer(tiny_recipe, tmp_path):
     from transformers import TrainingArguments
 
