@@ -560,6 +560,15 @@ def load_model(
         **attention_kwargs(cfg, device),
     }
     if quantization is not None:
+        if quantization.bits == 4 and quantization.blocksize > 64 and device == "cpu":
+            # validate refuses such a recipe for CPU training; a GPU run's base rebuilt here (merge, export
+            # verification, chat / eval on the CPU) would be another, broken one, and its merge ship without a word
+            raise PeftkitError(
+                f"quantization.blocksize {quantization.blocksize}: bitsandbytes' CPU 4-bit kernels quantize blocks "
+                "larger than 64 wrongly, so this 4-bit base cannot be rebuilt on a CPU as a GPU builds it (merge "
+                "and export always rebuild it on the CPU; chat and eval where there is no CUDA GPU). On a CPU, chat "
+                "and eval can put the adapter on the full-precision weights (--qlora-base original); to merge or "
+                "export, train with quantization.blocksize 64 (the default) or less")
         silence_bnb_cpu_warnings()
         kwargs["quantization_config"] = bnb_config(quantization, device, dtype, quant_storage,
                                                    transformers_skips=default_skips(source, cfg, task) if quantization.keep_modules else None)

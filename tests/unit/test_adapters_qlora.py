@@ -232,6 +232,18 @@ def test_blocks_larger_than_64_are_refused_on_the_cpu(tiny_recipe):
     validate_recipe(recipe_from_dict({**recipe, "quantization": {"blocksize": 32}}), check_model=False)
 
 
+def test_a_gpu_runs_base_with_blocks_larger_than_64_is_not_rebuilt_on_the_cpu(tiny_model_dir):
+    """A GPU-trained QLoRA run with blocksize 128: merge, export verification and chat / eval on a CPU rebuilt its base
+    with the broken CPU kernel, and the merge shipped a model folded into other weights than those trained."""
+    from peftkit.config.schema import ModelConfig, QuantizationConfig
+    from peftkit.errors import PeftkitError
+    from peftkit.models import load_model
+
+    with pytest.raises(PeftkitError, match=r"^quantization.blocksize 128: .* cannot be rebuilt on a CPU .*--qlora-base original"):
+        load_model(ModelConfig(name=str(tiny_model_dir)), QuantizationConfig(bits=4, blocksize=128), device="cpu")
+    assert load_model(ModelConfig(name=str(tiny_model_dir)), QuantizationConfig(bits=4, blocksize=32), device="cpu")
+
+
 def test_loftq_over_an_8_bit_base_trains(tiny_recipe):
     """peft's dequantization re-assigns an 8-bit weight on CPU without its scales; the layer then failed in the
     first evaluation (`'NoneType' object has no attribute 'dtype'`)."""
