@@ -301,7 +301,8 @@ def read_run_tokenizer(run_dir: Path, model: ModelConfig, source: ModelSource | 
         return load_tokenizer(model, source)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    # a remote-code tokenizer is saved with its code: run only where the recipe allowed it, never asked at a prompt
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=model.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer

@@ -213,7 +213,7 @@ def trained_base_config(info: AdapterInfo) -> Any | None:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(str(path))
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False)  # a hint only: no code run, no prompt
     except Exception:  # noqa: BLE001 - a foreign or damaged config only disables this extra hint
         return None
 

@@ -185,11 +185,21 @@ def save_tokenizer(tokenizer: Any, folder: str | Path) -> None:
     tokenizer.save_pretrained(str(folder))
     legacy = getattr(tokenizer, "legacy", None)
     config_path = Path(folder) / "tokenizer_config.json"
-    if isinstance(legacy, bool) and config_path.is_file():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        if config.get("legacy") != legacy:
-            config["legacy"] = legacy
-            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    changed = isinstance(legacy, bool) and config.get("legacy") != legacy
+    if changed:
+        config["legacy"] = legacy
+    auto_map = config.get("auto_map")
+    if isinstance(auto_map, dict) and isinstance(auto_map.get("AutoTokenizer"), str):
+        # A remote-code tokenizer: transformers (5.23) writes its class as one string, which its own AutoTokenizer
+        # reads as a [slow, fast] pair (indexing the string's letters) and then fails to load
+        reference = auto_map["AutoTokenizer"]
+        auto_map["AutoTokenizer"] = [None, reference] if getattr(tokenizer, "is_fast", False) else [reference, None]
+        changed = True
+    if changed:
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def is_single_token(tokenizer: Any, text: str) -> bool:

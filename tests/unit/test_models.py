@@ -523,3 +523,27 @@ def test_a_tokenizer_without_pad_eos_or_unk_still_pads(tmp_path):
     assert tokenizer.eos_token is None and tokenizer.pad_token_id is not None
     batch = tokenizer(["hello", "the library opens"], padding=True)
     assert len(set(map(len, batch["input_ids"]))) == 1
+
+
+def test_a_runs_remote_code_tokenizer_loads_where_the_recipe_allowed_it(tmp_path):
+    """chat / eval / merge read RUN_DIR/tokenizer: a remote-code tokenizer there was read without the recipe's
+    trust_remote_code, so transformers asked at a prompt (or, with no terminal, refused) after training had run it;
+    and transformers saved its class as one string that its own loader cannot read."""
+    from transformers import AutoTokenizer
+
+    from peftkit.models.load import save_tokenizer
+    from peftkit.runs import read_run_tokenizer
+    from tests.conftest import build_tiny_tokenizer
+
+    model_dir, run_dir = tmp_path / "model", tmp_path / "run"
+    build_tiny_tokenizer().save_pretrained(model_dir)
+    (model_dir / "tokenization_custom.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass CustomTok(PreTrainedTokenizerFast):\n    pass\n")
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config.update(auto_map={"AutoTokenizer": [None, "tokenization_custom.CustomTok"]}, tokenizer_class="CustomTok")
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    save_tokenizer(AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True), run_dir / "tokenizer")
+    tokenizer = read_run_tokenizer(run_dir, ModelConfig(name=str(model_dir), trust_remote_code=True))
+    assert type(tokenizer).__name__ == "CustomTok"
+    with pytest.raises(ValueError, match="trust_remote_code"):  # transformers' own refusal: not run, not asked
+        read_run_tokenizer(run_dir, ModelConfig(name=str(model_dir)))
