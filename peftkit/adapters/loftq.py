@@ -25,14 +25,16 @@ log = logging.getLogger(__name__)
 PEFT_PREFIX = "base_model.model."
 
 
-def local_model_dir(name: str) -> Path:
-    """A model directory as given, or a hub id's snapshot already in the local hub cache (loaded from there)."""
+def local_model_dir(name: str, revision: str | None = None) -> Path:
+    """A model directory as given, or a hub id's snapshot already in the local hub cache (loaded from there), at
+    `revision`: the commit the quantized base loaded, not whatever `main` the cache also holds."""
     if Path(name).is_dir():
         return Path(name)
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
+        return Path(snapshot_download(name, revision=revision, local_files_only=True,
+                                      allow_patterns=["*.safetensors", "*.json"]))
     except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
         raise ConfigError(f"adapter.init: loftq needs the full-precision weights of {name!r} on disk ({exc})") from None
 
@@ -49,11 +51,11 @@ def low_rank_factors(residual: torch.Tensor, rank: int, scaling: float) -> tuple
 
 
 @torch.no_grad()
-def initialise(peft_model: Any, model_dir: str | Path, adapter_name: str = "default") -> int:
+def initialise(peft_model: Any, model_dir: str | Path, adapter_name: str = "default", revision: str | None = None) -> int:
     """Set every bitsandbytes LoRA layer's A/B from the quantization error; returns how many were set."""
     from peft.utils.integrations import dequantize_module_weight
 
-    source = local_model_dir(str(model_dir))
+    source = local_model_dir(str(model_dir), revision)
     weights = SafetensorsWeights(source)
     if not weights.files:
         raise ConfigError(

@@ -247,7 +247,8 @@ def build(
     if cfg.init == "loftq":
         from peftkit.adapters import loftq
 
-        loftq.initialise(peft_model, peft_model.get_base_model().config._name_or_path)
+        config = peft_model.get_base_model().config  # a hub model's commit (model.revision resolved) in _commit_hash
+        loftq.initialise(peft_model, config._name_or_path, revision=getattr(config, "_commit_hash", None))
     if cfg.init in CONVERTED_INITS:
         _keep_initial_adapter(peft_model)
     return peft_model

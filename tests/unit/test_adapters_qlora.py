@@ -280,3 +280,22 @@ def test_peft_preparing_the_quantized_base_shows_no_transformers_deprecation(tin
         warnings.simplefilter("always")
         _qlora(tiny_model_dir, QuantizationConfig(bits=4), init="gaussian")
     assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_loftq_reads_the_full_precision_weights_of_the_pinned_revision(tmp_path, monkeypatch):
+    """A hub cache holding only the pinned commit (model.revision): LoftQ looked for `main`'s, and where `main` was
+    cached too, would read other weights than those the quantized base came from."""
+    from peftkit.adapters.loftq import local_model_dir
+    from peftkit.errors import ConfigError
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    assert local_model_dir("org/tiny", commit) == snapshot
+    with pytest.raises(ConfigError, match="loftq needs the full-precision weights of 'org/tiny' on disk"):
+        local_model_dir("org/tiny")  # no `main` in this cache
