@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import warnings
@@ -135,6 +136,16 @@ def loading_errors(source: ModelSource, what: str) -> Iterator[None]:
                                      + (f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else "")
                                      + "; make it readable for this user (`chmod a+r FILE`) or copy the model "
                                      "somewhere you own") from None
+        if exc.errno == errno.ENOSPC:
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            raise ModelNotFoundError(f"could not load {what} {source.ref}: no space left on device (the hub cache is "
+                                     f"{HF_HUB_CACHE}); free some space, or set HF_HUB_CACHE to a disk with room") from None
+        if source.kind == "hub" and "does not appear to have a file named" in str(exc) and "safetensors" in str(exc):
+            raise ModelNotFoundError(
+                f"model {source.ref!r} has no safetensors weights on the hub, only pickle files (.bin), which peftkit "
+                "does not load unless the recipe allows it: pick a revision or copy of the model with safetensors, or "
+                "set `model.allow_pickle: true` if you trust its author (pickle files can run code)") from None
         if source.kind == "hub":
             raise ModelNotFoundError(hub_hint(source.ref, source.revision)) from None
         raise ModelNotFoundError(f"could not load {what} {source.ref}: {exc}") from None

@@ -547,3 +547,25 @@ def test_a_runs_remote_code_tokenizer_loads_where_the_recipe_allowed_it(tmp_path
     assert type(tokenizer).__name__ == "CustomTok"
     with pytest.raises(ValueError, match="trust_remote_code"):  # transformers' own refusal: not run, not asked
         read_run_tokenizer(run_dir, ModelConfig(name=str(model_dir)))
+
+
+def test_a_hub_load_that_fails_for_another_reason_than_the_network_says_that_reason():
+    """Every OSError of a hub load read "cannot be fetched from the Hugging Face hub here (offline or not in the
+    cache)": also a full disk in the middle of a download, and a repository with pickle weights only."""
+    import errno
+
+    from peftkit.models.load import loading_errors
+    from peftkit.models.resolve import ModelSource
+
+    source = ModelSource("someorg/old-model", "hub", None, None)
+    said = []
+    for exc in (OSError(errno.ENOSPC, "No space left on device"),
+                OSError("someorg/old-model does not appear to have a file named model.safetensors or "
+                        "model.safetensors.index.json and thus cannot be loaded with `safetensors`."),
+                OSError("We couldn't connect to 'https://huggingface.co' to load the files")):
+        with pytest.raises(ModelNotFoundError) as caught, loading_errors(source, "model weights from"):
+            raise exc
+        said.append(str(caught.value))
+    assert "no space left on device (the hub cache is " in said[0] and "offline" not in said[0]
+    assert "only pickle files (.bin)" in said[1] and "model.allow_pickle: true" in said[1]
+    assert "offline or not in the cache" in said[2]
