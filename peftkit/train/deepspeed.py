@@ -242,7 +242,6 @@ def _train_problems(recipe: Recipe, raw: dict[str, Any], where: str, device: str
         ("gradient_clipping", "max_grad_norm", train.max_grad_norm),
         ("optimizer.params.lr", "lr", train.lr),
         ("optimizer.params.weight_decay", "weight_decay", train.weight_decay),
-        ("scheduler.params.warmup_max_lr", "lr", train.lr),
     ):
         value = _nested(raw, key)
         if value not in (None, "auto") and value != expected:
@@ -413,6 +412,11 @@ def check_deepspeed(recipe: Recipe, device: str | None = None) -> list[str]:
         problems.append(f"deepspeed: the config defines a `scheduler`, which gives every parameter group the same "
                         f"learning rate, but {own} sets one per group: remove the DeepSpeed `scheduler` block "
                         "(train.scheduler and train.warmup_ratio choose the schedule)")
+    elif "scheduler" in raw:  # transformers then hands the schedule to DeepSpeed and drops the recipe's
+        problems.append(f"deepspeed: the config defines a `scheduler` ({_scheduler_type(raw)}), which would replace "
+                        f"train.scheduler ({recipe.train.scheduler}) and train.warmup_ratio, while the run's recipe, "
+                        "summary and model card name the recipe's: remove the DeepSpeed `scheduler` block and choose "
+                        "the schedule with train.scheduler and train.warmup_ratio")
     zero = raw.get("zero_optimization")
     offload = (zero.get("offload_optimizer") if isinstance(zero, dict) else None) or {}
     offloads_optimizer = (offload.get("device", "none") != "none" if isinstance(offload, dict) else False) or (
@@ -434,6 +438,11 @@ def check_deepspeed(recipe: Recipe, device: str | None = None) -> list[str]:
             "for 4-bit only; use quantization.bits: 4, or deepspeed stage 2"
         )
     return problems
+
+
+def _scheduler_type(raw: dict[str, Any]) -> str:
+    block = raw.get("scheduler")
+    return str(block.get("type", "no type")) if isinstance(block, dict) else type(block).__name__
 
 
 # --------------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def test_json_optimizer_values_that_contradict_the_recipe_are_refused_before_loa
     assert len(hf.mismatches) == 2  # what transformers would raise at launch, after the weights loaded
     problems = ds.check_deepspeed(recipe, "cpu")
     assert [p for p in problems if "optimizer.params.lr=0.1 but train.lr" in p]
-    assert [p for p in problems if "scheduler.params.warmup_max_lr=0.1 but train.lr" in p]
+    assert [p for p in problems if "defines a `scheduler` (WarmupLR), which would replace train.scheduler (cosine)" in p]
     assert not [p for p in problems if "weight_decay" in p]
 
 
@@ -519,7 +519,12 @@ def test_deepspeed_optimizer_block_is_refused_where_peftkit_brings_its_own(tiny_
     # DeepSpeed's schedulers give every group the same learning rate.
     scheduler = {"stage": 2, "extra": {"scheduler": {"type": "WarmupLR"}}}
     assert "defines a `scheduler`" in ds.check_deepspeed(_recipe(tiny_recipe, adapter=loraplus, deepspeed=scheduler), "cpu")[0]
-    assert ds.check_deepspeed(_recipe(tiny_recipe, deepspeed=scheduler), "cpu") == []
+    # Without one: transformers hands the schedule to DeepSpeed (WarmupLR: constant after a log warm-up), while the
+    # recipe, summary and model card say cosine.
+    assert ds.check_deepspeed(_recipe(tiny_recipe, deepspeed=scheduler), "cpu") == [
+        "deepspeed: the config defines a `scheduler` (WarmupLR), which would replace train.scheduler (cosine) and "
+        "train.warmup_ratio, while the run's recipe, summary and model card name the recipe's: remove the DeepSpeed "
+        "`scheduler` block and choose the schedule with train.scheduler and train.warmup_ratio"]
     # Without an optimizer block, or with plain LoRA, nothing to report.
     assert ds.check_deepspeed(_recipe(tiny_recipe, adapter=loraplus, deepspeed={"stage": 2}), "cpu") == []
     assert ds.check_deepspeed(_recipe(tiny_recipe, deepspeed=str(ds_json)), "cpu") == []
