@@ -289,6 +289,23 @@ def train(
         return _train_causal(recipe, resume=resume, force=force, extra_callbacks=extra_callbacks)
 
 
+FP32_PRECISION_BACKENDS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul",
+                           "mkldnn.conv", "mkldnn.rnn")
+
+
+def fp32_precisions() -> dict[Any, str]:
+    """torch's float32 matmul / convolution precision settings (`tf32` or `ieee`), the whole and per backend, in the
+    order they are set back (the whole first: setting it sets every backend)."""
+    found = {}
+    for name in FP32_PRECISION_BACKENDS:
+        backend: Any = torch.backends
+        for part in filter(None, name.split(".")):
+            backend = getattr(backend, part, None)
+        if backend is not None and isinstance(getattr(backend, "fp32_precision", None), str):
+            found[backend] = backend.fp32_precision
+    return found
+
+
 @contextlib.contextmanager
 def callers_settings_kept() -> Iterator[None]:
     """Training sets torch's thread count (train.num_threads) and seeds every random generator (train.seed): put
@@ -300,10 +317,13 @@ def callers_settings_kept() -> Iterator[None]:
     threads = torch.get_num_threads()
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    precisions = fp32_precisions()  # train.tf32 turns TF32 on for the process
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        for backend, precision in precisions.items():
+            backend.fp32_precision = precision
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])

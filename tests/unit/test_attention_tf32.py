@@ -90,3 +90,18 @@ def test_paged_optimizer_off_cuda_is_named_before_the_model_loads(caplog, tiny_r
     with caplog.at_level(logging.WARNING, logger="peftkit.train.run"):
         check_device_options(train, "cpu")
     assert "nothing to page and it runs as adamw_8bit" in caplog.text
+
+
+def test_tf32_a_run_turned_on_is_turned_off_again_for_the_caller():
+    """train.tf32 sets TF32 for the whole process (transformers' enable_tf32): a sweep's or notebook's next run, and
+    its own float32 work, ran in TF32 though they never asked."""
+    import torch
+
+    from peftkit.train.run import callers_settings_kept, fp32_precisions
+
+    before = {id(backend): precision for backend, precision in fp32_precisions().items()}
+    assert torch.backends.cuda.matmul in fp32_precisions()
+    with callers_settings_kept():
+        torch.backends.fp32_precision = "tf32"  # what enable_tf32(True) does on torch 2.9+
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert {id(backend): precision for backend, precision in fp32_precisions().items()} == before
