@@ -135,6 +135,11 @@ class LaunchOptions:
             found.append(problem)
         if self.hostfile and self.chosen_launcher == "torchrun":
             found.append("--hostfile is read by the DeepSpeed launcher; drop --launcher torchrun (or use --nnodes/--node-rank)")
+        if self.chosen_launcher == "deepspeed" and self.nnodes > 1 and not self.hostfile:
+            # its runner refuses --num_nodes with --include, or finds no other node ("no extra nodes available")
+            found.append("--launcher deepspeed --nnodes > 1 needs --hostfile: the DeepSpeed launcher starts every node "
+                         "from this one (over ssh) and reads them from that file; give --hostfile, or start "
+                         "`peftkit train --nnodes N --node-rank I --master-addr ADDR` on each node (torchrun)")
         return found
 
 

@@ -366,6 +366,17 @@ def test_launcher_command_lines():
     assert local[local.index("--master_addr") + 1] == "127.0.0.1"  # one node: DeepSpeed needs an address
 
 
+def test_the_deepspeed_launcher_on_several_nodes_needs_a_hostfile(tmp_path):
+    """It starts every node from the first over ssh: without a hostfile its runner refused --num_nodes with
+    --include, or found "no extra nodes available", after the launch had begun."""
+    options = LaunchOptions(nproc=8, nnodes=2, node_rank=0, master_addr="10.0.0.1", launcher="deepspeed")
+    assert any("--launcher deepspeed --nnodes > 1 needs --hostfile" in p for p in options.problems())
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
+    assert LaunchOptions(nproc=8, nnodes=2, hostfile=str(hostfile), launcher="deepspeed").problems() == []
+    assert LaunchOptions(nproc=8, nnodes=2, node_rank=1, master_addr="10.0.0.1").problems() == []  # torchrun
+
+
 def test_the_deepspeed_launcher_keeps_cuda_visible_devices(monkeypatch):
     """DeepSpeed's --num_gpus N means GPUs 0..N-1 and overrides CUDA_VISIBLE_DEVICES; --include keeps the choice."""
     worker = ["train", "/r.yaml"]
