@@ -203,8 +203,11 @@ def training_kwargs(recipe: Recipe, device: str, dtype: torch.dtype, world_size:
 
 
 def quant_storage_dtype(recipe: Recipe, dtype: torch.dtype) -> torch.dtype | None:
-    """ZeRO-3 partitions the packed 4-bit weights together with the other parameters, so they must be
-    stored in the model's dtype (`bnb_4bit_quant_storage`, as PEFT's QLoRA + ZeRO-3 guide sets it)."""
+    """ZeRO-3 partitions the packed 4-bit weights together with the other parameters, so they must be stored in
+    the dtype DeepSpeed gives every parameter (`bnb_4bit_quant_storage`, as PEFT's QLoRA + ZeRO-3 guide sets it):
+    the training `dtype`, not the one the weights load in. An fp16 run with modules_to_save loads float32 weights,
+    and DeepSpeed's fp16 engine casts every float32 parameter to fp16, packed bytes included (the first forward
+    then failed on a weight of half its size)."""
     from peftkit.adapters import effective_quantization
 
     quantization = effective_quantization(recipe)

@@ -393,7 +393,7 @@ def _train(
     load_dtype = weights_dtype(dtype, trains_model_weights=recipe.adapter.method in ("full", "partial")
                                or bool(getattr(recipe.adapter, "modules_to_save", None)))
     model = load_model(recipe.model, quantization, device=device, dtype=load_dtype, source=source,
-                       quant_storage=deepspeed_setup.quant_storage_dtype(recipe, load_dtype))
+                       quant_storage=deepspeed_setup.quant_storage_dtype(recipe, dtype))
     if main_process:  # data and model are usable: only now may an earlier run in output_dir make way (--force)
         disk_space.check_whole_model_fits(run_dir, model, recipe, replacing=replace_earlier)
         if replace_earlier:

@@ -310,6 +310,28 @@ def test_quantization_with_zero3(tiny_recipe):
     assert bnb_config(QuantizationConfig(), "cpu", torch.float32).bnb_4bit_quant_storage == torch.uint8
 
 
+def test_an_fp16_zero3_qlora_run_with_modules_to_save_stores_its_4_bit_weights_in_fp16(tiny_recipe, monkeypatch):
+    """Its weights load in float32 (fp16's GradScaler needs float32 gradients for modules_to_save), but DeepSpeed's
+    fp16 engine casts every float32 parameter to fp16, the packed 4-bit bytes too: stored as float32 they came out
+    as half as many values, and the first forward failed."""
+    from peftkit.train import run as run_module
+
+    seen = {}
+
+    def load_model(*args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # enough: what the base would be loaded with
+
+    qlora = {**tiny_recipe["adapter"], "method": "qlora", "modules_to_save": ["lm_head"]}
+    recipe = _recipe(tiny_recipe, adapter=qlora, deepspeed={"stage": 3}, eval={"before": False})
+    monkeypatch.setattr(run_module, "resolve_dtype", lambda preference, device: torch.float16)  # a T4 / V100
+    monkeypatch.setattr(run_module, "load_model", load_model)
+    monkeypatch.setattr(ds, "prepare_process", lambda device: None)  # no process group or CPU op needed here
+    with pytest.raises(KeyboardInterrupt):
+        run_module.train(recipe)
+    assert seen["dtype"] == torch.float32 and seen["quant_storage"] == torch.float16
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI flags and launcher command lines
 
