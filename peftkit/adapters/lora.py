@@ -22,7 +22,9 @@ import torch
 
 from peftkit.adapters.modules import (layer_index, lora_module_types, matches_target, peft_targets, rank_limit,
                                       selected_linear, target_problems, text_decoder)
-from peftkit.adapters.registry import PEFT_TASK_TYPES, AdapterMethod, TrainerExtras, register, trainer_optimizer_class
+from peftkit.adapters.registry import (
+    PEFT_TASK_TYPES, AdapterMethod, TrainerExtras, decayed_parameter_names, register, trainer_optimizer_class,
+)
 from peftkit.config.schema import LoraAdapterConfig
 from peftkit.errors import ConfigError
 
@@ -349,16 +351,15 @@ def trainer_extras(model: Any, cfg: LoraAdapterConfig, args: Any) -> TrainerExtr
 
     Not peft's `create_loraplus_optimizer`: it also gives every 1-D tensor (DoRA magnitudes, a bias or norm trained
     whole through `modules_to_save`) the B matrices' rate, and decays norms. Weight decay here is the Trainer's own
-    choice (`get_decay_parameter_names`: no biases or norms), as without LoRA+. A LoRA on an embedding layer (all its
+    choice (`get_decay_parameter_names`: no biases or norms; nor DoRA magnitudes), as without LoRA+. A LoRA on an embedding layer (all its
     tensors, as peft groups them) learns at peft's LoRA+ embedding rate, 1e-6 (its `loraplus_lr_embedding` default,
     from the paper's code). The optimizer class and its settings stay the Trainer's own (`args.optim`, betas)."""
     if cfg.loraplus_lr_ratio is None:
         return TrainerExtras()
     from peft.tuners.lora import Embedding as LoraEmbedding
-    from transformers import Trainer
 
     embedding_lr = 1e-6  # peft.optimizers.create_loraplus_optimizer's loraplus_lr_embedding
-    decayed = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
+    decayed = decayed_parameter_names(model)
     on_embeddings = {id(p) for m in model.modules() if isinstance(m, LoraEmbedding) for p in m.parameters()}
     groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():

@@ -26,7 +26,7 @@ import torch
 
 from peftkit.adapters.full import save_model
 from peftkit.adapters.modules import block_layout
-from peftkit.adapters.registry import AdapterMethod, TrainerExtras, register, trainer_optimizer_class
+from peftkit.adapters.registry import AdapterMethod, TrainerExtras, decayed_parameter_names, register, trainer_optimizer_class
 from peftkit.config.schema import PartialAdapterConfig
 from peftkit.errors import ConfigError
 from peftkit.utils.once import say_once
@@ -180,9 +180,7 @@ def param_groups(plan: FreezePlan, lr: float, weight_decay: float, decay_names: 
 
 def build_optimizer(model: Any, plan: FreezePlan, cfg: PartialAdapterConfig, args: Any) -> torch.optim.Optimizer:
     """The Trainer's optimizer class and settings over the plan's parameter groups."""
-    from transformers import Trainer
-
-    decay_names = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
+    decay_names = decayed_parameter_names(model)
     groups = param_groups(plan, args.learning_rate, args.weight_decay, decay_names, cfg.layerwise_lr_decay or 1.0)
     optimizer_cls, kwargs = trainer_optimizer_class(args, model)
     return optimizer_cls(groups, lr=args.learning_rate, **kwargs)

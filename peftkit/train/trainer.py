@@ -130,6 +130,11 @@ class RunTrainer(Trainer):
     would cover every step is dropped, the evaluations are timed so the training speed can leave them out, and LoRA's
     dropout masks on a CPU come from a hashed counter (`hashed_dropout`, `peftkit/train/fast_dropout.py`)."""
 
+    def get_decay_parameter_names(self, model: Any) -> list[str]:
+        from peftkit.adapters.registry import decayed_parameter_names
+
+        return sorted(decayed_parameter_names(model))
+
     def __init__(self, *args: Any, hashed_dropout: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.args.n_gpu > 1:  # as transformers does for a model split over GPUs

@@ -175,6 +175,26 @@ def test_loraplus_gives_b_matrices_the_higher_learning_rate(tiny_model_dir, tmp_
     assert trainer_extras(model, LoraAdapterConfig(r=4, alpha=8, target_modules=["q_proj"]), args).optimizer is None
 
 
+def test_dora_magnitudes_get_no_weight_decay(tiny_model_dir, tmp_path):
+    """They hold the base weights' column norms: decay pulled them towards 0 and shrank every adapted layer's output
+    even where nothing was learnt. With and without LoRA+, A and B keep the Trainer's weight decay."""
+    from transformers import TrainingArguments
+
+    from peftkit.adapters import trainer_extras
+    from peftkit.train.trainer import RunTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.1, use_cpu=True, report_to="none")
+    for loraplus in (None, 16):
+        cfg = LoraAdapterConfig(r=4, alpha=8, target_modules=["q_proj"], use_dora=True, loraplus_lr_ratio=loraplus)
+        model = build_adapter(load_tiny(tiny_model_dir), cfg)
+        optimizer = trainer_extras(model, cfg, args).optimizer or RunTrainer(model=model, args=args).create_optimizer()
+        decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert any("lora_magnitude_vector" in n for n in trainable) and set(decay_of) == {id(p) for p in trainable.values()}
+        for name, param in trainable.items():
+            assert decay_of[id(param)] == (0.0 if "lora_magnitude_vector" in name else 0.1), (loraplus, name)
+
+
 def test_python_api_build_refuses_loftq_without_a_quantized_base(tiny_model_dir):
     """Callers who skip recipe validation get the same message from `build_adapter`."""
     with pytest.raises(ConfigError, match="loftq corrects the quantization error"):
