@@ -227,8 +227,14 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        import pyarrow as pa
+
         with _reading(path):
-            rows = pq.read_table(path).to_pylist()
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except (pa.ArrowException, OSError) as exc:  # empty, cut off in a download, or not Parquet at all
+                raise DataError(f"{path}: not a readable Parquet file ({exc}); check that the file was written or "
+                                "downloaded whole, or convert the data to JSON Lines") from None
         return _arrow_records([(f"{path}:row {i + 1}", row) for i, row in enumerate(rows)])
     text = _read_text(path)
     if suffix == ".txt":
@@ -389,7 +395,7 @@ def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[str, Any]]
     except csv.Error as exc:
         kind, start = "TSV" if delimiter == "\t" else "CSV", exc.args[1]
         if delimiter == "\t":
-            with contextlib.suppress(DataError):
+            with contextlib.suppress(DataError, csv.Error):
                 return _delimited_records(path, text, delimiter, csv.QUOTE_NONE)
         raise DataError(f"{path}:{start}: not valid {kind} ({exc.args[0]}): a field that starts with a double quote "
                         "must end with one right before the next delimiter, and a quote inside a quoted field is "
@@ -397,6 +403,8 @@ def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[str, Any]]
 
 
 def _delimited_records(path: Path, text: str, delimiter: str, quoting: int) -> list[tuple[str, Any]]:
+    # Python's csv module refuses fields over 128 KiB, which pandas and `datasets` read (a long document)
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True, quoting=quoting)
     records, start = [], 1
     try:

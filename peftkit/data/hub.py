@@ -117,7 +117,11 @@ _SAID_SPLITS: set[str] = set()
 def saved_dataset_records(path: Path) -> list[tuple[str, Any]]:
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (KeyError, ValueError, OSError, FileNotFoundError) as exc:  # a folder written in part, or edited by hand
+        raise DataError(f"{path}: not a readable `datasets` save_to_disk folder ({type(exc).__name__}: {exc}); save "
+                        "it again with `Dataset.save_to_disk`, or export the data to JSON Lines") from None
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
         if DEFAULT_SPLIT not in loaded:

@@ -386,3 +386,36 @@ def test_counting_malformed_lines_stops_at_a_record_spread_over_lines_and_says_s
     assert "at least 2 lines are not valid JSON: also line 3 (" in message and "line 4" not in message
     assert message.endswith("must be one JSON object (line 3: a record spread over several lines, as pretty-printing "
                             "writes it: write each on one line, e.g. with `jq -c .`)")
+
+
+@pytest.mark.parametrize("name", ["long.csv", "long.tsv"])
+def test_a_field_over_128_kib_is_read(tmp_path, name):
+    """Python's csv module refuses fields over 128 KiB (a long document), which pandas and `datasets` read: the CSV
+    was refused as badly quoted, the TSV crashed with a csv.Error traceback."""
+    path = tmp_path / name
+    with path.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out, delimiter="\t" if name.endswith(".tsv") else ",")
+        writer.writerow(["question", "answer"])
+        writer.writerow(["long?", "x " * 100_000])
+    (example,) = load_examples(path)
+    assert example.messages[-1]["content"].strip() == ("x " * 100_000).strip()
+
+
+def test_damaged_parquet_and_save_to_disk_folders_get_one_message(tmp_path):
+    """A cut-off download or a hand-edited folder: pyarrow's and datasets' tracebacks (ArrowInvalid, KeyError)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    whole = tmp_path / "whole.parquet"
+    pq.write_table(pa.table({"text": ["one", "two"]}), whole)
+    (tmp_path / "cut.parquet").write_bytes(whole.read_bytes()[:100])
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    for name in ("cut.parquet", "empty.parquet"):
+        with pytest.raises(DataError, match=rf"{name}: not a readable Parquet file \(.*\); check that the file was"):
+            load_examples(tmp_path / name)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for name in ("state.json", "dataset_info.json"):
+        (saved / name).write_text("{}")
+    with pytest.raises(DataError, match=r"saved: not a readable `datasets` save_to_disk folder \(KeyError"):
+        load_examples(saved)
