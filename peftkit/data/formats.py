@@ -238,6 +238,11 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
         return _arrow_records([(f"{path}:row {i + 1}", row) for i, row in enumerate(rows)])
     text = _read_text(path)
     if suffix == ".txt":
+        first = next((line.strip() for line in _lines(text) if line.strip()), "")
+        if first[:1] in "{[" and _first_line_is_json(text.lstrip()):
+            say_once(log, logging.WARNING, f"{path}: a .txt file is trained as plain text, and its lines are JSON "
+                     "records, which would be trained as written (braces, keys and all); name it .jsonl (or .json) "
+                     "to read them as records")
         chunks = [c.strip() for c in re.split(r"\n[ \t\r\f\v]*\n", text)]  # a blank line may hold spaces
         return [(f"{path}:chunk {i + 1}", {"text": c}) for i, c in enumerate(chunks) if c]
     if suffix in (".csv", ".tsv"):
@@ -547,8 +552,9 @@ def _detected_format(record: dict[str, Any]) -> Literal["chat", "sharegpt", "pro
 
 def message_text(content: Any, where: str) -> str:
     """A message's text: a string, or a list of content parts (OpenAI / TRL conversational style)
-    whose `text` parts are joined; image, audio or other parts have no meaning for a text model. A number is the
-    text it spells, as in alpaca and question/answer records."""
+    whose `text` parts are joined by line breaks, as vLLM's OpenAI server joins them for a template that takes
+    strings (so that the adapter serves on the text it trained on); image, audio or other parts have no meaning for a
+    text model. A number is the text it spells, as in alpaca and question/answer records."""
     content = number_as_text(content)
     if isinstance(content, str):
         return content
@@ -561,7 +567,7 @@ def message_text(content: Any, where: str) -> str:
                 raise DataError(f"{where}: content part {found} is not text; peftkit trains text-only models, "
                                 "so keep `{\"type\": \"text\", \"text\": ...}` parts only or write the content as a string")
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)
     raise DataError(f"{where}: content must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts, "
                     f"got {type_name(content)}")
 
@@ -843,6 +849,14 @@ def to_example(record: Any, where: str, fmt: str, columns: ColumnsConfig | None 
     if kind is None and fmt == "auto" and detect_format(with_folded_keys(record)) is not None:
         record = with_folded_keys(record)
         kind = detect_format(record)
+    if kind == "prompt_completion" and isinstance(record.get("label"), bool):
+        raise DataError(f"{where}: a KTO record (prompt, completion, label) marks its completion good or bad, which "
+                        "peftkit does not train on: every completion would be trained as a good answer, the label: "
+                        "false ones too; keep the label: true records (`jq -c 'select(.label == true) | del(.label)'`)")
+    if kind == "text" and isinstance(record, dict) and record.get("label") is not None:
+        say_once(log, logging.WARNING, f"{where.rsplit(':', 1)[0]}: records hold a `label` beside their `text`, which "
+                 "a chat recipe trains as plain text, the label ignored; for a classifier set `task: "
+                 "sequence_classification`")
     example = _to_example(record, where, kind)
     if kind == "pair":
         return dataclasses.replace(example, format="/".join(detected_pair(record) or ()))
@@ -878,6 +892,10 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
             raise DataError(f"{where}: a preference record (keys: {keys}) is for DPO-style training, which peftkit does "
                             "not do; to fine-tune on the preferred answers map them: `data: {columns: {prompt: prompt, "
                             "response: chosen}}` (or `{messages: chosen}` when `chosen` holds the whole conversation)")
+        if isinstance(record, dict) and "preferred_output" in record and "non_preferred_output" in record:
+            raise DataError(f"{where}: an OpenAI preference record (keys: {keys}) is for DPO-style training, which "
+                            "peftkit does not do; to fine-tune on the preferred answers write each record as one "
+                            "conversation: `jq -c '{messages: (.input.messages + .preferred_output)}'`")
         if isinstance(record, dict) and "key_fact" in with_folded_keys(record):
             raise DataError(f"{where}: a held-out question (keys: {keys}): records with a `key_fact` are what "
                             "`data.heldout` (and `peftkit eval --heldout`) ask the model to score its answers, not "

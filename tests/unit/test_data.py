@@ -306,11 +306,33 @@ def test_sharegpt_and_prompt_completion_formats(tmp_path, tiny_tokenizer):
 
 
 def test_content_given_as_text_parts(tmp_path):
-    parts = [{"type": "text", "text": "the network "}, {"type": "text", "text": "is brightnet."}]
+    """Joined by line breaks, as vLLM's OpenAI server joins the parts of a request (they were run together)."""
+    parts = [{"type": "text", "text": "The network:"}, {"type": "text", "text": "brightnet."}]
     path = write_jsonl(tmp_path / "parts.jsonl", [{"messages": [
         {"role": "user", "content": [{"type": "text", "text": "wifi?"}]}, {"role": "assistant", "content": parts}]}])
     (example,) = load_examples(path)
-    assert [m["content"] for m in example.messages] == ["wifi?", "the network is brightnet."]
+    assert [m["content"] for m in example.messages] == ["wifi?", "The network:\nbrightnet."]
+
+
+def test_records_that_belong_to_other_trainings_are_named(tmp_path, caplog):
+    """A KTO file trained its label: false completions as good answers; a sentiment file (text, label) in a chat
+    recipe trained the reviews and dropped the labels; JSON Lines saved as .txt trained the JSON text itself;
+    OpenAI's preference format got a column map that could not work."""
+    kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "Reset?", "completion": "Figure it out.", "label": False}])
+    with pytest.raises(DataError, match="a KTO record .* keep the label: true records"):
+        load_examples(kto)
+    openai = write_jsonl(tmp_path / "pref.jsonl", [{"input": {"messages": [{"role": "user", "content": "hi"}]},
+                                                     "preferred_output": [{"role": "assistant", "content": "Hello"}],
+                                                     "non_preferred_output": [{"role": "assistant", "content": "Go"}]}])
+    with pytest.raises(DataError, match=r"an OpenAI preference record .*\(\.input\.messages \+ \.preferred_output\)"):
+        load_examples(openai)
+    with caplog.at_level("WARNING"):
+        load_examples(write_jsonl(tmp_path / "sentiment.jsonl", [{"text": "great", "label": "positive"}] * 2))
+        as_text = tmp_path / "chat.txt"
+        as_text.write_text(kto.read_text())
+        load_examples(as_text)
+    assert caplog.text.count("records hold a `label` beside their `text`") == 1
+    assert "task: sequence_classification" in caplog.text and "name it .jsonl (or .json)" in caplog.text
 
 
 @pytest.mark.parametrize(
