@@ -62,15 +62,17 @@ ROLES_ADVICE = " (or map other speakers with data.columns"
 (data/replay.py): the recipe's columns do not apply to them."""
 
 
-def roles_advice(speaker: Any, field: str | None, role_key: str = "role", content_key: str = "content") -> str:
+def roles_advice(speaker: Any, field: str | None, role_key: str = "role", content_key: str = "content",
+                 after: str | None = None) -> str:
     """The whole `data.columns` map that reads a conversation under `field` with another speaker name: `roles`
     describes the turns of a conversation field, so the field and its keys are named too (`roles` alone is refused).
-    Without a field (prompt/completion message lists, a mapped record) only where to map speakers."""
+    Without a field (prompt/completion message lists, a mapped record) only where to map speakers. The speaker is
+    mapped to the role its place calls for: `assistant` after a user or tool turn (`after`), else `user`."""
     if field is None:
         return ROLES_ADVICE + ".roles)"
     columns: dict[str, Any] = {"messages": field}
     columns |= {"role": role_key, "content": content_key} if (role_key, content_key) != ("role", "content") else {}
-    columns["roles"] = {str(speaker): "user"}
+    columns["roles"] = {str(speaker): "assistant" if after in ("user", "tool") else "user"}
     return f"{ROLES_ADVICE}: `data.columns: {flow_yaml(columns)}`, each name to user, assistant, system or tool)"
 
 
@@ -233,6 +235,8 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
             try:
                 rows = pq.read_table(path).to_pylist()
             except (pa.ArrowException, OSError) as exc:  # empty, cut off in a download, or not Parquet at all
+                if isinstance(exc, PermissionError):  # _reading names it
+                    raise
                 raise DataError(f"{path}: not a readable Parquet file ({exc}); check that the file was written or "
                                 "downloaded whole, or convert the data to JSON Lines") from None
         return _arrow_records([(f"{path}:row {i + 1}", row) for i, row in enumerate(rows)])
@@ -688,7 +692,8 @@ def check_messages(messages: Any, where: str, field: str | None = None) -> tuple
             role = ROLE_ALIASES.get(str(role).lower()) if str(role).lower() != "function_call" else None
         if role is None:
             raise DataError(f"{where}: message {i + 1} has unknown role {message['role']!r}; use one of "
-                            f"{', '.join(ROLES)}{roles_advice(message['role'], field)}")
+                            f"{', '.join(ROLES)}"
+                            f"{roles_advice(message['role'], field, after=checked[-1]['role'] if checked else None)}")
         content = "" if content is None and calls else message_text(content, f"{where}: message {i + 1}")
         if role == "system" and i != 0:
             raise DataError(f"{where}: a system message may only come first (found at position {i + 1})")
@@ -798,7 +803,8 @@ def sharegpt_messages(record: dict[str, Any], where: str, field: str | None = No
         if role is None:
             raise DataError(
                 f"{where}: conversation turn {i + 1} is from {turn['from']!r}; peftkit reads "
-                f"{', '.join(sorted(ROLE_ALIASES))} turns{roles_advice(turn['from'], field, 'from', 'value')}"
+                f"{', '.join(sorted(ROLE_ALIASES))} turns"
+                f"{roles_advice(turn['from'], field, 'from', 'value', messages[-1]['role'] if messages else None)}"
             )
         if source == "function_call":
             where_turn = f"{where}: conversation turn {i + 1}"

@@ -154,8 +154,9 @@ def load_replay(path: str, answers: str = "auto", *, known_only: bool = False) -
         examples = load_examples(replay_path(path), prepare=prepare)
     except DataError as exc:  # the generic advice would point at data.columns, which never reads a replay file
         message = with_columns_advice_replaced(str(exc), REPLAY_LAYOUT_ADVICE)
-        at = message.find(ROLES_ADVICE)  # the advice runs to the end of the message
-        raise DataError(message if at < 0 else message[:at] + " (data.columns.roles does not apply to replay files)") from None
+        lines = [line if (at := line.find(ROLES_ADVICE)) < 0 else  # the advice runs to the end of its record's line
+                 line[:at] + " (data.columns.roles does not apply to replay files)" for line in message.split("\n")]
+        raise DataError("\n".join(lines)) from None
     unanswered = [e.where for e in examples if e.messages and e.messages[-1]["content"] == ANSWER_SLOT]
     if known_only and unanswered:
         raise DataError(f"data.replay.known_only keeps the base model's answers that agree with the written ones, but "

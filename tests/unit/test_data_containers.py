@@ -363,3 +363,24 @@ def test_a_pattern_is_matched_inside_a_recipe_folder_whose_name_holds_glob_chara
     assert load_recipe(folder / "r.yaml").data.train == str(folder / "data" / "a.jsonl")
     with pytest.raises(DataError, match=r"read them all with a pattern \(`train: .*data/\*\*/\*\.jsonl`\)"):
         load_examples(folder / "data")  # one file only in a subfolder: the suggestion reaches into it
+
+
+@pytest.mark.parametrize(("field", "turns", "speaker"), [
+    ("conversations", [{"from": "human", "value": "hi"}, {"from": "bing", "value": "Hello"}], "from"),
+    ("messages", [{"role": "user", "content": "hi"}, {"role": "agent", "content": "Hello"}], "role"),
+    ("messages", [{"role": "kunde", "content": "hi"}, {"role": "assistant", "content": "Hello"}], "role"),
+])
+def test_an_unknown_speaker_is_mapped_to_the_role_its_turn_calls_for(tmp_path, field, turns, speaker):
+    """A reply's unknown speaker was mapped to `user`, and the map, pasted as given, was then refused ("roles out of
+    order"): after a user turn it is the assistant."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({field: turns}) + "\n")
+    with pytest.raises(DataError, match="unknown role|peftkit reads") as info:
+        load_examples(path)
+    import re
+
+    import yaml
+
+    columns = yaml.safe_load(re.search(r"`data\.columns: (\{.*?\})`", str(info.value)).group(1))
+    [example] = load_examples(path, columns=ColumnsConfig(**columns))
+    assert [m["role"] for m in example.messages] == ["user", "assistant"]

@@ -537,6 +537,14 @@ def test_a_replay_file_in_no_standard_layout_is_not_pointed_at_data_columns(tmp_
                                                                 {"role": "assistant", "content": "Hi"}]}])
     with pytest.raises(DataError, match=r"unknown role 'kunde'; .* \(data.columns.roles does not apply to replay files\)"):
         load_replay(str(speakers))
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [  # the records after the unknown role were cut off the message
+        {"messages": [{"role": "kunde", "content": "Hallo"}, {"role": "assistant", "content": "Hi"}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]},
+        {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}])
+    with pytest.raises(DataError) as caught:
+        load_replay(str(mixed))
+    assert str(caught.value).startswith("3 records of") and len(str(caught.value).splitlines()) == 4
+    assert "mixed.jsonl:2:" in str(caught.value) and "mixed.jsonl:3:" in str(caught.value)
 
 
 def test_eval_data_in_a_standard_layout_is_read_though_the_run_maps_other_fields(tiny_recipe, tmp_path, caplog):
