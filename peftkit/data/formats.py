@@ -175,6 +175,30 @@ def data_suffix(path: Path) -> str:
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
+def _split_files(found: list[str]) -> tuple[str, str] | None:
+    """Patterns for a folder's training files and its held-out ones (`test` / `validation` / `dev` / `eval` in the
+    name), when its files are named by split; else None."""
+    def split_of(name: str) -> str | None:
+        stem = Path(name).name.lower()
+        return next((split for split, words in (("train", ("train",)), ("eval", ("test", "valid", "dev", "eval")))
+                     if any(re.match(rf"{word}(?![a-z])", stem) for word in words)), None)
+
+    by_split: dict[str, list[str]] = {}
+    for name in found:
+        by_split.setdefault(split_of(name) or "", []).append(name)
+    if not by_split.get("train") or not by_split.get("eval"):
+        return None
+
+    def pattern(names: list[str]) -> str:
+        if len(names) == 1:
+            return names[0]
+        folder, suffix = str(Path(names[0]).parent), data_suffix(Path(names[0]))
+        stem = Path(names[0]).name.split("-")[0].split("_")[0].split(".")[0]
+        return f"{'' if folder == '.' else folder + '/'}{stem}*{suffix}"
+
+    return pattern(by_split["train"]), pattern(by_split["eval"])
+
+
 def looks_like_hub_id(written: str) -> bool:
     """`OWNER/NAME` as axolotl and LLaMA-Factory users write a Hub dataset: one slash, no data-file suffix."""
     return (_HUB_ID.fullmatch(written) is not None
@@ -206,6 +230,12 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
         suffixes = sorted({data_suffix(Path(f)) for f in found})
         deep = "**/" if any(Path(f).parent != Path(".") for f in found) else ""  # some only in subfolders
         pattern = f"{path}/{deep}*{suffixes[0]}" if len(suffixes) == 1 else f"{path}/{deep}*.jsonl"
+        splits = _split_files(found)
+        if splits:  # a Hub snapshot (data/train-00000-of-00001.parquet, data/test-...): `*` would train on the test
+            train, held = splits
+            raise DataError(f"{path} is a folder holding a dataset's splits; point data.train at the training files "
+                            f"(`train: {path}/{train}`) and data.eval at the held-out ones (`eval: {path}/{held}`)"
+                            f"{hint}")
         raise DataError(f"{path} is a folder; point the recipe at one data file in it, or read them all with a "
                         f"pattern (`train: {pattern}`) or a list (`train: [a.jsonl, b.jsonl]`){hint}")
     if is_pattern(path):
@@ -419,6 +449,10 @@ def _delimited_records(path: Path, text: str, delimiter: str, quoting: int) -> l
     try:
         if reader.fieldnames:  # `question, answer`: the space after the comma is no part of the name
             reader.fieldnames = [name.strip() for name in reader.fieldnames]
+            twice = sorted({name for name in reader.fieldnames if reader.fieldnames.count(name) > 1})
+            if twice:  # each row would keep the last of the columns of one name, the others silently lost
+                raise DataError(f"{path}:1: the header names {', '.join(repr(n) for n in twice)} more than once, and a "
+                                "row keeps only the last of those columns; give each column its own name")
         start = 2
         for row in reader:
             # DictReader keeps extra fields under the key None and fills missing ones with None: a silently cut reply

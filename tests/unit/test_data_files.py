@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 
 import pytest
 
@@ -419,3 +420,32 @@ def test_damaged_parquet_and_save_to_disk_folders_get_one_message(tmp_path):
         (saved / name).write_text("{}")
     with pytest.raises(DataError, match=r"saved: not a readable `datasets` save_to_disk folder \(KeyError"):
         load_examples(saved)
+
+
+def test_a_header_naming_a_column_twice_is_refused(tmp_path):
+    """`question,question,answer`: each row kept the last question and lost the first without a word."""
+    path = tmp_path / "twice.csv"
+    path.write_text("question,question,answer\na,b,c\n")
+    with pytest.raises(DataError, match=r"twice.csv:1: the header names 'question' more than once"):
+        load_examples(path)
+
+
+def test_a_folder_of_split_files_points_train_and_eval_at_their_own_files(tmp_path):
+    """A Hub snapshot folder: the advised `**/*.parquet` pattern trained on its test split too, without a word."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "snapshot" / "data"
+    folder.mkdir(parents=True)
+    for name in ("train-00000-of-00002.parquet", "train-00001-of-00002.parquet", "test-00000-of-00001.parquet"):
+        pq.write_table(pa.table({"text": ["one"]}), folder / name)
+    with pytest.raises(DataError, match="holding a dataset's splits") as caught:
+        load_examples(tmp_path / "snapshot")
+    advised = dict(re.findall(r"`(train|eval): (\S+)`", str(caught.value)))
+    assert len(load_examples(advised["train"])) == 2 and len(load_examples(advised["eval"])) == 1
+    plain = tmp_path / "plain"  # files not named by split: the general advice
+    plain.mkdir()
+    for name in ("shop.jsonl", "trainer-notes.jsonl"):
+        (plain / name).write_text('{"text": "x"}\n')
+    with pytest.raises(DataError, match="is a folder; point the recipe at one data file"):
+        load_examples(plain)
