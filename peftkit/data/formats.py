@@ -717,6 +717,8 @@ def check_messages(messages: Any, where: str, field: str | None = None) -> tuple
         raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
     checked: list[Message] = []
     for i, message in enumerate(messages):
+        if isinstance(message, dict) and "role" not in message:  # `Role` / `Content`, as the record's own keys are read
+            message = with_folded_keys(message)
         calls = message_calls(message, f"{where}: message {i + 1}")
         if not isinstance(message, dict) or "role" not in message or ("content" not in message and not calls):
             raise DataError(f"{where}: message {i + 1} must be an object with `role` and `content`"
@@ -827,6 +829,8 @@ def sharegpt_messages(record: dict[str, Any], where: str, field: str | None = No
         raise DataError(f"{where}: `conversations` must be a non-empty list of {{from, value}} objects")
     messages: list[Message] = []
     for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and "from" not in turn and "role" not in turn:  # `From` / `Value`
+            turn = with_folded_keys(turn)
         if isinstance(turn, dict) and "role" in turn and "content" in turn:
             messages.append(turn)
             continue

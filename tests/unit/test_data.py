@@ -1139,3 +1139,13 @@ def test_held_out_questions_without_a_chat_template_are_refused_before_the_model
     with pytest.raises(PeftkitError, match=r"^eval\.sample_prompts and data\.heldout ask the model as a chat, but the "
                                            r"tokenizer has no chat template.*or remove eval\.sample_prompts and data\.heldout"):
         run_module.train(recipe_from_dict(recipe))
+
+
+def test_turn_keys_are_read_whatever_their_case_as_record_keys_are(tmp_path):
+    """`{"MESSAGES": [{"Role": ..., "Content": ...}]}` was read down to the turns, which were then refused as having
+    no `role` and `content`."""
+    path = write_jsonl(tmp_path / "cased.jsonl", [
+        {"MESSAGES": [{"Role": "User", "Content": "hi"}, {"Role": "Assistant", "Content": "Hello"}]},
+        {"Conversations": [{"From": "human", "Value": "hi"}, {"From": "gpt", "Value": "Hello"}]}])
+    for example in load_examples(path):
+        assert [(m["role"], m["content"]) for m in example.messages] == [("user", "hi"), ("assistant", "Hello")]
