@@ -163,6 +163,9 @@ def _tokenized_data_line(recipe: Any, tokenizer: Any) -> str:
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     embeddings = model_skeleton(source, recipe.model, task=recipe.task).get_input_embeddings()  # no weights loaded
     check_token_ids_fit(data, embeddings.num_embeddings, recipe.model.name, tokenizer)
+    from peftkit.train.run import warn_if_one_batch_holds_all  # as training will say it
+
+    warn_if_one_batch_holds_all(recipe, len(data.train))
     return data_summary_line(data.stats, recipe.data.max_seq_len)
 
 

@@ -181,7 +181,7 @@ def global_batch_size(recipe: Recipe) -> int:
     return recipe.train.batch_size * recipe.train.grad_accum * dist_info().world_size
 
 
-def _warn_if_one_batch_holds_all(recipe: Recipe, rows: int) -> None:
+def warn_if_one_batch_holds_all(recipe: Recipe, rows: int) -> None:
     """A batch larger than the data trains smaller steps than the recipe says: said, not left to the summary's
     `global_batch_size`."""
     batch = global_batch_size(recipe)
@@ -413,7 +413,7 @@ def _train(
     check_token_ids_fit(data, input_embedding_rows(model), recipe.model.name, tokenizer)
     if main_process:
         log.info("%s", data_summary_line(data.stats, recipe.data.max_seq_len))
-        _warn_if_one_batch_holds_all(recipe, len(data.train))
+        warn_if_one_batch_holds_all(recipe, len(data.train))
     if replay is not None and replay.distill and data.stats["replay_examples"]:
         n = data.stats["replay_examples"]  # replay rows are the last ones (data/build.py)
         data.train[-n:] = add_teacher_targets(model, tokenizer.pad_token_id, data.train[-n:])

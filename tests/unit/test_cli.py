@@ -26,6 +26,14 @@ def test_validate_ok(tiny_recipe, tmp_path, capsys):
     assert "recipe is valid" in capsys.readouterr().out
 
 
+def test_validate_warns_of_a_batch_larger_than_the_data_as_training_does(tiny_recipe, tmp_path, caplog):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**tiny_recipe, "train": {**tiny_recipe["train"], "batch_size": 64}}))
+    with caplog.at_level("WARNING"):
+        assert main(["validate", str(path)]) == 0
+    assert "The global batch (64 = batch_size x grad_accum x processes) is larger than the" in caplog.text
+
+
 def test_validate_warns_of_an_output_dir_train_would_refuse(tiny_recipe, tmp_path, capsys, caplog):
     from pathlib import Path
 
