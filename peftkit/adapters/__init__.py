@@ -126,12 +126,15 @@ def build_adapter(
 
 
 def keep_trained_weights_in_float32(model: torch.nn.Module, dtype: torch.dtype, device: str, *, deepspeed: bool) -> int:
-    """bf16 mixed precision on a GPU: the model's own weights that train (full / partial fine-tuning, including blocks
-    a schedule unfreezes later, `modules_to_save`, a classifier's head) are kept in float32, as fp16 runs load them.
-    In bf16, AdamW's steps of about lr are below the resolution of most weights: at lr 1e-5 one step changed 15 % of
-    them. The forward still runs in bf16 (autocast); DeepSpeed keeps float32 master weights of its own; on a CPU
-    (no autocast) a bf16 recipe trains in bf16 as written. Returns the number of parameters cast."""
-    if dtype != torch.bfloat16 or device == "cpu" or deepspeed:
+    """bf16 mixed precision on a GPU: the weights full / partial fine-tuning trains (including blocks a schedule
+    unfreezes later) are kept in float32, as fp16 runs load them. In bf16, AdamW's steps of about lr are below the
+    resolution of most weights: at lr 1e-5 one step changed 15 % of them. The forward still runs in bf16 (the
+    Trainer's autocast, which also wraps the model's generate); the final save is in `dtype` again (full.save_model),
+    checkpoints keep float32 for an exact resume. DeepSpeed keeps float32 master weights of its own; on a CPU (no
+    autocast) a bf16 recipe trains in bf16 as written. peft models are left alone: their adapter weights are float32
+    already, and a float32 `modules_to_save` copy among bf16 layers fails in peft's generate, which runs the inner
+    model outside the autocast. Returns the number of parameters cast."""
+    if dtype != torch.bfloat16 or device == "cpu" or deepspeed or uses_peft(model):
         return 0
     plan = partial.freeze_plan(model)
     trained = ([p for g in plan.groups if g.unfreeze_stage is not None for _, p in g.params] if plan is not None
@@ -142,6 +145,7 @@ def keep_trained_weights_in_float32(model: torch.nn.Module, dtype: torch.dtype, 
             param.data = param.data.float()
             cast += param.numel()
     if cast:
+        setattr(model, full.SAVE_DTYPE_ATTR, dtype)
         log.info("Training %s weights in float32 under bf16 mixed precision (kept precise enough for small updates)",
                  f"{cast:,}")
     return cast

@@ -247,3 +247,29 @@ def test_weights_that_train_under_bf16_mixed_precision_are_kept_in_float32(tiny_
         loss = model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in top if p.requires_grad)
+
+
+def test_a_model_trained_with_float32_copies_is_saved_in_bf16_under_a_config_naming_it(tiny_model_dir, tmp_path):
+    """Saved as it was, the run's model mixed bf16 and float32 tensors under a config naming float32 (its first
+    parameter's), which serving engines then load whole in float32; a peft model is left alone."""
+    import json
+
+    from safetensors import safe_open
+
+    from peftkit.adapters import keep_trained_weights_in_float32, save_trained
+    from peftkit.config.schema import LoraAdapterConfig
+
+    cfg = PartialAdapterConfig(train_last_layers=1, train_head=True)
+    model = build_adapter(load_tiny(tiny_model_dir).to(torch.bfloat16), cfg)
+    assert keep_trained_weights_in_float32(model, torch.bfloat16, "cuda", deepspeed=False) > 0
+    saved = save_trained(model, tmp_path, "partial")
+    with safe_open(str(saved / "model.safetensors"), "pt") as weights:
+        dtypes = {weights.get_tensor(name).dtype for name in weights.keys()}
+        assert dtypes == {torch.bfloat16}
+        assert torch.equal(weights.get_tensor("model.layers.1.mlp.up_proj.weight"),
+                           model.model.layers[1].mlp.up_proj.weight.to(torch.bfloat16))
+    assert json.loads((saved / "config.json").read_text())["dtype"] == "bfloat16"
+    assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.float32  # training's copy is untouched
+    lora = build_adapter(load_tiny(tiny_model_dir).to(torch.bfloat16),
+                         LoraAdapterConfig(r=4, alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert keep_trained_weights_in_float32(lora, torch.bfloat16, "cuda", deepspeed=False) == 0
