@@ -608,12 +608,10 @@ def process_state_released() -> Iterator[None]:
     """A DeepSpeed run inside a Python caller's process (`train()` in a notebook or sweep, no launcher) leaves
     process-wide state behind: transformers' global ZeRO config, which makes every later `from_pretrained` load
     ZeRO-3-partitioned (empty) weights, accelerate's DeepSpeed state (and its ACCELERATE_USE_DEEPSPEED, which made
-    the next run without DeepSpeed evaluate through it), a one-process world and its environment (RANK, ...). Put
-    back as the caller had them, however the run ends."""
-    import torch.distributed as dist
-
+    the next run without DeepSpeed evaluate through it) and the environment of its one-process world (RANK, ...).
+    Put back as the caller had them, however the run ends. The world itself stays: DeepSpeed keeps its groups, and
+    a next DeepSpeed run in this process goes on in it."""
     environ = dict(os.environ)
-    had_world = dist.is_available() and dist.is_initialized()
     try:
         yield
     finally:
@@ -622,8 +620,6 @@ def process_state_released() -> Iterator[None]:
 
         unset_hf_deepspeed_config()
         AcceleratorState._reset_state(reset_partial_state=True)  # noqa: SLF001 - accelerate's own reset (its tests')
-        if "RANK" not in environ and not had_world and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()  # the one-process world prepare_process made, not a launcher's
         if os.environ != environ:
             os.environ.clear()
             os.environ.update(environ)
