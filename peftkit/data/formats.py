@@ -176,17 +176,19 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def _split_files(found: list[str]) -> tuple[str, str] | None:
-    """Patterns for a folder's training files and its held-out ones (`test` / `validation` / `dev` / `eval` in the
-    name), when its files are named by split; else None."""
+    """Patterns for a folder's training files and its held-out ones (`validation` / `dev` / `eval` in the name, else
+    `test`), when its files are named by split; else None."""
     def split_of(name: str) -> str | None:
         stem = Path(name).name.lower()
-        return next((split for split, words in (("train", ("train",)), ("eval", ("test", "valid", "dev", "eval")))
+        return next((split for split, words in (("train", ("train",)), ("eval", ("validation", "valid", "val", "dev", "eval")),
+                                                 ("test", ("test",)))
                      if any(re.match(rf"{word}(?![a-z])", stem) for word in words)), None)
 
     by_split: dict[str, list[str]] = {}
     for name in found:
         by_split.setdefault(split_of(name) or "", []).append(name)
-    if not by_split.get("train") or not by_split.get("eval"):
+    held = by_split.get("eval") or by_split.get("test")  # a validation split measures training; the test split is
+    if not by_split.get("train") or not held:  # kept for the end
         return None
 
     def pattern(names: list[str]) -> str:
@@ -196,7 +198,7 @@ def _split_files(found: list[str]) -> tuple[str, str] | None:
         stem = Path(names[0]).name.split("-")[0].split("_")[0].split(".")[0]
         return f"{'' if folder == '.' else folder + '/'}{stem}*{suffix}"
 
-    return pattern(by_split["train"]), pattern(by_split["eval"])
+    return pattern(by_split["train"]), pattern(held)
 
 
 def looks_like_hub_id(written: str) -> bool:
@@ -443,13 +445,20 @@ def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[str, Any]]
 
 def _delimited_records(path: Path, text: str, delimiter: str, quoting: int) -> list[tuple[str, Any]]:
     # Python's csv module refuses fields over 128 KiB, which pandas and `datasets` read (a long document)
-    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    limit = csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    try:
+        return _delimited_rows(path, text, delimiter, quoting)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _delimited_rows(path: Path, text: str, delimiter: str, quoting: int) -> list[tuple[str, Any]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True, quoting=quoting)
     records, start = [], 1
     try:
         if reader.fieldnames:  # `question, answer`: the space after the comma is no part of the name
             reader.fieldnames = [name.strip() for name in reader.fieldnames]
-            twice = sorted({name for name in reader.fieldnames if reader.fieldnames.count(name) > 1})
+            twice = sorted({name for name in reader.fieldnames if name and reader.fieldnames.count(name) > 1})
             if twice:  # each row would keep the last of the columns of one name, the others silently lost
                 raise DataError(f"{path}:1: the header names {', '.join(repr(n) for n in twice)} more than once, and a "
                                 "row keeps only the last of those columns; give each column its own name")

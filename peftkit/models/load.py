@@ -141,11 +141,15 @@ def loading_errors(source: ModelSource, what: str) -> Iterator[None]:
 
             raise ModelNotFoundError(f"could not load {what} {source.ref}: no space left on device (the hub cache is "
                                      f"{HF_HUB_CACHE}); free some space, or set HF_HUB_CACHE to a disk with room") from None
-        if source.kind == "hub" and "does not appear to have a file named" in str(exc) and "safetensors" in str(exc):
+        if source.kind == "hub" and "does not appear to have a file named" in str(exc):
+            if "pytorch_model.bin" in str(exc):  # model.allow_pickle was set: neither kind is there
+                raise ModelNotFoundError(f"model {source.ref!r} has no weights files at this revision (neither "
+                                         "safetensors nor pytorch_model.bin); check the repository and model.revision"
+                                         ) from None
             raise ModelNotFoundError(
-                f"model {source.ref!r} has no safetensors weights on the hub, only pickle files (.bin), which peftkit "
-                "does not load unless the recipe allows it: pick a revision or copy of the model with safetensors, or "
-                "set `model.allow_pickle: true` if you trust its author (pickle files can run code)") from None
+                f"model {source.ref!r} has no safetensors weights at this revision. If it has pickle files (.bin), "
+                "peftkit loads them only where the recipe allows it: set `model.allow_pickle: true` if you trust its "
+                "author (pickle files can run code), or pick a revision or copy of the model with safetensors") from None
         if source.kind == "hub":
             raise ModelNotFoundError(hub_hint(source.ref, source.revision)) from None
         raise ModelNotFoundError(f"could not load {what} {source.ref}: {exc}") from None
@@ -587,9 +591,10 @@ def load_model(
             raise PeftkitError(
                 f"quantization.blocksize {quantization.blocksize}: bitsandbytes' CPU 4-bit kernels quantize blocks "
                 "larger than 64 wrongly, so this 4-bit base cannot be rebuilt on a CPU as a GPU builds it (merge "
-                "and export always rebuild it on the CPU; chat and eval where there is no CUDA GPU). On a CPU, chat "
-                "and eval can put the adapter on the full-precision weights (--qlora-base original); to merge or "
-                "export, train with quantization.blocksize 64 (the default) or less")
+                "and export's verification always rebuild it on the CPU; chat and eval where there is no CUDA GPU). "
+                "On a CPU, chat and eval can put the adapter on the full-precision weights (--qlora-base original), "
+                "and `export --format adapter --no-verify` writes the adapter alone; to merge, train with "
+                "quantization.blocksize 64 (the default) or less")
         silence_bnb_cpu_warnings()
         kwargs["quantization_config"] = bnb_config(quantization, device, dtype, quant_storage,
                                                    transformers_skips=default_skips(source, cfg, task) if quantization.keep_modules else None)

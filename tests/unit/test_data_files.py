@@ -443,6 +443,14 @@ def test_a_folder_of_split_files_points_train_and_eval_at_their_own_files(tmp_pa
         load_examples(tmp_path / "snapshot")
     advised = dict(re.findall(r"`(train|eval): (\S+)`", str(caught.value)))
     assert len(load_examples(advised["train"])) == 2 and len(load_examples(advised["eval"])) == 1
+    for name in ("validation.jsonl", "test.jsonl", "train.jsonl"):  # validation measures training, test is kept
+        (tmp_path / "splits" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "splits" / name).write_text('{"text": "x"}\n')
+    with pytest.raises(DataError, match=r"`eval: \S+/validation.jsonl`"):
+        load_examples(tmp_path / "splits")
+    trailing = tmp_path / "trailing.csv"  # a spreadsheet's empty trailing columns are no names given twice
+    trailing.write_text("question,answer,,\nWhat is 2+2?,4,,\n")
+    assert len(load_examples(trailing)) == 1
     plain = tmp_path / "plain"  # files not named by split: the general advice
     plain.mkdir()
     for name in ("shop.jsonl", "trainer-notes.jsonl"):

@@ -567,5 +567,5 @@ def test_a_hub_load_that_fails_for_another_reason_than_the_network_says_that_rea
             raise exc
         said.append(str(caught.value))
     assert "no space left on device (the hub cache is " in said[0] and "offline" not in said[0]
-    assert "only pickle files (.bin)" in said[1] and "model.allow_pickle: true" in said[1]
+    assert "no safetensors weights at this revision" in said[1] and "model.allow_pickle: true" in said[1]
     assert "offline or not in the cache" in said[2]
