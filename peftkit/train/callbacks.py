@@ -165,13 +165,16 @@ class DivergenceGuard(TrainerCallback):
 
     Under fp16 loss scaling an inf gradient norm is routine: the scaler skips that step (the weights stay as they
     were) and halves its scale, several times at the start of a run. There only a non-finite loss, or gradients
-    still inf after OVERFLOW_STEPS steps (the scale halved that often), is divergence."""
+    inf at every logged step over OVERFLOW_STEPS steps and at least OVERFLOW_LOGS logs running (the scale halved
+    that often; two logs far apart that each met a skipped step are no proof), is divergence."""
 
     OVERFLOW_STEPS = 24
+    OVERFLOW_LOGS = 3
 
     def __init__(self, lr: float) -> None:
         self.lr = lr
         self.overflow_since: int | None = None
+        self.overflow_logs = 0
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         from peftkit.errors import TrainingDivergedError
@@ -182,11 +185,13 @@ class DivergenceGuard(TrainerCallback):
                 continue
             if key == "grad_norm" and getattr(args, "fp16", False):
                 if math.isfinite(value):
-                    self.overflow_since = None
+                    self.overflow_since, self.overflow_logs = None, 0
                     continue
                 if self.overflow_since is None:
                     self.overflow_since = state.global_step
-                if state.global_step - self.overflow_since < self.OVERFLOW_STEPS:
+                self.overflow_logs += 1
+                if (state.global_step - self.overflow_since < self.OVERFLOW_STEPS
+                        or self.overflow_logs < self.OVERFLOW_LOGS):
                     continue
                 what = (f"the grad norm has been {value} at every logged step from step {self.overflow_since} to "
                         f"{state.global_step} (fp16 loss scaling skips such steps and halves its scale: it did not "

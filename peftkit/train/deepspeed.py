@@ -411,6 +411,12 @@ def check_deepspeed(recipe: Recipe, device: str | None = None) -> list[str]:
     elif own and "optimizer" in raw:
         problems.append(f"deepspeed: the config defines an `optimizer` but {own} needs peftkit's own optimizer "
                         "(its parameter groups): remove the DeepSpeed `optimizer` block")
+    if (not own and "optimizer" in raw and getattr(recipe.adapter, "use_dora", False)
+            and recipe.train.weight_decay > 0):  # its optimizer takes every parameter in one group
+        problems.append("deepspeed: the config defines an `optimizer`, which applies train.weight_decay to every "
+                        "parameter, DoRA's magnitude vectors too (they hold the base weights' norms, and decay shrinks "
+                        "them towards 0): remove the DeepSpeed `optimizer` block (the Trainer's AdamW runs under "
+                        "DeepSpeed and leaves them out), or set train.weight_decay: 0")
     if own and "scheduler" in raw:  # DeepSpeed's schedulers set one learning rate for every parameter group
         problems.append(f"deepspeed: the config defines a `scheduler`, which gives every parameter group the same "
                         f"learning rate, but {own} sets one per group: remove the DeepSpeed `scheduler` block "

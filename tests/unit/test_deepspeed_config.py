@@ -558,6 +558,11 @@ def test_deepspeed_optimizer_block_is_refused_where_peftkit_brings_its_own(tiny_
         "deepspeed: the config defines a `scheduler` (WarmupLR), which would replace train.scheduler (cosine) and "
         "train.warmup_ratio, while the run's recipe, summary and model card name the recipe's: remove the DeepSpeed "
         "`scheduler` block and choose the schedule with train.scheduler and train.warmup_ratio"]
+    # DoRA with weight decay: DeepSpeed's optimizer would decay the magnitude vectors the Trainer's leaves out.
+    dora = {**tiny_recipe["adapter"], "use_dora": True}
+    decayed = {**tiny_recipe, "train": {**tiny_recipe["train"], "weight_decay": 0.1}}
+    assert "DoRA's magnitude vectors too" in ds.check_deepspeed(_recipe(decayed, adapter=dora, deepspeed=str(ds_json)), "cpu")[0]
+    assert ds.check_deepspeed(_recipe(tiny_recipe, adapter=dora, deepspeed=str(ds_json)), "cpu") == []  # no decay
     # Without an optimizer block, or with plain LoRA, nothing to report.
     assert ds.check_deepspeed(_recipe(tiny_recipe, adapter=loraplus, deepspeed={"stage": 2}), "cpu") == []
     assert ds.check_deepspeed(_recipe(tiny_recipe, deepspeed=str(ds_json)), "cpu") == []

@@ -140,6 +140,11 @@ def test_fp16_loss_scaling_skipping_steps_is_not_divergence():
         log(guard, step, True, loss=1.7, grad_norm=float("inf"))
     with pytest.raises(TrainingDivergedError, match=r"grad norm has been inf at every logged step from step 7 to 31"):
         log(guard, 7 + DivergenceGuard.OVERFLOW_STEPS, True, loss=1.7, grad_norm=float("inf"))
+    sparse = DivergenceGuard(1e-4)  # logging_steps 25: two logs that each met a skipped step prove nothing
+    log(sparse, 25, True, loss=1.7, grad_norm=float("inf"))
+    log(sparse, 50, True, loss=1.7, grad_norm=float("inf"))
+    with pytest.raises(TrainingDivergedError, match="from step 25 to 75"):
+        log(sparse, 75, True, loss=1.7, grad_norm=float("inf"))
     with pytest.raises(TrainingDivergedError, match="the loss is nan at step 2"):
         log(DivergenceGuard(1e-4), 2, True, loss=float("nan"), grad_norm=1.0)
     with pytest.raises(TrainingDivergedError, match="the grad norm is inf at step 1"):
