@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import __version__
-from peftkit.errors import PeftkitError, Terminated, is_disk_full
+from peftkit.errors import PeftkitError, Terminated, is_disk_full, is_file_too_large
 from peftkit.train import RESUME_KEYWORDS, RESUME_LAST
 from peftkit.utils.once import command_scope
 
@@ -410,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     environment back afterwards, and returns argparse's status instead of raising SystemExit."""
     if argv is None:
         code = _main(argv)
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:  # `peftkit validate --show-data 30 | head -n 1`
+            code = _stdout_gone()
     else:
         with _callers_state_kept():
             code = _main(argv)
@@ -601,18 +605,49 @@ def _run_command(argv: list[str] | None) -> int:
         print(f"error: {_naming_the_recipe(exc, getattr(args, 'recipe', None))}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - only OSErrors and a full disk (torch's, safetensors' words) are handled
-        if not (isinstance(exc, OSError) or is_disk_full(exc)):
+        if not (isinstance(exc, OSError) or is_disk_full(exc) or is_file_too_large(exc)):
             raise
+        if isinstance(exc, BrokenPipeError):  # `peftkit chat ... | head`: the reader has gone, nothing to say
+            return _stdout_gone()
         if args.verbose:  # the traceback, then the same message and exit status as without -v
             import traceback
 
             traceback.print_exc()
-        if is_disk_full(exc):
+        if is_file_too_large(exc) or (is_disk_full(exc) and _file_size_limited()):
+            message = _file_too_large_message(exc)
+        elif is_disk_full(exc):
             message = _disk_full_message(exc, args, sys.argv[1:] if argv is None else list(argv))
         else:
             message = _os_error_message(exc)
         print(f"error: {message}{'' if args.verbose else ' (-v shows the traceback)'}", file=sys.stderr)
         return 2
+
+
+def _file_size_limited() -> bool:
+    """Whether `ulimit -f` limits this process's files: torch's checkpoint writer then fails as on a full disk."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return soft != resource.RLIM_INFINITY
+
+
+def _file_too_large_message(exc: BaseException) -> str:
+    import resource
+
+    filename = getattr(exc, "filename", None)
+    what = os.fsdecode(filename) if isinstance(filename, (str, bytes, os.PathLike)) else "an output file"
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit = f"this shell's `ulimit -f` ({soft} bytes)" if soft != resource.RLIM_INFINITY else "the filesystem's (FAT32: 4 GB)"
+    return (f"a file grew past the largest file size allowed while writing {what}: {limit}; write to another "
+            "filesystem (--out, output_dir) or raise the limit, then run the command again")
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout closed the pipe: leave quietly, as `head` expects, with a shell's status for SIGPIPE; the
+    output still buffered would otherwise fail again at exit."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + 13
 
 
 def _os_error_message(exc: OSError) -> str:

@@ -68,6 +68,16 @@ _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile (g
 _DISK_FULL_TEXTS = ("No space left on device", "[Errno 28]", "os error 28", "Disk quota exceeded")
 
 
+def is_file_too_large(exc: BaseException | None) -> bool:
+    """A write past the largest file the filesystem (FAT32: 4 GB) or `ulimit -f` allows, anywhere in an exception's
+    chain: EFBIG, or safetensors' / tokenizers' `os error 27`."""
+    while exc is not None:
+        if getattr(exc, "errno", None) == errno.EFBIG or any(t in str(exc) for t in ("File too large", "os error 27")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def is_disk_full(exc: BaseException | None) -> bool:
     """A full disk anywhere in an exception's chain, however the writer words it: an OSError (ENOSPC, EDQUOT),
     safetensors' `os error 28`, numpy's short write, torch's checkpoint writer (`unexpected pos N vs M`)."""

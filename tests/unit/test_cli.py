@@ -503,3 +503,27 @@ def test_main_from_python_puts_the_callers_state_back_and_returns_argparse_statu
         assert main(["no-such-command"]) == 2 and main(["--version"]) == 0
     finally:
         transformers.logging.set_verbosity_warning()
+
+
+def test_a_file_size_limit_and_a_closed_pipe_get_their_own_endings(tiny_recipe, tmp_path, capsys, monkeypatch):
+    """`ulimit -f` (or FAT32's 4 GB) was "no space left on device" with a disk half empty, or a safetensors
+    traceback; `peftkit chat ... | head` ended in "Broken pipe; check the path and free space"."""
+    import errno
+
+    import peftkit.cli as cli
+    from peftkit.errors import is_file_too_large
+
+    assert is_file_too_large(OSError(errno.EFBIG, "File too large"))
+    assert not is_file_too_large(OSError(errno.ENOSPC, "No space left on device"))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    for raised, code, said in ((Exception("Error while serializing: I/O error: File too large (os error 27)"), 2,
+                                "a file grew past the largest file size allowed while writing an output file"),
+                               (BrokenPipeError(errno.EPIPE, "Broken pipe"), 141, "")):
+        def fail(*args, exc=raised):
+            raise exc
+
+        monkeypatch.setattr(cli, "_tokenized_data_line", fail)
+        assert main(["validate", str(path)]) == code
+        err = capsys.readouterr().err
+        assert said in err and "no space left" not in err and ("error:" in err) == bool(said)
