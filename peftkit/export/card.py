@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ def merged_card(merged: Any, *, dtype: str, verification: dict[str, Any] | None,
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))",
         "```",
         "",
-        (f"For llama.cpp / Ollama: `peftkit export {run.run_dir} --format gguf`." if not merged.combination else
+        (f"For llama.cpp / Ollama: `peftkit export {shlex.quote(str(run.run_dir))} --format gguf`." if not merged.combination else
          "For llama.cpp / Ollama: convert this folder with llama.cpp's `convert_hf_to_gguf.py` (`peftkit export "
          "RUN --format gguf` exports one run, not this combination)."),
         "",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -474,4 +475,4 @@ def ollama_lora_refusal(model_type: str | None, run_dir: str = "RUN_DIR") -> str
         return None
     return (f"Ollama runs {model_type} models on its own engine, which does not load ADAPTER files (it fails with "
             f"\"loras are not yet implemented\"; llama.cpp itself does load it: `llama-cli -m BASE.gguf --lora FILE`). "
-            f"For Ollama export the merged model: `peftkit export {run_dir} --format gguf`")
+            f"For Ollama export the merged model: `peftkit export {shlex.quote(str(run_dir))} --format gguf`")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shlex
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -349,8 +350,8 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
         atomic_write_text(tmp / "Modelfile", modelfile)
     notes = [f"alpha written: {facts['alpha']:.4g} over {facts['modules']} modules",
              *([llama_cpp_check.summary(report["llama_cpp"])] if report is not None else []),
-             f"llama.cpp: llama-cli -m {source or 'BASE.gguf'} --lora {target / file_name}"
-             + (f" --system-prompt {system!r}: a GGUF LoRA carries no system prompt or chat template, so send the "
+             f"llama.cpp: llama-cli -m {shlex.quote(str(source)) if source else 'BASE.gguf'} --lora {shlex.quote(str(target / file_name))}"
+             + (f" --system-prompt {shlex.quote(system)}: a GGUF LoRA carries no system prompt or chat template, so send the "
                 "one it was trained with (the Modelfile has it for Ollama)" if system else "")]
     if source is not None:
         notes.append(f"the Modelfile's FROM is the GGUF the base was converted from ({source.name}): the weights "

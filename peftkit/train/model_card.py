@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         "## Use",
         "",
         "```bash",
-        f"peftkit chat {run_dir}",
+        f"peftkit chat {shlex.quote(str(run_dir))}",
         "```",
         "",
         *_plain_use(run_dir, recipe.data.system_prompt, _trained_quantization(run_dir, recipe)),

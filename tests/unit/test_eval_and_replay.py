@@ -213,6 +213,14 @@ def test_eval_command_writes_report_and_updates_card(tiny_recipe, tmp_path, caps
     assert "Evaluation (`peftkit eval`)" in card
     assert "| general knowledge (3 q, `general.jsonl`) |" in card and "| held-out fact accuracy (2 q, `heldout.jsonl`) |" in card
     assert f"peftkit chat {run_dir}\n" in card, "the card names the run by a path that works from anywhere"
+    import shutil
+
+    from peftkit.config import load_recipe
+    from peftkit.train.model_card import write_model_card
+
+    spaced = Path(shutil.copytree(run_dir, tmp_path / "runs ü" / "x"))  # pasted, an unquoted path is two arguments
+    write_model_card(spaced, load_recipe(spaced / "recipe.yaml"), summary)
+    assert f"peftkit chat '{spaced}'\n" in (spaced / "README.md").read_text()
     assert "general knowledge" in capsys.readouterr().out
     assert report["forgetting_in_role_points"] is None and "general_in_role_accuracy" not in report["after"], \
         "no system prompt, no second measurement"
