@@ -300,10 +300,6 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
         # before the slow imports, so a Ctrl-C during start-up stops the worker.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         stop_if_interrupted_before_start()
-    from peftkit.train.report import print_run_report
-    from peftkit.train.run import train
-    from peftkit.train.signals import TrainingInterrupted
-
     recipe, recipe_arg = load_train_recipe(args)
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     if getattr(args, "resume", None) == "auto" and not worker and (run_dir / "summary.json").is_file():
@@ -330,6 +326,12 @@ def train_command(args: argparse.Namespace, console: Any) -> int:
     else:
         _refuse_if_in_use(run_dir)  # before --resume's checks: a running run's checkpoints are still being written
         resume, force = resolve_resume(getattr(args, "resume", None), run_dir, bool(args.force))
+    # imported only now: torch, transformers and trl take seconds (tens beside other work), which a run in use or
+    # a recipe that cannot train should not cost
+    from peftkit.train.report import print_run_report
+    from peftkit.train.run import train
+    from peftkit.train.signals import TrainingInterrupted
+
     try:
         result = train(recipe, resume=resume, force=force)
         finish_process_group()
