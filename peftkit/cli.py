@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe into a run directory")
     # optional for argparse only: `peftkit train --resume RUN_DIR` names the run through --resume (_resume_as_recipe)
     p.add_argument("recipe", nargs="?", help="recipe YAML file (or a run directory, to resume it)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
+    p.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides, e.g. train.lr=1e-4")
     _add_set_flag(p)
     p.add_argument("--resume", nargs="?", const=RESUME_LAST, default=None, metavar="RUN_DIR|auto",
                    help="continue from the last complete checkpoint (of RUN_DIR, default: the recipe's output_dir); "
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a recipe (and its data and model) without training")
     p.add_argument("recipe", help="recipe YAML file (or a run directory: its recipe.yaml)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as `train` takes them")
+    p.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides, as `train` takes them")
     _add_set_flag(p)
     p.add_argument("--no-model", action="store_true", help="skip the checks that read the model's config")
     p.add_argument("--show-data", type=positive_int, default=0, metavar="N",

@@ -527,3 +527,9 @@ def test_a_file_size_limit_and_a_closed_pipe_get_their_own_endings(tiny_recipe, 
         assert main(["validate", str(path)]) == code
         err = capsys.readouterr().err
         assert said in err and "no space left" not in err and ("error:" in err) == bool(said)
+
+
+def test_validate_without_a_recipe_names_only_the_recipe_as_required(capsys):
+    """argparse listed the optional overrides as required too: `required: recipe, overrides`."""
+    assert main(["validate"]) == 2
+    assert capsys.readouterr().err.strip().endswith("the following arguments are required: recipe")
