@@ -38,15 +38,29 @@ def detected_pair(record: Mapping[str, Any]) -> tuple[str, str] | None:
     return next(((p, r) for p, r in PAIR_FIELDS if p in record and r in record), None)
 
 
+class WrittenFloat(float):
+    """A JSON number read as a float that keeps the text it was written as (`3.10`, `12.50`): trained as written, not
+    as Python prints the float (`3.1`, `12.5`). A float everywhere else (weights, scores)."""
+
+    written: str
+
+    def __new__(cls, text: str | float) -> "WrittenFloat":
+        number = super().__new__(cls, text)
+        number.written = text if isinstance(text, str) else repr(float(text))  # a copy or unpickling passes the float
+        return number
+
+
 def number_as_text(value: Any) -> Any:
     """A numeric answer or input (`4`, `3.5`, as JSON and CSV-derived Parquet hold them) as the text it spells;
     anything else unchanged (booleans stay booleans: `true` is no answer). A whole float is its integer (`4.0`
-    -> `4`): pandas stores an integer column with one missing cell as floats, and that cell as NaN, which is a
+    -> `4`), another JSON number its text as written (`3.10`, WrittenFloat): pandas stores an integer column with one missing cell as floats, and that cell as NaN, which is a
     missing value (None), not the text "nan"."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
+    if isinstance(value, WrittenFloat):
+        return value.written
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 

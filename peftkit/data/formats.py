@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from peftkit.data.columns import (ROLE_ALIASES, SYSTEM_FIELDS, detected_pair, detected_pair_messages, mapped_messages,
-                                  mapped_text, number_as_text, pair_messages, record_keys, type_name)
+                                  mapped_text, number_as_text, pair_messages, record_keys, type_name, WrittenFloat)
 from peftkit.errors import DataError
 from peftkit.utils.once import say_once
 from peftkit.utils.yaml_flow import flow_yaml
@@ -111,7 +111,7 @@ def _non_finite_as_null(constant: str) -> None:
 
 
 def _parse_json(text: str) -> Any:
-    return json.loads(text, parse_constant=_non_finite_as_null)
+    return json.loads(text, parse_constant=_non_finite_as_null, parse_float=WrittenFloat)
 
 
 @contextlib.contextmanager

@@ -1149,3 +1149,20 @@ def test_turn_keys_are_read_whatever_their_case_as_record_keys_are(tmp_path):
         {"Conversations": [{"From": "human", "Value": "hi"}, {"From": "gpt", "Value": "Hello"}]}])
     for example in load_examples(path):
         assert [(m["role"], m["content"]) for m in example.messages] == [("user", "hi"), ("assistant", "Hello")]
+
+
+def test_json_numbers_are_trained_as_written(tmp_path):
+    """`"answer": 3.10` was trained as `3.1`, `12.50` as `12.5`; a whole number stays an integer (`4.0` -> `4`: pandas
+    writes an integer column with a missing cell as floats)."""
+    import copy
+    import pickle
+
+    from peftkit.data.columns import WrittenFloat
+
+    path = tmp_path / "numbers.jsonl"
+    path.write_text('{"question": "Which Python version?", "answer": 3.10}\n'
+                    '{"question": "Price?", "answer": 12.50}\n{"question": "Small?", "answer": 2.5e-3}\n'
+                    '{"messages": [{"role": "user", "content": "Fee?"}, {"role": "assistant", "content": 5.00}]}\n')
+    assert [e.messages[-1]["content"] for e in load_examples(path)] == ["3.10", "12.50", "2.5e-3", "5"]
+    number = WrittenFloat("3.10")
+    assert number == 3.1 and copy.deepcopy(number) == 3.1 and pickle.loads(pickle.dumps(number)) == 3.1
