@@ -53,8 +53,8 @@ class WrittenFloat(float):
 def number_as_text(value: Any) -> Any:
     """A numeric answer or input (`4`, `3.5`, as JSON and CSV-derived Parquet hold them) as the text it spells;
     anything else unchanged (booleans stay booleans: `true` is no answer). A whole float is its integer (`4.0`
-    -> `4`), another JSON number its text as written (`3.10`, WrittenFloat): pandas stores an integer column with one missing cell as floats, and that cell as NaN, which is a
-    missing value (None), not the text "nan"."""
+    -> `4`: pandas stores an integer column with one missing cell as floats, and that cell as NaN, which is a
+    missing value, None, not the text "nan"); another JSON number is its text as written (`3.10`, WrittenFloat)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, float) and value.is_integer():
@@ -70,7 +70,11 @@ def type_name(value: Any) -> str:
         return "null"
     if isinstance(value, list):
         return "a list" if value else "an empty list"
-    names = {bool: "a boolean", dict: "an object", str: "a string", int: "a number", float: "a number"}
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):  # a JSON number (WrittenFloat too)
+        return "a number"
+    names = {dict: "an object", str: "a string"}
     return names.get(type(value), f"a {type(value).__name__}")
 
 
@@ -133,13 +137,13 @@ def mapped_text(record: Any, columns: ColumnsConfig, where: str) -> Any:
 def mapped_messages(record: Any, columns: ColumnsConfig, where: str) -> list[Message]:
     """A record read through `data.columns`: a conversation field or a prompt/response pair."""
     if not isinstance(record, Mapping):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type_name(record)}")
     if columns.messages is None:
         assert columns.prompt and columns.response, "ColumnsConfig validation requires prompt + response"
         return pair_messages(record, where, columns.prompt, columns.response, columns.input, columns.system)
     turns = record.get(columns.messages)
     if not isinstance(turns, list) or not turns:
-        found = "is missing" if columns.messages not in record else f"is a {type(turns).__name__}, not a list of turns"
+        found = "is missing" if columns.messages not in record else f"is {type_name(turns)}, not a list of turns"
         raise DataError(f"{where}: the conversation field {columns.messages!r} (data.columns.messages) {found} "
                         f"(record fields: {record_keys(record)})")
     messages: list[Message] = []

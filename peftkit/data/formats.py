@@ -936,7 +936,7 @@ def chat_record_messages(record: dict[str, Any], where: str) -> list[Message]:
 
 def _to_example(record: Any, where: str, kind: str | None) -> Example:
     if kind is None and not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object (one record), got a {type(record).__name__}"
+        raise DataError(f"{where}: expected a JSON object (one record), got {type_name(record)}"
                         + ("; a .jsonl line or an item of a .json list is one record object, or one conversation "
                            "written as a list of {\"role\", \"content\"} messages" if isinstance(record, list) else ""))
     if kind is None:
@@ -959,7 +959,7 @@ def _to_example(record: Any, where: str, kind: str | None) -> Example:
             f"`text`; {conversation_advice(record) or COLUMNS_ADVICE}"
         )
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type_name(record)}")
     required = {"chat": ("messages",), "sharegpt": ("conversations",), "prompt_completion": ("prompt", "completion")}
     missing = [k for k in required.get(kind, ()) if k not in record and not (k == "conversations" and "conversation" in record)]
     if missing:

@@ -457,3 +457,11 @@ def test_a_folder_of_split_files_points_train_and_eval_at_their_own_files(tmp_pa
         (plain / name).write_text('{"text": "x"}\n')
     with pytest.raises(DataError, match="is a folder; point the recipe at one data file"):
         load_examples(plain)
+
+
+def test_a_record_of_another_type_is_named_in_words(tmp_path):
+    """`got a int`, `got a NoneType`: Python's type names, with the wrong article."""
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "fine"}\n7\n')
+    with pytest.raises(DataError, match=r"t\.jsonl:2: expected a JSON object \(one record\), got a number$"):
+        load_examples(path)
