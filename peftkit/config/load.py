@@ -400,6 +400,8 @@ def _unknown_key(loc: tuple[Any, ...], shown: list[str], value: Any, bases: tupl
     if hint is not None:
         note = f" ({ALIAS_NOTES[key]})" if key in ALIAS_NOTES else ""
         return f"unknown key `{dotted}`: did you mean `{hint}`?{note}"
+    if tuple(loc[:2]) == ("data", "columns") and key in AXOLOTL_COLUMNS:  # axolotl's name for one of ours
+        return f"unknown key `{dotted}`: did you mean `{AXOLOTL_COLUMNS[key]}`? (axolotl's `{key}`)"
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     found = (_section_owning(key) if len(loc) == 1 else []) + close  # a key of the same name first
     if found:

@@ -741,7 +741,8 @@ def check_messages(messages: Any, where: str, field: str | None = None) -> tuple
                             f"{roles_advice(message['role'], field, after=checked[-1]['role'] if checked else None)}")
         content = "" if content is None and calls else message_text(content, f"{where}: message {i + 1}")
         if role == "system" and i != 0:
-            raise DataError(f"{where}: a system message may only come first (found at position {i + 1})")
+            raise DataError(f"{where}: a system message may only come first (found at position {i + 1}); merge its "
+                            "text into the first message, or drop it")
         entry: Message = {"role": role, "content": content}
         if calls:
             if role != "assistant":
@@ -788,7 +789,8 @@ def check_messages(messages: Any, where: str, field: str | None = None) -> tuple
                 f"{where}: roles out of order: turn {i + 1} is {message['role']!r} but "
                 f"{' or '.join(map(repr, expected))} was expected (conversations alternate user, assistant, user, "
                 "...; an assistant turn with `tool_calls` is followed by `tool` turns, then the assistant again)."
-                + opening
+                + (opening or (f" Two {message['role']} turns in a row: merge them into one message, or drop one."
+                               if message["role"] == previous else ""))
             )
         previous = "tool_calls" if message.get("tool_calls") else message["role"]
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in checked):

@@ -1166,3 +1166,17 @@ def test_json_numbers_are_trained_as_written(tmp_path):
     assert [e.messages[-1]["content"] for e in load_examples(path)] == ["3.10", "12.50", "2.5e-3", "5"]
     number = WrittenFloat("3.10")
     assert number == 3.1 and copy.deepcopy(number) == 3.1 and pickle.loads(pickle.dumps(number)) == 3.1
+
+
+def test_two_turns_of_one_speaker_and_a_late_system_message_say_how_to_fix_them(tmp_path):
+    import json
+
+    from peftkit.data.formats import load_examples
+    from peftkit.errors import DataError
+
+    path = tmp_path / "t.jsonl"
+    for turns, fix in (([("user", "a"), ("user", "b"), ("assistant", "c")], "Two user turns in a row: merge them"),
+                       ([("system", "a"), ("user", "b"), ("system", "c"), ("assistant", "d")], "merge its text into")):
+        path.write_text(json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + "\n")
+        with pytest.raises(DataError, match=fix):
+            load_examples(path)

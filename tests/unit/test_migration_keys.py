@@ -52,6 +52,15 @@ def test_flat_axolotl_keys_at_the_top_level_name_the_full_path(tmp_path):
     assert any("`lora_target_linear: true` is `target_modules: all-linear`" in p for p in found)
 
 
+def test_axolotl_field_names_inside_data_columns_name_ours(tmp_path):
+    """`field_messages` got its hint by spelling, `message_field_role` / `message_field_content` none."""
+    found = problems(tmp_path, "data: {train: a.jsonl, columns: {field_messages: conv, message_field_role: from, "
+                               "message_field_content: value}}\n")
+    for wrong, right in [("field_messages", "messages"), ("message_field_role", "role"),
+                         ("message_field_content", "content")]:
+        assert any(p.startswith(f"unknown key `data.columns.{wrong}`: did you mean `{right}`?") for p in found), found
+
+
 def test_llama_factory_keys(tmp_path):
     found = problems(tmp_path, "model_name_or_path: x/y\nstage: sft\ndo_train: true\nfinetuning_type: lora\n"
                                "lora_rank: 8\nlora_target: all\ntemplate: chatml\ncutoff_len: 1024\n"
