@@ -273,7 +273,12 @@ def split_train_eval(examples: list[Example], fraction: float, seed: int, max_ev
     """A deterministic split: the same seed and file always give the same eval set, of round(fraction * n)
     examples (at most `max_eval`). Copies of one record stay on one side (an eval row that training saw measures memorisation), so
     with duplicates the eval set's size can differ a little; without them it is the plain shuffled split."""
-    if fraction <= 0 or len(examples) < 2:
+    if fraction <= 0:
+        return examples, []
+    if len(examples) < 2:  # training keeps the one example; said, or "eval loss n/a" would have no reason given
+        say_once(log, logging.WARNING, f"No eval split: the training data holds {len(examples)} example "
+                 f"(data.eval_fraction {fraction:g} needs two or more, one left to train on), so there is no eval "
+                 "loss and no early stopping; give eval examples in their own file (data.eval) to measure one")
         return examples, []
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)

@@ -465,3 +465,14 @@ def test_a_record_of_another_type_is_named_in_words(tmp_path):
     path.write_text('{"text": "fine"}\n7\n')
     with pytest.raises(DataError, match=r"t\.jsonl:2: expected a JSON object \(one record\), got a number$"):
         load_examples(path)
+
+
+def test_a_one_example_file_says_why_there_is_no_eval_split(caplog):
+    """`0 eval rows` and `eval loss n/a` had no reason given."""
+    from peftkit.data.build import split_train_eval
+    from peftkit.data.formats import Example
+
+    one = [Example("f.jsonl:1", messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}))]
+    with caplog.at_level("WARNING"):
+        assert split_train_eval(one, 0.2, seed=0) == (one, [])
+    assert "No eval split: the training data holds 1 example" in caplog.text
