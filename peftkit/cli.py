@@ -454,6 +454,27 @@ def _callers_state_kept() -> Iterator[None]:
             transformers.logging.set_verbosity(verbosity if verbosity is not None else default())
 
 
+@contextlib.contextmanager
+def _full_disk_quiet_in_threads() -> Iterator[None]:
+    """A full disk (or a file-size limit) met by a writer thread (TensorBoard's) printed a thread traceback, cut off by
+    the command's own message when the main thread met it too: the message alone is said, the traceback under -v."""
+    import threading
+
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if is_disk_full(args.exc_value) or is_file_too_large(args.exc_value):
+            logging.getLogger("peftkit").debug("thread %s stopped: %s", getattr(args.thread, "name", "?"), args.exc_value)
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def _main(argv: list[str] | None) -> int:
     import signal
 
@@ -462,7 +483,7 @@ def _main(argv: list[str] | None) -> int:
     except ValueError:  # not the main thread: leave signals alone
         previous = None
     try:
-        with _progress_bars_for_logs(), command_scope():
+        with _progress_bars_for_logs(), command_scope(), _full_disk_quiet_in_threads():
             return _run_command(argv)
     except SystemExit as exc:  # argparse: --help, --version, a usage error (it printed why)
         if argv is None:

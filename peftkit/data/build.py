@@ -372,6 +372,10 @@ def train_eval_examples(cfg: DataConfig, seed: int) -> tuple[list[Example], list
     examples = load_examples(cfg.train, cfg.format, cfg.columns)
     if cfg.eval:
         train, held_out = examples, load_examples(cfg.eval, cfg.format, cfg.columns, mapped_elsewhere=True)
+        if len(held_out) > LARGE_EVAL_SPLIT:  # used whole (data.max_eval_examples limits a split only)
+            say_once(log, logging.WARNING, f"data.eval holds {len(held_out)} examples, all evaluated at every "
+                     "evaluation, which can take longer than training: keep a sample of about "
+                     f"{LARGE_EVAL_SPLIT} in the eval file", key=str(cfg.eval))
     else:
         train, held_out = split_train_eval(examples, cfg.eval_fraction, seed, cfg.max_eval_examples)
     warn_duplicates(examples, train, held_out, split=not cfg.eval)

@@ -533,3 +533,29 @@ def test_validate_without_a_recipe_names_only_the_recipe_as_required(capsys):
     """argparse listed the optional overrides as required too: `required: recipe, overrides`."""
     assert main(["validate"]) == 2
     assert capsys.readouterr().err.strip().endswith("the following arguments are required: recipe")
+
+
+def test_a_full_disk_met_by_a_writer_thread_prints_no_thread_traceback(monkeypatch):
+    """TensorBoard's writer thread met the full disk first: "Exception in thread Thread-1: Traceback ...", cut off by
+    the command's own message. Other errors in threads still reach the hook before it (which prints them)."""
+    import errno
+    import threading
+
+    from peftkit.cli import _full_disk_quiet_in_threads
+
+    reached = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: reached.append(args.exc_type))
+
+    def run(exc: BaseException) -> None:
+        def fail() -> None:
+            raise exc
+
+        thread = threading.Thread(target=fail)
+        thread.start()
+        thread.join()
+
+    before = threading.excepthook
+    with _full_disk_quiet_in_threads():
+        run(OSError(errno.ENOSPC, "No space left on device"))
+        run(ValueError("a real bug"))
+    assert reached == [ValueError] and threading.excepthook is before

@@ -476,3 +476,15 @@ def test_a_one_example_file_says_why_there_is_no_eval_split(caplog):
     with caplog.at_level("WARNING"):
         assert split_train_eval(one, 0.2, seed=0) == (one, [])
     assert "No eval split: the training data holds 1 example" in caplog.text
+
+
+def test_a_large_eval_file_is_warned_about_as_a_large_split_is(tmp_path, caplog):
+    from peftkit.config.schema import DataConfig
+    from peftkit.data.build import LARGE_EVAL_SPLIT, train_eval_examples
+
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    train = write_jsonl(tmp_path / "train.jsonl", [record])
+    big = write_jsonl(tmp_path / "eval.jsonl", [record] * (LARGE_EVAL_SPLIT + 1))
+    with caplog.at_level("WARNING"):
+        train_eval_examples(DataConfig(train=str(train), eval=str(big)), seed=0)
+    assert f"data.eval holds {LARGE_EVAL_SPLIT + 1} examples, all evaluated at every evaluation" in caplog.text
