@@ -428,6 +428,9 @@ def test_a_header_naming_a_column_twice_is_refused(tmp_path):
     path.write_text("question,question,answer\na,b,c\n")
     with pytest.raises(DataError, match=r"twice.csv:1: the header names 'question' more than once"):
         load_examples(path)
+    trailing = tmp_path / "trailing.csv"  # a spreadsheet's empty trailing columns are no names given twice
+    trailing.write_text("question,answer,,\nWhat is 2+2?,4,,\n")
+    assert len(load_examples(trailing)) == 1
 
 
 def test_a_folder_of_split_files_points_train_and_eval_at_their_own_files(tmp_path):
@@ -448,9 +451,6 @@ def test_a_folder_of_split_files_points_train_and_eval_at_their_own_files(tmp_pa
         (tmp_path / "splits" / name).write_text('{"text": "x"}\n')
     with pytest.raises(DataError, match=r"`eval: \S+/validation.jsonl`"):
         load_examples(tmp_path / "splits")
-    trailing = tmp_path / "trailing.csv"  # a spreadsheet's empty trailing columns are no names given twice
-    trailing.write_text("question,answer,,\nWhat is 2+2?,4,,\n")
-    assert len(load_examples(trailing)) == 1
     plain = tmp_path / "plain"  # files not named by split: the general advice
     plain.mkdir()
     for name in ("shop.jsonl", "trainer-notes.jsonl"):
