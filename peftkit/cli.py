@@ -531,8 +531,7 @@ def _disk_full_message(exc: BaseException, args: argparse.Namespace, argv: list[
     import shutil
     import tempfile
 
-    filename = getattr(exc, "filename", None)
-    filename = os.fsdecode(filename) if isinstance(filename, (str, bytes, os.PathLike)) else None
+    filename = _file_named(exc)
     temporary = tempfile.gettempdir()
     try:
         temp_full = shutil.disk_usage(temporary).free < TEMP_FULL_BYTES
@@ -634,7 +633,7 @@ def _run_command(argv: list[str] | None) -> int:
             import traceback
 
             traceback.print_exc()
-        if is_file_too_large(exc) or (is_disk_full(exc) and _file_size_limited()):
+        if is_file_too_large(exc) or (is_disk_full(exc) and _file_size_limit() is not None):
             message = _file_too_large_message(exc)
         elif is_disk_full(exc):
             message = _disk_full_message(exc, args, sys.argv[1:] if argv is None else list(argv))
@@ -644,23 +643,26 @@ def _run_command(argv: list[str] | None) -> int:
         return 2
 
 
-def _file_size_limited() -> bool:
-    """Whether `ulimit -f` limits this process's files: torch's checkpoint writer then fails as on a full disk."""
+def _file_named(exc: BaseException) -> str | None:
+    """The file an error names (OSError's `filename`), if it names one."""
+    filename = getattr(exc, "filename", None)
+    return os.fsdecode(filename) if isinstance(filename, (str, bytes, os.PathLike)) else None
+
+
+def _file_size_limit() -> int | None:
+    """The `ulimit -f` limit on this process's files in bytes, None without one (torch's checkpoint writer then
+    fails as on a full disk)."""
     import resource
 
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    return soft != resource.RLIM_INFINITY
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _file_too_large_message(exc: BaseException) -> str:
-    import resource
-
-    filename = getattr(exc, "filename", None)
-    what = os.fsdecode(filename) if isinstance(filename, (str, bytes, os.PathLike)) else "an output file"
-    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    limit = f"this shell's `ulimit -f` ({soft} bytes)" if soft != resource.RLIM_INFINITY else "the filesystem's (FAT32: 4 GB)"
-    return (f"a file grew past the largest file size allowed while writing {what}: {limit}; write to another "
-            "filesystem (--out, output_dir) or raise the limit, then run the command again")
+    limit = _file_size_limit()
+    allowed = f"this shell's `ulimit -f` ({limit} bytes)" if limit is not None else "the filesystem's (FAT32: 4 GB)"
+    return (f"a file grew past the largest file size allowed while writing {_file_named(exc) or 'an output file'}: "
+            f"{allowed}; write to another filesystem (--out, output_dir) or raise the limit, then run the command again")
 
 
 def _stdout_gone() -> int:
@@ -675,7 +677,7 @@ def _os_error_message(exc: OSError) -> str:
     """Permission denied, a missing file, ...: which file, and the likely fix for that kind of error."""
     import errno
 
-    where = f" ({os.fsdecode(exc.filename)})" if isinstance(exc.filename, (str, bytes, os.PathLike)) else ""
+    where = f" ({_file_named(exc)})" if _file_named(exc) else ""
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         advice = "check its permissions, or use a place you can write to"
     elif exc.errno == errno.ENOENT:

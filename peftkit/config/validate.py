@@ -168,14 +168,13 @@ def bitsandbytes_problems(recipe: Recipe) -> list[str]:
 
 
 def cpu_blocksize_problem(recipe: Recipe) -> str | None:
-    """bitsandbytes' CPU 4-bit quantization (0.50) computes blocks larger than 64 wrongly for many weight shapes
-    (relative error 0.2 against nf4's 0.09 on SmolLM2's 576 x 576 projections: its top-1 agreement with the fp32 model
-    falls to 0 %, `python -m benchmarks.quant_error`); a QLoRA run would train on a broken base without a word."""
+    """A QLoRA run on the CPU with blocks bitsandbytes' CPU kernels quantize wrongly (models.load.cpu_quantizes_wrongly)
+    would train on a broken base without a word."""
     from peftkit.adapters import effective_quantization
-    from peftkit.models.load import planned_device
+    from peftkit.models.load import cpu_quantizes_wrongly, planned_device
 
     q = effective_quantization(recipe)
-    if q is None or q.bits != 4 or q.blocksize <= 64 or planned_device(recipe.train.device) != "cpu":
+    if q is None or not cpu_quantizes_wrongly(q) or planned_device(recipe.train.device) != "cpu":
         return None
     return (f"quantization.blocksize {q.blocksize} on the CPU: bitsandbytes' CPU 4-bit kernels quantize blocks larger "
             "than 64 wrongly for many weight shapes (the base model loses its answers before any training); use 32 or "

@@ -275,7 +275,7 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
     text = _read_text(path)
     if suffix == ".txt":
         first = next((line.strip() for line in _lines(text) if line.strip()), "")
-        if first[:1] in "{[" and _first_line_is_json(text.lstrip()):
+        if first.startswith(("{", "[")) and _first_line_is_json(text):  # records, not a number or a quoted line
             say_once(log, logging.WARNING, f"{path}: a .txt file is trained as plain text, and its lines are JSON "
                      "records, which would be trained as written (braces, keys and all); name it .jsonl (or .json) "
                      "to read them as records")

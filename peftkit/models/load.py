@@ -561,6 +561,13 @@ def attention_kwargs(cfg: ModelConfig, device: str) -> dict[str, Any]:
     return {"attn_implementation": name}
 
 
+def cpu_quantizes_wrongly(quantization: QuantizationConfig) -> bool:
+    """bitsandbytes' CPU 4-bit quantization (0.50) computes blocks larger than 64 wrongly for many weight shapes
+    (relative error 0.2 against nf4's 0.09 on SmolLM2's 576 x 576 projections: its top-1 agreement with the fp32 model
+    falls to 0 %, `python -m benchmarks.quant_error`)."""
+    return quantization.bits == 4 and quantization.blocksize > 64
+
+
 def load_model(
     cfg: ModelConfig,
     quantization: QuantizationConfig | None = None,
@@ -585,7 +592,7 @@ def load_model(
         **attention_kwargs(cfg, device),
     }
     if quantization is not None:
-        if quantization.bits == 4 and quantization.blocksize > 64 and device == "cpu":
+        if device == "cpu" and cpu_quantizes_wrongly(quantization):
             # validate refuses such a recipe for CPU training; a GPU run's base rebuilt here (merge, export
             # verification, chat / eval on the CPU) would be another, broken one, and its merge ship without a word
             raise PeftkitError(
