@@ -32,9 +32,9 @@ def positive_int(text: str) -> int:
 
 
 def _console() -> Any:
-    from rich.console import Console
+    from peftkit.utils.console import stdout_console
 
-    return Console(highlight=False, soft_wrap=True)  # piped output: no hard line breaks inside shown data
+    return stdout_console(highlight=False, soft_wrap=True)  # piped output: no hard line breaks inside shown data
 
 
 class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]

@@ -8,11 +8,10 @@ from typing import Any
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from peftkit.evaluate.run_eval import evaluate_run, print_eval_report
     from peftkit.runs import read_run_recipe, use_run_threads
     from peftkit.train.run_dir import reading_runs
+    from peftkit.utils.console import stdout_console
 
     run_dir = Path(args.run_dir).expanduser().resolve()  # the model card and eval.json name it as a path that works anywhere
     use_run_threads(read_run_recipe(run_dir), "evaluating")
@@ -27,7 +26,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             qlora_base=args.qlora_base,
             out=args.out,
         )
-        print_eval_report(Console(highlight=False), report)  # evaluate_run refreshed the model card
+        print_eval_report(stdout_console(highlight=False), report)  # evaluate_run refreshed the model card
     return 0
 
 

@@ -10,10 +10,11 @@ from peftkit.export.gguf_types import GGUF_TYPES
 
 
 def _print_result(result: Any) -> None:
-    from rich.console import Console
     from rich.text import Text  # paths and notes are data: `peftkit[llama-cpp]` is not a style tag
 
-    console = Console(highlight=False, soft_wrap=True)
+    from peftkit.utils.console import stdout_console
+
+    console = stdout_console(highlight=False, soft_wrap=True)
     console.print(Text.assemble(("Wrote", "green"), f" {result.kind} export to {result.path}"))
     for name in result.files:
         console.print(f"  {name}", markup=False)

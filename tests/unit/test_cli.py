@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -527,6 +528,28 @@ def test_a_file_size_limit_and_a_closed_pipe_get_their_own_endings(tiny_recipe, 
         assert main(["validate", str(path)]) == code
         err = capsys.readouterr().err
         assert said in err and "no space left" not in err and ("error:" in err) == bool(said)
+
+
+def test_a_closed_pipe_under_rich_output_ends_like_any_other_closed_pipe():
+    """rich ended `peftkit validate --show-data 30 | head -n 1` with its own status 1 where `chat` ends with 141: the
+    commands' console raises BrokenPipeError for the CLI's handler instead."""
+    import signal
+
+    from peftkit.utils.console import stdout_console
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # Python's own setting; made explicit for the write
+    stream = open(write_end, "w")
+    try:
+        console = stdout_console(file=stream)
+        with pytest.raises(BrokenPipeError):
+            console.print("a shown training row")
+        assert console.quiet  # nothing more is written to the closed pipe
+    finally:
+        with contextlib.suppress(BrokenPipeError):  # the stream's own flush at close meets the closed pipe too
+            stream.close()
+        signal.signal(signal.SIGPIPE, previous)
 
 
 def test_validate_without_a_recipe_names_only_the_recipe_as_required(capsys):
