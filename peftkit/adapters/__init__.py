@@ -74,7 +74,7 @@ def check_recipe_adapter(recipe: Recipe) -> list[str]:
         problems.append(DORA_INT8_ON_CPU)
     init = getattr(recipe.adapter, "init", None)
     if init is not None:
-        problems.extend(lora.init_problems(init, quantization is not None))
+        problems.extend(lora.init_problems(init, quantization is not None, getattr(recipe.adapter, "use_dora", False)))
     if getattr(recipe.adapter, "prefix_projection", False) and recipe.train.early_stopping_patience and recipe.deepspeed:
         problems.append(PREFIX_PROJECTION_CHECKPOINTS + ", so early stopping cannot load its best checkpoint: remove "
                         "train.early_stopping_patience, or adapter.prefix_projection")

@@ -132,8 +132,6 @@ def check(model: torch.nn.Module, cfg: LoraAdapterConfig, task: str = "causal_lm
     if not problems:
         problems.extend(_wrapped_module_problems(model, cfg))
     problems.extend(check_modules_to_save(model, cfg.modules_to_save))
-    if cfg.init == "loftq" and cfg.use_dora:
-        problems.append("adapter.init: loftq does not combine with use_dora; use one of them")
     return problems
 
 
@@ -201,8 +199,11 @@ def _eva_dataloader(calibration: Sequence[dict[str, list[int]]], batch_size: int
     return DataLoader(list(calibration), batch_size=batch_size, shuffle=False, collate_fn=without_labels)
 
 
-def init_problems(init: str, quantized: bool) -> list[str]:
-    """Inits that cannot work with (or without) a quantized base; checked in recipe validation and in `build`."""
+def init_problems(init: str, quantized: bool, use_dora: bool = False) -> list[str]:
+    """Inits that cannot work with (or without) a quantized base, or with DoRA; checked in recipe validation (no
+    weights needed) and in `build`."""
+    if init == "loftq" and use_dora:
+        return ["adapter.init: loftq does not combine with use_dora; use one of them"]
     if init == "loftq" and not quantized:
         return ["adapter.init: loftq corrects the quantization error of a 4-bit/8-bit base; use method: qlora "
                 "(or a quantization block), or another init"]
@@ -223,7 +224,7 @@ def build(
     rows; for `corda_kpm` general-knowledge rows, see `peftkit.data.build.general_rows`)."""
     from peft import get_peft_model
 
-    problems = [*check(model, cfg, task), *init_problems(cfg.init, quantized)]
+    problems = [*check(model, cfg, task), *init_problems(cfg.init, quantized, cfg.use_dora)]
     if cfg.init in CALIBRATED_INITS and not calibration:
         problems.append(f"adapter.init: {cfg.init} needs data to compute its initialisation (none was given)")
     if problems:

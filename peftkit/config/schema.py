@@ -63,7 +63,8 @@ class ModelConfig(Section):
     allow_pickle: bool = False
     """Allow loading `.bin` (pickle) weights. Off by default: pickle can execute code."""
     chat_template: str | None = None
-    """`chatml`, `plain`, a path to a Jinja template, or null: the tokenizer's own, else ChatML when the vocabulary
+    """`chatml`, `plain`, a path to a Jinja file (or a tokenizer_config.json-style JSON file's `chat_template`), the
+    Jinja text itself, or null: the tokenizer's own, else ChatML when the vocabulary
     has its tokens, else `plain` (`### User:` / `### Assistant:`, replies closed by the model's end token)."""
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] = "auto"
     """transformers' attention kernel. `auto`: its default (sdpa where the architecture has it). The flash
@@ -94,7 +95,8 @@ class QuantizationConfig(Section):
     """4-bit only: quantize the blocks' absmax constants too (QLoRA's double quantization: 0.37 bits per weight
     less at blocksize 64)."""
     compute_dtype: DType = "auto"
-    """4-bit only. `auto`: float32 on CPU (no fast bf16 on AVX2), bfloat16 on GPUs that support it."""
+    """4-bit only. `auto`: float32 on CPU (no fast bf16 on AVX2), bfloat16 on GPUs that support it, else
+    float16."""
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
     """4-bit only: weights per quantization block (one absmax each). bitsandbytes' and the QLoRA paper's
     64 by default; 32 costs 0.125 bits per weight more and halves nf4's error on SmolLM2-135M
@@ -369,7 +371,8 @@ class DataConfig(Section):
     format: Literal["auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"] = "auto"
     """`auto` detects each record's format (a pair such as `question` + `answer` too)."""
     columns: ColumnsConfig | None = None
-    """Field names of train/eval records that use other names (no detection then)."""
+    """Field names of train/eval records that use other names. A single source is read with the map only (a misspelt
+    field is an error); in a list of sources, one the map fits no record of is read in its detected format."""
     eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     max_eval_examples: PositiveInt | None = None
     """The eval split drawn by `eval_fraction` holds at most this many examples (null: no limit; a split of more than
@@ -438,7 +441,7 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """`auto`: a CUDA GPU when one is visible, else the CPU (Apple's MPS only when named)."""
     dtype: DType = "auto"
-    """Weights/compute dtype. `auto`: float32 on CPU, bfloat16 on capable GPUs."""
+    """Weights/compute dtype. `auto`: float32 on CPU, bfloat16 on GPUs that support it, else float16."""
     num_threads: PositiveInt | None = None
     """CPU threads for training, and for chat / eval / merge / export of the run where OMP_NUM_THREADS is not set.
     Default: OMP_NUM_THREADS when it is set, else the CPUs this process may use less those other work keeps busy

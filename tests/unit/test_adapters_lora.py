@@ -152,7 +152,6 @@ def test_check_reports_unknown_targets_layers_and_modules(tiny_model_dir):
     assert "matches no linear module" in text and "q_proj" in text and "down_proj" in text
     assert "modules_to_save: classifier not found" in text
     assert check_targets(model, LoraAdapterConfig(target_modules=r".*\.q_proj")) == []
-    assert "loftq does not combine with use_dora" in "\n".join(check_targets(model, LoraAdapterConfig(init="loftq", use_dora=True)))
 
 
 def test_loraplus_gives_b_matrices_the_higher_learning_rate(tiny_model_dir, tmp_path):

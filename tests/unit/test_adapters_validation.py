@@ -126,6 +126,13 @@ def test_incompatible_combinations(tiny_recipe):
     assert "feedforward_modules ['down_proj'] must be among the target_modules" in text
 
 
+def test_loftq_with_dora_is_refused_without_reading_the_model(tiny_recipe):
+    """`validate --no-model` accepted the pair, which only the model-reading checks refused."""
+    recipe = recipe_from_dict(_recipe(tiny_recipe, {"method": "qlora", "init": "loftq", "use_dora": True}))
+    with pytest.raises(ConfigError, match="loftq does not combine with use_dora"):
+        validate_recipe(recipe, check_model=False)
+
+
 def test_checks_are_task_aware(tiny_recipe, tmp_path):
     """`score` exists only on the classification model: the skeleton is built for the recipe's task."""
     labeled = tmp_path / "labeled.jsonl"
