@@ -11,7 +11,7 @@ from peftkit.adapters import effective_quantization
 from peftkit.config.schema import Recipe
 from peftkit.data.formats import data_sources
 from peftkit.export.card import bnb_kwargs, quantized_base_loading
-from peftkit.train.report import tokens_rate, unfrozen_at_end
+from peftkit.train.report import eval_loss_rose, tokens_rate, unfrozen_at_end
 from peftkit.utils.atomic import atomic_write_text
 
 
@@ -199,6 +199,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
            f"{_pct(summary['heldout_accuracy_after'])} |"] if summary.get("heldout_questions") else []),
         *(["", "Overfitting warning: the eval loss rose while the train loss kept falling (`plots/loss.png`)."]
           if summary.get("overfitting_warning") else []),
+        *(["", f"Warning: {eval_loss_rose(summary)}."] if eval_loss_rose(summary) else []),
         "",
         *_eval_section(run_dir),
         "## Use",

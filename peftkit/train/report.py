@@ -41,6 +41,21 @@ def _sample_verdict(sample: dict[str, Any]) -> tuple[str | tuple[str, str], ...]
             else (f"(missed: the key fact is {facts})", "yellow"))
 
 
+def eval_loss_rose(summary: dict[str, Any]) -> str | None:
+    """A sentence when training left the eval loss above the untrained model's (by over 1 %, past rounding and
+    step noise): the run made the model worse on the held-back data, which a too-high learning rate does."""
+    before, after = summary.get("eval_loss_before"), summary.get("eval_loss_after")
+    if before is None or after is None or not after > 1.01 * before:
+        return None
+    from peftkit.config.validate import USUAL_LR
+
+    usual = USUAL_LR.get(summary.get("method", ""))
+    rates = f" ({summary['method']} usually trains at {usual[0]:g} to {usual[1]:g})" if usual else ""
+    return (f"the eval loss rose from {before:.4f} to {after:.4f} over training: the tuned model fits the eval data "
+            f"worse than the base model did. Lower train.lr{rates} and train again; the held-out answers show what it "
+            "learnt")
+
+
 def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -73,6 +88,9 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
                       "weights are the best evaluation's" + (f", step {best}" if best else ""))
     elif best and best != summary["steps"]:
         console.print(f"the saved weights are step {best}'s, the best evaluation (train.early_stopping_patience)")
+    worse = eval_loss_rose(summary)
+    if worse:
+        console.print(Text.assemble(("worse than the base:", "yellow"), f" {worse}"))
     if summary.get("overfitting_warning"):
         console.print("[yellow]overfitting:[/yellow] the eval loss rose while the train loss kept falling (see "
                       "plots/loss.png); if the held-out answers suffer, consider fewer epochs, a lower lr, or "

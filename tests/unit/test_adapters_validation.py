@@ -64,7 +64,7 @@ def test_parameter_of_another_method(tiny_recipe):
         ({"method": "partial", "train_last_layers": 1, "unfreeze_schedule": {"every_steps": 5, "start_layers": 2}}, "start_layers (2) is more than"),
         ({"method": "partial", "layerwise_lr_decay": 1.5}, "layerwise_lr_decay"),
         ({"method": "prompt_tuning", "init": "text"}, "init: text needs a non-empty init_text"),
-        ({"method": "prefix_tuning", "encoder_hidden_size": 64}, "only applies with prefix_projection: true"),
+        ({"method": "prefix_tuning", "prefix_projection": False, "encoder_hidden_size": 64}, "only applies with prefix_projection: true"),
     ],
 )
 def test_schema_rules(tiny_recipe, adapter, message):

@@ -604,6 +604,37 @@ def test_run_report_and_card_show_what_the_summary_records(tiny_recipe, tmp_path
     assert "Overfitting warning" in card and "| 20 (the weights are step 12's, the best evaluation) / 400 |" in card
 
 
+def test_a_run_that_left_the_eval_loss_above_the_base_models_says_so(tiny_recipe, tmp_path):
+    """Prefix tuning without its projection at lr 1e-3 took a trial's eval loss from 3.01 to 9.13 in three steps, and
+    the report printed the two numbers without a word; a rise within 1 % (noise) is not called worse."""
+    from rich.console import Console
+
+    from peftkit.train.model_card import write_model_card
+    from peftkit.train.report import eval_loss_rose, print_run_report
+
+    summary = {"recipe": "r", "method": "prefix_tuning", "base_model": "m", "eval_loss_before": 3.0097,
+               "eval_loss_after": 9.1312, "trainable_params": 10, "total_params": 100, "trainable_share": 0.1,
+               "steps": 3, "trained_tokens": 400, "tokens_per_second": 100.0, "train_seconds": 3.0, "wall_seconds": 4.0,
+               "peak_memory_mb": 100.0, "train_examples": 8, "device": "cpu", "threads": 1}
+    console = Console(record=True, width=300)
+    print_run_report(console, tmp_path, summary)
+    printed = console.export_text()
+    assert "worse than the base: the eval loss rose from 3.0097 to 9.1312" in printed
+    assert "Lower train.lr (prefix_tuning usually trains at 0.0001 to 0.01)" in printed
+    write_model_card(tmp_path, recipe_from_dict(tiny_recipe), summary)
+    assert "Warning: the eval loss rose from 3.0097 to 9.1312" in (tmp_path / "README.md").read_text()
+    for after in (3.03, 2.5, None):
+        assert eval_loss_rose({**summary, "eval_loss_after": after}) is None
+    assert eval_loss_rose({**summary, "eval_loss_before": None}) is None
+
+
+def test_prefix_tuning_trains_through_its_projection_by_default():
+    """peft's default (the prefix trained directly) ruined SmolLM2 in three steps at lr 1e-3."""
+    recipe = recipe_from_dict({"model": {"name": "smollm2-135m-instruct"}, "adapter": {"method": "prefix_tuning"},
+                               "data": {"train": "x.jsonl"}})
+    assert recipe.adapter.prefix_projection is True
+
+
 def test_replay_rows_that_all_fall_outside_max_seq_len_are_an_error(tiny_tokenizer, chat_file, tmp_path):
     from peftkit.config.schema import DataConfig
 
