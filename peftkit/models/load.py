@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -262,7 +263,12 @@ def chat_template_setting_problem(setting: str | None) -> str | None:
         return None
     inline = is_inline_template(setting)
     if not inline and not _is_file(Path(setting).expanduser()):
-        return f"model.chat_template: {setting} is neither `chatml`, `plain`, an existing template file nor a Jinja template"
+        problem = f"model.chat_template: {setting} is neither `chatml`, `plain`, an existing template file nor a Jinja template"
+        if re.fullmatch(r"[A-Za-z][\w.-]*", setting) and not Path(setting).suffix:  # a name, as other tools take
+            problem += (" (another tool's template name? Leave model.chat_template out to use the tokenizer's own "
+                        "template, as axolotl's `tokenizer_default` does; named templates such as llama3 or qwen2 are "
+                        "not built in: the model's own tokenizer brings its template, or give the Jinja file)")
+        return problem
     try:
         problem = template_syntax_problem(template_text(setting))
     except UnicodeDecodeError as exc:

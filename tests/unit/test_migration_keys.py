@@ -226,3 +226,32 @@ def test_axolotl_hub_ids_become_hf_sources(tmp_path):
     found = problems(tmp_path, "data:\n  train: [{path: tatsu-lab/alpaca, type: alpaca}]\n")
     assert found[0].startswith("`data.train` takes a data file or a list of them, not axolotl's dataset entries: write "
                                "`train: ['hf:tatsu-lab/alpaca']`")
+
+
+def test_trl_and_axolotl_keys_a_trial_met_get_their_peftkit_names(tmp_path):
+    """A TRL SFTConfig and an axolotl config brought along got only "unknown key ... (valid keys here: ...)" for
+    these, and `overwrite_output_dir` / `model_type` were pointed at `output_dir` / `model` by spelling."""
+    found = problems(tmp_path, "dataset_name: trl-lib/Capybara\nuse_peft: true\nlora_modules_to_save: [lm_head]\n"
+                               "per_device_eval_batch_size: 4\ntorch_dtype: bfloat16\nmodel_max_length: 512\n"
+                               "default_system_message: Be brief.\nevals_per_epoch: 4\neval_strategy: steps\n"
+                               "overwrite_output_dir: true\nmodel_type: AutoModelForCausalLM\n"
+                               "resume_from_checkpoint: true\nmax_samples: 100\ndata: {train: a.jsonl}\n")
+    for wrong, right in [("dataset_name", "data.train"), ("use_peft", "adapter.method"),
+                         ("lora_modules_to_save", "adapter.modules_to_save"), ("per_device_eval_batch_size", "eval.batch_size"),
+                         ("torch_dtype", "train.dtype"), ("model_max_length", "data.max_seq_len"),
+                         ("default_system_message", "data.system_prompt"), ("evals_per_epoch", "train.eval_steps"),
+                         ("eval_strategy", "train.eval_steps")]:
+        assert any(p.startswith(f"unknown key `{wrong}`: did you mean `{right}`?") for p in found), (wrong, found)
+    assert any("`hf:OWNER/NAME`" in p for p in found if p.startswith("unknown key `dataset_name`"))
+    for key, why in [("overwrite_output_dir", "--force"), ("model_type", "follows from `task`"),
+                     ("resume_from_checkpoint", "--resume"), ("max_samples", "shorter file")]:
+        assert any(p.startswith(f"unknown key `{key}` is not needed:") and why in p for p in found), (key, found)
+
+
+def test_another_tools_template_name_is_told_to_leave_the_key_out():
+    from peftkit.models.load import chat_template_setting_problem
+
+    for name in ("tokenizer_default", "llama3", "qwen_25"):
+        assert "Leave model.chat_template out to use the tokenizer's own template" in chat_template_setting_problem(name)
+    missing = chat_template_setting_problem("templates/mine.jinja")
+    assert "existing template file" in missing and "another tool's template name" not in missing  # a path is a path
