@@ -42,6 +42,12 @@ def check_target_regex(value: Any) -> Any:
     """peft compiles a string target as a regex only when it builds the adapter: check it while validating."""
     if not isinstance(value, str) or value == "all-linear":
         return value
+    if re.fullmatch(r"\s*\w+(\s*,\s*\w+)+\s*,?\s*", value):  # LLaMA-Factory's `lora_target: q_proj,v_proj`
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        raise ValueError(f"`{value}` is one string, read as a regular expression; several module names are a list: "
+                         f"[{', '.join(names)}]")
+    if value.strip() == "all":
+        raise ValueError("`all` (LLaMA-Factory's) is written `all-linear` here")
     try:
         re.compile(value)
     except re.error as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,17 @@ def test_invalid_target_regex_is_one_problem_naming_key_error_and_example(tiny_r
     [problem] = info.value.problems
     assert problem.startswith("`adapter.target_modules`: is not a valid regular expression (unterminated character set")
     assert "[q_proj, v_proj]" in problem and "all-linear" in problem
+
+
+@pytest.mark.parametrize(("written", "said"), [("q_proj,v_proj", "several module names are a list: [q_proj, v_proj]"),
+                                               ("q_proj, k_proj,", "a list: [q_proj, k_proj]"),
+                                               ("all", "`all` (LLaMA-Factory's) is written `all-linear` here")])
+def test_llama_factory_target_strings_are_named_before_the_model_loads(tiny_recipe, written, said):
+    """`lora_target: q_proj,v_proj` carried over was a regex matching nothing, found only once the model was read
+    (`validate --no-model` said OK); a regex with a counted repeat keeps its comma."""
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        recipe_from_dict({**tiny_recipe, "adapter": {"method": "lora", "target_modules": written}})
+    assert recipe_from_dict({**tiny_recipe, "adapter": {"method": "lora", "target_modules": r"model\.layers\.\d{1,2}\.self_attn\.q_proj"}})
 
 
 def test_unclosed_list_override_is_reported_not_raised(tiny_recipe, tmp_path, capsys):
