@@ -397,3 +397,17 @@ def _warn_about_this_machine(recipe: Recipe) -> None:
         log.warning("train.device is `cuda`, and this machine has no CUDA GPU: `train` will refuse to start here")
     elif recipe.train.device == "mps" and not torch.backends.mps.is_available():
         log.warning("train.device is `mps`, and this machine has no Apple GPU: `train` will refuse to start here")
+    from peftkit.models.load import planned_device
+
+    advice = paged_optimizer_advice(recipe.train.optimizer, planned_device(recipe.train.device))
+    if advice:
+        say_once(log, logging.WARNING, advice)
+
+
+def paged_optimizer_advice(optimizer: str, device: str) -> str | None:
+    """A sentence when a paged optimizer (axolotl's and the QLoRA paper's `paged_adamw_*`) is asked for off CUDA,
+    where bitsandbytes runs it unpaged."""
+    if not optimizer.startswith("paged_") or device == "cuda":
+        return None
+    return (f"train.optimizer {optimizer} pages optimizer states between GPU and CPU memory; on {device} there is "
+            f"nothing to page and it runs as {optimizer.removeprefix('paged_')}")

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,7 +19,7 @@ from peftkit.adapters import (
 )
 from peftkit.config.load import load_recipe, recipe_to_yaml, revalidated
 from peftkit.config.schema import Recipe
-from peftkit.config.validate import validate_recipe
+from peftkit.config.validate import paged_optimizer_advice, validate_recipe
 from peftkit.data import PaddingCollator, build_datasets
 from peftkit.adapters.lora import KNOWLEDGE_INITS
 from peftkit.data.build import check_token_ids_fit, data_summary_line, general_rows
@@ -31,7 +32,7 @@ from peftkit.models import (
 )
 from peftkit.train import checkpoints
 from peftkit.train import deepspeed as deepspeed_setup, disk_space, run_dir as run_dirs, signals
-from peftkit.utils.once import command_scope
+from peftkit.utils.once import command_scope, say_once
 from peftkit.train.launch import WORKER_ENV, dist_info, is_main_process, mean_over_processes, sum_over_processes
 from peftkit.models.fingerprint import base_config_summary, source_fingerprint
 from peftkit.models.skeleton import input_embedding_rows
@@ -55,6 +56,9 @@ from peftkit.utils.readable_json import readable_json
 from peftkit.utils.threads import choose_threads, omp_threads
 
 log = logging.getLogger(__name__)
+# bitsandbytes says what check_device_options already said, as a UserWarning with its source line, when the Trainer
+# builds a paged optimizer on the CPU.
+warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
 
 
 @dataclass
@@ -66,9 +70,9 @@ class RunResult:
 def check_device_options(cfg: Any, device: str) -> None:
     """GPU-only `train` options, checked before the model loads (transformers would refuse a pre-Ampere GPU's
     tf32 only after it; paged optimizers page nothing without CUDA, so asking for one on a CPU is worth a word)."""
-    if cfg.optimizer.startswith("paged_") and device != "cuda":
-        log.warning("train.optimizer %s pages optimizer states between GPU and CPU memory; on %s there is nothing "
-                    "to page and it runs as %s", cfg.optimizer, device, cfg.optimizer.removeprefix("paged_"))
+    advice = paged_optimizer_advice(cfg.optimizer, device)
+    if advice:
+        say_once(log, logging.WARNING, advice)
     if not cfg.tf32:
         return
     if device != "cuda":

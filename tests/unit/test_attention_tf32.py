@@ -92,6 +92,28 @@ def test_paged_optimizer_off_cuda_is_named_before_the_model_loads(caplog, tiny_r
     assert "nothing to page and it runs as adamw_8bit" in caplog.text
 
 
+def test_validate_names_a_paged_optimizer_off_cuda_once_and_bitsandbytes_says_nothing_more(caplog, tiny_recipe):
+    """validate said nothing of it (training did), and training's own warning was followed by bitsandbytes'
+    UserWarning with its source line."""
+    import subprocess
+    import sys
+
+    from peftkit.config.validate import validate_recipe
+    from peftkit.utils.once import command_scope
+
+    tiny_recipe["train"]["optimizer"] = "paged_adamw_32bit"
+    recipe = recipe_from_dict(tiny_recipe)
+    with command_scope(), caplog.at_level(logging.WARNING):
+        validate_recipe(recipe, check_model=False)
+        check_device_options(recipe.train, "cpu")  # what training says on the same command: not again
+    assert caplog.text.count("nothing to page and it runs as adamw_32bit") == 1
+    step = ("import torch, bitsandbytes as bnb\n{}w = torch.nn.Parameter(torch.ones(4, 4)); w.grad = torch.ones(4, 4)\n"
+            "bnb.optim.PagedAdamW32bit([w], lr=1e-3).step()")  # the state buffers: where bitsandbytes warns
+    said = [subprocess.run([sys.executable, "-c", step.format(imports)], capture_output=True, text=True, check=True).stderr
+            for imports in ("", "import peftkit.train.run\n")]  # a training process imports it
+    assert "Paged optimizers are not supported on CPU" in said[0] and "Paged optimizers" not in said[1]
+
+
 def test_tf32_a_run_turned_on_is_turned_off_again_for_the_caller():
     """train.tf32 sets TF32 for the whole process (transformers' enable_tf32): a sweep's or notebook's next run, and
     its own float32 work, ran in TF32 though they never asked."""
