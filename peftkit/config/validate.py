@@ -219,8 +219,11 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> tuple[list[str], Any]:
     if tool_use is not None:
         problems.extend(_check_tool_use_template(recipe, source, tool_use))
     quantization = effective_quantization(recipe)
-    if quantization is not None and quantization.keep_modules:
-        problems.extend(_check_keep_modules(skeleton, quantization.keep_modules))
+    if quantization is not None:
+        from peftkit.models.load import no_quantizable_layer_problem
+
+        nothing = no_quantizable_layer_problem(skeleton, quantization.bits)
+        problems.extend([f"quantization: {nothing}"] if nothing else _check_keep_modules(skeleton, quantization.keep_modules or []))
     return problems, skeleton
 
 
@@ -265,12 +268,16 @@ def _check_context(recipe: Recipe, skeleton: Any) -> list[str]:
 
 
 def _check_keep_modules(skeleton: Any, keep: list[str]) -> list[str]:
-    """Every `quantization.keep_modules` entry must name some Linear layer (transformers' matching rules)."""
+    """Every `quantization.keep_modules` entry must name some linear layer (transformers' matching rules; GPT-2's
+    Conv1D layers count, and so does the output head, which is kept anyway); the hint names the quantized ones."""
     import torch
+    from transformers.pytorch_utils import Conv1D
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    linear = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
-    kinds = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    from peftkit.models.load import quantizable_layers
+
+    linear = [name for name, module in skeleton.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))]
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in quantizable_layers(skeleton)})
     return [
         f"quantization.keep_modules: {entry!r} matches no linear layer of the model; use names such as {', '.join(kinds)}"
         for entry in keep

@@ -627,15 +627,33 @@ def load_model(
     return model
 
 
+def quantizable_layers(model: torch.nn.Module) -> list[str]:
+    """The layers transformers' bitsandbytes quantizer replaces: plain torch.nn.Linear (not a subclass such as Falcon's
+    FalconLinear) and GPT-2's Conv1D, except the output head, which it keeps. Works on a meta skeleton, so a recipe is
+    checked before any weights load."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, module in model.named_modules()
+            if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and module is not head]
+
+
+def no_quantizable_layer_problem(model: torch.nn.Module, bits: int) -> str | None:
+    """transformers quantizes the layers `quantizable_layers` names; a model built from its own linear class comes
+    back all full precision, and a QLoRA run would claim a 4-bit base it never had."""
+    if quantizable_layers(model):
+        return None
+    linear = sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    return (f"bitsandbytes would quantize no layer of this {type(model).__name__} to {bits} bits (its linear layers "
+            f"are {', '.join(linear) or 'not torch.nn.Linear'}, which transformers' quantizer leaves alone): train it "
+            "with `method: lora` on the full-precision model, without a `quantization:` block")
+
+
 def require_quantized_layers(model: torch.nn.Module, bits: int) -> None:
-    """transformers quantizes the nn.Linear layers it finds; a model built from its own linear class (Falcon's
-    FalconLinear, ...) comes back all full precision, and a QLoRA run would claim a 4-bit base it never had."""
+    """The loaded model's check: at least one layer came back 4/8-bit (see no_quantizable_layer_problem)."""
     import bitsandbytes as bnb
 
     kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     if not any(isinstance(module, kinds) for module in model.modules()):
-        linear = sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)})
-        raise PeftkitError(
-            f"bitsandbytes quantized no layer of this {type(model).__name__} to {bits} bits (its linear layers are "
-            f"{', '.join(linear) or 'not torch.nn.Linear'}, which transformers' quantizer leaves alone): remove the "
-            "`quantization:` block and use `method: lora` on the full-precision model")
+        raise PeftkitError(no_quantizable_layer_problem(model, bits) or f"bitsandbytes quantized no layer of this "
+                           f"{type(model).__name__} to {bits} bits: train it with `method: lora`")

@@ -267,8 +267,36 @@ def test_a_model_bitsandbytes_quantizes_no_layer_of_is_refused_not_trained_as_ql
     config = AutoConfig.for_model("falcon", vocab_size=400, hidden_size=64, num_hidden_layers=1, num_attention_heads=4)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "falcon")
     build_tiny_tokenizer().save_pretrained(tmp_path / "falcon")
-    with pytest.raises(PeftkitError, match=r"bitsandbytes quantized no layer of this FalconForCausalLM to 4 bits.*method: lora"):
+    with pytest.raises(PeftkitError, match=r"bitsandbytes would quantize no layer of this FalconForCausalLM to 4 bits.*method: lora"):
         load_model(ModelConfig(name=str(tmp_path / "falcon")), QuantizationConfig(bits=4), device="cpu", dtype=torch.float32)
+
+
+def test_quantizable_layers_are_checked_on_the_skeleton_before_any_weights_load(tmp_path, tiny_recipe):
+    """A Falcon QLoRA recipe passed `validate` and failed once the model had loaded; GPT-2's Conv1D layers, which
+    bitsandbytes does quantize, were refused as `keep_modules` ("matches no linear layer ... such as lm_head")."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftkit.config import recipe_from_dict
+    from peftkit.config.validate import validate_recipe
+    from peftkit.errors import ConfigError
+    from tests.conftest import build_tiny_tokenizer
+
+    configs = {"falcon": dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4),
+               "gpt2": dict(n_embd=64, n_layer=1, n_head=4, n_positions=256)}
+    for kind, sizes in configs.items():
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, vocab_size=400, **sizes)).save_pretrained(tmp_path / kind)
+        build_tiny_tokenizer().save_pretrained(tmp_path / kind)
+
+    def qlora(kind, **quantization):
+        return recipe_from_dict({**tiny_recipe, "model": {"name": str(tmp_path / kind)}, "adapter": {"method": "qlora"},
+                                 "quantization": {"bits": 4, **quantization}})
+
+    with pytest.raises(ConfigError, match=r"quantization: bitsandbytes would quantize no layer of this FalconForCausalLM"):
+        validate_recipe(qlora("falcon"))
+    validate_recipe(qlora("gpt2", keep_modules=["c_attn"]))
+    validate_recipe(qlora("gpt2", keep_modules=["lm_head"]))  # never quantized: kept, as written
+    with pytest.raises(ConfigError, match=r"'c_atn' matches no linear layer of the model; use names such as c_attn, c_fc, c_proj$"):
+        validate_recipe(qlora("gpt2", keep_modules=["c_atn"]))
 
 
 def test_peft_preparing_the_quantized_base_shows_no_transformers_deprecation(tiny_model_dir):
