@@ -320,6 +320,24 @@ def test_a_sliding_window_llama_cpp_ignores_fails_the_check_with_the_reason(expo
         export_gguf(run, gguf_type="f32")
 
 
+def test_a_crossed_sliding_window_is_said_even_when_the_check_passes(export_recipe, tmp_path, monkeypatch):
+    """A tiny StarCoder2 with a 32-token window passed its f16 check (1.7e-2 against 2e-2) with only the generic
+    log line, while the same file at f32 was refused for the window."""
+    from peftkit.export import verify
+
+    base = _family_dir(tmp_path / "mistral", "mistral")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "sliding_window": 8}))
+    run = make_run(tmp_path / "run", {**export_recipe, "name": "m"}, LORA, model_dir=base)
+    loose = {key: 1e9 for key in verify.RELATIVE_TOLERANCE}  # every difference within tolerance, as at f16 by chance
+    monkeypatch.setattr(verify, "RELATIVE_TOLERANCE", loose)
+    monkeypatch.setattr(verify, "MIN_AGREEMENT", {})
+    result = export_gguf(run, gguf_type="f32")
+    assert any(note.startswith("WARNING: the verification prompts are longer than the model's 8-token sliding window")
+               for note in result.notes), result.notes
+    assert "8-token sliding window" in json.loads((result.path / "verification.json").read_text())["sliding_window_crossed"]
+
+
 def test_gemma_norms_are_written_plus_one_and_the_check_catches_a_file_without(export_recipe, tmp_path, monkeypatch):
     """llama.cpp multiplies by the stored norm weight, Gemma by (1 + weight)."""
     import dataclasses
