@@ -108,6 +108,17 @@ def _bnb_kwargs(run: RunAdapter) -> dict[str, Any] | None:
     return bnb_kwargs(q, skip)
 
 
+def _gguf_writable(config: Any) -> bool:
+    """Whether `--format gguf` takes this model (advice names only the exports that work)."""
+    from peftkit.export.gguf_writer import check_architecture
+
+    try:
+        check_architecture(config)
+    except ExportError:
+        return False
+    return True
+
+
 @output_lock.releases_claims
 def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False, check: bool = True,
                    base: str | None = None) -> ExportResult:
@@ -117,8 +128,8 @@ def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force:
     run = resolve_run(run_dir, base, require_causal_lm=check)
     if run.info.peft_type == FULL_MODEL:
         raise ExportError(f"{run.run_dir} trained the weights directly (no adapter); {run.info.path} is the model "
-                          f"itself: ship it with `{command('merge', str(run.run_dir))}` (the model with its tokenizer) "
-                          "or `--format gguf`")
+                          f"itself: ship it with `{command('merge', str(run.run_dir))}` (the model with its tokenizer)"
+                          + (" or `--format gguf`" if _gguf_writable(run.base_config) else ""))
     # the dtype training's 4-bit layers computed in, for the reference, the verification child, manifest and card alike
     run = replace(run, quantization=trained_quantization(run.run_dir, run.quantization))
     report = None

@@ -31,6 +31,10 @@ warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `
 # Prompt and prefix tuning: peft drops the position ids transformers' generate passes, and says so on every call.
 warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning",
                         category=UserWarning)
+# GPT-2-style Conv1D layers among the targets (IA3, LoRA on c_attn and lm_head, a QLoRA adapter merged onto the
+# full-precision base): peft sets fan_in_fan_out per layer, as it must, and says so for each layer at every load.
+warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to (True|False) but the target module is",
+                        category=UserWarning)
 
 CHATML_TEMPLATE = (
     "{% set first = 0 %}"

@@ -170,3 +170,14 @@ def test_the_adapter_card_says_when_the_base_weights_are_a_converted_gguf():
     assert "| base weights | trained on the dequantized weights of this GGUF file, not on the original hub" in card
     del manifest["base_model"]["note"]
     assert "| base weights |" not in adapter_card(manifest, None, Path("/out"))
+
+
+def test_a_full_runs_export_advice_names_gguf_only_where_gguf_export_works():
+    """A Mixtral / Falcon / GPT-J full run was told to ship with `--format gguf`, which refuses those models."""
+    from transformers import AutoConfig
+
+    from peftkit.export.adapter_export import _gguf_writable
+
+    assert _gguf_writable(AutoConfig.for_model("llama", hidden_size=64, num_hidden_layers=1, num_attention_heads=4))
+    for kind in ("gptj", "falcon", "mixtral"):
+        assert not _gguf_writable(AutoConfig.for_model(kind)), kind

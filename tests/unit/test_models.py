@@ -440,6 +440,21 @@ def test_peft_notice_on_every_prompt_learning_generate_is_not_shown():
     assert "Another warning" in err and "Position ids" not in err
 
 
+def test_peft_notices_of_its_own_fan_in_fan_out_correction_are_not_shown():
+    """GPT-2's Conv1D layers among IA3's or a mixed LoRA's targets: peft corrects fan_in_fan_out per layer, as it must,
+    and warned about each at every load (training, chat, merge, export)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, transformers, peft, peftkit.models.load\n"
+            "model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))\n"
+            "peft.get_peft_model(model, peft.IA3Config(target_modules=['c_attn', 'c_fc'], feedforward_modules=['c_fc']))\n"
+            "peft.get_peft_model(transformers.GPT2LMHeadModel(model.config), peft.LoraConfig(target_modules=['c_attn', 'lm_head'], fan_in_fan_out=True))\n"
+            "import warnings; warnings.warn('Another warning')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "Another warning" in err and "fan_in_fan_out" not in err, err
+
+
 def test_a_model_folder_missing_a_shard_or_holding_only_a_gguf_is_said_before_loading(tmp_path):
     import json
 
