@@ -27,6 +27,7 @@ from peftkit.adapters.registry import (
 )
 from peftkit.config.schema import LoraAdapterConfig
 from peftkit.errors import ConfigError
+from peftkit.utils.once import say_once
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,13 @@ def _targets(cfg: LoraAdapterConfig, model: torch.nn.Module | None) -> str | lis
                                                       or (target == "all-linear" and has_fused_experts(model)))
     if not string_needs_names and text_decoder(model) is None:
         return target
-    return sorted(n for n in selected_linear(model, target) if _in_layers(n, cfg.layers))
+    names = sorted(n for n in selected_linear(model, target) if _in_layers(n, cfg.layers))
+    if target == "all-linear" and has_fused_experts(model):
+        kinds = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+        say_once(log, logging.INFO, f"adapter.target_modules all-linear on this mixture-of-experts model adapts its "
+                                    f"linear layers ({kinds}); its experts keep their weights fused in 3-D tensors, "
+                                    "which LoRA here leaves as they are")
+    return names
 
 
 def has_fused_experts(model: torch.nn.Module) -> bool:

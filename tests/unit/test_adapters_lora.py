@@ -299,7 +299,7 @@ def test_ia3_on_a_vision_language_model_scales_only_its_text_decoder(target):
         assert peft_model(input_ids=torch.tensor([[1, 5, 9, 13]])).logits.shape == (1, 4, 128)
 
 
-def test_all_linear_on_an_moe_with_fused_experts_stays_on_linear_layers_and_ia3_finds_its_defaults():
+def test_all_linear_on_an_moe_with_fused_experts_stays_on_linear_layers_and_ia3_finds_its_defaults(caplog):
     """transformers 5 stacks Mixtral's experts in 3-D parameters; peft's `all-linear` would adapt them through
     `target_parameters`, which refuses dropout and cannot be merged. peftkit keeps all-linear on linear layers, and
     IA3's defaults no longer come from peft's stale table (`w2`)."""
@@ -314,8 +314,10 @@ def test_all_linear_on_an_moe_with_fused_experts_stays_on_linear_layers_and_ia3_
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     assert has_fused_experts(model)
-    peft_config = lora_config(LoraAdapterConfig(r=4, dropout=0.05, target_modules="all-linear"), model=model)
+    with caplog.at_level("INFO", logger="peftkit"):
+        peft_config = lora_config(LoraAdapterConfig(r=4, dropout=0.05, target_modules="all-linear"), model=model)
     assert sorted({name.rsplit(".", 1)[-1] for name in peft_config.target_modules}) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert "adapts its linear layers (k_proj, o_proj, q_proj, v_proj); its experts keep their weights fused" in caplog.text
     assert not peft_config.target_parameters
     adapted = build_adapter(model, LoraAdapterConfig(r=4, dropout=0.05, target_modules="all-linear"))
     adapted(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()  # peft's ParamWrapper refused dropout here
