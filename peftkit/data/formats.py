@@ -289,7 +289,7 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as exc:
             if exc.msg == "Extra data" and _first_line_is_json(text):
                 return _jsonl_records(path, text)  # JSON Lines named .json, as `datasets`' to_json writes them
-            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+            raise DataError(_json_document_problem(path, exc)) from None
         return _json_document_records(path, data)
     return _jsonl_records(path, text)
 
@@ -557,6 +557,17 @@ def _bad_lines_message(path: Path, bad: list[tuple[int, str, str]], counted_all:
 
 
 TRAILING_COMMA = ": a comma after the record; JSON Lines puts nothing between records but the line break"
+
+
+def _json_document_problem(path: Path, exc: json.JSONDecodeError) -> str:
+    """A JSON file's parse error at its line; a comma before a closing `]` / `}` (JSON has no trailing commas, a
+    hand-edited list often ends with one) is named at the comma's own line."""
+    before = exc.doc[:exc.pos].rstrip()
+    if exc.doc[exc.pos:exc.pos + 1] in ("]", "}") and before.endswith(","):
+        line = before.count("\n") + 1
+        return (f"{path}:{line}: not valid JSON: a comma after the last item before the closing "
+                f"`{exc.doc[exc.pos]}` on line {exc.lineno}; JSON allows none there: delete it")
+    return f"{path}:{exc.lineno}: not valid JSON ({exc.msg})"
 
 
 def _json_problem(exc: json.JSONDecodeError) -> str:

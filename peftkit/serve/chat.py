@@ -210,6 +210,7 @@ def chat(
             return history
         if command == "/reset":
             history = with_system_prompt([], system_prompt)
+            out.write("(new conversation)\n")
             continue
         typo = not rest and command.startswith("/") and "/" not in command[1:]  # `/rest`; `/etc/hosts` is a message
         if command == "/help" or (command == "/tool" and tools and not rest) or typo:

@@ -26,6 +26,7 @@ def test_repl_keeps_history_resets_and_exits(tiny_recipe):
     assert history[1]["content"] == "who is the head librarian?"
     assert out.getvalue().count("bot> ") == 3, "/help is not sent to the model"
     assert "Commands: /reset clears the conversation" in out.getvalue()
+    assert out.getvalue().count("(new conversation)") == 1, "/reset is acknowledged"
 
 
 def test_one_shot_prompt(tiny_recipe):

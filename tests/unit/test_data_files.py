@@ -277,6 +277,20 @@ def test_text_paragraphs_split_at_blank_lines_holding_spaces(tmp_path):
     assert [e.text for e in load_examples(text)] == ["First paragraph.", "Second paragraph.", "Third."]
 
 
+def test_a_json_files_trailing_comma_is_named_at_its_own_line(tmp_path):
+    """A hand-edited JSON list ending `},` then `]` got "...:4: not valid JSON (Expecting value)": the line of the
+    bracket, and no word of the comma."""
+    listed = tmp_path / "alpaca.json"
+    listed.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c", "output": "d"},\n]\n')
+    with pytest.raises(DataError, match=r"alpaca.json:3: not valid JSON: a comma after the last item before the "
+                                        r"closing `\]` on line 4; JSON allows none there: delete it"):
+        load_examples(listed)
+    other = tmp_path / "other.json"
+    other.write_text('[{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}]\n')
+    with pytest.raises(DataError, match=r"other.json:2: not valid JSON \(Expecting ',' delimiter\)$"):
+        load_examples(other)
+
+
 def test_jsonl_mistakes_are_placed_and_explained(tmp_path):
     array = tmp_path / "a.jsonl"  # a pretty-printed array with a trailing comma: the comma's line, not line 1's `[`
     array.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c", "completion": "d"},\n]\n')
