@@ -149,11 +149,12 @@ def tokenize_examples(
                     "(a reply can learn to end halfway): %s. Rewrite those passages (HTML's `<s>` can be `<del>`)",
                     what, named)
     if truncated and what:
+        used = "scored" if what.startswith("eval") else "trained"  # an eval row's loss is measured, not learnt
         lost_note = (f"; {len(lost_at)} of them lost {replies_lost} later assistant repl{'y' if replies_lost == 1 else 'ies'} "
-                     f"entirely, past the limit (first: {lost_at[0]}), which are not trained at all: raise "
+                     f"entirely, past the limit (first: {lost_at[0]}), which are not {used} at all: raise "
                      "data.max_seq_len or split those conversations" if lost_at else "")
         log.warning("%d %s(s) were longer than data.max_seq_len=%d tokens and were truncated, the text past the "
-                    "limit not trained (first: %s)%s", truncated, what, max_seq_len, truncated_at[0], lost_note)
+                    "limit not %s (first: %s)%s", truncated, what, max_seq_len, used, truncated_at[0], lost_note)
     if split and what:
         log.info("%d plain-text %s(s) longer than data.max_seq_len=%d tokens were split into %d rows of up to %d "
                  "tokens, each trained whole", split, what, max_seq_len, split_rows, max_seq_len)

@@ -194,7 +194,7 @@ def evaluate_run(
     batch = recipe.eval.batch_size
 
     if examples is not None:
-        rows, _ = tokenize_examples(examples, tokenizer, recipe.data.max_seq_len, system)
+        rows, _ = tokenize_examples(examples, tokenizer, recipe.data.max_seq_len, system, what="eval example")
         if not rows:
             raise DataError(f"{data}: no example has any supervised token left within data.max_seq_len="
                             f"{recipe.data.max_seq_len} tokens, so there is no loss to measure")

@@ -234,6 +234,11 @@ def test_a_truncation_that_loses_whole_replies_says_so_and_where(tmp_path, tiny_
     assert stats["truncated"] == 2 and stats["replies_lost"] == 1 and len(rows) == 2
     assert f"were truncated, the text past the limit not trained (first: {path}:1)" in caplog.text
     assert f"1 of them lost 1 later assistant reply entirely, past the limit (first: {path}:1)" in caplog.text
+    caplog.clear()  # eval rows are scored, not trained: the same warning said of them
+    with caplog.at_level(logging.WARNING, logger="peftkit.data.build"):
+        tokenize_examples(load_examples(path), tiny_tokenizer, 48, None, what="eval example")
+    assert "eval example(s) were longer than data.max_seq_len=48 tokens and were truncated, the text past the limit " \
+           "not scored" in caplog.text and "which are not scored at all" in caplog.text and "trained" not in caplog.text
 
 
 def test_a_folder_of_data_files_points_at_the_list_form(tmp_path):
