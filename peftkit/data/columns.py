@@ -90,7 +90,7 @@ def pair_messages(record: Mapping[str, Any], where: str, prompt: str, response: 
                                                               f"is {type_name(value)}, not text")
             raise DataError(f"{where}: the {key} field {field!r} {found}" + (
                 "; training on an empty reply teaches the model to answer with nothing: fill it in or drop the record"
-                if key == "response" and isinstance(value, str) else f" (record fields: {record_keys(record)})"))
+                if key == "response" and isinstance(value, str) else f" (record fields: {record_keys(record, field)})"))
         texts[key] = value
     user = texts["prompt"]
     extra = number_as_text(record.get(context)) if context else None
@@ -130,7 +130,7 @@ def mapped_text(record: Any, columns: ColumnsConfig, where: str) -> Any:
     """The value of the recipe's `data.columns.text` field (checked as a text by the caller)."""
     if not isinstance(record, Mapping) or columns.text not in record:
         raise DataError(f"{where}: the text field {columns.text!r} (data.columns.text) is missing (record fields: "
-                        f"{record_keys(record)})")
+                        f"{record_keys(record, columns.text)})")
     return record[columns.text]
 
 
@@ -145,7 +145,7 @@ def mapped_messages(record: Any, columns: ColumnsConfig, where: str) -> list[Mes
     if not isinstance(turns, list) or not turns:
         found = "is missing" if columns.messages not in record else f"is {type_name(turns)}, not a list of turns"
         raise DataError(f"{where}: the conversation field {columns.messages!r} (data.columns.messages) {found} "
-                        f"(record fields: {record_keys(record)})")
+                        f"(record fields: {record_keys(record, columns.messages)})")
     messages: list[Message] = []
     if columns.system and isinstance(record.get(columns.system), str) and record[columns.system].strip():
         messages.append({"role": "system", "content": record[columns.system]})
@@ -166,11 +166,15 @@ def mapped_messages(record: Any, columns: ColumnsConfig, where: str) -> list[Mes
     return messages
 
 
-def record_keys(record: Any) -> str:
-    """A record's field names for an error message (or its type, when it is not an object)."""
+def record_keys(record: Any, missing: str | None = None) -> str:
+    """A record's field names for an error message (or its type, when it is not an object); with the `missing` field
+    a `data.columns` map named, the field spelled like it in another case, since names are matched exactly."""
     if not isinstance(record, Mapping):
         return type(record).__name__
-    return ", ".join(map(_shown_name, record)) or "none"
+    shown = ", ".join(map(_shown_name, record)) or "none"
+    same = [key for key in record if isinstance(key, str) and missing is not None and key != missing
+            and key.casefold() == missing.casefold()]
+    return shown + (f"; did you mean {same[0]!r}? data.columns names are matched exactly, case included" if same else "")
 
 
 def _shown_name(key: Any) -> str:

@@ -101,6 +101,17 @@ def test_columns_map_a_conversation_with_custom_speakers(tmp_path):
     assert example.format == "columns"
 
 
+def test_a_mapped_field_written_in_another_case_is_pointed_at(tmp_path):
+    """Format detection and `columns.roles` ignore case; a `columns` field name does not, and the error only listed the
+    record's fields."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "Hours?", "answer": "9-5"}])
+    with pytest.raises(DataError, match=r"the prompt field 'Question' is missing \(record fields: question, answer; "
+                                        r"did you mean 'question'\? data.columns names are matched exactly"):
+        load_examples(path, columns=ColumnsConfig(prompt="Question", response="answer"))
+    with pytest.raises(DataError, match=r"the prompt field 'query' is missing \(record fields: question, answer\)$"):
+        load_examples(path, columns=ColumnsConfig(prompt="query", response="answer"))
+
+
 def test_columns_errors_name_the_field_and_the_fix(tmp_path):
     columns = ColumnsConfig(messages="dialog", role="speaker", content="text")
     path = write_jsonl(tmp_path / "d.jsonl", [{"dialog": [{"speaker": "customer", "text": "hi"}]}])
