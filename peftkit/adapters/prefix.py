@@ -42,12 +42,14 @@ def _cache_shape(model: Any) -> dict[str, int]:
 
     peft sizes the prefix from `num_key_value_heads` when the config has it, else from `num_attention_heads`:
     wrong for multi-query models that name their key/value heads otherwise (Falcon's `multi_query`,
-    `num_kv_heads`), whose first training step then fails inside attention. One token through the model
-    shows the cache's real shape; nothing is overridden where it agrees, or where the probe cannot run
-    (e.g. weights already partitioned by ZeRO-3)."""
+    `num_kv_heads`, which its code reads instead of a `num_key_value_heads` the config may also carry), whose
+    first training step then fails inside attention. One token through the model shows the cache's real shape;
+    nothing is overridden where it agrees with peft's reading, or where the probe cannot run (e.g. weights already
+    partitioned by ZeRO-3)."""
     config = model.config
-    if hasattr(config, "num_key_value_heads") or not hasattr(config, "num_attention_heads"):
+    if not hasattr(config, "num_attention_heads"):
         return {}
+    peft_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     try:
         one_token = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
         with torch.no_grad():
@@ -57,10 +59,15 @@ def _cache_shape(model: Any) -> dict[str, int]:
         log.debug("could not probe the KV cache shape (%s); peft sizes the prefix from the config", exc)
         return {}
     heads, head_dim = keys[0].shape[1], keys[0].shape[-1]
-    if any(k.shape[1] != heads or k.shape[-1] != head_dim for k in keys) or heads == config.num_attention_heads:
+    if any(k.shape[1] != heads or k.shape[-1] != head_dim for k in keys) or heads == peft_heads:
         return {}
+    if getattr(config, "num_key_value_heads", None):  # peft reads it over any size it is given
+        raise ConfigError(f"prefix tuning: this {config.model_type} model caches {heads} key/value head(s), but its "
+                          f"config says num_key_value_heads={config.num_key_value_heads}, which peft sizes the prefix "
+                          "from (training would fail inside attention): correct or remove num_key_value_heads in the "
+                          "model's config.json, or use another adapter method")
     log.info("prefix tuning: the model caches %d key/value head(s) of %d, not %d heads; the prefix is sized to match",
-             heads, head_dim, config.num_attention_heads)
+             heads, head_dim, peft_heads)
     return {"num_layers": len(keys), "num_attention_heads": heads, "token_dim": heads * head_dim}
 
 

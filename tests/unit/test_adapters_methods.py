@@ -240,10 +240,14 @@ def test_prefix_tuning_fits_a_multi_query_cache_peft_cannot_read_from_the_config
 
     from peftkit.adapters import build_adapter
 
-    torch.manual_seed(0)
-    base = FalconForCausalLM(FalconConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
-                                          num_attention_heads=4, multi_query=True))
-    model = build_adapter(base, adapter_config("prefix_tuning"))
+    from peftkit.errors import ConfigError
+
+    def falcon(**stray):
+        torch.manual_seed(0)
+        return FalconForCausalLM(FalconConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=4, multi_query=True, **stray))
+
+    model = build_adapter(falcon(), adapter_config("prefix_tuning"))
     config = model.peft_config["default"]
     assert (config.num_attention_heads, config.token_dim, config.num_layers) == (1, 8, 2)
     ids = tiny_tokenizer(["hello world", "one two three"], return_tensors="pt", padding=True)
@@ -252,6 +256,10 @@ def test_prefix_tuning_fits_a_multi_query_cache_peft_cannot_read_from_the_config
     assert torch.isfinite(loss)
     assert model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id).shape[1] \
         == ids["input_ids"].shape[1] + 3
+    # A stray num_key_value_heads, which Falcon's code never reads but peft sizes the prefix from over any size given:
+    # the first step crashed inside attention ("Expected size 2 but got size 1"); now one message, before training.
+    with pytest.raises(ConfigError, match=r"caches 1 key/value head\(s\), but its config says num_key_value_heads=2"):
+        build_adapter(falcon(num_key_value_heads=2), adapter_config("prefix_tuning"))
 
 
 @pytest.mark.parametrize(("config_name", "targets"), [
