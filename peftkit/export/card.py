@@ -156,6 +156,9 @@ def quantized_base_loading(bnb: dict[str, Any] | None) -> tuple[list[str], str]:
     if trained_dtype == "float32":
         lines.append(f"# bfloat16 computes fast on a GPU; bnb_4bit_compute_dtype='{trained_dtype}' reproduces the "
                      "training's (and the export's verification) numbers exactly")
+        lines.append("# on a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights for a bf16 inference kernel on "
+                     "the first forward without gradients (logits ~1e-2 off); the verification ran with it off: "
+                     "set `support_avx512bf16_for_cpu = False` on every layer that has it for the same numbers")
     if bnb.get("blocksize") not in (None, 64):
         lines.append(f"# trained with quantization blocks of {bnb['blocksize']} (peftkit's loader sets them; "
                      "BitsAndBytesConfig has no field for it)")

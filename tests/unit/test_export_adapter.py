@@ -130,6 +130,7 @@ def test_qlora_adapter_export_is_verified_on_the_4bit_base(extra, export_recipe,
     # verified in float32: the card suggests bfloat16 for a GPU and says which dtype reproduces the verification
     assert manifest["bitsandbytes_config"]["bnb_4bit_compute_dtype"] == "float32"
     assert "bnb_4bit_compute_dtype='bfloat16'" in snippet and "compute_dtype='float32' reproduces the training" in snippet
+    assert "the verification ran with it off: set `support_avx512bf16_for_cpu = False`" in snippet  # plain peft on a CPU
     assert "as in training" not in snippet
     assert any("--quantization bitsandbytes" in note for note in manifest["serving"]["vllm"]["notes"])
 
