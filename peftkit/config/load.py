@@ -60,6 +60,7 @@ KEY_ALIASES: dict[str, str] = {
     "default_system_message": "data.system_prompt",
     "val_set_size": "data.eval_fraction",
     "val_size": "data.eval_fraction",
+    "max_eval_samples": "data.max_eval_examples",
     "train_on_inputs": "data.train_on_prompt",
     "completion_only_loss": "data.train_on_prompt",
     "assistant_only_loss": "data.train_on_prompt",
@@ -69,7 +70,6 @@ KEY_ALIASES: dict[str, str] = {
     "micro_batch_size": "train.batch_size",
     "per_device_train_batch_size": "train.batch_size",
     "per_device_eval_batch_size": "eval.batch_size",
-    "eval_batch_size": "eval.batch_size",
     "gradient_accumulation_steps": "train.grad_accum",
     "lr_scheduler": "train.scheduler",
     "lr_scheduler_type": "train.scheduler",
@@ -98,7 +98,7 @@ ALIAS_NOTES: dict[str, str] = {
     "finetuning_type": "LLaMA-Factory's `freeze` is `partial`",
     "lora_target": "`all` is `all-linear`; several modules are a list, e.g. [q_proj, v_proj]",
     "lora_target_linear": "`lora_target_linear: true` is `target_modules: all-linear`",
-    "use_peft": "`use_peft: true` is `adapter.method: lora`, the default",
+    "use_peft": "`use_peft: true` is `adapter.method: lora`, the default; `false` is `method: full`",
     "lora_layers_to_transform": "a range [first, last] of layer indices, e.g. [0, 11]",
     "layers_to_transform": "a range [first, last] of layer indices, e.g. [0, 11]",
     "dataset_name": "a Hub dataset is written `hf:OWNER/NAME` there (a split: `hf:OWNER/NAME:train`)",
@@ -423,7 +423,8 @@ def _unknown_key(loc: tuple[Any, ...], shown: list[str], value: Any, bases: tupl
     spelling of one of them before another section's alias."""
     key, dotted = str(loc[-1]), ".".join(shown)
     known = [name for cls in _sections_for(loc) for name in cls.model_fields]
-    if key in NOT_NEEDED and not (key == "stage" and _is_number(value)):  # `stage: 3` is a ZeRO stage, not sft
+    # their top-level keys (inside a section `model_type`, `max_samples`, ... are a misplaced key of another kind)
+    if key in NOT_NEEDED and len(loc) == 1 and not (key == "stage" and _is_number(value)):  # `stage: 3`: a ZeRO stage
         return f"unknown key `{dotted}` is not needed: {NOT_NEEDED[key]}; remove it"
     hint = _alias_hint(key, shown[:-1], known)
     if hint in ("train", "data.train") and any(isinstance(e, dict) for e in (value if isinstance(value, list) else [value])):

@@ -179,11 +179,13 @@ class PrefixTuningAdapterConfig(Section):
     method: Literal["prefix_tuning"] = "prefix_tuning"
     num_virtual_tokens: PositiveInt = 20
     """Length of the trained prefix (per layer)."""
-    prefix_projection: bool = True
+    prefix_projection: bool = False
     """Produce the prefix through a 2-layer MLP while training (the prefix-tuning paper's reparameterisation; the
-    adapter saved is the projected prefix alone). `false` trains the prefix directly, as peft's default does: on
-    SmolLM2 that raised the eval loss from 3.0 to 9.1 in three steps at lr 1e-3, where the projection lowered it to
-    2.6."""
+    adapter saved is the projected prefix alone). Recommended: training the prefix directly (`false`, peft's default,
+    kept here because projection checkpoints cannot be resumed under DeepSpeed) raised SmolLM2's eval loss from 3.0
+    to 9.1 in three steps at lr 1e-3, where the projection lowered it to 2.6; `validate` and `train` say so. The MLP
+    has encoder_hidden_size x (layers x 2 x key/value width) weights: set `encoder_hidden_size` (e.g. 256-512) on a
+    large model."""
     encoder_hidden_size: PositiveInt | None = None
     """Hidden size of that MLP (default: the model's hidden size); needs `prefix_projection: true`."""
 

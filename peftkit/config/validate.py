@@ -329,6 +329,7 @@ def validate_recipe(recipe: Recipe, *, check_model: bool = True) -> Recipe:
         raise ConfigError(problems)
     _warn_about_ignored_settings(recipe)
     _warn_about_learning_rate(recipe)
+    _warn_about_prefix_without_projection(recipe)
     _warn_about_unfreeze_schedule(recipe)
     _warn_about_this_machine(recipe)
     return fitted_max_seq_len(recipe, skeleton)
@@ -370,6 +371,18 @@ def learning_rate_advice(method: str, lr: float) -> str | None:
         return (f"train.lr {lr:g} is less than a tenth of the usual rate for {method} ({low:g} to {high:g}): "
                 "the model will barely change; raise train.lr unless you mean it")
     return None
+
+
+def _warn_about_prefix_without_projection(recipe: Recipe) -> None:
+    """peft's (and peftkit's) default trains the prefix directly, which the prefix-tuning paper found unstable, and a
+    trial on SmolLM2 confirmed (eval loss 3.0 -> 9.1 in three steps); the default stays because projection
+    checkpoints cannot be trained from under DeepSpeed, so the advice is given outside it."""
+    if recipe.adapter.method != "prefix_tuning" or recipe.adapter.prefix_projection or recipe.deepspeed is not None:
+        return
+    say_once(log, logging.WARNING, "prefix tuning without adapter.prefix_projection trains the prefix directly, which "
+             "is unstable (a trial on SmolLM2 went from eval loss 3.0 to 9.1 in three steps at lr 1e-3): set "
+             "`prefix_projection: true` with `encoder_hidden_size: 256` and lr about 5e-3, as "
+             "recipes/quickstart-prefix.yaml does")
 
 
 def _warn_about_learning_rate(recipe: Recipe) -> None:

@@ -149,7 +149,7 @@ def tokenize_examples(
                     "(a reply can learn to end halfway): %s. Rewrite those passages (HTML's `<s>` can be `<del>`)",
                     what, named)
     if truncated and what:
-        used = "scored" if what.startswith("eval") else "trained"  # an eval row's loss is measured, not learnt
+        used = "scored" if what.startswith(("eval", "general")) else "trained"  # measured, not learnt
         lost_note = (f"; {len(lost_at)} of them lost {replies_lost} later assistant repl{'y' if replies_lost == 1 else 'ies'} "
                      f"entirely, past the limit (first: {lost_at[0]}), which are not {used} at all: raise "
                      "data.max_seq_len or split those conversations" if lost_at else "")

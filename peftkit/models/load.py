@@ -633,13 +633,20 @@ def load_model(
 
 def quantizable_layers(model: torch.nn.Module) -> list[str]:
     """The layers transformers' bitsandbytes quantizer replaces: plain torch.nn.Linear (not a subclass such as Falcon's
-    FalconLinear) and GPT-2's Conv1D, except the output head, which it keeps. Works on a meta skeleton, so a recipe is
-    checked before any weights load."""
+    FalconLinear) and GPT-2's Conv1D, except what it keeps by default (the output head, a classifier's `score`, tied
+    weights: transformers' get_keys_to_not_convert). Works on a meta skeleton, so a recipe is checked before any
+    weights load."""
     from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    try:
+        kept = get_keys_to_not_convert(model)
+    except (AttributeError, IndexError, TypeError):  # not a transformers model: its output head alone
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        kept = [name for name, module in model.named_modules() if head is not None and module is head]
     return [name for name, module in model.named_modules()
-            if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and module is not head]
+            if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, kept)]
 
 
 def no_quantizable_layer_problem(model: torch.nn.Module, bits: int) -> str | None:

@@ -43,9 +43,10 @@ def _sample_verdict(sample: dict[str, Any]) -> tuple[str | tuple[str, str], ...]
 
 def eval_loss_rose(summary: dict[str, Any]) -> str | None:
     """A sentence when training left the eval loss above the untrained model's (by over 1 %, past rounding and
-    step noise): the run made the model worse on the held-back data, which a too-high learning rate does."""
+    step noise): the run made the model worse on the held-back data, which a too-high learning rate does. Not for
+    classification, whose "before" is a randomly initialised head (its loss may rise as its accuracy does)."""
     before, after = summary.get("eval_loss_before"), summary.get("eval_loss_after")
-    if before is None or after is None or not after > 1.01 * before:
+    if summary.get("task") == "sequence_classification" or before is None or after is None or not after > 1.01 * before:
         return None
     from peftkit.config.validate import USUAL_LR
 

@@ -297,6 +297,14 @@ def test_quantizable_layers_are_checked_on_the_skeleton_before_any_weights_load(
     validate_recipe(qlora("gpt2", keep_modules=["lm_head"]))  # never quantized: kept, as written
     with pytest.raises(ConfigError, match=r"'c_atn' matches no linear layer of the model; use names such as c_attn, c_fc, c_proj$"):
         validate_recipe(qlora("gpt2", keep_modules=["c_atn"]))
+    # what transformers keeps unquantized by itself is no quantized layer: a Falcon classifier's `score` head
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.models.load import quantizable_layers
+
+    with torch.device("meta"):
+        classifier = AutoModelForSequenceClassification.from_config(AutoConfig.for_model("falcon", **configs["falcon"]))
+    assert quantizable_layers(classifier) == []
 
 
 def test_peft_preparing_the_quantized_base_shows_no_transformers_deprecation(tiny_model_dir):

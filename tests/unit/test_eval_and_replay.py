@@ -626,13 +626,28 @@ def test_a_run_that_left_the_eval_loss_above_the_base_models_says_so(tiny_recipe
     for after in (3.03, 2.5, None):
         assert eval_loss_rose({**summary, "eval_loss_after": after}) is None
     assert eval_loss_rose({**summary, "eval_loss_before": None}) is None
+    assert eval_loss_rose({**summary, "task": "sequence_classification"}) is None  # "before": a random head
 
 
-def test_prefix_tuning_trains_through_its_projection_by_default():
-    """peft's default (the prefix trained directly) ruined SmolLM2 in three steps at lr 1e-3."""
-    recipe = recipe_from_dict({"model": {"name": "smollm2-135m-instruct"}, "adapter": {"method": "prefix_tuning"},
-                               "data": {"train": "x.jsonl"}})
-    assert recipe.adapter.prefix_projection is True
+def test_prefix_tuning_without_its_projection_is_warned_about_outside_deepspeed(tiny_recipe, caplog):
+    """peft's default (the prefix trained directly) ruined SmolLM2 in three steps at lr 1e-3, without a word. The
+    default stays (projection checkpoints cannot be trained from under DeepSpeed); the advice is said instead."""
+    import logging
+
+    from peftkit.config.validate import validate_recipe
+    from peftkit.utils.once import command_scope
+
+    def recipe(adapter=None, **extra):
+        return recipe_from_dict({**tiny_recipe, "adapter": {"method": "prefix_tuning", "num_virtual_tokens": 4,
+                                                            **(adapter or {})}, **extra})
+
+    assert recipe().adapter.prefix_projection is False
+    for case, warned in ((recipe(), True), (recipe({"prefix_projection": True}), False),
+                         (recipe(deepspeed={"stage": 2}), False)):
+        caplog.clear()
+        with command_scope(), caplog.at_level(logging.WARNING, logger="peftkit"):
+            validate_recipe(case, check_model=False)
+        assert ("set `prefix_projection: true` with `encoder_hidden_size: 256`" in caplog.text) == warned, case
 
 
 def test_replay_rows_that_all_fall_outside_max_seq_len_are_an_error(tiny_tokenizer, chat_file, tmp_path):

@@ -255,3 +255,16 @@ def test_another_tools_template_name_is_told_to_leave_the_key_out():
         assert "Leave model.chat_template out to use the tokenizer's own template" in chat_template_setting_problem(name)
     missing = chat_template_setting_problem("templates/mine.jinja")
     assert "existing template file" in missing and "another tool's template name" not in missing  # a path is a path
+
+
+def test_foreign_keys_inside_a_section_keep_that_sections_hints(tmp_path):
+    """A review found the new top-level names reaching into sections: `model_type` under `adapter` was "not needed"
+    (it is another method's key there), `eval.max_samples` was told about data.train, `train.eval_batch_size` was an
+    alias of eval.batch_size behind a close spelling of train's own `batch_size`."""
+    found = problems(tmp_path, "adapter: {method: lora, model_type: x}\neval: {max_samples: 5}\ndata: {train: a.jsonl}\n")
+    assert any(p.startswith("`model_type` is not a parameter of adapter method `lora`") for p in found), found
+    assert not any("is not needed" in p for p in found), found
+    found = problems(tmp_path, "use_peft: false\ndata: {train: a.jsonl}\n")
+    assert any("`false` is `method: full`" in p for p in found), found
+    found = problems(tmp_path, "max_eval_samples: 50\ndata: {train: a.jsonl}\n")
+    assert any(p.startswith("unknown key `max_eval_samples`: did you mean `data.max_eval_examples`?") for p in found)
