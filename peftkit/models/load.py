@@ -451,7 +451,7 @@ def bnb_config(
 
     # The recipe's compute_dtype when it names one, else the model's dtype (`compute_dtype`).
     dtype = resolve_dtype(cfg.compute_dtype, device) if cfg.compute_dtype != "auto" else (compute_dtype or resolve_dtype("auto", device))
-    skip = unquantized_modules(cfg, transformers_skips or [])
+    skip = unquantized_modules(cfg, transformers_skips) if transformers_skips is not None else None
     if cfg.bits == 8:  # LLM.int8 reads none of the 4-bit keys (the schema refuses them with bits: 8)
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
@@ -493,17 +493,19 @@ def disable_bnb_cpu_repacking(model: Any) -> int:
 
 
 def unquantized_modules(cfg: QuantizationConfig, transformers_skips: list[str]) -> list[str] | None:
-    """bitsandbytes' skip list for `keep_modules` (None: transformers' defaults apply as they are)."""
-    return sorted({*transformers_skips, *cfg.keep_modules}) if cfg.keep_modules else None
+    """bitsandbytes' skip list: transformers' defaults with `keep_modules` (None where there are neither)."""
+    return sorted({*transformers_skips, *(cfg.keep_modules or [])}) or None
 
 
 def default_skips(source: ModelSource, cfg: ModelConfig, task: str) -> list[str]:
-    """The modules transformers keeps unquantized by default, read from a weightless (meta) copy of the model."""
+    """The modules transformers keeps unquantized by default, read from a weightless (meta) copy of the model, named
+    as modules: transformers takes the last parameter's name less `.weight`, which for a bias (`classifier.bias`)
+    names no module."""
     from transformers.quantizers.base import get_keys_to_not_convert
 
     from peftkit.models.skeleton import model_skeleton
 
-    return list(get_keys_to_not_convert(model_skeleton(source, cfg, task)))
+    return sorted({key.removesuffix(".bias") for key in get_keys_to_not_convert(model_skeleton(source, cfg, task))})
 
 
 @contextmanager
@@ -613,8 +615,10 @@ def load_model(
                 "and `export --format adapter --no-verify` writes the adapter alone; to merge, train with "
                 "quantization.blocksize 64 (the default) or less")
         silence_bnb_cpu_warnings()
-        kwargs["quantization_config"] = bnb_config(quantization, device, dtype, quant_storage,
-                                                   transformers_skips=default_skips(source, cfg, task) if quantization.keep_modules else None)
+        # A classifier's head is sent too: transformers keeps only the last *parameter's* module, and for a head with
+        # a bias (BERT's `classifier.bias`) that name matches no module, so the new head was quantized
+        skips = default_skips(source, cfg, task) if quantization.keep_modules or task != "causal_lm" else None
+        kwargs["quantization_config"] = bnb_config(quantization, device, dtype, quant_storage, transformers_skips=skips)
         kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else device}  # this rank's GPU
     auto = AutoModelForCausalLM
     if task == "sequence_classification":
@@ -641,7 +645,7 @@ def quantizable_layers(model: torch.nn.Module) -> list[str]:
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     try:
-        kept = get_keys_to_not_convert(model)
+        kept = [key.removesuffix(".bias") for key in get_keys_to_not_convert(model)]  # as default_skips names them
     except (AttributeError, IndexError, TypeError):  # not a transformers model: its output head alone
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         kept = [name for name, module in model.named_modules() if head is not None and module is head]

@@ -195,6 +195,21 @@ def test_lora_on_bert_targets_query_key_value_dense(tiny_bert_dir, tmp_path):
     assert (result.run_dir / "adapter-export" / "adapter_model.safetensors").is_file()
 
 
+def test_qlora_on_bert_keeps_the_new_classifier_head_unquantized(tiny_bert_dir, tmp_path):
+    """transformers keeps the last parameter's module unquantized, named without `.weight`: for BERT that is
+    `classifier.bias`, which names no module, so the new head was quantized and the first evaluation died in
+    bitsandbytes (`assert module.weight.shape[1] == 1`)."""
+    adapter = {"method": "qlora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]}
+    result = train(recipe_from_dict(_recipe(tiny_bert_dir, tmp_path, adapter, max_steps=2)))
+    assert result.summary["steps"] == 2 and result.summary["eval_loss_after"] is not None
+    from peftkit.runs import load_run
+
+    model = load_run(result.run_dir).model
+    kinds = {name: type(module).__name__ for name, module in model.named_modules()}
+    assert any(kind == "Linear4bit" for kind in kinds.values())  # the encoder is 4-bit
+    assert not any(kind.startswith("Linear4bit") for name, kind in kinds.items() if ".classifier" in name)
+
+
 @pytest.mark.parametrize("method", ["partial", "full"])
 def test_partial_and_full_on_bert(method, tiny_bert_dir, tmp_path):
     adapter = {"method": "partial", "train_last_layers": 1} if method == "partial" else {"method": "full"}
