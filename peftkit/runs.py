@@ -255,6 +255,10 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
     finish_loaded_model(model, run_dir, recipe, tokenizer)
     prepare_for_generation(model)
     model.eval()
+    if recipe.task == "sequence_classification":  # predict_labels cuts texts where the run's scores did
+        from peftkit.train.classification import MAX_SEQ_LEN_ATTR
+
+        setattr(model, MAX_SEQ_LEN_ATTR, recipe.data.max_seq_len)
     return LoadedRun(run_dir, recipe, model, tokenizer)
 
 

@@ -104,9 +104,17 @@ def model_input_names(model: Any) -> set[str]:
     return set(inspect.signature(base.forward).parameters) & {"input_ids", "attention_mask", "token_type_ids"}
 
 
+MAX_SEQ_LEN_ATTR = "peftkit_max_seq_len"
+"""Set by `peftkit.runs.load_run` on a classifier: the run's data.max_seq_len, where its scores cut the texts."""
+
+
 @torch.inference_mode()
-def predict_labels(model: Any, tokenizer: Any, texts: list[str], max_seq_len: int = 512, batch_size: int = 16) -> list[str]:
-    """Label names for raw texts (used for the run's sample predictions and by callers of load_run)."""
+def predict_labels(model: Any, tokenizer: Any, texts: list[str], max_seq_len: int | None = None,
+                   batch_size: int = 16) -> list[str]:
+    """Label names for raw texts (used for the run's sample predictions and by callers of load_run). Texts are cut
+    at `max_seq_len` tokens: by default the run's data.max_seq_len for a model from load_run (so the predictions
+    match the run's scores), else 512."""
+    max_seq_len = max_seq_len or getattr(model, MAX_SEQ_LEN_ATTR, None) or 512
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     id2label = base.config.id2label
     accepted = model_input_names(model)

@@ -139,6 +139,26 @@ def _check_run(result, trained_head: str) -> None:
     base = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model
     assert base.config.id2label == {0: "negative", 1: "positive"}
     assert predict_labels(run.model, run.tokenizer, POSITIVE + NEGATIVE) == ["positive"] * 5 + ["negative"] * 5
+    # texts are cut where the run's scores cut them (data.max_seq_len 32), not at 512: Python matches summary.json
+    cut_at = []
+
+    class Watched:
+        def __init__(self, tokenizer):
+            self.__dict__["inner"] = tokenizer
+
+        def __call__(self, *args, **kwargs):
+            cut_at.append(kwargs.get("max_length"))
+            return self.inner(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __setattr__(self, name, value):
+            setattr(self.inner, name, value)
+
+    predict_labels(run.model, Watched(run.tokenizer), ["word " * 100])
+    predict_labels(run.model, Watched(run.tokenizer), ["word " * 100], max_seq_len=64)
+    assert cut_at == [32, 64]
     assert any(name.split(".")[-1] == trained_head for name, _ in base.named_modules())
     from peftkit.cli import main
 
