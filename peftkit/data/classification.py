@@ -189,6 +189,11 @@ def build_classification_data(
         tokenize_labeled(heldout_items, tokenizer, label2id, cfg.max_seq_len, input_names),
     )
     counts = {name: sum(item.label == name for item in train_items) for name in labels}
+    untrained = [name for name, count in counts.items() if count == 0]
+    if untrained and not cfg.eval:  # the split drew every example of these labels (a resumed run's old labels too)
+        log.warning("label(s) %s have no training example: the eval split drew all of them, so the classifier "
+                    "cannot learn them. Add examples (a few per label at least), fix a misspelt label, or give "
+                    "data.eval a file of its own", ", ".join(repr(name) for name in untrained))
     data.stats = {
         "train_rows": len(data.train),
         "eval_rows": len(data.eval),

@@ -425,3 +425,25 @@ def test_an_early_stopped_classifier_says_so_and_logs_no_second_evaluation_at_it
     assert not any(key.startswith("heldout_") for r in records if r["step"] > 0 for key in r)  # the summary has them
     assert summary["heldout_accuracy_after"] is not None
     assert f"(stopped early; the weights are step {summary['weights_from_step']}'s" in (run_dir / "README.md").read_text()
+
+
+def test_a_label_the_eval_split_drew_whole_is_warned_about(tiny_tokenizer, tmp_path, caplog):
+    """A misspelt one-off label (`Positive` beside `positive`) went wholly into the eval split: the head got a class
+    with no training row, and summary.json's `train_label_counts` showing 0 was the only trace."""
+    import logging
+
+    from peftkit.config.schema import DataConfig
+    from peftkit.data.classification import build_classification_data
+
+    records = [{"text": f"good thing {i}", "label": "positive"} for i in range(6)]
+    records += [{"text": f"bad thing {i}", "label": "negative"} for i in range(6)] + [{"text": "fine", "label": "Positive"}]
+    cfg = DataConfig(train=str(write_jsonl(tmp_path / "t.jsonl", records)), eval_fraction=0.3)
+    seen = set()
+    for seed in range(12):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="peftkit.data.classification"):
+            data = build_classification_data(cfg, tiny_tokenizer, seed=seed)
+        drawn = data.stats["train_label_counts"]["Positive"] == 0
+        seen.add(drawn)
+        assert ("label(s) 'Positive' have no training example" in caplog.text) == drawn, seed
+    assert seen == {True, False}, "the seeds cover both cases"
