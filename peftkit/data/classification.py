@@ -18,8 +18,9 @@ from typing import Any
 
 from peftkit.config.schema import ColumnsConfig, DataConfig, Recipe
 from peftkit.data.columns import record_keys
-from peftkit.data.formats import data_sources, read_records
+from peftkit.data.formats import bad_records_error, data_sources, read_records
 from peftkit.errors import DataError, RunDirError
+from peftkit.utils.once import say_once
 
 LABELS_FILE = "labels.json"
 TASK = "sequence_classification"
@@ -49,25 +50,51 @@ class ClassificationData:
 
 
 def load_labeled(source: str | Path | Sequence[str | Path], columns: ColumnsConfig | None = None) -> list[LabeledText]:
-    """`{text, label}` records; `columns` (the recipe's `data.columns`) may name other fields."""
-    text_field = columns.text if columns and columns.text else "text"
-    label_field = columns.label if columns and columns.label else "label"
-    names = f"`{text_field}` and `{label_field}`"
-    hint = "" if columns else "; map other field names with data.columns, e.g. `{text: sentence, label: sentiment}`"
+    """`{text, label}` records; `columns` (the recipe's `data.columns`) may name other fields. A source that no record
+    of fits the map but `{text, label}` does (a `data.eval` file beside mapped training data) is read as it is, as
+    chat data is. All of a file's bad records are named in one error."""
+    mapped = (columns.text if columns and columns.text else "text", columns.label if columns and columns.label else "label")
     items = []
-    records = [record for one in data_sources(source) for record in read_records(Path(one))]
-    for where, record in records:
-        if not isinstance(record, dict) or text_field not in record or label_field not in record:
-            raise DataError(f"{where}: classification records need {names} (found: {record_keys(record)}){hint}")
-        text, label = record[text_field], record[label_field]
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where}: `{text_field}` must be a non-empty string")
-        if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
-            raise DataError(f"{where}: `{label_field}` must be a non-empty string (a label name) or an integer")
-        items.append(LabeledText(where, text, str(label).strip()))
+    for one in data_sources(source):
+        records = read_records(Path(one))
+        fields = mapped
+        if mapped != ("text", "label") and not any(_has(record, mapped) for _, record in records) \
+                and any(_has(record, ("text", "label")) for _, record in records):
+            fields = ("text", "label")
+            say_once(log, logging.INFO, f"{one}: no record has the fields data.columns names, so it was read as "
+                     "`text` / `label` records (the map reads the recipe's other data)")
+        found, problems = _labeled_records(records, fields, hinted=columns is None)
+        if problems:
+            raise bad_records_error(one, problems, len(found))
+        items.extend(found)
     if not items:
         raise DataError(f"data {', '.join(map(str, data_sources(source)))} contains no examples")
     return items
+
+
+def _has(record: Any, fields: tuple[str, str]) -> bool:
+    return isinstance(record, dict) and all(field in record for field in fields)
+
+
+def _labeled_records(records: list[tuple[str, Any]], fields: tuple[str, str], hinted: bool
+                     ) -> tuple[list[LabeledText], list[tuple[str, str]]]:
+    """The labelled texts of one file's records, and each bad record's place and message."""
+    text_field, label_field = fields
+    hint = "; map other field names with data.columns, e.g. `{text: sentence, label: sentiment}`" if hinted else ""
+    items, problems = [], []
+    for where, record in records:
+        if not _has(record, fields):
+            problems.append((where, f"{where}: classification records need `{text_field}` and `{label_field}` "
+                                    f"(found: {record_keys(record)}){hint}"))
+            continue
+        text, label = record[text_field], record[label_field]
+        if not isinstance(text, str) or not text.strip():
+            problems.append((where, f"{where}: `{text_field}` must be a non-empty string"))
+        elif isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
+            problems.append((where, f"{where}: `{label_field}` must be a non-empty string (a label name) or an integer"))
+        else:
+            items.append(LabeledText(where, text, str(label).strip()))
+    return items, problems
 
 
 def label_names(items: list[LabeledText]) -> list[str]:

@@ -447,3 +447,27 @@ def test_a_label_the_eval_split_drew_whole_is_warned_about(tiny_tokenizer, tmp_p
         seen.add(drawn)
         assert ("label(s) 'Positive' have no training example" in caplog.text) == drawn, seed
     assert seen == {True, False}, "the seeds cover both cases"
+
+
+def test_labelled_files_name_every_bad_record_and_an_eval_file_in_its_own_fields_is_read(tmp_path):
+    """Only the first bad record was named (chat files list them all); and a `data.eval` file of `text` / `label`
+    records beside a CSV mapped through data.columns was refused for lacking the mapped names."""
+    from peftkit.config.schema import ColumnsConfig
+    from peftkit.data.classification import load_labeled
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok", "label": "a"}, {"text": "", "label": "a"},
+                                               {"text": "x", "label": ""}, {"text": None, "label": "b"}, {"text": "y"}])
+    with pytest.raises(DataError) as caught:
+        load_labeled(bad)
+    message = str(caught.value)
+    assert message.startswith(f"4 records of {bad} need fixing")
+    for line in (2, 3, 4, 5):
+        assert f"{bad}:{line}:" in message
+    mapped = tmp_path / "train.csv"
+    mapped.write_text("review,sentiment\ngreat,pos\nawful,neg\n")
+    own = write_jsonl(tmp_path / "eval.jsonl", [{"text": "lovely", "label": "pos"}])
+    columns = ColumnsConfig(text="review", label="sentiment")
+    assert [(i.text, i.label) for i in load_labeled(mapped, columns)] == [("great", "pos"), ("awful", "neg")]
+    assert [(i.text, i.label) for i in load_labeled(own, columns)] == [("lovely", "pos")]
+    with pytest.raises(DataError, match="classification records need `review` and `sentiment`"):  # fits neither
+        load_labeled(write_jsonl(tmp_path / "other.jsonl", [{"sentence": "x", "y": 1}]), columns)
