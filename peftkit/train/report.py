@@ -66,6 +66,9 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
     table.add_column("after", justify="right")
     table.add_row("eval loss", _num(summary["eval_loss_before"]), _num(summary["eval_loss_after"]))
     pct = "{:.1%}"
+    if summary.get("eval_accuracy_after") is not None:  # a classifier's own measures of its eval split
+        table.add_row("eval accuracy", _num(summary.get("eval_accuracy_before"), pct), _num(summary["eval_accuracy_after"], pct))
+        table.add_row("eval macro-F1", _num(summary.get("eval_macro_f1_before")), _num(summary.get("eval_macro_f1_after")))
     if summary.get("heldout_questions"):  # no held-out file: no row of n/a
         classifier = summary.get("task") == "sequence_classification"  # held-out texts with labels, not questions
         table.add_row(

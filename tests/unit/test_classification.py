@@ -170,7 +170,11 @@ def _check_run(result, trained_head: str) -> None:
 
     console = Console(record=True, width=400)
     print_run_report(console, run_dir, summary)
-    assert "(scores in summary.json)" in console.export_text() and "peftkit chat" not in console.export_text()
+    shown = console.export_text()  # (export_text clears what it returns)
+    assert "(scores in summary.json)" in shown and "peftkit chat" not in shown
+    # the classifier's own measures on screen, not only in summary.json
+    assert f"{summary['eval_accuracy_after']:.1%}" in shown.split("eval accuracy")[1].splitlines()[0]
+    assert "eval macro-F1" in shown
 
 
 def test_lora_on_a_decoder_trains_the_score_head(tiny_model_dir, tmp_path):
