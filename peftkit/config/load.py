@@ -89,6 +89,10 @@ KEY_ALIASES: dict[str, str] = {
     "use_gradient_checkpointing": "train.gradient_checkpointing",
 }
 
+_EVALS_EVERY = "a step count (`eval_steps: N`: every N optimizer steps); left out, the run evaluates at the end of each epoch"
+_SAVES_EVERY = "a step count (`save_steps: N`: every N optimizer steps); left out, the run saves at the end of each epoch"
+_LAYER_RANGE = "a range [first, last] of layer indices, e.g. [0, 11]"
+
 ALIAS_NOTES: dict[str, str] = {
     "template": "`chatml`, `plain`, a Jinja template file, or leave it out for the tokenizer's own",
     "flash_attention": "`flash_attention: true` is `attn_implementation: flash_attention_2`",
@@ -99,15 +103,15 @@ ALIAS_NOTES: dict[str, str] = {
     "lora_target": "`all` is `all-linear`; several modules are a list, e.g. [q_proj, v_proj]",
     "lora_target_linear": "`lora_target_linear: true` is `target_modules: all-linear`",
     "use_peft": "`use_peft: true` is `adapter.method: lora`, the default; `false` is `method: full`",
-    "lora_layers_to_transform": "a range [first, last] of layer indices, e.g. [0, 11]",
-    "layers_to_transform": "a range [first, last] of layer indices, e.g. [0, 11]",
+    "lora_layers_to_transform": _LAYER_RANGE,
+    "layers_to_transform": _LAYER_RANGE,
     "dataset_name": "a Hub dataset is written `hf:OWNER/NAME` there (a split: `hf:OWNER/NAME:train`)",
     "torch_dtype": "`auto`, `float32`, `bfloat16` or `float16`",
-    "eval_strategy": "a step count (`eval_steps: N`: every N optimizer steps); left out, the run evaluates at the end of each epoch",
-    "evaluation_strategy": "a step count (`eval_steps: N`: every N optimizer steps); left out, the run evaluates at the end of each epoch",
-    "evals_per_epoch": "a step count (`eval_steps: N`: every N optimizer steps); left out, the run evaluates at the end of each epoch",
-    "save_strategy": "a step count (`save_steps: N`: every N optimizer steps); left out, the run saves at the end of each epoch",
-    "saves_per_epoch": "a step count (`save_steps: N`: every N optimizer steps); left out, the run saves at the end of each epoch",
+    "eval_strategy": _EVALS_EVERY,
+    "evaluation_strategy": _EVALS_EVERY,
+    "evals_per_epoch": _EVALS_EVERY,
+    "save_strategy": _SAVES_EVERY,
+    "saves_per_epoch": _SAVES_EVERY,
     "dataset": "a data file or a list of them",
     "datasets": "a data file or a list of them",
     "dataset_text_field": "`dataset_text_field: FIELD` is `columns: {text: FIELD}`",

@@ -498,14 +498,18 @@ def unquantized_modules(cfg: QuantizationConfig, transformers_skips: list[str]) 
 
 
 def default_skips(source: ModelSource, cfg: ModelConfig, task: str) -> list[str]:
-    """The modules transformers keeps unquantized by default, read from a weightless (meta) copy of the model, named
-    as modules: transformers takes the last parameter's name less `.weight`, which for a bias (`classifier.bias`)
-    names no module."""
-    from transformers.quantizers.base import get_keys_to_not_convert
-
+    """The modules transformers keeps unquantized by default, read from a weightless (meta) copy of the model."""
     from peftkit.models.skeleton import model_skeleton
 
-    return sorted({key.removesuffix(".bias") for key in get_keys_to_not_convert(model_skeleton(source, cfg, task))})
+    return kept_unquantized(model_skeleton(source, cfg, task))
+
+
+def kept_unquantized(model: torch.nn.Module) -> list[str]:
+    """transformers' get_keys_to_not_convert named as modules: it takes the last parameter's name less `.weight`,
+    which for a bias (`classifier.bias`) names no module."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    return sorted({key.removesuffix(".bias") for key in get_keys_to_not_convert(model)})
 
 
 @contextmanager
@@ -641,11 +645,10 @@ def quantizable_layers(model: torch.nn.Module) -> list[str]:
     weights: transformers' get_keys_to_not_convert). Works on a meta skeleton, so a recipe is checked before any
     weights load."""
     from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     try:
-        kept = [key.removesuffix(".bias") for key in get_keys_to_not_convert(model)]  # as default_skips names them
+        kept = kept_unquantized(model)
     except (AttributeError, IndexError, TypeError):  # not a transformers model: its output head alone
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         kept = [name for name, module in model.named_modules() if head is not None and module is head]

@@ -199,7 +199,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
            f"{_pct(summary['heldout_accuracy_after'])} |"] if summary.get("heldout_questions") else []),
         *(["", "Overfitting warning: the eval loss rose while the train loss kept falling (`plots/loss.png`)."]
           if summary.get("overfitting_warning") else []),
-        *(["", f"Warning: {eval_loss_rose(summary)}."] if eval_loss_rose(summary) else []),
+        *(["", f"Warning: {worse}."] if (worse := eval_loss_rose(summary)) else []),
         "",
         *_eval_section(run_dir),
         "## Use",
