@@ -239,6 +239,10 @@ def test_a_truncation_that_loses_whole_replies_says_so_and_where(tmp_path, tiny_
         tokenize_examples(load_examples(path), tiny_tokenizer, 48, None, what="eval example")
     assert "eval example(s) were longer than data.max_seq_len=48 tokens and were truncated, the text past the limit " \
            "not scored" in caplog.text and "which are not scored at all" in caplog.text and "trained" not in caplog.text
+    caplog.clear()  # the forgetting set's questions are scored too
+    with caplog.at_level(logging.WARNING, logger="peftkit.data.build"):
+        tokenize_examples(load_examples(path), tiny_tokenizer, 48, None, what="general-set")
+    assert "the text past the limit not scored" in caplog.text and "trained" not in caplog.text
 
 
 def test_a_folder_of_data_files_points_at_the_list_form(tmp_path):
