@@ -173,6 +173,22 @@ def tokenize_labeled(
     return rows
 
 
+def cut_texts(items: list[LabeledText], rows: list[dict[str, Any]], tokenizer: Any, max_seq_len: int) -> list[LabeledText]:
+    """The texts that `tokenize_labeled` cut at `max_seq_len`: only rows filling it whole are tokenized again."""
+    full = [item for item, row in zip(items, rows) if len(row["input_ids"]) >= max_seq_len]
+    if not full:
+        return []
+    lengths = tokenizer([item.text for item in full], truncation=False, verbose=False)["input_ids"]
+    return [item for item, ids in zip(full, lengths) if len(ids) > max_seq_len]
+
+
+def _warn_cut(what: str, cut: list[LabeledText], total: int, max_seq_len: int) -> None:
+    if cut:
+        log.warning("%d of %d %s text(s) are longer than data.max_seq_len=%d tokens: the classifier sees only their "
+                    "first %d tokens (first: %s). Raise data.max_seq_len if the label depends on the rest",
+                    len(cut), total, what, max_seq_len, max_seq_len, cut[0].where)
+
+
 def general_inputs(tokenizer: Any, max_seq_len: int) -> list[dict[str, Any]]:
     """The built-in general set's prompts as plain text: what a classifier's backbone was good at before
     tuning (calibration for knowledge-preserving inits such as `corda_kpm`; only the inputs matter)."""
@@ -215,6 +231,11 @@ def build_classification_data(
         tokenize_labeled(eval_items, tokenizer, label2id, cfg.max_seq_len, input_names),
         tokenize_labeled(heldout_items, tokenizer, label2id, cfg.max_seq_len, input_names),
     )
+    cut: dict[str, list[LabeledText]] = {}
+    for what, split_items, rows in (("training", train_items, data.train), ("eval", eval_items, data.eval),
+                                    ("held-out", heldout_items, data.heldout)):
+        cut[what] = cut_texts(split_items, rows, tokenizer, cfg.max_seq_len)
+        _warn_cut(what, cut[what], len(split_items), cfg.max_seq_len)
     counts = {name: sum(item.label == name for item in train_items) for name in labels}
     untrained = [name for name, count in counts.items() if count == 0]
     if untrained and not cfg.eval:  # the split drew every example of these labels (a resumed run's old labels too)
@@ -227,6 +248,7 @@ def build_classification_data(
         "heldout_rows": len(data.heldout),
         "train_label_counts": counts,
         "train_tokens": sum(len(r["input_ids"]) for r in data.train),
+        "train_truncated": len(cut["training"]),
     }
     return data
 

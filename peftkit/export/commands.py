@@ -35,9 +35,23 @@ def _print_result(result: Any) -> None:
         console.print(Text.assemble(("Verified", "green"), f" in a fresh process: {summary_line(result.verification)}"))
 
 
+def _threads_for(run_dirs: list[str], doing: str, *, refuse_classifiers: bool) -> None:
+    """Set the command's threads from its (first) run, after refusing a classifier run where the command needs a
+    causal language model: the refusal comes first, without a thread line before it."""
+    from pathlib import Path
+
+    from peftkit.export.merge import refuse_other_tasks
+    from peftkit.runs import read_run_recipe, use_run_threads
+
+    recipes = [read_run_recipe(run_dir) for run_dir in run_dirs]
+    if refuse_classifiers:
+        for run_dir, recipe in zip(run_dirs, recipes):
+            refuse_other_tasks(Path(run_dir).expanduser().resolve(), recipe)
+    use_run_threads(recipes[0], doing, on_cpu=True)
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from peftkit.export.common import parse_shard_size
-    from peftkit.runs import read_run_recipe, use_run_threads
     from peftkit.export.hf import export_combined, export_hf
     from peftkit.train.run_dir import reading_runs
 
@@ -47,7 +61,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             raise ExportError("give either RUN_DIR or --adapters RUN_A RUN_B ..., not both")
         if not args.out:
             raise ExportError("--adapters needs --out DIR (where the combined model goes)")
-        use_run_threads(read_run_recipe(args.adapters[0]), "merging", on_cpu=True)
+        _threads_for(args.adapters, "merging", refuse_classifiers=True)
         with reading_runs(*args.adapters):
             result = export_combined(args.adapters, args.out, weights=args.weights, combination=args.combination,
                                      dtype=args.dtype, shard_size=shard, force=args.force, check=not args.no_verify,
@@ -57,7 +71,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             raise ExportError("give the run directory to merge (peftkit merge RUN_DIR), or --adapters RUN_A RUN_B")
         if args.weights:
             raise ExportError("--weights only applies with --adapters")
-        use_run_threads(read_run_recipe(args.run_dir), "merging", on_cpu=True)
+        _threads_for([args.run_dir], "merging", refuse_classifiers=True)
         with reading_runs(args.run_dir):
             result = export_hf(args.run_dir, args.out, dtype=args.dtype, shard_size=shard, force=args.force,
                                check=not args.no_verify, qlora_base=args.qlora_base, base=args.base)
@@ -66,10 +80,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from peftkit.runs import read_run_recipe, use_run_threads
     from peftkit.train.run_dir import reading_runs
 
-    use_run_threads(read_run_recipe(args.run_dir), "exporting", on_cpu=True)
+    # only a verified adapter export reloads a causal LM; the adapter files of a classifier export unverified
+    _threads_for([args.run_dir], "exporting", refuse_classifiers=args.format != "adapter" or not args.no_verify)
     with reading_runs(args.run_dir):
         result = _export(args)
     _print_result(result)

@@ -73,6 +73,21 @@ FULL_MODEL = "FULL_MODEL"
 """Pseudo peft type for runs that trained the weights themselves (methods `full`, `partial`): RUN_DIR/model."""
 
 
+def refuse_other_tasks(run_dir: Path, recipe: Recipe) -> None:
+    """Merge, the exports and their verification handle causal language models: a classifier run is refused,
+    with the way to load what it trained."""
+    task = getattr(recipe, "task", "causal_lm")
+    if task == "causal_lm":
+        return
+    full = trained_model_dir(run_dir)
+    use = (f"{full} is the trained classifier itself: load it with transformers' "
+           "AutoModelForSequenceClassification.from_pretrained" if full is not None else
+           "Load its adapter with peft's AutoPeftModelForSequenceClassification, or "
+           f"`{command('export', str(run_dir), '--format', 'adapter', '--no-verify')}` for the adapter files")
+    raise ExportError(f"{run_dir} is a {task} run; merge/export (and their verification) handle causal language "
+                      f"models. {use}")
+
+
 def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_lm: bool = True) -> RunAdapter:
     """Recipe + adapter + base reference, with the adapter/base fit checked from files only."""
     from peftkit.adapters import effective_quantization
@@ -86,13 +101,8 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
     recipe = read_run_recipe(run_dir)
     task = getattr(recipe, "task", "causal_lm")
     full = trained_model_dir(run_dir)
-    if require_causal_lm and task != "causal_lm":
-        use = (f"{full} is the trained classifier itself: load it with transformers' "
-               "AutoModelForSequenceClassification.from_pretrained" if full is not None else
-               "Load its adapter with peft's AutoPeftModelForSequenceClassification, or "
-               f"`{command('export', str(run_dir), '--format', 'adapter', '--no-verify')}` for the adapter files")
-        raise ExportError(f"{run_dir} is a {task} run; merge/export (and their verification) handle causal language "
-                          f"models. {use}")
+    if require_causal_lm:
+        refuse_other_tasks(run_dir, recipe)
     if full is not None:
         info = AdapterInfo(full, {"peft_type": FULL_MODEL, "method": getattr(recipe.adapter, "method", "full")})
     else:

@@ -191,6 +191,26 @@ def test_lora_on_a_decoder_trains_the_score_head(tiny_model_dir, tmp_path):
     assert "merge" not in json.dumps(serving) and "AutoPeftModelForSequenceClassification" in json.dumps(serving)
 
 
+def test_merge_and_export_refuse_a_classifier_before_choosing_threads(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The refusal came after the thread choice, whose busy-CPU warning ("merging on 1 thread ...") was said first
+    for a command that then did nothing."""
+    import peftkit.runs
+    from peftkit.cli import main
+
+    recipe = _recipe(tiny_model_dir, tmp_path, {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, max_steps=1)
+    recipe["eval"] = {"before": False}
+    run_dir = str(train(recipe_from_dict(recipe)).run_dir)
+    chosen: list[str] = []
+    monkeypatch.setattr(peftkit.runs, "use_run_threads", lambda recipe, doing, **kw: chosen.append(doing))
+    for argv in (["merge", run_dir], ["merge", "--adapters", run_dir, run_dir, "--out", str(tmp_path / "c")],
+                 ["export", run_dir, "--format", "gguf"], ["export", run_dir, "--format", "adapter"]):
+        capsys.readouterr()
+        assert main(argv) != 0, argv
+        assert "is a sequence_classification run" in capsys.readouterr().err, argv
+    assert chosen == []
+    assert main(["export", run_dir, "--format", "adapter", "--no-verify"]) == 0 and chosen == ["exporting"]
+
+
 def test_grad_accum_gives_the_loss_and_gradient_norm_of_one_whole_batch(tiny_model_dir, tmp_path):
     """The same 8 rows per optimizer step as one batch of 8 or as 4 x 2 accumulated: the same logged loss and grad
     norm (both were grad_accum times larger: the Trainer took the model's mean loss as already divided)."""
@@ -475,3 +495,27 @@ def test_labelled_files_name_every_bad_record_and_an_eval_file_in_its_own_fields
     assert [(i.text, i.label) for i in load_labeled(own, columns)] == [("lovely", "pos")]
     with pytest.raises(DataError, match="classification records need `review` and `sentiment`"):  # fits neither
         load_labeled(write_jsonl(tmp_path / "other.jsonl", [{"sentence": "x", "y": 1}]), columns)
+
+
+def test_texts_longer_than_max_seq_len_are_counted_and_warned_about(tiny_tokenizer, tmp_path, caplog):
+    """A classifier sees only a text's first max_seq_len tokens: a review whose verdict is at its end was cut
+    silently. Texts exactly max_seq_len long are not cut."""
+    import logging
+
+    from peftkit.config.schema import DataConfig
+
+    long_text = " ".join(["good"] * 40)
+    records = [{"text": long_text, "label": "positive"}, {"text": "bad " * 3, "label": "negative"}] * 3
+    cfg = DataConfig(train=str(write_jsonl(tmp_path / "t.jsonl", records)), eval_fraction=0.0, max_seq_len=16)
+    with caplog.at_level(logging.WARNING, logger="peftkit.data.classification"):
+        data = build_classification_data(cfg, tiny_tokenizer)
+    assert data.stats["train_truncated"] == 3
+    assert "3 of 6 training text(s) are longer than data.max_seq_len=16 tokens" in caplog.text
+    assert "t.jsonl" in caplog.text and all(len(row["input_ids"]) <= 16 for row in data.train)
+
+    exact = len(tiny_tokenizer(long_text)["input_ids"])
+    cfg = cfg.model_copy(update={"max_seq_len": exact})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="peftkit.data.classification"):
+        assert build_classification_data(cfg, tiny_tokenizer).stats["train_truncated"] == 0
+    assert "longer than data.max_seq_len" not in caplog.text
