@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from peftkit.data.formats import Message
@@ -102,7 +102,7 @@ def _render(
     except TemplateError as exc:
         refusal: Exception | str = exc
     else:
-        if not _drops_system_message(messages, text):
+        if not _drops_system_message(messages, text, render):
             return text
         refusal = "it leaves them out"
     folded = fold_system_prompt(messages)
@@ -129,11 +129,23 @@ def _render(
     ) from None
 
 
-def _drops_system_message(messages: Sequence[Message], text: str) -> bool:
-    """Whether the template rendered the leading system message's text nowhere (some render user and assistant
-    turns only): the system prompt would be trained and served as absent, without a word."""
+def _drops_system_message(messages: Sequence[Message], text: str, render: Callable[[Sequence[Message]], str]) -> bool:
+    """Whether the template left the leading system message out (some render user and assistant turns only): the
+    system prompt would be trained and served as absent, without a word. Its text shown nowhere says so (as written,
+    or JSON-escaped by `| tojson`); where a later message quotes it, only the same text without it does."""
+    from jinja2.exceptions import TemplateError
+
     system = str(messages[0].get("content") or "").strip() if messages and messages[0]["role"] == "system" else ""
-    return bool(system) and not _shown(system, text)  # as written, or JSON-escaped (`| tojson`)
+    if not system:
+        return False
+    if not _shown(system, text):
+        return True
+    if not any(_shown(system, str(m.get("content") or "")) for m in messages[1:]):
+        return False
+    try:
+        return render(messages[1:]) == text
+    except TemplateError:
+        return False
 
 
 class HistoryRenderedDifferently(DataError):

@@ -97,6 +97,18 @@ def test_a_template_that_refuses_or_leaves_out_system_messages_gets_them_in_the_
         tokenizer.apply_chat_template(own, tokenize=False)
 
 
+def test_a_dropped_system_prompt_is_found_when_the_user_quotes_it(tiny_tokenizer):
+    """Whether the template left the system prompt out was read from its text appearing anywhere: a user message
+    quoting it hid the drop, and that row trained without the prompt every other row has."""
+    tokenizer = _with_template(tiny_tokenizer, SYSTEM_DROPPING_TEMPLATE)
+    messages = [{"role": "system", "content": "be brief."}, {"role": "user", "content": "be brief. hello"},
+                {"role": "assistant", "content": "hi"}]
+    row, _ = tokenize_conversation(tokenizer, messages, max_seq_len=512)
+    assert tokenizer.decode(row["input_ids"]).startswith("<|im_start|>user\nbe brief.\n\nbe brief. hello")
+    row, _ = tokenize_conversation(tiny_tokenizer, messages, max_seq_len=512)  # ChatML shows it: rendered as it is
+    assert tokenizer.decode(row["input_ids"]).count("be brief.") == 2
+
+
 def test_a_system_prompt_rendered_json_escaped_is_kept_where_the_template_puts_it(tiny_tokenizer):
     """A template that writes the system text with `| tojson` shows it escaped: that is rendered, not left out."""
     tokenizer = _with_template(tiny_tokenizer, (
