@@ -273,7 +273,8 @@ def _chat_with_model_folder(args: argparse.Namespace) -> int:
 def _read_tools(path: str) -> tuple[dict[str, Any], ...] | None:
     """`--tools FILE`: a JSON list of function schemas, or records with `tools` (the training data: the first
     record's are used)."""
-    from peftkit.data.formats import read_records, tools_of
+    from peftkit.data.files import read_records
+    from peftkit.data.formats import tools_of
     from peftkit.errors import DataError
 
     if Path(path).is_dir():

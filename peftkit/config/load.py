@@ -394,7 +394,7 @@ def _entry_source(path: str, bases: tuple[Path, ...]) -> str:
     """An axolotl entry's `path` as `data.train` names it: `hf:OWNER/NAME` for a Hub dataset id (one slash, no
     data-file suffix, and neither such a file nor a folder OWNER next to the recipe or here), else the path as
     written."""
-    from peftkit.data.formats import looks_like_hub_id
+    from peftkit.data.files import looks_like_hub_id
 
     if not looks_like_hub_id(path):
         return path
@@ -497,7 +497,7 @@ def _friendly(err: dict[str, Any], bases: tuple[Path, ...] = ()) -> str:
 
 
 def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
-    from peftkit.data.formats import is_pattern, matching_files
+    from peftkit.data.files import is_pattern, matching_files
     from peftkit.data.hub import is_hub_ref
     from peftkit.data.replay import BUILTIN_PREFIX
 
@@ -655,7 +655,7 @@ def _from_current_directory(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _missing_files(data: dict[str, Any]) -> list[str]:
-    from peftkit.data.formats import hub_id_hint, is_pattern, missing_local_files
+    from peftkit.data.files import hub_id_hint, is_pattern, missing_local_files
 
     section = data.get("data") if isinstance(data.get("data"), dict) else {}
     named = [(f"data.{key}", section.get(key)) for key in DATA_PATH_KEYS]

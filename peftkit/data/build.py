@@ -20,9 +20,10 @@ from peftkit.data.chat import (IGNORE_INDEX, abridged, replies_cut_off, special_
                                tokenize_text_rows, trained_count, trained_flags, with_system_prompt)
 from peftkit.data.columns import ROLE_ALIASES, number_as_text
 from peftkit.data.facts import whole_fact_spans
-from peftkit.data.formats import (Example, Message, bad_records_error, chat_record_messages, data_sources,
-                                  detect_format, load_examples, message_calls, message_text, read_records,
-                                  record_tools, sharegpt_messages, tool_calls_of, with_folded_keys, with_record_system)
+from peftkit.data.files import data_sources, read_records
+from peftkit.data.formats import (Example, Message, bad_records_error, chat_record_messages, detect_format,
+                                  load_examples, message_calls, message_text, record_tools, sharegpt_messages,
+                                  tool_calls_of, with_folded_keys, with_record_system)
 from peftkit.data.replay import BUILTIN_PREFIX, ReplayAnswerer, load_replay, sample_replay
 from peftkit.errors import DataError
 from peftkit.utils.progress import with_progress

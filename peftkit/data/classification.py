@@ -18,7 +18,8 @@ from typing import Any
 
 from peftkit.config.schema import ColumnsConfig, DataConfig, Recipe
 from peftkit.data.columns import record_keys
-from peftkit.data.formats import bad_records_error, data_sources, read_records
+from peftkit.data.files import data_sources, read_records
+from peftkit.data.formats import bad_records_error
 from peftkit.errors import DataError, RunDirError
 from peftkit.utils.once import say_once
 

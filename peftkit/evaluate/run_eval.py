@@ -100,7 +100,7 @@ def run_eval_rows(run_dir: Path, recipe: Recipe, tokenizer: Any) -> list[Row]:
     it is refused before any weights load. Only the train and eval files are read: the held-out and replay files
     the recipe names may have moved (`--heldout` replaces the one)."""
     from peftkit.data.build import split_fingerprint
-    from peftkit.data.formats import missing_local_files
+    from peftkit.data.files import missing_local_files
     from peftkit.train.run_dir import load_before
 
     cfg, seed = recipe.data, recipe.train.seed

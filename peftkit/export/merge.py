@@ -270,7 +270,8 @@ def run_data_texts(run: RunAdapter, limit: int = DATA_TEXTS) -> list[str]:
     skipped: this is a check, not a requirement."""
     import json
 
-    from peftkit.data.formats import data_sources, load_examples
+    from peftkit.data.files import data_sources
+    from peftkit.data.formats import load_examples
     from peftkit.data.hub import is_hub_ref
     from peftkit.errors import PeftkitError
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from peftkit.adapters import effective_quantization
 from peftkit.config.schema import Recipe
-from peftkit.data.formats import data_sources
+from peftkit.data.files import data_sources
 from peftkit.export.card import bnb_kwargs, quantized_base_loading
 from peftkit.train.report import eval_loss_rose, tokens_rate, unfrozen_at_end
 from peftkit.utils.atomic import atomic_write_text

@@ -338,7 +338,7 @@ def test_patterns_are_read_by_the_python_api_too_and_an_empty_one_is_a_data_erro
 
 
 def test_hub_slices_and_real_file_names_with_brackets_are_not_patterns(tmp_path):
-    from peftkit.data.formats import data_sources, is_pattern
+    from peftkit.data.files import data_sources, is_pattern
 
     assert not is_pattern("hf:OWNER/NAME:train[:500]")
     named = _chat_file(tmp_path / "set[1].jsonl", "Bracket?")
