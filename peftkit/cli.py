@@ -65,17 +65,23 @@ def _log_handler() -> logging.Handler:
 @contextlib.contextmanager
 def _progress_bars_for_logs() -> Iterator[None]:
     """In a file or pipe (nohup, a scheduler's job log) a progress bar redraws itself with a carriage return ten times
-    a second, all of it kept: there the bars update every 30 s instead, while the command runs. tqdm reads TQDM_*
-    once, when first imported (transformers' trainer imports it), and launched workers inherit the setting; one the
-    user set is kept, and a calling program (a notebook, a script) has its own back after `main()`."""
+    a second, all of it kept: there the bars update every 30 s instead, while the command runs (the longest interval
+    too: tqdm's monitor thread otherwise forces a redraw after 10 s). tqdm reads TQDM_* when a bar is made, and
+    launched workers inherit the setting; one the user set is kept, and a calling program (a notebook, a script) has
+    its own back after `main()`."""
     if sys.stderr.isatty() or "TQDM_MININTERVAL" in os.environ:
         yield
         return
+    longest = "TQDM_MAXINTERVAL" not in os.environ
     os.environ["TQDM_MININTERVAL"] = "30"
+    if longest:
+        os.environ["TQDM_MAXINTERVAL"] = "30"
     try:
         yield
     finally:
         os.environ.pop("TQDM_MININTERVAL", None)
+        if longest:
+            os.environ.pop("TQDM_MAXINTERVAL", None)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -429,7 +435,7 @@ def _callers_state_kept() -> Iterator[None]:
     TOKENIZERS_PARALLELISM) put back for a Python caller, who goes on in the same process."""
     root, ours = logging.getLogger(), logging.getLogger("peftkit")
     handlers, levels = list(root.handlers), (root.level, ours.level, logging.getLogger("bitsandbytes").level)
-    environ = {name: os.environ.get(name) for name in ("TOKENIZERS_PARALLELISM", "TQDM_MININTERVAL")}
+    environ = {name: os.environ.get(name) for name in ("TOKENIZERS_PARALLELISM", "TQDM_MININTERVAL", "TQDM_MAXINTERVAL")}
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None else None
     transformers = sys.modules.get("transformers")

@@ -441,7 +441,7 @@ def test_resume_run_dir_alone_resumes_that_run(form, tiny_recipe, tmp_path, caps
 
 
 PROGRESS_INTERVAL = ("import io, sys; from peftkit.cli import main; rc = main(sys.argv[1:]); import tqdm; "
-                     "print(rc, tqdm.tqdm(range(1), file=io.StringIO()).mininterval)")
+                     "bar = tqdm.tqdm(range(1), file=io.StringIO()); print(rc, bar.mininterval, bar.maxinterval)")
 
 
 def test_progress_bars_in_a_log_file_update_every_30s_unless_the_user_chose(tiny_recipe, tmp_path, monkeypatch):
@@ -450,12 +450,13 @@ def test_progress_bars_in_a_log_file_update_every_30s_unless_the_user_chose(tiny
     env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
     command = [sys.executable, "-c", PROGRESS_INTERVAL, "validate", str(path), "--no-model"]
     piped = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)  # stderr: a pipe, not a terminal
-    assert piped.stdout.splitlines()[-1] == "0 30.0", piped.stderr
+    # the longest interval too: tqdm's monitor thread redrew a bar 10 s after its last update
+    assert piped.stdout.splitlines()[-1] == "0 30.0 30.0", piped.stderr
     monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
     assert main(["validate", str(path), "--no-model"]) == 0  # in-process: the caller's environment is left as it was
     assert "TQDM_MININTERVAL" not in os.environ
     chosen = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**env, "TQDM_MININTERVAL": "2"})
-    assert chosen.stdout.splitlines()[-1] == "0 2.0", chosen.stderr
+    assert chosen.stdout.splitlines()[-1] == "0 2.0 10.0", chosen.stderr
 
     from peftkit import cli
 
