@@ -491,8 +491,9 @@ class EvalConfig(Section):
     """Also ask the base model the held-out questions before training (greedy generation: the slow part), for the
     before/after comparison. The eval loss before training is always measured (one forward pass over the eval set)."""
     sample_prompts: list[str] = Field(default_factory=list)
-    """Prompts answered by the tuned model at the end of a run (shown and stored in summary.json); empty: the first
-    two held-out questions, so a recipe copied to another domain shows answers about that domain."""
+    """Prompts answered by the tuned model at the end of a run (shown and stored in summary.json); empty: two held-out
+    questions, the first answered right and the first missed (the first two where all are one or the other), so a
+    recipe copied to another domain shows answers about that domain."""
 
 
 Offload = Literal["none", "cpu", "nvme"]

@@ -656,15 +656,15 @@ def save_adapter(model: Any, tokenizer: Any, run_dir: Path, method: str | None =
 
 def _sample_answers(model: Any, tokenizer: Any, recipe: Recipe, heldout_details: list[dict[str, Any]]
                     ) -> list[dict[str, Any]]:
-    """The recipe's eval.sample_prompts answered; without them the first two held-out questions as the evaluation
-    answered them, with their key facts and whether the reply holds one (two misses alone would read as a failed run
-    beside a good accuracy)."""
+    """The recipe's eval.sample_prompts answered; without them two held-out questions as the evaluation answered them,
+    with their key facts and whether the reply holds one (`heldout_samples`)."""
     from peftkit.data.chat import with_system_prompt
+    from peftkit.train.report import heldout_samples
 
     prompts = list(recipe.eval.sample_prompts)
     if not prompts:
         return [{"prompt": d["question"], "reply": d["reply"], "key_fact": d["key_fact"], "correct": d["correct"]}
-                for d in heldout_details[:2]]
+                for d in heldout_samples(heldout_details)]
     conversations = [with_system_prompt([{"role": "user", "content": p}], recipe.data.system_prompt) for p in prompts]
     replies = generate_replies(model, tokenizer, conversations, max_new_tokens=recipe.eval.max_new_tokens)
     return [{"prompt": p, "reply": r.text} for p, r in zip(prompts, replies)]

@@ -48,6 +48,18 @@ def test_the_run_report_shows_replies_as_written_and_scores_the_held_out_samples
     assert f"Run directory: {tmp_path / 'run[1]'}" in text and "peftkit eval" in text
 
 
+def test_the_held_out_samples_are_one_right_and_one_missed_answer_in_file_order():
+    """The first two questions were shown: two misses under a 61.8 % accuracy read as a failed run."""
+    from peftkit.train.report import heldout_samples
+
+    details = [{"question": q, "correct": ok} for q, ok in (("a", False), ("b", False), ("c", True), ("d", True))]
+    assert [d["question"] for d in heldout_samples(details)] == ["a", "c"]
+    assert [d["question"] for d in heldout_samples(details[2:] + details[:2])] == ["c", "a"]  # the file's order kept
+    assert [d["question"] for d in heldout_samples(details[:2])] == ["a", "b"]  # all missed: the first two
+    assert [d["question"] for d in heldout_samples(details[2:])] == ["c", "d"]
+    assert heldout_samples([]) == [] and [d["question"] for d in heldout_samples(details[:1])] == ["a"]
+
+
 def test_training_log_lines_go_to_stderr_and_stdout_holds_the_report(tmp_path, tiny_model_dir, capfd):
     recipe = tiny_recipe_file(tmp_path, tiny_model_dir, train={"max_steps": 2, "logging_steps": 1})
     assert main(["train", str(recipe)]) == 0
