@@ -292,7 +292,7 @@ def _run_on_base_gguf(source: Path | None, lora_file: Path, reference: verify.Re
     base_type = FLOAT_FILE_TYPES.get(read_gguf_field(source, "general.file_type"))  # None: quantized, or not said
     quantized = base_type is None
     coarser = max(base_type or "f32", gguf_type, key=PRECISION_ORDER.index)
-    result = llama_cpp_check.check(source, reference, precision="llama.cpp-quantized-base" if quantized
+    result = llama_cpp_check.check(source, reference, precision=llama_cpp_check.QUANTIZED_BASE if quantized
                                    else f"llama.cpp-{coarser}", lora=lora_file)
     if result.get("passed") is False:
         if not quantized:

@@ -60,6 +60,10 @@ def not_run(why: str) -> dict[str, Any]:
     return {"ran": False, "why": why}
 
 
+QUANTIZED_BASE = "llama.cpp-quantized-base"
+"""The precision a GGUF LoRA is judged at on a quantized base file (`verify.RELATIVE_TOLERANCE`)."""
+
+
 def check(gguf_path: Path, reference: verify.Reference, *, precision: str, lora: Path | None = None) -> dict[str, Any]:
     """Judged report of `gguf_path` (plus a GGUF LoRA) run in llama.cpp; `ran: False` when llama.cpp is not here.
 
@@ -89,6 +93,9 @@ def summary(report: dict[str, Any]) -> str:
     if not report.get("ran"):
         return f"llama.cpp: not run: {report['why']}"
     line = f"Ran in llama.cpp: {verify.summary_line(report)}"
+    if report.get("precision") == QUANTIZED_BASE and report.get("passed"):
+        line += ("; on the quantized base GGUF llama.cpp also rounds the activations, so the bound is loose and answers "
+                 "may part from `peftkit chat`'s after a few tokens (docs/export.md)")
     if report.get("tokenizer_match") is False:
         line += (f"; llama.cpp tokenizes some prompts differently: from its own tokens, identical greedy answers "
                  f"{report['greedy_exact_own_tokenization']:.0%}")

@@ -143,6 +143,17 @@ def test_the_run_data_llama_cpp_tokenizes_differently_is_said():
     assert "own data" not in llama_cpp_check.summary({**report, "data_texts_tokenized_differently": 0})
 
 
+def test_a_gguf_lora_checked_on_a_quantized_base_says_why_its_answers_may_part():
+    """On SmolLM2's Q4_1 file a trial's check printed "identical greedy answers 50% of 4 prompts" and nothing else:
+    only docs/export.md said why (llama.cpp rounds the activations on a quantized base)."""
+    report = {"ran": True, "passed": True, "max_abs_diff": 2.75, "tolerance": 12.4, "greedy_agreement": 0.953,
+              "greedy_exact": 0.5, "prompts": 4, "precision": llama_cpp_check.QUANTIZED_BASE}
+    line = llama_cpp_check.summary(report)
+    assert "identical greedy answers 50% of 4 prompts; on the quantized base GGUF llama.cpp also rounds" in line
+    assert "rounds" not in llama_cpp_check.summary({**report, "precision": "llama.cpp-f16"})
+    assert "rounds" not in llama_cpp_check.summary({**report, "passed": False})  # a miss is warned about instead
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_peftkits_llama_cpp_tokenizer_agrees_with_llama_cpp(export_recipe, tmp_path, legacy):
     """The pure-Python copy of llama.cpp's sentencepiece tokenizer (used when llama.cpp is not installed) gives
