@@ -237,7 +237,8 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
         except ModelNotFoundError as exc:
             raise ModelNotFoundError(f"{exc}. The run was trained on it: put the base model back, or set model.name "
                                      f"in {run_dir / 'recipe.yaml'} to where it is now") from None
-        warn_if_other_base(run_dir, source, recipe.model.name)
+        _raise_if_other_base(run_dir, recipe, info, source)  # from the config: a base of another size is refused
+        warn_if_other_base(run_dir, source, recipe.model.name)  # before its weights load; other weights are said
         if quantized_base:
             _require_bitsandbytes_for(run_dir, recipe)
         with _head_restored_by_adapter(bool(extra)):
@@ -250,7 +251,7 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
         except RuntimeError as exc:
             if "size mismatch" not in str(exc):
                 raise
-            _raise_if_other_base(run_dir, recipe, adapter, source)
+            _raise_if_other_base(run_dir, recipe, info, source)
             raise
     finish_loaded_model(model, run_dir, recipe, tokenizer)
     prepare_for_generation(model)
@@ -329,18 +330,26 @@ def _head_restored_by_adapter(classifier: bool) -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _raise_if_other_base(run_dir: Path, recipe: Recipe, adapter: Path, source: Any) -> None:
-    """The adapter's shapes against the base's, as merge checks them: a base model of another size is one message
-    naming the shapes, not torch's page of `size mismatch` lines."""
+def _raise_if_other_base(run_dir: Path, recipe: Recipe, info: Any, source: Any) -> None:
+    """The adapter's shapes against the base's config, as merge checks them, before any weight loads: a base model of
+    another size is one message naming the shapes, not torch's page of `size mismatch` lines after a long load."""
+    from peftkit.data.classification import load_kwargs
     from peftkit.errors import ExportError
-    from peftkit.export.compat import check_adapter_matches_base, read_adapter
+    from peftkit.export.compat import check_adapter_matches_base
     from peftkit.models.skeleton import model_skeleton
 
-    try:
-        check_adapter_matches_base(read_adapter(adapter), model_skeleton(source, recipe.model), recipe.model.name)
+    try:  # a classifier's adapter may target its pooler, and its head has the run's label count
+        check_adapter_matches_base(info, model_skeleton(source, recipe.model, **load_kwargs(run_dir, recipe)),
+                                   recipe.model.name)
     except ExportError as exc:
-        raise RunDirError(str(exc).replace("(the run's recipe.yaml `model.name`, or --base)",
-                                           f"(`model.name` in {run_dir / 'recipe.yaml'})")) from None
+        trained_on = info.config.get("base_model_name_or_path")
+        here = getattr(source, "path", None)
+        changed = (here is not None and trained_on is not None
+                   and Path(str(trained_on)).expanduser().resolve() == Path(here).resolve())
+        fix = (f"(the model at {here} has been replaced since the run trained on it: put the original back there, or "
+               f"set `model.name` in {run_dir / 'recipe.yaml'} to where it is now)" if changed
+               else f"(`model.name` in {run_dir / 'recipe.yaml'})")
+        raise RunDirError(str(exc).replace("(the run's recipe.yaml `model.name`, or --base)", fix)) from None
 
 
 def load_base_model(run_dir: Path, recipe: Recipe, device: str, *, quantized: bool = True, source: Any = None) -> Any:

@@ -80,6 +80,38 @@ def test_chat_on_a_base_of_another_size_names_the_shapes(export_recipe, tiny_mod
     assert "Traceback" not in err and "does not fit the base model" in err
 
 
+def test_a_base_replaced_in_place_by_another_size_is_refused_before_its_weights_load(
+        export_recipe, llama64_dir, tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """A trial copied a model of another hidden size over the base folder: chat and eval warned that the weights
+    differ "unless this is intended", loaded every weight, then refused, naming the same path as the wrong base and
+    the right one."""
+    import logging
+    import shutil
+
+    import peftkit.runs
+    from peftkit.runs import load_run
+
+    base = tmp_path / "base"
+    shutil.copytree(llama64_dir, base)
+    run = make_run(tmp_path / "run", export_recipe, __import__("peft").LoraConfig(r=4, target_modules=["q_proj"]),
+                   model_dir=base)
+    from transformers import AutoConfig
+
+    from peftkit.models.fingerprint import base_config_summary
+
+    (run / "summary.json").write_text(json.dumps({"base_fingerprint": "v2-0123456789abcdef",  # as training writes them
+                                                  "base_config": base_config_summary(AutoConfig.from_pretrained(base))}))
+    shutil.rmtree(base)
+    shutil.copytree(tiny_model_dir, base)  # hidden 32 now
+    monkeypatch.setattr(peftkit.runs, "load_base_model", lambda *a, **k: pytest.fail("the base's weights loaded"))
+    with caplog.at_level(logging.WARNING, logger="peftkit"), pytest.raises(RunDirError) as info:
+        load_run(run)
+    message = str(info.value)
+    assert "hidden_size: adapter's base has 64, this base has 32" in message
+    assert f"the model at {base} has been replaced since the run trained on it: put the original back there" in message
+    assert "is not the one" not in caplog.text  # no "other weights, unless intended" warning before the refusal
+
+
 def test_unreadable_weights_file_says_permission_denied(tiny_model_dir, monkeypatch):
     import os
 
