@@ -56,12 +56,17 @@ def _reading(path: Path) -> Iterator[None]:
                         f"{path}`, or ask its owner to)") from None
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+"""The first two bytes of every gzip file."""
+
+
 def _read_text(path: Path) -> str:
-    """The file's text, gunzipped for `.gz`; a leading UTF-8 byte-order mark (Notepad, Excel's "CSV UTF-8") is dropped."""
+    """The file's text, gunzipped for `.gz` (or a gzip file under another name: its first bytes say so, and no UTF-8
+    text starts with them); a leading UTF-8 byte-order mark (Notepad, Excel's "CSV UTF-8") is dropped."""
     with _reading(path):
         data = path.read_bytes()
     inside = ""
-    if path.suffix.lower() == ".gz":
+    if path.suffix.lower() == ".gz" or data.startswith(GZIP_MAGIC):
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a cut-off file is an EOFError

@@ -38,6 +38,13 @@ def test_gzipped_files_are_read_by_their_inner_suffix(tmp_path, name, data):
         assert examples[0].messages[-1]["content"] == "7 to 18."
 
 
+def test_a_gzip_file_named_as_plain_text_is_read_as_the_gzip_it_is(tmp_path):
+    """A trial's gzip named `train.jsonl` was told its bytes are not valid UTF-8, and to re-save it as UTF-8."""
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(gzip.compress(b'{"question": "Opening hours?", "answer": "7 to 18."}\n', mtime=0))
+    assert load_examples(path)[0].messages[-1]["content"] == "7 to 18."
+
+
 def test_gzipped_bad_bytes_and_lines_are_named_by_file_and_line(tmp_path):
     path = gz(tmp_path / "bad.jsonl.gz", b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl\.gz:2: bytes that are not valid UTF-8 .*decompressed.*UTF-8"):
