@@ -92,6 +92,23 @@ def eval_data_examples(data: str, recipe: Recipe, run_dir: Path) -> list[Example
         return examples
 
 
+def warn_if_trained_on(examples: list[Example], data: str, recipe: Recipe, run_dir: Path) -> None:
+    """`--data` holding examples the run trained on: their loss measures memorisation (training says so of its own
+    eval data; eval said nothing). Training files that are gone or unreadable now are passed over."""
+    from peftkit.data.build import content_key
+
+    try:
+        with _quiet("peftkit.data"):
+            trained = {content_key(e) for e in train_eval_examples(recipe.data, recipe.train.seed)[0]}
+    except PeftkitError:
+        return
+    seen = [e.where for e in examples if content_key(e) in trained]
+    if seen:
+        log.warning("%d of %d examples of --data %s are ones %s trained on (first: %s): their loss measures "
+                    "memorisation, not how the model does on new data; measure it on examples the run did not train "
+                    "on (without --data: the run's own eval data)", len(seen), len(examples), data, run_dir, seen[0])
+
+
 def run_eval_rows(run_dir: Path, recipe: Recipe, tokenizer: Any) -> list[Row]:
     """The run's eval rows, as training made them (its training rows are not needed, nor warned about again).
 
@@ -172,6 +189,8 @@ def evaluate_run(
     system = recipe.data.system_prompt
     # the files named on the command line are read (and their mistakes reported) before any weights load
     examples = eval_data_examples(data, recipe, run_dir) if data else None
+    if examples is not None and data is not None:
+        warn_if_trained_on(examples, data, recipe, run_dir)
     heldout_path = heldout or recipe.data.heldout
     if heldout is None and heldout_path and not Path(heldout_path).is_file():
         raise DataError(f"the run's held-out questions {heldout_path} (data.heldout in {Path(run_dir) / 'recipe.yaml'}) "

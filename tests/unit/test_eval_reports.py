@@ -222,6 +222,22 @@ def test_eval_of_an_unchanged_run_needs_neither_the_same_tokens_nor_the_recipes_
         check_resume_data(quick_run, "tokenized again", before["split_fingerprint"], [before["rows"][0] + 1, 4])
 
 
+def test_eval_data_the_run_trained_on_is_warned_about(quick_run, tiny_recipe, tmp_path, small_general, caplog):
+    """`eval --data` on the training file measured memorisation without a word (training warns of the same)."""
+    out = tmp_path / "e.json"
+    with caplog.at_level("WARNING", logger="peftkit.evaluate"):
+        evaluate_run(quick_run, data=tiny_recipe["data"]["train"], general=small_general, compare_base=False, out=out)
+    trained = [r.getMessage() for r in caplog.records if "are ones" in r.getMessage()]
+    assert len(trained) == 1 and f"trained on (first: {tiny_recipe['data']['train']}:" in trained[0]
+    assert " of --data " in trained[0] and "measures memorisation" in trained[0]
+    caplog.clear()
+    new = write_jsonl(tmp_path / "new.jsonl", [{"messages": [{"role": "user", "content": "a new one?"},
+                                                             {"role": "assistant", "content": "yes."}]}])
+    with caplog.at_level("WARNING", logger="peftkit.evaluate"):
+        evaluate_run(quick_run, data=str(new), general=small_general, compare_base=False, out=out)
+    assert "memorisation" not in caplog.text
+
+
 def test_the_eval_report_and_card_name_the_loss_data_and_reply_length(quick_run, tmp_path, small_general):
     report = evaluate_run(quick_run, general=small_general, compare_base=False, max_new_tokens=3)
     assert report["eval_data"] == RUN_EVAL_SPLIT and report["max_new_tokens"] == 3
