@@ -599,6 +599,10 @@ def load_model(
     safetensors unless the recipe allows pickle, remote code only where `trust_remote_code` is set."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from peftkit.utils.threads import say_busy_cpu_warning
+
+    say_busy_cpu_warning()  # the slow part of a command starts here
+
     source = source or resolve_model_ref(cfg.name, revision=cfg.revision, allow_pickle=cfg.allow_pickle)
     kwargs: dict[str, Any] = {
         "revision": source.revision,

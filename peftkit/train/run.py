@@ -53,7 +53,7 @@ from peftkit.train.trainer import SFTTrainer, pad_eval_rows
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 from peftkit.utils.memory import peak_rss_mb
 from peftkit.utils.readable_json import readable_json
-from peftkit.utils.threads import choose_threads, omp_threads
+from peftkit.utils.threads import choose_threads, omp_threads, say_busy_cpu_warning
 
 log = logging.getLogger(__name__)
 # bitsandbytes says what check_device_options already said, as a UserWarning with its source line, when the Trainer
@@ -392,6 +392,7 @@ def _train(
         run_dirs.check_resume_data(run_dir, fingerprint, data.split_fingerprint, [len(data.train), len(data.eval)])
     ds_config = deepspeed_setup.setup(recipe, device, dtype)  # None without DeepSpeed
     quantization = effective_quantization(recipe)
+    say_busy_cpu_warning()  # kept back by choose_threads: a run refused before this says its refusal alone
     log.info("Loading %s on %s (%s%s)", recipe.model.name, device, str(dtype).removeprefix("torch."),
              f", {quantization.bits}-bit" if quantization else "")
     load_dtype = weights_dtype(dtype, trains_model_weights=recipe.adapter.method in ("full", "partial")

@@ -17,6 +17,7 @@ T = TypeVar("T")
 
 _SAID: set[Hashable] = set()
 _REMEMBERED: list[set[Any]] = []  # other modules' said-once sets, forgotten with _SAID
+_PENDING: list[list[Any]] = []  # findings kept for a later moment of a command, dropped when it ends
 _depth = 0
 
 
@@ -38,9 +39,20 @@ def remembered(said: set[Any]) -> set[Any]:
     return said
 
 
+def pending(items: list[Any]) -> list[Any]:
+    """Register a module's list of findings kept for later in a command (a busy CPU is said when the first model
+    loads: a command refused before that says its refusal alone), dropped when the command ends; returns the list."""
+    _PENDING.append(items)
+    return items
+
+
+def in_command() -> bool:
+    return _depth > 0
+
+
 @contextlib.contextmanager
 def command_scope() -> Iterator[None]:
-    """One command: its outermost entry forgets what earlier commands said."""
+    """One command: its outermost entry forgets what earlier commands said, and its end drops what it kept back."""
     global _depth
     if _depth == 0:
         _SAID.clear()
@@ -51,6 +63,9 @@ def command_scope() -> Iterator[None]:
         yield
     finally:
         _depth -= 1
+        if _depth == 0:
+            for kept in _PENDING:
+                kept.clear()
 
 
 def say_once(logger: logging.Logger, level: int, message: str, key: Hashable = None) -> None:

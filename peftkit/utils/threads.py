@@ -16,7 +16,27 @@ from pathlib import Path
 
 import torch
 
+from peftkit.utils.once import in_command, pending
+
 log = logging.getLogger(__name__)
+
+_BUSY_WARNINGS: list[str] = pending([])
+"""A command's busy-CPU warning, said when its first model loads (`say_busy_cpu_warning`)."""
+
+
+def say_busy_cpu_warning() -> None:
+    """Say the busy-CPU warning the command's thread choice kept back: the slow work starts now."""
+    while _BUSY_WARNINGS:
+        log.warning("%s", _BUSY_WARNINGS.pop(0))
+
+
+def _warn_busy(message: str) -> None:
+    """Within a command, kept until a model loads (a refusal before that comes alone, not after a thread warning);
+    outside one, said now."""
+    if in_command():
+        _BUSY_WARNINGS.append(message)
+    else:
+        log.warning("%s", message)
 
 
 @dataclass(frozen=True)
@@ -136,19 +156,19 @@ def choose_threads(explicit: int | None, doing: str, setting: str, *, on_cpu: bo
     (at least one), said in a warning that names `setting` to choose otherwise. `on_cpu=False`: no look at the load."""
     cpus = usable_cpus()
     busy = busy_cpu(cpus) if on_cpu else None
+    _BUSY_WARNINGS.clear()
     if explicit:
         threads = explicit
         if busy is not None and busy.busy + threads > cpus:
             advice = "run it alone" if threads == 1 else f"set {setting} to the cores that are free, or run it alone"
-            log.warning("The CPU is busy (%s): %s on %d thread%s next to other jobs can run several times slower "
-                        "(about 10x measured on 2 cores); %s", busy.describe(), doing, threads, "s" * (threads != 1),
-                        advice)
+            _warn_busy(f"The CPU is busy ({busy.describe()}): {doing} on {threads} thread{'s' * (threads != 1)} next "
+                       f"to other jobs can run several times slower (about 10x measured on 2 cores); {advice}")
     elif busy is not None:
         threads = free_cpus(cpus, busy)
         where = (f"{threads} of the {cpus} cores, those free now" if busy.busy < cpus else
                  "1 thread, as no core is free now")
-        log.warning("The CPU is busy (%s): %s on %s (on every core next to other jobs it can run about 10x slower); "
-                    "set %s to choose the count", busy.describe(), doing, where, setting)
+        _warn_busy(f"The CPU is busy ({busy.describe()}): {doing} on {where} (on every core next to other jobs it can "
+                   f"run about 10x slower); set {setting} to choose the count")
     else:
         threads = cpus
     torch.set_num_threads(threads)

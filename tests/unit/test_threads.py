@@ -195,3 +195,31 @@ def test_chat_and_eval_use_omp_num_threads_before_the_run_recipe(tiny_recipe, mo
         assert main(["eval", str(run), "--no-base", "--out", str(run / "e.json")]) == 0
     assert chosen[-1] == 2  # the user's OMP_NUM_THREADS wins over the recipe
     assert "evaluating on 2 threads" in caplog.text and "OMP_NUM_THREADS=1 peftkit" in caplog.text
+
+
+def test_a_busy_cpu_is_said_when_the_model_loads_and_not_before_a_refusal(tiny_recipe, tmp_path, monkeypatch, capsys,
+                                                                          caplog):
+    """A trial's refusals each came after "The CPU is busy ...": two messages for one mistake, the first about
+    work that never started."""
+    import yaml
+
+    from peftkit.cli import main
+
+    _machine(monkeypatch, cores=2, load=3.0, others=2)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1},
+                                    "eval": {**tiny_recipe["eval"], "before": False}}))
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+
+    with caplog.at_level(logging.INFO):
+        assert main(["train", str(path), "data.eval_fraction=0.99"]) == 2  # refused in its data, before the model loads
+        assert "error:" in capsys.readouterr().err and not any("CPU is busy" in m for m in said())
+        caplog.clear()
+        assert main(["train", str(path)]) == 0
+        busy = [i for i, m in enumerate(said()) if m.startswith("The CPU is busy")]
+        loading = next(i for i, m in enumerate(said()) if m.startswith("Loading"))
+        assert len(busy) == 1 and busy[0] < loading, said()
+        caplog.clear()
+        assert main(["chat", str(tmp_path / "run"), "--prompt", "hi"]) == 0
+        assert sum(m.startswith("The CPU is busy") for m in said()) == 1  # run on 1 thread beside 2 busy cores
