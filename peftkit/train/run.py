@@ -277,6 +277,7 @@ def train(
     """Train `recipe` (a Recipe, or the path of a recipe file) into its output_dir, with the checks `peftkit train`
     makes: `resume` continues an unfinished run from its last checkpoint, `force` replaces an earlier run."""
     recipe = _as_recipe(recipe)
+    resolve_device(recipe.train.device)  # a device this machine lacks: the one refusal, before the recipe's checks
     if resume and force:
         raise RunDirError("resume=True and force=True contradict each other: force deletes the run resume would "
                           "continue; pass one of them")

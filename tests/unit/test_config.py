@@ -246,6 +246,13 @@ def test_paths_and_values_that_would_fail_later_are_said_at_load(tmp_path, monke
     with caplog.at_level("WARNING"):
         validate_recipe(load_recipe(path, ["train.device=cuda"]), check_model=False)
     assert "this machine has no CUDA GPU: `train` will refuse to start here" in caplog.text
+    caplog.clear()
+    from peftkit.errors import PeftkitError
+    from peftkit.train.run import train
+
+    with caplog.at_level("WARNING"), pytest.raises(PeftkitError, match="no CUDA GPU is visible; use `auto` or `cpu`"):
+        train(load_recipe(path, ["train.device=cuda"]))  # the refusal alone, not the warning that it will come
+    assert "refuse to start here" not in caplog.text
     with caplog.at_level("WARNING"):
         validate_recipe(load_recipe(path, ["train.eval_steps=2", "data.eval_fraction=0"]), check_model=False)
     assert "train.eval_steps is set, but there is no eval set" in caplog.text
