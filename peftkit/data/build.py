@@ -104,7 +104,7 @@ def tokenize_examples(
     """Token ids and labels; `train_on_prompt` supervises every token of a conversation, not only its replies.
     Plain text longer than `max_seq_len` is split into rows of `max_seq_len` tokens (`split`: how many texts,
     `split_rows`: the rows they made). Truncated, split and dropped examples are logged as `what` ("training
-    example", ...; None: not logged)."""
+    example", ...; None: not logged), unless no row is left (the callers refuse that, in one message)."""
     rows: list[Row] = []
     truncated = dropped = split = split_rows = replies_lost = 0
     truncated_at: list[str] = []  # where the truncated examples, and those that lost whole replies, were read
@@ -144,6 +144,7 @@ def tokenize_examples(
         if len(kept) < len(example_rows):
             dropped_at.append(example.where)
         rows.extend(kept)
+    what = what if rows else ""  # nothing left: every caller refuses the data in one message, said alone
     if written_specials and what:
         named = ", ".join(f"{token!r} ({where})" for token, where in list(written_specials.items())[:3])
         log.warning("the %ss contain the text of special tokens, which the tokenizer reads as the tokens themselves "

@@ -289,6 +289,20 @@ def test_a_row_skipped_for_having_nothing_to_train_is_named(tmp_path, tiny_token
     assert "s.jsonl:2)" in caplog.text
 
 
+def test_data_with_nothing_left_to_train_is_one_error_without_the_warnings_before_it(tmp_path, tiny_tokenizer, caplog):
+    """data.max_seq_len=8: four warnings (rows truncated, rows skipped, for training and eval) came before the one
+    error that said it all."""
+    from peftkit.config.schema import DataConfig
+    from peftkit.data.build import build_datasets
+
+    records = [{"messages": [{"role": "user", "content": f"what time do you open on day {i}?"},
+                             {"role": "assistant", "content": "at nine."}]} for i in range(8)]
+    cfg = DataConfig(train=str(write_jsonl(tmp_path / "t.jsonl", records)), max_seq_len=8, eval_fraction=0.25)
+    with caplog.at_level("WARNING", logger="peftkit"), pytest.raises(DataError, match="none of the 6 training examples"):
+        build_datasets(cfg, tiny_tokenizer)
+    assert not [r for r in caplog.records if r.name.startswith("peftkit.data")], caplog.text
+
+
 def test_sharegpt_and_prompt_completion_formats(tmp_path, tiny_tokenizer):
     sharegpt = write_jsonl(tmp_path / "s.jsonl", [{"system": "be brief", "conversations": [
         {"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi there"},
