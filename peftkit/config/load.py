@@ -706,7 +706,21 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         return recipe_from_dict(data, str(path))
     except ConfigError as exc:  # missing files too, so that one `validate` lists every problem (the later checks
-        raise ConfigError([*exc.problems, *_missing_files(data)], exc.source) from None  # need a valid recipe)
+        problems = _named_overrides([*exc.problems, *_missing_files(data)], overrides or [])  # need a valid recipe)
+        raise ConfigError(problems, exc.source) from None
+
+
+def _named_overrides(problems: list[str], overrides: list[str]) -> list[str]:
+    """A problem with a value given on the command line says so: the recipe file does not hold it."""
+    given = {}
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        given[key] = text
+    named = []
+    for problem in problems:
+        key = next((k for k in given if problem.startswith((f"`{k}`", f"{k}:", f"{k} "))), None)
+        named.append(f"{problem} (set on the command line: `{given[key]}`)" if key else problem)
+    return named
 
 
 def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:

@@ -60,6 +60,19 @@ def test_a_null_override_drops_the_key_so_a_method_can_be_switched(tmp_path):
             load_recipe(path, [override])
 
 
+def test_a_bad_value_given_on_the_command_line_is_said_to_come_from_there(tmp_path):
+    """`peftkit train base.yaml train.lr=high` was "Invalid recipe in base.yaml: train.lr ...": the value is not in
+    the file the user was sent to."""
+    path = write(tmp_path, "data: {train: t.jsonl}\ntrain: {epochs: 0}\n")
+    (tmp_path / "t.jsonl").write_text("")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, ["train.lr=high", "adapter.r=8"])
+    (lr,) = [p for p in info.value.problems if "train.lr" in p]
+    (epochs,) = [p for p in info.value.problems if "train.epochs" in p]
+    assert lr.endswith("(got 'high') (set on the command line: `train.lr=high`)")
+    assert "command line" not in epochs  # the file's own mistake
+
+
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_override("train.lr")
