@@ -260,6 +260,19 @@ def _drop_key(data: dict[str, Any], path: list[str]) -> bool:
     return True
 
 
+def _data_file_refusal(path: Path) -> ConfigError | None:
+    """For a data file given where a recipe goes (`peftkit train data/train.jsonl`): the error to raise where it does
+    not read as a recipe (a recipe written as JSON does)."""
+    from peftkit.data.files import DATA_SUFFIXES, data_suffix
+
+    suffix = data_suffix(path)
+    if suffix not in DATA_SUFFIXES or suffix in (".yaml", ".yml"):
+        return None
+    return ConfigError(f"{path} is a data file ({suffix}), not a recipe: commands take a recipe YAML that names its "
+                       f"data, e.g. a copy of recipes/quickstart.yaml (or the README's \"A recipe\") with "
+                       f"`data: {{train: {path}}}`")
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         found = sorted(p.name for p in path.glob("*.y*ml"))
@@ -268,6 +281,19 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe file {path} does not exist (check the path; the README's \"A recipe\" section "
                           "and the repository's recipes/ have examples)")
+    data_file = _data_file_refusal(path)
+    try:
+        data = _parsed_recipe(path)
+    except ConfigError:
+        if data_file:
+            raise data_file from None
+        raise
+    if data_file and not set(data) & set(Recipe.model_fields):
+        raise data_file
+    return data
+
+
+def _parsed_recipe(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

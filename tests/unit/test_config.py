@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,21 @@ def test_a_bad_value_given_on_the_command_line_is_said_to_come_from_there(tmp_pa
     (epochs,) = [p for p in info.value.problems if "train.epochs" in p]
     assert lr.endswith("(got 'high') (set on the command line: `train.lr=high`)")
     assert "command line" not in epochs  # the file's own mistake
+
+
+def test_a_data_file_given_as_the_recipe_is_named_as_data_and_a_json_recipe_still_reads(tmp_path):
+    """`peftkit train data/train.jsonl` was a YAML syntax error at line 2 with no word of what the file is."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": []}\n')
+    with pytest.raises(ConfigError, match=r"train\.jsonl is a data file \(\.jsonl\), not a recipe: .*data: \{train: "):
+        load_recipe(data)
+    one = tmp_path / "one.json"
+    one.write_text('{"instruction": "x", "output": "y"}')  # parses, as a mapping of no recipe section
+    with pytest.raises(ConfigError, match="is a data file"):
+        load_recipe(one)
+    recipe = tmp_path / "recipe.json"  # YAML reads JSON: a recipe written so is a recipe
+    recipe.write_text(json.dumps({"data": {"train": str(data)}}))
+    assert load_recipe(recipe).data.train == str(data)
 
 
 def test_bad_override_syntax():
