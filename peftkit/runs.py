@@ -47,7 +47,11 @@ def read_run_recipe(run_dir: str | Path) -> Recipe:
         if (run_dir / "adapter_config.json").is_file():
             raise RunDirError(f"{run_dir} is an adapter folder (adapter_config.json, no recipe.yaml), not a peftkit run "
                               "directory: pass the run directory it came from")
-        raise RunDirError(f"{run_dir} is not a peftkit run directory (no recipe.yaml)")
+        inside = sorted(str(child) for child in run_dir.glob("*/recipe.yaml"))
+        runs = [str(Path(found).parent) for found in inside]
+        hint = (f"; it holds runs: pass one of them ({', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''})" if runs
+                else "; pass the output_dir of a `peftkit train` run (a folder holding recipe.yaml)")
+        raise RunDirError(f"{run_dir} is not a peftkit run directory (no recipe.yaml){hint}")
     return recipe_from_dict(read_yaml(path), str(path), stored_run=True)
 
 

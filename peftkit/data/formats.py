@@ -442,7 +442,15 @@ def to_example(record: Any, where: str, fmt: str, columns: ColumnsConfig | None 
         say_once(log, logging.WARNING, f"{where.rsplit(':', 1)[0]}: records hold a `label` beside their `text`, which "
                  "a chat recipe trains as plain text, the label ignored; for a classifier set `task: "
                  "sequence_classification`")
-    example = _to_example(record, where, kind)
+    try:
+        example = _to_example(record, where, kind)
+    except DataError as exc:
+        detected = detect_format(record) if fmt != "auto" else None
+        if detected is None or detected == fmt or "set data.format" in str(exc):  # said already
+            raise
+        shown = f"a {'/'.join(detected_pair(record) or ())} pair" if detected == "pair" else f"in {detected} format"
+        raise DataError(f"{exc}; the record is {shown}, which data.format: {fmt} does not read: set data.format to "
+                        "auto (or remove it) to read each record in its own format") from None
     if kind == "pair":
         return dataclasses.replace(example, format="/".join(detected_pair(record) or ()))
     return dataclasses.replace(example, format=kind or "")

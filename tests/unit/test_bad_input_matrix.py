@@ -86,8 +86,19 @@ CASES: dict[str, tuple[Case, str]] = {
     "read-only output location": (lambda r, t: ["train", recipe_file(r, t), "output_dir=/proc/peftkit/run"], "cannot write the run directory"),
     "resume without checkpoint": (lambda r, t: ["train", recipe_file(r, t), "--resume"], "no run to resume"),
     "chat on missing run": (lambda r, t: ["chat", str(t / "no-run")], "does not exist"),
-    "chat on non-run directory": (lambda r, t: ["chat", str(t)], "not a peftkit run directory"),
+    "chat on non-run directory": (lambda r, t: ["chat", str(t)], "not a peftkit run directory (no recipe.yaml); pass "
+                                  "the output_dir of a `peftkit train` run"),
+    "chat on a folder of runs": (lambda r, t: ["chat", write_run_recipe(t / "runs" / "a")],
+                                 "runs is not a peftkit run directory (no recipe.yaml); it holds runs: pass one of them "
+                                 "("),
 }
+
+
+def write_run_recipe(run: Path) -> str:
+    """A folder `runs/` holding a run directory `runs/a`: the folder of runs is given, not a run."""
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text("data: {train: t.jsonl}\n")
+    return str(run.parent)
 
 
 def write(path: Path, text: str) -> str:
