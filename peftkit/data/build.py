@@ -18,7 +18,7 @@ import torch
 from peftkit.config.schema import DataConfig
 from peftkit.data.chat import (IGNORE_INDEX, abridged, replies_cut_off, special_tokens_pattern, tokenize_conversation_rows,
                                tokenize_text_rows, trained_count, trained_flags, with_system_prompt)
-from peftkit.data.columns import ROLE_ALIASES, number_as_text
+from peftkit.data.columns import ROLE_ALIASES, detected_pair, number_as_text
 from peftkit.data.facts import whole_fact_spans
 from peftkit.data.files import data_sources, read_records
 from peftkit.data.formats import (Example, Message, bad_records_error, chat_record_messages, detect_format,
@@ -223,7 +223,12 @@ def _heldout_item(record: Any, where: str, what: str, system_prompt: str | None)
     key facts its answer must contain."""
     if not isinstance(record, dict) or "key_fact" not in record:
         fields = f" (this one: {', '.join(map(str, record))})" if isinstance(record, dict) else ""
-        raise DataError(f"{where}: {what} records need `question` (or `messages`) and `key_fact`{fields}")
+        kind, pair = detect_format(record), detected_pair(record) if isinstance(record, dict) else None
+        hint = (f"; if `{pair[1]}` is the fact a reply must contain, name it `key_fact`" if kind == "pair" and pair else
+                f"; it is a training record ({kind} format): training data goes in data.train (`peftkit eval --data "
+                "FILE` measures the loss on such a file), a held-out file holds `{\"question\": ..., \"key_fact\": "
+                "...}` records" if kind not in (None, "text", "pair") else "")
+        raise DataError(f"{where}: {what} records need `question` (or `messages`) and `key_fact`{fields}{hint}")
     facts = record["key_fact"]
     facts = [number_as_text(f) for f in (facts if isinstance(facts, list) else [facts])]  # `4` matched as written
     if not facts or not all(isinstance(f, str) and f.strip() for f in facts):

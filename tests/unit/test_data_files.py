@@ -336,8 +336,14 @@ def test_held_out_field_names_fold_as_training_data_do(tmp_path):
     assert item.question == "Opening hours?" and item.key_facts == ("7-18",)
     wrong = write_jsonl(tmp_path / "w.jsonl", [{"question": "Opening hours?", "answer": "7-18"}])
     with pytest.raises(DataError, match=r"w.jsonl:1: held-out records need `question` .* and `key_fact` "
-                                        r"\(this one: question, answer\)"):
+                                        r"\(this one: question, answer\); if `answer` is the fact a reply must "
+                                        r"contain, name it `key_fact`"):
         load_heldout(wrong, None)
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "Opening hours?"},
+                                                            {"role": "assistant", "content": "7-18"}]}])
+    with pytest.raises(DataError, match=r"it is a training record \(chat format\): training data goes in data.train "
+                                        r"\(`peftkit eval --data FILE`"):
+        load_heldout(chat, None)  # `eval --heldout TRAIN_FILE`
     blank = write_jsonl(tmp_path / "b.jsonl", [{"question": "   ", "key_fact": "Bob"}])
     with pytest.raises(DataError, match=r"b.jsonl:1: the held-out question is empty"):
         load_heldout(blank, None)
