@@ -219,7 +219,8 @@ def test_a_gpu_trained_int8_dora_run_is_refused_on_the_cpu_before_loading(tiny_r
                      train={**tiny_recipe["train"], "device": "cuda"}, output_dir=str(run_dir))
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     (run_dir / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True, "r": 4}))
-    save_file({"base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(4, 64)},
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"  # shaped for the tiny model: it passes the fit check
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(4, 32), f"{prefix}.lora_B.weight": torch.zeros(32, 4)},
               str(run_dir / "adapter" / "adapter_model.safetensors"))
     with pytest.raises(RunDirError, match="trained DoRA over an 8-bit base, which peft cannot run on the CPU"):
         load_run(run_dir, device="cpu")
