@@ -28,21 +28,35 @@ def gguf_architecture(path: Path) -> str:
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # noqa: BLE001 - any parse failure means "not a usable GGUF"
-        raise PeftkitError(f"{path} is not a readable GGUF file ({exc}); re-download or re-export it") from None
+        raise PeftkitError(f"{path} is not a readable GGUF file ({exc}): cut short (an incomplete download or copy) "
+                           "or not a GGUF at all; re-download or re-export it") from None
     field = reader.fields.get("general.architecture")
     if field is None:
         raise PeftkitError(f"{path} has no `general.architecture` metadata; it is not a model GGUF file")
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
+GGUF_ARCHITECTURE_NAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
+                           "minimax-m2": "minimax_m2", "t5encoder": "t5"}
+"""llama.cpp's architecture names that transformers' GGUF loader knows under its own model type."""
+NOT_ARCHITECTURES = ("general", "tokenizer")  # in transformers' list of GGUF mappings, not model types
+ENCODER_DECODER = ("t5", "umt5")
+
+
 def check_gguf_supported(path: Path) -> str:
+    """The file's model type, where transformers' GGUF loader reads it and it is a decoder peftkit trains."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    arch = gguf_architecture(path)
-    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+    written = gguf_architecture(path)
+    arch = GGUF_ARCHITECTURE_NAMES.get(written, written)
+    if arch in ENCODER_DECODER:
+        raise PeftkitError(f"{path.name} is a `{written}` GGUF, an encoder-decoder (text-to-text) model; peftkit trains "
+                           "decoder-only chat models (causal LMs): use one of those")
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES or arch in NOT_ARCHITECTURES:
+        known = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - set(NOT_ARCHITECTURES) - set(ENCODER_DECODER))
         raise PeftkitError(
-            f"{path.name} is a `{arch}` GGUF, which transformers cannot load (supported: "
-            f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); use the original Hugging Face checkpoint instead"
+            f"{path.name} is a `{written}` GGUF, which transformers cannot load (it reads: {', '.join(known)}); use "
+            "the original Hugging Face checkpoint instead"
         )
     return arch
 
@@ -93,6 +107,24 @@ def check_tokenizer_reads_back(tokenizer: Any, gguf_path: Path) -> None:
         )
 
 
+def check_weights_read(model: Any, info: dict[str, Any], gguf_path: Path) -> None:
+    """Every weight the model needs came from the file, and none is NaN or infinite: transformers initialises the
+    weights a file lacks at random without a word (a damaged file trained as if whole), and a NaN in the file
+    surfaced as a diverged loss at the first step, blamed on the learning rate."""
+    import torch
+
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise PeftkitError(f"{gguf_path.name} lacks {len(missing)} weight(s) its {model.config.model_type} model needs "
+                           f"(first: {', '.join(missing[:3])}): the file is incomplete or damaged, or written by a tool "
+                           "transformers does not read whole; re-download or re-export it, or use the original Hugging "
+                           "Face checkpoint")
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise PeftkitError(f"{gguf_path.name}: the weights of `{name}` hold NaN or infinite values: the file is "
+                               "damaged; re-download or re-export it")
+
+
 def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     """Return the cached model directory for `gguf_path`, converting it on first use."""
     if not gguf_path.is_file():
@@ -121,8 +153,9 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
         check_tokenizer_reads_back(AutoTokenizer.from_pretrained(probe), gguf_path)
     # transformers' loader leaves some settings at its defaults (head size, Gemma's, RoPE scaling): the model is
     # built with what llama.cpp reads from the file, so training starts from the model the file describes
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                  config=converted_config(gguf_path))
+    loaded, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                        config=converted_config(gguf_path), output_loading_info=True)
+    check_weights_read(loaded, info, gguf_path)
     config = loaded.config
     for attr in ("quantization_config", "_model_name_or_path"):
         if hasattr(config, attr):

@@ -584,3 +584,64 @@ def test_a_hub_load_that_fails_for_another_reason_than_the_network_says_that_rea
     assert "no space left on device (the hub cache is " in said[0] and "offline" not in said[0]
     assert "no safetensors weights at this revision" in said[1] and "model.allow_pickle: true" in said[1]
     assert "offline or not in the cache" in said[2]
+
+
+def _tiny_gguf(path, model, tokenizer, drop: str | None = None):
+    """`model` written as an f32 GGUF by peftkit's writer; `drop`: a weight left out of the file."""
+    from types import SimpleNamespace
+
+    from peftkit.export.gguf_writer import write_model_gguf
+
+    weights = {k: v for k, v in model.state_dict().items() if k != drop}
+    write_model_gguf(SimpleNamespace(config=model.config, state_dict=lambda: weights), tokenizer, path,
+                     gguf_type="f32", name="tiny")
+    return path
+
+
+def test_a_gguf_missing_a_weight_or_holding_nan_is_refused_at_conversion(tmp_path):
+    """transformers initialised the weights a file lacks at random, without a word: a trial's Q8_0 file without two
+    tensors validated and trained; a file with NaN bytes trained into "the loss is nan at step 1. Lower train.lr"."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.models.gguf_convert import convert_gguf
+    from tests.conftest import build_tiny_tokenizer
+    from tests.unit.export_fixtures import build_llama_dir
+
+    folder = build_llama_dir(tmp_path / "llama", build_tiny_tokenizer())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    whole = convert_gguf(_tiny_gguf(tmp_path / "whole.gguf", model, tokenizer), tmp_path / "home")
+    assert (whole / "config.json").is_file()  # the whole file converts, its tied output head not missing
+    lacking = _tiny_gguf(tmp_path / "lacking.gguf", model, tokenizer, drop="model.layers.1.self_attn.q_proj.weight")
+    with pytest.raises(PeftkitError, match=r"lacking.gguf lacks 1 weight\(s\) its llama model needs \(first: "
+                                           r"model.layers.1.self_attn.q_proj.weight\): the file is incomplete"):
+        convert_gguf(lacking, tmp_path / "home")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(PeftkitError, match=r"the weights of `model.layers.0.mlp.up_proj.weight` hold NaN"):
+        convert_gguf(_tiny_gguf(tmp_path / "nan.gguf", model, tokenizer), tmp_path / "home")
+    assert not any(p.name.startswith(("lacking", "nan")) for p in (tmp_path / "home" / "models").iterdir())
+
+
+@pytest.mark.parametrize(("written", "message"), [
+    ("qwen2moe", None),  # llama.cpp's name for transformers' qwen2_moe: read, not refused
+    ("t5", "an encoder-decoder \\(text-to-text\\) model; peftkit trains decoder-only"),
+    ("general", "which transformers cannot load"),
+])
+def test_gguf_architecture_names_are_read_as_transformers_reads_them(tmp_path, written, message):
+    import gguf
+
+    from peftkit.models.gguf_convert import check_gguf_supported
+
+    path = tmp_path / f"{written}.gguf"
+    writer = gguf.GGUFWriter(str(path), written)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if message is None:
+        assert check_gguf_supported(path) == "qwen2_moe"
+    else:
+        with pytest.raises(PeftkitError, match=message):
+            check_gguf_supported(path)
