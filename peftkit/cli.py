@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -299,6 +300,17 @@ def _read_tools(path: str) -> tuple[dict[str, Any], ...] | None:
     return tools
 
 
+def _cached_model_note(folder: Path) -> str:
+    """`  (1.2 GB, from /path/model.gguf)`: which file a cached conversion came from, and what deleting it frees."""
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    try:
+        source = json.loads((folder / "peftkit_source.json").read_text(encoding="utf-8")).get("converted_from")
+    except (OSError, ValueError):
+        source = None
+    shown = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+    return f"  ({shown}{f', from {source}' if source else ''})"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -327,7 +339,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     entries = sorted(p.name for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")) if cache.is_dir() else []
     console.print(f"Cache: {cache} ({len(entries)} converted model(s))", markup=False)
     for name in entries:
-        console.print(f"  {name}", markup=False)
+        console.print(f"  {name}{_cached_model_note(cache / name)}", markup=False)
     return 0
 
 

@@ -107,6 +107,19 @@ def check_tokenizer_reads_back(tokenizer: Any, gguf_path: Path) -> None:
         )
 
 
+def warn_if_embedding_model(path: Path) -> None:
+    """A GGUF that sets a pooling type (llama.cpp's `--embedding` models: GTE, Qwen3-Embedding, ...) describes a text
+    encoder, whose weights peftkit would train as a chat model's without a word."""
+    from peftkit.models.gguf_config import gguf_header
+
+    metadata, _ = gguf_header(path)
+    pooling = metadata.get(f"{metadata.get('general.architecture')}.pooling_type")
+    if pooling not in (None, 0):  # 0: none
+        log.warning("%s describes an embedding model (pooling_type %s): peftkit trains it as a chat model (causal "
+                    "LM), which it was not made for; for embeddings use the original checkpoint with a "
+                    "sentence-embedding trainer", path.name, pooling)
+
+
 def check_weights_read(model: Any, info: dict[str, Any], gguf_path: Path) -> None:
     """Every weight the model needs came from the file, and none is NaN or infinite: transformers initialises the
     weights a file lacks at random without a word (a damaged file trained as if whole), and a NaN in the file
@@ -140,6 +153,7 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
                            f"kept under $PEFTKIT_HOME (now {cache_root}, default ~/.cache/peftkit): set "
                            "PEFTKIT_HOME to a writable folder")
     log.info("Converting %s to safetensors (once; cached in %s)", gguf_path.name, target)
+    warn_if_embedding_model(gguf_path)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

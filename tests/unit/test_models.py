@@ -624,6 +624,26 @@ def test_a_gguf_missing_a_weight_or_holding_nan_is_refused_at_conversion(tmp_pat
     assert not any(p.name.startswith(("lacking", "nan")) for p in (tmp_path / "home" / "models").iterdir())
 
 
+def test_a_gguf_of_an_embedding_model_is_said_to_be_one(tmp_path, caplog):
+    import gguf
+
+    from peftkit.models.gguf_convert import warn_if_embedding_model
+
+    for pooling, said in ((1, True), (0, False), (None, False)):
+        path = tmp_path / f"p{pooling}.gguf"
+        writer = gguf.GGUFWriter(str(path), "qwen2")
+        if pooling is not None:
+            writer.add_pooling_type(gguf.PoolingType(pooling))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="peftkit"):
+            warn_if_embedding_model(path)
+        assert ("describes an embedding model (pooling_type 1)" in caplog.text) == said, pooling
+
+
 @pytest.mark.parametrize(("written", "message"), [
     ("qwen2moe", None),  # llama.cpp's name for transformers' qwen2_moe: read, not refused
     ("t5", "an encoder-decoder \\(text-to-text\\) model; peftkit trains decoder-only"),
