@@ -99,12 +99,13 @@ def _written_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
 
 def tokenize_examples(
     examples: list[Example], tokenizer: Any, max_seq_len: int, system_prompt: str | None, *, train_on_prompt: bool = False,
-    what: str | None = "example",
+    what: str | None = "example", refused_when_empty: bool = False,
 ) -> tuple[list[Row], dict[str, int]]:
     """Token ids and labels; `train_on_prompt` supervises every token of a conversation, not only its replies.
     Plain text longer than `max_seq_len` is split into rows of `max_seq_len` tokens (`split`: how many texts,
     `split_rows`: the rows they made). Truncated, split and dropped examples are logged as `what` ("training
-    example", ...; None: not logged), unless no row is left (the callers refuse that, in one message)."""
+    example", ...; None: not logged). `refused_when_empty`: the caller refuses the examples when no row is left, in
+    one message: then nothing is logged before it."""
     rows: list[Row] = []
     truncated = dropped = split = split_rows = replies_lost = 0
     truncated_at: list[str] = []  # where the truncated examples, and those that lost whole replies, were read
@@ -144,7 +145,7 @@ def tokenize_examples(
         if len(kept) < len(example_rows):
             dropped_at.append(example.where)
         rows.extend(kept)
-    what = what if rows else ""  # nothing left: every caller refuses the data in one message, said alone
+    what = "" if refused_when_empty and not rows else what
     if written_specials and what:
         named = ", ".join(f"{token!r} ({where})" for token, where in list(written_specials.items())[:3])
         log.warning("the %ss contain the text of special tokens, which the tokenizer reads as the tokens themselves "
@@ -433,13 +434,22 @@ def never_given_system_prompt(examples: list[Example], system_prompt: str) -> bo
     return bool(own) and system_prompt.strip() not in own
 
 
+def _nothing_left(sources: list[str | Path], count: int, name: str, max_seq_len: int) -> DataError:
+    return DataError(f"{', '.join(map(str, sources))}: none of the {count} {name} examples has a trained (assistant) "
+                     f"token left within data.max_seq_len={max_seq_len} tokens (the prompt fills it); raise "
+                     "data.max_seq_len or shorten the conversations and system prompt")
+
+
 def build_datasets(
     cfg: DataConfig, tokenizer: Any, seed: int = 42, replay_answerer: ReplayAnswerer | None = None
 ) -> DataBundle:
     """`replay_answerer` rewrites the sampled replay answers (self-distilled replay, see data/replay.py)."""
     train_examples, eval_examples = train_eval_examples(cfg, seed)
     train_rows, train_stats = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt,
-                                                train_on_prompt=cfg.train_on_prompt, what="training example")
+                                                train_on_prompt=cfg.train_on_prompt, what="training example",
+                                                refused_when_empty=True)
+    if train_examples and not train_rows:  # before replay rows join them: a run of replay alone is no domain run
+        raise _nothing_left(data_sources(cfg.train), len(train_examples), "training", cfg.max_seq_len)
     replayed = contrasted = 0
     if cfg.replay is not None:
         # Replay stands for the model's general use, so it keeps its own system prompt (or the chat
@@ -452,20 +462,18 @@ def build_datasets(
             # known_only would drop the contrast rows it exists for: their written answers are the domain's
             contrast = replay_answerer(contrast, check_known=False) if contrast else []
         picked, contrasted = [*picked, *contrast], len(contrast)
-        replay_rows, _ = tokenize_examples(picked, tokenizer, cfg.max_seq_len, None, what="replay example")
+        replay_rows, _ = tokenize_examples(picked, tokenizer, cfg.max_seq_len, None, what="replay example",
+                                           refused_when_empty=True)
         if picked and not replay_rows:
             raise DataError(f"data.replay: none of the {len(picked)} replay examples has a trained (assistant) token "
                             f"left within data.max_seq_len={cfg.max_seq_len} tokens, so the run would train without "
                             "the replay the recipe asks for; raise data.max_seq_len or use a replay file with shorter "
                             "prompts")
         train_rows, replayed = [*train_rows, *replay_rows], len(replay_rows)
-    eval_rows, _ = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt, what="eval example")
-    for name, rows, examples in (("training", train_rows, train_examples), ("eval", eval_rows, eval_examples)):
-        if examples and not rows:
-            source = ", ".join(map(str, data_sources(cfg.eval if name == "eval" and cfg.eval else cfg.train)))
-            raise DataError(f"{source}: none of the {len(examples)} {name} examples has a trained (assistant) token left "
-                            f"within data.max_seq_len={cfg.max_seq_len} tokens (the prompt fills it); raise "
-                            "data.max_seq_len or shorten the conversations and system prompt")
+    eval_rows, _ = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt, what="eval example",
+                                     refused_when_empty=True)
+    if eval_examples and not eval_rows:
+        raise _nothing_left(data_sources(cfg.eval or cfg.train), len(eval_examples), "eval", cfg.max_seq_len)
     heldout = load_heldout(cfg.heldout, cfg.system_prompt) if cfg.heldout else []
     warn_heldout_in_training(heldout, train_examples)
     stats = {

@@ -136,7 +136,13 @@ def run_eval_rows(run_dir: Path, recipe: Recipe, tokenizer: Any) -> list[Row]:
             "so its eval split cannot be rebuilt: drawn from the data as it is now, it would hold other examples, "
             "some of them ones the run trained on. Pass --data FILE to measure the loss on a file, or restore the "
             "training data")
-    return tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt, what="eval example")[0]
+    rows = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len, cfg.system_prompt, what="eval example",
+                             refused_when_empty=True)[0]
+    if eval_examples and not rows:  # the eval file changed since the run (a split is checked above)
+        raise DataError(f"the run's eval data: none of its {len(eval_examples)} examples has a supervised token left "
+                        f"within data.max_seq_len={cfg.max_seq_len} tokens, so there is no loss to measure; pass "
+                        "--data FILE with shorter conversations")
+    return rows
 
 
 @contextlib.contextmanager
@@ -213,7 +219,8 @@ def evaluate_run(
     batch = recipe.eval.batch_size
 
     if examples is not None:
-        rows, _ = tokenize_examples(examples, tokenizer, recipe.data.max_seq_len, system, what="eval example")
+        rows, _ = tokenize_examples(examples, tokenizer, recipe.data.max_seq_len, system, what="eval example",
+                                    refused_when_empty=True)
         if not rows:
             raise DataError(f"{data}: no example has any supervised token left within data.max_seq_len="
                             f"{recipe.data.max_seq_len} tokens, so there is no loss to measure")

@@ -301,6 +301,13 @@ def test_data_with_nothing_left_to_train_is_one_error_without_the_warnings_befor
     with caplog.at_level("WARNING", logger="peftkit"), pytest.raises(DataError, match="none of the 6 training examples"):
         build_datasets(cfg, tiny_tokenizer)
     assert not [r for r in caplog.records if r.name.startswith("peftkit.data")], caplog.text
+    # with replay, the replay rows must not stand in for the domain's: a run of replay alone was built silently
+    replay = write_jsonl(tmp_path / "replay.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                                   {"role": "assistant", "content": "hello"}]}])
+    cfg = DataConfig(train=cfg.train, max_seq_len=8, eval_fraction=0.25,
+                     replay={"path": str(replay), "ratio": 1.0, "answers": "dataset"})
+    with pytest.raises(DataError, match="none of the 6 training examples"):
+        build_datasets(cfg, tiny_tokenizer)
 
 
 def test_sharegpt_and_prompt_completion_formats(tmp_path, tiny_tokenizer):

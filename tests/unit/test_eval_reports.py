@@ -222,6 +222,22 @@ def test_eval_of_an_unchanged_run_needs_neither_the_same_tokens_nor_the_recipes_
         check_resume_data(quick_run, "tokenized again", before["split_fingerprint"], [before["rows"][0] + 1, 4])
 
 
+def test_an_eval_file_with_nothing_left_within_max_seq_len_is_refused(tiny_recipe, tmp_path, small_general):
+    """An eval file rewritten after training with prompts longer than max_seq_len gave a report without a loss and
+    without a word."""
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", [{"messages": [{"role": "user", "content": "hello?"},
+                                                                    {"role": "assistant", "content": "hi."}]}])
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["data"] = {**recipe["data"], "eval": str(eval_file)}
+    recipe["train"] = {**recipe["train"], "max_steps": 1}
+    recipe["eval"] = {**recipe["eval"], "before": False, "max_new_tokens": 2}
+    run_dir = train(recipe_from_dict(recipe)).run_dir
+    write_jsonl(eval_file, [{"messages": [{"role": "user", "content": "word " * 200},
+                                          {"role": "assistant", "content": "hi."}]}])
+    with pytest.raises(DataError, match="the run's eval data: none of its 1 examples has a supervised token left"):
+        evaluate_run(run_dir, general=small_general, compare_base=False, out=tmp_path / "e.json")
+
+
 def test_eval_data_the_run_trained_on_is_warned_about(quick_run, tiny_recipe, tmp_path, small_general, caplog):
     """`eval --data` on the training file measured memorisation without a word (training warns of the same)."""
     out = tmp_path / "e.json"
