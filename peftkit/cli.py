@@ -67,9 +67,10 @@ def _log_handler() -> logging.Handler:
 def _progress_bars_for_logs() -> Iterator[None]:
     """In a file or pipe (nohup, a scheduler's job log) a progress bar redraws itself with a carriage return ten times
     a second, all of it kept: there the bars update every 30 s instead, while the command runs (the longest interval
-    too: tqdm's monitor thread otherwise forces a redraw after 10 s). tqdm reads TQDM_* when a bar is made, and
-    launched workers inherit the setting; one the user set is kept, and a calling program (a notebook, a script) has
-    its own back after `main()`."""
+    too: tqdm's monitor thread otherwise forces a redraw after 10 s). tqdm reads TQDM_* once, when first imported
+    (transformers' trainer imports it), and launched workers inherit the setting; one the user set is kept, and a
+    calling program (a notebook, a script) gets its environment back after `main()` (a tqdm it imported first keeps
+    its own intervals)."""
     if sys.stderr.isatty() or "TQDM_MININTERVAL" in os.environ:
         yield
         return
@@ -304,9 +305,10 @@ def _cached_model_note(folder: Path) -> str:
     """`  (1.2 GB, from /path/model.gguf)`: which file a cached conversion came from, and what deleting it frees."""
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     try:
-        source = json.loads((folder / "peftkit_source.json").read_text(encoding="utf-8")).get("converted_from")
+        marker = json.loads((folder / "peftkit_source.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        source = None
+        marker = None
+    source = marker.get("converted_from") if isinstance(marker, dict) else None
     shown = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
     return f"  ({shown}{f', from {source}' if source else ''})"
 

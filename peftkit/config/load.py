@@ -260,17 +260,25 @@ def _drop_key(data: dict[str, Any], path: list[str]) -> bool:
     return True
 
 
-def _data_file_refusal(path: Path) -> ConfigError | None:
-    """For a data file given where a recipe goes (`peftkit train data/train.jsonl`): the error to raise where it does
-    not read as a recipe (a recipe written as JSON does)."""
-    from peftkit.data.files import DATA_SUFFIXES, data_suffix
+NEVER_RECIPES = (".jsonl", ".ndjson", ".csv", ".tsv", ".parquet")
+"""Data-file suffixes no recipe has; a `.json` or `.txt` file may hold a recipe (YAML reads JSON)."""
 
-    suffix = data_suffix(path)
-    if suffix not in DATA_SUFFIXES or suffix in (".yaml", ".yml"):
-        return None
-    return ConfigError(f"{path} is a data file ({suffix}), not a recipe: commands take a recipe YAML that names its "
-                       f"data, e.g. a copy of recipes/quickstart.yaml (or the README's \"A recipe\") with "
+
+def _data_file_refusal(path: Path) -> ConfigError:
+    from peftkit.data.files import data_suffix
+
+    return ConfigError(f"{path} is a data file ({data_suffix(path)}), not a recipe: commands take a recipe YAML that "
+                       f"names its data, e.g. a copy of recipes/quickstart.yaml (or the README's \"A recipe\") with "
                        f"`data: {{train: {path}}}`")
+
+
+def _reads_as_records(data: Any) -> bool:
+    """Parsed text that is data, not a recipe: a list, a string (plain text), or records in a known format."""
+    from peftkit.data.formats import detect_format
+
+    if isinstance(data, (list, str)):
+        return True
+    return isinstance(data, dict) and not set(data) & set(Recipe.model_fields) and detect_format(data) is not None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -281,19 +289,27 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe file {path} does not exist (check the path; the README's \"A recipe\" section "
                           "and the repository's recipes/ have examples)")
-    data_file = _data_file_refusal(path)
+    from peftkit.data.files import data_suffix
+
+    suffix = data_suffix(path)
+    if suffix in NEVER_RECIPES or path.suffix.lower() == ".gz":  # `peftkit train data/train.jsonl`
+        raise _data_file_refusal(path)
     try:
-        data = _parsed_recipe(path)
+        data = _parsed_yaml(path)
     except ConfigError:
-        if data_file:
-            raise data_file from None
+        if suffix == ".txt":  # plain-text training data is rarely YAML
+            raise _data_file_refusal(path) from None
         raise
-    if data_file and not set(data) & set(Recipe.model_fields):
-        raise data_file
+    if suffix in (".json", ".txt") and _reads_as_records(data):
+        raise _data_file_refusal(path)
+    if data is None:
+        raise ConfigError("the recipe is empty; it needs at least a `data.train` file", str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"the recipe must be a mapping of sections, got {type(data).__name__}", str(path))
     return data
 
 
-def _parsed_recipe(path: Path) -> dict[str, Any]:
+def _parsed_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -312,10 +328,6 @@ def _parsed_recipe(path: Path) -> dict[str, Any]:
                           str(path)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"YAML syntax error: {exc}", str(path)) from None
-    if data is None:
-        raise ConfigError("the recipe is empty; it needs at least a `data.train` file", str(path))
-    if not isinstance(data, dict):
-        raise ConfigError(f"the recipe must be a mapping of sections, got {type(data).__name__}", str(path))
     return data
 
 

@@ -423,6 +423,11 @@ def prompt_completion_messages(record: dict[str, Any], where: str) -> list[Messa
                     f"messages, got {type_name(prompt)} and {type_name(completion)}")
 
 
+FORMAT_KEYS = {"chat": ("messages",), "sharegpt": ("conversations", "conversation"), "alpaca": ("instruction",),
+               "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+"""Fields that show a record is written in a format (its mistake is then its own, not another format's)."""
+
+
 def to_example(record: Any, where: str, fmt: str, columns: ColumnsConfig | None = None) -> Example:
     if columns is not None and columns.text:  # the recipe names the fields: no detection
         return dataclasses.replace(_to_example({"text": mapped_text(record, columns, where)}, where, "text"), format="columns")
@@ -446,7 +451,8 @@ def to_example(record: Any, where: str, fmt: str, columns: ColumnsConfig | None 
         example = _to_example(record, where, kind)
     except DataError as exc:
         detected = detect_format(record) if fmt != "auto" else None
-        if detected is None or detected == fmt or "set data.format" in str(exc):  # said already
+        own = isinstance(record, dict) and any(key in record for key in FORMAT_KEYS.get(fmt, ()))  # null, perhaps
+        if detected is None or detected == fmt or own or "set data.format" in str(exc):  # its own mistake, or said
             raise
         shown = f"a {'/'.join(detected_pair(record) or ())} pair" if detected == "pair" else f"in {detected} format"
         raise DataError(f"{exc}; the record is {shown}, which data.format: {fmt} does not read: set data.format to "

@@ -163,11 +163,10 @@ def test_chat_on_missing_run_dir(tmp_path):
 def test_models_lists_builtins_and_what_each_cached_conversion_came_from(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTKIT_HOME", str(tmp_path))
     one, two = tmp_path / "models" / "model-0123456789ab", tmp_path / "models" / "model-ba9876543210"
-    for folder, source in ((one, "/data/a/model.gguf"), (two, None)):  # same file name, two folders
+    for folder, source in ((one, {"converted_from": "/data/a/model.gguf"}), (two, ["damaged"])):  # same file name
         folder.mkdir(parents=True)
         (folder / "model.safetensors").write_bytes(b"\0" * 2_000_000)
-        if source:
-            (folder / "peftkit_source.json").write_text(json.dumps({"converted_from": source}))
+        (folder / "peftkit_source.json").write_text(json.dumps(source))
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m-instruct" in out and "minilm-l6" in out

@@ -87,6 +87,14 @@ def test_a_data_file_given_as_the_recipe_is_named_as_data_and_a_json_recipe_stil
     recipe = tmp_path / "recipe.json"  # YAML reads JSON: a recipe written so is a recipe
     recipe.write_text(json.dumps({"data": {"train": str(data)}}))
     assert load_recipe(recipe).data.train == str(data)
+    # another tool's JSON config (no peftkit section, no record format) gets the key hints, a broken one its error
+    recipe.write_text(json.dumps({"base_model": "x", "datasets": [{"path": str(data)}], "lora_r": 8}))
+    with pytest.raises(ConfigError, match="did you mean `model.name`") as info:
+        load_recipe(recipe)
+    assert "not a recipe" not in str(info.value)
+    recipe.write_text('{"data": {"train": "t.jsonl"')
+    with pytest.raises(ConfigError, match="YAML syntax error"):
+        load_recipe(recipe)
 
 
 def test_bad_override_syntax():

@@ -395,6 +395,10 @@ def test_a_format_set_in_the_recipe_that_the_records_are_not_in_names_theirs(tmp
     with pytest.raises(DataError) as info:
         load_examples(chat, "text")
     assert "the record is in chat format" not in str(info.value)  # the text format's own message advises it already
+    null = write_jsonl(tmp_path / "n.jsonl", [{"instruction": None, "input": "2 + 2?", "output": "4"}])
+    with pytest.raises(DataError) as info:  # an alpaca record with a null instruction: its own mistake to fix
+        load_examples(null, "alpaca")
+    assert "instruction" in str(info.value) and "pair" not in str(info.value)
 
 
 def test_every_malformed_jsonl_line_is_counted_in_one_message(tmp_path):
