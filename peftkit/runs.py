@@ -47,8 +47,7 @@ def read_run_recipe(run_dir: str | Path) -> Recipe:
         if (run_dir / "adapter_config.json").is_file():
             raise RunDirError(f"{run_dir} is an adapter folder (adapter_config.json, no recipe.yaml), not a peftkit run "
                               "directory: pass the run directory it came from")
-        inside = sorted(str(child) for child in run_dir.glob("*/recipe.yaml"))
-        runs = [str(Path(found).parent) for found in inside]
+        runs = sorted(str(found.parent) for found in run_dir.glob("*/recipe.yaml"))
         hint = (f"; it holds runs: pass one of them ({', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''})" if runs
                 else "; pass the output_dir of a `peftkit train` run (a folder holding recipe.yaml)")
         raise RunDirError(f"{run_dir} is not a peftkit run directory (no recipe.yaml){hint}")
@@ -247,16 +246,10 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
             _require_bitsandbytes_for(run_dir, recipe)
         with _head_restored_by_adapter(bool(extra)):
             base = load_base_model(run_dir, recipe, device, quantized=quantized_base, source=source)  # resolved once
-        try:
-            from peftkit.adapters.lora import tied_adapter_warning_said
+        from peftkit.adapters.lora import tied_adapter_warning_said
 
-            with tied_adapter_warning_said():  # said at training
-                model = PeftModel.from_pretrained(base, str(adapter))
-        except RuntimeError as exc:
-            if "size mismatch" not in str(exc):
-                raise
-            _raise_if_other_base(run_dir, recipe, info, source)
-            raise
+        with tied_adapter_warning_said():  # said at training
+            model = PeftModel.from_pretrained(base, str(adapter))
     finish_loaded_model(model, run_dir, recipe, tokenizer)
     prepare_for_generation(model)
     model.eval()

@@ -264,10 +264,8 @@ NEVER_RECIPES = (".jsonl", ".ndjson", ".csv", ".tsv", ".parquet")
 """Data-file suffixes no recipe has; a `.json` or `.txt` file may hold a recipe (YAML reads JSON)."""
 
 
-def _data_file_refusal(path: Path) -> ConfigError:
-    from peftkit.data.files import data_suffix
-
-    return ConfigError(f"{path} is a data file ({data_suffix(path)}), not a recipe: commands take a recipe YAML that "
+def _data_file_refusal(path: Path, suffix: str) -> ConfigError:
+    return ConfigError(f"{path} is a data file ({suffix}), not a recipe: commands take a recipe YAML that "
                        f"names its data, e.g. a copy of recipes/quickstart.yaml (or the README's \"A recipe\") with "
                        f"`data: {{train: {path}}}`")
 
@@ -293,15 +291,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
     suffix = data_suffix(path)
     if suffix in NEVER_RECIPES or path.suffix.lower() == ".gz":  # `peftkit train data/train.jsonl`
-        raise _data_file_refusal(path)
+        raise _data_file_refusal(path, suffix)
     try:
         data = _parsed_yaml(path)
     except ConfigError:
         if suffix == ".txt":  # plain-text training data is rarely YAML
-            raise _data_file_refusal(path) from None
+            raise _data_file_refusal(path, suffix) from None
         raise
     if suffix in (".json", ".txt") and _reads_as_records(data):
-        raise _data_file_refusal(path)
+        raise _data_file_refusal(path, suffix)
     if data is None:
         raise ConfigError("the recipe is empty; it needs at least a `data.train` file", str(path))
     if not isinstance(data, dict):
@@ -750,10 +748,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def _named_overrides(problems: list[str], overrides: list[str]) -> list[str]:
     """A problem with a value given on the command line says so: the recipe file does not hold it."""
-    given = {}
-    for text in overrides:
-        key = text.split("=", 1)[0].strip()
-        given[key] = text
+    given = {text.split("=", 1)[0].strip(): text for text in overrides}
     named = []
     for problem in problems:
         key = next((k for k in given if problem.startswith((f"`{k}`", f"{k}:", f"{k} "))), None)

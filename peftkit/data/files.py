@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt")
-
-
 JSONL_SUFFIXES = ("", ".ndjson")
 """Other names of JSON Lines files."""
 

@@ -31,16 +31,15 @@ def _eval_part(summary: dict[str, Any]) -> str:
     return f" (evaluation {seconds:.0f} s of it, not in tok/s)" if seconds >= 0.5 else ""
 
 
-def heldout_samples(details: list[dict[str, Any]], count: int = 2) -> list[dict[str, Any]]:
+def heldout_samples(details: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The first held-out answer that holds its key fact and the first that misses it, in the file's order (the first
-    two alone were two misses for a trial's 61.8 % run, read as a failed one); the first `count` where all are
-    right or all missed."""
-    right = [d for d in details if d["correct"]]
-    missed = [d for d in details if not d["correct"]]
-    if not right or not missed or count < 2:
-        return details[:count]
-    picked = {id(d) for d in right[: count // 2] + missed[: count - count // 2]}
-    return [d for d in details if id(d) in picked]
+    two alone were two misses for a trial's 61.8 % run, read as a failed one); the first two where all are right or
+    all missed."""
+    right = next((d for d in details if d["correct"]), None)
+    missed = next((d for d in details if not d["correct"]), None)
+    if right is None or missed is None:
+        return details[:2]
+    return [d for d in details if d is right or d is missed]
 
 
 def _sample_verdict(sample: dict[str, Any]) -> tuple[str | tuple[str, str], ...]:
