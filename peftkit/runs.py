@@ -25,6 +25,14 @@ class LoadedRun:
     model: Any
     tokenizer: Any
 
+    def with_system_prompt(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`messages` as `peftkit chat` and the evaluation ask them: the recipe's `data.system_prompt` first unless
+        they have a system turn of their own (the run's tokenizer template would otherwise put the base model's
+        default system prompt there, one the run was not trained with)."""
+        from peftkit.data.chat import with_system_prompt
+
+        return with_system_prompt(messages, self.recipe.data.system_prompt)
+
 
 def read_run_recipe(run_dir: str | Path) -> Recipe:
     """The recipe a run was trained with (its recipe.yaml), or one message saying why `run_dir` is not a run."""
@@ -140,7 +148,26 @@ def adapter_dir(run_dir: Path) -> Path:
                      f"again with `{command('train', str(run_dir), '--force')}`")
         raise RunDirError(f"{run_dir} has no trained adapter (adapter/adapter_config.json); the run did not finish: "
                           + next_step)
+    refuse_unfinished(run_dir, path)
     return path
+
+
+def refuse_unfinished(run_dir: Path, weights: Path) -> None:
+    """A run stopped after writing its trained weights but before its summary: its tokenizer (with the recipe's chat
+    template) may be missing, and chat or eval would quietly use the base model's. A folder without checkpoints (one
+    put together by hand) has nothing to finish and is taken as it is."""
+    from peftkit.train.checkpoints import latest_complete
+    from peftkit.train.run_dir import training_in
+    from peftkit.utils.command_name import command
+
+    if (run_dir / "summary.json").is_file() or latest_complete(run_dir) is None:
+        return
+    holder = training_in(run_dir)
+    if holder is not None:
+        raise RunDirError(f"{run_dir} is still training ({holder}): it has written {weights.name}/ and is finishing its "
+                          "tokenizer and summary; wait for it to end")
+    raise RunDirError(f"{run_dir} did not finish: it stopped after writing {weights.name}/, before its tokenizer and "
+                      f"summary; finish it with `{command('train', str(run_dir), '--resume')}` (it trains no further)")
 
 
 def trained_quantization(run_dir: Path, quantization: Any) -> Any:
@@ -216,6 +243,8 @@ def load_run(run_dir: str | Path, *, device: str | None = None, quantized_base: 
         if effective_quantization(recipe) is None:
             raise RunDirError(f"{no_quantized_base(f'{run_dir} was')} (in Python, leave quantized_base at True)")
     full_model = trained_model_dir(run_dir)
+    if full_model is not None:
+        refuse_unfinished(run_dir, full_model)
     adapter = None if full_model is not None else adapter_dir(run_dir)
     device = resolve_device(device or recipe.train.device)
     dtype = resolve_dtype(recipe.train.dtype, device)

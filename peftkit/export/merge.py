@@ -95,7 +95,7 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
     from peftkit.models import resolve_model_ref
     from peftkit.models.fingerprint import warn_if_other_base
     from peftkit.models.skeleton import model_skeleton
-    from peftkit.runs import adapter_dir, read_run_recipe
+    from peftkit.runs import adapter_dir, read_run_recipe, refuse_unfinished
 
     run_dir = Path(run_dir).expanduser().resolve()
     recipe = read_run_recipe(run_dir)
@@ -104,6 +104,7 @@ def resolve_run(run_dir: str | Path, base: str | None = None, *, require_causal_
     if require_causal_lm:
         refuse_other_tasks(run_dir, recipe)
     if full is not None:
+        refuse_unfinished(run_dir, full)
         info = AdapterInfo(full, {"peft_type": FULL_MODEL, "method": getattr(recipe.adapter, "method", "full")})
     else:
         info = read_adapter(adapter_dir(run_dir))

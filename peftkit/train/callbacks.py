@@ -103,12 +103,23 @@ def use_progress_bar(trainer: Any) -> None:
 class OverfittingWatch(TrainerCallback):
     """Warns once when eval loss rises for two evaluations in a row while train loss keeps falling."""
 
-    def __init__(self, window: int = 2) -> None:
+    def __init__(self, window: int = 2, metrics: Path | None = None) -> None:
         self.window = window
+        self.metrics = metrics
+        """The run's metrics.jsonl: a resumed run replays it (the checkpoint's own log_history lacks an evaluation
+        that followed the save, as an epoch's closing one does after a `save_steps` checkpoint on its last step)."""
         self.evals: list[float] = []
         self.trains_at_eval: list[float] = []
         self.last_train: float | None = None
         self.warned = False
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """A resumed run goes on from the evaluations of the sessions before, as the uninterrupted run would."""
+        if self.evals:
+            return
+        for record in read_metrics(self.metrics) if self.metrics else state.log_history:
+            self.on_log(args, state, control, record)
+            self.on_evaluate(args, state, control, record)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if logs and "loss" in logs:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MARKER = ".complete"
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt")
 """What a checkpoint's trained weights are saved as (an adapter, or a whole model: one file or shards)."""
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
@@ -232,9 +233,15 @@ def damage(checkpoint: Path) -> str | None:
         json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "trainer_state.json is not valid JSON"
-    if read_marker(checkpoint).get("deepspeed_stage") is None and not any(
-            (checkpoint / name).is_file() for name in WEIGHT_FILES):  # DeepSpeed keeps them in global_step*/
-        return f"its weights ({' or '.join(WEIGHT_FILES)}) are missing"
+    if read_marker(checkpoint).get("deepspeed_stage") is None:  # DeepSpeed keeps its states in global_step*/
+        if not any((checkpoint / name).is_file() for name in WEIGHT_FILES):
+            return f"its weights ({' or '.join(WEIGHT_FILES)}) are missing"
+        # without them transformers resumes quietly on a fresh optimizer, a restarted schedule, other random draws
+        missing = [name for name in TRAINING_STATE_FILES if not (checkpoint / name).is_file()]
+        if not any(checkpoint.glob("rng_state*.pth")):
+            missing.append("rng_state.pth")
+        if missing:
+            return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
     index = checkpoint / "model.safetensors.index.json"
     try:
         shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()) if index.is_file() else set()
@@ -341,7 +348,8 @@ def prepare_resume(
     if main_process:
         dropped = truncate_metrics(run_dir / "metrics.jsonl", step_of(checkpoint))
         if dropped:
-            log.info("Dropped %d metric records logged after step %d", dropped, step_of(checkpoint))
+            log.info("Dropped %d metric records logged after the checkpoint of step %d (logged again as training "
+                     "goes on)", dropped, step_of(checkpoint))
     log.info("Resuming from %s", checkpoint)
     return checkpoint
 

@@ -97,6 +97,10 @@ def train_or_finish(trainer: Any, recipe: Recipe, resume_from: Path | None, prio
         if is_disk_full(exc) and trainer.is_world_process_zero():
             _free_the_failed_save(run_dir)
         raise
+    except KeyboardInterrupt:  # a second Ctrl-C: quit without saving
+        if trainer.is_world_process_zero():
+            signals.say_where_it_resumes(run_dir)
+        raise
     finally:  # a failed run (divergence, a callback's error, OOM) never reaches on_train_end
         interrupt.restore()
     signals.raise_if_interrupted(interrupt, trainer, run_dir)  # a signal stopped it: checkpoint saved, say how to resume
@@ -203,6 +207,11 @@ def _heldout(model: Any, tokenizer: Any, recipe: Recipe, items: list[Any]) -> tu
     )
 
 
+def _asked(items: list[Any]) -> list[tuple[str, list[str]]]:
+    """Each held-out item's question and key facts, as its record in before.json holds them."""
+    return [(item.question, list(item.key_facts)) for item in items]
+
+
 def _eval_loss(trainer: SFTTrainer, has_eval: bool) -> float | None:
     return float(trainer.evaluate()["eval_loss"]) if has_eval else None
 
@@ -254,7 +263,8 @@ def tensorboard_callback(log_dir: Path, resume_step: int | None = None) -> Any:
                 self.tb_writer = None
 
     if resume_step is not None and (dropped := trim_event_files(log_dir, resume_step)):
-        log.info("Dropped %d TensorBoard events logged after step %d", dropped, resume_step)
+        log.info("Dropped %d TensorBoard events logged after the checkpoint of step %d (logged again as training goes "
+                 "on)", dropped, resume_step)
     purge = {"purge_step": resume_step + 1} if resume_step is not None else {}  # for a file that could not be trimmed
     callback = RunTensorBoard(SummaryWriter(log_dir=str(log_dir), **purge))
     callback.logging_dir = str(log_dir)
@@ -389,8 +399,10 @@ def _train(
                            f"{' and '.join(asked)}")
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     fingerprint = run_dirs.data_fingerprint(data.train, data.eval)
+    base_fingerprint = source_fingerprint(source)  # merge / chat warn when put on other weights
     if resume and main_process:  # the checkpoint's data order and the eval loss before belong to the start's data
         run_dirs.check_resume_data(run_dir, fingerprint, data.split_fingerprint, [len(data.train), len(data.eval)])
+        run_dirs.check_resume_base(run_dir, base_fingerprint, recipe.model.name)
     ds_config = deepspeed_setup.setup(recipe, device, dtype)  # None without DeepSpeed
     quantization = effective_quantization(recipe)
     say_busy_cpu_warning()  # kept back by choose_threads: a run refused before this says its refusal alone
@@ -424,8 +436,14 @@ def _train(
         n = data.stats["replay_examples"]  # replay rows are the last ones (data/build.py)
         data.train[-n:] = add_teacher_targets(model, tokenizer.pad_token_id, data.train[-n:])
 
+    recorded = run_dirs.load_before(run_dir) if resume else {}
+    heldout_changed = resume and recipe.eval.before and _asked(data.heldout) != [
+        (d.get("question"), d.get("key_fact")) for d in recorded.get("heldout_details") or []]
     accuracy_before, details_before = (None, [])
-    if recipe.eval.before and not resume and main_process:
+    if recipe.eval.before and (not resume or heldout_changed) and main_process:
+        if heldout_changed:
+            log.warning("The held-out questions are not the ones %s started with: asking the untrained model them again "
+                        "for the before / after comparison", run_dir)
         accuracy_before, details_before = _heldout(model, tokenizer, recipe, data.heldout)
 
     calibration = general_rows(data, recipe.data, tokenizer) if getattr(recipe.adapter, "init", None) in KNOWLEDGE_INITS else data.train
@@ -454,7 +472,7 @@ def _train(
         checkpoints.SeededLengthGrouping(),  # group_by_length batches reproducible on resume
         ResumedSettings(),
         interrupt := signals.interrupt_callback(),  # Ctrl-C: checkpoint at the end of the step, then stop
-        overfitting := OverfittingWatch(),
+        overfitting := OverfittingWatch(metrics=metrics_path),
         DivergenceGuard(recipe.train.lr),
         *(extra_callbacks or []),
     ]
@@ -493,19 +511,23 @@ def _train(
             else:
                 eval_loss_before = _eval_loss(trainer, has_eval)
     if resume:  # measured when the run started
-        before = run_dirs.load_before(run_dir)
-        eval_loss_before, accuracy_before = before.get("eval_loss"), before.get("heldout_accuracy")
-        details_before = before.get("heldout_details") or []
+        eval_loss_before = recorded.get("eval_loss")
+        if heldout_changed and main_process:
+            run_dirs.save_before(run_dir, {**recorded, "heldout_accuracy": accuracy_before,
+                                           "heldout_details": details_before})
+        else:
+            accuracy_before, details_before = recorded.get("heldout_accuracy"), recorded.get("heldout_details") or []
     elif main_process:
         run_dirs.save_before(run_dir, {"eval_loss": eval_loss_before, "heldout_accuracy": accuracy_before,
                                        "heldout_details": details_before, "data_fingerprint": fingerprint,
                                        "split_fingerprint": data.split_fingerprint,
-                                       "rows": [len(data.train), len(data.eval)]})
+                                       "rows": [len(data.train), len(data.eval)], "base_fingerprint": base_fingerprint})
 
     resume_from = checkpoints.prepare_resume(
         run_dir, world_size=dist_info().world_size, deepspeed_stage=checkpoints.deepspeed_stage_of(args),
         main_process=main_process) if resume else None
     prior = (checkpoints.read_progress(resume_from) if resume_from else None) or checkpoints.Progress()
+    overfitting.warned = prior.overfitting_warned  # said once in the whole run
     if resume_from and main_process:  # every rank adds its own tokens; rank 0 carries the earlier sessions' sum
         trainer.supervised_tokens_seen, trainer.input_tokens_seen = prior.supervised_tokens, prior.input_tokens
 
@@ -573,7 +595,7 @@ def _train(
         "samples": samples,
         "data_stats": data.stats,
         "wall_seconds": round(prior.wall_seconds + time.perf_counter() - started, 2),  # all sessions
-        "base_fingerprint": source_fingerprint(source),  # merge / chat warn when put on other weights
+        "base_fingerprint": base_fingerprint,
         "base_config": base_config_summary(model.config),  # named when an adapter does not fit a base
     }
     if details_after:

@@ -268,6 +268,8 @@ def clear_run_dir(run_dir: Path) -> None:
     _refuse_foreign(run_dir)
     remove_dead_writers_temporaries(run_dir)
     (run_dir / WRITTEN_LISTING).unlink(missing_ok=True)  # of the folders removed below
+    for checkpoint in checkpoints.checkpoint_dirs(run_dir):  # unmarked first, as pruning does: a kill mid-way leaves
+        (checkpoint / checkpoints.MARKER).unlink(missing_ok=True)  # incomplete folders, never marked ones half gone
     for path in run_dir.iterdir():
         if path.name.startswith(".") or path.name not in RUN_FILES:
             continue
@@ -374,6 +376,19 @@ def check_resume_data(run_dir: Path, fingerprint: str, split: str | None = None,
         "before training was measured on it. Restore the data to resume, or start a new run on the new data "
         "(another output_dir, or --force)"
     )
+
+
+def check_resume_base(run_dir: Path, fingerprint: str | None, name: str) -> None:
+    """The checkpoint's adapter and optimizer state belong to the base weights the run started on; on other weights
+    of the same shapes (a base re-saved or fine-tuned in place) the run would go on without an error, and its eval
+    loss before training would describe the other model."""
+    started_on = load_before(run_dir).get("base_fingerprint")
+    if started_on and fingerprint and fingerprint != started_on:
+        raise RunDirError(
+            f"--resume: the base model {name} is not the one {run_dir} was started on (its weights differ: fingerprint "
+            f"{fingerprint}, started on {started_on}); the checkpoint's adapter was trained on those weights. Put "
+            "the original base back to resume, or start a new run (another output_dir, or --force)"
+        )
 
 
 def save_before(run_dir: Path, before: dict[str, Any]) -> None:

@@ -166,6 +166,20 @@ def raise_if_interrupted(callback: InterruptCallback, trainer: Any, run_dir: Pat
     raise TrainingInterrupted(step, checkpoint, run_dir, signal_name=callback.signal_name)
 
 
+def say_where_it_resumes(run_dir: Path) -> None:
+    """After a second Ctrl-C (quit without saving): what the run's checkpoints still give."""
+    from peftkit.train.checkpoints import latest_loadable, step_of
+    from peftkit.utils.command_name import command
+
+    checkpoint = latest_loadable(run_dir)
+    if checkpoint is None:
+        log.warning("Quit without saving: %s saved no checkpoint, so `%s` starts it over", run_dir,
+                    command("train", str(run_dir), "--force"))
+    else:
+        log.warning("Quit without saving: the run resumes from its last checkpoint, step %d (%s), with `%s`",
+                    step_of(checkpoint), checkpoint.name, command("train", str(run_dir), "--resume"))
+
+
 def _write_record(run_dir: Path, step: int, checkpoint: Path, signal_name: str | None,
                   resume: str | None = None) -> None:
     from peftkit.utils.atomic import atomic_write_text

@@ -155,7 +155,12 @@ class RunTrainer(Trainer):
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         started = time.perf_counter()
-        metrics = super().evaluate(*args, **kwargs)
+        # Evaluating must leave training's random stream alone: its DataLoader draws a seed from torch's generator,
+        # so a run resumed from a checkpoint saved just before an evaluation (the last step of an epoch) drew other
+        # dropout masks than the run that went on through that evaluation.
+        cuda = [self.args.device] if self.args.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            metrics = super().evaluate(*args, **kwargs)
         # transformers times the model's preparation (the DDP wrap) once, at the first evaluation, but subtracts it
         # from every later evaluation's runtime: eval_runtime came out negative (multi-process runs; a classifier on
         # a busy CPU). Count it once.

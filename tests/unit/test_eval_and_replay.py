@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -266,6 +267,25 @@ def test_overfitting_watch_warns_once(caplog):
     assert watch.warned
     assert sum("Overfitting" in r.message for r in caplog.records) == 1
 
+
+def test_a_resumed_overfitting_watch_goes_on_from_the_earlier_sessions_evaluations(caplog, tmp_path):
+    """Resumed after three evaluations, the next rise in a row is warned about as in the uninterrupted run (the watch
+    kept its evaluations in memory only, so a resumed run never warned). They are read from metrics.jsonl: the
+    checkpoint's log_history lacks the last one when it followed the save (an epoch's closing evaluation)."""
+    history = _history([(10, 2.0, 1.5), (20, 1.5, 1.4), (30, 1.0, 1.45)])
+    write_jsonl(tmp_path / "metrics.jsonl", history)
+    watch = OverfittingWatch(metrics=tmp_path / "metrics.jsonl")
+    with caplog.at_level(logging.WARNING):
+        watch.on_train_begin(None, SimpleNamespace(log_history=history[:-1]), None)
+        assert not watch.warned
+        watch.on_log(None, None, None, logs={"loss": 0.5})
+        watch.on_evaluate(None, None, None, metrics={"eval_loss": 1.6})
+    assert watch.warned and sum("Overfitting" in r.message for r in caplog.records) == 1
+    said = OverfittingWatch()
+    said.warned = True  # an earlier session of the run warned already
+    with caplog.at_level(logging.WARNING):
+        said.on_train_begin(None, SimpleNamespace(log_history=history + _history([(40, 0.5, 1.6)])), None)
+    assert sum("Overfitting" in r.message for r in caplog.records) == 1
 
 
 def test_overfitting_watch_with_more_evaluations_than_logged_losses(caplog):

@@ -142,6 +142,8 @@ def _checkpoint(run_dir: Path, step: int, *, complete: bool = True, world_size: 
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({"step": step}, folder / name)
     if deepspeed_stage is not None:
         (folder / f"global_step{step}").mkdir()
     if complete:
@@ -293,6 +295,53 @@ def test_resume_refuses_data_that_changed_since_the_run_started(tiny_model_dir, 
     write_jsonl(tmp_path / "train.jsonl", CHAT_RECORDS * 2)
     with pytest.raises(RunDirError, match="the training or eval data differ from those .* was started with"):
         train(load_recipe(path), resume=True)
+
+
+def test_resume_refuses_a_base_model_replaced_since_the_run_started(tiny_model_dir, tmp_path):
+    """The checkpoint's adapter was trained on the start's base weights: a base re-saved in place with other weights
+    of the same shapes resumed without a word, and the report compared two models' eval losses."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    path = tiny_recipe_file(tmp_path, base, train={"max_steps": 4})
+    run_dir = train(load_recipe(path)).run_dir
+    assert json.loads((run_dir / "before.json").read_text())["base_fingerprint"]
+    (run_dir / "summary.json").unlink()  # as if killed after its last checkpoint
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01)
+    model.save_pretrained(base)
+    with pytest.raises(RunDirError, match="the base model .* is not the one .* was started on"):
+        train(load_recipe(path), resume=True)
+
+
+def test_a_resume_with_other_held_out_questions_asks_the_untrained_model_them_again(tiny_model_dir, tmp_path, caplog):
+    """The before / after comparison is over one question set: resumed on an edited held-out file, the before side
+    came from the start's questions (2) and the after side from the file's (3)."""
+    from tests.conftest import write_jsonl
+
+    questions = [{"question": "when does the library open?", "key_fact": "nine"},
+                 {"question": "tell me the wifi password", "key_fact": ["river"]}]
+    write_jsonl(tmp_path / "heldout.jsonl", questions)
+    data = {"train": "train.jsonl", "heldout": "heldout.jsonl", "eval_fraction": 0.25, "max_seq_len": 64}
+    path = tiny_recipe_file(tmp_path, tiny_model_dir, train={"max_steps": 4}, extra={"data": data})
+    path.write_text(path.read_text().replace("before: false", "before: true"))
+    run_dir = train(load_recipe(path)).run_dir
+    assert len(json.loads((run_dir / "before.json").read_text())["heldout_details"]) == 2
+    (run_dir / "summary.json").unlink()  # as if killed after its last checkpoint
+    write_jsonl(tmp_path / "heldout.jsonl", [*questions, {"question": "who is the head librarian?", "key_fact": "Ada"}])
+    with caplog.at_level("WARNING"):
+        train(load_recipe(path), resume=True)
+    assert "The held-out questions are not the ones" in caplog.text
+    summary = json.loads((run_dir / "summary.json").read_text())
+    before = json.loads((run_dir / "before.json").read_text())
+    assert summary["heldout_questions"] == len(before["heldout_details"]) == 3
+    assert summary["heldout_accuracy_before"] == before["heldout_accuracy"]
+    assert len((run_dir / "heldout.jsonl").read_text().splitlines()) == 3
 
 
 def test_a_resume_with_another_process_count_is_refused_before_anything_loads(tiny_model_dir, tmp_path, monkeypatch):

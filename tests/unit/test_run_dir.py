@@ -45,6 +45,24 @@ def test_force_never_deletes_a_folder_peftkit_did_not_make(tiny_recipe, tmp_path
     assert (precious / "recipe.yaml").read_text() == "a recipe of mine"
 
 
+def test_a_force_killed_while_clearing_the_run_leaves_no_checkpoint_marked_complete(tiny_recipe, monkeypatch):
+    """`train --force` removed the old checkpoints file by file in directory order: killed half-way, a folder could
+    keep its completion marker without its weights or optimizer, which --resume then trusted."""
+    from peftkit.train import run_dir as run_dirs
+
+    first = train(recipe_from_dict(_short(tiny_recipe))).run_dir
+    assert any(checkpoints.is_complete(p) for p in checkpoints.checkpoint_dirs(first))
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt  # stands for the kill, at the first folder removed
+
+    monkeypatch.setattr(run_dirs.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_dirs.clear_run_dir(first)
+    assert checkpoints.checkpoint_dirs(first)
+    assert not any(checkpoints.is_complete(p) for p in checkpoints.checkpoint_dirs(first))
+
+
 def test_failing_force_keeps_the_earlier_run(tiny_recipe, tmp_path):
     first = train(recipe_from_dict(_short(tiny_recipe))).run_dir
     assert (first / RUN_MARKER).is_file()
