@@ -149,9 +149,12 @@ def _warn_if_output_dir_is_taken(recipe: Any) -> None:
     """What `train` (without --resume / --force) would say of the recipe's output_dir, said as a warning: the
     recipe is valid, and the flags decide."""
     from peftkit.errors import RunDirError
-    from peftkit.train.run_dir import check_run_dir
+    from peftkit.train.run_dir import check_run_dir, in_use, training_in
 
     try:
+        holder = training_in(Path(recipe.output_dir))
+        if holder is not None:  # what a run still training looks like to the check below is beside the point
+            raise in_use(Path(recipe.output_dir), holder)
         check_run_dir(Path(recipe.output_dir), resume=False, force=False, recipe_dump=recipe.model_dump(mode="json"))
     except RunDirError as exc:
         logging.getLogger("peftkit").warning("`peftkit train` would refuse to start: %s", exc)
@@ -309,6 +312,8 @@ def _cached_model_note(folder: Path) -> str:
     except (OSError, ValueError):
         marker = None
     source = marker.get("converted_from") if isinstance(marker, dict) else None
+    if source and not Path(source).exists():  # a venv since removed, a download since moved
+        source += ", a file no longer there"
     shown = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
     return f"  ({shown}{f', from {source}' if source else ''})"
 

@@ -142,12 +142,19 @@ class LoraAdapterConfig(Section):
     r: Annotated[int, Field(gt=0, le=MAX_LORA_RANK)] = 16
     """LoRA rank; at most the smallest dimension of the targeted layers (more adds no capacity)."""
     alpha: PositiveFloat = 32.0
+    """Scale of the LoRA update: alpha / r (alpha / sqrt(r) with `use_rslora`)."""
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    """Dropout on the LoRA branch's input while training."""
     target_modules: Union[str, list[str]] = "all-linear"
     """`all-linear`, a list of module-name suffixes, or a regex (a string that is not `all-linear`)."""
     use_dora: bool = False
+    """DoRA: a learned magnitude per output channel on top of the LoRA direction (peft's `use_dora`; slower)."""
     use_rslora: bool = False
+    """rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r (keeps high ranks learning)."""
     init: Literal["gaussian", "default", "pissa", "olora", "eva", "corda", "corda_kpm", "loftq"] = "default"
+    """peft's `init_lora_weights`: `default` (A random, B zero: the adapter starts as a no-op), `gaussian`, or a
+    start from the base weights (`pissa`, `olora`), from training data (`eva`, `corda`, `corda_kpm`) or from the
+    quantization error (`loftq`)."""
     layers: tuple[int, int] | None = None
     """Restrict to decoder layers [start, end] (inclusive)."""
     modules_to_save: list[str] | None = None
@@ -201,9 +208,11 @@ class PromptTuningAdapterConfig(Section):
 
     method: Literal["prompt_tuning"] = "prompt_tuning"
     num_virtual_tokens: PositiveInt = 20
+    """Length of the trained soft prompt, in tokens."""
     init: Literal["random", "text"] = "random"
     """`text`: start the soft prompt from the embeddings of `init_text` (usually trains faster)."""
     init_text: str | None = None
+    """The text whose token embeddings start the soft prompt (with `init: text`)."""
 
     @model_validator(mode="after")
     def _init_text(self) -> "PromptTuningAdapterConfig":
@@ -223,6 +232,7 @@ class IA3AdapterConfig(Section):
     feedforward_modules: Union[str, list[str], None] = None
     """Which targets are feed-forward (scaled on their input); must be among target_modules."""
     modules_to_save: list[str] | None = None
+    """Modules trained fully and saved with the adapter (e.g. `lm_head`, `score`)."""
 
     _target_regex = field_validator("target_modules", "feedforward_modules")(check_target_regex)
 
@@ -235,7 +245,9 @@ class FullAdapterConfig(Section):
 
 class UnfreezeScheduleConfig(Section):
     every_steps: PositiveInt | None = None
+    """Unfreeze one more block every N optimizer steps (give this or `every_epochs`)."""
     every_epochs: PositiveInt | None = None
+    """Unfreeze one more block every N epochs."""
     start_layers: Annotated[int, Field(ge=0)] = 0
     """Top blocks trainable from the start; one more is unfrozen each period, up to `train_last_layers`."""
 
@@ -255,6 +267,7 @@ class PartialAdapterConfig(Section):
     train_head: bool = True
     """Train the output head (`lm_head`, or the classifier). With tied embeddings this trains the embeddings too."""
     train_embeddings: bool = False
+    """Train the input token embeddings too."""
     unfreeze_schedule: UnfreezeScheduleConfig | None = None
     """Gradual unfreezing, e.g. `{every_steps: 50}`: one more block from the top each period."""
     layerwise_lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
@@ -385,11 +398,14 @@ class DataConfig(Section):
     """Field names of train/eval records that use other names. A single source is read with the map only (a misspelt
     field is an error); in a list of sources, one the map fits no record of is read in its detected format."""
     eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    """Share of the training examples held out as the eval split when `eval` is not given (0: no eval split)."""
     max_eval_examples: PositiveInt | None = None
     """The eval split drawn by `eval_fraction` holds at most this many examples (null: no limit; a split of more than
     LARGE_EVAL_SPLIT examples is warned about: a tenth of 100,000 rows is 10,000 examples at every evaluation, which
     outlasts training). A `data.eval` file is used whole."""
     max_seq_len: PositiveInt = 1024
+    """Tokens per training row: longer examples are cut there (counted and warned about; a reply cut away entirely
+    is not trained)."""
     system_prompt: str | None = None
     """Added as the system turn to conversations (train, eval, held-out, chat) that have none."""
     train_on_prompt: bool = False
@@ -397,6 +413,7 @@ class DataConfig(Section):
     every token of a training conversation is supervised, `weight: 0` turns too. The eval loss stays on the
     replies, so it compares with runs without it."""
     replay: ReplayConfig | None = None
+    """General data mixed into training against forgetting, e.g. `{ratio: 1.0, distill: true}`."""
 
     @model_validator(mode="after")
     def _columns_replace_detection(self) -> "DataConfig":
@@ -415,16 +432,24 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     epochs: PositiveFloat = 3.0
+    """Passes over the training data (a fraction trains part of the last pass)."""
     max_steps: PositiveInt | None = None
     """Stop after this many optimizer steps (overrides epochs)."""
     batch_size: PositiveInt = 8
+    """Examples per forward/backward pass on each process; one optimizer step sees batch_size x grad_accum x
+    processes examples."""
     grad_accum: PositiveInt = 1
+    """Batches whose gradients add up into one optimizer step (a larger effective batch in the same memory)."""
     lr: PositiveFloat = 2e-4
+    """Peak learning rate, reached after the warm-up."""
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     """The learning-rate schedule after the warm-up (transformers' schedules of these names)."""
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    """Share of the optimizer steps over which the learning rate rises linearly from 0 to `lr`."""
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    """AdamW's decoupled weight decay on the trained parameters."""
     max_grad_norm: Annotated[float, Field(ge=0.0)] = 1.0
+    """Gradients are clipped to this global norm before each step (0: no clipping)."""
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
     """Seeds torch, numpy and the data order (numpy takes 0 to 2**32 - 1)."""
     eval_steps: PositiveInt | None = None
@@ -432,10 +457,13 @@ class TrainConfig(Section):
     save_steps: PositiveInt | None = None
     """Checkpoint every N steps (default: once per epoch)."""
     save_total_limit: PositiveInt = 2
+    """Checkpoints kept on disk (the oldest goes once a new one is complete; the best one is kept too with early
+    stopping)."""
     early_stopping_patience: PositiveInt | None = None
     """Stop after this many evaluations without eval-loss improvement; the best checkpoint is kept. Evaluations
     happen every `eval_steps`, else every `save_steps`, else once per epoch; checkpoints are saved at each one."""
     logging_steps: PositiveInt = 5
+    """Log the training loss (terminal, metrics.jsonl, TensorBoard) every N optimizer steps."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them (less memory, more compute). Refused with
     prefix tuning (the recomputation adds its KV-cache prefix twice); turns `share_prompt_prefix` off."""
@@ -486,7 +514,9 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     max_new_tokens: PositiveInt = 64
+    """Reply length, in tokens, when held-out and general questions are answered (greedy)."""
     batch_size: PositiveInt = 16
+    """Prompts answered at once when generating (held-out and general questions, replay answers)."""
     before: bool = True
     """Also ask the base model the held-out questions before training (greedy generation: the slow part), for the
     before/after comparison. The eval loss before training is always measured (one forward pass over the eval set)."""
@@ -560,7 +590,9 @@ class Recipe(Section):
     output_dir: str = "runs/run"
     """Run directory. Relative paths are resolved against the current directory."""
     name: str | None = None
+    """The run's name in its model card and export file names (default: the run folder's name)."""
     description: str | None = None
+    """One line about the run, shown in its model card."""
 
     @model_validator(mode="after")
     def _data_fits_the_task(self, info: ValidationInfo) -> "Recipe":

@@ -413,7 +413,7 @@ def data_summary_line(stats: dict[str, Any], max_seq_len: int) -> str:
     read_as = [f"{formats[0][0]} format" if len(formats) == 1 else ", ".join(f"{n} {name}" for name, n in formats)]
     notes = "; ".join(read_as * bool(formats) + ([", ".join(cut)] if cut else []))
     parts = [f"{stats['train_rows'] - stats['replay_examples']} training rows" + (f" ({notes})" if notes else ""),
-             f"{stats['train_supervised_tokens']:,} trained tokens", f"{stats['eval_rows']} eval rows"]
+             f"{stats['train_supervised_tokens']:,} trained tokens an epoch", f"{stats['eval_rows']} eval rows"]
     parts += [f"{stats['replay_examples']} replay rows"] if stats["replay_examples"] else []
     parts += [f"{stats['heldout_questions']} held-out questions"] if stats["heldout_questions"] else []
     return "Data: " + ", ".join(parts)

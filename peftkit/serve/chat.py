@@ -213,10 +213,13 @@ def chat(
             out.write("(new conversation)\n")
             continue
         typo = not rest and command.startswith("/") and "/" not in command[1:]  # `/rest`; `/etc/hosts` is a message
-        if command == "/help" or (command == "/tool" and tools and not rest) or typo:
+        if command == "/tool" and not tools:  # a tool result with no tools shown would reach the model as a question
+            out.write("(no tools in this chat: /tool answers a tool call when chat starts with --tools FILE)\n")
+            continue
+        if command == "/help" or (command == "/tool" and not rest) or typo:
             out.write(f"Commands: {commands}.\n")
             continue
-        if command == "/tool" and tools:
+        if command == "/tool":
             history.append({"role": "tool", "content": rest})
         else:  # a message, also one that starts with a path (`/etc/hosts`)
             history.append({"role": "user", "content": text})

@@ -344,6 +344,27 @@ def test_commands_are_known_first_words_and_paths_reach_the_model(tiny_chat):
     assert out.getvalue().count("bot> ") == 3 and out.getvalue().count("Commands: ") == 1  # only /foo
 
 
+def test_a_tool_result_without_tools_is_said_not_asked(tiny_chat):
+    """`/tool 42` in a chat started without --tools went to the model as the user's question "/tool 42"."""
+    model, tokenizer = tiny_chat
+    out = io.StringIO()
+    history = chat(model, tokenizer, system_prompt=None, max_new_tokens=2, stdin=io.StringIO("/tool 42\n/tool\n"), out=out)
+    assert history == [] and out.getvalue().count("(no tools in this chat: /tool answers a tool call when chat "
+                                                  "starts with --tools FILE)") == 2
+
+
+def test_a_loaded_run_asks_with_the_recipes_system_prompt(tiny_recipe):
+    """The README's Python example asked without it, so the run's template put the base model's default in its place."""
+    from peftkit.runs import LoadedRun
+
+    run = LoadedRun(None, recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "system_prompt": "be brief"}}),
+                    None, None)
+    asked = run.with_system_prompt([{"role": "user", "content": "hi"}])
+    assert asked == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    own = [{"role": "system", "content": "mine"}, {"role": "user", "content": "hi"}]
+    assert run.with_system_prompt(own) == own
+
+
 def test_an_error_during_a_reply_starts_on_a_line_of_its_own(tiny_chat):
     """SIGTERM mid-reply: "terminated (SIGTERM)" was printed after the partial reply, on its line."""
     from peftkit.errors import Terminated

@@ -50,6 +50,13 @@ def test_validate_warns_of_an_output_dir_train_would_refuse(tiny_recipe, tmp_pat
     assert main(["validate", str(path), "--no-model"]) == 0
     assert f"`peftkit train` would refuse to start: {run_dir} already holds a finished run" in caplog.text
     assert "recipe is valid" in capsys.readouterr().out
+    from peftkit.train.run_dir import run_lock
+
+    (run_dir / "summary.json").unlink()
+    caplog.clear()
+    with run_lock(run_dir):  # a run training into it: not "an unfinished run that saved no checkpoint; --force"
+        assert main(["validate", str(path), "--no-model"]) == 0
+    assert f"would refuse to start: {run_dir} is in use: peftkit is training into it (pid {os.getpid()}" in caplog.text
 
 
 def test_validate_warns_and_goes_on_where_the_output_dir_cannot_be_read(tiny_recipe, tmp_path, caplog, monkeypatch):
@@ -170,7 +177,13 @@ def test_models_lists_builtins_and_what_each_cached_conversion_came_from(capsys,
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m-instruct" in out and "minilm-l6" in out
-    assert "model-0123456789ab  (2 MB, from /data/a/model.gguf)" in out and "model-ba9876543210  (2 MB)" in out
+    assert "model-0123456789ab  (2 MB, from /data/a/model.gguf, a file no longer there)" in out
+    assert "model-ba9876543210  (2 MB)" in out
+    from peftkit.cli import _cached_model_note
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")  # a source still there is named alone
+    (one / "peftkit_source.json").write_text(json.dumps({"converted_from": str(tmp_path / "model.gguf")}))
+    assert _cached_model_note(one) == f"  (2 MB, from {tmp_path / 'model.gguf'})"
 
 
 def test_validate_tokenizes_the_data_and_says_what_fits(tiny_recipe, tmp_path, capsys):
@@ -179,7 +192,7 @@ def test_validate_tokenizes_the_data_and_says_what_fits(tiny_recipe, tmp_path, c
     path.write_text(yaml.safe_dump(tiny_recipe))
     assert main(["validate", str(path)]) == 0
     said = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
-    assert re.search(r"Data: \d+ training rows \(chat format; \d+ cut at max_seq_len=64\), [\d,]+ trained tokens, \d+ eval rows",
+    assert re.search(r"Data: \d+ training rows \(chat format; \d+ cut at max_seq_len=64\), [\d,]+ trained tokens an epoch, \d+ eval rows",
                      said)
     assert main(["validate", str(path), "data.max_seq_len=8"]) == 2
     assert "max_seq_len=8" in capsys.readouterr().err
