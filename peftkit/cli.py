@@ -312,8 +312,10 @@ def _cached_model_note(folder: Path) -> str:
     except (OSError, ValueError):
         marker = None
     source = marker.get("converted_from") if isinstance(marker, dict) else None
-    if source and not Path(source).exists():  # a venv since removed, a download since moved
-        source += ", a file no longer there"
+    source = source if isinstance(source, str) else None
+    with contextlib.suppress(OSError):
+        if source and not Path(source).exists():  # a venv since removed, a download since moved
+            source += ", a file no longer there"
     shown = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
     return f"  ({shown}{f', from {source}' if source else ''})"
 

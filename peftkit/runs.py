@@ -139,17 +139,21 @@ def adapter_dir(run_dir: Path) -> Path:
         if (run_dir / "summary.json").is_file():
             raise RunDirError(f"{run_dir} is a finished run whose adapter/ folder is missing or incomplete (no "
                               "adapter_config.json); restore it, or train again with `--force`")
-        from peftkit.train.checkpoints import latest_complete
-
-        from peftkit.utils.command_name import command
-
-        next_step = (f"resume it with `{command('train', str(run_dir), '--resume')}`"
-                     if latest_complete(run_dir) is not None else "it saved no checkpoint to resume from, so train it "
-                     f"again with `{command('train', str(run_dir), '--force')}`")
         raise RunDirError(f"{run_dir} has no trained adapter (adapter/adapter_config.json); the run did not finish: "
-                          + next_step)
+                          + _how_to_finish(run_dir))
     refuse_unfinished(run_dir, path)
     return path
+
+
+def _how_to_finish(run_dir: Path) -> str:
+    from peftkit.train.checkpoints import all_damaged, latest_complete
+    from peftkit.utils.command_name import command
+
+    again = f"train it again with `{command('train', str(run_dir), '--force')}`"
+    if latest_complete(run_dir) is None:
+        return f"it saved no checkpoint to resume from, so {again}"
+    damaged = all_damaged(run_dir)
+    return f"{damaged}, so {again}" if damaged else f"resume it with `{command('train', str(run_dir), '--resume')}`"
 
 
 def refuse_unfinished(run_dir: Path, weights: Path) -> None:
@@ -158,16 +162,15 @@ def refuse_unfinished(run_dir: Path, weights: Path) -> None:
     put together by hand) has nothing to finish and is taken as it is."""
     from peftkit.train.checkpoints import latest_complete
     from peftkit.train.run_dir import training_in
-    from peftkit.utils.command_name import command
 
     if (run_dir / "summary.json").is_file() or latest_complete(run_dir) is None:
         return
     holder = training_in(run_dir)
     if holder is not None:
-        raise RunDirError(f"{run_dir} is still training ({holder}): it has written {weights.name}/ and is finishing its "
-                          "tokenizer and summary; wait for it to end")
-    raise RunDirError(f"{run_dir} did not finish: it stopped after writing {weights.name}/, before its tokenizer and "
-                      f"summary; finish it with `{command('train', str(run_dir), '--resume')}` (it trains no further)")
+        raise RunDirError(f"{run_dir} is still training ({holder}): it has written {weights.name}/ and is finishing the "
+                          "rest (summary.json last); wait for it to end")
+    raise RunDirError(f"{run_dir} did not finish: it stopped after writing {weights.name}/ but before summary.json; "
+                      + _how_to_finish(run_dir))
 
 
 def trained_quantization(run_dir: Path, quantization: Any) -> Any:

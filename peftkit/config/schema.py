@@ -153,8 +153,8 @@ class LoraAdapterConfig(Section):
     """rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r (keeps high ranks learning)."""
     init: Literal["gaussian", "default", "pissa", "olora", "eva", "corda", "corda_kpm", "loftq"] = "default"
     """peft's `init_lora_weights`: `default` (A random, B zero: the adapter starts as a no-op), `gaussian`, or a
-    start from the base weights (`pissa`, `olora`), from training data (`eva`, `corda`, `corda_kpm`) or from the
-    quantization error (`loftq`)."""
+    start from the base weights (`pissa`, `olora`), from calibration data (`eva`, `corda`: the training data;
+    `corda_kpm`: the general set, to keep what the model knows) or from the quantization error (`loftq`)."""
     layers: tuple[int, int] | None = None
     """Restrict to decoder layers [start, end] (inclusive)."""
     modules_to_save: list[str] | None = None

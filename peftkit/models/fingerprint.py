@@ -105,6 +105,12 @@ def _kind(fingerprint: str) -> str:
     return fingerprint.split("-")[0] if "-" in fingerprint else "v1"
 
 
+def other_weights(recorded: str | None, now: str | None) -> bool:
+    """Whether two fingerprints show other weights: both known, of one kind (a .bin base since saved as safetensors,
+    `bin-` against `v2-`, is not comparable), and different."""
+    return bool(recorded and now and _kind(recorded) == _kind(now) and recorded != now)
+
+
 def warn_if_other_base(run_dir: Path, source: object, name: str) -> bool:
     """Warn when `source` is not the base the run in `run_dir` was trained on (its summary's fingerprint); True
     when they differ."""
@@ -117,7 +123,7 @@ def warn_if_other_base(run_dir: Path, source: object, name: str) -> bool:
         return False
     now = source_fingerprint(source, 1 if _kind(trained) == "v1" else 2)
     # a .bin base since saved as safetensors (`bin-` against `v2-`) is not comparable
-    if now and _kind(now) == _kind(trained) and now != trained:
+    if other_weights(trained, now):
         log.warning("The base model %s is not the one %s was trained on (its weights differ, fingerprint %s, "
                     "trained on %s): the adapter will be applied to other weights, and verification compares "
                     "against those same weights. Use the original base unless this is intended.", name, run_dir, now,

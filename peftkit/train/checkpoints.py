@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 MARKER = ".complete"
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
-TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt")
 """What a checkpoint's trained weights are saved as (an adapter, or a whole model: one file or shards)."""
+TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt")
+"""What transformers resumes the optimizer and the schedule from (with `rng_state*.pth`, the random draws)."""
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -292,6 +293,14 @@ def latest_loadable(run_dir: Path) -> Path | None:
     return next((p for p in reversed(checkpoint_dirs(run_dir)) if is_complete(p) and damage(p) is None), None)
 
 
+def all_damaged(run_dir: Path) -> str | None:
+    """Where the run saved complete checkpoints but none can be resumed from: what is wrong with the newest."""
+    newest = latest_complete(run_dir)
+    if newest is None or latest_loadable(run_dir) is not None:
+        return None
+    return f"every checkpoint it saved is damaged ({newest.name}: {damage(newest)})"
+
+
 def rebase_best(checkpoint: Path) -> None:
     """Point the recorded best checkpoint (an absolute path) into the run's current checkpoints folder: a run
     directory that was moved would otherwise lose it (transformers drops a best path that no longer exists, and the
@@ -338,8 +347,8 @@ def prepare_resume(
             log.warning("Checkpoint %s is damaged (%s): moved it to %s, resuming from an earlier one", candidate,
                         problem, aside.name)
     if checkpoint is None:
-        raise RunDirError(f"--resume: every checkpoint in {run_dir / 'checkpoints'} is damaged (a file is cut short), "
-                          "so nothing can be resumed; start the run again with --force")
+        raise RunDirError(f"--resume: every checkpoint in {run_dir / 'checkpoints'} is damaged (a file is cut short or "
+                          "missing), so nothing can be resumed; start the run again with --force")
     check_compatible(checkpoint, world_size=world_size, deepspeed_stage=deepspeed_stage)
     if main_process:  # a refused resume keeps the record of how to resume
         (run_dir / "interrupted.json").unlink(missing_ok=True)

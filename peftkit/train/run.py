@@ -98,7 +98,7 @@ def train_or_finish(trainer: Any, recipe: Recipe, resume_from: Path | None, prio
             _free_the_failed_save(run_dir)
         raise
     except KeyboardInterrupt:  # a second Ctrl-C: quit without saving
-        if trainer.is_world_process_zero():
+        if trainer.is_world_process_zero() and not os.environ.get(WORKER_ENV):  # --nproc: the launcher says it
             signals.say_where_it_resumes(run_dir)
         raise
     finally:  # a failed run (divergence, a callback's error, OOM) never reaches on_train_end
@@ -399,10 +399,8 @@ def _train(
                            f"{' and '.join(asked)}")
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     fingerprint = run_dirs.data_fingerprint(data.train, data.eval)
-    base_fingerprint = source_fingerprint(source)  # merge / chat warn when put on other weights
     if resume and main_process:  # the checkpoint's data order and the eval loss before belong to the start's data
         run_dirs.check_resume_data(run_dir, fingerprint, data.split_fingerprint, [len(data.train), len(data.eval)])
-        run_dirs.check_resume_base(run_dir, base_fingerprint, recipe.model.name)
     ds_config = deepspeed_setup.setup(recipe, device, dtype)  # None without DeepSpeed
     quantization = effective_quantization(recipe)
     say_busy_cpu_warning()  # kept back by choose_threads: a run refused before this says its refusal alone
@@ -412,6 +410,10 @@ def _train(
                                or bool(getattr(recipe.adapter, "modules_to_save", None)))
     model = load_model(recipe.model, quantization, device=device, dtype=load_dtype, source=source,
                        quant_storage=deepspeed_setup.quant_storage_dtype(recipe, dtype))
+    # of the files just loaded (a hub model's weights are only there now): merge / chat warn when put on other weights
+    base_fingerprint = source_fingerprint(source) if main_process else None
+    if resume and main_process:
+        run_dirs.check_resume_base(run_dir, base_fingerprint, recipe.model.name)
     if main_process:  # data and model are usable: only now may an earlier run in output_dir make way (--force)
         disk_space.check_whole_model_fits(run_dir, model, recipe, replacing=replace_earlier)
         if replace_earlier:
@@ -441,9 +443,11 @@ def _train(
         (d.get("question"), d.get("key_fact")) for d in recorded.get("heldout_details") or []]
     accuracy_before, details_before = (None, [])
     if recipe.eval.before and (not resume or heldout_changed) and main_process:
-        if heldout_changed:
+        if heldout_changed and recorded.get("heldout_details"):
             log.warning("The held-out questions are not the ones %s started with: asking the untrained model them again "
                         "for the before / after comparison", run_dir)
+        elif heldout_changed:  # eval.before turned on for the resume
+            log.info("Asking the untrained model the held-out questions (the run started without asking them)")
         accuracy_before, details_before = _heldout(model, tokenizer, recipe, data.heldout)
 
     calibration = general_rows(data, recipe.data, tokenizer) if getattr(recipe.adapter, "init", None) in KNOWLEDGE_INITS else data.train

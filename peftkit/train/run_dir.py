@@ -236,6 +236,9 @@ def check_run_dir(run_dir: Path, *, resume: bool, force: bool, recipe_dump: dict
             "peftkit never deletes such a folder, not even with --force: set output_dir to a new or empty folder"
         )
     if resume:
+        damaged = checkpoints.all_damaged(run_dir)
+        if damaged:
+            raise RunDirError(f"--resume: {run_dir} cannot be resumed: {damaged}; start it again with --force")
         if checkpoints.latest_loadable(run_dir) is None:
             raise RunDirError(
                 f"--resume: {run_dir} has no complete checkpoint yet; start again with --force "
@@ -256,6 +259,10 @@ def check_run_dir(run_dir: Path, *, resume: bool, force: bool, recipe_dump: dict
     if latest_complete(run_dir) is None:
         raise RunDirError(f"{run_dir} already exists and holds an unfinished run that saved no checkpoint; pass "
                           "--force to start over")
+    damaged = checkpoints.all_damaged(run_dir)
+    if damaged:
+        raise RunDirError(f"{run_dir} already exists and holds an unfinished run, but {damaged}; pass --force to "
+                          "start over")
     raise RunDirError(
         f"{run_dir} already exists and holds an unfinished run; pass --resume to continue it or --force to start over"
     )
@@ -269,7 +276,8 @@ def clear_run_dir(run_dir: Path) -> None:
     remove_dead_writers_temporaries(run_dir)
     (run_dir / WRITTEN_LISTING).unlink(missing_ok=True)  # of the folders removed below
     for checkpoint in checkpoints.checkpoint_dirs(run_dir):  # unmarked first, as pruning does: a kill mid-way leaves
-        (checkpoint / checkpoints.MARKER).unlink(missing_ok=True)  # incomplete folders, never marked ones half gone
+        if not (checkpoint.is_symlink() or checkpoint.parent.is_symlink()):  # incomplete folders, never marked ones
+            (checkpoint / checkpoints.MARKER).unlink(missing_ok=True)  # half gone; a link is unlinked, not entered
     for path in run_dir.iterdir():
         if path.name.startswith(".") or path.name not in RUN_FILES:
             continue
@@ -380,10 +388,13 @@ def check_resume_data(run_dir: Path, fingerprint: str, split: str | None = None,
 
 def check_resume_base(run_dir: Path, fingerprint: str | None, name: str) -> None:
     """The checkpoint's adapter and optimizer state belong to the base weights the run started on; on other weights
-    of the same shapes (a base re-saved or fine-tuned in place) the run would go on without an error, and its eval
-    loss before training would describe the other model."""
+    of the same shapes (a base re-saved or fine-tuned in place, a hub model updated since) the run would go on
+    without an error, and its eval loss before training would describe the other model. Checked once the weights
+    have loaded: the fingerprint reads the files the load used (a hub model's are only there then)."""
+    from peftkit.models.fingerprint import other_weights
+
     started_on = load_before(run_dir).get("base_fingerprint")
-    if started_on and fingerprint and fingerprint != started_on:
+    if other_weights(started_on, fingerprint):
         raise RunDirError(
             f"--resume: the base model {name} is not the one {run_dir} was started on (its weights differ: fingerprint "
             f"{fingerprint}, started on {started_on}); the checkpoint's adapter was trained on those weights. Put "

@@ -297,6 +297,15 @@ def test_resume_refuses_data_that_changed_since_the_run_started(tiny_model_dir, 
         train(load_recipe(path), resume=True)
 
 
+def test_only_fingerprints_of_one_kind_tell_other_weights():
+    from peftkit.models.fingerprint import other_weights
+
+    assert other_weights("v2-0123456789abcdef", "v2-fedcba9876543210")
+    assert not other_weights("v2-0123456789abcdef", "v2-0123456789abcdef")
+    assert not other_weights("bin-0123456789abcdef", "v2-fedcba9876543210")  # a .bin base since saved as safetensors
+    assert not other_weights(None, "v2-fedcba9876543210") and not other_weights("v2-0123456789abcdef", None)
+
+
 def test_resume_refuses_a_base_model_replaced_since_the_run_started(tiny_model_dir, tmp_path):
     """The checkpoint's adapter was trained on the start's base weights: a base re-saved in place with other weights
     of the same shapes resumed without a word, and the report compared two models' eval losses."""

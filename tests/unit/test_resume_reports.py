@@ -397,7 +397,8 @@ def test_a_run_stopped_between_its_adapter_and_its_summary_is_finished_not_used(
     (run_dir / "summary.json").unlink()
     shutil.rmtree(run_dir / "tokenizer")
     for use in (load_run, resolve_run):
-        with pytest.raises(RunDirError, match=r"did not finish: it stopped after writing adapter/.*--resume"):
+        with pytest.raises(RunDirError, match=r"did not finish: it stopped after writing adapter/ but before summary.json; "
+                                              r"resume it with .*--resume"):
             use(run_dir)
     train(load_recipe(path), resume=True)
     assert (run_dir / "tokenizer").is_dir() and load_run(run_dir).model is not None

@@ -115,6 +115,20 @@ def test_a_run_that_failed_before_training_is_replaced_without_force(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(checkpoint / "adapter_model.safetensors"))
+    # without its optimizer, schedule and random state it cannot be resumed: no advice says --resume, and not even
+    # `--resume auto` starts over on its own (that deletes the checkpoints)
+    damaged = r"every checkpoint it saved is damaged \(checkpoint-2: optimizer.pt, scheduler.pt, rng_state.pth are missing\)"
+    with pytest.raises(RunDirError, match=damaged + "; pass --force to start over"):
+        check_run_dir(run_dir, resume=False, force=False, recipe_dump={})
+    with pytest.raises(RunDirError, match=damaged + ", so train it again with .* --force"):
+        adapter_dir(run_dir)
+    from peftkit.train.launch import resolve_resume
+
+    for flag in ("auto", "yes"):
+        with pytest.raises(RunDirError, match="cannot be resumed: " + damaged + "; start it again with --force"):
+            resolve_resume(flag, run_dir, force=False)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({}, checkpoint / name)
     with pytest.raises(RunDirError, match="pass --resume to continue it or --force"):
         check_run_dir(run_dir, resume=False, force=False, recipe_dump={})
     with pytest.raises(RunDirError, match=f"resume it with `peftkit train {run_dir} --resume`"):
