@@ -77,6 +77,19 @@ class ResumedSettings(TrainerCallback):
             state.logging_steps = args.logging_steps
 
 
+class LogAtEachCheckpoint(TrainerCallback):
+    """Every checkpoint is a logging point too. Resumed, transformers restarts its running loss average at the
+    checkpoint's step, so the first loss a resumed run logged averaged fewer steps than the uninterrupted run's (with
+    `logging_steps` 5 and a checkpoint at step 12, steps 13-15 instead of 11-15). Goes last: the callbacks before it
+    decide the saves."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if control.should_save:
+            control.should_log = True
+
+    on_epoch_end = on_step_end
+
+
 class ProgressBar(ProgressCallback):
     """The Trainer's progress bar, with its log lines on stderr beside the bar (tqdm writes them to stdout, which holds
     what a command reports: `peftkit train ... > summary.txt`), and silent for a record emptied by an earlier callback

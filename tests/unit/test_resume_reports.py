@@ -418,3 +418,34 @@ def test_a_second_ctrl_c_says_which_checkpoint_the_run_resumes_from(tiny_model_d
         train(load_recipe(path), extra_callbacks=[SecondCtrlC()])
     assert "Quit without saving: the run resumes from its last checkpoint, step 2 (checkpoint-2)" in caplog.text
     assert "--resume" in caplog.text
+
+
+def test_a_resumed_run_logs_the_losses_the_uninterrupted_run_logs(tiny_model_dir, tmp_path, monkeypatch):
+    """transformers restarts its running loss average at the step it resumes from: with `logging_steps` 3 and a
+    checkpoint at step 4, the resumed run logged the mean of steps 5-6 at step 6 where the uninterrupted run logged
+    that of 4-6. Every checkpoint is now a logging point, so both runs log the same records."""
+    from transformers import TrainerCallback
+
+    settings = {"train": {"max_steps": 9, "save_steps": 2, "logging_steps": 3, "save_total_limit": 20}}
+    torch.set_num_threads(1)
+    reference = train(load_recipe(tiny_recipe_file(tmp_path / "reference", tiny_model_dir, **settings))).run_dir
+
+    class KilledAtStep5(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 4 and checkpoints.latest_complete(Path(args.output_dir).parent) is not None:
+                raise Killed()
+
+    recipe_file = tiny_recipe_file(tmp_path / "killed", tiny_model_dir, **settings)
+    with pytest.raises(Killed):
+        train(load_recipe(recipe_file), extra_callbacks=[KilledAtStep5()])
+    train(load_recipe(recipe_file), resume=True)
+
+    def losses(run_dir: Path) -> list[tuple[int, float]]:
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
+
+    resumed, uninterrupted = losses(recipe_file.parent / "run"), losses(reference)
+    assert [step for step, _ in uninterrupted] == [2, 3, 4, 6, 8, 9]  # each checkpoint, and every 3rd step
+    assert [step for step, _ in resumed] == [step for step, _ in uninterrupted]
+    for (_, got), (_, want) in zip(resumed, uninterrupted):
+        assert got == pytest.approx(want, abs=1e-6)

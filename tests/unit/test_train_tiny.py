@@ -167,8 +167,10 @@ def test_a_run_without_held_out_questions_reports_no_empty_accuracy(tiny_recipe,
     assert "held-out" not in capsys.readouterr().out
 
 
-def test_a_run_that_logged_no_loss_says_why_there_is_no_plot_and_its_card_lists_only_what_was_written(
+def test_a_run_shorter_than_logging_steps_logs_its_loss_at_its_checkpoint_and_its_card_lists_only_what_was_written(
         tiny_recipe, caplog):
+    """Every checkpoint is a logging point (LogAtEachCheckpoint), so a run of fewer steps than `logging_steps` still
+    logs its loss at the checkpoint it ends with (it logged none, and had no loss plot)."""
     import logging
 
     recipe = recipe_from_dict({**tiny_recipe, "data": {**tiny_recipe["data"], "heldout": None, "eval_fraction": 0},
@@ -176,10 +178,11 @@ def test_a_run_that_logged_no_loss_says_why_there_is_no_plot_and_its_card_lists_
                                "eval": {"before": False}})
     with caplog.at_level(logging.INFO, logger="peftkit.train.run"):
         run_dir = train(recipe).run_dir
-    assert not (run_dir / "plots" / "loss.png").exists() and not (run_dir / "heldout.jsonl").exists()
-    assert "No loss was logged (train.logging_steps=10, 2 steps, no evaluation), so there is no plots/loss.png" in caplog.text
+    assert [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r] == [2]
+    assert (run_dir / "plots" / "loss.png").exists() and not (run_dir / "heldout.jsonl").exists()
+    assert "No loss was logged" not in caplog.text
     files = next(line for line in (run_dir / "README.md").read_text().splitlines() if line.startswith("Files:"))
-    assert "loss.png" not in files and "heldout.jsonl" not in files and files.endswith("`summary.json`.")
+    assert "loss.png" in files and "heldout.jsonl" not in files and files.endswith("`summary.json`.")
     assert json.loads((run_dir / "summary.json").read_text())["epochs_trained"] < tiny_recipe["train"]["epochs"]
 
 
