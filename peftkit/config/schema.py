@@ -463,7 +463,8 @@ class TrainConfig(Section):
     """Stop after this many evaluations without eval-loss improvement; the best checkpoint is kept. Evaluations
     happen every `eval_steps`, else every `save_steps`, else once per epoch; checkpoints are saved at each one."""
     logging_steps: PositiveInt = 5
-    """Log the training loss (terminal, metrics.jsonl, TensorBoard) every N optimizer steps."""
+    """Log the training loss (terminal, metrics.jsonl, TensorBoard) every N optimizer steps, and at each checkpoint (a
+    resumed run then logs the same averages as one that ran through)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them (less memory, more compute). Refused with
     prefix tuning (the recomputation adds its KV-cache prefix twice); turns `share_prompt_prefix` off."""
