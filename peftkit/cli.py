@@ -110,6 +110,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from peftkit.config.schema import method_label
     from peftkit.config.validate import validate_recipe
     from peftkit.train.launch import LaunchError, LaunchOptions, check_launch, check_process_count, load_train_recipe
 
@@ -130,11 +131,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         tokenizer = load_tokenizer(recipe.model)
     data_line = _tokenized_data_line(recipe, tokenizer) if check_data else None
+    if not args.no_model and recipe.task == "sequence_classification":
+        data_line = _labeled_data_line(recipe)
     from rich.text import Text
 
     unchecked = (" without the checks that read the model (target modules, sizes, tokenized data: --no-model)"
                  if args.no_model else "")
-    _console().print(Text.assemble(("OK", "green"), f" {args.recipe}: recipe is valid ({recipe.adapter.method} on "
+    _console().print(Text.assemble(("OK", "green"), f" {args.recipe}: recipe is valid ({method_label(recipe.adapter)} on "
                                    f"{recipe.model.name}){unchecked}"))
     if data_line:
         _console().print(data_line, markup=False)
@@ -202,6 +205,25 @@ def _show_data(recipe: Any, tokenizer: Any, count: int) -> None:
             console.print(text)
         if shown >= count:
             break
+
+
+def _labeled_data_line(recipe: Any) -> str:
+    """A classifier's data as training will split it: texts per label, eval and held-out texts (as chat recipes get
+    their `Data:` line; read without the tokenizer)."""
+    from peftkit.data.classification import label_names, labeled_train_eval, load_labeled
+
+    items = load_labeled(recipe.data.train, recipe.data.columns)
+    train, evals = labeled_train_eval(recipe.data, recipe.train.seed, items)
+    labels = label_names(items)
+    shown = ", ".join(f"{sum(i.label == name for i in train)} {name!r}" for name in labels[:MAX_LABELS_SHOWN])
+    shown += f", ... ({len(labels)} labels)" if len(labels) > MAX_LABELS_SHOWN else ""
+    parts = [f"{len(train)} training texts ({shown})", f"{len(evals)} eval texts"]
+    if recipe.data.heldout:
+        parts.append(f"{len(load_labeled(recipe.data.heldout, recipe.data.columns))} held-out texts")
+    return "Data: " + ", ".join(parts)
+
+
+MAX_LABELS_SHOWN = 6
 
 
 def _show_labeled_data(recipe: Any, count: int) -> None:

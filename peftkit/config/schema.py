@@ -574,6 +574,13 @@ DeepSpeedSetting = Annotated[
 ]
 
 
+def method_label(adapter: Any) -> str:
+    """The adapter method as messages, cards and plots name it, LoRA's variants said: `lora (DoRA)`, `qlora (rsLoRA)`
+    (DoRA's magnitudes are what transformers' own adapter loading drops, so a reader of the card needs to know)."""
+    variants = [name for flag, name in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA")) if getattr(adapter, flag, False)]
+    return f"{adapter.method} ({', '.join(variants)})" if variants else adapter.method
+
+
 class Recipe(Section):
     """A whole recipe, validated and frozen: `config.load_recipe` reads one from YAML (with `key=value` overrides),
     `recipe_from_dict` from a dict; change one with overrides or `model_copy(update=...)` per section."""

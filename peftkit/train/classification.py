@@ -27,7 +27,7 @@ from peftkit.adapters import (
 )
 from peftkit.adapters.lora import CALIBRATED_INITS, KNOWLEDGE_INITS
 from peftkit.config.load import recipe_to_yaml
-from peftkit.config.schema import Recipe
+from peftkit.config.schema import Recipe, method_label
 from peftkit.config.validate import validate_recipe
 from peftkit.data.classification import (
     LABELS_FILE,
@@ -161,7 +161,7 @@ def write_classification_card(run_dir: Path, recipe: Recipe, summary: dict[str, 
 
     weights = "model/ (full weights)" if (run_dir / "model").is_dir() else "adapter/ (PEFT layout, head in modules_to_save)"
     lines = [
-        f"# {summary['recipe']}: {recipe.adapter.method} classifier on {recipe.model.name}",
+        f"# {summary['recipe']}: {method_label(recipe.adapter)} classifier on {recipe.model.name}",
         "",
         recipe.description or "Trained with peftkit.",
         "",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.adapters import effective_quantization
-from peftkit.config.schema import Recipe
+from peftkit.config.schema import Recipe, method_label
 from peftkit.data.files import data_sources
 from peftkit.export.card import bnb_kwargs, quantized_base_loading
 from peftkit.train.report import eval_loss_rose, tokens_rate, unfrozen_at_end
@@ -110,7 +110,7 @@ def stopping_note(summary: dict[str, Any]) -> str:
 
 def _what_was_trained(run_dir: Path, recipe: Recipe) -> str:
     """`lora adapter for`, or for full / partial runs (no adapter: the model itself was trained) `partial fine-tune of`."""
-    return f"{recipe.adapter.method} fine-tune of" if (run_dir / "model").is_dir() else f"{recipe.adapter.method} adapter for"
+    return f"{recipe.adapter.method} fine-tune of" if (run_dir / "model").is_dir() else f"{method_label(recipe.adapter)} adapter for"
 
 
 def _plain_use(run_dir: Path, system_prompt: str | None = None, quantization: Any = None) -> list[str]:
@@ -179,7 +179,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> 
         "| | |",
         "|---|---|",
         f"| base model | `{recipe.model.name}` |",
-        f"| method | {recipe.adapter.method} |",
+        f"| method | {method_label(recipe.adapter)} |",
         f"| quantization | {quant_text} |",
         f"| train data | {', '.join(f'`{Path(s).name}`' for s in data_sources(recipe.data.train))} "
         f"({_examples(summary)}{_split_note(recipe, summary)}) |",

@@ -18,7 +18,7 @@ from peftkit.adapters import (
     trainer_extras,
 )
 from peftkit.config.load import load_recipe, recipe_to_yaml, revalidated
-from peftkit.config.schema import Recipe
+from peftkit.config.schema import Recipe, method_label
 from peftkit.config.validate import paged_optimizer_advice, validate_recipe
 from peftkit.data import PaddingCollator, build_datasets
 from peftkit.adapters.lora import KNOWLEDGE_INITS
@@ -625,7 +625,7 @@ def totals_so_far(trainer: Any, prior: checkpoints.Progress, train_started: floa
 
 def write_loss_plot(run_dir: Path, recipe: Recipe, steps: int) -> None:
     """RUN_DIR/plots/loss.png from metrics.jsonl, or a line saying why there is none."""
-    title = f"{recipe.name or run_dir.name}: {recipe.adapter.method}"
+    title = f"{recipe.name or run_dir.name}: {method_label(recipe.adapter)}"
     if plot_loss_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots" / "loss.png", title=title) is None:
         log.info("No loss was logged (train.logging_steps=%s, %d steps, no evaluation), so there is no plots/loss.png",
                  recipe.train.logging_steps, steps)

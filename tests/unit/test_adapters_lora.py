@@ -362,3 +362,18 @@ def test_attaching_a_saved_adapter_on_tied_embeddings_does_not_repeat_peft_s_war
         warnings.simplefilter("always")
         _attach(load_tiny(tiny_model_dir), saved)
     assert not [str(w.message) for w in caught if "tie_word_embeddings=True" in str(w.message)]
+
+
+def test_a_dora_or_rslora_run_is_named_so_where_lora_runs_are_named(tiny_recipe):
+    """A DoRA run's header, card and plot said plain `lora`, though transformers' own adapter loading drops DoRA's
+    magnitudes: a reader of the card needs to know."""
+    from peftkit.config import recipe_from_dict
+    from peftkit.config.schema import method_label
+    from peftkit.train.run import train
+
+    assert method_label(LoraAdapterConfig()) == "lora"
+    assert method_label(LoraAdapterConfig(use_dora=True, use_rslora=True)) == "lora (DoRA, rsLoRA)"
+    recipe = recipe_from_dict({**tiny_recipe, "adapter": {**tiny_recipe["adapter"], "use_dora": True},
+                               "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}})
+    card = (train(recipe).run_dir / "README.md").read_text()
+    assert "| method | lora (DoRA) |" in card and ": lora (DoRA) adapter for" in card

@@ -519,3 +519,18 @@ def test_texts_longer_than_max_seq_len_are_counted_and_warned_about(tiny_tokeniz
     with caplog.at_level(logging.WARNING, logger="peftkit.data.classification"):
         assert build_classification_data(cfg, tiny_tokenizer).stats["train_truncated"] == 0
     assert "longer than data.max_seq_len" not in caplog.text
+
+
+def test_validate_says_what_a_classifiers_data_holds(tiny_bert_dir, tmp_path, capsys):
+    """Chat recipes got a `Data:` line from validate, classifiers nothing beyond "recipe is valid"."""
+    import yaml
+
+    from peftkit.cli import main
+
+    recipe = _recipe(tiny_bert_dir, tmp_path, {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["query"]})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 0
+    positive, negative = len(POSITIVE) * 3, len(NEGATIVE) * 3
+    assert (f"Data: {positive + negative} training texts ({negative} 'negative', {positive} 'positive'), "
+            f"{len(POSITIVE) + len(NEGATIVE)} eval texts, {len(POSITIVE) + len(NEGATIVE)} held-out texts"
+            ) in " ".join(capsys.readouterr().out.split())
