@@ -77,17 +77,32 @@ class ResumedSettings(TrainerCallback):
             state.logging_steps = args.logging_steps
 
 
-class LogAtEachCheckpoint(TrainerCallback):
-    """Every checkpoint is a logging point too. Resumed, transformers restarts its running loss average at the
-    checkpoint's step, so the first loss a resumed run logged averaged fewer steps than the uninterrupted run's (with
-    `logging_steps` 5 and a checkpoint at step 12, steps 13-15 instead of 11-15). Goes last: the callbacks before it
-    decide the saves."""
+class CheckpointBoundaries(TrainerCallback):
+    """Puts each checkpoint where a resumed run goes on as the uninterrupted run did. Goes last: the callbacks before
+    it decide the saves.
+
+    - Every checkpoint is a logging point: resumed, transformers restarts its running loss average at the checkpoint's
+      step, so the first loss a resumed run logged averaged fewer steps (with `logging_steps` 5 and a checkpoint at
+      step 12, steps 13-15 instead of 11-15).
+    - A `save_steps` checkpoint on an epoch's last step waits for the evaluation that closes the epoch: saved before
+      it, a run killed during that evaluation resumed past it and never ran it (its eval loss missing from
+      metrics.jsonl, the plot and the overfitting watch)."""
+
+    def __init__(self) -> None:
+        self.deferred = False
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        epoch_ends = state.epoch is not None and abs(state.epoch - round(state.epoch)) < 1e-6
+        if control.should_save and epoch_ends and args.eval_strategy == "epoch":
+            control.should_save, self.deferred = False, True
         if control.should_save:
             control.should_log = True
 
-    on_epoch_end = on_step_end
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.deferred:
+            control.should_save, self.deferred = True, False
+        if control.should_save:
+            control.should_log = True
 
 
 class ProgressBar(ProgressCallback):

@@ -46,7 +46,7 @@ from peftkit.models.load import loading_errors
 from peftkit.models.resolve import ModelSource, materialize
 from peftkit.train import checkpoints, disk_space, signals
 from peftkit.train.callbacks import (
-    LogAtEachCheckpoint, MetricsJsonlCallback, ResumedSettings, RunTotals, early_stopping_callbacks, per_second, use_progress_bar,
+    CheckpointBoundaries, MetricsJsonlCallback, ResumedSettings, RunTotals, early_stopping_callbacks, per_second, use_progress_bar,
 )
 from peftkit.utils.threads import choose_threads, omp_threads
 from peftkit.train.run import (
@@ -275,7 +275,7 @@ def _train_classifier(
         interrupt := signals.interrupt_callback(),  # Ctrl-C: checkpoint at the end of the step, then stop
         *(extra_callbacks or []),
     ]
-    callbacks += [*early_stopping_callbacks(recipe.train.early_stopping_patience, has_eval), LogAtEachCheckpoint()]
+    callbacks += [*early_stopping_callbacks(recipe.train.early_stopping_patience, has_eval), CheckpointBoundaries()]
     trainer = ClassificationTrainer(
         model=model,
         args=args,

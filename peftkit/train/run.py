@@ -37,8 +37,8 @@ from peftkit.train.launch import WORKER_ENV, dist_info, is_main_process, mean_ov
 from peftkit.models.fingerprint import base_config_summary, source_fingerprint
 from peftkit.models.skeleton import input_embedding_rows
 from peftkit.train.callbacks import (
+    CheckpointBoundaries,
     DivergenceGuard,
-    LogAtEachCheckpoint,
     MetricsJsonlCallback,
     OverfittingWatch,
     use_progress_bar,
@@ -481,7 +481,7 @@ def _train(
         DivergenceGuard(recipe.train.lr),
         *(extra_callbacks or []),
     ]
-    callbacks += [*early_stopping_callbacks(recipe.train.early_stopping_patience, has_eval), LogAtEachCheckpoint()]
+    callbacks += [*early_stopping_callbacks(recipe.train.early_stopping_patience, has_eval), CheckpointBoundaries()]
     args = training_arguments(recipe, run_dir, device, dtype, has_eval)
     if main_process:  # before the first step, not at the first save an epoch in
         disk_space.check_before_training(run_dir, model, recipe, args, rows=len(data.train),

@@ -350,10 +350,11 @@ def test_early_stopping_in_a_one_epoch_run_evaluated_per_epoch_is_said(tiny_mode
     assert "nothing to watch: the run evaluates after each epoch and trains one, so it never evaluates" in caplog.text
 
 
-def test_a_run_killed_in_an_epochs_closing_evaluation_resumes_into_the_same_weights(tiny_model_dir, tmp_path, monkeypatch):
-    """The checkpoint of an epoch's last step is saved before that epoch's evaluation. The evaluation must not draw
-    from training's random stream (its DataLoader draws a seed), or the resumed run trains on other dropout masks
-    than the run that went on: 0.03 apart in the adapter here, and no error anywhere."""
+def test_a_run_killed_in_an_epochs_closing_evaluation_resumes_into_the_same_run(tiny_model_dir, tmp_path, monkeypatch):
+    """Two faults of a checkpoint on an epoch's last step, saved before the evaluation that closes the epoch: the
+    evaluation drew from training's random stream (its DataLoader draws a seed), so the resumed run trained on
+    other dropout masks (0.03 apart in the adapter here, and no error anywhere); and a run killed during that
+    evaluation resumed past it, never running it. The checkpoint now waits for the evaluation, which draws nothing."""
     from peftkit.train.trainer import RunTrainer
 
     settings = {"train": {"max_steps": None, "epochs": 2, "save_steps": 1, "save_total_limit": 40},
@@ -375,13 +376,22 @@ def test_a_run_killed_in_an_epochs_closing_evaluation_resumes_into_the_same_weig
     run_dir = recipe_file.parent / "run"
     saved = [checkpoints.step_of(p) for p in checkpoints.checkpoint_dirs(run_dir) if checkpoints.is_complete(p)]
     steps = json.loads((reference / "summary.json").read_text())["steps"]
-    assert max(saved) == steps // 2  # killed in the first epoch's evaluation, its last step saved
+    assert max(saved) == steps // 2 - 1  # killed in the first epoch's evaluation, which its last step's save awaits
 
     train(load_recipe(recipe_file), resume=True)
     resumed, uninterrupted = adapter_tensors(run_dir / "adapter"), adapter_tensors(reference / "adapter")
     assert resumed.keys() == uninterrupted.keys() and resumed
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], atol=1e-6, rtol=0)
+
+    def evaluations(folder: Path) -> list[tuple[int, float]]:
+        records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+
+    assert [step for step, _ in evaluations(reference)] == [0, steps // 2, steps]  # before training, each epoch
+    resumed_evals, evals = evaluations(run_dir), evaluations(reference)
+    assert [step for step, _ in resumed_evals] == [step for step, _ in evals]
+    assert [loss for _, loss in resumed_evals] == pytest.approx([loss for _, loss in evals], abs=1e-6)
 
 
 def test_a_run_stopped_between_its_adapter_and_its_summary_is_finished_not_used(tiny_model_dir, tmp_path):

@@ -169,7 +169,7 @@ def test_a_run_without_held_out_questions_reports_no_empty_accuracy(tiny_recipe,
 
 def test_a_run_shorter_than_logging_steps_logs_its_loss_at_its_checkpoint_and_its_card_lists_only_what_was_written(
         tiny_recipe, caplog):
-    """Every checkpoint is a logging point (LogAtEachCheckpoint), so a run of fewer steps than `logging_steps` still
+    """Every checkpoint is a logging point (CheckpointBoundaries), so a run of fewer steps than `logging_steps` still
     logs its loss at the checkpoint it ends with (it logged none, and had no loss plot)."""
     import logging
 
