@@ -86,14 +86,17 @@ class CheckpointBoundaries(TrainerCallback):
       step 12, steps 13-15 instead of 11-15).
     - A `save_steps` checkpoint on an epoch's last step waits for the evaluation that closes the epoch: saved before
       it, a run killed during that evaluation resumed past it and never ran it (its eval loss missing from
-      metrics.jsonl, the plot and the overfitting watch)."""
+      metrics.jsonl, the plot and the overfitting watch). Not where training stops at that step (a signal, the
+      last step): that checkpoint is written at once."""
 
     def __init__(self) -> None:
         self.deferred = False
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        epoch_ends = state.epoch is not None and abs(state.epoch - round(state.epoch)) < 1e-6
-        if control.should_save and epoch_ends and args.eval_strategy == "epoch":
+        epoch_ends = state.epoch is not None and float(state.epoch).is_integer()  # epoch + 1.0 exactly at its end
+        # not when training stops here: a Ctrl-C's checkpoint must not wait for an evaluation (a second Ctrl-C, or a
+        # scheduler's kill after its grace period, would lose it), and the last step's evaluation is made up for
+        if control.should_save and epoch_ends and args.eval_strategy == "epoch" and not control.should_training_stop:
             control.should_save, self.deferred = False, True
         if control.should_save:
             control.should_log = True

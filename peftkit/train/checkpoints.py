@@ -283,9 +283,20 @@ def trained_to_the_end(resume_from: Path | None, recipe: Any, prior_steps: int, 
     ended it): it is finished from its checkpoint (`restore_finished`), not trained on. DeepSpeed checkpoints are
     restored by the engine itself, so such runs train on."""
     cfg = recipe.train
-    return resume_from is not None and not deepspeed and (
-        (bool(cfg.max_steps) and prior_steps >= cfg.max_steps)
-        or stopped_early(resume_from, cfg.early_stopping_patience if has_eval else None))
+    if resume_from is None or deepspeed:
+        return False
+    planned = cfg.max_steps or _planned_steps(resume_from)  # `epochs: 1.5` plans a step count the epochs do not end on
+    return (bool(planned) and prior_steps >= planned) or stopped_early(
+        resume_from, cfg.early_stopping_patience if has_eval else None)
+
+
+def _planned_steps(checkpoint: Path) -> int | None:
+    """The run's step count as the Trainer planned it (trainer_state.json's max_steps): resumed after its last step,
+    a run of fractional epochs would otherwise train one step more, into an epoch the plan cut short."""
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def latest_loadable(run_dir: Path) -> Path | None:

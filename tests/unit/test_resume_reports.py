@@ -459,3 +459,47 @@ def test_a_resumed_run_logs_the_losses_the_uninterrupted_run_logs(tiny_model_dir
     assert [step for step, _ in resumed] == [step for step, _ in uninterrupted]
     for (_, got), (_, want) in zip(resumed, uninterrupted):
         assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_a_stop_on_an_epochs_last_step_saves_before_the_closing_evaluation(tiny_model_dir, tmp_path):
+    """A Ctrl-C's checkpoint must not wait for the evaluation that closes the epoch: a second Ctrl-C or a scheduler's
+    kill during that evaluation would lose it (only the checkpoints that training goes on from wait for it)."""
+    from transformers import TrainerCallback
+
+    from peftkit.train.trainer import RunTrainer
+
+    class StopAtFirstEpochEnd(TrainerCallback):  # as InterruptCallback stops: save at the end of this step, then stop
+        def on_step_end(self, args, state, control, **kwargs):
+            if float(state.epoch).is_integer():
+                control.should_save = control.should_training_stop = True
+
+    evaluate = RunTrainer.evaluate
+
+    def killed_when_evaluating_in_training(self, *args, **kwargs):
+        if self.is_in_train:
+            raise Killed()
+        return evaluate(self, *args, **kwargs)
+
+    recipe_file = tiny_recipe_file(tmp_path, tiny_model_dir, train={"max_steps": None, "epochs": 2, "save_steps": 5})
+    original = RunTrainer.evaluate
+    RunTrainer.evaluate = killed_when_evaluating_in_training
+    try:
+        with pytest.raises(Killed):
+            train(load_recipe(recipe_file), extra_callbacks=[StopAtFirstEpochEnd()])
+    finally:
+        RunTrainer.evaluate = original
+    saved = [checkpoints.step_of(p) for p in checkpoints.checkpoint_dirs(recipe_file.parent / "run")
+             if checkpoints.is_complete(p)]
+    assert saved == [3]  # the first epoch's last step, saved before the evaluation the kill interrupted
+
+
+def test_a_run_of_fractional_epochs_resumed_after_its_last_step_trains_no_step_more(tiny_model_dir, tmp_path):
+    """`epochs: 1.5` plans a step count that no epoch ends on: resumed after its last checkpoint, the run trained one
+    step more than planned (the recipe's max_steps, empty here, was all that was checked)."""
+    path = tiny_recipe_file(tmp_path, tiny_model_dir, train={"max_steps": None, "epochs": 1.5, "save_steps": 1})
+    run_dir = train(load_recipe(path)).run_dir
+    steps = json.loads((run_dir / "summary.json").read_text())["steps"]
+    (run_dir / "summary.json").unlink()  # as if killed after its last checkpoint
+    train(load_recipe(path), resume=True)
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == steps
+    assert max(r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())) == steps
