@@ -305,11 +305,22 @@ def latest_loadable(run_dir: Path) -> Path | None:
 
 
 def all_damaged(run_dir: Path) -> str | None:
-    """Where the run saved complete checkpoints but none can be resumed from: what is wrong with the newest."""
-    newest = latest_complete(run_dir)
-    if newest is None or latest_loadable(run_dir) is not None:
-        return None
-    return f"every checkpoint it saved is damaged ({newest.name}: {damage(newest)})"
+    """Where the run saved complete checkpoints but none can be resumed from: what is wrong with the newest (each
+    checkpoint's files read once)."""
+    newest = None
+    for checkpoint in reversed([p for p in checkpoint_dirs(run_dir) if is_complete(p)]):
+        problem = damage(checkpoint)
+        if problem is None:
+            return None
+        newest = newest or f"{checkpoint.name}: {problem}"
+    return f"every checkpoint it saved is damaged ({newest})" if newest else None
+
+
+def refuse_if_all_damaged(run_dir: Path) -> None:
+    """`--resume` (also `--resume auto`, which must not start over and delete them) on such a run."""
+    damaged = all_damaged(run_dir)
+    if damaged:
+        raise RunDirError(f"--resume: {run_dir} cannot be resumed: {damaged}; start it again with --force")
 
 
 def rebase_best(checkpoint: Path) -> None:

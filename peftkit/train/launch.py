@@ -247,9 +247,7 @@ def resolve_resume(resume_arg: str | None, run_dir: Path, force: bool) -> tuple[
         raise RunDirError(f"--resume: {run_dir} holds a finished run (summary.json); there is nothing to resume")
     if checkpoints.latest_loadable(run_dir) is not None:
         return True, False
-    damaged = checkpoints.all_damaged(run_dir)
-    if damaged:  # not even `auto` starts over here: deleting the checkpoints is the user's call
-        raise RunDirError(f"--resume: {run_dir} cannot be resumed: {damaged}; start it again with --force")
+    checkpoints.refuse_if_all_damaged(run_dir)  # not even `auto` starts over here: deleting them is the user's call
     started = run_dir.is_dir() and any(run_dir.iterdir())
     if resume_arg != "auto":
         if not started:

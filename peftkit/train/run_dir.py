@@ -236,9 +236,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, force: bool, recipe_dump: dict
             "peftkit never deletes such a folder, not even with --force: set output_dir to a new or empty folder"
         )
     if resume:
-        damaged = checkpoints.all_damaged(run_dir)
-        if damaged:
-            raise RunDirError(f"--resume: {run_dir} cannot be resumed: {damaged}; start it again with --force")
+        checkpoints.refuse_if_all_damaged(run_dir)
         if checkpoints.latest_loadable(run_dir) is None:
             raise RunDirError(
                 f"--resume: {run_dir} has no complete checkpoint yet; start again with --force "

@@ -14,7 +14,7 @@ from peftkit.config.schema import DataConfig
 from peftkit.data.build import build_datasets, load_heldout
 from peftkit.data.formats import load_examples
 from peftkit.errors import DataError
-from tests.conftest import write_jsonl
+from tests.conftest import CHAT_RECORDS, write_jsonl
 
 PAIR = {"question": "Opening hours?", "answer": "Mon-Fri 7-18"}
 
@@ -375,8 +375,7 @@ def test_a_held_out_file_given_as_training_data_is_named_as_such(tmp_path):
 
 
 def test_format_text_on_records_without_text_names_what_is_missing(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                            {"role": "assistant", "content": "hello"}]}])
+    path = write_jsonl(tmp_path / "c.jsonl", CHAT_RECORDS[:1])
     with pytest.raises(DataError, match=r"c.jsonl:1: read as plain text \(data.format: text\), but the record has no "
                                         r"`text` field \(its fields: messages\)"):
         load_examples(path, "text")
@@ -384,8 +383,7 @@ def test_format_text_on_records_without_text_names_what_is_missing(tmp_path):
 
 def test_a_format_set_in_the_recipe_that_the_records_are_not_in_names_theirs(tmp_path):
     """`data.format: alpaca` on chat records said only that `instruction` is missing."""
-    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                            {"role": "assistant", "content": "hello"}]}])
+    chat = write_jsonl(tmp_path / "c.jsonl", CHAT_RECORDS[:1])
     with pytest.raises(DataError, match=r"'instruction' is missing .*; the record is in chat format, which "
                                         r"data.format: alpaca does not read: set data.format to auto"):
         load_examples(chat, "alpaca")
