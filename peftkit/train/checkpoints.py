@@ -161,10 +161,23 @@ class CompleteMarkerCallback(TrainerCallback):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def truncate_metrics(path: Path, step: int) -> int:
+def evaluated_before_save(checkpoint: Path) -> bool:
+    """Whether `checkpoint` was saved after an evaluation at its own step. A checkpoint where training stops is saved
+    before the final evaluation (callbacks.CheckpointBoundaries): resumed there, that evaluation runs again, so the
+    one an interrupted session logged at the checkpoint's step is dropped with what came after it."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        step = int(state["global_step"])
+        return any("eval_loss" in entry and entry.get("step") == step for entry in state.get("log_history", []))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True  # unknown: keep what was logged (a repeated point rather than a missing one)
+
+
+def truncate_metrics(path: Path, step: int, *, evaluated_at_step: bool = True) -> int:
     """Drop metric records logged after `step` (they are logged again when training resumes there), and an
     interrupted session's end-of-training record (`train_runtime`, `train_loss`: it described a session, not the
-    run) with what followed it (the final evaluation, which the resumed session runs again)."""
+    run) with what followed it (the final evaluation, which the resumed session runs again). `evaluated_at_step`
+    False: an evaluation at `step` itself came after the checkpoint (evaluated_before_save) and is dropped too."""
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -177,7 +190,7 @@ def truncate_metrics(path: Path, step: int) -> int:
             continue
         if "train_runtime" in record:
             break
-        if record_step <= step:
+        if record_step < step or (record_step == step and (evaluated_at_step or "eval_loss" not in record)):
             kept.append(line)
     if len(kept) != len(lines):
         from peftkit.utils.atomic import atomic_write_text
@@ -377,7 +390,8 @@ def prepare_resume(
         rebase_best(checkpoint)
     _barrier()  # the other ranks read the rebased trainer_state.json
     if main_process:
-        dropped = truncate_metrics(run_dir / "metrics.jsonl", step_of(checkpoint))
+        dropped = truncate_metrics(run_dir / "metrics.jsonl", step_of(checkpoint),
+                                   evaluated_at_step=evaluated_before_save(checkpoint))
         if dropped:
             log.info("Dropped %d metric records logged after the checkpoint of step %d (logged again as training "
                      "goes on)", dropped, step_of(checkpoint))

@@ -259,8 +259,7 @@ def _train_classifier(
     disk_space.check_before_training(run_dir, model, recipe, args, rows=len(data.train), world_size=1, resume=resume)
     # the causal path's writer: one event file in RUN_DIR/tensorboard, the final evaluation included
     resuming_at = checkpoints.latest_loadable(run_dir) if resume else None
-    tensorboard = tensorboard_callback(run_dir / "tensorboard",
-                                       resume_step=checkpoints.step_of(resuming_at) if resuming_at else None)
+    tensorboard = tensorboard_callback(run_dir / "tensorboard", resuming_at)
     if cleanup is not None:  # closed however the run ends
         cleanup.callback(tensorboard.close)
     extras = trainer_extras(model, recipe.adapter, args)

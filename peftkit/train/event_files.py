@@ -16,11 +16,15 @@ END_OF_SESSION_TAG = "train_runtime"
 """The Trainer's end-of-training record (`train/train_runtime`): it describes a session, not the run, and the
 resumed session writes its own (metrics.jsonl drops it too: checkpoints.truncate_metrics)."""
 
+EVAL_TAG_PREFIX = "eval/"
+"""An evaluation's scalars (transformers' TensorBoard callback writes `eval_loss` as `eval/loss`)."""
 
-def trim_event_files(log_dir: Path, step: int) -> int:
+
+def trim_event_files(log_dir: Path, step: int, *, evaluated_at_step: bool = True) -> int:
     """Drop the events of every event file in `log_dir` logged after `step`, and an interrupted session's end of
-    training record with what followed it; returns how many events were dropped. A file that cannot be read
-    whole is left as it is (TensorBoard's purge step still hides its later steps)."""
+    training record with what followed it; returns how many events were dropped. `evaluated_at_step` False: the
+    evaluation events at `step` itself came after the checkpoint and go too (checkpoints.evaluated_before_save). A
+    file that cannot be read whole is left as it is (TensorBoard's purge step still hides its later steps)."""
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
@@ -39,7 +43,9 @@ def trim_event_files(log_dir: Path, step: int) -> int:
             event = event_pb2.Event.FromString(record)
             if any(value.tag.endswith(END_OF_SESSION_TAG) for value in event.summary.value):
                 break
-            if event.step <= step or event.HasField("file_version"):
+            after_save = event.step == step and not evaluated_at_step and any(
+                value.tag.startswith(EVAL_TAG_PREFIX) for value in event.summary.value)
+            if (event.step <= step and not after_save) or event.HasField("file_version"):
                 kept.append(record)
         if len(kept) == len(records):
             continue

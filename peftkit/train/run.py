@@ -243,11 +243,12 @@ def final_eval_loss(trainer: Any, has_eval: bool) -> float | None:
     return _eval_loss(trainer, has_eval)
 
 
-def tensorboard_callback(log_dir: Path, resume_step: int | None = None) -> Any:
+def tensorboard_callback(log_dir: Path, resume_from: Path | None = None) -> Any:
     """TensorBoard logging into one event file in RUN_DIR/tensorboard, the final evaluation included: the
     Trainer's callback closes its writer when training ends and would open another one, under
-    checkpoints/runs/, for that last point; this one stays open until `close()`. A resumed run hides what an
-    interrupted session logged after `resume_step` (event_files.trim_event_files), as metrics.jsonl drops it."""
+    checkpoints/runs/, for that last point; this one stays open until `close()`. A run resumed from the checkpoint
+    `resume_from` hides what an interrupted session logged after it (event_files.trim_event_files), as metrics.jsonl
+    drops it."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
@@ -263,7 +264,9 @@ def tensorboard_callback(log_dir: Path, resume_step: int | None = None) -> Any:
                 self.tb_writer.close()
                 self.tb_writer = None
 
-    if resume_step is not None and (dropped := trim_event_files(log_dir, resume_step)):
+    resume_step = checkpoints.step_of(resume_from) if resume_from is not None else None
+    if resume_from is not None and (dropped := trim_event_files(
+            log_dir, resume_step, evaluated_at_step=checkpoints.evaluated_before_save(resume_from))):
         log.info("Dropped %d TensorBoard events logged after the checkpoint of step %d (logged again as training goes "
                  "on)", dropped, resume_step)
     purge = {"purge_step": resume_step + 1} if resume_step is not None else {}  # for a file that could not be trimmed
@@ -462,8 +465,7 @@ def _train(
     has_eval = bool(data.eval)
     metrics_path = run_dir / "metrics.jsonl"
     resuming_at = checkpoints.latest_loadable(run_dir) if resume else None  # what prepare_resume will pick
-    tensorboard = tensorboard_callback(run_dir / "tensorboard", resume_step=checkpoints.step_of(resuming_at)
-                                       if resuming_at else None) if main_process else None
+    tensorboard = tensorboard_callback(run_dir / "tensorboard", resuming_at) if main_process else None
     if tensorboard is not None and cleanup is not None:  # a failed or interrupted run leaves no writer thread behind
         cleanup.callback(tensorboard.close)
     if not resume and main_process:

@@ -503,3 +503,58 @@ def test_a_run_of_fractional_epochs_resumed_after_its_last_step_trains_no_step_m
     train(load_recipe(path), resume=True)
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == steps
     assert max(r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())) == steps
+
+
+def _eval_steps_in_event_files(log_dir: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [event.step for path in sorted(log_dir.glob("events.out.tfevents.*"))
+            for event in EventFileLoader(str(path)).Load()
+            if any(value.tag == "eval/loss" for value in event.summary.value)]
+
+
+def test_a_run_killed_after_its_final_evaluation_logs_that_evaluation_once_when_resumed(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch):
+    """Training stops mid-epoch at max_steps: its checkpoint is written before the final evaluation, so a resumed run
+    evaluates again, and the evaluation the killed session logged at that step must not stay beside the new one."""
+    torch.set_num_threads(1)
+    recipe_file = tiny_recipe_file(tmp_path, tiny_model_dir, train={"max_steps": 4, "save_steps": 100})
+
+    def kill(*args, **kwargs):
+        raise Killed()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "_sample_answers", kill)  # after the final evaluation, before the summary
+        with pytest.raises(Killed):
+            train(load_recipe(recipe_file))
+    run_dir = tmp_path / "run"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "eval_loss" in r][-1]
+    assert final["step"] == 4 and not float(final["epoch"]).is_integer(), "the setup needs a stop mid-epoch"
+    assert _eval_steps_in_event_files(run_dir / "tensorboard").count(4) == 1
+
+    train(load_recipe(recipe_file), resume=True)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r["step"] for r in records if "eval_loss" in r]
+    assert evaluated.count(4) == 1 and evaluated.count(3) == 1  # the epoch's closing evaluation stays
+    assert _eval_steps_in_event_files(run_dir / "tensorboard").count(4) == 1
+
+
+def test_an_evaluation_before_a_checkpoint_at_its_step_is_kept_on_resume(tmp_path):
+    """Only an evaluation logged after the checkpoint's save goes: one the checkpoint's trainer_state holds (the
+    epoch's closing evaluation, eval_steps) is not run again when resumed."""
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    state = {"global_step": 4, "log_history": [{"loss": 2.0, "step": 4}, {"eval_loss": 1.9, "step": 4}]}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    assert checkpoints.evaluated_before_save(checkpoint)
+    state["log_history"] = state["log_history"][:1]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    assert not checkpoints.evaluated_before_save(checkpoint)
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": 2, "eval_loss": 2.1}, {"step": 4, "loss": 2.0}, {"step": 4, "eval_loss": 1.9}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert checkpoints.truncate_metrics(path, 4) == 0
+    assert checkpoints.truncate_metrics(path, 4, evaluated_at_step=False) == 1
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records[:2]
