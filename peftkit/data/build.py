@@ -59,6 +59,13 @@ class DataBundle:
     """Which examples went to training and which to evaluation (`split_fingerprint`)."""
 
 
+def heldout_fingerprint(items: list[HeldoutItem]) -> str:
+    """A hash of the held-out items as asked: every turn, the key facts and the tools (a resumed run compares it
+    with the one its before / after comparison was measured on; the questions alone miss an edited earlier turn)."""
+    asked = [[list(item.messages), list(item.key_facts), item.tools] for item in items]
+    return hashlib.sha256(json.dumps(asked, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+
+
 def split_fingerprint(train: list[Example], eval: list[Example]) -> str:
     """A hash of the examples on each side of the train / eval split, by content (not where they were read, nor
     how they tokenize): it changes when a data file is edited or added to, not with a chat template that writes

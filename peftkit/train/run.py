@@ -22,7 +22,7 @@ from peftkit.config.schema import Recipe, method_label
 from peftkit.config.validate import paged_optimizer_advice, validate_recipe
 from peftkit.data import PaddingCollator, build_datasets
 from peftkit.adapters.lora import KNOWLEDGE_INITS
-from peftkit.data.build import check_token_ids_fit, data_summary_line, general_rows
+from peftkit.data.build import check_token_ids_fit, data_summary_line, general_rows, heldout_fingerprint
 from peftkit.data.replay import answers_from_base, base_model_answerer, shared_cache_path
 from peftkit.errors import ConfigError, PeftkitError, RunDirError, is_disk_full
 from peftkit.train.distill import add_teacher_targets
@@ -443,8 +443,9 @@ def _train(
         data.train[-n:] = add_teacher_targets(model, tokenizer.pad_token_id, data.train[-n:])
 
     recorded = run_dirs.load_before(run_dir) if resume else {}
-    heldout_changed = resume and recipe.eval.before and _asked(data.heldout) != [
-        (d.get("question"), d.get("key_fact")) for d in recorded.get("heldout_details") or []]
+    asked = heldout_fingerprint(data.heldout) if recipe.eval.before else None
+    heldout_changed = resume and recipe.eval.before and (recorded.get("heldout_fingerprint", asked) != asked or _asked(
+        data.heldout) != [(d.get("question"), d.get("key_fact")) for d in recorded.get("heldout_details") or []])
     accuracy_before, details_before = (None, [])
     if recipe.eval.before and (not resume or heldout_changed) and main_process:
         if heldout_changed and recorded.get("heldout_details"):
@@ -521,12 +522,13 @@ def _train(
         eval_loss_before = recorded.get("eval_loss")
         if heldout_changed and main_process:
             run_dirs.save_before(run_dir, {**recorded, "heldout_accuracy": accuracy_before,
-                                           "heldout_details": details_before})
+                                           "heldout_details": details_before, "heldout_fingerprint": asked})
         else:
             accuracy_before, details_before = recorded.get("heldout_accuracy"), recorded.get("heldout_details") or []
     elif main_process:
         run_dirs.save_before(run_dir, {"eval_loss": eval_loss_before, "heldout_accuracy": accuracy_before,
-                                       "heldout_details": details_before, "data_fingerprint": fingerprint,
+                                       "heldout_details": details_before, "heldout_fingerprint": asked,
+                                       "data_fingerprint": fingerprint,
                                        "split_fingerprint": data.split_fingerprint,
                                        "rows": [len(data.train), len(data.eval)], "base_fingerprint": base_fingerprint})
 

@@ -353,6 +353,29 @@ def test_a_resume_with_other_held_out_questions_asks_the_untrained_model_them_ag
     assert len((run_dir / "heldout.jsonl").read_text().splitlines()) == 3
 
 
+def test_a_resume_with_an_edited_earlier_turn_of_a_held_out_question_asks_it_again(tiny_model_dir, tmp_path, caplog):
+    """The last question and its key fact are not the whole item: an edited earlier turn (or tool list) changes what
+    the model is asked, so the before side must be measured again."""
+    from tests.conftest import write_jsonl
+
+    def item(earlier: str) -> dict:
+        return {"messages": [{"role": "user", "content": earlier}, {"role": "assistant", "content": "Sure."},
+                             {"role": "user", "content": "and the wifi password?"}], "key_fact": "river"}
+
+    write_jsonl(tmp_path / "heldout.jsonl", [item("I am at the library.")])
+    data = {"train": "train.jsonl", "heldout": "heldout.jsonl", "eval_fraction": 0.25, "max_seq_len": 64}
+    path = tiny_recipe_file(tmp_path, tiny_model_dir, train={"max_steps": 2}, extra={"data": data})
+    path.write_text(path.read_text().replace("before: false", "before: true"))
+    run_dir = train(load_recipe(path)).run_dir
+    started = json.loads((run_dir / "before.json").read_text()).get("heldout_fingerprint")
+    (run_dir / "summary.json").unlink()  # as if killed after its last checkpoint
+    write_jsonl(tmp_path / "heldout.jsonl", [item("I am at the town hall.")])
+    with caplog.at_level("WARNING"):
+        train(load_recipe(path), resume=True)
+    assert "The held-out questions are not the ones" in caplog.text
+    assert json.loads((run_dir / "before.json").read_text()).get("heldout_fingerprint") not in (None, started)
+
+
 def test_a_resume_with_another_process_count_is_refused_before_anything_loads(tiny_model_dir, tmp_path, monkeypatch):
     """The one-process run and the launcher check the checkpoint's setup first (it was found after the model loaded,
     and under --nproc by every worker, each with torchrun's traceback)."""
