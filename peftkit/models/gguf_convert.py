@@ -16,7 +16,7 @@ from typing import Any
 
 from peftkit.errors import ModelNotFoundError, PeftkitError
 from peftkit.models.load import save_tokenizer
-from peftkit.utils.atomic import atomic_directory, write_problem
+from peftkit.utils.atomic import atomic_directory, atomic_write_text, write_problem
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +61,47 @@ def check_gguf_supported(path: Path) -> str:
     return arch
 
 
-def _fingerprint(path: Path) -> str:
+FINGERPRINTS_FILE = "gguf_fingerprints.json"
+"""In the cache's models/ folder: each GGUF's content hash by path, size and modification time."""
+
+
+def _fingerprint(path: Path, cache_root: Path) -> str:
+    """The first 12 hex digits of the file's sha256, remembered while its size and modification time stay the same:
+    every command resolves the model, and hashing a 7B GGUF takes about 10 s."""
+    stat = path.stat()
+    key, seen = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+    index_path = cache_root / "models" / FINGERPRINTS_FILE
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    index = index if isinstance(index, dict) else {}
+    entry = index.get(key)
+    if isinstance(entry, dict) and entry.get("stat") == seen and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
-    return digest.hexdigest()[:12]
+    fingerprint = digest.hexdigest()[:12]
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(index_path, json.dumps({**index, key: {"stat": seen, "sha256": fingerprint}}, indent=1))
+    except OSError:  # a read-only cache: hashed again next time
+        pass
+    return fingerprint
 
 
 def cached_model_dir(gguf_path: Path, cache_root: Path) -> Path:
-    return cache_root / "models" / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
+    """Where `gguf_path`'s conversion is cached: `<stem>-<fingerprint>`, or the conversion of the same file under
+    another name (a copy, a rename) when that one is there and this name's is not."""
+    fingerprint = _fingerprint(gguf_path, cache_root)
+    own = cache_root / "models" / f"{gguf_path.stem}-{fingerprint}"
+    if conversion_is_current(own):
+        return own
+    same_file = [folder for folder in sorted((cache_root / "models").glob(f"*-{fingerprint}"))
+                 if conversion_is_current(folder)]
+    return same_file[0] if same_file else own
 
 
 CONVERSION_VERSION = 3

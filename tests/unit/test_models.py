@@ -624,6 +624,40 @@ def test_a_gguf_missing_a_weight_or_holding_nan_is_refused_at_conversion(tmp_pat
     assert not any(p.name.startswith(("lacking", "nan")) for p in (tmp_path / "home" / "models").iterdir())
 
 
+def test_a_gguf_copied_under_another_name_uses_the_conversion_it_already_has(tmp_path):
+    """The cache is keyed by content: a renamed or copied file was converted again (minutes and gigabytes on a 7B
+    model). Its hash is remembered by path, size and modification time (hashing a 7B file takes about 10 s a command)."""
+    import os
+    import shutil
+    from unittest import mock
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.models.gguf_convert import _fingerprint, convert_gguf
+    from tests.conftest import build_tiny_tokenizer
+    from tests.unit.export_fixtures import build_llama_dir
+
+    folder = build_llama_dir(tmp_path / "llama", build_tiny_tokenizer())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    home = tmp_path / "home"
+    first = convert_gguf(_tiny_gguf(tmp_path / "first.gguf", model, build_tiny_tokenizer()), home)
+    shutil.copy(tmp_path / "first.gguf", tmp_path / "renamed.gguf")
+    with mock.patch("transformers.AutoModelForCausalLM.from_pretrained", side_effect=AssertionError("converted again")):
+        assert convert_gguf(tmp_path / "renamed.gguf", home) == first
+
+    path = tmp_path / "renamed.gguf"
+    hashed = _fingerprint(path, home)
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the same size and modification time: taken as the same file
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _fingerprint(path, home) == hashed
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched: hashed again
+    assert _fingerprint(path, home) != hashed
+
+
 def test_a_gguf_of_an_embedding_model_is_said_to_be_one(tmp_path, caplog):
     import gguf
 
