@@ -643,6 +643,19 @@ def generation_prompt(tokenizer: Any, messages: Sequence[Message], tools: Tools 
     return _render(tokenizer, messages, generation_prompt=True, tools=tools)
 
 
+def chat_prompt_has_bos(tokenizer: Any) -> bool | None:
+    """Whether a chat prompt as training and chat tokenize it starts with BOS: chat rows are tokenized without the
+    tokenizer's own special tokens, so only a template that writes `{{ bos_token }}` gives one. None without a BOS
+    token, or where the template cannot render a one-question probe."""
+    if not tokenizer.bos_token or not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = render_chat(tokenizer, [{"role": "user", "content": "Hello"}], generation=True)
+    except Exception:  # noqa: BLE001 - a template that cannot render the probe is reported where it is used
+        return None
+    return text.startswith(tokenizer.bos_token)
+
+
 def render_chat(tokenizer: Any, messages: Sequence[Message], generation: bool) -> str:
     """The text training and chat give the template for `messages` (a refused system message folded)."""
     return _render(tokenizer, messages, generation_prompt=generation)

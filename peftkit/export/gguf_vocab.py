@@ -175,16 +175,26 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, source_pre: str 
         special = gguf.SpecialVocab(tmp, load_merges=kind == "gpt2", n_vocab=vocab_size)
         if kind == "gpt2" and not special.merges:
             raise ExportError("the tokenizer has no BPE merges; GGUF needs them")
+        special.add_special_token.pop("bos", None)  # written below, as training tokenized
         special.add_to_gguf(writer, quiet=True)
-    if "bos" not in special.add_special_token:
-        from peftkit.models.load import adds_bos
-
-        writer.add_add_bos_token(adds_bos(tokenizer))
+    writer.add_add_bos_token(gguf_adds_bos(tokenizer))
     writer.add_add_space_prefix(kind == "llama" and adds_space_prefix(tokenizer_json))
     if special.chat_template is None and getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
     _add_end_of_turn(writer, tokenizer)
     return kind
+
+
+def gguf_adds_bos(tokenizer: Any) -> bool:
+    """`tokenizer.ggml.add_bos_token`: llama.cpp and Ollama put BOS before every prompt where it is true. Chat rows
+    were trained with BOS only where the chat template writes it (where it does, llama.cpp's chat drops the
+    template's copy, so there is one): a tokenizer that adds BOS by itself under a template that does not write it
+    (Zephyr, TinyLlama-Chat, ChatML on Mistral) must not get one the model never saw. Without a chat template
+    (plain-text training) it is what the tokenizer does."""
+    from peftkit.data.chat import chat_prompt_has_bos
+    from peftkit.models.load import adds_bos
+
+    return adds_bos(tokenizer) and chat_prompt_has_bos(tokenizer) is not False
 
 
 def _add_end_of_turn(writer: Any, tokenizer: Any) -> None:

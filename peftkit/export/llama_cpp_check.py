@@ -129,7 +129,7 @@ def child_report(model: str, reference: verify.Reference, lora: str | None = Non
         llm.reset()
         llm.eval(sequence)
         logits.append(torch.from_numpy(np.array(llm.scores[: len(sequence)], dtype=np.float32)))
-    own_ids = [llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) for text in reference.texts]
+    own_ids = [_chat_tokens(llm, text) for text in reference.texts]
     tokens_ok = own_ids == reference.prompt_ids
     data_differ = [text for text, ids in zip(reference.data_texts, reference.data_ids)
                    if llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) != ids]
@@ -149,6 +149,15 @@ def child_report(model: str, reference: verify.Reference, lora: str | None = Non
                    "greedy_exact_own_tokenization": None if tokens_ok else sum(same_answer) / len(same_answer),
                    "llama_cpp_version": installed_version()})
     return report
+
+
+def _chat_tokens(llm: Any, text: str) -> list[int]:
+    """A rendered chat prompt as llama.cpp's chat tokenizes it: with the BOS the file says to add (its
+    add_bos_token), the template's own BOS dropped where there is one then (no double BOS)."""
+    bos = llm.token_bos()
+    bos_text = llm.detokenize([bos], special=True).decode("utf-8", "replace") if bos >= 0 else ""
+    template_has_bos = bool(bos_text) and text.startswith(bos_text)
+    return llm.tokenize(text.encode("utf-8"), add_bos=not template_has_bos, special=True)
 
 
 def _greedy(llm: Any, prompt: list[int], max_new_tokens: int, stops: list[int]) -> list[int]:

@@ -135,10 +135,11 @@ NO_OLLAMA_TEMPLATE = (
 
 
 def turn_template(tokenizer: Any) -> TurnTemplate | None:
-    """The turn texts of a chat template that is neither ChatML nor plain, without the BOS Ollama adds."""
-    from peftkit.models.load import adds_bos
+    """The turn texts of a chat template that is neither ChatML nor plain, without the BOS Ollama adds (where the
+    GGUF says to add one: gguf_vocab.gguf_adds_bos)."""
+    from peftkit.export.gguf_vocab import gguf_adds_bos
 
-    return read_turn_template(tokenizer, bos=tokenizer.bos_token if adds_bos(tokenizer) else None)
+    return read_turn_template(tokenizer, bos=tokenizer.bos_token if gguf_adds_bos(tokenizer) else None)
 
 
 def has_ollama_template(tokenizer: Any) -> bool:

@@ -290,3 +290,37 @@ def test_the_run_texts_an_export_checks_come_from_its_data_and_heldout_replies(t
     assert run_data_texts(run(str(tmp_path / "saved"))) == ["السعر؟", "٣ دنانير"]
     assert run_data_texts(run([str(tmp_path / "gone.jsonl")])) == ["السعر؟", "٣ دنانير"]
     assert run_data_texts(run(str(train)), limit=1) == ["Когда открыто?"]
+
+
+ZEPHYR = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("writes_bos", [False, True])
+def test_llama_cpp_starts_a_chat_prompt_with_bos_only_where_training_did(export_recipe, tmp_path, writes_bos):
+    """Chat rows are tokenized without the tokenizer's own special tokens: under a template that does not write
+    `{{ bos_token }}` (Zephyr, TinyLlama-Chat) on a tokenizer that adds BOS itself, training never saw BOS, yet the
+    GGUF said add_bos_token and llama.cpp / Ollama put one before every prompt (the check tokenized without it)."""
+    from llama_cpp import Llama
+
+    from peftkit.data.chat import render_chat
+    from peftkit.export.ollama import ollama_modelfile
+    from tests.unit.export_fixtures import build_llama_dir, build_sentencepiece_tokenizer
+
+    tokenizer = build_sentencepiece_tokenizer(tmp_path / "spm", legacy=True)  # llama.cpp splits text as it does
+    tokenizer.add_bos_token = True  # as Llama-2 / Mistral / TinyLlama tokenizers are saved
+    tokenizer.update_post_processor()
+    tokenizer.chat_template = "{{ bos_token }}" + ZEPHYR if writes_bos else ZEPHYR
+    base = build_llama_dir(tmp_path / "base", tokenizer)
+    run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=base)
+    result = export_gguf(run, gguf_type="f32")
+    path = result.path / "tiny-f32.gguf"
+    assert _fields(path)[0]["tokenizer.ggml.add_bos_token"] is writes_bos
+    prompt = render_chat(tokenizer, [{"role": "user", "content": "hello"}], generation=True)
+    trained = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert (trained[0] == tokenizer.bos_token_id) is writes_bos
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert llama_cpp_check._chat_tokens(llm, prompt) == trained  # the chat path: one BOS where training had one
+    assert json.loads((result.path / "verification.json").read_text())["llama_cpp"]["tokenizer_match"]
+    # Ollama adds BOS where the file says so, and its template leaves out the template's own
+    assert tokenizer.bos_token not in ollama_modelfile("m.gguf", tokenizer, None)
