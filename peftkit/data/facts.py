@@ -160,8 +160,8 @@ def _glued_after(text: str, end: int, fact: str) -> bool:
     return kind == "digit" and text[end] in _NUMBER_JOINERS and end + 1 < len(text) and text[end + 1].isdigit()
 
 
-_LEADING_ZEROS = re.compile(r"(?<![\d.,])0+$")
-"""Zeros that open a number, right before the fact (`searched` up to its start)."""
+_LEADING_ZEROS = re.compile(r"(?<![\d.,:])0+$")
+"""Zeros that open a number, right before the fact (`searched` up to its start); not a time's minutes (`10:05`)."""
 _ZERO_DECIMALS = re.compile(r"\.0+(?!\d)")
 _FULL_HOUR = re.compile(r":00(?!\d)")
 _TRAILING_ZEROS = re.compile(r"0+(?!\d)")

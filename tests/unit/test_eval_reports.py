@@ -94,6 +94,8 @@ def test_a_key_fact_is_found_as_a_whole_word_or_number(reply, facts):
     ("anything", [""]),  # an empty fact matches nothing
     ("It is 100", ["0"]),
     ("It is 10.05", ["10"]),
+    ("It closes at 10:05.", ["5"]),  # the minutes of a time are not a number of their own
+    ("at 12:05 pm", ["5"]),
     ("Pi is 12.501", ["12.5"]),
     ("it costs $14.0001", ["$14"]),
     ("السعر ٣٫٥", ["3"]),  # Arabic decimal separator: 3.5
