@@ -395,7 +395,8 @@ def _delimited_records(path: Path, text: str, delimiter: str, quoting: int) -> l
 
 
 def _delimited_rows(path: Path, text: str, delimiter: str, quoting: int) -> list[tuple[str, Any]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True, quoting=quoting)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True, quoting=quoting,
+                            skipinitialspace=_spaced_after_delimiters(text, delimiter))
     records, start = [], 1
     try:
         if reader.fieldnames:  # `question, answer`: the space after the comma is no part of the name
@@ -416,6 +417,15 @@ def _delimited_rows(path: Path, text: str, delimiter: str, quoting: int) -> list
     except csv.Error as exc:
         raise csv.Error(str(exc), start) from None
     return records
+
+
+def _spaced_after_delimiters(text: str, delimiter: str) -> bool:
+    """Whether the header puts a space after each delimiter (`question, answer`): such a file writes its rows so too,
+    and the space is no part of a value (kept, every reply would train a leading space; and `q, "a, b"` would not
+    read as one quoted field)."""
+    header = text.split("\n", 1)[0]
+    fields = header.split(delimiter)[1:]
+    return delimiter != " " and bool(fields) and all(field.startswith(" ") for field in fields)
 
 
 def _csv_row_length_error(path: Path, line: int, header: Sequence[str], row: dict[Any, Any],

@@ -53,6 +53,19 @@ def test_csv_with_semicolons_or_tabs_is_read(tmp_path, name, delimiter):
     assert example.messages[1]["content"] == "Mon-Fri, 7-18"
 
 
+def test_a_csv_written_with_a_space_after_each_comma_trains_no_leading_space(tmp_path):
+    """`question, answer` files write their rows so too: the space trained at the start of every reply (ChatML keeps
+    it), and a quoted field after it did not read as one."""
+    path = tmp_path / "t.csv"
+    path.write_text('question, answer\nOpening hours?, Mon-Fri 7-18\nParking?, "Yes, behind the shop"\n')
+    first, second = load_examples(path)
+    assert first.messages[0]["content"] == "Opening hours?" and first.messages[1]["content"] == "Mon-Fri 7-18"
+    assert second.messages[1]["content"] == "Yes, behind the shop"
+    path.write_text('question,answer\nOpening hours?, indented on purpose\n')  # no space in the header: kept
+    [example] = load_examples(path)
+    assert example.messages[1]["content"] == " indented on purpose"
+
+
 def test_csv_messages_column_holding_json_text(tmp_path):
     path = tmp_path / "t.csv"
     messages = [{"role": "user", "content": "Hours?"}, {"role": "assistant", "content": "7-18"}]
