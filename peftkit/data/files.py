@@ -213,7 +213,8 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
             say_once(log, logging.WARNING, f"{path}: a .txt file is trained as plain text, and its lines are JSON "
                      "records, which would be trained as written (braces, keys and all); name it .jsonl (or .json) "
                      "to read them as records")
-        chunks = [c.strip() for c in re.split(r"\n[ \t\r\f\v]*\n", text)]  # a blank line may hold spaces
+        text = text.replace("\r\n", "\n").replace("\r", "\n")  # Windows line ends: trained as `\r` tokens else
+        chunks = [c.strip() for c in re.split(r"\n[ \t\f\v]*\n", text)]  # a blank line may hold spaces
         return [(f"{path}:chunk {i + 1}", {"text": c}) for i, c in enumerate(chunks) if c]
     if suffix in (".csv", ".tsv"):
         return _csv_records(path, text, "\t" if suffix == ".tsv" else _csv_delimiter(text))

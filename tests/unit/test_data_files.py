@@ -288,6 +288,8 @@ def test_text_paragraphs_split_at_blank_lines_holding_spaces(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("First paragraph.\n  \nSecond paragraph.\n\t\nThird.\n", encoding="utf-8")
     assert [e.text for e in load_examples(text)] == ["First paragraph.", "Second paragraph.", "Third."]
+    text.write_bytes(b"First line\r\nsame paragraph.\r\n\r\nSecond.\r\n")  # Windows line ends: no `\r` trained
+    assert [e.text for e in load_examples(text)] == ["First line\nsame paragraph.", "Second."]
 
 
 def test_a_json_files_trailing_comma_is_named_at_its_own_line(tmp_path):
