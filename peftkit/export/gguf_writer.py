@@ -61,6 +61,7 @@ from peftkit.export.merge import (
     QLoraBase,
     RunAdapter,
     load_run_tokenizer,
+    merge_failed,
     resolve_run,
     shipped_model,
 )
@@ -516,11 +517,7 @@ def check_merge(merged: MergedModel, merged_reference: verify.Reference) -> dict
     rounding."""
     report = verify.judge(verify.compare(merged.reference, merged_reference.logits), "float32")
     if not report["passed"]:
-        raise ExportError(
-            f"the merged model does not reproduce {merged.reference.label}: {'; '.join(report['failures'])}, so a GGUF "
-            "of it would not be the trained model. An adapter on a layer that shares its weight with another (a "
-            "tied output head) cannot be merged: train that layer with `modules_to_save` instead; or ship the "
-            "adapter itself (`--format adapter`)")
+        raise ExportError(merge_failed(merged, report["failures"], "a GGUF of it"))
     return {key: report[key] for key in ("max_abs_diff", "tolerance", "greedy_agreement", "passed")}
 
 

@@ -21,7 +21,9 @@ from peftkit.export.card import merged_card
 from peftkit.export import output_lock
 from peftkit.export.common import (DTYPE_NAMES, ExportResult, check_room, disk_full_as_error, list_files, prepare_output,
                                    save_failed_report, write_verification)
-from peftkit.export.merge import FULL_MODEL, MergedModel, QLoraBase, combine_runs, shipped_model
+from peftkit.export.merge import (
+    FULL_MODEL, MergedModel, QLoraBase, check_merge_in_memory, combine_runs, shipped_model,
+)
 from peftkit.models.load import save_tokenizer
 from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
@@ -77,6 +79,8 @@ def write_merged(merged: MergedModel, out: Path, *, dtype: str = "auto", shard_s
     """Save `merged` to `out` atomically; with `check`, reload it in a fresh process and compare first."""
     protected = [r.run_dir for r in merged.runs]
     out = prepare_output(out, force=force, protected=protected)
+    if check:
+        check_merge_in_memory(merged)
     dtype = export_dtype(dtype, merged.primary.base_config)
     check_room(out, merged.model, dtype, "merged model")
     report = None

@@ -24,7 +24,7 @@ from peftkit.config.schema import ModelConfig, QuantizationConfig, Recipe
 from peftkit.errors import ExportError, ModelNotFoundError
 from peftkit.export.compat import (AdapterInfo, check_adapter_matches_base, read_adapter, require_mergeable,
                                    trained_base_config)
-from peftkit.export.verify import Reference, build_reference, conversations_for, max_abs_diff
+from peftkit.export.verify import RELATIVE_TOLERANCE, Reference, build_reference, conversations_for, max_abs_diff
 from peftkit.models.resolve import ModelSource
 from peftkit.runs import no_quantized_base, trained_model_dir
 from peftkit.utils.command_name import command
@@ -67,6 +67,27 @@ class MergedModel:
     @property
     def primary(self) -> RunAdapter:
         return self.runs[0]
+
+
+def merge_failed(merged: MergedModel, failures: list[str], export: str) -> str:
+    """The refusal of an `export` ("a GGUF of it") of a merge that does not reproduce the unmerged adapter."""
+    return (f"the merged model does not reproduce {merged.reference.label}: {'; '.join(failures)}, so {export} would "
+            "not be the trained model. An adapter on a layer that shares its weight with another (a tied output head) "
+            "cannot be merged: train that layer with `modules_to_save` instead; or ship the adapter itself "
+            "(`--format adapter`)")
+
+
+def check_merge_in_memory(merged: MergedModel) -> None:
+    """The merge (float32, in memory: `merge_max_abs_diff`) judged at float32's tolerance before an export is
+    written. The export's own check compares the written files with the merged model at their precision, which in
+    bfloat16 (10 % of the largest logit, no greedy agreement) a merge that lost its adapter passed. QLoRA merges are
+    judged in `qlora`, against the adapter on its quantized base."""
+    if merged.qlora is not None:
+        return
+    tolerance = RELATIVE_TOLERANCE["float32"] * max(1.0, max(float(t.abs().max()) for t in merged.reference.logits))
+    if not merged.merge_max_abs_diff <= tolerance:  # also catches NaN
+        raise ExportError(merge_failed(merged, [f"max abs logit diff {merged.merge_max_abs_diff:.3g} > tolerance "
+                                                f"{tolerance:.3g} (float32, in memory)"], "an export of it"))
 
 
 FULL_MODEL = "FULL_MODEL"

@@ -281,6 +281,20 @@ def test_broken_export_fails_verification_and_leaves_nothing(export_recipe, tmp_
     assert failed["passed"] is False and failed["max_abs_diff"] > failed["tolerance"]
 
 
+def test_a_merge_that_lost_its_adapter_is_refused_at_every_export_dtype(export_recipe, tmp_path, monkeypatch):
+    """The written files are checked at their own precision: in bfloat16 (10 % of the largest logit, no greedy
+    agreement floor) a merge that had dropped the adapter passed. The float32 merge is judged before writing."""
+    import peftkit.export.merge as merge_module
+
+    run = make_run(tmp_path / "run", export_recipe, METHODS["lora"], scale=0.008)  # a small update, within bf16's
+    monkeypatch.setattr(merge_module, "merged_model", lambda peft_model, **kwargs: peft_model.unload())
+    for dtype in ("bfloat16", "float32"):
+        with pytest.raises(ExportError, match=r"the merged model does not reproduce .* \(float32, in memory\)"):
+            export_hf(run, tmp_path / dtype, dtype=dtype)
+        assert not (tmp_path / dtype).exists()
+    export_hf(run, tmp_path / "unchecked", dtype="bfloat16", check=False)  # --no-verify writes it anyway
+
+
 def test_merged_exports_keep_the_base_models_dtype_by_default():
     from types import SimpleNamespace
 
