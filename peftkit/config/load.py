@@ -752,6 +752,9 @@ def _named_overrides(problems: list[str], overrides: list[str]) -> list[str]:
     named = []
     for problem in problems:
         key = next((k for k in given if problem.startswith((f"`{k}`", f"{k}:", f"{k} "))), None)
+        unknown = re.match(r"unknown key `([^`]+)`", problem)  # `trian` of `trian.lr=5e-4`: a section misspelt
+        if key is None and unknown:
+            key = next((k for k in given if k == unknown[1] or k.startswith(unknown[1] + ".")), None)
         named.append(f"{problem} (set on the command line: `{given[key]}`)" if key else problem)
     return named
 

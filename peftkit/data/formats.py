@@ -30,7 +30,7 @@ from peftkit.data.columns import (ROLE_ALIASES, SYSTEM_FIELDS, detected_pair, de
                                   mapped_text, number_as_text, pair_messages, record_keys, type_name)
 from peftkit.data.files import ARROW_MERGED_FIELDS, data_sources, read_records
 from peftkit.errors import DataError
-from peftkit.utils.once import say_once
+from peftkit.utils.once import remembered, say_once
 from peftkit.utils.yaml_flow import flow_yaml
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,29 @@ def roles_advice(speaker: Any, field: str | None, role_key: str = "role", conten
     columns |= {"role": role_key, "content": content_key} if (role_key, content_key) != ("role", "content") else {}
     columns["roles"] = {str(speaker): "assistant" if after in ("user", "tool") else "user"}
     return f"{ROLES_ADVICE}: `data.columns: {flow_yaml(columns)}`, each name to user, assistant, system or tool)"
+
+
+def _misspelt(speaker: Any) -> str:
+    """` (did you mean 'gpt'?)` where an unknown speaker name is a slip of the keys from one peftkit reads: one
+    letter missing, extra, wrong or two swapped (two in names of six letters or more). Not `robot` for `bot`: a
+    speaker name of its own, to map."""
+    name = str(speaker).lower()
+    allowed = 2 if len(name) >= 6 else 1
+    close = [alias for alias in ROLE_ALIASES if _edits(name, alias) <= allowed]
+    return f" (did you mean {min(close, key=lambda alias: _edits(name, alias))!r}?)" if close and len(name) >= 3 else ""
+
+
+def _edits(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions and swaps of neighbours."""
+    rows = [list(range(len(b) + 1))]
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
 
 
 _CONVERSATION_ADVICE = re.compile(r"`[^`]+` holds a list of objects, a conversation with other field names: .*?maps "
@@ -127,11 +150,26 @@ def _detected_format(record: dict[str, Any]) -> Literal["chat", "sharegpt", "pro
     return None
 
 
+_warned_topics: set[str] = remembered(set())
+
+
+def _warn_first(topic: str, message: str) -> None:
+    """Warn of the first finding of a kind in a command (a data file may hold thousands of them)."""
+    if topic not in _warned_topics and log.isEnabledFor(logging.WARNING):
+        _warned_topics.add(topic)
+        log.warning("%s", message)
+
+
 def message_text(content: Any, where: str) -> str:
     """A message's text: a string, or a list of content parts (OpenAI / TRL conversational style)
     whose `text` parts are joined by line breaks, as vLLM's OpenAI server joins them for a template that takes
     strings (so that the adapter serves on the text it trained on); image, audio or other parts have no meaning for a
-    text model. A number is the text it spells, as in alpaca and question/answer records."""
+    text model. A number is the text it spells, as in alpaca and question/answer records (said once: in a chat
+    message it is more often a data mistake than an answer)."""
+    if isinstance(content, (int, float)) and not isinstance(content, bool):
+        _warn_first("numeric message content", f"{where}: the content is the number {number_as_text(content)}, not a "
+                    f"string (the first such message); it is trained as the text {number_as_text(content)!r}: if that "
+                    "is meant, write it in quotes, else fix the record")
     content = number_as_text(content)
     if isinstance(content, str):
         return content
@@ -264,9 +302,10 @@ def check_messages(messages: Any, where: str, field: str | None = None) -> tuple
                             f"{_content_key_hint(message, field)}")
         role, content = message["role"], message.get("content")
         if role not in ROLES:  # `human` / `gpt` / `User` ...: the speaker names ShareGPT data uses
+            role_name = role
             role = ROLE_ALIASES.get(str(role).lower()) if str(role).lower() != "function_call" else None
         if role is None:
-            raise DataError(f"{where}: message {i + 1} has unknown role {message['role']!r}; use one of "
+            raise DataError(f"{where}: message {i + 1} has unknown role {message['role']!r}{_misspelt(role_name)}; use one of "
                             f"{', '.join(ROLES)}"
                             f"{roles_advice(message['role'], field, after=checked[-1]['role'] if checked else None)}")
         content = "" if content is None and calls else message_text(content, f"{where}: message {i + 1}")
@@ -304,6 +343,10 @@ def check_messages(messages: Any, where: str, field: str | None = None) -> tuple
                 entry["train_detail"] = detail
             else:  # nothing of the reply is trained: context, as with `weight: 0`
                 entry["weight"] = 0
+        if role == "user" and not content.strip():
+            _warn_first("empty user message", f"{where}: message {i + 1}: a user message is empty (the first such "
+                        "one), so the reply after it is trained as an answer to nothing; write the question in, or "
+                        "drop the record")
         if role == "assistant" and entry.get("weight", 1) and not content.strip() and not calls:
             raise DataError(f"{where}: message {i + 1}: the assistant reply is empty, and training on it teaches the "
                             "model to answer with nothing; fill it in or drop the record (in chat data, `weight: 0` "
@@ -381,7 +424,7 @@ def sharegpt_messages(record: dict[str, Any], where: str, field: str | None = No
         role = ROLE_ALIASES.get(source)
         if role is None:
             raise DataError(
-                f"{where}: conversation turn {i + 1} is from {turn['from']!r}; peftkit reads "
+                f"{where}: conversation turn {i + 1} is from {turn['from']!r}{_misspelt(turn['from'])}; peftkit reads "
                 f"{', '.join(sorted(ROLE_ALIASES))} turns"
                 f"{roles_advice(turn['from'], field, 'from', 'value', messages[-1]['role'] if messages else None)}"
             )

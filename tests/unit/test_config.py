@@ -72,6 +72,10 @@ def test_a_bad_value_given_on_the_command_line_is_said_to_come_from_there(tmp_pa
     (epochs,) = [p for p in info.value.problems if "train.epochs" in p]
     assert lr.endswith("(got 'high') (set on the command line: `train.lr=high`)")
     assert "command line" not in epochs  # the file's own mistake
+    with pytest.raises(ConfigError) as info:  # a misspelt section: the key named is `trian`, the override `trian.lr`
+        load_recipe(path, ["trian.lr=5e-4"])
+    (typo,) = [p for p in info.value.problems if "trian" in p]
+    assert typo.endswith("did you mean `train`? (set on the command line: `trian.lr=5e-4`)")
 
 
 def test_a_data_file_given_as_the_recipe_is_named_as_data_and_a_json_recipe_still_reads(tmp_path):

@@ -368,6 +368,28 @@ def test_records_that_belong_to_other_trainings_are_named(tmp_path, caplog):
     assert "task: sequence_classification" in caplog.text and "name it .jsonl (or .json)" in caplog.text
 
 
+def test_a_number_as_content_and_an_empty_question_are_said_once(tmp_path, caplog):
+    """Both train (a number as its text, as alpaca and question/answer records take it), but in chat data they are
+    more often a broken record than meant: a new user's `"content": 42` and `"value": ""` validated without a word."""
+    path = tmp_path / "t.jsonl"
+    records = [{"messages": [{"role": "user", "content": "6 x 7?"}, {"role": "assistant", "content": 42}]},
+               {"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": 3.5}]},
+               {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "Hello."}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    from peftkit.utils.once import command_scope
+
+    with caplog.at_level(logging.WARNING), command_scope():  # a command's first findings (an earlier test's forgotten)
+        examples = load_examples(path)
+    assert examples[0].messages[1]["content"] == "42" and examples[1].messages[1]["content"] == "3.5"
+    said = [r.getMessage() for r in caplog.records]
+    assert [m for m in said if "is the number" in m] == [
+        f"{path}:1: message 2: the content is the number 42, not a string (the first such message); it is trained as "
+        "the text '42': if that is meant, write it in quotes, else fix the record"]
+    assert [m for m in said if "user message is empty" in m] == [
+        f"{path}:3: message 1: a user message is empty (the first such one), so the reply after it is trained as an "
+        "answer to nothing; write the question in, or drop the record"]
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
@@ -380,7 +402,10 @@ def test_records_that_belong_to_other_trainings_are_named(tmp_path, caplog):
         ('{"messages": [{"role": "user", "content": "a", "weight": 1}, {"role": "assistant", "content": "b"}]}',
          "only assistant turns are trained"),
         ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}', "roles out of order"),
-        ('{"messages": [{"role": "robot", "content": "hi"}]}', "unknown role"),
+        ('{"messages": [{"role": "robot", "content": "hi"}]}', "unknown role 'robot'; use one of"),
+        ('{"messages": [{"role": "usr", "content": "hi"}]}', r"unknown role 'usr' \(did you mean 'user'\?\)"),
+        ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gtp", "value": "b"}]}',
+         r"turn 2 is from 'gtp' \(did you mean 'gpt'\?\); peftkit reads"),
         ('{"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}, '
          '{"role": "assistant", "content": "a cat"}]}', "content part 'image' is not text"),
         ('{"messages": [{"role": "user", "content": {"a": 1}}, {"role": "assistant", "content": "b"}]}',
