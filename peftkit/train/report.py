@@ -95,7 +95,7 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
         f"{summary['trained_tokens']:,} {'input' if summary.get('task') == 'sequence_classification' else 'supervised'} "
         f"tokens at {tokens_rate(summary['tokens_per_second'])} tok/s | "
         f"train {summary['train_seconds']:.0f} s{_eval_part(summary)}, total {summary['wall_seconds']:.0f} s | "
-        f"peak memory {summary['peak_memory_mb']:.0f} MB"
+        f"peak memory {summary['peak_memory_mb']:.0f} MiB"
     )
     best = summary.get("weights_from_step")
     if summary.get("stopped_early"):
