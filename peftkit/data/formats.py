@@ -70,13 +70,21 @@ def roles_advice(speaker: Any, field: str | None, role_key: str = "role", conten
 
 
 def _misspelt(speaker: Any) -> str:
-    """` (did you mean 'gpt'?)` where an unknown speaker name is a slip of the keys from one peftkit reads: one
-    letter missing, extra, wrong or two swapped (two in names of six letters or more). Not `robot` for `bot`: a
-    speaker name of its own, to map."""
+    """` (did you mean 'gpt'?)` where an unknown speaker name is a slip of the keys from one peftkit reads: a letter
+    missing, extra or two swapped, a wrong letter in a name of four or more, two slips in one of eight or more. Not
+    `robot` or `Bob` for `bot`: speaker names of their own, to map."""
     name = str(speaker).lower()
-    allowed = 2 if len(name) >= 6 else 1
-    close = [alias for alias in ROLE_ALIASES if _edits(name, alias) <= allowed]
-    return f" (did you mean {min(close, key=lambda alias: _edits(name, alias))!r}?)" if close and len(name) >= 3 else ""
+
+    def slip(alias: str) -> bool:
+        edits = _edits(name, alias)
+        if edits == 0 or len(name) < 3:
+            return False
+        if len(name) >= 8:
+            return edits <= 2
+        return edits == 1 and (len(name) >= 4 or len(name) != len(alias) or sorted(name) == sorted(alias))
+
+    close = sorted((alias for alias in ROLE_ALIASES if slip(alias)), key=lambda alias: _edits(name, alias))
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _edits(a: str, b: str) -> int:

@@ -156,8 +156,10 @@ def check_tokenizer(tokenizer: Any) -> VocabKind:
         return vocab_kind(_saved_tokenizer_json(tokenizer, tmp))
 
 
-def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, source_pre: str | None = None) -> VocabKind:
-    """Write the vocabulary, special token ids, BOS/space-prefix flags and chat template into `writer`."""
+def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, source_pre: str | None = None, *,
+                  plain_text: bool = False) -> VocabKind:
+    """Write the vocabulary, special token ids, BOS/space-prefix flags and chat template into `writer`.
+    `plain_text`: the run trained plain-text rows (see gguf_adds_bos)."""
     gguf = gguf_package()
     with tempfile.TemporaryDirectory(prefix="peftkit-tok-") as tmp:
         tokenizer_json = _saved_tokenizer_json(tokenizer, tmp)
@@ -177,7 +179,7 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, source_pre: str 
             raise ExportError("the tokenizer has no BPE merges; GGUF needs them")
         special.add_special_token.pop("bos", None)  # written below, as training tokenized
         special.add_to_gguf(writer, quiet=True)
-    writer.add_add_bos_token(gguf_adds_bos(tokenizer))
+    writer.add_add_bos_token(gguf_adds_bos(tokenizer, plain_text=plain_text))
     writer.add_add_space_prefix(kind == "llama" and adds_space_prefix(tokenizer_json))
     if special.chat_template is None and getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
@@ -185,16 +187,17 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, source_pre: str 
     return kind
 
 
-def gguf_adds_bos(tokenizer: Any) -> bool:
+def gguf_adds_bos(tokenizer: Any, *, plain_text: bool = False) -> bool:
     """`tokenizer.ggml.add_bos_token`: llama.cpp and Ollama put BOS before every prompt where it is true. Chat rows
     were trained with BOS only where the chat template writes it (where it does, llama.cpp's chat drops the
     template's copy, so there is one): a tokenizer that adds BOS by itself under a template that does not write it
-    (Zephyr, TinyLlama-Chat, ChatML on Mistral) must not get one the model never saw. Without a chat template
-    (plain-text training) it is what the tokenizer does."""
+    (Zephyr, TinyLlama-Chat, ChatML on Mistral) must not get one the model never saw. Plain-text rows (`plain_text`:
+    the run trained some) and a tokenizer without a chat template take what the tokenizer does: text rows are
+    tokenized with its own BOS."""
     from peftkit.data.chat import chat_prompt_has_bos
     from peftkit.models.load import adds_bos
 
-    return adds_bos(tokenizer) and chat_prompt_has_bos(tokenizer) is not False
+    return adds_bos(tokenizer) and (plain_text or chat_prompt_has_bos(tokenizer) is not False)
 
 
 def _add_end_of_turn(writer: Any, tokenizer: Any) -> None:

@@ -329,6 +329,15 @@ def add_model_parameters(writer: Any, config: Any, layout: GgufArchitecture) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+def trained_plain_text(run_dir: Path) -> bool:
+    """Whether the run trained plain-text rows (its summary's data formats), which carry the tokenizer's own BOS."""
+    try:
+        stats = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("data_stats") or {}
+        return bool((stats.get("train_formats") or {}).get("text"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def source_gguf_of(run: RunAdapter) -> Path | None:
     """The GGUF file the base model was converted from, if any (built-in models are)."""
     path = run.source.path
@@ -389,8 +398,10 @@ def gguf_general_name(name: str, tokenizer: Any) -> str:
 
 
 def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, name: str,
-                     source_gguf: Path | None = None, description: str | None = None) -> dict[str, int]:
-    """Write `model` (a float32 Llama-family model) with its tokenizer to `path`. Returns tensor counts per type."""
+                     source_gguf: Path | None = None, description: str | None = None,
+                     plain_text: bool = False) -> dict[str, int]:
+    """Write `model` (a float32 Llama-family model) with its tokenizer to `path`. Returns tensor counts per type.
+    `plain_text`: it was trained on plain-text rows (gguf_vocab.gguf_adds_bos)."""
     gguf = gguf_package()
     config = model.config
     layout = check_architecture(config)
@@ -403,7 +414,7 @@ def write_model_gguf(model: Any, tokenizer: Any, path: Path, *, gguf_type: str, 
     add_model_parameters(writer, config, layout)
     writer.add_file_type(int(ftype))
     source_pre = read_gguf_string(source_gguf, "tokenizer.ggml.pre") if source_gguf and source_gguf.is_file() else None
-    add_tokenizer(writer, tokenizer, config.vocab_size, source_pre)
+    add_tokenizer(writer, tokenizer, config.vocab_size, source_pre, plain_text=plain_text)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     name_map = gguf.get_tensor_name_map(model_arch(layout), config.num_hidden_layers)
@@ -543,6 +554,7 @@ def write_gguf_export(merged: MergedModel, out: Path, *, gguf_type: str = "f16",
             merged.model, merged.tokenizer, tmp / file_name, gguf_type=gguf_type, name=name,
             source_gguf=source_gguf_of(run),
             description=f"{run.info.method} fine-tune of {run.model_cfg.name}, merged by peftkit",
+            plain_text=any(trained_plain_text(r.run_dir) for r in merged.runs),
         )
         atomic_write_text(tmp / "Modelfile", ollama_modelfile(file_name, merged.tokenizer, run.recipe.data.system_prompt))
         if reference is not None:

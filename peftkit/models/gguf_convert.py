@@ -66,10 +66,11 @@ FINGERPRINTS_FILE = "gguf_fingerprints.json"
 
 
 def _fingerprint(path: Path, cache_root: Path) -> str:
-    """The first 12 hex digits of the file's sha256, remembered while its size and modification time stay the same:
-    every command resolves the model, and hashing a 7B GGUF takes about 10 s."""
+    """The first 12 hex digits of the file's sha256, remembered while its inode, size, modification and change times
+    stay the same (a copy with its timestamps kept, `cp -p`, still changes the change time): every command resolves
+    the model, and hashing a 7B GGUF takes about 10 s."""
     stat = path.stat()
-    key, seen = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+    key, seen = str(path.resolve()), [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
     index_path = cache_root / "models" / FINGERPRINTS_FILE
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))

@@ -162,12 +162,16 @@ class CompleteMarkerCallback(TrainerCallback):
 
 
 def evaluated_before_save(checkpoint: Path) -> bool:
-    """Whether `checkpoint` was saved after an evaluation at its own step. A checkpoint where training stops is saved
-    before the final evaluation (callbacks.CheckpointBoundaries): resumed there, that evaluation runs again, so the
-    one an interrupted session logged at the checkpoint's step is dropped with what came after it."""
+    """False where an evaluation at `checkpoint`'s step that an interrupted session logged is run again on resume.
+    The run's last step is saved before its final evaluation (callbacks.CheckpointBoundaries), which a run resumed
+    there runs again (run.final_eval_loss: the checkpoint's log_history lacks it), so the logged one is dropped with
+    what came after it. Elsewhere it is kept: a Ctrl-C's checkpoint on an epoch's last step is also saved before
+    that epoch's evaluation, but the resumed run starts the next epoch and never runs it again."""
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
         step = int(state["global_step"])
+        if step < int(state["max_steps"]):
+            return True
         return any("eval_loss" in entry and entry.get("step") == step for entry in state.get("log_history", []))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return True  # unknown: keep what was logged (a repeated point rather than a missing one)

@@ -403,6 +403,9 @@ def test_a_number_as_content_and_an_empty_question_are_said_once(tmp_path, caplo
          "only assistant turns are trained"),
         ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}', "roles out of order"),
         ('{"messages": [{"role": "robot", "content": "hi"}]}', "unknown role 'robot'; use one of"),
+        ('{"messages": [{"role": "Bob", "content": "hi"}]}', "unknown role 'Bob'; use one of"),  # a name, not `bot`
+        ('{"messages": [{"role": "user", "content": "a"}, {"role": "function_call", "content": "b"}]}',
+         "unknown role 'function_call'; use one of"),  # ShareGPT's, refused in chat messages: nothing to suggest
         ('{"messages": [{"role": "usr", "content": "hi"}]}', r"unknown role 'usr' \(did you mean 'user'\?\)"),
         ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gtp", "value": "b"}]}',
          r"turn 2 is from 'gtp' \(did you mean 'gpt'\?\); peftkit reads"),

@@ -296,8 +296,9 @@ ZEPHYR = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + 
           "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
 
 
-@pytest.mark.parametrize("writes_bos", [False, True])
-def test_llama_cpp_starts_a_chat_prompt_with_bos_only_where_training_did(export_recipe, tmp_path, writes_bos):
+@pytest.mark.parametrize(("writes_bos", "plain_text"), [(False, False), (True, False), (False, True)])
+def test_llama_cpp_starts_a_chat_prompt_with_bos_only_where_training_did(export_recipe, tmp_path, writes_bos,
+                                                                         plain_text):
     """Chat rows are tokenized without the tokenizer's own special tokens: under a template that does not write
     `{{ bos_token }}` (Zephyr, TinyLlama-Chat) on a tokenizer that adds BOS itself, training never saw BOS, yet the
     GGUF said add_bos_token and llama.cpp / Ollama put one before every prompt (the check tokenized without it)."""
@@ -313,9 +314,13 @@ def test_llama_cpp_starts_a_chat_prompt_with_bos_only_where_training_did(export_
     tokenizer.chat_template = "{{ bos_token }}" + ZEPHYR if writes_bos else ZEPHYR
     base = build_llama_dir(tmp_path / "base", tokenizer)
     run = make_run(tmp_path / "run", export_recipe, LORA, model_dir=base)
+    if plain_text:  # plain-text rows are tokenized with the tokenizer's own BOS: completions keep it
+        (run / "summary.json").write_text(json.dumps({"data_stats": {"train_formats": {"chat": 4, "text": 2}}}))
     result = export_gguf(run, gguf_type="f32")
     path = result.path / "tiny-f32.gguf"
-    assert _fields(path)[0]["tokenizer.ggml.add_bos_token"] is writes_bos
+    assert _fields(path)[0]["tokenizer.ggml.add_bos_token"] is (writes_bos or plain_text)
+    if plain_text:
+        return
     prompt = render_chat(tokenizer, [{"role": "user", "content": "hello"}], generation=True)
     trained = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert (trained[0] == tokenizer.bos_token_id) is writes_bos

@@ -545,12 +545,14 @@ def test_an_evaluation_before_a_checkpoint_at_its_step_is_kept_on_resume(tmp_pat
     epoch's closing evaluation, eval_steps) is not run again when resumed."""
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()
-    state = {"global_step": 4, "log_history": [{"loss": 2.0, "step": 4}, {"eval_loss": 1.9, "step": 4}]}
+    state = {"global_step": 4, "max_steps": 4, "log_history": [{"loss": 2.0, "step": 4}, {"eval_loss": 1.9, "step": 4}]}
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
     assert checkpoints.evaluated_before_save(checkpoint)
     state["log_history"] = state["log_history"][:1]
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
-    assert not checkpoints.evaluated_before_save(checkpoint)
+    assert not checkpoints.evaluated_before_save(checkpoint)  # the last step: its final evaluation runs again
+    (checkpoint / "trainer_state.json").write_text(json.dumps({**state, "max_steps": 9}))
+    assert checkpoints.evaluated_before_save(checkpoint)  # mid-run: an evaluation after the save is not run again
 
     path = tmp_path / "metrics.jsonl"
     records = [{"step": 2, "eval_loss": 2.1}, {"step": 4, "loss": 2.0}, {"step": 4, "eval_loss": 1.9}]
@@ -558,3 +560,36 @@ def test_an_evaluation_before_a_checkpoint_at_its_step_is_kept_on_resume(tmp_pat
     assert checkpoints.truncate_metrics(path, 4) == 0
     assert checkpoints.truncate_metrics(path, 4, evaluated_at_step=False) == 1
     assert [json.loads(line) for line in path.read_text().splitlines()] == records[:2]
+
+
+def test_a_ctrl_c_on_an_epochs_last_step_keeps_that_epochs_evaluation_when_resumed(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch):
+    """The signal's checkpoint there is written before the epoch's evaluation, like the last step's; but the resumed
+    run starts the next epoch and never runs that evaluation again, so it is not one to drop."""
+    import transformers.trainer as hf_trainer
+
+    torch.set_num_threads(1)
+    recipe_file = tiny_recipe_file(tmp_path, tiny_model_dir, train={"max_steps": None, "epochs": 3, "save_steps": 100})
+    original = hf_trainer.Trainer.training_step
+
+    def interrupted_in_step_3(self, *args, **kwargs):  # the last step of epoch 1 (3 steps an epoch)
+        out = original(self, *args, **kwargs)
+        if self.state.global_step == 2 and not getattr(self, "_signalled", False):
+            self._signalled = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_trainer.Trainer, "training_step", interrupted_in_step_3)
+        with pytest.raises(TrainingInterrupted):
+            train(load_recipe(recipe_file))
+    run_dir = tmp_path / "run"
+
+    def evaluated() -> list[int]:
+        return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if "eval_loss" in json.loads(line)]
+
+    assert 3 in evaluated() and [c.name for c in checkpoints.checkpoint_dirs(run_dir)] == ["checkpoint-3"]
+    train(load_recipe(recipe_file), resume=True)
+    assert evaluated().count(3) == 1 and evaluated()[-2:] == [6, 9]
+    assert _eval_steps_in_event_files(run_dir / "tensorboard").count(3) == 1
