@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -247,13 +248,25 @@ def merged_model(peft_model: Any, **kwargs: Any) -> Any:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     base = peft_model.get_base_model()
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
     head, tokens = base.get_output_embeddings(), base.get_input_embeddings()
+    said = False
     if isinstance(tokens, BaseTunerLayer) and head is not None and isinstance(getattr(head, "weight", None), torch.Tensor):
         if head.weight.data_ptr() == tokens.get_base_layer().weight.data_ptr():
             log.info("The adapter changes the input embeddings, which the output head shares: the merged model keeps "
                      "the head's original weight as a matrix of its own (tie_word_embeddings: false), as in training")
             head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    return peft_model.merge_and_unload(**kwargs)
+            said = True
+    with warnings.catch_warnings():  # peft's advice to untie by hand (done here), and its note that it untied
+        warnings.filterwarnings("ignore", message=r"Model with `tie_word_embeddings=True` and the tied_target_modules",
+                                category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"Input and output embeddings are no longer tied after merging",
+                                category=UserWarning)
+        merged = peft_model.merge_and_unload(**kwargs)
+    if tied and not said and not getattr(merged.config, "tie_word_embeddings", True):
+        log.info("The adapter trained the input embeddings or the output head, which the base shares: the merged "
+                 "model has a head of its own (tie_word_embeddings: false), as in training")
+    return merged
 
 
 def _clean_config(model: Any, name: str) -> Any:

@@ -295,6 +295,23 @@ def test_a_merge_that_lost_its_adapter_is_refused_at_every_export_dtype(export_r
     export_hf(run, tmp_path / "unchecked", dtype="bfloat16", check=False)  # --no-verify writes it anyway
 
 
+@pytest.mark.parametrize("adapter", [
+    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"], task_type="CAUSAL_LM"),
+    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")])
+def test_a_merge_that_unties_the_head_says_so_without_pefts_advice(export_recipe, tmp_path, caplog, adapter):
+    """peft's warnings told the user to clone and untie the weights by hand, which the merge does itself."""
+    import warnings
+
+    run = make_run(tmp_path / "run", export_recipe, adapter)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("INFO", logger="peftkit"):
+        warnings.simplefilter("always")
+        merged = merge_run(run)
+    assert merged.model.config.tie_word_embeddings is False
+    assert not [str(w.message) for w in caught if "tie_word_embeddings" in str(w.message)
+                or "no longer tied" in str(w.message)]
+    assert "tie_word_embeddings: false" in caplog.text
+
+
 def test_merged_exports_keep_the_base_models_dtype_by_default():
     from types import SimpleNamespace
 
