@@ -310,11 +310,10 @@ def check_messages(messages: Any, where: str, field: str | None = None) -> tuple
                             f"{_content_key_hint(message, field)}")
         role, content = message["role"], message.get("content")
         if role not in ROLES:  # `human` / `gpt` / `User` ...: the speaker names ShareGPT data uses
-            role_name = role
             role = ROLE_ALIASES.get(str(role).lower()) if str(role).lower() != "function_call" else None
         if role is None:
-            raise DataError(f"{where}: message {i + 1} has unknown role {message['role']!r}{_misspelt(role_name)}; use one of "
-                            f"{', '.join(ROLES)}"
+            raise DataError(f"{where}: message {i + 1} has unknown role {message['role']!r}"
+                            f"{_misspelt(message['role'])}; use one of {', '.join(ROLES)}"
                             f"{roles_advice(message['role'], field, after=checked[-1]['role'] if checked else None)}")
         content = "" if content is None and calls else message_text(content, f"{where}: message {i + 1}")
         if role == "system" and i != 0:
