@@ -117,19 +117,22 @@ def check_architecture(config: Any, *, with_rope: bool = True) -> GgufArchitectu
         raise ExportError(f"GGUF export writes {', '.join(written)} RoPE, not `{rope_type}` scaling, for {model_type} "
                           "models; export with --format hf and convert that directory with llama.cpp's "
                           "convert_hf_to_gguf.py")
-    problems = llama_cpp_mismatches(config, layout)
+    problems = llama_cpp_mismatches(config, layout, writes_rope=with_rope)
     if problems:
         raise ExportError(f"llama.cpp would not run this {model_type} model as it was trained: " + "; ".join(problems) +
                           ". Serve it with transformers (`--format hf`) or vLLM (`--format adapter`) instead")
     return layout
 
 
-def llama_cpp_mismatches(config: Any, layout: GgufArchitecture) -> list[str]:
-    """Settings of `config` that llama.cpp hard-codes for the architecture and would run differently."""
+def llama_cpp_mismatches(config: Any, layout: GgufArchitecture, *, writes_rope: bool = True) -> list[str]:
+    """Settings of `config` that llama.cpp hard-codes for the architecture and would run differently, and (where
+    `writes_rope`: a model GGUF, not a LoRA on llama.cpp's own conversion of the base) RoPE the export cannot write."""
     problems = []
     partial = partial_rotary_factor(config)
     if partial != 1.0 and layout.rope != "partial":
-        problems.append(f"RoPE on {partial:g} of each head (partial_rotary_factor) is not written by peftkit's GGUF export")
+        if writes_rope:  # llama.cpp's converter writes a rotary share (Phi-4-mini: phi3 with 0.75)
+            problems.append(f"RoPE on {partial:g} of each head (partial_rotary_factor) is not written by peftkit's GGUF "
+                            "export")
     elif layout.rope == "partial" and (rotary_dims(config) % 2 or rotary_dims(config) != partial * head_dim_of(config)):
         problems.append(f"RoPE on {partial:g} of each {head_dim_of(config)}-dim head is not a whole, even number of dims")
     problems += _fixed_graph_mismatches(config, layout)

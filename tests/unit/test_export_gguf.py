@@ -388,6 +388,8 @@ def test_settings_llama_cpp_fixes_per_architecture_are_checked_before_any_export
     partial = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
     with pytest.raises(ExportError, match="partial_rotary_factor"):
         check_architecture(config("phi3", rope_parameters=partial))
+    # a GGUF LoRA runs on llama.cpp's own conversion of the base, which writes the rotary share (Phi-4-mini: 0.75)
+    assert check_architecture(config("phi3", rope_parameters=partial), with_rope=False).arch == "PHI3"
     # LoRA GGUFs take RoPE from the base file, but the rest still has to match
     with pytest.raises(ExportError, match="query_pre_attn_scalar"):
         check_architecture(config("gemma2", head_dim=16), with_rope=False)
