@@ -304,10 +304,10 @@ def _chat_with_model_folder(args: argparse.Namespace) -> int:
 
 
 def _read_tools(path: str) -> tuple[dict[str, Any], ...] | None:
-    """`--tools FILE`: a JSON list of function schemas, or records with `tools` (the training data: the first
-    record's are used)."""
+    """`--tools FILE`: a JSON list of function schemas, or records with `tools` or OpenAI's legacy `functions` (the
+    training data: the first record's are used, read as training reads them)."""
     from peftkit.data.files import read_records
-    from peftkit.data.formats import tools_of
+    from peftkit.data.formats import record_tools, tools_of
     from peftkit.errors import DataError
 
     if Path(path).is_dir():
@@ -315,8 +315,8 @@ def _read_tools(path: str) -> tuple[dict[str, Any], ...] | None:
     if not Path(path).is_file():
         raise DataError(f"--tools {path} does not exist (relative to the current directory {Path.cwd()})")
     records = [record for _, record in read_records(path)]
-    if records and isinstance(records[0], dict) and "tools" in records[0]:
-        tools = tools_of(records[0]["tools"], f"--tools {path}")
+    if records and isinstance(records[0], dict) and ("tools" in records[0] or "functions" in records[0]):
+        tools = record_tools(records[0], f"--tools {path}")
     else:
         tools = tools_of(records, f"--tools {path}")
     if tools is None:  # an empty file or list would chat as if the flag were not given

@@ -494,6 +494,7 @@ def build_datasets(
         "train_tokens": sum(len(r["input_ids"]) for r in train_rows),
         "train_supervised_tokens": sum(trained_count(r["labels"]) for r in train_rows),
         "train_formats": dict(Counter(e.format for e in train_examples if e.format)),  # as auto-detection read them
+        "train_with_tools": sum(bool(e.tools) for e in train_examples),
     }
     return DataBundle(train_rows, eval_rows, heldout, stats, split_fingerprint(train_examples, eval_examples))
 

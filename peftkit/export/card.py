@@ -91,7 +91,7 @@ def merged_card(merged: Any, *, dtype: str, verification: dict[str, Any] | None,
         q = merged.qlora
         lines += [
             f"| QLoRA merge target | {q['base']} weights |",
-            f"| error if merged into dequantized 4-bit weights | {_num(q['dequantized_max_abs_diff'])} |",
+            f"| error if merged into dequantized {q['quantization']['bits']}-bit weights | {_num(q['dequantized_max_abs_diff'])} |",
             f"| error if merged into original weights | {_num(q['original_max_abs_diff'])} |",
         ]
     lines += ["", *verification_section(verification)]

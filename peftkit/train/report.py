@@ -47,7 +47,7 @@ def _sample_verdict(sample: dict[str, Any]) -> tuple[str | tuple[str, str], ...]
     own prompt."""
     if "correct" not in sample:
         return ()
-    facts = " / ".join(f'"{fact}"' for fact in sample.get("key_fact") or [])
+    facts = " / ".join(f'"{fact}"' if '"' not in fact else f"'{fact}'" for fact in sample.get("key_fact") or [])
     return ("\n   ", (f"(right: holds {facts})", "green") if sample["correct"]
             else (f"(missed: the key fact is {facts})", "yellow"))
 
@@ -66,6 +66,18 @@ def eval_loss_rose(summary: dict[str, Any]) -> str | None:
     return (f"the eval loss rose from {before:.4f} to {after:.4f} over training: the tuned model fits the eval data "
             f"worse than the base model did. Lower train.lr{rates} and train again; the held-out answers show what it "
             "learnt")
+
+
+def _tools_flag(run_dir: Path) -> list[str]:
+    """`--tools TRAIN_FILE` for a run that trained on tool use: chat shows the model the schemas of the training
+    data's first record (without them it never sees the functions it learnt to call)."""
+    import yaml
+
+    try:
+        train = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))["data"]["train"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return []
+    return ["--tools", train] if isinstance(train, str) else []
 
 
 def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> None:
@@ -116,7 +128,8 @@ def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> No
                                     *_sample_verdict(sample)))
     from peftkit.utils.command_name import command
 
+    tools = _tools_flag(run_dir) if (summary.get("data_stats") or {}).get("train_with_tools") else []
     next_step = ("scores in summary.json" if summary.get("task") == "sequence_classification"
-                 else f"chat: {command('chat', str(run_dir))}; what it forgot of general knowledge: "
+                 else f"chat: {command('chat', str(run_dir), *tools)}; what it forgot of general knowledge: "
                       f"{command('eval', str(run_dir))}")
     console.print(f"\nRun directory: {run_dir}  ({next_step})", markup=False)

@@ -131,6 +131,9 @@ def test_tools_are_read_from_a_schema_list_or_from_training_data(tmp_path):
     (tmp_path / "tools.json").write_text(json.dumps([schema]))
     (tmp_path / "train.jsonl").write_text(json.dumps({"tools": json.dumps([schema]), "messages": []}) + "\n")
     assert _read_tools(str(tmp_path / "tools.json")) == _read_tools(str(tmp_path / "train.jsonl")) == (schema,)
+    # OpenAI's legacy `functions`, which training reads (wrapped as tools), read the same way
+    (tmp_path / "legacy.jsonl").write_text(json.dumps({"functions": [schema["function"]], "messages": []}) + "\n")
+    assert _read_tools(str(tmp_path / "legacy.jsonl")) == (schema,)
     with pytest.raises(DataError, match="does not exist"):
         _read_tools(str(tmp_path / "missing.json"))
 

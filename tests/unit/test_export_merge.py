@@ -123,6 +123,7 @@ def test_an_8bit_lora_merge_verifies_against_the_dequantized_weights(export_reci
     assert report["passed"] and report["max_abs_diff"] < 1e-4, report
     assert "dequantized 8-bit base" in report["reference"] or "dequantized 8-bit base" in json.dumps(report)
     assert result.qlora["dequantized_max_abs_diff"] > report["max_abs_diff"]  # the int8 activation gap, reported
+    assert "| error if merged into dequantized 8-bit weights |" in (tmp_path / "merged" / "README.md").read_text()
 
 
 def test_qlora_merge_reloads_the_base_with_the_trained_blocksize(export_recipe, tmp_path):
