@@ -172,5 +172,6 @@ def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force:
         write_json(tmp / "manifest.json", manifest)
         atomic_write_text(tmp / "README.md", adapter_card(manifest, report, target))
     vllm = manifest["serving"]["vllm"]
-    notes = [f"vLLM multi-LoRA: {'yes' if vllm['compatible'] else 'no - ' + '; '.join(vllm['reasons'])}"]
+    notes = [f"vLLM multi-LoRA: {'yes' if vllm['compatible'] else 'no - ' + '; '.join(vllm['reasons'])}"
+             + "".join(f"; {note}" for note in vllm.get("notes") or [])]  # how to serve it (a QLoRA base: not as is)
     return ExportResult(target, "adapter", list_files(target), report, None, notes)

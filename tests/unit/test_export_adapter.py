@@ -34,6 +34,7 @@ def test_adapter_export_is_standard_peft_and_verified_in_a_fresh_process(export_
     assert manifest["base_model"]["path"] == export_recipe["model"]["name"] and manifest["base_model"]["hidden_size"] == 64
     assert "model.layers.0.self_attn.q_proj" in manifest["target_modules"]
     assert manifest["serving"]["vllm"]["compatible"] is True
+    assert result.notes[0].startswith("vLLM multi-LoRA: yes; ") and "vllm serve BASE --enable-lora" in result.notes[0]
     assert manifest["files"]["adapter_model.safetensors"]["sha256"]
     report = json.loads((out / "verification.json").read_text())
     assert report["passed"] and report["kind"] == "peft" and report["max_abs_diff"] < 1e-5
