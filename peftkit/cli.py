@@ -338,8 +338,23 @@ def _cached_model_note(folder: Path) -> str:
     with contextlib.suppress(OSError):
         if source and not Path(source).exists():  # a venv since removed, a download since moved
             source += ", a file no longer there"
+            copies = _same_content_files(folder)
+            source += f"; used for {', '.join(copies)}, the same file under another name" if copies else ""
     shown = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
     return f"  ({shown}{f', from {source}' if source else ''})"
+
+
+def _same_content_files(folder: Path) -> list[str]:
+    """GGUF files of the conversion's content seen since (gguf_convert's hash index), that are still there."""
+    from peftkit.models.gguf_convert import FINGERPRINTS_FILE
+
+    fingerprint = folder.name.rsplit("-", 1)[-1]
+    try:
+        index = json.loads((folder.parent / FINGERPRINTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return sorted(path for path, entry in (index.items() if isinstance(index, dict) else [])
+                  if isinstance(entry, dict) and entry.get("sha256") == fingerprint and Path(path).is_file())
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -184,6 +184,13 @@ def test_models_lists_builtins_and_what_each_cached_conversion_came_from(capsys,
     (tmp_path / "model.gguf").write_bytes(b"GGUF")  # a source still there is named alone
     (one / "peftkit_source.json").write_text(json.dumps({"converted_from": str(tmp_path / "model.gguf")}))
     assert _cached_model_note(one) == f"  (2 MB, from {tmp_path / 'model.gguf'})"
+    # renamed: the conversion is used for the same content under its new name (the cache goes by content)
+    renamed = tmp_path / "renamed.gguf"
+    (tmp_path / "model.gguf").rename(renamed)
+    (tmp_path / "models" / "gguf_fingerprints.json").write_text(json.dumps(
+        {str(renamed): {"stat": [], "sha256": "0123456789ab"}, "/gone.gguf": {"stat": [], "sha256": "0123456789ab"}}))
+    assert _cached_model_note(one) == (f"  (2 MB, from {tmp_path / 'model.gguf'}, a file no longer there; used for "
+                                       f"{renamed}, the same file under another name)")
 
 
 def test_validate_tokenizes_the_data_and_says_what_fits(tiny_recipe, tmp_path, capsys):
