@@ -265,7 +265,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     require_chat_run(recipe, args.run_dir, "chat")
     use_run_threads(recipe, "chatting")
     system_prompt = recipe.data.system_prompt if args.system is None else (args.system or None)
-    tools = _read_tools(args.tools) if args.tools else None
+    tools = read_tools(args.tools) if args.tools else None
     if tools:  # before the weights load: a template that leaves tools out needs only the tokenizer to tell
         from peftkit.data.chat import check_tools_shown
         from peftkit.runs import read_run_tokenizer
@@ -295,7 +295,7 @@ def _chat_with_model_folder(args: argparse.Namespace) -> int:
     if args.qlora_base != "quantized":
         raise RunDirError(f"--qlora-base is for run directories; {args.run_dir} is a model folder, its weights are "
                          "loaded as they are")
-    tools = _read_tools(args.tools) if args.tools else None
+    tools = read_tools(args.tools) if args.tools else None
     choose_run_threads(None, "chatting", on_cpu=resolve_device("auto") == "cpu")
     model, tokenizer = load_model_folder(args.run_dir)
     chat(model, tokenizer, system_prompt=None if args.system is None else (args.system or None), prompt=args.prompt,
@@ -303,7 +303,7 @@ def _chat_with_model_folder(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_tools(path: str) -> tuple[dict[str, Any], ...] | None:
+def read_tools(path: str) -> tuple[dict[str, Any], ...] | None:
     """`--tools FILE`: a JSON list of function schemas, or records with `tools` or OpenAI's legacy `functions` (the
     training data: the first record's are used, read as training reads them)."""
     from peftkit.data.files import read_records
@@ -315,8 +315,11 @@ def _read_tools(path: str) -> tuple[dict[str, Any], ...] | None:
     if not Path(path).is_file():
         raise DataError(f"--tools {path} does not exist (relative to the current directory {Path.cwd()})")
     records = [record for _, record in read_records(path)]
-    if records and isinstance(records[0], dict) and ("tools" in records[0] or "functions" in records[0]):
-        tools = record_tools(records[0], f"--tools {path}")
+    if records and isinstance(records[0], dict) and ("messages" in records[0] or "conversations" in records[0]
+                                                     or "tools" in records[0] or "functions" in records[0]):
+        # training data: the first record with tools (a conversation without any comes first in many files)
+        tools = next((found for record in records if isinstance(record, dict)
+                      and (found := record_tools(record, f"--tools {path}"))), None)
     else:
         tools = tools_of(records, f"--tools {path}")
     if tools is None:  # an empty file or list would chat as if the flag were not given
@@ -345,16 +348,29 @@ def _cached_model_note(folder: Path) -> str:
 
 
 def _same_content_files(folder: Path) -> list[str]:
-    """GGUF files of the conversion's content seen since (gguf_convert's hash index), that are still there."""
-    from peftkit.models.gguf_convert import FINGERPRINTS_FILE
+    """GGUF files that `folder`'s conversion serves under another name: in gguf_convert's hash index with its
+    content, unchanged since they were hashed, and without a current conversion of their own name, `folder` being
+    the one gguf_convert.cached_model_dir picks for them."""
+    from peftkit.models.gguf_convert import FINGERPRINTS_FILE, conversion_is_current
 
     fingerprint = folder.name.rsplit("-", 1)[-1]
     try:
         index = json.loads((folder.parent / FINGERPRINTS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    return sorted(path for path, entry in (index.items() if isinstance(index, dict) else [])
-                  if isinstance(entry, dict) and entry.get("sha256") == fingerprint and Path(path).is_file())
+    current = [f for f in sorted(folder.parent.glob(f"*-{fingerprint}")) if conversion_is_current(f)]
+    if not current or current[0] != folder:
+        return []
+    found = []
+    for path, entry in index.items() if isinstance(index, dict) else []:
+        if not isinstance(entry, dict) or entry.get("sha256") != fingerprint:
+            continue
+        with contextlib.suppress(OSError):
+            stat = Path(path).stat()
+            unchanged = entry.get("stat") == [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+            if unchanged and not conversion_is_current(folder.parent / f"{Path(path).stem}-{fingerprint}"):
+                found.append(path)
+    return sorted(found)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -76,7 +76,7 @@ def build_manifest(run: RunAdapter, files: list[Path]) -> dict[str, Any]:
                         "load the base from `path` for identical results")
     serving = serving_compatibility(info, base["model_type"], tied_embeddings=getattr(config, "tie_word_embeddings", None))
     if quantization is not None and info.is_lora and serving["vllm"]["compatible"]:
-        serving["vllm"]["notes"].append(vllm_quantized_base_note(quantization))
+        serving["vllm"]["notes"].insert(0, vllm_quantized_base_note(quantization))  # before how to serve it as is
     return {
         "format": "peft",
         "peft_type": info.peft_type,
@@ -173,5 +173,5 @@ def export_adapter(run_dir: str | Path, out: str | Path | None = None, *, force:
         atomic_write_text(tmp / "README.md", adapter_card(manifest, report, target))
     vllm = manifest["serving"]["vllm"]
     notes = [f"vLLM multi-LoRA: {'yes' if vllm['compatible'] else 'no - ' + '; '.join(vllm['reasons'])}"
-             + "".join(f"; {note}" for note in vllm.get("notes") or [])]  # how to serve it (a QLoRA base: not as is)
+             + "".join(f"; {note}" for note in (vllm.get("notes") or []) if vllm["compatible"])]  # how to serve it
     return ExportResult(target, "adapter", list_files(target), report, None, notes)

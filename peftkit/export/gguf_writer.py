@@ -130,7 +130,7 @@ def llama_cpp_mismatches(config: Any, layout: GgufArchitecture, *, writes_rope: 
     problems = []
     partial = partial_rotary_factor(config)
     if partial != 1.0 and layout.rope != "partial":
-        if writes_rope:  # llama.cpp's converter writes a rotary share (Phi-4-mini: phi3 with 0.75)
+        if writes_rope or layout.arch != "PHI3":  # llama.cpp's converter writes phi3's share (Phi-4-mini: 0.75)
             problems.append(f"RoPE on {partial:g} of each head (partial_rotary_factor) is not written by peftkit's GGUF "
                             "export")
     elif layout.rope == "partial" and (rotary_dims(config) % 2 or rotary_dims(config) != partial * head_dim_of(config)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,8 @@ def _sample_verdict(sample: dict[str, Any]) -> tuple[str | tuple[str, str], ...]
     own prompt."""
     if "correct" not in sample:
         return ()
-    facts = " / ".join(f'"{fact}"' if '"' not in fact else f"'{fact}'" for fact in sample.get("key_fact") or [])
+    facts = " / ".join(f'"{fact}"' if '"' not in fact else f"'{fact}'" if "'" not in fact else json.dumps(fact)
+                       for fact in sample.get("key_fact") or [])
     return ("\n   ", (f"(right: holds {facts})", "green") if sample["correct"]
             else (f"(missed: the key fact is {facts})", "yellow"))
 
@@ -70,14 +73,21 @@ def eval_loss_rose(summary: dict[str, Any]) -> str | None:
 
 def _tools_flag(run_dir: Path) -> list[str]:
     """`--tools TRAIN_FILE` for a run that trained on tool use: chat shows the model the schemas of the training
-    data's first record (without them it never sees the functions it learnt to call)."""
+    data's first record with tools (without them it never sees the functions it learnt to call). Nothing where chat
+    would not read that file (a hub dataset, a folder)."""
     import yaml
+
+    from peftkit.cli import read_tools
+    from peftkit.errors import PeftkitError
 
     try:
         train = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))["data"]["train"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        if not isinstance(train, str) or not Path(train).is_file():
+            return []
+        read_tools(train)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, PeftkitError):
         return []
-    return ["--tools", train] if isinstance(train, str) else []
+    return ["--tools", train]
 
 
 def print_run_report(console: Any, run_dir: Path, summary: dict[str, Any]) -> None:

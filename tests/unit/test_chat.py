@@ -124,18 +124,23 @@ def test_tools_are_read_from_a_schema_list_or_from_training_data(tmp_path):
 
     import pytest
 
-    from peftkit.cli import _read_tools
+    from peftkit.cli import read_tools
     from peftkit.errors import DataError
 
     schema = {"type": "function", "function": {"name": "find_book", "parameters": {"type": "object"}}}
     (tmp_path / "tools.json").write_text(json.dumps([schema]))
     (tmp_path / "train.jsonl").write_text(json.dumps({"tools": json.dumps([schema]), "messages": []}) + "\n")
-    assert _read_tools(str(tmp_path / "tools.json")) == _read_tools(str(tmp_path / "train.jsonl")) == (schema,)
+    assert read_tools(str(tmp_path / "tools.json")) == read_tools(str(tmp_path / "train.jsonl")) == (schema,)
     # OpenAI's legacy `functions`, which training reads (wrapped as tools), read the same way
     (tmp_path / "legacy.jsonl").write_text(json.dumps({"functions": [schema["function"]], "messages": []}) + "\n")
-    assert _read_tools(str(tmp_path / "legacy.jsonl")) == (schema,)
+    assert read_tools(str(tmp_path / "legacy.jsonl")) == (schema,)
+    # training data whose first conversations use no tools: the first record with some
+    (tmp_path / "later.jsonl").write_text(json.dumps({"tools": "", "messages": []}) + "\n"
+                                          + json.dumps({"messages": []}) + "\n"
+                                          + json.dumps({"tools": [schema], "messages": []}) + "\n")
+    assert read_tools(str(tmp_path / "later.jsonl")) == (schema,)
     with pytest.raises(DataError, match="does not exist"):
-        _read_tools(str(tmp_path / "missing.json"))
+        read_tools(str(tmp_path / "missing.json"))
 
 
 @pytest.mark.parametrize("target", ["embed_tokens", "packing"])

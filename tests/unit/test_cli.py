@@ -185,12 +185,21 @@ def test_models_lists_builtins_and_what_each_cached_conversion_came_from(capsys,
     (one / "peftkit_source.json").write_text(json.dumps({"converted_from": str(tmp_path / "model.gguf")}))
     assert _cached_model_note(one) == f"  (2 MB, from {tmp_path / 'model.gguf'})"
     # renamed: the conversion is used for the same content under its new name (the cache goes by content)
+    from peftkit.models.gguf_convert import CONVERSION_VERSION
+
     renamed = tmp_path / "renamed.gguf"
     (tmp_path / "model.gguf").rename(renamed)
+    (one / "config.json").write_text("{}")
+    (one / "peftkit_source.json").write_text(json.dumps({"converted_from": str(tmp_path / "model.gguf"),
+                                                         "conversion": CONVERSION_VERSION}))
+    stat = renamed.stat()
+    seen = [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
     (tmp_path / "models" / "gguf_fingerprints.json").write_text(json.dumps(
-        {str(renamed): {"stat": [], "sha256": "0123456789ab"}, "/gone.gguf": {"stat": [], "sha256": "0123456789ab"}}))
+        {str(renamed): {"stat": seen, "sha256": "0123456789ab"}, "/gone.gguf": {"stat": [], "sha256": "0123456789ab"}}))
     assert _cached_model_note(one) == (f"  (2 MB, from {tmp_path / 'model.gguf'}, a file no longer there; used for "
                                        f"{renamed}, the same file under another name)")
+    renamed.write_bytes(b"GGUF other")  # changed since it was hashed: its conversion is another one
+    assert _cached_model_note(one).endswith(", a file no longer there)")
 
 
 def test_validate_tokenizes_the_data_and_says_what_fits(tiny_recipe, tmp_path, capsys):

@@ -58,10 +58,11 @@ def test_manifest_lists_why_vllm_would_reject_the_adapter(export_recipe, tmp_pat
     config = LoraConfig(r=32, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True,
                         modules_to_save=["lm_head"], task_type="CAUSAL_LM")
     run = make_run(tmp_path / "run", export_recipe, config)
-    export_adapter(run, tmp_path / "out", check=False)
+    result = export_adapter(run, tmp_path / "out", check=False)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     vllm = manifest["serving"]["vllm"]
     assert vllm["compatible"] is False
+    assert result.notes[0].startswith("vLLM multi-LoRA: no - ") and "vllm serve" not in result.notes[0]
     assert any("DoRA" in r for r in vllm["reasons"]) and any("modules_to_save" in r for r in vllm["reasons"])
     assert any("--max-lora-rank 32" in n for n in vllm["notes"])
     assert manifest["serving"]["llama.cpp"]["compatible"] is False

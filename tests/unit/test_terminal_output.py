@@ -40,13 +40,19 @@ def test_the_run_report_shows_replies_as_written_and_scores_the_held_out_samples
                            {"prompt": "Where? C:\\dir\\", "reply": "ends in a backslash \\"},
                            {"prompt": "Order?", "reply": "x", "key_fact": ['"order_status"'], "correct": False}],
                "data_stats": {"train_with_tools": 3}}
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=400)  # the closing line whole
     (tmp_path / "run[1]").mkdir()
-    (tmp_path / "run[1]" / "recipe.yaml").write_text("data: {train: /data/tools.jsonl}\n")
+    tools = tmp_path / "tools.jsonl"
+    tools.write_text('{"tools": [{"type": "function", "function": {"name": "f"}}], "messages": []}\n')
+    (tmp_path / "run[1]" / "recipe.yaml").write_text(f"data: {{train: {tools}}}\n")
     print_run_report(console, tmp_path / "run[1]", summary)
     text = console.export_text()
     assert "(missed: the key fact is '\"order_status\"')" in text  # a fact holding quotes is not quoted in them
-    assert "--tools /data/tools.jsonl" in text  # a tool-use run chats with the schemas it trained with
+    assert f"--tools {tools}" in text  # a tool-use run chats with the schemas it trained with
+    (tmp_path / "run[1]" / "recipe.yaml").write_text("data: {train: 'hf:owner/name'}\n")  # chat cannot read that
+    console = Console(record=True, width=200)
+    print_run_report(console, tmp_path / "run[1]", summary)
+    assert "--tools" not in console.export_text()
     assert "desk [beta]" in text and "We open at [b]9:30[/b] [/i]." in text and "It is [link] elm." in text
     assert '(right: holds "9:30")' in text and '(missed: the key fact is "ElmReads77")' in text
     assert "Q: Where? C:\\dir\\\n" in text and text.count("ends in a backslash \\\n") == 1  # not doubled

@@ -138,18 +138,18 @@ def test_cli_console_does_not_hard_wrap_piped_output(capsys):
 
 
 def test_chat_tools_flag_refuses_empty_files_and_names_the_flag(tmp_path):
-    from peftkit.cli import _read_tools
+    from peftkit.cli import read_tools
 
     for name, text in (("empty.jsonl", ""), ("empty.json", "[]")):
         (tmp_path / name).write_text(text)
         with pytest.raises(DataError, match="holds no function schemas"):
-            _read_tools(str(tmp_path / name))
+            read_tools(str(tmp_path / name))
     for path in (tmp_path / "missing.json", tmp_path):
         with pytest.raises(DataError) as info:
-            _read_tools(str(path))
+            read_tools(str(path))
         assert str(info.value).startswith(f"--tools {path}") and "recipe" not in str(info.value)
     (tmp_path / "tools.json").write_text('[{"type": "function", "function": {"name": "f", "parameters": {}}}]')
-    assert _read_tools(str(tmp_path / "tools.json"))[0]["function"]["name"] == "f"
+    assert read_tools(str(tmp_path / "tools.json"))[0]["function"]["name"] == "f"
 
 
 def test_disk_full_during_train_is_one_line(monkeypatch, capsys):
