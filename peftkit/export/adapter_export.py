@@ -76,7 +76,7 @@ def build_manifest(run: RunAdapter, files: list[Path]) -> dict[str, Any]:
                         "load the base from `path` for identical results")
     serving = serving_compatibility(info, base["model_type"], tied_embeddings=getattr(config, "tie_word_embeddings", None))
     if quantization is not None and info.is_lora and serving["vllm"]["compatible"]:
-        serving["vllm"]["notes"].insert(0, vllm_quantized_base_note(quantization))  # before how to serve it as is
+        serving["vllm"]["notes"].append(vllm_quantized_base_note(quantization))
     return {
         "format": "peft",
         "peft_type": info.peft_type,
