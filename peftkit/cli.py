@@ -331,6 +331,8 @@ def read_tools(path: str) -> tuple[dict[str, Any], ...] | None:
 
 def _cached_model_note(folder: Path) -> str:
     """`  (1.2 GB, from /path/model.gguf)`: which file a cached conversion came from, and what deleting it frees."""
+    from peftkit.models.gguf_convert import files_served_by
+
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     try:
         marker = json.loads((folder / "peftkit_source.json").read_text(encoding="utf-8"))
@@ -341,36 +343,10 @@ def _cached_model_note(folder: Path) -> str:
     with contextlib.suppress(OSError):
         if source and not Path(source).exists():  # a venv since removed, a download since moved
             source += ", a file no longer there"
-            copies = _same_content_files(folder)
+            copies = files_served_by(folder)
             source += f"; used for {', '.join(copies)}, the same file under another name" if copies else ""
     shown = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
     return f"  ({shown}{f', from {source}' if source else ''})"
-
-
-def _same_content_files(folder: Path) -> list[str]:
-    """GGUF files that `folder`'s conversion serves under another name: in gguf_convert's hash index with its
-    content, unchanged since they were hashed, and without a current conversion of their own name, `folder` being
-    the one gguf_convert.cached_model_dir picks for them."""
-    from peftkit.models.gguf_convert import FINGERPRINTS_FILE, conversion_is_current
-
-    fingerprint = folder.name.rsplit("-", 1)[-1]
-    try:
-        index = json.loads((folder.parent / FINGERPRINTS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    current = [f for f in sorted(folder.parent.glob(f"*-{fingerprint}")) if conversion_is_current(f)]
-    if not current or current[0] != folder:
-        return []
-    found = []
-    for path, entry in index.items() if isinstance(index, dict) else []:
-        if not isinstance(entry, dict) or entry.get("sha256") != fingerprint:
-            continue
-        with contextlib.suppress(OSError):
-            stat = Path(path).stat()
-            unchanged = entry.get("stat") == [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
-            if unchanged and not conversion_is_current(folder.parent / f"{Path(path).stem}-{fingerprint}"):
-                found.append(path)
-    return sorted(found)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

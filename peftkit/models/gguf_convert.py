@@ -7,6 +7,7 @@ copy the dequantized weights in, and save that: later loads take a fraction of a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -69,14 +70,9 @@ def _fingerprint(path: Path, cache_root: Path) -> str:
     """The first 12 hex digits of the file's sha256, remembered while its inode, size, modification and change times
     stay the same (a copy with its timestamps kept, `cp -p`, still changes the change time): every command resolves
     the model, and hashing a 7B GGUF takes about 10 s."""
-    stat = path.stat()
-    key, seen = str(path.resolve()), [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+    key, seen = str(path.resolve()), _file_state(path)
     index_path = cache_root / "models" / FINGERPRINTS_FILE
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        index = {}
-    index = index if isinstance(index, dict) else {}
+    index = _fingerprint_index(index_path.parent)
     entry = index.get(key)
     if isinstance(entry, dict) and entry.get("stat") == seen and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
@@ -93,16 +89,48 @@ def _fingerprint(path: Path, cache_root: Path) -> str:
     return fingerprint
 
 
+def _file_state(path: Path) -> list[int]:
+    """What the hash is remembered by: inode, size, modification and change times."""
+    stat = path.stat()
+    return [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def _fingerprint_index(models_dir: Path) -> dict[str, Any]:
+    try:
+        index = json.loads((models_dir / FINGERPRINTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _converted(models_dir: Path, stem: str, fingerprint: str) -> Path:
+    """The conversion a file of `fingerprint` named `stem` uses: its own, else the first current one of the same
+    content under another name, else its own (still to be made)."""
+    own = models_dir / f"{stem}-{fingerprint}"
+    if conversion_is_current(own):
+        return own
+    return next((f for f in sorted(models_dir.glob(f"*-{fingerprint}")) if conversion_is_current(f)), own)
+
+
 def cached_model_dir(gguf_path: Path, cache_root: Path) -> Path:
     """Where `gguf_path`'s conversion is cached: `<stem>-<fingerprint>`, or the conversion of the same file under
     another name (a copy, a rename) when that one is there and this name's is not."""
-    fingerprint = _fingerprint(gguf_path, cache_root)
-    own = cache_root / "models" / f"{gguf_path.stem}-{fingerprint}"
-    if conversion_is_current(own):
-        return own
-    same_file = [folder for folder in sorted((cache_root / "models").glob(f"*-{fingerprint}"))
-                 if conversion_is_current(folder)]
-    return same_file[0] if same_file else own
+    return _converted(cache_root / "models", gguf_path.stem, _fingerprint(gguf_path, cache_root))
+
+
+def files_served_by(folder: Path) -> list[str]:
+    """GGUF files that the conversion `folder` serves under another name (`peftkit models`): in the hash index with
+    its content, unchanged since they were hashed, and using `folder` (cached_model_dir's choice for them)."""
+    fingerprint = folder.name.rsplit("-", 1)[-1]
+    found = []
+    for path, entry in _fingerprint_index(folder.parent).items():
+        stem = Path(path).stem
+        if not isinstance(entry, dict) or entry.get("sha256") != fingerprint or f"{stem}-{fingerprint}" == folder.name:
+            continue  # another file's, or this folder's own name
+        with contextlib.suppress(OSError):
+            if entry.get("stat") == _file_state(Path(path)) and _converted(folder.parent, stem, fingerprint) == folder:
+                found.append(path)
+    return sorted(found)
 
 
 CONVERSION_VERSION = 3
