@@ -265,6 +265,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     require_chat_run(recipe, args.run_dir, "chat")
     use_run_threads(recipe, "chatting")
     system_prompt = recipe.data.system_prompt if args.system is None else (args.system or None)
+    from peftkit.data.formats import read_tools
+
     tools = read_tools(args.tools) if args.tools else None
     if tools:  # before the weights load: a template that leaves tools out needs only the tokenizer to tell
         from peftkit.data.chat import check_tools_shown
@@ -295,38 +297,14 @@ def _chat_with_model_folder(args: argparse.Namespace) -> int:
     if args.qlora_base != "quantized":
         raise RunDirError(f"--qlora-base is for run directories; {args.run_dir} is a model folder, its weights are "
                          "loaded as they are")
+    from peftkit.data.formats import read_tools
+
     tools = read_tools(args.tools) if args.tools else None
     choose_run_threads(None, "chatting", on_cpu=resolve_device("auto") == "cpu")
     model, tokenizer = load_model_folder(args.run_dir)
     chat(model, tokenizer, system_prompt=None if args.system is None else (args.system or None), prompt=args.prompt,
          max_new_tokens=args.max_new_tokens, tools=tools)
     return 0
-
-
-def read_tools(path: str) -> tuple[dict[str, Any], ...] | None:
-    """`--tools FILE`: a JSON list of function schemas, or records with `tools` or OpenAI's legacy `functions` (the
-    training data: the first record's are used, read as training reads them)."""
-    from peftkit.data.files import read_records
-    from peftkit.data.formats import record_tools, tools_of
-    from peftkit.errors import DataError
-
-    if Path(path).is_dir():
-        raise DataError(f"--tools {path} is a folder; pass one JSON file of function schemas (or a training data file)")
-    if not Path(path).is_file():
-        raise DataError(f"--tools {path} does not exist (relative to the current directory {Path.cwd()})")
-    records = [record for _, record in read_records(path)]
-    if records and isinstance(records[0], dict) and ("messages" in records[0] or "conversations" in records[0]
-                                                     or "tools" in records[0] or "functions" in records[0]):
-        # training data: the first record with tools (a conversation without any comes first in many files)
-        tools = next((found for record in records if isinstance(record, dict)
-                      and (found := record_tools(record, f"--tools {path}"))), None)
-    else:
-        tools = tools_of(records, f"--tools {path}")
-    if tools is None:  # an empty file or list would chat as if the flag were not given
-        raise DataError(f"--tools {path} holds no function schemas; write a JSON list of them "
-                        "([{\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}]) or "
-                        "leave out --tools")
-    return tools
 
 
 def _cached_model_note(folder: Path) -> str:

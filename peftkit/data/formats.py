@@ -279,6 +279,28 @@ def record_tools(record: dict[str, Any], where: str) -> tuple[dict[str, Any], ..
                      for f in functions], where)
 
 
+def read_tools(path: str) -> tuple[dict[str, Any], ...] | None:
+    """`--tools FILE`: a JSON list of function schemas, or records with `tools` or OpenAI's legacy `functions` (the
+    training data: the first record's are used, read as training reads them)."""
+    if Path(path).is_dir():
+        raise DataError(f"--tools {path} is a folder; pass one JSON file of function schemas (or a training data file)")
+    if not Path(path).is_file():
+        raise DataError(f"--tools {path} does not exist (relative to the current directory {Path.cwd()})")
+    records = [record for _, record in read_records(path)]
+    if records and isinstance(records[0], dict) and ("messages" in records[0] or "conversations" in records[0]
+                                                     or "tools" in records[0] or "functions" in records[0]):
+        # training data: the first record with tools (a conversation without any comes first in many files)
+        tools = next((found for record in records if isinstance(record, dict)
+                      and (found := record_tools(record, f"--tools {path}"))), None)
+    else:
+        tools = tools_of(records, f"--tools {path}")
+    if tools is None:  # an empty file or list would chat as if the flag were not given
+        raise DataError(f"--tools {path} holds no function schemas; write a JSON list of them "
+                        "([{\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}]) or "
+                        "leave out --tools")
+    return tools
+
+
 _NEXT_ROLES = {None: ("user",), "user": ("assistant",), "assistant": ("user",), "tool_calls": ("tool",),
                "tool": ("tool", "assistant")}
 """Which roles may follow each turn (None: the start; `tool_calls`: an assistant turn that calls tools)."""

@@ -77,7 +77,7 @@ def _tools_flag(run_dir: Path) -> list[str]:
     would not read that file (a hub dataset, a folder)."""
     import yaml
 
-    from peftkit.cli import read_tools
+    from peftkit.data.formats import read_tools
     from peftkit.errors import PeftkitError
 
     try:

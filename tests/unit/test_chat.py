@@ -124,7 +124,7 @@ def test_tools_are_read_from_a_schema_list_or_from_training_data(tmp_path):
 
     import pytest
 
-    from peftkit.cli import read_tools
+    from peftkit.data.formats import read_tools
     from peftkit.errors import DataError
 
     schema = {"type": "function", "function": {"name": "find_book", "parameters": {"type": "object"}}}

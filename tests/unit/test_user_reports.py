@@ -138,7 +138,7 @@ def test_cli_console_does_not_hard_wrap_piped_output(capsys):
 
 
 def test_chat_tools_flag_refuses_empty_files_and_names_the_flag(tmp_path):
-    from peftkit.cli import read_tools
+    from peftkit.data.formats import read_tools
 
     for name, text in (("empty.jsonl", ""), ("empty.json", "[]")):
         (tmp_path / name).write_text(text)
