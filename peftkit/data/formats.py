@@ -233,7 +233,8 @@ def tool_calls_of(value: Any, where: str) -> list[dict[str, Any]]:
 
 def tools_of(value: Any, where: str) -> tuple[dict[str, Any], ...] | None:
     """A record's `tools`: function schemas (`{"type": "function", "function": {"name", "description",
-    "parameters"}}` or the bare function object), a list or its JSON text; empty or absent is None."""
+    "parameters"}}` or the bare function object, wrapped so: chat templates read `tool.function`), a list or its
+    JSON text; empty or absent is None."""
     if value is None or (isinstance(value, str) and not value.strip()):  # Hub columns leave it "" where unused
         return None
     value = _json_value(value, "`tools`", where)
@@ -247,7 +248,7 @@ def tools_of(value: Any, where: str) -> tuple[dict[str, Any], ...] | None:
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise DataError(f"{where}: tool {n} in `tools` needs a `name` (a JSON schema like "
                             "{\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}})")
-    return tuple(tools)
+    return tuple(tool if "function" in tool else {"type": "function", "function": tool} for tool in tools)
 
 
 def message_calls(message: Any, where: str) -> Any:
@@ -275,8 +276,7 @@ def record_tools(record: dict[str, Any], where: str) -> tuple[dict[str, Any], ..
     if not isinstance(functions, list):
         raise DataError(f"{where}: `functions` must be a list of function schemas ({{\"name\", \"parameters\"}}); "
                         "or write them as `tools`")
-    return tools_of([{"type": "function", "function": f} if isinstance(f, dict) and "function" not in f else f
-                     for f in functions], where)
+    return tools_of(functions, where)
 
 
 def read_tools(path: str) -> tuple[dict[str, Any], ...] | None:

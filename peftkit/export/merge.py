@@ -238,13 +238,14 @@ def _attach(base: Any, adapter: Path) -> Any:
     return model
 
 
-def merged_model(peft_model: Any, **kwargs: Any) -> Any:
+def merged_model(peft_model: Any, *, say_untie: bool = True, **kwargs: Any) -> Any:
     """peft's `merge_and_unload`, keeping a tied output head out of a LoRA on the input embeddings.
 
     In training such a LoRA changes only the embedding lookup: the head shares the base's matrix, not the adapter
     layer. Merging in place would add the delta to the head too (one tensor), so the head gets its own copy first;
     peft's merge then sees the two differ and unties them in the config (`tie_word_embeddings: false`), as it does for
-    `modules_to_save: [lm_head]` on a tied base. The merged model is one output matrix larger."""
+    `modules_to_save: [lm_head]` on a tied base. The merged model is one output matrix larger.
+    `say_untie=False` keeps the untie note out of the log (a second merge of the same adapter, QLoRA's)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     base = peft_model.get_base_model()
@@ -253,8 +254,9 @@ def merged_model(peft_model: Any, **kwargs: Any) -> Any:
     said = False
     if isinstance(tokens, BaseTunerLayer) and head is not None and isinstance(getattr(head, "weight", None), torch.Tensor):
         if head.weight.data_ptr() == tokens.get_base_layer().weight.data_ptr():
-            log.info("The adapter changes the input embeddings, which the output head shares: the merged model keeps "
-                     "the head's original weight as a matrix of its own (tie_word_embeddings: false), as in training")
+            if say_untie:
+                log.info("The adapter changes the input embeddings, which the output head shares: the merged model keeps "
+                         "the head's original weight as a matrix of its own (tie_word_embeddings: false), as in training")
             head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
             said = True
     with warnings.catch_warnings():  # peft's advice to untie by hand (done here), and its note that it untied
@@ -263,7 +265,7 @@ def merged_model(peft_model: Any, **kwargs: Any) -> Any:
         warnings.filterwarnings("ignore", message=r"Input and output embeddings are no longer tied after merging",
                                 category=UserWarning)
         merged = peft_model.merge_and_unload(**kwargs)
-    if tied and not said and not getattr(merged.config, "tie_word_embeddings", True):
+    if say_untie and tied and not said and not getattr(merged.config, "tie_word_embeddings", True):
         log.info("The adapter trained the input embeddings or the output head, which the base shares: the merged "
                  "model has a head of its own (tie_word_embeddings: false), as in training")
     return merged
@@ -404,7 +406,7 @@ def _merge_qlora(run: RunAdapter, tokenizer: Any, qlora_base: QLoraBase) -> tupl
     reference_orig = None
     if qlora_base == "original":
         reference_orig = _reference(on_original, tokenizer, run, f"{run.info.method} adapter on the original float32 base")
-    merged_orig = merged_model(on_original)
+    merged_orig = merged_model(on_original, say_untie=False)
     error_orig = max_abs_diff(merged_orig, reference_q)
 
     qlora = {

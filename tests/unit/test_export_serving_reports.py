@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -105,12 +106,14 @@ def test_embedding_lora_on_a_tied_base_merges_into_the_trained_model(export_reci
         assert (merged(input_ids=ids).logits - adapter_logits(run, ids)).abs().max() < 1e-4
 
 
-def test_qlora_embedding_lora_on_a_tied_base_merges_into_the_trained_model(export_recipe, tmp_path):
+def test_qlora_embedding_lora_on_a_tied_base_merges_into_the_trained_model(export_recipe, tmp_path, caplog):
     from peftkit.export.merge import merge_run
 
     run = make_run(tmp_path / "qrun", export_recipe, EMBEDDING_LORA, scale=0.2,
                    quantization={"bits": 4, "quant_type": "nf4", "double_quant": True})
-    merged = merge_run(run)
+    with caplog.at_level(logging.INFO, logger="peftkit"):
+        merged = merge_run(run)  # merges twice (dequantized and original base), says the untie once
+    assert sum("matrix of its own" in r.getMessage() for r in caplog.records) == 1
     assert merged.qlora["dequantized_max_abs_diff"] < 1e-3 and merged.merge_max_abs_diff < 1e-3
     assert merged.model.config.tie_word_embeddings is False
     head, tokens = merged.model.get_output_embeddings(), merged.model.get_input_embeddings()

@@ -103,6 +103,7 @@ def test_llama_factory_sharegpt_function_call_and_observation_turns(tmp_path, to
                                 {"from": "gpt", "value": "yes, on shelf B4."}],
               "tools": json.dumps([TOOLS[0]["function"]])}  # LLaMA-Factory: bare function objects, as JSON text
     (example,) = load_examples(write_jsonl(tmp_path / "sharegpt.jsonl", [record]))
+    assert example.tools == ({"type": "function", "function": TOOLS[0]["function"]},)  # wrapped, as templates read it
     assert [m["role"] for m in example.messages] == ["user", "assistant", "tool", "assistant"]
     assert example.messages[1]["tool_calls"][0]["function"] == {"name": "find_book", "arguments": {"title": "the river"}}
     row, _ = tokenize_conversation(tool_tokenizer, example.messages, 512, tools=example.tools)
