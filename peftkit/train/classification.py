@@ -231,7 +231,7 @@ def _train_classifier(
     label_config(model, labels, tokenizer.pad_token_id)
     data: ClassificationData = build_classification_data(recipe.data, tokenizer, recipe.train.seed, model_input_names(model),
                                                          labels)
-    disk_space.check_whole_model_fits(run_dir, model, recipe, replacing=replace_earlier)
+    disk_space.check_whole_model_fits(run_dir, model, recipe, tokenizer, replacing=replace_earlier)
     if replace_earlier:  # the data is usable: only now may an earlier run in output_dir make way (--force)
         clear_run_dir(run_dir)
     if not resume:
@@ -256,7 +256,7 @@ def _train_classifier(
     if not resume:
         metrics_path.unlink(missing_ok=True)
     args = training_arguments(recipe, run_dir, device, dtype, has_eval)
-    disk_space.check_before_training(run_dir, model, recipe, args, rows=len(data.train), world_size=1, resume=resume)
+    disk_space.check_before_training(run_dir, model, recipe, tokenizer, args, rows=len(data.train), world_size=1, resume=resume)
     # the causal path's writer: one event file in RUN_DIR/tensorboard, the final evaluation included
     resuming_at = checkpoints.latest_loadable(run_dir) if resume else None
     tensorboard = tensorboard_callback(run_dir / "tensorboard", resuming_at)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,16 @@ def _tree_bytes(folder: Path) -> int:
     return total
 
 
+def tokenizer_bytes(tokenizer: Any) -> int:
+    """About what saving the tokenizer writes beside the final weights (a fast tokenizer's tokenizer.json: Gemma's
+    is 33 MB); checkpoints do not keep one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return len(backend.to_str(pretty=True).encode())
+    files = [Path(f) for f in (getattr(tokenizer, "vocab_file", None), getattr(tokenizer, "merges_file", None)) if f]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
 def check_free_space(run_dir: Path, writes: RunWrites, *, save_total_limit: int, freed: int = 0) -> None:
     """Refuse a run whose first checkpoint and final weights cannot fit; warn when its later checkpoints may not.
     `freed`: what an earlier run that this one replaces (--force) gives back. Measured where checkpoints go (a
@@ -168,25 +178,27 @@ def check_free_space(run_dir: Path, writes: RunWrites, *, save_total_limit: int,
                     "free some space to avoid it", run_dir, readable_size(free), readable_size(writes.at_most), each)
 
 
-def check_whole_model_fits(run_dir: Path, model: torch.nn.Module, recipe: Any, *, replacing: bool) -> None:
+def check_whole_model_fits(run_dir: Path, model: torch.nn.Module, recipe: Any, tokenizer: Any, *,
+                           replacing: bool) -> None:
     """Full and partial fine-tuning save the whole model in each checkpoint and at the end: checked as soon as the
     model is loaded, before `--force` removes an earlier run (whose space it then counts as free). A floor: a
     partial run's optimizer states are counted later, once its blocks are chosen."""
     method = recipe.adapter.method
     if method not in ("full", "partial"):
         return
-    weights = _bytes(model.parameters())
+    weights = _bytes(model.parameters()) + tokenizer_bytes(tokenizer)
     checkpoint = (checkpoint_bytes(model, method=method, optimizer=recipe.train.optimizer, deepspeed=False)[0]
                   if method == "full" else weights)
     check_free_space(run_dir, RunWrites(checkpoint=checkpoint, weights=weights, checkpoints_at_once=1),
                      save_total_limit=recipe.train.save_total_limit, freed=_tree_bytes(run_dir) if replacing else 0)
 
 
-def check_before_training(run_dir: Path, model: torch.nn.Module, recipe: Any, args: Any, *, rows: int, world_size: int,
-                          resume: bool) -> None:
+def check_before_training(run_dir: Path, model: torch.nn.Module, recipe: Any, tokenizer: Any, args: Any, *, rows: int,
+                          world_size: int, resume: bool) -> None:
     """`args`: the run's TrainingArguments (their save interval, early stopping, their DeepSpeed config)."""
     existing = sum(map(checkpoints.is_complete, checkpoints.checkpoint_dirs(run_dir))) if resume else 0
     writes = run_writes(model, recipe, rows=rows, world_size=world_size, deepspeed=bool(getattr(args, "deepspeed", None)),
                         save_steps=args.save_steps if args.save_strategy == "steps" else None,
                         keeps_best=bool(args.load_best_model_at_end), existing_checkpoints=existing)
+    writes = replace(writes, weights=writes.weights + tokenizer_bytes(tokenizer))
     check_free_space(run_dir, writes, save_total_limit=recipe.train.save_total_limit)

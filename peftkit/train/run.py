@@ -419,7 +419,7 @@ def _train(
     if resume and main_process:
         run_dirs.check_resume_base(run_dir, base_fingerprint, recipe.model.name)
     if main_process:  # data and model are usable: only now may an earlier run in output_dir make way (--force)
-        disk_space.check_whole_model_fits(run_dir, model, recipe, replacing=replace_earlier)
+        disk_space.check_whole_model_fits(run_dir, model, recipe, tokenizer, replacing=replace_earlier)
         if replace_earlier:
             run_dirs.clear_run_dir(run_dir)
         if not resume:
@@ -487,7 +487,7 @@ def _train(
     callbacks += [*early_stopping_callbacks(recipe.train.early_stopping_patience, has_eval), CheckpointBoundaries()]
     args = training_arguments(recipe, run_dir, device, dtype, has_eval)
     if main_process:  # before the first step, not at the first save an epoch in
-        disk_space.check_before_training(run_dir, model, recipe, args, rows=len(data.train),
+        disk_space.check_before_training(run_dir, model, recipe, tokenizer, args, rows=len(data.train),
                                          world_size=dist_info().world_size, resume=resume)
     extras = trainer_extras(model, recipe.adapter, args)  # partial: unfreeze schedule, layer-wise LR groups
     trainer = SFTTrainer(
