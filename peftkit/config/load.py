@@ -217,8 +217,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form key.sub=value (e.g. train.lr=1e-4)")
+    if not raw.strip():  # `output_dir=$OUT` with OUT unset: the recipe's value must not quietly give way to a default
+        raise ConfigError(f"override {text!r} has no value (an unset shell variable?); write {key.strip()}=null for "
+                          f"the default, or {key.strip()}='' for an empty text")
     try:
-        value = _yaml_load(raw) if raw.strip() else None
+        value = _yaml_load(raw)
     except yaml.YAMLError:
         value = raw
     if (isinstance(value, dict) and not raw.lstrip().startswith("{")) or raw.strip().lower() in _YAML_11_BOOLEANS:

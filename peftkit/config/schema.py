@@ -27,9 +27,33 @@ MAX_LORA_RANK = 65536
 targeted layers' own sizes)."""
 
 
+def _numeric_not_bool(annotation: Any) -> bool:
+    """Whether a field of this type takes numbers but not true/false (pydantic reads `yes` as 1 for an int)."""
+    seen: set[Any] = set()
+
+    def walk(tp: Any) -> None:
+        seen.add(tp)
+        for arg in get_args(tp):
+            walk(arg)
+
+    walk(annotation)
+    return bool(seen & {int, float}) and not (seen & {bool, Any, True, False})
+
+
 class Section(BaseModel):
     # `.inf` / `.nan` are valid YAML floats, but no setting means them: an infinite lr trains a NaN adapter.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                if isinstance(value, bool) and field is not None and _numeric_not_bool(field.annotation):
+                    raise ValueError(f"`{key}` must be a number, not {str(value).lower()} (YAML reads yes/no/on/off "
+                                     "as true/false)")
+        return data
 
     def changed_from_defaults(self, keys: tuple[str, ...] | list[str]) -> list[str]:
         """Those of `keys` set to other than their defaults. Compared with the defaults, not with the keys written: a
@@ -74,8 +98,8 @@ class ModelConfig(Section):
     has its tokens, else `plain` (`### User:` / `### Assistant:`, replies closed by the model's end token)."""
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] = "auto"
     """transformers' attention kernel. `auto`: its default (sdpa where the architecture has it). The flash
-    kernels need a CUDA GPU and their package (`flash-attn`); elsewhere (a CPU chat, merge or eval of a
-    GPU-trained run) the default is used, with a warning."""
+    kernels need a CUDA GPU and their package (`flash-attn`), flex attention a CUDA GPU to train; elsewhere (a CPU
+    chat, merge or eval of a GPU-trained run) the default is used, with a warning."""
 
 
 FOUR_BIT_ONLY = ("quant_type", "double_quant", "compute_dtype", "blocksize")

@@ -567,9 +567,10 @@ def attention_kwargs(cfg: ModelConfig, device: str) -> dict[str, Any]:
     name = cfg.attn_implementation
     if name == "auto":
         return {}
-    if name in ATTENTION_PACKAGES and device != "cuda":
-        log.warning("model.attn_implementation %s needs a CUDA GPU; loading on %s with transformers' default "
-                    "attention instead (same results, other kernel)", name, device)
+    if (name in ATTENTION_PACKAGES or name == "flex_attention") and device != "cuda":
+        why = "has no backward pass" if name == "flex_attention" else "does not run"
+        log.warning("model.attn_implementation %s needs a CUDA GPU (off one it %s); loading on %s with transformers' "
+                    "default attention instead (same results, other kernel)", name, why, device)
         return {}
     problem = attention_problem(name, device=device)
     if problem:

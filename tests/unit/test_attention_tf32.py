@@ -31,12 +31,21 @@ def test_auto_passes_nothing_and_named_kernels_pass_through(tiny_model_dir):
     assert load_model(ModelConfig(name=str(tiny_model_dir))).config._attn_implementation == "sdpa"
 
 
-def test_flash_attention_off_a_gpu_falls_back_with_a_warning(tiny_model_dir, caplog):
-    cfg = ModelConfig(name=str(tiny_model_dir), attn_implementation="flash_attention_2")
+@pytest.mark.parametrize("kernel", ["flash_attention_2", "flex_attention"])  # flex: no backward pass on a CPU
+def test_gpu_only_attention_off_a_gpu_falls_back_with_a_warning(tiny_model_dir, caplog, kernel):
+    cfg = ModelConfig(name=str(tiny_model_dir), attn_implementation=kernel)
     with caplog.at_level(logging.WARNING, logger="peftkit.models.load"):
         assert attention_kwargs(cfg, "cpu") == {}
-    assert "needs a CUDA GPU; loading on cpu with transformers' default attention" in caplog.text
+    assert "needs a CUDA GPU (off one it" in caplog.text and "loading on cpu with transformers' default" in caplog.text
     assert load_model(cfg).config._attn_implementation == "sdpa", "a GPU-trained run still chats on a CPU"
+
+
+def test_flex_attention_trains_on_a_cpu_with_the_default_kernel(tiny_recipe):
+    from peftkit.config import recipe_from_dict
+    from peftkit.train.run import train
+
+    recipe = {**tiny_recipe, "model": {**tiny_recipe["model"], "attn_implementation": "flex_attention"}}
+    assert train(recipe_from_dict(recipe)).run_dir.joinpath("adapter", "adapter_model.safetensors").is_file()
 
 
 def test_flash_attention_without_its_package_is_refused_before_loading(monkeypatch, tiny_model_dir):

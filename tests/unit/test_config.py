@@ -50,7 +50,7 @@ def test_a_null_override_drops_the_key_so_a_method_can_be_switched(tmp_path):
     path = write(tmp_path, "adapter: {method: lora, r: 8, target_modules: [q_proj]}\ndata: {train: t.jsonl, eval: e.jsonl}\n")
     (tmp_path / "t.jsonl").write_text("")
     (tmp_path / "e.jsonl").write_text("")
-    recipe = load_recipe(path, ["adapter.method=prompt_tuning", "adapter.r=null", "adapter.target_modules=",
+    recipe = load_recipe(path, ["adapter.method=prompt_tuning", "adapter.r=null", "adapter.target_modules=null",
                                 "data.eval=null", "model.revision=null"])
     assert recipe.adapter.method == "prompt_tuning" and recipe.data.eval is None
     assert "eval" not in recipe.data.model_fields_set and recipe.model.revision is None
@@ -104,6 +104,21 @@ def test_a_data_file_given_as_the_recipe_is_named_as_data_and_a_json_recipe_stil
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_override("train.lr")
+    with pytest.raises(ConfigError, match=r"'output_dir=' has no value \(an unset shell variable\?\); write "
+                                          r"output_dir=null for the default"):
+        parse_override("output_dir=")
+    assert parse_override("data.system_prompt=''")[1] == ""
+
+
+@pytest.mark.parametrize("section", [{"adapter": {"method": "lora", "r": True}}, {"train": {"epochs": "yes"}},
+                                     {"train": {"eval_steps": "on"}}])
+def test_true_or_false_is_refused_for_a_number(tmp_path, section):
+    (name, values), = section.items()
+    (key, value), = ((k, v) for k, v in values.items() if k != "method")
+    text = f"data: {{train: t.jsonl}}\n{name}: {{{', '.join(f'{k}: {v}' for k, v in values.items())}}}\n"
+    with pytest.raises(ConfigError, match=rf"`{name}`: `{key}` must be a number, not true"):
+        load_recipe(write(tmp_path, text))
+    assert load_recipe(write(tmp_path, "data: {train: t.jsonl}\ntrain: {gradient_checkpointing: yes}\n"))
 
 
 def test_all_problems_reported_at_once_with_did_you_mean(tmp_path):
