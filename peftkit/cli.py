@@ -169,16 +169,14 @@ def _warn_if_output_dir_is_taken(recipe: Any) -> None:
 def _tokenized_data_line(recipe: Any, tokenizer: Any) -> str:
     """Tokenize the data as training will (raising what training would), and say how much of it fits."""
     from peftkit.data import build_datasets
-    from peftkit.data.build import check_token_ids_fit, data_summary_line
+    from peftkit.data.build import data_summary_line
     from peftkit.models import resolve_model_ref
-    from peftkit.models.skeleton import model_skeleton
+    from peftkit.train.run import check_chat_asks, check_data_fits_vocabulary, warn_if_one_batch_holds_all
 
+    check_chat_asks(recipe, tokenizer)  # each as training will say it
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
-    embeddings = model_skeleton(source, recipe.model, task=recipe.task).get_input_embeddings()  # no weights loaded
-    check_token_ids_fit(data, embeddings.num_embeddings, recipe.model.name, tokenizer)
-    from peftkit.train.run import warn_if_one_batch_holds_all  # as training will say it
-
+    check_data_fits_vocabulary(recipe, data, tokenizer, source)
     warn_if_one_batch_holds_all(recipe, len(data.train))
     return data_summary_line(data.stats, recipe.data.max_seq_len)
 

@@ -35,7 +35,7 @@ from peftkit.train import deepspeed as deepspeed_setup, disk_space, run_dir as r
 from peftkit.utils.once import command_scope, say_once
 from peftkit.train.launch import WORKER_ENV, dist_info, is_main_process, mean_over_processes, sum_over_processes
 from peftkit.models.fingerprint import base_config_summary, source_fingerprint
-from peftkit.models.skeleton import input_embedding_rows
+from peftkit.models.skeleton import input_embedding_rows, model_skeleton
 from peftkit.train.callbacks import (
     CheckpointBoundaries,
     DivergenceGuard,
@@ -188,6 +188,23 @@ def training_arguments(recipe: Recipe, run_dir: Path, device: str, dtype: torch.
 def global_batch_size(recipe: Recipe) -> int:
     """The rows of one optimizer step over all processes."""
     return recipe.train.batch_size * recipe.train.grad_accum * dist_info().world_size
+
+
+def check_chat_asks(recipe: Recipe, tokenizer: Any) -> None:
+    """Held-out questions and sample prompts are asked as conversations after training: a tokenizer without a chat
+    template would fail only then."""
+    no_template = getattr(tokenizer, "no_template_reason", None)
+    asked = [key for key, used in (("eval.sample_prompts", recipe.eval.sample_prompts), ("data.heldout", recipe.data.heldout))
+             if used]
+    if no_template and asked:
+        raise ConfigError(f"{' and '.join(asked)} {'ask' if len(asked) > 1 else 'asks'} the model as a chat, but "
+                          f"{no_template}; or remove {' and '.join(asked)}")
+
+
+def check_data_fits_vocabulary(recipe: Recipe, data: Any, tokenizer: Any, source: Any) -> None:
+    """Token ids past the model's embedding table, found from its weightless skeleton (before the weights load)."""
+    rows = input_embedding_rows(model_skeleton(source, recipe.model, task=recipe.task))
+    check_token_ids_fit(data, rows, recipe.model.name, tokenizer)
 
 
 def warn_if_one_batch_holds_all(recipe: Recipe, rows: int) -> None:
@@ -395,13 +412,9 @@ def _train(
     check_device_options(recipe.train, device)
     source = resolve_model_ref(recipe.model.name, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
     tokenizer = load_tokenizer(recipe.model, source)
-    no_template = getattr(tokenizer, "no_template_reason", None)
-    asked = [key for key, used in (("eval.sample_prompts", recipe.eval.sample_prompts), ("data.heldout", recipe.data.heldout))
-             if used]
-    if no_template and asked:  # asked as conversations after training, which would fail only then
-        raise PeftkitError(f"{' and '.join(asked)} ask the model as a chat, but {no_template}; or remove "
-                           f"{' and '.join(asked)}")
+    check_chat_asks(recipe, tokenizer)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    check_data_fits_vocabulary(recipe, data, tokenizer, source)
     fingerprint = run_dirs.data_fingerprint(data.train, data.eval)
     if resume and main_process:  # the checkpoint's data order and the eval loss before belong to the start's data
         run_dirs.check_resume_data(run_dir, fingerprint, data.split_fingerprint, [len(data.train), len(data.eval)])

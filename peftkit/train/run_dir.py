@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -54,7 +55,7 @@ def run_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
     if not enabled or (run_dir.exists() and not run_dir.is_dir()):  # a file: check_run_dir says so
         yield
         return
-    created = not run_dir.exists()
+    created = list(itertools.takewhile(lambda folder: not folder.exists(), [run_dir, *run_dir.parents]))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         handle = (run_dir / LOCK_FILE).open("a+", encoding="utf-8")
@@ -71,8 +72,10 @@ def run_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
         (run_dir / LOCK_FILE).unlink(missing_ok=True)  # no stray file in a folder the run never used
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
-        if created and not any(run_dir.iterdir()):  # a start that failed before writing anything leaves nothing
-            run_dir.rmdir()
+        for folder in created:  # a start that failed before writing anything leaves nothing, nor the parents it made
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
 
 
 def in_use(run_dir: Path, holder: str) -> RunDirError:

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -253,6 +254,7 @@ def test_a_tokenizer_bigger_than_the_model_is_refused_by_validate_and_train(tiny
         assert main([*command, str(path)]) == 2
         err = capsys.readouterr().err
         assert f"has only {len(tokenizer) // 2} input embeddings" in " ".join(err.split()), err
+    assert not Path(tiny_recipe["output_dir"]).exists()  # refused before the weights load: no run folder left
 
 
 def test_tokens_beyond_the_models_embeddings_that_the_data_does_not_use_are_warned_and_refused_in_chat(

@@ -1178,7 +1178,8 @@ def test_a_tokenizer_without_eos_or_template_trains_plain_text_and_names_the_fix
         render_chat(tokenizer, [{"role": "user", "content": "hi"}], generation=True)
 
 
-def test_held_out_questions_without_a_chat_template_are_refused_before_the_model_loads(tiny_recipe, monkeypatch):
+def test_held_out_questions_without_a_chat_template_are_refused_before_the_model_loads(tiny_recipe, monkeypatch,
+                                                                                      tmp_path, capsys):
     from peftkit.config import recipe_from_dict
     from peftkit.errors import PeftkitError
     from peftkit.models.load import NO_EOS_NO_TEMPLATE
@@ -1197,9 +1198,20 @@ def test_held_out_questions_without_a_chat_template_are_refused_before_the_model
     monkeypatch.setattr(run_module, "load_tokenizer", without_template)
     monkeypatch.setattr(run_module, "load_model", model_loaded)
     recipe = {**tiny_recipe, "eval": {**tiny_recipe["eval"], "sample_prompts": ["hi"]}}
-    with pytest.raises(PeftkitError, match=r"^eval\.sample_prompts and data\.heldout ask the model as a chat, but the "
+    with pytest.raises(PeftkitError, match=r"^Invalid recipe: eval\.sample_prompts and data\.heldout ask the model as a chat, but the "
                                            r"tokenizer has no chat template.*or remove eval\.sample_prompts and data\.heldout"):
         run_module.train(recipe_from_dict(recipe))
+    # validate says it too (it passed, and train then refused)
+    import yaml
+
+    import peftkit.models
+    from peftkit.cli import main
+
+    monkeypatch.setattr(peftkit.models, "load_tokenizer", without_template)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(path)]) == 2
+    assert "eval.sample_prompts and data.heldout ask the model as a chat" in " ".join(capsys.readouterr().err.split())
 
 
 def test_turn_keys_are_read_whatever_their_case_as_record_keys_are(tmp_path):

@@ -16,7 +16,7 @@ from peftkit.config import recipe_from_dict
 from peftkit.errors import DataError, ModelNotFoundError, RunDirError
 from peftkit.train import checkpoints
 from peftkit.train.run import train
-from peftkit.train.run_dir import RUN_MARKER, check_run_dir, recipe_changes
+from peftkit.train.run_dir import RUN_MARKER, check_run_dir, recipe_changes, run_lock
 
 
 def _too_long_chat(folder: Path) -> Path:
@@ -523,3 +523,19 @@ def test_unit_tests_keep_model_caches_out_of_the_users_home():
     home = peftkit_home().resolve()
     assert home.is_relative_to(Path(tempfile.gettempdir()).resolve()) and "peftkit-home" in str(home)
     assert not home.is_relative_to(Path(os.path.expanduser("~")).resolve() / ".cache")
+
+
+def test_a_refused_start_leaves_no_parent_folders_it_made(tiny_recipe, tmp_path):
+    """`output_dir: new/sub/run` with a recipe refused before anything is written: `new/` and `new/sub/` went too."""
+    from peftkit.errors import PeftkitError
+
+    run_dir = tmp_path / "new" / "sub" / "run"
+    with pytest.raises(PeftkitError):
+        with run_lock(run_dir):
+            assert run_dir.is_dir()
+            raise PeftkitError("refused")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept" / "other").mkdir(parents=True)  # a parent holding something else stays
+    with pytest.raises(PeftkitError), run_lock(tmp_path / "kept" / "run"):
+        raise PeftkitError("refused")
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["other"]
