@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import importlib.util
 import json
 import logging
@@ -293,6 +294,52 @@ def _global_batch_problems(recipe: Recipe, raw: dict[str, Any], where: str, worl
             f"train.grad_accum {accum} (it must be that times the number of processes): " + _fix(where, 'set it to "auto"')]
 
 
+_SECTIONS = ("zero_optimization", "bf16", "fp16", "optimizer", "scheduler", "gradient_clipping", "train_batch_size",
+             "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "activation_checkpointing",
+             "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+             "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "amp", "tensorboard",
+             "flops_profiler", "aio", "checkpoint", "data_types", "torch_autocast")
+"""DeepSpeed's common top-level settings: a key close to one of them is a misspelling, which DeepSpeed ignores."""
+_PRECISION_KEYS = ("enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
+                   "consecutive_hysteresis", "min_loss_scale", "immediate_grad_update", "fp16_master_weights_and_grads",
+                   "bf16_master_weights_and_grads", "bf16_optimizer_states", "check_grad_overflow")
+
+
+def _misspelt(keys: Any, known: Any, where: str, section: str = "") -> list[str]:
+    problems = []
+    for key in keys if isinstance(keys, dict) else ():
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.8) if key not in known else None
+        if close:
+            problems.append(f"{where}: `{section}{key}` is no DeepSpeed setting (DeepSpeed would ignore it); did you "
+                            f"mean `{section}{close[0]}`?")
+    return problems
+
+
+def _zero_keys() -> set[str]:
+    """The keys DeepSpeed's ZeRO config takes (their aliases too); empty without DeepSpeed."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return set()
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    fields = DeepSpeedZeroConfig.model_fields
+    return set(fields) | {field.alias for field in fields.values() if field.alias}
+
+
+def _key_problems(raw: dict[str, Any], where: str) -> list[str]:
+    """Misspelt keys, found before the model loads: top-level and precision ones DeepSpeed would silently ignore
+    (`zero_optimisation` runs ZeRO stage 0), and ZeRO's, which it refuses only once the model is loaded."""
+    problems = _misspelt(raw, _SECTIONS, where)
+    for block in ("bf16", "fp16"):
+        problems += _misspelt(raw.get(block), _PRECISION_KEYS, where, f"{block}.")
+    zero = raw.get("zero_optimization")
+    if isinstance(zero, dict) and (known := _zero_keys()):
+        for key in (k for k in zero if k not in known):
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            problems.append(f"{where}: `zero_optimization.{key}` is no ZeRO setting of DeepSpeed"
+                            + (f"; did you mean `{close[0]}`?" if close else ""))
+    return problems
+
+
 def _zero_problems(raw: dict[str, Any], where: str) -> list[str]:
     problems = []
     zero = raw.get("zero_optimization") or {}
@@ -397,6 +444,7 @@ def check_deepspeed(recipe: Recipe, device: str | None = None) -> list[str]:
         raw, where = _raw_config(recipe)
     except ConfigError as exc:
         return [*problems, *exc.problems]
+    problems.extend(_key_problems(raw, where))
     if isinstance(recipe.deepspeed, str):
         problems.extend(_zero_problems(raw, where))
     else:

@@ -234,6 +234,21 @@ def test_extra_keys_get_the_checks_a_json_file_gets(tiny_recipe, tmp_path, hf_ds
     assert ds.check_deepspeed(_recipe(tiny_recipe, train=train, deepspeed={"stage": 2, "extra": fine}), "cpu") == []
 
 
+def test_misspelt_deepspeed_keys_are_named_before_the_model_loads(tiny_recipe, tmp_path):
+    """DeepSpeed ignores an unknown top-level key (`zero_optimisation` ran stage 0) and refuses a ZeRO one only once
+    the model is loaded; a key it does not know and that is close to none of its settings is left alone."""
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimisation": {"stage": 3}, "bf16": {"enabledd": True}, "my_note": 1,
+                                  "gradient_clipping": 1.0}))
+    assert ds.check_deepspeed(_recipe(tiny_recipe, deepspeed=str(config)), "cpu") == [
+        f"deepspeed: {config}: `zero_optimisation` is no DeepSpeed setting (DeepSpeed would ignore it); did you mean "
+        "`zero_optimization`?",
+        f"deepspeed: {config}: `bf16.enabledd` is no DeepSpeed setting (DeepSpeed would ignore it); did you mean `bf16.enabled`?"]
+    extra = {"zero_optimization": {"overlap_com": True, "stage3_max_live_parameters": 10**9}}
+    assert ds.check_deepspeed(_recipe(tiny_recipe, deepspeed={"stage": 3, "extra": extra}), "cpu") == [
+        "deepspeed.extra: `zero_optimization.overlap_com` is no ZeRO setting of DeepSpeed; did you mean `overlap_comm`?"]
+
+
 def test_a_stage_in_extra_must_be_the_blocks_stage(tiny_recipe):
     """DeepSpeed would run the stage in `extra` while peftkit's stage-3 handling follows `deepspeed.stage`."""
     other = _recipe(tiny_recipe, deepspeed={"stage": 2, "extra": {"zero_optimization": {"stage": 3}}})
