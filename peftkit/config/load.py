@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import os
 import re
 import typing
@@ -310,6 +311,27 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+_BLOCK_SCALAR = re.compile(r"(?:^|[:\-])\s*[|>][+-]?\d*\s*(?:#.*)?$")
+_WORD_AFTER_HASH = re.compile(r"\s#(?=[^\s#])")
+_PLAIN_VALUE_BEFORE = re.compile(r"(?:^\s*-|:)\s+[^\s#'\"]")
+
+
+def comments_cutting_values(text: str) -> list[tuple[int, str]]:
+    """(line, the cut text) where ` #word` ends a plain value as a YAML comment: `system_prompt: You are bot #1 of the
+    desk` reads 'You are bot'. Block scalars (`|`, `>`) keep their `#` and are skipped."""
+    found, block_indent = [], None
+    for number, line in enumerate(text.splitlines(), start=1):
+        indent = len(line) - len(line.lstrip())
+        if block_indent is not None and (not line.strip() or indent > block_indent):
+            continue
+        block_indent = indent if _BLOCK_SCALAR.search(line.strip()) else None
+        match = _WORD_AFTER_HASH.search(line)
+        before = line[:match.start()] if match else ""
+        if match and _PLAIN_VALUE_BEFORE.search(before) and before.count('"') % 2 == 0 and before.count("'") % 2 == 0:
+            found.append((number, line[match.start():].strip()))
+    return found
+
+
 def _parsed_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
@@ -325,10 +347,17 @@ def _parsed_yaml(path: Path) -> Any:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         lines = text.splitlines()
         line = f" (`{lines[mark.line].strip()[:80]}`)" if mark and mark.line < len(lines) else ""
-        raise ConfigError(f"YAML syntax error at {where}{line}: {exc.problem}{_yaml_advice(str(exc.problem))}",
+        start = exc.context_mark
+        started = (f", {exc.context} that starts at line {start.line + 1} (`{lines[start.line].strip()[:80]}`)"
+                   if exc.context and start and start.line < len(lines) and (not mark or start.line != mark.line) else "")
+        raise ConfigError(f"YAML syntax error at {where}{line}: {exc.problem}{started}{_yaml_advice(str(exc.problem))}",
                           str(path)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"YAML syntax error: {exc}", str(path)) from None
+    for number, cut in comments_cutting_values(text):
+        logging.getLogger("peftkit").warning(
+            "%s:%d: `%s` is read as a YAML comment (a space before `#` starts one), so the value ends before it; "
+            "quote the value if it belongs to it", path, number, cut[:60])
     return data
 
 

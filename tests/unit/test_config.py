@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -400,3 +401,21 @@ def test_every_shipped_recipe_trains_at_a_usual_learning_rate():
     for path in recipes:
         recipe = load_recipe(path)
         assert learning_rate_advice(recipe.adapter.method, recipe.train.lr) is None, path.name
+
+
+def test_a_hash_without_a_space_after_it_that_cuts_a_value_is_warned(tmp_path, caplog):
+    """`system_prompt: You are bot #1 of the desk` is YAML for 'You are bot' and a comment: said, not silent."""
+    text = ("data:\n  train: t.jsonl\n  system_prompt: You are bot #1 of the desk\n  eval_fraction: 0.1 # a comment\n"
+            "model:\n  chat_template: |\n    {{ messages }} #kept\n  name: smollm2-135m-instruct\n# a #full line\n")
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        recipe = load_recipe(write(tmp_path, text))
+    assert recipe.data.system_prompt == "You are bot"
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and ":3: `#1 of the desk` is read as a YAML comment" in warned[0], warned
+
+
+def test_an_unclosed_quote_names_the_line_where_it_starts(tmp_path):
+    text = 'data:\n  train: t.jsonl\n  system_prompt: "You are\n  eval_fraction: 0.1\nmodel: {name: x}\n'
+    with pytest.raises(ConfigError, match=r"end of stream, while scanning a quoted scalar that starts at line 3 "
+                                          r"\(`system_prompt: \"You are`\)"):
+        load_recipe(write(tmp_path, text))
