@@ -196,6 +196,10 @@ def _check_model(recipe: Recipe, tool_use: Any = None) -> tuple[list[str], Any]:
     from peftkit.models.resolve import tokenizer_files_problem
 
     problems = [f"model.name: {problem}"] if (problem := tokenizer_files_problem(source)) else []
+    if recipe.model.revision is not None and source.kind != "hub":  # harmless, but not what the user meant
+        what = {"builtin": "a built-in model", "gguf": "a GGUF file"}.get(source.kind, "a local model folder")
+        say_once(log, logging.WARNING, f"model.revision: {recipe.model.revision} picks a version of a Hub model, but "
+                 f"{recipe.model.name} is {what}, which has none: it is ignored; remove model.revision")
     builtin = BUILTINS.get(recipe.model.name) if source.kind == "builtin" else None
     wrong_task = builtin is not None and builtin.task != "causal_lm" and recipe.task != builtin.task
     if wrong_task:

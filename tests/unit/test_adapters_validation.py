@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import re
 
 import pytest
 
@@ -226,3 +228,12 @@ def test_a_gpu_trained_int8_dora_run_is_refused_on_the_cpu_before_loading(tiny_r
         load_run(run_dir, device="cpu")
     with pytest.raises(AssertionError, match="validation loaded model weights"):  # past the check: the base loads
         load_run(run_dir, device="cpu", quantized_base=False)
+
+
+def test_a_revision_of_a_local_model_is_warned(tiny_recipe, caplog):
+    """`model.revision` picks a Hub version; on a local folder it was ignored without a word."""
+    recipe = {**tiny_recipe, "model": {**tiny_recipe["model"], "revision": "v9"}}
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        validate_recipe(recipe_from_dict(recipe), check_model=True)
+    assert re.search(r"model\.revision: v9 picks a version of a Hub model, but .* is a local model folder, which has "
+                     r"none: it is ignored", caplog.text)
