@@ -134,7 +134,7 @@ def register(sub: Any) -> None:
     p.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB (default 2GB)")
     p.add_argument("--qlora-base", choices=["dequantized", "original"], default="dequantized",
                    help="QLoRA runs: merge into the dequantized 4- or 8-bit weights (what was trained) or the original ones")
-    p.add_argument("--adapters", nargs="+", metavar="RUN_DIR", help="combine several LoRA runs of the same base")
+    p.add_argument("--adapters", nargs="+", metavar="RUN_DIR", help="combine several LoRA runs of the same base (needs --out DIR: there is no run directory to write into)")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per --adapters run (default: equal)")
     p.add_argument("--combination", choices=["cat", "linear", "svd"], default="cat",
                    help="peft add_weighted_adapter combination (cat = exact weighted sum of the updates)")

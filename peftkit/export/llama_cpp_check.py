@@ -2,7 +2,7 @@
 
 The main GGUF check reads the file back with transformers' GGUF loader: a second implementation of the
 format, which reads some things llama.cpp does not (and the other way round). llama.cpp is what Ollama,
-llama-server and LM Studio run, so when its Python binding is installed (`pip install 'peftkit[llama-cpp]'`)
+llama-server and LM Studio run, so when its Python binding is installed (the `llama-cpp` extra)
 the export is also run there: the same prompts, logits along the same tokens, and llama.cpp's own
 tokenization of the prompt text. This check found a file llama.cpp refused to load that transformers read
 without complaint (a GPT-2 pre-tokenizer named `gpt2`; llama.cpp's name is `gpt-2`).
@@ -27,7 +27,8 @@ from peftkit.export import verify
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'peftkit[llama-cpp]'"
+INSTALL_HINT = ("pip install -c constraints.txt -e '.[llama-cpp]' in peftkit's checkout, with the CMAKE_ARGS the "
+                "README gives under Merge and export,")
 GGML_TYPE_F32 = 0  # ggml_type: the KV cache in float32
 MIN_VERSION = "0.3.36"  # the binding's low-level API this module uses (llama_vocab_is_eog, ...), as tested
 

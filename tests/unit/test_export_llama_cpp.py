@@ -76,8 +76,9 @@ def test_without_llama_cpp_the_export_says_how_to_run_it_there(export_recipe, tm
     result = export_gguf(run, gguf_type="f32")
     report = json.loads((result.path / "verification.json").read_text())
     assert report["passed"] and report["llama_cpp"] == {
-        "ran": False, "why": "llama-cpp-python is not installed (pip install 'peftkit[llama-cpp]' runs the file in "
-                             "llama.cpp itself)"}
+        "ran": False, "why": "llama-cpp-python is not installed (pip install -c constraints.txt -e '.[llama-cpp]' in "
+                             "peftkit's checkout, with the CMAKE_ARGS the README gives under Merge and export, "
+                             "runs the file in llama.cpp itself)"}
     assert "llama.cpp: not run: llama-cpp-python is not installed" in " ".join(result.notes)
     adapter = json.loads((export_gguf_adapter(run, gguf_type="f32").path / "verification.json").read_text())
     assert adapter["passed"] and not adapter["llama_cpp"]["ran"]  # no base GGUF to run it on

@@ -17,11 +17,12 @@ def test_export_notes_and_paths_keep_their_square_brackets(capsys):
     from peftkit.export.commands import _print_result
 
     result = SimpleNamespace(kind="gguf", path=Path("/tmp/out[v2]"), files=["model[q8].gguf"], qlora=None,
-                             notes=["llama.cpp: not run (pip install 'peftkit[llama-cpp]' runs the file in llama.cpp)"],
+                             notes=["llama.cpp: not run (pip install -c constraints.txt -e '.[llama-cpp]' runs the file "
+                                    "in llama.cpp)"],
                              verification=None)
     _print_result(result)
     out = capsys.readouterr().out
-    assert "pip install 'peftkit[llama-cpp]'" in out
+    assert "pip install -c constraints.txt -e '.[llama-cpp]'" in out
     assert "/tmp/out[v2]" in out and "model[q8].gguf" in out
 
 
