@@ -535,6 +535,9 @@ def _friendly(err: dict[str, Any], bases: tuple[Path, ...] = ()) -> str:
         else:
             fix = f"write its keys under it, e.g. `{loc[0]}: {{KEY: VALUE}}`"
         return f"`{dotted}` is a section of keys, not a single value (got {got!r}): {fix}"
+    if kind in ("model_type", "model_attributes_type", "dict_type") and isinstance(got, list):
+        return (f"`{dotted}` is a section of keys, not a list: write its keys under it without `- ` "
+                f"(e.g. `{shown[-1] if shown else 'section'}: {{KEY: VALUE}}`)")
     if kind == "literal_error" and loc == ("data", "format") and got in FORMAT_ALIASES:
         return (f"`data.format`: {got!r} is not a peftkit format name; peftkit calls it `{FORMAT_ALIASES[got]}`: "
                 f"write `format: {FORMAT_ALIASES[got]}` (or leave `format` out: each record's format is detected)")
@@ -545,6 +548,8 @@ def _friendly(err: dict[str, Any], bases: tuple[Path, ...] = ()) -> str:
         method = err["input"].get("method")
         variant = LORA_VARIANT_KEYS.get(str(method).lower())
         hint = f" ({method} is LoRA with a switch: `method: lora` and `{variant}: true`)" if variant else ""
+        if not variant and str(method).lower() in valid.split(", "):
+            hint = f" (names are lower case: `method: {str(method).lower()}`)"
         return f"`{dotted}.method` = {method!r} is not an adapter method; choose one of: {valid}{hint}"
     if kind == "missing":
         return f"`{dotted}` is required but missing"

@@ -419,3 +419,13 @@ def test_an_unclosed_quote_names_the_line_where_it_starts(tmp_path):
     with pytest.raises(ConfigError, match=r"end of stream, while scanning a quoted scalar that starts at line 3 "
                                           r"\(`system_prompt: \"You are`\)"):
         load_recipe(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"data": [{"train": "t.jsonl"}]}, r"`data` is a section of keys, not a list: write its keys under it without `- `"),
+    ({"data": {"train": "t.jsonl"}, "adapter": [{"method": "lora"}]}, r"`adapter` is a section of keys, not a list"),
+    ({"data": {"train": "t.jsonl"}, "adapter": {"method": "LoRA"}}, r"\(names are lower case: `method: lora`\)"),
+])
+def test_a_list_for_a_section_and_a_capitalised_method_get_their_fix(section, message):
+    with pytest.raises(ConfigError, match=message):
+        recipe_from_dict(section)
