@@ -498,6 +498,11 @@ def _unknown_key(loc: tuple[Any, ...], shown: list[str], value: Any, bases: tupl
     # their top-level keys (inside a section `model_type`, `max_samples`, ... are a misplaced key of another kind)
     if key in NOT_NEEDED and len(loc) == 1 and not (key == "stage" and _is_number(value)):  # `stage: 3`: a ZeRO stage
         return f"unknown key `{dotted}` is not needed: {NOT_NEEDED[key]}; remove it"
+    section, _, sub = key.partition(".")
+    if sub and len(loc) == 1 and section in Recipe.model_fields:  # `train.lr: 1e-4`: the command line's form
+        return (f"unknown key `{key}`: in a recipe file a dotted key is written nested, `{section}: {{{sub}: "
+                f"{flow_yaml(value) if not isinstance(value, dict) else '...'}}}` (the dotted form is for overrides on the "
+                "command line)")
     hint = _alias_hint(key, shown[:-1], known)
     if hint in ("train", "data.train") and any(isinstance(e, dict) for e in (value if isinstance(value, list) else [value])):
         fix = _dataset_entries_fix(value, "train", top=hint == "data.train", bases=bases)

@@ -425,6 +425,8 @@ def test_an_unclosed_quote_names_the_line_where_it_starts(tmp_path):
     ({"data": [{"train": "t.jsonl"}]}, r"`data` is a section of keys, not a list: write its keys under it without `- `"),
     ({"data": {"train": "t.jsonl"}, "adapter": [{"method": "lora"}]}, r"`adapter` is a section of keys, not a list"),
     ({"data": {"train": "t.jsonl"}, "adapter": {"method": "LoRA"}}, r"\(names are lower case: `method: lora`\)"),
+    ({"data": {"train": "t.jsonl"}, "train.lr": 1e-4},
+     r"unknown key `train.lr`: in a recipe file a dotted key is written nested, `train: \{lr: 0.0001\}`"),
 ])
 def test_a_list_for_a_section_and_a_capitalised_method_get_their_fix(section, message):
     with pytest.raises(ConfigError, match=message):
