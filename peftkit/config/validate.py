@@ -53,7 +53,7 @@ def _check_data(recipe: Recipe) -> tuple[list[str], Any]:
         try:  # as training reads it: auto-detected, without data.format / data.columns (they describe train/eval)
             replay_rows = load_replay(replay.path, replay.answers, known_only=replay.known_only)
         except PeftkitError as exc:
-            problems.append(f"data.replay: {exc}")
+            problems.append(str(exc) if str(exc).startswith("data.replay") else f"data.replay: {exc}")
         else:
             text_rows = [e.where for e in replay_rows if not e.messages]
             if text_rows and answers_from_base(replay.path, replay.answers):

@@ -678,3 +678,12 @@ def test_replay_rows_that_all_fall_outside_max_seq_len_are_an_error(tiny_tokeniz
     with pytest.raises(DataError, match=r"data.replay: none of the 16 replay examples has a trained \(assistant\) token "
                                         r"left within data.max_seq_len=32 tokens"):
         build_datasets(cfg, tiny_tokenizer)
+
+
+def test_an_unknown_built_in_replay_set_is_named_once(tiny_recipe):
+    from peftkit.config.validate import validate_recipe
+
+    data = {**tiny_recipe["data"], "replay": {"path": "builtin:generl", "ratio": 0.5}}
+    with pytest.raises(ConfigError, match=r"^Invalid recipe: data\.replay\.path: there is no built-in replay set "
+                                          r"'generl'; use `builtin:general` or a file$"):
+        validate_recipe(recipe_from_dict({**tiny_recipe, "data": data}), check_model=False)
