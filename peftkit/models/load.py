@@ -268,6 +268,10 @@ def chat_template_setting_problem(setting: str | None) -> str | None:
     inline = is_inline_template(setting)
     if not inline and not _is_file(Path(setting).expanduser()):
         problem = f"model.chat_template: {setting} is neither `chatml`, `plain`, an existing template file nor a Jinja template"
+        from peftkit.config.load import unset_variable_message
+
+        if unset := unset_variable_message(setting):
+            return f"{problem}: {unset}"
         if re.fullmatch(r"[A-Za-z][\w.-]*", setting) and not Path(setting).suffix:  # a name, as other tools take
             problem += (" (another tool's template name? Leave model.chat_template out to use the tokenizer's own "
                         "template, as axolotl's `tokenizer_default` does; named templates such as llama3 or qwen2 are "

@@ -133,6 +133,10 @@ def resolve_model_ref(ref: str, *, revision: str | None = None, allow_pickle: bo
             return ModelSource(ref, "gguf", path.resolve(), revision)
         raise ModelNotFoundError(f"{path} is a file but not a .gguf model; model.name must be a directory, .gguf or hub id")
     if _looks_like_path(ref) or not HUB_ID.match(ref):
+        from peftkit.config.load import unset_variable_message
+
+        if unset := unset_variable_message(ref):
+            raise ModelNotFoundError(f"model path {ref!r} does not exist: {unset}")
         raise ModelNotFoundError(
             f"model path {ref!r} does not exist; {_did_you_mean(Path(ref).name)}built-in models are: "
             f"{', '.join(BUILTINS)} (see `{command('models')}`)"

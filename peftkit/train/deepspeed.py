@@ -54,7 +54,10 @@ def read_json_config(path: str | Path) -> dict[str, Any]:
     """A user's raw DeepSpeed JSON, with one clear error when it is missing or malformed."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"deepspeed: the DeepSpeed config file {path} does not exist (check the path)")
+        from peftkit.config.load import unset_variable_message
+
+        unset = unset_variable_message(str(path))
+        raise ConfigError(f"deepspeed: the DeepSpeed config file {path} does not exist ({unset or 'check the path'})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

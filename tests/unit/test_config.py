@@ -431,3 +431,16 @@ def test_an_unclosed_quote_names_the_line_where_it_starts(tmp_path):
 def test_a_list_for_a_section_and_a_capitalised_method_get_their_fix(section, message):
     with pytest.raises(ConfigError, match=message):
         recipe_from_dict(section)
+
+
+@pytest.mark.parametrize("section", [{"model": {"name": "${PEFTKIT_UNSET_VAR}/m"}},
+                                     {"model": {"chat_template": "$PEFTKIT_UNSET_VAR/t.jinja"}},
+                                     {"deepspeed": "${PEFTKIT_UNSET_VAR}/ds.json"}])
+def test_an_unset_variable_in_a_model_template_or_deepspeed_path_is_named(tmp_path, monkeypatch, section):
+    from peftkit.config.validate import validate_recipe
+
+    monkeypatch.delenv("PEFTKIT_UNSET_VAR", raising=False)
+    (tmp_path / "t.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}, '
+                                      '{"role": "assistant", "content": "b"}]}\n')
+    with pytest.raises(ConfigError, match=r"\$PEFTKIT_UNSET_VAR is not set in the environment, so it was not expanded"):
+        validate_recipe(recipe_from_dict({"data": {"train": str(tmp_path / "t.jsonl")}, **section}), check_model=True)
