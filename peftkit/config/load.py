@@ -517,8 +517,12 @@ def _unknown_key(loc: tuple[Any, ...], shown: list[str], value: Any, bases: tupl
     if found:
         return f"unknown key `{dotted}`: did you mean `{found[0]}`?"
     if loc[0] == "adapter" and len(loc) == 3:
+        from peftkit.config import schema
+
+        owners = [c.model_fields["method"].default for c in schema.ADAPTER_CLASSES if key in c.model_fields]
+        whose = f" (a key of {' and '.join(f'`method: {m}`' for m in owners)})" if owners else " (another method's key)"
         return (f"`{key}` is not a parameter of adapter method `{loc[1]}` (its parameters: {', '.join(known)}); "
-                "remove it from the recipe's adapter section (another method's key)")
+                f"remove it from the recipe's adapter section{whose}")
     valid = f" (valid keys here: {', '.join(known)})" if known else ""
     return f"unknown key `{dotted}`{valid}"
 
@@ -556,6 +560,8 @@ def _friendly(err: dict[str, Any], bases: tuple[Path, ...] = ()) -> str:
         if not variant and str(method).lower() in valid.split(", "):
             hint = f" (names are lower case: `method: {str(method).lower()}`)"
         return f"`{dotted}.method` = {method!r} is not an adapter method; choose one of: {valid}{hint}"
+    if kind == "missing" and len(loc) >= 2 and isinstance(loc[-1], int):  # a pair given one value: `layers: [3]`
+        return f"`{'.'.join(shown[:-1])}` has too few values: its item {loc[-1] + 1} is missing"
     if kind == "missing":
         return f"`{dotted}` is required but missing"
     if kind == "finite_number":

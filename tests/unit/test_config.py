@@ -425,6 +425,10 @@ def test_an_unclosed_quote_names_the_line_where_it_starts(tmp_path):
     ({"data": [{"train": "t.jsonl"}]}, r"`data` is a section of keys, not a list: write its keys under it without `- `"),
     ({"data": {"train": "t.jsonl"}, "adapter": [{"method": "lora"}]}, r"`adapter` is a section of keys, not a list"),
     ({"data": {"train": "t.jsonl"}, "adapter": {"method": "LoRA"}}, r"\(names are lower case: `method: lora`\)"),
+    ({"data": {"train": "t.jsonl"}, "adapter": {"method": "lora", "layers": [3]}},
+     r"`adapter.layers` has too few values: its item 2 is missing"),
+    ({"data": {"train": "t.jsonl"}, "adapter": {"num_virtual_tokens": 8}},
+     r"\(a key of `method: prefix_tuning` and `method: prompt_tuning`\)"),
     ({"data": {"train": "t.jsonl"}, "train.lr": 1e-4},
      r"unknown key `train.lr`: in a recipe file a dotted key is written nested, `train: \{lr: 0.0001\}`"),
 ])
