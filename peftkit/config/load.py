@@ -541,6 +541,8 @@ def _friendly(err: dict[str, Any], bases: tuple[Path, ...] = ()) -> str:
     if kind in ("model_type", "model_attributes_type") and len(loc) == 1 and isinstance(got, (str, int, float)):
         if loc[0] in SECTION_SHORTHANDS and not isinstance(got, bool):
             fix = f"write `{loc[0]}: {flow_yaml({SECTION_SHORTHANDS[loc[0]]: got})}`"
+        elif loc[0] == "quantization" and got is True:
+            fix = "write `quantization: {bits: 4}` (QLoRA's 4-bit NF4) or `{bits: 8}`"
         else:
             fix = f"write its keys under it, e.g. `{loc[0]}: {{KEY: VALUE}}`"
         return f"`{dotted}` is a section of keys, not a single value (got {got!r}): {fix}"
@@ -575,7 +577,8 @@ def _friendly(err: dict[str, Any], bases: tuple[Path, ...] = ()) -> str:
             return (f"`{dotted}`: YAML reads the value as {str(got).lower()} (yes / no / on / off / true / false are "
                     "true/false values); quote it to use it as text")
         return f"`{dotted}`: {got!r} reads as a number; quote it to use it as text ({dotted}: \"{got}\")"
-    got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
+    number_text = isinstance(got, str) and re.fullmatch(r"[+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?", got.strip())
+    got_text = f" (got {got})" if number_text else f" (got {got!r})" if not isinstance(got, dict) else ""
     message = err["msg"].removeprefix("Value error, ")
     return f"`{dotted}`: {message}{got_text}" if shown else message  # a whole-recipe check names its own keys
 

@@ -429,6 +429,8 @@ def test_an_unclosed_quote_names_the_line_where_it_starts(tmp_path):
      r"`adapter.layers` has too few values: its item 2 is missing"),
     ({"data": {"train": "t.jsonl"}, "adapter": {"num_virtual_tokens": 8}},
      r"\(a key of `method: prefix_tuning` and `method: prompt_tuning`\)"),
+    ({"data": {"train": "t.jsonl"}, "quantization": True}, r"write `quantization: \{bits: 4\}` \(QLoRA's 4-bit NF4\)"),
+    ({"data": {"train": "t.jsonl"}, "train": {"lr": "-1e-3"}}, r"`train.lr`: Input should be greater than 0 \(got -1e-3\)"),
     ({"data": {"train": "t.jsonl"}, "train.lr": 1e-4},
      r"unknown key `train.lr`: in a recipe file a dotted key is written nested, `train: \{lr: 0.0001\}`"),
 ])
