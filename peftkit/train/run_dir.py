@@ -264,6 +264,11 @@ def check_run_dir(run_dir: Path, *, resume: bool, force: bool, recipe_dump: dict
     if damaged:
         raise RunDirError(f"{run_dir} already exists and holds an unfinished run, but {damaged}; pass --force to "
                           "start over")
+    changed = recipe_changes(run_dir, recipe_dump)
+    if changed:  # --resume would refuse it
+        shown = "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
+        raise RunDirError(f"{run_dir} already exists and holds an unfinished run of another recipe ({shown}): set "
+                          f"another output_dir for this one, or pass --force to replace that run")
     raise RunDirError(
         f"{run_dir} already exists and holds an unfinished run; pass --resume to continue it or --force to start over"
     )
@@ -312,7 +317,13 @@ def recipe_changes(run_dir: Path, recipe_dump: dict[str, Any]) -> list[str]:
     stored_path = run_dir / "recipe.yaml"
     if not stored_path.is_file():
         return []
-    stored = _flatten(yaml.safe_load(stored_path.read_text(encoding="utf-8")) or {})
+    try:
+        loaded = yaml.safe_load(stored_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        loaded = None
+    if not isinstance(loaded, dict):  # not a recipe peftkit wrote: nothing to compare
+        return []
+    stored = _flatten(loaded)
     current = _flatten(recipe_dump)
     changed = []
     for key in sorted(set(stored) | set(current)):

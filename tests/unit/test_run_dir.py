@@ -539,3 +539,15 @@ def test_a_refused_start_leaves_no_parent_folders_it_made(tiny_recipe, tmp_path)
     with pytest.raises(PeftkitError), run_lock(tmp_path / "kept" / "run"):
         raise PeftkitError("refused")
     assert [p.name for p in (tmp_path / "kept").iterdir()] == ["other"]
+
+
+def test_an_unfinished_run_of_another_recipe_is_not_offered_resume(tiny_recipe):
+    """--resume refuses a changed recipe, so the refusal to overwrite no longer sends the user there."""
+    run_dir = train(recipe_from_dict(_short(tiny_recipe))).run_dir
+    (run_dir / "summary.json").unlink()  # as if killed after its last checkpoint
+    with pytest.raises(RunDirError, match="holds an unfinished run; pass --resume to continue it"):
+        train(recipe_from_dict(_short(tiny_recipe)))
+    changed = {**_short(tiny_recipe), "train": {**_short(tiny_recipe)["train"], "lr": 0.5}}
+    with pytest.raises(RunDirError, match=r"holds an unfinished run of another recipe \(train\.lr: .* -> 0\.5\): set "
+                                          r"another output_dir for this one, or pass --force"):
+        train(recipe_from_dict(changed))
