@@ -523,7 +523,8 @@ def _main(argv: list[str] | None) -> int:
             raise
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     except KeyboardInterrupt:  # also while the command's libraries import, before it starts
-        print("interrupted", file=sys.stderr)
+        print("interrupted (Ctrl-C): stopped before finishing; no half-written result is left in place (a training "
+              "run that saved a checkpoint continues with --resume)", file=sys.stderr)
         return 130
     except Terminated:
         print("terminated (SIGTERM)", file=sys.stderr)
@@ -655,7 +656,10 @@ def _run_command(argv: list[str] | None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"error: {_naming_the_recipe(exc, getattr(args, 'recipe', None))}", file=sys.stderr)
+        from peftkit.train.signals import TrainingInterrupted
+
+        label = "stopped" if isinstance(exc, TrainingInterrupted) else "error"  # asked for, and resumable: no error
+        print(f"{label}: {_naming_the_recipe(exc, getattr(args, 'recipe', None))}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - only OSErrors and a full disk (torch's, safetensors' words) are handled
         if not (isinstance(exc, OSError) or is_disk_full(exc) or is_file_too_large(exc)):

@@ -26,7 +26,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             qlora_base=args.qlora_base,
             out=args.out,
         )
-        print_eval_report(stdout_console(highlight=False), report)  # evaluate_run refreshed the model card
+        print_eval_report(stdout_console(highlight=False, soft_wrap=True), report)  # evaluate_run refreshed the model card
     return 0
 
 

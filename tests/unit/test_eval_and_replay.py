@@ -145,7 +145,11 @@ def test_eval_also_asks_the_general_set_with_the_recipes_system_prompt(tiny_reci
     in_role_before = report["before"]["general_in_role_accuracy"]
     assert report["forgetting_in_role_points"] == (  # none when the base model knows none of it in role either
         pytest.approx(100 * (in_role_before - report["after"]["general_in_role_accuracy"])) if in_role_before else None)
-    assert "asked with the system prompt" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "asked with the system prompt" in out
+    # captured output is no terminal: sentences stay whole lines (rich broke them at 80 columns)
+    said = [line for line in out.splitlines() if line.startswith("forgetting: ")]
+    assert len(said) == 1 and said[0].endswith(("it knows)", "system prompt)", "accuracy")), out
     card = (run_dir / "README.md").read_text()
     assert "| general knowledge, with the system prompt |" in card
     if report["before"]["general_accuracy"]:  # a tiny random model usually knows none of it: then forgetting is n/a

@@ -110,7 +110,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_pa
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130, tail(log)
     output = tail(log)
-    assert "training interrupted at step" in output and "--resume" in output, output
+    assert "stopped: training interrupted at step" in output and "--resume" in output, output
     saved = complete_checkpoints(run_dir)
     record = json.loads((run_dir / "interrupted.json").read_text())
     step = record["step"]
