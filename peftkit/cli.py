@@ -32,6 +32,12 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _message(value: str) -> str:
+    if not value.strip():  # an unset shell variable, most likely: the model would answer nothing in particular
+        raise argparse.ArgumentTypeError("is empty; give the message to answer, or leave --prompt out to chat")
+    return value
+
+
 def _console() -> Any:
     from peftkit.utils.console import stdout_console
 
@@ -408,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with a trained run or a merged model (REPL, or --prompt for one answer)")
     p.add_argument("run_dir", help="run directory (output_dir of `peftkit train`), or a model folder in Hugging Face "
                    "layout (RUN/merged, as `peftkit merge` writes it)")
-    p.add_argument("--prompt", help="answer this one message and exit")
+    p.add_argument("--prompt", type=_message, help="answer this one message and exit")
     p.add_argument("--system", help="system prompt (default: the recipe's data.system_prompt, for a model folder its "
                    "chat template's own; --system '' for none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256,

@@ -69,11 +69,13 @@ from peftkit.utils.atomic import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-def gguf_types(gguf_type: str, allowed: tuple[str, ...] = GGUF_TYPES) -> tuple[Any, Any]:
-    """The tensor type and the file type (`general.file_type`) of a `--gguf-type` choice."""
+def gguf_types(gguf_type: str, allowed: tuple[str, ...] = GGUF_TYPES, what: str = "") -> tuple[Any, Any]:
+    """The tensor type and the file type (`general.file_type`) of a `--gguf-type` choice; `what`: the export it is
+    for, where it takes fewer types than the model GGUF does."""
     gguf = gguf_package()
     if gguf_type not in allowed:
-        raise ExportError(f"--gguf-type must be one of {', '.join(allowed)}, got {gguf_type!r}")
+        raise ExportError(f"--gguf-type must be one of {', '.join(allowed)}{f' for {what}' if what else ''}, "
+                          f"got {gguf_type!r}")
     if gguf_type == "f32":
         return gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32
     if gguf_type == "f16":

@@ -622,3 +622,8 @@ def test_a_full_disk_met_by_a_writer_thread_prints_no_thread_traceback(monkeypat
         run(OSError(errno.ENOSPC, "No space left on device"))
         run(ValueError("a real bug"))
     assert reached == [ValueError] and threading.excepthook is before
+
+
+def test_an_empty_prompt_is_refused_before_anything_loads(capsys):
+    assert main(["chat", "no-such-run", "--prompt", " "]) == 2
+    assert "argument --prompt: is empty; give the message to answer" in capsys.readouterr().err

@@ -872,7 +872,8 @@ def test_a_quantized_file_that_does_not_hold_the_merged_weights_fails_verificati
 
 def test_a_gguf_lora_is_written_in_float_or_q8_0_only(export_recipe, tmp_path):
     run = make_run(tmp_path / "run", export_recipe, LORA)
-    with pytest.raises(ExportError, match=r"--gguf-type must be one of f32, f16, q8_0, got 'q4_0'"):
+    with pytest.raises(ExportError, match=r"--gguf-type must be one of f32, f16, q8_0 for --format gguf-adapter \(its LoRA "
+                                         r"matrices are small; the base GGUF is what is quantized\), got 'q4_0'"):
         export_gguf_adapter(run, gguf_type="q4_0")
     assert not (run / "gguf-adapter").exists()
 
