@@ -87,6 +87,15 @@ def _misspelt(speaker: Any) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _key_slips(obj: Any, expected: tuple[str, ...]) -> str:
+    """` (it has `valu`: did you mean `value`?)` for keys of `obj` one or two slips away from a missing expected key."""
+    if not isinstance(obj, dict):
+        return ""
+    slips = [(str(key), name) for name in expected if name not in obj for key in obj
+             if len(str(key)) >= 3 and 0 < _edits(str(key).lower(), name) <= (1 if len(name) < 6 else 2)]
+    return "".join(f" (it has `{key}`: did you mean `{name}`?)" for key, name in slips[:2])
+
+
 def _edits(a: str, b: str) -> int:
     """Optimal string alignment distance: insertions, deletions, substitutions and swaps of neighbours."""
     rows = [list(range(len(b) + 1))]
@@ -329,7 +338,7 @@ def check_messages(messages: Any, where: str, field: str | None = None) -> tuple
         calls = message_calls(message, f"{where}: message {i + 1}")
         if not isinstance(message, dict) or "role" not in message or ("content" not in message and not calls):
             raise DataError(f"{where}: message {i + 1} must be an object with `role` and `content`"
-                            f"{_content_key_hint(message, field)}")
+                            f"{_key_slips(message, ('role', 'content')) or _content_key_hint(message, field)}")
         role, content = message["role"], message.get("content")
         if role not in ROLES:  # `human` / `gpt` / `User` ...: the speaker names ShareGPT data uses
             role = ROLE_ALIASES.get(str(role).lower()) if str(role).lower() != "function_call" else None
@@ -448,7 +457,8 @@ def sharegpt_messages(record: dict[str, Any], where: str, field: str | None = No
             messages.append(turn)
             continue
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise DataError(f"{where}: conversation turn {i + 1} must be an object with `from` and `value`")
+            raise DataError(f"{where}: conversation turn {i + 1} must be an object with `from` and `value`"
+                            f"{_key_slips(turn, ('from', 'value'))}")
         source = str(turn["from"]).lower()
         role = ROLE_ALIASES.get(source)
         if role is None:

@@ -1253,3 +1253,16 @@ def test_two_turns_of_one_speaker_and_a_late_system_message_say_how_to_fix_them(
         path.write_text(json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + "\n")
         with pytest.raises(DataError, match=fix):
             load_examples(path)
+
+
+@pytest.mark.parametrize(("record", "said"), [
+    ({"conversations": [{"from": "human", "valu": "hi"}, {"from": "gpt", "value": "x"}]},
+     "conversation turn 1 must be an object with `from` and `value` (it has `valu`: did you mean `value`?)"),
+    ({"messages": [{"role": "user", "contnet": "hi"}, {"role": "assistant", "content": "x"}]},
+     "message 1 must be an object with `role` and `content` (it has `contnet`: did you mean `content`?)"),
+])
+def test_a_misspelt_turn_key_is_named(tmp_path, record, said):
+    path = write_jsonl(tmp_path / "slip.jsonl", [record])
+    with pytest.raises(DataError) as info:
+        load_examples(path)
+    assert said in str(info.value)
