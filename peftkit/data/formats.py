@@ -728,11 +728,18 @@ def load_examples(source: str | Path | Sequence[str | Path], fmt: str = "auto",
     return [example for i in sorted(read) for example in read[i]]
 
 
+_THIS_ONE = re.compile(r" \(this one: [^()]*\)")
+"""The record's own field names in a message (`(this one: conversations, system)`): set aside to see a shared reason."""
+
+
 def bad_records_error(source: str | Path, problems: list[tuple[str, str]], good: int) -> DataError:
     """One error for all of a file's bad records (`problems`: where and message, each), so that one round of fixes
     clears them: a reason all share said once, else the first few named."""
     messages = [message for _, message in problems]
     reasons = {message.removeprefix(f"{where}: ") for where, message in problems}
+    if len(reasons) > 1 and len({_THIS_ONE.sub("", r) for r in reasons}) == 1:  # only each record's own keys differ
+        reasons = {_THIS_ONE.sub("", messages[0].removeprefix(f"{problems[0][0]}: "))}
+        messages = [_THIS_ONE.sub("", m) for m in messages]
     if len(problems) > 1 and len(reasons) == 1:  # e.g. a misnamed column: say it once
         reason = reasons.pop()
         which = f"all {len(problems)} records" if not good else f"{len(problems)} of {len(problems) + good} records"

@@ -1266,3 +1266,14 @@ def test_a_misspelt_turn_key_is_named(tmp_path, record, said):
     with pytest.raises(DataError) as info:
         load_examples(path)
     assert said in str(info.value)
+
+
+def test_training_records_given_as_held_out_are_one_reason_whatever_their_keys(tmp_path):
+    """Records with and without a `system` key were five long messages and '... and 5 more'."""
+    turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    path = write_jsonl(tmp_path / "h.jsonl", [{"conversations": turns}] * 5 + [{"conversations": turns, "system": "s"}] * 5)
+    with pytest.raises(DataError) as info:
+        load_heldout(path, None)
+    said = str(info.value)
+    assert said.startswith(f"all 10 records of {path} (first: {path}:1): held-out records need `question`"), said
+    assert said.count("training record") == 1 and "more" not in said
