@@ -462,6 +462,15 @@ SHOWN_BAD_LINES = 5
 """Malformed lines named in one message: all of them are counted, so one round of fixing finds every one."""
 
 
+class BadJsonLines(DataError):
+    """Lines of a .jsonl file that are not JSON; `records`: the file's other lines, which a reader may check too, so
+    that one round of fixes clears every problem of the file."""
+
+    def __init__(self, message: str, records: list[tuple[str, Any]]) -> None:
+        super().__init__(message)
+        self.records = records
+
+
 def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
     records: list[tuple[str, Any]] = []
     bad: list[tuple[int, str, str]] = []  # line number, the parser's complaint, a hint
@@ -486,7 +495,7 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
             if split:  # every later line of the file fails the same way: the first one says it all
                 raise DataError(_bad_lines_message(path, bad, counted_all=False))
     if bad:
-        raise DataError(_bad_lines_message(path, bad))
+        raise BadJsonLines(_bad_lines_message(path, bad), records)
     if len(records) == 1 and isinstance(records[0][1], list):  # a whole JSON array on one line
         return _json_document_records(path, records[0][1])
     return records

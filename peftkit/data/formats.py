@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from peftkit.data.columns import (ROLE_ALIASES, SYSTEM_FIELDS, detected_pair, detected_pair_messages, mapped_messages,
                                   mapped_text, number_as_text, pair_messages, record_keys, type_name)
-from peftkit.data.files import ARROW_MERGED_FIELDS, data_sources, read_records
+from peftkit.data.files import ARROW_MERGED_FIELDS, BadJsonLines, data_sources, read_records
 from peftkit.errors import DataError
 from peftkit.utils.once import remembered, say_once
 from peftkit.utils.yaml_flow import flow_yaml
@@ -704,13 +704,14 @@ def load_examples(source: str | Path | Sequence[str | Path], fmt: str = "auto",
     unmapped: list[int] = []  # sources the map fits no record of
     for i, one in enumerate(sources):
         try:
-            found, problems = _mapped_records(one, fmt, columns, prepare)
+            found, problems, unreadable = _mapped_records(one, fmt, columns, prepare)
         except DataError as exc:
             failed[i] = str(exc)
             continue
-        if problems:
-            failed[i] = str(bad_records_error(one, problems, len(found)))
-            unmapped += [i] if not found else []
+        if problems or unreadable:  # lines that are not JSON, and the other lines' problems: all in one round
+            failed[i] = "\n".join([*([unreadable] if unreadable else []),
+                                   *([str(bad_records_error(one, problems, len(found)))] if problems else [])])
+            unmapped += [i] if problems and not found and not unreadable else []
         elif not found:
             failed[i] = f"data {one} contains no examples"
         else:
@@ -750,17 +751,22 @@ def bad_records_error(source: str | Path, problems: list[tuple[str, str]], good:
                      f"{len(messages)} records of {source} need fixing:\n  " + "\n  ".join(shown) + more)
 
 
-def _mapped_records(one: str | Path, fmt: str, columns: ColumnsConfig | None,
-                    prepare: Callable[[Any, str], Any] | None) -> tuple[list[Example], list[tuple[str, str]]]:
-    """The examples of `one` as `fmt` / `columns` read them, and the records they do not read (where, why)."""
+def _mapped_records(one: str | Path, fmt: str, columns: ColumnsConfig | None, prepare: Callable[[Any, str], Any] | None
+                    ) -> tuple[list[Example], list[tuple[str, str]], str | None]:
+    """The examples of `one` as `fmt` / `columns` read them, the records they do not read (where, why), and what
+    says which lines are not JSON at all (None when all are)."""
     found, problems = [], []
-    for where, record in read_records(one):
+    try:
+        records, unreadable = read_records(one), None
+    except BadJsonLines as exc:
+        records, unreadable = exc.records, str(exc)
+    for where, record in records:
         try:
             _check_unicode(record, where)
             found.append(to_example(prepare(record, where) if prepare else record, where, fmt, columns))
         except DataError as exc:  # go on: one message lists the first few bad records, not just one
             problems.append((where, str(exc)))
-    return found, problems
+    return found, problems, unreadable
 
 
 def _read_as_detected(one: str | Path, prepare: Callable[[Any, str], Any] | None) -> list[Example] | None:

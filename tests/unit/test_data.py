@@ -1277,3 +1277,16 @@ def test_training_records_given_as_held_out_are_one_reason_whatever_their_keys(t
     said = str(info.value)
     assert said.startswith(f"all 10 records of {path} (first: {path}:1): held-out records need `question`"), said
     assert said.count("training record") == 1 and "more" not in said
+
+
+def test_lines_that_are_not_json_and_other_records_problems_are_said_together(tmp_path):
+    """A broken line hid the wrong speaker of a later record until it was fixed: one round of fixes clears both."""
+    good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    misspoken = {"conversations": [{"from": "humna", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join([json.dumps(good), json.dumps(good)[:-4], json.dumps(misspoken), json.dumps(good)]) + "\n")
+    with pytest.raises(DataError) as info:
+        load_examples(path)
+    first, second = str(info.value).splitlines()
+    assert first.startswith(f"{path}:2: line is not valid JSON") and second.startswith(f"{path}:3: conversation turn 1 is "
+                                                                                       "from 'humna' (did you mean")
