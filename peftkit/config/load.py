@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import logging
 import os
 import re
 import typing
@@ -203,7 +202,7 @@ def expand_path(value: str) -> Path:
 
 def unset_variable_message(expanded: str) -> str | None:
     """What to say of a path that still holds `$VAR` / `${VAR}` after `expand_path`: that variable is not set."""
-    unset = re.findall(r"\$\{?(\w+)", expanded)
+    unset = [name for name in re.findall(r"\$\{?(\w+)", expanded) if name not in os.environ]
     return f"${unset[0]} is not set in the environment, so it was not expanded: export it or write the path out" \
         if unset else None
 
@@ -220,7 +219,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value (e.g. train.lr=1e-4)")
     if not raw.strip():  # `output_dir=$OUT` with OUT unset: the recipe's value must not quietly give way to a default
         raise ConfigError(f"override {text!r} has no value (an unset shell variable?); write {key.strip()}=null for "
-                          f"the default, or {key.strip()}='' for an empty text")
+                          f"the default, or \"{key.strip()}=''\" (quoted so the shell keeps the '') for an empty text")
     try:
         value = _yaml_load(raw)
     except yaml.YAMLError:
@@ -311,27 +310,6 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-_BLOCK_SCALAR = re.compile(r"(?:^|[:\-])\s*[|>][+-]?\d*\s*(?:#.*)?$")
-_WORD_AFTER_HASH = re.compile(r"\s#(?=[^\s#])")
-_PLAIN_VALUE_BEFORE = re.compile(r"(?:^\s*-|:)\s+[^\s#'\"]")
-
-
-def comments_cutting_values(text: str) -> list[tuple[int, str]]:
-    """(line, the cut text) where ` #word` ends a plain value as a YAML comment: `system_prompt: You are bot #1 of the
-    desk` reads 'You are bot'. Block scalars (`|`, `>`) keep their `#` and are skipped."""
-    found, block_indent = [], None
-    for number, line in enumerate(text.splitlines(), start=1):
-        indent = len(line) - len(line.lstrip())
-        if block_indent is not None and (not line.strip() or indent > block_indent):
-            continue
-        block_indent = indent if _BLOCK_SCALAR.search(line.strip()) else None
-        match = _WORD_AFTER_HASH.search(line)
-        before = line[:match.start()] if match else ""
-        if match and _PLAIN_VALUE_BEFORE.search(before) and before.count('"') % 2 == 0 and before.count("'") % 2 == 0:
-            found.append((number, line[match.start():].strip()))
-    return found
-
-
 def _parsed_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
@@ -354,10 +332,6 @@ def _parsed_yaml(path: Path) -> Any:
                           str(path)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"YAML syntax error: {exc}", str(path)) from None
-    for number, cut in comments_cutting_values(text):
-        logging.getLogger("peftkit").warning(
-            "%s:%d: `%s` is read as a YAML comment (a space before `#` starts one), so the value ends before it; "
-            "quote the value if it belongs to it", path, number, cut[:60])
     return data
 
 
@@ -527,6 +501,10 @@ def _unknown_key(loc: tuple[Any, ...], shown: list[str], value: Any, bases: tupl
     return f"unknown key `{dotted}`{valid}"
 
 
+_BOOL_TEXT = ("true", "false")
+"""How schema.Section hands a true/false given for a number on to pydantic: text, which no number field parses."""
+
+
 def _friendly(err: dict[str, Any], bases: tuple[Path, ...] = ()) -> str:
     loc = tuple(err["loc"])
     # Drop the union tag from displayed locations: `adapter.lora.r` reads as `adapter.r`.
@@ -564,6 +542,8 @@ def _friendly(err: dict[str, Any], bases: tuple[Path, ...] = ()) -> str:
         return f"`{dotted}.method` = {method!r} is not an adapter method; choose one of: {valid}{hint}"
     if kind == "missing" and len(loc) >= 2 and isinstance(loc[-1], int):  # a pair given one value: `layers: [3]`
         return f"`{'.'.join(shown[:-1])}` has too few values: its item {loc[-1] + 1} is missing"
+    if kind in ("int_parsing", "float_parsing") and got in _BOOL_TEXT:
+        return f"`{dotted}` must be a number, not {got} (YAML reads yes/no/on/off as true/false)"
     if kind == "missing":
         return f"`{dotted}` is required but missing"
     if kind == "finite_number":
@@ -577,7 +557,7 @@ def _friendly(err: dict[str, Any], bases: tuple[Path, ...] = ()) -> str:
             return (f"`{dotted}`: YAML reads the value as {str(got).lower()} (yes / no / on / off / true / false are "
                     "true/false values); quote it to use it as text")
         return f"`{dotted}`: {got!r} reads as a number; quote it to use it as text ({dotted}: \"{got}\")"
-    number_text = isinstance(got, str) and re.fullmatch(r"[+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?", got.strip())
+    number_text = kind != "literal_error" and isinstance(got, str) and re.fullmatch(r"[+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?", got.strip())
     got_text = f" (got {got})" if number_text else f" (got {got!r})" if not isinstance(got, dict) else ""
     message = err["msg"].removeprefix("Value error, ")
     return f"`{dotted}`: {message}{got_text}" if shown else message  # a whole-recipe check names its own keys

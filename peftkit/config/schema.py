@@ -47,12 +47,13 @@ class Section(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_bool_for_numbers(cls, data: Any) -> Any:
+        """true/false for a number becomes the text `true` / `false`, which the field then refuses at its own key
+        (config/load.py says why), beside the section's other problems."""
         if isinstance(data, dict):
-            for key, value in data.items():
-                field = cls.model_fields.get(key) if isinstance(key, str) else None
-                if isinstance(value, bool) and field is not None and _numeric_not_bool(field.annotation):
-                    raise ValueError(f"`{key}` must be a number, not {str(value).lower()} (YAML reads yes/no/on/off "
-                                     "as true/false)")
+            numeric = {key: str(value).lower() for key, value in data.items() if isinstance(value, bool)
+                       and isinstance(key, str) and key in cls.model_fields
+                       and _numeric_not_bool(cls.model_fields[key].annotation)}
+            return {**data, **numeric} if numeric else data
         return data
 
     def changed_from_defaults(self, keys: tuple[str, ...] | list[str]) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -106,7 +105,7 @@ def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_override("train.lr")
     with pytest.raises(ConfigError, match=r"'output_dir=' has no value \(an unset shell variable\?\); write "
-                                          r"output_dir=null for the default"):
+                                          r"output_dir=null for the default, or \"output_dir=''\" \(quoted"):
         parse_override("output_dir=")
     assert parse_override("data.system_prompt=''")[1] == ""
 
@@ -117,8 +116,11 @@ def test_true_or_false_is_refused_for_a_number(tmp_path, section):
     (name, values), = section.items()
     (key, value), = ((k, v) for k, v in values.items() if k != "method")
     text = f"data: {{train: t.jsonl}}\n{name}: {{{', '.join(f'{k}: {v}' for k, v in values.items())}}}\n"
-    with pytest.raises(ConfigError, match=rf"`{name}`: `{key}` must be a number, not true"):
+    with pytest.raises(ConfigError, match=rf"`{name}.{key}` must be a number, not true"):
         load_recipe(write(tmp_path, text))
+    with pytest.raises(ConfigError) as info:  # the section's other problems are said too
+        load_recipe(write(tmp_path, text), [f"{name}.foo=1"])
+    assert "foo" in str(info.value) and "must be a number" in str(info.value)
     assert load_recipe(write(tmp_path, "data: {train: t.jsonl}\ntrain: {gradient_checkpointing: yes}\n"))
 
 
@@ -401,17 +403,6 @@ def test_every_shipped_recipe_trains_at_a_usual_learning_rate():
     for path in recipes:
         recipe = load_recipe(path)
         assert learning_rate_advice(recipe.adapter.method, recipe.train.lr) is None, path.name
-
-
-def test_a_hash_without_a_space_after_it_that_cuts_a_value_is_warned(tmp_path, caplog):
-    """`system_prompt: You are bot #1 of the desk` is YAML for 'You are bot' and a comment: said, not silent."""
-    text = ("data:\n  train: t.jsonl\n  system_prompt: You are bot #1 of the desk\n  eval_fraction: 0.1 # a comment\n"
-            "model:\n  chat_template: |\n    {{ messages }} #kept\n  name: smollm2-135m-instruct\n# a #full line\n")
-    with caplog.at_level(logging.WARNING, logger="peftkit"):
-        recipe = load_recipe(write(tmp_path, text))
-    assert recipe.data.system_prompt == "You are bot"
-    warned = [r.getMessage() for r in caplog.records]
-    assert len(warned) == 1 and ":3: `#1 of the desk` is read as a YAML comment" in warned[0], warned
 
 
 def test_an_unclosed_quote_names_the_line_where_it_starts(tmp_path):
