@@ -172,8 +172,9 @@ def complete_json_config(config: dict[str, Any], device: str) -> dict[str, Any]:
             log.warning(NO_GATHER_ON_SAVE.format(key="stage3_gather_16bit_weights_on_model_save"))
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     optimizer = config.get("optimizer")
-    if optimizer is None:
+    if optimizer is None:  # the Trainer's torch AdamW, with offload too (accelerate would swap in cpu_adam: a JIT build)
         config.setdefault("zero_allow_untested_optimizer", True)
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
     elif device == "cpu" and str(optimizer.get("type", "")).lower() in {"adam", "adamw"}:
         params = optimizer.setdefault("params", {})
         if "torch_adam" not in params:

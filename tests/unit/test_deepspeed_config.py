@@ -600,3 +600,14 @@ def test_combinations_that_cannot_train_under_deepspeed_or_ddp_are_refused(tiny_
     args = argparse.Namespace(resume=None, force=False, overrides=[], deepspeed=None, verbose=False)
     with pytest.raises(LaunchError, match="unfreeze_schedule"):
         launch(args, _recipe(tiny_recipe, adapter=gradual), "r.yaml", LaunchOptions(nproc=2), console=None)
+
+
+def test_a_json_without_optimizer_keeps_torch_adamw_under_offload(tiny_recipe, tmp_path):
+    """accelerate swapped the Trainer's AdamW for DeepSpeed's CPU Adam (an 85 s JIT build) when a JSON offloaded the
+    optimizer and did not say `zero_force_ds_cpu_optimizer: false`, as the generated config does."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    config = ds.build_config(_recipe(tiny_recipe, deepspeed=str(path)), "cpu", torch.float32)
+    assert config["zero_force_ds_cpu_optimizer"] is False and config["zero_allow_untested_optimizer"] is True
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "zero_force_ds_cpu_optimizer": True}))  # theirs wins
+    assert ds.build_config(_recipe(tiny_recipe, deepspeed=str(path)), "cpu", torch.float32)["zero_force_ds_cpu_optimizer"]
