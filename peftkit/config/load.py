@@ -557,7 +557,8 @@ def _friendly(err: dict[str, Any], bases: tuple[Path, ...] = ()) -> str:
             return (f"`{dotted}`: YAML reads the value as {str(got).lower()} (yes / no / on / off / true / false are "
                     "true/false values); quote it to use it as text")
         return f"`{dotted}`: {got!r} reads as a number; quote it to use it as text ({dotted}: \"{got}\")"
-    number_text = kind != "literal_error" and isinstance(got, str) and re.fullmatch(r"[+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?", got.strip())
+    number_text = (kind != "literal_error" and isinstance(got, str)  # YAML 1.1 reads `-1e-3` as text
+                   and re.fullmatch(r"[+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?", got.strip()))
     got_text = f" (got {got})" if number_text else f" (got {got!r})" if not isinstance(got, dict) else ""
     message = err["msg"].removeprefix("Value error, ")
     return f"`{dotted}`: {message}{got_text}" if shown else message  # a whole-recipe check names its own keys

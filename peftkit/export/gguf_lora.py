@@ -45,6 +45,8 @@ from peftkit.utils.atomic import atomic_directory, atomic_write_text
 from peftkit.utils.command_name import command
 
 log = logging.getLogger(__name__)
+ADAPTER_TYPES_WHY = "--format gguf-adapter (its LoRA matrices are small; the base GGUF is what is quantized)"
+"""Why a GGUF LoRA takes fewer `--gguf-type`s than a model GGUF, said where another is asked for."""
 
 _LORA_TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 _EMBEDDING_LORA_TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_embedding_(?P<ab>[AB])$")
@@ -187,7 +189,7 @@ def write_lora_gguf(run: RunAdapter, path: Path, *, gguf_type: str, name: str) -
                           f"(`{command('export', str(run.run_dir), '--format', 'adapter')}`), or merge it "
                           f"(`{command('export', str(run.run_dir), '--format', 'hf')}`) for llama.cpp's "
                           "convert_hf_to_gguf.py") from None
-    qtype, ftype = gguf_types(gguf_type, ADAPTER_GGUF_TYPES, "--format gguf-adapter (its LoRA matrices are small; the base GGUF is what is quantized)")
+    qtype, ftype = gguf_types(gguf_type, ADAPTER_GGUF_TYPES, ADAPTER_TYPES_WHY)
     alpha = gguf_lora_alpha(run)
     tensors = load_file(str(info.path / "adapter_model.safetensors"))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -311,7 +313,7 @@ def export_gguf_adapter(run_dir: str | Path, out: str | Path | None = None, *, g
 
     run_dir = Path(run_dir).expanduser().resolve()
     target = prepare_output(Path(out) if out else run_dir / "gguf-adapter", force=force, protected=[run_dir])
-    gguf_types(gguf_type, ADAPTER_GGUF_TYPES, "--format gguf-adapter (its LoRA matrices are small; the base GGUF is what is quantized)")
+    gguf_types(gguf_type, ADAPTER_GGUF_TYPES, ADAPTER_TYPES_WHY)
     run = resolve_run(run_dir, base)
     name = slug(run.recipe.name or run.run_dir.name)
     file_name = f"{name}-lora-{gguf_type}.gguf"

@@ -446,8 +446,8 @@ def _train(
             shared_cache=shared_cache_path(model, tokenizer, replay.max_answer_tokens), write_caches=main_process,
             max_new_tokens=replay.max_answer_tokens, batch_size=recipe.eval.batch_size, known_only=replay.known_only)
         data = build_datasets(recipe.data, tokenizer, recipe.train.seed, replay_answerer=answerer)
+        check_token_ids_fit(data, input_embedding_rows(model), recipe.model.name)  # the new replay answers' ids
 
-    check_token_ids_fit(data, input_embedding_rows(model), recipe.model.name, tokenizer)
     if main_process:
         log.info("%s", data_summary_line(data.stats, recipe.data.max_seq_len))
         warn_if_one_batch_holds_all(recipe, len(data.train))

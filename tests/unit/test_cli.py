@@ -274,7 +274,9 @@ def test_tokens_beyond_the_models_embeddings_that_the_data_does_not_use_are_warn
                                     "train": {**tiny_recipe["train"], "max_steps": 1}, "eval": {"before": False}}))
     assert main(["validate", str(path)]) == 0
     assert "the tokenizer has 402 tokens, but the model" in caplog.text and "'<|tool|>', '<|sep|>'" in caplog.text
+    caplog.clear()
     assert main(["train", str(path)]) == 0
+    assert caplog.text.count("the tokenizer has 402 tokens, but the model") == 1  # checked before and after loading
     capsys.readouterr()
     assert main(["chat", str(tmp_path / "run"), "--prompt", "use <|tool|> please"]) == 2
     err = " ".join(capsys.readouterr().err.split())
